@@ -1,0 +1,633 @@
+"""The whole TOML schema of libon-tsilo: every key, its type, its default and its checks.
+
+`load_config(path)` reads one TOML file into frozen dataclasses and validates everything at
+start-up, so that a bad file stops the server before anything listens. Every problem becomes a
+`ConfigError` whose message is one line naming the key, e.g. ``sip.listen[2]: unknown transport "sctp"``.
+
+Each section is a dataclass whose fields carry their check in ``metadata``; a small generic builder
+walks the raw TOML tables, so adding a key is one line. Relative file paths are resolved against the
+directory of the config file (or the working directory when there is no file).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from libon_tsilo.util import random_token
+
+__all__ = [
+    "ConfigError",
+    "Config",
+    "SipConfig",
+    "TlsConfig",
+    "RegistrarConfig",
+    "AuthConfig",
+    "LocationConfig",
+    "CallsConfig",
+    "PushConfig",
+    "ApnsConfig",
+    "FcmConfig",
+    "WebhookConfig",
+    "ManholeConfig",
+    "AdminConfig",
+    "LogConfig",
+    "OpsConfig",
+    "ListenAddress",
+    "parse_listen",
+    "load_config",
+    "config_from_dict",
+    "default_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config problem; ``str(err)`` is one line that starts with the dotted key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}" if key else problem)
+
+
+Check = Callable[[Any, str], Any]
+
+# What a path field is for: "input" files must exist at start-up; "state" files are created by us.
+_INPUT = "input"
+_STATE = "state"
+
+
+def _opt(default: Any, check: Check | None = None, path: str | None = None) -> Any:
+    return field(default=default, metadata={"check": check, "path": path})
+
+
+# ---------------------------------------------------------------------------------------------
+# value checks: each takes (value, key) and returns the (possibly normalized) value
+
+
+def _int_range(lo: int | None = None, hi: int | None = None) -> Check:
+    def check(value: int | float, key: str) -> int | float:
+        if lo is not None and value < lo:
+            raise ConfigError(key, f"must be >= {lo}, got {value}")
+        if hi is not None and value > hi:
+            raise ConfigError(key, f"must be <= {hi}, got {value}")
+        return value
+
+    return check
+
+
+def _positive(value: int | float, key: str) -> int | float:
+    if value <= 0:
+        raise ConfigError(key, f"must be > 0, got {value}")
+    return value
+
+
+def _one_of(*choices: str) -> Check:
+    def check(value: str, key: str) -> str:
+        if value not in choices:
+            allowed = ", ".join(f'"{c}"' for c in choices)
+            raise ConfigError(key, f'unknown value "{value}" (expected one of {allowed})')
+        return value
+
+    return check
+
+
+def _no_newline(value: str, key: str) -> str:
+    # these strings end up in SIP headers; a CR/LF would let the config inject headers
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise ConfigError(key, "must not contain line breaks")
+    return value
+
+
+def _non_empty_items(value: tuple[str, ...], key: str) -> tuple[str, ...]:
+    for i, item in enumerate(value):
+        if not item.strip():
+            raise ConfigError(f"{key}[{i}]", "must not be empty")
+        _no_newline(item, f"{key}[{i}]")
+    return value
+
+
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9!%*_+`'~.-]+$")
+
+
+def _header_names(value: tuple[str, ...], key: str) -> tuple[str, ...]:
+    for i, item in enumerate(value):
+        if not _TOKEN_RE.match(item):
+            raise ConfigError(f"{key}[{i}]", f'"{item}" is not a valid header name')
+    return value
+
+
+def _cidrs(value: tuple[str, ...], key: str) -> tuple[str, ...]:
+    for i, item in enumerate(value):
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ConfigError(f"{key}[{i}]", f'"{item}" is not an IP network (CIDR)') from None
+    return value
+
+
+_ALGORITHMS = ("SHA-256", "MD5")
+
+
+def _algorithms(value: tuple[str, ...], key: str) -> tuple[str, ...]:
+    if not value:
+        raise ConfigError(key, "must name at least one algorithm")
+    for i, item in enumerate(value):
+        if item not in _ALGORITHMS:
+            raise ConfigError(f"{key}[{i}]", f'unknown algorithm "{item}" (expected "SHA-256" or "MD5")')
+    if len(set(value)) != len(value):
+        raise ConfigError(key, "lists an algorithm twice")
+    return value
+
+
+def _http_url(value: str, key: str) -> str:
+    if value and not re.match(r"^https?://[^\s/]+", value):
+        raise ConfigError(key, f'"{value}" is not an http(s) URL')
+    return value
+
+
+_ENDPOINT_KINDS = ("tcp", "tcp6", "ssl", "unix")
+
+
+def _endpoint(value: str, key: str) -> str:
+    """A twisted server endpoint string; only kind and port are checked (full parsing needs a reactor)."""
+    if not value:
+        return value
+    kind, _, rest = value.partition(":")
+    if kind not in _ENDPOINT_KINDS or not rest:
+        raise ConfigError(key, f'"{value}" is not an endpoint like "tcp:2222:interface=127.0.0.1"')
+    if kind != "unix":
+        port = rest.split(":", 1)[0]
+        if port.startswith("port="):
+            port = port[5:]
+        if not port.isdigit() or int(port) > 65535:
+            raise ConfigError(key, f'"{value}" has no valid port')
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# [sip] listen entries
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    transport: str  # "udp" | "tcp" | "tls"
+    host: str  # without brackets
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.transport}:{host}:{self.port}"
+
+
+_TRANSPORTS = ("udp", "tcp", "tls")
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOSTNAME_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
+
+
+def parse_listen(spec: str, key: str = "sip.listen") -> ListenAddress:
+    """Parse ``"udp|tcp|tls:HOST:PORT"`` (IPv6 hosts in brackets: ``"udp:[::1]:5060"``)."""
+    transport, sep, rest = spec.partition(":")
+    if not sep:
+        raise ConfigError(key, f'"{spec}" is not "udp|tcp|tls:HOST:PORT"')
+    transport = transport.lower()
+    if transport not in _TRANSPORTS:
+        raise ConfigError(key, f'unknown transport "{transport}"')
+    if rest.startswith("["):
+        host, bracket, port_part = rest[1:].partition("]")
+        if not bracket or not port_part.startswith(":"):
+            raise ConfigError(key, f'"{spec}" has a malformed [IPv6]:PORT')
+        port_s = port_part[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(key, f'"{host}" is not an IPv6 address') from None
+    else:
+        host, sep, port_s = rest.rpartition(":")
+        if not sep:
+            raise ConfigError(key, f'"{spec}" has no port')
+        if ":" in host:
+            raise ConfigError(key, f'IPv6 address "{host}" must be in brackets, e.g. "udp:[::1]:5060"')
+        if not host or not _HOSTNAME_RE.match(host):
+            raise ConfigError(key, f'"{host}" is not a valid host')
+    if not port_s.isdigit() or int(port_s) > 65535:
+        raise ConfigError(key, f'"{port_s}" is not a port (0-65535)')
+    return ListenAddress(transport, host, int(port_s))
+
+
+def _listen_list(value: tuple[str, ...], key: str) -> tuple[str, ...]:
+    if not value:
+        raise ConfigError(key, "needs at least one listener")
+    seen: set[tuple[str, str, int]] = set()
+    for i, item in enumerate(value):
+        addr = parse_listen(item, f"{key}[{i}]")
+        ident = (addr.transport, addr.host, addr.port)
+        if addr.port and ident in seen:
+            raise ConfigError(f"{key}[{i}]", f'"{item}" is listed twice')
+        seen.add(ident)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# sections
+
+
+@dataclass(frozen=True)
+class SipConfig:
+    listen: tuple[str, ...] = _opt(("udp:127.0.0.1:5060", "tcp:127.0.0.1:5060"), _listen_list)
+    domains: tuple[str, ...] = _opt(("localhost", "127.0.0.1"), _non_empty_items)
+    max_message_size: int = _opt(65535, _int_range(1500, 1 << 20))
+    t1_ms: int = _opt(500, _positive)
+    t2_ms: int = _opt(4000, _positive)
+    t4_ms: int = _opt(5000, _positive)
+    flow_idle_timeout: int = _opt(3600, _positive)
+    advertised_host: str = _opt("", _no_newline)
+    user_agent: str = _opt("libon-tsilo", _no_newline)
+
+    @property
+    def listen_addresses(self) -> list[ListenAddress]:
+        return [parse_listen(s) for s in self.listen]
+
+    # seconds, as the transaction layer wants them
+    @property
+    def t1(self) -> float:
+        return self.t1_ms / 1000.0
+
+    @property
+    def t2(self) -> float:
+        return self.t2_ms / 1000.0
+
+    @property
+    def t4(self) -> float:
+        return self.t4_ms / 1000.0
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    certificate: str = _opt("", path=_INPUT)
+    private_key: str = _opt("", path=_INPUT)
+    ca_file: str = _opt("", path=_INPUT)
+    verify_client: bool = _opt(False)
+
+
+@dataclass(frozen=True)
+class RegistrarConfig:
+    use_domain: bool = _opt(True)
+    min_expires: int = _opt(60, _int_range(1))
+    max_expires: int = _opt(3600, _int_range(1))
+    default_expires: int = _opt(3600, _int_range(1))
+    max_contacts: int = _opt(10, _int_range(1))
+    on_max_contacts: str = _opt("reject", _one_of("reject", "replace_oldest"))
+    pnsreg_interval: int = _opt(130, _positive)
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    enabled: bool = _opt(True)
+    realm: str = _opt("libon-tsilo", _no_newline)
+    users_db: str = _opt("libon-tsilo-users.sqlite", path=_STATE)
+    # "" in the file means: a random secret per start (load_config fills it in, so it is never empty)
+    secret: str = _opt("")
+    nonce_lifetime: int = _opt(300, _positive)
+    trusted_sources: tuple[str, ...] = _opt((), _cidrs)
+    algorithms: tuple[str, ...] = _opt(_ALGORITHMS, _algorithms)
+
+    @property
+    def trusted_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(s, strict=False) for s in self.trusted_sources]
+
+
+@dataclass(frozen=True)
+class LocationConfig:
+    backend: str = _opt("sqlite", _one_of("sqlite", "memory"))
+    path: str = _opt("libon-tsilo-location.sqlite", path=_STATE)
+    flush_interval_ms: int = _opt(200, _int_range(0, 1000))
+
+
+@dataclass(frozen=True)
+class CallsConfig:
+    ring_timeout: int = _opt(30, _positive)
+    max_branches: int = _opt(12, _int_range(1))
+    max_pending_per_aor: int = _opt(8, _int_range(1))
+    header_allowlist: tuple[str, ...] = _opt(
+        (
+            "Subject",
+            "Priority",
+            "Accept",
+            "Accept-Language",
+            "Allow",
+            "Supported",
+            "User-Agent",
+            "Alert-Info",
+            "Call-Info",
+            "P-Asserted-Identity",
+        ),
+        _header_names,
+    )
+
+
+@dataclass(frozen=True)
+class ApnsConfig:
+    bundle_id: str = _opt("")
+    team_id: str = _opt("")
+    key_id: str = _opt("")
+    key_file: str = _opt("", path=_INPUT)
+    cert_file: str = _opt("", path=_INPUT)
+    sandbox: bool = _opt(False)
+    server: str = _opt("", _http_url)  # "" = Apple's production or sandbox host
+    ca_file: str = _opt("", path=_INPUT)
+    timeout: float = _opt(5.0, _positive)
+
+
+@dataclass(frozen=True)
+class FcmConfig:
+    project_id: str = _opt("")
+    service_account_file: str = _opt("", path=_INPUT)
+    endpoint: str = _opt("https://fcm.googleapis.com", _http_url)
+    timeout: float = _opt(5.0, _positive)
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    name: str = _opt("webhook")
+    url: str = _opt("", _http_url)
+    timeout: float = _opt(5.0, _positive)
+
+
+@dataclass(frozen=True)
+class PushConfig:
+    providers: tuple[str, ...] = _opt((), _non_empty_items)
+    skip_push_if_registered_within: int = _opt(0, _int_range(0))
+    refresh_before_expiry: int = _opt(0, _int_range(0))
+    cancelled_ios_call: str = _opt("invite_cancel", _one_of("invite_cancel", "missed_call_push"))
+    fcm_threads: int = _opt(4, _int_range(1, 64))
+    apns: tuple[ApnsConfig, ...] = _opt(())
+    fcm: tuple[FcmConfig, ...] = _opt(())
+    webhook: tuple[WebhookConfig, ...] = _opt(())
+
+
+@dataclass(frozen=True)
+class ManholeConfig:
+    listen: str = _opt("", _endpoint)
+    authorized_keys: str = _opt("", path=_INPUT)
+    passwords: str = _opt("", path=_INPUT)
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    listen: str = _opt("", _endpoint)
+    token: str = _opt("")
+    metrics_public: bool = _opt(False)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = _opt("info", _one_of("debug", "info", "warn", "error"))
+    format: str = _opt("text", _one_of("text", "json"))
+
+
+@dataclass(frozen=True)
+class OpsConfig:
+    drain_timeout: int = _opt(30, _int_range(0))
+    threadpool_size: int = _opt(8, _int_range(1, 256))
+
+
+@dataclass(frozen=True)
+class Config:
+    sip: SipConfig = field(default_factory=SipConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    registrar: RegistrarConfig = field(default_factory=RegistrarConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    location: LocationConfig = field(default_factory=LocationConfig)
+    calls: CallsConfig = field(default_factory=CallsConfig)
+    push: PushConfig = field(default_factory=PushConfig)
+    manhole: ManholeConfig = field(default_factory=ManholeConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    ops: OpsConfig = field(default_factory=OpsConfig)
+    # where the config came from (None = built-in defaults); not a TOML key
+    source: str | None = field(default=None, metadata={"internal": True})
+
+
+# ---------------------------------------------------------------------------------------------
+# generic builder
+
+
+def _describe(value: Any) -> str:
+    kinds = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}
+    kind = kinds.get(type(value), type(value).__name__)
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f'{kind} "{shown}"'
+    if isinstance(value, (bool, int, float)):
+        return f"{kind} {str(value).lower() if isinstance(value, bool) else value}"
+    return kind
+
+
+def _coerce(value: Any, hint: Any, key: str, base_dir: Path) -> Any:
+    """Check ``value`` against the type hint; tables and arrays of tables recurse."""
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected a boolean, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {_describe(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {_describe(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {_describe(value)}")
+        return value
+    if typing.get_origin(hint) is tuple:
+        item_hint = typing.get_args(hint)[0]
+        if not isinstance(value, list):
+            what = "an array of tables" if is_dataclass(item_hint) else "an array"
+            raise ConfigError(key, f"expected {what}, got {_describe(value)}")
+        return tuple(_coerce(v, item_hint, f"{key}[{i}]", base_dir) for i, v in enumerate(value))
+    if is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a table, got {_describe(value)}")
+        return _build(hint, value, key, base_dir)
+    raise TypeError(f"config schema: unsupported type {hint!r} for {key}")  # a bug in this file
+
+
+def _resolve_path(value: str, kind: str, key: str, base_dir: Path) -> str:
+    if not value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = base_dir / path
+    if kind == _INPUT:
+        if not path.is_file():
+            raise ConfigError(key, f"file not found: {path}")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(key, f"file not readable: {path}")
+    elif kind == _STATE and not path.parent.is_dir():
+        raise ConfigError(key, f"directory does not exist: {path.parent}")
+    return str(path)
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, base_dir: Path) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls) if not f.metadata.get("internal")}
+    for name in raw:
+        if name not in known:
+            where = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(where, "unknown section" if not prefix else "unknown key")
+    values: dict[str, Any] = {}
+    for name, f in known.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in raw:
+            if is_dataclass(hints[name]):
+                # build absent sections too, so their relative state paths resolve like present ones
+                values[name] = _build(hints[name], {}, key, base_dir)
+            continue  # a default; defaults are valid by construction (tests check this)
+        value = _coerce(raw[name], hints[name], key, base_dir)
+        if f.metadata.get("path"):
+            value = _resolve_path(value, f.metadata["path"], key, base_dir)
+        check = f.metadata.get("check")
+        if check is not None:
+            value = check(value, key)
+        values[name] = value
+    obj = cls(**values)
+    # state paths keep their relative default until resolved here, so defaults follow the base dir too
+    resolved = {}
+    for name, f in known.items():
+        if f.metadata.get("path") == _STATE and name not in raw:
+            key = f"{prefix}.{name}" if prefix else name
+            resolved[name] = _resolve_path(getattr(obj, name), _STATE, key, base_dir)
+    return replace(obj, **resolved) if resolved else obj
+
+
+# ---------------------------------------------------------------------------------------------
+# checks across keys
+
+
+def _check_sip(sip: SipConfig) -> None:
+    if sip.t2_ms < sip.t1_ms:
+        raise ConfigError("sip.t2_ms", f"must be >= sip.t1_ms ({sip.t1_ms}), got {sip.t2_ms}")
+
+
+def _check_tls(cfg: Config) -> None:
+    uses_tls = any(parse_listen(s).transport == "tls" for s in cfg.sip.listen)
+    if uses_tls and not cfg.tls.certificate:
+        raise ConfigError("tls.certificate", "required by the tls: listener in sip.listen")
+    if uses_tls and not cfg.tls.private_key:
+        raise ConfigError("tls.private_key", "required by the tls: listener in sip.listen")
+    if cfg.tls.verify_client and not cfg.tls.ca_file:
+        raise ConfigError("tls.ca_file", "required when tls.verify_client is true")
+
+
+def _check_registrar(reg: RegistrarConfig) -> None:
+    if reg.max_expires < reg.min_expires:
+        raise ConfigError("registrar.max_expires", f"must be >= registrar.min_expires ({reg.min_expires})")
+    if not reg.min_expires <= reg.default_expires <= reg.max_expires:
+        raise ConfigError(
+            "registrar.default_expires",
+            f"must be between registrar.min_expires ({reg.min_expires}) and max_expires ({reg.max_expires})",
+        )
+
+
+def _check_apns(i: int, apns: ApnsConfig) -> None:
+    key = f"push.apns[{i}]"
+    if not apns.bundle_id:
+        raise ConfigError(f"{key}.bundle_id", "is required")
+    if bool(apns.key_file) == bool(apns.cert_file):
+        raise ConfigError(f"{key}.key_file", "set exactly one of key_file (token auth) or cert_file")
+    if apns.key_file:
+        if not apns.team_id:
+            raise ConfigError(f"{key}.team_id", "is required with key_file")
+        if not apns.key_id:
+            raise ConfigError(f"{key}.key_id", "is required with key_file")
+
+
+def _check_push(push: PushConfig) -> None:
+    for i, apns in enumerate(push.apns):
+        _check_apns(i, apns)
+    for i, fcm in enumerate(push.fcm):
+        if not fcm.project_id:
+            raise ConfigError(f"push.fcm[{i}].project_id", "is required")
+        if not fcm.service_account_file:
+            raise ConfigError(f"push.fcm[{i}].service_account_file", "is required")
+    names: set[str] = set()
+    for i, hook in enumerate(push.webhook):
+        if not hook.url:
+            raise ConfigError(f"push.webhook[{i}].url", "is required")
+        if not hook.name or hook.name in ("apns", "fcm"):
+            raise ConfigError(f"push.webhook[{i}].name", f'"{hook.name}" is not a usable provider name')
+        if hook.name in names:
+            raise ConfigError(f"push.webhook[{i}].name", f'"{hook.name}" is used twice')
+        names.add(hook.name)
+    configured = {"apns": bool(push.apns), "fcm": bool(push.fcm), **{n: True for n in names}}
+    for i, provider in enumerate(push.providers):
+        key = f"push.providers[{i}]"
+        if provider not in configured:
+            raise ConfigError(key, f'unknown provider "{provider}" (expected "apns", "fcm" or a webhook)')
+        if not configured[provider]:
+            raise ConfigError(key, f'"{provider}" needs a [[push.{provider}]] table')
+    if len(set(push.providers)) != len(push.providers):
+        raise ConfigError("push.providers", "lists a provider twice")
+
+
+def _check_manhole(manhole: ManholeConfig) -> None:
+    if manhole.listen and not (manhole.authorized_keys or manhole.passwords):
+        raise ConfigError("manhole.listen", "needs manhole.authorized_keys or manhole.passwords")
+
+
+def _validate(cfg: Config) -> None:
+    _check_sip(cfg.sip)
+    _check_tls(cfg)
+    _check_registrar(cfg.registrar)
+    _check_push(cfg.push)
+    _check_manhole(cfg.manhole)
+
+
+# ---------------------------------------------------------------------------------------------
+# entry points
+
+
+def config_from_dict(
+    data: dict[str, Any], base_dir: str | os.PathLike[str] | None = None, source: str | None = None
+) -> Config:
+    """Build and validate a Config from already-parsed TOML (tests and tools use this)."""
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    cfg = _build(Config, data, "", base)
+    _validate(cfg)
+    if not cfg.auth.secret:
+        cfg = replace(cfg, auth=replace(cfg.auth, secret=random_token(32)))
+    return replace(cfg, source=source)
+
+
+def default_config() -> Config:
+    """The built-in defaults (loopback only), as used when twistd gets no --config."""
+    return config_from_dict({})
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read and validate a TOML config file; ``None`` gives the defaults. Raises ConfigError."""
+    if path is None:
+        return default_config()
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("config", f"file not found: {p}") from None
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {p}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"invalid TOML in {p}: {' '.join(str(exc).split())}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("config", f"{p} is not UTF-8 text") from None
+    return config_from_dict(data, p.resolve().parent, source=str(p.resolve()))
