@@ -1,0 +1,215 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from twisted.internet.task import Clock
+
+from libon_tsilo.silo.silo import CANNOT_APPEND, NO_RECORD, NOT_FOUND, Silo
+from libon_tsilo.silo.stats import LatencyWindow, percentile
+
+
+@dataclass
+class FakeBinding:
+    aor: str
+    contact_uri: str
+    key: str = ""
+
+
+@dataclass
+class FakeCall:
+    call_id: str
+    aor: str
+    open: bool = True
+    clock: Clock | None = None
+    send_delay: float = 0.0
+    branches: list[Any] = field(default_factory=list)
+    late: list[Any] = field(default_factory=list)
+    refuse: bool = False
+
+    def can_append(self) -> bool:
+        return self.open
+
+    def add_branch(self, binding: Any) -> bool:
+        if self.refuse:
+            return False
+        if self.clock is not None and self.send_delay:
+            # stands for the time spent building and handing the INVITE over
+            self.clock.advance(self.send_delay)
+        self.branches.append(binding)
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        return {"call_id": self.call_id, "aor": self.aor, "branches": len(self.branches)}
+
+    def late_binding_after_end(self, binding: Any) -> bool:
+        self.late.append(binding)
+        return True
+
+
+class FakeLocation:
+    def __init__(self) -> None:
+        self.bindings: dict[str, list[FakeBinding]] = {}
+
+    def lookup(self, aor: str) -> list[FakeBinding]:
+        return list(self.bindings.get(aor, []))
+
+
+def make(max_pending: int = 8) -> tuple[Silo, Clock, FakeLocation]:
+    clock = Clock()
+    loc = FakeLocation()
+    return Silo(clock, loc, max_pending_per_aor=max_pending), clock, loc
+
+
+def test_store_counts_and_duplicate_ignored() -> None:
+    silo, _, _ = make()
+    a1, a2, b1 = FakeCall("c1", "alice"), FakeCall("c2", "alice"), FakeCall("c3", "bob")
+    assert silo.store(a1) and silo.store(a2) and silo.store(b1)
+    assert silo.store(a1)  # ts_store semantics: a duplicate is accepted and ignored
+    st = silo.stats()
+    assert (st["stored_ruris"], st["stored_transactions"]) == (2, 3)
+    assert (st["total_ruris"], st["total_transactions"]) == (2, 3)
+    silo.remove(a1)
+    silo.remove(a1)  # idempotent
+    silo.remove(a2)
+    silo.remove(b1)
+    st = silo.stats()
+    assert (st["stored_ruris"], st["stored_transactions"]) == (0, 0)
+    assert (st["total_ruris"], st["total_transactions"]) == (2, 3)
+    assert len(silo) == 0
+
+
+def test_max_pending_per_aor_refuses_and_counts() -> None:
+    silo, _, _ = make(max_pending=2)
+    assert silo.store(FakeCall("c1", "alice"))
+    assert silo.store(FakeCall("c2", "alice"))
+    assert not silo.store(FakeCall("c3", "alice"))
+    assert silo.store(FakeCall("c4", "bob"))  # the limit is per AOR
+    assert silo.stats()["rejected_full"] == 1
+    assert silo.pending_count("alice") == 2
+
+
+def test_binding_event_forks_every_open_call_of_the_aor() -> None:
+    silo, _, _ = make()
+    c1, c2, closed, other = (
+        FakeCall("c1", "alice"),
+        FakeCall("c2", "alice"),
+        FakeCall("c3", "alice", open=False),
+        FakeCall("c4", "bob"),
+    )
+    for c in (c1, c2, closed, other):
+        silo.store(c)
+    b = FakeBinding("alice", "sip:alice@10.0.0.1:5060")
+    silo.binding_added(b, None)
+    assert c1.branches == [b] and c2.branches == [b]
+    assert closed.branches == [] and other.branches == []
+    silo.binding_refreshed(b, None)
+    assert c1.branches == [b, b]  # dedup is the call's decision, not the silo's
+    assert silo.stats()["added_branches"] == 4
+
+
+def test_refused_branch_is_not_counted() -> None:
+    silo, _, _ = make()
+    silo.store(FakeCall("c1", "alice", refuse=True))
+    assert silo.append_by_contact("alice", FakeBinding("alice", "sip:a@h")) == 0
+    assert silo.stats()["added_branches"] == 0
+
+
+def test_append_and_append_to_use_the_location_store() -> None:
+    silo, _, loc = make()
+    loc.bindings["alice"] = [FakeBinding("alice", "sip:a@1"), FakeBinding("alice", "sip:a@2")]
+    c1 = FakeCall("c1", "alice")
+    silo.store(c1)
+    assert silo.append("nobody") == NO_RECORD
+    assert silo.append_to("nope", "alice") == NOT_FOUND
+    assert silo.append("alice") == 2
+    assert [b.contact_uri for b in c1.branches] == ["sip:a@1", "sip:a@2"]
+    c1.open = False
+    assert silo.append_to("c1", "alice") == CANNOT_APPEND
+
+
+def test_append_survives_a_call_removing_itself_and_a_crashing_call() -> None:
+    silo, _, _ = make()
+
+    class Ending(FakeCall):
+        def add_branch(self, binding: Any) -> bool:
+            silo.remove(self)
+            return False
+
+    class Broken(FakeCall):
+        def add_branch(self, binding: Any) -> bool:
+            raise RuntimeError("boom")
+
+    ok = FakeCall("c3", "alice")
+    silo.store(Ending("c1", "alice"))
+    silo.store(Broken("c2", "alice"))
+    silo.store(ok)
+    assert silo.append_by_contact("alice", FakeBinding("alice", "sip:a@1")) == 1
+    assert len(ok.branches) == 1
+    assert silo.get("c1") is None
+
+
+def test_register_to_invite_latency_is_measured() -> None:
+    silo, clock, _ = make()
+    clock.advance(1000)
+    silo.store(FakeCall("c1", "alice", clock=clock, send_delay=0.25))
+    silo.binding_added(FakeBinding("alice", "sip:a@1"), None)
+    lat = silo.stats()["register_to_invite"]
+    assert lat["samples"] == 1
+    assert lat["p50"] == pytest.approx(0.25)
+    assert lat["p99"] == pytest.approx(0.25)
+
+
+def test_lingering_call_gets_late_bindings_until_grace_ends() -> None:
+    silo, clock, _ = make()
+    call = FakeCall("c1", "alice")
+    silo.store(call)
+    silo.linger(call, 10.0)
+    assert silo.stats()["stored_transactions"] == 0
+    b = FakeBinding("alice", "sip:a@1")
+    silo.binding_added(b, None)
+    assert call.branches == [] and call.late == [b]
+    assert silo.stats()["late_after_end"] == 1
+    clock.advance(10.0)
+    assert len(silo) == 0 and clock.getDelayedCalls() == []
+    silo.binding_added(b, None)
+    assert call.late == [b]
+
+
+def test_linger_without_grace_just_removes_and_unlinger_cancels_timer() -> None:
+    silo, clock, _ = make()
+    a, b = FakeCall("c1", "alice"), FakeCall("c2", "alice")
+    silo.store(a)
+    silo.store(b)
+    silo.linger(a, 0)
+    silo.linger(b, 5)
+    silo.unlinger(b)
+    silo.unlinger(b)
+    assert len(silo) == 0 and clock.getDelayedCalls() == []
+
+
+def test_lookup_and_dump() -> None:
+    silo, _, _ = make()
+    silo.store(FakeCall("c1", "alice"))
+    assert silo.lookup("alice") == [{"call_id": "c1", "aor": "alice", "branches": 0}]
+    assert silo.lookup("bob") == []
+    d = silo.dump()
+    assert d["aors"] == {"alice": [{"call_id": "c1", "aor": "alice", "branches": 0}]}
+    assert d["stats"]["stored_transactions"] == 1
+    assert "aors" not in silo.dump(brief=True)
+
+
+def test_percentile_and_bounded_window() -> None:
+    assert percentile([], 50) is None
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
+    assert percentile([float(i) for i in range(1, 101)], 99) == 99.0
+    w = LatencyWindow(3)
+    for v in (5.0, 1.0, 2.0, 3.0, -1.0):
+        w.add(v)
+    assert len(w) == 3 and w.count == 5
+    assert w.summary()["max"] == 3.0 and w.summary()["p50"] == 2.0
+    with pytest.raises(ValueError):
+        LatencyWindow(0)
+    with pytest.raises(ValueError):
+        Silo(Clock(), None, max_pending_per_aor=0)
