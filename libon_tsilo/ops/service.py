@@ -1,0 +1,271 @@
+"""The service tree: one MultiService that owns every listening port, timer and thread of the server.
+
+`make_service(config)` builds it from a validated Config. Each layer is wired by one small
+``_add_*`` function that reads what earlier ones put into `Parts` and adds its own objects, so
+adding registrar/silo/b2bua/push/admin is one call each. Stopping the root service first runs the
+registered drainers (bounded by ``ops.drain_timeout``), then stops children in reverse order, which
+closes the ports and cancels their timers.
+
+Nothing here imports ``twisted.internet.reactor`` at module level: the plugin must be able to
+install the asyncio reactor before the first reactor import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
+from twisted.python.threadpool import ThreadPool
+
+from libon_tsilo.ops.config import Config, TlsConfig
+
+__all__ = [
+    "Parts",
+    "LibonTsiloService",
+    "ThreadPoolService",
+    "make_service",
+    "make_tls_context_factory",
+]
+
+log = Logger()
+
+
+@dataclass
+class Parts:
+    """Everything the wiring functions build; later layers read earlier ones from here."""
+
+    config: Config
+    clock: IReactorTime
+    threadpool: ThreadPool | None = None
+    tls_context_factory: Any = None
+    transport: Any = None  # libon_tsilo.sip.transport.TransportLayer
+    transactions: Any = None  # libon_tsilo.sip.transaction.TransactionLayer
+    router: Any = None  # the TransactionUser that dispatches requests to the app layers
+    registrar: Any = None
+    location: Any = None
+    silo: Any = None
+    waker: Any = None
+    b2bua: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ThreadPoolService(Service):
+    """A bounded thread pool for blocking calls (SQLite writes, pyfcm), started and stopped with the tree."""
+
+    def __init__(self, size: int, name: str = "libon-tsilo") -> None:
+        self.pool = ThreadPool(minthreads=0, maxthreads=size, name=name)
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+class LibonTsiloService(MultiService):
+    """The root service. It also hands our log observer to twistd (see ops/logging.py)."""
+
+    def __init__(self, config: Config, clock: IReactorTime, log_observer: ILogObserver | None = None) -> None:
+        super().__init__()
+        self.setName("libon-tsilo")
+        self.config = config
+        self.clock = clock
+        self.log_observer = log_observer
+        self.parts = Parts(config=config, clock=clock)
+        # callables returning a Deferred that fires when in-flight work (calls) is done
+        self.drainers: list[Callable[[], Deferred[Any] | None]] = []
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd creates the Application after makeService and, when it starts logging, prefers an
+        # ILogObserver component on it over its default observer: that is where ours goes.
+        if (
+            self.log_observer is not None
+            and isinstance(parent, Componentized)
+            and parent.getComponent(ILogObserver, None) is None
+        ):
+            parent.setComponent(ILogObserver, self.log_observer)
+        super().setServiceParent(parent)
+
+    def stopService(self) -> Deferred[None]:
+        d = self._drain()
+        d.addCallback(lambda _: MultiService.stopService(self))
+        return d
+
+    def _drain(self) -> Deferred[None]:
+        if not self.drainers or not self.running:
+            return _succeed()
+        waits = [maybeDeferred(drain) for drain in self.drainers]
+        done: Deferred[None] = Deferred()
+        all_done = DeferredList(waits, consumeErrors=True)
+        timer = self.clock.callLater(self.config.ops.drain_timeout, _fire, done, "timeout")
+        all_done.addCallback(lambda _: (timer.cancel() if timer.active() else None, _fire(done, "drained")))
+        done.addCallback(lambda how: log.info("drain finished: {how}", how=how))
+        return done
+
+
+def _succeed() -> Deferred[None]:
+    d: Deferred[None] = Deferred()
+    d.callback(None)
+    return d
+
+
+def _fire(d: Deferred[Any], value: Any) -> None:
+    if not d.called:
+        d.callback(value)
+
+
+def _attach(root: MultiService, obj: Any) -> None:
+    """Add ``obj`` to the tree if it is a service (a layer that owns ports or timers)."""
+    if IService.providedBy(obj):
+        obj.setServiceParent(root)
+
+
+def _optional_module(name: str) -> ModuleType | None:
+    """Import a layer that may not be written yet; a module that exists but fails still raises."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
+            log.warn("{module} is not available yet; that layer is not wired", module=name)
+            return None
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS
+
+
+def make_tls_context_factory(tls: TlsConfig) -> Any:
+    """A CertificateOptions for the tls: listeners (and outbound TLS), or None without a certificate."""
+    if not tls.certificate:
+        return None
+    from twisted.internet import ssl
+
+    with open(tls.certificate, "rb") as fh:
+        cert_pem = fh.read()
+    with open(tls.private_key, "rb") as fh:
+        key_pem = fh.read()
+    cert = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+    kwargs: dict[str, Any] = {}
+    if tls.ca_file:
+        with open(tls.ca_file, "rb") as fh:
+            kwargs["caCerts"] = [ssl.Certificate.loadPEM(fh.read()).original]
+    if tls.verify_client:
+        kwargs.update(verify=True, requireCertificate=True)
+    # extraCertChain: a certificate file holding the chain after the leaf is served whole
+    chain = _pem_blocks(cert_pem)[1:]
+    if chain:
+        kwargs["extraCertChain"] = [ssl.Certificate.loadPEM(block).original for block in chain]
+    return ssl.CertificateOptions(privateKey=cert.privateKey.original, certificate=cert.original, **kwargs)
+
+
+def _pem_blocks(data: bytes) -> list[bytes]:
+    end = b"-----END CERTIFICATE-----"
+    parts = data.split(end)
+    return [p.strip() + b"\n" + end + b"\n" for p in parts if b"-----BEGIN CERTIFICATE-----" in p]
+
+
+# ---------------------------------------------------------------------------------------------
+# wiring: one function per layer, called in dependency order by make_service
+
+
+def _add_threadpool(root: LibonTsiloService, parts: Parts) -> None:
+    svc = ThreadPoolService(parts.config.ops.threadpool_size)
+    svc.setName("threadpool")
+    svc.setServiceParent(root)
+    parts.threadpool = svc.pool
+
+
+def _add_sip_stack(root: LibonTsiloService, parts: Parts) -> None:
+    cfg = parts.config.sip
+    parts.tls_context_factory = make_tls_context_factory(parts.config.tls)
+    transport_mod = _optional_module("libon_tsilo.sip.transport")
+    transaction_mod = _optional_module("libon_tsilo.sip.transaction")
+    if transport_mod is None or transaction_mod is None:
+        return  # TODO(lead): the SIP stack is required; nothing listens until it lands
+    parts.transport = transport_mod.TransportLayer(
+        list(cfg.listen),
+        parts.clock,
+        flow_idle_timeout=float(cfg.flow_idle_timeout),
+        max_message_size=cfg.max_message_size,
+        tls_context_factory=parts.tls_context_factory,
+    )
+    _attach(root, parts.transport)
+    parts.transactions = transaction_mod.TransactionLayer(
+        parts.transport, parts.clock, t1=cfg.t1, t2=cfg.t2, t4=cfg.t4
+    )
+    _attach(root, parts.transactions)
+
+
+def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
+    # TODO(lead): build LocationStore (config.location, parts.threadpool) and Registrar
+    # (config.registrar, config.auth, parts.transport.flows) into parts.location / parts.registrar.
+    pass
+
+
+def _add_silo(root: LibonTsiloService, parts: Parts) -> None:
+    # TODO(lead): parts.silo = Silo(...); parts.location.subscribe(parts.silo)
+    pass
+
+
+def _add_push(root: LibonTsiloService, parts: Parts) -> None:
+    # TODO(lead): senders per config.push.providers (apns/fcm/webhook) -> parts.waker
+    # (push/ may call parts.registrar.remove for dead tokens)
+    pass
+
+
+def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
+    # TODO(lead): parts.b2bua = ...(parts.transactions, parts.silo, parts.waker, config.calls);
+    # register its drain with root.drainers.append(parts.b2bua.drain)
+    pass
+
+
+def _add_router(root: LibonTsiloService, parts: Parts) -> None:
+    # TODO(lead): the TransactionUser that answers OPTIONS and dispatches REGISTER/INVITE/...:
+    # parts.router = Router(...); parts.transactions.tu = parts.router
+    pass
+
+
+def _add_manhole(root: LibonTsiloService, parts: Parts) -> None:
+    # TODO(lead): when config.manhole.listen is set, a conch manhole exposing `parts`
+    pass
+
+
+def _add_admin(root: LibonTsiloService, parts: Parts) -> None:
+    # TODO(lead): when config.admin.listen is set, the admin API + /metrics
+    pass
+
+
+WIRING: list[Callable[[LibonTsiloService, Parts], None]] = [
+    _add_threadpool,
+    _add_sip_stack,
+    _add_registrar,
+    _add_silo,
+    _add_push,
+    _add_b2bua,
+    _add_router,
+    _add_manhole,
+    _add_admin,
+]
+
+
+def make_service(
+    config: Config, clock: IReactorTime | None = None, log_observer: ILogObserver | None = None
+) -> LibonTsiloService:
+    """Build the whole server from a validated Config; nothing listens until the service starts."""
+    if clock is None:
+        from twisted.internet import reactor as clock  # late: the plugin picks the reactor first
+    root = LibonTsiloService(config, clock, log_observer)
+    for wire in WIRING:
+        wire(root, root.parts)
+    return root
