@@ -1,0 +1,257 @@
+"""Flows: the connection (or, for UDP, the 5-tuple) a message came over, and the table of live flows.
+
+A Flow is what other layers hold on to when they must answer "over the same connection" later: the
+registrar stores ``flow.id`` in a binding, and a request to that binding goes back with
+``send_request(..., flow=table.get(flow_id))``.
+
+Choices:
+- Stream flow ids carry a per-table counter (``"tcp:10.0.0.1:5060-10.0.0.2:34567#7"``) because the
+  same 5-tuple can be reused by a later, different connection. UDP pseudo-flows have no counter: a
+  pseudo-flow that expired and is recreated by the next datagram from the same address is the same
+  path through the NAT, so a binding that stored its id finds it again.
+- Idle timeout: one callLater per flow, armed at ``last_activity + timeout``. Activity only updates
+  ``last_activity`` (no timer reset per message); when the timer fires it re-arms for the remainder
+  if there was activity meanwhile. A timeout <= 0 disables idle expiry.
+- On expiry a stream flow is closed through its ``closer`` (the connection drops, and the close is
+  reported when the transport says the connection is gone); a UDP pseudo-flow is simply marked dead
+  and removed, and the close is reported at once.
+- Close callbacks (per flow, then table-wide subscribers) run once; an exception in one is logged and
+  does not stop the others.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from libon_tsilo.sip.listen import format_hostport
+
+__all__ = ["FlowKey", "Flow", "FlowTable", "CloseCallback"]
+
+log = Logger()
+
+HostPort = tuple[str, int]
+CloseCallback = Callable[["Flow"], None]
+
+
+@dataclass(frozen=True)
+class FlowKey:
+    transport: str  # "udp" | "tcp" | "tls"
+    local: HostPort
+    remote: HostPort
+
+    def __str__(self) -> str:
+        local = format_hostport(*self.local) if self.local[0] else "*"
+        return f"{self.transport}:{local}-{format_hostport(*self.remote)}"
+
+
+class Flow:
+    """One connection (TCP/TLS) or one UDP pseudo-flow.
+
+    ``sender`` writes bytes on the underlying transport; ``closer`` drops the connection (None for
+    UDP). The transport layer owns both; other layers only call ``send``, ``on_close`` and read state.
+    """
+
+    def __init__(
+        self,
+        key: FlowKey,
+        flow_id: str,
+        sender: Callable[[bytes], None],
+        closer: Callable[[], None] | None = None,
+        now: float = 0.0,
+    ) -> None:
+        self.key = key
+        self.id = flow_id
+        self.live = True
+        self.last_activity = now
+        self._sender = sender
+        self._closer = closer
+        self._close_cbs: list[CloseCallback] = []
+        self._closed = False
+        self._remote_keys: list[tuple[str, HostPort]] = []
+
+    @property
+    def transport(self) -> str:
+        return self.key.transport
+
+    @property
+    def remote(self) -> HostPort:
+        return self.key.remote
+
+    @property
+    def reliable(self) -> bool:
+        return self.key.transport != "udp"
+
+    def send(self, data: bytes) -> None:
+        """Write ``data`` on this flow; a dead flow drops it with a log line (never raises)."""
+        if not self.live:
+            log.info("flow {flow_id} is closed; dropping {n} bytes", flow_id=self.id, n=len(data))
+            return
+        self._sender(data)
+
+    def on_close(self, cb: CloseCallback) -> None:
+        """Call ``cb(flow)`` once when the flow closes (at once if it already has)."""
+        if self._closed:
+            _safe_call(cb, self)
+        else:
+            self._close_cbs.append(cb)
+
+    def close(self) -> None:
+        """Ask the transport to drop the connection; the close is reported when it is gone."""
+        if self._closer is not None and self.live:
+            self._closer()
+
+    def _mark_closed(self) -> list[CloseCallback]:
+        self._closed = True
+        self.live = False
+        cbs, self._close_cbs = self._close_cbs, []
+        return cbs
+
+    def __repr__(self) -> str:
+        return f"<Flow {self.id} {'live' if self.live else 'closed'}>"
+
+
+def _safe_call(cb: CloseCallback, flow: Flow) -> None:
+    try:
+        cb(flow)
+    except Exception:
+        log.failure("flow close callback failed for {flow_id}", flow_id=flow.id)
+
+
+class FlowTable:
+    """Live flows by id and by key, with idle expiry on ``clock``."""
+
+    def __init__(self, clock: IReactorTime, idle_timeout: float) -> None:
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self._by_id: dict[str, Flow] = {}
+        self._by_key: dict[FlowKey, Flow] = {}
+        # (transport, remote) -> flow, to reuse an existing connection to a destination (RFC 3261 §18.1.1)
+        self._by_remote: dict[tuple[str, HostPort], Flow] = {}
+        self._timers: dict[str, IDelayedCall] = {}
+        self._subscribers: list[CloseCallback] = []
+        self._seq = itertools.count(1)
+
+    # -- lookups -----------------------------------------------------------------------------
+
+    def get(self, flow_id: str) -> Flow | None:
+        return self._by_id.get(flow_id)
+
+    def by_key(self, key: FlowKey) -> Flow | None:
+        return self._by_key.get(key)
+
+    def find_remote(self, transport: str, remote: HostPort) -> Flow | None:
+        """The live flow of ``transport`` to ``remote``, whichever side opened it."""
+        return self._by_remote.get((transport, remote))
+
+    def live_count(self) -> int:
+        return len(self._by_id)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def __iter__(self):
+        return iter(list(self._by_id.values()))
+
+    def subscribe_close(self, cb: CloseCallback) -> None:
+        """Call ``cb(flow)`` for every flow that closes or expires from now on."""
+        self._subscribers.append(cb)
+
+    # -- lifecycle (called by the transport layer) ------------------------------------------
+
+    def new_id(self, key: FlowKey) -> str:
+        if key.transport == "udp":
+            return str(key)
+        return f"{key}#{next(self._seq)}"
+
+    def add(self, flow: Flow) -> Flow:
+        old = self._by_key.get(flow.key)
+        if old is not None and old is not flow:
+            # same 5-tuple: the old connection is gone even if its close was not reported yet
+            self.closed(old)
+        self._by_id[flow.id] = flow
+        self._by_key[flow.key] = flow
+        self.alias_remote(flow, flow.key.remote)
+        flow.last_activity = self.clock.seconds()
+        self._arm(flow, self.idle_timeout)
+        return flow
+
+    def rekey(self, flow: Flow, key: FlowKey) -> None:
+        """Give ``flow`` its real key once an outbound connection knows its local address."""
+        if self._by_id.get(flow.id) is not flow:
+            flow.key = key
+            return
+        if self._by_key.get(flow.key) is flow:
+            del self._by_key[flow.key]
+        flow.key = key
+        self._by_key[key] = flow
+        self.alias_remote(flow, key.remote)
+
+    def alias_remote(self, flow: Flow, remote: HostPort) -> None:
+        """Also find ``flow`` under ``remote`` (an outbound connection's target name and port)."""
+        rkey = (flow.key.transport, remote)
+        self._by_remote[rkey] = flow
+        if rkey not in flow._remote_keys:
+            flow._remote_keys.append(rkey)
+
+    def touch(self, flow: Flow) -> None:
+        flow.last_activity = self.clock.seconds()
+
+    def closed(self, flow: Flow) -> None:
+        """The flow's connection is gone (or its UDP pseudo-flow expired): unindex and notify once."""
+        self._unindex(flow)
+        timer = self._timers.pop(flow.id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        if flow._closed:
+            return
+        cbs = flow._mark_closed()
+        for cb in cbs + list(self._subscribers):
+            _safe_call(cb, flow)
+
+    def close_all(self) -> None:
+        """Cancel every idle timer and ask every flow to close (service shutdown)."""
+        for timer in self._timers.values():
+            if timer.active():
+                timer.cancel()
+        self._timers.clear()
+        for flow in list(self._by_id.values()):
+            if flow.reliable:
+                flow.close()
+            else:
+                self.closed(flow)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _unindex(self, flow: Flow) -> None:
+        if self._by_id.get(flow.id) is flow:
+            del self._by_id[flow.id]
+        if self._by_key.get(flow.key) is flow:
+            del self._by_key[flow.key]
+        for rkey in flow._remote_keys:
+            if self._by_remote.get(rkey) is flow:
+                del self._by_remote[rkey]
+        flow._remote_keys.clear()
+
+    def _arm(self, flow: Flow, delay: float) -> None:
+        if self.idle_timeout <= 0:
+            return
+        self._timers[flow.id] = self.clock.callLater(delay, self._check_idle, flow)
+
+    def _check_idle(self, flow: Flow) -> None:
+        self._timers.pop(flow.id, None)
+        if self._by_id.get(flow.id) is not flow:
+            return
+        idle = self.clock.seconds() - flow.last_activity
+        if idle < self.idle_timeout:
+            self._arm(flow, self.idle_timeout - idle)
+            return
+        log.info("flow {flow_id} idle for {idle:.0f}s; closing", flow_id=flow.id, idle=idle)
+        if flow.reliable and flow._closer is not None:
+            flow.close()
+        else:
+            self.closed(flow)

@@ -1,0 +1,115 @@
+"""Throwaway test PKI: a CA plus leaf certificates, written as PEM files under a test's tmp_path.
+
+Nothing generated here is committed; every test run makes fresh keys (EC P-256: fast to generate).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = ["TestPKI", "Issued", "make_pki"]
+
+
+@dataclass
+class Issued:
+    cert: Path
+    key: Path
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+class TestPKI:
+    """A CA under ``directory`` that can issue server and client certificates."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, directory: Path, ca_name: str = "libon-tsilo test CA") -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._now = datetime.datetime.now(datetime.timezone.utc)
+        self._ca_key = ec.generate_private_key(ec.SECP256R1())
+        self._ca_cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(ca_name))
+            .issuer_name(_name(ca_name))
+            .public_key(self._ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(self._now - datetime.timedelta(hours=1))
+            .not_valid_after(self._now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                    encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(self._ca_key.public_key()), critical=False
+            )
+            .sign(self._ca_key, hashes.SHA256())
+        )
+        self.ca_file = self.dir / "ca.pem"
+        self.ca_file.write_bytes(self._ca_cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(
+        self,
+        name: str,
+        dns: tuple[str, ...] = ("localhost",),
+        ips: tuple[str, ...] = ("127.0.0.1", "::1"),
+        client: bool = False,
+        key_in_cert_file: bool = False,
+    ) -> Issued:
+        """Issue a leaf certificate (server, or client with ``client=True``) and write cert/key PEM files."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+        sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_name(name))
+            .issuer_name(self._ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(self._now - datetime.timedelta(hours=1))
+            .not_valid_after(self._now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._ca_key.public_key()), critical=False
+            )
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(self._ca_key, hashes.SHA256())
+        cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+        cert_path = self.dir / f"{name}.crt.pem"
+        key_path = self.dir / f"{name}.key.pem"
+        if key_in_cert_file:
+            cert_path.write_bytes(cert_pem + _pem_key(key))
+            key_path = cert_path
+        else:
+            cert_path.write_bytes(cert_pem)
+            key_path.write_bytes(_pem_key(key))
+        return Issued(cert_path, key_path)
+
+
+def make_pki(directory: Path) -> TestPKI:
+    return TestPKI(directory)
