@@ -1,0 +1,135 @@
+"""Push payload builders.
+
+The call payload carries what the app needs to correlate the push with the INVITE it will fetch
+(Call-ID), to show the caller before the SIP leg arrives (display name, URI), and to drop a stale
+push (send time + ttl: APNs may deliver late even with a short expiration). ``push_id`` lets the
+app and our logs talk about the same push.
+
+Sizes are measured exactly as aioapns encodes the body (``json.dumps(..., ensure_ascii=False)``
+in UTF-8), so "fits" here means "fits on the wire".
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from libon_tsilo.push.base import PushRequest
+
+__all__ = [
+    "VOIP_LIMIT",
+    "ALERT_LIMIT",
+    "PayloadTooLarge",
+    "encoded_size",
+    "call_fields",
+    "call_data",
+    "voip_payload",
+    "cancel_alert_payload",
+    "refresh_payload",
+]
+
+VOIP_LIMIT = 5120
+ALERT_LIMIT = 4096
+ELLIPSIS = "…"
+
+
+class PayloadTooLarge(ValueError):
+    """Even with the display name (and URI) cut, the payload exceeds the provider's limit."""
+
+
+def encoded_size(payload: dict[str, Any]) -> int:
+    return len(json.dumps(payload, ensure_ascii=False).encode("utf-8"))
+
+
+def _cut(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n] + ELLIPSIS
+
+
+def _fit(build: Callable[[str, str], dict[str, Any]], name: str, uri: str, limit: int) -> dict[str, Any]:
+    """Shorten ``name`` first (cosmetic), then ``uri``, to the longest prefix that fits.
+
+    Binary search on characters: UTF-8 widths vary, so the byte budget can't be divided directly.
+    """
+    payload = build(name, uri)
+    if encoded_size(payload) <= limit:
+        return payload
+
+    def longest(fits: Callable[[int], bool], hi: int) -> int | None:
+        if not fits(0):
+            return None
+        lo = 0
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    n = longest(lambda k: encoded_size(build(_cut(name, k), uri)) <= limit, len(name))
+    if n is not None:
+        return build(_cut(name, n), uri)
+    short_name = _cut(name, 0) if name else ""
+    m = longest(lambda k: encoded_size(build(short_name, _cut(uri, k))) <= limit, len(uri))
+    if m is not None:
+        return build(short_name, _cut(uri, m))
+    raise PayloadTooLarge(f"payload over {limit} bytes even without caller details")
+
+
+def call_fields(req: PushRequest, now: float) -> dict[str, Any]:
+    """The provider-neutral fields of a call push (JSON types kept)."""
+    return {
+        "type": req.kind,
+        "call_id": req.call_id or "",
+        "caller_name": req.caller_name or "",
+        "caller_uri": req.caller_uri or "",
+        "aor": req.aor,
+        "push_id": req.push_id,
+        "send_time": round(now, 3),
+        "ttl": req.ttl,
+    }
+
+
+def call_data(req: PushRequest, now: float, limit: int = ALERT_LIMIT) -> dict[str, str]:
+    """Flat string->string map (FCM ``data`` only accepts strings), trimmed to ``limit`` bytes."""
+
+    def build(name: str, uri: str) -> dict[str, Any]:
+        f = call_fields(req, now)
+        f["caller_name"], f["caller_uri"] = name, uri
+        return {k: str(v) for k, v in f.items()}
+
+    return _fit(build, req.caller_name or "", req.caller_uri or "", limit)
+
+
+def voip_payload(req: PushRequest, now: float, limit: int = VOIP_LIMIT) -> dict[str, Any]:
+    """PushKit payload for an incoming call; ``aps`` stays empty (PushKit ignores it)."""
+
+    def build(name: str, uri: str) -> dict[str, Any]:
+        f = call_fields(req, now)
+        f["caller_name"], f["caller_uri"] = name, uri
+        return {"aps": {}, **f}
+
+    return _fit(build, req.caller_name or "", req.caller_uri or "", limit)
+
+
+def cancel_alert_payload(req: PushRequest, now: float, limit: int = ALERT_LIMIT) -> dict[str, Any]:
+    """A visible "missed call" alert: iOS must not get a VoIP push that reports no call."""
+
+    def build(name: str, uri: str) -> dict[str, Any]:
+        who = name or uri or "unknown caller"
+        f = call_fields(req, now)
+        f["caller_name"], f["caller_uri"] = name, uri
+        return {"aps": {"alert": {"title": "Missed call", "body": f"Missed call from {who}"}}, **f}
+
+    return _fit(build, req.caller_name or "", req.caller_uri or "", limit)
+
+
+def refresh_payload(req: PushRequest, now: float) -> dict[str, Any]:
+    """Background (content-available) push asking the app to re-REGISTER."""
+    return {
+        "aps": {"content-available": 1},
+        "type": "refresh",
+        "aor": req.aor,
+        "push_id": req.push_id,
+        "send_time": round(now, 3),
+    }
