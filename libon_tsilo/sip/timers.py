@@ -1,0 +1,186 @@
+"""Timers on an injected clock: named timer sets, the timed state-machine base every transaction
+builds on, and the UA core's 2xx retransmitter (RFC 3261 §13.3.1.4).
+
+Every transaction owns one :class:`TimerSet`; ending the transaction calls ``cancel_all()`` so no
+``DelayedCall`` outlives the state machine that scheduled it.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Callable, Protocol
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+__all__ = [
+    "LayerServices",
+    "State",
+    "TimerSet",
+    "TransactionBase",
+    "TwoXXRetransmitter",
+    "backoff",
+    "is_reliable",
+]
+
+log = Logger()
+
+
+def backoff(interval: float, cap: float) -> float:
+    """Next retransmission interval: double, but never beyond ``cap`` (T2)."""
+    return min(interval * 2, cap)
+
+
+class TimerSet:
+    """A handful of named one-shot timers (RFC names: "A", "B", ...).
+
+    Starting a timer under a name that is already running replaces it, which is what the
+    retransmission timers want when they reschedule themselves.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._calls: dict[str, IDelayedCall] = {}
+
+    def start(self, name: str, delay: float, fn: Callable[..., Any], *args: Any) -> None:
+        self.cancel(name)
+        self._calls[name] = self._clock.callLater(delay, self._fire, name, fn, args)
+
+    def _fire(self, name: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self._calls.pop(name, None)
+        fn(*args)
+
+    def cancel(self, name: str) -> None:
+        call = self._calls.pop(name, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def cancel_all(self) -> None:
+        for name in list(self._calls):
+            self.cancel(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._calls
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def names(self) -> list[str]:
+        return sorted(self._calls)
+
+
+class TwoXXRetransmitter:
+    """Retransmit a 2xx to INVITE until its ACK arrives (the UA core's job, not the transaction's).
+
+    The first copy is sent by the caller (through the server transaction); this object sends the
+    copies: after T1, then doubling up to T2, until ``stop()``. After 64*T1 without an ACK it stops
+    and calls ``on_give_up()`` so the TU can tear the dialog down (RFC 3261 §13.3.1.4).
+    On reliable flows pass ``retransmit=False``: nothing is resent but the 64*T1 deadline still runs.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        send: Callable[[], Any],
+        t1: float,
+        t2: float,
+        on_give_up: Callable[[], Any],
+        retransmit: bool = True,
+    ) -> None:
+        self._send = send
+        self._t2 = t2
+        self._on_give_up = on_give_up
+        self._interval = t1
+        self._timers = TimerSet(clock)
+        if retransmit:
+            self._timers.start("G2xx", t1, self._resend)
+        self._timers.start("giveup", 64 * t1, self._give_up)
+
+    @property
+    def active(self) -> bool:
+        return len(self._timers) > 0
+
+    def _resend(self) -> None:
+        try:
+            self._send()
+        except Exception:
+            # A transport that fails once may recover; the 64*T1 deadline bounds the attempts.
+            log.failure("2xx retransmission failed")
+        self._interval = backoff(self._interval, self._t2)
+        self._timers.start("G2xx", self._interval, self._resend)
+
+    def _give_up(self) -> None:
+        self._timers.cancel_all()
+        self._on_give_up()
+
+    def stop(self) -> None:
+        self._timers.cancel_all()
+
+
+class State(enum.StrEnum):
+    CALLING = "Calling"
+    TRYING = "Trying"
+    PROCEEDING = "Proceeding"
+    COMPLETED = "Completed"
+    CONFIRMED = "Confirmed"
+    ACCEPTED = "Accepted"  # RFC 6026: a 2xx to INVITE was sent / received
+    TERMINATED = "Terminated"
+
+
+class LayerServices(Protocol):
+    """The part of TransactionLayer a transaction calls back into."""
+
+    transport: Any
+    clock: IReactorTime
+    t1: float
+    t2: float
+    t4: float
+
+    def forget(self, txn: TransactionBase) -> None: ...
+
+    def tu_hook(self, name: str, *args: Any) -> None: ...
+
+    def send_request(self, req: Any, target: Any, flow: Any, on_response: Callable[[Any], Any]) -> Any: ...
+
+
+def is_reliable(transport_name: str | None) -> bool:
+    """Only UDP needs retransmissions; every stream transport (tcp, tls, ws...) is reliable."""
+    return (transport_name or "udp").lower() != "udp"
+
+
+class TransactionBase:
+    """A state machine with its own timers, removed from the layer's table when it terminates."""
+
+    def __init__(self, layer: LayerServices, key: tuple[Any, ...], txn_id: str) -> None:
+        self.layer = layer
+        self.key = key
+        self.id = txn_id
+        self.state: State = State.TERMINATED
+        self.reliable = False
+        self.timers = TimerSet(layer.clock)
+
+    @property
+    def terminated(self) -> bool:
+        return self.state is State.TERMINATED
+
+    def terminate(self) -> None:
+        """Stop every timer and leave the layer's table; safe to call twice."""
+        self.timers.cancel_all()
+        if self.state is not State.TERMINATED:
+            self.state = State.TERMINATED
+            self.layer.forget(self)
+
+    def halt(self) -> None:
+        """Service stop: cancel timers without telling anyone."""
+        self.timers.cancel_all()
+        self.state = State.TERMINATED
+
+    def _wait_then_terminate(self, name: str, delay: float) -> None:
+        # Reliable transports use a zero wait (RFC 3261 timers D, I, J, K): end at once, no DelayedCall.
+        if delay <= 0:
+            self.terminate()
+        else:
+            self.timers.start(name, delay, self.terminate)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id} {self.state}>"

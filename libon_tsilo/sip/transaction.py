@@ -1,0 +1,278 @@
+"""The RFC 3261 §17 transaction layer (with RFC 6026): matching, tables, and the TU interface.
+
+The state machines live in :mod:`transaction_client` and :mod:`transaction_server`; this module
+keys them in dicts (never a list scan per message) and routes every inbound message:
+
+- server transactions: ``(branch, sent-by, method)`` when the branch has the magic cookie, else the
+  RFC 2543 tuple of §17.2.3 (Request-URI, To tag, From tag, Call-ID, CSeq, top Via);
+- client transactions: ``(branch, CSeq method)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from libon_tsilo.sip.errors import ParseError
+from libon_tsilo.sip.message import Request, Response, make_response
+from libon_tsilo.sip.timers import State, TransactionBase, TwoXXRetransmitter
+from libon_tsilo.sip.transaction_client import (
+    ClientTransaction,
+    InviteClientTransaction,
+    NonInviteClientTransaction,
+    build_ack,
+    build_cancel,
+)
+from libon_tsilo.sip.transaction_server import (
+    InviteServerTransaction,
+    NonInviteServerTransaction,
+    ServerTransaction,
+)
+
+__all__ = [
+    "TransactionLayer",
+    "TransactionUser",
+    "ClientTransaction",
+    "ServerTransaction",
+    "InviteClientTransaction",
+    "NonInviteClientTransaction",
+    "InviteServerTransaction",
+    "NonInviteServerTransaction",
+    "TwoXXRetransmitter",
+    "State",
+    "build_ack",
+    "build_cancel",
+    "MAGIC_COOKIE",
+]
+
+log = Logger()
+
+MAGIC_COOKIE = "z9hG4bK"
+_DEFAULT_PORTS = {"TLS": 5061, "WSS": 443, "WS": 80}
+
+
+class TransactionUser(Protocol):
+    def request_received(self, request: Request, stx: ServerTransaction | None, flow: Any) -> None: ...
+
+    def cancel_received(self, cancel: Request, invite_stx: ServerTransaction | None, flow: Any) -> None: ...
+
+    def stray_response(self, response: Response, flow: Any) -> None: ...
+
+    # Optional hooks, called only when the TU defines them:
+    #   transaction_timeout(stx)  -- timer H fired: the ACK for our 3xx-6xx never came
+    #   transport_error(stx)      -- a response could not be sent
+
+
+def _sent_by(req: Request) -> tuple[str, str, int]:
+    via = req.top_via
+    transport = via.transport.upper()
+    return transport, via.host.lower(), via.port or _DEFAULT_PORTS.get(transport, 5060)
+
+
+def _has_cookie(branch: str | None) -> bool:
+    # A bare "z9hG4bK" (RFC 4475 badbranch) carries no uniqueness: fall back to RFC 2543 matching.
+    return branch is not None and branch.startswith(MAGIC_COOKIE) and len(branch) > len(MAGIC_COOKIE)
+
+
+def server_key(
+    req: Request, method: str, to_tag: str | None = None, use_to_tag: bool = False
+) -> tuple[Any, ...]:
+    """The server-transaction key of ``req`` as if its method were ``method`` (ACK/CANCEL -> INVITE).
+
+    ``to_tag`` overrides the request's own To tag in the RFC 2543 key (ACK matching, §17.2.3).
+    """
+    branch = req.branch
+    if _has_cookie(branch):
+        return ("3261", branch, _sent_by(req), method)
+    tag = to_tag if use_to_tag else req.to.tag
+    return (
+        "2543", req.raw_uri, tag, req.from_.tag, req.call_id, req.cseq.seq, method,
+        _sent_by(req), branch,
+    )
+
+
+class TransactionLayer:
+    """All live transactions of one server, between the transport (below) and the TU (above)."""
+
+    def __init__(
+        self, transport: Any, clock: IReactorTime, t1: float = 0.5, t2: float = 4.0, t4: float = 5.0
+    ) -> None:
+        self.transport = transport
+        self.clock = clock
+        self.t1 = t1
+        self.t2 = t2
+        self.t4 = t4
+        self.tu: TransactionUser | None = None
+        self._servers: dict[tuple[Any, ...], ServerTransaction] = {}
+        self._clients: dict[tuple[Any, ...], ClientTransaction] = {}
+        transport.sink = self.inbound
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._servers) + len(self._clients)
+
+    @property
+    def server_count(self) -> int:
+        return len(self._servers)
+
+    @property
+    def client_count(self) -> int:
+        return len(self._clients)
+
+    def forget(self, txn: TransactionBase) -> None:
+        table: dict[tuple[Any, ...], Any] = (
+            self._clients if isinstance(txn, ClientTransaction) else self._servers
+        )
+        if table.get(txn.key) is txn:
+            del table[txn.key]
+
+    def stop(self) -> None:
+        """Service stop: cancel every timer and drop every transaction, telling nobody."""
+        for txn in [*self._servers.values(), *self._clients.values()]:
+            txn.halt()
+        self._servers.clear()
+        self._clients.clear()
+
+    def tu_hook(self, name: str, *args: Any) -> None:
+        hook = getattr(self.tu, name, None)
+        if hook is None:
+            return
+        try:
+            hook(*args)
+        except Exception:
+            log.failure("TU hook {hook} failed", hook=name)
+
+    # -- client side ------------------------------------------------------------------------------
+
+    def send_request(
+        self, req: Request, target: Any, flow: Any, on_response: Callable[[Response], Any]
+    ) -> ClientTransaction:
+        """Start a client transaction; the request must already carry our top Via with a fresh branch.
+
+        Timeouts and transport errors reach ``on_response`` as locally generated 408 / 503.
+        """
+        if req.method == "ACK":
+            raise ValueError("ACK is not sent in a transaction: use the transport directly")
+        branch = req.branch
+        if not _has_cookie(branch):
+            raise ValueError(f"send_request: top Via needs a z9hG4bK branch, got {branch!r}")
+        key = ("client", branch, req.cseq.method)
+        if key in self._clients:
+            raise ValueError(f"send_request: a transaction with branch {branch} {req.cseq.method} exists")
+        cls = InviteClientTransaction if req.method == "INVITE" else NonInviteClientTransaction
+        ctx = cls(self, key, req, target, flow, on_response)
+        self._clients[key] = ctx
+        ctx.start()
+        return ctx
+
+    def _response_in(self, resp: Response, flow: Any) -> None:
+        try:
+            key = ("client", resp.branch, resp.cseq.method)
+        except ParseError as exc:
+            log.info("response dropped: {reason}", reason=exc.reason)
+            return
+        ctx = self._clients.get(key)
+        if ctx is not None:
+            ctx.response_received(resp)
+        elif 200 <= resp.status < 300 and key[2] == "INVITE" and self.tu is not None:
+            # RFC 6026: a 2xx after the INVITE transaction ended still needs an ACK from the TU.
+            self.tu.stray_response(resp, flow)
+        else:
+            log.debug("stray {status} dropped", status=resp.status)
+
+    # -- server side ------------------------------------------------------------------------------
+
+    def inbound(self, msg: Request | Response, flow: Any) -> None:
+        """The transport's sink: every parsed inbound message."""
+        try:
+            if isinstance(msg, Response):
+                self._response_in(msg, flow)
+            else:
+                self._request_in(msg, flow)
+        except ParseError as exc:
+            self._reject_malformed(msg, flow, exc)
+        except Exception:
+            # One bad message must never stop the server (nor the transport's read loop).
+            log.failure("transaction layer failed on {msg!r}", msg=msg)
+
+    def _reject_malformed(self, msg: Request | Response, flow: Any, exc: ParseError) -> None:
+        if not isinstance(msg, Request) or msg.method == "ACK":
+            log.info("malformed message dropped: {reason}", reason=exc.reason)
+            return
+        try:
+            self.transport.send_response(make_response(msg, exc.status, exc.reason), flow)
+        except Exception:
+            log.failure("cannot answer a malformed request")
+
+    def _request_in(self, req: Request, flow: Any) -> None:
+        method = req.method
+        if method == "ACK":
+            self._ack_in(req, flow)
+            return
+        stx = self._servers.get(server_key(req, method))
+        if stx is not None:
+            stx.request_retransmitted()
+            return
+        if self.tu is None:
+            self.transport.send_response(make_response(req, 503, "Service Unavailable"), flow)
+            return
+        invite_stx = self._servers.get(server_key(req, "INVITE")) if method == "CANCEL" else None
+        stx = self._new_server(req, flow)
+        if stx.terminated:
+            return  # the 100 Trying could not be sent
+        try:
+            if method == "CANCEL":
+                self.tu.cancel_received(req, invite_stx, flow)
+            else:
+                self.tu.request_received(req, stx, flow)
+        except Exception:
+            log.failure("TU failed on {method}", method=method, call_id=_call_id(req))
+            self._answer_500(stx)
+
+    def _new_server(self, req: Request, flow: Any) -> ServerTransaction:
+        key = server_key(req, req.method)
+        cls = InviteServerTransaction if req.method == "INVITE" else NonInviteServerTransaction
+        stx = cls(self, key, req, flow)
+        self._servers[key] = stx
+        stx.start()
+        return stx
+
+    def _ack_in(self, ack: Request, flow: Any) -> None:
+        stx = self._find_invite_for_ack(ack)
+        if isinstance(stx, InviteServerTransaction) and stx.ack_received():
+            return
+        if self.tu is not None:
+            self.tu.request_received(ack, None, flow)
+
+    def _find_invite_for_ack(self, ack: Request) -> ServerTransaction | None:
+        key = server_key(ack, "INVITE")
+        stx = self._servers.get(key)
+        if stx is not None or key[0] == "3261":
+            return stx
+        # RFC 2543: the ACK carries the To tag of our response, which the INVITE did not have.
+        stx = self._servers.get(server_key(ack, "INVITE", to_tag=None, use_to_tag=True))
+        if stx is None or stx.last_response is None:
+            return None
+        try:
+            our_tag = stx.last_response.to.tag
+        except ParseError:
+            return None
+        return stx if our_tag == ack.to.tag else None
+
+    def _answer_500(self, stx: ServerTransaction) -> None:
+        if stx.state not in (State.TRYING, State.PROCEEDING):
+            return
+        try:
+            stx.respond(make_response(stx.request, 500, "Server Internal Error"))
+        except Exception:
+            log.failure("cannot send 500")
+
+
+def _call_id(msg: Any) -> str | None:
+    try:
+        return msg.call_id
+    except Exception:
+        return None

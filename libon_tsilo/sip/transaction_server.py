@@ -1,0 +1,156 @@
+"""Server transactions: RFC 3261 §17.2 with the RFC 6026 Accepted state for 2xx to INVITE."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+
+from libon_tsilo.sip.message import Request, Response, make_response
+from libon_tsilo.sip.timers import LayerServices, State, TransactionBase, backoff, is_reliable
+
+__all__ = ["ServerTransaction", "InviteServerTransaction", "NonInviteServerTransaction"]
+
+log = Logger()
+
+
+class ServerTransaction(TransactionBase):
+    """One inbound request and the responses the TU gives it.
+
+    The TU answers through :meth:`respond`; retransmissions of the request are absorbed here and
+    never reach the TU.
+    """
+
+    def __init__(self, layer: LayerServices, key: tuple[Any, ...], request: Request, flow: Any) -> None:
+        super().__init__(layer, key, f"stx:{request.method}:{key!r}")
+        self.request = request
+        self.flow = flow
+        self.reliable = is_reliable(flow.key.transport if flow is not None else None)
+        self.last_response: Response | None = None
+
+    @property
+    def method(self) -> str:
+        return self.request.method
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def respond(self, resp: Response) -> None:
+        raise NotImplementedError
+
+    def request_retransmitted(self) -> None:
+        raise NotImplementedError
+
+    def _send(self, resp: Response) -> bool:
+        """Hand a response to the transport; a failure ends the transaction (RFC 3261 §17.2.4)."""
+        try:
+            self.layer.transport.send_response(resp, self.flow)
+        except Exception:
+            log.failure("sending {status} failed", status=resp.status, call_id=_call_id(self.request))
+            self.terminate()
+            self.layer.tu_hook("transport_error", self)
+            return False
+        return True
+
+    def _resend_last(self) -> None:
+        if self.last_response is not None:
+            self._send(self.last_response)
+
+    def _refuse(self, resp: Response) -> None:
+        log.warn(
+            "{txn}: response {status} ignored in state {state}",
+            txn=self.id, status=resp.status, state=self.state, call_id=_call_id(self.request),
+        )
+
+
+class InviteServerTransaction(ServerTransaction):
+    """Proceeding -> Completed (3xx-6xx, timers G/H) -> Confirmed (timer I), or Accepted (2xx, timer L)."""
+
+    def start(self) -> None:
+        self.state = State.PROCEEDING
+        # Sent at once rather than after 200 ms: the B2BUA rarely answers that fast, and it stops
+        # the caller's timer A retransmissions early.
+        trying = make_response(self.request, 100, "Trying")
+        self.last_response = trying
+        self._send(trying)
+
+    def respond(self, resp: Response) -> None:
+        status = resp.status
+        if self.state is State.PROCEEDING:
+            self.last_response = resp
+            if status < 200:
+                self._send(resp)
+            elif status < 300:
+                self.state = State.ACCEPTED
+                self.timers.start("L", 64 * self.layer.t1, self.terminate)
+                self._send(resp)
+            else:
+                self.state = State.COMPLETED
+                self._interval = self.layer.t1
+                if not self.reliable:
+                    self.timers.start("G", self._interval, self._timer_g)
+                self.timers.start("H", 64 * self.layer.t1, self._timer_h)
+                self._send(resp)
+        elif self.state is State.ACCEPTED and 200 <= status < 300:
+            # RFC 6026 §7.1: the TU's own 2xx retransmissions pass straight through.
+            self._send(resp)
+        else:
+            self._refuse(resp)
+
+    def request_retransmitted(self) -> None:
+        # Accepted and Confirmed absorb silently: the TU retransmits 2xx itself (RFC 6026 §8.7).
+        if self.state in (State.PROCEEDING, State.COMPLETED):
+            self._resend_last()
+
+    def ack_received(self) -> bool:
+        """Return True when the ACK belongs to this transaction (absorbed); False: give it to the TU."""
+        if self.state is State.ACCEPTED:
+            return False
+        if self.state is State.COMPLETED:
+            self.state = State.CONFIRMED
+            self.timers.cancel("G")
+            self.timers.cancel("H")
+            self._wait_then_terminate("I", 0 if self.reliable else self.layer.t4)
+        return True
+
+    def _timer_g(self) -> None:
+        self._interval = backoff(self._interval, self.layer.t2)
+        self.timers.start("G", self._interval, self._timer_g)
+        self._resend_last()
+
+    def _timer_h(self) -> None:
+        log.info("{txn}: no ACK after 64*T1", txn=self.id, call_id=_call_id(self.request))
+        self.terminate()
+        self.layer.tu_hook("transaction_timeout", self)
+
+
+class NonInviteServerTransaction(ServerTransaction):
+    """Trying -> Proceeding (1xx) -> Completed (final, timer J) -> Terminated."""
+
+    def start(self) -> None:
+        self.state = State.TRYING
+
+    def respond(self, resp: Response) -> None:
+        if self.state not in (State.TRYING, State.PROCEEDING):
+            self._refuse(resp)
+            return
+        self.last_response = resp
+        if resp.status < 200:
+            self.state = State.PROCEEDING
+            self._send(resp)
+            return
+        self.state = State.COMPLETED
+        if self._send(resp):
+            self._wait_then_terminate("J", 0 if self.reliable else 64 * self.layer.t1)
+
+    def request_retransmitted(self) -> None:
+        # In Trying the TU has not answered yet: nothing to resend, and the TU must not see it twice.
+        if self.state in (State.PROCEEDING, State.COMPLETED):
+            self._resend_last()
+
+
+def _call_id(msg: Any) -> str | None:
+    try:
+        return msg.call_id
+    except Exception:
+        return None
