@@ -1,0 +1,108 @@
+"""One registered Contact of an AOR, and the observer protocol for binding events.
+
+A binding is a plain record: the location store owns its indexes, the registrar decides when it is
+created, refreshed or removed. ``key`` is the identity used for replacement within an AOR (RFC 5626
+instance + reg-id, else the RFC 8599 pn triple, else the Contact URI); it never changes for the life
+of a binding, so it is also the primary key of the persistent copy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from libon_tsilo.sip.flow import Flow
+
+__all__ = ["Binding", "LocationObserver", "binding_key"]
+
+
+def binding_key(
+    contact_uri: str,
+    instance: str | None,
+    reg_id: int | None,
+    pn_provider: str | None,
+    pn_prid: str | None,
+    pn_param: str | None,
+) -> str:
+    """The replacement identity of a binding (see the module doc)."""
+    if instance:
+        return f"instance:{instance}" + (f";reg-id={reg_id}" if reg_id is not None else "")
+    if pn_provider and pn_prid:
+        return f"pn:{pn_provider}|{pn_prid}|{pn_param or ''}"
+    return f"uri:{contact_uri}"
+
+
+@dataclass
+class Binding:
+    aor: str
+    contact_uri: str  # the Contact URI as text: the Request-URI of a branch to this device
+    contact: str  # the whole Contact value as registered (name-addr + params), without ;expires
+    expires_at: float
+    registered_at: float
+    call_id: str
+    cseq: int
+    q: float = 1.0
+    instance: str | None = None  # +sip.instance value without quotes, e.g. "<urn:uuid:...>"
+    reg_id: int | None = None
+    flow_id: str | None = None
+    flow_live: bool = False
+    received: tuple[str, str, int] | None = None  # (transport, host, port) the REGISTER came from
+    path: list[str] = field(default_factory=list)
+    user_agent: str | None = None
+    pn_provider: str | None = None
+    pn_prid: str | None = None
+    pn_param: str | None = None
+    pnsreg: bool = False
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            self.key = binding_key(
+                self.contact_uri, self.instance, self.reg_id, self.pn_provider, self.pn_prid, self.pn_param
+            )
+
+    @property
+    def push_capable(self) -> bool:
+        """True when a push can wake this device (RFC 8599 provider and token both known)."""
+        return bool(self.pn_provider and self.pn_prid)
+
+    def remaining(self, now: float) -> int:
+        """Seconds left, rounded up so a live binding never advertises 0 (which means "removed")."""
+        return max(0, math.ceil(self.expires_at - now))
+
+    def expired(self, now: float) -> bool:
+        return now >= self.expires_at
+
+    def contact_header(self, now: float) -> str:
+        """The Contact value of this binding in a REGISTER 200 OK."""
+        return f"{self.contact};expires={self.remaining(now)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able snapshot (persistence, admin API)."""
+        data = asdict(self)
+        data["received"] = list(self.received) if self.received else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Binding:
+        """Inverse of to_dict; unknown keys (from a newer version) are ignored."""
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        received = kwargs.get("received")
+        if received is not None:
+            transport, host, port = received
+            kwargs["received"] = (str(transport), str(host), int(port))
+        kwargs["path"] = list(kwargs.get("path") or [])
+        return cls(**kwargs)
+
+
+class LocationObserver(Protocol):
+    """Receives binding events from the LocationStore (the silo, metrics, the push layer...)."""
+
+    def binding_added(self, binding: Binding, flow: Flow | None) -> None: ...
+
+    def binding_refreshed(self, binding: Binding, flow: Flow | None) -> None: ...
+
+    def binding_removed(self, binding: Binding, reason: str) -> None: ...

@@ -1,0 +1,255 @@
+"""The location store: bindings per AOR, in memory, with optional SQLite persistence.
+
+Memory is authoritative for every lookup; the persistence (if any) is a write-behind copy restored at
+start. Expiry is one timer on the earliest deadline (a heap with lazy deletion), not a periodic scan,
+and bindings are indexed by flow id so a closing connection never scans the table.
+
+Events go to observers; an observer that raises is logged and never breaks the caller (REGISTER).
+Restored bindings emit no events: nothing listening at start-up waits for them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from libon_tsilo.registrar.binding import Binding, LocationObserver
+
+if TYPE_CHECKING:
+    from libon_tsilo.registrar.sqlite_store import SqliteBindingStore
+    from libon_tsilo.sip.flow import Flow
+
+__all__ = ["LocationStore"]
+
+log = Logger()
+
+Ident = tuple[str, str]  # (aor, key)
+
+
+class LocationStore:
+    def __init__(self, clock: IReactorTime, persistence: SqliteBindingStore | None = None) -> None:
+        self.clock = clock
+        self.persistence = persistence
+        self._aors: dict[str, dict[str, Binding]] = {}
+        self._by_flow: dict[str, dict[Ident, Binding]] = {}
+        self._observers: list[LocationObserver] = []
+        self._heap: list[tuple[float, int, str, str]] = []
+        self._seq = itertools.count()
+        self._timer: IDelayedCall | None = None
+        self._count = 0
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def start(self) -> int:
+        """Restore persisted bindings (with their remaining expiry); returns how many."""
+        if self.persistence is None:
+            return 0
+        self.persistence.start()
+        now = self.clock.seconds()
+        restored = 0
+        for binding in self.persistence.load(now):
+            # the connections of the previous process are gone; a flow id could even be reused by a
+            # new, unrelated connection, so forget it rather than risk routing to the wrong device
+            binding.flow_id = None
+            binding.flow_live = False
+            self._insert(binding)
+            restored += 1
+        self._schedule()
+        log.info("location: restored {n} bindings", n=restored)
+        return restored
+
+    def flush(self) -> defer.Deferred:
+        """Fires when every change so far is persisted (immediately for the memory backend)."""
+        if self.persistence is None:
+            return defer.succeed(None)
+        return self.persistence.flush()
+
+    def stop(self) -> defer.Deferred:
+        """Cancel the expiry timer, then flush and close the persistence."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self.persistence is None:
+            return defer.succeed(None)
+        return self.persistence.stop()
+
+    # -- observers ------------------------------------------------------------------------------
+
+    def subscribe(self, observer: LocationObserver) -> None:
+        if observer not in self._observers:
+            self._observers.append(observer)
+
+    def unsubscribe(self, observer: LocationObserver) -> None:
+        if observer in self._observers:
+            self._observers.remove(observer)
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for observer in list(self._observers):
+            try:
+                getattr(observer, event)(*args)
+            except Exception:
+                log.failure("location observer {obs!r} failed on {event}", obs=observer, event=event)
+
+    # -- queries --------------------------------------------------------------------------------
+
+    def lookup(self, aor: str) -> list[Binding]:
+        """Live bindings of an AOR, best first (q descending, then the most recently registered)."""
+        bindings = self._aors.get(aor)
+        if not bindings:
+            return []
+        now = self.clock.seconds()
+        out = [b for b in bindings.values() if not b.expired(now)]
+        out.sort(key=lambda b: (-b.q, -b.registered_at))
+        return out
+
+    def get(self, aor: str, key: str) -> Binding | None:
+        binding = self._aors.get(aor, {}).get(key)
+        if binding is None or binding.expired(self.clock.seconds()):
+            return None
+        return binding
+
+    def by_flow(self, flow_id: str) -> list[Binding]:
+        return list(self._by_flow.get(flow_id, {}).values())
+
+    def dump(self) -> dict[str, list[Binding]]:
+        return {aor: self.lookup(aor) for aor in sorted(self._aors)}
+
+    def all_count(self) -> int:
+        return self._count
+
+    def aor_count(self) -> int:
+        return len(self._aors)
+
+    # -- changes --------------------------------------------------------------------------------
+
+    def add_or_update(
+        self, binding: Binding, flow: Flow | None = None, replaces: Binding | None = None
+    ) -> str:
+        """Store ``binding``; returns "added" or "refreshed" (the event sent).
+
+        It refreshes the binding with the same key, or ``replaces`` (a binding the registrar matched
+        by another rule, e.g. RFC 8599 §5.3 pn params, whose key differs).
+        """
+        now = self.clock.seconds()
+        old = self._aors.get(binding.aor, {}).get(binding.key)
+        if replaces is not None and replaces is not old and self._is_current(replaces):
+            if old is not None:
+                # both the replaced binding and a same-key one exist: the latter is superseded too
+                self._drop(old)
+                if self.persistence is not None:
+                    self.persistence.delete(old)
+            old = replaces
+        if old is not None and old.expired(now):
+            # it lapsed before the purge timer got to it: this is a new registration
+            self._drop(old)
+            if self.persistence is not None:
+                self.persistence.delete(old)
+            self._emit("binding_removed", old, "expired")
+            old = None
+        if old is not None:
+            self._drop(old)
+            if old.key != binding.key and self.persistence is not None:
+                self.persistence.delete(old)
+        self._insert(binding)
+        self._push_deadline(binding)
+        if self.persistence is not None:
+            self.persistence.save(binding)
+        event = "binding_refreshed" if old is not None else "binding_added"
+        self._emit(event, binding, flow)
+        return "refreshed" if old is not None else "added"
+
+    def remove(self, binding: Binding, reason: str) -> bool:
+        """Remove a binding (if it is still the current one for its key); emits binding_removed."""
+        if not self._is_current(binding):
+            return False
+        self._drop(binding)
+        if self.persistence is not None:
+            self.persistence.delete(binding)
+        self._emit("binding_removed", binding, reason)
+        return True
+
+    def remove_aor(self, aor: str, reason: str) -> list[Binding]:
+        removed = list(self._aors.get(aor, {}).values())
+        for binding in removed:
+            self.remove(binding, reason)
+        return removed
+
+    def flow_closed(self, flow_id: str) -> list[Binding]:
+        """Mark the bindings that came over this flow as no longer reachable through it.
+
+        They stay registered (a push can wake the device, which then opens a new flow).
+        """
+        bindings = self._by_flow.pop(flow_id, None)
+        if not bindings:
+            return []
+        for binding in bindings.values():
+            binding.flow_live = False
+        return list(bindings.values())
+
+    # -- indexes --------------------------------------------------------------------------------
+
+    def _is_current(self, binding: Binding) -> bool:
+        return self._aors.get(binding.aor, {}).get(binding.key) is binding
+
+    def _insert(self, binding: Binding) -> None:
+        self._aors.setdefault(binding.aor, {})[binding.key] = binding
+        self._count += 1
+        if binding.flow_id is not None and binding.flow_live:
+            self._by_flow.setdefault(binding.flow_id, {})[(binding.aor, binding.key)] = binding
+        heapq.heappush(self._heap, (binding.expires_at, next(self._seq), binding.aor, binding.key))
+
+    def _drop(self, binding: Binding) -> None:
+        bindings = self._aors.get(binding.aor)
+        if bindings is None or bindings.get(binding.key) is not binding:
+            return
+        del bindings[binding.key]
+        self._count -= 1
+        if not bindings:
+            del self._aors[binding.aor]
+        if binding.flow_id is not None:
+            flow_index = self._by_flow.get(binding.flow_id)
+            if flow_index is not None and flow_index.get((binding.aor, binding.key)) is binding:
+                del flow_index[(binding.aor, binding.key)]
+                if not flow_index:
+                    del self._by_flow[binding.flow_id]
+
+    # -- expiry ---------------------------------------------------------------------------------
+
+    def _push_deadline(self, binding: Binding) -> None:
+        # refreshed bindings leave their old heap entry behind; rebuild when those dominate
+        if len(self._heap) > 4 * self._count + 1024:
+            self._heap = [
+                (b.expires_at, next(self._seq), b.aor, b.key) for d in self._aors.values() for b in d.values()
+            ]
+            heapq.heapify(self._heap)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._heap:
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+            return
+        deadline = self._heap[0][0]
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= deadline:
+                return
+            self._timer.cancel()
+        delay = max(0.0, deadline - self.clock.seconds())
+        self._timer = self.clock.callLater(delay, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        now = self.clock.seconds()
+        while self._heap and self._heap[0][0] <= now:
+            _, _, aor, key = heapq.heappop(self._heap)
+            binding = self._aors.get(aor, {}).get(key)
+            if binding is not None and binding.expired(now):
+                log.debug("location: binding {key} of {aor} expired", key=key, aor=aor)
+                self.remove(binding, "expired")
+        self._schedule()

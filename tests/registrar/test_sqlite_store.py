@@ -1,0 +1,141 @@
+"""SQLite persistence: batches on the clock, restore with remaining expiry, real thread pool."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+
+from libon_tsilo.registrar.location import LocationStore
+from libon_tsilo.registrar.sqlite_store import SqliteBindingStore
+from tests.registrar.helpers import FakeFlow, make_binding, run_sync
+
+
+def _open(path: Path, clock: Clock) -> LocationStore:
+    persistence = SqliteBindingStore(str(path), clock, flush_interval=0.2, run_in_thread=run_sync)
+    store = LocationStore(clock, persistence)
+    store.start()
+    return store
+
+
+def _rows(path: Path) -> int:
+    db = sqlite3.connect(str(path))
+    try:
+        return db.execute("SELECT count(*) FROM bindings").fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_batches_are_written_after_the_interval(tmp_path: Path) -> None:
+    clock = Clock()
+    path = tmp_path / "loc.sqlite"
+    store = _open(path, clock)
+    store.add_or_update(make_binding(uri="sip:a@h", expires_at=100.0))
+    store.add_or_update(make_binding(uri="sip:b@h", expires_at=100.0))
+    assert _rows(path) == 0  # not yet: write-behind
+    clock.advance(0.2)
+    assert _rows(path) == 2
+    store.remove(store.lookup("sip:alice@example.com")[0], "unregistered")
+    clock.advance(0.2)
+    assert _rows(path) == 1
+    store.stop()
+
+
+def test_restore_with_remaining_expiry(tmp_path: Path) -> None:
+    clock = Clock()
+    path = tmp_path / "loc.sqlite"
+    store = _open(path, clock)
+    flow = FakeFlow(id="tcp#9")
+    b = make_binding(
+        uri="sip:a@h;transport=tcp",
+        expires_at=300.0,
+        flow_id="tcp#9",
+        flow_live=True,
+        received=("tcp", "192.0.2.10", 40000),
+        path=["<sip:edge;lr>"],
+        pn_provider="fcm",
+        pn_prid="tok",
+        pn_param="proj",
+        instance='"<urn:uuid:1>"',
+        reg_id=1,
+        q=0.7,
+    )
+    store.add_or_update(b, flow)
+    store.add_or_update(make_binding(uri="sip:short@h", expires_at=50.0))
+    clock.advance(0.2)  # one batch interval: both are now durable
+    # the first process "dies" without flushing anything else
+    clock2 = Clock()
+    clock2.advance(100.0)
+    store2 = _open(path, clock2)
+    [restored] = store2.lookup("sip:alice@example.com")  # the 50 s one expired while we were down
+    assert restored.key == b.key
+    assert restored.remaining(clock2.seconds()) == 200
+    assert restored.received == ("tcp", "192.0.2.10", 40000)
+    assert restored.path == ["<sip:edge;lr>"]
+    pn = (restored.pn_provider, restored.pn_prid, restored.pn_param, restored.q)
+    assert pn == ("fcm", "tok", "proj", 0.7)
+    assert restored.flow_live is False and restored.flow_id is None
+    assert _rows(path) == 1  # the expired row was purged at load
+    # and the restored one is purged by the timer when it runs out
+    clock2.advance(200)
+    assert store2.all_count() == 0
+    clock2.advance(0.2)
+    assert _rows(path) == 0
+    store2.stop()
+    store.stop()
+
+
+def test_unreadable_row_is_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "loc.sqlite"
+    clock = Clock()
+    store = _open(path, clock)
+    store.stop()
+    db = sqlite3.connect(str(path))
+    db.execute("INSERT INTO bindings VALUES ('a', 'k', 1e12, 'not json')")
+    db.commit()
+    db.close()
+    store2 = _open(path, clock)
+    assert store2.all_count() == 0
+    assert _rows(path) == 0
+    store2.stop()
+
+
+def test_failed_batch_is_requeued(tmp_path: Path) -> None:
+    clock = Clock()
+    calls: list[int] = []
+
+    def flaky(f, *args):  # noqa: ANN001
+        calls.append(1)
+        if len(calls) == 1:
+            from twisted.internet import defer
+
+            return defer.fail(sqlite3.OperationalError("disk I/O error"))
+        return run_sync(f, *args)
+
+    path = tmp_path / "loc.sqlite"
+    persistence = SqliteBindingStore(str(path), clock, flush_interval=0.2, run_in_thread=flaky)
+    store = LocationStore(clock, persistence)
+    store.start()
+    store.add_or_update(make_binding(expires_at=100.0))
+    clock.advance(0.2)
+    assert _rows(path) == 0
+    clock.advance(0.5)
+    assert _rows(path) == 1
+    store.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_real_thread_pool_flush(tmp_path: Path):
+    path = tmp_path / "loc.sqlite"
+    persistence = SqliteBindingStore(str(path), reactor, flush_interval=0.05, reactor=reactor)
+    store = LocationStore(reactor, persistence)
+    store.start()
+    now = reactor.seconds()
+    store.add_or_update(make_binding(expires_at=now + 100.0, registered_at=now))
+    yield store.flush()
+    assert _rows(path) == 1
+    yield store.stop()
+    assert not persistence._owned_pool.started
