@@ -1,0 +1,434 @@
+"""Header names and the parsers for the structured header values we read (RFC 3261 §20, §25).
+
+Every parser takes the header value as text with line folding already replaced by a space, and raises
+ParseError with a short reason when the value is malformed.
+"""
+
+from __future__ import annotations
+
+import re
+
+from libon_tsilo.sip.errors import ParseError
+from libon_tsilo.sip.uri import URI, split_hostport
+
+# RFC 3261 §7.3.3 and the IANA compact forms.
+COMPACT = {
+    "i": "call-id", "m": "contact", "e": "content-encoding", "l": "content-length",
+    "c": "content-type", "f": "from", "s": "subject", "k": "supported", "t": "to", "v": "via",
+    "o": "event", "u": "allow-events", "r": "refer-to", "b": "referred-by", "x": "session-expires",
+    "y": "identity", "a": "accept-contact", "j": "reject-contact", "d": "request-disposition",
+}
+
+_PRETTY = {
+    "call-id": "Call-ID", "cseq": "CSeq", "www-authenticate": "WWW-Authenticate",
+    "mime-version": "MIME-Version",
+    "rack": "RAck", "rseq": "RSeq", "sip-etag": "SIP-ETag", "sip-if-match": "SIP-If-Match",
+}
+
+# Headers whose value is a comma-separated list (RFC 3261 §7.3.1). Authorization-like headers are
+# not lists even though their values contain commas.
+LIST_HEADERS = frozenset({
+    "via", "contact", "route", "record-route", "path", "service-route", "allow", "supported", "require",
+    "proxy-require", "unsupported", "accept", "accept-encoding", "accept-language", "content-encoding",
+    "allow-events", "in-reply-to", "warning", "alert-info", "call-info", "error-info", "reason",
+    "security-client", "security-server", "security-verify", "feature-caps", "p-asserted-identity",
+})
+
+TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9\-.!%*_+`'~]+$")
+_WS = " \t"
+_PTOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
+_PVALUE = r"(?:=[A-Za-z0-9\-.!%*_+`'~:\[\]]+)?"
+_SIMPLE_PARAMS = re.compile(rf"^{_PTOKEN}{_PVALUE}(?:;{_PTOKEN}{_PVALUE})*$")
+
+
+def canonical_key(name: str) -> str:
+    """The lookup key for a header name: lower case, compact forms expanded."""
+    key = name.lower()
+    return COMPACT.get(key, key)
+
+
+def pretty_name(key: str) -> str:
+    """The conventional spelling of a header name we generate."""
+    pretty = _PRETTY.get(key)
+    if pretty is None:
+        pretty = "-".join(part.capitalize() for part in key.split("-"))
+        _PRETTY[key] = pretty
+    return pretty
+
+
+def is_token(text: str) -> bool:
+    return bool(_TOKEN_RE.match(text))
+
+
+def split_commas(value: str) -> list[str]:
+    """Split a list header value on commas outside quoted strings and angle brackets."""
+    if "," not in value:
+        return [value.strip()]
+    parts: list[str] = []
+    depth = 0
+    quoted = False
+    start = 0
+    i = 0
+    n = len(value)
+    while i < n:
+        ch = value[i]
+        if quoted:
+            if ch == "\\":
+                i += 1
+            elif ch == '"':
+                quoted = False
+        elif ch == '"':
+            quoted = True
+        elif ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(value[start:i].strip())
+            start = i + 1
+        i += 1
+    if quoted:
+        raise ParseError("unbalanced quotes in header")
+    parts.append(value[start:].strip())
+    return parts
+
+
+def _scan_quoted(text: str, i: int) -> int:
+    """Given text[i] == '"', return the index just past the closing quote."""
+    n = len(text)
+    i += 1
+    while i < n:
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == '"':
+            return i + 1
+        i += 1
+    raise ParseError("unbalanced quotes in header")
+
+
+def unquote(text: str) -> str:
+    """Strip the quotes of a quoted-string and resolve its quoted-pairs."""
+    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
+        body = text[1:-1]
+        if "\\" in body:
+            body = re.sub(r"\\(.)", r"\1", body, flags=re.S)
+        return body
+    return text
+
+
+def quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def parse_params(text: str, what: str) -> dict[str, str | None]:
+    """Parse ``;name[=value]`` header parameters (text starts after the first ';' or is empty).
+
+    Values may be tokens, host names or quoted strings; quoted values keep their quotes so that the
+    original text can be reproduced. Whitespace around ';' and '=' is allowed (RFC 3261 §25.1 SEMI/EQUAL).
+    """
+    params: dict[str, str | None] = {}
+    if _SIMPLE_PARAMS.match(text):
+        # Fast path: no quoting and no whitespace, the common case on the wire.
+        for part in text.split(";"):
+            name, eq, value = part.partition("=")
+            params[name.lower()] = value if eq else None
+        return params
+    if not text.strip():
+        if text and ";" in text:
+            raise ParseError(f"empty parameter in {what}")
+        return params
+    i = 0
+    n = len(text)
+    while True:
+        while i < n and text[i] in _WS:
+            i += 1
+        start = i
+        while i < n and text[i] in TOKEN_CHARS:
+            i += 1
+        name = text[start:i]
+        if not name:
+            raise ParseError(f"empty parameter in {what}")
+        while i < n and text[i] in _WS:
+            i += 1
+        value: str | None = None
+        if i < n and text[i] == "=":
+            i += 1
+            while i < n and text[i] in _WS:
+                i += 1
+            if i < n and text[i] == '"':
+                end = _scan_quoted(text, i)
+                value = text[i:end]
+                i = end
+            else:
+                start = i
+                while i < n and text[i] not in "; \t":
+                    i += 1
+                value = text[start:i]
+                if not value:
+                    raise ParseError(f"empty parameter value in {what}")
+                if "[" not in value and not all(c in TOKEN_CHARS or c == ":" for c in value):
+                    raise ParseError(f"bad parameter value in {what}")
+            while i < n and text[i] in _WS:
+                i += 1
+        params[name.lower()] = value
+        if i >= n:
+            return params
+        if text[i] != ";":
+            raise ParseError(f"junk in {what} parameters")
+        i += 1
+
+
+def format_params(params: dict[str, str | None]) -> str:
+    return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
+
+
+class NameAddr:
+    """name-addr or addr-spec with header parameters (From, To, Contact, Route, ...)."""
+
+    __slots__ = ("display", "_uri", "_uri_text", "params", "_text")
+
+    def __init__(self, uri: URI | str, display: str | None = None,
+                 params: dict[str, str | None] | None = None):
+        # The URI is parsed when first read: most messages only need the tag of From and To.
+        if isinstance(uri, URI):
+            self._uri: URI | None = uri
+            self._uri_text = ""
+        else:
+            self._uri = None
+            self._uri_text = uri
+        self.display = display
+        self.params = params if params is not None else {}
+        self._text: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> NameAddr:
+        text = text.strip()
+        if not text:
+            raise ParseError("empty address")
+        display: str | None = None
+        lt = -1
+        if text[0] == '"':
+            end = _scan_quoted(text, 0)
+            display = unquote(text[:end])
+            rest = text[end:].lstrip(_WS)
+            if not rest.startswith("<"):
+                raise ParseError("quoted display name without <URI>")
+            lt = end + (len(text[end:]) - len(rest))
+        else:
+            lt = text.find("<")
+            if lt > 0:
+                words = text[:lt].split()
+                for word in words:
+                    if not is_token(word):
+                        raise ParseError("bad display name")
+                display = " ".join(words)
+            elif lt < 0:
+                # addr-spec: parameters after the URI belong to the header, not to the URI.
+                if any(c in text for c in "<>\""):
+                    raise ParseError("bad address")
+                semi = text.find(";")
+                uri_text = text if semi < 0 else text[:semi]
+                if "?" in uri_text or "," in uri_text:
+                    raise ParseError("addr-spec with '?' or ',' must be in <>")
+                params = parse_params(text[semi + 1:], "address") if semi >= 0 else {}
+                obj = cls(uri_text.rstrip(_WS), None, params)
+                obj._text = text
+                return obj
+        gt = text.find(">", lt)
+        if gt < 0:
+            raise ParseError("unterminated <URI>")
+        uri_text = text[lt + 1:gt]
+        if uri_text != uri_text.strip():
+            raise ParseError("whitespace inside <URI>")
+        rest = text[gt + 1:].strip()
+        if rest:
+            if rest[0] != ";":
+                raise ParseError("junk after <URI>")
+            params = parse_params(rest[1:], "address")
+        else:
+            params = {}
+        obj = cls(uri_text, display, params)
+        obj._text = text
+        return obj
+
+    @property
+    def uri(self) -> URI:
+        if self._uri is None:
+            self._uri = URI.parse(self._uri_text)
+        return self._uri
+
+    @uri.setter
+    def uri(self, value: URI) -> None:
+        self._uri = value
+        self._text = None
+
+    @property
+    def tag(self) -> str | None:
+        return self.params.get("tag")
+
+    @tag.setter
+    def tag(self, value: str | None) -> None:
+        if value is None:
+            self.params.pop("tag", None)
+        else:
+            self.params["tag"] = value
+        self._text = None
+
+    def touch(self) -> None:
+        self._text = None
+
+    def copy(self) -> NameAddr:
+        return NameAddr(self.uri.copy(), self.display, dict(self.params))
+
+    def __str__(self) -> str:
+        if self._text is not None and (self._uri is None or self._uri._text is not None):
+            return self._text
+        out = f"<{self.uri}>"
+        if self.display:
+            out = f"{quote(self.display)} {out}"
+        text = out + format_params(self.params)
+        self._text = text
+        return text
+
+    def __repr__(self) -> str:
+        return f"NameAddr({str(self)!r})"
+
+
+class Via:
+    """One Via value: ``SIP/2.0/<transport> host[:port];params``."""
+
+    __slots__ = ("transport", "host", "port", "params", "_text")
+
+    def __init__(self, transport: str, host: str, port: int | None = None,
+                 params: dict[str, str | None] | None = None):
+        self.transport = transport.upper()
+        self.host = host
+        self.port = port
+        self.params = params if params is not None else {}
+        self._text: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Via:
+        parts = text.split("/", 2)
+        if len(parts) != 3:
+            raise ParseError("bad Via protocol")
+        proto, version, rest = parts[0].strip(), parts[1].strip(), parts[2].lstrip(_WS)
+        if proto.upper() != "SIP":
+            raise ParseError("bad Via protocol")
+        if version != "2.0":
+            raise ParseError("unsupported SIP version in Via", 505)
+        i = 0
+        n = len(rest)
+        while i < n and rest[i] not in _WS:
+            i += 1
+        transport = rest[:i]
+        if not is_token(transport):
+            raise ParseError("bad Via transport")
+        rest = rest[i:].strip()
+        semi = rest.find(";")
+        sent_by = (rest if semi < 0 else rest[:semi]).strip()
+        if not sent_by:
+            raise ParseError("Via without sent-by")
+        host, port = split_hostport(sent_by.replace(" ", "").replace("\t", ""), "Via sent-by")
+        params = parse_params(rest[semi + 1:], "Via") if semi >= 0 else {}
+        for name in ("ttl",):
+            value = params.get(name)
+            if value is not None and (not value.isdigit() or int(value) > 255):
+                raise ParseError("bad Via ttl")
+        rport = params.get("rport")
+        if rport is not None and (not rport.isdigit() or int(rport) > 65535):
+            raise ParseError("bad Via rport")
+        via = cls(transport, host, port, params)
+        via._text = text.strip()
+        return via
+
+    @property
+    def branch(self) -> str | None:
+        return self.params.get("branch")
+
+    @property
+    def received(self) -> str | None:
+        return self.params.get("received")
+
+    @property
+    def rport(self) -> int | None:
+        value = self.params.get("rport")
+        return int(value) if value else None
+
+    @property
+    def maddr(self) -> str | None:
+        return self.params.get("maddr")
+
+    @property
+    def ttl(self) -> int | None:
+        value = self.params.get("ttl")
+        return int(value) if value else None
+
+    @property
+    def sent_by(self) -> tuple[str, int | None]:
+        return self.host, self.port
+
+    def set_param(self, name: str, value: str | None) -> None:
+        self.params[name] = value
+        self._text = None
+
+    def copy(self) -> Via:
+        return Via(self.transport, self.host, self.port, dict(self.params))
+
+    def __str__(self) -> str:
+        if self._text is not None:
+            return self._text
+        hostport = self.host if self.port is None else f"{self.host}:{self.port}"
+        text = f"SIP/2.0/{self.transport} {hostport}{format_params(self.params)}"
+        self._text = text
+        return text
+
+    def __repr__(self) -> str:
+        return f"Via({str(self)!r})"
+
+
+class CSeq:
+    __slots__ = ("seq", "method")
+
+    def __init__(self, seq: int, method: str):
+        self.seq = seq
+        self.method = method
+
+    @classmethod
+    def parse(cls, text: str) -> CSeq:
+        parts = text.split()
+        if len(parts) != 2 or not parts[0].isdigit() or not is_token(parts[1]):
+            raise ParseError("bad CSeq")
+        seq = int(parts[0])
+        if seq >= 2**31:
+            raise ParseError("CSeq number too large")
+        return cls(seq, parts[1])
+
+    def __str__(self) -> str:
+        return f"{self.seq} {self.method}"
+
+    def __repr__(self) -> str:
+        return f"CSeq({self.seq}, {self.method!r})"
+
+
+def parse_uint(text: str, what: str, limit: int = 2**32 - 1) -> int:
+    text = text.strip()
+    if not text.isdigit() or not text.isascii():
+        raise ParseError(f"bad {what}")
+    value = int(text)
+    if value > limit:
+        raise ParseError(f"{what} too large")
+    return value
+
+
+_DATE = re.compile(r"^(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d{2} (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) "
+                   r"\d{4} \d{2}:\d{2}:\d{2} GMT$")
+
+
+def check_date(text: str) -> None:
+    """RFC 3261 §20.17: SIP-date is RFC 1123 and always in GMT."""
+    if not _DATE.match(text.strip()):
+        raise ParseError("bad Date (must be RFC 1123 in GMT)")

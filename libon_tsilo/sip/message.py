@@ -1,0 +1,604 @@
+"""SIP requests and responses: lazy parsing and byte-faithful serialization (RFC 3261 §7, §20).
+
+Only the start line and the header split happen when a message is parsed. A header value is parsed
+the first time something reads it, and the result is cached. A header nobody changed is written back
+from its original text, and a message nobody changed is written back as its original bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from libon_tsilo.sip.errors import ParseError
+from libon_tsilo.sip.framing import StreamFramer
+from libon_tsilo.sip.headers import (
+    COMPACT,
+    LIST_HEADERS,
+    CSeq,
+    NameAddr,
+    Via,
+    canonical_key,
+    check_date,
+    is_token,
+    parse_uint,
+    pretty_name,
+    split_commas,
+)
+from libon_tsilo.sip.uri import URI
+
+__all__ = [
+    "CSeq", "Message", "NameAddr", "ParseError", "Request", "Response", "StreamFramer", "URI", "Via",
+    "extract_for_error_response", "make_response", "new_branch", "new_call_id", "new_tag", "parse_message",
+]
+
+SIP_VERSION = "SIP/2.0"
+MAGIC_COOKIE = "z9hG4bK"
+
+REASONS = {
+    100: "Trying", 180: "Ringing", 181: "Call Is Being Forwarded", 182: "Queued", 183: "Session Progress",
+    200: "OK", 202: "Accepted", 300: "Multiple Choices", 301: "Moved Permanently", 302: "Moved Temporarily",
+    400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+    406: "Not Acceptable", 407: "Proxy Authentication Required", 408: "Request Timeout", 410: "Gone",
+    413: "Request Entity Too Large", 415: "Unsupported Media Type", 416: "Unsupported URI Scheme",
+    420: "Bad Extension", 421: "Extension Required", 423: "Interval Too Brief",
+    480: "Temporarily Unavailable", 481: "Call/Transaction Does Not Exist", 482: "Loop Detected",
+    483: "Too Many Hops", 484: "Address Incomplete", 486: "Busy Here", 487: "Request Terminated",
+    488: "Not Acceptable Here", 491: "Request Pending", 500: "Server Internal Error",
+    501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Server Time-out",
+    505: "Version Not Supported", 513: "Message Too Large",
+    555: "Push Notification Service Not Supported", 600: "Busy Everywhere", 603: "Decline",
+    604: "Does Not Exist Anywhere", 606: "Not Acceptable",
+}
+
+# Entry layout in Message._headers: [key, name as written, value (str or a header object), raw line or None]
+_KEY, _NAME, _VALUE, _RAW = 0, 1, 2, 3
+
+
+def _random_hex(nbytes: int) -> str:
+    return os.urandom(nbytes).hex()
+
+
+def new_branch() -> str:
+    return MAGIC_COOKIE + _random_hex(8)
+
+
+def new_tag() -> str:
+    return _random_hex(6)
+
+
+def new_call_id(host: str = "") -> str:
+    return f"{_random_hex(12)}@{host}" if host else _random_hex(12)
+
+
+class Message:
+    """Common header handling for requests and responses."""
+
+    __slots__ = ("_headers", "body", "_cache", "_raw", "_raw_body", "contact_star")
+
+    def __init__(self) -> None:
+        self._headers: list[list[Any]] = []
+        self.body = b""
+        self._cache: dict[str, Any] = {}
+        self._raw: bytes | None = None
+        self._raw_body: bytes | None = None
+        self.contact_star = False
+
+    # -- raw header access ------------------------------------------------------------------------
+
+    def _dirty(self, key: str) -> None:
+        self._raw = None
+        self._cache.pop(key, None)
+        if key == "via":
+            self._cache.pop("top_via", None)
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` as text (a list header's line is not split)."""
+        key = canonical_key(name)
+        for entry in self._headers:
+            if entry[0] == key:
+                value = entry[2]
+                return value if type(value) is str else str(value)
+        return None
+
+    def header_values(self, name: str) -> list[str]:
+        """Every value of header ``name``; list headers are split on their commas."""
+        key = canonical_key(name)
+        values: list[str] = []
+        split = key in LIST_HEADERS
+        for entry in self._headers:
+            if entry[0] == key:
+                value = entry[2] if type(entry[2]) is str else str(entry[2])
+                if split:
+                    values.extend(v for v in split_commas(value) if v)
+                else:
+                    values.append(value)
+        return values
+
+    def has_header(self, name: str) -> bool:
+        key = canonical_key(name)
+        return any(entry[0] == key for entry in self._headers)
+
+    def header_names(self) -> list[str]:
+        return [entry[1] for entry in self._headers]
+
+    def set_header(self, name: str, value: Any) -> None:
+        """Replace every value of ``name`` with one, in the position of the first old one."""
+        key = canonical_key(name)
+        self._dirty(key)
+        new = [key, pretty_name(key) if key != name.lower() or name.islower() else name, value, None]
+        for i, entry in enumerate(self._headers):
+            if entry[0] == key:
+                self._headers[i] = new
+                self._headers[i + 1:] = [e for e in self._headers[i + 1:] if e[0] != key]
+                return
+        self._headers.append(new)
+
+    def add_header(self, name: str, value: Any, first: bool = False) -> None:
+        key = canonical_key(name)
+        self._dirty(key)
+        new = [key, pretty_name(key) if name.islower() else name, value, None]
+        if first:
+            for i, entry in enumerate(self._headers):
+                if entry[0] == key:
+                    self._headers.insert(i, new)
+                    return
+            self._headers.insert(0, new)
+        else:
+            self._headers.append(new)
+
+    def remove_header(self, name: str) -> None:
+        key = canonical_key(name)
+        self._dirty(key)
+        self._headers = [e for e in self._headers if e[0] != key]
+
+    def copy_headers_from(self, other: Message, name: str) -> None:
+        """Append ``other``'s ``name`` lines verbatim (used for Via, Record-Route, ...)."""
+        key = canonical_key(name)
+        self._dirty(key)
+        for entry in other._headers:
+            if entry[0] == key:
+                self._headers.append(list(entry))
+
+    def _required(self, name: str) -> str:
+        value = self.header(name)
+        if value is None:
+            raise ParseError(f"missing {pretty_name(canonical_key(name))} header")
+        return value
+
+    # -- parsed accessors (cached) ----------------------------------------------------------------
+
+    @property
+    def vias(self) -> list[Via]:
+        cached = self._cache.get("via")
+        if cached is None:
+            values = self.header_values("via")
+            if not values:
+                raise ParseError("missing Via header")
+            cached = [Via.parse(v) for v in values]
+            self._cache["via"] = cached
+        return cached
+
+    @property
+    def top_via(self) -> Via:
+        cached = self._cache.get("top_via")
+        if cached is None:
+            first = self.header("via")
+            if first is None:
+                raise ParseError("missing Via header")
+            if "," in first:
+                first = split_commas(first)[0]
+            cached = Via.parse(first)
+            self._cache["top_via"] = cached
+        return cached
+
+    def set_top_via(self, via: Via) -> None:
+        """Write back a modified top Via (e.g. received/rport set by the transport)."""
+        for entry in self._headers:
+            if entry[0] == "via":
+                value = entry[2] if type(entry[2]) is str else str(entry[2])
+                parts = split_commas(value) if "," in value else [value]
+                parts[0] = str(via)
+                entry[2] = ", ".join(parts)
+                entry[3] = None
+                self._dirty("via")
+                self._cache["top_via"] = via
+                return
+        self.add_header("Via", via, first=True)
+        self._cache["top_via"] = via
+
+    def remove_top_via(self) -> None:
+        for i, entry in enumerate(self._headers):
+            if entry[0] == "via":
+                value = entry[2] if type(entry[2]) is str else str(entry[2])
+                parts = split_commas(value) if "," in value else [value]
+                if len(parts) == 1:
+                    del self._headers[i]
+                else:
+                    entry[2] = ", ".join(parts[1:])
+                    entry[3] = None
+                self._dirty("via")
+                return
+
+    @property
+    def branch(self) -> str | None:
+        return self.top_via.branch
+
+    def _name_addr(self, key: str) -> NameAddr:
+        cached = self._cache.get(key)
+        if cached is None:
+            for entry in self._headers:
+                if entry[0] == key:
+                    value = entry[2]
+                    if isinstance(value, NameAddr):
+                        cached = value
+                    else:
+                        cached = NameAddr.parse(value)
+                    break
+            else:
+                raise ParseError(f"missing {pretty_name(key)} header")
+            self._cache[key] = cached
+        return cached
+
+    @property
+    def from_(self) -> NameAddr:
+        return self._name_addr("from")
+
+    @property
+    def to(self) -> NameAddr:
+        return self._name_addr("to")
+
+    @property
+    def call_id(self) -> str:
+        cached = self._cache.get("call-id")
+        if cached is None:
+            cached = self._required("call-id").strip()
+            if not cached or " " in cached:
+                raise ParseError("bad Call-ID")
+            self._cache["call-id"] = cached
+        return cached
+
+    @property
+    def cseq(self) -> CSeq:
+        cached = self._cache.get("cseq")
+        if cached is None:
+            cached = CSeq.parse(self._required("cseq"))
+            self._cache["cseq"] = cached
+        return cached
+
+    @property
+    def max_forwards(self) -> int | None:
+        value = self.header("max-forwards")
+        return None if value is None else parse_uint(value, "Max-Forwards", 255)
+
+    @property
+    def contacts(self) -> list[NameAddr]:
+        cached = self._cache.get("contact")
+        if cached is None:
+            values = self.header_values("contact")
+            if len(values) == 1 and values[0] == "*":
+                self.contact_star = True
+                cached = []
+            else:
+                if "*" in values:
+                    raise ParseError("Contact * mixed with other contacts")
+                cached = [NameAddr.parse(v) for v in values]
+            self._cache["contact"] = cached
+        return cached
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.header("content-length")
+        return None if value is None else parse_uint(value, "Content-Length")
+
+    @property
+    def content_type(self) -> str | None:
+        """The media type, lower case, without parameters."""
+        value = self.header("content-type")
+        if value is None:
+            return None
+        media = value.split(";", 1)[0].strip().lower()
+        if "/" not in media:
+            raise ParseError("bad Content-Type")
+        return media
+
+    @property
+    def expires(self) -> int | None:
+        value = self.header("expires")
+        return None if value is None else parse_uint(value, "Expires")
+
+    def validate(self) -> None:
+        """Parse every header a server relies on; raises ParseError on the first malformed one.
+
+        This is what the transport runs on every inbound message, so it reads the hot headers (which the
+        transaction layer reads anyway, and then finds cached) and checks the rest only when present.
+        """
+        self.vias
+        self.from_.uri
+        self.to.uri
+        self.call_id
+        self.cseq
+        self.max_forwards
+        self.content_length
+        if self.has_header("contact"):
+            for contact in self.contacts:
+                contact.uri
+        date = self.header("date")
+        if date is not None:
+            check_date(date)
+        if self.has_header("content-type"):
+            self.content_type
+
+    # -- serialization ----------------------------------------------------------------------------
+
+    def _start_line(self) -> str:
+        raise NotImplementedError
+
+    def to_bytes(self) -> bytes:
+        if self._raw is not None and self.body is self._raw_body:
+            return self._raw
+        body = self.body
+        lines = [self._start_line()]
+        length_written = False
+        for entry in self._headers:
+            if entry[0] == "content-length":
+                if length_written:
+                    continue
+                length_written = True
+                raw = entry[3]
+                if raw is not None and entry[2].strip() == str(len(body)):
+                    lines.append(raw)
+                else:
+                    lines.append(f"{entry[1]}: {len(body)}")
+                continue
+            raw = entry[3]
+            if raw is not None:
+                lines.append(raw)
+            else:
+                value = entry[2]
+                lines.append(f"{entry[1]}: {value if type(value) is str else str(value)}")
+        if not length_written:
+            lines.append(f"Content-Length: {len(body)}")
+        lines.append("")
+        lines.append("")
+        return "\r\n".join(lines).encode("utf-8", "surrogateescape") + body
+
+    __bytes__ = to_bytes
+
+
+class Request(Message):
+    __slots__ = ("method", "raw_uri", "version", "_uri")
+
+    def __init__(self, method: str, uri: URI | str, version: str = SIP_VERSION) -> None:
+        super().__init__()
+        self.method = method
+        if isinstance(uri, URI):
+            self._uri: URI | None = uri
+            self.raw_uri = str(uri)
+        else:
+            self._uri = None
+            self.raw_uri = uri
+        self.version = version
+
+    @property
+    def uri(self) -> URI:
+        if self._uri is None:
+            uri = URI.parse(self.raw_uri)
+            if uri.headers and uri.scheme in ("sip", "sips"):
+                raise ParseError("Request-URI must not carry headers")
+            self._uri = uri
+        return self._uri
+
+    @uri.setter
+    def uri(self, value: URI) -> None:
+        self._uri = value
+        self.raw_uri = str(value)
+        self._raw = None
+
+    def _start_line(self) -> str:
+        if self._uri is not None:
+            self.raw_uri = str(self._uri)
+        return f"{self.method} {self.raw_uri} {self.version}"
+
+    def validate(self) -> None:
+        self.uri
+        super().validate()
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.raw_uri}>"
+
+
+class Response(Message):
+    __slots__ = ("status", "reason", "version")
+
+    def __init__(self, status: int, reason: str | None = None, version: str = SIP_VERSION) -> None:
+        super().__init__()
+        self.status = status
+        self.reason = REASONS.get(status, "Unknown") if reason is None else reason
+        self.version = version
+
+    def _start_line(self) -> str:
+        return f"{self.version} {self.status} {self.reason}"
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.reason}>"
+
+
+# -- parsing ----------------------------------------------------------------------------------------
+
+
+def _split_head(data: bytes) -> tuple[list[str], int, int]:
+    """Return the head's lines, where the message starts and where its body starts."""
+    # RFC 3261 §7.5: empty lines before the start line are ignored (keep-alives on streams).
+    start = 0
+    while data.startswith(b"\r\n", start):
+        start += 2
+    end = data.find(b"\r\n\r\n", start)
+    if end < 0:
+        raise ParseError("no empty line after the headers")
+    head = data[start:end].decode("utf-8", "surrogateescape")
+    return head.split("\r\n"), start, end + 4
+
+
+def _parse_start_line(line: str) -> Message:
+    if line.startswith("SIP/"):
+        parts = line.split(" ", 2)
+        if len(parts) < 2:
+            raise ParseError("bad status line")
+        if parts[0] != SIP_VERSION:
+            raise ParseError("unsupported SIP version", 505)
+        code = parts[1]
+        if len(code) != 3 or not code.isdigit() or not 100 <= int(code) <= 699:
+            raise ParseError("bad status code")
+        return Response(int(code), parts[2] if len(parts) == 3 else "")
+    parts = line.split(" ")
+    if len(parts) != 3 or not all(parts):
+        raise ParseError("bad request line")
+    method, uri, version = parts
+    if not is_token(method):
+        raise ParseError("bad method")
+    if version != SIP_VERSION:
+        if version.upper().startswith("SIP/"):
+            raise ParseError("unsupported SIP version", 505)
+        raise ParseError("bad request line")
+    if uri.startswith("<"):
+        raise ParseError("Request-URI in angle brackets")
+    return Request(method, uri)
+
+
+# Header name as written -> lookup key. Names repeat endlessly on the wire, so validating and
+# folding each one once saves most of the per-header cost.
+_KEYS: dict[str, str] = {}
+
+
+def _parse_headers(msg: Message, lines: list[str]) -> None:
+    headers = msg._headers
+    last: list[Any] | None = None
+    for line in lines:
+        if not line:
+            continue
+        first = line[0]
+        if first == " " or first == "\t":
+            if last is None:
+                raise ParseError("folded line before the first header")
+            last[2] = f"{last[2]} {line.strip()}".strip()
+            last[3] = f"{last[3]}\r\n{line}"
+            continue
+        colon = line.find(":")
+        if colon <= 0:
+            raise ParseError("header line without a colon")
+        name = line[:colon]
+        key = _KEYS.get(name)
+        if key is None:
+            name = name.rstrip(" \t")
+            if not is_token(name):
+                raise ParseError("bad header name")
+            key = name.lower()
+            key = COMPACT.get(key, key)
+            if len(_KEYS) < 1024:
+                _KEYS[line[:colon]] = key
+        last = [key, name, line[colon + 1:].strip(), line]
+        headers.append(last)
+
+
+def parse_message(data: bytes, stream: bool = False) -> Request | Response:
+    """Parse one complete message.
+
+    For a datagram (``stream`` False) a Content-Length larger than the bytes present is an error, and
+    octets after the body are ignored (RFC 3261 §18.3). The framer has already cut stream messages.
+    """
+    lines, start, body_start = _split_head(data)
+    msg = _parse_start_line(lines[0])
+    _parse_headers(msg, lines[1:])
+    length_text = None
+    for entry in msg._headers:
+        if entry[0] == "content-length":
+            length_text = entry[2]
+            break
+    available = len(data) - body_start
+    if length_text is not None:
+        length = parse_uint(length_text, "Content-Length")
+        if length > available:
+            raise ParseError("Content-Length larger than the message")
+    elif stream:
+        raise ParseError("missing Content-Length on a stream")
+    else:
+        length = available
+    end = body_start + length
+    body = data[body_start:end]
+    msg.body = body
+    msg._raw_body = body
+    msg._raw = data if start == 0 and end == len(data) else data[start:end]
+    return msg  # type: ignore[return-value]
+
+
+def extract_for_error_response(data: bytes) -> Request | None:
+    """Tolerantly read a request that failed to parse, keeping what a 400 needs.
+
+    Returns a Request carrying only Via, From, To, Call-ID and CSeq (as raw text), or None when the
+    data is a response or one of those headers is missing. The Via lines may themselves be unparseable:
+    the caller then answers to the packet's source address.
+    """
+    try:
+        end = data.find(b"\r\n\r\n")
+        head = data[: end if end >= 0 else len(data)].decode("utf-8", "surrogateescape")
+        lines = head.split("\r\n")
+        while lines and not lines[0]:
+            lines.pop(0)
+        if not lines or lines[0].startswith("SIP/"):
+            return None
+        method = lines[0].split(" ", 1)[0] or "UNKNOWN"
+        req = Request(method, "sip:invalid")
+        wanted = {"via", "from", "to", "call-id", "cseq"}
+        last: list[Any] | None = None
+        for line in lines[1:]:
+            if line[:1] in (" ", "\t"):
+                if last is not None:
+                    last[2] = f"{last[2]} {line.strip()}"
+                    last[3] = f"{last[3]}\r\n{line}"
+                continue
+            last = None
+            name, colon, value = line.partition(":")
+            if not colon:
+                continue
+            key = canonical_key(name.strip())
+            if key in wanted:
+                last = [key, name.strip(), value.strip(), line]
+                req._headers.append(last)
+        present = {entry[0] for entry in req._headers}
+        if not wanted <= present:
+            return None
+        return req
+    except Exception:  # noqa: BLE001 - a tolerant reader must never raise
+        return None
+
+
+def make_response(
+    req: Request, status: int, reason: str | None = None, to_tag: str | None = None
+) -> Response:
+    """Build a response per RFC 3261 §8.2.6: Via, From, To, Call-ID and CSeq copied from the request.
+
+    A To tag is added when ``to_tag`` is given and the request's To has none (never on 100).
+    """
+    resp = Response(status, reason)
+    headers = resp._headers
+    to_entry = None
+    for entry in req._headers:
+        key = entry[0]
+        if key == "via" or key == "from" or key == "call-id" or key == "cseq":
+            headers.append([key, entry[1], entry[2], entry[3]])
+        elif key == "to" and to_entry is None:
+            to_entry = [key, entry[1], entry[2], entry[3]]
+            headers.append(to_entry)
+    if to_tag and status != 100 and to_entry is not None:
+        try:
+            to = req.to
+        except ParseError:
+            to = None
+        if to is not None and to.tag is None:
+            tagged = to.copy()
+            tagged.tag = to_tag
+            to_entry[2] = str(tagged)
+            to_entry[3] = None
+            resp._cache["to"] = tagged
+    return resp

@@ -1,0 +1,339 @@
+"""SIP, SIPS and TEL URIs (RFC 3261 §19.1, RFC 3966), with RFC 3261 §19.1.4 comparison.
+
+The parsed URI keeps the text it came from: ``str(uri)`` returns the original text until a field is
+changed, so forwarding a URI never rewrites it.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote_to_bytes
+
+from libon_tsilo.sip.errors import ParseError
+
+_HEX = "0123456789abcdefABCDEF"
+# Characters that may never appear raw in a URI we accept: whitespace, angle brackets, quotes.
+_FORBIDDEN = re.compile(r'[\s<>"]')
+_HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9\-.]*[A-Za-z0-9])?\.?$|^[A-Za-z0-9]$")
+_IPV4 = re.compile(r"^\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}$")
+_IPV6_CHARS = re.compile(r"^[0-9A-Fa-f:.]+$")
+# Parameters that, when present in only one of two URIs, make them differ (§19.1.4).
+_SIGNIFICANT = ("user", "ttl", "method", "maddr", "transport")
+
+
+def _check_escapes(text: str, what: str) -> None:
+    i = text.find("%")
+    while i >= 0:
+        if len(text) < i + 3 or text[i + 1] not in _HEX or text[i + 2] not in _HEX:
+            raise ParseError(f"bad escape in {what}")
+        i = text.find("%", i + 3)
+
+
+def unescape(text: str) -> str:
+    """Decode %-escapes; bytes that are not UTF-8 are kept as surrogates so comparisons stay exact."""
+    if "%" not in text:
+        return text
+    return unquote_to_bytes(text).decode("utf-8", "surrogateescape")
+
+
+def _parse_params(text: str, what: str) -> dict[str, str | None]:
+    params: dict[str, str | None] = {}
+    if not text:
+        return params
+    for part in text.split(";"):
+        if not part:
+            raise ParseError(f"empty parameter in {what}")
+        name, eq, value = part.partition("=")
+        if not name:
+            raise ParseError(f"empty parameter name in {what}")
+        params[name.lower()] = value if eq else None
+    return params
+
+
+def _format_params(params: dict[str, str | None]) -> str:
+    return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
+
+
+_HOSTPORT_CACHE: dict[str, tuple[str, int | None]] = {}
+
+
+def split_hostport(text: str, what: str = "host") -> tuple[str, int | None]:
+    """Split ``host[:port]`` (IPv6 references in brackets). Validates the host and the port."""
+    cached = _HOSTPORT_CACHE.get(text)
+    if cached is not None:
+        return cached
+    result = _split_hostport(text, what)
+    if len(_HOSTPORT_CACHE) < 4096:
+        _HOSTPORT_CACHE[text] = result
+    return result
+
+
+def _split_hostport(text: str, what: str) -> tuple[str, int | None]:
+    if not text:
+        raise ParseError(f"missing {what}")
+    if text[0] == "[":
+        end = text.find("]")
+        if end < 0:
+            raise ParseError(f"unterminated IPv6 reference in {what}")
+        host = text[: end + 1]
+        if not _IPV6_CHARS.match(host[1:-1]):
+            raise ParseError(f"bad IPv6 reference in {what}")
+        rest = text[end + 1:]
+        if rest and rest[0] != ":":
+            raise ParseError(f"junk after IPv6 reference in {what}")
+        port_text = rest[1:] if rest else None
+    else:
+        host, colon, port_text = text.partition(":")
+        if not colon:
+            port_text = None
+        if not _HOSTNAME.match(host):
+            raise ParseError(f"bad {what} {host!r}")
+        if _IPV4.match(host) and any(int(o) > 255 for o in host.split(".")):
+            raise ParseError(f"bad IPv4 address in {what}")
+    port: int | None = None
+    if port_text is not None:
+        if not port_text.isdigit() or len(port_text) > 5 or int(port_text) > 65535:
+            raise ParseError(f"bad port in {what}")
+        port = int(port_text)
+    return host, port
+
+
+class URI:
+    """A sip: or sips: URI. ``params`` keys are lower case; values keep their text (escaped).
+
+    ``str()`` returns the text the URI was parsed from. After changing a field in place, call
+    ``touch()`` (or use ``replace()``) so that the text is rebuilt from the fields.
+    """
+
+    __slots__ = ("scheme", "user", "password", "host", "port", "params", "headers", "_text")
+
+    def __init__(
+        self,
+        scheme: str = "sip",
+        user: str | None = None,
+        host: str = "",
+        port: int | None = None,
+        params: dict[str, str | None] | None = None,
+        headers: dict[str, str] | None = None,
+        password: str | None = None,
+    ) -> None:
+        self.scheme = scheme.lower()
+        self.user = user
+        self.password = password
+        self.host = host
+        self.port = port
+        self.params = params if params is not None else {}
+        self.headers = headers if headers is not None else {}
+        self._text: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> URI:
+        """Parse a sip/sips/tel URI (tel gives a TelURI); other schemes give an AbsoluteURI."""
+        if _FORBIDDEN.search(text):
+            raise ParseError("whitespace or delimiter inside a URI")
+        scheme, colon, rest = text.partition(":")
+        if not colon or not scheme:
+            raise ParseError(f"URI without a scheme: {text[:40]!r}")
+        lscheme = scheme.lower()
+        if lscheme == "tel":
+            return TelURI.parse(text)
+        if lscheme not in ("sip", "sips"):
+            if not re.match(r"^[A-Za-z][A-Za-z0-9+\-.]*$", scheme):
+                raise ParseError("bad URI scheme")
+            return AbsoluteURI(lscheme, rest)
+        uri = cls.__new__(cls)
+        uri.scheme = lscheme
+        uri._text = text
+        headers_text = ""
+        at = rest.find("@")
+        if at >= 0:
+            userinfo, hostpart = rest[:at], rest[at + 1:]
+            user, pcolon, password = userinfo.partition(":")
+            if not user:
+                raise ParseError("empty user part in URI")
+            _check_escapes(userinfo, "URI user")
+            uri.user = user
+            uri.password = password if pcolon else None
+        else:
+            hostpart = rest
+            uri.user = None
+            uri.password = None
+        q = hostpart.find("?")
+        if q >= 0:
+            hostpart, headers_text = hostpart[:q], hostpart[q + 1:]
+        semi = hostpart.find(";")
+        if semi >= 0:
+            hostport, params_text = hostpart[:semi], hostpart[semi + 1:]
+        else:
+            hostport, params_text = hostpart, ""
+        uri.host, uri.port = split_hostport(hostport, "URI host")
+        _check_escapes(params_text, "URI parameters")
+        uri.params = _parse_params(params_text, "URI")
+        uri.headers = {}
+        if headers_text:
+            _check_escapes(headers_text, "URI headers")
+            for part in headers_text.split("&"):
+                name, _, value = part.partition("=")
+                if not name:
+                    raise ParseError("empty URI header name")
+                uri.headers[name] = value
+        return uri
+
+    def touch(self) -> None:
+        """Forget the original text. Call it after changing a field in place; ``replace`` does it."""
+        self._text = None
+
+    def replace(self, **fields: object) -> URI:
+        """A copy with some fields changed (URIs are best treated as values)."""
+        new = self.copy()
+        for name, value in fields.items():
+            setattr(new, name, value)
+        new._text = None
+        return new
+
+    @property
+    def transport(self) -> str | None:
+        value = self.params.get("transport")
+        return value.lower() if value else None
+
+    @property
+    def host_bare(self) -> str:
+        """The host without IPv6 brackets, ready for a socket call."""
+        return self.host[1:-1] if self.host.startswith("[") else self.host
+
+    def copy(self) -> URI:
+        new = URI(self.scheme, self.user, self.host, self.port, dict(self.params), dict(self.headers),
+                  self.password)
+        new._text = self._text
+        return new
+
+    def __str__(self) -> str:
+        if self._text is not None:
+            return self._text
+        out = [self.scheme, ":"]
+        if self.user is not None:
+            out.append(self.user)
+            if self.password is not None:
+                out.append(":" + self.password)
+            out.append("@")
+        out.append(self.host)
+        if self.port is not None:
+            out.append(f":{self.port}")
+        if self.params:
+            out.append(_format_params(self.params))
+        if self.headers:
+            out.append("?" + "&".join(f"{k}={v}" for k, v in self.headers.items()))
+        text = "".join(out)
+        self._text = text
+        return text
+
+    def __repr__(self) -> str:
+        return f"URI({str(self)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        """RFC 3261 §19.1.4 comparison."""
+        if not isinstance(other, URI):
+            return NotImplemented
+        if self.scheme != other.scheme:
+            return False
+        if _unesc(self.user) != _unesc(other.user) or _unesc(self.password) != _unesc(other.password):
+            return False
+        if self.host.lower() != other.host.lower() or self.port != other.port:
+            return False
+        for name in _SIGNIFICANT:
+            a, b = self.params.get(name, _MISSING), other.params.get(name, _MISSING)
+            if a is _MISSING and b is _MISSING:
+                continue
+            if a is _MISSING or b is _MISSING:
+                return False
+            if _unesc(a).lower() != _unesc(b).lower():  # type: ignore[arg-type]
+                return False
+        for name in self.params.keys() & other.params.keys():
+            if name in _SIGNIFICANT:
+                continue
+            a, b = self.params[name], other.params[name]
+            if (a is None) != (b is None):
+                return False
+            if a is not None and _unesc(a).lower() != _unesc(b).lower():  # type: ignore[arg-type]
+                return False
+        mine = {k.lower(): _unesc(v) for k, v in self.headers.items()}
+        theirs = {k.lower(): _unesc(v) for k, v in other.headers.items()}
+        return mine == theirs
+
+    def __hash__(self) -> int:
+        return hash((self.scheme, _unesc(self.user), self.host.lower(), self.port))
+
+
+_MISSING = object()
+
+
+def _unesc(value: str | None) -> str | None:
+    return unescape(value) if value is not None else None
+
+
+class TelURI(URI):
+    """tel: URI (RFC 3966): ``number`` is the subscriber number; ``params`` as for SIP."""
+
+    __slots__ = ("number",)
+
+    @classmethod
+    def parse(cls, text: str) -> TelURI:
+        scheme, _, rest = text.partition(":")
+        number, _, params_text = rest.partition(";")
+        if not number or not re.match(r"^[+0-9A-Fa-f*#\-.()%]+$", number):
+            raise ParseError("bad tel URI number")
+        uri = cls.__new__(cls)
+        uri.scheme = "tel"
+        uri.number = number
+        uri.user = number
+        uri.password = None
+        uri.host = ""
+        uri.port = None
+        uri.params = _parse_params(params_text, "tel URI")
+        uri.headers = {}
+        uri._text = text
+        return uri
+
+    def __str__(self) -> str:
+        if self._text is not None:
+            return self._text
+        return f"tel:{self.number}{_format_params(self.params)}"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TelURI):
+            return NotImplemented
+        strip = str.maketrans("", "", "-.()")
+        return (self.number.translate(strip).lower() == other.number.translate(strip).lower()
+                and {k: (v or "").lower() for k, v in self.params.items()}
+                == {k: (v or "").lower() for k, v in other.params.items()})
+
+    def __hash__(self) -> int:
+        return hash(("tel", self.number))
+
+
+class AbsoluteURI(URI):
+    """A URI of a scheme we do not interpret (e.g. mailto:, http:). The UAS core answers 416."""
+
+    __slots__ = ("opaque",)
+
+    def __init__(self, scheme: str, opaque: str) -> None:
+        self.scheme = scheme
+        self.opaque = opaque
+        self.user = None
+        self.password = None
+        self.host = ""
+        self.port = None
+        self.params = {}
+        self.headers = {}
+        self._text = f"{scheme}:{opaque}"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}:{self.opaque}"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, AbsoluteURI):
+            return NotImplemented
+        return self.scheme == other.scheme and self.opaque == other.opaque
+
+    def __hash__(self) -> int:
+        return hash((self.scheme, self.opaque))
