@@ -25,7 +25,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.threadpool import ThreadPool
 
-from libon_tsilo.ops.config import Config, TlsConfig
+from libon_tsilo.ops.config import Config, ConfigError, TlsConfig
 
 __all__ = [
     "Parts",
@@ -146,33 +146,26 @@ def _optional_module(name: str) -> ModuleType | None:
 
 
 def make_tls_context_factory(tls: TlsConfig) -> Any:
-    """A CertificateOptions for the tls: listeners (and outbound TLS), or None without a certificate."""
+    """The sip/tls context factory for [tls], or None without a certificate.
+
+    Bad PEM files (unparsable, key not matching) surface as ConfigError so the plugin reports them
+    like any other config problem, before anything listens.
+    """
     if not tls.certificate:
         return None
-    from twisted.internet import ssl
-
-    with open(tls.certificate, "rb") as fh:
-        cert_pem = fh.read()
-    with open(tls.private_key, "rb") as fh:
-        key_pem = fh.read()
-    cert = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
-    kwargs: dict[str, Any] = {}
-    if tls.ca_file:
-        with open(tls.ca_file, "rb") as fh:
-            kwargs["caCerts"] = [ssl.Certificate.loadPEM(fh.read()).original]
-    if tls.verify_client:
-        kwargs.update(verify=True, requireCertificate=True)
-    # extraCertChain: a certificate file holding the chain after the leaf is served whole
-    chain = _pem_blocks(cert_pem)[1:]
-    if chain:
-        kwargs["extraCertChain"] = [ssl.Certificate.loadPEM(block).original for block in chain]
-    return ssl.CertificateOptions(privateKey=cert.privateKey.original, certificate=cert.original, **kwargs)
-
-
-def _pem_blocks(data: bytes) -> list[bytes]:
-    end = b"-----END CERTIFICATE-----"
-    parts = data.split(end)
-    return [p.strip() + b"\n" + end + b"\n" for p in parts if b"-----BEGIN CERTIFICATE-----" in p]
+    tls_mod = _optional_module("libon_tsilo.sip.tls")
+    if tls_mod is None:
+        return None
+    try:
+        return tls_mod.TLSContextFactory(
+            certificate=tls.certificate,
+            private_key=tls.private_key,
+            ca_file=tls.ca_file,
+            verify_client=tls.verify_client,
+        )
+    except tls_mod.TLSConfigError as exc:
+        key, sep, problem = str(exc).partition(": ")
+        raise ConfigError(key if sep else "tls", problem if sep else str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------------

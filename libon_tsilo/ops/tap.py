@@ -74,4 +74,7 @@ def makeService(options: Options) -> Any:
     from libon_tsilo.ops.service import make_service
 
     observer = make_observer(config.log.level, config.log.format, _log_stream(options))
-    return make_service(config, log_observer=observer)
+    try:
+        return make_service(config, log_observer=observer)
+    except ConfigError as err:  # problems only visible when files are parsed (bad PEM, ...)
+        _config_error(err)

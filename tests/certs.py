@@ -1,0 +1,126 @@
+"""A throwaway test CA and certificates for 127.0.0.1, ::1 and localhost, made fresh per test session.
+
+Nothing here is committed: keys are generated into a tmp dir (EC P-256, fast) by the `test_certs`
+fixture in tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = ["CertPaths", "make_test_certs"]
+
+DEFAULT_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+@dataclass(frozen=True)
+class CertPaths:
+    directory: Path
+    ca: Path  # CA certificate (PEM): the trust root for clients
+    cert: Path  # server certificate (PEM), signed by the CA
+    key: Path  # server private key (PEM, PKCS#8, unencrypted)
+    client_cert: Path  # a client certificate for mutual-TLS tests
+    client_key: Path
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _san(hosts: tuple[str, ...]) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(names)
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    path.chmod(0o600)
+
+
+def _issue(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_name: x509.Name,
+    cn: str,
+    hosts: tuple[str, ...],
+    usage: x509.ObjectIdentifier,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(_san(hosts), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def make_test_certs(directory: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS) -> CertPaths:
+    """Write ca.pem, server.pem, server.key, client.pem, client.key into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = _name("libon-tsilo test CA")
+    now = datetime.datetime.now(datetime.UTC)
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    server_cert, server_key = _issue(ca_key, ca_name, hosts[0], hosts, ExtendedKeyUsageOID.SERVER_AUTH)
+    client_cert, client_key = _issue(
+        ca_key, ca_name, "test-client", ("localhost",), ExtendedKeyUsageOID.CLIENT_AUTH
+    )
+
+    paths = CertPaths(
+        directory=directory,
+        ca=directory / "ca.pem",
+        cert=directory / "server.pem",
+        key=directory / "server.key",
+        client_cert=directory / "client.pem",
+        client_key=directory / "client.key",
+    )
+    pem = serialization.Encoding.PEM
+    paths.ca.write_bytes(ca_cert.public_bytes(pem))
+    paths.cert.write_bytes(server_cert.public_bytes(pem))
+    _write_key(paths.key, server_key)
+    paths.client_cert.write_bytes(client_cert.public_bytes(pem))
+    _write_key(paths.client_key, client_key)
+    return paths

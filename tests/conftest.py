@@ -1,0 +1,13 @@
+"""Fixtures shared by the whole suite."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.certs import CertPaths, make_test_certs
+
+
+@pytest.fixture(scope="session")
+def test_certs(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
+    """A throwaway CA + server cert (127.0.0.1, ::1, localhost) + client cert; paths: .ca .cert .key."""
+    return make_test_certs(tmp_path_factory.mktemp("certs"))

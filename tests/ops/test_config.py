@@ -1,0 +1,330 @@
+"""ops/config.py: defaults, the shipped etc/libon-tsilo.toml, and one test per class of error."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from libon_tsilo.ops.config import (
+    Config,
+    ConfigError,
+    ListenAddress,
+    config_from_dict,
+    default_config,
+    load_config,
+    parse_listen,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED = REPO / "etc" / "libon-tsilo.toml"
+
+
+def write(tmp_path: Path, text: str, name: str = "c.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error_of(data: dict, base_dir: Path | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(data, base_dir)
+    msg = str(info.value)
+    assert "\n" not in msg
+    return msg
+
+
+# --- defaults ---------------------------------------------------------------------------------
+
+
+def test_defaults_are_loopback_and_documented():
+    cfg = default_config()
+    assert cfg.sip.listen == ("udp:127.0.0.1:5060", "tcp:127.0.0.1:5060")
+    assert cfg.sip.domains == ("localhost", "127.0.0.1")
+    assert (cfg.sip.t1, cfg.sip.t2, cfg.sip.t4) == (0.5, 4.0, 5.0)
+    assert cfg.sip.max_message_size == 65535
+    assert cfg.registrar.on_max_contacts == "reject"
+    assert cfg.registrar.pnsreg_interval == 130
+    assert cfg.auth.algorithms == ("SHA-256", "MD5")
+    assert cfg.location.backend == "sqlite"
+    assert cfg.calls.ring_timeout == 30
+    assert "P-Asserted-Identity" in cfg.calls.header_allowlist
+    assert cfg.push.providers == () and cfg.push.apns == ()
+    assert cfg.push.cancelled_ios_call == "invite_cancel"
+    assert cfg.manhole.listen == "" and cfg.admin.listen == ""
+    assert (cfg.log.level, cfg.log.format) == ("info", "text")
+    assert (cfg.ops.drain_timeout, cfg.ops.threadpool_size) == (30, 8)
+    assert cfg.source is None
+
+
+def test_load_config_none_gives_defaults():
+    defaults = default_config()
+    assert dataclasses.replace(load_config(None), auth=defaults.auth) == defaults
+
+
+def test_empty_secret_becomes_random_per_load():
+    a, b = default_config().auth.secret, default_config().auth.secret
+    assert len(a) == 32 and a != b
+    assert config_from_dict({"auth": {"secret": "s3cret"}}).auth.secret == "s3cret"
+
+
+def test_default_state_paths_resolve_against_base_dir(tmp_path):
+    cfg = config_from_dict({}, tmp_path)
+    assert cfg.auth.users_db == str(tmp_path / "libon-tsilo-users.sqlite")
+    assert cfg.location.path == str(tmp_path / "libon-tsilo-location.sqlite")
+
+
+# --- the shipped file -------------------------------------------------------------------------
+
+
+def test_shipped_config_loads_and_equals_defaults():
+    cfg = load_config(SHIPPED)
+    assert cfg.source == str(SHIPPED)
+    expected = config_from_dict({}, SHIPPED.parent, source=str(SHIPPED))
+    same_secret = dataclasses.replace(expected, auth=dataclasses.replace(expected.auth, secret=cfg.auth.secret))
+    assert cfg == same_secret
+
+
+def _schema_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    for name, f in hints.items():
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys += _schema_keys(type(default), f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def test_shipped_config_shows_every_key():
+    text = SHIPPED.read_text()
+    # [[push.apns]] & co are shown commented out (they need real credentials)
+    from libon_tsilo.ops.config import ApnsConfig, FcmConfig, WebhookConfig
+
+    keys = _schema_keys(Config)
+    keys += [f"push.apns.{k}" for k in _schema_keys(ApnsConfig)]
+    keys += [f"push.fcm.{k}" for k in _schema_keys(FcmConfig)]
+    keys += [f"push.webhook.{k}" for k in _schema_keys(WebhookConfig)]
+    for key in keys:
+        name = key.rsplit(".", 1)[1]
+        if name in ("apns", "fcm", "webhook"):
+            continue
+        assert re.search(rf"^#? ?{name} = ", text, re.M), f"{key} is not shown in etc/libon-tsilo.toml"
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"^config: file not found: .*nope\.toml$"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_invalid_toml_is_one_line(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "[sip\nlisten = 1\n"))
+    assert str(info.value).startswith("config: invalid TOML in ")
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_section_and_keys():
+    assert error_of({"sipp": {}}) == "sipp: unknown section"
+    assert error_of({"sip": {"listn": []}}) == "sip.listn: unknown key"
+    apns = {"bundle_id": "x", "cert_file": "", "colour": "red"}
+    assert error_of({"push": {"apns": [apns]}}) == "push.apns[0].colour: unknown key"
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"sip": {"t1_ms": "500"}}, 'sip.t1_ms: expected an integer, got string "500"'),
+        ({"sip": {"t1_ms": True}}, "sip.t1_ms: expected an integer, got boolean true"),
+        ({"sip": {"listen": "udp:127.0.0.1:5060"}}, 'sip.listen: expected an array, got string "udp:127.0.0.1:5060"'),
+        ({"sip": {"domains": ["a", 3]}}, "sip.domains[1]: expected a string, got integer 3"),
+        ({"tls": {"verify_client": "yes"}}, 'tls.verify_client: expected a boolean, got string "yes"'),
+        ({"push": {"apns": {"bundle_id": "x"}}}, "push.apns: expected an array of tables, got table"),
+        ({"sip": "x"}, 'sip: expected a table, got string "x"'),
+        ({"push": {"fcm": [{"timeout": "5"}]}}, 'push.fcm[0].timeout: expected a number, got string "5"'),
+    ],
+)
+def test_wrong_types(data, expected):
+    assert error_of(data) == expected
+
+
+def test_float_keys_accept_integers():
+    cfg = config_from_dict({"push": {"webhook": [{"url": "http://127.0.0.1:1/x", "timeout": 2}]}})
+    assert cfg.push.webhook[0].timeout == 2.0 and isinstance(cfg.push.webhook[0].timeout, float)
+
+
+@pytest.mark.parametrize(
+    "listen, expected",
+    [
+        (["udp:127.0.0.1:5060", "tcp:127.0.0.1:5060", "sctp:127.0.0.1:5060"], 'sip.listen[2]: unknown transport "sctp"'),
+        (["udp:::1:5060"], 'sip.listen[0]: IPv6 address "::1" must be in brackets, e.g. "udp:[::1]:5060"'),
+        (["udp:127.0.0.1"], 'sip.listen[0]: "udp:127.0.0.1" has no port'),
+        (["udp:127.0.0.1:70000"], 'sip.listen[0]: "70000" is not a port (0-65535)'),
+        (["udp:[::1:5060"], 'sip.listen[0]: "udp:[::1:5060" has a malformed [IPv6]:PORT'),
+        (["udp:[fe80::zz]:5060"], 'sip.listen[0]: "fe80::zz" is not an IPv6 address'),
+        (["udp:bad_host:5060"], 'sip.listen[0]: "bad_host" is not a valid host'),
+        (["udp"], 'sip.listen[0]: "udp" is not "udp|tcp|tls:HOST:PORT"'),
+        (["udp:127.0.0.1:5060", "udp:127.0.0.1:5060"], 'sip.listen[1]: "udp:127.0.0.1:5060" is listed twice'),
+        ([], "sip.listen: needs at least one listener"),
+    ],
+)
+def test_bad_listen(listen, expected):
+    assert error_of({"sip": {"listen": listen}}) == expected
+
+
+def test_parse_listen():
+    assert parse_listen("udp:[::1]:5060") == ListenAddress("udp", "::1", 5060)
+    assert parse_listen("TLS:localhost:5061") == ListenAddress("tls", "localhost", 5061)
+    assert str(ListenAddress("tcp", "::1", 5)) == "tcp:[::1]:5"
+    cfg = config_from_dict({"sip": {"listen": ["udp:[::1]:0", "tcp:0.0.0.0:5060"]}})
+    assert [a.transport for a in cfg.sip.listen_addresses] == ["udp", "tcp"]
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"sip": {"t1_ms": 0}}, "sip.t1_ms: must be > 0, got 0"),
+        ({"sip": {"t1_ms": 5000, "t2_ms": 4000}}, "sip.t2_ms: must be >= sip.t1_ms (5000), got 4000"),
+        ({"sip": {"max_message_size": 100}}, "sip.max_message_size: must be >= 1500, got 100"),
+        ({"sip": {"user_agent": "x\r\nEvil: 1"}}, "sip.user_agent: must not contain line breaks"),
+        ({"sip": {"domains": [""]}}, "sip.domains[0]: must not be empty"),
+        (
+            {"registrar": {"on_max_contacts": "drop"}},
+            'registrar.on_max_contacts: unknown value "drop" (expected one of "reject", "replace_oldest")',
+        ),
+        ({"registrar": {"min_expires": 600, "max_expires": 60}}, "registrar.max_expires: must be >= registrar.min_expires (600)"),
+        ({"registrar": {"default_expires": 10}}, "registrar.default_expires: must be between registrar.min_expires (60) and max_expires (3600)"),
+        ({"auth": {"trusted_sources": ["10.0.0.0/8", "10.0.0.0/33"]}}, 'auth.trusted_sources[1]: "10.0.0.0/33" is not an IP network (CIDR)'),
+        ({"auth": {"algorithms": ["SHA-512"]}}, 'auth.algorithms[0]: unknown algorithm "SHA-512" (expected "SHA-256" or "MD5")'),
+        ({"auth": {"algorithms": []}}, "auth.algorithms: must name at least one algorithm"),
+        ({"auth": {"algorithms": ["MD5", "MD5"]}}, "auth.algorithms: lists an algorithm twice"),
+        ({"location": {"flush_interval_ms": 1001}}, "location.flush_interval_ms: must be <= 1000, got 1001"),
+        ({"location": {"backend": "redis"}}, 'location.backend: unknown value "redis" (expected one of "sqlite", "memory")'),
+        ({"calls": {"header_allowlist": ["Sub ject"]}}, 'calls.header_allowlist[0]: "Sub ject" is not a valid header name'),
+        ({"calls": {"max_branches": 0}}, "calls.max_branches: must be >= 1, got 0"),
+        ({"log": {"level": "verbose"}}, 'log.level: unknown value "verbose" (expected one of "debug", "info", "warn", "error")'),
+        ({"log": {"format": "xml"}}, 'log.format: unknown value "xml" (expected one of "text", "json")'),
+        ({"ops": {"threadpool_size": 0}}, "ops.threadpool_size: must be >= 1, got 0"),
+        ({"admin": {"listen": "http:8080"}}, 'admin.listen: "http:8080" is not an endpoint like "tcp:2222:interface=127.0.0.1"'),
+        ({"admin": {"listen": "tcp:port=x"}}, 'admin.listen: "tcp:port=x" has no valid port'),
+    ],
+)
+def test_bad_values(data, expected):
+    assert error_of(data) == expected
+
+
+def test_admin_endpoint_ok():
+    assert config_from_dict({"admin": {"listen": "tcp:0:interface=127.0.0.1"}}).admin.listen.startswith("tcp:0")
+
+
+# --- files and cross-key rules ---------------------------------------------------------------
+
+
+def test_tls_listener_needs_certificate():
+    assert error_of({"sip": {"listen": ["tls:127.0.0.1:5061"]}}) == (
+        "tls.certificate: required by the tls: listener in sip.listen"
+    )
+
+
+def test_tls_listener_with_test_certs(test_certs):
+    cfg = config_from_dict(
+        {
+            "sip": {"listen": ["tls:127.0.0.1:0"]},
+            "tls": {"certificate": str(test_certs.cert), "private_key": str(test_certs.key)},
+        }
+    )
+    assert cfg.tls.certificate == str(test_certs.cert)
+
+
+def test_tls_missing_key_and_missing_file(test_certs, tmp_path):
+    data = {"sip": {"listen": ["tls:127.0.0.1:0"]}, "tls": {"certificate": str(test_certs.cert)}}
+    assert error_of(data) == "tls.private_key: required by the tls: listener in sip.listen"
+    assert error_of({"tls": {"certificate": "absent.pem"}}, tmp_path) == (
+        f"tls.certificate: file not found: {tmp_path / 'absent.pem'}"
+    )
+    assert error_of({"tls": {"verify_client": True}}) == "tls.ca_file: required when tls.verify_client is true"
+
+
+def test_relative_paths_resolve_against_config_dir(tmp_path, test_certs):
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "s.pem").write_bytes(test_certs.cert.read_bytes())
+    path = write(tmp_path, '[tls]\ncertificate = "certs/s.pem"\n[auth]\nusers_db = "u.sqlite"\n')
+    cfg = load_config(path)
+    assert cfg.tls.certificate == str(tmp_path / "certs" / "s.pem")
+    assert cfg.auth.users_db == str(tmp_path / "u.sqlite")
+
+
+def test_state_path_directory_must_exist(tmp_path):
+    assert error_of({"location": {"path": "no/such/dir/loc.sqlite"}}, tmp_path) == (
+        f"location.path: directory does not exist: {tmp_path / 'no/such/dir'}"
+    )
+
+
+def test_push_tables(tmp_path):
+    key = tmp_path / "k.p8"
+    key.write_text("key")
+    ok = config_from_dict(
+        {
+            "push": {
+                "providers": ["apns", "hook"],
+                "apns": [{"bundle_id": "com.x", "team_id": "T", "key_id": "K", "key_file": "k.p8"}],
+                "webhook": [{"name": "hook", "url": "http://127.0.0.1:9/push"}],
+            }
+        },
+        tmp_path,
+    )
+    assert ok.push.apns[0].key_file == str(key)
+    assert ok.push.webhook[0].name == "hook"
+
+
+@pytest.mark.parametrize(
+    "push, expected",
+    [
+        ({"providers": ["apns"]}, 'push.providers[0]: "apns" needs a [[push.apns]] table'),
+        ({"providers": ["gcm"]}, 'push.providers[0]: unknown provider "gcm" (expected "apns", "fcm" or a webhook)'),
+        ({"apns": [{"key_file": "k.p8"}]}, "push.apns[0].bundle_id: is required"),
+        ({"apns": [{"bundle_id": "b"}]}, "push.apns[0].key_file: set exactly one of key_file (token auth) or cert_file"),
+        (
+            {"apns": [{"bundle_id": "b", "key_file": "k.p8", "cert_file": "k.p8"}]},
+            "push.apns[0].key_file: set exactly one of key_file (token auth) or cert_file",
+        ),
+        ({"apns": [{"bundle_id": "b", "key_file": "k.p8", "key_id": "K"}]}, "push.apns[0].team_id: is required with key_file"),
+        ({"apns": [{"bundle_id": "b", "key_file": "k.p8", "team_id": "T"}]}, "push.apns[0].key_id: is required with key_file"),
+        ({"apns": [{"bundle_id": "b", "key_file": "missing.p8"}]}, "push.apns[0].key_file: file not found: {tmp}/missing.p8"),
+        ({"fcm": [{"service_account_file": "k.p8"}]}, "push.fcm[0].project_id: is required"),
+        ({"fcm": [{"project_id": "p"}]}, "push.fcm[0].service_account_file: is required"),
+        ({"fcm": [{"project_id": "p", "service_account_file": "k.p8", "endpoint": "ftp://x"}]}, 'push.fcm[0].endpoint: "ftp://x" is not an http(s) URL'),
+        ({"webhook": [{"name": "w"}]}, "push.webhook[0].url: is required"),
+        ({"webhook": [{"name": "apns", "url": "http://h/"}]}, 'push.webhook[0].name: "apns" is not a usable provider name'),
+        ({"webhook": [{"url": "http://h/"}, {"url": "http://h/"}]}, 'push.webhook[1].name: "webhook" is used twice'),
+        (
+            {"providers": ["webhook", "webhook"], "webhook": [{"url": "http://h/"}]},
+            "push.providers: lists a provider twice",
+        ),
+        ({"cancelled_ios_call": "nothing"}, 'push.cancelled_ios_call: unknown value "nothing" (expected one of "invite_cancel", "missed_call_push")'),
+    ],
+)
+def test_push_errors(tmp_path, push, expected):
+    (tmp_path / "k.p8").write_text("key")
+    assert error_of({"push": push}, tmp_path) == expected.format(tmp=tmp_path)
+
+
+def test_manhole_needs_credentials(tmp_path):
+    assert error_of({"manhole": {"listen": "tcp:0:interface=127.0.0.1"}}) == (
+        "manhole.listen: needs manhole.authorized_keys or manhole.passwords"
+    )
+    (tmp_path / "pw").write_text("admin:secret\n")
+    cfg = config_from_dict({"manhole": {"listen": "tcp:0:interface=127.0.0.1", "passwords": "pw"}}, tmp_path)
+    assert cfg.manhole.passwords == str(tmp_path / "pw")
+
+
+def test_config_is_frozen():
+    cfg = default_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.sip.t1_ms = 1  # type: ignore[misc]
