@@ -1,0 +1,243 @@
+"""The twistd plugin, tap options, the service tree skeleton, log observers and util helpers.
+
+Service-tree tests run on twisted.internet.task.Clock; the two subprocess tests run the real
+`twistd` of this venv to prove that the plugin is discoverable and that config errors exit 2.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from twisted.application.service import Application, IServiceMaker, IServiceCollection
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher
+from twisted.plugin import getPlugins
+
+from libon_tsilo.ops import tap
+from libon_tsilo.ops.config import ConfigError, config_from_dict, default_config
+from libon_tsilo.ops.logging import json_line, make_observer
+from libon_tsilo.ops.service import LibonTsiloService, make_service, make_tls_context_factory
+from libon_tsilo.util import random_token, redact
+
+REPO = Path(__file__).resolve().parents[2]
+TWISTD = Path(sys.executable).parent / "twistd"
+
+
+# --- plugin & options -------------------------------------------------------------------------
+
+
+def test_plugin_is_discoverable():
+    import twisted.plugins
+
+    makers = {p.tapname: p for p in getPlugins(IServiceMaker, twisted.plugins)}
+    maker = makers["libon-tsilo"]
+    assert maker.description
+    assert issubclass(maker.options, tap.Options)
+
+
+def test_options_parse_config_and_describe_every_option():
+    opts = tap.Options()
+    opts.parseOptions(["--config", "x.toml"])
+    assert opts["config"] == "x.toml"
+    for name, _short, _default, doc in tap.Options.optParameters:
+        assert doc and "\n" not in doc, name
+    for name, _short, doc in tap.Options.optFlags:
+        assert doc and "\n" not in doc, name
+
+
+def test_make_service_config_error_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[sip]\nlisten = ["udp:127.0.0.1:5060", "tcp:127.0.0.1:5060", "sctp:127.0.0.1:5060"]\n')
+    opts = tap.Options()
+    opts.parseOptions(["--config", str(bad)])
+    with pytest.raises(SystemExit) as info:
+        tap.makeService(opts)
+    assert info.value.code == 2
+    assert capsys.readouterr().err == 'libon-tsilo: config error: sip.listen[2]: unknown transport "sctp"\n'
+
+
+def test_check_flag_validates_and_exits_0(capsys):
+    opts = tap.Options()
+    opts.parseOptions(["--config", str(REPO / "etc" / "libon-tsilo.toml"), "--check"])
+    with pytest.raises(SystemExit) as info:
+        tap.makeService(opts)
+    assert info.value.code == 0
+    assert "config ok" in capsys.readouterr().out
+
+
+def test_make_service_without_config_uses_defaults():
+    opts = tap.Options()
+    opts.parseOptions([])
+    svc = tap.makeService(opts)
+    assert isinstance(svc, LibonTsiloService)
+    assert svc.config.sip.listen == default_config().sip.listen
+    assert ILogObserver.providedBy(svc.log_observer)
+    assert not svc.running  # nothing listens before twistd starts the application
+
+
+def _run_twistd(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(TWISTD), "-n", "--pidfile=", "libon-tsilo", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_real_twistd_reports_config_error(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[registrar]\nmin_expires = -1\n")
+    proc = _run_twistd("--config", str(bad), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "libon-tsilo: config error: registrar.min_expires: must be >= 1, got -1"
+
+
+def test_real_twistd_help_lists_config_option(tmp_path):
+    proc = _run_twistd("--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "--config=" in proc.stdout
+
+
+def test_ops_modules_do_not_import_the_reactor():
+    code = (
+        "import sys, libon_tsilo.ops.config, libon_tsilo.ops.logging, libon_tsilo.ops.tap, "
+        "libon_tsilo.ops.service, libon_tsilo.util\n"
+        "import twisted.plugins.libon_tsilo_plugin\n"
+        "assert 'twisted.internet.reactor' not in sys.modules, 'reactor imported at module level'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+# --- service tree -----------------------------------------------------------------------------
+
+
+def test_service_tree_starts_and_stops_threadpool():
+    svc = make_service(default_config(), clock=Clock())
+    pool = svc.parts.threadpool
+    assert pool is not None and pool.max == 8
+    svc.startService()
+    assert pool.started
+    d = svc.stopService()
+    assert d.called
+    assert not pool.started and not svc.running
+
+
+def test_root_service_gives_its_observer_to_the_application():
+    observer = make_observer("info", "text", io.StringIO())
+    svc = make_service(default_config(), clock=Clock(), log_observer=observer)
+    app = Application("libon-tsilo")
+    svc.setServiceParent(app)
+    assert app.getComponent(ILogObserver) is observer
+    assert list(IServiceCollection(app)) == [svc]
+
+
+def test_stop_waits_for_drainers_until_they_finish():
+    clock = Clock()
+    svc = make_service(config_from_dict({"ops": {"drain_timeout": 30}}), clock=clock)
+    calls_done: Deferred[None] = Deferred()
+    svc.drainers.append(lambda: calls_done)
+    svc.startService()
+    stopped = svc.stopService()
+    clock.advance(10)
+    assert not stopped.called and svc.parts.threadpool.started
+    calls_done.callback(None)
+    assert stopped.called and not svc.parts.threadpool.started
+    assert clock.getDelayedCalls() == []  # the drain timer was cancelled
+
+
+def test_stop_gives_up_draining_after_drain_timeout():
+    clock = Clock()
+    svc = make_service(config_from_dict({"ops": {"drain_timeout": 5}}), clock=clock)
+    svc.drainers.append(lambda: Deferred())  # never fires
+    svc.startService()
+    stopped = svc.stopService()
+    clock.advance(4.9)
+    assert not stopped.called
+    clock.advance(0.2)
+    assert stopped.called and not svc.running
+
+
+def test_tls_context_factory(test_certs, tmp_path):
+    cfg = config_from_dict({"tls": {"certificate": str(test_certs.cert), "private_key": str(test_certs.key)}})
+    assert make_tls_context_factory(cfg.tls) is not None
+    assert make_tls_context_factory(default_config().tls) is None
+    # a key that does not match the certificate is a config error naming the key
+    cfg = config_from_dict({"tls": {"certificate": str(test_certs.cert), "private_key": str(test_certs.client_key)}})
+    with pytest.raises(ConfigError) as info:
+        make_tls_context_factory(cfg.tls)
+    assert info.value.key == "tls.private_key"
+
+
+# --- logging ----------------------------------------------------------------------------------
+
+
+def _emit(observer, level: LogLevel, fmt: str, **fields) -> None:
+    publisher = LogPublisher(observer)
+    Logger(namespace="libon_tsilo.test", observer=publisher).emit(level, fmt, **fields)
+
+
+def test_json_observer_writes_one_object_per_line():
+    out = io.StringIO()
+    obs = make_observer("info", "json", out)
+    _emit(obs, LogLevel.warn, "call {call_id} parked", call_id="abc@h", aor="sip:alice@localhost")
+    _emit(obs, LogLevel.debug, "hidden")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1
+    rec = json.loads(lines[0])
+    assert rec["level"] == "warn" and rec["ns"] == "libon_tsilo.test"
+    assert rec["msg"] == "call abc@h parked"
+    assert rec["call_id"] == "abc@h" and rec["aor"] == "sip:alice@localhost"
+    assert rec["ts"].endswith("+00:00")
+
+
+def test_json_line_includes_traceback_of_failures():
+    from twisted.python.failure import Failure
+
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        failure = Failure()
+    rec = json.loads(json_line({"log_format": "boom", "log_failure": failure, "log_level": LogLevel.error}))
+    assert rec["level"] == "error" and "ZeroDivisionError" in rec["traceback"]
+
+
+def test_text_observer_filters_by_level():
+    out = io.StringIO()
+    obs = make_observer("warn", "text", out)
+    _emit(obs, LogLevel.info, "quiet")
+    _emit(obs, LogLevel.error, "loud {n}", n=1)
+    text = out.getvalue()
+    assert "quiet" not in text and "loud 1" in text
+
+
+def test_make_observer_rejects_unknown_level_and_format():
+    with pytest.raises(ValueError):
+        make_observer("verbose", "text", io.StringIO())
+    with pytest.raises(ValueError):
+        make_observer("info", "xml", io.StringIO())
+
+
+# --- util (libon_tsilo/util.py is owned by ops) ------------------------------------------------
+
+
+def test_redact_keeps_six_chars_and_length():
+    token = "abcdef0123456789"
+    assert redact(token) == "abcdef…(16)"
+    assert token not in redact(token)
+    assert redact("") == "(empty)" and redact(None) == "(empty)"
+
+
+def test_random_token():
+    a, b = random_token(24), random_token(24)
+    assert len(a) == 24 and a != b
+    assert all(c.isalnum() or c in "-_" for c in a)
+    with pytest.raises(ValueError):
+        random_token(0)
