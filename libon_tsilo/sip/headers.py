@@ -297,6 +297,10 @@ class NameAddr:
         return f"NameAddr({str(self)!r})"
 
 
+_SIMPLE_VIA = re.compile(
+    r"^SIP/2\.0/([A-Za-z]+) ([A-Za-z0-9.\-]+(?::\d+)?|\[[0-9A-Fa-f:.]+\](?::\d+)?)(?:;(.*))?$")
+
+
 class Via:
     """One Via value: ``SIP/2.0/<transport> host[:port];params``."""
 
@@ -312,6 +316,20 @@ class Via:
 
     @classmethod
     def parse(cls, text: str) -> Via:
+        match = _SIMPLE_VIA.match(text)
+        if match is not None:
+            # Fast path for the canonical spelling; anything unusual takes the general parser below.
+            transport, hostport, params_text = match.groups()
+            host, port = split_hostport(hostport, "Via sent-by")
+            via = cls(transport, host, port, parse_params(params_text, "Via") if params_text else {})
+            via._text = text
+            if "rport" in via.params or "ttl" in via.params:
+                via._check_numbers()
+            return via
+        return cls._parse_general(text)
+
+    @classmethod
+    def _parse_general(cls, text: str) -> Via:
         parts = text.split("/", 2)
         if len(parts) != 3:
             raise ParseError("bad Via protocol")
@@ -334,16 +352,18 @@ class Via:
             raise ParseError("Via without sent-by")
         host, port = split_hostport(sent_by.replace(" ", "").replace("\t", ""), "Via sent-by")
         params = parse_params(rest[semi + 1:], "Via") if semi >= 0 else {}
-        for name in ("ttl",):
-            value = params.get(name)
-            if value is not None and (not value.isdigit() or int(value) > 255):
-                raise ParseError("bad Via ttl")
-        rport = params.get("rport")
-        if rport is not None and (not rport.isdigit() or int(rport) > 65535):
-            raise ParseError("bad Via rport")
         via = cls(transport, host, port, params)
+        via._check_numbers()
         via._text = text.strip()
         return via
+
+    def _check_numbers(self) -> None:
+        ttl = self.params.get("ttl")
+        if ttl is not None and (not ttl.isdigit() or int(ttl) > 255):
+            raise ParseError("bad Via ttl")
+        rport = self.params.get("rport")
+        if rport is not None and (not rport.isdigit() or int(rport) > 65535):
+            raise ParseError("bad Via rport")
 
     @property
     def branch(self) -> str | None:

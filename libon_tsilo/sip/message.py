@@ -74,10 +74,12 @@ def new_call_id(host: str = "") -> str:
 class Message:
     """Common header handling for requests and responses."""
 
-    __slots__ = ("_headers", "body", "_cache", "_raw", "_raw_body", "contact_star")
+    __slots__ = ("_headers", "_index", "body", "_cache", "_raw", "_raw_body", "contact_star")
 
     def __init__(self) -> None:
         self._headers: list[list[Any]] = []
+        # key -> first entry with that key; None after a mutation until the next lookup rebuilds it.
+        self._index: dict[str, list[Any]] | None = None
         self.body = b""
         self._cache: dict[str, Any] = {}
         self._raw: bytes | None = None
@@ -86,20 +88,30 @@ class Message:
 
     # -- raw header access ------------------------------------------------------------------------
 
+    def _first(self, key: str) -> list[Any] | None:
+        index = self._index
+        if index is None:
+            index = {}
+            for entry in self._headers:
+                if entry[0] not in index:
+                    index[entry[0]] = entry
+            self._index = index
+        return index.get(key)
+
     def _dirty(self, key: str) -> None:
         self._raw = None
+        self._index = None
         self._cache.pop(key, None)
         if key == "via":
             self._cache.pop("top_via", None)
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` as text (a list header's line is not split)."""
-        key = canonical_key(name)
-        for entry in self._headers:
-            if entry[0] == key:
-                value = entry[2]
-                return value if type(value) is str else str(value)
-        return None
+        entry = self._first(canonical_key(name))
+        if entry is None:
+            return None
+        value = entry[2]
+        return value if type(value) is str else str(value)
 
     def header_values(self, name: str) -> list[str]:
         """Every value of header ``name``; list headers are split on their commas."""
@@ -116,8 +128,7 @@ class Message:
         return values
 
     def has_header(self, name: str) -> bool:
-        key = canonical_key(name)
-        return any(entry[0] == key for entry in self._headers)
+        return self._first(canonical_key(name)) is not None
 
     def header_names(self) -> list[str]:
         return [entry[1] for entry in self._headers]
@@ -183,9 +194,10 @@ class Message:
     def top_via(self) -> Via:
         cached = self._cache.get("top_via")
         if cached is None:
-            first = self.header("via")
-            if first is None:
+            entry = self._first("via")
+            if entry is None:
                 raise ParseError("missing Via header")
+            first = entry[2] if type(entry[2]) is str else str(entry[2])
             if "," in first:
                 first = split_commas(first)[0]
             cached = Via.parse(first)
@@ -227,16 +239,11 @@ class Message:
     def _name_addr(self, key: str) -> NameAddr:
         cached = self._cache.get(key)
         if cached is None:
-            for entry in self._headers:
-                if entry[0] == key:
-                    value = entry[2]
-                    if isinstance(value, NameAddr):
-                        cached = value
-                    else:
-                        cached = NameAddr.parse(value)
-                    break
-            else:
+            entry = self._first(key)
+            if entry is None:
                 raise ParseError(f"missing {pretty_name(key)} header")
+            value = entry[2]
+            cached = value if isinstance(value, NameAddr) else NameAddr.parse(value)
             self._cache[key] = cached
         return cached
 
@@ -252,7 +259,10 @@ class Message:
     def call_id(self) -> str:
         cached = self._cache.get("call-id")
         if cached is None:
-            cached = self._required("call-id").strip()
+            entry = self._first("call-id")
+            if entry is None:
+                raise ParseError("missing Call-ID header")
+            cached = str(entry[2]).strip()
             if not cached or " " in cached:
                 raise ParseError("bad Call-ID")
             self._cache["call-id"] = cached
@@ -262,7 +272,10 @@ class Message:
     def cseq(self) -> CSeq:
         cached = self._cache.get("cseq")
         if cached is None:
-            cached = CSeq.parse(self._required("cseq"))
+            entry = self._first("cseq")
+            if entry is None:
+                raise ParseError("missing CSeq header")
+            cached = CSeq.parse(str(entry[2]))
             self._cache["cseq"] = cached
         return cached
 
