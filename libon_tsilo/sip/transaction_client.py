@@ -219,7 +219,8 @@ class InviteClientTransaction(ClientTransaction):
         except Exception:
             log.failure("{txn}: cannot build CANCEL", txn=self.id, call_id=_call_id(self.request))
             return
-        self.layer.send_request(self.cancel_request, self.target, self.flow, callback or _ignore)
+        on_cancel_response = callback if callback is not None else _ignore
+        self.layer.send_request(self.cancel_request, self.target, self.flow, on_cancel_response)
         # RFC 3261 §9.1: without a final response 64*T1 after the CANCEL, consider the INVITE cancelled.
         self.timers.start("cancel", 64 * self.layer.t1, self._fail, 487, "Request Terminated")
 

@@ -1,0 +1,77 @@
+"""TimerSet and the UA core's TwoXXRetransmitter (RFC 3261 §13.3.1.4) on a Clock."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+
+from libon_tsilo.sip.timers import TimerSet, TwoXXRetransmitter, backoff
+from libon_tsilo.sip.transaction import TwoXXRetransmitter as Exported
+from tests.sip.fakes import run_until
+
+
+def test_backoff_doubles_up_to_the_cap():
+    assert [backoff(x, 4.0) for x in (0.5, 1.0, 2.0, 4.0)] == [1.0, 2.0, 4.0, 4.0]
+
+
+def test_timerset_replaces_a_running_timer_and_cancels_all():
+    clock = Clock()
+    fired: list[str] = []
+    timers = TimerSet(clock)
+    timers.start("A", 1, fired.append, "first")
+    timers.start("A", 2, fired.append, "second")
+    timers.start("B", 3, fired.append, "b")
+    clock.advance(2)
+    assert fired == ["second"] and "A" not in timers and "B" in timers
+    timers.cancel_all()
+    clock.advance(10)
+    assert fired == ["second"] and clock.getDelayedCalls() == []
+
+
+def test_2xx_retransmitter_is_exported_by_the_transaction_module():
+    assert Exported is TwoXXRetransmitter
+
+
+def test_2xx_retransmitter_doubles_to_T2_and_gives_up_at_64_T1():
+    clock = Clock()
+    sent: list[float] = []
+    gave_up: list[bool] = []
+    retx = TwoXXRetransmitter(clock, lambda: sent.append(clock.seconds()), 0.5, 4.0, lambda: gave_up.append(True))
+    times = run_until(clock, 40, lambda: len(sent))
+    assert times[:6] == [0.5, 1.5, 3.5, 7.5, 11.5, 15.5]
+    assert times[-1] == 31.5 and len(times) == 10
+    assert gave_up == [True] and not retx.active
+    assert clock.getDelayedCalls() == []
+
+
+def test_2xx_retransmitter_stops_on_ack():
+    clock = Clock()
+    sent: list[int] = []
+    gave_up: list[bool] = []
+    retx = TwoXXRetransmitter(clock, lambda: sent.append(1), 0.5, 4.0, lambda: gave_up.append(True))
+    clock.advance(0.5)
+    clock.advance(1.0)
+    assert len(sent) == 2
+    retx.stop()
+    clock.advance(100)
+    assert len(sent) == 2 and gave_up == [] and clock.getDelayedCalls() == []
+
+
+def test_2xx_retransmitter_on_reliable_flow_only_keeps_the_deadline():
+    clock = Clock()
+    sent: list[int] = []
+    gave_up: list[bool] = []
+    TwoXXRetransmitter(clock, lambda: sent.append(1), 0.5, 4.0, lambda: gave_up.append(True), retransmit=False)
+    clock.advance(32)
+    assert sent == [] and gave_up == [True]
+
+
+def test_2xx_retransmitter_survives_a_failing_send():
+    clock = Clock()
+    gave_up: list[bool] = []
+
+    def send() -> None:
+        raise OSError("gone")
+
+    TwoXXRetransmitter(clock, send, 0.5, 4.0, lambda: gave_up.append(True))
+    clock.advance(32)
+    assert gave_up == [True] and clock.getDelayedCalls() == []
