@@ -1,6 +1,9 @@
-"""Throwaway test PKI: a CA plus leaf certificates, written as PEM files under a test's tmp_path.
+"""Test helpers for the transport tests.
 
-Nothing generated here is committed; every test run makes fresh keys (EC P-256: fast to generate).
+- A throwaway PKI: a CA plus leaf certificates, written as PEM files under a test's tmp_path. Nothing
+  generated here is committed; every run makes fresh keys (EC P-256: fast to generate).
+- Loopback peers (UDP and stream) and a request builder, shared so the transport test modules do not
+  import one another.
 """
 
 from __future__ import annotations
@@ -14,8 +17,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twisted.internet import defer, reactor
+from twisted.internet.defer import DeferredQueue
+from twisted.internet.protocol import DatagramProtocol, Protocol
 
-__all__ = ["TestPKI", "Issued", "make_pki"]
+from libon_tsilo.sip.framing import StreamFramer
+
+__all__ = ["TestPKI", "Issued", "make_pki", "UDPPeer", "StreamPeer", "sip_request", "wait"]
 
 
 @dataclass
@@ -113,3 +121,74 @@ class TestPKI:
 
 def make_pki(directory: Path) -> TestPKI:
     return TestPKI(directory)
+
+
+# -- loopback peers -------------------------------------------------------------------------------
+
+WAIT = 5.0  # a guard against a hung test, not a sleep: every wait returns as soon as data arrives
+
+
+def wait(d: defer.Deferred, seconds: float = WAIT) -> defer.Deferred:
+    return d.addTimeout(seconds, reactor)
+
+
+def sip_request(
+    method: str = "OPTIONS",
+    via: str = "SIP/2.0/UDP 127.0.0.1:5099;branch=z9hG4bK-t1",
+    body: bytes = b"",
+    content_length: int | None = -1,
+    call_id: str = "call-1@test",
+    extra: str = "",
+) -> bytes:
+    """A request; ``content_length=None`` leaves the header out, -1 computes it from the body."""
+    lines = [
+        f"{method} sip:bob@example.com SIP/2.0",
+        f"Via: {via}",
+        "Max-Forwards: 70",
+        "From: <sip:alice@example.com>;tag=a1",
+        "To: <sip:bob@example.com>",
+        f"Call-ID: {call_id}",
+        f"CSeq: 1 {method}",
+    ]
+    if extra:
+        lines.append(extra)
+    if content_length is not None:
+        lines.append(f"Content-Length: {len(body) if content_length == -1 else content_length}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+class UDPPeer(DatagramProtocol):
+    """A UDP endpoint whose received datagrams land in ``queue`` as (data, (host, port))."""
+
+    def __init__(self) -> None:
+        self.queue: DeferredQueue = DeferredQueue()
+
+    def datagramReceived(self, data: bytes, addr) -> None:
+        self.queue.put((data, (addr[0], addr[1])))
+
+    def send(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.transport.write(data, addr)
+
+    def next(self) -> defer.Deferred:
+        return wait(self.queue.get())
+
+
+class StreamPeer(Protocol):
+    """A TCP/TLS peer: framed items land in ``queue``; ("closed", b"") when the connection ends."""
+
+    def __init__(self) -> None:
+        self.queue: DeferredQueue = DeferredQueue()
+        self.framer = StreamFramer()
+        self.closed: defer.Deferred = defer.Deferred()
+        self.handshake_error = None
+
+    def dataReceived(self, data: bytes) -> None:
+        for item in self.framer.feed(data):
+            self.queue.put(item)
+
+    def connectionLost(self, reason) -> None:
+        self.queue.put(("closed", b""))
+        self.closed.callback(reason)
+
+    def next(self) -> defer.Deferred:
+        return wait(self.queue.get())

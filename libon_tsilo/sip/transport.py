@@ -1,0 +1,645 @@
+"""SIP over UDP, TCP and TLS: listening ports, inbound parsing, response routing, outbound connections.
+
+TransportLayer is a twisted Service. Every inbound message is parsed, validated and handed to
+``sink(msg, flow)``; the transaction layer sets ``sink``.
+
+Choices (and where they differ from a plain reading of the RFCs):
+
+- Inbound requests (every transport): ``received`` is set on the top Via when the source IP differs
+  from the sent-by host, and always when ``rport`` is present; ``rport`` present is (re)set to the
+  source port. RFC 3581 only asks to fill an empty rport; overwriting a client-supplied value too keeps
+  a client from steering our responses to another port.
+- Responses (RFC 3261 §18.2.2 + RFC 3581 §4): over a stream, the connection the request came on when
+  it is still open, else a connection to ``received`` (or sent-by host) at the sent-by port. Over UDP:
+  ``maddr`` first (when it is an IP literal), then ``received`` with ``rport`` (or the sent-by port),
+  then sent-by. No DNS is resolved for responses: a sent-by name without ``received`` goes to the
+  flow's remote address, or is dropped when there is no flow.
+- Unparseable input: when Via/From/To/Call-ID/CSeq can be read, the 400 (or the ParseError's status,
+  e.g. 505/513) goes straight back to the packet's source over the flow it came on: never to an
+  address taken from a header we could not fully parse. Responses are never answered. A stream
+  framing error (missing Content-Length, oversize, endless header section) also closes the connection.
+- Keep-alives: CRLFCRLF on a stream is answered with CRLF (RFC 5626 §3.5.1); a CRLF-only datagram just
+  refreshes the UDP pseudo-flow.
+- Outbound (send_request): a given live flow is used as is. Otherwise UDP sends from the listening
+  socket of the target's address family; TCP/TLS reuse any live connection to the target address
+  (RFC 3261 §18.1.1), else open one. Data written before the connection is up is queued. The TLS client
+  verifies the server (service_identity) against ``Target.server_name`` or ``Target.host``.
+- Errors: what is known synchronously (no listener for the address family, a UDP write that fails,
+  an unsupported transport) raises TransportError from send_request, which the transaction layer
+  turns into a 503. What is only known later (connect refused or timed out, TLS handshake or
+  certificate failure, DNS failure for a UDP target name) is reported through ``on_send_error(target,
+  reason)`` once per target that queued data on the failed connection. A UDP target given by name is
+  resolved asynchronously (never the response path) and send_request returns None for it.
+- Idle timers run on the injected ``clock``; sockets run on ``reactor`` (the global one by default).
+  stopService closes every port and connection, cancels every timer, and returns a Deferred that
+  fires when all ports and connections are gone.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer, error
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.protocol import ClientFactory, DatagramProtocol, Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from libon_tsilo.sip.errors import ParseError
+from libon_tsilo.sip.flow import Flow, FlowKey, FlowTable
+from libon_tsilo.sip.framing import StreamFramer
+from libon_tsilo.sip.listen import (
+    DEFAULT_PORTS,
+    ListenSpec,
+    is_ip_literal,
+    is_ipv6,
+    parse_listen_spec,
+    same_ip,
+    strip_brackets,
+)
+from libon_tsilo.sip.message import (
+    Message,
+    Request,
+    Response,
+    extract_for_error_response,
+    make_response,
+    parse_message,
+)
+
+__all__ = ["Target", "TransportLayer", "TransportError"]
+
+log = Logger()
+
+HostPort = tuple[str, int]
+Sink = Callable[[Message, Flow], None]
+SendErrorCallback = Callable[["Target", str], None]
+
+_STREAMS = ("tcp", "tls")
+_SHUTDOWN_GRACE = 5.0  # seconds for connections to close before they are aborted
+
+
+class TransportError(Exception):
+    """A message could not be handed to the network (known at once, while sending)."""
+
+
+@dataclass
+class Target:
+    transport: str  # "udp" | "tcp" | "tls" (case-insensitive)
+    host: str  # IP literal (IPv6 with or without brackets) or a name
+    port: int
+    server_name: str | None = None  # TLS: the identity to verify, when it is not ``host``
+
+
+def _norm_host(host: str) -> str:
+    """Canonical text of an IP literal (bare IPv6), lower-case name otherwise; used in flow keys."""
+    host = strip_brackets(host)
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host.lower()
+
+
+def _via_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _call_id(msg: Message) -> str | None:
+    try:
+        return msg.call_id
+    except ParseError:
+        return None
+
+
+# -- protocols: thin adapters, all decisions are in TransportLayer ---------------------------------
+
+
+class _UDPProtocol(DatagramProtocol):
+    def __init__(self, layer: TransportLayer, spec: ListenSpec) -> None:
+        self.layer = layer
+        self.spec = spec
+        self.local: HostPort = (spec.host, spec.port)
+        self.v6 = is_ipv6(spec.host)
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.layer._datagram(self, data, (addr[0], addr[1]))
+
+    def send_to(self, data: bytes, addr: HostPort) -> None:
+        if self.transport is None:
+            raise TransportError(f"UDP socket {self.local} is closed")
+        try:
+            self.transport.write(data, addr)
+        except Exception as e:  # OSError, MessageLengthError, InvalidAddressError
+            raise TransportError(f"UDP send to {addr[0]}:{addr[1]} failed: {e}") from e
+
+
+@implementer(IHandshakeListener)
+class _StreamProtocol(Protocol):
+    """One TCP or TLS connection, inbound or outbound."""
+
+    def __init__(self, layer: TransportLayer, name: str, outbound: Target | None = None) -> None:
+        self.layer = layer
+        self.name = name
+        self.outbound = outbound
+        self.flow: Flow | None = None
+        self.framer = StreamFramer(layer.max_message_size)
+        self.queue: list[bytes] = []
+        self.up = False
+        self.failed = False  # a framing error: ignore whatever still arrives
+        self.handshake_done = name != "tls"
+        self.targets: list[Target] = []  # outbound: who to tell when the connection fails
+        self.connector: Any = None
+        self.lost: defer.Deferred[None] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.up = True
+        if self.handshake_done:
+            self.targets.clear()
+        self.layer._stream_made(self)
+        queued, self.queue = self.queue, []
+        for data in queued:
+            self.transport.write(data)
+
+    def handshakeCompleted(self) -> None:
+        self.handshake_done = True
+        self.targets.clear()
+
+    @property
+    def pending(self) -> bool:
+        """Not yet known to work: still connecting, or the TLS handshake is not done."""
+        return not (self.up and self.handshake_done)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.layer._stream_data(self, data)
+
+    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+        self.up = False
+        self.layer._stream_lost(self, reason)
+        if not self.lost.called:
+            self.lost.callback(None)
+
+    # Flow plumbing
+    def send(self, data: bytes) -> None:
+        if self.up:
+            self.transport.write(data)
+        else:
+            self.queue.append(data)
+
+    def close(self) -> None:
+        if self.up:
+            self.transport.loseConnection()
+        elif self.connector is not None:
+            self.connector.stopConnecting()
+
+    def abort(self) -> None:
+        if self.up:
+            self.transport.abortConnection()
+
+
+class _ServerFactory(Factory):
+    def __init__(self, layer: TransportLayer, name: str) -> None:
+        self.layer = layer
+        self.name = name
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return _StreamProtocol(self.layer, self.name)
+
+
+class _ClientFactory(ClientFactory):
+    """Hands out the protocol created (and queued into) before the connection exists."""
+
+    def __init__(self, proto: _StreamProtocol) -> None:
+        self.proto = proto
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self.proto
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.proto.layer._connect_failed(self.proto, reason)
+
+
+# -- the layer --------------------------------------------------------------------------------------
+
+
+class TransportLayer(Service):
+    """Listening ports, flows, inbound dispatch to ``sink`` and outbound sends."""
+
+    def __init__(
+        self,
+        listen: list[str],
+        clock: IReactorTime,
+        flow_idle_timeout: float,
+        max_message_size: int,
+        tls_context_factory: Any = None,
+        reactor: Any = None,
+        advertised_host: str | None = None,
+    ) -> None:
+        self.specs = [parse_listen_spec(s) for s in listen]
+        if any(s.transport == "tls" for s in self.specs) and tls_context_factory is None:
+            raise ValueError("a tls: listener needs a TLS context factory (tls.certificate, tls.private_key)")
+        if reactor is None:
+            from twisted.internet import reactor as global_reactor
+
+            reactor = global_reactor
+        self.reactor = reactor
+        self.clock = clock
+        self.max_message_size = max_message_size
+        self.tls_context_factory = tls_context_factory
+        self.advertised_host = advertised_host or None
+        self.flows = FlowTable(clock, flow_idle_timeout)
+        self.sink: Sink = self._no_sink
+        self.on_send_error: SendErrorCallback | None = None
+        self.bound: list[tuple[str, str, int]] = []
+        self._ports: list[Any] = []
+        self._udp: list[_UDPProtocol] = []
+        self._udp_by_local: dict[HostPort, _UDPProtocol] = {}
+        self._protos: dict[str, _StreamProtocol] = {}  # flow id -> connection (pending ones too)
+        self._pending_resolves: set[defer.Deferred[Any]] = set()
+        self._primary_ip: dict[bool, str] = {}
+
+    # -- service ---------------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        for spec in self.specs:
+            self._listen(spec)
+
+    def _listen(self, spec: ListenSpec) -> None:
+        if spec.transport == "udp":
+            proto = _UDPProtocol(self, spec)
+            port = self.reactor.listenUDP(spec.port, proto, interface=spec.host, maxPacketSize=65535)
+        elif spec.transport == "tcp":
+            port = self.reactor.listenTCP(spec.port, _ServerFactory(self, "tcp"), interface=spec.host)
+        else:
+            port = self.reactor.listenSSL(
+                spec.port, _ServerFactory(self, "tls"), self._server_tls(), interface=spec.host
+            )
+        self._ports.append(port)
+        addr = port.getHost()
+        host = strip_brackets(addr.host)
+        self.bound.append((spec.transport, host, addr.port))
+        if spec.transport == "udp":
+            proto.local = (host, addr.port)
+            proto.v6 = is_ipv6(host)
+            self._udp.append(proto)
+            self._udp_by_local[proto.local] = proto
+        log.info("listening on {spec}", spec=f"{spec.transport}:{host}:{addr.port}")
+
+    def stopService(self) -> defer.Deferred[Any]:
+        super().stopService()
+        waits: list[defer.Deferred[Any]] = []
+        for port in self._ports:
+            d = port.stopListening()
+            if isinstance(d, defer.Deferred):
+                waits.append(d)
+        self._ports.clear()
+        self._udp.clear()
+        self._udp_by_local.clear()
+        for d in list(self._pending_resolves):
+            d.cancel()
+        streams = list(self._protos.values())
+        self.flows.close_all()  # closes connections, stops pending connects, cancels idle timers
+        waits += [p.lost for p in streams if not p.lost.called]
+        self.bound = []
+        if not waits:
+            return defer.succeed(None)
+        # a peer that never lets a connection finish closing must not hang shutdown
+        guard = self.reactor.callLater(_SHUTDOWN_GRACE, lambda: [p.abort() for p in streams])
+        done = defer.DeferredList(waits, consumeErrors=True)
+
+        def _finished(result: Any) -> None:
+            if guard.active():
+                guard.cancel()
+
+        done.addBoth(_finished)
+        return done
+
+    # -- public API ------------------------------------------------------------------------------
+
+    def local_via(self, transport: str, remote_host: str | None = None) -> tuple[str, int]:
+        """Sent-by (host, port) for our own Via; IPv6 hosts come bracketed, ready for a Via or URI.
+
+        With ``remote_host`` (an IP literal), a listener of the same address family is preferred.
+        """
+        name = transport.lower()
+        want_v6 = is_ipv6(remote_host) if remote_host and is_ip_literal(remote_host) else None
+        candidates = [b for b in self.bound if b[0] == name] or [b for b in self.bound]
+        if want_v6 is not None:
+            candidates = [b for b in candidates if is_ipv6(b[1]) == want_v6] or candidates
+        if not candidates:
+            return (self.advertised_host or "127.0.0.1", DEFAULT_PORTS.get(name, 5060))
+        _, host, port = candidates[0]
+        if candidates[0][0] != name:
+            port = DEFAULT_PORTS.get(name, 5060)
+        if self.advertised_host:
+            host = self.advertised_host
+        elif host in ("0.0.0.0", "::"):
+            host = self._primary(host == "::")
+        return (_via_host(strip_brackets(host)), port)
+
+    def send_request(self, req: Request, target: Target, flow: Flow | None = None) -> Flow | None:
+        """Send ``req`` over ``flow`` when live, else towards ``target``; returns the flow used."""
+        data = req.to_bytes()
+        if flow is not None and flow.live:
+            self._send_on(flow, data)
+            return flow
+        name = target.transport.lower()
+        if name == "udp":
+            return self._send_udp_request(data, target)
+        if name in _STREAMS:
+            return self._send_stream(data, target, name)
+        raise TransportError(f"unsupported transport {target.transport!r}")
+
+    def send_response(self, resp: Response, flow: Flow | None) -> None:
+        """Route ``resp`` per RFC 3261 §18.2.2 and RFC 3581 (see the module docstring); never raises."""
+        try:
+            self._send_response(resp, flow)
+        except Exception as e:
+            log.warn(
+                "cannot send {status} response: {err}", status=resp.status, err=e, call_id=_call_id(resp)
+            )
+
+    # -- inbound ---------------------------------------------------------------------------------
+
+    def _datagram(self, proto: _UDPProtocol, data: bytes, addr: HostPort) -> None:
+        if len(data) > self.max_message_size:
+            log.warn("dropping a {n}-byte datagram from {addr} (max_message_size)", n=len(data), addr=addr)
+            return
+        flow = self._udp_flow(proto, (_norm_host(addr[0]), addr[1]))
+        if data[:1] == b"\r" and not data.strip(b"\r\n"):
+            return  # CRLF keep-alive over UDP: refreshing the flow is all it asks for
+        self._inbound(data, flow, stream=False)
+
+    def _udp_flow(self, proto: _UDPProtocol, remote: HostPort) -> Flow:
+        key = FlowKey("udp", proto.local, remote)
+        flow = self.flows.by_key(key)
+        if flow is None:
+            flow = Flow(key, self.flows.new_id(key), lambda data: proto.send_to(data, remote))
+            self.flows.add(flow)
+        else:
+            self.flows.touch(flow)
+        return flow
+
+    def _stream_made(self, proto: _StreamProtocol) -> None:
+        host, peer = proto.transport.getHost(), proto.transport.getPeer()
+        key = FlowKey(proto.name, (_norm_host(host.host), host.port), (_norm_host(peer.host), peer.port))
+        if proto.flow is None:
+            flow = Flow(key, self.flows.new_id(key), proto.send, proto.close)
+            proto.flow = flow
+            self._protos[flow.id] = proto
+            self.flows.add(flow)
+            log.debug("new {transport} flow {flow_id}", transport=proto.name, flow_id=flow.id)
+        else:
+            self.flows.rekey(proto.flow, key)
+            self.flows.touch(proto.flow)
+
+    def _stream_data(self, proto: _StreamProtocol, data: bytes) -> None:
+        flow = proto.flow
+        if proto.failed or flow is None:
+            return
+        self.flows.touch(flow)
+        try:
+            items = proto.framer.feed(data)
+        except ParseError as e:
+            proto.failed = True
+            log.warn("framing error on {flow_id}: {reason}; closing", flow_id=flow.id, reason=e.reason)
+            self._answer_unparseable(getattr(e, "data", data), e, flow)
+            proto.close()
+            return
+        for kind, payload in items:
+            if kind == "msg":
+                self._inbound(payload, flow, stream=True)
+            elif kind == "ping":
+                proto.send(b"\r\n")
+            if not flow.live:
+                return
+
+    def _stream_lost(self, proto: _StreamProtocol, reason: Failure) -> None:
+        flow = proto.flow
+        if proto.targets:
+            self._report_failure(proto, f"TLS handshake failed: {reason.getErrorMessage()}")
+        if flow is not None:
+            self._protos.pop(flow.id, None)
+            log.debug("flow {flow_id} closed: {why}", flow_id=flow.id, why=reason.getErrorMessage())
+            self.flows.closed(flow)
+
+    def _connect_failed(self, proto: _StreamProtocol, reason: Failure) -> None:
+        self._report_failure(proto, f"connect failed: {reason.getErrorMessage()}")
+        if proto.flow is not None:
+            self._protos.pop(proto.flow.id, None)
+            self.flows.closed(proto.flow)
+        if not proto.lost.called:
+            proto.lost.callback(None)
+
+    def _report_failure(self, proto: _StreamProtocol, reason: str) -> None:
+        targets, proto.targets = proto.targets, []
+        proto.queue.clear()
+        for target in targets:
+            self._notify_error(target, reason)
+
+    def _inbound(self, data: bytes, flow: Flow, stream: bool) -> None:
+        try:
+            msg = parse_message(data, stream=stream)
+            msg.validate()
+        except ParseError as e:
+            self._answer_unparseable(data, e, flow)
+            return
+        except Exception:
+            log.failure("parser crashed on input from {flow_id}", flow_id=flow.id)
+            return
+        if isinstance(msg, Request):
+            try:
+                self._fix_via(msg, flow.remote)
+            except ParseError as e:  # validate() read the Via; kept for safety
+                self._answer_unparseable(data, e, flow)
+                return
+        try:
+            self.sink(msg, flow)
+        except Exception:
+            log.failure("sink failed on {msg!r}", msg=msg, call_id=_call_id(msg))
+            if isinstance(msg, Request) and msg.method != "ACK":
+                self._answer_directly(make_response(msg, 500, "Server Internal Error"), flow)
+
+    def _fix_via(self, req: Request, source: HostPort) -> None:
+        via = req.top_via
+        has_rport = "rport" in via.params
+        changed = False
+        if has_rport and via.params["rport"] != str(source[1]):
+            via.set_param("rport", str(source[1]))
+            changed = True
+        if (has_rport or not same_ip(via.host, source[0])) and via.params.get("received") != source[0]:
+            via.set_param("received", source[0])
+            changed = True
+        if changed:
+            req.set_top_via(via)
+
+    def _answer_unparseable(self, data: bytes, err: ParseError, flow: Flow) -> None:
+        req = extract_for_error_response(data)
+        if req is None:
+            log.info("dropping unparseable input from {flow_id}: {why}", flow_id=flow.id, why=err.reason)
+            return
+        log.info(
+            "answering {status} to {flow_id}: {reason}",
+            status=err.status, flow_id=flow.id, reason=err.reason, call_id=req.header("call-id"),
+        )
+        self._answer_directly(make_response(req, err.status, err.reason), flow)
+
+    def _answer_directly(self, resp: Response, flow: Flow) -> None:
+        try:
+            self._send_on(flow, resp.to_bytes())
+        except Exception as e:
+            log.warn("cannot answer {flow_id}: {err}", flow_id=flow.id, err=e)
+
+    # -- outbound --------------------------------------------------------------------------------
+
+    def _send_on(self, flow: Flow, data: bytes) -> None:
+        flow.send(data)
+        if flow.live:
+            self.flows.touch(flow)
+
+    def _udp_socket(self, host: str, prefer: Flow | None = None) -> _UDPProtocol:
+        v6 = is_ipv6(host)
+        if prefer is not None and prefer.transport == "udp":
+            proto = self._udp_by_local.get(prefer.key.local)
+            if proto is not None and proto.v6 == v6:
+                return proto
+        for proto in self._udp:
+            if proto.v6 == v6:
+                return proto
+        raise TransportError(f"no UDP listener for {'IPv6' if v6 else 'IPv4'} destination {host}")
+
+    def _send_udp_request(self, data: bytes, target: Target) -> Flow | None:
+        if not is_ip_literal(target.host):
+            self._resolve_then_send(data, target)
+            return None
+        host = _norm_host(target.host)
+        proto = self._udp_socket(host)
+        proto.send_to(data, (host, target.port))
+        return self._udp_flow(proto, (host, target.port))
+
+    def _resolve_then_send(self, data: bytes, target: Target) -> None:
+        d = self.reactor.resolve(target.host)
+        self._pending_resolves.add(d)
+
+        def sent(address: str) -> None:
+            self._pending_resolves.discard(d)
+            try:
+                self._send_udp_request(data, Target("udp", address, target.port))
+            except TransportError as e:
+                self._notify_error(target, str(e))
+
+        def failed(f: Failure) -> None:
+            self._pending_resolves.discard(d)
+            if not f.check(defer.CancelledError):
+                self._notify_error(target, f"cannot resolve {target.host}: {f.getErrorMessage()}")
+
+        d.addCallbacks(sent, failed)
+
+    def _notify_error(self, target: Target, reason: str) -> None:
+        log.warn("send to {target} failed: {reason}", target=target, reason=reason)
+        if self.on_send_error is not None:
+            try:
+                self.on_send_error(target, reason)
+            except Exception:
+                log.failure("on_send_error callback failed")
+
+    def _send_stream(self, data: bytes, target: Target, name: str) -> Flow:
+        remote = (_norm_host(target.host), target.port)
+        flow = self.flows.find_remote(name, remote)
+        if flow is None or not flow.live:
+            flow = self._connect(target, name, remote)
+        proto = self._protos.get(flow.id)
+        if proto is not None and proto.pending and all(t is not target for t in proto.targets):
+            proto.targets.append(target)
+        self._send_on(flow, data)
+        return flow
+
+    def _connect(self, target: Target, name: str, remote: HostPort) -> Flow:
+        if not self.running:
+            raise TransportError("transport layer is stopped")
+        proto = _StreamProtocol(self, name, outbound=target)
+        key = FlowKey(name, ("", 0), remote)
+        flow = Flow(key, self.flows.new_id(key), proto.send, proto.close)
+        proto.flow = flow
+        self._protos[flow.id] = proto
+        self.flows.add(flow)
+        factory = _ClientFactory(proto)
+        host = strip_brackets(target.host)
+        if name == "tls":
+            creator = self._client_tls(target.server_name or host)
+            proto.connector = self.reactor.connectSSL(host, target.port, factory, creator)
+        else:
+            proto.connector = self.reactor.connectTCP(host, target.port, factory)
+        log.debug("connecting {flow_id}", flow_id=flow.id)
+        return flow
+
+    def _send_response(self, resp: Response, flow: Flow | None) -> None:
+        via = resp.top_via
+        name = via.transport.lower()
+        data = resp.to_bytes()
+        if name in _STREAMS:
+            if flow is not None and flow.live and flow.reliable:
+                self._send_on(flow, data)
+                return
+            host = via.received or via.host
+            port = via.port or DEFAULT_PORTS[name]
+            if not is_ip_literal(host):
+                raise TransportError(f"connection gone and sent-by {host!r} is a name (no DNS for responses)")
+            self._send_stream(data, Target(name, host, port, server_name=strip_brackets(via.host)), name)
+            return
+        if name != "udp":
+            raise TransportError(f"unsupported Via transport {via.transport!r}")
+        host, port = self._udp_response_address(via, flow)
+        proto = self._udp_socket(host, prefer=flow)
+        if flow is not None and flow.live and flow.transport == "udp" and flow.remote == (host, port) \
+                and flow.key.local == proto.local:
+            self._send_on(flow, data)
+        else:
+            proto.send_to(data, (host, port))
+
+    def _udp_response_address(self, via: Any, flow: Flow | None) -> HostPort:
+        maddr = via.maddr
+        if maddr and is_ip_literal(maddr):
+            return _norm_host(maddr), via.port or 5060
+        if via.received and is_ip_literal(via.received):
+            return _norm_host(via.received), via.rport or via.port or 5060
+        if is_ip_literal(via.host):
+            return _norm_host(via.host), via.port or 5060
+        if flow is not None:
+            return flow.remote
+        raise TransportError(f"no address to send to: sent-by {via.host!r} is a name and there is no flow")
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _server_tls(self) -> Any:
+        factory = self.tls_context_factory
+        return factory.server_options() if hasattr(factory, "server_options") else factory
+
+    def _client_tls(self, hostname: str) -> Any:
+        factory = self.tls_context_factory
+        if factory is not None and hasattr(factory, "client_creator"):
+            return factory.client_creator(hostname)
+        from twisted.internet.ssl import optionsForClientTLS
+
+        return optionsForClientTLS(hostname)
+
+    def _primary(self, v6: bool) -> str:
+        """The address the OS would use to reach the outside (a connected UDP socket sends nothing)."""
+        if v6 not in self._primary_ip:
+            family, probe = (socket.AF_INET6, "2001:db8::1") if v6 else (socket.AF_INET, "192.0.2.1")
+            try:
+                with socket.socket(family, socket.SOCK_DGRAM) as s:
+                    s.connect((probe, 9))
+                    self._primary_ip[v6] = s.getsockname()[0]
+            except OSError:
+                self._primary_ip[v6] = "::1" if v6 else "127.0.0.1"
+        return self._primary_ip[v6]
+
+    @staticmethod
+    def _no_sink(msg: Message, flow: Flow) -> None:
+        log.warn("no sink set; dropping {msg!r} from {flow_id}", msg=msg, flow_id=flow.id)
