@@ -124,10 +124,23 @@ def _fire(d: Deferred[Any], value: Any) -> None:
         d.callback(value)
 
 
+class _OnStop(Service):
+    """Runs a plain object's stop() (cancel timers, forget state) when the tree stops."""
+
+    def __init__(self, stop: Callable[[], Any]) -> None:
+        self._stop = stop
+
+    def stopService(self) -> Deferred[Any] | None:
+        super().stopService()
+        return maybeDeferred(self._stop)
+
+
 def _attach(root: MultiService, obj: Any) -> None:
-    """Add ``obj`` to the tree if it is a service (a layer that owns ports or timers)."""
+    """Put ``obj`` in the tree: as itself when it is a service, else through its stop() method."""
     if IService.providedBy(obj):
         obj.setServiceParent(root)
+    elif callable(getattr(obj, "stop", None)):
+        _OnStop(obj.stop).setServiceParent(root)
 
 
 def _optional_module(name: str) -> ModuleType | None:
@@ -192,6 +205,7 @@ def _add_sip_stack(root: LibonTsiloService, parts: Parts) -> None:
         flow_idle_timeout=float(cfg.flow_idle_timeout),
         max_message_size=cfg.max_message_size,
         tls_context_factory=parts.tls_context_factory,
+        advertised_host=cfg.advertised_host or None,
     )
     _attach(root, parts.transport)
     parts.transactions = transaction_mod.TransactionLayer(

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 from twisted.application.service import Application, IServiceMaker, IServiceCollection
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -119,15 +121,39 @@ def test_ops_modules_do_not_import_the_reactor():
 # --- service tree -----------------------------------------------------------------------------
 
 
-def test_service_tree_starts_and_stops_threadpool():
-    svc = make_service(default_config(), clock=Clock())
+LOOPBACK_ANY_PORT = {"sip": {"listen": ["udp:127.0.0.1:0", "tcp:127.0.0.1:0"]}}
+
+
+def _loopback_config(**sections):
+    return config_from_dict({**LOOPBACK_ANY_PORT, **sections})
+
+
+def _port_is_free(transport: str, port: int) -> bool:
+    kind = socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
+    with socket.socket(socket.AF_INET, kind) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest_twisted.inlineCallbacks
+def test_service_tree_binds_ports_and_stopping_closes_them():
+    svc = make_service(_loopback_config(), clock=Clock())
     pool = svc.parts.threadpool
     assert pool is not None and pool.max == 8
+    if svc.parts.transport is None:
+        pytest.fail("libon_tsilo.sip.transport is not wired")
     svc.startService()
+    bound = list(svc.parts.transport.bound)
     assert pool.started
-    d = svc.stopService()
-    assert d.called
+    assert {b[0] for b in bound} == {"udp", "tcp"}
+    assert not any(_port_is_free(t, port) for t, _host, port in bound)
+    yield svc.stopService()
     assert not pool.started and not svc.running
+    assert all(_port_is_free(t, port) for t, _host, port in bound)
+    assert len(svc.parts.transactions) == 0
 
 
 def test_root_service_gives_its_observer_to_the_application():
@@ -139,30 +165,34 @@ def test_root_service_gives_its_observer_to_the_application():
     assert list(IServiceCollection(app)) == [svc]
 
 
+@pytest_twisted.inlineCallbacks
 def test_stop_waits_for_drainers_until_they_finish():
     clock = Clock()
-    svc = make_service(config_from_dict({"ops": {"drain_timeout": 30}}), clock=clock)
+    svc = make_service(_loopback_config(ops={"drain_timeout": 30}), clock=clock)
     calls_done: Deferred[None] = Deferred()
     svc.drainers.append(lambda: calls_done)
     svc.startService()
     stopped = svc.stopService()
     clock.advance(10)
-    assert not stopped.called and svc.parts.threadpool.started
+    assert svc.parts.threadpool.started  # still draining: nothing stopped yet
     calls_done.callback(None)
-    assert stopped.called and not svc.parts.threadpool.started
+    yield stopped
+    assert not svc.parts.threadpool.started
     assert clock.getDelayedCalls() == []  # the drain timer was cancelled
 
 
+@pytest_twisted.inlineCallbacks
 def test_stop_gives_up_draining_after_drain_timeout():
     clock = Clock()
-    svc = make_service(config_from_dict({"ops": {"drain_timeout": 5}}), clock=clock)
+    svc = make_service(_loopback_config(ops={"drain_timeout": 5}), clock=clock)
     svc.drainers.append(lambda: Deferred())  # never fires
     svc.startService()
     stopped = svc.stopService()
     clock.advance(4.9)
-    assert not stopped.called
+    assert svc.parts.threadpool.started
     clock.advance(0.2)
-    assert stopped.called and not svc.running
+    yield stopped
+    assert not svc.running and not svc.parts.threadpool.started
 
 
 def test_tls_context_factory(test_certs, tmp_path):
