@@ -85,3 +85,51 @@ def make_binding(
     )
     base.update(kw)
     return Binding(**base)
+
+
+# -- request builders ----------------------------------------------------------------------------
+
+def register_text(
+    contacts: list[str] | None = None,
+    to: str = "sip:alice@example.com",
+    call_id: str = "reg-1@192.0.2.10",
+    cseq: int = 1,
+    expires: int | None = None,
+    extra: list[str] | None = None,
+    via: str = "SIP/2.0/UDP 192.0.2.10:40000;branch=z9hG4bK-1;rport=40000;received=198.51.100.7",
+    method: str = "REGISTER",
+    ruri: str = "sip:example.com",
+) -> bytes:
+    lines = [
+        f"{method} {ruri} SIP/2.0",
+        f"Via: {via}",
+        "Max-Forwards: 70",
+        f"From: <{to}>;tag=f1",
+        f"To: <{to}>",
+        f"Call-ID: {call_id}",
+        f"CSeq: {cseq} {method}",
+    ]
+    for c in contacts or []:
+        lines.append(f"Contact: {c}")
+    if expires is not None:
+        lines.append(f"Expires: {expires}")
+    lines.extend(extra or [])
+    lines.append("Content-Length: 0")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def digest_authorization(
+    challenge: str, user: str, password: str, method: str, uri: str, nc: int = 1, cnonce: str = "c0ffee"
+) -> str:
+    """What a UA answers to one WWW-/Proxy-Authenticate value (qop=auth)."""
+    from libon_tsilo.sip import digest
+
+    params = digest.parse_authorization(challenge)
+    algorithm = params.get("algorithm", "MD5")
+    h1 = digest.ha1(user, params["realm"], password, algorithm)
+    nc_text = f"{nc:08x}"
+    response = digest.expected_response(h1, method, uri, params["nonce"], nc_text, cnonce, "auth", algorithm)
+    return (
+        f'Digest username="{user}", realm="{params["realm"]}", nonce="{params["nonce"]}", uri="{uri}", '
+        f'response="{response}", algorithm={algorithm}, qop=auth, nc={nc_text}, cnonce="{cnonce}"'
+    )

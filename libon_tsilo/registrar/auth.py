@@ -1,0 +1,223 @@
+"""The digest authentication policy: who is challenged, how credentials are checked.
+
+REGISTER is challenged with 401 / WWW-Authenticate, an INVITE from one of our domains with 407 /
+Proxy-Authenticate; one challenge per configured algorithm (SHA-256 first, RFC 8760 §2.4) sharing
+one nonce. Sources in ``trusted_sources`` (e.g. a trunk or an SBC) are exempt.
+
+Nonces are stateless (timestamp + HMAC, see sip/digest.py). The only state is the replay table:
+the highest nonce-count seen per nonce, recorded only after a valid response, so an attacker without
+a password cannot grow it. Entries go when their nonce goes stale, swept by one timer.
+
+Failure answers: an unknown user, a wrong password, a forged nonce or a replayed nonce-count all
+get a fresh challenge (no difference an attacker could use to enumerate users); a stale nonce with a
+correct response gets ``stale=true`` so the UA retries silently; credentials that are not usable
+Digest (missing fields, qop other than auth) get 400; a valid user who does not own the identity
+(To for REGISTER, From for INVITE) gets 403.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from libon_tsilo.sip import digest
+from libon_tsilo.sip.message import Request, Response, make_response, new_tag
+from libon_tsilo.sip.uri import unescape
+
+if TYPE_CHECKING:
+    from libon_tsilo.sip.flow import Flow
+
+__all__ = ["AuthPolicy", "AuthResult", "CredentialSource"]
+
+log = Logger()
+
+_NC_DIGITS = frozenset("0123456789abcdefABCDEF")
+_REQUIRED = ("username", "nonce", "uri", "response", "qop", "nc", "cnonce")
+
+
+class CredentialSource(Protocol):
+    def get_ha1(self, username: str, realm: str, algorithm: str) -> str | None: ...
+
+
+@dataclass
+class AuthResult:
+    """Either ``response`` (send it and stop) or a pass: ``user`` authenticated, or ``exempt``."""
+
+    user: str | None = None
+    response: Response | None = None
+    exempt: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.response is None
+
+
+@dataclass(frozen=True)
+class _Kind:
+    status: int
+    challenge: str
+    credentials: str
+
+
+_REGISTER = _Kind(401, "WWW-Authenticate", "Authorization")
+_PROXY = _Kind(407, "Proxy-Authenticate", "Proxy-Authorization")
+
+
+class AuthPolicy:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        users: CredentialSource,
+        realm: str,
+        secret: str,
+        nonce_lifetime: float = 300.0,
+        trusted_sources: Iterable[str] = (),
+        algorithms: Iterable[str] = ("SHA-256", "MD5"),
+        enabled: bool = True,
+        local_domains: Iterable[str] = (),
+    ) -> None:
+        self.clock = clock
+        self.users = users
+        self.realm = realm
+        self.secret = secret
+        self.nonce_lifetime = nonce_lifetime
+        self.enabled = enabled
+        self.algorithms = [digest.normalize_algorithm(a) for a in algorithms]
+        self.local_domains = frozenset(d.lower() for d in local_domains)
+        self._trusted = [ipaddress.ip_network(c, strict=False) for c in trusted_sources]
+        self._nc: dict[str, tuple[int, float]] = {}  # nonce -> (highest nc, drop after)
+        self._sweeper: IDelayedCall | None = None
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def check(self, request: Request, flow: Flow | None, kind: str | None = None) -> AuthResult:
+        """Authenticate ``request``. ``kind`` is "register" (401) or "invite"/"proxy" (407);
+        by default it follows the method.
+
+        For a proxy-style check, a request whose From is not in our domains is not ours to
+        authenticate (it comes from another server): it passes with ``user`` None, and the call
+        layer decides what such a caller may reach.
+        """
+        if kind is None:
+            kind = "register" if request.method == "REGISTER" else "invite"
+        spec = _REGISTER if kind == "register" else _PROXY
+        if not self.enabled:
+            return AuthResult(exempt=True)
+        if self.is_trusted(flow):
+            return AuthResult(exempt=True)
+        identity = request.to.uri if spec is _REGISTER else request.from_.uri
+        if spec is _PROXY and self.local_domains and identity.host.lower() not in self.local_domains:
+            return AuthResult(exempt=True)
+        return self._verify(request, spec, identity)
+
+    def is_trusted(self, flow: Flow | None) -> bool:
+        if flow is None or not self._trusted:
+            return False
+        try:
+            addr = ipaddress.ip_address(flow.key.remote[0].strip("[]"))
+        except ValueError:
+            return False
+        return any(addr in net for net in self._trusted)
+
+    def stop(self) -> None:
+        if self._sweeper is not None and self._sweeper.active():
+            self._sweeper.cancel()
+        self._sweeper = None
+        self._nc.clear()
+
+    def replay_table_size(self) -> int:
+        return len(self._nc)
+
+    # -- verification ---------------------------------------------------------------------------
+
+    def _verify(self, request: Request, spec: _Kind, identity: Any) -> AuthResult:
+        creds = self._pick_credentials(request, spec)
+        if creds is None:
+            return self._challenge(request, spec, stale=False)
+        missing = [k for k in _REQUIRED if not creds.get(k)]
+        if creds.get("qop") and creds["qop"].lower() != "auth":
+            return self._reject(request, 400, "Unsupported digest qop (only auth)")
+        if missing:
+            return self._reject(request, 400, f"Malformed credentials (no {missing[0]})")
+        nc_text = creds["nc"]
+        if len(nc_text) != 8 or not set(nc_text) <= _NC_DIGITS:
+            return self._reject(request, 400, "Malformed credentials (bad nc)")
+        nc = int(nc_text, 16)
+        username, nonce, algorithm = creds["username"], creds["nonce"], creds["algorithm"]
+        now = self.clock.seconds()
+        state = digest.check_nonce(self.secret, nonce, now, self.nonce_lifetime)
+        if state == "bad":
+            log.info("auth: foreign or forged nonce from {user}", user=username)
+            return self._challenge(request, spec, stale=False)
+        ha1 = self.users.get_ha1(username, self.realm, algorithm)
+        if ha1 is None:
+            log.info("auth: unknown user {user}", user=username)
+            return self._challenge(request, spec, stale=False)
+        expected = digest.expected_response(
+            ha1, request.method, creds["uri"], nonce, nc_text, creds["cnonce"], "auth", algorithm
+        )
+        if not hmac.compare_digest(expected, creds["response"].lower()):
+            log.info("auth: wrong password for {user}", user=username)
+            return self._challenge(request, spec, stale=False)
+        if state == "stale":
+            return self._challenge(request, spec, stale=True)
+        if not self._accept_nc(nonce, nc, now):
+            log.info("auth: replayed nonce-count {nc} from {user}", nc=nc_text, user=username)
+            return self._challenge(request, spec, stale=False)
+        owner = unescape(identity.user) if identity.user else None
+        if owner != username:
+            log.info("auth: {user} may not act as {owner}", user=username, owner=owner)
+            return self._reject(request, 403, "Identity Not Owned By Authenticated User")
+        return AuthResult(user=username)
+
+    def _pick_credentials(self, request: Request, spec: _Kind) -> dict[str, str] | None:
+        """The first credentials for our realm in an algorithm we offer; others are ignored
+        (another scheme, another proxy's realm: RFC 4475 regaut01)."""
+        for value in request.header_values(spec.credentials):
+            try:
+                creds = digest.parse_authorization(value)
+                algorithm = digest.normalize_algorithm(creds.get("algorithm"))
+            except digest.DigestError:
+                continue
+            if creds.get("realm") != self.realm or algorithm not in self.algorithms:
+                continue
+            creds["algorithm"] = algorithm
+            return creds
+        return None
+
+    def _accept_nc(self, nonce: str, nc: int, now: float) -> bool:
+        last = self._nc.get(nonce)
+        if last is not None and nc <= last[0]:
+            return False
+        issued = digest.nonce_time(nonce) or now
+        self._nc[nonce] = (nc, issued + self.nonce_lifetime)
+        if self._sweeper is None or not self._sweeper.active():
+            self._sweeper = self.clock.callLater(self.nonce_lifetime, self._sweep)
+        return True
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        now = self.clock.seconds()
+        for nonce in [n for n, (_, until) in self._nc.items() if until < now]:
+            del self._nc[nonce]
+        if self._nc:
+            self._sweeper = self.clock.callLater(self.nonce_lifetime, self._sweep)
+
+    # -- answers --------------------------------------------------------------------------------
+
+    def _challenge(self, request: Request, spec: _Kind, stale: bool) -> AuthResult:
+        resp = make_response(request, spec.status, to_tag=new_tag())
+        nonce = digest.make_nonce(self.secret, self.clock.seconds())
+        for algorithm in self.algorithms:
+            resp.add_header(spec.challenge, digest.challenge_header(self.realm, nonce, algorithm, stale))
+        return AuthResult(response=resp)
+
+    @staticmethod
+    def _reject(request: Request, status: int, reason: str) -> AuthResult:
+        return AuthResult(response=make_response(request, status, reason, to_tag=new_tag()))

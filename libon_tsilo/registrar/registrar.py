@@ -1,0 +1,438 @@
+"""REGISTER processing (RFC 3261 §10.3) with RFC 3327 Path, RFC 5626 instances/flows, RFC 8599 push.
+
+The request is validated completely before anything changes: a REGISTER that fails (423, 500 out of
+order, 403, 555...) leaves the location store untouched, and the 200 OK lists the bindings as they
+are after the update.
+
+Matching an incoming Contact to an existing binding of the AOR, first rule that applies:
+1. both carry ``+sip.instance``: same instance and same reg-id (RFC 5626 §6; two reg-ids of one
+   instance are two flows, kept apart even when their push parameters are equal);
+2. the RFC 8599 §5.3 push triple (provider, prid, param) is equal: the same app install, even if its
+   instance or contact host changed (app reinstall, new IP);
+3. neither carries an instance: RFC 3261 §19.1.4 URI equality, and a pn param present on one side
+   only means no match (§5.3).
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from libon_tsilo.registrar.auth import AuthPolicy
+from libon_tsilo.registrar.binding import Binding
+from libon_tsilo.registrar.location import LocationStore
+from libon_tsilo.registrar.push_params import PN_URI_PARAMS, feature_caps, parse_push_params, pn_triple_match
+from libon_tsilo.sip.errors import ParseError
+from libon_tsilo.sip.headers import NameAddr, unquote
+from libon_tsilo.sip.message import Request, Response, make_response, new_tag
+from libon_tsilo.sip.uri import URI, TelURI, unescape
+
+if TYPE_CHECKING:
+    from libon_tsilo.sip.flow import Flow
+
+__all__ = ["Registrar", "aor_key", "SUPPORTED_EXTENSIONS"]
+
+log = Logger()
+
+# option tags a REGISTER may Require of us (RFC 3261 §8.2.2.3)
+SUPPORTED_EXTENSIONS = frozenset({"path", "outbound"})
+
+
+def aor_key(uri: URI, use_domain: bool) -> str:
+    """The location key of an address-of-record: ``sip:alice@example.com``, or ``alice``.
+
+    Scheme, user and host are lower-cased, escapes resolved, port and parameters dropped; sips: is
+    keyed as sip: because it names the same user (the transport security is a routing matter).
+    """
+    if isinstance(uri, TelURI):
+        number = uri.number.lower()
+        return number if not use_domain else f"tel:{number}"
+    user = unescape(uri.user).lower() if uri.user else ""
+    if not use_domain:
+        return user
+    scheme = "sip" if uri.scheme in ("sip", "sips") else uri.scheme
+    host = uri.host.lower().rstrip(".")
+    return f"{scheme}:{user}@{host}" if user else f"{scheme}:{host}"
+
+
+class _Reject(Exception):
+    """Abort processing with this response (status, reason, extra headers)."""
+
+    def __init__(
+        self, status: int, reason: str | None = None, headers: Iterable[tuple[str, str]] = ()
+    ) -> None:
+        super().__init__(reason or str(status))
+        self.status = status
+        self.reason = reason
+        self.headers = list(headers)
+
+
+@dataclass
+class _Plan:
+    """One Contact of the request, validated, before it touches the store."""
+
+    contact: NameAddr
+    expires: int
+    binding: Binding | None  # None when expires == 0
+    old: Binding | None = None
+
+
+@dataclass
+class _Outcome:
+    caps: list[str] = field(default_factory=list)
+    outbound: bool = False
+
+
+class Registrar:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        store: LocationStore,
+        domains: Iterable[str] = (),
+        auth: AuthPolicy | None = None,
+        use_domain: bool = True,
+        min_expires: int = 60,
+        max_expires: int = 3600,
+        default_expires: int = 3600,
+        max_contacts: int = 10,
+        on_max_contacts: str = "reject",
+        pnsreg_interval: int = 130,
+        push_providers: Iterable[str] = (),
+    ) -> None:
+        if on_max_contacts not in ("reject", "replace_oldest"):
+            raise ValueError(f"on_max_contacts: unknown mode {on_max_contacts!r}")
+        self.clock = clock
+        self.store = store
+        # empty: accept any domain (a lab setup); [sip] domains always has a default in practice
+        self.domains = frozenset(d.lower().rstrip(".") for d in domains)
+        self.auth = auth
+        self.use_domain = use_domain
+        self.min_expires = min_expires
+        self.max_expires = max_expires
+        self.default_expires = min(max(default_expires, min_expires), max_expires)
+        self.max_contacts = max_contacts
+        self.on_max_contacts = on_max_contacts
+        self.pnsreg_interval = pnsreg_interval
+        self.push_providers = tuple(p.lower() for p in push_providers)
+
+    # -- public API -----------------------------------------------------------------------------
+
+    def handle_register(self, request: Request, stx: Any, flow: Flow | None) -> None:
+        """Process a REGISTER and answer it on ``stx`` (anything with ``.respond(resp)``)."""
+        try:
+            resp = self._process(request, flow)
+        except _Reject as rej:
+            resp = make_response(request, rej.status, rej.reason, to_tag=new_tag())
+            for name, value in rej.headers:
+                resp.add_header(name, value)
+        except ParseError as exc:
+            resp = make_response(request, exc.status, exc.reason, to_tag=new_tag())
+        except Exception:
+            log.failure("REGISTER processing failed", call_id=request.header("call-id"))
+            resp = make_response(request, 500, "Server Internal Error", to_tag=new_tag())
+        stx.respond(resp)
+
+    def remove(self, binding: Binding, reason: str) -> bool:
+        """Drop a binding (push layer: dead token; admin API: ul.rm)."""
+        return self.store.remove(binding, reason)
+
+    def flow_closed(self, flow: Flow) -> None:
+        """FlowTable close subscriber: bindings stay, marked as no longer reachable over that flow."""
+        self.store.flow_closed(flow.id)
+
+    def lookup(self, aor: str) -> list[Binding]:
+        return self.store.lookup(aor)
+
+    # -- processing -----------------------------------------------------------------------------
+
+    def _process(self, request: Request, flow: Flow | None) -> Response:
+        to_uri = request.to.uri
+        aor = self._aor(to_uri)
+        self._check_require(request)
+        if self.auth is not None:
+            result = self.auth.check(request, flow, "register")
+            if result.response is not None:
+                return result.response
+        call_id = request.call_id
+        cseq = request.cseq.seq
+        contacts = request.contacts
+        now = self.clock.seconds()
+        existing = self.store.lookup(aor)
+        outcome = _Outcome()
+
+        if request.contact_star:
+            if request.expires != 0:
+                raise _Reject(400, "Contact * requires Expires: 0")
+            for b in existing:
+                self._check_order(b, call_id, cseq)
+            for b in existing:
+                self.store.remove(b, "unregistered")
+            log.info("REGISTER {aor}: all bindings removed", aor=aor, call_id=call_id)
+            return self._ok(request, aor, now, outcome)
+
+        plans = [self._plan(request, aor, c, call_id, cseq, flow, now, outcome) for c in contacts]
+        evict = self._apply_plan(plans, existing, call_id, cseq)
+        for b in evict:
+            self.store.remove(b, "replaced")
+        for plan in plans:
+            if plan.binding is None:
+                if plan.old is not None:
+                    self.store.remove(plan.old, "unregistered")
+            else:
+                self.store.add_or_update(plan.binding, flow, replaces=plan.old)
+                outcome.outbound |= plan.binding.reg_id is not None
+        if plans:
+            log.info(
+                "REGISTER {aor}: {n} contact(s) processed, {total} binding(s)",
+                aor=aor,
+                n=len(plans),
+                total=len(self.store.lookup(aor)),
+                call_id=call_id,
+            )
+        return self._ok(request, aor, now, outcome)
+
+    def _aor(self, to_uri: URI) -> str:
+        if to_uri.scheme not in ("sip", "sips") or isinstance(to_uri, TelURI):
+            raise _Reject(404, "Not Found (AOR must be a sip: URI)")
+        if not to_uri.user:
+            raise _Reject(404, "Not Found (no user in To)")
+        host = to_uri.host.lower().rstrip(".")
+        if self.domains and host not in self.domains:
+            raise _Reject(404, "Not Found (domain not served here)")
+        return aor_key(to_uri, self.use_domain)
+
+    @staticmethod
+    def _check_require(request: Request) -> None:
+        required = {v.strip().lower() for v in request.header_values("Require") if v.strip()}
+        unknown = sorted(required - SUPPORTED_EXTENSIONS)
+        if unknown:
+            raise _Reject(420, "Bad Extension", [("Unsupported", ", ".join(unknown))])
+
+    @staticmethod
+    def _check_order(b: Binding, call_id: str, cseq: int) -> None:
+        # RFC 3261 §10.3 step 7: same Call-ID and a CSeq not higher means a stale or replayed request
+        if b.call_id == call_id and cseq <= b.cseq:
+            raise _Reject(500, "Out of order")
+
+    def _plan(
+        self,
+        request: Request,
+        aor: str,
+        contact: NameAddr,
+        call_id: str,
+        cseq: int,
+        flow: Flow | None,
+        now: float,
+        outcome: _Outcome,
+    ) -> _Plan:
+        uri = contact.uri
+        if isinstance(uri, TelURI) or uri.scheme not in ("sip", "sips"):
+            raise _Reject(400, f"Unsupported Contact URI scheme {uri.scheme}")
+        expires = self._expires(request, contact)
+        if expires == 0:
+            return _Plan(contact, 0, None, self._probe(aor, contact))
+        q = self._q(contact)
+        instance, reg_id = self._instance(contact)
+        pn = parse_push_params(contact)
+        pn_provider = pn_prid = pn_param = None
+        if pn.present:
+            if pn.provider is None:
+                raise _Reject(400, "pn-prid/pn-param without pn-provider")
+            if pn.provider == "":
+                if not self.push_providers:
+                    raise _Reject(555)
+                for p in self.push_providers:
+                    self._add_cap(outcome, feature_caps(p))
+            elif pn.provider not in self.push_providers:
+                raise _Reject(555)
+            elif pn.is_query:
+                self._add_cap(outcome, feature_caps(pn.provider))
+            else:
+                pn_provider, pn_prid, pn_param = pn.provider, pn.prid, pn.param
+                interval = self.pnsreg_interval if pn.pnsreg else None
+                self._add_cap(outcome, feature_caps(pn.provider, interval))
+        shown = contact.copy()
+        shown.params.pop("expires", None)
+        binding = Binding(
+            aor=aor,
+            contact_uri=str(uri),
+            contact=str(shown),
+            expires_at=now + expires,
+            registered_at=now,
+            call_id=call_id,
+            cseq=cseq,
+            q=q,
+            instance=instance,
+            reg_id=reg_id,
+            flow_id=flow.id if flow is not None else None,
+            flow_live=bool(flow is not None and getattr(flow, "live", True)),
+            received=self._received(request, flow),
+            path=request.header_values("Path"),
+            user_agent=request.header("User-Agent"),
+            pn_provider=pn_provider,
+            pn_prid=pn_prid,
+            pn_param=pn_param,
+            pnsreg=pn.pnsreg and pn_prid is not None,
+        )
+        return _Plan(contact, expires, binding)
+
+    @staticmethod
+    def _add_cap(outcome: _Outcome, cap: str) -> None:
+        if cap not in outcome.caps:
+            outcome.caps.append(cap)
+
+    def _expires(self, request: Request, contact: NameAddr) -> int:
+        raw = contact.params.get("expires")
+        if raw is not None:
+            raw = unquote(raw).strip()
+            if not raw.isdigit() or not raw.isascii():
+                raise _Reject(400, "Bad expires parameter")
+            value = int(raw)
+        elif request.expires is not None:
+            value = request.expires
+        else:
+            value = self.default_expires
+        if value == 0:
+            return 0
+        if value < self.min_expires:
+            raise _Reject(423, None, [("Min-Expires", str(self.min_expires))])
+        return min(value, self.max_expires)
+
+    @staticmethod
+    def _q(contact: NameAddr) -> float:
+        raw = contact.params.get("q")
+        if raw is None:
+            return 1.0
+        try:
+            q = float(raw)
+        except ValueError:
+            raise _Reject(400, "Bad q parameter") from None
+        if not 0.0 <= q <= 1.0:
+            raise _Reject(400, "Bad q parameter")
+        return round(q, 3)
+
+    @staticmethod
+    def _instance(contact: NameAddr) -> tuple[str | None, int | None]:
+        raw = contact.params.get("+sip.instance")
+        instance = unquote(raw) if raw else None
+        if not instance:
+            # RFC 5626 §6: a reg-id without an instance is ignored
+            return None, None
+        reg_raw = contact.params.get("reg-id")
+        if reg_raw is None:
+            return instance, None
+        if not reg_raw.isdigit() or not reg_raw.isascii() or int(reg_raw) > 2**31 - 1:
+            raise _Reject(400, "Bad reg-id parameter")
+        return instance, int(reg_raw)
+
+    @staticmethod
+    def _received(request: Request, flow: Flow | None) -> tuple[str, str, int] | None:
+        via = request.top_via
+        if flow is not None:
+            remote_host, remote_port = flow.key.remote[0], flow.key.remote[1]
+            return (flow.key.transport, via.received or remote_host, via.rport or remote_port)
+        return (via.transport.lower(), via.received or via.host, via.rport or via.port or 5060)
+
+    # -- matching and limits --------------------------------------------------------------------
+
+    def _probe(self, aor: str, contact: NameAddr) -> Binding | None:
+        """The binding an expires=0 Contact removes (matched as a registration would be)."""
+        instance, reg_id = self._instance(contact)
+        pn = parse_push_params(contact)
+        probe = Binding(
+            aor=aor,
+            contact_uri=str(contact.uri),
+            contact="",
+            expires_at=0.0,
+            registered_at=0.0,
+            call_id="",
+            cseq=0,
+            instance=instance,
+            reg_id=reg_id,
+            pn_provider=pn.provider or None,
+            pn_prid=pn.prid or None,
+            pn_param=pn.param or None,
+        )
+        return self._match(probe, contact.uri, self.store.lookup(aor))
+
+    @staticmethod
+    def _match(new: Binding, uri: URI, candidates: Iterable[Binding]) -> Binding | None:
+        candidates = list(candidates)
+        if new.instance:
+            for b in candidates:
+                if b.instance == new.instance and b.reg_id == new.reg_id:
+                    return b
+        for b in candidates:
+            if pn_triple_match(new, b) and not (new.instance and b.instance == new.instance):
+                return b
+        if new.instance:
+            return None
+        for b in candidates:
+            if b.instance:
+                continue
+            if any((p in uri.params) != (p in _uri_params(b)) for p in PN_URI_PARAMS):
+                continue
+            try:
+                if URI.parse(b.contact_uri) == uri:
+                    return b
+            except ParseError:
+                continue
+        return None
+
+    def _apply_plan(
+        self, plans: list[_Plan], existing: list[Binding], call_id: str, cseq: int
+    ) -> list[Binding]:
+        """Match every plan, check ordering and max_contacts; returns the bindings to evict."""
+        working = {b.key: b for b in existing}
+        touched: set[str] = set()
+        for plan in plans:
+            if plan.binding is not None:
+                plan.old = self._match(plan.binding, plan.contact.uri, working.values())
+            if plan.old is not None and working.get(plan.old.key) is not plan.old:
+                plan.old = None  # already consumed by an earlier Contact of this request
+            if plan.old is not None:
+                self._check_order(plan.old, call_id, cseq)
+                del working[plan.old.key]
+            if plan.binding is not None:
+                # the same identity twice in one request: the last Contact wins
+                working[plan.binding.key] = plan.binding
+                touched.add(plan.binding.key)
+        evict: list[Binding] = []
+        excess = len(working) - self.max_contacts
+        if excess > 0:
+            if self.on_max_contacts == "reject":
+                raise _Reject(403, f"Too Many Contacts (max {self.max_contacts})")
+            olds = sorted((b for k, b in working.items() if k not in touched), key=lambda b: b.registered_at)
+            if len(olds) < excess:
+                raise _Reject(403, f"Too Many Contacts (max {self.max_contacts})")
+            evict = olds[:excess]
+        return evict
+
+    # -- the answer -----------------------------------------------------------------------------
+
+    def _ok(self, request: Request, aor: str, now: float, outcome: _Outcome) -> Response:
+        resp = make_response(request, 200, to_tag=new_tag())
+        for b in self.store.lookup(aor):
+            resp.add_header("Contact", b.contact_header(now))
+        resp.add_header("Date", email.utils.formatdate(now, usegmt=True))
+        supported = {v.strip().lower() for v in request.header_values("Supported")}
+        if "path" in supported:
+            for p in request.header_values("Path"):
+                resp.add_header("Path", p)
+        if outcome.outbound and "outbound" in supported:
+            resp.add_header("Require", "outbound")
+        for cap in outcome.caps:
+            resp.add_header("Feature-Caps", cap)
+        return resp
+
+
+def _uri_params(b: Binding) -> dict[str, str | None]:
+    try:
+        return URI.parse(b.contact_uri).params
+    except ParseError:
+        return {}
