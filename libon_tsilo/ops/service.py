@@ -238,9 +238,13 @@ def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
 
 
 def _add_router(root: LibonTsiloService, parts: Parts) -> None:
-    # TODO(lead): the TransactionUser that answers OPTIONS and dispatches REGISTER/INVITE/...:
-    # parts.router = Router(...); parts.transactions.tu = parts.router
-    pass
+    from libon_tsilo.sip.router import Router
+    from libon_tsilo.sip.uas_core import UASCore
+
+    if parts.transactions is None:
+        return
+    parts.router = Router(UASCore(server=parts.config.sip.user_agent))
+    parts.transactions.tu = parts.router
 
 
 def _add_manhole(root: LibonTsiloService, parts: Parts) -> None:

@@ -1,0 +1,126 @@
+"""The transaction user that dispatches requests to the application layers.
+
+It knows no application: the registrar and the call layer register handlers by method. Every request
+first goes through the UAS core's RFC 3261 §8.2 checks; what nobody handles gets the UAS core's answer
+(200 to OPTIONS, 405, 501). A handler that raises never takes the server down: the request gets a 500.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.logger import Logger
+
+from libon_tsilo.sip.errors import ParseError
+from libon_tsilo.sip.message import Request, Response, make_response, new_tag
+from libon_tsilo.sip.uas_core import UASCore
+
+log = Logger()
+
+RequestHandler = Callable[[Request, Any, Any], None]
+AckHandler = Callable[[Request, Any], None]
+CancelHandler = Callable[[Request, Any, Any], None]
+ResponseHandler = Callable[[Response, Any], None]
+
+
+class Router:
+    """TransactionUser: §8.2 checks, then one handler per method.
+
+    ``in_dialog`` receives requests whose To carries a tag (mid-dialog), whatever their method, so
+    that a B2BUA sees BYE, re-INVITE, INFO... A mid-dialog request with no such handler gets 481.
+    """
+
+    def __init__(self, uas: UASCore) -> None:
+        self.uas = uas
+        self.handlers: dict[str, RequestHandler] = {}
+        self.in_dialog: RequestHandler | None = None
+        self.ack: AckHandler | None = None
+        self.cancel: CancelHandler | None = None
+        self.stray: ResponseHandler | None = None
+        self.refuse_new: Callable[[Request], Response | None] | None = None
+        self.counters: dict[str, int] = {}
+
+    def route(self, method: str, handler: RequestHandler) -> None:
+        self.handlers[method] = handler
+
+    # -- TransactionUser --------------------------------------------------------------------------
+
+    def request_received(self, request: Request, stx: Any, flow: Any) -> None:
+        self.counters[request.method] = self.counters.get(request.method, 0) + 1
+        if stx is None:
+            self._ack(request, flow)
+            return
+        try:
+            self._dispatch(request, stx, flow)
+        except ParseError as exc:
+            _respond(stx, make_response(request, exc.status, exc.reason, to_tag=new_tag()))
+        except Exception:
+            log.failure("handler failed for {method}", method=request.method, call_id=_call_id(request))
+            _respond(stx, make_response(request, 500, "Server Internal Error", to_tag=new_tag()))
+
+    def _dispatch(self, request: Request, stx: Any, flow: Any) -> None:
+        problem = self.uas.check_request(request)
+        if problem is not None:
+            stx.respond(problem)
+            return
+        if request.to.tag is not None and request.method != "REGISTER":
+            if self.in_dialog is not None:
+                self.in_dialog(request, stx, flow)
+            else:
+                stx.respond(self.uas.response(request, 481))
+            return
+        handler = self.handlers.get(request.method)
+        if handler is None:
+            answer = self.uas.method_response(request)
+            stx.respond(answer if answer is not None else self.uas.response(request, 501))
+            return
+        if self.refuse_new is not None:
+            refusal = self.refuse_new(request)
+            if refusal is not None:
+                stx.respond(refusal)
+                return
+        handler(request, stx, flow)
+
+    def _ack(self, ack: Request, flow: Any) -> None:
+        if self.ack is None:
+            return
+        try:
+            self.ack(ack, flow)
+        except Exception:
+            log.failure("ACK handler failed", call_id=_call_id(ack))
+
+    def cancel_received(self, cancel: Request, invite_stx: Any, flow: Any, stx: Any = None) -> None:
+        try:
+            if self.cancel is not None:
+                self.cancel(cancel, invite_stx, flow)
+                return
+        except Exception:
+            log.failure("CANCEL handler failed", call_id=_call_id(cancel))
+        # No call layer: answer the way a plain UAS would (§9.2).
+        if invite_stx is None:
+            _respond(stx, make_response(cancel, 481, to_tag=new_tag()))
+
+    def stray_response(self, response: Response, flow: Any) -> None:
+        if self.stray is None:
+            return
+        try:
+            self.stray(response, flow)
+        except Exception:
+            log.failure("stray response handler failed", call_id=_call_id(response))
+
+
+def _respond(stx: Any, resp: Response) -> None:
+    if stx is None:
+        return
+    try:
+        stx.respond(resp)
+    except Exception:
+        log.failure("could not send {status}", status=resp.status)
+
+
+def _call_id(msg: Any) -> str | None:
+    try:
+        return msg.call_id
+    except ParseError:
+        return None
