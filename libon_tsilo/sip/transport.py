@@ -194,7 +194,11 @@ class _StreamProtocol(Protocol):
         if self.up:
             self.transport.loseConnection()
         elif self.connector is not None:
-            self.connector.stopConnecting()
+            connector, self.connector = self.connector, None
+            try:
+                connector.stopConnecting()
+            except error.NotConnectingError:
+                pass  # already failed; clientConnectionFailed does the bookkeeping
 
     def abort(self) -> None:
         if self.up:
@@ -419,20 +423,23 @@ class TransportLayer(Service):
             if not flow.live:
                 return
 
-    def _stream_lost(self, proto: _StreamProtocol, reason: Failure) -> None:
+    def _stream_lost(self, proto: _StreamProtocol, reason: Failure | None) -> None:
         flow = proto.flow
-        if proto.targets:
-            self._report_failure(proto, f"TLS handshake failed: {reason.getErrorMessage()}")
+        why = reason.getErrorMessage() if reason is not None else "connection lost"
         if flow is not None:
             self._protos.pop(flow.id, None)
-            log.debug("flow {flow_id} closed: {why}", flow_id=flow.id, why=reason.getErrorMessage())
+            log.debug("flow {flow_id} closed: {why}", flow_id=flow.id, why=why)
             self.flows.closed(flow)
+        if proto.targets:  # an outbound TLS connection that never completed its handshake
+            self._report_failure(proto, f"TLS handshake failed: {why}")
 
     def _connect_failed(self, proto: _StreamProtocol, reason: Failure) -> None:
-        self._report_failure(proto, f"connect failed: {reason.getErrorMessage()}")
+        proto.connector = None
+        # the flow is dead before anyone hears of the failure, so a retry opens a new connection
         if proto.flow is not None:
             self._protos.pop(proto.flow.id, None)
             self.flows.closed(proto.flow)
+        self._report_failure(proto, f"connect failed: {reason.getErrorMessage()}")
         if not proto.lost.called:
             proto.lost.callback(None)
 

@@ -179,16 +179,19 @@ class StreamPeer(Protocol):
     def __init__(self) -> None:
         self.queue: DeferredQueue = DeferredQueue()
         self.framer = StreamFramer()
+        self.raw: DeferredQueue = DeferredQueue()  # every chunk as received
         self.closed: defer.Deferred = defer.Deferred()
-        self.handshake_error = None
+        self.reason = None
 
     def dataReceived(self, data: bytes) -> None:
+        self.raw.put(data)
         for item in self.framer.feed(data):
             self.queue.put(item)
 
     def connectionLost(self, reason) -> None:
+        self.reason = reason
         self.queue.put(("closed", b""))
-        self.closed.callback(reason)
+        self.closed.callback(None)
 
     def next(self) -> defer.Deferred:
         return wait(self.queue.get())
