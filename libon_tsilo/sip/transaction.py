@@ -107,7 +107,10 @@ class TransactionLayer:
         self.tu: TransactionUser | None = None
         self._servers: dict[tuple[Any, ...], ServerTransaction] = {}
         self._clients: dict[tuple[Any, ...], ClientTransaction] = {}
+        # client keys per destination, so an asynchronous connect failure finds its transactions
+        self._by_target: dict[tuple[str, str, int], set[tuple[Any, ...]]] = {}
         transport.sink = self.inbound
+        transport.on_send_error = self.send_failed
 
     # -- bookkeeping ------------------------------------------------------------------------------
 
@@ -123,11 +126,12 @@ class TransactionLayer:
         return len(self._clients)
 
     def forget(self, txn: TransactionBase) -> None:
-        table: dict[tuple[Any, ...], Any] = (
-            self._clients if isinstance(txn, ClientTransaction) else self._servers
-        )
-        if table.get(txn.key) is txn:
-            del table[txn.key]
+        if isinstance(txn, ClientTransaction):
+            if self._clients.get(txn.key) is txn:
+                del self._clients[txn.key]
+                self._untrack(txn)
+        elif self._servers.get(txn.key) is txn:
+            del self._servers[txn.key]
 
     def stop(self) -> None:
         """Service stop: cancel every timer and drop every transaction, telling nobody."""
@@ -135,6 +139,7 @@ class TransactionLayer:
             txn.halt()
         self._servers.clear()
         self._clients.clear()
+        self._by_target.clear()
 
     def tu_hook(self, name: str, *args: Any) -> None:
         hook = getattr(self.tu, name, None)
@@ -165,8 +170,26 @@ class TransactionLayer:
         cls = InviteClientTransaction if req.method == "INVITE" else NonInviteClientTransaction
         ctx = cls(self, key, req, target, flow, on_response)
         self._clients[key] = ctx
+        self._by_target.setdefault(_target_key(target), set()).add(key)
         ctx.start()
         return ctx
+
+    def _untrack(self, ctx: ClientTransaction) -> None:
+        tkey = _target_key(ctx.target)
+        keys = self._by_target.get(tkey)
+        if keys is not None:
+            keys.discard(ctx.key)
+            if not keys:
+                del self._by_target[tkey]
+
+    def send_failed(self, target: Any, reason: str) -> None:
+        """The transport's ``on_send_error``: a connection (or name lookup) failed after send_request
+        returned. Transactions towards that target still waiting for a first response get a 503."""
+        for key in list(self._by_target.get(_target_key(target), ())):
+            ctx = self._clients.get(key)
+            if ctx is not None and ctx.state in (State.CALLING, State.TRYING):
+                log.info("{txn}: {reason}", txn=ctx.id, reason=reason)
+                ctx.transport_failed()
 
     def _response_in(self, resp: Response, flow: Any) -> None:
         try:
@@ -269,6 +292,14 @@ class TransactionLayer:
             stx.respond(make_response(stx.request, 500, "Server Internal Error"))
         except Exception:
             log.failure("cannot send 500")
+
+
+def _target_key(target: Any) -> tuple[str, str, int]:
+    return (
+        str(getattr(target, "transport", "")).lower(),
+        str(getattr(target, "host", "")).strip("[]").lower(),
+        int(getattr(target, "port", 0) or 0),
+    )
 
 
 def _call_id(msg: Any) -> str | None:

@@ -117,6 +117,11 @@ class ClientTransaction(TransactionBase):
         self.terminate()
         self._deliver(make_response(self.request, status, reason))
 
+    def transport_failed(self) -> None:
+        """The transport reported, after the fact, that the request never left: a 503 to the TU."""
+        if not self.terminated:
+            self._fail(503, "Service Unavailable")
+
     def start(self) -> None:
         raise NotImplementedError
 

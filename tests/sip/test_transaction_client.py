@@ -338,3 +338,26 @@ def test_duplicate_branch_is_refused():
         _send(env, "OPTIONS")
     env.layer.stop()
     env.assert_clean()
+
+
+def test_late_connect_failure_reported_by_transport_is_a_503():
+    env = Env()
+    ctx, got = _send(env, target=FakeTarget("tcp", "192.0.2.9", 5060))
+    answered, answered_got = _send(env, "OPTIONS", branch="z9hG4bKout2", target=FakeTarget("tcp", "192.0.2.9", 5060))
+    _answer(env, answered, 100)
+    other, other_got = _send(env, "OPTIONS", branch="z9hG4bKout3", target=FakeTarget("tcp", "192.0.2.8", 5060))
+    env.transport.on_send_error(FakeTarget("TCP", "192.0.2.9", 5060), "connect refused")
+    assert got.statuses() == [503] and ctx.state is State.TERMINATED
+    assert answered_got.statuses() == [100]  # it had an answer: the connection worked
+    assert other_got == []
+    env.layer.stop()
+    env.assert_clean()
+    assert env.layer._by_target == {}
+
+
+def test_target_index_is_emptied_when_transactions_end():
+    env = Env()
+    ctx, _ = _send(env, "OPTIONS", target=TCP_TARGET)
+    _answer(env, ctx, 200)
+    env.assert_clean()
+    assert env.layer._by_target == {}

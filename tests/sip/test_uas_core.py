@@ -92,11 +92,22 @@ def test_tel_and_sips_uris_pass():
     assert _check(ruri="sips:bob@example.com") is None
 
 
-def test_max_forwards_zero_is_483_before_require():
-    resp = _check(extra=("Max-Forwards: 0", "Require: foo"))
-    assert resp.status == 400  # two Max-Forwards headers: the duplicate is caught first
-    text = request_text("OPTIONS", extra=("Require: foo",)).replace("Max-Forwards: 70", "Max-Forwards: 0")
-    assert core.check_request(parse_message(text.encode())).status == 483
+def _with_max_forwards(value: str, method: str = "OPTIONS", **kw) -> Response | None:
+    text = request_text(method, **kw).replace("Max-Forwards: 70", f"Max-Forwards: {value}")
+    return core.check_request(parse_message(text.encode()))
+
+
+def test_max_forwards_zero_is_483_and_comes_before_require():
+    assert _with_max_forwards("0", extra=("Require: foo",)).status == 483
+    assert _with_max_forwards("1") is None
+
+
+def test_unsupported_scheme_comes_before_max_forwards():
+    assert _with_max_forwards("0", ruri="im:bob@example.com").status == 416
+
+
+def test_duplicate_max_forwards_is_400():
+    assert _check(extra=("Max-Forwards: 0",)).status == 400
 
 
 def test_unknown_require_is_420_with_unsupported():
