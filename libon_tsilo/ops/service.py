@@ -214,10 +214,61 @@ def _add_sip_stack(root: LibonTsiloService, parts: Parts) -> None:
     _attach(root, parts.transactions)
 
 
+class LocationService(Service):
+    """Restores the bindings at start; flushes them to disk and stops the expiry timer at stop."""
+
+    def __init__(self, location: Any, auth: Any) -> None:
+        self.location = location
+        self.auth = auth
+
+    def startService(self) -> None:
+        super().startService()
+        self.location.start()
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        if self.auth is not None:
+            self.auth.stop()
+        return maybeDeferred(self.location.stop)
+
+
 def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
-    # TODO(lead): build LocationStore (config.location, parts.threadpool) and Registrar
-    # (config.registrar, config.auth, parts.transport.flows) into parts.location / parts.registrar.
-    pass
+    from libon_tsilo.registrar.auth import AuthPolicy
+    from libon_tsilo.registrar.location import LocationStore
+    from libon_tsilo.registrar.registrar import Registrar
+    from libon_tsilo.registrar.sqlite_store import SqliteBindingStore
+    from libon_tsilo.registrar.users import UsersDB
+
+    cfg = parts.config
+    persistence = None
+    if cfg.location.backend == "sqlite":
+        from twisted.internet import reactor
+
+        persistence = SqliteBindingStore(
+            cfg.location.path, parts.clock, flush_interval=cfg.location.flush_interval_ms / 1000.0,
+            reactor=reactor,
+        )
+    parts.location = LocationStore(parts.clock, persistence)
+    auth = None
+    if cfg.auth.enabled:
+        auth = AuthPolicy(
+            parts.clock, UsersDB(cfg.auth.users_db), realm=cfg.auth.realm, secret=cfg.auth.secret,
+            nonce_lifetime=float(cfg.auth.nonce_lifetime), trusted_sources=cfg.auth.trusted_sources,
+            algorithms=cfg.auth.algorithms, local_domains=cfg.sip.domains,
+        )
+    parts.extra["auth"] = auth
+    reg = cfg.registrar
+    parts.registrar = Registrar(
+        parts.clock, parts.location, domains=cfg.sip.domains, auth=auth, use_domain=reg.use_domain,
+        min_expires=reg.min_expires, max_expires=reg.max_expires, default_expires=reg.default_expires,
+        max_contacts=reg.max_contacts, on_max_contacts=reg.on_max_contacts,
+        pnsreg_interval=reg.pnsreg_interval, push_providers=cfg.push.providers,
+    )
+    if parts.transport is not None:
+        parts.transport.flows.subscribe_close(parts.registrar.flow_closed)
+    svc = LocationService(parts.location, auth)
+    svc.setName("location")
+    svc.setServiceParent(root)
 
 
 def _add_silo(root: LibonTsiloService, parts: Parts) -> None:
@@ -245,6 +296,8 @@ def _add_router(root: LibonTsiloService, parts: Parts) -> None:
         return
     parts.router = Router(UASCore(server=parts.config.sip.user_agent))
     parts.transactions.tu = parts.router
+    if parts.registrar is not None:
+        parts.router.route("REGISTER", parts.registrar.handle_register)
 
 
 def _add_manhole(root: LibonTsiloService, parts: Parts) -> None:
