@@ -1,0 +1,524 @@
+"""A call: the caller's leg, the device branches, and the rules that tie them together.
+
+The state objects (states.py) decide what an event means; this class does the work: it builds
+and sends branch INVITEs, relays provisionals, answers the caller, cancels losers and cleans up
+every table, timer and silo entry when the call ends. In-dialog relaying is in relay.py.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from libon_tsilo.b2bua import events as ev
+from libon_tsilo.b2bua import relay
+from libon_tsilo.b2bua.dialog import Dialog
+from libon_tsilo.b2bua.forking import REASON_ANSWERED
+from libon_tsilo.b2bua.legs import ALeg, BLeg, BranchState
+from libon_tsilo.b2bua.ports import Hop, hop_of_flow
+from libon_tsilo.b2bua.states import (
+    CallState,
+    Connected,
+    Ended,
+    Forking,
+    ParkAborted,
+    Parked,
+    exhausted_status,
+)
+from libon_tsilo.b2bua.waker import WakeResult, wake_outcome
+from libon_tsilo.sip.errors import ParseError
+from libon_tsilo.sip.headers import NameAddr
+from libon_tsilo.sip.message import Request, Response, make_response, new_call_id, new_tag
+from libon_tsilo.sip.uri import URI
+
+if TYPE_CHECKING:
+    from libon_tsilo.b2bua.manager import CallManager
+
+__all__ = ["Call", "PushFailed", "hop_for_binding"]
+
+log = Logger()
+
+_DEFAULT_PORT = {"udp": 5060, "tcp": 5060, "tls": 5061}
+
+
+class PushFailed(ParkAborted):
+    """Every wake-up push failed for good: the parked call gave up early."""
+
+
+def hop_for_binding(binding: Any, flow_live: bool) -> Hop | None:
+    """Where a branch to `binding` goes: its flow when live, else its received address, else its Contact."""
+    flow_id = binding.flow_id if flow_live else None
+    if binding.received:
+        transport, host, port = binding.received
+        return Hop(transport.lower(), host, int(port), flow_id)
+    try:
+        uri = URI.parse(binding.contact_uri)
+    except (ParseError, ValueError):
+        return None
+    transport = uri.transport or ("tls" if uri.scheme == "sips" else "udp")
+    if not getattr(uri, "host", None):
+        return None
+    return Hop(transport, uri.host_bare, uri.port or _DEFAULT_PORT.get(transport, 5060), flow_id)
+
+
+def _strip_100rel(value: str) -> str:
+    # we do not do PRACK, so a device must not be asked for reliable provisionals
+    return ", ".join(v.strip() for v in value.split(",") if v.strip().lower() != "100rel")
+
+
+def _swallow_park_abort(failure: Failure) -> None:
+    failure.trap(ParkAborted, CancelledError)
+
+
+class Call:
+    """One INVITE from a caller to a local AOR, from arrival to the last BYE."""
+
+    def __init__(self, mgr: CallManager, invite: Request, stx: Any, flow: Any, aor: str, callee_uri: str):
+        self.mgr = mgr
+        self.clock = mgr.clock
+        self.port = mgr.port
+        self.call_id = invite.call_id
+        self.aor = aor
+        self.callee_uri = callee_uri
+        caller = invite.from_
+        self.caller_uri = str(caller.uri)
+        self.caller_name = caller.display
+        self.created_at = self.clock.seconds()
+        self.ring_deadline = self.created_at + mgr.settings.ring_timeout
+        hop = hop_of_flow(flow)
+        local = invite.to.copy()
+        local.tag = new_tag()
+        contacts = invite.contacts
+        self.a = ALeg(invite, stx, Dialog(
+            self.call_id, local, caller.copy(),
+            str(contacts[0].uri) if contacts else str(caller.uri),
+            hop, self.port.contact(hop.transport),
+            remote_seq=invite.cseq.seq, route_set=invite.header_values("Record-Route"),
+        ))
+        self.branches: dict[str, BLeg] = {}  # by the branch's own Call-ID
+        self._by_key: dict[str, BLeg] = {}  # by binding key: one live branch per device
+        self.state: CallState = Forking()
+        self.failures: list[int] = []
+        self.winner: BLeg | None = None
+        self.early_media_from: BLeg | None = None
+        self.park_d: Deferred[Any] | None = None
+        self.wake_d: Deferred[Any] | None = None
+        self.wake_result: WakeResult | None = None
+        self.woken: dict[str, Any] = {}  # pushed devices that have not registered since
+        self._waker_used = False
+        self._ring_timer: IDelayedCall | None = None
+        self._late_ack: BLeg | None = None  # late-offer INVITE: the B-leg ACK waits for the caller's
+        self.offer_busy = False  # a re-INVITE/UPDATE is in flight (glare -> 491)
+        # relayed re-INVITE 2xx waiting for the ACK, by (tag of the leg that sent the re-INVITE, CSeq)
+        self.pending_acks: dict[tuple[str, int], relay.PendingAck] = {}
+        self.late_reason: str | None = None  # Reason of the Invite/Cancel CANCELs
+        self.ended = False
+        self.end_reason: str | None = None
+
+    # -- description (silo dump / admin) -------------------------------------------------------
+
+    @property
+    def key(self) -> str:
+        return self.call_id
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "call_id": self.call_id,
+            "caller": self.caller_uri,
+            "caller_name": self.caller_name,
+            "aor": self.aor,
+            "age": round(self.clock.seconds() - self.created_at, 3),
+            "state": self.state.name,
+            "branches": [b.describe() for b in self.branches.values()],
+            "waiting_for": len(self.woken),
+        }
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def start(self, bindings: list[Any]) -> None:
+        """Fork to reachable bindings, wake the others, park if nothing could be sent."""
+        self._ring_timer = self.clock.callLater(self.mgr.settings.ring_timeout, self._ring_timeout)
+        sleeping = []
+        for b in bindings:
+            live = self.port.flow_live(b.flow_id)
+            if live or not getattr(b, "push_capable", False):
+                self.fork(b)
+            else:
+                sleeping.append(b)
+        if self.state.final:
+            return
+        if not any(b.pending for b in self.branches.values()):
+            self.park()
+        if sleeping:
+            self.wake(sleeping)
+
+    def _ring_timeout(self) -> None:
+        self._ring_timer = None
+        self.dispatch(ev.RingTimeout())
+
+    def dispatch(self, event: ev.Event) -> None:
+        try:
+            self.state.handle(self, event)
+        except Exception:
+            log.failure("call failed on {event}", event=type(event).__name__, call_id=self.call_id)
+            # a bug must not leave the caller hanging nor leak the call
+            if not self.state.final:
+                self.finish_unanswered(500, "Server Internal Error", None, "internal error", None)
+            else:
+                self.end("internal error")
+
+    # -- silo interface ------------------------------------------------------------------------
+
+    def can_append(self) -> bool:
+        return not self.state.final and not self.ended
+
+    def add_branch(self, binding: Any) -> bool:
+        before = len(self.branches)
+        self.dispatch(ev.BindingAppeared(binding))
+        return len(self.branches) > before
+
+    # -- parking -------------------------------------------------------------------------------
+
+    def park(self) -> Deferred[Any]:
+        """Wait for a device: fires with the binding the call resumed to; errbacks with RingTimeout,
+        CallerCancelled or PushFailed; is cancelled if the call ends any other way."""
+        if self.park_d is None:
+            self.park_d = Deferred()
+        self.state = Parked()
+        log.info("parked waiting for a device of {aor}", aor=self.aor, call_id=self.call_id)
+        return self.park_d
+
+    def resume(self, binding: Any) -> None:
+        d, self.park_d = self.park_d, None
+        self.state = Forking()
+        sent = self.fork(binding)
+        if d is not None:
+            d.callback(binding)
+        if not sent:
+            self.check_exhausted()
+
+    def _abort_park(self, error: Exception | None) -> None:
+        d, self.park_d = self.park_d, None
+        if d is None or d.called:
+            return
+        if error is None:
+            d.cancel()
+        else:
+            d.errback(Failure(error))
+        d.addErrback(_swallow_park_abort)
+
+    # -- waking --------------------------------------------------------------------------------
+
+    def wake(self, bindings: list[Any]) -> None:
+        for b in bindings:
+            self.woken[b.key] = b
+        self._waker_used = True
+        try:
+            d = self.mgr.waker.wake(self, bindings)
+        except Exception:
+            log.failure("waker failed", call_id=self.call_id)
+            d = succeed(WakeResult(all_failed=True, reason="waker error"))
+        self.wake_d = d
+        d.addCallbacks(self._woke, self._wake_error)
+
+    def _woke(self, result: Any) -> None:
+        self.wake_d = None
+        self.wake_result = wake_outcome(result)
+        if self.wake_result.all_failed:
+            log.info("every push failed: {reason}", reason=self.wake_result.reason, call_id=self.call_id)
+        self.dispatch(ev.WakeDone(self.wake_result))
+
+    def _wake_error(self, failure: Failure) -> None:
+        log.failure("waker errback", failure, call_id=self.call_id)
+        self._woke(WakeResult(all_failed=True, reason="waker error"))
+
+    def more_possible(self) -> bool:
+        """Can a branch still come? (a push in flight or delivered, or a never-forked parked call)."""
+        if self.wake_d is not None:
+            return True
+        r = self.wake_result
+        if r is not None and r.all_failed:
+            return False
+        if r is not None and r.woken > 0 and self.woken:
+            return True
+        # like Kamailio's t_suspend: a call that never forked waits for any device to register
+        return not self.branches
+
+    # -- forking -------------------------------------------------------------------------------
+
+    def fork(self, binding: Any) -> bool:
+        """Send a branch INVITE to `binding`. False when it is a duplicate or over the limit."""
+        if self.state.final or self.ended:
+            return False
+        flow_live = self.port.flow_live(binding.flow_id)
+        flow_id = binding.flow_id if flow_live else None
+        old = self._by_key.get(binding.key)
+        if old is not None:
+            if old.sent_contact == binding.contact_uri and old.sent_flow == flow_id:
+                return False
+            # the device reconnected (new contact or connection): the old branch is dead weight
+            log.info("device {key} reconnected: new branch", key=binding.key, call_id=self.call_id)
+            old.cancel(None)
+        if len(self.branches) >= self.mgr.settings.max_branches:
+            log.warn("max_branches ({n}) reached, not forking to {contact}",
+                     n=self.mgr.settings.max_branches, contact=binding.contact_uri, call_id=self.call_id)
+            return False
+        hop = hop_for_binding(binding, flow_live)
+        if hop is None:
+            log.warn("no address for binding {contact}", contact=binding.contact_uri, call_id=self.call_id)
+            return False
+        leg = self._new_branch(binding, hop, flow_id)
+        self.branches[leg.dialog.call_id] = leg
+        self._by_key[binding.key] = leg
+        self.woken.pop(binding.key, None)
+        self.mgr.register_leg(self, leg)
+        self.state = Forking()
+        self._send_branch(leg)
+        return True
+
+    def _new_branch(self, binding: Any, hop: Hop, flow_id: str | None) -> BLeg:
+        a = self.a.invite
+        caller = a.from_
+        local = NameAddr(caller.uri.copy(), caller.display, {"tag": new_tag()})
+        remote = NameAddr(URI.parse(self.callee_uri))
+        contact = self.port.contact(hop.transport)
+        dialog = Dialog(new_call_id(), local, remote, binding.contact_uri, hop, contact)
+        req = Request("INVITE", binding.contact_uri)
+        for route in getattr(binding, "path", None) or []:
+            req.add_header("Route", route)
+        mf = a.max_forwards
+        req.add_header("Max-Forwards", str(max(0, min(70, (mf if mf is not None else 70) - 1))))
+        req.add_header("From", str(local))
+        req.add_header("To", str(remote))
+        req.add_header("Call-ID", dialog.call_id)
+        req.add_header("CSeq", f"{dialog.local_seq} INVITE")
+        req.add_header("Contact", dialog.contact)
+        for name in self.mgr.settings.header_allowlist:
+            for value in a.header_values(name):
+                if name.lower() in ("supported", "require"):
+                    value = _strip_100rel(value)
+                if value:
+                    req.add_header(name, value)
+        if a.body:
+            req.add_header("Content-Type", a.content_type or "application/sdp")
+            req.body = a.body
+        leg = BLeg(binding, req, dialog, self.clock.seconds())
+        leg.sent_contact = binding.contact_uri
+        leg.sent_flow = flow_id
+        return leg
+
+    def _send_branch(self, leg: BLeg) -> None:
+        log.info("fork to {contact}", contact=leg.binding.contact_uri, call_id=self.call_id)
+        leg.ctx = self.port.send_request(leg.invite, leg.hop, lambda r, leg=leg: self.branch_response(leg, r))
+
+    def branch_response(self, leg: BLeg, resp: Response) -> None:
+        """Every response of a branch INVITE (from its client transaction or a stray 2xx)."""
+        status = resp.status
+        if status == 100:
+            return
+        if status >= 200 and status < 300 and leg.state == BranchState.ANSWERED:
+            # a retransmitted 2xx: our ACK got lost
+            if leg.acked:
+                self.send_branch_ack(leg)
+            return
+        leg.note(resp)
+        if status < 200:
+            if leg.state == BranchState.CALLING:
+                leg.state = BranchState.EARLY
+            self.dispatch(ev.Provisional(leg, resp))
+        elif status < 300:
+            leg.state = BranchState.ANSWERED
+            leg.dialog.set_remote_from(resp)
+            self.dispatch(ev.Answered(leg, resp))
+        else:
+            leg.state = BranchState.FAILED
+            self.mgr.unregister_leg(leg)
+            self.dispatch(ev.Failed(leg, resp))
+
+    def relay_provisional(self, leg: BLeg, resp: Response) -> None:
+        out = make_response(self.a.invite, resp.status, resp.reason, to_tag=self.a.dialog.local_tag)
+        out.add_header("Contact", self.a.dialog.contact)
+        if resp.body and self.early_media_from is None:
+            # early media: only the first device's SDP reaches the caller
+            self.early_media_from = leg
+            out.add_header("Content-Type", resp.content_type or "application/sdp")
+            out.body = resp.body
+        self.port.respond(self.a.stx, out)
+
+    def check_exhausted(self) -> None:
+        """Every branch is done: answer the best failure, or keep waiting if a device may still come."""
+        if self.state.final or any(b.pending for b in self.branches.values()):
+            return
+        if self.more_possible():
+            if not isinstance(self.state, Parked):
+                self.park()
+            return
+        status = exhausted_status(self.failures)
+        error = PushFailed() if self.wake_result is not None and self.wake_result.all_failed else None
+        self.finish_unanswered(status, None, None, "no device can answer", error)
+
+    def cancel_branches(self, reason: str | None, keep: BLeg | None = None) -> None:
+        for leg in list(self.branches.values()):
+            if leg is not keep:
+                leg.cancel(reason)
+
+    # -- the caller's final answer -------------------------------------------------------------
+
+    def connect(self, leg: BLeg, resp: Response) -> None:
+        """First 2xx wins: ACK it, cancel the others, answer the caller with its SDP."""
+        self.winner = leg
+        self.state = Connected()
+        self._stop_ring_timer()
+        if self.a.invite.body:
+            self.send_branch_ack(leg)
+        else:
+            self._late_ack = leg  # the offer is in this 2xx: the answer comes in the caller's ACK
+        self.cancel_branches(REASON_ANSWERED, keep=leg)
+        self.late_reason = REASON_ANSWERED
+        ok = make_response(self.a.invite, resp.status, resp.reason, to_tag=self.a.dialog.local_tag)
+        ok.add_header("Contact", self.a.dialog.contact)
+        if resp.body:
+            ok.add_header("Content-Type", resp.content_type or "application/sdp")
+            ok.body = resp.body
+        self.a.retransmit = self.port.respond_2xx(self.a.stx, ok, self._no_ack)
+        self.mgr.counters["answered"] += 1
+        self.mgr.watch_flow(self, leg.hop.flow_id, leg.hop.transport)
+        self._release_silo()
+        self._waker_done(answered_elsewhere=True)
+        log.info("answered by {contact}", contact=leg.binding.contact_uri, call_id=self.call_id)
+
+    def finish_unanswered(self, status: int, reason: str | None, branch_reason: str | None, why: str,
+                          park_error: Exception | None) -> None:
+        """Give the caller a final failure, cancel every branch and end the call."""
+        if self.state.final:
+            return
+        self.state = Ended()
+        self.late_reason = branch_reason or f'SIP;cause={status};text="{why}"'
+        try:
+            self.port.respond(self.a.stx, make_response(self.a.invite, status, reason,
+                                                        to_tag=self.a.dialog.local_tag))
+        except Exception:
+            log.failure("cannot answer {status}", status=status, call_id=self.call_id)
+        self.cancel_branches(branch_reason)
+        self._abort_park(park_error)
+        self._release_silo()
+        self.end(why)
+
+    def caller_cancel(self, reason: str | None) -> None:
+        self.dispatch(ev.CallerCancel(reason))
+
+    def ring_timeout_now(self) -> None:
+        """Tests and graceful shutdown: behave as if the ring timer fired."""
+        self._stop_ring_timer()
+        self.dispatch(ev.RingTimeout())
+
+    def _no_ack(self) -> None:
+        log.warn("caller never ACKed our 2xx: hanging up", call_id=self.call_id)
+        self.a.retransmit = None
+        relay.hang_up(self, None, "no ACK")
+
+    # -- ACKs ----------------------------------------------------------------------------------
+
+    def send_branch_ack(self, leg: BLeg, body: bytes = b"", content_type: str | None = None) -> None:
+        leg.acked = True
+        if body:
+            leg.ack_body = (body, content_type)
+        body, content_type = leg.ack_body
+        ack = leg.dialog.request("ACK", body, content_type, seq=leg.invite.cseq.seq)
+        self.port.send_ack(ack, leg.hop)
+
+    def caller_acked(self, ack: Request) -> None:
+        """The caller's ACK for our 2xx to its INVITE (retransmissions stop; a late answer goes on)."""
+        self.a.stop_retransmit()
+        leg, self._late_ack = self._late_ack, None
+        if leg is not None:
+            self.send_branch_ack(leg, ack.body, ack.content_type)
+
+    def ack_and_bye(self, leg: BLeg, resp: Response) -> None:
+        """A 2xx nobody will take (a second device answered, or the call is over)."""
+        log.info("late 2xx from {contact}: ACK and BYE", contact=leg.binding.contact_uri,
+                 call_id=self.call_id)
+        self.send_branch_ack(leg)
+        self.port.send_request(leg.dialog.request("BYE"), leg.hop, _ignore)
+        self.mgr.unregister_leg(leg)
+
+    # -- Invite/Cancel for pushed devices that wake after the end ------------------------------
+
+    def late_binding_after_end(self, binding: Any) -> bool:
+        """A pushed device registered after the caller got its answer: send it the INVITE and, at
+        once, a CANCEL with the Reason (iOS PushKit must always get a call to report to CallKit)."""
+        if binding.key not in self.woken:
+            return False
+        self.woken.pop(binding.key)
+        flow_live = self.port.flow_live(binding.flow_id)
+        hop = hop_for_binding(binding, flow_live)
+        if hop is not None:
+            leg = self._new_branch(binding, hop, binding.flow_id if flow_live else None)
+            self._send_branch(leg)
+            leg.cancel(self.late_reason or REASON_ANSWERED)
+        if not self.woken:
+            self.mgr.silo.unlinger(self)
+        return hop is not None
+
+    def _release_silo(self) -> None:
+        """No more appends: keep the entry only for the Invite/Cancel grace of pushed devices."""
+        grace = self.mgr.settings.invite_cancel_grace
+        wanting = {k: b for k, b in self.woken.items() if self.mgr.invite_cancel_wanted(b)}
+        self.woken = wanting
+        if grace > 0 and wanting:
+            self.mgr.silo.linger(self, grace)
+        else:
+            self.mgr.silo.remove(self)
+
+    def _waker_done(self, answered_elsewhere: bool) -> None:
+        if self._waker_used:
+            self._waker_used = False
+            try:
+                self.mgr.waker.call_ended(self, answered_elsewhere)
+            except Exception:
+                log.failure("waker.call_ended failed", call_id=self.call_id)
+
+    # -- the end -------------------------------------------------------------------------------
+
+    def _stop_ring_timer(self) -> None:
+        if self._ring_timer is not None and self._ring_timer.active():
+            self._ring_timer.cancel()
+        self._ring_timer = None
+
+    def end(self, why: str) -> None:
+        """Release everything the call holds. Idempotent; pending branches were cancelled before."""
+        if self.ended:
+            return
+        self.ended = True
+        self.end_reason = why
+        if not isinstance(self.state, Ended):
+            self.state = Ended()
+        self._stop_ring_timer()
+        self.a.stop_retransmit()
+        self._abort_park(None)
+        if self.mgr.silo.get(self.call_id) is self:
+            self.mgr.silo.remove(self)
+        self.wake_d = None
+        self._waker_done(answered_elsewhere=self.winner is not None)
+        for pending in self.pending_acks.values():
+            pending.retransmit.stop()
+        self.pending_acks.clear()
+        self.mgr.forget(self)
+        log.info("call ended: {why}", why=why, call_id=self.call_id)
+
+    def in_dialog(self, leg: Any, request: Request, stx: Any) -> None:
+        relay.request(self, leg, request, stx)
+
+    def ack_in_dialog(self, leg: Any, ack: Request) -> None:
+        relay.ack(self, leg, ack)
+
+    def flow_lost(self, flow_id: str) -> None:
+        relay.flow_lost(self, flow_id)
+
+
+def _ignore(resp: Response) -> None:
+    return None

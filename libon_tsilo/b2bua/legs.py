@@ -1,0 +1,99 @@
+"""The two kinds of legs of a call: the caller's (A, UAS side) and one per device branch (B, UAC)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from libon_tsilo.b2bua.dialog import Dialog
+from libon_tsilo.b2bua.ports import ClientHandle, Hop, RetransmitHandle
+from libon_tsilo.sip.message import Request, Response
+
+__all__ = ["ALeg", "BLeg", "BranchState"]
+
+
+class ALeg:
+    """The caller's side: the INVITE's server transaction and the dialog we create by answering."""
+
+    kind = "A"
+
+    def __init__(self, invite: Request, stx: Any, dialog: Dialog) -> None:
+        self.invite = invite
+        self.stx = stx
+        self.dialog = dialog
+        self.retransmit: RetransmitHandle | None = None  # our 2xx, until the caller ACKs it
+
+    @property
+    def hop(self) -> Hop:
+        return self.dialog.hop
+
+    def stop_retransmit(self) -> None:
+        if self.retransmit is not None:
+            self.retransmit.stop()
+            self.retransmit = None
+
+
+class BranchState:
+    """Branch states as constants: a branch is a plain UAC INVITE whose life is short and linear."""
+
+    CALLING = "calling"  # INVITE sent, nothing but 100 yet
+    EARLY = "early"  # a 1xx > 100 came
+    ANSWERED = "answered"  # 2xx came
+    CANCELLING = "cancelling"  # we sent (or queued) a CANCEL; a final response is still to come
+    FAILED = "failed"  # 3xx-6xx (or a local 408/503, or 487 after our CANCEL)
+
+    PENDING = frozenset({CALLING, EARLY, CANCELLING})
+
+
+class BLeg:
+    """One device branch: its INVITE client transaction and, once it answers, its dialog."""
+
+    kind = "B"
+
+    def __init__(self, binding: Any, invite: Request, dialog: Dialog, created_at: float) -> None:
+        self.binding = binding
+        self.invite = invite
+        self.dialog = dialog
+        self.created_at = created_at
+        self.state = BranchState.CALLING
+        self.ctx: ClientHandle | None = None
+        self.last_status: int | None = None
+        self.last_reason: str | None = None
+        self.cancel_reason: str | None = None
+        # what the branch was sent to, frozen: the registrar may update the binding in place
+        self.sent_contact: str = binding.contact_uri
+        self.sent_flow: str | None = None
+        self.acked = False
+        self.ack_body: tuple[bytes, str | None] = (b"", None)  # a late-offer answer is resent with it
+
+    @property
+    def hop(self) -> Hop:
+        return self.dialog.hop
+
+    @property
+    def key(self) -> str:
+        return self.binding.key
+
+    @property
+    def pending(self) -> bool:
+        return self.state in BranchState.PENDING
+
+    def note(self, resp: Response) -> None:
+        self.last_status = resp.status
+        self.last_reason = resp.reason
+
+    def cancel(self, reason: str | None) -> bool:
+        """Ask the transaction layer to CANCEL (it waits for a provisional, §9.1). True if asked now."""
+        if self.state not in (BranchState.CALLING, BranchState.EARLY) or self.ctx is None:
+            return False
+        self.state = BranchState.CANCELLING
+        self.cancel_reason = reason
+        self.ctx.cancel([("Reason", reason)] if reason else [])
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "contact": self.binding.contact_uri,
+            "state": self.state,
+            "last_response": self.last_status,
+            "call_id": self.dialog.call_id,
+        }

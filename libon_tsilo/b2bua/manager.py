@@ -1,0 +1,333 @@
+"""CallManager: the entry points the transaction user calls, and the tables every call lives in.
+
+Tables (all dicts, never scanned per message):
+- `calls`: caller's Call-ID -> Call;
+- `dialogs`: (Call-ID, our tag) -> (Call, leg), for every leg of every live call;
+- `flows`: flow id -> Call-IDs whose legs depend on that connection.
+Tests assert all three (and the silo) are empty after every scenario.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from libon_tsilo.b2bua.call import Call
+from libon_tsilo.b2bua.legs import BLeg
+from libon_tsilo.b2bua.ports import SipPort, hop_of_flow
+from libon_tsilo.b2bua.states import Parked
+from libon_tsilo.b2bua.waker import LoggingWaker, Waker
+from libon_tsilo.silo.silo import Silo
+from libon_tsilo.sip.errors import ParseError
+from libon_tsilo.sip.message import Request, Response, make_response
+
+__all__ = ["CallManager", "CallSettings", "default_aor_key"]
+
+log = Logger()
+
+DEFAULT_ALLOWLIST = (
+    "Subject", "Priority", "Accept", "Accept-Language", "Allow", "Supported", "User-Agent",
+    "Alert-Info", "Call-Info", "P-Asserted-Identity",
+)
+
+
+@dataclass(frozen=True)
+class CallSettings:
+    ring_timeout: float = 30.0
+    max_branches: int = 12
+    header_allowlist: tuple[str, ...] = DEFAULT_ALLOWLIST
+    # seconds an answered/cancelled call keeps listening for pushed iOS devices (Invite/Cancel);
+    # 0 turns it off
+    invite_cancel_grace: float = 0.0
+    use_domain: bool = True
+    invite_cancel_providers: tuple[str, ...] = field(default=("apns",))
+
+    @classmethod
+    def from_config(
+        cls, calls: Any, use_domain: bool = True, invite_cancel_grace: float = 0.0
+    ) -> CallSettings:
+        """From ops' CallsConfig ([calls]) and the registrar's use_domain."""
+        return cls(
+            ring_timeout=float(calls.ring_timeout),
+            max_branches=int(calls.max_branches),
+            header_allowlist=tuple(calls.header_allowlist),
+            invite_cancel_grace=float(getattr(calls, "invite_cancel_grace", invite_cancel_grace)),
+            use_domain=use_domain,
+        )
+
+
+def default_aor_key(uri: Any, use_domain: bool) -> str:
+    """Same shape as the registrar's aor_key: "sip:user@host" or "user" (lower-case host)."""
+    if not use_domain:
+        return uri.user or ""
+    return f"sip:{uri.user}@{uri.host.lower()}"
+
+
+def _allow_all(request: Request, stx: Any, flow: Any) -> bool:
+    return True
+
+
+class CallManager:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        port: SipPort,
+        silo: Silo,
+        location: Any = None,
+        waker: Waker | None = None,
+        settings: CallSettings | None = None,
+        authorize: Callable[[Request, Any, Any], Any] = _allow_all,
+        is_local: Callable[[Any], bool] | None = None,
+        aor_key: Callable[[Any, bool], str] = default_aor_key,
+    ) -> None:
+        """`authorize(request, stx, flow)` returns (or fires with) True to go on; False means it has
+        answered already (407...). `is_local(uri)` says whether we serve the R-URI's domain."""
+        self.clock = clock
+        self.port = port
+        self.silo = silo
+        self.location = location
+        self.waker: Waker = waker if waker is not None else LoggingWaker()
+        self.settings = settings or CallSettings()
+        self.authorize = authorize
+        self.is_local = is_local or (lambda uri: True)
+        self.aor_key = aor_key
+        self.calls: dict[str, Call] = {}
+        self.dialogs: dict[tuple[str, str], tuple[Call, Any]] = {}
+        self.flows: dict[str, set[str]] = {}
+        self.shutting_down = False
+        self.counters: dict[str, int] = {"calls": 0, "answered": 0, "rejected": 0}
+
+    # -- tables --------------------------------------------------------------------------------
+
+    def register_leg(self, call: Call, leg: Any) -> None:
+        self.dialogs[leg.dialog.key] = (call, leg)
+
+    def unregister_leg(self, leg: Any) -> None:
+        found = self.dialogs.get(leg.dialog.key)
+        if found is not None and found[1] is leg:
+            del self.dialogs[leg.dialog.key]
+
+    def watch_flow(self, call: Call, flow_id: str | None, transport: str) -> None:
+        # UDP "flows" never close in a way that says the peer is gone
+        if flow_id is not None and transport != "udp":
+            self.flows.setdefault(flow_id, set()).add(call.call_id)
+
+    def forget(self, call: Call) -> None:
+        if self.calls.get(call.call_id) is call:
+            del self.calls[call.call_id]
+        self.unregister_leg(call.a)
+        for leg in call.branches.values():
+            self.unregister_leg(leg)
+        for leg in (call.a, call.winner):
+            fid = leg.hop.flow_id if leg is not None else None
+            ids = self.flows.get(fid) if fid is not None else None
+            if ids is not None:
+                ids.discard(call.call_id)
+                if not ids:
+                    del self.flows[fid]
+
+    def invite_cancel_wanted(self, binding: Any) -> bool:
+        return getattr(binding, "pn_provider", None) in self.settings.invite_cancel_providers
+
+    # -- entry points --------------------------------------------------------------------------
+
+    def request_received(self, request: Request, stx: Any, flow: Any) -> None:
+        """Convenience router for a TU: INVITE, ACK and in-dialog requests to the right handler."""
+        if stx is None:
+            self.handle_ack(request, flow)
+        elif request.method == "INVITE" and not request.to.tag:
+            self.handle_invite(request, stx, flow)
+        else:
+            self.handle_in_dialog(request, stx, flow)
+
+    def handle_invite(self, request: Request, stx: Any, flow: Any) -> None:
+        try:
+            if request.to.tag:
+                self.handle_in_dialog(request, stx, flow)
+                return
+            self._invite(request, stx, flow)
+        except ParseError as exc:
+            self._reply(stx, request, 400, exc.reason)
+        except Exception:
+            log.failure("INVITE handling failed", call_id=_call_id(request))
+            self._reply(stx, request, 500, "Server Internal Error")
+
+    def _invite(self, request: Request, stx: Any, flow: Any) -> None:
+        if self.shutting_down:
+            self._reject(stx, request, 503, "Service Unavailable")
+            return
+        mf = request.max_forwards
+        if mf is not None and mf <= 0:
+            self._reject(stx, request, 483, "Too Many Hops")
+            return
+        if request.call_id in self.calls:
+            # same Call-ID, new transaction: a merged or looped request (§8.2.2.2)
+            self._reject(stx, request, 482, "Loop Detected")
+            return
+        uri = request.uri
+        if uri.scheme not in ("sip", "sips"):
+            self._reject(stx, request, 416, "Unsupported URI Scheme")
+            return
+        if not uri.user or not self.is_local(uri):
+            self._reject(stx, request, 404, "Not Found")
+            return
+        _ = (request.from_, request.to, request.cseq)  # parse now: a bad header is a 400 here
+        decision = self.authorize(request, stx, flow)
+        if isinstance(decision, Deferred):
+            decision.addCallback(lambda ok: self._authorized(ok, request, stx, flow))
+            decision.addErrback(self._auth_failed, request, stx)
+        else:
+            self._authorized(decision, request, stx, flow)
+
+    def _auth_failed(self, failure: Any, request: Request, stx: Any) -> None:
+        log.failure("authorization failed", failure, call_id=_call_id(request))
+        self._reply(stx, request, 500, "Server Internal Error")
+
+    def _authorized(self, ok: bool, request: Request, stx: Any, flow: Any) -> None:
+        if not ok:
+            return
+        if request.call_id in self.calls:
+            self._reject(stx, request, 482, "Loop Detected")
+            return
+        uri = request.uri
+        aor = self.aor_key(uri, self.settings.use_domain)
+        callee = f"{uri.scheme}:{uri.user}@{uri.host}"
+        call = Call(self, request, stx, flow, aor, callee)
+        if not self.silo.store(call):
+            self._reject(stx, request, 486, "Busy Here")
+            return
+        self.calls[call.call_id] = call
+        self.counters["calls"] += 1
+        self.register_leg(call, call.a)
+        self.watch_flow(call, call.a.hop.flow_id, call.a.hop.transport)
+        bindings = list(self.location.lookup(aor)) if self.location is not None else []
+        log.info("call {caller} -> {aor}: {n} binding(s)", caller=call.caller_uri, aor=aor, n=len(bindings),
+                 call_id=call.call_id)
+        call.start(bindings)
+
+    def handle_cancel(self, cancel: Request, invite_stx: Any, flow: Any, cancel_stx: Any = None) -> None:
+        """The caller's CANCEL. `cancel_stx` (when the TU has it) gets the 200/481 (§9.2)."""
+        try:
+            call = self.calls.get(cancel.call_id)
+            if call is not None and invite_stx is not None and call.a.stx is not invite_stx:
+                call = None
+            if call is not None and call.a.dialog.remote.tag != cancel.from_.tag:
+                call = None
+        except ParseError as exc:
+            self._reply(cancel_stx, cancel, 400, exc.reason)
+            return
+        if call is None:
+            self._reply(cancel_stx, cancel, 481, "Call/Transaction Does Not Exist")
+            return
+        self._reply(cancel_stx, cancel, 200, "OK")
+        call.caller_cancel(cancel.header("Reason"))
+
+    def handle_in_dialog(self, request: Request, stx: Any, flow: Any) -> None:
+        try:
+            found = self.dialogs.get((request.call_id, request.to.tag or ""))
+            if found is None:
+                self._reply(stx, request, 481, "Call/Transaction Does Not Exist")
+                return
+            call, leg = found
+            call.in_dialog(leg, request, stx)
+        except ParseError as exc:
+            self._reply(stx, request, 400, exc.reason)
+        except Exception:
+            log.failure("in-dialog {method} failed", method=request.method, call_id=_call_id(request))
+            self._reply(stx, request, 500, "Server Internal Error")
+
+    def handle_ack(self, request: Request, flow: Any) -> None:
+        try:
+            found = self.dialogs.get((request.call_id, request.to.tag or ""))
+            if found is None:
+                log.debug("ACK for no dialog dropped", call_id=_call_id(request))
+                return
+            call, leg = found
+            call.ack_in_dialog(leg, request)
+        except Exception:
+            log.failure("ACK handling failed", call_id=_call_id(request))
+
+    def stray_response(self, resp: Response, flow: Any) -> None:
+        """A 2xx to one of our INVITEs after its transaction ended: ACK it, and BYE it if unwanted."""
+        try:
+            found = self.dialogs.get((resp.call_id, resp.from_.tag or ""))
+            if found is not None and isinstance(found[1], BLeg):
+                found[0].branch_response(found[1], resp)
+                return
+            if 200 <= resp.status < 300:
+                self._ack_and_bye_unknown(resp, flow)
+        except Exception:
+            log.failure("stray response handling failed", call_id=_call_id(resp))
+
+    def _ack_and_bye_unknown(self, resp: Response, flow: Any) -> None:
+        contacts = resp.contacts
+        if not contacts:
+            return
+        hop = hop_of_flow(flow)
+        for method, seq in (("ACK", resp.cseq.seq), ("BYE", resp.cseq.seq + 1)):
+            req = Request(method, str(contacts[0].uri))
+            for route in reversed(resp.header_values("Record-Route")):
+                req.add_header("Route", route)
+            req.add_header("Max-Forwards", "70")
+            req.add_header("From", resp.header("From"))
+            req.add_header("To", resp.header("To"))
+            req.add_header("Call-ID", resp.call_id)
+            req.add_header("CSeq", f"{seq} {method}")
+            if method == "ACK":
+                self.port.send_ack(req, hop)
+            else:
+                self.port.send_request(req, hop, lambda r: None)
+
+    def flow_closed(self, flow: Any) -> None:
+        for call_id in sorted(self.flows.pop(flow.id, ())):
+            call = self.calls.get(call_id)
+            if call is not None:
+                call.flow_lost(flow.id)
+
+    def shutdown_parked(self, code: int = 480) -> int:
+        """Graceful shutdown: from now on new INVITEs get 503; parked calls get `code` now."""
+        self.shutting_down = True
+        parked = [c for c in self.calls.values() if isinstance(c.state, Parked)]
+        for call in parked:
+            call.finish_unanswered(code, None, None, "shutdown", None)
+        return len(parked)
+
+    # -- inspection ----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        by_state: dict[str, int] = {}
+        for call in self.calls.values():
+            by_state[call.state.name] = by_state.get(call.state.name, 0) + 1
+        return {
+            "calls": len(self.calls),
+            "dialogs": len(self.dialogs),
+            "by_state": by_state,
+            **{f"total_{k}": v for k, v in self.counters.items()},
+            "silo": self.silo.stats(),
+        }
+
+    # -- replies -------------------------------------------------------------------------------
+
+    def _reject(self, stx: Any, request: Request, status: int, reason: str) -> None:
+        self.counters["rejected"] += 1
+        log.info("INVITE rejected {status} {reason}", status=status, reason=reason, call_id=_call_id(request))
+        self._reply(stx, request, status, reason)
+
+    def _reply(self, stx: Any, request: Request, status: int, reason: str | None) -> None:
+        if stx is None or request.method == "ACK":
+            return
+        try:
+            self.port.respond(stx, make_response(request, status, reason))
+        except Exception:
+            log.failure("cannot send {status}", status=status, call_id=_call_id(request))
+
+
+def _call_id(msg: Any) -> str | None:
+    try:
+        return msg.call_id
+    except Exception:
+        return None

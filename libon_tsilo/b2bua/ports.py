@@ -1,0 +1,119 @@
+"""What the call layer needs from the SIP stack below it, and the adapter onto the real one.
+
+Calls speak to one small `SipPort`, so that unit tests can record every message on a fake and
+the real transaction/transport layers can evolve behind `TransactionPort` without touching the
+call logic. A `Hop` says where a leg's next message goes: over its flow when that is live, else
+to the address the device was last seen at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from twisted.internet.interfaces import IReactorTime
+
+from libon_tsilo.sip.message import Request, Response, new_branch
+
+__all__ = ["Hop", "SipPort", "ClientHandle", "RetransmitHandle", "TransactionPort", "hop_of_flow"]
+
+
+@dataclass(frozen=True)
+class Hop:
+    transport: str  # "udp" | "tcp" | "tls"
+    host: str
+    port: int
+    flow_id: str | None = None
+
+
+def hop_of_flow(flow: Any) -> Hop:
+    """The hop back to whoever sent a request on `flow` (its source address, its connection)."""
+    host, port = flow.key.remote
+    return Hop(flow.key.transport, host, port, flow.id)
+
+
+class ClientHandle(Protocol):
+    def cancel(self, extra_headers: Any = (), on_response: Any = None) -> None: ...
+
+
+class RetransmitHandle(Protocol):
+    def stop(self) -> None: ...
+
+
+class SipPort(Protocol):
+    def send_request(self, req: Request, hop: Hop, on_response: Callable[[Response], Any]) -> ClientHandle:
+        """Stamp our Via on `req` and start a client transaction towards `hop`."""
+
+    def send_ack(self, ack: Request, hop: Hop) -> None:
+        """ACK for a 2xx: no transaction (RFC 3261 §13.2.2.4); our Via is stamped here too."""
+
+    def respond(self, stx: Any, resp: Response) -> None: ...
+
+    def respond_2xx(self, stx: Any, resp: Response, on_give_up: Callable[[], Any]) -> RetransmitHandle:
+        """Send a 2xx to INVITE and keep retransmitting it until stop() (the ACK came) or 64*T1."""
+
+    def contact(self, transport: str) -> str:
+        """Our own Contact value for a leg on this transport."""
+
+    def flow_live(self, flow_id: str | None) -> bool: ...
+
+
+class TransactionPort:
+    """SipPort over the real `TransactionLayer` (and its transport, for ACKs and our address)."""
+
+    def __init__(self, layer: Any, clock: IReactorTime, user: str = "b2bua") -> None:
+        self.layer = layer
+        self.clock = clock
+        self.user = user
+
+    @property
+    def transport(self) -> Any:
+        return self.layer.transport
+
+    def _flow(self, hop: Hop) -> Any:
+        if hop.flow_id is None:
+            return None
+        flow = self.transport.flows.get(hop.flow_id)
+        return flow if flow is not None and flow.live else None
+
+    def _target(self, hop: Hop) -> Any:
+        from libon_tsilo.sip.transport import Target  # the transport module may load TLS bits
+
+        return Target(hop.transport, hop.host, hop.port)
+
+    def _stamp_via(self, req: Request, hop: Hop) -> None:
+        host, port = self.transport.local_via(hop.transport)
+        req.add_header("Via", f"SIP/2.0/{hop.transport.upper()} {host}:{port};branch={new_branch()};rport",
+                       first=True)
+
+    def send_request(self, req: Request, hop: Hop, on_response: Callable[[Response], Any]) -> ClientHandle:
+        self._stamp_via(req, hop)
+        return self.layer.send_request(req, self._target(hop), self._flow(hop), on_response)
+
+    def send_ack(self, ack: Request, hop: Hop) -> None:
+        self._stamp_via(ack, hop)
+        self.transport.send_request(ack, self._target(hop), self._flow(hop))
+
+    def respond(self, stx: Any, resp: Response) -> None:
+        stx.respond(resp)
+
+    def respond_2xx(self, stx: Any, resp: Response, on_give_up: Callable[[], Any]) -> RetransmitHandle:
+        from libon_tsilo.sip.timers import TwoXXRetransmitter
+
+        stx.respond(resp)
+        reliable = getattr(stx, "reliable", False)
+        return TwoXXRetransmitter(
+            self.clock, lambda: stx.respond(resp), self.layer.t1, self.layer.t2, on_give_up,
+            retransmit=not reliable,
+        )
+
+    def contact(self, transport: str) -> str:
+        host, port = self.transport.local_via(transport)
+        suffix = "" if transport == "udp" else f";transport={transport}"
+        return f"<sip:{self.user}@{host}:{port}{suffix}>"
+
+    def flow_live(self, flow_id: str | None) -> bool:
+        if flow_id is None:
+            return False
+        flow = self.transport.flows.get(flow_id)
+        return bool(flow is not None and flow.live)
