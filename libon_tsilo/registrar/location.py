@@ -53,9 +53,11 @@ class LocationStore:
         now = self.clock.seconds()
         restored = 0
         for binding in self.persistence.load(now):
-            # the connections of the previous process are gone; a flow id could even be reused by a
-            # new, unrelated connection, so forget it rather than risk routing to the wrong device
-            binding.flow_id = None
+            # the connections of the previous process are gone, and a stream flow id (with its
+            # per-process counter) could be reused by an unrelated connection: forget it. A UDP flow
+            # id is the 5-tuple itself, the same NAT path when the device sends again: keep it.
+            if not (binding.received and binding.received[0] == "udp"):
+                binding.flow_id = None
             binding.flow_live = False
             self._insert(binding)
             restored += 1

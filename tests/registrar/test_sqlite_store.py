@@ -139,3 +139,72 @@ def test_real_thread_pool_flush(tmp_path: Path):
     assert _rows(path) == 1
     yield store.stop()
     assert not persistence._owned_pool.started
+
+
+def test_udp_flow_id_survives_restore(tmp_path: Path) -> None:
+    clock = Clock()
+    path = tmp_path / "loc.sqlite"
+    store = _open(path, clock)
+    store.add_or_update(make_binding(expires_at=100.0, flow_id="udp:1-2", flow_live=True,
+                                     received=("udp", "192.0.2.10", 40000)))
+    clock.advance(0.2)
+    [b] = _open(path, clock).lookup("sip:alice@example.com")
+    assert b.flow_id == "udp:1-2" and b.flow_live is False
+    store.stop()
+
+
+_KILLED_WRITER = """
+import sys, time
+from twisted.internet import reactor
+from libon_tsilo.registrar.location import LocationStore
+from libon_tsilo.registrar.sqlite_store import SqliteBindingStore
+from tests.registrar.helpers import make_binding
+
+store = LocationStore(reactor, SqliteBindingStore(sys.argv[1], reactor, flush_interval=0.05, reactor=reactor))
+store.start()
+now = reactor.seconds()
+for i in range(50):
+    store.add_or_update(make_binding(uri=f"sip:dev{i}@h", expires_at=now + 3600, registered_at=now))
+
+def acked(_):
+    print("FLUSHED", flush=True)
+    # bindings that never get a batch before the kill: allowed to be lost
+    store.add_or_update(make_binding(uri="sip:late@h", expires_at=now + 3600, registered_at=now))
+
+def batch_passed():
+    store.flush().addCallback(acked)
+
+reactor.callLater(0.06, batch_passed)  # one batch interval after the 200 OKs
+reactor.run()
+"""
+
+
+def test_kill_9_loses_nothing_older_than_a_batch(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "loc.sqlite"
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, str(path)],
+        cwd=repo,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.strip() == b"FLUSHED"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    import time
+
+    clock = Clock()
+    clock.advance(time.time())
+    store = _open(path, clock)
+    uris = {b.contact_uri for b in store.lookup("sip:alice@example.com")}
+    assert {f"sip:dev{i}@h" for i in range(50)} <= uris
+    store.stop()
