@@ -22,7 +22,9 @@ class ServerTransaction(TransactionBase):
     """
 
     def __init__(self, layer: LayerServices, key: tuple[Any, ...], request: Request, flow: Any) -> None:
-        super().__init__(layer, key, f"stx:{request.method}:{key!r}")
+        # cookie branches are unique; RFC 2543 transactions are named by their Call-ID and CSeq
+        name = key[1] if key[0] == "3261" else f"2543:{key[4]}:{key[5]}"
+        super().__init__(layer, key, f"stx:{name}:{request.method}")
         self.request = request
         self.flow = flow
         self.reliable = is_reliable(flow.key.transport if flow is not None else None)
