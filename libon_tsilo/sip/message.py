@@ -51,6 +51,12 @@ REASONS = {
     604: "Does Not Exist Anywhere", 606: "Not Acceptable",
 }
 
+# Headers that may appear once only (RFC 3261 §7.3.1, §20): a second copy is a 400
+# (RFC 4475 multi01, mcl01).
+_SINGLE_VALUED = frozenset({
+    "from", "to", "call-id", "cseq", "max-forwards", "content-length", "content-type", "expires",
+})
+
 # Entry layout in Message._headers: [key, name as written, value (str or a header object), raw line or None]
 _KEY, _NAME, _VALUE, _RAW = 0, 1, 2, 3
 
@@ -326,6 +332,13 @@ class Message:
         This is what the transport runs on every inbound message, so it reads the hot headers (which the
         transaction layer reads anyway, and then finds cached) and checks the rest only when present.
         """
+        seen: set[str] = set()
+        for entry in self._headers:
+            key = entry[0]
+            if key in _SINGLE_VALUED:
+                if key in seen:
+                    raise ParseError(f"more than one {pretty_name(key)} header")
+                seen.add(key)
         self.vias
         self.from_.uri
         self.to.uri
