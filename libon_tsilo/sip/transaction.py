@@ -56,7 +56,11 @@ _DEFAULT_PORTS = {"TLS": 5061, "WSS": 443, "WS": 80}
 class TransactionUser(Protocol):
     def request_received(self, request: Request, stx: ServerTransaction | None, flow: Any) -> None: ...
 
-    def cancel_received(self, cancel: Request, invite_stx: ServerTransaction | None, flow: Any) -> None: ...
+    def cancel_received(
+        self, cancel: Request, invite_stx: ServerTransaction | None, flow: Any, stx: ServerTransaction
+    ) -> None:
+        """``stx`` is the CANCEL's own transaction: the TU answers it (200, or 481 when
+        ``invite_stx`` is None) and sends 487 on ``invite_stx`` itself (RFC 3261 §9.2)."""
 
     def stray_response(self, response: Response, flow: Any) -> None: ...
 
@@ -248,7 +252,7 @@ class TransactionLayer:
             return  # the 100 Trying could not be sent
         try:
             if method == "CANCEL":
-                self.tu.cancel_received(req, invite_stx, flow)
+                self.tu.cancel_received(req, invite_stx, flow, stx)
             else:
                 self.tu.request_received(req, stx, flow)
         except Exception:

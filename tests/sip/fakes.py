@@ -65,7 +65,7 @@ class RecordingTU:
     """Remembers every upcall; optionally answers requests at once with ``auto_status``."""
 
     requests: list[tuple[Request, Any, Any]] = field(default_factory=list)
-    cancels: list[tuple[Request, Any, Any]] = field(default_factory=list)
+    cancels: list[tuple[Request, Any, Any, Any]] = field(default_factory=list)
     strays: list[tuple[Response, Any]] = field(default_factory=list)
     timeouts: list[Any] = field(default_factory=list)
     transport_errors: list[Any] = field(default_factory=list)
@@ -79,8 +79,8 @@ class RecordingTU:
         if self.auto_status is not None and stx is not None:
             stx.respond(make_response(request, self.auto_status, to_tag=new_tag()))
 
-    def cancel_received(self, cancel: Request, invite_stx: Any, flow: Any) -> None:
-        self.cancels.append((cancel, invite_stx, flow))
+    def cancel_received(self, cancel: Request, invite_stx: Any, flow: Any, stx: Any) -> None:
+        self.cancels.append((cancel, invite_stx, flow, stx))
 
     def stray_response(self, response: Response, flow: Any) -> None:
         self.strays.append((response, flow))

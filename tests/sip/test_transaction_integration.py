@@ -33,7 +33,7 @@ class CoreTU:
         resp = self.core.answer(request) or make_response(request, 480, to_tag="tu1")
         stx.respond(resp)
 
-    def cancel_received(self, cancel, invite_stx, flow) -> None:
+    def cancel_received(self, cancel, invite_stx, flow, stx) -> None:
         raise AssertionError("no CANCEL expected")
 
     def stray_response(self, response, flow) -> None:

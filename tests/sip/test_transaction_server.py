@@ -268,11 +268,10 @@ def test_cancel_matches_invite_by_branch_and_gets_its_own_transaction():
     env = Env()
     invite_stx = _invite(env)
     env.feed(request_text("CANCEL"), UDP)
-    cancel, matched, flow = env.tu.cancels[0]
+    cancel, matched, flow, cancel_stx = env.tu.cancels[0]
     assert matched is invite_stx and flow is UDP and cancel.method == "CANCEL"
+    assert isinstance(cancel_stx, NonInviteServerTransaction) and cancel_stx.request is cancel
     assert len(env.layer) == 2
-    # the TU answers both; the CANCEL's stx is found by the CANCEL's own key
-    cancel_stx = env.layer._servers[("3261", "z9hG4bKtest1", ("UDP", "192.0.2.1", 5060), "CANCEL")]
     cancel_stx.respond(make_response(cancel, 200, to_tag=new_tag()))
     _reject(invite_stx, 487, tag="srv1")
     env.feed(request_text("CANCEL"), UDP)  # retransmitted CANCEL: 200 again, TU not called
@@ -297,7 +296,7 @@ def test_cancel_rfc2543_style_matches_on_uri_tags_callid_cseq_and_via():
     invite_stx = _invite(env, branch=None)
     env.feed(request_text("CANCEL", branch=None, call_id="different@x"), UDP)
     env.feed(request_text("CANCEL", branch=None), UDP)
-    assert [m for _, m, _ in env.tu.cancels] == [None, invite_stx]
+    assert [m for _, m, _, _ in env.tu.cancels] == [None, invite_stx]
     env.layer.stop()
     env.assert_clean()
 
@@ -347,4 +346,16 @@ def test_stop_cancels_every_timer():
     env.feed(request_text("OPTIONS", branch="z9hG4bKo"), UDP)
     assert env.clock.getDelayedCalls()
     env.layer.stop()
+    env.assert_clean()
+
+
+def test_the_real_router_answers_an_unmatched_cancel_with_481_on_its_stx():
+    from libon_tsilo.sip.router import Router
+    from libon_tsilo.sip.uas_core import UASCore
+
+    env = Env()
+    env.layer.tu = Router(UASCore())
+    env.feed(request_text("CANCEL", branch="z9hG4bKlost"), UDP)
+    assert env.transport.statuses() == [481]
+    env.clock.advance(32)
     env.assert_clean()
