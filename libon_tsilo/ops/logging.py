@@ -22,7 +22,7 @@ from twisted.logger import (
 )
 from zope.interface import provider
 
-__all__ = ["LEVELS", "make_observer", "json_line", "json_observer"]
+__all__ = ["LEVELS", "make_observer", "set_level", "json_line", "json_observer"]
 
 LEVELS: dict[str, LogLevel] = {
     "debug": LogLevel.debug,
@@ -95,4 +95,18 @@ def make_observer(level: str = "info", fmt: str = "text", out: TextIO | None = N
         base = textFileLogObserver(stream)
     else:
         raise ValueError(f"unknown log format {fmt!r}")
-    return FilteringLogObserver(base, [LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])])
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
+    observer = FilteringLogObserver(base, [predicate])
+    observer.level_predicate = predicate  # type: ignore[attr-defined]  # for set_level on SIGHUP
+    return observer
+
+
+def set_level(observer: ILogObserver, level: str) -> bool:
+    """Change the minimum level of an observer made by :func:`make_observer`; False if it was not."""
+    if level not in LEVELS:
+        raise ValueError(f"unknown log level {level!r}")
+    predicate = getattr(observer, "level_predicate", None)
+    if predicate is None:
+        return False
+    predicate.setLogLevelForNamespace("", LEVELS[level])
+    return True

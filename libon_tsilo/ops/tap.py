@@ -6,15 +6,22 @@ single line on stderr with exit status 2, before the reactor runs or any port is
 
 from __future__ import annotations
 
+import dataclasses
+import signal
 import sys
+from collections.abc import Callable
 from typing import Any, NoReturn
 
+from twisted.application.service import Service
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 
 from libon_tsilo.ops.config import Config, ConfigError, load_config
-from libon_tsilo.ops.logging import make_observer
+from libon_tsilo.ops.logging import make_observer, set_level
 
-__all__ = ["Options", "makeService", "EXIT_CONFIG_ERROR"]
+__all__ = ["Options", "makeService", "HangupReloader", "EXIT_CONFIG_ERROR"]
+
+log = Logger()
 
 EXIT_CONFIG_ERROR = 2
 
@@ -65,6 +72,79 @@ def _log_stream(options: Any) -> Any:
     return sys.stdout
 
 
+def _comparable(cfg: Config) -> Config:
+    # an empty auth.secret becomes a new random one per load: not a change the operator made
+    return dataclasses.replace(cfg, auth=dataclasses.replace(cfg.auth, secret=""), source=None)
+
+
+class HangupReloader(Service):
+    """SIGHUP (``systemctl reload``) re-reads the config file.
+
+    A bad file is logged and the running config kept. A good one applies ``[log] level`` at once;
+    other changed sections are logged as needing a restart, since ports, stores and senders are
+    built once at start-up.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        observer: ILogObserver | None,
+        call_from_thread: Callable[..., Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.observer = observer
+        self._call_from_thread = call_from_thread
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        if self._call_from_thread is None:
+            from twisted.internet import reactor
+
+            self._call_from_thread = reactor.callFromThread
+        self._previous = signal.signal(signal.SIGHUP, self._on_signal)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # signal handlers interrupt arbitrary code: hand the work to the reactor loop
+        assert self._call_from_thread is not None
+        self._call_from_thread(self.reload)
+
+    def reload(self) -> Config | None:
+        """Re-read the config file; returns the new Config, or None when it was not applied."""
+        if self.config.source is None:
+            log.info("SIGHUP: running on built-in defaults, nothing to reload")
+            return None
+        try:
+            new = load_config(self.config.source)
+        except ConfigError as err:
+            log.error("SIGHUP: config not reloaded, keeping the running one: {error}", error=str(err))
+            return None
+        old_cmp, new_cmp = _comparable(self.config), _comparable(new)
+        changed = [
+            f.name for f in dataclasses.fields(Config)
+            if f.name != "source" and getattr(old_cmp, f.name) != getattr(new_cmp, f.name)
+        ]
+        if new.log.level != self.config.log.level and self.observer is not None:
+            set_level(self.observer, new.log.level)
+        format_changed = new.log.format != self.config.log.format
+        needs_restart = [name for name in changed if name != "log" or format_changed]
+        log.info(
+            "SIGHUP: config reloaded from {path}; log level {new_level}; changed: {changed}; "
+            "needing a restart: {restart}",
+            path=new.source, new_level=new.log.level, changed=", ".join(changed) or "nothing",
+            restart=", ".join(needs_restart) or "nothing",
+        )
+        running_log = dataclasses.replace(self.config.log, level=new.log.level)
+        self.config = dataclasses.replace(self.config, log=running_log)
+        return new
+
+
 def makeService(options: Options) -> Any:
     _ensure_reactor()
     config = load_options_config(options)
@@ -75,6 +155,10 @@ def makeService(options: Options) -> Any:
 
     observer = make_observer(config.log.level, config.log.format, _log_stream(options))
     try:
-        return make_service(config, log_observer=observer)
+        root = make_service(config, log_observer=observer)
     except ConfigError as err:  # problems only visible when files are parsed (bad PEM, ...)
         _config_error(err)
+    reloader = HangupReloader(config, observer)
+    reloader.setName("sighup")
+    reloader.setServiceParent(root)
+    return root

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -18,12 +20,12 @@ import pytest_twisted
 from twisted.application.service import Application, IServiceMaker, IServiceCollection
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher
+from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher, globalLogPublisher
 from twisted.plugin import getPlugins
 
 from libon_tsilo.ops import tap
-from libon_tsilo.ops.config import ConfigError, config_from_dict, default_config
-from libon_tsilo.ops.logging import json_line, make_observer
+from libon_tsilo.ops.config import ConfigError, config_from_dict, default_config, load_config
+from libon_tsilo.ops.logging import json_line, make_observer, set_level
 from libon_tsilo.ops.service import LibonTsiloService, make_service, make_tls_context_factory
 from libon_tsilo.util import random_token, redact
 
@@ -271,3 +273,72 @@ def test_random_token():
     assert all(c.isalnum() or c in "-_" for c in a)
     with pytest.raises(ValueError):
         random_token(0)
+
+
+# --- SIGHUP reload ----------------------------------------------------------------------------
+
+
+def _reload_setup(tmp_path, text: str):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    out = io.StringIO()
+    config = load_config(path)
+    observer = make_observer(config.log.level, "json", out)
+    return path, out, observer, tap.HangupReloader(config, observer, call_from_thread=lambda f: f())
+
+
+def _messages(out: io.StringIO) -> list[str]:
+    return [json.loads(line)["msg"] for line in out.getvalue().splitlines()]
+
+
+def test_sighup_applies_log_level_and_names_sections_needing_restart(tmp_path):
+    path, out, observer, reloader = _reload_setup(tmp_path, '[log]\nlevel = "warn"\n')
+    globalLogPublisher.addObserver(observer)
+    try:
+        path.write_text('[log]\nlevel = "debug"\n[calls]\nring_timeout = 10\n')
+        new = reloader.reload()
+        assert new is not None and new.calls.ring_timeout == 10
+        _emit(observer, LogLevel.debug, "now visible")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    msgs = _messages(out)
+    assert any("changed: calls, log; needing a restart: calls" in m for m in msgs), msgs
+    assert "now visible" in msgs
+    assert reloader.config.log.level == "debug" and reloader.config.calls.ring_timeout == 30
+
+
+def test_sighup_with_bad_file_keeps_running_config(tmp_path):
+    path, out, observer, reloader = _reload_setup(tmp_path, '[log]\nlevel = "info"\n')
+    globalLogPublisher.addObserver(observer)
+    try:
+        path.write_text('[log]\nlevel = "loud"\n')
+        assert reloader.reload() is None
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert any('config not reloaded, keeping the running one: log.level: unknown value "loud"' in m for m in _messages(out))
+    assert reloader.config.log.level == "info"
+
+
+def test_sighup_signal_is_handed_to_the_reactor_and_restored_on_stop(tmp_path):
+    calls = []
+    reloader = tap.HangupReloader(default_config(), None, call_from_thread=calls.append)
+    before = signal.getsignal(signal.SIGHUP)
+    reloader.startService()
+    try:
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert calls == [reloader.reload]
+    finally:
+        reloader.stopService()
+    assert signal.getsignal(signal.SIGHUP) == before
+    assert reloader.reload() is None  # built-in defaults: nothing to re-read
+
+
+def test_set_level_only_on_our_observers():
+    out = io.StringIO()
+    obs = make_observer("error", "text", out)
+    assert set_level(obs, "info")
+    _emit(obs, LogLevel.info, "hello")
+    assert "hello" in out.getvalue()
+    assert not set_level(lambda event: None, "info")
+    with pytest.raises(ValueError):
+        set_level(obs, "loud")
