@@ -144,8 +144,7 @@ class Call:
         self._ring_timer = self.clock.callLater(self.mgr.settings.ring_timeout, self._ring_timeout)
         sleeping = []
         for b in bindings:
-            live = self.port.flow_live(b.flow_id)
-            if live or not getattr(b, "push_capable", False):
+            if self._flow_live(b) or not getattr(b, "push_capable", False):
                 self.fork(b)
             else:
                 sleeping.append(b)
@@ -248,13 +247,18 @@ class Call:
         # like Kamailio's t_suspend: a call that never forked waits for any device to register
         return not self.branches
 
+    def _flow_live(self, binding: Any) -> bool:
+        # the registrar's flag can be stale, the flow table's view can be missing: both must agree
+        return bool(binding.flow_id) and bool(getattr(binding, "flow_live", True)) \
+            and self.port.flow_live(binding.flow_id)
+
     # -- forking -------------------------------------------------------------------------------
 
     def fork(self, binding: Any) -> bool:
         """Send a branch INVITE to `binding`. False when it is a duplicate or over the limit."""
         if self.state.final or self.ended:
             return False
-        flow_live = self.port.flow_live(binding.flow_id)
+        flow_live = self._flow_live(binding)
         flow_id = binding.flow_id if flow_live else None
         old = self._by_key.get(binding.key)
         if old is not None:
@@ -454,7 +458,7 @@ class Call:
         if binding.key not in self.woken:
             return False
         self.woken.pop(binding.key)
-        flow_live = self.port.flow_live(binding.flow_id)
+        flow_live = self._flow_live(binding)
         hop = hop_for_binding(binding, flow_live)
         if hop is not None:
             leg = self._new_branch(binding, hop, binding.flow_id if flow_live else None)

@@ -1,0 +1,212 @@
+"""Suspend/resume: parked calls, late forking on binding events, waking devices, Invite/Cancel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import CancelledError
+
+from libon_tsilo.b2bua.forking import REASON_ANSWERED
+from libon_tsilo.b2bua.states import CallerCancelled, RingTimeout
+from libon_tsilo.b2bua.waker import LoggingWaker, WakeResult
+from tests.b2bua.helpers import SDP_B, Env, FakeStx, binding, parse
+
+
+def outcome(d: Any) -> list[Any]:
+    seen: list[Any] = []
+    d.addCallbacks(seen.append, lambda f: seen.append(f.value))
+    return seen
+
+
+def test_no_binding_parks_and_resumes_on_register() -> None:
+    env = Env()
+    _, stx = env.invite()
+    call = env.call()
+    assert call.state.name == "parked" and env.port.sent == []
+    seen = outcome(call.park())  # the same Deferred while parked
+    env.clock.advance(2.5)
+    b = binding(1)
+    env.register(b)
+    assert seen == [b]
+    (ctx,) = env.port.invites()
+    assert call.state.name == "forking"
+    assert env.silo.stats()["added_branches"] == 1
+    assert env.silo.stats()["register_to_invite"]["samples"] == 1
+    ctx.respond(200, body=SDP_B)
+    assert stx.statuses == [200]
+
+
+def test_parked_call_times_out_with_480() -> None:
+    env = Env()
+    _, stx = env.invite()
+    seen = outcome(env.call().park())
+    env.clock.advance(30)
+    assert stx.statuses == [480]
+    assert isinstance(seen[0], RingTimeout)
+    env.assert_clean()
+
+
+def test_parked_call_cancelled_by_caller() -> None:
+    env = Env()
+    _, stx = env.invite()
+    seen = outcome(env.call().park())
+    cancel = parse(
+        """CANCEL sip:bob@example.com SIP/2.0
+Via: SIP/2.0/TCP 10.0.0.1:5070;branch=z9hG4bKcallercall-1;rport
+Max-Forwards: 70
+From: <sip:alice@example.com>;tag=a-tag
+To: <sip:bob@example.com>
+Call-ID: call-1@10.0.0.1
+CSeq: 10 CANCEL"""
+    )
+    env.mgr.handle_cancel(cancel, stx, env.caller_flow, FakeStx(cancel))
+    assert stx.statuses == [487]
+    assert isinstance(seen[0], CallerCancelled)
+    env.assert_clean()
+    env.register(binding(1))  # nothing is waiting any more
+    assert env.port.sent == []
+
+
+def test_parked_deferred_is_cancelled_on_shutdown_end() -> None:
+    env = Env()
+    _, stx = env.invite()
+    call = env.call()
+    seen = outcome(call.park())
+    call.end("test")
+    assert isinstance(seen[0], CancelledError)
+
+
+def test_sleeping_push_device_is_woken_and_forked_when_it_registers() -> None:
+    env = Env()
+    env.location.add(binding(1, push="apns", live=False))
+    _, stx = env.invite()
+    call = env.call()
+    assert env.port.sent == [] and call.state.name == "parked"
+    (woke_call, woke, d) = env.waker.calls[0]
+    assert woke_call is call and [b.key for b in woke] == [binding(1).key]
+    assert call.ring_deadline == env.clock.seconds() + 30
+    d.callback(WakeResult(woken=1))
+    assert call.state.name == "parked"  # a delivered push: keep waiting
+    env.clock.advance(1.8)
+    env.register(binding(1, push="apns", flow_id="tcp:dev1#2"), refreshed=True)
+    (ctx,) = env.port.invites()
+    assert ctx.hop.flow_id == "tcp:dev1#2"
+    ctx.respond(200, body=SDP_B)
+    assert stx.statuses == [200]
+    assert env.waker.ended == [("call-1@10.0.0.1", True)]
+
+
+def test_every_push_failed_gives_480_at_once() -> None:
+    env = Env()
+    env.location.add(binding(1, push="fcm", live=False))
+    _, stx = env.invite()
+    seen = outcome(env.call().park())
+    env.waker.calls[0][2].callback(WakeResult(all_failed=True, reason="UNREGISTERED"))
+    assert stx.statuses == [480]
+    assert seen and type(seen[0]).__name__ == "PushFailed"
+    env.assert_clean()
+
+
+def test_push_failure_waits_for_a_branch_still_ringing() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    env.location.add(binding(2, push="fcm", live=False))
+    _, stx = env.invite()
+    (ctx,) = env.port.invites()
+    env.waker.calls[0][2].callback(WakeResult(all_failed=True))
+    assert stx.statuses == []
+    ctx.respond(486)
+    assert stx.statuses == [486]
+    env.assert_clean()
+
+
+def test_branch_failing_while_push_pending_parks_again() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    env.location.add(binding(2, push="apns", live=False))
+    _, stx = env.invite()
+    (ctx,) = env.port.invites()
+    ctx.respond(486)
+    assert stx.statuses == [] and env.call().state.name == "parked"
+    env.register(binding(2, push="apns", flow_id="tcp:dev2#9"))
+    ctx2 = env.port.invites()[-1]
+    ctx2.respond(603)
+    assert stx.statuses == [603]
+
+
+def test_logging_waker_keeps_the_call_parked_until_timeout() -> None:
+    env = Env(waker=LoggingWaker())
+    env.location.add(binding(1, push="apns", live=False))
+    _, stx = env.invite()
+    assert env.call().state.name == "parked"
+    env.clock.advance(30)
+    assert stx.statuses == [480]
+    env.assert_clean()
+
+
+def test_same_binding_twice_gets_one_branch_but_a_reconnected_one_replaces_it() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    env.invite()
+    (first,) = env.port.invites()
+    env.register(binding(1), refreshed=True)
+    assert len(env.port.invites()) == 1
+    env.register(binding(1, flow_id="tcp:dev1#2"), refreshed=True)  # new connection
+    assert len(env.port.invites()) == 2 and first.cancelled
+    env.register(binding(1, flow_id="tcp:dev1#2", contact="sip:bob@10.9.0.2:6000;transport=tcp"),
+                 refreshed=True)  # new contact
+    assert len(env.port.invites()) == 3
+    assert env.port.invites()[1].cancelled
+
+
+def test_no_append_after_the_answer() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    env.invite()
+    env.port.invites()[0].respond(200, body=SDP_B)
+    env.register(binding(2))
+    assert len(env.port.invites()) == 1
+
+
+def test_invite_cancel_for_a_pushed_ios_device_that_wakes_late() -> None:
+    env = Env(invite_cancel_grace=20.0)
+    env.location.add(binding(1))
+    env.location.add(binding(2, push="apns", live=False))
+    env.location.add(binding(3, push="fcm", live=False))
+    _, stx = env.invite()
+    env.waker.calls[0][2].callback(WakeResult(woken=2))
+    env.port.invites()[0].respond(200, body=SDP_B)
+    assert stx.statuses == [200]
+    assert env.silo.stats()["lingering"] == 1
+    env.register(binding(3, push="fcm", flow_id="tcp:dev3#2"))  # Android: no ghost call needed
+    assert len(env.port.invites()) == 1
+    env.register(binding(2, push="apns", flow_id="tcp:dev2#2"))
+    late = env.port.invites()[-1]
+    assert late.request.raw_uri.startswith("sip:bob@10.0.0.3")
+    assert late.cancelled and late.reason == REASON_ANSWERED
+    assert env.silo.stats()["lingering"] == 0  # nobody else to wait for
+    late.respond(487)
+    assert stx.statuses == [200]
+
+
+def test_invite_cancel_grace_expires() -> None:
+    env = Env(invite_cancel_grace=5.0)
+    env.location.add(binding(2, push="apns", live=False))
+    _, stx = env.invite()
+    env.waker.calls[0][2].callback(WakeResult(woken=1))
+    env.clock.advance(30)  # ring timeout
+    assert stx.statuses == [480]
+    assert env.silo.stats()["lingering"] == 1
+    env.clock.advance(5)
+    env.assert_clean()
+
+
+def test_shutdown_parked() -> None:
+    env = Env()
+    _, parked = env.invite(call_id="c1")
+    env.location.add(binding(1))
+    _, ringing = env.invite(call_id="c2")
+    assert env.mgr.shutdown_parked(480) == 1
+    assert parked.statuses == [480] and ringing.statuses == []
+    _, late = env.invite(call_id="c3")
+    assert late.statuses == [503]
