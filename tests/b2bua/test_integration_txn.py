@@ -1,0 +1,170 @@
+"""The call layer on the real transaction layer (through TransactionPort), over a recording transport.
+
+Checks what the unit tests' fake port cannot: our Via on every request, the 100 Trying, the
+CANCEL built by the client transaction, and that no transaction or timer outlives a call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.task import Clock
+
+from libon_tsilo.b2bua.manager import CallManager, CallSettings
+from libon_tsilo.b2bua.ports import TransactionPort
+from libon_tsilo.silo.silo import Silo
+from libon_tsilo.sip.flow import Flow, FlowKey
+from libon_tsilo.sip.message import Request, Response, make_response, parse_message
+from libon_tsilo.sip.transaction import TransactionLayer
+from tests.b2bua.helpers import SDP_A, SDP_B, FakeLocation, binding, caller_invite, parse
+
+
+class Flows:
+    def __init__(self) -> None:
+        self.table: dict[str, Flow] = {}
+
+    def get(self, flow_id: str) -> Flow | None:
+        return self.table.get(flow_id)
+
+
+class RecordingTransport:
+    def __init__(self) -> None:
+        self.sink: Any = None
+        self.flows = Flows()
+        self.out: list[tuple[Any, Any, Any]] = []  # (message, target, flow)
+
+    def local_via(self, transport: str, remote_host: str | None = None) -> tuple[str, int]:
+        return ("192.0.2.10", 5060)
+
+    def send_request(self, req: Request, target: Any, flow: Any = None) -> Any:
+        self.out.append((parse_message(req.to_bytes()), target, flow))
+        return flow
+
+    def send_response(self, resp: Response, flow: Any) -> None:
+        self.out.append((parse_message(resp.to_bytes()), None, flow))
+
+    def flow(self, fid: str, remote: tuple[str, int]) -> Flow:
+        f = Flow(FlowKey("tcp", ("192.0.2.10", 5060), remote), fid, lambda data: None)
+        self.flows.table[fid] = f
+        return f
+
+    def requests(self, method: str) -> list[Request]:
+        return [m for m, _, _ in self.out if isinstance(m, Request) and m.method == method]
+
+    def statuses(self) -> list[int]:
+        return [m.status for m, _, _ in self.out if isinstance(m, Response)]
+
+
+class TU:
+    def __init__(self, mgr: CallManager) -> None:
+        self.mgr = mgr
+
+    def request_received(self, request: Request, stx: Any, flow: Any) -> None:
+        self.mgr.request_received(request, stx, flow)
+
+    def cancel_received(self, cancel: Request, invite_stx: Any, flow: Any, stx: Any) -> None:
+        self.mgr.handle_cancel(cancel, invite_stx, flow, stx)
+
+    def stray_response(self, response: Response, flow: Any) -> None:
+        self.mgr.stray_response(response, flow)
+
+
+def setup() -> tuple[Clock, RecordingTransport, TransactionLayer, CallManager, Flow, Flow]:
+    clock = Clock()
+    transport = RecordingTransport()
+    layer = TransactionLayer(transport, clock)
+    location = FakeLocation()
+    location.add(binding(1))
+    silo = Silo(clock, location)
+    mgr = CallManager(clock, TransactionPort(layer, clock), silo, location, settings=CallSettings())
+    layer.tu = TU(mgr)
+    caller = transport.flow("tcp:caller#1", ("10.0.0.1", 5070))
+    device = transport.flow("tcp:dev1#1", ("10.0.0.2", 5080))
+    return clock, transport, layer, mgr, caller, device
+
+
+def device_reply(req: Request, status: int, body: bytes = b"") -> Response:
+    resp = make_response(req, status, None, to_tag="dev-tag" if status > 100 else None)
+    if 100 < status < 300:
+        resp.add_header("Contact", "<sip:bob@10.0.0.2:5080;transport=tcp>")
+    if body:
+        resp.add_header("Content-Type", "application/sdp")
+        resp.body = body
+    return parse_message(resp.to_bytes())
+
+
+def assert_idle(clock: Clock, layer: TransactionLayer, mgr: CallManager) -> None:
+    clock.advance(64 * 0.5 + 33)  # every transaction timer (B, D, H, J, L, M) has run out
+    assert len(layer) == 0
+    assert mgr.calls == {} and mgr.dialogs == {} and mgr.flows == {} and len(mgr.silo) == 0
+    assert clock.getDelayedCalls() == []
+
+
+def test_answered_call_over_the_real_transaction_layer() -> None:
+    clock, transport, layer, mgr, caller, device = setup()
+    layer.inbound(caller_invite(), caller)
+    assert transport.statuses() == [100]
+    (invite,) = transport.requests("INVITE")
+    assert invite.top_via.host == "192.0.2.10" and invite.branch.startswith("z9hG4bK")
+    assert len(invite.vias) == 1  # the caller's Via never leaks to the device
+    layer.inbound(device_reply(invite, 180), device)
+    layer.inbound(device_reply(invite, 200, SDP_B), device)
+    assert transport.statuses() == [100, 180, 200]
+    (ack,) = transport.requests("ACK")
+    assert ack.branch != invite.branch and ack.to.tag == "dev-tag"
+    ok = [m for m, _, _ in transport.out if isinstance(m, Response) and m.status == 200][0]
+    tag = ok.to.tag
+    # the caller's ACK, then its BYE
+    layer.inbound(parse(f"""ACK sip:b2bua@192.0.2.10:5060 SIP/2.0
+Via: SIP/2.0/TCP 10.0.0.1:5070;branch=z9hG4bKack1;rport
+Max-Forwards: 70
+From: <sip:alice@example.com>;tag=a-tag
+To: <sip:bob@example.com>;tag={tag}
+Call-ID: call-1@10.0.0.1
+CSeq: 10 ACK"""), caller)
+    layer.inbound(parse(f"""BYE sip:b2bua@192.0.2.10:5060 SIP/2.0
+Via: SIP/2.0/TCP 10.0.0.1:5070;branch=z9hG4bKbye1;rport
+Max-Forwards: 70
+From: <sip:alice@example.com>;tag=a-tag
+To: <sip:bob@example.com>;tag={tag}
+Call-ID: call-1@10.0.0.1
+CSeq: 11 BYE"""), caller)
+    assert transport.statuses()[-1] == 200
+    (bye,) = transport.requests("BYE")
+    assert bye.call_id == invite.call_id
+    layer.inbound(device_reply(bye, 200), device)
+    assert_idle(clock, layer, mgr)
+
+
+def test_caller_cancel_over_the_real_transaction_layer() -> None:
+    clock, transport, layer, mgr, caller, device = setup()
+    layer.inbound(caller_invite(body=SDP_A), caller)
+    (invite,) = transport.requests("INVITE")
+    layer.inbound(device_reply(invite, 180), device)
+    layer.inbound(parse("""CANCEL sip:bob@example.com SIP/2.0
+Via: SIP/2.0/TCP 10.0.0.1:5070;branch=z9hG4bKcallercall-1;rport
+Max-Forwards: 70
+From: "Alice Liddell" <sip:alice@example.com>;tag=a-tag
+To: <sip:bob@example.com>
+Call-ID: call-1@10.0.0.1
+CSeq: 10 CANCEL"""), caller)
+    assert transport.statuses() == [100, 180, 200, 487]
+    (cancel,) = transport.requests("CANCEL")
+    assert cancel.branch == invite.branch
+    layer.inbound(device_reply(cancel, 200), device)
+    layer.inbound(device_reply(invite, 487), device)
+    assert transport.requests("ACK")  # the client transaction ACKs the 487 itself
+    assert_idle(clock, layer, mgr)
+
+
+def test_ring_timeout_over_the_real_transaction_layer() -> None:
+    clock, transport, layer, mgr, caller, device = setup()
+    layer.inbound(caller_invite(), caller)
+    (invite,) = transport.requests("INVITE")
+    layer.inbound(device_reply(invite, 180), device)
+    clock.advance(30)
+    assert transport.statuses()[-1] == 480
+    (cancel,) = transport.requests("CANCEL")
+    assert 'cause=' not in (cancel.header("Reason") or "")
+    # the device never answers the CANCEL: the client transaction gives up by itself
+    assert_idle(clock, layer, mgr)
