@@ -84,8 +84,8 @@ class TLSContextFactory:
             leaf = self._chain[0].original
             try:
                 ctx = SSL.Context(SSL.TLS_METHOD)
-                ctx.use_certificate(leaf)
-                ctx.use_privatekey(self._key)
+                ctx.use_certificate(leaf.to_cryptography())
+                ctx.use_privatekey(self._key.to_cryptography_key())
                 ctx.check_privatekey()
             except SSL.Error:
                 raise TLSConfigError(
@@ -108,8 +108,8 @@ class TLSContextFactory:
         if self._server is None:
             kwargs: dict[str, Any] = {}
             if self.verify_client:
+                # a trustRoot on the server side makes the peer certificate required and verified
                 kwargs["trustRoot"] = ssl.trustRootFromCertificates(self._cas)
-                kwargs["requireCertificate"] = True
             self._server = ssl.CertificateOptions(
                 privateKey=self._key,
                 certificate=self._chain[0].original,
