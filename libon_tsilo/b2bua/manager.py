@@ -21,6 +21,7 @@ from libon_tsilo.b2bua.legs import BLeg
 from libon_tsilo.b2bua.ports import SipPort, hop_of_flow
 from libon_tsilo.b2bua.states import Parked
 from libon_tsilo.b2bua.waker import LoggingWaker, Waker
+from libon_tsilo.registrar.registrar import aor_key as registrar_aor_key
 from libon_tsilo.silo.silo import Silo
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.message import Request, Response, make_response
@@ -61,10 +62,8 @@ class CallSettings:
 
 
 def default_aor_key(uri: Any, use_domain: bool) -> str:
-    """Same shape as the registrar's aor_key: "sip:user@host" or "user" (lower-case host)."""
-    if not use_domain:
-        return uri.user or ""
-    return f"sip:{uri.user}@{uri.host.lower()}"
+    """The registrar's own key function: silo keys and location keys must be built the same way."""
+    return registrar_aor_key(uri, use_domain)
 
 
 def _allow_all(request: Request, stx: Any, flow: Any) -> bool:
