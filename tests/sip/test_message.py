@@ -720,3 +720,26 @@ def test_extract_for_error_response_keeps_folded_via() -> None:
 )
 def test_extract_for_error_response_none(data: bytes) -> None:
     assert extract_for_error_response(data) is None
+
+
+@pytest.mark.parametrize(
+    "extra",
+    ["From: <sip:x@example.com>;tag=2", "t: <sip:y@example.com>", "i: other-cid", "CSeq: 8 OPTIONS",
+     "Max-Forwards: 69", "l: 0", "Content-Type: text/plain", "Expires: 5"],
+)
+def test_validate_rejects_second_single_valued_header(extra: str) -> None:
+    headers = [*BASIC, "Content-Type: text/plain", "Expires: 60", "Content-Length: 0"]
+    parse_message(msg_with(*headers)).validate()
+    msg = parse_message(msg_with(*headers, extra))
+    with pytest.raises(ParseError) as info:
+        msg.validate()
+    assert info.value.status == 400
+
+
+def test_validate_accepts_repeated_list_headers() -> None:
+    msg = parse_message(msg_with(*BASIC, "Via: SIP/2.0/UDP second.example.com;branch=z9hG4bK2", "Contact: <sip:a@b>",
+                                 "m: <sip:c@d>", "Route: <sip:r1@e;lr>", "Route: <sip:r2@e;lr>", "Supported: path",
+                                 "k: outbound", "Allow: INVITE", "Allow: BYE"))
+    msg.validate()
+    assert len(msg.vias) == 2 and len(msg.contacts) == 2
+    assert msg.header_values("Supported") == ["path", "outbound"]

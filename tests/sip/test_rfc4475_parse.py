@@ -7,7 +7,7 @@ import pytest
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.framing import StreamFramer
 from libon_tsilo.sip.headers import canonical_key
-from libon_tsilo.sip.message import Message, Request, Response, parse_message
+from libon_tsilo.sip.message import Message, Request, Response, extract_for_error_response, parse_message
 from libon_tsilo.sip.uri import URI
 from tests.sip import rfc4475
 
@@ -15,11 +15,12 @@ pytestmark = pytest.mark.skipif(not rfc4475.available(), reason="RFC 4475 corpus
 
 # 3.3 messages that must parse but miss a header the message layer requires.
 MISSING_REQUIRED = ("insuf",)
-# mcl01 (RFC 4475 §3.3.9) carries two conflicting Content-Length values; see test_mcl01 below.
-CONFLICTING_LENGTH = ("mcl01",)
+# 3.3 messages with two copies of a single-valued header (multi01 §3.3.8: To, From, Call-ID, CSeq,
+# Max-Forwards; mcl01 §3.3.9: conflicting Content-Length): the element answers 400, so validate() raises.
+DUPLICATE_SINGLE = ("multi01", "mcl01")
 PARSE_OK = tuple(
     n for n in rfc4475.VALID + rfc4475.BACKWARD + rfc4475.APPLICATION + rfc4475.TRANSACTION
-    if n not in MISSING_REQUIRED + CONFLICTING_LENGTH
+    if n not in MISSING_REQUIRED + DUPLICATE_SINGLE
 )
 
 
@@ -198,8 +199,6 @@ def test_insuf_lacks_required_headers(name: str) -> None:
     with pytest.raises(ParseError):
         msg.validate()
     # what a 400 needs is missing too, so the transport drops it
-    from libon_tsilo.sip.message import extract_for_error_response
-
     assert extract_for_error_response(rfc4475.load(name)) is None
 
 
@@ -208,12 +207,26 @@ def test_mcl01_parses_with_both_lengths_visible() -> None:
     assert msg.header_values("Content-Length") == ["13", "5"]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: conflicting Content-Length values are accepted (RFC 4475 §3.3.9)")
-def test_mcl01_conflicting_content_length_is_rejected() -> None:
-    # RFC 4475 §3.3.9: equivalent to an invalid Content-Length; the element should answer an error.
-    with pytest.raises(ParseError):
-        msg = parse_message(rfc4475.load("mcl01"))
+@pytest.mark.parametrize("name", DUPLICATE_SINGLE)
+def test_duplicate_single_valued_header_is_rejected(name: str) -> None:
+    # RFC 4475 §3.3.8/§3.3.9: parses, but the element must answer 400 (mcl01: a framing error).
+    data = rfc4475.load(name)
+    msg = parse_message(data)
+    with pytest.raises(ParseError) as info:
         msg.validate()
+    assert info.value.status == 400
+    assert "more than one" in info.value.reason
+    # a 400 can be formed: Via, From, To, Call-ID and CSeq are readable
+    assert extract_for_error_response(data) is not None
+
+
+def test_multi01_duplicates_visible() -> None:
+    msg = parse_message(rfc4475.load("multi01"))
+    assert len(msg.header_values("CSeq")) == 2
+    assert len(msg.header_values("Call-ID")) == 2
+    assert len(msg.header_values("To")) == 2
+    assert len(msg.header_values("From")) == 2
+    assert msg.header_values("Max-Forwards") == ["70", "5"]
 
 
 def test_escnull_keeps_escaped_nul() -> None:
