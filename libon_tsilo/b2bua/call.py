@@ -469,14 +469,16 @@ class Call:
         return hop is not None
 
     def _release_silo(self) -> None:
-        """No more appends: keep the entry only for the Invite/Cancel grace of pushed devices."""
+        """The caller has its answer: no more appends (can_append() says so from now on).
+
+        As in Kamailio the entry stays listed until the call ends, unless pushed iOS devices are
+        still expected: then it moves to the silo's grace table for their Invite/Cancel.
+        """
         grace = self.mgr.settings.invite_cancel_grace
         wanting = {k: b for k, b in self.woken.items() if self.mgr.invite_cancel_wanted(b)}
         self.woken = wanting
         if grace > 0 and wanting:
             self.mgr.silo.linger(self, grace)
-        else:
-            self.mgr.silo.remove(self)
 
     def _waker_done(self, answered_elsewhere: bool) -> None:
         if self._waker_used:

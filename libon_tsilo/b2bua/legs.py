@@ -59,6 +59,7 @@ class BLeg:
         self.last_status: int | None = None
         self.last_reason: str | None = None
         self.cancel_reason: str | None = None
+        self.cancelled = False
         # what the branch was sent to, frozen: the registrar may update the binding in place
         self.sent_contact: str = binding.contact_uri
         self.sent_flow: str | None = None
@@ -86,6 +87,7 @@ class BLeg:
         if self.state not in (BranchState.CALLING, BranchState.EARLY) or self.ctx is None:
             return False
         self.state = BranchState.CANCELLING
+        self.cancelled = True
         self.cancel_reason = reason
         self.ctx.cancel([("Reason", reason)] if reason else [])
         return True

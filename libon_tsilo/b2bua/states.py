@@ -76,7 +76,9 @@ class Forking(_Ringing):
 
     def on_Failed(self, call: Call, e: ev.Failed) -> None:
         status = e.response.status
-        call.failures.append(status)
+        if not e.branch.cancelled:
+            # a 487 to our own CANCEL (a reconnected device) says nothing about the callee
+            call.failures.append(status)
         if is_global_failure(status):
             # §16.7 step 5: a 6xx ends the fork at once
             call.finish_unanswered(status, e.response.reason, branch_reason=REASON_DECLINED,

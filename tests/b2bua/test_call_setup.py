@@ -56,7 +56,11 @@ def test_first_2xx_wins_others_cancelled_with_reason() -> None:
     assert not b.cancelled
     ack, hop = env.port.acks[-1]
     assert ack.call_id == b.request.call_id and ack.cseq.method == "ACK" and ack.to.tag == "dev-tag"
-    assert env.silo.stats()["stored_transactions"] == 0  # no appends after the answer
+    # listed until the call ends, as in Kamailio, but closed to appends
+    (entry,) = env.silo.lookup(AOR)
+    assert entry["state"] == "connected" and not env.call().can_append()
+    env.register(binding(3))
+    assert len(env.port.invites()) == 2
     a.respond(487)
     assert stx.statuses[-1] == 200 and len(stx.responses) == 4
 
@@ -108,6 +112,20 @@ def test_6xx_ends_the_fork() -> None:
     assert a.cancelled and a.reason == REASON_DECLINED
     a.respond(487)
     assert stx.statuses == [180, 603]
+    env.assert_clean()
+
+
+def test_a_cancelled_reconnect_branch_does_not_count_as_a_failure() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    _, stx = env.invite()
+    (old,) = env.port.invites()
+    env.register(binding(1, flow_id="tcp:dev1#2"), refreshed=True)
+    new = env.port.invites()[1]
+    old.respond(487)
+    assert stx.statuses == []
+    new.respond(404)
+    assert stx.statuses == [404]
     env.assert_clean()
 
 
