@@ -26,7 +26,7 @@ from libon_tsilo.silo.silo import Silo
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.message import Request, Response, make_response
 
-__all__ = ["CallManager", "CallSettings", "default_aor_key"]
+__all__ = ["CallManager", "CallSettings", "default_aor_key", "authorizer_from_policy"]
 
 log = Logger()
 
@@ -68,6 +68,19 @@ def default_aor_key(uri: Any, use_domain: bool) -> str:
 
 def _allow_all(request: Request, stx: Any, flow: Any) -> bool:
     return True
+
+
+def authorizer_from_policy(policy: Any) -> Callable[[Request, Any, Any], bool]:
+    """The `authorize` hook over the registrar's AuthPolicy: its 407 (or 403) goes out as is."""
+
+    def authorize(request: Request, stx: Any, flow: Any) -> bool:
+        result = policy.check(request, flow, "invite")
+        if result.response is None:
+            return True
+        stx.respond(result.response)
+        return False
+
+    return authorize
 
 
 class CallManager:

@@ -108,6 +108,9 @@ class FakeStx:
     responses: list[Response] = field(default_factory=list)
     reliable: bool = True
 
+    def respond(self, resp: Response) -> None:
+        self.responses.append(parse_message(resp.to_bytes()))
+
     @property
     def statuses(self) -> list[int]:
         return [r.status for r in self.responses]

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred
 
-from libon_tsilo.b2bua.manager import CallManager, CallSettings, default_aor_key
+from libon_tsilo.b2bua.manager import CallManager, CallSettings, authorizer_from_policy, default_aor_key
 from libon_tsilo.sip.uri import URI
 from tests.b2bua.helpers import SDP_B, Env, FakeStx, binding, caller_invite, parse
 
@@ -128,3 +128,30 @@ def test_default_aor_key_and_settings_from_config() -> None:
     s = CallSettings.from_config(Calls(), use_domain=False)
     assert (s.ring_timeout, s.max_branches, s.header_allowlist, s.use_domain) == (20.0, 3, ("Subject",), False)
     assert isinstance(CallManager, type)
+
+
+def test_authorizer_from_policy_sends_the_challenge() -> None:
+    from types import SimpleNamespace
+
+    from libon_tsilo.sip.message import make_response
+
+    class Policy:
+        def __init__(self) -> None:
+            self.kinds: list[str] = []
+
+        def check(self, request: Any, flow: Any, kind: str) -> Any:
+            self.kinds.append(kind)
+            if request.header("Proxy-Authorization"):
+                return SimpleNamespace(response=None)
+            return SimpleNamespace(response=make_response(request, 407, to_tag="t"))
+
+    env = Env()
+    env.location.add(binding(1))
+    policy = Policy()
+    env.mgr.authorize = authorizer_from_policy(policy)
+    req = caller_invite(call_id="c1")
+    stx = FakeStx(req)
+    env.mgr.handle_invite(req, stx, env.caller_flow)
+    assert [r.status for r in stx.responses] == [407] and env.mgr.calls == {}
+    _, stx2 = env.invite(call_id="c2", extra='Proxy-Authorization: Digest username="alice"\n')
+    assert policy.kinds == ["invite", "invite"] and "c2" in env.mgr.calls
