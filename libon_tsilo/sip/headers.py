@@ -38,8 +38,9 @@ TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9\-.!%*_+`'~]+$")
 _WS = " \t"
 _PTOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
-_PVALUE = r"(?:=[A-Za-z0-9\-.!%*_+`'~:\[\]]+)?"
+_PVALUE = r"(?:=(?:[A-Za-z0-9\-.!%*_+`'~:\[\]]+|\"[^\"\\\r\n]*\"))?"
 _SIMPLE_PARAMS = re.compile(rf"^{_PTOKEN}{_PVALUE}(?:;{_PTOKEN}{_PVALUE})*$")
+_PARAM_ITEM = re.compile(rf"({_PTOKEN})(?:=([^;\"]+|\"[^\"]*\"))?")
 
 
 def canonical_key(name: str) -> str:
@@ -131,15 +132,17 @@ def parse_params(text: str, what: str) -> dict[str, str | None]:
     """
     params: dict[str, str | None] = {}
     if _SIMPLE_PARAMS.match(text):
-        # Fast path: no quoting and no whitespace, the common case on the wire.
-        for part in text.split(";"):
-            name, eq, value = part.partition("=")
-            params[name.lower()] = value if eq else None
+        # Fast path: no whitespace and no escapes inside quotes, the common case on the wire.
+        if '"' not in text:
+            for part in text.split(";"):
+                name, eq, value = part.partition("=")
+                params[name.lower()] = value if eq else None
+            return params
+        for match in _PARAM_ITEM.finditer(text):
+            params[match.group(1).lower()] = match.group(2)
         return params
     if not text.strip():
-        if text and ";" in text:
-            raise ParseError(f"empty parameter in {what}")
-        return params
+        raise ParseError(f"empty parameter in {what}")
     i = 0
     n = len(text)
     while True:
@@ -284,7 +287,7 @@ class NameAddr:
         return NameAddr(self.uri.copy(), self.display, dict(self.params))
 
     def __str__(self) -> str:
-        if self._text is not None and (self._uri is None or self._uri._text is not None):
+        if self._text is not None and (self._uri is None or str(self._uri) == self._uri_text):
             return self._text
         out = f"<{self.uri}>"
         if self.display:
@@ -321,7 +324,8 @@ class Via:
             # Fast path for the canonical spelling; anything unusual takes the general parser below.
             transport, hostport, params_text = match.groups()
             host, port = split_hostport(hostport, "Via sent-by")
-            via = cls(transport, host, port, parse_params(params_text, "Via") if params_text else {})
+            params = parse_params(params_text, "Via") if params_text is not None else {}
+            via = cls(transport, host, port, params)
             via._text = text
             if "rport" in via.params or "ttl" in via.params:
                 via._check_numbers()

@@ -467,11 +467,11 @@ def _split_head(data: bytes) -> tuple[list[str], int, int]:
 
 
 def _parse_start_line(line: str) -> Message:
-    if line.startswith("SIP/"):
+    if line[:4].upper() == "SIP/":
         parts = line.split(" ", 2)
         if len(parts) < 2:
             raise ParseError("bad status line")
-        if parts[0] != SIP_VERSION:
+        if parts[0].upper() != SIP_VERSION:
             raise ParseError("unsupported SIP version", 505)
         code = parts[1]
         if len(code) != 3 or not code.isdigit() or not 100 <= int(code) <= 699:
@@ -483,7 +483,7 @@ def _parse_start_line(line: str) -> Message:
     method, uri, version = parts
     if not is_token(method):
         raise ParseError("bad method")
-    if version != SIP_VERSION:
+    if version.upper() != SIP_VERSION:  # RFC 3261 §7.1: the version is case-insensitive
         if version.upper().startswith("SIP/"):
             raise ParseError("unsupported SIP version", 505)
         raise ParseError("bad request line")
@@ -494,7 +494,7 @@ def _parse_start_line(line: str) -> Message:
 
 # Header name as written -> lookup key. Names repeat endlessly on the wire, so validating and
 # folding each one once saves most of the per-header cost.
-_KEYS: dict[str, str] = {}
+_KEYS: dict[str, tuple[str, str]] = {}
 
 
 def _parse_headers(msg: Message, lines: list[str]) -> None:
@@ -513,17 +513,17 @@ def _parse_headers(msg: Message, lines: list[str]) -> None:
         colon = line.find(":")
         if colon <= 0:
             raise ParseError("header line without a colon")
-        name = line[:colon]
-        key = _KEYS.get(name)
-        if key is None:
-            name = name.rstrip(" \t")
+        written = line[:colon]
+        known = _KEYS.get(written)
+        if known is None:
+            name = written.rstrip(" \t")
             if not is_token(name):
                 raise ParseError("bad header name")
             key = name.lower()
-            key = COMPACT.get(key, key)
+            known = (COMPACT.get(key, key), name)
             if len(_KEYS) < 1024:
-                _KEYS[line[:colon]] = key
-        last = [key, name, line[colon + 1:].strip(), line]
+                _KEYS[written] = known
+        last = [known[0], known[1], line[colon + 1:].strip(), line]
         headers.append(last)
 
 

@@ -177,7 +177,7 @@ class _StreamProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.layer._stream_data(self, data)
 
-    def connectionLost(self, reason: Failure = error.ConnectionDone) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.up = False
         self.layer._stream_lost(self, reason)
         if not self.lost.called:
@@ -587,7 +587,9 @@ class TransportLayer(Service):
 
     def _send_response(self, resp: Response, flow: Flow | None) -> None:
         via = resp.top_via
-        name = via.transport.lower()
+        # The transport the request arrived on decides, not what its Via claims: a request that
+        # came over UDP is answered over UDP even if its sent-protocol says TCP (RFC 4475 scalar02).
+        name = flow.transport if flow is not None else via.transport.lower()
         data = resp.to_bytes()
         if name in _STREAMS:
             if flow is not None and flow.live and flow.reliable:

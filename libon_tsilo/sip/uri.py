@@ -140,7 +140,9 @@ class URI:
         if lscheme not in ("sip", "sips"):
             if not re.match(r"^[A-Za-z][A-Za-z0-9+\-.]*$", scheme):
                 raise ParseError("bad URI scheme")
-            return AbsoluteURI(lscheme, rest)
+            absolute = AbsoluteURI(lscheme, rest)
+            absolute._text = text
+            return absolute
         uri = cls.__new__(cls)
         uri.scheme = lscheme
         uri._text = text
@@ -164,6 +166,8 @@ class URI:
         semi = hostpart.find(";")
         if semi >= 0:
             hostport, params_text = hostpart[:semi], hostpart[semi + 1:]
+            if not params_text:
+                raise ParseError("empty parameter in URI")
         else:
             hostport, params_text = hostpart, ""
         uri.host, uri.port = split_hostport(hostport, "URI host")
@@ -271,6 +275,10 @@ def _unesc(value: str | None) -> str | None:
     return unescape(value) if value is not None else None
 
 
+# RFC 3966 §5.1.1 visual separators do not count when comparing numbers.
+_VISUAL = str.maketrans("", "", "-.()")
+
+
 class TelURI(URI):
     """tel: URI (RFC 3966): ``number`` is the subscriber number; ``params`` as for SIP."""
 
@@ -302,13 +310,12 @@ class TelURI(URI):
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TelURI):
             return NotImplemented
-        strip = str.maketrans("", "", "-.()")
-        return (self.number.translate(strip).lower() == other.number.translate(strip).lower()
+        return (self.number.translate(_VISUAL).lower() == other.number.translate(_VISUAL).lower()
                 and {k: (v or "").lower() for k, v in self.params.items()}
                 == {k: (v or "").lower() for k, v in other.params.items()})
 
     def __hash__(self) -> int:
-        return hash(("tel", self.number))
+        return hash(("tel", self.number.translate(_VISUAL).lower()))
 
 
 class AbsoluteURI(URI):
@@ -328,7 +335,7 @@ class AbsoluteURI(URI):
         self._text = f"{scheme}:{opaque}"
 
     def __str__(self) -> str:
-        return f"{self.scheme}:{self.opaque}"
+        return self._text if self._text is not None else f"{self.scheme}:{self.opaque}"
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, AbsoluteURI):

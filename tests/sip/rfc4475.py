@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-CORPUS_DIR = Path(os.environ.get("RFC4475_DIR", "/work/shared/testdata/rfc4475"))
+# A copy of the corpus lives in the repo so that CI on a fresh clone has it.
+CORPUS_DIR = Path(os.environ.get("RFC4475_DIR", Path(__file__).resolve().parents[1] / "data" / "rfc4475"))
 
 # 3.1.1: valid, must parse, a server handles them normally.
 VALID = (

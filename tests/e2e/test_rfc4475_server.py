@@ -1,0 +1,158 @@
+"""RFC 4475 torture messages sent over UDP to the real `twistd -n libon-tsilo` process.
+
+Each message's Via sent-by is first rewritten to the test's own socket (never the example.com or
+192.0.2.x addresses inside the corpus). The server must answer as RFC 4475 describes for a
+UAS/registrar, drop what cannot be answered, and stay up: after every message an OPTIONS must still
+get its 200. Fake used: none, a plain UDP socket.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+
+import pytest
+
+from tests.e2e.proc import HOST, options_request
+from tests.sip import rfc4475
+
+pytestmark = pytest.mark.skipif(not rfc4475.available(), reason="RFC 4475 corpus missing")
+
+_SENT_BY = re.compile(
+    rb"(SIP\s*/\s*\d\.\d\s*/\s*[A-Za-z]+\s+)(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+)(\s*:\s*\d+)?"
+)
+_VIA_LINE = re.compile(rb"^(via|v)[ \t]*:", re.IGNORECASE)
+
+# What a UAS/registrar answers (None: no answer can be formed, or the message is a response).
+EXPECTED: dict[str, int | None] = {
+    # 3.1.2 invalid
+    "badinv01": 400, "clerr": 400, "ncl": 400, "scalar02": 400, "quotbal": 400, "ltgtruri": 400,
+    "lwsruri": 400, "lwsstart": 400, "trws": 400, "escruri": 400, "baddate": 400, "regbadct": 400,
+    "badaspec": 400, "baddn": 400, "badvers": 505, "mismatch01": 400, "mismatch02": 400,
+    "scalarlg": None, "bigcode": None,
+    # 3.3 application layer
+    "insuf": None,  # no From, To nor Call-ID: a response cannot be formed
+    "unkscm": 416, "novelsc": 416, "bext01": 420, "invut": 415, "multi01": 400, "mcl01": 400,
+    "zeromf": 483, "cparam01": 200, "cparam02": 200, "regescrt": 200, "sdp01": 406,
+    "bcast": None,
+    # valid ones with a definite answer: unknown methods
+    "intmeth": 501, "esc02": 501,
+    # 3.2: an OPTIONS with a bare magic cookie as its branch is still a request to answer
+    "badbranch": 200,
+}
+# unksm2: a REGISTER whose To is an isbn: URI. Which refusal a registrar picks is its choice.
+REFUSED = {"unksm2": (400, 404, 416)}
+
+
+def rewrite_via(data: bytes, port: int) -> bytes:
+    """Point every Via sent-by at 127.0.0.1:port, folded Via lines included."""
+    end = data.find(b"\r\n\r\n")
+    head, body = data[:end], data[end:]
+    lines = head.split(b"\r\n")
+    out: list[bytes] = []
+    in_via = False
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            if in_via:
+                out[-1] += b" " + line.strip()
+                continue
+        else:
+            in_via = bool(_VIA_LINE.match(line))
+        out.append(line)
+    rewritten = [
+        _SENT_BY.sub(lambda m: m.group(1) + HOST.encode() + b":%d" % port, line)
+        if _VIA_LINE.match(line) else line
+        for line in out
+    ]
+    return b"\r\n".join(rewritten) + body
+
+
+_CALL_ID = re.compile(rb"^(?:call-id|i)[ \t]*:[ \t]*(\S+)", re.IGNORECASE | re.MULTILINE)
+
+
+def exchange(sock: socket.socket, server: tuple[str, int], data: bytes, wait: float) -> list[bytes]:
+    """Send ``data``; return the replies that carry its Call-ID (late answers to earlier ones are skipped)."""
+    match = _CALL_ID.search(data)
+    call_id = match.group(1) if match else None
+    sock.sendto(data, server)
+    replies = []
+    sock.settimeout(wait)
+    try:
+        while True:
+            reply, _ = sock.recvfrom(65535)
+            found = _CALL_ID.search(reply)
+            if call_id is None or (found and found.group(1) == call_id):
+                replies.append(reply)
+                if final_status(replies) is not None:
+                    sock.settimeout(0.1)
+    except TimeoutError:
+        pass
+    return replies
+
+
+def final_status(replies: list[bytes]) -> int | None:
+    for reply in replies:
+        status = int(reply.split(b" ", 2)[1])
+        if status >= 200:
+            return status
+    return None
+
+
+@pytest.fixture(scope="module")
+def udp_socket():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((HOST, 0))
+    yield sock
+    sock.close()
+
+
+def _server_extra(auth: bool) -> dict:
+    return {
+        "sip": {"domains": ["example.com", "localhost", HOST]},
+        "auth": {"enabled": auth},
+        "location": {"backend": "memory"},
+    }
+
+
+def test_torture_messages_get_the_rfc_answers(start_sip_server) -> None:
+    server = start_sip_server(extra=_server_extra(auth=False), tls=False)
+    address = (server.host, server.sip_port)
+    problems = []
+    for name in rfc4475.ALL:
+        if name == "regaut01":
+            continue  # needs authentication on: see the next test
+        # A socket per message: the corpus reuses branch z9hG4bKkdjuw, so with one sent-by the server
+        # would rightly take each message for a retransmission of the previous one.
+        udp_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp_socket.bind((HOST, 0))
+        port = udp_socket.getsockname()[1]
+        data = rewrite_via(rfc4475.load(name), port)
+        expected = EXPECTED.get(name, "handled")
+        is_response = name in rfc4475.RESPONSES
+        replies = exchange(udp_socket, address, data, 0.3 if expected is None or is_response else 2.0)
+        status = final_status(replies)
+        if name in REFUSED:
+            ok = status in REFUSED[name]
+        elif expected == "handled":
+            # valid requests are handled normally: a final answer that is not a rejection of the syntax
+            ok = is_response and not replies or (status is not None and status not in (400, 500))
+        else:
+            ok = status == expected and (expected is not None or not replies)
+        if not ok:
+            wanted = REFUSED.get(name, expected)
+            problems.append(f"{name}: expected {wanted}, got {status} ({len(replies)} replies)")
+        # the server must still be up and answering after every message
+        alive = exchange(udp_socket, address, options_request(HOST, server.sip_port, port), 2.0)
+        udp_socket.close()
+        if final_status(alive) != 200:
+            problems.append(f"{name}: server no longer answers OPTIONS")
+            break
+    assert not problems, "\n".join(problems) + "\n" + server.output()[-4000:]
+
+
+def test_regaut01_is_challenged(start_sip_server, udp_socket) -> None:
+    server = start_sip_server(extra=_server_extra(auth=True), tls=False)
+    data = rewrite_via(rfc4475.load("regaut01"), udp_socket.getsockname()[1])
+    replies = exchange(udp_socket, (server.host, server.sip_port), data, 2.0)
+    assert final_status(replies) == 401, replies
+    assert b"WWW-Authenticate: Digest" in replies[-1]
