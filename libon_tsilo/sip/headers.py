@@ -188,6 +188,11 @@ def format_params(params: dict[str, str | None]) -> str:
     return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
 
 
+_SIMPLE_NAME_ADDR = re.compile(
+    r'^[ \t]*(?:"([^"\\\r\n]*)"[ \t]*|([A-Za-z0-9\-.!%*_+`\'~ \t]*?)[ \t]*)<([^<>\s"]+)>(?:[ \t]*;(.*))?$'
+)
+
+
 class NameAddr:
     """name-addr or addr-spec with header parameters (From, To, Contact, Route, ...)."""
 
@@ -208,10 +213,28 @@ class NameAddr:
 
     @classmethod
     def parse(cls, text: str) -> NameAddr:
+        match = _SIMPLE_NAME_ADDR.match(text)
+        if match is not None:
+            # Fast path: <URI> with an optional plain display name, the usual shape on the wire.
+            quoted, words, uri_text, params_text = match.groups()
+            if quoted is not None:
+                display: str | None = quoted
+            elif words:
+                display = " ".join(words.split())
+            else:
+                display = None
+            params = parse_params(params_text, "address") if params_text is not None else {}
+            obj = cls(uri_text, display, params)
+            obj._text = text.strip()
+            return obj
+        return cls._parse_general(text)
+
+    @classmethod
+    def _parse_general(cls, text: str) -> NameAddr:
         text = text.strip()
         if not text:
             raise ParseError("empty address")
-        display: str | None = None
+        display = None
         lt = -1
         if text[0] == '"':
             end = _scan_quoted(text, 0)

@@ -453,8 +453,8 @@ class Response(Message):
 # -- parsing ----------------------------------------------------------------------------------------
 
 
-def _split_head(data: bytes) -> tuple[list[str], int, int]:
-    """Return the head's lines, where the message starts and where its body starts."""
+def _split_head(data: bytes) -> tuple[list[str], int, int, bool]:
+    """The head's lines, where the message starts, where its body starts, and whether lines are folded."""
     # RFC 3261 §7.5: empty lines before the start line are ignored (keep-alives on streams).
     start = 0
     while data.startswith(b"\r\n", start):
@@ -463,7 +463,7 @@ def _split_head(data: bytes) -> tuple[list[str], int, int]:
     if end < 0:
         raise ParseError("no empty line after the headers")
     head = data[start:end].decode("utf-8", "surrogateescape")
-    return head.split("\r\n"), start, end + 4
+    return head.split("\r\n"), start, end + 4, "\n " in head or "\n\t" in head
 
 
 def _parse_start_line(line: str) -> Message:
@@ -497,14 +497,42 @@ def _parse_start_line(line: str) -> Message:
 _KEYS: dict[str, tuple[str, str]] = {}
 
 
-def _parse_headers(msg: Message, lines: list[str]) -> None:
+def _header_key(written: str) -> tuple[str, str]:
+    """(lookup key, name) for a header name as written; validated once per distinct spelling."""
+    known = _KEYS.get(written)
+    if known is None:
+        name = written.rstrip(" \t")
+        if not written or not is_token(name):
+            raise ParseError("bad header name")
+        key = name.lower()
+        known = (COMPACT.get(key, key), name)
+        if len(_KEYS) < 1024:
+            _KEYS[written] = known
+    return known
+
+
+def _parse_headers(msg: Message, lines: list[str], folded: bool) -> None:
     headers = msg._headers
+    index: dict[str, list[Any]] = {}
+    keys = _KEYS
+    if not folded:
+        # No continuation lines: the common case, kept to the bare minimum of work per line.
+        for line in lines:
+            colon = line.find(":")
+            if colon <= 0:
+                raise ParseError("header line without a colon")
+            known = keys.get(line[:colon]) or _header_key(line[:colon])
+            entry = [known[0], known[1], line[colon + 1:].strip(), line]
+            headers.append(entry)
+            if known[0] not in index:
+                index[known[0]] = entry
+        msg._index = index
+        return
     last: list[Any] | None = None
     for line in lines:
         if not line:
             continue
-        first = line[0]
-        if first == " " or first == "\t":
+        if line[0] in " \t":
             if last is None:
                 raise ParseError("folded line before the first header")
             last[2] = f"{last[2]} {line.strip()}".strip()
@@ -513,18 +541,12 @@ def _parse_headers(msg: Message, lines: list[str]) -> None:
         colon = line.find(":")
         if colon <= 0:
             raise ParseError("header line without a colon")
-        written = line[:colon]
-        known = _KEYS.get(written)
-        if known is None:
-            name = written.rstrip(" \t")
-            if not is_token(name):
-                raise ParseError("bad header name")
-            key = name.lower()
-            known = (COMPACT.get(key, key), name)
-            if len(_KEYS) < 1024:
-                _KEYS[written] = known
+        known = _header_key(line[:colon])
         last = [known[0], known[1], line[colon + 1:].strip(), line]
         headers.append(last)
+        if known[0] not in index:
+            index[known[0]] = last
+    msg._index = index
 
 
 def parse_message(data: bytes, stream: bool = False) -> Request | Response:
@@ -533,14 +555,11 @@ def parse_message(data: bytes, stream: bool = False) -> Request | Response:
     For a datagram (``stream`` False) a Content-Length larger than the bytes present is an error, and
     octets after the body are ignored (RFC 3261 §18.3). The framer has already cut stream messages.
     """
-    lines, start, body_start = _split_head(data)
+    lines, start, body_start, folded = _split_head(data)
     msg = _parse_start_line(lines[0])
-    _parse_headers(msg, lines[1:])
-    length_text = None
-    for entry in msg._headers:
-        if entry[0] == "content-length":
-            length_text = entry[2]
-            break
+    _parse_headers(msg, lines[1:], folded)
+    length_entry = msg._index.get("content-length")  # type: ignore[union-attr]
+    length_text = length_entry[2] if length_entry is not None else None
     available = len(data) - body_start
     if length_text is not None:
         length = parse_uint(length_text, "Content-Length")
