@@ -93,13 +93,16 @@ class Router:
     def cancel_received(self, cancel: Request, invite_stx: Any, flow: Any, stx: Any = None) -> None:
         try:
             if self.cancel is not None:
-                self.cancel(cancel, invite_stx, flow)
+                self.cancel(cancel, invite_stx, flow, stx)
                 return
         except Exception:
             log.failure("CANCEL handler failed", call_id=_call_id(cancel))
-        # No call layer: answer the way a plain UAS would (§9.2).
+        # No call layer (or it failed): answer the way a plain UAS would (§9.2).
         if invite_stx is None:
             _respond(stx, make_response(cancel, 481, to_tag=new_tag()))
+            return
+        _respond(stx, make_response(cancel, 200, to_tag=new_tag()))
+        _respond(invite_stx, make_response(invite_stx.request, 487, to_tag=new_tag()))
 
     def stray_response(self, response: Response, flow: Any) -> None:
         if self.stray is None:
