@@ -14,7 +14,7 @@ from libon_tsilo.sip.message import parse_message
 from tests.registrar.helpers import FakeFlow, FakeFlowKey, digest_authorization, register_text
 from tests.registrar.test_registrar import AOR, Env
 
-RFC4475 = Path("/work/shared/testdata/rfc4475")
+RFC4475 = Path(__file__).resolve().parents[1] / "data" / "rfc4475"
 REALM = "example.com"
 
 

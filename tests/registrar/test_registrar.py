@@ -14,7 +14,7 @@ from libon_tsilo.sip.message import parse_message
 from libon_tsilo.sip.uri import URI
 from tests.registrar.helpers import BrokenObserver, FakeFlow, FakeFlowKey, FakeStx, RecordingObserver, register_text
 
-RFC4475 = Path("/work/shared/testdata/rfc4475")
+RFC4475 = Path(__file__).resolve().parents[1] / "data" / "rfc4475"
 AOR = "sip:alice@example.com"
 
 
