@@ -127,6 +127,13 @@ class Registrar:
         try:
             resp = self._process(request, flow)
         except _Reject as rej:
+            log.info(
+                "REGISTER for {to} refused: {status} {reason}",
+                to=request.header("to"),
+                status=rej.status,
+                reason=rej.reason or "",
+                call_id=request.header("call-id"),
+            )
             resp = make_response(request, rej.status, rej.reason, to_tag=new_tag())
             for name, value in rej.headers:
                 resp.add_header(name, value)

@@ -71,6 +71,9 @@ class SqliteBindingStore:
                 reactor = default_reactor
             if threadpool is None:
                 threadpool = self._owned_pool = ThreadPool(minthreads=1, maxthreads=1, name="location-sqlite")
+                # a worker thread left running would keep the process from exiting if stop() is
+                # never called (a crash during start-up): the reactor's shutdown stops it anyway
+                reactor.addSystemEventTrigger("after", "shutdown", self._stop_pool)
             pool = threadpool
 
             def run_in_thread(f: Callable[..., Any], *args: Any) -> defer.Deferred:
@@ -183,8 +186,11 @@ class SqliteBindingStore:
                 self._timer.cancel()
             self._timer = None
             self._db.close()
-            if self._owned_pool is not None and self._owned_pool.started:
-                self._owned_pool.stop()
+            self._stop_pool()
 
         d.addCallback(close)
         return d
+
+    def _stop_pool(self) -> None:
+        if self._owned_pool is not None and self._owned_pool.started:
+            self._owned_pool.stop()
