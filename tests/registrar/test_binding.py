@@ -1,0 +1,29 @@
+"""Binding identity keys, remaining time, (de)serialization."""
+
+from __future__ import annotations
+
+from libon_tsilo.registrar.binding import Binding, binding_key
+from tests.registrar.helpers import make_binding
+
+
+def test_key_precedence() -> None:
+    assert binding_key("sip:a@h", "<urn:uuid:1>", 2, "apns", "t", None) == "instance:<urn:uuid:1>;reg-id=2"
+    assert binding_key("sip:a@h", "<urn:uuid:1>", None, None, None, None) == "instance:<urn:uuid:1>"
+    assert binding_key("sip:a@h", None, None, "apns", "t", "p") == "pn:apns|t|p"
+    assert binding_key("sip:a@h", None, None, "apns", None, None) == "uri:sip:a@h"
+    assert make_binding(uri="sip:x@y").key == "uri:sip:x@y"
+
+
+def test_remaining_rounds_up_and_contact_header() -> None:
+    b = make_binding(expires_at=100.0)
+    assert b.remaining(99.2) == 1 and b.remaining(100.0) == 0 and b.remaining(150.0) == 0
+    assert b.expired(100.0) and not b.expired(99.9)
+    assert b.contact_header(40.0) == "<sip:alice@192.0.2.10:5060>;expires=60"
+
+
+def test_dict_round_trip_ignores_unknown_keys() -> None:
+    b = make_binding(received=("tcp", "h", 5), path=["<sip:p;lr>"], pn_provider="fcm", pn_prid="x")
+    data = b.to_dict()
+    data["from_the_future"] = 1
+    assert Binding.from_dict(data) == b
+    assert not make_binding().push_capable and b.push_capable
