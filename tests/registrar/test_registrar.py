@@ -293,3 +293,33 @@ def test_rfc4475_regaut01_without_auth(env: Env) -> None:
     # no Contact: a query; the unknown Authorization scheme is ignored
     resp = env.send(_torture("regaut01"))
     assert resp.status == 200 and resp.contacts == []
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Contact: <sip:a@h",
+        'Contact: "unterminated <sip:a@h>',
+        "Contact: *, <sip:a@h>",
+        "Expires: -1",
+        "Expires: 99999999999999999999",
+        "Contact: <sip:a@h>;expires=",
+        "Contact: <sip:a@[::1>",
+    ],
+)
+def test_malformed_register_gets_400(env: Env, header: str) -> None:
+    contacts = None if header.startswith("Contact") else ["<sip:a@h1>"]
+    resp = env.register(contacts, extra=[header])
+    assert resp.status == 400
+    assert resp.reason and "\n" not in resp.reason
+    assert env.store.lookup(AOR) == []
+
+
+def test_internal_error_gets_500_and_store_survives(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(*a: Any, **k: Any) -> None:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(env.registrar, "_check_require", boom)
+    assert env.register(["<sip:a@h1>"]).status == 500
+    monkeypatch.undo()
+    assert env.register(["<sip:a@h1>"], cseq=2).status == 200
