@@ -272,8 +272,11 @@ def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
 
 
 def _add_silo(root: LibonTsiloService, parts: Parts) -> None:
-    # TODO(lead): parts.silo = Silo(...); parts.location.subscribe(parts.silo)
-    pass
+    from libon_tsilo.silo.silo import Silo
+
+    parts.silo = Silo(parts.clock, parts.location, max_pending_per_aor=parts.config.calls.max_pending_per_aor)
+    if parts.location is not None:
+        parts.location.subscribe(parts.silo)
 
 
 def _add_push(root: LibonTsiloService, parts: Parts) -> None:
@@ -283,9 +286,29 @@ def _add_push(root: LibonTsiloService, parts: Parts) -> None:
 
 
 def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
-    # TODO(lead): parts.b2bua = ...(parts.transactions, parts.silo, parts.waker, config.calls);
-    # register its drain with root.drainers.append(parts.b2bua.drain)
-    pass
+    from libon_tsilo.b2bua.manager import CallManager, CallSettings, authorizer_from_policy
+    from libon_tsilo.b2bua.ports import TransactionPort
+
+    if parts.transactions is None:
+        return
+    cfg = parts.config
+    domains = frozenset(d.lower() for d in cfg.sip.domains)
+    auth = parts.extra.get("auth")
+    kwargs: dict[str, Any] = {}
+    if auth is not None:
+        kwargs["authorize"] = authorizer_from_policy(auth)
+    parts.b2bua = CallManager(
+        parts.clock,
+        TransactionPort(parts.transactions, parts.clock),
+        parts.silo,
+        parts.location,
+        parts.waker,
+        CallSettings.from_config(cfg.calls, use_domain=cfg.registrar.use_domain),
+        is_local=lambda uri: uri.host.lower().rstrip(".") in domains,
+        **kwargs,
+    )
+    if parts.transport is not None:
+        parts.transport.flows.subscribe_close(parts.b2bua.flow_closed)
 
 
 def _add_router(root: LibonTsiloService, parts: Parts) -> None:
@@ -298,6 +321,13 @@ def _add_router(root: LibonTsiloService, parts: Parts) -> None:
     parts.transactions.tu = parts.router
     if parts.registrar is not None:
         parts.router.route("REGISTER", parts.registrar.handle_register)
+    calls = parts.b2bua
+    if calls is not None:
+        parts.router.route("INVITE", calls.handle_invite)
+        parts.router.in_dialog = calls.handle_in_dialog
+        parts.router.ack = calls.handle_ack
+        parts.router.cancel = calls.handle_cancel
+        parts.router.stray = calls.stray_response
 
 
 def _add_manhole(root: LibonTsiloService, parts: Parts) -> None:
