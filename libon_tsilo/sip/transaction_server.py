@@ -44,12 +44,14 @@ class ServerTransaction(TransactionBase):
         raise NotImplementedError
 
     def _send(self, resp: Response) -> bool:
-        """Hand a response to the transport; a failure ends the transaction (RFC 3261 §17.2.4)."""
+        """Hand a response to the transport; a failure ends the transaction (RFC 3261 §17.2.4),
+        except in Accepted, which stays to absorb retransmissions (RFC 6026 §8.7)."""
         try:
             self.layer.transport.send_response(resp, self.flow)
         except Exception:
             log.failure("sending {status} failed", status=resp.status, call_id=_call_id(self.request))
-            self.terminate()
+            if self.state is not State.ACCEPTED:
+                self.terminate()
             self.layer.tu_hook("transport_error", self)
             return False
         return True

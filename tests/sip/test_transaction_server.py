@@ -359,3 +359,15 @@ def test_the_real_router_answers_an_unmatched_cancel_with_481_on_its_stx():
     assert env.transport.statuses() == [481]
     env.clock.advance(32)
     env.assert_clean()
+
+
+def test_transport_error_in_accepted_keeps_the_transaction_until_timer_L():
+    env = Env()
+    stx = _invite(env)
+    env.transport.fail = True
+    stx.respond(make_response(stx.request, 200, to_tag="srv1"))
+    assert stx.state is State.ACCEPTED and env.tu.transport_errors == [stx]
+    env.feed(request_text("INVITE"), UDP)  # still absorbed
+    assert len(env.tu.requests) == 1
+    env.clock.advance(32)
+    env.assert_clean()
