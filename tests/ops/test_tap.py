@@ -342,3 +342,16 @@ def test_set_level_only_on_our_observers():
     assert not set_level(lambda event: None, "info")
     with pytest.raises(ValueError):
         set_level(obs, "loud")
+
+
+def test_unparsable_pem_is_a_config_error_before_listening(tmp_path, capsys):
+    (tmp_path / "g.pem").write_text("garbage\n")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[sip]\nlisten = ["tls:127.0.0.1:0"]\n[tls]\ncertificate = "g.pem"\nprivate_key = "g.pem"\n')
+    opts = tap.Options()
+    opts.parseOptions(["--config", str(cfg)])
+    with pytest.raises(SystemExit) as info:
+        tap.makeService(opts)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("libon-tsilo: config error: tls.certificate: ") and err.count("\n") == 1
