@@ -143,7 +143,7 @@ class FakeFCM:
         self.requests: list[RecordedRequest] = []
         self._waiters: list[tuple[Callable[[], bool], defer.Deferred[None]]] = []
         self._pending: dict[Any, IDelayedCall | None] = {}
-        self._channels: set[HTTPChannel] = set()
+        self._channels: dict[HTTPChannel, defer.Deferred[None]] = {}
         self._port: IListeningPort | None = None
         self.message_counter = 0
 
@@ -225,17 +225,20 @@ class FakeFCM:
             if call is not None and call.active():
                 call.cancel()
         self._pending.clear()
-        for channel in list(self._channels):
-            if channel.transport is not None:
-                channel.transport.abortConnection()
-        self._channels.clear()
+        # wait for every dropped connection to be really closed, so a client thread blocked on one
+        # sees EOF now (tests join their thread pools right after)
+        live = [(_transport_of(channel), lost) for channel, lost in self._channels.items()]
+        closing = [lost for transport, lost in live if transport is not None]
+        for transport, _ in live:
+            if transport is not None:
+                transport.abortConnection()
         if self._record_file is not None:
             self._record_file.close()
             self._record_file = None
         port, self._port = self._port, None
-        if port is None:
-            return defer.succeed(None)
-        return defer.maybeDeferred(port.stopListening)
+        if port is not None:
+            closing.append(defer.maybeDeferred(port.stopListening))
+        return defer.gatherResults(closing, consumeErrors=True).addCallback(lambda _: None)
 
     # -- request handling (called by _Root) ----------------------------------------------------
 
@@ -452,6 +455,12 @@ def _write_json(request: server.Request, status: int, payload: dict[str, Any],
     return body
 
 
+def _transport_of(channel: Any) -> Any:
+    # Site builds a protocol-negotiating wrapper (HTTP/1.1 or h2) around the real HTTPChannel
+    inner = getattr(channel, "_channel", channel)
+    return getattr(inner, "transport", None)
+
+
 class _Root(resource.Resource):
     isLeaf = True
 
@@ -466,7 +475,7 @@ class _Root(resource.Resource):
 class _TrackingSite(server.Site):
     """A Site that remembers its live connections so stop() can drop keep-alive and hung ones."""
 
-    def __init__(self, root: resource.Resource, channels: set[HTTPChannel]) -> None:
+    def __init__(self, root: resource.Resource, channels: dict[HTTPChannel, defer.Deferred[None]]) -> None:
         super().__init__(root)
         self._live = channels
         self.displayTracebacks = False
@@ -474,12 +483,16 @@ class _TrackingSite(server.Site):
     def buildProtocol(self, addr: Any) -> HTTPChannel:
         channel = super().buildProtocol(addr)
         live = self._live
-        live.add(channel)
+        gone: defer.Deferred[None] = defer.Deferred()
+        live[channel] = gone
         lost = channel.connectionLost
 
         def connection_lost(reason: Any) -> None:
-            live.discard(channel)
-            lost(reason)
+            live.pop(channel, None)
+            try:
+                lost(reason)
+            finally:
+                gone.callback(None)
 
         channel.connectionLost = connection_lost  # type: ignore[method-assign]
         return channel
