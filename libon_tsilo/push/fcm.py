@@ -252,7 +252,7 @@ class FCMSender:
         self._policy = policy or RetryPolicy()
         self.on_result = on_result
         self.stats = SenderStats()
-        self._config_error_logged = False
+        self._config_errors_logged: set[str] = set()
         self._fcm = _BoundedFCM(app_config.service_account_file, app_config.project_id,
                                 app_config.endpoint, threadpool.max)
 
@@ -292,11 +292,11 @@ class FCMSender:
         self.stats.record(result.outcome)
         if result.outcome == CONFIG_ERROR:
             self._report_config_error(result, req)
-        elif result.outcome == DELIVERED:
-            self._config_error_logged = False  # a later breakage deserves a loud log line again
-        log.info("fcm push {push_id} {kind} to {token}: {outcome} ({reason}) after {attempts} attempt(s)",
-                 push_id=req.push_id, kind=req.kind, token=redact(req.prid), outcome=result.outcome,
-                 reason=result.reason, attempts=result.attempts, call_id=req.call_id)
+        log.info("fcm push {push_id} ({kind}) to {token} for {aor}: {outcome} {status} {reason}"
+                 " after {attempts} attempt(s), {latency:.3f}s",
+                 push_id=req.push_id, kind=req.kind, token=redact(req.prid), aor=req.aor,
+                 outcome=result.outcome, status=result.status, reason=result.reason,
+                 attempts=result.attempts, latency=latency, call_id=req.call_id)
         if self.on_result is not None:
             try:
                 self.on_result(self.provider, result.outcome, latency)
@@ -305,9 +305,10 @@ class FCMSender:
         return result
 
     def _report_config_error(self, result: PushResult, req: PushRequest) -> None:
-        if self._config_error_logged:
+        # once per distinct reason: a broken service account would otherwise log on every call
+        if result.reason in self._config_errors_logged:
             return
-        self._config_error_logged = True
+        self._config_errors_logged.add(result.reason)
         log.critical(
             "FCM project {project}: configuration error, pushes will fail until fixed: {reason} "
             "(status {status}); further errors are not logged at this level",
