@@ -271,3 +271,16 @@ async def test_local_via_and_bad_config() -> None:
         assert layer.local_via("tls")[1] == 5061  # no tls listener: default port
     finally:
         await layer.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_udp_target_by_name_is_resolved_off_the_send_path(harness, peer) -> None:
+    h = harness()
+    client, cport = peer()
+    req = parse_message(sip_request(method="MESSAGE", via="SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bK-d1"))
+    # a name: nothing to return yet, the datagram leaves once "localhost" is resolved
+    assert h.layer.send_request(req, Target("udp", "localhost", cport)) is None
+    data, _ = await client.next()
+    assert parse_message(data).method == "MESSAGE"
+    with pytest.raises(TransportError, match="sctp"):
+        h.layer.send_request(req, Target("sctp", "127.0.0.1", cport))
