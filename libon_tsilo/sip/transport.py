@@ -1,7 +1,10 @@
 """SIP over UDP, TCP and TLS: listening ports, inbound parsing, response routing, outbound connections.
 
 TransportLayer is a twisted Service. Every inbound message is parsed, validated and handed to
-``sink(msg, flow)``; the transaction layer sets ``sink``.
+``sink(msg, flow)``; the transaction layer sets ``sink`` and ``on_send_error``. Public surface:
+``bound`` (the (transport, host, port) actually listened on, port 0 resolved), ``flows`` (FlowTable),
+``send_request``, ``send_response``, ``local_via(transport, remote_host=None)`` (IPv6 hosts bracketed)
+and ``Target(transport, host, port, server_name=None)``.
 
 Choices (and where they differ from a plain reading of the RFCs):
 
@@ -30,6 +33,8 @@ Choices (and where they differ from a plain reading of the RFCs):
   certificate failure, DNS failure for a UDP target name) is reported through ``on_send_error(target,
   reason)`` once per target that queued data on the failed connection. A UDP target given by name is
   resolved asynchronously (never the response path) and send_request returns None for it.
+- UDP pseudo-flows live until flow_idle_timeout without traffic, like connections; a flood from many
+  source addresses therefore grows the table for that long (no cap yet).
 - Idle timers run on the injected ``clock``; sockets run on ``reactor`` (the global one by default).
   stopService closes every port and connection, cancels every timer, and returns a Deferred that
   fires when all ports and connections are gone.
