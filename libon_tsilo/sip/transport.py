@@ -412,14 +412,12 @@ class TransportLayer(Service):
         if proto.failed or flow is None:
             return
         self.flows.touch(flow)
+        failure: ParseError | None = None
         try:
             items = proto.framer.feed(data)
         except ParseError as e:
-            proto.failed = True
-            log.warn("framing error on {flow_id}: {reason}; closing", flow_id=flow.id, reason=e.reason)
-            self._answer_unparseable(getattr(e, "data", data), e, flow)
-            proto.close()
-            return
+            # messages framed before the bad one (when the framer hands them over) still count
+            items, failure = list(getattr(e, "framed", ())), e
         for kind, payload in items:
             if kind == "msg":
                 self._inbound(payload, flow, stream=True)
@@ -427,6 +425,11 @@ class TransportLayer(Service):
                 proto.send(b"\r\n")
             if not flow.live:
                 return
+        if failure is not None:
+            proto.failed = True
+            log.warn("framing error on {flow_id}: {why}; closing", flow_id=flow.id, why=failure.reason)
+            self._answer_unparseable(getattr(failure, "data", data), failure, flow)
+            proto.close()
 
     def _stream_lost(self, proto: _StreamProtocol, reason: Failure | None) -> None:
         flow = proto.flow

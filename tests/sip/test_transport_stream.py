@@ -16,6 +16,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
+from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.message import Request, make_response, parse_message
 from libon_tsilo.sip.transport import Target, TransportLayer, _ServerFactory
 from tests.sip.tlsutil import StreamPeer, sip_request, wait
@@ -90,6 +91,26 @@ def test_missing_content_length_answers_400_and_closes() -> None:
     assert f.got == [] and f.written() == b""
     f.proto.connectionLost(Failure(ConnectionDone()))
     assert closed == [f.flow] and f.layer.flows.live_count() == 0
+
+
+def test_messages_framed_before_a_framing_error_are_delivered() -> None:
+    good = sip_request(via=VIA, call_id="good")
+    bad = sip_request(via=VIA, content_length=None)
+
+    class Framer:  # a framer that hands over what it framed before failing
+        def feed(self, data: bytes):
+            err = ParseError("missing Content-Length on a stream")
+            err.framed = [("msg", good), ("ping", b"")]
+            err.data = bad
+            raise err
+
+    f = Fed()
+    f.proto.framer = Framer()
+    f.feed(good + bad)
+    assert [m.call_id for m, _ in f.got] == ["good"]
+    out = f.written()
+    assert out.startswith(b"\r\n") and parse_message(out[2:]).status == 400
+    assert f.wire.disconnecting
 
 
 def test_oversize_message_closes_with_513() -> None:
