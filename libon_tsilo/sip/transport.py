@@ -355,6 +355,7 @@ class TransportLayer(Service):
         """Send ``req`` over ``flow`` when live, else towards ``target``; returns the flow used."""
         data = req.to_bytes()
         if flow is not None and flow.live:
+            self._watch(flow, target)
             self._send_on(flow, data)
             return flow
         name = target.transport.lower()
@@ -568,11 +569,15 @@ class TransportLayer(Service):
         flow = self.flows.find_remote(name, remote)
         if flow is None or not flow.live:
             flow = self._connect(target, name, remote)
+        self._watch(flow, target)
+        self._send_on(flow, data)
+        return flow
+
+    def _watch(self, flow: Flow, target: Target) -> None:
+        """Remember ``target`` on a connection not yet up, to tell on_send_error if it never comes up."""
         proto = self._protos.get(flow.id)
         if proto is not None and proto.pending and all(t is not target for t in proto.targets):
             proto.targets.append(target)
-        self._send_on(flow, data)
-        return flow
 
     def _connect(self, target: Target, name: str, remote: HostPort) -> Flow:
         if not self.running:

@@ -318,8 +318,12 @@ async def test_connect_failure_reported_to_on_send_error(server) -> None:
     target = Target("tcp", "127.0.0.1", _dead_port())
     req = parse_message(sip_request(via="SIP/2.0/TCP 127.0.0.1:5060;branch=z9hG4bK-f"))
     flow = s.layer.send_request(req, target)
-    got_target, reason = await wait(errors.get())
-    assert got_target is target and "connect" in reason
+    # a second request handed the still-pending flow is told about the failure too
+    other = Target("tcp", "127.0.0.1", target.port)
+    assert s.layer.send_request(req, other, flow) is flow
+    got = [await wait(errors.get()), await wait(errors.get())]
+    assert [t for t, _ in got] == [target, other] and got[0][0] is target and got[1][0] is other
+    assert all("connect" in reason for _, reason in got)
     assert not flow.live and s.layer.flows.live_count() == 0
 
 
