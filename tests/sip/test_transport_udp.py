@@ -284,3 +284,15 @@ async def test_udp_target_by_name_is_resolved_off_the_send_path(harness, peer) -
     assert parse_message(data).method == "MESSAGE"
     with pytest.raises(TransportError, match="sctp"):
         h.layer.send_request(req, Target("sctp", "127.0.0.1", cport))
+
+
+@pytest_twisted.ensureDeferred
+async def test_response_follows_the_arrival_transport_not_the_via(harness, peer) -> None:
+    h = harness()
+    client, cport = peer()
+    # RFC 4475 scalar02-like: the Via claims TCP, but the request came over UDP
+    client.send(sip_request(via="SIP/2.0/TCP phone.invalid:5999;rport;branch=z9hG4bK-vt"), h.addr())
+    msg, flow = await h.next()
+    h.layer.send_response(make_response(msg, 200), flow)
+    data, _ = await client.next()
+    assert parse_message(data).status == 200
