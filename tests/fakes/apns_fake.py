@@ -393,10 +393,11 @@ class _APNsServerProtocol(Protocol):
             headers.append(("retry-after", step.retry_after))
         try:
             if step.status == 200:
-                self.conn.send_headers(stream_id, headers, end_stream=True)
                 if not self.raised_streams and self.auth.token is not None and not self.auth.rejected:
+                    # before the answer, so a client seeing its first success may already fan out
                     self.raised_streams = True
                     self.conn.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 1000})
+                self.conn.send_headers(stream_id, headers, end_stream=True)
             else:
                 err: dict[str, Any] = {"reason": step.reason}
                 if step.status == 410:
