@@ -131,9 +131,15 @@ class _BoundedFCM(FCMNotification):
             if self.credentials is not None:
                 self.credentials.token = None
 
-    def post(self, body: bytes, budget: float) -> WireReply:
-        """One send within ``budget`` seconds (token fetch included); retried once on an expired token."""
-        deadline = time.monotonic() + budget
+    def post(self, body: bytes, deadline: float, abandoned: threading.Event) -> WireReply:
+        """One send that ends by ``deadline`` (time.monotonic(); token fetch included).
+
+        Retried once on an expired access token. Skipped when the reactor side already gave up
+        (``abandoned``) or the deadline passed while the job waited for a free pool thread: a
+        push sent after the call stopped ringing would wake a phone for nothing.
+        """
+        if abandoned.is_set() or deadline <= time.monotonic():
+            raise _Abandoned()
 
         def left() -> float:
             return max(0.05, deadline - time.monotonic())
@@ -147,6 +153,10 @@ class _BoundedFCM(FCMNotification):
             response = session.post(self.fcm_end_point, data=body, timeout=left(),
                                     headers=self.request_headers())
         return WireReply(response.status_code, response.text, response.headers.get("Retry-After"))
+
+
+class _Abandoned(Exception):
+    """The attempt's time ran out before its thread could start sending."""
 
 
 def _google_error(text: str) -> tuple[str, str, str, list[str]]:
@@ -200,7 +210,7 @@ def classify_reply(reply: WireReply, now: float) -> PushResult:
 def classify_failure(failure: Failure) -> PushResult:
     """Map an exception from the worker thread (or our deadline guard) to a PushResult."""
     e = failure.value
-    if isinstance(e, (DeferredTimeoutError, CancelledError, requests.Timeout)):
+    if isinstance(e, (DeferredTimeoutError, CancelledError, requests.Timeout, _Abandoned)):
         return PushResult(RETRYABLE, "timeout")
     if isinstance(e, requests.ConnectionError):
         return PushResult(RETRYABLE, f"connection error: {type(e).__name__}")
@@ -279,12 +289,21 @@ class FCMSender:
         budget = min(self.timeout, remaining)
         log.debug("fcm push {push_id} attempt {n} to {token}", push_id=req.push_id, n=n,
                   token=redact(req.prid), call_id=req.call_id)
-        d: Deferred[WireReply] = deferToThreadPool(self._reactor, self._pool, self._fcm.post, body, budget)
-        # the thread cannot be interrupted; this guard makes sure our answer never waits past the
-        # ttl (the thread's own socket timeouts free the pool slot soon after)
-        d.addTimeout(remaining, self._clock)
+        # the socket budget is wall time in the worker; the reactor clock can't be read from there
+        wall_deadline = time.monotonic() + budget
+        abandoned = threading.Event()
+        d: Deferred[WireReply] = deferToThreadPool(self._reactor, self._pool, self._fcm.post, body,
+                                                   wall_deadline, abandoned)
+
+        def gave_up(_result: object, _timeout: float) -> PushResult:
+            abandoned.set()
+            return PushResult(RETRYABLE, "timeout")
+
         d.addCallback(lambda reply: classify_reply(reply, self._clock.seconds()))
         d.addErrback(classify_failure)
+        # a thread can't be interrupted; this guard makes sure our answer never waits past the
+        # ttl (the thread's own socket timeouts free the pool slot soon after)
+        d.addTimeout(remaining, self._clock, onTimeoutCancel=gave_up)
         return d
 
     def _finish(self, result: PushResult, req: PushRequest, start: float) -> PushResult:

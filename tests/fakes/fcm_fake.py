@@ -219,6 +219,13 @@ class FakeFCM:
     def token_uri(self) -> str:
         return self.base_url + "/token"
 
+    def abort_hanging(self) -> None:
+        """Drop the connections of requests scripted to hang (their clients see a reset)."""
+        for request, call in list(self._pending.items()):
+            transport = _transport_of(request.channel) if call is None else None
+            if transport is not None:
+                transport.abortConnection()
+
     def stop(self) -> defer.Deferred[None]:
         """Stop listening, drop open connections (hanging requests too) and cancel timers."""
         for call in self._pending.values():
@@ -273,10 +280,11 @@ class FakeFCM:
     def _scripted(self, request: server.Request, rec: RecordedRequest, reply: Reply,
                   message: dict[str, Any]) -> bytes | int:
         extra = {"Retry-After": str(reply.retry_after)} if reply.retry_after is not None else {}
+        # state is complete before _record(): waiters run synchronously and may call stop()
         if reply.kind == "hang":
-            self._record(rec)
             self._pending[request] = None
             request.notifyFinish().addBoth(lambda _: self._pending.pop(request, None))
+            self._record(rec)
             return server.NOT_DONE_YET
         if reply.kind == "ok":
             self.message_counter += 1
@@ -289,7 +297,6 @@ class FakeFCM:
         if reply.delay <= 0:
             return self._finish_now(request, rec, status, payload, extra)
         rec.status = status
-        self._record(rec)
 
         def answer() -> None:
             self._pending.pop(request, None)
@@ -298,6 +305,7 @@ class FakeFCM:
 
         self._pending[request] = self.reactor.callLater(reply.delay, answer)
         request.notifyFinish().addErrback(lambda _: self._cancel_pending(request))
+        self._record(rec)
         return server.NOT_DONE_YET
 
     def _cancel_pending(self, request: server.Request) -> None:

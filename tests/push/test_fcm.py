@@ -17,6 +17,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.threadpool import ThreadPool
 
@@ -244,6 +245,27 @@ async def test_hang_never_outlives_the_ttl(env: Env) -> None:
     result = await d
     assert (result.outcome, result.reason, result.attempts) == (RETRYABLE, "timeout", 1)
     assert env.clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_push_queued_past_its_ttl_is_never_sent(env: Env) -> None:
+    # one thread, stuck on a hanging request: the next push waits in the pool's queue
+    pool = ThreadPool(minthreads=0, maxthreads=1, name="fcm-test-1")
+    pool.start()
+    try:
+        env.fake.script("tok-hang", "hang")
+        sender = FCMSender(AppConfig(PROJECT, env.sa_file, env.fake.base_url, 30.0), env.clock, pool,
+                           reactor=reactor)
+        first = sender.send(call("tok-hang", ttl=2.0))
+        await env.fake.wait_for_sends(1)
+        late = sender.send(call("tok-late", ttl=2.0))
+        env.clock.advance(2.0)  # both calls stop ringing
+        assert [(await d).reason for d in (first, late)] == ["timeout", "timeout"]
+        env.fake.abort_hanging()  # frees the thread; the queued job runs now
+        await deferToThreadPool(reactor, pool, lambda: None)  # FIFO: after the queued job
+        assert [s.target for s in env.fake.sends] == ["tok-hang"]
+    finally:
+        pool.stop()
 
 
 @pytest_twisted.ensureDeferred
