@@ -7,8 +7,6 @@ of our sender; one test runs it as a separate process, the way end-to-end tests 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,10 +18,9 @@ import requests
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 
-from tests.fakes.fcm_fake import FCM_SCOPE, GOOGLE_TOKEN_AUD, JWT_GRANT, FakeFCM, Reply
+from tests.fakes.fcm_fake import FCM_SCOPE, GOOGLE_TOKEN_AUD, JWT_GRANT, FakeFCM, Reply, spawn
 from tests.fakes.sa_keys import TestServiceAccount, make_service_account
 
-REPO = Path(__file__).resolve().parents[2]
 PROJECT = "tsilo-test"
 
 
@@ -229,23 +226,13 @@ def test_unknown_reply_kind_is_refused() -> None:
 # -- as a separate process -------------------------------------------------------------------
 
 
-def _start_process(args: list[str]) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.fcm_fake", *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline() if proc.stdout else ""
-    if not line.startswith("PORT "):
-        proc.kill()
-        raise AssertionError(f"fake did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}")
-    return proc, int(line.split()[1])
-
-
 @pytest_twisted.ensureDeferred
 async def test_runs_as_a_separate_process(sa: TestServiceAccount, tmp_path: Path) -> None:
     pub = sa.write_public_key(tmp_path)
     script = tmp_path / "script.json"
     script.write_text(json.dumps({"tok-gone": ["unregistered"], "tok-busy": [{"kind": "quota", "retry_after": 2}]}))
     record = tmp_path / "rec.jsonl"
-    proc, port = await deferToThread(_start_process, [
+    proc, port = await deferToThread(spawn, [
         "--port", "0", "--sa-pub", str(pub), "--script", str(script), "--record", str(record),
         "--project", PROJECT, "--client-email", sa.client_email])
     try:

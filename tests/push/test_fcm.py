@@ -17,7 +17,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.threadpool import ThreadPool
 
@@ -29,8 +29,9 @@ from libon_tsilo.push.base import (
     PushRequest,
     RetryPolicy,
 )
+from libon_tsilo.ops.config import FcmConfig
 from libon_tsilo.push.fcm import FCMSender, WireReply, classify_reply
-from tests.fakes.fcm_fake import FakeFCM, Reply
+from tests.fakes.fcm_fake import FakeFCM, Reply, spawn
 from tests.fakes.sa_keys import make_service_account
 
 PROJECT = "tsilo-test"
@@ -311,6 +312,28 @@ async def test_unreachable_endpoint_is_retryable(env: Env) -> None:
     sender = env.sender(endpoint=f"http://127.0.0.1:{number}", policy=RetryPolicy(max_attempts=1))
     result = await sender.send(call())
     assert result.outcome == RETRYABLE and result.reason.startswith("connection error")
+
+
+@pytest_twisted.ensureDeferred
+async def test_against_the_fake_in_its_own_process_with_the_ops_config(env: Env) -> None:
+    """The set-up end-to-end tests use: fake as a process, FcmConfig from ops, the real reactor clock."""
+    sa = make_service_account(PROJECT)
+    pub = sa.write_public_key(env.tmp)
+    script = env.tmp / "script.json"
+    script.write_text(json.dumps({"tok-gone": ["unregistered"]}))
+    proc, port = await deferToThread(spawn, ["--port", "0", "--sa-pub", str(pub), "--script", str(script),
+                                             "--project", PROJECT, "--client-email", sa.client_email])
+    try:
+        base = f"http://127.0.0.1:{port}"
+        sa_file = sa.write(env.tmp, f"{base}/token", name="proc-sa.json")
+        cfg = FcmConfig(project_id=PROJECT, service_account_file=str(sa_file), endpoint=base, timeout=2.0)
+        sender = FCMSender(cfg, reactor, env.pool, reactor=reactor)
+        ok = await sender.send(call("tok-ok"))
+        gone = await sender.send(call("tok-gone"))
+        assert (ok.outcome, gone.outcome) == (DELIVERED, DEAD_TOKEN)
+    finally:
+        proc.terminate()
+        await deferToThread(proc.wait, 10)
 
 
 # -- the classifier on its own: cases the fake has no script for ------------------------------------
