@@ -272,11 +272,11 @@ def _read_port(proc: subprocess.Popen, timeout: float = 10.0) -> int:
 
 @pytest_twisted.ensureDeferred
 async def test_standalone_process_prints_port_and_records(tmp_path) -> None:
+    from twisted.internet import reactor
+
     from libon_tsilo.push.apns import APNsAppConfig, APNsSender
     from libon_tsilo.push.base import PushRequest
     from tests.fakes.keys import make_pki, make_team_key
-
-    from twisted.internet import reactor
 
     key, pki = make_team_key(), make_pki(BUNDLE)
     paths = pki.write(tmp_path)
