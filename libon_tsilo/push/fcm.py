@@ -131,6 +131,12 @@ class _BoundedFCM(FCMNotification):
             if self.credentials is not None:
                 self.credentials.token = None
 
+    def send_request(self, payload: Any = None, timeout: Any = None) -> requests.Response:
+        # pyfcm's own version sleeps on Retry-After and recurses; keep notify() (unused by the
+        # sender, but reachable) to a single bounded POST as well
+        return self.requests_session.post(self.fcm_end_point, data=payload, timeout=timeout or 5.0,
+                                          headers=self.request_headers())
+
     def post(self, body: bytes, deadline: float, abandoned: threading.Event) -> WireReply:
         """One send that ends by ``deadline`` (time.monotonic(); token fetch included).
 

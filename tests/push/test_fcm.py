@@ -226,6 +226,20 @@ async def test_503_with_retry_after_beyond_ttl_gives_up_at_once(env: Env) -> Non
 
 
 @pytest_twisted.ensureDeferred
+async def test_pyfcm_notify_does_not_sleep_on_retry_after_either(env: Env) -> None:
+    from pyfcm.errors import FCMServerError
+
+    env.fake.script("tok-q", Reply("quota", retry_after=60))
+    fcm = env.sender()._fcm
+    started = time.monotonic()
+    with pytest.raises(FCMServerError):
+        await deferToThreadPool(reactor, env.pool, fcm.notify, fcm_token="tok-q", data_payload={"a": "b"},
+                                timeout=2)
+    assert time.monotonic() - started < 3
+    assert len(env.fake.sends) == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_hang_times_out_on_the_http_timeout(env: Env) -> None:
     env.fake.script("tok-hang", "hang")
     started = time.monotonic()
