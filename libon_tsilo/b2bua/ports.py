@@ -82,7 +82,7 @@ class TransactionPort:
         return Target(hop.transport, hop.host, hop.port)
 
     def _stamp_via(self, req: Request, hop: Hop) -> None:
-        host, port = self.transport.local_via(hop.transport)
+        host, port = self.transport.local_via(hop.transport, hop.host)
         req.add_header("Via", f"SIP/2.0/{hop.transport.upper()} {host}:{port};branch={new_branch()};rport",
                        first=True)
 

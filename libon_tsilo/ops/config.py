@@ -313,7 +313,10 @@ class LocationConfig:
 
 @dataclass(frozen=True)
 class CallsConfig:
-    ring_timeout: int = _opt(30, _positive)
+    ring_timeout: float = _opt(30.0, _positive)
+    # seconds an answered/cancelled call still forks to a pushed iOS device that registers late, so
+    # that it gets INVITE then CANCEL and can end its CallKit call (0 = off)
+    invite_cancel_grace: float = _opt(30.0, _int_range(0))
     max_branches: int = _opt(12, _int_range(1))
     max_pending_per_aor: int = _opt(8, _int_range(1))
     header_allowlist: tuple[str, ...] = _opt(

@@ -159,12 +159,13 @@ def _optional_module(name: str) -> ModuleType | None:
 
 
 def make_tls_context_factory(tls: TlsConfig) -> Any:
-    """The sip/tls context factory for [tls], or None without a certificate.
+    """The sip/tls context factory for [tls], or None with neither a certificate nor a CA file.
 
-    Bad PEM files (unparsable, key not matching) surface as ConfigError so the plugin reports them
-    like any other config problem, before anything listens.
+    A CA file alone still matters: it is the trust root of our outbound TLS connections. Bad PEM
+    files (unparsable, key not matching) surface as ConfigError so the plugin reports them like any
+    other config problem, before anything listens.
     """
-    if not tls.certificate:
+    if not tls.certificate and not tls.ca_file:
         return None
     tls_mod = _optional_module("libon_tsilo.sip.tls")
     if tls_mod is None:

@@ -17,7 +17,8 @@ class StreamFramer:
     ``feed`` returns a list of ``("msg", bytes)``, ``("ping", b"")`` (a CRLFCRLF keep-alive, to be
     answered with CRLF) and ``("pong", b"")``. A message that cannot be framed raises ParseError: after
     that the stream cannot be resynchronised, so the caller closes the connection. The error's
-    ``data`` attribute holds the header bytes read so far, for a best-effort 400.
+    ``data`` attribute holds the header bytes read so far, for a best-effort 400, and its ``framed``
+    attribute the good messages framed from the same chunk before the bad one.
     """
 
     def __init__(self, max_message_size: int = 65535) -> None:
@@ -46,25 +47,27 @@ class StreamFramer:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(buf) > self.max_message_size:
-                    self._fail("header section too long", bytes(buf[:4096]), 513)
+                    self._fail("header section too long", bytes(buf[:4096]), out, 513)
                 break
             match = _CONTENT_LENGTH.search(buf, 0, end + 2)
             if match is None:
-                self._fail("missing Content-Length on a stream", bytes(buf[: end + 4]))
+                self._fail("missing Content-Length on a stream", bytes(buf[: end + 4]), out)
             text = match.group(1)
             if not text.isdigit():
-                self._fail("bad Content-Length", bytes(buf[: end + 4]))
+                self._fail("bad Content-Length", bytes(buf[: end + 4]), out)
             total = end + 4 + int(text)
             if total > self.max_message_size:
-                self._fail("message too large", bytes(buf[: end + 4]), 513)
+                self._fail("message too large", bytes(buf[: end + 4]), out, 513)
             if len(buf) < total:
                 break
             out.append(("msg", bytes(buf[:total])))
             del buf[:total]
         return out
 
-    def _fail(self, reason: str, data: bytes, status: int = 400) -> None:
+    def _fail(self, reason: str, data: bytes, framed: list[tuple[str, bytes]], status: int = 400) -> None:
         self._buffer.clear()
         err = ParseError(reason, status)
         err.data = data  # type: ignore[attr-defined]
+        # what was framed before the bad message is still good: the caller delivers it first
+        err.framed = framed  # type: ignore[attr-defined]
         raise err
