@@ -19,6 +19,7 @@ import ssl
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 import jwt
 from aioapns.common import NotificationRequest, NotificationResult, PushType
@@ -96,7 +97,7 @@ class APNsAppConfig:
     key_file: str = ""  # .p8 (token auth) ...
     cert_file: str = ""  # ... or a PEM with certificate + key (certificate auth)
     sandbox: bool = False
-    server: str = ""  # "host:port" override; "" = Apple's
+    server: str = ""  # "https://host:port" (or "host:port") override; "" = Apple's
     ca_file: str = ""  # extra trust (the fake's CA); "" = system trust
     timeout: float = 5.0  # per HTTP/2 request, connect included
 
@@ -251,12 +252,23 @@ class _SenderPool(APNsBaseConnectionPool):
 
 
 def _split_server(server: str, sandbox: bool) -> tuple[str, int]:
+    """Dial target: Apple's host, or the override as "https://host[:port]" (the config's form)
+    or a bare "host:port"."""
     if not server:
         return (SANDBOX_HOST if sandbox else PRODUCTION_HOST), APNS_PORT
-    host, _, port = server.rpartition(":")
-    if not host or not port.isdigit():
+    if "://" in server:
+        url = urlsplit(server)
+        try:
+            port = url.port or APNS_PORT
+        except ValueError:
+            port = None
+        if url.scheme != "https" or not url.hostname or port is None:
+            raise ValueError(f"apns server {server!r} is not https://host[:port]")
+        return url.hostname, port
+    host, _, port_text = server.rpartition(":")
+    if not host or not port_text.isdigit():
         raise ValueError(f"apns server {server!r} is not host:port")
-    return host.strip("[]"), int(port)
+    return host.strip("[]"), int(port_text)
 
 
 class _Kind(NamedTuple):

@@ -446,6 +446,11 @@ class FakeEnv:
     def server(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def url(self) -> str:
+        """The form [[push.apns]] server takes in the config file."""
+        return f"https://127.0.0.1:{self.port}"
+
 
 def start_fake(directory: Path, reactor: Any = None, bundle_id: str = "com.example.app", **kw: Any) -> FakeEnv:
     """Generate a team key and a test PKI into ``directory`` and start a fake on 127.0.0.1:0."""

@@ -48,7 +48,7 @@ def _sender(env: FakeEnv, senders: list, *, cert: bool = False, timeout: float =
         key_id=env.team_key.key_id,
         key_file="" if cert else str(p["p8"]),
         cert_file=str(p["client"]) if cert else "",
-        server=env.server,
+        server=env.url,
         ca_file=str(p["ca"]),
         timeout=timeout,
     )

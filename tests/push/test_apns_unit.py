@@ -107,6 +107,13 @@ def test_sender_dials_apple_or_the_override(tmp_path) -> None:
     cfg.server = "127.0.0.1:2197"
     s = APNsSender(cfg, Clock())
     assert (s.host, s.port) == ("127.0.0.1", 2197)
-    cfg.server = "nonsense"
-    with pytest.raises(ValueError, match="host:port"):
-        APNsSender(cfg, Clock())
+    cfg.server = "https://localhost:8443"
+    s = APNsSender(cfg, Clock())
+    assert (s.host, s.port) == ("localhost", 8443)
+    cfg.server = "https://[::1]"
+    s = APNsSender(cfg, Clock())
+    assert (s.host, s.port) == ("::1", 443)
+    for bad in ("nonsense", "http://127.0.0.1:80", "https://h:99999"):
+        cfg.server = bad
+        with pytest.raises(ValueError, match="host"):
+            APNsSender(cfg, Clock())
