@@ -295,3 +295,25 @@ async def test_concurrent_pushes_share_one_jwt(env, senders) -> None:
     assert len({r.headers["authorization"] for r in env.fake.requests}) == 1
     token = env.fake.requests[0].headers["authorization"].split()[1]
     assert jwt.decode(token, env.team_key.public_pem, algorithms=["ES256"])["iss"] == env.team_key.team_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_sender_takes_the_ops_config_entry_as_is(env, senders) -> None:
+    # ops/config.py's [[push.apns]] dataclass is what the service will hand us
+    from twisted.internet import reactor
+
+    from libon_tsilo.ops.config import ApnsConfig
+
+    cfg = ApnsConfig(
+        bundle_id=BUNDLE,
+        team_id=env.team_key.team_id,
+        key_id=env.team_key.key_id,
+        key_file=str(env.paths["p8"]),
+        server=env.url,
+        ca_file=str(env.paths["ca"]),
+        timeout=1.0,
+    )
+    sender = APNsSender(cfg, reactor)
+    senders.append(sender)
+    res = await _send(sender, _req())
+    assert res.outcome == "delivered"
