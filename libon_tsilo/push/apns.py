@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import math
 import ssl
+import uuid
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, NamedTuple
@@ -402,7 +403,7 @@ class APNsSender:
         nreq = NotificationRequest(
             device_token=req.prid,
             message=payload,
-            notification_id=req.push_id,
+            notification_id=req.push_id if _is_uuid(req.push_id) else None,  # None: aioapns makes one
             time_to_live=max(1, math.ceil(remaining)),
             priority=kind.priority,
             collapse_key=_collapse_id(req.call_id) if req.kind == "cancel" else None,
@@ -473,6 +474,14 @@ class APNsSender:
             except Exception:  # metrics must never break call handling
                 log.failure("on_result hook failed")
         return result
+
+
+def _is_uuid(value: str) -> bool:
+    """apns-id must be a canonical 8-4-4-4-12 UUID or APNs answers 400 BadMessageId."""
+    try:
+        return str(uuid.UUID(value)) == value.lower() and len(value) == 36
+    except (ValueError, AttributeError, TypeError):
+        return False
 
 
 def _collapse_id(call_id: str | None) -> str | None:

@@ -317,3 +317,11 @@ async def test_sender_takes_the_ops_config_entry_as_is(env, senders) -> None:
     senders.append(sender)
     res = await _send(sender, _req())
     assert res.outcome == "delivered"
+
+
+@pytest_twisted.ensureDeferred
+async def test_non_uuid_push_id_gets_a_generated_apns_id(env, senders) -> None:
+    res = await _send(_sender(env, senders), _req(push_id="not-a-uuid"))
+    assert res.outcome == "delivered"
+    apns_id = env.fake.requests[0].headers["apns-id"]
+    assert apns_id != "not-a-uuid" and len(apns_id) == 36 and res.provider_id == apns_id
