@@ -167,6 +167,8 @@ async def test_hang_then_delivery_on_the_same_pool(env, senders) -> None:
     env.fake.script(TOKEN, "hang", "200")
     res = await _send(_sender(env, senders, timeout=0.2), _req(ttl=2.0))
     assert res.outcome == "delivered" and res.attempts == 2
+    # one connection: its only stream slot (the fake allows 1 before a valid push) came back
+    assert env.fake.connections_made == 1
 
 
 @pytest_twisted.ensureDeferred
