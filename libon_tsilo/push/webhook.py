@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from io import BytesIO
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeoutError, succeed
 from twisted.internet.error import ConnectError, DNSLookupError
@@ -101,6 +102,14 @@ class _DiscardBody(Protocol):
     def _abort(self, _: Deferred[None]) -> None:
         if self.transport is not None:
             self.transport.stopProducing()  # closes the connection: a half-read body can't be reused
+
+
+def _loggable(url: str) -> str:
+    # webhook URLs often carry a secret (user:pass@ or ?key=); logs get scheme, host and path only
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
 
 
 def _classify_failure(failure: Failure) -> PushResult:
@@ -197,7 +206,7 @@ class WebhookSender:
             log.critical(
                 "webhook {name} ({url}) refuses pushes: {reason}; check the URL and the endpoint;"
                 " further pushes failing this way are not logged again",
-                name=self.provider, url=self.url, reason=result.reason, call_id=req.call_id,
+                name=self.provider, url=_loggable(self.url), reason=result.reason, call_id=req.call_id,
             )
         log.info("{name} push {push_id} ({kind}) to {token} for {aor}: {outcome} {status} {reason}"
                  " after {attempts} attempt(s), {latency:.3f}s",

@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from libon_tsilo.push.base import CONFIG_ERROR, DEAD_TOKEN, DELIVERED, RETRYABLE, PushRequest, RetryPolicy
-from libon_tsilo.push.webhook import WebhookSender, classify_status
+from libon_tsilo.push.webhook import WebhookSender, _loggable, classify_status
 from tests.fakes.webhook_fake import FakeWebhook, HookReply
 
 
@@ -151,3 +151,7 @@ async def test_connection_refused_is_retryable(hook: Any) -> None:
 )
 def test_classify_status(status: int, outcome: str) -> None:
     assert classify_status(status, "x", None, 0.0).outcome == outcome
+
+
+def test_logged_url_drops_credentials_and_query() -> None:
+    assert _loggable("https://u:secret@hooks.example.com:8443/push?key=abc") == "https://hooks.example.com:8443/push"
