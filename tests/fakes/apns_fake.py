@@ -31,8 +31,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import re
+import select
+import subprocess
 import sys
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,7 +58,8 @@ from twisted.internet.protocol import Factory, Protocol
 from tests.fakes.keys import Pki, TeamKey, make_pki, make_team_key
 
 __all__ = [
-    "Step", "parse_step", "RecordedRequest", "FakeAPNs", "FakeEnv", "start_fake", "tls_options", "main",
+    "Step", "parse_step", "RecordedRequest", "FakeAPNs", "FakeEnv", "start_fake", "tls_options",
+    "spawn", "spawn_with_keys", "main",
 ]
 
 VOIP_LIMIT = 5120
@@ -467,6 +472,58 @@ def start_fake(directory: Path, reactor: Any = None, bundle_id: str = "com.examp
     return FakeEnv(fake, port, team_key, pki, paths)
 
 
+def spawn(args: list[str], cwd: str | None = None, timeout: float = 10.0) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``python -m tests.fakes.apns_fake *args`` and wait for its ``PORT`` line (at most ``timeout`` s).
+
+    Returns the process and its port; the caller terminates it. ``cwd`` defaults to the repo root.
+    """
+    root = cwd or str(Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakes.apns_fake", *args],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    # raw fd reads: a buffered read could swallow the line and leave select() waiting
+    fd, line, deadline = proc.stdout.fileno(), b"", time.monotonic() + timeout
+    while not line.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 64) if ready else b""
+        if not chunk:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"fake APNs did not start: {line!r} {proc.stderr.read().decode()}")
+        line += chunk
+    if not line.startswith(b"PORT "):
+        proc.kill()
+        raise RuntimeError(f"fake APNs did not start: {line!r}")
+    return proc, int(line.split()[1])
+
+
+def spawn_with_keys(
+    directory: Path, script: dict[str, Any] | None = None, record: Path | None = None,
+    bundle_id: str = "com.example.app",
+) -> tuple[subprocess.Popen[bytes], int, dict[str, Path], TeamKey]:
+    """Generate keys/PKI into ``directory`` and spawn the fake on them (for e2e tests).
+
+    ``paths`` has ca, server_cert, server_key, client, p8, pub (+ script if given)."""
+    team_key, pki = make_team_key(), make_pki(bundle_id)
+    paths = pki.write(directory)
+    paths["p8"], paths["pub"] = team_key.write(directory)
+    args = [
+        "--port", "0", "--cert", str(paths["server_cert"]), "--key", str(paths["server_key"]),
+        "--ca", str(paths["ca"]), "--team-key-pub", str(paths["pub"]),
+        "--team-id", team_key.team_id, "--key-id", team_key.key_id,
+    ]
+    if script is not None:
+        paths["script"] = directory / "apns_script.json"
+        paths["script"].write_text(json.dumps(script), encoding="utf-8")
+        args += ["--script", str(paths["script"])]
+    if record is not None:
+        args += ["--record", str(record)]
+    proc, port = spawn(args)
+    return proc, port, paths, team_key
+
+
 def _load_script(fake: FakeAPNs, path: str) -> None:
     """Script file: {"default": "200", "tokens": {"<tok>": ["429", "200"]}, "bundles": ["com.x"]}."""
     with open(path, encoding="utf-8") as f:
@@ -515,6 +572,7 @@ def main(argv: list[str] | None = None) -> None:
     port = fake.listen(options, reactor, args.port)
     sys.stdout.write(f"PORT {port}\n")
     sys.stdout.flush()
+    reactor.addSystemEventTrigger("before", "shutdown", fake.stop)
     reactor.run()
 
 

@@ -7,11 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import select
 import ssl
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -27,7 +23,7 @@ from h2.events import DataReceived, RemoteSettingsChanged, ResponseReceived, Str
 from h2.settings import SettingCodes
 
 from libon_tsilo.push.reactor import deferred_from_coro
-from tests.fakes.apns_fake import FakeEnv, parse_step, start_fake
+from tests.fakes.apns_fake import FakeEnv, parse_step, spawn, spawn_with_keys, start_fake
 
 BUNDLE = "com.example.app"
 TOKEN = "ab" * 32
@@ -252,47 +248,17 @@ def test_parse_step_words() -> None:
     assert parse_step("hang").action == "hang" and parse_step("500").reason == "InternalServerError"
 
 
-def _read_port(proc: subprocess.Popen, timeout: float = 10.0) -> int:
-    # raw fd reads: a buffered read would swallow the line and leave select() waiting forever
-    deadline = time.monotonic() + timeout
-    fd = proc.stdout.fileno()
-    line = b""
-    while not line.endswith(b"\n"):
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            raise AssertionError("fake did not print PORT in time")
-        ch = os.read(fd, 1)
-        if not ch:
-            raise AssertionError(f"fake exited: {proc.stderr.read().decode()}")
-        line += ch
-    word, port = line.decode().split()
-    assert word == "PORT"
-    return int(port)
-
-
 @pytest_twisted.ensureDeferred
 async def test_standalone_process_prints_port_and_records(tmp_path) -> None:
     from twisted.internet import reactor
 
     from libon_tsilo.push.apns import APNsAppConfig, APNsSender
     from libon_tsilo.push.base import PushRequest
-    from tests.fakes.keys import make_pki, make_team_key
 
-    key, pki = make_team_key(), make_pki(BUNDLE)
-    paths = pki.write(tmp_path)
-    p8, pub = key.write(tmp_path)
     record = tmp_path / "requests.jsonl"
-    script = tmp_path / "script.json"
-    script.write_text(json.dumps({"tokens": {TOKEN: ["410"]}}))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.apns_fake", "--port", "0", "--cert", str(paths["server_cert"]),
-         "--key", str(paths["server_key"]), "--ca", str(paths["ca"]), "--team-key-pub", str(pub),
-         "--team-id", key.team_id, "--key-id", key.key_id, "--script", str(script), "--record", str(record)],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    proc, port, paths, key = spawn_with_keys(tmp_path, script={"tokens": {TOKEN: ["410"]}}, record=record)
     try:
-        port = _read_port(proc)
-        cfg = APNsAppConfig(bundle_id=BUNDLE, team_id=key.team_id, key_id=key.key_id, key_file=str(p8),
+        cfg = APNsAppConfig(bundle_id=BUNDLE, team_id=key.team_id, key_id=key.key_id, key_file=str(paths["p8"]),
                             server=f"127.0.0.1:{port}", ca_file=str(paths["ca"]), timeout=2.0)
         sender = APNsSender(cfg, reactor)
         try:
@@ -306,6 +272,12 @@ async def test_standalone_process_prints_port_and_records(tmp_path) -> None:
         assert lines[0]["json"]["call_id"] == "e2e" and lines[0]["headers"]["apns-push-type"] == "voip"
     finally:
         proc.terminate()
-        proc.wait(timeout=5)
+        assert proc.wait(timeout=5) == 0  # SIGTERM is a clean reactor shutdown
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_spawn_reports_a_fake_that_cannot_start(tmp_path) -> None:
+    with pytest.raises(RuntimeError, match="did not start"):
+        spawn(["--port", "0", "--cert", str(tmp_path / "missing.pem"), "--key", "x", "--ca", "x",
+               "--team-key-pub", "x"])
