@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -172,7 +172,8 @@ def send_with_retries(
 
     ``attempt`` must not errback (map failures to PushResult); if it does, the failure is
     turned into a retryable result so the caller's Deferred still fires with a PushResult.
-    The returned result's ``attempts`` says how many were made.
+    The returned result's ``attempts`` says how many were made. Cancelling the returned
+    Deferred cancels the attempt or back-off in progress and fails with CancelledError.
     """
 
     @inlineCallbacks
@@ -182,6 +183,8 @@ def send_with_retries(
             n += 1
             try:
                 result = yield attempt(n)
+            except CancelledError:
+                raise  # the caller gave up on this push (call ended): stop, don't retry
             except Exception as e:  # a bug in a sender must not leave a call waiting forever
                 log.failure("push attempt {n} raised", n=n)
                 result = PushResult(RETRYABLE, f"internal error: {e!r}")

@@ -7,7 +7,8 @@ import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.python.failure import Failure
 
 __all__ = ["ReactorError", "ensure_asyncio_reactor", "deferred_from_coro"]
 
@@ -41,6 +42,15 @@ def ensure_asyncio_reactor() -> None:
 def deferred_from_coro(coro: Coroutine[Any, Any, T]) -> Deferred[T]:
     """Run an asyncio coroutine on the reactor's loop and expose it as a Deferred.
 
-    Cancelling the Deferred cancels the asyncio task (Deferred.fromFuture wires that up).
+    Cancelling the Deferred cancels the asyncio task; the Twisted side then sees Twisted's
+    CancelledError (asyncio's is a BaseException that Twisted code does not expect).
     """
-    return Deferred.fromFuture(asyncio.ensure_future(coro))
+    d = Deferred.fromFuture(asyncio.ensure_future(coro))
+
+    def translate(failure: Failure) -> Failure:
+        if failure.check(asyncio.CancelledError):
+            return Failure(CancelledError())
+        return failure
+
+    d.addErrback(translate)
+    return d

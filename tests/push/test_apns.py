@@ -327,3 +327,20 @@ async def test_non_uuid_push_id_gets_a_generated_apns_id(env, senders) -> None:
     assert res.outcome == "delivered"
     apns_id = env.fake.requests[0].headers["apns-id"]
     assert apns_id != "not-a-uuid" and len(apns_id) == 36 and res.provider_id == apns_id
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancelling_a_send_abandons_the_stream(env, senders) -> None:
+    # the waker cancels pushes for a call that ended; nothing may keep waiting on APNs after that
+    from twisted.internet import defer, reactor, task
+
+    env.fake.script(TOKEN, "hang", "200")
+    sender = _sender(env, senders, timeout=5.0)
+    d = sender.send(_req(ttl=10.0))
+    await task.deferLater(reactor, 0.2, lambda: None)
+    assert len(env.fake.requests) == 1
+    d.cancel()
+    with pytest.raises(defer.CancelledError):
+        await d
+    res = await _send(sender, _req())  # the stream slot came back: same connection, no wait
+    assert res.outcome == "delivered" and env.fake.connections_made == 1

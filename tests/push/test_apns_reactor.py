@@ -65,3 +65,26 @@ async def test_deferred_from_coro_carries_result_and_errors() -> None:
     assert await deferred_from_coro(ok()) == 42
     with pytest.raises(KeyError):
         await deferred_from_coro(boom())
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancelling_the_deferred_cancels_the_task_with_twisted_error() -> None:
+    from twisted.internet.defer import CancelledError
+
+    started = asyncio.Event()
+    cancelled: list[bool] = []
+
+    async def forever() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    d = deferred_from_coro(forever())
+    await deferred_from_coro(started.wait())
+    d.cancel()
+    with pytest.raises(CancelledError):
+        await d
+    assert cancelled == [True]

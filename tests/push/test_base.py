@@ -137,3 +137,35 @@ def test_sender_stats_lists_every_outcome() -> None:
     s.record(DELIVERED)
     s.record(RETRYABLE)
     assert s.as_dict() == {"delivered": 2, "dead_token": 0, "retryable": 1, "config_error": 0}
+
+
+def test_cancelling_the_loop_stops_retries() -> None:
+    from twisted.internet.defer import CancelledError
+
+    clock = Clock()
+    calls: list[float] = []
+    d = send_with_retries(clock, RetryPolicy(initial=1.0, jitter=0.0), 30.0,
+                          _scripted([PushResult(RETRYABLE, "503")], calls, clock))
+    failures: list = []
+    d.addErrback(failures.append)
+    d.cancel()  # during the back-off
+    assert failures and failures[0].check(CancelledError)
+    clock.advance(100)
+    assert calls == [0.0] and clock.getDelayedCalls() == []
+
+
+def test_cancelling_a_pending_attempt_does_not_retry() -> None:
+    from twisted.internet.defer import CancelledError
+
+    clock = Clock()
+    pending: list[Deferred] = []
+
+    def attempt(n: int) -> Deferred[PushResult]:
+        pending.append(Deferred())
+        return pending[-1]
+
+    d = send_with_retries(clock, RetryPolicy(), 30.0, attempt)
+    failures: list = []
+    d.addErrback(failures.append)
+    d.cancel()
+    assert failures and failures[0].check(CancelledError) and len(pending) == 1
