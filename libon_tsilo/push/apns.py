@@ -30,6 +30,8 @@ from aioapns.connection import (
     APNsTLSClientProtocol,
     AuthorizationHeaderProvider,
 )
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from h2.errors import ErrorCodes
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -99,7 +101,7 @@ class APNsAppConfig:
     cert_file: str = ""  # ... or a PEM with certificate + key (certificate auth)
     sandbox: bool = False
     server: str = ""  # "https://host:port" (or "host:port") override; "" = Apple's
-    ca_file: str = ""  # extra trust (the fake's CA); "" = system trust
+    ca_file: str = ""  # trust only this CA (the fake's, a relay's); "" = system trust
     timeout: float = 5.0  # per HTTP/2 request, connect included
 
 
@@ -280,7 +282,10 @@ class _Kind(NamedTuple):
 
 @implementer(IPushSender)
 class APNsSender:
-    """Sends PushRequests for ONE app (bundle id) to APNs. Never errbacks.
+    """Sends PushRequests for ONE app (bundle id) to APNs.
+
+    ``send`` never errbacks with a push failure (those are PushResult outcomes); it fails only
+    with CancelledError when the caller cancels it, which also abandons the HTTP/2 stream.
 
     ``on_result(provider, outcome, latency_s)`` is called once per push (after retries), for
     metrics. ``stats`` counts outcomes.
@@ -332,7 +337,15 @@ class APNsSender:
         if not (cfg.team_id and cfg.key_id):
             raise ValueError(f"apns app {cfg.bundle_id}: token auth needs team_id and key_id")
         with open(key_file, encoding="ascii") as f:
-            return ProviderToken(f.read(), cfg.key_id, cfg.team_id, clock)
+            pem = f.read()
+        # fail at start-up, not on the first call: a bad key would otherwise surface mid-ring
+        try:
+            key = serialization.load_pem_private_key(pem.encode(), password=None)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"apns app {cfg.bundle_id}: key_file is not a PKCS#8 PEM key: {e}") from None
+        if not (isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"):
+            raise ValueError(f"apns app {cfg.bundle_id}: key_file must hold a P-256 (ES256) key")
+        return ProviderToken(pem, cfg.key_id, cfg.team_id, clock)
 
     # -- public API ----------------------------------------------------------------------
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet.task import Clock
 
 from libon_tsilo.push.apns import (
@@ -95,6 +97,18 @@ def test_sender_needs_key_or_certificate(tmp_path) -> None:
     p8.write_bytes(make_team_key().p8_pem)
     with pytest.raises(ValueError, match="team_id"):
         APNsSender(APNsAppConfig(bundle_id="com.x", key_file=str(p8)), Clock())
+    bad = tmp_path / "bad.p8"
+    bad.write_text("-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(ValueError, match="PKCS#8"):
+        APNsSender(APNsAppConfig(bundle_id="com.x", team_id="T", key_id="K", key_file=str(bad)), Clock())
+    rsa_key = tmp_path / "rsa.p8"
+    rsa_key.write_bytes(
+        rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    with pytest.raises(ValueError, match="P-256"):
+        APNsSender(APNsAppConfig(bundle_id="com.x", team_id="T", key_id="K", key_file=str(rsa_key)), Clock())
 
 
 def test_sender_dials_apple_or_the_override(tmp_path) -> None:
