@@ -336,9 +336,54 @@ def _add_manhole(root: LibonTsiloService, parts: Parts) -> None:
     pass
 
 
+def _ops_tools(root: LibonTsiloService, parts: Parts) -> Any:
+    """What the manhole and the admin API share, built once: the RPC functions and the message
+    counters (hooked into the transport whether or not anything serves them: one dict increment)."""
+    rpc = parts.extra.get("rpc")
+    if rpc is not None:
+        return rpc
+    from libon_tsilo.ops.metrics import MessageCounters, install_message_hooks, observe_push
+    from libon_tsilo.ops.rpc import Rpc
+
+    counters = MessageCounters()
+    parts.extra["message_counters"] = counters
+    if parts.transport is not None and parts.transactions is not None:
+        install_message_hooks(parts.transport, counters)
+    # push senders report each push through on_result(provider, outcome, latency_s)
+    push = parts.extra.get("push")
+    senders = getattr(push, "senders", None) if push is not None else None
+    if senders is None and isinstance(push, dict):
+        senders = list(push.values())
+    for sender in senders or ():
+        if getattr(sender, "on_result", False) is None:
+            sender.on_result = observe_push
+    rpc = Rpc(parts, root)
+    parts.extra["rpc"] = rpc
+    return rpc
+
+
 def _add_admin(root: LibonTsiloService, parts: Parts) -> None:
-    # TODO(lead): when config.admin.listen is set, the admin API + /metrics
-    pass
+    rpc = _ops_tools(root, parts)
+    cfg = parts.config.admin
+    if not cfg.listen:
+        return
+    from libon_tsilo.ops.admin import AdminResource, AdminService
+    from libon_tsilo.ops.metrics import make_registry
+
+    registry = make_registry(parts, parts.extra.get("message_counters"))
+    parts.extra["metrics_registry"] = registry
+    if not cfg.token:
+        log.warn("admin API: no [admin] token set: /rpc answers loopback clients only")
+    resource = AdminResource(rpc, registry, token=cfg.token, metrics_public=cfg.metrics_public)
+    svc = AdminService(cfg.listen, resource, reactor=parts.clock if _is_reactor(parts.clock) else None)
+    svc.setServiceParent(root)
+    parts.extra["admin"] = svc
+
+
+def _is_reactor(clock: Any) -> bool:
+    from twisted.internet.interfaces import IReactorTCP
+
+    return IReactorTCP.providedBy(clock)
 
 
 WIRING: list[Callable[[LibonTsiloService, Parts], None]] = [

@@ -1,0 +1,267 @@
+"""The HTTP admin API (twisted.web): ``/rpc/<name>`` JSON and ``/metrics`` for Prometheus.
+
+Off unless ``[admin] listen`` is set (a Twisted endpoint string, e.g. ``tcp:8080:interface=127.0.0.1``).
+
+* ``GET /rpc`` lists the RPC methods; ``GET|POST /rpc/<name>`` runs one (see ops/rpc.py). Parameters
+  come from the query string, a form body or a JSON object body. Mutating methods (``ul.rm``) need
+  POST. A success answers ``200 {"result": ...}``; a failure answers the RPC's status with
+  ``{"error": {"code": 404, "message": "RURI not found in tsilo table"}}``; never a traceback.
+* ``GET /metrics``: the Prometheus text format.
+
+Authentication: ``Authorization: Bearer <[admin] token>``. Without a configured token the RPCs are
+only served to loopback clients. ``/metrics`` needs no token from loopback clients, nor from anyone
+with ``[admin] metrics_public = true``; other clients need the token there too.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+from typing import Any
+from urllib.parse import parse_qsl
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from libon_tsilo.ops.metrics import CONTENT_TYPE, render
+from libon_tsilo.ops.rpc import Rpc, RpcError
+
+__all__ = ["AdminResource", "AdminService", "is_loopback"]
+
+log = Logger()
+
+MAX_BODY = 64 * 1024
+JSON_TYPE = b"application/json; charset=utf-8"
+
+
+def is_loopback(host: str | None) -> bool:
+    """True for 127.0.0.0/8, ::1 and IPv4-mapped loopback addresses."""
+    if not host:
+        return False
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+def _client_host(request: Request) -> str | None:
+    addr = request.getClientAddress()
+    return getattr(addr, "host", None)
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[bytes, bytes] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+
+class AdminResource(Resource):
+    """The whole admin API as one leaf resource (the paths are few and fixed)."""
+
+    isLeaf = True
+
+    def __init__(self, rpc: Rpc, registry: Any, token: str = "", metrics_public: bool = False) -> None:
+        super().__init__()
+        self.rpc = rpc
+        self.registry = registry
+        self.token = token
+        self.metrics_public = metrics_public
+
+    # -- twisted.web entry point ---------------------------------------------------------------
+
+    def render(self, request: Request) -> bytes:
+        try:
+            return self._route(request)
+        except _HttpError as err:
+            for name, value in err.headers.items():
+                request.setHeader(name, value)
+            return self._json(request, err.status, {"error": {"code": err.status, "message": err.message}})
+        except RpcError as err:
+            return self._json(request, err.status, {"error": {"code": err.status, "message": err.message}})
+        except Exception:
+            log.failure(
+                "admin API: {method} {path} failed", method=_text(request.method), path=_text(request.path)
+            )
+            return self._json(
+                request, 500, {"error": {"code": 500, "message": "internal error (see the server log)"}}
+            )
+
+    def _route(self, request: Request) -> bytes:
+        method = _text(request.method).upper()
+        segments = [s for s in _text(request.path).split("/") if s]
+        if segments == ["metrics"]:
+            self._allow(method, ("GET", "HEAD"))
+            self._check_metrics_auth(request)
+            request.setResponseCode(200)
+            request.setHeader(b"content-type", CONTENT_TYPE.encode())
+            return render(self.registry)
+        if segments and segments[0] == "rpc" and len(segments) <= 2:
+            self._check_auth(request)
+            if len(segments) == 1:
+                self._allow(method, ("GET", "HEAD"))
+                methods = {
+                    m.name: {"params": list(m.params), "doc": m.doc, "http": "POST" if m.mutating else "GET"}
+                    for m in self.rpc.methods.values()
+                }
+                return self._json(request, 200, {"result": methods})
+            name = segments[1]
+            rpc_method = self.rpc.methods.get(name)
+            if rpc_method is None:
+                raise _HttpError(404, f"unknown RPC method {name!r}")
+            self._allow(method, ("POST",) if rpc_method.mutating else ("GET", "HEAD", "POST"))
+            params = self._params(request)
+            result = self.rpc.call(name, params)
+            status = 200
+            if name == "health" and isinstance(result, dict) and result.get("status") != "ok":
+                status = 503  # load balancers: take a draining server out of rotation
+            return self._json(request, status, {"result": result})
+        raise _HttpError(404, "not found: use /rpc/<name> or /metrics")
+
+    # -- checks ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _allow(method: str, allowed: tuple[str, ...]) -> None:
+        if method not in allowed:
+            raise _HttpError(405, f"method {method} not allowed", {b"allow": ", ".join(allowed).encode()})
+
+    def _bearer_ok(self, request: Request) -> bool:
+        if not self.token:
+            return False
+        header = _text(request.getHeader(b"authorization") or b"")
+        scheme, _, value = header.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(value.strip().encode(), self.token.encode())
+
+    def _check_auth(self, request: Request) -> None:
+        if self._bearer_ok(request):
+            return
+        if not self.token and is_loopback(_client_host(request)):
+            return  # no token configured: loopback clients only
+        raise _HttpError(
+            401, "a valid bearer token is required", {b"www-authenticate": b'Bearer realm="libon-tsilo"'}
+        )
+
+    def _check_metrics_auth(self, request: Request) -> None:
+        if self.metrics_public or is_loopback(_client_host(request)) or self._bearer_ok(request):
+            return
+        raise _HttpError(
+            401, "a valid bearer token is required", {b"www-authenticate": b'Bearer realm="libon-tsilo"'}
+        )
+
+    # -- parameters & output ---------------------------------------------------------------------
+
+    def _params(self, request: Request) -> dict[str, str]:
+        params: dict[str, str] = {}
+        query = _text(request.uri).partition("?")[2]
+        try:
+            pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=False, errors="strict")
+        except (UnicodeDecodeError, ValueError):
+            raise _HttpError(400, "bad query string") from None
+        params.update(pairs)
+        if _text(request.method).upper() == "POST":
+            params.update(self._body_params(request))
+        return params
+
+    def _body_params(self, request: Request) -> dict[str, str]:
+        content = request.content
+        if content is None:
+            return {}
+        content.seek(0)
+        body = content.read(MAX_BODY + 1)
+        if len(body) > MAX_BODY:
+            raise _HttpError(413, "request body too large")
+        if not body.strip():
+            return {}
+        ctype = _text(request.getHeader(b"content-type") or b"").split(";")[0].strip().lower()
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _HttpError(400, "request body is not UTF-8") from None
+        if ctype == "application/json" or (not ctype and text.lstrip().startswith("{")):
+            try:
+                data = json.loads(text)
+            except ValueError:
+                raise _HttpError(400, "request body is not valid JSON") from None
+            if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+                raise _HttpError(400, "JSON body must be an object of string values")
+            return data
+        if ctype in ("application/x-www-form-urlencoded", ""):
+            try:
+                return dict(parse_qsl(text, keep_blank_values=True))
+            except ValueError:
+                raise _HttpError(400, "bad form body") from None
+        raise _HttpError(400, f"unsupported content type {ctype!r}")
+
+    @staticmethod
+    def _json(request: Request, status: int, body: Any) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", JSON_TYPE)
+        request.setHeader(b"cache-control", b"no-store")
+        return (json.dumps(body, ensure_ascii=False, default=str, indent=None) + "\n").encode()
+
+
+def _text(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
+    return value
+
+
+class _QuietSite(Site):
+    noisy = False
+
+
+class AdminService(Service):
+    """Listens on ``[admin] listen`` with the admin Site; ``port`` is the listening port once started."""
+
+    name = "admin"
+
+    def __init__(self, endpoint: str, resource: AdminResource, reactor: Any = None) -> None:
+        self.endpoint = endpoint
+        self.resource = resource
+        self.site = _QuietSite(resource)
+        self._reactor = reactor
+        self.port: Any = None
+        self.listening: Deferred[Any] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        from twisted.internet.endpoints import serverFromString
+
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor  # type: ignore[no-redef]
+        d = serverFromString(reactor, self.endpoint).listen(self.site)
+
+        def listening(port: Any) -> Any:
+            self.port = port
+            log.info("admin API listening on {address}", address=str(port.getHost()))
+            return port
+
+        def failed(f: Any) -> None:
+            log.error(
+                "admin API cannot listen on {endpoint}: {error}",
+                endpoint=self.endpoint,
+                error=f.getErrorMessage(),
+            )
+
+        d.addCallback(listening)
+        d.addErrback(failed)
+        self.listening = d
+
+    def stopService(self) -> Deferred[Any] | None:
+        super().stopService()
+        if self.port is None:
+            return None
+        port, self.port = self.port, None
+        return maybeDeferred(port.stopListening)

@@ -1,0 +1,259 @@
+"""The HTTP admin API (ops/admin.py): real HTTP over loopback on an OS-picked port, plus a few
+DummyRequest cases for what a loopback socket cannot show (a non-loopback client)."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
+from twisted.logger import capturedLogs
+from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.test.requesthelper import DummyRequest
+
+from libon_tsilo.ops.admin import AdminResource, AdminService, is_loopback
+from libon_tsilo.ops.metrics import PushMetrics, make_registry
+from libon_tsilo.ops.rpc import Rpc
+from tests.ops.test_rpc import FakeCall, binding, build
+
+TOKEN = "s3cret-token-value"
+
+# readBody over the asyncio reactor's TCP transport warns about abortConnection; not our concern
+pytestmark = pytest.mark.filterwarnings("ignore:Using readBody:DeprecationWarning")
+
+
+@pytest.fixture
+def admin(tmp_path):
+    root, clock = build(tmp_path=tmp_path)
+    parts = root.parts
+    rpc = Rpc(parts, root)
+    resource = AdminResource(rpc, make_registry(parts, None, push=PushMetrics()), token=TOKEN)
+    svc = AdminService("tcp:0:interface=127.0.0.1", resource, reactor=reactor)
+    svc.startService()
+    pytest_twisted.blockon(svc.listening)
+    yield svc, parts, clock
+    pytest_twisted.blockon(svc.stopService())
+
+
+async def http(
+    svc: AdminService,
+    method: str,
+    path: str,
+    token: str | None = TOKEN,
+    body: bytes | None = None,
+    ctype: str | None = None,
+) -> tuple[int, dict[str, list[str]], bytes]:
+    port = svc.port.getHost().port
+    headers = Headers()
+    if token is not None:
+        headers.addRawHeader(b"authorization", f"Bearer {token}".encode())
+    if ctype is not None:
+        headers.addRawHeader(b"content-type", ctype.encode())
+    producer = FileBodyProducer(io.BytesIO(body)) if body is not None else None
+    resp = await Agent(reactor).request(
+        method.encode(), f"http://127.0.0.1:{port}{path}".encode(), headers, producer
+    )
+    data = await readBody(resp)
+    raw = {k.decode().lower(): [v.decode() for v in vs] for k, vs in resp.headers.getAllRawHeaders()}
+    return resp.code, raw, data
+
+
+def js(data: bytes) -> Any:
+    return json.loads(data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ts_dump_and_lookup_over_http(admin):
+    svc, parts, _clock = admin
+    parts.silo.store(FakeCall("c1@x", "alice"))
+    code, headers, body = await http(svc, "GET", "/rpc/ts.dump")
+    assert code == 200
+    assert headers["content-type"][0].startswith("application/json")
+    assert js(body)["result"]["aors"]["alice"][0]["call_id"] == "c1@x"
+    code, _, body = await http(svc, "GET", "/rpc/ts.lookup?aor=sip%3Aalice%40127.0.0.1")
+    assert code == 200 and js(body)["result"]["aor"] == "alice"
+    code, _, body = await http(svc, "GET", "/rpc/ts.lookup?aor=bob")
+    assert code == 404
+    assert js(body) == {"error": {"code": 404, "message": "RURI not found in tsilo table"}}
+
+
+@pytest_twisted.ensureDeferred
+async def test_rpc_list_stats_health(admin):
+    svc, _parts, _clock = admin
+    code, _, body = await http(svc, "GET", "/rpc")
+    assert code == 200 and js(body)["result"]["ul.rm"]["http"] == "POST"
+    code, _, body = await http(svc, "GET", "/rpc/stats")
+    assert code == 200 and "tsilo" in js(body)["result"]
+    code, _, body = await http(svc, "GET", "/rpc/health")
+    assert code == 200 and js(body)["result"]["status"] == "ok"
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_is_503_while_draining(admin):
+    svc, parts, _clock = admin
+    parts.b2bua.shutdown_parked(480)
+    code, _, body = await http(svc, "GET", "/rpc/health")
+    assert code == 503 and js(body)["result"]["status"] == "draining"
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_is_required_for_rpc(admin):
+    svc, _parts, _clock = admin
+    for token in (None, "wrong", TOKEN + "x", ""):
+        code, headers, body = await http(svc, "GET", "/rpc/ts.dump", token=token)
+        assert code == 401, token
+        assert headers["www-authenticate"] == ['Bearer realm="libon-tsilo"']
+        assert js(body)["error"]["code"] == 401
+        assert b"Traceback" not in body
+
+
+@pytest_twisted.ensureDeferred
+async def test_ul_rm_needs_post_and_takes_form_or_json(admin):
+    svc, parts, clock = admin
+    parts.location.add_or_update(binding("alice", "sip:alice@10.0.0.1:5060", clock))
+    parts.location.add_or_update(binding("alice", "sip:alice@10.0.0.2:5060", clock))
+    code, headers, body = await http(svc, "GET", "/rpc/ul.rm?aor=alice")
+    assert code == 405 and headers["allow"] == ["POST"]
+    assert parts.location.all_count() == 2
+    code, _, body = await http(
+        svc,
+        "POST",
+        "/rpc/ul.rm",
+        body=b"aor=alice&contact=sip%3Aalice%4010.0.0.1%3A5060",
+        ctype="application/x-www-form-urlencoded",
+    )
+    assert code == 200, body
+    assert js(body)["result"]["removed"] == ["uri:sip:alice@10.0.0.1:5060"]
+    code, _, body = await http(
+        svc,
+        "POST",
+        "/rpc/ul.rm",
+        body=json.dumps({"aor": "alice", "key": "uri:sip:alice@10.0.0.2:5060"}).encode(),
+        ctype="application/json",
+    )
+    assert code == 200, body
+    assert parts.location.all_count() == 0
+    code, _, body = await http(svc, "GET", "/rpc/ul.lookup?aor=alice")
+    assert code == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_requests_get_json_errors(admin):
+    svc, _parts, _clock = admin
+    cases = [
+        ("GET", "/nope", None, None, 404),
+        ("GET", "/rpc/ts.nope", None, None, 404),
+        ("GET", "/rpc/ts.dump/extra", None, None, 404),
+        ("GET", "/rpc/ts.lookup", None, None, 400),
+        ("GET", "/rpc/ts.dump?x=1", None, None, 400),
+        ("DELETE", "/rpc/ts.dump", None, None, 405),
+        ("POST", "/metrics", None, None, 405),
+        ("POST", "/rpc/ul.rm", b"{not json", "application/json", 400),
+        ("POST", "/rpc/ul.rm", b"[1, 2]", "application/json", 400),
+        ("POST", "/rpc/ul.rm", b"\xff\xfe", "application/x-www-form-urlencoded", 400),
+        ("POST", "/rpc/ul.rm", b"aor=x", "text/xml", 400),
+        ("POST", "/rpc/ul.rm", b"a" * (70 * 1024), "application/x-www-form-urlencoded", 413),
+    ]
+    for method, path, body, ctype, status in cases:
+        code, headers, data = await http(svc, method, path, body=body, ctype=ctype)
+        assert code == status, (method, path, data)
+        assert headers["content-type"][0].startswith("application/json"), path
+        err = js(data)["error"]
+        assert err["code"] == status and err["message"]
+        assert b"Traceback" not in data
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_crashing_rpc_is_a_500_without_traceback(admin):
+    svc, parts, _clock = admin
+
+    class Broken:
+        def dump(self):
+            raise RuntimeError("secret internals")
+
+    parts.silo = Broken()
+    with capturedLogs() as events:
+        code, _, data = await http(svc, "GET", "/rpc/ts.dump")
+    assert code == 500
+    assert js(data)["error"]["code"] == 500
+    assert b"secret internals" not in data and b"Traceback" not in data
+    # the failure is logged for the operator, not swallowed
+    assert any(e.get("log_failure") is not None and "admin API" in e.get("log_format", "") for e in events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_from_loopback_need_no_token(admin):
+    svc, parts, clock = admin
+    parts.location.add_or_update(binding("alice", "sip:alice@10.0.0.1:5060", clock))
+    code, headers, body = await http(svc, "GET", "/metrics", token=None)
+    assert code == 200
+    assert headers["content-type"][0].startswith("text/plain; version=0.0.4")
+    assert b"libon_tsilo_bindings 1.0" in body
+    assert b"libon_tsilo_tsilo_stored_ruris" in body
+
+
+def dummy(path: bytes, client: str, token: str | None = None, method: bytes = b"GET") -> DummyRequest:
+    req = DummyRequest(path.lstrip(b"/").split(b"/"))
+    req.method = method
+    req.path = path
+    req.uri = path
+    req.client = IPv4Address("TCP", client, 40000)
+    if token is not None:
+        req.requestHeaders.addRawHeader(b"authorization", f"Bearer {token}".encode())
+    return req
+
+
+def resource(tmp_path, token: str = TOKEN, metrics_public: bool = False) -> AdminResource:
+    root, _clock = build(tmp_path=tmp_path)
+    return AdminResource(
+        Rpc(root.parts, root),
+        make_registry(root.parts, None, push=PushMetrics()),
+        token=token,
+        metrics_public=metrics_public,
+    )
+
+
+def test_metrics_from_elsewhere_need_the_token_unless_public(tmp_path):
+    res = resource(tmp_path)
+    req = dummy(b"/metrics", "10.1.2.3")
+    res.render(req)
+    assert req.responseCode == 401
+    req = dummy(b"/metrics", "10.1.2.3", token=TOKEN)
+    body = res.render(req)
+    assert req.responseCode == 200 and b"libon_tsilo_bindings" in body
+    public = resource(tmp_path, metrics_public=True)
+    req = dummy(b"/metrics", "10.1.2.3")
+    public.render(req)
+    assert req.responseCode == 200
+
+
+def test_without_a_token_rpc_is_loopback_only(tmp_path):
+    res = resource(tmp_path, token="")
+    req = dummy(b"/rpc/health", "10.1.2.3")
+    res.render(req)
+    assert req.responseCode == 401
+    req = dummy(b"/rpc/health", "10.1.2.3", token="")
+    res.render(req)
+    assert req.responseCode == 401  # an empty bearer never matches an unset token
+    req = dummy(b"/rpc/health", "127.0.0.1")
+    res.render(req)
+    assert req.responseCode == 200
+
+
+def test_token_from_elsewhere_works(tmp_path):
+    res = resource(tmp_path)
+    req = dummy(b"/rpc/stats", "192.0.2.7", token=TOKEN)
+    body = res.render(req)
+    assert req.responseCode == 200 and js(body)["result"]["uptime"] == 0
+
+
+def test_is_loopback():
+    assert is_loopback("127.0.0.1") and is_loopback("127.9.9.9") and is_loopback("::1")
+    assert is_loopback("::ffff:127.0.0.1")
+    assert not is_loopback("10.0.0.1") and not is_loopback("::ffff:10.0.0.1")
+    assert not is_loopback(None) and not is_loopback("localhost") and not is_loopback("")
