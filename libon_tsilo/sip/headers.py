@@ -38,9 +38,8 @@ TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9\-.!%*_+`'~]+$")
 _WS = " \t"
 _PTOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
-_PVALUE = r"(?:=(?:[A-Za-z0-9\-.!%*_+`'~:\[\]]+|\"[^\"\\\r\n]*\"))?"
+_PVALUE = r"(?:=(?:[A-Za-z0-9\-.!%*_+`'~:\[\]]+|\"[^\"\\\r\n;]*\"))?"
 _SIMPLE_PARAMS = re.compile(rf"^{_PTOKEN}{_PVALUE}(?:;{_PTOKEN}{_PVALUE})*$")
-_PARAM_ITEM = re.compile(rf"({_PTOKEN})(?:=([^;\"]+|\"[^\"]*\"))?")
 
 
 def canonical_key(name: str) -> str:
@@ -132,14 +131,10 @@ def parse_params(text: str, what: str) -> dict[str, str | None]:
     """
     params: dict[str, str | None] = {}
     if _SIMPLE_PARAMS.match(text):
-        # Fast path: no whitespace and no escapes inside quotes, the common case on the wire.
-        if '"' not in text:
-            for part in text.split(";"):
-                name, eq, value = part.partition("=")
-                params[name.lower()] = value if eq else None
-            return params
-        for match in _PARAM_ITEM.finditer(text):
-            params[match.group(1).lower()] = match.group(2)
+        # Fast path: no whitespace, and quoted values without ';' or escapes: a plain split is exact.
+        for part in text.split(";"):
+            name, eq, value = part.partition("=")
+            params[name.lower()] = value if eq else None
         return params
     if not text.strip():
         raise ParseError(f"empty parameter in {what}")
@@ -188,11 +183,6 @@ def format_params(params: dict[str, str | None]) -> str:
     return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
 
 
-_SIMPLE_NAME_ADDR = re.compile(
-    r'^[ \t]*(?:"([^"\\\r\n]*)"[ \t]*|([A-Za-z0-9\-.!%*_+`\'~ \t]*?)[ \t]*)<([^<>\s"]+)>(?:[ \t]*;(.*))?$'
-)
-
-
 class NameAddr:
     """name-addr or addr-spec with header parameters (From, To, Contact, Route, ...)."""
 
@@ -213,20 +203,6 @@ class NameAddr:
 
     @classmethod
     def parse(cls, text: str) -> NameAddr:
-        match = _SIMPLE_NAME_ADDR.match(text)
-        if match is not None:
-            # Fast path: <URI> with an optional plain display name, the usual shape on the wire.
-            quoted, words, uri_text, params_text = match.groups()
-            if quoted is not None:
-                display: str | None = quoted
-            elif words:
-                display = " ".join(words.split())
-            else:
-                display = None
-            params = parse_params(params_text, "address") if params_text is not None else {}
-            obj = cls(uri_text, display, params)
-            obj._text = text.strip()
-            return obj
         return cls._parse_general(text)
 
     @classmethod
