@@ -144,7 +144,7 @@ class Call:
         self._ring_timer = self.clock.callLater(self.mgr.settings.ring_timeout, self._ring_timeout)
         sleeping = []
         for b in bindings:
-            if self._flow_live(b) or not getattr(b, "push_capable", False):
+            if not getattr(b, "push_capable", False) or (self._flow_live(b) and self._awake(b)):
                 self.fork(b)
             else:
                 sleeping.append(b)
@@ -246,6 +246,18 @@ class Call:
             return True
         # like Kamailio's t_suspend: a call that never forked waits for any device to register
         return not self.branches
+
+    def _awake(self, binding: Any) -> bool:
+        """A push-capable binding with a live flow: fork now, or push? The waker may decide (e.g. only
+        devices that registered moments ago are awake); without an opinion, a live flow is enough."""
+        decide = getattr(self.mgr.waker, "fork_directly", None)
+        if decide is None:
+            return True
+        try:
+            return bool(decide(binding))
+        except Exception:
+            log.failure("waker.fork_directly failed", call_id=self.call_id)
+            return True
 
     def _flow_live(self, binding: Any) -> bool:
         # the registrar's flag can be stale, the flow table's view can be missing: both must agree

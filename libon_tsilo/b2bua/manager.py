@@ -143,6 +143,10 @@ class CallManager:
                     del self.flows[fid]
 
     def invite_cancel_wanted(self, binding: Any) -> bool:
+        # the waker may know better (its [push] cancelled_ios_call may send a missed-call push instead)
+        wanted = getattr(self.waker, "invite_cancel_wanted", None)
+        if wanted is not None:
+            return bool(wanted(binding))
         return getattr(binding, "pn_provider", None) in self.settings.invite_cancel_providers
 
     # -- entry points --------------------------------------------------------------------------

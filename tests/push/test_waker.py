@@ -1,0 +1,488 @@
+"""PushWaker: the RFC 8599 wake-up flow, alone and under the real call layer (fake SIP port)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+
+from libon_tsilo.b2bua.forking import REASON_ANSWERED
+from libon_tsilo.push.base import CONFIG_ERROR, DEAD_TOKEN, DELIVERED, RETRYABLE, PushRequest, PushResult
+from libon_tsilo.push.router import PushRouter
+from libon_tsilo.push.waker import INVITE_CANCEL, MISSED_CALL_PUSH, LatencyWindow, PushWaker
+from libon_tsilo.registrar.binding import Binding
+from tests.b2bua.helpers import SDP_B, Env
+
+AOR = "sip:bob@example.com"
+APNS_PARAM = "TEAM123456.com.example.app.voip"
+
+
+@dataclass
+class FakeSender:
+    """An IPushSender whose answers the test scripts: a PushResult now, or a Deferred fired later."""
+
+    provider: str
+    bundle_id: str = "com.example.app"
+    project_id: str = "proj-1"
+    script: list[Any] = field(default_factory=list)  # PushResult | "hold" | Exception
+    sent: list[PushRequest] = field(default_factory=list)
+    held: list[Deferred[PushResult]] = field(default_factory=list)
+    closed: bool = False
+
+    def send(self, req: PushRequest) -> Deferred[PushResult]:
+        self.sent.append(req)
+        step = self.script.pop(0) if self.script else PushResult(DELIVERED, "ok", 200)
+        if isinstance(step, Exception):
+            raise step
+        if step == "hold":
+            d: Deferred[PushResult] = Deferred()
+            self.held.append(d)
+            return d
+        return succeed(step)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def dev(n: int, provider: str | None = "apns", registered_at: float = 0.0, flow_live: bool = False,
+        flow_id: str | None = None, prid: str | None = None, expires_at: float = 100_000.0) -> Binding:
+    param = APNS_PARAM if provider == "apns" else ("proj-1" if provider == "fcm" else None)
+    return Binding(
+        aor=AOR,
+        contact_uri=f"sip:bob@10.0.0.{n + 1}:5080;transport=tcp",
+        contact=f"<sip:bob@10.0.0.{n + 1}:5080;transport=tcp>",
+        expires_at=expires_at,
+        registered_at=registered_at,
+        call_id=f"reg-{n}",
+        cseq=1,
+        instance=f"<urn:uuid:dev-{n}>",
+        flow_id=flow_id if flow_id is not None else f"tcp:dev{n}#1",
+        flow_live=flow_live,
+        received=("tcp", f"10.0.0.{n + 1}", 5080),
+        pn_provider=provider,
+        pn_prid=prid or (f"device-token-{n}-0123456789abcdef" if provider else None),
+        pn_param=param,
+    )
+
+
+def call_info(call_id: str = "c1", deadline: float = 30.0) -> SimpleNamespace:
+    return SimpleNamespace(call_id=call_id, aor=AOR, caller_uri="sip:alice@example.com",
+                           caller_name="Alice", ring_deadline=deadline)
+
+
+class Removals:
+    def __init__(self) -> None:
+        self.removed: list[tuple[Binding, str]] = []
+
+    def __call__(self, binding: Binding, reason: str) -> bool:
+        self.removed.append((binding, reason))
+        return True
+
+
+def make(clock: Clock | None = None, senders: list[Any] | None = None, **kw: Any) -> tuple[PushWaker, Removals]:
+    removals = Removals()
+    waker = PushWaker(clock or Clock(), PushRouter(senders or []), remove_binding=removals, **kw)
+    return waker, removals
+
+
+def fired(d: Deferred[Any]) -> Any:
+    out: list[Any] = []
+    d.addBoth(out.append)
+    assert out, "Deferred has not fired"
+    return out[0]
+
+
+@pytest.fixture
+def logged() -> Any:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+# -- wake() alone ---------------------------------------------------------------------------------
+
+
+def test_wake_pushes_each_device_with_the_ring_deadline_as_ttl() -> None:
+    clock = Clock()
+    clock.advance(100)
+    a, f = FakeSender("apns"), FakeSender("fcm")
+    waker, _ = make(clock, [a, f])
+    res = fired(waker.wake(call_info(deadline=130.0), [dev(1), dev(2, "fcm")]))
+    assert (res.woken, res.all_failed) == (2, False)
+    (ra,), (rf,) = a.sent, f.sent
+    assert ra.kind == rf.kind == "call"
+    assert ra.ttl == rf.ttl == 30.0
+    assert (ra.prid, ra.param, ra.call_id, ra.caller_name, ra.aor) == (
+        "device-token-1-0123456789abcdef", APNS_PARAM, "c1", "Alice", AOR)
+    assert rf.param == "proj-1"
+    st = waker.stats()
+    assert st["by_provider"]["apns"][DELIVERED] == 1 and st["by_provider"]["fcm"][DELIVERED] == 1
+    assert st["by_kind"]["call"][DELIVERED] == 2 and st["calls_woken"] == 1
+
+
+def test_dead_token_removes_the_binding_redacted_and_every_push_failed(logged: list[dict[str, Any]]) -> None:
+    a = FakeSender("apns", script=[PushResult(DEAD_TOKEN, "Unregistered", 410)])
+    waker, removals = make(senders=[a])
+    b = dev(1)
+    res = fired(waker.wake(call_info(), [b]))
+    assert res.all_failed and res.woken == 0 and "Unregistered" in res.reason
+    assert removals.removed == [(b, "push: Unregistered")]
+    st = waker.stats()
+    assert st["dead_tokens"] == 1 and st["dead_tokens_removed"] == 1 and st["calls_all_failed"] == 1
+    text = " ".join(str(e) for e in logged)
+    assert "device-token-1-0123456789abcdef" not in text
+    assert any("dead push token" in str(e.get("log_format")) for e in logged)
+
+
+def test_config_error_without_a_sender_is_permanent_and_logged_once(logged: list[dict[str, Any]]) -> None:
+    waker, _ = make(senders=[FakeSender("apns", bundle_id="com.other")])
+    for n in range(3):
+        res = fired(waker.wake(call_info(f"c{n}"), [dev(1)]))
+        assert res.all_failed
+    crit = [e for e in logged if e.get("log_level") is not None and e["log_level"].name == "critical"]
+    assert len(crit) == 1
+    assert waker.stats()["by_provider"]["apns"][CONFIG_ERROR] == 3
+
+
+def test_one_delivered_push_is_enough_to_wait() -> None:
+    a = FakeSender("apns", script=[PushResult(DEAD_TOKEN, "BadDeviceToken", 400), PushResult(DELIVERED, "ok")])
+    waker, removals = make(senders=[a])
+    res = fired(waker.wake(call_info(), [dev(1), dev(2)]))
+    assert (res.woken, res.all_failed) == (1, False)
+    assert len(removals.removed) == 1
+
+
+def test_a_push_that_timed_out_is_not_a_permanent_failure() -> None:
+    a = FakeSender("apns", script=[PushResult(RETRYABLE, "timeout")])
+    waker, removals = make(senders=[a])
+    res = fired(waker.wake(call_info(), [dev(1)]))
+    assert (res.woken, res.all_failed) == (0, False) and removals.removed == []
+
+
+def test_a_sender_that_raises_is_a_retryable_failure() -> None:
+    a = FakeSender("apns", script=[RuntimeError("bug")])
+    waker, _ = make(senders=[a])
+    res = fired(waker.wake(call_info(), [dev(1)]))
+    assert (res.woken, res.all_failed) == (0, False)
+
+
+def test_wake_fires_only_when_every_push_settled() -> None:
+    a = FakeSender("apns", script=["hold", "hold"])
+    waker, _ = make(senders=[a])
+    d = waker.wake(call_info(), [dev(1), dev(2)])
+    assert not d.called
+    a.held[0].callback(PushResult(DELIVERED, "ok"))
+    assert not d.called
+    a.held[1].callback(PushResult(CONFIG_ERROR, "BadTopic"))
+    assert fired(d).woken == 1
+
+
+def test_one_voip_push_per_device_per_call() -> None:
+    a = FakeSender("apns")
+    waker, _ = make(senders=[a])
+    fired(waker.wake(call_info(), [dev(1)]))
+    res = fired(waker.wake(call_info(), [dev(1)]))
+    assert len(a.sent) == 1 and res.woken == 0 and not res.all_failed
+    assert waker.stats()["duplicates_suppressed"] == 1
+    fired(waker.wake(call_info("c2"), [dev(1)]))  # another call: a new push
+    assert len(a.sent) == 2
+
+
+def test_no_push_once_the_ring_time_is_over() -> None:
+    clock = Clock()
+    clock.advance(50)
+    a = FakeSender("apns")
+    waker, _ = make(clock, [a])
+    res = fired(waker.wake(call_info(deadline=40.0), [dev(1)]))
+    assert a.sent == [] and not res.all_failed
+
+
+def test_fork_directly_only_for_devices_that_registered_recently() -> None:
+    clock = Clock()
+    clock.advance(1000)
+    waker, _ = make(clock, skip_push_if_registered_within=30)
+    assert waker.fork_directly(dev(1, registered_at=975.0))
+    assert not waker.fork_directly(dev(1, registered_at=900.0))
+    off, _ = make(clock)
+    assert not off.fork_directly(dev(1, registered_at=1000.0))
+
+
+def test_push_to_register_latency_and_hooks() -> None:
+    clock = Clock()
+    seen: list[Any] = []
+    a = FakeSender("apns")
+    waker, _ = make(clock, [a], on_push=lambda *args: seen.append(("push", *args)),
+                    on_push_to_register=lambda lat: seen.append(("reg", lat)))
+    fired(waker.wake(call_info(deadline=30.0), [dev(1)]))
+    clock.advance(1.5)
+    waker.binding_refreshed(dev(1, flow_id="tcp:dev1#2"), None)
+    assert seen == [("push", "apns", DELIVERED, 0.0), ("reg", 1.5)]
+    st = waker.stats()
+    assert st["push_to_register"]["count"] == 1 and st["push_to_register"]["mean"] == 1.5
+    waker.binding_refreshed(dev(1), None)  # a later REGISTER is not another sample
+    assert waker.stats()["push_to_register"]["count"] == 1
+
+
+def test_push_to_register_matches_the_token_when_the_identity_changed() -> None:
+    clock = Clock()
+    waker, _ = make(clock, [FakeSender("apns")])
+    fired(waker.wake(call_info(), [dev(1)]))
+    clock.advance(2)
+    reinstalled = dev(1)
+    reinstalled.key = "instance:<urn:uuid:new>"
+    waker.binding_added(reinstalled, None)
+    assert waker.stats()["push_to_register"]["count"] == 1
+    assert waker.stats()["awaiting_register"] == 0
+
+
+def test_delivered_pushes_without_register_are_forgotten() -> None:
+    clock = Clock()
+    waker, _ = make(clock, [FakeSender("apns")], register_wait=60)
+    fired(waker.wake(call_info(), [dev(1)]))
+    waker.call_ended(call_info(), False)
+    assert waker.stats()["awaiting_register"] == 1
+    clock.advance(61)
+    waker.binding_refreshed(dev(2), None)
+    st = waker.stats()
+    assert st["awaiting_register"] == 0 and st["pushes_without_register"] == 1 and st["pending_calls"] == 0
+
+
+def test_latency_window_summary() -> None:
+    w = LatencyWindow(size=4)
+    assert w.summary()["count"] == 0
+    for v in (1.0, 2.0, 3.0, 4.0, 5.0):
+        w.add(v)
+    s = w.summary()
+    assert s["count"] == 5 and s["max"] == 5.0 and s["p50"] == 4.0 and s["mean"] == 3.0
+
+
+# -- the end of a call ----------------------------------------------------------------------------
+
+
+def test_invite_cancel_mode_leaves_ios_devices_to_the_call_layer() -> None:
+    a = FakeSender("apns")
+    waker, _ = make(senders=[a], cancelled_ios_call=INVITE_CANCEL)
+    assert waker.invite_cancel_wanted(dev(1)) and not waker.invite_cancel_wanted(dev(2, "fcm"))
+    fired(waker.wake(call_info(), [dev(1)]))
+    waker.call_ended(call_info(), answered_elsewhere=True)
+    assert [r.kind for r in a.sent] == ["call"]
+    assert waker.stats()["pending_calls"] == 0
+
+
+def test_missed_call_push_for_ios_devices_that_did_not_register() -> None:
+    a, f = FakeSender("apns"), FakeSender("fcm")
+    waker, _ = make(senders=[a, f], cancelled_ios_call=MISSED_CALL_PUSH)
+    assert not waker.invite_cancel_wanted(dev(1))
+    fired(waker.wake(call_info(), [dev(1), dev(2), dev(3, "fcm")]))
+    waker.binding_refreshed(dev(2), None)  # this one came: it got its INVITE
+    waker.call_ended(call_info(), answered_elsewhere=False)
+    assert [(r.kind, r.prid) for r in a.sent] == [
+        ("call", dev(1).pn_prid), ("call", dev(2).pn_prid), ("cancel", dev(1).pn_prid)]
+    assert a.sent[-1].call_id == "c1" and a.sent[-1].caller_name == "Alice"
+    assert [r.kind for r in f.sent] == ["call"]
+    assert waker.stats()["missed_call_pushes"] == 1 and waker.stats()["pending_calls"] == 0
+    waker.call_ended(call_info(), answered_elsewhere=False)  # once only
+    assert len(a.sent) == 3
+
+
+def test_missed_call_push_waits_for_a_push_still_in_flight() -> None:
+    a = FakeSender("apns", script=["hold", "hold"])
+    waker, _ = make(senders=[a], cancelled_ios_call=MISSED_CALL_PUSH)
+    waker.wake(call_info(), [dev(1), dev(2)])
+    waker.call_ended(call_info(), answered_elsewhere=True)
+    assert waker.stats()["pending_calls"] == 1
+    a.held[0].callback(PushResult(DELIVERED, "ok"))
+    a.held[1].callback(PushResult(RETRYABLE, "timeout"))  # never reached the device: no alert
+    assert [r.kind for r in a.sent] == ["call", "call", "cancel"]
+    assert a.sent[-1].prid == dev(1).pn_prid
+    assert waker.stats()["pending_calls"] == 0
+
+
+def test_stop_closes_senders_and_refuses_new_work() -> None:
+    clock = Clock()
+    a = FakeSender("apns")
+    waker, _ = make(clock, [a], refresh_before_expiry=120)
+    waker.binding_added(_pnsreg(dev(1, expires_at=3600.0)), None)
+    assert clock.getDelayedCalls()
+    fired(waker.stop())
+    assert a.closed and clock.getDelayedCalls() == []
+    assert fired(waker.wake(call_info(), [dev(1)])).woken == 0 and len(a.sent) == 0
+
+
+def test_replace_senders_closes_the_old_ones_later() -> None:
+    clock = Clock()
+    old, new = FakeSender("apns"), FakeSender("apns")
+    waker, _ = make(clock, [old], close_grace=10)
+    waker.replace_senders([new])
+    fired(waker.wake(call_info(), [dev(1)]))
+    assert new.sent and not old.sent and not old.closed
+    clock.advance(10)
+    assert old.closed and not new.closed
+
+
+def _pnsreg(b: Binding) -> Binding:
+    b.pnsreg = True
+    return b
+
+
+# -- under the call layer -------------------------------------------------------------------------
+
+
+class Setup:
+    """The real CallManager + Silo with a fake SIP port, and a PushWaker with fake senders."""
+
+    def __init__(self, script: list[Any] | None = None, **kw: Any) -> None:
+        self.apns = FakeSender("apns", script=list(script or []))
+        self.fcm = FakeSender("fcm")
+        self.removed: list[tuple[Binding, str]] = []
+        self.env: Env | None = None
+        settings = {k: kw.pop(k) for k in ("invite_cancel_grace", "ring_timeout") if k in kw}
+        # Env builds the clock; the waker needs the same one
+        env = Env(waker=SimpleNamespace(), **settings)
+        self.waker = PushWaker(env.clock, PushRouter([self.apns, self.fcm]), remove_binding=self.remove, **kw)
+        env.mgr.waker = self.waker
+        self.env = env
+
+    def remove(self, b: Binding, reason: str) -> bool:
+        assert self.env is not None
+        self.removed.append((b, reason))
+        self.env.location.bindings[b.aor] = [x for x in self.env.location.bindings[b.aor] if x.key != b.key]
+        self.waker.binding_removed(b, reason)
+        return True
+
+    def register(self, b: Binding, refreshed: bool = True) -> None:
+        assert self.env is not None
+        self.env.register(b, refreshed=refreshed)
+        (self.waker.binding_refreshed if refreshed else self.waker.binding_added)(b, None)
+
+
+def test_call_pushes_a_sleeping_device_and_forks_when_it_registers() -> None:
+    s = Setup()
+    env = s.env
+    assert env is not None
+    env.location.add(dev(1))
+    _, stx = env.invite()
+    call = env.call()
+    assert call.state.name == "parked" and env.port.invites() == []
+    (req,) = s.apns.sent
+    assert req.kind == "call" and req.ttl == 30.0 and req.call_id == call.call_id
+    env.clock.advance(1.2)
+    s.register(dev(1, flow_id="tcp:dev1#2", registered_at=env.clock.seconds(), flow_live=True))
+    (ctx,) = env.port.invites()
+    assert ctx.hop.flow_id == "tcp:dev1#2"
+    ctx.respond(200, body=SDP_B)
+    assert stx.statuses == [200]
+    assert s.waker.stats()["push_to_register"]["count"] == 1
+    assert s.waker.stats()["pending_calls"] == 0
+
+
+def test_live_flow_forks_directly_only_within_the_skip_window() -> None:
+    s = Setup(skip_push_if_registered_within=60)
+    env = s.env
+    assert env is not None
+    now = env.clock.seconds()
+    env.location.add(dev(1, flow_live=True, registered_at=now - 10))  # awake: fork now
+    env.location.add(dev(2, flow_live=True, registered_at=now - 600))  # live flow but old: push
+    env.location.add(dev(3, provider=None, flow_live=True))  # no pn params: fork now
+    env.invite()
+    assert sorted(c.request.raw_uri for c in env.port.invites()) == [
+        "sip:bob@10.0.0.2:5080;transport=tcp", "sip:bob@10.0.0.4:5080;transport=tcp"]
+    assert [r.prid for r in s.apns.sent] == [dev(2).pn_prid]
+    assert s.waker.stats()["skipped_recently_registered"] == 1
+
+
+def test_dead_token_gives_480_at_once_and_removes_the_binding() -> None:
+    s = Setup(script=[PushResult(DEAD_TOKEN, "Unregistered", 410)])
+    env = s.env
+    assert env is not None
+    env.location.add(dev(1))
+    _, stx = env.invite()
+    assert stx.statuses == [480]
+    assert [r for _, r in s.removed] == ["push: Unregistered"]
+    assert env.location.lookup(AOR) == []
+    env.assert_clean()
+    assert s.waker.stats()["pending_calls"] == 0
+
+
+def test_dead_token_with_another_branch_ringing_keeps_the_call() -> None:
+    s = Setup(script=[PushResult(DEAD_TOKEN, "Unregistered", 410)])
+    env = s.env
+    assert env is not None
+    env.location.add(dev(1))
+    env.location.add(dev(2, provider=None, flow_live=True))
+    _, stx = env.invite()
+    assert stx.statuses == []
+    env.port.invites()[0].respond(486)
+    assert stx.statuses == [486]
+    env.assert_clean()
+
+
+def test_push_timeout_ends_at_the_ring_timeout_with_480() -> None:
+    s = Setup(script=["hold"], ring_timeout=3)
+    env = s.env
+    assert env is not None
+    env.location.add(dev(1))
+    _, stx = env.invite()
+    env.clock.advance(2.9)
+    assert stx.statuses == []
+    env.clock.advance(0.1)
+    assert stx.statuses == [480]
+    s.apns.held[0].callback(PushResult(RETRYABLE, "timeout"))  # the sender gives up at its ttl
+    env.assert_clean()
+    assert s.waker.stats()["pending_calls"] == 0
+
+
+def test_invite_cancel_for_a_cancelled_call_and_a_late_ios_device() -> None:
+    s = Setup(invite_cancel_grace=20.0)
+    env = s.env
+    assert env is not None
+    env.location.add(dev(1))
+    env.location.add(dev(2, "fcm"))
+    req, stx = env.invite()
+    env.mgr.handle_cancel(req, None, env.caller_flow)
+    assert stx.statuses == [487]
+    assert env.silo.stats()["lingering"] == 1
+    s.register(dev(2, "fcm", flow_id="tcp:dev2#2", flow_live=True))  # Android: nothing to end
+    assert env.port.invites() == []
+    s.register(dev(1, flow_id="tcp:dev1#2", flow_live=True))
+    (late,) = env.port.invites()
+    assert late.cancelled and late.reason is not None and "cause=487" in late.reason
+    assert env.silo.stats()["lingering"] == 0
+    assert [r.kind for r in s.apns.sent] == ["call"]
+    late.respond(487)
+    env.assert_clean()
+
+
+def test_invite_cancel_reason_when_answered_elsewhere() -> None:
+    s = Setup(invite_cancel_grace=20.0)
+    env = s.env
+    assert env is not None
+    env.location.add(dev(1))
+    env.location.add(dev(3, provider=None, flow_live=True))
+    _, stx = env.invite()
+    env.port.invites()[0].respond(200, body=SDP_B)
+    assert stx.statuses == [200]
+    s.register(dev(1, flow_id="tcp:dev1#2", flow_live=True))
+    late = env.port.invites()[-1]
+    assert late.cancelled and late.reason == REASON_ANSWERED
+
+
+def test_missed_call_push_mode_sends_an_alert_instead_of_invite_cancel() -> None:
+    s = Setup(invite_cancel_grace=20.0, cancelled_ios_call=MISSED_CALL_PUSH)
+    env = s.env
+    assert env is not None
+    env.location.add(dev(1))
+    req, stx = env.invite()
+    env.mgr.handle_cancel(req, None, env.caller_flow)
+    assert stx.statuses == [487]
+    assert env.silo.stats()["lingering"] == 0
+    assert [r.kind for r in s.apns.sent] == ["call", "cancel"]
+    s.register(dev(1, flow_id="tcp:dev1#2", flow_live=True))
+    assert env.port.invites() == []
+    env.assert_clean()
