@@ -281,9 +281,89 @@ def _add_silo(root: LibonTsiloService, parts: Parts) -> None:
 
 
 def _add_push(root: LibonTsiloService, parts: Parts) -> None:
-    # TODO(lead): senders per config.push.providers (apns/fcm/webhook) -> parts.waker
-    # (push/ may call parts.registrar.remove for dead tokens)
-    pass
+    """Senders for `[push] providers`, a PushWaker over them (parts.waker, parts.extra["push"]).
+
+    No sender at all leaves parts.waker None (the call layer logs instead of pushing). Credentials
+    that cannot be loaded are logged once, critically, at start (and at each reload). The waker
+    observes the location store (push-to-REGISTER latency, refresh pushes) and removes bindings of
+    dead tokens through the registrar. parts.extra["reload_push"]() re-reads the push credentials.
+    """
+    from libon_tsilo.push.router import PushRouter, build_senders
+    from libon_tsilo.push.waker import PushWaker
+
+    cfg = parts.config.push
+    if not cfg.providers:
+        return
+    fcm_pool = None
+    if "fcm" in cfg.providers and cfg.fcm:
+        pool_svc = ThreadPoolService(cfg.fcm_threads, name="push-fcm")
+        pool_svc.setName("push-fcm-threads")
+        pool_svc.setServiceParent(root)
+        fcm_pool = pool_svc.pool
+    reactor = parts.clock if hasattr(parts.clock, "callFromThread") else None  # else the global one
+
+    def load(push_cfg: Any) -> list[Any]:
+        senders, errors = build_senders(push_cfg, parts.clock, fcm_pool, reactor=reactor)
+        for error in errors:
+            log.critical("push disabled for {what}; fix the configuration and reload", what=error)
+        return senders
+
+    senders = load(cfg)
+    if not senders:
+        log.critical("[push] providers = {p} but no sender could be built: devices will not be woken",
+                     p=list(cfg.providers))
+        return
+    metrics = _optional_module("libon_tsilo.ops.metrics")
+    remove = parts.registrar.remove if parts.registrar is not None else None
+    waker = PushWaker(
+        parts.clock,
+        PushRouter(senders),
+        remove_binding=remove,
+        skip_push_if_registered_within=float(cfg.skip_push_if_registered_within),
+        cancelled_ios_call=cfg.cancelled_ios_call,
+        refresh_before_expiry=float(cfg.refresh_before_expiry),
+        on_push=getattr(metrics, "observe_push", None),
+        on_push_to_register=getattr(metrics, "observe_push_to_register", None),
+        close_grace=float(parts.config.calls.ring_timeout) + 5.0,
+    )
+    if parts.location is not None:
+        parts.location.subscribe(waker)
+
+    class PushService(Service):
+        def startService(self) -> None:
+            super().startService()
+            waker.start(parts.location)
+
+        def stopService(self) -> Deferred[Any]:
+            super().stopService()
+            return waker.stop()
+
+    svc = PushService()
+    svc.setName("push")
+    svc.setServiceParent(root)
+
+    def reload_push() -> bool:
+        """Re-read the config file's [push] credentials (SIGHUP); False when nothing was applied."""
+        from libon_tsilo.ops.config import load_config
+
+        push_cfg = cfg
+        if parts.config.source is not None:
+            try:
+                push_cfg = load_config(parts.config.source).push
+            except ConfigError as err:
+                log.error("push: credentials not reloaded: {error}", error=str(err))
+                return False
+        new = load(push_cfg)
+        if not new:
+            log.error("push: no sender could be built from the new configuration; keeping the old ones")
+            return False
+        waker.replace_senders(new)
+        log.info("push: {n} sender(s) reloaded", n=len(new))
+        return True
+
+    parts.waker = waker
+    parts.extra["push"] = waker
+    parts.extra["reload_push"] = reload_push
 
 
 def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
