@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["PushRouter", "apns_bundle", "app_key"]
+__all__ = ["PushRouter", "apns_bundle", "app_key", "build_senders"]
 
 
 def apns_bundle(pn_param: str | None) -> str | None:
@@ -97,3 +97,62 @@ class PushRouter:
                 return None, f"no [[push.fcm]] project {pn_param.strip()!r}"
             return sender, ""
         return candidates[0], ""
+
+
+def build_senders(
+    push: Any, clock: Any, fcm_pool: Any = None, reactor: Any = None
+) -> tuple[list[Any], list[str]]:
+    """Senders for the providers listed in ``[push] providers`` (ops' PushConfig, read duck-typed).
+
+    Returns (senders, errors): an app whose credentials cannot be loaded is left out and described
+    in ``errors`` (one line each, naming the config table), so the caller logs it once, loudly,
+    instead of every call failing with a traceback.
+    """
+    enabled = set(push.providers)
+    senders: list[Any] = []
+    errors: list[str] = []
+    if "apns" in enabled:
+        from libon_tsilo.push.apns import APNsSender
+
+        for i, app in enumerate(push.apns):
+            try:
+                sender = APNsSender(app, clock)
+                if sender.token is not None:
+                    sender.token.get_header()  # a bad .p8 key fails here, not on the first call
+            except Exception as e:
+                errors.append(f"push.apns[{i}] ({app.bundle_id}): {type(e).__name__}: {e}")
+                continue
+            senders.append(sender)
+    if "fcm" in enabled:
+        from libon_tsilo.push.fcm import FCMSender
+
+        if fcm_pool is None:
+            errors.append("push.fcm: no thread pool for FCM")
+        else:
+            for i, app in enumerate(push.fcm):
+                try:
+                    _check_service_account(app.service_account_file)
+                    senders.append(FCMSender(app, clock, fcm_pool, reactor=reactor))
+                except Exception as e:
+                    errors.append(f"push.fcm[{i}] ({app.project_id}): {type(e).__name__}: {e}")
+    hooks = [h for h in push.webhook if h.name in enabled]
+    if hooks:
+        from libon_tsilo.push.webhook import WebhookSender
+
+        for i, hook in enumerate(hooks):
+            try:
+                senders.append(WebhookSender(hook.name, hook.url, hook.timeout, clock, reactor=reactor))
+            except Exception as e:
+                errors.append(f"push.webhook[{i}] ({hook.name}): {type(e).__name__}: {e}")
+    return senders, errors
+
+
+def _check_service_account(path: str) -> None:
+    """Read the service-account JSON now (pyfcm reads it lazily, in a pool thread, per call)."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    missing = [k for k in ("client_email", "private_key", "token_uri") if not data.get(k)]
+    if missing:
+        raise ValueError(f"service account file {path} lacks {', '.join(missing)}")

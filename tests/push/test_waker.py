@@ -486,3 +486,73 @@ def test_missed_call_push_mode_sends_an_alert_instead_of_invite_cancel() -> None
     s.register(dev(1, flow_id="tcp:dev1#2", flow_live=True))
     assert env.port.invites() == []
     env.assert_clean()
+
+
+# -- wiring (ops/service.py _add_push) ------------------------------------------------------------
+
+
+def _push_config(tmp_path: Any, **push: Any) -> Any:
+    from libon_tsilo.ops.config import config_from_dict
+    from tests.fakes.keys import make_team_key
+    from tests.fakes.sa_keys import make_service_account
+
+    p8, _ = make_team_key().write(tmp_path)
+    sa = make_service_account("proj-1").write(tmp_path, "http://127.0.0.1:9/token")
+    section = {
+        "providers": ["apns", "fcm", "relay"],
+        "apns": [{"bundle_id": "com.example.app", "team_id": "TEAM123456", "key_id": "KEY1234567",
+                  "key_file": str(p8), "server": "https://127.0.0.1:9"}],
+        "fcm": [{"project_id": "proj-1", "service_account_file": str(sa), "endpoint": "http://127.0.0.1:9"}],
+        "webhook": [{"name": "relay", "url": "http://127.0.0.1:9/push"}],
+        "skip_push_if_registered_within": 20,
+        "refresh_before_expiry": 120,
+        **push,
+    }
+    return config_from_dict({"sip": {"listen": ["udp:127.0.0.1:0"]}, "location": {"backend": "memory"},
+                             "push": section})
+
+
+def test_wiring_builds_the_waker_from_the_config(tmp_path: Any) -> None:
+    from libon_tsilo.ops.service import make_service
+
+    svc = make_service(_push_config(tmp_path), clock=Clock())
+    parts = svc.parts
+    waker = parts.waker
+    assert isinstance(waker, PushWaker) and parts.extra["push"] is waker
+    assert parts.b2bua.waker is waker
+    assert waker.router.providers == ["apns", "fcm", "relay"]
+    assert waker.skip_within == 20 and waker.refresher is not None
+    assert waker.remove_binding == parts.registrar.remove
+    assert waker in parts.location._observers
+    assert callable(parts.extra["reload_push"])
+    old = waker.router.senders
+    assert parts.extra["reload_push"]() is True  # built-in config (no file): same credentials, new senders
+    assert all(s not in old for s in waker.router.senders)
+    assert "stats" in dir(waker) and waker.stats()["providers"] == ["apns", "fcm", "relay"]
+    fcm_pool = svc.getServiceNamed("push-fcm-threads").pool
+    assert fcm_pool.max == 4
+
+
+def test_wiring_logs_bad_credentials_once_and_keeps_the_rest(tmp_path: Any, logged: list[dict[str, Any]]) -> None:
+    from libon_tsilo.ops.service import make_service
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    cfg = _push_config(tmp_path)
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, push=dataclasses.replace(
+        cfg.push, fcm=(dataclasses.replace(cfg.push.fcm[0], service_account_file=str(bad)),)))
+    svc = make_service(cfg, clock=Clock())
+    assert svc.parts.waker.router.providers == ["apns", "relay"]
+    crit = [e for e in logged if e.get("log_level") is not None and e["log_level"].name == "critical"]
+    assert len(crit) == 1 and "push.fcm[0]" in str(crit[0].get("what"))
+
+
+def test_wiring_without_providers_leaves_the_logging_waker(tmp_path: Any) -> None:
+    from libon_tsilo.b2bua.waker import LoggingWaker
+    from libon_tsilo.ops.service import make_service
+
+    svc = make_service(_push_config(tmp_path, providers=[]), clock=Clock())
+    assert svc.parts.waker is None and "push" not in svc.parts.extra
+    assert isinstance(svc.parts.b2bua.waker, LoggingWaker)
