@@ -412,8 +412,26 @@ def _add_router(root: LibonTsiloService, parts: Parts) -> None:
 
 
 def _add_manhole(root: LibonTsiloService, parts: Parts) -> None:
-    # TODO(lead): when config.manhole.listen is set, a conch manhole exposing `parts`
-    pass
+    cfg = parts.config.manhole
+    if not cfg.listen:
+        return
+    from pathlib import Path
+
+    from libon_tsilo.ops.manhole import HOST_KEY_NAME, ManholeService, load_host_key, make_namespace
+
+    rpc = _ops_tools(root, parts)
+    # the state directory: where [location] path lives (writable under systemd's StateDirectory=)
+    try:
+        host_key = load_host_key(Path(parts.config.location.path).parent / HOST_KEY_NAME)
+    except Exception as exc:  # unreadable, corrupt, or a read-only state directory
+        raise ConfigError("manhole.listen", f"cannot load or create the host key: {exc}") from None
+    svc = ManholeService(
+        cfg.listen, make_namespace(root, parts, rpc), host_key,
+        authorized_keys=cfg.authorized_keys, passwords=cfg.passwords,
+        reactor=parts.clock if _is_reactor(parts.clock) else None,
+    )
+    svc.setServiceParent(root)
+    parts.extra["manhole"] = svc
 
 
 def _ops_tools(root: LibonTsiloService, parts: Parts) -> Any:
@@ -422,21 +440,14 @@ def _ops_tools(root: LibonTsiloService, parts: Parts) -> Any:
     rpc = parts.extra.get("rpc")
     if rpc is not None:
         return rpc
-    from libon_tsilo.ops.metrics import MessageCounters, install_message_hooks, observe_push
+    from libon_tsilo.ops.metrics import MessageCounters, install_message_hooks
     from libon_tsilo.ops.rpc import Rpc
 
     counters = MessageCounters()
     parts.extra["message_counters"] = counters
     if parts.transport is not None and parts.transactions is not None:
         install_message_hooks(parts.transport, counters)
-    # push senders report each push through on_result(provider, outcome, latency_s)
-    push = parts.extra.get("push")
-    senders = getattr(push, "senders", None) if push is not None else None
-    if senders is None and isinstance(push, dict):
-        senders = list(push.values())
-    for sender in senders or ():
-        if getattr(sender, "on_result", False) is None:
-            sender.on_result = observe_push
+    # (pushes reach the metrics through the PushWaker's on_push hook, wired in _add_push)
     rpc = Rpc(parts, root)
     parts.extra["rpc"] = rpc
     return rpc
