@@ -1,0 +1,233 @@
+"""End-to-end calls: the real twistd process, SIPp callers (UAC) and SIPp devices.
+
+A device (tests/e2e/sipp.py `Device`) is one SIPp process that REGISTERs a Contact on its own port
+and answers (or rings, or re-INVITEs...) every INVITE the server forks there. Auth is off except
+where a test says otherwise; the location store is in memory; the ring timeout is short.
+
+After each scenario the server must hold no call: every call it logged as started must have
+logged its end (`assert_no_leaked_calls`; through the admin API once it exists), and at teardown
+the server must exit cleanly on SIGTERM without a traceback (the `start_sip_server` fixture).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.proc import ServerProcess
+from tests.e2e.sipp import Device, Sipp, sipp_available, stop_all, wait_for_log
+
+pytestmark = pytest.mark.skipif(not sipp_available(), reason="sipp is missing (package sip-tester)")
+
+RING_TIMEOUT = 3
+REASON_ANSWERED = 'SIP;cause=200;text="Call completed elsewhere"'
+
+CALL_STARTED = re.compile(r"\[libon_tsilo\.b2bua\.manager#info\] call \S+ -> (\S+): \d+ binding")
+CALL_ENDED = re.compile(r"\[libon_tsilo\.b2bua\.call#info\] call ended: (.*)$", re.M)
+
+
+def _server_config(auth: bool = False) -> dict:
+    extra: dict = {
+        "location": {"backend": "memory"},
+        "calls": {"ring_timeout": RING_TIMEOUT, "invite_cancel_grace": 0},
+    }
+    if auth:
+        extra["auth"] = {"enabled": True, "trusted_sources": ["127.0.0.0/8"]}
+    else:
+        extra["auth"] = {"enabled": False}
+    return extra
+
+
+@pytest.fixture
+def server(start_sip_server) -> ServerProcess:
+    return start_sip_server(extra=_server_config(), tls=False)
+
+
+@pytest.fixture
+def procs() -> Iterator[list]:
+    """SIPp processes of a test; whatever still runs at the end is killed."""
+    started: list = []
+    yield started
+    stop_all(started)
+
+
+def ended_reasons(server: ServerProcess) -> list[str]:
+    return CALL_ENDED.findall(server.output())
+
+
+def assert_no_leaked_calls(server: ServerProcess, expected_calls: int, timeout: float = 5.0) -> None:
+    """Every call the server started has ended (so its call, dialog and silo entries are gone:
+    Call.end() removes all three), and no more calls than expected were started."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = server.output()
+        started = len(CALL_STARTED.findall(log))
+        ended = len(CALL_ENDED.findall(log))
+        if started == ended == expected_calls:
+            break
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{started} call(s) started, {ended} ended, {expected_calls} expected\n{log[-6000:]}"
+            )
+        time.sleep(0.05)
+    assert server.alive(), server.output()[-6000:]
+    assert not server.tracebacks(), server.output()[-6000:]
+
+
+def run_caller(procs: list, server: ServerProcess, tmp_path, scenario: str, callee: str, **kw) -> Sipp:
+    caller = Sipp(server, scenario, tmp_path, service=callee, **kw)
+    procs.append(caller)
+    return caller
+
+
+def add_device(procs: list, server: ServerProcess, tmp_path, aor: str, answer: str = "device_answer.xml",
+               **kw) -> Device:
+    device = Device(server, tmp_path, aor, answer=answer, **kw)
+    procs.append(device)
+    return device
+
+
+def assert_caller_ok(caller: Sipp, server: ServerProcess, timeout: float = 30.0) -> None:
+    code = caller.wait(timeout)
+    assert code == 0, caller.explain() + "\n--- server log\n" + server.output()[-6000:]
+
+
+# -- 1. a registered device answers --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "transport,auth", [("u1", False), ("t1", False), ("u1", True)], ids=["udp", "tcp", "udp-auth-trusted"]
+)
+def test_registered_device_answers(start_sip_server, procs, tmp_path, transport, auth):
+    """Caller gets 200 (with the device's SDP) and ACKs; its BYE reaches the device and the 200
+    comes back: the call completes both ways. With auth on, the trusted loopback source skips digest."""
+    server = start_sip_server(extra=_server_config(auth=auth), tls=False)
+    device = add_device(procs, server, tmp_path, "alice", transport=transport)
+    device.wait_registered()
+    caller = run_caller(procs, server, tmp_path, "caller_answered.xml", "alice", pause_ms=100,
+                        transport=transport)
+    assert_caller_ok(caller, server)
+    device.stop()
+    device.assert_no_failures()
+    assert len(device.sipp.log_lines("ANSWERED-AND-HUNG-UP ")) == 1, device.sipp.explain()
+    assert ended_reasons(server) == ["BYE from the caller"]
+    assert_no_leaked_calls(server, 1)
+
+
+# -- 2. late fork: INVITE first, REGISTER 150 ms later ------------------------------------------------
+
+
+def test_late_fork_register_after_invite(server, procs, tmp_path):
+    caller = run_caller(procs, server, tmp_path, "caller_answered.xml", "bob", pause_ms=100)
+    wait_for_log(server, "parked waiting for a device of sip:bob@")
+    time.sleep(0.15)
+    device = add_device(procs, server, tmp_path, "bob")
+    assert_caller_ok(caller, server)
+    device.stop()
+    device.assert_no_failures()
+    assert len(device.sipp.log_lines("ANSWERED-AND-HUNG-UP ")) == 1, device.sipp.explain()
+    log = server.output()
+    # the call was parked with no binding; the fork came later, out of the REGISTER (the silo
+    # forks while the registrar handles it, so the fork is logged before the REGISTER's summary)
+    assert "-> sip:bob@127.0.0.1: 0 binding(s)" in log
+    parked = log.index("parked waiting for a device of sip:bob@")
+    assert parked < log.index("fork to sip:bob@") and parked < log.index("REGISTER sip:bob@"), log[-6000:]
+    assert ended_reasons(server) == ["BYE from the caller"]
+    assert_no_leaked_calls(server, 1)
+
+
+# -- 3. early device rings, late device answers, early one gets CANCEL with Reason --------------------
+
+
+def test_late_device_answers_early_device_cancelled(server, procs, tmp_path):
+    early = add_device(procs, server, tmp_path, "carol", answer="device_ring_cancel.xml", name="early")
+    early.wait_registered()
+    caller = run_caller(procs, server, tmp_path, "caller_answered.xml", "carol", pause_ms=100)
+    wait_for_log(server, f"fork to sip:carol@127.0.0.1:{early.port}")
+    time.sleep(0.15)
+    late = add_device(procs, server, tmp_path, "carol", name="late")
+    assert_caller_ok(caller, server)
+    for device in (early, late):
+        device.stop()
+        device.assert_no_failures()
+    assert len(late.sipp.log_lines("ANSWERED-AND-HUNG-UP ")) == 1, late.sipp.explain()
+    cancelled = early.sipp.log_lines("CANCELLED ")
+    assert len(cancelled) == 1, early.sipp.explain()
+    assert cancelled[0].removeprefix("CANCELLED ").strip() == REASON_ANSWERED, early.sipp.explain()
+    assert len(early.sipp.log_lines("TERMINATED ")) == 1, early.sipp.explain()  # 487 was ACKed
+    assert ended_reasons(server) == ["BYE from the caller"]
+    assert_no_leaked_calls(server, 1)
+
+
+# -- 4. caller CANCEL while parked ------------------------------------------------------------------
+
+
+def test_caller_cancel_while_parked(server, procs, tmp_path):
+    caller = run_caller(procs, server, tmp_path, "caller_cancel.xml", "dave", pause_ms=300)
+    assert_caller_ok(caller, server)
+    assert caller.log_lines("CANCEL-OK ") and caller.log_lines("TERMINATED "), caller.explain()
+    log = server.output()
+    assert "parked waiting for a device of sip:dave@" in log
+    assert ended_reasons(server) == ["caller cancelled"]
+    assert_no_leaked_calls(server, 1)
+
+
+# -- 5. ring timeout -----------------------------------------------------------------------------
+
+
+def test_ring_timeout_gives_480(server, procs, tmp_path):
+    started = time.monotonic()
+    caller = run_caller(procs, server, tmp_path, "caller_unanswered.xml", "erin")
+    assert_caller_ok(caller, server)
+    elapsed = time.monotonic() - started
+    assert RING_TIMEOUT - 0.5 <= elapsed <= RING_TIMEOUT + 5, elapsed
+    assert caller.log_lines("FINAL 480 "), caller.explain()
+    assert ended_reasons(server) == ["ring timeout"]
+    assert_no_leaked_calls(server, 1)
+
+
+# -- 6. two parked calls to one AOR, both forked by one REGISTER ----------------------------------
+
+
+def test_one_register_forks_two_parked_calls(server, procs, tmp_path):
+    caller = run_caller(procs, server, tmp_path, "caller_answered.xml", "frank", pause_ms=100,
+                        calls=2, rate=20, limit=2)
+    wait_for_log(server, "parked waiting for a device of sip:frank@", count=2)
+    device = add_device(procs, server, tmp_path, "frank")
+    assert_caller_ok(caller, server)
+    device.stop()
+    device.assert_no_failures()
+    invited = device.sipp.log_lines("INVITED ")
+    answered = device.sipp.log_lines("ANSWERED-AND-HUNG-UP ")
+    assert len(invited) == 2 and len(set(invited)) == 2, device.sipp.explain()
+    assert len(answered) == 2, device.sipp.explain()
+    log = server.output()
+    # one REGISTER (plus its unregister at stop); both calls were parked before any fork, and
+    # both forks came out of that REGISTER (the first REGISTER summary line follows both forks)
+    assert log.count("REGISTER sip:frank@") == 2, log[-6000:]
+    last_parked = log.rindex("parked waiting for a device of sip:frank@")
+    forks = [m.start() for m in re.finditer(r"fork to sip:frank@", log)]
+    assert len(forks) == 2 and last_parked < forks[0], log[-6000:]
+    assert forks[1] < log.index("REGISTER sip:frank@"), log[-6000:]
+    assert ended_reasons(server) == ["BYE from the caller"] * 2
+    assert_no_leaked_calls(server, 2)
+
+
+# -- 7. re-INVITE and BYE from the callee side -------------------------------------------------------
+
+
+def test_callee_reinvite_and_bye(server, procs, tmp_path):
+    device = add_device(procs, server, tmp_path, "grace", answer="device_reinvite_bye.xml")
+    device.wait_registered()
+    caller = run_caller(procs, server, tmp_path, "caller_callee_hangs_up.xml", "grace")
+    assert_caller_ok(caller, server)
+    device.stop()
+    device.assert_no_failures()
+    assert caller.log_lines("REINVITED ") and caller.log_lines("BYE-RECEIVED "), caller.explain()
+    assert device.sipp.log_lines("REINVITE-ANSWERED ") and device.sipp.log_lines("HUNG-UP "), \
+        device.sipp.explain()
+    assert len(ended_reasons(server)) == 1 and "BYE" in ended_reasons(server)[0], server.output()[-4000:]
+    assert_no_leaked_calls(server, 1)
