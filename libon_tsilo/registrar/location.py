@@ -41,6 +41,7 @@ class LocationStore:
         self._heap: list[tuple[float, int, str, str]] = []
         self._seq = itertools.count()
         self._timer: IDelayedCall | None = None
+        self._timer_deadline = 0.0  # the heap deadline the timer was set for
         self._count = 0
 
     # -- life cycle -----------------------------------------------------------------------------
@@ -239,11 +240,14 @@ class LocationStore:
             return
         deadline = self._heap[0][0]
         if self._timer is not None and self._timer.active():
-            if self._timer.getTime() <= deadline:
+            # compare with the deadline it was set for: its getTime() is later by the time spent
+            # between seconds() and callLater(), which would re-arm the timer on every REGISTER
+            if self._timer_deadline <= deadline:
                 return
             self._timer.cancel()
         delay = max(0.0, deadline - self.clock.seconds())
         self._timer = self.clock.callLater(delay, self._expire)
+        self._timer_deadline = deadline
 
     def _expire(self) -> None:
         self._timer = None
