@@ -82,8 +82,10 @@ class LibonTsiloService(MultiService):
         self.clock = clock
         self.log_observer = log_observer
         self.parts = Parts(config=config, clock=clock)
-        # callables returning a Deferred that fires when in-flight work (calls) is done
+        # callables returning a Deferred that fires when in-flight work (calls) is done; cancelled
+        # when [ops] drain_timeout runs out
         self.drainers: list[Callable[[], Deferred[Any] | None]] = []
+        self.draining = False  # set by the graceful shutdown (ops/shutdown.py)
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd creates the Application after makeService and, when it starts logging, prefers an
@@ -98,6 +100,7 @@ class LibonTsiloService(MultiService):
 
     def stopService(self) -> Deferred[None]:
         d = self._drain()
+        d.addCallback(lambda _: self._flush())
         d.addCallback(lambda _: MultiService.stopService(self))
         return d
 
@@ -107,10 +110,26 @@ class LibonTsiloService(MultiService):
         waits = [maybeDeferred(drain) for drain in self.drainers]
         done: Deferred[None] = Deferred()
         all_done = DeferredList(waits, consumeErrors=True)
-        timer = self.clock.callLater(self.config.ops.drain_timeout, _fire, done, "timeout")
+
+        def timeout() -> None:
+            _fire(done, "timeout")
+            for wait in waits:  # stops their polling timers; all_done fires then
+                if not wait.called:
+                    wait.cancel()
+
+        timer = self.clock.callLater(self.config.ops.drain_timeout, timeout)
         all_done.addCallback(lambda _: (timer.cancel() if timer.active() else None, _fire(done, "drained")))
         done.addCallback(lambda how: log.info("drain finished: {how}", how=how))
         return done
+
+    def _flush(self) -> Deferred[Any]:
+        """Persist every binding change before the services (and the SQLite store) stop."""
+        location = self.parts.location
+        if location is None:
+            return _succeed()
+        d = maybeDeferred(location.flush)
+        d.addErrback(lambda f: log.failure("flushing the location store failed", f))
+        return d
 
 
 def _succeed() -> Deferred[None]:
@@ -471,6 +490,20 @@ def _add_admin(root: LibonTsiloService, parts: Parts) -> None:
     parts.extra["admin"] = svc
 
 
+def _add_shutdown(root: LibonTsiloService, parts: Parts) -> None:
+    """SIGTERM: refuse new INVITEs (503), end parked calls (480), drain, flush, exit 0."""
+    from libon_tsilo.ops.shutdown import GracefulShutdown
+
+    real = _is_reactor(parts.clock)
+    svc = GracefulShutdown(
+        root, parts, retry_after=max(1, parts.config.ops.drain_timeout),
+        reactor=parts.clock if real else None, handle_sigterm=real,
+    )
+    svc.setServiceParent(root)
+    root.drainers.append(svc.drain)
+    parts.extra["shutdown"] = svc
+
+
 def _is_reactor(clock: Any) -> bool:
     from twisted.internet.interfaces import IReactorTCP
 
@@ -487,6 +520,7 @@ WIRING: list[Callable[[LibonTsiloService, Parts], None]] = [
     _add_router,
     _add_manhole,
     _add_admin,
+    _add_shutdown,
 ]
 
 
