@@ -10,17 +10,17 @@ at `-r rate -rp 1000`:
 - auth off: tests/e2e/scenarios/register_bench.xml, one REGISTER per call, a distinct AOR per call
   (u[call_number]), expects 200;
 - auth on: tests/e2e/scenarios/register_bench_auth.xml, REGISTER / 401 / REGISTER with
-  `[authentication]` (MD5: SIPp 3.6 has no SHA-256, so the server offers MD5 only) / 200, users
-  from an injection CSV; the same users are written beforehand into the server's users database
-  through UsersDB (what `libon-tsilo-admin user add` does, without a process per user).
+  `[authentication]` (MD5: SIPp 3.6 has no SHA-256, so the server offers MD5 only) / 200. The
+  user is created beforehand with `libon-tsilo-admin user add`; all calls register that one AOR
+  (-s/-au/-ap: SIPp 3.6.1 does not expand injection fields inside [authentication ...]), each call
+  with a new Call-ID and a new nonce, so every call costs a challenge and a digest check.
 
 A rate passes when SIPp exits 0, its final -trace_stat row shows every call successful and none
 failed (a lost or late answer is a failed call: -recv_timeout), and the run ended within 10 % (+0.5 s)
 of its nominal length (an overloaded server answers everything late and the run drags on). Rates
 double from --start until one fails (or --max), then a binary search narrows the gap to
---resolution. The figure printed is the
-achieved rate of the best passing run: successful registrations / SIPp's run time (StartTime to
-the final CurrentTime of its stat file).
+--resolution. The figure printed is the achieved rate of the best passing run: successful
+registrations / SIPp's run time (StartTime to the final CurrentTime of its stat file).
 
 With two or more CPUs the server is pinned to CPU 0 and SIPp to CPU 1 (taskset), so "one process on
 one core" is what is measured. Target with auth off: >= 4,000 REGISTER/s.
@@ -35,18 +35,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from libon_tsilo.registrar.users import UsersDB  # noqa: E402
 from tests.e2e.proc import HOST, ServerProcess, free_port, start_server  # noqa: E402
 
 SCENARIOS = ROOT / "tests" / "e2e" / "scenarios"
 TARGET_NOAUTH = 4000
+BENCH_USER, BENCH_PASSWORD = "bench", "bench-secret"
 
 
 @dataclass
@@ -101,21 +100,16 @@ def pinning(enabled: bool) -> tuple[list[str], list[str]] | None:
     return (["taskset", "-a", "-pc", str(cpus[0])], ["taskset", "-c", str(cpus[1])])
 
 
-def make_users(directory: Path, count: int) -> tuple[Path, Path]:
-    """The users db (realm "libon-tsilo", the config default) and SIPp's injection CSV."""
-    db_path = directory / "users.sqlite"
-    csv_path = directory / "users.csv"
-    db = UsersDB(str(db_path))
-    lines = ["SEQUENTIAL"]
-    try:
-        for i in range(count):
-            name, password = f"bench{i}", f"pw{i:06d}"
-            db.add(name, password, "libon-tsilo")
-            lines.append(f"{name};{password}")
-    finally:
-        db.close()
-    csv_path.write_text("\n".join(lines) + "\n")
-    return db_path, csv_path
+def make_user(directory: Path, name: str, password: str) -> Path:
+    """The users db, written by `libon-tsilo-admin user add` (realm: the config default)."""
+    config = directory / "admin.toml"
+    config.write_text('[auth]\nusers_db = "users.sqlite"\n')
+    subprocess.run(
+        [str(Path(sys.executable).parent / "libon-tsilo-admin"), "--config", str(config), "user", "add", name,
+         "--password", password],
+        check=True, capture_output=True, text=True,
+    )
+    return directory / "users.sqlite"
 
 
 def start(
@@ -135,10 +129,10 @@ def start(
     return server
 
 
-def run_rate(rate: int, seconds: float, auth: bool, memory: bool, base: Path, users: tuple[Path, Path] | None,
+def run_rate(rate: int, seconds: float, auth: bool, memory: bool, base: Path, users: Path | None,
              pins: tuple[list[str], list[str]] | None) -> Run:
     directory = Path(tempfile.mkdtemp(prefix=f"rate{rate}-", dir=base))
-    server = start(directory, auth, memory, users[0] if users else None, pins[0] if pins else None)
+    server = start(directory, auth, memory, users, pins[0] if pins else None)
     calls = max(1, int(rate * seconds))
     scenario = SCENARIOS / ("register_bench_auth.xml" if auth else "register_bench.xml")
     stat_file = directory / "sipp-stat.csv"
@@ -151,7 +145,7 @@ def run_rate(rate: int, seconds: float, auth: bool, memory: bool, base: Path, us
         "-buff_size", "8388608", "-trace_stat", "-stf", str(stat_file), "-fd", "1", "-nostdin",
     ]
     if users is not None:
-        cmd += ["-inf", str(users[1])]
+        cmd += ["-s", BENCH_USER, "-au", BENCH_USER, "-ap", BENCH_PASSWORD]
     try:
         # exit status 0: every call succeeded; 1: some failed (SIPp's own verdict, checked too)
         proc = subprocess.run(cmd, cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -178,7 +172,7 @@ def run_rate(rate: int, seconds: float, auth: bool, memory: bool, base: Path, us
     return run
 
 
-def search(args: argparse.Namespace, auth: bool, base: Path, users: tuple[Path, Path] | None) -> Run | None:
+def search(args: argparse.Namespace, auth: bool, base: Path, users: Path | None) -> Run | None:
     pins = pinning(not args.no_pin)
     runs: dict[int, Run] = {}
 
@@ -221,7 +215,6 @@ def main() -> int:
     parser.add_argument("--start", type=int, default=1000, help="first rate (REGISTER/s or registrations/s)")
     parser.add_argument("--max", type=int, default=32000)
     parser.add_argument("--resolution", type=float, default=0.05, help="stop when the gap is this fraction")
-    parser.add_argument("--users", type=int, default=2000, help="users created for the auth runs")
     parser.add_argument("--no-pin", action="store_true", help="do not pin server and SIPp to CPUs")
     args = parser.parse_args()
     if shutil.which("sipp") is None:
@@ -237,10 +230,8 @@ def main() -> int:
             print(f"{label}:", flush=True)
             users = None
             if auth:
-                t0 = time.monotonic()
-                users = make_users(base, args.users)
-                took = time.monotonic() - t0
-                print(f"  {args.users} users written to the users db in {took:.1f}s", flush=True)
+                users = make_user(base, BENCH_USER, BENCH_PASSWORD)
+                print(f"  user {BENCH_USER} added with libon-tsilo-admin", flush=True)
             results.append((label, search(args, auth, base, users)))
     print()
     ok = True
