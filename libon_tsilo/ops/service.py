@@ -361,12 +361,13 @@ def _add_push(root: LibonTsiloService, parts: Parts) -> None:
     svc.setName("push")
     svc.setServiceParent(root)
 
-    def reload_push() -> bool:
-        """Re-read the config file's [push] credentials (SIGHUP); False when nothing was applied."""
+    def reload_push(new_config: Config | None = None) -> bool:
+        """Rebuild the senders from the [push] credentials of ``new_config`` (SIGHUP: the reloader's
+        freshly loaded Config), else of the config file read again; False when nothing was applied."""
         from libon_tsilo.ops.config import load_config
 
-        push_cfg = cfg
-        if parts.config.source is not None:
+        push_cfg = new_config.push if new_config is not None else cfg
+        if new_config is None and parts.config.source is not None:
             try:
                 push_cfg = load_config(parts.config.source).push
             except ConfigError as err:

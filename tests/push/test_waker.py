@@ -556,3 +556,24 @@ def test_wiring_without_providers_leaves_the_logging_waker(tmp_path: Any) -> Non
     svc = make_service(_push_config(tmp_path, providers=[]), clock=Clock())
     assert svc.parts.waker is None and "push" not in svc.parts.extra
     assert isinstance(svc.parts.b2bua.waker, LoggingWaker)
+
+
+def test_reload_push_takes_the_new_credentials(tmp_path: Any) -> None:
+    import dataclasses
+
+    from libon_tsilo.ops.service import make_service
+
+    cfg = _push_config(tmp_path)
+    clock = Clock()
+    svc = make_service(cfg, clock=clock)
+    waker = svc.parts.waker
+    old = waker.router.senders
+    only_relay = dataclasses.replace(cfg, push=dataclasses.replace(cfg.push, providers=("relay",)))
+    assert svc.parts.extra["reload_push"](only_relay) is True
+    assert waker.router.providers == ["relay"]
+    nothing = dataclasses.replace(cfg, push=dataclasses.replace(cfg.push, providers=()))
+    assert svc.parts.extra["reload_push"](nothing) is False  # keeps the running senders
+    assert waker.router.providers == ["relay"]
+    clock.advance(cfg.calls.ring_timeout + 5)  # the replaced senders are closed after a grace period
+    assert waker._close_timers == [] or not any(t.active() for t in waker._close_timers)
+    assert all(s not in waker.router.senders for s in old)
