@@ -129,6 +129,7 @@ class _CallRecord:
     caller_name: str | None
     ring_deadline: float
     pushes: dict[str, _Push] = field(default_factory=dict)  # by binding key
+    tokens: set[tuple[str, str] | None] = field(default_factory=set)  # (provider, prid) pushed
     ended: bool = False
     answered_elsewhere: bool = False
 
@@ -224,10 +225,12 @@ class PushWaker:
         for b in bindings:
             if not (getattr(b, "pn_provider", None) and getattr(b, "pn_prid", None)):
                 continue
-            if b.key in rec.pushes:
-                # PushKit: one VoIP push per device per call, whatever asks for a second one
+            if b.key in rec.pushes or _prid_key(b) in rec.tokens:
+                # PushKit: one VoIP push per device per call, whatever asks for a second one (the
+                # same binding again, or another binding carrying the same token)
                 self.counters["duplicates_suppressed"] += 1
                 continue
+            rec.tokens.add(_prid_key(b))
             req = PushRequest(
                 provider=b.pn_provider, prid=b.pn_prid, param=b.pn_param, kind="call", call_id=call.call_id,
                 caller_uri=rec.caller_uri, caller_name=rec.caller_name, aor=call.aor, ttl=max(0.0, ttl),

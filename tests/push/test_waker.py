@@ -192,6 +192,9 @@ def test_one_voip_push_per_device_per_call() -> None:
     assert waker.stats()["duplicates_suppressed"] == 1
     fired(waker.wake(call_info("c2"), [dev(1)]))  # another call: a new push
     assert len(a.sent) == 2
+    same_token = dev(7, prid=dev(1).pn_prid)  # another contact of the same app install
+    res = fired(waker.wake(call_info("c3"), [dev(1), same_token]))
+    assert len(a.sent) == 3 and res.woken == 1
 
 
 def test_no_push_once_the_ring_time_is_over() -> None:
