@@ -80,9 +80,10 @@ def _comparable(cfg: Config) -> Config:
 class HangupReloader(Service):
     """SIGHUP (``systemctl reload``) re-reads the config file.
 
-    A bad file is logged and the running config kept. A good one applies ``[log] level`` at once;
-    other changed sections are logged as needing a restart, since ports, stores and senders are
-    built once at start-up.
+    A bad file is logged and the running config kept. A good one applies ``[log] level`` at once
+    and runs the reload hooks (``parts.extra["reload_push"]``: the push credentials); other changed
+    sections are logged as needing a restart, since ports and stores are built once at start-up.
+    The users database needs no reload: it is read at every authentication.
     """
 
     def __init__(
@@ -90,11 +91,13 @@ class HangupReloader(Service):
         config: Config,
         observer: ILogObserver | None,
         call_from_thread: Callable[..., Any] | None = None,
+        hooks: list[Callable[[], Any]] | None = None,
     ) -> None:
         self.config = config
         self.observer = observer
         self._call_from_thread = call_from_thread
         self._previous: Any = None
+        self.hooks = list(hooks or [])
 
     def startService(self) -> None:
         super().startService()
@@ -142,6 +145,11 @@ class HangupReloader(Service):
         )
         running_log = dataclasses.replace(self.config.log, level=new.log.level)
         self.config = dataclasses.replace(self.config, log=running_log)
+        for hook in self.hooks:
+            try:
+                hook()
+            except Exception:
+                log.failure("SIGHUP: reload hook {hook!r} failed", hook=hook)
         return new
 
 
@@ -158,7 +166,8 @@ def makeService(options: Options) -> Any:
         root = make_service(config, log_observer=observer)
     except ConfigError as err:  # problems only visible when files are parsed (bad PEM, ...)
         _config_error(err)
-    reloader = HangupReloader(config, observer)
+    reload_push = root.parts.extra.get("reload_push")
+    reloader = HangupReloader(config, observer, hooks=[reload_push] if callable(reload_push) else [])
     reloader.setName("sighup")
     reloader.setServiceParent(root)
     return root

@@ -319,6 +319,38 @@ def test_sighup_with_bad_file_keeps_running_config(tmp_path):
     assert reloader.config.log.level == "info"
 
 
+def test_sighup_runs_reload_hooks_only_for_a_valid_file(tmp_path):
+    path, out, observer, reloader = _reload_setup(tmp_path, '[log]\nlevel = "info"\n')
+    ran = []
+
+    def broken():
+        raise RuntimeError("boom")
+
+    reloader.hooks = [broken, lambda: ran.append("push")]
+    globalLogPublisher.addObserver(observer)
+    try:
+        assert reloader.reload() is not None
+        path.write_text('[log]\nlevel = "loud"\n')
+        assert reloader.reload() is None
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert ran == ["push"]  # once: a failing hook does not stop the others, a bad file runs none
+    assert any("reload hook" in m and "failed" in m for m in _messages(out))
+
+
+def test_make_service_hands_reload_push_to_the_sighup_reloader(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[location]\nbackend = "memory"\n[push]\nproviders = ["hook"]\n'
+        '[[push.webhook]]\nname = "hook"\nurl = "http://127.0.0.1:9/push"\n'
+    )
+    opts = tap.Options()
+    opts.parseOptions(["--config", str(path)])
+    root = tap.makeService(opts)
+    reloader = root.getServiceNamed("sighup")
+    assert reloader.hooks == [root.parts.extra["reload_push"]]
+
+
 def test_sighup_signal_is_handed_to_the_reactor_and_restored_on_stop(tmp_path):
     calls = []
     reloader = tap.HangupReloader(default_config(), None, call_from_thread=calls.append)
