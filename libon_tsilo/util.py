@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 
-__all__ = ["redact", "random_token"]
+__all__ = ["redact", "redact_uri", "redact_key", "random_token"]
+
+_PN_PRID = re.compile(r"(pn-prid=)([^;>?&\s]+)", re.IGNORECASE)
 
 
 def redact(secret: str | None) -> str:
@@ -15,6 +18,24 @@ def redact(secret: str | None) -> str:
     if not secret:
         return "(empty)"
     return f"{secret[:6]}…({len(secret)})"
+
+
+def redact_uri(uri: object) -> str:
+    """A URI or Contact value fit for logs: an RFC 8599 ``pn-prid`` (a push token) is redacted."""
+    text = "" if uri is None else str(uri)
+    return _PN_PRID.sub(lambda m: m.group(1) + redact(m.group(2)), text)
+
+
+def redact_key(key: str | None) -> str:
+    """A binding key fit for logs: the token of a ``pn:provider|prid|param`` key is redacted, and a
+    ``uri:`` key goes through :func:`redact_uri`."""
+    if not key:
+        return ""
+    if key.startswith("pn:"):
+        provider, _, rest = key[3:].partition("|")
+        prid, sep, param = rest.partition("|")
+        return f"pn:{provider}|{redact(prid)}{sep}{param}"
+    return redact_uri(key)
 
 
 def random_token(n: int = 16) -> str:

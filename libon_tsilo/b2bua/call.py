@@ -34,6 +34,7 @@ from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.headers import NameAddr
 from libon_tsilo.sip.message import Request, Response, make_response, new_call_id, new_tag
 from libon_tsilo.sip.uri import URI
+from libon_tsilo.util import redact_key, redact_uri
 
 if TYPE_CHECKING:
     from libon_tsilo.b2bua.manager import CallManager
@@ -277,15 +278,18 @@ class Call:
             if old.sent_contact == binding.contact_uri and old.sent_flow == flow_id:
                 return False
             # the device reconnected (new contact or connection): the old branch is dead weight
-            log.info("device {key} reconnected: new branch", key=binding.key, call_id=self.call_id)
+            log.info("device {key} reconnected: new branch", key=redact_key(binding.key),
+                     call_id=self.call_id)
             old.cancel(None)
         if len(self.branches) >= self.mgr.settings.max_branches:
             log.warn("max_branches ({n}) reached, not forking to {contact}",
-                     n=self.mgr.settings.max_branches, contact=binding.contact_uri, call_id=self.call_id)
+                     n=self.mgr.settings.max_branches, contact=redact_uri(binding.contact_uri),
+                     call_id=self.call_id)
             return False
         hop = hop_for_binding(binding, flow_live)
         if hop is None:
-            log.warn("no address for binding {contact}", contact=binding.contact_uri, call_id=self.call_id)
+            log.warn("no address for binding {contact}", contact=redact_uri(binding.contact_uri),
+                     call_id=self.call_id)
             return False
         leg = self._new_branch(binding, hop, flow_id)
         self.branches[leg.dialog.call_id] = leg
@@ -328,7 +332,7 @@ class Call:
         return leg
 
     def _send_branch(self, leg: BLeg) -> None:
-        log.info("fork to {contact}", contact=leg.binding.contact_uri, call_id=self.call_id)
+        log.info("fork to {contact}", contact=redact_uri(leg.binding.contact_uri), call_id=self.call_id)
         leg.ctx = self.port.send_request(leg.invite, leg.hop, lambda r, leg=leg: self.branch_response(leg, r))
 
     def branch_response(self, leg: BLeg, resp: Response) -> None:
@@ -405,7 +409,7 @@ class Call:
         self.mgr.watch_flow(self, leg.hop.flow_id, leg.hop.transport)
         self._release_silo()
         self._waker_done(answered_elsewhere=True)
-        log.info("answered by {contact}", contact=leg.binding.contact_uri, call_id=self.call_id)
+        log.info("answered by {contact}", contact=redact_uri(leg.binding.contact_uri), call_id=self.call_id)
 
     def finish_unanswered(self, status: int, reason: str | None, branch_reason: str | None, why: str,
                           park_error: Exception | None) -> None:
@@ -456,7 +460,7 @@ class Call:
 
     def ack_and_bye(self, leg: BLeg, resp: Response) -> None:
         """A 2xx nobody will take (a second device answered, or the call is over)."""
-        log.info("late 2xx from {contact}: ACK and BYE", contact=leg.binding.contact_uri,
+        log.info("late 2xx from {contact}: ACK and BYE", contact=redact_uri(leg.binding.contact_uri),
                  call_id=self.call_id)
         self.send_branch_ack(leg)
         self.port.send_request(leg.dialog.request("BYE"), leg.hop, _ignore)

@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from libon_tsilo.registrar.binding import Binding, LocationObserver
+from libon_tsilo.util import redact_key
 
 if TYPE_CHECKING:
     from libon_tsilo.registrar.sqlite_store import SqliteBindingStore
@@ -256,6 +257,6 @@ class LocationStore:
             _, _, aor, key = heapq.heappop(self._heap)
             binding = self._aors.get(aor, {}).get(key)
             if binding is not None and binding.expired(now):
-                log.debug("location: binding {key} of {aor} expired", key=key, aor=aor)
+                log.debug("location: binding {key} of {aor} expired", key=redact_key(key), aor=aor)
                 self.remove(binding, "expired")
         self._schedule()

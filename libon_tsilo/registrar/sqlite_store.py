@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from libon_tsilo.registrar.binding import Binding
+from libon_tsilo.util import redact_key
 
 __all__ = ["SqliteBindingStore"]
 
@@ -103,7 +104,8 @@ class SqliteBindingStore:
                 binding = Binding.from_dict(json.loads(data))
             except (ValueError, TypeError, KeyError) as exc:
                 log.warn(
-                    "location db: dropping unreadable binding {aor} {key}: {err}", aor=aor, key=key, err=exc
+                    "location db: dropping unreadable binding {aor} {key}: {err}",
+                    aor=aor, key=redact_key(key), err=exc,
                 )
                 self._db.execute("DELETE FROM bindings WHERE aor = ? AND key = ?", (aor, key))
                 continue

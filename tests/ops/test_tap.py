@@ -27,7 +27,7 @@ from libon_tsilo.ops import tap
 from libon_tsilo.ops.config import ConfigError, config_from_dict, default_config, load_config
 from libon_tsilo.ops.logging import json_line, make_observer, set_level
 from libon_tsilo.ops.service import LibonTsiloService, make_service, make_tls_context_factory
-from libon_tsilo.util import random_token, redact
+from libon_tsilo.util import random_token, redact, redact_key, redact_uri
 
 REPO = Path(__file__).resolve().parents[2]
 TWISTD = Path(sys.executable).parent / "twistd"
@@ -265,6 +265,22 @@ def test_redact_keeps_six_chars_and_length():
     assert redact(token) == "abcdef…(16)"
     assert token not in redact(token)
     assert redact("") == "(empty)" and redact(None) == "(empty)"
+
+
+def test_redact_uri_and_key_hide_push_tokens():
+    token = "f0e1d2c3b4a5968778695a4b3c2d1e0f"
+    uri = f"sip:dev@10.0.0.1:5060;transport=tcp;pn-provider=apns;pn-prid={token};pn-param=T.app.voip"
+    shown = redact_uri(uri)
+    assert token not in shown
+    assert shown == uri.replace(token, redact(token))
+    assert token not in redact_uri(f"<{uri.replace('pn-prid', 'PN-PRID')}>")
+    assert redact_uri("sip:alice@example.com") == "sip:alice@example.com"
+    assert redact_uri(None) == ""
+    key = f"pn:apns|{token}|T.app.voip"
+    assert redact_key(key) == f"pn:apns|{redact(token)}|T.app.voip"
+    assert token not in redact_key(f"uri:{uri}")
+    assert redact_key("instance:<urn:uuid:1>;reg-id=1") == "instance:<urn:uuid:1>;reg-id=1"
+    assert redact_key(None) == ""
 
 
 def test_random_token():
