@@ -153,26 +153,28 @@ class AuthPolicy:
         now = self.clock.seconds()
         state = digest.check_nonce(self.secret, nonce, now, self.nonce_lifetime)
         if state == "bad":
-            log.info("auth: foreign or forged nonce from {user}", user=username)
+            log.info("auth: foreign or forged nonce from {user}", user=username, call_id=_call_id(request))
             return self._challenge(request, spec, stale=False)
         ha1 = self.users.get_ha1(username, self.realm, algorithm)
         if ha1 is None:
-            log.info("auth: unknown user {user}", user=username)
+            log.info("auth: unknown user {user}", user=username, call_id=_call_id(request))
             return self._challenge(request, spec, stale=False)
         expected = digest.expected_response(
             ha1, request.method, creds["uri"], nonce, nc_text, creds["cnonce"], "auth", algorithm
         )
         if not hmac.compare_digest(expected, creds["response"].lower()):
-            log.info("auth: wrong password for {user}", user=username)
+            log.info("auth: wrong password for {user}", user=username, call_id=_call_id(request))
             return self._challenge(request, spec, stale=False)
         if state == "stale":
             return self._challenge(request, spec, stale=True)
         if not self._accept_nc(nonce, nc, now):
-            log.info("auth: replayed nonce-count {nc} from {user}", nc=nc_text, user=username)
+            log.info("auth: replayed nonce-count {nc} from {user}", nc=nc_text, user=username,
+                     call_id=_call_id(request))
             return self._challenge(request, spec, stale=False)
         owner = unescape(identity.user) if identity.user else None
         if owner != username:
-            log.info("auth: {user} may not act as {owner}", user=username, owner=owner)
+            log.info("auth: {user} may not act as {owner}", user=username, owner=owner,
+                     call_id=_call_id(request))
             return self._reject(request, 403, "Identity Not Owned By Authenticated User")
         return AuthResult(user=username)
 
@@ -221,3 +223,10 @@ class AuthPolicy:
     @staticmethod
     def _reject(request: Request, status: int, reason: str) -> AuthResult:
         return AuthResult(response=make_response(request, status, reason, to_tag=new_tag()))
+
+
+def _call_id(request: Any) -> str | None:
+    try:
+        return request.call_id
+    except Exception:
+        return None

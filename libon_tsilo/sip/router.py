@@ -119,7 +119,7 @@ def _respond(stx: Any, resp: Response) -> None:
     try:
         stx.respond(resp)
     except Exception:
-        log.failure("could not send {status}", status=resp.status)
+        log.failure("could not send {status}", status=resp.status, call_id=_call_id(resp))
 
 
 def _call_id(msg: Any) -> str | None:

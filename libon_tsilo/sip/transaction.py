@@ -192,14 +192,14 @@ class TransactionLayer:
         for key in list(self._by_target.get(_target_key(target), ())):
             ctx = self._clients.get(key)
             if ctx is not None and ctx.state in (State.CALLING, State.TRYING):
-                log.info("{txn}: {reason}", txn=ctx.id, reason=reason)
+                log.info("{txn}: {reason}", txn=ctx.id, reason=reason, call_id=_call_id(ctx.request))
                 ctx.transport_failed()
 
     def _response_in(self, resp: Response, flow: Any) -> None:
         try:
             key = ("client", resp.branch, resp.cseq.method)
         except ParseError as exc:
-            log.info("response dropped: {reason}", reason=exc.reason)
+            log.info("response dropped: {reason}", reason=exc.reason, call_id=_call_id(resp))
             return
         ctx = self._clients.get(key)
         if ctx is not None:
@@ -208,7 +208,7 @@ class TransactionLayer:
             # RFC 6026: a 2xx after the INVITE transaction ended still needs an ACK from the TU.
             self.tu.stray_response(resp, flow)
         else:
-            log.debug("stray {status} dropped", status=resp.status)
+            log.debug("stray {status} dropped", status=resp.status, call_id=_call_id(resp))
 
     # -- server side ------------------------------------------------------------------------------
 
@@ -223,16 +223,16 @@ class TransactionLayer:
             self._reject_malformed(msg, flow, exc)
         except Exception:
             # One bad message must never stop the server (nor the transport's read loop).
-            log.failure("transaction layer failed on {msg!r}", msg=msg)
+            log.failure("transaction layer failed on {msg!r}", msg=msg, call_id=_call_id(msg))
 
     def _reject_malformed(self, msg: Request | Response, flow: Any, exc: ParseError) -> None:
         if not isinstance(msg, Request) or msg.method == "ACK":
-            log.info("malformed message dropped: {reason}", reason=exc.reason)
+            log.info("malformed message dropped: {reason}", reason=exc.reason, call_id=_call_id(msg))
             return
         try:
             self.transport.send_response(make_response(msg, exc.status, exc.reason), flow)
         except Exception:
-            log.failure("cannot answer a malformed request")
+            log.failure("cannot answer a malformed request", call_id=_call_id(msg))
 
     def _request_in(self, req: Request, flow: Any) -> None:
         method = req.method
@@ -295,7 +295,7 @@ class TransactionLayer:
         try:
             stx.respond(make_response(stx.request, 500, "Server Internal Error"))
         except Exception:
-            log.failure("cannot send 500")
+            log.failure("cannot send 500", call_id=_call_id(stx.request))
 
 
 def _target_key(target: Any) -> tuple[str, str, int]:

@@ -111,7 +111,8 @@ class ClientTransaction(TransactionBase):
         try:
             self.on_response(resp)
         except Exception:
-            log.failure("{txn}: TU failed on {status}", txn=self.id, status=resp.status)
+            log.failure("{txn}: TU failed on {status}", txn=self.id, status=resp.status,
+                        call_id=_call_id(resp))
 
     def _fail(self, status: int, reason: str) -> None:
         self.terminate()
@@ -134,7 +135,8 @@ class ClientTransaction(TransactionBase):
         on_response: ResponseCallback | None = None,
     ) -> None:
         """Only INVITE transactions can be cancelled; for others this is a logged no-op."""
-        log.warn("{txn}: cancel() ignored for {method}", txn=self.id, method=self.method)
+        log.warn("{txn}: cancel() ignored for {method}", txn=self.id, method=self.method,
+                 call_id=_call_id(self.request))
 
 
 class InviteClientTransaction(ClientTransaction):
