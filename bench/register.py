@@ -16,11 +16,12 @@ at `-r rate -rp 1000`:
   with a new Call-ID and a new nonce, so every call costs a challenge and a digest check.
 
 A rate passes when SIPp exits 0, its final -trace_stat row shows every call successful and none
-failed (a lost or late answer is a failed call: -recv_timeout), and the run ended within 10 % (+0.5 s)
-of its nominal length (an overloaded server answers everything late and the run drags on). Rates
-double from --start until one fails (or --max), then a binary search narrows the gap to
---resolution. The figure printed is the achieved rate of the best passing run: successful
-registrations / SIPp's run time (StartTime to the final CurrentTime of its stat file).
+failed (a lost or late answer is a failed call: -recv_timeout), and the run ended within 10 %
+(+0.5 s) of its nominal length (an overloaded server answers everything late and the run drags
+on). Rates double from --start until one fails (or --max; they halve when --start already fails),
+then a binary search narrows the gap to --resolution. The figure printed is the achieved rate of
+the best passing run: successful registrations / SIPp's run time (StartTime to the final
+CurrentTime of its stat file).
 
 With two or more CPUs the server is pinned to CPU 0 and SIPp to CPU 1 (taskset), so "one process on
 one core" is what is measured. Target with auth off: >= 4,000 REGISTER/s.
@@ -198,6 +199,13 @@ def search(args: argparse.Namespace, auth: bool, base: Path, users: Path | None)
             break
     if bad is None:
         bad = args.max + 1
+    rate = args.start // 2
+    while not good and rate >= 50:  # even --start failed: halve until a rate passes
+        if attempt(rate).passed:
+            good = rate
+        else:
+            bad = rate
+            rate //= 2
     while good and bad - good > max(args.resolution * good, 50):
         mid = (good + bad) // 2
         if attempt(mid).passed:
