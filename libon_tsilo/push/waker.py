@@ -18,7 +18,8 @@ Rules kept here:
   the device learns it. "invite_cancel": the call layer lingers and sends INVITE + CANCEL when the
   device registers (``invite_cancel_wanted`` tells it which devices). "missed_call_push": an alert
   push (kind "cancel") goes out instead.
-- Push-to-REGISTER latency: from a delivered push to the next REGISTER of that device.
+- Push-to-REGISTER latency: from a delivered push (the provider's 200) to the next REGISTER of
+  that device; when the device was faster than the provider's answer, from the push's sending.
 
 The waker is also the registrar's LocationObserver (latency, "registered since the push", and
 the optional refresh pushes of refresh.py).
@@ -117,7 +118,9 @@ class _Push:
     request: PushRequest
     outcome: str | None = None  # None while in flight
     delivered_at: float | None = None
+    sent_at: float = 0.0
     registered: bool = False  # the device registered after the push went out
+    registered_at: float | None = None  # ... while the push was still in flight
     missed_sent: bool = False
 
 
@@ -235,7 +238,7 @@ class PushWaker:
                 provider=b.pn_provider, prid=b.pn_prid, param=b.pn_param, kind="call", call_id=call.call_id,
                 caller_uri=rec.caller_uri, caller_name=rec.caller_name, aor=call.aor, ttl=max(0.0, ttl),
             )
-            push = rec.pushes[b.key] = _Push(b, req)
+            push = rec.pushes[b.key] = _Push(b, req, sent_at=now)
             self._pushed_keys.setdefault(b.key, set()).add(call.call_id)
             if ttl <= 0:
                 d: Deferred[PushResult] = succeed(PushResult(RETRYABLE, "ring time over"))
@@ -333,7 +336,9 @@ class PushWaker:
         if result.outcome == DELIVERED:
             now = self.clock.seconds()
             push.delivered_at = now
-            if not push.registered:
+            if push.registered_at is not None:  # the device beat the provider's answer
+                self._observe_push_to_register(push.registered_at - push.sent_at, push.request.provider)
+            elif not push.registered:
                 self._await_register(push.binding, now, push.request.provider)
         if rec.ended:
             self._maybe_missed_call(rec, push)
@@ -418,8 +423,10 @@ class PushWaker:
         for call_id in self._pushed_keys.get(key, ()):
             rec = self._calls.get(call_id)
             push = rec.pushes.get(key) if rec is not None else None
-            if push is not None:
+            if push is not None and not push.registered:
                 push.registered = True
+                if push.outcome is None:
+                    push.registered_at = now
         found = self._awaiting.pop(key, None)
         prid = _prid_key(binding)
         if found is None and prid is not None:
@@ -433,7 +440,9 @@ class PushWaker:
             if k == key:
                 del self._awaiting_prid[p]
         delivered_at, provider = found
-        latency = now - delivered_at
+        self._observe_push_to_register(now - delivered_at, provider)
+
+    def _observe_push_to_register(self, latency: float, provider: str) -> None:
         self.push_to_register.add(latency)
         log.info("{provider} device registered {latency:.3f}s after its push", provider=provider,
                  latency=latency)

@@ -232,6 +232,21 @@ def test_push_to_register_latency_and_hooks() -> None:
     assert waker.stats()["push_to_register"]["count"] == 1
 
 
+def test_push_to_register_when_the_device_beats_the_providers_answer() -> None:
+    clock = Clock()
+    a = FakeSender("apns", script=["hold"])
+    waker, _ = make(clock, [a])
+    d = waker.wake(call_info(), [dev(1)])
+    clock.advance(0.7)
+    waker.binding_refreshed(dev(1), None)
+    clock.advance(0.3)
+    a.held[0].callback(PushResult(DELIVERED, "ok"))
+    assert fired(d).woken == 1
+    st = waker.stats()
+    assert st["push_to_register"]["count"] == 1 and st["push_to_register"]["max"] == 0.7
+    assert st["awaiting_register"] == 0
+
+
 def test_push_to_register_matches_the_token_when_the_identity_changed() -> None:
     clock = Clock()
     waker, _ = make(clock, [FakeSender("apns")])
