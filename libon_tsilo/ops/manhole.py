@@ -16,9 +16,10 @@ kept in ``manhole_host_key`` (ed25519, OpenSSH format, mode 0600) in the state d
 holding ``[location] path``), created on first start.
 
 The shell's namespace: ``service`` (the root service), ``parts``, ``config``, ``registrar``,
-``location``, ``silo``, ``calls`` (the CallManager), ``push`` (the push layer, if any), ``rpc``,
-and the helpers ``ts_dump()``, ``ts_lookup(aor)``, ``ul_dump()``, ``ul_lookup(aor)``,
-``ul_rm(aor, contact=None, key=None)``, ``stats()``, ``health()`` (the admin API's RPC functions;
+``location``, ``silo``, ``calls`` (the CallManager), ``push`` (the push waker, if any), ``rpc``,
+``push_senders()`` (the senders in use), and the helpers ``ts_dump()``, ``ts_lookup(aor)``,
+``ul_dump()``, ``ul_lookup(aor)``, ``ul_rm(aor, contact=None, key=None)``, ``stats()``,
+``health()`` (the admin API's RPC functions;
 an RPC error comes back as ``{"error": ...}``). The shell runs in the reactor thread: a long loop
 in it stalls the whole server.
 """
@@ -274,6 +275,13 @@ def make_namespace(root: Any, parts: Any, rpc: Rpc) -> dict[str, Any]:
     }
     for name in rpc.methods:
         ns[name.replace(".", "_")] = _rpc_helper(rpc, name)
+
+    def push_senders() -> list[Any]:
+        """The push senders in use now (a SIGHUP reload replaces them)."""
+        router = getattr(parts.extra.get("push"), "router", None)
+        return list(getattr(router, "senders", []) or [])
+
+    ns["push_senders"] = push_senders
     return ns
 
 

@@ -159,6 +159,16 @@ def test_namespace_helpers(tmp_path):
     assert ns["ul_lookup"](aor="alice")["status"] == 404
     assert "tsilo" in ns["stats"]()
     assert ns["health"]()["status"] == "ok"
+    assert ns["push_senders"]() == []  # no push layer configured
+
+    class Router:
+        senders = ["apns-sender"]
+
+    class Waker:
+        router = Router()
+
+    parts.extra["push"] = Waker()
+    assert ns["push_senders"]() == ["apns-sender"]
 
 
 # --- the real process over ssh ----------------------------------------------------------------
