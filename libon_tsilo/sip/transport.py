@@ -124,12 +124,29 @@ def _call_id(msg: Message) -> str | None:
 # -- protocols: thin adapters, all decisions are in TransportLayer ---------------------------------
 
 
+# A loopback datagram costs ~2 KiB of receive-buffer memory whatever its size, so the default
+# buffer (rmem_default, often 208 KiB) holds only ~100 SIP messages: any short stall of the
+# reactor under load drops the burst behind it. Ask for more (the kernel caps it at rmem_max).
+UDP_SOCKET_BUFFER = 4 * 1024 * 1024
+
+
 class _UDPProtocol(DatagramProtocol):
     def __init__(self, layer: TransportLayer, spec: ListenSpec) -> None:
         self.layer = layer
         self.spec = spec
         self.local: HostPort = (spec.host, spec.port)
         self.v6 = is_ipv6(spec.host)
+
+    def startProtocol(self) -> None:
+        sock = getattr(self.transport, "socket", None)
+        if sock is None:
+            return
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            try:
+                if sock.getsockopt(socket.SOL_SOCKET, option) < UDP_SOCKET_BUFFER:
+                    sock.setsockopt(socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER)
+            except OSError as e:
+                log.warn("cannot enlarge the UDP socket buffer: {error}", error=str(e))
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.layer._datagram(self, data, (addr[0], addr[1]))
