@@ -1,0 +1,244 @@
+"""Shared pieces of the SIPp benchmarks: the real server with a stats hook, SIPp runs, RSS.
+
+The server is the real `twistd -n libon-tsilo` process, started through this file's ``serve``
+mode, which is twistd itself plus a tiny debug hook (nothing in the server changes):
+
+    python bench/common.py serve --stats-file F [--latency-window N] -- <twistd arguments>
+
+The hook wraps ``libon_tsilo.ops.service.make_service`` to keep the service tree, widens the silo's
+REGISTER->INVITE latency window (default 1,000,000 samples instead of the last 1024, so the
+percentiles cover the whole run) and writes a JSON snapshot of ``silo.stats()`` and the call
+manager's ``stats()`` to F on SIGUSR2 and once more just before shutdown. `BenchServer.stats()`
+asks for a fresh snapshot. (When the admin HTTP API lands, /rpc/stats can replace the hook.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SCENARIOS = ROOT / "tests" / "e2e" / "scenarios"
+HOST = "127.0.0.1"
+PYTHON = Path(sys.executable)
+
+
+# --- the server -----------------------------------------------------------------------------------
+
+
+def _install_stats_hook(stats_file: Path, latency_window: int) -> None:
+    """Runs inside the server process, before twistd builds the service."""
+    import libon_tsilo.ops.service as service_mod
+
+    original = service_mod.make_service
+
+    def make_service(config: Any, clock: Any = None, log_observer: Any = None) -> Any:
+        root = original(config, clock, log_observer)
+        parts = root.parts
+        if parts.silo is not None and latency_window > 0:
+            from libon_tsilo.silo.stats import LatencyWindow
+
+            parts.silo.counters.latency = LatencyWindow(latency_window)
+
+        def dump() -> None:
+            snapshot = {
+                "time": time.time(),
+                "pid": os.getpid(),
+                "silo": parts.silo.stats() if parts.silo is not None else None,
+                "calls": parts.b2bua.stats() if parts.b2bua is not None else None,
+            }
+            tmp = stats_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(snapshot, default=str))
+            tmp.replace(stats_file)
+
+        from twisted.internet import reactor
+
+        signal.signal(signal.SIGUSR2, lambda signum, frame: reactor.callFromThread(dump))
+        reactor.addSystemEventTrigger("before", "shutdown", dump)
+        return root
+
+    service_mod.make_service = make_service
+
+
+def _serve(argv: list[str]) -> None:
+    stats_file = Path(argv[argv.index("--stats-file") + 1])
+    window = int(argv[argv.index("--latency-window") + 1]) if "--latency-window" in argv else 1_000_000
+    twistd_args = argv[argv.index("--") + 1:]
+    _install_stats_hook(stats_file, window)
+    from twisted.scripts.twistd import run
+
+    sys.argv = ["twistd", *twistd_args]
+    run()
+
+
+@dataclass
+class BenchServer:
+    proc: subprocess.Popen[bytes]
+    sip_port: int
+    config_path: Path
+    log_path: Path
+    stats_path: Path
+    command: str
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def rss_kib(self) -> int:
+        return read_rss_kib(self.pid)
+
+    def stats(self, timeout: float = 10.0) -> dict[str, Any]:
+        """A fresh snapshot (SIGUSR2, then wait for the file to change)."""
+        before = self.stats_path.stat().st_mtime_ns if self.stats_path.exists() else 0
+        self.proc.send_signal(signal.SIGUSR2)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.stats_path.exists() and self.stats_path.stat().st_mtime_ns != before:
+                try:
+                    return json.loads(self.stats_path.read_text())
+                except json.JSONDecodeError:
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError(f"no stats snapshot from the server in {timeout}s")
+
+    def stop(self, timeout: float = 60.0) -> dict[str, Any] | None:
+        """SIGTERM; returns the snapshot written just before shutdown."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        try:
+            return json.loads(self.stats_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def start_bench_server(
+    workdir: Path, extra: dict[str, dict[str, Any]] | None = None, twistd_options: list[str] | None = None
+) -> BenchServer:
+    """The real server on a free loopback UDP port, log level warn, auth off, memory store.
+
+    ``twistd_options`` go before the subcommand, e.g. ``["--profile=F", "--profiler=cprofile",
+    "--savestats"]`` for twistd's own profiler."""
+    from tests.e2e.proc import free_port, merge_sections, to_toml, udp_options
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    sections = merge_sections(
+        {
+            "sip": {"listen": [f"udp:{HOST}:{port}"], "domains": ["localhost", HOST]},
+            "auth": {"enabled": False},
+            "location": {"backend": "memory"},
+            "log": {"level": "warn", "format": "text"},
+            "ops": {"drain_timeout": 2},
+        },
+        extra,
+    )
+    config_path = workdir / "libon-tsilo.toml"
+    config_path.write_text(to_toml(sections))
+    log_path = workdir / "server.log"
+    stats_path = workdir / "server-stats.json"
+    args = [
+        str(PYTHON), str(Path(__file__).resolve()), "serve", "--stats-file", str(stats_path), "--",
+        "-n", "--pidfile=", *(twistd_options or []), "libon-tsilo", "--config", str(config_path),
+    ]
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(args, cwd=workdir, stdin=subprocess.DEVNULL, stdout=log_file,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    server = BenchServer(proc, port, config_path, log_path, stats_path, " ".join(args))
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if not server.alive():
+            raise RuntimeError(f"server exited with {proc.returncode}\n{server.output()}")
+        answer = udp_options(HOST, port, timeout=0.3)
+        if answer is not None and answer.startswith(b"SIP/2.0 "):
+            return server
+    server.stop()
+    raise RuntimeError(f"server not ready\n{server.output()}")
+
+
+# --- SIPp -------------------------------------------------------------------------------------
+
+
+def sipp_stats(stat_file: Path) -> dict[str, str]:
+    """The last row of a SIPp -trace_stat CSV, by column name."""
+    rows = [line for line in stat_file.read_text(errors="replace").splitlines() if line.strip()] \
+        if stat_file.exists() else []
+    if len(rows) < 2:
+        return {}
+    head = rows[0].rstrip(";").split(";")
+    return dict(zip(head, rows[-1].rstrip(";").split(";")))
+
+
+def sipp_run_seconds(stats: dict[str, str]) -> float | None:
+    """Seconds from SIPp's start to its last statistics row (CurrentTime - StartTime; each is
+    "date<TAB>time<TAB>epoch")."""
+    try:
+        start = float(stats["StartTime"].split("\t")[-1])
+        now = float(stats["CurrentTime"].split("\t")[-1])
+    except (KeyError, ValueError, IndexError):
+        return None
+    return now - start
+
+
+def read_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def udp_rcvbuf_errors() -> int:
+    """The system-wide count of UDP datagrams dropped because a receive buffer was full."""
+    snmp = Path("/proc/net/snmp").read_text().splitlines()
+    lines = [line.split() for line in snmp if line.startswith("Udp:")]
+    return int(lines[1][lines[0].index("RcvbufErrors")])
+
+
+def udp_socket_drops(port: int) -> int:
+    """Datagrams dropped by the UDP socket(s) bound to this local port (the `drops` column of
+    /proc/net/udp); sockets that are closed already count 0."""
+    total = 0
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            cols = line.split()
+            if int(cols[1].rsplit(":", 1)[1], 16) == port:
+                total += int(cols[-1])
+    return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "serve":
+        _serve(sys.argv[2:])
+    else:
+        print(__doc__)
+        raise SystemExit(2)

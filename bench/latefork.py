@@ -1,0 +1,263 @@
+"""Late-fork benchmark: INVITE first, the device's REGISTER shortly after, the call completes.
+
+    .venv/bin/python bench/latefork.py [--rates 250,500,750,1000] [--duration 10] [--delay-ms 100]
+    .venv/bin/python bench/latefork.py --parked 10000
+
+The real server runs on one process over UDP (bench/common.py `serve`: twistd plus a stats
+hook). Two SIPp processes drive it, at the same rate:
+
+- the caller side (tests/e2e/scenarios/bench_caller.xml): call N INVITEs the per-call AOR
+  ``lf<run>-N``; nobody is registered there yet, so the server parks the call;
+- the device side, started ``--delay-ms`` later (bench_device_register.xml): call N REGISTERs
+  ``lf<run>-N`` with a Contact on this SIPp's port and holds; the INVITE the server forks there
+  on that REGISTER is answered by the out-of-call scenario (bench_device_answer.xml: 200, ACK,
+  then the caller's BYE).
+
+A rate passes when >= 99.9 % of the calls succeed on the caller side and every call was really
+late-forked (the silo's REGISTER->INVITE latency has one sample per call: a REGISTER that came
+before its INVITE would have produced a plain fork without a sample). The script prints, per
+rate, the caller's success ratio, the achieved calls/s, the server's CPU use and the
+REGISTER-arrival -> forked-INVITE-sent latency p50/p99/max measured inside the server (the silo's
+``stats()['register_to_invite']``), then the best passing rate. Every command line is printed.
+
+``--parked N``: N INVITEs to N AORs without a device (ring timeout 1 h), then the server's RSS
+growth (/proc/<pid>/status VmRSS before and after) once the server reports N parked calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (  # noqa: E402
+    HOST,
+    SCENARIOS,
+    BenchServer,
+    cpu_seconds,
+    sipp_run_seconds,
+    sipp_stats,
+    start_bench_server,
+    udp_rcvbuf_errors,
+    udp_socket_drops,
+)
+from tests.e2e.proc import free_port  # noqa: E402
+
+SIPP = shutil.which("sipp") or "/usr/bin/sipp"
+PASS_RATIO = 0.999
+
+
+def sipp_command(server: BenchServer, scenario: str, workdir: Path, name: str, *, calls: int,
+                 rate: float, prefix: str, limit: int, ooc: str | None = None,
+                 pause_ms: int | None = None, timeout_s: int = 120) -> tuple[list[str], Path, int]:
+    """A SIPp command line over UDP; returns it with its statistics file and its local port."""
+    d = workdir / name
+    d.mkdir(parents=True, exist_ok=True)
+    stat_file = d / "stats.csv"
+    port = free_port()
+    args = [
+        SIPP, f"{HOST}:{server.sip_port}",
+        "-sf", str(SCENARIOS / scenario),
+        "-t", "u1", "-i", HOST, "-p", str(port),
+        "-r", f"{rate:g}", "-m", str(calls), "-l", str(limit),
+        "-key", "prefix", prefix,
+        "-nostdin", "-timeout", f"{timeout_s}s",
+        "-trace_err", "-error_file", str(d / "errors.log"),
+        "-trace_stat", "-stf", str(stat_file), "-fd", "1",
+        "-max_recv_loops", "10000", "-max_sched_loops", "10000",
+    ]
+    if ooc:
+        args += ["-oocsf", str(SCENARIOS / ooc)]
+    if pause_ms is not None:
+        args += ["-d", str(pause_ms)]
+    return args, stat_file, port
+
+
+def spawn(args: list[str], workdir: Path, name: str) -> subprocess.Popen[bytes]:
+    out = (workdir / name / "stdout.txt").open("wb")
+    return subprocess.Popen(args, cwd=workdir / name, stdin=subprocess.DEVNULL, stdout=out,
+                            stderr=subprocess.STDOUT)
+
+
+def fmt_ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1000:.3f} ms"
+
+
+def run_rate(rate: float, args: argparse.Namespace, workdir: Path, run: int) -> dict[str, Any]:
+    calls = max(1, int(rate * args.duration))
+    prefix = f"lf{run}-"
+    twistd_options = []
+    if args.profile:
+        twistd_options = [f"--profile={workdir / 'server.prof'}", "--profiler=cprofile", "--savestats"]
+    server = start_bench_server(workdir / "server", {
+        "calls": {"ring_timeout": 30, "invite_cancel_grace": 0},
+        "log": {"level": args.log_level, "format": args.log_format},
+    }, twistd_options)
+    print(f"  server: {server.command}")
+    try:
+        cpu0 = cpu_seconds(server.pid)
+        host_drops0 = udp_rcvbuf_errors()
+        limit = max(1000, int(rate * 5))
+        caller_args, caller_stats, caller_port = sipp_command(
+            server, "bench_caller.xml", workdir, "caller", calls=calls, rate=rate, prefix=prefix, limit=limit)
+        device_args, _, device_port = sipp_command(
+            server, "bench_device_register.xml", workdir, "device", calls=calls, rate=rate, prefix=prefix,
+            limit=limit * 4, ooc="bench_device_answer.xml", pause_ms=2000)
+        print(f"  caller: {' '.join(caller_args)}")
+        print(f"  device (started {args.delay_ms} ms later): {' '.join(device_args)}")
+        started = time.monotonic()
+        drops: dict[str, int] = {}
+        caller = spawn(caller_args, workdir, "caller")
+        time.sleep(args.delay_ms / 1000.0)
+        device = spawn(device_args, workdir, "device")
+        while caller.poll() is None or device.poll() is None:
+            # per-socket drop counters vanish with the socket: sample them while SIPp runs
+            if caller.poll() is None and device.poll() is None:
+                drops = {"server": udp_socket_drops(server.sip_port), "caller": udp_socket_drops(caller_port),
+                         "device": udp_socket_drops(device_port)}
+            if time.monotonic() - started > args.duration * 4 + 120:
+                caller.kill()
+                device.kill()
+                raise RuntimeError("SIPp did not finish")
+            time.sleep(0.2)
+        drops["server"] = udp_socket_drops(server.sip_port)
+        wall = time.monotonic() - started
+        cpu = cpu_seconds(server.pid) - cpu0
+        host_drops = udp_rcvbuf_errors() - host_drops0
+        stats = server.stats()
+    finally:
+        final = server.stop()
+    cs = sipp_stats(caller_stats)
+    ok = int(cs.get("SuccessfulCall(C)", 0))
+    created = int(cs.get("OutgoingCall(C)", 0))
+    elapsed = sipp_run_seconds(cs) or wall
+    snapshot = stats or final or {}
+    silo = snapshot.get("silo") or {}
+    mgr = snapshot.get("calls") or {}
+    latency = silo.get("register_to_invite") or {}
+    late = int(latency.get("samples") or 0)
+    ratio = ok / calls
+    return {
+        "rate": rate, "calls": calls, "created": created, "ok": ok,
+        "failed": int(cs.get("FailedCall(C)", 0)), "ratio": ratio, "elapsed": elapsed,
+        "achieved": ok / elapsed if elapsed else 0.0, "late_forked": late,
+        "p50": latency.get("p50"), "p99": latency.get("p99"), "max": latency.get("max"),
+        "server_cpu": cpu, "wall": wall, "host_drops": host_drops, "drops": drops,
+        "caller_rc": caller.returncode, "device_rc": device.returncode,
+        "total_calls": mgr.get("total_calls"), "answered": mgr.get("total_answered"),
+        "left_calls": mgr.get("calls"), "left_silo": silo.get("stored_transactions"),
+        "passed": ratio >= PASS_RATIO and late >= ok and created == calls,
+    }
+
+
+def report(r: dict[str, Any]) -> None:
+    print(f"  caller: {r['ok']}/{r['calls']} ok ({r['ratio'] * 100:.2f} %), {r['failed']} failed, "
+          f"{r['achieved']:.0f} calls/s over {r['elapsed']:.1f} s "
+          f"(sipp exit {r['caller_rc']}, device exit {r['device_rc']})")
+    print(f"  server: {r['total_calls']} calls, {r['answered']} answered, {r['late_forked']} late-forked; "
+          f"left: {r['left_calls']} calls, {r['left_silo']} silo entries; CPU {r['server_cpu']:.1f} s "
+          f"over {r['wall']:.1f} s ({r['server_cpu'] / r['wall'] * 100:.0f} % of a core, "
+          f"{r['server_cpu'] / max(r['ok'], 1) * 1000:.2f} ms per call)")
+    print(f"  UDP datagrams dropped on full receive buffers: {r['drops']} (whole host: {r['host_drops']})")
+    print(f"  REGISTER -> forked INVITE inside the server: p50 {fmt_ms(r['p50'])}, "
+          f"p99 {fmt_ms(r['p99'])}, max {fmt_ms(r['max'])}")
+    verdict = "PASS" if r["passed"] else "FAIL"
+    print(f"  {verdict} (>= {PASS_RATIO * 100:.1f} % success, every call late-forked)")
+
+
+def latefork(args: argparse.Namespace, base: Path) -> int:
+    results = []
+    for i, rate in enumerate(float(r) for r in args.rates.split(",")):
+        print(f"\n== late fork at {rate:g} calls/s for {args.duration:g} s "
+              f"(REGISTER {args.delay_ms} ms after INVITE)")
+        r = run_rate(rate, args, base / f"rate-{rate:g}", i + 1)
+        results.append(r)
+        report(r)
+    passed = [r for r in results if r["passed"]]
+    print()
+    if passed:
+        best = max(passed, key=lambda r: r["rate"])
+        print(f"RESULT late fork, UDP, one server process: {best['achieved']:.0f} calls/s at "
+              f"{best['ratio'] * 100:.2f} % success (offered {best['rate']:g}/s); REGISTER->INVITE "
+              f"p50 {fmt_ms(best['p50'])}, p99 {fmt_ms(best['p99'])}")
+        return 0
+    print("RESULT late fork: no rate passed")
+    return 1
+
+
+def parked(args: argparse.Namespace, base: Path) -> int:
+    n = args.parked
+    server = start_bench_server(base / "server", {
+        "calls": {"ring_timeout": 3600, "invite_cancel_grace": 0},
+        "sip": {"max_message_size": 65535},
+    })
+    print(f"  server: {server.command}")
+    caller = None
+    try:
+        time.sleep(1.0)
+        before = server.rss_kib()
+        caller_args, _, _ = sipp_command(server, "bench_park.xml", base, "caller", calls=n,
+                                         rate=args.park_rate, prefix="park-", limit=n + 10, timeout_s=3600)
+        print(f"  caller: {' '.join(caller_args)}")
+        caller = spawn(caller_args, base, "caller")
+        deadline = time.monotonic() + n / args.park_rate + 120
+        parked_now = 0
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+            stats = server.stats()
+            parked_now = (stats.get("calls") or {}).get("by_state", {}).get("parked", 0)
+            if parked_now >= n:
+                break
+        time.sleep(1.0)
+        stats = server.stats()
+        after = server.rss_kib()
+        silo = stats.get("silo") or {}
+        growth = (after - before) / 1024
+        print(f"  parked calls: {stats['calls']['by_state']}; "
+              f"silo stored_transactions {silo.get('stored_transactions')}")
+        print(f"  server RSS: {before / 1024:.1f} MiB before, {after / 1024:.1f} MiB "
+              f"with {parked_now} parked calls")
+        print(f"RESULT parked: {parked_now} parked calls, RSS growth {growth:.1f} MiB "
+              f"({(after - before) / max(parked_now, 1):.1f} KiB per parked call)")
+        return 0 if parked_now >= n else 1
+    finally:
+        if caller is not None and caller.poll() is None:
+            caller.kill()
+            caller.wait(10)
+        server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rates", default="250,500,750,1000", help="calls/s to try, comma-separated")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds of traffic per rate")
+    ap.add_argument("--delay-ms", type=int, default=200, help="REGISTER this long after the INVITE")
+    ap.add_argument("--parked", type=int, default=0, metavar="N", help="park N calls, report the RSS growth")
+    ap.add_argument("--park-rate", type=float, default=1000.0, help="INVITEs/s in --parked mode")
+    ap.add_argument("--log-level", default="warn", choices=("debug", "info", "warn", "error"),
+                    help="the server's [log] level")
+    ap.add_argument("--log-format", default="text", choices=("text", "json"), help="server log format")
+    ap.add_argument("--profile", action="store_true", help="run the server under twistd's cProfile")
+    ap.add_argument("--keep", type=Path, help="keep the logs in this directory (default: a temp dir)")
+    args = ap.parse_args(argv)
+    print(f"command: {' '.join([sys.executable, *sys.argv])}")
+    base = args.keep or Path(tempfile.mkdtemp(prefix="latefork-"))
+    base.mkdir(parents=True, exist_ok=True)
+    try:
+        return parked(args, base) if args.parked else latefork(args, base)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(base, ignore_errors=True)
+        else:
+            print(f"logs kept in {base}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
