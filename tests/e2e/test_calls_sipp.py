@@ -4,20 +4,25 @@ A device (tests/e2e/sipp.py `Device`) is one SIPp process that REGISTERs a Conta
 and answers (or rings, or re-INVITEs...) every INVITE the server forks there. Auth is off except
 where a test says otherwise; the location store is in memory; the ring timeout is short.
 
-After each scenario the server must hold no call: every call it logged as started must have
-logged its end (`assert_no_leaked_calls`; through the admin API once it exists), and at teardown
-the server must exit cleanly on SIGTERM without a traceback (the `start_sip_server` fixture).
+After each scenario the server must hold nothing (`assert_no_leaked_state`): the admin API
+(`[admin] listen` on loopback) must show empty call and dialog tables (`/rpc/stats`), an empty
+silo (`/rpc/ts.dump`: no AOR, no stored or lingering call) and, once the devices unregistered, no
+binding (`/rpc/ul.dump`); and every call the server logged as started must have logged its end.
+At teardown the server must exit cleanly on SIGTERM without a traceback (the `start_sip_server`
+fixture).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.proc import ServerProcess
+from tests.e2e.proc import HOST, ServerProcess, free_port
 from tests.e2e.sipp import Device, Sipp, sipp_available, stop_all, wait_for_log
 
 pytestmark = pytest.mark.skipif(not sipp_available(), reason="sipp is missing (package sip-tester)")
@@ -33,6 +38,7 @@ def _server_config(auth: bool = False) -> dict:
     extra: dict = {
         "location": {"backend": "memory"},
         "calls": {"ring_timeout": RING_TIMEOUT, "invite_cancel_grace": 0},
+        "admin": {"listen": f"tcp:{free_port(udp_too=False)}:interface={HOST}"},
     }
     if auth:
         extra["auth"] = {"enabled": True, "trusted_sources": ["127.0.0.0/8"]}
@@ -58,19 +64,44 @@ def ended_reasons(server: ServerProcess) -> list[str]:
     return CALL_ENDED.findall(server.output())
 
 
-def assert_no_leaked_calls(server: ServerProcess, expected_calls: int, timeout: float = 5.0) -> None:
-    """Every call the server started has ended (so its call, dialog and silo entries are gone:
-    Call.end() removes all three), and no more calls than expected were started."""
+def admin_rpc(server: ServerProcess, name: str) -> dict:
+    """GET /rpc/<name> on the server's admin API (loopback: no token needed)."""
+    port = int(server.sections["admin"]["listen"].split(":")[1])
+    with urllib.request.urlopen(f"http://{HOST}:{port}/rpc/{name}", timeout=5) as resp:
+        assert resp.status == 200
+        return json.loads(resp.read())["result"]
+
+
+def _leftovers(server: ServerProcess) -> dict:
+    stats = admin_rpc(server, "stats")
+    silo = admin_rpc(server, "ts.dump")
+    bindings = admin_rpc(server, "ul.dump")
+    left = {
+        "calls": stats["calls"]["calls"],
+        "dialogs": stats["calls"]["dialogs"],
+        "silo_stored": silo["stats"]["stored_transactions"],
+        "silo_lingering": silo["stats"]["lingering"],
+        "silo_aors": len(silo["aors"]) + len(silo["lingering"]),
+        "bindings": bindings["binding_count"],
+    }
+    return {k: v for k, v in left.items() if v}
+
+
+def assert_no_leaked_state(server: ServerProcess, expected_calls: int, timeout: float = 5.0) -> None:
+    """No call, dialog, silo entry or binding is left (admin API), and every call the server
+    started has ended; exactly ``expected_calls`` calls were started."""
     deadline = time.monotonic() + timeout
     while True:
         log = server.output()
         started = len(CALL_STARTED.findall(log))
         ended = len(CALL_ENDED.findall(log))
-        if started == ended == expected_calls:
+        left = _leftovers(server)
+        if started == ended == expected_calls and not left:
             break
         if time.monotonic() > deadline:
             raise AssertionError(
-                f"{started} call(s) started, {ended} ended, {expected_calls} expected\n{log[-6000:]}"
+                f"{started} call(s) started, {ended} ended, {expected_calls} expected; left: {left}\n"
+                f"{log[-6000:]}"
             )
         time.sleep(0.05)
     assert server.alive(), server.output()[-6000:]
@@ -110,11 +141,12 @@ def test_registered_device_answers(start_sip_server, procs, tmp_path, transport,
     caller = run_caller(procs, server, tmp_path, "caller_answered.xml", "alice", pause_ms=100,
                         transport=transport)
     assert_caller_ok(caller, server)
+    assert _leftovers(server) == {"bindings": 1}  # the admin API does see what is there
     device.stop()
     device.assert_no_failures()
     assert len(device.sipp.log_lines("ANSWERED-AND-HUNG-UP ")) == 1, device.sipp.explain()
     assert ended_reasons(server) == ["BYE from the caller"]
-    assert_no_leaked_calls(server, 1)
+    assert_no_leaked_state(server, 1)
 
 
 # -- 2. late fork: INVITE first, REGISTER 150 ms later ------------------------------------------------
@@ -136,7 +168,7 @@ def test_late_fork_register_after_invite(server, procs, tmp_path):
     parked = log.index("parked waiting for a device of sip:bob@")
     assert parked < log.index("fork to sip:bob@") and parked < log.index("REGISTER sip:bob@"), log[-6000:]
     assert ended_reasons(server) == ["BYE from the caller"]
-    assert_no_leaked_calls(server, 1)
+    assert_no_leaked_state(server, 1)
 
 
 # -- 3. early device rings, late device answers, early one gets CANCEL with Reason --------------------
@@ -159,20 +191,24 @@ def test_late_device_answers_early_device_cancelled(server, procs, tmp_path):
     assert cancelled[0].removeprefix("CANCELLED ").strip() == REASON_ANSWERED, early.sipp.explain()
     assert len(early.sipp.log_lines("TERMINATED ")) == 1, early.sipp.explain()  # 487 was ACKed
     assert ended_reasons(server) == ["BYE from the caller"]
-    assert_no_leaked_calls(server, 1)
+    assert_no_leaked_state(server, 1)
 
 
 # -- 4. caller CANCEL while parked ------------------------------------------------------------------
 
 
 def test_caller_cancel_while_parked(server, procs, tmp_path):
-    caller = run_caller(procs, server, tmp_path, "caller_cancel.xml", "dave", pause_ms=300)
+    caller = run_caller(procs, server, tmp_path, "caller_cancel.xml", "dave", pause_ms=1000)
+    wait_for_log(server, "parked waiting for a device of sip:dave@")
+    pending = admin_rpc(server, "ts.dump")  # the CANCEL comes 1 s after the 100
+    assert [c["state"] for c in pending["aors"]["sip:dave@127.0.0.1"]] == ["parked"], pending
+    assert _leftovers(server) == {"calls": 1, "dialogs": 1, "silo_stored": 1, "silo_aors": 1}
     assert_caller_ok(caller, server)
     assert caller.log_lines("CANCEL-OK ") and caller.log_lines("TERMINATED "), caller.explain()
     log = server.output()
     assert "parked waiting for a device of sip:dave@" in log
     assert ended_reasons(server) == ["caller cancelled"]
-    assert_no_leaked_calls(server, 1)
+    assert_no_leaked_state(server, 1)
 
 
 # -- 5. ring timeout -----------------------------------------------------------------------------
@@ -186,7 +222,7 @@ def test_ring_timeout_gives_480(server, procs, tmp_path):
     assert RING_TIMEOUT - 0.5 <= elapsed <= RING_TIMEOUT + 5, elapsed
     assert caller.log_lines("FINAL 480 "), caller.explain()
     assert ended_reasons(server) == ["ring timeout"]
-    assert_no_leaked_calls(server, 1)
+    assert_no_leaked_state(server, 1)
 
 
 # -- 6. two parked calls to one AOR, both forked by one REGISTER ----------------------------------
@@ -213,7 +249,7 @@ def test_one_register_forks_two_parked_calls(server, procs, tmp_path):
     assert len(forks) == 2 and last_parked < forks[0], log[-6000:]
     assert forks[1] < log.index("REGISTER sip:frank@"), log[-6000:]
     assert ended_reasons(server) == ["BYE from the caller"] * 2
-    assert_no_leaked_calls(server, 2)
+    assert_no_leaked_state(server, 2)
 
 
 # -- 7. re-INVITE and BYE from the callee side -------------------------------------------------------
@@ -230,4 +266,4 @@ def test_callee_reinvite_and_bye(server, procs, tmp_path):
     assert device.sipp.log_lines("REINVITE-ANSWERED ") and device.sipp.log_lines("HUNG-UP "), \
         device.sipp.explain()
     assert len(ended_reasons(server)) == 1 and "BYE" in ended_reasons(server)[0], server.output()[-4000:]
-    assert_no_leaked_calls(server, 1)
+    assert_no_leaked_state(server, 1)
