@@ -218,7 +218,21 @@ def _text(value: bytes | str | None) -> str:
 
 
 class _QuietSite(Site):
+    """Access log through our logger: /rpc calls at info (an audit trail of operator actions),
+    /metrics scrapes at debug (every 15 s from Prometheus)."""
+
     noisy = False
+
+    def log(self, request: Request) -> None:
+        path = _text(request.uri)
+        emit = log.debug if path.startswith("/metrics") else log.info
+        emit(
+            "admin API: {client} {method} {path} -> {status}",
+            client=_client_host(request) or "?",
+            method=_text(request.method),
+            path=path,
+            status=request.code,
+        )
 
 
 class AdminService(Service):

@@ -257,3 +257,18 @@ def test_is_loopback():
     assert is_loopback("::ffff:127.0.0.1")
     assert not is_loopback("10.0.0.1") and not is_loopback("::ffff:10.0.0.1")
     assert not is_loopback(None) and not is_loopback("localhost") and not is_loopback("")
+
+
+@pytest_twisted.ensureDeferred
+async def test_access_log_rpc_at_info_metrics_at_debug(admin):
+    svc, _parts, _clock = admin
+    with capturedLogs() as events:
+        await http(svc, "GET", "/rpc/health")
+        await http(svc, "GET", "/metrics", token=None)
+    access = [e for e in events if e.get("log_format", "").startswith("admin API: {client}")]
+    assert [(e["path"], e["status"], e["log_level"].name) for e in access] == [
+        ("/rpc/health", 200, "info"),
+        ("/metrics", 200, "debug"),
+    ]
+    assert not any(e.get("log_namespace") == "twisted.python.log" for e in events)
+    assert not any(TOKEN in str(e) for e in events)  # the bearer token is never logged
