@@ -81,7 +81,7 @@ class HangupReloader(Service):
     """SIGHUP (``systemctl reload``) re-reads the config file.
 
     A bad file is logged and the running config kept. A good one applies ``[log] level`` at once
-    and runs the reload hooks (``parts.extra["reload_push"]``: the push credentials); other changed
+    and runs the reload hooks with it (``parts.extra["reload_push"]``: push credentials); other changed
     sections are logged as needing a restart, since ports and stores are built once at start-up.
     The users database needs no reload: it is read at every authentication.
     """
@@ -91,7 +91,7 @@ class HangupReloader(Service):
         config: Config,
         observer: ILogObserver | None,
         call_from_thread: Callable[..., Any] | None = None,
-        hooks: list[Callable[[], Any]] | None = None,
+        hooks: list[Callable[[Config], Any]] | None = None,
     ) -> None:
         self.config = config
         self.observer = observer
@@ -147,7 +147,7 @@ class HangupReloader(Service):
         self.config = dataclasses.replace(self.config, log=running_log)
         for hook in self.hooks:
             try:
-                hook()
+                hook(new)  # the Config just validated: hooks need not read the file again
             except Exception:
                 log.failure("SIGHUP: reload hook {hook!r} failed", hook=hook)
         return new

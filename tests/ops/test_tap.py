@@ -339,18 +339,20 @@ def test_sighup_runs_reload_hooks_only_for_a_valid_file(tmp_path):
     path, out, observer, reloader = _reload_setup(tmp_path, '[log]\nlevel = "info"\n')
     ran = []
 
-    def broken():
+    def broken(cfg):
         raise RuntimeError("boom")
 
-    reloader.hooks = [broken, lambda: ran.append("push")]
+    reloader.hooks = [broken, lambda cfg: ran.append(cfg.log.level)]
     globalLogPublisher.addObserver(observer)
     try:
+        path.write_text('[log]\nlevel = "warn"\n')
         assert reloader.reload() is not None
         path.write_text('[log]\nlevel = "loud"\n')
         assert reloader.reload() is None
     finally:
         globalLogPublisher.removeObserver(observer)
-    assert ran == ["push"]  # once: a failing hook does not stop the others, a bad file runs none
+    assert ran == ["warn"]  # once, with the new Config: a failing hook does not stop the others,
+    # a bad file runs none
     assert any("reload hook" in m and "failed" in m for m in _messages(out))
 
 
