@@ -9,7 +9,9 @@ The hook wraps ``libon_tsilo.ops.service.make_service`` to keep the service tree
 REGISTER->INVITE latency window (default 1,000,000 samples instead of the last 1024, so the
 percentiles cover the whole run) and writes a JSON snapshot of ``silo.stats()`` and the call
 manager's ``stats()`` to F on SIGUSR2 and once more just before shutdown. `BenchServer.stats()`
-asks for a fresh snapshot. (When the admin HTTP API lands, /rpc/stats can replace the hook.)
+asks for a fresh snapshot. With ``PYTHONTRACEMALLOC=1`` in the server's environment the snapshot
+also lists the 40 biggest allocation sites (what parked calls are made of). The admin API's
+/rpc/stats gives the same silo and call figures, but with the silo's default 1024-sample window.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +60,10 @@ def _install_stats_hook(stats_file: Path, latency_window: int) -> None:
                 "silo": parts.silo.stats() if parts.silo is not None else None,
                 "calls": parts.b2bua.stats() if parts.b2bua is not None else None,
             }
+            if tracemalloc.is_tracing():  # PYTHONTRACEMALLOC=N in the server's environment
+                top = tracemalloc.take_snapshot().statistics("lineno")[:40]
+                snapshot["tracemalloc"] = [f"{s.size / 1024:.0f} KiB {s.count} blocks {s.traceback}"
+                                           for s in top]
             tmp = stats_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(snapshot, default=str))
             tmp.replace(stats_file)
