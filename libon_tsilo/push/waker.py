@@ -210,7 +210,12 @@ class PushWaker:
     def invite_cancel_wanted(self, binding: Any) -> bool:
         """Should a call that ended keep listening for this pushed device (Invite/Cancel)?"""
         provider = getattr(binding, "pn_provider", None)
-        return self.cancelled_ios_call == INVITE_CANCEL and provider in self.ios_providers
+        if self.cancelled_ios_call != INVITE_CANCEL or provider not in self.ios_providers:
+            return False
+        # a push that failed for good (dead token, config error) woke nobody: no one to wait for
+        records = [self._calls.get(call_id) for call_id in self._pushed_keys.get(binding.key, ())]
+        pushes = [r.pushes[binding.key] for r in records if r is not None and binding.key in r.pushes]
+        return not pushes or any(p.outcome not in _PERMANENT for p in pushes)
 
     def wake(self, call: Any, bindings: list[Any]) -> Deferred[PushWakeResult]:
         self._purge()

@@ -7,13 +7,16 @@ FCM UNREGISTERED) removes the binding and the caller gets 480 at once; a push th
 with 480 at the ring timeout; 429 then 200 delivers within the ring time; a call cancelled before
 the iOS device registered gives it INVITE then CANCEL (or a missed-call alert push, when configured);
 a device that registered moments ago is forked to without a push; a +sip.pnsreg binding gets a
-refresh push before it expires. The server fixture checks a clean SIGTERM exit and no tracebacks.
+refresh push before it expires. After each scenario the admin API must show no call, dialog or
+silo entry left and no call record left in the waker (`assert_no_leaked_state`), and the push
+statistics must tell what happened; the server fixture checks a clean SIGTERM exit and no tracebacks.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,7 +26,7 @@ from typing import Any
 import pytest
 
 from libon_tsilo.util import redact
-from tests.e2e.proc import HOST, ServerProcess
+from tests.e2e.proc import HOST, ServerProcess, free_port
 from tests.e2e.pushdevice import Caller, DeviceConfig, PushDevice, push_records
 from tests.fakes import apns_fake, fcm_fake
 from tests.fakes.keys import make_team_key
@@ -119,12 +122,47 @@ def token(provider: str) -> str:
 
 
 def server_for(start_sip_server: Callable[..., ServerProcess], fake: Fake, ring_timeout: float = 10,
-               **push: Any) -> ServerProcess:
+               grace: int = 10, **push: Any) -> ServerProcess:
     return start_sip_server(extra={
         "auth": {"enabled": False},
-        "calls": {"ring_timeout": ring_timeout, "invite_cancel_grace": 10},
+        "calls": {"ring_timeout": ring_timeout, "invite_cancel_grace": grace},
         "push": {**fake.config, **push},
+        "admin": {"listen": f"tcp:{free_port(udp_too=False)}:interface={HOST}"},
     }, tls=False)
+
+
+def admin_rpc(server: ServerProcess, name: str) -> Any:
+    """GET /rpc/<name> on the server's admin API (loopback: no token needed)."""
+    port = int(server.sections["admin"]["listen"].split(":")[1])
+    with urllib.request.urlopen(f"http://{HOST}:{port}/rpc/{name}", timeout=5) as resp:
+        assert resp.status == 200
+        return json.loads(resp.read())["result"]
+
+
+def push_stats(server: ServerProcess) -> dict[str, Any]:
+    return admin_rpc(server, "stats")["push"]
+
+
+def assert_no_leaked_state(server: ServerProcess, timeout: float = 5.0) -> dict[str, Any]:
+    """No call, dialog or silo entry (stored or lingering) and no call record in the waker; returns
+    the push statistics."""
+    deadline = time.monotonic() + timeout
+    while True:
+        stats = admin_rpc(server, "stats")
+        silo = admin_rpc(server, "ts.dump")
+        left = {
+            "calls": stats["calls"]["calls"],
+            "dialogs": stats["calls"]["dialogs"],
+            "silo_stored": silo["stats"]["stored_transactions"],
+            "silo_lingering": silo["stats"]["lingering"],
+            "push_pending_calls": stats["push"]["pending_calls"],
+        }
+        left = {k: v for k, v in left.items() if v}
+        if not left:
+            return stats["push"]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"state left: {left}\n{server.output()[-4000:]}")
+        time.sleep(0.1)
 
 
 def device(server: ServerProcess, fake: Fake, made: list[PushDevice], **cfg: Any) -> PushDevice:
@@ -182,6 +220,9 @@ def test_call_wakes_a_silent_device_and_completes(provider: str, fakes: Any, sta
     dev.wait("bye", 5)
     _wait_log(server, "registered")  # push-to-REGISTER latency measured
     assert len(fake.records()) == 1
+    stats = assert_no_leaked_state(server)
+    assert stats["by_provider"][provider]["delivered"] == 1
+    assert stats["push_to_register"]["count"] == 1 and stats["calls_woken"] == 1
 
 
 def test_429_then_200_delivers_within_the_ring_time(fakes: Any, start_sip_server: Any,
@@ -195,6 +236,7 @@ def test_429_then_200_delivers_within_the_ring_time(fakes: Any, start_sip_server
     assert [r["status"] for r in fake.records()] == [429, 200]
     assert len(dev.seen("push")) == 1 and len(dev.seen("invite")) == 1
     caller.bye()
+    assert assert_no_leaked_state(server)["by_provider"]["apns"]["delivered"] == 1
 
 
 def test_a_device_that_registered_moments_ago_is_forked_to_without_a_push(
@@ -206,6 +248,8 @@ def test_a_device_that_registered_moments_ago_is_forked_to_without_a_push(
     assert caller.wait_final(5).status == 200
     assert fake.records() == [] and dev.seen("push") == []
     caller.bye()
+    stats = assert_no_leaked_state(server)
+    assert stats["skipped_recently_registered"] == 1 and stats["by_provider"] == {}
 
 
 # -- failures -----------------------------------------------------------------------------------
@@ -231,13 +275,17 @@ def test_dead_token_removes_the_binding_and_480_at_once(provider: str, script: l
     assert len(fake.records()) == 1
     second.cancel()
     assert second.wait_final(5).status == 487
+    stats = assert_no_leaked_state(server)
+    assert stats["dead_tokens_removed"] == 1 and stats["calls_all_failed"] == 1
+    assert admin_rpc(server, "ul.dump")["binding_count"] == 0
 
 
 def test_push_that_hangs_ends_with_480_at_the_ring_timeout(fakes: Any, start_sip_server: Any,
                                                           devices: list[PushDevice]) -> None:
     tok = token("apns")
     fake = fakes("apns", {"tokens": {tok: ["hang"]}})
-    server = server_for(start_sip_server, fake, ring_timeout=3)
+    # the push may have reached the phone all the same: the call lingers for its Invite/Cancel
+    server = server_for(start_sip_server, fake, ring_timeout=3, grace=2)
     dev = device(server, fake, devices, prid=tok)
     caller = call(server)
     final = caller.wait_final(8)
@@ -245,6 +293,9 @@ def test_push_that_hangs_ends_with_480_at_the_ring_timeout(fakes: Any, start_sip
     assert 2.5 <= caller.elapsed <= 4.5, caller.elapsed
     assert dev.seen("push") == [] and dev.seen("invite") == []
     assert len(fake.records()) >= 1
+    assert admin_rpc(server, "ts.dump")["stats"]["lingering"] == 1
+    stats = assert_no_leaked_state(server, timeout=5)
+    assert stats["by_provider"]["apns"]["retryable"] == 1 and stats["calls_all_failed"] == 0
 
 
 def test_fcm_push_that_hangs_ends_with_480_at_the_ring_timeout(fakes: Any, start_sip_server: Any,
@@ -256,6 +307,7 @@ def test_fcm_push_that_hangs_ends_with_480_at_the_ring_timeout(fakes: Any, start
     caller = call(server)
     assert caller.wait_final(8).status == 480
     assert 2.5 <= caller.elapsed <= 4.5, caller.elapsed
+    assert assert_no_leaked_state(server)["by_provider"]["fcm"]["retryable"] == 1
 
 
 # -- the end of a call before the iOS device came -----------------------------------------------
@@ -275,6 +327,7 @@ def test_cancelled_call_sends_invite_then_cancel_to_a_late_ios_device(
     (reason,) = dev.wait("cancel", 5)
     assert reason is not None and "cause=487" in reason
     assert [r["raw"]["headers"]["apns-push-type"] for r in fake.records()] == ["voip"]  # one VoIP push only
+    assert assert_no_leaked_state(server)["by_kind"]["call"]["delivered"] == 1
 
 
 def test_cancelled_call_with_missed_call_push(fakes: Any, start_sip_server: Any,
@@ -294,6 +347,8 @@ def test_cancelled_call_with_missed_call_push(fakes: Any, start_sip_server: Any,
     dev.wait("register_ok", 5, count=2)
     time.sleep(0.5)
     assert dev.seen("invite") == []
+    stats = assert_no_leaked_state(server)
+    assert stats["missed_call_pushes"] == 1 and stats["by_kind"]["cancel"]["delivered"] == 1
 
 
 # -- refresh push -------------------------------------------------------------------------------
@@ -306,7 +361,13 @@ def test_refresh_push_before_a_pnsreg_binding_expires(fakes: Any, start_sip_serv
         "auth": {"enabled": False},
         "registrar": {"min_expires": 60},
         "push": {**fake.config, "refresh_before_expiry": 59},
+        "admin": {"listen": f"tcp:{free_port(udp_too=False)}:interface={HOST}"},
     }, tls=False)
     dev = device(server, fake, devices, expires=61, pnsreg=True, react_to_push=False)
     (push,) = dev.wait("push", 6)
     assert push["json"]["message"]["data"]["type"] == "refresh"
+    deadline = time.monotonic() + 5
+    while push_stats(server)["by_kind"].get("refresh", {}).get("delivered") != 1:
+        assert time.monotonic() < deadline, push_stats(server)
+        time.sleep(0.1)
+    assert push_stats(server)["refresh"]["scheduled"] == 0

@@ -416,12 +416,13 @@ def test_live_flow_forks_directly_only_within_the_skip_window() -> None:
 
 
 def test_dead_token_gives_480_at_once_and_removes_the_binding() -> None:
-    s = Setup(script=[PushResult(DEAD_TOKEN, "Unregistered", 410)])
+    s = Setup(script=[PushResult(DEAD_TOKEN, "Unregistered", 410)], invite_cancel_grace=20.0)
     env = s.env
     assert env is not None
     env.location.add(dev(1))
     _, stx = env.invite()
     assert stx.statuses == [480]
+    assert env.silo.stats()["lingering"] == 0  # a dead token wakes nobody: no Invite/Cancel wait
     assert [r for _, r in s.removed] == ["push: Unregistered"]
     assert env.location.lookup(AOR) == []
     env.assert_clean()
