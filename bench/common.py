@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -140,12 +141,13 @@ class BenchServer:
 
 
 def start_bench_server(
-    workdir: Path, extra: dict[str, dict[str, Any]] | None = None, twistd_options: list[str] | None = None
+    workdir: Path, extra: dict[str, dict[str, Any]] | None = None, twistd_options: list[str] | None = None,
+    cpu: int | None = None,
 ) -> BenchServer:
     """The real server on a free loopback UDP port, log level warn, auth off, memory store.
 
     ``twistd_options`` go before the subcommand, e.g. ``["--profile=F", "--profiler=cprofile",
-    "--savestats"]`` for twistd's own profiler."""
+    "--savestats"]`` for twistd's own profiler. ``cpu``: pin the server to that CPU (taskset)."""
     from tests.e2e.proc import free_port, merge_sections, to_toml, udp_options
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -165,6 +167,7 @@ def start_bench_server(
     log_path = workdir / "server.log"
     stats_path = workdir / "server-stats.json"
     args = [
+        *pin(cpu),
         str(PYTHON), str(Path(__file__).resolve()), "serve", "--stats-file", str(stats_path), "--",
         "-n", "--pidfile=", *(twistd_options or []), "libon-tsilo", "--config", str(config_path),
     ]
@@ -181,6 +184,13 @@ def start_bench_server(
             return server
     server.stop()
     raise RuntimeError(f"server not ready\n{server.output()}")
+
+
+def pin(cpu: int | None) -> list[str]:
+    """A taskset prefix running a command on one CPU ([] when cpu is None or taskset is missing)."""
+    if cpu is None or shutil.which("taskset") is None:
+        return []
+    return ["taskset", "-c", str(cpu)]
 
 
 # --- SIPp -------------------------------------------------------------------------------------

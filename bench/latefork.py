@@ -43,6 +43,7 @@ from bench.common import (  # noqa: E402
     SCENARIOS,
     BenchServer,
     cpu_seconds,
+    pin,
     sipp_run_seconds,
     sipp_stats,
     start_bench_server,
@@ -53,6 +54,9 @@ from tests.e2e.proc import free_port  # noqa: E402
 
 SIPP = shutil.which("sipp") or "/usr/bin/sipp"
 PASS_RATIO = 0.999
+# like bench/register.py: the server on CPU 0, SIPp on CPU 1 (--no-pin to let the OS choose)
+SERVER_CPU, SIPP_CPU = 0, 1
+PIN = True
 
 
 def sipp_command(server: BenchServer, scenario: str, workdir: Path, name: str, *, calls: int,
@@ -64,6 +68,7 @@ def sipp_command(server: BenchServer, scenario: str, workdir: Path, name: str, *
     stat_file = d / "stats.csv"
     port = free_port()
     args = [
+        *pin(SIPP_CPU if PIN else None),
         SIPP, f"{HOST}:{server.sip_port}",
         "-sf", str(SCENARIOS / scenario),
         "-t", "u1", "-i", HOST, "-p", str(port),
@@ -100,7 +105,7 @@ def run_rate(rate: float, args: argparse.Namespace, workdir: Path, run: int) -> 
     server = start_bench_server(workdir / "server", {
         "calls": {"ring_timeout": 30, "invite_cancel_grace": 0},
         "log": {"level": args.log_level, "format": args.log_format},
-    }, twistd_options)
+    }, twistd_options, cpu=SERVER_CPU if PIN else None)
     print(f"  server: {server.command}")
     try:
         cpu0 = cpu_seconds(server.pid)
@@ -202,8 +207,7 @@ def parked(args: argparse.Namespace, base: Path) -> int:
     n = args.parked
     server = start_bench_server(base / "server", {
         "calls": {"ring_timeout": 3600, "invite_cancel_grace": 0},
-        "sip": {"max_message_size": 65535},
-    })
+    }, cpu=SERVER_CPU if PIN else None)
     print(f"  server: {server.command}")
     caller = None
     try:
@@ -251,8 +255,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="the server's [log] level")
     ap.add_argument("--log-format", default="text", choices=("text", "json"), help="server log format")
     ap.add_argument("--profile", action="store_true", help="run the server under twistd's cProfile")
+    ap.add_argument("--no-pin", action="store_true", help="do not pin the server to CPU 0 and SIPp to CPU 1")
     ap.add_argument("--keep", type=Path, help="keep the logs in this directory (default: a temp dir)")
     args = ap.parse_args(argv)
+    global PIN
+    PIN = not args.no_pin
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
     base = args.keep or Path(tempfile.mkdtemp(prefix="latefork-"))
     base.mkdir(parents=True, exist_ok=True)
