@@ -426,7 +426,7 @@ class Registrar:
         resp = make_response(request, 200, to_tag=new_tag())
         for b in self.store.lookup(aor):
             resp.add_header("Contact", b.contact_header(now))
-        resp.add_header("Date", email.utils.formatdate(now, usegmt=True))
+        resp.add_header("Date", _sip_date(now))
         supported = {v.strip().lower() for v in request.header_values("Supported")}
         if "path" in supported:
             for p in request.header_values("Path"):
@@ -436,6 +436,18 @@ class Registrar:
         for cap in outcome.caps:
             resp.add_header("Feature-Caps", cap)
         return resp
+
+
+_last_date: tuple[int, str] = (-1, "")
+
+
+def _sip_date(now: float) -> str:
+    """RFC 1123 date in GMT; formatted once per second, as every 200 OK carries one."""
+    global _last_date
+    second = int(now)
+    if _last_date[0] != second:
+        _last_date = (second, email.utils.formatdate(second, usegmt=True))
+    return _last_date[1]
 
 
 def _uri_params(b: Binding) -> dict[str, str | None]:

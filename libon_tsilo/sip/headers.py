@@ -42,10 +42,18 @@ _PVALUE = r"(?:=(?:[A-Za-z0-9\-.!%*_+`'~:\[\]]+|\"[^\"\\\r\n;]*\"))?"
 _SIMPLE_PARAMS = re.compile(rf"^{_PTOKEN}{_PVALUE}(?:;{_PTOKEN}{_PVALUE})*$")
 
 
+_CANONICAL: dict[str, str] = {}
+
+
 def canonical_key(name: str) -> str:
     """The lookup key for a header name: lower case, compact forms expanded."""
-    key = name.lower()
-    return COMPACT.get(key, key)
+    key = _CANONICAL.get(name)
+    if key is None:
+        key = name.lower()
+        key = COMPACT.get(key, key)
+        if len(_CANONICAL) < 1024:  # names come from our code and the wire: bound the memo
+            _CANONICAL[name] = key
+    return key
 
 
 def pretty_name(key: str) -> str:

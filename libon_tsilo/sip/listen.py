@@ -7,6 +7,7 @@ names (names are only resolved by the OS when binding, never per message).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -80,6 +81,7 @@ def strip_brackets(host: str) -> str:
     return host
 
 
+@functools.lru_cache(maxsize=4096)
 def is_ip_literal(host: str) -> bool:
     """True for an IPv4 or IPv6 literal (brackets allowed), False for a name."""
     try:
@@ -89,6 +91,7 @@ def is_ip_literal(host: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=4096)
 def is_ipv6(host: str) -> bool:
     try:
         ipaddress.IPv6Address(strip_brackets(host))
@@ -97,6 +100,7 @@ def is_ipv6(host: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=4096)
 def same_ip(a: str, b: str) -> bool:
     """Compare two hosts as addresses (``"::1"`` equals ``"[0::1]"``); names compare case-insensitively."""
     a, b = strip_brackets(a), strip_brackets(b)

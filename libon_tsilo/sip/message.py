@@ -57,6 +57,8 @@ _SINGLE_VALUED = frozenset({
     "from", "to", "call-id", "cseq", "max-forwards", "content-length", "content-type", "expires",
 })
 
+_NO_ENTRIES: list[list[Any]] = []
+
 # Entry layout in Message._headers: [key, name as written, value (str or a header object), raw line or None]
 _KEY, _NAME, _VALUE, _RAW = 0, 1, 2, 3
 
@@ -80,12 +82,17 @@ def new_call_id(host: str = "") -> str:
 class Message:
     """Common header handling for requests and responses."""
 
-    __slots__ = ("_headers", "_index", "body", "_cache", "_raw", "_raw_body", "contact_star")
+    __slots__ = ("_headers", "_index", "_multi", "body", "_cache", "_raw", "_raw_body", "contact_star",
+                 "validated")
 
     def __init__(self) -> None:
         self._headers: list[list[Any]] = []
         # key -> first entry with that key; None after a mutation until the next lookup rebuilds it.
         self._index: dict[str, list[Any]] | None = None
+        # key -> every entry with that key, built on the first header_values() call
+        self._multi: dict[str, list[list[Any]]] | None = None
+        # set by validate(): later layers may skip the checks it already made
+        self.validated = False
         self.body = b""
         self._cache: dict[str, Any] = {}
         self._raw: bytes | None = None
@@ -104,9 +111,23 @@ class Message:
             self._index = index
         return index.get(key)
 
+    def _all(self, key: str) -> list[list[Any]]:
+        multi = self._multi
+        if multi is None:
+            multi = {}
+            for entry in self._headers:
+                same = multi.get(entry[0])
+                if same is None:
+                    multi[entry[0]] = [entry]
+                else:
+                    same.append(entry)
+            self._multi = multi
+        return multi.get(key, _NO_ENTRIES)
+
     def _dirty(self, key: str) -> None:
         self._raw = None
         self._index = None
+        self._multi = None
         self._cache.pop(key, None)
         if key == "via":
             self._cache.pop("top_via", None)
@@ -122,15 +143,17 @@ class Message:
     def header_values(self, name: str) -> list[str]:
         """Every value of header ``name``; list headers are split on their commas."""
         key = canonical_key(name)
+        entries = self._all(key)
+        if not entries:
+            return []
         values: list[str] = []
         split = key in LIST_HEADERS
-        for entry in self._headers:
-            if entry[0] == key:
-                value = entry[2] if type(entry[2]) is str else str(entry[2])
-                if split:
-                    values.extend(v for v in split_commas(value) if v)
-                else:
-                    values.append(value)
+        for entry in entries:
+            value = entry[2] if type(entry[2]) is str else str(entry[2])
+            if split:
+                values.extend(v for v in split_commas(value) if v)
+            else:
+                values.append(value)
         return values
 
     def has_header(self, name: str) -> bool:
@@ -192,8 +215,10 @@ class Message:
             values = self.header_values("via")
             if not values:
                 raise ParseError("missing Via header")
-            cached = [Via.parse(v) for v in values]
+            top = self._cache.get("top_via")
+            cached = [top if i == 0 and top is not None else Via.parse(v) for i, v in enumerate(values)]
             self._cache["via"] = cached
+            self._cache["top_via"] = cached[0]
         return cached
 
     @property
@@ -354,6 +379,7 @@ class Message:
             check_date(date)
         if self.has_header("content-type"):
             self.content_type
+        self.validated = True
 
     # -- serialization ----------------------------------------------------------------------------
 
@@ -635,15 +661,17 @@ def make_response(
         elif key == "to" and to_entry is None:
             to_entry = [key, entry[1], entry[2], entry[3]]
             headers.append(to_entry)
+    top_via = req._cache.get("top_via")
+    if top_via is not None:
+        resp._cache["top_via"] = top_via  # the same text: spare the transport a second parse
     if to_tag and status != 100 and to_entry is not None:
         try:
             to = req.to
         except ParseError:
             to = None
         if to is not None and to.tag is None:
-            tagged = to.copy()
-            tagged.tag = to_tag
-            to_entry[2] = str(tagged)
+            # appending to the text keeps the caller's spelling and spares a rebuild of the address
+            value = to_entry[2] if type(to_entry[2]) is str else str(to_entry[2])
+            to_entry[2] = f"{value};tag={to_tag}"
             to_entry[3] = None
-            resp._cache["to"] = tagged
     return resp

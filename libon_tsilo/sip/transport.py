@@ -42,6 +42,7 @@ Choices (and where they differ from a plain reading of the RFCs):
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from collections.abc import Callable
@@ -101,6 +102,7 @@ class Target:
     server_name: str | None = None  # TLS: the identity to verify, when it is not ``host``
 
 
+@functools.lru_cache(maxsize=4096)
 def _norm_host(host: str) -> str:
     """Canonical text of an IP literal (bare IPv6), lower-case name otherwise; used in flow keys."""
     host = strip_brackets(host)

@@ -142,6 +142,8 @@ class UASCore:
         return None
 
     def _malformed(self, req: Request) -> str | None:
+        if req.validated:
+            return None  # Message.validate() made these checks and more when the message came in
         for name in _REQUIRED_ONCE:
             count = len(req.header_values(name))
             if count != 1:
