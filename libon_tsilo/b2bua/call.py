@@ -189,6 +189,7 @@ class Call:
         if self.park_d is None:
             self.park_d = Deferred()
         self.state = Parked()
+        self.a.compact()
         log.info("parked waiting for a device of {aor}", aor=self.aor, call_id=self.call_id)
         return self.park_d
 

@@ -26,6 +26,14 @@ class ALeg:
     def hop(self) -> Hop:
         return self.dialog.hop
 
+    def compact(self) -> None:
+        """The call parks, maybe for a long time: keep the INVITE (and the 100 Trying its transaction
+        resends) as bytes only; they are parsed again, transparently, when the call goes on."""
+        compact = getattr(self.stx, "compact", None)  # the real ServerTransaction; test fakes lack it
+        if compact is not None:
+            compact()
+        self.invite.compact()
+
     def stop_retransmit(self) -> None:
         if self.retransmit is not None:
             self.retransmit.stop()

@@ -37,6 +37,13 @@ class ServerTransaction(TransactionBase):
     def start(self) -> None:
         raise NotImplementedError
 
+    def compact(self) -> None:
+        """A long wait ahead (a parked call): keep the request and the last response as bytes only
+        (Message.compact; they are parsed again when next read)."""
+        self.request.compact()
+        if self.last_response is not None:
+            self.last_response.compact()
+
     def respond(self, resp: Response) -> None:
         raise NotImplementedError
 
