@@ -29,6 +29,8 @@ class ServerTransaction(TransactionBase):
         self.flow = flow
         self.reliable = is_reliable(flow.key.transport if flow is not None else None)
         self.last_response: Response | None = None
+        # compact() dropped the 100 Trying: _resend_last rebuilds it from the request
+        self._trying_dropped = False
 
     @property
     def method(self) -> str:
@@ -41,8 +43,14 @@ class ServerTransaction(TransactionBase):
         """A long wait ahead (a parked call): keep the request and the last response as bytes only
         (Message.compact; they are parsed again when next read)."""
         self.request.compact()
-        if self.last_response is not None:
-            self.last_response.compact()
+        last = self.last_response
+        if last is not None and last.status == 100 and self.state is State.PROCEEDING:
+            # our own 100 Trying is make_response(request, 100): cheaper to rebuild on a
+            # retransmitted request than to keep, even as bytes
+            self.last_response = None
+            self._trying_dropped = True
+        elif last is not None:
+            last.compact()
 
     def respond(self, resp: Response) -> None:
         raise NotImplementedError
@@ -64,6 +72,8 @@ class ServerTransaction(TransactionBase):
         return True
 
     def _resend_last(self) -> None:
+        if self.last_response is None and self._trying_dropped and self.state is State.PROCEEDING:
+            self.last_response = make_response(self.request, 100, "Trying")
         if self.last_response is not None:
             self._send(self.last_response)
 
