@@ -91,14 +91,14 @@ class Call:
         self.created_at = self.clock.seconds()
         self.ring_deadline = self.created_at + mgr.settings.ring_timeout
         hop = hop_of_flow(flow)
-        local = invite.to.copy()
-        local.tag = new_tag()
+        tag = new_tag()
         contacts = invite.contacts
+        # From and To as text: the dialog parses them when it first needs them (memory while parked)
         self.a = ALeg(invite, stx, Dialog(
-            self.call_id, local, caller.copy(),
-            str(contacts[0].uri) if contacts else str(caller.uri),
+            self.call_id, f"{invite.header('To')};tag={tag}", invite.header("From") or "",
+            str(contacts[0].uri) if contacts else self.caller_uri,
             hop, self.port.contact(hop.transport),
-            remote_seq=invite.cseq.seq, route_set=invite.header_values("Record-Route"),
+            remote_seq=invite.cseq.seq, route_set=invite.header_values("Record-Route"), local_tag=tag,
         ))
         self.branches: dict[str, BLeg] = {}  # by the branch's own Call-ID
         self._by_key: dict[str, BLeg] = {}  # by binding key: one live branch per device

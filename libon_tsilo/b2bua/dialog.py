@@ -12,23 +12,34 @@ __all__ = ["Dialog"]
 
 
 class Dialog:
-    """Enough dialog state for a B2BUA leg to send and check in-dialog requests."""
+    """Enough dialog state for a B2BUA leg to send and check in-dialog requests.
+
+    `local` and `remote` may be given as header text (the caller's From and To, as the A-leg does):
+    they are parsed on first read. A parked call may wait long and most calls never read them
+    before their BYE, so the text (a few dozen bytes) stands for two NameAddr/URI trees (~1 KB).
+    """
+
+    __slots__ = ("call_id", "_local", "_remote", "_local_tag", "remote_target", "hop", "contact",
+                 "local_seq", "remote_seq", "route_set")
 
     def __init__(
         self,
         call_id: str,
-        local: NameAddr,
-        remote: NameAddr,
+        local: NameAddr | str,
+        remote: NameAddr | str,
         remote_target: str,
         hop: Hop,
         contact: str,
         local_seq: int = 1,
         remote_seq: int | None = None,
         route_set: list[str] | None = None,
+        local_tag: str | None = None,
     ) -> None:
+        """`local_tag`: our tag, required when `local` is text (it keys the dialog table at once)."""
         self.call_id = call_id
-        self.local = local  # carries our tag
-        self.remote = remote  # carries the peer's tag (None while we wait for it)
+        self._local = local  # carries our tag
+        self._remote = remote  # carries the peer's tag (None while we wait for it)
+        self._local_tag = local_tag if isinstance(local, str) else None
         self.remote_target = remote_target
         self.hop = hop
         self.contact = contact
@@ -37,8 +48,32 @@ class Dialog:
         self.route_set = route_set or []
 
     @property
+    def local(self) -> NameAddr:
+        value = self._local
+        if isinstance(value, str):
+            value = self._local = NameAddr.parse(value)
+        return value
+
+    @local.setter
+    def local(self, value: NameAddr) -> None:
+        self._local = value
+
+    @property
+    def remote(self) -> NameAddr:
+        value = self._remote
+        if isinstance(value, str):
+            value = self._remote = NameAddr.parse(value)
+        return value
+
+    @remote.setter
+    def remote(self, value: NameAddr) -> None:
+        self._remote = value
+
+    @property
     def local_tag(self) -> str:
-        return self.local.tag or ""
+        if isinstance(self._local, str):
+            return self._local_tag or ""
+        return self._local.tag or ""
 
     @property
     def key(self) -> tuple[str, str]:
