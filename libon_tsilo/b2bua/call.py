@@ -78,6 +78,14 @@ def _swallow_park_abort(failure: Failure) -> None:
 class Call:
     """One INVITE from a caller to a local AOR, from arrival to the last BYE."""
 
+    # thousands may be parked at once: slots spare each one its attribute dict
+    __slots__ = (
+        "mgr", "clock", "port", "call_id", "aor", "callee_uri", "caller_uri", "caller_name", "created_at",
+        "ring_deadline", "a", "branches", "_by_key", "state", "failures", "winner", "early_media_from",
+        "park_d", "wake_d", "wake_result", "woken", "_waker_used", "_ring_timer", "_late_ack", "offer_busy",
+        "pending_acks", "late_reason", "ended", "end_reason",
+    )
+
     def __init__(self, mgr: CallManager, invite: Request, stx: Any, flow: Any, aor: str, callee_uri: str):
         self.mgr = mgr
         self.clock = mgr.clock

@@ -15,6 +15,7 @@ class ALeg:
     """The caller's side: the INVITE's server transaction and the dialog we create by answering."""
 
     kind = "A"
+    __slots__ = ("invite", "stx", "dialog", "retransmit")  # one per call, parked ones included
 
     def __init__(self, invite: Request, stx: Any, dialog: Dialog) -> None:
         self.invite = invite
@@ -56,6 +57,8 @@ class BLeg:
     """One device branch: its INVITE client transaction and, once it answers, its dialog."""
 
     kind = "B"
+    __slots__ = ("binding", "invite", "dialog", "created_at", "state", "ctx", "last_status", "last_reason",
+                 "cancel_reason", "cancelled", "sent_contact", "sent_flow", "acked", "ack_body")
 
     def __init__(self, binding: Any, invite: Request, dialog: Dialog, created_at: float) -> None:
         self.binding = binding

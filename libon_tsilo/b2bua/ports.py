@@ -18,7 +18,7 @@ from libon_tsilo.sip.message import Request, Response, new_branch
 __all__ = ["Hop", "SipPort", "ClientHandle", "RetransmitHandle", "TransactionPort", "hop_of_flow"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per leg: slots spare each its attribute dict
 class Hop:
     transport: str  # "udp" | "tcp" | "tls"
     host: str
