@@ -170,4 +170,7 @@ def makeService(options: Options) -> Any:
     reloader = HangupReloader(config, observer, hooks=[reload_push] if callable(reload_push) else [])
     reloader.setName("sighup")
     reloader.setServiceParent(root)
+    from libon_tsilo.ops.gctune import tune_gc
+
+    tune_gc()  # the process's long-lived objects exist now (see ops/gctune.py)
     return root
