@@ -8,12 +8,14 @@ Every transaction owns one :class:`TimerSet`; ending the transaction calls ``can
 from __future__ import annotations
 
 import enum
+from collections import deque
 from typing import Any, Callable, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 __all__ = [
+    "ExpiryQueue",
     "LayerServices",
     "State",
     "TimerSet",
@@ -67,6 +69,78 @@ class TimerSet:
 
     def names(self) -> list[str]:
         return sorted(self._calls)
+
+
+# Deadlines are reached when the reactor says so; a float sum (now + delay) may land one ulp past
+# the DelayedCall's own time, which must not postpone the expiry to the next wake-up.
+_EPSILON = 1e-6
+
+
+class ExpiryQueue:
+    """Run callbacks a fixed delay after they were added, with one DelayedCall for all of them.
+
+    The wait states that end a transaction (timers J, K, I, D) use the same delay for every
+    transaction of a layer, so their deadlines arrive in the order they were set: a FIFO replaces
+    the reactor's heap and one timer, armed for the oldest deadline, serves thousands of completed
+    transactions (a DelayedCall per transaction cost more than the rest of the transaction layer).
+    ``add`` returns a handle for ``discard``; when nothing is left waiting, the timer is cancelled.
+    """
+
+    def __init__(self, clock: IReactorTime, delay: float) -> None:
+        self._clock = clock
+        self.delay = delay
+        self._queue: deque[list[Any]] = deque()  # [deadline, callback or None when discarded]
+        self._live = 0
+        self._call: IDelayedCall | None = None
+
+    def __len__(self) -> int:
+        return self._live
+
+    def add(self, fn: Callable[[], Any]) -> list[Any]:
+        entry = [self._clock.seconds() + self.delay, fn]
+        self._queue.append(entry)
+        self._live += 1
+        if self._call is None:
+            self._call = self._clock.callLater(self.delay, self._expire)
+        return entry
+
+    def discard(self, entry: list[Any]) -> None:
+        if entry[1] is None:
+            return
+        entry[1] = None
+        self._live -= 1
+        if self._live == 0:
+            self.clear()
+
+    def clear(self) -> None:
+        for entry in self._queue:
+            entry[1] = None
+        self._queue.clear()
+        self._live = 0
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+
+    def _expire(self) -> None:
+        self._call = None
+        queue = self._queue
+        now = self._clock.seconds() + _EPSILON
+        while queue and queue[0][0] <= now:
+            entry = queue.popleft()
+            fn = entry[1]
+            if fn is None:
+                continue
+            entry[1] = None
+            self._live -= 1
+            try:
+                fn()
+            except Exception:
+                log.failure("expiry callback {fn!r} failed", fn=fn)
+        while queue and queue[0][1] is None:
+            queue.popleft()
+        if queue and self._call is None:
+            self._call = self._clock.callLater(max(0.0, queue[0][0] - self._clock.seconds()), self._expire)
 
 
 class TwoXXRetransmitter:
@@ -142,6 +216,8 @@ class LayerServices(Protocol):
 
     def send_request(self, req: Any, target: Any, flow: Any, on_response: Callable[[Any], Any]) -> Any: ...
 
+    def expiry(self, delay: float) -> ExpiryQueue: ...
+
 
 def is_reliable(transport_name: str | None) -> bool:
     """Only UDP needs retransmissions; every stream transport (tcp, tls, ws...) is reliable."""
@@ -158,6 +234,8 @@ class TransactionBase:
         self.state: State = State.TERMINATED
         self.reliable = False
         self.timers = TimerSet(layer.clock)
+        # the final wait state's place in the layer's ExpiryQueue, to leave it when ended early
+        self._expiry: tuple[ExpiryQueue, list[Any]] | None = None
 
     @property
     def terminated(self) -> bool:
@@ -166,6 +244,7 @@ class TransactionBase:
     def terminate(self) -> None:
         """Stop every timer and leave the layer's table; safe to call twice."""
         self.timers.cancel_all()
+        self._end_wait()
         if self.state is not State.TERMINATED:
             self.state = State.TERMINATED
             self.layer.forget(self)
@@ -173,14 +252,23 @@ class TransactionBase:
     def halt(self) -> None:
         """Service stop: cancel timers without telling anyone."""
         self.timers.cancel_all()
+        self._end_wait()
         self.state = State.TERMINATED
 
+    def _end_wait(self) -> None:
+        if self._expiry is not None:
+            queue, entry = self._expiry
+            self._expiry = None
+            queue.discard(entry)
+
     def _wait_then_terminate(self, name: str, delay: float) -> None:
-        # Reliable transports use a zero wait (RFC 3261 timers D, I, J, K): end at once, no DelayedCall.
+        """Timers D, I, J, K: terminate after ``delay``. Reliable transports use a zero wait: end at
+        once. Otherwise the layer's shared queue for that delay ends us (one DelayedCall for all)."""
         if delay <= 0:
             self.terminate()
         else:
-            self.timers.start(name, delay, self.terminate)
+            queue = self.layer.expiry(delay)
+            self._expiry = (queue, queue.add(self.terminate))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} {self.state}>"

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.message import Request, Response, make_response
-from libon_tsilo.sip.timers import State, TransactionBase, TwoXXRetransmitter
+from libon_tsilo.sip.timers import ExpiryQueue, State, TransactionBase, TwoXXRetransmitter
 from libon_tsilo.sip.transaction_client import (
     ClientTransaction,
     InviteClientTransaction,
@@ -113,6 +113,8 @@ class TransactionLayer:
         self._clients: dict[tuple[Any, ...], ClientTransaction] = {}
         # client keys per destination, so an asynchronous connect failure finds its transactions
         self._by_target: dict[tuple[str, str, int], set[tuple[Any, ...]]] = {}
+        # one queue per wait-state delay (64*T1, T4, timer D): see timers.ExpiryQueue
+        self._expiry: dict[float, ExpiryQueue] = {}
         transport.sink = self.inbound
         transport.on_send_error = self.send_failed
 
@@ -137,10 +139,18 @@ class TransactionLayer:
         elif self._servers.get(txn.key) is txn:
             del self._servers[txn.key]
 
+    def expiry(self, delay: float) -> ExpiryQueue:
+        queue = self._expiry.get(delay)
+        if queue is None:
+            queue = self._expiry[delay] = ExpiryQueue(self.clock, delay)
+        return queue
+
     def stop(self) -> None:
         """Service stop: cancel every timer and drop every transaction, telling nobody."""
         for txn in [*self._servers.values(), *self._clients.values()]:
             txn.halt()
+        for queue in self._expiry.values():
+            queue.clear()
         self._servers.clear()
         self._clients.clear()
         self._by_target.clear()
@@ -239,7 +249,8 @@ class TransactionLayer:
         if method == "ACK":
             self._ack_in(req, flow)
             return
-        stx = self._servers.get(server_key(req, method))
+        key = server_key(req, method)
+        stx = self._servers.get(key)
         if stx is not None:
             stx.request_retransmitted()
             return
@@ -247,7 +258,7 @@ class TransactionLayer:
             self.transport.send_response(make_response(req, 503, "Service Unavailable"), flow)
             return
         invite_stx = self._servers.get(server_key(req, "INVITE")) if method == "CANCEL" else None
-        stx = self._new_server(req, flow)
+        stx = self._new_server(req, flow, key)
         if stx.terminated:
             return  # the 100 Trying could not be sent
         try:
@@ -259,8 +270,7 @@ class TransactionLayer:
             log.failure("TU failed on {method}", method=method, call_id=_call_id(req))
             self._answer_500(stx)
 
-    def _new_server(self, req: Request, flow: Any) -> ServerTransaction:
-        key = server_key(req, req.method)
+    def _new_server(self, req: Request, flow: Any, key: tuple[Any, ...]) -> ServerTransaction:
         cls = InviteServerTransaction if req.method == "INVITE" else NonInviteServerTransaction
         stx = cls(self, key, req, flow)
         self._servers[key] = stx

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.internet.task import Clock
 
-from libon_tsilo.sip.timers import TimerSet, TwoXXRetransmitter, backoff
+from libon_tsilo.sip.timers import ExpiryQueue, TimerSet, TwoXXRetransmitter, backoff
 from libon_tsilo.sip.transaction import TwoXXRetransmitter as Exported
 from tests.sip.fakes import run_until
 
@@ -75,3 +75,24 @@ def test_2xx_retransmitter_survives_a_failing_send():
     TwoXXRetransmitter(clock, send, 0.5, 4.0, lambda: gave_up.append(True))
     clock.advance(32)
     assert gave_up == [True] and clock.getDelayedCalls() == []
+
+
+def test_expiry_queue_fires_in_order_with_one_delayed_call_and_cancels_when_empty():
+    clock = Clock()
+    queue = ExpiryQueue(clock, 32)
+    fired: list[str] = []
+    queue.add(lambda: fired.append("a"))
+    clock.advance(1)
+    b = queue.add(lambda: fired.append("b"))
+    clock.advance(1)
+    queue.add(lambda: fired.append("c"))
+    assert len(clock.getDelayedCalls()) == 1 and len(queue) == 3
+    queue.discard(b)
+    clock.advance(30)
+    assert fired == ["a"]  # exactly 32 s after it was added
+    clock.advance(2)
+    assert fired == ["a", "c"] and len(queue) == 0 and clock.getDelayedCalls() == []
+    d = queue.add(lambda: fired.append("d"))
+    queue.discard(d)
+    queue.discard(d)  # twice is harmless
+    assert len(queue) == 0 and clock.getDelayedCalls() == []
