@@ -58,6 +58,7 @@ _SINGLE_VALUED = frozenset({
 })
 
 _NO_ENTRIES: list[list[Any]] = []
+_NO_REPEATS: frozenset[str] = frozenset()
 
 # Entry layout in Message._headers: [key, name as written, value (str or a header object), raw line or None]
 _KEY, _NAME, _VALUE, _RAW = 0, 1, 2, 3
@@ -93,8 +94,8 @@ def new_call_id(host: str = "") -> str:
 class Message:
     """Common header handling for requests and responses."""
 
-    __slots__ = ("_headers", "_index", "_multi", "body", "_cache", "_raw", "_raw_body", "contact_star",
-                 "validated")
+    __slots__ = ("_headers", "_index", "_multi", "_repeats", "body", "_cache", "_raw", "_raw_body",
+                 "contact_star", "validated")
 
     def __init__(self) -> None:
         self._headers: list[list[Any]] = []
@@ -102,6 +103,9 @@ class Message:
         self._index: dict[str, list[Any]] | None = None
         # key -> every entry with that key, built on the first header_values() call
         self._multi: dict[str, list[list[Any]]] | None = None
+        # the keys that occur more than once, known from parsing (None: unknown, after a mutation).
+        # Most keys occur once: _all() then needs no multi-index, validate() no duplicate scan.
+        self._repeats: frozenset[str] | set[str] | None = None
         # set by validate(): later layers may skip the checks it already made
         self.validated = False
         self.body = b""
@@ -125,6 +129,10 @@ class Message:
     def _all(self, key: str) -> list[list[Any]]:
         multi = self._multi
         if multi is None:
+            repeats = self._repeats
+            if repeats is not None and key not in repeats:
+                entry = self._first(key)
+                return _NO_ENTRIES if entry is None else [entry]
             multi = {}
             for entry in self._headers:
                 same = multi.get(entry[0])
@@ -139,6 +147,7 @@ class Message:
         self._raw = None
         self._index = None
         self._multi = None
+        self._repeats = None
         self._cache.pop(key, None)
         if key == "via":
             self._cache.pop("top_via", None)
@@ -368,13 +377,18 @@ class Message:
         This is what the transport runs on every inbound message, so it reads the hot headers (which the
         transaction layer reads anyway, and then finds cached) and checks the rest only when present.
         """
-        seen: set[str] = set()
-        for entry in self._headers:
-            key = entry[0]
-            if key in _SINGLE_VALUED:
-                if key in seen:
-                    raise ParseError(f"more than one {pretty_name(key)} header")
-                seen.add(key)
+        repeats = self._repeats
+        if repeats is None:
+            seen: set[str] = set()
+            for entry in self._headers:
+                key = entry[0]
+                if key in _SINGLE_VALUED:
+                    if key in seen:
+                        raise ParseError(f"more than one {pretty_name(key)} header")
+                    seen.add(key)
+        elif repeats:
+            for key in sorted(repeats & _SINGLE_VALUED):
+                raise ParseError(f"more than one {pretty_name(key)} header")
         self.vias
         self.from_.uri
         self.to.uri
@@ -417,6 +431,7 @@ class Message:
         self._headers = fresh._headers
         self._index = fresh._index
         self._multi = None
+        self._repeats = fresh._repeats
         self._cache = {}
         self.body = fresh.body
         self._raw_body = fresh._raw_body
@@ -585,6 +600,7 @@ def _header_key(written: str) -> tuple[str, str]:
 def _parse_headers(msg: Message, lines: list[str], folded: bool) -> None:
     headers = msg._headers
     index: dict[str, list[Any]] = {}
+    repeats: set[str] | None = None
     keys = _KEYS
     if not folded:
         # No continuation lines: the common case, kept to the bare minimum of work per line.
@@ -597,7 +613,12 @@ def _parse_headers(msg: Message, lines: list[str], folded: bool) -> None:
             headers.append(entry)
             if known[0] not in index:
                 index[known[0]] = entry
+            elif repeats is None:
+                repeats = {known[0]}
+            else:
+                repeats.add(known[0])
         msg._index = index
+        msg._repeats = _NO_REPEATS if repeats is None else repeats
         return
     last: list[Any] | None = None
     for line in lines:
@@ -617,7 +638,12 @@ def _parse_headers(msg: Message, lines: list[str], folded: bool) -> None:
         headers.append(last)
         if known[0] not in index:
             index[known[0]] = last
+        elif repeats is None:
+            repeats = {known[0]}
+        else:
+            repeats.add(known[0])
     msg._index = index
+    msg._repeats = _NO_REPEATS if repeats is None else repeats
 
 
 def parse_message(data: bytes, stream: bool = False) -> Request | Response:
