@@ -122,8 +122,20 @@ def add_device(procs: list, server: ServerProcess, tmp_path, aor: str, answer: s
 
 
 def assert_caller_ok(caller: Sipp, server: ServerProcess, timeout: float = 30.0) -> None:
+    """The caller's scenario passed, and the server has finished the call on the device side too.
+
+    The B2BUA answers the caller's BYE itself and hangs up the device with a BYE of its own: the
+    caller may be done before the device's leg is, so a test must not stop the device before that."""
     code = caller.wait(timeout)
     assert code == 0, caller.explain() + "\n--- server log\n" + server.output()[-6000:]
+    deadline = time.monotonic() + 10.0
+    while True:
+        left = _leftovers(server)
+        if not left.get("calls") and not left.get("dialogs"):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"calls still up after the caller finished: {left}\n{server.output()[-6000:]}")
+        time.sleep(0.05)
 
 
 # -- 1. a registered device answers --------------------------------------------------------------
