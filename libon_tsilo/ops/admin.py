@@ -21,12 +21,11 @@ import json
 from typing import Any
 from urllib.parse import parse_qsl
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from libon_tsilo.ops.listener import EndpointListener
 from libon_tsilo.ops.metrics import CONTENT_TYPE, render
 from libon_tsilo.ops.rpc import Rpc, RpcError
 
@@ -235,47 +234,16 @@ class _QuietSite(Site):
         )
 
 
-class AdminService(Service):
-    """Listens on ``[admin] listen`` with the admin Site; ``port`` is the listening port once started."""
+class AdminService(EndpointListener):
+    """Listens on ``[admin] listen`` with the admin Site."""
 
     name = "admin"
+    what = "admin API"
 
     def __init__(self, endpoint: str, resource: AdminResource, reactor: Any = None) -> None:
-        self.endpoint = endpoint
+        super().__init__(endpoint, reactor)
         self.resource = resource
         self.site = _QuietSite(resource)
-        self._reactor = reactor
-        self.port: Any = None
-        self.listening: Deferred[Any] | None = None
 
-    def startService(self) -> None:
-        super().startService()
-        from twisted.internet.endpoints import serverFromString
-
-        reactor = self._reactor
-        if reactor is None:
-            from twisted.internet import reactor  # type: ignore[no-redef]
-        d = serverFromString(reactor, self.endpoint).listen(self.site)
-
-        def listening(port: Any) -> Any:
-            self.port = port
-            log.info("admin API listening on {address}", address=str(port.getHost()))
-            return port
-
-        def failed(f: Any) -> None:
-            log.error(
-                "admin API cannot listen on {endpoint}: {error}",
-                endpoint=self.endpoint,
-                error=f.getErrorMessage(),
-            )
-
-        d.addCallback(listening)
-        d.addErrback(failed)
-        self.listening = d
-
-    def stopService(self) -> Deferred[Any] | None:
-        super().stopService()
-        if self.port is None:
-            return None
-        port, self.port = self.port, None
-        return maybeDeferred(port.stopListening)
+    def listen_factory(self) -> Any:
+        return self.site

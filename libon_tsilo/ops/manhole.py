@@ -38,7 +38,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from twisted.application.service import Service
 from twisted.conch import manhole, manhole_ssh
 from twisted.conch.checkers import SSHPublicKeyChecker
 from twisted.conch.interfaces import IConchUser
@@ -47,10 +46,11 @@ from twisted.conch.ssh import keys
 from twisted.cred import credentials, error, portal
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from libon_tsilo.ops.listener import EndpointListener
 from libon_tsilo.ops.rpc import Rpc, RpcError
 
 __all__ = [
@@ -322,10 +322,11 @@ class _Session(manhole_ssh.TerminalSession):
         proto.loseConnection()
 
 
-class ManholeService(Service):
+class ManholeService(EndpointListener):
     """Listens on ``[manhole] listen`` with a conch SSH server running a Python manhole."""
 
     name = "manhole"
+    what = "manhole"
 
     def __init__(
         self,
@@ -338,7 +339,7 @@ class ManholeService(Service):
     ) -> None:
         if not authorized_keys and not passwords:
             raise ValueError("the manhole needs authorized_keys or passwords")  # config checks this too
-        self.endpoint = endpoint
+        super().__init__(endpoint, reactor)
         self.namespace = namespace
         checkers: list[Any] = []
         if authorized_keys:
@@ -354,40 +355,9 @@ class ManholeService(Service):
         self.factory.publicKeys = {key_type: host_key.public()}
         self.factory.privateKeys = {key_type: host_key}
         self.factory.noisy = False
-        self._reactor = reactor
-        self.port: Any = None
-        self.listening: Deferred[Any] | None = None
 
-    def startService(self) -> None:
-        super().startService()
-        from twisted.internet.endpoints import serverFromString
-
-        reactor = self._reactor
-        if reactor is None:
-            from twisted.internet import reactor  # type: ignore[no-redef]
-
-        def listening(port: Any) -> Any:
-            self.port = port
-            log.info("manhole listening on {address}", address=str(port.getHost()))
-            return port
-
-        def failed(f: Any) -> None:
-            log.error(
-                "manhole cannot listen on {endpoint}: {error}",
-                endpoint=self.endpoint,
-                error=f.getErrorMessage(),
-            )
-
-        d = serverFromString(reactor, self.endpoint).listen(self.factory)
-        d.addCallbacks(listening, failed)
-        self.listening = d
-
-    def stopService(self) -> Deferred[Any] | None:
-        super().stopService()
-        if self.port is None:
-            return None
-        port, self.port = self.port, None
-        return maybeDeferred(port.stopListening)
+    def listen_factory(self) -> Any:
+        return self.factory
 
 
 # ---------------------------------------------------------------------------------------------
