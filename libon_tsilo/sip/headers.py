@@ -191,6 +191,10 @@ def format_params(params: dict[str, str | None]) -> str:
     return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
 
 
+# The common spelling of a name-addr; everything else takes NameAddr._parse_general.
+_SIMPLE_NAME_ADDR = re.compile(r'(?:"([^"\\\r\n]*)"[ \t]*)?<([^<>"\s]+)>(?:;(.*))?')
+
+
 class NameAddr:
     """name-addr or addr-spec with header parameters (From, To, Contact, Route, ...)."""
 
@@ -211,7 +215,19 @@ class NameAddr:
 
     @classmethod
     def parse(cls, text: str) -> NameAddr:
-        return cls._parse_general(text)
+        text = text.strip()
+        match = _SIMPLE_NAME_ADDR.fullmatch(text)
+        if match is None:
+            return cls._parse_general(text)
+        # Fast path: [quoted display without escapes] <URI without blanks or quotes>[;params]
+        display, uri_text, params_text = match.groups()
+        obj = cls.__new__(cls)
+        obj._uri = None
+        obj._uri_text = uri_text
+        obj.display = display
+        obj.params = parse_params(params_text, "address") if params_text is not None else {}
+        obj._text = text
+        return obj
 
     @classmethod
     def _parse_general(cls, text: str) -> NameAddr:
