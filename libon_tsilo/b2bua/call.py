@@ -198,7 +198,7 @@ class Call:
             self.park_d = Deferred()
         self.state = Parked()
         self.a.compact()
-        log.info("parked waiting for a device of {aor}", aor=self.aor, call_id=self.call_id)
+        log.debug("parked waiting for a device of {aor}", aor=self.aor, call_id=self.call_id)
         return self.park_d
 
     def resume(self, binding: Any) -> None:
@@ -341,7 +341,7 @@ class Call:
         return leg
 
     def _send_branch(self, leg: BLeg) -> None:
-        log.info("fork to {contact}", contact=redact_uri(leg.binding.contact_uri), call_id=self.call_id)
+        log.debug("fork to {contact}", contact=redact_uri(leg.binding.contact_uri), call_id=self.call_id)
         leg.ctx = self.port.send_request(leg.invite, leg.hop, lambda r, leg=leg: self.branch_response(leg, r))
 
     def branch_response(self, leg: BLeg, resp: Response) -> None:
@@ -418,7 +418,7 @@ class Call:
         self.mgr.watch_flow(self, leg.hop.flow_id, leg.hop.transport)
         self._release_silo()
         self._waker_done(answered_elsewhere=True)
-        log.info("answered by {contact}", contact=redact_uri(leg.binding.contact_uri), call_id=self.call_id)
+        log.debug("answered by {contact}", contact=redact_uri(leg.binding.contact_uri), call_id=self.call_id)
 
     def finish_unanswered(self, status: int, reason: str | None, branch_reason: str | None, why: str,
                           park_error: Exception | None) -> None:

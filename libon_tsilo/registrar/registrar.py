@@ -194,7 +194,7 @@ class Registrar:
                 self.store.add_or_update(plan.binding, flow, replaces=plan.old)
                 outcome.outbound |= plan.binding.reg_id is not None
         if plans:
-            log.info(
+            log.debug(
                 "REGISTER {aor}: {n} contact(s) processed, {total} binding(s)",
                 aor=aor,
                 n=len(plans),
