@@ -97,6 +97,14 @@ def _split_hostport(text: str, what: str) -> tuple[str, int | None]:
     return host, port
 
 
+# sip[s]:[user@]host[:port][;params], lower-case scheme, no password, no %-escapes, no ?headers, no
+# blanks or delimiters: such a URI parses with one regex; anything else takes URI._parse_general.
+_SIMPLE_SIP_URI = re.compile(
+    r"(sips?):(?:([A-Za-z0-9\-_.!~*'()&=+$,]+)@)?"
+    r"([A-Za-z0-9.\-]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?)"
+    r"(?:;([^?%\s<>\"]+))?")
+
+
 class URI:
     """A sip: or sips: URI. ``params`` keys are lower case; values keep their text (escaped).
 
@@ -128,7 +136,18 @@ class URI:
     @classmethod
     def parse(cls, text: str) -> URI:
         """Parse a sip/sips/tel URI (tel gives a TelURI); other schemes give an AbsoluteURI."""
-        return cls._parse_general(text)
+        match = _SIMPLE_SIP_URI.fullmatch(text)
+        if match is None:
+            return cls._parse_general(text)
+        # Fast path: the common shape, with nothing the general parser would have to check or decode
+        uri = cls.__new__(cls)
+        uri.scheme, uri.user, hostport, params_text = match.groups()
+        uri._text = text
+        uri.password = None
+        uri.host, uri.port = split_hostport(hostport, "URI host")
+        uri.params = _parse_params(params_text, "URI") if params_text is not None else {}
+        uri.headers = {}
+        return uri
 
     @classmethod
     def _parse_general(cls, text: str) -> URI:
