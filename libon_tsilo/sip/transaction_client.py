@@ -118,6 +118,16 @@ class ClientTransaction(TransactionBase):
         self.terminate()
         self._deliver(make_response(self.request, status, reason))
 
+    def _deadline(self) -> None:
+        """Timers B and F (64*T1, the same for every transaction of the layer): a place in the layer's
+        shared ExpiryQueue instead of a DelayedCall each; ``_end_wait()`` leaves it."""
+        queue = self.layer.expiry(64 * self.layer.t1)
+        self._expiry = (queue, queue.add(self._timed_out))
+
+    def _timed_out(self) -> None:
+        self._expiry = None
+        self._fail(408, "Request Timeout")
+
     def transport_failed(self) -> None:
         """The transport reported, after the fact, that the request never left: a 503 to the TU."""
         if not self.terminated:
@@ -155,7 +165,7 @@ class InviteClientTransaction(ClientTransaction):
         self._interval = self.layer.t1
         if not self.reliable:
             self.timers.start("A", self._interval, self._timer_a)
-        self.timers.start("B", 64 * self.layer.t1, self._fail, 408, "Request Timeout")
+        self._deadline()  # timer B
 
     def _timer_a(self) -> None:
         # Timer A doubles without the T2 cap; timer B bounds it.
@@ -168,7 +178,7 @@ class InviteClientTransaction(ClientTransaction):
         status = resp.status
         if self.state in (State.CALLING, State.PROCEEDING):
             self.timers.cancel("A")
-            self.timers.cancel("B")
+            self._end_wait()  # timer B
             if status < 200:
                 self.state = State.PROCEEDING
                 self._deliver(resp)
@@ -242,7 +252,7 @@ class NonInviteClientTransaction(ClientTransaction):
         self._interval = self.layer.t1
         if not self.reliable:
             self.timers.start("E", self._interval, self._timer_e)
-        self.timers.start("F", 64 * self.layer.t1, self._fail, 408, "Request Timeout")
+        self._deadline()  # timer F
 
     def _timer_e(self) -> None:
         if self.state is State.TRYING:
@@ -262,7 +272,7 @@ class NonInviteClientTransaction(ClientTransaction):
             return
         self.state = State.COMPLETED
         self.timers.cancel("E")
-        self.timers.cancel("F")
+        self._end_wait()  # timer F
         self._wait_then_terminate("K", 0 if self.reliable else self.layer.t4)
         self._deliver(resp)
 
