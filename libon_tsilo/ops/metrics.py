@@ -101,27 +101,37 @@ def install_message_hooks(transport: Any, counters: MessageCounters) -> None:
     send_request = transport.send_request
     send_response = transport.send_response
     broken: list[bool] = []
+    # the counters are bound here, not looked up per message: three wrappers run on every message
+    tally = MessageCounters._count
+    requests_in, responses_in = counters.requests_in, counters.responses_in
+    requests_out, responses_out = counters.requests_out, counters.responses_out
 
-    def count(fn: Any, msg: Any) -> None:
-        try:
-            fn(msg)
-        except Exception:
-            if not broken:
-                broken.append(True)
-                log.failure("metrics: message counter failed (reported once)")
+    def failed() -> None:
+        if not broken:
+            broken.append(True)
+            log.failure("metrics: message counter failed (reported once)")
 
     def counting_sink(msg: Any, flow: Any) -> None:
-        count(counters.inbound, msg)
+        try:
+            tally(msg, requests_in, responses_in)
+        except Exception:
+            failed()
         sink(msg, flow)
 
     def counting_send_request(req: Any, target: Any, flow: Any = None) -> Any:
         result = send_request(req, target, flow)
-        count(counters.outbound, req)
+        try:
+            tally(req, requests_out, responses_out)
+        except Exception:
+            failed()
         return result
 
     def counting_send_response(resp: Any, flow: Any) -> None:
         send_response(resp, flow)
-        count(counters.outbound, resp)
+        try:
+            tally(resp, requests_out, responses_out)
+        except Exception:
+            failed()
 
     transport.sink = counting_sink
     transport.send_request = counting_send_request

@@ -395,15 +395,21 @@ class Message:
         self.to.uri
         self.call_id
         self.cseq
-        self.max_forwards
-        self.content_length
-        if self.has_header("contact"):
+        # the keys are canonical already: straight to the index (no header() / property per check)
+        first = self._first
+        entry = first("max-forwards")
+        if entry is not None:
+            parse_uint(entry[2] if type(entry[2]) is str else str(entry[2]), "Max-Forwards", 255)
+        entry = first("content-length")
+        if entry is not None:
+            parse_uint(entry[2] if type(entry[2]) is str else str(entry[2]), "Content-Length")
+        if first("contact") is not None:
             for contact in self.contacts:
                 contact.uri
-        date = self.header("date")
-        if date is not None:
-            check_date(date)
-        if self.has_header("content-type"):
+        entry = first("date")
+        if entry is not None:
+            check_date(entry[2] if type(entry[2]) is str else str(entry[2]))
+        if first("content-type") is not None:
             self.content_type
         self.validated = True
 
