@@ -2,6 +2,7 @@
 """REGISTER throughput of the real server: the highest rate SIPp can sustain at 100 % success.
 
 Run: .venv/bin/python bench/register.py [--memory] [--auth on|off|both] [--seconds 5]
+     .venv/bin/python bench/register.py --options      # OPTIONS (tests/e2e/scenarios/options.xml)
 
 For every rate tried, a fresh `twistd -n libon-tsilo` process (UDP on a free loopback port, log
 level warn, location backend sqlite unless --memory) gets `-m rate*seconds` registrations from SIPp
@@ -130,12 +131,17 @@ def start(
     return server
 
 
+OPTIONS = False  # --options: OPTIONS to the server (answered statelessly by the UAS core), no REGISTER
+
+
 def run_rate(rate: int, seconds: float, auth: bool, memory: bool, base: Path, users: Path | None,
              pins: tuple[list[str], list[str]] | None) -> Run:
     directory = Path(tempfile.mkdtemp(prefix=f"rate{rate}-", dir=base))
     server = start(directory, auth, memory, users, pins[0] if pins else None)
     calls = max(1, int(rate * seconds))
     scenario = SCENARIOS / ("register_bench_auth.xml" if auth else "register_bench.xml")
+    if OPTIONS:
+        scenario = SCENARIOS / "options.xml"
     stat_file = directory / "sipp-stat.csv"
     cmd = [
         *(pins[1] if pins else []),
@@ -223,18 +229,26 @@ def main() -> int:
     parser.add_argument("--start", type=int, default=1000, help="first rate (REGISTER/s or registrations/s)")
     parser.add_argument("--max", type=int, default=32000)
     parser.add_argument("--resolution", type=float, default=0.05, help="stop when the gap is this fraction")
+    parser.add_argument("--options", action="store_true",
+                        help="OPTIONS instead of REGISTER (tests/e2e/scenarios/options.xml, auth off)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin server and SIPp to CPUs")
     args = parser.parse_args()
     if shutil.which("sipp") is None:
         print("sipp not found (Debian: apt-get install sip-tester)", file=sys.stderr)
         return 2
     backend = "memory" if args.memory else "sqlite"
+    global OPTIONS
+    OPTIONS = args.options
+    if OPTIONS:
+        args.auth = "off"
     results: list[tuple[str, Run | None]] = []
     with tempfile.TemporaryDirectory(prefix="bench-register-") as tmp:
         base = Path(tmp)
         for auth in {"off": [False], "on": [True], "both": [False, True]}[args.auth]:
             mode = "on (MD5 digest, 401 + 200)" if auth else "off"
             label = f"REGISTER, auth {mode}, UDP, location {backend}"
+            if OPTIONS:
+                label = "OPTIONS, UDP"
             print(f"{label}:", flush=True)
             users = None
             if auth:
@@ -249,6 +263,8 @@ def main() -> int:
             ok = False
             continue
         unit = "registrations/s (2 REGISTERs each)" if "auth on" in label else "REGISTER/s"
+        if OPTIONS:
+            unit = "OPTIONS/s"
         print(f"{label}: {best.achieved:,.0f} {unit} at 100 % success (-r {best.rate}, {best.calls} calls)")
         print(f"  command: {best.command.replace(str(base), '$TMP')}")
         if "auth off" in label and best.achieved < TARGET_NOAUTH:
