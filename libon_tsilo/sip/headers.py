@@ -437,6 +437,10 @@ class Via:
         return f"Via({str(self)!r})"
 
 
+# the common spelling of a CSeq value (already stripped by the message parser)
+_SIMPLE_CSEQ = re.compile(r"([0-9]+) ([A-Za-z0-9\-.!%*_+`'~]+)")
+
+
 class CSeq:
     __slots__ = ("seq", "method")
 
@@ -446,13 +450,21 @@ class CSeq:
 
     @classmethod
     def parse(cls, text: str) -> CSeq:
-        parts = text.split()
-        if len(parts) != 2 or not parts[0].isdigit() or not is_token(parts[1]):
-            raise ParseError("bad CSeq")
-        seq = int(parts[0])
+        match = _SIMPLE_CSEQ.fullmatch(text)
+        if match is not None:
+            # Fast path: "<digits> <method>" checked in one regex (no split, isdigit and token regex)
+            seq_text, method = match.groups()
+        else:
+            parts = text.split()
+            # ASCII digits only: str.isdigit() alone takes other scripts' digits, which int() reads
+            if (len(parts) != 2 or not parts[0].isascii() or not parts[0].isdigit()
+                    or not is_token(parts[1])):
+                raise ParseError("bad CSeq")
+            seq_text, method = parts
+        seq = int(seq_text)
         if seq >= 2**31:
             raise ParseError("CSeq number too large")
-        return cls(seq, parts[1])
+        return cls(seq, method)
 
     def __str__(self) -> str:
         return f"{self.seq} {self.method}"

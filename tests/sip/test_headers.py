@@ -382,6 +382,13 @@ def test_bad_cseq(text: str) -> None:
         CSeq.parse(text)
 
 
+@pytest.mark.parametrize("text", ["\u0661\u0662 INVITE", "\uff11 INVITE", "1\u00b2 INVITE", "\u0661  INVITE"])
+def test_cseq_number_is_ascii_digits(text: str) -> None:
+    # str.isdigit() is true for Arabic-Indic, full-width and superscript digits: RFC 3261's DIGIT is ASCII
+    with pytest.raises(ParseError):
+        CSeq.parse(text)
+
+
 # numbers and dates
 
 
