@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from libon_tsilo.sip.errors import ParseError
-from libon_tsilo.sip.uri import URI, split_hostport
+from libon_tsilo.sip.uri import UNICODE_SPACE, URI, split_hostport
 
 # RFC 3261 §7.3.3 and the IANA compact forms.
 COMPACT = {
@@ -192,7 +192,7 @@ def format_params(params: dict[str, str | None]) -> str:
 
 
 # The common spelling of a name-addr; everything else takes NameAddr._parse_general.
-_SIMPLE_NAME_ADDR = re.compile(r'(?:"([^"\\\r\n]*)"[ \t]*)?<([^<>"\s]+)>(?:;(.*))?')
+_SIMPLE_NAME_ADDR = re.compile(rf'(?:"([^"\\\r\n]*)"[ \t]*)?<([^<>"{UNICODE_SPACE}]+)>(?:;(.*))?')
 
 
 class NameAddr:

@@ -55,6 +55,11 @@ def _format_params(params: dict[str, str | None]) -> str:
 
 _HOSTPORT_CACHE: dict[str, tuple[str, int | None]] = {}
 
+# Exactly the characters `\s` matches in a str pattern (those str.isspace() is true for), spelled out:
+# a character class of literals and ranges compiles to a bitmap lookup per character, where `\s`
+# costs a Unicode category test per character (long Contact URIs: ~1.5% of a parse).
+UNICODE_SPACE = r"\t\n\x0b\x0c\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+
 
 def split_hostport(text: str, what: str = "host") -> tuple[str, int | None]:
     """Split ``host[:port]`` (IPv6 references in brackets). Validates the host and the port."""
@@ -102,7 +107,7 @@ def _split_hostport(text: str, what: str) -> tuple[str, int | None]:
 _SIMPLE_SIP_URI = re.compile(
     r"(sips?):(?:([A-Za-z0-9\-_.!~*'()&=+$,]+)@)?"
     r"([A-Za-z0-9.\-]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?)"
-    r"(?:;([^?%\s<>\"]+))?")
+    rf"(?:;([^?%{UNICODE_SPACE}<>\"]+))?")
 
 
 class URI:
