@@ -39,7 +39,10 @@ _TOKEN_RE = re.compile(r"^[A-Za-z0-9\-.!%*_+`'~]+$")
 _WS = " \t"
 _PTOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
 _PVALUE = r"(?:=(?:[A-Za-z0-9\-.!%*_+`'~:\[\]]+|\"[^\"\\\r\n;]*\"))?"
-_SIMPLE_PARAMS = re.compile(rf"^{_PTOKEN}{_PVALUE}(?:;{_PTOKEN}{_PVALUE})*$")
+# ;-separated parameters without whitespace, and quoted values without ';' or escapes: a plain split
+# is exact. The Via and name-addr fast paths embed it, so they split without a second regex scan.
+_PARAMS = rf"{_PTOKEN}{_PVALUE}(?:;{_PTOKEN}{_PVALUE})*"
+_SIMPLE_PARAMS = re.compile(rf"^{_PARAMS}$")
 
 
 _CANONICAL: dict[str, str] = {}
@@ -137,13 +140,9 @@ def parse_params(text: str, what: str) -> dict[str, str | None]:
     Values may be tokens, host names or quoted strings; quoted values keep their quotes so that the
     original text can be reproduced. Whitespace around ';' and '=' is allowed (RFC 3261 §25.1 SEMI/EQUAL).
     """
-    params: dict[str, str | None] = {}
     if _SIMPLE_PARAMS.match(text):
-        # Fast path: no whitespace, and quoted values without ';' or escapes: a plain split is exact.
-        for part in text.split(";"):
-            name, eq, value = part.partition("=")
-            params[name.lower()] = value if eq else None
-        return params
+        return _split_params(text)
+    params: dict[str, str | None] = {}
     if not text.strip():
         raise ParseError(f"empty parameter in {what}")
     i = 0
@@ -187,12 +186,21 @@ def parse_params(text: str, what: str) -> dict[str, str | None]:
         i += 1
 
 
+def _split_params(text: str) -> dict[str, str | None]:
+    """parse_params for a text that matched _PARAMS."""
+    params: dict[str, str | None] = {}
+    for part in text.split(";"):
+        name, eq, value = part.partition("=")
+        params[name.lower()] = value if eq else None
+    return params
+
+
 def format_params(params: dict[str, str | None]) -> str:
     return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
 
 
 # The common spelling of a name-addr; everything else takes NameAddr._parse_general.
-_SIMPLE_NAME_ADDR = re.compile(rf'(?:"([^"\\\r\n]*)"[ \t]*)?<([^<>"{UNICODE_SPACE}]+)>(?:;(.*))?')
+_SIMPLE_NAME_ADDR = re.compile(rf'(?:"([^"\\\r\n]*)"[ \t]*)?<([^<>"{UNICODE_SPACE}]+)>(?:;({_PARAMS}))?')
 
 
 class NameAddr:
@@ -225,7 +233,7 @@ class NameAddr:
         obj._uri = None
         obj._uri_text = uri_text
         obj.display = display
-        obj.params = parse_params(params_text, "address") if params_text is not None else {}
+        obj.params = _split_params(params_text) if params_text is not None else {}
         obj._text = text
         return obj
 
@@ -324,7 +332,8 @@ class NameAddr:
 
 
 _SIMPLE_VIA = re.compile(
-    r"^SIP/2\.0/([A-Za-z]+) ([A-Za-z0-9.\-]+(?::\d+)?|\[[0-9A-Fa-f:.]+\](?::\d+)?)(?:;(.*))?$")
+    r"^SIP/2\.0/([A-Za-z]+) ([A-Za-z0-9.\-]+(?::\d+)?|\[[0-9A-Fa-f:.]+\](?::\d+)?)"
+    rf"(?:;({_PARAMS}))?$")
 
 
 class Via:
@@ -347,7 +356,7 @@ class Via:
             # Fast path for the canonical spelling; anything unusual takes the general parser below.
             transport, hostport, params_text = match.groups()
             host, port = split_hostport(hostport, "Via sent-by")
-            params = parse_params(params_text, "Via") if params_text is not None else {}
+            params = _split_params(params_text) if params_text is not None else {}
             via = cls(transport, host, port, params)
             via._text = text
             if "rport" in via.params or "ttl" in via.params:
