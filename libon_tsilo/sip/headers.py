@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from libon_tsilo.sip.errors import ParseError
-from libon_tsilo.sip.uri import UNICODE_SPACE, URI, split_hostport
+from libon_tsilo.sip.uri import URI, char_class_without, split_hostport
 
 # RFC 3261 §7.3.3 and the IANA compact forms.
 COMPACT = {
@@ -199,8 +199,9 @@ def format_params(params: dict[str, str | None]) -> str:
     return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
 
 
+_URI_CHARS = char_class_without('<>"')
 # The common spelling of a name-addr; everything else takes NameAddr._parse_general.
-_SIMPLE_NAME_ADDR = re.compile(rf'(?:"([^"\\\r\n]*)"[ \t]*)?<([^<>"{UNICODE_SPACE}]+)>(?:;({_PARAMS}))?')
+_SIMPLE_NAME_ADDR = re.compile(rf'(?:"([^"\\\r\n]*)"[ \t]*)?<([{_URI_CHARS}]+)>(?:;({_PARAMS}))?')
 
 
 class NameAddr:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import sys
+
 import pytest
 
 from libon_tsilo.sip.errors import ParseError
-from libon_tsilo.sip.uri import URI, AbsoluteURI, TelURI, split_hostport, unescape
+from libon_tsilo.sip.uri import UNICODE_SPACES, URI, AbsoluteURI, TelURI, char_class_without, split_hostport, unescape
 
 
 def test_full_sip_uri_fields() -> None:
@@ -298,3 +301,12 @@ def test_other_scheme_is_absolute_uri() -> None:
 
 def test_absolute_uri_text_kept() -> None:
     assert str(URI.parse("nobodyKnowsThisScheme:totallyopaquecontent")) == "nobodyKnowsThisScheme:totallyopaquecontent"
+
+
+def test_char_class_without_is_the_negated_class_with_whitespace() -> None:
+    # the hot regexes spell `[^...\s]` as ranges (faster in SRE): the sets must be the same
+    assert set(UNICODE_SPACES) == {chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()}
+    for excluded, negated in (('<>"', r'[^<>"\s]'), ('?%<>"', r'[^?%<>"\s]')):
+        ranges = re.compile(f"[{char_class_without(excluded)}]+")
+        every = "".join(map(chr, range(sys.maxunicode + 1)))
+        assert re.sub(negated, "", every) == ranges.sub("", every)
