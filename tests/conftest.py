@@ -11,3 +11,13 @@ from tests.certs import CertPaths, make_test_certs
 def test_certs(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
     """A throwaway CA + server cert (127.0.0.1, ::1, localhost) + client cert; paths: .ca .cert .key."""
     return make_test_certs(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture(autouse=True)
+def _debug_events_on():
+    """A test that makes a log observer sets ops.logging.debug_enabled: the next test starts as a
+    library user does, with every event emitted."""
+    yield
+    from libon_tsilo.ops import logging as oplog
+
+    oplog.debug_enabled = True

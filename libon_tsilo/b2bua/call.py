@@ -30,6 +30,7 @@ from libon_tsilo.b2bua.states import (
     exhausted_status,
 )
 from libon_tsilo.b2bua.waker import WakeResult, wake_outcome
+from libon_tsilo.ops import logging as oplog
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.headers import NameAddr
 from libon_tsilo.sip.message import Request, Response, make_response, new_call_id, new_tag
@@ -198,7 +199,8 @@ class Call:
             self.park_d = Deferred()
         self.state = Parked()
         self.a.compact()
-        log.debug("parked waiting for a device of {aor}", aor=self.aor, call_id=self.call_id)
+        if oplog.debug_enabled:  # see ops/logging.py: a filtered event still costs µs
+            log.debug("parked waiting for a device of {aor}", aor=self.aor, call_id=self.call_id)
         return self.park_d
 
     def resume(self, binding: Any) -> None:
@@ -341,7 +343,8 @@ class Call:
         return leg
 
     def _send_branch(self, leg: BLeg) -> None:
-        log.debug("fork to {contact}", contact=redact_uri(leg.binding.contact_uri), call_id=self.call_id)
+        if oplog.debug_enabled:
+            log.debug("fork to {contact}", contact=redact_uri(leg.binding.contact_uri), call_id=self.call_id)
         leg.ctx = self.port.send_request(leg.invite, leg.hop, lambda r, leg=leg: self.branch_response(leg, r))
 
     def branch_response(self, leg: BLeg, resp: Response) -> None:
@@ -418,7 +421,9 @@ class Call:
         self.mgr.watch_flow(self, leg.hop.flow_id, leg.hop.transport)
         self._release_silo()
         self._waker_done(answered_elsewhere=True)
-        log.debug("answered by {contact}", contact=redact_uri(leg.binding.contact_uri), call_id=self.call_id)
+        if oplog.debug_enabled:
+            log.debug("answered by {contact}", contact=redact_uri(leg.binding.contact_uri),
+                      call_id=self.call_id)
 
     def finish_unanswered(self, status: int, reason: str | None, branch_reason: str | None, why: str,
                           park_error: Exception | None) -> None:

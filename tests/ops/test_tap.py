@@ -405,3 +405,12 @@ def test_unparsable_pem_is_a_config_error_before_listening(tmp_path, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("libon-tsilo: config error: tls.certificate: ") and err.count("\n") == 1
+
+
+def test_debug_enabled_follows_the_observer_level():
+    from libon_tsilo.ops import logging as oplog
+
+    obs = make_observer("info", "text", io.StringIO())
+    assert not oplog.debug_enabled
+    assert set_level(obs, "debug") and oplog.debug_enabled
+    assert set_level(obs, "warn") and not oplog.debug_enabled
