@@ -337,7 +337,10 @@ async def test_cancelling_a_send_abandons_the_stream(env, senders) -> None:
     env.fake.script(TOKEN, "hang", "200")
     sender = _sender(env, senders, timeout=5.0)
     d = sender.send(_req(ttl=10.0))
-    await task.deferLater(reactor, 0.2, lambda: None)
+    for _ in range(500):  # until the fake holds the request (it hangs it), at most 5 s
+        if env.fake.requests:
+            break
+        await task.deferLater(reactor, 0.01, lambda: None)
     assert len(env.fake.requests) == 1
     d.cancel()
     with pytest.raises(defer.CancelledError):
