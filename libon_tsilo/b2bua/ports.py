@@ -104,7 +104,7 @@ class TransactionPort:
         reliable = getattr(stx, "reliable", False)
         return TwoXXRetransmitter(
             self.clock, lambda: stx.respond(resp), self.layer.t1, self.layer.t2, on_give_up,
-            retransmit=not reliable,
+            retransmit=not reliable, expiry=self.layer.expiry,
         )
 
     def contact(self, transport: str) -> str:

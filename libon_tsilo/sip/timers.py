@@ -160,19 +160,32 @@ class TwoXXRetransmitter:
         t2: float,
         on_give_up: Callable[[], Any],
         retransmit: bool = True,
+        expiry: Callable[[float], ExpiryQueue] | None = None,
     ) -> None:
         self._send = send
         self._t2 = t2
         self._on_give_up = on_give_up
         self._interval = t1
         self._timers = TimerSet(clock)
+        # With ``expiry`` (the transaction layer's shared queues by delay) the two fixed-delay timers,
+        # the first resend after T1 and the 64*T1 deadline, take a place in a shared ExpiryQueue
+        # instead of a DelayedCall each: almost every 2xx is ACKed before either fires.
+        self._waits: list[tuple[ExpiryQueue, list[Any]]] = []
         if retransmit:
-            self._timers.start("G2xx", t1, self._resend)
-        self._timers.start("giveup", 64 * t1, self._give_up)
+            if expiry is None:
+                self._timers.start("G2xx", t1, self._resend)
+            else:
+                queue = expiry(t1)
+                self._waits.append((queue, queue.add(self._resend)))
+        if expiry is None:
+            self._timers.start("giveup", 64 * t1, self._give_up)
+        else:
+            queue = expiry(64 * t1)
+            self._waits.append((queue, queue.add(self._give_up)))
 
     @property
     def active(self) -> bool:
-        return len(self._timers) > 0
+        return len(self._timers) > 0 or any(entry[1] is not None for _, entry in self._waits)
 
     def _resend(self) -> None:
         try:
@@ -184,11 +197,14 @@ class TwoXXRetransmitter:
         self._timers.start("G2xx", self._interval, self._resend)
 
     def _give_up(self) -> None:
-        self._timers.cancel_all()
+        self.stop()
         self._on_give_up()
 
     def stop(self) -> None:
         self._timers.cancel_all()
+        waits, self._waits = self._waits, []
+        for queue, entry in waits:
+            queue.discard(entry)
 
 
 class State(enum.StrEnum):
@@ -269,6 +285,13 @@ class TransactionBase:
         else:
             queue = self.layer.expiry(delay)
             self._expiry = (queue, queue.add(self.terminate))
+
+    def _accepted_wait(self) -> None:
+        """Timers L and M (RFC 6026): terminate 64*T1 after the 2xx, on every transport. The delay is
+        the same for every transaction of the layer, so a place in its shared ExpiryQueue replaces a
+        DelayedCall (a callLater + cancel and the reactor heap's Python-level comparisons per call)."""
+        queue = self.layer.expiry(64 * self.layer.t1)
+        self._expiry = (queue, queue.add(self.terminate))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} {self.state}>"

@@ -187,7 +187,7 @@ class InviteClientTransaction(ClientTransaction):
             elif status < 300:
                 self.state = State.ACCEPTED
                 self.timers.cancel("cancel")
-                self.timers.start("M", 64 * self.layer.t1, self.terminate)
+                self._accepted_wait()  # timer M
                 self._deliver(resp)
             else:
                 self.state = State.COMPLETED

@@ -103,7 +103,7 @@ class InviteServerTransaction(ServerTransaction):
                 self._send(resp)
             elif status < 300:
                 self.state = State.ACCEPTED
-                self.timers.start("L", 64 * self.layer.t1, self.terminate)
+                self._accepted_wait()  # timer L
                 self._send(resp)
             else:
                 self.state = State.COMPLETED

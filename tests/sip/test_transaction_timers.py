@@ -77,6 +77,42 @@ def test_2xx_retransmitter_survives_a_failing_send():
     assert gave_up == [True] and clock.getDelayedCalls() == []
 
 
+def _shared_queues(clock: Clock) -> tuple[dict[float, ExpiryQueue], object]:
+    queues: dict[float, ExpiryQueue] = {}
+
+    def expiry(delay: float) -> ExpiryQueue:
+        return queues.setdefault(delay, ExpiryQueue(clock, delay))
+    return queues, expiry
+
+
+def test_2xx_retransmitter_on_shared_queues_keeps_the_same_schedule():
+    clock = Clock()
+    queues, expiry = _shared_queues(clock)
+    sent: list[float] = []
+    gave_up: list[bool] = []
+    retx = TwoXXRetransmitter(clock, lambda: sent.append(clock.seconds()), 0.5, 4.0,
+                              lambda: gave_up.append(True), expiry=expiry)
+    assert retx.active and set(queues) == {0.5, 32.0}
+    times = run_until(clock, 40, lambda: len(sent))
+    assert times[:6] == [0.5, 1.5, 3.5, 7.5, 11.5, 15.5]
+    assert times[-1] == 31.5 and len(times) == 10
+    assert gave_up == [True] and not retx.active
+    assert clock.getDelayedCalls() == []
+
+
+def test_2xx_retransmitter_on_shared_queues_stops_on_ack_and_leaves_them():
+    clock = Clock()
+    queues, expiry = _shared_queues(clock)
+    sent: list[int] = []
+    gave_up: list[bool] = []
+    retx = TwoXXRetransmitter(clock, lambda: sent.append(1), 0.5, 4.0, lambda: gave_up.append(True),
+                              expiry=expiry)
+    retx.stop()
+    assert not retx.active and all(len(q) == 0 for q in queues.values())
+    clock.advance(100)
+    assert sent == [] and gave_up == [] and clock.getDelayedCalls() == []
+
+
 def test_expiry_queue_fires_in_order_with_one_delayed_call_and_cancels_when_empty():
     clock = Clock()
     queue = ExpiryQueue(clock, 32)
