@@ -21,3 +21,4 @@ def _debug_events_on():
     from libon_tsilo.ops import logging as oplog
 
     oplog.debug_enabled = True
+    oplog.info_enabled = True

@@ -544,7 +544,8 @@ class Call:
             pending.retransmit.stop()
         self.pending_acks.clear()
         self.mgr.forget(self)
-        log.info("call ended: {why}", why=why, call_id=self.call_id)
+        if oplog.info_enabled:  # see ops/logging.py: a filtered event still costs µs
+            log.info("call ended: {why}", why=why, call_id=self.call_id)
 
     def in_dialog(self, leg: Any, request: Request, stx: Any) -> None:
         relay.request(self, leg, request, stx)

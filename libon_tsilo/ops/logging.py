@@ -38,11 +38,15 @@ LEVELS: dict[str, LogLevel] = {
 # the configured level. (An observer given to twistd with --logger instead of ours gets debug
 # events only when the configured level is debug.)
 debug_enabled = True
+# The same for info events: a handful of per-call info lines (call -> aor, call ended) are dropped at
+# the usual warn level, after being built.
+info_enabled = True
 
 
 def _follow_level(level: str) -> None:
-    global debug_enabled
+    global debug_enabled, info_enabled
     debug_enabled = level == "debug"
+    info_enabled = level in ("debug", "info")
 
 
 # the event keys that twisted.logger uses internally; everything else is a field the caller chose

@@ -412,5 +412,6 @@ def test_debug_enabled_follows_the_observer_level():
 
     obs = make_observer("info", "text", io.StringIO())
     assert not oplog.debug_enabled
-    assert set_level(obs, "debug") and oplog.debug_enabled
-    assert set_level(obs, "warn") and not oplog.debug_enabled
+    assert set_level(obs, "debug") and oplog.debug_enabled and oplog.info_enabled
+    assert set_level(obs, "info") and not oplog.debug_enabled and oplog.info_enabled
+    assert set_level(obs, "warn") and not oplog.debug_enabled and not oplog.info_enabled
