@@ -28,6 +28,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from twisted.logger import Logger
 
+from libon_tsilo.sip.message import Request, Response
+
 __all__ = [
     "MessageCounters",
     "PushMetrics",
@@ -72,10 +74,14 @@ class MessageCounters:
 
     @staticmethod
     def _count(msg: Any, requests: Counter[str], responses: Counter[tuple[str, int]]) -> None:
-        method = getattr(msg, "method", None)
-        if method is not None:
-            requests[method] += 1
-            return
+        # the type first: getattr(response, "method", None) on a slotted Response raises and catches
+        # an AttributeError inside, the dearest step of counting a message
+        kind = type(msg)
+        if kind is not Response:
+            method = msg.method if kind is Request else getattr(msg, "method", None)
+            if method is not None:
+                requests[method] += 1
+                return
         try:
             cseq_method = msg.cseq.method
         except Exception:  # a response whose CSeq cannot be read still counts
