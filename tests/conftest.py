@@ -15,10 +15,10 @@ def test_certs(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:
 
 @pytest.fixture(autouse=True)
 def _debug_events_on():
-    """A test that makes a log observer sets ops.logging.debug_enabled: the next test starts as a
+    """A test that makes a log observer sets logflags.debug_enabled: the next test starts as a
     library user does, with every event emitted."""
     yield
-    from libon_tsilo.ops import logging as oplog
+    from libon_tsilo import logflags
 
-    oplog.debug_enabled = True
-    oplog.info_enabled = True
+    logflags.debug_enabled = True
+    logflags.info_enabled = True

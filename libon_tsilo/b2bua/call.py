@@ -30,7 +30,7 @@ from libon_tsilo.b2bua.states import (
     exhausted_status,
 )
 from libon_tsilo.b2bua.waker import WakeResult, wake_outcome
-from libon_tsilo.ops import logging as oplog
+from libon_tsilo import logflags
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.headers import NameAddr
 from libon_tsilo.sip.message import Request, Response, make_response, new_call_id, new_tag
@@ -199,7 +199,7 @@ class Call:
             self.park_d = Deferred()
         self.state = Parked()
         self.a.compact()
-        if oplog.debug_enabled:  # see ops/logging.py: a filtered event still costs µs
+        if logflags.debug_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs
             log.debug("parked waiting for a device of {aor}", aor=self.aor, call_id=self.call_id)
         return self.park_d
 
@@ -343,7 +343,7 @@ class Call:
         return leg
 
     def _send_branch(self, leg: BLeg) -> None:
-        if oplog.debug_enabled:
+        if logflags.debug_enabled:
             log.debug("fork to {contact}", contact=redact_uri(leg.binding.contact_uri), call_id=self.call_id)
         leg.ctx = self.port.send_request(leg.invite, leg.hop, lambda r, leg=leg: self.branch_response(leg, r))
 
@@ -421,7 +421,7 @@ class Call:
         self.mgr.watch_flow(self, leg.hop.flow_id, leg.hop.transport)
         self._release_silo()
         self._waker_done(answered_elsewhere=True)
-        if oplog.debug_enabled:
+        if logflags.debug_enabled:
             log.debug("answered by {contact}", contact=redact_uri(leg.binding.contact_uri),
                       call_id=self.call_id)
 
@@ -544,7 +544,7 @@ class Call:
             pending.retransmit.stop()
         self.pending_acks.clear()
         self.mgr.forget(self)
-        if oplog.info_enabled:  # see ops/logging.py: a filtered event still costs µs
+        if logflags.info_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs
             log.info("call ended: {why}", why=why, call_id=self.call_id)
 
     def in_dialog(self, leg: Any, request: Request, stx: Any) -> None:

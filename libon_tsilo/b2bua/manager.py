@@ -21,7 +21,7 @@ from libon_tsilo.b2bua.legs import BLeg
 from libon_tsilo.b2bua.ports import SipPort, hop_of_flow
 from libon_tsilo.b2bua.states import Parked
 from libon_tsilo.b2bua.waker import LoggingWaker, Waker
-from libon_tsilo.ops import logging as oplog
+from libon_tsilo import logflags
 from libon_tsilo.registrar.registrar import aor_key as registrar_aor_key
 from libon_tsilo.silo.silo import Silo
 from libon_tsilo.sip.errors import ParseError
@@ -222,7 +222,7 @@ class CallManager:
         self.register_leg(call, call.a)
         self.watch_flow(call, call.a.hop.flow_id, call.a.hop.transport)
         bindings = list(self.location.lookup(aor)) if self.location is not None else []
-        if oplog.info_enabled:  # see ops/logging.py: a filtered event still costs µs
+        if logflags.info_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs
             log.info("call {caller} -> {aor}: {n} binding(s)", caller=call.caller_uri, aor=aor,
                      n=len(bindings), call_id=call.call_id)
         call.start(bindings)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.logger import Logger
 
 from libon_tsilo.b2bua import events as ev
-from libon_tsilo.ops import logging as oplog
+from libon_tsilo import logflags
 from libon_tsilo.b2bua.forking import REASON_DECLINED, best_final, caller_status, is_global_failure
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ class CallState:
     def handle(self, call: Call, event: ev.Event) -> Any:
         method = getattr(self, "on_" + type(event).__name__, None)
         if method is None:
-            if oplog.debug_enabled:  # see ops/logging.py: a filtered event still costs µs
+            if logflags.debug_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs
                 log.debug("{state}: {event} ignored", state=self.name, event=type(event).__name__,
                           call_id=call.call_id)
             return None

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from libon_tsilo.ops import logging as oplog
+from libon_tsilo import logflags
 from libon_tsilo.util import redact
 
 __all__ = ["CallInfo", "WakeResult", "Waker", "LoggingWaker", "wake_outcome"]
@@ -85,5 +85,5 @@ class LoggingWaker:
         return succeed(WakeResult(woken=0, all_failed=False, reason="no push configured"))
 
     def call_ended(self, call: CallInfo, answered_elsewhere: bool) -> None:
-        if oplog.debug_enabled:  # see ops/logging.py: a filtered event still costs µs
+        if logflags.debug_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs
             log.debug("call ended (answered elsewhere: {ae})", ae=answered_elsewhere, call_id=call.call_id)

@@ -22,6 +22,8 @@ from twisted.logger import (
 )
 from zope.interface import provider
 
+from libon_tsilo import logflags
+
 __all__ = ["LEVELS", "make_observer", "set_level", "json_line", "json_observer"]
 
 LEVELS: dict[str, LogLevel] = {
@@ -30,24 +32,6 @@ LEVELS: dict[str, LogLevel] = {
     "warn": LogLevel.warn,
     "error": LogLevel.error,
 }
-
-# Whether a debug event can reach the configured observer. twisted's Logger builds the whole event
-# (a dict, the time, the namespace, our redacted fields) before the level filter drops it, ~3.4 µs
-# a call: the per-call paths test this flag before calling log.debug. True until an observer is made,
-# so library users and tests keep every event; make_observer() and set_level() keep it in step with
-# the configured level. (An observer given to twistd with --logger instead of ours gets debug
-# events only when the configured level is debug.)
-debug_enabled = True
-# The same for info events: a handful of per-call info lines (call -> aor, call ended) are dropped at
-# the usual warn level, after being built.
-info_enabled = True
-
-
-def _follow_level(level: str) -> None:
-    global debug_enabled, info_enabled
-    debug_enabled = level == "debug"
-    info_enabled = level in ("debug", "info")
-
 
 # the event keys that twisted.logger uses internally; everything else is a field the caller chose
 _RESERVED_PREFIX = "log_"
@@ -116,7 +100,7 @@ def make_observer(level: str = "info", fmt: str = "text", out: TextIO | None = N
     predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
     observer = FilteringLogObserver(base, [predicate])
     observer.level_predicate = predicate  # type: ignore[attr-defined]  # for set_level on SIGHUP
-    _follow_level(level)
+    logflags.follow_level(level)
     return observer
 
 
@@ -128,5 +112,5 @@ def set_level(observer: ILogObserver, level: str) -> bool:
     if predicate is None:
         return False
     predicate.setLogLevelForNamespace("", LEVELS[level])
-    _follow_level(level)
+    logflags.follow_level(level)
     return True

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from libon_tsilo.ops import logging as oplog
+from libon_tsilo import logflags
 from libon_tsilo.registrar.auth import AuthPolicy
 from libon_tsilo.registrar.binding import Binding
 from libon_tsilo.registrar.location import LocationStore
@@ -194,7 +194,7 @@ class Registrar:
             else:
                 self.store.add_or_update(plan.binding, flow, replaces=plan.old)
                 outcome.outbound |= plan.binding.reg_id is not None
-        if plans and oplog.debug_enabled:  # see ops/logging.py (and the lookup is for the log only)
+        if plans and logflags.debug_enabled:  # see logflags.py (the lookup is for the log only)
             log.debug(
                 "REGISTER {aor}: {n} contact(s) processed, {total} binding(s)",
                 aor=aor,

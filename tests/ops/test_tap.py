@@ -408,10 +408,10 @@ def test_unparsable_pem_is_a_config_error_before_listening(tmp_path, capsys):
 
 
 def test_debug_enabled_follows_the_observer_level():
-    from libon_tsilo.ops import logging as oplog
+    from libon_tsilo import logflags
 
     obs = make_observer("info", "text", io.StringIO())
-    assert not oplog.debug_enabled
-    assert set_level(obs, "debug") and oplog.debug_enabled and oplog.info_enabled
-    assert set_level(obs, "info") and not oplog.debug_enabled and oplog.info_enabled
-    assert set_level(obs, "warn") and not oplog.debug_enabled and not oplog.info_enabled
+    assert not logflags.debug_enabled
+    assert set_level(obs, "debug") and logflags.debug_enabled and logflags.info_enabled
+    assert set_level(obs, "info") and not logflags.debug_enabled and logflags.info_enabled
+    assert set_level(obs, "warn") and not logflags.debug_enabled and not logflags.info_enabled
