@@ -329,6 +329,8 @@ class Call:
         req.add_header("CSeq", f"{dialog.local_seq} INVITE")
         req.add_header("Contact", dialog.contact)
         for name in self.mgr.settings.header_allowlist:
+            if not a.has_header(name):  # an index lookup; most allowlisted headers are absent
+                continue
             for value in a.header_values(name):
                 if name.lower() in ("supported", "require"):
                     value = _strip_100rel(value)
