@@ -44,6 +44,9 @@ class FlowKey:
     local: HostPort
     remote: HostPort
 
+    def as_tuple(self) -> tuple[str, HostPort, HostPort]:
+        return (self.transport, self.local, self.remote)
+
     def __str__(self) -> str:
         local = format_hostport(*self.local) if self.local[0] else "*"
         return f"{self.transport}:{local}-{format_hostport(*self.remote)}"
@@ -129,7 +132,8 @@ class FlowTable:
         self.clock = clock
         self.idle_timeout = idle_timeout
         self._by_id: dict[str, Flow] = {}
-        self._by_key: dict[FlowKey, Flow] = {}
+        # (transport, local, remote) -> flow: plain tuples, cheaper per datagram than a FlowKey
+        self._by_key: dict[tuple[str, HostPort, HostPort], Flow] = {}
         # (transport, remote) -> flow, to reuse an existing connection to a destination (RFC 3261 §18.1.1)
         self._by_remote: dict[tuple[str, HostPort], Flow] = {}
         self._timers: dict[str, IDelayedCall] = {}
@@ -142,7 +146,11 @@ class FlowTable:
         return self._by_id.get(flow_id)
 
     def by_key(self, key: FlowKey) -> Flow | None:
-        return self._by_key.get(key)
+        return self._by_key.get(key.as_tuple())
+
+    def lookup(self, transport: str, local: HostPort, remote: HostPort) -> Flow | None:
+        """``by_key`` without building a FlowKey (the per-datagram UDP lookup)."""
+        return self._by_key.get((transport, local, remote))
 
     def find_remote(self, transport: str, remote: HostPort) -> Flow | None:
         """The live flow of ``transport`` to ``remote``, whichever side opened it."""
@@ -169,12 +177,12 @@ class FlowTable:
         return f"{key}#{next(self._seq)}"
 
     def add(self, flow: Flow) -> Flow:
-        old = self._by_key.get(flow.key)
+        old = self._by_key.get(flow.key.as_tuple())
         if old is not None and old is not flow:
             # same 5-tuple: the old connection is gone even if its close was not reported yet
             self.closed(old)
         self._by_id[flow.id] = flow
-        self._by_key[flow.key] = flow
+        self._by_key[flow.key.as_tuple()] = flow
         self.alias_remote(flow, flow.key.remote)
         flow.last_activity = self.clock.seconds()
         self._arm(flow, self.idle_timeout)
@@ -185,10 +193,10 @@ class FlowTable:
         if self._by_id.get(flow.id) is not flow:
             flow.key = key
             return
-        if self._by_key.get(flow.key) is flow:
-            del self._by_key[flow.key]
+        if self._by_key.get(flow.key.as_tuple()) is flow:
+            del self._by_key[flow.key.as_tuple()]
         flow.key = key
-        self._by_key[key] = flow
+        self._by_key[key.as_tuple()] = flow
         self.alias_remote(flow, key.remote)
 
     def alias_remote(self, flow: Flow, remote: HostPort) -> None:
@@ -230,8 +238,8 @@ class FlowTable:
     def _unindex(self, flow: Flow) -> None:
         if self._by_id.get(flow.id) is flow:
             del self._by_id[flow.id]
-        if self._by_key.get(flow.key) is flow:
-            del self._by_key[flow.key]
+        if self._by_key.get(flow.key.as_tuple()) is flow:
+            del self._by_key[flow.key.as_tuple()]
         for rkey in flow._remote_keys:
             if self._by_remote.get(rkey) is flow:
                 del self._by_remote[rkey]

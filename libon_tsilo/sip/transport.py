@@ -289,6 +289,8 @@ class TransportLayer(Service):
         self._protos: dict[str, _StreamProtocol] = {}  # flow id -> connection (pending ones too)
         self._pending_resolves: set[defer.Deferred[Any]] = set()
         self._primary_ip: dict[bool, str] = {}
+        # (transport, want_v6, advertised_host) -> local_via() answer; cleared when listeners change
+        self._via_cache: dict[tuple[str, bool | None, str | None], tuple[str, int]] = {}
 
     # -- service ---------------------------------------------------------------------------------
 
@@ -311,6 +313,7 @@ class TransportLayer(Service):
         addr = port.getHost()
         host = strip_brackets(addr.host)
         self.bound.append((spec.transport, host, addr.port))
+        self._via_cache.clear()
         if spec.transport == "udp":
             proto.local = (host, addr.port)
             proto.v6 = is_ipv6(host)
@@ -334,6 +337,7 @@ class TransportLayer(Service):
         self.flows.close_all()  # closes connections, stops pending connects, cancels idle timers
         waits += [p.lost for p in streams if not p.lost.called]
         self.bound = []
+        self._via_cache.clear()
         if not waits:
             return defer.succeed(None)
         # a peer that never lets a connection finish closing must not hang shutdown
@@ -354,8 +358,14 @@ class TransportLayer(Service):
 
         With ``remote_host`` (an IP literal), a listener of the same address family is preferred.
         """
-        name = transport.lower()
         want_v6 = is_ipv6(remote_host) if remote_host and is_ip_literal(remote_host) else None
+        ckey = (transport, want_v6, self.advertised_host)
+        via = self._via_cache.get(ckey)
+        if via is None:
+            via = self._via_cache[ckey] = self._local_via(transport.lower(), want_v6)
+        return via
+
+    def _local_via(self, name: str, want_v6: bool | None) -> tuple[str, int]:
         candidates = [b for b in self.bound if b[0] == name] or [b for b in self.bound]
         if want_v6 is not None:
             candidates = [b for b in candidates if is_ipv6(b[1]) == want_v6] or candidates
@@ -405,9 +415,9 @@ class TransportLayer(Service):
         self._inbound(data, flow, stream=False)
 
     def _udp_flow(self, proto: _UDPProtocol, remote: HostPort) -> Flow:
-        key = FlowKey("udp", proto.local, remote)
-        flow = self.flows.by_key(key)
+        flow = self.flows.lookup("udp", proto.local, remote)
         if flow is None:
+            key = FlowKey("udp", proto.local, remote)
             flow = Flow(key, self.flows.new_id(key), lambda data: proto.send_to(data, remote))
             self.flows.add(flow)
         else:
