@@ -61,6 +61,24 @@ _SINGLE_VALUED = frozenset({
 _NO_ENTRIES: list[list[Any]] = []
 _NO_REPEATS: frozenset[str] = frozenset()
 
+# Header name as our code passes it -> (lookup key, name to write). add_header sees the
+# same few dozen literals all day: one dict lookup instead of canonical_key + islower + pretty_name.
+_ADDED: dict[str, tuple[str, str]] = {}
+
+
+def _added_name(name: str) -> tuple[str, str]:
+    known = _ADDED.get(name)
+    if known is None:
+        key = canonical_key(name)
+        known = (key, pretty_name(key) if name.islower() else name)
+        if len(_ADDED) < 1024:  # bound the memo, as canonical_key does
+            _ADDED[name] = known
+    return known
+
+
+# the headers make_response copies from the request (To apart: only its first line)
+_RESPONSE_COPIED = frozenset({"via", "from", "call-id", "cseq"})
+
 # Entry layout in Message._headers: [key, name as written, value (str or a header object), raw line or None]
 _KEY, _NAME, _VALUE, _RAW = 0, 1, 2, 3
 
@@ -161,9 +179,20 @@ class Message:
         value = entry[2]
         return value if type(value) is str else str(value)
 
+    def _text(self, key: str) -> str | None:
+        """header() for a key that is canonical already (the accessors' literals)."""
+        entry = self._first(key)
+        if entry is None:
+            return None
+        value = entry[2]
+        return value if type(value) is str else str(value)
+
     def header_values(self, name: str) -> list[str]:
         """Every value of header ``name``; list headers are split on their commas."""
-        key = canonical_key(name)
+        return self._values(canonical_key(name))
+
+    def _values(self, key: str) -> list[str]:
+        """header_values() for a key that is canonical already."""
         entries = self._all(key)
         if not entries:
             return []
@@ -196,9 +225,9 @@ class Message:
         self._headers.append(new)
 
     def add_header(self, name: str, value: Any, first: bool = False) -> None:
-        key = canonical_key(name)
+        key, written = _added_name(name)
         self._dirty(key)
-        new = [key, pretty_name(key) if name.islower() else name, value, None]
+        new = [key, written, value, None]
         if first:
             for i, entry in enumerate(self._headers):
                 if entry[0] == key:
@@ -233,7 +262,7 @@ class Message:
     def vias(self) -> list[Via]:
         cached = self._cache.get("via")
         if cached is None:
-            values = self.header_values("via")
+            values = self._values("via")
             if not values:
                 raise ParseError("missing Via header")
             top = self._cache.get("top_via")
@@ -333,14 +362,14 @@ class Message:
 
     @property
     def max_forwards(self) -> int | None:
-        value = self.header("max-forwards")
+        value = self._text("max-forwards")
         return None if value is None else parse_uint(value, "Max-Forwards", 255)
 
     @property
     def contacts(self) -> list[NameAddr]:
         cached = self._cache.get("contact")
         if cached is None:
-            values = self.header_values("contact")
+            values = self._values("contact")
             if len(values) == 1 and values[0] == "*":
                 self.contact_star = True
                 cached = []
@@ -353,13 +382,13 @@ class Message:
 
     @property
     def content_length(self) -> int | None:
-        value = self.header("content-length")
+        value = self._text("content-length")
         return None if value is None else parse_uint(value, "Content-Length")
 
     @property
     def content_type(self) -> str | None:
         """The media type, lower case, without parameters."""
-        value = self.header("content-type")
+        value = self._text("content-type")
         if value is None:
             return None
         media = value.split(";", 1)[0].strip().lower()
@@ -369,7 +398,7 @@ class Message:
 
     @property
     def expires(self) -> int | None:
-        value = self.header("expires")
+        value = self._text("expires")
         return None if value is None else parse_uint(value, "Expires")
 
     def validate(self) -> None:
@@ -747,10 +776,10 @@ def make_response(
     to_entry = None
     for entry in req._headers:
         key = entry[0]
-        if key == "via" or key == "from" or key == "call-id" or key == "cseq":
-            headers.append([key, entry[1], entry[2], entry[3]])
+        if key in _RESPONSE_COPIED:
+            headers.append(entry.copy())
         elif key == "to" and to_entry is None:
-            to_entry = [key, entry[1], entry[2], entry[3]]
+            to_entry = entry.copy()
             headers.append(to_entry)
     top_via = req._cache.get("top_via")
     if top_via is not None:
