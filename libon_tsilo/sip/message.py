@@ -481,27 +481,27 @@ class Message:
         if self._raw is not None and self.body is self._raw_body:
             return self._raw
         body = self.body
+        length = str(len(body))
         lines = [self._start_line()]
+        append = lines.append
         length_written = False
-        for entry in self._headers:
-            if entry[0] == "content-length":
+        # one unpack per entry; an f-string formats a header object with str() (object.__format__
+        # with an empty spec), so a str value and an object need no separate branches
+        for key, name, value, raw in self._headers:
+            if key == "content-length":
                 if length_written:
                     continue
                 length_written = True
-                raw = entry[3]
-                if raw is not None and entry[2].strip() == str(len(body)):
-                    lines.append(raw)
+                if raw is not None and value.strip() == length:
+                    append(raw)
                 else:
-                    lines.append(f"{entry[1]}: {len(body)}")
-                continue
-            raw = entry[3]
-            if raw is not None:
-                lines.append(raw)
+                    append(f"{name}: {length}")
+            elif raw is not None:
+                append(raw)
             else:
-                value = entry[2]
-                lines.append(f"{entry[1]}: {value if type(value) is str else str(value)}")
+                append(f"{name}: {value}")
         if not length_written:
-            lines.append(f"Content-Length: {len(body)}")
+            append(f"Content-Length: {length}")
         lines.append("")
         lines.append("")
         return "\r\n".join(lines).encode("utf-8", "surrogateescape") + body
