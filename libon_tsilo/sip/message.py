@@ -167,9 +167,11 @@ class Message:
         self._index = None
         self._multi = None
         self._repeats = None
-        self._cache.pop(key, None)
-        if key == "via":
-            self._cache.pop("top_via", None)
+        cache = self._cache
+        if cache:  # a message we are building has parsed nothing yet: no pops
+            cache.pop(key, None)
+            if key == "via":
+                cache.pop("top_via", None)
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` as text (a list header's line is not split)."""
