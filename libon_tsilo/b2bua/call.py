@@ -32,7 +32,7 @@ from libon_tsilo.b2bua.states import (
 from libon_tsilo.b2bua.waker import WakeResult, wake_outcome
 from libon_tsilo import logflags
 from libon_tsilo.sip.errors import ParseError
-from libon_tsilo.sip.headers import NameAddr
+from libon_tsilo.sip.headers import NameAddr, canonical_key
 from libon_tsilo.sip.message import Request, Response, make_response, new_call_id, new_tag
 from libon_tsilo.sip.uri import URI
 from libon_tsilo.util import redact_key, redact_uri
@@ -65,6 +65,21 @@ def hop_for_binding(binding: Any, flow_live: bool) -> Hop | None:
     if not getattr(uri, "host", None):
         return None
     return Hop(transport, uri.host_bare, uri.port or _DEFAULT_PORT.get(transport, 5060), flow_id)
+
+
+# allow-list -> (name, canonical key, strip 100rel?) per header: computed once per configured tuple,
+# not per forked INVITE
+_ALLOW_KEYS: dict[tuple[str, ...], tuple[tuple[str, str, bool], ...]] = {}
+
+
+def _allow_keys(allowlist: tuple[str, ...]) -> tuple[tuple[str, str, bool], ...]:
+    keys = _ALLOW_KEYS.get(allowlist)
+    if keys is None:
+        keys = tuple((name, canonical_key(name), name.lower() in ("supported", "require"))
+                     for name in allowlist)
+        if len(_ALLOW_KEYS) < 16:
+            _ALLOW_KEYS[allowlist] = keys
+    return keys
 
 
 def _strip_100rel(value: str) -> str:
@@ -328,11 +343,11 @@ class Call:
         req.add_header("Call-ID", dialog.call_id)
         req.add_header("CSeq", f"{dialog.local_seq} INVITE")
         req.add_header("Contact", dialog.contact)
-        for name in self.mgr.settings.header_allowlist:
-            if not a.has_header(name):  # an index lookup; most allowlisted headers are absent
+        for name, key, strip in _allow_keys(self.mgr.settings.header_allowlist):
+            if a._first(key) is None:  # an index lookup; most allowlisted headers are absent
                 continue
-            for value in a.header_values(name):
-                if name.lower() in ("supported", "require"):
+            for value in a._values(key):
+                if strip:
                     value = _strip_100rel(value)
                 if value:
                     req.add_header(name, value)
