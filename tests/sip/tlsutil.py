@@ -22,6 +22,7 @@ from twisted.internet.defer import DeferredQueue
 from twisted.internet.protocol import DatagramProtocol, Protocol
 
 from libon_tsilo.sip.framing import StreamFramer
+from tests.certs import new_ca
 
 __all__ = ["TestPKI", "Issued", "make_pki", "UDPPeer", "StreamPeer", "sip_request", "wait"]
 
@@ -51,29 +52,7 @@ class TestPKI:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self._now = datetime.datetime.now(datetime.timezone.utc)
-        self._ca_key = ec.generate_private_key(ec.SECP256R1())
-        self._ca_cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(ca_name))
-            .issuer_name(_name(ca_name))
-            .public_key(self._ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(self._now - datetime.timedelta(hours=1))
-            .not_valid_after(self._now + datetime.timedelta(days=2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True, content_commitment=False, key_encipherment=False,
-                    data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                    encipher_only=False, decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(self._ca_key.public_key()), critical=False
-            )
-            .sign(self._ca_key, hashes.SHA256())
-        )
+        self._ca_key, self._ca_cert = new_ca(_name(ca_name))
         self.ca_file = self.dir / "ca.pem"
         self.ca_file.write_bytes(self._ca_cert.public_bytes(serialization.Encoding.PEM))
 
