@@ -19,6 +19,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,3 +292,11 @@ def wait_until_ready(server: ServerProcess, timeout: float = READY_TIMEOUT) -> b
         if answer is not None and answer.startswith(b"SIP/2.0 "):
             return answer
     raise RuntimeError(f"server did not answer OPTIONS on udp:{HOST}:{server.sip_port} in {timeout}s\n{server.output()}")
+
+
+def admin_rpc(server: ServerProcess, name: str) -> Any:
+    """GET /rpc/<name> on the server's admin API (its ``[admin] listen`` port; loopback: no token)."""
+    port = int(server.sections["admin"]["listen"].split(":")[1])
+    with urllib.request.urlopen(f"http://{HOST}:{port}/rpc/{name}", timeout=5) as resp:
+        assert resp.status == 200
+        return json.loads(resp.read())["result"]

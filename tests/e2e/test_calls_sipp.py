@@ -14,15 +14,13 @@ fixture).
 
 from __future__ import annotations
 
-import json
 import re
 import time
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.proc import HOST, ServerProcess, free_port
+from tests.e2e.proc import HOST, ServerProcess, admin_rpc, free_port
 from tests.e2e.sipp import Device, Sipp, sipp_available, stop_all, wait_for_log
 
 pytestmark = pytest.mark.skipif(not sipp_available(), reason="sipp is missing (package sip-tester)")
@@ -62,14 +60,6 @@ def procs() -> Iterator[list]:
 
 def ended_reasons(server: ServerProcess) -> list[str]:
     return CALL_ENDED.findall(server.output())
-
-
-def admin_rpc(server: ServerProcess, name: str) -> dict:
-    """GET /rpc/<name> on the server's admin API (loopback: no token needed)."""
-    port = int(server.sections["admin"]["listen"].split(":")[1])
-    with urllib.request.urlopen(f"http://{HOST}:{port}/rpc/{name}", timeout=5) as resp:
-        assert resp.status == 200
-        return json.loads(resp.read())["result"]
 
 
 def _leftovers(server: ServerProcess) -> dict:

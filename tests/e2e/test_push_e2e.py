@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from typing import Any
 import pytest
 
 from libon_tsilo.util import redact
-from tests.e2e.proc import HOST, ServerProcess, free_port
+from tests.e2e.proc import HOST, ServerProcess, admin_rpc, free_port
 from tests.e2e.pushdevice import Caller, DeviceConfig, PushDevice, push_records
 from tests.fakes import apns_fake, fcm_fake
 from tests.fakes.keys import make_team_key
@@ -129,14 +128,6 @@ def server_for(start_sip_server: Callable[..., ServerProcess], fake: Fake, ring_
         "push": {**fake.config, **push},
         "admin": {"listen": f"tcp:{free_port(udp_too=False)}:interface={HOST}"},
     }, tls=False)
-
-
-def admin_rpc(server: ServerProcess, name: str) -> Any:
-    """GET /rpc/<name> on the server's admin API (loopback: no token needed)."""
-    port = int(server.sections["admin"]["listen"].split(":")[1])
-    with urllib.request.urlopen(f"http://{HOST}:{port}/rpc/{name}", timeout=5) as resp:
-        assert resp.status == 200
-        return json.loads(resp.read())["result"]
 
 
 def push_stats(server: ServerProcess) -> dict[str, Any]:
