@@ -46,6 +46,25 @@ def _install_stats_hook(stats_file: Path, latency_window: int) -> None:
 
     original = service_mod.make_service
 
+    import gc
+
+    gc_time = [0.0, 0.0, 0.0]
+    gc_runs = [0, 0, 0]
+    gc_max = [0.0, 0.0, 0.0]
+    gc_started = [0.0]
+
+    def gc_timer(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            gc_started[0] = time.perf_counter()
+            return
+        took = time.perf_counter() - gc_started[0]
+        gen = info["generation"]
+        gc_time[gen] += took
+        gc_runs[gen] += 1
+        gc_max[gen] = max(gc_max[gen], took)
+
+    gc.callbacks.append(gc_timer)
+
     def make_service(config: Any, clock: Any = None, log_observer: Any = None) -> Any:
         root = original(config, clock, log_observer)
         parts = root.parts
@@ -60,6 +79,8 @@ def _install_stats_hook(stats_file: Path, latency_window: int) -> None:
                 "pid": os.getpid(),
                 "silo": parts.silo.stats() if parts.silo is not None else None,
                 "calls": parts.b2bua.stats() if parts.b2bua is not None else None,
+                # the collector's share: runs, seconds and the longest pause per generation
+                "gc": {"runs": gc_runs, "seconds": gc_time, "max": gc_max, "objects": len(gc.get_objects())},
             }
             if tracemalloc.is_tracing():  # PYTHONTRACEMALLOC=N in the server's environment
                 top = tracemalloc.take_snapshot().statistics("lineno")[:40]

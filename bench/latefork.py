@@ -171,7 +171,7 @@ def run_rate(rate: float, args: argparse.Namespace, workdir: Path, run: int) -> 
         "left_calls": mgr.get("calls"), "left_silo": silo.get("stored_transactions"),
         # the rate was really sustained (SIPp slows down when calls pile up), >= 99.9 % of the
         # calls succeeded, and >= 99.9 % of them were late-forked (REGISTER after the parked INVITE)
-        "early": args.early,
+        "early": args.early, "gc": snapshot.get("gc") or {},
         "kept_pace": elapsed <= args.duration * 1.1 + 1.0,
         "passed": ratio >= PASS_RATIO and (args.early or late >= PASS_RATIO * calls) and created == calls
         and elapsed <= args.duration * 1.1 + 1.0,
@@ -186,6 +186,12 @@ def report(r: dict[str, Any]) -> None:
           f"left: {r['left_calls']} calls, {r['left_silo']} silo entries; CPU {r['server_cpu']:.1f} s "
           f"over {r['wall']:.1f} s ({r['server_cpu'] / r['wall'] * 100:.0f} % of a core, "
           f"{r['server_cpu'] / max(r['ok'], 1) * 1000:.2f} ms per call)")
+    gc_stats = r["gc"]
+    if gc_stats:
+        print("  server's garbage collector: " + ", ".join(
+            f"gen{g} {gc_stats['runs'][g]} runs {gc_stats['seconds'][g]:.2f} s "
+            f"(longest {gc_stats['max'][g] * 1000:.0f} ms)"
+            for g in range(3)) + f"; {gc_stats['objects']} tracked objects at the end")
     print(f"  UDP datagrams dropped on full receive buffers: {r['drops']} (whole host: {r['host_drops']})")
     print(f"  REGISTER -> forked INVITE inside the server: p50 {fmt_ms(r['p50'])}, "
           f"p99 {fmt_ms(r['p99'])}, max {fmt_ms(r['max'])}")

@@ -560,6 +560,12 @@ class Call:
         for pending in self.pending_acks.values():
             pending.retransmit.stop()
         self.pending_acks.clear()
+        # The transactions outlive the call by up to 64*T1 (absorbing retransmissions): let them
+        # keep bytes, not the parsed INVITEs and, through their callbacks, this whole call.
+        self.a.compact()
+        for leg in self.branches.values():
+            if leg.ctx is not None and leg.state == BranchState.ANSWERED:
+                leg.ctx.detach()
         self.mgr.forget(self)
         if logflags.info_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs
             log.info("call ended: {why}", why=why, call_id=self.call_id)

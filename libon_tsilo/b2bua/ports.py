@@ -35,6 +35,9 @@ def hop_of_flow(flow: Any) -> Hop:
 class ClientHandle(Protocol):
     def cancel(self, extra_headers: Any = (), on_response: Any = None) -> None: ...
 
+    def detach(self) -> None:
+        """The call ended: stop calling back (a later 2xx is the stack's stray 2xx)."""
+
 
 class RetransmitHandle(Protocol):
     def stop(self) -> None: ...

@@ -506,7 +506,12 @@ class Message:
             append(f"Content-Length: {length}")
         lines.append("")
         lines.append("")
-        return "\r\n".join(lines).encode("utf-8", "surrogateescape") + body
+        data = "\r\n".join(lines).encode("utf-8", "surrogateescape") + body
+        # Kept until the next mutation (_dirty): retransmissions, the 2xx resends and compact() of a
+        # message we built then reuse these bytes instead of serializing it again.
+        self._raw = data
+        self._raw_body = body
+        return data
 
     __bytes__ = to_bytes
 

@@ -212,7 +212,7 @@ class TransactionLayer:
             log.info("response dropped: {reason}", reason=exc.reason, call_id=_call_id(resp))
             return
         ctx = self._clients.get(key)
-        if ctx is not None:
+        if ctx is not None and ctx.on_response is not None:
             ctx.response_received(resp)
         elif 200 <= resp.status < 300 and key[2] == "INVITE" and self.tu is not None:
             # RFC 6026: a 2xx after the INVITE transaction ended still needs an ACK from the TU.

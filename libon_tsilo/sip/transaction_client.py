@@ -75,7 +75,8 @@ class ClientTransaction(TransactionBase):
         self.request = request
         self.target = target
         self.flow = flow
-        self.on_response = on_response
+        # None once detach()ed: the layer then takes a 2xx down its stray-response path
+        self.on_response: ResponseCallback | None = on_response
         self.reliable = self._reliable_now()
 
     @property
@@ -108,8 +109,11 @@ class ClientTransaction(TransactionBase):
         return False
 
     def _deliver(self, resp: Response) -> None:
+        on_response = self.on_response
+        if on_response is None:
+            return
         try:
-            self.on_response(resp)
+            on_response(resp)
         except Exception:
             log.failure("{txn}: TU failed on {status}", txn=self.id, status=resp.status,
                         call_id=_call_id(resp))
@@ -138,6 +142,20 @@ class ClientTransaction(TransactionBase):
 
     def response_received(self, resp: Response) -> None:
         raise NotImplementedError
+
+    def _settle(self) -> None:
+        """Entering a wait state the TU will hear nothing more from (Completed): drop the TU's
+        callback, and with it whatever it holds (a whole call), and keep our request as bytes."""
+        self.on_response = _ignore
+        self.request.compact()
+
+    def detach(self) -> None:
+        """The TU is done with this transaction (its call ended). In Accepted, a 2xx that still
+        comes then takes the layer's stray path (ACK, and BYE if no dialog wants it) instead of
+        keeping the TU's objects alive until timer M."""
+        if self.state is State.ACCEPTED:
+            self.on_response = None
+            self.request.compact()
 
     def cancel(
         self,
@@ -195,12 +213,21 @@ class InviteClientTransaction(ClientTransaction):
                 self._send_ack(resp)
                 self._wait_then_terminate("D", 0 if self.reliable else TIMER_D)
                 self._deliver(resp)
+                if not self.terminated:
+                    self._settle()
         elif self.state is State.ACCEPTED and 200 <= status < 300:
             # RFC 6026 §8.4: every 2xx (retransmissions, other forks) goes to the TU, which ACKs it.
             self._deliver(resp)
         elif self.state is State.COMPLETED and status >= 300:
             if self.ack is not None:
                 self._transmit(self.ack)
+
+    def _settle(self) -> None:
+        super()._settle()
+        if self.ack is not None:
+            self.ack.compact()
+        if self.cancel_request is not None:
+            self.cancel_request.compact()
 
     def _send_ack(self, resp: Response) -> None:
         try:
@@ -275,6 +302,8 @@ class NonInviteClientTransaction(ClientTransaction):
         self._end_wait()  # timer F
         self._wait_then_terminate("K", 0 if self.reliable else self.layer.t4)
         self._deliver(resp)
+        if not self.terminated:
+            self._settle()
 
 
 def _ignore(resp: Response) -> None:

@@ -105,6 +105,8 @@ class InviteServerTransaction(ServerTransaction):
                 self.state = State.ACCEPTED
                 self._accepted_wait()  # timer L
                 self._send(resp)
+                # Accepted resends nothing itself (the TU retransmits its 2xx): not kept for 64*T1
+                self.last_response = None
             else:
                 self.state = State.COMPLETED
                 self._interval = self.layer.t1
@@ -163,6 +165,11 @@ class NonInviteServerTransaction(ServerTransaction):
         self.state = State.COMPLETED
         if self._send(resp):
             self._wait_then_terminate("J", 0 if self.reliable else 64 * self.layer.t1)
+            if not self.terminated:
+                # 64*T1 of waiting for a retransmission that rarely comes: hold bytes, not parsed
+                # objects (fewer objects for the garbage collector to walk; resends re-parse)
+                resp.compact()
+                self.request.compact()
 
     def request_retransmitted(self) -> None:
         # In Trying the TU has not answered yet: nothing to resend, and the TU must not see it twice.

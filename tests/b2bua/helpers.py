@@ -128,10 +128,14 @@ class FakeCtx:
     on_response: Callable[[Response], Any]
     cancelled: bool = False
     cancel_headers: list[tuple[str, str]] = field(default_factory=list)
+    detached: bool = False
 
     def cancel(self, extra_headers: Any = (), on_response: Any = None) -> None:
         self.cancelled = True
         self.cancel_headers = list(extra_headers)
+
+    def detach(self) -> None:
+        self.detached = True
 
     def respond(self, status: int, **kw: Any) -> Response:
         resp = reply(self.request, status, **kw)

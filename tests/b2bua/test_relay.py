@@ -63,6 +63,8 @@ def test_bye_from_the_device() -> None:
     assert bye.request.raw_uri == "sip:alice@10.0.0.1:5070;transport=tcp"
     assert bye.hop.flow_id == "tcp:caller#1"
     c.env.assert_clean()
+    # the answered branch's transaction lives on for timer M: it must stop calling the ended call
+    assert c.b.detached
     # the dialog is gone: a retransmitted BYE from a new transaction gets 481
     again = c.from_b("BYE")
     assert again is not None and again.statuses == [481]
@@ -143,6 +145,21 @@ def test_unknown_dialog_gets_481() -> None:
     env.mgr.handle_in_dialog(req, stx, env.caller_flow)
     assert stx.statuses == [481]
     env.mgr.handle_ack(in_dialog("ACK", "nope", CALLER, "<sip:bob@example.com>;tag=zz", 3), env.caller_flow)
+    env.assert_clean()
+
+
+def test_call_ending_before_the_answer_leaves_branches_attached() -> None:
+    """Only an answered branch is detached at the end: a cancelled one still has its 487 (or a
+    racing 2xx, which gets ACK and BYE) to come, and must hear it."""
+    env = Env()
+    env.location.add(binding(1))
+    _, stx = env.invite()
+    b = env.port.invites()[0]
+    b.respond(180)
+    env.mgr.calls["call-1@10.0.0.1"].caller_cancel(None)
+    assert b.cancelled and not b.detached
+    b.respond(200, body=SDP_B)  # the race: answered as the CANCEL flew
+    assert env.port.last("BYE").hop == b.hop
     env.assert_clean()
 
 

@@ -85,3 +85,29 @@ def test_compact_message_is_much_smaller() -> None:
     finally:
         tracemalloc.stop()
     assert small < full / 2
+
+
+def test_serialized_bytes_are_reused_until_the_next_change() -> None:
+    """to_bytes() keeps what it wrote: a resend (and compact()) costs no second serialization, and
+    every kind of change still shows in the next to_bytes()."""
+    resp = make_response(parsed(), 200, to_tag="b1")
+    first = resp.to_bytes()
+    assert resp.to_bytes() is first  # the same object: nothing serialized again
+    resp.add_header("Contact", "<sip:b2bua@10.0.0.9>")
+    second = resp.to_bytes()
+    assert second != first and b"Contact: <sip:b2bua@10.0.0.9>\r\n" in second
+    resp.set_header("Contact", "<sip:b2bua@10.0.0.10>")
+    assert b"10.0.0.10" in resp.to_bytes() and b"10.0.0.9>" not in resp.to_bytes()
+    resp.body = b"v=0\r\n"
+    assert resp.to_bytes().endswith(b"\r\n\r\nv=0\r\n") and b"Content-Length: 5\r\n" in resp.to_bytes()
+    req = Request("BYE", "sip:bob@10.0.0.2")
+    req.add_header("Call-ID", "c9@x")
+    sent = req.to_bytes()
+    req.uri = "sip:carol@10.0.0.3"
+    assert req.to_bytes() != sent and req.to_bytes().startswith(b"BYE sip:carol@10.0.0.3 SIP/2.0\r\n")
+    via = Via.parse("SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK-7")
+    req.set_top_via(via)
+    assert b"Via: SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK-7\r\n" in req.to_bytes()
+    kept = req.to_bytes()
+    req.compact()  # reuses the kept bytes
+    assert req.to_bytes() == kept and req.call_id == "c9@x"
