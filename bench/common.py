@@ -52,6 +52,7 @@ def _install_stats_hook(stats_file: Path, latency_window: int) -> None:
     gc_runs = [0, 0, 0]
     gc_max = [0.0, 0.0, 0.0]
     gc_started = [0.0]
+    gc_stalls: list[tuple[float, int, float]] = []
 
     def gc_timer(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
@@ -62,6 +63,8 @@ def _install_stats_hook(stats_file: Path, latency_window: int) -> None:
         gc_time[gen] += took
         gc_runs[gen] += 1
         gc_max[gen] = max(gc_max[gen], took)
+        if took > 0.05:  # the stalls: when, which generation, how long
+            gc_stalls.append((round(time.time(), 3), gen, round(took, 3)))
 
     gc.callbacks.append(gc_timer)
 
@@ -80,7 +83,8 @@ def _install_stats_hook(stats_file: Path, latency_window: int) -> None:
                 "silo": parts.silo.stats() if parts.silo is not None else None,
                 "calls": parts.b2bua.stats() if parts.b2bua is not None else None,
                 # the collector's share: runs, seconds and the longest pause per generation
-                "gc": {"runs": gc_runs, "seconds": gc_time, "max": gc_max, "objects": len(gc.get_objects())},
+                "gc": {"runs": gc_runs, "seconds": gc_time, "max": gc_max, "objects": len(gc.get_objects()),
+                       "stalls": gc_stalls},
             }
             if tracemalloc.is_tracing():  # PYTHONTRACEMALLOC=N in the server's environment
                 top = tracemalloc.take_snapshot().statistics("lineno")[:40]

@@ -1,29 +1,91 @@
 """Garbage-collector settings for the server process (twistd entry point only, never in tests).
 
 Every SIP message allocates a few hundred container objects (header entries, parsed Via/From/To,
-transaction state), and most of them live on for 64*T1 in a completed transaction. With CPython's
-default thresholds (700, 10, 10) the collector then runs a young collection every few messages and
-regularly walks the whole heap, start-up objects (Twisted, the config, every module) included:
-measured with bench/inproc.py, about a third of the CPU time per REGISTER went to it.
+transaction state). With CPython's default thresholds (700, 10, 10) the collector runs a young
+collection every few messages and regularly walks the whole heap, start-up objects (Twisted, the
+config, every module) included: measured with bench/inproc.py, about a third of the CPU time per
+REGISTER went to it.
 
 - ``gc.freeze()`` once the service tree is built moves the start-up objects out of the collector's
-  sight: full collections only walk what the server allocated since.
+  sight.
 - a young-generation threshold of 20,000 allocations lets most per-message objects die (reference
   counting frees them: the message layer makes no cycles on the hot path) before a collection looks
-  at them. Cyclic garbage still goes, only a few thousand allocations later.
+  at them.
+- what survives a middle-generation collection is frozen too (``_freeze_survivors``). At 1,000
+  calls/s the completed transactions waiting out 64*T1, the registrations and the parked calls are
+  several hundred thousand live objects. Left in the oldest generation, each full collection walked
+  them all: bench/latefork.py --duration 45 at 1,000 calls/s saw 0.6 s, then 1.3 s and 1.7 s
+  stalls, and SIPp's retransmissions after each stall turned into a collapse. Frozen objects are
+  still freed by reference counting as soon as they die; only garbage *cycles* among them would
+  wait, for the periodic full sweep (``full_sweep``, every ``FULL_SWEEP_INTERVAL`` seconds), which
+  unfreezes, collects everything once and freezes again. The server makes no cycles on its hot
+  paths (the young collections of a benchmark run collect none), so the sweep finds little.
 """
 
 from __future__ import annotations
 
 import gc
+import time
+from typing import Any
 
-__all__ = ["GC_THRESHOLDS", "tune_gc"]
+from twisted.application.service import Service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+__all__ = ["FULL_SWEEP_INTERVAL", "GC_THRESHOLDS", "FullSweepService", "full_sweep", "tune_gc"]
+
+log = Logger()
 
 GC_THRESHOLDS = (20_000, 10, 10)
+FULL_SWEEP_INTERVAL = 600.0
+
+
+def _freeze_survivors(phase: str, info: dict[str, Any]) -> None:
+    # a gen-1 collection has just moved its survivors to the oldest generation: they are long-lived
+    if phase == "stop" and info.get("generation") == 1:
+        gc.freeze()
 
 
 def tune_gc() -> None:
-    """Freeze what exists now and raise the young-generation threshold (call once at start-up)."""
+    """Freeze what exists now, raise the young-generation threshold and freeze every middle-
+    generation collection's survivors from now on (call once at start-up)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+    if _freeze_survivors not in gc.callbacks:
+        gc.callbacks.append(_freeze_survivors)
+
+
+def full_sweep() -> tuple[int, int, float]:
+    """Collect everything once, frozen objects included; returns (objects walked, garbage
+    collected, seconds). What is still alive is frozen again."""
+    started = time.perf_counter()
+    walked = gc.get_freeze_count() + sum(gc.get_count())
+    gc.unfreeze()
+    collected = gc.collect()
+    gc.freeze()
+    return walked, collected, time.perf_counter() - started
+
+
+class FullSweepService(Service):
+    """Runs :func:`full_sweep` every ``interval`` seconds (the first one ``interval`` after start)."""
+
+    def __init__(self, interval: float = FULL_SWEEP_INTERVAL, clock: Any = None) -> None:
+        self.interval = interval
+        self._loop = LoopingCall(self._sweep)
+        if clock is not None:
+            self._loop.clock = clock
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self) -> Any:
+        if self._loop.running:
+            self._loop.stop()
+        return super().stopService()
+
+    def _sweep(self) -> None:
+        walked, collected, took = full_sweep()
+        log.info("full garbage collection: {walked} objects, {collected} garbage, {ms:.0f} ms",
+                 walked=walked, collected=collected, ms=took * 1000)

@@ -170,7 +170,10 @@ def makeService(options: Options) -> Any:
     reloader = HangupReloader(config, observer, hooks=[reload_push] if callable(reload_push) else [])
     reloader.setName("sighup")
     reloader.setServiceParent(root)
-    from libon_tsilo.ops.gctune import tune_gc
+    from libon_tsilo.ops.gctune import FullSweepService, tune_gc
 
+    sweep = FullSweepService()
+    sweep.setName("gc-sweep")
+    sweep.setServiceParent(root)
     tune_gc()  # the process's long-lived objects exist now (see ops/gctune.py)
     return root

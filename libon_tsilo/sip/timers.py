@@ -97,7 +97,8 @@ class ExpiryQueue:
         return self._live
 
     def add(self, fn: Callable[[], Any]) -> list[Any]:
-        entry = [self._clock.seconds() + self.delay, fn]
+        # [deadline, callback (None once discarded), this queue]: the entry alone is enough to leave
+        entry = [self._clock.seconds() + self.delay, fn, self]
         self._queue.append(entry)
         self._live += 1
         if self._call is None:
@@ -111,6 +112,13 @@ class ExpiryQueue:
         self._live -= 1
         if self._live == 0:
             self.clear()
+            return
+        # Timers B and F are discarded by nearly every response, 64*T1 before they reach the head:
+        # drop the dead entries once they are a third of the queue, so the queue (and what the
+        # garbage collector walks) stays proportional to what really waits. Amortized O(1).
+        queue = self._queue
+        if len(queue) > 64 and 2 * len(queue) > 3 * self._live:
+            self._queue = deque(e for e in queue if e[1] is not None)
 
     def clear(self) -> None:
         for entry in self._queue:
@@ -241,7 +249,15 @@ def is_reliable(transport_name: str | None) -> bool:
 
 
 class TransactionBase:
-    """A state machine with its own timers, removed from the layer's table when it terminates."""
+    """A state machine with its own timers, removed from the layer's table when it terminates.
+
+    At 1,000 calls/s some 30,000 transactions sit in their final wait (timers J, L, M: 64*T1) at
+    any time, and every object they hold is one more for each garbage collection to walk: a
+    transaction has slots (no attribute dict), creates its TimerSet only when it starts a timer
+    and drops it, idle, when it enters its final wait, and is itself its ExpiryQueue callback.
+    """
+
+    __slots__ = ("layer", "key", "id", "state", "reliable", "_timers", "_expiry")
 
     def __init__(self, layer: LayerServices, key: tuple[Any, ...], txn_id: str) -> None:
         self.layer = layer
@@ -249,9 +265,20 @@ class TransactionBase:
         self.id = txn_id
         self.state: State = State.TERMINATED
         self.reliable = False
-        self.timers = TimerSet(layer.clock)
-        # the final wait state's place in the layer's ExpiryQueue, to leave it when ended early
-        self._expiry: tuple[ExpiryQueue, list[Any]] | None = None
+        self._timers: TimerSet | None = None
+        # the place in one of the layer's ExpiryQueues (final wait, or timer B/F), to leave it early
+        self._expiry: list[Any] | None = None
+
+    @property
+    def timers(self) -> TimerSet:
+        timers = self._timers
+        if timers is None:
+            timers = self._timers = TimerSet(self.layer.clock)
+        return timers
+
+    def _cancel_timer(self, name: str) -> None:
+        if self._timers is not None:
+            self._timers.cancel(name)
 
     @property
     def terminated(self) -> bool:
@@ -259,23 +286,33 @@ class TransactionBase:
 
     def terminate(self) -> None:
         """Stop every timer and leave the layer's table; safe to call twice."""
-        self.timers.cancel_all()
+        if self._timers is not None:
+            self._timers.cancel_all()
         self._end_wait()
         if self.state is not State.TERMINATED:
             self.state = State.TERMINATED
             self.layer.forget(self)
 
+    # the ExpiryQueue callback of the final wait: the transaction itself, not a bound method object
+    __call__ = terminate
+
     def halt(self) -> None:
         """Service stop: cancel timers without telling anyone."""
-        self.timers.cancel_all()
+        if self._timers is not None:
+            self._timers.cancel_all()
         self._end_wait()
         self.state = State.TERMINATED
 
     def _end_wait(self) -> None:
-        if self._expiry is not None:
-            queue, entry = self._expiry
+        entry = self._expiry
+        if entry is not None:
             self._expiry = None
-            queue.discard(entry)
+            entry[2].discard(entry)
+
+    def _final_wait(self, delay: float) -> None:
+        if self._timers is not None and not self._timers:
+            self._timers = None
+        self._expiry = self.layer.expiry(delay).add(self)
 
     def _wait_then_terminate(self, name: str, delay: float) -> None:
         """Timers D, I, J, K: terminate after ``delay``. Reliable transports use a zero wait: end at
@@ -283,15 +320,13 @@ class TransactionBase:
         if delay <= 0:
             self.terminate()
         else:
-            queue = self.layer.expiry(delay)
-            self._expiry = (queue, queue.add(self.terminate))
+            self._final_wait(delay)
 
     def _accepted_wait(self) -> None:
         """Timers L and M (RFC 6026): terminate 64*T1 after the 2xx, on every transport. The delay is
         the same for every transaction of the layer, so a place in its shared ExpiryQueue replaces a
         DelayedCall (a callLater + cancel and the reactor heap's Python-level comparisons per call)."""
-        queue = self.layer.expiry(64 * self.layer.t1)
-        self._expiry = (queue, queue.add(self.terminate))
+        self._final_wait(64 * self.layer.t1)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id} {self.state}>"

@@ -62,6 +62,8 @@ class ClientTransaction(TransactionBase):
     Timeouts and transport failures reach ``on_response`` as locally generated 408 / 503 responses.
     """
 
+    __slots__ = ("request", "target", "flow", "on_response", "_interval")
+
     def __init__(
         self,
         layer: LayerServices,
@@ -125,8 +127,7 @@ class ClientTransaction(TransactionBase):
     def _deadline(self) -> None:
         """Timers B and F (64*T1, the same for every transaction of the layer): a place in the layer's
         shared ExpiryQueue instead of a DelayedCall each; ``_end_wait()`` leaves it."""
-        queue = self.layer.expiry(64 * self.layer.t1)
-        self._expiry = (queue, queue.add(self._timed_out))
+        self._expiry = self.layer.expiry(64 * self.layer.t1).add(self._timed_out)
 
     def _timed_out(self) -> None:
         self._expiry = None
@@ -150,12 +151,13 @@ class ClientTransaction(TransactionBase):
         self.request.compact()
 
     def detach(self) -> None:
-        """The TU is done with this transaction (its call ended). In Accepted, a 2xx that still
-        comes then takes the layer's stray path (ACK, and BYE if no dialog wants it) instead of
-        keeping the TU's objects alive until timer M."""
+        """The TU is done with this transaction (its call ended). In Accepted, the transaction ends
+        now instead of at timer M: all M does is hand 2xx retransmissions to the TU, and with no
+        transaction a 2xx takes the layer's stray path, which does what the TU would (ACK, and BYE
+        since no dialog wants it). Nothing then waits 64*T1 holding the TU's objects."""
         if self.state is State.ACCEPTED:
             self.on_response = None
-            self.request.compact()
+            self.terminate()
 
     def cancel(
         self,
@@ -169,6 +171,8 @@ class ClientTransaction(TransactionBase):
 
 class InviteClientTransaction(ClientTransaction):
     """Calling (A, B) -> Proceeding -> Completed (ACK, D) | Accepted (M, RFC 6026) -> Terminated."""
+
+    __slots__ = ("ack", "cancel_request", "_cancel_wanted")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -195,7 +199,7 @@ class InviteClientTransaction(ClientTransaction):
     def response_received(self, resp: Response) -> None:
         status = resp.status
         if self.state in (State.CALLING, State.PROCEEDING):
-            self.timers.cancel("A")
+            self._cancel_timer("A")
             self._end_wait()  # timer B
             if status < 200:
                 self.state = State.PROCEEDING
@@ -204,12 +208,12 @@ class InviteClientTransaction(ClientTransaction):
                     self._send_cancel()
             elif status < 300:
                 self.state = State.ACCEPTED
-                self.timers.cancel("cancel")
+                self._cancel_timer("cancel")
                 self._accepted_wait()  # timer M
                 self._deliver(resp)
             else:
                 self.state = State.COMPLETED
-                self.timers.cancel("cancel")
+                self._cancel_timer("cancel")
                 self._send_ack(resp)
                 self._wait_then_terminate("D", 0 if self.reliable else TIMER_D)
                 self._deliver(resp)
@@ -272,6 +276,8 @@ class InviteClientTransaction(ClientTransaction):
 class NonInviteClientTransaction(ClientTransaction):
     """Trying (E, F) -> Proceeding (E at T2, F) -> Completed (K) -> Terminated."""
 
+    __slots__ = ()
+
     def start(self) -> None:
         self.state = State.TRYING
         if not self._first_send():
@@ -298,7 +304,7 @@ class NonInviteClientTransaction(ClientTransaction):
             self._deliver(resp)
             return
         self.state = State.COMPLETED
-        self.timers.cancel("E")
+        self._cancel_timer("E")
         self._end_wait()  # timer F
         self._wait_then_terminate("K", 0 if self.reliable else self.layer.t4)
         self._deliver(resp)

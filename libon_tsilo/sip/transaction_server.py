@@ -21,6 +21,8 @@ class ServerTransaction(TransactionBase):
     never reach the TU.
     """
 
+    __slots__ = ("request", "flow", "last_response", "_trying_dropped", "_interval")
+
     def __init__(self, layer: LayerServices, key: tuple[Any, ...], request: Request, flow: Any) -> None:
         # cookie branches are unique; RFC 2543 transactions are named by their Call-ID and CSeq
         name = key[1] if key[0] == "3261" else f"2543:{key[4]}:{key[5]}"
@@ -87,6 +89,8 @@ class ServerTransaction(TransactionBase):
 class InviteServerTransaction(ServerTransaction):
     """Proceeding -> Completed (3xx-6xx, timers G/H) -> Confirmed (timer I), or Accepted (2xx, timer L)."""
 
+    __slots__ = ()
+
     def start(self) -> None:
         self.state = State.PROCEEDING
         # Sent at once rather than after 200 ms: the B2BUA rarely answers that fast, and it stops
@@ -131,8 +135,8 @@ class InviteServerTransaction(ServerTransaction):
             return False
         if self.state is State.COMPLETED:
             self.state = State.CONFIRMED
-            self.timers.cancel("G")
-            self.timers.cancel("H")
+            self._cancel_timer("G")
+            self._cancel_timer("H")
             self._wait_then_terminate("I", 0 if self.reliable else self.layer.t4)
         return True
 
@@ -149,6 +153,8 @@ class InviteServerTransaction(ServerTransaction):
 
 class NonInviteServerTransaction(ServerTransaction):
     """Trying -> Proceeding (1xx) -> Completed (final, timer J) -> Terminated."""
+
+    __slots__ = ()
 
     def start(self) -> None:
         self.state = State.TRYING

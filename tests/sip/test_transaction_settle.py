@@ -120,12 +120,13 @@ def test_detached_accepted_invite_hands_a_late_2xx_to_the_stray_path():
     env.feed(response_text(ctx.request, 200, to_tag="rtag1"), PEER)  # before detach: to the TU
     assert tu.got.statuses() == [200, 200] and env.tu.strays == []
     ctx.detach()
+    # ended at once: timer M would only hand 2xx to a TU that wants none
+    assert ctx.state is State.TERMINATED and len(env.layer) == 0
     ref = weakref.ref(tu)
     del tu
-    assert _gone(ref), "a detached transaction kept its TU alive for timer M"
+    assert _gone(ref), "a detached transaction kept its TU alive"
     env.feed(response_text(ctx.request, 200, to_tag="rtag1"), PEER)
     assert [(r.status, f) for r, f in env.tu.strays] == [(200, PEER)]
-    env.clock.advance(32.0)
     env.assert_clean()
 
 
@@ -137,4 +138,18 @@ def test_detach_outside_accepted_changes_nothing():
     env.feed(response_text(ctx.request, 180, to_tag="rtag1"), PEER)
     assert tu.got.statuses() == [180] and env.tu.strays == []
     env.layer.stop()
+    env.assert_clean()
+
+
+def test_transactions_in_their_final_wait_hold_no_idle_timer_set():
+    env = Env()
+    env.feed(request_text("BYE"), UDP)
+    stx = env.tu.requests[-1][1]
+    stx.respond(make_response(stx.request, 200, to_tag="srv1"))
+    assert stx._timers is None and stx._expiry is not None
+    ctx = env.layer.send_request(_request("OPTIONS"), UDP_TARGET, None, lambda r: None)
+    assert ctx._timers is not None and "E" in ctx._timers  # retransmitting: timers live
+    env.feed(response_text(ctx.request, 200, to_tag="rtag1"), PEER)
+    assert ctx.state is State.COMPLETED and ctx._timers is None
+    env.clock.advance(64 * 0.5)
     env.assert_clean()

@@ -132,3 +132,23 @@ def test_expiry_queue_fires_in_order_with_one_delayed_call_and_cancels_when_empt
     queue.discard(d)
     queue.discard(d)  # twice is harmless
     assert len(queue) == 0 and clock.getDelayedCalls() == []
+
+
+def test_expiry_queue_drops_discarded_entries_long_before_their_deadline():
+    """Timers B and F are discarded by nearly every response but would sit 64*T1 in the queue:
+    the queue keeps its dead entries to a third of its length, and still fires the live ones on time."""
+    clock = Clock()
+    queue = ExpiryQueue(clock, 32)
+    fired: list[int] = []
+    for i in range(1000):
+        queue.add(lambda i=i: fired.append(i))
+        gone = queue.add(lambda: fired.append(-1))
+        if i % 10:  # every 10th stays
+            queue.discard(gone)
+        clock.advance(0.01)
+    assert len(queue) == 1000 + 100
+    assert len(queue._queue) <= 1100 * 3 // 2 + 1
+    clock.advance(32)
+    assert len(fired) == 1100 and fired.count(-1) == 100
+    assert [i for i in fired if i >= 0] == list(range(1000))
+    assert len(queue) == 0 and clock.getDelayedCalls() == []
