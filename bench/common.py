@@ -231,6 +231,39 @@ def sipp_stats(stat_file: Path) -> dict[str, str]:
     return dict(zip(head, rows[-1].rstrip(";").split(";")))
 
 
+def sipp_rows(stat_file: Path) -> list[dict[str, str]]:
+    """Every row of a SIPp -trace_stat CSV (one per -fd period, then the final one), by column name."""
+    rows = [line for line in stat_file.read_text(errors="replace").splitlines() if line.strip()] \
+        if stat_file.exists() else []
+    if len(rows) < 2:
+        return []
+    head = rows[0].rstrip(";").split(";")
+    return [dict(zip(head, row.rstrip(";").split(";"))) for row in rows[1:]]
+
+
+def steady_rate(stat_file: Path, skip: float) -> tuple[float, float, float] | None:
+    """Calls that ended successfully per second while SIPp was still creating calls, from ``skip``
+    seconds after its start (the first calls need that long to complete): (rate, from, to) in
+    seconds since the start. Unlike calls / whole run, it leaves out the start and the tail, when
+    fewer calls are in flight; a server that falls behind shows a rate under the offered one."""
+    rows = sipp_rows(stat_file)
+    try:
+        times = [float(r["CurrentTime"].split("\t")[-1]) for r in rows]
+        made = [int(r["OutgoingCall(P)"]) for r in rows]
+        ok = [int(r["SuccessfulCall(P)"]) for r in rows]
+    except (KeyError, ValueError, IndexError):
+        return None
+    if len(rows) < 3:
+        return None
+    start = times[0]
+    last = max((i for i, n in enumerate(made) if n > 0), default=0)
+    first = next((i for i in range(1, last + 1) if times[i - 1] - start >= skip), None)
+    if first is None or times[last] <= times[first - 1]:
+        return None
+    rate = sum(ok[first:last + 1]) / (times[last] - times[first - 1])
+    return rate, times[first - 1] - start, times[last] - start
+
+
 def sipp_run_seconds(stats: dict[str, str]) -> float | None:
     """Seconds from SIPp's start to its last statistics row (CurrentTime - StartTime; each is
     "date<TAB>time<TAB>epoch")."""
