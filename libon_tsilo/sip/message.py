@@ -460,6 +460,11 @@ class Message:
         del self._headers, self._index, self._multi, self._cache, self.body, self._raw_body
         self._raw = data
 
+    @property
+    def compacted(self) -> bool:
+        """True while the message is held as bytes only (after compact(), until its next read)."""
+        return not _is_set(self, "_headers")
+
     def __getattr__(self, name: str) -> Any:
         # Python calls this only when normal lookup fails, i.e. for an empty slot: after compact().
         # The hot paths never pay for it.

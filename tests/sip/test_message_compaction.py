@@ -111,3 +111,12 @@ def test_serialized_bytes_are_reused_until_the_next_change() -> None:
     kept = req.to_bytes()
     req.compact()  # reuses the kept bytes
     assert req.to_bytes() == kept and req.call_id == "c9@x"
+
+
+def test_compacted_says_whether_only_bytes_are_held() -> None:
+    msg = parsed()
+    assert not msg.compacted
+    msg.compact()
+    assert msg.compacted
+    assert msg.call_id == "c1@x"  # the first read parses the bytes again
+    assert not msg.compacted

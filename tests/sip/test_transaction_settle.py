@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from typing import Any
 
 from libon_tsilo.sip.message import Response, make_response
 from libon_tsilo.sip.transaction import InviteServerTransaction, NonInviteServerTransaction, State
@@ -15,25 +16,23 @@ from tests.sip.test_transaction_client import PEER, UDP_TARGET, Collector, _requ
 UDP = FakeFlow("udp")
 
 
-def _slot_empty(msg: object, slot: str) -> bool:
-    try:
-        object.__getattribute__(msg, slot)
-    except AttributeError:
-        return True
-    return False
-
-
 # -- server side ---------------------------------------------------------------------------------
+
+
+def _answered(env: Env, method: str, cls: type) -> Any:
+    """A server transaction for a new `method` request, answered 200 by the TU."""
+    env.feed(request_text(method), UDP)
+    stx = env.tu.requests[-1][1]
+    assert isinstance(stx, cls)
+    stx.respond(make_response(stx.request, 200, to_tag="srv1"))
+    return stx
 
 
 def test_completed_non_invite_keeps_bytes_and_resends_the_same_response():
     env = Env()
-    env.feed(request_text("BYE"), UDP)
-    stx = env.tu.requests[-1][1]
-    assert isinstance(stx, NonInviteServerTransaction)
-    stx.respond(make_response(stx.request, 200, to_tag="srv1"))
+    stx = _answered(env, "BYE", NonInviteServerTransaction)
     assert stx.state is State.COMPLETED
-    assert _slot_empty(stx.request, "_headers") and _slot_empty(stx.last_response, "_headers")
+    assert stx.request.compacted and stx.last_response.compacted
     first = env.transport.responses[0][0].to_bytes()
     env.feed(request_text("BYE"), UDP)  # a retransmission: absorbed, answered again
     assert len(env.tu.requests) == 1
@@ -47,10 +46,7 @@ def test_completed_non_invite_keeps_bytes_and_resends_the_same_response():
 
 def test_accepted_invite_drops_its_2xx_and_still_absorbs_retransmissions():
     env = Env()
-    env.feed(request_text("INVITE"), UDP)
-    stx = env.tu.requests[-1][1]
-    assert isinstance(stx, InviteServerTransaction)
-    stx.respond(make_response(stx.request, 200, to_tag="srv1"))
+    stx = _answered(env, "INVITE", InviteServerTransaction)
     assert stx.state is State.ACCEPTED and stx.last_response is None
     env.feed(request_text("INVITE"), UDP)
     assert env.transport.statuses() == [100, 200]  # the TU, not the transaction, resends 2xx
@@ -78,30 +74,29 @@ def _gone(ref: weakref.ref) -> bool:
     return ref() is None
 
 
-def test_completed_non_invite_client_forgets_its_tu():
+def _completed_without_its_tu(method: str, status: int) -> tuple[Env, Any]:
+    """A client transaction answered with a final `status`: Completed, and its TU already gone."""
     env = Env()
     tu = _TU()
-    ctx = env.layer.send_request(_request("BYE"), UDP_TARGET, None, tu.on_response)
-    env.feed(response_text(ctx.request, 200, to_tag="rtag1"), PEER)
-    assert tu.got.statuses() == [200] and ctx.state is State.COMPLETED
+    ctx = env.layer.send_request(_request(method), UDP_TARGET, None, tu.on_response)
+    env.feed(response_text(ctx.request, status, to_tag="rtag1"), PEER)
+    assert tu.got.statuses() == [status] and ctx.state is State.COMPLETED
     ref = weakref.ref(tu)
     del tu
-    assert _gone(ref), "a Completed client transaction kept its TU alive for timer K"
-    assert _slot_empty(ctx.request, "_headers")
+    assert _gone(ref), f"a Completed {method} client transaction kept its TU alive"
+    assert ctx.request.compacted
+    return env, ctx
+
+
+def test_completed_non_invite_client_forgets_its_tu():
+    env, ctx = _completed_without_its_tu("BYE", 200)
     env.feed(response_text(ctx.request, 200, to_tag="rtag1"), PEER)  # absorbed, nobody called
     env.clock.advance(5.0)
     env.assert_clean()
 
 
 def test_completed_invite_client_forgets_its_tu_and_still_resends_its_ack():
-    env = Env()
-    tu = _TU()
-    ctx = env.layer.send_request(_request("INVITE"), UDP_TARGET, None, tu.on_response)
-    env.feed(response_text(ctx.request, 486, to_tag="rtag1"), PEER)
-    assert tu.got.statuses() == [486] and ctx.state is State.COMPLETED
-    ref = weakref.ref(tu)
-    del tu
-    assert _gone(ref), "a Completed INVITE client transaction kept its TU alive for timer D"
+    env, ctx = _completed_without_its_tu("INVITE", 486)
     assert env.transport.methods() == ["INVITE", "ACK"]
     ack = env.transport.requests[1][0].to_bytes()
     env.feed(response_text(ctx.request, 486, to_tag="rtag1"), PEER)  # our ACK got lost
@@ -143,9 +138,7 @@ def test_detach_outside_accepted_changes_nothing():
 
 def test_transactions_in_their_final_wait_hold_no_idle_timer_set():
     env = Env()
-    env.feed(request_text("BYE"), UDP)
-    stx = env.tu.requests[-1][1]
-    stx.respond(make_response(stx.request, 200, to_tag="srv1"))
+    stx = _answered(env, "BYE", NonInviteServerTransaction)
     assert stx._timers is None and stx._expiry is not None
     ctx = env.layer.send_request(_request("OPTIONS"), UDP_TARGET, None, lambda r: None)
     assert ctx._timers is not None and "E" in ctx._timers  # retransmitting: timers live
