@@ -132,10 +132,11 @@ class ExpiryQueue:
 
     def _expire(self) -> None:
         self._call = None
-        queue = self._queue
         now = self._clock.seconds() + _EPSILON
-        while queue and queue[0][0] <= now:
-            entry = queue.popleft()
+        # self._queue is read afresh each time: a callback may discard entries, and discard() may
+        # replace the deque with a purged copy
+        while self._queue and self._queue[0][0] <= now:
+            entry = self._queue.popleft()
             fn = entry[1]
             if fn is None:
                 continue
@@ -145,6 +146,7 @@ class ExpiryQueue:
                 fn()
             except Exception:
                 log.failure("expiry callback {fn!r} failed", fn=fn)
+        queue = self._queue
         while queue and queue[0][1] is None:
             queue.popleft()
         if queue and self._call is None:

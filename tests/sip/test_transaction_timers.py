@@ -152,3 +152,24 @@ def test_expiry_queue_drops_discarded_entries_long_before_their_deadline():
     assert len(fired) == 1100 and fired.count(-1) == 100
     assert [i for i in fired if i >= 0] == list(range(1000))
     assert len(queue) == 0 and clock.getDelayedCalls() == []
+
+
+def test_expiry_queue_survives_a_purge_from_inside_an_expiring_callback():
+    """A callback that discards many entries makes discard() replace the deque mid-expiry: every
+    live entry still fires once, on time, and nothing fires twice."""
+    clock = Clock()
+    queue = ExpiryQueue(clock, 10)
+    fired: list[int] = []
+    later = []
+
+    def first() -> None:
+        fired.append(0)
+        for entry in later[:150]:
+            queue.discard(entry)
+
+    queue.add(first)
+    for i in range(1, 201):
+        later.append(queue.add(lambda i=i: fired.append(i)))
+    clock.advance(10)
+    assert fired == [0, *range(151, 201)]
+    assert len(queue) == 0 and clock.getDelayedCalls() == []
