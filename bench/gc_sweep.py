@@ -6,7 +6,7 @@ Builds the real service tree in process (bench/inproc.py: asyncio reactor, memor
 server's collector policy), runs N late-fork calls through it without letting time pass, so every
 call's transactions are still in their final 64*T1 wait and every device is still registered: the
 steady state of a server at N/32 calls/s. Then it times ``full_sweep()`` twice and prints the
-objects walked, the garbage found and the pause.
+frozen objects walked, the garbage found and the pause.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def main() -> None:
     inproc.call_run(env, inproc.call_messages(args.calls))()
     print(f"{args.calls} calls ended, {len(env['parts'].transactions)} transactions in their final wait")
     for _ in range(2):
-        walked, collected, took = full_sweep()
-        print(f"full sweep: {walked} objects walked, {collected} garbage, {took * 1000:.0f} ms")
+        frozen, collected, took = full_sweep()
+        print(f"full sweep: {frozen} frozen objects walked, {collected} garbage, {took * 1000:.0f} ms")
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ class ALeg:
         return self.dialog.hop
 
     def compact(self) -> None:
-        """The call parks, maybe for a long time: keep the INVITE (and the 100 Trying its transaction
-        resends) as bytes only; they are parsed again, transparently, when the call goes on."""
+        """The call parks, maybe for a long time, or has ended while its INVITE transaction waits
+        out 64*T1: keep the INVITE (and the 100 Trying its transaction resends) as bytes only; they
+        are parsed again, transparently, if read again."""
         compact = getattr(self.stx, "compact", None)  # the real ServerTransaction; test fakes lack it
         if compact is not None:
             compact()

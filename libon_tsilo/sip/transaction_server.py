@@ -42,8 +42,8 @@ class ServerTransaction(TransactionBase):
         raise NotImplementedError
 
     def compact(self) -> None:
-        """A long wait ahead (a parked call): keep the request and the last response as bytes only
-        (Message.compact; they are parsed again when next read)."""
+        """A long wait ahead (a parked call, or an ended call's final wait): keep the request and the
+        last response as bytes only (Message.compact; they are parsed again when next read)."""
         self.request.compact()
         last = self.last_response
         if last is not None and last.status == 100 and self.state is State.PROCEEDING:

@@ -263,21 +263,19 @@ def test_ssh_key_login_evaluates_ts_dump(manhole_server):
     assert stat.S_IMODE(os.stat(host_key).st_mode) == 0o600
 
 
+def _ssh_with_password(port: int, askpass: Path, password: str) -> subprocess.CompletedProcess[bytes]:
+    """ssh as "ops" with `password` typed by an SSH_ASKPASS script (no tty), sending "1 + 41"."""
+    askpass.write_text(f"#!/bin/sh\necho {password}\n")
+    askpass.chmod(0o700)
+    env = {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": ":0"}
+    return subprocess.run(ssh_args(port, "ops", None), input=b"1 + 41\r", capture_output=True,
+                          timeout=30, env=env, start_new_session=True)
+
+
 @needs_ssh
 def test_ssh_password_login(manhole_server):
     server, port, _good, tmp = manhole_server
-    askpass = tmp / "askpass.sh"
-    askpass.write_text("#!/bin/sh\necho manhole-pw\n")
-    askpass.chmod(0o700)
-    env = {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": ":0"}
-    proc = subprocess.run(
-        ssh_args(port, "ops", None),
-        input=b"1 + 41\r",
-        capture_output=True,
-        timeout=30,
-        env=env,
-        start_new_session=True,
-    )
+    proc = _ssh_with_password(port, tmp / "askpass.sh", "manhole-pw")
     out = proc.stdout.decode(errors="replace")
     assert proc.returncode == 0, (proc.returncode, out, proc.stderr, server.output()[-4000:])
     assert "\r\n42\r\n" in out, out
@@ -290,17 +288,6 @@ def test_ssh_wrong_credentials_get_nothing(manhole_server):
         ssh_args(port, "op", tmp / "other"), input=b"ts_dump()\r", capture_output=True, timeout=30
     )
     assert proc.returncode == 255 and b"stored_ruris" not in proc.stdout
-    askpass = tmp / "askpass-wrong.sh"
-    askpass.write_text("#!/bin/sh\necho not-the-password\n")
-    askpass.chmod(0o700)
-    env = {**os.environ, "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force", "DISPLAY": ":0"}
-    proc = subprocess.run(
-        ssh_args(port, "ops", None),
-        input=b"1 + 41\r",
-        capture_output=True,
-        timeout=30,
-        env=env,
-        start_new_session=True,
-    )
+    proc = _ssh_with_password(port, tmp / "askpass-wrong.sh", "not-the-password")
     assert proc.returncode == 255 and b"42" not in proc.stdout
     assert "password login refused for ops" in server.output()
