@@ -10,13 +10,11 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread, deferToThreadPool
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.threadpool import ThreadPool
@@ -31,32 +29,11 @@ from libon_tsilo.push.base import (
 )
 from libon_tsilo.ops.config import FcmConfig
 from libon_tsilo.push.fcm import FCMSender, WireReply, classify_reply
+from tests.fakes.step_clock import StepClock
 from tests.fakes.fcm_fake import FakeFCM, Reply, spawn
 from tests.fakes.sa_keys import make_service_account
 
 PROJECT = "tsilo-test"
-
-
-class StepClock(Clock):
-    """A Clock that lets a test wait until something schedules a call matching a predicate."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._waiters: list[tuple[Callable[[float], bool], Deferred[float]]] = []
-        self.scheduled: list[float] = []
-
-    def callLater(self, delay: float, f: Callable[..., Any], *args: Any, **kw: Any) -> Any:  # noqa: N802
-        call = super().callLater(delay, f, *args, **kw)
-        self.scheduled.append(delay)
-        for item in [w for w in self._waiters if w[0](delay)]:
-            self._waiters.remove(item)
-            item[1].callback(delay)
-        return call
-
-    def wait_for_call(self, predicate: Callable[[float], bool]) -> Deferred[float]:
-        d: Deferred[float] = Deferred()
-        self._waiters.append((predicate, d))
-        return d
 
 
 @dataclass

@@ -2,37 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
 
 from libon_tsilo.push.base import CONFIG_ERROR, DEAD_TOKEN, DELIVERED, RETRYABLE, PushRequest, RetryPolicy
 from libon_tsilo.push.webhook import WebhookSender, _loggable, classify_status
+from tests.fakes.step_clock import StepClock
 from tests.fakes.webhook_fake import FakeWebhook, HookReply
-
-
-class StepClock(Clock):
-    """A Clock that lets a test wait until something schedules a call matching a predicate."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._waiters: list[tuple[Callable[[float], bool], Deferred[float]]] = []
-
-    def callLater(self, delay: float, f: Callable[..., Any], *args: Any, **kw: Any) -> Any:  # noqa: N802
-        call = super().callLater(delay, f, *args, **kw)
-        for item in [w for w in self._waiters if w[0](delay)]:
-            self._waiters.remove(item)
-            item[1].callback(delay)
-        return call
-
-    def wait_for_call(self, predicate: Callable[[float], bool]) -> Deferred[float]:
-        d: Deferred[float] = Deferred()
-        self._waiters.append((predicate, d))
-        return d
 
 
 @pytest_twisted.async_yield_fixture
