@@ -389,11 +389,12 @@ def _add_push(root: LibonTsiloService, parts: Parts) -> None:
 def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
     from libon_tsilo.b2bua.manager import CallManager, CallSettings, authorizer_from_policy
     from libon_tsilo.b2bua.ports import TransactionPort
+    from libon_tsilo.sip.hostnames import HostSet
 
     if parts.transactions is None:
         return
     cfg = parts.config
-    domains = frozenset(d.lower() for d in cfg.sip.domains)
+    domains = HostSet(cfg.sip.domains)
     auth = parts.extra.get("auth")
     kwargs: dict[str, Any] = {}
     if auth is not None:
@@ -405,7 +406,7 @@ def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
         parts.location,
         parts.waker,
         CallSettings.from_config(cfg.calls, use_domain=cfg.registrar.use_domain),
-        is_local=lambda uri: uri.host.lower().rstrip(".") in domains,
+        is_local=lambda uri: uri.host in domains,
         **kwargs,
     )
     if parts.transport is not None:

@@ -27,6 +27,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from libon_tsilo.sip import digest
+from libon_tsilo.sip.hostnames import HostSet
 from libon_tsilo.sip.message import Request, Response, make_response, new_tag
 from libon_tsilo.sip.uri import unescape
 
@@ -89,7 +90,7 @@ class AuthPolicy:
         self.nonce_lifetime = nonce_lifetime
         self.enabled = enabled
         self.algorithms = [digest.normalize_algorithm(a) for a in algorithms]
-        self.local_domains = frozenset(d.lower() for d in local_domains)
+        self.local_domains = HostSet(local_domains)
         self._trusted = [ipaddress.ip_network(c, strict=False) for c in trusted_sources]
         self._nc: dict[str, tuple[int, float]] = {}  # nonce -> (highest nc, drop after)
         self._sweeper: IDelayedCall | None = None
@@ -112,7 +113,7 @@ class AuthPolicy:
         if self.is_trusted(flow):
             return AuthResult(exempt=True)
         identity = request.to.uri if spec is _REGISTER else request.from_.uri
-        if spec is _PROXY and self.local_domains and identity.host.lower() not in self.local_domains:
+        if spec is _PROXY and self.local_domains and identity.host not in self.local_domains:
             return AuthResult(exempt=True)
         return self._verify(request, spec, identity)
 

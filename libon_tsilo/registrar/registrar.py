@@ -30,6 +30,7 @@ from libon_tsilo.registrar.location import LocationStore
 from libon_tsilo.registrar.push_params import PN_URI_PARAMS, feature_caps, parse_push_params, pn_triple_match
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.headers import NameAddr, unquote
+from libon_tsilo.sip.hostnames import HostSet, canonical_host
 from libon_tsilo.sip.message import Request, Response, make_response, new_tag
 from libon_tsilo.sip.uri import URI, TelURI, unescape
 
@@ -47,8 +48,10 @@ SUPPORTED_EXTENSIONS = frozenset({"path", "outbound"})
 def aor_key(uri: URI, use_domain: bool) -> str:
     """The location key of an address-of-record: ``sip:alice@example.com``, or ``alice``.
 
-    Scheme, user and host are lower-cased, escapes resolved, port and parameters dropped; sips: is
-    keyed as sip: because it names the same user (the transport security is a routing matter).
+    Scheme and user are lower-cased, escapes resolved, the host canonical (sip/hostnames.py: one
+    key for ``LOCALHOST.`` and ``localhost``, ``127.1`` and ``127.0.0.1``), port and parameters
+    dropped; sips: is keyed as sip: because it names the same user (the transport security is a
+    routing matter).
     """
     if isinstance(uri, TelURI):
         number = uri.number.lower()
@@ -57,7 +60,7 @@ def aor_key(uri: URI, use_domain: bool) -> str:
     if not use_domain:
         return user
     scheme = "sip" if uri.scheme in ("sip", "sips") else uri.scheme
-    host = uri.host.lower().rstrip(".")
+    host = canonical_host(uri.host)
     return f"{scheme}:{user}@{host}" if user else f"{scheme}:{host}"
 
 
@@ -110,7 +113,7 @@ class Registrar:
         self.clock = clock
         self.store = store
         # empty: accept any domain (a lab setup); [sip] domains always has a default in practice
-        self.domains = frozenset(d.lower().rstrip(".") for d in domains)
+        self.domains = HostSet(domains)
         self.auth = auth
         self.use_domain = use_domain
         self.min_expires = min_expires
@@ -209,8 +212,7 @@ class Registrar:
             raise _Reject(404, "Not Found (AOR must be a sip: URI)")
         if not to_uri.user:
             raise _Reject(404, "Not Found (no user in To)")
-        host = to_uri.host.lower().rstrip(".")
-        if self.domains and host not in self.domains:
+        if self.domains and to_uri.host not in self.domains:
             raise _Reject(404, "Not Found (domain not served here)")
         return aor_key(to_uri, self.use_domain)
 

@@ -206,3 +206,28 @@ def test_stop_cancels_sweeper(env: AuthEnv) -> None:
     env.policy.stop()
     env.store.stop()
     assert env.clock.getDelayedCalls() == []
+
+
+# -- issue 11 item 3: "is this From ours?" on the canonical host ----------------------------------
+
+LOCAL_SPELLINGS = [
+    "localhost", "LOCALHOST", "localhost.", "127.0.0.1", "127.0.0.1.", "127.1", "2130706433",
+    "0x7f.1", "[::ffff:127.0.0.1]",
+]
+
+
+@pytest.mark.parametrize("host", LOCAL_SPELLINGS)
+def test_invite_from_any_spelling_of_a_local_domain_is_challenged(host: str) -> None:
+    env = AuthEnv()
+    env.policy = AuthPolicy(env.clock, env.users, REALM, "server-secret",
+                            local_domains=["localhost", "127.0.0.1"])
+    result = env.policy.check(_invite(f"sip:alice@{host}"), env.flow, "invite")
+    assert not result.ok and result.response.status == 407
+
+
+def test_invite_from_a_lookalike_domain_is_foreign() -> None:
+    env = AuthEnv()
+    env.policy = AuthPolicy(env.clock, env.users, REALM, "server-secret",
+                            local_domains=["localhost", "127.0.0.1"])
+    for host in ("127.0.0.2", "localhost.evil.org", "localhost-evil"):
+        assert env.policy.check(_invite(f"sip:alice@{host}"), env.flow, "invite").exempt

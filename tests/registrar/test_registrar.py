@@ -323,3 +323,18 @@ def test_internal_error_gets_500_and_store_survives(env: Env, monkeypatch: pytes
     assert env.register(["<sip:a@h1>"]).status == 500
     monkeypatch.undo()
     assert env.register(["<sip:a@h1>"], cseq=2).status == 200
+
+
+@pytest.mark.parametrize("host", ["EXAMPLE.com", "example.com.", "Example.Com."])
+def test_domain_spellings_are_one_aor(host: str) -> None:
+    env = Env()
+    assert env.register(["<sip:alice@192.0.2.10:40000>"], to=f"sip:alice@{host}").status == 200
+    assert len(env.store.lookup(AOR)) == 1
+
+
+@pytest.mark.parametrize("host", ["127.1", "2130706433", "[::ffff:127.0.0.1]", "127.0.0.1."])
+def test_ip_domain_spellings_are_served_under_one_key(host: str) -> None:
+    env = Env(domains=["127.0.0.1"])
+    assert env.register(["<sip:alice@192.0.2.10:40000>"], to=f"sip:alice@{host}").status == 200
+    assert len(env.store.lookup("sip:alice@127.0.0.1")) == 1
+    assert aor_key(URI.parse(f"sip:alice@{host}"), True) == "sip:alice@127.0.0.1"
