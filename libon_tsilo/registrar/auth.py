@@ -4,15 +4,18 @@ REGISTER is challenged with 401 / WWW-Authenticate, an INVITE from one of our do
 Proxy-Authenticate; one challenge per configured algorithm (SHA-256 first, RFC 8760 §2.4) sharing
 one nonce. Sources in ``trusted_sources`` (e.g. a trunk or an SBC) are exempt.
 
-Nonces are stateless (timestamp + HMAC, see sip/digest.py). The only state is the replay table:
-the highest nonce-count seen per nonce, recorded only after a valid response, so an attacker without
-a password cannot grow it. Entries go when their nonce goes stale, swept by one timer.
+Nonces are stateless (timestamp + epoch + HMAC, see sip/digest.py). The only state is the replay
+table (registrar/nonce_counts.py): the highest nonce-count seen per nonce, recorded only after a
+valid response, so an attacker without a password cannot grow it. A nonce of another epoch (issued
+before a restart, or by another node) is stale. Failed attempts are limited per source and per
+user (registrar/auth_limits.py).
 
 Failure answers: an unknown user, a wrong password, a forged nonce or a replayed nonce-count all
 get a fresh challenge (no difference an attacker could use to enumerate users); a stale nonce with a
 correct response gets ``stale=true`` so the UA retries silently; credentials that are not usable
 Digest (missing fields, qop other than auth) get 400; a valid user who does not own the identity
-(To for REGISTER, From for INVITE) gets 403.
+(To for REGISTER, From for INVITE) gets 403; a source or user over its failure limit gets 403
+without its credentials being checked.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from libon_tsilo.registrar.auth_limits import FailureLimiter, FailureLimits, source_key
+from libon_tsilo.registrar.nonce_counts import MemoryNonceCounts, NonceCounts
 from libon_tsilo.sip import digest
 from libon_tsilo.sip.hostnames import HostSet
 from libon_tsilo.sip.message import Request, Response, make_response, new_tag
@@ -48,11 +53,18 @@ class CredentialSource(Protocol):
 
 @dataclass
 class AuthResult:
-    """Either ``response`` (send it and stop) or a pass: ``user`` authenticated, or ``exempt``."""
+    """Either ``response`` (send it and stop) or a pass: ``user`` authenticated, or ``exempt``.
+
+    ``identity`` is the URI we vouch for (``sip:user@<our domain as configured>``) when ``user``
+    is set; ``trusted`` says the request came from ``trusted_sources`` (its identity headers may
+    be believed). An exempt request that is not trusted comes from the internet unauthenticated.
+    """
 
     user: str | None = None
     response: Response | None = None
     exempt: bool = False
+    trusted: bool = False
+    identity: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -82,6 +94,8 @@ class AuthPolicy:
         algorithms: Iterable[str] = ("SHA-256", "MD5"),
         enabled: bool = True,
         local_domains: Iterable[str] = (),
+        nonce_counts: NonceCounts | None = None,
+        limits: FailureLimits | None = None,
     ) -> None:
         self.clock = clock
         self.users = users
@@ -92,8 +106,10 @@ class AuthPolicy:
         self.algorithms = [digest.normalize_algorithm(a) for a in algorithms]
         self.local_domains = HostSet(local_domains)
         self._trusted = [ipaddress.ip_network(c, strict=False) for c in trusted_sources]
-        self._nc: dict[str, tuple[int, float]] = {}  # nonce -> (highest nc, drop after)
-        self._sweeper: IDelayedCall | None = None
+        self.nonce_counts: NonceCounts = (
+            nonce_counts if nonce_counts is not None else MemoryNonceCounts(clock, nonce_lifetime)
+        )
+        self.limiter = FailureLimiter(clock, limits or FailureLimits())
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -111,11 +127,14 @@ class AuthPolicy:
         if not self.enabled:
             return AuthResult(exempt=True)
         if self.is_trusted(flow):
-            return AuthResult(exempt=True)
+            return AuthResult(exempt=True, trusted=True)
         identity = request.to.uri if spec is _REGISTER else request.from_.uri
         if spec is _PROXY and self.local_domains and identity.host not in self.local_domains:
             return AuthResult(exempt=True)
-        return self._verify(request, spec, identity)
+        source = source_key(flow.key.remote[0]) if flow is not None else None
+        if self.limiter.source_blocked(source):
+            return self._reject(request, 403, "Forbidden (too many failed attempts)")
+        return self._verify(request, spec, identity, source)
 
     def is_trusted(self, flow: Flow | None) -> bool:
         if flow is None or not self._trusted:
@@ -127,57 +146,69 @@ class AuthPolicy:
         return any(addr in net for net in self._trusted)
 
     def stop(self) -> None:
-        if self._sweeper is not None and self._sweeper.active():
-            self._sweeper.cancel()
-        self._sweeper = None
-        self._nc.clear()
+        self.nonce_counts.stop()
+        self.limiter.stop()
 
     def replay_table_size(self) -> int:
-        return len(self._nc)
+        return len(self.nonce_counts)
 
     # -- verification ---------------------------------------------------------------------------
 
-    def _verify(self, request: Request, spec: _Kind, identity: Any) -> AuthResult:
+    def _verify(self, request: Request, spec: _Kind, identity: Any, source: str | None) -> AuthResult:
         creds = self._pick_credentials(request, spec)
         if creds is None:
             return self._challenge(request, spec, stale=False)
+        call_id = _call_id(request)
         missing = [k for k in _REQUIRED if not creds.get(k)]
         if creds.get("qop") and creds["qop"].lower() != "auth":
+            self.limiter.failed(None, source, call_id)
             return self._reject(request, 400, "Unsupported digest qop (only auth)")
         if missing:
+            self.limiter.failed(None, source, call_id)
             return self._reject(request, 400, f"Malformed credentials (no {missing[0]})")
         nc_text = creds["nc"]
         if len(nc_text) != 8 or not set(nc_text) <= _NC_DIGITS:
+            self.limiter.failed(None, source, call_id)
             return self._reject(request, 400, "Malformed credentials (bad nc)")
         nc = int(nc_text, 16)
         username, nonce, algorithm = creds["username"], creds["nonce"], creds["algorithm"]
+        if self.limiter.user_blocked(username, source):
+            return self._reject(request, 403, "Forbidden (too many failed attempts)")
         now = self.clock.seconds()
-        state = digest.check_nonce(self.secret, nonce, now, self.nonce_lifetime)
+        state = digest.check_nonce(self.secret, nonce, now, self.nonce_lifetime, self.nonce_counts.epoch)
         if state == "bad":
-            log.info("auth: foreign or forged nonce from {user}", user=username, call_id=_call_id(request))
+            log.info("auth: foreign or forged nonce from {user}", user=username, call_id=call_id)
             return self._challenge(request, spec, stale=False)
         ha1 = self.users.get_ha1(username, self.realm, algorithm)
         if ha1 is None:
-            log.info("auth: unknown user {user}", user=username, call_id=_call_id(request))
+            log.info("auth: unknown user {user}", user=username, call_id=call_id)
+            self.limiter.failed(username, source, call_id)
             return self._challenge(request, spec, stale=False)
         expected = digest.expected_response(
             ha1, request.method, creds["uri"], nonce, nc_text, creds["cnonce"], "auth", algorithm
         )
         if not hmac.compare_digest(expected, creds["response"].lower()):
-            log.info("auth: wrong password for {user}", user=username, call_id=_call_id(request))
+            log.info("auth: wrong password for {user}", user=username, call_id=call_id)
+            self.limiter.failed(username, source, call_id)
             return self._challenge(request, spec, stale=False)
         if state == "stale":
             return self._challenge(request, spec, stale=True)
-        if not self._accept_nc(nonce, nc, now):
+        issued = digest.nonce_time(nonce) or now
+        if not self.nonce_counts.advance(nonce, nc, issued + self.nonce_lifetime):
             log.info("auth: replayed nonce-count {nc} from {user}", nc=nc_text, user=username,
-                     call_id=_call_id(request))
+                     call_id=call_id)
+            self.limiter.failed(username, source, call_id)
             return self._challenge(request, spec, stale=False)
         owner = unescape(identity.user) if identity.user else None
         if owner != username:
-            log.info("auth: {user} may not act as {owner}", user=username, owner=owner,
-                     call_id=_call_id(request))
+            log.info("auth: {user} may not act as {owner}", user=username, owner=owner, call_id=call_id)
+            self.limiter.failed(username, source, call_id)
             return self._reject(request, 403, "Identity Not Owned By Authenticated User")
-        return AuthResult(user=username)
+        self.limiter.succeeded(username, source)
+        domain = self.local_domains.spelling(identity.host) or identity.host
+        if ":" in domain and not domain.startswith("["):
+            domain = f"[{domain}]"
+        return AuthResult(user=username, identity=f"sip:{identity.user}@{domain}")
 
     def _pick_credentials(self, request: Request, spec: _Kind) -> dict[str, str] | None:
         """The first credentials for our realm in an algorithm we offer; others are ignored
@@ -194,29 +225,11 @@ class AuthPolicy:
             return creds
         return None
 
-    def _accept_nc(self, nonce: str, nc: int, now: float) -> bool:
-        last = self._nc.get(nonce)
-        if last is not None and nc <= last[0]:
-            return False
-        issued = digest.nonce_time(nonce) or now
-        self._nc[nonce] = (nc, issued + self.nonce_lifetime)
-        if self._sweeper is None or not self._sweeper.active():
-            self._sweeper = self.clock.callLater(self.nonce_lifetime, self._sweep)
-        return True
-
-    def _sweep(self) -> None:
-        self._sweeper = None
-        now = self.clock.seconds()
-        for nonce in [n for n, (_, until) in self._nc.items() if until < now]:
-            del self._nc[nonce]
-        if self._nc:
-            self._sweeper = self.clock.callLater(self.nonce_lifetime, self._sweep)
-
     # -- answers --------------------------------------------------------------------------------
 
     def _challenge(self, request: Request, spec: _Kind, stale: bool) -> AuthResult:
         resp = make_response(request, spec.status, to_tag=new_tag())
-        nonce = digest.make_nonce(self.secret, self.clock.seconds())
+        nonce = digest.make_nonce(self.secret, self.clock.seconds(), self.nonce_counts.epoch)
         for algorithm in self.algorithms:
             resp.add_header(spec.challenge, digest.challenge_header(self.realm, nonce, algorithm, stale))
         return AuthResult(response=resp)

@@ -28,6 +28,9 @@ __all__ = [
 # canonical name -> hashlib constructor name
 ALGORITHMS: dict[str, str] = {"MD5": "md5", "SHA-256": "sha256"}
 
+# an epoch is a short token: it sits between dots in a nonce, inside a quoted-string
+_EPOCH = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+
 # A nonce issued "in the future" by more than this is forged or from a badly skewed peer.
 _FUTURE_SKEW = 5.0
 
@@ -63,22 +66,28 @@ def _nonce_mac(secret: str, body: str) -> str:
     return mac.hexdigest()[:32]
 
 
-def make_nonce(secret: str, now: float, salt: str | None = None) -> str:
-    """A nonce that carries its issue time and proves we issued it: ``<ts hex>.<salt>.<hmac>``.
+def make_nonce(secret: str, now: float, epoch: str = "0", salt: str | None = None) -> str:
+    """A nonce that carries its issue time and epoch and proves we issued it:
+    ``<ts hex>.<epoch>.<salt>.<hmac>``.
 
     The random salt makes every challenge unique, so the replay table (per nonce) never mixes two
-    clients that were challenged in the same second. Nothing is stored server-side to check it.
+    clients that were challenged in the same second. The epoch names the replay table that will
+    see the nonce's counts (see registrar/nonce_counts.py): a nonce of another epoch was issued
+    before a restart or by another node, and no table here knows what it already accepted.
+    Nothing is stored server-side to check a nonce.
     """
+    if not _EPOCH.match(epoch):
+        raise ValueError(f"bad nonce epoch {epoch!r}")
     ts = format(int(now), "x")
     salt = salt if salt is not None else secrets.token_hex(6)
-    body = f"{ts}.{salt}"
+    body = f"{ts}.{epoch}.{salt}"
     return f"{body}.{_nonce_mac(secret, body)}"
 
 
 def nonce_time(nonce: str) -> float | None:
     """The issue time carried by a nonce of ours, or None when it does not look like one."""
     parts = nonce.split(".")
-    if len(parts) != 3:
+    if len(parts) != 4:
         return None
     try:
         return float(int(parts[0], 16))
@@ -86,20 +95,21 @@ def nonce_time(nonce: str) -> float | None:
         return None
 
 
-def check_nonce(secret: str, nonce: str, now: float, lifetime: float) -> str:
-    """``"ok"``, ``"stale"`` (ours, but older than ``lifetime``) or ``"bad"`` (not ours)."""
+def check_nonce(secret: str, nonce: str, now: float, lifetime: float, epoch: str | None = None) -> str:
+    """``"ok"``, ``"stale"`` (ours, but older than ``lifetime`` or of another ``epoch`` when one is
+    given) or ``"bad"`` (not ours)."""
     parts = nonce.split(".")
-    if len(parts) != 3 or len(nonce) > 128:
+    if len(parts) != 4 or len(nonce) > 128:
         return "bad"
     issued = nonce_time(nonce)
     if issued is None:
         return "bad"
-    expected = _nonce_mac(secret, f"{parts[0]}.{parts[1]}")
-    if not hmac.compare_digest(expected, parts[2]):
+    expected = _nonce_mac(secret, ".".join(parts[:3]))
+    if not hmac.compare_digest(expected, parts[3]):
         return "bad"
     if issued > now + _FUTURE_SKEW:
         return "bad"
-    if now - issued > lifetime:
+    if now - issued > lifetime or (epoch is not None and parts[1] != epoch):
         return "stale"
     return "ok"
 

@@ -120,9 +120,8 @@ def test_replay_table_swept(env: AuthEnv) -> None:
     env.clock.advance(301)
     env.clock.advance(300)
     assert env.policy.replay_table_size() == 0
-    assert not env.clock.getDelayedCalls() or all(
-        c.func.__name__ != "_sweep" for c in env.clock.getDelayedCalls()
-    )
+    assert all(getattr(c.func, "__self__", None) is not env.policy.nonce_counts
+               for c in env.clock.getDelayedCalls())
 
 
 def test_forged_nonce_rechallenged(env: AuthEnv) -> None:
@@ -231,3 +230,68 @@ def test_invite_from_a_lookalike_domain_is_foreign() -> None:
                             local_domains=["localhost", "127.0.0.1"])
     for host in ("127.0.0.2", "localhost.evil.org", "localhost-evil"):
         assert env.policy.check(_invite(f"sip:alice@{host}"), env.flow, "invite").exempt
+
+
+# -- issue 11 item 6: a captured Authorization is not accepted again after a restart / elsewhere --
+
+def _captured_register(env: AuthEnv) -> tuple[str, Any]:
+    """An Authorization that one server accepted (what an eavesdropper captures)."""
+    challenge = env.challenge().header_values("WWW-Authenticate")[0]
+    auth = digest_authorization(challenge, "alice", "wonderland", "REGISTER", "sip:example.com")
+    assert env.register(["<sip:alice@192.0.2.10:40000>"], extra=[f"Authorization: {auth}"],
+                        cseq=2).status == 200
+    return auth, env
+
+
+def _other_instance(env: AuthEnv) -> AuthEnv:
+    """Another AuthPolicy with the same [auth] secret and users: the same server after a restart,
+    or another node of a cluster."""
+    other = AuthEnv()
+    other.clock.advance(env.clock.seconds() - other.clock.seconds())
+    return other
+
+
+@pytest.mark.parametrize("replay_cseq", [2, 3])
+def test_captured_authorization_refused_after_restart(replay_cseq: int) -> None:
+    auth, env = _captured_register(AuthEnv())
+    restarted = _other_instance(env)
+    resp = restarted.register(["<sip:alice@192.0.2.10:40000>"], extra=[f"Authorization: {auth}"],
+                              cseq=replay_cseq)
+    assert resp.status == 401
+    # the nonce is ours (right secret) but of another epoch: stale, so a real UA retries silently
+    fresh = resp.header_values("WWW-Authenticate")
+    assert all(digest.parse_authorization(v).get("stale") == "true" for v in fresh)
+    assert restarted.store.lookup(AOR) == []
+    # and the real owner gets in with the fresh nonce
+    assert restarted.answer(fresh[0], cseq=replay_cseq + 1).status == 200
+
+
+def test_each_node_accepts_its_own_nonces_only() -> None:
+    auth, env = _captured_register(AuthEnv())
+    node_b = _other_instance(env)
+    assert node_b.policy.nonce_counts.epoch != env.policy.nonce_counts.epoch
+    challenge_b = node_b.challenge().header_values("WWW-Authenticate")[0]
+    assert node_b.answer(challenge_b, cseq=2).status == 200
+    # B's nonce on A is stale too: a shared replay table (one epoch) is what a cluster needs
+    auth_b = digest_authorization(challenge_b, "alice", "wonderland", "REGISTER", "sip:example.com", nc=2)
+    assert env.register(["<sip:alice@192.0.2.10:40000>"], extra=[f"Authorization: {auth_b}"],
+                        cseq=3).status == 401
+
+
+def test_a_shared_nonce_table_refuses_replays_across_instances() -> None:
+    """The seam the cluster work fills: two policies on one NonceCounts (one epoch) accept each
+    other's nonces, and a replay on the second is refused."""
+    from libon_tsilo.registrar.nonce_counts import MemoryNonceCounts
+
+    a = AuthEnv()
+    shared = MemoryNonceCounts(a.clock, 300, epoch="cluster1")
+    a.policy = a.registrar.auth = AuthPolicy(a.clock, a.users, REALM, "server-secret",
+                                             nonce_counts=shared)
+    auth, _ = _captured_register(a)
+    b = _other_instance(a)
+    b.policy = b.registrar.auth = AuthPolicy(b.clock, b.users, REALM, "server-secret",
+                                             nonce_counts=shared)
+    assert b.register(["<sip:alice@192.0.2.10:40000>"], extra=[f"Authorization: {auth}"],
+                      cseq=3).status == 401
+    challenge = b.challenge(cseq=4).header_values("WWW-Authenticate")[0]
+    assert b.answer(challenge, cseq=5).status == 200

@@ -51,14 +51,31 @@ def test_nonce_ok_stale_bad() -> None:
     assert digest.check_nonce("s3cret", n, 1300.0, 300) == "ok"
     assert digest.check_nonce("s3cret", n, 1301.0, 300) == "stale"
     assert digest.check_nonce("other", n, 1000.0, 300) == "bad"
-    ts, salt, mac = n.split(".")
-    forged = f"{int(ts, 16) + 100:x}.{salt}.{mac}"
+    ts, epoch, salt, mac = n.split(".")
+    forged = f"{int(ts, 16) + 100:x}.{epoch}.{salt}.{mac}"
     assert digest.check_nonce("s3cret", forged, 1100.0, 300) == "bad"
     assert digest.check_nonce("s3cret", "garbage", 1000.0, 300) == "bad"
     assert digest.check_nonce("s3cret", "zz.yy.xx", 1000.0, 300) == "bad"
+    assert digest.check_nonce("s3cret", "zz.yy.xx.ww", 1000.0, 300) == "bad"
     # issued far in the future: forged or broken clock
     future = digest.make_nonce("s3cret", 5000.0)
     assert digest.check_nonce("s3cret", future, 1000.0, 300) == "bad"
+
+
+def test_nonce_of_another_epoch_is_stale() -> None:
+    """Issue 11 item 6: a nonce from before a restart (or from another node) is ours but stale."""
+    n = digest.make_nonce("s3cret", 1000.0, epoch="boot1")
+    assert digest.check_nonce("s3cret", n, 1000.0, 300, epoch="boot1") == "ok"
+    assert digest.check_nonce("s3cret", n, 1000.0, 300, epoch="boot2") == "stale"
+    # the epoch is under the MAC: rewriting it makes the nonce a forgery
+    ts, _, salt, mac = n.split(".")
+    assert digest.check_nonce("s3cret", f"{ts}.boot2.{salt}.{mac}", 1000.0, 300, epoch="boot2") == "bad"
+
+
+@pytest.mark.parametrize("epoch", ["", "a.b", 'a"b', "x" * 33])
+def test_bad_epoch_refused(epoch: str) -> None:
+    with pytest.raises(ValueError):
+        digest.make_nonce("s3cret", 1000.0, epoch=epoch)
 
 
 def test_nonces_are_unique() -> None:
