@@ -298,6 +298,12 @@ class AuthConfig:
     nonce_lifetime: int = _opt(300, _positive)
     trusted_sources: tuple[str, ...] = _opt((), _cidrs)
     algorithms: tuple[str, ...] = _opt(_ALGORITHMS, _algorithms)
+    # failed digest attempts (registrar/auth_limits.py); 0 turns a limit off
+    failed_per_source: int = _opt(20, _int_range(0))
+    failed_per_user: int = _opt(10, _int_range(0))
+    failed_window: int = _opt(60, _positive)
+    failed_block: int = _opt(300, _positive)
+    known_source_ttl: int = _opt(7200, _positive)
 
     @property
     def trusted_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:

@@ -229,7 +229,7 @@ class TsiloCollector(Collector):
         self.messages = messages
 
     def collect(self) -> Iterator[Metric]:
-        for part in (self._messages, self._sip, self._calls, self._location, self._silo):
+        for part in (self._messages, self._sip, self._calls, self._location, self._silo, self._auth):
             try:
                 yield from part()
             except Exception:  # a broken layer must not take /metrics down with it
@@ -338,6 +338,27 @@ class TsiloCollector(Collector):
             if value is not None:
                 g.add_metric([q], value)
         yield g
+
+
+    def _auth(self) -> Iterator[Metric]:
+        # failed digest attempts (registrar/auth_limits.py): what bit, and what is blocked now
+        auth = self.parts.extra.get("auth") if isinstance(getattr(self.parts, "extra", None), dict) else None
+        if auth is None:
+            return
+        s = auth.limiter.stats()
+        yield _counter("auth_failures", "Digest attempts refused (wrong password, unknown user, replay...)",
+                       s["failures"])
+        c = CounterMetricFamily(f"{PREFIX}_auth_limited", "Requests refused unchecked by a failed-digest "
+                                "limit", labels=["limit"])
+        c.add_metric(["source"], s["refused_source"])
+        c.add_metric(["user"], s["refused_user"])
+        yield c
+        g = GaugeMetricFamily(f"{PREFIX}_auth_blocked", "Sources blocked / users throttled now",
+                              labels=["limit"])
+        g.add_metric(["source"], s["blocked_sources_now"])
+        g.add_metric(["user"], s["throttled_users_now"])
+        yield g
+        yield _gauge("auth_replay_entries", "Nonces in the digest replay table", auth.replay_table_size())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -254,6 +254,7 @@ class LocationService(Service):
 
 def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
     from libon_tsilo.registrar.auth import AuthPolicy
+    from libon_tsilo.registrar.auth_limits import FailureLimits
     from libon_tsilo.registrar.location import LocationStore
     from libon_tsilo.registrar.registrar import Registrar
     from libon_tsilo.registrar.sqlite_store import SqliteBindingStore
@@ -275,6 +276,11 @@ def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
             parts.clock, UsersDB(cfg.auth.users_db), realm=cfg.auth.realm, secret=cfg.auth.secret,
             nonce_lifetime=float(cfg.auth.nonce_lifetime), trusted_sources=cfg.auth.trusted_sources,
             algorithms=cfg.auth.algorithms, local_domains=cfg.sip.domains,
+            limits=FailureLimits(
+                per_source=cfg.auth.failed_per_source, per_user=cfg.auth.failed_per_user,
+                window=float(cfg.auth.failed_window), block=float(cfg.auth.failed_block),
+                known_source_ttl=float(cfg.auth.known_source_ttl),
+            ),
         )
     parts.extra["auth"] = auth
     reg = cfg.registrar

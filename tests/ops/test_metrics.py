@@ -196,3 +196,31 @@ def test_our_registry_is_not_the_global_one(tmp_path):
     registry = make_registry(root.parts, None, push=PushMetrics())
     assert registry is not GLOBAL_REGISTRY
     assert b"process_cpu_seconds_total" not in render(registry)
+
+
+def test_failed_digest_limits_are_configured_and_counted(tmp_path):
+    from libon_tsilo.ops.config import config_from_dict
+    from libon_tsilo.ops.service import make_service
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    cfg = config_from_dict(
+        {"location": {"backend": "memory"}, "auth": {"failed_per_source": 2, "failed_per_user": 3,
+                                                      "failed_window": 30, "failed_block": 90}},
+        base_dir=tmp_path,
+    )
+    parts = make_service(cfg, clock=clock).parts
+    limiter = parts.extra["auth"].limiter
+    assert (limiter.limits.per_source, limiter.limits.per_user) == (2, 3)
+    assert (limiter.limits.window, limiter.limits.block) == (30.0, 90.0)
+    registry = make_registry(parts, None, push=PushMetrics())
+    assert samples(registry)[("libon_tsilo_auth_limited_total", (("limit", "source"),))] == 0
+    limiter.failed("alice", "192.0.2.1")
+    limiter.failed("alice", "192.0.2.1")
+    assert limiter.source_blocked("192.0.2.1")
+    s = samples(registry)
+    assert s[("libon_tsilo_auth_failures_total", ())] == 2
+    assert s[("libon_tsilo_auth_limited_total", (("limit", "source"),))] == 1
+    assert s[("libon_tsilo_auth_blocked", (("limit", "source"),))] == 1
+    assert s[("libon_tsilo_auth_blocked", (("limit", "user"),))] == 0
+    parts.extra["auth"].stop()
