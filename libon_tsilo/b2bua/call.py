@@ -18,6 +18,13 @@ from libon_tsilo.b2bua import events as ev
 from libon_tsilo.b2bua import relay
 from libon_tsilo.b2bua.dialog import Dialog
 from libon_tsilo.b2bua.forking import REASON_ANSWERED
+from libon_tsilo.b2bua.identity import (
+    TRUST_DOMAIN_KEYS,
+    UNTRUSTED,
+    CallerTrust,
+    b_leg_caller,
+    b_leg_identity_headers,
+)
 from libon_tsilo.b2bua.legs import ALeg, BLeg, BranchState
 from libon_tsilo.b2bua.ports import Hop, hop_of_flow
 from libon_tsilo.b2bua.states import (
@@ -68,7 +75,7 @@ def hop_for_binding(binding: Any, flow_live: bool) -> Hop | None:
 
 
 # allow-list -> (name, canonical key, strip 100rel?) per header: computed once per configured tuple,
-# not per forked INVITE
+# not per forked INVITE; trust-domain headers (P-Asserted-Identity...) go by b2bua/identity.py
 _ALLOW_KEYS: dict[tuple[str, ...], tuple[tuple[str, str, bool], ...]] = {}
 
 
@@ -76,7 +83,7 @@ def _allow_keys(allowlist: tuple[str, ...]) -> tuple[tuple[str, str, bool], ...]
     keys = _ALLOW_KEYS.get(allowlist)
     if keys is None:
         keys = tuple((name, canonical_key(name), name.lower() in ("supported", "require"))
-                     for name in allowlist)
+                     for name in allowlist if canonical_key(name) not in TRUST_DOMAIN_KEYS)
         if len(_ALLOW_KEYS) < 16:
             _ALLOW_KEYS[allowlist] = keys
     return keys
@@ -99,19 +106,20 @@ class Call:
         "mgr", "clock", "port", "call_id", "aor", "callee_uri", "caller_uri", "caller_name", "created_at",
         "ring_deadline", "a", "branches", "_by_key", "state", "failures", "winner", "early_media_from",
         "park_d", "wake_d", "wake_result", "woken", "_waker_used", "_ring_timer", "_late_ack", "offer_busy",
-        "pending_acks", "late_reason", "ended", "end_reason",
+        "pending_acks", "late_reason", "ended", "end_reason", "trust",
     )
 
-    def __init__(self, mgr: CallManager, invite: Request, stx: Any, flow: Any, aor: str, callee_uri: str):
+    def __init__(self, mgr: CallManager, invite: Request, stx: Any, flow: Any, aor: str, callee_uri: str,
+                 trust: CallerTrust = UNTRUSTED):
         self.mgr = mgr
         self.clock = mgr.clock
         self.port = mgr.port
         self.call_id = invite.call_id
         self.aor = aor
         self.callee_uri = callee_uri
-        caller = invite.from_
-        self.caller_uri = str(caller.uri)
-        self.caller_name = caller.display
+        self.trust = trust
+        caller_uri, self.caller_name = b_leg_caller(invite.from_, trust)  # what the callee is shown
+        self.caller_uri = str(caller_uri)
         self.created_at = self.clock.seconds()
         self.ring_deadline = self.created_at + mgr.settings.ring_timeout
         hop = hop_of_flow(flow)
@@ -328,8 +336,8 @@ class Call:
 
     def _new_branch(self, binding: Any, hop: Hop, flow_id: str | None) -> BLeg:
         a = self.a.invite
-        caller = a.from_
-        local = NameAddr(caller.uri.copy(), caller.display, {"tag": new_tag()})
+        caller_uri, display = b_leg_caller(a.from_, self.trust)
+        local = NameAddr(caller_uri, display, {"tag": new_tag()})
         remote = NameAddr(URI.parse(self.callee_uri))
         contact = self.port.contact(hop.transport)
         dialog = Dialog(new_call_id(), local, remote, binding.contact_uri, hop, contact)
@@ -351,6 +359,8 @@ class Call:
                     value = _strip_100rel(value)
                 if value:
                     req.add_header(name, value)
+        for name, value in b_leg_identity_headers(a, self.trust, self.mgr.settings.header_allowlist):
+            req.add_header(name, value)
         if a.body:
             req.add_header("Content-Type", a.content_type or "application/sdp")
             req.body = a.body

@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from libon_tsilo.b2bua.call import Call
+from libon_tsilo.b2bua.identity import UNTRUSTED, CallerTrust
 from libon_tsilo.b2bua.legs import BLeg
 from libon_tsilo.b2bua.ports import SipPort, hop_of_flow
 from libon_tsilo.b2bua.states import Parked
@@ -72,12 +73,13 @@ def _allow_all(request: Request, stx: Any, flow: Any) -> bool:
 
 
 def authorizer_from_policy(policy: Any) -> Callable[[Request, Any, Any], bool]:
-    """The `authorize` hook over the registrar's AuthPolicy: its 407 (or 403) goes out as is."""
+    """The `authorize` hook over the registrar's AuthPolicy: its 407 (or 403) goes out as is; a
+    pass says how far the caller is trusted (b2bua/identity.py)."""
 
-    def authorize(request: Request, stx: Any, flow: Any) -> bool:
+    def authorize(request: Request, stx: Any, flow: Any) -> CallerTrust | bool:
         result = policy.check(request, flow, "invite")
         if result.response is None:
-            return True
+            return CallerTrust(getattr(result, "trusted", False), getattr(result, "identity", None))
         stx.respond(result.response)
         return False
 
@@ -97,8 +99,9 @@ class CallManager:
         is_local: Callable[[Any], bool] | None = None,
         aor_key: Callable[[Any, bool], str] = default_aor_key,
     ) -> None:
-        """`authorize(request, stx, flow)` returns (or fires with) True to go on; False means it has
-        answered already (407...). `is_local(uri)` says whether we serve the R-URI's domain."""
+        """`authorize(request, stx, flow)` returns (or fires with) True or a CallerTrust to go on
+        (True: an untrusted caller); False means it has answered already (407...). `is_local(uri)`
+        says whether we serve the R-URI's domain."""
         self.clock = clock
         self.port = port
         self.silo = silo
@@ -213,7 +216,7 @@ class CallManager:
         uri = request.uri
         aor = self.aor_key(uri, self.settings.use_domain)
         callee = f"{uri.scheme}:{uri.user}@{uri.host}"
-        call = Call(self, request, stx, flow, aor, callee)
+        call = Call(self, request, stx, flow, aor, callee, ok if isinstance(ok, CallerTrust) else UNTRUSTED)
         if not self.silo.store(call):
             self._reject(stx, request, 486, "Busy Here")
             return
