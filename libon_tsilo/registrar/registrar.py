@@ -61,6 +61,8 @@ def aor_key(uri: URI, use_domain: bool) -> str:
         return user
     scheme = "sip" if uri.scheme in ("sip", "sips") else uri.scheme
     host = canonical_host(uri.host)
+    if ":" in host:  # IPv6: keyed as a URI writes it (and as keys were stored before)
+        host = f"[{host}]"
     return f"{scheme}:{user}@{host}" if user else f"{scheme}:{host}"
 
 

@@ -338,3 +338,9 @@ def test_ip_domain_spellings_are_served_under_one_key(host: str) -> None:
     assert env.register(["<sip:alice@192.0.2.10:40000>"], to=f"sip:alice@{host}").status == 200
     assert len(env.store.lookup("sip:alice@127.0.0.1")) == 1
     assert aor_key(URI.parse(f"sip:alice@{host}"), True) == "sip:alice@127.0.0.1"
+
+
+def test_ipv6_aor_keys_keep_their_brackets() -> None:
+    for host in ("[::1]", "[0:0::1]", "[0:0:0:0:0:0:0:1]"):
+        assert aor_key(URI.parse(f"sip:alice@{host}"), True) == "sip:alice@[::1]"
+    assert aor_key(URI.parse("sip:alice@[2001:DB8::1]"), True) == "sip:alice@[2001:db8::1]"
