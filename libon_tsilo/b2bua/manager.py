@@ -72,7 +72,7 @@ def _allow_all(request: Request, stx: Any, flow: Any) -> bool:
     return True
 
 
-def authorizer_from_policy(policy: Any) -> Callable[[Request, Any, Any], bool]:
+def authorizer_from_policy(policy: Any) -> Callable[[Request, Any, Any], CallerTrust | bool]:
     """The `authorize` hook over the registrar's AuthPolicy: its 407 (or 403) goes out as is; a
     pass says how far the caller is trusted (b2bua/identity.py)."""
 

@@ -71,6 +71,20 @@ def test_authenticated_caller_gets_the_identity_we_verified() -> None:
     assert (call.caller_uri, call.caller_name) == ("sip:alice@example.com", None)  # the push shows it too
 
 
+def test_an_asynchronous_authorize_carries_the_trust_too() -> None:
+    from twisted.internet.defer import Deferred
+
+    env = Env(header_allowlist=ALLOW_ALL)
+    env.location.add(binding(1))
+    pending: Deferred[Any] = Deferred()
+    env.mgr.authorize = lambda request, stx, flow: pending
+    env.invite(extra=SPOOFED)
+    assert env.port.invites() == []
+    pending.callback(CallerTrust(identity="sip:alice@example.com"))
+    [ctx] = env.port.invites()
+    assert ctx.request.header_values("P-Asserted-Identity") == ["<sip:alice@example.com>"]
+
+
 def _policy(**kw: Any) -> AuthPolicy:
     from twisted.internet.task import Clock
 
