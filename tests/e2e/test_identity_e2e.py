@@ -229,3 +229,41 @@ def test_wrong_passwords_from_one_source_end_in_403(start_sip_server):
     assert 'libon_tsilo_auth_limited_total{limit="source"} 1.0' in metrics, metrics
     assert "libon_tsilo_auth_failures_total 3.0" in metrics, metrics
     assert admin_rpc(server, "stats") is not None
+
+
+class _ClientFrom(SipClient):
+    """A SipClient on another loopback address (127.0.0.0/8 is all ours on Linux)."""
+
+    def __init__(self, server: ServerProcess, address: str) -> None:
+        self.server = server
+        self.transport = "udp"
+        self.buf = bytearray()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((address, 0))
+        self.port = self.sock.getsockname()[1]
+        self.call_id = uuid.uuid4().hex
+        self.cseq = 0
+        self.tag = uuid.uuid4().hex[:8]
+
+
+def test_a_guessed_user_is_throttled_for_new_addresses_only(start_sip_server):
+    extra = _config({"enabled": True, "failed_per_source": 100, "failed_per_user": 4, "failed_block": 60})
+    server = start_sip_server(extra=extra, tls=False)
+    add_user(server, "alice", "secret")
+    phone = _ClientFrom(server, "127.0.0.1")
+    assert phone.register("alice", auth=("alice", "secret", "SHA-256")).status == 200
+    for i in range(4):  # a distributed guesser: one wrong password per address
+        guesser = _ClientFrom(server, f"127.0.0.{i + 2}")
+        assert guesser.register("alice", auth=("alice", "wrong", "SHA-256")).status == 401
+        guesser.close()
+    newcomer = _ClientFrom(server, "127.0.0.20")
+    assert newcomer.register("alice", auth=("alice", "secret", "SHA-256")).status == 403
+    newcomer.close()
+    # alice's phone, known from before, is not locked out
+    assert phone.register("alice", auth=("alice", "secret", "SHA-256")).status == 200
+    phone.close()
+    assert "user alice throttled for 60 s after 4 failed digest attempts" in server.output()
+    port = int(server.sections["admin"]["listen"].split(":")[1])
+    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as resp:
+        metrics = resp.read().decode()
+    assert 'libon_tsilo_auth_limited_total{limit="user"} 1.0' in metrics, metrics
