@@ -143,7 +143,9 @@ class AuthPolicy:
             addr = ipaddress.ip_address(flow.key.remote[0].strip("[]"))
         except ValueError:
             return False
-        return any(addr in net for net in self._trusted)
+        # a dual-stack socket shows an IPv4 peer as ::ffff:a.b.c.d; the networks are written in IPv4
+        mapped = getattr(addr, "ipv4_mapped", None)
+        return any((mapped or addr) in net or addr in net for net in self._trusted)
 
     def stop(self) -> None:
         self.nonce_counts.stop()

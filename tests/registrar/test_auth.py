@@ -161,6 +161,15 @@ def test_trusted_source_exempt() -> None:
     assert env.register(["<sip:alice@h2>"], cseq=2).status == 401  # from elsewhere
 
 
+@pytest.mark.parametrize("remote,trusted", [
+    ("::ffff:198.51.100.7", True), ("[::ffff:198.51.100.7]", True), ("::ffff:203.0.113.7", False),
+    ("2001:db8::7", True), ("2001:db9::7", False),
+])
+def test_trusted_source_in_any_spelling(remote: str, trusted: bool) -> None:
+    env = AuthEnv(trusted_sources=["198.51.100.0/24", "2001:db8::/32"])
+    assert env.policy.is_trusted(FakeFlow(key=FakeFlowKey(remote=(remote, 5060)))) is trusted
+
+
 def test_disabled_auth() -> None:
     env = AuthEnv(enabled=False)
     assert env.register(["<sip:alice@h>"]).status == 200
