@@ -234,6 +234,30 @@ def _add_sip_stack(root: LibonTsiloService, parts: Parts) -> None:
     _attach(root, parts.transactions)
 
 
+def _add_limits(root: LibonTsiloService, parts: Parts) -> None:
+    """[limits]: the per-source request limiter at the transaction layer's entry (sip/limits.py).
+
+    parts.extra["limits"] lists every object with a ``limit_hits()`` (the /metrics counters);
+    parts.extra["limit_exempt"] is the exempt-source filter the call layer's limits share.
+    """
+    from libon_tsilo.sip.limits import SourceFilter, SourceLimiter
+
+    cfg = parts.config.limits
+    exempt = SourceFilter([*cfg.exempt_sources, *parts.config.auth.trusted_sources])
+    parts.extra["limit_exempt"] = exempt
+    parts.extra.setdefault("limits", [])
+    if parts.transactions is None or cfg.requests_per_second <= 0:
+        return
+    transport = parts.transport
+    limiter = SourceLimiter(
+        parts.clock, cfg.requests_per_second, cfg.burst, cfg.ban_time, exempt, cfg.max_sources,
+        respond=lambda resp, flow: transport.send_response(resp, flow),  # late: metrics wrap it
+    )
+    parts.transactions.admit = limiter.admit
+    parts.extra["source_limiter"] = limiter
+    parts.extra["limits"].append(limiter)
+
+
 class LocationService(Service):
     """Restores the bindings at start; flushes them to disk and stops the expiry timer at stop."""
 
@@ -344,7 +368,9 @@ def _add_push(root: LibonTsiloService, parts: Parts) -> None:
         on_push=getattr(metrics, "observe_push", None),
         on_push_to_register=getattr(metrics, "observe_push_to_register", None),
         close_grace=float(parts.config.calls.ring_timeout) + 5.0,
+        pushes_per_device_per_minute=parts.config.limits.pushes_per_device_per_minute,
     )
+    parts.extra.setdefault("limits", []).append(waker)
     if parts.location is not None:
         parts.location.subscribe(waker)
 
@@ -514,6 +540,7 @@ def _is_reactor(clock: Any) -> bool:
 WIRING: list[Callable[[LibonTsiloService, Parts], None]] = [
     _add_threadpool,
     _add_sip_stack,
+    _add_limits,
     _add_registrar,
     _add_silo,
     _add_push,
