@@ -318,7 +318,8 @@ def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
 def _add_silo(root: LibonTsiloService, parts: Parts) -> None:
     from libon_tsilo.silo.silo import Silo
 
-    parts.silo = Silo(parts.clock, parts.location, max_pending_per_aor=parts.config.calls.max_pending_per_aor)
+    parts.silo = Silo(parts.clock, parts.location, max_pending_per_aor=parts.config.calls.max_pending_per_aor,
+                      max_total=parts.config.limits.max_parked_total)
     if parts.location is not None:
         parts.location.subscribe(parts.silo)
 
@@ -424,6 +425,12 @@ def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
     kwargs: dict[str, Any] = {}
     if auth is not None:
         kwargs["authorize"] = authorizer_from_policy(auth)
+        kwargs["user_exists"] = auth.users.exists  # the users database: unknown users get 404 at once
+    if cfg.limits.max_parked_per_source > 0:
+        from libon_tsilo.b2bua.admission import CallerSources
+
+        exempt = parts.extra.get("limit_exempt", ())
+        kwargs["sources"] = CallerSources(cfg.limits.max_parked_per_source, exempt)
     parts.b2bua = CallManager(
         parts.clock,
         TransactionPort(parts.transactions, parts.clock),
@@ -434,6 +441,7 @@ def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
         is_local=lambda uri: uri.host.lower().rstrip(".") in domains,
         **kwargs,
     )
+    parts.extra.setdefault("limits", []).append(parts.b2bua)
     if parts.transport is not None:
         parts.transport.flows.subscribe_close(parts.b2bua.flow_closed)
 
