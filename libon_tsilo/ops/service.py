@@ -483,9 +483,11 @@ def _add_manhole(root: LibonTsiloService, parts: Parts) -> None:
         cfg.listen, make_namespace(root, parts, rpc), host_key,
         authorized_keys=cfg.authorized_keys, passwords=cfg.passwords,
         reactor=parts.clock if _is_reactor(parts.clock) else None,
+        max_failures=parts.config.limits.manhole_max_failures, ban_time=parts.config.limits.manhole_ban_time,
     )
     svc.setServiceParent(root)
     parts.extra["manhole"] = svc
+    parts.extra.setdefault("limits", []).append(svc.guard)
 
 
 def _ops_tools(root: LibonTsiloService, parts: Parts) -> Any:
