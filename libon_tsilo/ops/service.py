@@ -521,7 +521,10 @@ def _add_admin(root: LibonTsiloService, parts: Parts) -> None:
     parts.extra["metrics_registry"] = registry
     if not cfg.token:
         log.warn("admin API: no [admin] token set: /rpc answers loopback clients only")
-    resource = AdminResource(rpc, registry, token=cfg.token, metrics_public=cfg.metrics_public)
+    resource = AdminResource(
+        rpc, registry, token=cfg.token, metrics_public=cfg.metrics_public, clock=parts.clock
+    )
+    parts.extra.setdefault("limits", []).append(resource)  # cross-site requests refused
     svc = AdminService(cfg.listen, resource, reactor=parts.clock if _is_reactor(parts.clock) else None)
     svc.setServiceParent(root)
     parts.extra["admin"] = svc
