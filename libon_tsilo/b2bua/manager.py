@@ -221,8 +221,6 @@ class CallManager:
             self._reject(stx, request, 404, "Not Found")
             return
         _ = (request.from_, request.to, request.cseq)  # parse now: a bad header is a 400 here
-        if self.user_exists is not None and not self._reachable(request, stx, uri):
-            return
         decision = self.authorize(request, stx, flow)
         if isinstance(decision, Deferred):
             decision.addCallback(lambda ok: self._authorized(ok, request, stx, flow))
@@ -259,6 +257,9 @@ class CallManager:
             self._reject(stx, request, 482, "Loop Detected")
             return
         uri = request.uri
+        # after digest: a local caller learns nothing about our users before it authenticates
+        if self.user_exists is not None and not self._reachable(request, stx, uri):
+            return
         aor = self.aor_key(uri, self.settings.use_domain)
         callee = f"{uri.scheme}:{uri.user}@{uri.host}"
         if self.silo.at_capacity():

@@ -145,3 +145,19 @@ def test_a_broken_users_db_does_not_refuse_calls() -> None:
 
     env = make(user_exists=broken)
     assert invite_from(env, "c1").statuses == []
+
+
+def test_a_local_caller_is_challenged_before_it_learns_whether_the_user_exists() -> None:
+    from types import SimpleNamespace
+
+    from libon_tsilo.b2bua.manager import authorizer_from_policy
+    from libon_tsilo.sip.message import make_response
+
+    class Policy:
+        def check(self, request: Any, flow: Any, kind: str) -> Any:
+            return SimpleNamespace(response=make_response(request, 407, to_tag="t"))
+
+    env = make(user_exists=lambda user: False)
+    env.mgr.authorize = authorizer_from_policy(Policy())
+    assert invite_from(env, "c1", ruri="sip:nobody@example.com").statuses == [407]
+    assert env.mgr.limit_hits()["unknown_user"] == 0
