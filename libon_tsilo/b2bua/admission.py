@@ -55,9 +55,6 @@ class CallerSources:
         else:
             del self._counts[source]
 
-    def pending(self, source: str) -> int:
-        return self._counts.get(source, 0)
-
     def __len__(self) -> int:
         """Calls counted now (tests assert it returns to 0)."""
         return len(self._source_of)

@@ -11,15 +11,15 @@ either or both:
   ``scrypt$<n>$<r>$<p>$<salt, base64>$<key, base64>`` (hashlib.scrypt, 32-byte key). Make a line with
   ``python -m libon_tsilo.ops.manhole hash USER`` (prompts for the password).
 
-Both files are re-read at every login, so editing them needs no restart or SIGHUP.
+Both files are re-read at every login, so editing them needs no restart or SIGHUP. The host key is
+kept in ``manhole_host_key`` (ed25519, OpenSSH format, mode 0600) in the state directory (the one
+holding ``[location] path``), created on first start.
 
 Password guessing is limited per source address ([limits] manhole_max_failures within
 manhole_ban_time seconds, :class:`LoginGuard`): a source at the limit is disconnected before any
-password is checked, and its new connections are closed at once, until its oldest failure is
-manhole_ban_time old. Failed public keys do not count: a client tries each key of its agent in turn,
-and keys cannot be guessed. The host key is
-kept in ``manhole_host_key`` (ed25519, OpenSSH format, mode 0600) in the state directory (the one
-holding ``[location] path``), created on first start.
+password is checked (no scrypt spent on it), and its new connections are closed at once, until its
+oldest failure is manhole_ban_time old. Failed public keys do not count: a client offers each key of
+its agent in turn, and keys cannot be guessed.
 
 The shell's namespace: ``service`` (the root service), ``parts``, ``config``, ``registrar``,
 ``location``, ``silo``, ``calls`` (the CallManager), ``push`` (the push waker, if any), ``rpc``,
