@@ -90,8 +90,9 @@ IN_DIALOG = (
 )
 
 
-def build(stage: str) -> dict[str, Any]:
-    """The service tree with a fake UDP socket; returns what the scenarios need."""
+def build(stage: str, limits: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The service tree with a fake UDP socket; returns what the scenarios need. ``limits``: a
+    [limits] section (bench/flood.py)."""
     from twisted.internet import asyncioreactor
 
     if "twisted.internet.reactor" not in sys.modules:
@@ -114,6 +115,7 @@ def build(stage: str) -> dict[str, Any]:
         # --limits-on: every request pays the per-source limiter's token bucket (never biting)
         **({"limits": {"exempt_sources": [], "requests_per_second": 1e9, "burst": 10**9}}
            if os.environ.get("INPROC_LIMITS_ON") else {}),
+        **({"limits": limits} if limits is not None else {}),
     })
     root = make_service(cfg, clock=reactor)
     tune_gc()  # as the twistd entry point does (libon_tsilo/ops/tap.py)
