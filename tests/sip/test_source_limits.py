@@ -6,6 +6,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from libon_tsilo.sip.limits import ALLOW, DROP, REFUSE, SourceFilter, SourceLimiter, source_key
+from libon_tsilo.sip.message import parse_message
 from tests.sip.fakes import Env, FakeFlow, request_text
 
 
@@ -167,3 +168,20 @@ def test_the_refusal_is_logged_once_per_interval():
         globalLogPublisher.removeObserver(events.append)
     lines = [e for e in events if "requests/s" in e.get("log_format", "")]
     assert len(lines) == 1 and lines[0]["source"] == "192.0.2.1"
+
+
+def test_a_banned_source_still_gets_its_responses_delivered():
+    """Responses belong to our own transactions (a call in progress): a ban never drops them."""
+    from tests.sip.fakes import FakeTarget, response_text
+
+    env, lim = _env_with_limiter()
+    peer = FakeFlow(remote=("192.0.2.9", 5060))
+    for i in range(7):
+        env.feed(_options(i), peer)
+    assert "192.0.2.9" in lim.banned()
+    got = []
+    invite = parse_message(request_text("INVITE", branch="z9hG4bKout1", via_host="127.0.0.1:5060").encode())
+    ctx = env.layer.send_request(invite, FakeTarget("udp", "192.0.2.9"), None, got.append)
+    env.feed(response_text(ctx.request, 180), peer)
+    env.feed(response_text(ctx.request, 486), peer)
+    assert [r.status for r in got] == [180, 486]
