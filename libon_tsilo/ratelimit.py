@@ -6,6 +6,8 @@
   comes, and when the table is still full the least recently used key is evicted (and counted).
 - :class:`ThrottledLog`: a log line for a limit that bites, at most once per interval, saying how
   many similar events it did not log: a flood must not turn into a flood of log lines.
+- :class:`LoginGuard`: failed logins per source address over a sliding window; a source at the
+  limit is refused until its oldest failure leaves the window (manhole passwords, admin tokens).
 
 Time is always ``clock.seconds()`` of an injected ``IReactorTime`` (tests drive a ``Clock``).
 """
@@ -17,8 +19,11 @@ from collections.abc import Hashable
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
-__all__ = ["SlidingWindow", "ThrottledLog"]
+__all__ = ["SlidingWindow", "ThrottledLog", "LoginGuard"]
+
+log = Logger()
 
 
 class SlidingWindow:
@@ -106,3 +111,32 @@ class ThrottledLog:
             self.suppressed = 0
         method(fmt, **kwargs)
         return True
+
+
+class LoginGuard:
+    """Failed logins per source address; a source with ``max_failures`` of them within ``window``
+    seconds is refused (``blocked``) until the oldest is ``window`` seconds old. ``name`` labels its
+    log line and its ``limit_hits`` counter (e.g. "manhole_login")."""
+
+    def __init__(self, clock: IReactorTime, name: str, max_failures: int = 5, window: float = 300.0) -> None:
+        self.name = name
+        self.failures = SlidingWindow(clock, max_failures, window, max_keys=10_000)
+        self.refused = 0
+        self._log = ThrottledLog(clock)
+
+    def blocked(self, host: str) -> bool:
+        return self.failures.full(host)
+
+    def failed(self, host: str) -> None:
+        self.failures.add(host)
+
+    def refuse(self, host: str) -> None:
+        """Count (and log, throttled) one attempt refused because ``host`` is blocked."""
+        self.refused += 1
+        self._log.emit(
+            log.warn, "{name}: {host} refused: {n} failed logins within {window:g}s",
+            name=self.name, host=host, n=self.failures.limit, window=self.failures.window,
+        )
+
+    def limit_hits(self) -> dict[str, int]:
+        return {self.name: self.refused}

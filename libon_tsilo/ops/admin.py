@@ -11,7 +11,9 @@ Off unless ``[admin] listen`` is set (a Twisted endpoint string, e.g. ``tcp:8080
 
 Authentication: ``Authorization: Bearer <[admin] token>``. Without a configured token the RPCs are
 only served to loopback clients. ``/metrics`` needs no token from loopback clients, nor from anyone
-with ``[admin] metrics_public = true``; other clients need the token there too.
+with ``[admin] metrics_public = true``; other clients need the token there too. A client that sent
+``[limits] login_max_failures`` wrong tokens within ``login_ban_time`` seconds gets 429 (with
+Retry-After) until the oldest of them is that old, whatever it sends.
 
 Cross-site requests: a browser on the operator's machine is a loopback client, so without a token
 any web page it visits could POST to ``/rpc/ul.rm``. Every ``/rpc`` request is therefore refused
@@ -40,7 +42,7 @@ from twisted.web.server import Request, Site
 from libon_tsilo.ops.listener import EndpointListener
 from libon_tsilo.ops.metrics import CONTENT_TYPE, render
 from libon_tsilo.ops.rpc import Rpc, RpcError
-from libon_tsilo.ratelimit import ThrottledLog
+from libon_tsilo.ratelimit import LoginGuard, ThrottledLog
 
 __all__ = ["AdminResource", "AdminService", "is_loopback"]
 
@@ -85,7 +87,8 @@ class AdminResource(Resource):
     isLeaf = True
 
     def __init__(
-        self, rpc: Rpc, registry: Any, token: str = "", metrics_public: bool = False, clock: Any = None
+        self, rpc: Rpc, registry: Any, token: str = "", metrics_public: bool = False, clock: Any = None,
+        max_failures: int = 5, ban_time: float = 300.0,
     ) -> None:
         super().__init__()
         self.rpc = rpc
@@ -93,7 +96,9 @@ class AdminResource(Resource):
         self.token = token
         self.metrics_public = metrics_public
         self._refused_cross_site = 0
-        self._cross_site_log = ThrottledLog(clock if clock is not None else _WallClock())
+        clock = clock if clock is not None else _WallClock()
+        self._cross_site_log = ThrottledLog(clock)
+        self.guard = LoginGuard(clock, "admin_token", max_failures, ban_time)  # wrong bearer tokens
 
     # -- twisted.web entry point ---------------------------------------------------------------
 
@@ -160,7 +165,15 @@ class AdminResource(Resource):
         scheme, _, value = header.strip().partition(" ")
         if scheme.lower() != "bearer":
             return False
-        return hmac.compare_digest(value.strip().encode(), self.token.encode())
+        host = _client_host(request) or "?"
+        if self.guard.blocked(host):
+            self.guard.refuse(host)
+            window = int(self.guard.failures.window)
+            raise _HttpError(429, "too many wrong tokens", {b"retry-after": str(window).encode()})
+        if hmac.compare_digest(value.strip().encode(), self.token.encode()):
+            return True
+        self.guard.failed(host)  # a guess (a missing token is not: scrapers without one retry forever)
+        return False
 
     def _check_auth(self, request: Request) -> None:
         if self._bearer_ok(request):
@@ -192,7 +205,7 @@ class AdminResource(Resource):
             raise _HttpError(403, "cross-site request refused")
 
     def limit_hits(self) -> dict[str, int]:
-        return {"admin_cross_site": self._refused_cross_site}
+        return {"admin_cross_site": self._refused_cross_site, **self.guard.limit_hits()}
 
     def _check_metrics_auth(self, request: Request) -> None:
         if self.metrics_public or is_loopback(_client_host(request)) or self._bearer_ok(request):

@@ -403,8 +403,8 @@ class LimitsConfig:
     pushes_per_device_per_minute: int = _opt(10, _int_range(0))  # call pushes; 0 = off
     max_parked_per_source: int = _opt(20, _int_range(0))  # unanswered calls; 0 = off
     max_parked_total: int = _opt(20_000, _int_range(0))  # 0 = off
-    manhole_max_failures: int = _opt(5, _int_range(1))  # failed password logins per source...
-    manhole_ban_time: int = _opt(300, _int_range(1, 86400))  # ...within this many seconds
+    login_max_failures: int = _opt(5, _int_range(1))  # manhole passwords, admin tokens per source...
+    login_ban_time: int = _opt(300, _int_range(1, 86400))  # ...that fail within this many seconds
 
 
 @dataclass(frozen=True)

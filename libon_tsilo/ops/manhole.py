@@ -15,10 +15,10 @@ Both files are re-read at every login, so editing them needs no restart or SIGHU
 kept in ``manhole_host_key`` (ed25519, OpenSSH format, mode 0600) in the state directory (the one
 holding ``[location] path``), created on first start.
 
-Password guessing is limited per source address ([limits] manhole_max_failures within
-manhole_ban_time seconds, :class:`LoginGuard`): a source at the limit is disconnected before any
+Password guessing is limited per source address ([limits] login_max_failures within
+login_ban_time seconds, ``ratelimit.LoginGuard``): a source at the limit is disconnected before any
 password is checked (no scrypt spent on it), and its new connections are closed at once, until its
-oldest failure is manhole_ban_time old. Failed public keys do not count: a client offers each key of
+oldest failure is login_ban_time old. Failed public keys do not count: a client offers each key of
 its agent in turn, and keys cannot be guessed.
 
 The shell's namespace: ``service`` (the root service), ``parts``, ``config``, ``registrar``,
@@ -59,11 +59,10 @@ from zope.interface import implementer
 
 from libon_tsilo.ops.listener import EndpointListener
 from libon_tsilo.ops.rpc import Rpc, RpcError
-from libon_tsilo.ratelimit import SlidingWindow, ThrottledLog
+from libon_tsilo.ratelimit import LoginGuard
 
 __all__ = [
     "ManholeService",
-    "LoginGuard",
     "PasswordFileChecker",
     "AuthorizedKeysFile",
     "hash_password",
@@ -226,32 +225,6 @@ class _LoggingKeyChecker(SSHPublicKeyChecker):
 
 # ---------------------------------------------------------------------------------------------
 # failed logins per source
-
-
-class LoginGuard:
-    """Failed password logins per source address; a source with ``max_failures`` of them within
-    ``window`` seconds is refused until the oldest is ``window`` seconds old."""
-
-    def __init__(self, clock: Any, max_failures: int = 5, window: float = 300.0) -> None:
-        self.failures = SlidingWindow(clock, max_failures, window, max_keys=10_000)
-        self.refused = 0
-        self._log = ThrottledLog(clock)
-
-    def blocked(self, host: str) -> bool:
-        return self.failures.full(host)
-
-    def failed(self, host: str) -> None:
-        self.failures.add(host)
-
-    def refuse(self, host: str) -> None:
-        self.refused += 1
-        self._log.emit(
-            log.warn, "manhole: {host} refused: {n} failed password logins within {window:g}s",
-            host=host, n=self.failures.limit, window=self.failures.window,
-        )
-
-    def limit_hits(self) -> dict[str, int]:
-        return {"manhole_login": self.refused}
 
 
 def _peer_host(transport: Any) -> str:
@@ -429,7 +402,7 @@ class ManholeService(EndpointListener):
             from twisted.internet import reactor as clock
         else:
             clock = reactor
-        self.guard = LoginGuard(clock, max_failures, ban_time)
+        self.guard = LoginGuard(clock, "manhole_login", max_failures, ban_time)
         self.factory = _GuardedConchFactory(portal.Portal(realm, checkers))
         self.factory.guard = self.guard
         auth_service = type("_UserAuth", (_GuardedUserAuth,), {"guard": self.guard})

@@ -483,7 +483,7 @@ def _add_manhole(root: LibonTsiloService, parts: Parts) -> None:
         cfg.listen, make_namespace(root, parts, rpc), host_key,
         authorized_keys=cfg.authorized_keys, passwords=cfg.passwords,
         reactor=parts.clock if _is_reactor(parts.clock) else None,
-        max_failures=parts.config.limits.manhole_max_failures, ban_time=parts.config.limits.manhole_ban_time,
+        max_failures=parts.config.limits.login_max_failures, ban_time=parts.config.limits.login_ban_time,
     )
     svc.setServiceParent(root)
     parts.extra["manhole"] = svc
@@ -521,10 +521,12 @@ def _add_admin(root: LibonTsiloService, parts: Parts) -> None:
     parts.extra["metrics_registry"] = registry
     if not cfg.token:
         log.warn("admin API: no [admin] token set: /rpc answers loopback clients only")
+    limits = parts.config.limits
     resource = AdminResource(
-        rpc, registry, token=cfg.token, metrics_public=cfg.metrics_public, clock=parts.clock
+        rpc, registry, token=cfg.token, metrics_public=cfg.metrics_public, clock=parts.clock,
+        max_failures=limits.login_max_failures, ban_time=limits.login_ban_time,
     )
-    parts.extra.setdefault("limits", []).append(resource)  # cross-site requests refused
+    parts.extra.setdefault("limits", []).append(resource)  # cross-site requests, wrong tokens
     svc = AdminService(cfg.listen, resource, reactor=parts.clock if _is_reactor(parts.clock) else None)
     svc.setServiceParent(root)
     parts.extra["admin"] = svc

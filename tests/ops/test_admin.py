@@ -322,7 +322,7 @@ async def test_cross_site_form_post_no_longer_removes_the_binding(open_admin):
     code, _ = await raw_http(svc, "POST", "/rpc/ul.rm?aor=alice", {"Origin": "null"})
     assert code == 403
     assert parts.location.all_count() == 1
-    assert resource.limit_hits() == {"admin_cross_site": 3}
+    assert resource.limit_hits()["admin_cross_site"] == 3
 
 
 @pytest_twisted.ensureDeferred
@@ -376,3 +376,43 @@ def test_origin_and_host_spellings():
     assert _origin_authority("null") is None and _origin_authority("http://a/b") is None
     assert all(_is_local_name(h) for h in ("localhost", "localhost:8080", "127.0.0.1:1", "[::1]:8080", "::1"))
     assert not any(_is_local_name(h) for h in ("evil.example", "evil.example:8080", "127.0.0.1.nip.io:80"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_token_guessing_gets_429_after_the_limit(admin):
+    svc, _parts, _clock = admin
+    resource = svc.resource
+    for n in range(5):  # the default login_max_failures
+        code, _, _ = await http(svc, "GET", "/rpc/stats", token=f"guess-{n}")
+        assert code == 401
+    code, headers, body = await http(svc, "GET", "/rpc/stats")  # even the right token, from this address
+    assert code == 429 and headers["retry-after"] == ["300"]
+    assert js(body)["error"]["message"] == "too many wrong tokens"
+    assert resource.limit_hits()["admin_token"] == 1
+    # a missing token is not a guess
+    code, _, _ = await http(svc, "GET", "/metrics", token=None)
+    assert code == 200  # loopback
+
+
+def test_token_guard_lets_a_source_back_when_its_failures_age_out():
+    from types import SimpleNamespace
+
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    rpc = SimpleNamespace(methods={})
+    resource = AdminResource(rpc, None, token=TOKEN, clock=clock, max_failures=2, ban_time=60)  # type: ignore[arg-type]
+
+    def ask(token: str) -> int:
+        request = DummyRequest([b"rpc"])
+        request.client = IPv4Address("TCP", "192.0.2.1", 1234)
+        request.requestHeaders.addRawHeader(b"authorization", f"Bearer {token}".encode())
+        request.requestHeaders.addRawHeader(b"host", b"admin.example")
+        request.method = b"GET"
+        request.path = b"/rpc/nope"
+        resource.render(request)
+        return request.responseCode
+
+    assert [ask("a"), ask("b"), ask(TOKEN)] == [401, 401, 429]
+    clock.advance(60)
+    assert ask(TOKEN) == 404  # let back in: the token is good, the method is unknown

@@ -339,7 +339,7 @@ def test_limits_defaults_suit_a_real_server():
     assert limits.exempt_sources == ("127.0.0.0/8", "::1/128")
     assert (limits.max_parked_per_source, limits.max_parked_total) == (20, 20_000)
     assert limits.pushes_per_device_per_minute == 10
-    assert (limits.manhole_max_failures, limits.manhole_ban_time) == (5, 300)
+    assert (limits.login_max_failures, limits.login_ban_time) == (5, 300)
 
 
 @pytest.mark.parametrize(
@@ -353,8 +353,8 @@ def test_limits_defaults_suit_a_real_server():
         ({"limits": {"pushes_per_device_per_minute": -1}}, "limits.pushes_per_device_per_minute: must be >= 0, got -1"),
         ({"limits": {"max_parked_per_source": -1}}, "limits.max_parked_per_source: must be >= 0, got -1"),
         ({"limits": {"max_parked_total": "many"}}, 'limits.max_parked_total: expected an integer, got string "many"'),
-        ({"limits": {"manhole_max_failures": 0}}, "limits.manhole_max_failures: must be >= 1, got 0"),
-        ({"limits": {"manhole_ban_time": 0}}, "limits.manhole_ban_time: must be >= 1, got 0"),
+        ({"limits": {"login_max_failures": 0}}, "limits.login_max_failures: must be >= 1, got 0"),
+        ({"limits": {"login_ban_time": 0}}, "limits.login_ban_time: must be >= 1, got 0"),
     ],
 )
 def test_limits_bad_values(data, expected):

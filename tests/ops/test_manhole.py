@@ -293,16 +293,16 @@ def test_ssh_wrong_credentials_get_nothing(manhole_server):
     assert "password login refused for ops" in server.output()
 
 
-# --- failed logins per source ([limits] manhole_max_failures / manhole_ban_time) --------------
+# --- failed logins per source ([limits] login_max_failures / login_ban_time) --------------
 
 
 def test_login_guard_blocks_a_source_until_its_failures_age_out():
     from twisted.internet.task import Clock
 
-    from libon_tsilo.ops.manhole import LoginGuard
+    from libon_tsilo.ratelimit import LoginGuard
 
     clock = Clock()
-    guard = LoginGuard(clock, max_failures=3, window=300)
+    guard = LoginGuard(clock, "manhole_login", max_failures=3, window=300)
     for _ in range(2):
         guard.failed("192.0.2.1")
         clock.advance(10)
@@ -334,7 +334,7 @@ def guarded_manhole(tmp_path):
                 "passwords": str(tmp_path / "passwords"),
             },
             "auth": {"enabled": False},
-            "limits": {"manhole_max_failures": 2, "manhole_ban_time": 600},
+            "limits": {"login_max_failures": 2, "login_ban_time": 600},
         },
     )
     yield server, port, good, tmp_path
@@ -355,5 +355,5 @@ def test_ssh_password_guessing_is_refused_after_the_limit(guarded_manhole):
     proc = subprocess.run(ssh_args(port, "op", good), input=b"1 + 41\r", capture_output=True, timeout=30)
     assert proc.returncode == 255 and b"42" not in proc.stdout
     out = server.output()
-    assert "failed password logins within 600s" in out, out[-3000:]
+    assert "manhole_login: 127.0.0.1 refused: 2 failed logins within 600s" in out, out[-3000:]
     assert "ops logged in" not in out and "op logged in" not in out
