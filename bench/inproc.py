@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/inproc.py [--n 5000] [--scenario register|call|all]
     .venv/bin/python bench/inproc.py --icount [--n 300]          # deterministic, under valgrind
+    .venv/bin/python bench/inproc.py --limits-on ...             # loopback not exempt from [limits]
 
 The service tree is built with ``make_service`` (asyncio reactor, memory location store, auth
 off, log level warn), as bench/common.py runs it. Datagrams go straight into the transport's
@@ -89,8 +90,9 @@ IN_DIALOG = (
 )
 
 
-def build(stage: str) -> dict[str, Any]:
-    """The service tree with a fake UDP socket; returns what the scenarios need."""
+def build(stage: str, limits: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The service tree with a fake UDP socket; returns what the scenarios need. ``limits``: a
+    [limits] section (bench/flood.py)."""
     from twisted.internet import asyncioreactor
 
     if "twisted.internet.reactor" not in sys.modules:
@@ -110,6 +112,10 @@ def build(stage: str) -> dict[str, Any]:
         "location": {"backend": "memory"},
         "log": {"level": "warn", "format": "text"},
         "calls": {"ring_timeout": 30, "invite_cancel_grace": 0},
+        # --limits-on: every request pays the per-source limiter's token bucket (never biting)
+        **({"limits": {"exempt_sources": [], "requests_per_second": 1e9, "burst": 10**9}}
+           if os.environ.get("INPROC_LIMITS_ON") else {}),
+        **({"limits": limits} if limits is not None else {}),
     })
     root = make_service(cfg, clock=reactor)
     tune_gc()  # as the twistd entry point does (libon_tsilo/ops/tap.py)
@@ -283,12 +289,16 @@ def main() -> None:
     p.add_argument("--scenario", choices=("register", "call", "all"), default="all")
     p.add_argument("--n", type=int, default=None, help="messages (calls) per stage: 5000, 1000 with --icount")
     p.add_argument("--icount", action="store_true", help="instructions per message under callgrind")
+    p.add_argument("--limits-on", action="store_true",
+                   help="charge loopback to the per-source limiter too (exempt by default)")
     p.add_argument("--child", nargs=3, metavar=("SCENARIO", "STAGE", "N"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         scenario, stage, n = args.child
         print(run_stage(scenario, stage, int(n)))
         return
+    if args.limits_on:
+        os.environ["INPROC_LIMITS_ON"] = "1"  # the child processes build the service tree
     n = args.n or (1000 if args.icount else 5000)
     unit = {"register": "REGISTER", "call": "call"}
     for scenario, stage in stages(args.scenario):

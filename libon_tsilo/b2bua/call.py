@@ -531,6 +531,7 @@ class Call:
         As in Kamailio the entry stays listed until the call ends, unless pushed iOS devices are
         still expected: then it moves to the silo's grace table for their Invite/Cancel.
         """
+        self.mgr.release_source(self)
         grace = self.mgr.settings.invite_cancel_grace
         wanting = {k: b for k, b in self.woken.items() if self.mgr.invite_cancel_wanted(b)}
         self.woken = wanting

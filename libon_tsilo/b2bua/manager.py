@@ -5,6 +5,14 @@ Tables (all dicts, never scanned per message):
 - `dialogs`: (Call-ID, our tag) -> (Call, leg), for every leg of every live call;
 - `flows`: flow id -> Call-IDs whose legs depend on that connection.
 Tests assert all three (and the silo) are empty after every scenario.
+
+Before a call is stored (limits against INVITE floods, [limits] in the config):
+- with a users database (`user_exists`), an AOR with no binding at all is answered at once: 404
+  when the user does not exist, 480 when it does but no device can be woken (no waker configured);
+  parking is for users a push or a REGISTER can still bring;
+- a full silo (`Silo.at_capacity`, max_parked_total) and a caller source with too many unanswered
+  calls (`CallerSources`, max_parked_per_source) get 503 with Retry-After: the server, not the
+  callee, is what is short (RFC 3261 §21.5.4); 486 stays the callee-side answer (max_pending_per_aor).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from libon_tsilo.b2bua.admission import CallerSources
 from libon_tsilo.b2bua.call import Call
 from libon_tsilo.b2bua.identity import UNTRUSTED, CallerTrust
 from libon_tsilo.b2bua.legs import BLeg
@@ -23,6 +32,7 @@ from libon_tsilo.b2bua.ports import SipPort, hop_of_flow
 from libon_tsilo.b2bua.states import Parked
 from libon_tsilo.b2bua.waker import LoggingWaker, Waker
 from libon_tsilo import logflags
+from libon_tsilo.ratelimit import ThrottledLog
 from libon_tsilo.registrar.registrar import aor_key as registrar_aor_key
 from libon_tsilo.silo.silo import Silo
 from libon_tsilo.sip.errors import ParseError
@@ -31,6 +41,8 @@ from libon_tsilo.sip.message import Request, Response, make_response
 __all__ = ["CallManager", "CallSettings", "default_aor_key", "authorizer_from_policy"]
 
 log = Logger()
+
+_REASONS = {404: "Not Found", 480: "Temporarily Unavailable", 503: "Service Unavailable"}
 
 DEFAULT_ALLOWLIST = (
     "Subject", "Priority", "Accept", "Accept-Language", "Allow", "Supported", "User-Agent",
@@ -98,10 +110,14 @@ class CallManager:
         authorize: Callable[[Request, Any, Any], Any] = _allow_all,
         is_local: Callable[[Any], bool] | None = None,
         aor_key: Callable[[Any, bool], str] = default_aor_key,
+        sources: CallerSources | None = None,
+        user_exists: Callable[[str], bool] | None = None,
     ) -> None:
         """`authorize(request, stx, flow)` returns (or fires with) True or a CallerTrust to go on
         (True: an untrusted caller); False means it has answered already (407...). `is_local(uri)`
-        says whether we serve the R-URI's domain."""
+        says whether we serve the R-URI's domain. `sources` limits unanswered calls per caller
+        source; `user_exists(user)` (the users database) turns calls to users without any binding
+        into an immediate 404 / 480."""
         self.clock = clock
         self.port = port
         self.silo = silo
@@ -116,6 +132,12 @@ class CallManager:
         self.flows: dict[str, set[str]] = {}
         self.shutting_down = False
         self.counters: dict[str, int] = {"calls": 0, "answered": 0, "rejected": 0}
+        self.sources = sources
+        self.user_exists = user_exists
+        self.can_wake = waker is not None
+        limits = ("parked_per_source", "parked_total", "unknown_user", "unreachable_user")
+        self.limit_counters = dict.fromkeys(limits, 0)
+        self._limit_logs = {name: ThrottledLog(clock) for name in self.limit_counters}
 
     # -- tables --------------------------------------------------------------------------------
 
@@ -135,6 +157,7 @@ class CallManager:
     def forget(self, call: Call) -> None:
         if self.calls.get(call.call_id) is call:
             del self.calls[call.call_id]
+        self.release_source(call)
         self.unregister_leg(call.a)
         for leg in call.branches.values():
             self.unregister_leg(leg)
@@ -145,6 +168,11 @@ class CallManager:
                 ids.discard(call.call_id)
                 if not ids:
                     del self.flows[fid]
+
+    def release_source(self, call: Call) -> None:
+        """The caller has its answer (or the call ended): it no longer counts against its source."""
+        if self.sources is not None:
+            self.sources.release(call.call_id)
 
     def invite_cancel_wanted(self, binding: Any) -> bool:
         # the waker may know better (its [push] cancelled_ios_call may send a missed-call push instead)
@@ -203,6 +231,24 @@ class CallManager:
         else:
             self._authorized(decision, request, stx, flow)
 
+    def _reachable(self, request: Request, stx: Any, uri: Any) -> bool:
+        """False (answered 404 or 480) for a user with no binding who is unknown or cannot be woken."""
+        if self.location is None or self.location.lookup(self.aor_key(uri, self.settings.use_domain)):
+            return True
+        try:
+            known = self.user_exists(uri.user)  # type: ignore[misc]
+        except Exception:
+            log.failure("users database lookup failed", call_id=_call_id(request))
+            return True
+        if not known:
+            self._refuse(stx, request, "unknown_user", 404, "no such user {user}", user=uri.user)
+            return False
+        if not self.can_wake:
+            self._refuse(stx, request, "unreachable_user", 480, "{user} has no device and none can be woken",
+                         user=uri.user)
+            return False
+        return True
+
     def _auth_failed(self, failure: Any, request: Request, stx: Any) -> None:
         log.failure("authorization failed", failure, call_id=_call_id(request))
         self._reply(stx, request, 500, "Server Internal Error")
@@ -214,10 +260,21 @@ class CallManager:
             self._reject(stx, request, 482, "Loop Detected")
             return
         uri = request.uri
+        # after digest: a local caller learns nothing about our users before it authenticates
+        if self.user_exists is not None and not self._reachable(request, stx, uri):
+            return
         aor = self.aor_key(uri, self.settings.use_domain)
         callee = f"{uri.scheme}:{uri.user}@{uri.host}"
+        if self.silo.at_capacity():
+            self._refuse(stx, request, "parked_total", 503, "the silo holds {n} calls", n=self.silo.max_total)
+            return
         call = Call(self, request, stx, flow, aor, callee, ok if isinstance(ok, CallerTrust) else UNTRUSTED)
+        if self.sources is not None and not self.sources.admit(call.call_id, flow):
+            self._refuse(stx, request, "parked_per_source", 503, "{n} unanswered calls from {source}",
+                         n=self.sources.limit, source=self.sources.source_of(flow))
+            return
         if not self.silo.store(call):
+            self.release_source(call)
             self._reject(stx, request, 486, "Busy Here")
             return
         self.calls[call.call_id] = call
@@ -337,6 +394,28 @@ class CallManager:
         self.counters["rejected"] += 1
         log.info("INVITE rejected {status} {reason}", status=status, reason=reason, call_id=_call_id(request))
         self._reply(stx, request, status, reason)
+
+    def _refuse(self, stx: Any, request: Request, limit: str, status: int, why: str, **fields: Any) -> None:
+        """A call refused before it is stored: counted per limit, logged at most once per 10 s per limit
+        (a flood of INVITEs must not become a flood of log lines). A 503 says when to come back."""
+        self.counters["rejected"] += 1
+        self.limit_counters[limit] += 1
+        self._limit_logs[limit].emit(
+            log.warn if status == 503 else log.info, "INVITE refused {status} ({limit}): " + why,
+            status=status, limit=limit, call_id=_call_id(request), **fields,
+        )
+        if stx is None:
+            return
+        try:
+            resp = make_response(request, status, _REASONS[status])
+            if status == 503:
+                resp.add_header("Retry-After", str(max(1, int(self.settings.ring_timeout))))
+            self.port.respond(stx, resp)
+        except Exception:
+            log.failure("cannot send {status}", status=status, call_id=_call_id(request))
+
+    def limit_hits(self) -> dict[str, int]:
+        return dict(self.limit_counters)
 
     def _reply(self, stx: Any, request: Request, status: int, reason: str | None) -> None:
         if stx is None or request.method == "ACK":

@@ -3,14 +3,27 @@
 Off unless ``[admin] listen`` is set (a Twisted endpoint string, e.g. ``tcp:8080:interface=127.0.0.1``).
 
 * ``GET /rpc`` lists the RPC methods; ``GET|POST /rpc/<name>`` runs one (see ops/rpc.py). Parameters
-  come from the query string, a form body or a JSON object body. Mutating methods (``ul.rm``) need
-  POST. A success answers ``200 {"result": ...}``; a failure answers the RPC's status with
-  ``{"error": {"code": 404, "message": "RURI not found in tsilo table"}}``; never a traceback.
+  come from the query string or a JSON object body (``Content-Type: application/json``). Mutating
+  methods (``ul.rm``) need POST. A success answers ``200 {"result": ...}``; a failure answers the
+  RPC's status with ``{"error": {"code": 404, "message": "RURI not found in tsilo table"}}``; never
+  a traceback.
 * ``GET /metrics``: the Prometheus text format.
 
 Authentication: ``Authorization: Bearer <[admin] token>``. Without a configured token the RPCs are
 only served to loopback clients. ``/metrics`` needs no token from loopback clients, nor from anyone
-with ``[admin] metrics_public = true``; other clients need the token there too.
+with ``[admin] metrics_public = true``; other clients need the token there too. A client that sent
+``[limits] login_max_failures`` wrong tokens within ``login_ban_time`` seconds gets 429 (with
+Retry-After) until the oldest of them is that old, whatever it sends.
+
+Cross-site requests: a browser on the operator's machine is a loopback client, so without a token
+any web page it visits could POST to ``/rpc/ul.rm``. Every ``/rpc`` request is therefore refused
+(403) when the browser says it is cross-site: an ``Origin`` whose host and port differ from ``Host``
+(or ``Origin: null``), or ``Sec-Fetch-Site`` other than ``same-origin``/``none``. Bodies must be JSON:
+the content types an HTML form or a CORS "simple" request can send (form-urlencoded, multipart,
+text/plain) get 415, and JSON needs a CORS preflight, which this API never grants. Without a token,
+``Host`` must also be ``localhost`` or an IP address: a DNS-rebinding page (evil.example resolving
+to 127.0.0.1) is same-origin for the browser, but its Host is its own name. Tools like curl send
+no Origin and stay unaffected.
 """
 
 from __future__ import annotations
@@ -22,12 +35,14 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from twisted.logger import Logger
+from twisted.python import runtime
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from libon_tsilo.ops.listener import EndpointListener
 from libon_tsilo.ops.metrics import CONTENT_TYPE, render
 from libon_tsilo.ops.rpc import Rpc, RpcError
+from libon_tsilo.ratelimit import LoginGuard, ThrottledLog
 
 __all__ = ["AdminResource", "AdminService", "is_loopback"]
 
@@ -54,6 +69,10 @@ def _client_host(request: Request) -> str | None:
     return getattr(addr, "host", None)
 
 
+class _WallClock:
+    seconds = staticmethod(runtime.seconds)
+
+
 class _HttpError(Exception):
     def __init__(self, status: int, message: str, headers: dict[bytes, bytes] | None = None) -> None:
         super().__init__(message)
@@ -67,12 +86,19 @@ class AdminResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, rpc: Rpc, registry: Any, token: str = "", metrics_public: bool = False) -> None:
+    def __init__(
+        self, rpc: Rpc, registry: Any, token: str = "", metrics_public: bool = False, clock: Any = None,
+        max_failures: int = 5, ban_time: float = 300.0,
+    ) -> None:
         super().__init__()
         self.rpc = rpc
         self.registry = registry
         self.token = token
         self.metrics_public = metrics_public
+        self._refused_cross_site = 0
+        clock = clock if clock is not None else _WallClock()
+        self._cross_site_log = ThrottledLog(clock)
+        self.guard = LoginGuard(clock, "admin_token", max_failures, ban_time)  # wrong bearer tokens
 
     # -- twisted.web entry point ---------------------------------------------------------------
 
@@ -104,6 +130,7 @@ class AdminResource(Resource):
             return render(self.registry)
         if segments and segments[0] == "rpc" and len(segments) <= 2:
             self._check_auth(request)
+            self._check_same_origin(request)
             if len(segments) == 1:
                 self._allow(method, ("GET", "HEAD"))
                 methods = {
@@ -138,7 +165,15 @@ class AdminResource(Resource):
         scheme, _, value = header.strip().partition(" ")
         if scheme.lower() != "bearer":
             return False
-        return hmac.compare_digest(value.strip().encode(), self.token.encode())
+        host = _client_host(request) or "?"
+        if self.guard.blocked(host):
+            self.guard.refuse(host)
+            window = int(self.guard.failures.window)
+            raise _HttpError(429, "too many wrong tokens", {b"retry-after": str(window).encode()})
+        if hmac.compare_digest(value.strip().encode(), self.token.encode()):
+            return True
+        self.guard.failed(host)  # a guess (a missing token is not: scrapers without one retry forever)
+        return False
 
     def _check_auth(self, request: Request) -> None:
         if self._bearer_ok(request):
@@ -148,6 +183,29 @@ class AdminResource(Resource):
         raise _HttpError(
             401, "a valid bearer token is required", {b"www-authenticate": b'Bearer realm="libon-tsilo"'}
         )
+
+    def _check_same_origin(self, request: Request) -> None:
+        """403 for what a browser marks as cross-site, and (no token) for a Host that is a DNS name."""
+        host = _text(request.getHeader(b"host") or b"").strip().lower()
+        fetch_site = _text(request.getHeader(b"sec-fetch-site") or b"").strip().lower()
+        origin = request.getHeader(b"origin")
+        why = None
+        if fetch_site and fetch_site not in ("same-origin", "none"):
+            why = f"Sec-Fetch-Site: {fetch_site}"
+        elif origin is not None and _origin_authority(_text(origin)) != _authority(host, request):
+            why = f"Origin {_text(origin)[:80]!r} is not {host!r}"
+        elif not self.token and host and not _is_local_name(host):
+            why = f"Host {host[:80]!r} is not localhost or an IP address (DNS rebinding?)"
+        if why is not None:
+            self._refused_cross_site += 1
+            self._cross_site_log.emit(
+                log.warn, "admin API: cross-site request from {client} refused: {why}",
+                client=_client_host(request) or "?", why=why,
+            )
+            raise _HttpError(403, "cross-site request refused")
+
+    def limit_hits(self) -> dict[str, int]:
+        return {"admin_cross_site": self._refused_cross_site, **self.guard.limit_hits()}
 
     def _check_metrics_auth(self, request: Request) -> None:
         if self.metrics_public or is_loopback(_client_host(request)) or self._bearer_ok(request):
@@ -178,9 +236,12 @@ class AdminResource(Resource):
         body = content.read(MAX_BODY + 1)
         if len(body) > MAX_BODY:
             raise _HttpError(413, "request body too large")
+        ctype = _text(request.getHeader(b"content-type") or b"").split(";")[0].strip().lower()
+        if ctype in _FORM_TYPES:
+            # what a cross-site HTML form or a CORS "simple" request can send without a preflight
+            raise _HttpError(415, f"{ctype} bodies are refused: send application/json")
         if not body.strip():
             return {}
-        ctype = _text(request.getHeader(b"content-type") or b"").split(";")[0].strip().lower()
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
@@ -193,12 +254,7 @@ class AdminResource(Resource):
             if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
                 raise _HttpError(400, "JSON body must be an object of string values")
             return data
-        if ctype in ("application/x-www-form-urlencoded", ""):
-            try:
-                return dict(parse_qsl(text, keep_blank_values=True))
-            except ValueError:
-                raise _HttpError(400, "bad form body") from None
-        raise _HttpError(400, f"unsupported content type {ctype!r}")
+        raise _HttpError(415, f"unsupported content type {ctype!r}: send application/json")
 
     @staticmethod
     def _json(request: Request, status: int, body: Any) -> bytes:
@@ -206,6 +262,42 @@ class AdminResource(Resource):
         request.setHeader(b"content-type", JSON_TYPE)
         request.setHeader(b"cache-control", b"no-store")
         return (json.dumps(body, ensure_ascii=False, default=str, indent=None) + "\n").encode()
+
+
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data", "text/plain")
+
+
+def _authority(host: str, request: Request) -> str:
+    """``host[:port]`` as an Origin would spell it: lower-case, the default port left out."""
+    if not host:
+        return ""
+    secure = request.isSecure()
+    default = ":443" if secure else ":80"
+    return host[: -len(default)] if host.endswith(default) else host
+
+
+def _origin_authority(origin: str) -> str | None:
+    """The ``host[:port]`` of an Origin header; None for ``null`` or anything malformed."""
+    scheme, sep, rest = origin.strip().lower().partition("://")
+    if not sep or scheme not in ("http", "https") or not rest or "/" in rest:
+        return None
+    default = ":443" if scheme == "https" else ":80"
+    return rest[: -len(default)] if rest.endswith(default) else rest
+
+
+def _is_local_name(host: str) -> bool:
+    """``localhost`` or an IP literal (with an optional port; IPv6 in brackets)."""
+    if host.startswith("["):
+        name = host[1:].partition("]")[0]
+    else:
+        name = host.rpartition(":")[0] if host.count(":") == 1 else host
+    if name in ("localhost", "localhost."):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _text(value: bytes | str | None) -> str:

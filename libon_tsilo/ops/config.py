@@ -38,6 +38,7 @@ __all__ = [
     "WebhookConfig",
     "ManholeConfig",
     "AdminConfig",
+    "LimitsConfig",
     "LogConfig",
     "OpsConfig",
     "ListenAddress",
@@ -397,6 +398,22 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    # per-source request rate (Kamailio pike): a token bucket per source IP (IPv6: per /64)
+    requests_per_second: float = _opt(20.0, _int_range(0))  # 0 = off
+    burst: int = _opt(100, _int_range(1))
+    ban_time: int = _opt(60, _int_range(1, 86400))
+    max_sources: int = _opt(50_000, _int_range(1))
+    # never limited (besides [auth] trusted_sources): loopback cannot come from the network
+    exempt_sources: tuple[str, ...] = _opt(("127.0.0.0/8", "::1/128"), _cidrs)
+    pushes_per_device_per_minute: int = _opt(10, _int_range(0))  # call pushes; 0 = off
+    max_parked_per_source: int = _opt(20, _int_range(0))  # unanswered calls; 0 = off
+    max_parked_total: int = _opt(20_000, _int_range(0))  # 0 = off
+    login_max_failures: int = _opt(5, _int_range(1))  # manhole passwords, admin tokens per source...
+    login_ban_time: int = _opt(300, _int_range(1, 86400))  # ...that fail within this many seconds
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = _opt("info", _one_of("debug", "info", "warn", "error"))
     format: str = _opt("text", _one_of("text", "json"))
@@ -419,6 +436,7 @@ class Config:
     push: PushConfig = field(default_factory=PushConfig)
     manhole: ManholeConfig = field(default_factory=ManholeConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
     # where the config came from (None = built-in defaults); not a TOML key

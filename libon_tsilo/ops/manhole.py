@@ -15,6 +15,12 @@ Both files are re-read at every login, so editing them needs no restart or SIGHU
 kept in ``manhole_host_key`` (ed25519, OpenSSH format, mode 0600) in the state directory (the one
 holding ``[location] path``), created on first start.
 
+Password guessing is limited per source address ([limits] login_max_failures within
+login_ban_time seconds, ``ratelimit.LoginGuard``): a source at the limit is disconnected before any
+password is checked (no scrypt spent on it), and its new connections are closed at once, until its
+oldest failure is login_ban_time old. Failed public keys do not count: a client offers each key of
+its agent in turn, and keys cannot be guessed.
+
 The shell's namespace: ``service`` (the root service), ``parts``, ``config``, ``registrar``,
 ``location``, ``silo``, ``calls`` (the CallManager), ``push`` (the push waker, if any), ``rpc``,
 ``push_senders()`` (the senders in use), and the helpers ``ts_dump()``, ``ts_lookup(aor)``,
@@ -42,7 +48,8 @@ from twisted.conch import manhole, manhole_ssh
 from twisted.conch.checkers import SSHPublicKeyChecker
 from twisted.conch.interfaces import IConchUser
 from twisted.conch.insults import insults
-from twisted.conch.ssh import keys
+from twisted.conch.ssh import keys, userauth
+from twisted.conch.ssh.transport import DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE
 from twisted.cred import credentials, error, portal
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
@@ -52,6 +59,7 @@ from zope.interface import implementer
 
 from libon_tsilo.ops.listener import EndpointListener
 from libon_tsilo.ops.rpc import Rpc, RpcError
+from libon_tsilo.ratelimit import LoginGuard
 
 __all__ = [
     "ManholeService",
@@ -216,6 +224,45 @@ class _LoggingKeyChecker(SSHPublicKeyChecker):
 
 
 # ---------------------------------------------------------------------------------------------
+# failed logins per source
+
+
+def _peer_host(transport: Any) -> str:
+    peer = transport.getPeer() if transport is not None else None
+    return str(getattr(peer, "host", "") or "?")
+
+
+class _GuardedUserAuth(userauth.SSHUserAuthServer):
+    """conch's userauth, with the LoginGuard checked before each attempt and told of each failure."""
+
+    guard: LoginGuard  # set on a per-service subclass
+
+    def ssh_USERAUTH_REQUEST(self, packet: bytes) -> Any:
+        host = _peer_host(self.transport.transport)
+        if self.guard.blocked(host):
+            self.guard.refuse(host)
+            self.transport.sendDisconnect(DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, b"too many failures")
+            return None
+        return super().ssh_USERAUTH_REQUEST(packet)
+
+    def _ebBadAuth(self, reason: Any) -> None:
+        if self.method == b"password" and reason.check(error.UnauthorizedLogin):
+            self.guard.failed(_peer_host(self.transport.transport))
+        super()._ebBadAuth(reason)
+
+
+class _GuardedConchFactory(manhole_ssh.ConchFactory):
+    guard: LoginGuard
+
+    def buildProtocol(self, addr: Any) -> Any:
+        host = str(getattr(addr, "host", "") or "?")
+        if self.guard.blocked(host):
+            self.guard.refuse(host)
+            return None  # the connection is closed before the key exchange costs anything
+        return super().buildProtocol(addr)
+
+
+# ---------------------------------------------------------------------------------------------
 # host key
 
 
@@ -336,6 +383,8 @@ class ManholeService(EndpointListener):
         authorized_keys: str = "",
         passwords: str = "",
         reactor: Any = None,
+        max_failures: int = 5,
+        ban_time: float = 300.0,
     ) -> None:
         if not authorized_keys and not passwords:
             raise ValueError("the manhole needs authorized_keys or passwords")  # config checks this too
@@ -349,7 +398,15 @@ class ManholeService(EndpointListener):
         realm = manhole_ssh.TerminalRealm()
         realm.sessionFactory = _Session
         realm.chainedProtocolFactory = lambda: insults.ServerProtocol(manhole.Manhole, self.namespace)
-        self.factory = manhole_ssh.ConchFactory(portal.Portal(realm, checkers))
+        if reactor is None:
+            from twisted.internet import reactor as clock
+        else:
+            clock = reactor
+        self.guard = LoginGuard(clock, "manhole_login", max_failures, ban_time)
+        self.factory = _GuardedConchFactory(portal.Portal(realm, checkers))
+        self.factory.guard = self.guard
+        auth_service = type("_UserAuth", (_GuardedUserAuth,), {"guard": self.guard})
+        self.factory.services = {**self.factory.services, b"ssh-userauth": auth_service}
         key_type = host_key.sshType()
         # instance dicts: ConchFactory's class-level ones would be shared by every factory
         self.factory.publicKeys = {key_type: host_key.public()}

@@ -229,7 +229,8 @@ class TsiloCollector(Collector):
         self.messages = messages
 
     def collect(self) -> Iterator[Metric]:
-        for part in (self._messages, self._sip, self._calls, self._location, self._silo, self._auth):
+        for part in (self._messages, self._sip, self._calls, self._location, self._silo, self._auth,
+                     self._limits):
             try:
                 yield from part()
             except Exception:  # a broken layer must not take /metrics down with it
@@ -359,6 +360,20 @@ class TsiloCollector(Collector):
         g.add_metric(["user"], s["throttled_users_now"])
         yield g
         yield _gauge("auth_replay_entries", "Nonces in the digest replay table", auth.replay_table_size())
+
+    def _limits(self) -> Iterator[Metric]:
+        """[limits]: how often each abuse limit bit (objects in parts.extra["limits"] report them)."""
+        doc = "Requests, pushes, calls or logins refused by an abuse limit"
+        hits = CounterMetricFamily(f"{PREFIX}_limit_hits", doc, labels=["limit"])
+        for source in self.parts.extra.get("limits", ()):
+            for name, n in sorted(source.limit_hits().items()):
+                hits.add_metric([name], n)
+        yield hits
+        limiter = self.parts.extra.get("source_limiter")
+        if limiter is not None:
+            banned = len(limiter.banned())
+            yield _gauge("limit_banned_sources", "Sources whose requests are dropped now", banned)
+            yield _gauge("limit_tracked_sources", "Sources in the request-rate table", len(limiter))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -234,6 +234,30 @@ def _add_sip_stack(root: LibonTsiloService, parts: Parts) -> None:
     _attach(root, parts.transactions)
 
 
+def _add_limits(root: LibonTsiloService, parts: Parts) -> None:
+    """[limits]: the per-source request limiter at the transaction layer's entry (sip/limits.py).
+
+    parts.extra["limits"] lists every object with a ``limit_hits()`` (the /metrics counters);
+    parts.extra["limit_exempt"] is the exempt-source filter the call layer's limits share.
+    """
+    from libon_tsilo.sip.limits import SourceFilter, SourceLimiter
+
+    cfg = parts.config.limits
+    exempt = SourceFilter([*cfg.exempt_sources, *parts.config.auth.trusted_sources])
+    parts.extra["limit_exempt"] = exempt
+    parts.extra.setdefault("limits", [])
+    if parts.transactions is None or cfg.requests_per_second <= 0:
+        return
+    transport = parts.transport
+    limiter = SourceLimiter(
+        parts.clock, cfg.requests_per_second, cfg.burst, cfg.ban_time, exempt, cfg.max_sources,
+        respond=lambda resp, flow: transport.send_response(resp, flow),  # late: metrics wrap it
+    )
+    parts.transactions.admit = limiter.admit
+    parts.extra["source_limiter"] = limiter
+    parts.extra["limits"].append(limiter)
+
+
 class LocationService(Service):
     """Restores the bindings at start; flushes them to disk and stops the expiry timer at stop."""
 
@@ -300,7 +324,8 @@ def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
 def _add_silo(root: LibonTsiloService, parts: Parts) -> None:
     from libon_tsilo.silo.silo import Silo
 
-    parts.silo = Silo(parts.clock, parts.location, max_pending_per_aor=parts.config.calls.max_pending_per_aor)
+    parts.silo = Silo(parts.clock, parts.location, max_pending_per_aor=parts.config.calls.max_pending_per_aor,
+                      max_total=parts.config.limits.max_parked_total)
     if parts.location is not None:
         parts.location.subscribe(parts.silo)
 
@@ -350,7 +375,9 @@ def _add_push(root: LibonTsiloService, parts: Parts) -> None:
         on_push=getattr(metrics, "observe_push", None),
         on_push_to_register=getattr(metrics, "observe_push_to_register", None),
         close_grace=float(parts.config.calls.ring_timeout) + 5.0,
+        pushes_per_device_per_minute=parts.config.limits.pushes_per_device_per_minute,
     )
+    parts.extra.setdefault("limits", []).append(waker)
     if parts.location is not None:
         parts.location.subscribe(waker)
 
@@ -405,6 +432,12 @@ def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
     kwargs: dict[str, Any] = {}
     if auth is not None:
         kwargs["authorize"] = authorizer_from_policy(auth)
+        kwargs["user_exists"] = auth.users.exists  # the users database: unknown users get 404 at once
+    if cfg.limits.max_parked_per_source > 0:
+        from libon_tsilo.b2bua.admission import CallerSources
+
+        exempt = parts.extra.get("limit_exempt", ())
+        kwargs["sources"] = CallerSources(cfg.limits.max_parked_per_source, exempt)
     parts.b2bua = CallManager(
         parts.clock,
         TransactionPort(parts.transactions, parts.clock),
@@ -415,6 +448,7 @@ def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
         is_local=lambda uri: uri.host in domains,
         **kwargs,
     )
+    parts.extra.setdefault("limits", []).append(parts.b2bua)
     if parts.transport is not None:
         parts.transport.flows.subscribe_close(parts.b2bua.flow_closed)
 
@@ -456,9 +490,11 @@ def _add_manhole(root: LibonTsiloService, parts: Parts) -> None:
         cfg.listen, make_namespace(root, parts, rpc), host_key,
         authorized_keys=cfg.authorized_keys, passwords=cfg.passwords,
         reactor=parts.clock if _is_reactor(parts.clock) else None,
+        max_failures=parts.config.limits.login_max_failures, ban_time=parts.config.limits.login_ban_time,
     )
     svc.setServiceParent(root)
     parts.extra["manhole"] = svc
+    parts.extra.setdefault("limits", []).append(svc.guard)
 
 
 def _ops_tools(root: LibonTsiloService, parts: Parts) -> Any:
@@ -492,7 +528,12 @@ def _add_admin(root: LibonTsiloService, parts: Parts) -> None:
     parts.extra["metrics_registry"] = registry
     if not cfg.token:
         log.warn("admin API: no [admin] token set: /rpc answers loopback clients only")
-    resource = AdminResource(rpc, registry, token=cfg.token, metrics_public=cfg.metrics_public)
+    limits = parts.config.limits
+    resource = AdminResource(
+        rpc, registry, token=cfg.token, metrics_public=cfg.metrics_public, clock=parts.clock,
+        max_failures=limits.login_max_failures, ban_time=limits.login_ban_time,
+    )
+    parts.extra.setdefault("limits", []).append(resource)  # cross-site requests, wrong tokens
     svc = AdminService(cfg.listen, resource, reactor=parts.clock if _is_reactor(parts.clock) else None)
     svc.setServiceParent(root)
     parts.extra["admin"] = svc
@@ -521,6 +562,7 @@ def _is_reactor(clock: Any) -> bool:
 WIRING: list[Callable[[LibonTsiloService, Parts], None]] = [
     _add_threadpool,
     _add_sip_stack,
+    _add_limits,
     _add_registrar,
     _add_silo,
     _add_push,

@@ -12,6 +12,10 @@ Rules kept here:
   ``[push] skip_push_if_registered_within`` seconds is forked to directly (``fork_directly``);
   the call layer asks before pushing.
 - PushKit: at most one VoIP push per device per call (a second wake() for the same device is a no-op).
+- At most ``pushes_per_device_per_minute`` call pushes per device (push token), whatever the calls:
+  an unauthenticated caller must not be able to ring a phone hundreds of times a minute. A push over
+  the limit is skipped (logged, throttled, and counted); a call whose every push was skipped gets
+  ``all_failed`` so that it ends at once (480) instead of waiting for a device nobody woke.
 - Dead tokens (the sender says ``dead_token``) are removed from the registrar at once, logged
   with the token redacted, and counted.
 - A call that ends before a pushed iOS device registered: ``[push] cancelled_ios_call`` says how
@@ -47,6 +51,7 @@ from libon_tsilo.push.base import (
     PushResult,
 )
 from libon_tsilo.push.router import PushRouter
+from libon_tsilo.ratelimit import SlidingWindow, ThrottledLog
 from libon_tsilo.util import redact
 
 __all__ = [
@@ -163,6 +168,7 @@ class PushWaker:
         missed_call_ttl: float = 30.0,
         register_wait: float = 120.0,
         close_grace: float = 60.0,
+        pushes_per_device_per_minute: int = 0,
     ) -> None:
         if cancelled_ios_call not in (INVITE_CANCEL, MISSED_CALL_PUSH):
             raise ValueError(f"cancelled_ios_call: {cancelled_ios_call!r}")
@@ -189,6 +195,10 @@ class PushWaker:
         self.counters: Counter[str] = Counter()
         self.push_to_register = LatencyWindow()
         self.push_latency = LatencyWindow()
+        # call pushes per (provider, prid) over the last minute; None = no limit
+        per_minute = pushes_per_device_per_minute
+        self.device_limit = SlidingWindow(clock, per_minute, 60.0) if per_minute > 0 else None
+        self._limit_log = ThrottledLog(clock)
         self.refresher: Any = None
         if refresh_before_expiry > 0:
             from libon_tsilo.push.refresh import RefreshScheduler
@@ -230,6 +240,7 @@ class PushWaker:
                 float(call.ring_deadline),
             )
         waits: list[Deferred[PushResult]] = []
+        limited = 0
         for b in bindings:
             if not (getattr(b, "pn_provider", None) and getattr(b, "pn_prid", None)):
                 continue
@@ -237,6 +248,9 @@ class PushWaker:
                 # PushKit: one VoIP push per device per call, whatever asks for a second one (the
                 # same binding again, or another binding carrying the same token)
                 self.counters["duplicates_suppressed"] += 1
+                continue
+            if not self._within_device_limit(b, call.call_id):
+                limited += 1
                 continue
             rec.tokens.add(_prid_key(b))
             req = PushRequest(
@@ -255,11 +269,27 @@ class PushWaker:
         if not waits:
             if rec.settled() and not rec.pushes:
                 self._forget(rec)
+            if limited:
+                return succeed(PushWakeResult(all_failed=True, reason="push rate limit per device"))
             return succeed(PushWakeResult(reason="nothing to push"))
         self.counters["calls_woken"] += 1
         done = DeferredList(waits, consumeErrors=True)
         done.addCallback(self._summarise, call.call_id)
         return done
+
+    def _within_device_limit(self, binding: Any, call_id: str) -> bool:
+        if self.device_limit is None or self.device_limit.try_add(_prid_key(binding)):
+            return True
+        self.counters["rate_limited"] += 1
+        self._limit_log.emit(
+            log.warn, "push: {token} ({provider}) of {aor} had {n} call pushes within a minute: push skipped",
+            token=redact(binding.pn_prid), provider=binding.pn_provider, aor=getattr(binding, "aor", "?"),
+            n=self.device_limit.limit, call_id=call_id,
+        )
+        return False
+
+    def limit_hits(self) -> dict[str, int]:
+        return {"push_per_device": self.counters.get("rate_limited", 0)}
 
     def call_ended(self, call: Any, answered_elsewhere: bool) -> None:
         rec = self._calls.get(call.call_id)
@@ -515,6 +545,8 @@ class PushWaker:
         self._pushed_keys.clear()
         self._awaiting.clear()
         self._awaiting_prid.clear()
+        if self.device_limit is not None:
+            self.device_limit.clear()
         return _close_all(self.router.senders)
 
     # -- inspection ----------------------------------------------------------------------------
@@ -536,7 +568,7 @@ class PushWaker:
         for name in (
             "calls_woken", "calls_all_failed", "dead_tokens", "dead_tokens_removed",
             "skipped_recently_registered", "duplicates_suppressed", "missed_call_pushes",
-            "pushes_without_register",
+            "pushes_without_register", "rate_limited",
         ):
             out[name] = self.counters.get(name, 0)
         if self.refresher is not None:

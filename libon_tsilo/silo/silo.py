@@ -79,12 +79,14 @@ class Silo:
         location: BindingSource | None = None,
         max_pending_per_aor: int = 8,
         latency_window: int = 1024,
+        max_total: int = 0,
     ) -> None:
         if max_pending_per_aor < 1:
             raise ValueError("Silo: max_pending_per_aor must be >= 1")
         self.clock = clock
         self.location = location
         self.max_pending_per_aor = max_pending_per_aor
+        self.max_total = max_total  # pending calls in the whole silo ([limits] max_parked_total); 0 = none
         self.counters = SiloCounters(latency=LatencyWindow(latency_window))
         # aor key -> calls in arrival order; a dict keeps order and gives O(1) removal
         self._by_aor: dict[str, dict[str, SiloCall]] = {}
@@ -96,8 +98,13 @@ class Silo:
 
     # -- storing and removing ------------------------------------------------------------
 
+    def at_capacity(self) -> bool:
+        """True when the silo holds ``max_total`` pending calls: a new one must be refused."""
+        return 0 < self.max_total <= len(self._by_call_id)
+
     def store(self, call: SiloCall) -> bool:
-        """Index `call` under its AOR key. False when that AOR already has max_pending_per_aor calls.
+        """Index `call` under its AOR key. False when that AOR already has max_pending_per_aor calls,
+        or the silo is at capacity (the call layer asks `at_capacity()` first to tell them apart).
 
         Storing the same call twice is accepted and ignored, as ts_store() does.
         """
@@ -105,6 +112,9 @@ class Silo:
         calls = self._by_aor.get(key)
         if calls is not None and call.call_id in calls:
             return True
+        if self.at_capacity():
+            self.counters.rejected_capacity += 1
+            return False
         if calls is not None and len(calls) >= self.max_pending_per_aor:
             self.counters.rejected_full += 1
             log.warn(
@@ -270,6 +280,7 @@ class Silo:
             "total_transactions": c.total_transactions,
             "added_branches": c.added_branches,
             "rejected_full": c.rejected_full,
+            "rejected_capacity": c.rejected_capacity,
             "lingering": len(self._linger_timers),
             "late_after_end": c.late_after_end,
             "register_to_invite": c.latency.summary(),

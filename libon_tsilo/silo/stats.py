@@ -60,5 +60,6 @@ class SiloCounters:
     total_transactions: int = 0
     added_branches: int = 0
     rejected_full: int = 0  # store() refused: max_pending_per_aor reached
+    rejected_capacity: int = 0  # store() refused: max_total ([limits] max_parked_total) reached
     late_after_end: int = 0  # Invite/Cancel branches sent to devices that woke after the call ended
     latency: LatencyWindow = field(default_factory=LatencyWindow)

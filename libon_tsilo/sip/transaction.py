@@ -109,6 +109,8 @@ class TransactionLayer:
         self.t2 = t2
         self.t4 = t4
         self.tu: TransactionUser | None = None
+        # edge limits (sip/limits.py): False means the request was answered or dropped already
+        self.admit: Callable[[Request, Any], bool] | None = None
         self._servers: dict[tuple[Any, ...], ServerTransaction] = {}
         self._clients: dict[tuple[Any, ...], ClientTransaction] = {}
         # client keys per destination, so an asynchronous connect failure finds its transactions
@@ -248,6 +250,8 @@ class TransactionLayer:
         method = req.method
         if method == "ACK":
             self._ack_in(req, flow)
+            return
+        if self.admit is not None and not self.admit(req, flow):
             return
         key = server_key(req, method)
         stx = self._servers.get(key)

@@ -113,20 +113,14 @@ async def test_auth_is_required_for_rpc(admin):
 
 
 @pytest_twisted.ensureDeferred
-async def test_ul_rm_needs_post_and_takes_form_or_json(admin):
+async def test_ul_rm_needs_post_and_takes_json_or_the_query_string(admin):
     svc, parts, clock = admin
     parts.location.add_or_update(binding("alice", "sip:alice@10.0.0.1:5060", clock))
     parts.location.add_or_update(binding("alice", "sip:alice@10.0.0.2:5060", clock))
     code, headers, body = await http(svc, "GET", "/rpc/ul.rm?aor=alice")
     assert code == 405 and headers["allow"] == ["POST"]
     assert parts.location.all_count() == 2
-    code, _, body = await http(
-        svc,
-        "POST",
-        "/rpc/ul.rm",
-        body=b"aor=alice&contact=sip%3Aalice%4010.0.0.1%3A5060",
-        ctype="application/x-www-form-urlencoded",
-    )
+    code, _, body = await http(svc, "POST", "/rpc/ul.rm?aor=alice&contact=sip%3Aalice%4010.0.0.1%3A5060")
     assert code == 200, body
     assert js(body)["result"]["removed"] == ["uri:sip:alice@10.0.0.1:5060"]
     code, _, body = await http(
@@ -155,8 +149,9 @@ async def test_bad_requests_get_json_errors(admin):
         ("POST", "/metrics", None, None, 405),
         ("POST", "/rpc/ul.rm", b"{not json", "application/json", 400),
         ("POST", "/rpc/ul.rm", b"[1, 2]", "application/json", 400),
-        ("POST", "/rpc/ul.rm", b"\xff\xfe", "application/x-www-form-urlencoded", 400),
-        ("POST", "/rpc/ul.rm", b"aor=x", "text/xml", 400),
+        ("POST", "/rpc/ul.rm", b"\xff\xfe", "application/json", 400),
+        ("POST", "/rpc/ul.rm", b"\xff\xfe", "application/x-www-form-urlencoded", 415),
+        ("POST", "/rpc/ul.rm", b"aor=x", "text/xml", 415),
         ("POST", "/rpc/ul.rm", b"a" * (70 * 1024), "application/x-www-form-urlencoded", 413),
     ]
     for method, path, body, ctype, status in cases:
@@ -272,3 +267,152 @@ async def test_access_log_rpc_at_info_metrics_at_debug(admin):
     ]
     assert not any(e.get("log_namespace") == "twisted.python.log" for e in events)
     assert not any(TOKEN in str(e) for e in events)  # the bearer token is never logged
+
+
+# --- cross-site requests (CSRF, DNS rebinding) ---------------------------------------------------
+
+
+@pytest.fixture
+def open_admin(tmp_path):
+    """No [admin] token: /rpc answers loopback clients only, as in the issue's reproducer."""
+    root, clock = build(tmp_path=tmp_path)
+    parts = root.parts
+    resource = AdminResource(Rpc(parts, root), make_registry(parts, None, push=PushMetrics()), token="")
+    svc = AdminService("tcp:0:interface=127.0.0.1", resource, reactor=reactor)
+    svc.startService()
+    pytest_twisted.blockon(svc.listening)
+    parts.location.add_or_update(binding("alice", "sip:alice@10.0.0.1:5060", clock))
+    yield svc, parts, resource
+    pytest_twisted.blockon(svc.stopService())
+
+
+async def raw_http(svc: AdminService, method: str, path: str, headers: dict[str, str],
+                   body: bytes | None = None) -> tuple[int, bytes]:
+    hdrs = Headers()
+    for name, value in headers.items():
+        hdrs.addRawHeader(name.encode(), value.encode())
+    producer = FileBodyProducer(io.BytesIO(body)) if body is not None else None
+    port = svc.port.getHost().port
+    resp = await Agent(reactor).request(method.encode(), f"http://127.0.0.1:{port}{path}".encode(), hdrs, producer)
+    return resp.code, await readBody(resp)
+
+
+FORM = b"aor=alice&contact=sip%3Aalice%4010.0.0.1%3A5060"
+
+
+@pytest_twisted.ensureDeferred
+async def test_cross_site_form_post_no_longer_removes_the_binding(open_admin):
+    svc, parts, resource = open_admin
+    form = {"Content-Type": "application/x-www-form-urlencoded", "Origin": "http://evil.example"}
+    code, body = await raw_http(svc, "POST", "/rpc/ul.rm", form, FORM)
+    assert code == 403 and js(body)["error"]["message"] == "cross-site request refused"
+    # the same form with its Origin stripped (an old browser, a privacy proxy): a form body is refused
+    code, _ = await raw_http(svc, "POST", "/rpc/ul.rm", {"Content-Type": "application/x-www-form-urlencoded"}, FORM)
+    assert code == 415
+    # JSON smuggled as text/plain (no CORS preflight needed for it) is refused too
+    code, _ = await raw_http(svc, "POST", "/rpc/ul.rm", {"Content-Type": "text/plain"}, b'{"aor": "alice"}')
+    assert code == 415
+    # a query-string-only form POST with an empty body
+    code, _ = await raw_http(svc, "POST", "/rpc/ul.rm?aor=alice",
+                             {"Content-Type": "application/x-www-form-urlencoded"}, b"")
+    assert code == 415
+    # a no-cors fetch: no body, no content type, but the browser says where it comes from
+    code, _ = await raw_http(svc, "POST", "/rpc/ul.rm?aor=alice", {"Sec-Fetch-Site": "cross-site"})
+    assert code == 403
+    code, _ = await raw_http(svc, "POST", "/rpc/ul.rm?aor=alice", {"Origin": "null"})
+    assert code == 403
+    assert parts.location.all_count() == 1
+    assert resource.limit_hits()["admin_cross_site"] == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_dns_rebinding_host_is_refused_without_a_token(open_admin):
+    svc, parts, _resource = open_admin
+    port = svc.port.getHost().port
+    # evil.example resolved to 127.0.0.1: same origin for the browser, but Host is its name
+    same_origin = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}",
+                   "Content-Type": "application/json"}
+    code, _ = await raw_http(svc, "POST", "/rpc/ul.rm", same_origin, b'{"aor": "alice"}')
+    assert code == 403
+    code, _ = await raw_http(svc, "GET", "/rpc/ul.dump", {"Host": f"evil.example:{port}"})
+    assert code == 403  # reading the bindings through a rebinding page too
+    assert parts.location.all_count() == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_same_origin_and_tools_still_work(open_admin):
+    svc, parts, _resource = open_admin
+    port = svc.port.getHost().port
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}"):
+        code, _ = await raw_http(svc, "GET", "/rpc/ul.dump", {"Host": host, "Origin": f"http://{host}",
+                                                               "Sec-Fetch-Site": "same-origin"})
+        assert code == 200, host
+    code, body = await raw_http(svc, "POST", "/rpc/ul.rm", {"Content-Type": "application/json",
+                                                             "Origin": f"http://127.0.0.1:{port}"},
+                                json.dumps({"aor": "alice"}).encode())
+    assert code == 200, body
+    assert parts.location.all_count() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_a_token_any_host_name_but_still_no_cross_site_origin(admin):
+    svc, parts, clock = admin
+    parts.location.add_or_update(binding("alice", "sip:alice@10.0.0.1:5060", clock))
+    auth = {"Authorization": f"Bearer {TOKEN}", "Host": "admin.example.net:8080"}
+    code, _ = await raw_http(svc, "GET", "/rpc/ul.dump", auth)
+    assert code == 200
+    code, _ = await raw_http(svc, "POST", "/rpc/ul.rm?aor=alice", {**auth, "Origin": "https://evil.example"})
+    assert code == 403
+    code, _ = await raw_http(svc, "POST", "/rpc/ul.rm?aor=alice", {**auth, "Origin": "http://admin.example.net:8080"})
+    assert code == 200 and parts.location.all_count() == 0
+
+
+def test_origin_and_host_spellings():
+    from libon_tsilo.ops.admin import _is_local_name, _origin_authority
+
+    assert _origin_authority("http://127.0.0.1:8080") == "127.0.0.1:8080"
+    assert _origin_authority("HTTP://Admin.Example:80") == "admin.example"
+    assert _origin_authority("https://a.example:443") == "a.example"
+    assert _origin_authority("null") is None and _origin_authority("http://a/b") is None
+    assert all(_is_local_name(h) for h in ("localhost", "localhost:8080", "127.0.0.1:1", "[::1]:8080", "::1"))
+    assert not any(_is_local_name(h) for h in ("evil.example", "evil.example:8080", "127.0.0.1.nip.io:80"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_token_guessing_gets_429_after_the_limit(admin):
+    svc, _parts, _clock = admin
+    resource = svc.resource
+    for n in range(5):  # the default login_max_failures
+        code, _, _ = await http(svc, "GET", "/rpc/stats", token=f"guess-{n}")
+        assert code == 401
+    code, headers, body = await http(svc, "GET", "/rpc/stats")  # even the right token, from this address
+    assert code == 429 and headers["retry-after"] == ["300"]
+    assert js(body)["error"]["message"] == "too many wrong tokens"
+    assert resource.limit_hits()["admin_token"] == 1
+    # a missing token is not a guess
+    code, _, _ = await http(svc, "GET", "/metrics", token=None)
+    assert code == 200  # loopback
+
+
+def test_token_guard_lets_a_source_back_when_its_failures_age_out():
+    from types import SimpleNamespace
+
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    rpc = SimpleNamespace(methods={})
+    resource = AdminResource(rpc, None, token=TOKEN, clock=clock, max_failures=2, ban_time=60)  # type: ignore[arg-type]
+
+    def ask(token: str) -> int:
+        request = DummyRequest([b"rpc"])
+        request.client = IPv4Address("TCP", "192.0.2.1", 1234)
+        request.requestHeaders.addRawHeader(b"authorization", f"Bearer {token}".encode())
+        request.requestHeaders.addRawHeader(b"host", b"admin.example")
+        request.method = b"GET"
+        request.path = b"/rpc/nope"
+        resource.render(request)
+        return request.responseCode
+
+    assert [ask("a"), ask("b"), ask(TOKEN)] == [401, 401, 429]
+    clock.advance(60)
+    assert ask(TOKEN) == 404  # let back in: the token is good, the method is unknown

@@ -333,3 +333,34 @@ def test_config_is_frozen():
     cfg = default_config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.sip.t1_ms = 1  # type: ignore[misc]
+
+
+# --- [limits] ---------------------------------------------------------------------------------
+
+
+def test_limits_defaults_suit_a_real_server():
+    limits = default_config().limits
+    assert (limits.requests_per_second, limits.burst, limits.ban_time) == (20.0, 100, 60)
+    assert limits.exempt_sources == ("127.0.0.0/8", "::1/128")
+    assert (limits.max_parked_per_source, limits.max_parked_total) == (20, 20_000)
+    assert limits.pushes_per_device_per_minute == 10
+    assert (limits.login_max_failures, limits.login_ban_time) == (5, 300)
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"limits": {"requests_per_second": -1}}, "limits.requests_per_second: must be >= 0, got -1.0"),
+        ({"limits": {"burst": 0}}, "limits.burst: must be >= 1, got 0"),
+        ({"limits": {"ban_time": 0}}, "limits.ban_time: must be >= 1, got 0"),
+        ({"limits": {"max_sources": 0}}, "limits.max_sources: must be >= 1, got 0"),
+        ({"limits": {"exempt_sources": ["10.0.0.0/40"]}}, 'limits.exempt_sources[0]: "10.0.0.0/40" is not an IP network (CIDR)'),
+        ({"limits": {"pushes_per_device_per_minute": -1}}, "limits.pushes_per_device_per_minute: must be >= 0, got -1"),
+        ({"limits": {"max_parked_per_source": -1}}, "limits.max_parked_per_source: must be >= 0, got -1"),
+        ({"limits": {"max_parked_total": "many"}}, 'limits.max_parked_total: expected an integer, got string "many"'),
+        ({"limits": {"login_max_failures": 0}}, "limits.login_max_failures: must be >= 1, got 0"),
+        ({"limits": {"login_ban_time": 0}}, "limits.login_ban_time: must be >= 1, got 0"),
+    ],
+)
+def test_limits_bad_values(data, expected):
+    assert error_of(data) == expected

@@ -291,3 +291,69 @@ def test_ssh_wrong_credentials_get_nothing(manhole_server):
     proc = _ssh_with_password(port, tmp / "askpass-wrong.sh", "not-the-password")
     assert proc.returncode == 255 and b"42" not in proc.stdout
     assert "password login refused for ops" in server.output()
+
+
+# --- failed logins per source ([limits] login_max_failures / login_ban_time) --------------
+
+
+def test_login_guard_blocks_a_source_until_its_failures_age_out():
+    from twisted.internet.task import Clock
+
+    from libon_tsilo.ratelimit import LoginGuard
+
+    clock = Clock()
+    guard = LoginGuard(clock, "manhole_login", max_failures=3, window=300)
+    for _ in range(2):
+        guard.failed("192.0.2.1")
+        clock.advance(10)
+    assert not guard.blocked("192.0.2.1")
+    guard.failed("192.0.2.1")
+    assert guard.blocked("192.0.2.1") and not guard.blocked("192.0.2.2")
+    guard.refuse("192.0.2.1")
+    assert guard.limit_hits() == {"manhole_login": 1}
+    clock.advance(279.9)
+    assert guard.blocked("192.0.2.1")
+    clock.advance(0.1)  # the first failure is 300 s old
+    assert not guard.blocked("192.0.2.1")
+
+
+@pytest.fixture
+def guarded_manhole(tmp_path):
+    good = keygen(tmp_path / "good")
+    (tmp_path / "authorized_keys").write_text((tmp_path / "good.pub").read_text())
+    (tmp_path / "passwords").write_text(f"ops:{hash_password('manhole-pw')}\n")
+    port = free_port(udp_too=False)
+    directory = tmp_path / "server"
+    directory.mkdir()
+    server = start_server(
+        directory,
+        {
+            "manhole": {
+                "listen": f"tcp:{port}:interface={HOST}",
+                "authorized_keys": str(tmp_path / "authorized_keys"),
+                "passwords": str(tmp_path / "passwords"),
+            },
+            "auth": {"enabled": False},
+            "limits": {"login_max_failures": 2, "login_ban_time": 600},
+        },
+    )
+    yield server, port, good, tmp_path
+    code = server.stop()
+    assert code == 0, server.output()
+    assert not server.tracebacks(), server.output()
+
+
+@needs_ssh
+def test_ssh_password_guessing_is_refused_after_the_limit(guarded_manhole):
+    server, port, good, tmp = guarded_manhole
+    for n in range(2):
+        proc = _ssh_with_password(port, tmp / f"askpass-wrong{n}.sh", "not-the-password")
+        assert proc.returncode == 255 and b"42" not in proc.stdout
+    # the right password from the same source is not even checked now, and keys do not help either
+    proc = _ssh_with_password(port, tmp / "askpass.sh", "manhole-pw")
+    assert proc.returncode == 255 and b"42" not in proc.stdout, proc.stdout
+    proc = subprocess.run(ssh_args(port, "op", good), input=b"1 + 41\r", capture_output=True, timeout=30)
+    assert proc.returncode == 255 and b"42" not in proc.stdout
+    out = server.output()
+    assert "manhole_login: 127.0.0.1 refused: 2 failed logins within 600s" in out, out[-3000:]
+    assert "ops logged in" not in out and "op logged in" not in out

@@ -224,3 +224,37 @@ def test_failed_digest_limits_are_configured_and_counted(tmp_path):
     assert s[("libon_tsilo_auth_blocked", (("limit", "source"),))] == 1
     assert s[("libon_tsilo_auth_blocked", (("limit", "user"),))] == 0
     parts.extra["auth"].stop()
+
+# --- [limits] ---------------------------------------------------------------------------------
+
+
+def _options(i: int) -> bytes:
+    return (
+        f"OPTIONS sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1:5070;branch=z9hG4bKo{i}\r\n"
+        f"Max-Forwards: 70\r\nFrom: <sip:x@192.0.2.1>;tag=1\r\nTo: <sip:127.0.0.1>\r\n"
+        f"Call-ID: o{i}@x\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def test_source_rate_limit_is_wired_and_counted(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from libon_tsilo.sip.flow import FlowKey
+
+    root, _clock = build(tmp_path=tmp_path)
+    parts = root.parts
+    sent: list[Any] = []
+    monkeypatch.setattr(parts.transport, "send_response", lambda resp, flow: sent.append(resp.status))
+    flow = SimpleNamespace(key=FlowKey("udp", ("127.0.0.1", 5060), ("192.0.2.1", 5070)), id="f", live=True)
+    for i in range(110):  # default burst 100, no time passes
+        parts.transactions.inbound(parse_message(_options(i)), flow)
+    assert sent == [200] * 100 + [503]
+    s = samples(make_registry(parts, None, push=PushMetrics()))
+    assert s[("libon_tsilo_limit_hits_total", (("limit", "source_rate_refused"),))] == 1
+    assert s[("libon_tsilo_limit_hits_total", (("limit", "source_rate_dropped"),))] == 9
+    assert s[("libon_tsilo_limit_banned_sources", ())] == 1
+    # loopback is exempt by default
+    local = SimpleNamespace(key=FlowKey("udp", ("127.0.0.1", 5060), ("127.0.0.1", 5070)), id="l", live=True)
+    for i in range(200, 400):
+        parts.transactions.inbound(parse_message(_options(i)), local)
+    assert sent.count(200) == 300

@@ -596,3 +596,54 @@ def test_reload_push_takes_the_new_credentials(tmp_path: Any) -> None:
     clock.advance(cfg.calls.ring_timeout + 5)  # the replaced senders are closed after a grace period
     assert waker._close_timers == [] or not any(t.active() for t in waker._close_timers)
     assert all(s not in waker.router.senders for s in old)
+
+
+# -- pushes per device per minute ([limits] pushes_per_device_per_minute) --------------------------
+
+
+def test_call_pushes_per_device_are_limited_per_minute(logged: list[dict[str, Any]]) -> None:
+    clock = Clock()
+    a = FakeSender("apns")
+    waker, _ = make(clock, [a], pushes_per_device_per_minute=3)
+    results = []
+    for n in range(5):
+        results.append(fired(waker.wake(call_info(f"c{n}", deadline=clock.seconds() + 30), [dev(1), dev(2)])))
+        clock.advance(1)
+    # device 1 and device 2 (another token) each got 3 pushes; the 4th and 5th calls pushed nobody
+    assert [r.prid for r in a.sent].count(dev(1).pn_prid) == 3
+    assert [r.prid for r in a.sent].count(dev(2).pn_prid) == 3
+    assert [(r.woken, r.all_failed) for r in results] == [(2, False)] * 3 + [(0, True)] * 2
+    assert results[-1].reason == "push rate limit per device"
+    assert waker.stats()["rate_limited"] == 4 and waker.limit_hits() == {"push_per_device": 4}
+    lines = [e for e in logged if "call pushes within a minute" in str(e.get("log_format"))]
+    assert len(lines) == 1  # throttled: one line for the four skips within 10 s
+    assert dev(1).pn_prid not in " ".join(str(e) for e in logged)  # the token is redacted
+    clock.advance(57)  # the first push is a minute old now: one more is allowed
+    res = fired(waker.wake(call_info("late", deadline=clock.seconds() + 30), [dev(1)]))
+    assert (res.woken, res.all_failed) == (1, False)
+
+
+def test_no_device_limit_by_default() -> None:
+    a = FakeSender("apns")
+    waker, _ = make(senders=[a])
+    for n in range(30):
+        fired(waker.wake(call_info(f"c{n}"), [dev(1)]))
+    assert len(a.sent) == 30
+
+
+def test_a_call_whose_pushes_are_all_limited_gets_480_at_once_and_leaves_nothing() -> None:
+    s = Setup(pushes_per_device_per_minute=2)
+    env = s.env
+    assert env is not None
+    env.location.add(dev(1))
+    statuses = []
+    for n in range(3):
+        _, stx = env.invite(call_id=f"spam-{n}")
+        if n < 2:  # INVITE + CANCEL, as the spammer does
+            env.call(f"spam-{n}").caller_cancel(None)
+        statuses.append(stx.statuses)
+    assert len(s.apns.sent) == 2
+    assert statuses[:2] == [[487], [487]] and statuses[2] == [480]
+    env.clock.advance(60)
+    env.assert_clean()
+    assert s.waker.stats()["pending_calls"] == 0

@@ -213,3 +213,16 @@ def test_percentile_and_bounded_window() -> None:
         LatencyWindow(0)
     with pytest.raises(ValueError):
         Silo(Clock(), None, max_pending_per_aor=0)
+
+
+def test_max_total_refuses_new_calls_until_one_leaves() -> None:
+    silo = Silo(Clock(), FakeLocation(), max_total=3)
+    calls = [FakeCall(f"c{n}", f"user{n}") for n in range(4)]
+    assert [silo.store(c) for c in calls[:3]] == [True] * 3
+    assert silo.at_capacity()
+    assert not silo.store(calls[3])
+    assert silo.store(calls[0])  # a duplicate is still accepted and ignored
+    assert silo.stats()["rejected_capacity"] == 1 and silo.stats()["rejected_full"] == 0
+    silo.remove(calls[1])
+    assert not silo.at_capacity() and silo.store(calls[3])
+    assert not Silo(Clock(), FakeLocation()).at_capacity()  # 0 = no limit
