@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from libon_tsilo.b2bua import events as ev
-from libon_tsilo.b2bua import relay
+from libon_tsilo.b2bua import relay, session_timer
 from libon_tsilo.b2bua.dialog import Dialog
 from libon_tsilo.b2bua.forking import REASON_ANSWERED
 from libon_tsilo.b2bua.legs import ALeg, BLeg, BranchState
@@ -99,7 +99,7 @@ class Call:
         "mgr", "clock", "port", "call_id", "aor", "callee_uri", "caller_uri", "caller_name", "created_at",
         "ring_deadline", "a", "branches", "_by_key", "state", "failures", "winner", "early_media_from",
         "park_d", "wake_d", "wake_result", "woken", "_waker_used", "_ring_timer", "_late_ack", "offer_busy",
-        "pending_acks", "late_reason", "ended", "end_reason",
+        "pending_acks", "late_reason", "ended", "end_reason", "timers",
     )
 
     def __init__(self, mgr: CallManager, invite: Request, stx: Any, flow: Any, aor: str, callee_uri: str):
@@ -143,6 +143,7 @@ class Call:
         self.late_reason: str | None = None  # Reason of the Invite/Cancel CANCELs
         self.ended = False
         self.end_reason: str | None = None
+        self.timers: session_timer.SessionTimers | None = None  # RFC 4028, once answered
 
     # -- description (silo dump / admin) -------------------------------------------------------
 
@@ -351,6 +352,7 @@ class Call:
                     value = _strip_100rel(value)
                 if value:
                     req.add_header(name, value)
+        session_timer.offer(req, self.mgr.settings)
         if a.body:
             req.add_header("Content-Type", a.content_type or "application/sdp")
             req.body = a.body
@@ -433,6 +435,7 @@ class Call:
         if resp.body:
             ok.add_header("Content-Type", resp.content_type or "application/sdp")
             ok.body = resp.body
+        self.timers = session_timer.start(self, resp, ok)
         self.a.retransmit = self.port.respond_2xx(self.a.stx, ok, self._no_ack)
         self.mgr.counters["answered"] += 1
         self.mgr.watch_flow(self, leg.hop.flow_id, leg.hop.transport)
@@ -516,9 +519,8 @@ class Call:
         return hop is not None
 
     def _release_silo(self) -> None:
-        """The caller has its answer: no more appends (can_append() says so from now on).
-
-        As in Kamailio the entry stays listed until the call ends, unless pushed iOS devices are
+        """The caller has its answer: the call leaves the silo's pending calls (an answered call must
+        not count against max_pending_per_aor, however long it lasts), unless pushed iOS devices are
         still expected: then it moves to the silo's grace table for their Invite/Cancel.
         """
         grace = self.mgr.settings.invite_cancel_grace
@@ -526,6 +528,8 @@ class Call:
         self.woken = wanting
         if grace > 0 and wanting:
             self.mgr.silo.linger(self, grace)
+        else:
+            self.mgr.silo.remove(self)
 
     def _waker_done(self, answered_elsewhere: bool) -> None:
         if self._waker_used:
@@ -551,6 +555,9 @@ class Call:
         if not isinstance(self.state, Ended):
             self.state = Ended()
         self._stop_ring_timer()
+        if self.timers is not None:
+            self.timers.stop()
+            self.timers = None
         self.a.stop_retransmit()
         self._abort_park(None)
         if self.mgr.silo.get(self.call_id) is self:
