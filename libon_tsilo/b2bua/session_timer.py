@@ -108,16 +108,19 @@ def _min_se(msg: Message) -> int:
     return 0 if value is None else parse_min_se(value)
 
 
+def _has_token(msg: Message, name: str, token: str) -> bool:
+    """Is `token` (lower case) one of the values of list header `name`?"""
+    if msg.header(name) is None:
+        return False  # the usual case, answered at the cost of one index lookup
+    return any(v.strip().lower() == token for v in msg.header_values(name))
+
+
 def supports_timer(msg: Message) -> bool:
-    for name in ("Supported", "Require"):
-        for value in msg.header_values(name):
-            if value.strip().lower() == TIMER:
-                return True
-    return False
+    return _has_token(msg, "Supported", TIMER) or _has_token(msg, "Require", TIMER)
 
 
 def _allows_update(msg: Message) -> bool:
-    return any(v.strip().upper() == "UPDATE" for v in msg.header_values("Allow"))
+    return _has_token(msg, "Allow", "update")
 
 
 # -- negotiation -------------------------------------------------------------------------------
@@ -189,17 +192,17 @@ def as_uac(resp: Response, asked: int, min_se: int) -> Negotiated:
 
 
 def add_request_headers(req: Request, interval: int, min_se: int, refresher: str | None) -> None:
-    if not any(v.strip().lower() == TIMER for v in req.header_values("Supported")):
+    if not _has_token(req, "Supported", TIMER):
         req.add_header("Supported", TIMER)
     req.add_header("Session-Expires", f"{interval};refresher={refresher}" if refresher else str(interval))
-    req.add_header("Min-SE", str(min_se))
+    if min_se != ABSOLUTE_MIN_SE:
+        req.add_header("Min-SE", str(min_se))  # absent means 90 (§5): one header less per call
 
 
 def add_answer_headers(resp: Response, n: Negotiated) -> None:
     resp.add_header("Session-Expires", f"{n.interval};refresher={'uas' if n.we_refresh else 'uac'}")
     if n.peer_supports:
-        resp.add_header("Require", TIMER)  # §9: the UAC must act on it
-    resp.add_header("Supported", TIMER)
+        resp.add_header("Require", TIMER)  # §9: the UAC must act on it (and it says we support it)
 
 
 def offer(req: Request, settings: Any) -> None:
@@ -212,7 +215,7 @@ def offer(req: Request, settings: Any) -> None:
 
 
 class _Leg:
-    __slots__ = ("leg", "name", "interval", "we_refresh", "peer_supports", "allows_update", "sdp", "timer",
+    __slots__ = ("leg", "name", "interval", "we_refresh", "peer_supports", "allows_update", "sdp", "due",
                  "refresh_seq")
 
     def __init__(self, leg: Any, name: str, n: Negotiated, allows_update: bool, sdp: bytes) -> None:
@@ -223,16 +226,12 @@ class _Leg:
         self.peer_supports = n.peer_supports
         self.allows_update = allows_update
         self.sdp = sdp  # the last session description we sent on this leg
-        self.timer: IDelayedCall | None = None
+        # clock time of this leg's next action (our refresh, or its expiry); None while ours is in flight
+        self.due: float | None = None
         self.refresh_seq: int | None = None  # CSeq of our refresh in flight
 
     def adopt(self, n: Negotiated) -> None:
         self.interval, self.we_refresh, self.peer_supports = n.interval, n.we_refresh, n.peer_supports
-
-    def cancel(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
 
 
 def start(call: Call, resp: Response, ok: Response) -> SessionTimers | None:
@@ -244,16 +243,22 @@ def start(call: Call, resp: Response, ok: Response) -> SessionTimers | None:
 
 
 class SessionTimers:
-    """The session timers of one answered call (both legs) and its duration limit."""
+    """The session timers of one answered call (both legs) and its duration limit.
 
-    __slots__ = ("call", "a", "b", "_limit")
+    One DelayedCall per call, at the earliest of the legs' next actions and the duration limit:
+    every answered call sets one up and cancels it at its BYE, so that is the cost to keep small.
+    A refresh that moves an action later only resets it (cheap when later, RFC-timed when sooner).
+    """
+
+    __slots__ = ("call", "a", "b", "_limit_at", "_timer")
 
     def __init__(self, call: Call, resp: Response, ok: Response) -> None:
         self.call = call
         settings = call.mgr.settings
         self.a: _Leg | None = None
         self.b: _Leg | None = None
-        self._limit: IDelayedCall | None = None
+        self._limit_at: float | None = None
+        self._timer: IDelayedCall | None = None
         if settings.session_expires:
             invite = call.a.invite
             n = as_uas(invite, settings.session_expires, settings.min_se, None)
@@ -261,18 +266,16 @@ class SessionTimers:
             self.a = _Leg(call.a, "caller", n, _allows_update(invite), ok.body)
             n = as_uac(resp, settings.session_expires, settings.min_se)
             self.b = _Leg(call.winner, "callee", n, _allows_update(resp), invite.body)
-            self._arm(self.a)
-            self._arm(self.b)
+            self._set_due(self.a)
+            self._set_due(self.b)
         if settings.max_call_duration:
-            self._limit = call.clock.callLater(settings.max_call_duration, self._duration_reached)
+            self._limit_at = call.clock.seconds() + settings.max_call_duration
+        self._schedule()
 
     def stop(self) -> None:
-        for ls in (self.a, self.b):
-            if ls is not None:
-                ls.cancel()
-        if self._limit is not None and self._limit.active():
-            self._limit.cancel()
-        self._limit = None
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
 
     def _of(self, leg: Any) -> _Leg | None:
         return self.a if leg is self.call.a else self.b
@@ -323,30 +326,62 @@ class SessionTimers:
 
     # -- timers ----------------------------------------------------------------------------------
 
-    def _arm(self, ls: _Leg, delay: float | None = None) -> None:
-        ls.cancel()
-        clock = self.call.clock
+    def _set_due(self, ls: _Leg, delay: float | None = None) -> None:
         if ls.we_refresh:
-            ls.timer = clock.callLater(ls.interval / 2 if delay is None else delay, self._refresh, ls)
+            wait = ls.interval / 2 if delay is None else delay
         else:
             # §10: end it slightly before the expiry, so the BYE beats the peer's own teardown
-            ls.timer = clock.callLater(ls.interval - min(32, ls.interval / 3), self._expired, ls)
+            wait = ls.interval - min(32, ls.interval / 3)
+        ls.due = self.call.clock.seconds() + wait
 
-    def _expired(self, ls: _Leg) -> None:
-        ls.timer = None
+    def _arm(self, ls: _Leg, delay: float | None = None) -> None:
+        self._set_due(ls, delay)
+        self._schedule()
+
+    def _schedule(self) -> None:
+        at = self._limit_at
+        for ls in (self.a, self.b):
+            if ls is not None and ls.due is not None and (at is None or ls.due < at):
+                at = ls.due
+        if at is None:
+            self.stop()
+            return
+        delay = max(0.0, at - self.call.clock.seconds())
+        timer = self._timer
+        if timer is not None and timer.active():
+            timer.reset(delay)
+        else:
+            self._timer = self.call.clock.callLater(delay, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
         call = self.call
         if call.ended:
             return
+        now = call.clock.seconds() + 1e-6  # what was due now, float rounding included
+        if self._limit_at is not None and self._limit_at <= now:
+            self._duration_reached()
+            return
+        for ls in (self.a, self.b):
+            if ls is not None and ls.due is not None and ls.due <= now:
+                ls.due = None
+                if ls.we_refresh:
+                    self._refresh(ls)
+                else:
+                    self._expired(ls)
+                if call.ended:
+                    return
+        self._schedule()
+
+    def _expired(self, ls: _Leg) -> None:
+        call = self.call
         log.info("no session refresh from the {leg} within {interval} s: ending the call", leg=ls.name,
                  interval=ls.interval, call_id=call.call_id)
         call.mgr.counters["session_expired"] += 1
         relay.hang_up(call, None, f"session expired on the {ls.name}'s leg", REASON_EXPIRED)
 
     def _duration_reached(self) -> None:
-        self._limit = None
         call = self.call
-        if call.ended:
-            return
         limit = call.mgr.settings.max_call_duration
         log.info("call reached max_call_duration ({limit} s): ending it", limit=limit, call_id=call.call_id)
         call.mgr.counters["duration_limit"] += 1
@@ -355,10 +390,7 @@ class SessionTimers:
     # -- our refreshes -----------------------------------------------------------------------------
 
     def _refresh(self, ls: _Leg) -> None:
-        ls.timer = None
         call = self.call
-        if call.ended:
-            return
         sdp = ls.sdp or getattr(ls.leg, "ack_body", (b"",))[0]  # a late offer's answer went in an ACK
         method = "UPDATE" if ls.allows_update or not sdp else "INVITE"
         if method == "INVITE" and call.offer_busy:

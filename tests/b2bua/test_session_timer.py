@@ -162,7 +162,7 @@ def test_caller_leg_interval_and_refresher(caller: str, supported: str, expected
     c = Answered(caller=caller, supported=supported)
     assert c.ok.header("Session-Expires") == expected
     assert c.ok.header("Require") == require
-    assert "timer" in c.ok.header_values("Supported")
+    assert c.ok.header("Supported") is None  # Require: timer says it; nothing to add
     c.from_a("BYE")
     c.env.assert_clean()
 
@@ -175,9 +175,10 @@ def test_branch_invite_offers_timers() -> None:
     req = c.b_req
     assert req.header_values("Supported") == ["replaces", "timer"]
     assert req.header("Session-Expires") == "1800"  # the device picks the refresher
-    assert req.header("Min-SE") == "90"
-    c2 = Answered()  # the caller's Supported already says timer: not twice
+    assert req.header("Min-SE") is None  # absent means the RFC's 90 (§5)
+    c2 = Answered(min_se=120)  # the caller's Supported already says timer: not twice
     assert c2.b_req.header_values("Supported") == ["timer"]
+    assert c2.b_req.header("Min-SE") == "120"
 
 
 @pytest.mark.parametrize("device, we_refresh_at", [
@@ -217,7 +218,7 @@ def test_refresh_update_sent_at_half_the_interval_and_rearmed() -> None:
     for ctx in (to_a, to_b):
         req = ctx.request
         assert req.body == b"" and req.header("Session-Expires") == "1800;refresher=uac"
-        assert req.header("Min-SE") == "90" and "timer" in req.header_values("Supported")
+        assert req.header("Min-SE") is None and "timer" in req.header_values("Supported")
     assert to_a.request.from_.tag == c.a_tag and to_a.request.to.tag == "a-tag"
     assert to_a.hop.flow_id == "tcp:caller#1" and to_b.hop.flow_id == "tcp:dev1#1"
     respond(to_a, 200, ("Session-Expires: 1800;refresher=uac",), to_tag="a-tag")
@@ -337,13 +338,13 @@ def test_silent_caller_expiry_ends_both_legs_with_a_reason() -> None:
 
 
 def test_relayed_refresh_resets_the_timer_on_both_legs() -> None:
-    c = Answered(device=("Session-Expires: 1800;refresher=uas", "Require: timer"))
+    c = Answered(device=("Session-Expires: 1800;refresher=uas", "Require: timer"), min_se=100)
     # both parties refresh; at 1000 s the caller does, by UPDATE (relayed to the device)
     c.at(1000)
     stx = c.from_a("UPDATE", extra="Session-Expires: 1800;refresher=uac\nSupported: timer\n")
     out = c.to_device("UPDATE")[0]
     assert out.request.header("Session-Expires") == "1800;refresher=uas"  # the device keeps refreshing
-    assert out.request.header("Min-SE") == "90"
+    assert out.request.header("Min-SE") == "100"
     respond(out, 200, ("Session-Expires: 1800;refresher=uas", "Require: timer"))
     assert stx is not None and stx.statuses == [200]
     assert stx.responses[0].header("Session-Expires") == "1800;refresher=uac"
@@ -411,7 +412,7 @@ def test_timers_off_without_limit_arm_nothing() -> None:
 
 def test_session_timers_cancelled_when_the_call_ends() -> None:
     c = Answered(max_call_duration=14_400)
-    assert len(c.clock.getDelayedCalls()) == 3  # two legs and the duration limit
+    assert len(c.clock.getDelayedCalls()) == 1  # one per call: the earliest of both legs and the limit
     stx = c.from_a("BYE")
     assert stx is not None and stx.statuses == [200]
     assert c.byes() == {c.b_req.call_id: None}  # a normal hang-up: no Reason of ours

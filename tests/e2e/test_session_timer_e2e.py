@@ -6,7 +6,7 @@ then sends nothing). RFC 4028 forbids intervals under 90 s, too long for a test,
 with `[calls] max_call_duration = 2`: the call must end about 2 s after the answer, with a BYE
 carrying a Reason to both parties. On the wire the test also checks the timer negotiation: the
 caller's 200 carries Session-Expires with a refresher, the device's INVITE Session-Expires and
-Min-SE. The RFC 4028 expiry itself is covered on a Clock in tests/b2bua/test_session_timer.py.
+Min-SE (sent when not the RFC's default of 90, hence min_se = 120 here). The RFC 4028 expiry itself is covered on a Clock in tests/b2bua/test_session_timer.py.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _words(lines: list[str]) -> list[str]:
 
 def test_silent_answered_call_is_ended_by_max_call_duration(start_sip_server, procs, tmp_path):  # noqa: F811
     config = _server_config()
-    config["calls"]["max_call_duration"] = MAX_CALL_DURATION
+    config["calls"].update(max_call_duration=MAX_CALL_DURATION, min_se=120)  # 90 would not be sent
     server = start_sip_server(extra=config, tls=False)
     device = add_device(procs, server, tmp_path, "henry", answer="device_answer_silent.xml")
     device.wait_registered()
@@ -57,7 +57,7 @@ def test_silent_answered_call_is_ended_by_max_call_duration(start_sip_server, pr
         caller.explain()
     device.stop()
     device.assert_no_failures()
-    assert _words(device.sipp.log_lines("INVITED ")) == ["INVITED SE=1800 MIN-SE=90"], \
+    assert _words(device.sipp.log_lines("INVITED ")) == ["INVITED SE=1800 MIN-SE=120"], \
         device.sipp.explain()
     assert _words(device.sipp.log_lines("HUNG-UP-BY-SERVER ")) == \
         [f"HUNG-UP-BY-SERVER {REASON_MAX_DURATION}"], device.sipp.explain()
