@@ -371,6 +371,9 @@ class Call:
         status = resp.status
         if status == 100:
             return
+        if status == 422 and session_timer.retry_branch(self, leg, resp):
+            self._send_branch(leg)  # RFC 4028 §7.3: again, with the interval it asked for
+            return
         if status >= 200 and status < 300 and leg.state == BranchState.ANSWERED:
             # a retransmitted 2xx: our ACK got lost
             if leg.acked:

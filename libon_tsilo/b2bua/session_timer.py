@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SessionExpires", "Negotiated", "SessionTimers", "parse_session_expires", "parse_min_se",
     "supports_timer", "interval_too_small", "refuse_small_interval", "as_uas", "as_uac",
-    "add_request_headers", "add_answer_headers", "offer", "start", "ABSOLUTE_MIN_SE",
+    "add_request_headers", "add_answer_headers", "offer", "retry_branch", "start", "ABSOLUTE_MIN_SE",
     "REASON_EXPIRED", "REASON_REFRESH_FAILED", "REASON_MAX_DURATION",
 ]
 
@@ -211,6 +211,36 @@ def offer(req: Request, settings: Any) -> None:
         add_request_headers(req, settings.session_expires, settings.min_se, None)
 
 
+_NOT_RESENT = frozenset({"via", "cseq", "session-expires", "min-se"})
+
+
+def retry_branch(call: Call, leg: Any, resp: Response) -> bool:
+    """§7.3: the device answered our branch INVITE 422: rebuild `leg.invite` with the next CSeq and
+    its Min-SE as interval, for the call to send again. False when there is nothing to retry."""
+    if not call.mgr.settings.session_expires or leg.cancelled or call.state.final or call.ended:
+        return False
+    old = leg.invite
+    try:
+        wanted = _min_se(resp)
+        asked = _session_expires(old)
+    except ParseError:
+        return False
+    if asked is None or not asked.interval < wanted <= _MAX_MIN_SE:
+        return False  # a 422 that asks for nothing more would only loop
+    leg.dialog.local_seq += 1
+    new = Request("INVITE", old.raw_uri)
+    for key, written, value, *_ in old._headers:  # as built, in order (a re-parse would cost more)
+        if key not in _NOT_RESENT:
+            new.add_header(written, value)
+    new.add_header("CSeq", f"{leg.dialog.local_seq} INVITE")
+    new.add_header("Session-Expires", str(wanted))
+    new.add_header("Min-SE", str(wanted))
+    new.body = old.body
+    leg.invite = new
+    log.info("device answered 422: INVITE again with Session-Expires {se}", se=wanted, call_id=call.call_id)
+    return True
+
+
 # -- the timers of a connected call ------------------------------------------------------------
 
 
@@ -280,10 +310,6 @@ class SessionTimers:
     def _of(self, leg: Any) -> _Leg | None:
         return self.a if leg is self.call.a else self.b
 
-    def describe(self) -> dict[str, Any]:
-        return {ls.name: {"interval": ls.interval, "refresher": "us" if ls.we_refresh else "peer"}
-                for ls in (self.a, self.b) if ls is not None}
-
     # -- relayed offers (relay.py) -------------------------------------------------------------
 
     def offer_received(self, leg: Any, req: Request, stx: Any) -> bool:
@@ -339,6 +365,9 @@ class SessionTimers:
         self._schedule()
 
     def _schedule(self) -> None:
+        if self.call.ended:  # a late response must not re-arm an ended call
+            self.stop()
+            return
         at = self._limit_at
         for ls in (self.a, self.b):
             if ls is not None and ls.due is not None and (at is None or ls.due < at):

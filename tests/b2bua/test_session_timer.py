@@ -455,3 +455,48 @@ def test_device_hop_of_a_refresh_follows_a_target_refresh() -> None:
     assert c.to_device("UPDATE")[-1].request.raw_uri == "sip:bob@10.0.0.9:5080;transport=tcp"
     c.from_a("BYE")
     c.env.assert_clean()
+
+
+def test_device_422_is_retried_with_its_min_se() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    _, stx = env.invite()
+    first = env.port.invites()[0]
+    (leg,) = env.call().branches.values()
+    leg.invite.add_header("Via", "SIP/2.0/TCP 192.0.2.10:5060;branch=z9hG4bKfirst", first=True)  # as stamped
+    respond(first, 422, ("Min-SE: 3600",))
+    second = env.port.invites()[-1]
+    assert second is not first and stx.statuses == []  # the caller sees nothing of it
+    req = second.request
+    assert (req.call_id, req.from_.tag) == (first.request.call_id, first.request.from_.tag)
+    assert req.cseq.seq == first.request.cseq.seq + 1 and req.cseq.method == "INVITE"
+    assert req.header("Session-Expires") == "3600" and req.header("Min-SE") == "3600"
+    assert req.body == SDP_A and req.header("Subject") == "lunch?"
+    assert req.header("Via") is None  # the port stamps a new one; the first INVITE's is not reused
+    respond(second, 422, ("Min-SE: 3600",))  # asks for nothing more: that branch has failed
+    assert len(env.port.invites()) == 2
+    # a 422 about our leg to the device means nothing to the caller (and would lack its Min-SE)
+    assert stx.statuses == [480]
+    env.assert_clean()
+
+
+def test_device_422_then_answer_negotiates_its_interval() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    _, stx = env.invite()
+    respond(env.port.invites()[0], 422, ("Min-SE: 2400",))
+    respond(env.port.invites()[-1], 200, ("Session-Expires: 2400;refresher=uac",), body=SDP_B)
+    assert stx.statuses == [200]
+    ack, _ = env.port.acks[-1]
+    assert ack.cseq.seq == 2  # for the INVITE that was answered
+    start = env.clock.seconds()
+    env.clock.advance(1200 - 0.001)
+    reinvites = [c for c in env.port.sent if c.request.method == "INVITE"]
+    assert len(reinvites) == 2
+    env.clock.advance(0.001)  # we refresh at half its 2400 s (it allows no UPDATE: re-INVITE)
+    refresh = [c for c in env.port.sent if c.request.method == "INVITE"][-1].request
+    assert refresh.cseq.seq == 3 and refresh.header("Session-Expires") == "2400;refresher=uac"
+    assert env.clock.seconds() == start + 1200
+    env.call().in_dialog(env.call().a, in_dialog("BYE", CALL_ID, CALLER, f"<sip:bob@example.com>;tag={stx.final.to.tag}", 11),
+                         FakeStx(None))  # type: ignore[arg-type]
+    env.assert_clean()
