@@ -187,8 +187,9 @@ def as_uac(resp: Response, asked: int, min_se: int) -> Negotiated:
         se = None
     if se is None:
         return Negotiated(asked, True, False)
-    # below our minimum would make us (or it) refresh too often: hold it to our Min-SE
-    return Negotiated(max(se.interval, min_se), se.refresher != "uas", True)
+    # a UAS may lower what we asked for, never raise it (§9): a longer one would let a silent peer
+    # stay longer than we allow; below our Min-SE would make us (or it) refresh too often
+    return Negotiated(max(min(se.interval, asked), min_se), se.refresher != "uas", True)
 
 
 def add_request_headers(req: Request, interval: int, min_se: int, refresher: str | None) -> None:
@@ -237,6 +238,7 @@ def retry_branch(call: Call, leg: Any, resp: Response) -> bool:
     new.add_header("Min-SE", str(wanted))
     new.body = old.body
     leg.invite = new
+    leg.asked_se = wanted
     log.info("device answered 422: INVITE again with Session-Expires {se}", se=wanted, call_id=call.call_id)
     return True
 
@@ -294,7 +296,7 @@ class SessionTimers:
             n = as_uas(invite, settings.session_expires, settings.min_se, None)
             add_answer_headers(ok, n)
             self.a = _Leg(call.a, "caller", n, _allows_update(invite), ok.body)
-            n = as_uac(resp, settings.session_expires, settings.min_se)
+            n = as_uac(resp, call.winner.asked_se or settings.session_expires, settings.min_se)
             self.b = _Leg(call.winner, "callee", n, _allows_update(resp), invite.body)
             self._set_due(self.a)
             self._set_due(self.b)

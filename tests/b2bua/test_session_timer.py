@@ -186,6 +186,7 @@ def test_branch_invite_offers_timers() -> None:
     (("Session-Expires: 1200;refresher=uas", "Require: timer"), None),  # the device refreshes
     ((), 1800),  # no timer support: we refresh it at half our own interval
     (("Session-Expires: 30;refresher=uac",), 45),  # below our Min-SE: held to 90
+    (("Session-Expires: 7200;refresher=uac",), 1800),  # above what we asked (3600): held to it
 ])
 def test_device_leg_refresher_from_its_2xx(device: tuple[str, ...], we_refresh_at: float | None) -> None:
     c = Answered(device=(DEVICE_ALLOW, *device), caller="Session-Expires: 3600;refresher=uac\n",
