@@ -46,6 +46,7 @@ ABSOLUTE_MIN_SE = 90  # RFC 4028 §4: no Session-Expires or Min-SE below this
 REASON_EXPIRED = 'SIP;cause=408;text="Session timer expired"'
 REASON_REFRESH_FAILED = 'SIP;cause=408;text="Session refresh failed"'
 REASON_MAX_DURATION = 'Q.850;cause=102;text="Maximum call duration reached"'
+REASON_INTERNAL = 'SIP;cause=500;text="Server Internal Error"'
 # a refresh re-INVITE waits this long when another offer is in flight or got 491 (RFC 3261 §14.1)
 GLARE_RETRY = 2.0
 _MAX_DELTA = 2**32 - 1  # RFC 3261 delta-seconds
@@ -386,9 +387,18 @@ class SessionTimers:
 
     def _fire(self) -> None:
         self._timer = None
-        call = self.call
-        if call.ended:
+        if self.call.ended:
             return
+        try:
+            self._due_now()
+        except Exception:
+            # a bug here would leave the call without a timer, up for ever: end it instead
+            log.failure("session timer failed", call_id=self.call.call_id)
+            if not self.call.ended:
+                relay.hang_up(self.call, None, "internal error in the session timer", REASON_INTERNAL)
+
+    def _due_now(self) -> None:
+        call = self.call
         now = call.clock.seconds() + 1e-6  # what was due now, float rounding included
         if self._limit_at is not None and self._limit_at <= now:
             self._duration_reached()

@@ -10,6 +10,7 @@ import pytest
 from libon_tsilo.b2bua.session_timer import (
     GLARE_RETRY,
     REASON_EXPIRED,
+    REASON_INTERNAL,
     REASON_MAX_DURATION,
     REASON_REFRESH_FAILED,
     parse_min_se,
@@ -501,3 +502,18 @@ def test_device_422_then_answer_negotiates_its_interval() -> None:
     env.call().in_dialog(env.call().a, in_dialog("BYE", CALL_ID, CALLER, f"<sip:bob@example.com>;tag={stx.final.to.tag}", 11),
                          FakeStx(None))  # type: ignore[arg-type]
     env.assert_clean()
+
+
+def test_a_bug_in_a_refresh_ends_the_call_instead_of_leaving_it_up() -> None:
+    c = Answered(supported=NO_TIMER)
+    send = c.env.port.send_request
+
+    def broken_refresh(req: Any, hop: Any, on_response: Any) -> Any:
+        if req.method != "BYE":
+            raise RuntimeError("boom")
+        return send(req, hop, on_response)
+
+    c.env.port.send_request = broken_refresh  # type: ignore[method-assign]
+    c.at(900)
+    # logged with its traceback, and hung up both ways rather than left without a timer
+    c.assert_hung_up_both(REASON_INTERNAL)
