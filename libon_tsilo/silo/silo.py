@@ -99,6 +99,9 @@ class Silo:
     def store(self, call: SiloCall) -> bool:
         """Index `call` under its AOR key. False when that AOR already has max_pending_per_aor calls.
 
+        Only calls still waiting for an answer are stored: the call layer removes a call as soon
+        as the caller has its final response, so answered calls never count against the limit.
+
         Storing the same call twice is accepted and ignored, as ts_store() does.
         """
         key = call.aor
