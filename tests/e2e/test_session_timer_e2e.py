@@ -48,7 +48,7 @@ def test_silent_answered_call_is_ended_by_max_call_duration(start_sip_server, pr
     caller = run_caller(procs, server, tmp_path, "caller_silent.xml", "henry")
     assert_caller_ok(caller, server)  # its scenario ends only with the server's BYE
     elapsed = time.monotonic() - started
-    assert MAX_CALL_DURATION <= elapsed < MAX_CALL_DURATION + 5, elapsed
+    assert MAX_CALL_DURATION <= elapsed < MAX_CALL_DURATION + 10, elapsed  # slack for a loaded box
 
     # the caller supports timers and did not pick a refresher: it refreshes, the server watches
     assert _words(caller.log_lines("SESSION-EXPIRES ")) == ["SESSION-EXPIRES 1800;refresher=uac"], \
