@@ -72,6 +72,9 @@ def request(call: Call, leg: Any, req: Request, stx: Any) -> None:
         _respond(call, stx, req, 200)
         hang_up(call, leg, f"BYE from the {'caller' if leg is call.a else 'callee'}")
     elif method in ("INVITE", "UPDATE"):
+        if method == "UPDATE" and not req.body and call.timers is not None \
+                and call.timers.refresh_received(leg, req, stx):
+            return  # a pure session refresh of that leg, answered by us (RFC 4028: legs are separate)
         _offer(call, leg, req, stx, other)
     elif method in RELAYED:
         out = other.dialog.request(method, req.body, req.content_type)

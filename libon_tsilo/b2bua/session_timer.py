@@ -10,7 +10,8 @@ the caller's leg we are the UAS of the INVITE (§9), on the device's leg its UAC
 - On a leg where the peer refreshes, the call ends when no refresh came by the expiry minus
   min(32, interval/3) (§10).
 - A peer without timer support cannot refresh, so we refresh it: a silent peer then shows as a
-  timed-out refresh. A re-INVITE/UPDATE relayed with a 2xx refreshes both legs.
+  timed-out refresh. A re-INVITE/UPDATE relayed with a 2xx refreshes both legs; an UPDATE without
+  a body carries nothing for the other party and is answered here, refreshing its own leg.
 - `[calls] max_call_duration` ends any answered call at that age, refreshed or not.
 
 Ending a call sends BYE both ways with a Reason. Every timer is on the call's clock and is
@@ -320,6 +321,30 @@ class SessionTimers:
         if self._of(leg) is None:
             return True
         return not refuse_small_interval(req, self.call.mgr.settings, self.call.port, stx)
+
+    def refresh_received(self, leg: Any, req: Request, stx: Any) -> bool:
+        """An UPDATE without a body: nothing for the other party, only this leg's session refresh
+        (and target refresh, RFC 3311). Answered here, so the refresh of one party never depends on
+        the other one supporting UPDATE. False when this leg has no session timer (it is relayed)."""
+        ls = self._of(leg)
+        if ls is None:
+            return False
+        call = self.call
+        settings = call.mgr.settings
+        if refuse_small_interval(req, settings, call.port, stx):
+            return True
+        contacts = req.contacts
+        if contacts:
+            leg.dialog.remote_target = str(contacts[0].uri)
+        ls.adopt(as_uas(req, settings.session_expires, settings.min_se, ls.we_refresh))
+        if req.has_header("Allow"):
+            ls.allows_update = _allows_update(req)
+        ok = make_response(req, 200)
+        ok.add_header("Contact", leg.dialog.contact)
+        add_answer_headers(ok, Negotiated(ls.interval, ls.we_refresh, ls.peer_supports))
+        call.port.respond(stx, ok)
+        self._arm(ls)
+        return True
 
     def relaying(self, to_leg: Any, out: Request) -> None:
         """Our copy of the offer is a session refresh request on the other leg too (§7.4)."""

@@ -341,20 +341,53 @@ def test_silent_caller_expiry_ends_both_legs_with_a_reason() -> None:
 
 def test_relayed_refresh_resets_the_timer_on_both_legs() -> None:
     c = Answered(device=("Session-Expires: 1800;refresher=uas", "Require: timer"), min_se=100)
-    # both parties refresh; at 1000 s the caller does, by UPDATE (relayed to the device)
+    # both parties refresh; at 1000 s the caller does, by re-INVITE (relayed to the device)
     c.at(1000)
-    stx = c.from_a("UPDATE", extra="Session-Expires: 1800;refresher=uac\nSupported: timer\n")
-    out = c.to_device("UPDATE")[0]
+    stx = c.from_a("INVITE", body=SDP_A, extra="Session-Expires: 1800;refresher=uac\nSupported: timer\n")
+    out = c.to_device("INVITE")[-1]
     assert out.request.header("Session-Expires") == "1800;refresher=uas"  # the device keeps refreshing
     assert out.request.header("Min-SE") == "100"
-    respond(out, 200, ("Session-Expires: 1800;refresher=uas", "Require: timer"))
+    respond(out, 200, ("Session-Expires: 1800;refresher=uas", "Require: timer"), body=SDP_B)
     assert stx is not None and stx.statuses == [200]
     assert stx.responses[0].header("Session-Expires") == "1800;refresher=uac"
     assert stx.responses[0].header("Require") == "timer"
+    c.from_a("ACK", seq=c.a_seq)
     c.at(1000 + 1768 - 0.001)  # the first expiry (1768 s) is long gone: both legs were refreshed
     assert c.byes() == {}
     c.at(1000 + 1768)
     c.assert_hung_up_both(REASON_EXPIRED)
+
+
+def test_bodyless_update_refreshes_its_own_leg_and_is_answered_here() -> None:
+    # the device does not allow UPDATE: relaying the caller's refresh would fail it
+    c = Answered(device=("Session-Expires: 1800;refresher=uas", "Require: timer"))
+    c.at(1000)
+    stx = c.from_a("UPDATE", extra="Session-Expires: 1800;refresher=uac\nSupported: timer\n"
+                                   "Contact: <sip:alice@10.0.0.7:5070;transport=tcp>\n")
+    assert stx is not None and stx.statuses == [200]
+    ok = stx.responses[0]
+    assert ok.header("Session-Expires") == "1800;refresher=uac" and ok.header("Require") == "timer"
+    assert ok.to.tag == c.a_tag and ok.contacts
+    assert c.to_device("UPDATE") == []  # nothing for the device
+    # the device's leg was not refreshed by it: the device's own silence ends the call at 1768 s
+    c.at(1768)
+    assert c.byes() == {CALL_ID: REASON_EXPIRED, c.b_req.call_id: REASON_EXPIRED}
+    # the UPDATE's Contact was a target refresh: the BYE goes there
+    assert [x.request.raw_uri for x in c.to_caller("BYE")] == ["sip:alice@10.0.0.7:5070;transport=tcp"]
+    c.env.assert_clean()
+
+
+def test_bodyless_update_keeps_the_caller_leg_alive() -> None:
+    c = Answered(device=(DEVICE_ALLOW,))  # we refresh the device; the caller refreshes itself
+    for t in (900, 1800, 2700):
+        c.at(t)
+        respond(c.to_device("UPDATE")[-1], 200)
+        stx = c.from_a("UPDATE", extra="Session-Expires: 1800;refresher=uac\nSupported: timer\n")
+        assert stx is not None and stx.statuses == [200]
+    c.at(2700 + 1768 - 0.001)
+    assert c.byes() == {} and len(c.to_device("UPDATE")) == 4  # ours, every 900 s
+    c.from_a("BYE")
+    c.env.assert_clean()
 
 
 def test_relayed_refresh_may_hand_the_refresh_to_us() -> None:
