@@ -51,7 +51,7 @@ REASON_INTERNAL = 'SIP;cause=500;text="Server Internal Error"'
 # a refresh re-INVITE waits this long when another offer is in flight or got 491 (RFC 3261 §14.1)
 GLARE_RETRY = 2.0
 _MAX_DELTA = 2**32 - 1  # RFC 3261 delta-seconds
-_MAX_MIN_SE = 86_400  # a 422 asking for more than a day is not worth retrying for
+_MAX_MIN_SE = 86_400  # a Min-SE above a day is not honoured (nor retried for after a 422)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +161,8 @@ def as_uas(req: Request, session_expires: int, min_se: int, we_refresh_now: bool
     peer_supports = supports_timer(req)
     try:
         se = _session_expires(req)
-        floor = max(min_se, _min_se(req))
+        # its Min-SE binds us (§9), up to a day: a huge one must not switch our timers off
+        floor = max(min_se, min(_min_se(req), _MAX_MIN_SE))
     except ParseError:  # checked before (400); a compacted INVITE is parsed again here
         se, floor = None, min_se
     if se is None:

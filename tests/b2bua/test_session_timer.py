@@ -155,6 +155,7 @@ def test_too_small_interval_from_a_caller_without_timer_is_raised_not_refused() 
     # longer than ours: lowered to ours; a Min-SE above ours: raised to it
     ("Session-Expires: 7200\n", "timer", "1800;refresher=uac", "timer"),
     ("Min-SE: 2000\n", "timer", "2000;refresher=uac", "timer"),
+    ("Min-SE: 4294967295\n", "timer", "86400;refresher=uac", "timer"),  # not a way to turn timers off
     # no timer support: we refresh it
     ("", NO_TIMER, "1800;refresher=uas", None),
     ("Session-Expires: 600;refresher=uac\n", NO_TIMER, "600;refresher=uas", None),
