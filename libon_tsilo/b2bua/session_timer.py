@@ -137,10 +137,10 @@ def interval_too_small(req: Request, session_expires: int, min_se: int) -> int |
     if not session_expires:
         return None
     se = _session_expires(req)
-    floor = _min_se(req)
+    _min_se(req)  # a malformed Min-SE is a 400 too, even when unused
     if se is None or se.interval >= min_se or not supports_timer(req):
         return None
-    return max(min_se, floor)
+    return min_se  # §6: the 422 names our own minimum
 
 
 def refuse_small_interval(req: Request, settings: Any, port: Any, stx: Any) -> bool:
