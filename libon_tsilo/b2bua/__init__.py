@@ -7,6 +7,7 @@ Modules, one job each:
 - legs.py     ALeg (UAS side) and BLeg (one device branch); dialog.py: RFC 3261 §12 dialog state.
 - forking.py  RFC 3261 §16.7 response choice (pure).
 - relay.py    in-dialog relaying after the answer (BYE, re-INVITE/UPDATE + glare, INFO/MESSAGE/OPTIONS).
+- session_timer.py  RFC 4028 session timers on both legs, and [calls] max_call_duration.
 - ports.py    SipPort: what calls need from sip/ (TransactionPort adapts the real layer).
 - waker.py    the Waker protocol (push/ implements it) and LoggingWaker.
 

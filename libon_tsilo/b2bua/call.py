@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from libon_tsilo.b2bua import events as ev
-from libon_tsilo.b2bua import relay
+from libon_tsilo.b2bua import relay, session_timer
 from libon_tsilo.b2bua.dialog import Dialog
 from libon_tsilo.b2bua.forking import REASON_ANSWERED
 from libon_tsilo.b2bua.identity import (
@@ -106,7 +106,7 @@ class Call:
         "mgr", "clock", "port", "call_id", "aor", "callee_uri", "caller_uri", "caller_name", "created_at",
         "ring_deadline", "a", "branches", "_by_key", "state", "failures", "winner", "early_media_from",
         "park_d", "wake_d", "wake_result", "woken", "_waker_used", "_ring_timer", "_late_ack", "offer_busy",
-        "pending_acks", "late_reason", "ended", "end_reason", "trust",
+        "pending_acks", "late_reason", "ended", "end_reason", "trust", "timers",
     )
 
     def __init__(self, mgr: CallManager, invite: Request, stx: Any, flow: Any, aor: str, callee_uri: str,
@@ -151,6 +151,7 @@ class Call:
         self.late_reason: str | None = None  # Reason of the Invite/Cancel CANCELs
         self.ended = False
         self.end_reason: str | None = None
+        self.timers: session_timer.SessionTimers | None = None  # RFC 4028, once answered
 
     # -- description (silo dump / admin) -------------------------------------------------------
 
@@ -361,6 +362,7 @@ class Call:
                     req.add_header(name, value)
         for name, value in b_leg_identity_headers(a, self.trust, self.mgr.settings.header_allowlist):
             req.add_header(name, value)
+        session_timer.offer(req, self.mgr.settings)
         if a.body:
             req.add_header("Content-Type", a.content_type or "application/sdp")
             req.body = a.body
@@ -378,6 +380,9 @@ class Call:
         """Every response of a branch INVITE (from its client transaction or a stray 2xx)."""
         status = resp.status
         if status == 100:
+            return
+        if status == 422 and session_timer.retry_branch(self, leg, resp):
+            self._send_branch(leg)  # RFC 4028 §7.3: again, with the interval it asked for
             return
         if status >= 200 and status < 300 and leg.state == BranchState.ANSWERED:
             # a retransmitted 2xx: our ACK got lost
@@ -443,6 +448,7 @@ class Call:
         if resp.body:
             ok.add_header("Content-Type", resp.content_type or "application/sdp")
             ok.body = resp.body
+        self.timers = session_timer.start(self, resp, ok)
         self.a.retransmit = self.port.respond_2xx(self.a.stx, ok, self._no_ack)
         self.mgr.counters["answered"] += 1
         self.mgr.watch_flow(self, leg.hop.flow_id, leg.hop.transport)
@@ -526,9 +532,8 @@ class Call:
         return hop is not None
 
     def _release_silo(self) -> None:
-        """The caller has its answer: no more appends (can_append() says so from now on).
-
-        As in Kamailio the entry stays listed until the call ends, unless pushed iOS devices are
+        """The caller has its answer: the call leaves the silo's pending calls (an answered call must
+        not count against max_pending_per_aor, however long it lasts), unless pushed iOS devices are
         still expected: then it moves to the silo's grace table for their Invite/Cancel.
         """
         self.mgr.release_source(self)
@@ -537,6 +542,8 @@ class Call:
         self.woken = wanting
         if grace > 0 and wanting:
             self.mgr.silo.linger(self, grace)
+        else:
+            self.mgr.silo.remove(self)
 
     def _waker_done(self, answered_elsewhere: bool) -> None:
         if self._waker_used:
@@ -562,6 +569,9 @@ class Call:
         if not isinstance(self.state, Ended):
             self.state = Ended()
         self._stop_ring_timer()
+        if self.timers is not None:
+            self.timers.stop()
+            self.timers = None
         self.a.stop_retransmit()
         self._abort_park(None)
         if self.mgr.silo.get(self.call_id) is self:

@@ -40,9 +40,10 @@ def caller_status(status: int | None) -> int:
     """Map the chosen branch status to what the caller should see.
 
     Device challenges (401/407) are meaningless to the caller, a local 408 means nobody answered,
-    and a 503 must not be passed on (§16.7 step 6), so these become 480 / 500.
+    a 422 is about the session interval of our own leg to the device (RFC 4028), and a 503 must
+    not be passed on (§16.7 step 6), so these become 480 / 500.
     """
-    if status is None or status in (401, 407, 408):
+    if status is None or status in (401, 407, 408, 422):
         return 480
     if status == 503:
         return 500

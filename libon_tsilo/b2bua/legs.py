@@ -59,7 +59,7 @@ class BLeg:
 
     kind = "B"
     __slots__ = ("binding", "invite", "dialog", "created_at", "state", "ctx", "last_status", "last_reason",
-                 "cancel_reason", "cancelled", "sent_contact", "sent_flow", "acked", "ack_body")
+                 "cancel_reason", "cancelled", "sent_contact", "sent_flow", "acked", "ack_body", "asked_se")
 
     def __init__(self, binding: Any, invite: Request, dialog: Dialog, created_at: float) -> None:
         self.binding = binding
@@ -77,6 +77,7 @@ class BLeg:
         self.sent_flow: str | None = None
         self.acked = False
         self.ack_body: tuple[bytes, str | None] = (b"", None)  # a late-offer answer is resent with it
+        self.asked_se: int | None = None  # Session-Expires asked after a 422 (RFC 4028), else the config's
 
     @property
     def hop(self) -> Hop:

@@ -24,6 +24,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from libon_tsilo.b2bua import session_timer
 from libon_tsilo.b2bua.admission import CallerSources
 from libon_tsilo.b2bua.call import Call
 from libon_tsilo.b2bua.identity import UNTRUSTED, CallerTrust
@@ -60,6 +61,10 @@ class CallSettings:
     invite_cancel_grace: float = 0.0
     use_domain: bool = True
     invite_cancel_providers: tuple[str, ...] = field(default=("apns",))
+    # RFC 4028 (b2bua/session_timer.py): 0 turns session timers off; max_call_duration 0 = no limit
+    session_expires: int = 1800
+    min_se: int = 90
+    max_call_duration: float = 0.0
 
     @classmethod
     def from_config(
@@ -72,6 +77,9 @@ class CallSettings:
             header_allowlist=tuple(calls.header_allowlist),
             invite_cancel_grace=float(getattr(calls, "invite_cancel_grace", invite_cancel_grace)),
             use_domain=use_domain,
+            session_expires=int(calls.session_expires),
+            min_se=int(calls.min_se),
+            max_call_duration=float(calls.max_call_duration),
         )
 
 
@@ -131,7 +139,8 @@ class CallManager:
         self.dialogs: dict[tuple[str, str], tuple[Call, Any]] = {}
         self.flows: dict[str, set[str]] = {}
         self.shutting_down = False
-        self.counters: dict[str, int] = {"calls": 0, "answered": 0, "rejected": 0}
+        self.counters: dict[str, int] = {"calls": 0, "answered": 0, "rejected": 0,
+                                         "session_expired": 0, "duration_limit": 0}
         self.sources = sources
         self.user_exists = user_exists
         self.can_wake = waker is not None
@@ -224,6 +233,9 @@ class CallManager:
             self._reject(stx, request, 404, "Not Found")
             return
         _ = (request.from_, request.to, request.cseq)  # parse now: a bad header is a 400 here
+        if session_timer.refuse_small_interval(request, self.settings, self.port, stx):
+            self.counters["rejected"] += 1
+            return
         decision = self.authorize(request, stx, flow)
         if isinstance(decision, Deferred):
             decision.addCallback(lambda ok: self._authorized(ok, request, stx, flow))

@@ -72,6 +72,9 @@ def request(call: Call, leg: Any, req: Request, stx: Any) -> None:
         _respond(call, stx, req, 200)
         hang_up(call, leg, f"BYE from the {'caller' if leg is call.a else 'callee'}")
     elif method in ("INVITE", "UPDATE"):
+        if method == "UPDATE" and not req.body and call.timers is not None \
+                and call.timers.refresh_received(leg, req, stx):
+            return  # a pure session refresh of that leg, answered by us (RFC 4028: legs are separate)
         _offer(call, leg, req, stx, other)
     elif method in RELAYED:
         out = other.dialog.request(method, req.body, req.content_type)
@@ -98,8 +101,13 @@ def _offer(call: Call, leg: Any, req: Request, stx: Any, other: Any) -> None:
         # RFC 3261 §14.2 / RFC 3311: one offer/answer at a time across the whole call
         _respond(call, stx, req, 491, "Request Pending")
         return
+    timers = call.timers
+    if timers is not None and not timers.offer_received(leg, req, stx):
+        return  # answered 422: its Session-Expires was below our Min-SE
     call.offer_busy = True
     out = other.dialog.request(req.method, req.body, req.content_type)
+    if timers is not None:
+        timers.relaying(other, out)
     call.port.send_request(out, other.hop, lambda r: _offer_final(call, leg, req, stx, other, out, r))
 
 
@@ -118,6 +126,8 @@ def _offer_final(call: Call, leg: Any, req: Request, stx: Any, other: Any, out: 
     if resp.contacts:
         other.dialog.remote_target = str(resp.contacts[0].uri)  # a target refresh (§12.2.1.2)
     back.add_header("Contact", leg.dialog.contact)
+    if call.timers is not None:
+        call.timers.relayed(leg, req, back, other, out, resp)  # RFC 4028: both legs refreshed
     if req.method != "INVITE":
         call.port.respond(stx, back)
         return
@@ -154,15 +164,21 @@ def ack(call: Call, leg: Any, ack_req: Request) -> None:
     pending.retransmit.stop()
     if not pending.acked:
         _send_ack(call, pending.to_leg, pending.out_seq, ack_req.body, ack_req.content_type)
+        if call.timers is not None:
+            call.timers.sent_sdp(pending.to_leg, ack_req.body)
 
 
-def hang_up(call: Call, from_leg: Any, why: str) -> None:
-    """BYE every connected leg but `from_leg` (which hung up itself), then end the call."""
+def hang_up(call: Call, from_leg: Any, why: str, reason: str | None = None) -> None:
+    """BYE every connected leg but `from_leg` (which hung up itself), then end the call.
+    `reason`: a Reason header value (RFC 3326) for the BYEs, when we are the one ending it."""
     for leg in (call.a, call.winner):
         if leg is None or leg is from_leg:
             continue
         try:
-            call.port.send_request(leg.dialog.request("BYE"), leg.hop, _log_bye_result(call))
+            bye = leg.dialog.request("BYE")
+            if reason:
+                bye.add_header("Reason", reason)
+            call.port.send_request(bye, leg.hop, _log_bye_result(call))
         except Exception:
             log.failure("cannot send BYE", call_id=call.call_id)
     call.end(why)

@@ -326,6 +326,11 @@ class CallsConfig:
     invite_cancel_grace: float = _opt(30.0, _int_range(0))
     max_branches: int = _opt(12, _int_range(1))
     max_pending_per_aor: int = _opt(8, _int_range(1))
+    # RFC 4028 session timers on both legs (0 = off), the smallest interval we accept (RFC: >= 90),
+    # and the most seconds an answered call may last (0 = no limit); cross-checked in _check_session_timers
+    session_expires: int = _opt(1800, _int_range(0, 86_400))
+    min_se: int = _opt(90, _int_range(90, 86_400))
+    max_call_duration: float = _opt(14_400.0, _int_range(0))
     header_allowlist: tuple[str, ...] = _opt(
         (
             "Subject",
@@ -612,8 +617,15 @@ def _check_manhole(manhole: ManholeConfig) -> None:
         raise ConfigError("manhole.listen", "needs manhole.authorized_keys or manhole.passwords")
 
 
+def _check_session_timers(calls: CallsConfig) -> None:
+    if calls.session_expires and calls.session_expires < calls.min_se:
+        raise ConfigError("calls.session_expires", f"must be 0 or >= calls.min_se ({calls.min_se}), "
+                          f"got {calls.session_expires}")
+
+
 def _validate(cfg: Config) -> None:
     _check_sip(cfg.sip)
+    _check_session_timers(cfg.calls)
     _check_tls(cfg)
     _check_registrar(cfg.registrar)
     _check_push(cfg.push)

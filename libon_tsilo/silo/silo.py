@@ -106,6 +106,9 @@ class Silo:
         """Index `call` under its AOR key. False when that AOR already has max_pending_per_aor calls,
         or the silo is at capacity (the call layer asks `at_capacity()` first to tell them apart).
 
+        Only calls still waiting for an answer are stored: the call layer removes a call as soon
+        as the caller has its final response, so answered calls never count against the limit.
+
         Storing the same call twice is accepted and ignored, as ts_store() does.
         """
         key = call.aor

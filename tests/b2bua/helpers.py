@@ -31,7 +31,8 @@ def parse(text: str, body: bytes = b"") -> Any:
 
 
 def caller_invite(call_id: str = "call-1@10.0.0.1", body: bytes = SDP_A, extra: str = "",
-                  ruri: str = "sip:bob@example.com", max_forwards: int = 70) -> Request:
+                  ruri: str = "sip:bob@example.com", max_forwards: int = 70,
+                  supported: str = "100rel, timer") -> Request:
     ctype = "Content-Type: application/sdp\n" if body else ""
     return parse(
         f"""INVITE {ruri} SIP/2.0
@@ -44,7 +45,7 @@ CSeq: 10 INVITE
 Contact: <sip:alice@10.0.0.1:5070;transport=tcp>
 Subject: lunch?
 X-Private: must-not-leak
-Supported: 100rel, timer
+Supported: {supported}
 {extra}{ctype}""".rstrip("\n"),
         body,
     )

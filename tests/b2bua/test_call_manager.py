@@ -124,9 +124,13 @@ def test_default_aor_key_and_settings_from_config() -> None:
         max_branches = 3
         max_pending_per_aor = 2
         header_allowlist = ("Subject",)
+        session_expires = 600
+        min_se = 120
+        max_call_duration = 3600
 
     s = CallSettings.from_config(Calls(), use_domain=False)
     assert (s.ring_timeout, s.max_branches, s.header_allowlist, s.use_domain) == (20.0, 3, ("Subject",), False)
+    assert (s.session_expires, s.min_se, s.max_call_duration) == (600, 120, 3600.0)
     assert isinstance(CallManager, type)
 
 

@@ -56,9 +56,10 @@ def test_first_2xx_wins_others_cancelled_with_reason() -> None:
     assert not b.cancelled
     ack, hop = env.port.acks[-1]
     assert ack.call_id == b.request.call_id and ack.cseq.method == "ACK" and ack.to.tag == "dev-tag"
-    # listed until the call ends, as in Kamailio, but closed to appends
-    (entry,) = env.silo.lookup(AOR)
-    assert entry["state"] == "connected" and not env.call().can_append()
+    # answered: no longer a pending call of the AOR (it must not count against
+    # max_pending_per_aor), and closed to appends
+    assert env.silo.lookup(AOR) == [] and env.silo.pending_count(AOR) == 0
+    assert not env.call().can_append()
     env.register(binding(3))
     assert len(env.port.invites()) == 2
     a.respond(487)

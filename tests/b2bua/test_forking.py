@@ -23,7 +23,8 @@ def test_best_final(statuses: list[int], expected: int | None) -> None:
 
 
 @pytest.mark.parametrize(
-    "chosen, shown", [(None, 480), (408, 480), (401, 480), (407, 480), (503, 500), (486, 486), (603, 603)]
+    "chosen, shown",
+    [(None, 480), (408, 480), (401, 480), (407, 480), (422, 480), (503, 500), (486, 486), (603, 603)],
 )
 def test_caller_status(chosen: int | None, shown: int) -> None:
     assert caller_status(chosen) == shown

@@ -364,3 +364,29 @@ def test_limits_defaults_suit_a_real_server():
 )
 def test_limits_bad_values(data, expected):
     assert error_of(data) == expected
+
+
+# --- [calls] session timers (RFC 4028) and the maximum call duration ---------------------------
+
+
+def test_calls_session_timer_defaults():
+    calls = default_config().calls
+    assert (calls.session_expires, calls.min_se, calls.max_call_duration) == (1800, 90, 14_400)
+    off = config_from_dict({"calls": {"session_expires": 0, "max_call_duration": 0}}).calls
+    assert (off.session_expires, off.max_call_duration) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"calls": {"min_se": 60}}, "calls.min_se: must be >= 90, got 60"),
+        ({"calls": {"session_expires": -1}}, "calls.session_expires: must be >= 0, got -1"),
+        ({"calls": {"session_expires": 100_000}}, "calls.session_expires: must be <= 86400, got 100000"),
+        ({"calls": {"session_expires": 120, "min_se": 300}},
+         "calls.session_expires: must be 0 or >= calls.min_se (300), got 120"),
+        ({"calls": {"max_call_duration": -5}}, "calls.max_call_duration: must be >= 0, got -5.0"),
+        ({"calls": {"session_expires": "long"}}, 'calls.session_expires: expected an integer, got string "long"'),
+    ],
+)
+def test_calls_session_timer_errors(data, expected):
+    assert error_of(data) == expected

@@ -152,6 +152,17 @@ def test_parked_calls_and_states(tmp_path):
     parts.b2bua.calls.clear()
 
 
+def test_session_timer_and_duration_limit_counters(tmp_path):
+    root, _clock = build(tmp_path=tmp_path)
+    s = samples(make_registry(root.parts, None, push=PushMetrics()))
+    assert s[("libon_tsilo_calls_session_expired_total", ())] == 0
+    root.parts.b2bua.counters["session_expired"] += 2
+    root.parts.b2bua.counters["duration_limit"] += 1
+    s = samples(make_registry(root.parts, None, push=PushMetrics()))
+    assert s[("libon_tsilo_calls_session_expired_total", ())] == 2
+    assert s[("libon_tsilo_calls_duration_limit_total", ())] == 1
+
+
 def test_a_broken_layer_does_not_break_the_scrape(tmp_path):
     root, _clock = build(tmp_path=tmp_path)
 
