@@ -99,7 +99,7 @@ class Call:
         "mgr", "clock", "port", "call_id", "aor", "callee_uri", "caller_uri", "caller_name", "created_at",
         "ring_deadline", "a", "branches", "_by_key", "state", "failures", "winner", "early_media_from",
         "park_d", "wake_d", "wake_result", "woken", "_waker_used", "_ring_timer", "_late_ack", "offer_busy",
-        "pending_acks", "late_reason", "ended", "end_reason",
+        "pending_acks", "late_reason", "ended", "end_reason", "_device_ids",
     )
 
     def __init__(self, mgr: CallManager, invite: Request, stx: Any, flow: Any, aor: str, callee_uri: str):
@@ -124,7 +124,8 @@ class Call:
             hop, self.port.contact(hop.transport),
             remote_seq=invite.cseq.seq, route_set=invite.header_values("Record-Route"), local_tag=tag,
         ))
-        self.branches: dict[str, BLeg] = {}  # by the branch's own Call-ID
+        # by (Call-ID, our tag): a device that reconnects gets a second branch with the same Call-ID
+        self.branches: dict[tuple[str, str], BLeg] = {}
         self._by_key: dict[str, BLeg] = {}  # by binding key: one live branch per device
         self.state: CallState = Forking()
         self.failures: list[int] = []
@@ -143,6 +144,7 @@ class Call:
         self.late_reason: str | None = None  # Reason of the Invite/Cancel CANCELs
         self.ended = False
         self.end_reason: str | None = None
+        self._device_ids: dict[str, str] | None = None  # device -> the Call-ID of its B-leg
 
     # -- description (silo dump / admin) -------------------------------------------------------
 
@@ -161,6 +163,21 @@ class Call:
             "branches": [b.describe() for b in self.branches.values()],
             "waiting_for": len(self.woken),
         }
+
+    def device_call_id(self, binding: Any) -> str:
+        """The Call-ID this device's B-leg carries, decided at the first ask (a push or a fork) and
+        kept for the call: the push names it, the INVITE and any CANCEL carry it."""
+        ids = self._device_ids
+        if ids is None:
+            ids = self._device_ids = {}
+        provider, prid = getattr(binding, "pn_provider", None), getattr(binding, "pn_prid", None)
+        # a woken app may register under another binding identity (a new +sip.instance): its push
+        # token is what the push went to
+        device = f"pn:{provider}:{prid}" if provider and prid else binding.key
+        call_id = ids.get(device)
+        if call_id is None:
+            call_id = ids[device] = new_call_id()
+        return call_id
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -318,7 +335,7 @@ class Call:
                      call_id=self.call_id)
             return False
         leg = self._new_branch(binding, hop, flow_id)
-        self.branches[leg.dialog.call_id] = leg
+        self.branches[leg.dialog.key] = leg
         self._by_key[binding.key] = leg
         self.woken.pop(binding.key, None)
         self.mgr.register_leg(self, leg)
@@ -332,7 +349,7 @@ class Call:
         local = NameAddr(caller.uri.copy(), caller.display, {"tag": new_tag()})
         remote = NameAddr(URI.parse(self.callee_uri))
         contact = self.port.contact(hop.transport)
-        dialog = Dialog(new_call_id(), local, remote, binding.contact_uri, hop, contact)
+        dialog = Dialog(self.device_call_id(binding), local, remote, binding.contact_uri, hop, contact)
         req = Request("INVITE", binding.contact_uri)
         for route in getattr(binding, "path", None) or []:
             req.add_header("Route", route)

@@ -31,6 +31,11 @@ class CallInfo(Protocol):
     caller_name: str | None
     ring_deadline: float  # clock time at which the call gives up ringing (push TTL / expiration)
 
+    def device_call_id(self, binding: Any) -> str:
+        """The Call-ID of the INVITE this device will get (decided now, kept for the call's life):
+        a push names it so the app can match the INVITE, and the CANCEL of a missed call, to it.
+        The caller in the INVITE's From is ``caller_name`` / ``caller_uri``."""
+
 
 @dataclass
 class WakeResult:

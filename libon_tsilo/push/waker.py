@@ -140,6 +140,12 @@ class _CallRecord:
         return all(p.outcome is not None for p in self.pushes.values())
 
 
+def _device_call_id(call: Any, binding: Any) -> str | None:
+    """The Call-ID the call layer will put in this device's INVITE (CallInfo.device_call_id)."""
+    decide = getattr(call, "device_call_id", None)
+    return decide(binding) if decide is not None else None
+
+
 def _prid_key(binding: Any) -> tuple[str, str] | None:
     provider, prid = getattr(binding, "pn_provider", None), getattr(binding, "pn_prid", None)
     return (provider, prid) if provider and prid else None
@@ -242,6 +248,7 @@ class PushWaker:
             req = PushRequest(
                 provider=b.pn_provider, prid=b.pn_prid, param=b.pn_param, kind="call", call_id=call.call_id,
                 caller_uri=rec.caller_uri, caller_name=rec.caller_name, aor=call.aor, ttl=max(0.0, ttl),
+                device_call_id=_device_call_id(call, b),
             )
             push = rec.pushes[b.key] = _Push(b, req, sent_at=now)
             self._pushed_keys.setdefault(b.key, set()).add(call.call_id)
@@ -389,6 +396,7 @@ class PushWaker:
         req = PushRequest(
             provider=b.pn_provider, prid=b.pn_prid, param=b.pn_param, kind="cancel", call_id=rec.call_id,
             caller_uri=rec.caller_uri, caller_name=rec.caller_name, aor=rec.aor, ttl=self.missed_call_ttl,
+            device_call_id=push.request.device_call_id,
         )
         self.counters["missed_call_pushes"] += 1
         log.info("call ended before {token} registered: missed-call push", token=redact(b.pn_prid),

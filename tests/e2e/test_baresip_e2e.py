@@ -167,7 +167,9 @@ def test_sleeping_baresip_woken_by_webhook_push_answers(server_with_users, bares
     woken = baresips(push_account(prid, server.sip_port), sip_port=bob_port)
     incoming = woken.wait_event("CALL_ESTABLISHED", timeout=5)[0]  # auto-answered: no CALL_INCOMING
     alice.wait_event("CALL_ESTABLISHED", timeout=5)
-    assert incoming.get("peeruri", "").startswith(push["caller"]["uri"]), (incoming, push)
+    # the push named the INVITE the device got: its Call-ID and its caller (issue 12 item 3)
+    assert push["call_id"] == incoming["id"], (push, incoming)
+    assert incoming["peeruri"] == push["caller"]["uri"], (incoming, push)
     alice.command("hangup")
     woken.wait_event("CALL_CLOSED", timeout=5)
     wait_until("the call to end at the server", lambda: no_calls_left(server), server=server)

@@ -13,6 +13,7 @@ from twisted.logger import globalLogPublisher
 
 from libon_tsilo.b2bua.forking import REASON_ANSWERED
 from libon_tsilo.push.base import CONFIG_ERROR, DEAD_TOKEN, DELIVERED, RETRYABLE, PushRequest, PushResult
+from libon_tsilo.push.payload import voip_payload
 from libon_tsilo.push.router import PushRouter
 from libon_tsilo.push.waker import INVITE_CANCEL, MISSED_CALL_PUSH, LatencyWindow, PushWaker
 from libon_tsilo.registrar.binding import Binding
@@ -400,6 +401,33 @@ def test_call_pushes_a_sleeping_device_and_forks_when_it_registers() -> None:
     assert s.waker.stats()["pending_calls"] == 0
 
 
+def test_push_names_the_call_id_and_caller_of_the_invite_the_device_will_get() -> None:
+    """Issue 12 item 3: CallKit / Android report the call from the push, then match the INVITE."""
+    s = Setup()
+    env = s.env
+    assert env is not None
+    env.location.add(dev(1))
+    env.invite()
+    call = env.call()
+    (req,) = s.apns.sent
+    payload = voip_payload(req, env.clock.seconds())
+    assert payload["call_id"] == req.device_call_id and payload["call_id"] != call.call_id
+    assert req.call_id == call.call_id  # our logs still name the call by the caller's Call-ID
+    s.register(dev(1, flow_id="tcp:dev1#2", flow_live=True))
+    (ctx,) = env.port.invites()
+    sent = ctx.request
+    assert sent.call_id == payload["call_id"]
+    assert (payload["caller_uri"], payload["caller_name"]) == (str(sent.from_.uri), sent.from_.display)
+    # the device reconnects while ringing: its new branch keeps the Call-ID the push named
+    s.register(dev(1, flow_id="tcp:dev1#3", flow_live=True))
+    old, new = env.port.invites()
+    assert old.cancelled and new.request.call_id == payload["call_id"]
+    assert new.request.from_.tag != old.request.from_.tag
+    new.respond(200, body=SDP_B)
+    old.respond(487)
+    assert env.mgr.dialogs.get((payload["call_id"], new.request.from_.tag)) is not None
+
+
 def test_live_flow_forks_directly_only_within_the_skip_window() -> None:
     s = Setup(skip_push_if_registered_within=60)
     env = s.env
@@ -472,6 +500,8 @@ def test_invite_cancel_for_a_cancelled_call_and_a_late_ios_device() -> None:
     s.register(dev(1, flow_id="tcp:dev1#2", flow_live=True))
     (late,) = env.port.invites()
     assert late.cancelled and late.reason is not None and "cause=487" in late.reason
+    # the INVITE and its CANCEL (same Call-ID, RFC 3261 §9.1) are the ones the push announced
+    assert late.request.call_id == s.apns.sent[0].device_call_id != req.call_id
     assert env.silo.stats()["lingering"] == 0
     assert [r.kind for r in s.apns.sent] == ["call"]
     late.respond(487)
@@ -502,6 +532,8 @@ def test_missed_call_push_mode_sends_an_alert_instead_of_invite_cancel() -> None
     assert stx.statuses == [487]
     assert env.silo.stats()["lingering"] == 0
     assert [r.kind for r in s.apns.sent] == ["call", "cancel"]
+    call_push, alert = s.apns.sent
+    assert alert.device_call_id == call_push.device_call_id is not None
     s.register(dev(1, flow_id="tcp:dev1#2", flow_live=True))
     assert env.port.invites() == []
     env.assert_clean()
