@@ -42,7 +42,8 @@ class WakeResult:
     """Outcome of one wake() for one call.
 
     woken: pushes handed to a provider successfully (the devices may register soon);
-    all_failed: every push failed permanently (dead token, config error...) so nothing will come.
+    all_failed: every push failed (dead token, config error, or retries given up) and none is in
+    flight or planned, so nothing will come: a call with no branch left answers at once.
     """
 
     woken: int = 0

@@ -61,7 +61,6 @@ log = Logger()
 
 INVITE_CANCEL = "invite_cancel"
 MISSED_CALL_PUSH = "missed_call_push"
-_PERMANENT = (DEAD_TOKEN, CONFIG_ERROR)
 
 # (provider, outcome, latency_s) and (latency_s): ops/metrics hooks, passed in at wiring
 PushHook = Callable[[str, str, float], Any]
@@ -218,10 +217,10 @@ class PushWaker:
         provider = getattr(binding, "pn_provider", None)
         if self.cancelled_ios_call != INVITE_CANCEL or provider not in self.ios_providers:
             return False
-        # a push that failed for good (dead token, config error) woke nobody: no one to wait for
+        # a push that failed (dead token, config error, retries given up) woke nobody: no one to wait for
         records = [self._calls.get(call_id) for call_id in self._pushed_keys.get(binding.key, ())]
         pushes = [r.pushes[binding.key] for r in records if r is not None and binding.key in r.pushes]
-        return not pushes or any(p.outcome not in _PERMANENT for p in pushes)
+        return not pushes or any(p.outcome in (None, DELIVERED) for p in pushes)
 
     def wake(self, call: Any, bindings: list[Any]) -> Deferred[PushWakeResult]:
         self._purge()
@@ -370,7 +369,9 @@ class PushWaker:
                 outcomes[RETRYABLE] += 1
         total = sum(outcomes.values())
         woken = outcomes[DELIVERED]
-        all_failed = total > 0 and sum(outcomes[o] for o in _PERMANENT) == total
+        # a retryable result here comes after the sender's retries (bounded by the ring deadline):
+        # no push is in flight and none is planned, so no device is coming (issue 12 item 6)
+        all_failed = total > 0 and woken == 0
         if all_failed:
             self.counters["calls_all_failed"] += 1
         summary = ", ".join(f"{n} {o}" for o, n in sorted(outcomes.items()))

@@ -146,16 +146,21 @@ def push_account(prid: str, port: int) -> str:
                    regq=f"0.5;pn-provider=webhook;pn-prid={prid};pn-param=bob-phone")
 
 
-def test_sleeping_baresip_woken_by_webhook_push_answers(server_with_users, baresips, webhook):
-    url, record = webhook()
-    server = server_with_users(push_config(url))
-    prid = uuid.uuid4().hex
+def put_to_sleep(server: ServerProcess, baresips: Callable[..., Baresip], prid: str) -> int:
+    """bob's app registers an RFC 8599 binding, then is killed: asleep. Returns its SIP port."""
     bob = baresips(push_account(prid, server.sip_port))
     bob.wait_event("REGISTER_OK", timeout=5)
     bound = admin_rpc(server, "ul.dump")["aors"][f"sip:bob@{HOST}"]
     assert [(b["pn_provider"], b["pn_prid"]) for b in bound] == [("webhook", prid)], bound
-    bob_port = bob.sip_port
-    bob.kill()  # asleep: the app is gone, its push binding stays
+    bob.kill()  # the app is gone, its push binding stays
+    return bob.sip_port
+
+
+def test_sleeping_baresip_woken_by_webhook_push_answers(server_with_users, baresips, webhook):
+    url, record = webhook()
+    server = server_with_users(push_config(url))
+    prid = uuid.uuid4().hex
+    bob_port = put_to_sleep(server, baresips, prid)
 
     alice = baresips(account("alice", server.sip_port, "udp", regint="0"))
     alice.command("dial", f"sip:bob@{HOST}")
@@ -172,4 +177,27 @@ def test_sleeping_baresip_woken_by_webhook_push_answers(server_with_users, bares
     assert incoming["peeruri"] == push["caller"]["uri"], (incoming, push)
     alice.command("hangup")
     woken.wait_event("CALL_CLOSED", timeout=5)
+    wait_until("the call to end at the server", lambda: no_calls_left(server), server=server)
+
+
+@pytest.mark.parametrize("endpoint", ["answers 500", "down"])
+def test_every_push_failed_caller_gets_480_at_once(server_with_users, baresips, webhook, endpoint):
+    """Issue 12 item 6: once the pushes failed after their retries, the caller does not wait 30 s."""
+    prid = uuid.uuid4().hex
+    if endpoint == "down":
+        url, record = f"http://{HOST}:{free_port(udp_too=False)}/push", None  # nothing listens there
+    else:
+        url, record = webhook({prid: [500]})
+    server = server_with_users({**push_config(url), "calls": {"ring_timeout": 30}})
+    put_to_sleep(server, baresips, prid)
+
+    alice = baresips(account("alice", server.sip_port, "udp", regint="0"))
+    started = time.monotonic()
+    alice.command("dial", f"sip:bob@{HOST}")
+    closed = alice.wait_event("CALL_CLOSED", timeout=15)[0]  # the ring timeout is 30 s
+    assert "480" in closed["param"], closed
+    assert time.monotonic() - started < 15
+    assert admin_rpc(server, "stats")["push"]["calls_all_failed"] == 1
+    if record is not None:
+        assert len(webhook_fake.read_records(record)) >= 2  # retried before giving up
     wait_until("the call to end at the server", lambda: no_calls_left(server), server=server)

@@ -159,18 +159,20 @@ def test_one_delivered_push_is_enough_to_wait() -> None:
     assert len(removals.removed) == 1
 
 
-def test_a_push_that_timed_out_is_not_a_permanent_failure() -> None:
-    a = FakeSender("apns", script=[PushResult(RETRYABLE, "timeout")])
+def test_pushes_that_failed_after_their_retries_woke_nobody() -> None:
+    """A sender returns "retryable" only once its retries are over: nothing is in flight or planned."""
+    a = FakeSender("apns", script=[PushResult(RETRYABLE, "HTTP 500", 500), PushResult(RETRYABLE, "timeout")])
     waker, removals = make(senders=[a])
-    res = fired(waker.wake(call_info(), [dev(1)]))
-    assert (res.woken, res.all_failed) == (0, False) and removals.removed == []
+    res = fired(waker.wake(call_info(), [dev(1), dev(2)]))
+    assert (res.woken, res.all_failed) == (0, True) and removals.removed == []
+    assert waker.stats()["calls_all_failed"] == 1
 
 
-def test_a_sender_that_raises_is_a_retryable_failure() -> None:
+def test_a_sender_that_raises_is_a_failed_push() -> None:
     a = FakeSender("apns", script=[RuntimeError("bug")])
     waker, _ = make(senders=[a])
     res = fired(waker.wake(call_info(), [dev(1)]))
-    assert (res.woken, res.all_failed) == (0, False)
+    assert (res.woken, res.all_failed) == (0, True)
 
 
 def test_wake_fires_only_when_every_push_settled() -> None:
@@ -204,7 +206,7 @@ def test_no_push_once_the_ring_time_is_over() -> None:
     a = FakeSender("apns")
     waker, _ = make(clock, [a])
     res = fired(waker.wake(call_info(deadline=40.0), [dev(1)]))
-    assert a.sent == [] and not res.all_failed
+    assert a.sent == [] and (res.woken, res.all_failed) == (0, True)  # nothing will come
 
 
 def test_fork_directly_only_for_devices_that_registered_recently() -> None:
@@ -455,6 +457,34 @@ def test_dead_token_gives_480_at_once_and_removes_the_binding() -> None:
     assert env.location.lookup(AOR) == []
     env.assert_clean()
     assert s.waker.stats()["pending_calls"] == 0
+
+
+@pytest.mark.parametrize("reason,status", [("HTTP 500", 500), ("connection refused", None)])
+def test_every_push_failed_after_retries_gives_480_at_once(reason: str, status: int | None) -> None:
+    """Issue 12 item 6: no branch, no push in flight, no retry planned: the caller does not wait."""
+    s = Setup(script=[PushResult(RETRYABLE, reason, status)], invite_cancel_grace=20.0)
+    env = s.env
+    assert env is not None
+    env.location.add(dev(1))
+    _, stx = env.invite()
+    assert stx.statuses == [480]
+    assert env.silo.stats()["lingering"] == 0  # the push never reached the device: no Invite/Cancel
+    assert env.location.lookup(AOR) != []  # not a dead token: the binding stays
+    env.assert_clean()
+    assert s.waker.stats()["pending_calls"] == 0
+
+
+def test_failed_push_with_a_delivered_one_keeps_waiting() -> None:
+    s = Setup(script=[PushResult(RETRYABLE, "HTTP 500", 500), PushResult(DELIVERED, "ok", 200)], ring_timeout=5)
+    env = s.env
+    assert env is not None
+    env.location.add(dev(1))
+    env.location.add(dev(2))
+    _, stx = env.invite()
+    assert stx.statuses == []
+    env.clock.advance(5)
+    assert stx.statuses == [480]
+    env.assert_clean()
 
 
 def test_dead_token_with_another_branch_ringing_keeps_the_call() -> None:
