@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from libon_tsilo.b2bua.forking import REASON_ANSWERED, REASON_DECLINED
+import pytest
+
+from libon_tsilo.b2bua.forking import REASON_ANSWERED
 from tests.b2bua.helpers import AOR, SDP_A, SDP_B, SDP_C, Env, binding, in_dialog
 
 
@@ -103,15 +105,19 @@ def test_2xx_from_a_second_branch_gets_ack_then_bye() -> None:
     assert len([ack for ack, _ in env.port.acks if ack.call_id == b.request.call_id]) == 2
 
 
-def test_6xx_ends_the_fork() -> None:
+@pytest.mark.parametrize("status,reason", [
+    (603, 'SIP;cause=603;text="Decline"'),  # not cause=600 (issue 12 item 14)
+    (600, 'SIP;cause=600;text="Busy Everywhere"'),
+])
+def test_6xx_ends_the_fork_and_cancels_with_its_cause(status: int, reason: str) -> None:
     env, stx = two_device_call()
     a, b = env.port.invites()
     a.respond(180)
-    b.respond(603)
-    assert stx.statuses == [180, 603]
-    assert a.cancelled and a.reason == REASON_DECLINED
+    b.respond(status)
+    assert stx.statuses == [180, status]
+    assert a.cancelled and a.reason == reason
     a.respond(487)
-    assert stx.statuses == [180, 603]
+    assert stx.statuses == [180, status]
     env.assert_clean()
 
 
@@ -158,6 +164,7 @@ def test_ring_timeout_gives_480_and_cancels_everything() -> None:
     env.clock.advance(0.1)
     assert stx.statuses == [180, 480]
     assert a.cancelled and b.cancelled
+    assert a.reason == b.reason == 'SIP;cause=480;text="Ring timeout"'  # RFC 3326 (issue 12 item 14)
     a.respond(487)
     b.respond(200, body=SDP_B)  # answered while the CANCEL crossed: ACK and BYE
     assert env.port.last("BYE").request.call_id == b.request.call_id
