@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 
 from libon_tsilo.b2bua import events as ev
 from libon_tsilo.b2bua import relay
+from libon_tsilo.b2bua.capabilities import ALLOW, OWN_HEADERS, SUPPORTED
 from libon_tsilo.b2bua.dialog import Dialog
 from libon_tsilo.b2bua.forking import REASON_ANSWERED
 from libon_tsilo.b2bua.legs import ALeg, BLeg, BranchState
@@ -68,15 +69,15 @@ def hop_for_binding(binding: Any, flow_live: bool) -> Hop | None:
 
 
 # allow-list -> (name, canonical key, strip 100rel?) per header: computed once per configured tuple,
-# not per forked INVITE
+# not per forked INVITE; Allow and Supported are ours (capabilities.py), never the caller's
 _ALLOW_KEYS: dict[tuple[str, ...], tuple[tuple[str, str, bool], ...]] = {}
 
 
 def _allow_keys(allowlist: tuple[str, ...]) -> tuple[tuple[str, str, bool], ...]:
     keys = _ALLOW_KEYS.get(allowlist)
     if keys is None:
-        keys = tuple((name, canonical_key(name), name.lower() in ("supported", "require"))
-                     for name in allowlist)
+        keys = tuple((name, canonical_key(name), name.lower() == "require")
+                     for name in allowlist if name.lower() not in OWN_HEADERS)
         if len(_ALLOW_KEYS) < 16:
             _ALLOW_KEYS[allowlist] = keys
     return keys
@@ -85,6 +86,12 @@ def _allow_keys(allowlist: tuple[str, ...]) -> tuple[tuple[str, str, bool], ...]
 def _strip_100rel(value: str) -> str:
     # we do not do PRACK, so a device must not be asked for reliable provisionals
     return ", ".join(v.strip() for v in value.split(",") if v.strip().lower() != "100rel")
+
+
+def _add_capabilities(msg: Request | Response) -> None:
+    msg.add_header("Allow", ALLOW)
+    if SUPPORTED:
+        msg.add_header("Supported", SUPPORTED)
 
 
 def _swallow_park_abort(failure: Failure) -> None:
@@ -368,6 +375,7 @@ class Call:
                     value = _strip_100rel(value)
                 if value:
                     req.add_header(name, value)
+        _add_capabilities(req)
         if a.body:
             req.add_header("Content-Type", a.content_type or "application/sdp")
             req.body = a.body
@@ -447,6 +455,7 @@ class Call:
         self.late_reason = REASON_ANSWERED
         ok = make_response(self.a.invite, resp.status, resp.reason, to_tag=self.a.dialog.local_tag)
         ok.add_header("Contact", self.a.dialog.contact)
+        _add_capabilities(ok)
         if resp.body:
             ok.add_header("Content-Type", resp.content_type or "application/sdp")
             ok.body = resp.body

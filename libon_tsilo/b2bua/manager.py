@@ -32,8 +32,8 @@ __all__ = ["CallManager", "CallSettings", "default_aor_key", "authorizer_from_po
 log = Logger()
 
 DEFAULT_ALLOWLIST = (
-    "Subject", "Priority", "Accept", "Accept-Language", "Allow", "Supported", "User-Agent",
-    "Alert-Info", "Call-Info", "P-Asserted-Identity",
+    "Subject", "Priority", "Accept", "Accept-Language", "User-Agent", "Alert-Info", "Call-Info",
+    "P-Asserted-Identity",
 )
 
 

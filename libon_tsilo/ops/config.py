@@ -328,8 +328,6 @@ class CallsConfig:
             "Priority",
             "Accept",
             "Accept-Language",
-            "Allow",
-            "Supported",
             "User-Agent",
             "Alert-Info",
             "Call-Info",

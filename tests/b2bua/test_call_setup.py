@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from libon_tsilo.b2bua.capabilities import DIALOG_METHODS, SUPPORTED_OPTION_TAGS
 from libon_tsilo.b2bua.forking import REASON_ANSWERED
 from tests.b2bua.helpers import AOR, SDP_A, SDP_B, SDP_C, Env, binding, in_dialog
 
@@ -32,10 +33,31 @@ def test_branch_invites_are_new_dialogs_with_the_callers_identity() -> None:
         assert req.body == SDP_A and req.content_type == "application/sdp"
         assert req.header("Subject") == "lunch?"
         assert req.header("X-Private") is None  # only the allow-list passes
-        assert req.header_values("Supported") == ["timer"]  # no PRACK support: 100rel dropped
+        # our own capabilities, not the caller's "100rel, timer" (issue 12 item 8)
+        assert req.header_values("Supported") == list(SUPPORTED_OPTION_TAGS)
+        assert req.header_values("Allow") == list(DIALOG_METHODS)
         assert req.max_forwards == 69
         assert ctx.hop.flow_id == f"tcp:dev{n}#1" and ctx.hop.host == f"10.0.0.{n + 1}"
     assert a.request.call_id != b.request.call_id
+
+
+def test_each_leg_gets_the_b2buas_allow_and_supported_even_if_allowlisted() -> None:
+    """Issue 12 item 8: a caller's REFER, 100rel, replaces or gruu are not ours to promise."""
+    env = Env(header_allowlist=("Subject", "Allow", "Supported", "Require"))
+    env.location.add(binding(1))
+    _, stx = env.invite(extra="Allow: INVITE, ACK, BYE, CANCEL, REFER, SUBSCRIBE, NOTIFY\n"
+                              "Supported: 100rel, replaces, gruu\nRequire: 100rel, foo\n")
+    (ctx,) = env.port.invites()
+    sent = ctx.request
+    assert sent.header_values("Allow") == list(DIALOG_METHODS)
+    assert "REFER" not in sent.header_values("Allow") and "MESSAGE" in sent.header_values("Allow")
+    assert sent.header_values("Supported") == list(SUPPORTED_OPTION_TAGS)
+    assert sent.header_values("Require") == ["foo"]  # allow-listed, minus the 100rel we cannot do
+    assert sent.header("Subject") == "lunch?"
+    ctx.respond(200, body=SDP_B)
+    (ok,) = stx.responses
+    assert ok.header_values("Allow") == list(DIALOG_METHODS)
+    assert ok.header_values("Supported") == list(SUPPORTED_OPTION_TAGS)
 
 
 def test_first_2xx_wins_others_cancelled_with_reason() -> None:
