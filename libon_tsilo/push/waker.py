@@ -17,7 +17,9 @@ Rules kept here:
 - A call that ends before a pushed iOS device registered: ``[push] cancelled_ios_call`` says how
   the device learns it. "invite_cancel": the call layer lingers and sends INVITE + CANCEL when the
   device registers (``invite_cancel_wanted`` tells it which devices). "missed_call_push": an alert
-  push (kind "cancel") goes out instead.
+  push (kind "cancel") goes out instead, to the app's alert token, which the binding carries in the
+  ``pn-alert-prid`` Contact URI parameter (APNs refuses an alert sent to a PushKit token:
+  DeviceTokenNotForTopic); a binding without one gets no missed-call push (counted).
 - Push-to-REGISTER latency: from a delivered push (the provider's 200) to the next REGISTER of
   that device; when the device was faster than the provider's answer, from the push's sending.
 
@@ -47,6 +49,8 @@ from libon_tsilo.push.base import (
     PushResult,
 )
 from libon_tsilo.push.router import PushRouter
+from libon_tsilo.sip.errors import ParseError
+from libon_tsilo.sip.uri import URI
 from libon_tsilo.util import redact
 
 __all__ = [
@@ -61,6 +65,8 @@ log = Logger()
 
 INVITE_CANCEL = "invite_cancel"
 MISSED_CALL_PUSH = "missed_call_push"
+# the Contact URI parameter with the app's alert-capable token, next to pn-prid's VoIP token
+ALERT_PRID_PARAM = "pn-alert-prid"
 
 # (provider, outcome, latency_s) and (latency_s): ops/metrics hooks, passed in at wiring
 PushHook = Callable[[str, str, float], Any]
@@ -137,6 +143,18 @@ class _CallRecord:
 
     def settled(self) -> bool:
         return all(p.outcome is not None for p in self.pushes.values())
+
+
+def alert_prid(binding: Any) -> str | None:
+    """The alert-capable token of a binding (``pn-alert-prid`` in its Contact URI), or None."""
+    contact = getattr(binding, "contact_uri", None)
+    if not contact or ALERT_PRID_PARAM not in contact:
+        return None
+    try:
+        value = URI.parse(contact).params.get(ALERT_PRID_PARAM)
+    except (ParseError, ValueError):
+        return None
+    return value or None
 
 
 def _device_call_id(call: Any, binding: Any) -> str | None:
@@ -322,7 +340,8 @@ class PushWaker:
                 self.on_push(req.provider, outcome, latency)
             except Exception:  # metrics must never break call handling
                 log.failure("push metrics hook failed")
-        if outcome == DEAD_TOKEN:
+        if outcome == DEAD_TOKEN and req.prid == getattr(binding, "pn_prid", req.prid):
+            # (a dead alert token says nothing of the VoIP token the binding is for)
             self._dead_token(binding, req, result)
         return result
 
@@ -394,8 +413,15 @@ class PushWaker:
             return
         push.missed_sent = True
         b = push.binding
+        token = alert_prid(b)
+        if token is None:
+            self.counters["missed_call_without_alert_token"] += 1
+            log.warn("call ended before {token} registered, but its binding has no {param}: no missed-call"
+                     " push (a VoIP token cannot take an alert)", token=redact(b.pn_prid),
+                     param=ALERT_PRID_PARAM, call_id=rec.call_id)
+            return
         req = PushRequest(
-            provider=b.pn_provider, prid=b.pn_prid, param=b.pn_param, kind="cancel", call_id=rec.call_id,
+            provider=b.pn_provider, prid=token, param=b.pn_param, kind="cancel", call_id=rec.call_id,
             caller_uri=rec.caller_uri, caller_name=rec.caller_name, aor=rec.aor, ttl=self.missed_call_ttl,
             device_call_id=push.request.device_call_id,
         )
@@ -545,7 +571,7 @@ class PushWaker:
         for name in (
             "calls_woken", "calls_all_failed", "dead_tokens", "dead_tokens_removed",
             "skipped_recently_registered", "duplicates_suppressed", "missed_call_pushes",
-            "pushes_without_register",
+            "missed_call_without_alert_token", "pushes_without_register",
         ):
             out[name] = self.counters.get(name, 0)
         if self.refresher is not None:

@@ -325,7 +325,8 @@ def test_cancelled_call_with_missed_call_push(fakes: Any, start_sip_server: Any,
                                              devices: list[PushDevice]) -> None:
     fake = fakes("apns")
     server = server_for(start_sip_server, fake, cancelled_ios_call="missed_call_push")
-    dev = device(server, fake, devices, react_to_push=False, answer=False)
+    alert = token("apns")
+    dev = device(server, fake, devices, react_to_push=False, answer=False, alert_prid=alert)
     caller = call(server)
     dev.wait("push", 5)
     caller.cancel()
@@ -333,6 +334,8 @@ def test_cancelled_call_with_missed_call_push(fakes: Any, start_sip_server: Any,
     dev.wait("push", 5, count=2)
     kinds = [(r["raw"]["headers"]["apns-push-type"], r["raw"]["headers"]["apns-topic"]) for r in fake.records()]
     assert kinds == [("voip", BUNDLE + ".voip"), ("alert", BUNDLE)]
+    # the alert goes to the app's alert token, never to the PushKit one (issue 12 item 13)
+    assert [r["token"] for r in fake.records()] == [dev.cfg.prid, alert]
     assert fake.records()[1]["raw"]["json"]["type"] == "cancel"
     dev.refresh()
     dev.wait("register_ok", 5, count=2)

@@ -51,11 +51,12 @@ class FakeSender:
 
 
 def dev(n: int, provider: str | None = "apns", registered_at: float = 0.0, flow_live: bool = False,
-        flow_id: str | None = None, prid: str | None = None, expires_at: float = 100_000.0) -> Binding:
+        flow_id: str | None = None, prid: str | None = None, expires_at: float = 100_000.0,
+        alert: str | None = None) -> Binding:
     param = APNS_PARAM if provider == "apns" else ("proj-1" if provider == "fcm" else None)
     return Binding(
         aor=AOR,
-        contact_uri=f"sip:bob@10.0.0.{n + 1}:5080;transport=tcp",
+        contact_uri=f"sip:bob@10.0.0.{n + 1}:5080;transport=tcp" + (f";pn-alert-prid={alert}" if alert else ""),
         contact=f"<sip:bob@10.0.0.{n + 1}:5080;transport=tcp>",
         expires_at=expires_at,
         registered_at=registered_at,
@@ -300,11 +301,12 @@ def test_missed_call_push_for_ios_devices_that_did_not_register() -> None:
     a, f = FakeSender("apns"), FakeSender("fcm")
     waker, _ = make(senders=[a, f], cancelled_ios_call=MISSED_CALL_PUSH)
     assert not waker.invite_cancel_wanted(dev(1))
-    fired(waker.wake(call_info(), [dev(1), dev(2), dev(3, "fcm")]))
+    fired(waker.wake(call_info(), [dev(1, alert="alert-1"), dev(2, alert="alert-2"), dev(3, "fcm")]))
     waker.binding_refreshed(dev(2), None)  # this one came: it got its INVITE
     waker.call_ended(call_info(), answered_elsewhere=False)
+    # the alert goes to the app's alert token: APNs refuses alerts to a PushKit token
     assert [(r.kind, r.prid) for r in a.sent] == [
-        ("call", dev(1).pn_prid), ("call", dev(2).pn_prid), ("cancel", dev(1).pn_prid)]
+        ("call", dev(1).pn_prid), ("call", dev(2).pn_prid), ("cancel", "alert-1")]
     assert a.sent[-1].call_id == "c1" and a.sent[-1].caller_name == "Alice"
     assert [r.kind for r in f.sent] == ["call"]
     assert waker.stats()["missed_call_pushes"] == 1 and waker.stats()["pending_calls"] == 0
@@ -315,14 +317,35 @@ def test_missed_call_push_for_ios_devices_that_did_not_register() -> None:
 def test_missed_call_push_waits_for_a_push_still_in_flight() -> None:
     a = FakeSender("apns", script=["hold", "hold"])
     waker, _ = make(senders=[a], cancelled_ios_call=MISSED_CALL_PUSH)
-    waker.wake(call_info(), [dev(1), dev(2)])
+    waker.wake(call_info(), [dev(1, alert="alert-1"), dev(2, alert="alert-2")])
     waker.call_ended(call_info(), answered_elsewhere=True)
     assert waker.stats()["pending_calls"] == 1
     a.held[0].callback(PushResult(DELIVERED, "ok"))
     a.held[1].callback(PushResult(RETRYABLE, "timeout"))  # never reached the device: no alert
     assert [r.kind for r in a.sent] == ["call", "call", "cancel"]
-    assert a.sent[-1].prid == dev(1).pn_prid
+    assert a.sent[-1].prid == "alert-1"
     assert waker.stats()["pending_calls"] == 0
+
+
+def test_no_missed_call_push_without_an_alert_token(logged: list[dict[str, Any]]) -> None:
+    """Issue 12 item 13: an alert to the PushKit token is refused by APNs (DeviceTokenNotForTopic)."""
+    a = FakeSender("apns")
+    waker, _ = make(senders=[a], cancelled_ios_call=MISSED_CALL_PUSH)
+    fired(waker.wake(call_info(), [dev(1)]))
+    waker.call_ended(call_info(), answered_elsewhere=False)
+    assert [r.kind for r in a.sent] == ["call"]
+    stats = waker.stats()
+    assert (stats["missed_call_pushes"], stats["missed_call_without_alert_token"]) == (0, 1)
+    assert any(e.get("param") == "pn-alert-prid" for e in logged)
+
+
+def test_a_dead_alert_token_keeps_the_voip_binding() -> None:
+    a = FakeSender("apns", script=[PushResult(DELIVERED, "ok"), PushResult(DEAD_TOKEN, "BadDeviceToken", 400)])
+    waker, removals = make(senders=[a], cancelled_ios_call=MISSED_CALL_PUSH)
+    fired(waker.wake(call_info(), [dev(1, alert="alert-1")]))
+    waker.call_ended(call_info(), answered_elsewhere=False)
+    assert [r.prid for r in a.sent] == [dev(1).pn_prid, "alert-1"]
+    assert removals.removed == []
 
 
 def test_stop_closes_senders_and_refuses_new_work() -> None:
@@ -556,7 +579,7 @@ def test_missed_call_push_mode_sends_an_alert_instead_of_invite_cancel() -> None
     s = Setup(invite_cancel_grace=20.0, cancelled_ios_call=MISSED_CALL_PUSH)
     env = s.env
     assert env is not None
-    env.location.add(dev(1))
+    env.location.add(dev(1, alert="alert-1"))
     req, stx = env.invite()
     env.mgr.handle_cancel(req, None, env.caller_flow)
     assert stx.statuses == [487]
@@ -564,6 +587,7 @@ def test_missed_call_push_mode_sends_an_alert_instead_of_invite_cancel() -> None
     assert [r.kind for r in s.apns.sent] == ["call", "cancel"]
     call_push, alert = s.apns.sent
     assert alert.device_call_id == call_push.device_call_id is not None
+    assert (call_push.prid, alert.prid) == (dev(1).pn_prid, "alert-1")
     s.register(dev(1, flow_id="tcp:dev1#2", flow_live=True))
     assert env.port.invites() == []
     env.assert_clean()
