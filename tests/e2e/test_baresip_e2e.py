@@ -4,7 +4,7 @@ Harness: tests/e2e/baresip.py (config dir per instance, events and commands over
 push endpoint is tests/fakes/webhook_fake.py run as a process. Every server runs the DEFAULT
 [auth] config (digest on, default algorithms) with users added by `libon-tsilo-admin`.
 
-Scenarios: a baresip registers over UDP and over TLS; a baresip calls another through the server
+Scenarios: a baresip registers over UDP, TCP and TLS; a baresip calls another through the server
 and both see the call established, then ended; a baresip that is asleep (killed after registering
 an RFC 8599 binding through a quoted ``regq``) is woken by a webhook push, starts again, registers
 and answers the parked call, and the push named the Call-ID its INVITE carried.
@@ -81,7 +81,7 @@ def no_calls_left(server: ServerProcess) -> bool:
     return stats["calls"]["calls"] == 0 and stats["calls"]["dialogs"] == 0
 
 
-@pytest.mark.parametrize("transport", ["udp", "tls"])
+@pytest.mark.parametrize("transport", ["udp", "tcp", "tls"])
 def test_baresip_registers_with_default_auth(server_with_users, baresips, transport):
     server = server_with_users()
     port = server.tls_port if transport == "tls" else server.sip_port
