@@ -202,11 +202,14 @@ def test_call_wakes_a_silent_device_and_completes(provider: str, fakes: Any, sta
     if provider == "apns":
         assert push["headers"]["apns-push-type"] == "voip"
         assert push["headers"]["apns-topic"] == BUNDLE + ".voip"
-        assert push["json"]["call_id"] == caller.call_id and push["json"]["type"] == "call"
+        fields = push["json"]
     else:
         message = push["json"]["message"]
         assert message["token"] == dev.cfg.prid and message["android"]["priority"] == "high"
-        assert message["data"]["call_id"] == caller.call_id and message["data"]["type"] == "call"
+        fields = message["data"]
+    # the push names the INVITE the device gets (its B-leg Call-ID), not the caller's (issue 12 item 3)
+    assert fields["call_id"] == invite["call_id"] != caller.call_id and fields["type"] == "call"
+    assert fields["caller_uri"] in invite["from"]
     assert caller.bye().status == 200
     dev.wait("bye", 5)
     _wait_log(server, "registered")  # push-to-REGISTER latency measured
