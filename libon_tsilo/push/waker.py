@@ -282,7 +282,7 @@ class PushWaker:
             return succeed(PushWakeResult(reason="nothing to push"))
         self.counters["calls_woken"] += 1
         done = DeferredList(waits, consumeErrors=True)
-        done.addCallback(self._summarise, call.call_id)
+        done.addCallback(self._summarise, rec)
         return done
 
     def call_ended(self, call: Any, answered_elsewhere: bool) -> None:
@@ -376,7 +376,7 @@ class PushWaker:
                 self._forget(rec)
         return result
 
-    def _summarise(self, results: list[tuple[bool, Any]], call_id: str) -> PushWakeResult:
+    def _summarise(self, results: list[tuple[bool, Any]], rec: _CallRecord) -> PushWakeResult:
         outcomes: Counter[str] = Counter()
         reasons: list[str] = []
         for ok, value in results:
@@ -391,11 +391,11 @@ class PushWaker:
         # a retryable result here comes after the sender's retries (bounded by the ring deadline):
         # no push is in flight and none is planned, so no device is coming (issue 12 item 6)
         all_failed = total > 0 and woken == 0
-        if all_failed:
+        if all_failed and not rec.ended:  # the call is still waiting: it ends now
             self.counters["calls_all_failed"] += 1
         summary = ", ".join(f"{n} {o}" for o, n in sorted(outcomes.items()))
         reason = summary + (f" ({'; '.join(reasons[:3])})" if reasons else "")
-        log.info("wake-up pushes settled: {reason}", reason=reason, call_id=call_id)
+        log.info("wake-up pushes settled: {reason}", reason=reason, call_id=rec.call_id)
         return PushWakeResult(woken=woken, all_failed=all_failed, reason=reason, outcomes=dict(outcomes))
 
     # -- the end of a call ---------------------------------------------------------------------

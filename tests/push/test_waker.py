@@ -536,6 +536,7 @@ def test_push_timeout_ends_at_the_ring_timeout_with_480() -> None:
     s.apns.held[0].callback(PushResult(RETRYABLE, "timeout"))  # the sender gives up at its ttl
     env.assert_clean()
     assert s.waker.stats()["pending_calls"] == 0
+    assert s.waker.stats()["calls_all_failed"] == 0  # the ring timeout ended it, not the failure
 
 
 def test_invite_cancel_for_a_cancelled_call_and_a_late_ios_device() -> None:
