@@ -27,7 +27,7 @@ from typing import Any
 
 from tests.e2e.proc import HOST, free_port
 
-__all__ = ["Baresip", "baresip_available", "baresip_version", "account_line"]
+__all__ = ["Baresip", "baresip_available", "account_line"]
 
 Event = dict[str, Any]
 
@@ -37,15 +37,6 @@ START_TIMEOUT = 10.0
 
 def baresip_available() -> bool:
     return shutil.which("baresip") is not None
-
-
-def baresip_version() -> str:
-    """"1.0.0" from the banner `baresip -h` prints (the README names the version tried)."""
-    out = subprocess.run(["baresip", "-h"], capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL)
-    for word in (out.stdout + out.stderr).split():
-        if word.startswith("v") and word[1:2].isdigit():
-            return word[1:]
-    return "unknown"
 
 
 def account_line(user: str, server_port: int, transport: str = "udp", password: str | None = None,
@@ -69,8 +60,6 @@ def account_line(user: str, server_port: int, transport: str = "udp", password: 
 class Baresip:
     """One baresip process with its config dir, and a ctrl_tcp connection to it."""
 
-    _ids = itertools.count(1)
-
     def __init__(self, workdir: Path, accounts: list[str], ca_file: str | Path | None = None,
                  sip_port: int | None = None) -> None:
         self.dir = workdir
@@ -93,8 +82,8 @@ class Baresip:
     def write_config(self) -> None:
         lines = [
             ("poll_method", "epoll"),
-            ("net_interface", HOST),
-            ("dns_server", f"{HOST}:53"),
+            ("net_interface", HOST),  # else it picks the default route's address for its Contact
+            ("dns_server", f"{HOST}:53"),  # every address is an IP literal: no real DNS query
             ("sip_listen", f"{HOST}:{self.sip_port}"),
             ("call_local_timeout", "120"),
             # no sound card: a 440 Hz tone as the microphone, what is heard goes to a file
