@@ -6,6 +6,7 @@ Modules, one job each:
 - states.py   one class per call state (Parked, Forking, Connected, Ended) reacting to events.py.
 - legs.py     ALeg (UAS side) and BLeg (one device branch); dialog.py: RFC 3261 §12 dialog state.
 - forking.py  RFC 3261 §16.7 response choice (pure).
+- capabilities.py  the Allow and Supported the B2BUA states on each leg (its own, never copied).
 - relay.py    in-dialog relaying after the answer (BYE, re-INVITE/UPDATE + glare, INFO/MESSAGE/OPTIONS).
 - session_timer.py  RFC 4028 session timers on both legs, and [calls] max_call_duration.
 - ports.py    SipPort: what calls need from sip/ (TransactionPort adapts the real layer).

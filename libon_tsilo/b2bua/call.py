@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 
 from libon_tsilo.b2bua import events as ev
 from libon_tsilo.b2bua import relay, session_timer
+from libon_tsilo.b2bua.capabilities import ALLOW, OWN_HEADERS, supported
 from libon_tsilo.b2bua.dialog import Dialog
 from libon_tsilo.b2bua.forking import REASON_ANSWERED
 from libon_tsilo.b2bua.identity import (
@@ -75,15 +76,17 @@ def hop_for_binding(binding: Any, flow_live: bool) -> Hop | None:
 
 
 # allow-list -> (name, canonical key, strip 100rel?) per header: computed once per configured tuple,
-# not per forked INVITE; trust-domain headers (P-Asserted-Identity...) go by b2bua/identity.py
+# not per forked INVITE; trust-domain headers (P-Asserted-Identity...) go by b2bua/identity.py;
+# Allow and Supported are ours (capabilities.py), never the caller's
 _ALLOW_KEYS: dict[tuple[str, ...], tuple[tuple[str, str, bool], ...]] = {}
 
 
 def _allow_keys(allowlist: tuple[str, ...]) -> tuple[tuple[str, str, bool], ...]:
     keys = _ALLOW_KEYS.get(allowlist)
     if keys is None:
-        keys = tuple((name, canonical_key(name), name.lower() in ("supported", "require"))
-                     for name in allowlist if canonical_key(name) not in TRUST_DOMAIN_KEYS)
+        keys = tuple((name, canonical_key(name), name.lower() == "require")
+                     for name in allowlist
+                     if canonical_key(name) not in TRUST_DOMAIN_KEYS and name.lower() not in OWN_HEADERS)
         if len(_ALLOW_KEYS) < 16:
             _ALLOW_KEYS[allowlist] = keys
     return keys
@@ -92,6 +95,13 @@ def _allow_keys(allowlist: tuple[str, ...]) -> tuple[tuple[str, str, bool], ...]
 def _strip_100rel(value: str) -> str:
     # we do not do PRACK, so a device must not be asked for reliable provisionals
     return ", ".join(v.strip() for v in value.split(",") if v.strip().lower() != "100rel")
+
+
+def _add_capabilities(msg: Request | Response, session_timers: bool) -> None:
+    msg.add_header("Allow", ALLOW)
+    tags = supported(session_timers)
+    if tags:
+        msg.add_header("Supported", tags)
 
 
 def _swallow_park_abort(failure: Failure) -> None:
@@ -106,7 +116,7 @@ class Call:
         "mgr", "clock", "port", "call_id", "aor", "callee_uri", "caller_uri", "caller_name", "created_at",
         "ring_deadline", "a", "branches", "_by_key", "state", "failures", "winner", "early_media_from",
         "park_d", "wake_d", "wake_result", "woken", "_waker_used", "_ring_timer", "_late_ack", "offer_busy",
-        "pending_acks", "late_reason", "ended", "end_reason", "trust", "timers",
+        "pending_acks", "late_reason", "ended", "end_reason", "trust", "timers", "_device_ids",
     )
 
     def __init__(self, mgr: CallManager, invite: Request, stx: Any, flow: Any, aor: str, callee_uri: str,
@@ -132,7 +142,8 @@ class Call:
             hop, self.port.contact(hop.transport),
             remote_seq=invite.cseq.seq, route_set=invite.header_values("Record-Route"), local_tag=tag,
         ))
-        self.branches: dict[str, BLeg] = {}  # by the branch's own Call-ID
+        # by (Call-ID, our tag): a device that reconnects gets a second branch with the same Call-ID
+        self.branches: dict[tuple[str, str], BLeg] = {}
         self._by_key: dict[str, BLeg] = {}  # by binding key: one live branch per device
         self.state: CallState = Forking()
         self.failures: list[int] = []
@@ -152,6 +163,7 @@ class Call:
         self.ended = False
         self.end_reason: str | None = None
         self.timers: session_timer.SessionTimers | None = None  # RFC 4028, once answered
+        self._device_ids: dict[str, str] | None = None  # device -> the Call-ID of its B-leg
 
     # -- description (silo dump / admin) -------------------------------------------------------
 
@@ -170,6 +182,21 @@ class Call:
             "branches": [b.describe() for b in self.branches.values()],
             "waiting_for": len(self.woken),
         }
+
+    def device_call_id(self, binding: Any) -> str:
+        """The Call-ID this device's B-leg carries, decided at the first ask (a push or a fork) and
+        kept for the call: the push names it, the INVITE and any CANCEL carry it."""
+        ids = self._device_ids
+        if ids is None:
+            ids = self._device_ids = {}
+        provider, prid = getattr(binding, "pn_provider", None), getattr(binding, "pn_prid", None)
+        # a woken app may register under another binding identity (a new +sip.instance): its push
+        # token is what the push went to
+        device = f"pn:{provider}:{prid}" if provider and prid else binding.key
+        call_id = ids.get(device)
+        if call_id is None:
+            call_id = ids[device] = new_call_id()
+        return call_id
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -327,7 +354,7 @@ class Call:
                      call_id=self.call_id)
             return False
         leg = self._new_branch(binding, hop, flow_id)
-        self.branches[leg.dialog.call_id] = leg
+        self.branches[leg.dialog.key] = leg
         self._by_key[binding.key] = leg
         self.woken.pop(binding.key, None)
         self.mgr.register_leg(self, leg)
@@ -341,7 +368,7 @@ class Call:
         local = NameAddr(caller_uri, display, {"tag": new_tag()})
         remote = NameAddr(URI.parse(self.callee_uri))
         contact = self.port.contact(hop.transport)
-        dialog = Dialog(new_call_id(), local, remote, binding.contact_uri, hop, contact)
+        dialog = Dialog(self.device_call_id(binding), local, remote, binding.contact_uri, hop, contact)
         req = Request("INVITE", binding.contact_uri)
         for route in getattr(binding, "path", None) or []:
             req.add_header("Route", route)
@@ -362,6 +389,7 @@ class Call:
                     req.add_header(name, value)
         for name, value in b_leg_identity_headers(a, self.trust, self.mgr.settings.header_allowlist):
             req.add_header(name, value)
+        _add_capabilities(req, bool(self.mgr.settings.session_expires))
         session_timer.offer(req, self.mgr.settings)
         if a.body:
             req.add_header("Content-Type", a.content_type or "application/sdp")
@@ -445,6 +473,7 @@ class Call:
         self.late_reason = REASON_ANSWERED
         ok = make_response(self.a.invite, resp.status, resp.reason, to_tag=self.a.dialog.local_tag)
         ok.add_header("Contact", self.a.dialog.contact)
+        _add_capabilities(ok, bool(self.mgr.settings.session_expires))
         if resp.body:
             ok.add_header("Content-Type", resp.content_type or "application/sdp")
             ok.body = resp.body

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from typing import Iterable
 
-__all__ = ["best_final", "caller_status", "is_global_failure", "REASON_ANSWERED", "REASON_DECLINED"]
+__all__ = ["best_final", "caller_status", "is_global_failure", "reason_for", "REASON_ANSWERED",
+           "REASON_RING_TIMEOUT"]
 
 # RFC 3326 Reason values sent on the CANCELs of the losing branches
 REASON_ANSWERED = 'SIP;cause=200;text="Call completed elsewhere"'
-REASON_DECLINED = 'SIP;cause=600;text="Busy Everywhere"'
+REASON_RING_TIMEOUT = 'SIP;cause=480;text="Ring timeout"'
+
+
+def reason_for(status: int, phrase: str | None) -> str:
+    """The Reason for the CANCELs after a device's final answer (a 603 Decline says cause=603)."""
+    text = (phrase or "").replace("\\", "").replace('"', "")
+    return f'SIP;cause={status};text="{text}"' if text else f"SIP;cause={status}"
 
 # within one class, these say the most about what the caller can do next (§16.7 step 6)
 _PREFERRED = (486, 600, 603, 404, 415, 420, 484, 488, 403)

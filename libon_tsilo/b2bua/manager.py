@@ -46,8 +46,8 @@ log = Logger()
 _REASONS = {404: "Not Found", 480: "Temporarily Unavailable", 503: "Service Unavailable"}
 
 DEFAULT_ALLOWLIST = (
-    "Subject", "Priority", "Accept", "Accept-Language", "Allow", "Supported", "User-Agent",
-    "Alert-Info", "Call-Info", "P-Asserted-Identity",
+    "Subject", "Priority", "Accept", "Accept-Language", "User-Agent", "Alert-Info", "Call-Info",
+    "P-Asserted-Identity",
 )
 
 

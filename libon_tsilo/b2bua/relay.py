@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
+from libon_tsilo.b2bua.capabilities import ALLOW
 from libon_tsilo.sip.message import Request, Response, make_response
 
 if TYPE_CHECKING:
@@ -23,7 +24,6 @@ __all__ = ["request", "ack", "hang_up", "flow_lost", "PendingAck", "RELAYED", "A
 log = Logger()
 
 RELAYED = frozenset({"INFO", "MESSAGE", "OPTIONS"})
-ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, MESSAGE, UPDATE"
 # headers that give the body of a relayed request its meaning
 _CONTEXT_HEADERS = ("Info-Package", "Content-Disposition", "Recv-Info")
 _DIALOG_ENDING = (408, 481)  # RFC 5057: the dialog is gone

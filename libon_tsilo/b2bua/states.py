@@ -10,7 +10,13 @@ from twisted.logger import Logger
 
 from libon_tsilo.b2bua import events as ev
 from libon_tsilo import logflags
-from libon_tsilo.b2bua.forking import REASON_DECLINED, best_final, caller_status, is_global_failure
+from libon_tsilo.b2bua.forking import (
+    REASON_RING_TIMEOUT,
+    best_final,
+    caller_status,
+    is_global_failure,
+    reason_for,
+)
 
 if TYPE_CHECKING:
     from libon_tsilo.b2bua.call import Call
@@ -46,8 +52,8 @@ class _Ringing(CallState):
                                park_error=CallerCancelled())
 
     def on_RingTimeout(self, call: Call, e: ev.RingTimeout) -> None:
-        call.finish_unanswered(480, "Temporarily Unavailable", branch_reason=None, why="ring timeout",
-                               park_error=RingTimeout())
+        call.finish_unanswered(480, "Temporarily Unavailable", branch_reason=REASON_RING_TIMEOUT,
+                               why="ring timeout", park_error=RingTimeout())
 
     def on_WakeDone(self, call: Call, e: ev.WakeDone) -> None:
         call.check_exhausted()
@@ -83,7 +89,7 @@ class Forking(_Ringing):
             call.failures.append(status)
         if is_global_failure(status):
             # §16.7 step 5: a 6xx ends the fork at once
-            call.finish_unanswered(status, e.response.reason, branch_reason=REASON_DECLINED,
+            call.finish_unanswered(status, e.response.reason, reason_for(status, e.response.reason),
                                    why=f"{status} from a device", park_error=None)
             return
         call.check_exhausted()

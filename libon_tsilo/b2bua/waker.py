@@ -31,13 +31,19 @@ class CallInfo(Protocol):
     caller_name: str | None
     ring_deadline: float  # clock time at which the call gives up ringing (push TTL / expiration)
 
+    def device_call_id(self, binding: Any) -> str:
+        """The Call-ID of the INVITE this device will get (decided now, kept for the call's life):
+        a push names it so the app can match the INVITE, and the CANCEL of a missed call, to it.
+        The caller in the INVITE's From is ``caller_name`` / ``caller_uri``."""
+
 
 @dataclass
 class WakeResult:
     """Outcome of one wake() for one call.
 
     woken: pushes handed to a provider successfully (the devices may register soon);
-    all_failed: every push failed permanently (dead token, config error...) so nothing will come.
+    all_failed: every push failed (dead token, config error, or retries given up) and none is in
+    flight or planned, so nothing will come: a call with no branch left answers at once.
     """
 
     woken: int = 0

@@ -135,6 +135,9 @@ def _cidrs(value: tuple[str, ...], key: str) -> tuple[str, ...]:
 
 
 _ALGORITHMS = ("SHA-256", "MD5")
+# MD5 only by default: libre (baresip and the apps built on it) fails on any challenge it cannot
+# answer, even when an MD5 one is also offered, and SIPp 3.6 answers only the first (MD5) one
+_DEFAULT_ALGORITHMS = ("MD5",)
 
 
 def _algorithms(value: tuple[str, ...], key: str) -> tuple[str, ...]:
@@ -298,7 +301,7 @@ class AuthConfig:
     secret: str = _opt("")
     nonce_lifetime: int = _opt(300, _positive)
     trusted_sources: tuple[str, ...] = _opt((), _cidrs)
-    algorithms: tuple[str, ...] = _opt(_ALGORITHMS, _algorithms)
+    algorithms: tuple[str, ...] = _opt(_DEFAULT_ALGORITHMS, _algorithms)
     # failed digest attempts (registrar/auth_limits.py); 0 turns a limit off
     failed_per_source: int = _opt(20, _int_range(0))
     failed_per_user: int = _opt(10, _int_range(0))
@@ -337,8 +340,6 @@ class CallsConfig:
             "Priority",
             "Accept",
             "Accept-Language",
-            "Allow",
-            "Supported",
             "User-Agent",
             "Alert-Info",
             "Call-Info",

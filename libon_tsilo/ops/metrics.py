@@ -230,7 +230,7 @@ class TsiloCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         for part in (self._messages, self._sip, self._calls, self._location, self._silo, self._auth,
-                     self._limits):
+                     self._limits, self._waker):
             try:
                 yield from part()
             except Exception:  # a broken layer must not take /metrics down with it
@@ -377,6 +377,22 @@ class TsiloCollector(Collector):
             banned = len(limiter.banned())
             yield _gauge("limit_banned_sources", "Sources whose requests are dropped now", banned)
             yield _gauge("limit_tracked_sources", "Sources in the request-rate table", len(limiter))
+
+    # issue 12: calls the waker gave up on at once, and missed-call alerts it could not send
+    _WAKER_COUNTERS = (
+        ("calls_all_failed", "Parked calls answered at once because every push failed"),
+        ("missed_call_pushes", "Missed-call alert pushes sent"),
+        ("missed_call_without_alert_token", "Missed-call alerts not sent: no pn-alert-prid in the binding"),
+    )
+
+    def _waker(self) -> Iterator[Metric]:
+        waker = self.parts.extra.get("push")
+        stats = waker.stats() if callable(getattr(waker, "stats", None)) else None
+        if not isinstance(stats, dict):
+            return
+        for key, doc in self._WAKER_COUNTERS:
+            if key in stats:
+                yield _counter(f"push_{key}", doc, stats[key])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,6 +74,11 @@ class Rpc:
                 "ts.dump", self.ts_dump, (), "pending (parked/forking) calls per AOR and the silo statistics"
             ),
             RpcMethod("ts.lookup", self.ts_lookup, ("aor",), "pending calls of one AOR (404 when none)"),
+            RpcMethod(
+                "ts.append_to", self.ts_append_to, ("call_id", "aor"),
+                "fork one pending call (caller's Call-ID) to the bindings of an AOR (default: its own)",
+                mutating=True,
+            ),
             RpcMethod("ul.dump", self.ul_dump, (), "every live binding per AOR"),
             RpcMethod("ul.lookup", self.ul_lookup, ("aor",), "the live bindings of one AOR (404 when none)"),
             RpcMethod(
@@ -151,6 +156,26 @@ class Rpc:
         if not calls:
             raise RpcError(404, "RURI not found in tsilo table")
         return {"aor": key, "calls": calls}
+
+    def ts_append_to(self, call_id: str | None = None, aor: str | None = None) -> dict[str, Any]:
+        """Kamailio ``ts_append_to``: add branches to one stored call, by its Call-ID."""
+        from libon_tsilo.silo.silo import CANNOT_APPEND, NOT_FOUND
+
+        if not call_id or not call_id.strip():
+            raise RpcError(400, "missing parameter: call_id")
+        silo = self._need("silo")
+        call = silo.get(call_id.strip())
+        if call is None:
+            raise RpcError(404, "transaction not found in tsilo table")
+        key = self._aor(aor) if aor else call.aor
+        added = silo.append_to(call.call_id, key)
+        if added == NOT_FOUND:  # it ended between the lookup and the append
+            raise RpcError(404, "transaction not found in tsilo table")
+        if added == CANNOT_APPEND:
+            raise RpcError(409, "the call was answered or cancelled: no branch can be added")
+        log.info("ts.append_to: {n} branch(es) added for {aor} by an operator", n=added, aor=key,
+                 call_id=call.call_id)
+        return {"call_id": call.call_id, "aor": key, "added": added}
 
     # -- usrloc ----------------------------------------------------------------------------------
 

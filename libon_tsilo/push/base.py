@@ -65,12 +65,19 @@ class PushRequest:
     prid: str
     param: str | None
     kind: PushKind
-    call_id: str | None = None
+    call_id: str | None = None  # the caller's Call-ID: our logs name the call by it
     caller_uri: str | None = None
     caller_name: str | None = None
     aor: str = ""
     ttl: float = 30.0  # seconds; also the deadline for every retry of this push
     push_id: str = field(default_factory=_new_push_id)
+    # the Call-ID of the INVITE (or CANCEL) the device will get, decided before the push: the payload
+    # carries this one, so the app can match the push to the SIP call (None: same as call_id)
+    device_call_id: str | None = None
+
+    @property
+    def payload_call_id(self) -> str:
+        return self.device_call_id or self.call_id or ""
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """Push payload builders.
 
 The call payload carries what the app needs to correlate the push with the INVITE it will fetch
-(Call-ID), to show the caller before the SIP leg arrives (display name, URI), and to drop a stale
-push (send time + ttl: APNs may deliver late even with a short expiration). ``push_id`` lets the
-app and our logs talk about the same push.
+(``call_id``: the Call-ID of that INVITE, and of the CANCEL of a missed call, not the caller's), to
+show the caller as the INVITE's From will name it (``caller_name``, ``caller_uri``) before the SIP
+leg arrives, and to drop a stale push (send time + ttl: APNs may deliver late even with a short
+expiration). ``push_id`` lets the app and our logs talk about the same push. README "Clients" lists
+the fields per provider.
 
 Sizes are measured exactly as aioapns encodes the body (``json.dumps(..., ensure_ascii=False)``
 in UTF-8), so "fits" here means "fits on the wire".
@@ -80,7 +82,7 @@ def call_fields(req: PushRequest, now: float) -> dict[str, Any]:
     """The provider-neutral fields of a call push (JSON types kept)."""
     return {
         "type": req.kind,
-        "call_id": req.call_id or "",
+        "call_id": req.payload_call_id,
         "caller_name": req.caller_name or "",
         "caller_uri": req.caller_uri or "",
         "aor": req.aor,

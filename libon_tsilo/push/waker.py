@@ -21,7 +21,9 @@ Rules kept here:
 - A call that ends before a pushed iOS device registered: ``[push] cancelled_ios_call`` says how
   the device learns it. "invite_cancel": the call layer lingers and sends INVITE + CANCEL when the
   device registers (``invite_cancel_wanted`` tells it which devices). "missed_call_push": an alert
-  push (kind "cancel") goes out instead.
+  push (kind "cancel") goes out instead, to the app's alert token, which the binding carries in the
+  ``pn-alert-prid`` Contact URI parameter (APNs refuses an alert sent to a PushKit token:
+  DeviceTokenNotForTopic); a binding without one gets no missed-call push (counted).
 - Push-to-REGISTER latency: from a delivered push (the provider's 200) to the next REGISTER of
   that device; when the device was faster than the provider's answer, from the push's sending.
 
@@ -52,6 +54,8 @@ from libon_tsilo.push.base import (
 )
 from libon_tsilo.push.router import PushRouter
 from libon_tsilo.ratelimit import SlidingWindow, ThrottledLog
+from libon_tsilo.sip.errors import ParseError
+from libon_tsilo.sip.uri import URI
 from libon_tsilo.util import redact
 
 __all__ = [
@@ -66,7 +70,8 @@ log = Logger()
 
 INVITE_CANCEL = "invite_cancel"
 MISSED_CALL_PUSH = "missed_call_push"
-_PERMANENT = (DEAD_TOKEN, CONFIG_ERROR)
+# the Contact URI parameter with the app's alert-capable token, next to pn-prid's VoIP token
+ALERT_PRID_PARAM = "pn-alert-prid"
 
 # (provider, outcome, latency_s) and (latency_s): ops/metrics hooks, passed in at wiring
 PushHook = Callable[[str, str, float], Any]
@@ -143,6 +148,24 @@ class _CallRecord:
 
     def settled(self) -> bool:
         return all(p.outcome is not None for p in self.pushes.values())
+
+
+def alert_prid(binding: Any) -> str | None:
+    """The alert-capable token of a binding (``pn-alert-prid`` in its Contact URI), or None."""
+    contact = getattr(binding, "contact_uri", None)
+    if not contact or ALERT_PRID_PARAM not in contact:
+        return None
+    try:
+        value = URI.parse(contact).params.get(ALERT_PRID_PARAM)
+    except (ParseError, ValueError):
+        return None
+    return value or None
+
+
+def _device_call_id(call: Any, binding: Any) -> str | None:
+    """The Call-ID the call layer will put in this device's INVITE (CallInfo.device_call_id)."""
+    decide = getattr(call, "device_call_id", None)
+    return decide(binding) if decide is not None else None
 
 
 def _prid_key(binding: Any) -> tuple[str, str] | None:
@@ -222,10 +245,10 @@ class PushWaker:
         provider = getattr(binding, "pn_provider", None)
         if self.cancelled_ios_call != INVITE_CANCEL or provider not in self.ios_providers:
             return False
-        # a push that failed for good (dead token, config error) woke nobody: no one to wait for
+        # a push that failed (dead token, config error, retries given up) woke nobody: no one to wait for
         records = [self._calls.get(call_id) for call_id in self._pushed_keys.get(binding.key, ())]
         pushes = [r.pushes[binding.key] for r in records if r is not None and binding.key in r.pushes]
-        return not pushes or any(p.outcome not in _PERMANENT for p in pushes)
+        return not pushes or any(p.outcome in (None, DELIVERED) for p in pushes)
 
     def wake(self, call: Any, bindings: list[Any]) -> Deferred[PushWakeResult]:
         self._purge()
@@ -256,6 +279,7 @@ class PushWaker:
             req = PushRequest(
                 provider=b.pn_provider, prid=b.pn_prid, param=b.pn_param, kind="call", call_id=call.call_id,
                 caller_uri=rec.caller_uri, caller_name=rec.caller_name, aor=call.aor, ttl=max(0.0, ttl),
+                device_call_id=_device_call_id(call, b),
             )
             push = rec.pushes[b.key] = _Push(b, req, sent_at=now)
             self._pushed_keys.setdefault(b.key, set()).add(call.call_id)
@@ -274,7 +298,7 @@ class PushWaker:
             return succeed(PushWakeResult(reason="nothing to push"))
         self.counters["calls_woken"] += 1
         done = DeferredList(waits, consumeErrors=True)
-        done.addCallback(self._summarise, call.call_id)
+        done.addCallback(self._summarise, rec)
         return done
 
     def _within_device_limit(self, binding: Any, call_id: str) -> bool:
@@ -346,7 +370,8 @@ class PushWaker:
                 self.on_push(req.provider, outcome, latency)
             except Exception:  # metrics must never break call handling
                 log.failure("push metrics hook failed")
-        if outcome == DEAD_TOKEN:
+        if outcome == DEAD_TOKEN and req.prid == getattr(binding, "pn_prid", req.prid):
+            # (a dead alert token says nothing of the VoIP token the binding is for)
             self._dead_token(binding, req, result)
         return result
 
@@ -381,7 +406,7 @@ class PushWaker:
                 self._forget(rec)
         return result
 
-    def _summarise(self, results: list[tuple[bool, Any]], call_id: str) -> PushWakeResult:
+    def _summarise(self, results: list[tuple[bool, Any]], rec: _CallRecord) -> PushWakeResult:
         outcomes: Counter[str] = Counter()
         reasons: list[str] = []
         for ok, value in results:
@@ -393,12 +418,14 @@ class PushWaker:
                 outcomes[RETRYABLE] += 1
         total = sum(outcomes.values())
         woken = outcomes[DELIVERED]
-        all_failed = total > 0 and sum(outcomes[o] for o in _PERMANENT) == total
-        if all_failed:
+        # a retryable result here comes after the sender's retries (bounded by the ring deadline):
+        # no push is in flight and none is planned, so no device is coming (issue 12 item 6)
+        all_failed = total > 0 and woken == 0
+        if all_failed and not rec.ended:  # the call is still waiting: it ends now
             self.counters["calls_all_failed"] += 1
         summary = ", ".join(f"{n} {o}" for o, n in sorted(outcomes.items()))
         reason = summary + (f" ({'; '.join(reasons[:3])})" if reasons else "")
-        log.info("wake-up pushes settled: {reason}", reason=reason, call_id=call_id)
+        log.info("wake-up pushes settled: {reason}", reason=reason, call_id=rec.call_id)
         return PushWakeResult(woken=woken, all_failed=all_failed, reason=reason, outcomes=dict(outcomes))
 
     # -- the end of a call ---------------------------------------------------------------------
@@ -416,9 +443,17 @@ class PushWaker:
             return
         push.missed_sent = True
         b = push.binding
+        token = alert_prid(b)
+        if token is None:
+            self.counters["missed_call_without_alert_token"] += 1
+            log.warn("call ended before {token} registered, but its binding has no {param}: no missed-call"
+                     " push (a VoIP token cannot take an alert)", token=redact(b.pn_prid),
+                     param=ALERT_PRID_PARAM, call_id=rec.call_id)
+            return
         req = PushRequest(
-            provider=b.pn_provider, prid=b.pn_prid, param=b.pn_param, kind="cancel", call_id=rec.call_id,
+            provider=b.pn_provider, prid=token, param=b.pn_param, kind="cancel", call_id=rec.call_id,
             caller_uri=rec.caller_uri, caller_name=rec.caller_name, aor=rec.aor, ttl=self.missed_call_ttl,
+            device_call_id=push.request.device_call_id,
         )
         self.counters["missed_call_pushes"] += 1
         log.info("call ended before {token} registered: missed-call push", token=redact(b.pn_prid),
@@ -568,7 +603,7 @@ class PushWaker:
         for name in (
             "calls_woken", "calls_all_failed", "dead_tokens", "dead_tokens_removed",
             "skipped_recently_registered", "duplicates_suppressed", "missed_call_pushes",
-            "pushes_without_register", "rate_limited",
+            "missed_call_without_alert_token", "pushes_without_register", "rate_limited",
         ):
             out[name] = self.counters.get(name, 0)
         if self.refresher is not None:

@@ -9,6 +9,9 @@ Body (UTF-8 JSON object; absent values are null)::
      "pn_provider": ..., "pn_prid": ..., "pn_param": ..., "push_id": ..., "send_time": <unix s>,
      "ttl": <seconds left>}
 
+``call_id`` is the Call-ID of the INVITE (and of the CANCEL) the device will receive, and ``caller``
+names the caller as that INVITE's From does.
+
 Replies: any 2xx -> delivered; 404/410 -> dead_token (the endpoint says the device is gone);
 429/5xx -> retryable (Retry-After honoured, within the push's ttl); anything else -> config_error.
 """
@@ -60,7 +63,7 @@ def webhook_body(req: PushRequest, now: float, ttl_left: float) -> dict[str, Any
     return {
         "type": req.kind,
         "aor": req.aor,
-        "call_id": req.call_id,
+        "call_id": req.device_call_id or req.call_id,
         "caller": {"name": req.caller_name, "uri": req.caller_uri},
         "pn_provider": req.provider,
         "pn_prid": req.prid,

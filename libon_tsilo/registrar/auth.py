@@ -1,8 +1,9 @@
 """The digest authentication policy: who is challenged, how credentials are checked.
 
 REGISTER is challenged with 401 / WWW-Authenticate, an INVITE from one of our domains with 407 /
-Proxy-Authenticate; one challenge per configured algorithm (SHA-256 first, RFC 8760 §2.4) sharing
-one nonce. Sources in ``trusted_sources`` (e.g. a trunk or an SBC) are exempt.
+Proxy-Authenticate; one challenge per configured algorithm, in the configured order (RFC 8760
+§2.4: the preferred first), sharing one nonce; MD5 only by default (see [auth] algorithms in
+etc/libon-tsilo.toml). Sources in ``trusted_sources`` (e.g. a trunk or an SBC) are exempt.
 
 Nonces are stateless (timestamp + epoch + HMAC, see sip/digest.py). The only state is the replay
 table (registrar/nonce_counts.py): the highest nonce-count seen per nonce, recorded only after a
@@ -91,7 +92,7 @@ class AuthPolicy:
         secret: str,
         nonce_lifetime: float = 300.0,
         trusted_sources: Iterable[str] = (),
-        algorithms: Iterable[str] = ("SHA-256", "MD5"),
+        algorithms: Iterable[str] = ("MD5",),
         enabled: bool = True,
         local_domains: Iterable[str] = (),
         nonce_counts: NonceCounts | None = None,

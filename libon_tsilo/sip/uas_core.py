@@ -21,9 +21,10 @@ __all__ = [
     "sdp_in_multipart",
 ]
 
-ALLOWED_METHODS = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "INFO", "UPDATE", "MESSAGE")
+ALLOWED_METHODS = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "INFO", "UPDATE")
 # Methods we know of but do not implement: 405 with Allow, rather than 501 (RFC 3261 §21.4.6).
-KNOWN_UNSUPPORTED_METHODS = ("SUBSCRIBE", "NOTIFY", "PUBLISH", "REFER", "PRACK")
+# MESSAGE outside a dialog has no handler yet (inside a call it is relayed): it must not be in Allow.
+KNOWN_UNSUPPORTED_METHODS = ("SUBSCRIBE", "NOTIFY", "PUBLISH", "REFER", "PRACK", "MESSAGE")
 SUPPORTED_OPTION_TAGS = ("path",)
 ACCEPTED_BODY_TYPES = ("application/sdp",)
 URI_SCHEMES = ("sip", "sips", "tel")

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from libon_tsilo.b2bua.forking import REASON_ANSWERED, REASON_DECLINED
+import pytest
+
+from libon_tsilo.b2bua.capabilities import DIALOG_METHODS, SUPPORTED_OPTION_TAGS
+from libon_tsilo.b2bua.forking import REASON_ANSWERED
 from tests.b2bua.helpers import AOR, SDP_A, SDP_B, SDP_C, Env, binding, in_dialog
+
+# session timers are on by default ([calls] session_expires = 1800): RFC 4028 adds "timer"
+OUR_TAGS = [*SUPPORTED_OPTION_TAGS, "timer"]
 
 
 def two_device_call() -> tuple[Env, object]:
@@ -30,10 +36,31 @@ def test_branch_invites_are_new_dialogs_with_the_callers_identity() -> None:
         assert req.body == SDP_A and req.content_type == "application/sdp"
         assert req.header("Subject") == "lunch?"
         assert req.header("X-Private") is None  # only the allow-list passes
-        assert req.header_values("Supported") == ["timer"]  # no PRACK support: 100rel dropped
+        # our own capabilities, not the caller's "100rel, timer" (issue 12 item 8)
+        assert req.header_values("Supported") == OUR_TAGS
+        assert req.header_values("Allow") == list(DIALOG_METHODS)
         assert req.max_forwards == 69
         assert ctx.hop.flow_id == f"tcp:dev{n}#1" and ctx.hop.host == f"10.0.0.{n + 1}"
     assert a.request.call_id != b.request.call_id
+
+
+def test_each_leg_gets_the_b2buas_allow_and_supported_even_if_allowlisted() -> None:
+    """Issue 12 item 8: a caller's REFER, 100rel, replaces or gruu are not ours to promise."""
+    env = Env(header_allowlist=("Subject", "Allow", "Supported", "Require"))
+    env.location.add(binding(1))
+    _, stx = env.invite(extra="Allow: INVITE, ACK, BYE, CANCEL, REFER, SUBSCRIBE, NOTIFY\n"
+                              "Supported: 100rel, replaces, gruu\nRequire: 100rel, foo\n")
+    (ctx,) = env.port.invites()
+    sent = ctx.request
+    assert sent.header_values("Allow") == list(DIALOG_METHODS)
+    assert "REFER" not in sent.header_values("Allow") and "MESSAGE" in sent.header_values("Allow")
+    assert sent.header_values("Supported") == OUR_TAGS
+    assert sent.header_values("Require") == ["foo"]  # allow-listed, minus the 100rel we cannot do
+    assert sent.header("Subject") == "lunch?"
+    ctx.respond(200, body=SDP_B)
+    (ok,) = stx.responses
+    assert ok.header_values("Allow") == list(DIALOG_METHODS)
+    assert ok.header_values("Supported") == OUR_TAGS
 
 
 def test_first_2xx_wins_others_cancelled_with_reason() -> None:
@@ -104,15 +131,19 @@ def test_2xx_from_a_second_branch_gets_ack_then_bye() -> None:
     assert len([ack for ack, _ in env.port.acks if ack.call_id == b.request.call_id]) == 2
 
 
-def test_6xx_ends_the_fork() -> None:
+@pytest.mark.parametrize("status,reason", [
+    (603, 'SIP;cause=603;text="Decline"'),  # not cause=600 (issue 12 item 14)
+    (600, 'SIP;cause=600;text="Busy Everywhere"'),
+])
+def test_6xx_ends_the_fork_and_cancels_with_its_cause(status: int, reason: str) -> None:
     env, stx = two_device_call()
     a, b = env.port.invites()
     a.respond(180)
-    b.respond(603)
-    assert stx.statuses == [180, 603]
-    assert a.cancelled and a.reason == REASON_DECLINED
+    b.respond(status)
+    assert stx.statuses == [180, status]
+    assert a.cancelled and a.reason == reason
     a.respond(487)
-    assert stx.statuses == [180, 603]
+    assert stx.statuses == [180, status]
     env.assert_clean()
 
 
@@ -159,6 +190,7 @@ def test_ring_timeout_gives_480_and_cancels_everything() -> None:
     env.clock.advance(0.1)
     assert stx.statuses == [180, 480]
     assert a.cancelled and b.cancelled
+    assert a.reason == b.reason == 'SIP;cause=480;text="Ring timeout"'  # RFC 3326 (issue 12 item 14)
     a.respond(487)
     b.respond(200, body=SDP_B)  # answered while the CANCEL crossed: ACK and BYE
     assert env.port.last("BYE").request.call_id == b.request.call_id

@@ -164,7 +164,7 @@ def test_caller_leg_interval_and_refresher(caller: str, supported: str, expected
     c = Answered(caller=caller, supported=supported)
     assert c.ok.header("Session-Expires") == expected
     assert c.ok.header("Require") == require
-    assert c.ok.header("Supported") is None  # Require: timer says it; nothing to add
+    assert c.ok.header_values("Supported") == ["timer"]  # our own capabilities (capabilities.py)
     c.from_a("BYE")
     c.env.assert_clean()
 
@@ -175,10 +175,10 @@ def test_caller_leg_interval_and_refresher(caller: str, supported: str, expected
 def test_branch_invite_offers_timers() -> None:
     c = Answered(supported="replaces")
     req = c.b_req
-    assert req.header_values("Supported") == ["replaces", "timer"]
+    assert req.header_values("Supported") == ["timer"]  # ours, not the caller's "replaces"
     assert req.header("Session-Expires") == "1800"  # the device picks the refresher
     assert req.header("Min-SE") is None  # absent means the RFC's 90 (§5)
-    c2 = Answered(min_se=120)  # the caller's Supported already says timer: not twice
+    c2 = Answered(min_se=120)  # "timer" once, whatever the caller's Supported says
     assert c2.b_req.header_values("Supported") == ["timer"]
     assert c2.b_req.header("Min-SE") == "120"
 

@@ -219,6 +219,7 @@ class DeviceConfig:
     provider: str = "apns"
     prid: str = ""
     param: str = ""
+    alert_prid: str = ""  # the app's alert token (pn-alert-prid), for missed-call pushes
     record: Path | None = None
     react_to_push: bool = True  # send the REGISTER refresh when a push is delivered
     answer: bool = True  # 200 the INVITE; False: ring only
@@ -246,7 +247,8 @@ class PushDevice(Agent):
     def contact_uri(self) -> str:
         c = self.cfg
         return (f"sip:{c.user}@{HOST}:{self.port};pn-provider={c.provider};pn-prid={c.prid}"
-                + (f";pn-param={c.param}" if c.param else ""))
+                + (f";pn-param={c.param}" if c.param else "")
+                + (f";pn-alert-prid={c.alert_prid}" if c.alert_prid else ""))
 
     def _register_msg(self) -> bytes:
         self.reg_cseq += 1
@@ -311,7 +313,7 @@ class PushDevice(Agent):
         if self.cfg.record is None:
             return
         mine = [r for r in push_records(self.cfg.record, self.cfg.provider)
-                if r["token"] == self.cfg.prid]
+                if r["token"] in (self.cfg.prid, self.cfg.alert_prid or self.cfg.prid)]
         delivered = [r for r in mine if r["status"] == 200]
         for rec in mine[len(self.seen("push_seen")):]:
             self.note("push_seen", rec["raw"])

@@ -202,11 +202,14 @@ def test_call_wakes_a_silent_device_and_completes(provider: str, fakes: Any, sta
     if provider == "apns":
         assert push["headers"]["apns-push-type"] == "voip"
         assert push["headers"]["apns-topic"] == BUNDLE + ".voip"
-        assert push["json"]["call_id"] == caller.call_id and push["json"]["type"] == "call"
+        fields = push["json"]
     else:
         message = push["json"]["message"]
         assert message["token"] == dev.cfg.prid and message["android"]["priority"] == "high"
-        assert message["data"]["call_id"] == caller.call_id and message["data"]["type"] == "call"
+        fields = message["data"]
+    # the push names the INVITE the device gets (its B-leg Call-ID), not the caller's (issue 12 item 3)
+    assert fields["call_id"] == invite["call_id"] != caller.call_id and fields["type"] == "call"
+    assert fields["caller_uri"] in invite["from"]
     assert caller.bye().status == 200
     dev.wait("bye", 5)
     _wait_log(server, "registered")  # push-to-REGISTER latency measured
@@ -325,7 +328,8 @@ def test_cancelled_call_with_missed_call_push(fakes: Any, start_sip_server: Any,
                                              devices: list[PushDevice]) -> None:
     fake = fakes("apns")
     server = server_for(start_sip_server, fake, cancelled_ios_call="missed_call_push")
-    dev = device(server, fake, devices, react_to_push=False, answer=False)
+    alert = token("apns")
+    dev = device(server, fake, devices, react_to_push=False, answer=False, alert_prid=alert)
     caller = call(server)
     dev.wait("push", 5)
     caller.cancel()
@@ -333,6 +337,8 @@ def test_cancelled_call_with_missed_call_push(fakes: Any, start_sip_server: Any,
     dev.wait("push", 5, count=2)
     kinds = [(r["raw"]["headers"]["apns-push-type"], r["raw"]["headers"]["apns-topic"]) for r in fake.records()]
     assert kinds == [("voip", BUNDLE + ".voip"), ("alert", BUNDLE)]
+    # the alert goes to the app's alert token, never to the PushKit one (issue 12 item 13)
+    assert [r["token"] for r in fake.records()] == [dev.cfg.prid, alert]
     assert fake.records()[1]["raw"]["json"]["type"] == "cancel"
     dev.refresh()
     dev.wait("register_ok", 5, count=2)

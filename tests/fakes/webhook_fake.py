@@ -2,20 +2,34 @@
 
 Replies per ``pn_prid`` are scriptable: an HTTP status, optionally with ``Retry-After``, or
 ``None`` for a request that never gets an answer. Every request is recorded with its JSON body.
+
+End-to-end tests run it as a process (`spawn`)::
+
+    python -m tests.fakes.webhook_fake --port 0 [--script FILE] [--record FILE]
+
+prints ``PORT <n>`` once listening and appends one JSON line per request (``{"path", "status",
+"body"}``) to ``--record``; the script file is ``{"<prid>": [500, 200], ...}`` (see `script`).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import select
+import subprocess
+import sys
+import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 from twisted.web import resource, server
 
-__all__ = ["FakeWebhook", "HookReply", "HookRequest"]
+__all__ = ["FakeWebhook", "HookReply", "HookRequest", "spawn", "read_records"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,7 @@ class FakeWebhook(resource.Resource):
         self._port: IListeningPort | None = None
         self._hanging: list[server.Request] = []
         self._waiters: list[tuple[int, defer.Deferred[None]]] = []
+        self.on_request: Callable[[HookRequest], None] | None = None
 
     def wait_for_requests(self, n: int) -> defer.Deferred[None]:
         """Fires once ``n`` requests have arrived (answered or not)."""
@@ -62,10 +77,10 @@ class FakeWebhook(resource.Resource):
         """Queue replies for pushes to ``prid``; the last one repeats. An int is a status."""
         self._scripts[prid] = deque(r if isinstance(r, HookReply) else HookReply(r) for r in replies)
 
-    def listen(self) -> int:
+    def listen(self, port: int = 0) -> int:
         site = server.Site(self)
         site.log = lambda request: None  # type: ignore[method-assign]
-        self._port = self.reactor.listenTCP(0, site, interface="127.0.0.1")
+        self._port = self.reactor.listenTCP(port, site, interface="127.0.0.1")
         return self._port.getHost().port
 
     @property
@@ -92,8 +107,10 @@ class FakeWebhook(resource.Resource):
         queue = self._scripts.get(prid)
         reply = (queue.popleft() if len(queue) > 1 else queue[0]) if queue else HookReply()
         headers = {k.decode().lower(): v[-1].decode() for k, v in request.requestHeaders.getAllRawHeaders()}
-        self.requests.append(HookRequest(request.method.decode(), request.path.decode(), headers, body,
-                                         reply.status))
+        hook = HookRequest(request.method.decode(), request.path.decode(), headers, body, reply.status)
+        self.requests.append(hook)
+        if self.on_request is not None:
+            self.on_request(hook)
         for item in [w for w in self._waiters if len(self.requests) >= w[0]]:
             self._waiters.remove(item)
             item[1].callback(None)
@@ -105,3 +122,73 @@ class FakeWebhook(resource.Resource):
             request.setHeader(b"retry-after", str(reply.retry_after).encode())
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"status": reply.status}).encode()
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The ``--record`` file of a spawned fake: one dict per request, in arrival order."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line being written
+            break
+    return out
+
+
+def spawn(args: list[str], timeout: float = 10.0) -> tuple[subprocess.Popen[bytes], int]:
+    """Start ``python -m tests.fakes.webhook_fake *args``; returns the process and its port."""
+    root = str(Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.webhook_fake", *args], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None and proc.stderr is not None
+    fd, line, deadline = proc.stdout.fileno(), b"", time.monotonic() + timeout
+    while not line.endswith(b"\n"):
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 64) if ready else b""
+        if not chunk:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"fake webhook did not start: {line!r} {proc.stderr.read().decode()}")
+        line += chunk
+    if not line.startswith(b"PORT "):
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"fake webhook did not start: {line!r}")
+    return proc, int(line.split()[1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.fakes.webhook_fake", description=__doc__.split("\n")[0])
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--script", help='JSON file: {"<prid>": [status, ...]} (null: never answer)')
+    parser.add_argument("--record", help="append every request as a JSON line to this file")
+    args = parser.parse_args(argv)
+
+    from twisted.internet import reactor
+
+    fake = FakeWebhook(reactor)
+    if args.script:
+        with open(args.script, encoding="utf-8") as f:
+            for prid, replies in json.load(f).items():
+                fake.script(prid, *replies)
+    if args.record:
+        record_path = args.record
+
+        def append(hook: HookRequest) -> None:
+            with open(record_path, "a", encoding="utf-8") as out:
+                out.write(json.dumps({"path": hook.path, "status": hook.status, "body": hook.body}) + "\n")
+
+        fake.on_request = append
+    port = fake.listen(args.port)
+    sys.stdout.write(f"PORT {port}\n")
+    sys.stdout.flush()
+    reactor.addSystemEventTrigger("before", "shutdown", fake.stop)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -83,6 +83,21 @@ async def test_ts_dump_and_lookup_over_http(admin):
 
 
 @pytest_twisted.ensureDeferred
+async def test_ts_append_to_over_http_needs_post(admin):
+    svc, parts, clock = admin
+    call = FakeCall("c1@x", "alice")
+    parts.silo.store(call)
+    parts.location.add_or_update(binding("bob", "sip:bob@10.0.0.2:5060", clock))
+    code, headers, _ = await http(svc, "GET", "/rpc/ts.append_to?call_id=c1%40x&aor=bob")
+    assert code == 405 and headers["allow"] == ["POST"]
+    code, _, body = await http(svc, "POST", "/rpc/ts.append_to", body=b'{"call_id": "c1@x", "aor": "bob"}',
+                               ctype="application/json")
+    assert code == 200, body
+    assert js(body)["result"] == {"call_id": "c1@x", "aor": "bob", "added": 1}
+    assert [b.contact_uri for b in call.branches] == ["sip:bob@10.0.0.2:5060"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_rpc_list_stats_health(admin):
     svc, _parts, _clock = admin
     code, _, body = await http(svc, "GET", "/rpc")

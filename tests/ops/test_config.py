@@ -47,7 +47,7 @@ def test_defaults_are_loopback_and_documented():
     assert cfg.sip.max_message_size == 65535
     assert cfg.registrar.on_max_contacts == "reject"
     assert cfg.registrar.pnsreg_interval == 130
-    assert cfg.auth.algorithms == ("SHA-256", "MD5")
+    assert cfg.auth.algorithms == ("MD5",)  # what libre and SIPp can answer (issue 12 item 2)
     assert cfg.location.backend == "sqlite"
     assert cfg.calls.ring_timeout == 30
     assert "P-Asserted-Identity" in cfg.calls.header_allowlist

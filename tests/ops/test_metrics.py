@@ -192,6 +192,21 @@ def test_push_metrics(tmp_path):
     assert s[("libon_tsilo_push_to_register_seconds_bucket", (("le", "3.0"),))] == 1
 
 
+def test_waker_give_ups_are_counted(tmp_path):
+    """Issue 12: calls answered at once (every push failed), missed-call alerts without a token."""
+    root, _clock = build(tmp_path=tmp_path)
+
+    class Waker:
+        def stats(self) -> dict[str, Any]:
+            return {"calls_all_failed": 3, "missed_call_pushes": 2, "missed_call_without_alert_token": 1}
+
+    root.parts.extra["push"] = Waker()
+    s = samples(make_registry(root.parts, None, push=PushMetrics()))
+    assert s[("libon_tsilo_push_calls_all_failed_total", ())] == 3
+    assert s[("libon_tsilo_push_missed_call_pushes_total", ())] == 2
+    assert s[("libon_tsilo_push_missed_call_without_alert_token_total", ())] == 1
+
+
 def test_module_level_api_for_the_push_layer(monkeypatch):
     fresh = PushMetrics()
     monkeypatch.setattr(metrics, "push_metrics", fresh)

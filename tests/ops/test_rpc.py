@@ -70,8 +70,9 @@ def tree(tmp_path):
 def test_methods_are_listed_with_kamailio_names(tree):
     root, parts, _ = tree
     rpc = Rpc(parts, root)
-    assert set(rpc.methods) == {"ts.dump", "ts.lookup", "ul.dump", "ul.lookup", "ul.rm", "stats", "health"}
-    assert rpc.methods["ul.rm"].mutating
+    assert set(rpc.methods) == {"ts.dump", "ts.lookup", "ts.append_to", "ul.dump", "ul.lookup", "ul.rm",
+                                "stats", "health"}
+    assert rpc.methods["ul.rm"].mutating and rpc.methods["ts.append_to"].mutating
     assert not rpc.methods["ts.dump"].mutating
 
 
@@ -111,6 +112,40 @@ def test_ts_lookup_unknown_is_404_like_kamailio(tree):
         rpc.call("ts.lookup", {"aor": "bob"})
     assert err.value.status == 404
     assert err.value.message == "RURI not found in tsilo table"
+
+
+def test_ts_append_to_forks_one_call_to_an_aors_bindings(tree):
+    root, parts, clock = tree
+    rpc = Rpc(parts, root)
+    call, other = FakeCall("c1@x", "alice"), FakeCall("c2@x", "alice")
+    parts.silo.store(call)
+    parts.silo.store(other)
+    parts.location.add_or_update(binding("alice", "sip:alice@10.0.0.1:5060", clock))  # the silo forks both
+    assert (len(call.branches), len(other.branches)) == (1, 1)
+    # Kamailio's ts_append_to(..., uri): another AOR's bindings, for this call only
+    parts.location.add_or_update(binding("carol", "sip:carol@10.0.0.3:5060", clock))
+    result = rpc.call("ts.append_to", {"call_id": "c1@x", "aor": "sip:carol@example.com"})
+    assert result == {"call_id": "c1@x", "aor": "carol", "added": 1}
+    assert [b.contact_uri for b in call.branches] == ["sip:alice@10.0.0.1:5060", "sip:carol@10.0.0.3:5060"]
+    assert len(other.branches) == 1
+    # without aor: the call's own AOR
+    assert rpc.call("ts.append_to", {"call_id": "c2@x"})["added"] == 1
+    assert parts.silo.stats()["added_branches"] == 4
+
+
+def test_ts_append_to_errors(tree):
+    root, parts, _ = tree
+    rpc = Rpc(parts, root)
+    for params, status in (({}, 400), ({"call_id": " "}, 400), ({"call_id": "nope"}, 404)):
+        with pytest.raises(RpcError) as err:
+            rpc.call("ts.append_to", params)
+        assert err.value.status == status, params
+    answered = FakeCall("c3@x", "alice")
+    answered.can_append = lambda: False  # type: ignore[method-assign]
+    parts.silo.store(answered)
+    with pytest.raises(RpcError) as err:
+        rpc.call("ts.append_to", {"call_id": "c3@x"})
+    assert err.value.status == 409
 
 
 def test_missing_or_bad_aor_is_400(tree):

@@ -46,6 +46,13 @@ def test_voip_payload_carries_call_details() -> None:
     assert p["type"] == "call"
 
 
+def test_payloads_carry_the_device_call_id_when_there_is_one() -> None:
+    req = _req(device_call_id="b-leg-7@tsilo")
+    assert voip_payload(req, now=0)["call_id"] == "b-leg-7@tsilo"
+    assert call_data(req, now=0)["call_id"] == "b-leg-7@tsilo"
+    assert cancel_alert_payload(req, now=0)["call_id"] == "b-leg-7@tsilo"
+
+
 def test_encoded_size_matches_aioapns_encoding() -> None:
     p = voip_payload(_req(caller_name="Zoë ☎"), now=0)
     assert encoded_size(p) == len(json.dumps(p, ensure_ascii=False).encode())

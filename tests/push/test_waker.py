@@ -13,6 +13,7 @@ from twisted.logger import globalLogPublisher
 
 from libon_tsilo.b2bua.forking import REASON_ANSWERED
 from libon_tsilo.push.base import CONFIG_ERROR, DEAD_TOKEN, DELIVERED, RETRYABLE, PushRequest, PushResult
+from libon_tsilo.push.payload import voip_payload
 from libon_tsilo.push.router import PushRouter
 from libon_tsilo.push.waker import INVITE_CANCEL, MISSED_CALL_PUSH, LatencyWindow, PushWaker
 from libon_tsilo.registrar.binding import Binding
@@ -50,11 +51,12 @@ class FakeSender:
 
 
 def dev(n: int, provider: str | None = "apns", registered_at: float = 0.0, flow_live: bool = False,
-        flow_id: str | None = None, prid: str | None = None, expires_at: float = 100_000.0) -> Binding:
+        flow_id: str | None = None, prid: str | None = None, expires_at: float = 100_000.0,
+        alert: str | None = None) -> Binding:
     param = APNS_PARAM if provider == "apns" else ("proj-1" if provider == "fcm" else None)
     return Binding(
         aor=AOR,
-        contact_uri=f"sip:bob@10.0.0.{n + 1}:5080;transport=tcp",
+        contact_uri=f"sip:bob@10.0.0.{n + 1}:5080;transport=tcp" + (f";pn-alert-prid={alert}" if alert else ""),
         contact=f"<sip:bob@10.0.0.{n + 1}:5080;transport=tcp>",
         expires_at=expires_at,
         registered_at=registered_at,
@@ -158,18 +160,20 @@ def test_one_delivered_push_is_enough_to_wait() -> None:
     assert len(removals.removed) == 1
 
 
-def test_a_push_that_timed_out_is_not_a_permanent_failure() -> None:
-    a = FakeSender("apns", script=[PushResult(RETRYABLE, "timeout")])
+def test_pushes_that_failed_after_their_retries_woke_nobody() -> None:
+    """A sender returns "retryable" only once its retries are over: nothing is in flight or planned."""
+    a = FakeSender("apns", script=[PushResult(RETRYABLE, "HTTP 500", 500), PushResult(RETRYABLE, "timeout")])
     waker, removals = make(senders=[a])
-    res = fired(waker.wake(call_info(), [dev(1)]))
-    assert (res.woken, res.all_failed) == (0, False) and removals.removed == []
+    res = fired(waker.wake(call_info(), [dev(1), dev(2)]))
+    assert (res.woken, res.all_failed) == (0, True) and removals.removed == []
+    assert waker.stats()["calls_all_failed"] == 1
 
 
-def test_a_sender_that_raises_is_a_retryable_failure() -> None:
+def test_a_sender_that_raises_is_a_failed_push() -> None:
     a = FakeSender("apns", script=[RuntimeError("bug")])
     waker, _ = make(senders=[a])
     res = fired(waker.wake(call_info(), [dev(1)]))
-    assert (res.woken, res.all_failed) == (0, False)
+    assert (res.woken, res.all_failed) == (0, True)
 
 
 def test_wake_fires_only_when_every_push_settled() -> None:
@@ -203,7 +207,7 @@ def test_no_push_once_the_ring_time_is_over() -> None:
     a = FakeSender("apns")
     waker, _ = make(clock, [a])
     res = fired(waker.wake(call_info(deadline=40.0), [dev(1)]))
-    assert a.sent == [] and not res.all_failed
+    assert a.sent == [] and (res.woken, res.all_failed) == (0, True)  # nothing will come
 
 
 def test_fork_directly_only_for_devices_that_registered_recently() -> None:
@@ -297,11 +301,12 @@ def test_missed_call_push_for_ios_devices_that_did_not_register() -> None:
     a, f = FakeSender("apns"), FakeSender("fcm")
     waker, _ = make(senders=[a, f], cancelled_ios_call=MISSED_CALL_PUSH)
     assert not waker.invite_cancel_wanted(dev(1))
-    fired(waker.wake(call_info(), [dev(1), dev(2), dev(3, "fcm")]))
+    fired(waker.wake(call_info(), [dev(1, alert="alert-1"), dev(2, alert="alert-2"), dev(3, "fcm")]))
     waker.binding_refreshed(dev(2), None)  # this one came: it got its INVITE
     waker.call_ended(call_info(), answered_elsewhere=False)
+    # the alert goes to the app's alert token: APNs refuses alerts to a PushKit token
     assert [(r.kind, r.prid) for r in a.sent] == [
-        ("call", dev(1).pn_prid), ("call", dev(2).pn_prid), ("cancel", dev(1).pn_prid)]
+        ("call", dev(1).pn_prid), ("call", dev(2).pn_prid), ("cancel", "alert-1")]
     assert a.sent[-1].call_id == "c1" and a.sent[-1].caller_name == "Alice"
     assert [r.kind for r in f.sent] == ["call"]
     assert waker.stats()["missed_call_pushes"] == 1 and waker.stats()["pending_calls"] == 0
@@ -312,14 +317,35 @@ def test_missed_call_push_for_ios_devices_that_did_not_register() -> None:
 def test_missed_call_push_waits_for_a_push_still_in_flight() -> None:
     a = FakeSender("apns", script=["hold", "hold"])
     waker, _ = make(senders=[a], cancelled_ios_call=MISSED_CALL_PUSH)
-    waker.wake(call_info(), [dev(1), dev(2)])
+    waker.wake(call_info(), [dev(1, alert="alert-1"), dev(2, alert="alert-2")])
     waker.call_ended(call_info(), answered_elsewhere=True)
     assert waker.stats()["pending_calls"] == 1
     a.held[0].callback(PushResult(DELIVERED, "ok"))
     a.held[1].callback(PushResult(RETRYABLE, "timeout"))  # never reached the device: no alert
     assert [r.kind for r in a.sent] == ["call", "call", "cancel"]
-    assert a.sent[-1].prid == dev(1).pn_prid
+    assert a.sent[-1].prid == "alert-1"
     assert waker.stats()["pending_calls"] == 0
+
+
+def test_no_missed_call_push_without_an_alert_token(logged: list[dict[str, Any]]) -> None:
+    """Issue 12 item 13: an alert to the PushKit token is refused by APNs (DeviceTokenNotForTopic)."""
+    a = FakeSender("apns")
+    waker, _ = make(senders=[a], cancelled_ios_call=MISSED_CALL_PUSH)
+    fired(waker.wake(call_info(), [dev(1)]))
+    waker.call_ended(call_info(), answered_elsewhere=False)
+    assert [r.kind for r in a.sent] == ["call"]
+    stats = waker.stats()
+    assert (stats["missed_call_pushes"], stats["missed_call_without_alert_token"]) == (0, 1)
+    assert any(e.get("param") == "pn-alert-prid" for e in logged)
+
+
+def test_a_dead_alert_token_keeps_the_voip_binding() -> None:
+    a = FakeSender("apns", script=[PushResult(DELIVERED, "ok"), PushResult(DEAD_TOKEN, "BadDeviceToken", 400)])
+    waker, removals = make(senders=[a], cancelled_ios_call=MISSED_CALL_PUSH)
+    fired(waker.wake(call_info(), [dev(1, alert="alert-1")]))
+    waker.call_ended(call_info(), answered_elsewhere=False)
+    assert [r.prid for r in a.sent] == [dev(1).pn_prid, "alert-1"]
+    assert removals.removed == []
 
 
 def test_stop_closes_senders_and_refuses_new_work() -> None:
@@ -400,6 +426,33 @@ def test_call_pushes_a_sleeping_device_and_forks_when_it_registers() -> None:
     assert s.waker.stats()["pending_calls"] == 0
 
 
+def test_push_names_the_call_id_and_caller_of_the_invite_the_device_will_get() -> None:
+    """Issue 12 item 3: CallKit / Android report the call from the push, then match the INVITE."""
+    s = Setup()
+    env = s.env
+    assert env is not None
+    env.location.add(dev(1))
+    env.invite()
+    call = env.call()
+    (req,) = s.apns.sent
+    payload = voip_payload(req, env.clock.seconds())
+    assert payload["call_id"] == req.device_call_id and payload["call_id"] != call.call_id
+    assert req.call_id == call.call_id  # our logs still name the call by the caller's Call-ID
+    s.register(dev(1, flow_id="tcp:dev1#2", flow_live=True))
+    (ctx,) = env.port.invites()
+    sent = ctx.request
+    assert sent.call_id == payload["call_id"]
+    assert (payload["caller_uri"], payload["caller_name"]) == (str(sent.from_.uri), sent.from_.display)
+    # the device reconnects while ringing: its new branch keeps the Call-ID the push named
+    s.register(dev(1, flow_id="tcp:dev1#3", flow_live=True))
+    old, new = env.port.invites()
+    assert old.cancelled and new.request.call_id == payload["call_id"]
+    assert new.request.from_.tag != old.request.from_.tag
+    new.respond(200, body=SDP_B)
+    old.respond(487)
+    assert env.mgr.dialogs.get((payload["call_id"], new.request.from_.tag)) is not None
+
+
 def test_live_flow_forks_directly_only_within_the_skip_window() -> None:
     s = Setup(skip_push_if_registered_within=60)
     env = s.env
@@ -429,6 +482,34 @@ def test_dead_token_gives_480_at_once_and_removes_the_binding() -> None:
     assert s.waker.stats()["pending_calls"] == 0
 
 
+@pytest.mark.parametrize("reason,status", [("HTTP 500", 500), ("connection refused", None)])
+def test_every_push_failed_after_retries_gives_480_at_once(reason: str, status: int | None) -> None:
+    """Issue 12 item 6: no branch, no push in flight, no retry planned: the caller does not wait."""
+    s = Setup(script=[PushResult(RETRYABLE, reason, status)], invite_cancel_grace=20.0)
+    env = s.env
+    assert env is not None
+    env.location.add(dev(1))
+    _, stx = env.invite()
+    assert stx.statuses == [480]
+    assert env.silo.stats()["lingering"] == 0  # the push never reached the device: no Invite/Cancel
+    assert env.location.lookup(AOR) != []  # not a dead token: the binding stays
+    env.assert_clean()
+    assert s.waker.stats()["pending_calls"] == 0
+
+
+def test_failed_push_with_a_delivered_one_keeps_waiting() -> None:
+    s = Setup(script=[PushResult(RETRYABLE, "HTTP 500", 500), PushResult(DELIVERED, "ok", 200)], ring_timeout=5)
+    env = s.env
+    assert env is not None
+    env.location.add(dev(1))
+    env.location.add(dev(2))
+    _, stx = env.invite()
+    assert stx.statuses == []
+    env.clock.advance(5)
+    assert stx.statuses == [480]
+    env.assert_clean()
+
+
 def test_dead_token_with_another_branch_ringing_keeps_the_call() -> None:
     s = Setup(script=[PushResult(DEAD_TOKEN, "Unregistered", 410)])
     env = s.env
@@ -455,6 +536,7 @@ def test_push_timeout_ends_at_the_ring_timeout_with_480() -> None:
     s.apns.held[0].callback(PushResult(RETRYABLE, "timeout"))  # the sender gives up at its ttl
     env.assert_clean()
     assert s.waker.stats()["pending_calls"] == 0
+    assert s.waker.stats()["calls_all_failed"] == 0  # the ring timeout ended it, not the failure
 
 
 def test_invite_cancel_for_a_cancelled_call_and_a_late_ios_device() -> None:
@@ -472,6 +554,8 @@ def test_invite_cancel_for_a_cancelled_call_and_a_late_ios_device() -> None:
     s.register(dev(1, flow_id="tcp:dev1#2", flow_live=True))
     (late,) = env.port.invites()
     assert late.cancelled and late.reason is not None and "cause=487" in late.reason
+    # the INVITE and its CANCEL (same Call-ID, RFC 3261 §9.1) are the ones the push announced
+    assert late.request.call_id == s.apns.sent[0].device_call_id != req.call_id
     assert env.silo.stats()["lingering"] == 0
     assert [r.kind for r in s.apns.sent] == ["call"]
     late.respond(487)
@@ -496,12 +580,15 @@ def test_missed_call_push_mode_sends_an_alert_instead_of_invite_cancel() -> None
     s = Setup(invite_cancel_grace=20.0, cancelled_ios_call=MISSED_CALL_PUSH)
     env = s.env
     assert env is not None
-    env.location.add(dev(1))
+    env.location.add(dev(1, alert="alert-1"))
     req, stx = env.invite()
     env.mgr.handle_cancel(req, None, env.caller_flow)
     assert stx.statuses == [487]
     assert env.silo.stats()["lingering"] == 0
     assert [r.kind for r in s.apns.sent] == ["call", "cancel"]
+    call_push, alert = s.apns.sent
+    assert alert.device_call_id == call_push.device_call_id is not None
+    assert (call_push.prid, alert.prid) == (dev(1).pn_prid, "alert-1")
     s.register(dev(1, flow_id="tcp:dev1#2", flow_live=True))
     assert env.port.invites() == []
     env.assert_clean()

@@ -9,7 +9,7 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from libon_tsilo.push.base import CONFIG_ERROR, DEAD_TOKEN, DELIVERED, RETRYABLE, PushRequest, RetryPolicy
-from libon_tsilo.push.webhook import WebhookSender, _loggable, classify_status
+from libon_tsilo.push.webhook import WebhookSender, _loggable, classify_status, webhook_body
 from tests.fakes.step_clock import StepClock
 from tests.fakes.webhook_fake import FakeWebhook, HookReply
 
@@ -57,6 +57,13 @@ async def test_2xx_is_delivered_with_the_documented_body(hook: Any) -> None:
     }
     assert len(got.body["push_id"]) == 36
     assert sender.provider == "relay" and sender.stats.as_dict()[DELIVERED] == 1
+
+
+def test_body_names_the_call_id_the_device_will_see() -> None:
+    request = req()
+    request.device_call_id = "b-leg-1@tsilo"
+    body = webhook_body(request, now=0.0, ttl_left=30.0)
+    assert body["call_id"] == "b-leg-1@tsilo"
 
 
 @pytest.mark.parametrize("status", [404, 410])

@@ -61,7 +61,7 @@ def test_unknown_method_gets_501():
     assert resp is not None and resp.status == 501
 
 
-@pytest.mark.parametrize("method", ["INVITE", "BYE", "REGISTER", "MESSAGE", "INFO", "UPDATE", "CANCEL"])
+@pytest.mark.parametrize("method", ["INVITE", "BYE", "REGISTER", "INFO", "UPDATE", "CANCEL"])
 def test_routable_methods_pass(method):
     assert core.answer(_req(method)) is None
 
@@ -229,5 +229,13 @@ def test_rfc4475_intmeth_unknown_method_is_501():
     assert core.answer(_load("intmeth")).status == 501
 
 
-def test_rfc4475_mpart01_message_with_multipart_body_passes():
-    assert core.answer(_load("mpart01")) is None
+def test_rfc4475_mpart01_message_with_multipart_body_passes_the_checks():
+    assert core.check_request(_load("mpart01")) is None
+
+
+def test_message_outside_a_dialog_is_405_and_never_in_allow():
+    """Issue 12 item 12: MESSAGE has no handler outside a call yet; Allow must not promise it."""
+    refused = core.answer(_req("MESSAGE"))
+    assert refused is not None and refused.status == 405
+    assert "MESSAGE" not in _allow(refused)
+    assert "MESSAGE" not in _allow(core.answer(_req("OPTIONS")))
