@@ -27,6 +27,7 @@ from libon_tsilo.b2bua.identity import (
 )
 from libon_tsilo.b2bua.legs import ALeg, BLeg, BranchState
 from libon_tsilo.b2bua.ports import Hop, hop_of_flow
+from libon_tsilo.b2bua.targets import best_flow, is_outbound, target_key
 from libon_tsilo.b2bua.states import (
     CallState,
     Connected,
@@ -133,7 +134,7 @@ class Call:
             remote_seq=invite.cseq.seq, route_set=invite.header_values("Record-Route"), local_tag=tag,
         ))
         self.branches: dict[str, BLeg] = {}  # by the branch's own Call-ID
-        self._by_key: dict[str, BLeg] = {}  # by binding key: one live branch per device
+        self._by_key: dict[str, BLeg] = {}  # by target_key: one live branch per device instance
         self.state: CallState = Forking()
         self.failures: list[int] = []
         self.winner: BLeg | None = None
@@ -141,7 +142,7 @@ class Call:
         self.park_d: Deferred[Any] | None = None
         self.wake_d: Deferred[Any] | None = None
         self.wake_result: WakeResult | None = None
-        self.woken: dict[str, Any] = {}  # pushed devices that have not registered since
+        self.woken: dict[str, Any] = {}  # pushed devices (by target_key) that have not registered since
         self._waker_used = False
         self._ring_timer: IDelayedCall | None = None
         self._late_ack: BLeg | None = None  # late-offer INVITE: the B-leg ACK waits for the caller's
@@ -176,7 +177,12 @@ class Call:
         """Fork to reachable bindings, wake the others, park if nothing could be sent."""
         self._ring_timer = self.clock.callLater(self.mgr.settings.ring_timeout, self._ring_timeout)
         sleeping = []
+        seen: set[str] = set()
         for b in bindings:
+            key = target_key(b)
+            if key in seen:
+                continue  # another flow of a device already handled: fork() picks its best flow
+            seen.add(key)
             if not getattr(b, "push_capable", False) or (self._flow_live(b) and self._awake(b)):
                 self.fork(b)
             else:
@@ -249,7 +255,7 @@ class Call:
 
     def wake(self, bindings: list[Any]) -> None:
         for b in bindings:
-            self.woken[b.key] = b
+            self.woken[target_key(b)] = b
         self._waker_used = True
         try:
             d = self.mgr.waker.wake(self, bindings)
@@ -301,15 +307,30 @@ class Call:
 
     # -- forking -------------------------------------------------------------------------------
 
-    def fork(self, binding: Any) -> bool:
-        """Send a branch INVITE to `binding`. False when it is a duplicate or over the limit."""
+    def fork(self, binding: Any, tried: tuple[str, ...] = ()) -> bool:
+        """Send a branch INVITE to `binding`. False when it is a duplicate or over the limit.
+
+        An RFC 5626 device (instance + reg-id) gets one branch whatever the number of its flows: it
+        goes over the most recently registered live flow not in `tried`; a flow that is down is
+        never reopened towards the device (§5.3: it is behind a NAT, only its own flow reaches it).
+        """
         if self.state.final or self.ended:
             return False
+        if is_outbound(binding):
+            found = self._best_flow(binding.instance, tried)
+            if found is None:
+                log.info("device {key}: no live flow left", key=redact_key(binding.key), call_id=self.call_id)
+                return False
+            binding = found
         flow_live = self._flow_live(binding)
         flow_id = binding.flow_id if flow_live else None
-        old = self._by_key.get(binding.key)
+        key = target_key(binding)
+        old = self._by_key.get(key)
         if old is not None:
-            if old.sent_contact == binding.contact_uri and old.sent_flow == flow_id:
+            if old.binding.key != binding.key:
+                if old.pending and old.sent_flow is not None and self.port.flow_live(old.sent_flow):
+                    return False  # another flow of a device already ringing on a live one
+            elif old.sent_contact == binding.contact_uri and old.sent_flow == flow_id:
                 return False
             # the device reconnected (new contact or connection): the old branch is dead weight
             log.info("device {key} reconnected: new branch", key=redact_key(binding.key),
@@ -326,13 +347,36 @@ class Call:
                      call_id=self.call_id)
             return False
         leg = self._new_branch(binding, hop, flow_id)
+        leg.tried = tried
         self.branches[leg.dialog.call_id] = leg
-        self._by_key[binding.key] = leg
-        self.woken.pop(binding.key, None)
+        self._by_key[key] = leg
+        self.woken.pop(key, None)
         self.mgr.register_leg(self, leg)
         self.state = Forking()
         self._send_branch(leg)
         return True
+
+    def _best_flow(self, instance: str, tried: tuple[str, ...]) -> Any | None:
+        location = self.mgr.location
+        if location is None:
+            return None
+        return best_flow(location.lookup(self.aor), instance, self._flow_live, tried)
+
+    def _fail_over(self, leg: BLeg, resp: Response) -> bool:
+        """A branch's flow failed (a local transport error or timeout, or 430 Flow Failed from an edge
+        proxy on its Path): send the same branch over the device's next flow, if it has one."""
+        if leg.cancelled or self.state.final or self.ended or not is_outbound(leg.binding):
+            return False
+        if not (resp.status == 430 or getattr(leg.ctx, "failed_locally", False)):
+            return False
+        tried = leg.tried + (leg.binding.key,)
+        if self._best_flow(leg.binding.instance, tried) is None:
+            return False
+        log.info("flow of {key} failed ({status}): trying the device's next flow",
+                 key=redact_key(leg.binding.key), status=resp.status, call_id=self.call_id)
+        leg.state = BranchState.FAILED
+        self.mgr.unregister_leg(leg)
+        return self.fork(leg.binding, tried)
 
     def _new_branch(self, binding: Any, hop: Hop, flow_id: str | None) -> BLeg:
         a = self.a.invite
@@ -394,6 +438,12 @@ class Call:
             leg.dialog.set_remote_from(resp)
             self.dispatch(ev.Answered(leg, resp))
         else:
+            if self._fail_over(leg, resp):
+                return
+            if getattr(leg.ctx, "failed_locally", False) or status == 430:
+                # RFC 3261 §8.1.3.1, RFC 5626 §5.3: our own failure to reach the device says only
+                # that it is unavailable; relayed as is it would read as a crash (503 -> 500)
+                resp = make_response(leg.invite, 480, "Temporarily Unavailable")
             leg.state = BranchState.FAILED
             self.mgr.unregister_leg(leg)
             self.dispatch(ev.Failed(leg, resp))
@@ -512,9 +562,10 @@ class Call:
     def late_binding_after_end(self, binding: Any) -> bool:
         """A pushed device registered after the caller got its answer: send it the INVITE and, at
         once, a CANCEL with the Reason (iOS PushKit must always get a call to report to CallKit)."""
-        if binding.key not in self.woken:
+        key = target_key(binding)
+        if key not in self.woken:
             return False
-        self.woken.pop(binding.key)
+        self.woken.pop(key)
         flow_live = self._flow_live(binding)
         hop = hop_for_binding(binding, flow_live)
         if hop is not None:

@@ -59,7 +59,7 @@ class BLeg:
 
     kind = "B"
     __slots__ = ("binding", "invite", "dialog", "created_at", "state", "ctx", "last_status", "last_reason",
-                 "cancel_reason", "cancelled", "sent_contact", "sent_flow", "acked", "ack_body")
+                 "cancel_reason", "cancelled", "sent_contact", "sent_flow", "acked", "ack_body", "tried")
 
     def __init__(self, binding: Any, invite: Request, dialog: Dialog, created_at: float) -> None:
         self.binding = binding
@@ -77,6 +77,8 @@ class BLeg:
         self.sent_flow: str | None = None
         self.acked = False
         self.ack_body: tuple[bytes, str | None] = (b"", None)  # a late-offer answer is resent with it
+        # binding keys of the device's flows this branch already failed on (RFC 5626 flow failover)
+        self.tried: tuple[str, ...] = ()
 
     @property
     def hop(self) -> Hop:

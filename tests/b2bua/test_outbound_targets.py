@@ -1,0 +1,105 @@
+"""RFC 5626 at the call layer: one branch per device instance, failover between its flows, and a
+local failure to reach a device read as "unavailable" (480), never as a crash (500)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from libon_tsilo.registrar.binding import Binding
+from tests.b2bua.helpers import AOR, Env, binding
+
+
+def flow_of(n: int, reg_id: int, registered_at: float, instance: str = "<urn:uuid:phone>") -> Binding:
+    """One flow (reg-id) of a device: its own connection, contact and registration time."""
+    b = binding(n)
+    return Binding(
+        aor=AOR, contact_uri=b.contact_uri, contact=b.contact, expires_at=b.expires_at,
+        registered_at=registered_at, call_id=b.call_id, cseq=1, instance=instance, reg_id=reg_id,
+        flow_id=b.flow_id, flow_live=True, received=b.received,
+    )
+
+
+def hops(env: Env) -> list[Any]:
+    return [ctx.hop.flow_id for ctx in env.port.invites()]
+
+
+def test_two_flows_of_one_instance_get_one_branch_over_the_newest() -> None:
+    env = Env()
+    env.location.add(flow_of(1, reg_id=1, registered_at=900.0))
+    env.location.add(flow_of(2, reg_id=2, registered_at=950.0))
+    _, stx = env.invite()
+    assert hops(env) == ["tcp:dev2#1"]
+    env.port.invites()[0].respond(200)
+    assert stx.statuses[-1] == 200
+
+
+def test_second_flow_registering_while_ringing_adds_no_branch() -> None:
+    env = Env()
+    env.location.add(flow_of(1, reg_id=1, registered_at=900.0))
+    env.invite()
+    env.register(flow_of(2, reg_id=2, registered_at=1_000.0))
+    assert hops(env) == ["tcp:dev1#1"]
+
+
+def test_a_dead_flow_is_skipped_for_the_live_one() -> None:
+    env = Env()
+    env.location.add(flow_of(1, reg_id=1, registered_at=900.0))
+    env.location.add(flow_of(2, reg_id=2, registered_at=950.0))
+    env.port.dead_flows.add("tcp:dev2#1")
+    env.invite()
+    assert hops(env) == ["tcp:dev1#1"]
+
+
+def test_branch_fails_over_to_the_next_flow_then_480() -> None:
+    env = Env()
+    env.location.add(flow_of(1, reg_id=1, registered_at=900.0))
+    env.location.add(flow_of(2, reg_id=2, registered_at=950.0))
+    _, stx = env.invite()
+    env.port.invites()[0].fail_locally(503)
+    assert hops(env) == ["tcp:dev2#1", "tcp:dev1#1"]
+    assert stx.statuses == []  # the caller saw nothing of the first flow's failure
+    env.port.invites()[1].respond(430)  # an edge proxy on the Path: Flow Failed
+    assert stx.statuses == [480]
+    env.assert_clean()
+
+
+def test_local_transport_failure_gives_the_caller_480_not_500() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    _, stx = env.invite()
+    env.port.invites()[0].fail_locally(503)
+    assert stx.statuses == [480]
+    env.assert_clean()
+
+
+def test_a_devices_own_503_is_still_500() -> None:
+    # RFC 3261 §16.7 step 6: a 503 from downstream is not passed on as such
+    env = Env()
+    env.location.add(binding(1))
+    _, stx = env.invite()
+    env.port.invites()[0].respond(503)
+    assert stx.statuses == [500]
+
+
+def test_local_failure_loses_to_a_real_answer_of_another_device() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    env.location.add(binding(2))
+    _, stx = env.invite()
+    a, b = env.port.invites()
+    a.fail_locally(503)
+    b.respond(486)
+    assert stx.statuses == [486]
+
+
+def test_a_sleeping_device_with_two_flows_is_pushed_once() -> None:
+    env = Env()
+    for n, reg_id in ((1, 1), (2, 2)):
+        b = flow_of(n, reg_id=reg_id, registered_at=900.0 + n)
+        b.pn_provider, b.pn_prid, b.pn_param = "apns", "token-1", "TEAM.com.example.voip"
+        b.flow_live = False
+        env.location.add(b)
+    env.invite()
+    (_, pushed, _), = env.waker.calls
+    assert len(pushed) == 1
+    assert env.port.invites() == []
