@@ -231,3 +231,14 @@ def test_rfc4475_intmeth_unknown_method_is_501():
 
 def test_rfc4475_mpart01_message_with_multipart_body_passes():
     assert core.answer(_load("mpart01")) is None
+
+
+def test_require_of_a_handlers_extension_passes_for_that_method_only() -> None:
+    from libon_tsilo.sip.router import Router
+
+    uas = UASCore()
+    Router(uas).route("REGISTER", lambda *a: None, extensions=("outbound", "path"))
+    register = _req("REGISTER", extra=("Require: outbound",))
+    assert uas.check_request(register) is None
+    options = uas.check_request(_req("OPTIONS", extra=("Require: outbound",)))
+    assert options is not None and options.status == 420
