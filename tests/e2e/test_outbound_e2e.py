@@ -139,3 +139,26 @@ def test_device_whose_connection_is_gone_gets_the_caller_480(servers):
         ack(caller, dialog, final)
     finally:
         caller.close()
+
+
+def test_stun_binding_request_on_the_sip_udp_port(servers):
+    # RFC 5626 §4.4.2 / §8.4: the keep-alive of a UDP outbound device, multiplexed on the SIP port
+    server = servers.start(config())
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind((HOST, 0))
+        sock.settimeout(5)
+        port = sock.getsockname()[1]
+        tid = uuid.uuid4().bytes[:12]
+        sock.sendto(bytes.fromhex("000100002112a442") + tid, (HOST, server.sip_port))
+        data, _ = sock.recvfrom(2048)
+        mapped = bytes([0, 1, (port >> 8) ^ 0x21, (port & 0xFF) ^ 0x12, 127 ^ 0x21, 0 ^ 0x12, 0 ^ 0xA4, 1 ^ 0x42])
+        assert data == bytes.fromhex("0101000c2112a442") + tid + bytes.fromhex("00200008") + mapped
+        # the server still speaks SIP on that port afterwards
+        client = SipClient(server, "udp")
+        try:
+            assert client.register("dave").status == 200
+        finally:
+            client.close()
+    finally:
+        sock.close()
