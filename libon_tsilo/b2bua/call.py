@@ -354,7 +354,18 @@ class Call:
         self.mgr.register_leg(self, leg)
         self.state = Forking()
         self._send_branch(leg)
+        if is_outbound(binding):
+            # the device can answer over this flow only: hear of its loss (branch_flow_lost)
+            self.mgr.watch_flow(self, flow_id, hop.transport)
         return True
+
+    def branch_flow_lost(self, flow_id: str) -> None:
+        """An outbound device's connection closed while its branch rang: no answer can come over it,
+        so the branch fails as Flow Failed (RFC 5626 §5.3) and moves to the device's next flow."""
+        for leg in list(self.branches.values()):
+            if leg.sent_flow == flow_id and leg.state in (BranchState.CALLING, BranchState.EARLY):
+                # its transaction still runs to timer B; branch_response ignores what it ends with
+                self.branch_response(leg, make_response(leg.invite, 430, "Flow Failed"))
 
     def _best_flow(self, instance: str, tried: tuple[str, ...]) -> Any | None:
         location = self.mgr.location
@@ -421,8 +432,8 @@ class Call:
     def branch_response(self, leg: BLeg, resp: Response) -> None:
         """Every response of a branch INVITE (from its client transaction or a stray 2xx)."""
         status = resp.status
-        if status == 100:
-            return
+        if status == 100 or leg.state == BranchState.FAILED:
+            return  # FAILED: e.g. the timeout of a branch whose flow was lost (branch_flow_lost)
         if status >= 200 and status < 300 and leg.state == BranchState.ANSWERED:
             # a retransmitted 2xx: our ACK got lost
             if leg.acked:

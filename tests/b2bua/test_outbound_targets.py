@@ -103,3 +103,23 @@ def test_a_sleeping_device_with_two_flows_is_pushed_once() -> None:
     (_, pushed, _), = env.waker.calls
     assert len(pushed) == 1
     assert env.port.invites() == []
+
+
+def test_flow_closing_while_ringing_moves_the_branch_then_480() -> None:
+    from types import SimpleNamespace
+
+    env = Env()
+    env.location.add(flow_of(1, reg_id=1, registered_at=900.0))
+    env.location.add(flow_of(2, reg_id=2, registered_at=950.0))
+    _, stx = env.invite()
+    first = env.port.invites()[0]
+    first.respond(180)
+    env.port.dead_flows.add("tcp:dev2#1")
+    env.mgr.flow_closed(SimpleNamespace(id="tcp:dev2#1"))
+    assert hops(env) == ["tcp:dev2#1", "tcp:dev1#1"]
+    first.fail_locally(408)  # its transaction's timer B, later: ignored, no third branch
+    assert hops(env) == ["tcp:dev2#1", "tcp:dev1#1"] and stx.statuses == [180]
+    env.port.dead_flows.add("tcp:dev1#1")
+    env.mgr.flow_closed(SimpleNamespace(id="tcp:dev1#1"))
+    assert stx.statuses == [180, 480]
+    env.assert_clean()
