@@ -316,7 +316,7 @@ class Call:
         """
         if self.state.final or self.ended:
             return False
-        if is_outbound(binding):
+        if binding.reg_id is not None and binding.instance:  # is_outbound(), inline: once per branch
             found = self._best_flow(binding.instance, tried)
             if found is None:
                 log.info("device {key}: no live flow left", key=redact_key(binding.key), call_id=self.call_id)

@@ -138,6 +138,8 @@ class CallManager:
         self.unregister_leg(call.a)
         for leg in call.branches.values():
             self.unregister_leg(leg)
+        if not self.flows:
+            return
         for leg in (call.a, call.winner, *call.branches.values()):  # branches: see Call.branch_flow_lost
             fid = leg.hop.flow_id if leg is not None else None
             ids = self.flows.get(fid) if fid is not None else None

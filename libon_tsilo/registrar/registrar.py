@@ -196,8 +196,6 @@ class Registrar:
             return self._ok(request, aor, now, outcome, flow)
 
         plans = [self._plan(request, aor, c, call_id, cseq, flow, now, outcome) for c in contacts]
-        if any(p.binding is not None and p.binding.reg_id is not None for p in plans):
-            self._check_first_hop(request)
         evict = self._apply_plan(plans, existing, call_id, cseq)
         for b in evict:
             self.store.remove(b, "replaced")
@@ -276,6 +274,8 @@ class Registrar:
             return _Plan(contact, 0, None, self._probe(aor, contact))
         q = self._q(contact)
         instance, reg_id = self._instance(contact)
+        if reg_id is not None:
+            self._check_first_hop(request)
         pn = parse_push_params(contact)
         pn_provider = pn_prid = pn_param = None
         if pn.present:

@@ -172,9 +172,11 @@ class UASCore:
     def _unsupported_requirements(self, req: Request) -> list[str]:
         if req.method == "CANCEL":
             return []  # RFC 3261 §8.2.2.3: Require is ignored on ACK and CANCEL
+        required = req.header_values("Require")
+        if not required:
+            return required
         extra = self.method_extensions.get(req.method, ())
-        return [tag for tag in req.header_values("Require")
-                if tag.lower() not in self.supported and tag.lower() not in extra]
+        return [tag for tag in required if tag.lower() not in self.supported and tag.lower() not in extra]
 
     def _check_invite_body(self, req: Request) -> Response | None:
         encodings = [e.lower() for e in req.header_values("Content-Encoding")]
