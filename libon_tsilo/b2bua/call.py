@@ -371,7 +371,13 @@ class Call:
         location = self.mgr.location
         if location is None:
             return None
-        return best_flow(location.lookup(self.aor), instance, self._flow_live, tried)
+        return best_flow(location.lookup(self.aor), instance, self._flow_usable, tried)
+
+    def _flow_usable(self, binding: Any) -> bool:
+        # a UDP flow is its address pair: it cannot close, only go quiet (the device's STUN keep-alives
+        # tell it, not us, when its NAT mapping changed; it then registers again)
+        received = binding.received
+        return (received is not None and received[0] == "udp") or self._flow_live(binding)
 
     def _fail_over(self, leg: BLeg, resp: Response) -> bool:
         """A branch's flow failed (a local transport error or timeout, or 430 Flow Failed from an edge

@@ -123,3 +123,14 @@ def test_flow_closing_while_ringing_moves_the_branch_then_480() -> None:
     env.mgr.flow_closed(SimpleNamespace(id="tcp:dev1#1"))
     assert stx.statuses == [180, 480]
     env.assert_clean()
+
+
+def test_a_udp_flow_idle_past_the_flow_table_is_still_its_address() -> None:
+    env = Env()
+    b = flow_of(1, reg_id=1, registered_at=900.0)
+    b.received, b.flow_id = ("udp", "10.0.0.2", 5080), "udp:dev1"
+    env.location.add(b)
+    env.port.dead_flows.add("udp:dev1")  # the UDP pseudo-flow expired from the flow table
+    env.invite()
+    (ctx,) = env.port.invites()
+    assert (ctx.hop.transport, ctx.hop.host, ctx.hop.port, ctx.hop.flow_id) == ("udp", "10.0.0.2", 5080, None)
