@@ -393,6 +393,7 @@ class Call:
                  key=redact_key(leg.binding.key), status=resp.status, call_id=self.call_id)
         leg.state = BranchState.FAILED
         self.mgr.unregister_leg(leg)
+        self.mgr.counters["flow_failovers"] += 1
         return self.fork(leg.binding, tried)
 
     def _new_branch(self, binding: Any, hop: Hop, flow_id: str | None) -> BLeg:

@@ -116,6 +116,7 @@ class CallManager:
         self.flows: dict[str, set[str]] = {}
         self.shutting_down = False
         self.counters: dict[str, int] = {"calls": 0, "answered": 0, "rejected": 0}
+        self.counters["flow_failovers"] = 0  # RFC 5626: branches moved to another flow of their device
 
     # -- tables --------------------------------------------------------------------------------
 

@@ -297,6 +297,7 @@ class TsiloCollector(Collector):
             ("calls", "INVITEs that became calls"),
             ("answered", "Calls answered"),
             ("rejected", "INVITEs rejected"),
+            ("flow_failovers", "Branches moved to another flow of their device (RFC 5626)"),
         ):
             if key in counters:
                 yield _counter(f"calls_{key}" if key != "calls" else "calls_started", doc, counters[key])

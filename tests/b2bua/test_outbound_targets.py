@@ -57,6 +57,7 @@ def test_branch_fails_over_to_the_next_flow_then_480() -> None:
     _, stx = env.invite()
     env.port.invites()[0].fail_locally(503)
     assert hops(env) == ["tcp:dev2#1", "tcp:dev1#1"]
+    assert env.mgr.counters["flow_failovers"] == 1
     assert stx.statuses == []  # the caller saw nothing of the first flow's failure
     env.port.invites()[1].respond(430)  # an edge proxy on the Path: Flow Failed
     assert stx.statuses == [480]
