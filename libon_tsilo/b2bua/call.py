@@ -439,8 +439,16 @@ class Call:
     def branch_response(self, leg: BLeg, resp: Response) -> None:
         """Every response of a branch INVITE (from its client transaction or a stray 2xx)."""
         status = resp.status
-        if status == 100 or leg.state == BranchState.FAILED:
-            return  # FAILED: e.g. the timeout of a branch whose flow was lost (branch_flow_lost)
+        if status == 100:
+            return
+        if leg.state == BranchState.FAILED:
+            # a branch given up while its transaction ran (branch_flow_lost): how that transaction ends
+            # is noise, but a device that answered anyway must not be left in a call nobody takes
+            if 200 <= status < 300:
+                leg.state = BranchState.ANSWERED
+                leg.dialog.set_remote_from(resp)
+                self.ack_and_bye(leg, resp)
+            return
         if status >= 200 and status < 300 and leg.state == BranchState.ANSWERED:
             # a retransmitted 2xx: our ACK got lost
             if leg.acked:

@@ -106,6 +106,23 @@ def test_a_sleeping_device_with_two_flows_is_pushed_once() -> None:
     assert env.port.invites() == []
 
 
+def test_a_lost_flows_branch_answered_anyway_is_acked_and_hung_up() -> None:
+    from types import SimpleNamespace
+
+    env = Env()
+    env.location.add(flow_of(1, reg_id=1, registered_at=900.0))
+    env.location.add(flow_of(2, reg_id=2, registered_at=950.0))
+    _, stx = env.invite()
+    first = env.port.invites()[0]
+    env.port.dead_flows.add("tcp:dev2#1")
+    env.mgr.flow_closed(SimpleNamespace(id="tcp:dev2#1"))
+    first.respond(200)  # over a new connection of its own
+    assert env.port.acks and env.port.last("BYE").request.call_id == first.request.call_id
+    assert stx.statuses == []  # the caller still waits for the branch on the live flow
+    env.port.invites()[1].respond(200)
+    assert stx.statuses == [200]
+
+
 def test_flow_closing_while_ringing_moves_the_branch_then_480() -> None:
     from types import SimpleNamespace
 
