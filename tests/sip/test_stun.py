@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from libon_tsilo.sip.stun import answer, binding_response, looks_like_stun
+from libon_tsilo.sip.stun import answer, binding_response
 
 TID = bytes.fromhex("b7e7a701bc34d686fa87dfae")  # RFC 5769 §2's transaction ID
 
@@ -59,11 +59,6 @@ def test_minimal_keepalive_request() -> None:
 )
 def test_anything_else_is_dropped(data: bytes) -> None:
     assert binding_response(data, ("192.0.2.1", 32853)) is None
-
-
-def test_first_byte_tells_stun_from_sip() -> None:
-    assert looks_like_stun(SAMPLE_REQUEST) and looks_like_stun(b"\x01\x01")
-    assert not looks_like_stun(b"REGISTER sip:example.com SIP/2.0") and not looks_like_stun(b"")
 
 
 def test_answer_sends_on_the_flow_and_survives_a_send_error() -> None:
