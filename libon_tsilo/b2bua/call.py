@@ -328,14 +328,16 @@ class Call:
         old = self._by_key.get(key)
         if old is not None:
             if old.binding.key != binding.key:
-                if old.pending and old.sent_flow is not None and self.port.flow_live(old.sent_flow):
-                    return False  # another flow of a device already ringing on a live one
+                # another flow of a device whose branch still rings over a flow that can carry the answer
+                if old.pending and (old.hop.transport == "udp" or self.port.flow_live(old.sent_flow)):
+                    return False
             elif old.sent_contact == binding.contact_uri and old.sent_flow == flow_id:
                 return False
-            # the device reconnected (new contact or connection): the old branch is dead weight
-            log.info("device {key} reconnected: new branch", key=redact_key(binding.key),
-                     call_id=self.call_id)
-            old.cancel(None)
+            if old.pending:
+                # the device reconnected (new contact or connection): the old branch is dead weight
+                log.info("device {key} reconnected: new branch", key=redact_key(binding.key),
+                         call_id=self.call_id)
+                old.cancel(None)
         if len(self.branches) >= self.mgr.settings.max_branches:
             log.warn("max_branches ({n}) reached, not forking to {contact}",
                      n=self.mgr.settings.max_branches, contact=redact_uri(binding.contact_uri),
