@@ -162,3 +162,30 @@ def test_stun_binding_request_on_the_sip_udp_port(servers):
             client.close()
     finally:
         sock.close()
+
+
+def test_flow_closing_while_ringing_moves_the_branch_to_the_other_flow(servers):
+    server = servers.start(config())
+    flows = {reg_id: SipClient(server, "tcp") for reg_id in (1, 2)}
+    caller = SipClient(server, "udp")
+    try:
+        for reg_id, client in flows.items():
+            reply = client.register("dave", contact=ob_contact(client, reg_id), extra=["Supported: outbound"])
+            assert reply.status == 200, reply.raw
+        dialog = send_invite(caller, server, "dave")
+        first = flows[2].receive(timeout=5)
+        assert isinstance(first, Request) and first.method == "INVITE", first.raw
+        flows[2].close()  # the phone leaves Wi-Fi while it rings
+        second = flows[1].receive(timeout=5)
+        assert isinstance(second, Request) and second.method == "INVITE", second.raw
+        assert second.first("Call-ID") != first.first("Call-ID")
+        flows[1].send(_respond(second, 486, "Busy Here", "devtag"))
+        final = final_reply(caller)
+        assert final.status == 486, final.raw
+        ack(caller, dialog, final)
+        wait_for(lambda: admin_rpc(server, "stats")["calls"]["calls"] == 0)
+        assert admin_rpc(server, "stats")["calls"]["total_flow_failovers"] == 1
+    finally:
+        for client in flows.values():
+            client.close()
+        caller.close()
