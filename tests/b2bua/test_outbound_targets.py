@@ -152,3 +152,12 @@ def test_a_udp_flow_idle_past_the_flow_table_is_still_its_address() -> None:
     env.invite()
     (ctx,) = env.port.invites()
     assert (ctx.hop.transport, ctx.hop.host, ctx.hop.port, ctx.hop.flow_id) == ("udp", "10.0.0.2", 5080, None)
+
+
+def test_ts_append_to_counts_one_branch_per_instance() -> None:
+    env = Env()
+    _, stx = env.invite()  # nothing registered: parked
+    env.location.add(flow_of(1, reg_id=1, registered_at=1_000.0))
+    env.location.add(flow_of(2, reg_id=2, registered_at=1_001.0))
+    assert env.silo.append_to("call-1@10.0.0.1", AOR) == 1
+    assert hops(env) == ["tcp:dev2#1"] and env.silo.stats()["added_branches"] == 1
