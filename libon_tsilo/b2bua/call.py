@@ -183,6 +183,8 @@ class Call:
             if key in seen:
                 continue  # another flow of a device already handled: fork() picks its best flow
             seen.add(key)
+            if b.reg_id is not None and b.instance:  # its live flow, if it has one, decides: fork or push
+                b = self._best_flow(b.instance, ()) or b
             if not getattr(b, "push_capable", False) or (self._flow_live(b) and self._awake(b)):
                 self.fork(b)
             else:

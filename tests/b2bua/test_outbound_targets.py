@@ -161,3 +161,16 @@ def test_ts_append_to_counts_one_branch_per_instance() -> None:
     env.location.add(flow_of(2, reg_id=2, registered_at=1_001.0))
     assert env.silo.append_to("call-1@10.0.0.1", AOR) == 1
     assert hops(env) == ["tcp:dev2#1"] and env.silo.stats()["added_branches"] == 1
+
+
+def test_a_device_with_one_live_flow_among_its_push_bindings_is_forked_not_pushed() -> None:
+    env = Env()
+    for n, live in ((1, True), (2, False)):  # the newest flow is the dead one
+        b = flow_of(n, reg_id=n, registered_at=900.0 + n)
+        b.pn_provider, b.pn_prid, b.pn_param = "apns", "token-1", "TEAM.com.example.voip"
+        b.flow_live = live
+        env.location.add(b)
+    env.port.dead_flows.add("tcp:dev2#1")
+    env.location.bindings[AOR].reverse()  # lookup order: the newest (dead) one first
+    env.invite()
+    assert hops(env) == ["tcp:dev1#1"] and env.waker.calls == []
