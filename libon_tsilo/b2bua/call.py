@@ -28,6 +28,7 @@ from libon_tsilo.b2bua.identity import (
 )
 from libon_tsilo.b2bua.legs import ALeg, BLeg, BranchState
 from libon_tsilo.b2bua.ports import Hop, hop_of_flow
+from libon_tsilo.b2bua.targets import best_flow, is_outbound, target_key
 from libon_tsilo.b2bua.states import (
     CallState,
     Connected,
@@ -144,7 +145,7 @@ class Call:
         ))
         # by (Call-ID, our tag): a device that reconnects gets a second branch with the same Call-ID
         self.branches: dict[tuple[str, str], BLeg] = {}
-        self._by_key: dict[str, BLeg] = {}  # by binding key: one live branch per device
+        self._by_key: dict[str, BLeg] = {}  # by target_key: one live branch per device instance
         self.state: CallState = Forking()
         self.failures: list[int] = []
         self.winner: BLeg | None = None
@@ -152,7 +153,7 @@ class Call:
         self.park_d: Deferred[Any] | None = None
         self.wake_d: Deferred[Any] | None = None
         self.wake_result: WakeResult | None = None
-        self.woken: dict[str, Any] = {}  # pushed devices that have not registered since
+        self.woken: dict[str, Any] = {}  # pushed devices (by target_key) that have not registered since
         self._waker_used = False
         self._ring_timer: IDelayedCall | None = None
         self._late_ack: BLeg | None = None  # late-offer INVITE: the B-leg ACK waits for the caller's
@@ -204,7 +205,14 @@ class Call:
         """Fork to reachable bindings, wake the others, park if nothing could be sent."""
         self._ring_timer = self.clock.callLater(self.mgr.settings.ring_timeout, self._ring_timeout)
         sleeping = []
+        seen: set[str] = set()
         for b in bindings:
+            key = target_key(b)
+            if key in seen:
+                continue  # another flow of a device already handled: fork() picks its best flow
+            seen.add(key)
+            if b.reg_id is not None and b.instance:  # its live flow, if it has one, decides: fork or push
+                b = self._best_flow(b.instance, ()) or b
             if not getattr(b, "push_capable", False) or (self._flow_live(b) and self._awake(b)):
                 self.fork(b)
             else:
@@ -277,7 +285,7 @@ class Call:
 
     def wake(self, bindings: list[Any]) -> None:
         for b in bindings:
-            self.woken[b.key] = b
+            self.woken[target_key(b)] = b
         self._waker_used = True
         try:
             d = self.mgr.waker.wake(self, bindings)
@@ -329,20 +337,37 @@ class Call:
 
     # -- forking -------------------------------------------------------------------------------
 
-    def fork(self, binding: Any) -> bool:
-        """Send a branch INVITE to `binding`. False when it is a duplicate or over the limit."""
+    def fork(self, binding: Any, tried: tuple[str, ...] = ()) -> bool:
+        """Send a branch INVITE to `binding`. False when it is a duplicate or over the limit.
+
+        An RFC 5626 device (instance + reg-id) gets one branch whatever the number of its flows: it
+        goes over the most recently registered live flow not in `tried`; a flow that is down is
+        never reopened towards the device (§5.3: it is behind a NAT, only its own flow reaches it).
+        """
         if self.state.final or self.ended:
             return False
+        if binding.reg_id is not None and binding.instance:  # is_outbound(), inline: once per branch
+            found = self._best_flow(binding.instance, tried)
+            if found is None:
+                log.info("device {key}: no live flow left", key=redact_key(binding.key), call_id=self.call_id)
+                return False
+            binding = found
         flow_live = self._flow_live(binding)
         flow_id = binding.flow_id if flow_live else None
-        old = self._by_key.get(binding.key)
+        key = target_key(binding)
+        old = self._by_key.get(key)
         if old is not None:
-            if old.sent_contact == binding.contact_uri and old.sent_flow == flow_id:
+            if old.binding.key != binding.key:
+                # another flow of a device whose branch still rings over a flow that can carry the answer
+                if old.pending and (old.hop.transport == "udp" or self.port.flow_live(old.sent_flow)):
+                    return False
+            elif old.sent_contact == binding.contact_uri and old.sent_flow == flow_id:
                 return False
-            # the device reconnected (new contact or connection): the old branch is dead weight
-            log.info("device {key} reconnected: new branch", key=redact_key(binding.key),
-                     call_id=self.call_id)
-            old.cancel(None)
+            if old.pending:
+                # the device reconnected (new contact or connection): the old branch is dead weight
+                log.info("device {key} reconnected: new branch", key=redact_key(binding.key),
+                         call_id=self.call_id)
+                old.cancel(None)
         if len(self.branches) >= self.mgr.settings.max_branches:
             log.warn("max_branches ({n}) reached, not forking to {contact}",
                      n=self.mgr.settings.max_branches, contact=redact_uri(binding.contact_uri),
@@ -354,13 +379,54 @@ class Call:
                      call_id=self.call_id)
             return False
         leg = self._new_branch(binding, hop, flow_id)
+        leg.tried = tried
         self.branches[leg.dialog.key] = leg
-        self._by_key[binding.key] = leg
-        self.woken.pop(binding.key, None)
+        self._by_key[key] = leg
+        self.woken.pop(key, None)
         self.mgr.register_leg(self, leg)
         self.state = Forking()
         self._send_branch(leg)
+        if is_outbound(binding):
+            # the device can answer over this flow only: hear of its loss (branch_flow_lost)
+            self.mgr.watch_flow(self, flow_id, hop.transport)
         return True
+
+    def branch_flow_lost(self, flow_id: str) -> None:
+        """An outbound device's connection closed while its branch rang: no answer can come over it,
+        so the branch fails as Flow Failed (RFC 5626 §5.3) and moves to the device's next flow."""
+        for leg in list(self.branches.values()):
+            if leg.sent_flow == flow_id and leg.state in (BranchState.CALLING, BranchState.EARLY):
+                # its transaction still runs to timer B; branch_response ignores what it ends with
+                self.branch_response(leg, make_response(leg.invite, 430, "Flow Failed"))
+
+    def _best_flow(self, instance: str, tried: tuple[str, ...]) -> Any | None:
+        location = self.mgr.location
+        if location is None:
+            return None
+        return best_flow(location.lookup(self.aor), instance, self._flow_usable, tried)
+
+    def _flow_usable(self, binding: Any) -> bool:
+        # a UDP flow is its address pair: it cannot close, only go quiet (the device's STUN keep-alives
+        # tell it, not us, when its NAT mapping changed; it then registers again)
+        received = binding.received
+        return (received is not None and received[0] == "udp") or self._flow_live(binding)
+
+    def _fail_over(self, leg: BLeg, resp: Response) -> bool:
+        """A branch's flow failed (a local transport error or timeout, or 430 Flow Failed from an edge
+        proxy on its Path): send the same branch over the device's next flow, if it has one."""
+        if leg.cancelled or self.state.final or self.ended or not is_outbound(leg.binding):
+            return False
+        if not (resp.status == 430 or getattr(leg.ctx, "failed_locally", False)):
+            return False
+        tried = leg.tried + (leg.binding.key,)
+        if self._best_flow(leg.binding.instance, tried) is None:
+            return False
+        log.info("flow of {key} failed ({status}): trying the device's next flow",
+                 key=redact_key(leg.binding.key), status=resp.status, call_id=self.call_id)
+        leg.state = BranchState.FAILED
+        self.mgr.unregister_leg(leg)
+        self.mgr.counters["flow_failovers"] += 1
+        return self.fork(leg.binding, tried)
 
     def _new_branch(self, binding: Any, hop: Hop, flow_id: str | None) -> BLeg:
         a = self.a.invite
@@ -409,6 +475,14 @@ class Call:
         status = resp.status
         if status == 100:
             return
+        if leg.state == BranchState.FAILED:
+            # a branch given up while its transaction ran (branch_flow_lost): how that transaction ends
+            # is noise, but a device that answered anyway must not be left in a call nobody takes
+            if 200 <= status < 300:
+                leg.state = BranchState.ANSWERED
+                leg.dialog.set_remote_from(resp)
+                self.ack_and_bye(leg, resp)
+            return
         if status == 422 and session_timer.retry_branch(self, leg, resp):
             self._send_branch(leg)  # RFC 4028 §7.3: again, with the interval it asked for
             return
@@ -427,6 +501,12 @@ class Call:
             leg.dialog.set_remote_from(resp)
             self.dispatch(ev.Answered(leg, resp))
         else:
+            if self._fail_over(leg, resp):
+                return
+            if getattr(leg.ctx, "failed_locally", False) or status == 430:
+                # RFC 3261 §8.1.3.1, RFC 5626 §5.3: our own failure to reach the device says only
+                # that it is unavailable; relayed as is it would read as a crash (503 -> 500)
+                resp = make_response(leg.invite, 480, "Temporarily Unavailable")
             leg.state = BranchState.FAILED
             self.mgr.unregister_leg(leg)
             self.dispatch(ev.Failed(leg, resp))
@@ -547,9 +627,10 @@ class Call:
     def late_binding_after_end(self, binding: Any) -> bool:
         """A pushed device registered after the caller got its answer: send it the INVITE and, at
         once, a CANCEL with the Reason (iOS PushKit must always get a call to report to CallKit)."""
-        if binding.key not in self.woken:
+        key = target_key(binding)
+        if key not in self.woken:
             return False
-        self.woken.pop(binding.key)
+        self.woken.pop(key)
         flow_live = self._flow_live(binding)
         hop = hop_for_binding(binding, flow_live)
         if hop is not None:

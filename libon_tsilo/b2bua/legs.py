@@ -59,7 +59,8 @@ class BLeg:
 
     kind = "B"
     __slots__ = ("binding", "invite", "dialog", "created_at", "state", "ctx", "last_status", "last_reason",
-                 "cancel_reason", "cancelled", "sent_contact", "sent_flow", "acked", "ack_body", "asked_se")
+                 "cancel_reason", "cancelled", "sent_contact", "sent_flow", "acked", "ack_body", "asked_se",
+                 "tried")
 
     def __init__(self, binding: Any, invite: Request, dialog: Dialog, created_at: float) -> None:
         self.binding = binding
@@ -78,6 +79,8 @@ class BLeg:
         self.acked = False
         self.ack_body: tuple[bytes, str | None] = (b"", None)  # a late-offer answer is resent with it
         self.asked_se: int | None = None  # Session-Expires asked after a 422 (RFC 4028), else the config's
+        # binding keys of the device's flows this branch already failed on (RFC 5626 flow failover)
+        self.tried: tuple[str, ...] = ()
 
     @property
     def hop(self) -> Hop:

@@ -147,6 +147,7 @@ class CallManager:
         limits = ("parked_per_source", "parked_total", "unknown_user", "unreachable_user")
         self.limit_counters = dict.fromkeys(limits, 0)
         self._limit_logs = {name: ThrottledLog(clock) for name in self.limit_counters}
+        self.counters["flow_failovers"] = 0  # RFC 5626: branches moved to another flow of their device
 
     # -- tables --------------------------------------------------------------------------------
 
@@ -170,7 +171,9 @@ class CallManager:
         self.unregister_leg(call.a)
         for leg in call.branches.values():
             self.unregister_leg(leg)
-        for leg in (call.a, call.winner):
+        if not self.flows:
+            return
+        for leg in (call.a, call.winner, *call.branches.values()):  # branches: see Call.branch_flow_lost
             fid = leg.hop.flow_id if leg is not None else None
             ids = self.flows.get(fid) if fid is not None else None
             if ids is not None:

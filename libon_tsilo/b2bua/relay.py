@@ -198,6 +198,8 @@ def flow_lost(call: Call, flow_id: str) -> None:
     if not call.state.final:
         if call.a.hop.flow_id == flow_id:
             call.finish_unanswered(487, "Request Terminated", None, "caller's connection closed", None)
+        else:
+            call.branch_flow_lost(flow_id)
         return
     for leg in (call.a, call.winner):
         if leg is not None and leg.hop.flow_id == flow_id:

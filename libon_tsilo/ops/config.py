@@ -290,6 +290,8 @@ class RegistrarConfig:
     max_contacts: int = _opt(10, _int_range(1))
     on_max_contacts: str = _opt("reject", _one_of("reject", "replace_oldest"))
     pnsreg_interval: int = _opt(130, _positive)
+    # RFC 5626 Flow-Timer (seconds) for outbound devices on TCP/TLS; 0: not sent
+    flow_timer: int = _opt(120, _int_range(0))
 
 
 @dataclass(frozen=True)
@@ -572,6 +574,15 @@ def _check_registrar(reg: RegistrarConfig) -> None:
         )
 
 
+def _check_flow_timer(cfg: Config) -> None:
+    # a device keeps its flow alive within Flow-Timer: we must not close it as idle before that
+    if cfg.registrar.flow_timer >= cfg.sip.flow_idle_timeout:
+        raise ConfigError(
+            "registrar.flow_timer",
+            f"must be < sip.flow_idle_timeout ({cfg.sip.flow_idle_timeout}), got {cfg.registrar.flow_timer}",
+        )
+
+
 def _check_apns(i: int, apns: ApnsConfig) -> None:
     key = f"push.apns[{i}]"
     if not apns.bundle_id:
@@ -629,6 +640,7 @@ def _validate(cfg: Config) -> None:
     _check_session_timers(cfg.calls)
     _check_tls(cfg)
     _check_registrar(cfg.registrar)
+    _check_flow_timer(cfg)
     _check_push(cfg.push)
     _check_manhole(cfg.manhole)
 

@@ -301,6 +301,7 @@ class TsiloCollector(Collector):
             # RFC 4028: a leg stopped refreshing (or our refresh got 408/481); [calls] max_call_duration
             ("session_expired", "Answered calls ended because a session timer expired"),
             ("duration_limit", "Answered calls ended at calls.max_call_duration"),
+            ("flow_failovers", "Branches moved to another flow of their device (RFC 5626)"),
         ):
             if key in counters:
                 yield _counter(f"calls_{key}" if key != "calls" else "calls_started", doc, counters[key])

@@ -313,6 +313,7 @@ def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
         min_expires=reg.min_expires, max_expires=reg.max_expires, default_expires=reg.default_expires,
         max_contacts=reg.max_contacts, on_max_contacts=reg.on_max_contacts,
         pnsreg_interval=reg.pnsreg_interval, push_providers=cfg.push.providers,
+        flow_timer=reg.flow_timer,
     )
     if parts.transport is not None:
         parts.transport.flows.subscribe_close(parts.registrar.flow_closed)
@@ -462,7 +463,7 @@ def _add_router(root: LibonTsiloService, parts: Parts) -> None:
     parts.router = Router(UASCore(server=parts.config.sip.user_agent))
     parts.transactions.tu = parts.router
     if parts.registrar is not None:
-        parts.router.route("REGISTER", parts.registrar.handle_register)
+        parts.router.route("REGISTER", parts.registrar.handle_register, parts.registrar.extensions)
     calls = parts.b2bua
     if calls is not None:
         parts.router.route("INVITE", calls.handle_invite)

@@ -95,6 +95,9 @@ class _Outcome:
 
 
 class Registrar:
+    # option tags a REGISTER may Require (the router lets them past the UAS core's 420)
+    extensions = SUPPORTED_EXTENSIONS
+
     def __init__(
         self,
         clock: IReactorTime,
@@ -109,6 +112,7 @@ class Registrar:
         on_max_contacts: str = "reject",
         pnsreg_interval: int = 130,
         push_providers: Iterable[str] = (),
+        flow_timer: int = 120,
     ) -> None:
         if on_max_contacts not in ("reject", "replace_oldest"):
             raise ValueError(f"on_max_contacts: unknown mode {on_max_contacts!r}")
@@ -125,6 +129,9 @@ class Registrar:
         self.on_max_contacts = on_max_contacts
         self.pnsreg_interval = pnsreg_interval
         self.push_providers = tuple(p.lower() for p in push_providers)
+        # RFC 5626 §4.4.1: seconds within which an outbound device must send a keep-alive on a
+        # TCP/TLS flow (0: no Flow-Timer; the device then uses its default)
+        self.flow_timer = flow_timer
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -186,7 +193,7 @@ class Registrar:
             for b in existing:
                 self.store.remove(b, "unregistered")
             log.info("REGISTER {aor}: all bindings removed", aor=aor, call_id=call_id)
-            return self._ok(request, aor, now, outcome)
+            return self._ok(request, aor, now, outcome, flow)
 
         plans = [self._plan(request, aor, c, call_id, cseq, flow, now, outcome) for c in contacts]
         evict = self._apply_plan(plans, existing, call_id, cseq)
@@ -207,7 +214,7 @@ class Registrar:
                 total=len(self.store.lookup(aor)),
                 call_id=call_id,
             )
-        return self._ok(request, aor, now, outcome)
+        return self._ok(request, aor, now, outcome, flow)
 
     def _aor(self, to_uri: URI) -> str:
         if to_uri.scheme not in ("sip", "sips") or isinstance(to_uri, TelURI):
@@ -224,6 +231,23 @@ class Registrar:
         unknown = sorted(required - SUPPORTED_EXTENSIONS)
         if unknown:
             raise _Reject(420, "Bad Extension", [("Unsupported", ", ".join(unknown))])
+
+    @staticmethod
+    def _check_first_hop(request: Request) -> None:
+        """RFC 5626 §6: a device asking for outbound flows must have reached us directly (we are its
+        edge proxy) or through an edge proxy that said, with ``ob`` on its Path, that it keeps them."""
+        if not {"outbound"} & _option_tags(request, "Supported", "Require"):
+            return  # an RFC 3261 device: reg-id is just part of the binding's identity
+        if len(request.vias) == 1:
+            return
+        paths = request.header_values("Path")
+        if paths:
+            try:
+                if "ob" in NameAddr.parse(paths[0]).uri.params:
+                    return
+            except ParseError:
+                pass
+        raise _Reject(439, "First Hop Lacks Outbound Support")
 
     @staticmethod
     def _check_order(b: Binding, call_id: str, cseq: int) -> None:
@@ -250,6 +274,8 @@ class Registrar:
             return _Plan(contact, 0, None, self._probe(aor, contact))
         q = self._q(contact)
         instance, reg_id = self._instance(contact)
+        if reg_id is not None:
+            self._check_first_hop(request)
         pn = parse_push_params(contact)
         pn_provider = pn_prid = pn_param = None
         if pn.present:
@@ -427,7 +453,7 @@ class Registrar:
 
     # -- the answer -----------------------------------------------------------------------------
 
-    def _ok(self, request: Request, aor: str, now: float, outcome: _Outcome) -> Response:
+    def _ok(self, request: Request, aor: str, now: float, outcome: _Outcome, flow: Flow | None) -> Response:
         resp = make_response(request, 200, to_tag=new_tag())
         for b in self.store.lookup(aor):
             resp.add_header("Contact", b.contact_header(now))
@@ -436,8 +462,11 @@ class Registrar:
         if "path" in supported:
             for p in request.header_values("Path"):
                 resp.add_header("Path", p)
-        if outcome.outbound and "outbound" in supported:
+        if outcome.outbound and "outbound" in supported | _option_tags(request, "Require"):
             resp.add_header("Require", "outbound")
+            # UDP flows are kept by STUN keep-alives at the device's own default interval (§4.4.2)
+            if self.flow_timer and flow is not None and flow.key.transport in ("tcp", "tls"):
+                resp.add_header("Flow-Timer", str(self.flow_timer))
         for cap in outcome.caps:
             resp.add_header("Feature-Caps", cap)
         return resp
@@ -453,6 +482,10 @@ def _sip_date(now: float) -> str:
     if _last_date[0] != second:
         _last_date = (second, email.utils.formatdate(second, usegmt=True))
     return _last_date[1]
+
+
+def _option_tags(request: Request, *headers: str) -> set[str]:
+    return {v.strip().lower() for name in headers for v in request.header_values(name)}
 
 
 def _uri_params(b: Binding) -> dict[str, str | None]:

@@ -7,7 +7,7 @@ first goes through the UAS core's RFC 3261 §8.2 checks; what nobody handles get
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.logger import Logger
@@ -41,8 +41,11 @@ class Router:
         self.refuse_new: Callable[[Request], Response | None] | None = None
         self.counters: dict[str, int] = {}
 
-    def route(self, method: str, handler: RequestHandler) -> None:
+    def route(self, method: str, handler: RequestHandler, extensions: Iterable[str] = ()) -> None:
+        """Send ``method`` requests to ``handler``; ``extensions``: option tags it implements."""
         self.handlers[method] = handler
+        if extensions:
+            self.uas.add_extensions(method, extensions)
 
     # -- TransactionUser --------------------------------------------------------------------------
 

@@ -62,7 +62,7 @@ class ClientTransaction(TransactionBase):
     Timeouts and transport failures reach ``on_response`` as locally generated 408 / 503 responses.
     """
 
-    __slots__ = ("request", "target", "flow", "on_response", "_interval")
+    __slots__ = ("request", "target", "flow", "on_response", "_interval", "failed_locally")
 
     def __init__(
         self,
@@ -80,6 +80,9 @@ class ClientTransaction(TransactionBase):
         # None once detach()ed: the layer then takes a 2xx down its stray-response path
         self.on_response: ResponseCallback | None = on_response
         self.reliable = self._reliable_now()
+        # the final response was made here (timeout, transport error), not by the peer: a TU that
+        # chooses among responses (a forking B2BUA) must not relay it as the peer's own
+        self.failed_locally = False
 
     @property
     def method(self) -> str:
@@ -121,6 +124,7 @@ class ClientTransaction(TransactionBase):
                         call_id=_call_id(resp))
 
     def _fail(self, status: int, reason: str) -> None:
+        self.failed_locally = True
         self.terminate()
         self._deliver(make_response(self.request, status, reason))
 

@@ -58,6 +58,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from libon_tsilo.sip.errors import ParseError
+from libon_tsilo.sip import stun
 from libon_tsilo.sip.flow import Flow, FlowKey, FlowTable
 from libon_tsilo.sip.framing import StreamFramer
 from libon_tsilo.sip.listen import (
@@ -412,6 +413,9 @@ class TransportLayer(Service):
         flow = self._udp_flow(proto, (_norm_host(addr[0]), addr[1]))
         if data[:1] == b"\r" and not data.strip(b"\r\n"):
             return  # CRLF keep-alive over UDP: refreshing the flow is all it asks for
+        if data[:1] < b"\x02":  # 0x00/0x01: STUN keep-alive (RFC 5626 §8.4); SIP starts with a letter
+            stun.answer(data, flow)
+            return
         self._inbound(data, flow, stream=False)
 
     def _udp_flow(self, proto: _UDPProtocol, remote: HostPort) -> Flow:

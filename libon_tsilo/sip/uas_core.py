@@ -75,6 +75,15 @@ class UASCore:
         self.allow = tuple(allow)
         self.supported = tuple(tag.lower() for tag in supported)
         self.server = server
+        # option tags only one method's handler implements (the registrar's "outbound"): a
+        # Require of them is fine for that method and still a 420 for the others
+        self.method_extensions: dict[str, frozenset[str]] = {}
+
+    def add_extensions(self, method: str, tags: Iterable[str]) -> None:
+        """Accept ``Require: <tag>`` on ``method`` requests (its handler implements the extension)."""
+        self.method_extensions[method] = self.method_extensions.get(method, frozenset()) | {
+            t.lower() for t in tags
+        }
 
     # -- responses --------------------------------------------------------------------------------
 
@@ -164,7 +173,11 @@ class UASCore:
     def _unsupported_requirements(self, req: Request) -> list[str]:
         if req.method == "CANCEL":
             return []  # RFC 3261 §8.2.2.3: Require is ignored on ACK and CANCEL
-        return [tag for tag in req.header_values("Require") if tag.lower() not in self.supported]
+        required = req.header_values("Require")
+        if not required:
+            return required
+        extra = self.method_extensions.get(req.method, ())
+        return [tag for tag in required if tag.lower() not in self.supported and tag.lower() not in extra]
 
     def _check_invite_body(self, req: Request) -> Response | None:
         encodings = [e.lower() for e in req.header_values("Content-Encoding")]

@@ -130,6 +130,7 @@ class FakeCtx:
     cancelled: bool = False
     cancel_headers: list[tuple[str, str]] = field(default_factory=list)
     detached: bool = False
+    failed_locally: bool = False
 
     def cancel(self, extra_headers: Any = (), on_response: Any = None) -> None:
         self.cancelled = True
@@ -142,6 +143,11 @@ class FakeCtx:
         resp = reply(self.request, status, **kw)
         self.on_response(resp)
         return resp
+
+    def fail_locally(self, status: int = 503) -> None:
+        """What the client transaction does on a transport error (503) or timeout (408)."""
+        self.failed_locally = True
+        self.on_response(make_response(self.request, status, None))
 
     @property
     def reason(self) -> str | None:

@@ -169,3 +169,22 @@ def test_ring_timeout_over_the_real_transaction_layer() -> None:
     assert cancel.header("Reason") == 'SIP;cause=480;text="Ring timeout"'
     # the device never answers the CANCEL: the client transaction gives up by itself
     assert_idle(clock, layer, mgr)
+
+
+def test_device_unreachable_gives_the_caller_480_over_the_real_transaction_layer() -> None:
+    # the device's connection is gone and a new one cannot be opened: the client transaction makes
+    # a local 503 (RFC 3261 §8.1.3.1), which the caller must not see as a 500 "server crashed"
+    from libon_tsilo.sip.transport import TransportError
+
+    clock, transport, layer, mgr, caller, device = setup()
+
+    def refuse(req: Request, target: Any, flow: Any = None) -> Any:
+        if req.method == "INVITE" and target.host == "10.0.0.2":
+            raise TransportError("connection refused")
+        return RecordingTransport.send_request(transport, req, target, flow)
+
+    transport.send_request = refuse  # type: ignore[method-assign]
+    layer.inbound(caller_invite(), caller)
+    clock.advance(0)
+    assert transport.statuses() == [100, 480]
+    assert_idle(clock, layer, mgr)

@@ -47,6 +47,7 @@ def test_defaults_are_loopback_and_documented():
     assert cfg.sip.max_message_size == 65535
     assert cfg.registrar.on_max_contacts == "reject"
     assert cfg.registrar.pnsreg_interval == 130
+    assert cfg.registrar.flow_timer == 120
     assert cfg.auth.algorithms == ("MD5",)  # what libre and SIPp can answer (issue 12 item 2)
     assert cfg.location.backend == "sqlite"
     assert cfg.calls.ring_timeout == 30
@@ -200,6 +201,8 @@ def test_parse_listen():
         ),
         ({"registrar": {"min_expires": 600, "max_expires": 60}}, "registrar.max_expires: must be >= registrar.min_expires (600)"),
         ({"registrar": {"default_expires": 10}}, "registrar.default_expires: must be between registrar.min_expires (60) and max_expires (3600)"),
+        ({"registrar": {"flow_timer": -1}}, "registrar.flow_timer: must be >= 0, got -1"),
+        ({"registrar": {"flow_timer": 600}, "sip": {"flow_idle_timeout": 300}}, "registrar.flow_timer: must be < sip.flow_idle_timeout (300), got 600"),
         ({"auth": {"trusted_sources": ["10.0.0.0/8", "10.0.0.0/33"]}}, 'auth.trusted_sources[1]: "10.0.0.0/33" is not an IP network (CIDR)'),
         ({"auth": {"algorithms": ["SHA-512"]}}, 'auth.algorithms[0]: unknown algorithm "SHA-512" (expected "SHA-256" or "MD5")'),
         ({"auth": {"algorithms": []}}, "auth.algorithms: must name at least one algorithm"),

@@ -117,6 +117,7 @@ def test_collector_reads_live_objects_at_scrape_time(tmp_path):
     assert before[("libon_tsilo_transactions", (("kind", "server"),))] == 0
     assert before[("libon_tsilo_dialogs", ())] == 0
     assert before[("libon_tsilo_flows", ())] == 0
+    assert before[("libon_tsilo_calls_flow_failovers_total", ())] == 0
 
     parts.location.add_or_update(binding("alice", "sip:alice@10.0.0.1:5060", clock))
     parts.silo.store(FakeCall("c1@x", "alice"))

@@ -344,3 +344,31 @@ def test_ipv6_aor_keys_keep_their_brackets() -> None:
     for host in ("[::1]", "[0:0::1]", "[0:0:0:0:0:0:0:1]"):
         assert aor_key(URI.parse(f"sip:alice@{host}"), True) == "sip:alice@[::1]"
     assert aor_key(URI.parse("sip:alice@[2001:DB8::1]"), True) == "sip:alice@[2001:db8::1]"
+
+
+TCP_FLOW = FakeFlow(id="tcp#9", key=FakeFlowKey("tcp", ("127.0.0.1", 5060), ("203.0.113.9", 6000)))
+OB_CONTACT = f"<sip:a@10.0.0.1;transport=tcp;ob>;{INST};reg-id=1"
+
+
+def test_require_outbound_gets_require_and_flow_timer_on_tcp(env: Env) -> None:
+    # RFC 5626 §6 / §4.4.1: we are the edge proxy (one Via); the device keeps its flow with keep-alives
+    resp = env.register([OB_CONTACT], flow=TCP_FLOW, extra=["Require: outbound", "Supported: outbound, path"])
+    assert resp.status == 200
+    assert resp.header("Require") == "outbound" and resp.header("Flow-Timer") == "120"
+
+
+def test_flow_timer_is_configurable_and_not_sent_on_udp() -> None:
+    env = Env(flow_timer=90)
+    resp = env.register([OB_CONTACT], flow=TCP_FLOW, extra=["Supported: outbound"])
+    assert resp.header("Flow-Timer") == "90"
+    resp = env.register([OB_CONTACT], cseq=2, extra=["Supported: outbound"])  # UDP: STUN keep-alives
+    assert resp.header("Require") == "outbound" and resp.header("Flow-Timer") is None
+
+
+def test_outbound_through_a_proxy_without_ob_is_439(env: Env) -> None:
+    two_vias = ["Via: SIP/2.0/UDP 192.0.2.99:5060;branch=z9hG4bK-edge"]
+    resp = env.register([OB_CONTACT], extra=["Supported: outbound", *two_vias])
+    assert resp.status == 439 and env.store.lookup(AOR) == []
+    resp = env.register([OB_CONTACT], extra=["Supported: outbound", *two_vias,
+                                              "Path: <sip:edge.example.net;lr;ob>"])
+    assert resp.status == 200 and resp.header("Require") == "outbound"

@@ -296,3 +296,28 @@ async def test_response_follows_the_arrival_transport_not_the_via(harness, peer)
     h.layer.send_response(make_response(msg, 200), flow)
     data, _ = await client.next()
     assert parse_message(data).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_stun_binding_request_on_the_sip_port_is_answered_and_keeps_the_flow(harness, peer) -> None:
+    # RFC 5626 §4.4.2: a UDP outbound device keeps its flow (and its NAT binding) with STUN requests
+    h = harness(idle=30)
+    client, cport = peer()
+    tid = bytes.fromhex("b7e7a701bc34d686fa87dfae")
+    client.send(bytes.fromhex("000100002112a442") + tid, h.addr())
+    data, _ = await client.next()
+    port = bytes([(cport >> 8) ^ 0x21, (cport & 0xFF) ^ 0x12])
+    assert data == bytes.fromhex("0101000c2112a442") + tid + bytes.fromhex("00200008" "0001") \
+        + port + bytes([127 ^ 0x21, 0 ^ 0x12, 0 ^ 0xA4, 1 ^ 0x42])
+    (flow,) = list(h.layer.flows)
+    h.clock.advance(20)
+    client.send(bytes.fromhex("000100002112a442") + tid, h.addr())
+    await client.next()
+    h.clock.advance(20)  # 40 s after the first request, 20 s after the last: still there
+    assert h.layer.flows.get(flow.id) is flow
+    # a Binding Indication (or any other STUN-looking datagram) gets nothing and never reaches the sink
+    client.send(bytes.fromhex("001100002112a442") + tid, h.addr())
+    client.send(sip_request(method="INFO", via=f"SIP/2.0/UDP 127.0.0.1:{cport};branch=z9hG4bK-s1"), h.addr())
+    msg, _ = await h.next()
+    assert msg.method == "INFO"
+    assert client.queue.pending == []

@@ -239,3 +239,14 @@ def test_message_outside_a_dialog_is_405_and_never_in_allow():
     assert refused is not None and refused.status == 405
     assert "MESSAGE" not in _allow(refused)
     assert "MESSAGE" not in _allow(core.answer(_req("OPTIONS")))
+
+
+def test_require_of_a_handlers_extension_passes_for_that_method_only() -> None:
+    from libon_tsilo.sip.router import Router
+
+    uas = UASCore()
+    Router(uas).route("REGISTER", lambda *a: None, extensions=("outbound", "path"))
+    register = _req("REGISTER", extra=("Require: outbound",))
+    assert uas.check_request(register) is None
+    options = uas.check_request(_req("OPTIONS", extra=("Require: outbound",)))
+    assert options is not None and options.status == 420
