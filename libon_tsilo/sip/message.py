@@ -597,7 +597,17 @@ def _split_head(data: bytes) -> tuple[list[str], int, int, bool]:
     if end < 0:
         raise ParseError("no empty line after the headers")
     head = data[start:end].decode("utf-8", "surrogateescape")
-    return head.split("\r\n"), start, end + 4, _FOLDED.search(head) is not None
+    lines = head.split("\r\n")
+    # RFC 3261 §7.3.1/§25.1: a CR or LF is only ever part of a CRLF (a line end, or a fold before SP/HT).
+    # A bare one inside a value would reach the B-leg as a header of its own. Each CRLF holds one CR
+    # and one LF, so any other CR or LF shows in the counts: C-speed scans, no regex. A NUL is legal
+    # only escaped in a quoted-string (quoted-pair, RFC 4475 intmeth); a raw one truncates C strings.
+    pairs = len(lines) - 1
+    if head.count("\r") != pairs or head.count("\n") != pairs:
+        raise ParseError("bare CR or LF in the header section")
+    if "\0" in head and head.count("\0") != head.count("\\\0"):
+        raise ParseError("NUL in the header section")
+    return lines, start, end + 4, _FOLDED.search(head) is not None
 
 
 # a continuation line (RFC 3261 §7.3.1); one regex scan costs a third of two `in` scans
@@ -617,7 +627,7 @@ def _parse_start_line(line: str) -> Message:
         if parts[0].upper() != SIP_VERSION:
             raise ParseError("unsupported SIP version", 505)
         code = parts[1]
-        if len(code) != 3 or not code.isdigit() or not 100 <= int(code) <= 699:
+        if len(code) != 3 or not code.isdigit() or not code.isascii() or not 100 <= int(code) <= 699:
             raise ParseError("bad status code")
         return Response(int(code), parts[2] if len(parts) == 3 else "")
     parts = line.split(" ")
@@ -739,8 +749,10 @@ def extract_for_error_response(data: bytes) -> Request | None:
     """Tolerantly read a request that failed to parse, keeping what a 400 needs.
 
     Returns a Request carrying only Via, From, To, Call-ID and CSeq (as raw text), or None when the
-    data is a response or one of those headers is missing. The Via lines may themselves be unparseable:
-    the caller then answers to the packet's source address.
+    data is a response or has no Via or no CSeq: a client matches a response by those two (RFC 3261
+    §17.1.3), so a request missing From, To or Call-ID still gets its 400 (RFC 4475 insuf). A header
+    with a bare CR, LF or NUL is left out, so that the 400 never carries it back. The Via lines may
+    themselves be unparseable: the caller then answers to the packet's source address.
     """
     try:
         end = data.find(b"\r\n\r\n")
@@ -755,7 +767,13 @@ def extract_for_error_response(data: bytes) -> Request | None:
         wanted = {"via", "from", "to", "call-id", "cseq"}
         last: list[Any] | None = None
         for line in lines[1:]:
-            if line[:1] in (" ", "\t"):
+            continued = line[:1] in (" ", "\t")
+            if "\r" in line or "\n" in line or "\0" in line:
+                if continued and last is not None:
+                    req._headers.remove(last)
+                last = None
+                continue
+            if continued:
                 if last is not None:
                     last[2] = f"{last[2]} {line.strip()}"
                     last[3] = f"{last[3]}\r\n{line}"
@@ -769,7 +787,7 @@ def extract_for_error_response(data: bytes) -> Request | None:
                 last = [key, name.strip(), value.strip(), line]
                 req._headers.append(last)
         present = {entry[0] for entry in req._headers}
-        if not wanted <= present:
+        if "via" not in present or "cseq" not in present:
             return None
         return req
     except Exception:  # noqa: BLE001 - a tolerant reader must never raise
