@@ -11,6 +11,7 @@ import os
 import re
 from typing import Any
 
+from libon_tsilo.sip.branch import new_branch
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.framing import StreamFramer
 from libon_tsilo.sip.headers import (
@@ -96,10 +97,6 @@ def _is_set(obj: Any, slot: str) -> bool:
 
 def _random_hex(nbytes: int) -> str:
     return os.urandom(nbytes).hex()
-
-
-def new_branch() -> str:
-    return MAGIC_COOKIE + _random_hex(8)
 
 
 def new_tag() -> str:
