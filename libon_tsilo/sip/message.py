@@ -777,11 +777,12 @@ def extract_for_error_response(data: bytes) -> Request | None:
                 continue
             last = None
             name, colon, value = line.partition(":")
-            if not colon:
+            name = name.rstrip(" \t")
+            if not colon or not is_token(name):  # copied as is, the line would spoil our 400
                 continue
-            key = canonical_key(name.strip())
+            key = canonical_key(name)
             if key in wanted:
-                last = [key, name.strip(), value.strip(), line]
+                last = [key, name, value.strip(), line]
                 req._headers.append(last)
         present = {entry[0] for entry in req._headers}
         if "via" not in present or "cseq" not in present:
