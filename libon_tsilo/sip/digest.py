@@ -89,7 +89,7 @@ def nonce_time(nonce: str) -> float | None:
 def check_nonce(secret: str, nonce: str, now: float, lifetime: float) -> str:
     """``"ok"``, ``"stale"`` (ours, but older than ``lifetime``) or ``"bad"`` (not ours)."""
     parts = nonce.split(".")
-    if len(parts) != 3 or len(nonce) > 128:
+    if len(parts) != 3 or len(nonce) > 128 or not nonce.isascii():  # ours are ASCII; the MAC encodes so
         return "bad"
     issued = nonce_time(nonce)
     if issued is None:

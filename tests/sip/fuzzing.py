@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import random
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 
+from libon_tsilo.sip.digest import make_nonce
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.framing import StreamFramer
 from libon_tsilo.sip.message import Request, Response, extract_for_error_response, make_response, parse_message
@@ -75,6 +77,23 @@ OWN = (
     _message("SIP/2.0 200 OK", *_common("INVITE", 7, "<sip:bob@127.0.0.1>;tag=r7"),
              "Contact: <sip:bob@127.0.0.1:17000>", "Content-Type: application/sdp", body=_SDP),
     _message("SIP/2.0 180 Ringing", *_common("INVITE", 8, "<sip:bob@127.0.0.1>;tag=r8")),
+)
+# with [auth] on (Stack(auth=True), secret FUZZ_SECRET, clock at FUZZ_NOW): credentials carrying a
+# nonce the server did issue, so mutations reach the nonce and digest checks, not just the parser
+FUZZ_SECRET = "fuzz-secret"
+FUZZ_NOW = 1_000_000.0
+_NONCE = make_nonce(FUZZ_SECRET, FUZZ_NOW, salt="00ff00ff00ff")
+AUTHORIZED = (
+    _message("REGISTER sip:127.0.0.1 SIP/2.0", *_common("REGISTER", 9, "<sip:bob@127.0.0.1>"),
+             "Contact: <sip:bob@127.0.0.1:17000>",
+             f'Authorization: Digest username="bob", realm="libon-tsilo", nonce="{_NONCE}", '
+             'uri="sip:127.0.0.1", response="0123456789abcdef0123456789abcdef", algorithm=MD5, '
+             'qop=auth, nc=00000001, cnonce="c0ffee"'),
+    _message("INVITE sip:carol@127.0.0.1 SIP/2.0", *_common("INVITE", 10, "<sip:carol@127.0.0.1>"),
+             "Contact: <sip:alice@127.0.0.1:16000>",
+             f'Proxy-Authorization: Digest username="alice", realm="libon-tsilo", nonce="{_NONCE}", '
+             'uri="sip:carol@127.0.0.1", response="0123456789abcdef0123456789abcdef", algorithm=MD5, '
+             'qop=auth, nc=00000002, cnonce="c0ffee"'),
 )
 
 # what parsers trip on
@@ -195,7 +214,7 @@ class Mutator:
 
 def load_corpus() -> tuple[bytes, ...]:
     found = tuple(p.read_bytes() for p in sorted(CORPUS_DIR.glob("*.dat"))) if CORPUS_DIR.is_dir() else ()
-    return found + OWN
+    return found + OWN + AUTHORIZED
 
 
 # -- the parser, as the server uses it -------------------------------------------------------------
@@ -291,18 +310,19 @@ class _DatagramWriter:
 class Stack:
     """The real service tree on a FuzzReactor; feed it datagrams and TCP bytes."""
 
-    def __init__(self) -> None:
+    def __init__(self, auth: bool = False) -> None:
         from libon_tsilo.ops.config import config_from_dict
         from libon_tsilo.ops.service import make_service
 
         self.reactor = FuzzReactor()
-        self.reactor.advance(1_000_000)
+        self.reactor.advance(FUZZ_NOW)
+        self._state = tempfile.TemporaryDirectory(prefix="libon-tsilo-fuzz-")  # the users db, if any
         cfg = config_from_dict({
             "sip": {"listen": ["udp:127.0.0.1:5060", "tcp:127.0.0.1:5060"], "domains": ["127.0.0.1", "localhost"]},
-            "auth": {"enabled": False},
+            "auth": {"enabled": auth, "secret": FUZZ_SECRET},
             "location": {"backend": "memory"},
             "calls": {"ring_timeout": 30},
-        })
+        }, base_dir=self._state.name)
         self.root = make_service(cfg, clock=self.reactor)
         self.parts = self.root.parts
         self.transport = self.parts.transport
@@ -319,6 +339,8 @@ class Stack:
 
     def __exit__(self, *exc: Any) -> None:
         globalLogPublisher.removeObserver(self._observe)
+        self.parts.transactions.stop()
+        self._state.cleanup()
 
     def _observe(self, event: dict[str, Any]) -> None:
         failure = event.get("log_failure")
@@ -375,6 +397,18 @@ def answer(request: bytes, status: bytes, to_tag: bytes) -> bytes | None:
     return b"\r\n".join(lines)
 
 
+_CALL_ID = re.compile(rb"^(Call-ID|i)([ \t]*:[ \t]*)", re.M | re.I)
+
+
+def fresh(data: bytes, i: int, rng: random.Random) -> bytes:
+    """A corpus message made new: a branch of its own (else the server takes it for a retransmission
+    of the last one and absorbs it), and mostly a Call-ID of its own too."""
+    data = data.replace(b"branch=z9hG4bK", b"branch=z9hG4bK%d." % i, 1)
+    if rng.random() < 0.7:
+        data = _CALL_ID.sub(lambda m: m.group(1) + m.group(2) + b"%d." % i, data, count=1)
+    return data
+
+
 def run_stack(stack: Stack, mutator: Mutator, n: int) -> int:
     """Feed ``n`` mutated messages (datagrams, and every tenth over TCP in chunks); the server's own
     requests are answered now and then (mutated too), so the client side gets fuzzed as well.
@@ -389,7 +423,7 @@ def run_stack(stack: Stack, mutator: Mutator, n: int) -> int:
                 (b"100 Trying", b"180 Ringing", b"200 OK", b"486 Busy Here", b"603 Decline")), b"d%d" % i)
             data = reply if reply is not None else mutator.pick()
         else:
-            data = mutator.pick()
+            data = fresh(mutator.pick(), i, rng)
         if rng.random() < 0.9:
             data = mutator.mutate(data)
         if i % 10 == 9:

@@ -1,6 +1,6 @@
 """Seeded mutation fuzzing (issue 11): the RFC 4475 corpus and our own messages, mutated, through the
 parser and the stream framer, then through the whole server below its sockets (transport,
-transaction layer, router and UAS core, registrar, calls) on a Clock. Nothing but ParseError may
+transaction layer, router and UAS core, registrar and digest auth, calls) on a Clock. Nothing but ParseError may
 come out of the parser, and the server may log no traceback. A fixed budget of a few seconds;
 bench/fuzz.py runs the same with any count. A failure prints the seed and index to replay."""
 
@@ -9,11 +9,13 @@ from __future__ import annotations
 import random
 import traceback
 
+import pytest
+
 from tests.sip.fuzzing import Mutator, Stack, check_framer, check_parser, run_stack
 
 SEED = 4475
 PARSER_BUDGET = 10000
-STACK_BUDGET = 4000
+STACK_BUDGET = 2000
 
 
 def test_parser_and_framer_raise_only_parse_errors() -> None:
@@ -31,8 +33,9 @@ def test_parser_and_framer_raise_only_parse_errors() -> None:
     assert not problems, f"{len(problems)} inputs raised:\n" + "\n".join(problems[:3])
 
 
-def test_server_logs_no_traceback_on_mutated_traffic() -> None:
-    with Stack() as stack:
+@pytest.mark.parametrize("auth", [False, True], ids=["auth-off", "auth-on"])
+def test_server_logs_no_traceback_on_mutated_traffic(auth: bool) -> None:
+    with Stack(auth=auth) as stack:
         fed = run_stack(stack, Mutator(SEED + 1), STACK_BUDGET)
         assert fed == STACK_BUDGET
         assert not stack.failures, f"{len(stack.failures)} tracebacks:\n" + "\n".join(stack.failures[:3])

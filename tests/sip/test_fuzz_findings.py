@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from libon_tsilo.sip import digest
 from libon_tsilo.sip.message import Response, extract_for_error_response, make_response, parse_message
 from libon_tsilo.sip.transaction import build_ack
 from tests.sip.fakes import Env, FakeTarget
@@ -33,3 +34,11 @@ def test_a_400_never_copies_a_line_whose_header_name_is_not_a_token() -> None:
     req = extract_for_error_response(data)
     assert req is not None and not req.has_header("To")
     parse_message(make_response(req, 400).to_bytes())  # our 400 is well-formed
+
+
+def test_a_nonce_that_is_not_ascii_is_foreign_not_a_crash() -> None:
+    # found with [auth] on: the nonce's MAC encoded its text as ASCII and raised UnicodeEncodeError
+    good = digest.make_nonce("s", 1000.0, salt="00ff00ff00ff")
+    assert digest.check_nonce("s", good, 1000.0, 300) == "ok"
+    for bad in (good.replace("00ff", "00\u00e9", 1), good.replace("00ff", "00\uff15", 1), "\uff11.a.b"):
+        assert digest.check_nonce("s", bad, 1000.0, 300) == "bad"
