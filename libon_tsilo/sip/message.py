@@ -8,7 +8,6 @@ from its original text, and a message nobody changed is written back as its orig
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 from libon_tsilo.sip.branch import new_branch
@@ -584,8 +583,8 @@ class Response(Message):
 # -- parsing ----------------------------------------------------------------------------------------
 
 
-def _split_head(data: bytes) -> tuple[list[str], int, int, bool]:
-    """The head's lines, where the message starts, where its body starts, and whether lines are folded."""
+def _split_head(data: bytes) -> tuple[list[str], int, int]:
+    """The head's lines, where the message starts and where its body starts."""
     # RFC 3261 §7.5: empty lines before the start line are ignored (keep-alives on streams).
     start = 0
     while data.startswith(b"\r\n", start):
@@ -605,11 +604,7 @@ def _split_head(data: bytes) -> tuple[list[str], int, int, bool]:
         raise ParseError("bare CR or LF in the header section")
     if "\0" in joined and joined.count("\0") != joined.count("\\\0"):
         raise ParseError("NUL in the header section")
-    return lines, start, end + 4, _FOLDED.search(head) is not None
-
-
-# a continuation line (RFC 3261 §7.3.1); one regex scan costs a third of two `in` scans
-_FOLDED = re.compile(r"\n[ \t]")
+    return lines, start, end + 4
 
 
 # the methods we see all day are tokens: a set lookup spares the token regex
@@ -662,18 +657,25 @@ def _header_key(written: str) -> tuple[str, str]:
     return known
 
 
-def _parse_headers(msg: Message, lines: list[str], folded: bool) -> None:
+def _parse_headers(msg: Message, lines: list[str], folded: bool = False) -> None:
     headers = msg._headers
     index: dict[str, list[Any]] = {}
     repeats: set[str] | None = None
     keys = _KEYS
     if not folded:
-        # No continuation lines: the common case, kept to the bare minimum of work per line.
+        # No continuation lines, as far as we know: the common case, kept to the bare minimum of work
+        # per line. A continuation line starts with SP or HT, which no header name in _KEYS does, so
+        # it always lands in the branch below: only then is the head parsed again, unfolding. (A regex
+        # scan for folds up front cost every message about as much as this whole check for CR/LF.)
         for line in lines:
             # partition: one call for the name and the value (a find and two slices cost more)
             name, colon, value = line.partition(":")
             known = keys.get(name)
             if known is None or not colon:
+                if line[:1] in (" ", "\t"):
+                    headers.clear()
+                    _parse_headers(msg, lines, folded=True)
+                    return
                 if not colon or not name:
                     raise ParseError("header line without a colon")
                 known = _header_key(name)
@@ -721,9 +723,9 @@ def parse_message(data: bytes, stream: bool = False) -> Request | Response:
     For a datagram (``stream`` False) a Content-Length larger than the bytes present is an error, and
     octets after the body are ignored (RFC 3261 §18.3). The framer has already cut stream messages.
     """
-    lines, start, body_start, folded = _split_head(data)
+    lines, start, body_start = _split_head(data)
     msg = _parse_start_line(lines[0])
-    _parse_headers(msg, lines[1:], folded)
+    _parse_headers(msg, lines[1:])
     length_entry = msg._index.get("content-length")  # type: ignore[union-attr]
     length_text = length_entry[2] if length_entry is not None else None
     available = len(data) - body_start
