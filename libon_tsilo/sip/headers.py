@@ -416,7 +416,11 @@ class Via:
     @property
     def rport(self) -> int | None:
         value = self.params.get("rport")
-        return parse_uint(value, "Via rport", 65535) if value else None
+        if not value:
+            return None
+        # checked when parsed (or set by us): only leading zeros can make it longer than 5 digits,
+        # and int() of those may be too long; the short common case skips the full check (hot path)
+        return int(value) if len(value) <= 5 else parse_uint(value, "Via rport", 65535)
 
     @property
     def maddr(self) -> str | None:
