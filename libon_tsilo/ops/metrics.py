@@ -268,6 +268,8 @@ class TsiloCollector(Collector):
             g.add_metric(["server"], p.transactions.server_count)
             g.add_metric(["client"], p.transactions.client_count)
             yield g
+            yield _counter("sip_strays_dropped", "Responses matching no transaction, dropped unanswered "
+                           "(not ours: RFC 3261 §18.1.2)", p.transactions.strays_dropped)
         if p.transport is not None:
             yield _gauge(
                 "flows", "Live connections/flows (TCP, TLS, UDP 5-tuples)", p.transport.flows.live_count()

@@ -235,7 +235,8 @@ class Rpc:
             out["usrloc"] = {"registered_aors": p.location.aor_count(), "bindings": p.location.all_count()}
         if p.transactions is not None:
             t = p.transactions
-            out["transactions"] = {"live": len(t), "server": t.server_count, "client": t.client_count}
+            out["transactions"] = {"live": len(t), "server": t.server_count, "client": t.client_count,
+                                   "strays_dropped": t.strays_dropped}
         if p.transport is not None:
             out["flows"] = {"live": p.transport.flows.live_count()}
         sip: dict[str, Any] = {}

@@ -29,7 +29,7 @@ from libon_tsilo.registrar.binding import Binding
 from libon_tsilo.registrar.location import LocationStore
 from libon_tsilo.registrar.push_params import PN_URI_PARAMS, feature_caps, parse_push_params, pn_triple_match
 from libon_tsilo.sip.errors import ParseError
-from libon_tsilo.sip.headers import NameAddr, unquote
+from libon_tsilo.sip.headers import NameAddr, parse_uint, unquote
 from libon_tsilo.sip.hostnames import HostSet, canonical_host
 from libon_tsilo.sip.message import Request, Response, make_response, new_tag
 from libon_tsilo.sip.uri import URI, TelURI, unescape
@@ -327,10 +327,10 @@ class Registrar:
     def _expires(self, request: Request, contact: NameAddr) -> int:
         raw = contact.params.get("expires")
         if raw is not None:
-            raw = unquote(raw).strip()
-            if not raw.isdigit() or not raw.isascii():
-                raise _Reject(400, "Bad expires parameter")
-            value = int(raw)
+            try:  # parse_uint bounds the digits: int() of 4,300 or more raises ValueError
+                value = parse_uint(unquote(raw), "expires parameter")
+            except ParseError:
+                raise _Reject(400, "Bad expires parameter") from None
         elif request.expires is not None:
             value = request.expires
         else:
@@ -364,9 +364,10 @@ class Registrar:
         reg_raw = contact.params.get("reg-id")
         if reg_raw is None:
             return instance, None
-        if not reg_raw.isdigit() or not reg_raw.isascii() or int(reg_raw) > 2**31 - 1:
-            raise _Reject(400, "Bad reg-id parameter")
-        return instance, int(reg_raw)
+        try:
+            return instance, parse_uint(reg_raw, "reg-id", 2**31 - 1)
+        except ParseError:
+            raise _Reject(400, "Bad reg-id parameter") from None
 
     @staticmethod
     def _received(request: Request, flow: Flow | None) -> tuple[str, str, int] | None:

@@ -99,7 +99,7 @@ def check_nonce(secret: str, nonce: str, now: float, lifetime: float, epoch: str
     """``"ok"``, ``"stale"`` (ours, but older than ``lifetime`` or of another ``epoch`` when one is
     given) or ``"bad"`` (not ours)."""
     parts = nonce.split(".")
-    if len(parts) != 4 or len(nonce) > 128:
+    if len(parts) != 4 or len(nonce) > 128 or not nonce.isascii():  # ours are ASCII; the MAC encodes so
         return "bad"
     issued = nonce_time(nonce)
     if issued is None:

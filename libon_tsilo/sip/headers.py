@@ -37,6 +37,9 @@ LIST_HEADERS = frozenset({
 TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9\-.!%*_+`'~]+$")
 _WS = " \t"
+# Every number we read fits in 32 bits: ten digits. int() of more than 4,300 digits raises ValueError
+# (not ParseError), and a long one costs quadratic time before that, so the length is checked first.
+_MAX_DIGITS = 10
 _PTOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
 _PVALUE = r"(?:=(?:[A-Za-z0-9\-.!%*_+`'~:\[\]]+|\"[^\"\\\r\n;]*\"))?"
 # ;-separated parameters without whitespace, and quoted values without ';' or escapes: a plain split
@@ -396,11 +399,11 @@ class Via:
 
     def _check_numbers(self) -> None:
         ttl = self.params.get("ttl")
-        if ttl is not None and (not ttl.isdigit() or int(ttl) > 255):
-            raise ParseError("bad Via ttl")
+        if ttl is not None:
+            parse_uint(ttl, "Via ttl", 255)
         rport = self.params.get("rport")
-        if rport is not None and (not rport.isdigit() or int(rport) > 65535):
-            raise ParseError("bad Via rport")
+        if rport is not None:
+            parse_uint(rport, "Via rport", 65535)
 
     @property
     def branch(self) -> str | None:
@@ -413,7 +416,11 @@ class Via:
     @property
     def rport(self) -> int | None:
         value = self.params.get("rport")
-        return int(value) if value else None
+        if not value:
+            return None
+        # checked when parsed (or set by us): only leading zeros can make it longer than 5 digits,
+        # and int() of those may be too long; the short common case skips the full check (hot path)
+        return int(value) if len(value) <= 5 else parse_uint(value, "Via rport", 65535)
 
     @property
     def maddr(self) -> str | None:
@@ -422,7 +429,7 @@ class Via:
     @property
     def ttl(self) -> int | None:
         value = self.params.get("ttl")
-        return int(value) if value else None
+        return parse_uint(value, "Via ttl", 255) if value else None
 
     @property
     def sent_by(self) -> tuple[str, int | None]:
@@ -471,6 +478,10 @@ class CSeq:
                     or not is_token(parts[1])):
                 raise ParseError("bad CSeq")
             seq_text, method = parts
+        if len(seq_text) > _MAX_DIGITS:
+            seq_text = seq_text.lstrip("0") or "0"  # leading zeros are still a small number
+            if len(seq_text) > _MAX_DIGITS:
+                raise ParseError("CSeq number too large")
         seq = int(seq_text)
         if seq >= 2**31:
             raise ParseError("CSeq number too large")
@@ -484,9 +495,15 @@ class CSeq:
 
 
 def parse_uint(text: str, what: str, limit: int = 2**32 - 1) -> int:
+    """A decimal number of at most ``limit`` (< 10**10) as RFC 3261 writes it (1*DIGIT, ASCII only)."""
     text = text.strip()
+    # ASCII too: str.isdigit() takes digits like "²" that int() refuses with a ValueError
     if not text.isdigit() or not text.isascii():
         raise ParseError(f"bad {what}")
+    if len(text) > _MAX_DIGITS:
+        text = text.lstrip("0") or "0"
+        if len(text) > _MAX_DIGITS:
+            raise ParseError(f"{what} too large")
     value = int(text)
     if value > limit:
         raise ParseError(f"{what} too large")

@@ -8,9 +8,9 @@ from its original text, and a message nobody changed is written back as its orig
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
+from libon_tsilo.sip.branch import new_branch
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.framing import StreamFramer
 from libon_tsilo.sip.headers import (
@@ -96,10 +96,6 @@ def _is_set(obj: Any, slot: str) -> bool:
 
 def _random_hex(nbytes: int) -> str:
     return os.urandom(nbytes).hex()
-
-
-def new_branch() -> str:
-    return MAGIC_COOKIE + _random_hex(8)
 
 
 def new_tag() -> str:
@@ -587,8 +583,8 @@ class Response(Message):
 # -- parsing ----------------------------------------------------------------------------------------
 
 
-def _split_head(data: bytes) -> tuple[list[str], int, int, bool]:
-    """The head's lines, where the message starts, where its body starts, and whether lines are folded."""
+def _split_head(data: bytes) -> tuple[list[str], int, int]:
+    """The head's lines, where the message starts and where its body starts."""
     # RFC 3261 §7.5: empty lines before the start line are ignored (keep-alives on streams).
     start = 0
     while data.startswith(b"\r\n", start):
@@ -597,11 +593,18 @@ def _split_head(data: bytes) -> tuple[list[str], int, int, bool]:
     if end < 0:
         raise ParseError("no empty line after the headers")
     head = data[start:end].decode("utf-8", "surrogateescape")
-    return head.split("\r\n"), start, end + 4, _FOLDED.search(head) is not None
-
-
-# a continuation line (RFC 3261 §7.3.1); one regex scan costs a third of two `in` scans
-_FOLDED = re.compile(r"\n[ \t]")
+    lines = head.split("\r\n")
+    # RFC 3261 §7.3.1/§25.1: a CR or LF is only ever part of a CRLF (a line end, or a fold before SP/HT).
+    # A bare one inside a value would reach the B-leg as a header of its own. Once split on CRLF, no
+    # line may hold one: the lines joined are scanned with memchr (`in`), far cheaper than counting
+    # CRs and LFs in the head, and no regex. A NUL is legal only escaped in a quoted-string
+    # (quoted-pair, RFC 4475 intmeth); a raw one truncates C strings.
+    joined = "".join(lines)
+    if "\r" in joined or "\n" in joined:
+        raise ParseError("bare CR or LF in the header section")
+    if "\0" in joined and joined.count("\0") != joined.count("\\\0"):
+        raise ParseError("NUL in the header section")
+    return lines, start, end + 4
 
 
 # the methods we see all day are tokens: a set lookup spares the token regex
@@ -617,7 +620,7 @@ def _parse_start_line(line: str) -> Message:
         if parts[0].upper() != SIP_VERSION:
             raise ParseError("unsupported SIP version", 505)
         code = parts[1]
-        if len(code) != 3 or not code.isdigit() or not 100 <= int(code) <= 699:
+        if len(code) != 3 or not code.isdigit() or not code.isascii() or not 100 <= int(code) <= 699:
             raise ParseError("bad status code")
         return Response(int(code), parts[2] if len(parts) == 3 else "")
     parts = line.split(" ")
@@ -654,18 +657,25 @@ def _header_key(written: str) -> tuple[str, str]:
     return known
 
 
-def _parse_headers(msg: Message, lines: list[str], folded: bool) -> None:
+def _parse_headers(msg: Message, lines: list[str], folded: bool = False) -> None:
     headers = msg._headers
     index: dict[str, list[Any]] = {}
     repeats: set[str] | None = None
     keys = _KEYS
     if not folded:
-        # No continuation lines: the common case, kept to the bare minimum of work per line.
+        # No continuation lines, as far as we know: the common case, kept to the bare minimum of work
+        # per line. A continuation line starts with SP or HT, which no header name in _KEYS does, so
+        # it always lands in the branch below: only then is the head parsed again, unfolding. (A regex
+        # scan for folds up front cost every message about as much as this whole check for CR/LF.)
         for line in lines:
             # partition: one call for the name and the value (a find and two slices cost more)
             name, colon, value = line.partition(":")
             known = keys.get(name)
             if known is None or not colon:
+                if line[:1] in (" ", "\t"):
+                    headers.clear()
+                    _parse_headers(msg, lines, folded=True)
+                    return
                 if not colon or not name:
                     raise ParseError("header line without a colon")
                 known = _header_key(name)
@@ -713,9 +723,9 @@ def parse_message(data: bytes, stream: bool = False) -> Request | Response:
     For a datagram (``stream`` False) a Content-Length larger than the bytes present is an error, and
     octets after the body are ignored (RFC 3261 §18.3). The framer has already cut stream messages.
     """
-    lines, start, body_start, folded = _split_head(data)
+    lines, start, body_start = _split_head(data)
     msg = _parse_start_line(lines[0])
-    _parse_headers(msg, lines[1:], folded)
+    _parse_headers(msg, lines[1:])
     length_entry = msg._index.get("content-length")  # type: ignore[union-attr]
     length_text = length_entry[2] if length_entry is not None else None
     available = len(data) - body_start
@@ -739,8 +749,10 @@ def extract_for_error_response(data: bytes) -> Request | None:
     """Tolerantly read a request that failed to parse, keeping what a 400 needs.
 
     Returns a Request carrying only Via, From, To, Call-ID and CSeq (as raw text), or None when the
-    data is a response or one of those headers is missing. The Via lines may themselves be unparseable:
-    the caller then answers to the packet's source address.
+    data is a response or has no Via or no CSeq: a client matches a response by those two (RFC 3261
+    §17.1.3), so a request missing From, To or Call-ID still gets its 400 (RFC 4475 insuf). A header
+    with a bare CR, LF or NUL is left out, so that the 400 never carries it back. The Via lines may
+    themselves be unparseable: the caller then answers to the packet's source address.
     """
     try:
         end = data.find(b"\r\n\r\n")
@@ -755,21 +767,28 @@ def extract_for_error_response(data: bytes) -> Request | None:
         wanted = {"via", "from", "to", "call-id", "cseq"}
         last: list[Any] | None = None
         for line in lines[1:]:
-            if line[:1] in (" ", "\t"):
+            continued = line[:1] in (" ", "\t")
+            if "\r" in line or "\n" in line or "\0" in line:
+                if continued and last is not None:
+                    req._headers.remove(last)
+                last = None
+                continue
+            if continued:
                 if last is not None:
                     last[2] = f"{last[2]} {line.strip()}"
                     last[3] = f"{last[3]}\r\n{line}"
                 continue
             last = None
             name, colon, value = line.partition(":")
-            if not colon:
+            name = name.rstrip(" \t")
+            if not colon or not is_token(name):  # copied as is, the line would spoil our 400
                 continue
-            key = canonical_key(name.strip())
+            key = canonical_key(name)
             if key in wanted:
-                last = [key, name.strip(), value.strip(), line]
+                last = [key, name, value.strip(), line]
                 req._headers.append(last)
         present = {entry[0] for entry in req._headers}
-        if not wanted <= present:
+        if "via" not in present or "cseq" not in present:
             return None
         return req
     except Exception:  # noqa: BLE001 - a tolerant reader must never raise

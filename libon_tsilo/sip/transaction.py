@@ -6,6 +6,9 @@ keys them in dicts (never a list scan per message) and routes every inbound mess
 - server transactions: ``(branch, sent-by, method)`` when the branch has the magic cookie, else the
   RFC 2543 tuple of §17.2.3 (Request-URI, To tag, From tag, Call-ID, CSeq, top Via);
 - client transactions: ``(branch, CSeq method)``.
+
+A response that matches no client transaction is dropped (and counted in ``strays_dropped``), except
+a 2xx to an INVITE whose branch proves we sent it (sip/branch.py): the TU ACKs that one.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from typing import Any, Callable, Protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from libon_tsilo import logflags
+from libon_tsilo.sip.branch import is_our_branch
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.message import Request, Response, make_response
 from libon_tsilo.sip.timers import ExpiryQueue, State, TransactionBase, TwoXXRetransmitter
@@ -117,6 +122,8 @@ class TransactionLayer:
         self._by_target: dict[tuple[str, str, int], set[tuple[Any, ...]]] = {}
         # one queue per wait-state delay (64*T1, T4, timer D): see timers.ExpiryQueue
         self._expiry: dict[float, ExpiryQueue] = {}
+        # responses that matched no transaction and were dropped (not ours, or nothing left to do)
+        self.strays_dropped = 0
         transport.sink = self.inbound
         transport.on_send_error = self.send_failed
 
@@ -216,11 +223,16 @@ class TransactionLayer:
         ctx = self._clients.get(key)
         if ctx is not None and ctx.on_response is not None:
             ctx.response_received(resp)
-        elif 200 <= resp.status < 300 and key[2] == "INVITE" and self.tu is not None:
-            # RFC 6026: a 2xx after the INVITE transaction ended still needs an ACK from the TU.
+        elif 200 <= resp.status < 300 and key[2] == "INVITE" and self.tu is not None \
+                and is_our_branch(key[1]):
+            # RFC 6026: a 2xx after the INVITE transaction ended still needs an ACK from the TU. Only
+            # for an INVITE we sent (its branch verifies): RFC 3261 §18.1.2 drops a response whose top
+            # Via is not ours, and answering it would reflect ACK and BYE to any address it names.
             self.tu.stray_response(resp, flow)
         else:
-            log.debug("stray {status} dropped", status=resp.status, call_id=_call_id(resp))
+            self.strays_dropped += 1
+            if logflags.debug_enabled:
+                log.debug("stray {status} dropped", status=resp.status, call_id=_call_id(resp))
 
     # -- server side ------------------------------------------------------------------------------
 

@@ -37,7 +37,8 @@ def _build_request(method: str, invite: Request, to_value: str, extra: Iterable[
         *(f"{name}: {value}" for name, value in extra),
         "Content-Length: 0",
     ]
-    msg = parse_message(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8"))
+    # surrogateescape: header text keeps a peer's non-UTF-8 bytes that way (parse_message decodes so)
+    msg = parse_message(("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape"))
     assert isinstance(msg, Request)
     return msg
 

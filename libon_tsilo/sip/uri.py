@@ -117,7 +117,7 @@ def _split_hostport(text: str, what: str) -> tuple[str, int | None]:
             raise ParseError(f"bad IPv4 address in {what}")
     port: int | None = None
     if port_text is not None:
-        if not port_text.isdigit() or len(port_text) > 5 or int(port_text) > 65535:
+        if not port_text.isdigit() or not port_text.isascii() or len(port_text) > 5 or int(port_text) > 65535:
             raise ParseError(f"bad port in {what}")
         port = int(port_text)
     return host, port

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 
 import pytest
 
-from tests.e2e.proc import HOST, options_request
+from tests.e2e.proc import HOST, admin_rpc, free_port, options_request
 from tests.sip import rfc4475
 
 pytestmark = pytest.mark.skipif(not rfc4475.available(), reason="RFC 4475 corpus missing")
@@ -31,7 +32,7 @@ EXPECTED: dict[str, int | None] = {
     "badaspec": 400, "baddn": 400, "badvers": 505, "mismatch01": 400, "mismatch02": 400,
     "scalarlg": None, "bigcode": None,
     # 3.3 application layer
-    "insuf": None,  # no From, To nor Call-ID: a response cannot be formed
+    "insuf": 400,  # no From, To nor Call-ID: §3.3.1 asks for a 400, matched by its Via and CSeq
     "unkscm": 416, "novelsc": 416, "bext01": 420, "invut": 415, "multi01": 400, "mcl01": 400,
     "zeromf": 483, "cparam01": 200, "cparam02": 200, "regescrt": 200, "sdp01": 406,
     "bcast": None,
@@ -42,6 +43,9 @@ EXPECTED: dict[str, int | None] = {
 }
 # unksm2: a REGISTER whose To is an isbn: URI. Which refusal a registrar picks is its choice.
 REFUSED = {"unksm2": (400, 404, 416)}
+# Responses that parse but answer nothing we sent: dropped without a datagram (RFC 3261 §18.1.2;
+# bcast's 200 OK names a broadcast Via and a Contact the server would otherwise ACK and BYE).
+STRAYS = ("bcast", "unreason", "noreason")
 
 
 def rewrite_via(data: bytes, port: int) -> bytes:
@@ -113,7 +117,21 @@ def _server_extra(auth: bool) -> dict:
         "sip": {"domains": ["example.com", "localhost", HOST]},
         "auth": {"enabled": auth},
         "location": {"backend": "memory"},
+        "admin": {"listen": f"tcp:{free_port(udp_too=False)}:interface={HOST}"},
     }
+
+
+def _strays_dropped(server) -> int:
+    return admin_rpc(server, "stats")["transactions"]["strays_dropped"]
+
+
+def _counted(check, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def test_torture_messages_get_the_rfc_answers(start_sip_server) -> None:
@@ -131,8 +149,14 @@ def test_torture_messages_get_the_rfc_answers(start_sip_server) -> None:
         data = rewrite_via(rfc4475.load(name), port)
         expected = EXPECTED.get(name, "handled")
         is_response = name in rfc4475.RESPONSES
+        strays = _strays_dropped(server) if name in STRAYS else 0
         replies = exchange(udp_socket, address, data, 0.3 if expected is None or is_response else 2.0)
         status = final_status(replies)
+        if name in STRAYS:
+            if replies:
+                problems.append(f"{name}: a stray response was answered with {len(replies)} datagrams")
+            if not _counted(lambda: _strays_dropped(server) == strays + 1):
+                problems.append(f"{name}: not counted as a dropped stray")
         if name in REFUSED:
             ok = status in REFUSED[name]
         elif expected == "handled":

@@ -132,6 +132,14 @@ def test_collector_reads_live_objects_at_scrape_time(tmp_path):
     assert after[("libon_tsilo_tsilo_register_to_invite_seconds", (("quantile", "0.5"),))] == 0.25
 
 
+def test_dropped_stray_responses_are_counted(tmp_path):
+    root, _clock = build(tmp_path=tmp_path)
+    registry = make_registry(root.parts)
+    assert samples(registry)[("libon_tsilo_sip_strays_dropped_total", ())] == 0
+    root.parts.transactions.strays_dropped += 2
+    assert samples(registry)[("libon_tsilo_sip_strays_dropped_total", ())] == 2
+
+
 def test_parked_calls_and_states(tmp_path):
     root, _clock = build(tmp_path=tmp_path)
     parts = root.parts

@@ -245,7 +245,7 @@ def test_stats_and_health(tree):
         "register_to_invite",
     }
     assert stats["usrloc"] == {"registered_aors": 1, "bindings": 1}
-    assert stats["transactions"] == {"live": 0, "server": 0, "client": 0}
+    assert stats["transactions"] == {"live": 0, "server": 0, "client": 0, "strays_dropped": 0}
     assert stats["calls"]["calls"] == 0
     assert "silo" not in stats["calls"]
     assert stats["flows"] == {"live": 0}

@@ -713,12 +713,30 @@ def test_extract_for_error_response_keeps_folded_via() -> None:
         RESPONSE,                                                           # a response: never answered
         b"",
         b"\xff\xfe\x00garbage",
-        msg_with(*[h for h in BASIC if not h.startswith("Call-ID")]),      # a needed header is missing
+        msg_with(*[h for h in BASIC if not h.startswith("CSeq")]),         # a needed header is missing
         msg_with(*[h for h in BASIC if not h.startswith("Via")]),
     ],
 )
 def test_extract_for_error_response_none(data: bytes) -> None:
     assert extract_for_error_response(data) is None
+
+
+def test_extract_for_error_response_without_call_id_still_answers() -> None:
+    # RFC 4475 insuf: From, To and Call-ID missing; Via and CSeq are what the client matches on
+    req = extract_for_error_response(msg_with(*[h for h in BASIC if not h.startswith(("Call-ID", "From"))]))
+    assert req is not None
+    resp = parse_message(make_response(req, 400).to_bytes())
+    assert resp.status == 400 and not resp.has_header("call-id") and resp.cseq.method
+
+
+def test_extract_for_error_response_leaves_out_a_header_with_a_bare_cr() -> None:
+    data = msg_with(*[h if not h.startswith("From") else 'From: "Eve\rX-Injected: cr" <sip:e@example.com>;tag=1'
+                      for h in BASIC])
+    with pytest.raises(ParseError):
+        parse_message(data)
+    req = extract_for_error_response(data)
+    assert req is not None and not req.has_header("from")
+    assert b"X-Injected" not in make_response(req, 400).to_bytes()
 
 
 @pytest.mark.parametrize(

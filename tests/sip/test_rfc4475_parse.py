@@ -7,7 +7,14 @@ import pytest
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.framing import StreamFramer
 from libon_tsilo.sip.headers import canonical_key
-from libon_tsilo.sip.message import Message, Request, Response, extract_for_error_response, parse_message
+from libon_tsilo.sip.message import (
+    Message,
+    Request,
+    Response,
+    extract_for_error_response,
+    make_response,
+    parse_message,
+)
 from libon_tsilo.sip.uri import URI
 from tests.sip import rfc4475
 
@@ -193,8 +200,13 @@ def test_insuf_lacks_required_headers(name: str) -> None:
     assert not msg.has_header("max-forwards")
     with pytest.raises(ParseError):
         msg.validate()
-    # what a 400 needs is missing too, so the transport drops it
-    assert extract_for_error_response(rfc4475.load(name)) is None
+    # RFC 4475 §3.3.1: ideally a 400. A client matches it by Via and CSeq, which are there.
+    req = extract_for_error_response(rfc4475.load(name))
+    assert req is not None
+    resp = parse_message(make_response(req, 400, "missing From header").to_bytes())
+    assert resp.status == 400 and resp.branch == "z9hG4bKkdj.insuf"
+    assert (resp.cseq.seq, resp.cseq.method) == (193942, "INVITE")
+    assert not resp.has_header("from") and not resp.has_header("call-id")
 
 
 def test_mcl01_parses_with_both_lengths_visible() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from libon_tsilo.sip.message import Request, Response, parse_message
+from libon_tsilo.sip.message import Request, Response, new_branch, parse_message
 from libon_tsilo.sip.transaction import (
     InviteClientTransaction,
     NonInviteClientTransaction,
@@ -18,10 +18,11 @@ TCP_TARGET = FakeTarget("tcp")
 PEER = FakeFlow("udp", ("192.0.2.9", 5060))
 
 
-def _request(method: str = "INVITE", branch: str = "z9hG4bKout1", transport: str = "UDP", **kw) -> Request:
-    msg = parse_message(
-        request_text(method, branch=branch, via_host="127.0.0.1:5060", transport=transport, **kw).encode()
-    )
+def _request(method: str = "INVITE", branch: str | None = None, transport: str = "UDP", **kw) -> Request:
+    """A request as we send it: by default its branch is a fresh one of ours (sip/branch.py)."""
+    msg = parse_message(request_text(
+        method, branch=branch or new_branch(), via_host="127.0.0.1:5060", transport=transport, **kw
+    ).encode())
     assert isinstance(msg, Request)
     return msg
 
@@ -333,9 +334,9 @@ def test_request_without_cookie_branch_is_refused():
 
 def test_duplicate_branch_is_refused():
     env = Env()
-    _send(env, "OPTIONS")
+    _send(env, "OPTIONS", branch="z9hG4bKsame")
     with pytest.raises(ValueError):
-        _send(env, "OPTIONS")
+        _send(env, "OPTIONS", branch="z9hG4bKsame")
     env.layer.stop()
     env.assert_clean()
 
