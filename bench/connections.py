@@ -1,0 +1,214 @@
+"""Connection limits on the real server: accept backlog, memory per connection, UDP flows of spoofed sources.
+
+    .venv/bin/python bench/connections.py backlog [--n 1000] [--window 1.0]
+    .venv/bin/python bench/connections.py idle [--n 3000] [--partial 0]
+    .venv/bin/python bench/connections.py udp-flows [--n 20000]
+
+Each mode starts the real server (bench/common.py: ``twistd -n libon-tsilo``, log level warn, auth
+off) with UDP and TCP on one loopback port and the admin API, and reads the server's figures from
+``/rpc/stats`` (``flows``, ``connections``) and its RSS from /proc.
+
+- ``backlog``: N non-blocking connects are issued at once, then each socket sends an OPTIONS as soon
+  as it is connected. Printed: how many were answered within ``--window`` seconds, and within 5 s.
+  A connection the kernel could not queue (accept queue full: ``listen_backlog``, capped by
+  net.core.somaxconn) waits for a SYN-ACK retransmission (1 s, 3 s, ...) or is dropped.
+- ``idle``: N connections that send nothing (or ``--partial`` bytes of a message that never
+  completes), held open; printed: RSS growth per connection. The server's own per-source cap is
+  lifted for the run (all the connections come from 127.0.0.1).
+- ``udp-flows``: one OPTIONS from each of N distinct source addresses (127.2.x.y, one datagram each,
+  ``--rate`` per second, so the socket buffer does not overflow); nobody registers. Printed: the server's live flows
+  and RSS growth once the OPTIONS transactions are over (T1 is 50 ms here, so 64*T1 = 3.2 s), and
+  the flows left after the unbound idle timeout (``--idle``).
+
+Every run prints the server's config overrides, so a figure can be reproduced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import selectors
+import socket
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import HOST, BenchServer, start_bench_server  # noqa: E402
+from tests.e2e.proc import free_port, options_request  # noqa: E402
+
+
+def start(workdir: Path, connections: dict[str, Any] | None = None, sip: dict[str, Any] | None = None) -> tuple[
+        BenchServer, int]:
+    admin = free_port(udp_too=False)
+    port = free_port()
+    extra: dict[str, dict[str, Any]] = {
+        "sip": {"listen": [f"udp:{HOST}:{port}", f"tcp:{HOST}:{port}"], **(sip or {})},
+        "admin": {"listen": f"tcp:{admin}:interface={HOST}"},
+    }
+    if connections:
+        extra["connections"] = connections
+    print("config overrides:", json.dumps({k: v for k, v in extra.items() if k != "admin"}))
+    return start_bench_server(workdir, extra, port=port), admin
+
+
+def stats(admin: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://{HOST}:{admin}/rpc/stats", timeout=10) as resp:
+        return json.loads(resp.read())["result"]
+
+
+def wait_for(admin: int, pred, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        s = stats(admin)
+        if pred(s) or time.monotonic() > deadline:
+            return s
+        time.sleep(0.2)
+
+
+def mib(kib: int) -> str:
+    return f"{kib / 1024:.1f} MiB"
+
+
+# -- backlog ----------------------------------------------------------------------------------------
+
+
+def run_backlog(args: argparse.Namespace, workdir: Path) -> None:
+    server, admin = start(workdir, args.connections, args.sip)
+    try:
+        sel = selectors.DefaultSelector()
+        socks = []
+        t0 = time.monotonic()
+        for _ in range(args.n):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex((HOST, server.sip_port))
+            socks.append(s)
+            sel.register(s, selectors.EVENT_WRITE, "connecting")
+        answered: dict[socket.socket, float] = {}
+        bufs: dict[socket.socket, bytes] = {}
+        deadline = t0 + 5.0
+        while len(answered) < args.n and time.monotonic() < deadline:
+            for key, _ in sel.select(timeout=0.05):
+                s = key.fileobj
+                if key.data == "connecting":
+                    if s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                        sel.unregister(s)
+                        continue
+                    s.send(options_request(HOST, server.sip_port, s.getsockname()[1], "TCP"))
+                    sel.modify(s, selectors.EVENT_READ, "sent")
+                    continue
+                try:
+                    chunk = s.recv(65535)
+                except OSError:
+                    chunk = b""
+                bufs[s] = bufs.get(s, b"") + chunk
+                if not chunk or b"\r\n\r\n" in bufs[s]:
+                    sel.unregister(s)
+                    if bufs[s].startswith(b"SIP/2.0 200"):
+                        answered[s] = time.monotonic() - t0
+        within = sum(1 for t in answered.values() if t <= args.window)
+        print(f"backlog: {args.n} simultaneous connects: {within} answered within {args.window:.1f} s, "
+              f"{len(answered)} within 5 s; slowest {max(answered.values(), default=0):.2f} s")
+        for s in socks:
+            s.close()
+    finally:
+        server.stop()
+
+
+# -- idle connections --------------------------------------------------------------------------------
+
+
+def run_idle(args: argparse.Namespace, workdir: Path) -> None:
+    conn = {"max_connections_per_source": args.n + 10, "max_connections": args.n + 10, **(args.connections or {})}
+    server, admin = start(workdir, conn if args.lift_caps else args.connections, args.sip)
+    try:
+        base_flows = stats(admin)["flows"]["live"]
+        time.sleep(0.5)
+        before = server.rss_kib()
+        # a header section that never ends: the request line and headers, then padding up to --partial
+        head = options_request(HOST, server.sip_port, 5999, "TCP")[:-4]
+        partial = (head + b"\r\nX-Pad: " + b"a" * args.partial)[: args.partial] if args.partial else b""
+        socks = []
+        for _ in range(args.n):
+            s = socket.create_connection((HOST, server.sip_port))
+            if partial:
+                s.sendall(partial)
+            socks.append(s)
+        s = wait_for(admin, lambda st: st["flows"]["live"] - base_flows >= args.n, 30)
+        time.sleep(1.0)
+        after = server.rss_kib()
+        live = s["flows"]["live"] - base_flows
+        print(f"idle: {args.n} connections ({args.partial} bytes of a message each): {live} live on the "
+              f"server, RSS {mib(before)} -> {mib(after)}: +{mib(after - before)}, "
+              f"{(after - before) / max(live, 1):.1f} KiB per connection")
+        for s in socks:
+            s.close()
+    finally:
+        server.stop()
+
+
+# -- UDP flows from spoofed sources ------------------------------------------------------------------
+
+
+def run_udp_flows(args: argparse.Namespace, workdir: Path) -> None:
+    server, admin = start(workdir, args.connections, {"t1_ms": 50, **(args.sip or {})})
+    try:
+        base_flows = stats(admin)["flows"]["live"]
+        time.sleep(0.5)
+        before = server.rss_kib()
+        t0 = time.monotonic()
+        for i in range(args.n):
+            src = f"127.2.{(i // 250) % 250}.{i % 250 + 1}"
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((src, 5999))
+                s.sendto(options_request(HOST, server.sip_port, 5999), (HOST, server.sip_port))
+            # paced well under what the server answers, so that none is lost to a full socket buffer
+            ahead = (i + 1) / args.rate - (time.monotonic() - t0)
+            if ahead > 0:
+                time.sleep(ahead)
+        # the OPTIONS transactions end 64*T1 = 3.2 s after their 200
+        s = wait_for(admin, lambda st: st["transactions"]["live"] == 0, 30)
+        time.sleep(0.5)
+        after = server.rss_kib()
+        flows = s["flows"]["live"] - base_flows
+        print(f"udp-flows: {args.n} sources sent one OPTIONS each: {flows} flows live after the "
+              f"transactions ended; RSS {mib(before)} -> {mib(after)}: +{mib(after - before)}")
+        if args.idle:
+            s = wait_for(admin, lambda st: st["flows"]["live"] <= base_flows, args.idle + 10)
+            print(f"udp-flows: {s['flows']['live'] - base_flows} flows left after the unbound idle "
+                  f"timeout ({args.idle} s)")
+        conns = s.get("connections")
+        if conns:
+            print("server connection counters:", json.dumps(conns))
+    finally:
+        server.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["backlog", "idle", "udp-flows"])
+    parser.add_argument("--n", type=int, default=None)
+    parser.add_argument("--window", type=float, default=1.0, help="backlog: answered within this (s)")
+    parser.add_argument("--partial", type=int, default=0, help="idle: bytes of a message each sends")
+    parser.add_argument("--idle", type=float, default=0.0,
+                        help="udp-flows: also wait this long for unbound flows to expire")
+    parser.add_argument("--rate", type=float, default=2000.0, help="udp-flows: datagrams per second")
+    parser.add_argument("--no-lift-caps", dest="lift_caps", action="store_false",
+                        help="idle: keep the server's connection caps")
+    parser.add_argument("--connections", type=json.loads, default=None,
+                        help='[connections] overrides as JSON, e.g. \'{"listen_backlog": 50}\'')
+    parser.add_argument("--sip", type=json.loads, default=None, help="[sip] overrides as JSON")
+    args = parser.parse_args()
+    if args.n is None:
+        args.n = {"backlog": 1000, "idle": 3000, "udp-flows": 20000}[args.mode]
+    with tempfile.TemporaryDirectory(prefix="bench-connections-") as tmp:
+        {"backlog": run_backlog, "idle": run_idle, "udp-flows": run_udp_flows}[args.mode](args, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
