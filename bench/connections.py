@@ -15,10 +15,10 @@ off) with UDP and TCP on one loopback port and the admin API, and reads the serv
 - ``idle``: N connections that send nothing (or ``--partial`` bytes of a message that never
   completes), held open; printed: RSS growth per connection. The server's own per-source cap is
   lifted for the run (all the connections come from 127.0.0.1).
-- ``udp-flows``: one OPTIONS from each of N distinct source addresses (127.2.x.y, one datagram each,
-  ``--rate`` per second, so the socket buffer does not overflow); nobody registers. Printed: the server's live flows
-  and RSS growth once the OPTIONS transactions are over (T1 is 50 ms here, so 64*T1 = 3.2 s), and
-  the flows left after the unbound idle timeout (``--idle``).
+- ``udp-flows``: one OPTIONS from each of N distinct source addresses (127.2.x.y, one datagram
+  each, ``--rate`` per second, so the socket buffer does not overflow); nobody registers. Printed:
+  the server's live flows and RSS growth once the OPTIONS transactions are over (T1 is 50 ms
+  here, so 64*T1 = 3.2 s), and the flows left after the unbound idle timeout (``--idle``).
 
 Every run prints the server's config overrides, so a figure can be reproduced.
 """
@@ -42,8 +42,9 @@ from bench.common import HOST, BenchServer, start_bench_server  # noqa: E402
 from tests.e2e.proc import free_port, options_request  # noqa: E402
 
 
-def start(workdir: Path, connections: dict[str, Any] | None = None, sip: dict[str, Any] | None = None) -> tuple[
-        BenchServer, int]:
+def start(
+    workdir: Path, connections: dict[str, Any] | None = None, sip: dict[str, Any] | None = None
+) -> tuple[BenchServer, int]:
     admin = free_port(udp_too=False)
     port = free_port()
     extra: dict[str, dict[str, Any]] = {
@@ -124,7 +125,8 @@ def run_backlog(args: argparse.Namespace, workdir: Path) -> None:
 
 
 def run_idle(args: argparse.Namespace, workdir: Path) -> None:
-    conn = {"max_connections_per_source": args.n + 10, "max_connections": args.n + 10, **(args.connections or {})}
+    lifted = {"max_connections_per_source": args.n + 10, "max_connections": args.n + 10}
+    conn = {**lifted, **(args.connections or {})}
     server, admin = start(workdir, conn if args.lift_caps else args.connections, args.sip)
     try:
         base_flows = stats(admin)["flows"]["live"]
@@ -190,7 +192,9 @@ def run_udp_flows(args: argparse.Namespace, workdir: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("mode", choices=["backlog", "idle", "udp-flows"])
     parser.add_argument("--n", type=int, default=None)
     parser.add_argument("--window", type=float, default=1.0, help="backlog: answered within this (s)")
