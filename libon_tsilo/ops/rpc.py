@@ -213,6 +213,7 @@ class Rpc:
             out["transactions"] = {"live": len(t), "server": t.server_count, "client": t.client_count}
         if p.transport is not None:
             out["flows"] = {"live": p.transport.flows.live_count()}
+            out["connections"] = p.transport.connection_stats()
         sip: dict[str, Any] = {}
         if p.router is not None:
             sip["requests_in"] = dict(p.router.counters)

@@ -226,12 +226,22 @@ def _add_sip_stack(root: LibonTsiloService, parts: Parts) -> None:
         max_message_size=cfg.max_message_size,
         tls_context_factory=parts.tls_context_factory,
         advertised_host=cfg.advertised_host or None,
+        limits=_connection_limits(parts.config.connections),
     )
     _attach(root, parts.transport)
     parts.transactions = transaction_mod.TransactionLayer(
         parts.transport, parts.clock, t1=cfg.t1, t2=cfg.t2, t4=cfg.t4
     )
     _attach(root, parts.transactions)
+
+
+def _connection_limits(cfg: Any) -> Any:
+    """[connections] as the transport's ConnectionLimits (the same names: sip/ cannot import ops/)."""
+    from dataclasses import asdict
+
+    from libon_tsilo.sip.connlimits import ConnectionLimits
+
+    return ConnectionLimits(**asdict(cfg))
 
 
 class LocationService(Service):
@@ -286,6 +296,9 @@ def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
     )
     if parts.transport is not None:
         parts.transport.flows.subscribe_close(parts.registrar.flow_closed)
+        # a flow a binding came over lives as long as the registration (RFC 5626), not the unbound idle
+        location = parts.location
+        parts.transport.flows.add_keeper(lambda flow_id: bool(location.by_flow(flow_id)))
     svc = LocationService(parts.location, auth)
     svc.setName("location")
     svc.setServiceParent(root)
@@ -410,6 +423,7 @@ def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
     )
     if parts.transport is not None:
         parts.transport.flows.subscribe_close(parts.b2bua.flow_closed)
+        parts.transport.flows.add_keeper(parts.b2bua.flows.__contains__)  # a call's connection stays
 
 
 def _add_router(root: LibonTsiloService, parts: Parts) -> None:
