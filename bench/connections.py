@@ -2,14 +2,16 @@
 
     .venv/bin/python bench/connections.py backlog [--n 1000] [--window 1.0]
     .venv/bin/python bench/connections.py idle [--n 3000] [--partial 0]
-    .venv/bin/python bench/connections.py udp-flows [--n 20000]
+    .venv/bin/python bench/connections.py udp-flows [--n 20000] [--idle 60]
+    .venv/bin/python bench/connections.py udp-flow-bytes [--n 20000]
 
 Each mode starts the real server (bench/common.py: ``twistd -n libon-tsilo``, log level warn, auth
 off) with UDP and TCP on one loopback port and the admin API, and reads the server's figures from
 ``/rpc/stats`` (``flows``, ``connections``) and its RSS from /proc.
 
-- ``backlog``: N non-blocking connects are issued at once, then each socket sends an OPTIONS as soon
-  as it is connected. Printed: how many were answered within ``--window`` seconds, and within 5 s.
+- ``backlog``: N non-blocking connects (from N source addresses 127.4.x.y) are issued at once, then
+  each socket sends an OPTIONS as soon as it is connected. Printed: how many were answered within
+  ``--window`` seconds, and within 5 s.
   A connection the kernel could not queue (accept queue full: ``listen_backlog``, capped by
   net.core.somaxconn) waits for a SYN-ACK retransmission (1 s, 3 s, ...) or is dropped.
 - ``idle``: N connections that send nothing (or ``--partial`` bytes of a message that never
@@ -19,6 +21,9 @@ off) with UDP and TCP on one loopback port and the admin API, and reads the serv
   each, ``--rate`` per second, so the socket buffer does not overflow); nobody registers. Printed:
   the server's live flows and RSS growth once the OPTIONS transactions are over (T1 is 50 ms
   here, so 64*T1 = 3.2 s), and the flows left after the unbound idle timeout (``--idle``).
+- ``udp-flow-bytes`` (in-process, no server): the transport layer alone (``TransportLayer._datagram``
+  with a sink that drops every message, on a Clock): tracemalloc's bytes per flow for N sources, the
+  flows left at the cap, and after the unbound idle timeout.
 
 Every run prints the server's config overrides, so a figure can be reproduced.
 """
@@ -84,8 +89,9 @@ def run_backlog(args: argparse.Namespace, workdir: Path) -> None:
         sel = selectors.DefaultSelector()
         socks = []
         t0 = time.monotonic()
-        for _ in range(args.n):
+        for i in range(args.n):
             s = socket.socket()
+            s.bind((f"127.4.{i // 250}.{i % 250 + 1}", 0))  # many sources: the per-source cap stays out
             s.setblocking(False)
             s.connect_ex((HOST, server.sip_port))
             socks.append(s)
@@ -141,13 +147,18 @@ def run_idle(args: argparse.Namespace, workdir: Path) -> None:
             if partial:
                 s.sendall(partial)
             socks.append(s)
-        s = wait_for(admin, lambda st: st["flows"]["live"] - base_flows >= args.n, 30)
+        # every connection is either live on the server or was closed by a limit
+        s = wait_for(admin, lambda st: st["flows"]["live"] - base_flows
+                     + sum(st.get("connections", {}).get("closed", {}).values()) >= args.n, 30)
         time.sleep(1.0)
         after = server.rss_kib()
+        s = stats(admin)
         live = s["flows"]["live"] - base_flows
         print(f"idle: {args.n} connections ({args.partial} bytes of a message each): {live} live on the "
               f"server, RSS {mib(before)} -> {mib(after)}: +{mib(after - before)}, "
-              f"{(after - before) / max(live, 1):.1f} KiB per connection")
+              f"{(after - before) / max(args.n, 1):.1f} KiB per connection made")
+        if "connections" in s:
+            print("server connection counters:", json.dumps(s["connections"]))
         for s in socks:
             s.close()
     finally:
@@ -191,11 +202,51 @@ def run_udp_flows(args: argparse.Namespace, workdir: Path) -> None:
         server.stop()
 
 
+def run_udp_flow_bytes(args: argparse.Namespace, workdir: Path) -> None:
+    import gc
+    import tracemalloc
+
+    from twisted.internet.task import Clock
+
+    from libon_tsilo.sip import transport as transport_mod
+
+    clock = Clock()
+    kwargs: dict[str, Any] = {}
+    if hasattr(transport_mod, "ConnectionLimits"):
+        limits = {"unbound_idle_timeout": 60.0, **(args.connections or {})}
+        kwargs["limits"] = transport_mod.ConnectionLimits(**limits)
+    layer = transport_mod.TransportLayer([], clock, 3600.0, 65535, **kwargs)
+    layer.sink = lambda msg, flow: None
+
+    class FakeUDP:
+        local = (HOST, 5060)
+        v6 = False
+
+        def send_to(self, data: bytes, addr: Any) -> None:
+            pass
+
+    udp = FakeUDP()
+    datagrams = [options_request(HOST, 5060, 5999) for _ in range(args.n)]
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    for i, data in enumerate(datagrams):
+        layer._datagram(udp, data, (f"10.{i // 62500}.{i // 250 % 250}.{i % 250 + 1}", 5060))
+    gc.collect()
+    after = tracemalloc.take_snapshot()
+    grown = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    flows = layer.flows.live_count()
+    print(f"udp-flow-bytes: {args.n} sources: {flows} flows, +{grown / 1024 / 1024:.1f} MiB "
+          f"({grown / max(flows, 1):.0f} bytes per flow held)")
+    clock.advance(61)
+    print(f"udp-flow-bytes: {layer.flows.live_count()} flows left 61 s later")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("mode", choices=["backlog", "idle", "udp-flows"])
+    parser.add_argument("mode", choices=["backlog", "idle", "udp-flows", "udp-flow-bytes"])
     parser.add_argument("--n", type=int, default=None)
     parser.add_argument("--window", type=float, default=1.0, help="backlog: answered within this (s)")
     parser.add_argument("--partial", type=int, default=0, help="idle: bytes of a message each sends")
@@ -209,9 +260,11 @@ def main() -> None:
     parser.add_argument("--sip", type=json.loads, default=None, help="[sip] overrides as JSON")
     args = parser.parse_args()
     if args.n is None:
-        args.n = {"backlog": 1000, "idle": 3000, "udp-flows": 20000}[args.mode]
+        args.n = {"backlog": 1000, "idle": 3000, "udp-flows": 20000, "udp-flow-bytes": 20000}[args.mode]
     with tempfile.TemporaryDirectory(prefix="bench-connections-") as tmp:
-        {"backlog": run_backlog, "idle": run_idle, "udp-flows": run_udp_flows}[args.mode](args, Path(tmp))
+        modes = {"backlog": run_backlog, "idle": run_idle, "udp-flows": run_udp_flows,
+                 "udp-flow-bytes": run_udp_flow_bytes}
+        modes[args.mode](args, Path(tmp))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,10 @@ class StreamFramer:
         buf = self._buffer
         return bool(buf) and bool(buf.strip(b"\r\n"))
 
+    def clear(self) -> None:
+        """Drop what is held (the connection is gone: its buffer must not wait for the garbage collector)."""
+        self._buffer = b""
+
     def feed(self, data: bytes) -> list[tuple[str, bytes]]:
         buf: bytes | bytearray
         if self._buffer:

@@ -647,6 +647,9 @@ class TransportLayer(Service):
             proto.deadline = None
         self.buffered -= proto.held
         proto.held = 0
+        # a connection and its flow refer to each other: only the cyclic collector (which runs
+        # rarely, ops/gctune.py) frees them, so what they hold big is dropped now
+        proto.framer.clear()
 
     def _connect_failed(self, proto: _StreamProtocol, reason: Failure) -> None:
         proto.connector = None

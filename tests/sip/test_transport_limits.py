@@ -208,6 +208,7 @@ def test_bytes_held_for_incomplete_messages_are_capped_over_all_connections() ->
     assert t.counters == {"max_buffered_bytes": 1}
     b.lost()
     assert t.buffered == len(a.proto.framer)
+    assert len(b.proto.framer) == 0  # dropped at once, not when the collector frees the connection
     a.feed(b"\r\nContent-Length: 0\r\n\r\n")  # completes: nothing held any more
     assert t.buffered == 0
     a.lost()
