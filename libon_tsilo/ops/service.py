@@ -244,6 +244,23 @@ def _connection_limits(cfg: Any) -> Any:
     return ConnectionLimits(**asdict(cfg))
 
 
+class _FlowRelease:
+    """Location observer: the flow of a removed binding goes back to the unbound idle timeout."""
+
+    def __init__(self, flows: Any) -> None:
+        self.flows = flows
+
+    def binding_added(self, binding: Any, flow: Any) -> None:
+        pass
+
+    def binding_refreshed(self, binding: Any, flow: Any) -> None:
+        pass
+
+    def binding_removed(self, binding: Any, reason: str) -> None:
+        if binding.flow_id is not None:
+            self.flows.recheck(binding.flow_id)
+
+
 class LocationService(Service):
     """Restores the bindings at start; flushes them to disk and stops the expiry timer at stop."""
 
@@ -299,6 +316,7 @@ def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
         # a flow a binding came over lives as long as the registration (RFC 5626), not the unbound idle
         location = parts.location
         parts.transport.flows.add_keeper(lambda flow_id: bool(location.by_flow(flow_id)))
+        location.subscribe(_FlowRelease(parts.transport.flows))
     svc = LocationService(parts.location, auth)
     svc.setName("location")
     svc.setServiceParent(root)

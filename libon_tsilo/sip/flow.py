@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from libon_tsilo import logflags
 from libon_tsilo.sip.listen import format_hostport
 
 __all__ = ["FlowKey", "Flow", "FlowTable", "CloseCallback", "Keeper"]
@@ -209,6 +210,17 @@ class FlowTable:
                 return True  # when in doubt, keep: a wrongly closed flow loses a device
         return False
 
+    def recheck(self, flow_id: str) -> None:
+        """What needed the flow let go of it (a binding was removed): it idles out as an unbound one."""
+        flow = self._by_id.get(flow_id)
+        if flow is None or self.idle_timeout <= 0:
+            return
+        timer = self._timers.pop(flow_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        idle = self.clock.seconds() - flow.last_activity
+        self._arm(flow, max(self.unbound_idle_timeout - idle, 0.0))
+
     def udp_count(self) -> int:
         return len(self._udp)
 
@@ -308,15 +320,18 @@ class FlowTable:
         if self._by_id.get(flow.id) is not flow:
             return
         idle = self.clock.seconds() - flow.last_activity
-        unbound = self.unbound_idle_timeout
-        if idle < unbound:
-            self._arm(flow, unbound - idle)
-            return
         if idle < self.idle_timeout and self.needed(flow):
-            # look again within the unbound timeout: once nothing needs it, it goes soon
-            self._arm(flow, min(self.idle_timeout - idle, unbound))
+            # the long sleep (one wake-up per idle_timeout for a registered device, not one per
+            # unbound timeout); recheck() cuts it short when what needed the flow lets go of it
+            self._arm(flow, self.idle_timeout - idle)
             return
-        log.info("flow {flow_id} idle for {idle:.0f}s; closing", flow_id=flow.id, idle=idle)
+        if idle < self.unbound_idle_timeout:
+            self._arm(flow, self.unbound_idle_timeout - idle)
+            return
+        if flow.reliable:
+            log.info("flow {flow_id} idle for {idle:.0f}s; closing", flow_id=flow.id, idle=idle)
+        elif logflags.debug_enabled:  # UDP: a flood of sources would flood the log too
+            log.debug("flow {flow_id} idle for {idle:.0f}s; forgotten", flow_id=flow.id, idle=idle)
         self._expire(flow)
 
     def _expire(self, flow: Flow) -> None:

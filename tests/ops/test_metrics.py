@@ -239,3 +239,8 @@ def test_service_wires_connection_limits_and_keeps_flows_of_bindings_and_calls(t
     other = Flow(key, "tcp:flow#2", lambda data: None)
     parts.b2bua.flows[other.id] = {"call-1"}
     assert flows.needed(other)  # a call runs over it
+    rechecked: list[str] = []
+    flows.recheck = rechecked.append
+    [b] = parts.location.lookup("alice")
+    parts.location.remove(b, "expired")
+    assert rechecked == [flow.id]  # its flow goes back to the unbound idle timeout

@@ -269,9 +269,23 @@ def test_a_flow_whose_binding_ends_goes_within_the_unbound_timeout() -> None:
     bound.add(c.flow.id)
     t.clock.advance(600)
     assert not c.closed
-    bound.clear()  # the binding expired or was removed
-    t.clock.advance(60)
+    bound.clear()  # the binding expired or was removed: the registrar's side tells the table
+    t.flows.recheck(c.flow.id)
+    t.clock.advance(0)  # idle for 600 s already: it goes at once
     assert c.closed
+
+
+def test_a_needed_flow_with_keepalives_wakes_its_timer_once_per_long_timeout() -> None:
+    t = layer(idle=3600, unbound_idle_timeout=60)
+    asked: list[str] = []
+    t.flows.add_keeper(lambda flow_id: asked.append(flow_id) or True)
+    c = Conn(t)
+    c.feed(sip_request(method="REGISTER", via=VIA))
+    for _ in range(240):  # two hours of RFC 5626 keep-alives every 30 s
+        t.clock.advance(30)
+        c.feed(b"\r\n\r\n")
+    assert not c.closed
+    assert len(asked) <= 3  # not one wake-up per unbound timeout (120 of them)
 
 
 def test_udp_flow_table_is_capped_evicting_the_oldest_unneeded_flow() -> None:
