@@ -572,6 +572,7 @@ class TransportLayer(Service):
         """After a feed: when the incomplete message started, and the bytes held, against their caps."""
         framer = proto.framer
         held = len(framer)
+        grew = held > proto.held
         self.buffered += held - proto.held
         proto.held = held
         if framer.incomplete:
@@ -581,7 +582,7 @@ class TransportLayer(Service):
         else:
             proto.partial_since = None
         cap = self.limits.max_buffered_bytes
-        if cap and self.buffered > cap and held:
+        if cap and self.buffered > cap and grew:  # whoever adds to the pile over the cap, not all
             self._close_for("max_buffered_bytes", proto, f"{self.buffered} bytes held for incomplete "
                                                          f"messages over all connections, cap {cap}")
 
@@ -634,6 +635,7 @@ class TransportLayer(Service):
         self._warn.warn(limit, "closing {flow_id}: {why} (connections.{limit})", flow_id=flow_id, why=why,
                         limit=limit)
         proto.failed = True
+        self._drop_held(proto)  # now, not when the abort is reported: others may go on meanwhile
         proto.abort()
 
     def _release(self, proto: _StreamProtocol) -> None:
@@ -645,6 +647,9 @@ class TransportLayer(Service):
             if proto.deadline.active():
                 proto.deadline.cancel()
             proto.deadline = None
+        self._drop_held(proto)
+
+    def _drop_held(self, proto: _StreamProtocol) -> None:
         self.buffered -= proto.held
         proto.held = 0
         # a connection and its flow refer to each other: only the cyclic collector (which runs
