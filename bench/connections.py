@@ -4,6 +4,7 @@
     .venv/bin/python bench/connections.py idle [--n 3000] [--partial 0]
     .venv/bin/python bench/connections.py udp-flows [--n 20000] [--idle 60]
     .venv/bin/python bench/connections.py udp-flow-bytes [--n 20000]
+    .venv/bin/python bench/connections.py relay [--n 20]
 
 Each mode starts the real server (bench/common.py: ``twistd -n libon-tsilo``, log level warn, auth
 off) with UDP and TCP on one loopback port and the admin API, and reads the server's figures from
@@ -24,6 +25,11 @@ off) with UDP and TCP on one loopback port and the admin API, and reads the serv
 - ``udp-flow-bytes`` (in-process, no server): the transport layer alone (``TransportLayer._datagram``
   with a sink that drops every message, on a Clock): tracemalloc's bytes per flow for N sources, the
   flows left at the cap, and after the unbound idle timeout.
+- ``relay``: N calls, one after the other, over TCP: a device registered over its own connection
+  answers each forked INVITE with 180 and 200 at once; the caller (another TCP connection) times
+  its INVITE -> 180 and INVITE -> 200, then ACKs and hangs up. Printed: the medians and maxima. The
+  server writes 100 Trying then the 180 on the caller's connection: without TCP_NODELAY the 180
+  waits for the caller's delayed ACK of the 100 (Nagle).
 
 Every run prints the server's config overrides, so a figure can be reproduced.
 """
@@ -242,11 +248,117 @@ def run_udp_flow_bytes(args: argparse.Namespace, workdir: Path) -> None:
     print(f"udp-flow-bytes: {layer.flows.live_count()} flows left 61 s later")
 
 
+class _Stream:
+    """A blocking SIP-over-TCP peer: send bytes, read whole messages (Content-Length framing)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection((HOST, port))
+        self.sock.settimeout(5)
+        # our own writes must not wait for the server's delayed ACK: only the server is measured
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.port = self.sock.getsockname()[1]
+        self.buf = b""
+
+    def read(self) -> bytes:
+        while True:
+            end = self.buf.find(b"\r\n\r\n")
+            if end >= 0:
+                head = self.buf[:end].decode()
+                length = 0
+                for line in head.split("\r\n")[1:]:
+                    name, _, value = line.partition(":")
+                    if name.strip().lower() in ("content-length", "l"):
+                        length = int(value)
+                if len(self.buf) >= end + 4 + length:
+                    msg, self.buf = self.buf[:end + 4 + length], self.buf[end + 4 + length:]
+                    return msg
+            chunk = self.sock.recv(65535)
+            if not chunk:
+                raise ConnectionError("server closed the connection")
+            self.buf += chunk
+
+
+def _headers(msg: bytes, name: str) -> list[str]:
+    out = []
+    for line in msg.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")[1:]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() == name:
+            out.append(value.strip())
+    return out
+
+
+def _answer(req: bytes, status: str, to_tag: str, contact: str) -> bytes:
+    lines = [f"SIP/2.0 {status}"] + [f"Via: {v}" for v in _headers(req, "via")]
+    lines += [f"From: {_headers(req, 'from')[0]}", f"To: {_headers(req, 'to')[0]};tag={to_tag}",
+              f"Call-ID: {_headers(req, 'call-id')[0]}", f"CSeq: {_headers(req, 'cseq')[0]}",
+              f"Contact: {contact}", "Content-Length: 0", "", ""]
+    return "\r\n".join(lines).encode()
+
+
+def run_relay(args: argparse.Namespace, workdir: Path) -> None:
+    server, admin = start(workdir, args.connections, args.sip)
+    port = server.sip_port
+    try:
+        device, caller = _Stream(port), _Stream(port)
+        contact = f"<sip:dev@{HOST}:{device.port};transport=tcp>"
+        dev_via = f"Via: SIP/2.0/TCP {HOST}:{device.port};branch=z9hG4bK-reg;rport"
+        device.sock.sendall((
+            f"REGISTER sip:{HOST} SIP/2.0\r\n{dev_via}\r\n"
+            f"Max-Forwards: 70\r\nFrom: <sip:dev@{HOST}>;tag=d\r\nTo: <sip:dev@{HOST}>\r\n"
+            f"Call-ID: reg@bench\r\nCSeq: 1 REGISTER\r\nContact: {contact}\r\nExpires: 600\r\n"
+            "Content-Length: 0\r\n\r\n").encode())
+        assert device.read().startswith(b"SIP/2.0 200"), "REGISTER failed"
+        ringing: list[float] = []
+        answered: list[float] = []
+        for n in range(args.n):
+            via = f"Via: SIP/2.0/TCP {HOST}:{caller.port};branch=z9hG4bK-c{n};rport"
+            common = (f"Max-Forwards: 70\r\nFrom: <sip:caller@{HOST}>;tag=c{n}\r\n"
+                      f"Call-ID: relay-{n}@bench\r\n")
+            t0 = time.perf_counter()
+            me = f"<sip:caller@{HOST}:{caller.port};transport=tcp>"
+            caller.sock.sendall((f"INVITE sip:dev@{HOST} SIP/2.0\r\n{via}\r\n{common}To: <sip:dev@{HOST}>\r\n"
+                                 f"CSeq: 1 INVITE\r\nContact: {me}\r\nContent-Length: 0\r\n\r\n").encode())
+            invite = device.read()
+            while not invite.startswith(b"INVITE"):
+                invite = device.read()
+            device.sock.sendall(_answer(invite, "180 Ringing", f"d{n}", contact))
+            device.sock.sendall(_answer(invite, "200 OK", f"d{n}", contact))
+            ok = b""
+            while not ok.startswith(b"SIP/2.0 200"):
+                got = caller.read()
+                if got.startswith(b"SIP/2.0 180"):
+                    ringing.append(time.perf_counter() - t0)
+                ok = got
+            answered.append(time.perf_counter() - t0)
+            to = _headers(ok, "to")[0]
+            for method, seq, branch in (("ACK", 1, f"a{n};"), ("BYE", 2, f"b{n};")):
+                caller.sock.sendall((f"{method} sip:dev@{HOST} SIP/2.0\r\n{via.replace(f'c{n};', branch)}\r\n"
+                                     f"{common}To: {to}\r\nCSeq: {seq} {method}\r\n"
+                                     "Content-Length: 0\r\n\r\n").encode())
+            while True:  # the device sees the ACK and the BYE, and answers the BYE
+                got = device.read()
+                if got.startswith(b"BYE"):
+                    device.sock.sendall(_answer(got, "200 OK", f"d{n}", contact))
+                    break
+            while not caller.read().startswith(b"SIP/2.0 200"):
+                pass
+        ringing.sort()
+        answered.sort()
+        r_med, r_max = ringing[len(ringing) // 2] * 1000, ringing[-1] * 1000
+        a_med, a_max = answered[len(answered) // 2] * 1000, answered[-1] * 1000
+        print(f"relay over TCP, {args.n} calls: INVITE -> 180 median {r_med:.1f} ms (max {r_max:.1f}), "
+              f"INVITE -> 200 median {a_med:.1f} ms (max {a_max:.1f})")
+        device.sock.close()
+        caller.sock.close()
+    finally:
+        server.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("mode", choices=["backlog", "idle", "udp-flows", "udp-flow-bytes"])
+    parser.add_argument("mode", choices=["backlog", "idle", "udp-flows", "udp-flow-bytes", "relay"])
     parser.add_argument("--n", type=int, default=None)
     parser.add_argument("--window", type=float, default=1.0, help="backlog: answered within this (s)")
     parser.add_argument("--partial", type=int, default=0, help="idle: bytes of a message each sends")
@@ -260,10 +372,11 @@ def main() -> None:
     parser.add_argument("--sip", type=json.loads, default=None, help="[sip] overrides as JSON")
     args = parser.parse_args()
     if args.n is None:
-        args.n = {"backlog": 1000, "idle": 3000, "udp-flows": 20000, "udp-flow-bytes": 20000}[args.mode]
+        args.n = {"backlog": 1000, "idle": 3000, "udp-flows": 20000, "udp-flow-bytes": 20000,
+                  "relay": 20}[args.mode]
     with tempfile.TemporaryDirectory(prefix="bench-connections-") as tmp:
         modes = {"backlog": run_backlog, "idle": run_idle, "udp-flows": run_udp_flows,
-                 "udp-flow-bytes": run_udp_flow_bytes}
+                 "udp-flow-bytes": run_udp_flow_bytes, "relay": run_relay}
         modes[args.mode](args, Path(tmp))
 
 
