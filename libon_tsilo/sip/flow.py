@@ -17,8 +17,9 @@ Choices:
   since its last activity; any other flow for ``unbound_idle_timeout`` (short: a connection or a UDP
   source that never registered is not worth an hour of memory). Which flows are needed is asked of
   the ``keepers`` (``add_keeper(flow_id -> bool)``, given by the layers above, so this module knows
-  nothing of registrations or calls), only when a flow has been idle for ``unbound_idle_timeout``:
-  nothing is asked per message.
+  nothing of registrations or calls) when a flow's timer fires, never per message. A needed flow then
+  sleeps the long timeout (one wake-up an hour for a registered device with keep-alives, not one a
+  minute); ``recheck(flow_id)``, called when a binding is removed, puts it back on the short one.
 - UDP pseudo-flows are capped (``max_udp_flows``): the table holds one per source address, and
   sources cost an attacker nothing. At the cap, the oldest UDP flow no keeper needs is evicted
   before a new one is added; needed flows are never evicted (they may take the table past the cap).
@@ -48,7 +49,7 @@ CloseCallback = Callable[["Flow"], None]
 Keeper = Callable[[str], bool]  # flow id -> still needed (a binding or a call uses it)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FlowKey:
     transport: str  # "udp" | "tcp" | "tls"
     local: HostPort
@@ -87,7 +88,7 @@ class Flow:
         self.last_activity = now
         self._sender = sender
         self._closer = closer
-        self._close_cbs: list[CloseCallback] = []
+        self._close_cbs: list[CloseCallback] | None = None  # made by the first on_close
         self._closed = False
         self._remote_keys: list[tuple[str, HostPort]] = []
 
@@ -115,6 +116,8 @@ class Flow:
         if self._closed:
             _safe_call(cb, self)
         else:
+            if self._close_cbs is None:
+                self._close_cbs = []
             self._close_cbs.append(cb)
 
     def close(self) -> None:
@@ -125,7 +128,7 @@ class Flow:
     def _mark_closed(self) -> list[CloseCallback]:
         self._closed = True
         self.live = False
-        cbs, self._close_cbs = self._close_cbs, []
+        cbs, self._close_cbs = self._close_cbs or [], None
         return cbs
 
     def __repr__(self) -> str:
