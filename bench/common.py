@@ -167,7 +167,7 @@ class BenchServer:
 
 def start_bench_server(
     workdir: Path, extra: dict[str, dict[str, Any]] | None = None, twistd_options: list[str] | None = None,
-    cpu: int | None = None,
+    cpu: int | None = None, port: int | None = None,
 ) -> BenchServer:
     """The real server on a free loopback UDP port, log level warn, auth off, memory store.
 
@@ -176,7 +176,7 @@ def start_bench_server(
     from tests.e2e.proc import free_port, merge_sections, to_toml, udp_options
 
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()  # a caller that listens on more than UDP picks the port itself
     sections = merge_sections(
         {
             "sip": {"listen": [f"udp:{HOST}:{port}"], "domains": ["localhost", HOST]},

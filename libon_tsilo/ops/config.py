@@ -27,6 +27,7 @@ __all__ = [
     "ConfigError",
     "Config",
     "SipConfig",
+    "ConnectionsConfig",
     "TlsConfig",
     "RegistrarConfig",
     "AuthConfig",
@@ -274,6 +275,19 @@ class SipConfig:
 
 
 @dataclass(frozen=True)
+class ConnectionsConfig:
+    # what bounds TCP/TLS connections and UDP flows (issue 11); 0 turns a cap or timeout off
+    max_connections: int = _opt(10000, _int_range(0))
+    max_connections_per_source: int = _opt(256, _int_range(0))
+    message_timeout: float = _opt(20.0, _int_range(0))
+    tls_handshake_timeout: float = _opt(10.0, _int_range(0))
+    unbound_idle_timeout: float = _opt(60.0, _int_range(0))
+    listen_backlog: int = _opt(1024, _int_range(1, 65535))
+    max_udp_flows: int = _opt(20000, _int_range(0))
+    max_buffered_bytes: int = _opt(64 * 1024 * 1024, _int_range(0))
+
+
+@dataclass(frozen=True)
 class TlsConfig:
     certificate: str = _opt("", path=_INPUT)
     private_key: str = _opt("", path=_INPUT)
@@ -436,6 +450,7 @@ class OpsConfig:
 @dataclass(frozen=True)
 class Config:
     sip: SipConfig = field(default_factory=SipConfig)
+    connections: ConnectionsConfig = field(default_factory=ConnectionsConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     registrar: RegistrarConfig = field(default_factory=RegistrarConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)

@@ -221,6 +221,25 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
 
 
+def _connection_metrics(c: dict[str, Any]) -> Iterator[Metric]:
+    """What the [connections] limits did: refusals at accept, connections closed, UDP evictions."""
+    yield _gauge("connections_inbound", "Accepted TCP/TLS connections open", c["inbound"])
+    yield _gauge("buffered_bytes", "Bytes held for incomplete messages, all connections", c["buffered_bytes"])
+    yield _gauge("udp_flows", "UDP sources held as flows", c["udp_flows"])
+    refused = CounterMetricFamily(f"{PREFIX}_connections_refused", "Connections refused at accept, by cap",
+                                  labels=["cap"])
+    for cap in ("max_connections", "max_connections_per_source"):
+        refused.add_metric([cap], c["refused"].get(cap, 0))
+    yield refused
+    closed = CounterMetricFamily(f"{PREFIX}_connections_closed_by_limit", "Connections closed by a limit",
+                                 labels=["limit"])
+    for limit in ("message_timeout", "tls_handshake_timeout", "max_buffered_bytes"):
+        closed.add_metric([limit], c["closed"].get(limit, 0))
+    yield closed
+    yield _counter("udp_flows_evicted", "UDP flows evicted at connections.max_udp_flows",
+                   c["udp_flows_evicted"])
+
+
 class TsiloCollector(Collector):
     """Reads ``parts`` (the service tree's objects) at each scrape; absent layers are skipped."""
 
@@ -274,6 +293,7 @@ class TsiloCollector(Collector):
             yield _gauge(
                 "flows", "Live connections/flows (TCP, TLS, UDP 5-tuples)", p.transport.flows.live_count()
             )
+            yield from _connection_metrics(p.transport.connection_stats())
         if p.router is not None:
             c = CounterMetricFamily(
                 f"{PREFIX}_router_requests",

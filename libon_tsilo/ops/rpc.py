@@ -239,6 +239,7 @@ class Rpc:
                                    "strays_dropped": t.strays_dropped}
         if p.transport is not None:
             out["flows"] = {"live": p.transport.flows.live_count()}
+            out["connections"] = p.transport.connection_stats()
         sip: dict[str, Any] = {}
         if p.router is not None:
             sip["requests_in"] = dict(p.router.counters)

@@ -226,6 +226,7 @@ def _add_sip_stack(root: LibonTsiloService, parts: Parts) -> None:
         max_message_size=cfg.max_message_size,
         tls_context_factory=parts.tls_context_factory,
         advertised_host=cfg.advertised_host or None,
+        limits=_connection_limits(parts.config.connections),
     )
     _attach(root, parts.transport)
     parts.transactions = transaction_mod.TransactionLayer(
@@ -256,6 +257,32 @@ def _add_limits(root: LibonTsiloService, parts: Parts) -> None:
     parts.transactions.admit = limiter.admit
     parts.extra["source_limiter"] = limiter
     parts.extra["limits"].append(limiter)
+
+
+def _connection_limits(cfg: Any) -> Any:
+    """[connections] as the transport's ConnectionLimits (the same names: sip/ cannot import ops/)."""
+    from dataclasses import asdict
+
+    from libon_tsilo.sip.connlimits import ConnectionLimits
+
+    return ConnectionLimits(**asdict(cfg))
+
+
+class _FlowRelease:
+    """Location observer: the flow of a removed binding goes back to the unbound idle timeout."""
+
+    def __init__(self, flows: Any) -> None:
+        self.flows = flows
+
+    def binding_added(self, binding: Any, flow: Any) -> None:
+        pass
+
+    def binding_refreshed(self, binding: Any, flow: Any) -> None:
+        pass
+
+    def binding_removed(self, binding: Any, reason: str) -> None:
+        if binding.flow_id is not None:
+            self.flows.recheck(binding.flow_id)
 
 
 class LocationService(Service):
@@ -317,6 +344,10 @@ def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
     )
     if parts.transport is not None:
         parts.transport.flows.subscribe_close(parts.registrar.flow_closed)
+        # a flow a binding came over lives as long as the registration (RFC 5626), not the unbound idle
+        location = parts.location
+        parts.transport.flows.add_keeper(lambda flow_id: bool(location.by_flow(flow_id)))
+        location.subscribe(_FlowRelease(parts.transport.flows))
     svc = LocationService(parts.location, auth)
     svc.setName("location")
     svc.setServiceParent(root)
@@ -452,6 +483,7 @@ def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
     parts.extra.setdefault("limits", []).append(parts.b2bua)
     if parts.transport is not None:
         parts.transport.flows.subscribe_close(parts.b2bua.flow_closed)
+        parts.transport.flows.add_keeper(parts.b2bua.flows.__contains__)  # a call's connection stays
 
 
 def _add_router(root: LibonTsiloService, parts: Parts) -> None:

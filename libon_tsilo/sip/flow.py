@@ -12,9 +12,17 @@ Choices:
 - Idle timeout: one callLater per flow, armed at ``last_activity + timeout``. Activity only updates
   ``last_activity`` (no timer reset per message); when the timer fires it re-arms for the remainder
   if there was activity meanwhile. A timeout <= 0 disables idle expiry.
-- On expiry a stream flow is closed through its ``closer`` (the connection drops, and the close is
-  reported when the transport says the connection is gone); a UDP pseudo-flow is simply marked dead
-  and removed, and the close is reported at once.
+- Two idle timeouts. A flow that something still needs (a binding was registered over it, a call
+  runs over it: RFC 5626 flows must live as long as the registration) is kept for ``idle_timeout``
+  since its last activity; any other flow for ``unbound_idle_timeout`` (short: a connection or a UDP
+  source that never registered is not worth an hour of memory). Which flows are needed is asked of
+  the ``keepers`` (``add_keeper(flow_id -> bool)``, given by the layers above, so this module knows
+  nothing of registrations or calls) when a flow's timer fires, never per message. A needed flow then
+  sleeps the long timeout (one wake-up an hour for a registered device with keep-alives, not one a
+  minute); ``recheck(flow_id)``, called when a binding is removed, puts it back on the short one.
+- UDP pseudo-flows are capped (``max_udp_flows``): the table holds one per source address, and
+  sources cost an attacker nothing. At the cap, the oldest UDP flow no keeper needs is evicted
+  before a new one is added; needed flows are never evicted (they may take the table past the cap).
 - Close callbacks (per flow, then table-wide subscribers) run once; an exception in one is logged and
   does not stop the others.
 """
@@ -22,23 +30,26 @@ Choices:
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from libon_tsilo import logflags
 from libon_tsilo.sip.listen import format_hostport
 
-__all__ = ["FlowKey", "Flow", "FlowTable", "CloseCallback"]
+__all__ = ["FlowKey", "Flow", "FlowTable", "CloseCallback", "Keeper"]
 
 log = Logger()
 
 HostPort = tuple[str, int]
 CloseCallback = Callable[["Flow"], None]
+Keeper = Callable[[str], bool]  # flow id -> still needed (a binding or a call uses it)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FlowKey:
     transport: str  # "udp" | "tcp" | "tls"
     local: HostPort
@@ -59,6 +70,10 @@ class Flow:
     UDP). The transport layer owns both; other layers only call ``send``, ``on_close`` and read state.
     """
 
+    # slots: a flood from many UDP sources makes many of these
+    __slots__ = ("key", "id", "live", "last_activity", "_sender", "_closer", "_close_cbs", "_closed",
+                 "_remote_keys")
+
     def __init__(
         self,
         key: FlowKey,
@@ -73,7 +88,7 @@ class Flow:
         self.last_activity = now
         self._sender = sender
         self._closer = closer
-        self._close_cbs: list[CloseCallback] = []
+        self._close_cbs: list[CloseCallback] | None = None  # made by the first on_close
         self._closed = False
         self._remote_keys: list[tuple[str, HostPort]] = []
 
@@ -101,6 +116,8 @@ class Flow:
         if self._closed:
             _safe_call(cb, self)
         else:
+            if self._close_cbs is None:
+                self._close_cbs = []
             self._close_cbs.append(cb)
 
     def close(self) -> None:
@@ -111,7 +128,7 @@ class Flow:
     def _mark_closed(self) -> list[CloseCallback]:
         self._closed = True
         self.live = False
-        cbs, self._close_cbs = self._close_cbs, []
+        cbs, self._close_cbs = self._close_cbs or [], None
         return cbs
 
     def __repr__(self) -> str:
@@ -128,9 +145,25 @@ def _safe_call(cb: CloseCallback, flow: Flow) -> None:
 class FlowTable:
     """Live flows by id and by key, with idle expiry on ``clock``."""
 
-    def __init__(self, clock: IReactorTime, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        idle_timeout: float,
+        unbound_idle_timeout: float | None = None,
+        max_udp_flows: int = 0,
+    ) -> None:
         self.clock = clock
         self.idle_timeout = idle_timeout
+        # never longer than idle_timeout: a flow nobody needs does not outlive one that is needed
+        if unbound_idle_timeout is None or unbound_idle_timeout <= 0:
+            unbound_idle_timeout = idle_timeout
+        elif idle_timeout > 0:
+            unbound_idle_timeout = min(unbound_idle_timeout, idle_timeout)
+        self.unbound_idle_timeout = unbound_idle_timeout
+        self.max_udp_flows = max_udp_flows  # 0: no cap
+        self.evicted = 0  # UDP flows evicted at the cap
+        self._keepers: list[Keeper] = []
+        self._udp: OrderedDict[str, Flow] = OrderedDict()  # UDP flows, oldest first (eviction order)
         self._by_id: dict[str, Flow] = {}
         # (transport, local, remote) -> flow: plain tuples, cheaper per datagram than a FlowKey
         self._by_key: dict[tuple[str, HostPort, HostPort], Flow] = {}
@@ -165,6 +198,35 @@ class FlowTable:
     def __iter__(self):
         return iter(list(self._by_id.values()))
 
+    def add_keeper(self, keeper: Keeper) -> None:
+        """``keeper(flow_id)`` True keeps an idle flow for ``idle_timeout`` instead of the unbound one."""
+        self._keepers.append(keeper)
+
+    def needed(self, flow: Flow) -> bool:
+        """Whether a keeper still needs ``flow`` (asked when it idles, and at the UDP cap)."""
+        for keeper in self._keepers:
+            try:
+                if keeper(flow.id):
+                    return True
+            except Exception:
+                log.failure("flow keeper failed for {flow_id}", flow_id=flow.id)
+                return True  # when in doubt, keep: a wrongly closed flow loses a device
+        return False
+
+    def recheck(self, flow_id: str) -> None:
+        """What needed the flow let go of it (a binding was removed): it idles out as an unbound one."""
+        flow = self._by_id.get(flow_id)
+        if flow is None or self.idle_timeout <= 0:
+            return
+        timer = self._timers.pop(flow_id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        idle = self.clock.seconds() - flow.last_activity
+        self._arm(flow, max(self.unbound_idle_timeout - idle, 0.0))
+
+    def udp_count(self) -> int:
+        return len(self._udp)
+
     def subscribe_close(self, cb: CloseCallback) -> None:
         """Call ``cb(flow)`` for every flow that closes or expires from now on."""
         self._subscribers.append(cb)
@@ -181,11 +243,15 @@ class FlowTable:
         if old is not None and old is not flow:
             # same 5-tuple: the old connection is gone even if its close was not reported yet
             self.closed(old)
+        if flow.key.transport == "udp":
+            if self.max_udp_flows and len(self._udp) >= self.max_udp_flows:
+                self._evict_udp()
+            self._udp[flow.id] = flow
         self._by_id[flow.id] = flow
         self._by_key[flow.key.as_tuple()] = flow
         self.alias_remote(flow, flow.key.remote)
         flow.last_activity = self.clock.seconds()
-        self._arm(flow, self.idle_timeout)
+        self._arm(flow, self.unbound_idle_timeout)
         return flow
 
     def rekey(self, flow: Flow, key: FlowKey) -> None:
@@ -238,6 +304,8 @@ class FlowTable:
     def _unindex(self, flow: Flow) -> None:
         if self._by_id.get(flow.id) is flow:
             del self._by_id[flow.id]
+            if flow.key.transport == "udp":
+                self._udp.pop(flow.id, None)
         if self._by_key.get(flow.key.as_tuple()) is flow:
             del self._by_key[flow.key.as_tuple()]
         for rkey in flow._remote_keys:
@@ -255,11 +323,33 @@ class FlowTable:
         if self._by_id.get(flow.id) is not flow:
             return
         idle = self.clock.seconds() - flow.last_activity
-        if idle < self.idle_timeout:
+        if idle < self.idle_timeout and self.needed(flow):
+            # the long sleep (one wake-up per idle_timeout for a registered device, not one per
+            # unbound timeout); recheck() cuts it short when what needed the flow lets go of it
             self._arm(flow, self.idle_timeout - idle)
             return
-        log.info("flow {flow_id} idle for {idle:.0f}s; closing", flow_id=flow.id, idle=idle)
+        if idle < self.unbound_idle_timeout:
+            self._arm(flow, self.unbound_idle_timeout - idle)
+            return
+        if flow.reliable:
+            log.info("flow {flow_id} idle for {idle:.0f}s; closing", flow_id=flow.id, idle=idle)
+        elif logflags.debug_enabled:  # UDP: a flood of sources would flood the log too
+            log.debug("flow {flow_id} idle for {idle:.0f}s; forgotten", flow_id=flow.id, idle=idle)
+        self._expire(flow)
+
+    def _expire(self, flow: Flow) -> None:
         if flow.reliable and flow._closer is not None:
             flow.close()
         else:
             self.closed(flow)
+
+    def _evict_udp(self) -> None:
+        """Make room for one UDP flow: drop the oldest that no keeper needs."""
+        for _ in range(len(self._udp)):
+            flow_id, flow = next(iter(self._udp.items()))
+            if self.needed(flow):
+                self._udp.move_to_end(flow_id)  # not asked again until the others were
+                continue
+            self.evicted += 1
+            self.closed(flow)
+            return

@@ -33,8 +33,20 @@ Choices (and where they differ from a plain reading of the RFCs):
   certificate failure, DNS failure for a UDP target name) is reported through ``on_send_error(target,
   reason)`` once per target that queued data on the failed connection. A UDP target given by name is
   resolved asynchronously (never the response path) and send_request returns None for it.
-- UDP pseudo-flows live until flow_idle_timeout without traffic, like connections; a flood from many
-  source addresses therefore grows the table for that long (no cap yet).
+- Limits (``ConnectionLimits``, sip/connlimits.py): inbound connections are capped in total and per
+  source, and refused at accept, before any protocol object exists. A connection must finish its TLS
+  handshake within ``tls_handshake_timeout``; an accepted one must send its first complete message
+  within ``message_timeout`` of the accept, and every message must be complete within
+  ``message_timeout`` of its first byte (slowloris): otherwise the connection is aborted. Keep-alives
+  neither start nor satisfy these clocks. The bytes held for incomplete messages, over all
+  connections, are capped by ``max_buffered_bytes``: the connection whose data passes it is closed.
+  Every limit that bites is counted (``counters``, ``admission.refused``, ``flows.evicted``) and
+  logged at most once per 10 s per kind.
+- Every stream socket, accepted or connected, TCP or TLS, has TCP_NODELAY: a SIP message is written
+  whole, and Nagle would hold its last segment until the peer's delayed ACK (~40 ms per message).
+- UDP pseudo-flows: created by a datagram that carries a message (a CRLF keep-alive only refreshes
+  a flow that exists), expired after the unbound idle timeout unless a binding or a call needs them,
+  and capped (the oldest unneeded one is evicted): see sip/flow.py.
 - Idle timers run on the injected ``clock``; sockets run on ``reactor`` (the global one by default).
   stopService closes every port and connection, cancels every timer, and returns a Deferred that
   fires when all ports and connections are gone.
@@ -45,6 +57,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import socket
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,9 +67,17 @@ from twisted.internet import defer, error
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import ClientFactory, DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from libon_tsilo import logflags
+from libon_tsilo.sip.connlimits import (
+    ConnectionAdmission,
+    ConnectionLimits,
+    effective_backlog,
+    raise_fd_limit,
+)
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip import stun
 from libon_tsilo.sip.flow import Flow, FlowKey, FlowTable
@@ -78,8 +99,9 @@ from libon_tsilo.sip.message import (
     make_response,
     parse_message,
 )
+from libon_tsilo.sip.ratelog import RateLimitedLog
 
-__all__ = ["Target", "TransportLayer", "TransportError"]
+__all__ = ["Target", "TransportLayer", "TransportError", "ConnectionLimits"]
 
 log = Logger()
 
@@ -180,9 +202,20 @@ class _StreamProtocol(Protocol):
         self.targets: list[Target] = []  # outbound: who to tell when the connection fails
         self.connector: Any = None
         self.lost: defer.Deferred[None] = defer.Deferred()
+        # limits (decided by the layer): admission key, deadlines, bytes held for an incomplete message
+        self.source: str | None = None  # inbound: the key ConnectionAdmission counts it under
+        self.made_at = 0.0
+        self.awaiting_first = False  # inbound, no complete message yet
+        self.partial_since: float | None = None  # when the first byte of the incomplete message came
+        self.deadline: Any = None  # IDelayedCall
+        self.held = 0
 
     def connectionMade(self) -> None:
         self.up = True
+        try:
+            self.transport.setTcpNoDelay(True)
+        except (AttributeError, OSError):
+            pass  # not a TCP socket (a test's in-memory transport), or already gone
         if self.handshake_done:
             self.targets.clear()
         self.layer._stream_made(self)
@@ -193,6 +226,7 @@ class _StreamProtocol(Protocol):
     def handshakeCompleted(self) -> None:
         self.handshake_done = True
         self.targets.clear()
+        self.layer._arm_deadline(self)
 
     @property
     def pending(self) -> bool:
@@ -235,8 +269,22 @@ class _ServerFactory(Factory):
         self.layer = layer
         self.name = name
 
-    def buildProtocol(self, addr: Any) -> Protocol:
-        return _StreamProtocol(self.layer, self.name)
+    def buildProtocol(self, addr: Any) -> Protocol | None:
+        # None: over a cap, and Twisted closes the accepted socket at once
+        source = self.layer.admission.admit(addr.host) if addr is not None else None
+        if source is None and addr is not None:
+            return None
+        proto = _StreamProtocol(self.layer, self.name)
+        proto.source = source
+        return proto
+
+
+class _TLSServerFactory(TLSMemoryBIOFactory):
+    """TLS around ``_ServerFactory`` that passes a refusal on (the stock wrapper would wrap None)."""
+
+    def buildProtocol(self, addr: Any) -> Any:
+        inner = self.wrappedFactory.buildProtocol(addr)
+        return None if inner is None else self.protocol(self, inner)
 
 
 class _ClientFactory(ClientFactory):
@@ -267,6 +315,7 @@ class TransportLayer(Service):
         tls_context_factory: Any = None,
         reactor: Any = None,
         advertised_host: str | None = None,
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self.specs = [parse_listen_spec(s) for s in listen]
         if any(s.transport == "tls" for s in self.specs) and tls_context_factory is None:
@@ -280,7 +329,14 @@ class TransportLayer(Service):
         self.max_message_size = max_message_size
         self.tls_context_factory = tls_context_factory
         self.advertised_host = advertised_host or None
-        self.flows = FlowTable(clock, flow_idle_timeout)
+        self.limits = limits = limits or ConnectionLimits()
+        self.flows = FlowTable(clock, flow_idle_timeout, limits.unbound_idle_timeout, limits.max_udp_flows)
+        self.admission = ConnectionAdmission(limits, clock)
+        # connections closed by a limit: "message_timeout", "tls_handshake_timeout", "max_buffered_bytes"
+        self.counters: Counter[str] = Counter()
+        self.buffered = 0  # bytes held for incomplete messages, all connections
+        self._warn = RateLimitedLog(log, clock)
+        self._evicted_logged = 0
         self.sink: Sink = self._no_sink
         self.on_send_error: SendErrorCallback | None = None
         self.bound: list[tuple[str, str, int]] = []
@@ -292,11 +348,15 @@ class TransportLayer(Service):
         self._primary_ip: dict[bool, str] = {}
         # (transport, want_v6, advertised_host) -> local_via() answer; cleared when listeners change
         self._via_cache: dict[tuple[str, bool | None, str | None], tuple[str, int]] = {}
+        self._backlog = self.limits.listen_backlog
 
     # -- service ---------------------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
+        if any(s.transport in _STREAMS for s in self.specs):
+            raise_fd_limit(self.limits.max_connections)
+            self._backlog = effective_backlog(self.limits.listen_backlog)
         for spec in self.specs:
             self._listen(spec)
 
@@ -305,11 +365,12 @@ class TransportLayer(Service):
             proto = _UDPProtocol(self, spec)
             port = self.reactor.listenUDP(spec.port, proto, interface=spec.host, maxPacketSize=65535)
         elif spec.transport == "tcp":
-            port = self.reactor.listenTCP(spec.port, _ServerFactory(self, "tcp"), interface=spec.host)
-        else:
-            port = self.reactor.listenSSL(
-                spec.port, _ServerFactory(self, "tls"), self._server_tls(), interface=spec.host
+            port = self.reactor.listenTCP(
+                spec.port, _ServerFactory(self, "tcp"), backlog=self._backlog, interface=spec.host
             )
+        else:
+            factory = _TLSServerFactory(self._server_tls(), False, _ServerFactory(self, "tls"))
+            port = self.reactor.listenTCP(spec.port, factory, backlog=self._backlog, interface=spec.host)
         self._ports.append(port)
         addr = port.getHost()
         host = strip_brackets(addr.host)
@@ -404,15 +465,30 @@ class TransportLayer(Service):
                 "cannot send {status} response: {err}", status=resp.status, err=e, call_id=_call_id(resp)
             )
 
+    def connection_stats(self) -> dict[str, Any]:
+        """Connections and what the limits did, for /rpc/stats and /metrics."""
+        return {
+            "inbound": self.admission.total,
+            "refused": dict(self.admission.refused),
+            "closed": dict(self.counters),
+            "buffered_bytes": self.buffered,
+            "udp_flows": self.flows.udp_count(),
+            "udp_flows_evicted": self.flows.evicted,
+        }
+
     # -- inbound ---------------------------------------------------------------------------------
 
     def _datagram(self, proto: _UDPProtocol, data: bytes, addr: HostPort) -> None:
         if len(data) > self.max_message_size:
             log.warn("dropping a {n}-byte datagram from {addr} (max_message_size)", n=len(data), addr=addr)
             return
-        flow = self._udp_flow(proto, (_norm_host(addr[0]), addr[1]))
         if data[:1] == b"\r" and not data.strip(b"\r\n"):
-            return  # CRLF keep-alive over UDP: refreshing the flow is all it asks for
+            # CRLF keep-alive over UDP: it refreshes a flow, and creates none (it costs a spoofer nothing)
+            flow = self.flows.lookup("udp", proto.local, (_norm_host(addr[0]), addr[1]))
+            if flow is not None:
+                self.flows.touch(flow)
+            return
+        flow = self._udp_flow(proto, (_norm_host(addr[0]), addr[1]))
         if data[:1] < b"\x02":  # 0x00/0x01: STUN keep-alive (RFC 5626 §8.4); SIP starts with a letter
             stun.answer(data, flow)
             return
@@ -424,6 +500,13 @@ class TransportLayer(Service):
             key = FlowKey("udp", proto.local, remote)
             flow = Flow(key, self.flows.new_id(key), lambda data: proto.send_to(data, remote))
             self.flows.add(flow)
+            if self.flows.evicted != self._evicted_logged:
+                self._evicted_logged = self.flows.evicted
+                self._warn.warn(
+                    "udp_evict",
+                    "UDP flow table full (connections.max_udp_flows = {cap}): evicting the oldest "
+                    "unregistered flows ({n} so far)", cap=self.flows.max_udp_flows, n=self.flows.evicted,
+                )
         else:
             self.flows.touch(flow)
         return flow
@@ -431,15 +514,19 @@ class TransportLayer(Service):
     def _stream_made(self, proto: _StreamProtocol) -> None:
         host, peer = proto.transport.getHost(), proto.transport.getPeer()
         key = FlowKey(proto.name, (_norm_host(host.host), host.port), (_norm_host(peer.host), peer.port))
+        proto.made_at = self.clock.seconds()
         if proto.flow is None:
             flow = Flow(key, self.flows.new_id(key), proto.send, proto.close)
             proto.flow = flow
+            proto.awaiting_first = True  # an accepted connection owes us a message
             self._protos[flow.id] = proto
             self.flows.add(flow)
-            log.debug("new {transport} flow {flow_id}", transport=proto.name, flow_id=flow.id)
+            if logflags.debug_enabled:
+                log.debug("new {transport} flow {flow_id}", transport=proto.name, flow_id=flow.id)
         else:
             self.flows.rekey(proto.flow, key)
             self.flows.touch(proto.flow)
+        self._arm_deadline(proto)
 
     def _stream_data(self, proto: _StreamProtocol, data: bytes) -> None:
         flow = proto.flow
@@ -452,8 +539,14 @@ class TransportLayer(Service):
         except ParseError as e:
             # messages framed before the bad one (when the framer hands them over) still count
             items, failure = list(getattr(e, "framed", ())), e
+        framer = proto.framer
+        if items or len(framer) or proto.held:
+            self._track_incomplete(proto, bool(items))
+            if not flow.live:
+                return  # closed: too many bytes held
         for kind, payload in items:
             if kind == "msg":
+                proto.awaiting_first = False
                 self._inbound(payload, flow, stream=True)
             elif kind == "ping":
                 proto.send(b"\r\n")
@@ -468,12 +561,104 @@ class TransportLayer(Service):
     def _stream_lost(self, proto: _StreamProtocol, reason: Failure | None) -> None:
         flow = proto.flow
         why = reason.getErrorMessage() if reason is not None else "connection lost"
+        self._release(proto)
         if flow is not None:
             self._protos.pop(flow.id, None)
-            log.debug("flow {flow_id} closed: {why}", flow_id=flow.id, why=why)
+            if logflags.debug_enabled:
+                log.debug("flow {flow_id} closed: {why}", flow_id=flow.id, why=why)
             self.flows.closed(flow)
         if proto.targets:  # an outbound TLS connection that never completed its handshake
             self._report_failure(proto, f"TLS handshake failed: {why}")
+
+    # -- connection limits -------------------------------------------------------------------------
+
+    def _track_incomplete(self, proto: _StreamProtocol, framed: bool) -> None:
+        """After a feed: when the incomplete message started, and the bytes held, against their caps."""
+        framer = proto.framer
+        held = len(framer)
+        grew = held > proto.held
+        self.buffered += held - proto.held
+        proto.held = held
+        if framer.incomplete:
+            if proto.partial_since is None or framed:  # a new message began in this chunk
+                proto.partial_since = self.clock.seconds()
+                self._arm_deadline(proto)
+        else:
+            proto.partial_since = None
+        cap = self.limits.max_buffered_bytes
+        if cap and self.buffered > cap and grew:  # whoever adds to the pile over the cap, not all
+            self._close_for("max_buffered_bytes", proto, f"{self.buffered} bytes held for incomplete "
+                                                         f"messages over all connections, cap {cap}")
+
+    def _deadline(self, proto: _StreamProtocol) -> tuple[float, str, str] | None:
+        """The earliest of the clocks running on ``proto``: (when, counter name, why)."""
+        limits = self.limits
+        found: tuple[float, str, str] | None = None
+        if not proto.handshake_done and limits.tls_handshake_timeout > 0:
+            found = (proto.made_at + limits.tls_handshake_timeout, "tls_handshake_timeout",
+                     f"TLS handshake not done in {limits.tls_handshake_timeout:g} s")
+        if limits.message_timeout > 0:
+            if proto.awaiting_first:
+                when = proto.made_at + limits.message_timeout
+                why = f"no complete message {limits.message_timeout:g} s after the accept"
+            elif proto.partial_since is not None:
+                when = proto.partial_since + limits.message_timeout
+                why = f"a message still incomplete {limits.message_timeout:g} s after its first byte"
+            else:
+                return found
+            if found is None or when < found[0]:
+                found = (when, "message_timeout", why)
+        return found
+
+    def _arm_deadline(self, proto: _StreamProtocol) -> None:
+        # one timer per connection at most; it re-reads the state when it fires (no cancel per message)
+        if proto.deadline is not None or not proto.up:
+            return
+        found = self._deadline(proto)
+        if found is not None:
+            delay = max(found[0] - self.clock.seconds(), 0.0)
+            proto.deadline = self.clock.callLater(delay, self._deadline_reached, proto)
+
+    def _deadline_reached(self, proto: _StreamProtocol) -> None:
+        proto.deadline = None
+        flow = proto.flow
+        if not proto.up or flow is None or not flow.live:
+            return
+        found = self._deadline(proto)
+        if found is None:
+            return
+        if found[0] > self.clock.seconds():
+            self._arm_deadline(proto)
+            return
+        self._close_for(found[1], proto, found[2])
+
+    def _close_for(self, limit: str, proto: _StreamProtocol, why: str) -> None:
+        """A limit bit: count it, log it (rate-limited) and abort the connection (no lingering)."""
+        self.counters[limit] += 1
+        flow_id = proto.flow.id if proto.flow is not None else "?"
+        self._warn.warn(limit, "closing {flow_id}: {why} (connections.{limit})", flow_id=flow_id, why=why,
+                        limit=limit)
+        proto.failed = True
+        self._drop_held(proto)  # now, not when the abort is reported: others may go on meanwhile
+        proto.abort()
+
+    def _release(self, proto: _StreamProtocol) -> None:
+        """The connection is gone: its admission slot, deadline timer and held bytes go with it."""
+        if proto.source is not None:
+            self.admission.release(proto.source)
+            proto.source = None
+        if proto.deadline is not None:
+            if proto.deadline.active():
+                proto.deadline.cancel()
+            proto.deadline = None
+        self._drop_held(proto)
+
+    def _drop_held(self, proto: _StreamProtocol) -> None:
+        self.buffered -= proto.held
+        proto.held = 0
+        # a connection and its flow refer to each other: only the cyclic collector (which runs
+        # rarely, ops/gctune.py) frees them, so what they hold big is dropped now
+        proto.framer.clear()
 
     def _connect_failed(self, proto: _StreamProtocol, reason: Failure) -> None:
         proto.connector = None

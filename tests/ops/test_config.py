@@ -393,3 +393,31 @@ def test_calls_session_timer_defaults():
 )
 def test_calls_session_timer_errors(data, expected):
     assert error_of(data) == expected
+
+
+# --- [connections] (issue 11: connection and flow limits) --------------------------------------
+
+
+def test_connections_defaults_are_for_a_real_server():
+    c = default_config().connections
+    assert (c.max_connections, c.max_connections_per_source, c.listen_backlog) == (10000, 256, 1024)
+    assert (c.message_timeout, c.tls_handshake_timeout, c.unbound_idle_timeout) == (20.0, 10.0, 60.0)
+    assert (c.max_udp_flows, c.max_buffered_bytes) == (20000, 64 * 1024 * 1024)
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("max_connections", -1, "connections.max_connections: must be >= 0, got -1"),
+        ("max_connections_per_source", -5, "connections.max_connections_per_source: must be >= 0, got -5"),
+        ("message_timeout", -0.5, "connections.message_timeout: must be >= 0, got -0.5"),
+        ("tls_handshake_timeout", -1, "connections.tls_handshake_timeout: must be >= 0, got -1.0"),
+        ("unbound_idle_timeout", -1, "connections.unbound_idle_timeout: must be >= 0, got -1.0"),
+        ("listen_backlog", 0, "connections.listen_backlog: must be >= 1, got 0"),
+        ("listen_backlog", 100000, "connections.listen_backlog: must be <= 65535, got 100000"),
+        ("max_udp_flows", -1, "connections.max_udp_flows: must be >= 0, got -1"),
+        ("max_buffered_bytes", "64M", 'connections.max_buffered_bytes: expected an integer, got string "64M"'),
+    ],
+)
+def test_connections_bad_values(key, value, expected):
+    assert error_of({"connections": {key: value}}) == expected

@@ -293,3 +293,51 @@ def test_source_rate_limit_is_wired_and_counted(tmp_path, monkeypatch):
     for i in range(200, 400):
         parts.transactions.inbound(parse_message(_options(i)), local)
     assert sent.count(200) == 300
+
+
+# --- [connections]: what the connection limits did, and the flows they keep ----------------------
+
+
+def test_connection_limit_metrics(tmp_path):
+    root, _clock = build(tmp_path=tmp_path)
+    transport = root.parts.transport
+    registry = make_registry(root.parts, MessageCounters(), push=PushMetrics())
+    transport.admission.refused["max_connections_per_source"] += 3
+    transport.counters["message_timeout"] += 2
+    transport.flows.evicted += 5
+    got = samples(registry)
+    assert got[("libon_tsilo_connections_refused_total", (("cap", "max_connections_per_source"),))] == 3
+    assert got[("libon_tsilo_connections_refused_total", (("cap", "max_connections"),))] == 0
+    assert got[("libon_tsilo_connections_closed_by_limit_total", (("limit", "message_timeout"),))] == 2
+    assert got[("libon_tsilo_connections_closed_by_limit_total", (("limit", "tls_handshake_timeout"),))] == 0
+    assert got[("libon_tsilo_udp_flows_evicted_total", ())] == 5
+    assert got[("libon_tsilo_connections_inbound", ())] == 0
+    assert got[("libon_tsilo_buffered_bytes", ())] == 0
+
+
+def test_service_wires_connection_limits_and_keeps_flows_of_bindings_and_calls(tmp_path):
+    from libon_tsilo.ops.config import config_from_dict
+    from libon_tsilo.ops.service import make_service
+    from libon_tsilo.sip.flow import Flow, FlowKey
+
+    cfg = {"location": {"backend": "memory"}, "auth": {"enabled": False},
+           "connections": {"unbound_idle_timeout": 30, "max_udp_flows": 7, "message_timeout": 5}}
+    root = make_service(config_from_dict(cfg, base_dir=tmp_path))
+    parts = root.parts
+    flows = parts.transport.flows
+    assert (flows.unbound_idle_timeout, flows.max_udp_flows) == (30, 7)
+    assert parts.transport.limits.message_timeout == 5
+    key = FlowKey("tcp", ("127.0.0.1", 5060), ("10.0.0.2", 40000))
+    flow = Flow(key, "tcp:flow#1", lambda data: None)
+    assert not flows.needed(flow)
+    parts.location.add_or_update(binding("alice", "sip:alice@10.0.0.2:5060", parts.clock,
+                                         flow_id=flow.id, flow_live=True))
+    assert flows.needed(flow)  # a registration uses it
+    other = Flow(key, "tcp:flow#2", lambda data: None)
+    parts.b2bua.flows[other.id] = {"call-1"}
+    assert flows.needed(other)  # a call runs over it
+    rechecked: list[str] = []
+    flows.recheck = rechecked.append
+    [b] = parts.location.lookup("alice")
+    parts.location.remove(b, "expired")
+    assert rechecked == [flow.id]  # its flow goes back to the unbound idle timeout

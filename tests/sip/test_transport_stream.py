@@ -98,6 +98,11 @@ def test_messages_framed_before_a_framing_error_are_delivered() -> None:
     bad = sip_request(via=VIA, content_length=None)
 
     class Framer:  # a framer that hands over what it framed before failing
+        incomplete = False
+
+        def __len__(self) -> int:
+            return 0
+
         def feed(self, data: bytes):
             err = ParseError("missing Content-Length on a stream")
             err.framed = [("msg", good), ("ping", b"")]
@@ -138,6 +143,7 @@ def test_bad_header_in_framed_message_answers_400_and_keeps_connection() -> None
 
 def test_idle_timeout_closes_connection() -> None:
     f = Fed()
+    f.feed(sip_request(via=VIA))  # (a connection that never sends a message is closed sooner)
     f.clock.advance(59)
     f.feed(b"\r\n\r\n")  # activity resets the idle clock
     f.clock.advance(59)
