@@ -252,14 +252,15 @@ def test_parse_step_words() -> None:
 async def test_standalone_process_prints_port_and_records(tmp_path) -> None:
     from twisted.internet import reactor
 
-    from libon_tsilo.push.apns import APNsAppConfig, APNsSender
+    from libon_tsilo.ops.config import ApnsConfig
+    from libon_tsilo.push.apns import APNsSender
     from libon_tsilo.push.base import PushRequest
 
     record = tmp_path / "requests.jsonl"
     proc, port, paths, key = spawn_with_keys(tmp_path, script={"tokens": {TOKEN: ["410"]}}, record=record)
     try:
-        cfg = APNsAppConfig(bundle_id=BUNDLE, team_id=key.team_id, key_id=key.key_id, key_file=str(paths["p8"]),
-                            server=f"127.0.0.1:{port}", ca_file=str(paths["ca"]), timeout=2.0)
+        cfg = ApnsConfig(bundle_id=BUNDLE, team_id=key.team_id, key_id=key.key_id, key_file=str(paths["p8"]),
+                         server=f"127.0.0.1:{port}", ca_file=str(paths["ca"]), timeout=2.0)
         sender = APNsSender(cfg, reactor)
         try:
             ok = await sender.send(PushRequest("apns", "cd" * 32, None, "call", call_id="e2e", ttl=3.0))

@@ -13,7 +13,8 @@ import pytest
 import pytest_twisted
 from twisted.logger import globalLogPublisher
 
-from libon_tsilo.push.apns import APNsAppConfig, APNsSender
+from libon_tsilo.ops.config import ApnsConfig
+from libon_tsilo.push.apns import APNsSender
 from libon_tsilo.push.base import PushRequest, PushResult, RetryPolicy
 from tests.fakes.apns_fake import FakeEnv, start_fake
 
@@ -42,7 +43,7 @@ def _sender(env: FakeEnv, senders: list, *, cert: bool = False, timeout: float =
     from twisted.internet import reactor
 
     p = env.paths
-    cfg = APNsAppConfig(
+    cfg = ApnsConfig(
         bundle_id=BUNDLE,
         team_id=env.team_key.team_id,
         key_id=env.team_key.key_id,
