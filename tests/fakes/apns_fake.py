@@ -295,7 +295,7 @@ class FakeAPNs:
 
 
 class _APNsServerProtocol(Protocol):
-    """One client connection: h2 server side. Speaks h2 with or without ALPN (aioapns sends none)."""
+    """One client connection: h2 server side. Speaks h2 with or without ALPN."""
 
     def __init__(self, fake: FakeAPNs) -> None:
         self.fake = fake

@@ -22,12 +22,17 @@ from h2.connection import H2Connection
 from h2.events import DataReceived, RemoteSettingsChanged, ResponseReceived, StreamEnded
 from h2.settings import SettingCodes
 
-from libon_tsilo.push.reactor import deferred_from_coro
+from twisted.internet.defer import Deferred
+
 from tests.fakes.apns_fake import FakeEnv, parse_step, spawn, spawn_with_keys, start_fake
 
 BUNDLE = "com.example.app"
 TOKEN = "ab" * 32
 REPO = Path(__file__).resolve().parents[2]
+
+
+def deferred_from_coro(coro):  # the bare client below runs on asyncio streams
+    return Deferred.fromFuture(asyncio.ensure_future(coro))
 
 
 class H2Client:

@@ -1,4 +1,4 @@
-"""APNsSender against the in-process fake APNs: real loopback TLS + HTTP/2 through aioapns.
+"""APNsSender against the in-process fake APNs: real loopback TLS + HTTP/2 through our APNsClient.
 
 Uses tests/fakes/apns_fake.py (FakeAPNs) with keys from tests/fakes/keys.py.
 """
