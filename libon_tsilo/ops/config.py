@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from twisted.logger import Logger
+
 from libon_tsilo.util import random_token
 
 __all__ = [
@@ -47,6 +49,9 @@ __all__ = [
     "config_from_dict",
     "default_config",
 ]
+
+
+log = Logger()
 
 
 class ConfigError(ValueError):
@@ -82,6 +87,17 @@ def _int_range(lo: int | None = None, hi: int | None = None) -> Check:
         return value
 
     return check
+
+
+def _no_longer_used(check: Check, why: str) -> Check:
+    """A key kept so that old config files still load: still checked, then ignored, with a warning."""
+
+    def warn(value: Any, key: str) -> Any:
+        value = check(value, key)
+        log.warn("config: {key} is no longer used ({why}); remove it", key=key, why=why)
+        return value
+
+    return warn
 
 
 def _positive(value: int | float, key: str) -> int | float:
@@ -422,7 +438,8 @@ class LogConfig:
 @dataclass(frozen=True)
 class OpsConfig:
     drain_timeout: int = _opt(30, _int_range(0))
-    threadpool_size: int = _opt(8, _int_range(1, 256))
+    # nothing ran on this pool: FCM has [push] fcm_threads, SQLite its own writer thread
+    threadpool_size: int = _opt(8, _no_longer_used(_int_range(1, 256), "each blocking user owns its pool"))
 
 
 @dataclass(frozen=True)
