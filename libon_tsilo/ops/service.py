@@ -338,8 +338,6 @@ def _add_push(root: LibonTsiloService, parts: Parts) -> None:
         log.critical("[push] providers = {p} but no sender could be built: devices will not be woken",
                      p=list(cfg.providers))
         return
-    from libon_tsilo.ops import metrics
-
     waker = PushWaker(
         parts.clock,
         PushRouter(senders),
@@ -347,8 +345,6 @@ def _add_push(root: LibonTsiloService, parts: Parts) -> None:
         skip_push_if_registered_within=float(cfg.skip_push_if_registered_within),
         cancelled_ios_call=cfg.cancelled_ios_call,
         refresh_before_expiry=float(cfg.refresh_before_expiry),
-        on_push=metrics.observe_push,
-        on_push_to_register=metrics.observe_push_to_register,
         close_grace=float(parts.config.calls.ring_timeout) + 5.0,
         pushes_per_device_per_minute=parts.config.limits.pushes_per_device_per_minute,
     )
@@ -477,7 +473,7 @@ def _ops_tools(root: LibonTsiloService, parts: Parts) -> Any:
     counters = MessageCounters()
     parts.extra["message_counters"] = counters
     install_message_hooks(parts.transport, counters)
-    # (pushes reach the metrics through the PushWaker's on_push hook, wired in _add_push)
+    # (pushes are counted by the PushWaker itself: metrics and the RPC read waker.push_stats)
     rpc = Rpc(parts, root)
     parts.extra["rpc"] = rpc
     return rpc

@@ -34,9 +34,7 @@ from libon_tsilo.push.base import (
     IPushSender,
     PushRequest,
     PushResult,
-    ResultHook,
     RetryPolicy,
-    SenderStats,
     parse_retry_after,
     send_with_retries,
 )
@@ -209,9 +207,7 @@ class APNsSender:
 
     ``send`` never errbacks with a push failure (those are PushResult outcomes); it fails only
     with CancelledError when the caller cancels it, which also abandons the HTTP/2 stream.
-
-    ``on_result(provider, outcome, latency_s)`` is called once per push (after retries), for
-    metrics. ``stats`` counts outcomes.
+    Outcomes are counted by the PushWaker (push/stats.py), not here.
     """
 
     provider = "apns"
@@ -222,16 +218,13 @@ class APNsSender:
         clock: IReactorTime,
         *,
         policy: RetryPolicy | None = None,
-        on_result: ResultHook | None = None,
         max_connections: int = 2,
         reactor: Any = None,
     ) -> None:
         self.bundle_id: str = app_config.bundle_id
         self.clock = clock
         self.policy = policy or RetryPolicy()
-        self.on_result = on_result
         self.timeout = float(app_config.timeout or 5.0)
-        self.stats = SenderStats()
         self.host, self.port = _split_server(app_config.server, bool(app_config.sandbox))
         self._max_connections = max_connections
         self._tls = self._tls_options(app_config, self.host)
@@ -391,7 +384,6 @@ class APNsSender:
 
     def _finish(self, result: PushResult, req: PushRequest, start: float) -> PushResult:
         latency = self.clock.seconds() - start
-        self.stats.record(result.outcome)
         if result.outcome == CONFIG_ERROR and result.reason not in self._config_errors_logged:
             self._config_errors_logged.add(result.reason)
             log.critical(
@@ -416,11 +408,6 @@ class APNsSender:
             latency=latency,
             call_id=req.call_id,
         )
-        if self.on_result is not None:
-            try:
-                self.on_result(self.provider, result.outcome, latency)
-            except Exception:  # metrics must never break call handling
-                log.failure("on_result hook failed")
         return result
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import email.utils
 import random
 import uuid
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
@@ -31,9 +30,7 @@ __all__ = [
     "PushRequest",
     "PushResult",
     "IPushSender",
-    "ResultHook",
     "RetryPolicy",
-    "SenderStats",
     "parse_retry_after",
     "send_with_retries",
 ]
@@ -48,10 +45,6 @@ OUTCOMES = (DELIVERED, DEAD_TOKEN, RETRYABLE, CONFIG_ERROR)
 
 PushKind = Literal["call", "cancel", "refresh"]
 Outcome = Literal["delivered", "dead_token", "retryable", "config_error"]
-
-# on_result(provider, outcome, latency_s): lets ops/metrics observe senders without push/ importing it
-ResultHook = Callable[[str, str, float], None]
-
 
 def _new_push_id() -> str:
     return str(uuid.uuid4())
@@ -147,19 +140,6 @@ class RetryPolicy:
         if now + delay >= deadline:
             return None
         return delay
-
-
-@dataclass
-class SenderStats:
-    """Per-sender outcome counters ({outcome: count}), cheap enough to bump on every push."""
-
-    counts: Counter[str] = field(default_factory=Counter)
-
-    def record(self, outcome: str) -> None:
-        self.counts[outcome] += 1
-
-    def as_dict(self) -> dict[str, int]:
-        return {o: self.counts.get(o, 0) for o in OUTCOMES}
 
 
 def send_with_retries(

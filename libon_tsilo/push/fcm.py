@@ -46,9 +46,7 @@ from libon_tsilo.push.base import (
     IPushSender,
     PushRequest,
     PushResult,
-    ResultHook,
     RetryPolicy,
-    SenderStats,
     parse_retry_after,
     send_with_retries,
 )
@@ -254,7 +252,6 @@ class FCMSender:
         *,
         reactor: Any = None,
         policy: RetryPolicy | None = None,
-        on_result: ResultHook | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -266,8 +263,6 @@ class FCMSender:
         self._reactor = reactor
         self._pool = threadpool
         self._policy = policy or RetryPolicy()
-        self.on_result = on_result
-        self.stats = SenderStats()
         self._config_errors_logged: set[str] = set()
         self._fcm = _BoundedFCM(app_config.service_account_file, app_config.project_id,
                                 app_config.endpoint, threadpool.max)
@@ -314,7 +309,6 @@ class FCMSender:
 
     def _finish(self, result: PushResult, req: PushRequest, start: float) -> PushResult:
         latency = self._clock.seconds() - start
-        self.stats.record(result.outcome)
         if result.outcome == CONFIG_ERROR:
             self._report_config_error(result, req)
         log.info("fcm push {push_id} ({kind}) to {token} for {aor}: {outcome} {status} {reason}"
@@ -322,11 +316,6 @@ class FCMSender:
                  push_id=req.push_id, kind=req.kind, token=redact(req.prid), aor=req.aor,
                  outcome=result.outcome, status=result.status, reason=result.reason,
                  attempts=result.attempts, latency=latency, call_id=req.call_id)
-        if self.on_result is not None:
-            try:
-                self.on_result(self.provider, result.outcome, latency)
-            except Exception:
-                log.failure("fcm on_result hook failed")
         return result
 
     def _report_config_error(self, result: PushResult, req: PushRequest) -> None:

@@ -40,9 +40,7 @@ from libon_tsilo.push.base import (
     IPushSender,
     PushRequest,
     PushResult,
-    ResultHook,
     RetryPolicy,
-    SenderStats,
     parse_retry_after,
     send_with_retries,
 )
@@ -136,7 +134,6 @@ class WebhookSender:
         *,
         reactor: Any = None,
         policy: RetryPolicy | None = None,
-        on_result: ResultHook | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -147,8 +144,6 @@ class WebhookSender:
         self.timeout = float(timeout)
         self.clock = clock
         self.policy = policy or RetryPolicy()
-        self.on_result = on_result
-        self.stats = SenderStats()
         self._config_errors_logged: set[str] = set()
         # keep-alive: a call's push and its cancel go to the same host seconds apart
         self._pool = HTTPConnectionPool(reactor, persistent=True)
@@ -200,7 +195,6 @@ class WebhookSender:
 
     def _finish(self, result: PushResult, req: PushRequest, start: float) -> PushResult:
         latency = self.clock.seconds() - start
-        self.stats.record(result.outcome)
         if result.outcome == CONFIG_ERROR and result.reason not in self._config_errors_logged:
             self._config_errors_logged.add(result.reason)
             log.critical(
@@ -213,9 +207,4 @@ class WebhookSender:
                  name=self.provider, push_id=req.push_id, kind=req.kind, token=redact(req.prid), aor=req.aor,
                  outcome=result.outcome, status=result.status, reason=result.reason,
                  attempts=result.attempts, latency=latency, call_id=req.call_id)
-        if self.on_result is not None:
-            try:
-                self.on_result(self.provider, result.outcome, latency)
-            except Exception:  # metrics must never break call handling
-                log.failure("webhook on_result hook failed")
         return result
