@@ -499,7 +499,7 @@ def _coerce(value: Any, hint: Any, key: str, base_dir: Path) -> Any:
             what = "an array of tables" if is_dataclass(item_hint) else "an array"
             raise ConfigError(key, f"expected {what}, got {_describe(value)}")
         return tuple(_coerce(v, item_hint, f"{key}[{i}]", base_dir) for i, v in enumerate(value))
-    if is_dataclass(hint):
+    if isinstance(hint, type) and is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a table, got {_describe(value)}")
         return _build(hint, value, key, base_dir)
@@ -646,7 +646,7 @@ def config_from_dict(
 ) -> Config:
     """Build and validate a Config from already-parsed TOML (tests and tools use this)."""
     base = Path(base_dir) if base_dir is not None else Path.cwd()
-    cfg = _build(Config, data, "", base)
+    cfg: Config = _build(Config, data, "", base)
     _validate(cfg)
     if not cfg.auth.secret:
         cfg = replace(cfg, auth=replace(cfg.auth, secret=random_token(32)))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
@@ -105,7 +105,7 @@ class LibonTsiloService(MultiService):
         if not self.drainers or not self.running:
             return _succeed()
         waits = [maybeDeferred(drain) for drain in self.drainers]
-        done: Deferred[None] = Deferred()
+        done: Deferred[str] = Deferred()
         all_done = DeferredList(waits, consumeErrors=True)
 
         def timeout() -> None:
@@ -114,10 +114,14 @@ class LibonTsiloService(MultiService):
                 if not wait.called:
                     wait.cancel()
 
+        def drained(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+            _fire(done, "drained")
+
         timer = self.clock.callLater(self.config.ops.drain_timeout, timeout)
-        all_done.addCallback(lambda _: (timer.cancel() if timer.active() else None, _fire(done, "drained")))
-        done.addCallback(lambda how: log.info("drain finished: {how}", how=how))
-        return done
+        all_done.addCallback(drained)
+        return done.addCallback(lambda how: log.info("drain finished: {how}", how=how))
 
     def _flush(self) -> Deferred[Any]:
         """Persist every binding change before the services (and the SQLite store) stop."""
@@ -541,7 +545,9 @@ def make_service(
 ) -> LibonTsiloService:
     """Build the whole server from a validated Config; nothing listens until the service starts."""
     if clock is None:
-        from twisted.internet import reactor as clock  # late: the plugin picks the reactor first
+        from twisted.internet import reactor  # late: the plugin picks the reactor first
+
+        clock = cast(IReactorTime, reactor)
     root = LibonTsiloService(config, clock, log_observer)
     for wire in WIRING:
         wire(root, root.parts)

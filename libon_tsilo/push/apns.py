@@ -32,6 +32,7 @@ from libon_tsilo.push.base import (
     DELIVERED,
     RETRYABLE,
     IPushSender,
+    Outcome,
     PushRequest,
     PushResult,
     RetryPolicy,
@@ -114,7 +115,7 @@ def select_app(pn_param: str) -> str:
     return parse_pn_param(pn_param).bundle_id
 
 
-def classify(status: int, reason: str, push_type: str = "voip") -> str:
+def classify(status: int, reason: str, push_type: str = "voip") -> Outcome:
     """Map an APNs answer to a PushResult outcome (ExpiredProviderToken is handled before this)."""
     if status == 200:
         return DELIVERED
@@ -325,6 +326,7 @@ class APNsSender:
     def _attempt(
         self, req: PushRequest, kind: _Kind, body: bytes, deadline: float
     ) -> Generator[Deferred[Any], Any, PushResult]:
+        result: PushResult
         result, iat = yield self._post(req, kind, body, deadline)
         if result.reason == "ExpiredProviderToken" and self.token is not None:
             # one retry with a fresh JWT; a second refusal is a real clock/key problem
@@ -361,9 +363,8 @@ class APNsSender:
             iat = self.token.iat
         d = self._get_client().post(headers, body)
         d.addTimeout(min(self.timeout, remaining), self.clock)
-        d.addCallbacks(self._result, self._no_answer, callbackArgs=(apns_id, kind))
-        d.addCallback(lambda result: (result, iat))
-        return d
+        answered = d.addCallbacks(self._result, self._no_answer, callbackArgs=(apns_id, kind))
+        return answered.addCallback(lambda result: (result, iat))
 
     def _result(self, res: APNsResponse, apns_id: str, kind: _Kind) -> PushResult:
         reason = res.reason or ("Success" if res.status == 200 else "")

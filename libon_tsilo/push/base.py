@@ -11,7 +11,7 @@ import email.utils
 import random
 import uuid
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Final, Literal
 
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
@@ -37,10 +37,10 @@ __all__ = [
 
 log = Logger()
 
-DELIVERED = "delivered"
-DEAD_TOKEN = "dead_token"
-RETRYABLE = "retryable"
-CONFIG_ERROR = "config_error"
+DELIVERED: Final = "delivered"
+DEAD_TOKEN: Final = "dead_token"
+RETRYABLE: Final = "retryable"
+CONFIG_ERROR: Final = "config_error"
 OUTCOMES = (DELIVERED, DEAD_TOKEN, RETRYABLE, CONFIG_ERROR)
 
 PushKind = Literal["call", "cancel", "refresh"]
@@ -80,7 +80,7 @@ class PushResult:
 class IPushSender(Interface):
     provider = Attribute("provider name as in pn-provider: 'apns', 'fcm', 'webhook'")
 
-    def send(req: PushRequest) -> Deferred[PushResult]:  # type: ignore[misc]
+    def send(req: PushRequest) -> Deferred[PushResult]:
         """Send one push; never errbacks: failures are PushResult outcomes."""
 
 

@@ -233,8 +233,7 @@ class PushWaker:
             return succeed(PushWakeResult(reason="nothing to push"))
         self.counters["calls_woken"] += 1
         done = DeferredList(waits, consumeErrors=True)
-        done.addCallback(self._summarise, call.call_id)
-        return done
+        return done.addCallback(self._summarise, call.call_id)
 
     def _within_device_limit(self, binding: Any, call_id: str) -> bool:
         if self.device_limit is None or self.device_limit.try_add(_prid_key(binding)):

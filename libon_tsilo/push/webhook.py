@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeoutError, succeed
 from twisted.internet.error import ConnectError, DNSLookupError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.internet.protocol import Protocol, connectionDone
@@ -99,7 +99,9 @@ class _DiscardBody(Protocol):
 
     def _abort(self, _: Deferred[None]) -> None:
         if self.transport is not None:
-            self.transport.stopProducing()  # closes the connection: a half-read body can't be reused
+            # the body's transport is its producer too; stopping it closes the connection, as a
+            # half-read body can't be reused
+            cast(IPushProducer, self.transport).stopProducing()
 
 
 def _loggable(url: str) -> str:
@@ -159,7 +161,8 @@ class WebhookSender:
 
     def close(self) -> Deferred[None]:
         """Drop kept-alive connections (service shutdown, test teardown)."""
-        return self._pool.closeCachedConnections()
+        closed: Deferred[None] = self._pool.closeCachedConnections()
+        return closed
 
     def _attempt(self, req: PushRequest, n: int, deadline: float) -> Deferred[PushResult]:
         now = self.clock.seconds()
@@ -171,8 +174,9 @@ class WebhookSender:
             b"content-type": [b"application/json"],
             b"user-agent": [_USER_AGENT],
         })
-        d = self._agent.request(b"POST", self.url.encode("ascii"), headers, FileBodyProducer(BytesIO(body)))
-        d.addCallback(self._read)
+        producer = FileBodyProducer(BytesIO(body))
+        sent = self._agent.request(b"POST", self.url.encode("ascii"), headers, producer)
+        d = sent.addCallback(self._read)
         # one bound for connect + request + body, and never past the ring timeout; cancelling the
         # request surfaces as ResponseNeverReceived/ResponseFailed, so name the cause here
         d.addTimeout(min(self.timeout, remaining), self.clock,
@@ -185,7 +189,7 @@ class WebhookSender:
         retry_after = raw[-1].decode("latin-1") if raw else None
         phrase = response.phrase.decode("latin-1", "replace") if response.phrase else ""
 
-        def classify(_: bytes) -> PushResult:
+        def classify(_: None) -> PushResult:
             return classify_status(response.code, phrase, retry_after, self.clock.seconds())
 
         # read (and discard) the body so the connection can go back to the pool
