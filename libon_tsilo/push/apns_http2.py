@@ -172,6 +172,7 @@ class _Connection(Protocol):
                 self._goaway(event.last_stream_id)
         self._flush()
         self.client._pump()
+        self._maybe_idle()  # a connection whose requests were cancelled while it was dialed
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True

@@ -136,6 +136,23 @@ async def test_idle_connection_is_closed_after_idle_timeout(env) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_connection_dialed_for_a_cancelled_request_still_closes_when_idle(env) -> None:
+    clock = Clock()
+    client = _client(env, clock, idle_timeout=60.0)
+    try:
+        d = client.post(_headers(), b'{"aps": {}}')
+        d.cancel()  # before the connection is even up
+        with pytest.raises(defer.CancelledError):
+            await d
+        await _until(lambda: any(c.ready for c in client._connections), "the connection's settings")
+        clock.advance(60)
+        await _until(lambda: client.connection_count == 0, "the idle connection to close")
+    finally:
+        client.close()
+    assert env.fake.requests == []
+
+
+@pytest_twisted.ensureDeferred
 async def test_refused_connection_fails_queued_requests_at_once(env) -> None:
     await env.fake.stop()
     clock = Clock()  # no timer may be needed for the failure to arrive
