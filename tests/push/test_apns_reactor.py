@@ -1,4 +1,4 @@
-"""push/reactor.py: the asyncio-reactor guard (checked in fresh interpreters) and deferred_from_coro."""
+"""push/reactor.py: the asyncio-reactor guard, checked in fresh interpreters."""
 
 from __future__ import annotations
 
