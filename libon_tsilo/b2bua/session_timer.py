@@ -294,13 +294,15 @@ class SessionTimers:
         self.b: _Leg | None = None
         self._limit_at: float | None = None
         self._timer: IDelayedCall | None = None
+        winner = call.winner
+        assert winner is not None  # started by Call.connect, once a branch answered
         if settings.session_expires:
             invite = call.a.invite
             n = as_uas(invite, settings.session_expires, settings.min_se, None)
             add_answer_headers(ok, n)
             self.a = _Leg(call.a, "caller", n, _allows_update(invite), ok.body)
-            n = as_uac(resp, call.winner.asked_se or settings.session_expires, settings.min_se)
-            self.b = _Leg(call.winner, "callee", n, _allows_update(resp), invite.body)
+            n = as_uac(resp, winner.asked_se or settings.session_expires, settings.min_se)
+            self.b = _Leg(winner, "callee", n, _allows_update(resp), invite.body)
             self._set_due(self.a)
             self._set_due(self.b)
         if settings.max_call_duration:

@@ -73,11 +73,7 @@ class Waker(Protocol):
 class LoggingWaker:
     """Used when no push provider is configured: logs what it would have woken, wakes nothing."""
 
-    def __init__(self) -> None:
-        self.woken_calls = 0
-
     def wake(self, call: CallInfo, bindings: list[Any]) -> Deferred[Any]:
-        self.woken_calls += 1
         for b in bindings:
             log.info(
                 "no push configured: would wake {provider} device {prid} for {aor}",

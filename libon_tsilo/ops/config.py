@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from twisted.logger import Logger
+
 from libon_tsilo.util import random_token
 
 __all__ = [
@@ -48,6 +50,9 @@ __all__ = [
     "config_from_dict",
     "default_config",
 ]
+
+
+log = Logger()
 
 
 class ConfigError(ValueError):
@@ -83,6 +88,17 @@ def _int_range(lo: int | None = None, hi: int | None = None) -> Check:
         return value
 
     return check
+
+
+def _no_longer_used(check: Check, why: str) -> Check:
+    """A key kept so that old config files still load: still checked, then ignored, with a warning."""
+
+    def warn(value: Any, key: str) -> Any:
+        value = check(value, key)
+        log.warn("config: {key} is no longer used ({why}); remove it", key=key, why=why)
+        return value
+
+    return warn
 
 
 def _positive(value: int | float, key: str) -> int | float:
@@ -444,7 +460,8 @@ class LogConfig:
 @dataclass(frozen=True)
 class OpsConfig:
     drain_timeout: int = _opt(30, _int_range(0))
-    threadpool_size: int = _opt(8, _int_range(1, 256))
+    # nothing ran on this pool: FCM has [push] fcm_threads, SQLite its own writer thread
+    threadpool_size: int = _opt(8, _no_longer_used(_int_range(1, 256), "each blocking user owns its pool"))
 
 
 @dataclass(frozen=True)
@@ -505,7 +522,7 @@ def _coerce(value: Any, hint: Any, key: str, base_dir: Path) -> Any:
             what = "an array of tables" if is_dataclass(item_hint) else "an array"
             raise ConfigError(key, f"expected {what}, got {_describe(value)}")
         return tuple(_coerce(v, item_hint, f"{key}[{i}]", base_dir) for i, v in enumerate(value))
-    if is_dataclass(hint):
+    if isinstance(hint, type) and is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a table, got {_describe(value)}")
         return _build(hint, value, key, base_dir)
@@ -669,7 +686,7 @@ def config_from_dict(
 ) -> Config:
     """Build and validate a Config from already-parsed TOML (tests and tools use this)."""
     base = Path(base_dir) if base_dir is not None else Path.cwd()
-    cfg = _build(Config, data, "", base)
+    cfg: Config = _build(Config, data, "", base)
     _validate(cfg)
     if not cfg.auth.secret:
         cfg = replace(cfg, auth=replace(cfg.auth, secret=random_token(32)))

@@ -7,10 +7,8 @@ is updated on the hot path except two cheap hooks:
 * :class:`MessageCounters` counts SIP messages in and out by method and status code. It is fed by
   :func:`install_message_hooks`, which wraps the transport's ``sink``, ``send_request`` and
   ``send_response`` (one dict increment per message; retransmissions count, they are messages too).
-* :class:`PushMetrics` holds the push counters and latency histograms. Push senders report each
-  push through their ``on_result(provider, outcome, latency_s)`` hook, which the service wiring
-  points at :func:`observe_push`; whoever sees a woken device register calls
-  :func:`observe_push_to_register` with the seconds from the push to that REGISTER.
+* Pushes are counted once, by the PushWaker (push/stats.py); :class:`PushCollector` reads that
+  record at scrape time, as the admin RPC and the manhole do through ``PushWaker.stats()``.
 
 :func:`make_registry` builds the registry the admin API serves at ``/metrics``.
 """
@@ -22,23 +20,19 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client import Counter as PromCounter
-from prometheus_client import Histogram as PromHistogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from twisted.logger import Logger
 
 from libon_tsilo.sip.message import Request, Response
 
 __all__ = [
     "MessageCounters",
-    "PushMetrics",
+    "PushCollector",
     "TsiloCollector",
     "install_message_hooks",
     "make_registry",
-    "observe_push",
-    "observe_push_to_register",
-    "push_metrics",
     "render",
     "CONTENT_TYPE",
 ]
@@ -47,10 +41,6 @@ log = Logger()
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "libon_tsilo"
-
-# push latency: a push is one HTTP/2 POST (APNs/FCM) plus retries; push-to-REGISTER is a phone waking
-PUSH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, float("inf"))
-WAKE_BUCKETS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 60.0, float("inf"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,61 +138,48 @@ def install_message_hooks(transport: Any, counters: MessageCounters) -> None:
 # push
 
 
-class PushMetrics(Collector):
-    """Push counters and histograms (event-time: latencies cannot be read back at scrape time)."""
+class PushCollector(Collector):
+    """/metrics' push families, read from the PushWaker's PushStats (``parts.extra["push"]``)."""
 
-    def __init__(self) -> None:
-        self.pushes = PromCounter(
-            f"{PREFIX}_pushes",
-            "Pushes sent, by provider and final outcome (after retries)",
-            ["provider", "outcome"],
-            registry=None,
-        )
-        self.push_latency = PromHistogram(
-            f"{PREFIX}_push_latency_seconds",
-            "Time from starting a push to its final outcome",
-            ["provider"],
-            buckets=PUSH_BUCKETS,
-            registry=None,
-        )
-        self.push_to_register = PromHistogram(
-            f"{PREFIX}_push_to_register_seconds",
-            "Time from a call push to the woken device's REGISTER",
-            buckets=WAKE_BUCKETS,
-            registry=None,
-        )
-
-    def observe_push(self, provider: str, outcome: str, latency_s: float) -> None:
-        self.pushes.labels(provider, outcome).inc()
-        self.push_latency.labels(provider).observe(max(float(latency_s), 0.0))
-
-    def observe_push_to_register(self, latency_s: float) -> None:
-        self.push_to_register.observe(max(float(latency_s), 0.0))
+    def __init__(self, parts: Any) -> None:
+        self.parts = parts
 
     def collect(self) -> Iterator[Metric]:
-        yield from self.pushes.collect()
-        yield from self.push_latency.collect()
-        yield from self.push_to_register.collect()
+        stats = getattr(self.parts.extra.get("push"), "push_stats", None)
+        if stats is None:
+            return
+        try:
+            families = list(self._families(stats))
+        except Exception:  # a broken push layer must not take /metrics down with it
+            log.failure("metrics: collecting push statistics failed")
+            return
+        yield from families
+
+    def _families(self, stats: Any) -> Iterator[Metric]:
+        pushes = CounterMetricFamily(
+            f"{PREFIX}_pushes", "Pushes sent, by provider and final outcome (after retries)",
+            labels=["provider", "outcome"],
+        )
+        for provider, outcomes in stats.outcomes()["by_provider"].items():
+            for outcome, n in outcomes.items():
+                pushes.add_metric([provider, outcome], n)
+        yield pushes
+        latency = HistogramMetricFamily(
+            f"{PREFIX}_push_latency_seconds", "Time from starting a push to its final outcome",
+            labels=["provider"],
+        )
+        for provider, histogram in sorted(stats.latency.items()):
+            latency.add_metric([provider], _buckets(histogram), histogram.sum)
+        yield latency
+        wake = HistogramMetricFamily(
+            f"{PREFIX}_push_to_register_seconds", "Time from a call push to the woken device's REGISTER",
+        )
+        wake.add_metric([], _buckets(stats.push_to_register), stats.push_to_register.sum)
+        yield wake
 
 
-# the process-wide instance the push layer reports to (one server per process)
-push_metrics = PushMetrics()
-
-
-def observe_push(provider: str, outcome: str, latency_s: float) -> None:
-    """One push finished (``outcome``: delivered, dead_token, retryable, config_error). Never raises."""
-    try:
-        push_metrics.observe_push(provider, outcome, latency_s)
-    except Exception:
-        log.failure("metrics: observe_push failed")
-
-
-def observe_push_to_register(latency_s: float) -> None:
-    """A device woken by a call push registered ``latency_s`` seconds after the push. Never raises."""
-    try:
-        push_metrics.observe_push_to_register(latency_s)
-    except Exception:
-        log.failure("metrics: observe_push_to_register failed")
+def _buckets(histogram: Any) -> list[tuple[str, float]]:
+    return [(floatToGoString(bound), n) for bound, n in histogram.cumulative()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,13 +398,11 @@ class TsiloCollector(Collector):
 # ---------------------------------------------------------------------------------------------
 
 
-def make_registry(
-    parts: Any, messages: MessageCounters | None = None, push: PushMetrics | None = None
-) -> CollectorRegistry:
-    """A registry of our own with the live-object collector and the push metrics."""
+def make_registry(parts: Any, messages: MessageCounters | None = None) -> CollectorRegistry:
+    """A registry of our own with the live-object collector and the push collector."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(TsiloCollector(parts, messages))
-    registry.register(push if push is not None else push_metrics)
+    registry.register(PushCollector(parts))
     return registry
 
 

@@ -12,11 +12,9 @@ install the asyncio reactor before the first reactor import.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
@@ -44,7 +42,6 @@ class Parts:
 
     config: Config
     clock: IReactorTime
-    threadpool: ThreadPool | None = None
     tls_context_factory: Any = None
     transport: Any = None  # libon_tsilo.sip.transport.TransportLayer
     transactions: Any = None  # libon_tsilo.sip.transaction.TransactionLayer
@@ -58,7 +55,7 @@ class Parts:
 
 
 class ThreadPoolService(Service):
-    """A bounded thread pool for blocking calls (SQLite writes, pyfcm), started and stopped with the tree."""
+    """A bounded thread pool for blocking calls (pyfcm), started and stopped with the tree."""
 
     def __init__(self, size: int, name: str = "libon-tsilo") -> None:
         self.pool = ThreadPool(minthreads=0, maxthreads=size, name=name)
@@ -108,7 +105,7 @@ class LibonTsiloService(MultiService):
         if not self.drainers or not self.running:
             return _succeed()
         waits = [maybeDeferred(drain) for drain in self.drainers]
-        done: Deferred[None] = Deferred()
+        done: Deferred[str] = Deferred()
         all_done = DeferredList(waits, consumeErrors=True)
 
         def timeout() -> None:
@@ -117,10 +114,14 @@ class LibonTsiloService(MultiService):
                 if not wait.called:
                     wait.cancel()
 
+        def drained(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+            _fire(done, "drained")
+
         timer = self.clock.callLater(self.config.ops.drain_timeout, timeout)
-        all_done.addCallback(lambda _: (timer.cancel() if timer.active() else None, _fire(done, "drained")))
-        done.addCallback(lambda how: log.info("drain finished: {how}", how=how))
-        return done
+        all_done.addCallback(drained)
+        return done.addCallback(lambda how: log.info("drain finished: {how}", how=how))
 
     def _flush(self) -> Deferred[Any]:
         """Persist every binding change before the services (and the SQLite store) stop."""
@@ -162,17 +163,6 @@ def _attach(root: MultiService, obj: Any) -> None:
         _OnStop(obj.stop).setServiceParent(root)
 
 
-def _optional_module(name: str) -> ModuleType | None:
-    """Import a layer that may not be written yet; a module that exists but fails still raises."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name and (name == exc.name or name.startswith(exc.name + ".")):
-            log.warn("{module} is not available yet; that layer is not wired", module=name)
-            return None
-        raise
-
-
 # ---------------------------------------------------------------------------------------------
 # TLS
 
@@ -186,17 +176,16 @@ def make_tls_context_factory(tls: TlsConfig) -> Any:
     """
     if not tls.certificate and not tls.ca_file:
         return None
-    tls_mod = _optional_module("libon_tsilo.sip.tls")
-    if tls_mod is None:
-        return None
+    from libon_tsilo.sip.tls import TLSConfigError, TLSContextFactory
+
     try:
-        return tls_mod.TLSContextFactory(
+        return TLSContextFactory(
             certificate=tls.certificate,
             private_key=tls.private_key,
             ca_file=tls.ca_file,
             verify_client=tls.verify_client,
         )
-    except tls_mod.TLSConfigError as exc:
+    except TLSConfigError as exc:
         key, sep, problem = str(exc).partition(": ")
         raise ConfigError(key if sep else "tls", problem if sep else str(exc)) from None
 
@@ -205,21 +194,13 @@ def make_tls_context_factory(tls: TlsConfig) -> Any:
 # wiring: one function per layer, called in dependency order by make_service
 
 
-def _add_threadpool(root: LibonTsiloService, parts: Parts) -> None:
-    svc = ThreadPoolService(parts.config.ops.threadpool_size)
-    svc.setName("threadpool")
-    svc.setServiceParent(root)
-    parts.threadpool = svc.pool
-
-
 def _add_sip_stack(root: LibonTsiloService, parts: Parts) -> None:
     cfg = parts.config.sip
     parts.tls_context_factory = make_tls_context_factory(parts.config.tls)
-    transport_mod = _optional_module("libon_tsilo.sip.transport")
-    transaction_mod = _optional_module("libon_tsilo.sip.transaction")
-    if transport_mod is None or transaction_mod is None:
-        return  # TODO(lead): the SIP stack is required; nothing listens until it lands
-    parts.transport = transport_mod.TransportLayer(
+    from libon_tsilo.sip.transaction import TransactionLayer
+    from libon_tsilo.sip.transport import TransportLayer
+
+    parts.transport = TransportLayer(
         list(cfg.listen),
         parts.clock,
         flow_idle_timeout=float(cfg.flow_idle_timeout),
@@ -229,7 +210,7 @@ def _add_sip_stack(root: LibonTsiloService, parts: Parts) -> None:
         limits=_connection_limits(parts.config.connections),
     )
     _attach(root, parts.transport)
-    parts.transactions = transaction_mod.TransactionLayer(
+    parts.transactions = TransactionLayer(
         parts.transport, parts.clock, t1=cfg.t1, t2=cfg.t2, t4=cfg.t4
     )
     _attach(root, parts.transactions)
@@ -247,7 +228,7 @@ def _add_limits(root: LibonTsiloService, parts: Parts) -> None:
     exempt = SourceFilter([*cfg.exempt_sources, *parts.config.auth.trusted_sources])
     parts.extra["limit_exempt"] = exempt
     parts.extra.setdefault("limits", [])
-    if parts.transactions is None or cfg.requests_per_second <= 0:
+    if cfg.requests_per_second <= 0:
         return
     transport = parts.transport
     limiter = SourceLimiter(
@@ -342,12 +323,11 @@ def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
         pnsreg_interval=reg.pnsreg_interval, push_providers=cfg.push.providers,
         flow_timer=reg.flow_timer,
     )
-    if parts.transport is not None:
-        parts.transport.flows.subscribe_close(parts.registrar.flow_closed)
-        # a flow a binding came over lives as long as the registration (RFC 5626), not the unbound idle
-        location = parts.location
-        parts.transport.flows.add_keeper(lambda flow_id: bool(location.by_flow(flow_id)))
-        location.subscribe(_FlowRelease(parts.transport.flows))
+    parts.transport.flows.subscribe_close(parts.registrar.flow_closed)
+    # a flow a binding came over lives as long as the registration (RFC 5626), not the unbound idle
+    location = parts.location
+    parts.transport.flows.add_keeper(lambda flow_id: bool(location.by_flow(flow_id)))
+    location.subscribe(_FlowRelease(parts.transport.flows))
     svc = LocationService(parts.location, auth)
     svc.setName("location")
     svc.setServiceParent(root)
@@ -358,8 +338,7 @@ def _add_silo(root: LibonTsiloService, parts: Parts) -> None:
 
     parts.silo = Silo(parts.clock, parts.location, max_pending_per_aor=parts.config.calls.max_pending_per_aor,
                       max_total=parts.config.limits.max_parked_total)
-    if parts.location is not None:
-        parts.location.subscribe(parts.silo)
+    parts.location.subscribe(parts.silo)
 
 
 def _add_push(root: LibonTsiloService, parts: Parts) -> None:
@@ -395,23 +374,18 @@ def _add_push(root: LibonTsiloService, parts: Parts) -> None:
         log.critical("[push] providers = {p} but no sender could be built: devices will not be woken",
                      p=list(cfg.providers))
         return
-    metrics = _optional_module("libon_tsilo.ops.metrics")
-    remove = parts.registrar.remove if parts.registrar is not None else None
     waker = PushWaker(
         parts.clock,
         PushRouter(senders),
-        remove_binding=remove,
+        remove_binding=parts.registrar.remove,
         skip_push_if_registered_within=float(cfg.skip_push_if_registered_within),
         cancelled_ios_call=cfg.cancelled_ios_call,
         refresh_before_expiry=float(cfg.refresh_before_expiry),
-        on_push=getattr(metrics, "observe_push", None),
-        on_push_to_register=getattr(metrics, "observe_push_to_register", None),
         close_grace=float(parts.config.calls.ring_timeout) + 5.0,
         pushes_per_device_per_minute=parts.config.limits.pushes_per_device_per_minute,
     )
     parts.extra.setdefault("limits", []).append(waker)
-    if parts.location is not None:
-        parts.location.subscribe(waker)
+    parts.location.subscribe(waker)
 
     class PushService(Service):
         def startService(self) -> None:
@@ -456,8 +430,6 @@ def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
     from libon_tsilo.b2bua.ports import TransactionPort
     from libon_tsilo.sip.hostnames import HostSet
 
-    if parts.transactions is None:
-        return
     cfg = parts.config
     domains = HostSet(cfg.sip.domains)
     auth = parts.extra.get("auth")
@@ -481,21 +453,17 @@ def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
         **kwargs,
     )
     parts.extra.setdefault("limits", []).append(parts.b2bua)
-    if parts.transport is not None:
-        parts.transport.flows.subscribe_close(parts.b2bua.flow_closed)
-        parts.transport.flows.add_keeper(parts.b2bua.flows.__contains__)  # a call's connection stays
+    parts.transport.flows.subscribe_close(parts.b2bua.flow_closed)
+    parts.transport.flows.add_keeper(parts.b2bua.flows.__contains__)  # a call's connection stays
 
 
 def _add_router(root: LibonTsiloService, parts: Parts) -> None:
     from libon_tsilo.sip.router import Router
     from libon_tsilo.sip.uas_core import UASCore
 
-    if parts.transactions is None:
-        return
     parts.router = Router(UASCore(server=parts.config.sip.user_agent))
     parts.transactions.tu = parts.router
-    if parts.registrar is not None:
-        parts.router.route("REGISTER", parts.registrar.handle_register, parts.registrar.extensions)
+    parts.router.route("REGISTER", parts.registrar.handle_register, parts.registrar.extensions)
     calls = parts.b2bua
     if calls is not None:
         parts.router.route("INVITE", calls.handle_invite)
@@ -541,9 +509,8 @@ def _ops_tools(root: LibonTsiloService, parts: Parts) -> Any:
 
     counters = MessageCounters()
     parts.extra["message_counters"] = counters
-    if parts.transport is not None and parts.transactions is not None:
-        install_message_hooks(parts.transport, counters)
-    # (pushes reach the metrics through the PushWaker's on_push hook, wired in _add_push)
+    install_message_hooks(parts.transport, counters)
+    # (pushes are counted by the PushWaker itself: metrics and the RPC read waker.push_stats)
     rpc = Rpc(parts, root)
     parts.extra["rpc"] = rpc
     return rpc
@@ -593,7 +560,6 @@ def _is_reactor(clock: Any) -> bool:
 
 
 WIRING: list[Callable[[LibonTsiloService, Parts], None]] = [
-    _add_threadpool,
     _add_sip_stack,
     _add_limits,
     _add_registrar,
@@ -612,7 +578,9 @@ def make_service(
 ) -> LibonTsiloService:
     """Build the whole server from a validated Config; nothing listens until the service starts."""
     if clock is None:
-        from twisted.internet import reactor as clock  # late: the plugin picks the reactor first
+        from twisted.internet import reactor  # late: the plugin picks the reactor first
+
+        clock = cast(IReactorTime, reactor)
     root = LibonTsiloService(config, clock, log_observer)
     for wire in WIRING:
         wire(root, root.parts)

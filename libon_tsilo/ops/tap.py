@@ -39,8 +39,8 @@ class Options(usage.Options):
 
 
 def _ensure_reactor() -> None:
-    # APNs (aioapns) needs asyncio, so the asyncio reactor must be installed before anything
-    # imports twisted.internet.reactor; the push layer owns how that is done.
+    # the asyncio reactor (the tested one) must be installed before anything imports
+    # twisted.internet.reactor; the push layer owns how that is done.
     try:
         from libon_tsilo.push.reactor import ensure_asyncio_reactor
     except ImportError:

@@ -1,54 +1,41 @@
-"""APNs sender: aioapns' HTTP/2 connections, driven from Twisted on the asyncio reactor.
+"""APNs sender: one app's pushes over our HTTP/2 client (push/apns_http2.py), on Twisted TLS.
 
-We use aioapns' protocol and pool classes, not its ``APNs`` facade, because the facade can't:
-- dial another host/port or trust another CA (the fake, or a relay): the pool dials
-  ``protocol_class.APNS_SERVER/APNS_PORT``, so we give it a per-sender protocol subclass;
-- share one JWT across connections and refresh it on demand: aioapns mints one per connection
-  and keeps it 30 minutes, so an ``ExpiredProviderToken`` could not be fixed by retrying;
-- time out: nothing in aioapns does; every await here sits under ``asyncio.wait_for``;
-- report ``Retry-After``: the protocol drops response headers other than status/apns-id.
-Retries are ours (RetryPolicy, bounded by the push's ttl), so the pool makes one attempt.
+The sender builds the request (headers, payload, the shared provider JWT), bounds each exchange
+by a timeout, maps Apple's answer to a PushResult, and retries through RetryPolicy within the
+push's ttl. Why the HTTP/2 client is ours and not aioapns': docs/ARCHITECTURE.md (push/).
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
+import json
 import math
-import ssl
 import uuid
-from dataclasses import dataclass
-from functools import partial
-from typing import Any, NamedTuple
+from collections.abc import Generator
+from typing import Any, NamedTuple, Protocol
 from urllib.parse import urlsplit
 
 import jwt
-from aioapns.common import NotificationRequest, NotificationResult, PushType
-from aioapns.connection import (
-    APNsBaseClientProtocol,
-    APNsBaseConnectionPool,
-    APNsTLSClientProtocol,
-    AuthorizationHeaderProvider,
-)
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from h2.errors import ErrorCodes
-from twisted.internet.defer import Deferred
+from twisted.internet import defer, ssl
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from libon_tsilo.push.apns_http2 import APNsClient, APNsConnectionError, APNsResponse
 from libon_tsilo.push.base import (
     CONFIG_ERROR,
     DEAD_TOKEN,
     DELIVERED,
     RETRYABLE,
     IPushSender,
+    Outcome,
     PushRequest,
     PushResult,
-    ResultHook,
     RetryPolicy,
-    SenderStats,
     parse_retry_after,
     send_with_retries,
 )
@@ -58,20 +45,12 @@ from libon_tsilo.push.payload import (
     refresh_payload,
     voip_payload,
 )
-from libon_tsilo.push.reactor import deferred_from_coro
-
-try:
-    from libon_tsilo.util import redact
-except ImportError:  # util is owned by ops; keep the sender usable without it
-
-    def redact(secret: str | None) -> str:
-        return f"{secret[:6]}…" if secret else "(empty)"
-
+from libon_tsilo.util import redact
 
 __all__ = [
     "PRODUCTION_HOST",
     "SANDBOX_HOST",
-    "APNsAppConfig",
+    "APNsAppSettings",
     "ApnsAppRef",
     "ProviderToken",
     "APNsSender",
@@ -90,19 +69,27 @@ APNS_PORT = 443
 _DEAD_REASONS = {"BadDeviceToken", "DeviceTokenNotForTopic", "Unregistered", "ExpiredToken"}
 
 
-@dataclass
-class APNsAppConfig:
-    """What the sender reads from one [[push.apns]] app entry (ops/config.py owns the schema)."""
+class APNsAppSettings(Protocol):
+    """What the sender reads from one [[push.apns]] entry (ops/config.py's ApnsConfig owns the schema)."""
 
-    bundle_id: str
-    team_id: str = ""
-    key_id: str = ""
-    key_file: str = ""  # .p8 (token auth) ...
-    cert_file: str = ""  # ... or a PEM with certificate + key (certificate auth)
-    sandbox: bool = False
-    server: str = ""  # "https://host:port" (or "host:port") override; "" = Apple's
-    ca_file: str = ""  # trust only this CA (the fake's, a relay's); "" = system trust
-    timeout: float = 5.0  # per HTTP/2 request, connect included
+    @property
+    def bundle_id(self) -> str: ...
+    @property
+    def team_id(self) -> str: ...
+    @property
+    def key_id(self) -> str: ...
+    @property
+    def key_file(self) -> str: ...  # .p8 (token auth) ...
+    @property
+    def cert_file(self) -> str: ...  # ... or a PEM with certificate + key (certificate auth)
+    @property
+    def sandbox(self) -> bool: ...
+    @property
+    def server(self) -> str: ...  # "https://host:port" (or "host:port") override; "" = Apple's
+    @property
+    def ca_file(self) -> str: ...  # trust only this CA (the fake's, a relay's); "" = system trust
+    @property
+    def timeout(self) -> float: ...  # per HTTP/2 request, connect included
 
 
 class ApnsAppRef(NamedTuple):
@@ -128,7 +115,7 @@ def select_app(pn_param: str) -> str:
     return parse_pn_param(pn_param).bundle_id
 
 
-def classify(status: int, reason: str, push_type: str = "voip") -> str:
+def classify(status: int, reason: str, push_type: str = "voip") -> Outcome:
     """Map an APNs answer to a PushResult outcome (ExpiredProviderToken is handled before this)."""
     if status == 200:
         return DELIVERED
@@ -143,7 +130,7 @@ def classify(status: int, reason: str, push_type: str = "voip") -> str:
     return CONFIG_ERROR
 
 
-class ProviderToken(AuthorizationHeaderProvider):
+class ProviderToken:
     """One ES256 provider JWT per (team, key), shared by every connection of a sender.
 
     Apple wants it rebuilt every 20-60 minutes and not more often: ``lifetime`` is 40 minutes,
@@ -186,74 +173,6 @@ class ProviderToken(AuthorizationHeaderProvider):
         self._header = f"bearer {token}"
 
 
-class _SenderProtocol(APNsTLSClientProtocol):
-    """aioapns' client protocol, plus Retry-After capture and clean abandonment on timeout."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.retry_after: dict[str, bytes] = {}
-
-    def on_response_received(self, headers: dict[bytes, bytes]) -> None:
-        value = headers.get(b"retry-after")
-        if value is not None:
-            self.retry_after[headers.get(b"apns-id", b"").decode()] = value
-        super().on_response_received(headers)
-
-    async def send_notification(self, request: NotificationRequest) -> NotificationResult:
-        try:
-            return await super().send_notification(request)
-        except asyncio.CancelledError:
-            self._abandon(request.notification_id)
-            raise
-
-    def _abandon(self, notification_id: str) -> None:
-        """Our timeout fired: reset the stream and free its slot, or a late answer would hit a
-        cancelled future (aioapns would raise inside data_received) and the slot would leak."""
-        self.requests.pop(notification_id, None)
-        self.request_statuses.pop(notification_id, None)
-        self.retry_after.pop(notification_id, None)
-        for stream_id, nid in list(self.request_streams.items()):
-            if nid == notification_id:
-                del self.request_streams[stream_id]
-                try:
-                    self.conn.reset_stream(stream_id, ErrorCodes.CANCEL)
-                    self.flush()
-                except Exception:  # stream already closed by the peer: nothing to reset
-                    pass
-                self.free_channels.release()
-
-
-class _SenderPool(APNsBaseConnectionPool):
-    """aioapns' pool with our dial target, TLS context and shared auth provider."""
-
-    def __init__(
-        self,
-        protocol_class: type[APNsTLSClientProtocol],
-        ssl_context: ssl.SSLContext,
-        auth: AuthorizationHeaderProvider | None,
-        topic: str,
-        max_connections: int,
-    ) -> None:
-        super().__init__(topic=topic, max_connections=max_connections, max_connection_attempts=1)
-        self.protocol_class = protocol_class
-        self.ssl_context = ssl_context
-        self.auth = auth
-
-    async def create_connection(self) -> APNsBaseClientProtocol:
-        factory = partial(self.protocol_class, self.apns_topic, self.loop, self.discard_connection, self.auth)
-        _, protocol = await self.loop.create_connection(
-            factory,
-            host=self.protocol_class.APNS_SERVER,
-            port=self.protocol_class.APNS_PORT,
-            ssl=self.ssl_context,
-        )
-        return protocol
-
-    def discard_connection(self, connection: APNsBaseClientProtocol) -> None:
-        if connection in self.connections:  # a connection that failed early was never added
-            super().discard_connection(connection)
-
-
 def _split_server(server: str, sandbox: bool) -> tuple[str, int]:
     """Dial target: Apple's host, or the override as "https://host[:port]" (the config's form)
     or a bare "host:port"."""
@@ -275,9 +194,12 @@ def _split_server(server: str, sandbox: bool) -> tuple[str, int]:
 
 
 class _Kind(NamedTuple):
-    push_type: PushType
+    push_type: str  # apns-push-type
     topic: str
     priority: int
+
+
+_VOIP, _ALERT, _BACKGROUND = "voip", "alert", "background"
 
 
 @implementer(IPushSender)
@@ -286,57 +208,57 @@ class APNsSender:
 
     ``send`` never errbacks with a push failure (those are PushResult outcomes); it fails only
     with CancelledError when the caller cancels it, which also abandons the HTTP/2 stream.
-
-    ``on_result(provider, outcome, latency_s)`` is called once per push (after retries), for
-    metrics. ``stats`` counts outcomes.
+    Outcomes are counted by the PushWaker (push/stats.py), not here.
     """
 
     provider = "apns"
 
     def __init__(
         self,
-        app_config: Any,
+        app_config: APNsAppSettings,
         clock: IReactorTime,
         *,
         policy: RetryPolicy | None = None,
-        on_result: ResultHook | None = None,
         max_connections: int = 2,
+        reactor: Any = None,
     ) -> None:
         self.bundle_id: str = app_config.bundle_id
         self.clock = clock
         self.policy = policy or RetryPolicy()
-        self.on_result = on_result
-        self.timeout = float(getattr(app_config, "timeout", 5.0) or 5.0)
-        self.stats = SenderStats()
-        self.host, self.port = _split_server(getattr(app_config, "server", ""), bool(app_config.sandbox))
+        self.timeout = float(app_config.timeout or 5.0)
+        self.host, self.port = _split_server(app_config.server, bool(app_config.sandbox))
         self._max_connections = max_connections
-        self._ssl = self._ssl_context(app_config)
+        self._tls = self._tls_options(app_config, self.host)
         self.token = self._provider_token(app_config, clock)
-        self._pool: _SenderPool | None = None
+        self._reactor = reactor
+        self._client: APNsClient | None = None
         self._config_errors_logged: set[str] = set()
-        self._protocol_class = type(
-            "APNsProtocol", (_SenderProtocol,), {"APNS_SERVER": self.host, "APNS_PORT": self.port}
+
+    @staticmethod
+    def _tls_options(cfg: APNsAppSettings, host: str) -> Any:
+        """TLS towards APNs: ALPN h2, the configured CA or the system roots, and the client
+        certificate when certificate auth is used."""
+        trust: Any = None  # None: the platform's trust store
+        if cfg.ca_file:
+            with open(cfg.ca_file, "rb") as f:
+                trust = ssl.trustRootFromCertificates([ssl.Certificate.loadPEM(f.read())])
+        client_cert = None
+        if cfg.cert_file and not cfg.key_file:
+            with open(cfg.cert_file, "rb") as f:
+                client_cert = ssl.PrivateCertificate.loadPEM(f.read())
+        return ssl.optionsForClientTLS(
+            host, trustRoot=trust, clientCertificate=client_cert, acceptableProtocols=[b"h2"]
         )
 
     @staticmethod
-    def _ssl_context(cfg: Any) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=getattr(cfg, "ca_file", "") or None)
-        ctx.set_alpn_protocols(["h2"])
-        cert_file = getattr(cfg, "cert_file", "")
-        if cert_file and not getattr(cfg, "key_file", ""):
-            ctx.load_cert_chain(cert_file)
-        return ctx
-
-    @staticmethod
-    def _provider_token(cfg: Any, clock: IReactorTime) -> ProviderToken | None:
-        key_file = getattr(cfg, "key_file", "")
-        if not key_file:
-            if not getattr(cfg, "cert_file", ""):
+    def _provider_token(cfg: APNsAppSettings, clock: IReactorTime) -> ProviderToken | None:
+        if not cfg.key_file:
+            if not cfg.cert_file:
                 raise ValueError(f"apns app {cfg.bundle_id}: set key_file (.p8) or cert_file")
             return None
         if not (cfg.team_id and cfg.key_id):
             raise ValueError(f"apns app {cfg.bundle_id}: token auth needs team_id and key_id")
-        with open(key_file, encoding="ascii") as f:
+        with open(cfg.key_file, encoding="ascii") as f:
             pem = f.read()
         # fail at start-up, not on the first call: a bad key would otherwise surface mid-ring
         try:
@@ -358,19 +280,18 @@ class APNsSender:
             d: Deferred[PushResult] = Deferred()
             d.callback(PushResult(CONFIG_ERROR, str(e)))
         else:
+            body = json.dumps(payload, ensure_ascii=False).encode("utf-8")  # as payload.py measures
             d = send_with_retries(
-                self.clock,
-                self.policy,
-                deadline,
-                lambda n: deferred_from_coro(self._attempt(req, kind, payload, deadline)),
+                self.clock, self.policy, deadline, lambda n: self._attempt(req, kind, body, deadline)
             )
         d.addCallback(self._finish, req, start)
         return d
 
     def close(self) -> None:
         """Close pooled connections (service stop)."""
-        if self._pool is not None:
-            self._pool.close()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     # -- internals -----------------------------------------------------------------------
 
@@ -380,83 +301,90 @@ class APNsSender:
             if ref.bundle_id != self.bundle_id:
                 raise ValueError(f"pn-param is for {ref.bundle_id}, this sender is {self.bundle_id}")
         if req.kind == "call":
-            return _Kind(PushType.VOIP, self.bundle_id + ".voip", 10), voip_payload(req, now)
+            return _Kind(_VOIP, self.bundle_id + ".voip", 10), voip_payload(req, now)
         if req.kind == "cancel":
             # PushKit: every VoIP push must report a call, so the end of one is a plain alert
-            return _Kind(PushType.ALERT, self.bundle_id, 10), cancel_alert_payload(req, now)
+            return _Kind(_ALERT, self.bundle_id, 10), cancel_alert_payload(req, now)
         if req.kind == "refresh":
-            return _Kind(PushType.BACKGROUND, self.bundle_id, 5), refresh_payload(req, now)
+            return _Kind(_BACKGROUND, self.bundle_id, 5), refresh_payload(req, now)
         raise ValueError(f"unknown push kind {req.kind!r}")
 
-    def _get_pool(self) -> _SenderPool:
-        # built on first use, from inside the running loop (aioapns binds the loop at construction)
-        if self._pool is None:
-            self._pool = _SenderPool(
-                self._protocol_class, self._ssl, self.token, self.bundle_id + ".voip", self._max_connections
-            )
-        return self._pool
+    def _get_client(self) -> APNsClient:
+        if self._client is None:
+            reactor = self._reactor
+            if reactor is None:
+                from twisted.internet import reactor as default_reactor
 
-    async def _attempt(
-        self, req: PushRequest, kind: _Kind, payload: dict[str, Any], deadline: float
-    ) -> PushResult:
-        result, iat = await self._post(req, kind, payload, deadline)
+                reactor = default_reactor
+            self._client = APNsClient(
+                reactor, self.clock, self.host, self.port, self._tls,
+                max_connections=self._max_connections, connect_timeout=self.timeout,
+            )
+        return self._client
+
+    @inlineCallbacks
+    def _attempt(
+        self, req: PushRequest, kind: _Kind, body: bytes, deadline: float
+    ) -> Generator[Deferred[Any], Any, PushResult]:
+        result: PushResult
+        result, iat = yield self._post(req, kind, body, deadline)
         if result.reason == "ExpiredProviderToken" and self.token is not None:
             # one retry with a fresh JWT; a second refusal is a real clock/key problem
             self.token.refresh(iat)
-            result, _ = await self._post(req, kind, payload, deadline)
+            result, _ = yield self._post(req, kind, body, deadline)
         return result
 
-    async def _post(
-        self, req: PushRequest, kind: _Kind, payload: dict[str, Any], deadline: float
-    ) -> tuple[PushResult, int | None]:
-        """One HTTP/2 exchange; returns the result and the JWT iat it was sent with."""
-        remaining = deadline - self.clock.seconds()
+    def _post(
+        self, req: PushRequest, kind: _Kind, body: bytes, deadline: float
+    ) -> Deferred[tuple[PushResult, int | None]]:
+        """One HTTP/2 exchange; fires with the result and the JWT iat it was sent with."""
+        now = self.clock.seconds()
+        remaining = deadline - now
         if remaining <= 0:
-            return PushResult(RETRYABLE, "deadline passed"), None
-        nreq = NotificationRequest(
-            device_token=req.prid,
-            message=payload,
-            notification_id=req.push_id if _is_uuid(req.push_id) else None,  # None: aioapns makes one
-            time_to_live=max(1, math.ceil(remaining)),
-            priority=kind.priority,
-            collapse_key=_collapse_id(req.call_id) if req.kind == "cancel" else None,
-            push_type=kind.push_type,
-            apns_topic=kind.topic,
-        )
+            return defer.succeed((PushResult(RETRYABLE, "deadline passed"), None))
+        apns_id = req.push_id if _is_uuid(req.push_id) else str(uuid.uuid4())
+        headers = [
+            (":method", "POST"),
+            (":scheme", "https"),
+            (":authority", self.host),
+            (":path", f"/3/device/{req.prid}"),
+            ("apns-id", apns_id),
+            ("apns-topic", kind.topic),
+            ("apns-push-type", kind.push_type),
+            ("apns-priority", str(kind.priority)),
+            ("apns-expiration", str(int(now) + max(1, math.ceil(remaining)))),
+        ]
+        collapse_id = _collapse_id(req.call_id) if req.kind == "cancel" else None
+        if collapse_id is not None:
+            headers.append(("apns-collapse-id", collapse_id))
         iat = None
         if self.token is not None:
-            self.token.get_header()  # mint/rotate now, so we know which iat this request carries
+            headers.append(("authorization", self.token.get_header()))
             iat = self.token.iat
-        try:
-            res, retry_raw = await asyncio.wait_for(self._exchange(nreq), min(self.timeout, remaining))
-        except asyncio.TimeoutError:
-            return PushResult(RETRYABLE, "timeout"), iat
-        except Exception as e:  # aioapns ConnectionError/ConnectionClosed, h2 errors, OSError, ssl
-            return PushResult(RETRYABLE, f"connection error: {type(e).__name__} {e}".strip()), iat
-        status = int(res.status) if str(res.status).isdigit() else 0
-        reason = res.description or ("Success" if status == 200 else "")
-        outcome = classify(status, reason, kind.push_type.value)
-        return (
-            PushResult(
-                outcome,
-                reason,
-                status=status,
-                provider_id=res.notification_id,
-                retry_after=parse_retry_after(retry_raw, self.clock.seconds()),
-            ),
-            iat,
+        d = self._get_client().post(headers, body)
+        d.addTimeout(min(self.timeout, remaining), self.clock)
+        answered = d.addCallbacks(self._result, self._no_answer, callbackArgs=(apns_id, kind))
+        return answered.addCallback(lambda result: (result, iat))
+
+    def _result(self, res: APNsResponse, apns_id: str, kind: _Kind) -> PushResult:
+        reason = res.reason or ("Success" if res.status == 200 else "")
+        return PushResult(
+            classify(res.status, reason, kind.push_type),
+            reason,
+            status=res.status,
+            provider_id=res.apns_id or apns_id,
+            retry_after=parse_retry_after(res.retry_after, self.clock.seconds()),
         )
 
-    async def _exchange(self, nreq: NotificationRequest) -> tuple[NotificationResult, bytes | None]:
-        pool = self._get_pool()
-        connection = await pool.acquire()
-        res = await connection.send_notification(nreq)
-        retry_raw = getattr(connection, "retry_after", {}).pop(nreq.notification_id, None)
-        return res, retry_raw
+    def _no_answer(self, failure: Failure) -> PushResult | Failure:
+        if failure.check(defer.TimeoutError):
+            return PushResult(RETRYABLE, "timeout")
+        if failure.check(APNsConnectionError):
+            return PushResult(RETRYABLE, f"connection error: {failure.getErrorMessage()}")
+        return failure
 
     def _finish(self, result: PushResult, req: PushRequest, start: float) -> PushResult:
         latency = self.clock.seconds() - start
-        self.stats.record(result.outcome)
         if result.outcome == CONFIG_ERROR and result.reason not in self._config_errors_logged:
             self._config_errors_logged.add(result.reason)
             log.critical(
@@ -481,11 +409,6 @@ class APNsSender:
             latency=latency,
             call_id=req.call_id,
         )
-        if self.on_result is not None:
-            try:
-                self.on_result(self.provider, result.outcome, latency)
-            except Exception:  # metrics must never break call handling
-                log.failure("on_result hook failed")
         return result
 
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 import email.utils
 import random
 import uuid
-from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Final, Literal
 
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
@@ -31,27 +30,21 @@ __all__ = [
     "PushRequest",
     "PushResult",
     "IPushSender",
-    "ResultHook",
     "RetryPolicy",
-    "SenderStats",
     "parse_retry_after",
     "send_with_retries",
 ]
 
 log = Logger()
 
-DELIVERED = "delivered"
-DEAD_TOKEN = "dead_token"
-RETRYABLE = "retryable"
-CONFIG_ERROR = "config_error"
+DELIVERED: Final = "delivered"
+DEAD_TOKEN: Final = "dead_token"
+RETRYABLE: Final = "retryable"
+CONFIG_ERROR: Final = "config_error"
 OUTCOMES = (DELIVERED, DEAD_TOKEN, RETRYABLE, CONFIG_ERROR)
 
 PushKind = Literal["call", "cancel", "refresh"]
 Outcome = Literal["delivered", "dead_token", "retryable", "config_error"]
-
-# on_result(provider, outcome, latency_s): lets ops/metrics observe senders without push/ importing it
-ResultHook = Callable[[str, str, float], None]
-
 
 def _new_push_id() -> str:
     return str(uuid.uuid4())
@@ -94,7 +87,7 @@ class PushResult:
 class IPushSender(Interface):
     provider = Attribute("provider name as in pn-provider: 'apns', 'fcm', 'webhook'")
 
-    def send(req: PushRequest) -> Deferred[PushResult]:  # type: ignore[misc]
+    def send(req: PushRequest) -> Deferred[PushResult]:
         """Send one push; never errbacks: failures are PushResult outcomes."""
 
 
@@ -154,19 +147,6 @@ class RetryPolicy:
         if now + delay >= deadline:
             return None
         return delay
-
-
-@dataclass
-class SenderStats:
-    """Per-sender outcome counters ({outcome: count}), cheap enough to bump on every push."""
-
-    counts: Counter[str] = field(default_factory=Counter)
-
-    def record(self, outcome: str) -> None:
-        self.counts[outcome] += 1
-
-    def as_dict(self) -> dict[str, int]:
-        return {o: self.counts.get(o, 0) for o in OUTCOMES}
 
 
 def send_with_retries(

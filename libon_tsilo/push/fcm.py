@@ -44,11 +44,10 @@ from libon_tsilo.push.base import (
     DELIVERED,
     RETRYABLE,
     IPushSender,
+    Outcome,
     PushRequest,
     PushResult,
-    ResultHook,
     RetryPolicy,
-    SenderStats,
     parse_retry_after,
     send_with_retries,
 )
@@ -91,11 +90,11 @@ class _TimeoutRequest(google.auth.transport.requests.Request):
 
     def __call__(self, url: str, method: str = "GET", body: Any = None, headers: Any = None,
                  timeout: Any = None, **kwargs: Any) -> Any:
-        return super().__call__(url, method=method, body=body, headers=headers,
+        return super().__call__(url, method=method, body=body, headers=headers,  # type: ignore[no-untyped-call]
                                 timeout=self._timeout, **kwargs)
 
 
-class _BoundedFCM(FCMNotification):
+class _BoundedFCM(FCMNotification):  # type: ignore[misc]  # pyfcm ships no type information
     """pyfcm pointed at ``endpoint`` for ``project_id``; one POST per call, no sleeping.
 
     Runs only in pool threads. The credentials object is shared, so token refresh is serialised
@@ -134,8 +133,10 @@ class _BoundedFCM(FCMNotification):
     def send_request(self, payload: Any = None, timeout: Any = None) -> requests.Response:
         # pyfcm's own version sleeps on Retry-After and recurses; keep notify() (unused by the
         # sender, but reachable) to a single bounded POST as well
-        return self.requests_session.post(self.fcm_end_point, data=payload, timeout=timeout or 5.0,
-                                          headers=self.request_headers())
+        response: requests.Response = self.requests_session.post(
+            self.fcm_end_point, data=payload, timeout=timeout or 5.0, headers=self.request_headers()
+        )
+        return response
 
     def post(self, body: bytes, deadline: float, abandoned: threading.Event) -> WireReply:
         """One send that ends by ``deadline`` (time.monotonic(); token fetch included).
@@ -205,7 +206,7 @@ def classify_reply(reply: WireReply, now: float) -> PushResult:
     if status == 404 or code == "UNREGISTERED":
         return PushResult(DEAD_TOKEN, reason, status)
     if status == 400:
-        outcome = DEAD_TOKEN if _is_token_problem(message, fields) else CONFIG_ERROR
+        outcome: Outcome = DEAD_TOKEN if _is_token_problem(message, fields) else CONFIG_ERROR
         return PushResult(outcome, reason, status)
     if status == 429 or status >= 500:
         return PushResult(RETRYABLE, reason, status, retry_after=parse_retry_after(reply.retry_after, now))
@@ -254,7 +255,6 @@ class FCMSender:
         *,
         reactor: Any = None,
         policy: RetryPolicy | None = None,
-        on_result: ResultHook | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -266,8 +266,6 @@ class FCMSender:
         self._reactor = reactor
         self._pool = threadpool
         self._policy = policy or RetryPolicy()
-        self.on_result = on_result
-        self.stats = SenderStats()
         self._config_errors_logged: set[str] = set()
         self._fcm = _BoundedFCM(app_config.service_account_file, app_config.project_id,
                                 app_config.endpoint, threadpool.max)
@@ -298,14 +296,14 @@ class FCMSender:
         # the socket budget is wall time in the worker; the reactor clock can't be read from there
         wall_deadline = time.monotonic() + budget
         abandoned = threading.Event()
-        d: Deferred[WireReply] = deferToThreadPool(self._reactor, self._pool, self._fcm.post, body,
-                                                   wall_deadline, abandoned)
+        replies: Deferred[WireReply] = deferToThreadPool(self._reactor, self._pool, self._fcm.post, body,
+                                                         wall_deadline, abandoned)
 
         def gave_up(_result: object, _timeout: float) -> PushResult:
             abandoned.set()
             return PushResult(RETRYABLE, "timeout")
 
-        d.addCallback(lambda reply: classify_reply(reply, self._clock.seconds()))
+        d = replies.addCallback(lambda reply: classify_reply(reply, self._clock.seconds()))
         d.addErrback(classify_failure)
         # a thread can't be interrupted; this guard makes sure our answer never waits past the
         # ttl (the thread's own socket timeouts free the pool slot soon after)
@@ -314,7 +312,6 @@ class FCMSender:
 
     def _finish(self, result: PushResult, req: PushRequest, start: float) -> PushResult:
         latency = self._clock.seconds() - start
-        self.stats.record(result.outcome)
         if result.outcome == CONFIG_ERROR:
             self._report_config_error(result, req)
         log.info("fcm push {push_id} ({kind}) to {token} for {aor}: {outcome} {status} {reason}"
@@ -322,11 +319,6 @@ class FCMSender:
                  push_id=req.push_id, kind=req.kind, token=redact(req.prid), aor=req.aor,
                  outcome=result.outcome, status=result.status, reason=result.reason,
                  attempts=result.attempts, latency=latency, call_id=req.call_id)
-        if self.on_result is not None:
-            try:
-                self.on_result(self.provider, result.outcome, latency)
-            except Exception:
-                log.failure("fcm on_result hook failed")
         return result
 
     def _report_config_error(self, result: PushResult, req: PushRequest) -> None:

@@ -33,7 +33,7 @@ the optional refresh pushes of refresh.py).
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +53,7 @@ from libon_tsilo.push.base import (
     PushResult,
 )
 from libon_tsilo.push.router import PushRouter
+from libon_tsilo.push.stats import PushStats
 from libon_tsilo.ratelimit import SlidingWindow, ThrottledLog
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.uri import URI
@@ -61,7 +62,6 @@ from libon_tsilo.util import redact
 __all__ = [
     "PushWaker",
     "PushWakeResult",
-    "LatencyWindow",
     "INVITE_CANCEL",
     "MISSED_CALL_PUSH",
 ]
@@ -73,9 +73,6 @@ MISSED_CALL_PUSH = "missed_call_push"
 # the Contact URI parameter with the app's alert-capable token, next to pn-prid's VoIP token
 ALERT_PRID_PARAM = "pn-alert-prid"
 
-# (provider, outcome, latency_s) and (latency_s): ops/metrics hooks, passed in at wiring
-PushHook = Callable[[str, str, float], Any]
-LatencyHook = Callable[[float], Any]
 RemoveBinding = Callable[[Any, str], Any]
 
 
@@ -87,37 +84,6 @@ class PushWakeResult:
     all_failed: bool = False
     reason: str = ""
     outcomes: dict[str, int] = field(default_factory=dict)
-
-
-class LatencyWindow:
-    """The last ``size`` latencies (seconds) and a summary; cheap enough for every REGISTER."""
-
-    def __init__(self, size: int = 1024) -> None:
-        self.samples: deque[float] = deque(maxlen=size)
-        self.count = 0
-        self.total = 0.0
-
-    def add(self, value: float) -> None:
-        value = max(0.0, value)
-        self.samples.append(value)
-        self.count += 1
-        self.total += value
-
-    def summary(self) -> dict[str, float | int]:
-        if not self.samples:
-            return {"count": self.count, "mean": 0.0, "p50": 0.0, "p95": 0.0, "max": 0.0}
-        ordered = sorted(self.samples)
-
-        def pct(p: float) -> float:
-            return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))], 3)
-
-        return {
-            "count": self.count,
-            "mean": round(self.total / self.count, 3),
-            "p50": pct(0.5),
-            "p95": pct(0.95),
-            "max": round(ordered[-1], 3),
-        }
 
 
 @dataclass
@@ -186,8 +152,6 @@ class PushWaker:
         cancelled_ios_call: str = INVITE_CANCEL,
         invite_cancel_providers: Iterable[str] = ("apns",),
         refresh_before_expiry: float = 0.0,
-        on_push: PushHook | None = None,
-        on_push_to_register: LatencyHook | None = None,
         missed_call_ttl: float = 30.0,
         register_wait: float = 120.0,
         close_grace: float = 60.0,
@@ -201,8 +165,6 @@ class PushWaker:
         self.skip_within = float(skip_push_if_registered_within)
         self.cancelled_ios_call = cancelled_ios_call
         self.ios_providers = frozenset(invite_cancel_providers)
-        self.on_push = on_push
-        self.on_push_to_register = on_push_to_register
         self.missed_call_ttl = missed_call_ttl
         self.register_wait = register_wait  # how long a delivered push waits for its REGISTER
         self.close_grace = close_grace  # replaced senders finish their pushes before closing
@@ -213,11 +175,8 @@ class PushWaker:
         self._awaiting_prid: dict[tuple[str, str], str] = {}  # (provider, prid) -> key
         self._close_timers: list[Any] = []
         self._config_errors: set[str] = set()
-        self.by_provider: dict[str, Counter[str]] = {}
-        self.by_kind: dict[str, Counter[str]] = {}
+        self.push_stats = PushStats()  # the one record of push outcomes: RPC, manhole, /metrics
         self.counters: Counter[str] = Counter()
-        self.push_to_register = LatencyWindow()
-        self.push_latency = LatencyWindow()
         # call pushes per (provider, prid) over the last minute; None = no limit
         per_minute = pushes_per_device_per_minute
         self.device_limit = SlidingWindow(clock, per_minute, 60.0) if per_minute > 0 else None
@@ -298,8 +257,7 @@ class PushWaker:
             return succeed(PushWakeResult(reason="nothing to push"))
         self.counters["calls_woken"] += 1
         done = DeferredList(waits, consumeErrors=True)
-        done.addCallback(self._summarise, rec)
-        return done
+        return done.addCallback(self._summarise, rec)
 
     def _within_device_limit(self, binding: Any, call_id: str) -> bool:
         if self.device_limit is None or self.device_limit.try_add(_prid_key(binding)):
@@ -361,15 +319,7 @@ class PushWaker:
     def _sent(self, result: PushResult, binding: Any, req: PushRequest, start: float) -> PushResult:
         outcome = result.outcome if result.outcome in OUTCOMES else RETRYABLE
         latency = self.clock.seconds() - start
-        self.by_provider.setdefault(req.provider, Counter())[outcome] += 1
-        self.by_kind.setdefault(req.kind, Counter())[outcome] += 1
-        if outcome == DELIVERED:
-            self.push_latency.add(latency)
-        if self.on_push is not None:
-            try:
-                self.on_push(req.provider, outcome, latency)
-            except Exception:  # metrics must never break call handling
-                log.failure("push metrics hook failed")
+        self.push_stats.record_push(req.provider, req.kind, outcome, latency)
         if outcome == DEAD_TOKEN and req.prid == getattr(binding, "pn_prid", req.prid):
             # (a dead alert token says nothing of the VoIP token the binding is for)
             self._dead_token(binding, req, result)
@@ -513,14 +463,9 @@ class PushWaker:
         self._observe_push_to_register(now - delivered_at, provider)
 
     def _observe_push_to_register(self, latency: float, provider: str) -> None:
-        self.push_to_register.add(latency)
+        self.push_stats.record_push_to_register(latency)
         log.info("{provider} device registered {latency:.3f}s after its push", provider=provider,
                  latency=latency)
-        if self.on_push_to_register is not None:
-            try:
-                self.on_push_to_register(latency)
-            except Exception:
-                log.failure("push-to-register metrics hook failed")
 
     def _await_register(self, binding: Any, now: float, provider: str) -> None:
         self._expire_awaiting(now)
@@ -587,17 +532,13 @@ class PushWaker:
     # -- inspection ----------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        def table(t: dict[str, Counter[str]]) -> dict[str, dict[str, int]]:
-            return {k: {o: c.get(o, 0) for o in OUTCOMES} for k, c in sorted(t.items())}
-
         out: dict[str, Any] = {
             "providers": self.router.providers,
-            "by_provider": table(self.by_provider),
-            "by_kind": table(self.by_kind),
+            **self.push_stats.outcomes(),
             "pending_calls": len(self._calls),
             "awaiting_register": len(self._awaiting),
-            "push_latency": self.push_latency.summary(),
-            "push_to_register": self.push_to_register.summary(),
+            "push_latency": self.push_stats.delivered_window.summary(),
+            "push_to_register": self.push_stats.push_to_register_window.summary(),
             "cancelled_ios_call": self.cancelled_ios_call,
         }
         for name in (

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import json
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError as DeferredTimeoutError, succeed
 from twisted.internet.error import ConnectError, DNSLookupError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.internet.protocol import Protocol, connectionDone
@@ -43,9 +43,7 @@ from libon_tsilo.push.base import (
     IPushSender,
     PushRequest,
     PushResult,
-    ResultHook,
     RetryPolicy,
-    SenderStats,
     parse_retry_after,
     send_with_retries,
 )
@@ -104,7 +102,9 @@ class _DiscardBody(Protocol):
 
     def _abort(self, _: Deferred[None]) -> None:
         if self.transport is not None:
-            self.transport.stopProducing()  # closes the connection: a half-read body can't be reused
+            # the body's transport is its producer too; stopping it closes the connection, as a
+            # half-read body can't be reused
+            cast(IPushProducer, self.transport).stopProducing()
 
 
 def _loggable(url: str) -> str:
@@ -139,7 +139,6 @@ class WebhookSender:
         *,
         reactor: Any = None,
         policy: RetryPolicy | None = None,
-        on_result: ResultHook | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -150,8 +149,6 @@ class WebhookSender:
         self.timeout = float(timeout)
         self.clock = clock
         self.policy = policy or RetryPolicy()
-        self.on_result = on_result
-        self.stats = SenderStats()
         self._config_errors_logged: set[str] = set()
         # keep-alive: a call's push and its cancel go to the same host seconds apart
         self._pool = HTTPConnectionPool(reactor, persistent=True)
@@ -167,7 +164,8 @@ class WebhookSender:
 
     def close(self) -> Deferred[None]:
         """Drop kept-alive connections (service shutdown, test teardown)."""
-        return self._pool.closeCachedConnections()
+        closed: Deferred[None] = self._pool.closeCachedConnections()
+        return closed
 
     def _attempt(self, req: PushRequest, n: int, deadline: float) -> Deferred[PushResult]:
         now = self.clock.seconds()
@@ -179,8 +177,9 @@ class WebhookSender:
             b"content-type": [b"application/json"],
             b"user-agent": [_USER_AGENT],
         })
-        d = self._agent.request(b"POST", self.url.encode("ascii"), headers, FileBodyProducer(BytesIO(body)))
-        d.addCallback(self._read)
+        producer = FileBodyProducer(BytesIO(body))
+        sent = self._agent.request(b"POST", self.url.encode("ascii"), headers, producer)
+        d = sent.addCallback(self._read)
         # one bound for connect + request + body, and never past the ring timeout; cancelling the
         # request surfaces as ResponseNeverReceived/ResponseFailed, so name the cause here
         d.addTimeout(min(self.timeout, remaining), self.clock,
@@ -193,7 +192,7 @@ class WebhookSender:
         retry_after = raw[-1].decode("latin-1") if raw else None
         phrase = response.phrase.decode("latin-1", "replace") if response.phrase else ""
 
-        def classify(_: bytes) -> PushResult:
+        def classify(_: None) -> PushResult:
             return classify_status(response.code, phrase, retry_after, self.clock.seconds())
 
         # read (and discard) the body so the connection can go back to the pool
@@ -203,7 +202,6 @@ class WebhookSender:
 
     def _finish(self, result: PushResult, req: PushRequest, start: float) -> PushResult:
         latency = self.clock.seconds() - start
-        self.stats.record(result.outcome)
         if result.outcome == CONFIG_ERROR and result.reason not in self._config_errors_logged:
             self._config_errors_logged.add(result.reason)
             log.critical(
@@ -216,9 +214,4 @@ class WebhookSender:
                  name=self.provider, push_id=req.push_id, kind=req.kind, token=redact(req.prid), aor=req.aor,
                  outcome=result.outcome, status=result.status, reason=result.reason,
                  attempts=result.attempts, latency=latency, call_id=req.call_id)
-        if self.on_result is not None:
-            try:
-                self.on_result(self.provider, result.outcome, latency)
-            except Exception:  # metrics must never break call handling
-                log.failure("webhook on_result hook failed")
         return result

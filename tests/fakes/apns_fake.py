@@ -12,8 +12,9 @@ What it checks, in Apple's order of precedence as far as we can tell:
 
 Then each device token follows its script (``Step``s consumed in order, the last one repeating):
 a status with its reason (410 carries a ms timestamp), an optional Retry-After, a delay, ``hang``
-(never answer) or ``goaway``. Every response echoes ``apns-id`` (aioapns needs it), errors carry
-their JSON in ONE DATA frame (aioapns parses frame by frame). Every request is recorded.
+(never answer) or ``goaway``. Every response echoes ``apns-id``; errors carry their JSON in one
+DATA frame, or in two with ``split`` (a client must not parse frame by frame). Every request is
+recorded.
 
 Quirk kept on purpose: like APNs, a token-auth connection starts with SETTINGS_MAX_CONCURRENT_STREAMS=1
 and raises it after the first push accepted with a valid JWT.
@@ -91,14 +92,17 @@ class Step:
     retry_after: str | None = None
     delay: float = 0.0
     action: str | None = None
+    split: bool = False  # the error JSON in two DATA frames
 
 
 def parse_step(text: str) -> Step:
     """Parse "200", "410", "400:DeviceTokenNotForTopic", "503 retry-after=30", "delay=0.5 200",
-    "hang", "goaway" (words in any order)."""
-    status, reason, retry_after, delay, action = 200, None, None, 0.0, None
+    "hang", "goaway", "410 split" (words in any order)."""
+    status, reason, retry_after, delay, action, split = 200, None, None, 0.0, None, False
     for word in text.split():
-        if word in ("hang", "goaway"):
+        if word == "split":
+            split = True
+        elif word in ("hang", "goaway"):
             action = word
         elif word.startswith("delay="):
             delay = float(word[6:])
@@ -110,7 +114,7 @@ def parse_step(text: str) -> Step:
             reason = why or None
     if reason is None and status != 200:
         reason = DEFAULT_REASONS.get(status, "InternalServerError")
-    return Step(status, reason, retry_after, delay, action)
+    return Step(status, reason, retry_after, delay, action, split)
 
 
 @dataclass
@@ -291,7 +295,7 @@ class FakeAPNs:
 
 
 class _APNsServerProtocol(Protocol):
-    """One client connection: h2 server side. Speaks h2 with or without ALPN (aioapns sends none)."""
+    """One client connection: h2 server side. Speaks h2 with or without ALPN."""
 
     def __init__(self, fake: FakeAPNs) -> None:
         self.fake = fake
@@ -410,6 +414,10 @@ class _APNsServerProtocol(Protocol):
                 payload = json.dumps(err).encode()
                 headers.append(("content-type", "application/json"))
                 self.conn.send_headers(stream_id, headers)
+                if step.split:
+                    self.conn.send_data(stream_id, payload[:7])
+                    self.flush()
+                    payload = payload[7:]
                 self.conn.send_data(stream_id, payload, end_stream=True)
         except ProtocolError:  # the client reset the stream (timed out) meanwhile
             return

@@ -3,8 +3,8 @@
 - ``make_team_key()``: an APNs token-auth key, as Apple hands it out (a P-256 key in a PKCS#8
   PEM ``.p8`` file), plus its public half for the fake to check ES256 signatures.
 - ``make_pki()``: a test CA, a server certificate for localhost/127.0.0.1 and a client
-  certificate whose subject UID is the bundle id (what Apple's push certificates carry; aioapns
-  reads the default topic from it).
+  certificate whose subject UID is the bundle id (what Apple's push certificates carry; the
+  fake checks the topic against it).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class Pki:
     ca_pem: bytes
     server_cert_pem: bytes
     server_key_pem: bytes
-    client_pem: bytes  # client certificate + key in one PEM, as aioapns' client_cert expects
+    client_pem: bytes  # client certificate + key in one PEM, as [[push.apns]] cert_file takes it
 
     def write(self, directory: Path) -> dict[str, Path]:
         paths = {

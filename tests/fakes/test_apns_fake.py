@@ -22,12 +22,17 @@ from h2.connection import H2Connection
 from h2.events import DataReceived, RemoteSettingsChanged, ResponseReceived, StreamEnded
 from h2.settings import SettingCodes
 
-from libon_tsilo.push.reactor import deferred_from_coro
+from twisted.internet.defer import Deferred
+
 from tests.fakes.apns_fake import FakeEnv, parse_step, spawn, spawn_with_keys, start_fake
 
 BUNDLE = "com.example.app"
 TOKEN = "ab" * 32
 REPO = Path(__file__).resolve().parents[2]
+
+
+def deferred_from_coro(coro):  # the bare client below runs on asyncio streams
+    return Deferred.fromFuture(asyncio.ensure_future(coro))
 
 
 class H2Client:
@@ -252,14 +257,15 @@ def test_parse_step_words() -> None:
 async def test_standalone_process_prints_port_and_records(tmp_path) -> None:
     from twisted.internet import reactor
 
-    from libon_tsilo.push.apns import APNsAppConfig, APNsSender
+    from libon_tsilo.ops.config import ApnsConfig
+    from libon_tsilo.push.apns import APNsSender
     from libon_tsilo.push.base import PushRequest
 
     record = tmp_path / "requests.jsonl"
     proc, port, paths, key = spawn_with_keys(tmp_path, script={"tokens": {TOKEN: ["410"]}}, record=record)
     try:
-        cfg = APNsAppConfig(bundle_id=BUNDLE, team_id=key.team_id, key_id=key.key_id, key_file=str(paths["p8"]),
-                            server=f"127.0.0.1:{port}", ca_file=str(paths["ca"]), timeout=2.0)
+        cfg = ApnsConfig(bundle_id=BUNDLE, team_id=key.team_id, key_id=key.key_id, key_file=str(paths["p8"]),
+                         server=f"127.0.0.1:{port}", ca_file=str(paths["ca"]), timeout=2.0)
         sender = APNsSender(cfg, reactor)
         try:
             ok = await sender.send(PushRequest("apns", "cd" * 32, None, "call", call_id="e2e", ttl=3.0))

@@ -17,7 +17,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyRequest
 
 from libon_tsilo.ops.admin import AdminResource, AdminService, is_loopback
-from libon_tsilo.ops.metrics import PushMetrics, make_registry
+from libon_tsilo.ops.metrics import make_registry
 from libon_tsilo.ops.rpc import Rpc
 from tests.ops.test_rpc import FakeCall, binding, build
 
@@ -32,7 +32,7 @@ def admin(tmp_path):
     root, clock = build(tmp_path=tmp_path)
     parts = root.parts
     rpc = Rpc(parts, root)
-    resource = AdminResource(rpc, make_registry(parts, None, push=PushMetrics()), token=TOKEN)
+    resource = AdminResource(rpc, make_registry(parts, None), token=TOKEN)
     svc = AdminService("tcp:0:interface=127.0.0.1", resource, reactor=reactor)
     svc.startService()
     pytest_twisted.blockon(svc.listening)
@@ -222,7 +222,7 @@ def resource(tmp_path, token: str = TOKEN, metrics_public: bool = False) -> Admi
     root, _clock = build(tmp_path=tmp_path)
     return AdminResource(
         Rpc(root.parts, root),
-        make_registry(root.parts, None, push=PushMetrics()),
+        make_registry(root.parts, None),
         token=token,
         metrics_public=metrics_public,
     )
@@ -292,7 +292,7 @@ def open_admin(tmp_path):
     """No [admin] token: /rpc answers loopback clients only, as in the issue's reproducer."""
     root, clock = build(tmp_path=tmp_path)
     parts = root.parts
-    resource = AdminResource(Rpc(parts, root), make_registry(parts, None, push=PushMetrics()), token="")
+    resource = AdminResource(Rpc(parts, root), make_registry(parts, None), token="")
     svc = AdminService("tcp:0:interface=127.0.0.1", resource, reactor=reactor)
     svc.startService()
     pytest_twisted.blockon(svc.listening)

@@ -421,3 +421,18 @@ def test_connections_defaults_are_for_a_real_server():
 )
 def test_connections_bad_values(key, value, expected):
     assert error_of({"connections": {key: value}}) == expected
+
+
+def test_threadpool_size_is_accepted_with_a_no_longer_used_warning(tmp_path):
+    from twisted.logger import globalLogPublisher
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        cfg = config_from_dict({"ops": {"threadpool_size": 4}}, base_dir=tmp_path)
+        quiet = config_from_dict({"ops": {"drain_timeout": 5}}, base_dir=tmp_path)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warned = [e for e in events if e.get("key") == "ops.threadpool_size"]
+    assert len(warned) == 1 and warned[0]["log_level"].name == "warn"
+    assert (cfg.ops.drain_timeout, quiet.ops.drain_timeout) == (30, 5)  # the rest loads as usual

@@ -7,17 +7,19 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY as GLOBAL_REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import Deferred
 
-from libon_tsilo.ops import metrics
 from libon_tsilo.ops.metrics import (
     MessageCounters,
-    PushMetrics,
     install_message_hooks,
     make_registry,
     render,
 )
+from libon_tsilo.ops.rpc import Rpc
+from libon_tsilo.push.base import DEAD_TOKEN, DELIVERED, PushResult
 from libon_tsilo.sip.message import parse_message
 from tests.ops.test_rpc import FakeCall, binding, build
+from tests.push.test_waker import FakeSender, call_info, dev, make
 
 
 def samples(registry: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -107,7 +109,7 @@ def test_collector_reads_live_objects_at_scrape_time(tmp_path):
     counters = MessageCounters()
     counters.inbound(parse_message(INVITE))
     counters.outbound(parse_message(RINGING))
-    registry = make_registry(parts, counters, push=PushMetrics())
+    registry = make_registry(parts, counters)
     before = samples(registry)
     assert before[("libon_tsilo_bindings", ())] == 0
     assert before[("libon_tsilo_tsilo_stored_transactions", ())] == 0
@@ -153,7 +155,7 @@ def test_parked_calls_and_states(tmp_path):
             self.state = State(state)
 
     parts.b2bua.calls.update({"a": Call("parked"), "b": Call("parked"), "c": Call("connected")})
-    s = samples(make_registry(parts, None, push=PushMetrics()))
+    s = samples(make_registry(parts, None))
     assert s[("libon_tsilo_parked_calls", ())] == 2
     assert s[("libon_tsilo_calls", (("state", "parked"),))] == 2
     assert s[("libon_tsilo_calls", (("state", "connected"),))] == 1
@@ -163,11 +165,11 @@ def test_parked_calls_and_states(tmp_path):
 
 def test_session_timer_and_duration_limit_counters(tmp_path):
     root, _clock = build(tmp_path=tmp_path)
-    s = samples(make_registry(root.parts, None, push=PushMetrics()))
+    s = samples(make_registry(root.parts, None))
     assert s[("libon_tsilo_calls_session_expired_total", ())] == 0
     root.parts.b2bua.counters["session_expired"] += 2
     root.parts.b2bua.counters["duration_limit"] += 1
-    s = samples(make_registry(root.parts, None, push=PushMetrics()))
+    s = samples(make_registry(root.parts, None))
     assert s[("libon_tsilo_calls_session_expired_total", ())] == 2
     assert s[("libon_tsilo_calls_duration_limit_total", ())] == 1
 
@@ -180,25 +182,51 @@ def test_a_broken_layer_does_not_break_the_scrape(tmp_path):
             raise RuntimeError("boom")
 
     root.parts.silo = BrokenSilo()
-    s = samples(make_registry(root.parts, None, push=PushMetrics()))
+    s = samples(make_registry(root.parts, None))
     assert ("libon_tsilo_bindings", ()) in s
     assert not any(name.startswith("libon_tsilo_tsilo_") for name, _ in s)
 
 
-def test_push_metrics(tmp_path):
-    root, _clock = build(tmp_path=tmp_path)
-    push = PushMetrics()
-    push.observe_push("apns", "delivered", 0.2)
-    push.observe_push("apns", "delivered", 0.3)
-    push.observe_push("fcm", "dead_token", 1.5)
-    push.observe_push_to_register(2.5)
-    s = samples(make_registry(root.parts, None, push=push))
+def _pushed_waker(clock: Any) -> Any:
+    """A real PushWaker after two apns deliveries (0.2 s and 0.3 s), one fcm dead token (1.5 s),
+    and one woken device registering 2.5 s after its push."""
+    apns, fcm = FakeSender("apns", script=["hold", "hold"]), FakeSender("fcm", script=["hold"])
+    waker, _ = make(clock, [apns, fcm])
+    waker.wake(call_info("c1", deadline=clock.seconds() + 30), [dev(1), dev(2, provider="fcm")])
+    waker.wake(call_info("c2", deadline=clock.seconds() + 30), [dev(3)])
+    held: list[Deferred[PushResult]] = [*apns.held, *fcm.held]
+    clock.advance(0.2)
+    held[0].callback(PushResult(DELIVERED, "ok", 200))
+    clock.advance(0.1)
+    held[1].callback(PushResult(DELIVERED, "ok", 200))
+    clock.advance(1.2)
+    held[2].callback(PushResult(DEAD_TOKEN, "Unregistered", 410))
+    clock.advance(1.2)  # dev(1)'s push was delivered 2.5 s ago
+    waker.binding_refreshed(dev(1, flow_id="tcp:dev1#2"), None)
+    return waker
+
+
+def test_push_metrics_and_the_rpc_read_the_one_push_record(tmp_path):
+    root, clock = build(tmp_path=tmp_path)
+    waker = _pushed_waker(clock)
+    root.parts.extra["push"] = waker
+    s = samples(make_registry(root.parts, None))
     assert s[("libon_tsilo_pushes_total", (("outcome", "delivered"), ("provider", "apns")))] == 2
     assert s[("libon_tsilo_pushes_total", (("outcome", "dead_token"), ("provider", "fcm")))] == 1
     assert s[("libon_tsilo_push_latency_seconds_count", (("provider", "apns"),))] == 2
     assert s[("libon_tsilo_push_latency_seconds_bucket", (("le", "0.25"), ("provider", "apns")))] == 1
+    assert s[("libon_tsilo_push_latency_seconds_sum", (("provider", "fcm"),))] == pytest.approx(1.5)
     assert s[("libon_tsilo_push_to_register_seconds_count", ())] == 1
+    assert s[("libon_tsilo_push_to_register_seconds_bucket", (("le", "2.0"),))] == 0
     assert s[("libon_tsilo_push_to_register_seconds_bucket", (("le", "3.0"),))] == 1
+    rpc = Rpc(root.parts, root).call("stats", {})["push"]
+    assert rpc["by_provider"]["apns"]["delivered"] == 2 and rpc["by_provider"]["fcm"]["dead_token"] == 1
+    assert rpc["push_to_register"]["count"] == 1 and rpc["push_latency"]["count"] == 2
+    # one record: a push counted after the first scrape shows up in both, once
+    waker.wake(call_info("c3", deadline=clock.seconds() + 30), [dev(4)])
+    s = samples(make_registry(root.parts, None))
+    assert s[("libon_tsilo_pushes_total", (("outcome", "delivered"), ("provider", "apns")))] == 3
+    assert Rpc(root.parts, root).call("stats", {})["push"]["by_provider"]["apns"]["delivered"] == 3
 
 
 def test_waker_give_ups_are_counted(tmp_path):
@@ -210,25 +238,39 @@ def test_waker_give_ups_are_counted(tmp_path):
             return {"calls_all_failed": 3, "missed_call_pushes": 2, "missed_call_without_alert_token": 1}
 
     root.parts.extra["push"] = Waker()
-    s = samples(make_registry(root.parts, None, push=PushMetrics()))
+    s = samples(make_registry(root.parts, None))
     assert s[("libon_tsilo_push_calls_all_failed_total", ())] == 3
     assert s[("libon_tsilo_push_missed_call_pushes_total", ())] == 2
     assert s[("libon_tsilo_push_missed_call_without_alert_token_total", ())] == 1
 
 
-def test_module_level_api_for_the_push_layer(monkeypatch):
-    fresh = PushMetrics()
-    monkeypatch.setattr(metrics, "push_metrics", fresh)
-    metrics.observe_push("webhook", "retryable", 0.1)
-    metrics.observe_push_to_register(1.0)
-    assert fresh.pushes.labels("webhook", "retryable")._value.get() == 1
-    # never raises into call handling
-    metrics.observe_push("webhook", "retryable", "not a number")  # type: ignore[arg-type]
+def test_no_push_layer_no_push_families(tmp_path):
+    root, _clock = build(tmp_path=tmp_path)
+    s = samples(make_registry(root.parts, None))
+    assert not any(name.startswith("libon_tsilo_push") for name, _ in s)
+
+
+def test_a_broken_push_layer_does_not_break_the_scrape(tmp_path):
+    root, _clock = build(tmp_path=tmp_path)
+
+    class Broken:
+        push_stats = None  # replaced below by an object whose outcomes() raises
+
+    class BadStats:
+        def outcomes(self):
+            raise RuntimeError("boom")
+
+    broken = Broken()
+    broken.push_stats = BadStats()
+    root.parts.extra["push"] = broken
+    s = samples(make_registry(root.parts, None))
+    assert ("libon_tsilo_bindings", ()) in s
+    assert not any(name.startswith("libon_tsilo_push") for name, _ in s)
 
 
 def test_our_registry_is_not_the_global_one(tmp_path):
     root, _clock = build(tmp_path=tmp_path)
-    registry = make_registry(root.parts, None, push=PushMetrics())
+    registry = make_registry(root.parts, None)
     assert registry is not GLOBAL_REGISTRY
     assert b"process_cpu_seconds_total" not in render(registry)
 
@@ -248,7 +290,7 @@ def test_failed_digest_limits_are_configured_and_counted(tmp_path):
     limiter = parts.extra["auth"].limiter
     assert (limiter.limits.per_source, limiter.limits.per_user) == (2, 3)
     assert (limiter.limits.window, limiter.limits.block) == (30.0, 90.0)
-    registry = make_registry(parts, None, push=PushMetrics())
+    registry = make_registry(parts, None)
     assert samples(registry)[("libon_tsilo_auth_limited_total", (("limit", "source"),))] == 0
     limiter.failed("alice", "192.0.2.1")
     limiter.failed("alice", "192.0.2.1")
@@ -284,7 +326,7 @@ def test_source_rate_limit_is_wired_and_counted(tmp_path, monkeypatch):
     for i in range(110):  # default burst 100, no time passes
         parts.transactions.inbound(parse_message(_options(i)), flow)
     assert sent == [200] * 100 + [503]
-    s = samples(make_registry(parts, None, push=PushMetrics()))
+    s = samples(make_registry(parts, None))
     assert s[("libon_tsilo_limit_hits_total", (("limit", "source_rate_refused"),))] == 1
     assert s[("libon_tsilo_limit_hits_total", (("limit", "source_rate_dropped"),))] == 9
     assert s[("libon_tsilo_limit_banned_sources", ())] == 1
@@ -301,7 +343,7 @@ def test_source_rate_limit_is_wired_and_counted(tmp_path, monkeypatch):
 def test_connection_limit_metrics(tmp_path):
     root, _clock = build(tmp_path=tmp_path)
     transport = root.parts.transport
-    registry = make_registry(root.parts, MessageCounters(), push=PushMetrics())
+    registry = make_registry(root.parts, MessageCounters())
     transport.admission.refused["max_connections_per_source"] += 3
     transport.counters["message_timeout"] += 2
     transport.flows.evicted += 5

@@ -143,17 +143,17 @@ def _port_is_free(transport: str, port: int) -> bool:
 @pytest_twisted.inlineCallbacks
 def test_service_tree_binds_ports_and_stopping_closes_them():
     svc = make_service(_loopback_config(), clock=Clock())
-    pool = svc.parts.threadpool
-    assert pool is not None and pool.max == 8
+    location = svc.getServiceNamed("location")
+    assert "threadpool" not in {child.name for child in svc}  # the pool nothing used is gone
     if svc.parts.transport is None:
         pytest.fail("libon_tsilo.sip.transport is not wired")
     svc.startService()
     bound = list(svc.parts.transport.bound)
-    assert pool.started
+    assert location.running
     assert {b[0] for b in bound} == {"udp", "tcp"}
     assert not any(_port_is_free(t, port) for t, _host, port in bound)
     yield svc.stopService()
-    assert not pool.started and not svc.running
+    assert not location.running and not svc.running
     assert all(_port_is_free(t, port) for t, _host, port in bound)
     assert len(svc.parts.transactions) == 0
 
@@ -176,10 +176,10 @@ def test_stop_waits_for_drainers_until_they_finish():
     svc.startService()
     stopped = svc.stopService()
     clock.advance(10)
-    assert svc.parts.threadpool.started  # still draining: nothing stopped yet
+    assert svc.getServiceNamed("location").running  # still draining: nothing stopped yet
     calls_done.callback(None)
     yield stopped
-    assert not svc.parts.threadpool.started
+    assert not svc.getServiceNamed("location").running
     assert clock.getDelayedCalls() == []  # the drain timer was cancelled
 
 
@@ -191,10 +191,10 @@ def test_stop_gives_up_draining_after_drain_timeout():
     svc.startService()
     stopped = svc.stopService()
     clock.advance(4.9)
-    assert svc.parts.threadpool.started
+    assert svc.getServiceNamed("location").running
     clock.advance(0.2)
     yield stopped
-    assert not svc.running and not svc.parts.threadpool.started
+    assert not svc.running and not svc.getServiceNamed("location").running
 
 
 def test_tls_context_factory(test_certs, tmp_path):

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.internet.task import Clock
 
+from libon_tsilo.ops.config import ApnsConfig
 from libon_tsilo.push.apns import (
     PRODUCTION_HOST,
     SANDBOX_HOST,
-    APNsAppConfig,
     APNsSender,
     ProviderToken,
     classify,
@@ -92,15 +94,15 @@ def test_refresh_only_replaces_the_rejected_jwt_and_moves_iat_forward() -> None:
 
 def test_sender_needs_key_or_certificate(tmp_path) -> None:
     with pytest.raises(ValueError, match="key_file"):
-        APNsSender(APNsAppConfig(bundle_id="com.x"), Clock())
+        APNsSender(ApnsConfig(bundle_id="com.x"), Clock())
     p8 = tmp_path / "k.p8"
     p8.write_bytes(make_team_key().p8_pem)
     with pytest.raises(ValueError, match="team_id"):
-        APNsSender(APNsAppConfig(bundle_id="com.x", key_file=str(p8)), Clock())
+        APNsSender(ApnsConfig(bundle_id="com.x", key_file=str(p8)), Clock())
     bad = tmp_path / "bad.p8"
     bad.write_text("-----BEGIN PRIVATE KEY-----\nnope\n-----END PRIVATE KEY-----\n")
     with pytest.raises(ValueError, match="PKCS#8"):
-        APNsSender(APNsAppConfig(bundle_id="com.x", team_id="T", key_id="K", key_file=str(bad)), Clock())
+        APNsSender(ApnsConfig(bundle_id="com.x", team_id="T", key_id="K", key_file=str(bad)), Clock())
     rsa_key = tmp_path / "rsa.p8"
     rsa_key.write_bytes(
         rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
@@ -108,26 +110,26 @@ def test_sender_needs_key_or_certificate(tmp_path) -> None:
         )
     )
     with pytest.raises(ValueError, match="P-256"):
-        APNsSender(APNsAppConfig(bundle_id="com.x", team_id="T", key_id="K", key_file=str(rsa_key)), Clock())
+        APNsSender(ApnsConfig(bundle_id="com.x", team_id="T", key_id="K", key_file=str(rsa_key)), Clock())
 
 
 def test_sender_dials_apple_or_the_override(tmp_path) -> None:
     p8 = tmp_path / "k.p8"
     p8.write_bytes(make_team_key().p8_pem)
-    cfg = APNsAppConfig(bundle_id="com.x", team_id="T", key_id="K", key_file=str(p8))
+    cfg = ApnsConfig(bundle_id="com.x", team_id="T", key_id="K", key_file=str(p8))
     assert (APNsSender(cfg, Clock()).host, APNsSender(cfg, Clock()).port) == (PRODUCTION_HOST, 443)
-    cfg.sandbox = True
+    cfg = replace(cfg, sandbox=True)
     assert APNsSender(cfg, Clock()).host == SANDBOX_HOST
-    cfg.server = "127.0.0.1:2197"
+    cfg = replace(cfg, server="127.0.0.1:2197")
     s = APNsSender(cfg, Clock())
     assert (s.host, s.port) == ("127.0.0.1", 2197)
-    cfg.server = "https://localhost:8443"
+    cfg = replace(cfg, server="https://localhost:8443")
     s = APNsSender(cfg, Clock())
     assert (s.host, s.port) == ("localhost", 8443)
-    cfg.server = "https://[::1]"
+    cfg = replace(cfg, server="https://[::1]")
     s = APNsSender(cfg, Clock())
     assert (s.host, s.port) == ("::1", 443)
     for bad in ("nonsense", "http://127.0.0.1:80", "https://h:99999"):
-        cfg.server = bad
+        cfg = replace(cfg, server=bad)
         with pytest.raises(ValueError, match="host"):
             APNsSender(cfg, Clock())

@@ -15,7 +15,6 @@ from libon_tsilo.push.base import (
     PushRequest,
     PushResult,
     RetryPolicy,
-    SenderStats,
     parse_retry_after,
     send_with_retries,
 )
@@ -129,14 +128,6 @@ def test_retry_loop_turns_a_raising_attempt_into_retryable() -> None:
     out: list[PushResult] = []
     d.addCallback(out.append)
     assert out[0].outcome == RETRYABLE and "boom" in out[0].reason
-
-
-def test_sender_stats_lists_every_outcome() -> None:
-    s = SenderStats()
-    s.record(DELIVERED)
-    s.record(DELIVERED)
-    s.record(RETRYABLE)
-    assert s.as_dict() == {"delivered": 2, "dead_token": 0, "retryable": 1, "config_error": 0}
 
 
 def test_cancelling_the_loop_stops_retries() -> None:

@@ -51,13 +51,11 @@ class Env:
     pool: ThreadPool
     tmp: Path
     sa_file: str
-    results: list[tuple[str, str, float]]
 
     def sender(self, timeout: float = 2.0, sa_file: str | None = None, policy: RetryPolicy | None = None,
                endpoint: str | None = None) -> FCMSender:
         cfg = AppConfig(PROJECT, sa_file or self.sa_file, endpoint or self.fake.base_url, timeout)
-        return FCMSender(cfg, self.clock, self.pool, reactor=reactor, policy=policy,
-                         on_result=lambda *a: self.results.append(a))
+        return FCMSender(cfg, self.clock, self.pool, reactor=reactor, policy=policy)
 
 
 @pytest_twisted.async_yield_fixture
@@ -69,7 +67,7 @@ async def env(tmp_path: Path):
     fake.listen(0)
     sa_file = str(sa.write(tmp_path, fake.token_uri))
     try:
-        yield Env(fake, StepClock(), pool, tmp_path, sa_file, [])
+        yield Env(fake, StepClock(), pool, tmp_path, sa_file)
     finally:
         try:
             await fake.stop()
@@ -103,8 +101,6 @@ async def test_delivered_sends_a_data_only_high_priority_message(env: Env) -> No
     assert data["push_id"] and float(data["send_time"]) == env.clock.seconds()
     assert send.headers["authorization"].startswith("Bearer ya29.fake-")
 
-    assert env.results == [("fcm", DELIVERED, 0.0)]
-    assert sender.stats.as_dict()[DELIVERED] == 1
     assert env.clock.getDelayedCalls() == []  # the ttl guard was cancelled
 
 
@@ -174,7 +170,6 @@ async def test_429_then_200_waits_retry_after_and_delivers(env: Env) -> None:
     assert [s.status for s in env.fake.sends] == [429, 200]
     # the second attempt tells FCM how much ring time is left
     assert env.fake.sends[1].json["message"]["android"]["ttl"] == "28s"
-    assert env.results == [("fcm", DELIVERED, 2.0)]
 
 
 @pytest_twisted.ensureDeferred
@@ -282,7 +277,6 @@ async def test_bad_service_account_is_a_config_error_logged_once(env: Env) -> No
     assert env.fake.sends == []
     assert [r.status for r in env.fake.token_requests] == [400, 400]
     assert len(loud) == 1 and loud[0]["log_level"] == LogLevel.critical
-    assert sender.stats.as_dict()[CONFIG_ERROR] == 2
 
 
 @pytest_twisted.ensureDeferred

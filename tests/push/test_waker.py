@@ -15,7 +15,8 @@ from libon_tsilo.b2bua.forking import REASON_ANSWERED
 from libon_tsilo.push.base import CONFIG_ERROR, DEAD_TOKEN, DELIVERED, RETRYABLE, PushRequest, PushResult
 from libon_tsilo.push.payload import voip_payload
 from libon_tsilo.push.router import PushRouter
-from libon_tsilo.push.waker import INVITE_CANCEL, MISSED_CALL_PUSH, LatencyWindow, PushWaker
+from libon_tsilo.push.stats import LatencyWindow
+from libon_tsilo.push.waker import INVITE_CANCEL, MISSED_CALL_PUSH, PushWaker
 from libon_tsilo.registrar.binding import Binding
 from tests.b2bua.helpers import SDP_B, Env
 
@@ -220,16 +221,16 @@ def test_fork_directly_only_for_devices_that_registered_recently() -> None:
     assert not off.fork_directly(dev(1, registered_at=1000.0))
 
 
-def test_push_to_register_latency_and_hooks() -> None:
+def test_push_to_register_latency_is_recorded_once_in_push_stats() -> None:
     clock = Clock()
-    seen: list[Any] = []
     a = FakeSender("apns")
-    waker, _ = make(clock, [a], on_push=lambda *args: seen.append(("push", *args)),
-                    on_push_to_register=lambda lat: seen.append(("reg", lat)))
+    waker, _ = make(clock, [a])
     fired(waker.wake(call_info(deadline=30.0), [dev(1)]))
     clock.advance(1.5)
     waker.binding_refreshed(dev(1, flow_id="tcp:dev1#2"), None)
-    assert seen == [("push", "apns", DELIVERED, 0.0), ("reg", 1.5)]
+    ps = waker.push_stats
+    assert ps.by_provider["apns"][DELIVERED] == 1 and ps.latency["apns"].count == 1
+    assert (ps.push_to_register.count, ps.push_to_register.sum) == (1, 1.5)
     st = waker.stats()
     assert st["push_to_register"]["count"] == 1 and st["push_to_register"]["mean"] == 1.5
     waker.binding_refreshed(dev(1), None)  # a later REGISTER is not another sample
