@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from libon_tsilo.b2bua import events as ev
-from libon_tsilo.b2bua import relay
+from libon_tsilo.b2bua import relay, reliable
 from libon_tsilo.b2bua.dialog import Dialog
 from libon_tsilo.b2bua.forking import REASON_ANSWERED
 from libon_tsilo.b2bua.identity import (
@@ -90,7 +90,7 @@ def _allow_keys(allowlist: tuple[str, ...]) -> tuple[tuple[str, str, bool], ...]
 
 
 def _strip_100rel(value: str) -> str:
-    # we do not do PRACK, so a device must not be asked for reliable provisionals
+    # 100rel is hop by hop (b2bua/reliable.py): the caller's support says nothing of ours
     return ", ".join(v.strip() for v in value.split(",") if v.strip().lower() != "100rel")
 
 
@@ -361,6 +361,7 @@ class Call:
                     req.add_header(name, value)
         for name, value in b_leg_identity_headers(a, self.trust, self.mgr.settings.header_allowlist):
             req.add_header(name, value)
+        reliable.offer_to_device(req, a)
         if a.body:
             req.add_header("Content-Type", a.content_type or "application/sdp")
             req.body = a.body
@@ -384,12 +385,17 @@ class Call:
             if leg.acked:
                 self.send_branch_ack(leg)
             return
-        leg.note(resp)
         if status < 200:
+            relay_it, leg_reliable = reliable.device_provisional(self, leg, resp)
+            if not relay_it:
+                return
+            leg.note(resp)
             if leg.state == BranchState.CALLING:
                 leg.state = BranchState.EARLY
-            self.dispatch(ev.Provisional(leg, resp))
-        elif status < 300:
+            self.dispatch(ev.Provisional(leg, resp, leg_reliable))
+            return
+        leg.note(resp)
+        if status < 300:
             leg.state = BranchState.ANSWERED
             leg.dialog.set_remote_from(resp)
             self.dispatch(ev.Answered(leg, resp))
@@ -398,7 +404,7 @@ class Call:
             self.mgr.unregister_leg(leg)
             self.dispatch(ev.Failed(leg, resp))
 
-    def relay_provisional(self, leg: BLeg, resp: Response) -> None:
+    def relay_provisional(self, leg: BLeg, resp: Response, leg_reliable: bool = False) -> None:
         out = make_response(self.a.invite, resp.status, resp.reason, to_tag=self.a.dialog.local_tag)
         out.add_header("Contact", self.a.dialog.contact)
         if resp.body and self.early_media_from is None:
@@ -406,7 +412,7 @@ class Call:
             self.early_media_from = leg
             out.add_header("Content-Type", resp.content_type or "application/sdp")
             out.body = resp.body
-        self.port.respond(self.a.stx, out)
+        reliable.send_to_caller(self, out, leg_reliable)
 
     def check_exhausted(self) -> None:
         """Every branch is done: answer the best failure, or keep waiting if a device may still come."""
@@ -432,6 +438,7 @@ class Call:
         self.winner = leg
         self.state = Connected()
         self._stop_ring_timer()
+        self.a.stop_provisionals()
         if self.a.invite.body:
             self.send_branch_ack(leg)
         else:
@@ -562,6 +569,7 @@ class Call:
             self.state = Ended()
         self._stop_ring_timer()
         self.a.stop_retransmit()
+        self.a.stop_provisionals()
         self._abort_park(None)
         if self.mgr.silo.get(self.call_id) is self:
             self.mgr.silo.remove(self)

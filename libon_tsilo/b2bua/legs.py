@@ -15,13 +15,14 @@ class ALeg:
     """The caller's side: the INVITE's server transaction and the dialog we create by answering."""
 
     kind = "A"
-    __slots__ = ("invite", "stx", "dialog", "retransmit")  # one per call, parked ones included
+    __slots__ = ("invite", "stx", "dialog", "retransmit", "reliable")  # one per call, parked ones included
 
     def __init__(self, invite: Request, stx: Any, dialog: Dialog) -> None:
         self.invite = invite
         self.stx = stx
         self.dialog = dialog
         self.retransmit: RetransmitHandle | None = None  # our 2xx, until the caller ACKs it
+        self.reliable: Any = None  # reliable.CallerReliability, once a reliable 18x went out
 
     @property
     def hop(self) -> Hop:
@@ -41,6 +42,11 @@ class ALeg:
             self.retransmit.stop()
             self.retransmit = None
 
+    def stop_provisionals(self) -> None:
+        """A final response went out: no more reliable 18x retransmissions (RFC 3262 §3)."""
+        if self.reliable is not None:
+            self.reliable.stop()
+
 
 class BranchState:
     """Branch states as constants: a branch is a plain UAC INVITE whose life is short and linear."""
@@ -59,7 +65,7 @@ class BLeg:
 
     kind = "B"
     __slots__ = ("binding", "invite", "dialog", "created_at", "state", "ctx", "last_status", "last_reason",
-                 "cancel_reason", "cancelled", "sent_contact", "sent_flow", "acked", "ack_body")
+                 "cancel_reason", "cancelled", "sent_contact", "sent_flow", "acked", "ack_body", "rseqs")
 
     def __init__(self, binding: Any, invite: Request, dialog: Dialog, created_at: float) -> None:
         self.binding = binding
@@ -77,6 +83,7 @@ class BLeg:
         self.sent_flow: str | None = None
         self.acked = False
         self.ack_body: tuple[bytes, str | None] = (b"", None)  # a late-offer answer is resent with it
+        self.rseqs: dict[str, int] | None = None  # last RSeq PRACKed, per early dialog (To tag)
 
     @property
     def hop(self) -> Hop:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
+from libon_tsilo.b2bua import reliable
 from libon_tsilo.sip.message import Request, Response, make_response
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ __all__ = ["request", "ack", "hang_up", "flow_lost", "PendingAck", "RELAYED", "A
 log = Logger()
 
 RELAYED = frozenset({"INFO", "MESSAGE", "OPTIONS"})
-ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, MESSAGE, UPDATE"
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, MESSAGE, UPDATE, PRACK"
 # headers that give the body of a relayed request its meaning
 _CONTEXT_HEADERS = ("Info-Package", "Content-Disposition", "Recv-Info")
 _DIALOG_ENDING = (408, 481)  # RFC 5057: the dialog is gone
@@ -60,8 +61,11 @@ def _copy_body(src: Request | Response, dst: Request | Response) -> None:
 def request(call: Call, leg: Any, req: Request, stx: Any) -> None:
     """A request inside one of the call's dialogs."""
     method = req.method
+    if method == "PRACK":
+        reliable.handle_prack(call, leg, req, stx)  # hop by hop: answered here, never relayed
+        return
     if call.winner is None or call.ended:
-        # early dialogs are not relayed (no PRACK/early UPDATE support); the caller must CANCEL
+        # early dialogs are not relayed (no early UPDATE support); the caller must CANCEL
         _respond(call, stx, req, 481, "Call/Transaction Does Not Exist")
         return
     if not leg.dialog.check_remote_seq(req):

@@ -21,10 +21,13 @@ __all__ = [
     "sdp_in_multipart",
 ]
 
-ALLOWED_METHODS = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "INFO", "UPDATE", "MESSAGE")
+ALLOWED_METHODS = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "INFO", "UPDATE", "MESSAGE",
+                   "PRACK")
 # Methods we know of but do not implement: 405 with Allow, rather than 501 (RFC 3261 §21.4.6).
-KNOWN_UNSUPPORTED_METHODS = ("SUBSCRIBE", "NOTIFY", "PUBLISH", "REFER", "PRACK")
-SUPPORTED_OPTION_TAGS = ("path",)
+KNOWN_UNSUPPORTED_METHODS = ("SUBSCRIBE", "NOTIFY", "PUBLISH", "REFER")
+# Only ever valid inside a dialog: outside one, the answer is the RFC's "no such dialog" (RFC 3262 §3).
+DIALOG_ONLY_METHODS = {"PRACK": 481}
+SUPPORTED_OPTION_TAGS = ("path", "100rel")
 ACCEPTED_BODY_TYPES = ("application/sdp",)
 URI_SCHEMES = ("sip", "sips", "tel")
 
@@ -97,6 +100,8 @@ class UASCore:
         method = req.method
         if method == "OPTIONS":
             return self.options_response(req)
+        if method in DIALOG_ONLY_METHODS:
+            return self.response(req, DIALOG_ONLY_METHODS[method])
         if method in self.allow:
             return None
         resp = self.response(req, 405 if method in KNOWN_UNSUPPORTED_METHODS else 501)

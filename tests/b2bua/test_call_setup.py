@@ -30,7 +30,8 @@ def test_branch_invites_are_new_dialogs_with_the_callers_identity() -> None:
         assert req.body == SDP_A and req.content_type == "application/sdp"
         assert req.header("Subject") == "lunch?"
         assert req.header("X-Private") is None  # only the allow-list passes
-        assert req.header_values("Supported") == ["timer"]  # no PRACK support: 100rel dropped
+        # 100rel is hop by hop: ours, offered once, not the caller's copied (b2bua/reliable.py)
+        assert req.header_values("Supported") == ["timer", "100rel"]
         assert req.max_forwards == 69
         assert ctx.hop.flow_id == f"tcp:dev{n}#1" and ctx.hop.host == f"10.0.0.{n + 1}"
     assert a.request.call_id != b.request.call_id
