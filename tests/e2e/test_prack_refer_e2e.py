@@ -1,0 +1,54 @@
+"""End to end, RFC 3262 and RFC 3515 against the real twistd process with SIPp on both legs.
+
+- 100rel: a caller that requires reliable provisionals (scenarios/caller_100rel.xml) calls a
+  registered device that sends a reliable 183 with SDP (scenarios/device_answer_100rel.xml): each
+  leg does its own PRACK, the caller's 183 is reliable and carries the device's SDP byte for byte,
+  and the call completes (before: 420 Bad Extension).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.proc import ServerProcess
+from tests.e2e.sipp import sipp_available, stop_all
+from tests.e2e.test_calls_sipp import (
+    _server_config,
+    add_device,
+    assert_caller_ok,
+    assert_no_leaked_state,
+    ended_reasons,
+    run_caller,
+)
+
+pytestmark = pytest.mark.skipif(not sipp_available(), reason="sipp is missing (package sip-tester)")
+
+
+@pytest.fixture
+def server(start_sip_server) -> ServerProcess:
+    return start_sip_server(extra=_server_config(), tls=False)
+
+
+@pytest.fixture
+def procs() -> Iterator[list]:
+    started: list = []
+    yield started
+    stop_all(started)
+
+
+def test_caller_requiring_100rel_gets_a_reliable_183_with_the_devices_sdp(server, procs, tmp_path):
+    device = add_device(procs, server, tmp_path, "alice", answer="device_answer_100rel.xml")
+    device.wait_registered()
+    caller = run_caller(procs, server, tmp_path, "caller_100rel.xml", "alice", pause_ms=100)
+    assert_caller_ok(caller, server)
+    assert caller.log_lines("PRACK-OK"), caller.explain()
+    early = caller.log_lines("EARLY-SDP ")
+    assert len(early) == 1 and "o=device 7 7 IN IP4 127.0.0.1" in early[0], caller.explain()
+    device.stop()
+    device.assert_no_failures()
+    assert len(device.sipp.log_lines("PRACKED 1 ")) == 1, device.sipp.explain()  # our own PRACK, RAck 1
+    assert len(device.sipp.log_lines("ANSWERED-AND-HUNG-UP ")) == 1, device.sipp.explain()
+    assert ended_reasons(server) == ["BYE from the caller"]
+    assert_no_leaked_state(server, 1)
