@@ -106,7 +106,7 @@ class Call:
         "mgr", "clock", "port", "call_id", "aor", "callee_uri", "caller_uri", "caller_name", "created_at",
         "ring_deadline", "a", "branches", "_by_key", "state", "failures", "winner", "early_media_from",
         "park_d", "wake_d", "wake_result", "woken", "_waker_used", "_ring_timer", "_late_ack", "offer_busy",
-        "pending_acks", "late_reason", "ended", "end_reason", "trust",
+        "pending_acks", "late_reason", "ended", "end_reason", "trust", "transfer",
     )
 
     def __init__(self, mgr: CallManager, invite: Request, stx: Any, flow: Any, aor: str, callee_uri: str,
@@ -151,6 +151,7 @@ class Call:
         self.late_reason: str | None = None  # Reason of the Invite/Cancel CANCELs
         self.ended = False
         self.end_reason: str | None = None
+        self.transfer: Any = None  # b2bua/transfer.py: a REFER this call is part of, while it runs
 
     # -- description (silo dump / admin) -------------------------------------------------------
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
-from libon_tsilo.b2bua import reliable
+from libon_tsilo.b2bua import reliable, transfer
 from libon_tsilo.sip.message import Request, Response, make_response
 
 if TYPE_CHECKING:
@@ -24,7 +24,7 @@ __all__ = ["request", "ack", "hang_up", "flow_lost", "PendingAck", "RELAYED", "A
 log = Logger()
 
 RELAYED = frozenset({"INFO", "MESSAGE", "OPTIONS"})
-ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, MESSAGE, UPDATE, PRACK"
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, MESSAGE, UPDATE, PRACK, REFER"
 # headers that give the body of a relayed request its meaning
 _CONTEXT_HEADERS = ("Info-Package", "Content-Disposition", "Recv-Info")
 _DIALOG_ENDING = (408, 481)  # RFC 5057: the dialog is gone
@@ -71,10 +71,24 @@ def request(call: Call, leg: Any, req: Request, stx: Any) -> None:
     if not leg.dialog.check_remote_seq(req):
         _respond(call, stx, req, 500, "CSeq Out Of Order")
         return
+    t = call.transfer
+    if t is not None and method == "BYE" and leg is t.referrer:
+        # RFC 5589: a referrer may leave once its REFER is accepted; the transferee stays
+        _respond(call, stx, req, 200)
+        t.referrer_left()
+        return
     other = _other(call, leg)
     if method == "BYE":
         _respond(call, stx, req, 200)
         hang_up(call, leg, f"BYE from the {'caller' if leg is call.a else 'callee'}")
+    elif t is not None and t.inert(other):
+        # a transfer in progress: the far side has left, or is not bridged yet; try again later
+        if method in ("INVITE", "UPDATE"):
+            _respond(call, stx, req, 491, "Request Pending")
+        else:
+            _respond(call, stx, req, 500, "Transfer In Progress", (("Retry-After", "5"),))
+    elif method == "REFER":
+        transfer.refer(call, leg, req, stx, other)
     elif method in ("INVITE", "UPDATE"):
         _offer(call, leg, req, stx, other)
     elif method in RELAYED:
@@ -149,12 +163,13 @@ def _send_ack(call: Call, leg: Any, seq: int, body: bytes, content_type: str | N
 def ack(call: Call, leg: Any, ack_req: Request) -> None:
     """An ACK inside one of the call's dialogs: for our answer to the INVITE or to a re-INVITE."""
     seq = ack_req.cseq.seq
-    if leg is call.a and seq == call.a.invite.cseq.seq:
-        call.caller_acked(ack_req)
-        return
+    # a relayed re-INVITE first: after a transfer the A-leg's dialog is the transferee's, whose
+    # CSeq numbers may meet the (synthetic) INVITE's of the call it now belongs to
     pending = call.pending_acks.pop((leg.dialog.local_tag, seq), None)
     if pending is None:
-        return  # a retransmitted ACK
+        if leg is call.a and seq == call.a.invite.cseq.seq:
+            call.caller_acked(ack_req)
+        return  # else a retransmitted ACK
     pending.retransmit.stop()
     if not pending.acked:
         _send_ack(call, pending.to_leg, pending.out_seq, ack_req.body, ack_req.content_type)
@@ -162,8 +177,11 @@ def ack(call: Call, leg: Any, ack_req: Request) -> None:
 
 def hang_up(call: Call, from_leg: Any, why: str) -> None:
     """BYE every connected leg but `from_leg` (which hung up itself), then end the call."""
+    t = call.transfer
+    if t is not None:
+        t.call_ended(call)
     for leg in (call.a, call.winner):
-        if leg is None or leg is from_leg:
+        if leg is None or leg is from_leg or (t is not None and t.inert(leg)):
             continue
         try:
             call.port.send_request(leg.dialog.request("BYE"), leg.hop, _log_bye_result(call))
@@ -187,7 +205,11 @@ def flow_lost(call: Call, flow_id: str) -> None:
         if call.a.hop.flow_id == flow_id:
             call.finish_unanswered(487, "Request Terminated", None, "caller's connection closed", None)
         return
+    t = call.transfer
     for leg in (call.a, call.winner):
         if leg is not None and leg.hop.flow_id == flow_id:
+            if t is not None and leg is t.referrer:
+                t.referrer_left()  # as if it had sent BYE: the transferee waits for its new party
+                return
             hang_up(call, leg, "connection closed")
             return
