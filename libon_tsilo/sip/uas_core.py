@@ -22,11 +22,12 @@ __all__ = [
 ]
 
 ALLOWED_METHODS = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "INFO", "UPDATE", "MESSAGE",
-                   "PRACK")
+                   "PRACK", "REFER")
 # Methods we know of but do not implement: 405 with Allow, rather than 501 (RFC 3261 §21.4.6).
-KNOWN_UNSUPPORTED_METHODS = ("SUBSCRIBE", "NOTIFY", "PUBLISH", "REFER")
-# Only ever valid inside a dialog: outside one, the answer is the RFC's "no such dialog" (RFC 3262 §3).
-DIALOG_ONLY_METHODS = {"PRACK": 481}
+KNOWN_UNSUPPORTED_METHODS = ("SUBSCRIBE", "NOTIFY", "PUBLISH")
+# Served inside a dialog only (the router hands those to its in_dialog handler). Outside one: a
+# PRACK matches nothing (RFC 3262 §3); a REFER would ask us to call anyone for anyone.
+DIALOG_ONLY_METHODS = {"PRACK": (481, None), "REFER": (403, "REFER Only Within A Call")}
 SUPPORTED_OPTION_TAGS = ("path", "100rel")
 ACCEPTED_BODY_TYPES = ("application/sdp",)
 URI_SCHEMES = ("sip", "sips", "tel")
@@ -101,7 +102,7 @@ class UASCore:
         if method == "OPTIONS":
             return self.options_response(req)
         if method in DIALOG_ONLY_METHODS:
-            return self.response(req, DIALOG_ONLY_METHODS[method])
+            return self.response(req, *DIALOG_ONLY_METHODS[method])
         if method in self.allow:
             return None
         resp = self.response(req, 405 if method in KNOWN_UNSUPPORTED_METHODS else 501)
