@@ -375,4 +375,3 @@ def _hang_up(call: Call, from_leg: Any, why: str) -> None:
     from libon_tsilo.b2bua import relay  # relay imports this module
 
     relay.hang_up(call, from_leg, why)
-
