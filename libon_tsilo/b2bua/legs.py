@@ -22,7 +22,8 @@ class ALeg:
         self.stx = stx
         self.dialog = dialog
         self.retransmit: RetransmitHandle | None = None  # our 2xx, until the caller ACKs it
-        self.reliable: Any = None  # reliable.CallerReliability, once a reliable 18x went out
+        # reliable.CallerReliability once a 18x was relayed to a caller with 100rel; False: without
+        self.reliable: Any = None
 
     @property
     def hop(self) -> Hop:
@@ -44,7 +45,7 @@ class ALeg:
 
     def stop_provisionals(self) -> None:
         """A final response went out: no more reliable 18x retransmissions (RFC 3262 §3)."""
-        if self.reliable is not None:
+        if self.reliable:
             self.reliable.stop()
 
 

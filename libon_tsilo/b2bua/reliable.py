@@ -65,11 +65,11 @@ def offer_to_device(branch_invite: Request, caller_invite: Request) -> None:
 
 
 def _rseq(resp: Response) -> int | None:
-    if not _has_tag(resp, "Require"):
+    value = resp.header("RSeq")  # an index lookup: most 18x have none, and Require is a list to split
+    if value is None or not _has_tag(resp, "Require"):
         return None
-    value = resp.header("RSeq")
     try:
-        rseq = int(value.strip()) if value is not None else -1
+        rseq = int(value.strip())
     except ValueError:
         return None
     return rseq if 0 < rseq < 2**32 else None
@@ -111,10 +111,11 @@ def _prack_answered(call: Call, resp: Response) -> None:
 class CallerReliability:
     """Our reliable 18x to the caller: RSeq numbering, retransmission, the queue, PRACK matching."""
 
-    __slots__ = ("call", "next_rseq", "unacked", "queue", "interval", "timer", "deadline", "stopped")
+    __slots__ = ("call", "mode", "next_rseq", "unacked", "queue", "interval", "timer", "deadline", "stopped")
 
-    def __init__(self, call: Call) -> None:
+    def __init__(self, call: Call, mode: str) -> None:
         self.call = call
+        self.mode = mode  # the caller's "require" or "supported"
         self.next_rseq = random.randint(1, 2**30)  # §3: random start, room to count up
         self.unacked: tuple[int, Response] | None = None
         self.queue: deque[Response] = deque()
@@ -193,21 +194,23 @@ class CallerReliability:
 def send_to_caller(call: Call, out: Response, device_reliable: bool) -> None:
     """Send a relayed 18x to the caller, reliably when its INVITE asks for it (see the module doc)."""
     a = call.a
-    mode = caller_mode(a.invite)
-    if mode == "require" or (mode == "supported" and device_reliable):
+    sender = a.reliable
+    if sender is None:
+        # once per call: False when the caller has no 100rel at all (the common case)
+        mode = caller_mode(a.invite)
+        sender = a.reliable = CallerReliability(call, mode) if mode is not None else False
+    if sender and (sender.mode == "require" or device_reliable):
         if out.body and not a.invite.body:
             out.remove_header("Content-Type")  # an offer in a reliable 18x needs its answer in a PRACK
             out.body = b""
-        if a.reliable is None:
-            a.reliable = CallerReliability(call)
-        a.reliable.send(out)
+        sender.send(out)
     else:
         call.port.respond(a.stx, out)
 
 
 def handle_prack(call: Call, leg: Any, req: Request, stx: Any) -> None:
     """A PRACK inside one of the call's dialogs: only the caller's early dialog expects one."""
-    reliable = getattr(leg, "reliable", None) if leg is call.a else None
+    reliable = getattr(leg, "reliable", None) if leg is call.a else None  # False: no 100rel caller
     try:
         rseq_s, cseq_s, method = (req.header("RAck") or "").split()
         rseq, cseq = int(rseq_s), int(cseq_s)
@@ -217,7 +220,7 @@ def handle_prack(call: Call, leg: Any, req: Request, stx: Any) -> None:
     if not leg.dialog.check_remote_seq(req):
         call.port.respond(stx, make_response(req, 500, "CSeq Out Of Order"))
         return
-    if reliable is None or not reliable.prack(rseq, cseq, method.upper()):
+    if not reliable or not reliable.prack(rseq, cseq, method.upper()):
         call.port.respond(stx, make_response(req, 481, "Call/Transaction Does Not Exist"))
         return
     if req.body:

@@ -134,6 +134,9 @@ class _Leftover:
     def ack_in_dialog(self, leg: Any, ack: Request) -> None:
         return None
 
+    def branch_response(self, leg: Any, resp: Response) -> None:
+        return None  # a late 2xx retransmission of the referrer's INVITE: the call it set up is over
+
 
 class Transfer:
     """One accepted REFER, from the 202 to the final NOTIFY."""
