@@ -133,7 +133,9 @@ class CallerReliability:
             return
         if self.unacked is not None:
             if len(self.queue) >= _MAX_QUEUED:
-                self.queue.popleft()
+                dropped = self.queue.popleft()
+                log.warn("caller slow to PRACK: {status} dropped, {n} 18x queued already",
+                         status=dropped.status, n=_MAX_QUEUED, call_id=self.call.call_id)
             self.queue.append(resp)
             return
         rseq = self.next_rseq

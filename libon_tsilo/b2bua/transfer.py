@@ -73,7 +73,9 @@ def refusal(call: Call, req: Request) -> tuple[int, str] | tuple[None, NameAddr]
 def refer(call: Call, leg: Any, req: Request, stx: Any, other: Any) -> None:
     """An in-dialog REFER from `leg` (the referrer) of an answered call; `other` is the transferee."""
     status, detail = refusal(call, req)
+    counters = call.mgr.counters
     if status is not None:
+        counters["transfers_refused"] = counters.get("transfers_refused", 0) + 1
         log.info("REFER refused: {status} {reason}", status=status, reason=detail, call_id=call.call_id)
         resp = make_response(req, status, str(detail))
         call.port.respond(stx, resp)
@@ -87,7 +89,6 @@ def refer(call: Call, leg: Any, req: Request, stx: Any, other: Any) -> None:
     call.port.respond(stx, accepted)
     t = Transfer(call, leg, other, req.cseq.seq, subscribe)
     call.transfer = t
-    counters = call.mgr.counters
     counters["transfers"] = counters.get("transfers", 0) + 1
     log.info("REFER accepted: transfer to {target}", target=redact_uri(str(detail.uri)), call_id=call.call_id)
     t.notify("100 Trying", final=False)

@@ -297,6 +297,8 @@ class TsiloCollector(Collector):
             ("calls", "INVITEs that became calls"),
             ("answered", "Calls answered"),
             ("rejected", "INVITEs rejected"),
+            ("transfers", "REFERs accepted: blind transfers started (b2bua/transfer.py)"),
+            ("transfers_refused", "REFERs refused, the call left as it was"),
         ):
             if key in counters:
                 yield _counter(f"calls_{key}" if key != "calls" else "calls_started", doc, counters[key])

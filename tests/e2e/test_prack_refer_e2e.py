@@ -87,6 +87,7 @@ def test_refused_refer_leaves_the_call_up(server, procs, tmp_path):
     caller = run_caller(procs, server, tmp_path, "caller_refer_refused.xml", "alice", pause_ms=100)
     assert_caller_ok(caller, server)
     assert caller.log_lines("REFUSED"), caller.explain()
+    assert admin_rpc(server, "stats")["calls"]["total_transfers_refused"] == 1
     device.stop()
     device.assert_no_failures()
     assert len(device.sipp.log_lines("ANSWERED-AND-HUNG-UP ")) == 1, device.sipp.explain()
