@@ -13,6 +13,9 @@
   answer to the caller's offer, copied byte for byte. A late-offer INVITE (no SDP) is not offered
   100rel toward devices, and a reliable 18x we send for it carries no SDP (the offer comes in the
   2xx, as without 100rel). A PRACK with a body gets 488 (its response is acknowledged all the same).
+- Forking: the caller sees one early dialog (ours), so as before only the first device's early SDP
+  reaches it; if another device answers, its 2xx SDP differs from an early answer the caller
+  already took reliably (the same limit as early media without 100rel, now binding: RFC 3264).
 """
 
 from __future__ import annotations
