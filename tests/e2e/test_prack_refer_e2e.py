@@ -93,3 +93,23 @@ def test_refused_refer_leaves_the_call_up(server, procs, tmp_path):
     assert len(device.sipp.log_lines("ANSWERED-AND-HUNG-UP ")) == 1, device.sipp.explain()
     assert ended_reasons(server) == ["BYE from the caller"]
     assert_no_leaked_state(server, 1)
+
+
+def test_refer_from_the_callee_transfers_the_caller_to_another_user(server, procs, tmp_path):
+    referrer = add_device(procs, server, tmp_path, "alice", answer="device_refer.xml", name="alice")
+    target = add_device(procs, server, tmp_path, "carol", name="carol")
+    referrer.wait_registered()
+    target.wait_registered()
+    caller = run_caller(procs, server, tmp_path, "caller_transferee.xml", "alice", pause_ms=200)
+    assert_caller_ok(caller, server)
+    # the caller was moved to carol (device_answer.xml's SDP: o=device 1 1) and hung up on her
+    assert caller.log_lines("REINVITED o=device 1 1"), caller.explain()
+    for device in (referrer, target):
+        device.stop()
+        device.assert_no_failures()
+    assert referrer.sipp.log_lines("NOTIFIED SIP/2.0 100 Trying"), referrer.sipp.explain()
+    assert referrer.sipp.log_lines("NOTIFIED SIP/2.0 200 OK"), referrer.sipp.explain()
+    assert len(referrer.sipp.log_lines("TRANSFERRED-AND-HUNG-UP ")) == 1, referrer.sipp.explain()
+    assert len(target.sipp.log_lines("ANSWERED-AND-HUNG-UP ")) == 1, target.sipp.explain()
+    assert ended_reasons(server) == ["transferred", "BYE from the caller"]
+    assert_no_leaked_state(server, 2)
