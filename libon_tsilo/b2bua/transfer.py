@@ -23,6 +23,7 @@ to its own users only, so accepting one would make REFER an open relay.
 
 from __future__ import annotations
 
+import random
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IDelayedCall
@@ -155,6 +156,7 @@ class Transfer:
         self.bridged = False
         self.done = False
         self.pending: IDelayedCall | None = None
+        self.glare_retried = False
         self.leftover: _Leftover | None = None
 
     # -- what relay.py asks ------------------------------------------------------------------
@@ -233,9 +235,9 @@ class Transfer:
         new.offer_busy = True  # and so do the target's
         leg = self.transferee
         out = leg.dialog.request("INVITE", ok.body, ok.content_type)
-        self.call.port.send_request(out, leg.hop, lambda r: self._reinvited(out, r))
+        self.call.port.send_request(out, leg.hop, lambda r: self._reinvited(out, r, ok))
 
-    def _reinvited(self, out: Request, resp: Response) -> None:
+    def _reinvited(self, out: Request, resp: Response, ok: Response) -> None:
         if resp.status < 200:
             return
         self.call.offer_busy = False
@@ -254,6 +256,13 @@ class Transfer:
             self._detach()
             self.notify("487 Request Terminated", final=True)
             _hang_up(self.call, None, "transfer target hung up")
+            return
+        if resp.status == 491 and not self.glare_retried:
+            # RFC 3261 §14.1: our re-INVITE crossed one of the transferee's; try once more after
+            # 2.1-4 s when we chose the dialog's Call-ID (the transferee is our callee), else 0-2 s
+            self.glare_retried = True
+            delay = random.uniform(0.0, 2.0) if leg is self.call.a else random.uniform(2.1, 4.0)
+            self.pending = self.call.clock.callLater(delay, self._bridge, ok)
             return
         if resp.status >= 300:
             self._drop_new_call("the transferee refused the target's session")

@@ -257,3 +257,27 @@ def test_refer_sub_false_gets_no_notify() -> None:
     c.from_a("BYE")
     c.sent("BYE")[-1].respond(200)
     c.env.assert_clean()
+
+
+def test_glare_on_the_transferee_reinvite_is_retried_once() -> None:
+    c = Transferable()
+    env = c.env
+    c.refer_from_b()
+    c.sent("NOTIFY")[0].respond(200)
+    invite = c.carol()
+    invite.respond(200, to_tag="carol-tag", body=SDP_C)
+    env.clock.advance(0)
+    first = c.sent("INVITE")[-1]
+    first.respond(491, to_tag="a-tag")  # alice re-INVITEd at the same moment
+    assert c.sent("BYE") == [] and len(c.sent("NOTIFY")) == 1  # not given up
+    env.clock.advance(2.0)  # the caller owns the A dialog's Call-ID: 0-2 s
+    second = c.sent("INVITE")[-1]
+    assert second is not first and second.request.body == SDP_C
+    assert second.request.cseq.seq > first.request.cseq.seq
+    second.respond(491, to_tag="a-tag")  # once only: then the transfer fails, the call stays
+    assert sipfrag(c.sent("NOTIFY")[1])[0] == "SIP/2.0 491 Request Pending\r\n"
+    c.sent("NOTIFY")[1].respond(200)
+    c.sent("BYE")[0].respond(200)  # carol, who answered for nothing
+    c.from_a("BYE")
+    c.sent("BYE")[-1].respond(200)
+    env.assert_clean()
