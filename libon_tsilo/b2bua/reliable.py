@@ -7,8 +7,10 @@
 - Toward the caller (our UAS side): a 18x goes reliably when the caller requires 100rel, or
   supports it and the device's 18x was reliable; else as before. Ours carry our own RSeq, are
   resent after T1, 2*T1, 4*T1... until the caller's PRACK, and give up at 64*T1 with a 5xx to the
-  INVITE (§3). One reliable 18x is outstanding at a time; later ones queue. The caller's PRACK is
-  answered 200 here, never relayed. The final response stops the retransmissions.
+  INVITE (§3). They are resent on stream transports too: the mechanism is end to end, and a proxy
+  between the caller and us may forward over UDP. One reliable 18x is outstanding at a time; later
+  ones queue. The caller's PRACK is answered 200 here, never relayed. The final response stops the
+  retransmissions.
 - Offer/answer in PRACK is not done: the SDP a reliable 18x carries to the caller is always the
   answer to the caller's offer, copied byte for byte. A late-offer INVITE (no SDP) is not offered
   100rel toward devices, and a reliable 18x we send for it carries no SDP (the offer comes in the
