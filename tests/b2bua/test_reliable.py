@@ -121,6 +121,9 @@ def test_reliable_18x_in_order_only() -> None:
     device_18x(ctx, 183, 2, SDP_B)
     assert [c.request.header("RAck") for c in env.port.sent if c.request.method == "PRACK"] == [
         "1 1 INVITE", "2 1 INVITE"]
+    env.call().caller_cancel(None)
+    ctx.respond(487)
+    env.assert_clean()
 
 
 def test_reliable_18x_relayed_unreliably_to_a_caller_without_100rel() -> None:
@@ -242,6 +245,7 @@ def test_late_offer_caller_requiring_100rel_gets_its_18x_without_sdp() -> None:
     assert out.status == 183 and rseq_of(out) is not None
     assert out.body == b"" and out.header("Content-Type") is None  # an offer would need a PRACK answer
     assert caller_prack(env, out.to.tag, rseq_of(out)).statuses == [200]
+    finish(env, stx)
 
 
 def test_final_response_stops_retransmission_and_a_late_prack_still_matches() -> None:
@@ -272,10 +276,14 @@ def test_forked_branches_each_prack_on_their_own_dialog() -> None:
     env = Env()
     env.location.add(binding(1))
     env.location.add(binding(2))
-    invite(env)
+    stx = invite(env)
     one, two = env.port.invites()
     device_18x(one, 183, 4, SDP_B, tag="one")
     device_18x(two, 180, 9, tag="two")
     pracks = [c.request for c in env.port.sent if c.request.method == "PRACK"]
     assert [(p.call_id, p.to.tag, p.header("RAck")) for p in pracks] == [
         (one.request.call_id, "one", "4 1 INVITE"), (two.request.call_id, "two", "9 1 INVITE")]
+    two.respond(200, to_tag="two", body=SDP_B)  # the other branch is cancelled
+    assert one.cancelled
+    one.respond(487, to_tag="one")
+    finish_connected(env, stx)

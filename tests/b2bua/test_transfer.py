@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from libon_tsilo.b2bua.waker import WakeResult
 from tests.b2bua.helpers import SDP_A, SDP_B, SDP_C, FakeStx, binding, flow, in_dialog
 from tests.b2bua.test_relay import Connected
 
@@ -280,4 +281,37 @@ def test_glare_on_the_transferee_reinvite_is_retried_once() -> None:
     c.sent("BYE")[0].respond(200)  # carol, who answered for nothing
     c.from_a("BYE")
     c.sent("BYE")[-1].respond(200)
+    env.assert_clean()
+
+
+def test_target_asleep_is_pushed_and_late_forked_like_any_call() -> None:
+    """The new call takes the normal path: carol's only binding is a push one, so the call parks and
+    the waker pushes her; when she registers the call forks to her and the transfer completes."""
+    c = Connected()
+    env = c.env
+    env.mgr.is_local = lambda uri: uri.host == "example.com"
+    asleep = binding(3, aor=CAROL, push="apns", live=False)
+    env.location.add(asleep)
+    stx = FakeStx(in_dialog("REFER", c.b_req.call_id, "<sip:bob@example.com>;tag=dev-tag",
+                            str(c.b_req.from_), 200, extra=f"Refer-To: <{CAROL}>\n"))
+    env.mgr.request_received(stx.request, stx, flow("tcp:dev1#1"))
+    assert stx.statuses == [202]
+    new = [call for call in env.mgr.calls.values() if call.call_id != "call-1@10.0.0.1"]
+    assert len(new) == 1 and new[0].state.name == "parked"
+    pushed_call, pushed, d = env.waker.calls[-1]
+    assert pushed_call is new[0] and [b.key for b in pushed] == [asleep.key]
+    assert str(pushed_call.caller_uri) == "sip:alice@example.com"  # the push shows the transferee
+    d.callback(WakeResult(woken=1))
+    env.register(binding(3, aor=CAROL, push="apns", flow_id="tcp:dev3#2"), refreshed=True)
+    invite = [x for x in env.port.invites() if x.request.raw_uri.startswith("sip:bob@10.0.0.4")][-1]
+    invite.respond(200, to_tag="carol-tag", body=SDP_C)
+    env.clock.advance(0)
+    [x for x in env.port.sent if x.request.method == "INVITE"][-1].respond(200, to_tag="a-tag", body=SDP_A)
+    notifies = [x for x in env.port.sent if x.request.method == "NOTIFY"]
+    assert sipfrag(notifies[-1])[0] == "SIP/2.0 200 OK\r\n"
+    for x in notifies:
+        x.respond(200)
+    env.port.last("BYE").respond(200)  # bob, the referrer
+    c.from_a("BYE")
+    env.port.last("BYE").respond(200)  # carol
     env.assert_clean()
