@@ -42,10 +42,11 @@ def procs() -> Iterator[list]:
     stop_all(started)
 
 
-def test_caller_requiring_100rel_gets_a_reliable_183_with_the_devices_sdp(server, procs, tmp_path):
-    device = add_device(procs, server, tmp_path, "alice", answer="device_answer_100rel.xml")
+@pytest.mark.parametrize("transport", ["u1", "t1"], ids=["udp", "tcp"])
+def test_caller_requiring_100rel_gets_a_reliable_183_with_the_devices_sdp(server, procs, tmp_path, transport):
+    device = add_device(procs, server, tmp_path, "alice", answer="device_answer_100rel.xml", transport=transport)
     device.wait_registered()
-    caller = run_caller(procs, server, tmp_path, "caller_100rel.xml", "alice", pause_ms=100)
+    caller = run_caller(procs, server, tmp_path, "caller_100rel.xml", "alice", pause_ms=100, transport=transport)
     assert_caller_ok(caller, server)
     assert caller.log_lines("PRACK-OK"), caller.explain()
     early = caller.log_lines("EARLY-SDP ")
