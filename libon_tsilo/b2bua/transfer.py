@@ -24,6 +24,7 @@ to its own users only, so accepting one would make REFER an open relay.
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IDelayedCall
@@ -46,8 +47,8 @@ SIPFRAG = "message/sipfrag;version=2.0"
 _SUBSCRIPTION_EXPIRES = 120  # the new call rings at most [calls] ring_timeout; NOTIFY ends it sooner
 
 
-def refusal(call: Call, req: Request) -> tuple[int, str] | tuple[None, NameAddr]:
-    """(status, reason) when the REFER is refused, else (None, the Refer-To)."""
+def refusal(call: Call, req: Request) -> tuple[int, str] | NameAddr:
+    """(status, reason) when the REFER is refused, else its Refer-To."""
     if call.transfer is not None:
         return 491, "Request Pending"  # one transfer at a time per call
     if call.mgr.shutting_down:
@@ -68,20 +69,19 @@ def refusal(call: Call, req: Request) -> tuple[int, str] | tuple[None, NameAddr]
         return 403, "Only INVITE Transfers"
     if not uri.user or not call.mgr.is_local(uri):
         return 403, "Transfer Target Not Served Here"  # no open relay through REFER
-    return None, target
+    return target
 
 
 def refer(call: Call, leg: Any, req: Request, stx: Any, other: Any) -> None:
     """An in-dialog REFER from `leg` (the referrer) of an answered call; `other` is the transferee."""
-    status, detail = refusal(call, req)
+    target = refusal(call, req)
     counters = call.mgr.counters
-    if status is not None:
+    if not isinstance(target, NameAddr):
+        status, reason = target
         counters["transfers_refused"] = counters.get("transfers_refused", 0) + 1
-        log.info("REFER refused: {status} {reason}", status=status, reason=detail, call_id=call.call_id)
-        resp = make_response(req, status, str(detail))
-        call.port.respond(stx, resp)
+        log.info("REFER refused: {status} {reason}", status=status, reason=reason, call_id=call.call_id)
+        call.port.respond(stx, make_response(req, status, reason))
         return
-    assert isinstance(detail, NameAddr)
     subscribe = (req.header("Refer-Sub") or "").strip().lower() != "false"
     accepted = make_response(req, 202, "Accepted")
     accepted.add_header("Contact", leg.dialog.contact)
@@ -91,19 +91,14 @@ def refer(call: Call, leg: Any, req: Request, stx: Any, other: Any) -> None:
     t = Transfer(call, leg, other, req.cseq.seq, subscribe)
     call.transfer = t
     counters["transfers"] = counters.get("transfers", 0) + 1
-    log.info("REFER accepted: transfer to {target}", target=redact_uri(str(detail.uri)), call_id=call.call_id)
+    log.info("REFER accepted: transfer to {target}", target=redact_uri(str(target.uri)), call_id=call.call_id)
     t.notify("100 Trying", final=False)
-    t.place(detail)
+    t.place(target)
 
 
-class _NoFlow:
-    """The flow of the new call's caller side: none, that side is the B2BUA itself."""
-
-    id = None
-
-    class key:  # noqa: N801 - shaped like FlowKey
-        transport = "udp"
-        remote = ("transfer.invalid", 0)
+def _no_flow() -> Any:
+    """The flow of the new call's caller side: none (no flow id, nothing watched): it is us."""
+    return SimpleNamespace(id=None, key=SimpleNamespace(transport="udp", remote=("transfer.invalid", 0)))
 
 
 class _Outcome:
@@ -193,7 +188,7 @@ class Transfer:
         invite.add_header("CSeq", "1 INVITE")
         invite.add_header("Contact", self.transferee.dialog.contact)
         outcome = _Outcome(self, invite)
-        self.mgr.place_call(invite, outcome, _NoFlow(), trust)
+        self.mgr.place_call(invite, outcome, _no_flow(), trust)
         new = self.mgr.calls.get(invite.call_id)
         if new is None or new.a.stx is not outcome:
             return  # refused at once: new_call_response has reported it
