@@ -28,7 +28,7 @@ KNOWN_UNSUPPORTED_METHODS = ("SUBSCRIBE", "NOTIFY", "PUBLISH")
 # Served inside a dialog only (the router hands those to its in_dialog handler). Outside one: a
 # PRACK matches nothing (RFC 3262 §3); a REFER would ask us to call anyone for anyone.
 DIALOG_ONLY_METHODS = {"PRACK": (481, None), "REFER": (403, "REFER Only Within A Call")}
-SUPPORTED_OPTION_TAGS = ("path", "100rel")
+SUPPORTED_OPTION_TAGS = ("path", "100rel", "norefersub")  # RFC 3262; RFC 4488 (Refer-Sub: false)
 ACCEPTED_BODY_TYPES = ("application/sdp",)
 URI_SCHEMES = ("sip", "sips", "tel")
 

@@ -44,7 +44,7 @@ def test_options_gets_200_with_allow_accept_supported():
     assert resp is not None and resp.status == 200
     assert _allow(resp) == list(ALLOWED_METHODS)
     assert resp.header_values("Accept") == ["application/sdp"]
-    assert resp.header_values("Supported") == ["path", "100rel"]
+    assert resp.header_values("Supported") == ["path", "100rel", "norefersub"]
     assert resp.to.tag  # a UAS adds a To tag to its final responses
     assert resp.cseq.method == "OPTIONS" and resp.call_id == "call-1@example.net"
 
@@ -67,6 +67,11 @@ def test_refer_outside_a_dialog_gets_403():
     resp = core.answer(_req("REFER"))
     assert resp is not None and resp.status == 403
     assert "REFER" in _allow(core.options_response(_req("OPTIONS")))
+
+
+def test_require_norefersub_passes():
+    """RFC 4488: a REFER may require that we honour Refer-Sub: false (b2bua/transfer.py does)."""
+    assert _check("REFER", extra=("Require: norefersub",)) is None
 
 
 def test_require_100rel_passes():
