@@ -65,6 +65,10 @@ def request(call: Call, leg: Any, req: Request, stx: Any) -> None:
         reliable.handle_prack(call, leg, req, stx)  # hop by hop: answered here, never relayed
         return
     if call.winner is None or call.ended:
+        if method == "REFER" and not call.ended:
+            # a refusal that keeps the early dialog (a 481 would end it, RFC 5057)
+            _respond(call, stx, req, 403, "REFER Only In An Answered Call")
+            return
         # early dialogs are not relayed (no early UPDATE support); the caller must CANCEL
         _respond(call, stx, req, 481, "Call/Transaction Does Not Exist")
         return

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from libon_tsilo.b2bua.waker import WakeResult
-from tests.b2bua.helpers import SDP_A, SDP_B, SDP_C, FakeStx, binding, flow, in_dialog
+from tests.b2bua.helpers import SDP_A, SDP_B, SDP_C, Env, FakeStx, binding, flow, in_dialog
 from tests.b2bua.test_relay import Connected
 
 CAROL = "sip:carol@example.com"
@@ -314,4 +314,25 @@ def test_target_asleep_is_pushed_and_late_forked_like_any_call() -> None:
     env.port.last("BYE").respond(200)  # bob, the referrer
     c.from_a("BYE")
     env.port.last("BYE").respond(200)  # carol
+    env.assert_clean()
+
+
+def test_refer_before_the_answer_is_refused_without_ending_the_early_dialog() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    _, stx = env.invite()
+    ctx = env.port.invites()[0]
+    ctx.respond(180)
+    tag = stx.responses[-1].to.tag
+    refer = in_dialog("REFER", "call-1@10.0.0.1", "<sip:alice@example.com>;tag=a-tag",
+                      f"<sip:bob@example.com>;tag={tag}", 11, extra=f"Refer-To: <{CAROL}>\n")
+    refer_stx = FakeStx(refer)
+    env.mgr.request_received(refer, refer_stx, env.caller_flow)
+    assert refer_stx.statuses == [403]  # was 481, which ends the dialog (RFC 5057)
+    ctx.respond(200, body=SDP_B)  # the call goes on to its answer
+    assert stx.final is not None and stx.final.status == 200
+    bye = FakeStx(in_dialog("BYE", "call-1@10.0.0.1", "<sip:alice@example.com>;tag=a-tag",
+                            f"<sip:bob@example.com>;tag={tag}", 12))
+    env.mgr.request_received(bye.request, bye, env.caller_flow)
+    env.port.last("BYE").respond(200)
     env.assert_clean()
