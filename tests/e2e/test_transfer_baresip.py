@@ -30,6 +30,28 @@ pytestmark = pytest.mark.skipif(BARESIP is None or not MODULES.is_dir(),
                                 reason="baresip is missing (package baresip-core)")
 
 
+_TAKEN: set[int] = set()  # ports handed out in this process: the OS may offer one again before it is bound
+
+
+def _free_ports(count: int) -> int:
+    """`count` consecutive free ports (baresip binds TLS on its SIP port + 1, RTP on a range)."""
+    for _ in range(100):
+        first = free_port()
+        ports = range(first, first + count)
+        if any(p in _TAKEN for p in ports):
+            continue
+        try:
+            for port in ports[1:]:
+                for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                    with socket.socket(socket.AF_INET, kind) as sock:
+                        sock.bind((HOST, port))
+        except OSError:
+            continue
+        _TAKEN.update(ports)
+        return first
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
 class Baresip:
     """One baresip UA registered as `user` at the server; auto-answers incoming calls."""
 
@@ -37,9 +59,9 @@ class Baresip:
         self.user = user
         self.dir = workdir / user
         self.dir.mkdir()
-        self.sip_port = free_port()
-        self.ctrl_port = free_port(udp_too=False)
-        rtp = free_port()
+        self.sip_port = _free_ports(2)  # SIP on UDP and TCP, and TLS on the next port
+        self.ctrl_port = _free_ports(1)
+        rtp = _free_ports(2)
         (self.dir / "config").write_text(
             f"sip_listen {HOST}:{self.sip_port}\nsip_trans_def udp\n"
             f"audio_player aubridge,{user}\naudio_source aubridge,{user}\naudio_alert aubridge,{user}\n"
