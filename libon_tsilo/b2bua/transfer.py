@@ -226,6 +226,11 @@ class Transfer:
             self._drop_new_call("the transferee's session is busy")
             self._fail("491 Request Pending", "offer in progress on the transferee's leg")
             return
+        if not ok.body:
+            # our INVITE had no offer, so its 2xx must: without one there is nothing to bridge
+            self._drop_new_call("the target's 2xx has no offer")
+            self._fail("488 Not Acceptable Here", "the target answered without SDP")
+            return
         self.call.offer_busy = True  # re-INVITEs of either original party wait (491)
         new.offer_busy = True  # and so do the target's
         leg = self.transferee

@@ -336,3 +336,22 @@ def test_refer_before_the_answer_is_refused_without_ending_the_early_dialog() ->
     env.mgr.request_received(bye.request, bye, env.caller_flow)
     env.port.last("BYE").respond(200)
     env.assert_clean()
+
+
+def test_target_answering_without_an_offer_is_dropped_and_the_call_stays() -> None:
+    c = Transferable()
+    env = c.env
+    c.refer_from_b()
+    c.sent("NOTIFY")[0].respond(200)
+    invite = c.carol()
+    invite.respond(200, to_tag="carol-tag")  # no SDP: invalid for an INVITE without an offer
+    env.clock.advance(0)
+    assert [x for x in c.sent("INVITE") if x.request.call_id == "call-1@10.0.0.1"] == []  # alice untouched
+    bye = c.sent("BYE")
+    assert [b.request.call_id for b in bye] == [invite.request.call_id]
+    bye[0].respond(200)
+    assert sipfrag(c.sent("NOTIFY")[1])[0] == "SIP/2.0 488 Not Acceptable Here\r\n"
+    c.sent("NOTIFY")[1].respond(200)
+    c.from_a("BYE")
+    c.sent("BYE")[-1].respond(200)
+    env.assert_clean()
