@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from libon_tsilo.b2bua import events as ev
-from libon_tsilo.b2bua import relay, session_timer
+from libon_tsilo.b2bua import relay, reliable, session_timer
 from libon_tsilo.b2bua.capabilities import ALLOW, OWN_HEADERS, supported
 from libon_tsilo.b2bua.dialog import Dialog
 from libon_tsilo.b2bua.forking import REASON_ANSWERED
@@ -94,13 +94,13 @@ def _allow_keys(allowlist: tuple[str, ...]) -> tuple[tuple[str, str, bool], ...]
 
 
 def _strip_100rel(value: str) -> str:
-    # we do not do PRACK, so a device must not be asked for reliable provisionals
+    # 100rel is hop by hop (b2bua/reliable.py): the caller's support says nothing of ours
     return ", ".join(v.strip() for v in value.split(",") if v.strip().lower() != "100rel")
 
 
-def _add_capabilities(msg: Request | Response, session_timers: bool) -> None:
+def _add_capabilities(msg: Request | Response, session_timers: bool, reliable: bool = True) -> None:
     msg.add_header("Allow", ALLOW)
-    tags = supported(session_timers)
+    tags = supported(session_timers, reliable)
     if tags:
         msg.add_header("Supported", tags)
 
@@ -118,6 +118,7 @@ class Call:
         "ring_deadline", "a", "branches", "_by_key", "state", "failures", "winner", "early_media_from",
         "park_d", "wake_d", "wake_result", "woken", "_waker_used", "_ring_timer", "_late_ack", "offer_busy",
         "pending_acks", "late_reason", "ended", "end_reason", "trust", "timers", "_device_ids",
+        "transfer",
     )
 
     def __init__(self, mgr: CallManager, invite: Request, stx: Any, flow: Any, aor: str, callee_uri: str,
@@ -165,6 +166,7 @@ class Call:
         self.end_reason: str | None = None
         self.timers: session_timer.SessionTimers | None = None  # RFC 4028, once answered
         self._device_ids: dict[str, str] | None = None  # device -> the Call-ID of its B-leg
+        self.transfer: Any = None  # b2bua/transfer.py: a REFER this call is part of, while it runs
 
     # -- description (silo dump / admin) -------------------------------------------------------
 
@@ -455,7 +457,7 @@ class Call:
                     req.add_header(name, value)
         for name, value in b_leg_identity_headers(a, self.trust, self.mgr.settings.header_allowlist):
             req.add_header(name, value)
-        _add_capabilities(req, bool(self.mgr.settings.session_expires))
+        _add_capabilities(req, bool(self.mgr.settings.session_expires), reliable.offers_to_device(a))
         session_timer.offer(req, self.mgr.settings)
         if a.body:
             req.add_header("Content-Type", a.content_type or "application/sdp")
@@ -491,12 +493,17 @@ class Call:
             if leg.acked:
                 self.send_branch_ack(leg)
             return
-        leg.note(resp)
         if status < 200:
+            relay_it, leg_reliable = reliable.device_provisional(self, leg, resp)
+            if not relay_it:
+                return
+            leg.note(resp)
             if leg.state == BranchState.CALLING:
                 leg.state = BranchState.EARLY
-            self.dispatch(ev.Provisional(leg, resp))
-        elif status < 300:
+            self.dispatch(ev.Provisional(leg, resp, leg_reliable))
+            return
+        leg.note(resp)
+        if status < 300:
             leg.state = BranchState.ANSWERED
             leg.dialog.set_remote_from(resp)
             self.dispatch(ev.Answered(leg, resp))
@@ -511,7 +518,7 @@ class Call:
             self.mgr.unregister_leg(leg)
             self.dispatch(ev.Failed(leg, resp))
 
-    def relay_provisional(self, leg: BLeg, resp: Response) -> None:
+    def relay_provisional(self, leg: BLeg, resp: Response, leg_reliable: bool = False) -> None:
         out = make_response(self.a.invite, resp.status, resp.reason, to_tag=self.a.dialog.local_tag)
         out.add_header("Contact", self.a.dialog.contact)
         if resp.body and self.early_media_from is None:
@@ -519,7 +526,7 @@ class Call:
             self.early_media_from = leg
             out.add_header("Content-Type", resp.content_type or "application/sdp")
             out.body = resp.body
-        self.port.respond(self.a.stx, out)
+        reliable.send_to_caller(self, out, leg_reliable)
 
     def check_exhausted(self) -> None:
         """Every branch is done: answer the best failure, or keep waiting if a device may still come."""
@@ -545,6 +552,7 @@ class Call:
         self.winner = leg
         self.state = Connected()
         self._stop_ring_timer()
+        self.a.stop_provisionals()
         if self.a.invite.body:
             self.send_branch_ack(leg)
         else:
@@ -683,6 +691,7 @@ class Call:
             self.timers.stop()
             self.timers = None
         self.a.stop_retransmit()
+        self.a.stop_provisionals()
         self._abort_park(None)
         if self.mgr.silo.get(self.call_id) is self:
             self.mgr.silo.remove(self)

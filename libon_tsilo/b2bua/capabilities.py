@@ -11,16 +11,25 @@ __all__ = ["DIALOG_METHODS", "SUPPORTED_OPTION_TAGS", "ALLOW", "OWN_HEADERS", "s
 
 # methods accepted inside a call's dialogs: relay.py relays INFO, MESSAGE and OPTIONS, handles BYE,
 # re-INVITE/UPDATE; out of dialog the UAS core's own Allow applies (sip/uas_core.py)
-DIALOG_METHODS = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "INFO", "MESSAGE", "UPDATE")
-# option tags implemented on both legs whatever the config
-SUPPORTED_OPTION_TAGS: tuple[str, ...] = ()
+DIALOG_METHODS = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "INFO", "MESSAGE", "UPDATE", "PRACK", "REFER")
+# option tags implemented on both legs whatever the config: RFC 4488 (a REFER with Refer-Sub: false)
+SUPPORTED_OPTION_TAGS: tuple[str, ...] = ("norefersub",)
 
 ALLOW = ", ".join(DIALOG_METHODS)
-_SUPPORTED = {False: ", ".join(SUPPORTED_OPTION_TAGS), True: ", ".join(SUPPORTED_OPTION_TAGS + ("timer",))}
 
 
-def supported(session_timers: bool) -> str:
-    """The Supported value of both legs ("" = no header): RFC 4028 "timer" only when it is on."""
-    return _SUPPORTED[session_timers]
+def _tags(timers: bool, reliable: bool) -> str:
+    extra = (("100rel",) if reliable else ()) + (("timer",) if timers else ())
+    return ", ".join(SUPPORTED_OPTION_TAGS + extra)
+
+
+_SUPPORTED = {(t, r): _tags(t, r) for t in (False, True) for r in (False, True)}
+
+
+def supported(session_timers: bool, reliable: bool = True) -> str:
+    """The Supported value of a leg ("" = no header): RFC 4028 "timer" only when session timers are
+    on; RFC 3262 "100rel" unless that leg cannot use it (b2bua/reliable.py: a branch INVITE without
+    an offer)."""
+    return _SUPPORTED[(session_timers, reliable)]
 # never copied from the caller to a branch, whatever [calls] header_allowlist lists: we state our own
 OWN_HEADERS = frozenset({"allow", "supported"})

@@ -19,6 +19,7 @@ class Event:
 class Provisional(Event):
     branch: Any
     response: Any
+    reliable: bool = False  # the device sent it reliably (RFC 3262)
 
 
 @dataclass

@@ -15,13 +15,15 @@ class ALeg:
     """The caller's side: the INVITE's server transaction and the dialog we create by answering."""
 
     kind = "A"
-    __slots__ = ("invite", "stx", "dialog", "retransmit")  # one per call, parked ones included
+    __slots__ = ("invite", "stx", "dialog", "retransmit", "reliable")  # one per call, parked ones included
 
     def __init__(self, invite: Request, stx: Any, dialog: Dialog) -> None:
         self.invite = invite
         self.stx = stx
         self.dialog = dialog
         self.retransmit: RetransmitHandle | None = None  # our 2xx, until the caller ACKs it
+        # reliable.CallerReliability once a 18x was relayed to a caller with 100rel; False: without
+        self.reliable: Any = None
 
     @property
     def hop(self) -> Hop:
@@ -40,6 +42,11 @@ class ALeg:
         if self.retransmit is not None:
             self.retransmit.stop()
             self.retransmit = None
+
+    def stop_provisionals(self) -> None:
+        """A final response went out: no more reliable 18x retransmissions (RFC 3262 §3)."""
+        if self.reliable:
+            self.reliable.stop()
 
 
 class BranchState:
@@ -60,7 +67,7 @@ class BLeg:
     kind = "B"
     __slots__ = ("binding", "invite", "dialog", "created_at", "state", "ctx", "last_status", "last_reason",
                  "cancel_reason", "cancelled", "sent_contact", "sent_flow", "acked", "ack_body", "asked_se",
-                 "tried")
+                 "tried", "rseqs")
 
     def __init__(self, binding: Any, invite: Request, dialog: Dialog, created_at: float) -> None:
         self.binding = binding
@@ -81,6 +88,7 @@ class BLeg:
         self.asked_se: int | None = None  # Session-Expires asked after a 422 (RFC 4028), else the config's
         # binding keys of the device's flows this branch already failed on (RFC 5626 flow failover)
         self.tried: tuple[str, ...] = ()
+        self.rseqs: dict[str, int] | None = None  # last RSeq PRACKed, per early dialog (To tag)
 
     @property
     def hop(self) -> Hop:

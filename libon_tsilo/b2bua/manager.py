@@ -302,6 +302,11 @@ class CallManager:
                      n=len(bindings), call_id=call.call_id)
         call.start(bindings)
 
+    def place_call(self, request: Request, stx: Any, flow: Any, trust: CallerTrust) -> None:
+        """A call the B2BUA originates itself (a transfer: b2bua/transfer.py), already authorized:
+        from here on it takes the path of every INVITE (park, push, fork); `stx` gets the answers."""
+        self._authorized(trust, request, stx, flow)
+
     def handle_cancel(self, cancel: Request, invite_stx: Any, flow: Any, cancel_stx: Any = None) -> None:
         """The caller's CANCEL. `cancel_stx` (when the TU has it) gets the 200/481 (§9.2)."""
         try:

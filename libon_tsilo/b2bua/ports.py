@@ -73,6 +73,11 @@ class TransactionPort:
     def transport(self) -> Any:
         return self.layer.transport
 
+    @property
+    def t1(self) -> float:
+        """RFC 3261 T1: the start of a reliable 18x's retransmission interval (RFC 3262 §3)."""
+        return float(self.layer.t1)
+
     def _flow(self, hop: Hop) -> Any:
         if hop.flow_id is None:
             return None

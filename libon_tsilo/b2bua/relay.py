@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 
+from libon_tsilo.b2bua import reliable, transfer
 from libon_tsilo.b2bua.capabilities import ALLOW
 from libon_tsilo.sip.message import Request, Response, make_response
 
@@ -60,17 +61,38 @@ def _copy_body(src: Request | Response, dst: Request | Response) -> None:
 def request(call: Call, leg: Any, req: Request, stx: Any) -> None:
     """A request inside one of the call's dialogs."""
     method = req.method
+    if method == "PRACK":
+        reliable.handle_prack(call, leg, req, stx)  # hop by hop: answered here, never relayed
+        return
     if call.winner is None or call.ended:
-        # early dialogs are not relayed (no PRACK/early UPDATE support); the caller must CANCEL
+        if method == "REFER" and not call.ended:
+            # a refusal that keeps the early dialog (a 481 would end it, RFC 5057)
+            _respond(call, stx, req, 403, "REFER Only In An Answered Call")
+            return
+        # early dialogs are not relayed (no early UPDATE support); the caller must CANCEL
         _respond(call, stx, req, 481, "Call/Transaction Does Not Exist")
         return
     if not leg.dialog.check_remote_seq(req):
         _respond(call, stx, req, 500, "CSeq Out Of Order")
         return
+    t = call.transfer
+    if t is not None and method == "BYE" and leg is t.referrer:
+        # RFC 5589: a referrer may leave once its REFER is accepted; the transferee stays
+        _respond(call, stx, req, 200)
+        t.referrer_left()
+        return
     other = _other(call, leg)
     if method == "BYE":
         _respond(call, stx, req, 200)
         hang_up(call, leg, f"BYE from the {'caller' if leg is call.a else 'callee'}")
+    elif t is not None and t.inert(other):
+        # a transfer in progress: the far side has left, or is not bridged yet; try again later
+        if method in ("INVITE", "UPDATE"):
+            _respond(call, stx, req, 491, "Request Pending")
+        else:
+            _respond(call, stx, req, 500, "Transfer In Progress", (("Retry-After", "5"),))
+    elif method == "REFER":
+        transfer.refer(call, leg, req, stx, other)
     elif method in ("INVITE", "UPDATE"):
         if method == "UPDATE" and not req.body and call.timers is not None \
                 and call.timers.refresh_received(leg, req, stx):
@@ -155,12 +177,13 @@ def _send_ack(call: Call, leg: Any, seq: int, body: bytes, content_type: str | N
 def ack(call: Call, leg: Any, ack_req: Request) -> None:
     """An ACK inside one of the call's dialogs: for our answer to the INVITE or to a re-INVITE."""
     seq = ack_req.cseq.seq
-    if leg is call.a and seq == call.a.invite.cseq.seq:
-        call.caller_acked(ack_req)
-        return
+    # a relayed re-INVITE first: after a transfer the A-leg's dialog is the transferee's, whose
+    # CSeq numbers may meet the (synthetic) INVITE's of the call it now belongs to
     pending = call.pending_acks.pop((leg.dialog.local_tag, seq), None)
     if pending is None:
-        return  # a retransmitted ACK
+        if leg is call.a and seq == call.a.invite.cseq.seq:
+            call.caller_acked(ack_req)
+        return  # else a retransmitted ACK
     pending.retransmit.stop()
     if not pending.acked:
         _send_ack(call, pending.to_leg, pending.out_seq, ack_req.body, ack_req.content_type)
@@ -171,8 +194,11 @@ def ack(call: Call, leg: Any, ack_req: Request) -> None:
 def hang_up(call: Call, from_leg: Any, why: str, reason: str | None = None) -> None:
     """BYE every connected leg but `from_leg` (which hung up itself), then end the call.
     `reason`: a Reason header value (RFC 3326) for the BYEs, when we are the one ending it."""
+    t = call.transfer
+    if t is not None:
+        t.call_ended(call)
     for leg in (call.a, call.winner):
-        if leg is None or leg is from_leg:
+        if leg is None or leg is from_leg or (t is not None and t.inert(leg)):
             continue
         try:
             bye = leg.dialog.request("BYE")
@@ -201,7 +227,11 @@ def flow_lost(call: Call, flow_id: str) -> None:
         else:
             call.branch_flow_lost(flow_id)
         return
+    t = call.transfer
     for leg in (call.a, call.winner):
         if leg is not None and leg.hop.flow_id == flow_id:
+            if t is not None and leg is t.referrer:
+                t.referrer_left()  # as if it had sent BYE: the transferee waits for its new party
+                return
             hang_up(call, leg, "connection closed")
             return

@@ -77,7 +77,7 @@ class Forking(_Ringing):
         call.fork(e.binding)
 
     def on_Provisional(self, call: Call, e: ev.Provisional) -> None:
-        call.relay_provisional(e.branch, e.response)
+        call.relay_provisional(e.branch, e.response, e.reliable)
 
     def on_Answered(self, call: Call, e: ev.Answered) -> None:
         call.connect(e.branch, e.response)

@@ -301,6 +301,8 @@ class TsiloCollector(Collector):
             ("session_expired", "Answered calls ended because a session timer expired"),
             ("duration_limit", "Answered calls ended at calls.max_call_duration"),
             ("flow_failovers", "Branches moved to another flow of their device (RFC 5626)"),
+            ("transfers", "REFERs accepted: blind transfers started (b2bua/transfer.py)"),
+            ("transfers_refused", "REFERs refused, the call left as it was"),
         ):
             if key in counters:
                 yield _counter(f"calls_{key}" if key != "calls" else "calls_started", doc, counters[key])

@@ -21,11 +21,15 @@ __all__ = [
     "sdp_in_multipart",
 ]
 
-ALLOWED_METHODS = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "INFO", "UPDATE")
+ALLOWED_METHODS = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "INFO", "UPDATE", "PRACK",
+                   "REFER")
 # Methods we know of but do not implement: 405 with Allow, rather than 501 (RFC 3261 §21.4.6).
 # MESSAGE outside a dialog has no handler yet (inside a call it is relayed): it must not be in Allow.
-KNOWN_UNSUPPORTED_METHODS = ("SUBSCRIBE", "NOTIFY", "PUBLISH", "REFER", "PRACK", "MESSAGE")
-SUPPORTED_OPTION_TAGS = ("path",)
+KNOWN_UNSUPPORTED_METHODS = ("SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE")
+# Served inside a dialog only (the router hands those to its in_dialog handler). Outside one: a
+# PRACK matches nothing (RFC 3262 §3); a REFER would ask us to call anyone for anyone.
+DIALOG_ONLY_METHODS = {"PRACK": (481, None), "REFER": (403, "REFER Only Within A Call")}
+SUPPORTED_OPTION_TAGS = ("path", "100rel", "norefersub")  # RFC 3262; RFC 4488 (Refer-Sub: false)
 ACCEPTED_BODY_TYPES = ("application/sdp",)
 URI_SCHEMES = ("sip", "sips", "tel")
 
@@ -107,6 +111,8 @@ class UASCore:
         method = req.method
         if method == "OPTIONS":
             return self.options_response(req)
+        if method in DIALOG_ONLY_METHODS:
+            return self.response(req, *DIALOG_ONLY_METHODS[method])
         if method in self.allow:
             return None
         resp = self.response(req, 405 if method in KNOWN_UNSUPPORTED_METHODS else 501)

@@ -182,7 +182,7 @@ class FakePort:
         self.acks.append((parse_message(ack.to_bytes()), hop))
 
     def respond(self, stx: FakeStx, resp: Response) -> None:
-        stx.responses.append(parse_message(resp.to_bytes()))
+        stx.respond(parse_message(resp.to_bytes()))  # as TransactionPort does
 
     def respond_2xx(self, stx: FakeStx, resp: Response, on_give_up: Callable[[], Any]) -> FakeRetransmit:
         self.respond(stx, resp)

@@ -9,7 +9,7 @@ from libon_tsilo.b2bua.forking import REASON_ANSWERED
 from tests.b2bua.helpers import AOR, SDP_A, SDP_B, SDP_C, Env, binding, in_dialog
 
 # session timers are on by default ([calls] session_expires = 1800): RFC 4028 adds "timer"
-OUR_TAGS = [*SUPPORTED_OPTION_TAGS, "timer"]
+OUR_TAGS = [*SUPPORTED_OPTION_TAGS, "100rel", "timer"]
 
 
 def two_device_call() -> tuple[Env, object]:
@@ -36,7 +36,7 @@ def test_branch_invites_are_new_dialogs_with_the_callers_identity() -> None:
         assert req.body == SDP_A and req.content_type == "application/sdp"
         assert req.header("Subject") == "lunch?"
         assert req.header("X-Private") is None  # only the allow-list passes
-        # our own capabilities, not the caller's "100rel, timer" (issue 12 item 8)
+        # our own capabilities, not the caller's (issue 12 item 8); 100rel hop by hop (reliable.py)
         assert req.header_values("Supported") == OUR_TAGS
         assert req.header_values("Allow") == list(DIALOG_METHODS)
         assert req.max_forwards == 69
@@ -53,7 +53,7 @@ def test_each_leg_gets_the_b2buas_allow_and_supported_even_if_allowlisted() -> N
     (ctx,) = env.port.invites()
     sent = ctx.request
     assert sent.header_values("Allow") == list(DIALOG_METHODS)
-    assert "REFER" not in sent.header_values("Allow") and "MESSAGE" in sent.header_values("Allow")
+    assert "SUBSCRIBE" not in sent.header_values("Allow") and "MESSAGE" in sent.header_values("Allow")
     assert sent.header_values("Supported") == OUR_TAGS
     assert sent.header_values("Require") == ["foo"]  # allow-listed, minus the 100rel we cannot do
     assert sent.header("Subject") == "lunch?"

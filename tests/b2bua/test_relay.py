@@ -132,7 +132,7 @@ def test_info_message_options_relayed() -> None:
 
 def test_unsupported_in_dialog_method_and_cseq_order() -> None:
     c = Connected()
-    stx = c.from_a("REFER")
+    stx = c.from_a("SUBSCRIBE")
     assert stx is not None and stx.statuses == [501]
     old = c.from_a("INFO", seq=5)
     assert old is not None and old.statuses == [500]

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from libon_tsilo.b2bua.capabilities import supported
 from libon_tsilo.b2bua.session_timer import (
     GLARE_RETRY,
     REASON_EXPIRED,
@@ -26,6 +27,9 @@ DEVICE_ALLOW = "Allow: INVITE, ACK, CANCEL, BYE, UPDATE"
 NO_TIMER = "100rel"  # a caller's Supported without "timer"
 # a caller that refreshes its own leg, hourly: a test on the device's leg can run past 1768 s
 LONG_CALLER = "Session-Expires: 3600;refresher=uac\n"
+
+# our own Supported on both legs (capabilities.py): whatever the caller says
+OURS = supported(True).split(", ")
 
 
 def respond(ctx: FakeCtx, status: int, headers: tuple[str, ...] = (), **kw: Any) -> Any:
@@ -164,7 +168,7 @@ def test_caller_leg_interval_and_refresher(caller: str, supported: str, expected
     c = Answered(caller=caller, supported=supported)
     assert c.ok.header("Session-Expires") == expected
     assert c.ok.header("Require") == require
-    assert c.ok.header_values("Supported") == ["timer"]  # our own capabilities (capabilities.py)
+    assert c.ok.header_values("Supported") == OURS  # our own capabilities (capabilities.py)
     c.from_a("BYE")
     c.env.assert_clean()
 
@@ -175,11 +179,11 @@ def test_caller_leg_interval_and_refresher(caller: str, supported: str, expected
 def test_branch_invite_offers_timers() -> None:
     c = Answered(supported="replaces")
     req = c.b_req
-    assert req.header_values("Supported") == ["timer"]  # ours, not the caller's "replaces"
+    assert req.header_values("Supported") == OURS  # ours, not the caller's "replaces"
     assert req.header("Session-Expires") == "1800"  # the device picks the refresher
     assert req.header("Min-SE") is None  # absent means the RFC's 90 (§5)
     c2 = Answered(min_se=120)  # "timer" once, whatever the caller's Supported says
-    assert c2.b_req.header_values("Supported") == ["timer"]
+    assert c2.b_req.header_values("Supported") == OURS
     assert c2.b_req.header("Min-SE") == "120"
 
 

@@ -174,6 +174,16 @@ def test_session_timer_and_duration_limit_counters(tmp_path):
     assert s[("libon_tsilo_calls_duration_limit_total", ())] == 1
 
 
+def test_transfer_counters(tmp_path):
+    """REFERs accepted and refused (b2bua/transfer.py counts them in the call manager's counters)."""
+    root, _clock = build(tmp_path=tmp_path)
+    parts = root.parts
+    parts.b2bua.counters.update({"transfers": 2, "transfers_refused": 1})
+    s = samples(make_registry(parts, None))
+    assert s[("libon_tsilo_calls_transfers_total", ())] == 2
+    assert s[("libon_tsilo_calls_transfers_refused_total", ())] == 1
+
+
 def test_a_broken_layer_does_not_break_the_scrape(tmp_path):
     root, _clock = build(tmp_path=tmp_path)
 

@@ -44,16 +44,39 @@ def test_options_gets_200_with_allow_accept_supported():
     assert resp is not None and resp.status == 200
     assert _allow(resp) == list(ALLOWED_METHODS)
     assert resp.header_values("Accept") == ["application/sdp"]
-    assert resp.header_values("Supported") == ["path"]
+    assert resp.header_values("Supported") == ["path", "100rel", "norefersub"]
     assert resp.to.tag  # a UAS adds a To tag to its final responses
     assert resp.cseq.method == "OPTIONS" and resp.call_id == "call-1@example.net"
 
 
-@pytest.mark.parametrize("method", ["SUBSCRIBE", "NOTIFY", "PUBLISH", "REFER", "PRACK"])
+@pytest.mark.parametrize("method", ["SUBSCRIBE", "NOTIFY", "PUBLISH"])
 def test_known_unsupported_method_gets_405_with_allow(method):
     resp = core.answer(_req(method))
     assert resp is not None and resp.status == 405
     assert _allow(resp) == list(ALLOWED_METHODS)
+
+
+def test_prack_outside_a_dialog_gets_481():
+    """RFC 3262 §3: a PRACK that matches no reliable provisional is a 481 (was 405: PRACK unknown)."""
+    resp = core.answer(_req("PRACK"))
+    assert resp is not None and resp.status == 481
+
+
+def test_refer_outside_a_dialog_gets_403():
+    """In-dialog REFER is a transfer (b2bua/transfer.py); outside a dialog it is refused, not 405."""
+    resp = core.answer(_req("REFER"))
+    assert resp is not None and resp.status == 403
+    assert "REFER" in _allow(core.options_response(_req("OPTIONS")))
+
+
+def test_require_norefersub_passes():
+    """RFC 4488: a REFER may require that we honour Refer-Sub: false (b2bua/transfer.py does)."""
+    assert _check("REFER", extra=("Require: norefersub",)) is None
+
+
+def test_require_100rel_passes():
+    """RFC 3262: we do reliable provisionals, so Require: 100rel is no longer a 420."""
+    assert _check("BYE", extra=("Require: 100rel",)) is None
 
 
 def test_unknown_method_gets_501():
