@@ -40,6 +40,7 @@ __all__ = [
     "AdminConfig",
     "LogConfig",
     "OpsConfig",
+    "OverloadConfig",
     "ListenAddress",
     "parse_listen",
     "load_config",
@@ -250,6 +251,8 @@ class SipConfig:
     flow_idle_timeout: int = _opt(3600, _positive)
     advertised_host: str = _opt("", _no_newline)
     user_agent: str = _opt("libon-tsilo", _no_newline)
+    # bytes of kernel receive buffer per UDP socket: a burst waits there instead of being dropped
+    udp_receive_buffer: int = _opt(4 * 1024 * 1024, _int_range(64 * 1024, 1 << 30))
 
     @property
     def listen_addresses(self) -> list[ListenAddress]:
@@ -403,6 +406,16 @@ class OpsConfig:
 
 
 @dataclass(frozen=True)
+class OverloadConfig:
+    # refuse new INVITEs (503) while the reactor lags; see libon_tsilo/sip/overload.py
+    enabled: bool = _opt(True)
+    enter_lag_ms: int = _opt(100, _int_range(1, 60_000))
+    leave_lag_ms: int = _opt(20, _int_range(0, 60_000))
+    max_transactions: int = _opt(0, _int_range(0))  # live transactions that also mean overload (0 = off)
+    retry_after: int = _opt(5, _int_range(1, 3600))
+
+
+@dataclass(frozen=True)
 class Config:
     sip: SipConfig = field(default_factory=SipConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
@@ -415,6 +428,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     log: LogConfig = field(default_factory=LogConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
+    overload: OverloadConfig = field(default_factory=OverloadConfig)
     # where the config came from (None = built-in defaults); not a TOML key
     source: str | None = field(default=None, metadata={"internal": True})
 
@@ -588,8 +602,16 @@ def _check_manhole(manhole: ManholeConfig) -> None:
         raise ConfigError("manhole.listen", "needs manhole.authorized_keys or manhole.passwords")
 
 
+def _check_overload(overload: OverloadConfig) -> None:
+    if overload.leave_lag_ms >= overload.enter_lag_ms:
+        raise ConfigError(
+            "overload.leave_lag_ms", f"must be < overload.enter_lag_ms ({overload.enter_lag_ms})"
+        )
+
+
 def _validate(cfg: Config) -> None:
     _check_sip(cfg.sip)
+    _check_overload(cfg.overload)
     _check_tls(cfg)
     _check_registrar(cfg.registrar)
     _check_push(cfg.push)

@@ -229,7 +229,7 @@ class TsiloCollector(Collector):
         self.messages = messages
 
     def collect(self) -> Iterator[Metric]:
-        for part in (self._messages, self._sip, self._calls, self._location, self._silo):
+        for part in (self._messages, self._sip, self._calls, self._location, self._silo, self._overload):
             try:
                 yield from part()
             except Exception:  # a broken layer must not take /metrics down with it
@@ -338,6 +338,17 @@ class TsiloCollector(Collector):
             if value is not None:
                 g.add_metric([q], value)
         yield g
+
+
+    def _overload(self) -> Iterator[Metric]:
+        detector = self.parts.extra.get("overload")  # sip/overload.py, when [overload] enabled
+        if detector is None:
+            return
+        yield _gauge("overloaded", "1 while overload control refuses new INVITEs", int(detector.overloaded))
+        yield _gauge("overload_admitted_fraction", "Share of new INVITEs admitted", detector.fraction)
+        yield _gauge("reactor_lag_seconds", "How late a 100 ms timer fires, smoothed", detector.lag)
+        yield _counter("overload_episodes", "Times the server entered overload", detector.episodes)
+        yield _counter("overload_rejected_invites", "New INVITEs refused with 503 (overload)", detector.shed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -224,6 +224,8 @@ class Rpc:
         push = push_stats(p)
         if push is not None:
             out["push"] = push
+        if p.extra.get("overload") is not None:
+            out["overload"] = p.extra["overload"].stats()
         return out
 
     def health(self) -> dict[str, Any]:

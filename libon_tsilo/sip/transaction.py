@@ -115,6 +115,9 @@ class TransactionLayer:
         self._by_target: dict[tuple[str, str, int], set[tuple[Any, ...]]] = {}
         # one queue per wait-state delay (64*T1, T4, timer D): see timers.ExpiryQueue
         self._expiry: dict[float, ExpiryQueue] = {}
+        # overload control (sip/overload.py): a response for a new request refused before any
+        # transaction exists for it, sent statelessly; None lets the request in
+        self.gate: Callable[[Request], Response | None] | None = None
         transport.sink = self.inbound
         transport.on_send_error = self.send_failed
 
@@ -253,6 +256,10 @@ class TransactionLayer:
         stx = self._servers.get(key)
         if stx is not None:
             stx.request_retransmitted()
+            return
+        refusal = self.gate(req) if self.gate is not None else None
+        if refusal is not None:
+            self.transport.send_response(refusal, flow)
             return
         if self.tu is None:
             self.transport.send_response(make_response(req, 503, "Service Unavailable"), flow)

@@ -123,12 +123,37 @@ def _call_id(msg: Message) -> str | None:
         return None
 
 
+def _size_buffer(sock: socket.socket, option: int, size: int, what: str) -> None:
+    """Set a socket buffer to ``size``; past net.core.[rw]mem_max only with CAP_NET_ADMIN (FORCE).
+
+    Linux grants twice what is asked (the bookkeeping share) and reports that doubled figure."""
+    force = 33 if option == socket.SO_RCVBUF else 32  # SO_RCVBUFFORCE, SO_SNDBUFFORCE
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, option, size)
+        if sock.getsockopt(socket.SOL_SOCKET, option) // 2 < size:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, size)
+            except OSError:
+                pass  # not privileged: the cap stays
+        got = sock.getsockopt(socket.SOL_SOCKET, option) // 2
+    except OSError as e:
+        log.warn("cannot size the UDP {what} buffer: {error}", what=what, error=str(e))
+        return
+    if got < size:
+        log.warn(
+            "UDP {what} buffer is {got} bytes, not the {size} asked for: raise net.core.{sysctl}",
+            what=what, got=got, size=size, sysctl="rmem_max" if option == socket.SO_RCVBUF else "wmem_max",
+        )
+
+
 # -- protocols: thin adapters, all decisions are in TransportLayer ---------------------------------
 
 
 # A loopback datagram costs ~2 KiB of receive-buffer memory whatever its size, so the default
 # buffer (rmem_default, often 208 KiB) holds only ~100 SIP messages: any short stall of the
-# reactor under load drops the burst behind it. Ask for more (the kernel caps it at rmem_max).
+# reactor under load drops the burst behind it. Ask for more ([sip] udp_receive_buffer). Twisted's
+# udp.Port.doRead already reads until EAGAIN, at most 256 KiB per wake-up, so a burst is drained in
+# few wake-ups while streams still get their turn.
 UDP_SOCKET_BUFFER = 4 * 1024 * 1024
 
 
@@ -141,14 +166,9 @@ class _UDPProtocol(DatagramProtocol):
 
     def startProtocol(self) -> None:
         sock = getattr(self.transport, "socket", None)
-        if sock is None:
-            return
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            try:
-                if sock.getsockopt(socket.SOL_SOCKET, option) < UDP_SOCKET_BUFFER:
-                    sock.setsockopt(socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER)
-            except OSError as e:
-                log.warn("cannot enlarge the UDP socket buffer: {error}", error=str(e))
+        if sock is not None:
+            _size_buffer(sock, socket.SO_RCVBUF, self.layer.udp_receive_buffer, "receive")
+            _size_buffer(sock, socket.SO_SNDBUF, UDP_SOCKET_BUFFER, "send")
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.layer._datagram(self, data, (addr[0], addr[1]))
@@ -266,6 +286,7 @@ class TransportLayer(Service):
         tls_context_factory: Any = None,
         reactor: Any = None,
         advertised_host: str | None = None,
+        udp_receive_buffer: int = UDP_SOCKET_BUFFER,
     ) -> None:
         self.specs = [parse_listen_spec(s) for s in listen]
         if any(s.transport == "tls" for s in self.specs) and tls_context_factory is None:
@@ -277,6 +298,7 @@ class TransportLayer(Service):
         self.reactor = reactor
         self.clock = clock
         self.max_message_size = max_message_size
+        self.udp_receive_buffer = udp_receive_buffer
         self.tls_context_factory = tls_context_factory
         self.advertised_host = advertised_host or None
         self.flows = FlowTable(clock, flow_idle_timeout)

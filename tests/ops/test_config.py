@@ -328,3 +328,31 @@ def test_config_is_frozen():
     cfg = default_config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.sip.t1_ms = 1  # type: ignore[misc]
+
+
+# --- [overload] and [sip] udp_receive_buffer (issue 11, item 13) -------------------------------
+
+
+def test_overload_defaults_suit_a_real_server():
+    cfg = default_config()
+    assert cfg.overload.enabled
+    assert (cfg.overload.enter_lag_ms, cfg.overload.leave_lag_ms) == (100, 20)
+    assert (cfg.overload.max_transactions, cfg.overload.retry_after) == (0, 5)
+    assert cfg.sip.udp_receive_buffer == 4 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"overload": {"enter_lag_ms": 0}}, "overload.enter_lag_ms: must be >= 1, got 0"),
+        ({"overload": {"leave_lag_ms": -1}}, "overload.leave_lag_ms: must be >= 0, got -1"),
+        ({"overload": {"leave_lag_ms": 100}}, "overload.leave_lag_ms: must be < overload.enter_lag_ms (100)"),
+        ({"overload": {"retry_after": 0}}, "overload.retry_after: must be >= 1, got 0"),
+        ({"overload": {"max_transactions": -5}}, "overload.max_transactions: must be >= 0, got -5"),
+        ({"overload": {"enabled": "yes"}}, 'overload.enabled: expected a boolean, got string "yes"'),
+        ({"overload": {"shed": 1}}, "overload.shed: unknown key"),
+        ({"sip": {"udp_receive_buffer": 1000}}, "sip.udp_receive_buffer: must be >= 65536, got 1000"),
+    ],
+)
+def test_overload_bad_values(data, expected):
+    assert error_of(data) == expected

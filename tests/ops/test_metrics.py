@@ -196,3 +196,28 @@ def test_our_registry_is_not_the_global_one(tmp_path):
     registry = make_registry(root.parts, None, push=PushMetrics())
     assert registry is not GLOBAL_REGISTRY
     assert b"process_cpu_seconds_total" not in render(registry)
+
+
+def test_overload_metrics(tmp_path):
+    root, clock = build(tmp_path=tmp_path)
+    detector = root.parts.extra["overload"]
+    registry = make_registry(root.parts, None, push=PushMetrics())
+    calm = samples(registry)
+    assert calm[("libon_tsilo_overloaded", ())] == 0
+    assert calm[("libon_tsilo_overload_admitted_fraction", ())] == 1.0
+    assert calm[("libon_tsilo_overload_rejected_invites_total", ())] == 0
+    detector.start()
+    clock.advance(0.1 + 0.5)  # one tick, 0.5 s late
+    detector.fraction = 0.0
+    assert not detector.admit() and not detector.admit()
+    hot = samples(registry)
+    detector.stop()
+    assert hot[("libon_tsilo_overloaded", ())] == 1
+    assert hot[("libon_tsilo_overload_admitted_fraction", ())] == 0.0
+    assert hot[("libon_tsilo_reactor_lag_seconds", ())] == pytest.approx(0.15)
+    assert hot[("libon_tsilo_overload_episodes_total", ())] == 1
+    assert hot[("libon_tsilo_overload_rejected_invites_total", ())] == 2
+    from libon_tsilo.ops.rpc import Rpc
+
+    stats = Rpc(root.parts, root).call("stats")["overload"]
+    assert (stats["state"], stats["shed"], stats["admitted_fraction"]) == ("overloaded", 2, 0.0)
