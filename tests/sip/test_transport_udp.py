@@ -296,3 +296,20 @@ async def test_response_follows_the_arrival_transport_not_the_via(harness, peer)
     h.layer.send_response(make_response(msg, 200), flow)
     data, _ = await client.next()
     assert parse_message(data).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_udp_receive_buffer_is_the_configured_size() -> None:
+    # [sip] udp_receive_buffer: a burst waits in the kernel instead of being dropped (issue 11, item 13)
+    import socket
+
+    sizes = {}
+    for size in (256 * 1024, 1024 * 1024):
+        layer = TransportLayer(["udp:127.0.0.1:0"], Clock(), 60, 4096, udp_receive_buffer=size)
+        layer.startService()
+        try:
+            sock = layer._udp[0].transport.socket
+            sizes[size] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # Linux doubles it
+        finally:
+            await layer.stopService()
+    assert sizes == {256 * 1024: 256 * 1024, 1024 * 1024: 1024 * 1024}
