@@ -241,6 +241,8 @@ class Rpc:
             out["listening"] = [str(b) for b in getattr(p.transport, "bound", [])]
         if p.b2bua is not None:
             out["calls"] = len(p.b2bua.calls)
+        if p.extra.get("overload") is not None:
+            out["overload"] = p.extra["overload"].stats()["state"]
         return out
 
 

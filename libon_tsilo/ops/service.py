@@ -446,6 +446,7 @@ def _add_overload(root: LibonTsiloService, parts: Parts) -> None:
     detector.setName("overload")
     detector.setServiceParent(root)
     parts.transactions.gate = OverloadGate(detector, retry_after=cfg.retry_after)
+    parts.transport.on_queue_delay = detector.observe_delay
     parts.extra["overload"] = detector
 
 

@@ -8,9 +8,15 @@ BYE, every in-dialog request (To tag) and every response keep going through.
 
 Two signals, sampled by one timer on the injected clock every ``interval`` seconds:
 
-- reactor lag: how late the timer itself fires. While the reactor is busy with a burst of
-  datagrams nothing else runs, so its lateness is the time a message waits behind the others. The
-  samples are smoothed (EWMA) so that one slow tick does not flip the state.
+- lag: how long a message waits before it is handled. Two measures of it, the larger counts: how
+  late the timer itself fires (while the reactor works through a burst nothing else runs), and how
+  long the oldest datagram of each UDP wake-up waited in the kernel (``observe_delay``, fed by the
+  transport from the kernel's arrival stamps). The second matters most: the reactor reads at most
+  256 KiB per wake-up and then runs its timers, so under a flood the timer is only one read batch
+  late while seconds of datagrams queue in the socket buffer, where SIP peers retransmit into it.
+  Each sample is capped at 3 * ``enter_lag`` and the samples are smoothed (EWMA, weight 0.3): one
+  isolated stall (a full garbage collection, a VM pause, a wall-clock step) never trips the
+  detector, two late ticks in a row do.
 - work-queue depth: the live transactions, against ``max_transactions`` (0 = no bound). It bounds
   the memory a flood can pin when the lag alone does not show it (the transactions of parked calls
   wait for long without costing CPU).
@@ -51,7 +57,7 @@ _SMOOTHING = 0.3  # EWMA weight of the newest lag sample: ~3 ticks to follow a c
 _DECREASE = 0.7  # admitted fraction kept per tick under pressure (0.1 s ticks: halved in 0.2 s)
 _INCREASE = 0.1  # admitted fraction added per calm tick: from nothing back to all in 1 s
 _FLOOR = 0.02  # a fraction under this is 0: the multiplicative decrease would never reach it
-_MAX_SAMPLE = 1.0  # seconds: a longer sample is a suspended VM or a wall-clock step, not load
+_CAP = 3.0  # a lag sample counts as at most this many enter_lags (see the module docstring)
 _LOG_EVERY = 10.0  # seconds: at most one episode start logged per this, while the state flaps
 
 
@@ -87,6 +93,7 @@ class OverloadDetector(Service):
         self.admitted = 0  # new calls admitted while overloaded
         self.shed = 0  # new calls refused
         self._credit = 0.0
+        self._queue_delay = 0.0  # the worst observe_delay() since the last tick
         self._due = 0.0
         self._timer: IDelayedCall | None = None
         self._since = 0.0  # when the current state began
@@ -120,10 +127,11 @@ class OverloadDetector(Service):
 
     def _tick(self) -> None:
         now = self.clock.seconds()
-        sample = min(max(0.0, now - self._due), _MAX_SAMPLE)
+        sample = max(now - self._due, self._queue_delay, 0.0)
+        self._queue_delay = 0.0
         self._schedule()
         self.max_lag = max(self.max_lag, sample)
-        self.lag += _SMOOTHING * (sample - self.lag)
+        self.lag += _SMOOTHING * (min(sample, _CAP * self.enter_lag) - self.lag)
         deep = self.max_depth > 0 and self.depth is not None and self.depth() >= self.max_depth
         if self.lag >= self.enter_lag or deep:
             self.fraction *= _DECREASE
@@ -160,6 +168,11 @@ class OverloadDetector(Service):
             cause=cause, lag_ms=self.lag * 1000,
             also=f" (+{skipped} short episode(s) not logged)" if skipped else "",
         )
+
+    def observe_delay(self, seconds: float) -> None:
+        """A message waited ``seconds`` before the server read it (the transport's ``on_queue_delay``)."""
+        if seconds > self._queue_delay:
+            self._queue_delay = seconds
 
     # -- the decision ------------------------------------------------------------------------------
 

@@ -45,13 +45,17 @@ from __future__ import annotations
 import functools
 import ipaddress
 import socket
+import struct
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import defer, error
+from twisted.internet import defer, error, udp
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory, DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -182,6 +186,50 @@ class _UDPProtocol(DatagramProtocol):
             raise TransportError(f"UDP send to {addr[0]}:{addr[1]} failed: {e}") from e
 
 
+# Linux stamps each datagram with its arrival time when SO_TIMESTAMPNS is on (SCM_TIMESTAMPNS has the
+# same number): the oldest datagram's wait is the queueing delay a reactor timer cannot see, as
+# the timer runs after one read batch however long the queue behind it is.
+_SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("@ll")
+
+
+class _UDPPort(udp.Port):
+    """Twisted's UDP port, telling ``on_queue_delay`` how long the first datagram of each wake-up
+    (the oldest one queued) waited in the kernel; Twisted's own loop then reads the rest."""
+
+    on_queue_delay: Callable[[float], None] | None = None
+    _stamped = False
+
+    def startListening(self) -> None:
+        super().startListening()
+        if sys.platform.startswith("linux"):
+            try:
+                self.socket.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+                self._stamped = True
+            except OSError:
+                pass
+
+    def doRead(self) -> None:
+        if self._stamped and self.on_queue_delay is not None:
+            self._read_oldest(self.on_queue_delay)
+        super().doRead()
+
+    def _read_oldest(self, report: Callable[[float], None]) -> None:
+        try:
+            data, ancdata, _flags, addr = self.socket.recvmsg(self.maxPacketSize, 64)
+        except OSError:
+            return  # EAGAIN, or an ICMP error: Twisted's loop deals with what follows
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(payload) >= _TIMESPEC.size:
+                sec, nsec = _TIMESPEC.unpack_from(payload)
+                # the kernel stamps with the wall clock: compare with the wall clock
+                report(max(0.0, time.time() - sec - nsec / 1e9))
+        try:
+            self.protocol.datagramReceived(data, addr[:2])
+        except Exception:
+            log.failure("UDP datagram handling failed")
+
+
 @implementer(IHandshakeListener)
 class _StreamProtocol(Protocol):
     """One TCP or TLS connection, inbound or outbound."""
@@ -304,6 +352,8 @@ class TransportLayer(Service):
         self.flows = FlowTable(clock, flow_idle_timeout)
         self.sink: Sink = self._no_sink
         self.on_send_error: SendErrorCallback | None = None
+        # told, per UDP wake-up, how long the oldest queued datagram waited (overload control)
+        self.on_queue_delay: Callable[[float], None] | None = None
         self.bound: list[tuple[str, str, int]] = []
         self._ports: list[Any] = []
         self._udp: list[_UDPProtocol] = []
@@ -324,7 +374,7 @@ class TransportLayer(Service):
     def _listen(self, spec: ListenSpec) -> None:
         if spec.transport == "udp":
             proto = _UDPProtocol(self, spec)
-            port = self.reactor.listenUDP(spec.port, proto, interface=spec.host, maxPacketSize=65535)
+            port = self._listen_udp(spec, proto)
         elif spec.transport == "tcp":
             port = self.reactor.listenTCP(spec.port, _ServerFactory(self, "tcp"), interface=spec.host)
         else:
@@ -342,6 +392,14 @@ class TransportLayer(Service):
             self._udp.append(proto)
             self._udp_by_local[proto.local] = proto
         log.info("listening on {spec}", spec=f"{spec.transport}:{host}:{addr.port}")
+
+    def _listen_udp(self, spec: ListenSpec, proto: _UDPProtocol) -> Any:
+        if not isinstance(self.reactor, PosixReactorBase):  # a test double: its own listenUDP
+            return self.reactor.listenUDP(spec.port, proto, interface=spec.host, maxPacketSize=65535)
+        port = _UDPPort(spec.port, proto, spec.host, 65535, self.reactor)
+        port.on_queue_delay = self.on_queue_delay
+        port.startListening()
+        return port
 
     def stopService(self) -> defer.Deferred[Any]:
         super().stopService()

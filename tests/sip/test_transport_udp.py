@@ -313,3 +313,28 @@ async def test_udp_receive_buffer_is_the_configured_size() -> None:
         finally:
             await layer.stopService()
     assert sizes == {256 * 1024: 256 * 1024, 1024 * 1024: 1024 * 1024}
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_delay_of_the_oldest_datagram_is_reported(harness, peer) -> None:
+    # overload control (issue 11, item 13): how long a datagram waited in the kernel, from its arrival
+    # stamp; here the reactor is kept busy for 50 ms after the datagram arrived, as a burst would
+    import time
+
+    delays: list[float] = []
+    clock = Clock()
+    layer = TransportLayer(["udp:127.0.0.1:0"], clock, 60, 4096)
+    layer.on_queue_delay = delays.append
+    inbox: DeferredQueue = DeferredQueue()
+    layer.sink = lambda msg, flow: inbox.put(msg)
+    layer.startService()
+    try:
+        client, _ = peer()
+        server = next((host, port) for t, host, port in layer.bound if t == "udp")
+        client.transport.write(sip_request("OPTIONS"), server)
+        time.sleep(0.05)  # the reactor cannot read meanwhile: a lower bound on the wait, not a timing guess
+        msg = await wait(inbox.get())
+        assert msg.method == "OPTIONS"
+        assert len(delays) == 1 and 0.05 <= delays[0] < 5.0, delays
+    finally:
+        await layer.stopService()
