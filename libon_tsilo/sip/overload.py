@@ -47,9 +47,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from libon_tsilo.sip.errors import ParseError
-from libon_tsilo.sip.message import Request, Response, make_response
+from libon_tsilo.sip.message import Request, Response, make_response, parse_message
 
-__all__ = ["OverloadDetector", "OverloadGate", "stateless_503"]
+__all__ = ["OverloadDetector", "OverloadGate", "EarlyShedder", "stateless_503"]
 
 log = Logger()
 
@@ -58,6 +58,7 @@ _DECREASE = 0.7  # admitted fraction kept per tick under pressure (0.1 s ticks: 
 _INCREASE = 0.1  # admitted fraction added per calm tick: from nothing back to all in 1 s
 _FLOOR = 0.02  # a fraction under this is 0: the multiplicative decrease would never reach it
 _CAP = 3.0  # a lag sample counts as at most this many enter_lags (see the module docstring)
+_TAG_PREFIX = "ovl"  # our stateless 503s' To tags; dialog tags are hex (message.new_tag)
 _LOG_EVERY = 10.0  # seconds: at most one episode start logged per this, while the state flaps
 
 
@@ -176,6 +177,10 @@ class OverloadDetector(Service):
 
     # -- the decision ------------------------------------------------------------------------------
 
+    def would_admit(self) -> bool:
+        """What ``admit()`` would answer now, without counting it."""
+        return not self.overloaded or self._credit + self.fraction >= 1.0
+
     def admit(self) -> bool:
         """May one more new call start now? Counts the answer."""
         if not self.overloaded:
@@ -216,6 +221,56 @@ class OverloadGate:
         return stateless_503(request, self.retry_after)
 
 
+class EarlyShedder:
+    """The UDP transport's ``early`` hook: the cheapest refusal, before the full parse and checks.
+
+    While overloaded, a datagram that starts with ``INVITE`` is parsed lazily (start line, header
+    split, then only the To tag and the top Via); a new INVITE the detector refuses gets the 503's
+    bytes back, to send to the datagram's source, as the transport answers unparseable input.
+    A retransmission of an INVITE accepted earlier (``accepted(request)``: its transaction exists)
+    goes on to that transaction. An ACK whose To tag is one of our stateless 503s' is dropped at
+    once (b""): nothing would match it anyway. Anything else, or anything that does not parse
+    cleanly, gets None and takes the normal path (where OverloadGate decides, and a 400 is formed).
+    This is the path of almost every refusal under a UDP flood, so it is kept short: shedding an
+    INVITE costs about a tenth of what the full path costs.
+    """
+
+    def __init__(
+        self, detector: OverloadDetector, retry_after: int, accepted: Callable[[Request], bool]
+    ) -> None:
+        self.detector = detector
+        self.retry_after = retry_after
+        self.accepted = accepted
+
+    def __call__(self, data: bytes) -> bytes | None:
+        detector = self.detector
+        if not detector.overloaded:
+            return None
+        if data.startswith(b"ACK "):
+            return self._our_ack(data)
+        if not data.startswith(b"INVITE ") or detector.would_admit():
+            return None
+        try:
+            request = parse_message(data)
+            if not isinstance(request, Request) or request.to.tag is not None or self.accepted(request):
+                return None
+            answer = stateless_503(request, self.retry_after).to_bytes()
+        except ParseError:
+            return None
+        detector.admit()  # counts the refusal
+        return answer
+
+    @staticmethod
+    def _our_ack(data: bytes) -> bytes | None:
+        if b"tag=" + _TAG_PREFIX.encode() not in data:
+            return None
+        try:
+            tag = parse_message(data).to.tag
+        except ParseError:
+            return None
+        return b"" if tag is not None and tag.startswith(_TAG_PREFIX) else None
+
+
 def stateless_503(request: Request, retry_after: int) -> Response:
     """503 Service Unavailable with Retry-After, for a request answered without a transaction.
 
@@ -231,4 +286,5 @@ def _stateless_tag(request: Request) -> str:
         identity = f"{request.call_id}\0{request.from_.tag}\0{request.branch}\0{request.cseq.seq}"
     except ParseError:  # validate() read these already; a tag must still come out
         identity = request.raw_uri
-    return hashlib.blake2s(identity.encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
+    digest = hashlib.blake2s(identity.encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
+    return _TAG_PREFIX + digest

@@ -134,6 +134,10 @@ class TransactionLayer:
     def client_count(self) -> int:
         return len(self._clients)
 
+    def has_server_transaction(self, req: Request) -> bool:
+        """Is ``req`` a retransmission, i.e. does its server transaction exist?"""
+        return server_key(req, req.method) in self._servers
+
     def forget(self, txn: TransactionBase) -> None:
         if isinstance(txn, ClientTransaction):
             if self._clients.get(txn.key) is txn:

@@ -352,8 +352,11 @@ class TransportLayer(Service):
         self.flows = FlowTable(clock, flow_idle_timeout)
         self.sink: Sink = self._no_sink
         self.on_send_error: SendErrorCallback | None = None
-        # told, per UDP wake-up, how long the oldest queued datagram waited (overload control)
+        # overload control (sip/overload.py): told, per UDP wake-up, how long the oldest queued
+        # datagram waited; ``early`` sees each datagram before the parse: bytes to answer its
+        # source with, b"" to drop it, None to handle it as usual
         self.on_queue_delay: Callable[[float], None] | None = None
+        self.early: Callable[[bytes], bytes | None] | None = None
         self.bound: list[tuple[str, str, int]] = []
         self._ports: list[Any] = []
         self._udp: list[_UDPProtocol] = []
@@ -489,6 +492,15 @@ class TransportLayer(Service):
         if len(data) > self.max_message_size:
             log.warn("dropping a {n}-byte datagram from {addr} (max_message_size)", n=len(data), addr=addr)
             return
+        if self.early is not None:
+            answer = self.early(data)
+            if answer is not None:
+                if answer:
+                    try:
+                        proto.send_to(answer, addr)
+                    except TransportError as e:
+                        log.warn("cannot answer {addr}: {err}", addr=addr, err=e)
+                return
         flow = self._udp_flow(proto, (_norm_host(addr[0]), addr[1]))
         if data[:1] == b"\r" and not data.strip(b"\r\n"):
             return  # CRLF keep-alive over UDP: refreshing the flow is all it asks for

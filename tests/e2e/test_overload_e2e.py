@@ -4,8 +4,9 @@ The overload is forced cheaply and deterministically with ``[overload] max_trans
 OPTIONS that proc.py sends to see the server up leaves its transaction in Completed for 64*T1, so
 the work queue is "deep" from the first tick on. The test waits on the admin RPC until no new
 INVITE is admitted any more, then checks with a small UA (no SIPp) that a new INVITE gets a 503
-with Retry-After and no 100 Trying (no transaction: the same To tag on a retransmission), while
-REGISTER and OPTIONS still get 200 and no call was created. The heavy 2x-capacity run is
+with Retry-After and no 100 Trying (no transaction: the same To tag on a retransmission), over UDP
+(the transport's early path) and over TCP (the transaction layer's gate), while REGISTER and
+OPTIONS still get 200 and no call was created. The heavy 2x-capacity run is
 bench/overload.py, not a test.
 """
 
@@ -20,10 +21,10 @@ from tests.e2e.proc import HOST, ServerProcess, admin_rpc, free_port
 from tests.e2e.test_registrar_e2e import Reply, SipClient, parse
 
 
-def invite(server: ServerProcess, port: int, branch: str, call_id: str) -> bytes:
+def invite(server: ServerProcess, port: int, branch: str, call_id: str, transport: str = "UDP") -> bytes:
     return (
         f"INVITE sip:bob@{HOST}:{server.sip_port} SIP/2.0\r\n"
-        f"Via: SIP/2.0/UDP {HOST}:{port};branch={branch};rport\r\n"
+        f"Via: SIP/2.0/{transport} {HOST}:{port};branch={branch};rport\r\n"
         "Max-Forwards: 70\r\n"
         f"From: <sip:caller@{HOST}:{port}>;tag=c1\r\n"
         f"To: <sip:bob@{HOST}>\r\n"
@@ -92,6 +93,16 @@ def test_new_invites_get_503_while_register_and_options_get_200(start_sip_server
         assert again.status == 503 and again.first("To").split("tag=")[1] == to_tag
         sock.sendto(ack(server, port, branch, call_id, to_tag), (HOST, server.sip_port))
 
+    # over TCP the refusal comes from the transaction layer's gate (the early path is UDP's)
+    tcp = SipClient(server, transport="tcp")
+    try:
+        tcp.send(invite(server, tcp.port, "z9hG4bK" + uuid.uuid4().hex[:12], uuid.uuid4().hex, "TCP"))
+        refused = tcp.receive()
+        assert isinstance(refused, Reply) and refused.status == 503, refused.raw
+        assert refused.first("Retry-After") == "3"
+    finally:
+        tcp.close()
+
     client = SipClient(server)
     try:
         assert client.register("alice").status == 200
@@ -105,14 +116,14 @@ def test_new_invites_get_503_while_register_and_options_get_200(start_sip_server
         client.close()
 
     stats = admin_rpc(server, "stats")
-    assert stats["overload"]["shed"] == 2
+    assert stats["overload"]["shed"] == 3
     assert stats["calls"]["calls"] == 0 and stats["calls"].get("total_calls", 0) == 0
     assert stats["tsilo"]["stored_transactions"] == 0
-    # the ACK of the 503 reached the router as a stray ACK: nothing else was created for the call
+    # the UDP INVITE and its ACK never went further than the early path; no INVITE reached the router
     assert stats["sip"]["requests_in"].get("INVITE", 0) == 0
+    assert stats["sip"]["requests_in"].get("ACK", 0) == 0
     with urllib.request.urlopen(f"http://{HOST}:{admin_port}/metrics", timeout=5) as resp:
         metrics = resp.read().decode()
     assert "libon_tsilo_overloaded 1.0" in metrics
-    assert "libon_tsilo_overload_rejected_invites_total 2.0" in metrics
-    assert 'libon_tsilo_sip_responses_sent_total{code="503",method="INVITE"} 2.0' in metrics
+    assert "libon_tsilo_overload_rejected_invites_total 3.0" in metrics
     assert "overload: queue depth" in server.output()

@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
 from libon_tsilo.sip.message import parse_message
-from libon_tsilo.sip.overload import OverloadDetector, OverloadGate, stateless_503
+from libon_tsilo.sip.overload import EarlyShedder, OverloadDetector, OverloadGate, stateless_503
 from tests.sip.fakes import Env, FakeFlow, request_text
 
 INTERVAL = 0.1
@@ -275,3 +275,76 @@ def test_transaction_layer_keeps_registers_and_accepted_invites_under_overload()
     env.feed(request_text("BYE", branch="z9hG4bKbye", call_id="dlg-1", to_tag="t1"), flow)
     assert env.transport.statuses() == [100, 100]  # the first INVITE's Trying, then resent
     assert [r.method for r, _, _ in env.tu.requests] == ["INVITE", "REGISTER", "OPTIONS", "BYE"]
+
+
+# -- the early path: refused on the UDP datagram's bytes, before the full parse --------------------
+
+
+def early(accepted=lambda req: False, fraction: float = 0.0) -> tuple[EarlyShedder, OverloadDetector]:
+    _, d = gate_overloaded(fraction)
+    return EarlyShedder(d, retry_after=7, accepted=accepted), d
+
+
+def test_early_path_answers_a_new_invite_with_the_503_bytes():
+    shed, d = early()
+    answer = shed(request_text("INVITE").encode())
+    resp = parse_message(answer)
+    assert resp.status == 503 and resp.header("Retry-After") == "7"
+    assert resp.to.tag.startswith("ovl") and resp.call_id == "call-1@example.net"
+    assert resp.top_via.branch == "z9hG4bKtest1"
+    assert d.shed == 1
+    assert shed(request_text("INVITE").encode()) == answer  # a retransmission: the same bytes
+
+
+def test_early_path_leaves_everything_else_to_the_normal_path():
+    shed, d = early()
+    for data in (
+        request_text("REGISTER"), request_text("OPTIONS"), request_text("BYE", to_tag="t1"),
+        request_text("INVITE", to_tag="t1"),  # a re-INVITE
+        request_text("ACK", to_tag="abc123", cseq_method="ACK"),  # an ACK for a dialog of ours
+        "INVITE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1\r\n"
+        "CSeq: x INVITE\r\n\r\n",  # malformed: the normal path answers 400
+    ):
+        assert shed(data.encode()) is None, data
+    assert d.shed == 0
+
+
+def test_early_path_lets_a_retransmitted_accepted_invite_reach_its_transaction():
+    seen = []
+    shed, d = early(accepted=lambda req: seen.append(req.branch) or True)
+    assert shed(request_text("INVITE").encode()) is None
+    assert seen == ["z9hG4bKtest1"] and d.shed == 0
+
+
+def test_early_path_drops_the_ack_of_a_stateless_503():
+    shed, _ = early()
+    tag = parse_message(shed(request_text("INVITE").encode())).to.tag
+    assert shed(request_text("ACK", to_tag=tag, cseq_method="ACK").encode()) == b""
+
+
+def test_early_path_does_nothing_when_not_overloaded_and_agrees_with_the_gate_on_credit():
+    clock = Clock()
+    d = detector(clock)
+    shed = EarlyShedder(d, 7, accepted=lambda req: False)
+    assert shed(request_text("INVITE").encode()) is None
+    overload(clock, d)
+    d.fraction = 0.5
+    gate = OverloadGate(d, retry_after=7)
+    # every 2nd INVITE is admitted: the early path lets it through without counting it, and the
+    # gate (the normal path, after the transaction lookup) admits it
+    outcomes = []
+    for n in range(6):
+        data = request_text("INVITE", branch=f"z9hG4bKn{n}", call_id=f"c{n}").encode()
+        answer = shed(data)
+        outcomes.append("503" if answer else ("admitted" if gate(parse_message(data)) is None else "gate-503"))
+    assert outcomes == ["503", "admitted"] * 3
+    assert (d.shed, d.admitted) == (3, 3)
+
+
+def test_early_path_finds_accepted_invites_in_the_real_transaction_table():
+    env = Env()
+    env.feed(request_text("INVITE", branch="z9hG4bKearly"), FakeFlow())
+    _, d = gate_overloaded()
+    shed = EarlyShedder(d, 7, env.layer.has_server_transaction)
+    assert shed(request_text("INVITE", branch="z9hG4bKearly").encode()) is None
+    assert shed(request_text("INVITE", branch="z9hG4bKnew", call_id="new").encode()) is not None

@@ -338,3 +338,27 @@ async def test_queue_delay_of_the_oldest_datagram_is_reported(harness, peer) -> 
         assert len(delays) == 1 and 0.05 <= delays[0] < 5.0, delays
     finally:
         await layer.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_early_hook_answers_the_source_or_drops_before_the_parse(harness, peer) -> None:
+    # overload control (issue 11, item 13): the hook sees the raw datagram first
+    h = harness()
+    seen: list[bytes] = []
+
+    def early(data: bytes) -> bytes | None:
+        seen.append(data)
+        if b"call-refuse" in data:
+            return b"SIP/2.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+        return b"" if b"call-drop" in data else None
+
+    h.layer.early = early
+    client, _ = peer()
+    server = h.addr()
+    client.transport.write(sip_request("INVITE", call_id="call-refuse"), server)
+    assert (await client.next())[0].startswith(b"SIP/2.0 503 ")
+    client.transport.write(sip_request("OPTIONS", call_id="call-drop"), server)
+    client.transport.write(sip_request("OPTIONS", call_id="call-pass"), server)
+    msg, _ = await h.next()
+    assert msg.call_id == "call-pass" and len(seen) == 3  # the other two never reached the sink
+    assert h.layer.flows.live_count() == 1  # only the datagram that went on made a flow
