@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import socket
@@ -131,7 +132,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     calls = int(args.rate * args.duration)
     admin_port = free_port(udp_too=False)
     server: BenchServer = start_bench_server(workdir / "server", {
-        "calls": {"ring_timeout": 30, "invite_cancel_grace": 0},
+        # a call the device has not answered 10 s after its INVITE will never be (it REGISTERs 0.5 s
+        # after): ended by then, it is not counted as left behind 64*T1 after the load
+        "calls": {"ring_timeout": 10, "invite_cancel_grace": 0},
         "admin": {"listen": f"tcp:{admin_port}:interface={HOST}"},
         "overload": {"enabled": not args.no_control},
         "log": {"level": "warn", "format": "text"},
@@ -143,6 +146,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         caller_args, caller_stats, caller_port = latefork.sipp_command(
             server, "bench_overload_caller.xml", workdir, "caller", calls=calls, rate=args.rate,
             prefix="ov-", limit=limit)
+        caller_args += ["-default_behaviors", "-bye"]  # a call that got a 503 sends no BYE on its abort
         device_args, device_stats, device_port = latefork.sipp_command(
             server, "bench_device_register.xml", workdir, "device", calls=calls, rate=args.rate,
             prefix="ov-", limit=limit * 4, ooc="bench_device_answer.xml", pause_ms=2000)
@@ -184,6 +188,17 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         print(f"  waiting 64*T1 after the last SIP message ({64 * T1 + 1:.0f} s) ...")
         time.sleep(64 * T1 + 1.0)
         after = admin_rpc(admin_port, "stats")
+        after["transaction_states"] = server.stats().get("transactions")
+        drained = None  # if something was left: how long until it was gone
+        while time.monotonic() < probe_done + 64 * T1 + 60:
+            now = admin_rpc(admin_port, "stats")
+            if args.trace:
+                print(f"    +{time.monotonic() - probe_done:.0f} s: {now['transactions']}, "
+                      f"{now['calls']['calls']} calls")
+            if now["calls"]["calls"] == 0 and now["transactions"]["live"] == 0:
+                drained = time.monotonic() - probe_done
+                break
+            time.sleep(2.0)
     finally:
         if probe.is_alive():
             probe.stop()
@@ -197,16 +212,19 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "elapsed": sipp_run_seconds(cs), "steady": steady,
         "retrans": int(cs.get("Retransmissions(C)", 0)) + int(ds.get("Retransmissions(C)", 0)),
         "drops": drops, "cpu": cpu, "started": started, "load_end": load_end, "probe_done": probe_done,
-        "probes": probe.samples(), "states": states, "after": after,
+        "probes": probe.samples(), "states": states, "after": after, "drained": drained,
+        "refused_calls": int(cs.get("FailedTimeoutOnRecv(C)", 0)),
     }
 
 
 def report(r: dict[str, Any], args: argparse.Namespace) -> None:
     after = r["after"]
     overload = after.get("overload") or {}
-    sent_503 = (after.get("sip", {}).get("messages", {}).get("responses_out", {}) or {}).get("INVITE 503", 0)
+    # every 503 of overload control, the early path's too (the message counters see the normal path only)
+    sent_503 = overload.get("shed", 0)
     load = r["load_end"] - r["started"]
-    print(f"  caller: {r['ok']} of {r['calls']} calls completed, {r['failed']} failed; SIPp made its last "
+    print(f"  caller: {r['ok']} of {r['calls']} calls completed, {r['failed']} failed ({r['refused_calls']} "
+          f"on a 503); SIPp made its last "
           f"call {load:.0f} s after its start (1 s rows) and ran {r['elapsed'] or 0:.1f} s; server CPU "
           f"{r['cpu']:.1f} s")
     steady = r["steady"][0] if r["steady"] else 0.0
@@ -214,8 +232,8 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
         _, since, until = r["steady"]
         print(f"  during the overload: {steady:.0f} calls/s completed (SIPp's 1 s rows, {since:.1f} s "
               f"to {until:.1f} s)")
-    print(f"  503 sent: {sent_503} ({overload.get('shed', 0)} new INVITEs refused by overload control, "
-          f"{overload.get('episodes', 0)} episode(s), worst lag {overload.get('max_lag_ms', 0):.0f} ms)")
+    print(f"  503 sent by overload control: {sent_503} (retransmitted INVITEs included), "
+          f"{overload.get('episodes', 0)} episode(s), worst lag {overload.get('max_lag_ms', 0):.0f} ms")
     print(f"  SIPp retransmissions (caller + device): {r['retrans']}; datagrams dropped by the server's "
           f"socket: {r['drops']}")
     during = [lat for t, lat in r["probes"] if r["started"] <= t < r["load_end"]]
@@ -237,9 +255,13 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
     state_normal = max(hot) + 0.1 if hot else 0.0
     print(f"  server's overload state normal for good {state_normal:.1f} s after the load stopped")
     calls = (after.get("calls") or {}).get("calls")
+    by_state = (after.get("calls") or {}).get("by_state") or {}
     silo = (after.get("tsilo") or {}).get("stored_transactions")
     txns = (after.get("transactions") or {}).get("live")
-    print(f"  left 64*T1 after the last SIP message: {calls} calls, {silo} silo entries, {txns} transactions")
+    split = {k: v for k, v in (after.get("transactions") or {}).items() if k != "live"}
+    gone = f"; all gone {r['drained']:.0f} s after" if r["drained"] else ""
+    print(f"  left 64*T1 after the last SIP message: {calls} calls {by_state}, {silo} silo entries, "
+          f"{txns} transactions {split} {after.get('transaction_states')}{gone}")
     print(f"RESULT overload control {'off' if args.no_control else 'on'}, {args.rate:g} calls/s offered for "
           f"{args.duration:g} s: {steady:.0f} calls/s completed, {sent_503} x 503, OPTIONS worst "
           f"{worst:.0f} ms ({lost} lost), normal {normal_at:.1f} s after, left {calls}/{silo}/{txns} "
@@ -252,11 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of load")
     ap.add_argument("--delay-ms", type=int, default=500, help="REGISTER this long after the INVITE")
     ap.add_argument("--no-control", action="store_true", help="run with [overload] enabled = false")
+    ap.add_argument("--trace", action="store_true", help="print what is left every 2 s after the load")
     ap.add_argument("--no-pin", action="store_true", help="do not pin the server to CPU 0 and SIPp to CPU 1")
     ap.add_argument("--keep", type=Path, help="keep the logs in this directory (default: a temp dir)")
     args = ap.parse_args(argv)
     latefork.PIN = not args.no_pin
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
+    print(f"load average before the run: {' '.join(Path('/proc/loadavg').read_text().split()[:3])} "
+          f"({os.cpu_count()} CPUs)")
     base = args.keep or Path(tempfile.mkdtemp(prefix="overload-"))
     base.mkdir(parents=True, exist_ok=True)
     try:

@@ -23,11 +23,15 @@ Two signals, sampled by one timer on the injected clock every ``interval`` secon
 
 The decision is a fraction of new INVITEs admitted, not all-or-nothing, so that the server keeps
 completing about its capacity of calls during an overload instead of swinging between accepting
-everything and nothing: each tick under pressure (lag >= ``enter_lag``, or the queue at its bound)
-multiplies the fraction by ``_DECREASE``; each tick with lag <= ``leave_lag`` and the queue under its
-bound adds ``_INCREASE``; in between (the hysteresis band) it holds. The state is "overloaded" from
-the first tick under pressure until the fraction is back at 1. Which INVITEs pass is decided by a
-credit counter (no random draw), so a fraction of 0.25 admits exactly every 4th INVITE.
+everything and nothing. It is an AIMD loop around ``enter_lag``: each tick under pressure (lag >=
+``enter_lag``, or the queue at its bound) multiplies the fraction by ``_DECREASE``; each tick under
+``enter_lag`` adds ``_INCREASE / 2``, or ``_INCREASE`` at or under ``leave_lag``, so the lag settles
+near ``enter_lag`` with as many calls admitted as that allows. (Holding the fraction while the lag
+is between the two thresholds would stick it at 0 when the work that is never refused, REGISTERs
+and the calls already accepted, keeps the lag there on its own.) The hysteresis is in the state:
+"overloaded" from the first tick under pressure until the fraction is back at 1 with the lag at or
+under ``leave_lag``. Which INVITEs pass is decided by a credit counter (no random draw), so a
+fraction of 0.25 admits exactly every 4th INVITE.
 
 A refused INVITE gets a 503 with ``Retry-After`` from :func:`stateless_503`, sent without a
 transaction (RFC 3261 §8.2.7, stateless UAS): a retransmitted INVITE gets the same answer again
@@ -141,9 +145,11 @@ class OverloadDetector(Service):
             if not self.overloaded:
                 cause = "reactor lag" if self.lag >= self.enter_lag else "queue depth"
                 self._change(True, now, cause)
-        elif self.overloaded and self.lag <= self.leave_lag:
-            self.fraction = min(1.0, round(self.fraction + _INCREASE, 6))  # ten steps make 1.0
-            if self.fraction >= 1.0:
+        elif self.overloaded:
+            calm = self.lag <= self.leave_lag
+            step = _INCREASE if calm else _INCREASE / 2
+            self.fraction = min(1.0, round(self.fraction + step, 6))  # ten steps make 1.0
+            if calm and self.fraction >= 1.0:
                 self._change(False, now, "")
 
     def _change(self, overloaded: bool, now: float, cause: str) -> None:

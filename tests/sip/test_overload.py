@@ -81,16 +81,38 @@ def test_admitted_fraction_is_exact_and_even_not_random():
     assert (d.admitted, d.shed) == (3, 9)
 
 
-def test_hysteresis_lag_between_leave_and_enter_holds_the_fraction():
+def test_lag_between_leave_and_enter_raises_the_fraction_slowly_but_stays_overloaded():
+    # an AIMD loop around enter_lag: holding the fraction in the band would stick it at 0 when the
+    # work that is never refused keeps the lag there on its own
     clock = Clock()
     d = detector(clock)
     overload(clock, d)
-    tick(clock, lag=0.05, n=10)  # the smoothed lag settles into the band (0.02 < lag < 0.1)
+    tick(clock, lag=0.5, n=20)
+    assert d.fraction == 0.0
+    tick(clock, lag=0.05, n=10)  # the smoothed lag falls into the band (0.02 < lag < 0.1)
     assert 0.02 < d.lag < 0.1
-    held = d.fraction
-    assert 0 < held < 1
-    tick(clock, lag=0.05, n=30)  # neither worse nor better: the fraction holds
-    assert d.overloaded and d.fraction == held
+    before = d.fraction
+    tick(clock, lag=0.05)
+    assert d.fraction == pytest.approx(before + 0.05)
+    tick(clock, lag=0.05, n=40)
+    assert d.fraction == 1.0 and d.overloaded  # all admitted, but not calm yet
+    tick(clock, n=10)
+    assert not d.overloaded
+
+
+def test_the_fraction_settles_where_the_lag_stays_near_enter_lag():
+    # a toy server: the lag grows with what is admitted (0.2 s when everything is): the loop keeps
+    # the lag near enter_lag (0.1 s) by admitting about half, instead of swinging between all and none
+    clock = Clock()
+    d = detector(clock)
+    fractions = []
+    for _ in range(300):
+        tick(clock, lag=0.2 * d.fraction if d.overloaded else 0.2)
+        fractions.append(d.fraction)
+    late = fractions[100:]
+    assert d.overloaded
+    assert 0.3 < sum(late) / len(late) < 0.7
+    assert min(late) > 0.15 and max(late) < 0.9
 
 
 def test_calm_ticks_raise_the_fraction_back_to_all_then_leave_overload():
