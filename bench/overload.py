@@ -172,10 +172,12 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         while caller.poll() is None or device.poll() is None:
             if caller.poll() is None and device.poll() is None:
                 drops = udp_socket_drops(server.sip_port)
-            if time.monotonic() - started > args.duration * 4 + 120:
+            if time.monotonic() - started > args.duration * 4 + 150:  # SIPp's -timeout is 120 s
+                print("  SIPp did not finish: killed")
                 caller.kill()
                 device.kill()
-                raise RuntimeError("SIPp did not finish")
+                caller.wait(10)
+                device.wait(10)
             poll_state()
             time.sleep(0.1)
         sipp_done = time.monotonic()

@@ -24,7 +24,8 @@ Two signals, sampled by one timer on the injected clock every ``interval`` secon
 The decision is a fraction of new INVITEs admitted, not all-or-nothing, so that the server keeps
 completing about its capacity of calls during an overload instead of swinging between accepting
 everything and nothing. It is an AIMD loop around ``enter_lag``: each tick under pressure (lag >=
-``enter_lag``, or the queue at its bound) multiplies the fraction by ``_DECREASE``; each tick under
+``enter_lag``, or the queue at its bound) multiplies the fraction by ``_DECREASE``, or by
+``enter_lag / lag`` when that is less (the further over, the harder the cut); each tick under
 ``enter_lag`` adds ``_INCREASE / 2``, or ``_INCREASE`` at or under ``leave_lag``, so the lag settles
 near ``enter_lag`` with as many calls admitted as that allows. (Holding the fraction while the lag
 is between the two thresholds would stick it at 0 when the work that is never refused, REGISTERs
@@ -139,7 +140,8 @@ class OverloadDetector(Service):
         self.lag += _SMOOTHING * (min(sample, _CAP * self.enter_lag) - self.lag)
         deep = self.max_depth > 0 and self.depth is not None and self.depth() >= self.max_depth
         if self.lag >= self.enter_lag or deep:
-            self.fraction *= _DECREASE
+            # the further over, the harder: at 3 * enter_lag a third is kept per tick
+            self.fraction *= min(_DECREASE, self.enter_lag / self.lag) if self.lag > 0 else _DECREASE
             if self.fraction < _FLOOR:
                 self.fraction = 0.0
             if not self.overloaded:

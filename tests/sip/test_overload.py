@@ -30,7 +30,7 @@ def tick(clock: Clock, lag: float = 0.0, n: int = 1) -> None:
 
 
 def overload(clock: Clock, d: OverloadDetector) -> None:
-    """Two ticks 0.5 s late (capped at 0.3 s, smoothed: 0.09 then 0.153): overloaded, fraction 0.7."""
+    """Two ticks 0.5 s late (capped at 0.3 s, smoothed: 0.09 then 0.153): overloaded, fraction 0.65."""
     tick(clock, lag=0.5, n=2)
     assert d.overloaded
 
@@ -61,10 +61,10 @@ def test_lag_is_smoothed_one_late_tick_under_the_threshold_does_not_trip():
 def test_pressure_shrinks_the_admitted_fraction_each_tick_down_to_nothing():
     clock = Clock()
     d = detector(clock)
-    overload(clock, d)
-    assert d.fraction == pytest.approx(0.7)
-    tick(clock, lag=0.5)
-    assert d.fraction == pytest.approx(0.49)
+    overload(clock, d)  # smoothed lag 0.153: cut to enter_lag / lag, harder than 0.7
+    assert d.fraction == pytest.approx(0.1 / 0.153)
+    tick(clock, lag=0.5)  # smoothed lag 0.1971
+    assert d.fraction == pytest.approx(0.1 / 0.153 * 0.1 / 0.1971)
     tick(clock, lag=0.5, n=20)
     assert d.fraction == 0.0
     assert not any(d.admit() for _ in range(100))
