@@ -409,8 +409,8 @@ class OpsConfig:
 class OverloadConfig:
     # refuse new INVITEs (503) while the reactor lags; see libon_tsilo/sip/overload.py
     enabled: bool = _opt(True)
-    enter_lag_ms: int = _opt(100, _int_range(1, 60_000))
-    leave_lag_ms: int = _opt(20, _int_range(0, 60_000))
+    enter_lag_ms: int = _opt(200, _int_range(1, 60_000))
+    leave_lag_ms: int = _opt(50, _int_range(0, 60_000))
     max_transactions: int = _opt(0, _int_range(0))  # live transactions that also mean overload (0 = off)
     retry_after: int = _opt(5, _int_range(1, 3600))
 

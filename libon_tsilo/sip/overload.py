@@ -11,9 +11,10 @@ Two signals, sampled by one timer on the injected clock every ``interval`` secon
 - lag: how long a message waits before it is handled. Two measures of it, the larger counts: how
   late the timer itself fires (while the reactor works through a burst nothing else runs), and how
   long the oldest datagram of each UDP wake-up waited in the kernel (``observe_delay``, fed by the
-  transport from the kernel's arrival stamps). The second matters most: the reactor reads at most
-  256 KiB per wake-up and then runs its timers, so under a flood the timer is only one read batch
-  late while seconds of datagrams queue in the socket buffer, where SIP peers retransmit into it.
+  transport from the kernel's arrival stamps; the least of a tick, as CoDel takes it, so that a
+  burst absorbed within the tick is not a backlog). The second matters most: the reactor reads at
+  most 256 KiB per wake-up and then runs its timers, so under a flood the timer is only one read
+  batch late while seconds of datagrams queue in the socket buffer, where SIP peers retransmit.
   Each sample is capped at 3 * ``enter_lag`` and the samples are smoothed (EWMA, weight 0.3): one
   isolated stall (a full garbage collection, a VM pause, a wall-clock step) never trips the
   detector, two late ticks in a row do.
@@ -77,8 +78,8 @@ class OverloadDetector(Service):
     def __init__(
         self,
         clock: IReactorTime,
-        enter_lag: float = 0.1,
-        leave_lag: float = 0.02,
+        enter_lag: float = 0.2,
+        leave_lag: float = 0.05,
         interval: float = 0.1,
         depth: Callable[[], int] | None = None,
         max_depth: int = 0,
@@ -99,7 +100,7 @@ class OverloadDetector(Service):
         self.admitted = 0  # new calls admitted while overloaded
         self.shed = 0  # new calls refused
         self._credit = 0.0
-        self._queue_delay = 0.0  # the worst observe_delay() since the last tick
+        self._queue_delay: float | None = None  # the least observe_delay() since the last tick
         self._due = 0.0
         self._timer: IDelayedCall | None = None
         self._since = 0.0  # when the current state began
@@ -133,8 +134,8 @@ class OverloadDetector(Service):
 
     def _tick(self) -> None:
         now = self.clock.seconds()
-        sample = max(now - self._due, self._queue_delay, 0.0)
-        self._queue_delay = 0.0
+        sample = max(now - self._due, self._queue_delay or 0.0, 0.0)
+        self._queue_delay = None
         self._schedule()
         self.max_lag = max(self.max_lag, sample)
         self.lag += _SMOOTHING * (min(sample, _CAP * self.enter_lag) - self.lag)
@@ -179,8 +180,10 @@ class OverloadDetector(Service):
         )
 
     def observe_delay(self, seconds: float) -> None:
-        """A message waited ``seconds`` before the server read it (the transport's ``on_queue_delay``)."""
-        if seconds > self._queue_delay:
+        """The oldest queued message waited ``seconds`` before the server read it (the transport's
+        ``on_queue_delay``, once per wake-up). The least value of a tick counts: a queue that
+        empties at least once per tick is a burst, not a backlog (CoDel's standing-queue test)."""
+        if self._queue_delay is None or seconds < self._queue_delay:
             self._queue_delay = seconds
 
     # -- the decision ------------------------------------------------------------------------------

@@ -336,7 +336,7 @@ def test_config_is_frozen():
 def test_overload_defaults_suit_a_real_server():
     cfg = default_config()
     assert cfg.overload.enabled
-    assert (cfg.overload.enter_lag_ms, cfg.overload.leave_lag_ms) == (100, 20)
+    assert (cfg.overload.enter_lag_ms, cfg.overload.leave_lag_ms) == (200, 50)
     assert (cfg.overload.max_transactions, cfg.overload.retry_after) == (0, 5)
     assert cfg.sip.udp_receive_buffer == 4 * 1024 * 1024
 
@@ -346,7 +346,7 @@ def test_overload_defaults_suit_a_real_server():
     [
         ({"overload": {"enter_lag_ms": 0}}, "overload.enter_lag_ms: must be >= 1, got 0"),
         ({"overload": {"leave_lag_ms": -1}}, "overload.leave_lag_ms: must be >= 0, got -1"),
-        ({"overload": {"leave_lag_ms": 100}}, "overload.leave_lag_ms: must be < overload.enter_lag_ms (100)"),
+        ({"overload": {"leave_lag_ms": 200}}, "overload.leave_lag_ms: must be < overload.enter_lag_ms (200)"),
         ({"overload": {"retry_after": 0}}, "overload.retry_after: must be >= 1, got 0"),
         ({"overload": {"max_transactions": -5}}, "overload.max_transactions: must be >= 0, got -5"),
         ({"overload": {"enabled": "yes"}}, 'overload.enabled: expected a boolean, got string "yes"'),

@@ -215,7 +215,7 @@ def test_overload_metrics(tmp_path):
     detector.stop()
     assert hot[("libon_tsilo_overloaded", ())] == 1
     assert hot[("libon_tsilo_overload_admitted_fraction", ())] == 0.0
-    assert hot[("libon_tsilo_reactor_lag_seconds", ())] == pytest.approx(0.153)
+    assert hot[("libon_tsilo_reactor_lag_seconds", ())] == pytest.approx(0.255)  # 0.3*0.5, then +0.3*(0.5-0.15)
     assert hot[("libon_tsilo_overload_episodes_total", ())] == 1
     assert hot[("libon_tsilo_overload_rejected_invites_total", ())] == 2
     from libon_tsilo.ops.rpc import Rpc
