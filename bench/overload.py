@@ -253,9 +253,10 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
     else:
         print(f"  OPTIONS under {NORMAL_LATENCY * 1000:.0f} ms for good {normal_at:.1f} s after the load "
               "stopped")
-    hot = [t - r["load_end"] for t, state in r["states"] if state != "normal" and t >= r["load_end"]]
-    state_normal = max(hot) + 0.1 if hot else 0.0
-    print(f"  server's overload state normal for good {state_normal:.1f} s after the load stopped")
+    if not args.no_control:
+        hot = [t - r["load_end"] for t, state in r["states"] if state != "normal" and t >= r["load_end"]]
+        state_normal = max(hot) + 0.1 if hot else 0.0
+        print(f"  server's overload state normal for good {state_normal:.1f} s after the load stopped")
     calls = (after.get("calls") or {}).get("calls")
     by_state = (after.get("calls") or {}).get("by_state") or {}
     silo = (after.get("tsilo") or {}).get("stored_transactions")
