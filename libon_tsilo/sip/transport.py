@@ -493,7 +493,11 @@ class TransportLayer(Service):
             log.warn("dropping a {n}-byte datagram from {addr} (max_message_size)", n=len(data), addr=addr)
             return
         if self.early is not None:
-            answer = self.early(data)
+            try:
+                answer = self.early(data)
+            except Exception:
+                log.failure("early hook failed on a datagram from {addr}", addr=addr)
+                answer = None
             if answer is not None:
                 if answer:
                     try:

@@ -362,3 +362,21 @@ async def test_early_hook_answers_the_source_or_drops_before_the_parse(harness, 
     msg, _ = await h.next()
     assert msg.call_id == "call-pass" and len(seen) == 3  # the other two never reached the sink
     assert h.layer.flows.live_count() == 1  # only the datagram that went on made a flow
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_early_hook_is_logged_and_the_datagram_handled_as_usual(harness, peer) -> None:
+    from twisted.logger import capturedLogs
+
+    h = harness()
+
+    def early(data: bytes) -> bytes | None:
+        raise RuntimeError("bug in the early hook")
+
+    h.layer.early = early
+    client, _ = peer()
+    with capturedLogs() as events:
+        client.transport.write(sip_request("OPTIONS", call_id="call-bug"), h.addr())
+        msg, _ = await h.next()
+    assert msg.call_id == "call-bug"
+    assert any(e.get("log_failure") is not None and "early hook" in e.get("log_format", "") for e in events)
