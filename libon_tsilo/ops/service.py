@@ -437,7 +437,7 @@ def _add_overload(root: LibonTsiloService, parts: Parts) -> None:
     cfg = parts.config.overload
     if not cfg.enabled or parts.transactions is None:
         return
-    from libon_tsilo.sip.overload import EarlyShedder, OverloadDetector, OverloadGate
+    from libon_tsilo.sip.overload import OverloadDetector, install
 
     detector = OverloadDetector(
         parts.clock, enter_lag=cfg.enter_lag_ms / 1000.0, leave_lag=cfg.leave_lag_ms / 1000.0,
@@ -445,9 +445,7 @@ def _add_overload(root: LibonTsiloService, parts: Parts) -> None:
     )
     detector.setName("overload")
     detector.setServiceParent(root)
-    parts.transactions.gate = OverloadGate(detector, retry_after=cfg.retry_after)
-    parts.transport.on_queue_delay = detector.observe_delay
-    parts.transport.early = EarlyShedder(detector, cfg.retry_after, parts.transactions.has_server_transaction)
+    install(detector, parts.transport, parts.transactions, retry_after=cfg.retry_after)
     parts.extra["overload"] = detector
 
 

@@ -55,7 +55,7 @@ from twisted.logger import Logger
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.message import Request, Response, make_response, parse_message
 
-__all__ = ["OverloadDetector", "OverloadGate", "EarlyShedder", "stateless_503"]
+__all__ = ["OverloadDetector", "OverloadGate", "EarlyShedder", "install", "stateless_503"]
 
 log = Logger()
 
@@ -107,6 +107,7 @@ class OverloadDetector(Service):
         self._logged_at: float | None = None  # when an episode's start was last logged
         self._episode_logged = False
         self._unlogged = 0  # episodes whose start and end were not logged (rate limit)
+        self.on_change: Callable[[bool], None] | None = None  # told when overload begins and ends
 
     # -- the timer ---------------------------------------------------------------------------------
 
@@ -159,6 +160,8 @@ class OverloadDetector(Service):
         lasted = now - self._since
         self.overloaded = overloaded
         self._since = now
+        if self.on_change is not None:
+            self.on_change(overloaded)
         if not overloaded:
             if self._episode_logged:
                 log.warn(
@@ -214,6 +217,25 @@ class OverloadDetector(Service):
             "shed": self.shed,
             "admitted_while_overloaded": self.admitted,
         }
+
+
+def install(detector: OverloadDetector, transport: Any, transactions: Any, retry_after: int) -> None:
+    """Wire overload control into the SIP stack (a TransportLayer and its TransactionLayer).
+
+    The transport reports its queueing delays to the detector. The two refusal hooks, the
+    transport's ``early`` and the transaction layer's ``gate``, are in place only while the
+    detector says overloaded: a server that is not pays one ``is None`` test per message for them.
+    """
+    gate = OverloadGate(detector, retry_after)
+    early = EarlyShedder(detector, retry_after, transactions.has_server_transaction)
+
+    def switch(overloaded: bool) -> None:
+        transactions.gate = gate if overloaded else None
+        transport.early = early if overloaded else None
+
+    transport.on_queue_delay = detector.observe_delay
+    detector.on_change = switch
+    switch(detector.overloaded)
 
 
 class OverloadGate:

@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
 from libon_tsilo.sip.message import parse_message
-from libon_tsilo.sip.overload import EarlyShedder, OverloadDetector, OverloadGate, stateless_503
+from libon_tsilo.sip.overload import EarlyShedder, OverloadDetector, OverloadGate, install, stateless_503
 from tests.sip.fakes import Env, FakeFlow, request_text
 
 INTERVAL = 0.1
@@ -382,3 +382,21 @@ def test_early_path_finds_accepted_invites_in_the_real_transaction_table():
     shed = EarlyShedder(d, 7, env.layer.has_server_transaction)
     assert shed(request_text("INVITE", branch="z9hG4bKearly").encode()) is None
     assert shed(request_text("INVITE", branch="z9hG4bKnew", call_id="new").encode()) is not None
+
+
+def test_install_puts_the_refusal_hooks_in_place_only_while_overloaded():
+    from types import SimpleNamespace
+
+    clock = Clock()
+    d = detector(clock)
+    env = Env()
+    transport = SimpleNamespace(early=None, on_queue_delay=None)
+    install(d, transport, env.layer, retry_after=7)
+    assert transport.on_queue_delay == d.observe_delay
+    assert transport.early is None and env.layer.gate is None  # normal: nothing to pay per message
+    overload(clock, d)
+    assert isinstance(transport.early, EarlyShedder) and isinstance(env.layer.gate, OverloadGate)
+    assert transport.early.accepted == env.layer.has_server_transaction
+    while d.overloaded:
+        tick(clock)
+    assert transport.early is None and env.layer.gate is None
