@@ -36,11 +36,11 @@ under ``leave_lag``. Which INVITEs pass is decided by a credit counter (no rando
 fraction of 0.25 admits exactly every 4th INVITE.
 
 A refused INVITE gets a 503 with ``Retry-After`` from :func:`stateless_503`, sent without a
-transaction (RFC 3261 §8.2.7, stateless UAS): a retransmitted INVITE gets the same answer again
-(the To tag is a hash of the request's identity, as §8.2.7 asks), its ACK finds no transaction and
-is dropped by the call layer like any stray ACK. The start of an overload episode is logged (at most
-one per ``_LOG_EVERY`` seconds while the state flaps; the next line counts the episodes left out),
-and so is the end of every episode whose start was logged.
+transaction (RFC 3261 §8.2.7, stateless UAS): a retransmitted INVITE gets the same answer again (the
+To tag is a hash of the request's identity, as §8.2.7 asks), and its ACK is dropped (at once by the
+early path on UDP, else by the call layer as a stray ACK). :func:`install` wires it all. The start
+of an overload episode is logged (at most one per ``_LOG_EVERY`` seconds while the state flaps; the
+next line counts the episodes left out), and so is the end of every episode whose start was logged.
 """
 
 from __future__ import annotations

@@ -35,6 +35,9 @@ Choices (and where they differ from a plain reading of the RFCs):
   resolved asynchronously (never the response path) and send_request returns None for it.
 - UDP pseudo-flows live until flow_idle_timeout without traffic, like connections; a flood from many
   source addresses therefore grows the table for that long (no cap yet).
+- Overload control (sip/overload.py) gets two hooks on UDP: ``on_queue_delay(seconds)`` per
+  wake-up (the kernel's arrival stamp of the oldest datagram, Linux), and ``early(data)``, which
+  sees each datagram before the parse and may answer its source (a stateless 503) or drop it.
 - Idle timers run on the injected ``clock``; sockets run on ``reactor`` (the global one by default).
   stopService closes every port and connection, cancels every timer, and returns a Deferred that
   fires when all ports and connections are gone.
@@ -194,10 +197,9 @@ _TIMESPEC = struct.Struct("@ll")
 
 
 class _UDPPort(udp.Port):
-    """Twisted's UDP port, telling ``on_queue_delay`` how long the first datagram of each wake-up
-    (the oldest one queued) waited in the kernel; Twisted's own loop then reads the rest."""
+    """Twisted's UDP port, telling the layer's ``on_queue_delay`` how long the first datagram of each
+    wake-up (the oldest one queued) waited in the kernel; Twisted's own loop then reads the rest."""
 
-    on_queue_delay: Callable[[float], None] | None = None
     _stamped = False
 
     def startListening(self) -> None:
@@ -210,8 +212,9 @@ class _UDPPort(udp.Port):
                 pass
 
     def doRead(self) -> None:
-        if self._stamped and self.on_queue_delay is not None:
-            self._read_oldest(self.on_queue_delay)
+        report = self.protocol.layer.on_queue_delay
+        if report is not None and self._stamped:
+            self._read_oldest(report)
         super().doRead()
 
     def _read_oldest(self, report: Callable[[float], None]) -> None:
@@ -400,7 +403,6 @@ class TransportLayer(Service):
         if not isinstance(self.reactor, PosixReactorBase):  # a test double: its own listenUDP
             return self.reactor.listenUDP(spec.port, proto, interface=spec.host, maxPacketSize=65535)
         port = _UDPPort(spec.port, proto, spec.host, 65535, self.reactor)
-        port.on_queue_delay = self.on_queue_delay
         port.startListening()
         return port
 

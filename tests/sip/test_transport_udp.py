@@ -324,10 +324,10 @@ async def test_queue_delay_of_the_oldest_datagram_is_reported(harness, peer) -> 
     delays: list[float] = []
     clock = Clock()
     layer = TransportLayer(["udp:127.0.0.1:0"], clock, 60, 4096)
-    layer.on_queue_delay = delays.append
     inbox: DeferredQueue = DeferredQueue()
     layer.sink = lambda msg, flow: inbox.put(msg)
     layer.startService()
+    layer.on_queue_delay = delays.append  # read at each wake-up: may be set once listening
     try:
         client, _ = peer()
         server = next((host, port) for t, host, port in layer.bound if t == "udp")
