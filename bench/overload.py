@@ -238,13 +238,20 @@ def report(r: dict[str, Any], args: argparse.Namespace) -> None:
           f"{overload.get('episodes', 0)} episode(s), worst lag {overload.get('max_lag_ms', 0):.0f} ms")
     print(f"  SIPp retransmissions (caller + device): {r['retrans']}; datagrams dropped by the server's "
           f"socket: {r['drops']}")
-    during = [lat for t, lat in r["probes"] if r["started"] <= t < r["load_end"]]
+    during_at = [(t - r["started"], lat) for t, lat in r["probes"] if r["started"] <= t < r["load_end"]]
+    during = [lat for _, lat in during_at]
     answered = [lat for lat in during if lat is not None]
+    worst_at = max((lat, t) for t, lat in during_at if lat is not None)[1] if answered else float("nan")
     lost = len(during) - len(answered)
     worst = max(answered) * 1000 if answered else float("nan")
     median = statistics.median(answered) * 1000 if answered else float("nan")
-    print(f"  OPTIONS during the overload: {len(during)} sent, median {median:.0f} ms, worst {worst:.0f} ms, "
-          f"{lost} unanswered")
+    print(f"  OPTIONS during the overload: {len(during)} sent, median {median:.0f} ms, worst {worst:.0f} ms "
+          f"(sent {worst_at:.1f} s into the load), {lost} unanswered")
+    if args.trace:
+        print("  OPTIONS latency per second of load (ms, worst; x = unanswered): " + " ".join(
+            "x" if any(lat is None for t, lat in during_at if int(t) == sec) else
+            f"{max((lat for t, lat in during_at if int(t) == sec), default=0) * 1000:.0f}"
+            for sec in range(int(max((t for t, _ in during_at), default=0)) + 1)))
     later = [(t - r["load_end"], lat) for t, lat in r["probes"] if t >= r["load_end"]]
     bad = [t for t, lat in later if lat is None or lat > NORMAL_LATENCY]
     normal_at = max(bad) + 0.1 if bad else 0.0

@@ -27,8 +27,9 @@ completing about its capacity of calls during an overload instead of swinging be
 everything and nothing. It is an AIMD loop around ``enter_lag``: each tick under pressure (lag >=
 ``enter_lag``, or the queue at its bound) multiplies the fraction by ``_DECREASE``, or by
 ``enter_lag / lag`` when that is less (the further over, the harder the cut); each tick under
-``enter_lag`` adds ``_INCREASE / 2``, or ``_INCREASE`` at or under ``leave_lag``, so the lag settles
-near ``enter_lag`` with as many calls admitted as that allows. (Holding the fraction while the lag
+``enter_lag`` adds up to ``_INCREASE``, the whole of it at or under ``leave_lag`` and less the nearer
+the lag is to ``enter_lag``, so the lag settles near ``enter_lag`` with as many calls admitted as
+that allows. (Holding the fraction while the lag
 is between the two thresholds would stick it at 0 when the work that is never refused, REGISTERs
 and the calls already accepted, keeps the lag there on its own.) The hysteresis is in the state:
 "overloaded" from the first tick under pressure until the fraction is back at 1 with the lag at or
@@ -151,7 +152,10 @@ class OverloadDetector(Service):
                 self._change(True, now, cause)
         elif self.overloaded:
             calm = self.lag <= self.leave_lag
-            step = _INCREASE if calm else _INCREASE / 2
+            # nearer enter_lag, smaller steps: the work of the calls admitted now shows in the lag
+            # only a second later (their REGISTER, fork, answer), and big steps overshoot
+            headroom = (self.enter_lag - self.lag) / (self.enter_lag - self.leave_lag)
+            step = _INCREASE if calm else _INCREASE * headroom
             self.fraction = min(1.0, round(self.fraction + step, 6))  # ten steps make 1.0
             if calm and self.fraction >= 1.0:
                 self._change(False, now, "")

@@ -81,7 +81,7 @@ def test_admitted_fraction_is_exact_and_even_not_random():
     assert (d.admitted, d.shed) == (3, 9)
 
 
-def test_lag_between_leave_and_enter_raises_the_fraction_slowly_but_stays_overloaded():
+def test_lag_between_leave_and_enter_raises_the_fraction_in_small_steps_but_stays_overloaded():
     # an AIMD loop around enter_lag: holding the fraction in the band would stick it at 0 when the
     # work that is never refused keeps the lag there on its own
     clock = Clock()
@@ -92,8 +92,9 @@ def test_lag_between_leave_and_enter_raises_the_fraction_slowly_but_stays_overlo
     tick(clock, lag=0.05, n=10)  # the smoothed lag falls into the band (0.02 < lag < 0.1)
     assert 0.02 < d.lag < 0.1
     before = d.fraction
-    tick(clock, lag=0.05)
-    assert d.fraction == pytest.approx(before + 0.05)
+    tick(clock, lag=0.05)  # the nearer enter_lag, the smaller the step
+    assert d.fraction == pytest.approx(before + 0.1 * (0.1 - d.lag) / (0.1 - 0.02), abs=1e-6)
+    assert d.fraction - before < 0.1
     tick(clock, lag=0.05, n=40)
     assert d.fraction == 1.0 and d.overloaded  # all admitted, but not calm yet
     tick(clock, n=10)
