@@ -82,6 +82,7 @@ def _install_stats_hook(stats_file: Path, latency_window: int) -> None:
                 "pid": os.getpid(),
                 "silo": parts.silo.stats() if parts.silo is not None else None,
                 "calls": parts.b2bua.stats() if parts.b2bua is not None else None,
+                "transactions": _transaction_states(parts.transactions),
                 # the collector's share: runs, seconds and the longest pause per generation
                 "gc": {"runs": gc_runs, "seconds": gc_time, "max": gc_max, "objects": len(gc.get_objects()),
                        "stalls": gc_stalls},
@@ -101,6 +102,16 @@ def _install_stats_hook(stats_file: Path, latency_window: int) -> None:
         return root
 
     service_mod.make_service = make_service
+
+
+def _transaction_states(layer: Any) -> dict[str, int] | None:
+    """Live transactions by class and state (what is left behind after a run, and why)."""
+    if layer is None:
+        return None
+    from collections import Counter
+
+    txns = [*layer._servers.values(), *layer._clients.values()]
+    return dict(Counter(f"{type(t).__name__} {getattr(t.state, 'name', t.state)}" for t in txns))
 
 
 def _serve(argv: list[str]) -> None:

@@ -44,6 +44,7 @@ __all__ = [
     "LimitsConfig",
     "LogConfig",
     "OpsConfig",
+    "OverloadConfig",
     "ListenAddress",
     "parse_listen",
     "load_config",
@@ -271,6 +272,8 @@ class SipConfig:
     flow_idle_timeout: int = _opt(3600, _positive)
     advertised_host: str = _opt("", _no_newline)
     user_agent: str = _opt("libon-tsilo", _no_newline)
+    # bytes of kernel receive buffer per UDP socket: a burst waits there instead of being dropped
+    udp_receive_buffer: int = _opt(4 * 1024 * 1024, _int_range(64 * 1024, 1 << 30))
 
     @property
     def listen_addresses(self) -> list[ListenAddress]:
@@ -465,6 +468,16 @@ class OpsConfig:
 
 
 @dataclass(frozen=True)
+class OverloadConfig:
+    # refuse new INVITEs (503) while the reactor lags; see libon_tsilo/sip/overload.py
+    enabled: bool = _opt(True)
+    enter_lag_ms: int = _opt(200, _int_range(1, 60_000))
+    leave_lag_ms: int = _opt(50, _int_range(0, 60_000))
+    max_transactions: int = _opt(0, _int_range(0))  # live transactions that also mean overload (0 = off)
+    retry_after: int = _opt(5, _int_range(1, 3600))
+
+
+@dataclass(frozen=True)
 class Config:
     sip: SipConfig = field(default_factory=SipConfig)
     connections: ConnectionsConfig = field(default_factory=ConnectionsConfig)
@@ -479,6 +492,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
+    overload: OverloadConfig = field(default_factory=OverloadConfig)
     # where the config came from (None = built-in defaults); not a TOML key
     source: str | None = field(default=None, metadata={"internal": True})
 
@@ -667,9 +681,17 @@ def _check_session_timers(calls: CallsConfig) -> None:
                           f"got {calls.session_expires}")
 
 
+def _check_overload(overload: OverloadConfig) -> None:
+    if overload.leave_lag_ms >= overload.enter_lag_ms:
+        raise ConfigError(
+            "overload.leave_lag_ms", f"must be < overload.enter_lag_ms ({overload.enter_lag_ms})"
+        )
+
+
 def _validate(cfg: Config) -> None:
     _check_sip(cfg.sip)
     _check_session_timers(cfg.calls)
+    _check_overload(cfg.overload)
     _check_tls(cfg)
     _check_registrar(cfg.registrar)
     _check_flow_timer(cfg)

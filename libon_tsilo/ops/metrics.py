@@ -226,7 +226,7 @@ class TsiloCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         for part in (self._messages, self._sip, self._calls, self._location, self._silo, self._auth,
-                     self._limits, self._waker):
+                     self._limits, self._waker, self._overload):
             try:
                 yield from part()
             except Exception:  # a broken layer must not take /metrics down with it
@@ -395,6 +395,16 @@ class TsiloCollector(Collector):
         for key, doc in self._WAKER_COUNTERS:
             if key in stats:
                 yield _counter(f"push_{key}", doc, stats[key])
+
+    def _overload(self) -> Iterator[Metric]:
+        detector = self.parts.extra.get("overload")  # sip/overload.py, when [overload] enabled
+        if detector is None:
+            return
+        yield _gauge("overloaded", "1 while overload control refuses new INVITEs", int(detector.overloaded))
+        yield _gauge("overload_admitted_fraction", "Share of new INVITEs admitted", detector.fraction)
+        yield _gauge("reactor_lag_seconds", "How late a 100 ms timer fires, smoothed", detector.lag)
+        yield _counter("overload_episodes", "Times the server entered overload", detector.episodes)
+        yield _counter("overload_rejected_invites", "New INVITEs refused with 503 (overload)", detector.shed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -251,6 +251,8 @@ class Rpc:
         push = push_stats(p)
         if push is not None:
             out["push"] = push
+        if p.extra.get("overload") is not None:
+            out["overload"] = p.extra["overload"].stats()
         return out
 
     def health(self) -> dict[str, Any]:
@@ -266,6 +268,8 @@ class Rpc:
             out["listening"] = [str(b) for b in getattr(p.transport, "bound", [])]
         if p.b2bua is not None:
             out["calls"] = len(p.b2bua.calls)
+        if p.extra.get("overload") is not None:
+            out["overload"] = p.extra["overload"].stats()["state"]
         return out
 
 

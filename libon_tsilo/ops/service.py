@@ -208,6 +208,7 @@ def _add_sip_stack(root: LibonTsiloService, parts: Parts) -> None:
         tls_context_factory=parts.tls_context_factory,
         advertised_host=cfg.advertised_host or None,
         limits=_connection_limits(parts.config.connections),
+        udp_receive_buffer=cfg.udp_receive_buffer,
     )
     _attach(root, parts.transport)
     parts.transactions = TransactionLayer(
@@ -473,6 +474,23 @@ def _add_router(root: LibonTsiloService, parts: Parts) -> None:
         parts.router.stray = calls.stray_response
 
 
+def _add_overload(root: LibonTsiloService, parts: Parts) -> None:
+    """[overload]: the lag detector and its gate on new INVITEs (parts.extra["overload"])."""
+    cfg = parts.config.overload
+    if not cfg.enabled or parts.transactions is None:
+        return
+    from libon_tsilo.sip.overload import OverloadDetector, install
+
+    detector = OverloadDetector(
+        parts.clock, enter_lag=cfg.enter_lag_ms / 1000.0, leave_lag=cfg.leave_lag_ms / 1000.0,
+        depth=parts.transactions.__len__, max_depth=cfg.max_transactions,
+    )
+    detector.setName("overload")
+    detector.setServiceParent(root)
+    install(detector, parts.transport, parts.transactions, retry_after=cfg.retry_after)
+    parts.extra["overload"] = detector
+
+
 def _add_manhole(root: LibonTsiloService, parts: Parts) -> None:
     cfg = parts.config.manhole
     if not cfg.listen:
@@ -567,6 +585,7 @@ WIRING: list[Callable[[LibonTsiloService, Parts], None]] = [
     _add_push,
     _add_b2bua,
     _add_router,
+    _add_overload,
     _add_manhole,
     _add_admin,
     _add_shutdown,

@@ -92,6 +92,7 @@ class ExpiryQueue:
         self._queue: deque[list[Any]] = deque()  # [deadline, callback or None when discarded]
         self._live = 0
         self._call: IDelayedCall | None = None
+        self._expiring = False  # inside _expire: it arms the timer for the head when done
 
     def __len__(self) -> int:
         return self._live
@@ -101,7 +102,9 @@ class ExpiryQueue:
         entry = [self._clock.seconds() + self.delay, fn, self]
         self._queue.append(entry)
         self._live += 1
-        if self._call is None:
+        # not from inside _expire (a callback starting a new transaction): a timer armed here for
+        # the new entry's full delay would hold back every entry already queued before it
+        if self._call is None and not self._expiring:
             self._call = self._clock.callLater(self.delay, self._expire)
         return entry
 
@@ -132,6 +135,18 @@ class ExpiryQueue:
 
     def _expire(self) -> None:
         self._call = None
+        self._expiring = True
+        try:
+            self._expire_due()
+        finally:
+            self._expiring = False
+        queue = self._queue
+        while queue and queue[0][1] is None:
+            queue.popleft()
+        if queue and self._call is None:
+            self._call = self._clock.callLater(max(0.0, queue[0][0] - self._clock.seconds()), self._expire)
+
+    def _expire_due(self) -> None:
         now = self._clock.seconds() + _EPSILON
         # self._queue is read afresh each time: a callback may discard entries, and discard() may
         # replace the deque with a purged copy
@@ -146,11 +161,6 @@ class ExpiryQueue:
                 fn()
             except Exception:
                 log.failure("expiry callback {fn!r} failed", fn=fn)
-        queue = self._queue
-        while queue and queue[0][1] is None:
-            queue.popleft()
-        if queue and self._call is None:
-            self._call = self._clock.callLater(max(0.0, queue[0][0] - self._clock.seconds()), self._expire)
 
 
 class TwoXXRetransmitter:

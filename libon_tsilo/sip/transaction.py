@@ -124,6 +124,9 @@ class TransactionLayer:
         self._expiry: dict[float, ExpiryQueue] = {}
         # responses that matched no transaction and were dropped (not ours, or nothing left to do)
         self.strays_dropped = 0
+        # overload control (sip/overload.py): a response for a new request refused before any
+        # transaction exists for it, sent statelessly; None lets the request in
+        self.gate: Callable[[Request], Response | None] | None = None
         transport.sink = self.inbound
         transport.on_send_error = self.send_failed
 
@@ -139,6 +142,10 @@ class TransactionLayer:
     @property
     def client_count(self) -> int:
         return len(self._clients)
+
+    def has_server_transaction(self, req: Request) -> bool:
+        """Is ``req`` a retransmission, i.e. does its server transaction exist?"""
+        return server_key(req, req.method) in self._servers
 
     def forget(self, txn: TransactionBase) -> None:
         if isinstance(txn, ClientTransaction):
@@ -269,6 +276,10 @@ class TransactionLayer:
         stx = self._servers.get(key)
         if stx is not None:
             stx.request_retransmitted()
+            return
+        refusal = self.gate(req) if self.gate is not None else None
+        if refusal is not None:
+            self.transport.send_response(refusal, flow)
             return
         if self.tu is None:
             self.transport.send_response(make_response(req, 503, "Service Unavailable"), flow)

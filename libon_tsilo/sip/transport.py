@@ -47,6 +47,9 @@ Choices (and where they differ from a plain reading of the RFCs):
 - UDP pseudo-flows: created by a datagram that carries a message (a CRLF keep-alive only refreshes
   a flow that exists), expired after the unbound idle timeout unless a binding or a call needs them,
   and capped (the oldest unneeded one is evicted): see sip/flow.py.
+- Overload control (sip/overload.py) gets two hooks on UDP: ``on_queue_delay(seconds)`` per
+  wake-up (the kernel's arrival stamp of the oldest datagram, Linux), and ``early(data)``, which
+  sees each datagram before the parse and may answer its source (a stateless 503) or drop it.
 - Idle timers run on the injected ``clock``; sockets run on ``reactor`` (the global one by default).
   stopService closes every port and connection, cancels every timer, and returns a Deferred that
   fires when all ports and connections are gone.
@@ -57,14 +60,18 @@ from __future__ import annotations
 import functools
 import ipaddress
 import socket
+import struct
+import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import defer, error
+from twisted.internet import defer, error, udp
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory, DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -146,12 +153,37 @@ def _call_id(msg: Message) -> str | None:
         return None
 
 
+def _size_buffer(sock: socket.socket, option: int, size: int, what: str) -> None:
+    """Set a socket buffer to ``size``; past net.core.[rw]mem_max only with CAP_NET_ADMIN (FORCE).
+
+    Linux grants twice what is asked (the bookkeeping share) and reports that doubled figure."""
+    force = 33 if option == socket.SO_RCVBUF else 32  # SO_RCVBUFFORCE, SO_SNDBUFFORCE
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, option, size)
+        if sock.getsockopt(socket.SOL_SOCKET, option) // 2 < size:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, size)
+            except OSError:
+                pass  # not privileged: the cap stays
+        got = sock.getsockopt(socket.SOL_SOCKET, option) // 2
+    except OSError as e:
+        log.warn("cannot size the UDP {what} buffer: {error}", what=what, error=str(e))
+        return
+    if got < size:
+        log.warn(
+            "UDP {what} buffer is {got} bytes, not the {size} asked for: raise net.core.{sysctl}",
+            what=what, got=got, size=size, sysctl="rmem_max" if option == socket.SO_RCVBUF else "wmem_max",
+        )
+
+
 # -- protocols: thin adapters, all decisions are in TransportLayer ---------------------------------
 
 
 # A loopback datagram costs ~2 KiB of receive-buffer memory whatever its size, so the default
 # buffer (rmem_default, often 208 KiB) holds only ~100 SIP messages: any short stall of the
-# reactor under load drops the burst behind it. Ask for more (the kernel caps it at rmem_max).
+# reactor under load drops the burst behind it. Ask for more ([sip] udp_receive_buffer). Twisted's
+# udp.Port.doRead already reads until EAGAIN, at most 256 KiB per wake-up, so a burst is drained in
+# few wake-ups while streams still get their turn.
 UDP_SOCKET_BUFFER = 4 * 1024 * 1024
 
 
@@ -164,14 +196,9 @@ class _UDPProtocol(DatagramProtocol):
 
     def startProtocol(self) -> None:
         sock = getattr(self.transport, "socket", None)
-        if sock is None:
-            return
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            try:
-                if sock.getsockopt(socket.SOL_SOCKET, option) < UDP_SOCKET_BUFFER:
-                    sock.setsockopt(socket.SOL_SOCKET, option, UDP_SOCKET_BUFFER)
-            except OSError as e:
-                log.warn("cannot enlarge the UDP socket buffer: {error}", error=str(e))
+        if sock is not None:
+            _size_buffer(sock, socket.SO_RCVBUF, self.layer.udp_receive_buffer, "receive")
+            _size_buffer(sock, socket.SO_SNDBUF, UDP_SOCKET_BUFFER, "send")
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.layer._datagram(self, data, (addr[0], addr[1]))
@@ -183,6 +210,50 @@ class _UDPProtocol(DatagramProtocol):
             self.transport.write(data, addr)
         except Exception as e:  # OSError, MessageLengthError, InvalidAddressError
             raise TransportError(f"UDP send to {addr[0]}:{addr[1]} failed: {e}") from e
+
+
+# Linux stamps each datagram with its arrival time when SO_TIMESTAMPNS is on (SCM_TIMESTAMPNS has the
+# same number): the oldest datagram's wait is the queueing delay a reactor timer cannot see, as
+# the timer runs after one read batch however long the queue behind it is.
+_SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("@ll")
+
+
+class _UDPPort(udp.Port):
+    """Twisted's UDP port, telling the layer's ``on_queue_delay`` how long the first datagram of each
+    wake-up (the oldest one queued) waited in the kernel; Twisted's own loop then reads the rest."""
+
+    _stamped = False
+
+    def startListening(self) -> None:
+        super().startListening()
+        if sys.platform.startswith("linux"):
+            try:
+                self.socket.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+                self._stamped = True
+            except OSError:
+                pass
+
+    def doRead(self) -> None:
+        report = self.protocol.layer.on_queue_delay
+        if report is not None and self._stamped:
+            self._read_oldest(report)
+        super().doRead()
+
+    def _read_oldest(self, report: Callable[[float], None]) -> None:
+        try:
+            data, ancdata, _flags, addr = self.socket.recvmsg(self.maxPacketSize, 64)
+        except OSError:
+            return  # EAGAIN, or an ICMP error: Twisted's loop deals with what follows
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(payload) >= _TIMESPEC.size:
+                sec, nsec = _TIMESPEC.unpack_from(payload)
+                # the kernel stamps with the wall clock: compare with the wall clock
+                report(max(0.0, time.time() - sec - nsec / 1e9))
+        try:
+            self.protocol.datagramReceived(data, addr[:2])
+        except Exception:
+            log.failure("UDP datagram handling failed")
 
 
 @implementer(IHandshakeListener)
@@ -316,6 +387,7 @@ class TransportLayer(Service):
         reactor: Any = None,
         advertised_host: str | None = None,
         limits: ConnectionLimits | None = None,
+        udp_receive_buffer: int = UDP_SOCKET_BUFFER,
     ) -> None:
         self.specs = [parse_listen_spec(s) for s in listen]
         if any(s.transport == "tls" for s in self.specs) and tls_context_factory is None:
@@ -327,6 +399,7 @@ class TransportLayer(Service):
         self.reactor = reactor
         self.clock = clock
         self.max_message_size = max_message_size
+        self.udp_receive_buffer = udp_receive_buffer
         self.tls_context_factory = tls_context_factory
         self.advertised_host = advertised_host or None
         self.limits = limits = limits or ConnectionLimits()
@@ -339,6 +412,11 @@ class TransportLayer(Service):
         self._evicted_logged = 0
         self.sink: Sink = self._no_sink
         self.on_send_error: SendErrorCallback | None = None
+        # overload control (sip/overload.py): told, per UDP wake-up, how long the oldest queued
+        # datagram waited; ``early`` sees each datagram before the parse: bytes to answer its
+        # source with, b"" to drop it, None to handle it as usual
+        self.on_queue_delay: Callable[[float], None] | None = None
+        self.early: Callable[[bytes], bytes | None] | None = None
         self.bound: list[tuple[str, str, int]] = []
         self._ports: list[Any] = []
         self._udp: list[_UDPProtocol] = []
@@ -363,7 +441,7 @@ class TransportLayer(Service):
     def _listen(self, spec: ListenSpec) -> None:
         if spec.transport == "udp":
             proto = _UDPProtocol(self, spec)
-            port = self.reactor.listenUDP(spec.port, proto, interface=spec.host, maxPacketSize=65535)
+            port = self._listen_udp(spec, proto)
         elif spec.transport == "tcp":
             port = self.reactor.listenTCP(
                 spec.port, _ServerFactory(self, "tcp"), backlog=self._backlog, interface=spec.host
@@ -382,6 +460,13 @@ class TransportLayer(Service):
             self._udp.append(proto)
             self._udp_by_local[proto.local] = proto
         log.info("listening on {spec}", spec=f"{spec.transport}:{host}:{addr.port}")
+
+    def _listen_udp(self, spec: ListenSpec, proto: _UDPProtocol) -> Any:
+        if not isinstance(self.reactor, PosixReactorBase):  # a test double: its own listenUDP
+            return self.reactor.listenUDP(spec.port, proto, interface=spec.host, maxPacketSize=65535)
+        port = _UDPPort(spec.port, proto, spec.host, 65535, self.reactor)
+        port.startListening()
+        return port
 
     def stopService(self) -> defer.Deferred[Any]:
         super().stopService()
@@ -482,6 +567,19 @@ class TransportLayer(Service):
         if len(data) > self.max_message_size:
             log.warn("dropping a {n}-byte datagram from {addr} (max_message_size)", n=len(data), addr=addr)
             return
+        if self.early is not None:
+            try:
+                answer = self.early(data)
+            except Exception:
+                log.failure("early hook failed on a datagram from {addr}", addr=addr)
+                answer = None
+            if answer is not None:
+                if answer:
+                    try:
+                        proto.send_to(answer, addr)
+                    except TransportError as e:
+                        log.warn("cannot answer {addr}: {err}", addr=addr, err=e)
+                return
         if data[:1] == b"\r" and not data.strip(b"\r\n"):
             # CRLF keep-alive over UDP: it refreshes a flow, and creates none (it costs a spoofer nothing)
             flow = self.flows.lookup("udp", proto.local, (_norm_host(addr[0]), addr[1]))

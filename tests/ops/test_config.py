@@ -436,3 +436,31 @@ def test_threadpool_size_is_accepted_with_a_no_longer_used_warning(tmp_path):
     warned = [e for e in events if e.get("key") == "ops.threadpool_size"]
     assert len(warned) == 1 and warned[0]["log_level"].name == "warn"
     assert (cfg.ops.drain_timeout, quiet.ops.drain_timeout) == (30, 5)  # the rest loads as usual
+
+
+# --- [overload] and [sip] udp_receive_buffer (issue 11, item 13) -------------------------------
+
+
+def test_overload_defaults_suit_a_real_server():
+    cfg = default_config()
+    assert cfg.overload.enabled
+    assert (cfg.overload.enter_lag_ms, cfg.overload.leave_lag_ms) == (200, 50)
+    assert (cfg.overload.max_transactions, cfg.overload.retry_after) == (0, 5)
+    assert cfg.sip.udp_receive_buffer == 4 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"overload": {"enter_lag_ms": 0}}, "overload.enter_lag_ms: must be >= 1, got 0"),
+        ({"overload": {"leave_lag_ms": -1}}, "overload.leave_lag_ms: must be >= 0, got -1"),
+        ({"overload": {"leave_lag_ms": 200}}, "overload.leave_lag_ms: must be < overload.enter_lag_ms (200)"),
+        ({"overload": {"retry_after": 0}}, "overload.retry_after: must be >= 1, got 0"),
+        ({"overload": {"max_transactions": -5}}, "overload.max_transactions: must be >= 0, got -5"),
+        ({"overload": {"enabled": "yes"}}, 'overload.enabled: expected a boolean, got string "yes"'),
+        ({"overload": {"shed": 1}}, "overload.shed: unknown key"),
+        ({"sip": {"udp_receive_buffer": 1000}}, "sip.udp_receive_buffer: must be >= 65536, got 1000"),
+    ],
+)
+def test_overload_bad_values(data, expected):
+    assert error_of(data) == expected

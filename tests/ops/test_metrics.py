@@ -393,3 +393,29 @@ def test_service_wires_connection_limits_and_keeps_flows_of_bindings_and_calls(t
     [b] = parts.location.lookup("alice")
     parts.location.remove(b, "expired")
     assert rechecked == [flow.id]  # its flow goes back to the unbound idle timeout
+
+
+def test_overload_metrics(tmp_path):
+    root, clock = build(tmp_path=tmp_path)
+    detector = root.parts.extra["overload"]
+    registry = make_registry(root.parts, None)
+    calm = samples(registry)
+    assert calm[("libon_tsilo_overloaded", ())] == 0
+    assert calm[("libon_tsilo_overload_admitted_fraction", ())] == 1.0
+    assert calm[("libon_tsilo_overload_rejected_invites_total", ())] == 0
+    detector.start()
+    clock.advance(0.1 + 0.5)  # two ticks, 0.5 s late
+    clock.advance(0.1 + 0.5)
+    detector.fraction = 0.0
+    assert not detector.admit() and not detector.admit()
+    hot = samples(registry)
+    detector.stop()
+    assert hot[("libon_tsilo_overloaded", ())] == 1
+    assert hot[("libon_tsilo_overload_admitted_fraction", ())] == 0.0
+    assert hot[("libon_tsilo_reactor_lag_seconds", ())] == pytest.approx(0.255)  # 0.3*0.5, then +0.3*(0.5-0.15)
+    assert hot[("libon_tsilo_overload_episodes_total", ())] == 1
+    assert hot[("libon_tsilo_overload_rejected_invites_total", ())] == 2
+    from libon_tsilo.ops.rpc import Rpc
+
+    stats = Rpc(root.parts, root).call("stats")["overload"]
+    assert (stats["state"], stats["shed"], stats["admitted_fraction"]) == ("overloaded", 2, 0.0)

@@ -173,3 +173,20 @@ def test_expiry_queue_survives_a_purge_from_inside_an_expiring_callback():
     clock.advance(10)
     assert fired == [0, *range(151, 201)]
     assert len(queue) == 0 and clock.getDelayedCalls() == []
+
+
+def test_expiry_queue_entry_added_by_an_expiring_callback_does_not_hold_back_older_ones():
+    # Timer F ending a BYE can start another transaction, whose timer F joins the same 64*T1 queue
+    # from inside the expiry: B (added at 10 s) must still end at 42 s, not with the new entry at
+    # 64 s (found by bench/overload.py: ~10,000 transactions left 64*T1 after the load)
+    clock = Clock()
+    queue = ExpiryQueue(clock, 32)
+    fired: list[tuple[str, float]] = []
+    queue.add(lambda: (fired.append(("a", clock.seconds())),
+                       queue.add(lambda: fired.append(("c", clock.seconds())))))
+    clock.advance(10)
+    queue.add(lambda: fired.append(("b", clock.seconds())))
+    for _ in range(70):
+        clock.advance(1)
+    assert fired == [("a", 32.0), ("b", 42.0), ("c", 64.0)]
+    assert clock.getDelayedCalls() == [] and len(queue) == 0

@@ -321,3 +321,87 @@ async def test_stun_binding_request_on_the_sip_port_is_answered_and_keeps_the_fl
     msg, _ = await h.next()
     assert msg.method == "INFO"
     assert client.queue.pending == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_udp_receive_buffer_is_the_configured_size() -> None:
+    # [sip] udp_receive_buffer: a burst waits in the kernel instead of being dropped (issue 11, item 13)
+    import socket
+
+    sizes = {}
+    for size in (256 * 1024, 1024 * 1024):
+        layer = TransportLayer(["udp:127.0.0.1:0"], Clock(), 60, 4096, udp_receive_buffer=size)
+        layer.startService()
+        try:
+            sock = layer._udp[0].transport.socket
+            sizes[size] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # Linux doubles it
+        finally:
+            await layer.stopService()
+    assert sizes == {256 * 1024: 256 * 1024, 1024 * 1024: 1024 * 1024}
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_delay_of_the_oldest_datagram_is_reported(harness, peer) -> None:
+    # overload control (issue 11, item 13): how long a datagram waited in the kernel, from its arrival
+    # stamp; here the reactor is kept busy for 50 ms after the datagram arrived, as a burst would
+    import time
+
+    delays: list[float] = []
+    clock = Clock()
+    layer = TransportLayer(["udp:127.0.0.1:0"], clock, 60, 4096)
+    inbox: DeferredQueue = DeferredQueue()
+    layer.sink = lambda msg, flow: inbox.put(msg)
+    layer.startService()
+    layer.on_queue_delay = delays.append  # read at each wake-up: may be set once listening
+    try:
+        client, _ = peer()
+        server = next((host, port) for t, host, port in layer.bound if t == "udp")
+        client.transport.write(sip_request("OPTIONS"), server)
+        time.sleep(0.05)  # the reactor cannot read meanwhile: a lower bound on the wait, not a timing guess
+        msg = await wait(inbox.get())
+        assert msg.method == "OPTIONS"
+        assert len(delays) == 1 and 0.05 <= delays[0] < 5.0, delays
+    finally:
+        await layer.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_early_hook_answers_the_source_or_drops_before_the_parse(harness, peer) -> None:
+    # overload control (issue 11, item 13): the hook sees the raw datagram first
+    h = harness()
+    seen: list[bytes] = []
+
+    def early(data: bytes) -> bytes | None:
+        seen.append(data)
+        if b"call-refuse" in data:
+            return b"SIP/2.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+        return b"" if b"call-drop" in data else None
+
+    h.layer.early = early
+    client, _ = peer()
+    server = h.addr()
+    client.transport.write(sip_request("INVITE", call_id="call-refuse"), server)
+    assert (await client.next())[0].startswith(b"SIP/2.0 503 ")
+    client.transport.write(sip_request("OPTIONS", call_id="call-drop"), server)
+    client.transport.write(sip_request("OPTIONS", call_id="call-pass"), server)
+    msg, _ = await h.next()
+    assert msg.call_id == "call-pass" and len(seen) == 3  # the other two never reached the sink
+    assert h.layer.flows.live_count() == 1  # only the datagram that went on made a flow
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_early_hook_is_logged_and_the_datagram_handled_as_usual(harness, peer) -> None:
+    from twisted.logger import capturedLogs
+
+    h = harness()
+
+    def early(data: bytes) -> bytes | None:
+        raise RuntimeError("bug in the early hook")
+
+    h.layer.early = early
+    client, _ = peer()
+    with capturedLogs() as events:
+        client.transport.write(sip_request("OPTIONS", call_id="call-bug"), h.addr())
+        msg, _ = await h.next()
+    assert msg.call_id == "call-bug"
+    assert any(e.get("log_failure") is not None and "early hook" in e.get("log_format", "") for e in events)
