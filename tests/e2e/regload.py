@@ -84,6 +84,8 @@ class RegisterLoad:
         self.sock.bind((HOST, 0))
         self.port = self.sock.getsockname()[1]
         self.sent = 0
+        self.sent_at: list[float] = [0.0] * count  # monotonic send time per index
+        self.latency: list[float] = []  # seconds from sending to the 200, per acknowledged REGISTER
         self.acked: set[int] = set()
         self.other: dict[int, int] = {}  # status -> count, for answers other than 200
         self._lock = threading.Lock()
@@ -139,6 +141,7 @@ class RegisterLoad:
             if ahead > 0.001:
                 time.sleep(ahead)
             call_id = f"reg-{i}-{self.token}"
+            self.sent_at[i] = time.monotonic()
             self.sock.sendto(register_bytes(self.server_port, self.port, self.user(i), call_id), (HOST, self.server_port))
             self.sent = i + 1
 
@@ -162,7 +165,8 @@ class RegisterLoad:
             index = int(call_id[len(prefix):-len(suffix)])
             status = int(m.group(1))
             with self._lock:
-                if status == 200:
+                if status == 200 and index not in self.acked:
                     self.acked.add(index)
+                    self.latency.append(time.monotonic() - self.sent_at[index])
                 elif status >= 200:
                     self.other[status] = self.other.get(status, 0) + 1
