@@ -7,7 +7,8 @@ and each is answered when that commit returns.
 
 Changes are coalesced per (aor, key) (last write wins) into the open batch. An idle store starts a
 batch ``flush_interval`` after its first change (a short wait that lets a burst share one commit);
-while a batch is being written the next one fills up, and it starts as soon as the first returns.
+while a batch is being written the next one fills up, and it starts when the first returns, or
+``flush_interval`` after the first started if that is later: under load, one commit every few ms.
 The file is in WAL mode with synchronous=NORMAL: a commit survives the process being killed (not a
 power cut), at a fraction of the cost of an fsync per commit.
 
@@ -56,14 +57,13 @@ CREATE TABLE IF NOT EXISTS bindings (
 """
 _UPSERT = "INSERT OR REPLACE INTO bindings (aor, key, expires_at, data) VALUES (?, ?, ?, ?)"
 _DELETE = "DELETE FROM bindings WHERE aor = ? AND key = ?"
-
 # a database that fails as a whole (locked, disk full) is not hammered: failed rows wait this long
 RETRY_DELAY = 0.5
 
 Ident = tuple[str, str]  # (aor, key)
 RunInThread = Callable[..., defer.Deferred]
-# one statement of a batch: (SQL, parameters)
-Row = tuple[str, tuple[Any, ...]]
+# one change of a batch: (aor, key, expires_at, data); data None deletes; aor/key bytes: see sql_text
+Row = tuple[str | bytes, str | bytes, float, str | None]
 # a row that failed: (its index in the batch, reason, retryable)
 RowFailure = tuple[int, str, bool]
 
@@ -109,6 +109,7 @@ class SqliteBindingStore:
         self._open = _Batch()
         self._inflight: _Batch | None = None
         self._timer: IDelayedCall | None = None
+        self._last_start = float("-inf")
         self._owned_pool: ThreadPool | None = None
         self.commits = 0  # batches committed
         self.rows_written = 0
@@ -216,8 +217,9 @@ class SqliteBindingStore:
             return
         batch = self._inflight = self._open
         self._open = _Batch()
+        self._last_start = self.clock.seconds()
         idents = list(batch.changes)
-        rows: list[Row] = []
+        rows: list[Row | None] = []
         failures: list[RowFailure] = []
         for i, ident in enumerate(idents):
             # serialized here, on the reactor thread, so the row is a consistent snapshot
@@ -225,38 +227,44 @@ class SqliteBindingStore:
                 rows.append(_row(ident, batch.changes[ident]))
             except Exception as exc:
                 failures.append((i, f"{type(exc).__name__}: {exc}", False))
-                rows.append(("", ()))  # placeholder: indexes stay those of idents
+                rows.append(None)  # indexes stay those of idents
         d = self._run(self._write_sync, rows)
         d.addCallbacks(
             lambda more: self._finish(batch, idents, failures + more),
             lambda failure: self._crashed(failure, batch, idents),
         )
 
-    def _write_sync(self, rows: list[Row]) -> list[RowFailure]:
-        """In the worker thread: one transaction for the batch; row by row if that fails."""
+    def _write_sync(self, rows: list[Row | None]) -> list[RowFailure]:
+        """In the worker thread: the batch in one transaction; row by row if that fails."""
+        numbered = [(i, row) for i, row in enumerate(rows) if row is not None]
+        upserts = [row for _, row in numbered if row[3] is not None]
+        deletes = [row[:2] for _, row in numbered if row[3] is None]
         db = self._db
         try:
             db.execute("BEGIN")
-            for sql, params in rows:
-                if sql:
-                    db.execute(sql, params)
+            if upserts:
+                db.executemany(_UPSERT, upserts)
+            if deletes:
+                db.executemany(_DELETE, deletes)
             db.execute("COMMIT")
             return []
         except Exception:
             self._rollback()
-        return self._write_rows_apart(rows)
+        return self._write_rows_apart(numbered)
 
-    def _write_rows_apart(self, rows: list[Row]) -> list[RowFailure]:
+    def _write_rows_apart(self, rows: list[tuple[int, Row]]) -> list[RowFailure]:
+        """One transaction, a savepoint per row: a row that fails is reported, the others commit."""
         db = self._db
         failed: list[RowFailure] = []
         try:
             db.execute("BEGIN")
-            for i, (sql, params) in enumerate(rows):
-                if not sql:
-                    continue
+            for i, row in rows:
                 db.execute("SAVEPOINT one_row")
                 try:
-                    db.execute(sql, params)
+                    if row[3] is None:
+                        db.execute(_DELETE, row[:2])
+                    else:
+                        db.execute(_UPSERT, row)
                 except Exception as exc:
                     db.execute("ROLLBACK TO one_row")
                     # OperationalError is the database failing (locked, full, I/O), not this row
@@ -265,10 +273,10 @@ class SqliteBindingStore:
                 db.execute("RELEASE one_row")
             db.execute("COMMIT")
         except Exception as exc:
-            # the transaction itself failed: nothing of this batch is on disk
+            # the transaction itself failed: nothing of these rows is on disk
             self._rollback()
             reason = f"{type(exc).__name__}: {exc}"
-            return [(i, reason, True) for i, (sql, _) in enumerate(rows) if sql]
+            return [(i, reason, True) for i, _ in rows]
         return failed
 
     def _rollback(self) -> None:
@@ -316,11 +324,15 @@ class SqliteBindingStore:
                 d.callback(None)
         if self._closed or not self._open.changes or self._inflight is not None:
             return
-        if retry:
-            if self._timer is None:
-                self._timer = self.clock.callLater(max(self.flush_interval, RETRY_DELAY), self._start)
+        if self._timer is not None:
+            return
+        # group commit: what queued up during this write goes next, at most one commit per
+        # flush_interval (each costs a thread hand-off and a reactor wake-up, whatever its size)
+        wait = RETRY_DELAY if retry else self._last_start + self.flush_interval - self.clock.seconds()
+        if wait > 0:
+            self._timer = self.clock.callLater(wait, self._start)
         else:
-            self._start()  # group commit: what queued up during this write goes at once
+            self._start()
 
     # -- shutdown -------------------------------------------------------------------------------
 
@@ -351,9 +363,9 @@ class SqliteBindingStore:
 def _row(ident: Ident, binding: Binding | None) -> Row:
     aor, key = sql_text(ident[0]), sql_text(ident[1])
     if binding is None:
-        return (_DELETE, (aor, key))
+        return (aor, key, 0.0, None)
     # ensure_ascii (the default) writes surrogates as \\udcXX escapes: the JSON is always valid text
-    return (_UPSERT, (aor, key, binding.expires_at, json.dumps(binding.to_dict())))
+    return (aor, key, float(binding.expires_at), json.dumps(binding.to_dict()))
 
 
 def _shown(value: str | bytes) -> str:

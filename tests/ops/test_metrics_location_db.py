@@ -11,6 +11,7 @@ from libon_tsilo.registrar.sqlite_store import SqliteBindingStore
 from tests.ops.test_metrics import samples
 from tests.ops.test_rpc import binding, build
 from tests.registrar.helpers import run_sync
+from tests.registrar.test_sqlite_store import refuse_rows_of
 
 
 def test_location_db_counters(tmp_path):
@@ -25,9 +26,8 @@ def test_location_db_counters(tmp_path):
     registry = make_registry(parts, None, push=PushMetrics())
     assert samples(registry)[("libon_tsilo_location_db_commits_total", ())] == 0
     parts.location.add_or_update(binding("alice", "sip:alice@10.0.0.1", clock))
-    odd = binding("bob", "sip:bob@10.0.0.2", clock)
-    odd.expires_at = 10**20  # SQLite cannot hold that integer: the row is skipped
-    parts.location.add_or_update(odd)
+    refuse_rows_of(tmp_path / "loc.sqlite", "bob")  # SQLite refuses bob's row: it is skipped
+    parts.location.add_or_update(binding("bob", "sip:bob@10.0.0.2", clock))
     assert samples(registry)[("libon_tsilo_location_db_pending", ())] == 2
     db_clock.advance(0.002)
     s = samples(registry)

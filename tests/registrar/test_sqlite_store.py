@@ -243,6 +243,17 @@ def _manual(path: Path, clock: Clock, interval: float = 0.002) -> tuple[Location
     return store, persistence, runner
 
 
+def refuse_rows_of(path: Path, aor: str) -> None:
+    """Make SQLite itself refuse every row of ``aor`` (as a constraint would), from another connection."""
+    db = sqlite3.connect(str(path))
+    db.execute(
+        f"CREATE TRIGGER refuse BEFORE INSERT ON bindings WHEN NEW.aor = '{aor}' "
+        "BEGIN SELECT RAISE(ABORT, 'refused for the test'); END"
+    )
+    db.commit()
+    db.close()
+
+
 def _outcome(d: defer.Deferred | None) -> list[Any]:
     seen: list[Any] = []
     assert d is not None
@@ -282,8 +293,8 @@ def test_a_row_that_fails_alone_is_skipped_and_the_rest_of_the_batch_commits(tmp
     clock = Clock()
     path = tmp_path / "loc.sqlite"
     store, persistence, runner = _manual(path, clock)
-    # an integer SQLite cannot hold: binding this row fails, and only this row
-    store.add_or_update(make_binding(aor="sip:bad@example.com", uri="sip:bad@h", expires_at=10**20))
+    refuse_rows_of(path, "sip:bad@example.com")
+    store.add_or_update(make_binding(aor="sip:bad@example.com", uri="sip:bad@h", expires_at=5000.0))
     bad = _outcome(store.when_durable("sip:bad@example.com"))
     for i in range(3):
         store.add_or_update(make_binding(uri=f"sip:ok{i}@h", expires_at=5000.0))
@@ -292,7 +303,7 @@ def test_a_row_that_fails_alone_is_skipped_and_the_rest_of_the_batch_commits(tmp
     runner.run_one()
     assert _rows(path) == 3
     assert good == [None]
-    assert len(bad) == 1 and isinstance(bad[0].value, NotStored) and "OverflowError" in str(bad[0].value)
+    assert len(bad) == 1 and isinstance(bad[0].value, NotStored) and "refused for the test" in str(bad[0].value)
     assert persistence.rows_skipped == 1 and persistence.rows_written == 3
     assert persistence.pending() == 0 and runner.queued == []  # skipped, not retried forever
     # and the next batch is written as usual
@@ -324,6 +335,23 @@ def test_group_commit_changes_during_a_write_share_the_next_commit(tmp_path: Pat
     assert later == [[None], [None]] and _rows(path) == 3
     assert persistence.commits == 2
     assert store.when_durable("sip:a@example.com") is None  # nothing left to wait for
+
+
+def test_under_load_commits_are_one_flush_interval_apart(tmp_path: Path) -> None:
+    clock = Clock()
+    store, persistence, runner = _manual(tmp_path / "loc.sqlite", clock, interval=0.005)
+    store.add_or_update(make_binding(uri="sip:0@h", expires_at=5000.0))
+    clock.advance(0.005)
+    store.add_or_update(make_binding(uri="sip:1@h", expires_at=5000.0))
+    clock.advance(0.001)
+    runner.run_one()  # a commit that took 1 ms: the next waits until 5 ms after the first began
+    assert runner.queued == []
+    clock.advance(0.003)
+    assert runner.queued == []
+    clock.advance(0.0015)
+    assert len(runner.queued) == 1
+    runner.run_one()
+    assert persistence.commits == 2 and persistence.pending() == 0
 
 
 def test_failed_database_fails_the_waiters_and_retries_the_rows(tmp_path: Path) -> None:
