@@ -166,10 +166,17 @@ class Registrar:
         durable.addCallbacks(
             self._committed, self._not_stored, (stx, resp, events), None, (stx, request, events)
         )
+        durable.addErrback(self._answer_failed, request)
+
+    @staticmethod
+    def _answer_failed(failure: Failure, request: Request) -> None:
+        log.failure("REGISTER: answering after the commit failed", failure, call_id=request.header("call-id"))
 
     def _committed(self, _: object, stx: Any, resp: Response, events: list) -> None:
-        stx.respond(resp)
-        self.store.emit_events(events)
+        try:
+            stx.respond(resp)
+        finally:  # the bindings are stored and live whatever became of the answer
+            self.store.emit_events(events)
 
     def _not_stored(self, failure: Failure, stx: Any, request: Request, events: list) -> None:
         closed = failure.check(StoreClosed) is not None
@@ -185,8 +192,10 @@ class Registrar:
         else:
             resp = make_response(request, 500, "Binding Not Stored", to_tag=new_tag())
         resp.add_header("Retry-After", str(NOT_STORED_RETRY_AFTER))
-        stx.respond(resp)
-        self.store.emit_events(events)
+        try:
+            stx.respond(resp)
+        finally:
+            self.store.emit_events(events)
 
     def remove(self, binding: Binding, reason: str) -> bool:
         """Drop a binding (push layer: dead token; admin API: ul.rm)."""

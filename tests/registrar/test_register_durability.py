@@ -144,3 +144,28 @@ def test_memory_backend_answers_at_once_and_events_follow_the_answer() -> None:
     env.register(["*"], cseq=3, expires=0)
     # every event saw its REGISTER answered already
     assert env.watcher.seen == [("added", 1), ("refreshed", 2), ("removed", 3)]
+
+
+class BrokenStx(FakeStx):
+    def respond(self, resp: Any) -> None:
+        raise RuntimeError("transport gone")
+
+
+def test_an_answer_that_cannot_be_sent_is_logged_and_the_events_still_go(tmp_path: Path) -> None:
+    from twisted.logger import globalLogPublisher
+
+    env = Env(tmp_path)
+    logged: list[dict] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        stx = BrokenStx()
+        env.registrar.handle_register(
+            parse_message(register_text(["<sip:alice@192.0.2.10:40000>"])), stx, FakeFlow()
+        )
+        env.commit()
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert env.watcher.seen == [("added", 0)]
+    failures = [e for e in logged if e.get("log_failure") is not None]
+    assert len(failures) == 1 and "answering after the commit failed" in failures[0]["log_format"]
+    assert failures[0]["call_id"] == "reg-1@192.0.2.10"
