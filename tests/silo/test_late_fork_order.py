@@ -80,3 +80,23 @@ def test_the_200_ok_goes_out_before_the_forked_invite() -> None:
     to_device = [data.split(b"\r\n", 1)[0] for data, addr in outbox if addr == DEVICE]
     assert to_device == [b"SIP/2.0 200 OK", b"INVITE sip:bob@127.0.0.1:17000;transport=udp SIP/2.0"]
     assert root.parts.silo.stats()["added_branches"] == 1
+
+
+def test_over_tcp_the_200_ok_is_written_before_the_invite() -> None:
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    from libon_tsilo.sip.transport import _ServerFactory
+
+    root, _outbox, feed = _server()
+    feed(INVITE, CALLER)
+    proto = _ServerFactory(root.parts.transport, "tcp").buildProtocol(None)
+    wire = StringTransport(
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 5060), peerAddress=IPv4Address("TCP", "127.0.0.1", 17001)
+    )
+    proto.makeConnection(wire)
+    register = (REGISTER.replace("SIP/2.0/UDP 127.0.0.1:17000", "SIP/2.0/TCP 127.0.0.1:17001")
+                .replace("17000;transport=udp", "17001;transport=tcp"))
+    proto.dataReceived(register.encode())
+    starts = [line for line in wire.value().split(b"\r\n") if line.startswith((b"SIP/2.0 ", b"INVITE "))]
+    assert starts == [b"SIP/2.0 200 OK", b"INVITE sip:bob@127.0.0.1:17001;transport=tcp SIP/2.0"]
