@@ -5,7 +5,7 @@
   a 200 has its binding (ul.dump over the admin API);
 - a REGISTER whose Contact holds a byte that is not UTF-8 (``sip:m\\xff@...``, as in issue 11), and
   one whose AOR is ``%FF``-escaped, followed by good REGISTERs: everything acknowledged survives a
-  kill -9, and ul.dump answers 200 with the odd bytes shown as ``\\xNN``;
+  kill -9 and a SIGTERM restart, and ul.dump answers 200 with the odd bytes shown as ``\\xNN``;
 - the late-forked INVITE reaches a pushed device after the 200 OK of its REGISTER (APNs fake,
   tests/e2e/pushdevice.py; the SQLite store makes the 200 wait for its commit).
 """
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import socket
 from typing import Any
+
+import pytest
 
 from tests.e2e.proc import HOST, admin_rpc, free_port
 from tests.e2e.regload import RegisterLoad, contact_users, exchange, register_bytes
@@ -52,7 +54,8 @@ def test_kill9_during_a_register_flood_loses_no_acknowledged_binding(servers: Se
     assert not lost, f"{len(lost)} of {len(acked)} acknowledged bindings lost, e.g. {lost[:5]}"
 
 
-def test_bytes_that_are_not_utf8_block_nothing_and_survive(servers: Servers) -> None:
+@pytest.mark.parametrize("stop", ["kill9", "sigterm"])
+def test_bytes_that_are_not_utf8_block_nothing_and_survive(servers: Servers, stop: str) -> None:
     server = servers.start(_config())
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((HOST, 0))
@@ -76,7 +79,10 @@ def test_bytes_that_are_not_utf8_block_nothing_and_survive(servers: Servers) -> 
     expected = good | {"e"} | ({"m\\xff"} if odd_contact == 200 else set())
     assert contact_users(dump) == expected
     assert "sip:e\\xff@127.0.0.1" in dump["aors"] or "e\\xff" in dump["aors"], list(dump["aors"])
-    servers.kill9(server)
+    if stop == "kill9":
+        servers.kill9(server)
+    else:
+        servers.stop(server)
     again = servers.restart(server)
     assert contact_users(admin_rpc(again, "ul.dump")) == expected
     assert "location db" not in server.output()  # no batch failed, no row was skipped
