@@ -13,7 +13,8 @@ acknowledged but absent (the target: 0 with sqlite; memory is the control, it lo
 
 Also printed per round: the REGISTER latency as the client saw it (send to 200, p50 / p99 / max)
 over the acknowledged REGISTERs. With --no-kill the flood runs --seconds and the server is stopped
-with SIGTERM: latency and answers only.
+with SIGTERM: latency, answers, and the server's CPU time (user + system, all threads, from /proc)
+per acknowledged REGISTER, a figure that other jobs on a shared box disturb far less than a rate.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, all its threads (the SQLite writer too), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def restart(old: ServerProcess) -> ServerProcess:
     """twistd again on the old process's config file: same ports, same database."""
     log_path = old.config_path.parent / "server-restart.log"
@@ -64,12 +71,15 @@ def one_round(args: argparse.Namespace, directory: Path) -> dict[str, float]:
     }
     server = start_server(directory, extra)
     seconds = args.seconds if args.no_kill else args.kill_after
+    cpu_before = cpu_seconds(server.pid)
     load = RegisterLoad(server.sip_port, count=int(args.rate * (seconds + 5)), rate=args.rate).start()
+    cpu = 0.0
     try:
         time.sleep(seconds)
         if args.no_kill:
             load.stop_sending()
             time.sleep(1.0)  # the last answers
+            cpu = cpu_seconds(server.pid) - cpu_before
         else:
             server.proc.kill()
             server.proc.wait(10)
@@ -79,7 +89,7 @@ def one_round(args: argparse.Namespace, directory: Path) -> dict[str, float]:
             server.stop()
     result = {"sent": load.sent, "acked": len(acked), "other": sum(load.other.values()),
               "p50": percentile(load.latency, 50), "p99": percentile(load.latency, 99),
-              "max": max(load.latency, default=float("nan"))}
+              "max": max(load.latency, default=float("nan")), "cpu": cpu}
     if not args.no_kill:
         again = restart(server)
         try:
@@ -109,6 +119,8 @@ def main() -> int:
             line = (f"round {n}: {r['sent']:,} REGISTERs sent at {args.rate:,.0f}/s, {r['acked']:,} got 200, "
                     f"{r['other']:,} other answers; latency p50 {r['p50'] * 1e3:.1f} ms, "
                     f"p99 {r['p99'] * 1e3:.1f} ms, max {r['max'] * 1e3:.1f} ms")
+            if args.no_kill:
+                line += f"; server CPU {r['cpu'] / max(r['acked'], 1) * 1e6:.0f} us per REGISTER"
             if "lost" in r:
                 total_acked += r["acked"]
                 total_lost += r["lost"]
