@@ -353,7 +353,8 @@ class AuthConfig:
 class LocationConfig:
     backend: str = _opt("sqlite", _one_of("sqlite", "memory"))
     path: str = _opt("libon-tsilo-location.sqlite", path=_STATE)
-    flush_interval_ms: int = _opt(200, _int_range(0, 1000))
+    # group commit: the first change waits this long for others before a commit starts
+    flush_interval_ms: int = _opt(2, _int_range(0, 1000))
 
 
 @dataclass(frozen=True)

@@ -313,6 +313,14 @@ class TsiloCollector(Collector):
             return
         yield _gauge("bindings", "Registered contacts (bindings)", loc.all_count())
         yield _gauge("registered_aors", "AORs with at least one binding", loc.aor_count())
+        # the SQLite copy (group commit): rows skipped for bad data, retried after a database error
+        db = loc.persistence_stats() if hasattr(loc, "persistence_stats") else None
+        if db is not None:
+            yield _counter("location_db_commits", "Binding batches committed (location db)", db["commits"])
+            for what in ("written", "skipped", "retried"):
+                doc = f"Binding changes {what} (location db)"
+                yield _counter(f"location_db_rows_{what}", doc, db["rows_" + what])
+            yield _gauge("location_db_pending", "Binding changes queued or being written", db["pending"])
 
     def _silo(self) -> Iterator[Metric]:
         silo = self.parts.silo

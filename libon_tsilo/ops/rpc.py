@@ -18,7 +18,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-__all__ = ["RpcError", "Rpc", "RpcMethod", "jsonable"]
+__all__ = ["RpcError", "Rpc", "RpcMethod", "jsonable", "printable"]
 
 log = Logger()
 
@@ -42,13 +42,16 @@ class RpcMethod:
 
 
 def jsonable(value: Any) -> Any:
-    """Plain JSON types out of dataclasses, tuples, sets and objects with ``to_dict``."""
-    if value is None or isinstance(value, (bool, int, str)):
+    """Plain JSON types out of dataclasses, tuples, sets and objects with ``to_dict``; every string
+    is valid Unicode (see :func:`printable`)."""
+    if isinstance(value, str):
+        return value if value.isascii() else printable(value)
+    if value is None or isinstance(value, (bool, int)):
         return value
     if isinstance(value, float):
         return value if value == value and value not in (float("inf"), float("-inf")) else None
     if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
+        return {jsonable(str(k)): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
         return [jsonable(v) for v in items]
@@ -58,7 +61,21 @@ def jsonable(value: Any) -> Any:
     as_dict = getattr(value, "as_dict", None)
     if callable(as_dict):
         return jsonable(as_dict())
-    return str(value)
+    return jsonable(str(value))
+
+
+def printable(text: str) -> str:
+    """``text`` as valid Unicode. The parser keeps bytes that are not UTF-8 as surrogates
+    (surrogateescape), which no UTF-8 encoder takes: they are shown as ``\\xNN``."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class Rpc:
@@ -210,7 +227,8 @@ class Rpc:
             if not chosen:
                 raise RpcError(404, "contact not found for this AOR")
         elif key:
-            chosen = [b for b in bindings if b.key == key]
+            # ul.dump shows a key with odd bytes as printable(): that spelling removes it too
+            chosen = [b for b in bindings if b.key == key or printable(b.key) == key]
             if not chosen:
                 raise RpcError(404, "binding key not found for this AOR")
         else:

@@ -9,7 +9,7 @@ of a binding, so it is also the primary key of the persistent copy.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -81,8 +81,11 @@ class Binding:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able snapshot (persistence, admin API)."""
-        data = asdict(self)
+        # not dataclasses.asdict: its deep copy was the largest cost of a REGISTER's persistence,
+        # and every field is immutable but path (copied here) and received (a tuple, listed here)
+        data = {name: getattr(self, name) for name in _FIELD_NAMES}
         data["received"] = list(self.received) if self.received else None
+        data["path"] = list(self.path)
         return data
 
     @classmethod
@@ -96,6 +99,9 @@ class Binding:
             kwargs["received"] = (str(transport), str(host), int(port))
         kwargs["path"] = list(kwargs.get("path") or [])
         return cls(**kwargs)
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(Binding))
 
 
 class LocationObserver(Protocol):

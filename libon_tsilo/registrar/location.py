@@ -5,7 +5,10 @@ start. Expiry is one timer on the earliest deadline (a heap with lazy deletion),
 and bindings are indexed by flow id so a closing connection never scans the table.
 
 Events go to observers; an observer that raises is logged and never breaks the caller (REGISTER).
-Restored bindings emit no events: nothing listening at start-up waits for them.
+Restored bindings emit no events: nothing listening at start-up waits for them. The registrar holds
+back the events of a REGISTER (``hold_events``) and emits them once its 200 OK is sent, so that a
+late-forked INVITE never overtakes the answer to the REGISTER that woke it; ``when_durable`` tells
+it when the REGISTER's changes are committed (group commit, see sqlite_store.py).
 """
 
 from __future__ import annotations
@@ -25,11 +28,19 @@ if TYPE_CHECKING:
     from libon_tsilo.registrar.sqlite_store import SqliteBindingStore
     from libon_tsilo.sip.flow import Flow
 
-__all__ = ["LocationStore"]
+__all__ = ["LocationStore", "NotStored", "StoreClosed"]
 
 log = Logger()
 
 Ident = tuple[str, str]  # (aor, key)
+
+
+class NotStored(Exception):
+    """A change of an AOR's bindings could not be committed (the reason is the message)."""
+
+
+class StoreClosed(NotStored):
+    """The store is stopped (shutdown): nothing more is written."""
 
 
 class LocationStore:
@@ -44,6 +55,7 @@ class LocationStore:
         self._timer: IDelayedCall | None = None
         self._timer_deadline = 0.0  # the heap deadline the timer was set for
         self._count = 0
+        self._held: list[tuple[str, tuple[Any, ...]]] | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -73,6 +85,26 @@ class LocationStore:
             return defer.succeed(None)
         return self.persistence.flush()
 
+    def when_durable(self, aor: str) -> defer.Deferred | None:
+        """Fires when every change so far is committed; fails (sqlite_store.NotStored) when a change
+        of ``aor`` could not be. None when there is nothing to wait for (the memory backend)."""
+        if self.persistence is None:
+            return None
+        return self.persistence.when_committed(aor)
+
+    def persistence_stats(self) -> dict[str, int] | None:
+        """Counters of the persistent copy (commits, rows written/skipped/retried, pending)."""
+        p = self.persistence
+        if p is None:
+            return None
+        return {
+            "commits": p.commits,
+            "rows_written": p.rows_written,
+            "rows_skipped": p.rows_skipped,
+            "rows_retried": p.rows_retried,
+            "pending": p.pending(),
+        }
+
     def stop(self) -> defer.Deferred:
         """Cancel the expiry timer, then flush and close the persistence."""
         if self._timer is not None and self._timer.active():
@@ -92,7 +124,23 @@ class LocationStore:
         if observer in self._observers:
             self._observers.remove(observer)
 
+    def hold_events(self) -> None:
+        """Keep the events from now on until release_events() (one REGISTER, processed synchronously)."""
+        self._held = []
+
+    def release_events(self) -> list[tuple[str, tuple[Any, ...]]]:
+        """Stop holding; returns the held events, for emit_events() once the REGISTER is answered."""
+        held, self._held = self._held, None
+        return held or []
+
+    def emit_events(self, events: list[tuple[str, tuple[Any, ...]]]) -> None:
+        for event, args in events:
+            self._emit(event, *args)
+
     def _emit(self, event: str, *args: Any) -> None:
+        if self._held is not None:
+            self._held.append((event, args))
+            return
         for observer in list(self._observers):
             try:
                 getattr(observer, event)(*args)

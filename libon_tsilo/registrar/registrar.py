@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from libon_tsilo import logflags
 from libon_tsilo.registrar.auth import AuthPolicy
 from libon_tsilo.registrar.binding import Binding
-from libon_tsilo.registrar.location import LocationStore
+from libon_tsilo.registrar.location import LocationStore, StoreClosed
 from libon_tsilo.registrar.push_params import PN_URI_PARAMS, feature_caps, parse_push_params, pn_triple_match
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.headers import NameAddr, parse_uint, unquote
@@ -43,6 +44,9 @@ log = Logger()
 
 # option tags a REGISTER may Require of us (RFC 3261 §8.2.2.3)
 SUPPORTED_EXTENSIONS = frozenset({"path", "outbound"})
+
+# seconds a device waits before registering again when its binding could not be stored
+NOT_STORED_RETRY_AFTER = 5
 
 
 def aor_key(uri: URI, use_domain: bool) -> str:
@@ -136,9 +140,18 @@ class Registrar:
     # -- public API -----------------------------------------------------------------------------
 
     def handle_register(self, request: Request, stx: Any, flow: Flow | None) -> None:
-        """Process a REGISTER and answer it on ``stx`` (anything with ``.respond(resp)``)."""
+        """Process a REGISTER and answer it on ``stx`` (anything with ``.respond(resp)``).
+
+        A 200 OK promises that the bindings survive a crash: with a persistent store it is sent
+        when the changes are committed, and a REGISTER whose change could not be stored gets a 5xx
+        with Retry-After instead (the in-memory binding stays: the device is reachable, and it will
+        register again). The binding events (the silo's late fork) go out after the answer.
+        """
+        store = self.store
+        changed: str | None = None  # the AOR whose bindings this REGISTER changed
+        store.hold_events()
         try:
-            resp = self._process(request, flow)
+            resp, changed = self._process(request, flow)
         except _Reject as rej:
             log.info(
                 "REGISTER for {to} refused: {status} {reason}",
@@ -155,7 +168,46 @@ class Registrar:
         except Exception:
             log.failure("REGISTER processing failed", call_id=request.header("call-id"))
             resp = make_response(request, 500, "Server Internal Error", to_tag=new_tag())
-        stx.respond(resp)
+        finally:
+            events = store.release_events()
+        durable = store.when_durable(changed) if changed is not None and resp.status == 200 else None
+        if durable is None:
+            stx.respond(resp)
+            store.emit_events(events)
+            return
+        durable.addCallbacks(
+            self._committed, self._not_stored, (stx, resp, events), None, (stx, request, events)
+        )
+        durable.addErrback(self._answer_failed, request)
+
+    @staticmethod
+    def _answer_failed(failure: Failure, request: Request) -> None:
+        log.failure("REGISTER: answering after the commit failed", failure, call_id=request.header("call-id"))
+
+    def _committed(self, _: object, stx: Any, resp: Response, events: list) -> None:
+        try:
+            stx.respond(resp)
+        finally:  # the bindings are stored and live whatever became of the answer
+            self.store.emit_events(events)
+
+    def _not_stored(self, failure: Failure, stx: Any, request: Request, events: list) -> None:
+        closed = failure.check(StoreClosed) is not None
+        log.warn(
+            "REGISTER for {to}: binding not stored ({reason}), answering {status}",
+            to=request.header("to"),
+            reason=failure.getErrorMessage(),
+            status=503 if closed else 500,
+            call_id=request.header("call-id"),
+        )
+        if closed:  # shutting down: another server (or this one, restarted) will take it
+            resp = make_response(request, 503, "Service Unavailable", to_tag=new_tag())
+        else:
+            resp = make_response(request, 500, "Binding Not Stored", to_tag=new_tag())
+        resp.add_header("Retry-After", str(NOT_STORED_RETRY_AFTER))
+        try:
+            stx.respond(resp)
+        finally:
+            self.store.emit_events(events)
 
     def remove(self, binding: Binding, reason: str) -> bool:
         """Drop a binding (push layer: dead token; admin API: ul.rm)."""
@@ -170,14 +222,15 @@ class Registrar:
 
     # -- processing -----------------------------------------------------------------------------
 
-    def _process(self, request: Request, flow: Flow | None) -> Response:
+    def _process(self, request: Request, flow: Flow | None) -> tuple[Response, str | None]:
+        """The answer, and the AOR when its bindings changed (the answer waits for them on disk)."""
         to_uri = request.to.uri
         aor = self._aor(to_uri)
         self._check_require(request)
         if self.auth is not None:
             result = self.auth.check(request, flow, "register")
             if result.response is not None:
-                return result.response
+                return result.response, None
         call_id = request.call_id
         cseq = request.cseq.seq
         contacts = request.contacts
@@ -193,7 +246,7 @@ class Registrar:
             for b in existing:
                 self.store.remove(b, "unregistered")
             log.info("REGISTER {aor}: all bindings removed", aor=aor, call_id=call_id)
-            return self._ok(request, aor, now, outcome, flow)
+            return self._ok(request, aor, now, outcome, flow), aor if existing else None
 
         plans = [self._plan(request, aor, c, call_id, cseq, flow, now, outcome) for c in contacts]
         evict = self._apply_plan(plans, existing, call_id, cseq)
@@ -214,7 +267,7 @@ class Registrar:
                 total=len(self.store.lookup(aor)),
                 call_id=call_id,
             )
-        return self._ok(request, aor, now, outcome, flow)
+        return self._ok(request, aor, now, outcome, flow), aor if plans or evict else None
 
     def _aor(self, to_uri: URI) -> str:
         if to_uri.scheme not in ("sip", "sips") or isinstance(to_uri, TelURI):

@@ -1,13 +1,27 @@
-"""Write-behind SQLite persistence of bindings, in batches off the reactor thread.
+"""SQLite persistence of bindings with group commit, written off the reactor thread.
 
-The in-memory LocationStore is authoritative; this module only keeps a copy that survives a restart.
-Changes are coalesced per (aor, key) (last write wins) and written by one transaction per batch at
-most ``flush_interval`` seconds after the first change of the batch. The file is in WAL mode with
-synchronous=NORMAL: a commit survives the process being killed (not a power cut), which is what
-"kill -9 loses nothing older than one batch interval" needs, at a fraction of the fsync cost.
+The in-memory LocationStore answers every lookup; this module keeps the copy that survives a restart
+and says when a change is on disk, so that a REGISTER is answered 200 only once its binding would
+survive kill -9. Group commit: the REGISTERs that arrive while one commit runs share the next one,
+and each is answered when that commit returns.
 
-Batches are serialized (a DeferredLock) so one connection is never used by two threads at once and
-batches land in order. A failed batch is re-queued unless a newer change superseded it.
+Changes are coalesced per (aor, key) (last write wins) into the open batch. An idle store starts a
+batch ``flush_interval`` after its first change (a short wait that lets a burst share one commit);
+while a batch is being written the next one fills up, and it starts when the first returns, or
+``flush_interval`` after the first started if that is later: under load, one commit every few ms.
+The file is in WAL mode with synchronous=NORMAL: a commit survives the process being killed (not a
+power cut), at a fraction of the cost of an fsync per commit.
+
+One bad row never blocks the others. A batch whose transaction fails is written again with one
+savepoint per row (still one commit): a row that fails on its own is skipped and logged with the
+reason (its data would fail forever), a row that fails because the database does (locked, disk
+full, I/O error) is queued again and retried after a pause. Either way the REGISTERs waiting for
+that AOR are told, and answer 5xx instead of 200.
+
+Text is stored losslessly. The parser keeps bytes that are not UTF-8 as surrogates
+(surrogateescape), which SQLite refuses as TEXT: such an aor or key is stored as a BLOB of the
+original bytes (never equal to a TEXT value, so it cannot collide with a valid key), and the JSON
+of the row escapes them (json round-trips lone surrogates).
 """
 
 from __future__ import annotations
@@ -21,12 +35,14 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from libon_tsilo.registrar.binding import Binding
+from libon_tsilo.registrar.location import NotStored, StoreClosed
 from libon_tsilo.util import redact_key
 
-__all__ = ["SqliteBindingStore"]
+__all__ = ["SqliteBindingStore", "sql_text"]
 
 log = Logger()
 
@@ -39,10 +55,39 @@ CREATE TABLE IF NOT EXISTS bindings (
     PRIMARY KEY (aor, key)
 )
 """
+_UPSERT = "INSERT OR REPLACE INTO bindings (aor, key, expires_at, data) VALUES (?, ?, ?, ?)"
+_DELETE = "DELETE FROM bindings WHERE aor = ? AND key = ?"
+# a database that fails as a whole (locked, disk full) is not hammered: failed rows wait this long
+RETRY_DELAY = 0.5
 
-# (aor, key) -> the binding to write, or None to delete the row
-Batch = dict[tuple[str, str], Binding | None]
+Ident = tuple[str, str]  # (aor, key)
 RunInThread = Callable[..., defer.Deferred]
+# one change of a batch: (aor, key, expires_at, data); data None deletes; aor/key bytes: see sql_text
+Row = tuple[str | bytes, str | bytes, float, str | None]
+# a row that failed: (its index in the batch, reason, retryable)
+RowFailure = tuple[int, str, bool]
+
+
+def sql_text(text: str) -> str | bytes:
+    """``text`` as SQLite can bind it: itself, or its original bytes when it holds surrogates."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape")
+    return text
+
+
+class _Batch:
+    """Changes committed together, and who waits for them."""
+
+    __slots__ = ("changes", "waiters")
+
+    def __init__(self) -> None:
+        self.changes: dict[Ident, Binding | None] = {}  # None: delete the row
+        # (aor, d): d fails when a change of that aor failed; aor None: a flush, which never fails
+        self.waiters: list[tuple[str | None, defer.Deferred]] = []
 
 
 class SqliteBindingStore:
@@ -53,7 +98,7 @@ class SqliteBindingStore:
         self,
         path: str,
         clock: IReactorTime,
-        flush_interval: float = 0.2,
+        flush_interval: float = 0.002,
         reactor: Any = None,
         threadpool: ThreadPool | None = None,
         run_in_thread: RunInThread | None = None,
@@ -61,10 +106,15 @@ class SqliteBindingStore:
         self.path = path
         self.clock = clock
         self.flush_interval = max(0.0, min(flush_interval, 1.0))
-        self._pending: Batch = {}
+        self._open = _Batch()
+        self._inflight: _Batch | None = None
         self._timer: IDelayedCall | None = None
-        self._lock = defer.DeferredLock()
+        self._last_start = float("-inf")
         self._owned_pool: ThreadPool | None = None
+        self.commits = 0  # batches committed
+        self.rows_written = 0
+        self.rows_skipped = 0  # rows whose data failed on their own: dropped, logged
+        self.rows_retried = 0  # rows that failed with the database: queued again
         if run_in_thread is None:
             if reactor is None:
                 from twisted.internet import reactor as default_reactor
@@ -105,9 +155,9 @@ class SqliteBindingStore:
             except (ValueError, TypeError, KeyError) as exc:
                 log.warn(
                     "location db: dropping unreadable binding {aor} {key}: {err}",
-                    aor=aor, key=redact_key(key), err=exc,
+                    aor=_shown(aor), key=redact_key(_shown(key)), err=exc,
                 )
-                self._db.execute("DELETE FROM bindings WHERE aor = ? AND key = ?", (aor, key))
+                self._db.execute(_DELETE, (aor, key))
                 continue
             out.append(binding)
         return out
@@ -120,61 +170,169 @@ class SqliteBindingStore:
     def delete(self, binding: Binding) -> None:
         self._queue((binding.aor, binding.key), None)
 
-    def _queue(self, ident: tuple[str, str], value: Binding | None) -> None:
+    def _queue(self, ident: Ident, value: Binding | None) -> None:
         if self._closed:
             return
-        self._pending[ident] = value
-        if self._timer is None or not self._timer.active():
-            self._timer = self.clock.callLater(self.flush_interval, self._timed_flush)
+        self._open.changes[ident] = value
+        if self._inflight is None and self._timer is None:
+            self._timer = self.clock.callLater(self.flush_interval, self._start)
 
-    def _timed_flush(self) -> None:
-        self._timer = None
-        self.flush()
-
-    def flush(self) -> defer.Deferred:
-        """Write everything queued so far; the Deferred fires once it is committed (or failed and
-        re-queued). Never errbacks."""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        batch, self._pending = self._pending, {}
-        if not batch:
-            # still wait for a batch in flight, so flush() means "everything so far is on disk"
-            return self._lock.run(defer.succeed, None)
-        rows = [(ident, json.dumps(b.to_dict()) if b is not None else None, b) for ident, b in batch.items()]
-        return self._lock.run(self._write, rows, batch)
-
-    def _write(self, rows: list, batch: Batch) -> defer.Deferred:
-        d = self._run(self._write_sync, rows)
-        d.addErrback(self._write_failed, batch)
+    def when_committed(self, aor: str) -> defer.Deferred | None:
+        """A Deferred that fires once the changes queued so far are committed, or fails with
+        NotStored when one of ``aor``'s failed. None when nothing is waiting to be written."""
+        if self._closed:
+            return defer.fail(StoreClosed("the location store is stopped"))
+        batch = self._open if self._open.changes else self._inflight
+        if batch is None:
+            return None
+        d: defer.Deferred = defer.Deferred()
+        batch.waiters.append((aor, d))
         return d
 
-    def _write_sync(self, rows: list) -> None:
-        db = self._db
-        db.execute("BEGIN")
-        try:
-            for (aor, key), data, binding in rows:
-                if data is None:
-                    db.execute("DELETE FROM bindings WHERE aor = ? AND key = ?", (aor, key))
-                else:
-                    db.execute(
-                        "INSERT OR REPLACE INTO bindings (aor, key, expires_at, data) VALUES (?, ?, ?, ?)",
-                        (aor, key, binding.expires_at, data),
-                    )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+    def flush(self) -> defer.Deferred:
+        """Write everything queued so far now; the Deferred fires once it is committed (or failed:
+        see the module doc). Never errbacks."""
+        batch = self._open if self._open.changes else self._inflight
+        if batch is None:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        batch.waiters.append((None, d))
+        if batch is self._open:
+            self._start()
+        return d
 
-    def _write_failed(self, failure: Any, batch: Batch) -> None:
-        log.failure("location db: batch of {n} changes failed; will retry", failure, n=len(batch))
-        if self._closed:
+    def pending(self) -> int:
+        """Changes queued or being written."""
+        return len(self._open.changes) + (len(self._inflight.changes) if self._inflight else 0)
+
+    # -- the writer -----------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        """Write the open batch now, unless one is in flight (it starts when that one returns)."""
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        if self._inflight is not None or not self._open.changes:
             return
-        for ident, value in batch.items():
-            if ident not in self._pending:
-                self._pending[ident] = value
-        if self._pending and (self._timer is None or not self._timer.active()):
-            self._timer = self.clock.callLater(max(self.flush_interval, 0.5), self._timed_flush)
+        batch = self._inflight = self._open
+        self._open = _Batch()
+        self._last_start = self.clock.seconds()
+        idents = list(batch.changes)
+        rows: list[Row | None] = []
+        failures: list[RowFailure] = []
+        for i, ident in enumerate(idents):
+            # serialized here, on the reactor thread, so the row is a consistent snapshot
+            try:
+                rows.append(_row(ident, batch.changes[ident]))
+            except Exception as exc:
+                failures.append((i, f"{type(exc).__name__}: {exc}", False))
+                rows.append(None)  # indexes stay those of idents
+        d = self._run(self._write_sync, rows)
+        d.addCallbacks(
+            lambda more: self._finish(batch, idents, failures + more),
+            lambda failure: self._crashed(failure, batch, idents),
+        )
+
+    def _write_sync(self, rows: list[Row | None]) -> list[RowFailure]:
+        """In the worker thread: the batch in one transaction; row by row if that fails."""
+        numbered = [(i, row) for i, row in enumerate(rows) if row is not None]
+        upserts = [row for _, row in numbered if row[3] is not None]
+        deletes = [row[:2] for _, row in numbered if row[3] is None]
+        db = self._db
+        try:
+            db.execute("BEGIN")
+            if upserts:
+                db.executemany(_UPSERT, upserts)
+            if deletes:
+                db.executemany(_DELETE, deletes)
+            db.execute("COMMIT")
+            return []
+        except Exception:
+            self._rollback()
+        return self._write_rows_apart(numbered)
+
+    def _write_rows_apart(self, rows: list[tuple[int, Row]]) -> list[RowFailure]:
+        """One transaction, a savepoint per row: a row that fails is reported, the others commit."""
+        db = self._db
+        failed: list[RowFailure] = []
+        try:
+            db.execute("BEGIN")
+            for i, row in rows:
+                db.execute("SAVEPOINT one_row")
+                try:
+                    if row[3] is None:
+                        db.execute(_DELETE, row[:2])
+                    else:
+                        db.execute(_UPSERT, row)
+                except Exception as exc:
+                    db.execute("ROLLBACK TO one_row")
+                    # OperationalError is the database failing (locked, full, I/O), not this row
+                    retryable = isinstance(exc, sqlite3.OperationalError)
+                    failed.append((i, f"{type(exc).__name__}: {exc}", retryable))
+                db.execute("RELEASE one_row")
+            db.execute("COMMIT")
+        except Exception as exc:
+            # the transaction itself failed: nothing of these rows is on disk
+            self._rollback()
+            reason = f"{type(exc).__name__}: {exc}"
+            return [(i, reason, True) for i, _ in rows]
+        return failed
+
+    def _rollback(self) -> None:
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # the connection is beyond repair; the next BEGIN reports it
+
+    def _crashed(self, failure: Failure, batch: _Batch, idents: list[Ident]) -> None:
+        log.failure("location db: writing a batch of {n} changes failed", failure, n=len(idents))
+        reason = f"{failure.type.__name__}: {failure.getErrorMessage()}"
+        self._finish(batch, idents, [(i, reason, True) for i in range(len(idents))])
+
+    def _finish(self, batch: _Batch, idents: list[Ident], failures: list[RowFailure]) -> None:
+        """Back on the reactor: account for failed rows, answer the waiters, start the next batch."""
+        self._inflight = None
+        failed_aors: dict[str, str] = {}
+        retry = 0
+        for i, reason, retryable in failures:
+            ident = idents[i]
+            failed_aors.setdefault(ident[0], reason)
+            if not retryable:
+                self.rows_skipped += 1
+                log.warn(
+                    "location db: change of binding {key} of {aor} skipped, it cannot be stored: {reason}",
+                    aor=_shown(ident[0]), key=redact_key(_shown(ident[1])), reason=reason,
+                )
+            elif not self._closed and ident not in self._open.changes:  # else superseded: newer wins
+                self._open.changes[ident] = batch.changes[ident]
+                retry += 1
+        self.rows_retried += retry
+        if failures:
+            log.warn(
+                "location db: {failed} of {n} changes not written ({reason}); {retry} queued again",
+                failed=len(failures), n=len(idents), reason=failures[0][1], retry=retry,
+            )
+        if len(failures) < len(idents):
+            self.commits += 1
+            self.rows_written += len(idents) - len(failures)
+        for aor, d in batch.waiters:
+            if aor is not None and aor in failed_aors:
+                d.errback(NotStored(failed_aors[aor]))
+            else:
+                d.callback(None)
+        if self._closed or not self._open.changes or self._inflight is not None:
+            return
+        if self._timer is not None:
+            return
+        # group commit: what queued up during this write goes next, at most one commit per
+        # flush_interval (each costs a thread hand-off and a reactor wake-up, whatever its size)
+        wait = RETRY_DELAY if retry else self._last_start + self.flush_interval - self.clock.seconds()
+        if wait > 0:
+            self._timer = self.clock.callLater(wait, self._start)
+        else:
+            self._start()
 
     # -- shutdown -------------------------------------------------------------------------------
 
@@ -187,6 +345,10 @@ class SqliteBindingStore:
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()
             self._timer = None
+            lost = self._open.changes
+            if lost:
+                log.error("location db: {n} changes not written at shutdown", n=len(lost))
+            self._open = _Batch()
             self._db.close()
             self._stop_pool()
 
@@ -196,3 +358,18 @@ class SqliteBindingStore:
     def _stop_pool(self) -> None:
         if self._owned_pool is not None and self._owned_pool.started:
             self._owned_pool.stop()
+
+
+def _row(ident: Ident, binding: Binding | None) -> Row:
+    aor, key = sql_text(ident[0]), sql_text(ident[1])
+    if binding is None:
+        return (aor, key, 0.0, None)
+    # ensure_ascii (the default) writes surrogates as \\udcXX escapes: the JSON is always valid text
+    return (aor, key, float(binding.expires_at), json.dumps(binding.to_dict()))
+
+
+def _shown(value: str | bytes) -> str:
+    """An aor/key for a log line, printable whatever bytes it holds."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "backslashreplace")
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -31,6 +31,9 @@ __all__ = [
 
 log = Logger()
 
+# a binding event comes at most this long after its REGISTER; an older registered_at is not one
+_MAX_EVENT_DELAY = 60.0
+
 # ts_append_to() return codes, as Kamailio operators know them (kamailio-tsilo.md §2)
 NOT_FOUND = -1
 NO_RECORD = -2
@@ -246,7 +249,12 @@ class Silo:
         pass
 
     def _binding_event(self, binding: Any) -> None:
-        started = self.clock.seconds()
+        # the event follows the REGISTER's 200 OK, which waits for the binding to be on disk: the
+        # latency counts from when the REGISTER was processed, so that wait shows
+        now = self.clock.seconds()
+        started = getattr(binding, "registered_at", None)
+        if not isinstance(started, (int, float)) or not 0.0 <= now - started <= _MAX_EVENT_DELAY:
+            started = now
         aor = binding.aor
         self.append_by_contact(aor, binding, started=started)
         for call in list(self._lingering.get(aor, {}).values()):

@@ -27,3 +27,15 @@ def test_dict_round_trip_ignores_unknown_keys() -> None:
     data["from_the_future"] = 1
     assert Binding.from_dict(data) == b
     assert not make_binding().push_capable and b.push_capable
+
+
+def test_to_dict_is_a_snapshot_like_asdict() -> None:
+    from dataclasses import asdict
+
+    b = make_binding(received=("udp", "h", 5), path=["<sip:p;lr>"], instance='"<urn:x>"', reg_id=1)
+    data = b.to_dict()
+    expected = asdict(b)
+    expected["received"] = ["udp", "h", 5]
+    assert data == expected and list(data) == list(expected)
+    data["path"].append("<sip:q;lr>")
+    assert b.path == ["<sip:p;lr>"]  # the snapshot shares no list with the binding

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 
-from libon_tsilo.registrar.location import LocationStore
+from libon_tsilo.registrar.location import LocationStore, NotStored, StoreClosed
 from libon_tsilo.registrar.sqlite_store import SqliteBindingStore
 from tests.registrar.helpers import FakeFlow, make_binding, run_sync
 
@@ -208,3 +209,171 @@ def test_kill_9_loses_nothing_older_than_a_batch(tmp_path: Path) -> None:
     uris = {b.contact_uri for b in store.lookup("sip:alice@example.com")}
     assert {f"sip:dev{i}@h" for i in range(50)} <= uris
     store.stop()
+
+
+# -- bytes that are not UTF-8, and one bad row among good ones -------------------------------------
+
+
+class Manual:
+    """A run_in_thread whose batches run when the test says so: a commit "in flight" is visible."""
+
+    def __init__(self) -> None:
+        self.queued: list[tuple[Any, tuple, defer.Deferred]] = []
+
+    def __call__(self, f: Any, *args: Any) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.queued.append((f, args, d))
+        return d
+
+    def run_one(self) -> None:
+        f, args, d = self.queued.pop(0)
+        try:
+            result = f(*args)
+        except Exception:
+            d.errback()
+        else:
+            d.callback(result)
+
+
+def _manual(path: Path, clock: Clock, interval: float = 0.002) -> tuple[LocationStore, SqliteBindingStore, Manual]:
+    runner = Manual()
+    persistence = SqliteBindingStore(str(path), clock, flush_interval=interval, run_in_thread=runner)
+    store = LocationStore(clock, persistence)
+    store.start()
+    return store, persistence, runner
+
+
+def refuse_rows_of(path: Path, aor: str) -> None:
+    """Make SQLite itself refuse every row of ``aor`` (as a constraint would), from another connection."""
+    db = sqlite3.connect(str(path))
+    db.execute(
+        f"CREATE TRIGGER refuse BEFORE INSERT ON bindings WHEN NEW.aor = '{aor}' "
+        "BEGIN SELECT RAISE(ABORT, 'refused for the test'); END"
+    )
+    db.commit()
+    db.close()
+
+
+def _outcome(d: defer.Deferred | None) -> list[Any]:
+    seen: list[Any] = []
+    assert d is not None
+    d.addBoth(seen.append)
+    return seen
+
+
+def test_non_utf8_bytes_are_stored_losslessly_and_never_block_the_batch(tmp_path: Path) -> None:
+    # what the parser makes of "Contact: <sip:m\xff@127.0.0.1:5062>" and "To: <sip:b%FF@example.com>"
+    odd_uri = b"sip:m\xff@127.0.0.1:5062".decode("utf-8", "surrogateescape")
+    odd_aor = "sip:b\udcff@example.com"
+    clock = Clock()
+    clock.advance(1000)
+    path = tmp_path / "loc.sqlite"
+    store = _open(path, clock)
+    store.add_or_update(make_binding(uri=odd_uri, expires_at=5000.0, user_agent="Ph\udce9ne"))
+    store.add_or_update(make_binding(aor=odd_aor, uri="sip:b@h", expires_at=5000.0))
+    store.add_or_update(make_binding(uri="sip:good@h", expires_at=5000.0))
+    clock.advance(0.2)
+    assert _rows(path) == 3
+    restored = _open(path, clock)
+    by_uri = {b.contact_uri: b for b in restored.lookup("sip:alice@example.com")}
+    assert set(by_uri) == {odd_uri, "sip:good@h"}
+    assert by_uri[odd_uri].key == f"uri:{odd_uri}" and by_uri[odd_uri].user_agent == "Ph\udce9ne"
+    [b] = restored.lookup(odd_aor)
+    assert b.aor == odd_aor
+    # and it can be deleted again (the same bytes address the same row)
+    restored.remove(by_uri[odd_uri], "unregistered")
+    restored.remove(b, "unregistered")
+    clock.advance(0.2)
+    assert _rows(path) == 1
+    restored.stop()
+    store.stop()
+
+
+def test_a_row_that_fails_alone_is_skipped_and_the_rest_of_the_batch_commits(tmp_path: Path) -> None:
+    clock = Clock()
+    path = tmp_path / "loc.sqlite"
+    store, persistence, runner = _manual(path, clock)
+    refuse_rows_of(path, "sip:bad@example.com")
+    store.add_or_update(make_binding(aor="sip:bad@example.com", uri="sip:bad@h", expires_at=5000.0))
+    bad = _outcome(store.when_durable("sip:bad@example.com"))
+    for i in range(3):
+        store.add_or_update(make_binding(uri=f"sip:ok{i}@h", expires_at=5000.0))
+    good = _outcome(store.when_durable("sip:alice@example.com"))
+    clock.advance(0.002)
+    runner.run_one()
+    assert _rows(path) == 3
+    assert good == [None]
+    assert len(bad) == 1 and isinstance(bad[0].value, NotStored) and "refused for the test" in str(bad[0].value)
+    assert persistence.rows_skipped == 1 and persistence.rows_written == 3
+    assert persistence.pending() == 0 and runner.queued == []  # skipped, not retried forever
+    # and the next batch is written as usual
+    store.add_or_update(make_binding(uri="sip:later@h", expires_at=5000.0))
+    clock.advance(0.002)
+    runner.run_one()
+    assert _rows(path) == 4
+
+
+def test_group_commit_changes_during_a_write_share_the_next_commit(tmp_path: Path) -> None:
+    clock = Clock()
+    path = tmp_path / "loc.sqlite"
+    store, persistence, runner = _manual(path, clock)
+    store.add_or_update(make_binding(aor="sip:a@example.com", uri="sip:a@h", expires_at=5000.0))
+    first = _outcome(store.when_durable("sip:a@example.com"))
+    assert runner.queued == []
+    clock.advance(0.002)  # the flush interval: the first commit starts
+    assert len(runner.queued) == 1
+    for user in ("b", "c"):
+        store.add_or_update(make_binding(aor=f"sip:{user}@example.com", uri=f"sip:{user}@h", expires_at=5000.0))
+    later = [_outcome(store.when_durable(f"sip:{u}@example.com")) for u in ("b", "c")]
+    clock.advance(1.0)
+    assert len(runner.queued) == 1  # one commit at a time
+    assert first == [] and _rows(path) == 0
+    runner.run_one()
+    assert first == [None] and later == [[], []]
+    assert len(runner.queued) == 1  # the next one started as soon as the first returned, no wait
+    runner.run_one()
+    assert later == [[None], [None]] and _rows(path) == 3
+    assert persistence.commits == 2
+    assert store.when_durable("sip:a@example.com") is None  # nothing left to wait for
+
+
+def test_under_load_commits_are_one_flush_interval_apart(tmp_path: Path) -> None:
+    clock = Clock()
+    store, persistence, runner = _manual(tmp_path / "loc.sqlite", clock, interval=0.005)
+    store.add_or_update(make_binding(uri="sip:0@h", expires_at=5000.0))
+    clock.advance(0.005)
+    store.add_or_update(make_binding(uri="sip:1@h", expires_at=5000.0))
+    clock.advance(0.001)
+    runner.run_one()  # a commit that took 1 ms: the next waits until 5 ms after the first began
+    assert runner.queued == []
+    clock.advance(0.003)
+    assert runner.queued == []
+    clock.advance(0.0015)
+    assert len(runner.queued) == 1
+    runner.run_one()
+    assert persistence.commits == 2 and persistence.pending() == 0
+
+
+def test_failed_database_fails_the_waiters_and_retries_the_rows(tmp_path: Path) -> None:
+    clock = Clock()
+    path = tmp_path / "loc.sqlite"
+    store, persistence, runner = _manual(path, clock)
+    store.add_or_update(make_binding(expires_at=5000.0))
+    waiting = _outcome(store.when_durable("sip:alice@example.com"))
+    clock.advance(0.002)
+    _, _, d = runner.queued.pop(0)
+    d.errback(sqlite3.OperationalError("disk I/O error"))
+    assert isinstance(waiting[0].value, NotStored)
+    assert persistence.rows_retried == 1 and persistence.pending() == 1
+    clock.advance(0.5)
+    runner.run_one()
+    assert _rows(path) == 1 and persistence.pending() == 0
+
+
+def test_a_stopped_store_refuses_to_promise(tmp_path: Path) -> None:
+    clock = Clock()
+    store = _open(tmp_path / "loc.sqlite", clock)
+    store.stop()
+    store.add_or_update(make_binding(expires_at=5000.0))
+    [failure] = _outcome(store.when_durable("sip:alice@example.com"))
+    assert isinstance(failure.value, StoreClosed)

@@ -226,3 +226,22 @@ def test_max_total_refuses_new_calls_until_one_leaves() -> None:
     silo.remove(calls[1])
     assert not silo.at_capacity() and silo.store(calls[3])
     assert not Silo(Clock(), FakeLocation()).at_capacity()  # 0 = no limit
+
+
+@dataclass
+class RegisteredBinding(FakeBinding):
+    registered_at: float = 0.0
+
+
+def test_register_to_invite_latency_counts_from_the_register() -> None:
+    # the binding event waits for the REGISTER's commit and 200 OK: that wait is part of the latency
+    silo, clock, _ = make()
+    clock.advance(1000)
+    silo.store(FakeCall("c1", "alice"))
+    silo.binding_added(RegisteredBinding("alice", "sip:a@1", registered_at=1000 - 0.004), None)
+    assert silo.stats()["register_to_invite"]["p50"] == pytest.approx(0.004)
+    # a restored binding's old registered_at is not a REGISTER that just arrived
+    silo.store(FakeCall("c2", "bob"))
+    silo.binding_added(RegisteredBinding("bob", "sip:b@1", registered_at=10.0), None)
+    lat = silo.stats()["register_to_invite"]
+    assert lat["samples"] == 2 and lat["max"] == pytest.approx(0.004)
