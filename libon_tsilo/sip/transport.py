@@ -4,7 +4,10 @@ TransportLayer is a twisted Service. Every inbound message is parsed, validated 
 ``sink(msg, flow)``; the transaction layer sets ``sink`` and ``on_send_error``. Public surface:
 ``bound`` (the (transport, host, port) actually listened on, port 0 resolved), ``flows`` (FlowTable),
 ``send_request``, ``send_response``, ``local_via(transport, remote_host=None)`` (IPv6 hosts bracketed)
-and ``Target(transport, host, port, server_name=None)``.
+and ``Target(transport, host, port, server_name=None)``. The protocol classes are thin adapters that
+call the layer's inbound entry points (``datagram_received``, ``connection_made``, ``stream_data``,
+``handshake_completed``, ``connection_lost``, ``connect_failed``), as twisted.names' protocols call
+``controller.messageReceived``.
 
 Choices (and where they differ from a plain reading of the RFCs):
 
@@ -174,7 +177,7 @@ class _UDPProtocol(DatagramProtocol):
                 log.warn("cannot enlarge the UDP socket buffer: {error}", error=str(e))
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
-        self.layer._datagram(self, data, (addr[0], addr[1]))
+        self.layer.datagram_received(self, data, (addr[0], addr[1]))
 
     def send_to(self, data: bytes, addr: HostPort) -> None:
         if self.transport is None:
@@ -218,7 +221,7 @@ class _StreamProtocol(Protocol):
             pass  # not a TCP socket (a test's in-memory transport), or already gone
         if self.handshake_done:
             self.targets.clear()
-        self.layer._stream_made(self)
+        self.layer.connection_made(self)
         queued, self.queue = self.queue, []
         for data in queued:
             self.transport.write(data)
@@ -226,7 +229,7 @@ class _StreamProtocol(Protocol):
     def handshakeCompleted(self) -> None:
         self.handshake_done = True
         self.targets.clear()
-        self.layer._arm_deadline(self)
+        self.layer.handshake_completed(self)
 
     @property
     def pending(self) -> bool:
@@ -234,11 +237,11 @@ class _StreamProtocol(Protocol):
         return not (self.up and self.handshake_done)
 
     def dataReceived(self, data: bytes) -> None:
-        self.layer._stream_data(self, data)
+        self.layer.stream_data(self, data)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.up = False
-        self.layer._stream_lost(self, reason)
+        self.layer.connection_lost(self, reason)
         if not self.lost.called:
             self.lost.callback(None)
 
@@ -297,7 +300,7 @@ class _ClientFactory(ClientFactory):
         return self.proto
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        self.proto.layer._connect_failed(self.proto, reason)
+        self.proto.layer.connect_failed(self.proto, reason)
 
 
 # -- the layer --------------------------------------------------------------------------------------
@@ -476,9 +479,9 @@ class TransportLayer(Service):
             "udp_flows_evicted": self.flows.evicted,
         }
 
-    # -- inbound ---------------------------------------------------------------------------------
+    # -- inbound: the entry points the protocols above call (nothing else in the layer is theirs) ---
 
-    def _datagram(self, proto: _UDPProtocol, data: bytes, addr: HostPort) -> None:
+    def datagram_received(self, proto: _UDPProtocol, data: bytes, addr: HostPort) -> None:
         if len(data) > self.max_message_size:
             log.warn("dropping a {n}-byte datagram from {addr} (max_message_size)", n=len(data), addr=addr)
             return
@@ -511,7 +514,7 @@ class TransportLayer(Service):
             self.flows.touch(flow)
         return flow
 
-    def _stream_made(self, proto: _StreamProtocol) -> None:
+    def connection_made(self, proto: _StreamProtocol) -> None:
         host, peer = proto.transport.getHost(), proto.transport.getPeer()
         key = FlowKey(proto.name, (_norm_host(host.host), host.port), (_norm_host(peer.host), peer.port))
         proto.made_at = self.clock.seconds()
@@ -528,7 +531,7 @@ class TransportLayer(Service):
             self.flows.touch(proto.flow)
         self._arm_deadline(proto)
 
-    def _stream_data(self, proto: _StreamProtocol, data: bytes) -> None:
+    def stream_data(self, proto: _StreamProtocol, data: bytes) -> None:
         flow = proto.flow
         if proto.failed or flow is None:
             return
@@ -558,7 +561,11 @@ class TransportLayer(Service):
             self._answer_unparseable(getattr(failure, "data", data), failure, flow)
             proto.close()
 
-    def _stream_lost(self, proto: _StreamProtocol, reason: Failure | None) -> None:
+    def handshake_completed(self, proto: _StreamProtocol) -> None:
+        # the TLS handshake clock stops; the message clock may start
+        self._arm_deadline(proto)
+
+    def connection_lost(self, proto: _StreamProtocol, reason: Failure | None) -> None:
         flow = proto.flow
         why = reason.getErrorMessage() if reason is not None else "connection lost"
         self._release(proto)
@@ -660,7 +667,7 @@ class TransportLayer(Service):
         # rarely, ops/gctune.py) frees them, so what they hold big is dropped now
         proto.framer.clear()
 
-    def _connect_failed(self, proto: _StreamProtocol, reason: Failure) -> None:
+    def connect_failed(self, proto: _StreamProtocol, reason: Failure) -> None:
         proto.connector = None
         # the flow is dead before anyone hears of the failure, so a retry opens a new connection
         if proto.flow is not None:
