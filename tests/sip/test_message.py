@@ -323,6 +323,23 @@ def test_headers_lists_every_line_in_order_with_key_and_written_name() -> None:
     assert parsed.headers()[-1] == ("content-length", "Content-Length", str(len(SDP)))
 
 
+def test_copied_entries_never_link_the_copy_to_its_source() -> None:
+    """Entries with the same key are chained from the index: a response built from a request, or lines
+    copied between messages, must read and change their own lines only."""
+    req = parse_message(INVITE)
+    assert len(req.values("via")) == 3
+    resp = make_response(req, 200, to_tag="t")
+    resp.add_header("Via", "SIP/2.0/UDP 192.0.2.7;branch=z9hG4bKtop", first=True)
+    out = Request("INVITE", "sip:bob@example.com")
+    out.copy_headers_from(req, "Record-Route")
+    out.add_header("Record-Route", "<sip:mine.example.com;lr>")
+    assert resp.values("via")[0] == "SIP/2.0/UDP 192.0.2.7;branch=z9hG4bKtop" and len(resp.values("via")) == 4
+    assert out.values("record-route") == ["<sip:p1.example.com;lr>", "<sip:mine.example.com;lr>"]
+    assert len(req.values("via")) == 3 and req.values("record-route") == ["<sip:p1.example.com;lr>"]
+    resp.remove_top_via()
+    assert len(resp.values("via")) == 3 and resp.to_bytes().count(b"Via:") == 2
+
+
 def test_add_header_first_when_absent_goes_to_top() -> None:
     msg = parse_message(msg_with(*BASIC[1:]))  # no Via
     msg.add_header("Via", Via("UDP", "192.0.2.1", 5060, {"branch": "z9hG4bKnew"}), first=True)
