@@ -192,6 +192,9 @@ class _UDPProtocol(DatagramProtocol):
 class _StreamProtocol(Protocol):
     """One TCP or TLS connection, inbound or outbound."""
 
+    # a TCP transport, or TLS over one: what connectionMade gives (Protocol says ITransport | None)
+    transport: Any
+
     def __init__(self, layer: TransportLayer, name: str, outbound: Target | None = None) -> None:
         self.layer = layer
         self.name = name
@@ -406,7 +409,11 @@ class TransportLayer(Service):
         if not waits:
             return defer.succeed(None)
         # a peer that never lets a connection finish closing must not hang shutdown
-        guard = self.reactor.callLater(_SHUTDOWN_GRACE, lambda: [p.abort() for p in streams])
+        def abort_all() -> None:
+            for proto in streams:
+                proto.abort()
+
+        guard = self.reactor.callLater(_SHUTDOWN_GRACE, abort_all)
         done = defer.DeferredList(waits, consumeErrors=True)
 
         def _finished(result: Any) -> None:
