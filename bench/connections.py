@@ -22,7 +22,7 @@ off) with UDP and TCP on one loopback port and the admin API, and reads the serv
   each, ``--rate`` per second, so the socket buffer does not overflow); nobody registers. Printed:
   the server's live flows and RSS growth once the OPTIONS transactions are over (T1 is 50 ms
   here, so 64*T1 = 3.2 s), and the flows left after the unbound idle timeout (``--idle``).
-- ``udp-flow-bytes`` (in-process, no server): the transport layer alone (``TransportLayer._datagram``
+- ``udp-flow-bytes`` (in-process, no server): the transport layer alone (``TransportLayer.datagram_received``
   with a sink that drops every message, on a Clock): tracemalloc's bytes per flow for N sources, the
   flows left at the cap, and after the unbound idle timeout.
 - ``relay``: N calls, one after the other, over TCP: a device registered over its own connection
@@ -237,7 +237,7 @@ def run_udp_flow_bytes(args: argparse.Namespace, workdir: Path) -> None:
     tracemalloc.start()
     before = tracemalloc.take_snapshot()
     for i, data in enumerate(datagrams):
-        layer._datagram(udp, data, (f"10.{i // 62500}.{i // 250 % 250}.{i % 250 + 1}", 5060))
+        layer.datagram_received(udp, data, (f"10.{i // 62500}.{i // 250 % 250}.{i % 250 + 1}", 5060))
     gc.collect()
     after = tracemalloc.take_snapshot()
     grown = sum(s.size_diff for s in after.compare_to(before, "filename"))

@@ -7,7 +7,7 @@
 
 The service tree is built with ``make_service`` (asyncio reactor, memory location store, auth
 off, log level warn), as bench/common.py runs it. Datagrams go straight into the transport's
-inbound path (``TransportLayer._datagram``) and every datagram the server sends lands in an
+inbound path (``TransportLayer.datagram_received``) and every datagram the server sends lands in an
 in-memory outbox instead of a socket, so the figures are the server's CPU cost per message, free
 of kernel and SIPp noise.
 
@@ -159,7 +159,7 @@ def build(stage: str, limits: dict[str, Any] | None = None) -> dict[str, Any]:
         parts.transactions.tu = AnswerAtOnce()
 
     def feed(data: bytes, addr: tuple[str, int]) -> None:
-        transport._datagram(sock, data, addr)
+        transport.datagram_received(sock, data, addr)
 
     return {"reactor": reactor, "parts": parts, "outbox": outbox, "feed": feed}
 

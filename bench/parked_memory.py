@@ -5,7 +5,7 @@
 
 In-process (the default): the real service tree (``make_service``, memory location store, auth
 off, ring timeout 1 h) on the asyncio reactor, which is never run; N INVITE datagrams go straight
-into the transport's inbound path (``TransportLayer._datagram``) from a fake UDP socket that drops
+into the transport's inbound path (``TransportLayer.datagram_received``) from a fake UDP socket that drops
 what the server sends. tracemalloc compares a snapshot taken after a warm-up with one taken once
 the N calls are parked, and prints the bytes per parked call and the biggest allocation sites
 (``--traceback K`` groups by the K innermost frames, to tell which caller of a helper allocates).
@@ -96,11 +96,11 @@ def in_process(n: int, warmup: int, top: int, frames: int) -> int:
 
     tracemalloc.start(max(frames, 1))
     for data in datagrams[:warmup]:  # first-use caches, interned strings, dict resizes
-        transport._datagram(sock, data, addr)
+        transport.datagram_received(sock, data, addr)
     gc.collect()
     before = tracemalloc.take_snapshot()
     for data in datagrams[warmup:]:
-        transport._datagram(sock, data, addr)
+        transport.datagram_received(sock, data, addr)
     gc.collect()
     after = tracemalloc.take_snapshot()
     stats = parts.b2bua.stats()

@@ -2,13 +2,19 @@
 """Message-layer throughput: parse + read the hot headers, and serialize (untouched and rebuilt).
 
 Run: .venv/bin/python bench/parser.py [--seconds 1.0]
-Targets (one core): >= 50,000 parsed and >= 30,000 serialized messages per second.
+     .venv/bin/python bench/parser.py --icount [--rounds 2000]   # deterministic, under valgrind
+Targets (one core): >= 50,000 parsed and >= 30,000 serialized messages per second. With ``--icount``
+the script runs parse + read of the three messages ROUNDS times and 0 times under
+``valgrind --tool=callgrind`` and prints the difference per message: the figure to compare changes by.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -190,10 +196,36 @@ def run(seconds: float) -> bool:
     return ok
 
 
+def icount(rounds: int) -> int:
+    """Instructions callgrind counts in a process that parses and reads the messages ``rounds`` times."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        raise SystemExit("valgrind is not installed")
+    cmd = [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
+           "--child", str(rounds)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+    found = re.search(r"Collected : (\d+)", out.stderr)
+    if out.returncode != 0 or found is None:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr[-3000:]}")
+    return int(found.group(1))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=1.0, help="minimum time per measurement (default 1.0)")
+    ap.add_argument("--icount", action="store_true", help="instructions per parse + read under callgrind")
+    ap.add_argument("--rounds", type=int, default=2000, help="--icount: rounds of the three messages")
+    ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child is not None:
+        for _ in range(args.child):
+            for _, data in CASES:
+                parse_and_read(data)
+        return 0
+    if args.icount:
+        per = (icount(args.rounds) - icount(0)) / (args.rounds * len(CASES))
+        print(f"parse + read: {per:,.0f} instructions per message (mean of {', '.join(n for n, _ in CASES)})")
+        return 0
     return 0 if run(args.seconds) else 1
 
 

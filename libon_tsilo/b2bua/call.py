@@ -448,9 +448,7 @@ class Call:
         req.add_header("CSeq", f"{dialog.local_seq} INVITE")
         req.add_header("Contact", dialog.contact)
         for name, key, strip in _allow_keys(self.mgr.settings.header_allowlist):
-            if a._first(key) is None:  # an index lookup; most allowlisted headers are absent
-                continue
-            for value in a._values(key):
+            for value in a.values(key):  # an index lookup; most allowlisted headers are absent
                 if strip:
                     value = _strip_100rel(value)
                 if value:

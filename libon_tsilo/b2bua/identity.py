@@ -59,7 +59,7 @@ def b_leg_identity_headers(
     for name in allowlist:
         key = canonical_key(name)
         if key in TRUST_DOMAIN_KEYS and key != _NEVER_FORWARDED:
-            out.extend((name, value) for value in invite._values(key))
+            out.extend((name, value) for value in invite.values(key))
     return tuple(out)
 
 

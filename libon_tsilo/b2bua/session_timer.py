@@ -233,7 +233,7 @@ def retry_branch(call: Call, leg: Any, resp: Response) -> bool:
         return False  # a 422 that asks for nothing more would only loop
     leg.dialog.local_seq += 1
     new = Request("INVITE", old.raw_uri)
-    for key, written, value, *_ in old._headers:  # as built, in order (a re-parse would cost more)
+    for key, written, value in old.headers():  # as built, in order (a re-parse would cost more)
         if key not in _NOT_RESENT:
             new.add_header(written, value)
     new.add_header("CSeq", f"{leg.dialog.local_seq} INVITE")

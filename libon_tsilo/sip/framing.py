@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import NoReturn
 
 from libon_tsilo.sip.errors import ParseError
 
@@ -89,7 +90,7 @@ class StreamFramer:
         self._buffer = bytearray(memoryview(buf)[pos:]) if pos < size else b""
         return out
 
-    def _fail(self, reason: str, data: bytes, framed: list[tuple[str, bytes]], status: int = 400) -> None:
+    def _fail(self, reason: str, data: bytes, framed: list[tuple[str, bytes]], status: int = 400) -> NoReturn:
         self._buffer = b""
         err = ParseError(reason, status)
         err.data = data  # type: ignore[attr-defined]

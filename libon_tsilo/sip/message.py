@@ -58,8 +58,8 @@ _SINGLE_VALUED = frozenset({
     "from", "to", "call-id", "cseq", "max-forwards", "content-length", "content-type", "expires",
 })
 
-_NO_ENTRIES: list[list[Any]] = []
-_NO_REPEATS: frozenset[str] = frozenset()
+# validate() names the first duplicate it finds in this order (a frozenset's order varies by process)
+_SINGLE_VALUED_ORDER = tuple(sorted(_SINGLE_VALUED))
 
 # Header name as our code passes it -> (lookup key, name to write). add_header sees the
 # same few dozen literals all day: one dict lookup instead of canonical_key + islower + pretty_name.
@@ -79,11 +79,8 @@ def _added_name(name: str) -> tuple[str, str]:
 # the headers make_response copies from the request (To apart: only its first line)
 _RESPONSE_COPIED = frozenset({"via", "from", "call-id", "cseq"})
 
-# Entry layout in Message._headers: [key, name as written, value (str or a header object), raw line or None]
-_KEY, _NAME, _VALUE, _RAW = 0, 1, 2, 3
-
 # the slots Message.compact() empties (the parsed state; `_raw` keeps the bytes they come back from)
-_COMPACTED = frozenset({"_headers", "_index", "_multi", "_cache", "body", "_raw_body"})
+_COMPACTED = frozenset({"_headers", "_index", "_cache", "body", "_raw_body"})
 
 
 def _is_set(obj: Any, slot: str) -> bool:
@@ -92,6 +89,13 @@ def _is_set(obj: Any, slot: str) -> bool:
     except AttributeError:
         return False
     return True
+
+
+def _chain(head: list[Any], entry: list[Any]) -> None:
+    """Link ``entry`` after the last entry with ``head``'s key."""
+    while head[4] is not None:
+        head = head[4]
+    head[4] = entry
 
 
 def _random_hex(nbytes: int) -> str:
@@ -109,18 +113,17 @@ def new_call_id(host: str = "") -> str:
 class Message:
     """Common header handling for requests and responses."""
 
-    __slots__ = ("_headers", "_index", "_multi", "_repeats", "body", "_cache", "_raw", "_raw_body",
-                 "contact_star", "validated")
+    __slots__ = ("_headers", "_index", "body", "_cache", "_raw", "_raw_body", "contact_star", "validated")
 
     def __init__(self) -> None:
+        # One entry per header line, in order: [key, name as written, value (text or a header
+        # object), the line as received (None once the value changed), the next entry with the same
+        # key (None: the last)]. Lists, not a slotted class: making an instance of one costs ~620
+        # more instructions than a list literal, ~1,600 with an __init__ (+3 to +8 % per parse).
         self._headers: list[list[Any]] = []
-        # key -> first entry with that key; None after a mutation until the next lookup rebuilds it.
+        # The one index: key -> first entry with that key, the others chained from it. None after a
+        # mutation, until the next lookup rebuilds it (a message being built is never indexed).
         self._index: dict[str, list[Any]] | None = None
-        # key -> every entry with that key, built on the first header_values() call
-        self._multi: dict[str, list[list[Any]]] | None = None
-        # the keys that occur more than once, known from parsing (None: unknown, after a mutation).
-        # Most keys occur once: _all() then needs no multi-index, validate() no duplicate scan.
-        self._repeats: frozenset[str] | set[str] | None = None
         # set by validate(): later layers may skip the checks it already made
         self.validated = False
         self.body = b""
@@ -134,35 +137,24 @@ class Message:
     def _first(self, key: str) -> list[Any] | None:
         index = self._index
         if index is None:
-            index = {}
-            for entry in self._headers:
-                if entry[0] not in index:
-                    index[entry[0]] = entry
-            self._index = index
+            index = self._reindex()
         return index.get(key)
 
-    def _all(self, key: str) -> list[list[Any]]:
-        multi = self._multi
-        if multi is None:
-            repeats = self._repeats
-            if repeats is not None and key not in repeats:
-                entry = self._first(key)
-                return _NO_ENTRIES if entry is None else [entry]
-            multi = {}
-            for entry in self._headers:
-                same = multi.get(entry[0])
-                if same is None:
-                    multi[entry[0]] = [entry]
-                else:
-                    same.append(entry)
-            self._multi = multi
-        return multi.get(key, _NO_ENTRIES)
+    def _reindex(self) -> dict[str, list[Any]]:
+        index: dict[str, list[Any]] = {}
+        for entry in self._headers:
+            entry[4] = None  # a copied entry may still point into the message it came from
+            key = entry[0]
+            if key not in index:
+                index[key] = entry
+            else:
+                _chain(index[key], entry)
+        self._index = index
+        return index
 
     def _dirty(self, key: str) -> None:
         self._raw = None
         self._index = None
-        self._multi = None
-        self._repeats = None
         cache = self._cache
         if cache:  # a message we are building has parsed nothing yet: no pops
             cache.pop(key, None)
@@ -187,21 +179,21 @@ class Message:
 
     def header_values(self, name: str) -> list[str]:
         """Every value of header ``name``; list headers are split on their commas."""
-        return self._values(canonical_key(name))
+        return self.values(canonical_key(name))
 
-    def _values(self, key: str) -> list[str]:
-        """header_values() for a key that is canonical already."""
-        entries = self._all(key)
-        if not entries:
-            return []
+    def values(self, key: str) -> list[str]:
+        """header_values() for a key that is canonical already (``headers.canonical_key``: lower
+        case, long form), as callers that resolve their names once pass it; [] when absent."""
+        entry = self._first(key)
         values: list[str] = []
         split = key in LIST_HEADERS
-        for entry in entries:
+        while entry is not None:
             value = entry[2] if type(entry[2]) is str else str(entry[2])
             if split:
                 values.extend(v for v in split_commas(value) if v)
             else:
                 values.append(value)
+            entry = entry[4]
         return values
 
     def has_header(self, name: str) -> bool:
@@ -210,11 +202,16 @@ class Message:
     def header_names(self) -> list[str]:
         return [entry[1] for entry in self._headers]
 
+    def headers(self) -> list[tuple[str, str, Any]]:
+        """(canonical key, name as written, value) of every header line, in order; a value is text
+        or the header object it was set to, and a list header's line is not split."""
+        return [(entry[0], entry[1], entry[2]) for entry in self._headers]
+
     def set_header(self, name: str, value: Any) -> None:
         """Replace every value of ``name`` with one, in the position of the first old one."""
         key = canonical_key(name)
         self._dirty(key)
-        new = [key, pretty_name(key) if key != name.lower() or name.islower() else name, value, None]
+        new = [key, pretty_name(key) if key != name.lower() or name.islower() else name, value, None, None]
         for i, entry in enumerate(self._headers):
             if entry[0] == key:
                 self._headers[i] = new
@@ -225,7 +222,7 @@ class Message:
     def add_header(self, name: str, value: Any, first: bool = False) -> None:
         key, written = _added_name(name)
         self._dirty(key)
-        new = [key, written, value, None]
+        new = [key, written, value, None, None]
         if first:
             for i, entry in enumerate(self._headers):
                 if entry[0] == key:
@@ -260,7 +257,7 @@ class Message:
     def vias(self) -> list[Via]:
         cached = self._cache.get("via")
         if cached is None:
-            values = self._values("via")
+            values = self.values("via")
             if not values:
                 raise ParseError("missing Via header")
             top = self._cache.get("top_via")
@@ -367,7 +364,7 @@ class Message:
     def contacts(self) -> list[NameAddr]:
         cached = self._cache.get("contact")
         if cached is None:
-            values = self._values("contact")
+            values = self.values("contact")
             if len(values) == 1 and values[0] == "*":
                 self.contact_star = True
                 cached = []
@@ -405,17 +402,12 @@ class Message:
         This is what the transport runs on every inbound message, so it reads the hot headers (which the
         transaction layer reads anyway, and then finds cached) and checks the rest only when present.
         """
-        repeats = self._repeats
-        if repeats is None:
-            seen: set[str] = set()
-            for entry in self._headers:
-                key = entry[0]
-                if key in _SINGLE_VALUED:
-                    if key in seen:
-                        raise ParseError(f"more than one {pretty_name(key)} header")
-                    seen.add(key)
-        elif repeats:
-            for key in sorted(repeats & _SINGLE_VALUED):
+        index = self._index
+        if index is None:
+            index = self._reindex()
+        for key in _SINGLE_VALUED_ORDER:
+            entry = index.get(key)
+            if entry is not None and entry[4] is not None:
                 raise ParseError(f"more than one {pretty_name(key)} header")
         self.vias
         self.from_.uri
@@ -453,7 +445,7 @@ class Message:
         if not _is_set(self, "_headers"):
             return  # already compact
         data = self.to_bytes()
-        del self._headers, self._index, self._multi, self._cache, self.body, self._raw_body
+        del self._headers, self._index, self._cache, self.body, self._raw_body
         self._raw = data
 
     @property
@@ -469,8 +461,6 @@ class Message:
         fresh = parse_message(self._raw)  # type: ignore[arg-type]
         self._headers = fresh._headers
         self._index = fresh._index
-        self._multi = None
-        self._repeats = fresh._repeats
         self._cache = {}
         self.body = fresh.body
         self._raw_body = fresh._raw_body
@@ -490,7 +480,7 @@ class Message:
         length_written = False
         # one unpack per entry; an f-string formats a header object with str() (object.__format__
         # with an empty spec), so a str value and an object need no separate branches
-        for key, name, value, raw in self._headers:
+        for key, name, value, raw, _ in self._headers:
             if key == "content-length":
                 if length_written:
                     continue
@@ -660,7 +650,6 @@ def _header_key(written: str) -> tuple[str, str]:
 def _parse_headers(msg: Message, lines: list[str], folded: bool = False) -> None:
     headers = msg._headers
     index: dict[str, list[Any]] = {}
-    repeats: set[str] | None = None
     keys = _KEYS
     if not folded:
         # No continuation lines, as far as we know: the common case, kept to the bare minimum of work
@@ -680,16 +669,13 @@ def _parse_headers(msg: Message, lines: list[str], folded: bool = False) -> None
                     raise ParseError("header line without a colon")
                 known = _header_key(name)
             key = known[0]
-            entry = [key, known[1], value.strip(), line]
+            entry = [key, known[1], value.strip(), line, None]
             headers.append(entry)
             if key not in index:
                 index[key] = entry
-            elif repeats is None:
-                repeats = {key}
             else:
-                repeats.add(key)
+                _chain(index[key], entry)
         msg._index = index
-        msg._repeats = _NO_REPEATS if repeats is None else repeats
         return
     last: list[Any] | None = None
     for line in lines:
@@ -701,20 +687,17 @@ def _parse_headers(msg: Message, lines: list[str], folded: bool = False) -> None
             last[2] = f"{last[2]} {line.strip()}".strip()
             last[3] = f"{last[3]}\r\n{line}"
             continue
-        colon = line.find(":")
-        if colon <= 0:
+        at = line.find(":")
+        if at <= 0:
             raise ParseError("header line without a colon")
-        known = _header_key(line[:colon])
-        last = [known[0], known[1], line[colon + 1:].strip(), line]
+        known = _header_key(line[:at])
+        last = [known[0], known[1], line[at + 1:].strip(), line, None]
         headers.append(last)
         if known[0] not in index:
             index[known[0]] = last
-        elif repeats is None:
-            repeats = {known[0]}
         else:
-            repeats.add(known[0])
+            _chain(index[known[0]], last)
     msg._index = index
-    msg._repeats = _NO_REPEATS if repeats is None else repeats
 
 
 def parse_message(data: bytes, stream: bool = False) -> Request | Response:
@@ -785,7 +768,7 @@ def extract_for_error_response(data: bytes) -> Request | None:
                 continue
             key = canonical_key(name)
             if key in wanted:
-                last = [key, name, value.strip(), line]
+                last = [key, name, value.strip(), line, None]
                 req._headers.append(last)
         present = {entry[0] for entry in req._headers}
         if "via" not in present or "cseq" not in present:

@@ -4,7 +4,10 @@ TransportLayer is a twisted Service. Every inbound message is parsed, validated 
 ``sink(msg, flow)``; the transaction layer sets ``sink`` and ``on_send_error``. Public surface:
 ``bound`` (the (transport, host, port) actually listened on, port 0 resolved), ``flows`` (FlowTable),
 ``send_request``, ``send_response``, ``local_via(transport, remote_host=None)`` (IPv6 hosts bracketed)
-and ``Target(transport, host, port, server_name=None)``.
+and ``Target(transport, host, port, server_name=None)``. The protocol classes are thin adapters that
+call the layer's inbound entry points (``datagram_received``, ``connection_made``, ``stream_data``,
+``handshake_completed``, ``connection_lost``, ``connect_failed``), as twisted.names' protocols call
+``controller.messageReceived``.
 
 Choices (and where they differ from a plain reading of the RFCs):
 
@@ -201,7 +204,7 @@ class _UDPProtocol(DatagramProtocol):
             _size_buffer(sock, socket.SO_SNDBUF, UDP_SOCKET_BUFFER, "send")
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
-        self.layer._datagram(self, data, (addr[0], addr[1]))
+        self.layer.datagram_received(self, data, (addr[0], addr[1]))
 
     def send_to(self, data: bytes, addr: HostPort) -> None:
         if self.transport is None:
@@ -260,6 +263,9 @@ class _UDPPort(udp.Port):
 class _StreamProtocol(Protocol):
     """One TCP or TLS connection, inbound or outbound."""
 
+    # a TCP transport, or TLS over one: what connectionMade gives (Protocol says ITransport | None)
+    transport: Any
+
     def __init__(self, layer: TransportLayer, name: str, outbound: Target | None = None) -> None:
         self.layer = layer
         self.name = name
@@ -289,7 +295,7 @@ class _StreamProtocol(Protocol):
             pass  # not a TCP socket (a test's in-memory transport), or already gone
         if self.handshake_done:
             self.targets.clear()
-        self.layer._stream_made(self)
+        self.layer.connection_made(self)
         queued, self.queue = self.queue, []
         for data in queued:
             self.transport.write(data)
@@ -297,7 +303,7 @@ class _StreamProtocol(Protocol):
     def handshakeCompleted(self) -> None:
         self.handshake_done = True
         self.targets.clear()
-        self.layer._arm_deadline(self)
+        self.layer.handshake_completed(self)
 
     @property
     def pending(self) -> bool:
@@ -305,11 +311,11 @@ class _StreamProtocol(Protocol):
         return not (self.up and self.handshake_done)
 
     def dataReceived(self, data: bytes) -> None:
-        self.layer._stream_data(self, data)
+        self.layer.stream_data(self, data)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.up = False
-        self.layer._stream_lost(self, reason)
+        self.layer.connection_lost(self, reason)
         if not self.lost.called:
             self.lost.callback(None)
 
@@ -368,7 +374,7 @@ class _ClientFactory(ClientFactory):
         return self.proto
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        self.proto.layer._connect_failed(self.proto, reason)
+        self.proto.layer.connect_failed(self.proto, reason)
 
 
 # -- the layer --------------------------------------------------------------------------------------
@@ -488,7 +494,11 @@ class TransportLayer(Service):
         if not waits:
             return defer.succeed(None)
         # a peer that never lets a connection finish closing must not hang shutdown
-        guard = self.reactor.callLater(_SHUTDOWN_GRACE, lambda: [p.abort() for p in streams])
+        def abort_all() -> None:
+            for proto in streams:
+                proto.abort()
+
+        guard = self.reactor.callLater(_SHUTDOWN_GRACE, abort_all)
         done = defer.DeferredList(waits, consumeErrors=True)
 
         def _finished(result: Any) -> None:
@@ -561,9 +571,9 @@ class TransportLayer(Service):
             "udp_flows_evicted": self.flows.evicted,
         }
 
-    # -- inbound ---------------------------------------------------------------------------------
+    # -- inbound: the entry points the protocols above call (nothing else in the layer is theirs) ---
 
-    def _datagram(self, proto: _UDPProtocol, data: bytes, addr: HostPort) -> None:
+    def datagram_received(self, proto: _UDPProtocol, data: bytes, addr: HostPort) -> None:
         if len(data) > self.max_message_size:
             log.warn("dropping a {n}-byte datagram from {addr} (max_message_size)", n=len(data), addr=addr)
             return
@@ -609,7 +619,7 @@ class TransportLayer(Service):
             self.flows.touch(flow)
         return flow
 
-    def _stream_made(self, proto: _StreamProtocol) -> None:
+    def connection_made(self, proto: _StreamProtocol) -> None:
         host, peer = proto.transport.getHost(), proto.transport.getPeer()
         key = FlowKey(proto.name, (_norm_host(host.host), host.port), (_norm_host(peer.host), peer.port))
         proto.made_at = self.clock.seconds()
@@ -626,7 +636,7 @@ class TransportLayer(Service):
             self.flows.touch(proto.flow)
         self._arm_deadline(proto)
 
-    def _stream_data(self, proto: _StreamProtocol, data: bytes) -> None:
+    def stream_data(self, proto: _StreamProtocol, data: bytes) -> None:
         flow = proto.flow
         if proto.failed or flow is None:
             return
@@ -656,7 +666,11 @@ class TransportLayer(Service):
             self._answer_unparseable(getattr(failure, "data", data), failure, flow)
             proto.close()
 
-    def _stream_lost(self, proto: _StreamProtocol, reason: Failure | None) -> None:
+    def handshake_completed(self, proto: _StreamProtocol) -> None:
+        # the TLS handshake clock stops; the message clock may start
+        self._arm_deadline(proto)
+
+    def connection_lost(self, proto: _StreamProtocol, reason: Failure | None) -> None:
         flow = proto.flow
         why = reason.getErrorMessage() if reason is not None else "connection lost"
         self._release(proto)
@@ -758,7 +772,7 @@ class TransportLayer(Service):
         # rarely, ops/gctune.py) frees them, so what they hold big is dropped now
         proto.framer.clear()
 
-    def _connect_failed(self, proto: _StreamProtocol, reason: Failure) -> None:
+    def connect_failed(self, proto: _StreamProtocol, reason: Failure) -> None:
         proto.connector = None
         # the flow is dead before anyone hears of the failure, so a retry opens a new connection
         if proto.flow is not None:

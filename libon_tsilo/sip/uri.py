@@ -297,20 +297,15 @@ class URI:
         if self.host.lower() != other.host.lower() or self.port != other.port:
             return False
         for name in _SIGNIFICANT:
-            a, b = self.params.get(name, _MISSING), other.params.get(name, _MISSING)
-            if a is _MISSING and b is _MISSING:
-                continue
-            if a is _MISSING or b is _MISSING:
-                return False
-            if _unesc(a).lower() != _unesc(b).lower():  # type: ignore[arg-type]
+            if name in self.params and name in other.params:
+                if _folded(self.params[name]) != _folded(other.params[name]):  # a flag equals only a flag
+                    return False
+            elif name in self.params or name in other.params:
                 return False
         for name in self.params.keys() & other.params.keys():
             if name in _SIGNIFICANT:
                 continue
-            a, b = self.params[name], other.params[name]
-            if (a is None) != (b is None):
-                return False
-            if a is not None and _unesc(a).lower() != _unesc(b).lower():  # type: ignore[arg-type]
+            if _folded(self.params[name]) != _folded(other.params[name]):
                 return False
         mine = {k.lower(): _unesc(v) for k, v in self.headers.items()}
         theirs = {k.lower(): _unesc(v) for k, v in other.headers.items()}
@@ -320,11 +315,13 @@ class URI:
         return hash((self.scheme, _unesc(self.user), self.host.lower(), self.port))
 
 
-_MISSING = object()
-
 
 def _unesc(value: str | None) -> str | None:
     return unescape(value) if value is not None else None
+
+
+def _folded(value: str | None) -> str | None:
+    return unescape(value).lower() if value is not None else None
 
 
 # RFC 3966 §5.1.1 visual separators do not count when comparing numbers.
@@ -335,6 +332,7 @@ class TelURI(URI):
     """tel: URI (RFC 3966): ``number`` is the subscriber number; ``params`` as for SIP."""
 
     __slots__ = ("number",)
+    number: str
 
     @classmethod
     def parse(cls, text: str) -> TelURI:

@@ -293,6 +293,53 @@ def test_add_and_remove_header() -> None:
     msg.remove_header("Not-There")
 
 
+def test_values_takes_a_canonical_key_and_splits_list_headers() -> None:
+    msg = parse_message(INVITE)
+    assert msg.values("via") == [
+        "SIP/2.0/UDP pc33.atlanta.example.com;branch=z9hG4bK776asdhds;rport",
+        "SIP/2.0/TCP [2001:db8::7]:5070;branch=z9hG4bKv6;received=2001:db8::99",
+        "SIP/2.0/TLS third.example.com;branch=z9hG4bK3",
+    ]
+    assert msg.values("record-route") == ["<sip:p1.example.com;lr>"]
+    assert msg.values("p-asserted-identity") == []
+    msg.set_top_via(Via.parse("SIP/2.0/UDP 192.0.2.9;branch=z9hG4bKnew"))
+    assert msg.values("via")[0] == "SIP/2.0/UDP 192.0.2.9;branch=z9hG4bKnew"  # after a change too
+    assert msg.values("supported") == []
+
+
+def test_headers_lists_every_line_in_order_with_key_and_written_name() -> None:
+    req = Request("INVITE", "sip:bob@example.com")
+    via = Via.parse("SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1")
+    req.add_header("Via", via)
+    req.add_header("v", "SIP/2.0/UDP 192.0.2.2;branch=z9hG4bK2")
+    req.add_header("call-id", "c1")
+    assert req.headers() == [
+        ("via", "Via", via),
+        ("via", "Via", "SIP/2.0/UDP 192.0.2.2;branch=z9hG4bK2"),  # compact and lower case written long
+        ("call-id", "Call-ID", "c1"),
+    ]
+    parsed = parse_message(INVITE)
+    assert [key for key, _, _ in parsed.headers()][:3] == ["via", "via", "max-forwards"]
+    assert parsed.headers()[-1] == ("content-length", "Content-Length", str(len(SDP)))
+
+
+def test_copied_entries_never_link_the_copy_to_its_source() -> None:
+    """Entries with the same key are chained from the index: a response built from a request, or lines
+    copied between messages, must read and change their own lines only."""
+    req = parse_message(INVITE)
+    assert len(req.values("via")) == 3
+    resp = make_response(req, 200, to_tag="t")
+    resp.add_header("Via", "SIP/2.0/UDP 192.0.2.7;branch=z9hG4bKtop", first=True)
+    out = Request("INVITE", "sip:bob@example.com")
+    out.copy_headers_from(req, "Record-Route")
+    out.add_header("Record-Route", "<sip:mine.example.com;lr>")
+    assert resp.values("via")[0] == "SIP/2.0/UDP 192.0.2.7;branch=z9hG4bKtop" and len(resp.values("via")) == 4
+    assert out.values("record-route") == ["<sip:p1.example.com;lr>", "<sip:mine.example.com;lr>"]
+    assert len(req.values("via")) == 3 and req.values("record-route") == ["<sip:p1.example.com;lr>"]
+    resp.remove_top_via()
+    assert len(resp.values("via")) == 3 and resp.to_bytes().count(b"Via:") == 2
+
+
 def test_add_header_first_when_absent_goes_to_top() -> None:
     msg = parse_message(msg_with(*BASIC[1:]))  # no Via
     msg.add_header("Via", Via("UDP", "192.0.2.1", 5060, {"branch": "z9hG4bKnew"}), first=True)

@@ -235,12 +235,12 @@ def test_udp_keepalive_from_an_unknown_source_creates_no_flow() -> None:
     t = layer()
     udp = FakeUDP()
     for port in range(100):
-        t._datagram(udp, b"\r\n\r\n", ("192.0.2.1", 10000 + port))
+        t.datagram_received(udp, b"\r\n\r\n", ("192.0.2.1", 10000 + port))
     assert t.flows.live_count() == 0
-    t._datagram(udp, sip_request(), ("192.0.2.1", 10000))
+    t.datagram_received(udp, sip_request(), ("192.0.2.1", 10000))
     [flow] = list(t.flows)
     t.clock.advance(50)
-    t._datagram(udp, b"\r\n\r\n", ("192.0.2.1", 10000))  # refreshes the flow that exists
+    t.datagram_received(udp, b"\r\n\r\n", ("192.0.2.1", 10000))  # refreshes the flow that exists
     assert flow.last_activity == 50
 
 
@@ -249,8 +249,8 @@ def test_unbound_udp_flow_expires_after_the_short_timeout_and_a_bound_one_lives_
     bound: set[str] = set()
     t.flows.add_keeper(bound.__contains__)
     udp = FakeUDP()
-    t._datagram(udp, sip_request(call_id="spoofed"), ("192.0.2.1", 5060))
-    t._datagram(udp, sip_request(method="REGISTER", call_id="device"), ("192.0.2.2", 5060))
+    t.datagram_received(udp, sip_request(call_id="spoofed"), ("192.0.2.1", 5060))
+    t.datagram_received(udp, sip_request(method="REGISTER", call_id="device"), ("192.0.2.2", 5060))
     device = t.flows.lookup("udp", udp.local, ("192.0.2.2", 5060))
     bound.add(device.id)  # the registrar stored a binding over it
     t.clock.advance(59)
@@ -297,13 +297,13 @@ def test_udp_flow_table_is_capped_evicting_the_oldest_unneeded_flow() -> None:
     t.flows.add_keeper(bound.__contains__)
     udp = FakeUDP()
     for i in range(3):
-        t._datagram(udp, sip_request(), (f"192.0.2.{i}", 5060))
+        t.datagram_received(udp, sip_request(), (f"192.0.2.{i}", 5060))
     first = t.flows.lookup("udp", udp.local, ("192.0.2.0", 5060))
     bound.add(first.id)
     closed: list = []
     t.flows.subscribe_close(closed.append)
     for i in range(3, 10):  # a flood from new sources
-        t._datagram(udp, sip_request(), (f"192.0.2.{i}", 5060))
+        t.datagram_received(udp, sip_request(), (f"192.0.2.{i}", 5060))
     assert t.flows.udp_count() == 3 and first.live
     assert {f.remote[0] for f in t.flows} == {"192.0.2.0", "192.0.2.8", "192.0.2.9"}
     assert len(closed) == 7 and t.flows.evicted == 7

@@ -370,3 +370,33 @@ async def test_stop_service_closes_connections(server) -> None:
     await s.layer.stopService()
     assert (await client.next())[0] == "closed"
     assert s.layer.flows.live_count() == 0 and s.layer.bound == []
+
+
+# -- the protocols' entry points into the layer ---------------------------------------------------
+
+
+def test_protocols_enter_the_layer_through_its_public_entry_points() -> None:
+    f = Fed()
+    calls: list[str] = []
+    for name in ("stream_data", "connection_lost"):
+        real = getattr(f.layer, name)
+        setattr(f.layer, name, lambda *a, _n=name, _r=real: (calls.append(_n), _r(*a))[1])
+    f.feed(sip_request(via=VIA))
+    f.proto.connectionLost(Failure(ConnectionDone()))
+    assert calls == ["stream_data", "connection_lost"] and len(f.got) == 1
+    assert f.layer.flows.get(f.flow.id) is None
+
+
+def test_no_protocol_calls_a_private_method_of_the_layer() -> None:
+    import ast
+    import inspect
+
+    from libon_tsilo.sip import transport
+
+    tree = ast.parse(inspect.getsource(transport))
+    private = [
+        f"line {node.lineno}: .layer.{node.attr}" for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_")
+        and isinstance(node.value, ast.Attribute) and node.value.attr == "layer"
+    ]
+    assert not private, private

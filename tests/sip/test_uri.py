@@ -310,3 +310,11 @@ def test_char_class_without_is_the_negated_class_with_whitespace() -> None:
         ranges = re.compile(f"[{char_class_without(excluded)}]+")
         every = "".join(map(chr, range(sys.maxunicode + 1)))
         assert re.sub(negated, "", every) == ranges.sub("", every)
+
+
+def test_a_significant_parameter_without_a_value_compares_without_crashing() -> None:
+    """RFC 3261 §19.1.4 compares transport/user/ttl/method/maddr; a peer may send one as a bare flag."""
+    assert URI.parse("sip:a@example.com;transport") == URI.parse("sip:a@example.com;TRANSPORT")
+    assert URI.parse("sip:a@example.com;transport") != URI.parse("sip:a@example.com;transport=udp")
+    assert URI.parse("sip:a@example.com;maddr=x;foo") != URI.parse("sip:a@example.com;maddr=x;foo=1")
+    assert URI.parse("sip:a@example.com;user=phone") != URI.parse("sip:a@example.com")
