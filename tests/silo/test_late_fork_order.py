@@ -66,7 +66,7 @@ def _server() -> tuple[Any, list[tuple[bytes, tuple[str, int]]], Any]:
     transport._udp_socket = lambda host, prefer=None: sock
 
     def feed(data: str, addr: tuple[str, int]) -> None:
-        transport._datagram(sock, data.encode(), addr)
+        transport.datagram_received(sock, data.encode(), addr)
 
     return root, outbox, feed
 
