@@ -431,6 +431,8 @@ class LogConfig:
 class OpsConfig:
     drain_timeout: int = _opt(30, _int_range(0))
     threadpool_size: int = _opt(8, _int_range(1, 256))
+    # speed (issue 15): "auto" = epoll, or asyncio when APNs needs it (ops/reactor.py)
+    reactor: str = _opt("auto", _one_of("auto", "epoll", "asyncio"))
 
 
 @dataclass(frozen=True)
@@ -635,6 +637,12 @@ def _check_session_timers(calls: CallsConfig) -> None:
                           f"got {calls.session_expires}")
 
 
+def _check_reactor(cfg: Config) -> None:
+    if cfg.ops.reactor == "epoll" and cfg.push.apns:
+        raise ConfigError("ops.reactor", '"epoll" cannot run APNs (aioapns needs asyncio): '
+                          'use "auto" or "asyncio"')
+
+
 def _validate(cfg: Config) -> None:
     _check_sip(cfg.sip)
     _check_session_timers(cfg.calls)
@@ -643,6 +651,7 @@ def _validate(cfg: Config) -> None:
     _check_flow_timer(cfg)
     _check_push(cfg.push)
     _check_manhole(cfg.manhole)
+    _check_reactor(cfg)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -219,6 +219,7 @@ def test_parse_listen():
         ({"log": {"level": "verbose"}}, 'log.level: unknown value "verbose" (expected one of "debug", "info", "warn", "error")'),
         ({"log": {"format": "xml"}}, 'log.format: unknown value "xml" (expected one of "text", "json")'),
         ({"ops": {"threadpool_size": 0}}, "ops.threadpool_size: must be >= 1, got 0"),
+        ({"ops": {"reactor": "uvloop"}}, 'ops.reactor: unknown value "uvloop" (expected one of "auto", "epoll", "asyncio")'),
         ({"admin": {"listen": "http:8080"}}, 'admin.listen: "http:8080" is not an endpoint like "tcp:2222:interface=127.0.0.1"'),
         ({"admin": {"listen": "tcp:port=x"}}, 'admin.listen: "tcp:port=x" has no valid port'),
     ],
@@ -289,6 +290,15 @@ def test_push_tables(tmp_path):
     )
     assert ok.push.apns[0].key_file == str(key)
     assert ok.push.webhook[0].name == "hook"
+
+
+def test_epoll_reactor_cannot_run_apns(tmp_path):
+    (tmp_path / "k.p8").write_text("key")
+    apns = {"apns": [{"bundle_id": "com.x", "team_id": "T", "key_id": "K", "key_file": "k.p8"}]}
+    assert error_of({"push": apns, "ops": {"reactor": "epoll"}}, tmp_path) == (
+        'ops.reactor: "epoll" cannot run APNs (aioapns needs asyncio): use "auto" or "asyncio"'
+    )
+    assert config_from_dict({"push": apns}, tmp_path).ops.reactor == "auto"
 
 
 @pytest.mark.parametrize(
