@@ -1,11 +1,12 @@
 """What the reactor itself costs per datagram and per timer: asyncio vs epoll, in instructions.
 
-    .venv/bin/python bench/reactor_cost.py [--n 2000] [--reactors asyncio,epoll]
+    .venv/bin/python bench/reactor_cost.py [--n 2000] [--reactors asyncio,epoll[,uvloop]]
 
 The side-by-side benchmark (bench/sidebyside.py) measures the whole process on a shared machine,
 where a run's CPU per call moves by 10 % or more; this script isolates the part ``[ops] reactor``
 changes and counts it with callgrind (user-space instructions, reproducible to a fraction of a
-percent). Two UDP ports on loopback play ping-pong inside one reactor: each datagram received is
+percent). ``uvloop`` is the asyncio reactor over uvloop's loop (``pip install uvloop`` first: it
+is not a dependency). Two UDP ports on loopback play ping-pong inside one reactor: each datagram received is
 answered with one datagram, so every wake-up of the reactor finds exactly one datagram (SIP at a
 few hundred calls/s looks like that), and each datagram also arms a timer and cancels the one
 armed before (a SIP transaction arms and cancels several). The child runs once with N round
@@ -35,6 +36,12 @@ def child(reactor_name: str, n: int) -> None:
 
         epollreactor.install()
     else:
+        if reactor_name == "uvloop":  # not a dependency: pip install uvloop to measure it
+            import asyncio
+
+            import uvloop
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
         from twisted.internet import asyncioreactor
 
         asyncioreactor.install()
