@@ -1,6 +1,6 @@
 """Side by side: the same SIPp late-fork and REGISTER runs against this server and against Kamailio.
 
-    .venv/bin/python bench/sidebyside.py [--call-rate 200] [--register-rate 2000] [--duration 10]
+    .venv/bin/python bench/sidebyside.py [--call-rate 200] [--register-rate 1000] [--duration 10]
         [--delay-ms 150] [--repeat 3] [--only calls|register] [--kamailio-children 2]
         [--set ops.reactor=epoll] [--servers ours,kamailio]
 
@@ -324,7 +324,7 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--call-rate", type=float, default=200, help="late-fork calls/s offered")
-    ap.add_argument("--register-rate", type=float, default=2000, help="REGISTER/s offered")
+    ap.add_argument("--register-rate", type=float, default=1000, help="REGISTER/s offered")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of traffic per run")
     ap.add_argument("--delay-ms", type=int, default=150, help="REGISTER this long after the INVITE")
     ap.add_argument("--repeat", type=int, default=1, help="runs per server and scenario (alternating)")
