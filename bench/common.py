@@ -26,7 +26,7 @@ import time
 import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -123,6 +123,13 @@ def _serve(argv: list[str]) -> None:
 
     sys.argv = ["twistd", *twistd_args]
     run()
+
+
+class SipTarget(Protocol):
+    """A server under test as the SIPp helpers see it: where it listens."""
+
+    @property
+    def sip_port(self) -> int: ...
 
 
 @dataclass

@@ -41,6 +41,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
     HOST,
     SCENARIOS,
-    BenchServer,
+    SipTarget,
     cpu_seconds,
     pin,
     sipp_run_seconds,
@@ -68,7 +70,7 @@ SERVER_CPU, SIPP_CPU = 0, 1
 PIN = True
 
 
-def sipp_command(server: BenchServer, scenario: str, workdir: Path, name: str, *, calls: int,
+def sipp_command(server: SipTarget, scenario: str, workdir: Path, name: str, *, calls: int,
                  rate: float, prefix: str, limit: int, ooc: str | None = None,
                  pause_ms: int | None = None, timeout_s: int = 120) -> tuple[list[str], Path, int]:
     """A SIPp command line over UDP; returns it with its statistics file and its local port."""
@@ -105,6 +107,64 @@ def fmt_ms(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds * 1000:.3f} ms"
 
 
+@dataclass
+class PairRun:
+    """What one late-fork SIPp run (caller + device) left: its processes, the caller's statistics
+    file, the UDP drops per socket, the wall time and the server's CPU seconds over the run."""
+    caller: subprocess.Popen[bytes]
+    device: subprocess.Popen[bytes]
+    caller_stats: Path
+    drops: dict[str, int]
+    wall: float
+    server_cpu: float
+    host_drops: int
+
+
+def run_pair(target: SipTarget, rate: float, calls: int, workdir: Path, prefix: str, *, delay_ms: int,
+             early: bool, duration: float, server_cpu: Callable[[], float]) -> PairRun:
+    """The caller and device SIPp processes against ``target`` at ``rate``, the second one
+    ``delay_ms`` after the first (the device first when ``early``); ``server_cpu`` reads the
+    server's CPU seconds before and after."""
+    cpu0 = server_cpu()
+    host_drops0 = udp_rcvbuf_errors()
+    limit = max(1000, int(rate * 5))
+    caller_args, caller_stats, caller_port = sipp_command(
+        target, "bench_caller.xml", workdir, "caller", calls=calls, rate=rate, prefix=prefix, limit=limit)
+    device_args, _, device_port = sipp_command(
+        target, "bench_device_register.xml", workdir, "device", calls=calls, rate=rate, prefix=prefix,
+        limit=limit * 4, ooc="bench_device_answer.xml", pause_ms=2000)
+    if early:  # the device registers first: a plain fork to a registered device
+        print(f"  device: {' '.join(device_args)}")
+        print(f"  caller (started {delay_ms} ms later): {' '.join(caller_args)}")
+    else:
+        print(f"  caller: {' '.join(caller_args)}")
+        print(f"  device (started {delay_ms} ms later): {' '.join(device_args)}")
+    started = time.monotonic()
+    drops: dict[str, int] = {}
+    if early:
+        device = spawn(device_args, workdir, "device")
+        time.sleep(delay_ms / 1000.0)
+        caller = spawn(caller_args, workdir, "caller")
+    else:
+        caller = spawn(caller_args, workdir, "caller")
+        time.sleep(delay_ms / 1000.0)
+        device = spawn(device_args, workdir, "device")
+    while caller.poll() is None or device.poll() is None:
+        # per-socket drop counters vanish with the socket: sample them while SIPp runs
+        if caller.poll() is None and device.poll() is None:
+            drops = {"server": udp_socket_drops(target.sip_port), "caller": udp_socket_drops(caller_port),
+                     "device": udp_socket_drops(device_port)}
+        if time.monotonic() - started > duration * 4 + 120:
+            caller.kill()
+            device.kill()
+            raise RuntimeError("SIPp did not finish")
+        time.sleep(0.2)
+    drops["server"] = udp_socket_drops(target.sip_port)
+    wall = time.monotonic() - started
+    return PairRun(caller, device, caller_stats, drops, wall, server_cpu() - cpu0,
+                   udp_rcvbuf_errors() - host_drops0)
+
+
 def run_rate(rate: float, args: argparse.Namespace, workdir: Path, run: int) -> dict[str, Any]:
     calls = max(1, int(rate * args.duration))
     prefix = f"lf{run}-"
@@ -117,49 +177,14 @@ def run_rate(rate: float, args: argparse.Namespace, workdir: Path, run: int) -> 
     }, twistd_options, cpu=SERVER_CPU if PIN else None)
     print(f"  server: {server.command}")
     try:
-        cpu0 = cpu_seconds(server.pid)
-        host_drops0 = udp_rcvbuf_errors()
-        limit = max(1000, int(rate * 5))
-        caller_args, caller_stats, caller_port = sipp_command(
-            server, "bench_caller.xml", workdir, "caller", calls=calls, rate=rate, prefix=prefix, limit=limit)
-        device_args, _, device_port = sipp_command(
-            server, "bench_device_register.xml", workdir, "device", calls=calls, rate=rate, prefix=prefix,
-            limit=limit * 4, ooc="bench_device_answer.xml", pause_ms=2000)
-        if args.early:  # the device registers first: a plain fork to a registered device
-            print(f"  device: {' '.join(device_args)}")
-            print(f"  caller (started {args.delay_ms} ms later): {' '.join(caller_args)}")
-        else:
-            print(f"  caller: {' '.join(caller_args)}")
-            print(f"  device (started {args.delay_ms} ms later): {' '.join(device_args)}")
-        started = time.monotonic()
-        drops: dict[str, int] = {}
-        if args.early:
-            device = spawn(device_args, workdir, "device")
-            time.sleep(args.delay_ms / 1000.0)
-            caller = spawn(caller_args, workdir, "caller")
-        else:
-            caller = spawn(caller_args, workdir, "caller")
-            time.sleep(args.delay_ms / 1000.0)
-            device = spawn(device_args, workdir, "device")
-        while caller.poll() is None or device.poll() is None:
-            # per-socket drop counters vanish with the socket: sample them while SIPp runs
-            if caller.poll() is None and device.poll() is None:
-                drops = {"server": udp_socket_drops(server.sip_port), "caller": udp_socket_drops(caller_port),
-                         "device": udp_socket_drops(device_port)}
-            if time.monotonic() - started > args.duration * 4 + 120:
-                caller.kill()
-                device.kill()
-                raise RuntimeError("SIPp did not finish")
-            time.sleep(0.2)
-        drops["server"] = udp_socket_drops(server.sip_port)
-        wall = time.monotonic() - started
-        cpu = cpu_seconds(server.pid) - cpu0
-        host_drops = udp_rcvbuf_errors() - host_drops0
+        pair = run_pair(server, rate, calls, workdir, prefix, delay_ms=args.delay_ms, early=args.early,
+                        duration=args.duration, server_cpu=lambda: cpu_seconds(server.pid))
         stats = server.stats()
     finally:
         final = server.stop()
-    cs = sipp_stats(caller_stats)
-    steady = steady_rate(caller_stats, skip=args.delay_ms / 1000.0 + 1.0)
+    caller, device, wall, cpu = pair.caller, pair.device, pair.wall, pair.server_cpu
+    cs = sipp_stats(pair.caller_stats)
+    steady = steady_rate(pair.caller_stats, skip=args.delay_ms / 1000.0 + 1.0)
     ok = int(cs.get("SuccessfulCall(C)", 0))
     created = int(cs.get("OutgoingCall(C)", 0))
     elapsed = sipp_run_seconds(cs) or wall
@@ -174,7 +199,7 @@ def run_rate(rate: float, args: argparse.Namespace, workdir: Path, run: int) -> 
         "failed": int(cs.get("FailedCall(C)", 0)), "ratio": ratio, "elapsed": elapsed,
         "achieved": ok / elapsed if elapsed else 0.0, "late_forked": late,
         "p50": latency.get("p50"), "p99": latency.get("p99"), "max": latency.get("max"),
-        "server_cpu": cpu, "wall": wall, "host_drops": host_drops, "drops": drops,
+        "server_cpu": cpu, "wall": wall, "host_drops": pair.host_drops, "drops": pair.drops,
         "caller_rc": caller.returncode, "device_rc": device.returncode,
         "total_calls": mgr.get("total_calls"), "answered": mgr.get("total_answered"),
         "left_calls": mgr.get("calls"), "left_silo": silo.get("stored_transactions"),

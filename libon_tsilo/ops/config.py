@@ -466,6 +466,8 @@ class OpsConfig:
     drain_timeout: int = _opt(30, _int_range(0))
     # nothing ran on this pool: FCM has [push] fcm_threads, SQLite its own writer thread
     threadpool_size: int = _opt(8, _no_longer_used(_int_range(1, 256), "each blocking user owns its pool"))
+    # speed (issue 15): "auto" = epoll (ops/reactor.py)
+    reactor: str = _opt("auto", _one_of("auto", "epoll", "asyncio"))
 
 
 @dataclass(frozen=True)

@@ -38,16 +38,6 @@ class Options(usage.Options):
     ]
 
 
-def _ensure_reactor() -> None:
-    # the asyncio reactor (the tested one) must be installed before anything imports
-    # twisted.internet.reactor; the push layer owns how that is done.
-    try:
-        from libon_tsilo.push.reactor import ensure_asyncio_reactor
-    except ImportError:
-        return
-    ensure_asyncio_reactor()
-
-
 def _config_error(err: ConfigError) -> NoReturn:
     print(f"libon-tsilo: config error: {err}", file=sys.stderr)
     raise SystemExit(EXIT_CONFIG_ERROR)
@@ -154,11 +144,13 @@ class HangupReloader(Service):
 
 
 def makeService(options: Options) -> Any:
-    _ensure_reactor()
-    config = load_options_config(options)
+    config = load_options_config(options)  # reads no reactor: [ops] reactor picks it below
     if options.get("check"):
         print(f"libon-tsilo: config ok: {config.source or '(built-in defaults)'}")
         raise SystemExit(0)
+    from libon_tsilo.ops.reactor import install_reactor
+
+    reactor_name = install_reactor(config)
     from libon_tsilo.ops.service import make_service
 
     observer = make_observer(config.log.level, config.log.format, _log_stream(options))
@@ -166,6 +158,8 @@ def makeService(options: Options) -> Any:
         root = make_service(config, log_observer=observer)
     except ConfigError as err:  # problems only visible when files are parsed (bad PEM, ...)
         _config_error(err)
+    log.info("running on the {reactor} reactor ([ops] reactor = {setting})", reactor=reactor_name,
+             setting=config.ops.reactor)
     reload_push = root.parts.extra.get("reload_push")
     reloader = HangupReloader(config, observer, hooks=[reload_push] if callable(reload_push) else [])
     reloader.setName("sighup")

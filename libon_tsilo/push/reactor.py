@@ -1,7 +1,8 @@
-"""The reactor the process runs on: Twisted's asyncio reactor, the one every test and benchmark uses.
+"""Installing Twisted's asyncio reactor, when ``[ops] reactor = "asyncio"`` asks for it (ops/reactor.py).
 
-Nothing in push/ needs asyncio any more (APNs is our own HTTP/2 client on Twisted); the choice
-stays so that production runs what is tested.
+Nothing in push/ needs asyncio any more (APNs is our own HTTP/2 client on Twisted): the server runs
+the epoll reactor by default; the unit tests run on the asyncio one (pytest-twisted), the end-to-end
+tests on the default.
 """
 
 from __future__ import annotations

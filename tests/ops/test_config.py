@@ -219,6 +219,7 @@ def test_parse_listen():
         ({"log": {"level": "verbose"}}, 'log.level: unknown value "verbose" (expected one of "debug", "info", "warn", "error")'),
         ({"log": {"format": "xml"}}, 'log.format: unknown value "xml" (expected one of "text", "json")'),
         ({"ops": {"threadpool_size": 0}}, "ops.threadpool_size: must be >= 1, got 0"),
+        ({"ops": {"reactor": "uvloop"}}, 'ops.reactor: unknown value "uvloop" (expected one of "auto", "epoll", "asyncio")'),
         ({"admin": {"listen": "http:8080"}}, 'admin.listen: "http:8080" is not an endpoint like "tcp:2222:interface=127.0.0.1"'),
         ({"admin": {"listen": "tcp:port=x"}}, 'admin.listen: "tcp:port=x" has no valid port'),
     ],
