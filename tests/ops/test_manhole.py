@@ -32,7 +32,8 @@ from libon_tsilo.ops.manhole import (
 )
 from libon_tsilo.ops.rpc import Rpc
 from tests.e2e.proc import HOST, free_port, start_server
-from tests.ops.test_rpc import FakeCall, build
+from tests.fakes.calls import FakeCall
+from tests.ops.test_rpc import build
 
 SSH = shutil.which("ssh")
 SSH_KEYGEN = shutil.which("ssh-keygen")
