@@ -22,13 +22,13 @@ import pytest
 
 from tests.e2e.proc import HOST, ServerProcess, admin_rpc, free_port
 from tests.e2e.sipp import Device, Sipp, sipp_available, stop_all, wait_for_log
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.skipif(not sipp_available(), reason="sipp is missing (package sip-tester)")
 
 RING_TIMEOUT = 3
 REASON_ANSWERED = 'SIP;cause=200;text="Call completed elsewhere"'
 
-CALL_STARTED = re.compile(r"\[libon_tsilo\.b2bua\.manager#info\] call \S+ -> (\S+): \d+ binding")
 CALL_ENDED = re.compile(r"\[libon_tsilo\.b2bua\.call#info\] call ended: (.*)$", re.M)
 
 
@@ -80,20 +80,10 @@ def _leftovers(server: ServerProcess) -> dict:
 def assert_no_leaked_state(server: ServerProcess, expected_calls: int, timeout: float = 5.0) -> None:
     """No call, dialog, silo entry or binding is left (admin API), and every call the server
     started has ended; exactly ``expected_calls`` calls were started."""
-    deadline = time.monotonic() + timeout
-    while True:
-        log = server.output()
-        started = len(CALL_STARTED.findall(log))
-        ended = len(CALL_ENDED.findall(log))
-        left = _leftovers(server)
-        if started == ended == expected_calls and not left:
-            break
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"{started} call(s) started, {ended} ended, {expected_calls} expected; left: {left}\n"
-                f"{log[-6000:]}"
-            )
-        time.sleep(0.05)
+    wait_until(lambda: not _leftovers(server), timeout, "every call to end and its state to go",
+               explain=lambda: f"left: {_leftovers(server)}\n{server.output()[-6000:]}")
+    started = admin_rpc(server, "stats")["calls"]["total_calls"]
+    assert started == expected_calls, f"{started} call(s) started, {expected_calls} expected"
     assert server.alive(), server.output()[-6000:]
     assert not server.tracebacks(), server.output()[-6000:]
 
@@ -118,14 +108,9 @@ def assert_caller_ok(caller: Sipp, server: ServerProcess, timeout: float = 30.0)
     caller may be done before the device's leg is, so a test must not stop the device before that."""
     code = caller.wait(timeout)
     assert code == 0, caller.explain() + "\n--- server log\n" + server.output()[-6000:]
-    deadline = time.monotonic() + 10.0
-    while True:
-        left = _leftovers(server)
-        if not left.get("calls") and not left.get("dialogs"):
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"calls still up after the caller finished: {left}\n{server.output()[-6000:]}")
-        time.sleep(0.05)
+    wait_until(lambda: not {"calls", "dialogs"} & set(_leftovers(server)), 10.0, "the calls to end",
+               explain=lambda: f"calls still up after the caller finished: {_leftovers(server)}\n"
+                               f"{server.output()[-6000:]}")
 
 
 # -- 1. a registered device answers --------------------------------------------------------------
@@ -157,7 +142,7 @@ def test_registered_device_answers(start_sip_server, procs, tmp_path, transport,
 def test_late_fork_register_after_invite(server, procs, tmp_path):
     caller = run_caller(procs, server, tmp_path, "caller_answered.xml", "bob", pause_ms=100)
     wait_for_log(server, "parked waiting for a device of sip:bob@")
-    time.sleep(0.15)
+    time.sleep(0.15)  # the scenario itself: the device registers 150 ms after the call was parked
     device = add_device(procs, server, tmp_path, "bob")
     assert_caller_ok(caller, server)
     device.stop()
@@ -181,7 +166,7 @@ def test_late_device_answers_early_device_cancelled(server, procs, tmp_path):
     early.wait_registered()
     caller = run_caller(procs, server, tmp_path, "caller_answered.xml", "carol", pause_ms=100)
     wait_for_log(server, f"fork to sip:carol@127.0.0.1:{early.port}")
-    time.sleep(0.15)
+    time.sleep(0.15)  # the scenario itself: the late device registers while the early one rings
     late = add_device(procs, server, tmp_path, "carol", name="late")
     assert_caller_ok(caller, server)
     for device in (early, late):

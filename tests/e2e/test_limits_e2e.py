@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.e2e.proc import HOST, ServerProcess, admin_rpc, free_port
 from tests.e2e.pushdevice import Msg, PushDevice, build, parse
 from tests.e2e.test_push_e2e import call, device, devices, fakes  # noqa: F401 (fixtures)
+from tests.waiting import wait_until
 
 ADMIN_CLI = Path(sys.executable).parent / "libon-tsilo-admin"
 NOT_EXEMPT = {"exempt_sources": []}
@@ -122,11 +123,8 @@ def limit_hits(server: ServerProcess, limit: str) -> float:
 
 
 def wait_for(what: Any, value: float, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while what() < value:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} stayed below {value}")
-        time.sleep(0.05)
+    """Until the counter ``what()`` reaches ``value``."""
+    wait_until(lambda: what() >= value, timeout, f"a counter to reach {value}")
 
 
 def admin_section() -> dict[str, Any]:

@@ -15,7 +15,6 @@ statistics must tell what happened; the server fixture checks a clean SIGTERM ex
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import pytest
 
 from libon_tsilo.util import redact
 from tests.e2e.proc import HOST, ServerProcess, admin_rpc, free_port
+from tests.waiting import wait_until
 from tests.e2e.pushdevice import Caller, DeviceConfig, PushDevice, push_records
 from tests.fakes import apns_fake, fcm_fake
 from tests.fakes.keys import make_team_key
@@ -137,23 +137,22 @@ def push_stats(server: ServerProcess) -> dict[str, Any]:
 def assert_no_leaked_state(server: ServerProcess, timeout: float = 5.0) -> dict[str, Any]:
     """No call, dialog or silo entry (stored or lingering) and no call record in the waker; returns
     the push statistics."""
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = admin_rpc(server, "stats")
-        silo = admin_rpc(server, "ts.dump")
-        left = {
-            "calls": stats["calls"]["calls"],
-            "dialogs": stats["calls"]["dialogs"],
-            "silo_stored": silo["stats"]["stored_transactions"],
-            "silo_lingering": silo["stats"]["lingering"],
-            "push_pending_calls": stats["push"]["pending_calls"],
-        }
-        left = {k: v for k, v in left.items() if v}
-        if not left:
-            return stats["push"]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"state left: {left}\n{server.output()[-4000:]}")
-        time.sleep(0.1)
+    wait_until(lambda: not _state_left(server), timeout, "no call state left",
+               explain=lambda: f"state left: {_state_left(server)}\n{server.output()[-4000:]}")
+    return push_stats(server)
+
+
+def _state_left(server: ServerProcess) -> dict[str, int]:
+    stats = admin_rpc(server, "stats")
+    silo = admin_rpc(server, "ts.dump")
+    left = {
+        "calls": stats["calls"]["calls"],
+        "dialogs": stats["calls"]["dialogs"],
+        "silo_stored": silo["stats"]["stored_transactions"],
+        "silo_lingering": silo["stats"]["lingering"],
+        "push_pending_calls": stats["push"]["pending_calls"],
+    }
+    return {k: v for k, v in left.items() if v}
 
 
 def device(server: ServerProcess, fake: Fake, made: list[PushDevice], **cfg: Any) -> PushDevice:
@@ -173,13 +172,8 @@ def call(server: ServerProcess) -> Caller:
 
 
 def _wait_log(server: ServerProcess, text: str, timeout: float = 5.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = server.output()
-        if text in out:
-            return out
-        time.sleep(0.05)
-    raise AssertionError(f"{text!r} not in the server log\n{server.output()[-4000:]}")
+    return wait_until(lambda: text in server.output() and server.output(), timeout, f"{text!r} in the server log",
+                      explain=lambda: server.output()[-4000:])
 
 
 # -- calls that complete ------------------------------------------------------------------------
@@ -265,7 +259,11 @@ def test_dead_token_removes_the_binding_and_480_at_once(provider: str, script: l
     assert dev.seen("invite") == []
     # the binding is gone: the next call pushes nobody and waits for a device until the ring timeout
     second = call(server)
-    time.sleep(1.0)
+    # the server has handled the INVITE once the call is parked; by then the waker would hold it had
+    # it been given a device to push (it is asked synchronously, while the INVITE is handled)
+    wait_until(lambda: admin_rpc(server, "ts.dump")["stats"]["stored_transactions"] == 1,
+               what="the second call to be parked", explain=lambda: server.output()[-4000:])
+    assert push_stats(server)["pending_calls"] == 0
     assert len(fake.records()) == 1
     second.cancel()
     assert second.wait_final(5).status == 487
@@ -342,7 +340,9 @@ def test_cancelled_call_with_missed_call_push(fakes: Any, start_sip_server: Any,
     assert fake.records()[1]["raw"]["json"]["type"] == "cancel"
     dev.refresh()
     dev.wait("register_ok", 5, count=2)
-    time.sleep(0.5)
+    # one more round trip: an INVITE the late REGISTER caused would reach the device before this answer
+    dev.refresh()
+    dev.wait("register_ok", 5, count=3)
     assert dev.seen("invite") == []
     stats = assert_no_leaked_state(server)
     assert stats["missed_call_pushes"] == 1 and stats["by_kind"]["cancel"]["delivered"] == 1
@@ -363,8 +363,6 @@ def test_refresh_push_before_a_pnsreg_binding_expires(fakes: Any, start_sip_serv
     dev = device(server, fake, devices, expires=61, pnsreg=True, react_to_push=False)
     (push,) = dev.wait("push", 6)
     assert push["json"]["message"]["data"]["type"] == "refresh"
-    deadline = time.monotonic() + 5
-    while push_stats(server)["by_kind"].get("refresh", {}).get("delivered") != 1:
-        assert time.monotonic() < deadline, push_stats(server)
-        time.sleep(0.1)
+    wait_until(lambda: push_stats(server)["by_kind"].get("refresh", {}).get("delivered") == 1, 5,
+               "the refresh push to be counted delivered", explain=lambda: str(push_stats(server)))
     assert push_stats(server)["refresh"]["scheduled"] == 0
