@@ -278,14 +278,6 @@ class Device:
         self.sipp.kill()
 
 
-def wait_for_log(server: ServerProcess, needle: str, count: int = 1, timeout: float = 10.0) -> None:
-    """Until ``needle`` appears ``count`` times in the server's log."""
-    wait_until(lambda: server.output().count(needle) >= count or not server.alive(), timeout,
-               f"the server to log {needle!r} x{count}", explain=lambda: server.output()[-6000:])
-    if server.output().count(needle) < count:
-        raise AssertionError(f"server exited before it logged {needle!r} x{count}\n{server.output()[-6000:]}")
-
-
 def stop_all(processes: Iterable[Sipp | Device]) -> None:
     """Teardown: kill whatever is still running (a failed test must not leave SIPp behind)."""
     for p in processes:

@@ -206,7 +206,7 @@ def test_call_wakes_a_silent_device_and_completes(provider: str, fakes: Any, sta
     assert fields["caller_uri"] in invite["from"]
     assert caller.bye().status == 200
     dev.wait("bye", 5)
-    _wait_log(server, "registered")  # push-to-REGISTER latency measured
+    wait_until(lambda: push_stats(server)["push_to_register"]["count"] == 1, 5, "push-to-REGISTER latency measured")
     assert len(fake.records()) == 1
     stats = assert_no_leaked_state(server)
     assert stats["by_provider"][provider]["delivered"] == 1
