@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.proc import HOST, ServerProcess, free_port, start_server, wait_until_ready
+from tests.e2e.proc import HOST, JSON_LOG, ServerProcess, free_port, log_events, start_server, wait_until_ready
 from tests.waiting import wait_until
 
 SCENARIOS = Path(__file__).parent / "scenarios"
@@ -431,7 +431,7 @@ def _query(server: ServerProcess, aor_user: str) -> Reply:
 @pytest.mark.parametrize("backend", ["sqlite", "memory"])
 def test_bindings_survive_sigterm_restart(servers, backend):
     """sqlite: the binding is back with its remaining expiry; memory (the control): it is gone."""
-    server = servers.start({**NO_AUTH, "location": {"backend": backend}})
+    server = servers.start({**NO_AUTH, "location": {"backend": backend}, "log": JSON_LOG})
     contact = "sip:alice@127.0.0.1:5999;transport=udp"
     client = SipClient(server)
     t_sent = time.monotonic()
@@ -449,7 +449,7 @@ def test_bindings_survive_sigterm_restart(servers, backend):
     if backend == "memory":
         assert answer.values("Contact") == [], answer.raw
         return
-    assert "location: restored 1 bindings" in again.output()
+    assert [e["n"] for e in log_events(again, "libon_tsilo.registrar.location") if "n" in e] == [1]
     remaining = contact_expires(answer)
     assert list(remaining) == [contact], answer.raw
     # expires_at was set between t_sent and t_ok; the 200 was built between t_query and t_answer
