@@ -23,9 +23,9 @@ import pytest
 
 from tests.e2e.baresip import Baresip, account_line, baresip_available
 from tests.e2e.proc import HOST, ServerProcess, admin_rpc, free_port
-from tests.waiting import wait_until
 from tests.e2e.test_registrar_e2e import add_user
 from tests.fakes import webhook_fake
+from tests.waiting import wait_until
 
 PASSWORDS = {"alice": "alice-secret", "bob": "bob-secret"}
 

@@ -12,7 +12,6 @@ import uuid
 from typing import Any
 
 from tests.e2e.proc import HOST, ServerProcess, admin_rpc, free_port
-from tests.waiting import wait_until
 from tests.e2e.test_registrar_e2e import (  # noqa: F401
     NO_AUTH,
     SDP,
@@ -22,6 +21,7 @@ from tests.e2e.test_registrar_e2e import (  # noqa: F401
     _respond,
 )
 from tests.e2e import test_registrar_e2e
+from tests.waiting import wait_until
 
 servers = test_registrar_e2e.servers  # the fixture: twistd processes stopped and checked at teardown
 

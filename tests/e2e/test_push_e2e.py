@@ -24,12 +24,12 @@ from typing import Any
 import pytest
 
 from libon_tsilo.util import redact
-from tests.e2e.proc import HOST, ServerProcess, admin_rpc, free_port
-from tests.waiting import wait_until
+from tests.e2e.proc import HOST, JSON_LOG, ServerProcess, admin_rpc, free_port, log_events
 from tests.e2e.pushdevice import Caller, DeviceConfig, PushDevice, push_records
 from tests.fakes import apns_fake, fcm_fake
 from tests.fakes.keys import make_team_key
 from tests.fakes.sa_keys import make_service_account
+from tests.waiting import wait_until
 
 BUNDLE = "com.example.app"
 TEAM = "TEAM123456"
@@ -127,6 +127,7 @@ def server_for(start_sip_server: Callable[..., ServerProcess], fake: Fake, ring_
         "calls": {"ring_timeout": ring_timeout, "invite_cancel_grace": grace},
         "push": {**fake.config, **push},
         "admin": {"listen": f"tcp:{free_port(udp_too=False)}:interface={HOST}"},
+        "log": JSON_LOG,
     }, tls=False)
 
 
@@ -169,11 +170,6 @@ def call(server: ServerProcess) -> Caller:
     caller = Caller((HOST, server.sip_port))
     caller.invite()
     return caller
-
-
-def _wait_log(server: ServerProcess, text: str, timeout: float = 5.0) -> str:
-    return wait_until(lambda: text in server.output() and server.output(), timeout, f"{text!r} in the server log",
-                      explain=lambda: server.output()[-4000:])
 
 
 # -- calls that complete ------------------------------------------------------------------------
@@ -253,9 +249,9 @@ def test_dead_token_removes_the_binding_and_480_at_once(provider: str, script: l
     caller = call(server)
     final = caller.wait_final(5)
     assert final.status == 480 and caller.elapsed < 3.0
-    out = _wait_log(server, "dead push token")
-    line = next(x for x in out.splitlines() if "dead push token" in x)
-    assert redact(tok) in line and tok not in line
+    (dead,) = wait_until(lambda: log_events(server, "libon_tsilo.push.waker", token=redact(tok)), 5,
+                         "the dead token to be logged", explain=lambda: server.output()[-4000:])
+    assert dead["level"] == "warn" and dead["provider"] == provider and tok not in json.dumps(dead), dead
     assert dev.seen("invite") == []
     # the binding is gone: the next call pushes nobody and waits for a device until the ring timeout
     second = call(server)

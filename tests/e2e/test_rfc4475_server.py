@@ -14,8 +14,8 @@ import socket
 import pytest
 
 from tests.e2e.proc import HOST, admin_rpc, free_port, options_request
-from tests.waiting import wait_until
 from tests.sip import rfc4475
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.skipif(not rfc4475.available(), reason="RFC 4475 corpus missing")
 
