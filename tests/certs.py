@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["CertPaths", "make_test_certs", "new_ca"]
+__all__ = ["CertPaths", "issue", "make_test_certs", "new_ca"]
 
 DEFAULT_HOSTS = ("127.0.0.1", "::1", "localhost")
 
@@ -81,29 +81,32 @@ def new_ca(name: x509.Name) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificat
     return key, cert
 
 
-def _issue(
+def issue(
     ca_key: ec.EllipticCurvePrivateKey,
-    ca_name: x509.Name,
-    cn: str,
-    hosts: tuple[str, ...],
+    ca_cert: x509.Certificate,
+    subject: x509.Name | str,
     usage: x509.ObjectIdentifier,
+    hosts: tuple[str, ...] = (),
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A leaf certificate signed by the CA: a server's (SERVER_AUTH) or a client's (CLIENT_AUTH), with
+    ``hosts`` (IP addresses or DNS names) as its subjectAltName when given. Valid two days."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(ca_name)
+        .subject_name(_name(subject) if isinstance(subject, str) else subject)
+        .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=2))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(_san(hosts), critical=False)
-        .sign(ca_key, hashes.SHA256())
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
     )
-    return cert, key
+    if hosts:
+        builder = builder.add_extension(_san(hosts), critical=False)
+    return builder.sign(ca_key, hashes.SHA256()), key
 
 
 def make_test_certs(directory: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS) -> CertPaths:
@@ -111,10 +114,8 @@ def make_test_certs(directory: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS) -> 
     directory.mkdir(parents=True, exist_ok=True)
     ca_name = _name("libon-tsilo test CA")
     ca_key, ca_cert = new_ca(ca_name)
-    server_cert, server_key = _issue(ca_key, ca_name, hosts[0], hosts, ExtendedKeyUsageOID.SERVER_AUTH)
-    client_cert, client_key = _issue(
-        ca_key, ca_name, "test-client", ("localhost",), ExtendedKeyUsageOID.CLIENT_AUTH
-    )
+    server_cert, server_key = issue(ca_key, ca_cert, hosts[0], ExtendedKeyUsageOID.SERVER_AUTH, hosts)
+    client_cert, client_key = issue(ca_key, ca_cert, "test-client", ExtendedKeyUsageOID.CLIENT_AUTH, ("localhost",))
 
     paths = CertPaths(
         directory=directory,

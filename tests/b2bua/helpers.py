@@ -7,7 +7,6 @@ will see in production.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
@@ -18,6 +17,8 @@ from libon_tsilo.b2bua.ports import Hop
 from libon_tsilo.registrar.binding import Binding
 from libon_tsilo.silo.silo import Silo
 from libon_tsilo.sip.message import Request, Response, make_response, parse_message
+from tests.fakes.calls import FakeLocation
+from tests.fakes.sip import FakeFlow, FakeStx
 
 SDP_A = b"v=0\r\no=alice 1 1 IN IP4 10.0.0.1\r\ns=-\r\nc=IN IP4 10.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n"
 SDP_B = b"v=0\r\no=bob 2 2 IN IP4 10.0.0.2\r\ns=-\r\nc=IN IP4 10.0.0.2\r\nt=0 0\r\nm=audio 5000 RTP/AVP 0\r\n"
@@ -80,7 +81,7 @@ def reply(req: Request, status: int, to_tag: str | None = "dev-tag", body: bytes
 
 
 def flow(fid: str = "tcp:caller#1", transport: str = "tcp", remote: tuple[str, int] = ("10.0.0.1", 5070)) -> Any:
-    return SimpleNamespace(id=fid, live=True, key=SimpleNamespace(transport=transport, remote=remote))
+    return FakeFlow(transport, remote, id=fid)
 
 
 def binding(n: int = 1, aor: str = AOR, live: bool = True, push: str | None = None, flow_id: str | None = None,
@@ -101,25 +102,6 @@ def binding(n: int = 1, aor: str = AOR, live: bool = True, push: str | None = No
         pn_prid=f"token-{n}" if push else None,
         pn_param="TEAM.com.example.voip" if push else None,
     )
-
-
-@dataclass
-class FakeStx:
-    request: Request
-    responses: list[Response] = field(default_factory=list)
-    reliable: bool = True
-
-    def respond(self, resp: Response) -> None:
-        self.responses.append(parse_message(resp.to_bytes()))
-
-    @property
-    def statuses(self) -> list[int]:
-        return [r.status for r in self.responses]
-
-    @property
-    def final(self) -> Response | None:
-        finals = [r for r in self.responses if r.status >= 200]
-        return finals[0] if finals else None
 
 
 @dataclass
@@ -204,17 +186,6 @@ class FakePort:
 
     def last(self, method: str) -> FakeCtx:
         return [c for c in self.sent if c.request.method == method][-1]
-
-
-class FakeLocation:
-    def __init__(self) -> None:
-        self.bindings: dict[str, list[Binding]] = {}
-
-    def lookup(self, aor: str) -> list[Binding]:
-        return list(self.bindings.get(aor, []))
-
-    def add(self, b: Binding) -> None:
-        self.bindings.setdefault(b.aor, []).append(b)
 
 
 class ScriptedWaker:

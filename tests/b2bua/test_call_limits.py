@@ -11,7 +11,8 @@ from twisted.logger import globalLogPublisher
 from libon_tsilo.b2bua.admission import CallerSources
 from libon_tsilo.b2bua.manager import CallManager, CallSettings
 from libon_tsilo.sip.limits import SourceFilter
-from tests.b2bua.helpers import SDP_B, Env, FakeStx, ScriptedWaker, binding, caller_invite, flow
+from tests.fakes.sip import FakeStx
+from tests.b2bua.helpers import SDP_B, Env, ScriptedWaker, binding, caller_invite, flow
 
 
 def make(sources: CallerSources | None = None, user_exists: Any = None, waker: Any = "scripted",

@@ -9,7 +9,8 @@ from twisted.internet.defer import Deferred
 
 from libon_tsilo.b2bua.manager import CallManager, CallSettings, authorizer_from_policy, default_aor_key
 from libon_tsilo.sip.uri import URI
-from tests.b2bua.helpers import SDP_B, Env, FakeStx, binding, caller_invite, parse
+from tests.fakes.sip import FakeStx
+from tests.b2bua.helpers import SDP_B, Env, binding, caller_invite, parse
 
 
 @pytest.mark.parametrize(

@@ -108,7 +108,7 @@ def test_first_2xx_wins_others_cancelled_with_reason() -> None:
 
 
 def _stx(env: Env, req):  # type: ignore[no-untyped-def]
-    from tests.b2bua.helpers import FakeStx
+    from tests.fakes.sip import FakeStx
 
     stx = FakeStx(req)
     env.mgr.handle_in_dialog(req, stx, env.caller_flow)
@@ -201,7 +201,8 @@ def test_caller_cancel() -> None:
     env, stx = two_device_call()
     a, b = env.port.invites()
     a.respond(180)
-    from tests.b2bua.helpers import FakeStx, parse
+    from tests.fakes.sip import FakeStx
+    from tests.b2bua.helpers import parse
 
     cancel = parse(
         """CANCEL sip:bob@example.com SIP/2.0

@@ -11,7 +11,8 @@ from libon_tsilo.b2bua.identity import CallerTrust
 from libon_tsilo.b2bua.manager import DEFAULT_ALLOWLIST, authorizer_from_policy
 from libon_tsilo.registrar.auth import AuthPolicy
 from libon_tsilo.registrar.users import UsersDB
-from tests.b2bua.helpers import Env, FakeStx, binding, caller_invite, flow
+from tests.fakes.sip import FakeStx
+from tests.b2bua.helpers import Env, binding, caller_invite, flow
 from tests.registrar.helpers import digest_authorization
 
 SPOOFED = (

@@ -16,7 +16,8 @@ from libon_tsilo.silo.silo import Silo
 from libon_tsilo.sip.flow import Flow, FlowKey
 from libon_tsilo.sip.message import Request, Response, make_response, parse_message
 from libon_tsilo.sip.transaction import TransactionLayer
-from tests.b2bua.helpers import SDP_A, SDP_B, FakeLocation, binding, caller_invite, parse
+from tests.fakes.calls import FakeLocation
+from tests.b2bua.helpers import SDP_A, SDP_B, binding, caller_invite, parse
 
 
 class Flows:

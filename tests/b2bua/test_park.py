@@ -9,7 +9,8 @@ from twisted.internet.defer import CancelledError
 from libon_tsilo.b2bua.forking import REASON_ANSWERED
 from libon_tsilo.b2bua.states import CallerCancelled, RingTimeout
 from libon_tsilo.b2bua.waker import LoggingWaker, WakeResult
-from tests.b2bua.helpers import SDP_B, Env, FakeStx, binding, parse
+from tests.fakes.sip import FakeStx
+from tests.b2bua.helpers import SDP_B, Env, binding, parse
 
 
 def outcome(d: Any) -> list[Any]:

@@ -3,7 +3,8 @@ and the ways a call ends on its own (flow closed, transaction timeout, no ACK)."
 
 from __future__ import annotations
 
-from tests.b2bua.helpers import SDP_A, SDP_B, SDP_C, Env, FakeStx, binding, flow, in_dialog
+from tests.fakes.sip import FakeStx
+from tests.b2bua.helpers import SDP_A, SDP_B, SDP_C, Env, binding, flow, in_dialog
 
 CALLER = "<sip:alice@example.com>;tag=a-tag"
 

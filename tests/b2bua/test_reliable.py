@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from libon_tsilo.sip.message import make_response, parse_message
-from tests.b2bua.helpers import SDP_A, SDP_B, Env, FakeStx, binding, in_dialog
+from tests.b2bua.helpers import SDP_A, SDP_B, Env, binding, in_dialog
+from tests.fakes.sip import FakeStx
 
 CALLER = "<sip:alice@example.com>;tag=a-tag"
 REQUIRE = "Require: 100rel\n"

@@ -19,7 +19,8 @@ from libon_tsilo.b2bua.session_timer import (
 )
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.message import parse_message
-from tests.b2bua.helpers import AOR, SDP_A, SDP_B, SDP_C, Env, FakeCtx, FakeStx, binding, in_dialog, reply
+from tests.fakes.sip import FakeStx
+from tests.b2bua.helpers import AOR, SDP_A, SDP_B, SDP_C, Env, FakeCtx, binding, in_dialog, reply
 
 CALLER = "<sip:alice@example.com>;tag=a-tag"
 CALL_ID = "call-1@10.0.0.1"

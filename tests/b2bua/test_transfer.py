@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from libon_tsilo.b2bua.waker import WakeResult
-from tests.b2bua.helpers import SDP_A, SDP_B, SDP_C, Env, FakeStx, binding, flow, in_dialog
+from tests.b2bua.helpers import SDP_A, SDP_B, SDP_C, Env, binding, flow, in_dialog
+from tests.fakes.sip import FakeStx
 from tests.b2bua.test_relay import Connected
 
 CAROL = "sip:carol@example.com"

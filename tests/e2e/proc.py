@@ -294,6 +294,28 @@ def wait_until_ready(server: ServerProcess, timeout: float = READY_TIMEOUT) -> b
     raise RuntimeError(f"server did not answer OPTIONS on udp:{HOST}:{server.sip_port} in {timeout}s\n{server.output()}")
 
 
+JSON_LOG = {"format": "json"}  # the [log] section for a server whose events a test reads with log_events
+
+
+def log_events(server: ServerProcess, ns: str, **fields: Any) -> list[dict[str, Any]]:
+    """The server's log events in namespace ``ns`` whose fields equal ``fields``.
+
+    For a server started with ``[log] format = "json"`` (:data:`JSON_LOG`): each event is a JSON
+    object with ``level``, ``ns``, ``msg`` and the fields the code logged, so a test asserts on those
+    rather than on the wording of the message."""
+    events = []
+    for line in server.output().splitlines():
+        if not line.startswith("{"):
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("ns") == ns and all(event.get(k) == v for k, v in fields.items()):
+            events.append(event)
+    return events
+
+
 def admin_rpc(server: ServerProcess, name: str) -> Any:
     """GET /rpc/<name> on the server's admin API (its ``[admin] listen`` port; loopback: no token)."""
     port = int(server.sections["admin"]["listen"].split(":")[1])

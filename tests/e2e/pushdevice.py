@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from tests.waiting import wait_until
+
 HOST = "127.0.0.1"
 _COMPACT = {"v": "via", "f": "from", "t": "to", "i": "call-id", "m": "contact", "l": "content-length",
             "c": "content-type", "k": "supported"}
@@ -168,13 +170,8 @@ class Agent:
         return times[0] if times else None
 
     def wait(self, kind: str, timeout: float, count: int = 1) -> list[Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = self.seen(kind)
-            if len(found) >= count:
-                return found
-            time.sleep(0.02)
-        raise AssertionError(f"no {kind!r} within {timeout}s; events: {[k for _, k, _ in self.events]}")
+        return wait_until(lambda: len(self.seen(kind)) >= count and self.seen(kind), timeout, f"{count} {kind!r}",
+                          explain=lambda: f"events: {[k for _, k, _ in self.events]}")
 
     def send(self, data: bytes, addr: tuple[str, int] | None = None) -> None:
         self.sock.sendto(data, addr or self.server)

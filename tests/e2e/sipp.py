@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tests.e2e.proc import HOST, ServerProcess, free_port
+from tests.waiting import wait_until
 
 SCENARIOS = Path(__file__).parent / "scenarios"
 SIPP = shutil.which("sipp") or "/usr/bin/sipp"
@@ -235,14 +236,11 @@ class Device:
 
     def wait_registered(self, timeout: float = 10.0) -> None:
         """Until the server's 200 to the REGISTER arrived (the scenario logs REGISTERED)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.sipp.log_lines("REGISTERED "):
-                return
-            if not self.sipp.running():
-                break
-            time.sleep(0.01)
-        raise AssertionError(f"device {self.aor} did not register\n{self.sipp.explain()}\n{self.server.output()[-4000:]}")
+        wait_until(lambda: self.sipp.log_lines("REGISTERED ") or not self.sipp.running(), timeout,
+                   f"device {self.aor} to register")
+        if not self.sipp.log_lines("REGISTERED "):
+            raise AssertionError(f"device {self.aor} did not register\n{self.sipp.explain()}\n"
+                                 f"{self.server.output()[-4000:]}")
 
     def stop(self, timeout: float = 15.0) -> None:
         """Tell the device to unregister and quit; it must exit 0 with every call successful."""
@@ -260,9 +258,11 @@ class Device:
                 "Content-Length: 0\r\n\r\n"
             ).encode()
             if tcp:
+                # the connection stays open until SIPp has exited: closing it earlier could lose the
+                # NOTIFY before SIPp read it
                 with socket.create_connection((HOST, self.port), timeout=5) as conn:
                     conn.sendall(notify)
-                    time.sleep(0.2)  # let SIPp read it before the connection closes
+                    self.sipp.wait(timeout)
             else:
                 with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
                     sock.sendto(notify, (HOST, self.port))
@@ -276,18 +276,6 @@ class Device:
 
     def kill(self) -> None:
         self.sipp.kill()
-
-
-def wait_for_log(server: ServerProcess, needle: str, count: int = 1, timeout: float = 10.0) -> None:
-    """Until ``needle`` appears ``count`` times in the server's log."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.output().count(needle) >= count:
-            return
-        if not server.alive():
-            break
-        time.sleep(0.01)
-    raise AssertionError(f"server never logged {needle!r} x{count}\n{server.output()[-6000:]}")
 
 
 def stop_all(processes: Iterable[Sipp | Device]) -> None:

@@ -25,6 +25,7 @@ from tests.e2e.baresip import Baresip, account_line, baresip_available
 from tests.e2e.proc import HOST, ServerProcess, admin_rpc, free_port
 from tests.e2e.test_registrar_e2e import add_user
 from tests.fakes import webhook_fake
+from tests.waiting import wait_until
 
 PASSWORDS = {"alice": "alice-secret", "bob": "bob-secret"}
 
@@ -64,18 +65,6 @@ def account(user: str, port: int, transport: str = "udp", **params: str) -> str:
     return account_line(user, port, transport, PASSWORDS[user], **params)
 
 
-def wait_until(what: str, check: Callable[[], Any], timeout: float = 10.0, server: ServerProcess | None = None) -> Any:
-    """Poll a server counter or a record file until ``check()`` is truthy (never a blind sleep)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}\n{server.output()[-4000:] if server else ''}")
-        time.sleep(0.05)
-
-
 def no_calls_left(server: ServerProcess) -> bool:
     stats = admin_rpc(server, "stats")
     return stats["calls"]["calls"] == 0 and stats["calls"]["dialogs"] == 0
@@ -110,7 +99,7 @@ def test_baresip_calls_baresip(server_with_users, baresips):
     alice.wait_event("CALL_CLOSED", timeout=5)
     closed = bob.wait_event("CALL_CLOSED", timeout=5)[0]
     assert closed["param"] == "Connection reset by peer", closed  # libre's words for a BYE received
-    wait_until("the call to end at the server", lambda: no_calls_left(server), server=server)
+    wait_until(lambda: no_calls_left(server), what="the call to end at the server", explain=lambda: server.output()[-4000:])
 
 
 @pytest.fixture
@@ -166,7 +155,7 @@ def test_sleeping_baresip_woken_by_webhook_push_answers(server_with_users, bares
 
     alice = baresips(account("alice", server.sip_port, "udp", regint="0"))
     alice.command("dial", f"sip:bob@{HOST}")
-    pushes = wait_until("the wake-up push", lambda: webhook_fake.read_records(record), server=server)
+    pushes = wait_until(lambda: webhook_fake.read_records(record), what="the wake-up push", explain=lambda: server.output()[-4000:])
     push = pushes[0]["body"]
     assert (push["type"], push["pn_prid"], push["aor"]) == ("call", prid, f"sip:bob@{HOST}"), push
 
@@ -179,7 +168,7 @@ def test_sleeping_baresip_woken_by_webhook_push_answers(server_with_users, bares
     assert incoming["peeruri"] == push["caller"]["uri"], (incoming, push)
     alice.command("hangup")
     woken.wait_event("CALL_CLOSED", timeout=5)
-    wait_until("the call to end at the server", lambda: no_calls_left(server), server=server)
+    wait_until(lambda: no_calls_left(server), what="the call to end at the server", explain=lambda: server.output()[-4000:])
 
 
 @pytest.mark.parametrize("endpoint", ["answers 500", "down"])
@@ -202,4 +191,4 @@ def test_every_push_failed_caller_gets_480_at_once(server_with_users, baresips, 
     assert admin_rpc(server, "stats")["push"]["calls_all_failed"] == 1
     if record is not None:
         assert len(webhook_fake.read_records(record)) >= 2  # retried before giving up
-    wait_until("the call to end at the server", lambda: no_calls_left(server), server=server)
+    wait_until(lambda: no_calls_left(server), what="the call to end at the server", explain=lambda: server.output()[-4000:])

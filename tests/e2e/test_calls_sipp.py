@@ -21,14 +21,14 @@ from collections.abc import Iterator
 import pytest
 
 from tests.e2e.proc import HOST, ServerProcess, admin_rpc, free_port
-from tests.e2e.sipp import Device, Sipp, sipp_available, stop_all, wait_for_log
+from tests.e2e.sipp import Device, Sipp, sipp_available, stop_all
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.skipif(not sipp_available(), reason="sipp is missing (package sip-tester)")
 
 RING_TIMEOUT = 3
 REASON_ANSWERED = 'SIP;cause=200;text="Call completed elsewhere"'
 
-CALL_STARTED = re.compile(r"\[libon_tsilo\.b2bua\.manager#info\] call \S+ -> (\S+): \d+ binding")
 CALL_ENDED = re.compile(r"\[libon_tsilo\.b2bua\.call#info\] call ended: (.*)$", re.M)
 
 
@@ -62,6 +62,22 @@ def ended_reasons(server: ServerProcess) -> list[str]:
     return CALL_ENDED.findall(server.output())
 
 
+def wait_parked(server: ServerProcess, user: str, count: int = 1) -> None:
+    """Until the silo holds ``count`` calls to ``user`` parked (waiting for a device)."""
+    aor = f"sip:{user}@{HOST}"
+
+    def parked() -> int:
+        return [c["state"] for c in admin_rpc(server, "ts.dump")["aors"].get(aor, [])].count("parked")
+
+    wait_until(lambda: parked() == count, 10, f"{count} call(s) to {aor} parked",
+               explain=lambda: server.output()[-6000:])
+
+
+def silo_branches(server: ServerProcess) -> int:
+    """Branches the silo added to parked calls: forks that came out of a REGISTER."""
+    return admin_rpc(server, "ts.dump")["stats"]["added_branches"]
+
+
 def _leftovers(server: ServerProcess) -> dict:
     stats = admin_rpc(server, "stats")
     silo = admin_rpc(server, "ts.dump")
@@ -80,20 +96,10 @@ def _leftovers(server: ServerProcess) -> dict:
 def assert_no_leaked_state(server: ServerProcess, expected_calls: int, timeout: float = 5.0) -> None:
     """No call, dialog, silo entry or binding is left (admin API), and every call the server
     started has ended; exactly ``expected_calls`` calls were started."""
-    deadline = time.monotonic() + timeout
-    while True:
-        log = server.output()
-        started = len(CALL_STARTED.findall(log))
-        ended = len(CALL_ENDED.findall(log))
-        left = _leftovers(server)
-        if started == ended == expected_calls and not left:
-            break
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"{started} call(s) started, {ended} ended, {expected_calls} expected; left: {left}\n"
-                f"{log[-6000:]}"
-            )
-        time.sleep(0.05)
+    wait_until(lambda: not _leftovers(server), timeout, "every call to end and its state to go",
+               explain=lambda: f"left: {_leftovers(server)}\n{server.output()[-6000:]}")
+    started = admin_rpc(server, "stats")["calls"]["total_calls"]
+    assert started == expected_calls, f"{started} call(s) started, {expected_calls} expected"
     assert server.alive(), server.output()[-6000:]
     assert not server.tracebacks(), server.output()[-6000:]
 
@@ -118,14 +124,9 @@ def assert_caller_ok(caller: Sipp, server: ServerProcess, timeout: float = 30.0)
     caller may be done before the device's leg is, so a test must not stop the device before that."""
     code = caller.wait(timeout)
     assert code == 0, caller.explain() + "\n--- server log\n" + server.output()[-6000:]
-    deadline = time.monotonic() + 10.0
-    while True:
-        left = _leftovers(server)
-        if not left.get("calls") and not left.get("dialogs"):
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"calls still up after the caller finished: {left}\n{server.output()[-6000:]}")
-        time.sleep(0.05)
+    wait_until(lambda: not {"calls", "dialogs"} & set(_leftovers(server)), 10.0, "the calls to end",
+               explain=lambda: f"calls still up after the caller finished: {_leftovers(server)}\n"
+                               f"{server.output()[-6000:]}")
 
 
 # -- 1. a registered device answers --------------------------------------------------------------
@@ -156,19 +157,16 @@ def test_registered_device_answers(start_sip_server, procs, tmp_path, transport,
 
 def test_late_fork_register_after_invite(server, procs, tmp_path):
     caller = run_caller(procs, server, tmp_path, "caller_answered.xml", "bob", pause_ms=100)
-    wait_for_log(server, "parked waiting for a device of sip:bob@")
-    time.sleep(0.15)
+    wait_parked(server, "bob")
+    # the call was parked with no binding: the fork can only come later, out of the REGISTER
+    assert admin_rpc(server, "ul.dump")["binding_count"] == 0 and silo_branches(server) == 0
+    time.sleep(0.15)  # the scenario itself: the device registers 150 ms after the call was parked
     device = add_device(procs, server, tmp_path, "bob")
     assert_caller_ok(caller, server)
     device.stop()
     device.assert_no_failures()
     assert len(device.sipp.log_lines("ANSWERED-AND-HUNG-UP ")) == 1, device.sipp.explain()
-    log = server.output()
-    # the call was parked with no binding; the fork came later, out of the REGISTER (the silo
-    # forks while the registrar handles it, so the fork is logged before the REGISTER's summary)
-    assert "-> sip:bob@127.0.0.1: 0 binding(s)" in log
-    parked = log.index("parked waiting for a device of sip:bob@")
-    assert parked < log.index("fork to sip:bob@") and parked < log.index("REGISTER sip:bob@"), log[-6000:]
+    assert silo_branches(server) == 1  # the silo added the branch to the parked call
     assert ended_reasons(server) == ["BYE from the caller"]
     assert_no_leaked_state(server, 1)
 
@@ -180,8 +178,9 @@ def test_late_device_answers_early_device_cancelled(server, procs, tmp_path):
     early = add_device(procs, server, tmp_path, "carol", answer="device_ring_cancel.xml", name="early")
     early.wait_registered()
     caller = run_caller(procs, server, tmp_path, "caller_answered.xml", "carol", pause_ms=100)
-    wait_for_log(server, f"fork to sip:carol@127.0.0.1:{early.port}")
-    time.sleep(0.15)
+    wait_until(lambda: early.sipp.log_lines("INVITED "), 10, "the early device to get the INVITE",
+               explain=early.sipp.explain)
+    time.sleep(0.15)  # the scenario itself: the late device registers while the early one rings
     late = add_device(procs, server, tmp_path, "carol", name="late")
     assert_caller_ok(caller, server)
     for device in (early, late):
@@ -201,14 +200,12 @@ def test_late_device_answers_early_device_cancelled(server, procs, tmp_path):
 
 def test_caller_cancel_while_parked(server, procs, tmp_path):
     caller = run_caller(procs, server, tmp_path, "caller_cancel.xml", "dave", pause_ms=1000)
-    wait_for_log(server, "parked waiting for a device of sip:dave@")
+    wait_parked(server, "dave")
     pending = admin_rpc(server, "ts.dump")  # the CANCEL comes 1 s after the 100
     assert [c["state"] for c in pending["aors"]["sip:dave@127.0.0.1"]] == ["parked"], pending
     assert _leftovers(server) == {"calls": 1, "dialogs": 1, "silo_stored": 1, "silo_aors": 1}
     assert_caller_ok(caller, server)
     assert caller.log_lines("CANCEL-OK ") and caller.log_lines("TERMINATED "), caller.explain()
-    log = server.output()
-    assert "parked waiting for a device of sip:dave@" in log
     assert ended_reasons(server) == ["caller cancelled"]
     assert_no_leaked_state(server, 1)
 
@@ -233,7 +230,8 @@ def test_ring_timeout_gives_480(server, procs, tmp_path):
 def test_one_register_forks_two_parked_calls(server, procs, tmp_path):
     caller = run_caller(procs, server, tmp_path, "caller_answered.xml", "frank", pause_ms=100,
                         calls=2, rate=20, limit=2)
-    wait_for_log(server, "parked waiting for a device of sip:frank@", count=2)
+    wait_parked(server, "frank", count=2)
+    assert admin_rpc(server, "ul.dump")["binding_count"] == 0 and silo_branches(server) == 0
     device = add_device(procs, server, tmp_path, "frank")
     assert_caller_ok(caller, server)
     device.stop()
@@ -242,15 +240,9 @@ def test_one_register_forks_two_parked_calls(server, procs, tmp_path):
     answered = device.sipp.log_lines("ANSWERED-AND-HUNG-UP ")
     assert len(invited) == 2 and len(set(invited)) == 2, device.sipp.explain()
     assert len(answered) == 2, device.sipp.explain()
-    log = server.output()
-    # one REGISTER (plus its unregister at stop); both calls were parked before any fork, and
-    # both forks came out of that REGISTER, after its 200 OK (so after its summary line and
-    # before the unregister's)
-    assert log.count("REGISTER sip:frank@") == 2, log[-6000:]
-    last_parked = log.rindex("parked waiting for a device of sip:frank@")
-    forks = [m.start() for m in re.finditer(r"fork to sip:frank@", log)]
-    assert len(forks) == 2 and last_parked < forks[0], log[-6000:]
-    assert log.index("REGISTER sip:frank@") < forks[0] and forks[1] < log.rindex("REGISTER sip:frank@"), log[-6000:]
+    # both calls were parked before the device's one REGISTER; the silo added both branches
+    assert len(device.sipp.log_lines("REGISTERED ")) == 1, device.sipp.explain()
+    assert silo_branches(server) == 2
     assert ended_reasons(server) == ["BYE from the caller"] * 2
     assert_no_leaked_state(server, 2)
 

@@ -12,6 +12,7 @@ import uuid
 from typing import Any
 
 from tests.e2e.proc import HOST, admin_rpc, free_port
+from tests.waiting import wait_until
 
 AUTH_OFF = {"auth": {"enabled": False}}
 
@@ -22,15 +23,6 @@ def admin() -> dict[str, dict[str, Any]]:
 
 def connections(server) -> dict[str, Any]:
     return admin_rpc(server, "stats")["connections"]
-
-
-def wait_for(pred, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def register(transport: str, local_port: int, user: str, server_port: int) -> bytes:
@@ -116,7 +108,7 @@ def test_slowloris_connections_are_closed_while_a_normal_client_registers(start_
     elapsed = time.monotonic() - started
     assert not open_, f"{len(open_)} slowloris connections still open after {elapsed:.1f} s"
     assert elapsed < 15
-    wait_for(lambda: closed_by_peer(mute_tls), 10, "the TLS connection without a handshake to be closed")
+    wait_until(lambda: closed_by_peer(mute_tls), 10, "the TLS connection without a handshake to be closed")
     closed = connections(server)["closed"]
     assert closed.get("message_timeout") == 50, closed
     assert closed.get("tls_handshake_timeout") == 1, closed
@@ -148,7 +140,7 @@ def test_per_source_cap_refuses_the_extra_connection(start_sip_server):
     assert ask(other, options("tcp", other.getsockname()[1], server.sip_port)) == b"SIP/2.0 200 OK"
     # a closed connection frees its slot
     kept.pop().close()
-    wait_for(lambda: connections(server)["inbound"] == 3, 5, "the closed connection to be counted out")
+    wait_until(lambda: connections(server)["inbound"] == 3, 5, "the closed connection to be counted out")
     again = socket.create_connection((HOST, server.sip_port))
     assert ask(again, options("tcp", again.getsockname()[1], server.sip_port)) == b"SIP/2.0 200 OK"
     for sock in [*kept, extra, other, again]:
@@ -166,8 +158,8 @@ def test_udp_sources_that_never_registered_are_forgotten_and_a_device_is_not(sta
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.bind((f"127.3.0.{i + 1}", 5999))
             s.sendto(options("udp", 5999, server.sip_port), (HOST, server.sip_port))
-    wait_for(lambda: connections(server)["udp_flows"] >= 31, 5, "the flows of 30 sources")
-    wait_for(lambda: connections(server)["udp_flows"] == 1, 15, "unregistered UDP flows to expire")
+    wait_until(lambda: connections(server)["udp_flows"] >= 31, 5, "the flows of 30 sources")
+    wait_until(lambda: connections(server)["udp_flows"] == 1, 15, "unregistered UDP flows to expire")
     [binding] = admin_rpc(server, f"ul.lookup?aor=sip%3Abob%40{HOST}")["bindings"]
     assert binding["flow_live"] is True  # the device's flow is the one left
     device.close()

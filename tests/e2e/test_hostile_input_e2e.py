@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import re
 import socket
-import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from tests.e2e.proc import HOST, ServerProcess, admin_rpc, free_port, options_request
+from tests.waiting import wait_until
 
 HUGE = "9" * 5000
 WAIT = 5.0
@@ -92,13 +91,6 @@ def _call_id(data: bytes) -> str:
     return found.group(1).decode()
 
 
-def _wait_for(what: Callable[[], bool], message: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not what():
-        assert time.monotonic() < deadline, message
-        time.sleep(0.02)
-
-
 def _register(server: ServerProcess, sock: socket.socket, user: str) -> None:
     port = sock.getsockname()[1]
     data = _request("REGISTER", server, sock, user=user, contact=f"<sip:{user}@{HOST}:{port}>",
@@ -146,8 +138,8 @@ def test_unsolicited_200_ok_gets_no_datagram_at_all(server, udp) -> None:
     ).encode()
     before = admin_rpc(server, "stats")["transactions"]["strays_dropped"]
     sender.sendto(stray, (HOST, server.sip_port))
-    _wait_for(lambda: admin_rpc(server, "stats")["transactions"]["strays_dropped"] == before + 1,
-              "the server never counted the stray 200 OK as dropped")
+    wait_until(lambda: admin_rpc(server, "stats")["transactions"]["strays_dropped"] == before + 1,
+               WAIT, "the server to count the stray 200 OK as dropped")
     # handled and dropped; an OPTIONS sent now is answered after anything the stray would have caused
     sender.sendto(options_request(HOST, server.sip_port, sport), (HOST, server.sip_port))
     assert _status(sender.recv(65535)) == 200

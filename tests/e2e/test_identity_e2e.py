@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.proc import HOST, ServerProcess, admin_rpc, free_port
+from tests.e2e.proc import HOST, JSON_LOG, ServerProcess, admin_rpc, free_port, log_events
 from tests.e2e.sipp import Device, Sipp, sipp_available
 from tests.e2e.test_calls_sipp import assert_caller_ok, assert_no_leaked_state, procs  # noqa: F401
 from tests.e2e.test_registrar_e2e import (  # noqa: F401
@@ -214,7 +214,7 @@ def test_authorization_captured_before_a_restart_is_stale_after_it(servers):  # 
 
 def test_wrong_passwords_from_one_source_end_in_403(start_sip_server):
     extra = _config({"enabled": True, "failed_per_source": 3, "failed_block": 60})
-    server = start_sip_server(extra=extra, tls=False)
+    server = start_sip_server(extra={**extra, "log": JSON_LOG}, tls=False)
     add_user(server, "alice", "secret")
     client = SipClient(server)
     for _ in range(3):
@@ -222,7 +222,8 @@ def test_wrong_passwords_from_one_source_end_in_403(start_sip_server):
     # blocked: the right password is not even checked
     assert client.register("alice", auth=("alice", "secret", "MD5")).status == 403
     client.close()
-    assert "blocked for 60 s after 3 failed digest attempts" in server.output()
+    blocked = log_events(server, "libon_tsilo.registrar.auth_limits", source="127.0.0.1")
+    assert [(e["level"], e["n"], e["block"]) for e in blocked] == [("warn", 3, 60)], blocked
     port = int(server.sections["admin"]["listen"].split(":")[1])
     with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as resp:
         metrics = resp.read().decode()
@@ -248,7 +249,7 @@ class _ClientFrom(SipClient):
 
 def test_a_guessed_user_is_throttled_for_new_addresses_only(start_sip_server):
     extra = _config({"enabled": True, "failed_per_source": 100, "failed_per_user": 4, "failed_block": 60})
-    server = start_sip_server(extra=extra, tls=False)
+    server = start_sip_server(extra={**extra, "log": JSON_LOG}, tls=False)
     add_user(server, "alice", "secret")
     phone = _ClientFrom(server, "127.0.0.1")
     assert phone.register("alice", auth=("alice", "secret", "MD5")).status == 200
@@ -262,7 +263,8 @@ def test_a_guessed_user_is_throttled_for_new_addresses_only(start_sip_server):
     # alice's phone, known from before, is not locked out
     assert phone.register("alice", auth=("alice", "secret", "MD5")).status == 200
     phone.close()
-    assert "user alice throttled for 60 s after 4 failed digest attempts" in server.output()
+    throttled = log_events(server, "libon_tsilo.registrar.auth_limits", user="alice")
+    assert [(e["level"], e["n"], e["block"]) for e in throttled] == [("warn", 4, 60)], throttled
     port = int(server.sections["admin"]["listen"].split(":")[1])
     with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as resp:
         metrics = resp.read().decode()

@@ -21,6 +21,7 @@ from tests.e2e.test_registrar_e2e import (  # noqa: F401
     _respond,
 )
 from tests.e2e import test_registrar_e2e
+from tests.waiting import wait_until
 
 servers = test_registrar_e2e.servers  # the fixture: twistd processes stopped and checked at teardown
 
@@ -68,13 +69,6 @@ def ack(caller: SipClient, dialog: dict[str, str], final: Reply) -> None:
     ]).encode())
 
 
-def wait_for(check: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
-
-
 def live_reg_ids(server: ServerProcess) -> set[int]:
     bindings = admin_rpc(server, "ul.dump")["aors"].get(f"sip:dave@{HOST}", [])
     return {b["reg_id"] for b in bindings if b["flow_live"]}
@@ -103,7 +97,7 @@ def test_device_with_two_flows_is_rung_once_over_its_newest_live_flow(servers):
             assert reply.status == 200, reply.raw
         # the newest flow's connection goes away: the branch takes the newest live one (reg-id 2)
         flows[3].close()
-        wait_for(lambda: live_reg_ids(server) == {1, 2})
+        wait_until(lambda: live_reg_ids(server) == {1, 2}, what="both flows of dave live")
         dialog = send_invite(caller, server, "dave")
         invite = flows[2].receive(timeout=5)
         assert isinstance(invite, Request) and invite.method == "INVITE", invite.raw
@@ -132,7 +126,8 @@ def test_device_whose_connection_is_gone_gets_the_caller_480(servers):
         reply = device.register("dave", contact=f"<sip:dave@{HOST}:{dead_port};transport=tcp>")
         assert reply.status == 200, reply.raw
         device.close()
-        wait_for(lambda: admin_rpc(server, "ul.dump")["aors"][f"sip:dave@{HOST}"][0]["flow_live"] is False)
+        wait_until(lambda: admin_rpc(server, "ul.dump")["aors"][f"sip:dave@{HOST}"][0]["flow_live"] is False,
+                   what="the server to see dave's flow closed")
         dialog = send_invite(caller, server, "dave")
         final = final_reply(caller)
         assert final.status == 480, final.raw  # was 500: a local 503 relayed as a crash
@@ -183,7 +178,7 @@ def test_flow_closing_while_ringing_moves_the_branch_to_the_other_flow(servers):
         final = final_reply(caller)
         assert final.status == 486, final.raw
         ack(caller, dialog, final)
-        wait_for(lambda: admin_rpc(server, "stats")["calls"]["calls"] == 0)
+        wait_until(lambda: admin_rpc(server, "stats")["calls"]["calls"] == 0, what="no call left")
         assert admin_rpc(server, "stats")["calls"]["total_flow_failovers"] == 1
     finally:
         for client in flows.values():

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import re
 import socket
-import time
 
 import pytest
 
 from tests.e2e.proc import HOST, admin_rpc, free_port, options_request
 from tests.sip import rfc4475
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.skipif(not rfc4475.available(), reason="RFC 4475 corpus missing")
 
@@ -74,8 +74,10 @@ def rewrite_via(data: bytes, port: int) -> bytes:
 _CALL_ID = re.compile(rb"^(?:call-id|i)[ \t]*:[ \t]*(\S+)", re.IGNORECASE | re.MULTILINE)
 
 
-def exchange(sock: socket.socket, server: tuple[str, int], data: bytes, wait: float) -> list[bytes]:
-    """Send ``data``; return the replies that carry its Call-ID (late answers to earlier ones are skipped)."""
+def exchange(sock: socket.socket, server: tuple[str, int], data: bytes, wait: float,
+             late: list[bytes] | None = None) -> list[bytes]:
+    """Send ``data``; return the replies that carry its Call-ID. Late answers to earlier messages are
+    skipped, or collected in ``late`` when given."""
     match = _CALL_ID.search(data)
     call_id = match.group(1) if match else None
     sock.sendto(data, server)
@@ -89,6 +91,8 @@ def exchange(sock: socket.socket, server: tuple[str, int], data: bytes, wait: fl
                 replies.append(reply)
                 if final_status(replies) is not None:
                     sock.settimeout(0.1)
+            elif late is not None:
+                late.append(reply)
     except TimeoutError:
         pass
     return replies
@@ -126,11 +130,11 @@ def _strays_dropped(server) -> int:
 
 
 def _counted(check, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
+    """The problem list collects every failure, so a counter that never moves is False, not a raise."""
+    try:
+        wait_until(check, timeout, "the stray to be counted")
+    except AssertionError:
+        return False
     return True
 
 
@@ -169,9 +173,14 @@ def test_torture_messages_get_the_rfc_answers(start_sip_server) -> None:
         if not ok:
             wanted = REFUSED.get(name, expected)
             problems.append(f"{name}: expected {wanted}, got {status} ({len(replies)} replies)")
-        # the server must still be up and answering after every message
-        alive = exchange(udp_socket, address, options_request(HOST, server.sip_port, port), 2.0)
+        # the server must still be up and answering after every message; its answer to this OPTIONS
+        # also proves it has handled the message, so a final answer to a message that must get none
+        # (or to a response) would have come before it: the negative checks above cannot pass by luck
+        late: list[bytes] = []
+        alive = exchange(udp_socket, address, options_request(HOST, server.sip_port, port), 2.0, late)
         udp_socket.close()
+        if (expected is None or is_response) and final_status(late) is not None:
+            problems.append(f"{name}: got a final answer late, where it must get none")
         if final_status(alive) != 200:
             problems.append(f"{name}: server no longer answers OPTIONS")
             break

@@ -32,12 +32,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import re
-import select
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,6 +54,7 @@ from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 
 from tests.fakes.keys import Pki, TeamKey, make_pki, make_team_key
+from tests.fakes.spawn import spawn_fake
 
 __all__ = [
     "Step", "parse_step", "RecordedRequest", "FakeAPNs", "FakeEnv", "start_fake", "tls_options",
@@ -485,26 +483,7 @@ def spawn(args: list[str], cwd: str | None = None, timeout: float = 10.0) -> tup
 
     Returns the process and its port; the caller terminates it. ``cwd`` defaults to the repo root.
     """
-    root = cwd or str(Path(__file__).resolve().parents[2])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.apns_fake", *args],
-        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-    assert proc.stdout is not None and proc.stderr is not None
-    # raw fd reads: a buffered read could swallow the line and leave select() waiting
-    fd, line, deadline = proc.stdout.fileno(), b"", time.monotonic() + timeout
-    while not line.endswith(b"\n"):
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        chunk = os.read(fd, 64) if ready else b""
-        if not chunk:
-            proc.kill()
-            proc.wait()
-            raise RuntimeError(f"fake APNs did not start: {line!r} {proc.stderr.read().decode()}")
-        line += chunk
-    if not line.startswith(b"PORT "):
-        proc.kill()
-        raise RuntimeError(f"fake APNs did not start: {line!r}")
-    return proc, int(line.split()[1])
+    return spawn_fake("tests.fakes.apns_fake", args, "fake APNs", cwd, timeout)
 
 
 def spawn_with_keys(

@@ -27,7 +27,6 @@ import sys
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import parse_qs
 
@@ -36,6 +35,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTCP
 from twisted.web import resource, server
 from twisted.web.http import HTTPChannel
+from tests.fakes.spawn import spawn_fake
 
 __all__ = ["FakeFCM", "Reply", "RecordedRequest", "GOOGLE_TOKEN_AUD", "FCM_SCOPE", "spawn", "main"]
 
@@ -511,20 +511,12 @@ class _TrackingSite(server.Site):
         pass  # the fake records requests itself; access logs would only add noise to test output
 
 
-def spawn(args: list[str], cwd: str | None = None) -> tuple[subprocess.Popen[str], int]:
+def spawn(args: list[str], cwd: str | None = None) -> tuple[subprocess.Popen[bytes], int]:
     """Start ``python -m tests.fakes.fcm_fake *args`` and wait (blocking) for its ``PORT`` line.
 
     Returns the process and its port; the caller terminates it. ``cwd`` defaults to the repo root.
     """
-    root = cwd or str(Path(__file__).resolve().parents[2])
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.fcm_fake", *args], cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline() if proc.stdout else ""
-    if not line.startswith("PORT "):
-        proc.kill()
-        err = proc.stderr.read() if proc.stderr else ""
-        raise RuntimeError(f"fake FCM did not start: {line!r} {err}")
-    return proc, int(line.split()[1])
+    return spawn_fake("tests.fakes.fcm_fake", args, "fake FCM", cwd)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,17 +9,15 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.certs import new_ca
+from tests.certs import issue, new_ca
 
 __all__ = ["TeamKey", "Pki", "make_team_key", "make_pki"]
 
@@ -80,56 +78,18 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, public_key, days: int = 2) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=days))
-    )
-
-
 def make_pki(bundle_id: str = "com.example.app") -> Pki:
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "libon-tsilo test CA")])
     ca_key, ca = new_ca(ca_name)
 
-    srv_key = ec.generate_private_key(ec.SECP256R1())
-    srv = (
-        _builder(
-            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]), ca_name, srv_key.public_key()
-        )
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    cli_key = ec.generate_private_key(ec.SECP256R1())
+    srv, srv_key = issue(ca_key, ca, "localhost", ExtendedKeyUsageOID.SERVER_AUTH, ("localhost", "127.0.0.1"))
     cli_name = x509.Name(
         [
             x509.NameAttribute(NameOID.USER_ID, bundle_id),
             x509.NameAttribute(NameOID.COMMON_NAME, f"VoIP Services: {bundle_id}"),
         ]
     )
-    cli = (
-        _builder(cli_name, ca_name, cli_key.public_key())
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+    cli, cli_key = issue(ca_key, ca, cli_name, ExtendedKeyUsageOID.CLIENT_AUTH)
     pem = serialization.Encoding.PEM
     return Pki(
         ca_pem=ca.public_bytes(pem),

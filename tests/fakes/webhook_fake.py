@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import select
 import subprocess
 import sys
-import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +25,7 @@ from typing import Any, Callable
 from twisted.internet import defer
 from twisted.internet.interfaces import IListeningPort
 from twisted.web import resource, server
+from tests.fakes.spawn import spawn_fake
 
 __all__ = ["FakeWebhook", "HookReply", "HookRequest", "spawn", "read_records"]
 
@@ -141,24 +139,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 def spawn(args: list[str], timeout: float = 10.0) -> tuple[subprocess.Popen[bytes], int]:
     """Start ``python -m tests.fakes.webhook_fake *args``; returns the process and its port."""
-    root = str(Path(__file__).resolve().parents[2])
-    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.webhook_fake", *args], cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
-    assert proc.stdout is not None and proc.stderr is not None
-    fd, line, deadline = proc.stdout.fileno(), b"", time.monotonic() + timeout
-    while not line.endswith(b"\n"):
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        chunk = os.read(fd, 64) if ready else b""
-        if not chunk:
-            proc.kill()
-            proc.wait()
-            raise RuntimeError(f"fake webhook did not start: {line!r} {proc.stderr.read().decode()}")
-        line += chunk
-    if not line.startswith(b"PORT "):
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"fake webhook did not start: {line!r}")
-    return proc, int(line.split()[1])
+    return spawn_fake("tests.fakes.webhook_fake", args, "fake webhook", timeout=timeout)
 
 
 def main(argv: list[str] | None = None) -> None:

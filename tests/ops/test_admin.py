@@ -19,7 +19,8 @@ from twisted.web.test.requesthelper import DummyRequest
 from libon_tsilo.ops.admin import AdminResource, AdminService, is_loopback
 from libon_tsilo.ops.metrics import make_registry
 from libon_tsilo.ops.rpc import Rpc
-from tests.ops.test_rpc import FakeCall, binding, build
+from tests.fakes.calls import FakeCall
+from tests.ops.test_rpc import binding, build
 
 TOKEN = "s3cret-token-value"
 

@@ -31,8 +31,9 @@ from libon_tsilo.ops.manhole import (
     verify_password,
 )
 from libon_tsilo.ops.rpc import Rpc
-from tests.e2e.proc import HOST, free_port, start_server
-from tests.ops.test_rpc import FakeCall, build
+from tests.e2e.proc import HOST, JSON_LOG, free_port, log_events, start_server
+from tests.fakes.calls import FakeCall
+from tests.ops.test_rpc import build
 
 SSH = shutil.which("ssh")
 SSH_KEYGEN = shutil.which("ssh-keygen")
@@ -239,6 +240,7 @@ def manhole_server(tmp_path):
                 "passwords": str(tmp_path / "passwords"),
             },
             "auth": {"enabled": False},
+            "log": JSON_LOG,
         },
     )
     yield server, port, good, tmp_path
@@ -257,7 +259,8 @@ def test_ssh_key_login_evaluates_ts_dump(manhole_server):
     assert proc.returncode == 0, (proc.returncode, out, proc.stderr, server.output()[-4000:])
     assert "'stored_ruris': 0" in out and "'stored_transactions': 0" in out, out
     assert "{'registered_aors': 0, 'bindings': 0}" in out, out
-    assert "manhole: op logged in with key" in server.output()
+    (login,) = log_events(server, "libon_tsilo.ops.manhole", user="op", level="info")
+    assert login["fingerprint"], login
     # the host key was created in the state directory, private
     host_key = server.config_path.parent / "manhole_host_key"
     assert stat.S_IMODE(os.stat(host_key).st_mode) == 0o600
@@ -290,7 +293,7 @@ def test_ssh_wrong_credentials_get_nothing(manhole_server):
     assert proc.returncode == 255 and b"stored_ruris" not in proc.stdout
     proc = _ssh_with_password(port, tmp / "askpass-wrong.sh", "not-the-password")
     assert proc.returncode == 255 and b"42" not in proc.stdout
-    assert "password login refused for ops" in server.output()
+    assert [e["level"] for e in log_events(server, "libon_tsilo.ops.manhole", user="ops")] == ["warn"]
 
 
 # --- failed logins per source ([limits] login_max_failures / login_ban_time) --------------
@@ -335,6 +338,7 @@ def guarded_manhole(tmp_path):
             },
             "auth": {"enabled": False},
             "limits": {"login_max_failures": 2, "login_ban_time": 600},
+            "log": JSON_LOG,
         },
     )
     yield server, port, good, tmp_path
@@ -354,6 +358,6 @@ def test_ssh_password_guessing_is_refused_after_the_limit(guarded_manhole):
     assert proc.returncode == 255 and b"42" not in proc.stdout, proc.stdout
     proc = subprocess.run(ssh_args(port, "op", good), input=b"1 + 41\r", capture_output=True, timeout=30)
     assert proc.returncode == 255 and b"42" not in proc.stdout
-    out = server.output()
-    assert "manhole_login: 127.0.0.1 refused: 2 failed logins within 600s" in out, out[-3000:]
-    assert "ops logged in" not in out and "op logged in" not in out
+    refused = log_events(server, "libon_tsilo.ratelimit", name="manhole_login", host="127.0.0.1")
+    assert [(e["level"], e["n"], e["window"]) for e in refused] == [("warn", 2, 600)], server.output()[-3000:]
+    assert not [e for e in log_events(server, "libon_tsilo.ops.manhole", level="info") if "user" in e]  # no login

@@ -18,7 +18,8 @@ from libon_tsilo.ops.metrics import (
 from libon_tsilo.ops.rpc import Rpc
 from libon_tsilo.push.base import DEAD_TOKEN, DELIVERED, PushResult
 from libon_tsilo.sip.message import parse_message
-from tests.ops.test_rpc import FakeCall, binding, build
+from tests.fakes.calls import FakeCall
+from tests.ops.test_rpc import binding, build
 from tests.push.test_waker import FakeSender, call_info, dev, make
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -13,23 +12,7 @@ from libon_tsilo.ops.config import config_from_dict
 from libon_tsilo.ops.rpc import Rpc, RpcError, jsonable
 from libon_tsilo.ops.service import make_service
 from libon_tsilo.registrar.binding import Binding
-
-
-@dataclass
-class FakeCall:
-    call_id: str
-    aor: str
-    branches: list[Any] = field(default_factory=list)
-
-    def can_append(self) -> bool:
-        return True
-
-    def add_branch(self, binding: Any) -> bool:
-        self.branches.append(binding)
-        return True
-
-    def describe(self) -> dict[str, Any]:
-        return {"call_id": self.call_id, "aor": self.aor, "state": "parked", "branches": len(self.branches)}
+from tests.fakes.calls import FakeCall
 
 
 def build(use_domain: bool = False, tmp_path: Any = None) -> tuple[Any, Clock]:

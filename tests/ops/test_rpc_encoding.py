@@ -10,7 +10,8 @@ from prometheus_client import CollectorRegistry
 from libon_tsilo.ops.admin import AdminResource
 from libon_tsilo.ops.rpc import Rpc, jsonable, printable
 from tests.ops.test_admin import dummy
-from tests.ops.test_rpc import FakeCall, binding, build
+from tests.fakes.calls import FakeCall
+from tests.ops.test_rpc import binding, build
 
 ODD_URI = b"sip:m\xff@127.0.0.1:5062".decode("utf-8", "surrogateescape")  # from "Contact: <sip:m\xff@...>"
 ODD_AOR = "b\udcff"  # from "To: <sip:b%FF@...>" (aor keys are unescaped)

@@ -10,13 +10,14 @@ import signal
 from typing import Any
 
 import pytest
-from twisted.internet.defer import CancelledError, succeed
+from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 
 from libon_tsilo.ops.config import config_from_dict
 from libon_tsilo.ops.service import LibonTsiloService, Parts
 from libon_tsilo.ops.shutdown import GracefulShutdown
 from libon_tsilo.sip.message import parse_message
+from tests.fakes.calls import FakeCall, FakeLocation
 from tests.ops.test_rpc import build
 
 
@@ -29,16 +30,6 @@ def request(method: str) -> Any:
             f"Call-ID: sd1@x\r\nCSeq: 1 {method}\r\nContent-Length: 0\r\n\r\n"
         ).encode()
     )
-
-
-class State:
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-
-class FakeCall:
-    def __init__(self, state: str) -> None:
-        self.state = State(state)
 
 
 class FakeCalls:
@@ -60,15 +51,6 @@ class FakeCalls:
 
 class FakeRouter:
     refuse_new = None
-
-
-class FakeLocation:
-    def __init__(self) -> None:
-        self.flushes = 0
-
-    def flush(self) -> Any:
-        self.flushes += 1
-        return succeed(None)
 
 
 class FakeReactor:
@@ -117,7 +99,7 @@ def test_the_service_tree_has_a_graceful_shutdown(tmp_path):
 
 def test_begin_refuses_new_invites_and_ends_parked_calls():
     root, svc, _clock, calls = tree(drain_timeout=20)
-    calls.calls.update({"p1": FakeCall("parked"), "p2": FakeCall("parked"), "c1": FakeCall("connected")})
+    calls.calls.update({"p1": FakeCall.in_state("p1", "parked"), "p2": FakeCall.in_state("p2", "parked"), "c1": FakeCall.in_state("c1", "connected")})
     svc.begin()
     svc.begin()  # idempotent
     assert calls.shutdown_codes == [480]
@@ -134,7 +116,7 @@ def test_begin_refuses_new_invites_and_ends_parked_calls():
 
 def test_drain_fires_when_the_last_call_ends():
     root, svc, clock, calls = tree()
-    calls.calls["c1"] = FakeCall("connected")
+    calls.calls["c1"] = FakeCall.in_state("c1", "connected")
     d = svc.drain()
     fired: list[Any] = []
     d.addCallback(fired.append)
@@ -156,7 +138,7 @@ def test_drain_without_calls_is_immediate():
 def test_root_stop_drains_then_flushes_then_stops_children():
     root, svc, clock, calls = tree(drain_timeout=10)
     root.startService()
-    calls.calls["c1"] = FakeCall("connected")
+    calls.calls["c1"] = FakeCall.in_state("c1", "connected")
     stopped: list[Any] = []
     root.stopService().addCallback(stopped.append)
     assert svc.running  # children keep running (ports open) while calls drain
@@ -173,7 +155,7 @@ def test_root_stop_drains_then_flushes_then_stops_children():
 def test_root_stop_gives_up_after_drain_timeout():
     root, svc, clock, calls = tree(drain_timeout=5)
     root.startService()
-    calls.calls["c1"] = FakeCall("connected")
+    calls.calls["c1"] = FakeCall.in_state("c1", "connected")
     stopped: list[Any] = []
     root.stopService().addCallback(stopped.append)
     clock.advance(4.9)
@@ -188,7 +170,7 @@ def test_second_sigterm_stops_waiting():
     reactor = FakeReactor()
     root, svc, clock, calls = tree(drain_timeout=60, reactor=reactor)
     root.startService()
-    calls.calls["c1"] = FakeCall("connected")
+    calls.calls["c1"] = FakeCall.in_state("c1", "connected")
     svc.sigterm()
     assert reactor.stops == 1
     stopped: list[Any] = []
@@ -202,7 +184,7 @@ def test_second_sigterm_stops_waiting():
 
 def test_cancelled_drain_errbacks_with_cancelled():
     _root, svc, clock, calls = tree()
-    calls.calls["c1"] = FakeCall("connected")
+    calls.calls["c1"] = FakeCall.in_state("c1", "connected")
     d = svc.drain()
     d.cancel()
     with pytest.raises(CancelledError):

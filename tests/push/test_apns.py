@@ -16,27 +16,10 @@ from twisted.logger import globalLogPublisher
 from libon_tsilo.ops.config import ApnsConfig
 from libon_tsilo.push.apns import APNsSender
 from libon_tsilo.push.base import PushRequest, PushResult, RetryPolicy
-from tests.fakes.apns_fake import FakeEnv, start_fake
+from tests.fakes.apns_fake import FakeEnv
 
 BUNDLE = "com.example.app"
 TOKEN = "a1b2c3" * 10 + "d4e5"
-
-
-@pytest_twisted.async_yield_fixture
-async def env(tmp_path):
-    from twisted.internet import reactor
-
-    e = start_fake(tmp_path, reactor)
-    yield e
-    await e.fake.stop()
-
-
-@pytest.fixture
-def senders():
-    made: list[APNsSender] = []
-    yield made
-    for s in made:
-        s.close()
 
 
 def _sender(env: FakeEnv, senders: list, *, cert: bool = False, timeout: float = 1.0, **kw) -> APNsSender:

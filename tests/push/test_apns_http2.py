@@ -11,25 +11,8 @@ from twisted.internet import defer, task
 from twisted.internet.task import Clock
 
 from libon_tsilo.push.apns_http2 import MAX_BODY, APNsClient, APNsConnectionError, _parse_body
-from tests.fakes.apns_fake import FakeEnv, start_fake
+from tests.fakes.apns_fake import FakeEnv
 from tests.push.test_apns import BUNDLE, TOKEN, _req, _send, _sender
-
-
-@pytest_twisted.async_yield_fixture
-async def env(tmp_path):
-    from twisted.internet import reactor
-
-    e = start_fake(tmp_path, reactor)
-    yield e
-    await e.fake.stop()
-
-
-@pytest.fixture
-def senders():
-    made: list = []
-    yield made
-    for s in made:
-        s.close()
 
 
 def _client(env: FakeEnv, clock: Clock | None = None, **kw) -> APNsClient:

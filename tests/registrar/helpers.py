@@ -2,41 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from twisted.internet import defer
 
 from libon_tsilo.registrar.binding import Binding
-
-
-@dataclass(frozen=True)
-class FakeFlowKey:
-    transport: str = "udp"
-    local: tuple[str, int] = ("127.0.0.1", 5060)
-    remote: tuple[str, int] = ("192.0.2.10", 40000)
-
-
-@dataclass
-class FakeFlow:
-    id: str = "udp:192.0.2.10:40000#1"
-    key: FakeFlowKey = field(default_factory=FakeFlowKey)
-    live: bool = True
-
-
-class FakeStx:
-    """Records what the registrar answers (the real ServerTransaction has .respond(resp))."""
-
-    def __init__(self) -> None:
-        self.responses: list[Any] = []
-
-    def respond(self, resp: Any) -> None:
-        self.responses.append(resp)
-
-    @property
-    def last(self) -> Any:
-        assert self.responses, "no response sent"
-        return self.responses[-1]
 
 
 class RecordingObserver:

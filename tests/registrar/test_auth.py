@@ -11,7 +11,8 @@ from libon_tsilo.registrar.auth import AuthPolicy
 from libon_tsilo.registrar.users import UsersDB
 from libon_tsilo.sip import digest
 from libon_tsilo.sip.message import parse_message
-from tests.registrar.helpers import FakeFlow, FakeFlowKey, digest_authorization, register_text
+from tests.fakes.sip import FakeFlow
+from tests.registrar.helpers import digest_authorization, register_text
 from tests.registrar.test_registrar import AOR, Env
 
 RFC4475 = Path(__file__).resolve().parents[1] / "data" / "rfc4475"
@@ -165,7 +166,7 @@ def test_rfc4475_regaut01_unknown_scheme_challenged(env: AuthEnv) -> None:
 
 def test_trusted_source_exempt() -> None:
     env = AuthEnv(trusted_sources=["198.51.100.0/24"])
-    flow = FakeFlow(key=FakeFlowKey(remote=("198.51.100.7", 5060)))
+    flow = FakeFlow(remote=("198.51.100.7", 5060))
     assert env.register(["<sip:alice@h>"], flow=flow).status == 200
     assert env.register(["<sip:alice@h2>"], cseq=2).status == 401  # from elsewhere
 
@@ -176,7 +177,7 @@ def test_trusted_source_exempt() -> None:
 ])
 def test_trusted_source_in_any_spelling(remote: str, trusted: bool) -> None:
     env = AuthEnv(trusted_sources=["198.51.100.0/24", "2001:db8::/32"])
-    assert env.policy.is_trusted(FakeFlow(key=FakeFlowKey(remote=(remote, 5060)))) is trusted
+    assert env.policy.is_trusted(FakeFlow(remote=(remote, 5060))) is trusted
 
 
 def test_disabled_auth() -> None:

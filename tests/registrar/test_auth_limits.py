@@ -8,14 +8,15 @@ import pytest
 
 from libon_tsilo.registrar.auth import AuthPolicy
 from libon_tsilo.registrar.auth_limits import FailureLimiter, FailureLimits, source_key
-from tests.registrar.helpers import FakeFlow, FakeFlowKey, digest_authorization
+from tests.fakes.sip import FakeFlow
+from tests.registrar.helpers import digest_authorization
 from tests.registrar.test_auth import REALM, AuthEnv
 
 LIMITS = FailureLimits(per_source=5, per_user=8, window=60, block=300, known_source_ttl=3600)
 
 
 def _flow(ip: str) -> FakeFlow:
-    return FakeFlow(id=f"udp:{ip}#1", key=FakeFlowKey(remote=(ip, 40000)))
+    return FakeFlow(remote=(ip, 40000), id=f"udp:{ip}#1")
 
 
 class LimitEnv(AuthEnv):

@@ -5,7 +5,8 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 
 from libon_tsilo.registrar.location import LocationStore
-from tests.registrar.helpers import BrokenObserver, FakeFlow, RecordingObserver, make_binding
+from tests.fakes.sip import FakeFlow
+from tests.registrar.helpers import BrokenObserver, RecordingObserver, make_binding
 
 
 def _store() -> tuple[Clock, LocationStore, RecordingObserver]:

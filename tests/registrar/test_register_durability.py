@@ -14,7 +14,8 @@ from libon_tsilo.registrar.location import LocationStore
 from libon_tsilo.registrar.registrar import Registrar
 from libon_tsilo.registrar.sqlite_store import SqliteBindingStore
 from libon_tsilo.sip.message import parse_message
-from tests.registrar.helpers import FakeFlow, FakeStx, register_text
+from tests.fakes.sip import FakeFlow, FakeStx
+from tests.registrar.helpers import register_text
 from tests.registrar.test_sqlite_store import Manual
 
 AOR = "sip:alice@example.com"

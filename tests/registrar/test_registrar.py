@@ -12,7 +12,8 @@ from libon_tsilo.registrar.location import LocationStore
 from libon_tsilo.registrar.registrar import Registrar, aor_key
 from libon_tsilo.sip.message import parse_message
 from libon_tsilo.sip.uri import URI
-from tests.registrar.helpers import BrokenObserver, FakeFlow, FakeFlowKey, FakeStx, RecordingObserver, register_text
+from tests.fakes.sip import FakeFlow, FakeStx
+from tests.registrar.helpers import BrokenObserver, RecordingObserver, register_text
 
 RFC4475 = Path(__file__).resolve().parents[1] / "data" / "rfc4475"
 AOR = "sip:alice@example.com"
@@ -73,7 +74,7 @@ def test_register_and_binding_fields(env: Env) -> None:
 
 
 def test_received_falls_back_to_flow(env: Env) -> None:
-    flow = FakeFlow(id="tcp#3", key=FakeFlowKey("tcp", ("127.0.0.1", 5060), ("203.0.113.5", 5555)))
+    flow = FakeFlow("tcp", ("203.0.113.5", 5555), id="tcp#3")
     env.register(["<sip:alice@10.0.0.1;transport=tcp>"], flow=flow, via="SIP/2.0/TCP 10.0.0.1;branch=z9hG4bK-2")
     [b] = env.store.lookup(AOR)
     assert b.received == ("tcp", "203.0.113.5", 5555)
@@ -208,7 +209,7 @@ INST = '+sip.instance="<urn:uuid:00000000-0000-1000-8000-AABBCCDDEEFF>"'
 
 def test_rfc5626_instance_replaces(env: Env) -> None:
     env.register([f"<sip:a@10.0.0.1;transport=tcp>;{INST};reg-id=1"], extra=["Supported: outbound, path"])
-    flow2 = FakeFlow(id="tcp#2", key=FakeFlowKey("tcp", ("127.0.0.1", 5060), ("203.0.113.9", 6000)))
+    flow2 = FakeFlow("tcp", ("203.0.113.9", 6000), id="tcp#2")
     resp = env.register([f"<sip:a@10.0.0.2;transport=tcp>;{INST};reg-id=1"], flow=flow2, cseq=2,
                         call_id="new-call-id", extra=["Supported: outbound"])
     assert resp.status == 200 and resp.header("Require") == "outbound"
@@ -346,7 +347,7 @@ def test_ipv6_aor_keys_keep_their_brackets() -> None:
     assert aor_key(URI.parse("sip:alice@[2001:DB8::1]"), True) == "sip:alice@[2001:db8::1]"
 
 
-TCP_FLOW = FakeFlow(id="tcp#9", key=FakeFlowKey("tcp", ("127.0.0.1", 5060), ("203.0.113.9", 6000)))
+TCP_FLOW = FakeFlow("tcp", ("203.0.113.9", 6000), id="tcp#9")
 OB_CONTACT = f"<sip:a@10.0.0.1;transport=tcp;ob>;{INST};reg-id=1"
 
 

@@ -12,7 +12,8 @@ from twisted.internet.task import Clock
 
 from libon_tsilo.registrar.location import LocationStore, NotStored, StoreClosed
 from libon_tsilo.registrar.sqlite_store import SqliteBindingStore
-from tests.registrar.helpers import FakeFlow, make_binding, run_sync
+from tests.fakes.sip import FakeFlow
+from tests.registrar.helpers import make_binding, run_sync
 
 
 def _open(path: Path, clock: Clock) -> LocationStore:

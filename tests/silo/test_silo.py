@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -8,6 +8,7 @@ from twisted.internet.task import Clock
 
 from libon_tsilo.silo.silo import CANNOT_APPEND, NO_RECORD, NOT_FOUND, Silo
 from libon_tsilo.silo.stats import LatencyWindow, percentile
+from tests.fakes.calls import FakeCall, FakeLocation
 
 
 @dataclass
@@ -15,45 +16,6 @@ class FakeBinding:
     aor: str
     contact_uri: str
     key: str = ""
-
-
-@dataclass
-class FakeCall:
-    call_id: str
-    aor: str
-    open: bool = True
-    clock: Clock | None = None
-    send_delay: float = 0.0
-    branches: list[Any] = field(default_factory=list)
-    late: list[Any] = field(default_factory=list)
-    refuse: bool = False
-
-    def can_append(self) -> bool:
-        return self.open
-
-    def add_branch(self, binding: Any) -> bool:
-        if self.refuse:
-            return False
-        if self.clock is not None and self.send_delay:
-            # stands for the time spent building and handing the INVITE over
-            self.clock.advance(self.send_delay)
-        self.branches.append(binding)
-        return True
-
-    def describe(self) -> dict[str, Any]:
-        return {"call_id": self.call_id, "aor": self.aor, "branches": len(self.branches)}
-
-    def late_binding_after_end(self, binding: Any) -> bool:
-        self.late.append(binding)
-        return True
-
-
-class FakeLocation:
-    def __init__(self) -> None:
-        self.bindings: dict[str, list[FakeBinding]] = {}
-
-    def lookup(self, aor: str) -> list[FakeBinding]:
-        return list(self.bindings.get(aor, []))
 
 
 def make(max_pending: int = 8) -> tuple[Silo, Clock, FakeLocation]:
@@ -192,10 +154,10 @@ def test_linger_without_grace_just_removes_and_unlinger_cancels_timer() -> None:
 def test_lookup_and_dump() -> None:
     silo, _, _ = make()
     silo.store(FakeCall("c1", "alice"))
-    assert silo.lookup("alice") == [{"call_id": "c1", "aor": "alice", "branches": 0}]
+    assert silo.lookup("alice") == [{"call_id": "c1", "aor": "alice", "state": "parked", "branches": 0}]
     assert silo.lookup("bob") == []
     d = silo.dump()
-    assert d["aors"] == {"alice": [{"call_id": "c1", "aor": "alice", "branches": 0}]}
+    assert d["aors"] == {"alice": [{"call_id": "c1", "aor": "alice", "state": "parked", "branches": 0}]}
     assert d["stats"]["stored_transactions"] == 1
     assert "aors" not in silo.dump(brief=True)
 

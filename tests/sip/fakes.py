@@ -8,21 +8,9 @@ from typing import Any
 
 from twisted.internet.task import Clock
 
-from libon_tsilo.sip.flow import FlowKey
 from libon_tsilo.sip.message import Request, Response, make_response, new_tag, parse_message
 from libon_tsilo.sip.transaction import TransactionLayer
-
-
-class FakeFlow:
-    """Just what the transaction layer reads of a Flow: ``key`` (its transport) and ``id``."""
-
-    def __init__(self, transport: str = "udp", remote: tuple[str, int] = ("192.0.2.1", 5060)) -> None:
-        self.key = FlowKey(transport, ("127.0.0.1", 5060), remote)
-        self.id = f"{transport}:{remote[0]}:{remote[1]}"
-        self.live = True
-
-    def __repr__(self) -> str:
-        return f"<FakeFlow {self.id}>"
+from tests.fakes.sip import FakeFlow
 
 
 @dataclass

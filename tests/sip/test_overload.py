@@ -12,7 +12,8 @@ from twisted.logger import capturedLogs
 
 from libon_tsilo.sip.message import parse_message
 from libon_tsilo.sip.overload import EarlyShedder, OverloadDetector, OverloadGate, install, stateless_503
-from tests.sip.fakes import Env, FakeFlow, request_text
+from tests.fakes.sip import FakeFlow
+from tests.sip.fakes import Env, request_text
 
 INTERVAL = 0.1
 

@@ -7,7 +7,8 @@ from twisted.internet.task import Clock
 
 from libon_tsilo.sip.limits import ALLOW, DROP, REFUSE, SourceFilter, SourceLimiter, source_key
 from libon_tsilo.sip.message import parse_message
-from tests.sip.fakes import Env, FakeFlow, request_text
+from tests.fakes.sip import FakeFlow
+from tests.sip.fakes import Env, request_text
 
 
 def _limiter(clock: Clock, **kw) -> SourceLimiter:

@@ -11,7 +11,8 @@ from libon_tsilo.sip.transaction import (
     State,
     build_cancel,
 )
-from tests.sip.fakes import Env, FakeFlow, FakeTarget, request_text, response_text, run_until
+from tests.fakes.sip import FakeFlow
+from tests.sip.fakes import Env, FakeTarget, request_text, response_text, run_until
 
 UDP_TARGET = FakeTarget("udp")
 TCP_TARGET = FakeTarget("tcp")

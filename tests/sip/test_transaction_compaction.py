@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from libon_tsilo.sip.message import make_response
 from libon_tsilo.sip.transaction import InviteServerTransaction, State
-from tests.sip.fakes import Env, FakeFlow, request_text
+from tests.fakes.sip import FakeFlow
+from tests.sip.fakes import Env, request_text
 
 UDP = FakeFlow("udp")
 

@@ -8,7 +8,8 @@ from libon_tsilo.sip.transaction import (
     NonInviteServerTransaction,
     State,
 )
-from tests.sip.fakes import Env, FakeFlow, request_text, run_until
+from tests.fakes.sip import FakeFlow
+from tests.sip.fakes import Env, request_text, run_until
 
 UDP = FakeFlow("udp")
 TCP = FakeFlow("tcp")

@@ -10,7 +10,8 @@ from typing import Any
 
 from libon_tsilo.sip.message import Response, make_response
 from libon_tsilo.sip.transaction import InviteServerTransaction, NonInviteServerTransaction, State
-from tests.sip.fakes import Env, FakeFlow, request_text, response_text
+from tests.fakes.sip import FakeFlow
+from tests.sip.fakes import Env, request_text, response_text
 from tests.sip.test_transaction_client import PEER, UDP_TARGET, Collector, _request
 
 UDP = FakeFlow("udp")

@@ -8,13 +8,11 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import defer, reactor
@@ -22,7 +20,7 @@ from twisted.internet.defer import DeferredQueue
 from twisted.internet.protocol import DatagramProtocol, Protocol
 
 from libon_tsilo.sip.framing import StreamFramer
-from tests.certs import new_ca
+from tests.certs import issue, new_ca
 
 __all__ = ["TestPKI", "Issued", "make_pki", "UDPPeer", "StreamPeer", "sip_request", "wait"]
 
@@ -51,7 +49,6 @@ class TestPKI:
     def __init__(self, directory: Path, ca_name: str = "libon-tsilo test CA") -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._now = datetime.datetime.now(datetime.timezone.utc)
         self._ca_key, self._ca_cert = new_ca(_name(ca_name))
         self.ca_file = self.dir / "ca.pem"
         self.ca_file.write_bytes(self._ca_cert.public_bytes(serialization.Encoding.PEM))
@@ -65,27 +62,8 @@ class TestPKI:
         key_in_cert_file: bool = False,
     ) -> Issued:
         """Issue a leaf certificate (server, or client with ``client=True``) and write cert/key PEM files."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
-        sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
         usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(_name(name))
-            .issuer_name(self._ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(self._now - datetime.timedelta(hours=1))
-            .not_valid_after(self._now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._ca_key.public_key()), critical=False
-            )
-        )
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        cert = builder.sign(self._ca_key, hashes.SHA256())
+        cert, key = issue(self._ca_key, self._ca_cert, name, usage, dns + ips)
         cert_pem = cert.public_bytes(serialization.Encoding.PEM)
         cert_path = self.dir / f"{name}.crt.pem"
         key_path = self.dir / f"{name}.key.pem"
