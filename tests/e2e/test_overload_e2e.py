@@ -13,10 +13,10 @@ bench/overload.py, not a test.
 from __future__ import annotations
 
 import socket
-import time
 import urllib.request
 import uuid
 
+from tests.waiting import wait_until
 from tests.e2e.proc import HOST, ServerProcess, admin_rpc, free_port
 from tests.e2e.test_registrar_e2e import Reply, SipClient, parse
 
@@ -57,12 +57,7 @@ def first_reply(sock: socket.socket) -> Reply:
 
 
 def wait_for(predicate, what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    wait_until(predicate, timeout, what)
 
 
 def test_new_invites_get_503_while_register_and_options_get_200(start_sip_server):

@@ -14,12 +14,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.waiting import wait_until
 from tests.e2e.proc import HOST, ServerProcess, admin_rpc, free_port
 from tests.e2e.test_calls_sipp import _server_config
 
@@ -81,14 +81,11 @@ class Baresip:
         return self.log.read_text(errors="replace")
 
     def wait_for(self, needle: str, count: int = 1, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.output().count(needle) >= count:
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        raise AssertionError(f"{self.user} never logged {needle!r} x{count}\n{self.output()[-5000:]}")
+        # a baresip that exited logs nothing more: stop waiting at once
+        wait_until(lambda: self.output().count(needle) >= count or self.proc.poll() is not None, timeout,
+                   f"{self.user} to log {needle!r} x{count}", lambda: self.output()[-5000:])
+        if self.output().count(needle) < count:
+            raise AssertionError(f"{self.user} exited without logging {needle!r} x{count}\n{self.output()[-5000:]}")
 
     def command(self, command: str, params: str = "") -> None:
         data = json.dumps({"command": command, "params": params, "token": command}).encode()
@@ -138,14 +135,12 @@ def phones(server, tmp_path) -> Iterator[dict[str, Baresip]]:
 
 
 def _wait_calls_over(server: ServerProcess, ended: int, timeout: float = 10.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
+    def over() -> dict | None:
         stats = admin_rpc(server, "stats")["calls"]
-        if stats["calls"] == 0 and stats["dialogs"] == 0 and server.output().count("call ended: ") >= ended:
-            return stats
-        if time.monotonic() > deadline:
-            raise AssertionError(f"calls still up: {stats}\n{server.output()[-5000:]}")
-        time.sleep(0.05)
+        done = stats["calls"] == 0 and stats["dialogs"] == 0 and server.output().count("call ended: ") >= ended
+        return stats if done else None
+
+    return wait_until(over, timeout, "every call to be over", lambda: server.output()[-5000:])
 
 
 @pytest.mark.parametrize("referrer", ["alice", "bob"], ids=["caller-transfers", "callee-transfers"])
