@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from tests.e2e.sipp import wait_for_log
 from tests.e2e.test_calls_sipp import (
     _server_config,
     add_device,
@@ -18,6 +17,7 @@ from tests.e2e.test_calls_sipp import (
     ended_reasons,
     procs,  # noqa: F401  (the fixture)
     run_caller,
+    wait_parked,
 )
 
 
@@ -26,7 +26,7 @@ def test_late_fork_call_on_each_reactor(start_sip_server, procs, tmp_path, setti
     server = start_sip_server(extra={**_server_config(), "ops": {"reactor": setting}}, tls=False)
     assert f"running on the {running} reactor ([ops] reactor = {setting})" in server.output()
     caller = run_caller(procs, server, tmp_path, "caller_answered.xml", "bob", pause_ms=100)
-    wait_for_log(server, "parked waiting for a device of sip:bob@")
+    wait_parked(server, "bob")
     time.sleep(0.15)  # the device comes after the INVITE was parked: a late fork
     device = add_device(procs, server, tmp_path, "bob")
     assert_caller_ok(caller, server)
