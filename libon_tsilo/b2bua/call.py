@@ -7,14 +7,14 @@ every table, timer and silo entry when the call ends. In-dialog relaying is in r
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from libon_tsilo.b2bua import events as ev
 from libon_tsilo.b2bua import relay, reliable, session_timer
 from libon_tsilo.b2bua.capabilities import ALLOW, OWN_HEADERS, supported
 from libon_tsilo.b2bua.dialog import Dialog
@@ -34,7 +34,6 @@ from libon_tsilo.b2bua.states import (
     Connected,
     Ended,
     Forking,
-    ParkAborted,
     Parked,
     exhausted_status,
 )
@@ -49,15 +48,12 @@ from libon_tsilo.util import redact_key, redact_uri
 if TYPE_CHECKING:
     from libon_tsilo.b2bua.manager import CallManager
 
-__all__ = ["Call", "PushFailed", "hop_for_binding"]
+__all__ = ["Call", "hop_for_binding"]
 
 log = Logger()
+_P = ParamSpec("_P")
 
 _DEFAULT_PORT = {"udp": 5060, "tcp": 5060, "tls": 5061}
-
-
-class PushFailed(ParkAborted):
-    """Every wake-up push failed for good: the parked call gave up early."""
 
 
 def hop_for_binding(binding: Any, flow_live: bool) -> Hop | None:
@@ -105,10 +101,6 @@ def _add_capabilities(msg: Request | Response, session_timers: bool, reliable: b
         msg.add_header("Supported", tags)
 
 
-def _swallow_park_abort(failure: Failure) -> None:
-    failure.trap(ParkAborted, CancelledError)
-
-
 class Call:
     """One INVITE from a caller to a local AOR, from arrival to the last BYE."""
 
@@ -116,7 +108,7 @@ class Call:
     __slots__ = (
         "mgr", "clock", "port", "call_id", "aor", "callee_uri", "caller_uri", "caller_name", "created_at",
         "ring_deadline", "a", "branches", "_by_key", "state", "failures", "winner", "early_media_from",
-        "park_d", "wake_d", "wake_result", "woken", "_waker_used", "_ring_timer", "_late_ack", "offer_busy",
+        "wake_d", "wake_result", "woken", "_waker_used", "_ring_timer", "_late_ack", "offer_busy",
         "pending_acks", "late_reason", "ended", "end_reason", "trust", "timers", "_device_ids",
         "transfer",
     )
@@ -151,7 +143,6 @@ class Call:
         self.failures: list[int] = []
         self.winner: BLeg | None = None
         self.early_media_from: BLeg | None = None
-        self.park_d: Deferred[Any] | None = None
         self.wake_d: Deferred[Any] | None = None
         self.wake_result: WakeResult | None = None
         self.woken: dict[str, Any] = {}  # pushed devices (by target_key) that have not registered since
@@ -228,16 +219,19 @@ class Call:
 
     def _ring_timeout(self) -> None:
         self._ring_timer = None
-        self.dispatch(ev.RingTimeout())
+        self.react(self.state.ring_timeout)
 
-    def dispatch(self, event: ev.Event) -> None:
+    def react(self, handler: Callable[Concatenate[Call, _P], None], *args: _P.args, **kw: _P.kwargs) -> None:
+        """Run a CallState event method (`self.state.answered`...) for this call. Events come from
+        timers, the waker and device responses, not from a request the SIP layer could answer: a bug
+        here must still end the call."""
         try:
-            self.state.handle(self, event)
+            handler(self, *args, **kw)
         except Exception:
-            log.failure("call failed on {event}", event=type(event).__name__, call_id=self.call_id)
+            log.failure("call failed on {event}", event=handler.__name__, call_id=self.call_id)
             # a bug must not leave the caller hanging nor leak the call
             if not self.state.final:
-                self.finish_unanswered(500, "Server Internal Error", None, "internal error", None)
+                self.finish_unanswered(500, "Server Internal Error", None, "internal error")
             else:
                 self.end("internal error")
 
@@ -248,40 +242,23 @@ class Call:
 
     def add_branch(self, binding: Any) -> bool:
         before = len(self.branches)
-        self.dispatch(ev.BindingAppeared(binding))
+        self.react(self.state.binding_appeared, binding)
         return len(self.branches) > before
 
     # -- parking -------------------------------------------------------------------------------
 
-    def park(self) -> Deferred[Any]:
-        """Wait for a device: fires with the binding the call resumed to; errbacks with RingTimeout,
-        CallerCancelled or PushFailed; is cancelled if the call ends any other way."""
-        if self.park_d is None:
-            self.park_d = Deferred()
+    def park(self) -> None:
+        """No branch is running: wait in the Parked state for a device (docs/ARCHITECTURE.md,
+        "Suspend and resume")."""
         self.state = Parked()
         self.a.compact()
         if logflags.debug_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs
             log.debug("parked waiting for a device of {aor}", aor=self.aor, call_id=self.call_id)
-        return self.park_d
 
     def resume(self, binding: Any) -> None:
-        d, self.park_d = self.park_d, None
         self.state = Forking()
-        sent = self.fork(binding)
-        if d is not None:
-            d.callback(binding)
-        if not sent:
+        if not self.fork(binding):
             self.check_exhausted()
-
-    def _abort_park(self, error: Exception | None) -> None:
-        d, self.park_d = self.park_d, None
-        if d is None or d.called:
-            return
-        if error is None:
-            d.cancel()
-        else:
-            d.errback(Failure(error))
-        d.addErrback(_swallow_park_abort)
 
     # -- waking --------------------------------------------------------------------------------
 
@@ -302,7 +279,7 @@ class Call:
         self.wake_result = wake_outcome(result)
         if self.wake_result.all_failed:
             log.info("every push failed: {reason}", reason=self.wake_result.reason, call_id=self.call_id)
-        self.dispatch(ev.WakeDone(self.wake_result))
+        self.react(self.state.wake_done)
 
     def _wake_error(self, failure: Failure) -> None:
         log.failure("waker errback", failure, call_id=self.call_id)
@@ -500,13 +477,13 @@ class Call:
             leg.note(resp)
             if leg.state == BranchState.CALLING:
                 leg.state = BranchState.EARLY
-            self.dispatch(ev.Provisional(leg, resp, leg_reliable))
+            self.react(self.state.provisional, leg, resp, leg_reliable)
             return
         leg.note(resp)
         if status < 300:
             leg.state = BranchState.ANSWERED
             leg.dialog.set_remote_from(resp)
-            self.dispatch(ev.Answered(leg, resp))
+            self.react(self.state.answered, leg, resp)
         else:
             if self._fail_over(leg, resp):
                 return
@@ -516,7 +493,7 @@ class Call:
                 resp = make_response(leg.invite, 480, "Temporarily Unavailable")
             leg.state = BranchState.FAILED
             self.mgr.unregister_leg(leg)
-            self.dispatch(ev.Failed(leg, resp))
+            self.react(self.state.failed, leg, resp)
 
     def relay_provisional(self, leg: BLeg, resp: Response, leg_reliable: bool = False) -> None:
         out = make_response(self.a.invite, resp.status, resp.reason, to_tag=self.a.dialog.local_tag)
@@ -536,9 +513,9 @@ class Call:
             if not isinstance(self.state, Parked):
                 self.park()
             return
-        status = exhausted_status(self.failures)
-        error = PushFailed() if self.wake_result is not None and self.wake_result.all_failed else None
-        self.finish_unanswered(status, None, None, "no device can answer", error)
+        why = "every push failed" if self.wake_result is not None and self.wake_result.all_failed \
+            else "no device can answer"
+        self.finish_unanswered(exhausted_status(self.failures), None, None, why)
 
     def cancel_branches(self, reason: str | None, keep: BLeg | None = None) -> None:
         for leg in list(self.branches.values()):
@@ -575,8 +552,7 @@ class Call:
             log.debug("answered by {contact}", contact=redact_uri(leg.binding.contact_uri),
                       call_id=self.call_id)
 
-    def finish_unanswered(self, status: int, reason: str | None, branch_reason: str | None, why: str,
-                          park_error: Exception | None) -> None:
+    def finish_unanswered(self, status: int, reason: str | None, branch_reason: str | None, why: str) -> None:
         """Give the caller a final failure, cancel every branch and end the call."""
         if self.state.final:
             return
@@ -588,17 +564,11 @@ class Call:
         except Exception:
             log.failure("cannot answer {status}", status=status, call_id=self.call_id)
         self.cancel_branches(branch_reason)
-        self._abort_park(park_error)
         self._release_silo()
         self.end(why)
 
     def caller_cancel(self, reason: str | None) -> None:
-        self.dispatch(ev.CallerCancel(reason))
-
-    def ring_timeout_now(self) -> None:
-        """Tests and graceful shutdown: behave as if the ring timer fired."""
-        self._stop_ring_timer()
-        self.dispatch(ev.RingTimeout())
+        self.react(self.state.caller_cancel, reason)
 
     def _no_ack(self) -> None:
         log.warn("caller never ACKed our 2xx: hanging up", call_id=self.call_id)
@@ -692,7 +662,6 @@ class Call:
             self.timers = None
         self.a.stop_retransmit()
         self.a.stop_provisionals()
-        self._abort_park(None)
         if self.mgr.silo.get(self.call_id) is self:
             self.mgr.silo.remove(self)
         self.wake_d = None

@@ -37,7 +37,7 @@ from libon_tsilo.ratelimit import ThrottledLog
 from libon_tsilo.registrar.registrar import aor_key as registrar_aor_key
 from libon_tsilo.silo.silo import Silo
 from libon_tsilo.sip.errors import ParseError
-from libon_tsilo.sip.message import Request, Response, make_response
+from libon_tsilo.sip.message import Request, Response, make_response, log_call_id
 
 __all__ = ["CallManager", "CallSettings", "default_aor_key", "authorizer_from_policy"]
 
@@ -213,7 +213,7 @@ class CallManager:
         except ParseError as exc:
             self._reply(stx, request, 400, exc.reason)
         except Exception:
-            log.failure("INVITE handling failed", call_id=_call_id(request))
+            log.failure("INVITE handling failed", call_id=log_call_id(request))
             self._reply(stx, request, 500, "Server Internal Error")
 
     def _invite(self, request: Request, stx: Any, flow: Any) -> None:
@@ -253,7 +253,7 @@ class CallManager:
         try:
             known = self.user_exists(uri.user)  # type: ignore[misc]
         except Exception:
-            log.failure("users database lookup failed", call_id=_call_id(request))
+            log.failure("users database lookup failed", call_id=log_call_id(request))
             return True
         if not known:
             self._refuse(stx, request, "unknown_user", 404, "no such user {user}", user=uri.user)
@@ -265,7 +265,7 @@ class CallManager:
         return True
 
     def _auth_failed(self, failure: Any, request: Request, stx: Any) -> None:
-        log.failure("authorization failed", failure, call_id=_call_id(request))
+        log.failure("authorization failed", failure, call_id=log_call_id(request))
         self._reply(stx, request, 500, "Server Internal Error")
 
     def _authorized(self, ok: bool, request: Request, stx: Any, flow: Any) -> None:
@@ -335,19 +335,19 @@ class CallManager:
         except ParseError as exc:
             self._reply(stx, request, 400, exc.reason)
         except Exception:
-            log.failure("in-dialog {method} failed", method=request.method, call_id=_call_id(request))
+            log.failure("in-dialog {method} failed", method=request.method, call_id=log_call_id(request))
             self._reply(stx, request, 500, "Server Internal Error")
 
     def handle_ack(self, request: Request, flow: Any) -> None:
         try:
             found = self.dialogs.get((request.call_id, request.to.tag or ""))
             if found is None:
-                log.debug("ACK for no dialog dropped", call_id=_call_id(request))
+                log.debug("ACK for no dialog dropped", call_id=log_call_id(request))
                 return
             call, leg = found
             call.ack_in_dialog(leg, request)
         except Exception:
-            log.failure("ACK handling failed", call_id=_call_id(request))
+            log.failure("ACK handling failed", call_id=log_call_id(request))
 
     def stray_response(self, resp: Response, flow: Any) -> None:
         """A 2xx to one of our INVITEs after its transaction ended: ACK it, and BYE it if unwanted."""
@@ -359,7 +359,7 @@ class CallManager:
             if 200 <= resp.status < 300:
                 self._ack_and_bye_unknown(resp, flow)
         except Exception:
-            log.failure("stray response handling failed", call_id=_call_id(resp))
+            log.failure("stray response handling failed", call_id=log_call_id(resp))
 
     def _ack_and_bye_unknown(self, resp: Response, flow: Any) -> None:
         contacts = resp.contacts
@@ -391,7 +391,7 @@ class CallManager:
         self.shutting_down = True
         parked = [c for c in self.calls.values() if isinstance(c.state, Parked)]
         for call in parked:
-            call.finish_unanswered(code, None, None, "shutdown", None)
+            call.finish_unanswered(code, None, None, "shutdown")
         return len(parked)
 
     # -- inspection ----------------------------------------------------------------------------
@@ -412,7 +412,8 @@ class CallManager:
 
     def _reject(self, stx: Any, request: Request, status: int, reason: str) -> None:
         self.counters["rejected"] += 1
-        log.info("INVITE rejected {status} {reason}", status=status, reason=reason, call_id=_call_id(request))
+        log.info("INVITE rejected {status} {reason}", status=status, reason=reason,
+                 call_id=log_call_id(request))
         self._reply(stx, request, status, reason)
 
     def _refuse(self, stx: Any, request: Request, limit: str, status: int, why: str, **fields: Any) -> None:
@@ -422,7 +423,7 @@ class CallManager:
         self.limit_counters[limit] += 1
         self._limit_logs[limit].emit(
             log.warn if status == 503 else log.info, "INVITE refused {status} ({limit}): " + why,
-            status=status, limit=limit, call_id=_call_id(request), **fields,
+            status=status, limit=limit, call_id=log_call_id(request), **fields,
         )
         if stx is None:
             return
@@ -432,7 +433,7 @@ class CallManager:
                 resp.add_header("Retry-After", str(max(1, int(self.settings.ring_timeout))))
             self.port.respond(stx, resp)
         except Exception:
-            log.failure("cannot send {status}", status=status, call_id=_call_id(request))
+            log.failure("cannot send {status}", status=status, call_id=log_call_id(request))
 
     def limit_hits(self) -> dict[str, int]:
         return dict(self.limit_counters)
@@ -443,11 +444,4 @@ class CallManager:
         try:
             self.port.respond(stx, make_response(request, status, reason))
         except Exception:
-            log.failure("cannot send {status}", status=status, call_id=_call_id(request))
-
-
-def _call_id(msg: Any) -> str | None:
-    try:
-        return msg.call_id
-    except Exception:
-        return None
+            log.failure("cannot send {status}", status=status, call_id=log_call_id(request))

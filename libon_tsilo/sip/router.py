@@ -13,7 +13,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from libon_tsilo.sip.errors import ParseError
-from libon_tsilo.sip.message import Request, Response, make_response, new_tag
+from libon_tsilo.sip.message import Request, Response, make_response, new_tag, log_call_id
 from libon_tsilo.sip.uas_core import UASCore
 
 log = Logger()
@@ -59,7 +59,7 @@ class Router:
         except ParseError as exc:
             _respond(stx, make_response(request, exc.status, exc.reason, to_tag=new_tag()))
         except Exception:
-            log.failure("handler failed for {method}", method=request.method, call_id=_call_id(request))
+            log.failure("handler failed for {method}", method=request.method, call_id=log_call_id(request))
             _respond(stx, make_response(request, 500, "Server Internal Error", to_tag=new_tag()))
 
     def _dispatch(self, request: Request, stx: Any, flow: Any) -> None:
@@ -91,7 +91,7 @@ class Router:
         try:
             self.ack(ack, flow)
         except Exception:
-            log.failure("ACK handler failed", call_id=_call_id(ack))
+            log.failure("ACK handler failed", call_id=log_call_id(ack))
 
     def cancel_received(self, cancel: Request, invite_stx: Any, flow: Any, stx: Any = None) -> None:
         try:
@@ -99,7 +99,7 @@ class Router:
                 self.cancel(cancel, invite_stx, flow, stx)
                 return
         except Exception:
-            log.failure("CANCEL handler failed", call_id=_call_id(cancel))
+            log.failure("CANCEL handler failed", call_id=log_call_id(cancel))
         # No call layer (or it failed): answer the way a plain UAS would (§9.2).
         if invite_stx is None:
             _respond(stx, make_response(cancel, 481, to_tag=new_tag()))
@@ -113,7 +113,7 @@ class Router:
         try:
             self.stray(response, flow)
         except Exception:
-            log.failure("stray response handler failed", call_id=_call_id(response))
+            log.failure("stray response handler failed", call_id=log_call_id(response))
 
 
 def _respond(stx: Any, resp: Response) -> None:
@@ -122,11 +122,4 @@ def _respond(stx: Any, resp: Response) -> None:
     try:
         stx.respond(resp)
     except Exception:
-        log.failure("could not send {status}", status=resp.status, call_id=_call_id(resp))
-
-
-def _call_id(msg: Any) -> str | None:
-    try:
-        return msg.call_id
-    except ParseError:
-        return None
+        log.failure("could not send {status}", status=resp.status, call_id=log_call_id(resp))

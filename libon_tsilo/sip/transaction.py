@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from libon_tsilo import logflags
 from libon_tsilo.sip.branch import is_our_branch
 from libon_tsilo.sip.errors import ParseError
-from libon_tsilo.sip.message import Request, Response, make_response
+from libon_tsilo.sip.message import Request, Response, make_response, log_call_id
 from libon_tsilo.sip.timers import ExpiryQueue, State, TransactionBase, TwoXXRetransmitter
 from libon_tsilo.sip.transaction_client import (
     ClientTransaction,
@@ -211,14 +211,14 @@ class TransactionLayer:
         for key in list(self._by_target.get(_target_key(target), ())):
             ctx = self._clients.get(key)
             if ctx is not None and ctx.state in (State.CALLING, State.TRYING):
-                log.info("{txn}: {reason}", txn=ctx.id, reason=reason, call_id=_call_id(ctx.request))
+                log.info("{txn}: {reason}", txn=ctx.id, reason=reason, call_id=log_call_id(ctx.request))
                 ctx.transport_failed()
 
     def _response_in(self, resp: Response, flow: Any) -> None:
         try:
             key = ("client", resp.branch, resp.cseq.method)
         except ParseError as exc:
-            log.info("response dropped: {reason}", reason=exc.reason, call_id=_call_id(resp))
+            log.info("response dropped: {reason}", reason=exc.reason, call_id=log_call_id(resp))
             return
         ctx = self._clients.get(key)
         if ctx is not None and ctx.on_response is not None:
@@ -232,7 +232,7 @@ class TransactionLayer:
         else:
             self.strays_dropped += 1
             if logflags.debug_enabled:
-                log.debug("stray {status} dropped", status=resp.status, call_id=_call_id(resp))
+                log.debug("stray {status} dropped", status=resp.status, call_id=log_call_id(resp))
 
     # -- server side ------------------------------------------------------------------------------
 
@@ -247,16 +247,16 @@ class TransactionLayer:
             self._reject_malformed(msg, flow, exc)
         except Exception:
             # One bad message must never stop the server (nor the transport's read loop).
-            log.failure("transaction layer failed on {msg!r}", msg=msg, call_id=_call_id(msg))
+            log.failure("transaction layer failed on {msg!r}", msg=msg, call_id=log_call_id(msg))
 
     def _reject_malformed(self, msg: Request | Response, flow: Any, exc: ParseError) -> None:
         if not isinstance(msg, Request) or msg.method == "ACK":
-            log.info("malformed message dropped: {reason}", reason=exc.reason, call_id=_call_id(msg))
+            log.info("malformed message dropped: {reason}", reason=exc.reason, call_id=log_call_id(msg))
             return
         try:
             self.transport.send_response(make_response(msg, exc.status, exc.reason), flow)
         except Exception:
-            log.failure("cannot answer a malformed request", call_id=_call_id(msg))
+            log.failure("cannot answer a malformed request", call_id=log_call_id(msg))
 
     def _request_in(self, req: Request, flow: Any) -> None:
         method = req.method
@@ -283,7 +283,7 @@ class TransactionLayer:
             else:
                 self.tu.request_received(req, stx, flow)
         except Exception:
-            log.failure("TU failed on {method}", method=method, call_id=_call_id(req))
+            log.failure("TU failed on {method}", method=method, call_id=log_call_id(req))
             self._answer_500(stx)
 
     def _new_server(self, req: Request, flow: Any, key: tuple[Any, ...]) -> ServerTransaction:
@@ -321,7 +321,7 @@ class TransactionLayer:
         try:
             stx.respond(make_response(stx.request, 500, "Server Internal Error"))
         except Exception:
-            log.failure("cannot send 500", call_id=_call_id(stx.request))
+            log.failure("cannot send 500", call_id=log_call_id(stx.request))
 
 
 def _target_key(target: Any) -> tuple[str, str, int]:
@@ -330,10 +330,3 @@ def _target_key(target: Any) -> tuple[str, str, int]:
         str(getattr(target, "host", "")).strip("[]").lower(),
         int(getattr(target, "port", 0) or 0),
     )
-
-
-def _call_id(msg: Any) -> str | None:
-    try:
-        return msg.call_id
-    except Exception:
-        return None

@@ -7,7 +7,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from libon_tsilo.silo.silo import CANNOT_APPEND, NO_RECORD, NOT_FOUND, Silo
-from libon_tsilo.silo.stats import LatencyWindow, percentile
+from libon_tsilo.latency import LatencyWindow, percentile
 
 
 @dataclass
