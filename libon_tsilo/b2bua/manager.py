@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from libon_tsilo.b2bua import session_timer
 from libon_tsilo.b2bua.admission import CallerSources
 from libon_tsilo.b2bua.call import Call
+from libon_tsilo.b2bua.capabilities import DEFAULT_ALLOWLIST
 from libon_tsilo.b2bua.identity import UNTRUSTED, CallerTrust
 from libon_tsilo.b2bua.legs import BLeg
 from libon_tsilo.b2bua.ports import SipPort, hop_of_flow
@@ -45,37 +46,29 @@ log = Logger()
 
 _REASONS = {404: "Not Found", 480: "Temporarily Unavailable", 503: "Service Unavailable"}
 
-DEFAULT_ALLOWLIST = (
-    "Subject", "Priority", "Accept", "Accept-Language", "User-Agent", "Alert-Info", "Call-Info",
-    "P-Asserted-Identity",
-)
-
-
 @dataclass(frozen=True)
 class CallSettings:
     ring_timeout: float = 30.0
     max_branches: int = 12
     header_allowlist: tuple[str, ...] = DEFAULT_ALLOWLIST
     # seconds an answered/cancelled call keeps listening for pushed iOS devices (Invite/Cancel);
-    # 0 turns it off
-    invite_cancel_grace: float = 0.0
+    # 0 turns it off. The defaults are [calls]'s (tests/b2bua/test_call_manager.py checks they agree)
+    invite_cancel_grace: float = 30.0
     use_domain: bool = True
     invite_cancel_providers: tuple[str, ...] = field(default=("apns",))
     # RFC 4028 (b2bua/session_timer.py): 0 turns session timers off; max_call_duration 0 = no limit
     session_expires: int = 1800
     min_se: int = 90
-    max_call_duration: float = 0.0
+    max_call_duration: float = 14_400.0
 
     @classmethod
-    def from_config(
-        cls, calls: Any, use_domain: bool = True, invite_cancel_grace: float = 0.0
-    ) -> CallSettings:
+    def from_config(cls, calls: Any, use_domain: bool = True) -> CallSettings:
         """From ops' CallsConfig ([calls]) and the registrar's use_domain."""
         return cls(
             ring_timeout=float(calls.ring_timeout),
             max_branches=int(calls.max_branches),
             header_allowlist=tuple(calls.header_allowlist),
-            invite_cancel_grace=float(getattr(calls, "invite_cancel_grace", invite_cancel_grace)),
+            invite_cancel_grace=float(calls.invite_cancel_grace),
             use_domain=use_domain,
             session_expires=int(calls.session_expires),
             min_se=int(calls.min_se),

@@ -444,7 +444,7 @@ def test_max_call_duration_with_session_timers_off() -> None:
 
 
 def test_timers_off_without_limit_arm_nothing() -> None:
-    c = Answered(session_expires=0)
+    c = Answered(session_expires=0, max_call_duration=0)
     assert c.clock.getDelayedCalls() == [] and c.env.call().timers is None
     c.from_a("BYE")
     c.env.assert_clean()
