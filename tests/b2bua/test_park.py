@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+from twisted.logger import globalLogPublisher
 
 from libon_tsilo.b2bua.forking import REASON_ANSWERED
 from libon_tsilo.b2bua.waker import LoggingWaker, WakeResult
@@ -186,3 +190,45 @@ def test_shutdown_parked() -> None:
     assert parked.statuses == [480] and ringing.statuses == []
     _, late = env.invite(call_id="c3")
     assert late.statuses == [503]
+
+
+def test_states_take_events_through_explicit_methods() -> None:
+    """One suspend/resume mechanism, followable by name: the silo's add_branch reaches
+    Parked.binding_appeared, which resumes; the same event in Forking adds a branch."""
+    from libon_tsilo.b2bua.states import CallState, Forking, Parked
+
+    env = Env()
+    env.invite()
+    call = env.call()
+    assert isinstance(call.state, Parked) and call.park() is None
+    Parked().binding_appeared(call, binding(1))
+    assert isinstance(call.state, Forking) and len(env.port.invites()) == 1
+    Forking().binding_appeared(call, binding(2))
+    assert len(env.port.invites()) == 2
+    assert not hasattr(CallState, "handle")  # no string dispatch left to hide the route
+
+
+@pytest.fixture
+def logged() -> Any:
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def test_a_bug_in_a_state_method_ends_the_call_with_one_500(logged: list[dict[str, Any]]) -> None:
+    env = Env()
+    env.location.add(binding(1))
+    _, stx = env.invite()
+    (ctx,) = env.port.invites()
+    call = env.call()
+
+    def broken(call: Any, branch: Any, response: Any, reliable: bool) -> None:
+        raise RuntimeError("bug")
+
+    call.state.provisional = broken
+    ctx.respond(180)
+    assert stx.statuses == [500]
+    failures = [e for e in logged if e.get("log_failure") is not None]
+    assert len(failures) == 1 and failures[0]["call_id"] == call.call_id
+    env.assert_clean()

@@ -226,3 +226,17 @@ def test_max_total_refuses_new_calls_until_one_leaves() -> None:
     silo.remove(calls[1])
     assert not silo.at_capacity() and silo.store(calls[3])
     assert not Silo(Clock(), FakeLocation()).at_capacity()  # 0 = no limit
+
+
+def test_one_latency_summary_for_silo_and_push() -> None:
+    """The silo's register_to_invite and push/'s latencies are one LatencyWindow: same keys, same
+    nearest-rank percentiles (push/ once had its own, with p95 and another rank rule)."""
+    from libon_tsilo.push.stats import PushStats
+
+    push = PushStats()
+    silo = Silo(Clock(), None)
+    for v in (0.1, 0.2, 0.3, 0.4):
+        push.record_push_to_register(v)
+        silo.counters.latency.add(v)
+    assert push.push_to_register_window.summary() == silo.stats()["register_to_invite"]
+    assert silo.stats()["register_to_invite"]["p50"] == 0.2
