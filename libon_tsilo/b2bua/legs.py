@@ -65,9 +65,8 @@ class BLeg:
     """One device branch: its INVITE client transaction and, once it answers, its dialog."""
 
     kind = "B"
-    __slots__ = ("binding", "invite", "dialog", "created_at", "state", "ctx", "last_status", "last_reason",
-                 "cancel_reason", "cancelled", "sent_contact", "sent_flow", "acked", "ack_body", "asked_se",
-                 "tried", "rseqs")
+    __slots__ = ("binding", "invite", "dialog", "created_at", "state", "ctx", "last_status", "cancelled",
+                 "sent_contact", "sent_flow", "acked", "ack_body", "asked_se", "tried", "rseqs")
 
     def __init__(self, binding: Any, invite: Request, dialog: Dialog, created_at: float) -> None:
         self.binding = binding
@@ -77,8 +76,6 @@ class BLeg:
         self.state = BranchState.CALLING
         self.ctx: ClientHandle | None = None
         self.last_status: int | None = None
-        self.last_reason: str | None = None
-        self.cancel_reason: str | None = None
         self.cancelled = False
         # what the branch was sent to, frozen: the registrar may update the binding in place
         self.sent_contact: str = binding.contact_uri
@@ -104,7 +101,6 @@ class BLeg:
 
     def note(self, resp: Response) -> None:
         self.last_status = resp.status
-        self.last_reason = resp.reason
 
     def cancel(self, reason: str | None) -> bool:
         """Ask the transaction layer to CANCEL (it waits for a provisional, §9.1). True if asked now."""
@@ -112,7 +108,6 @@ class BLeg:
             return False
         self.state = BranchState.CANCELLING
         self.cancelled = True
-        self.cancel_reason = reason
         self.ctx.cancel([("Reason", reason)] if reason else [])
         return True
 
