@@ -197,17 +197,14 @@ class CallManager:
         else:
             self.handle_in_dialog(request, stx, flow)
 
+    # No catch-all here: an exception (a bug, or a ParseError from a malformed header) goes to the
+    # transaction layer's guard, which logs it with the Call-ID and answers 500 (or 400) once.
+
     def handle_invite(self, request: Request, stx: Any, flow: Any) -> None:
-        try:
-            if request.to.tag:
-                self.handle_in_dialog(request, stx, flow)
-                return
-            self._invite(request, stx, flow)
-        except ParseError as exc:
-            self._reply(stx, request, 400, exc.reason)
-        except Exception:
-            log.failure("INVITE handling failed", call_id=log_call_id(request))
-            self._reply(stx, request, 500, "Server Internal Error")
+        if request.to.tag:
+            self.handle_in_dialog(request, stx, flow)
+            return
+        self._invite(request, stx, flow)
 
     def _invite(self, request: Request, stx: Any, flow: Any) -> None:
         if self.shutting_down:
@@ -318,41 +315,29 @@ class CallManager:
         call.caller_cancel(cancel.header("Reason"))
 
     def handle_in_dialog(self, request: Request, stx: Any, flow: Any) -> None:
-        try:
-            found = self.dialogs.get((request.call_id, request.to.tag or ""))
-            if found is None:
-                self._reply(stx, request, 481, "Call/Transaction Does Not Exist")
-                return
-            call, leg = found
-            call.in_dialog(leg, request, stx)
-        except ParseError as exc:
-            self._reply(stx, request, 400, exc.reason)
-        except Exception:
-            log.failure("in-dialog {method} failed", method=request.method, call_id=log_call_id(request))
-            self._reply(stx, request, 500, "Server Internal Error")
+        found = self.dialogs.get((request.call_id, request.to.tag or ""))
+        if found is None:
+            self._reply(stx, request, 481, "Call/Transaction Does Not Exist")
+            return
+        call, leg = found
+        call.in_dialog(leg, request, stx)
 
     def handle_ack(self, request: Request, flow: Any) -> None:
-        try:
-            found = self.dialogs.get((request.call_id, request.to.tag or ""))
-            if found is None:
-                log.debug("ACK for no dialog dropped", call_id=log_call_id(request))
-                return
-            call, leg = found
-            call.ack_in_dialog(leg, request)
-        except Exception:
-            log.failure("ACK handling failed", call_id=log_call_id(request))
+        found = self.dialogs.get((request.call_id, request.to.tag or ""))
+        if found is None:
+            log.debug("ACK for no dialog dropped", call_id=log_call_id(request))
+            return
+        call, leg = found
+        call.ack_in_dialog(leg, request)
 
     def stray_response(self, resp: Response, flow: Any) -> None:
         """A 2xx to one of our INVITEs after its transaction ended: ACK it, and BYE it if unwanted."""
-        try:
-            found = self.dialogs.get((resp.call_id, resp.from_.tag or ""))
-            if found is not None and isinstance(found[1], BLeg):
-                found[0].branch_response(found[1], resp)
-                return
-            if 200 <= resp.status < 300:
-                self._ack_and_bye_unknown(resp, flow)
-        except Exception:
-            log.failure("stray response handling failed", call_id=log_call_id(resp))
+        found = self.dialogs.get((resp.call_id, resp.from_.tag or ""))
+        if found is not None and isinstance(found[1], BLeg):
+            found[0].branch_response(found[1], resp)
+            return
+        if 200 <= resp.status < 300:
+            self._ack_and_bye_unknown(resp, flow)
 
     def _ack_and_bye_unknown(self, resp: Response, flow: Any) -> None:
         contacts = resp.contacts

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from libon_tsilo import logflags
 from libon_tsilo.sip.branch import is_our_branch
 from libon_tsilo.sip.errors import ParseError
-from libon_tsilo.sip.message import Request, Response, make_response, log_call_id
+from libon_tsilo.sip.message import Request, Response, log_call_id, make_response, new_tag
 from libon_tsilo.sip.timers import ExpiryQueue, State, TransactionBase, TwoXXRetransmitter
 from libon_tsilo.sip.transaction_client import (
     ClientTransaction,
@@ -277,14 +277,21 @@ class TransactionLayer:
         stx = self._new_server(req, flow, key)
         if stx.terminated:
             return  # the 100 Trying could not be sent
+        # The one guard of the request path: here a request enters the application (router,
+        # registrar, call layer), and only here is a server transaction sure to exist to answer on.
+        # The layers above let exceptions through.
         try:
             if method == "CANCEL":
                 self.tu.cancel_received(req, invite_stx, flow, stx)
             else:
                 self.tu.request_received(req, stx, flow)
+        except ParseError as exc:
+            # a header the application needed is malformed: the sender's fault, not a bug
+            log.info("{method} refused: {reason}", method=method, reason=exc.reason, call_id=log_call_id(req))
+            self._answer_error(stx, exc.status, exc.reason)
         except Exception:
             log.failure("TU failed on {method}", method=method, call_id=log_call_id(req))
-            self._answer_500(stx)
+            self._answer_error(stx, 500, "Server Internal Error")
 
     def _new_server(self, req: Request, flow: Any, key: tuple[Any, ...]) -> ServerTransaction:
         cls = InviteServerTransaction if req.method == "INVITE" else NonInviteServerTransaction
@@ -315,13 +322,13 @@ class TransactionLayer:
             return None
         return stx if our_tag == ack.to.tag else None
 
-    def _answer_500(self, stx: ServerTransaction) -> None:
+    def _answer_error(self, stx: ServerTransaction, status: int, reason: str | None) -> None:
         if stx.state not in (State.TRYING, State.PROCEEDING):
-            return
+            return  # the application answered before it failed: one final response only
         try:
-            stx.respond(make_response(stx.request, 500, "Server Internal Error"))
+            stx.respond(make_response(stx.request, status, reason, to_tag=new_tag()))
         except Exception:
-            log.failure("cannot send 500", call_id=log_call_id(stx.request))
+            log.failure("cannot send {status}", status=status, call_id=log_call_id(stx.request))
 
 
 def _target_key(target: Any) -> tuple[str, str, int]:
