@@ -8,6 +8,7 @@ every table, timer and silo entry when the call ends. In-dialog relaying is in r
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec
 
 from twisted.internet.defer import Deferred, succeed
@@ -447,7 +448,7 @@ class Call:
     def _send_branch(self, leg: BLeg) -> None:
         if logflags.debug_enabled:
             log.debug("fork to {contact}", contact=redact_uri(leg.binding.contact_uri), call_id=self.call_id)
-        leg.ctx = self.port.send_request(leg.invite, leg.hop, lambda r, leg=leg: self.branch_response(leg, r))
+        leg.ctx = self.port.send_request(leg.invite, leg.hop, partial(self.branch_response, leg))
 
     def branch_response(self, leg: BLeg, resp: Response) -> None:
         """Every response of a branch INVITE (from its client transaction or a stray 2xx)."""

@@ -29,7 +29,7 @@ from libon_tsilo.b2bua.admission import CallerSources
 from libon_tsilo.b2bua.call import Call
 from libon_tsilo.b2bua.capabilities import DEFAULT_ALLOWLIST
 from libon_tsilo.b2bua.identity import UNTRUSTED, CallerTrust
-from libon_tsilo.b2bua.legs import BLeg
+from libon_tsilo.b2bua.legs import ALeg, BLeg
 from libon_tsilo.b2bua.ports import SipPort, hop_of_flow
 from libon_tsilo.b2bua.states import Parked
 from libon_tsilo.b2bua.waker import LoggingWaker, Waker
@@ -166,10 +166,11 @@ class CallManager:
             self.unregister_leg(leg)
         if not self.flows:
             return
-        for leg in (call.a, call.winner, *call.branches.values()):  # branches: see Call.branch_flow_lost
-            fid = leg.hop.flow_id if leg is not None else None
+        legs: tuple[ALeg | BLeg | None, ...] = (call.a, call.winner, *call.branches.values())
+        for held in legs:  # branches: see Call.branch_flow_lost
+            fid = held.hop.flow_id if held is not None else None
             ids = self.flows.get(fid) if fid is not None else None
-            if ids is not None:
+            if fid is not None and ids is not None:
                 ids.discard(call.call_id)
                 if not ids:
                     del self.flows[fid]
@@ -258,7 +259,7 @@ class CallManager:
         log.failure("authorization failed", failure, call_id=log_call_id(request))
         self._reply(stx, request, 500, "Server Internal Error")
 
-    def _authorized(self, ok: bool, request: Request, stx: Any, flow: Any) -> None:
+    def _authorized(self, ok: bool | CallerTrust, request: Request, stx: Any, flow: Any) -> None:
         if not ok:
             return
         if request.call_id in self.calls:

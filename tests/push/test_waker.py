@@ -509,6 +509,7 @@ def test_failed_push_with_a_delivered_one_keeps_waiting() -> None:
     assert stx.statuses == []
     env.clock.advance(5)
     assert stx.statuses == [480]
+    env.clock.advance(30)  # [calls] invite_cancel_grace: the iOS device whose push was delivered
     env.assert_clean()
 
 
@@ -536,6 +537,7 @@ def test_push_timeout_ends_at_the_ring_timeout_with_480() -> None:
     env.clock.advance(0.1)
     assert stx.statuses == [480]
     s.apns.held[0].callback(PushResult(RETRYABLE, "timeout"))  # the sender gives up at its ttl
+    env.clock.advance(30)  # [calls] invite_cancel_grace: the push was in flight when the call ended
     env.assert_clean()
     assert s.waker.stats()["pending_calls"] == 0
     assert s.waker.stats()["calls_all_failed"] == 0  # the ring timeout ended it, not the failure
