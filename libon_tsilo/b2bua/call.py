@@ -28,7 +28,7 @@ from libon_tsilo.b2bua.identity import (
     b_leg_identity_headers,
 )
 from libon_tsilo.b2bua.legs import ALeg, BLeg, BranchState
-from libon_tsilo.b2bua.ports import Hop, hop_of_flow
+from libon_tsilo.b2bua.ports import Hop, ServerHandle, hop_of_flow
 from libon_tsilo.b2bua.targets import best_flow, is_outbound, target_key
 from libon_tsilo.b2bua.states import (
     CallState,
@@ -47,6 +47,7 @@ from libon_tsilo.sip.uri import URI
 from libon_tsilo.util import redact_key, redact_uri
 
 if TYPE_CHECKING:
+    from libon_tsilo.registrar.binding import Binding
     from libon_tsilo.b2bua.manager import CallManager
 
 __all__ = ["Call", "hop_for_binding"]
@@ -57,7 +58,7 @@ _P = ParamSpec("_P")
 _DEFAULT_PORT = {"udp": 5060, "tcp": 5060, "tls": 5061}
 
 
-def hop_for_binding(binding: Any, flow_live: bool) -> Hop | None:
+def hop_for_binding(binding: Binding, flow_live: bool) -> Hop | None:
     """Where a branch to `binding` goes: its flow when live, else its received address, else its Contact."""
     flow_id = binding.flow_id if flow_live else None
     if binding.received:
@@ -114,8 +115,8 @@ class Call:
         "transfer",
     )
 
-    def __init__(self, mgr: CallManager, invite: Request, stx: Any, flow: Any, aor: str, callee_uri: str,
-                 trust: CallerTrust = UNTRUSTED):
+    def __init__(self, mgr: CallManager, invite: Request, stx: ServerHandle, flow: Any, aor: str,
+                 callee_uri: str, trust: CallerTrust = UNTRUSTED):
         self.mgr = mgr
         self.clock = mgr.clock
         self.port = mgr.port
@@ -178,13 +179,13 @@ class Call:
             "waiting_for": len(self.woken),
         }
 
-    def device_call_id(self, binding: Any) -> str:
+    def device_call_id(self, binding: Binding) -> str:
         """The Call-ID this device's B-leg carries, decided at the first ask (a push or a fork) and
         kept for the call: the push names it, the INVITE and any CANCEL carry it."""
         ids = self._device_ids
         if ids is None:
             ids = self._device_ids = {}
-        provider, prid = getattr(binding, "pn_provider", None), getattr(binding, "pn_prid", None)
+        provider, prid = binding.pn_provider, binding.pn_prid
         # a woken app may register under another binding identity (a new +sip.instance): its push
         # token is what the push went to
         device = f"pn:{provider}:{prid}" if provider and prid else binding.key
@@ -195,7 +196,7 @@ class Call:
 
     # -- start ---------------------------------------------------------------------------------
 
-    def start(self, bindings: list[Any]) -> None:
+    def start(self, bindings: list[Binding]) -> None:
         """Fork to reachable bindings, wake the others, park if nothing could be sent."""
         self._ring_timer = self.clock.callLater(self.mgr.settings.ring_timeout, self._ring_timeout)
         sleeping = []
@@ -207,7 +208,7 @@ class Call:
             seen.add(key)
             if b.reg_id is not None and b.instance:  # its live flow, if it has one, decides: fork or push
                 b = self._best_flow(b.instance, ()) or b
-            if not getattr(b, "push_capable", False) or (self._flow_live(b) and self._awake(b)):
+            if not b.push_capable or (self._flow_live(b) and self._awake(b)):
                 self.fork(b)
             else:
                 sleeping.append(b)
@@ -241,7 +242,7 @@ class Call:
     def can_append(self) -> bool:
         return not self.state.final and not self.ended
 
-    def add_branch(self, binding: Any) -> bool:
+    def add_branch(self, binding: Binding) -> bool:
         before = len(self.branches)
         self.react(self.state.binding_appeared, binding)
         return len(self.branches) > before
@@ -256,14 +257,14 @@ class Call:
         if logflags.debug_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs
             log.debug("parked waiting for a device of {aor}", aor=self.aor, call_id=self.call_id)
 
-    def resume(self, binding: Any) -> None:
+    def resume(self, binding: Binding) -> None:
         self.state = Forking()
         if not self.fork(binding):
             self.check_exhausted()
 
     # -- waking --------------------------------------------------------------------------------
 
-    def wake(self, bindings: list[Any]) -> None:
+    def wake(self, bindings: list[Binding]) -> None:
         for b in bindings:
             self.woken[target_key(b)] = b
         self._waker_used = True
@@ -298,7 +299,7 @@ class Call:
         # like Kamailio's t_suspend: a call that never forked waits for any device to register
         return not self.branches
 
-    def _awake(self, binding: Any) -> bool:
+    def _awake(self, binding: Binding) -> bool:
         """A push-capable binding with a live flow: fork now, or push? The waker may decide (e.g. only
         devices that registered moments ago are awake); without an opinion, a live flow is enough."""
         decide = getattr(self.mgr.waker, "fork_directly", None)
@@ -310,14 +311,14 @@ class Call:
             log.failure("waker.fork_directly failed", call_id=self.call_id)
             return True
 
-    def _flow_live(self, binding: Any) -> bool:
+    def _flow_live(self, binding: Binding) -> bool:
         # the registrar's flag can be stale, the flow table's view can be missing: both must agree
-        return bool(binding.flow_id) and bool(getattr(binding, "flow_live", True)) \
+        return bool(binding.flow_id) and binding.flow_live \
             and self.port.flow_live(binding.flow_id)
 
     # -- forking -------------------------------------------------------------------------------
 
-    def fork(self, binding: Any, tried: tuple[str, ...] = ()) -> bool:
+    def fork(self, binding: Binding, tried: tuple[str, ...] = ()) -> bool:
         """Send a branch INVITE to `binding`. False when it is a duplicate or over the limit.
 
         An RFC 5626 device (instance + reg-id) gets one branch whatever the number of its flows: it
@@ -379,13 +380,13 @@ class Call:
                 # its transaction still runs to timer B; branch_response ignores what it ends with
                 self.branch_response(leg, make_response(leg.invite, 430, "Flow Failed"))
 
-    def _best_flow(self, instance: str, tried: tuple[str, ...]) -> Any | None:
+    def _best_flow(self, instance: str, tried: tuple[str, ...]) -> Binding | None:
         location = self.mgr.location
         if location is None:
             return None
         return best_flow(location.lookup(self.aor), instance, self._flow_usable, tried)
 
-    def _flow_usable(self, binding: Any) -> bool:
+    def _flow_usable(self, binding: Binding) -> bool:
         # a UDP flow is its address pair: it cannot close, only go quiet (the device's STUN keep-alives
         # tell it, not us, when its NAT mapping changed; it then registers again)
         received = binding.received
@@ -399,7 +400,8 @@ class Call:
         if not (resp.status == 430 or getattr(leg.ctx, "failed_locally", False)):
             return False
         tried = leg.tried + (leg.binding.key,)
-        if self._best_flow(leg.binding.instance, tried) is None:
+        instance = leg.binding.instance  # set: is_outbound said so
+        if instance is None or self._best_flow(instance, tried) is None:
             return False
         log.info("flow of {key} failed ({status}): trying the device's next flow",
                  key=redact_key(leg.binding.key), status=resp.status, call_id=self.call_id)
@@ -408,7 +410,7 @@ class Call:
         self.mgr.counters["flow_failovers"] += 1
         return self.fork(leg.binding, tried)
 
-    def _new_branch(self, binding: Any, hop: Hop, flow_id: str | None) -> BLeg:
+    def _new_branch(self, binding: Binding, hop: Hop, flow_id: str | None) -> BLeg:
         a = self.a.invite
         caller_uri, display = b_leg_caller(a.from_, self.trust)
         local = NameAddr(caller_uri, display, {"tag": new_tag()})
@@ -416,7 +418,7 @@ class Call:
         contact = self.port.contact(hop.transport)
         dialog = Dialog(self.device_call_id(binding), local, remote, binding.contact_uri, hop, contact)
         req = Request("INVITE", binding.contact_uri)
-        for route in getattr(binding, "path", None) or []:
+        for route in binding.path:
             req.add_header("Route", route)
         mf = a.max_forwards
         req.add_header("Max-Forwards", str(max(0, min(70, (mf if mf is not None else 70) - 1))))
@@ -603,7 +605,7 @@ class Call:
 
     # -- Invite/Cancel for pushed devices that wake after the end ------------------------------
 
-    def late_binding_after_end(self, binding: Any) -> bool:
+    def late_binding_after_end(self, binding: Binding) -> bool:
         """A pushed device registered after the caller got its answer: send it the INVITE and, at
         once, a CANCEL with the Reason (iOS PushKit must always get a call to report to CallKit)."""
         key = target_key(binding)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from libon_tsilo.b2bua.dialog import Dialog
-from libon_tsilo.b2bua.ports import ClientHandle, Hop, RetransmitHandle
+from libon_tsilo.b2bua.ports import ClientHandle, Hop, RetransmitHandle, ServerHandle
 from libon_tsilo.sip.message import Request, Response
+
+if TYPE_CHECKING:
+    from libon_tsilo.registrar.binding import Binding
 
 __all__ = ["ALeg", "BLeg", "BranchState"]
 
@@ -17,7 +20,7 @@ class ALeg:
     kind = "A"
     __slots__ = ("invite", "stx", "dialog", "retransmit", "reliable")  # one per call, parked ones included
 
-    def __init__(self, invite: Request, stx: Any, dialog: Dialog) -> None:
+    def __init__(self, invite: Request, stx: ServerHandle, dialog: Dialog) -> None:
         self.invite = invite
         self.stx = stx
         self.dialog = dialog
@@ -68,7 +71,7 @@ class BLeg:
     __slots__ = ("binding", "invite", "dialog", "created_at", "state", "ctx", "last_status", "cancelled",
                  "sent_contact", "sent_flow", "acked", "ack_body", "asked_se", "tried", "rseqs")
 
-    def __init__(self, binding: Any, invite: Request, dialog: Dialog, created_at: float) -> None:
+    def __init__(self, binding: Binding, invite: Request, dialog: Dialog, created_at: float) -> None:
         self.binding = binding
         self.invite = invite
         self.dialog = dialog

@@ -4,7 +4,7 @@ live on the Call; a state only decides."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
@@ -18,6 +18,7 @@ from libon_tsilo.b2bua.forking import (
 )
 
 if TYPE_CHECKING:
+    from libon_tsilo.registrar.binding import Binding
     from libon_tsilo.b2bua.call import Call
     from libon_tsilo.b2bua.legs import BLeg
     from libon_tsilo.sip.message import Response
@@ -40,7 +41,7 @@ class CallState:
         if logflags.debug_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs
             log.debug("{state}: {event} ignored", state=self.name, event=event, call_id=call.call_id)
 
-    def binding_appeared(self, call: Call, binding: Any) -> None:
+    def binding_appeared(self, call: Call, binding: Binding) -> None:
         """A device of the callee registered (the silo's late fork)."""
         self._ignored(call, "binding_appeared")
 
@@ -88,7 +89,7 @@ class Parked(_Ringing):
 
     name = "parked"
 
-    def binding_appeared(self, call: Call, binding: Any) -> None:
+    def binding_appeared(self, call: Call, binding: Binding) -> None:
         call.resume(binding)
 
 
@@ -97,7 +98,7 @@ class Forking(_Ringing):
 
     name = "forking"
 
-    def binding_appeared(self, call: Call, binding: Any) -> None:
+    def binding_appeared(self, call: Call, binding: Binding) -> None:
         call.fork(binding)
 
     def provisional(self, call: Call, branch: BLeg, response: Response, reliable: bool) -> None:
