@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-from twisted.logger import globalLogPublisher
 
 from libon_tsilo.b2bua.admission import CallerSources
 from libon_tsilo.b2bua.manager import CallManager, CallSettings
@@ -30,13 +28,6 @@ def invite_from(env: Env, call_id: str, host: str = "10.0.0.1", ruri: str = "sip
     env.mgr.handle_invite(req, stx, flow(fid=f"tcp:{host}#1", remote=(host, 5070)))
     return stx
 
-
-@pytest.fixture
-def logged() -> Any:
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def test_unanswered_calls_per_source_get_503_over_the_limit(logged: list[dict[str, Any]]) -> None:

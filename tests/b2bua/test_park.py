@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-from twisted.logger import globalLogPublisher
 
 from libon_tsilo.b2bua.forking import REASON_ANSWERED
 from libon_tsilo.b2bua.waker import LoggingWaker, WakeResult
@@ -207,13 +205,6 @@ def test_states_take_events_through_explicit_methods() -> None:
     assert len(env.port.invites()) == 2
     assert not hasattr(CallState, "handle")  # no string dispatch left to hide the route
 
-
-@pytest.fixture
-def logged() -> Any:
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def test_a_bug_in_a_state_method_ends_the_call_with_one_500(logged: list[dict[str, Any]]) -> None:
