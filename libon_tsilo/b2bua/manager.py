@@ -18,7 +18,7 @@ Before a call is stored (limits against INVITE floods, [limits] in the config):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -30,7 +30,7 @@ from libon_tsilo.b2bua.call import Call
 from libon_tsilo.b2bua.capabilities import DEFAULT_ALLOWLIST
 from libon_tsilo.b2bua.identity import UNTRUSTED, CallerTrust
 from libon_tsilo.b2bua.legs import ALeg, BLeg
-from libon_tsilo.b2bua.ports import SipPort, hop_of_flow
+from libon_tsilo.b2bua.ports import ServerHandle, SipPort, hop_of_flow
 from libon_tsilo.b2bua.states import Parked
 from libon_tsilo.b2bua.waker import LoggingWaker, Waker
 from libon_tsilo import logflags
@@ -38,7 +38,13 @@ from libon_tsilo.ratelimit import ThrottledLog
 from libon_tsilo.registrar.registrar import aor_key as registrar_aor_key
 from libon_tsilo.silo.silo import Silo
 from libon_tsilo.sip.errors import ParseError
-from libon_tsilo.sip.message import Request, Response, make_response, log_call_id
+from libon_tsilo.sip.message import Request, Response, log_call_id, make_response
+from libon_tsilo.sip.uri import URI
+
+if TYPE_CHECKING:
+    from twisted.python.failure import Failure
+
+    from libon_tsilo.registrar.binding import Binding
 
 __all__ = ["CallManager", "CallSettings", "default_aor_key", "authorizer_from_policy"]
 
@@ -76,12 +82,12 @@ class CallSettings:
         )
 
 
-def default_aor_key(uri: Any, use_domain: bool) -> str:
+def default_aor_key(uri: URI, use_domain: bool) -> str:
     """The registrar's own key function: silo keys and location keys must be built the same way."""
     return registrar_aor_key(uri, use_domain)
 
 
-def _allow_all(request: Request, stx: Any, flow: Any) -> bool:
+def _allow_all(request: Request, stx: ServerHandle, flow: Any) -> bool:
     return True
 
 
@@ -89,7 +95,7 @@ def authorizer_from_policy(policy: Any) -> Callable[[Request, Any, Any], CallerT
     """The `authorize` hook over the registrar's AuthPolicy: its 407 (or 403) goes out as is; a
     pass says how far the caller is trusted (b2bua/identity.py)."""
 
-    def authorize(request: Request, stx: Any, flow: Any) -> CallerTrust | bool:
+    def authorize(request: Request, stx: ServerHandle, flow: Any) -> CallerTrust | bool:
         result = policy.check(request, flow, "invite")
         if result.response is None:
             return CallerTrust(getattr(result, "trusted", False), getattr(result, "identity", None))
@@ -144,10 +150,10 @@ class CallManager:
 
     # -- tables --------------------------------------------------------------------------------
 
-    def register_leg(self, call: Call, leg: Any) -> None:
+    def register_leg(self, call: Call, leg: ALeg | BLeg) -> None:
         self.dialogs[leg.dialog.key] = (call, leg)
 
-    def unregister_leg(self, leg: Any) -> None:
+    def unregister_leg(self, leg: ALeg | BLeg) -> None:
         found = self.dialogs.get(leg.dialog.key)
         if found is not None and found[1] is leg:
             del self.dialogs[leg.dialog.key]
@@ -180,7 +186,7 @@ class CallManager:
         if self.sources is not None:
             self.sources.release(call.call_id)
 
-    def invite_cancel_wanted(self, binding: Any) -> bool:
+    def invite_cancel_wanted(self, binding: Binding) -> bool:
         # the waker may know better (its [push] cancelled_ios_call may send a missed-call push instead)
         wanted = getattr(self.waker, "invite_cancel_wanted", None)
         if wanted is not None:
@@ -189,7 +195,7 @@ class CallManager:
 
     # -- entry points --------------------------------------------------------------------------
 
-    def request_received(self, request: Request, stx: Any, flow: Any) -> None:
+    def request_received(self, request: Request, stx: ServerHandle, flow: Any) -> None:
         """Convenience router for a TU: INVITE, ACK and in-dialog requests to the right handler."""
         if stx is None:
             self.handle_ack(request, flow)
@@ -201,13 +207,13 @@ class CallManager:
     # No catch-all here: an exception (a bug, or a ParseError from a malformed header) goes to the
     # transaction layer's guard, which logs it with the Call-ID and answers 500 (or 400) once.
 
-    def handle_invite(self, request: Request, stx: Any, flow: Any) -> None:
+    def handle_invite(self, request: Request, stx: ServerHandle, flow: Any) -> None:
         if request.to.tag:
             self.handle_in_dialog(request, stx, flow)
             return
         self._invite(request, stx, flow)
 
-    def _invite(self, request: Request, stx: Any, flow: Any) -> None:
+    def _invite(self, request: Request, stx: ServerHandle, flow: Any) -> None:
         if self.shutting_down:
             self._reject(stx, request, 503, "Service Unavailable")
             return
@@ -237,12 +243,15 @@ class CallManager:
         else:
             self._authorized(decision, request, stx, flow)
 
-    def _reachable(self, request: Request, stx: Any, uri: Any) -> bool:
+    def _reachable(self, request: Request, stx: ServerHandle, uri: URI) -> bool:
         """False (answered 404 or 480) for a user with no binding who is unknown or cannot be woken."""
         if self.location is None or self.location.lookup(self.aor_key(uri, self.settings.use_domain)):
             return True
+        checker = self.user_exists
+        if checker is None:
+            return True
         try:
-            known = self.user_exists(uri.user)  # type: ignore[misc]
+            known = checker(uri.user or "")  # no user part: no such user
         except Exception:
             log.failure("users database lookup failed", call_id=log_call_id(request))
             return True
@@ -255,11 +264,11 @@ class CallManager:
             return False
         return True
 
-    def _auth_failed(self, failure: Any, request: Request, stx: Any) -> None:
+    def _auth_failed(self, failure: Failure, request: Request, stx: ServerHandle) -> None:
         log.failure("authorization failed", failure, call_id=log_call_id(request))
         self._reply(stx, request, 500, "Server Internal Error")
 
-    def _authorized(self, ok: bool | CallerTrust, request: Request, stx: Any, flow: Any) -> None:
+    def _authorized(self, ok: bool | CallerTrust, request: Request, stx: ServerHandle, flow: Any) -> None:
         if not ok:
             return
         if request.call_id in self.calls:
@@ -293,12 +302,15 @@ class CallManager:
                      n=len(bindings), call_id=call.call_id)
         call.start(bindings)
 
-    def place_call(self, request: Request, stx: Any, flow: Any, trust: CallerTrust) -> None:
+    def place_call(self, request: Request, stx: ServerHandle, flow: Any, trust: CallerTrust) -> None:
         """A call the B2BUA originates itself (a transfer: b2bua/transfer.py), already authorized:
         from here on it takes the path of every INVITE (park, push, fork); `stx` gets the answers."""
         self._authorized(trust, request, stx, flow)
 
-    def handle_cancel(self, cancel: Request, invite_stx: Any, flow: Any, cancel_stx: Any = None) -> None:
+    def handle_cancel(
+        self, cancel: Request, invite_stx: ServerHandle | None, flow: Any,
+        cancel_stx: ServerHandle | None = None,
+    ) -> None:
         """The caller's CANCEL. `cancel_stx` (when the TU has it) gets the 200/481 (§9.2)."""
         try:
             call = self.calls.get(cancel.call_id)
@@ -315,7 +327,7 @@ class CallManager:
         self._reply(cancel_stx, cancel, 200, "OK")
         call.caller_cancel(cancel.header("Reason"))
 
-    def handle_in_dialog(self, request: Request, stx: Any, flow: Any) -> None:
+    def handle_in_dialog(self, request: Request, stx: ServerHandle, flow: Any) -> None:
         found = self.dialogs.get((request.call_id, request.to.tag or ""))
         if found is None:
             self._reply(stx, request, 481, "Call/Transaction Does Not Exist")
@@ -389,13 +401,15 @@ class CallManager:
 
     # -- replies -------------------------------------------------------------------------------
 
-    def _reject(self, stx: Any, request: Request, status: int, reason: str) -> None:
+    def _reject(self, stx: ServerHandle, request: Request, status: int, reason: str) -> None:
         self.counters["rejected"] += 1
         log.info("INVITE rejected {status} {reason}", status=status, reason=reason,
                  call_id=log_call_id(request))
         self._reply(stx, request, status, reason)
 
-    def _refuse(self, stx: Any, request: Request, limit: str, status: int, why: str, **fields: Any) -> None:
+    def _refuse(
+        self, stx: ServerHandle, request: Request, limit: str, status: int, why: str, **fields: Any
+    ) -> None:
         """A call refused before it is stored: counted per limit, logged at most once per 10 s per limit
         (a flood of INVITEs must not become a flood of log lines). A 503 says when to come back."""
         self.counters["rejected"] += 1
@@ -417,7 +431,7 @@ class CallManager:
     def limit_hits(self) -> dict[str, int]:
         return dict(self.limit_counters)
 
-    def _reply(self, stx: Any, request: Request, status: int, reason: str | None) -> None:
+    def _reply(self, stx: ServerHandle | None, request: Request, status: int, reason: str | None) -> None:
         if stx is None or request.method == "ACK":
             return
         try:
