@@ -2,8 +2,8 @@
 
 Modules, one job each:
 - manager.py  CallManager: entry points for the transaction user, the call/dialog/flow tables.
-- call.py     Call: forking, parking (a Deferred), waking, answering, cleanup.
-- states.py   one class per call state (Parked, Forking, Connected, Ended) reacting to events.py.
+- call.py     Call: forking, parking, waking, answering, cleanup.
+- states.py   one class per call state (Parked, Forking, Connected, Ended): one method per event.
 - legs.py     ALeg (UAS side) and BLeg (one device branch); dialog.py: RFC 3261 §12 dialog state.
 - forking.py  RFC 3261 §16.7 response choice (pure).
 - capabilities.py  the Allow and Supported the B2BUA states on each leg (its own, never copied).

@@ -7,14 +7,15 @@ every table, timer and silo entry when the call ends. In-dialog relaying is in r
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from libon_tsilo.b2bua import events as ev
 from libon_tsilo.b2bua import relay, reliable, session_timer
 from libon_tsilo.b2bua.capabilities import ALLOW, OWN_HEADERS, supported
 from libon_tsilo.b2bua.dialog import Dialog
@@ -27,14 +28,13 @@ from libon_tsilo.b2bua.identity import (
     b_leg_identity_headers,
 )
 from libon_tsilo.b2bua.legs import ALeg, BLeg, BranchState
-from libon_tsilo.b2bua.ports import Hop, hop_of_flow
+from libon_tsilo.b2bua.ports import Hop, ServerHandle, hop_of_flow
 from libon_tsilo.b2bua.targets import best_flow, is_outbound, target_key
 from libon_tsilo.b2bua.states import (
     CallState,
     Connected,
     Ended,
     Forking,
-    ParkAborted,
     Parked,
     exhausted_status,
 )
@@ -47,20 +47,18 @@ from libon_tsilo.sip.uri import URI
 from libon_tsilo.util import redact_key, redact_uri
 
 if TYPE_CHECKING:
+    from libon_tsilo.registrar.binding import Binding
     from libon_tsilo.b2bua.manager import CallManager
 
-__all__ = ["Call", "PushFailed", "hop_for_binding"]
+__all__ = ["Call", "hop_for_binding"]
 
 log = Logger()
+_P = ParamSpec("_P")
 
 _DEFAULT_PORT = {"udp": 5060, "tcp": 5060, "tls": 5061}
 
 
-class PushFailed(ParkAborted):
-    """Every wake-up push failed for good: the parked call gave up early."""
-
-
-def hop_for_binding(binding: Any, flow_live: bool) -> Hop | None:
+def hop_for_binding(binding: Binding, flow_live: bool) -> Hop | None:
     """Where a branch to `binding` goes: its flow when live, else its received address, else its Contact."""
     flow_id = binding.flow_id if flow_live else None
     if binding.received:
@@ -105,10 +103,6 @@ def _add_capabilities(msg: Request | Response, session_timers: bool, reliable: b
         msg.add_header("Supported", tags)
 
 
-def _swallow_park_abort(failure: Failure) -> None:
-    failure.trap(ParkAborted, CancelledError)
-
-
 class Call:
     """One INVITE from a caller to a local AOR, from arrival to the last BYE."""
 
@@ -116,13 +110,13 @@ class Call:
     __slots__ = (
         "mgr", "clock", "port", "call_id", "aor", "callee_uri", "caller_uri", "caller_name", "created_at",
         "ring_deadline", "a", "branches", "_by_key", "state", "failures", "winner", "early_media_from",
-        "park_d", "wake_d", "wake_result", "woken", "_waker_used", "_ring_timer", "_late_ack", "offer_busy",
+        "wake_d", "wake_result", "woken", "_waker_used", "_ring_timer", "_late_ack", "offer_busy",
         "pending_acks", "late_reason", "ended", "end_reason", "trust", "timers", "_device_ids",
         "transfer",
     )
 
-    def __init__(self, mgr: CallManager, invite: Request, stx: Any, flow: Any, aor: str, callee_uri: str,
-                 trust: CallerTrust = UNTRUSTED):
+    def __init__(self, mgr: CallManager, invite: Request, stx: ServerHandle, flow: Any, aor: str,
+                 callee_uri: str, trust: CallerTrust = UNTRUSTED):
         self.mgr = mgr
         self.clock = mgr.clock
         self.port = mgr.port
@@ -151,7 +145,6 @@ class Call:
         self.failures: list[int] = []
         self.winner: BLeg | None = None
         self.early_media_from: BLeg | None = None
-        self.park_d: Deferred[Any] | None = None
         self.wake_d: Deferred[Any] | None = None
         self.wake_result: WakeResult | None = None
         self.woken: dict[str, Any] = {}  # pushed devices (by target_key) that have not registered since
@@ -186,13 +179,13 @@ class Call:
             "waiting_for": len(self.woken),
         }
 
-    def device_call_id(self, binding: Any) -> str:
+    def device_call_id(self, binding: Binding) -> str:
         """The Call-ID this device's B-leg carries, decided at the first ask (a push or a fork) and
         kept for the call: the push names it, the INVITE and any CANCEL carry it."""
         ids = self._device_ids
         if ids is None:
             ids = self._device_ids = {}
-        provider, prid = getattr(binding, "pn_provider", None), getattr(binding, "pn_prid", None)
+        provider, prid = binding.pn_provider, binding.pn_prid
         # a woken app may register under another binding identity (a new +sip.instance): its push
         # token is what the push went to
         device = f"pn:{provider}:{prid}" if provider and prid else binding.key
@@ -203,7 +196,7 @@ class Call:
 
     # -- start ---------------------------------------------------------------------------------
 
-    def start(self, bindings: list[Any]) -> None:
+    def start(self, bindings: list[Binding]) -> None:
         """Fork to reachable bindings, wake the others, park if nothing could be sent."""
         self._ring_timer = self.clock.callLater(self.mgr.settings.ring_timeout, self._ring_timeout)
         sleeping = []
@@ -215,7 +208,7 @@ class Call:
             seen.add(key)
             if b.reg_id is not None and b.instance:  # its live flow, if it has one, decides: fork or push
                 b = self._best_flow(b.instance, ()) or b
-            if not getattr(b, "push_capable", False) or (self._flow_live(b) and self._awake(b)):
+            if not b.push_capable or (self._flow_live(b) and self._awake(b)):
                 self.fork(b)
             else:
                 sleeping.append(b)
@@ -228,16 +221,19 @@ class Call:
 
     def _ring_timeout(self) -> None:
         self._ring_timer = None
-        self.dispatch(ev.RingTimeout())
+        self.react(self.state.ring_timeout)
 
-    def dispatch(self, event: ev.Event) -> None:
+    def react(self, handler: Callable[Concatenate[Call, _P], None], *args: _P.args, **kw: _P.kwargs) -> None:
+        """Run a CallState event method (`self.state.answered`...) for this call. Events come from
+        timers, the waker and device responses, not from a request the SIP layer could answer: a bug
+        here must still end the call."""
         try:
-            self.state.handle(self, event)
+            handler(self, *args, **kw)
         except Exception:
-            log.failure("call failed on {event}", event=type(event).__name__, call_id=self.call_id)
+            log.failure("call failed on {event}", event=handler.__name__, call_id=self.call_id)
             # a bug must not leave the caller hanging nor leak the call
             if not self.state.final:
-                self.finish_unanswered(500, "Server Internal Error", None, "internal error", None)
+                self.finish_unanswered(500, "Server Internal Error", None, "internal error")
             else:
                 self.end("internal error")
 
@@ -246,46 +242,29 @@ class Call:
     def can_append(self) -> bool:
         return not self.state.final and not self.ended
 
-    def add_branch(self, binding: Any) -> bool:
+    def add_branch(self, binding: Binding) -> bool:
         before = len(self.branches)
-        self.dispatch(ev.BindingAppeared(binding))
+        self.react(self.state.binding_appeared, binding)
         return len(self.branches) > before
 
     # -- parking -------------------------------------------------------------------------------
 
-    def park(self) -> Deferred[Any]:
-        """Wait for a device: fires with the binding the call resumed to; errbacks with RingTimeout,
-        CallerCancelled or PushFailed; is cancelled if the call ends any other way."""
-        if self.park_d is None:
-            self.park_d = Deferred()
+    def park(self) -> None:
+        """No branch is running: wait in the Parked state for a device (docs/ARCHITECTURE.md,
+        "Suspend and resume")."""
         self.state = Parked()
         self.a.compact()
         if logflags.debug_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs
             log.debug("parked waiting for a device of {aor}", aor=self.aor, call_id=self.call_id)
-        return self.park_d
 
-    def resume(self, binding: Any) -> None:
-        d, self.park_d = self.park_d, None
+    def resume(self, binding: Binding) -> None:
         self.state = Forking()
-        sent = self.fork(binding)
-        if d is not None:
-            d.callback(binding)
-        if not sent:
+        if not self.fork(binding):
             self.check_exhausted()
-
-    def _abort_park(self, error: Exception | None) -> None:
-        d, self.park_d = self.park_d, None
-        if d is None or d.called:
-            return
-        if error is None:
-            d.cancel()
-        else:
-            d.errback(Failure(error))
-        d.addErrback(_swallow_park_abort)
 
     # -- waking --------------------------------------------------------------------------------
 
-    def wake(self, bindings: list[Any]) -> None:
+    def wake(self, bindings: list[Binding]) -> None:
         for b in bindings:
             self.woken[target_key(b)] = b
         self._waker_used = True
@@ -302,7 +281,7 @@ class Call:
         self.wake_result = wake_outcome(result)
         if self.wake_result.all_failed:
             log.info("every push failed: {reason}", reason=self.wake_result.reason, call_id=self.call_id)
-        self.dispatch(ev.WakeDone(self.wake_result))
+        self.react(self.state.wake_done)
 
     def _wake_error(self, failure: Failure) -> None:
         log.failure("waker errback", failure, call_id=self.call_id)
@@ -320,7 +299,7 @@ class Call:
         # like Kamailio's t_suspend: a call that never forked waits for any device to register
         return not self.branches
 
-    def _awake(self, binding: Any) -> bool:
+    def _awake(self, binding: Binding) -> bool:
         """A push-capable binding with a live flow: fork now, or push? The waker may decide (e.g. only
         devices that registered moments ago are awake); without an opinion, a live flow is enough."""
         decide = getattr(self.mgr.waker, "fork_directly", None)
@@ -332,14 +311,14 @@ class Call:
             log.failure("waker.fork_directly failed", call_id=self.call_id)
             return True
 
-    def _flow_live(self, binding: Any) -> bool:
+    def _flow_live(self, binding: Binding) -> bool:
         # the registrar's flag can be stale, the flow table's view can be missing: both must agree
-        return bool(binding.flow_id) and bool(getattr(binding, "flow_live", True)) \
+        return bool(binding.flow_id) and binding.flow_live \
             and self.port.flow_live(binding.flow_id)
 
     # -- forking -------------------------------------------------------------------------------
 
-    def fork(self, binding: Any, tried: tuple[str, ...] = ()) -> bool:
+    def fork(self, binding: Binding, tried: tuple[str, ...] = ()) -> bool:
         """Send a branch INVITE to `binding`. False when it is a duplicate or over the limit.
 
         An RFC 5626 device (instance + reg-id) gets one branch whatever the number of its flows: it
@@ -401,13 +380,13 @@ class Call:
                 # its transaction still runs to timer B; branch_response ignores what it ends with
                 self.branch_response(leg, make_response(leg.invite, 430, "Flow Failed"))
 
-    def _best_flow(self, instance: str, tried: tuple[str, ...]) -> Any | None:
+    def _best_flow(self, instance: str, tried: tuple[str, ...]) -> Binding | None:
         location = self.mgr.location
         if location is None:
             return None
         return best_flow(location.lookup(self.aor), instance, self._flow_usable, tried)
 
-    def _flow_usable(self, binding: Any) -> bool:
+    def _flow_usable(self, binding: Binding) -> bool:
         # a UDP flow is its address pair: it cannot close, only go quiet (the device's STUN keep-alives
         # tell it, not us, when its NAT mapping changed; it then registers again)
         received = binding.received
@@ -421,7 +400,8 @@ class Call:
         if not (resp.status == 430 or getattr(leg.ctx, "failed_locally", False)):
             return False
         tried = leg.tried + (leg.binding.key,)
-        if self._best_flow(leg.binding.instance, tried) is None:
+        instance = leg.binding.instance  # set: is_outbound said so
+        if instance is None or self._best_flow(instance, tried) is None:
             return False
         log.info("flow of {key} failed ({status}): trying the device's next flow",
                  key=redact_key(leg.binding.key), status=resp.status, call_id=self.call_id)
@@ -430,7 +410,7 @@ class Call:
         self.mgr.counters["flow_failovers"] += 1
         return self.fork(leg.binding, tried)
 
-    def _new_branch(self, binding: Any, hop: Hop, flow_id: str | None) -> BLeg:
+    def _new_branch(self, binding: Binding, hop: Hop, flow_id: str | None) -> BLeg:
         a = self.a.invite
         caller_uri, display = b_leg_caller(a.from_, self.trust)
         local = NameAddr(caller_uri, display, {"tag": new_tag()})
@@ -438,7 +418,7 @@ class Call:
         contact = self.port.contact(hop.transport)
         dialog = Dialog(self.device_call_id(binding), local, remote, binding.contact_uri, hop, contact)
         req = Request("INVITE", binding.contact_uri)
-        for route in getattr(binding, "path", None) or []:
+        for route in binding.path:
             req.add_header("Route", route)
         mf = a.max_forwards
         req.add_header("Max-Forwards", str(max(0, min(70, (mf if mf is not None else 70) - 1))))
@@ -468,7 +448,7 @@ class Call:
     def _send_branch(self, leg: BLeg) -> None:
         if logflags.debug_enabled:
             log.debug("fork to {contact}", contact=redact_uri(leg.binding.contact_uri), call_id=self.call_id)
-        leg.ctx = self.port.send_request(leg.invite, leg.hop, lambda r, leg=leg: self.branch_response(leg, r))
+        leg.ctx = self.port.send_request(leg.invite, leg.hop, partial(self.branch_response, leg))
 
     def branch_response(self, leg: BLeg, resp: Response) -> None:
         """Every response of a branch INVITE (from its client transaction or a stray 2xx)."""
@@ -498,13 +478,13 @@ class Call:
             leg.note(resp)
             if leg.state == BranchState.CALLING:
                 leg.state = BranchState.EARLY
-            self.dispatch(ev.Provisional(leg, resp, leg_reliable))
+            self.react(self.state.provisional, leg, resp, leg_reliable)
             return
         leg.note(resp)
         if status < 300:
             leg.state = BranchState.ANSWERED
             leg.dialog.set_remote_from(resp)
-            self.dispatch(ev.Answered(leg, resp))
+            self.react(self.state.answered, leg, resp)
         else:
             if self._fail_over(leg, resp):
                 return
@@ -514,7 +494,7 @@ class Call:
                 resp = make_response(leg.invite, 480, "Temporarily Unavailable")
             leg.state = BranchState.FAILED
             self.mgr.unregister_leg(leg)
-            self.dispatch(ev.Failed(leg, resp))
+            self.react(self.state.failed, leg, resp)
 
     def relay_provisional(self, leg: BLeg, resp: Response, leg_reliable: bool = False) -> None:
         out = make_response(self.a.invite, resp.status, resp.reason, to_tag=self.a.dialog.local_tag)
@@ -534,9 +514,9 @@ class Call:
             if not isinstance(self.state, Parked):
                 self.park()
             return
-        status = exhausted_status(self.failures)
-        error = PushFailed() if self.wake_result is not None and self.wake_result.all_failed else None
-        self.finish_unanswered(status, None, None, "no device can answer", error)
+        why = "every push failed" if self.wake_result is not None and self.wake_result.all_failed \
+            else "no device can answer"
+        self.finish_unanswered(exhausted_status(self.failures), None, None, why)
 
     def cancel_branches(self, reason: str | None, keep: BLeg | None = None) -> None:
         for leg in list(self.branches.values()):
@@ -573,8 +553,7 @@ class Call:
             log.debug("answered by {contact}", contact=redact_uri(leg.binding.contact_uri),
                       call_id=self.call_id)
 
-    def finish_unanswered(self, status: int, reason: str | None, branch_reason: str | None, why: str,
-                          park_error: Exception | None) -> None:
+    def finish_unanswered(self, status: int, reason: str | None, branch_reason: str | None, why: str) -> None:
         """Give the caller a final failure, cancel every branch and end the call."""
         if self.state.final:
             return
@@ -586,17 +565,11 @@ class Call:
         except Exception:
             log.failure("cannot answer {status}", status=status, call_id=self.call_id)
         self.cancel_branches(branch_reason)
-        self._abort_park(park_error)
         self._release_silo()
         self.end(why)
 
     def caller_cancel(self, reason: str | None) -> None:
-        self.dispatch(ev.CallerCancel(reason))
-
-    def ring_timeout_now(self) -> None:
-        """Tests and graceful shutdown: behave as if the ring timer fired."""
-        self._stop_ring_timer()
-        self.dispatch(ev.RingTimeout())
+        self.react(self.state.caller_cancel, reason)
 
     def _no_ack(self) -> None:
         log.warn("caller never ACKed our 2xx: hanging up", call_id=self.call_id)
@@ -630,7 +603,7 @@ class Call:
 
     # -- Invite/Cancel for pushed devices that wake after the end ------------------------------
 
-    def late_binding_after_end(self, binding: Any) -> bool:
+    def late_binding_after_end(self, binding: Binding) -> bool:
         """A pushed device registered after the caller got its answer: send it the INVITE and, at
         once, a CANCEL with the Reason (iOS PushKit must always get a call to report to CallKit)."""
         key = target_key(binding)
@@ -690,7 +663,6 @@ class Call:
             self.timers = None
         self.a.stop_retransmit()
         self.a.stop_provisionals()
-        self._abort_park(None)
         if self.mgr.silo.get(self.call_id) is self:
             self.mgr.silo.remove(self)
         self.wake_d = None

@@ -7,7 +7,9 @@ device would promise features nobody on our side honours.
 
 from __future__ import annotations
 
-__all__ = ["DIALOG_METHODS", "SUPPORTED_OPTION_TAGS", "ALLOW", "OWN_HEADERS", "supported"]
+__all__ = [
+    "DEFAULT_ALLOWLIST", "DIALOG_METHODS", "SUPPORTED_OPTION_TAGS", "ALLOW", "OWN_HEADERS", "supported",
+]
 
 # methods accepted inside a call's dialogs: relay.py relays INFO, MESSAGE and OPTIONS, handles BYE,
 # re-INVITE/UPDATE; out of dialog the UAS core's own Allow applies (sip/uas_core.py)
@@ -33,3 +35,9 @@ def supported(session_timers: bool, reliable: bool = True) -> str:
     return _SUPPORTED[(session_timers, reliable)]
 # never copied from the caller to a branch, whatever [calls] header_allowlist lists: we state our own
 OWN_HEADERS = frozenset({"allow", "supported"})
+# the caller's headers a branch INVITE carries ([calls] header_allowlist's default; ops/config.py
+# takes it from here so the config and CallSettings cannot disagree)
+DEFAULT_ALLOWLIST = (
+    "Subject", "Priority", "Accept", "Accept-Language", "User-Agent", "Alert-Info", "Call-Info",
+    "P-Asserted-Identity",
+)

@@ -55,7 +55,7 @@ def b_leg_identity_headers(
         return (("P-Asserted-Identity", f"<{trust.identity}>"),)
     if not trust.trusted:
         return ()
-    out = []
+    out: list[tuple[str, str]] = []
     for name in allowlist:
         key = canonical_key(name)
         if key in TRUST_DOMAIN_KEYS and key != _NEVER_FORWARDED:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from libon_tsilo.b2bua.dialog import Dialog
-from libon_tsilo.b2bua.ports import ClientHandle, Hop, RetransmitHandle
+from libon_tsilo.b2bua.ports import ClientHandle, Hop, RetransmitHandle, ServerHandle
 from libon_tsilo.sip.message import Request, Response
+
+if TYPE_CHECKING:
+    from libon_tsilo.registrar.binding import Binding
 
 __all__ = ["ALeg", "BLeg", "BranchState"]
 
@@ -17,7 +20,7 @@ class ALeg:
     kind = "A"
     __slots__ = ("invite", "stx", "dialog", "retransmit", "reliable")  # one per call, parked ones included
 
-    def __init__(self, invite: Request, stx: Any, dialog: Dialog) -> None:
+    def __init__(self, invite: Request, stx: ServerHandle, dialog: Dialog) -> None:
         self.invite = invite
         self.stx = stx
         self.dialog = dialog
@@ -65,11 +68,10 @@ class BLeg:
     """One device branch: its INVITE client transaction and, once it answers, its dialog."""
 
     kind = "B"
-    __slots__ = ("binding", "invite", "dialog", "created_at", "state", "ctx", "last_status", "last_reason",
-                 "cancel_reason", "cancelled", "sent_contact", "sent_flow", "acked", "ack_body", "asked_se",
-                 "tried", "rseqs")
+    __slots__ = ("binding", "invite", "dialog", "created_at", "state", "ctx", "last_status", "cancelled",
+                 "sent_contact", "sent_flow", "acked", "ack_body", "asked_se", "tried", "rseqs")
 
-    def __init__(self, binding: Any, invite: Request, dialog: Dialog, created_at: float) -> None:
+    def __init__(self, binding: Binding, invite: Request, dialog: Dialog, created_at: float) -> None:
         self.binding = binding
         self.invite = invite
         self.dialog = dialog
@@ -77,8 +79,6 @@ class BLeg:
         self.state = BranchState.CALLING
         self.ctx: ClientHandle | None = None
         self.last_status: int | None = None
-        self.last_reason: str | None = None
-        self.cancel_reason: str | None = None
         self.cancelled = False
         # what the branch was sent to, frozen: the registrar may update the binding in place
         self.sent_contact: str = binding.contact_uri
@@ -104,7 +104,6 @@ class BLeg:
 
     def note(self, resp: Response) -> None:
         self.last_status = resp.status
-        self.last_reason = resp.reason
 
     def cancel(self, reason: str | None) -> bool:
         """Ask the transaction layer to CANCEL (it waits for a provisional, §9.1). True if asked now."""
@@ -112,7 +111,6 @@ class BLeg:
             return False
         self.state = BranchState.CANCELLING
         self.cancelled = True
-        self.cancel_reason = reason
         self.ctx.cancel([("Reason", reason)] if reason else [])
         return True
 

@@ -18,7 +18,7 @@ Before a call is stored (limits against INVITE floods, [limits] in the config):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -27,9 +27,10 @@ from twisted.logger import Logger
 from libon_tsilo.b2bua import session_timer
 from libon_tsilo.b2bua.admission import CallerSources
 from libon_tsilo.b2bua.call import Call
+from libon_tsilo.b2bua.capabilities import DEFAULT_ALLOWLIST
 from libon_tsilo.b2bua.identity import UNTRUSTED, CallerTrust
-from libon_tsilo.b2bua.legs import BLeg
-from libon_tsilo.b2bua.ports import SipPort, hop_of_flow
+from libon_tsilo.b2bua.legs import ALeg, BLeg
+from libon_tsilo.b2bua.ports import ServerHandle, SipPort, hop_of_flow
 from libon_tsilo.b2bua.states import Parked
 from libon_tsilo.b2bua.waker import LoggingWaker, Waker
 from libon_tsilo import logflags
@@ -37,7 +38,13 @@ from libon_tsilo.ratelimit import ThrottledLog
 from libon_tsilo.registrar.registrar import aor_key as registrar_aor_key
 from libon_tsilo.silo.silo import Silo
 from libon_tsilo.sip.errors import ParseError
-from libon_tsilo.sip.message import Request, Response, make_response
+from libon_tsilo.sip.message import Request, Response, log_call_id, make_response
+from libon_tsilo.sip.uri import URI
+
+if TYPE_CHECKING:
+    from twisted.python.failure import Failure
+
+    from libon_tsilo.registrar.binding import Binding
 
 __all__ = ["CallManager", "CallSettings", "default_aor_key", "authorizer_from_policy"]
 
@@ -45,37 +52,29 @@ log = Logger()
 
 _REASONS = {404: "Not Found", 480: "Temporarily Unavailable", 503: "Service Unavailable"}
 
-DEFAULT_ALLOWLIST = (
-    "Subject", "Priority", "Accept", "Accept-Language", "User-Agent", "Alert-Info", "Call-Info",
-    "P-Asserted-Identity",
-)
-
-
 @dataclass(frozen=True)
 class CallSettings:
     ring_timeout: float = 30.0
     max_branches: int = 12
     header_allowlist: tuple[str, ...] = DEFAULT_ALLOWLIST
     # seconds an answered/cancelled call keeps listening for pushed iOS devices (Invite/Cancel);
-    # 0 turns it off
-    invite_cancel_grace: float = 0.0
+    # 0 turns it off. The defaults are [calls]'s (tests/b2bua/test_call_manager.py checks they agree)
+    invite_cancel_grace: float = 30.0
     use_domain: bool = True
     invite_cancel_providers: tuple[str, ...] = field(default=("apns",))
     # RFC 4028 (b2bua/session_timer.py): 0 turns session timers off; max_call_duration 0 = no limit
     session_expires: int = 1800
     min_se: int = 90
-    max_call_duration: float = 0.0
+    max_call_duration: float = 14_400.0
 
     @classmethod
-    def from_config(
-        cls, calls: Any, use_domain: bool = True, invite_cancel_grace: float = 0.0
-    ) -> CallSettings:
+    def from_config(cls, calls: Any, use_domain: bool = True) -> CallSettings:
         """From ops' CallsConfig ([calls]) and the registrar's use_domain."""
         return cls(
             ring_timeout=float(calls.ring_timeout),
             max_branches=int(calls.max_branches),
             header_allowlist=tuple(calls.header_allowlist),
-            invite_cancel_grace=float(getattr(calls, "invite_cancel_grace", invite_cancel_grace)),
+            invite_cancel_grace=float(calls.invite_cancel_grace),
             use_domain=use_domain,
             session_expires=int(calls.session_expires),
             min_se=int(calls.min_se),
@@ -83,12 +82,12 @@ class CallSettings:
         )
 
 
-def default_aor_key(uri: Any, use_domain: bool) -> str:
+def default_aor_key(uri: URI, use_domain: bool) -> str:
     """The registrar's own key function: silo keys and location keys must be built the same way."""
     return registrar_aor_key(uri, use_domain)
 
 
-def _allow_all(request: Request, stx: Any, flow: Any) -> bool:
+def _allow_all(request: Request, stx: ServerHandle, flow: Any) -> bool:
     return True
 
 
@@ -96,7 +95,7 @@ def authorizer_from_policy(policy: Any) -> Callable[[Request, Any, Any], CallerT
     """The `authorize` hook over the registrar's AuthPolicy: its 407 (or 403) goes out as is; a
     pass says how far the caller is trusted (b2bua/identity.py)."""
 
-    def authorize(request: Request, stx: Any, flow: Any) -> CallerTrust | bool:
+    def authorize(request: Request, stx: ServerHandle, flow: Any) -> CallerTrust | bool:
         result = policy.check(request, flow, "invite")
         if result.response is None:
             return CallerTrust(getattr(result, "trusted", False), getattr(result, "identity", None))
@@ -151,10 +150,10 @@ class CallManager:
 
     # -- tables --------------------------------------------------------------------------------
 
-    def register_leg(self, call: Call, leg: Any) -> None:
+    def register_leg(self, call: Call, leg: ALeg | BLeg) -> None:
         self.dialogs[leg.dialog.key] = (call, leg)
 
-    def unregister_leg(self, leg: Any) -> None:
+    def unregister_leg(self, leg: ALeg | BLeg) -> None:
         found = self.dialogs.get(leg.dialog.key)
         if found is not None and found[1] is leg:
             del self.dialogs[leg.dialog.key]
@@ -173,10 +172,11 @@ class CallManager:
             self.unregister_leg(leg)
         if not self.flows:
             return
-        for leg in (call.a, call.winner, *call.branches.values()):  # branches: see Call.branch_flow_lost
-            fid = leg.hop.flow_id if leg is not None else None
+        legs: tuple[ALeg | BLeg | None, ...] = (call.a, call.winner, *call.branches.values())
+        for held in legs:  # branches: see Call.branch_flow_lost
+            fid = held.hop.flow_id if held is not None else None
             ids = self.flows.get(fid) if fid is not None else None
-            if ids is not None:
+            if fid is not None and ids is not None:
                 ids.discard(call.call_id)
                 if not ids:
                     del self.flows[fid]
@@ -186,7 +186,7 @@ class CallManager:
         if self.sources is not None:
             self.sources.release(call.call_id)
 
-    def invite_cancel_wanted(self, binding: Any) -> bool:
+    def invite_cancel_wanted(self, binding: Binding) -> bool:
         # the waker may know better (its [push] cancelled_ios_call may send a missed-call push instead)
         wanted = getattr(self.waker, "invite_cancel_wanted", None)
         if wanted is not None:
@@ -195,7 +195,7 @@ class CallManager:
 
     # -- entry points --------------------------------------------------------------------------
 
-    def request_received(self, request: Request, stx: Any, flow: Any) -> None:
+    def request_received(self, request: Request, stx: ServerHandle, flow: Any) -> None:
         """Convenience router for a TU: INVITE, ACK and in-dialog requests to the right handler."""
         if stx is None:
             self.handle_ack(request, flow)
@@ -204,19 +204,16 @@ class CallManager:
         else:
             self.handle_in_dialog(request, stx, flow)
 
-    def handle_invite(self, request: Request, stx: Any, flow: Any) -> None:
-        try:
-            if request.to.tag:
-                self.handle_in_dialog(request, stx, flow)
-                return
-            self._invite(request, stx, flow)
-        except ParseError as exc:
-            self._reply(stx, request, 400, exc.reason)
-        except Exception:
-            log.failure("INVITE handling failed", call_id=_call_id(request))
-            self._reply(stx, request, 500, "Server Internal Error")
+    # No catch-all here: an exception (a bug, or a ParseError from a malformed header) goes to the
+    # transaction layer's guard, which logs it with the Call-ID and answers 500 (or 400) once.
 
-    def _invite(self, request: Request, stx: Any, flow: Any) -> None:
+    def handle_invite(self, request: Request, stx: ServerHandle, flow: Any) -> None:
+        if request.to.tag:
+            self.handle_in_dialog(request, stx, flow)
+            return
+        self._invite(request, stx, flow)
+
+    def _invite(self, request: Request, stx: ServerHandle, flow: Any) -> None:
         if self.shutting_down:
             self._reject(stx, request, 503, "Service Unavailable")
             return
@@ -246,14 +243,17 @@ class CallManager:
         else:
             self._authorized(decision, request, stx, flow)
 
-    def _reachable(self, request: Request, stx: Any, uri: Any) -> bool:
+    def _reachable(self, request: Request, stx: ServerHandle, uri: URI) -> bool:
         """False (answered 404 or 480) for a user with no binding who is unknown or cannot be woken."""
         if self.location is None or self.location.lookup(self.aor_key(uri, self.settings.use_domain)):
             return True
+        checker = self.user_exists
+        if checker is None:
+            return True
         try:
-            known = self.user_exists(uri.user)  # type: ignore[misc]
+            known = checker(uri.user or "")  # no user part: no such user
         except Exception:
-            log.failure("users database lookup failed", call_id=_call_id(request))
+            log.failure("users database lookup failed", call_id=log_call_id(request))
             return True
         if not known:
             self._refuse(stx, request, "unknown_user", 404, "no such user {user}", user=uri.user)
@@ -264,11 +264,11 @@ class CallManager:
             return False
         return True
 
-    def _auth_failed(self, failure: Any, request: Request, stx: Any) -> None:
-        log.failure("authorization failed", failure, call_id=_call_id(request))
+    def _auth_failed(self, failure: Failure, request: Request, stx: ServerHandle) -> None:
+        log.failure("authorization failed", failure, call_id=log_call_id(request))
         self._reply(stx, request, 500, "Server Internal Error")
 
-    def _authorized(self, ok: bool, request: Request, stx: Any, flow: Any) -> None:
+    def _authorized(self, ok: bool | CallerTrust, request: Request, stx: ServerHandle, flow: Any) -> None:
         if not ok:
             return
         if request.call_id in self.calls:
@@ -302,12 +302,15 @@ class CallManager:
                      n=len(bindings), call_id=call.call_id)
         call.start(bindings)
 
-    def place_call(self, request: Request, stx: Any, flow: Any, trust: CallerTrust) -> None:
+    def place_call(self, request: Request, stx: ServerHandle, flow: Any, trust: CallerTrust) -> None:
         """A call the B2BUA originates itself (a transfer: b2bua/transfer.py), already authorized:
         from here on it takes the path of every INVITE (park, push, fork); `stx` gets the answers."""
         self._authorized(trust, request, stx, flow)
 
-    def handle_cancel(self, cancel: Request, invite_stx: Any, flow: Any, cancel_stx: Any = None) -> None:
+    def handle_cancel(
+        self, cancel: Request, invite_stx: ServerHandle | None, flow: Any,
+        cancel_stx: ServerHandle | None = None,
+    ) -> None:
         """The caller's CANCEL. `cancel_stx` (when the TU has it) gets the 200/481 (§9.2)."""
         try:
             call = self.calls.get(cancel.call_id)
@@ -324,42 +327,30 @@ class CallManager:
         self._reply(cancel_stx, cancel, 200, "OK")
         call.caller_cancel(cancel.header("Reason"))
 
-    def handle_in_dialog(self, request: Request, stx: Any, flow: Any) -> None:
-        try:
-            found = self.dialogs.get((request.call_id, request.to.tag or ""))
-            if found is None:
-                self._reply(stx, request, 481, "Call/Transaction Does Not Exist")
-                return
-            call, leg = found
-            call.in_dialog(leg, request, stx)
-        except ParseError as exc:
-            self._reply(stx, request, 400, exc.reason)
-        except Exception:
-            log.failure("in-dialog {method} failed", method=request.method, call_id=_call_id(request))
-            self._reply(stx, request, 500, "Server Internal Error")
+    def handle_in_dialog(self, request: Request, stx: ServerHandle, flow: Any) -> None:
+        found = self.dialogs.get((request.call_id, request.to.tag or ""))
+        if found is None:
+            self._reply(stx, request, 481, "Call/Transaction Does Not Exist")
+            return
+        call, leg = found
+        call.in_dialog(leg, request, stx)
 
     def handle_ack(self, request: Request, flow: Any) -> None:
-        try:
-            found = self.dialogs.get((request.call_id, request.to.tag or ""))
-            if found is None:
-                log.debug("ACK for no dialog dropped", call_id=_call_id(request))
-                return
-            call, leg = found
-            call.ack_in_dialog(leg, request)
-        except Exception:
-            log.failure("ACK handling failed", call_id=_call_id(request))
+        found = self.dialogs.get((request.call_id, request.to.tag or ""))
+        if found is None:
+            log.debug("ACK for no dialog dropped", call_id=log_call_id(request))
+            return
+        call, leg = found
+        call.ack_in_dialog(leg, request)
 
     def stray_response(self, resp: Response, flow: Any) -> None:
         """A 2xx to one of our INVITEs after its transaction ended: ACK it, and BYE it if unwanted."""
-        try:
-            found = self.dialogs.get((resp.call_id, resp.from_.tag or ""))
-            if found is not None and isinstance(found[1], BLeg):
-                found[0].branch_response(found[1], resp)
-                return
-            if 200 <= resp.status < 300:
-                self._ack_and_bye_unknown(resp, flow)
-        except Exception:
-            log.failure("stray response handling failed", call_id=_call_id(resp))
+        found = self.dialogs.get((resp.call_id, resp.from_.tag or ""))
+        if found is not None and isinstance(found[1], BLeg):
+            found[0].branch_response(found[1], resp)
+            return
+        if 200 <= resp.status < 300:
+            self._ack_and_bye_unknown(resp, flow)
 
     def _ack_and_bye_unknown(self, resp: Response, flow: Any) -> None:
         contacts = resp.contacts
@@ -391,7 +382,7 @@ class CallManager:
         self.shutting_down = True
         parked = [c for c in self.calls.values() if isinstance(c.state, Parked)]
         for call in parked:
-            call.finish_unanswered(code, None, None, "shutdown", None)
+            call.finish_unanswered(code, None, None, "shutdown")
         return len(parked)
 
     # -- inspection ----------------------------------------------------------------------------
@@ -410,19 +401,22 @@ class CallManager:
 
     # -- replies -------------------------------------------------------------------------------
 
-    def _reject(self, stx: Any, request: Request, status: int, reason: str) -> None:
+    def _reject(self, stx: ServerHandle, request: Request, status: int, reason: str) -> None:
         self.counters["rejected"] += 1
-        log.info("INVITE rejected {status} {reason}", status=status, reason=reason, call_id=_call_id(request))
+        log.info("INVITE rejected {status} {reason}", status=status, reason=reason,
+                 call_id=log_call_id(request))
         self._reply(stx, request, status, reason)
 
-    def _refuse(self, stx: Any, request: Request, limit: str, status: int, why: str, **fields: Any) -> None:
+    def _refuse(
+        self, stx: ServerHandle, request: Request, limit: str, status: int, why: str, **fields: Any
+    ) -> None:
         """A call refused before it is stored: counted per limit, logged at most once per 10 s per limit
         (a flood of INVITEs must not become a flood of log lines). A 503 says when to come back."""
         self.counters["rejected"] += 1
         self.limit_counters[limit] += 1
         self._limit_logs[limit].emit(
             log.warn if status == 503 else log.info, "INVITE refused {status} ({limit}): " + why,
-            status=status, limit=limit, call_id=_call_id(request), **fields,
+            status=status, limit=limit, call_id=log_call_id(request), **fields,
         )
         if stx is None:
             return
@@ -432,22 +426,15 @@ class CallManager:
                 resp.add_header("Retry-After", str(max(1, int(self.settings.ring_timeout))))
             self.port.respond(stx, resp)
         except Exception:
-            log.failure("cannot send {status}", status=status, call_id=_call_id(request))
+            log.failure("cannot send {status}", status=status, call_id=log_call_id(request))
 
     def limit_hits(self) -> dict[str, int]:
         return dict(self.limit_counters)
 
-    def _reply(self, stx: Any, request: Request, status: int, reason: str | None) -> None:
+    def _reply(self, stx: ServerHandle | None, request: Request, status: int, reason: str | None) -> None:
         if stx is None or request.method == "ACK":
             return
         try:
             self.port.respond(stx, make_response(request, status, reason))
         except Exception:
-            log.failure("cannot send {status}", status=status, call_id=_call_id(request))
-
-
-def _call_id(msg: Any) -> str | None:
-    try:
-        return msg.call_id
-    except Exception:
-        return None
+            log.failure("cannot send {status}", status=status, call_id=log_call_id(request))

@@ -9,13 +9,18 @@ to the address the device was last seen at.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from twisted.internet.interfaces import IReactorTime
 
 from libon_tsilo.sip.message import Request, Response, new_branch
 
-__all__ = ["Hop", "SipPort", "ClientHandle", "RetransmitHandle", "TransactionPort", "hop_of_flow"]
+if TYPE_CHECKING:
+    from libon_tsilo.sip.transaction import TransactionLayer
+
+__all__ = [
+    "Hop", "SipPort", "ClientHandle", "RetransmitHandle", "ServerHandle", "TransactionPort", "hop_of_flow",
+]
 
 
 @dataclass(frozen=True, slots=True)  # one per leg: slots spare each its attribute dict
@@ -39,6 +44,13 @@ class ClientHandle(Protocol):
         """The call ended: stop calling back (a later 2xx is the stack's stray 2xx)."""
 
 
+class ServerHandle(Protocol):
+    """What a call answers its caller's INVITE through: the real ServerTransaction, or
+    transfer.py's stand-in for the INVITE the B2BUA places itself."""
+
+    def respond(self, resp: Response) -> None: ...
+
+
 class RetransmitHandle(Protocol):
     def stop(self) -> None: ...
 
@@ -50,9 +62,11 @@ class SipPort(Protocol):
     def send_ack(self, ack: Request, hop: Hop) -> None:
         """ACK for a 2xx: no transaction (RFC 3261 §13.2.2.4); our Via is stamped here too."""
 
-    def respond(self, stx: Any, resp: Response) -> None: ...
+    def respond(self, stx: ServerHandle, resp: Response) -> None: ...
 
-    def respond_2xx(self, stx: Any, resp: Response, on_give_up: Callable[[], Any]) -> RetransmitHandle:
+    def respond_2xx(
+        self, stx: ServerHandle, resp: Response, on_give_up: Callable[[], Any]
+    ) -> RetransmitHandle:
         """Send a 2xx to INVITE and keep retransmitting it until stop() (the ACK came) or 64*T1."""
 
     def contact(self, transport: str) -> str:
@@ -64,7 +78,7 @@ class SipPort(Protocol):
 class TransactionPort:
     """SipPort over the real `TransactionLayer` (and its transport, for ACKs and our address)."""
 
-    def __init__(self, layer: Any, clock: IReactorTime, user: str = "b2bua") -> None:
+    def __init__(self, layer: TransactionLayer, clock: IReactorTime, user: str = "b2bua") -> None:
         self.layer = layer
         self.clock = clock
         self.user = user
@@ -102,10 +116,12 @@ class TransactionPort:
         self._stamp_via(ack, hop)
         self.transport.send_request(ack, self._target(hop), self._flow(hop))
 
-    def respond(self, stx: Any, resp: Response) -> None:
+    def respond(self, stx: ServerHandle, resp: Response) -> None:
         stx.respond(resp)
 
-    def respond_2xx(self, stx: Any, resp: Response, on_give_up: Callable[[], Any]) -> RetransmitHandle:
+    def respond_2xx(
+        self, stx: ServerHandle, resp: Response, on_give_up: Callable[[], Any]
+    ) -> RetransmitHandle:
         from libon_tsilo.sip.timers import TwoXXRetransmitter
 
         stx.respond(resp)

@@ -223,7 +223,7 @@ def flow_lost(call: Call, flow_id: str) -> None:
         return
     if not call.state.final:
         if call.a.hop.flow_id == flow_id:
-            call.finish_unanswered(487, "Request Terminated", None, "caller's connection closed", None)
+            call.finish_unanswered(487, "Request Terminated", None, "caller's connection closed")
         else:
             call.branch_flow_lost(flow_id)
         return

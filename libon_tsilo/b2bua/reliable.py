@@ -173,7 +173,7 @@ class CallerReliability:
         status = self.unacked[1].status if self.unacked else 0
         log.warn("caller never PRACKed our reliable {status}", status=status, call_id=self.call.call_id)
         self.stop()
-        self.call.finish_unanswered(500, "Provisional Response Not Acknowledged", None, "no PRACK", None)
+        self.call.finish_unanswered(500, "Provisional Response Not Acknowledged", None, "no PRACK")
 
     def prack(self, rseq: int, cseq: int, method: str) -> bool:
         """The caller's PRACK: True when it acknowledges our outstanding reliable 18x."""

@@ -1,14 +1,13 @@
-"""Call states, one small class each (after Sippy's UaState*): each reacts to the typed events
-that make sense in it and ignores the rest. The mechanics (sending, cancelling, cleaning up)
+"""Call states, one small class each (after Sippy's UaState*): each overrides the event methods
+of CallState that make sense in it and ignores the rest. The mechanics (sending, cancelling, cleaning up)
 live on the Call; a state only decides."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
-from libon_tsilo.b2bua import events as ev
 from libon_tsilo import logflags
 from libon_tsilo.b2bua.forking import (
     REASON_RING_TIMEOUT,
@@ -19,7 +18,10 @@ from libon_tsilo.b2bua.forking import (
 )
 
 if TYPE_CHECKING:
+    from libon_tsilo.registrar.binding import Binding
     from libon_tsilo.b2bua.call import Call
+    from libon_tsilo.b2bua.legs import BLeg
+    from libon_tsilo.sip.message import Response
 
 __all__ = ["CallState", "Parked", "Forking", "Connected", "Ended"]
 
@@ -27,35 +29,58 @@ log = Logger()
 
 
 class CallState:
+    """What a call does with each thing that can happen to it: one method per event, so a reader
+    (and a type checker) follows a REGISTER from the silo through Call.add_branch into
+    `binding_appeared` of the state the call is in. A state overrides the events that mean
+    something in it; the others are ignored here."""
+
     name = "?"
     final = False  # the caller has its final response (no more branches may be added)
 
-    def handle(self, call: Call, event: ev.Event) -> Any:
-        method = getattr(self, "on_" + type(event).__name__, None)
-        if method is None:
-            if logflags.debug_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs
-                log.debug("{state}: {event} ignored", state=self.name, event=type(event).__name__,
-                          call_id=call.call_id)
-            return None
-        return method(call, event)
+    def _ignored(self, call: Call, event: str) -> None:
+        if logflags.debug_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs
+            log.debug("{state}: {event} ignored", state=self.name, event=event, call_id=call.call_id)
 
-    # a 2xx can race any teardown: the device is in a call nobody will take, so ACK and BYE it
-    def on_Answered(self, call: Call, e: ev.Answered) -> None:
-        call.ack_and_bye(e.branch, e.response)
+    def binding_appeared(self, call: Call, binding: Binding) -> None:
+        """A device of the callee registered (the silo's late fork)."""
+        self._ignored(call, "binding_appeared")
+
+    def provisional(self, call: Call, branch: BLeg, response: Response, reliable: bool) -> None:
+        """A device sent a 1xx (`reliable`: with 100rel, RFC 3262)."""
+        self._ignored(call, "provisional")
+
+    def answered(self, call: Call, branch: BLeg, response: Response) -> None:
+        """A device sent a 2xx. It can race any teardown: the device is in a call nobody will take,
+        so ACK and BYE it."""
+        call.ack_and_bye(branch, response)
+
+    def failed(self, call: Call, branch: BLeg, response: Response) -> None:
+        """A branch ended with a final failure."""
+        self._ignored(call, "failed")
+
+    def caller_cancel(self, call: Call, reason: str | None) -> None:
+        """The caller CANCELled (`reason`: its Reason header, passed on to the branches)."""
+        self._ignored(call, "caller_cancel")
+
+    def ring_timeout(self, call: Call) -> None:
+        self._ignored(call, "ring_timeout")
+
+    def wake_done(self, call: Call) -> None:
+        """The waker's pushes settled (call.wake_result says how)."""
+        self._ignored(call, "wake_done")
 
 
 class _Ringing(CallState):
     """Shared by Parked and Forking: the caller is still waiting for a final response."""
 
-    def on_CallerCancel(self, call: Call, e: ev.CallerCancel) -> None:
-        call.finish_unanswered(487, "Request Terminated", branch_reason=e.reason, why="caller cancelled",
-                               park_error=CallerCancelled())
+    def caller_cancel(self, call: Call, reason: str | None) -> None:
+        call.finish_unanswered(487, "Request Terminated", branch_reason=reason, why="caller cancelled")
 
-    def on_RingTimeout(self, call: Call, e: ev.RingTimeout) -> None:
+    def ring_timeout(self, call: Call) -> None:
         call.finish_unanswered(480, "Temporarily Unavailable", branch_reason=REASON_RING_TIMEOUT,
-                               why="ring timeout", park_error=RingTimeout())
+                               why="ring timeout")
 
-    def on_WakeDone(self, call: Call, e: ev.WakeDone) -> None:
+    def wake_done(self, call: Call) -> None:
         call.check_exhausted()
 
 
@@ -64,8 +89,8 @@ class Parked(_Ringing):
 
     name = "parked"
 
-    def on_BindingAppeared(self, call: Call, e: ev.BindingAppeared) -> None:
-        call.resume(e.binding)
+    def binding_appeared(self, call: Call, binding: Binding) -> None:
+        call.resume(binding)
 
 
 class Forking(_Ringing):
@@ -73,24 +98,24 @@ class Forking(_Ringing):
 
     name = "forking"
 
-    def on_BindingAppeared(self, call: Call, e: ev.BindingAppeared) -> None:
-        call.fork(e.binding)
+    def binding_appeared(self, call: Call, binding: Binding) -> None:
+        call.fork(binding)
 
-    def on_Provisional(self, call: Call, e: ev.Provisional) -> None:
-        call.relay_provisional(e.branch, e.response, e.reliable)
+    def provisional(self, call: Call, branch: BLeg, response: Response, reliable: bool) -> None:
+        call.relay_provisional(branch, response, reliable)
 
-    def on_Answered(self, call: Call, e: ev.Answered) -> None:
-        call.connect(e.branch, e.response)
+    def answered(self, call: Call, branch: BLeg, response: Response) -> None:
+        call.connect(branch, response)
 
-    def on_Failed(self, call: Call, e: ev.Failed) -> None:
-        status = e.response.status
-        if not e.branch.cancelled:
+    def failed(self, call: Call, branch: BLeg, response: Response) -> None:
+        status = response.status
+        if not branch.cancelled:
             # a 487 to our own CANCEL (a reconnected device) says nothing about the callee
             call.failures.append(status)
         if is_global_failure(status):
             # §16.7 step 5: a 6xx ends the fork at once
-            call.finish_unanswered(status, e.response.reason, reason_for(status, e.response.reason),
-                                   why=f"{status} from a device", park_error=None)
+            call.finish_unanswered(status, response.reason, reason_for(status, response.reason),
+                                   why=f"{status} from a device")
             return
         call.check_exhausted()
 
@@ -105,18 +130,6 @@ class Connected(CallState):
 class Ended(CallState):
     name = "ended"
     final = True
-
-
-class ParkAborted(Exception):
-    """Base of the errbacks of a parked call's Deferred."""
-
-
-class RingTimeout(ParkAborted):
-    pass
-
-
-class CallerCancelled(ParkAborted):
-    pass
 
 
 def exhausted_status(failures: list[int]) -> int:

@@ -9,25 +9,28 @@ instance is its own target.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from libon_tsilo.registrar.binding import Binding
 
 __all__ = ["target_key", "best_flow", "is_outbound"]
 
 
-def target_key(binding: Any) -> str:
+def target_key(binding: Binding) -> str:
     """The identity of the callee a binding reaches: its instance, else its own binding key."""
     instance = binding.instance
     return f"instance:{instance}" if instance else binding.key
 
 
-def is_outbound(binding: Any) -> bool:
+def is_outbound(binding: Binding) -> bool:
     """Registered with RFC 5626 outbound (an instance and a reg-id): reachable over its flow only."""
     return bool(binding.instance) and binding.reg_id is not None
 
 
 def best_flow(
-    bindings: Iterable[Any], instance: str, live: Callable[[Any], bool], exclude: Iterable[str] = ()
-) -> Any | None:
+    bindings: Iterable[Binding], instance: str, live: Callable[[Binding], bool], exclude: Iterable[str] = ()
+) -> Binding | None:
     """The most recently registered binding of ``instance`` whose flow is live, skipping the binding
     keys in ``exclude`` (flows that failed already); None when the instance has no flow left."""
     skip = set(exclude)

@@ -9,13 +9,16 @@ CallManager by ops/. The objects exchanged are duck-typed so push/ needs no impo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from libon_tsilo import logflags
 from libon_tsilo.util import redact
+
+if TYPE_CHECKING:
+    from libon_tsilo.registrar.binding import Binding
 
 __all__ = ["CallInfo", "WakeResult", "Waker", "LoggingWaker", "wake_outcome"]
 
@@ -31,7 +34,7 @@ class CallInfo(Protocol):
     caller_name: str | None
     ring_deadline: float  # clock time at which the call gives up ringing (push TTL / expiration)
 
-    def device_call_id(self, binding: Any) -> str:
+    def device_call_id(self, binding: Binding) -> str:
         """The Call-ID of the INVITE this device will get (decided now, kept for the call's life):
         a push names it so the app can match the INVITE, and the CANCEL of a missed call, to it.
         The caller in the INVITE's From is ``caller_name`` / ``caller_uri``."""
@@ -63,7 +66,7 @@ def wake_outcome(result: Any) -> WakeResult:
 
 
 class Waker(Protocol):
-    def wake(self, call: CallInfo, bindings: list[Any]) -> Deferred[Any]:
+    def wake(self, call: CallInfo, bindings: list[Binding]) -> Deferred[Any]:
         """Wake these devices for `call`; fires with a WakeResult-like object, never errbacks on purpose."""
 
     def call_ended(self, call: CallInfo, answered_elsewhere: bool) -> None:
@@ -73,7 +76,7 @@ class Waker(Protocol):
 class LoggingWaker:
     """Used when no push provider is configured: logs what it would have woken, wakes nothing."""
 
-    def wake(self, call: CallInfo, bindings: list[Any]) -> Deferred[Any]:
+    def wake(self, call: CallInfo, bindings: list[Binding]) -> Deferred[Any]:
         for b in bindings:
             log.info(
                 "no push configured: would wake {provider} device {prid} for {aor}",

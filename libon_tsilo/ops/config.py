@@ -23,6 +23,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from libon_tsilo.b2bua.capabilities import DEFAULT_ALLOWLIST
 from libon_tsilo.util import random_token
 
 __all__ = [
@@ -370,19 +371,7 @@ class CallsConfig:
     session_expires: int = _opt(1800, _int_range(0, 86_400))
     min_se: int = _opt(90, _int_range(90, 86_400))
     max_call_duration: float = _opt(14_400.0, _int_range(0))
-    header_allowlist: tuple[str, ...] = _opt(
-        (
-            "Subject",
-            "Priority",
-            "Accept",
-            "Accept-Language",
-            "User-Agent",
-            "Alert-Info",
-            "Call-Info",
-            "P-Asserted-Identity",
-        ),
-        _header_names,
-    )
+    header_allowlist: tuple[str, ...] = _opt(DEFAULT_ALLOWLIST, _header_names)
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,13 @@ object into the /metrics families at scrape time. Nothing else counts pushes.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections import Counter, deque
+from collections import Counter
+
+from libon_tsilo.latency import LatencyWindow
 
 from libon_tsilo.push.base import OUTCOMES
 
-__all__ = ["PUSH_BUCKETS", "WAKE_BUCKETS", "Histogram", "LatencyWindow", "PushStats"]
+__all__ = ["PUSH_BUCKETS", "WAKE_BUCKETS", "Histogram", "PushStats"]
 
 # a push is one HTTP/2 POST (APNs/FCM) plus retries; push-to-REGISTER is a phone waking up
 PUSH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, float("inf"))
@@ -45,37 +47,6 @@ class Histogram:
             running += n
             out.append((bound, running))
         return out
-
-
-class LatencyWindow:
-    """The last ``size`` latencies (seconds) and a summary; cheap enough for every REGISTER."""
-
-    def __init__(self, size: int = 1024) -> None:
-        self.samples: deque[float] = deque(maxlen=size)
-        self.count = 0
-        self.total = 0.0
-
-    def add(self, value: float) -> None:
-        value = max(0.0, value)
-        self.samples.append(value)
-        self.count += 1
-        self.total += value
-
-    def summary(self) -> dict[str, float | int]:
-        if not self.samples:
-            return {"count": self.count, "mean": 0.0, "p50": 0.0, "p95": 0.0, "max": 0.0}
-        ordered = sorted(self.samples)
-
-        def pct(p: float) -> float:
-            return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))], 3)
-
-        return {
-            "count": self.count,
-            "mean": round(self.total / self.count, 3),
-            "p50": pct(0.5),
-            "p95": pct(0.95),
-            "max": round(ordered[-1], 3),
-        }
 
 
 class PushStats:

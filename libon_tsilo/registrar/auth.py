@@ -34,7 +34,7 @@ from libon_tsilo.registrar.auth_limits import FailureLimiter, FailureLimits, sou
 from libon_tsilo.registrar.nonce_counts import MemoryNonceCounts, NonceCounts
 from libon_tsilo.sip import digest
 from libon_tsilo.sip.hostnames import HostSet
-from libon_tsilo.sip.message import Request, Response, make_response, new_tag
+from libon_tsilo.sip.message import Request, Response, make_response, new_tag, log_call_id
 from libon_tsilo.sip.uri import unescape
 
 if TYPE_CHECKING:
@@ -161,7 +161,7 @@ class AuthPolicy:
         creds = self._pick_credentials(request, spec)
         if creds is None:
             return self._challenge(request, spec, stale=False)
-        call_id = _call_id(request)
+        call_id = log_call_id(request)
         missing = [k for k in _REQUIRED if not creds.get(k)]
         if creds.get("qop") and creds["qop"].lower() != "auth":
             self.limiter.failed(None, source, call_id)
@@ -240,10 +240,3 @@ class AuthPolicy:
     @staticmethod
     def _reject(request: Request, status: int, reason: str) -> AuthResult:
         return AuthResult(response=make_response(request, status, reason, to_tag=new_tag()))
-
-
-def _call_id(request: Any) -> str | None:
-    try:
-        return request.call_id
-    except Exception:
-        return None

@@ -17,7 +17,8 @@ from typing import Any, Protocol, runtime_checkable
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from libon_tsilo.silo.stats import LatencyWindow, SiloCounters
+from libon_tsilo.latency import LatencyWindow
+from libon_tsilo.silo.stats import SiloCounters
 
 __all__ = [
     "Silo",

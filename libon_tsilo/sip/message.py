@@ -30,7 +30,8 @@ from libon_tsilo.sip.uri import URI
 
 __all__ = [
     "CSeq", "Message", "NameAddr", "ParseError", "Request", "Response", "StreamFramer", "URI", "Via",
-    "extract_for_error_response", "make_response", "new_branch", "new_call_id", "new_tag", "parse_message",
+    "log_call_id", "extract_for_error_response", "make_response", "new_branch", "new_call_id", "new_tag",
+    "parse_message",
 ]
 
 SIP_VERSION = "SIP/2.0"
@@ -104,6 +105,15 @@ def _random_hex(nbytes: int) -> str:
 
 def new_tag() -> str:
     return _random_hex(6)
+
+
+def log_call_id(msg: Any) -> str | None:
+    """The Call-ID to put in a log event about `msg`, or None when it has no usable one (a log line
+    about a malformed message must not raise in its turn)."""
+    try:
+        return str(msg.call_id)
+    except (ParseError, AttributeError):
+        return None
 
 
 def new_call_id(host: str = "") -> str:

@@ -12,8 +12,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from libon_tsilo.sip.errors import ParseError
-from libon_tsilo.sip.message import Request, Response, make_response, new_tag
+from libon_tsilo.sip.message import Request, Response, make_response, new_tag, log_call_id
 from libon_tsilo.sip.uas_core import UASCore
 
 log = Logger()
@@ -52,17 +51,10 @@ class Router:
     def request_received(self, request: Request, stx: Any, flow: Any) -> None:
         self.counters[request.method] = self.counters.get(request.method, 0) + 1
         if stx is None:
-            self._ack(request, flow)
+            if self.ack is not None:
+                self.ack(request, flow)
             return
-        try:
-            self._dispatch(request, stx, flow)
-        except ParseError as exc:
-            _respond(stx, make_response(request, exc.status, exc.reason, to_tag=new_tag()))
-        except Exception:
-            log.failure("handler failed for {method}", method=request.method, call_id=_call_id(request))
-            _respond(stx, make_response(request, 500, "Server Internal Error", to_tag=new_tag()))
-
-    def _dispatch(self, request: Request, stx: Any, flow: Any) -> None:
+        # a handler's exception goes to the transaction layer's guard: it logs and answers 500
         problem = self.uas.check_request(request)
         if problem is not None:
             stx.respond(problem)
@@ -85,22 +77,11 @@ class Router:
                 return
         handler(request, stx, flow)
 
-    def _ack(self, ack: Request, flow: Any) -> None:
-        if self.ack is None:
-            return
-        try:
-            self.ack(ack, flow)
-        except Exception:
-            log.failure("ACK handler failed", call_id=_call_id(ack))
-
     def cancel_received(self, cancel: Request, invite_stx: Any, flow: Any, stx: Any = None) -> None:
-        try:
-            if self.cancel is not None:
-                self.cancel(cancel, invite_stx, flow, stx)
-                return
-        except Exception:
-            log.failure("CANCEL handler failed", call_id=_call_id(cancel))
-        # No call layer (or it failed): answer the way a plain UAS would (§9.2).
+        if self.cancel is not None:
+            self.cancel(cancel, invite_stx, flow, stx)
+            return
+        # No call layer: answer the way a plain UAS would (§9.2).
         if invite_stx is None:
             _respond(stx, make_response(cancel, 481, to_tag=new_tag()))
             return
@@ -108,12 +89,8 @@ class Router:
         _respond(invite_stx, make_response(invite_stx.request, 487, to_tag=new_tag()))
 
     def stray_response(self, response: Response, flow: Any) -> None:
-        if self.stray is None:
-            return
-        try:
+        if self.stray is not None:
             self.stray(response, flow)
-        except Exception:
-            log.failure("stray response handler failed", call_id=_call_id(response))
 
 
 def _respond(stx: Any, resp: Response) -> None:
@@ -122,11 +99,4 @@ def _respond(stx: Any, resp: Response) -> None:
     try:
         stx.respond(resp)
     except Exception:
-        log.failure("could not send {status}", status=resp.status, call_id=_call_id(resp))
-
-
-def _call_id(msg: Any) -> str | None:
-    try:
-        return msg.call_id
-    except ParseError:
-        return None
+        log.failure("could not send {status}", status=resp.status, call_id=log_call_id(resp))

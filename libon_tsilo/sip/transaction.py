@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from libon_tsilo import logflags
 from libon_tsilo.sip.branch import is_our_branch
 from libon_tsilo.sip.errors import ParseError
-from libon_tsilo.sip.message import Request, Response, make_response
+from libon_tsilo.sip.message import Request, Response, log_call_id, make_response, new_tag
 from libon_tsilo.sip.timers import ExpiryQueue, State, TransactionBase, TwoXXRetransmitter
 from libon_tsilo.sip.transaction_client import (
     ClientTransaction,
@@ -218,14 +218,14 @@ class TransactionLayer:
         for key in list(self._by_target.get(_target_key(target), ())):
             ctx = self._clients.get(key)
             if ctx is not None and ctx.state in (State.CALLING, State.TRYING):
-                log.info("{txn}: {reason}", txn=ctx.id, reason=reason, call_id=_call_id(ctx.request))
+                log.info("{txn}: {reason}", txn=ctx.id, reason=reason, call_id=log_call_id(ctx.request))
                 ctx.transport_failed()
 
     def _response_in(self, resp: Response, flow: Any) -> None:
         try:
             key = ("client", resp.branch, resp.cseq.method)
         except ParseError as exc:
-            log.info("response dropped: {reason}", reason=exc.reason, call_id=_call_id(resp))
+            log.info("response dropped: {reason}", reason=exc.reason, call_id=log_call_id(resp))
             return
         ctx = self._clients.get(key)
         if ctx is not None and ctx.on_response is not None:
@@ -239,7 +239,7 @@ class TransactionLayer:
         else:
             self.strays_dropped += 1
             if logflags.debug_enabled:
-                log.debug("stray {status} dropped", status=resp.status, call_id=_call_id(resp))
+                log.debug("stray {status} dropped", status=resp.status, call_id=log_call_id(resp))
 
     # -- server side ------------------------------------------------------------------------------
 
@@ -254,16 +254,16 @@ class TransactionLayer:
             self._reject_malformed(msg, flow, exc)
         except Exception:
             # One bad message must never stop the server (nor the transport's read loop).
-            log.failure("transaction layer failed on {msg!r}", msg=msg, call_id=_call_id(msg))
+            log.failure("transaction layer failed on {msg!r}", msg=msg, call_id=log_call_id(msg))
 
     def _reject_malformed(self, msg: Request | Response, flow: Any, exc: ParseError) -> None:
         if not isinstance(msg, Request) or msg.method == "ACK":
-            log.info("malformed message dropped: {reason}", reason=exc.reason, call_id=_call_id(msg))
+            log.info("malformed message dropped: {reason}", reason=exc.reason, call_id=log_call_id(msg))
             return
         try:
             self.transport.send_response(make_response(msg, exc.status, exc.reason), flow)
         except Exception:
-            log.failure("cannot answer a malformed request", call_id=_call_id(msg))
+            log.failure("cannot answer a malformed request", call_id=log_call_id(msg))
 
     def _request_in(self, req: Request, flow: Any) -> None:
         method = req.method
@@ -288,14 +288,21 @@ class TransactionLayer:
         stx = self._new_server(req, flow, key)
         if stx.terminated:
             return  # the 100 Trying could not be sent
+        # The one guard of the request path: here a request enters the application (router,
+        # registrar, call layer), and only here is a server transaction sure to exist to answer on.
+        # The layers above let exceptions through.
         try:
             if method == "CANCEL":
                 self.tu.cancel_received(req, invite_stx, flow, stx)
             else:
                 self.tu.request_received(req, stx, flow)
+        except ParseError as exc:
+            # a header the application needed is malformed: the sender's fault, not a bug
+            log.info("{method} refused: {reason}", method=method, reason=exc.reason, call_id=log_call_id(req))
+            self._answer_error(stx, exc.status, exc.reason)
         except Exception:
-            log.failure("TU failed on {method}", method=method, call_id=_call_id(req))
-            self._answer_500(stx)
+            log.failure("TU failed on {method}", method=method, call_id=log_call_id(req))
+            self._answer_error(stx, 500, "Server Internal Error")
 
     def _new_server(self, req: Request, flow: Any, key: tuple[Any, ...]) -> ServerTransaction:
         cls = InviteServerTransaction if req.method == "INVITE" else NonInviteServerTransaction
@@ -326,13 +333,13 @@ class TransactionLayer:
             return None
         return stx if our_tag == ack.to.tag else None
 
-    def _answer_500(self, stx: ServerTransaction) -> None:
+    def _answer_error(self, stx: ServerTransaction, status: int, reason: str | None) -> None:
         if stx.state not in (State.TRYING, State.PROCEEDING):
-            return
+            return  # the application answered before it failed: one final response only
         try:
-            stx.respond(make_response(stx.request, 500, "Server Internal Error"))
+            stx.respond(make_response(stx.request, status, reason, to_tag=new_tag()))
         except Exception:
-            log.failure("cannot send 500", call_id=_call_id(stx.request))
+            log.failure("cannot send {status}", status=status, call_id=log_call_id(stx.request))
 
 
 def _target_key(target: Any) -> tuple[str, str, int]:
@@ -341,10 +348,3 @@ def _target_key(target: Any) -> tuple[str, str, int]:
         str(getattr(target, "host", "")).strip("[]").lower(),
         int(getattr(target, "port", 0) or 0),
     )
-
-
-def _call_id(msg: Any) -> str | None:
-    try:
-        return msg.call_id
-    except Exception:
-        return None

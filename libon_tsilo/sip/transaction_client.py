@@ -6,7 +6,7 @@ from typing import Any, Callable, Iterable
 
 from twisted.logger import Logger
 
-from libon_tsilo.sip.message import Request, Response, make_response, parse_message
+from libon_tsilo.sip.message import Request, Response, make_response, parse_message, log_call_id
 from libon_tsilo.sip.timers import LayerServices, State, TransactionBase, backoff, is_reliable
 
 __all__ = [
@@ -99,7 +99,7 @@ class ClientTransaction(TransactionBase):
         try:
             flow = self.layer.transport.send_request(msg or self.request, self.target, self.flow)
         except Exception:
-            log.failure("{txn}: transport error", txn=self.id, call_id=_call_id(self.request))
+            log.failure("{txn}: transport error", txn=self.id, call_id=log_call_id(self.request))
             return False
         if flow is not None:
             self.flow = flow
@@ -122,7 +122,7 @@ class ClientTransaction(TransactionBase):
             on_response(resp)
         except Exception:
             log.failure("{txn}: TU failed on {status}", txn=self.id, status=resp.status,
-                        call_id=_call_id(resp))
+                        call_id=log_call_id(resp))
 
     def _fail(self, status: int, reason: str) -> None:
         self.failed_locally = True
@@ -171,7 +171,7 @@ class ClientTransaction(TransactionBase):
     ) -> None:
         """Only INVITE transactions can be cancelled; for others this is a logged no-op."""
         log.warn("{txn}: cancel() ignored for {method}", txn=self.id, method=self.method,
-                 call_id=_call_id(self.request))
+                 call_id=log_call_id(self.request))
 
 
 class InviteClientTransaction(ClientTransaction):
@@ -242,7 +242,7 @@ class InviteClientTransaction(ClientTransaction):
         try:
             self.ack = build_ack(self.request, resp)
         except Exception:
-            log.failure("{txn}: cannot build ACK", txn=self.id, call_id=_call_id(self.request))
+            log.failure("{txn}: cannot build ACK", txn=self.id, call_id=log_call_id(self.request))
             return
         self._transmit(self.ack)
 
@@ -270,7 +270,7 @@ class InviteClientTransaction(ClientTransaction):
         try:
             self.cancel_request = build_cancel(self.request, extra)
         except Exception:
-            log.failure("{txn}: cannot build CANCEL", txn=self.id, call_id=_call_id(self.request))
+            log.failure("{txn}: cannot build CANCEL", txn=self.id, call_id=log_call_id(self.request))
             return
         on_cancel_response = callback if callback is not None else _ignore
         self.layer.send_request(self.cancel_request, self.target, self.flow, on_cancel_response)
@@ -319,10 +319,3 @@ class NonInviteClientTransaction(ClientTransaction):
 
 def _ignore(resp: Response) -> None:
     return None
-
-
-def _call_id(msg: Any) -> str | None:
-    try:
-        return msg.call_id
-    except Exception:
-        return None

@@ -6,7 +6,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from libon_tsilo.sip.message import Request, Response, make_response
+from libon_tsilo.sip.message import Request, Response, make_response, log_call_id
 from libon_tsilo.sip.timers import LayerServices, State, TransactionBase, backoff, is_reliable
 
 __all__ = ["ServerTransaction", "InviteServerTransaction", "NonInviteServerTransaction"]
@@ -66,7 +66,7 @@ class ServerTransaction(TransactionBase):
         try:
             self.layer.transport.send_response(resp, self.flow)
         except Exception:
-            log.failure("sending {status} failed", status=resp.status, call_id=_call_id(self.request))
+            log.failure("sending {status} failed", status=resp.status, call_id=log_call_id(self.request))
             if self.state is not State.ACCEPTED:
                 self.terminate()
             self.layer.tu_hook("transport_error", self)
@@ -82,7 +82,7 @@ class ServerTransaction(TransactionBase):
     def _refuse(self, resp: Response) -> None:
         log.warn(
             "{txn}: response {status} ignored in state {state}",
-            txn=self.id, status=resp.status, state=self.state, call_id=_call_id(self.request),
+            txn=self.id, status=resp.status, state=self.state, call_id=log_call_id(self.request),
         )
 
 
@@ -146,7 +146,7 @@ class InviteServerTransaction(ServerTransaction):
         self._resend_last()
 
     def _timer_h(self) -> None:
-        log.info("{txn}: no ACK after 64*T1", txn=self.id, call_id=_call_id(self.request))
+        log.info("{txn}: no ACK after 64*T1", txn=self.id, call_id=log_call_id(self.request))
         self.terminate()
         self.layer.tu_hook("transaction_timeout", self)
 
@@ -181,10 +181,3 @@ class NonInviteServerTransaction(ServerTransaction):
         # In Trying the TU has not answered yet: nothing to resend, and the TU must not see it twice.
         if self.state in (State.PROCEEDING, State.COMPLETED):
             self._resend_last()
-
-
-def _call_id(msg: Any) -> str | None:
-    try:
-        return msg.call_id
-    except Exception:
-        return None

@@ -102,6 +102,7 @@ from libon_tsilo.sip.listen import (
     strip_brackets,
 )
 from libon_tsilo.sip.message import (
+    log_call_id,
     Message,
     Request,
     Response,
@@ -147,13 +148,6 @@ def _norm_host(host: str) -> str:
 
 def _via_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-
-
-def _call_id(msg: Message) -> str | None:
-    try:
-        return msg.call_id
-    except ParseError:
-        return None
 
 
 def _size_buffer(sock: socket.socket, option: int, size: int, what: str) -> None:
@@ -557,7 +551,7 @@ class TransportLayer(Service):
             self._send_response(resp, flow)
         except Exception as e:
             log.warn(
-                "cannot send {status} response: {err}", status=resp.status, err=e, call_id=_call_id(resp)
+                "cannot send {status} response: {err}", status=resp.status, err=e, call_id=log_call_id(resp)
             )
 
     def connection_stats(self) -> dict[str, Any]:
@@ -807,7 +801,7 @@ class TransportLayer(Service):
         try:
             self.sink(msg, flow)
         except Exception:
-            log.failure("sink failed on {msg!r}", msg=msg, call_id=_call_id(msg))
+            log.failure("sink failed on {msg!r}", msg=msg, call_id=log_call_id(msg))
             if isinstance(msg, Request) and msg.method != "ACK":
                 self._answer_directly(make_response(msg, 500, "Server Internal Error"), flow)
 

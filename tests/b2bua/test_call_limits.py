@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-from twisted.logger import globalLogPublisher
 
 from libon_tsilo.b2bua.admission import CallerSources
 from libon_tsilo.b2bua.manager import CallManager, CallSettings
@@ -32,13 +30,6 @@ def invite_from(env: Env, call_id: str, host: str = "10.0.0.1", ruri: str = "sip
     return stx
 
 
-@pytest.fixture
-def logged() -> Any:
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
-
 
 def test_unanswered_calls_per_source_get_503_over_the_limit(logged: list[dict[str, Any]]) -> None:
     sources = CallerSources(2)
@@ -56,13 +47,13 @@ def test_unanswered_calls_per_source_get_503_over_the_limit(logged: list[dict[st
     assert first.statuses == [200]
     assert invite_from(env, "c3").statuses == []
     # nor does an ended call
-    env.mgr.calls["c1"].ring_timeout_now()
+    env.mgr.calls["c1"].caller_cancel(None)
     assert invite_from(env, "c4").statuses == []
     assert invite_from(env, "c5").statuses == [503]
     lines = [e for e in logged if "INVITE refused" in str(e.get("log_format"))]
     assert len(lines) == 1 and lines[0]["source"] == "10.0.0.1"  # throttled: one line per 10 s
     for call in list(env.mgr.calls.values()):
-        call.ring_timeout_now()
+        call.caller_cancel(None)
     env.clock.advance(60)
     assert len(sources) == 0
 
@@ -81,7 +72,7 @@ def test_total_parked_calls_get_503() -> None:
     env = make(max_total=2)
     assert [invite_from(env, f"c{n}", host=f"10.0.0.{n + 1}").statuses for n in range(3)] == [[], [], [503]]
     assert env.mgr.limit_hits()["parked_total"] == 1
-    env.mgr.calls["c0"].ring_timeout_now()
+    env.mgr.calls["c0"].caller_cancel(None)
     assert invite_from(env, "c9").statuses == []
 
 
@@ -90,7 +81,7 @@ def test_a_refused_call_leaves_nothing_behind() -> None:
     env = make(sources, max_total=5)
     invite_from(env, "c1")
     assert invite_from(env, "c2").statuses == [503]
-    env.mgr.calls["c1"].ring_timeout_now()
+    env.mgr.calls["c1"].caller_cancel(None)
     env.assert_clean()
     assert len(sources) == 0
 

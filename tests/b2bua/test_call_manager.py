@@ -8,6 +8,7 @@ import pytest
 from twisted.internet.defer import Deferred
 
 from libon_tsilo.b2bua.manager import CallManager, CallSettings, authorizer_from_policy, default_aor_key
+from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.uri import URI
 from tests.fakes.sip import FakeStx
 from tests.b2bua.helpers import SDP_B, Env, binding, caller_invite, parse
@@ -40,8 +41,10 @@ Call-ID: bad-1
 CSeq: 1 INVITE"""
     )
     stx = FakeStx(req)
-    env.mgr.handle_invite(req, stx, env.caller_flow)
-    assert stx.statuses == [400]
+    # the transaction layer's guard turns it into the 400 (test_integration_txn.py)
+    with pytest.raises(ParseError):
+        env.mgr.handle_invite(req, stx, env.caller_flow)
+    assert stx.statuses == []
     env.assert_clean()
 
 
@@ -128,11 +131,25 @@ def test_default_aor_key_and_settings_from_config() -> None:
         session_expires = 600
         min_se = 120
         max_call_duration = 3600
+        invite_cancel_grace = 5
 
     s = CallSettings.from_config(Calls(), use_domain=False)
     assert (s.ring_timeout, s.max_branches, s.header_allowlist, s.use_domain) == (20.0, 3, ("Subject",), False)
-    assert (s.session_expires, s.min_se, s.max_call_duration) == (600, 120, 3600.0)
+    assert (s.session_expires, s.min_se, s.max_call_duration, s.invite_cancel_grace) == (600, 120, 3600.0, 5.0)
     assert isinstance(CallManager, type)
+
+
+def test_call_settings_defaults_are_the_config_defaults() -> None:
+    """A CallManager built without a config (tests, tools) behaves like a server with an empty
+    [calls]: invite_cancel_grace once defaulted to 0 here and to 30 in the config."""
+    from dataclasses import fields
+
+    from libon_tsilo.ops.config import CallsConfig
+
+    settings, config = CallSettings(), CallsConfig()
+    shared = {f.name for f in fields(CallSettings)} & {f.name for f in fields(CallsConfig)}
+    assert {"invite_cancel_grace", "header_allowlist", "ring_timeout"} <= shared
+    assert {n: getattr(settings, n) for n in shared} == {n: getattr(config, n) for n in shared}
 
 
 def test_authorizer_from_policy_sends_the_challenge() -> None:

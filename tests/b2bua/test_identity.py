@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from libon_tsilo.b2bua.identity import CallerTrust
-from libon_tsilo.b2bua.manager import DEFAULT_ALLOWLIST, authorizer_from_policy
+from libon_tsilo.b2bua.capabilities import DEFAULT_ALLOWLIST
+from libon_tsilo.b2bua.manager import authorizer_from_policy
 from libon_tsilo.registrar.auth import AuthPolicy
 from libon_tsilo.registrar.users import UsersDB
 from tests.fakes.sip import FakeStx

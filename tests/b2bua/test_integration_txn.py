@@ -189,3 +189,45 @@ def test_device_unreachable_gives_the_caller_480_over_the_real_transaction_layer
     clock.advance(0)
     assert transport.statuses() == [100, 480]
     assert_idle(clock, layer, mgr)
+
+
+def test_a_bug_in_the_call_layer_gets_one_500_and_one_traceback(monkeypatch: Any) -> None:
+    """One guard on the request path (the transaction layer, where a request enters the
+    application): one traceback with the Call-ID, one 500, nothing stacked above it."""
+    from twisted.logger import globalLogPublisher
+
+    clock, transport, layer, mgr, caller, device = setup()
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(mgr, "_invite", broken)
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        layer.inbound(parse_message(caller_invite(call_id="bug-1").to_bytes()), caller)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    (final,) = [m for m, _, _ in transport.out if isinstance(m, Response) and m.status >= 200]
+    assert final.status == 500 and final.to.tag  # RFC 3261 §8.2.6.2: a final response has a To tag
+    tracebacks = [e for e in logged if e.get("log_failure") is not None]
+    assert len(tracebacks) == 1 and tracebacks[0]["call_id"] == "bug-1"
+    assert_idle(clock, layer, mgr)
+
+
+def test_a_malformed_header_found_by_the_call_layer_gets_400_without_a_traceback() -> None:
+    from twisted.logger import globalLogPublisher
+
+    clock, transport, layer, mgr, caller, device = setup()
+    invite = caller_invite(call_id="bad-se", extra="Session-Expires: soon\n")
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        layer.inbound(parse_message(invite.to_bytes()), caller)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    (final,) = [m for m, _, _ in transport.out if isinstance(m, Response) and m.status >= 200]
+    assert final.status == 400 and final.to.tag
+    assert [e for e in logged if e.get("log_failure") is not None] == []
+    assert transport.requests("INVITE") == []
+    assert_idle(clock, layer, mgr)

@@ -7,7 +7,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from libon_tsilo.silo.silo import CANNOT_APPEND, NO_RECORD, NOT_FOUND, Silo
-from libon_tsilo.silo.stats import LatencyWindow, percentile
+from libon_tsilo.latency import LatencyWindow, percentile
 from tests.fakes.calls import FakeCall, FakeLocation
 
 
@@ -207,3 +207,17 @@ def test_register_to_invite_latency_counts_from_the_register() -> None:
     silo.binding_added(RegisteredBinding("bob", "sip:b@1", registered_at=10.0), None)
     lat = silo.stats()["register_to_invite"]
     assert lat["samples"] == 2 and lat["max"] == pytest.approx(0.004)
+
+
+def test_one_latency_summary_for_silo_and_push() -> None:
+    """The silo's register_to_invite and push/'s latencies are one LatencyWindow: same keys, same
+    nearest-rank percentiles (push/ once had its own, with p95 and another rank rule)."""
+    from libon_tsilo.push.stats import PushStats
+
+    push = PushStats()
+    silo = Silo(Clock(), None)
+    for v in (0.1, 0.2, 0.3, 0.4):
+        push.record_push_to_register(v)
+        silo.counters.latency.add(v)
+    assert push.push_to_register_window.summary() == silo.stats()["register_to_invite"]
+    assert silo.stats()["register_to_invite"]["p50"] == 0.2
