@@ -155,12 +155,29 @@ class _OnStop(Service):
         return maybeDeferred(self._stop)
 
 
-def _attach(root: MultiService, obj: Any) -> None:
-    """Put ``obj`` in the tree: as itself when it is a service, else through its stop() method."""
-    if IService.providedBy(obj):
-        obj.setServiceParent(root)
-    elif callable(getattr(obj, "stop", None)):
-        _OnStop(obj.stop).setServiceParent(root)
+def _attach(root: MultiService, obj: Any, name: str) -> None:
+    """Put ``obj`` in the tree under ``name``: as itself when it is a service, else through its
+    stop() method. Children stop in the reverse order of attachment, so the transport (attached
+    first) goes down last, after everything that could still send."""
+    svc = obj if IService.providedBy(obj) else _OnStop(obj.stop)
+    svc.setName(name)
+    svc.setServiceParent(root)
+
+
+class _CallsService(Service):
+    """Ends the calls still up when the tree stops (after the drain gave up): their ring, session
+    and retransmission timers go with them, and the silo and the waker hear that they ended."""
+
+    def __init__(self, calls: Any) -> None:
+        self.calls = calls
+
+    def stopService(self) -> None:
+        super().stopService()
+        for call in list(self.calls.calls.values()):
+            try:
+                call.end("shutdown")
+            except Exception:
+                log.failure("ending a call at shutdown failed", call_id=call.call_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,11 +227,11 @@ def _add_sip_stack(root: LibonTsiloService, parts: Parts) -> None:
         limits=_connection_limits(parts.config.connections),
         udp_receive_buffer=cfg.udp_receive_buffer,
     )
-    _attach(root, parts.transport)
+    _attach(root, parts.transport, "transport")
     parts.transactions = TransactionLayer(
         parts.transport, parts.clock, t1=cfg.t1, t2=cfg.t2, t4=cfg.t4
     )
-    _attach(root, parts.transactions)
+    _attach(root, parts.transactions, "transactions")
 
 
 def _add_limits(root: LibonTsiloService, parts: Parts) -> None:
@@ -270,9 +287,8 @@ class _FlowRelease:
 class LocationService(Service):
     """Restores the bindings at start; flushes them to disk and stops the expiry timer at stop."""
 
-    def __init__(self, location: Any, auth: Any) -> None:
+    def __init__(self, location: Any) -> None:
         self.location = location
-        self.auth = auth
 
     def startService(self) -> None:
         super().startService()
@@ -280,8 +296,6 @@ class LocationService(Service):
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
-        if self.auth is not None:
-            self.auth.stop()
         return maybeDeferred(self.location.stop)
 
 
@@ -329,9 +343,9 @@ def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
     location = parts.location
     parts.transport.flows.add_keeper(lambda flow_id: bool(location.by_flow(flow_id)))
     location.subscribe(_FlowRelease(parts.transport.flows))
-    svc = LocationService(parts.location, auth)
-    svc.setName("location")
-    svc.setServiceParent(root)
+    _attach(root, LocationService(parts.location), "location")
+    if auth is not None:
+        _attach(root, auth, "auth")  # nonce and failure-window timers
 
 
 def _add_silo(root: LibonTsiloService, parts: Parts) -> None:
@@ -340,6 +354,7 @@ def _add_silo(root: LibonTsiloService, parts: Parts) -> None:
     parts.silo = Silo(parts.clock, parts.location, max_pending_per_aor=parts.config.calls.max_pending_per_aor,
                       max_total=parts.config.limits.max_parked_total)
     parts.location.subscribe(parts.silo)
+    _attach(root, parts.silo, "silo")  # the linger timers of ended calls
 
 
 def _add_push(root: LibonTsiloService, parts: Parts) -> None:
@@ -456,6 +471,7 @@ def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
     parts.extra.setdefault("limits", []).append(parts.b2bua)
     parts.transport.flows.subscribe_close(parts.b2bua.flow_closed)
     parts.transport.flows.add_keeper(parts.b2bua.flows.__contains__)  # a call's connection stays
+    _attach(root, _CallsService(parts.b2bua), "calls")
 
 
 def _add_router(root: LibonTsiloService, parts: Parts) -> None:

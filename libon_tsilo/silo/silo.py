@@ -170,6 +170,16 @@ class Silo:
             if not calls:
                 del self._lingering[call.aor]
 
+    def stop(self) -> None:
+        """Service stop: end every grace period now (their timers are cancelled)."""
+        for calls in list(self._lingering.values()):
+            for call in list(calls.values()):
+                self.unlinger(call)
+        for timer in self._linger_timers.values():  # none left unless a call changed its aor
+            if timer.active():
+                timer.cancel()
+        self._linger_timers.clear()
+
     # -- appending -----------------------------------------------------------------------
 
     def append(self, aor: str) -> int:

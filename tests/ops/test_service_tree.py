@@ -1,0 +1,108 @@
+"""The service tree owns every timer: after stopService on a Clock, no DelayedCall is left, and the
+children stop in order (the call layer before the silo and the store, the transport last)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest_twisted
+from twisted.internet.task import Clock
+
+from libon_tsilo.ops.config import config_from_dict
+from libon_tsilo.ops.service import make_service
+
+CALLER = ("127.0.0.1", 16000)
+DEVICE = ("127.0.0.1", 17000)
+SDP = "v=0\r\no=c 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0\r\n"
+INVITE = (
+    "INVITE sip:bob@127.0.0.1:5060 SIP/2.0\r\n"
+    "Via: SIP/2.0/UDP 127.0.0.1:16000;branch=z9hG4bK-i1;rport\r\n"
+    "Max-Forwards: 70\r\n"
+    "From: <sip:caller@127.0.0.1:16000>;tag=c1\r\n"
+    "To: <sip:bob@127.0.0.1:5060>\r\n"
+    "Call-ID: i1@test\r\n"
+    "CSeq: 1 INVITE\r\n"
+    "Contact: <sip:caller@127.0.0.1:16000>\r\n"
+    "Content-Type: application/sdp\r\n"
+    f"Content-Length: {len(SDP)}\r\n\r\n{SDP}"
+)
+REGISTER = (
+    "REGISTER sip:127.0.0.1 SIP/2.0\r\n"
+    "Via: SIP/2.0/UDP 127.0.0.1:17000;branch=z9hG4bK-r1;rport\r\n"
+    "Max-Forwards: 70\r\n"
+    "From: <sip:bob@127.0.0.1>;tag=r1\r\n"
+    "To: <sip:bob@127.0.0.1>\r\n"
+    "Call-ID: r1@test\r\n"
+    "CSeq: 1 REGISTER\r\n"
+    "Contact: <sip:bob@127.0.0.1:17000;transport=udp>\r\n"
+    "Expires: 600\r\n"
+    "Content-Length: 0\r\n\r\n"
+)
+
+STOP_ORDER = ["shutdown", "calls", "silo", "location", "transactions", "transport"]
+
+
+class _EndedCall:
+    """A call the silo keeps for its grace period (what Call.linger hands it)."""
+
+    call_id = "ended@test"
+    aor = "bob"
+
+    def late_binding_after_end(self, binding: Any) -> bool:
+        return False
+
+
+def _server(clock: Clock) -> tuple[Any, Any]:
+    cfg = config_from_dict({
+        "sip": {"listen": ["udp:127.0.0.1:0"], "domains": ["127.0.0.1"]},
+        "auth": {"enabled": False},
+        "location": {"backend": "memory"},
+        "calls": {"ring_timeout": 30},
+        "ops": {"drain_timeout": 2},
+    })
+    root = make_service(cfg, clock=clock)
+
+    class FakeSocket:
+        local = ("127.0.0.1", 5060)
+        v6 = False
+
+        def send_to(self, data: bytes, addr: tuple[str, int]) -> None:
+            pass
+
+    sock = FakeSocket()
+    transport = root.parts.transport
+    transport._udp_socket = lambda host, prefer=None: sock
+
+    def feed(data: str, addr: tuple[str, int]) -> None:
+        transport._datagram(sock, data.encode(), addr)
+
+    return root, feed
+
+
+@pytest_twisted.inlineCallbacks
+def test_stop_leaves_no_timer_and_stops_the_transport_last():
+    clock = Clock()
+    clock.advance(1_000_000)
+    root, feed = _server(clock)
+    root.startService()
+    stopped: list[str] = []
+    for child in list(root):
+        def record(original: Any = child.stopService, name: str = child.name) -> Any:
+            stopped.append(name)
+            return original()
+        child.stopService = record
+
+    feed(INVITE, CALLER)  # parked
+    assert root.parts.silo.stats()["stored_transactions"] == 1
+    feed(REGISTER, DEVICE)  # late fork: a ringing call (ring timer), a client transaction, a binding
+    assert root.parts.location.all_count() == 1
+    root.parts.silo.linger(_EndedCall(), 30.0)  # an ended call waiting for a pushed device
+    assert root.parts.b2bua.calls and root.parts.silo.stats()["lingering"] == 1
+
+    done = root.stopService()
+    clock.advance(2.5)  # the drain gives up on the ringing call
+    yield done
+    assert [n for n in stopped if n in STOP_ORDER] == STOP_ORDER
+    assert stopped[-1] == "transport"
+    assert clock.getDelayedCalls() == []
+    assert not root.parts.b2bua.calls and len(root.parts.silo) == 0
