@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
@@ -24,6 +24,10 @@ from twisted.python.components import Componentized
 from twisted.python.threadpool import ThreadPool
 
 from libon_tsilo.ops.config import Config, ConfigError, TlsConfig
+from libon_tsilo.registrar.binding import Binding, LocationObserver
+
+if TYPE_CHECKING:
+    from libon_tsilo.sip.flow import Flow, FlowTable
 
 __all__ = [
     "Parts",
@@ -267,19 +271,19 @@ def _connection_limits(cfg: Any) -> Any:
     return ConnectionLimits(**asdict(cfg))
 
 
-class _FlowRelease:
-    """Location observer: the flow of a removed binding goes back to the unbound idle timeout."""
+class _FlowRelease(LocationObserver):
+    """The flow of a removed binding goes back to the unbound idle timeout."""
 
-    def __init__(self, flows: Any) -> None:
+    def __init__(self, flows: FlowTable) -> None:
         self.flows = flows
 
-    def binding_added(self, binding: Any, flow: Any) -> None:
+    def binding_added(self, binding: Binding, flow: Flow | None) -> None:
         pass
 
-    def binding_refreshed(self, binding: Any, flow: Any) -> None:
+    def binding_refreshed(self, binding: Binding, flow: Flow | None) -> None:
         pass
 
-    def binding_removed(self, binding: Any, reason: str) -> None:
+    def binding_removed(self, binding: Binding, reason: str) -> None:
         if binding.flow_id is not None:
             self.flows.recheck(binding.flow_id)
 

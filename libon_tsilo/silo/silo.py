@@ -12,12 +12,16 @@ must produce them the same way (the usual TSILO pitfall, see kamailio-tsilo.md Â
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from libon_tsilo.registrar.binding import Binding, LocationObserver
 from libon_tsilo.silo.stats import LatencyWindow, SiloCounters
+
+if TYPE_CHECKING:
+    from libon_tsilo.sip.flow import Flow
 
 __all__ = [
     "Silo",
@@ -73,8 +77,8 @@ class BindingSource(Protocol):
     def lookup(self, aor: str) -> list[Any]: ...
 
 
-class Silo:
-    """Pending calls per AOR key. Implements the registrar's LocationObserver."""
+class Silo(LocationObserver):
+    """Pending calls per AOR key; the location store's observer that late-forks them."""
 
     def __init__(
         self,
@@ -247,18 +251,18 @@ class Silo:
 
     # -- LocationObserver ----------------------------------------------------------------
 
-    def binding_added(self, binding: Any, flow: Any = None) -> None:
+    def binding_added(self, binding: Binding, flow: Flow | None = None) -> None:
         self._binding_event(binding)
 
-    def binding_refreshed(self, binding: Any, flow: Any = None) -> None:
+    def binding_refreshed(self, binding: Binding, flow: Flow | None = None) -> None:
         # the call decides whether a refresh deserves a new branch (changed contact or flow)
         self._binding_event(binding)
 
-    def binding_removed(self, binding: Any, reason: str) -> None:
+    def binding_removed(self, binding: Binding, reason: str) -> None:
         # a branch already sent keeps running until its own transaction ends
         pass
 
-    def _binding_event(self, binding: Any) -> None:
+    def _binding_event(self, binding: Binding) -> None:
         # the event follows the REGISTER's 200 OK, which waits for the binding to be on disk: the
         # latency counts from when the REGISTER was processed, so that wait shows
         now = self.clock.seconds()

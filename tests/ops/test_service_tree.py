@@ -10,6 +10,8 @@ from twisted.internet.task import Clock
 
 from libon_tsilo.ops.config import config_from_dict
 from libon_tsilo.ops.service import make_service
+from libon_tsilo.push.waker import PushWaker
+from libon_tsilo.registrar.binding import LocationObserver
 
 CALLER = ("127.0.0.1", 16000)
 DEVICE = ("127.0.0.1", 17000)
@@ -106,3 +108,12 @@ def test_stop_leaves_no_timer_and_stops_the_transport_last():
     assert stopped[-1] == "transport"
     assert clock.getDelayedCalls() == []
     assert not root.parts.b2bua.calls and len(root.parts.silo) == 0
+
+
+def test_every_location_observer_in_the_tree_implements_the_protocol_explicitly() -> None:
+    root, _ = _server(Clock())
+    observers = root.parts.location._observers
+    assert root.parts.silo in observers and len(observers) >= 2  # the silo and the flow release
+    for observer in observers:
+        assert LocationObserver in type(observer).__mro__, type(observer)
+    assert LocationObserver in PushWaker.__mro__
