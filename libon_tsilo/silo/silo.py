@@ -7,7 +7,7 @@ concerns, keeps the statistics operators know, and measures how long a REGISTER 
 into a forked INVITE.
 
 Keys are the registrar's `aor_key(uri, use_domain)` strings; the call layer and the registrar
-must produce them the same way (the usual TSILO pitfall, see kamailio-tsilo.md §4).
+must produce them the same way (the usual TSILO pitfall: a key mismatch parks a call no REGISTER can find).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ log = Logger()
 # a binding event comes at most this long after its REGISTER; an older registered_at is not one
 _MAX_EVENT_DELAY = 60.0
 
-# ts_append_to() return codes, as Kamailio operators know them (kamailio-tsilo.md §2)
+# ts_append_to() return codes, as Kamailio operators know them (the tsilo module documentation)
 NOT_FOUND = -1
 NO_RECORD = -2
 CANNOT_APPEND = -3
