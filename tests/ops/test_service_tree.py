@@ -3,6 +3,7 @@ children stop in order (the call layer before the silo and the store, the transp
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 import pytest_twisted
@@ -117,3 +118,26 @@ def test_every_location_observer_in_the_tree_implements_the_protocol_explicitly(
     for observer in observers:
         assert LocationObserver in type(observer).__mro__, type(observer)
     assert LocationObserver in PushWaker.__mro__
+
+
+def test_parts_are_typed_with_the_real_classes() -> None:
+    """mypy checks the wiring against these (no seam typed Any between ops and the layers)."""
+    from libon_tsilo.b2bua.manager import CallManager
+    from libon_tsilo.ops.service import Parts
+    from libon_tsilo.registrar.location import LocationStore
+    from libon_tsilo.registrar.registrar import Registrar
+    from libon_tsilo.silo.silo import Silo
+    from libon_tsilo.sip.flow import Flow, FlowTable
+    from libon_tsilo.sip.router import Router
+    from libon_tsilo.sip.tls import TLSContextFactory
+    from libon_tsilo.sip.transaction import TransactionLayer
+    from libon_tsilo.sip.transport import TransportLayer
+
+    names = {c.__name__: c for c in (CallManager, LocationStore, Registrar, Silo, Flow, FlowTable, Router,
+                                      TLSContextFactory, TransactionLayer, TransportLayer, PushWaker)}
+    hints = typing.get_type_hints(Parts, localns=names)
+    expected = {"transport": TransportLayer, "transactions": TransactionLayer, "router": Router,
+                "registrar": Registrar, "location": LocationStore, "silo": Silo, "waker": PushWaker,
+                "b2bua": CallManager, "tls_context_factory": TLSContextFactory}
+    for name, cls in expected.items():
+        assert hints[name] == cls | None, name
