@@ -176,7 +176,8 @@ class Registrar:
             store.emit_events(events)
             return
         durable.addCallbacks(
-            self._committed, self._not_stored, (stx, resp, events), None, (stx, request, events)
+            self._committed, self._not_stored,
+            callbackArgs=(stx, resp, events), errbackArgs=(stx, request, events),
         )
         durable.addErrback(self._answer_failed, request)
 

@@ -335,6 +335,7 @@ class TelURI(URI):
     """tel: URI (RFC 3966): ``number`` is the subscriber number; ``params`` as for SIP."""
 
     __slots__ = ("number",)
+    number: str
 
     @classmethod
     def parse(cls, text: str) -> TelURI:
