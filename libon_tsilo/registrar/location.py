@@ -98,13 +98,13 @@ class LocationStore:
         log.info("location: restored {n} bindings", n=restored)
         return restored
 
-    def flush(self) -> defer.Deferred:
+    def flush(self) -> defer.Deferred[None]:
         """Fires when every change so far is persisted (immediately for the memory backend)."""
         if self.persistence is None:
             return defer.succeed(None)
         return self.persistence.flush()
 
-    def when_durable(self, aor: str) -> defer.Deferred | None:
+    def when_durable(self, aor: str) -> defer.Deferred[None] | None:
         """Fires when every change so far is committed; fails (sqlite_store.NotStored) when a change
         of ``aor`` could not be. None when there is nothing to wait for (the memory backend)."""
         if self.persistence is None:
@@ -124,7 +124,7 @@ class LocationStore:
             "pending": p.pending(),
         }
 
-    def stop(self) -> defer.Deferred:
+    def stop(self) -> defer.Deferred[None]:
         """Cancel the expiry timer, then flush and close the persistence."""
         if self._timer is not None and self._timer.active():
             self._timer.cancel()

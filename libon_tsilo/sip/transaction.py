@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from libon_tsilo import logflags
 from libon_tsilo.sip.branch import is_our_branch
 from libon_tsilo.sip.errors import ParseError
-from libon_tsilo.sip.message import Request, Response, make_response
+from libon_tsilo.sip.message import Message, Request, Response, make_response
 from libon_tsilo.sip.timers import ExpiryQueue, State, TransactionBase, TwoXXRetransmitter
 from libon_tsilo.sip.transaction_client import (
     ClientTransaction,
@@ -343,7 +343,7 @@ def _target_key(target: Any) -> tuple[str, str, int]:
     )
 
 
-def _call_id(msg: Any) -> str | None:
+def _call_id(msg: Message) -> str | None:
     try:
         return msg.call_id
     except Exception:

@@ -6,7 +6,7 @@ from typing import Any, Callable, Iterable
 
 from twisted.logger import Logger
 
-from libon_tsilo.sip.message import Request, Response, make_response, parse_message
+from libon_tsilo.sip.message import Message, Request, Response, make_response, parse_message
 from libon_tsilo.sip.timers import LayerServices, State, TransactionBase, backoff, is_reliable
 
 __all__ = [
@@ -321,7 +321,7 @@ def _ignore(resp: Response) -> None:
     return None
 
 
-def _call_id(msg: Any) -> str | None:
+def _call_id(msg: Message) -> str | None:
     try:
         return msg.call_id
     except Exception:

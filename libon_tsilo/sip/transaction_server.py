@@ -6,7 +6,7 @@ from typing import Any
 
 from twisted.logger import Logger
 
-from libon_tsilo.sip.message import Request, Response, make_response
+from libon_tsilo.sip.message import Message, Request, Response, make_response
 from libon_tsilo.sip.timers import LayerServices, State, TransactionBase, backoff, is_reliable
 
 __all__ = ["ServerTransaction", "InviteServerTransaction", "NonInviteServerTransaction"]
@@ -183,7 +183,7 @@ class NonInviteServerTransaction(ServerTransaction):
             self._resend_last()
 
 
-def _call_id(msg: Any) -> str | None:
+def _call_id(msg: Message) -> str | None:
     try:
         return msg.call_id
     except Exception:
