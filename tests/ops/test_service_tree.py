@@ -13,40 +13,13 @@ from libon_tsilo.ops.config import config_from_dict
 from libon_tsilo.ops.service import make_service
 from libon_tsilo.push.waker import PushWaker
 from libon_tsilo.registrar.binding import LocationObserver
-
-CALLER = ("127.0.0.1", 16000)
-DEVICE = ("127.0.0.1", 17000)
-SDP = "v=0\r\no=c 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0\r\n"
-INVITE = (
-    "INVITE sip:bob@127.0.0.1:5060 SIP/2.0\r\n"
-    "Via: SIP/2.0/UDP 127.0.0.1:16000;branch=z9hG4bK-i1;rport\r\n"
-    "Max-Forwards: 70\r\n"
-    "From: <sip:caller@127.0.0.1:16000>;tag=c1\r\n"
-    "To: <sip:bob@127.0.0.1:5060>\r\n"
-    "Call-ID: i1@test\r\n"
-    "CSeq: 1 INVITE\r\n"
-    "Contact: <sip:caller@127.0.0.1:16000>\r\n"
-    "Content-Type: application/sdp\r\n"
-    f"Content-Length: {len(SDP)}\r\n\r\n{SDP}"
-)
-REGISTER = (
-    "REGISTER sip:127.0.0.1 SIP/2.0\r\n"
-    "Via: SIP/2.0/UDP 127.0.0.1:17000;branch=z9hG4bK-r1;rport\r\n"
-    "Max-Forwards: 70\r\n"
-    "From: <sip:bob@127.0.0.1>;tag=r1\r\n"
-    "To: <sip:bob@127.0.0.1>\r\n"
-    "Call-ID: r1@test\r\n"
-    "CSeq: 1 REGISTER\r\n"
-    "Contact: <sip:bob@127.0.0.1:17000;transport=udp>\r\n"
-    "Expires: 600\r\n"
-    "Content-Length: 0\r\n\r\n"
-)
+from tests.silo.test_late_fork_order import CALLER, DEVICE, INVITE, REGISTER
 
 STOP_ORDER = ["shutdown", "calls", "silo", "location", "transactions", "transport"]
 
 
 class _EndedCall:
-    """A call the silo keeps for its grace period (what Call.linger hands it)."""
+    """An ended call the silo keeps for its grace period (as Call._release_silo hands it to Silo.linger)."""
 
     call_id = "ended@test"
     aor = "bob"
