@@ -23,15 +23,17 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.threadpool import ThreadPool
 
-from libon_tsilo.ops.config import Config, ConfigError, TlsConfig
+from libon_tsilo.ops.config import Config, ConfigError, ConnectionsConfig, TlsConfig
 from libon_tsilo.registrar.binding import Binding, LocationObserver
 
 if TYPE_CHECKING:
     from libon_tsilo.b2bua.manager import CallManager
+    from libon_tsilo.ops.rpc import Rpc
     from libon_tsilo.push.waker import PushWaker
     from libon_tsilo.registrar.location import LocationStore
     from libon_tsilo.registrar.registrar import Registrar
     from libon_tsilo.silo.silo import Silo
+    from libon_tsilo.sip.connlimits import ConnectionLimits
     from libon_tsilo.sip.flow import Flow, FlowTable
     from libon_tsilo.sip.router import Router
     from libon_tsilo.sip.tls import TLSContextFactory
@@ -194,7 +196,7 @@ class _CallsService(Service):
     """Ends the calls still up when the tree stops (after the drain gave up): their ring, session
     and retransmission timers go with them, and the silo and the waker hear that they ended."""
 
-    def __init__(self, calls: Any) -> None:
+    def __init__(self, calls: CallManager) -> None:
         self.calls = calls
 
     def stopService(self) -> None:
@@ -210,7 +212,7 @@ class _CallsService(Service):
 # TLS
 
 
-def make_tls_context_factory(tls: TlsConfig) -> Any:
+def make_tls_context_factory(tls: TlsConfig) -> TLSContextFactory | None:
     """The sip/tls context factory for [tls], or None with neither a certificate nor a CA file.
 
     A CA file alone still matters: it is the trust root of our outbound TLS connections. Bad PEM
@@ -284,7 +286,7 @@ def _add_limits(root: LibonTsiloService, parts: Parts) -> None:
     parts.extra["limits"].append(limiter)
 
 
-def _connection_limits(cfg: Any) -> Any:
+def _connection_limits(cfg: ConnectionsConfig) -> ConnectionLimits:
     """[connections] as the transport's ConnectionLimits (the same names: sip/ cannot import ops/)."""
     from dataclasses import asdict
 
@@ -313,7 +315,7 @@ class _FlowRelease(LocationObserver):
 class LocationService(Service):
     """Restores the bindings at start; flushes them to disk and stops the expiry timer at stop."""
 
-    def __init__(self, location: Any) -> None:
+    def __init__(self, location: LocationStore) -> None:
         self.location = location
 
     def startService(self) -> None:
@@ -562,7 +564,7 @@ def _add_manhole(root: LibonTsiloService, parts: Parts) -> None:
     parts.extra.setdefault("limits", []).append(svc.guard)
 
 
-def _ops_tools(root: LibonTsiloService, parts: Parts) -> Any:
+def _ops_tools(root: LibonTsiloService, parts: Parts) -> Rpc:
     """What the manhole and the admin API share, built once: the RPC functions and the message
     counters (hooked into the transport whether or not anything serves them: one dict increment)."""
     rpc = parts.extra.get("rpc")

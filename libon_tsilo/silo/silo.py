@@ -53,7 +53,7 @@ class SiloCall(Protocol):
     def can_append(self) -> bool:
         """False once the caller got a final response or sent CANCEL."""
 
-    def add_branch(self, binding: Any) -> bool:
+    def add_branch(self, binding: Binding) -> bool:
         """Fork to `binding`; False when the call declines (duplicate, limit reached...)."""
 
     def describe(self) -> dict[str, Any]:
@@ -67,14 +67,14 @@ class LateBindingCall(Protocol):
     call_id: str
     aor: str
 
-    def late_binding_after_end(self, binding: Any) -> bool:
+    def late_binding_after_end(self, binding: Binding) -> bool:
         """Send the woken device its INVITE and an immediate CANCEL; True if a branch went out."""
 
 
 class BindingSource(Protocol):
     """The part of the registrar's LocationStore the silo uses."""
 
-    def lookup(self, aor: str) -> list[Any]: ...
+    def lookup(self, aor: str) -> list[Binding]: ...
 
 
 class Silo(LocationObserver):
@@ -218,7 +218,7 @@ class Silo(LocationObserver):
             added += self._add(call, binding, started=None)
         return added
 
-    def append_by_contact(self, aor: str, binding: Any, started: float | None = None) -> int:
+    def append_by_contact(self, aor: str, binding: Binding, started: float | None = None) -> int:
         """Fork every pending call of `aor` to this one binding (ts_append_by_contact).
 
         `started` is when the binding event arrived, for the REGISTER->INVITE latency.
@@ -233,7 +233,7 @@ class Silo(LocationObserver):
                 added += self._add(call, binding, started)
         return added
 
-    def _add(self, call: SiloCall, binding: Any, started: float | None) -> int:
+    def _add(self, call: SiloCall, binding: Binding, started: float | None) -> int:
         try:
             ok = call.add_branch(binding)
         except Exception:
