@@ -97,3 +97,20 @@ def test_mypy_strict_flags_stay_per_module() -> None:
     assert seams.getboolean("disallow_untyped_defs") and seams.getboolean("disallow_any_generics")
     skipped = [name for name in sections if cfg[name].getboolean("ignore_errors", fallback=False)]
     assert not any("libon_tsilo.b2bua" in name for name in skipped)
+
+
+def test_the_layer_seams_are_typed_strictly_and_not_skipped() -> None:
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg", encoding="utf-8")
+    seams = ["libon_tsilo.silo.*", "libon_tsilo.registrar.binding", "libon_tsilo.registrar.location",
+             "libon_tsilo.sip.flow", "libon_tsilo.sip.transaction", "libon_tsilo.sip.transaction_client",
+             "libon_tsilo.sip.transaction_server"]
+    for module in seams:
+        sections = [name for name in cfg.sections() if module in name[len("mypy-"):].split(",")]
+        assert any(cfg[s].getboolean("disallow_untyped_defs", fallback=False)
+                   and cfg[s].getboolean("warn_return_any", fallback=False)
+                   for s in sections), module
+    skipped = [m for name in cfg.sections() if cfg[name].getboolean("ignore_errors", fallback=False)
+               for m in name[len("mypy-"):].split(",")]
+    for module in [*seams, "libon_tsilo.ops.service", "libon_tsilo.registrar.registrar", "libon_tsilo.ops.shutdown"]:
+        assert module not in skipped, module

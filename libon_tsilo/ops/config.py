@@ -24,6 +24,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from libon_tsilo.b2bua.capabilities import DEFAULT_ALLOWLIST
+from libon_tsilo.sip.listen import ListenSpec, ListenSpecError, parse_listen_spec
 from libon_tsilo.util import random_token
 
 __all__ = [
@@ -199,50 +200,15 @@ def _endpoint(value: str, key: str) -> str:
 # [sip] listen entries
 
 
-@dataclass(frozen=True)
-class ListenAddress:
-    transport: str  # "udp" | "tcp" | "tls"
-    host: str  # without brackets
-    port: int
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.transport}:{host}:{self.port}"
+ListenAddress = ListenSpec  # the name config users know
 
 
-_TRANSPORTS = ("udp", "tcp", "tls")
-_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
-_HOSTNAME_RE = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
-
-
-def parse_listen(spec: str, key: str = "sip.listen") -> ListenAddress:
-    """Parse ``"udp|tcp|tls:HOST:PORT"`` (IPv6 hosts in brackets: ``"udp:[::1]:5060"``)."""
-    transport, sep, rest = spec.partition(":")
-    if not sep:
-        raise ConfigError(key, f'"{spec}" is not "udp|tcp|tls:HOST:PORT"')
-    transport = transport.lower()
-    if transport not in _TRANSPORTS:
-        raise ConfigError(key, f'unknown transport "{transport}"')
-    if rest.startswith("["):
-        host, bracket, port_part = rest[1:].partition("]")
-        if not bracket or not port_part.startswith(":"):
-            raise ConfigError(key, f'"{spec}" has a malformed [IPv6]:PORT')
-        port_s = port_part[1:]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ConfigError(key, f'"{host}" is not an IPv6 address') from None
-    else:
-        host, sep, port_s = rest.rpartition(":")
-        if not sep:
-            raise ConfigError(key, f'"{spec}" has no port')
-        if ":" in host:
-            raise ConfigError(key, f'IPv6 address "{host}" must be in brackets, e.g. "udp:[::1]:5060"')
-        if not host or not _HOSTNAME_RE.match(host):
-            raise ConfigError(key, f'"{host}" is not a valid host')
-    if not port_s.isdigit() or int(port_s) > 65535:
-        raise ConfigError(key, f'"{port_s}" is not a port (0-65535)')
-    return ListenAddress(transport, host, int(port_s))
+def parse_listen(spec: str, key: str = "sip.listen") -> ListenSpec:
+    """The transport's own parser (sip/listen.py), its error as a ConfigError naming ``key``."""
+    try:
+        return parse_listen_spec(spec)
+    except ListenSpecError as exc:
+        raise ConfigError(key, str(exc)) from None
 
 
 def _listen_list(value: tuple[str, ...], key: str) -> tuple[str, ...]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
@@ -23,7 +23,22 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.threadpool import ThreadPool
 
-from libon_tsilo.ops.config import Config, ConfigError, TlsConfig
+from libon_tsilo.ops.config import Config, ConfigError, ConnectionsConfig, TlsConfig
+from libon_tsilo.registrar.binding import Binding, LocationObserver
+
+if TYPE_CHECKING:
+    from libon_tsilo.b2bua.manager import CallManager
+    from libon_tsilo.ops.rpc import Rpc
+    from libon_tsilo.push.waker import PushWaker
+    from libon_tsilo.registrar.location import LocationStore
+    from libon_tsilo.registrar.registrar import Registrar
+    from libon_tsilo.silo.silo import Silo
+    from libon_tsilo.sip.connlimits import ConnectionLimits
+    from libon_tsilo.sip.flow import Flow, FlowTable
+    from libon_tsilo.sip.router import Router
+    from libon_tsilo.sip.tls import TLSContextFactory
+    from libon_tsilo.sip.transaction import TransactionLayer
+    from libon_tsilo.sip.transport import TransportLayer
 
 __all__ = [
     "Parts",
@@ -38,19 +53,22 @@ log = Logger()
 
 @dataclass
 class Parts:
-    """Everything the wiring functions build; later layers read earlier ones from here."""
+    """Everything the wiring functions build; later layers read earlier ones from here.
+
+    None until its ``_add_*`` function ran (a test may build only some layers); ``waker`` stays
+    None without a push sender, ``b2bua`` and ``router`` are always built by make_service."""
 
     config: Config
     clock: IReactorTime
-    tls_context_factory: Any = None
-    transport: Any = None  # libon_tsilo.sip.transport.TransportLayer
-    transactions: Any = None  # libon_tsilo.sip.transaction.TransactionLayer
-    router: Any = None  # the TransactionUser that dispatches requests to the app layers
-    registrar: Any = None
-    location: Any = None
-    silo: Any = None
-    waker: Any = None
-    b2bua: Any = None
+    tls_context_factory: TLSContextFactory | None = None
+    transport: TransportLayer | None = None
+    transactions: TransactionLayer | None = None
+    router: Router | None = None  # the TransactionUser that dispatches requests to the app layers
+    registrar: Registrar | None = None
+    location: LocationStore | None = None
+    silo: Silo | None = None
+    waker: PushWaker | None = None
+    b2bua: CallManager | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -133,6 +151,16 @@ class LibonTsiloService(MultiService):
         return d
 
 
+_T = TypeVar("_T")
+
+
+def _built(part: _T | None) -> _T:
+    """A part an earlier ``_add_*`` function built (WIRING's order guarantees it)."""
+    if part is None:
+        raise RuntimeError("ops/service.py: a layer was wired before one it needs")
+    return part
+
+
 def _succeed() -> Deferred[None]:
     d: Deferred[None] = Deferred()
     d.callback(None)
@@ -155,19 +183,36 @@ class _OnStop(Service):
         return maybeDeferred(self._stop)
 
 
-def _attach(root: MultiService, obj: Any) -> None:
-    """Put ``obj`` in the tree: as itself when it is a service, else through its stop() method."""
-    if IService.providedBy(obj):
-        obj.setServiceParent(root)
-    elif callable(getattr(obj, "stop", None)):
-        _OnStop(obj.stop).setServiceParent(root)
+def _attach(root: MultiService, obj: Any, name: str) -> None:
+    """Put ``obj`` in the tree under ``name``: as itself when it is a service, else through its
+    stop() method. Children stop in the reverse order of attachment, so the transport (attached
+    first) goes down last, after everything that could still send."""
+    svc = obj if IService.providedBy(obj) else _OnStop(obj.stop)
+    svc.setName(name)
+    svc.setServiceParent(root)
+
+
+class _CallsService(Service):
+    """Ends the calls still up when the tree stops (after the drain gave up): their ring, session
+    and retransmission timers go with them, and the silo and the waker hear that they ended."""
+
+    def __init__(self, calls: CallManager) -> None:
+        self.calls = calls
+
+    def stopService(self) -> None:
+        super().stopService()
+        for call in list(self.calls.calls.values()):
+            try:
+                call.end("shutdown")
+            except Exception:
+                log.failure("ending a call at shutdown failed", call_id=call.call_id)
 
 
 # ---------------------------------------------------------------------------------------------
 # TLS
 
 
-def make_tls_context_factory(tls: TlsConfig) -> Any:
+def make_tls_context_factory(tls: TlsConfig) -> TLSContextFactory | None:
     """The sip/tls context factory for [tls], or None with neither a certificate nor a CA file.
 
     A CA file alone still matters: it is the trust root of our outbound TLS connections. Bad PEM
@@ -210,11 +255,11 @@ def _add_sip_stack(root: LibonTsiloService, parts: Parts) -> None:
         limits=_connection_limits(parts.config.connections),
         udp_receive_buffer=cfg.udp_receive_buffer,
     )
-    _attach(root, parts.transport)
+    _attach(root, parts.transport, "transport")
     parts.transactions = TransactionLayer(
         parts.transport, parts.clock, t1=cfg.t1, t2=cfg.t2, t4=cfg.t4
     )
-    _attach(root, parts.transactions)
+    _attach(root, parts.transactions, "transactions")
 
 
 def _add_limits(root: LibonTsiloService, parts: Parts) -> None:
@@ -231,17 +276,17 @@ def _add_limits(root: LibonTsiloService, parts: Parts) -> None:
     parts.extra.setdefault("limits", [])
     if cfg.requests_per_second <= 0:
         return
-    transport = parts.transport
+    transport = _built(parts.transport)
     limiter = SourceLimiter(
         parts.clock, cfg.requests_per_second, cfg.burst, cfg.ban_time, exempt, cfg.max_sources,
         respond=lambda resp, flow: transport.send_response(resp, flow),  # late: metrics wrap it
     )
-    parts.transactions.admit = limiter.admit
+    _built(parts.transactions).admit = limiter.admit
     parts.extra["source_limiter"] = limiter
     parts.extra["limits"].append(limiter)
 
 
-def _connection_limits(cfg: Any) -> Any:
+def _connection_limits(cfg: ConnectionsConfig) -> ConnectionLimits:
     """[connections] as the transport's ConnectionLimits (the same names: sip/ cannot import ops/)."""
     from dataclasses import asdict
 
@@ -250,19 +295,19 @@ def _connection_limits(cfg: Any) -> Any:
     return ConnectionLimits(**asdict(cfg))
 
 
-class _FlowRelease:
-    """Location observer: the flow of a removed binding goes back to the unbound idle timeout."""
+class _FlowRelease(LocationObserver):
+    """The flow of a removed binding goes back to the unbound idle timeout."""
 
-    def __init__(self, flows: Any) -> None:
+    def __init__(self, flows: FlowTable) -> None:
         self.flows = flows
 
-    def binding_added(self, binding: Any, flow: Any) -> None:
+    def binding_added(self, binding: Binding, flow: Flow | None) -> None:
         pass
 
-    def binding_refreshed(self, binding: Any, flow: Any) -> None:
+    def binding_refreshed(self, binding: Binding, flow: Flow | None) -> None:
         pass
 
-    def binding_removed(self, binding: Any, reason: str) -> None:
+    def binding_removed(self, binding: Binding, reason: str) -> None:
         if binding.flow_id is not None:
             self.flows.recheck(binding.flow_id)
 
@@ -270,9 +315,8 @@ class _FlowRelease:
 class LocationService(Service):
     """Restores the bindings at start; flushes them to disk and stops the expiry timer at stop."""
 
-    def __init__(self, location: Any, auth: Any) -> None:
+    def __init__(self, location: LocationStore) -> None:
         self.location = location
-        self.auth = auth
 
     def startService(self) -> None:
         super().startService()
@@ -280,8 +324,6 @@ class LocationService(Service):
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
-        if self.auth is not None:
-            self.auth.stop()
         return maybeDeferred(self.location.stop)
 
 
@@ -302,7 +344,7 @@ def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
             cfg.location.path, parts.clock, flush_interval=cfg.location.flush_interval_ms / 1000.0,
             reactor=reactor,
         )
-    parts.location = LocationStore(parts.clock, persistence)
+    parts.location = location = LocationStore(parts.clock, persistence)
     auth = None
     if cfg.auth.enabled:
         auth = AuthPolicy(
@@ -317,29 +359,32 @@ def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
         )
     parts.extra["auth"] = auth
     reg = cfg.registrar
-    parts.registrar = Registrar(
-        parts.clock, parts.location, domains=cfg.sip.domains, auth=auth, use_domain=reg.use_domain,
+    parts.registrar = registrar = Registrar(
+        parts.clock, location, domains=cfg.sip.domains, auth=auth, use_domain=reg.use_domain,
         min_expires=reg.min_expires, max_expires=reg.max_expires, default_expires=reg.default_expires,
         max_contacts=reg.max_contacts, on_max_contacts=reg.on_max_contacts,
         pnsreg_interval=reg.pnsreg_interval, push_providers=cfg.push.providers,
         flow_timer=reg.flow_timer,
     )
-    parts.transport.flows.subscribe_close(parts.registrar.flow_closed)
+    flows = _built(parts.transport).flows
+    flows.subscribe_close(registrar.flow_closed)
     # a flow a binding came over lives as long as the registration (RFC 5626), not the unbound idle
-    location = parts.location
-    parts.transport.flows.add_keeper(lambda flow_id: bool(location.by_flow(flow_id)))
-    location.subscribe(_FlowRelease(parts.transport.flows))
-    svc = LocationService(parts.location, auth)
-    svc.setName("location")
-    svc.setServiceParent(root)
+    flows.add_keeper(lambda flow_id: bool(location.by_flow(flow_id)))
+    location.subscribe(_FlowRelease(flows))
+    _attach(root, LocationService(location), "location")
+    if auth is not None:
+        _attach(root, auth, "auth")  # nonce and failure-window timers
 
 
 def _add_silo(root: LibonTsiloService, parts: Parts) -> None:
     from libon_tsilo.silo.silo import Silo
 
-    parts.silo = Silo(parts.clock, parts.location, max_pending_per_aor=parts.config.calls.max_pending_per_aor,
-                      max_total=parts.config.limits.max_parked_total)
-    parts.location.subscribe(parts.silo)
+    location = _built(parts.location)
+    calls, limits = parts.config.calls, parts.config.limits
+    parts.silo = silo = Silo(parts.clock, location, max_pending_per_aor=calls.max_pending_per_aor,
+                             max_total=limits.max_parked_total)
+    location.subscribe(silo)
+    _attach(root, silo, "silo")  # the linger timers of ended calls
 
 
 def _add_push(root: LibonTsiloService, parts: Parts) -> None:
@@ -378,7 +423,7 @@ def _add_push(root: LibonTsiloService, parts: Parts) -> None:
     waker = PushWaker(
         parts.clock,
         PushRouter(senders),
-        remove_binding=parts.registrar.remove,
+        remove_binding=_built(parts.registrar).remove,
         skip_push_if_registered_within=float(cfg.skip_push_if_registered_within),
         cancelled_ios_call=cfg.cancelled_ios_call,
         refresh_before_expiry=float(cfg.refresh_before_expiry),
@@ -386,7 +431,7 @@ def _add_push(root: LibonTsiloService, parts: Parts) -> None:
         pushes_per_device_per_minute=parts.config.limits.pushes_per_device_per_minute,
     )
     parts.extra.setdefault("limits", []).append(waker)
-    parts.location.subscribe(waker)
+    _built(parts.location).subscribe(waker)
 
     class PushService(Service):
         def startService(self) -> None:
@@ -443,35 +488,38 @@ def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
 
         exempt = parts.extra.get("limit_exempt", ())
         kwargs["sources"] = CallerSources(cfg.limits.max_parked_per_source, exempt)
-    parts.b2bua = CallManager(
+    parts.b2bua = calls = CallManager(
         parts.clock,
-        TransactionPort(parts.transactions, parts.clock),
-        parts.silo,
-        parts.location,
+        TransactionPort(_built(parts.transactions), parts.clock),
+        _built(parts.silo),
+        _built(parts.location),
         parts.waker,
         CallSettings.from_config(cfg.calls, use_domain=cfg.registrar.use_domain),
         is_local=lambda uri: uri.host in domains,
         **kwargs,
     )
-    parts.extra.setdefault("limits", []).append(parts.b2bua)
-    parts.transport.flows.subscribe_close(parts.b2bua.flow_closed)
-    parts.transport.flows.add_keeper(parts.b2bua.flows.__contains__)  # a call's connection stays
+    parts.extra.setdefault("limits", []).append(calls)
+    flows = _built(parts.transport).flows
+    flows.subscribe_close(calls.flow_closed)
+    flows.add_keeper(calls.flows.__contains__)  # a call's connection stays
+    _attach(root, _CallsService(calls), "calls")
 
 
 def _add_router(root: LibonTsiloService, parts: Parts) -> None:
     from libon_tsilo.sip.router import Router
     from libon_tsilo.sip.uas_core import UASCore
 
-    parts.router = Router(UASCore(server=parts.config.sip.user_agent))
-    parts.transactions.tu = parts.router
-    parts.router.route("REGISTER", parts.registrar.handle_register, parts.registrar.extensions)
+    parts.router = router = Router(UASCore(server=parts.config.sip.user_agent))
+    _built(parts.transactions).tu = router
+    registrar = _built(parts.registrar)
+    router.route("REGISTER", registrar.handle_register, registrar.extensions)
     calls = parts.b2bua
     if calls is not None:
-        parts.router.route("INVITE", calls.handle_invite)
-        parts.router.in_dialog = calls.handle_in_dialog
-        parts.router.ack = calls.handle_ack
-        parts.router.cancel = calls.handle_cancel
-        parts.router.stray = calls.stray_response
+        router.route("INVITE", calls.handle_invite)
+        router.in_dialog = calls.handle_in_dialog
+        router.ack = calls.handle_ack
+        router.cancel = calls.handle_cancel
+        router.stray = calls.stray_response
 
 
 def _add_overload(root: LibonTsiloService, parts: Parts) -> None:
@@ -516,7 +564,7 @@ def _add_manhole(root: LibonTsiloService, parts: Parts) -> None:
     parts.extra.setdefault("limits", []).append(svc.guard)
 
 
-def _ops_tools(root: LibonTsiloService, parts: Parts) -> Any:
+def _ops_tools(root: LibonTsiloService, parts: Parts) -> Rpc:
     """What the manhole and the admin API share, built once: the RPC functions and the message
     counters (hooked into the transport whether or not anything serves them: one dict increment)."""
     rpc = parts.extra.get("rpc")

@@ -37,8 +37,6 @@ POLL_INTERVAL = 0.25  # seconds between two looks at the call table while draini
 class GracefulShutdown(Service):
     """Refuses new calls, ends parked ones, and waits for the answered ones (see the module doc)."""
 
-    name = "shutdown"
-
     def __init__(
         self,
         root: Any,
@@ -48,6 +46,7 @@ class GracefulShutdown(Service):
         reactor: Any = None,
         handle_sigterm: bool = True,
     ) -> None:
+        self.setName("shutdown")
         self.root = root
         self.parts = parts
         self.clock = parts.clock

@@ -55,6 +55,7 @@ from libon_tsilo.push.base import (
 from libon_tsilo.push.router import PushRouter
 from libon_tsilo.push.stats import PushStats
 from libon_tsilo.ratelimit import SlidingWindow, ThrottledLog
+from libon_tsilo.registrar.binding import LocationObserver
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.uri import URI
 from libon_tsilo.util import redact
@@ -139,7 +140,7 @@ def _prid_key(binding: Any) -> tuple[str, str] | None:
     return (provider, prid) if provider and prid else None
 
 
-class PushWaker:
+class PushWaker(LocationObserver):
     """Implements the b2bua Waker protocol (duck-typed) and the registrar's LocationObserver."""
 
     def __init__(

@@ -195,7 +195,7 @@ class FailureLimiter:
         for table in (self._sources, self._users):
             for key in [k for k, e in table.items() if e.until <= now and now - e.start >= window]:
                 del table[key]
-        for key in [k for k, until in self._known.items() if until <= now]:
-            del self._known[key]
+        for pair in [k for k, until in self._known.items() if until <= now]:
+            del self._known[pair]
         if self._sources or self._users or self._known:
             self._sweeper = self.clock.callLater(window, self._sweep)

@@ -105,10 +105,14 @@ _FIELD_NAMES = tuple(f.name for f in fields(Binding))
 
 
 class LocationObserver(Protocol):
-    """Receives binding events from the LocationStore (the silo, metrics, the push layer...)."""
+    """Receives binding events from the LocationStore: the silo (late fork), the push waker, and
+    ops' flow release. Each implements all three methods, explicitly."""
 
-    def binding_added(self, binding: Binding, flow: Flow | None) -> None: ...
+    def binding_added(self, binding: Binding, flow: Flow | None) -> None:
+        """A new registration; ``flow`` is the connection its REGISTER came over (None: restored)."""
 
-    def binding_refreshed(self, binding: Binding, flow: Flow | None) -> None: ...
+    def binding_refreshed(self, binding: Binding, flow: Flow | None) -> None:
+        """A re-REGISTER of a known binding (same key, or one it replaces)."""
 
-    def binding_removed(self, binding: Binding, reason: str) -> None: ...
+    def binding_removed(self, binding: Binding, reason: str) -> None:
+        """Gone: "expired", "unregistered", "replaced", "max_contacts", a push error..."""

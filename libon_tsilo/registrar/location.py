@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from libon_tsilo.registrar.sqlite_store import SqliteBindingStore
     from libon_tsilo.sip.flow import Flow
 
-__all__ = ["LocationStore", "NotStored", "StoreClosed"]
+__all__ = ["BindingEvent", "LocationStore", "NotStored", "StoreClosed"]
 
 log = Logger()
 
@@ -43,6 +44,24 @@ class StoreClosed(NotStored):
     """The store is stopped (shutdown): nothing more is written."""
 
 
+@dataclass(frozen=True, slots=True)
+class BindingEvent:
+    """One change, as held for a REGISTER until its answer is sent (see the module doc)."""
+
+    kind: Literal["added", "refreshed", "removed"]
+    binding: Binding
+    flow: Flow | None = None
+    reason: str = ""
+
+    def deliver(self, observer: LocationObserver) -> None:
+        if self.kind == "added":
+            observer.binding_added(self.binding, self.flow)
+        elif self.kind == "refreshed":
+            observer.binding_refreshed(self.binding, self.flow)
+        else:
+            observer.binding_removed(self.binding, self.reason)
+
+
 class LocationStore:
     def __init__(self, clock: IReactorTime, persistence: SqliteBindingStore | None = None) -> None:
         self.clock = clock
@@ -55,7 +74,7 @@ class LocationStore:
         self._timer: IDelayedCall | None = None
         self._timer_deadline = 0.0  # the heap deadline the timer was set for
         self._count = 0
-        self._held: list[tuple[str, tuple[Any, ...]]] | None = None
+        self._held: list[BindingEvent] | None = None
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -79,13 +98,13 @@ class LocationStore:
         log.info("location: restored {n} bindings", n=restored)
         return restored
 
-    def flush(self) -> defer.Deferred:
+    def flush(self) -> defer.Deferred[None]:
         """Fires when every change so far is persisted (immediately for the memory backend)."""
         if self.persistence is None:
             return defer.succeed(None)
         return self.persistence.flush()
 
-    def when_durable(self, aor: str) -> defer.Deferred | None:
+    def when_durable(self, aor: str) -> defer.Deferred[None] | None:
         """Fires when every change so far is committed; fails (sqlite_store.NotStored) when a change
         of ``aor`` could not be. None when there is nothing to wait for (the memory backend)."""
         if self.persistence is None:
@@ -105,7 +124,7 @@ class LocationStore:
             "pending": p.pending(),
         }
 
-    def stop(self) -> defer.Deferred:
+    def stop(self) -> defer.Deferred[None]:
         """Cancel the expiry timer, then flush and close the persistence."""
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -128,24 +147,24 @@ class LocationStore:
         """Keep the events from now on until release_events() (one REGISTER, processed synchronously)."""
         self._held = []
 
-    def release_events(self) -> list[tuple[str, tuple[Any, ...]]]:
+    def release_events(self) -> list[BindingEvent]:
         """Stop holding; returns the held events, for emit_events() once the REGISTER is answered."""
         held, self._held = self._held, None
         return held or []
 
-    def emit_events(self, events: list[tuple[str, tuple[Any, ...]]]) -> None:
-        for event, args in events:
-            self._emit(event, *args)
+    def emit_events(self, events: list[BindingEvent]) -> None:
+        for event in events:
+            self._emit(event)
 
-    def _emit(self, event: str, *args: Any) -> None:
+    def _emit(self, event: BindingEvent) -> None:
         if self._held is not None:
-            self._held.append((event, args))
+            self._held.append(event)
             return
         for observer in list(self._observers):
             try:
-                getattr(observer, event)(*args)
+                event.deliver(observer)
             except Exception:
-                log.failure("location observer {obs!r} failed on {event}", obs=observer, event=event)
+                log.failure("location observer {obs!r} failed on {kind}", obs=observer, kind=event.kind)
 
     # -- queries --------------------------------------------------------------------------------
 
@@ -201,7 +220,7 @@ class LocationStore:
             self._drop(old)
             if self.persistence is not None:
                 self.persistence.delete(old)
-            self._emit("binding_removed", old, "expired")
+            self._emit(BindingEvent("removed", old, reason="expired"))
             old = None
         if old is not None:
             self._drop(old)
@@ -211,9 +230,9 @@ class LocationStore:
         self._push_deadline(binding)
         if self.persistence is not None:
             self.persistence.save(binding)
-        event = "binding_refreshed" if old is not None else "binding_added"
-        self._emit(event, binding, flow)
-        return "refreshed" if old is not None else "added"
+        kind: Literal["added", "refreshed"] = "refreshed" if old is not None else "added"
+        self._emit(BindingEvent(kind, binding, flow))
+        return kind
 
     def remove(self, binding: Binding, reason: str) -> bool:
         """Remove a binding (if it is still the current one for its key); emits binding_removed."""
@@ -222,7 +241,7 @@ class LocationStore:
         self._drop(binding)
         if self.persistence is not None:
             self.persistence.delete(binding)
-        self._emit("binding_removed", binding, reason)
+        self._emit(BindingEvent("removed", binding, reason=reason))
         return True
 
     def remove_aor(self, aor: str, reason: str) -> list[Binding]:

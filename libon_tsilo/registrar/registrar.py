@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from libon_tsilo import logflags
 from libon_tsilo.registrar.auth import AuthPolicy
 from libon_tsilo.registrar.binding import Binding
-from libon_tsilo.registrar.location import LocationStore, StoreClosed
+from libon_tsilo.registrar.location import BindingEvent, LocationStore, StoreClosed
 from libon_tsilo.registrar.push_params import PN_URI_PARAMS, feature_caps, parse_push_params, pn_triple_match
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.headers import NameAddr, parse_uint, unquote
@@ -176,7 +176,8 @@ class Registrar:
             store.emit_events(events)
             return
         durable.addCallbacks(
-            self._committed, self._not_stored, (stx, resp, events), None, (stx, request, events)
+            self._committed, self._not_stored,
+            callbackArgs=(stx, resp, events), errbackArgs=(stx, request, events),
         )
         durable.addErrback(self._answer_failed, request)
 
@@ -184,13 +185,13 @@ class Registrar:
     def _answer_failed(failure: Failure, request: Request) -> None:
         log.failure("REGISTER: answering after the commit failed", failure, call_id=request.header("call-id"))
 
-    def _committed(self, _: object, stx: Any, resp: Response, events: list) -> None:
+    def _committed(self, _: object, stx: Any, resp: Response, events: list[BindingEvent]) -> None:
         try:
             stx.respond(resp)
         finally:  # the bindings are stored and live whatever became of the answer
             self.store.emit_events(events)
 
-    def _not_stored(self, failure: Failure, stx: Any, request: Request, events: list) -> None:
+    def _not_stored(self, failure: Failure, stx: Any, request: Request, events: list[BindingEvent]) -> None:
         closed = failure.check(StoreClosed) is not None
         log.warn(
             "REGISTER for {to}: binding not stored ({reason}), answering {status}",

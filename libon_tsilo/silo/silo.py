@@ -7,18 +7,22 @@ concerns, keeps the statistics operators know, and measures how long a REGISTER 
 into a forked INVITE.
 
 Keys are the registrar's `aor_key(uri, use_domain)` strings; the call layer and the registrar
-must produce them the same way (the usual TSILO pitfall, see kamailio-tsilo.md §4).
+must produce them the same way (the usual TSILO pitfall: a key mismatch parks a call no REGISTER can find).
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from libon_tsilo.latency import LatencyWindow
+from libon_tsilo.registrar.binding import Binding, LocationObserver
 from libon_tsilo.silo.stats import SiloCounters
+
+if TYPE_CHECKING:
+    from libon_tsilo.sip.flow import Flow
 
 __all__ = [
     "Silo",
@@ -35,7 +39,7 @@ log = Logger()
 # a binding event comes at most this long after its REGISTER; an older registered_at is not one
 _MAX_EVENT_DELAY = 60.0
 
-# ts_append_to() return codes, as Kamailio operators know them (kamailio-tsilo.md §2)
+# ts_append_to() return codes, as Kamailio operators know them (the tsilo module documentation)
 NOT_FOUND = -1
 NO_RECORD = -2
 CANNOT_APPEND = -3
@@ -50,7 +54,7 @@ class SiloCall(Protocol):
     def can_append(self) -> bool:
         """False once the caller got a final response or sent CANCEL."""
 
-    def add_branch(self, binding: Any) -> bool:
+    def add_branch(self, binding: Binding) -> bool:
         """Fork to `binding`; False when the call declines (duplicate, limit reached...)."""
 
     def describe(self) -> dict[str, Any]:
@@ -64,18 +68,18 @@ class LateBindingCall(Protocol):
     call_id: str
     aor: str
 
-    def late_binding_after_end(self, binding: Any) -> bool:
+    def late_binding_after_end(self, binding: Binding) -> bool:
         """Send the woken device its INVITE and an immediate CANCEL; True if a branch went out."""
 
 
 class BindingSource(Protocol):
     """The part of the registrar's LocationStore the silo uses."""
 
-    def lookup(self, aor: str) -> list[Any]: ...
+    def lookup(self, aor: str) -> list[Binding]: ...
 
 
-class Silo:
-    """Pending calls per AOR key. Implements the registrar's LocationObserver."""
+class Silo(LocationObserver):
+    """Pending calls per AOR key; the location store's observer that late-forks them."""
 
     def __init__(
         self,
@@ -171,6 +175,16 @@ class Silo:
             if not calls:
                 del self._lingering[call.aor]
 
+    def stop(self) -> None:
+        """Service stop: end every grace period now (their timers are cancelled)."""
+        for calls in list(self._lingering.values()):
+            for call in list(calls.values()):
+                self.unlinger(call)
+        for timer in self._linger_timers.values():  # none left unless a call changed its aor
+            if timer.active():
+                timer.cancel()
+        self._linger_timers.clear()
+
     # -- appending -----------------------------------------------------------------------
 
     def append(self, aor: str) -> int:
@@ -205,7 +219,7 @@ class Silo:
             added += self._add(call, binding, started=None)
         return added
 
-    def append_by_contact(self, aor: str, binding: Any, started: float | None = None) -> int:
+    def append_by_contact(self, aor: str, binding: Binding, started: float | None = None) -> int:
         """Fork every pending call of `aor` to this one binding (ts_append_by_contact).
 
         `started` is when the binding event arrived, for the REGISTER->INVITE latency.
@@ -220,7 +234,7 @@ class Silo:
                 added += self._add(call, binding, started)
         return added
 
-    def _add(self, call: SiloCall, binding: Any, started: float | None) -> int:
+    def _add(self, call: SiloCall, binding: Binding, started: float | None) -> int:
         try:
             ok = call.add_branch(binding)
         except Exception:
@@ -238,18 +252,18 @@ class Silo:
 
     # -- LocationObserver ----------------------------------------------------------------
 
-    def binding_added(self, binding: Any, flow: Any = None) -> None:
+    def binding_added(self, binding: Binding, flow: Flow | None = None) -> None:
         self._binding_event(binding)
 
-    def binding_refreshed(self, binding: Any, flow: Any = None) -> None:
+    def binding_refreshed(self, binding: Binding, flow: Flow | None = None) -> None:
         # the call decides whether a refresh deserves a new branch (changed contact or flow)
         self._binding_event(binding)
 
-    def binding_removed(self, binding: Any, reason: str) -> None:
+    def binding_removed(self, binding: Binding, reason: str) -> None:
         # a branch already sent keeps running until its own transaction ends
         pass
 
-    def _binding_event(self, binding: Any) -> None:
+    def _binding_event(self, binding: Binding) -> None:
         # the event follows the REGISTER's 200 OK, which waits for the binding to be on disk: the
         # latency counts from when the REGISTER was processed, so that wait shows
         now = self.clock.seconds()

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -195,7 +195,7 @@ class FlowTable:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Flow]:
         return iter(list(self._by_id.values()))
 
     def add_keeper(self, keeper: Keeper) -> None:

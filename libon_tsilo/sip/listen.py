@@ -1,8 +1,8 @@
 """Listen specs (``"udp:127.0.0.1:5060"``, ``"tcp:[::1]:5060"``) and host:port text helpers.
 
-``ops/config.py`` validates the same syntax at start-up with its own error type; this module is what
-the transport layer uses, so ``sip/`` never imports ``ops/``. Hosts are IP literals or plain host
-names (names are only resolved by the OS when binding, never per message).
+The one parser of ``[sip] listen``: ``ops/config.py`` checks the file with it at start-up (its
+ConfigError carries our message), and the transport layer binds what it returns. Hosts are IP
+literals or plain host names (names are only resolved by the OS when binding, never per message).
 """
 
 from __future__ import annotations
@@ -52,8 +52,10 @@ def parse_listen_spec(spec: str) -> ListenSpec:
         raise ListenSpecError(f"listen spec must be a string, not {type(spec).__name__}")
     transport, sep, rest = spec.strip().partition(":")
     transport = transport.lower()
-    if not sep or transport not in TRANSPORTS:
+    if not sep:
         raise ListenSpecError(f'"{spec}": expected "udp|tcp|tls:HOST:PORT"')
+    if transport not in TRANSPORTS:
+        raise ListenSpecError(f'"{spec}": unknown transport "{transport}" (expected udp|tcp|tls)')
     if rest.startswith("["):
         host, bracket, tail = rest[1:].partition("]")
         if not bracket or not tail.startswith(":"):

@@ -17,6 +17,7 @@ from libon_tsilo.ops.config import (
     load_config,
     parse_listen,
 )
+from libon_tsilo.sip.listen import ListenSpecError, parse_listen_spec
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "etc" / "libon-tsilo.toml"
@@ -163,14 +164,15 @@ def test_float_keys_accept_integers():
 @pytest.mark.parametrize(
     "listen, expected",
     [
-        (["udp:127.0.0.1:5060", "tcp:127.0.0.1:5060", "sctp:127.0.0.1:5060"], 'sip.listen[2]: unknown transport "sctp"'),
-        (["udp:::1:5060"], 'sip.listen[0]: IPv6 address "::1" must be in brackets, e.g. "udp:[::1]:5060"'),
-        (["udp:127.0.0.1"], 'sip.listen[0]: "udp:127.0.0.1" has no port'),
-        (["udp:127.0.0.1:70000"], 'sip.listen[0]: "70000" is not a port (0-65535)'),
-        (["udp:[::1:5060"], 'sip.listen[0]: "udp:[::1:5060" has a malformed [IPv6]:PORT'),
-        (["udp:[fe80::zz]:5060"], 'sip.listen[0]: "fe80::zz" is not an IPv6 address'),
-        (["udp:bad_host:5060"], 'sip.listen[0]: "bad_host" is not a valid host'),
-        (["udp"], 'sip.listen[0]: "udp" is not "udp|tcp|tls:HOST:PORT"'),
+        (["udp:127.0.0.1:5060", "tcp:127.0.0.1:5060", "sctp:127.0.0.1:5060"],
+         'sip.listen[2]: "sctp:127.0.0.1:5060": unknown transport "sctp" (expected udp|tcp|tls)'),
+        (["udp:::1:5060"], 'sip.listen[0]: "udp:::1:5060": an IPv6 address must be in brackets, e.g. "udp:[::1]:5060"'),
+        (["udp:127.0.0.1"], 'sip.listen[0]: "udp:127.0.0.1": missing port'),
+        (["udp:127.0.0.1:70000"], 'sip.listen[0]: "udp:127.0.0.1:70000": "70000" is not a port (0-65535)'),
+        (["udp:[::1:5060"], 'sip.listen[0]: "udp:[::1:5060": malformed "[IPv6]:PORT"'),
+        (["udp:[fe80::zz]:5060"], 'sip.listen[0]: "udp:[fe80::zz]:5060": "fe80::zz" is not an IPv6 address'),
+        (["udp:bad_host:5060"], 'sip.listen[0]: "udp:bad_host:5060": "bad_host" is not a valid host'),
+        (["udp"], 'sip.listen[0]: "udp": expected "udp|tcp|tls:HOST:PORT"'),
         (["udp:127.0.0.1:5060", "udp:127.0.0.1:5060"], 'sip.listen[1]: "udp:127.0.0.1:5060" is listed twice'),
         ([], "sip.listen: needs at least one listener"),
     ],
@@ -185,6 +187,21 @@ def test_parse_listen():
     assert str(ListenAddress("tcp", "::1", 5)) == "tcp:[::1]:5"
     cfg = config_from_dict({"sip": {"listen": ["udp:[::1]:0", "tcp:0.0.0.0:5060"]}})
     assert [a.transport for a in cfg.sip.listen_addresses] == ["udp", "tcp"]
+
+
+@pytest.mark.parametrize(
+    "spec", [" udp:127.0.0.1:5060 ", "sctp:h:1", "udp:::1:5060", "udp:h", "udp:h:99999", "udp:[x]:1", "udp:a_b:1"]
+)
+def test_the_config_check_is_the_transport_parser(spec):
+    """One parser: what the config accepts is what the transport binds, its refusal the same text."""
+    try:
+        expected = parse_listen_spec(spec)
+    except ListenSpecError as exc:
+        with pytest.raises(ConfigError) as err:
+            parse_listen(spec, "sip.listen[0]")
+        assert str(err.value) == f"sip.listen[0]: {exc}"
+    else:
+        assert parse_listen(spec) == expected
 
 
 @pytest.mark.parametrize(

@@ -63,7 +63,7 @@ def test_make_service_config_error_exits_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         tap.makeService(opts)
     assert info.value.code == 2
-    assert capsys.readouterr().err == 'libon-tsilo: config error: sip.listen[2]: unknown transport "sctp"\n'
+    assert capsys.readouterr().err == 'libon-tsilo: config error: sip.listen[2]: "sctp:127.0.0.1:5060": unknown transport "sctp" (expected udp|tcp|tls)\n'
 
 
 def test_check_flag_validates_and_exits_0(capsys):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.internet.task import Clock
 
-from libon_tsilo.registrar.location import LocationStore
+from libon_tsilo.registrar.location import BindingEvent, LocationStore
 from tests.fakes.sip import FakeFlow
 from tests.registrar.helpers import BrokenObserver, RecordingObserver, make_binding
 
@@ -125,3 +125,24 @@ def test_stop_cancels_timer() -> None:
     d = store.stop()
     assert not clock.getDelayedCalls()
     assert d.called
+
+
+def test_held_events_are_typed_records_delivered_through_the_observer_methods() -> None:
+    clock, store, obs = _store()
+    flow = FakeFlow()
+    store.hold_events()
+    b1 = make_binding(expires_at=100.0)
+    store.add_or_update(b1, flow)
+    b2 = make_binding(expires_at=200.0, cseq=2)
+    store.add_or_update(b2, flow)
+    store.remove(b2, "unregistered")
+    held = store.release_events()
+    assert obs.events == []  # held until the REGISTER is answered
+    assert held == [
+        BindingEvent("added", b1, flow),
+        BindingEvent("refreshed", b2, flow),
+        BindingEvent("removed", b2, reason="unregistered"),
+    ]
+    store.emit_events(held)
+    assert obs.events == [("added", b1, flow), ("refreshed", b2, flow), ("removed", b2, "unregistered")]
+    store.stop()
