@@ -355,3 +355,17 @@ def test_target_answering_without_an_offer_is_dropped_and_the_call_stays() -> No
     c.from_a("BYE")
     c.sent("BYE")[-1].respond(200)
     env.assert_clean()
+
+
+def test_transfer_calls_do_not_share_one_caller_source() -> None:
+    from libon_tsilo.b2bua.admission import CallerSources
+    from libon_tsilo.b2bua.transfer import _no_flow
+
+    c = Transferable()
+    env = c.env
+    env.mgr.sources = CallerSources(1)
+    env.mgr.sources.admit("some-other-transfer", _no_flow())  # another transfer is ringing
+    assert c.refer_from_b().statuses == [202]
+    assert not any(sipfrag(n)[0].startswith("SIP/2.0 503") for n in c.sent("NOTIFY"))
+    c.carol()  # the target is called
+
