@@ -165,6 +165,8 @@ class Transfer:
         stays, waiting for the new call (RFC 5589 blind transfer)."""
         self.referrer_gone = True
         self.mgr.unregister_leg(self.referrer)
+        if self.call.timers is not None:
+            self.call.timers.leg_gone(self.referrer)
 
     def call_ended(self, call: Call) -> None:
         """relay.hang_up is ending one of the two calls."""

@@ -369,3 +369,22 @@ def test_transfer_calls_do_not_share_one_caller_source() -> None:
     assert not any(sipfrag(n)[0].startswith("SIP/2.0 503") for n in c.sent("NOTIFY"))
     c.carol()  # the target is called
 
+
+def test_session_refresh_does_not_go_to_a_referrer_that_left() -> None:
+    c = Transferable()
+    env = c.env
+    env.clock.advance(890)  # the refresh of bob's leg (ours, at 900 s) comes while carol rings
+    assert c.refer_from_b().statuses == [202]
+    c.sent("NOTIFY")[0].respond(200)
+    assert c.from_b("BYE").statuses == [200]
+    carol = c.carol()
+    carol.respond(180, to_tag="carol-tag")
+    n = len(env.port.sent)
+    env.clock.advance(15)
+    to_referrer = [x for x in env.port.sent[n:] if x.request.call_id == c.b_req.call_id
+                   and x.request.method in ("UPDATE", "INVITE")]
+    assert to_referrer == []
+    assert "CANCEL" not in env.port.sent_methods()
+    assert "BYE" not in [x.request.method for x in env.port.sent[n:]]
+    carol.respond(200, to_tag="carol-tag", body=SDP_C)
+    assert env.port.sent[-1].request.method == "INVITE"  # the transferee is re-INVITEd toward carol
