@@ -118,7 +118,7 @@ class Call:
         "ring_deadline", "a", "branches", "_by_key", "state", "failures", "winner", "early_media_from",
         "park_d", "wake_d", "wake_result", "woken", "_waker_used", "_ring_timer", "_late_ack", "offer_busy",
         "pending_acks", "late_reason", "ended", "end_reason", "trust", "timers", "_device_ids",
-        "transfer",
+        "transfer", "a_answered",
     )
 
     def __init__(self, mgr: CallManager, invite: Request, stx: Any, flow: Any, aor: str, callee_uri: str,
@@ -167,6 +167,7 @@ class Call:
         self.timers: session_timer.SessionTimers | None = None  # RFC 4028, once answered
         self._device_ids: dict[str, str] | None = None  # device -> the Call-ID of its B-leg
         self.transfer: Any = None  # b2bua/transfer.py: a REFER this call is part of, while it runs
+        self.a_answered = False  # our 2xx to the caller went out
 
     # -- description (silo dump / admin) -------------------------------------------------------
 
@@ -238,8 +239,21 @@ class Call:
             # a bug must not leave the caller hanging nor leak the call
             if not self.state.final:
                 self.finish_unanswered(500, "Server Internal Error", None, "internal error", None)
-            else:
-                self.end("internal error")
+            elif not self.ended:
+                self._fail_answered()
+
+    def _fail_answered(self) -> None:
+        """A bug once the state was final: each party learns the call is over (a 500 to a caller
+        not yet answered, a BYE to whoever is in the dialog), else both would only see 481 later."""
+        if not self.a_answered and isinstance(self.state, Connected):  # it raised inside connect()
+            try:
+                self.port.respond(self.a.stx, make_response(self.a.invite, 500, "Server Internal Error",
+                                                            to_tag=self.a.dialog.local_tag))
+            except Exception:
+                log.failure("cannot answer 500", call_id=self.call_id)
+            self.cancel_branches(None, keep=self.winner)
+        told = None if self.a_answered else self.a  # a caller with our 500 gets no BYE
+        relay.hang_up(self, told, "internal error", session_timer.REASON_INTERNAL)
 
     # -- silo interface ------------------------------------------------------------------------
 
@@ -565,6 +579,7 @@ class Call:
             ok.body = resp.body
         self.timers = session_timer.start(self, resp, ok)
         self.a.retransmit = self.port.respond_2xx(self.a.stx, ok, self._no_ack)
+        self.a_answered = True
         self.mgr.counters["answered"] += 1
         self.mgr.watch_flow(self, leg.hop.flow_id, leg.hop.transport)
         self._release_silo()
