@@ -287,3 +287,39 @@ def test_forked_branches_each_prack_on_their_own_dialog() -> None:
     assert one.cancelled
     one.respond(487, to_tag="one")
     finish_connected(env, stx)
+
+
+def _early_from_caller(env: Env, method: str, body: bytes = b"") -> FakeStx:
+    stx = invite(env, REQUIRE)
+    device_18x(env.port.invites()[0], 183, 1, SDP_B)
+    early = stx.responses[-1]
+    caller_prack(env, early.to.tag, rseq_of(early))
+    req = in_dialog(method, "call-1@10.0.0.1", "<sip:alice@example.com>;tag=a-tag",
+                    f"<sip:bob@example.com>;tag={early.to.tag}", 12, body)
+    u = FakeStx(req)
+    env.mgr.request_received(req, u, env.caller_flow)
+    return u
+
+
+def test_early_update_without_offer_is_accepted_and_the_call_goes_on() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    u = _early_from_caller(env, "UPDATE")
+    assert u.statuses == [200] and u.responses[-1].header("Contact")
+    assert env.call() is not None and "CANCEL" not in env.port.sent_methods()
+
+
+def test_early_update_with_offer_fails_only_that_transaction() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    u = _early_from_caller(env, "UPDATE", SDP_A)
+    assert u.statuses == [488]
+    assert env.call() is not None and "CANCEL" not in env.port.sent_methods()
+
+
+def test_early_info_gets_469_not_481() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    u = _early_from_caller(env, "INFO", b"Signal=5\n")
+    assert u.statuses == [469]
+    assert env.call() is not None
