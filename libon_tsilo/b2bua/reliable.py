@@ -15,9 +15,10 @@
   answer to the caller's offer, copied byte for byte. A late-offer INVITE (no SDP) is not offered
   100rel toward devices, and a reliable 18x we send for it carries no SDP (the offer comes in the
   2xx, as without 100rel). A PRACK with a body gets 488 (its response is acknowledged all the same).
-- Forking: the caller sees one early dialog (ours), so as before only the first device's early SDP
-  reaches it; if another device answers, its 2xx SDP differs from an early answer the caller
-  already took reliably (the same limit as early media without 100rel, now binding: RFC 3264).
+- Forking: the caller sees one early dialog (ours), so only the first device's early SDP reaches
+  it. An early answer taken reliably is binding (RFC 3264), and another device's 2xx would bring a
+  different one: while more than one branch may answer, a caller that only supports 100rel gets its
+  18x unreliably (its SDP a preview), and one that requires it gets them reliably without SDP.
 """
 
 from __future__ import annotations
@@ -206,9 +207,12 @@ def send_to_caller(call: Call, out: Response, device_reliable: bool) -> None:
         # once per call: False when the caller has no 100rel at all (the common case)
         mode = caller_mode(a.invite)
         sender = a.reliable = CallerReliability(call, mode) if mode is not None else False
-    if sender and (sender.mode == "require" or device_reliable):
-        if out.body and not a.invite.body:
-            out.remove_header("Content-Type")  # an offer in a reliable 18x needs its answer in a PRACK
+    # forking: another device's 2xx may bring another answer than one the caller took reliably
+    # (RFC 3264, RFC 6337 §3.1.1), so a reliable 18x carries SDP only when one branch can answer
+    single = sum(1 for b in call.branches.values() if b.pending) <= 1 and not call.more_possible()
+    if sender and (sender.mode == "require" or (device_reliable and single)):
+        if out.body and not (a.invite.body and single):
+            out.remove_header("Content-Type")  # late offer: an offer in a reliable 18x needs a PRACK answer
             out.body = b""
         sender.send(out)
     else:

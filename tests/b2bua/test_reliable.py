@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from libon_tsilo.sip.message import make_response, parse_message
-from tests.b2bua.helpers import SDP_A, SDP_B, Env, FakeStx, binding, in_dialog
+from tests.b2bua.helpers import SDP_A, SDP_B, SDP_C, Env, FakeStx, binding, in_dialog
 
 CALLER = "<sip:alice@example.com>;tag=a-tag"
 REQUIRE = "Require: 100rel\n"
@@ -323,3 +323,36 @@ def test_early_info_gets_469_not_481() -> None:
     u = _early_from_caller(env, "INFO", b"Signal=5\n")
     assert u.statuses == [469]
     assert env.call() is not None
+
+
+def test_forking_caller_supporting_100rel_gets_early_sdp_unreliably() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    env.location.add(binding(2))
+    stx = invite(env, "Supported: 100rel\n")
+    c1, c2 = env.port.invites()[:2]
+    device_18x(c1, 183, 1, SDP_B, tag="d1")
+    early = stx.responses[-1]
+    assert early.status == 183 and early.header("RSeq") is None and early.body == SDP_B  # a preview
+    c2.respond(200, to_tag="d2", body=SDP_C)
+    assert stx.responses[-1].status == 200 and stx.responses[-1].body == SDP_C
+
+
+def test_forking_caller_requiring_100rel_gets_reliable_18x_without_sdp() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    env.location.add(binding(2))
+    stx = invite(env, REQUIRE)
+    device_18x(env.port.invites()[0], 183, 1, SDP_B, tag="d1")
+    early = stx.responses[-1]
+    assert early.status == 183 and early.header("RSeq") and early.body == b""
+    assert early.header("Content-Type") is None
+
+
+def test_single_branch_caller_supporting_100rel_still_gets_reliable_sdp() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    stx = invite(env, "Supported: 100rel\n")
+    device_18x(env.port.invites()[0], 183, 1, SDP_B)
+    early = stx.responses[-1]
+    assert early.header("RSeq") and early.body == SDP_B
