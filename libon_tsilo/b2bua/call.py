@@ -240,20 +240,20 @@ class Call:
             if not self.state.final:
                 self.finish_unanswered(500, "Server Internal Error", None, "internal error", None)
             elif not self.ended:
-                self._fail_answered()
+                self.fail_answered("internal error")
 
-    def _fail_answered(self) -> None:
-        """A bug once the state was final: each party learns the call is over (a 500 to a caller
-        not yet answered, a BYE to whoever is in the dialog), else both would only see 481 later."""
-        if not self.a_answered and isinstance(self.state, Connected):  # it raised inside connect()
+    def fail_answered(self, why: str, reason: str = "Server Internal Error") -> None:
+        """The call cannot go on once a device answered: each party learns it is over (a 500 to a
+        caller not yet answered, a BYE to whoever is in the dialog), else both would see 481 later."""
+        if not self.a_answered and isinstance(self.state, Connected):  # in connect(), or its 2xx held
             try:
-                self.port.respond(self.a.stx, make_response(self.a.invite, 500, "Server Internal Error",
+                self.port.respond(self.a.stx, make_response(self.a.invite, 500, reason,
                                                             to_tag=self.a.dialog.local_tag))
             except Exception:
                 log.failure("cannot answer 500", call_id=self.call_id)
             self.cancel_branches(None, keep=self.winner)
         told = None if self.a_answered else self.a  # a caller with our 500 gets no BYE
-        relay.hang_up(self, told, "internal error", session_timer.REASON_INTERNAL)
+        relay.hang_up(self, told, why, session_timer.REASON_INTERNAL)
 
     # -- silo interface ------------------------------------------------------------------------
 
@@ -564,7 +564,10 @@ class Call:
         self.winner = leg
         self.state = Connected()
         self._stop_ring_timer()
-        self.a.stop_provisionals()
+        # RFC 3262 §3: no 2xx while a reliable 18x with SDP is unacknowledged; it keeps being resent
+        held = bool(self.a.reliable) and self.a.reliable.sdp_unacked()
+        if not held:
+            self.a.stop_provisionals()
         if self.a.invite.body:
             self.send_branch_ack(leg)
         else:
@@ -578,8 +581,10 @@ class Call:
             ok.add_header("Content-Type", resp.content_type or "application/sdp")
             ok.body = resp.body
         self.timers = session_timer.start(self, resp, ok)
-        self.a.retransmit = self.port.respond_2xx(self.a.stx, ok, self._no_ack)
-        self.a_answered = True
+        if held:
+            self.a.reliable.hold_final(lambda: self._answer_caller(ok))
+        else:
+            self._answer_caller(ok)
         self.mgr.counters["answered"] += 1
         self.mgr.watch_flow(self, leg.hop.flow_id, leg.hop.transport)
         self._release_silo()
@@ -587,6 +592,11 @@ class Call:
         if logflags.debug_enabled:
             log.debug("answered by {contact}", contact=redact_uri(leg.binding.contact_uri),
                       call_id=self.call_id)
+
+    def _answer_caller(self, ok: Response) -> None:
+        self.a.stop_provisionals()
+        self.a.retransmit = self.port.respond_2xx(self.a.stx, ok, self._no_ack)
+        self.a_answered = True
 
     def finish_unanswered(self, status: int, reason: str | None, branch_reason: str | None, why: str,
                           park_error: Exception | None) -> None:

@@ -356,3 +356,34 @@ def test_single_branch_caller_supporting_100rel_still_gets_reliable_sdp() -> Non
     device_18x(env.port.invites()[0], 183, 1, SDP_B)
     early = stx.responses[-1]
     assert early.header("RSeq") and early.body == SDP_B
+
+
+def test_2xx_waits_for_the_prack_of_a_reliable_183_with_sdp() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    stx = invite(env, REQUIRE)
+    ctx = env.port.invites()[0]
+    device_18x(ctx, 183, 1, SDP_B)
+    ctx.respond(200, to_tag="dev-tag", body=SDP_B)
+    assert [r.status for r in stx.responses] == [183]  # §3: no 2xx before the PRACK
+    env.clock.advance(T1)
+    assert [r.status for r in stx.responses] == [183, 183]  # still resent meanwhile
+    early = stx.responses[-1]
+    prack = caller_prack(env, early.to.tag, rseq_of(early))
+    assert prack.statuses == [200]
+    assert [r.status for r in stx.responses] == [183, 183, 200]
+    assert stx.final is not None and stx.final.body == SDP_B
+
+
+def test_held_2xx_never_prackd_gives_the_caller_500_and_the_device_a_bye() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    stx = invite(env, REQUIRE)
+    ctx = env.port.invites()[0]
+    device_18x(ctx, 183, 1, SDP_B)
+    ctx.respond(200, to_tag="dev-tag", body=SDP_B)
+    env.clock.advance(64 * T1)
+    assert [s for s in stx.statuses if s >= 200] == [500]
+    byes = [c for c in env.port.sent if c.request.method == "BYE"]
+    assert len(byes) == 1 and byes[0].request.call_id == ctx.request.call_id
+    assert env.mgr.calls == {}
