@@ -236,11 +236,14 @@ class Call:
             self.state.handle(self, event)
         except Exception:
             log.failure("call failed on {event}", event=type(event).__name__, call_id=self.call_id)
-            # a bug must not leave the caller hanging nor leak the call
-            if not self.state.final:
-                self.finish_unanswered(500, "Server Internal Error", None, "internal error", None)
-            elif not self.ended:
-                self.fail_answered("internal error")
+            self.fail("internal error")
+
+    def fail(self, why: str) -> None:
+        """A bug must not leave the caller hanging nor leak the call."""
+        if not self.state.final:
+            self.finish_unanswered(500, "Server Internal Error", None, why, None)
+        elif not self.ended:
+            self.fail_answered(why)
 
     def fail_answered(self, why: str, reason: str = "Server Internal Error") -> None:
         """The call cannot go on once a device answered: each party learns it is over (a 500 to a

@@ -296,11 +296,15 @@ class CallManager:
         self.counters["calls"] += 1
         self.register_leg(call, call.a)
         self.watch_flow(call, call.a.hop.flow_id, call.a.hop.transport)
-        bindings = list(self.location.lookup(aor)) if self.location is not None else []
-        if logflags.info_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs
-            log.info("call {caller} -> {aor}: {n} binding(s)", caller=call.caller_uri, aor=aor,
-                     n=len(bindings), call_id=call.call_id)
-        call.start(bindings)
+        try:  # the call is stored and counted now: a bug must end it, with one final response
+            bindings = list(self.location.lookup(aor)) if self.location is not None else []
+            if logflags.info_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs
+                log.info("call {caller} -> {aor}: {n} binding(s)", caller=call.caller_uri, aor=aor,
+                         n=len(bindings), call_id=call.call_id)
+            call.start(bindings)
+        except Exception:
+            log.failure("call setup failed", call_id=call.call_id)
+            call.fail("internal error")
 
     def place_call(self, request: Request, stx: Any, flow: Any, trust: CallerTrust) -> None:
         """A call the B2BUA originates itself (a transfer: b2bua/transfer.py), already authorized:
