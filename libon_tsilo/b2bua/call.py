@@ -387,10 +387,11 @@ class Call:
                 log.info("device {key} reconnected: new branch", key=redact_key(binding.key),
                          call_id=self.call_id)
                 old.cancel(None)
-        if len(self.branches) >= self.mgr.settings.max_branches:
-            log.warn("max_branches ({n}) reached, not forking to {contact}",
-                     n=self.mgr.settings.max_branches, contact=redact_uri(binding.contact_uri),
-                     call_id=self.call_id)
+        # live branches only: failed, failed-over and replaced ones ring no one
+        if sum(1 for b in self.branches.values() if b.pending) >= self.mgr.settings.max_branches:
+            self.mgr.limit_bit("max_branches", "max_branches ({n}) reached, not forking to {contact}",
+                               n=self.mgr.settings.max_branches, contact=redact_uri(binding.contact_uri),
+                               call_id=self.call_id)
             return False
         hop = hop_for_binding(binding, flow_live)
         if hop is None:
@@ -444,8 +445,10 @@ class Call:
                  key=redact_key(leg.binding.key), status=resp.status, call_id=self.call_id)
         leg.state = BranchState.FAILED
         self.mgr.unregister_leg(leg)
+        if not self.fork(leg.binding, tried):
+            return False
         self.mgr.counters["flow_failovers"] += 1
-        return self.fork(leg.binding, tried)
+        return True
 
     def _new_branch(self, binding: Any, hop: Hop, flow_id: str | None) -> BLeg:
         a = self.a.invite

@@ -144,7 +144,7 @@ class CallManager:
         self.sources = sources
         self.user_exists = user_exists
         self.can_wake = waker is not None
-        limits = ("parked_per_source", "parked_total", "unknown_user", "unreachable_user")
+        limits = ("parked_per_source", "parked_total", "unknown_user", "unreachable_user", "max_branches")
         self.limit_counters = dict.fromkeys(limits, 0)
         self._limit_logs = {name: ThrottledLog(clock) for name in self.limit_counters}
         self.counters["flow_failovers"] = 0  # RFC 5626: branches moved to another flow of their device
@@ -440,6 +440,11 @@ class CallManager:
 
     def limit_hits(self) -> dict[str, int]:
         return dict(self.limit_counters)
+
+    def limit_bit(self, limit: str, why: str, **fields: Any) -> None:
+        """A limit of a call already admitted: counted, logged at most once per 10 s per limit."""
+        self.limit_counters[limit] += 1
+        self._limit_logs[limit].emit(log.warn, why, limit=limit, **fields)
 
     def _reply(self, stx: Any, request: Request, status: int, reason: str | None) -> None:
         if stx is None or request.method == "ACK":
