@@ -18,7 +18,7 @@ from libon_tsilo.b2bua import events as ev
 from libon_tsilo.b2bua import relay, reliable, session_timer
 from libon_tsilo.b2bua.capabilities import ALLOW, OWN_HEADERS, supported
 from libon_tsilo.b2bua.dialog import Dialog
-from libon_tsilo.b2bua.forking import REASON_ANSWERED
+from libon_tsilo.b2bua.forking import REASON_ANSWERED, REASON_REPLACED
 from libon_tsilo.b2bua.identity import (
     TRUST_DOMAIN_KEYS,
     UNTRUSTED,
@@ -386,7 +386,12 @@ class Call:
                 # the device reconnected (new contact or connection): the old branch is dead weight
                 log.info("device {key} reconnected: new branch", key=redact_key(binding.key),
                          call_id=self.call_id)
-                old.cancel(None)
+                if old.sent_flow is not None and old.hop.transport != "udp" \
+                        and not self.port.flow_live(old.sent_flow):
+                    # its connection is gone: no CANCEL for the live branch's Call-ID; timer B ends it
+                    old.state, old.cancelled = BranchState.CANCELLING, True
+                else:
+                    old.cancel(REASON_REPLACED)
         # live branches only: failed, failed-over and replaced ones ring no one
         if sum(1 for b in self.branches.values() if b.pending) >= self.mgr.settings.max_branches:
             self.mgr.limit_bit("max_branches", "max_branches ({n}) reached, not forking to {contact}",
