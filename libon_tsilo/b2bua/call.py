@@ -245,18 +245,19 @@ class Call:
         elif not self.ended:
             self.fail_answered(why)
 
-    def fail_answered(self, why: str, reason: str = "Server Internal Error") -> None:
+    def fail_answered(self, why: str, reason: str = "Server Internal Error", status: int = 500,
+                      bye_reason: str | None = session_timer.REASON_INTERNAL) -> None:
         """The call cannot go on once a device answered: each party learns it is over (a 500 to a
         caller not yet answered, a BYE to whoever is in the dialog), else both would see 481 later."""
         if not self.a_answered and isinstance(self.state, Connected):  # in connect(), or its 2xx held
             try:
-                self.port.respond(self.a.stx, make_response(self.a.invite, 500, reason,
+                self.port.respond(self.a.stx, make_response(self.a.invite, status, reason,
                                                             to_tag=self.a.dialog.local_tag))
             except Exception:
-                log.failure("cannot answer 500", call_id=self.call_id)
+                log.failure("cannot answer {status}", status=status, call_id=self.call_id)
             self.cancel_branches(None, keep=self.winner)
-        told = None if self.a_answered else self.a  # a caller with our 500 gets no BYE
-        relay.hang_up(self, told, why, session_timer.REASON_INTERNAL)
+        told = None if self.a_answered else self.a  # a caller with our final failure gets no BYE
+        relay.hang_up(self, told, why, bye_reason)
 
     # -- silo interface ------------------------------------------------------------------------
 
@@ -627,6 +628,11 @@ class Call:
         self.end(why)
 
     def caller_cancel(self, reason: str | None) -> None:
+        held = self.a.reliable and self.a.reliable.held_final is not None
+        if held and not self.ended:  # our 2xx waits for a PRACK (RFC 3262 §3): the INVITE is still open
+            self.a.stop_provisionals()
+            self.fail_answered("cancelled by the caller", "Request Terminated", 487, reason)
+            return
         self.dispatch(ev.CallerCancel(reason))
 
     def ring_timeout_now(self) -> None:

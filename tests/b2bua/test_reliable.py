@@ -387,3 +387,24 @@ def test_held_2xx_never_prackd_gives_the_caller_500_and_the_device_a_bye() -> No
     byes = [c for c in env.port.sent if c.request.method == "BYE"]
     assert len(byes) == 1 and byes[0].request.call_id == ctx.request.call_id
     assert env.mgr.calls == {}
+
+
+def test_cancel_while_the_2xx_waits_for_a_prack_gets_487_and_byes_the_device() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    stx = invite(env, REQUIRE)
+    ctx = env.port.invites()[0]
+    device_18x(ctx, 183, 1, SDP_B)
+    ctx.respond(200, to_tag="dev-tag", body=SDP_B)
+    cancel = parse_message(
+        b"CANCEL sip:bob@example.com SIP/2.0\r\n"
+        b"Via: SIP/2.0/TCP 10.0.0.1:5070;branch=z9hG4bKcallercall-1;rport\r\n"
+        b"Max-Forwards: 70\r\nFrom: <sip:alice@example.com>;tag=a-tag\r\nTo: <sip:bob@example.com>\r\n"
+        b"Call-ID: call-1@10.0.0.1\r\nCSeq: 10 CANCEL\r\nContent-Length: 0\r\n\r\n")
+    cstx = FakeStx(cancel)
+    env.mgr.handle_cancel(cancel, stx, env.caller_flow, cstx)
+    assert cstx.statuses == [200]
+    assert [r.status for r in stx.responses] == [183, 487]
+    byes = [c for c in env.port.sent if c.request.method == "BYE"]
+    assert len(byes) == 1 and byes[0].request.call_id == ctx.request.call_id
+    assert env.mgr.calls == {}
