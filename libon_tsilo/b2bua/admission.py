@@ -28,7 +28,8 @@ class CallerSources:
         """The key ``flow``'s calls count under, or None for an exempt (or unknown) source."""
         key = getattr(flow, "key", None)
         host = key.remote[0] if key is not None else None
-        if not host or host in self.exempt:
+        # a ".invalid" host (RFC 6761) is no peer but us: a transfer's call, paid for by the referrer's
+        if not host or host in self.exempt or host.endswith(".invalid"):
             return None
         return source_key(host)
 

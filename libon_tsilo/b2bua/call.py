@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from libon_tsilo.b2bua import relay, reliable, session_timer
 from libon_tsilo.b2bua.capabilities import ALLOW, OWN_HEADERS, supported
 from libon_tsilo.b2bua.dialog import Dialog
-from libon_tsilo.b2bua.forking import REASON_ANSWERED
+from libon_tsilo.b2bua.forking import REASON_ANSWERED, REASON_REPLACED
 from libon_tsilo.b2bua.identity import (
     TRUST_DOMAIN_KEYS,
     UNTRUSTED,
@@ -112,7 +112,7 @@ class Call:
         "ring_deadline", "a", "branches", "_by_key", "state", "failures", "winner", "early_media_from",
         "wake_d", "wake_result", "woken", "_waker_used", "_ring_timer", "_late_ack", "offer_busy",
         "pending_acks", "late_reason", "ended", "end_reason", "trust", "timers", "_device_ids",
-        "transfer",
+        "transfer", "a_answered",
     )
 
     def __init__(self, mgr: CallManager, invite: Request, stx: ServerHandle, flow: Any, aor: str,
@@ -160,6 +160,7 @@ class Call:
         self.timers: session_timer.SessionTimers | None = None  # RFC 4028, once answered
         self._device_ids: dict[str, str] | None = None  # device -> the Call-ID of its B-leg
         self.transfer: Any = None  # b2bua/transfer.py: a REFER this call is part of, while it runs
+        self.a_answered = False  # our 2xx to the caller went out
 
     # -- description (silo dump / admin) -------------------------------------------------------
 
@@ -231,11 +232,28 @@ class Call:
             handler(self, *args, **kw)
         except Exception:
             log.failure("call failed on {event}", event=handler.__name__, call_id=self.call_id)
-            # a bug must not leave the caller hanging nor leak the call
-            if not self.state.final:
-                self.finish_unanswered(500, "Server Internal Error", None, "internal error")
-            else:
-                self.end("internal error")
+            self.fail("internal error")
+
+    def fail(self, why: str) -> None:
+        """A bug must not leave the caller hanging nor leak the call."""
+        if not self.state.final:
+            self.finish_unanswered(500, "Server Internal Error", None, why)
+        elif not self.ended:
+            self.fail_answered(why)
+
+    def fail_answered(self, why: str, reason: str = "Server Internal Error", status: int = 500,
+                      bye_reason: str | None = session_timer.REASON_INTERNAL) -> None:
+        """The call cannot go on once a device answered: each party learns it is over (a 500 to a
+        caller not yet answered, a BYE to whoever is in the dialog), else both would see 481 later."""
+        if not self.a_answered and isinstance(self.state, Connected):  # in connect(), or its 2xx held
+            try:
+                self.port.respond(self.a.stx, make_response(self.a.invite, status, reason,
+                                                            to_tag=self.a.dialog.local_tag))
+            except Exception:
+                log.failure("cannot answer {status}", status=status, call_id=self.call_id)
+            self.cancel_branches(None, keep=self.winner)
+        told = None if self.a_answered else self.a  # a caller with our final failure gets no BYE
+        relay.hang_up(self, told, why, bye_reason)
 
     # -- silo interface ------------------------------------------------------------------------
 
@@ -348,11 +366,17 @@ class Call:
                 # the device reconnected (new contact or connection): the old branch is dead weight
                 log.info("device {key} reconnected: new branch", key=redact_key(binding.key),
                          call_id=self.call_id)
-                old.cancel(None)
-        if len(self.branches) >= self.mgr.settings.max_branches:
-            log.warn("max_branches ({n}) reached, not forking to {contact}",
-                     n=self.mgr.settings.max_branches, contact=redact_uri(binding.contact_uri),
-                     call_id=self.call_id)
+                if old.sent_flow is not None and old.hop.transport != "udp" \
+                        and not self.port.flow_live(old.sent_flow):
+                    # its connection is gone: no CANCEL for the live branch's Call-ID; timer B ends it
+                    old.state, old.cancelled = BranchState.CANCELLING, True
+                else:
+                    old.cancel(REASON_REPLACED)
+        # live branches only: failed, failed-over and replaced ones ring no one
+        if sum(1 for b in self.branches.values() if b.pending) >= self.mgr.settings.max_branches:
+            self.mgr.limit_bit("max_branches", "max_branches ({n}) reached, not forking to {contact}",
+                               n=self.mgr.settings.max_branches, contact=redact_uri(binding.contact_uri),
+                               call_id=self.call_id)
             return False
         hop = hop_for_binding(binding, flow_live)
         if hop is None:
@@ -407,8 +431,10 @@ class Call:
                  key=redact_key(leg.binding.key), status=resp.status, call_id=self.call_id)
         leg.state = BranchState.FAILED
         self.mgr.unregister_leg(leg)
+        if not self.fork(leg.binding, tried):
+            return False
         self.mgr.counters["flow_failovers"] += 1
-        return self.fork(leg.binding, tried)
+        return True
 
     def _new_branch(self, binding: Binding, hop: Hop, flow_id: str | None) -> BLeg:
         a = self.a.invite
@@ -530,7 +556,10 @@ class Call:
         self.winner = leg
         self.state = Connected()
         self._stop_ring_timer()
-        self.a.stop_provisionals()
+        # RFC 3262 §3: no 2xx while a reliable 18x with SDP is unacknowledged; it keeps being resent
+        held = bool(self.a.reliable) and self.a.reliable.sdp_unacked()
+        if not held:
+            self.a.stop_provisionals()
         if self.a.invite.body:
             self.send_branch_ack(leg)
         else:
@@ -544,7 +573,10 @@ class Call:
             ok.add_header("Content-Type", resp.content_type or "application/sdp")
             ok.body = resp.body
         self.timers = session_timer.start(self, resp, ok)
-        self.a.retransmit = self.port.respond_2xx(self.a.stx, ok, self._no_ack)
+        if held:
+            self.a.reliable.hold_final(lambda: self._answer_caller(ok))
+        else:
+            self._answer_caller(ok)
         self.mgr.counters["answered"] += 1
         self.mgr.watch_flow(self, leg.hop.flow_id, leg.hop.transport)
         self._release_silo()
@@ -552,6 +584,11 @@ class Call:
         if logflags.debug_enabled:
             log.debug("answered by {contact}", contact=redact_uri(leg.binding.contact_uri),
                       call_id=self.call_id)
+
+    def _answer_caller(self, ok: Response) -> None:
+        self.a.stop_provisionals()
+        self.a.retransmit = self.port.respond_2xx(self.a.stx, ok, self._no_ack)
+        self.a_answered = True
 
     def finish_unanswered(self, status: int, reason: str | None, branch_reason: str | None, why: str) -> None:
         """Give the caller a final failure, cancel every branch and end the call."""
@@ -569,6 +606,11 @@ class Call:
         self.end(why)
 
     def caller_cancel(self, reason: str | None) -> None:
+        held = self.a.reliable and self.a.reliable.held_final is not None
+        if held and not self.ended:  # our 2xx waits for a PRACK (RFC 3262 §3): the INVITE is still open
+            self.a.stop_provisionals()
+            self.fail_answered("cancelled by the caller", "Request Terminated", 487, reason)
+            return
         self.react(self.state.caller_cancel, reason)
 
     def _no_ack(self) -> None:

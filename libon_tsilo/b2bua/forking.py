@@ -10,6 +10,9 @@ __all__ = ["best_final", "caller_status", "is_global_failure", "reason_for", "RE
 # RFC 3326 Reason values sent on the CANCELs of the losing branches
 REASON_ANSWERED = 'SIP;cause=200;text="Call completed elsewhere"'
 REASON_RING_TIMEOUT = 'SIP;cause=480;text="Ring timeout"'
+# a device's branch moved to its new connection: the CANCEL has the live branch's Call-ID (one per
+# device), so it says why, for apps that would otherwise end the call they are ringing for
+REASON_REPLACED = 'SIP;cause=480;text="Replaced by a new branch"'
 
 
 def reason_for(status: int, phrase: str | None) -> str:

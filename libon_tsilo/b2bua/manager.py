@@ -143,7 +143,7 @@ class CallManager:
         self.sources = sources
         self.user_exists = user_exists
         self.can_wake = waker is not None
-        limits = ("parked_per_source", "parked_total", "unknown_user", "unreachable_user")
+        limits = ("parked_per_source", "parked_total", "unknown_user", "unreachable_user", "max_branches")
         self.limit_counters = dict.fromkeys(limits, 0)
         self._limit_logs = {name: ThrottledLog(clock) for name in self.limit_counters}
         self.counters["flow_failovers"] = 0  # RFC 5626: branches moved to another flow of their device
@@ -296,11 +296,15 @@ class CallManager:
         self.counters["calls"] += 1
         self.register_leg(call, call.a)
         self.watch_flow(call, call.a.hop.flow_id, call.a.hop.transport)
-        bindings = list(self.location.lookup(aor)) if self.location is not None else []
-        if logflags.info_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs
-            log.info("call {caller} -> {aor}: {n} binding(s)", caller=call.caller_uri, aor=aor,
-                     n=len(bindings), call_id=call.call_id)
-        call.start(bindings)
+        try:  # the call is stored and counted now: a bug must end it, with one final response
+            bindings = list(self.location.lookup(aor)) if self.location is not None else []
+            if logflags.info_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs
+                log.info("call {caller} -> {aor}: {n} binding(s)", caller=call.caller_uri, aor=aor,
+                         n=len(bindings), call_id=call.call_id)
+            call.start(bindings)
+        except Exception:
+            log.failure("call setup failed", call_id=call.call_id)
+            call.fail("internal error")
 
     def place_call(self, request: Request, stx: ServerHandle, flow: Any, trust: CallerTrust) -> None:
         """A call the B2BUA originates itself (a transfer: b2bua/transfer.py), already authorized:
@@ -430,6 +434,11 @@ class CallManager:
 
     def limit_hits(self) -> dict[str, int]:
         return dict(self.limit_counters)
+
+    def limit_bit(self, limit: str, why: str, **fields: Any) -> None:
+        """A limit of a call already admitted: counted, logged at most once per 10 s per limit."""
+        self.limit_counters[limit] += 1
+        self._limit_logs[limit].emit(log.warn, why, limit=limit, **fields)
 
     def _reply(self, stx: ServerHandle | None, request: Request, status: int, reason: str | None) -> None:
         if stx is None or request.method == "ACK":

@@ -69,7 +69,8 @@ def request(call: Call, leg: Any, req: Request, stx: Any) -> None:
             # a refusal that keeps the early dialog (a 481 would end it, RFC 5057)
             _respond(call, stx, req, 403, "REFER Only In An Answered Call")
             return
-        # early dialogs are not relayed (no early UPDATE support); the caller must CANCEL
+        if not call.ended and _early_request(call, leg, req, stx):
+            return
         _respond(call, stx, req, 481, "Call/Transaction Does Not Exist")
         return
     if not leg.dialog.check_remote_seq(req):
@@ -106,6 +107,21 @@ def request(call: Call, leg: Any, req: Request, stx: Any) -> None:
         call.port.send_request(out, other.hop, lambda r: _relay_final(call, req, stx, r))
     else:
         _respond(call, stx, req, 501, "Not Implemented", (("Allow", ALLOW),))
+
+
+def _early_request(call: Call, leg: Any, req: Request, stx: Any) -> bool:
+    """UPDATE and INFO in an early dialog are not relayed (which branch would take them?), but a 481
+    would end that early dialog (RFC 5057): answer with a code that only fails the transaction."""
+    if req.method == "UPDATE":
+        if req.body:  # an offer we cannot relay before the answer (RFC 3311 §5.2)
+            _respond(call, stx, req, 488, "Not Acceptable Here")
+        else:  # nothing to negotiate: accepted on this leg
+            _respond(call, stx, req, 200, None, (("Contact", leg.dialog.contact),))
+        return True
+    if req.method == "INFO":  # RFC 6086: 469 fails only the INFO, the dialog goes on
+        _respond(call, stx, req, 469, "Bad Info Package", (("Recv-Info", ""),))
+        return True
+    return False
 
 
 def _relay_final(call: Call, req: Request, stx: Any, resp: Response) -> None:

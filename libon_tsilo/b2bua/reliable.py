@@ -10,21 +10,23 @@
   INVITE (§3). They are resent on stream transports too: the mechanism is end to end, and a proxy
   between the caller and us may forward over UDP. One reliable 18x is outstanding at a time; later
   ones queue. The caller's PRACK is answered 200 here, never relayed. The final response stops the
-  retransmissions.
+  retransmissions; a 2xx waits for the PRACK of an outstanding 18x with SDP (§3 MUST NOT), and if
+  that PRACK never comes, the device that answered gets a BYE and the caller a 500.
 - Offer/answer in PRACK is not done: the SDP a reliable 18x carries to the caller is always the
   answer to the caller's offer, copied byte for byte. A late-offer INVITE (no SDP) is not offered
   100rel toward devices, and a reliable 18x we send for it carries no SDP (the offer comes in the
   2xx, as without 100rel). A PRACK with a body gets 488 (its response is acknowledged all the same).
-- Forking: the caller sees one early dialog (ours), so as before only the first device's early SDP
-  reaches it; if another device answers, its 2xx SDP differs from an early answer the caller
-  already took reliably (the same limit as early media without 100rel, now binding: RFC 3264).
+- Forking: the caller sees one early dialog (ours), so only the first device's early SDP reaches
+  it. An early answer taken reliably is binding (RFC 3264), and another device's 2xx would bring a
+  different one: while more than one branch may answer, a caller that only supports 100rel gets its
+  18x unreliably (its SDP a preview), and one that requires it gets them reliably without SDP.
 """
 
 from __future__ import annotations
 
 import random
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
@@ -116,7 +118,8 @@ def _prack_answered(call: Call, resp: Response) -> None:
 class CallerReliability:
     """Our reliable 18x to the caller: RSeq numbering, retransmission, the queue, PRACK matching."""
 
-    __slots__ = ("call", "mode", "next_rseq", "unacked", "queue", "interval", "timer", "deadline", "stopped")
+    __slots__ = ("call", "mode", "next_rseq", "unacked", "queue", "interval", "timer", "deadline", "stopped",
+                 "held_final")
 
     def __init__(self, call: Call, mode: str) -> None:
         self.call = call
@@ -128,6 +131,7 @@ class CallerReliability:
         self.timer: IDelayedCall | None = None
         self.deadline = 0.0
         self.stopped = False
+        self.held_final: Callable[[], None] | None = None  # sends our 2xx once the 18x with SDP is PRACKed
 
     @property
     def t1(self) -> float:
@@ -168,11 +172,30 @@ class CallerReliability:
         if self.unacked is not None and not self.stopped:
             self._transmit()
 
+    def sdp_unacked(self) -> bool:
+        """Is an 18x with SDP waiting for its PRACK? Then a 2xx must wait too (§3)."""
+        return not self.stopped and self.unacked is not None and bool(self.unacked[1].body)
+
+    def hold_final(self, send: Callable[[], None]) -> None:
+        """Send our 2xx (`send`) once the outstanding 18x is PRACKed; no other 18x goes out."""
+        self.queue.clear()
+        self.held_final = send
+
+    def release_final(self) -> None:
+        """After the PRACK's own answer: the held 2xx goes out."""
+        send, self.held_final = self.held_final, None
+        if send is not None and self.unacked is None and not self.stopped:  # stopped: the call ended
+            send()
+
     def _give_up(self) -> None:
         self.timer = None
         status = self.unacked[1].status if self.unacked else 0
         log.warn("caller never PRACKed our reliable {status}", status=status, call_id=self.call.call_id)
         self.stop()
+        if self.held_final is not None:  # a device answered: it gets a BYE, the caller a 500
+            self.held_final = None
+            self.call.fail_answered("no PRACK", "Provisional Response Not Acknowledged")
+            return
         self.call.finish_unanswered(500, "Provisional Response Not Acknowledged", None, "no PRACK")
 
     def prack(self, rseq: int, cseq: int, method: str) -> bool:
@@ -182,6 +205,8 @@ class CallerReliability:
             return False
         self.unacked = None
         self._cancel_timer()
+        if self.held_final is not None:
+            return True  # handle_prack sends the held 2xx after the PRACK's answer
         if self.queue and not self.stopped:
             self.send(self.queue.popleft())
         return True
@@ -206,9 +231,12 @@ def send_to_caller(call: Call, out: Response, device_reliable: bool) -> None:
         # once per call: False when the caller has no 100rel at all (the common case)
         mode = caller_mode(a.invite)
         sender = a.reliable = CallerReliability(call, mode) if mode is not None else False
-    if sender and (sender.mode == "require" or device_reliable):
-        if out.body and not a.invite.body:
-            out.remove_header("Content-Type")  # an offer in a reliable 18x needs its answer in a PRACK
+    # forking: another device's 2xx may bring another answer than one the caller took reliably
+    # (RFC 3264, RFC 6337 §3.1.1), so a reliable 18x carries SDP only when one branch can answer
+    single = sum(1 for b in call.branches.values() if b.pending) <= 1 and not call.more_possible()
+    if sender and (sender.mode == "require" or (device_reliable and single)):
+        if out.body and not (a.invite.body and single):
+            out.remove_header("Content-Type")  # late offer: an offer in a reliable 18x needs a PRACK answer
             out.body = b""
         sender.send(out)
     else:
@@ -233,5 +261,6 @@ def handle_prack(call: Call, leg: Any, req: Request, stx: Any) -> None:
     if req.body:
         # offer/answer in PRACK is not supported (module doc); the 18x is acknowledged all the same
         call.port.respond(stx, make_response(req, 488, "Not Acceptable Here"))
-        return
-    call.port.respond(stx, make_response(req, 200))
+    else:
+        call.port.respond(stx, make_response(req, 200))
+    reliable.release_final()

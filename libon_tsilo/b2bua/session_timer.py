@@ -317,6 +317,18 @@ class SessionTimers:
     def _of(self, leg: Any) -> _Leg | None:
         return self.a if leg is self.call.a else self.b
 
+    def leg_gone(self, leg: Any) -> None:
+        """`leg`'s party left while the call goes on (a referrer after its REFER): no refresh or
+        expiry of that leg may end the call; the other leg keeps its timer."""
+        ls = self._of(leg)
+        if ls is not None:
+            ls.due = None
+        self._schedule()
+
+    def _gone(self, ls: _Leg) -> bool:
+        transfer = getattr(self.call, "transfer", None)
+        return transfer is not None and transfer.inert(ls.leg)
+
     # -- relayed offers (relay.py) -------------------------------------------------------------
 
     def offer_received(self, leg: Any, req: Request, stx: Any) -> bool:
@@ -434,6 +446,8 @@ class SessionTimers:
         for ls in (self.a, self.b):
             if ls is not None and ls.due is not None and ls.due <= now:
                 ls.due = None
+                if self._gone(ls):
+                    continue
                 if ls.we_refresh:
                     self._refresh(ls)
                 else:
@@ -487,7 +501,7 @@ class SessionTimers:
         ls.refresh_seq = None
         if method == "INVITE":
             call.offer_busy = False
-        if call.ended:
+        if call.ended or self._gone(ls):  # a refresh in flight when its party left: no verdict
             return
         if status < 300:
             ls.adopt(as_uac(resp, ls.interval, call.mgr.settings.min_se))

@@ -45,6 +45,10 @@ log = Logger()
 
 SIPFRAG = "message/sipfrag;version=2.0"
 _SUBSCRIPTION_EXPIRES = 120  # the new call rings at most [calls] ring_timeout; NOTIFY ends it sooner
+# an offer in flight on the transferee's call (a relayed re-INVITE, our session refresh) ends within a
+# round trip: the answered target waits for it, well inside its 64*T1 wait for our ACK
+_BUSY_RETRY = 2.0
+_BUSY_RETRIES = 3
 
 
 def refusal(call: Call, req: Request) -> tuple[int, str] | NameAddr:
@@ -152,6 +156,7 @@ class Transfer:
         self.done = False
         self.pending: IDelayedCall | None = None
         self.glare_retried = False
+        self.busy_retries = 0
         self.leftover: _Leftover | None = None
 
     # -- what relay.py asks ------------------------------------------------------------------
@@ -165,6 +170,8 @@ class Transfer:
         stays, waiting for the new call (RFC 5589 blind transfer)."""
         self.referrer_gone = True
         self.mgr.unregister_leg(self.referrer)
+        if self.call.timers is not None:
+            self.call.timers.leg_gone(self.referrer)
 
     def call_ended(self, call: Call) -> None:
         """relay.hang_up is ending one of the two calls."""
@@ -221,6 +228,10 @@ class Transfer:
             return
         if new.ended:
             self._fail("487 Request Terminated", "the target hung up at once")
+            return
+        if self.call.offer_busy and not self.call.ended and self.busy_retries < _BUSY_RETRIES:
+            self.busy_retries += 1
+            self.pending = self.call.clock.callLater(_BUSY_RETRY, self._bridge, ok)
             return
         if self.call.offer_busy or self.call.ended:
             self._drop_new_call("the transferee's session is busy")

@@ -177,3 +177,30 @@ def test_authorizer_from_policy_sends_the_challenge() -> None:
     assert [r.status for r in stx.responses] == [407] and env.mgr.calls == {}
     _, stx2 = env.invite(call_id="c2", extra='Proxy-Authorization: Digest username="alice"\n')
     assert policy.kinds == ["invite", "invite"] and "c2" in env.mgr.calls
+
+
+def test_bug_in_call_start_gives_one_500_and_frees_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    from libon_tsilo.b2bua.admission import CallerSources
+    from libon_tsilo.b2bua.call import Call
+
+    env = Env()
+    env.mgr.sources = CallerSources(5)
+    env.location.add(binding(1))
+    monkeypatch.setattr(Call, "fork", lambda *a, **k: 1 / 0)
+    _, stx = env.invite()
+    env.clock.advance(env.mgr.settings.ring_timeout + 1)
+    assert stx.statuses == [500]  # the ring timer sends no second final response
+    assert len(env.mgr.sources) == 0
+    env.assert_clean()
+
+
+def test_bug_in_location_lookup_frees_the_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    from libon_tsilo.b2bua.admission import CallerSources
+
+    env = Env()
+    env.mgr.sources = CallerSources(5)
+    monkeypatch.setattr(env.location, "lookup", lambda aor: 1 / 0)
+    _, stx = env.invite()
+    assert stx.statuses == [500]
+    assert len(env.mgr.sources) == 0
+    env.assert_clean()

@@ -261,3 +261,18 @@ def test_max_pending_per_aor_gives_486() -> None:
     _, stx = env.invite(call_id="c2")
     assert stx.statuses == [486]
     assert list(env.mgr.calls) == ["c1"]
+
+
+def test_exception_in_connect_answers_the_caller_and_hangs_up_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    from libon_tsilo.b2bua import session_timer
+
+    env = Env()
+    env.location.add(binding(1))
+    _, stx = env.invite()
+    ctx = env.port.invites()[0]
+    monkeypatch.setattr(session_timer, "start", lambda *a, **k: 1 / 0)
+    ctx.respond(200, to_tag="dev-tag", body=SDP_B)
+    assert [s for s in stx.statuses if s >= 200] == [500]
+    byes = [c for c in env.port.sent if c.request.method == "BYE"]
+    assert len(byes) == 1 and byes[0].request.call_id == ctx.request.call_id
+    assert env.mgr.calls == {}

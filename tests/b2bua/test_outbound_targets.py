@@ -174,3 +174,26 @@ def test_a_device_with_one_live_flow_among_its_push_bindings_is_forked_not_pushe
     env.location.bindings[AOR].reverse()  # lookup order: the newest (dead) one first
     env.invite()
     assert hops(env) == ["tcp:dev1#1"] and env.waker.calls == []
+
+
+def test_failover_is_not_blocked_by_dead_branches_and_counted_once_each() -> None:
+    env = Env(max_branches=2)
+    for n, r, t in ((1, 1, 900.0), (2, 2, 950.0), (3, 3, 960.0)):
+        env.location.add(flow_of(n, reg_id=r, registered_at=t))
+    _, stx = env.invite()
+    env.port.invites()[0].fail_locally(503)
+    env.port.invites()[1].fail_locally(503)
+    assert hops(env) == ["tcp:dev3#1", "tcp:dev2#1", "tcp:dev1#1"]  # the last live flow is tried
+    assert stx.statuses == []
+    assert env.mgr.counters["flow_failovers"] == 2
+    env.port.invites()[2].respond(200)
+    assert stx.statuses[-1] == 200
+
+
+def test_max_branches_refusal_is_counted() -> None:
+    env = Env(max_branches=1)
+    env.location.add(binding(1))
+    env.location.add(binding(2))
+    _, stx = env.invite()
+    assert len(env.port.invites()) == 1
+    assert env.mgr.limit_hits()["max_branches"] == 1

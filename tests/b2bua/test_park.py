@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 
-from libon_tsilo.b2bua.forking import REASON_ANSWERED
+from libon_tsilo.b2bua.forking import REASON_ANSWERED, REASON_REPLACED
 from libon_tsilo.b2bua.waker import LoggingWaker, WakeResult
 from tests.fakes.sip import FakeStx
 from tests.b2bua.helpers import SDP_B, Env, binding, parse
@@ -224,3 +224,30 @@ def test_a_bug_in_a_state_method_ends_the_call_with_one_500(logged: list[dict[st
     failures = [e for e in logged if e.get("log_failure") is not None]
     assert len(failures) == 1 and failures[0]["call_id"] == call.call_id
     env.assert_clean()
+
+
+def test_a_reconnected_device_old_branch_cancel_says_it_was_replaced() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    env.invite()
+    (first,) = env.port.invites()
+    env.register(binding(1, flow_id="tcp:dev1#2"), refreshed=True)
+    second = env.port.invites()[1]
+    # one Call-ID per device: the Reason tells the app this CANCEL is not for the live branch
+    assert first.cancelled and first.reason == REASON_REPLACED
+    assert second.request.call_id == first.request.call_id
+
+
+def test_a_reconnected_device_old_branch_over_a_closed_flow_gets_no_cancel() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    _, stx = env.invite()
+    (first,) = env.port.invites()
+    env.port.dead_flows.add("tcp:dev1#1")
+    env.register(binding(1, flow_id="tcp:dev1#2"), refreshed=True)
+    second = env.port.invites()[1]
+    assert not first.cancelled and "CANCEL" not in env.port.sent_methods()
+    first.respond(408)  # its timer B
+    assert stx.statuses == []
+    second.respond(200, body=SDP_B)
+    assert stx.statuses == [200]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from libon_tsilo.sip.message import make_response, parse_message
-from tests.b2bua.helpers import SDP_A, SDP_B, Env, binding, in_dialog
+from tests.b2bua.helpers import SDP_A, SDP_B, SDP_C, Env, binding, in_dialog
 from tests.fakes.sip import FakeStx
 
 CALLER = "<sip:alice@example.com>;tag=a-tag"
@@ -288,3 +288,124 @@ def test_forked_branches_each_prack_on_their_own_dialog() -> None:
     assert one.cancelled
     one.respond(487, to_tag="one")
     finish_connected(env, stx)
+
+
+def _early_from_caller(env: Env, method: str, body: bytes = b"") -> FakeStx:
+    stx = invite(env, REQUIRE)
+    device_18x(env.port.invites()[0], 183, 1, SDP_B)
+    early = stx.responses[-1]
+    caller_prack(env, early.to.tag, rseq_of(early))
+    req = in_dialog(method, "call-1@10.0.0.1", "<sip:alice@example.com>;tag=a-tag",
+                    f"<sip:bob@example.com>;tag={early.to.tag}", 12, body)
+    u = FakeStx(req)
+    env.mgr.request_received(req, u, env.caller_flow)
+    return u
+
+
+def test_early_update_without_offer_is_accepted_and_the_call_goes_on() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    u = _early_from_caller(env, "UPDATE")
+    assert u.statuses == [200] and u.responses[-1].header("Contact")
+    assert env.call() is not None and "CANCEL" not in env.port.sent_methods()
+
+
+def test_early_update_with_offer_fails_only_that_transaction() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    u = _early_from_caller(env, "UPDATE", SDP_A)
+    assert u.statuses == [488]
+    assert env.call() is not None and "CANCEL" not in env.port.sent_methods()
+
+
+def test_early_info_gets_469_not_481() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    u = _early_from_caller(env, "INFO", b"Signal=5\n")
+    assert u.statuses == [469]
+    assert env.call() is not None
+
+
+def test_forking_caller_supporting_100rel_gets_early_sdp_unreliably() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    env.location.add(binding(2))
+    stx = invite(env, "Supported: 100rel\n")
+    c1, c2 = env.port.invites()[:2]
+    device_18x(c1, 183, 1, SDP_B, tag="d1")
+    early = stx.responses[-1]
+    assert early.status == 183 and early.header("RSeq") is None and early.body == SDP_B  # a preview
+    c2.respond(200, to_tag="d2", body=SDP_C)
+    assert stx.responses[-1].status == 200 and stx.responses[-1].body == SDP_C
+
+
+def test_forking_caller_requiring_100rel_gets_reliable_18x_without_sdp() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    env.location.add(binding(2))
+    stx = invite(env, REQUIRE)
+    device_18x(env.port.invites()[0], 183, 1, SDP_B, tag="d1")
+    early = stx.responses[-1]
+    assert early.status == 183 and early.header("RSeq") and early.body == b""
+    assert early.header("Content-Type") is None
+
+
+def test_single_branch_caller_supporting_100rel_still_gets_reliable_sdp() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    stx = invite(env, "Supported: 100rel\n")
+    device_18x(env.port.invites()[0], 183, 1, SDP_B)
+    early = stx.responses[-1]
+    assert early.header("RSeq") and early.body == SDP_B
+
+
+def test_2xx_waits_for_the_prack_of_a_reliable_183_with_sdp() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    stx = invite(env, REQUIRE)
+    ctx = env.port.invites()[0]
+    device_18x(ctx, 183, 1, SDP_B)
+    ctx.respond(200, to_tag="dev-tag", body=SDP_B)
+    assert [r.status for r in stx.responses] == [183]  # §3: no 2xx before the PRACK
+    env.clock.advance(T1)
+    assert [r.status for r in stx.responses] == [183, 183]  # still resent meanwhile
+    early = stx.responses[-1]
+    prack = caller_prack(env, early.to.tag, rseq_of(early))
+    assert prack.statuses == [200]
+    assert [r.status for r in stx.responses] == [183, 183, 200]
+    assert stx.final is not None and stx.final.body == SDP_B
+
+
+def test_held_2xx_never_prackd_gives_the_caller_500_and_the_device_a_bye() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    stx = invite(env, REQUIRE)
+    ctx = env.port.invites()[0]
+    device_18x(ctx, 183, 1, SDP_B)
+    ctx.respond(200, to_tag="dev-tag", body=SDP_B)
+    env.clock.advance(64 * T1)
+    assert [s for s in stx.statuses if s >= 200] == [500]
+    byes = [c for c in env.port.sent if c.request.method == "BYE"]
+    assert len(byes) == 1 and byes[0].request.call_id == ctx.request.call_id
+    assert env.mgr.calls == {}
+
+
+def test_cancel_while_the_2xx_waits_for_a_prack_gets_487_and_byes_the_device() -> None:
+    env = Env()
+    env.location.add(binding(1))
+    stx = invite(env, REQUIRE)
+    ctx = env.port.invites()[0]
+    device_18x(ctx, 183, 1, SDP_B)
+    ctx.respond(200, to_tag="dev-tag", body=SDP_B)
+    cancel = parse_message(
+        b"CANCEL sip:bob@example.com SIP/2.0\r\n"
+        b"Via: SIP/2.0/TCP 10.0.0.1:5070;branch=z9hG4bKcallercall-1;rport\r\n"
+        b"Max-Forwards: 70\r\nFrom: <sip:alice@example.com>;tag=a-tag\r\nTo: <sip:bob@example.com>\r\n"
+        b"Call-ID: call-1@10.0.0.1\r\nCSeq: 10 CANCEL\r\nContent-Length: 0\r\n\r\n")
+    cstx = FakeStx(cancel)
+    env.mgr.handle_cancel(cancel, stx, env.caller_flow, cstx)
+    assert cstx.statuses == [200]
+    assert [r.status for r in stx.responses] == [183, 487]
+    byes = [c for c in env.port.sent if c.request.method == "BYE"]
+    assert len(byes) == 1 and byes[0].request.call_id == ctx.request.call_id
+    assert env.mgr.calls == {}

@@ -356,3 +356,71 @@ def test_target_answering_without_an_offer_is_dropped_and_the_call_stays() -> No
     c.from_a("BYE")
     c.sent("BYE")[-1].respond(200)
     env.assert_clean()
+
+
+def test_transfer_calls_do_not_share_one_caller_source() -> None:
+    from libon_tsilo.b2bua.admission import CallerSources
+    from libon_tsilo.b2bua.transfer import _no_flow
+
+    c = Transferable()
+    env = c.env
+    env.mgr.sources = CallerSources(1)
+    env.mgr.sources.admit("some-other-transfer", _no_flow())  # another transfer is ringing
+    assert c.refer_from_b().statuses == [202]
+    assert not any(sipfrag(n)[0].startswith("SIP/2.0 503") for n in c.sent("NOTIFY"))
+    c.carol()  # the target is called
+
+
+def test_session_refresh_does_not_go_to_a_referrer_that_left() -> None:
+    c = Transferable()
+    env = c.env
+    env.clock.advance(890)  # the refresh of bob's leg (ours, at 900 s) comes while carol rings
+    assert c.refer_from_b().statuses == [202]
+    c.sent("NOTIFY")[0].respond(200)
+    assert c.from_b("BYE").statuses == [200]
+    carol = c.carol()
+    carol.respond(180, to_tag="carol-tag")
+    n = len(env.port.sent)
+    env.clock.advance(15)
+    to_referrer = [x for x in env.port.sent[n:] if x.request.call_id == c.b_req.call_id
+                   and x.request.method in ("UPDATE", "INVITE")]
+    assert to_referrer == []
+    assert "CANCEL" not in env.port.sent_methods()
+    assert "BYE" not in [x.request.method for x in env.port.sent[n:]]
+    carol.respond(200, to_tag="carol-tag", body=SDP_C)
+    assert env.port.sent[-1].request.method == "INVITE"  # the transferee is re-INVITEd toward carol
+
+
+def test_target_answering_while_an_offer_is_in_flight_waits_for_it() -> None:
+    c = Transferable()
+    env = c.env
+    c.refer_from_b()
+    c.sent("NOTIFY")[0].respond(200)
+    carol = c.carol()
+    c.from_a("INVITE", SDP_A)  # alice's re-INVITE, relayed to bob, is in flight
+    relayed = c.sent("INVITE")[-1]
+    assert relayed.request.call_id == c.b_req.call_id
+    carol.respond(200, to_tag="carol-tag", body=SDP_C)
+    env.clock.advance(0)
+    assert c.sent("BYE") == [] and len(c.sent("NOTIFY")) == 1  # not given up
+    relayed.respond(200, to_tag="dev-tag", body=SDP_B)
+    c.from_a("ACK", seq=c.a_seq)
+    env.clock.advance(2.0)
+    moved = c.sent("INVITE")[-1]
+    assert moved.request.call_id == "call-1@10.0.0.1" and moved.request.body == SDP_C
+    moved.respond(200, to_tag="a-tag", body=SDP_A)
+    assert sipfrag(c.sent("NOTIFY")[-1])[0] == "SIP/2.0 200 OK\r\n"
+
+
+def test_target_waits_for_a_busy_offer_a_bounded_time() -> None:
+    c = Transferable()
+    env = c.env
+    c.refer_from_b()
+    c.sent("NOTIFY")[0].respond(200)
+    carol = c.carol()
+    c.from_a("INVITE", SDP_A)  # never answered by bob
+    carol.respond(200, to_tag="carol-tag", body=SDP_C)
+    env.clock.advance(0)
+    env.clock.pump([2.0] * 3)
+    assert sipfrag(c.sent("NOTIFY")[-1])[0] == "SIP/2.0 491 Request Pending\r\n"
+    assert [x.request.call_id for x in c.sent("BYE")] == [carol.request.call_id]
