@@ -173,6 +173,9 @@ class AuthPolicy:
         if len(nc_text) != 8 or not set(nc_text) <= _NC_DIGITS:
             self.limiter.failed(None, source, call_id)
             return self._reject(request, 400, "Malformed credentials (bad nc)")
+        if not creds["response"].isascii():  # hmac.compare_digest raises TypeError on non-ASCII text
+            self.limiter.failed(None, source, call_id)
+            return self._reject(request, 400, "Malformed credentials (bad response)")
         nc = int(nc_text, 16)
         username, nonce, algorithm = creds["username"], creds["nonce"], creds["algorithm"]
         if self.limiter.user_blocked(username, source):

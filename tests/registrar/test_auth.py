@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,17 @@ def test_forged_nonce_rechallenged(env: AuthEnv) -> None:
 def test_malformed_credentials(env: AuthEnv, value: str, status: int) -> None:
     resp = env.register(["<sip:alice@h>"], extra=[f"Authorization: {value}"])
     assert resp.status == status
+
+
+def test_non_ascii_response_is_malformed_not_a_crash(env: AuthEnv) -> None:
+    # hmac.compare_digest raises TypeError on non-ASCII text: hostile bytes must get a 400, not a 500
+    challenge = env.challenge().header_values("WWW-Authenticate")[0]
+    auth = digest_authorization(challenge, "alice", "wonderland", "REGISTER", "sip:example.com")
+    auth = re.sub(r'response="[^"]*"', 'response="\u00e9"', auth)
+    resp = env.register(["<sip:alice@192.0.2.10:40000>"], extra=[f"Authorization: {auth}"], cseq=2)
+    assert resp.status == 400
+    assert env.policy.limiter.counters["failures"] == 1
+    assert env.store.lookup(AOR) == []
 
 
 def test_rfc4475_regaut01_unknown_scheme_challenged(env: AuthEnv) -> None:
