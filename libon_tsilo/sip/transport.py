@@ -597,11 +597,11 @@ class TransportLayer(Service):
             if flow is not None:
                 self.flows.touch(flow)
             return
-        flow = self._udp_flow(proto, (_norm_host(addr[0]), addr[1]))
+        remote = (_norm_host(addr[0]), addr[1])
         if data[:1] < b"\x02":  # 0x00/0x01: STUN keep-alive (RFC 5626 §8.4); SIP starts with a letter
-            stun.answer(data, flow)
+            stun.answer(data, remote, lambda: self._udp_flow(proto, remote))
             return
-        self._inbound(data, flow, stream=False)
+        self._inbound(data, self._udp_flow(proto, remote), stream=False)
 
     def _udp_flow(self, proto: _UDPProtocol, remote: HostPort) -> Flow:
         flow = self.flows.lookup("udp", proto.local, remote)

@@ -339,6 +339,18 @@ async def test_stun_binding_request_on_the_sip_port_is_answered_and_keeps_the_fl
 
 
 @pytest_twisted.ensureDeferred
+async def test_what_only_starts_like_stun_makes_no_flow(harness, peer) -> None:
+    h = harness()
+    spoofer, _ = peer()
+    client, cport = peer()
+    spoofer.send(b"\x00\x01junk that is no STUN request", h.addr())
+    spoofer.send(b"", h.addr())
+    client.send(sip_request(method="INFO", via=f"SIP/2.0/UDP 127.0.0.1:{cport};branch=z9hG4bK-s1"), h.addr())
+    _, flow = await h.next()  # loopback keeps order: the spoofer's datagrams were handled before
+    assert list(h.layer.flows) == [flow]
+
+
+@pytest_twisted.ensureDeferred
 async def test_udp_receive_buffer_is_the_configured_size() -> None:
     # [sip] udp_receive_buffer: a burst waits in the kernel instead of being dropped (issue 11, item 13)
     import socket
