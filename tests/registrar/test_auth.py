@@ -168,6 +168,17 @@ def test_non_ascii_response_is_malformed_not_a_crash(env: AuthEnv) -> None:
     assert env.store.lookup(AOR) == []
 
 
+def test_non_utf8_username_is_an_unknown_user_not_a_crash(env: AuthEnv) -> None:
+    # a str with surrogates (bytes that are not UTF-8) cannot be bound by sqlite3: UnicodeEncodeError
+    challenge = env.challenge().header_values("WWW-Authenticate")[0]
+    auth = digest_authorization(challenge, "alice", "wonderland", "REGISTER", "sip:example.com")
+    data = register_text(["<sip:alice@192.0.2.10:40000>"], cseq=2, extra=[f"Authorization: {auth}"])
+    resp = env.send(data.replace(b'username="alice"', b'username="al\xffice"'))
+    assert resp.status == 401
+    assert env.policy.limiter.counters["failures"] == 1
+    assert env.store.lookup(AOR) == []
+
+
 def test_rfc4475_regaut01_unknown_scheme_challenged(env: AuthEnv) -> None:
     env.users.add("j.user", "pw", REALM)
     resp = env.send((RFC4475 / "regaut01.dat").read_bytes())
