@@ -13,7 +13,7 @@ import math
 import uuid
 from collections.abc import Generator
 from typing import Any, NamedTuple, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -347,7 +347,8 @@ class APNsSender:
             (":method", "POST"),
             (":scheme", "https"),
             (":authority", self.host),
-            (":path", f"/3/device/{req.prid}"),
+            # the token comes unescaped from a REGISTER: quoted, it names a device and nothing else
+            (":path", f"/3/device/{quote(req.prid, safe='')}"),
             ("apns-id", apns_id),
             ("apns-topic", kind.topic),
             ("apns-push-type", kind.push_type),

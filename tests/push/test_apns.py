@@ -79,6 +79,14 @@ async def _send(sender: APNsSender, req: PushRequest) -> PushResult:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_token_cannot_leave_the_device_path(env, senders) -> None:
+    # pn-prid comes unescaped from a REGISTER: "/", "?" or "#" in it must not reshape the :path
+    await _send(_sender(env, senders), _req(token="ab/../../x?y#z"))
+    [rec] = env.fake.requests
+    assert rec.path == "/3/device/ab%2F..%2F..%2Fx%3Fy%23z"
+
+
+@pytest_twisted.ensureDeferred
 async def test_call_push_is_delivered_with_voip_headers(env, senders) -> None:
     sender = _sender(env, senders)
     req = _req(ttl=20.0)
