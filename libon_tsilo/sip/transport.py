@@ -651,8 +651,8 @@ class TransportLayer(Service):
         framer = proto.framer
         if items or len(framer) or proto.held:
             self._track_incomplete(proto, bool(items))
-            if not flow.live:
-                return  # closed: too many bytes held
+            if proto.failed:
+                return  # aborted (too many bytes held): its flow stays live until the abort is reported
         for kind, payload in items:
             if kind == "msg":
                 proto.awaiting_first = False

@@ -218,6 +218,16 @@ def test_bytes_held_for_incomplete_messages_are_capped_over_all_connections() ->
     assert t.buffered == 0
 
 
+def test_messages_framed_with_the_bytes_that_pass_the_cap_are_not_delivered() -> None:
+    # the abort is only reported on a later reactor turn: the flow is still "live" meanwhile
+    t = layer(max_buffered_bytes=1000)
+    c = Conn(t)
+    c.feed(sip_request(via=VIA) + b"OPTIONS sip:x SIP/2.0\r\nX: " + b"b" * 1800)
+    assert c.closed and t.counters == {"max_buffered_bytes": 1}
+    assert t.got == []
+    assert t.buffered == 0
+
+
 # -- flows: bound and unbound, UDP -------------------------------------------------------------------------
 
 
