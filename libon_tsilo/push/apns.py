@@ -8,7 +8,6 @@ push's ttl. Why the HTTP/2 client is ours and not aioapns': docs/ARCHITECTURE.md
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import uuid
 from collections.abc import Generator
@@ -42,6 +41,7 @@ from libon_tsilo.push.base import (
 from libon_tsilo.push.payload import (
     PayloadTooLarge,
     cancel_alert_payload,
+    encode,
     refresh_payload,
     voip_payload,
 )
@@ -280,7 +280,7 @@ class APNsSender:
             d: Deferred[PushResult] = Deferred()
             d.callback(PushResult(CONFIG_ERROR, str(e)))
         else:
-            body = json.dumps(payload, ensure_ascii=False).encode("utf-8")  # as payload.py measures
+            body = encode(payload)  # the bytes payload.py measured against the limit
             d = send_with_retries(
                 self.clock, self.policy, deadline, lambda n: self._attempt(req, kind, body, deadline)
             )

@@ -7,8 +7,8 @@ leg arrives, and to drop a stale push (send time + ttl: APNs may deliver late ev
 expiration). ``push_id`` lets the app and our logs talk about the same push. README "Clients" lists
 the fields per provider.
 
-Sizes are measured exactly as aioapns encodes the body (``json.dumps(..., ensure_ascii=False)``
-in UTF-8), so "fits" here means "fits on the wire".
+Sizes are measured on the bytes ``encode`` gives, the body the APNs sender puts on the wire, so
+"fits" here means "fits on the wire".
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ __all__ = [
     "VOIP_LIMIT",
     "ALERT_LIMIT",
     "PayloadTooLarge",
+    "encode",
     "encoded_size",
     "call_fields",
     "call_data",
@@ -39,8 +40,13 @@ class PayloadTooLarge(ValueError):
     """Even with the display name (and URI) cut, the payload exceeds the provider's limit."""
 
 
+def encode(payload: dict[str, Any]) -> bytes:
+    """The body as sent: UTF-8 JSON, non-ASCII kept as is (escapes would eat into the size limit)."""
+    return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+
+
 def encoded_size(payload: dict[str, Any]) -> int:
-    return len(json.dumps(payload, ensure_ascii=False).encode("utf-8"))
+    return len(encode(payload))
 
 
 def _cut(text: str, n: int) -> str:
