@@ -14,7 +14,8 @@ finds its bucket empty is banned for ``ban_time`` seconds:
 ACKs and responses are never charged nor refused: they belong to transactions and calls already
 under way. The source is the IP address; IPv6 sources are grouped by /64 (one host usually owns a
 whole /64, and rotating through it would otherwise dodge the limit); IPv4-mapped IPv6 counts as the
-IPv4 address. Exempt networks (trusted peers, loopback) are never limited.
+IPv4 address. Exempt networks (trusted peers, loopback) are never limited; exemption is decided
+per address, so a trusted host exempts nothing else in its /64.
 
 Memory is bounded: the table is in least-recently-used order; a new source first drops entries idle
 long enough to have refilled and served their ban, and when the table is still at ``max_sources``
@@ -121,7 +122,7 @@ class SourceLimiter:
         self.respond = respond
         # after this long without a request, an entry has refilled and served any ban: forgettable
         self.hold = max(self.ban_time, self.burst / self.rate)
-        self._buckets: OrderedDict[str, _Bucket | None] = OrderedDict()  # None: an exempt source
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
         self.counters = {"refused": 0, "dropped": 0, "evicted": 0}
         self._log = ThrottledLog(clock)
         self._full_log = ThrottledLog(clock)
@@ -131,16 +132,19 @@ class SourceLimiter:
 
     def check(self, host: str) -> int:
         """Charge one request to ``host``: ALLOW, REFUSE (just banned: answer 503) or DROP (banned)."""
+        exempt = self.exempt
+        # per address, before the key: an exempt host (a trusted SBC) must not exempt its whole /64
+        # with it, nor share a bucket with its neighbours in that /64
+        if exempt.networks and host in exempt:
+            return ALLOW
         key = host if ":" not in host else _v6_key(host)
         buckets = self._buckets
-        bucket = buckets.get(key, False)
+        bucket = buckets.get(key)
         now = self.clock.seconds()
-        if bucket is False:
-            bucket = self._new(key, host, now)
+        if bucket is None:
+            bucket = self._new(key, now)
         else:
             buckets.move_to_end(key)
-        if bucket is None:
-            return ALLOW
         tokens = bucket.tokens + (now - bucket.stamp) * self.rate
         if tokens > self.burst:
             tokens = self.burst
@@ -155,15 +159,14 @@ class SourceLimiter:
         bucket.banned_until = now + self.ban_time
         return REFUSE
 
-    def _new(self, key: str, host: str, now: float) -> _Bucket | None:
+    def _new(self, key: str, now: float) -> _Bucket:
         buckets = self._buckets
         horizon = now - self.hold
         while buckets:
             first = next(iter(buckets))
-            old = buckets[first]
-            if old is not None and old.stamp > horizon:
+            if buckets[first].stamp > horizon:
                 break
-            del buckets[first]  # idle for `hold` (or exempt: cheap to look up again)
+            del buckets[first]  # idle for `hold`
         if len(buckets) >= self.max_sources:
             buckets.popitem(last=False)
             self.counters["evicted"] += 1
@@ -171,8 +174,7 @@ class SourceLimiter:
                 log.warn, "source limits: table full ({n} sources), forgetting the least recent",
                 n=self.max_sources,
             )
-        bucket = None if host in self.exempt else _Bucket(self.burst, now)
-        buckets[key] = bucket
+        bucket = buckets[key] = _Bucket(self.burst, now)
         return bucket
 
     def admit(self, request: Request, flow: Any) -> bool:
@@ -201,7 +203,7 @@ class SourceLimiter:
     def banned(self) -> list[str]:
         """Sources banned now (admin and tests)."""
         now = self.clock.seconds()
-        return [k for k, b in self._buckets.items() if b is not None and b.banned_until > now]
+        return [k for k, b in self._buckets.items() if b.banned_until > now]
 
     def limit_hits(self) -> dict[str, int]:
         return {
