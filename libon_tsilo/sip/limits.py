@@ -122,7 +122,7 @@ class SourceLimiter:
         self.respond = respond
         # after this long without a request, an entry has refilled and served any ban: forgettable
         self.hold = max(self.ban_time, self.burst / self.rate)
-        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._buckets: OrderedDict[str, _Bucket | None] = OrderedDict()  # None: an exempt IPv4 source
         self.counters = {"refused": 0, "dropped": 0, "evicted": 0}
         self._log = ThrottledLog(clock)
         self._full_log = ThrottledLog(clock)
@@ -132,19 +132,23 @@ class SourceLimiter:
 
     def check(self, host: str) -> int:
         """Charge one request to ``host``: ALLOW, REFUSE (just banned: answer 503) or DROP (banned)."""
-        exempt = self.exempt
-        # per address, before the key: an exempt host (a trusted SBC) must not exempt its whole /64
-        # with it, nor share a bucket with its neighbours in that /64
-        if exempt.networks and host in exempt:
+        if ":" not in host:
+            key = host  # an IPv4 key is the address: its entry can remember that it is exempt
+        elif self.exempt.networks and host in self.exempt:
+            # an IPv6 key is a /64: exemption is per address, or a trusted host (an SBC) would
+            # exempt its whole /64 when seen first, or be limited with it when a neighbour was
             return ALLOW
-        key = host if ":" not in host else _v6_key(host)
+        else:
+            key = _v6_key(host)
         buckets = self._buckets
-        bucket = buckets.get(key)
+        bucket = buckets.get(key, False)
         now = self.clock.seconds()
-        if bucket is None:
-            bucket = self._new(key, now)
+        if bucket is False:
+            bucket = self._new(key, host, now)
         else:
             buckets.move_to_end(key)
+        if bucket is None:
+            return ALLOW
         tokens = bucket.tokens + (now - bucket.stamp) * self.rate
         if tokens > self.burst:
             tokens = self.burst
@@ -159,14 +163,15 @@ class SourceLimiter:
         bucket.banned_until = now + self.ban_time
         return REFUSE
 
-    def _new(self, key: str, now: float) -> _Bucket:
+    def _new(self, key: str, host: str, now: float) -> _Bucket | None:
         buckets = self._buckets
         horizon = now - self.hold
         while buckets:
             first = next(iter(buckets))
-            if buckets[first].stamp > horizon:
+            old = buckets[first]
+            if old is not None and old.stamp > horizon:
                 break
-            del buckets[first]  # idle for `hold`
+            del buckets[first]  # idle for `hold` (or exempt: cheap to look up again)
         if len(buckets) >= self.max_sources:
             buckets.popitem(last=False)
             self.counters["evicted"] += 1
@@ -174,7 +179,9 @@ class SourceLimiter:
                 log.warn, "source limits: table full ({n} sources), forgetting the least recent",
                 n=self.max_sources,
             )
-        bucket = buckets[key] = _Bucket(self.burst, now)
+        # only an IPv4 host gets here exempt (see check): its key is its address
+        bucket = None if host in self.exempt else _Bucket(self.burst, now)
+        buckets[key] = bucket
         return bucket
 
     def admit(self, request: Request, flow: Any) -> bool:
@@ -203,7 +210,7 @@ class SourceLimiter:
     def banned(self) -> list[str]:
         """Sources banned now (admin and tests)."""
         now = self.clock.seconds()
-        return [k for k, b in self._buckets.items() if b.banned_until > now]
+        return [k for k, b in self._buckets.items() if b is not None and b.banned_until > now]
 
     def limit_hits(self) -> dict[str, int]:
         return {
