@@ -107,7 +107,7 @@ def test_refusals_are_logged_at_most_once_per_interval(caplog_twisted) -> None:
     t.clock.advance(10)
     Conn(t)
     lines = [e for e in caplog_twisted if "refusing a connection" in e]
-    assert len(lines) == 2 and "49 more like this" in lines[1]
+    assert len(lines) == 2 and "49 more since the last such line" in lines[1]
 
 
 @pytest.fixture
