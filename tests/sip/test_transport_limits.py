@@ -166,6 +166,17 @@ def test_message_trickled_byte_by_byte_is_closed_after_message_timeout() -> None
     assert [m.call_id for m in t.got] == ["first"]
 
 
+def test_bare_line_feeds_held_after_a_message_run_the_message_clock() -> None:
+    # only a half keep-alive (CR, CRLF, CRLFCR) is not a message: bare LFs held forever would dodge
+    # the clock, and the framer keeps them as the start of the next message
+    t = layer(message_timeout=10)
+    c = Conn(t)
+    c.feed(sip_request(via=VIA, call_id="first"))
+    c.feed(b"\n" * 1000)
+    t.clock.advance(10)
+    assert c.closed and t.counters == {"message_timeout": 1}
+
+
 def test_messages_that_complete_in_time_keep_the_connection() -> None:
     t = layer(message_timeout=10)
     c = Conn(t)
