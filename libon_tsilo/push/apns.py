@@ -425,6 +425,7 @@ def _collapse_id(call_id: str | None) -> str | None:
     """apns-collapse-id is limited to 64 bytes; long Call-IDs are hashed to stay unique."""
     if not call_id:
         return None
-    if len(call_id.encode()) <= 64:
+    if call_id.isascii() and len(call_id) <= 64:
         return call_id
-    return hashlib.sha256(call_id.encode()).hexdigest()
+    # hashed too when not ASCII: a peer's non-UTF-8 bytes (surrogates) cannot go in a header as is
+    return hashlib.sha256(call_id.encode("utf-8", "surrogateescape")).hexdigest()

@@ -227,6 +227,19 @@ async def test_wrong_team_key_is_invalid_provider_token(env, senders) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_caller_in_bytes_that_are_not_utf8_still_wakes_the_device(env, senders) -> None:
+    # the parser keeps a peer's non-UTF-8 bytes as surrogates: they cannot be encoded as UTF-8 as is
+    sender = _sender(env, senders)
+    res = await _send(sender, _req(caller_name="Ren\udce9", call_id="c\udcff1@10.0.0.1"))
+    assert res.outcome == "delivered"
+    res = await _send(sender, _req(kind="cancel", caller_name="Ren\udce9", call_id="c\udcff1@10.0.0.1"))
+    assert res.outcome == "delivered"
+    call, cancel = env.fake.requests
+    assert call.json["caller_name"] == "Ren\ufffd" and call.json["call_id"] == "c\ufffd1@10.0.0.1"
+    assert cancel.headers["apns-collapse-id"].isascii()
+
+
+@pytest_twisted.ensureDeferred
 async def test_cancel_is_an_alert_push_not_voip(env, senders) -> None:
     res = await _send(_sender(env, senders), _req(kind="cancel"))
     assert res.outcome == "delivered"
