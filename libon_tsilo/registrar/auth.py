@@ -14,8 +14,7 @@ user (registrar/auth_limits.py).
 Failure answers: an unknown user, a wrong password, a forged nonce or a replayed nonce-count all
 get a fresh challenge (no difference an attacker could use to enumerate users); a stale nonce with a
 correct response gets ``stale=true`` so the UA retries silently; credentials that are not usable
-Digest (missing fields, qop other than auth, a uri naming another user or host than the
-Request-URI) get 400; a valid user who does not own the identity
+Digest (missing fields, qop other than auth) get 400; a valid user who does not own the identity
 (To for REGISTER, From for INVITE) gets 403; a source or user over its failure limit gets 403
 without its credentials being checked.
 """
@@ -33,11 +32,10 @@ from twisted.logger import Logger
 from libon_tsilo.registrar.auth_limits import FailureLimiter, FailureLimits, source_key
 from libon_tsilo.registrar.nonce_counts import MemoryNonceCounts, NonceCounts
 from libon_tsilo.sip import digest
-from libon_tsilo.sip.errors import ParseError
-from libon_tsilo.sip.hostnames import HostSet, canonical_host
+from libon_tsilo.sip.hostnames import HostSet
 from libon_tsilo.sip.limits import SourceFilter
 from libon_tsilo.sip.message import Request, Response, make_response, new_tag
-from libon_tsilo.sip.uri import URI, TelURI, unescape
+from libon_tsilo.sip.uri import unescape
 
 if TYPE_CHECKING:
     from libon_tsilo.sip.flow import Flow
@@ -172,11 +170,6 @@ class AuthPolicy:
             self.limiter.failed(None, source, call_id)
             return self._reject(request, 400, "Malformed credentials (bad response)")
         nc = int(nc_text, 16)
-        if not _same_resource(creds["uri"], request):
-            # RFC 7616 §3.4.6: otherwise a man in the middle re-targets an authenticated INVITE
-            # (another callee, a premium number) and the response still verifies
-            self.limiter.failed(None, source, call_id)
-            return self._reject(request, 400, "Malformed credentials (uri is not the Request-URI)")
         username, nonce, algorithm = creds["username"], creds["nonce"], creds["algorithm"]
         if self.limiter.user_blocked(username, source):
             return self._reject(request, 403, "Forbidden (too many failed attempts)")
@@ -243,21 +236,6 @@ class AuthPolicy:
     @staticmethod
     def _reject(request: Request, status: int, reason: str) -> AuthResult:
         return AuthResult(response=make_response(request, status, reason, to_tag=new_tag()))
-
-
-def _same_resource(digest_uri: str, request: Request) -> bool:
-    """Does the credentials' ``uri`` name the Request-URI's resource? The user and host must be the
-    same; a client may spell the rest (parameters, port) its own way."""
-    if digest_uri == request.raw_uri:
-        return True
-    try:
-        theirs, ours = URI.parse(digest_uri), request.uri
-    except ParseError:
-        return False
-    if isinstance(ours, TelURI) or isinstance(theirs, TelURI):
-        return theirs == ours
-    return (unescape(theirs.user or "") == unescape(ours.user or "")
-            and canonical_host(theirs.host) == canonical_host(ours.host))
 
 
 def _call_id(request: Any) -> str | None:
