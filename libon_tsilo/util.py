@@ -7,7 +7,8 @@ import secrets
 
 __all__ = ["redact", "redact_uri", "redact_key", "random_token"]
 
-_PN_PRID = re.compile(r"(pn-prid=)([^;>?&\s]+)", re.IGNORECASE)
+# pn-prid (RFC 8599) and pn-alert-prid (push/waker.py: the app's alert token) are both push tokens
+_PN_PRID = re.compile(r"(pn-(?:alert-)?prid=)([^;>?&\s]+)", re.IGNORECASE)
 
 
 def redact(secret: str | None) -> str:
@@ -21,7 +22,7 @@ def redact(secret: str | None) -> str:
 
 
 def redact_uri(uri: object) -> str:
-    """A URI or Contact value fit for logs: an RFC 8599 ``pn-prid`` (a push token) is redacted."""
+    """A URI or Contact value fit for logs: a push token (``pn-prid``, ``pn-alert-prid``) is redacted."""
     text = "" if uri is None else str(uri)
     return _PN_PRID.sub(lambda m: m.group(1) + redact(m.group(2)), text)
 

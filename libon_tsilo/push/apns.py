@@ -8,12 +8,11 @@ push's ttl. Why the HTTP/2 client is ours and not aioapns': docs/ARCHITECTURE.md
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import uuid
 from collections.abc import Generator
 from typing import Any, NamedTuple, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -42,6 +41,7 @@ from libon_tsilo.push.base import (
 from libon_tsilo.push.payload import (
     PayloadTooLarge,
     cancel_alert_payload,
+    encode,
     refresh_payload,
     voip_payload,
 )
@@ -280,7 +280,7 @@ class APNsSender:
             d: Deferred[PushResult] = Deferred()
             d.callback(PushResult(CONFIG_ERROR, str(e)))
         else:
-            body = json.dumps(payload, ensure_ascii=False).encode("utf-8")  # as payload.py measures
+            body = encode(payload)  # the bytes payload.py measured against the limit
             d = send_with_retries(
                 self.clock, self.policy, deadline, lambda n: self._attempt(req, kind, body, deadline)
             )
@@ -347,7 +347,8 @@ class APNsSender:
             (":method", "POST"),
             (":scheme", "https"),
             (":authority", self.host),
-            (":path", f"/3/device/{req.prid}"),
+            # the token comes unescaped from a REGISTER: quoted, it names a device and nothing else
+            (":path", f"/3/device/{quote(req.prid, safe='')}"),
             ("apns-id", apns_id),
             ("apns-topic", kind.topic),
             ("apns-push-type", kind.push_type),
@@ -424,6 +425,7 @@ def _collapse_id(call_id: str | None) -> str | None:
     """apns-collapse-id is limited to 64 bytes; long Call-IDs are hashed to stay unique."""
     if not call_id:
         return None
-    if len(call_id.encode()) <= 64:
+    if call_id.isascii() and len(call_id) <= 64:
         return call_id
-    return hashlib.sha256(call_id.encode()).hexdigest()
+    # hashed too when not ASCII: a peer's non-UTF-8 bytes (surrogates) cannot go in a header as is
+    return hashlib.sha256(call_id.encode("utf-8", "surrogateescape")).hexdigest()

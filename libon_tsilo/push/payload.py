@@ -7,8 +7,8 @@ leg arrives, and to drop a stale push (send time + ttl: APNs may deliver late ev
 expiration). ``push_id`` lets the app and our logs talk about the same push. README "Clients" lists
 the fields per provider.
 
-Sizes are measured exactly as aioapns encodes the body (``json.dumps(..., ensure_ascii=False)``
-in UTF-8), so "fits" here means "fits on the wire".
+Sizes are measured on the bytes ``encode`` gives, the body the APNs sender puts on the wire, so
+"fits" here means "fits on the wire".
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ __all__ = [
     "VOIP_LIMIT",
     "ALERT_LIMIT",
     "PayloadTooLarge",
+    "encode",
+    "utf8_clean",
     "encoded_size",
     "call_fields",
     "call_data",
@@ -39,8 +41,24 @@ class PayloadTooLarge(ValueError):
     """Even with the display name (and URI) cut, the payload exceeds the provider's limit."""
 
 
+def encode(payload: dict[str, Any]) -> bytes:
+    """The body as sent: UTF-8 JSON, non-ASCII kept as is (escapes would eat into the size limit)."""
+    return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+
+
+def utf8_clean(text: str) -> str:
+    """``text`` fit for UTF-8: a caller's bytes that were not UTF-8 (the SIP parser keeps them as
+    surrogates, which no encoder takes) become U+FFFD, as any UTF-8 decoder shows them."""
+    if text.isascii():
+        return text
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate no decoder made (not from a byte): "?"
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def encoded_size(payload: dict[str, Any]) -> int:
-    return len(json.dumps(payload, ensure_ascii=False).encode("utf-8"))
+    return len(encode(payload))
 
 
 def _cut(text: str, n: int) -> str:
@@ -82,10 +100,10 @@ def call_fields(req: PushRequest, now: float) -> dict[str, Any]:
     """The provider-neutral fields of a call push (JSON types kept)."""
     return {
         "type": req.kind,
-        "call_id": req.payload_call_id,
-        "caller_name": req.caller_name or "",
-        "caller_uri": req.caller_uri or "",
-        "aor": req.aor,
+        "call_id": utf8_clean(req.payload_call_id),
+        "caller_name": utf8_clean(req.caller_name or ""),
+        "caller_uri": utf8_clean(req.caller_uri or ""),
+        "aor": utf8_clean(req.aor),
         "push_id": req.push_id,
         "send_time": round(now, 3),
         "ttl": req.ttl,
@@ -100,7 +118,7 @@ def call_data(req: PushRequest, now: float, limit: int = ALERT_LIMIT) -> dict[st
         f["caller_name"], f["caller_uri"] = name, uri
         return {k: str(v) for k, v in f.items()}
 
-    return _fit(build, req.caller_name or "", req.caller_uri or "", limit)
+    return _fit(build, utf8_clean(req.caller_name or ""), utf8_clean(req.caller_uri or ""), limit)
 
 
 def voip_payload(req: PushRequest, now: float, limit: int = VOIP_LIMIT) -> dict[str, Any]:
@@ -111,7 +129,7 @@ def voip_payload(req: PushRequest, now: float, limit: int = VOIP_LIMIT) -> dict[
         f["caller_name"], f["caller_uri"] = name, uri
         return {"aps": {}, **f}
 
-    return _fit(build, req.caller_name or "", req.caller_uri or "", limit)
+    return _fit(build, utf8_clean(req.caller_name or ""), utf8_clean(req.caller_uri or ""), limit)
 
 
 def cancel_alert_payload(req: PushRequest, now: float, limit: int = ALERT_LIMIT) -> dict[str, Any]:
@@ -123,7 +141,7 @@ def cancel_alert_payload(req: PushRequest, now: float, limit: int = ALERT_LIMIT)
         f["caller_name"], f["caller_uri"] = name, uri
         return {"aps": {"alert": {"title": "Missed call", "body": f"Missed call from {who}"}}, **f}
 
-    return _fit(build, req.caller_name or "", req.caller_uri or "", limit)
+    return _fit(build, utf8_clean(req.caller_name or ""), utf8_clean(req.caller_uri or ""), limit)
 
 
 def refresh_payload(req: PushRequest, now: float) -> dict[str, Any]:
@@ -131,7 +149,7 @@ def refresh_payload(req: PushRequest, now: float) -> dict[str, Any]:
     return {
         "aps": {"content-available": 1},
         "type": "refresh",
-        "aor": req.aor,
+        "aor": utf8_clean(req.aor),
         "push_id": req.push_id,
         "send_time": round(now, 3),
     }

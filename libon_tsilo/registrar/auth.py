@@ -22,7 +22,6 @@ without its credentials being checked.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -34,7 +33,8 @@ from libon_tsilo.registrar.auth_limits import FailureLimiter, FailureLimits, sou
 from libon_tsilo.registrar.nonce_counts import MemoryNonceCounts, NonceCounts
 from libon_tsilo.sip import digest
 from libon_tsilo.sip.hostnames import HostSet
-from libon_tsilo.sip.message import Request, Response, make_response, new_tag, log_call_id
+from libon_tsilo.sip.limits import SourceFilter
+from libon_tsilo.sip.message import Request, Response, log_call_id, make_response, new_tag
 from libon_tsilo.sip.uri import unescape
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ class AuthPolicy:
         self.enabled = enabled
         self.algorithms = [digest.normalize_algorithm(a) for a in algorithms]
         self.local_domains = HostSet(local_domains)
-        self._trusted = [ipaddress.ip_network(c, strict=False) for c in trusted_sources]
+        self._trusted = SourceFilter(trusted_sources)
         self.nonce_counts: NonceCounts = (
             nonce_counts if nonce_counts is not None else MemoryNonceCounts(clock, nonce_lifetime)
         )
@@ -138,15 +138,8 @@ class AuthPolicy:
         return self._verify(request, spec, identity, source)
 
     def is_trusted(self, flow: Flow | None) -> bool:
-        if flow is None or not self._trusted:
-            return False
-        try:
-            addr = ipaddress.ip_address(flow.key.remote[0].strip("[]"))
-        except ValueError:
-            return False
-        # a dual-stack socket shows an IPv4 peer as ::ffff:a.b.c.d; the networks are written in IPv4
-        mapped = getattr(addr, "ipv4_mapped", None)
-        return any((mapped or addr) in net or addr in net for net in self._trusted)
+        # SourceFilter matches an IPv4 peer seen as ::ffff:a.b.c.d (dual stack) against IPv4 networks
+        return flow is not None and flow.key.remote[0] in self._trusted
 
     def stop(self) -> None:
         self.nonce_counts.stop()
@@ -173,6 +166,9 @@ class AuthPolicy:
         if len(nc_text) != 8 or not set(nc_text) <= _NC_DIGITS:
             self.limiter.failed(None, source, call_id)
             return self._reject(request, 400, "Malformed credentials (bad nc)")
+        if not creds["response"].isascii():  # hmac.compare_digest raises TypeError on non-ASCII text
+            self.limiter.failed(None, source, call_id)
+            return self._reject(request, 400, "Malformed credentials (bad response)")
         nc = int(nc_text, 16)
         username, nonce, algorithm = creds["username"], creds["nonce"], creds["algorithm"]
         if self.limiter.user_blocked(username, source):

@@ -24,12 +24,13 @@ that is logged once per sweep.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+
+from libon_tsilo.sip.limits import source_key  # the key the SIP edge limits count by too
 
 __all__ = ["FailureLimiter", "FailureLimits", "source_key"]
 
@@ -55,19 +56,6 @@ class _Count:
         self.start = start  # the window's start
         self.n = 0
         self.until = 0.0  # blocked until (clock time); 0 = not blocked
-
-
-def source_key(host: str) -> str | None:
-    """The address a source is counted under: IPv4 as is, IPv6 as its /64; None if no address."""
-    try:
-        addr = ipaddress.ip_address(host.strip("[]").partition("%")[0])
-    except ValueError:
-        return None
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network((addr, 64), strict=False))
-    return str(addr)
 
 
 class FailureLimiter:

@@ -107,6 +107,8 @@ class UsersDB:
     def get_ha1(self, username: str, realm: str, algorithm: str) -> str | None:
         """The stored HA1 for ``algorithm`` under ``realm``, or None (unknown user, other realm)."""
         column = _COLUMNS[normalize_algorithm(algorithm)]
+        if not username.isascii() and not _encodable(username):
+            return None  # the request's bytes were not UTF-8 (surrogates): sqlite3 could not bind them
         try:
             row = self._db.execute(
                 f"SELECT realm, {column} FROM users WHERE username = ?", (username,)
@@ -145,3 +147,11 @@ class UsersDB:
     def _hashes(username: str, realm: str, password: str) -> tuple[str, str]:
         assert set(_COLUMNS) == set(ALGORITHMS)
         return ha1(username, realm, password, "MD5"), ha1(username, realm, password, "SHA-256")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

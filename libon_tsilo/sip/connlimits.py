@@ -13,8 +13,6 @@ what a connection may hold (``ConnectionLimits``, filled from the ``[connections
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 import socket
 from collections import Counter
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ from dataclasses import dataclass
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from libon_tsilo.sip.limits import source_key  # one key per source for every limit
 from libon_tsilo.sip.ratelog import RateLimitedLog
 
 try:
@@ -49,20 +48,6 @@ class ConnectionLimits:
     listen_backlog: int = 1024
     max_udp_flows: int = 20000
     max_buffered_bytes: int = 64 * 1024 * 1024  # incomplete messages, over all connections
-
-
-@functools.lru_cache(maxsize=4096)
-def source_key(host: str) -> str:
-    """What the per-source cap counts by: the IPv4 address, or the IPv6 /64."""
-    try:
-        addr = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
-    except ValueError:
-        return host.lower()
-    if isinstance(addr, ipaddress.IPv6Address):
-        if addr.ipv4_mapped is not None:
-            return str(addr.ipv4_mapped)
-        return str(ipaddress.IPv6Network((int(addr) >> 64 << 64, 64)))
-    return str(addr)
 
 
 def somaxconn() -> int:

@@ -37,7 +37,9 @@ class StreamFramer:
     def incomplete(self) -> bool:
         """Part of a message is held (a lone CRLF, the half of a keep-alive, does not count)."""
         buf = self._buffer
-        return bool(buf) and bool(buf.strip(b"\r\n"))
+        # only CR, CRLF or CRLFCR may still become a keep-alive: any other CR/LF mix (bare LFs) is
+        # held as the start of a message, and must run the message clock
+        return bool(buf) and not (len(buf) < 4 and PING.startswith(buf))
 
     def clear(self) -> None:
         """Drop what is held (the connection is gone: its buffer must not wait for the garbage collector)."""

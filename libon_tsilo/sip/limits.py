@@ -14,7 +14,8 @@ finds its bucket empty is banned for ``ban_time`` seconds:
 ACKs and responses are never charged nor refused: they belong to transactions and calls already
 under way. The source is the IP address; IPv6 sources are grouped by /64 (one host usually owns a
 whole /64, and rotating through it would otherwise dodge the limit); IPv4-mapped IPv6 counts as the
-IPv4 address. Exempt networks (trusted peers, loopback) are never limited.
+IPv4 address. Exempt networks (trusted peers, loopback) are never limited; exemption is decided
+per address, so a trusted host exempts nothing else in its /64.
 
 Memory is bounded: the table is in least-recently-used order; a new source first drops entries idle
 long enough to have refilled and served their ban, and when the table is still at ``max_sources``
@@ -121,7 +122,7 @@ class SourceLimiter:
         self.respond = respond
         # after this long without a request, an entry has refilled and served any ban: forgettable
         self.hold = max(self.ban_time, self.burst / self.rate)
-        self._buckets: OrderedDict[str, _Bucket | None] = OrderedDict()  # None: an exempt source
+        self._buckets: OrderedDict[str, _Bucket | None] = OrderedDict()  # None: an exempt IPv4 source
         self.counters = {"refused": 0, "dropped": 0, "evicted": 0}
         self._log = ThrottledLog(clock)
         self._full_log = ThrottledLog(clock)
@@ -131,7 +132,14 @@ class SourceLimiter:
 
     def check(self, host: str) -> int:
         """Charge one request to ``host``: ALLOW, REFUSE (just banned: answer 503) or DROP (banned)."""
-        key = host if ":" not in host else _v6_key(host)
+        if ":" not in host:
+            key = host  # an IPv4 key is the address: its entry can remember that it is exempt
+        elif self.exempt.networks and host in self.exempt:
+            # an IPv6 key is a /64: exemption is per address, or a trusted host (an SBC) would
+            # exempt its whole /64 when seen first, or be limited with it when a neighbour was
+            return ALLOW
+        else:
+            key = _v6_key(host)
         buckets = self._buckets
         bucket = buckets.get(key, False)
         now = self.clock.seconds()
@@ -171,6 +179,7 @@ class SourceLimiter:
                 log.warn, "source limits: table full ({n} sources), forgetting the least recent",
                 n=self.max_sources,
             )
+        # only an IPv4 host gets here exempt (see check): its key is its address
         bucket = None if host in self.exempt else _Bucket(self.burst, now)
         buckets[key] = bucket
         return bucket

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
@@ -36,12 +37,14 @@ _XOR_MAPPED_ADDRESS = 0x0020
 _MAX_REQUEST = 548  # RFC 5389 §7.1: what a request over UDP may be without path MTU knowledge
 
 
-def answer(data: bytes, flow: Flow) -> bool:
-    """Answer a Binding Request that came in on ``flow`` (its receipt already refreshed the flow's
-    idle timer); True when an answer went out."""
-    reply = binding_response(data, flow.key.remote)
+def answer(data: bytes, remote: tuple[str, int], flow_for: Callable[[], Flow]) -> bool:
+    """Answer a Binding Request from ``remote`` on the flow ``flow_for()`` finds or makes (which
+    refreshes its idle timer); True when an answer went out. Only a well-formed request gets a
+    flow: anything a spoofer sends that merely starts like STUN must not fill the flow table."""
+    reply = binding_response(data, remote)
     if reply is None:
         return False
+    flow = flow_for()
     try:
         flow.send(reply)
     except Exception as e:  # the socket's own errors (TransportError...): one keep-alive lost

@@ -20,9 +20,10 @@ Choices (and where they differ from a plain reading of the RFCs):
   ``maddr`` first (when it is an IP literal), then ``received`` with ``rport`` (or the sent-by port),
   then sent-by. No DNS is resolved for responses: a sent-by name without ``received`` goes to the
   flow's remote address, or is dropped when there is no flow.
-- Unparseable input: when Via/From/To/Call-ID/CSeq can be read, the 400 (or the ParseError's status,
-  e.g. 505/513) goes straight back to the packet's source over the flow it came on: never to an
-  address taken from a header we could not fully parse. Responses are never answered. A stream
+- Unparseable input: when Via and CSeq can be read (a client matches a response by those two), the
+  400 (or the ParseError's status, e.g. 505/513) goes straight back to the packet's source over the
+  flow it came on: never to an address taken from a header we could not fully parse. Responses and
+  ACKs are never answered. A stream
   framing error (missing Content-Length, oversize, endless header section) also closes the connection.
 - Keep-alives: CRLFCRLF on a stream is answered with CRLF (RFC 5626 §3.5.1); a CRLF-only datagram just
   refreshes the UDP pseudo-flow.
@@ -590,11 +591,11 @@ class TransportLayer(Service):
             if flow is not None:
                 self.flows.touch(flow)
             return
-        flow = self._udp_flow(proto, (_norm_host(addr[0]), addr[1]))
+        remote = (_norm_host(addr[0]), addr[1])
         if data[:1] < b"\x02":  # 0x00/0x01: STUN keep-alive (RFC 5626 §8.4); SIP starts with a letter
-            stun.answer(data, flow)
+            stun.answer(data, remote, lambda: self._udp_flow(proto, remote))
             return
-        self._inbound(data, flow, stream=False)
+        self._inbound(data, self._udp_flow(proto, remote), stream=False)
 
     def _udp_flow(self, proto: _UDPProtocol, remote: HostPort) -> Flow:
         flow = self.flows.lookup("udp", proto.local, remote)
@@ -644,8 +645,8 @@ class TransportLayer(Service):
         framer = proto.framer
         if items or len(framer) or proto.held:
             self._track_incomplete(proto, bool(items))
-            if not flow.live:
-                return  # closed: too many bytes held
+            if proto.failed:
+                return  # aborted (too many bytes held): its flow stays live until the abort is reported
         for kind, payload in items:
             if kind == "msg":
                 proto.awaiting_first = False
@@ -820,7 +821,8 @@ class TransportLayer(Service):
 
     def _answer_unparseable(self, data: bytes, err: ParseError, flow: Flow) -> None:
         req = extract_for_error_response(data)
-        if req is None:
+        # an ACK is never answered (RFC 3261 §17): the 400 would go unmatched, and to a spoofed source
+        if req is None or req.method == "ACK":
             log.info("dropping unparseable input from {flow_id}: {why}", flow_id=flow.id, why=err.reason)
             return
         log.info(

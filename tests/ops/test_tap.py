@@ -283,6 +283,15 @@ def test_redact_uri_and_key_hide_push_tokens():
     assert redact_key(None) == ""
 
 
+def test_redact_uri_hides_the_alert_token_too():
+    # push/waker.py's pn-alert-prid (the app's alert token) is as secret as pn-prid
+    voip, alert = "f0e1d2c3b4a5968778695a4b3c2d1e0f", "0a1b2c3d4e5f60718293a4b5c6d7e8f9"
+    uri = f"sip:dev@10.0.0.1;pn-provider=apns;pn-prid={voip};pn-alert-prid={alert};pn-param=T.app.voip"
+    shown = redact_uri(uri)
+    assert voip not in shown and alert not in shown
+    assert shown == uri.replace(voip, redact(voip)).replace(alert, redact(alert))
+
+
 def test_random_token():
     a, b = random_token(24), random_token(24)
     assert len(a) == 24 and a != b

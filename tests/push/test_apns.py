@@ -62,6 +62,14 @@ async def _send(sender: APNsSender, req: PushRequest) -> PushResult:
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_token_cannot_leave_the_device_path(env, senders) -> None:
+    # pn-prid comes unescaped from a REGISTER: "/", "?" or "#" in it must not reshape the :path
+    await _send(_sender(env, senders), _req(token="ab/../../x?y#z"))
+    [rec] = env.fake.requests
+    assert rec.path == "/3/device/ab%2F..%2F..%2Fx%3Fy%23z"
+
+
+@pytest_twisted.ensureDeferred
 async def test_call_push_is_delivered_with_voip_headers(env, senders) -> None:
     sender = _sender(env, senders)
     req = _req(ttl=20.0)
@@ -199,6 +207,19 @@ async def test_wrong_team_key_is_invalid_provider_token(env, senders) -> None:
     sender.token.team_id = "OTHERTEAM1"
     res = await _send(sender, _req())
     assert (res.outcome, res.status, res.reason) == ("config_error", 403, "InvalidProviderToken")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_caller_in_bytes_that_are_not_utf8_still_wakes_the_device(env, senders) -> None:
+    # the parser keeps a peer's non-UTF-8 bytes as surrogates: they cannot be encoded as UTF-8 as is
+    sender = _sender(env, senders)
+    res = await _send(sender, _req(caller_name="Ren\udce9", call_id="c\udcff1@10.0.0.1"))
+    assert res.outcome == "delivered"
+    res = await _send(sender, _req(kind="cancel", caller_name="Ren\udce9", call_id="c\udcff1@10.0.0.1"))
+    assert res.outcome == "delivered"
+    call, cancel = env.fake.requests
+    assert call.json["caller_name"] == "Ren\ufffd" and call.json["call_id"] == "c\ufffd1@10.0.0.1"
+    assert cancel.headers["apns-collapse-id"].isascii()
 
 
 @pytest_twisted.ensureDeferred

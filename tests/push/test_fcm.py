@@ -105,6 +105,18 @@ async def test_delivered_sends_a_data_only_high_priority_message(env: Env) -> No
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_caller_in_bytes_that_are_not_utf8_still_wakes_the_device(env: Env) -> None:
+    # the SIP parser keeps a peer's non-UTF-8 bytes as surrogates: pyfcm's UTF-8 encoding refused them
+    req = PushRequest("fcm", "tok-alice", PROJECT, "call", call_id="c\udcff1@host",
+                      caller_uri="sip:bob@example.com", caller_name="Ren\udce9", aor="sip:alice@example.com")
+    result = await env.sender().send(req)
+    assert result.outcome == DELIVERED, result
+    [send] = env.fake.sends
+    data = send.json["message"]["data"]
+    assert data["caller_name"] == "Ren\ufffd" and data["call_id"] == "c\ufffd1@host"
+
+
+@pytest_twisted.ensureDeferred
 async def test_access_token_is_fetched_once_and_shared(env: Env) -> None:
     sender = env.sender()
     results = [await sender.send(call(f"tok-{i}")) for i in range(3)]

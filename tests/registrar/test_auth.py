@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,28 @@ def test_forged_nonce_rechallenged(env: AuthEnv) -> None:
 def test_malformed_credentials(env: AuthEnv, value: str, status: int) -> None:
     resp = env.register(["<sip:alice@h>"], extra=[f"Authorization: {value}"])
     assert resp.status == status
+
+
+def test_non_ascii_response_is_malformed_not_a_crash(env: AuthEnv) -> None:
+    # hmac.compare_digest raises TypeError on non-ASCII text: hostile bytes must get a 400, not a 500
+    challenge = env.challenge().header_values("WWW-Authenticate")[0]
+    auth = digest_authorization(challenge, "alice", "wonderland", "REGISTER", "sip:example.com")
+    auth = re.sub(r'response="[^"]*"', 'response="\u00e9"', auth)
+    resp = env.register(["<sip:alice@192.0.2.10:40000>"], extra=[f"Authorization: {auth}"], cseq=2)
+    assert resp.status == 400
+    assert env.policy.limiter.counters["failures"] == 1
+    assert env.store.lookup(AOR) == []
+
+
+def test_non_utf8_username_is_an_unknown_user_not_a_crash(env: AuthEnv) -> None:
+    # a str with surrogates (bytes that are not UTF-8) cannot be bound by sqlite3: UnicodeEncodeError
+    challenge = env.challenge().header_values("WWW-Authenticate")[0]
+    auth = digest_authorization(challenge, "alice", "wonderland", "REGISTER", "sip:example.com")
+    data = register_text(["<sip:alice@192.0.2.10:40000>"], cseq=2, extra=[f"Authorization: {auth}"])
+    resp = env.send(data.replace(b'username="alice"', b'username="al\xffice"'))
+    assert resp.status == 401
+    assert env.policy.limiter.counters["failures"] == 1
+    assert env.store.lookup(AOR) == []
 
 
 def test_rfc4475_regaut01_unknown_scheme_challenged(env: AuthEnv) -> None:

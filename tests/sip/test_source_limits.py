@@ -82,6 +82,14 @@ def test_exempt_networks_are_never_limited():
     assert "not-an-ip" not in SourceFilter(["10.0.0.0/8"])
 
 
+def test_an_exempt_address_exempts_neither_its_64_nor_is_limited_with_it():
+    clock = Clock()
+    lim = _limiter(clock, exempt=SourceFilter(["2001:db8:1:2::10/128"]))
+    assert all(lim.check("2001:db8:1:2::10") == ALLOW for _ in range(20))  # the trusted SBC first
+    assert [lim.check("2001:db8:1:2::99") for _ in range(6)] == [ALLOW] * 5 + [REFUSE]  # its neighbour
+    assert all(lim.check("2001:db8:1:2::10") == ALLOW for _ in range(20))  # the /64 is banned, not the SBC
+
+
 def test_table_is_bounded_idle_entries_expire_and_the_least_recent_is_evicted():
     clock = Clock()
     lim = _limiter(clock, max_sources=100)

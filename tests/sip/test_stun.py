@@ -64,11 +64,19 @@ def test_anything_else_is_dropped(data: bytes) -> None:
 def test_answer_sends_on_the_flow_and_survives_a_send_error() -> None:
     sent: list[bytes] = []
     flow = SimpleNamespace(id="udp:1", key=SimpleNamespace(remote=("192.0.2.1", 32853)), send=sent.append)
-    assert answer(SAMPLE_REQUEST, flow) and sent == [bytes.fromhex("0101000c2112a442") + TID + XOR_V4]
+    remote = flow.key.remote
+    assert answer(SAMPLE_REQUEST, remote, lambda: flow)
+    assert sent == [bytes.fromhex("0101000c2112a442") + TID + XOR_V4]
 
     def broken(data: bytes) -> None:
         raise OSError("network unreachable")
 
     flow.send = broken
-    assert not answer(SAMPLE_REQUEST, flow)
-    assert not answer(b"\x00\x01junk", flow)
+    assert not answer(SAMPLE_REQUEST, remote, lambda: flow)
+
+
+def test_no_flow_is_made_for_what_only_starts_like_stun() -> None:
+    def no_flow() -> None:
+        raise AssertionError("a flow was asked for")
+
+    assert not answer(b"\x00\x01junk", ("192.0.2.1", 32853), no_flow)

@@ -161,6 +161,21 @@ async def test_bad_request_gets_400_with_reason(harness, peer) -> None:
 
 
 @pytest_twisted.ensureDeferred
+async def test_unparseable_ack_is_dropped_not_answered(harness, peer) -> None:
+    h = harness()
+    client, cport = peer()
+    via = f"SIP/2.0/UDP 127.0.0.1:{cport};branch=z9hG4bK-a1"
+    client.send(sip_request(method="ACK", via=via).replace(b"CSeq: 1 ACK", b"CSeq: one ACK"), h.addr())
+    client.send(sip_request(method="INFO", via=f"SIP/2.0/UDP 127.0.0.1:{cport};branch=z9hG4bK-a2"), h.addr())
+    msg, flow = await h.next()
+    assert msg.method == "INFO"
+    h.layer.send_response(make_response(msg, 200, "OK"), flow)
+    # loopback keeps order: a 400 to the ACK would arrive before the INFO's 200
+    data, _ = await client.next()
+    assert parse_message(data).cseq.method == "INFO"
+
+
+@pytest_twisted.ensureDeferred
 async def test_content_length_beyond_datagram_is_400_and_extra_bytes_ignored(harness, peer) -> None:
     h = harness()
     client, cport = peer()
@@ -321,6 +336,18 @@ async def test_stun_binding_request_on_the_sip_port_is_answered_and_keeps_the_fl
     msg, _ = await h.next()
     assert msg.method == "INFO"
     assert client.queue.pending == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_only_starts_like_stun_makes_no_flow(harness, peer) -> None:
+    h = harness()
+    spoofer, _ = peer()
+    client, cport = peer()
+    spoofer.send(b"\x00\x01junk that is no STUN request", h.addr())
+    spoofer.send(b"", h.addr())
+    client.send(sip_request(method="INFO", via=f"SIP/2.0/UDP 127.0.0.1:{cport};branch=z9hG4bK-s1"), h.addr())
+    _, flow = await h.next()  # loopback keeps order: the spoofer's datagrams were handled before
+    assert list(h.layer.flows) == [flow]
 
 
 @pytest_twisted.ensureDeferred
