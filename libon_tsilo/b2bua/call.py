@@ -720,7 +720,8 @@ class Call:
                 leg.ctx.detach()
         self.mgr.forget(self)
         if logflags.info_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs
-            log.info("call ended: {why}", why=why, call_id=self.call_id)
+            # `reason` is a field of its own (in the JSON log too), not only words in the text
+            log.info("call ended: {reason}", reason=why, call_id=self.call_id)
 
     def in_dialog(self, leg: Any, request: Request, stx: Any) -> None:
         relay.request(self, leg, request, stx)
