@@ -498,9 +498,9 @@ class Call:
                 self.send_branch_ack(leg)
             return
         if status < 200:
-            relay_it, leg_reliable = reliable.device_provisional(self, leg, resp)
-            if not relay_it:
-                return
+            relay_it, leg_reliable = reliable.device_provisional(self, leg, resp)  # PRACKs a reliable one
+            if not relay_it or leg.cancelled:
+                return  # a branch we CANCELled (replaced, or lost the race) no longer speaks to the caller
             leg.note(resp)
             if leg.state == BranchState.CALLING:
                 leg.state = BranchState.EARLY
