@@ -498,9 +498,9 @@ class Call:
                 self.send_branch_ack(leg)
             return
         if status < 200:
-            relay_it, leg_reliable = reliable.device_provisional(self, leg, resp)
-            if not relay_it:
-                return
+            relay_it, leg_reliable = reliable.device_provisional(self, leg, resp)  # PRACKs a reliable one
+            if not relay_it or leg.cancelled:
+                return  # a branch we CANCELled (replaced, or lost the race) no longer speaks to the caller
             leg.note(resp)
             if leg.state == BranchState.CALLING:
                 leg.state = BranchState.EARLY
@@ -720,7 +720,8 @@ class Call:
                 leg.ctx.detach()
         self.mgr.forget(self)
         if logflags.info_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs
-            log.info("call ended: {why}", why=why, call_id=self.call_id)
+            # `reason` is a field of its own (in the JSON log too), not only words in the text
+            log.info("call ended: {reason}", reason=why, call_id=self.call_id)
 
     def in_dialog(self, leg: Any, request: Request, stx: Any) -> None:
         relay.request(self, leg, request, stx)

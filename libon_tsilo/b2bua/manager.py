@@ -143,10 +143,13 @@ class CallManager:
         self.sources = sources
         self.user_exists = user_exists
         self.can_wake = waker is not None
-        limits = ("parked_per_source", "parked_total", "unknown_user", "unreachable_user", "max_branches")
+        limits = ("parked_per_source", "parked_total", "unknown_user", "unreachable_user", "max_branches",
+                  "reliable_18x_dropped")
         self.limit_counters = dict.fromkeys(limits, 0)
         self._limit_logs = {name: ThrottledLog(clock) for name in self.limit_counters}
         self.counters["flow_failovers"] = 0  # RFC 5626: branches moved to another flow of their device
+        # REFERs (transfer.py): 0 from the start, so /metrics has the series before the first one
+        self.counters.update(transfers=0, transfers_refused=0)
 
     # -- tables --------------------------------------------------------------------------------
 

@@ -143,8 +143,10 @@ class CallerReliability:
         if self.unacked is not None:
             if len(self.queue) >= _MAX_QUEUED:
                 dropped = self.queue.popleft()
-                log.warn("caller slow to PRACK: {status} dropped, {n} 18x queued already",
-                         status=dropped.status, n=_MAX_QUEUED, call_id=self.call.call_id)
+                # a device can send 18x faster than the caller PRACKs: a limit, so throttled and counted
+                self.call.mgr.limit_bit("reliable_18x_dropped",
+                                        "caller slow to PRACK: {status} dropped, {n} 18x queued already",
+                                        status=dropped.status, n=_MAX_QUEUED, call_id=self.call.call_id)
             self.queue.append(resp)
             return
         rseq = self.next_rseq

@@ -82,7 +82,7 @@ def refer(call: Call, leg: Any, req: Request, stx: Any, other: Any) -> None:
     counters = call.mgr.counters
     if not isinstance(target, NameAddr):
         status, reason = target
-        counters["transfers_refused"] = counters.get("transfers_refused", 0) + 1
+        counters["transfers_refused"] += 1
         log.info("REFER refused: {status} {reason}", status=status, reason=reason, call_id=call.call_id)
         call.port.respond(stx, make_response(req, status, reason))
         return
@@ -94,7 +94,7 @@ def refer(call: Call, leg: Any, req: Request, stx: Any, other: Any) -> None:
     call.port.respond(stx, accepted)
     t = Transfer(call, leg, other, req.cseq.seq, subscribe)
     call.transfer = t
-    counters["transfers"] = counters.get("transfers", 0) + 1
+    counters["transfers"] += 1
     log.info("REFER accepted: transfer to {target}", target=redact_uri(str(target.uri)), call_id=call.call_id)
     t.notify("100 Trying", final=False)
     t.place(target)

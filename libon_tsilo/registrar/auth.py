@@ -16,7 +16,8 @@ get a fresh challenge (no difference an attacker could use to enumerate users); 
 correct response gets ``stale=true`` so the UA retries silently; credentials that are not usable
 Digest (missing fields, qop other than auth) get 400; a valid user who does not own the identity
 (To for REGISTER, From for INVITE) gets 403; a source or user over its failure limit gets 403
-without its credentials being checked.
+without its credentials being checked. Each refusal is logged with an ``outcome`` field
+(bad_nonce, unknown_user, wrong_password, replayed_nc, not_owner) that the JSON log carries.
 """
 
 from __future__ import annotations
@@ -176,18 +177,20 @@ class AuthPolicy:
         now = self.clock.seconds()
         state = digest.check_nonce(self.secret, nonce, now, self.nonce_lifetime, self.nonce_counts.epoch)
         if state == "bad":
-            log.info("auth: foreign or forged nonce from {user}", user=username, call_id=call_id)
+            log.info("auth: foreign or forged nonce from {user}", user=username, outcome="bad_nonce",
+                     call_id=call_id)
             return self._challenge(request, spec, stale=False)
         ha1 = self.users.get_ha1(username, self.realm, algorithm)
         if ha1 is None:
-            log.info("auth: unknown user {user}", user=username, call_id=call_id)
+            log.info("auth: unknown user {user}", user=username, outcome="unknown_user", call_id=call_id)
             self.limiter.failed(username, source, call_id)
             return self._challenge(request, spec, stale=False)
         expected = digest.expected_response(
             ha1, request.method, creds["uri"], nonce, nc_text, creds["cnonce"], "auth", algorithm
         )
         if not hmac.compare_digest(expected, creds["response"].lower()):
-            log.info("auth: wrong password for {user}", user=username, call_id=call_id)
+            log.info("auth: wrong password for {user}", user=username, outcome="wrong_password",
+                     call_id=call_id)
             self.limiter.failed(username, source, call_id)
             return self._challenge(request, spec, stale=False)
         if state == "stale":
@@ -195,12 +198,13 @@ class AuthPolicy:
         issued = digest.nonce_time(nonce) or now
         if not self.nonce_counts.advance(nonce, nc, issued + self.nonce_lifetime):
             log.info("auth: replayed nonce-count {nc} from {user}", nc=nc_text, user=username,
-                     call_id=call_id)
+                     outcome="replayed_nc", call_id=call_id)
             self.limiter.failed(username, source, call_id)
             return self._challenge(request, spec, stale=False)
         owner = unescape(identity.user) if identity.user else None
         if owner != username:
-            log.info("auth: {user} may not act as {owner}", user=username, owner=owner, call_id=call_id)
+            log.info("auth: {user} may not act as {owner}", user=username, owner=owner, outcome="not_owner",
+                     call_id=call_id)
             self.limiter.failed(username, source, call_id)
             return self._reject(request, 403, "Identity Not Owned By Authenticated User")
         self.limiter.succeeded(username, source)

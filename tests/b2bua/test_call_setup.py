@@ -276,3 +276,20 @@ def test_exception_in_connect_answers_the_caller_and_hangs_up_the_device(monkeyp
     byes = [c for c in env.port.sent if c.request.method == "BYE"]
     assert len(byes) == 1 and byes[0].request.call_id == ctx.request.call_id
     assert env.mgr.calls == {}
+
+
+def test_call_ended_event_carries_its_reason_as_a_field(logged) -> None:
+    """The end reason is a structured field that the JSON log keeps (issue 10 leftover), so
+    operators' tools and the e2e tests don't parse the wording of the message."""
+    import json
+
+    from libon_tsilo.ops.logging import json_line
+
+    env, stx = two_device_call()
+    env.clock.advance(30)
+    assert stx.statuses == [480]
+    ended = [e for e in logged if e.get("log_format", "").startswith("call ended")]
+    assert [e.get("reason") for e in ended] == ["ring timeout"]
+    line = json.loads(json_line(ended[0]))
+    assert line["reason"] == "ring timeout" and line["msg"] == "call ended: ring timeout"
+    assert line["call_id"] == ended[0]["call_id"]

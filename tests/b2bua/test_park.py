@@ -251,3 +251,25 @@ def test_a_reconnected_device_old_branch_over_a_closed_flow_gets_no_cancel() -> 
     assert stx.statuses == []
     second.respond(200, body=SDP_B)
     assert stx.statuses == [200]
+
+
+def test_a_cancelling_branch_provisionals_are_pracked_but_not_relayed() -> None:
+    """Review finding 14: the replaced branch of a reconnected device rings late; its 18x must not
+    reach the caller (nor become the call's early media), though a reliable one is still PRACKed."""
+    from tests.b2bua.test_reliable import device_18x
+
+    env = Env()
+    env.location.add(binding(1))
+    _, stx = env.invite(extra="Supported: 100rel\n")
+    (first,) = env.port.invites()
+    env.register(binding(1, flow_id="tcp:dev1#2"), refreshed=True)
+    second = env.port.invites()[1]
+    assert first.cancelled
+    device_18x(first, 180, None, tag="old-tag")
+    device_18x(first, 183, 1, SDP_B, tag="old-tag")
+    assert stx.statuses == []
+    assert env.port.sent_methods().count("PRACK") == 1  # the device's reliable 183 is still acknowledged
+    device_18x(second, 180, None, tag="new-tag")
+    assert stx.statuses == [180]
+    second.respond(200, body=SDP_B)
+    assert stx.statuses == [180, 200]

@@ -409,3 +409,18 @@ def test_cancel_while_the_2xx_waits_for_a_prack_gets_487_and_byes_the_device() -
     byes = [c for c in env.port.sent if c.request.method == "BYE"]
     assert len(byes) == 1 and byes[0].request.call_id == ctx.request.call_id
     assert env.mgr.calls == {}
+
+
+def test_18x_queue_overflow_is_counted_as_a_limit_and_logged_throttled(logged) -> None:
+    """Review finding 12: a device sending reliable 18x faster than the caller PRACKs overflows the
+    queue; each drop is counted in limit_hits (/metrics), and the warning is not one line per drop."""
+    env = Env()
+    env.location.add(binding(1))
+    stx = invite(env, REQUIRE)
+    ctx = env.port.invites()[0]
+    for rseq in range(1, 1 + 1 + 8 + 5):  # one outstanding, 8 queued, then 5 dropped
+        device_18x(ctx, 180, rseq)
+    assert [r.status for r in stx.responses] == [180]  # only the first went out: no PRACK yet
+    assert env.mgr.limit_hits()["reliable_18x_dropped"] == 5
+    warned = [e for e in logged if "caller slow to PRACK" in e.get("log_format", "")]
+    assert len(warned) == 1 and warned[0]["limit"] == "reliable_18x_dropped"

@@ -14,13 +14,12 @@ fixture).
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.proc import HOST, ServerProcess, admin_rpc, free_port
+from tests.e2e.proc import HOST, JSON_LOG, ServerProcess, admin_rpc, free_port, log_events
 from tests.e2e.sipp import Device, Sipp, sipp_available, stop_all
 from tests.waiting import wait_until
 
@@ -29,14 +28,12 @@ pytestmark = pytest.mark.skipif(not sipp_available(), reason="sipp is missing (p
 RING_TIMEOUT = 3
 REASON_ANSWERED = 'SIP;cause=200;text="Call completed elsewhere"'
 
-CALL_ENDED = re.compile(r"\[libon_tsilo\.b2bua\.call#info\] call ended: (.*)$", re.M)
-
-
 def _server_config(auth: bool = False) -> dict:
     extra: dict = {
         "location": {"backend": "memory"},
         "calls": {"ring_timeout": RING_TIMEOUT, "invite_cancel_grace": 0},
         "admin": {"listen": f"tcp:{free_port(udp_too=False)}:interface={HOST}"},
+        "log": JSON_LOG,  # ended_reasons reads the structured "call ended" events
     }
     if auth:
         extra["auth"] = {"enabled": True, "trusted_sources": ["127.0.0.0/8"]}
@@ -59,7 +56,9 @@ def procs() -> Iterator[list]:
 
 
 def ended_reasons(server: ServerProcess) -> list[str]:
-    return CALL_ENDED.findall(server.output())
+    """The end reason of every call the server ended, in order (the ``reason`` field of the
+    "call ended" events, not their wording)."""
+    return [e["reason"] for e in log_events(server, "libon_tsilo.b2bua.call") if "reason" in e]
 
 
 def wait_parked(server: ServerProcess, user: str, count: int = 1) -> None:

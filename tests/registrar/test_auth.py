@@ -337,3 +337,24 @@ def test_a_shared_nonce_table_refuses_replays_across_instances() -> None:
                       cseq=3).status == 401
     challenge = b.challenge(cseq=4).header_values("WWW-Authenticate")[0]
     assert b.answer(challenge, cseq=5).status == 200
+
+
+def test_each_refusal_is_logged_with_its_outcome(env: AuthEnv) -> None:
+    """A structured ``outcome`` field (kept by the JSON log) says why credentials were refused, so
+    tools and tests don't parse the wording (issue 10 leftover)."""
+    from twisted.logger import globalLogPublisher
+
+    logged: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        challenge = env.challenge().header_values("WWW-Authenticate")[0]
+        assert env.answer(challenge, password="nope", cseq=2).status == 401
+        assert env.answer(challenge, user="mallory", password="x", cseq=3).status == 401
+        assert env.answer(challenge, user="bob", password="builder", nc=2, cseq=4).status == 403
+        assert env.answer(challenge, nc=3, cseq=5).status == 200
+        assert env.answer(challenge, nc=3, cseq=6).status == 401
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    outcomes = [(e["outcome"], e["user"]) for e in logged if "outcome" in e]
+    assert outcomes == [("wrong_password", "alice"), ("unknown_user", "mallory"), ("not_owner", "bob"),
+                        ("replayed_nc", "alice")]
