@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 import re
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +240,23 @@ def check_parser(data: bytes, stream: bool = False) -> None:
     again.validate()
     if isinstance(msg, Request):
         parse_message(make_response(msg, 400, "Bad Request", to_tag="t1").to_bytes()).validate()
+
+
+def fuzz_parser(n: int, seed: int) -> list[str]:
+    """``n`` mutated messages through the parser (and every 4th through the framer): a traceback per
+    input that raised anything but ParseError."""
+    mutator = Mutator(seed)
+    chunks = random.Random(seed)
+    found: list[str] = []
+    for i in range(n):
+        data = mutator.mutate(mutator.pick())
+        try:
+            check_parser(data)
+            if i % 4 == 0:
+                check_framer(data, chunks)
+        except Exception:
+            found.append(f"seed {seed} #{i}: {data[:300]!r}\n{traceback.format_exc()}")
+    return found
 
 
 def _read_everything(msg: Request | Response) -> None:
