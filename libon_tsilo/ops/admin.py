@@ -36,6 +36,7 @@ from urllib.parse import parse_qsl
 
 from twisted.logger import Logger
 from twisted.python import runtime
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -64,7 +65,7 @@ def is_loopback(host: str | None) -> bool:
     return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
-def _client_host(request: Request) -> str | None:
+def _client_host(request: http.Request) -> str | None:
     addr = request.getClientAddress()
     return getattr(addr, "host", None)
 
@@ -314,7 +315,7 @@ class _QuietSite(Site):
 
     noisy = False
 
-    def log(self, request: Request) -> None:
+    def log(self, request: http.Request) -> None:
         path = _text(request.uri)
         emit = log.debug if path.startswith("/metrics") else log.info
         emit(
@@ -329,11 +330,11 @@ class _QuietSite(Site):
 class AdminService(EndpointListener):
     """Listens on ``[admin] listen`` with the admin Site."""
 
-    name = "admin"
     what = "admin API"
 
     def __init__(self, endpoint: str, resource: AdminResource, reactor: Any = None) -> None:
         super().__init__(endpoint, reactor)
+        self.setName("admin")
         self.resource = resource
         self.site = _QuietSite(resource)
 

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.conch import manhole, manhole_ssh
-from twisted.conch.checkers import SSHPublicKeyChecker
+from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker
 from twisted.conch.interfaces import IConchUser
 from twisted.conch.insults import insults
 from twisted.conch.ssh import keys, userauth
@@ -149,7 +149,7 @@ class PasswordFileChecker:
         self.path = path
         self._run = run
 
-    def requestAvatarId(self, creds: Any) -> Deferred[bytes]:
+    def requestAvatarId(self, creds: Any) -> Deferred[bytes | tuple[()]]:
         username = creds.username.decode("utf-8", "replace")
         try:
             password = creds.password.decode("utf-8")
@@ -161,13 +161,17 @@ class PasswordFileChecker:
             log.error("manhole: cannot read {path}: {error}", path=self.path, error=str(exc))
             return defer.fail(error.UnauthorizedLogin())
         encoded = users.get(username)
-        run = self._run
-        if run is None:
-            from twisted.internet.threads import deferToThread as run
+        run: Callable[..., Deferred[Any]]
+        if self._run is not None:
+            run = self._run
+        else:
+            from twisted.internet.threads import deferToThread
+
+            run = deferToThread
         # an unknown user costs the same scrypt as a known one: no user enumeration by timing
         d = run(verify_password, password or "", encoded or _DUMMY_HASH)
 
-        def checked(ok: bool) -> bytes:
+        def checked(ok: bool) -> bytes | tuple[()]:
             if ok and encoded is not None and password is not None:
                 log.info("manhole: {user} logged in with a password", user=username)
                 return creds.username
@@ -177,6 +181,7 @@ class PasswordFileChecker:
         return d.addCallback(checked)
 
 
+@implementer(IAuthorizedKeysDB)
 class AuthorizedKeysFile:
     """IAuthorizedKeysDB over one authorized_keys file, re-read at every login; any user name."""
 
@@ -238,16 +243,19 @@ class _GuardedUserAuth(userauth.SSHUserAuthServer):
     guard: LoginGuard  # set on a per-service subclass
 
     def ssh_USERAUTH_REQUEST(self, packet: bytes) -> Any:
-        host = _peer_host(self.transport.transport)
+        transport = self.transport
+        if transport is None:  # only between a connection's end and our teardown
+            return None
+        host = _peer_host(transport.transport)
         if self.guard.blocked(host):
             self.guard.refuse(host)
-            self.transport.sendDisconnect(DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, b"too many failures")
+            transport.sendDisconnect(DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE, b"too many failures")
             return None
         return super().ssh_USERAUTH_REQUEST(packet)
 
     def _ebBadAuth(self, reason: Any) -> None:
         if self.method == b"password" and reason.check(error.UnauthorizedLogin):
-            self.guard.failed(_peer_host(self.transport.transport))
+            self.guard.failed(_peer_host(self.transport.transport if self.transport else None))
         super()._ebBadAuth(reason)
 
 
@@ -369,10 +377,14 @@ class _Session(manhole_ssh.TerminalSession):
         proto.loseConnection()
 
 
+@implementer(portal.IRealm)
+class _Realm(manhole_ssh.TerminalRealm):
+    """TerminalRealm is an IRealm that Twisted does not declare as one (Portal wants it declared)."""
+
+
 class ManholeService(EndpointListener):
     """Listens on ``[manhole] listen`` with a conch SSH server running a Python manhole."""
 
-    name = "manhole"
     what = "manhole"
 
     def __init__(
@@ -389,15 +401,21 @@ class ManholeService(EndpointListener):
         if not authorized_keys and not passwords:
             raise ValueError("the manhole needs authorized_keys or passwords")  # config checks this too
         super().__init__(endpoint, reactor)
+        self.setName("manhole")
         self.namespace = namespace
         checkers: list[Any] = []
         if authorized_keys:
             checkers.append(_LoggingKeyChecker(AuthorizedKeysFile(authorized_keys)))
         if passwords:
             checkers.append(PasswordFileChecker(passwords))
-        realm = manhole_ssh.TerminalRealm()
+        realm = _Realm()
         realm.sessionFactory = _Session
-        realm.chainedProtocolFactory = lambda: insults.ServerProtocol(manhole.Manhole, self.namespace)
+
+        def terminal() -> insults.ServerProtocol:
+            return insults.ServerProtocol(manhole.Manhole, self.namespace)
+
+        # Twisted types chainedProtocolFactory as type[ServerProtocol]; it is any zero-argument factory
+        realm.chainedProtocolFactory = terminal  # type: ignore[assignment]
         if reactor is None:
             from twisted.internet import reactor as clock
         else:
@@ -405,12 +423,17 @@ class ManholeService(EndpointListener):
         self.guard = LoginGuard(clock, "manhole_login", max_failures, ban_time)
         self.factory = _GuardedConchFactory(portal.Portal(realm, checkers))
         self.factory.guard = self.guard
-        auth_service = type("_UserAuth", (_GuardedUserAuth,), {"guard": self.guard})
-        self.factory.services = {**self.factory.services, b"ssh-userauth": auth_service}
+
+        class _UserAuth(_GuardedUserAuth):
+            pass
+
+        _UserAuth.guard = self.guard
+        self.factory.services = {**self.factory.services, b"ssh-userauth": _UserAuth}
         key_type = host_key.sshType()
-        # instance dicts: ConchFactory's class-level ones would be shared by every factory
+        # instance dicts: ConchFactory's class-level ones would be shared by every factory.
         self.factory.publicKeys = {key_type: host_key.public()}
-        self.factory.privateKeys = {key_type: host_key}
+        # ConchFactory types privateKeys with bytes values; SSHFactory uses Key objects, as we do
+        self.factory.privateKeys = {key_type: host_key}  # type: ignore[dict-item]
         self.factory.noisy = False
 
     def listen_factory(self) -> Any:

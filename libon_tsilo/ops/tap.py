@@ -93,8 +93,9 @@ class HangupReloader(Service):
         super().startService()
         if self._call_from_thread is None:
             from twisted.internet import reactor
+            from twisted.internet.interfaces import IReactorFromThreads
 
-            self._call_from_thread = reactor.callFromThread
+            self._call_from_thread = IReactorFromThreads(reactor).callFromThread
         self._previous = signal.signal(signal.SIGHUP, self._on_signal)
 
     def stopService(self) -> None:

@@ -28,7 +28,7 @@ import ipaddress
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -141,7 +141,7 @@ class SourceLimiter:
         else:
             key = _v6_key(host)
         buckets = self._buckets
-        bucket = buckets.get(key, False)
+        bucket: _Bucket | None | Literal[False] = buckets.get(key, False)
         now = self.clock.seconds()
         if bucket is False:
             bucket = self._new(key, host, now)

@@ -19,7 +19,8 @@ log = Logger()
 
 RequestHandler = Callable[[Request, Any, Any], None]
 AckHandler = Callable[[Request, Any], None]
-CancelHandler = Callable[[Request, Any, Any], None]
+# (CANCEL, the INVITE's server transaction or None, flow, the CANCEL's own server transaction)
+CancelHandler = Callable[[Request, Any, Any, Any], None]
 ResponseHandler = Callable[[Response, Any], None]
 
 

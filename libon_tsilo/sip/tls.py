@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -27,6 +28,16 @@ _KEY_RE = re.compile(
     rb"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----.+?-----END (?:[A-Z]+ )?PRIVATE KEY-----", re.S
 )
 _MIN_VERSION = ssl.TLSVersion.TLSv1_2
+# the key types a TLS server can sign its handshake with (and OpenSSL's Context accepts); an
+# X25519, X448 or DH private key loads fine but can only do key agreement
+_SigningKey = (
+    rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey | dsa.DSAPrivateKey
+)
+_SIGNING_KEY_TYPES = (
+    rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey,
+    ed448.Ed448PrivateKey, dsa.DSAPrivateKey,
+)
 
 
 class TLSConfigError(ValueError):
@@ -53,15 +64,21 @@ def load_pem_certificates(path: str, what: str = "ca_file") -> list[ssl.Certific
         raise TLSConfigError(f"tls.{what}: bad certificate in {path!r}: {e}") from None
 
 
-def _load_key(path: str, what: str) -> crypto.PKey:
+def _load_key(path: str, what: str) -> _SigningKey:
     data = _read(path, what)
     match = _KEY_RE.search(data)
     if match is None:
         raise TLSConfigError(f"tls.{what}: no PEM private key in {path!r}")
     try:
-        return crypto.load_privatekey(crypto.FILETYPE_PEM, match.group(0))
+        key = crypto.load_privatekey(crypto.FILETYPE_PEM, match.group(0)).to_cryptography_key()
     except Exception as e:
         raise TLSConfigError(f"tls.{what}: bad private key in {path!r}: {e}") from None
+    if not isinstance(key, _SIGNING_KEY_TYPES):
+        raise TLSConfigError(
+            f"tls.{what}: {type(key).__name__.lstrip('_')} in {path!r} cannot sign:"
+            " TLS needs an RSA, EC, Ed25519, Ed448 or DSA key"
+        )
+    return key
 
 
 class TLSContextFactory:
@@ -80,12 +97,13 @@ class TLSContextFactory:
         self._key: crypto.PKey | None = None
         if certificate:
             self._chain = load_pem_certificates(certificate, "certificate")
-            self._key = _load_key(private_key or certificate, "private_key" if private_key else "certificate")
+            key = _load_key(private_key or certificate, "private_key" if private_key else "certificate")
+            self._key = crypto.PKey.from_cryptography_key(key)
             leaf = self._chain[0].original
             try:
                 ctx = SSL.Context(SSL.TLS_METHOD)
                 ctx.use_certificate(leaf.to_cryptography())
-                ctx.use_privatekey(self._key.to_cryptography_key())
+                ctx.use_privatekey(key)
                 ctx.check_privatekey()
             except SSL.Error:
                 raise TLSConfigError(

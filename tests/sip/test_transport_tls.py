@@ -194,3 +194,16 @@ def test_context_factory_errors(pki, tmp_path) -> None:
     with pytest.raises(TLSConfigError, match="needs a certificate"):
         TLSContextFactory(ca_file=str(pki.ca_file)).server_options()
     assert TLSContextFactory(str(issued.cert), str(issued.key)).has_certificate
+
+
+def test_key_that_cannot_sign_is_a_config_error(pki, tmp_path) -> None:
+    # an X25519 key loads but TLS cannot sign with it: one line naming the key, not a TypeError
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import x25519
+
+    key = tmp_path / "x25519.pem"
+    key.write_bytes(x25519.X25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ))
+    with pytest.raises(TLSConfigError, match=r"tls.private_key: X25519PrivateKey .* cannot sign"):
+        TLSContextFactory(str(pki.issue("server").cert), str(key))
