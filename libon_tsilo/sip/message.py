@@ -415,30 +415,34 @@ class Message:
         index = self._index
         if index is None:
             index = self._reindex()
-        for key in _SINGLE_VALUED_ORDER:
-            entry = index.get(key)
-            if entry is not None and entry[4] is not None:
-                raise ParseError(f"more than one {pretty_name(key)} header")
+        # The index has one entry per distinct key: as many as there are header lines means no key
+        # repeats, and most messages then skip the search for a duplicate.
+        if len(index) != len(self._headers):
+            for key in _SINGLE_VALUED_ORDER:
+                entry = index.get(key)
+                if entry is not None and entry[4] is not None:
+                    raise ParseError(f"more than one {pretty_name(key)} header")
         self.vias
         self.from_.uri
         self.to.uri
         self.call_id
         self.cseq
-        # the keys are canonical already: straight to the index (no header() / property per check)
-        first = self._first
-        entry = first("max-forwards")
+        # Nothing above changes a header, so the index is still current, and the keys are canonical
+        # already: straight to the dict (no _first / header() / property per check).
+        get = index.get
+        entry = get("max-forwards")
         if entry is not None:
             parse_uint(entry[2] if type(entry[2]) is str else str(entry[2]), "Max-Forwards", 255)
-        entry = first("content-length")
+        entry = get("content-length")
         if entry is not None:
             parse_uint(entry[2] if type(entry[2]) is str else str(entry[2]), "Content-Length")
-        if first("contact") is not None:
+        if "contact" in index:
             for contact in self.contacts:
                 contact.uri
-        entry = first("date")
+        entry = get("date")
         if entry is not None:
             check_date(entry[2] if type(entry[2]) is str else str(entry[2]))
-        if first("content-type") is not None:
+        if "content-type" in index:
             self.content_type
         self.validated = True
 
