@@ -144,12 +144,8 @@ class Message:
 
     # -- raw header access ------------------------------------------------------------------------
 
-    def _first(self, key: str) -> list[Any] | None:
-        index = self._index
-        if index is None:
-            index = self._reindex()
-        return index.get(key)
-
+    # Every header read looks its key up as `(self._reindex() if index is None else index).get(key)`,
+    # written out at each site: a helper method for it cost a Python call per read, ~100 per call.
     def _reindex(self) -> dict[str, list[Any]]:
         index: dict[str, list[Any]] = {}
         for entry in self._headers:
@@ -173,7 +169,8 @@ class Message:
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` as text (a list header's line is not split)."""
-        entry = self._first(canonical_key(name))
+        index = self._index
+        entry = (self._reindex() if index is None else index).get(canonical_key(name))
         if entry is None:
             return None
         value = entry[2]
@@ -181,7 +178,8 @@ class Message:
 
     def _text(self, key: str) -> str | None:
         """header() for a key that is canonical already (the accessors' literals)."""
-        entry = self._first(key)
+        index = self._index
+        entry = (self._reindex() if index is None else index).get(key)
         if entry is None:
             return None
         value = entry[2]
@@ -194,7 +192,8 @@ class Message:
     def values(self, key: str) -> list[str]:
         """header_values() for a key that is canonical already (``headers.canonical_key``: lower
         case, long form), as callers that resolve their names once pass it; [] when absent."""
-        entry = self._first(key)
+        index = self._index
+        entry = (self._reindex() if index is None else index).get(key)
         values: list[str] = []
         split = key in LIST_HEADERS
         while entry is not None:
@@ -207,7 +206,8 @@ class Message:
         return values
 
     def has_header(self, name: str) -> bool:
-        return self._first(canonical_key(name)) is not None
+        index = self._index
+        return (self._reindex() if index is None else index).get(canonical_key(name)) is not None
 
     def header_names(self) -> list[str]:
         return [entry[1] for entry in self._headers]
@@ -280,7 +280,8 @@ class Message:
     def top_via(self) -> Via:
         cached = self._cache.get("top_via")
         if cached is None:
-            entry = self._first("via")
+            index = self._index
+            entry = (self._reindex() if index is None else index).get("via")
             if entry is None:
                 raise ParseError("missing Via header")
             first = entry[2] if type(entry[2]) is str else str(entry[2])
@@ -325,7 +326,8 @@ class Message:
     def _name_addr(self, key: str) -> NameAddr:
         cached = self._cache.get(key)
         if cached is None:
-            entry = self._first(key)
+            index = self._index
+            entry = (self._reindex() if index is None else index).get(key)
             if entry is None:
                 raise ParseError(f"missing {pretty_name(key)} header")
             value = entry[2]
@@ -345,7 +347,8 @@ class Message:
     def call_id(self) -> str:
         cached = self._cache.get("call-id")
         if cached is None:
-            entry = self._first("call-id")
+            index = self._index
+            entry = (self._reindex() if index is None else index).get("call-id")
             if entry is None:
                 raise ParseError("missing Call-ID header")
             cached = str(entry[2]).strip()
@@ -358,7 +361,8 @@ class Message:
     def cseq(self) -> CSeq:
         cached = self._cache.get("cseq")
         if cached is None:
-            entry = self._first("cseq")
+            index = self._index
+            entry = (self._reindex() if index is None else index).get("cseq")
             if entry is None:
                 raise ParseError("missing CSeq header")
             cached = CSeq.parse(str(entry[2]))
@@ -428,7 +432,7 @@ class Message:
         self.call_id
         self.cseq
         # Nothing above changes a header, so the index is still current, and the keys are canonical
-        # already: straight to the dict (no _first / header() / property per check).
+        # already: straight to the dict (no header() / property per check).
         get = index.get
         entry = get("max-forwards")
         if entry is not None:
