@@ -361,9 +361,15 @@ class Via:
             transport, hostport, params_text = match.groups()
             host, port = split_hostport(hostport, "Via sent-by")
             params = _split_params(params_text) if params_text is not None else {}
-            via = cls(transport, host, port, params)
+            # the slots set here rather than through __init__: its call frame is a good part of a
+            # Via's cost, and every message carries at least one (__init__ sets the same five)
+            via = cls.__new__(cls)
+            via.transport = transport.upper()
+            via.host = host
+            via.port = port
+            via.params = params
             via._text = text
-            if "rport" in via.params or "ttl" in via.params:
+            if "rport" in params or "ttl" in params:
                 via._check_numbers()
             return via
         return cls._parse_general(text)
@@ -485,7 +491,11 @@ class CSeq:
         seq = int(seq_text)
         if seq >= 2**31:
             raise ParseError("CSeq number too large")
-        return cls(seq, method)
+        # as Via.parse: the slots set directly spare the __init__ call (every message has a CSeq)
+        cseq = cls.__new__(cls)
+        cseq.seq = seq
+        cseq.method = method
+        return cseq
 
     def __str__(self) -> str:
         return f"{self.seq} {self.method}"

@@ -144,12 +144,8 @@ class Message:
 
     # -- raw header access ------------------------------------------------------------------------
 
-    def _first(self, key: str) -> list[Any] | None:
-        index = self._index
-        if index is None:
-            index = self._reindex()
-        return index.get(key)
-
+    # Every header read looks its key up as `(self._reindex() if index is None else index).get(key)`,
+    # written out at each site: a helper method for it cost a Python call per read, ~100 per call.
     def _reindex(self) -> dict[str, list[Any]]:
         index: dict[str, list[Any]] = {}
         for entry in self._headers:
@@ -173,7 +169,8 @@ class Message:
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` as text (a list header's line is not split)."""
-        entry = self._first(canonical_key(name))
+        index = self._index
+        entry = (self._reindex() if index is None else index).get(canonical_key(name))
         if entry is None:
             return None
         value = entry[2]
@@ -181,7 +178,8 @@ class Message:
 
     def _text(self, key: str) -> str | None:
         """header() for a key that is canonical already (the accessors' literals)."""
-        entry = self._first(key)
+        index = self._index
+        entry = (self._reindex() if index is None else index).get(key)
         if entry is None:
             return None
         value = entry[2]
@@ -194,7 +192,8 @@ class Message:
     def values(self, key: str) -> list[str]:
         """header_values() for a key that is canonical already (``headers.canonical_key``: lower
         case, long form), as callers that resolve their names once pass it; [] when absent."""
-        entry = self._first(key)
+        index = self._index
+        entry = (self._reindex() if index is None else index).get(key)
         values: list[str] = []
         split = key in LIST_HEADERS
         while entry is not None:
@@ -207,7 +206,8 @@ class Message:
         return values
 
     def has_header(self, name: str) -> bool:
-        return self._first(canonical_key(name)) is not None
+        index = self._index
+        return (self._reindex() if index is None else index).get(canonical_key(name)) is not None
 
     def header_names(self) -> list[str]:
         return [entry[1] for entry in self._headers]
@@ -230,8 +230,16 @@ class Message:
         self._headers.append(new)
 
     def add_header(self, name: str, value: Any, first: bool = False) -> None:
-        key, written = _added_name(name)
-        self._dirty(key)
+        # the memo hit and _dirty() written out: ~30 calls per late-fork call, two frames each spared
+        known = _ADDED.get(name)
+        key, written = known if known is not None else _added_name(name)
+        self._raw = None
+        self._index = None
+        cache = self._cache
+        if cache:
+            cache.pop(key, None)
+            if key == "via":
+                cache.pop("top_via", None)
         new = [key, written, value, None, None]
         if first:
             for i, entry in enumerate(self._headers):
@@ -280,7 +288,8 @@ class Message:
     def top_via(self) -> Via:
         cached = self._cache.get("top_via")
         if cached is None:
-            entry = self._first("via")
+            index = self._index
+            entry = (self._reindex() if index is None else index).get("via")
             if entry is None:
                 raise ParseError("missing Via header")
             first = entry[2] if type(entry[2]) is str else str(entry[2])
@@ -325,7 +334,8 @@ class Message:
     def _name_addr(self, key: str) -> NameAddr:
         cached = self._cache.get(key)
         if cached is None:
-            entry = self._first(key)
+            index = self._index
+            entry = (self._reindex() if index is None else index).get(key)
             if entry is None:
                 raise ParseError(f"missing {pretty_name(key)} header")
             value = entry[2]
@@ -345,7 +355,8 @@ class Message:
     def call_id(self) -> str:
         cached = self._cache.get("call-id")
         if cached is None:
-            entry = self._first("call-id")
+            index = self._index
+            entry = (self._reindex() if index is None else index).get("call-id")
             if entry is None:
                 raise ParseError("missing Call-ID header")
             cached = str(entry[2]).strip()
@@ -358,7 +369,8 @@ class Message:
     def cseq(self) -> CSeq:
         cached = self._cache.get("cseq")
         if cached is None:
-            entry = self._first("cseq")
+            index = self._index
+            entry = (self._reindex() if index is None else index).get("cseq")
             if entry is None:
                 raise ParseError("missing CSeq header")
             cached = CSeq.parse(str(entry[2]))
@@ -415,30 +427,34 @@ class Message:
         index = self._index
         if index is None:
             index = self._reindex()
-        for key in _SINGLE_VALUED_ORDER:
-            entry = index.get(key)
-            if entry is not None and entry[4] is not None:
-                raise ParseError(f"more than one {pretty_name(key)} header")
+        # The index has one entry per distinct key: as many as there are header lines means no key
+        # repeats, and most messages then skip the search for a duplicate.
+        if len(index) != len(self._headers):
+            for key in _SINGLE_VALUED_ORDER:
+                entry = index.get(key)
+                if entry is not None and entry[4] is not None:
+                    raise ParseError(f"more than one {pretty_name(key)} header")
         self.vias
         self.from_.uri
         self.to.uri
         self.call_id
         self.cseq
-        # the keys are canonical already: straight to the index (no header() / property per check)
-        first = self._first
-        entry = first("max-forwards")
+        # Nothing above changes a header, so the index is still current, and the keys are canonical
+        # already: straight to the dict (no header() / property per check).
+        get = index.get
+        entry = get("max-forwards")
         if entry is not None:
             parse_uint(entry[2] if type(entry[2]) is str else str(entry[2]), "Max-Forwards", 255)
-        entry = first("content-length")
+        entry = get("content-length")
         if entry is not None:
             parse_uint(entry[2] if type(entry[2]) is str else str(entry[2]), "Content-Length")
-        if first("contact") is not None:
+        if "contact" in index:
             for contact in self.contacts:
                 contact.uri
-        entry = first("date")
+        entry = get("date")
         if entry is not None:
             check_date(entry[2] if type(entry[2]) is str else str(entry[2]))
-        if first("content-type") is not None:
+        if "content-type" in index:
             self.content_type
         self.validated = True
 

@@ -810,6 +810,19 @@ def test_validate_accepts_repeated_list_headers() -> None:
     assert msg.header_values("Supported") == ["path", "outbound"]
 
 
+def test_validate_finds_a_second_single_valued_header_among_repeated_list_headers() -> None:
+    """validate() only searches for a duplicate when some key repeats: a repeated list header must not
+    hide one, and a header added after parsing (index rebuilt) counts too."""
+    repeated = [*BASIC, "Via: SIP/2.0/UDP second.example.com;branch=z9hG4bK2", "Route: <sip:r1@e;lr>",
+                "Route: <sip:r2@e;lr>"]
+    with pytest.raises(ParseError, match="Call-ID"):
+        parse_message(msg_with(*repeated, "i: other-cid")).validate()
+    msg = parse_message(msg_with(*BASIC))
+    msg.add_header("CSeq", "9 OPTIONS")
+    with pytest.raises(ParseError, match="CSeq"):
+        msg.validate()
+
+
 def test_log_call_id_never_raises() -> None:
     """The one helper every layer logs Call-IDs with (it replaced seven private copies)."""
     ok = parse_message(b"OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nCall-ID: c1@h\r\n"
