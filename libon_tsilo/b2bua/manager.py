@@ -32,6 +32,7 @@ from libon_tsilo.b2bua.identity import UNTRUSTED, CallerTrust
 from libon_tsilo.b2bua.legs import ALeg, BLeg
 from libon_tsilo.b2bua.ports import ServerHandle, SipPort, hop_of_flow
 from libon_tsilo.b2bua.states import Parked
+from libon_tsilo.b2bua.voicemail import REASONS as VOICEMAIL_REASONS, VoicemailPolicy
 from libon_tsilo.b2bua.waker import LoggingWaker, Waker
 from libon_tsilo import logflags
 from libon_tsilo.ratelimit import ThrottledLog
@@ -39,6 +40,7 @@ from libon_tsilo.registrar.registrar import aor_key as registrar_aor_key
 from libon_tsilo.silo.silo import Silo
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.message import Request, Response, log_call_id, make_response
+from libon_tsilo.dialplan import number_of
 from libon_tsilo.sip.uri import URI
 
 if TYPE_CHECKING:
@@ -50,7 +52,7 @@ __all__ = ["CallManager", "CallSettings", "default_aor_key", "authorizer_from_po
 
 log = Logger()
 
-_REASONS = {404: "Not Found", 480: "Temporarily Unavailable", 503: "Service Unavailable"}
+_REASONS = {403: "Forbidden", 404: "Not Found", 480: "Temporarily Unavailable", 503: "Service Unavailable"}
 
 @dataclass(frozen=True)
 class CallSettings:
@@ -98,9 +100,23 @@ def authorizer_from_policy(policy: Any) -> Callable[[Request, Any, Any], CallerT
     def authorize(request: Request, stx: ServerHandle, flow: Any) -> CallerTrust | bool:
         result = policy.check(request, flow, "invite")
         if result.response is None:
-            return CallerTrust(getattr(result, "trusted", False), getattr(result, "identity", None))
+            peer = getattr(result, "peer", None)
+            return CallerTrust(getattr(result, "trusted", False), getattr(result, "identity", None),
+                               getattr(peer, "gateway", None))
         stx.respond(result.response)
         return False
+
+    return authorize
+
+
+def authorizer_from_peers(peers: Any) -> Callable[[Request, Any, Any], CallerTrust | bool]:
+    """The `authorize` hook without digest ([auth] enabled = false): trusted peers and gateways
+    (registrar/peers.py: TrustedPeers) are still who they are; everyone else is untrusted."""
+
+    def authorize(request: Request, stx: ServerHandle, flow: Any) -> CallerTrust | bool:
+        key = getattr(flow, "key", None)
+        peer = peers.peer_of(key.remote[0] if key is not None else None)
+        return CallerTrust(trusted=True, gateway=peer.gateway) if peer is not None else True
 
     return authorize
 
@@ -119,12 +135,17 @@ class CallManager:
         aor_key: Callable[[Any, bool], str] = default_aor_key,
         sources: CallerSources | None = None,
         user_exists: Callable[[str], bool] | None = None,
+        user_of_number: Callable[[URI, Any], str | None] | None = None,
+        home_domain: str = "localhost",
+        voicemail: VoicemailPolicy | None = None,
     ) -> None:
         """`authorize(request, stx, flow)` returns (or fires with) True or a CallerTrust to go on
         (True: an untrusted caller); False means it has answered already (407...). `is_local(uri)`
         says whether we serve the R-URI's domain. `sources` limits unanswered calls per caller
         source; `user_exists(user)` (the users database) turns calls to users without any binding
-        into an immediate 404 / 480."""
+        into an immediate 404 / 480. `user_of_number(uri, gateway)` (registrar/numbers.py over the
+        users database) maps a dialled number to a user name; a tel: URI has no host, its user is
+        called at `home_domain`. `voicemail` forwards unanswered calls (b2bua/voicemail.py)."""
         self.clock = clock
         self.port = port
         self.silo = silo
@@ -142,9 +163,16 @@ class CallManager:
                                          "session_expired": 0, "duration_limit": 0}
         self.sources = sources
         self.user_exists = user_exists
+        self.user_of_number = user_of_number
+        self.home_domain = home_domain
+        self.voicemail = voicemail
+        # issue 13: calls forwarded to voicemail by reason (+ "failed": voicemail did not take them),
+        # calls from each gateway (by its name)
+        self.voicemail_counts = dict.fromkeys((*VOICEMAIL_REASONS, "failed"), 0)
+        self.gateway_calls: dict[str, int] = {}
         self.can_wake = waker is not None
         limits = ("parked_per_source", "parked_total", "unknown_user", "unreachable_user", "max_branches",
-                  "reliable_18x_dropped")
+                  "reliable_18x_dropped", "unknown_number", "number_not_allowed")
         self.limit_counters = dict.fromkeys(limits, 0)
         self._limit_logs = {name: ThrottledLog(clock) for name in self.limit_counters}
         self.counters["flow_failovers"] = 0  # RFC 5626: branches moved to another flow of their device
@@ -229,10 +257,12 @@ class CallManager:
             self._reject(stx, request, 482, "Loop Detected")
             return
         uri = request.uri
-        if uri.scheme not in ("sip", "sips"):
+        if uri.scheme == "tel" and self.user_of_number is not None:
+            pass  # a number: whose it is, and whether this caller may dial it, once authorized
+        elif uri.scheme not in ("sip", "sips"):
             self._reject(stx, request, 416, "Unsupported URI Scheme")
             return
-        if not uri.user or not self.is_local(uri):
+        elif not uri.user or not self.is_local(uri):
             self._reject(stx, request, 404, "Not Found")
             return
         _ = (request.from_, request.to, request.cseq)  # parse now: a bad header is a 400 here
@@ -261,11 +291,47 @@ class CallManager:
         if not known:
             self._refuse(stx, request, "unknown_user", 404, "no such user {user}", user=uri.user)
             return False
-        if not self.can_wake:
+        if not self.can_wake and not self._voicemail_for(uri.user or ""):
             self._refuse(stx, request, "unreachable_user", 480, "{user} has no device and none can be woken",
                          user=uri.user)
             return False
         return True
+
+    def _voicemail_for(self, user: str) -> bool:
+        """Whether a call to `user` could go to voicemail (then it is taken, to be forwarded)."""
+        if self.voicemail is None:
+            return False
+        try:
+            return self.voicemail.user_wants(user)
+        except Exception:
+            log.failure("users database: voicemail setting of {user} unreadable", user=user)
+            return False
+
+    def _callee(self, request: Request, stx: ServerHandle, uri: URI, trust: CallerTrust) -> URI | None:
+        """The local user a Request-URI reaches: itself, or the owner of the number it dials;
+        None when refused (answered)."""
+        lookup = self.user_of_number
+        if lookup is None:
+            return uri
+        number = number_of(uri)
+        if number is None:
+            return uri  # a user name
+        if uri.scheme != "tel" and self.user_exists is not None and self.user_exists(uri.user or ""):
+            return uri  # a user whose name is made of digits ("1000") is called by name, as before
+        if trust.gateway is None and trust.identity is None:
+            self._refuse(stx, request, "number_not_allowed", 403,
+                         "number {number} dialled by an untrusted caller (only gateways and our users may)",
+                         number=number)
+            return None
+        user = lookup(uri, trust.gateway)
+        if user is None:
+            self._refuse(stx, request, "unknown_number", 404, "no user has the number {number}",
+                         number=number)
+            return None
+        host = self.home_domain if uri.scheme == "tel" else uri.host
+        if logflags.info_enabled:
+            log.info("number {number} is {user}'s", number=number, user=user, call_id=log_call_id(request))
+        return URI("sip", user, host)
 
     def _auth_failed(self, failure: Failure, request: Request, stx: ServerHandle) -> None:
         log.failure("authorization failed", failure, call_id=log_call_id(request))
@@ -277,7 +343,11 @@ class CallManager:
         if request.call_id in self.calls:
             self._reject(stx, request, 482, "Loop Detected")
             return
-        uri = request.uri
+        trust = ok if isinstance(ok, CallerTrust) else UNTRUSTED
+        target = self._callee(request, stx, request.uri, trust)
+        if target is None:
+            return
+        uri = target
         # after digest: a local caller learns nothing about our users before it authenticates
         if self.user_exists is not None and not self._reachable(request, stx, uri):
             return
@@ -286,7 +356,7 @@ class CallManager:
         if self.silo.at_capacity():
             self._refuse(stx, request, "parked_total", 503, "the silo holds {n} calls", n=self.silo.max_total)
             return
-        call = Call(self, request, stx, flow, aor, callee, ok if isinstance(ok, CallerTrust) else UNTRUSTED)
+        call = Call(self, request, stx, flow, aor, callee, trust)
         if self.sources is not None and not self.sources.admit(call.call_id, flow):
             self._refuse(stx, request, "parked_per_source", 503, "{n} unanswered calls from {source}",
                          n=self.sources.limit, source=self.sources.source_of(flow))
@@ -297,6 +367,9 @@ class CallManager:
             return
         self.calls[call.call_id] = call
         self.counters["calls"] += 1
+        if trust.gateway is not None:
+            name = trust.gateway.name
+            self.gateway_calls[name] = self.gateway_calls.get(name, 0) + 1
         self.register_leg(call, call.a)
         self.watch_flow(call, call.a.hop.flow_id, call.a.hop.transport)
         try:  # the call is stored and counted now: a bug must end it, with one final response

@@ -271,7 +271,7 @@ def _add_limits(root: LibonTsiloService, parts: Parts) -> None:
     from libon_tsilo.sip.limits import SourceFilter, SourceLimiter
 
     cfg = parts.config.limits
-    exempt = SourceFilter([*cfg.exempt_sources, *parts.config.auth.trusted_sources])
+    exempt = SourceFilter([*cfg.exempt_sources, *_trusted_peers(parts.config).networks()])
     parts.extra["limit_exempt"] = exempt
     parts.extra.setdefault("limits", [])
     if cfg.requests_per_second <= 0:
@@ -349,7 +349,7 @@ def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
     if cfg.auth.enabled:
         auth = AuthPolicy(
             parts.clock, UsersDB(cfg.auth.users_db), realm=cfg.auth.realm, secret=cfg.auth.secret,
-            nonce_lifetime=float(cfg.auth.nonce_lifetime), trusted_sources=cfg.auth.trusted_sources,
+            nonce_lifetime=float(cfg.auth.nonce_lifetime), peers=_trusted_peers(cfg),
             algorithms=cfg.auth.algorithms, local_domains=cfg.sip.domains,
             limits=FailureLimits(
                 per_source=cfg.auth.failed_per_source, per_user=cfg.auth.failed_per_user,
@@ -471,8 +471,52 @@ def _add_push(root: LibonTsiloService, parts: Parts) -> None:
     parts.extra["reload_push"] = reload_push
 
 
+def _trusted_peers(cfg: Config) -> Any:
+    """[auth] trusted_sources and [[gateways]]: the one list of trusted peers (registrar/peers.py)."""
+    from libon_tsilo.registrar.peers import Gateway, TrustedPeers
+
+    gateways = [Gateway(g.name, g.sources, g.strip_prefix, g.add_prefix) for g in cfg.gateways]
+    return TrustedPeers(cfg.auth.trusted_sources, gateways)
+
+
+def _number_and_voicemail_kwargs(parts: Parts, auth: Any) -> dict[str, Any]:
+    """Issue 13 for the call layer: numbers -> users (gateways, users' numbers) and [voicemail]."""
+    from libon_tsilo.b2bua.voicemail import VoicemailPolicy
+    from libon_tsilo.registrar.numbers import user_for_number
+    from libon_tsilo.registrar.users import UsersDB
+
+    cfg = parts.config
+    if auth is not None:
+        users = auth.users
+    elif cfg.gateways or cfg.voicemail.target:
+        users = UsersDB(cfg.auth.users_db)
+    else:
+        return {}
+    plan = cfg.dial_plan()
+
+    def user_of_number(uri: Any, gateway: Any) -> str | None:
+        record = user_for_number(uri, plan, users.by_number, gateway)
+        return record.username if record is not None else None
+
+    def user_wants_voicemail(user: str) -> bool:
+        record = users.get(user)
+        return record is None or record.voicemail  # not in the database: the server's default (on)
+
+    kwargs: dict[str, Any] = {"user_of_number": user_of_number, "home_domain": cfg.sip.domains[0]}
+    vm = cfg.voicemail
+    if vm.target:
+        kwargs["voicemail"] = VoicemailPolicy.build(vm.target, vm.on_busy, vm.on_no_answer, vm.on_unavailable,
+                                                    user_wants_voicemail)
+    return kwargs
+
+
 def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
-    from libon_tsilo.b2bua.manager import CallManager, CallSettings, authorizer_from_policy
+    from libon_tsilo.b2bua.manager import (
+        CallManager,
+        CallSettings,
+        authorizer_from_peers,
+        authorizer_from_policy,
+    )
     from libon_tsilo.b2bua.ports import TransactionPort
     from libon_tsilo.sip.hostnames import HostSet
 
@@ -483,6 +527,9 @@ def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
     if auth is not None:
         kwargs["authorize"] = authorizer_from_policy(auth)
         kwargs["user_exists"] = auth.users.exists  # the users database: unknown users get 404 at once
+    elif cfg.gateways or cfg.auth.trusted_sources:
+        kwargs["authorize"] = authorizer_from_peers(_trusted_peers(cfg))  # no digest, peers still trusted
+    kwargs.update(_number_and_voicemail_kwargs(parts, auth))
     if cfg.limits.max_parked_per_source > 0:
         from libon_tsilo.b2bua.admission import CallerSources
 
