@@ -68,9 +68,16 @@ def _toml_value(value: Any) -> str:
 
 
 def to_toml(sections: dict[str, dict[str, Any]]) -> str:
-    """Write {section: {key: value}} as TOML; a list of dicts becomes [[section.key]] tables."""
+    """Write {section: {key: value}} as TOML; a list of dicts becomes [[section.key]] tables (or
+    [[section]] tables when it is the section itself)."""
     lines: list[str] = []
     for name, table in sections.items():
+        if _is_table_array(table):  # a top-level array of tables: [[gateways]]
+            for item in table:
+                lines.append(f"[[{name}]]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in item.items()]
+                lines.append("")
+            continue
         scalars = {k: v for k, v in table.items() if not _is_table_array(v)}
         lines.append(f"[{name}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in scalars.items()]
@@ -93,6 +100,9 @@ def merge_sections(base: dict[str, dict[str, Any]], extra: dict[str, dict[str, A
     """``extra`` keys override ``base`` keys section by section (sections are not replaced whole)."""
     merged = {name: dict(table) for name, table in base.items()}
     for name, table in (extra or {}).items():
+        if isinstance(table, list):
+            merged[name] = list(table)
+            continue
         merged.setdefault(name, {}).update(table)
     return merged
 
