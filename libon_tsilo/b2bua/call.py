@@ -651,6 +651,10 @@ class Call:
         self._send_branch(leg)
         return True
 
+    def may_divert(self) -> bool:
+        """Could voicemail still answer this call, should the devices fail?"""
+        return self.mgr.voicemail is not None and not isinstance(self.state, Diverted)
+
     def voicemail_failed(self, diverted: Diverted, why: str) -> None:
         """Voicemail could not take the call: the caller gets what the devices gave."""
         self.mgr.voicemail_counts["failed"] += 1

@@ -330,7 +330,9 @@ class CallManager:
             return None
         host = self.home_domain if uri.scheme == "tel" else uri.host
         if logflags.info_enabled:
-            log.info("number {number} is {user}'s", number=number, user=user, call_id=log_call_id(request))
+            log.info("number {number} is {user}'s (caller from {gateway})", number=number, user=user,
+                     gateway=trust.gateway.name if trust.gateway is not None else "a local user",
+                     call_id=log_call_id(request))
         return URI("sip", user, host)
 
     def _auth_failed(self, failure: Failure, request: Request, stx: ServerHandle) -> None:

@@ -291,3 +291,16 @@ To: <sip:bob@example.com>
 Call-ID: call-1@10.0.0.1
 CSeq: 10 CANCEL"""
     )
+
+
+def test_reliable_early_sdp_is_not_binding_while_voicemail_may_still_answer() -> None:
+    """RFC 3264: a caller that took a device's early SDP reliably cannot get voicemail's in the 2xx.
+    With voicemail possible, one ringing device is not "the one that can answer": its SDP is a preview."""
+    from tests.b2bua.test_reliable import device_18x
+
+    env = _env()
+    env.location.add(binding(1))
+    _, stx = env.invite(extra="Supported: 100rel\n")
+    device_18x(env.port.invites()[0], 183, 1, SDP_B)
+    early = stx.responses[-1]
+    assert early.status == 183 and early.header("RSeq") is None and early.body == SDP_B
