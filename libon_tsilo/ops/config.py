@@ -24,6 +24,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from libon_tsilo.b2bua.capabilities import DEFAULT_ALLOWLIST
+from libon_tsilo.dialplan import DialPlan
 from libon_tsilo.sip.listen import ListenSpec, ListenSpecError, parse_listen_spec
 from libon_tsilo.util import random_token
 
@@ -47,6 +48,7 @@ __all__ = [
     "LogConfig",
     "OpsConfig",
     "OverloadConfig",
+    "DialPlanConfig",
     "ListenAddress",
     "parse_listen",
     "load_config",
@@ -435,6 +437,27 @@ class OverloadConfig:
     retry_after: int = _opt(5, _int_range(1, 3600))
 
 
+def _digits(value: str, key: str) -> str:
+    if value and not value.isdigit():
+        raise ConfigError(key, f'"{value}" must be digits only')
+    return value
+
+
+def _digit_items(value: tuple[str, ...], key: str) -> tuple[str, ...]:
+    for i, item in enumerate(value):
+        if not item or not item.isdigit():
+            raise ConfigError(f"{key}[{i}]", f'"{item}" must be digits only')
+    return value
+
+
+@dataclass(frozen=True)
+class DialPlanConfig:
+    # how users and gateways write numbers; everything is compared in E.164 (libon_tsilo/dialplan.py)
+    country_code: str = _opt("", _digits)
+    national_prefix: str = _opt("0", _digits)
+    international_prefixes: tuple[str, ...] = _opt(("00",), _digit_items)
+
+
 @dataclass(frozen=True)
 class Config:
     sip: SipConfig = field(default_factory=SipConfig)
@@ -451,8 +474,13 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
     overload: OverloadConfig = field(default_factory=OverloadConfig)
+    dialplan: DialPlanConfig = field(default_factory=DialPlanConfig)
     # where the config came from (None = built-in defaults); not a TOML key
     source: str | None = field(default=None, metadata={"internal": True})
+
+    def dial_plan(self) -> DialPlan:
+        d = self.dialplan
+        return DialPlan(d.country_code, d.national_prefix, d.international_prefixes)
 
 
 # ---------------------------------------------------------------------------------------------

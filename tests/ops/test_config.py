@@ -482,3 +482,21 @@ def test_overload_defaults_suit_a_real_server():
 )
 def test_overload_bad_values(data, expected):
     assert error_of(data) == expected
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"dialplan": {"country_code": "+33"}}, 'dialplan.country_code: "+33" must be digits only'),
+        ({"dialplan": {"international_prefixes": ["00", ""]}}, 'dialplan.international_prefixes[1]: "" must be digits only'),
+        ({"dialplan": {"national_prefix": "O"}}, 'dialplan.national_prefix: "O" must be digits only'),
+    ],
+)
+def test_dialplan_keys(data, expected):
+    assert error_of(data) == expected
+
+
+def test_dial_plan_from_config():
+    plan = config_from_dict({"dialplan": {"country_code": "33", "international_prefixes": ["00", "011"]}}).dial_plan()
+    assert plan.to_e164("01 23 45 67 89") == "+33123456789"
+    assert plan.to_e164("011 44 20 7946 0000") == "+442079460000"
