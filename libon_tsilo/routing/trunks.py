@@ -7,6 +7,7 @@ or times out, as long as the caller has not heard a ringing tone from the failed
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.uri import URI
@@ -56,6 +57,14 @@ class Trunk:
     headers: tuple[tuple[str, str], ...] = ()
     pai: bool = False
     max_calls: int = 0  # concurrent calls; 0 = no limit
+
+    @classmethod
+    def from_config(cls, t: Any) -> Trunk:
+        """From ops' TrunkConfig (a [[trunks]] table, already checked)."""
+        split = (h.partition(":") for h in t.headers)
+        headers = tuple((name.strip(), value.strip()) for name, _, value in split)
+        return cls(t.name, tuple(parse_target(x) for x in t.targets), t.username, t.password, t.realm,
+                   t.from_domain, headers, t.pai, t.max_calls)
 
     @property
     def has_credentials(self) -> bool:
