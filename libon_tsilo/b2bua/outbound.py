@@ -4,7 +4,8 @@ The A-leg/B-leg machinery is the late fork's (relay, PRACK, UPDATE, re-INVITE, s
 CANCEL, BYE both ways); what differs is here:
 
 - no parking and no push: the branch goes to the trunk's first target at once;
-- the B-leg's request URI is ``sip:+E164@target;user=phone``; its From is the caller's number (from
+- the B-leg's request URI is ``sip:+E164@target;user=phone`` (a domain route keeps ``sip:user@domain``
+  and sends it to the target, as to an outbound proxy); its From is the caller's number (from
   the users database, else the user name) at the trunk's `from_domain`; P-Asserted-Identity carries
   that number only when the trunk asks (`pai`), and the caller's internal identity never leaves;
 - a 401/407 is answered once per target with the trunk's credentials (RFC 3261 §22.2: same Call-ID
@@ -88,7 +89,10 @@ class OutboundCall(Call):
 
     def _binding(self, target: TrunkTarget) -> Binding:
         # the branch machinery forks to bindings: a trunk target is one we never registered
-        uri = target.request_uri(self.dest.number, _domain_user(self.a.invite) if self.dest.domain else None)
+        if self.dest.number is not None:
+            uri = target.request_uri(self.dest.number)
+        else:  # a domain route: the trunk is the next hop towards that domain, the R-URI stays its own
+            uri = _callee_text(self.dest, self.a.invite)
         return Binding(aor=self.aor, contact_uri=uri, contact=f"<{uri}>", expires_at=math.inf,
                        registered_at=self.created_at, call_id="", cseq=0,
                        received=(target.transport, target.host, target.port),
@@ -183,10 +187,6 @@ class OutboundCall(Call):
         if not self._fork_target():
             self.react(self.state.failed, leg, resp)
         return True
-
-
-def _domain_user(invite: Request) -> str | None:
-    return invite.uri.user
 
 
 def _callee_text(dest: Destination, invite: Request) -> str:

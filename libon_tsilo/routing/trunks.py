@@ -24,11 +24,9 @@ class TrunkTarget:
     port: int
     uri_host: str  # as a URI writes it (host[:port], brackets kept)
 
-    def request_uri(self, e164: str | None, user: str | None = None) -> str:
-        """`sip:+33123456789@host:port;user=phone` for a number, `sip:user@host` for a domain route."""
-        if e164 is not None:
-            return f"sip:{e164}@{self.uri_host};user=phone"
-        return f"sip:{user}@{self.uri_host}" if user else f"sip:{self.uri_host}"
+    def request_uri(self, e164: str) -> str:
+        """`sip:+33123456789@host:port;user=phone` (RFC 3261 §19.1.6: the user part is a number)."""
+        return f"sip:{e164}@{self.uri_host};user=phone"
 
 
 def parse_target(text: str) -> TrunkTarget:

@@ -238,3 +238,16 @@ def test_ring_timeout_of_calls_out() -> None:
     env.clock.advance(1)
     assert env.port.invites()[0].cancelled
     assert stx.statuses == [480]
+
+
+def test_domain_route_keeps_the_domain_and_goes_to_the_target() -> None:
+    env = OutEnv()
+    env.mgr.calls_out.destinations.routes = RouteTable([Route("carrier", domain="partner.example")], [env.trunk])
+    stx = env.call_out(ruri="sip:carol@partner.example")
+    [ctx] = env.port.invites()
+    assert ctx.request.raw_uri == "sip:carol@partner.example"
+    assert (ctx.hop.host, ctx.hop.port) == ("192.0.2.50", 5060)
+    assert str(ctx.request.to.uri) == "sip:carol@partner.example"
+    assert stx.statuses == []
+    env.trust = CallerTrust(False, "sip:uk_only@example.com", "uk_only")  # a user limited to +44 numbers
+    assert env.call_out(ruri="sip:carol@partner.example", call_id="c2").statuses == [403]
