@@ -429,6 +429,7 @@ class CallManager:
             "by_state": by_state,
             **{f"total_{k}": v for k, v in self.counters.items()},
             "silo": self.silo.stats(),
+            **({"calls_out": self.calls_out.stats()} if self.calls_out is not None else {}),
         }
 
     # -- replies -------------------------------------------------------------------------------

@@ -252,6 +252,12 @@ class CallsOut:
     def release(self, call: Call) -> None:
         self.policy.release(call.call_id)
 
+    def stats(self) -> dict[str, Any]:
+        """For the admin API's `stats`: calls placed, calls up per trunk, refusals by reason."""
+        p = self.policy
+        refused = {reason: n for reason, n in p.refused.items() if n}
+        return {"placed": p.placed, "active": p.active(), "refused": refused}
+
 
 def _refuse(mgr: CallManager, stx: ServerHandle, request: Request, refusal: Refusal) -> None:
     mgr.counters["rejected"] += 1

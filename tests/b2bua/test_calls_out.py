@@ -251,3 +251,12 @@ def test_domain_route_keeps_the_domain_and_goes_to_the_target() -> None:
     assert stx.statuses == []
     env.trust = CallerTrust(False, "sip:uk_only@example.com", "uk_only")  # a user limited to +44 numbers
     assert env.call_out(ruri="sip:carol@partner.example", call_id="c2").statuses == [403]
+
+
+def test_stats_show_calls_out() -> None:
+    env = OutEnv()
+    env.call_out()
+    env.trust = True
+    env.call_out(call_id="c2")
+    assert env.mgr.stats()["calls_out"] == {"placed": 1, "active": {"carrier": 1},
+                                            "refused": {"unauthenticated": 1}}
