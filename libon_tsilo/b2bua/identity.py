@@ -46,6 +46,7 @@ class CallerTrust:
 
     trusted: bool = False  # from a trusted peer (registrar/peers.py): its identity headers are believed
     identity: str | None = None  # the URI the caller authenticated as (sip:user@our domain)
+    user: str | None = None  # the users-database name digest proved (set with `identity`)
     gateway: Gateway | None = None  # from one of [[gateways]]: it may call our users' numbers
 
 

@@ -13,6 +13,12 @@ Before a call is stored (limits against INVITE floods, [limits] in the config):
 - a full silo (`Silo.at_capacity`, max_parked_total) and a caller source with too many unanswered
   calls (`CallerSources`, max_parked_per_source) get 503 with Retry-After: the server, not the
   callee, is what is short (RFC 3261 §21.5.4); 486 stays the callee-side answer (max_pending_per_aor).
+
+Phone numbers (issue 13): a Request-URI that dials a number (``tel:``, or a SIP user part made of
+digits that is not a user name) reaches the user who owns it when the caller is a gateway
+(registrar/peers.py; `user_of_number`, never a trunk: an unknown number is 404) or one of our
+authenticated users (`calls_out`: a number nobody owns goes out through a trunk); anyone else
+dialling a user's number gets 403.
 """
 
 from __future__ import annotations
@@ -45,6 +51,9 @@ from libon_tsilo.sip.uri import URI
 
 if TYPE_CHECKING:
     from twisted.python.failure import Failure
+
+    from libon_tsilo.b2bua.outbound import CallsOut
+    from libon_tsilo.routing.destinations import Destination
 
     from libon_tsilo.registrar.binding import Binding
 
@@ -102,7 +111,7 @@ def authorizer_from_policy(policy: Any) -> Callable[[Request, Any, Any], CallerT
         if result.response is None:
             peer = getattr(result, "peer", None)
             return CallerTrust(getattr(result, "trusted", False), getattr(result, "identity", None),
-                               getattr(peer, "gateway", None))
+                               getattr(result, "user", None), getattr(peer, "gateway", None))
         stx.respond(result.response)
         return False
 
@@ -135,6 +144,7 @@ class CallManager:
         aor_key: Callable[[Any, bool], str] = default_aor_key,
         sources: CallerSources | None = None,
         user_exists: Callable[[str], bool] | None = None,
+        calls_out: CallsOut | None = None,
         user_of_number: Callable[[URI, Any], str | None] | None = None,
         home_domain: str = "localhost",
         voicemail: VoicemailPolicy | None = None,
@@ -143,9 +153,11 @@ class CallManager:
         (True: an untrusted caller); False means it has answered already (407...). `is_local(uri)`
         says whether we serve the R-URI's domain. `sources` limits unanswered calls per caller
         source; `user_exists(user)` (the users database) turns calls to users without any binding
-        into an immediate 404 / 480. `user_of_number(uri, gateway)` (registrar/numbers.py over the
-        users database) maps a dialled number to a user name; a tel: URI has no host, its user is
-        called at `home_domain`. `voicemail` forwards unanswered calls (b2bua/voicemail.py)."""
+        into an immediate 404 / 480. `calls_out` (b2bua/outbound.py) takes the calls to phone numbers
+        and routed domains; without it they get 416 / 404 as before. `user_of_number(uri, gateway)`
+        (routing/numbers.py over the users database) maps a number a gateway sends to a user name,
+        called at `home_domain` without `calls_out`. `voicemail` forwards unanswered calls
+        (b2bua/voicemail.py)."""
         self.clock = clock
         self.port = port
         self.silo = silo
@@ -163,6 +175,7 @@ class CallManager:
                                          "session_expired": 0, "duration_limit": 0}
         self.sources = sources
         self.user_exists = user_exists
+        self.calls_out = calls_out
         self.user_of_number = user_of_number
         self.home_domain = home_domain
         self.voicemail = voicemail
@@ -198,6 +211,8 @@ class CallManager:
         if self.calls.get(call.call_id) is call:
             del self.calls[call.call_id]
         self.release_source(call)
+        if self.calls_out is not None:
+            self.calls_out.release(call)
         self.unregister_leg(call.a)
         for leg in call.branches.values():
             self.unregister_leg(leg)
@@ -257,12 +272,12 @@ class CallManager:
             self._reject(stx, request, 482, "Loop Detected")
             return
         uri = request.uri
-        if uri.scheme == "tel" and self.user_of_number is not None:
-            pass  # a number: whose it is, and whether this caller may dial it, once authorized
-        elif uri.scheme not in ("sip", "sips"):
+        # a phone number or a routed domain: decided after digest (only our users may call out)
+        dest = self.calls_out.classify(uri) if self.calls_out is not None else None
+        if dest is None and uri.scheme not in ("sip", "sips"):
             self._reject(stx, request, 416, "Unsupported URI Scheme")
             return
-        elif not uri.user or not self.is_local(uri):
+        if dest is None and (not uri.user or not self.is_local(uri)):
             self._reject(stx, request, 404, "Not Found")
             return
         _ = (request.from_, request.to, request.cseq)  # parse now: a bad header is a 400 here
@@ -271,10 +286,10 @@ class CallManager:
             return
         decision = self.authorize(request, stx, flow)
         if isinstance(decision, Deferred):
-            decision.addCallback(lambda ok: self._authorized(ok, request, stx, flow))
+            decision.addCallback(lambda ok: self._authorized(ok, request, stx, flow, dest))
             decision.addErrback(self._auth_failed, request, stx)
         else:
-            self._authorized(decision, request, stx, flow)
+            self._authorized(decision, request, stx, flow, dest)
 
     def _reachable(self, request: Request, stx: ServerHandle, uri: URI) -> bool:
         """False (answered 404 or 480) for a user with no binding who is unknown or cannot be woken."""
@@ -307,46 +322,67 @@ class CallManager:
             log.failure("users database: voicemail setting of {user} unreadable", user=user)
             return False
 
-    def _callee(self, request: Request, stx: ServerHandle, uri: URI, trust: CallerTrust) -> URI | None:
-        """The local user a Request-URI reaches: itself, or the owner of the number it dials;
-        None when refused (answered)."""
-        lookup = self.user_of_number
-        if lookup is None:
+    def _callee(self, ok: Any, request: Request, stx: ServerHandle, flow: Any, trust: CallerTrust,
+                dest: Destination | None) -> URI | None:
+        """The local user the Request-URI reaches: itself, or the owner of the number it dials. None
+        when it was answered here: refused, or placed out through a trunk (b2bua/outbound.py, whose
+        policy lets only our authenticated users out)."""
+        uri = request.uri
+        gateway = trust.gateway
+        if gateway is not None and self.user_of_number is not None and self._dials_number(uri):
+            # a gateway's number is a call in, never out: its owner, or nobody
+            user = self.user_of_number(uri, gateway)
+            if user is None:
+                self._refuse(stx, request, "unknown_number", 404, "no user has the number {number} "
+                             "({gateway})", number=number_of(uri), gateway=gateway.name)
+                return None
+            if logflags.info_enabled:
+                log.info("number {number} from {gateway} is {user}'s", number=number_of(uri),
+                         gateway=gateway.name, user=user, call_id=log_call_id(request))
+            return self._owner_uri(user, uri)
+        if dest is None or self.calls_out is None:
             return uri
-        number = number_of(uri)
-        if number is None:
-            return uri  # a user name
-        if uri.scheme != "tel" and self.user_exists is not None and self.user_exists(uri.user or ""):
-            return uri  # a user whose name is made of digits ("1000") is called by name, as before
-        if trust.gateway is None and trust.identity is None:
+        if dest.user is None:
+            self.calls_out.place(self, ok, request, stx, flow, dest)
+            return None
+        if trust.identity is None:  # a user's number is for gateways and our users, not the internet
             self._refuse(stx, request, "number_not_allowed", 403,
-                         "number {number} dialled by an untrusted caller (only gateways and our users may)",
-                         number=number)
+                         "number {number} dialled by an unauthenticated caller (gateways and our users only)",
+                         number=dest.number)
             return None
-        user = lookup(uri, trust.gateway)
-        if user is None:
-            self._refuse(stx, request, "unknown_number", 404, "no user has the number {number}",
-                         number=number)
-            return None
-        host = self.home_domain if uri.scheme == "tel" else uri.host
-        if logflags.info_enabled:
-            log.info("number {number} is {user}'s (caller from {gateway})", number=number, user=user,
-                     gateway=trust.gateway.name if trust.gateway is not None else "a local user",
-                     call_id=log_call_id(request))
-        return URI("sip", user, host)
+        return self._owner_uri(dest.user, uri)
+
+    def _owner_uri(self, user: str, dialled: URI) -> URI:
+        """Where a number's owner is called: at the domain the SIP URI named (one of ours: users
+        register there, and with [registrar] use_domain the AOR is per domain), else (tel:) at our
+        first domain."""
+        if dialled.scheme in ("sip", "sips") and dialled.host and self.is_local(dialled):
+            return URI("sip", user, dialled.host)
+        if self.calls_out is not None:
+            return self.calls_out.local_uri(user)
+        return URI("sip", user, self.home_domain)
+
+    def _dials_number(self, uri: URI) -> bool:
+        if uri.scheme == "tel":
+            return True
+        if number_of(uri) is None:
+            return False
+        # a user whose name is made of digits ("1000") is called by name, as before
+        return not (self.user_exists is not None and self.user_exists(uri.user or ""))
 
     def _auth_failed(self, failure: Failure, request: Request, stx: ServerHandle) -> None:
         log.failure("authorization failed", failure, call_id=log_call_id(request))
         self._reply(stx, request, 500, "Server Internal Error")
 
-    def _authorized(self, ok: bool | CallerTrust, request: Request, stx: ServerHandle, flow: Any) -> None:
+    def _authorized(self, ok: bool | CallerTrust, request: Request, stx: ServerHandle, flow: Any,
+                    dest: Destination | None = None) -> None:
         if not ok:
             return
         if request.call_id in self.calls:
             self._reject(stx, request, 482, "Loop Detected")
             return
         trust = ok if isinstance(ok, CallerTrust) else UNTRUSTED
-        target = self._callee(request, stx, request.uri, trust)
+        target = self._callee(ok, request, stx, flow, trust, dest)
         if target is None:
             return
         uri = target
@@ -360,20 +396,16 @@ class CallManager:
             return
         call = Call(self, request, stx, flow, aor, callee, trust)
         if self.sources is not None and not self.sources.admit(call.call_id, flow):
-            self._refuse(stx, request, "parked_per_source", 503, "{n} unanswered calls from {source}",
-                         n=self.sources.limit, source=self.sources.source_of(flow))
+            self.refuse_parked_per_source(stx, request, flow)
             return
         if not self.silo.store(call):
             self.release_source(call)
             self._reject(stx, request, 486, "Busy Here")
             return
-        self.calls[call.call_id] = call
-        self.counters["calls"] += 1
+        self.admit_call(call)
         if trust.gateway is not None:
             name = trust.gateway.name
             self.gateway_calls[name] = self.gateway_calls.get(name, 0) + 1
-        self.register_leg(call, call.a)
-        self.watch_flow(call, call.a.hop.flow_id, call.a.hop.transport)
         try:  # the call is stored and counted now: a bug must end it, with one final response
             bindings = list(self.location.lookup(aor)) if self.location is not None else []
             if logflags.info_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs
@@ -383,6 +415,18 @@ class CallManager:
         except Exception:
             log.failure("call setup failed", call_id=call.call_id)
             call.fail("internal error")
+
+    def admit_call(self, call: Call) -> None:
+        """The call is in the tables from now on (and every end path takes it out: `forget`)."""
+        self.calls[call.call_id] = call
+        self.counters["calls"] += 1
+        self.register_leg(call, call.a)
+        self.watch_flow(call, call.a.hop.flow_id, call.a.hop.transport)
+
+    def refuse_parked_per_source(self, stx: ServerHandle, request: Request, flow: Any) -> None:
+        assert self.sources is not None
+        self._refuse(stx, request, "parked_per_source", 503, "{n} unanswered calls from {source}",
+                     n=self.sources.limit, source=self.sources.source_of(flow))
 
     def place_call(self, request: Request, stx: ServerHandle, flow: Any, trust: CallerTrust) -> None:
         """A call the B2BUA originates itself (a transfer: b2bua/transfer.py), already authorized:
@@ -479,6 +523,7 @@ class CallManager:
             "by_state": by_state,
             **{f"total_{k}": v for k, v in self.counters.items()},
             "silo": self.silo.stats(),
+            **({"calls_out": self.calls_out.stats()} if self.calls_out is not None else {}),
         }
 
     # -- replies -------------------------------------------------------------------------------

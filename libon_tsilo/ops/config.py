@@ -49,6 +49,9 @@ __all__ = [
     "OpsConfig",
     "OverloadConfig",
     "DialPlanConfig",
+    "CallsOutConfig",
+    "TrunkConfig",
+    "RouteConfig",
     "GatewayConfig",
     "VoicemailConfig",
     "ListenAddress",
@@ -460,6 +463,68 @@ class DialPlanConfig:
     international_prefixes: tuple[str, ...] = _opt(("00",), _digit_items)
 
 
+# -- calls out (issue 13): [calls_out], [[trunks]], [[routes]]; checked across keys in _check_calls_out
+
+
+def _trunk_targets(value: tuple[str, ...], key: str) -> tuple[str, ...]:
+    from libon_tsilo.routing.trunks import parse_target
+
+    for i, item in enumerate(value):
+        try:
+            parse_target(item)
+        except ValueError as exc:
+            raise ConfigError(f"{key}[{i}]", f'"{item}": {exc}') from None
+    return value
+
+
+# what the B2BUA itself writes on a B-leg: an extra header may not replace or double it
+_OWN_HEADERS = frozenset(("via", "from", "to", "call-id", "cseq", "contact", "max-forwards", "content-length",
+                          "content-type", "route", "record-route", "authorization", "proxy-authorization",
+                          "p-asserted-identity"))
+
+
+def _header_lines(value: tuple[str, ...], key: str) -> tuple[str, ...]:
+    for i, item in enumerate(_non_empty_items(value, key)):
+        name, colon, rest = item.partition(":")
+        if not colon or not _TOKEN_RE.match(name.strip()) or not rest.strip():
+            raise ConfigError(f"{key}[{i}]", f'"{item}" is not "Name: value"')
+        if name.strip().lower() in _OWN_HEADERS:
+            raise ConfigError(f"{key}[{i}]", f'"{name.strip()}" is written by the server itself')
+    return value
+
+
+def _e164_prefix(value: str, key: str) -> str:
+    if value and not re.fullmatch(r"\+[0-9]{1,15}", value):
+        raise ConfigError(key, f'"{value}" is not an E.164 prefix ("+" and digits, e.g. "+33"; "" = any)')
+    return value
+
+
+@dataclass(frozen=True)
+class CallsOutConfig:
+    max_calls_per_user: int = _opt(2, _int_range(0))  # concurrent, for users without their own; 0 = no limit
+    ring_timeout: float = _opt(120.0, _positive)  # the phone network's own no-answer timer is ~60-180 s
+
+
+@dataclass(frozen=True)
+class TrunkConfig:
+    name: str = _opt("", _no_newline)
+    targets: tuple[str, ...] = _opt((), _trunk_targets)  # "sip:host:port;transport=udp|tcp|tls", in order
+    username: str = _opt("", _no_newline)
+    password: str = _opt("", _no_newline)
+    realm: str = _opt("", _no_newline)  # "" = answer a challenge from any realm
+    from_domain: str = _opt("", _no_newline)  # "" = the target's host
+    headers: tuple[str, ...] = _opt((), _header_lines)
+    pai: bool = _opt(False)
+    max_calls: int = _opt(0, _int_range(0))  # 0 = no limit
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    prefix: str = _opt("", _e164_prefix)
+    domain: str = _opt("", _no_newline)
+    trunk: str = _opt("")
+
+
 # -- issue 13: calls in from gateways, voicemail on no answer ----------------------------------
 
 
@@ -537,6 +602,9 @@ class Config:
     ops: OpsConfig = field(default_factory=OpsConfig)
     overload: OverloadConfig = field(default_factory=OverloadConfig)
     dialplan: DialPlanConfig = field(default_factory=DialPlanConfig)
+    calls_out: CallsOutConfig = field(default_factory=CallsOutConfig)
+    trunks: tuple[TrunkConfig, ...] = field(default=())
+    routes: tuple[RouteConfig, ...] = field(default=())
     gateways: tuple[GatewayConfig, ...] = _opt(())
     voicemail: VoicemailConfig = field(default_factory=VoicemailConfig)
     # where the config came from (None = built-in defaults); not a TOML key
@@ -738,7 +806,32 @@ def _check_overload(overload: OverloadConfig) -> None:
         )
 
 
+def _check_calls_out(cfg: Config) -> None:
+    from libon_tsilo.sip.hostnames import HostSet
+
+    names: set[str] = set()
+    for i, trunk in enumerate(cfg.trunks):
+        if not trunk.name or not _TOKEN_RE.match(trunk.name):
+            raise ConfigError(f"trunks[{i}].name", f'"{trunk.name}" is not a usable trunk name')
+        if trunk.name in names:
+            raise ConfigError(f"trunks[{i}].name", f'"{trunk.name}" is used twice')
+        names.add(trunk.name)
+        if not trunk.targets:
+            raise ConfigError(f"trunks[{i}].targets", "needs at least one target")
+        if bool(trunk.username) != bool(trunk.password):
+            raise ConfigError(f"trunks[{i}].password", "username and password go together")
+    ours = HostSet(cfg.sip.domains)
+    for i, route in enumerate(cfg.routes):
+        if route.trunk not in names:
+            raise ConfigError(f"routes[{i}].trunk", f'unknown trunk "{route.trunk}"')
+        if route.domain and route.prefix:
+            raise ConfigError(f"routes[{i}].domain", "a route matches a prefix or a domain, not both")
+        if route.domain and route.domain in ours:
+            raise ConfigError(f"routes[{i}].domain", f'"{route.domain}" is one of sip.domains')
+
+
 def _validate(cfg: Config) -> None:
+    _check_calls_out(cfg)
     _check_sip(cfg.sip)
     _check_session_timers(cfg.calls)
     _check_overload(cfg.overload)

@@ -8,7 +8,7 @@ This is the one trust decision of the server (issue 13, "calls in from gateways"
 - ``[[gateways]]`` (the phone network's side): trusted peers too, with a name (metrics, logs), and
   the only sources besides our authenticated users whose calls may target a phone number
   (``sip:+33123456789@...;user=phone``, ``tel:+33...``): the number is mapped to the user who owns
-  it (registrar/numbers.py). A gateway's national numbers may be rewritten first (``strip_prefix``,
+  it (routing/numbers.py). A gateway's national numbers may be rewritten first (``strip_prefix``,
   ``add_prefix``) before the dial plan turns them into E.164.
 - anyone else: not a peer; the digest policy decides (a 407 for our domains), and no identity
   header of theirs is believed.

@@ -1,6 +1,7 @@
 """Issue 13, calls in from gateways (b2bua/manager.py `_callee`): a dialled number reaches the user who
-owns it when the caller is a gateway or an authenticated user, parks/pushes/forks like any call;
-anyone else gets 403 and its identity headers never reach a device."""
+owns it when the caller is a gateway (never a trunk) or an authenticated user, and parks/pushes/forks
+like any call; anyone else gets 403 and its identity headers never reach a device. The call layer has
+its calls out (b2bua/outbound.py) as ops wires it, with a route for +44 to a trunk."""
 
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ from libon_tsilo.b2bua.identity import CallerTrust
 from libon_tsilo.b2bua.manager import CallManager, authorizer_from_peers, authorizer_from_policy
 from libon_tsilo.dialplan import DialPlan
 from libon_tsilo.registrar.auth import AuthPolicy
-from libon_tsilo.registrar.numbers import user_for_number
+from libon_tsilo.b2bua.outbound import CallsOut
 from libon_tsilo.registrar.peers import Gateway, TrustedPeers
 from libon_tsilo.registrar.users import UsersDB
+from libon_tsilo.routing.destinations import Destinations
+from libon_tsilo.routing.numbers import e164_of, owner_of
+from libon_tsilo.routing.policy import CallOutPolicy
+from libon_tsilo.routing.routes import Route, RouteTable
+from libon_tsilo.routing.trunks import Trunk, parse_target
 from tests.b2bua.helpers import Env, binding, caller_invite, flow
 from tests.fakes.sip import FakeStx
 
@@ -30,12 +36,16 @@ def _env(trust: Any = GATEWAY, users: UsersDB | None = None) -> tuple[Env, Users
         users.add("1000", "pw", "example.com")  # a user named like a number
     plan = DialPlan(country_code="33")
 
-    def lookup(uri: Any, gateway: Any) -> str | None:
-        record = user_for_number(uri, plan, users.by_number, gateway)
+    def lookup(uri: Any, gateway: Any) -> str | None:  # as ops/service.py builds it
+        record = owner_of(e164_of(uri, plan, gateway.rewrite if gateway is not None else None), users)
         return record.username if record is not None else None
 
+    trunk = Trunk("carrier", targets=(parse_target("sip:192.0.2.50:5060"),))
+    dests = Destinations(plan, RouteTable([Route("carrier", prefix="+44")], [trunk]), users,
+                         is_local=lambda uri: uri.host == "example.com", user_exists=users.exists)
+    calls_out = CallsOut(dests, CallOutPolicy(env.clock), users, ring_timeout=60.0, home_domain="example.com")
     env.mgr = CallManager(env.clock, env.port, env.silo, env.location, env.waker, env.mgr.settings,
-                          user_exists=users.exists, user_of_number=lookup, home_domain="example.com",
+                          user_exists=users.exists, user_of_number=lookup, calls_out=calls_out,
                           authorize=lambda request, stx, flow: trust)
     return env, users
 
@@ -78,6 +88,23 @@ def test_unknown_number_gets_404() -> None:
     _, stx = env.invite(ruri="sip:+33999999999@example.com;user=phone")
     assert stx.statuses == [404] and env.mgr.limit_hits()["unknown_number"] == 1
     env.assert_clean()
+
+
+def test_a_gateway_never_reaches_a_trunk() -> None:
+    env, _ = _env()
+    _, stx = env.invite(ruri="tel:+442079460000")  # routed to the trunk for our users, not for a gateway
+    assert stx.statuses == [404] and env.port.sent == []
+    assert env.mgr.limit_hits()["unknown_number"] == 1
+
+
+def test_gateway_prefix_rules_apply_before_the_dial_plan() -> None:
+    env, _ = _env()
+    env.mgr.authorize = lambda request, stx, flow: CallerTrust(trusted=True, gateway=Gateway(
+        "pstn", ("192.0.2.0/28",), strip_prefix="99"))
+    env.location.add(binding(1))
+    env.invite(ruri="sip:990123456789@example.com")
+    [branch] = env.port.invites()
+    assert str(branch.request.to.uri) == "sip:bob@example.com"
 
 
 def test_untrusted_caller_may_not_dial_a_number() -> None:
@@ -145,3 +172,14 @@ def test_authorizer_without_digest_still_knows_peers() -> None:
     assert authorize(invite, FakeStx(invite), flow(remote=("10.9.1.1", 5060))) == CallerTrust(trusted=True)
     assert authorize(invite, FakeStx(invite), flow(remote=("198.51.100.1", 5060))) is True
 
+
+
+def test_a_number_owner_is_called_at_the_domain_the_uri_named() -> None:
+    """With [registrar] use_domain the AOR is per domain: the owner is called where the URI said (one
+    of ours), not at our first domain; a tel: URI has no domain, so it is the first one."""
+    env, _ = _env()
+    env.location.add(binding(1, aor="sip:bob@127.0.0.1"))
+    env.invite(ruri="sip:+33123456789@127.0.0.1;user=phone")
+    [branch] = env.port.invites()
+    assert str(branch.request.to.uri) == "sip:bob@127.0.0.1"
+    assert env.call().aor == "sip:bob@127.0.0.1"

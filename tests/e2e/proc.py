@@ -67,12 +67,11 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} as a TOML value")
 
 
-def to_toml(sections: dict[str, dict[str, Any]]) -> str:
-    """Write {section: {key: value}} as TOML; a list of dicts becomes [[section.key]] tables (or
-    [[section]] tables when it is the section itself)."""
+def to_toml(sections: dict[str, Any]) -> str:
+    """Write {section: {key: value}} as TOML; a list of dicts becomes [[section.key]] tables."""
     lines: list[str] = []
     for name, table in sections.items():
-        if _is_table_array(table):  # a top-level array of tables: [[gateways]]
+        if _is_table_array(table):  # a top-level array of tables: [[trunks]], [[routes]]
             for item in table:
                 lines.append(f"[[{name}]]")
                 lines += [f"{k} = {_toml_value(v)}" for k, v in item.items()]
@@ -96,12 +95,12 @@ def _is_table_array(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
 
-def merge_sections(base: dict[str, dict[str, Any]], extra: dict[str, dict[str, Any]] | None) -> dict:
+def merge_sections(base: dict[str, Any], extra: dict[str, Any] | None) -> dict:
     """``extra`` keys override ``base`` keys section by section (sections are not replaced whole)."""
-    merged = {name: dict(table) for name, table in base.items()}
+    merged = {name: dict(table) if isinstance(table, dict) else list(table) for name, table in base.items()}
     for name, table in (extra or {}).items():
-        if isinstance(table, list):
-            merged[name] = list(table)
+        if isinstance(table, list):  # an array of tables replaces the base's whole
+            merged[name] = table
             continue
         merged.setdefault(name, {}).update(table)
     return merged

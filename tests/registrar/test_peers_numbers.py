@@ -1,5 +1,5 @@
 """Issue 13, calls in from gateways: the one trust decision (registrar/peers.py, used by the digest
-policy) and the number -> user mapping (registrar/numbers.py)."""
+policy) and the number -> user mapping with a gateway's prefix rules (routing/numbers.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 
 from libon_tsilo.dialplan import DialPlan
 from libon_tsilo.registrar.auth import AuthPolicy
-from libon_tsilo.registrar.numbers import dialled_e164, user_for_number
+from libon_tsilo.routing.numbers import e164_of, owner_of
 from libon_tsilo.registrar.peers import TRUSTED_SOURCE, Gateway, TrustedPeers
 from libon_tsilo.registrar.users import UsersDB
 from libon_tsilo.sip.uri import URI
@@ -62,21 +62,20 @@ def test_digest_policy_lets_gateways_in_and_says_which(enabled: bool) -> None:
     ("sip:1000@example.com", None, None),  # an extension, not a number we can place
 ])
 def test_dialled_number(ruri: str, gateway: Gateway | None, expected: str | None) -> None:
-    assert dialled_e164(URI.parse(ruri), PLAN, gateway) == expected
+    assert e164_of(URI.parse(ruri), PLAN, gateway.rewrite if gateway else None) == expected
 
 
 def test_gateway_rewrite_adds_a_prefix() -> None:
     gw = Gateway("intl", ("192.0.2.0/28",), add_prefix="+")
-    assert dialled_e164(URI.parse("sip:33123456789@192.0.2.1"), DialPlan(), gw) == "+33123456789"
+    assert e164_of(URI.parse("sip:33123456789@192.0.2.1"), DialPlan(), gw.rewrite) == "+33123456789"
     assert gw.rewrite("123") == "+123" and PSTN.rewrite("99123") == "123" and PSTN.rewrite("123") == "123"
 
 
-def test_user_for_number() -> None:
+def test_owner_of_a_number() -> None:
     users = UsersDB(":memory:")
     users.add("bob", "pw", "example.com")
     users.set_number("bob", "+33123456789")
-    found: Any = user_for_number(URI.parse("sip:01 23 45 67 89@example.com;user=phone".replace(" ", "")), PLAN,
-                                 users.by_number)
+    found: Any = owner_of(e164_of(URI.parse("sip:0123456789@example.com;user=phone"), PLAN), users)
     assert found is not None and found.username == "bob"
-    assert user_for_number(URI.parse("tel:+33999999999"), PLAN, users.by_number) is None
-    assert user_for_number(URI.parse("sip:bob@example.com"), PLAN, users.by_number) is None
+    assert owner_of(e164_of(URI.parse("tel:+33999999999"), PLAN), users) is None
+    assert owner_of(e164_of(URI.parse("sip:bob@example.com"), PLAN), users) is None
