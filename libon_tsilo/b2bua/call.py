@@ -612,7 +612,7 @@ class Call:
         """Forward to ``[voicemail] target`` instead of failing with ``status``; False when this
         call does not go to voicemail (policy, the user's choice, or a target we cannot reach)."""
         policy = self.mgr.voicemail
-        if policy is None or self.state.final or isinstance(self.state, Diverted):
+        if policy is None or self.state.final or not self.may_divert():
             return False
         vm_reason = policy.reason_for(status, ring_timeout)
         if vm_reason is None:

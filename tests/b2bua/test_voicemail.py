@@ -304,3 +304,22 @@ def test_reliable_early_sdp_is_not_binding_while_voicemail_may_still_answer() ->
     device_18x(env.port.invites()[0], 183, 1, SDP_B)
     early = stx.responses[-1]
     assert early.status == 183 and early.header("RSeq") is None and early.body == SDP_B
+
+
+@pytest.mark.parametrize("status", [486, 480, None], ids=["busy", "unavailable", "ring-timeout"])
+def test_a_call_out_is_never_forwarded_to_voicemail(status: int | None) -> None:
+    """A trunk's busy, unavailable or silence is the phone network's answer: no mailbox of ours."""
+    from tests.b2bua.test_calls_out import OutEnv
+
+    env = OutEnv()
+    env.mgr.voicemail = VoicemailPolicy(VM)
+    stx = env.call_out()
+    [trunk] = env.port.invites()
+    trunk.respond(180)
+    if status is not None:
+        trunk.respond(status)
+    else:
+        env.clock.advance(60)  # OutEnv's [calls_out] ring_timeout
+    assert stx.statuses == [180, status or 480]
+    assert all(not c.request.raw_uri.startswith("sip:vm@") for c in env.port.invites())
+    assert env.mgr.voicemail_counts == {"no-answer": 0, "user-busy": 0, "unavailable": 0, "failed": 0}
