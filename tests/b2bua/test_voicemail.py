@@ -323,3 +323,21 @@ def test_a_call_out_is_never_forwarded_to_voicemail(status: int | None) -> None:
     assert stx.statuses == [180, status or 480]
     assert all(not c.request.raw_uri.startswith("sip:vm@") for c in env.port.invites())
     assert env.mgr.voicemail_counts == {"no-answer": 0, "user-busy": 0, "unavailable": 0, "failed": 0}
+
+
+def test_parked_call_whose_device_never_woke_goes_to_voicemail_with_the_callers_offer() -> None:
+    """Parked (its INVITE kept as bytes only) until the ring timeout: the voicemail leg still carries
+    the caller's SDP and identity, read back from those bytes."""
+    from tests.b2bua.helpers import SDP_A
+
+    env = _env()
+    env.location.add(binding(1, live=False, push="apns"))
+    _, stx = env.invite()
+    assert env.call().state.name == "parked" and env.port.invites() == []
+    env.clock.advance(30)
+    vm = _vm_leg(env)
+    assert vm.request.body == SDP_A and vm.request.from_.uri.user == "alice"
+    assert vm.request.header("Diversion") == "<sip:bob@example.com>;reason=no-answer;counter=1"
+    assert env.waker.ended == [("call-1@10.0.0.1", False)]  # the push layer hears the call is over
+    vm.respond(200, body=SDP_C, to_tag="vm-tag")
+    assert stx.statuses == [200]
