@@ -47,6 +47,7 @@ __all__ = [
     "LogConfig",
     "OpsConfig",
     "OverloadConfig",
+    "MessagesConfig",
     "ListenAddress",
     "parse_listen",
     "load_config",
@@ -436,6 +437,18 @@ class OverloadConfig:
 
 
 @dataclass(frozen=True)
+class MessagesConfig:
+    # SIP MESSAGE store-and-forward to sleeping phones (libon_tsilo/messaging/); off: MESSAGE gets 405
+    enabled: bool = _opt(True)
+    db: str = _opt("libon-tsilo-messages.sqlite", path=_STATE)  # used with [location] backend = "sqlite"
+    ttl: int = _opt(7 * 86_400, _int_range(60, 90 * 86_400))  # seconds a message waits for a device
+    max_size: int = _opt(4096, _int_range(1, 60_000))  # body bytes; over: 413
+    max_per_user: int = _opt(500, _int_range(1))  # waiting messages per recipient; over: 480
+    per_sender_per_minute: int = _opt(60, _int_range(0))  # 0 = off; over: 503
+    push_preview: bool = _opt(True)  # the start of a text body in the push payload
+
+
+@dataclass(frozen=True)
 class Config:
     sip: SipConfig = field(default_factory=SipConfig)
     connections: ConnectionsConfig = field(default_factory=ConnectionsConfig)
@@ -451,6 +464,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
     overload: OverloadConfig = field(default_factory=OverloadConfig)
+    messages: MessagesConfig = field(default_factory=MessagesConfig)
     # where the config came from (None = built-in defaults); not a TOML key
     source: str | None = field(default=None, metadata={"internal": True})
 

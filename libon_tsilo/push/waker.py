@@ -73,6 +73,7 @@ INVITE_CANCEL = "invite_cancel"
 MISSED_CALL_PUSH = "missed_call_push"
 # the Contact URI parameter with the app's alert-capable token, next to pn-prid's VoIP token
 ALERT_PRID_PARAM = "pn-alert-prid"
+MESSAGE_PUSH_TTL = 300.0  # seconds: how long a "message" push may be retried
 
 RemoveBinding = Callable[[Any, str], Any]
 
@@ -259,6 +260,21 @@ class PushWaker(LocationObserver):
         self.counters["calls_woken"] += 1
         done = DeferredList(waits, consumeErrors=True)
         return done.addCallback(self._summarise, rec)
+
+    def notify_message(self, binding: Any, msg: Any, preview: str | None) -> Deferred[PushResult]:
+        """A push of kind "message" for a SIP MESSAGE waiting for this device (messaging/, duck-typed:
+        ``msg`` has id, aor, sender, sender_name, call_id, expires_at). Never errbacks."""
+        if self.stopped:
+            return succeed(PushResult(RETRYABLE, "push service stopped"))
+        # the retry deadline, not the message's life: a push that cannot go within minutes is moot,
+        # the message still waits for the device's next registration
+        ttl = max(0.0, min(float(msg.expires_at) - self.clock.seconds(), MESSAGE_PUSH_TTL))
+        req = PushRequest(
+            provider=binding.pn_provider, prid=binding.pn_prid, param=binding.pn_param, kind="message",
+            call_id=msg.call_id, caller_uri=msg.sender, caller_name=msg.sender_name, aor=msg.aor, ttl=ttl,
+            message_id=msg.id, preview=preview,
+        )
+        return self.push(binding, req)
 
     def _within_device_limit(self, binding: Any, call_id: str) -> bool:
         if self.device_limit is None or self.device_limit.try_add(_prid_key(binding)):

@@ -482,3 +482,29 @@ def test_overload_defaults_suit_a_real_server():
 )
 def test_overload_bad_values(data, expected):
     assert error_of(data) == expected
+
+
+# --- [messages] (SIP MESSAGE store-and-forward) -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"messages": {"ttl": 10}}, "messages.ttl: must be >= 60, got 10"),
+        ({"messages": {"max_size": 0}}, "messages.max_size: must be >= 1, got 0"),
+        ({"messages": {"max_size": 100_000}}, "messages.max_size: must be <= 60000, got 100000"),
+        ({"messages": {"max_per_user": 0}}, "messages.max_per_user: must be >= 1, got 0"),
+        ({"messages": {"per_sender_per_minute": -1}}, "messages.per_sender_per_minute: must be >= 0, got -1"),
+        ({"messages": {"push_preview": "no"}}, 'messages.push_preview: expected a boolean, got string "no"'),
+        ({"messages": {"colour": 1}}, "messages.colour: unknown key"),
+    ],
+)
+def test_bad_messages_values(data, expected):
+    assert error_of(data) == expected
+
+
+def test_messages_defaults(tmp_path):
+    cfg = config_from_dict({}, tmp_path).messages
+    assert cfg.enabled and cfg.push_preview
+    assert cfg.ttl == 7 * 86_400
+    assert cfg.db == str(tmp_path / "libon-tsilo-messages.sqlite")
