@@ -80,6 +80,11 @@ class MessageAcceptor:
         self.limit_counters: Counter[str] = Counter()
         self._limit_logs = {name: ThrottledLog(clock) for name in LIMITS}
 
+    def stats(self) -> dict[str, Any]:
+        """For the admin RPC and /metrics: what waits, and what happened since start."""
+        return {**self.delivery.stats(), "accepted": self.counters.get("accepted", 0),
+                "refused": self.counters.get("refused", 0)}
+
     def limit_hits(self) -> dict[str, int]:
         return {name: self.limit_counters.get(name, 0) for name in LIMITS}
 

@@ -109,6 +109,12 @@ class Rpc:
             RpcMethod("health", self.health, (), "ok, or draining during a graceful shutdown"),
         ):
             self.methods[m.name] = m
+        # [messages]: SIP MESSAGE store-and-forward
+        for m in (
+            RpcMethod("msg.dump", self.msg_dump, ("aor",), "waiting instant messages (no bodies)"),
+            RpcMethod("msg.stats", self.msg_stats, (), "instant message counters"),
+        ):
+            self.methods[m.name] = m
 
     # -- dispatch --------------------------------------------------------------------------------
 
@@ -272,6 +278,19 @@ class Rpc:
         if p.extra.get("overload") is not None:
             out["overload"] = p.extra["overload"].stats()
         return out
+
+    def msg_dump(self, aor: str | None = None) -> list[dict[str, Any]]:
+        acceptor = self.parts.extra.get("messages")
+        if acceptor is None:
+            raise RpcError(503, "messages are not enabled")
+        key = self._aor(aor) if aor is not None else None
+        return [m for m in acceptor.outbox.dump() if key is None or m["aor"] == key]
+
+    def msg_stats(self) -> dict[str, Any]:
+        acceptor = self.parts.extra.get("messages")
+        if acceptor is None:
+            raise RpcError(503, "messages are not enabled")
+        return dict(acceptor.stats())
 
     def health(self) -> dict[str, Any]:
         p = self.parts

@@ -522,6 +522,67 @@ def _add_router(root: LibonTsiloService, parts: Parts) -> None:
         router.stray = calls.stray_response
 
 
+class MessagesService(Service):
+    """Restores the waiting messages at start (after the bindings); flushes and closes their store at
+    stop (before the transport goes down: a delivery still in flight is simply tried again later)."""
+
+    def __init__(self, outbox: Any, delivery: Any) -> None:
+        self.outbox = outbox
+        self.delivery = delivery
+
+    def startService(self) -> None:
+        super().startService()
+        self.outbox.start()
+        self.delivery.start()
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        self.delivery.stop()
+        return maybeDeferred(self.outbox.stop)
+
+
+def _add_messages(root: LibonTsiloService, parts: Parts) -> None:
+    """[messages]: SIP MESSAGE store-and-forward (libon_tsilo/messaging/), parts.extra["messages"]."""
+    cfg = parts.config
+    if not cfg.messages.enabled:
+        return
+    from libon_tsilo.messaging.accept import MessageAcceptor
+    from libon_tsilo.messaging.delivery import MessageDelivery
+    from libon_tsilo.messaging.outbox import Outbox
+    from libon_tsilo.messaging.store import MemoryMessageStore, MessageStore
+    from libon_tsilo.messaging.uac import TransactionSender
+    from libon_tsilo.registrar.registrar import aor_key
+    from libon_tsilo.sip.hostnames import HostSet
+
+    store: MessageStore
+    if cfg.location.backend == "sqlite":
+        from twisted.internet import reactor
+
+        from libon_tsilo.messaging.sqlite_store import SqliteMessageStore
+
+        store = SqliteMessageStore(cfg.messages.db, parts.clock,
+                                   flush_interval=cfg.location.flush_interval_ms / 1000.0, reactor=reactor)
+    else:
+        store = MemoryMessageStore()
+    location = _built(parts.location)
+    outbox = Outbox(parts.clock, store, ttl=float(cfg.messages.ttl))
+    delivery = MessageDelivery(parts.clock, outbox, location, TransactionSender(_built(parts.transactions)),
+                               notifier=parts.waker, push_preview=cfg.messages.push_preview)
+    location.subscribe(delivery)
+    auth = parts.extra.get("auth")
+    domains = HostSet(cfg.sip.domains)
+    acceptor = MessageAcceptor(
+        parts.clock, outbox, delivery, is_local=lambda uri: uri.host in domains,
+        aor_key=lambda uri: aor_key(uri, cfg.registrar.use_domain), auth=auth,
+        user_exists=auth.users.exists if auth is not None else None, max_size=cfg.messages.max_size,
+        max_per_user=cfg.messages.max_per_user, per_sender_per_minute=cfg.messages.per_sender_per_minute,
+    )
+    _built(parts.router).route("MESSAGE", acceptor.handle_message)
+    parts.extra.setdefault("limits", []).append(acceptor)
+    parts.extra["messages"] = acceptor
+    _attach(root, MessagesService(outbox, delivery), "messages")
+
+
 def _add_overload(root: LibonTsiloService, parts: Parts) -> None:
     """[overload]: the lag detector and its gate on new INVITEs (parts.extra["overload"])."""
     cfg = parts.config.overload
@@ -633,6 +694,7 @@ WIRING: list[Callable[[LibonTsiloService, Parts], None]] = [
     _add_push,
     _add_b2bua,
     _add_router,
+    _add_messages,
     _add_overload,
     _add_manhole,
     _add_admin,
