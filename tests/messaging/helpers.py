@@ -50,5 +50,6 @@ def phone(uri: str = "sip:bob@192.0.2.20:5060", registered_at: float = 0.0, push
     if push:
         kw.setdefault("pn_provider", "webhook")
         kw.setdefault("pn_prid", "tok-" + uri.rsplit("@", 1)[-1])
-    return Binding(aor=aor, contact_uri=uri, contact=f"<{uri}>", expires_at=1e9, registered_at=registered_at,
+    kw.setdefault("expires_at", 1e9)
+    return Binding(aor=aor, contact_uri=uri, contact=f"<{uri}>", registered_at=registered_at,
                    call_id="reg", cseq=1, **kw)
