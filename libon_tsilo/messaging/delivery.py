@@ -136,13 +136,15 @@ class MessageDelivery(LocationObserver):
     def _next(self, aor: str, device: str, binding: Binding, awake: bool, push: bool) -> None:
         if (aor, device) in self._inflight:
             return
-        waiting = [m for m in self.outbox.pending(aor) if device not in m.delivered]
-        if not waiting:
-            return
+        pending = self.outbox.pending(aor)
         if awake or self._awake(binding):
-            self._send(aor, device, binding, waiting[0])
-        elif push:
-            self._push(aor, device, binding, waiting[-1])  # the newest: it is the news
+            oldest = next((m for m in pending if device not in m.delivered), None)
+            if oldest is not None:
+                self._send(aor, device, binding, oldest)
+        elif push:  # from the end, where the new message is: no cost per message already waiting
+            newest = next((m for m in reversed(pending) if device not in m.delivered), None)
+            if newest is not None:
+                self._push(aor, device, binding, newest)  # the newest: it is the news
 
     def _flow_live(self, binding: Binding) -> bool:
         return bool(binding.flow_id) and binding.flow_live and self.sender.flow_live(binding.flow_id)
