@@ -1,28 +1,21 @@
-"""The outbox on SQLite (``[messages] db``, its own file), with group commit off the reactor thread.
+"""The outbox on SQLite (``[messages] db``, its own file), with group commit (batch_writer.py).
 
-Like the bindings (registrar/sqlite_store.py): the writes queued while one commit runs share the
-next one, so a burst of MESSAGEs costs a few commits, and each sender's 202 waits for the commit
-that holds its message. WAL mode, synchronous=NORMAL: a commit survives the process being killed.
-A commit that fails fails every ``add`` it carried (their senders get a 5xx and send again); the
-written-behind marks and deletions it carried are logged as lost (a device may get a message twice,
-or an expired one is deleted at the next start).
+WAL mode, synchronous=NORMAL, as the bindings' file: a commit survives the process being killed.
+Two tables: the messages (JSON rows, with their expiry for the clean-up at start) and the devices
+each was delivered to.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable
 from typing import Any
 
-from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
-from libon_tsilo.messaging.store import NotStored, StoredMessage
+from libon_tsilo.messaging.batch_writer import BatchWriter, Op, RunInThread
+from libon_tsilo.messaging.store import StoredMessage
 
 __all__ = ["SqliteMessageStore"]
 
@@ -40,57 +33,23 @@ _SCHEMA = (
         PRIMARY KEY (id, device)
     )""",
 )
-_INSERT = "INSERT OR REPLACE INTO messages (id, expires_at, data) VALUES (?, ?, ?)"
-_MARK = "INSERT OR IGNORE INTO deliveries (id, device) VALUES (?, ?)"
+_SQL = {
+    "add": "INSERT OR REPLACE INTO messages (id, expires_at, data) VALUES (?, ?, ?)",
+    "mark": "INSERT OR IGNORE INTO deliveries (id, device) VALUES (?, ?)",
+}
 _DELETE = "DELETE FROM messages WHERE id = ?"
 _UNMARK = "DELETE FROM deliveries WHERE id = ?"
 
-RunInThread = Callable[..., defer.Deferred]
-Op = tuple[str, tuple[Any, ...]]
 
-
-class _Batch:
-    __slots__ = ("ops", "waiters")
-
-    def __init__(self) -> None:
-        self.ops: list[Op] = []
-        self.waiters: list[tuple[bool, defer.Deferred]] = []  # (fails with the commit?, d)
-
-
-class SqliteMessageStore:
-    """``run_in_thread(f, *args) -> Deferred`` may be injected (tests write synchronously); by
-    default a private one-thread pool writes."""
+class SqliteMessageStore(BatchWriter):
+    name = "messages-sqlite"
 
     def __init__(
-        self,
-        path: str,
-        clock: IReactorTime,
-        flush_interval: float = 0.002,
-        reactor: Any = None,
+        self, path: str, clock: IReactorTime, flush_interval: float = 0.002, reactor: Any = None,
         run_in_thread: RunInThread | None = None,
     ) -> None:
+        super().__init__(clock, flush_interval, reactor, run_in_thread)
         self.path = path
-        self.clock = clock
-        self.flush_interval = max(0.0, min(flush_interval, 1.0))
-        self._open = _Batch()
-        self._inflight: _Batch | None = None
-        self._timer: IDelayedCall | None = None
-        self._pool: ThreadPool | None = None
-        self._closed = False
-        self.commits = 0
-        self.failed_commits = 0
-        if run_in_thread is None:
-            if reactor is None:
-                from twisted.internet import reactor as default_reactor
-
-                reactor = default_reactor
-            pool = self._pool = ThreadPool(minthreads=1, maxthreads=1, name="messages-sqlite")
-            reactor.addSystemEventTrigger("after", "shutdown", self._stop_pool)
-
-            def run_in_thread(f: Callable[..., Any], *args: Any) -> defer.Deferred:
-                return deferToThreadPool(reactor, pool, f, *args)
-
-        self._run = run_in_thread
         # opened on the reactor thread at start-up, then used by one batch at a time in the worker
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -98,11 +57,8 @@ class SqliteMessageStore:
         for statement in _SCHEMA:
             self._db.execute(statement)
 
-    # -- start-up -------------------------------------------------------------------------------
-
     def load(self, now: float) -> list[StoredMessage]:
-        if self._pool is not None and not self._pool.started:
-            self._pool.start()
+        self._start_pool()
         db = self._db
         db.execute("DELETE FROM messages WHERE expires_at <= ?", (now,))
         db.execute("DELETE FROM deliveries WHERE id NOT IN (SELECT id FROM messages)")
@@ -119,100 +75,21 @@ class SqliteMessageStore:
                 db.execute(_UNMARK, (msg_id,))
         return out
 
-    # -- writes ---------------------------------------------------------------------------------
-
-    def add(self, msg: StoredMessage) -> defer.Deferred[None]:
-        if self._closed:
-            return defer.fail(NotStored("the message store is stopped"))
-        self._queue((_INSERT, (msg.id, msg.expires_at, json.dumps(msg.to_dict()))))
-        d: defer.Deferred[None] = defer.Deferred()
-        self._open.waiters.append((True, d))
-        return d
-
-    def delivered(self, msg_id: str, device: str) -> None:
-        self._queue((_MARK, (msg_id, device)))
-
-    def delete(self, msg_id: str) -> None:
-        self._queue((_DELETE, (msg_id,)))
-        self._queue((_UNMARK, (msg_id,)))
-
-    def flush(self) -> defer.Deferred[None]:
-        batch = self._open if self._open.ops else self._inflight
-        if batch is None:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        batch.waiters.append((False, d))
-        if batch is self._open:
-            self._start()
-        return d
-
-    def pending(self) -> int:
-        return len(self._open.ops) + (len(self._inflight.ops) if self._inflight else 0)
-
-    def _queue(self, op: Op) -> None:
-        if self._closed:
-            return
-        self._open.ops.append(op)
-        if self._inflight is None and self._timer is None:
-            self._timer = self.clock.callLater(self.flush_interval, self._start)
-
-    def _start(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-        if self._inflight is not None or not self._open.ops:
-            return
-        batch = self._inflight = self._open
-        self._open = _Batch()
-        d = self._run(self._write_sync, list(batch.ops))
-        d.addCallbacks(lambda _: self._finish(batch, None), lambda f: self._finish(batch, f))
-
     def _write_sync(self, ops: list[Op]) -> None:
-        """In the worker thread: the whole batch in one transaction."""
         db = self._db
         try:
             db.execute("BEGIN")
-            for sql, params in ops:
-                db.execute(sql, params)
+            for op in ops:
+                if op[0] == "delete":
+                    db.execute(_DELETE, op[1:])
+                    db.execute(_UNMARK, op[1:])
+                else:
+                    db.execute(_SQL[op[0]], op[1:])
             db.execute("COMMIT")
         except Exception:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
 
-    def _finish(self, batch: _Batch, failure: Failure | None) -> None:
-        self._inflight = None
-        if failure is None:
-            self.commits += 1
-        else:
-            self.failed_commits += 1
-            reason = f"{failure.type.__name__}: {failure.getErrorMessage()}"
-            log.error("messages db: a commit of {n} writes failed: {reason}", n=len(batch.ops), reason=reason)
-        for fails, d in batch.waiters:
-            if failure is not None and fails:
-                d.errback(NotStored(reason))
-            else:
-                d.callback(None)
-        if not self._closed and self._open.ops and self._timer is None:
-            self._start()  # group commit: what queued up during this write goes now
-
-    # -- shutdown -------------------------------------------------------------------------------
-
-    def stop(self) -> defer.Deferred[None]:
-        d = self.flush()
-
-        def close(_: object) -> None:
-            self._closed = True
-            if self._timer is not None and self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-            self._db.close()
-            self._stop_pool()
-
-        d.addCallback(close)
-        return d
-
-    def _stop_pool(self) -> None:
-        if self._pool is not None and self._pool.started:
-            self._pool.stop()
+    def _close(self) -> None:
+        self._db.close()
