@@ -7,7 +7,8 @@ marks and deletions it carried are logged as lost (a device may get a message tw
 message is deleted at the next start). Subclasses say how a batch is written (``_write_sync``, in
 the worker thread), how the messages are read back at start (``load``) and how they close.
 
-An op is a tuple: ``("add", id, expires_at, json)``, ``("mark", id, device)`` or ``("delete", id)``.
+An op is a tuple: ``("add", id, expires_at, json)``, ``("mark", id, device, expires_at)`` or
+``("delete", id)``.
 """
 
 from __future__ import annotations
@@ -99,11 +100,11 @@ class BatchWriter:
         self._open.waiters.append((True, d))
         return d
 
-    def delivered(self, msg_id: str, device: str) -> None:
-        self._queue(("mark", msg_id, device))
+    def delivered(self, msg: StoredMessage, device: str) -> None:
+        self._queue(("mark", msg.id, device, msg.expires_at))
 
-    def delete(self, msg_id: str) -> None:
-        self._queue(("delete", msg_id))
+    def delete(self, msg: StoredMessage) -> None:
+        self._queue(("delete", msg.id))
 
     def flush(self) -> defer.Deferred[None]:
         batch = self._open if self._open.ops else self._inflight

@@ -120,7 +120,7 @@ class Outbox:
         if device in msg.delivered or msg.id not in self._by_id:
             return
         msg.delivered.add(device)
-        self.store.delivered(msg.id, device)
+        self.store.delivered(msg, device)
 
     def remove(self, msg: StoredMessage, why: str = "done") -> None:
         """Forget a message every device got (``done``) or whose ttl ran out (``expired``)."""
@@ -131,7 +131,7 @@ class Outbox:
             queue.remove(msg)
             if not queue:
                 del self._by_aor[msg.aor]
-        self.store.delete(msg.id)
+        self.store.delete(msg)
         self.counters[why] += 1
 
     def _insert(self, msg: StoredMessage) -> None:

@@ -33,10 +33,8 @@ _SCHEMA = (
         PRIMARY KEY (id, device)
     )""",
 )
-_SQL = {
-    "add": "INSERT OR REPLACE INTO messages (id, expires_at, data) VALUES (?, ?, ?)",
-    "mark": "INSERT OR IGNORE INTO deliveries (id, device) VALUES (?, ?)",
-}
+_INSERT = "INSERT OR REPLACE INTO messages (id, expires_at, data) VALUES (?, ?, ?)"
+_MARK = "INSERT OR IGNORE INTO deliveries (id, device) VALUES (?, ?)"
 _DELETE = "DELETE FROM messages WHERE id = ?"
 _UNMARK = "DELETE FROM deliveries WHERE id = ?"
 
@@ -83,8 +81,10 @@ class SqliteMessageStore(BatchWriter):
                 if op[0] == "delete":
                     db.execute(_DELETE, op[1:])
                     db.execute(_UNMARK, op[1:])
+                elif op[0] == "mark":
+                    db.execute(_MARK, op[1:3])
                 else:
-                    db.execute(_SQL[op[0]], op[1:])
+                    db.execute(_INSERT, op[1:])
             db.execute("COMMIT")
         except Exception:
             if db.in_transaction:

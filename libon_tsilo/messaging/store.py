@@ -71,10 +71,10 @@ class MessageStore(Protocol):
     def add(self, msg: StoredMessage) -> defer.Deferred[None]:
         """Fires once ``msg`` is durable; fails with NotStored when it could not be made so."""
 
-    def delivered(self, msg_id: str, device: str) -> None:
+    def delivered(self, msg: StoredMessage, device: str) -> None:
         """Record that ``device`` got the message (written behind)."""
 
-    def delete(self, msg_id: str) -> None:
+    def delete(self, msg: StoredMessage) -> None:
         """Forget the message and its delivery marks (written behind)."""
 
     def flush(self) -> defer.Deferred[None]:
@@ -94,7 +94,8 @@ class MemoryMessageStore:
 
     def load(self, now: float) -> list[StoredMessage]:
         for msg_id in [i for i, row in self.rows.items() if row["expires_at"] <= now]:
-            self.delete(msg_id)
+            self.rows.pop(msg_id, None)
+            self.marks.pop(msg_id, None)
         return [StoredMessage.from_dict(row, self.marks.get(i)) for i, row in self.rows.items()]
 
     def add(self, msg: StoredMessage) -> defer.Deferred[None]:
@@ -104,13 +105,13 @@ class MemoryMessageStore:
         self.rows[msg.id] = msg.to_dict()
         return defer.succeed(None)
 
-    def delivered(self, msg_id: str, device: str) -> None:
-        if msg_id in self.rows:
-            self.marks.setdefault(msg_id, set()).add(device)
+    def delivered(self, msg: StoredMessage, device: str) -> None:
+        if msg.id in self.rows:
+            self.marks.setdefault(msg.id, set()).add(device)
 
-    def delete(self, msg_id: str) -> None:
-        self.rows.pop(msg_id, None)
-        self.marks.pop(msg_id, None)
+    def delete(self, msg: StoredMessage) -> None:
+        self.rows.pop(msg.id, None)
+        self.marks.pop(msg.id, None)
 
     def flush(self) -> defer.Deferred[None]:
         return defer.succeed(None)

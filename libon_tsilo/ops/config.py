@@ -483,7 +483,7 @@ class OverloadConfig:
 class MessagesConfig:
     # SIP MESSAGE store-and-forward to sleeping phones (libon_tsilo/messaging/); off: MESSAGE gets 405
     enabled: bool = _opt(True)
-    db: str = _opt("libon-tsilo-messages.sqlite", path=_STATE)  # used with [location] backend = "sqlite"
+    db: str = _opt("libon-tsilo-messages.sqlite", path=_STATE)  # [location] backend "sqlite"; redis: Redis
     ttl: int = _opt(7 * 86_400, _int_range(60, 90 * 86_400))  # seconds a message waits for a device
     max_size: int = _opt(4096, _int_range(1, 60_000))  # body bytes; over: 413
     max_per_user: int = _opt(500, _int_range(1))  # waiting messages per recipient; over: 480

@@ -574,13 +574,21 @@ def _add_messages(root: LibonTsiloService, parts: Parts) -> None:
     from libon_tsilo.sip.hostnames import HostSet
 
     store: MessageStore
-    if cfg.location.backend == "sqlite":
+    loc, flush_interval = cfg.location, cfg.location.flush_interval_ms / 1000.0
+    if loc.backend == "sqlite":
         from twisted.internet import reactor
 
         from libon_tsilo.messaging.sqlite_store import SqliteMessageStore
 
-        store = SqliteMessageStore(cfg.messages.db, parts.clock,
-                                   flush_interval=cfg.location.flush_interval_ms / 1000.0, reactor=reactor)
+        store = SqliteMessageStore(cfg.messages.db, parts.clock, flush_interval, reactor=reactor)
+    elif loc.backend == "redis":
+        from twisted.internet import reactor
+
+        from libon_tsilo.messaging.redis_store import RedisMessageStore, make_blocking_client
+
+        client = make_blocking_client(loc.url, loc.username, loc.password, loc.sentinels, loc.service_name)
+        store = RedisMessageStore(client, parts.clock, node_id=cfg.cluster.node_id, key_prefix=loc.key_prefix,
+                                  flush_interval=flush_interval, reactor=reactor)
     else:
         store = MemoryMessageStore()
     location = _built(parts.location)

@@ -64,9 +64,9 @@ def test_restore_keeps_body_marks_and_drops_expired(tmp_path):
     store.add(msg(1))
     store.add(msg(2))
     store.add(msg(3, expires_at=50.0))
-    store.delivered("m1", "instance:<urn:uuid:1>")
-    store.delivered("m2", "pn:webhook|tok|")
-    store.delete("m2")
+    store.delivered(msg(1), "instance:<urn:uuid:1>")
+    store.delivered(msg(2), "pn:webhook|tok|")
+    store.delete(msg(2))
     clock.advance(1)
     store.stop()
 
