@@ -2,7 +2,7 @@
 (tests/fakes/webhook_fake.py), and small UDP user agents written here from RFC 3261/3428 (not with the
 server's parser): alice sends MESSAGEs, bob's phone registers with RFC 8599 push parameters and sleeps.
 
-Scenarios: MESSAGEs to the sleeping phone get 202 and a push of type "message" each (sender and
+Scenarios: each of two devices gets a message once; MESSAGEs to the sleeping phone get 202 and a push of type "message" each (sender and
 preview in the payload); when the phone registers it gets them in order, each after the 2xx of the
 previous, and they are deleted; a message accepted before a restart is delivered after it, when the
 phone registers with the new process (same message database); with digest on, alice is challenged
@@ -244,3 +244,36 @@ def test_cluster_on_redis_the_accepting_node_delivers_when_the_phone_registers_e
     wait_until(lambda: stats(a2)["waiting"] == 0, 5, "the delivered message deleted")
     # the deletion is written behind, in the next commit
     wait_until(lambda: redis_server.cli("SCARD", "im:msgs:a") == b":0", 5, "the message gone from Redis")
+
+
+def test_each_device_gets_a_message_once(start_sip_server: Any, webhook: Any, tmp_path: Path) -> None:
+    """bob has a desk phone (no push token: reachable) and a sleeping phone. The desk phone gets the
+    MESSAGE at once; its next REGISTER brings nothing more (the message still waits for the other
+    phone); the sleeping phone gets it when it registers, and then the message is deleted."""
+    url, record = webhook()
+    server = start_sip_server(extra=config(url, tmp_path), tls=False)
+    desk = Phone((HOST, server.sip_port), "bob")
+    phone = Phone((HOST, server.sip_port), "bob", push=True)
+    assert desk.register().status == 200 and phone.register().status == 200
+    assert Phone((HOST, server.sip_port), "alice").message("bob", "to both").status == 202
+    msg, addr = desk.incoming()
+    assert msg.body == b"to both"
+    desk.send(response_to(msg, 200, "OK", _tag()), addr)
+    wait_until(lambda: stats(server)["delivered"] == 1, 5, "the desk phone's delivery counted")
+    assert len(message_pushes(record)) <= 1  # only the sleeping phone is pushed
+    assert stats(server)["waiting"] == 1  # the sleeping phone has not got it
+
+    # the server emits a REGISTER's binding events in the reactor turn that sends its 200, before
+    # it can answer the admin request below: a MESSAGE for the desk phone would be in flight by then
+    assert desk.register().status == 200
+    s = stats(server)
+    assert (s["in_flight"], s["delivered"], s["waiting"]) == (0, 1, 1)
+    assert desk.seen("request") == []
+
+    assert phone.register().status == 200
+    msg, addr = phone.incoming()
+    assert msg.body == b"to both"
+    phone.send(response_to(msg, 200, "OK", _tag()), addr)
+    wait_until(lambda: stats(server)["waiting"] == 0, 5, "the message deleted once both have it")
+    assert stats(server)["delivered"] == 2
+    assert [p["pn_prid"] for p in message_pushes(record)] == [PRID]
