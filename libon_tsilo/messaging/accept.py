@@ -28,6 +28,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from libon_tsilo import logflags
 from libon_tsilo.messaging.delivery import MessageDelivery
 from libon_tsilo.messaging.outbox import Outbox
 from libon_tsilo.messaging.store import StoredMessage
@@ -143,8 +144,9 @@ class MessageAcceptor:
 
     def _stored(self, msg: StoredMessage, request: Request, stx: Any) -> None:
         self.counters["accepted"] += 1
-        log.info("message {id} from {sender} to {aor} stored ({size} bytes)", id=msg.id, sender=msg.sender,
-                 aor=msg.aor, size=len(msg.body), call_id=msg.call_id)
+        if logflags.info_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs
+            log.info("message {id} from {sender} to {aor} stored ({size} bytes)", id=msg.id,
+                     sender=msg.sender, aor=msg.aor, size=len(msg.body), call_id=msg.call_id)
         self._answer(stx, request, 202)
         self.delivery.message_stored(msg)
 
