@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 from twisted.internet.task import Clock
 
-from libon_tsilo.push.base import DELIVERED, PushRequest
+from libon_tsilo.push.base import CONFIG_ERROR, DELIVERED, PushRequest
 from libon_tsilo.push.payload import ALERT_LIMIT, call_data, encoded_size, message_alert_payload
 from libon_tsilo.push.router import PushRouter
 from libon_tsilo.push.waker import MESSAGE_PUSH_TTL, PushWaker
@@ -50,16 +50,32 @@ def test_fcm_and_webhook_bodies_carry_the_message_fields() -> None:
     assert "preview" not in call and "message_id" not in call
 
 
+def _msg(clock: Clock) -> SimpleNamespace:
+    return SimpleNamespace(id="m-1", aor="sip:bob@example.com", sender="sip:alice@example.com",
+                           sender_name="Alice", call_id="im-1", expires_at=clock.seconds() + 7 * 86400)
+
+
 def test_the_waker_sends_a_message_push_and_counts_it_by_kind() -> None:
     clock = Clock()
-    sender = FakeSender("apns")
+    sender = FakeSender("fcm")
     waker = PushWaker(clock, PushRouter([sender]))
-    msg = SimpleNamespace(id="m-1", aor="sip:bob@example.com", sender="sip:alice@example.com",
-                          sender_name="Alice", call_id="im-1", expires_at=clock.seconds() + 7 * 86400)
-    result = fired(waker.notify_message(dev(1), msg, "hello"))
+    result = fired(waker.notify_message(dev(1, provider="fcm"), _msg(clock), "hello"))
     assert result.outcome == DELIVERED
     [req] = sender.sent
     assert (req.kind, req.message_id, req.preview, req.caller_uri) == ("message", "m-1", "hello",
                                                                         "sip:alice@example.com")
+    assert req.prid == dev(1, provider="fcm").pn_prid
     assert req.ttl == MESSAGE_PUSH_TTL  # retried for minutes, not for the message's 7 days
     assert waker.push_stats.by_kind["message"][DELIVERED] == 1
+
+
+def test_an_ios_message_push_goes_to_the_alert_token_never_to_the_voip_one() -> None:
+    clock = Clock()
+    sender = FakeSender("apns")
+    waker = PushWaker(clock, PushRouter([sender]))
+    fired(waker.notify_message(dev(1, alert="alert-token-1"), _msg(clock), None))
+    [req] = sender.sent
+    assert req.prid == "alert-token-1" and req.kind == "message"
+    result = fired(waker.notify_message(dev(2), _msg(clock), None))  # no pn-alert-prid
+    assert result.outcome == CONFIG_ERROR and len(sender.sent) == 1
+    assert waker.counters["message_without_alert_token"] == 1
