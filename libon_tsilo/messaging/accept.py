@@ -138,7 +138,7 @@ class MessageAcceptor:
         date = request.header("Date") or email.utils.formatdate(self.clock.seconds(), usegmt=True)
         content_type = request.header("Content-Type") or "text/plain"
         d = self.outbox.add(aor, f"sip:{uri.user}@{uri.host}", sender, sender_name, content_type,
-                            request.body,                             date, call_id=log_call_id(request))
+                            request.body, date, call_id=log_call_id(request))
         args = (request, stx)
         d.addCallbacks(self._stored, self._not_stored, callbackArgs=args, errbackArgs=args)
 
