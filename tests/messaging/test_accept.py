@@ -239,3 +239,29 @@ def test_the_date_of_the_sender_is_kept_else_ours():
     s.handle(message())
     assert s.outbox.pending(AOR)[0].date == "Sat, 13 Nov 2010 23:29:00 GMT"
     assert s.outbox.pending(AOR)[1].date.endswith("GMT")
+
+
+def test_bytes_that_are_not_utf8_are_stored_and_sent_on_as_they_came(tmp_path):
+    """A display name and a body that are not UTF-8 (the parser keeps the name's bytes as surrogates)
+    survive the SQLite row and come out byte for byte in the MESSAGE we send."""
+    from twisted.internet import defer as _defer
+
+    from libon_tsilo.messaging.sqlite_store import SqliteMessageStore
+    from libon_tsilo.messaging.uac import build_message
+
+    raw = (b"MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK-x\r\n"
+           b'From: "Al\xe9" <sip:alice@example.com>;tag=1\r\nTo: <sip:bob@example.com>\r\nCall-ID: c\r\n'
+           b"CSeq: 1 MESSAGE\r\nContent-Type: text/plain;charset=latin-1\r\nContent-Length: 3\r\n\r\n\xe9t\xe9")
+    req = parse_message(raw)
+    path = str(tmp_path / "m.sqlite")
+    s = Server(auth=False, store=SqliteMessageStore(path, Clock(), run_in_thread=_defer.maybeDeferred))
+    s.outbox.store.clock = s.clock  # the group commit's timer on the server's clock
+    stx = s.handle(req)
+    s.clock.advance(1)
+    assert stx.statuses == [202]
+    [(binding, msg, _)] = s.sender.sent
+    restored = SqliteMessageStore(path, Clock(), run_in_thread=_defer.maybeDeferred).load(s.clock.seconds())
+    out = build_message(binding, restored[0])
+    out.add_header("Via", "SIP/2.0/UDP 127.0.0.1;branch=z9hG4bK-y", first=True)
+    wire = out.to_bytes()
+    assert wire.endswith(b"\r\n\r\n\xe9t\xe9") and b'"Al\xe9"' in wire
