@@ -72,3 +72,17 @@ def test_a_message_through_the_router_is_stored_and_seen_by_rpc_and_metrics(tmp_
     assert 'libon_tsilo_limit_hits_total{limit="message_size"} 0.0' in text
     sender.answer(0, 200)
     assert rpc.call("msg.stats")["waiting"] == 0
+
+
+def test_a_message_inside_a_dialog_goes_to_the_call_layer_not_the_store(tmp_path):
+    """A MESSAGE with a To tag belongs to a call's dialog: the call layer relays it (b2bua/relay.py,
+    tests/b2bua/test_relay.py) or, with no such dialog, answers 481; it is never stored."""
+    root, _ = build(tmp_path)
+    parts = root.parts
+    seen: list[Any] = []
+    parts.router.in_dialog = lambda req, stx, flow: seen.append(req.method)
+    req = message(ruri="sip:bob@localhost", extra=[])
+    req.set_header("To", "<sip:bob@localhost>;tag=dlg-1")
+    parts.router.request_received(req, FakeStx(), FakeFlow())
+    assert seen == ["MESSAGE"]
+    assert len(parts.extra["messages"].outbox) == 0
