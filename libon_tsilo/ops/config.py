@@ -37,6 +37,7 @@ __all__ = [
     "RegistrarConfig",
     "AuthConfig",
     "LocationConfig",
+    "ClusterConfig",
     "CallsConfig",
     "PushConfig",
     "ApnsConfig",
@@ -52,6 +53,7 @@ __all__ = [
     "CallsOutConfig",
     "TrunkConfig",
     "RouteConfig",
+    "MessagesConfig",
     "ListenAddress",
     "parse_listen",
     "load_config",
@@ -321,12 +323,54 @@ class AuthConfig:
         return [ipaddress.ip_network(s, strict=False) for s in self.trusted_sources]
 
 
+def _redis_url(value: str, key: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # raises on a bad port
+    except ValueError as exc:
+        raise ConfigError(key, f'"{value}" is not a Redis URL: {exc}') from None
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        raise ConfigError(key, f'"{value}" is not a redis://, rediss:// or unix:// URL')
+    if port == 0:
+        raise ConfigError(key, f'"{value}" has port 0')
+    return value
+
+
+def _host_ports(value: tuple[str, ...], key: str) -> tuple[str, ...]:
+    for i, item in enumerate(value):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ConfigError(f"{key}[{i}]", f'"{item}" is not "host:port"')
+    return value
+
+
+def _non_empty(value: str, key: str) -> str:
+    if not value:
+        raise ConfigError(key, "must not be empty")
+    return _no_newline(value, key)
+
+
 @dataclass(frozen=True)
 class LocationConfig:
-    backend: str = _opt("sqlite", _one_of("sqlite", "memory"))
+    backend: str = _opt("sqlite", _one_of("sqlite", "memory", "redis"))
     path: str = _opt("libon-tsilo-location.sqlite", path=_STATE)
     # group commit: the first change waits this long for others before a commit starts
     flush_interval_ms: int = _opt(2, _int_range(0, 1000))
+    # backend = "redis" (a cluster: registrar/redis_store.py); username/password override the URL's
+    url: str = _opt("redis://127.0.0.1:6379/0", _redis_url)
+    username: str = _opt("")
+    password: str = _opt("")
+    key_prefix: str = _opt("libon-tsilo:", _non_empty)
+    sentinels: tuple[str, ...] = _opt((), _host_ports)  # "host:port"; then url gives db and TLS only
+    service_name: str = _opt("", _no_newline)  # the Sentinel master name, required with sentinels
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    # this node's name in Redis (Binding.node, whose connections hold a device); "" = single node
+    node_id: str = _opt("", _no_newline)
 
 
 @dataclass(frozen=True)
@@ -524,6 +568,18 @@ class RouteConfig:
 
 
 @dataclass(frozen=True)
+class MessagesConfig:
+    # SIP MESSAGE store-and-forward to sleeping phones (libon_tsilo/messaging/); off: MESSAGE gets 405
+    enabled: bool = _opt(True)
+    db: str = _opt("libon-tsilo-messages.sqlite", path=_STATE)  # [location] backend "sqlite"; redis: Redis
+    ttl: int = _opt(7 * 86_400, _int_range(60, 90 * 86_400))  # seconds a message waits for a device
+    max_size: int = _opt(4096, _int_range(1, 60_000))  # body bytes; over: 413
+    max_per_user: int = _opt(500, _int_range(1))  # waiting messages per recipient; over: 480
+    per_sender_per_minute: int = _opt(60, _int_range(0))  # 0 = off; over: 503
+    push_preview: bool = _opt(True)  # the start of a text body in the push payload
+
+
+@dataclass(frozen=True)
 class Config:
     sip: SipConfig = field(default_factory=SipConfig)
     connections: ConnectionsConfig = field(default_factory=ConnectionsConfig)
@@ -531,6 +587,7 @@ class Config:
     registrar: RegistrarConfig = field(default_factory=RegistrarConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     location: LocationConfig = field(default_factory=LocationConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     calls: CallsConfig = field(default_factory=CallsConfig)
     push: PushConfig = field(default_factory=PushConfig)
     manhole: ManholeConfig = field(default_factory=ManholeConfig)
@@ -543,6 +600,7 @@ class Config:
     calls_out: CallsOutConfig = field(default_factory=CallsOutConfig)
     trunks: tuple[TrunkConfig, ...] = field(default=())
     routes: tuple[RouteConfig, ...] = field(default=())
+    messages: MessagesConfig = field(default_factory=MessagesConfig)
     # where the config came from (None = built-in defaults); not a TOML key
     source: str | None = field(default=None, metadata={"internal": True})
 
@@ -764,11 +822,19 @@ def _check_calls_out(cfg: Config) -> None:
             raise ConfigError(f"routes[{i}].domain", "a route matches a prefix or a domain, not both")
         if route.domain and route.domain in ours:
             raise ConfigError(f"routes[{i}].domain", f'"{route.domain}" is one of sip.domains')
+def _check_location(cfg: Config) -> None:
+    loc = cfg.location
+    if loc.sentinels and not loc.service_name:
+        raise ConfigError("location.service_name", "required with location.sentinels")
+    if loc.backend == "redis" and cfg.ops.reactor == "epoll":
+        # redis-py's asyncio client runs on the reactor's loop (registrar/asyncio_bridge.py)
+        raise ConfigError("ops.reactor", 'must be "auto" or "asyncio" with location.backend = "redis"')
 
 
 def _validate(cfg: Config) -> None:
     _check_calls_out(cfg)
     _check_sip(cfg.sip)
+    _check_location(cfg)
     _check_session_timers(cfg.calls)
     _check_overload(cfg.overload)
     _check_tls(cfg)

@@ -109,6 +109,12 @@ class Rpc:
             RpcMethod("health", self.health, (), "ok, or draining during a graceful shutdown"),
         ):
             self.methods[m.name] = m
+        # [messages]: SIP MESSAGE store-and-forward
+        for m in (
+            RpcMethod("msg.dump", self.msg_dump, ("aor",), "waiting instant messages (no bodies)"),
+            RpcMethod("msg.stats", self.msg_stats, (), "instant message counters"),
+        ):
+            self.methods[m.name] = m
 
     # -- dispatch --------------------------------------------------------------------------------
 
@@ -201,7 +207,11 @@ class Rpc:
         aors = {
             aor: [self._binding(b) for b in bindings] for aor, bindings in location.dump().items() if bindings
         }
-        return {"aor_count": len(aors), "binding_count": sum(len(b) for b in aors.values()), "aors": aors}
+        out = {"aor_count": len(aors), "binding_count": sum(len(b) for b in aors.values()), "aors": aors}
+        redis = location.redis_stats() if hasattr(location, "redis_stats") else None
+        if redis is not None:  # a cluster: which node answers, and whether its copy is current
+            out["redis"] = redis
+        return out
 
     def ul_lookup(self, aor: str | None = None) -> dict[str, Any]:
         key = self._aor(aor)
@@ -251,6 +261,9 @@ class Rpc:
             out["calls"] = calls
         if p.location is not None:
             out["usrloc"] = {"registered_aors": p.location.aor_count(), "bindings": p.location.all_count()}
+            redis = p.location.redis_stats() if hasattr(p.location, "redis_stats") else None
+            if redis is not None:
+                out["usrloc"]["redis"] = redis
         if p.transactions is not None:
             t = p.transactions
             out["transactions"] = {"live": len(t), "server": t.server_count, "client": t.client_count,
@@ -272,6 +285,19 @@ class Rpc:
         if p.extra.get("overload") is not None:
             out["overload"] = p.extra["overload"].stats()
         return out
+
+    def msg_dump(self, aor: str | None = None) -> list[dict[str, Any]]:
+        acceptor = self.parts.extra.get("messages")
+        if acceptor is None:
+            raise RpcError(503, "messages are not enabled")
+        key = self._aor(aor) if aor is not None else None
+        return [m for m in acceptor.outbox.dump() if key is None or m["aor"] == key]
+
+    def msg_stats(self) -> dict[str, Any]:
+        acceptor = self.parts.extra.get("messages")
+        if acceptor is None:
+            raise RpcError(503, "messages are not enabled")
+        return dict(acceptor.stats())
 
     def health(self) -> dict[str, Any]:
         p = self.parts

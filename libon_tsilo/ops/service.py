@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from libon_tsilo.ops.rpc import Rpc
     from libon_tsilo.push.waker import PushWaker
     from libon_tsilo.registrar.location import LocationStore
+    from libon_tsilo.registrar.redis_store import RedisBindingStore
     from libon_tsilo.registrar.registrar import Registrar
     from libon_tsilo.silo.silo import Silo
     from libon_tsilo.sip.connlimits import ConnectionLimits
@@ -327,6 +328,22 @@ class LocationService(Service):
         return maybeDeferred(self.location.stop)
 
 
+def _redis_persistence(parts: Parts) -> RedisBindingStore:
+    """[location] backend = "redis": the cluster's bindings (registrar/redis_store.py)."""
+    from libon_tsilo.registrar.asyncio_bridge import NeedsAsyncioReactor, reactor_loop
+    from libon_tsilo.registrar.redis_store import RedisBindingStore, make_redis_client
+
+    loc = parts.config.location
+    try:
+        loop = reactor_loop()  # e.g. `twistd -r epoll` overrode [ops] reactor
+    except NeedsAsyncioReactor as exc:
+        raise ConfigError("location.backend", str(exc)) from None
+    client = make_redis_client(loc.url, loc.username, loc.password, loc.sentinels, loc.service_name)
+    return RedisBindingStore(
+        client, parts.clock, node_id=parts.config.cluster.node_id, key_prefix=loc.key_prefix, loop=loop
+    )
+
+
 def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
     from libon_tsilo.registrar.auth import AuthPolicy
     from libon_tsilo.registrar.auth_limits import FailureLimits
@@ -336,7 +353,7 @@ def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
     from libon_tsilo.registrar.users import UsersDB
 
     cfg = parts.config
-    persistence = None
+    persistence: SqliteBindingStore | RedisBindingStore | None = None
     if cfg.location.backend == "sqlite":
         from twisted.internet import reactor
 
@@ -344,7 +361,9 @@ def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
             cfg.location.path, parts.clock, flush_interval=cfg.location.flush_interval_ms / 1000.0,
             reactor=reactor,
         )
-    parts.location = location = LocationStore(parts.clock, persistence)
+    elif cfg.location.backend == "redis":
+        persistence = _redis_persistence(parts)
+    parts.location = location = LocationStore(parts.clock, persistence, node_id=cfg.cluster.node_id)
     auth = None
     if cfg.auth.enabled:
         auth = AuthPolicy(
@@ -542,6 +561,75 @@ def _add_router(root: LibonTsiloService, parts: Parts) -> None:
         router.stray = calls.stray_response
 
 
+class MessagesService(Service):
+    """Restores the waiting messages at start (after the bindings); flushes and closes their store at
+    stop (before the transport goes down: a delivery still in flight is simply tried again later)."""
+
+    def __init__(self, outbox: Any, delivery: Any) -> None:
+        self.outbox = outbox
+        self.delivery = delivery
+
+    def startService(self) -> None:
+        super().startService()
+        self.outbox.start()
+        self.delivery.start()
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        self.delivery.stop()
+        return maybeDeferred(self.outbox.stop)
+
+
+def _add_messages(root: LibonTsiloService, parts: Parts) -> None:
+    """[messages]: SIP MESSAGE store-and-forward (libon_tsilo/messaging/), parts.extra["messages"]."""
+    cfg = parts.config
+    if not cfg.messages.enabled:
+        return
+    from libon_tsilo.messaging.accept import MessageAcceptor
+    from libon_tsilo.messaging.delivery import MessageDelivery
+    from libon_tsilo.messaging.outbox import Outbox
+    from libon_tsilo.messaging.store import MemoryMessageStore, MessageStore
+    from libon_tsilo.messaging.uac import TransactionSender
+    from libon_tsilo.registrar.registrar import aor_key
+    from libon_tsilo.sip.hostnames import HostSet
+
+    store: MessageStore
+    loc, flush_interval = cfg.location, cfg.location.flush_interval_ms / 1000.0
+    if loc.backend == "sqlite":
+        from twisted.internet import reactor
+
+        from libon_tsilo.messaging.sqlite_store import SqliteMessageStore
+
+        store = SqliteMessageStore(cfg.messages.db, parts.clock, flush_interval, reactor=reactor)
+    elif loc.backend == "redis":
+        from twisted.internet import reactor
+
+        from libon_tsilo.messaging.redis_store import RedisMessageStore, make_blocking_client
+
+        client = make_blocking_client(loc.url, loc.username, loc.password, loc.sentinels, loc.service_name)
+        store = RedisMessageStore(client, parts.clock, node_id=cfg.cluster.node_id, key_prefix=loc.key_prefix,
+                                  flush_interval=flush_interval, reactor=reactor)
+    else:
+        store = MemoryMessageStore()
+    location = _built(parts.location)
+    outbox = Outbox(parts.clock, store, ttl=float(cfg.messages.ttl))
+    delivery = MessageDelivery(parts.clock, outbox, location, TransactionSender(_built(parts.transactions)),
+                               notifier=parts.waker, push_preview=cfg.messages.push_preview)
+    location.subscribe(delivery)
+    auth = parts.extra.get("auth")
+    domains = HostSet(cfg.sip.domains)
+    acceptor = MessageAcceptor(
+        parts.clock, outbox, delivery, is_local=lambda uri: uri.host in domains,
+        aor_key=lambda uri: aor_key(uri, cfg.registrar.use_domain), auth=auth,
+        user_exists=auth.users.exists if auth is not None else None, max_size=cfg.messages.max_size,
+        max_per_user=cfg.messages.max_per_user, per_sender_per_minute=cfg.messages.per_sender_per_minute,
+    )
+    _built(parts.router).route("MESSAGE", acceptor.handle_message)
+    parts.extra.setdefault("limits", []).append(acceptor)
+    parts.extra["messages"] = acceptor
+    _attach(root, MessagesService(outbox, delivery), "messages")
+
+
 def _add_overload(root: LibonTsiloService, parts: Parts) -> None:
     """[overload]: the lag detector and its gate on new INVITEs (parts.extra["overload"])."""
     cfg = parts.config.overload
@@ -653,6 +741,7 @@ WIRING: list[Callable[[LibonTsiloService, Parts], None]] = [
     _add_push,
     _add_b2bua,
     _add_router,
+    _add_messages,
     _add_overload,
     _add_manhole,
     _add_admin,

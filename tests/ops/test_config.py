@@ -231,7 +231,14 @@ def test_the_config_check_is_the_transport_parser(spec):
         ({"auth": {"failed_block": 0}}, "auth.failed_block: must be > 0, got 0"),
         ({"auth": {"known_source_ttl": 0}}, "auth.known_source_ttl: must be > 0, got 0"),
         ({"location": {"flush_interval_ms": 1001}}, "location.flush_interval_ms: must be <= 1000, got 1001"),
-        ({"location": {"backend": "redis"}}, 'location.backend: unknown value "redis" (expected one of "sqlite", "memory")'),
+        ({"location": {"backend": "etcd"}}, 'location.backend: unknown value "etcd" (expected one of "sqlite", "memory", "redis")'),
+        ({"location": {"url": "http://r:6379"}}, 'location.url: "http://r:6379" is not a redis://, rediss:// or unix:// URL'),
+        ({"location": {"url": "redis://r:99999"}}, 'location.url: "redis://r:99999" is not a Redis URL: Port out of range 0-65535'),
+        ({"location": {"key_prefix": ""}}, "location.key_prefix: must not be empty"),
+        ({"location": {"sentinels": ["s1:26379", "s2"]}}, 'location.sentinels[1]: "s2" is not "host:port"'),
+        ({"location": {"sentinels": ["s1:26379"]}}, "location.service_name: required with location.sentinels"),
+        ({"location": {"backend": "redis"}, "ops": {"reactor": "epoll"}}, 'ops.reactor: must be "auto" or "asyncio" with location.backend = "redis"'),
+        ({"cluster": {"node_id": "a\nb"}}, "cluster.node_id: must not contain line breaks"),
         ({"calls": {"header_allowlist": ["Sub ject"]}}, 'calls.header_allowlist[0]: "Sub ject" is not a valid header name'),
         ({"calls": {"max_branches": 0}}, "calls.max_branches: must be >= 1, got 0"),
         ({"log": {"level": "verbose"}}, 'log.level: unknown value "verbose" (expected one of "debug", "info", "warn", "error")'),
@@ -544,3 +551,27 @@ def test_calls_out_config():
     assert cfg.trunks[0].headers == ("X-Account: 42",) and cfg.trunks[0].pai
     assert [r.prefix for r in cfg.routes] == ["+33", ""]
     assert cfg.calls_out.max_calls_per_user == 2
+# --- [messages] (SIP MESSAGE store-and-forward) -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"messages": {"ttl": 10}}, "messages.ttl: must be >= 60, got 10"),
+        ({"messages": {"max_size": 0}}, "messages.max_size: must be >= 1, got 0"),
+        ({"messages": {"max_size": 100_000}}, "messages.max_size: must be <= 60000, got 100000"),
+        ({"messages": {"max_per_user": 0}}, "messages.max_per_user: must be >= 1, got 0"),
+        ({"messages": {"per_sender_per_minute": -1}}, "messages.per_sender_per_minute: must be >= 0, got -1"),
+        ({"messages": {"push_preview": "no"}}, 'messages.push_preview: expected a boolean, got string "no"'),
+        ({"messages": {"colour": 1}}, "messages.colour: unknown key"),
+    ],
+)
+def test_bad_messages_values(data, expected):
+    assert error_of(data) == expected
+
+
+def test_messages_defaults(tmp_path):
+    cfg = config_from_dict({}, tmp_path).messages
+    assert cfg.enabled and cfg.push_preview
+    assert cfg.ttl == 7 * 86_400
+    assert cfg.db == str(tmp_path / "libon-tsilo-messages.sqlite")
