@@ -47,6 +47,7 @@ __all__ = [
     "LogConfig",
     "OpsConfig",
     "OverloadConfig",
+    "ClusterConfig",
     "ListenAddress",
     "parse_listen",
     "load_config",
@@ -435,6 +436,20 @@ class OverloadConfig:
     retry_after: int = _opt(5, _int_range(1, 3600))
 
 
+def _node_id(value: str, key: str) -> str:
+    # a node id goes into metric labels, Redis keys and log lines: keep it a plain token
+    if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", value):
+        raise ConfigError(key, f'"{value}" is not a node id (letters, digits, ".", "_", "-"; at most 63)')
+    return value
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    # issue 14: several nodes (processes) share the location service; see README "Cluster"
+    node_id: str = _opt("", _node_id)  # "" = single node, or derived (ops/node.py) when clustered
+    reuse_port: bool = _opt(False)  # SO_REUSEPORT on [sip] listen: N workers bind the same ports
+
+
 @dataclass(frozen=True)
 class Config:
     sip: SipConfig = field(default_factory=SipConfig)
@@ -451,6 +466,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
     overload: OverloadConfig = field(default_factory=OverloadConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # where the config came from (None = built-in defaults); not a TOML key
     source: str | None = field(default=None, metadata={"internal": True})
 

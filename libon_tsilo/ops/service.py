@@ -69,6 +69,7 @@ class Parts:
     silo: Silo | None = None
     waker: PushWaker | None = None
     b2bua: CallManager | None = None
+    node_id: str = ""  # this node in a cluster (ops/node.py); "" = a single server
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -239,6 +240,12 @@ def make_tls_context_factory(tls: TlsConfig) -> TLSContextFactory | None:
 # wiring: one function per layer, called in dependency order by make_service
 
 
+def _add_node_identity(root: LibonTsiloService, parts: Parts) -> None:
+    from libon_tsilo.ops.node import resolve_node_id
+
+    parts.node_id = resolve_node_id(parts.config)
+
+
 def _add_sip_stack(root: LibonTsiloService, parts: Parts) -> None:
     cfg = parts.config.sip
     parts.tls_context_factory = make_tls_context_factory(parts.config.tls)
@@ -254,6 +261,7 @@ def _add_sip_stack(root: LibonTsiloService, parts: Parts) -> None:
         advertised_host=cfg.advertised_host or None,
         limits=_connection_limits(parts.config.connections),
         udp_receive_buffer=cfg.udp_receive_buffer,
+        reuse_port=parts.config.cluster.reuse_port,
     )
     _attach(root, parts.transport, "transport")
     parts.transactions = TransactionLayer(
@@ -626,6 +634,7 @@ def _is_reactor(clock: Any) -> bool:
 
 
 WIRING: list[Callable[[LibonTsiloService, Parts], None]] = [
+    _add_node_identity,
     _add_sip_stack,
     _add_limits,
     _add_registrar,

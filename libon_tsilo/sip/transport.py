@@ -74,6 +74,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer, error, udp
+from twisted.internet.tcp import makeBinding
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory, DatagramProtocol, Factory, Protocol
@@ -222,6 +223,13 @@ class _UDPPort(udp.Port):
     wake-up (the oldest one queued) waited in the kernel; Twisted's own loop then reads the rest."""
 
     _stamped = False
+    reuse_port = False  # SO_REUSEPORT: several workers bind this port, the kernel spreads by 4-tuple
+
+    def createInternetSocket(self) -> socket.socket:
+        sock = super().createInternetSocket()
+        if self.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return sock
 
     def startListening(self) -> None:
         super().startListening()
@@ -389,6 +397,7 @@ class TransportLayer(Service):
         advertised_host: str | None = None,
         limits: ConnectionLimits | None = None,
         udp_receive_buffer: int = UDP_SOCKET_BUFFER,
+        reuse_port: bool = False,
     ) -> None:
         self.specs = [parse_listen_spec(s) for s in listen]
         if any(s.transport == "tls" for s in self.specs) and tls_context_factory is None:
@@ -401,6 +410,7 @@ class TransportLayer(Service):
         self.clock = clock
         self.max_message_size = max_message_size
         self.udp_receive_buffer = udp_receive_buffer
+        self.reuse_port = reuse_port
         self.tls_context_factory = tls_context_factory
         self.advertised_host = advertised_host or None
         self.limits = limits = limits or ConnectionLimits()
@@ -444,12 +454,10 @@ class TransportLayer(Service):
             proto = _UDPProtocol(self, spec)
             port = self._listen_udp(spec, proto)
         elif spec.transport == "tcp":
-            port = self.reactor.listenTCP(
-                spec.port, _ServerFactory(self, "tcp"), backlog=self._backlog, interface=spec.host
-            )
+            port = self._listen_tcp(spec, _ServerFactory(self, "tcp"))
         else:
-            factory = _TLSServerFactory(self._server_tls(), False, _ServerFactory(self, "tls"))
-            port = self.reactor.listenTCP(spec.port, factory, backlog=self._backlog, interface=spec.host)
+            tls = _TLSServerFactory(self._server_tls(), False, _ServerFactory(self, "tls"))
+            port = self._listen_tcp(spec, tls)
         self._ports.append(port)
         addr = port.getHost()
         host = strip_brackets(addr.host)
@@ -462,10 +470,17 @@ class TransportLayer(Service):
             self._udp_by_local[proto.local] = proto
         log.info("listening on {spec}", spec=f"{spec.transport}:{host}:{addr.port}")
 
+    def _listen_tcp(self, spec: ListenSpec, factory: Any) -> Any:
+        where: Any = spec.port
+        if self.reuse_port:  # Twisted's own SO_REUSEPORT (a Binding); SO_REUSEADDR as listenTCP sets it
+            where = makeBinding(spec.host, spec.port, reuseAddress=True, reusePort=True)
+        return self.reactor.listenTCP(where, factory, backlog=self._backlog, interface=spec.host)
+
     def _listen_udp(self, spec: ListenSpec, proto: _UDPProtocol) -> Any:
         if not isinstance(self.reactor, PosixReactorBase):  # a test double: its own listenUDP
             return self.reactor.listenUDP(spec.port, proto, interface=spec.host, maxPacketSize=65535)
         port = _UDPPort(spec.port, proto, spec.host, 65535, self.reactor)
+        port.reuse_port = self.reuse_port
         port.startListening()
         return port
 

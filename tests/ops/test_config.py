@@ -482,3 +482,30 @@ def test_overload_defaults_suit_a_real_server():
 )
 def test_overload_bad_values(data, expected):
     assert error_of(data) == expected
+
+
+# --- [cluster] node_id, reuse_port (issue 14, workers) -----------------------------------------
+
+
+def test_cluster_defaults_are_a_single_node():
+    cfg = default_config()
+    assert (cfg.cluster.node_id, cfg.cluster.reuse_port) == ("", False)
+
+
+def test_cluster_keys_load():
+    cfg = config_from_dict({"cluster": {"node_id": "sip-1.a_b", "reuse_port": True}})
+    assert (cfg.cluster.node_id, cfg.cluster.reuse_port) == ("sip-1.a_b", True)
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"cluster": {"node_id": "a b"}}, 'cluster.node_id: "a b" is not a node id'),
+        ({"cluster": {"node_id": "-x"}}, 'cluster.node_id: "-x" is not a node id'),
+        ({"cluster": {"node_id": "x" * 64}}, f'cluster.node_id: "{"x" * 64}" is not a node id'),
+        ({"cluster": {"node_id": 3}}, "cluster.node_id: expected a string, got integer 3"),
+        ({"cluster": {"reuse_port": "yes"}}, 'cluster.reuse_port: expected a boolean, got string "yes"'),
+    ],
+)
+def test_cluster_bad_values(data, expected):
+    assert error_of(data).startswith(expected)

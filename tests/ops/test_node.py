@@ -1,0 +1,42 @@
+"""ops/node.py: which node answers (the id in dumps, stats and /metrics)."""
+
+from __future__ import annotations
+
+import pytest
+
+from libon_tsilo.ops.config import ConfigError, config_from_dict
+from libon_tsilo.ops.node import resolve_node_id
+
+
+def test_single_server_has_no_node_id():
+    assert resolve_node_id(config_from_dict({}), hostname="sip1") == ""
+
+
+def test_configured_node_id_wins():
+    cfg = config_from_dict({"cluster": {"node_id": "edge-a", "reuse_port": True}})
+    assert resolve_node_id(cfg, hostname="sip1") == "edge-a"
+
+
+@pytest.mark.parametrize(
+    "listen, hostname, expected",
+    [
+        ("tcp:26081:interface=127.0.0.1", "sip1.example.net", "sip1-26081"),
+        ("tcp:port=26082", "Sip_Box", "Sip_Box-26082"),
+        ("tcp6:26083", "we!rd host", "we-rd-host-26083"),
+        ("tcp:26084", "", "node-26084"),
+    ],
+)
+def test_clustered_worker_derives_hostname_and_own_port(listen, hostname, expected):
+    cfg = config_from_dict({"cluster": {"reuse_port": True}, "admin": {"listen": listen}})
+    node = resolve_node_id(cfg, hostname=hostname)
+    assert node == expected
+    # the derived id passes the [cluster] node_id check, so it can be written back into a config
+    assert config_from_dict({"cluster": {"node_id": node}}).cluster.node_id == node
+
+
+@pytest.mark.parametrize("admin", [{}, {"listen": "unix:/run/x.sock"}, {"listen": "tcp:0"}])
+def test_clustered_worker_without_a_port_of_its_own_needs_node_id(admin):
+    cfg = config_from_dict({"cluster": {"reuse_port": True}, "admin": admin})
+    with pytest.raises(ConfigError) as info:
+        resolve_node_id(cfg, hostname="sip1")
+    assert info.value.key == "cluster.node_id"
