@@ -121,7 +121,11 @@ class Rpc:
         unknown = sorted(set(params) - set(method.params))
         if unknown:
             raise RpcError(400, f"{name}: unknown parameter(s): {', '.join(unknown)}")
-        return jsonable(method.func(**params))
+        result = method.func(**params)
+        node = getattr(self.parts, "node_id", "")
+        if node and isinstance(result, dict):  # in a cluster, which node answers (issue 14)
+            result = {"node": node, **result}
+        return jsonable(result)
 
     # -- helpers ---------------------------------------------------------------------------------
 
