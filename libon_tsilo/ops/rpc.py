@@ -205,7 +205,15 @@ class Rpc:
         aors = {
             aor: [self._binding(b) for b in bindings] for aor, bindings in location.dump().items() if bindings
         }
-        return {"aor_count": len(aors), "binding_count": sum(len(b) for b in aors.values()), "aors": aors}
+        out = {"aor_count": len(aors), "binding_count": sum(len(b) for b in aors.values()), "aors": aors}
+        if getattr(self.parts, "node_id", ""):
+            # a cluster node's replica holds every node's bindings: how many each node's flows carry
+            nodes: dict[str, int] = {}
+            for bindings in aors.values():
+                for b in bindings:
+                    nodes[b["node"]] = nodes.get(b["node"], 0) + 1
+            out["nodes"] = dict(sorted(nodes.items()))
+        return out
 
     def ul_lookup(self, aor: str | None = None) -> dict[str, Any]:
         key = self._aor(aor)

@@ -352,7 +352,7 @@ def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
             cfg.location.path, parts.clock, flush_interval=cfg.location.flush_interval_ms / 1000.0,
             reactor=reactor,
         )
-    parts.location = location = LocationStore(parts.clock, persistence)
+    parts.location = location = LocationStore(parts.clock, persistence, node_id=parts.node_id)
     auth = None
     if cfg.auth.enabled:
         auth = AuthPolicy(

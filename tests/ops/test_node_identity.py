@@ -45,12 +45,19 @@ def test_a_single_server_answers_as_before(tmp_path):
     assert "node" not in Rpc(root.parts, root).call("ul.dump")
 
 
-def test_ul_dump_still_lists_bindings_with_the_node(tmp_path):
+def test_ul_dump_shows_each_bindings_node_and_counts_per_node(tmp_path):
     root = _tree(tmp_path, {"node_id": "edge-a"})
     parts = root.parts
-    parts.location.add_or_update(binding("alice", "sip:alice@192.0.2.1:5060", parts.clock))
+    assert parts.location.node_id == "edge-a"  # what the registrar stamps on the bindings it makes
+    parts.location.add_or_update(binding("alice", "sip:alice@192.0.2.1:5060", parts.clock, node="edge-a"))
+    # a binding another node made, as the Redis replica holds it
+    parts.location.apply_remote(binding("bob", "sip:bob@192.0.2.2:5060", parts.clock, node="edge-b"))
+    parts.location.apply_remote(binding("carol", "sip:carol@192.0.2.3:5060", parts.clock, node="edge-b"))
     dump = Rpc(parts, root).call("ul.dump")
-    assert dump["node"] == "edge-a" and dump["binding_count"] == 1
+    assert dump["node"] == "edge-a" and dump["binding_count"] == 3
+    assert dump["nodes"] == {"edge-a": 1, "edge-b": 2}
+    assert [b["node"] for b in dump["aors"]["bob"]] == ["edge-b"]
+    assert [b["node"] for b in Rpc(parts, root).call("ul.lookup", {"aor": "alice"})["bindings"]] == ["edge-a"]
 
 
 @pytest.mark.parametrize("cluster, node", [({"node_id": "edge-b"}, "edge-b"), ({}, "")])
