@@ -2,9 +2,9 @@
 
 A single server has no node id (""). In a cluster every process is a node and needs an id that is
 unique and stable across restarts (bindings in Redis name the node that holds their flow): either
-``[cluster] node_id``, or, when that is empty, ``<hostname>-<port>`` where the port is the one
-this worker owns alone (workers of one host share the public SIP port through SO_REUSEPORT, so it
-cannot tell them apart).
+``[cluster] node_id``, or, when that is empty, ``<hostname>-<port>`` where the port is one this
+worker owns alone on its host (workers that share the public SIP port through SO_REUSEPORT are
+told apart by their admin port).
 """
 
 from __future__ import annotations
@@ -23,17 +23,20 @@ log = Logger()
 
 def clustered(cfg: Config) -> bool:
     """True when this process is one of several nodes (so it needs a node id)."""
-    return cfg.cluster.reuse_port
+    return cfg.cluster.reuse_port or cfg.location.backend == "redis"
 
 
 def _own_port(cfg: Config) -> int | None:
-    """The port no other worker of this host binds: the admin API's (each worker has its own)."""
-    listen = cfg.admin.listen
-    kind, _, rest = listen.partition(":")
-    if not listen or kind == "unix":
-        return None
+    """A port no other node of this host binds: the admin API's (one per worker), else, when the
+    workers do not share the public port, the first SIP listener's."""
+    kind, _, rest = cfg.admin.listen.partition(":")
     port = rest.split(":", 1)[0].removeprefix("port=")
-    return int(port) if port.isdigit() and int(port) else None
+    if kind in ("tcp", "tcp6", "ssl") and port.isdigit() and int(port):
+        return int(port)
+    if not cfg.cluster.reuse_port:
+        sip = [a.port for a in cfg.sip.listen_addresses if a.port]
+        return sip[0] if sip else None
+    return None
 
 
 def resolve_node_id(cfg: Config, hostname: str | None = None) -> str:

@@ -213,6 +213,9 @@ class Rpc:
                 for b in bindings:
                     nodes[b["node"]] = nodes.get(b["node"], 0) + 1
             out["nodes"] = dict(sorted(nodes.items()))
+        redis = location.redis_stats() if hasattr(location, "redis_stats") else None
+        if redis is not None:  # a cluster: which node answers, and whether its copy is current
+            out["redis"] = redis
         return out
 
     def ul_lookup(self, aor: str | None = None) -> dict[str, Any]:
@@ -263,6 +266,9 @@ class Rpc:
             out["calls"] = calls
         if p.location is not None:
             out["usrloc"] = {"registered_aors": p.location.aor_count(), "bindings": p.location.all_count()}
+            redis = p.location.redis_stats() if hasattr(p.location, "redis_stats") else None
+            if redis is not None:
+                out["usrloc"]["redis"] = redis
         if p.transactions is not None:
             t = p.transactions
             out["transactions"] = {"live": len(t), "server": t.server_count, "client": t.client_count,

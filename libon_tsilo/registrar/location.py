@@ -136,6 +136,19 @@ class LocationStore:
             "pending": p.pending(),
         }
 
+    def redis_stats(self) -> dict[str, object] | None:
+        """The Redis backend's state (None for the others): whether it is up, and its feed."""
+        p = self.persistence
+        if p is None or not p.feeds_replica:
+            return None
+        return {
+            "node": self.node_id,
+            "up": p.up,  # type: ignore[union-attr]
+            "state": p.state,  # type: ignore[union-attr]
+            "loads": p.loads,  # type: ignore[union-attr]
+            "remote_changes_applied": p.messages_applied,  # type: ignore[union-attr]
+        }
+
     def stop(self) -> defer.Deferred[None]:
         """Cancel the expiry timer, then flush and close the persistence."""
         if self._timer is not None and self._timer.active():

@@ -40,3 +40,10 @@ def test_clustered_worker_without_a_port_of_its_own_needs_node_id(admin):
     with pytest.raises(ConfigError) as info:
         resolve_node_id(cfg, hostname="sip1")
     assert info.value.key == "cluster.node_id"
+
+
+def test_a_redis_node_derives_its_id_from_its_own_sip_port():
+    cfg = config_from_dict({"location": {"backend": "redis"}, "sip": {"listen": ["udp:127.0.0.1:26070"]}})
+    assert resolve_node_id(cfg, hostname="sip2") == "sip2-26070"
+    with_admin = config_from_dict({"location": {"backend": "redis"}, "admin": {"listen": "tcp:26091"}})
+    assert resolve_node_id(with_admin, hostname="sip2") == "sip2-26091"
