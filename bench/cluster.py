@@ -4,7 +4,9 @@
 
 Three set-ups of the real server (bench/common.py ``serve``: twistd plus a stats hook), UDP:
 
-- (a) one node, memory store (the single-server baseline);
+- (a) one node, memory store (the single-server baseline, on the default epoll reactor);
+- (d) the same on the asyncio reactor, which ``backend = "redis"`` needs (redis-py is asyncio):
+  the share of (b)'s extra cost that is the reactor, not Redis (not in the default --cases);
 - (b) one node, Redis store (``[location] backend = "redis"``, a redis-server started here);
 - (c) two nodes A and B on one Redis: every INVITE goes to A (which parks it) and every REGISTER
   to B, so every late fork crosses nodes (B writes the binding, A hears of it through Redis).
@@ -61,6 +63,7 @@ GOAL_RATIO = 1.2
 GOAL_P50 = 0.002
 CASES = {
     "a": "one node, memory store",
+    "d": "one node, memory store, asyncio reactor (the reactor the Redis client needs)",
     "b": "one node, Redis store",
     "c": "two nodes on Redis, every REGISTER on the node that did not park the call",
 }
@@ -136,9 +139,11 @@ def start_redis(port: int, workdir: Path, cpu: int | None) -> RedisServer:
 # --- the nodes --------------------------------------------------------------------------------------
 
 
-def node_sections(node: str, redis: RedisServer | None) -> dict[str, dict[str, Any]]:
+def node_sections(node: str, redis: RedisServer | None, asyncio: bool = False) -> dict[str, dict[str, Any]]:
     """Config of one node over bench/common.py's defaults (auth off, memory store, log warn)."""
     sections: dict[str, dict[str, Any]] = {"calls": {"ring_timeout": 30, "invite_cancel_grace": 0}}
+    if asyncio:
+        sections["ops"] = {"reactor": "asyncio"}
     if redis is not None:
         sections["location"] = {"backend": "redis", "url": redis.url}
         sections["cluster"] = {"node_id": node}
@@ -172,7 +177,7 @@ def start_setup(case: str, workdir: Path, ports: PortRange) -> Setup:
         names = ["a", "b"] if case == "c" else ["a"]
         nodes = []
         for name in names:
-            node = start_bench_server(workdir / f"node-{name}", node_sections(name, redis),
+            node = start_bench_server(workdir / f"node-{name}", node_sections(name, redis, case == "d"),
                                       cpu=SERVER_CPU, port=ports.take())
             print(f"  node {name}: {node.command}")
             nodes.append(node)
