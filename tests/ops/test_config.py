@@ -482,3 +482,44 @@ def test_overload_defaults_suit_a_real_server():
 )
 def test_overload_bad_values(data, expected):
     assert error_of(data) == expected
+
+
+# --- [cluster]: the internal listener and the flow tokens (issue 14, Path relay) --------------
+
+
+def test_cluster_defaults_are_a_single_node():
+    cfg = default_config()
+    assert (cfg.cluster.node_id, cfg.cluster.node_address, cfg.cluster.peers) == ("", "", ())
+    assert cfg.cluster.trusted_peers == ("127.0.0.0/8", "::1/128")
+    assert cfg.cluster.secret == ""
+
+
+def test_cluster_keys_load():
+    cfg = config_from_dict({"cluster": {
+        "node_id": "a1", "node_address": "tcp:10.0.0.1:5070", "peers": ["udp:10.0.0.2:5070"],
+        "trusted_peers": ["10.0.0.0/24"], "secret": "s3cret",
+    }})
+    assert cfg.cluster.node_address == "tcp:10.0.0.1:5070"
+    assert cfg.cluster.peers == ("udp:10.0.0.2:5070",)
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"cluster": {"node_address": "sctp:10.0.0.1:5070"}},
+         'cluster.node_address: "sctp:10.0.0.1:5070": unknown transport "sctp" (expected udp|tcp|tls)'),
+        ({"cluster": {"node_address": "tls:10.0.0.1:5071"}},
+         'cluster.node_address: "tls:10.0.0.1:5071": the internal listener is udp or tcp (a private network)'),
+        ({"cluster": {"node_address": "udp:0.0.0.0:5070"}},
+         'cluster.node_address: "udp:0.0.0.0:5070": other nodes send here: name a concrete host'),
+        ({"cluster": {"node_address": "udp:127.0.0.1:5060"}},
+         'cluster.node_address: "udp:127.0.0.1:5060" is also sip.listen[0]: give it its own port'),
+        ({"cluster": {"peers": ["udp:10.0.0.2"]}}, 'cluster.peers[0]: "udp:10.0.0.2": missing port'),
+        ({"cluster": {"trusted_peers": ["10.0.0.300/8"]}},
+         'cluster.trusted_peers[0]: "10.0.0.300/8" is not an IP network (CIDR)'),
+        ({"cluster": {"node_id": "a b"}},
+         'cluster.node_id: "a b" is not a node id (letters, digits, ".", "_", "-"; at most 63)'),
+    ],
+)
+def test_cluster_bad_values(data, expected):
+    assert error_of(data) == expected
