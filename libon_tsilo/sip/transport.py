@@ -135,6 +135,9 @@ class Target:
     host: str  # IP literal (IPv6 with or without brackets) or a name
     port: int
     server_name: str | None = None  # TLS: the identity to verify, when it is not ``host``
+    # UDP: the listener (bound host, port) to send from, when it is not the first of the family
+    # (a cluster node reaches its peers from its internal listener, ops/cluster wiring)
+    local: HostPort | None = None
 
 
 @functools.lru_cache(maxsize=4096)
@@ -860,7 +863,9 @@ class TransportLayer(Service):
             self._resolve_then_send(data, target)
             return None
         host = _norm_host(target.host)
-        proto = self._udp_socket(host)
+        proto = self._udp_by_local.get(target.local) if target.local is not None else None
+        if proto is None:
+            proto = self._udp_socket(host)
         proto.send_to(data, (host, target.port))
         return self._udp_flow(proto, (host, target.port))
 
