@@ -481,11 +481,38 @@ def _node_id(value: str, key: str) -> str:
     return value
 
 
+def _node_address(value: str, key: str) -> str:
+    # other nodes send to it: a concrete address over udp or tcp, never a wildcard
+    if not value:
+        return value
+    addr = parse_listen(value, key)
+    if addr.transport == "tls":
+        raise ConfigError(key, f'"{value}": the internal listener is udp or tcp (a private network)')
+    if addr.host in ("0.0.0.0", "::"):  # port 0 is fine: a Path carries the port bound
+        raise ConfigError(key, f'"{value}": other nodes send here: name a concrete host')
+    return value
+
+
+def _node_addresses(value: tuple[str, ...], key: str) -> tuple[str, ...]:
+    for i, item in enumerate(value):
+        _node_address(item, f"{key}[{i}]")
+        if not item:
+            raise ConfigError(f"{key}[{i}]", "must not be empty")
+    return value
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     # issue 14: several nodes (processes) share the location service; see README "Cluster"
     node_id: str = _opt("", _node_id)  # "" = single node, or derived (ops/node.py) when clustered
     reuse_port: bool = _opt(False)  # SO_REUSEPORT on [sip] listen: N workers bind the same ports
+    # this node's internal SIP listener ("udp|tcp:HOST:PORT"); "" = no node-to-node relay (Path)
+    node_address: str = _opt("", _node_address)
+    peers: tuple[str, ...] = _opt((), _node_addresses)  # the other nodes' node_address
+    # sources the internal listener accepts requests from (the peers' hosts are added)
+    trusted_peers: tuple[str, ...] = _opt(("127.0.0.0/8", "::1/128"), _cidrs)
+    # the key of the flow tokens in our Path entries; "" = random per start (see etc/libon-tsilo.toml)
+    secret: str = _opt("")
 
 
 @dataclass(frozen=True)
@@ -709,6 +736,18 @@ def _check_location(cfg: Config) -> None:
         raise ConfigError("ops.reactor", 'must be "auto" or "asyncio" with location.backend = "redis"')
 
 
+def _check_cluster(cfg: Config) -> None:
+    address = cfg.cluster.node_address
+    if not address:
+        return
+    internal = parse_listen(address)
+    for i, item in enumerate(cfg.sip.listen):
+        public = parse_listen(item)
+        if internal.port and public.transport == internal.transport and public.port == internal.port:
+            problem = f'"{address}" is also sip.listen[{i}]: give it its own port'
+            raise ConfigError("cluster.node_address", problem)
+
+
 def _validate(cfg: Config) -> None:
     _check_sip(cfg.sip)
     _check_location(cfg)
@@ -719,6 +758,7 @@ def _validate(cfg: Config) -> None:
     _check_flow_timer(cfg)
     _check_push(cfg.push)
     _check_manhole(cfg.manhole)
+    _check_cluster(cfg)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -253,8 +253,9 @@ def _add_sip_stack(root: LibonTsiloService, parts: Parts) -> None:
     from libon_tsilo.sip.transaction import TransactionLayer
     from libon_tsilo.sip.transport import TransportLayer
 
+    internal = [parts.config.cluster.node_address] if parts.config.cluster.node_address else []
     parts.transport = TransportLayer(
-        list(cfg.listen),
+        [*cfg.listen, *internal],  # the cluster's internal listener last: public ones come first
         parts.clock,
         flow_idle_timeout=float(cfg.flow_idle_timeout),
         max_message_size=cfg.max_message_size,
@@ -262,7 +263,7 @@ def _add_sip_stack(root: LibonTsiloService, parts: Parts) -> None:
         advertised_host=cfg.advertised_host or None,
         limits=_connection_limits(parts.config.connections),
         udp_receive_buffer=cfg.udp_receive_buffer,
-        reuse_port=parts.config.cluster.reuse_port,
+        reuse_port=cfg.listen if parts.config.cluster.reuse_port else (),  # the public ones only
     )
     _attach(root, parts.transport, "transport")
     parts.transactions = TransactionLayer(
@@ -549,6 +550,32 @@ def _add_router(root: LibonTsiloService, parts: Parts) -> None:
         router.stray = calls.stray_response
 
 
+def _add_cluster(root: LibonTsiloService, parts: Parts) -> None:
+    """[cluster] node_address: our Path entries on REGISTER, forks through other nodes, the relay
+    of their forks over our flows (libon_tsilo/cluster/). parts.extra["cluster_relay"]."""
+    cfg = parts.config.cluster
+    if not cfg.node_address:
+        return
+    from libon_tsilo.cluster.node import ClusterNode
+    from libon_tsilo.cluster.relay import Relay
+    from libon_tsilo.util import random_token
+
+    if not cfg.secret:
+        log.info("cluster: no [cluster] secret: the flow tokens of this node last until it restarts")
+    transactions = _built(parts.transactions)
+    node = ClusterNode(_built(parts.transport), cfg.node_address, (cfg.secret or random_token(32)).encode(),
+                       trusted_peers=cfg.trusted_peers, peers=cfg.peers)
+    relay = Relay(node, transactions)
+    router = _built(parts.router)
+    router.proxy = relay.handle
+    router.cancel = relay.wrap_cancel(router.cancel)
+    _built(parts.registrar).path_stamp = node.path_entry
+    if parts.b2bua is not None:
+        parts.b2bua.path_router = node.next_hop
+    parts.extra["cluster_node"] = node
+    parts.extra["cluster_relay"] = relay
+
+
 def _add_overload(root: LibonTsiloService, parts: Parts) -> None:
     """[overload]: the lag detector and its gate on new INVITEs (parts.extra["overload"])."""
     cfg = parts.config.overload
@@ -661,6 +688,7 @@ WIRING: list[Callable[[LibonTsiloService, Parts], None]] = [
     _add_push,
     _add_b2bua,
     _add_router,
+    _add_cluster,
     _add_overload,
     _add_manhole,
     _add_admin,

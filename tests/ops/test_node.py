@@ -47,3 +47,27 @@ def test_a_redis_node_derives_its_id_from_its_own_sip_port():
     assert resolve_node_id(cfg, hostname="sip2") == "sip2-26070"
     with_admin = config_from_dict({"location": {"backend": "redis"}, "admin": {"listen": "tcp:26091"}})
     assert resolve_node_id(with_admin, hostname="sip2") == "sip2-26091"
+
+
+def test_reuse_port_shares_the_public_listeners_not_the_internal_one():
+    from twisted.internet.task import Clock
+
+    from libon_tsilo.ops.service import make_service
+    from libon_tsilo.sip.listen import parse_listen_spec
+
+    public = ["udp:127.0.0.1:26060", "tcp:127.0.0.1:26060"]
+    cfg = config_from_dict({
+        "sip": {"listen": public}, "location": {"backend": "memory"},
+        "cluster": {"reuse_port": True, "node_id": "w1", "node_address": "udp:127.0.0.1:26061"},
+    })
+    transport = make_service(cfg, clock=Clock()).parts.transport
+    assert transport.reuse_port == {parse_listen_spec(s) for s in public}
+
+
+@pytest.mark.parametrize("reuse_port", [True, False])
+def test_the_internal_address_port_names_the_node_first(reuse_port):
+    cfg = config_from_dict({
+        "cluster": {"reuse_port": reuse_port, "node_address": "udp:10.0.0.11:26071"},
+        "admin": {"listen": "tcp:26092"},
+    })
+    assert resolve_node_id(cfg, hostname="sip3") == "sip3-26071"

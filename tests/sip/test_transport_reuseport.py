@@ -18,7 +18,8 @@ from tests.sip.tlsutil import make_pki
 
 
 def _layer(listen: list[str], reuse_port: bool, tls=None) -> TransportLayer:
-    return TransportLayer(listen, Clock(), 60, 4096, tls_context_factory=tls, reuse_port=reuse_port)
+    shared = listen if reuse_port else ()
+    return TransportLayer(listen, Clock(), 60, 4096, tls_context_factory=tls, reuse_port=shared)
 
 
 @pytest.fixture
@@ -78,3 +79,16 @@ def test_reuse_port_on_one_worker_only_is_not_enough(started) -> None:
     with pytest.raises(CannotListenError):
         b.startService()
     b.stopService()  # nothing bound: returns at once
+
+
+
+def test_only_the_listed_specs_share_their_port() -> None:
+    # a worker's internal (node-to-node) address is its own: a second worker configured with the
+    # same one must fail to start, not silently share it
+    public = "udp:127.0.0.1:0"
+    layer = TransportLayer([public, "tcp:127.0.0.1:0"], Clock(), 60, 4096, reuse_port=[public])
+    layer.startService()
+    try:
+        assert _reuse_flag(layer) == [True, False]
+    finally:
+        layer.stopService()
