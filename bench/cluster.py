@@ -9,7 +9,10 @@ Three set-ups of the real server (bench/common.py ``serve``: twistd plus a stats
   the share of (b)'s extra cost that is the reactor, not Redis (not in the default --cases);
 - (b) one node, Redis store (``[location] backend = "redis"``, a redis-server started here);
 - (c) two nodes A and B on one Redis: every INVITE goes to A (which parks it) and every REGISTER
-  to B, so every late fork crosses nodes (B writes the binding, A hears of it through Redis).
+  to B, so every late fork crosses nodes: B writes the binding with itself first in its Path (each
+  node has an internal address, ``[cluster] node_address``), A hears of it through Redis and
+  forks the INVITE to B's internal address, and B relays it over the device's flow (and the
+  answers, ACK and BYE both ways). Both nodes run on CPU 0, as the single node does.
 
 For each, two SIPp processes drive late-fork calls as bench/latefork.py does (caller INVITEs the
 per-call AOR, the device REGISTERs it ``--delay-ms`` later and answers the forked INVITE), at
@@ -139,14 +142,21 @@ def start_redis(port: int, workdir: Path, cpu: int | None) -> RedisServer:
 # --- the nodes --------------------------------------------------------------------------------------
 
 
-def node_sections(node: str, redis: RedisServer | None, asyncio: bool = False) -> dict[str, dict[str, Any]]:
-    """Config of one node over bench/common.py's defaults (auth off, memory store, log warn)."""
+CLUSTER_SECRET = "bench-cluster-secret"  # the flow-token key, the same on every node
+
+
+def node_sections(node: str, redis: RedisServer | None, asyncio: bool = False,
+                  internal_port: int | None = None) -> dict[str, dict[str, Any]]:
+    """Config of one node over bench/common.py's defaults (auth off, memory store, log warn);
+    ``internal_port``: the node's internal address for the Path relay ([cluster] node_address)."""
     sections: dict[str, dict[str, Any]] = {"calls": {"ring_timeout": 30, "invite_cancel_grace": 0}}
     if asyncio:
         sections["ops"] = {"reactor": "asyncio"}
     if redis is not None:
         sections["location"] = {"backend": "redis", "url": redis.url}
         sections["cluster"] = {"node_id": node}
+    if internal_port is not None:
+        sections["cluster"].update(node_address=f"udp:{HOST}:{internal_port}", secret=CLUSTER_SECRET)
     return sections
 
 
@@ -177,15 +187,38 @@ def start_setup(case: str, workdir: Path, ports: PortRange) -> Setup:
         names = ["a", "b"] if case == "c" else ["a"]
         nodes = []
         for name in names:
-            node = start_bench_server(workdir / f"node-{name}", node_sections(name, redis, case == "d"),
-                                      cpu=SERVER_CPU, port=ports.take())
+            internal = ports.take() if case == "c" else None  # node to node: the Path relay
+            sections = node_sections(name, redis, case == "d", internal)
+            node = start_bench_server(workdir / f"node-{name}", sections, cpu=SERVER_CPU, port=ports.take())
             print(f"  node {name}: {node.command}")
             nodes.append(node)
+            wait_store_ready(node)
     except Exception:
         if redis is not None:
             redis.stop()
         raise
     return Setup(case, nodes[0], nodes[-1], nodes, redis)
+
+
+def wait_store_ready(node: BenchServer, timeout: float = 20.0) -> None:
+    """A node answers OPTIONS before its Redis connection is up (REGISTER gets 500 until then):
+    register a throwaway AOR until it gets its 200, then remove it."""
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((HOST, 0))
+        local = sock.getsockname()[1]
+        while time.monotonic() < deadline:
+            sock.sendto(_register(node.sip_port, local, "ready-probe"), (HOST, node.sip_port))
+            try:
+                answer, _ = _recv_until(sock, lambda d: bool(_STATUS.match(d)), timeout=1.0)
+            except RuntimeError:
+                continue
+            if answer.startswith(b"SIP/2.0 200 "):
+                sock.sendto(_register(node.sip_port, local, "ready-probe", expires=0), (HOST, node.sip_port))
+                _recv_until(sock, lambda d: bool(_STATUS.match(d)), timeout=5.0)
+                return
+            time.sleep(0.1)  # polling the store's start, not a measurement
+    raise RuntimeError(f"node on port {node.sip_port}: REGISTER never got a 200")
 
 
 # --- late-fork load ---------------------------------------------------------------------------------
@@ -261,7 +294,7 @@ def _invite(port: int, local: int, user: str, call_id: str) -> bytes:
     ).encode()
 
 
-def _register(port: int, local: int, user: str) -> bytes:
+def _register(port: int, local: int, user: str, expires: int = 60) -> bytes:
     return (
         f"REGISTER sip:{HOST}:{port} SIP/2.0\r\n"
         f"Via: SIP/2.0/UDP {HOST}:{local};branch=z9hG4bK{uuid.uuid4().hex[:16]};rport\r\n"
@@ -269,7 +302,8 @@ def _register(port: int, local: int, user: str) -> bytes:
         f"From: <sip:{user}@{HOST}>;tag={uuid.uuid4().hex[:8]}\r\n"
         f"To: <sip:{user}@{HOST}>\r\n"
         f"Call-ID: {uuid.uuid4().hex}\r\nCSeq: 1 REGISTER\r\n"
-        f"Contact: <sip:{user}@{HOST}:{local};transport=udp>\r\nExpires: 60\r\nContent-Length: 0\r\n\r\n"
+        f"Contact: <sip:{user}@{HOST}:{local};transport=udp>\r\nExpires: {expires}\r\n"
+        "Content-Length: 0\r\n\r\n"
     ).encode()
 
 
