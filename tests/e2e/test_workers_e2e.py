@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +28,21 @@ from tests.e2e.proc import (
     stream_options,
 )
 from tests.e2e.regload import exchange, register_bytes
+from tests.redis_server import RedisServer
+from tests.waiting import wait_until
 
 SOURCES = 24  # P(all on one worker) = 2 * 2**-24 with a fair hash
 
 
-def _worker(tmp_path: Path, n: int, sip_port: int) -> ServerProcess:
+def _worker(tmp_path: Path, n: int, sip_port: int, redis_url: str | None = None) -> ServerProcess:
     directory = tmp_path / f"worker{n}"
     directory.mkdir()
+    location = {"backend": "redis", "url": redis_url} if redis_url else {"backend": "memory"}
     extra = {
         "sip": {"listen": [f"udp:{HOST}:{sip_port}", f"tcp:{HOST}:{sip_port}"]},
         "cluster": {"reuse_port": True, "node_id": f"w{n}"},
         "admin": {"listen": f"tcp:{free_port(udp_too=False)}:interface={HOST}"},
-        "location": {"backend": "memory"},
+        "location": location,
         "auth": {"enabled": False},
     }
     server = start_server(directory, extra, wait_ready=False)
@@ -57,19 +61,28 @@ def _worker(tmp_path: Path, n: int, sip_port: int) -> ServerProcess:
             time.sleep(0.05)  # polling for readiness, not a negative check
 
 
-@pytest.fixture
-def workers(tmp_path):
+def _start_workers(tmp_path: Path, redis_url: str | None = None) -> Iterator[list[ServerProcess]]:
     sip_port = free_port()
     started: list[ServerProcess] = []
     try:
         for n in (1, 2):
-            started.append(_worker(tmp_path, n, sip_port))
+            started.append(_worker(tmp_path, n, sip_port, redis_url))
         yield started
     finally:
         for server in started:
             code = server.stop()
             assert code == 0, server.output()
             assert not server.tracebacks(), server.output()
+
+
+@pytest.fixture
+def workers(tmp_path):
+    yield from _start_workers(tmp_path)
+
+
+@pytest.fixture
+def redis_workers(tmp_path, redis_server: RedisServer):
+    yield from _start_workers(tmp_path, redis_server.url)
 
 
 def _requests_in(server: ServerProcess, method: str) -> int:
@@ -119,6 +132,31 @@ def test_registers_spread_over_the_workers_and_each_dump_names_its_node(workers)
     # memory stores, no Redis: each worker holds what it registered; every REGISTER landed once
     assert sum(counts) == SOURCES and min(counts) > 0, counts
     assert set(dumps[0]["aors"]).isdisjoint(dumps[1]["aors"])
+
+
+def test_on_redis_every_worker_lists_every_workers_bindings_with_their_node(redis_workers) -> None:
+    w1, w2 = redis_workers
+    for w in redis_workers:
+        wait_until(lambda w=w: admin_rpc(w, "stats")["usrloc"]["redis"]["up"], 10, "the worker to load from redis")
+    port = w1.sip_port
+    for i in range(SOURCES):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((HOST, 0))
+            status, _ = exchange(port, register_bytes(port, sock.getsockname()[1], f"r{i}", uuid.uuid4().hex), sock)
+            assert status == 200
+
+    def both_complete() -> bool:
+        return all(admin_rpc(w, "ul.dump")["binding_count"] == SOURCES for w in redis_workers)
+
+    wait_until(both_complete, 10, "every binding in both workers' replicas")
+    dumps = [admin_rpc(w, "ul.dump") for w in redis_workers]
+    assert [d["node"] for d in dumps] == ["w1", "w2"]
+    assert dumps[0]["nodes"] == dumps[1]["nodes"]
+    per_node = dumps[0]["nodes"]
+    # each binding names the worker its REGISTER landed on: both took some, none was lost
+    assert set(per_node) == {"w1", "w2"} and sum(per_node.values()) == SOURCES, per_node
+    nodes_of = {aor: [b["node"] for b in bindings] for aor, bindings in dumps[1]["aors"].items()}
+    assert nodes_of == {aor: [b["node"] for b in bindings] for aor, bindings in dumps[0]["aors"].items()}
 
 
 def test_the_surviving_worker_answers_everything(workers) -> None:
