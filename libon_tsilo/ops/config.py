@@ -748,8 +748,17 @@ def _check_cluster(cfg: Config) -> None:
             raise ConfigError("cluster.node_address", problem)
 
 
+def _check_reuse_port(cfg: Config) -> None:
+    # workers sharing the public port get any device's REGISTER and any call: they must share the
+    # bindings too (and N processes on one SQLite file would fight over it)
+    if cfg.cluster.reuse_port and cfg.location.backend != "redis":
+        problem = 'needs location.backend = "redis" (workers share the bindings)'
+        raise ConfigError("cluster.reuse_port", problem)
+
+
 def _validate(cfg: Config) -> None:
     _check_sip(cfg.sip)
+    _check_reuse_port(cfg)
     _check_location(cfg)
     _check_session_timers(cfg.calls)
     _check_overload(cfg.overload)

@@ -2,9 +2,10 @@
 
 Both bind the same UDP and TCP port; the kernel spreads UDP sources and TCP connections over them by
 a hash of the 4-tuple, so requests from many source ports reach both workers. Which worker answered
-is read from each worker's own counters (admin RPC ``stats``, ``ul.dump``), never guessed from
-timing. Each worker names itself (``node``). With one worker stopped, the other answers everything.
-No SIPp here: plain sockets (tests/e2e/proc.py, tests/e2e/regload.py).
+is read from each worker's own counters (admin RPC ``stats``), never guessed from timing. Workers
+share the bindings through a real redis-server (tests/redis_server.py): each one's ``ul.dump`` lists
+every binding with the worker (``node``) its REGISTER landed on. With one worker stopped, the other
+answers everything. No SIPp here: plain sockets (tests/e2e/proc.py, tests/e2e/regload.py).
 """
 
 from __future__ import annotations
@@ -12,9 +13,7 @@ from __future__ import annotations
 import socket
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -34,10 +33,10 @@ from tests.waiting import wait_until
 SOURCES = 24  # P(all on one worker) = 2 * 2**-24 with a fair hash
 
 
-def _worker(tmp_path: Path, n: int, sip_port: int, redis_url: str | None = None) -> ServerProcess:
+def _worker(tmp_path: Path, n: int, sip_port: int, redis_url: str) -> ServerProcess:
     directory = tmp_path / f"worker{n}"
     directory.mkdir()
-    location = {"backend": "redis", "url": redis_url} if redis_url else {"backend": "memory"}
+    location = {"backend": "redis", "url": redis_url, "key_prefix": f"{tmp_path.name}:"}
     extra = {
         "sip": {"listen": [f"udp:{HOST}:{sip_port}", f"tcp:{HOST}:{sip_port}"]},
         "cluster": {"reuse_port": True, "node_id": f"w{n}"},
@@ -61,28 +60,22 @@ def _worker(tmp_path: Path, n: int, sip_port: int, redis_url: str | None = None)
             time.sleep(0.05)  # polling for readiness, not a negative check
 
 
-def _start_workers(tmp_path: Path, redis_url: str | None = None) -> Iterator[list[ServerProcess]]:
+@pytest.fixture
+def workers(tmp_path, redis_server: RedisServer):
+    # reuse_port needs the shared store: workers get any device's REGISTER and any call
     sip_port = free_port()
     started: list[ServerProcess] = []
     try:
         for n in (1, 2):
-            started.append(_worker(tmp_path, n, sip_port, redis_url))
+            started.append(_worker(tmp_path, n, sip_port, redis_server.url))
+        for w in started:
+            wait_until(lambda w=w: admin_rpc(w, "stats")["usrloc"]["redis"]["up"], 10, "the worker's redis store")
         yield started
     finally:
         for server in started:
             code = server.stop()
             assert code == 0, server.output()
             assert not server.tracebacks(), server.output()
-
-
-@pytest.fixture
-def workers(tmp_path):
-    yield from _start_workers(tmp_path)
-
-
-@pytest.fixture
-def redis_workers(tmp_path, redis_server: RedisServer):
-    yield from _start_workers(tmp_path, redis_server.url)
 
 
 def _requests_in(server: ServerProcess, method: str) -> int:
@@ -117,27 +110,8 @@ def test_both_workers_bind_the_public_port_and_answer_udp_and_tcp(workers) -> No
     assert sum(tcp) == SOURCES and min(tcp) > 0, tcp
 
 
-def test_registers_spread_over_the_workers_and_each_dump_names_its_node(workers) -> None:
+def test_every_worker_lists_every_workers_bindings_with_their_node(workers) -> None:
     w1, w2 = workers
-    port = w1.sip_port
-    for i in range(SOURCES):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.bind((HOST, 0))
-            request = register_bytes(port, sock.getsockname()[1], f"u{i}", uuid.uuid4().hex)
-            status, _ = exchange(port, request, sock)
-            assert status == 200
-    dumps: list[dict[str, Any]] = [admin_rpc(w, "ul.dump") for w in workers]
-    assert [d["node"] for d in dumps] == ["w1", "w2"]
-    counts = [d["binding_count"] for d in dumps]
-    # memory stores, no Redis: each worker holds what it registered; every REGISTER landed once
-    assert sum(counts) == SOURCES and min(counts) > 0, counts
-    assert set(dumps[0]["aors"]).isdisjoint(dumps[1]["aors"])
-
-
-def test_on_redis_every_worker_lists_every_workers_bindings_with_their_node(redis_workers) -> None:
-    w1, w2 = redis_workers
-    for w in redis_workers:
-        wait_until(lambda w=w: admin_rpc(w, "stats")["usrloc"]["redis"]["up"], 10, "the worker to load from redis")
     port = w1.sip_port
     for i in range(SOURCES):
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -146,10 +120,10 @@ def test_on_redis_every_worker_lists_every_workers_bindings_with_their_node(redi
             assert status == 200
 
     def both_complete() -> bool:
-        return all(admin_rpc(w, "ul.dump")["binding_count"] == SOURCES for w in redis_workers)
+        return all(admin_rpc(w, "ul.dump")["binding_count"] == SOURCES for w in workers)
 
     wait_until(both_complete, 10, "every binding in both workers' replicas")
-    dumps = [admin_rpc(w, "ul.dump") for w in redis_workers]
+    dumps = [admin_rpc(w, "ul.dump") for w in workers]
     assert [d["node"] for d in dumps] == ["w1", "w2"]
     assert dumps[0]["nodes"] == dumps[1]["nodes"]
     per_node = dumps[0]["nodes"]

@@ -506,7 +506,7 @@ def test_cluster_keys_load():
     cfg = config_from_dict({"cluster": {
         "node_id": "sip-1.a_b", "reuse_port": True, "node_address": "tcp:10.0.0.1:5070",
         "peers": ["udp:10.0.0.2:5070"], "trusted_peers": ["10.0.0.0/24"], "secret": "s3cret",
-    }})
+    }, "location": {"backend": "redis"}})
     assert (cfg.cluster.node_id, cfg.cluster.reuse_port) == ("sip-1.a_b", True)
     assert cfg.cluster.node_address == "tcp:10.0.0.1:5070"
     assert cfg.cluster.peers == ("udp:10.0.0.2:5070",)

@@ -7,13 +7,15 @@ import pytest
 from libon_tsilo.ops.config import ConfigError, config_from_dict
 from libon_tsilo.ops.node import resolve_node_id
 
+REDIS = {"backend": "redis"}  # what reuse_port needs (config only: nothing connects here)
+
 
 def test_single_server_has_no_node_id():
     assert resolve_node_id(config_from_dict({}), hostname="sip1") == ""
 
 
 def test_configured_node_id_wins():
-    cfg = config_from_dict({"cluster": {"node_id": "edge-a", "reuse_port": True}})
+    cfg = config_from_dict({"cluster": {"node_id": "edge-a", "reuse_port": True}, "location": REDIS})
     assert resolve_node_id(cfg, hostname="sip1") == "edge-a"
 
 
@@ -27,7 +29,7 @@ def test_configured_node_id_wins():
     ],
 )
 def test_clustered_worker_derives_hostname_and_own_port(listen, hostname, expected):
-    cfg = config_from_dict({"cluster": {"reuse_port": True}, "admin": {"listen": listen}})
+    cfg = config_from_dict({"cluster": {"reuse_port": True}, "admin": {"listen": listen}, "location": REDIS})
     node = resolve_node_id(cfg, hostname=hostname)
     assert node == expected
     # the derived id passes the [cluster] node_id check, so it can be written back into a config
@@ -36,7 +38,7 @@ def test_clustered_worker_derives_hostname_and_own_port(listen, hostname, expect
 
 @pytest.mark.parametrize("admin", [{}, {"listen": "unix:/run/x.sock"}, {"listen": "tcp:0"}])
 def test_clustered_worker_without_a_port_of_its_own_needs_node_id(admin):
-    cfg = config_from_dict({"cluster": {"reuse_port": True}, "admin": admin})
+    cfg = config_from_dict({"cluster": {"reuse_port": True}, "admin": admin, "location": REDIS})
     with pytest.raises(ConfigError) as info:
         resolve_node_id(cfg, hostname="sip1")
     assert info.value.key == "cluster.node_id"
@@ -57,7 +59,7 @@ def test_reuse_port_shares_the_public_listeners_not_the_internal_one():
 
     public = ["udp:127.0.0.1:26060", "tcp:127.0.0.1:26060"]
     cfg = config_from_dict({
-        "sip": {"listen": public}, "location": {"backend": "memory"},
+        "sip": {"listen": public}, "location": REDIS,
         "cluster": {"reuse_port": True, "node_id": "w1", "node_address": "udp:127.0.0.1:26061"},
     })
     transport = make_service(cfg, clock=Clock()).parts.transport
@@ -68,6 +70,13 @@ def test_reuse_port_shares_the_public_listeners_not_the_internal_one():
 def test_the_internal_address_port_names_the_node_first(reuse_port):
     cfg = config_from_dict({
         "cluster": {"reuse_port": reuse_port, "node_address": "udp:10.0.0.11:26071"},
-        "admin": {"listen": "tcp:26092"},
+        "admin": {"listen": "tcp:26092"}, "location": REDIS,
     })
     assert resolve_node_id(cfg, hostname="sip3") == "sip3-26071"
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+def test_reuse_port_needs_the_shared_redis_store(backend, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"cluster": {"reuse_port": True}, "location": {"backend": backend}}, tmp_path)
+    assert str(info.value) == 'cluster.reuse_port: needs location.backend = "redis" (workers share the bindings)'

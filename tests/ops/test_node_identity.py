@@ -18,8 +18,10 @@ from tests.ops.test_rpc import binding
 def _tree(tmp_path: Any, cluster: dict[str, Any]) -> Any:
     clock = Clock()
     clock.advance(1000)
+    # reuse_port needs the Redis store: built, never started here (its client connects lazily)
+    location = {"backend": "redis" if cluster.get("reuse_port") else "memory"}
     cfg = config_from_dict(
-        {"location": {"backend": "memory"}, "auth": {"enabled": False}, "cluster": cluster,
+        {"location": location, "auth": {"enabled": False}, "cluster": cluster,
          "admin": {"listen": "tcp:26090:interface=127.0.0.1"}},
         base_dir=tmp_path,
     )
