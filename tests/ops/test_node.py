@@ -80,3 +80,15 @@ def test_reuse_port_needs_the_shared_redis_store(backend, tmp_path):
     with pytest.raises(ConfigError) as info:
         config_from_dict({"cluster": {"reuse_port": True}, "location": {"backend": backend}}, tmp_path)
     assert str(info.value) == 'cluster.reuse_port: needs location.backend = "redis" (workers share the bindings)'
+
+
+def test_the_readme_cluster_example_is_a_valid_worker_config(tmp_path):
+    import tomllib
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("**Each node's config**"):]
+    example = section[section.index("```\n") + 4:section.index("\n```", section.index("```\n") + 4)]
+    cfg = config_from_dict(tomllib.loads(example.replace("…", "s" * 32)), tmp_path)
+    assert cfg.cluster.reuse_port and cfg.location.backend == "redis"
+    assert resolve_node_id(cfg, hostname="sip1") == "sip1-w1"
