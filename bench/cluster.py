@@ -58,10 +58,12 @@ from bench.common import (  # noqa: E402
     sipp_stats,
     start_bench_server,
 )
+from bench import latefork  # noqa: E402
 from bench.latefork import fmt_ms, sipp_command, spawn  # noqa: E402
 
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 SERVER_CPU, SIPP_CPU = 0, 1  # like bench/latefork.py: servers on CPU 0, SIPp (and Redis) on CPU 1
+PIN = True
 GOAL_RATIO = 1.2
 GOAL_P50 = 0.002
 CASES = {
@@ -182,14 +184,17 @@ class Setup:
 
 
 def start_setup(case: str, workdir: Path, ports: PortRange) -> Setup:
-    redis = start_redis(ports.take(), workdir / "redis", SIPP_CPU) if case in ("b", "c") else None
+    redis = None
+    if case in ("b", "c"):
+        redis = start_redis(ports.take(), workdir / "redis", SIPP_CPU if PIN else None)
     try:
         names = ["a", "b"] if case == "c" else ["a"]
         nodes = []
         for name in names:
             internal = ports.take() if case == "c" else None  # node to node: the Path relay
             sections = node_sections(name, redis, case == "d", internal)
-            node = start_bench_server(workdir / f"node-{name}", sections, cpu=SERVER_CPU, port=ports.take())
+            cpu = SERVER_CPU if PIN else None
+            node = start_bench_server(workdir / f"node-{name}", sections, cpu=cpu, port=ports.take())
             print(f"  node {name}: {node.command}")
             nodes.append(node)
             wait_store_ready(node)
@@ -408,8 +413,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--delay-ms", type=int, default=500, help="REGISTER this long after the INVITE")
     ap.add_argument("--probes", type=int, default=200, help="calls timed one at a time (0 = none)")
     ap.add_argument("--port-base", type=int, default=26000, help="first port of this bench's range")
+    ap.add_argument("--no-pin", action="store_true",
+                    help="let the OS place the processes (default: servers on CPU 0, SIPp, Redis on CPU 1)")
     ap.add_argument("--keep", type=Path, help="keep the logs in this directory (default: a temp dir)")
     args = ap.parse_args(argv)
+    global PIN
+    PIN = not args.no_pin
+    latefork.PIN = PIN  # its SIPp command lines
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     if not cases or any(c not in CASES for c in cases):
         ap.error(f"--cases: pick from {', '.join(CASES)}")
