@@ -13,6 +13,9 @@ Three set-ups of the real server (bench/common.py ``serve``: twistd plus a stats
   node has an internal address, ``[cluster] node_address``), A hears of it through Redis and
   forks the INVITE to B's internal address, and B relays it over the device's flow (and the
   answers, ACK and BYE both ways). Both nodes run on CPU 0, as the single node does.
+- (e) as (c) without internal addresses (no ``node_address``, so no Path): node A sends the forked
+  INVITE straight to the device's UDP address, as one host's workers can (they share its public
+  port). (c) against (e) is the price of the relay hop (not in the default --cases).
 
 For each, two SIPp processes drive late-fork calls as bench/latefork.py does (caller INVITEs the
 per-call AOR, the device REGISTERs it ``--delay-ms`` later and answers the forked INVITE), at
@@ -65,12 +68,14 @@ REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 SERVER_CPU, SIPP_CPU = 0, 1  # like bench/latefork.py: servers on CPU 0, SIPp (and Redis) on CPU 1
 PIN = True
 GOAL_RATIO = 1.2
+IDLE_SECONDS = 2.0
 GOAL_P50 = 0.002
 CASES = {
     "a": "one node, memory store",
     "d": "one node, memory store, asyncio reactor (the reactor the Redis client needs)",
     "b": "one node, Redis store",
     "c": "two nodes on Redis, every REGISTER on the node that did not park the call",
+    "e": "as (c) without the Path relay: the node that forks sends straight to the device (UDP)",
 }
 
 
@@ -171,7 +176,10 @@ class Setup:
     redis: RedisServer | None = None
 
     def cpu(self) -> float:
-        return sum(cpu_seconds(n.pid) for n in self.nodes)
+        return sum(self.node_cpu())
+
+    def node_cpu(self) -> list[float]:
+        return [cpu_seconds(n.pid) for n in self.nodes]
 
     def redis_cpu(self) -> float:
         return cpu_seconds(self.redis.proc.pid) if self.redis is not None else 0.0
@@ -185,10 +193,10 @@ class Setup:
 
 def start_setup(case: str, workdir: Path, ports: PortRange) -> Setup:
     redis = None
-    if case in ("b", "c"):
+    if case in ("b", "c", "e"):
         redis = start_redis(ports.take(), workdir / "redis", SIPP_CPU if PIN else None)
     try:
-        names = ["a", "b"] if case == "c" else ["a"]
+        names = ["a", "b"] if case in ("c", "e") else ["a"]
         nodes = []
         for name in names:
             internal = ports.take() if case == "c" else None  # node to node: the Path relay
@@ -238,6 +246,8 @@ class LoadResult:
     redis_cpu: float
     late_forked: int
     internal: dict[str, Any] = field(default_factory=dict)
+    per_node: list[float] = field(default_factory=list)
+    idle: float = 0.0  # the servers' CPU seconds per second with no traffic (timers, Redis pings)
 
     @property
     def per_call(self) -> float:
@@ -256,7 +266,10 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
         prefix=prefix, limit=limit * 4, ooc="bench_device_answer.xml", pause_ms=2000)
     print(f"  caller: {' '.join(caller_args)}")
     print(f"  device (started {delay_ms} ms later): {' '.join(device_args)}")
-    cpu0, redis0, started = setup.cpu(), setup.redis_cpu(), time.monotonic()
+    idle0 = setup.cpu()
+    time.sleep(IDLE_SECONDS)  # the servers' own background cost, printed beside the per-call figure
+    idle = (setup.cpu() - idle0) / IDLE_SECONDS
+    nodes0, redis0, started = setup.node_cpu(), setup.redis_cpu(), time.monotonic()
     caller = spawn(caller_args, workdir, "caller")
     time.sleep(delay_ms / 1000.0)
     device = spawn(device_args, workdir, "device")
@@ -267,14 +280,15 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
             caller.kill()
             device.kill()
             raise RuntimeError("SIPp did not finish") from None
-    cpu, redis_cpu, wall = setup.cpu() - cpu0, setup.redis_cpu() - redis0, time.monotonic() - started
+    per_node = [after - before for after, before in zip(setup.node_cpu(), nodes0)]
+    cpu, redis_cpu, wall = sum(per_node), setup.redis_cpu() - redis0, time.monotonic() - started
     cs = sipp_stats(caller_stats)
     stats = setup.caller_node.stats()
     latency = (stats.get("silo") or {}).get("register_to_invite") or {}
     # calls/s over the caller's SIPp run (bench/latefork.py's "whole run" figure)
     elapsed = sipp_run_seconds(cs) or wall
     return LoadResult(calls, int(cs.get("SuccessfulCall(C)", 0)), elapsed, cpu, redis_cpu,
-                      int(latency.get("samples") or 0), latency)
+                      int(latency.get("samples") or 0), latency, per_node, idle)
 
 
 # --- REGISTER -> forked INVITE, as the device sees it -----------------------------------------------
@@ -390,10 +404,13 @@ def run_case(case: str, args: argparse.Namespace, base: Path, ports: PortRange) 
     rate = load.ok / load.elapsed if load.elapsed else 0.0
     print(f"  {load.ok}/{load.calls} calls answered, {rate:.0f} calls/s over {load.elapsed:.1f} s, "
           f"{load.late_forked} late-forked")
-    print(f"  server CPU {load.cpu:.2f} s over {len(setup.nodes)} node(s): {load.per_call * 1000:.3f} ms "
-          f"per call" + (f"; redis-server {load.redis_cpu:.2f} s "
+    split = f" (A {load.per_node[0]:.2f} s, B {load.per_node[1]:.2f} s)" if len(load.per_node) > 1 else ""
+    print(f"  server CPU {load.cpu:.2f} s over {len(setup.nodes)} node(s){split}: "
+          f"{load.per_call * 1000:.3f} ms per call" + (f"; redis-server {load.redis_cpu:.2f} s "
                          f"({load.redis_cpu / max(load.ok, 1) * 1000:.3f} ms per call, not added)"
                          if setup.redis is not None else ""))
+    print(f"  idle servers (before the load): {load.idle * 1000:.1f} ms CPU per second, "
+          f"{load.idle * load.elapsed / max(load.ok, 1) * 1000:.3f} ms per call of this run (included above)")
     internal = load.internal
     print(f"  REGISTER -> forked INVITE inside node A (silo, under load): p50 {fmt_ms(internal.get('p50'))}, "
           f"p99 {fmt_ms(internal.get('p99'))}")
@@ -444,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         if r["probes"]:
             p50 = statistics.median(r["probes"])
             line += f"; REGISTER->INVITE p50 {fmt_ms(p50)}"
-            if case == "c":
+            if case in ("c", "e"):
                 line += f" ({'meets' if p50 < GOAL_P50 else 'misses'} < 2 ms)"
         if not r["passed"]:
             line += "; NOT all calls answered and late-forked: figures are not comparable"
