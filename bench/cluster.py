@@ -21,7 +21,9 @@ For each, two SIPp processes drive late-fork calls as bench/latefork.py does (ca
 per-call AOR, the device REGISTERs it ``--delay-ms`` later and answers the forked INVITE), at
 ``--rate`` for ``--duration`` s. Printed: calls answered, calls/s, the servers' CPU seconds from
 /proc/<pid>/stat summed over the nodes (redis-server's CPU is printed beside it, not added) and the
-CPU per answered call; then the CPU-per-call ratio of (b) and (c) against (a) (goal <= 1.2).
+CPU per answered call (the servers' idle CPU, measured for 2 s before the load, is printed beside
+it: a low --rate spreads it over few calls); then the CPU-per-call ratio of (b) and (c) against (a)
+(goal <= 1.2).
 
 The REGISTER -> forked INVITE latency is measured from outside, as the device sees it: a small UA
 here parks one INVITE on A, sends the REGISTER to B (A in (a), (b)), and times the REGISTER's send
