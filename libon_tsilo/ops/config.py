@@ -24,6 +24,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from libon_tsilo.b2bua.capabilities import DEFAULT_ALLOWLIST
+from libon_tsilo.dialplan import DialPlan
 from libon_tsilo.sip.listen import ListenSpec, ListenSpecError, parse_listen_spec
 from libon_tsilo.util import random_token
 
@@ -49,6 +50,10 @@ __all__ = [
     "OpsConfig",
     "OverloadConfig",
     "ClusterConfig",
+    "DialPlanConfig",
+    "CallsOutConfig",
+    "TrunkConfig",
+    "RouteConfig",
     "ListenAddress",
     "parse_listen",
     "load_config",
@@ -501,6 +506,19 @@ def _node_addresses(value: tuple[str, ...], key: str) -> tuple[str, ...]:
     return value
 
 
+def _digits(value: str, key: str) -> str:
+    if value and not value.isdigit():
+        raise ConfigError(key, f'"{value}" must be digits only')
+    return value
+
+
+def _digit_items(value: tuple[str, ...], key: str) -> tuple[str, ...]:
+    for i, item in enumerate(value):
+        if not item or not item.isdigit():
+            raise ConfigError(f"{key}[{i}]", f'"{item}" must be digits only')
+    return value
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     # issue 14: several nodes (processes) share the location service; see README "Cluster"
@@ -513,6 +531,76 @@ class ClusterConfig:
     trusted_peers: tuple[str, ...] = _opt(("127.0.0.0/8", "::1/128"), _cidrs)
     # the key of the flow tokens in our Path entries; "" = random per start (see etc/libon-tsilo.toml)
     secret: str = _opt("")
+
+
+@dataclass(frozen=True)
+class DialPlanConfig:
+    # how users and gateways write numbers; everything is compared in E.164 (libon_tsilo/dialplan.py)
+    country_code: str = _opt("", _digits)
+    national_prefix: str = _opt("0", _digits)
+    international_prefixes: tuple[str, ...] = _opt(("00",), _digit_items)
+
+
+# -- calls out (issue 13): [calls_out], [[trunks]], [[routes]]; checked across keys in _check_calls_out
+
+
+def _trunk_targets(value: tuple[str, ...], key: str) -> tuple[str, ...]:
+    from libon_tsilo.routing.trunks import parse_target
+
+    for i, item in enumerate(value):
+        try:
+            parse_target(item)
+        except ValueError as exc:
+            raise ConfigError(f"{key}[{i}]", f'"{item}": {exc}') from None
+    return value
+
+
+# what the B2BUA itself writes on a B-leg: an extra header may not replace or double it
+_OWN_HEADERS = frozenset(("via", "from", "to", "call-id", "cseq", "contact", "max-forwards", "content-length",
+                          "content-type", "route", "record-route", "authorization", "proxy-authorization",
+                          "p-asserted-identity"))
+
+
+def _header_lines(value: tuple[str, ...], key: str) -> tuple[str, ...]:
+    for i, item in enumerate(_non_empty_items(value, key)):
+        name, colon, rest = item.partition(":")
+        if not colon or not _TOKEN_RE.match(name.strip()) or not rest.strip():
+            raise ConfigError(f"{key}[{i}]", f'"{item}" is not "Name: value"')
+        if name.strip().lower() in _OWN_HEADERS:
+            raise ConfigError(f"{key}[{i}]", f'"{name.strip()}" is written by the server itself')
+    return value
+
+
+def _e164_prefix(value: str, key: str) -> str:
+    if value and not re.fullmatch(r"\+[0-9]{1,15}", value):
+        raise ConfigError(key, f'"{value}" is not an E.164 prefix ("+" and digits, e.g. "+33"; "" = any)')
+    return value
+
+
+@dataclass(frozen=True)
+class CallsOutConfig:
+    max_calls_per_user: int = _opt(2, _int_range(0))  # concurrent, for users without their own; 0 = no limit
+    ring_timeout: float = _opt(120.0, _positive)  # the phone network's own no-answer timer is ~60-180 s
+
+
+@dataclass(frozen=True)
+class TrunkConfig:
+    name: str = _opt("", _no_newline)
+    targets: tuple[str, ...] = _opt((), _trunk_targets)  # "sip:host:port;transport=udp|tcp|tls", in order
+    username: str = _opt("", _no_newline)
+    password: str = _opt("", _no_newline)
+    realm: str = _opt("", _no_newline)  # "" = answer a challenge from any realm
+    from_domain: str = _opt("", _no_newline)  # "" = the target's host
+    headers: tuple[str, ...] = _opt((), _header_lines)
+    pai: bool = _opt(False)
+    max_calls: int = _opt(0, _int_range(0))  # 0 = no limit
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    prefix: str = _opt("", _e164_prefix)
+    domain: str = _opt("", _no_newline)
+    trunk: str = _opt("")
 
 
 @dataclass(frozen=True)
@@ -532,8 +620,16 @@ class Config:
     ops: OpsConfig = field(default_factory=OpsConfig)
     overload: OverloadConfig = field(default_factory=OverloadConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    dialplan: DialPlanConfig = field(default_factory=DialPlanConfig)
+    calls_out: CallsOutConfig = field(default_factory=CallsOutConfig)
+    trunks: tuple[TrunkConfig, ...] = field(default=())
+    routes: tuple[RouteConfig, ...] = field(default=())
     # where the config came from (None = built-in defaults); not a TOML key
     source: str | None = field(default=None, metadata={"internal": True})
+
+    def dial_plan(self) -> DialPlan:
+        d = self.dialplan
+        return DialPlan(d.country_code, d.national_prefix, d.international_prefixes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -756,7 +852,32 @@ def _check_reuse_port(cfg: Config) -> None:
         raise ConfigError("cluster.reuse_port", problem)
 
 
+def _check_calls_out(cfg: Config) -> None:
+    from libon_tsilo.sip.hostnames import HostSet
+
+    names: set[str] = set()
+    for i, trunk in enumerate(cfg.trunks):
+        if not trunk.name or not _TOKEN_RE.match(trunk.name):
+            raise ConfigError(f"trunks[{i}].name", f'"{trunk.name}" is not a usable trunk name')
+        if trunk.name in names:
+            raise ConfigError(f"trunks[{i}].name", f'"{trunk.name}" is used twice')
+        names.add(trunk.name)
+        if not trunk.targets:
+            raise ConfigError(f"trunks[{i}].targets", "needs at least one target")
+        if bool(trunk.username) != bool(trunk.password):
+            raise ConfigError(f"trunks[{i}].password", "username and password go together")
+    ours = HostSet(cfg.sip.domains)
+    for i, route in enumerate(cfg.routes):
+        if route.trunk not in names:
+            raise ConfigError(f"routes[{i}].trunk", f'unknown trunk "{route.trunk}"')
+        if route.domain and route.prefix:
+            raise ConfigError(f"routes[{i}].domain", "a route matches a prefix or a domain, not both")
+        if route.domain and route.domain in ours:
+            raise ConfigError(f"routes[{i}].domain", f'"{route.domain}" is one of sip.domains')
+
+
 def _validate(cfg: Config) -> None:
+    _check_calls_out(cfg)
     _check_sip(cfg.sip)
     _check_reuse_port(cfg)
     _check_location(cfg)

@@ -516,6 +516,7 @@ def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
 
         exempt = parts.extra.get("limit_exempt", ())
         kwargs["sources"] = CallerSources(cfg.limits.max_parked_per_source, exempt)
+    kwargs["calls_out"] = _calls_out(parts, domains)
     parts.b2bua = calls = CallManager(
         parts.clock,
         TransactionPort(_built(parts.transactions), parts.clock),
@@ -526,11 +527,30 @@ def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
         is_local=lambda uri: uri.host in domains,
         **kwargs,
     )
-    parts.extra.setdefault("limits", []).append(calls)
+    parts.extra.setdefault("limits", []).extend((calls, kwargs["calls_out"].policy))
     flows = _built(parts.transport).flows
     flows.subscribe_close(calls.flow_closed)
     flows.add_keeper(calls.flows.__contains__)  # a call's connection stays
     _attach(root, _CallsService(calls), "calls")
+
+
+def _calls_out(parts: Parts, domains: Any) -> Any:
+    """Calls to phone numbers and routed domains (issue 13): [dialplan], [[trunks]], [[routes]]."""
+    from libon_tsilo.b2bua.outbound import CallsOut
+    from libon_tsilo.routing.destinations import Destinations
+    from libon_tsilo.routing.policy import CallOutPolicy
+    from libon_tsilo.routing.routes import Route, RouteTable
+    from libon_tsilo.routing.trunks import Trunk
+
+    cfg = parts.config
+    trunks = [Trunk.from_config(t) for t in cfg.trunks]
+    routes = RouteTable([Route(r.trunk, r.prefix, r.domain) for r in cfg.routes], trunks)
+    auth = parts.extra.get("auth")
+    users = auth.users if auth is not None else None
+    destinations = Destinations(cfg.dial_plan(), routes, users, is_local=lambda uri: uri.host in domains,
+                                user_exists=users.exists if users is not None else None)
+    policy = CallOutPolicy(parts.clock, cfg.calls_out.max_calls_per_user)
+    return CallsOut(destinations, policy, users, cfg.calls_out.ring_timeout, cfg.sip.domains[0])
 
 
 def _add_router(root: LibonTsiloService, parts: Parts) -> None:

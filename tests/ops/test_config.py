@@ -104,15 +104,16 @@ def _schema_keys(cls: type, prefix: str = "") -> list[str]:
 def test_shipped_config_shows_every_key():
     text = SHIPPED.read_text()
     # [[push.apns]] & co are shown commented out (they need real credentials)
-    from libon_tsilo.ops.config import ApnsConfig, FcmConfig, WebhookConfig
+    from libon_tsilo.ops.config import ApnsConfig, FcmConfig, RouteConfig, TrunkConfig, WebhookConfig
 
     keys = _schema_keys(Config)
+    keys += [f"trunks.{k}" for k in _schema_keys(TrunkConfig)] + [f"routes.{k}" for k in _schema_keys(RouteConfig)]
     keys += [f"push.apns.{k}" for k in _schema_keys(ApnsConfig)]
     keys += [f"push.fcm.{k}" for k in _schema_keys(FcmConfig)]
     keys += [f"push.webhook.{k}" for k in _schema_keys(WebhookConfig)]
     for key in keys:
-        name = key.rsplit(".", 1)[1]
-        if name in ("apns", "fcm", "webhook"):
+        name = key.rsplit(".", 1)[-1]
+        if name in ("apns", "fcm", "webhook", "trunks", "routes"):
             continue
         assert re.search(rf"^#? ?{name} = ", text, re.M), f"{key} is not shown in etc/libon-tsilo.toml"
 
@@ -535,3 +536,64 @@ def test_cluster_keys_load():
 )
 def test_cluster_bad_values(data, expected):
     assert error_of(data).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"dialplan": {"country_code": "+33"}}, 'dialplan.country_code: "+33" must be digits only'),
+        ({"dialplan": {"international_prefixes": ["00", ""]}}, 'dialplan.international_prefixes[1]: "" must be digits only'),
+        ({"dialplan": {"national_prefix": "O"}}, 'dialplan.national_prefix: "O" must be digits only'),
+    ],
+)
+def test_dialplan_keys(data, expected):
+    assert error_of(data) == expected
+
+
+def test_dial_plan_from_config():
+    plan = config_from_dict({"dialplan": {"country_code": "33", "international_prefixes": ["00", "011"]}}).dial_plan()
+    assert plan.to_e164("01 23 45 67 89") == "+33123456789"
+    assert plan.to_e164("011 44 20 7946 0000") == "+442079460000"
+
+
+# --- calls out: [calls_out], [[trunks]], [[routes]] -------------------------------------------
+
+TRUNK = {"name": "carrier", "targets": ["sip:127.0.0.1:5099"]}
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"trunks": [{"name": "carrier"}]}, "trunks[0].targets: needs at least one target"),
+        ({"trunks": [{"name": "a b", "targets": ["sip:h"]}]}, 'trunks[0].name: "a b" is not a usable trunk name'),
+        ({"trunks": [TRUNK, TRUNK]}, 'trunks[1].name: "carrier" is used twice'),
+        ({"trunks": [{**TRUNK, "targets": ["sip:h;transport=sctp"]}]},
+         'trunks[0].targets[0]: "sip:h;transport=sctp": unknown transport "sctp"'),
+        ({"trunks": [{**TRUNK, "targets": ["sip:user@h"]}]},
+         'trunks[0].targets[0]: "sip:user@h": expected "sip:host[:port];transport=udp|tcp|tls"'),
+        ({"trunks": [{**TRUNK, "username": "acct"}]}, "trunks[0].password: username and password go together"),
+        ({"trunks": [{**TRUNK, "headers": ["X-Nope"]}]}, 'trunks[0].headers[0]: "X-Nope" is not "Name: value"'),
+        ({"trunks": [{**TRUNK, "headers": ["Via: x"]}]}, 'trunks[0].headers[0]: "Via" is written by the server itself'),
+        ({"trunks": [{**TRUNK, "max_calls": -1}]}, "trunks[0].max_calls: must be >= 0, got -1"),
+        ({"trunks": [TRUNK], "routes": [{"prefix": "+33", "trunk": "nope"}]}, 'routes[0].trunk: unknown trunk "nope"'),
+        ({"trunks": [TRUNK], "routes": [{"prefix": "33", "trunk": "carrier"}]},
+         'routes[0].prefix: "33" is not an E.164 prefix ("+" and digits, e.g. "+33"; "" = any)'),
+        ({"trunks": [TRUNK], "routes": [{"prefix": "+33", "domain": "x.example", "trunk": "carrier"}]},
+         "routes[0].domain: a route matches a prefix or a domain, not both"),
+        ({"trunks": [TRUNK], "routes": [{"domain": "localhost", "trunk": "carrier"}]},
+         'routes[0].domain: "localhost" is one of sip.domains'),
+        ({"calls_out": {"max_calls_per_user": -1}}, "calls_out.max_calls_per_user: must be >= 0, got -1"),
+        ({"calls_out": {"ring_timeout": 0}}, "calls_out.ring_timeout: must be > 0, got 0.0"),
+        ({"trunks": {"name": "x"}}, "trunks: expected an array of tables, got table"),
+    ],
+)
+def test_calls_out_bad_values(data, expected):
+    assert error_of(data) == expected
+
+
+def test_calls_out_config():
+    cfg = config_from_dict({"trunks": [{**TRUNK, "headers": ["X-Account: 42"], "pai": True}],
+                            "routes": [{"prefix": "+33", "trunk": "carrier"}, {"trunk": "carrier"}]})
+    assert cfg.trunks[0].headers == ("X-Account: 42",) and cfg.trunks[0].pai
+    assert [r.prefix for r in cfg.routes] == ["+33", ""]
+    assert cfg.calls_out.max_calls_per_user == 2
