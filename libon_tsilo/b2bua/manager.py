@@ -135,6 +135,10 @@ class CallManager:
         self.port = port
         self.silo = silo
         self.location = location
+        # cluster (set by ops): Path -> (Route set, (transport, host, port, our local address) of the
+        # node to send to, or None: this node) | None (not a cluster Path). None: a single node.
+        self.path_router: Callable[[list[str]], tuple[list[str], tuple[str, str, int, tuple[str, int]] | None]
+                                   | None] | None = None
         self.waker: Waker = waker if waker is not None else LoggingWaker()
         self.settings = settings or CallSettings()
         self.authorize = authorize

@@ -103,8 +103,8 @@ class OutboundCall(Call):
 
     # -- the B-leg ------------------------------------------------------------------------------
 
-    def _new_branch(self, binding: Binding, hop: Hop, flow_id: str | None) -> BLeg:
-        leg = super()._new_branch(binding, hop, flow_id)
+    def _new_branch(self, binding: Binding, hop: Hop, flow_id: str | None, routes: list[str]) -> BLeg:
+        leg = super()._new_branch(binding, hop, flow_id, routes)  # a trunk binding has no Path: []
         req, dialog = leg.invite, leg.dialog
         target = self.trunk.targets[self.target_index]
         domain = self.trunk.from_domain or target.uri_host.rsplit(":", 1)[0]

@@ -49,6 +49,7 @@ __all__ = [
     "LogConfig",
     "OpsConfig",
     "OverloadConfig",
+    "ClusterConfig",
     "DialPlanConfig",
     "CallsOutConfig",
     "TrunkConfig",
@@ -368,12 +369,6 @@ class LocationConfig:
 
 
 @dataclass(frozen=True)
-class ClusterConfig:
-    # this node's name in Redis (Binding.node, whose connections hold a device); "" = single node
-    node_id: str = _opt("", _no_newline)
-
-
-@dataclass(frozen=True)
 class CallsConfig:
     ring_timeout: float = _opt(30.0, _positive)
     # seconds an answered/cancelled call still forks to a pushed iOS device that registers late, so
@@ -484,6 +479,34 @@ class OverloadConfig:
     retry_after: int = _opt(5, _int_range(1, 3600))
 
 
+def _node_id(value: str, key: str) -> str:
+    # a node id goes into metric labels, Redis keys and log lines: keep it a plain token
+    if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", value):
+        shown = value.encode("unicode_escape").decode("ascii")  # the error stays one line
+        raise ConfigError(key, f'"{shown}" is not a node id (letters, digits, ".", "_", "-"; at most 63)')
+    return value
+
+
+def _node_address(value: str, key: str) -> str:
+    # other nodes send to it: a concrete address over udp or tcp, never a wildcard
+    if not value:
+        return value
+    addr = parse_listen(value, key)
+    if addr.transport == "tls":
+        raise ConfigError(key, f'"{value}": the internal listener is udp or tcp (a private network)')
+    if addr.host in ("0.0.0.0", "::"):  # port 0 is fine: a Path carries the port bound
+        raise ConfigError(key, f'"{value}": other nodes send here: name a concrete host')
+    return value
+
+
+def _node_addresses(value: tuple[str, ...], key: str) -> tuple[str, ...]:
+    for i, item in enumerate(value):
+        _node_address(item, f"{key}[{i}]")
+        if not item:
+            raise ConfigError(f"{key}[{i}]", "must not be empty")
+    return value
+
+
 def _digits(value: str, key: str) -> str:
     if value and not value.isdigit():
         raise ConfigError(key, f'"{value}" must be digits only')
@@ -495,6 +518,20 @@ def _digit_items(value: tuple[str, ...], key: str) -> tuple[str, ...]:
         if not item or not item.isdigit():
             raise ConfigError(f"{key}[{i}]", f'"{item}" must be digits only')
     return value
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    # issue 14: several nodes (processes) share the location service; see README "Cluster"
+    node_id: str = _opt("", _node_id)  # "" = single node, or derived (ops/node.py) when clustered
+    reuse_port: bool = _opt(False)  # SO_REUSEPORT on [sip] listen: N workers bind the same ports
+    # this node's internal SIP listener ("udp|tcp:HOST:PORT"); "" = no node-to-node relay (Path)
+    node_address: str = _opt("", _node_address)
+    peers: tuple[str, ...] = _opt((), _node_addresses)  # the other nodes' node_address
+    # sources the internal listener accepts requests from (the peers' hosts are added)
+    trusted_peers: tuple[str, ...] = _opt(("127.0.0.0/8", "::1/128"), _cidrs)
+    # the key of the flow tokens in our Path entries; "" = random per start (see etc/libon-tsilo.toml)
+    secret: str = _opt("")
 
 
 @dataclass(frozen=True)
@@ -587,7 +624,6 @@ class Config:
     registrar: RegistrarConfig = field(default_factory=RegistrarConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     location: LocationConfig = field(default_factory=LocationConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     calls: CallsConfig = field(default_factory=CallsConfig)
     push: PushConfig = field(default_factory=PushConfig)
     manhole: ManholeConfig = field(default_factory=ManholeConfig)
@@ -596,6 +632,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
     overload: OverloadConfig = field(default_factory=OverloadConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     dialplan: DialPlanConfig = field(default_factory=DialPlanConfig)
     calls_out: CallsOutConfig = field(default_factory=CallsOutConfig)
     trunks: tuple[TrunkConfig, ...] = field(default=())
@@ -800,6 +837,35 @@ def _check_overload(overload: OverloadConfig) -> None:
         )
 
 
+def _check_location(cfg: Config) -> None:
+    loc = cfg.location
+    if loc.sentinels and not loc.service_name:
+        raise ConfigError("location.service_name", "required with location.sentinels")
+    if loc.backend == "redis" and cfg.ops.reactor == "epoll":
+        # redis-py's asyncio client runs on the reactor's loop (registrar/asyncio_bridge.py)
+        raise ConfigError("ops.reactor", 'must be "auto" or "asyncio" with location.backend = "redis"')
+
+
+def _check_cluster(cfg: Config) -> None:
+    address = cfg.cluster.node_address
+    if not address:
+        return
+    internal = parse_listen(address)
+    for i, item in enumerate(cfg.sip.listen):
+        public = parse_listen(item)
+        if internal.port and public.transport == internal.transport and public.port == internal.port:
+            problem = f'"{address}" is also sip.listen[{i}]: give it its own port'
+            raise ConfigError("cluster.node_address", problem)
+
+
+def _check_reuse_port(cfg: Config) -> None:
+    # workers sharing the public port get any device's REGISTER and any call: they must share the
+    # bindings too (and N processes on one SQLite file would fight over it)
+    if cfg.cluster.reuse_port and cfg.location.backend != "redis":
+        problem = 'needs location.backend = "redis" (workers share the bindings)'
+        raise ConfigError("cluster.reuse_port", problem)
+
+
 def _check_calls_out(cfg: Config) -> None:
     from libon_tsilo.sip.hostnames import HostSet
 
@@ -822,18 +888,12 @@ def _check_calls_out(cfg: Config) -> None:
             raise ConfigError(f"routes[{i}].domain", "a route matches a prefix or a domain, not both")
         if route.domain and route.domain in ours:
             raise ConfigError(f"routes[{i}].domain", f'"{route.domain}" is one of sip.domains')
-def _check_location(cfg: Config) -> None:
-    loc = cfg.location
-    if loc.sentinels and not loc.service_name:
-        raise ConfigError("location.service_name", "required with location.sentinels")
-    if loc.backend == "redis" and cfg.ops.reactor == "epoll":
-        # redis-py's asyncio client runs on the reactor's loop (registrar/asyncio_bridge.py)
-        raise ConfigError("ops.reactor", 'must be "auto" or "asyncio" with location.backend = "redis"')
 
 
 def _validate(cfg: Config) -> None:
     _check_calls_out(cfg)
     _check_sip(cfg.sip)
+    _check_reuse_port(cfg)
     _check_location(cfg)
     _check_session_timers(cfg.calls)
     _check_overload(cfg.overload)
@@ -842,6 +902,7 @@ def _validate(cfg: Config) -> None:
     _check_flow_timer(cfg)
     _check_push(cfg.push)
     _check_manhole(cfg.manhole)
+    _check_cluster(cfg)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -225,12 +225,19 @@ class TsiloCollector(Collector):
         self.messages = messages
 
     def collect(self) -> Iterator[Metric]:
-        for part in (self._messages, self._sip, self._calls, self._location, self._silo, self._auth,
-                     self._limits, self._waker, self._overload):
+        for part in (self._node, self._messages, self._sip, self._calls, self._location, self._silo,
+                     self._auth, self._limits, self._waker, self._overload):
             try:
                 yield from part()
             except Exception:  # a broken layer must not take /metrics down with it
                 log.failure("metrics: collecting {part} failed", part=part.__name__)
+
+    def _node(self) -> Iterator[Metric]:
+        # which node answers this scrape (issue 14): join on it in PromQL, e.g. `* on(instance)
+        # group_left(node) libon_tsilo_node_info`; "" = a single server
+        info = GaugeMetricFamily(f"{PREFIX}_node_info", "This process's cluster node id", labels=["node"])
+        info.add_metric([getattr(self.parts, "node_id", "")], 1)
+        yield info
 
     def _messages(self) -> Iterator[Metric]:
         m = self.messages

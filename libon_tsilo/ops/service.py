@@ -70,6 +70,7 @@ class Parts:
     silo: Silo | None = None
     waker: PushWaker | None = None
     b2bua: CallManager | None = None
+    node_id: str = ""  # this node in a cluster (ops/node.py); "" = a single server
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -240,14 +241,21 @@ def make_tls_context_factory(tls: TlsConfig) -> TLSContextFactory | None:
 # wiring: one function per layer, called in dependency order by make_service
 
 
+def _add_node_identity(root: LibonTsiloService, parts: Parts) -> None:
+    from libon_tsilo.ops.node import resolve_node_id
+
+    parts.node_id = resolve_node_id(parts.config)
+
+
 def _add_sip_stack(root: LibonTsiloService, parts: Parts) -> None:
     cfg = parts.config.sip
     parts.tls_context_factory = make_tls_context_factory(parts.config.tls)
     from libon_tsilo.sip.transaction import TransactionLayer
     from libon_tsilo.sip.transport import TransportLayer
 
+    internal = [parts.config.cluster.node_address] if parts.config.cluster.node_address else []
     parts.transport = TransportLayer(
-        list(cfg.listen),
+        [*cfg.listen, *internal],  # the cluster's internal listener last: public ones come first
         parts.clock,
         flow_idle_timeout=float(cfg.flow_idle_timeout),
         max_message_size=cfg.max_message_size,
@@ -255,6 +263,7 @@ def _add_sip_stack(root: LibonTsiloService, parts: Parts) -> None:
         advertised_host=cfg.advertised_host or None,
         limits=_connection_limits(parts.config.connections),
         udp_receive_buffer=cfg.udp_receive_buffer,
+        reuse_port=cfg.listen if parts.config.cluster.reuse_port else (),  # the public ones only
     )
     _attach(root, parts.transport, "transport")
     parts.transactions = TransactionLayer(
@@ -340,7 +349,7 @@ def _redis_persistence(parts: Parts) -> RedisBindingStore:
         raise ConfigError("location.backend", str(exc)) from None
     client = make_redis_client(loc.url, loc.username, loc.password, loc.sentinels, loc.service_name)
     return RedisBindingStore(
-        client, parts.clock, node_id=parts.config.cluster.node_id, key_prefix=loc.key_prefix, loop=loop
+        client, parts.clock, node_id=parts.node_id, key_prefix=loc.key_prefix, loop=loop
     )
 
 
@@ -363,7 +372,7 @@ def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
         )
     elif cfg.location.backend == "redis":
         persistence = _redis_persistence(parts)
-    parts.location = location = LocationStore(parts.clock, persistence, node_id=cfg.cluster.node_id)
+    parts.location = location = LocationStore(parts.clock, persistence, node_id=parts.node_id)
     auth = None
     if cfg.auth.enabled:
         auth = AuthPolicy(
@@ -628,6 +637,30 @@ def _add_messages(root: LibonTsiloService, parts: Parts) -> None:
     parts.extra.setdefault("limits", []).append(acceptor)
     parts.extra["messages"] = acceptor
     _attach(root, MessagesService(outbox, delivery), "messages")
+def _add_cluster(root: LibonTsiloService, parts: Parts) -> None:
+    """[cluster] node_address: our Path entries on REGISTER, forks through other nodes, the relay
+    of their forks over our flows (libon_tsilo/cluster/). parts.extra["cluster_relay"]."""
+    cfg = parts.config.cluster
+    if not cfg.node_address:
+        return
+    from libon_tsilo.cluster.node import ClusterNode
+    from libon_tsilo.cluster.relay import Relay
+    from libon_tsilo.util import random_token
+
+    if not cfg.secret:
+        log.info("cluster: no [cluster] secret: the flow tokens of this node last until it restarts")
+    transactions = _built(parts.transactions)
+    node = ClusterNode(_built(parts.transport), cfg.node_address, (cfg.secret or random_token(32)).encode(),
+                       trusted_peers=cfg.trusted_peers, peers=cfg.peers)
+    relay = Relay(node, transactions)
+    router = _built(parts.router)
+    router.proxy = relay.handle
+    router.cancel = relay.wrap_cancel(router.cancel)
+    _built(parts.registrar).path_stamp = node.path_entry
+    if parts.b2bua is not None:
+        parts.b2bua.path_router = node.next_hop
+    parts.extra["cluster_node"] = node
+    parts.extra["cluster_relay"] = relay
 
 
 def _add_overload(root: LibonTsiloService, parts: Parts) -> None:
@@ -734,6 +767,7 @@ def _is_reactor(clock: Any) -> bool:
 
 
 WIRING: list[Callable[[LibonTsiloService, Parts], None]] = [
+    _add_node_identity,
     _add_sip_stack,
     _add_limits,
     _add_registrar,
@@ -742,6 +776,7 @@ WIRING: list[Callable[[LibonTsiloService, Parts], None]] = [
     _add_b2bua,
     _add_router,
     _add_messages,
+    _add_cluster,
     _add_overload,
     _add_manhole,
     _add_admin,

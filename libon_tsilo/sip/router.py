@@ -39,6 +39,9 @@ class Router:
         self.cancel: CancelHandler | None = None
         self.stray: ResponseHandler | None = None
         self.refuse_new: Callable[[Request], Response | None] | None = None
+        # a proxy in front of everything (cluster relay): sees each request first, ACK included
+        # (stx None), and returns True when it took it; None on a single node
+        self.proxy: Callable[[Request, Any, Any], bool] | None = None
         self.counters: dict[str, int] = {}
 
     def route(self, method: str, handler: RequestHandler, extensions: Iterable[str] = ()) -> None:
@@ -53,6 +56,8 @@ class Router:
 
     def request_received(self, request: Request, stx: Any, flow: Any) -> None:
         self.counters[request.method] = self.counters.get(request.method, 0) + 1
+        if self.proxy is not None and self.proxy(request, stx, flow):
+            return
         if stx is None:
             if self.ack is not None:
                 self.ack(request, flow)

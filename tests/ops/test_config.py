@@ -238,7 +238,7 @@ def test_the_config_check_is_the_transport_parser(spec):
         ({"location": {"sentinels": ["s1:26379", "s2"]}}, 'location.sentinels[1]: "s2" is not "host:port"'),
         ({"location": {"sentinels": ["s1:26379"]}}, "location.service_name: required with location.sentinels"),
         ({"location": {"backend": "redis"}, "ops": {"reactor": "epoll"}}, 'ops.reactor: must be "auto" or "asyncio" with location.backend = "redis"'),
-        ({"cluster": {"node_id": "a\nb"}}, "cluster.node_id: must not contain line breaks"),
+        ({"cluster": {"node_id": "a\nb"}}, 'cluster.node_id: "a\\nb" is not a node id (letters, digits, ".", "_", "-"; at most 63)'),
         ({"calls": {"header_allowlist": ["Sub ject"]}}, 'calls.header_allowlist[0]: "Sub ject" is not a valid header name'),
         ({"calls": {"max_branches": 0}}, "calls.max_branches: must be >= 1, got 0"),
         ({"log": {"level": "verbose"}}, 'log.level: unknown value "verbose" (expected one of "debug", "info", "warn", "error")'),
@@ -490,6 +490,52 @@ def test_overload_defaults_suit_a_real_server():
 )
 def test_overload_bad_values(data, expected):
     assert error_of(data) == expected
+
+
+# --- [cluster]: node_id, reuse_port (workers), the internal listener and flow tokens (Path relay) --
+
+
+def test_cluster_defaults_are_a_single_node():
+    cfg = default_config()
+    assert (cfg.cluster.node_id, cfg.cluster.reuse_port) == ("", False)
+    assert (cfg.cluster.node_address, cfg.cluster.peers) == ("", ())
+    assert cfg.cluster.trusted_peers == ("127.0.0.0/8", "::1/128")
+    assert cfg.cluster.secret == ""
+
+
+def test_cluster_keys_load():
+    cfg = config_from_dict({"cluster": {
+        "node_id": "sip-1.a_b", "reuse_port": True, "node_address": "tcp:10.0.0.1:5070",
+        "peers": ["udp:10.0.0.2:5070"], "trusted_peers": ["10.0.0.0/24"], "secret": "s3cret",
+    }, "location": {"backend": "redis"}})
+    assert (cfg.cluster.node_id, cfg.cluster.reuse_port) == ("sip-1.a_b", True)
+    assert cfg.cluster.node_address == "tcp:10.0.0.1:5070"
+    assert cfg.cluster.peers == ("udp:10.0.0.2:5070",)
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"cluster": {"node_id": "a b"}}, 'cluster.node_id: "a b" is not a node id'),
+        ({"cluster": {"node_id": "-x"}}, 'cluster.node_id: "-x" is not a node id'),
+        ({"cluster": {"node_id": "x" * 64}}, f'cluster.node_id: "{"x" * 64}" is not a node id'),
+        ({"cluster": {"node_id": 3}}, "cluster.node_id: expected a string, got integer 3"),
+        ({"cluster": {"reuse_port": "yes"}}, 'cluster.reuse_port: expected a boolean, got string "yes"'),
+        ({"cluster": {"node_address": "sctp:10.0.0.1:5070"}},
+         'cluster.node_address: "sctp:10.0.0.1:5070": unknown transport "sctp" (expected udp|tcp|tls)'),
+        ({"cluster": {"node_address": "tls:10.0.0.1:5071"}},
+         'cluster.node_address: "tls:10.0.0.1:5071": the internal listener is udp or tcp (a private network)'),
+        ({"cluster": {"node_address": "udp:0.0.0.0:5070"}},
+         'cluster.node_address: "udp:0.0.0.0:5070": other nodes send here: name a concrete host'),
+        ({"cluster": {"node_address": "udp:127.0.0.1:5060"}},
+         'cluster.node_address: "udp:127.0.0.1:5060" is also sip.listen[0]: give it its own port'),
+        ({"cluster": {"peers": ["udp:10.0.0.2"]}}, 'cluster.peers[0]: "udp:10.0.0.2": missing port'),
+        ({"cluster": {"trusted_peers": ["10.0.0.300/8"]}},
+         'cluster.trusted_peers[0]: "10.0.0.300/8" is not an IP network (CIDR)'),
+    ],
+)
+def test_cluster_bad_values(data, expected):
+    assert error_of(data).startswith(expected)
 
 
 @pytest.mark.parametrize(
