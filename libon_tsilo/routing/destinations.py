@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from libon_tsilo.dialplan import DialPlan
+from libon_tsilo.dialplan import DialPlan, number_of
 from libon_tsilo.routing.numbers import NumberOwners, e164_of, owner_of
 from libon_tsilo.routing.routes import RouteTable
 from libon_tsilo.routing.trunks import Trunk
@@ -56,6 +56,8 @@ class Destinations:
             if uri.scheme not in ("sip", "sips"):
                 return None
             local = self.is_local(uri)
+            if local and number_of(uri) is None:
+                return None  # a user name: the common case, decided without the users database
             if local and uri.user and self._is_user(uri.user):
                 return None  # a user name that happens to be digits is still that user
         number = e164_of(uri, self.plan)

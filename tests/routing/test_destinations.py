@@ -101,3 +101,12 @@ def test_trunk_targets(text: str, expected: tuple[str, str, int, str]) -> None:
 def test_bad_trunk_targets(text: str) -> None:
     with pytest.raises(ValueError):
         parse_target(text)
+
+
+def test_a_user_name_is_decided_without_the_users_database() -> None:
+    asked: list[str] = []
+    d = Destinations(FR, table(), Users(), is_local=lambda uri: True, user_exists=lambda n: asked.append(n) or True)
+    assert d.classify(URI.parse("sip:alice@example.com")) is None
+    assert asked == []  # every INVITE to a user would otherwise cost a database query
+    assert d.classify(URI.parse("sip:1001@example.com")) is None
+    assert asked == ["1001"]
