@@ -514,6 +514,7 @@ class TrunkConfig:
     headers: tuple[str, ...] = _opt((), _header_lines)
     pai: bool = _opt(False)
     max_calls: int = _opt(0, _int_range(0))  # 0 = no limit
+    failover_timeout: float = _opt(4.0, _int_range(0, 32))  # a silent target; 0 = wait for Timer B
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ class Trunk:
     headers: tuple[tuple[str, str], ...] = ()
     pai: bool = False
     max_calls: int = 0  # concurrent calls; 0 = no limit
+    failover_timeout: float = 4.0  # seconds a target may stay silent before the next is tried; 0 = Timer B
 
     @classmethod
     def from_config(cls, t: Any) -> Trunk:
@@ -62,7 +63,7 @@ class Trunk:
         split = (h.partition(":") for h in t.headers)
         headers = tuple((name.strip(), value.strip()) for name, _, value in split)
         return cls(t.name, tuple(parse_target(x) for x in t.targets), t.username, t.password, t.realm,
-                   t.from_domain, headers, t.pai, t.max_calls)
+                   t.from_domain, headers, t.pai, t.max_calls, float(t.failover_timeout))
 
     @property
     def has_credentials(self) -> bool:

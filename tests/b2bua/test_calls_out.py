@@ -260,3 +260,35 @@ def test_stats_show_calls_out() -> None:
     env.call_out(call_id="c2")
     assert env.mgr.stats()["calls_out"] == {"placed": 1, "active": {"carrier": 1},
                                             "refused": {"unauthenticated": 1}}
+
+
+def test_a_silent_target_is_given_up_after_failover_timeout() -> None:
+    env = OutEnv(make_trunk(failover_timeout=4.0))
+    stx = env.call_out()
+    first = env.port.invites()[0]
+    env.clock.advance(3.9)
+    assert len(env.port.invites()) == 1
+    env.clock.advance(0.1)
+    second = env.port.invites()[1]
+    assert second.hop.host == "192.0.2.51" and first.cancelled  # its CANCEL waits for a provisional
+    first.respond(200, body=SDP_B, to_tag="late")  # the silent one answers after all: ACK and BYE
+    assert env.port.last("BYE").hop.host == "192.0.2.50"
+    second.respond(200, body=SDP_B)
+    assert stx.statuses == [200]
+
+
+def test_a_target_that_says_trying_is_not_given_up() -> None:
+    env = OutEnv(make_trunk(failover_timeout=4.0))
+    stx = env.call_out()
+    env.port.invites()[0].respond(100)
+    env.clock.advance(10)
+    assert len(env.port.invites()) == 1
+    env.port.invites()[0].respond(486)
+    assert stx.statuses == [486]
+    env.assert_clean()
+
+
+def test_the_last_target_has_no_failover_timer() -> None:
+    env = OutEnv(make_trunk(failover_timeout=4.0, targets=(parse_target("sip:192.0.2.50"),)))
+    env.call_out()
+    assert [c.getTime() for c in env.clock.getDelayedCalls()] == [env.clock.seconds() + 60.0]  # ring timeout only
