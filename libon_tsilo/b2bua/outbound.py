@@ -104,6 +104,13 @@ class OutboundCall(Call):
 
     def _silent(self) -> None:
         self._silence = None
+        try:  # a timer: nobody above would log a bug, nor answer the caller
+            self._give_up_silent_target()
+        except Exception:
+            log.failure("trunk failover failed", call_id=self.call_id)
+            self.fail("internal error")
+
+    def _give_up_silent_target(self) -> None:
         leg = next((b for b in self.branches.values() if b.state == BranchState.CALLING), None)
         if leg is None or self.state.final or self.ended:
             return
@@ -174,9 +181,14 @@ class OutboundCall(Call):
             self._stop_silence()  # the target is alive, even if it only said 100 Trying
         usable = leg.state in (BranchState.CALLING, BranchState.EARLY) and not leg.cancelled \
             and not self.state.final and not self.ended
-        if usable and status in _CHALLENGE and self._answer_challenge(leg, resp):
-            return
-        if usable and status >= 300 and self._fail_over_target(leg, resp):
+        try:
+            if usable and status in _CHALLENGE and self._answer_challenge(leg, resp):
+                return
+            if usable and status >= 300 and self._fail_over_target(leg, resp):
+                return
+        except Exception:
+            log.failure("trunk response {status} failed", status=status, call_id=self.call_id)
+            self.fail("internal error")
             return
         super().branch_response(leg, resp)
 
@@ -205,7 +217,9 @@ class OutboundCall(Call):
         self._drop(leg)
         self._retry = (leg.dialog.local_tag, leg.invite.cseq.seq + 1, credentials_name, challenge)
         self._by_key.pop(leg.binding.key, None)
-        if not self.fork(leg.binding):
+        if self.fork(leg.binding):
+            self._watch_silence()
+        else:
             self.react(self.state.failed, leg, resp)
         return True
 

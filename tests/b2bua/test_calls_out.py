@@ -292,3 +292,32 @@ def test_the_last_target_has_no_failover_timer() -> None:
     env = OutEnv(make_trunk(failover_timeout=4.0, targets=(parse_target("sip:192.0.2.50"),)))
     env.call_out()
     assert [c.getTime() for c in env.clock.getDelayedCalls()] == [env.clock.seconds() + 60.0]  # ring timeout only
+
+
+def test_a_bug_in_the_trunk_logic_ends_the_call_with_500(monkeypatch, logged) -> None:
+    from libon_tsilo.b2bua.outbound import OutboundCall
+
+    env = OutEnv()
+    stx = env.call_out()
+
+    def broken(self: Any, leg: Any, resp: Any) -> bool:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(OutboundCall, "_fail_over_target", broken)
+    env.port.invites()[0].respond(503)
+    assert stx.statuses == [500]
+    assert any(e.get("log_failure") is not None for e in logged)
+    env.assert_clean()
+
+
+def test_the_retried_invite_is_watched_for_silence_too() -> None:
+    env = OutEnv(make_trunk(failover_timeout=4.0))
+    env.call_out()
+    ctx = env.port.invites()[0]
+    r = reply(ctx.request, 401, to_tag="t1")
+    r.add_header("WWW-Authenticate", digest.challenge_header("carrier.example", "n1"))
+    ctx.on_response(r)
+    assert len(env.port.invites()) == 2
+    env.clock.advance(4)
+    third = env.port.invites()[2]
+    assert third.hop.host == "192.0.2.51"
