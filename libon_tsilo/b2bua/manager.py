@@ -102,7 +102,7 @@ def authorizer_from_policy(policy: Any) -> Callable[[Request, Any, Any], CallerT
         result = policy.check(request, flow, "invite")
         if result.response is None:
             return CallerTrust(getattr(result, "trusted", False), getattr(result, "identity", None),
-                               getattr(result, "user", None))
+                               user=getattr(result, "user", None))
         stx.respond(result.response)
         return False
 

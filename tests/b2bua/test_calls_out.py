@@ -50,7 +50,7 @@ def make_trunk(**kw: Any) -> Trunk:
 
 class OutEnv(Env):
     def __init__(self, trunk: Trunk | None = None, trust: Any = None, max_per_user: int = 0) -> None:
-        self.trust = trust if trust is not None else CallerTrust(False, "sip:alice@example.com", "alice")
+        self.trust = trust if trust is not None else CallerTrust(identity="sip:alice@example.com", user="alice")
         super().__init__()
         self.trunk = trunk or make_trunk()
         self.users = Users()
@@ -133,9 +133,9 @@ def test_trusted_gateway_cannot_reach_a_trunk() -> None:
 
 
 def test_user_limited_by_prefix_and_no_route() -> None:
-    env = OutEnv(trust=CallerTrust(False, "sip:uk_only@example.com", "uk_only"))
+    env = OutEnv(trust=CallerTrust(identity="sip:uk_only@example.com", user="uk_only"))
     assert env.call_out().statuses == [403]
-    env.trust = CallerTrust(False, "sip:alice@example.com", "alice")
+    env.trust = CallerTrust(identity="sip:alice@example.com", user="alice")
     assert env.call_out(ruri="tel:+4420794600", call_id="c2").statuses == [404]  # no route to +44
     assert env.port.sent == []
     hits = env.policy.limit_hits()
@@ -146,16 +146,16 @@ def test_per_user_and_per_trunk_limits() -> None:
     env = OutEnv(make_trunk(max_calls=2), max_per_user=1)
     env.call_out(call_id="c1")
     assert env.call_out(call_id="c2").statuses == [403]  # alice's one call is up
-    env.trust = CallerTrust(False, "sip:bob@example.com", "bob")
+    env.trust = CallerTrust(identity="sip:bob@example.com", user="bob")
     env.call_out(call_id="c3")
-    env.trust = CallerTrust(False, "sip:uk_only@example.com", "uk_only")
+    env.trust = CallerTrust(identity="sip:uk_only@example.com", user="uk_only")
     env.users.records["uk_only"] = UserRecord("uk_only", "r")
     busy = env.call_out(call_id="c4")
     assert busy.statuses == [503] and busy.last.header("Retry-After")
     assert len(env.port.invites()) == 2
     env.mgr.calls["c1"].caller_cancel(None)  # a call ends: its place is free again
     env.port.invites()[0].respond(487)
-    env.trust = CallerTrust(False, "sip:alice@example.com", "alice")
+    env.trust = CallerTrust(identity="sip:alice@example.com", user="alice")
     env.call_out(call_id="c5")
     assert len(env.port.invites()) == 3
 
@@ -249,7 +249,7 @@ def test_domain_route_keeps_the_domain_and_goes_to_the_target() -> None:
     assert (ctx.hop.host, ctx.hop.port) == ("192.0.2.50", 5060)
     assert str(ctx.request.to.uri) == "sip:carol@partner.example"
     assert stx.statuses == []
-    env.trust = CallerTrust(False, "sip:uk_only@example.com", "uk_only")  # a user limited to +44 numbers
+    env.trust = CallerTrust(identity="sip:uk_only@example.com", user="uk_only")  # a user limited to +44 numbers
     assert env.call_out(ruri="sip:carol@partner.example", call_id="c2").statuses == [403]
 
 
