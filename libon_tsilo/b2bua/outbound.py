@@ -132,7 +132,7 @@ class OutboundCall(Call):
     def _binding(self, target: TrunkTarget) -> Binding:
         # the branch machinery forks to bindings: a trunk target is one we never registered
         if self.dest.number is not None:
-            uri = target.request_uri(self.dest.number)
+            uri = target.request_uri(self.dest.number, self.trunk.tel_uri)
         else:  # a domain route: the trunk is the next hop towards that domain, the R-URI stays its own
             uri = _callee_text(self.dest, self.a.invite)
         return Binding(aor=self.aor, contact_uri=uri, contact=f"<{uri}>", expires_at=math.inf,

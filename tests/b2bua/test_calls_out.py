@@ -321,3 +321,16 @@ def test_the_retried_invite_is_watched_for_silence_too() -> None:
     env.clock.advance(4)
     third = env.port.invites()[2]
     assert third.hop.host == "192.0.2.51"
+
+
+def test_a_trunk_that_asks_for_tel_uris() -> None:
+    env = OutEnv(make_trunk(tel_uri=True))
+    env.call_out()
+    [ctx] = env.port.invites()
+    assert ctx.request.raw_uri == "tel:+33123456789" and str(ctx.request.to.uri) == "tel:+33123456789"
+    assert (ctx.hop.host, ctx.hop.port) == ("192.0.2.50", 5060)
+    r = reply(ctx.request, 407, to_tag="t1")
+    r.add_header("Proxy-Authenticate", digest.challenge_header("carrier.example", "n1"))
+    ctx.on_response(r)
+    creds = digest.parse_authorization(env.port.invites()[1].request.header("Proxy-Authorization"))
+    assert creds["uri"] == "tel:+33123456789"
