@@ -334,3 +334,26 @@ def test_a_trunk_that_asks_for_tel_uris() -> None:
     ctx.on_response(r)
     creds = digest.parse_authorization(env.port.invites()[1].request.header("Proxy-Authorization"))
     assert creds["uri"] == "tel:+33123456789"
+
+
+def test_the_trunk_hangs_up_and_the_cdr_names_it(logged) -> None:
+    env = OutEnv()
+    stx = env.call_out()
+    ctx = env.port.invites()[0]
+    ctx.respond(200, body=SDP_B, to_tag="trunk-tag")
+    env.mgr.handle_ack(in_dialog("ACK", "call-1@10.0.0.1", "<sip:alice@example.com>;tag=a-tag",
+                                 f"<sip:bob@example.com>;tag={stx.last.to.tag}", 10), env.caller_flow)
+    env.clock.advance(61)  # longer than the ring timeout: an answered call has none
+    req = ctx.request
+    bye = in_dialog("BYE", req.call_id, "<sip:+33123456789@192.0.2.50>;tag=trunk-tag", str(req.from_), 5)
+    bye_stx = FakeStx(bye)
+    env.mgr.request_received(bye, bye_stx, env.caller_flow)
+    assert bye_stx.statuses == [200]
+    caller_bye = env.port.last("BYE")
+    assert caller_bye.request.call_id == "call-1@10.0.0.1"
+    caller_bye.respond(200)
+    [cdr] = [e for e in logged if e.get("cdr")]
+    assert (cdr["trunk"], cdr["callee"], cdr["reason"], cdr["duration"]) == (
+        "carrier", "tel:+33123456789", "BYE from the callee", 61)
+    assert cdr["caller"] == "sip:alice@example.com"
+    env.assert_clean()
