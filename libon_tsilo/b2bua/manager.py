@@ -294,6 +294,8 @@ class CallManager:
             if dest.user is None:
                 self.calls_out.place(self, ok, request, stx, flow, dest)
                 return
+            if not self.calls_out.may_dial_number(self, ok, request, stx, dest):
+                return
             uri = self.calls_out.local_uri(dest.user)  # a local user's number: a local call
         # after digest: a local caller learns nothing about our users before it authenticates
         if self.user_exists is not None and not self._reachable(request, stx, uri):

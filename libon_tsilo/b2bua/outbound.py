@@ -34,7 +34,7 @@ from libon_tsilo.b2bua.legs import BLeg, BranchState
 from libon_tsilo.b2bua.ports import Hop, ServerHandle
 from libon_tsilo.registrar.binding import Binding
 from libon_tsilo.routing.destinations import Destination
-from libon_tsilo.routing.policy import CallOutPolicy, Refusal
+from libon_tsilo.routing.policy import REFUSALS, CallOutPolicy, Refusal
 from libon_tsilo.routing.trunks import Trunk, TrunkTarget
 from libon_tsilo.sip.digest_client import authorization, pick_challenge
 from libon_tsilo.sip.headers import NameAddr
@@ -266,6 +266,18 @@ class CallsOut:
 
     def local_uri(self, user: str) -> URI:
         return URI("sip", user, self.home_domain)
+
+    def may_dial_number(self, mgr: CallManager, ok: Any, request: Request, stx: ServerHandle,
+                        dest: Destination) -> bool:
+        """A user's number is dialled by one of our users or a trusted peer (a gateway): a caller
+        from the internet calls our users by name, and does not learn who owns which number."""
+        trust = ok if isinstance(ok, CallerTrust) else CallerTrust()
+        if trust.trusted or trust.user is not None:
+            return True
+        refusal = REFUSALS["unauthenticated"]
+        self.policy.refuse(refusal, request.call_id, False, caller=str(request.from_.uri), callee=dest.callee)
+        _refuse(mgr, stx, request, refusal)
+        return False
 
     def place(self, mgr: CallManager, ok: Any, request: Request, stx: ServerHandle, flow: Any,
               dest: Destination) -> None:

@@ -114,6 +114,20 @@ def test_a_users_number_is_a_local_call_parked_as_any_other() -> None:
     [ctx] = env.port.invites()
     assert ctx.request.raw_uri == "sip:bob@10.0.0.2:5080;transport=tcp"
     assert env.policy.active() == {}
+    env.trust = CallerTrust(trusted=True)  # a gateway may dial our users' numbers
+    env.call_out(ruri="sip:+33622222222@example.com;user=phone", call_id="c2")
+    assert len(env.port.invites()) == 2
+
+
+def test_an_outsider_cannot_dial_a_users_number() -> None:
+    """Only our users and trusted peers: the internet calls our users by name and does not learn
+    which number is whose."""
+    env = OutEnv(trust=True)
+    env.location.add(binding(1, aor="sip:bob@example.com"))
+    stx = env.call_out(ruri="tel:+33622222222")
+    assert stx.statuses == [403] and env.port.sent == []
+    assert env.policy.limit_hits()["call_out_unauthenticated"] == 1
+    env.assert_clean()
 
 
 def test_unauthenticated_caller_gets_403_and_the_trunk_nothing(logged) -> None:
