@@ -357,8 +357,7 @@ class Call:
                 log.info("device {key}: no live flow left", key=redact_key(binding.key), call_id=self.call_id)
                 return False
             binding = found
-        flow_live = self._flow_live(binding)
-        flow_id = binding.flow_id if flow_live else None
+        hop, flow_id, routes = self._route(binding)
         key = target_key(binding)
         old = self._by_key.get(key)
         if old is not None:
@@ -384,12 +383,11 @@ class Call:
                                n=self.mgr.settings.max_branches, contact=redact_uri(binding.contact_uri),
                                call_id=self.call_id)
             return False
-        hop = hop_for_binding(binding, flow_live)
         if hop is None:
             log.warn("no address for binding {contact}", contact=redact_uri(binding.contact_uri),
                      call_id=self.call_id)
             return False
-        leg = self._new_branch(binding, hop, flow_id)
+        leg = self._new_branch(binding, hop, flow_id, routes)
         leg.tried = tried
         self.branches[leg.dialog.key] = leg
         self._by_key[key] = leg
@@ -420,7 +418,37 @@ class Call:
         # a UDP flow is its address pair: it cannot close, only go quiet (the device's STUN keep-alives
         # tell it, not us, when its NAT mapping changed; it then registers again)
         received = binding.received
-        return (received is not None and received[0] == "udp") or self._flow_live(binding)
+        return (received is not None and received[0] == "udp") or self._flow_live(binding) \
+            or self._node_hop(binding) is not None  # another node's flow: that node says 430 if gone
+
+    def _node_hop(self, binding: Binding) -> tuple[list[str], Hop | None] | None:
+        """How a Path starting at a cluster node routes (see CallManager.path_router); None: it does
+        not (no Path, no cluster, an edge proxy's Path)."""
+        router = self.mgr.path_router
+        if router is None or not binding.path:
+            return None
+        found = router(binding.path)
+        if found is None:
+            return None
+        routes, node = found
+        if node is None:
+            return routes, None
+        transport, host, port, local = node
+        return routes, Hop(transport, host, port, None, local)
+
+    def _route(self, binding: Binding) -> tuple[Hop | None, str | None, list[str]]:
+        """Where a branch to `binding` goes: (hop, flow id when over a live flow of ours, Route set).
+        A binding whose Path starts at another cluster node goes to that node, which relays it over
+        the device's flow (cluster/relay.py); one starting at this node, over our flow."""
+        routes = binding.path
+        if routes and self.mgr.path_router is not None:
+            via = self._node_hop(binding)
+            if via is not None:
+                routes, node = via
+                if node is not None:
+                    return node, None, routes
+        flow_live = self._flow_live(binding)
+        return hop_for_binding(binding, flow_live), binding.flow_id if flow_live else None, routes
 
     def _fail_over(self, leg: BLeg, resp: Response) -> bool:
         """A branch's flow failed (a local transport error or timeout, or 430 Flow Failed from an edge
@@ -442,15 +470,15 @@ class Call:
         self.mgr.counters["flow_failovers"] += 1
         return True
 
-    def _new_branch(self, binding: Binding, hop: Hop, flow_id: str | None) -> BLeg:
+    def _new_branch(self, binding: Binding, hop: Hop, flow_id: str | None, routes: list[str]) -> BLeg:
         a = self.a.invite
         caller_uri, display = b_leg_caller(a.from_, self.trust)
         local = NameAddr(caller_uri, display, {"tag": new_tag()})
         remote = NameAddr(URI.parse(self.callee_uri))
-        contact = self.port.contact(hop.transport)
+        contact = self.port.contact(hop.transport, hop.local)
         dialog = Dialog(self.device_call_id(binding), local, remote, binding.contact_uri, hop, contact)
         req = Request("INVITE", binding.contact_uri)
-        for route in binding.path:
+        for route in routes:
             req.add_header("Route", route)
         mf = a.max_forwards
         req.add_header("Max-Forwards", str(max(0, min(70, (mf if mf is not None else 70) - 1))))
@@ -640,7 +668,7 @@ class Call:
         self.early_media_from = None  # the voicemail greeting is the early media now
         self._release_silo()  # no more late forks (pushed iOS devices still get their Invite/Cancel)
         self._waker_done(answered_elsewhere=False)
-        leg = self._new_branch(target, hop, None)
+        leg = self._new_branch(target, hop, None, [])  # no Path: the voicemail server is no device
         leg.invite.add_header("Diversion", voicemail.diversion(self.callee_uri, vm_reason))
         leg.invite.add_header("History-Info", voicemail.history_info(self.callee_uri, vm_uri, vm_reason))
         diverted.leg = leg
@@ -727,10 +755,9 @@ class Call:
         if key not in self.woken:
             return False
         self.woken.pop(key)
-        flow_live = self._flow_live(binding)
-        hop = hop_for_binding(binding, flow_live)
+        hop, flow_id, routes = self._route(binding)
         if hop is not None:
-            leg = self._new_branch(binding, hop, binding.flow_id if flow_live else None)
+            leg = self._new_branch(binding, hop, flow_id, routes)
             self._send_branch(leg)
             leg.cancel(self.late_reason or REASON_ANSWERED)
         if not self.woken:

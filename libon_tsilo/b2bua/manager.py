@@ -16,9 +16,9 @@ Before a call is stored (limits against INVITE floods, [limits] in the config):
 
 Phone numbers (issue 13): a Request-URI that dials a number (``tel:``, or a SIP user part made of
 digits that is not a user name) reaches the user who owns it when the caller is a gateway
-(registrar/peers.py; `user_of_number`, never a trunk: an unknown number is 404) or one of our
-authenticated users (`calls_out`: a number nobody owns goes out through a trunk); anyone else
-dialling a user's number gets 403.
+(registrar/peers.py; `user_of_number`, never a trunk: an unknown number is 404), one of our
+authenticated users (`calls_out`: a number nobody owns goes out through a trunk) or another trusted
+peer; anyone else dialling a user's number gets 403 (`CallsOut.may_dial_number`).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def authorizer_from_policy(policy: Any) -> Callable[[Request, Any, Any], CallerT
         if result.response is None:
             peer = getattr(result, "peer", None)
             return CallerTrust(getattr(result, "trusted", False), getattr(result, "identity", None),
-                               getattr(result, "user", None), getattr(peer, "gateway", None))
+                               user=getattr(result, "user", None), gateway=getattr(peer, "gateway", None))
         stx.respond(result.response)
         return False
 
@@ -162,6 +162,10 @@ class CallManager:
         self.port = port
         self.silo = silo
         self.location = location
+        # cluster (set by ops): Path -> (Route set, (transport, host, port, our local address) of the
+        # node to send to, or None: this node) | None (not a cluster Path). None: a single node.
+        self.path_router: Callable[[list[str]], tuple[list[str], tuple[str, str, int, tuple[str, int]] | None]
+                                   | None] | None = None
         self.waker: Waker = waker if waker is not None else LoggingWaker()
         self.settings = settings or CallSettings()
         self.authorize = authorize
@@ -185,7 +189,7 @@ class CallManager:
         self.gateway_calls: dict[str, int] = {}
         self.can_wake = waker is not None
         limits = ("parked_per_source", "parked_total", "unknown_user", "unreachable_user", "max_branches",
-                  "reliable_18x_dropped", "unknown_number", "number_not_allowed")
+                  "reliable_18x_dropped", "unknown_number")
         self.limit_counters = dict.fromkeys(limits, 0)
         self._limit_logs = {name: ThrottledLog(clock) for name in self.limit_counters}
         self.counters["flow_failovers"] = 0  # RFC 5626: branches moved to another flow of their device
@@ -345,11 +349,8 @@ class CallManager:
         if dest.user is None:
             self.calls_out.place(self, ok, request, stx, flow, dest)
             return None
-        if trust.identity is None:  # a user's number is for gateways and our users, not the internet
-            self._refuse(stx, request, "number_not_allowed", 403,
-                         "number {number} dialled by an unauthenticated caller (gateways and our users only)",
-                         number=dest.number)
-            return None
+        if not self.calls_out.may_dial_number(self, ok, request, stx, dest):
+            return None  # a user's number is for our users and trusted peers, not the internet: 403
         return self._owner_uri(dest.user, uri)
 
     def _owner_uri(self, user: str, dialled: URI) -> URI:

@@ -37,6 +37,7 @@ __all__ = [
     "RegistrarConfig",
     "AuthConfig",
     "LocationConfig",
+    "ClusterConfig",
     "CallsConfig",
     "PushConfig",
     "ApnsConfig",
@@ -48,12 +49,14 @@ __all__ = [
     "LogConfig",
     "OpsConfig",
     "OverloadConfig",
+    "ClusterConfig",
     "DialPlanConfig",
     "CallsOutConfig",
     "TrunkConfig",
     "RouteConfig",
     "GatewayConfig",
     "VoicemailConfig",
+    "MessagesConfig",
     "ListenAddress",
     "parse_listen",
     "load_config",
@@ -323,12 +326,48 @@ class AuthConfig:
         return [ipaddress.ip_network(s, strict=False) for s in self.trusted_sources]
 
 
+def _redis_url(value: str, key: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # raises on a bad port
+    except ValueError as exc:
+        raise ConfigError(key, f'"{value}" is not a Redis URL: {exc}') from None
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        raise ConfigError(key, f'"{value}" is not a redis://, rediss:// or unix:// URL')
+    if port == 0:
+        raise ConfigError(key, f'"{value}" has port 0')
+    return value
+
+
+def _host_ports(value: tuple[str, ...], key: str) -> tuple[str, ...]:
+    for i, item in enumerate(value):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ConfigError(f"{key}[{i}]", f'"{item}" is not "host:port"')
+    return value
+
+
+def _non_empty(value: str, key: str) -> str:
+    if not value:
+        raise ConfigError(key, "must not be empty")
+    return _no_newline(value, key)
+
+
 @dataclass(frozen=True)
 class LocationConfig:
-    backend: str = _opt("sqlite", _one_of("sqlite", "memory"))
+    backend: str = _opt("sqlite", _one_of("sqlite", "memory", "redis"))
     path: str = _opt("libon-tsilo-location.sqlite", path=_STATE)
     # group commit: the first change waits this long for others before a commit starts
     flush_interval_ms: int = _opt(2, _int_range(0, 1000))
+    # backend = "redis" (a cluster: registrar/redis_store.py); username/password override the URL's
+    url: str = _opt("redis://127.0.0.1:6379/0", _redis_url)
+    username: str = _opt("")
+    password: str = _opt("")
+    key_prefix: str = _opt("libon-tsilo:", _non_empty)
+    sentinels: tuple[str, ...] = _opt((), _host_ports)  # "host:port"; then url gives db and TLS only
+    service_name: str = _opt("", _no_newline)  # the Sentinel master name, required with sentinels
 
 
 @dataclass(frozen=True)
@@ -442,6 +481,34 @@ class OverloadConfig:
     retry_after: int = _opt(5, _int_range(1, 3600))
 
 
+def _node_id(value: str, key: str) -> str:
+    # a node id goes into metric labels, Redis keys and log lines: keep it a plain token
+    if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", value):
+        shown = value.encode("unicode_escape").decode("ascii")  # the error stays one line
+        raise ConfigError(key, f'"{shown}" is not a node id (letters, digits, ".", "_", "-"; at most 63)')
+    return value
+
+
+def _node_address(value: str, key: str) -> str:
+    # other nodes send to it: a concrete address over udp or tcp, never a wildcard
+    if not value:
+        return value
+    addr = parse_listen(value, key)
+    if addr.transport == "tls":
+        raise ConfigError(key, f'"{value}": the internal listener is udp or tcp (a private network)')
+    if addr.host in ("0.0.0.0", "::"):  # port 0 is fine: a Path carries the port bound
+        raise ConfigError(key, f'"{value}": other nodes send here: name a concrete host')
+    return value
+
+
+def _node_addresses(value: tuple[str, ...], key: str) -> tuple[str, ...]:
+    for i, item in enumerate(value):
+        _node_address(item, f"{key}[{i}]")
+        if not item:
+            raise ConfigError(f"{key}[{i}]", "must not be empty")
+    return value
+
+
 def _digits(value: str, key: str) -> str:
     if value and not value.isdigit():
         raise ConfigError(key, f'"{value}" must be digits only')
@@ -453,6 +520,20 @@ def _digit_items(value: tuple[str, ...], key: str) -> tuple[str, ...]:
         if not item or not item.isdigit():
             raise ConfigError(f"{key}[{i}]", f'"{item}" must be digits only')
     return value
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    # issue 14: several nodes (processes) share the location service; see README "Cluster"
+    node_id: str = _opt("", _node_id)  # "" = single node, or derived (ops/node.py) when clustered
+    reuse_port: bool = _opt(False)  # SO_REUSEPORT on [sip] listen: N workers bind the same ports
+    # this node's internal SIP listener ("udp|tcp:HOST:PORT"); "" = no node-to-node relay (Path)
+    node_address: str = _opt("", _node_address)
+    peers: tuple[str, ...] = _opt((), _node_addresses)  # the other nodes' node_address
+    # sources the internal listener accepts requests from (the peers' hosts are added)
+    trusted_peers: tuple[str, ...] = _opt(("127.0.0.0/8", "::1/128"), _cidrs)
+    # the key of the flow tokens in our Path entries; "" = random per start (see etc/libon-tsilo.toml)
+    secret: str = _opt("")
 
 
 @dataclass(frozen=True)
@@ -516,6 +597,8 @@ class TrunkConfig:
     headers: tuple[str, ...] = _opt((), _header_lines)
     pai: bool = _opt(False)
     max_calls: int = _opt(0, _int_range(0))  # 0 = no limit
+    failover_timeout: float = _opt(4.0, _int_range(0, 32))  # a silent target; 0 = wait for Timer B
+    tel_uri: bool = _opt(False)  # R-URI and To as tel:+E164 (else sip:+E164@target;user=phone)
 
 
 @dataclass(frozen=True)
@@ -586,6 +669,18 @@ def _check_gateways(gateways: tuple[GatewayConfig, ...]) -> None:
 
 
 @dataclass(frozen=True)
+class MessagesConfig:
+    # SIP MESSAGE store-and-forward to sleeping phones (libon_tsilo/messaging/); off: MESSAGE gets 405
+    enabled: bool = _opt(True)
+    db: str = _opt("libon-tsilo-messages.sqlite", path=_STATE)  # [location] backend "sqlite"; redis: Redis
+    ttl: int = _opt(7 * 86_400, _int_range(60, 90 * 86_400))  # seconds a message waits for a device
+    max_size: int = _opt(4096, _int_range(1, 60_000))  # body bytes; over: 413
+    max_per_user: int = _opt(500, _int_range(1))  # waiting messages per recipient; over: 480
+    per_sender_per_minute: int = _opt(60, _int_range(0))  # 0 = off; over: 503
+    push_preview: bool = _opt(True)  # the start of a text body in the push payload
+
+
+@dataclass(frozen=True)
 class Config:
     sip: SipConfig = field(default_factory=SipConfig)
     connections: ConnectionsConfig = field(default_factory=ConnectionsConfig)
@@ -601,12 +696,14 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
     overload: OverloadConfig = field(default_factory=OverloadConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     dialplan: DialPlanConfig = field(default_factory=DialPlanConfig)
     calls_out: CallsOutConfig = field(default_factory=CallsOutConfig)
     trunks: tuple[TrunkConfig, ...] = field(default=())
     routes: tuple[RouteConfig, ...] = field(default=())
     gateways: tuple[GatewayConfig, ...] = _opt(())
     voicemail: VoicemailConfig = field(default_factory=VoicemailConfig)
+    messages: MessagesConfig = field(default_factory=MessagesConfig)
     # where the config came from (None = built-in defaults); not a TOML key
     source: str | None = field(default=None, metadata={"internal": True})
 
@@ -806,6 +903,35 @@ def _check_overload(overload: OverloadConfig) -> None:
         )
 
 
+def _check_location(cfg: Config) -> None:
+    loc = cfg.location
+    if loc.sentinels and not loc.service_name:
+        raise ConfigError("location.service_name", "required with location.sentinels")
+    if loc.backend == "redis" and cfg.ops.reactor == "epoll":
+        # redis-py's asyncio client runs on the reactor's loop (registrar/asyncio_bridge.py)
+        raise ConfigError("ops.reactor", 'must be "auto" or "asyncio" with location.backend = "redis"')
+
+
+def _check_cluster(cfg: Config) -> None:
+    address = cfg.cluster.node_address
+    if not address:
+        return
+    internal = parse_listen(address)
+    for i, item in enumerate(cfg.sip.listen):
+        public = parse_listen(item)
+        if internal.port and public.transport == internal.transport and public.port == internal.port:
+            problem = f'"{address}" is also sip.listen[{i}]: give it its own port'
+            raise ConfigError("cluster.node_address", problem)
+
+
+def _check_reuse_port(cfg: Config) -> None:
+    # workers sharing the public port get any device's REGISTER and any call: they must share the
+    # bindings too (and N processes on one SQLite file would fight over it)
+    if cfg.cluster.reuse_port and cfg.location.backend != "redis":
+        problem = 'needs location.backend = "redis" (workers share the bindings)'
+        raise ConfigError("cluster.reuse_port", problem)
+
+
 def _check_calls_out(cfg: Config) -> None:
     from libon_tsilo.sip.hostnames import HostSet
 
@@ -833,6 +959,8 @@ def _check_calls_out(cfg: Config) -> None:
 def _validate(cfg: Config) -> None:
     _check_calls_out(cfg)
     _check_sip(cfg.sip)
+    _check_reuse_port(cfg)
+    _check_location(cfg)
     _check_session_timers(cfg.calls)
     _check_overload(cfg.overload)
     _check_tls(cfg)
@@ -841,6 +969,7 @@ def _validate(cfg: Config) -> None:
     _check_push(cfg.push)
     _check_manhole(cfg.manhole)
     _check_gateways(cfg.gateways)
+    _check_cluster(cfg)
 
 
 # ---------------------------------------------------------------------------------------------

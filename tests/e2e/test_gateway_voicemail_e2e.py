@@ -175,7 +175,7 @@ def test_untrusted_source_may_not_call_a_number(
     procs.append(caller)
     assert caller.wait(20) == 0, caller.explain() + server.output()[-4000:]
     # the refusal is counted: the server has handled the INVITE, so nothing can still be on its way
-    wait_until(lambda: 'libon_tsilo_limit_hits_total{limit="number_not_allowed"} 1.0' in _metrics(server),
+    wait_until(lambda: 'libon_tsilo_limit_hits_total{limit="call_out_unauthenticated"} 1.0' in _metrics(server),
                5, "the refusal counted")
     assert dev.seen("push") == [] and dev.seen("invite") == []
     assert webhook_fake.read_records(record) == []
