@@ -616,7 +616,7 @@ def _add_messages(root: LibonTsiloService, parts: Parts) -> None:
         from libon_tsilo.messaging.redis_store import RedisMessageStore, make_blocking_client
 
         client = make_blocking_client(loc.url, loc.username, loc.password, loc.sentinels, loc.service_name)
-        store = RedisMessageStore(client, parts.clock, node_id=cfg.cluster.node_id, key_prefix=loc.key_prefix,
+        store = RedisMessageStore(client, parts.clock, node_id=parts.node_id, key_prefix=loc.key_prefix,
                                   flush_interval=flush_interval, reactor=reactor)
     else:
         store = MemoryMessageStore()
@@ -659,6 +659,8 @@ def _add_cluster(root: LibonTsiloService, parts: Parts) -> None:
     _built(parts.registrar).path_stamp = node.path_entry
     if parts.b2bua is not None:
         parts.b2bua.path_router = node.next_hop
+    if parts.extra.get("messages") is not None:  # [messages]: MESSAGEs to devices on other nodes too
+        parts.extra["messages"].delivery.sender.path_router = node.next_hop
     parts.extra["cluster_node"] = node
     parts.extra["cluster_relay"] = relay
 
