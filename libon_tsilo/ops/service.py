@@ -632,6 +632,7 @@ def _add_messages(root: LibonTsiloService, parts: Parts) -> None:
         aor_key=lambda uri: aor_key(uri, cfg.registrar.use_domain), auth=auth,
         user_exists=auth.users.exists if auth is not None else None, max_size=cfg.messages.max_size,
         max_per_user=cfg.messages.max_per_user, per_sender_per_minute=cfg.messages.per_sender_per_minute,
+        max_total=cfg.messages.max_total,
     )
     _built(parts.router).route("MESSAGE", acceptor.handle_message)
     parts.extra.setdefault("limits", []).append(acceptor)
