@@ -102,7 +102,7 @@ def authorizer_from_policy(policy: Any) -> Callable[[Request, Any, Any], CallerT
         result = policy.check(request, flow, "invite")
         if result.response is None:
             return CallerTrust(getattr(result, "trusted", False), getattr(result, "identity", None),
-                               getattr(result, "user", None))
+                               user=getattr(result, "user", None))
         stx.respond(result.response)
         return False
 
@@ -297,6 +297,8 @@ class CallManager:
         if dest is not None and self.calls_out is not None:
             if dest.user is None:
                 self.calls_out.place(self, ok, request, stx, flow, dest)
+                return
+            if not self.calls_out.may_dial_number(self, ok, request, stx, dest):
                 return
             uri = self.calls_out.local_uri(dest.user)  # a local user's number: a local call
         # after digest: a local caller learns nothing about our users before it authenticates

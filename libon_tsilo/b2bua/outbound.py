@@ -12,7 +12,10 @@ CANCEL, BYE both ways); what differs is here:
   and From tag, CSeq + 1), twice when the second challenge says stale=true; only challenges from the
   trunk's `realm` are answered when one is configured;
 - failover (RFC 3263 §4.3 spirit): on 503, 408, a transport failure or a timeout of one target, the
-  same INVITE goes to the next target, as long as no provisional > 100 reached the caller.
+  same INVITE goes to the next target, as long as no provisional > 100 reached the caller. A target
+  that sends nothing at all (not even 100 Trying) within the trunk's `failover_timeout` counts as
+  timed out: waiting for Timer B (64*T1, 32 s) would leave the caller in silence; it is CANCELled
+  (a 2xx it sends later is ACKed and BYEd).
 
 Who may call out is decided before the call exists (routing/policy.py); the call only holds its
 place in the per-user and per-trunk counts until it ends (CallManager.forget releases it).
@@ -31,7 +34,7 @@ from libon_tsilo.b2bua.legs import BLeg, BranchState
 from libon_tsilo.b2bua.ports import Hop, ServerHandle
 from libon_tsilo.registrar.binding import Binding
 from libon_tsilo.routing.destinations import Destination
-from libon_tsilo.routing.policy import CallOutPolicy, Refusal
+from libon_tsilo.routing.policy import REFUSALS, CallOutPolicy, Refusal
 from libon_tsilo.routing.trunks import Trunk, TrunkTarget
 from libon_tsilo.sip.digest_client import authorization, pick_challenge
 from libon_tsilo.sip.headers import NameAddr
@@ -53,7 +56,7 @@ class OutboundCall(Call):
     """A call from one of our users to a trunk."""
 
     __slots__ = ("trunk", "dest", "caller_user", "caller_number", "target_index", "auth_tries", "ringing",
-                 "_retry")
+                 "_retry", "_silence")
 
     def __init__(self, mgr: CallManager, invite: Request, stx: ServerHandle, flow: Any, trust: CallerTrust,
                  dest: Destination, caller_user: str, caller_number: str | None) -> None:
@@ -69,6 +72,7 @@ class OutboundCall(Call):
         self.ringing = False  # a provisional > 100 reached the caller: no failover any more
         # a digest retry: (From tag, CSeq, credentials header name, the challenge) of the next INVITE
         self._retry: tuple[str, int, str, Any] | None = None
+        self._silence: Any = None  # the failover_timeout of the branch waiting for its first response
 
     def cdr_trunk(self) -> str:
         return self.trunk.name
@@ -83,14 +87,52 @@ class OutboundCall(Call):
     def _fork_target(self) -> bool:
         while self.target_index < len(self.trunk.targets):
             if self.fork(self._binding(self.trunk.targets[self.target_index])):
+                self._watch_silence()
                 return True
             self.target_index += 1
         return False
 
+    def _watch_silence(self) -> None:
+        self._stop_silence()
+        if self.trunk.failover_timeout and self.target_index + 1 < len(self.trunk.targets):
+            self._silence = self.clock.callLater(self.trunk.failover_timeout, self._silent)
+
+    def _stop_silence(self) -> None:
+        if self._silence is not None and self._silence.active():
+            self._silence.cancel()
+        self._silence = None
+
+    def _silent(self) -> None:
+        self._silence = None
+        try:  # a timer: nobody above would log a bug, nor answer the caller
+            self._give_up_silent_target()
+        except Exception:
+            log.failure("trunk failover failed", call_id=self.call_id)
+            self.fail("internal error")
+
+    def _give_up_silent_target(self) -> None:
+        leg = next((b for b in self.branches.values() if b.state == BranchState.CALLING), None)
+        if leg is None or self.state.final or self.ended:
+            return
+        log.info("trunk {trunk} target {target}: no answer in {t} s, trying the next one",
+                 trunk=self.trunk.name, target=self.trunk.targets[self.target_index].uri_host,
+                 t=self.trunk.failover_timeout, call_id=self.call_id)
+        leg.cancel(None)  # sent when a provisional comes (§9.1); a late 2xx gets ACK and BYE
+        leg.state = BranchState.FAILED
+        self.mgr.unregister_leg(leg)
+        self.target_index += 1
+        self.auth_tries = 0
+        if not self._fork_target():
+            self.react(self.state.failed, leg, make_response(leg.invite, 408, "Request Timeout"))
+
+    def end(self, why: str) -> None:
+        self._stop_silence()
+        super().end(why)
+
     def _binding(self, target: TrunkTarget) -> Binding:
         # the branch machinery forks to bindings: a trunk target is one we never registered
         if self.dest.number is not None:
-            uri = target.request_uri(self.dest.number)
+            uri = target.request_uri(self.dest.number, self.trunk.tel_uri)
         else:  # a domain route: the trunk is the next hop towards that domain, the R-URI stays its own
             uri = _callee_text(self.dest, self.a.invite)
         return Binding(aor=self.aor, contact_uri=uri, contact=f"<{uri}>", expires_at=math.inf,
@@ -135,11 +177,18 @@ class OutboundCall(Call):
 
     def branch_response(self, leg: BLeg, resp: Response) -> None:
         status = resp.status
+        if self._silence is not None and leg.state == BranchState.CALLING:
+            self._stop_silence()  # the target is alive, even if it only said 100 Trying
         usable = leg.state in (BranchState.CALLING, BranchState.EARLY) and not leg.cancelled \
             and not self.state.final and not self.ended
-        if usable and status in _CHALLENGE and self._answer_challenge(leg, resp):
-            return
-        if usable and status >= 300 and self._fail_over_target(leg, resp):
+        try:
+            if usable and status in _CHALLENGE and self._answer_challenge(leg, resp):
+                return
+            if usable and status >= 300 and self._fail_over_target(leg, resp):
+                return
+        except Exception:
+            log.failure("trunk response {status} failed", status=status, call_id=self.call_id)
+            self.fail("internal error")
             return
         super().branch_response(leg, resp)
 
@@ -168,7 +217,9 @@ class OutboundCall(Call):
         self._drop(leg)
         self._retry = (leg.dialog.local_tag, leg.invite.cseq.seq + 1, credentials_name, challenge)
         self._by_key.pop(leg.binding.key, None)
-        if not self.fork(leg.binding):
+        if self.fork(leg.binding):
+            self._watch_silence()
+        else:
             self.react(self.state.failed, leg, resp)
         return True
 
@@ -215,6 +266,18 @@ class CallsOut:
 
     def local_uri(self, user: str) -> URI:
         return URI("sip", user, self.home_domain)
+
+    def may_dial_number(self, mgr: CallManager, ok: Any, request: Request, stx: ServerHandle,
+                        dest: Destination) -> bool:
+        """A user's number is dialled by one of our users or a trusted peer (a gateway): a caller
+        from the internet calls our users by name, and does not learn who owns which number."""
+        trust = ok if isinstance(ok, CallerTrust) else CallerTrust()
+        if trust.trusted or trust.user is not None:
+            return True
+        refusal = REFUSALS["unauthenticated"]
+        self.policy.refuse(refusal, request.call_id, False, caller=str(request.from_.uri), callee=dest.callee)
+        _refuse(mgr, stx, request, refusal)
+        return False
 
     def place(self, mgr: CallManager, ok: Any, request: Request, stx: ServerHandle, flow: Any,
               dest: Destination) -> None:

@@ -595,6 +595,8 @@ class TrunkConfig:
     headers: tuple[str, ...] = _opt((), _header_lines)
     pai: bool = _opt(False)
     max_calls: int = _opt(0, _int_range(0))  # 0 = no limit
+    failover_timeout: float = _opt(4.0, _int_range(0, 32))  # a silent target; 0 = wait for Timer B
+    tel_uri: bool = _opt(False)  # R-URI and To as tel:+E164 (else sip:+E164@target;user=phone)
 
 
 @dataclass(frozen=True)

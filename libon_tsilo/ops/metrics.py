@@ -313,6 +313,14 @@ class TsiloCollector(Collector):
         ):
             if key in counters:
                 yield _counter(f"calls_{key}" if key != "calls" else "calls_started", doc, counters[key])
+        out = getattr(b2bua, "calls_out", None)
+        if out is not None:  # issue 13: calls up per trunk (refusals: limit_hits, call_out_<reason>)
+            g = GaugeMetricFamily(f"{PREFIX}_calls_out_active", "Calls out up, per trunk", labels=["trunk"])
+            active = out.policy.active()
+            for trunk in sorted(out.destinations.routes.trunks):
+                g.add_metric([trunk], active.get(trunk, 0))
+            yield g
+            yield _counter("calls_out_placed", "Calls out placed to a trunk", out.policy.placed)
 
     def _location(self) -> Iterator[Metric]:
         loc = self.parts.location

@@ -537,6 +537,7 @@ def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
 def _calls_out(parts: Parts, domains: Any) -> Any:
     """Calls to phone numbers and routed domains (issue 13): [dialplan], [[trunks]], [[routes]]."""
     from libon_tsilo.b2bua.outbound import CallsOut
+    from libon_tsilo.registrar.registrar import aor_key
     from libon_tsilo.routing.destinations import Destinations
     from libon_tsilo.routing.policy import CallOutPolicy
     from libon_tsilo.routing.routes import Route, RouteTable
@@ -547,8 +548,10 @@ def _calls_out(parts: Parts, domains: Any) -> Any:
     routes = RouteTable([Route(r.trunk, r.prefix, r.domain) for r in cfg.routes], trunks)
     auth = parts.extra.get("auth")
     users = auth.users if auth is not None else None
+    location, use_domain = _built(parts.location), cfg.registrar.use_domain
     destinations = Destinations(cfg.dial_plan(), routes, users, is_local=lambda uri: uri.host in domains,
-                                user_exists=users.exists if users is not None else None)
+                                user_exists=users.exists if users is not None else None,
+                                registered=lambda uri: bool(location.lookup(aor_key(uri, use_domain))))
     policy = CallOutPolicy(parts.clock, cfg.calls_out.max_calls_per_user)
     return CallsOut(destinations, policy, users, cfg.calls_out.ring_timeout, cfg.sip.domains[0])
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from libon_tsilo.dialplan import DialPlan
+from libon_tsilo.dialplan import DialPlan, number_of
 from libon_tsilo.routing.numbers import NumberOwners, e164_of, owner_of
 from libon_tsilo.routing.routes import RouteTable
 from libon_tsilo.routing.trunks import Trunk
@@ -42,12 +42,16 @@ class Destination:
 class Destinations:
     def __init__(self, plan: DialPlan, routes: RouteTable, users: NumberOwners | None = None,
                  is_local: Callable[[URI], bool] | None = None,
-                 user_exists: Callable[[str], bool] | None = None) -> None:
+                 user_exists: Callable[[str], bool] | None = None,
+                 registered: Callable[[URI], bool] | None = None) -> None:
+        """`user_exists(name)`: the users database; `registered(uri)`: the URI of one of our domains
+        has a binding (without a users database, a device may register as sip:+33...@our domain)."""
         self.plan = plan
         self.routes = routes
         self.users = users
         self.is_local = is_local or (lambda uri: True)
         self.user_exists = user_exists
+        self.registered = registered
 
     def classify(self, uri: URI) -> Destination | None:
         """None: the URI is not for a number nor a routed domain, and takes the local path as today."""
@@ -56,7 +60,9 @@ class Destinations:
             if uri.scheme not in ("sip", "sips"):
                 return None
             local = self.is_local(uri)
-            if local and uri.user and self._is_user(uri.user):
+            if local and number_of(uri) is None:
+                return None  # a user name: the common case, decided without the users database
+            if local and uri.user and (self._is_user(uri.user) or (self.registered and self.registered(uri))):
                 return None  # a user name that happens to be digits is still that user
         number = e164_of(uri, self.plan)
         if number is None:

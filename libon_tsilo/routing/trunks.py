@@ -24,9 +24,10 @@ class TrunkTarget:
     port: int
     uri_host: str  # as a URI writes it (host[:port], brackets kept)
 
-    def request_uri(self, e164: str) -> str:
-        """`sip:+33123456789@host:port;user=phone` (RFC 3261 §19.1.6: the user part is a number)."""
-        return f"sip:{e164}@{self.uri_host};user=phone"
+    def request_uri(self, e164: str, tel: bool = False) -> str:
+        """`sip:+33123456789@host:port;user=phone` (RFC 3261 §19.1.6: the user part is a number), or
+        `tel:+33123456789` for a trunk that asks for tel: URIs (the target is then only the next hop)."""
+        return f"tel:{e164}" if tel else f"sip:{e164}@{self.uri_host};user=phone"
 
 
 def parse_target(text: str) -> TrunkTarget:
@@ -55,6 +56,8 @@ class Trunk:
     headers: tuple[tuple[str, str], ...] = ()
     pai: bool = False
     max_calls: int = 0  # concurrent calls; 0 = no limit
+    failover_timeout: float = 4.0  # seconds a target may stay silent before the next is tried; 0 = Timer B
+    tel_uri: bool = False  # the R-URI and To are tel:+E164 rather than sip:+E164@target;user=phone
 
     @classmethod
     def from_config(cls, t: Any) -> Trunk:
@@ -62,7 +65,7 @@ class Trunk:
         split = (h.partition(":") for h in t.headers)
         headers = tuple((name.strip(), value.strip()) for name, _, value in split)
         return cls(t.name, tuple(parse_target(x) for x in t.targets), t.username, t.password, t.realm,
-                   t.from_domain, headers, t.pai, t.max_calls)
+                   t.from_domain, headers, t.pai, t.max_calls, float(t.failover_timeout), t.tel_uri)
 
     @property
     def has_credentials(self) -> bool:

@@ -50,7 +50,7 @@ def make_trunk(**kw: Any) -> Trunk:
 
 class OutEnv(Env):
     def __init__(self, trunk: Trunk | None = None, trust: Any = None, max_per_user: int = 0) -> None:
-        self.trust = trust if trust is not None else CallerTrust(False, "sip:alice@example.com", "alice")
+        self.trust = trust if trust is not None else CallerTrust(identity="sip:alice@example.com", user="alice")
         super().__init__()
         self.trunk = trunk or make_trunk()
         self.users = Users()
@@ -114,6 +114,20 @@ def test_a_users_number_is_a_local_call_parked_as_any_other() -> None:
     [ctx] = env.port.invites()
     assert ctx.request.raw_uri == "sip:bob@10.0.0.2:5080;transport=tcp"
     assert env.policy.active() == {}
+    env.trust = CallerTrust(trusted=True)  # a gateway may dial our users' numbers
+    env.call_out(ruri="sip:+33622222222@example.com;user=phone", call_id="c2")
+    assert len(env.port.invites()) == 2
+
+
+def test_an_outsider_cannot_dial_a_users_number() -> None:
+    """Only our users and trusted peers: the internet calls our users by name and does not learn
+    which number is whose."""
+    env = OutEnv(trust=True)
+    env.location.add(binding(1, aor="sip:bob@example.com"))
+    stx = env.call_out(ruri="tel:+33622222222")
+    assert stx.statuses == [403] and env.port.sent == []
+    assert env.policy.limit_hits()["call_out_unauthenticated"] == 1
+    env.assert_clean()
 
 
 def test_unauthenticated_caller_gets_403_and_the_trunk_nothing(logged) -> None:
@@ -133,9 +147,9 @@ def test_trusted_gateway_cannot_reach_a_trunk() -> None:
 
 
 def test_user_limited_by_prefix_and_no_route() -> None:
-    env = OutEnv(trust=CallerTrust(False, "sip:uk_only@example.com", "uk_only"))
+    env = OutEnv(trust=CallerTrust(identity="sip:uk_only@example.com", user="uk_only"))
     assert env.call_out().statuses == [403]
-    env.trust = CallerTrust(False, "sip:alice@example.com", "alice")
+    env.trust = CallerTrust(identity="sip:alice@example.com", user="alice")
     assert env.call_out(ruri="tel:+4420794600", call_id="c2").statuses == [404]  # no route to +44
     assert env.port.sent == []
     hits = env.policy.limit_hits()
@@ -146,16 +160,16 @@ def test_per_user_and_per_trunk_limits() -> None:
     env = OutEnv(make_trunk(max_calls=2), max_per_user=1)
     env.call_out(call_id="c1")
     assert env.call_out(call_id="c2").statuses == [403]  # alice's one call is up
-    env.trust = CallerTrust(False, "sip:bob@example.com", "bob")
+    env.trust = CallerTrust(identity="sip:bob@example.com", user="bob")
     env.call_out(call_id="c3")
-    env.trust = CallerTrust(False, "sip:uk_only@example.com", "uk_only")
+    env.trust = CallerTrust(identity="sip:uk_only@example.com", user="uk_only")
     env.users.records["uk_only"] = UserRecord("uk_only", "r")
     busy = env.call_out(call_id="c4")
     assert busy.statuses == [503] and busy.last.header("Retry-After")
     assert len(env.port.invites()) == 2
     env.mgr.calls["c1"].caller_cancel(None)  # a call ends: its place is free again
     env.port.invites()[0].respond(487)
-    env.trust = CallerTrust(False, "sip:alice@example.com", "alice")
+    env.trust = CallerTrust(identity="sip:alice@example.com", user="alice")
     env.call_out(call_id="c5")
     assert len(env.port.invites()) == 3
 
@@ -249,7 +263,7 @@ def test_domain_route_keeps_the_domain_and_goes_to_the_target() -> None:
     assert (ctx.hop.host, ctx.hop.port) == ("192.0.2.50", 5060)
     assert str(ctx.request.to.uri) == "sip:carol@partner.example"
     assert stx.statuses == []
-    env.trust = CallerTrust(False, "sip:uk_only@example.com", "uk_only")  # a user limited to +44 numbers
+    env.trust = CallerTrust(identity="sip:uk_only@example.com", user="uk_only")  # a user limited to +44 numbers
     assert env.call_out(ruri="sip:carol@partner.example", call_id="c2").statuses == [403]
 
 
@@ -260,3 +274,100 @@ def test_stats_show_calls_out() -> None:
     env.call_out(call_id="c2")
     assert env.mgr.stats()["calls_out"] == {"placed": 1, "active": {"carrier": 1},
                                             "refused": {"unauthenticated": 1}}
+
+
+def test_a_silent_target_is_given_up_after_failover_timeout() -> None:
+    env = OutEnv(make_trunk(failover_timeout=4.0))
+    stx = env.call_out()
+    first = env.port.invites()[0]
+    env.clock.advance(3.9)
+    assert len(env.port.invites()) == 1
+    env.clock.advance(0.1)
+    second = env.port.invites()[1]
+    assert second.hop.host == "192.0.2.51" and first.cancelled  # its CANCEL waits for a provisional
+    first.respond(200, body=SDP_B, to_tag="late")  # the silent one answers after all: ACK and BYE
+    assert env.port.last("BYE").hop.host == "192.0.2.50"
+    second.respond(200, body=SDP_B)
+    assert stx.statuses == [200]
+
+
+def test_a_target_that_says_trying_is_not_given_up() -> None:
+    env = OutEnv(make_trunk(failover_timeout=4.0))
+    stx = env.call_out()
+    env.port.invites()[0].respond(100)
+    env.clock.advance(10)
+    assert len(env.port.invites()) == 1
+    env.port.invites()[0].respond(486)
+    assert stx.statuses == [486]
+    env.assert_clean()
+
+
+def test_the_last_target_has_no_failover_timer() -> None:
+    env = OutEnv(make_trunk(failover_timeout=4.0, targets=(parse_target("sip:192.0.2.50"),)))
+    env.call_out()
+    assert [c.getTime() for c in env.clock.getDelayedCalls()] == [env.clock.seconds() + 60.0]  # ring timeout only
+
+
+def test_a_bug_in_the_trunk_logic_ends_the_call_with_500(monkeypatch, logged) -> None:
+    from libon_tsilo.b2bua.outbound import OutboundCall
+
+    env = OutEnv()
+    stx = env.call_out()
+
+    def broken(self: Any, leg: Any, resp: Any) -> bool:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(OutboundCall, "_fail_over_target", broken)
+    env.port.invites()[0].respond(503)
+    assert stx.statuses == [500]
+    assert any(e.get("log_failure") is not None for e in logged)
+    env.assert_clean()
+
+
+def test_the_retried_invite_is_watched_for_silence_too() -> None:
+    env = OutEnv(make_trunk(failover_timeout=4.0))
+    env.call_out()
+    ctx = env.port.invites()[0]
+    r = reply(ctx.request, 401, to_tag="t1")
+    r.add_header("WWW-Authenticate", digest.challenge_header("carrier.example", "n1"))
+    ctx.on_response(r)
+    assert len(env.port.invites()) == 2
+    env.clock.advance(4)
+    third = env.port.invites()[2]
+    assert third.hop.host == "192.0.2.51"
+
+
+def test_a_trunk_that_asks_for_tel_uris() -> None:
+    env = OutEnv(make_trunk(tel_uri=True))
+    env.call_out()
+    [ctx] = env.port.invites()
+    assert ctx.request.raw_uri == "tel:+33123456789" and str(ctx.request.to.uri) == "tel:+33123456789"
+    assert (ctx.hop.host, ctx.hop.port) == ("192.0.2.50", 5060)
+    r = reply(ctx.request, 407, to_tag="t1")
+    r.add_header("Proxy-Authenticate", digest.challenge_header("carrier.example", "n1"))
+    ctx.on_response(r)
+    creds = digest.parse_authorization(env.port.invites()[1].request.header("Proxy-Authorization"))
+    assert creds["uri"] == "tel:+33123456789"
+
+
+def test_the_trunk_hangs_up_and_the_cdr_names_it(logged) -> None:
+    env = OutEnv()
+    stx = env.call_out()
+    ctx = env.port.invites()[0]
+    ctx.respond(200, body=SDP_B, to_tag="trunk-tag")
+    env.mgr.handle_ack(in_dialog("ACK", "call-1@10.0.0.1", "<sip:alice@example.com>;tag=a-tag",
+                                 f"<sip:bob@example.com>;tag={stx.last.to.tag}", 10), env.caller_flow)
+    env.clock.advance(61)  # longer than the ring timeout: an answered call has none
+    req = ctx.request
+    bye = in_dialog("BYE", req.call_id, "<sip:+33123456789@192.0.2.50>;tag=trunk-tag", str(req.from_), 5)
+    bye_stx = FakeStx(bye)
+    env.mgr.request_received(bye, bye_stx, env.caller_flow)
+    assert bye_stx.statuses == [200]
+    caller_bye = env.port.last("BYE")
+    assert caller_bye.request.call_id == "call-1@10.0.0.1"
+    caller_bye.respond(200)
+    [cdr] = [e for e in logged if e.get("cdr")]
+    assert (cdr["trunk"], cdr["callee"], cdr["reason"], cdr["duration"]) == (
+        "carrier", "tel:+33123456789", "BYE from the callee", 61)
+    assert cdr["caller"] == "sip:alice@example.com"
+    env.assert_clean()

@@ -32,7 +32,7 @@ DIALLED = "+33-1-23-45-67-89"
 ALICE_NUMBER = "+33611111111"
 
 
-def _config(targets: list[int], trusted: list[str] | None = None) -> dict:
+def _config(targets: list[int], trusted: list[str] | None = None, transport: str = "udp") -> dict:
     return {
         "location": {"backend": "memory"},
         "calls": {"ring_timeout": 5, "invite_cancel_grace": 0},
@@ -41,7 +41,7 @@ def _config(targets: list[int], trusted: list[str] | None = None) -> dict:
         "log": JSON_LOG,
         "dialplan": {"country_code": "33"},
         "trunks": [{
-            "name": "carrier", "targets": [f"sip:{HOST}:{port};transport=udp" for port in targets],
+            "name": "carrier", "targets": [f"sip:{HOST}:{port};transport={transport}" for port in targets],
             "username": "acct", "password": "trunk-pw", "realm": "trunk.example", "from_domain": "voip.example",
             "pai": True, "headers": ["X-Account: 42"],
         }],
@@ -174,4 +174,18 @@ def test_failover_from_a_503_target_to_the_next(start_sip_server, procs, tmp_pat
     assert "AUTH-OK" in up.logs(), up.explain()
     # alice has no number: the From carries her user name
     assert _header(_invites(up)[0], "From")[0].startswith("<sip:alice@voip.example>;tag=")
+    assert_no_leaked_state(server, expected_calls=1)
+
+
+def test_call_out_over_a_tcp_trunk(start_sip_server, procs, tmp_path):  # noqa: F811
+    trunk_port = free_port(udp_too=False)
+    server = start_sip_server(extra=_config([trunk_port], transport="tcp"), tls=False)
+    trunk = Sipp(server, "trunk_auth_answer.xml", tmp_path, calls=1, timeout_s=60.0, local_port=trunk_port,
+                 transport="t1")
+    procs.append(trunk)
+    add_user(server, "alice", "secret")
+    assert_caller_ok(_call_out(procs, server, tmp_path), server)
+    assert trunk.wait(30) == 0, trunk.explain()
+    assert "AUTH-OK" in trunk.logs() and "HUNG-UP" in trunk.logs(), trunk.explain()
+    assert _invites(trunk)[0].startswith(f"INVITE sip:+33123456789@{HOST}:{trunk_port};user=phone SIP/2.0")
     assert_no_leaked_state(server, expected_calls=1)

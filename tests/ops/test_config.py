@@ -575,6 +575,7 @@ TRUNK = {"name": "carrier", "targets": ["sip:127.0.0.1:5099"]}
         ({"trunks": [{**TRUNK, "headers": ["X-Nope"]}]}, 'trunks[0].headers[0]: "X-Nope" is not "Name: value"'),
         ({"trunks": [{**TRUNK, "headers": ["Via: x"]}]}, 'trunks[0].headers[0]: "Via" is written by the server itself'),
         ({"trunks": [{**TRUNK, "max_calls": -1}]}, "trunks[0].max_calls: must be >= 0, got -1"),
+        ({"trunks": [{**TRUNK, "failover_timeout": 60}]}, "trunks[0].failover_timeout: must be <= 32, got 60.0"),
         ({"trunks": [TRUNK], "routes": [{"prefix": "+33", "trunk": "nope"}]}, 'routes[0].trunk: unknown trunk "nope"'),
         ({"trunks": [TRUNK], "routes": [{"prefix": "33", "trunk": "carrier"}]},
          'routes[0].prefix: "33" is not an E.164 prefix ("+" and digits, e.g. "+33"; "" = any)'),

@@ -101,3 +101,25 @@ def test_trunk_targets(text: str, expected: tuple[str, str, int, str]) -> None:
 def test_bad_trunk_targets(text: str) -> None:
     with pytest.raises(ValueError):
         parse_target(text)
+
+
+def test_a_user_name_is_decided_without_the_users_database() -> None:
+    asked: list[str] = []
+    d = Destinations(FR, table(), Users(), is_local=lambda uri: True, user_exists=lambda n: asked.append(n) or True)
+    assert d.classify(URI.parse("sip:alice@example.com")) is None
+    assert asked == []  # every INVITE to a user would otherwise cost a database query
+    assert d.classify(URI.parse("sip:1001@example.com")) is None
+    assert asked == ["1001"]
+
+
+def test_a_registered_number_like_user_of_ours_is_that_user() -> None:
+    """Without a users database, a device may register as sip:+33123456789@our domain: calls to that
+    URI stay local while it is registered."""
+    registered = {"sip:+33123456789@example.com"}
+    d = Destinations(FR, table(), None, is_local=lambda uri: uri.host == "example.com",
+                     registered=lambda uri: f"sip:{uri.user}@{uri.host}" in registered)
+    assert d.classify(URI.parse("sip:+33123456789@example.com")) is None
+    dest = d.classify(URI.parse("sip:+33999999999@example.com"))
+    assert dest is not None and dest.kind == OUT
+    dest = d.classify(URI.parse("tel:+33123456789"))  # tel: names no domain of ours: a number
+    assert dest is not None and dest.kind == OUT
