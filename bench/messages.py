@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """MESSAGEs accepted and stored per second, with the SQLite message store (group commit, worker thread).
 
-Run: .venv/bin/python bench/messages.py [--n 20000] [--users 100] [--window 200]
+Run: .venv/bin/python bench/messages.py [--n 20000] [--users 100] [--window 200] [--store sqlite|redis]
 
 The real service tree (``make_service``, epoll reactor, auth off, log level warn, location and
 messages on SQLite files in a temporary directory, [messages] per_sender_per_minute = 0) runs in
@@ -14,6 +14,10 @@ thread, as in the server: each 202 waits for the commit that holds its message.
 stored and "pushed" through a notifier that only counts (the push providers' HTTP cost is not
 part of this figure; bench/latefork.py and the push fakes cover pushes). ``--window`` MESSAGEs are
 outstanding at any time (a new one goes in when a 202 goes out), like many senders at once.
+
+``--store redis`` puts the messages in a redis-server this script starts on 127.0.0.1:23010 (the
+bindings stay on SQLite: the bindings' Redis client needs the asyncio reactor; the message store's
+client is the blocking one, in its worker thread, whatever the reactor), one MULTI/EXEC per batch.
 
 Prints the rate (MESSAGEs answered 202 per second of wall time), the commits and the mean number
 of messages per commit. Wall-clock figures: on a shared VM expect +-30 %.
@@ -64,6 +68,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20000, help="MESSAGEs to send")
     ap.add_argument("--users", type=int, default=100, help="recipients (each with one sleeping phone)")
     ap.add_argument("--window", type=int, default=200, help="MESSAGEs outstanding at once")
+    ap.add_argument("--store", choices=("sqlite", "redis"), default="sqlite", help="the message store")
     args = ap.parse_args()
     if args.n / args.users > 100_000:
         ap.error("too many messages per user")
@@ -101,6 +106,16 @@ def main() -> None:
             return defer.succeed(None)
 
     acceptor.delivery.notifier = CountingNotifier()
+    redis = None
+    if args.store == "redis":
+        from libon_tsilo.messaging.redis_store import RedisMessageStore, make_blocking_client
+        from tests.redis_server import RedisServer
+
+        redis = RedisServer(Path(tmp))
+        redis.port = 23010  # this bench's port range
+        redis.start()
+        client = make_blocking_client(redis.url)
+        acceptor.outbox.store = RedisMessageStore(client, reactor, key_prefix="bench:", reactor=reactor)
     state = {"sent": 0, "accepted": 0, "other": 0, "start": 0.0, "end": 0.0}
 
     class FakeSocket:
@@ -148,14 +163,16 @@ def main() -> None:
     elapsed = state["end"] - state["start"]
     store = acceptor.outbox.store
     print(f"command: .venv/bin/python bench/messages.py --n {args.n} --users {args.users}"
-          f" --window {args.window}")
+          f" --window {args.window} --store {args.store}")
     print(f"MESSAGEs: {args.n}, answered 202: {state['accepted']}, other answers: {state['other']}")
     print(f"stored: {len(acceptor.outbox)}, pushes (counted, not sent): {pushes[0]}")
     per_commit = state["accepted"] / max(1, store.commits)
-    print(f"SQLite commits: {store.commits}, messages per commit: {per_commit:.1f}")
+    print(f"{args.store} commits: {store.commits}, messages per commit: {per_commit:.1f}")
     print(f"elapsed: {elapsed:.3f} s -> {state['accepted'] / elapsed:,.0f} MESSAGE/s accepted and stored")
     store._stop_pool()
     parts.location.persistence._stop_pool()
+    if redis is not None:
+        redis.stop()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ body), 413 for a body over ``max_size`` (RFC 3428 §7 and RFC 3261 §21.4.11: th
 transport's datagram limit that 513 is about, is what we refuse to store), 480 "Mailbox Full" at
 ``max_per_user`` stored (the recipient cannot take more until a device collects them; the sender
 may try later; 486 would say the user's phone is busy, 503 that our server fails), 503 with
-Retry-After for a sender over ``per_sender_per_minute``, and 202 once the message is durable (500
+Retry-After at ``max_total`` waiting messages (ours is full) and for a sender over
+``per_sender_per_minute``, and 202 once the message is durable (500
 with Retry-After when the store failed). Each refusal by a limit is counted (``limit_hits``) and
 logged at most once per 10 s per limit.
 """
@@ -46,7 +47,7 @@ _REASONS = {
     415: "Unsupported Media Type", 480: "Mailbox Full", 500: "Server Internal Error",
     503: "Service Unavailable",
 }
-LIMITS = ("message_size", "messages_per_user", "messages_per_sender")
+LIMITS = ("message_size", "messages_per_user", "messages_per_sender", "messages_total")
 
 
 class MessageAcceptor:
@@ -62,6 +63,7 @@ class MessageAcceptor:
         max_size: int = 4096,
         max_per_user: int = 500,
         per_sender_per_minute: int = 0,
+        max_total: int = 200_000,
     ) -> None:
         """``user_exists`` None (no users database, auth off): a user exists while it has a binding
         or waiting messages."""
@@ -74,6 +76,7 @@ class MessageAcceptor:
         self.user_exists = user_exists
         self.max_size = max_size
         self.max_per_user = max_per_user
+        self.max_total = max_total
         self.per_sender = (
             SlidingWindow(clock, per_sender_per_minute, 60.0) if per_sender_per_minute > 0 else None
         )
@@ -129,6 +132,10 @@ class MessageAcceptor:
             self._refuse(stx, request, "messages_per_user", 480,
                          "{aor} has {n} waiting messages (max_per_user)",
                          aor=aor, n=self.max_per_user)
+            return
+        if self.outbox.total() >= self.max_total:
+            self._refuse(stx, request, "messages_total", 503, "{n} messages wait (max_total)",
+                         n=self.max_total, retry_after=60)
             return
         if self.per_sender is not None and not self.per_sender.try_add(sender):
             self._refuse(stx, request, "messages_per_sender", 503,

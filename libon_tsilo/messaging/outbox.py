@@ -36,6 +36,7 @@ class Outbox:
         self._by_aor: dict[str, list[StoredMessage]] = {}  # in seq order
         self._by_id: dict[str, StoredMessage] = {}
         self._reserved: Counter[str] = Counter()  # adds in flight per aor
+        self._reserved_total = 0
         self._heap: list[tuple[float, str]] = []
         self._timer: IDelayedCall | None = None
         self._seq = 0
@@ -71,6 +72,10 @@ class Outbox:
         """Stored plus being stored: what max_per_user compares with."""
         return len(self._by_aor.get(aor, ())) + self._reserved[aor]
 
+    def total(self) -> int:
+        """Stored plus being stored, all users: what max_total compares with."""
+        return len(self._by_id) + self._reserved_total
+
     def get(self, msg_id: str) -> StoredMessage | None:
         return self._by_id.get(msg_id)
 
@@ -95,9 +100,11 @@ class Outbox:
             seq=self._seq, call_id=call_id,
         )
         self._reserved[aor] += 1
+        self._reserved_total += 1
         d = self.store.add(msg)
 
         def release(result: Any) -> Any:
+            self._reserved_total -= 1
             self._reserved[aor] -= 1
             if self._reserved[aor] <= 0:
                 del self._reserved[aor]

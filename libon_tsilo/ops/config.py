@@ -676,6 +676,7 @@ class MessagesConfig:
     ttl: int = _opt(7 * 86_400, _int_range(60, 90 * 86_400))  # seconds a message waits for a device
     max_size: int = _opt(4096, _int_range(1, 60_000))  # body bytes; over: 413
     max_per_user: int = _opt(500, _int_range(1))  # waiting messages per recipient; over: 480
+    max_total: int = _opt(200_000, _int_range(1))  # waiting messages in all (memory); over: 503
     per_sender_per_minute: int = _opt(60, _int_range(0))  # 0 = off; over: 503
     push_preview: bool = _opt(True)  # the start of a text body in the push payload
 

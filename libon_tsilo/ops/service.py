@@ -667,7 +667,7 @@ def _add_messages(root: LibonTsiloService, parts: Parts) -> None:
         from libon_tsilo.messaging.redis_store import RedisMessageStore, make_blocking_client
 
         client = make_blocking_client(loc.url, loc.username, loc.password, loc.sentinels, loc.service_name)
-        store = RedisMessageStore(client, parts.clock, node_id=cfg.cluster.node_id, key_prefix=loc.key_prefix,
+        store = RedisMessageStore(client, parts.clock, node_id=parts.node_id, key_prefix=loc.key_prefix,
                                   flush_interval=flush_interval, reactor=reactor)
     else:
         store = MemoryMessageStore()
@@ -683,6 +683,7 @@ def _add_messages(root: LibonTsiloService, parts: Parts) -> None:
         aor_key=lambda uri: aor_key(uri, cfg.registrar.use_domain), auth=auth,
         user_exists=auth.users.exists if auth is not None else None, max_size=cfg.messages.max_size,
         max_per_user=cfg.messages.max_per_user, per_sender_per_minute=cfg.messages.per_sender_per_minute,
+        max_total=cfg.messages.max_total,
     )
     _built(parts.router).route("MESSAGE", acceptor.handle_message)
     parts.extra.setdefault("limits", []).append(acceptor)
@@ -710,6 +711,8 @@ def _add_cluster(root: LibonTsiloService, parts: Parts) -> None:
     _built(parts.registrar).path_stamp = node.path_entry
     if parts.b2bua is not None:
         parts.b2bua.path_router = node.next_hop
+    if parts.extra.get("messages") is not None:  # [messages]: MESSAGEs to devices on other nodes too
+        parts.extra["messages"].delivery.sender.path_router = node.next_hop
     parts.extra["cluster_node"] = node
     parts.extra["cluster_relay"] = relay
 

@@ -213,6 +213,17 @@ def test_per_user_limit_counts_messages_being_stored():
     assert first.statuses == [202]
 
 
+def test_total_limit_is_503_with_retry_after():
+    store = SlowStore()
+    s = Server(max_total=2, auth=False, store=store)
+    first, second = s.handle(message()), s.handle(message(ruri="sip:bob@example.com"))
+    third = s.handle(message())
+    assert third.statuses == [503] and third.last.header("Retry-After") == "60"  # counts those being stored
+    assert s.acceptor.limit_hits()["messages_total"] == 1
+    store.commit()
+    assert first.statuses == [202] and second.statuses == [202]
+
+
 def test_per_sender_rate_is_503_with_retry_after():
     s = Server(per_sender_per_minute=2, auth=False)
     assert [s.handle(message()).statuses for _ in range(2)] == [[202], [202]]

@@ -88,3 +88,33 @@ def test_no_answer_is_a_408():
     TransactionSender(layer).send(phone(), stored()).addCallback(got.append)
     clock.advance(40)
     assert [r.status for r in got] == [408]
+
+
+def test_in_a_cluster_a_device_on_another_node_is_reached_through_that_node():
+    clock = Clock()
+    transport = Transport()
+    layer = TransactionLayer(transport, clock)  # type: ignore[arg-type]
+    path = ["<sip:tok@10.9.0.2:5070;lr>", "<sip:edge.example.com;lr>"]
+
+    def path_router(p: list[str]) -> Any:
+        assert p == path
+        return p, ("udp", "10.9.0.2", 5070, ("10.9.0.1", 5070))
+
+    sender = TransactionSender(layer, path_router)
+    sender.send(phone(path=path, received=("tcp", "192.0.2.99", 40000), flow_id="f", flow_live=True),
+                stored())
+    [(req, target, flow)] = transport.sent
+    assert (target.transport, target.host, target.port, target.local) == ("udp", "10.9.0.2", 5070,
+                                                                          ("10.9.0.1", 5070))
+    assert flow is None and req.header_values("Route") == path
+    assert req.top_via.host == "10.9.0.1" and req.top_via.port == 5070
+
+
+def test_in_a_cluster_our_own_path_entry_is_not_sent_to_the_device():
+    clock = Clock()
+    transport = Transport()
+    layer = TransactionLayer(transport, clock)  # type: ignore[arg-type]
+    sender = TransactionSender(layer, lambda p: (p[1:], None))
+    sender.send(phone(path=["<sip:tok@10.9.0.1:5070;lr>"], received=("udp", "192.0.2.99", 40000)), stored())
+    [(req, target, _)] = transport.sent
+    assert (target.host, target.port) == ("192.0.2.99", 40000) and req.header_values("Route") == []

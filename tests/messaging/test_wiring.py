@@ -86,3 +86,18 @@ def test_a_message_inside_a_dialog_goes_to_the_call_layer_not_the_store(tmp_path
     parts.router.request_received(req, FakeStx(), FakeFlow())
     assert seen == ["MESSAGE"]
     assert len(parts.extra["messages"].outbox) == 0
+
+
+def test_on_redis_the_messages_are_indexed_under_the_nodes_own_id(tmp_path, redis_server):
+    """A clustered worker without [cluster] node_id derives one (ops/node.py): its messages are kept
+    under that id, the one it loads them back with after a restart."""
+    cfg = config_from_dict({
+        "sip": {"listen": ["udp:127.0.0.1:0"], "domains": ["localhost"]},
+        "auth": {"enabled": False},
+        "location": {"backend": "redis", "url": redis_server.url, "key_prefix": "w:"},
+        "admin": {"listen": "tcp:23457:interface=127.0.0.1"},  # never started: only its port is read
+    }, base_dir=tmp_path)
+    root = make_service(cfg, clock=Clock())
+    node_id = root.parts.node_id
+    assert node_id.endswith("-23457")
+    assert root.parts.extra["messages"].outbox.store.index == f"w:msgs:{node_id}"

@@ -609,6 +609,7 @@ def test_calls_out_config():
         ({"messages": {"max_size": 0}}, "messages.max_size: must be >= 1, got 0"),
         ({"messages": {"max_size": 100_000}}, "messages.max_size: must be <= 60000, got 100000"),
         ({"messages": {"max_per_user": 0}}, "messages.max_per_user: must be >= 1, got 0"),
+        ({"messages": {"max_total": 0}}, "messages.max_total: must be >= 1, got 0"),
         ({"messages": {"per_sender_per_minute": -1}}, "messages.per_sender_per_minute: must be >= 0, got -1"),
         ({"messages": {"push_preview": "no"}}, 'messages.push_preview: expected a boolean, got string "no"'),
         ({"messages": {"colour": 1}}, "messages.colour: unknown key"),
