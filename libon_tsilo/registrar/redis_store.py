@@ -88,6 +88,8 @@ def make_redis_client(
     if password:
         options["password"] = password
     if not sentinels:
+        if username or password:  # redis-py lets the URL's credentials win over keyword ones
+            url = _without_credentials(url)
         return Redis.from_url(url, **options)
     from redis.asyncio.sentinel import Sentinel
 
@@ -104,6 +106,12 @@ def make_redis_client(
     hosts = [(host, int(port)) for host, _, port in (s.rpartition(":") for s in sentinels)]
     sentinel = Sentinel(hosts, socket_timeout=COMMAND_TIMEOUT, socket_connect_timeout=COMMAND_TIMEOUT)
     return sentinel.master_for(service_name, **options)
+
+
+def _without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=host).geturl()
 
 
 def _raw(text: str) -> bytes:

@@ -8,19 +8,23 @@ conditions (``until``), never on a fixed sleep.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 
 from libon_tsilo.registrar.location import LocationStore, NotStored
 from libon_tsilo.registrar.redis_store import RedisBindingStore, binding_redis_key, make_redis_client
 from tests.redis_server import RedisServer
 from tests.registrar.helpers import RecordingObserver, make_binding
+from tests.waiting import wait_until
 
 PREFIX = "test:"
 
@@ -229,3 +233,98 @@ async def test_a_flow_closing_only_touches_this_nodes_bindings(
     await until(lambda: b.store.lookup(theirs.aor), "the add on b")
     assert b.store.flow_closed("tcp#1") == []  # b's own connection tcp#1 is another device
     assert b.store.lookup(theirs.aor)[0].flow_live
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_down_is_logged_once_per_change_of_state(redis_server: RedisServer, nodes: list[Node]) -> None:
+    events: list[dict[str, Any]] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "libon_tsilo.registrar.redis_store":
+            events.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        a = _node(nodes, redis_server, "a")
+        await a.start()
+        redis_server.stop()
+        await until(lambda: a.redis.state == "down", "redis down")
+        # several reconnection attempts fail (backoff 20 ms to 100 ms): still one warning
+        await deferLater(reactor, 0.5, lambda: None)
+        redis_server.start()
+        await until(lambda: a.redis.up, "the reconnect")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    texts = [formatEvent(e) for e in events]
+    assert sum("unreachable" in t for t in texts) == 1, texts
+    assert [t.split(",")[0] for t in texts if "bindings loaded" in t] == [
+        "location redis: connected", "location redis: reconnected"
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_password_in_the_url_logs_in(tmp_path: Path, nodes: list[Node]) -> None:
+    server = RedisServer(tmp_path, password="s3cret")
+    server.start()
+    try:
+        a = _node(nodes, server, "a")
+        await a.start()
+        await a.write(make_binding(expires_at=60.0))
+        assert server.cli("DBSIZE") == b":2"  # the epoch and the binding
+        # a wrong password: the node stays down (writes fail), it does not crash
+        wrong = RedisBindingStore(make_redis_client(server.url, password="nope"), Clock(), key_prefix=PREFIX)
+        store = LocationStore(Clock(), wrong)
+        store.start()
+        await until(lambda: wrong.state == "down", "the refused login")
+        store.add_or_update(make_binding(expires_at=60.0))
+        d = store.when_durable("sip:alice@example.com")
+        assert d is not None
+        with pytest.raises(NotStored):
+            await d
+        await store.stop()
+    finally:
+        for node in nodes:
+            await node.store.stop()
+        nodes.clear()
+        server.stop()
+
+
+@pytest.fixture
+def sentinel(redis_server: RedisServer, tmp_path: Path) -> Iterator[int]:
+    """A real redis-sentinel watching the fixture's server as master "tsilo"."""
+    port = RedisServer(tmp_path).port  # a free port
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\nsentinel monitor tsilo 127.0.0.1 {redis_server.port} 1\n")
+    proc = subprocess.Popen(["redis-server", str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    probe = RedisServer(tmp_path, port=port)
+    try:
+        wait_until(lambda: _answers(probe), 10, "the sentinel")
+        yield port
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def _answers(server: RedisServer) -> bool:
+    try:
+        return server.cli("PING") == b"+PONG"
+    except OSError:
+        return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_master_is_found_through_sentinel(redis_server: RedisServer, sentinel: int) -> None:
+    client = make_redis_client("redis:///0", sentinels=(f"127.0.0.1:{sentinel}",), service_name="tsilo")
+    store = LocationStore(Clock(), RedisBindingStore(client, Clock(), key_prefix=PREFIX))
+    store.start()
+    try:
+        await until(lambda: store.redis_stats()["up"], "the master found through the sentinel")  # type: ignore[index]
+        b = make_binding(expires_at=60.0)
+        store.add_or_update(b)
+        d = store.when_durable(b.aor)
+        assert d is not None
+        await d
+        assert redis_server.cli("EXISTS", binding_redis_key(b"test:", b.aor, b.key)) == b":1"
+    finally:
+        await store.stop()
