@@ -9,8 +9,9 @@ this module writes the node's changes to Redis and applies the other nodes' chan
   remaining time, so Redis forgets a dead binding by itself. Keys are bytes (surrogateescape).
 * Changes are written in batches, one MULTI/EXEC at a time (a group commit: what queues while one
   batch is in flight goes in the next, so changes of one key reach Redis, and every node, in
-  order). The same transaction PUBLISHes, on ``<prefix>bindings``, one message per AOR with the
-  node id, this process's instance token and the AOR's changes in order. ``when_committed`` fires
+  order). The same transaction PUBLISHes, on ``<prefix>bindings``, one message per AOR: this
+  process's instance token, a space, then JSON with the node id and the AOR's changes in order (the
+  token first, so a node drops its own messages without parsing them). ``when_committed`` fires
   when Redis acknowledged the EXEC: a REGISTER's 200 promises the binding is in Redis.
 * Expiry is not written: Redis drops the key at its TTL and every replica removes the binding on
   its own timer at the same absolute time (``expires_at`` is wall-clock time in the JSON).
@@ -165,6 +166,7 @@ class RedisBindingStore:
         self.channel = self.prefix + b"bindings"
         # tells this process's own messages apart even if two nodes were given the same node_id
         self.instance = secrets.token_hex(8)
+        self._own = self.instance.encode("ascii") + b" "
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         self._loop = loop
@@ -312,9 +314,9 @@ class RedisBindingStore:
     def _on_message(self, data: bytes) -> None:
         replica = self._replica
         try:
-            msg = json.loads(data)
-            if msg.get("i") == self.instance or replica is None:
+            if data.startswith(self._own) or replica is None:
                 return
+            msg = json.loads(data.partition(b" ")[2])
             aor = msg["a"]
             for op in msg["ops"]:
                 if op[0] == "s":
@@ -413,7 +415,7 @@ class RedisBindingStore:
                 dels.append(rkey)
                 ops.setdefault(aor, []).append(["d", key, reason])
         messages = [
-            json.dumps({"n": self.node_id, "i": self.instance, "a": aor, "ops": aor_ops}).encode("ascii")
+            self._own + json.dumps({"n": self.node_id, "a": aor, "ops": aor_ops}).encode("ascii")
             for aor, aor_ops in ops.items()
         ]
         return sets, dels, messages

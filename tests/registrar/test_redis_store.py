@@ -328,3 +328,17 @@ async def test_the_master_is_found_through_sentinel(redis_server: RedisServer, s
         assert redis_server.cli("EXISTS", binding_redis_key(b"test:", b.aor, b.key)) == b":1"
     finally:
         await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_that_does_not_parse_is_skipped(redis_server: RedisServer, nodes: list[Node]) -> None:
+    a, b = _node(nodes, redis_server, "a"), _node(nodes, redis_server, "b")
+    await a.start()
+    await b.start()
+    for junk in (b"garbage", b"x {not json", b'x {"a": "sip:z@h", "ops": [["s", {"aor": 1}]]}',
+                 b'x {"a": "sip:z@h", "ops": [["s", {"aor": "sip:z@h", "expires_at": "soon"}]]}', b"\xff\xfe"):
+        assert redis_server.cli("PUBLISH", "test:bindings", junk) == b":2"
+    good = make_binding(expires_at=60.0)
+    await a.write(good)
+    await until(lambda: b.store.lookup(good.aor), "the good change after the junk")
+    assert b.events.kinds() == ["added"] and b.redis.up
