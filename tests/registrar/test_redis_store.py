@@ -271,6 +271,15 @@ async def test_a_password_in_the_url_logs_in(tmp_path: Path, nodes: list[Node]) 
         await a.start()
         await a.write(make_binding(expires_at=60.0))
         assert server.cli("DBSIZE") == b":2"  # the epoch and the binding
+        # an ACL user restricted to the prefix, with the rights etc/libon-tsilo.toml documents
+        assert server.cli("ACL", "SETUSER", "tsilo", "on", ">pw", "~test:*", "&test:*", "+@read", "+@write",
+                          "+@pubsub", "+@scripting", "+@connection", "-@dangerous", "+info") == b"+OK"
+        limited = _node(nodes, server, "c")
+        limited.redis.client = make_redis_client(server.url, username="tsilo", password="pw")
+        await limited.start()
+        await limited.write(make_binding(uri="sip:acl@192.0.2.4", expires_at=60.0))
+        await until(lambda: "sip:acl@192.0.2.4" in [x.contact_uri for x in a.store.lookup("sip:alice@example.com")],
+                    "the limited user's change on a")
         # a wrong password: the node stays down (writes fail), it does not crash
         wrong = RedisBindingStore(make_redis_client(server.url, password="nope"), Clock(), key_prefix=PREFIX)
         store = LocationStore(Clock(), wrong)
