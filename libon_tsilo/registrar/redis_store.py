@@ -11,10 +11,11 @@ this module writes the node's changes to Redis and applies the other nodes' chan
   flight goes in the next, so changes of one key reach Redis, and every node, in order). A batch is
   one EVALSHA of a small Lua script (atomic like MULTI/EXEC, and ~20 % less CPU here than the
   MULTI/SET/PUBLISH/EXEC pipeline, whose four replies redis-py parses one by one). It PUBLISHes,
-  on ``<prefix>bindings``, one message per AOR: this process's instance token, a space, then JSON
-  with the node id and the AOR's changes in order (the token first, so a node drops its own
-  messages without parsing them). ``when_committed`` fires
-  when Redis answered the script: a REGISTER's 200 promises the binding is in Redis.
+  on ``<prefix>bindings``, one message per batch: this process's instance token, a space, then
+  JSON with the node id and the batch's changes in order (each binding's JSON is encoded once, for
+  its key and the message; the token comes first, so a node drops its own messages unparsed).
+  ``when_committed`` fires when Redis answered the script: a REGISTER's 200 promises the binding
+  is in Redis.
 * Expiry is not written: Redis drops the key at its TTL and every replica removes the binding on
   its own timer at the same absolute time (``expires_at`` is wall-clock time in the JSON).
 * A feed task (asyncio, on the reactor's loop) subscribes first, then loads every binding with
@@ -331,12 +332,11 @@ class RedisBindingStore:
             if data.startswith(self._own) or replica is None:
                 return
             msg = json.loads(data.partition(b" ")[2])
-            aor = msg["a"]
             for op in msg["ops"]:
                 if op[0] == "s":
                     replica.apply_remote(Binding.from_dict(op[1]))
                 else:
-                    replica.apply_remote_removal(aor, op[1], op[2])
+                    replica.apply_remote_removal(op[1], op[2], op[3])
                 self.messages_applied += 1
         except (ValueError, TypeError, KeyError, IndexError) as exc:
             log.warn("location redis: skipping an unreadable change message: {err}", err=exc)
@@ -415,23 +415,22 @@ class RedisBindingStore:
         now = self.clock.seconds()
         sets: list[tuple[bytes, bytes, int]] = []
         dels: list[bytes] = []
-        ops: dict[str, list[list[Any]]] = {}
+        ops: list[bytes] = []  # the batch's changes in order, as JSON, for the other nodes
         for (aor, key), change in batch.changes.items():
             rkey = binding_redis_key(self.prefix, aor, key)
             ttl_ms = math.ceil((change.expires_at - now) * 1000) if isinstance(change, Binding) else 0
             if isinstance(change, Binding) and ttl_ms > 0:
-                data = change.to_dict()
-                # ensure_ascii (the default) escapes lone surrogates: the JSON is always valid text
-                sets.append((rkey, json.dumps(data).encode("ascii"), ttl_ms))
-                ops.setdefault(aor, []).append(["s", data])
+                # ensure_ascii (the default) escapes lone surrogates: the JSON is always valid text;
+                # encoded once, for the key and inside the message
+                value = json.dumps(change.to_dict()).encode("ascii")
+                sets.append((rkey, value, ttl_ms))
+                ops.append(b'["s",' + value + b"]")
             else:
                 reason = change if isinstance(change, str) else "expired"
                 dels.append(rkey)
-                ops.setdefault(aor, []).append(["d", key, reason])
-        messages = [
-            self._own + json.dumps({"n": self.node_id, "a": aor, "ops": aor_ops}).encode("ascii")
-            for aor, aor_ops in ops.items()
-        ]
+                ops.append(json.dumps(["d", aor, key, reason]).encode("ascii"))
+        node = json.dumps(self.node_id).encode("ascii")
+        messages = [self._own + b'{"n":%s,"ops":[%s]}' % (node, b",".join(ops))]
         return sets, dels, messages
 
     async def _write(
