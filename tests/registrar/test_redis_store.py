@@ -351,3 +351,25 @@ async def test_a_message_that_does_not_parse_is_skipped(redis_server: RedisServe
     await a.write(good)
     await until(lambda: b.store.lookup(good.aor), "the good change after the junk")
     assert b.events.kinds() == ["added"] and b.redis.up
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_binding_refused_before_the_first_load_is_removed_with_its_event(
+    redis_server: RedisServer, nodes: list[Node]
+) -> None:
+    redis_server.stop()
+    a = _node(nodes, redis_server, "a")
+    a.store.start()
+    await until(lambda: a.redis.state == "down", "redis down")
+    early = make_binding(expires_at=60.0, node="a")
+    a.store.add_or_update(early)
+    d = a.store.when_durable(early.aor)
+    assert d is not None
+    with pytest.raises(NotStored):  # its REGISTER got 500
+        await d
+    redis_server.start()
+    await until(lambda: a.redis.up, "the first load")
+    assert a.store.lookup(early.aor) == []
+    assert [(k, x.contact_uri, why) for k, x, why in a.events.events] == [
+        ("added", early.contact_uri, None), ("removed", early.contact_uri, "resync")
+    ]
