@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from libon_tsilo.b2bua import relay, reliable, session_timer
+from libon_tsilo.b2bua import cdr, relay, reliable, session_timer
 from libon_tsilo.b2bua.capabilities import ALLOW, OWN_HEADERS, supported
 from libon_tsilo.b2bua.dialog import Dialog
 from libon_tsilo.b2bua.forking import REASON_ANSWERED, REASON_REPLACED
@@ -112,7 +112,7 @@ class Call:
         "ring_deadline", "a", "branches", "_by_key", "state", "failures", "winner", "early_media_from",
         "wake_d", "wake_result", "woken", "_waker_used", "_ring_timer", "_late_ack", "offer_busy",
         "pending_acks", "late_reason", "ended", "end_reason", "trust", "timers", "_device_ids",
-        "transfer", "a_answered",
+        "transfer", "a_answered", "answered_at", "final_status",
     )
 
     def __init__(self, mgr: CallManager, invite: Request, stx: ServerHandle, flow: Any, aor: str,
@@ -161,6 +161,8 @@ class Call:
         self._device_ids: dict[str, str] | None = None  # device -> the Call-ID of its B-leg
         self.transfer: Any = None  # b2bua/transfer.py: a REFER this call is part of, while it runs
         self.a_answered = False  # our 2xx to the caller went out
+        self.answered_at: float | None = None  # when a branch's 2xx connected the call (the CDR's answer)
+        self.final_status: int | None = None  # our final failure to the caller, if it got one
 
     # -- description (silo dump / admin) -------------------------------------------------------
 
@@ -351,8 +353,7 @@ class Call:
                 log.info("device {key}: no live flow left", key=redact_key(binding.key), call_id=self.call_id)
                 return False
             binding = found
-        flow_live = self._flow_live(binding)
-        flow_id = binding.flow_id if flow_live else None
+        hop, flow_id, routes = self._route(binding)
         key = target_key(binding)
         old = self._by_key.get(key)
         if old is not None:
@@ -378,12 +379,11 @@ class Call:
                                n=self.mgr.settings.max_branches, contact=redact_uri(binding.contact_uri),
                                call_id=self.call_id)
             return False
-        hop = hop_for_binding(binding, flow_live)
         if hop is None:
             log.warn("no address for binding {contact}", contact=redact_uri(binding.contact_uri),
                      call_id=self.call_id)
             return False
-        leg = self._new_branch(binding, hop, flow_id)
+        leg = self._new_branch(binding, hop, flow_id, routes)
         leg.tried = tried
         self.branches[leg.dialog.key] = leg
         self._by_key[key] = leg
@@ -414,7 +414,37 @@ class Call:
         # a UDP flow is its address pair: it cannot close, only go quiet (the device's STUN keep-alives
         # tell it, not us, when its NAT mapping changed; it then registers again)
         received = binding.received
-        return (received is not None and received[0] == "udp") or self._flow_live(binding)
+        return (received is not None and received[0] == "udp") or self._flow_live(binding) \
+            or self._node_hop(binding) is not None  # another node's flow: that node says 430 if gone
+
+    def _node_hop(self, binding: Binding) -> tuple[list[str], Hop | None] | None:
+        """How a Path starting at a cluster node routes (see CallManager.path_router); None: it does
+        not (no Path, no cluster, an edge proxy's Path)."""
+        router = self.mgr.path_router
+        if router is None or not binding.path:
+            return None
+        found = router(binding.path)
+        if found is None:
+            return None
+        routes, node = found
+        if node is None:
+            return routes, None
+        transport, host, port, local = node
+        return routes, Hop(transport, host, port, None, local)
+
+    def _route(self, binding: Binding) -> tuple[Hop | None, str | None, list[str]]:
+        """Where a branch to `binding` goes: (hop, flow id when over a live flow of ours, Route set).
+        A binding whose Path starts at another cluster node goes to that node, which relays it over
+        the device's flow (cluster/relay.py); one starting at this node, over our flow."""
+        routes = binding.path
+        if routes and self.mgr.path_router is not None:
+            via = self._node_hop(binding)
+            if via is not None:
+                routes, node = via
+                if node is not None:
+                    return node, None, routes
+        flow_live = self._flow_live(binding)
+        return hop_for_binding(binding, flow_live), binding.flow_id if flow_live else None, routes
 
     def _fail_over(self, leg: BLeg, resp: Response) -> bool:
         """A branch's flow failed (a local transport error or timeout, or 430 Flow Failed from an edge
@@ -436,15 +466,15 @@ class Call:
         self.mgr.counters["flow_failovers"] += 1
         return True
 
-    def _new_branch(self, binding: Binding, hop: Hop, flow_id: str | None) -> BLeg:
+    def _new_branch(self, binding: Binding, hop: Hop, flow_id: str | None, routes: list[str]) -> BLeg:
         a = self.a.invite
         caller_uri, display = b_leg_caller(a.from_, self.trust)
         local = NameAddr(caller_uri, display, {"tag": new_tag()})
         remote = NameAddr(URI.parse(self.callee_uri))
-        contact = self.port.contact(hop.transport)
+        contact = self.port.contact(hop.transport, hop.local)
         dialog = Dialog(self.device_call_id(binding), local, remote, binding.contact_uri, hop, contact)
         req = Request("INVITE", binding.contact_uri)
-        for route in binding.path:
+        for route in routes:
             req.add_header("Route", route)
         mf = a.max_forwards
         req.add_header("Max-Forwards", str(max(0, min(70, (mf if mf is not None else 70) - 1))))
@@ -555,6 +585,7 @@ class Call:
         """First 2xx wins: ACK it, cancel the others, answer the caller with its SDP."""
         self.winner = leg
         self.state = Connected()
+        self.answered_at = self.clock.seconds()
         self._stop_ring_timer()
         # RFC 3262 §3: no 2xx while a reliable 18x with SDP is unacknowledged; it keeps being resent
         held = bool(self.a.reliable) and self.a.reliable.sdp_unacked()
@@ -595,6 +626,7 @@ class Call:
         if self.state.final:
             return
         self.state = Ended()
+        self.final_status = status
         self.late_reason = branch_reason or f'SIP;cause={status};text="{why}"'
         try:
             self.port.respond(self.a.stx, make_response(self.a.invite, status, reason,
@@ -652,10 +684,9 @@ class Call:
         if key not in self.woken:
             return False
         self.woken.pop(key)
-        flow_live = self._flow_live(binding)
-        hop = hop_for_binding(binding, flow_live)
+        hop, flow_id, routes = self._route(binding)
         if hop is not None:
-            leg = self._new_branch(binding, hop, binding.flow_id if flow_live else None)
+            leg = self._new_branch(binding, hop, flow_id, routes)
             self._send_branch(leg)
             leg.cancel(self.late_reason or REASON_ANSWERED)
         if not self.woken:
@@ -720,8 +751,12 @@ class Call:
                 leg.ctx.detach()
         self.mgr.forget(self)
         if logflags.info_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs
-            # `reason` is a field of its own (in the JSON log too), not only words in the text
-            log.info("call ended: {reason}", reason=why, call_id=self.call_id)
+            # the CDR: `reason` and the others are fields of their own (in the JSON log too)
+            log.info(cdr.FORMAT, **cdr.fields(self, why), call_id=self.call_id)
+
+    def cdr_trunk(self) -> str:
+        """The trunk the call went through, "-" for a call that stayed local (b2bua/outbound.py)."""
+        return "-"
 
     def in_dialog(self, leg: Any, request: Request, stx: Any) -> None:
         relay.request(self, leg, request, stx)

@@ -29,6 +29,9 @@ class Hop:
     host: str
     port: int
     flow_id: str | None = None
+    # our own (host, port) to send from and to put in Via and Contact, when it is not the public
+    # listener: a hop to another cluster node leaves from the internal listener
+    local: tuple[str, int] | None = None
 
 
 def hop_of_flow(flow: Any) -> Hop:
@@ -69,8 +72,8 @@ class SipPort(Protocol):
     ) -> RetransmitHandle:
         """Send a 2xx to INVITE and keep retransmitting it until stop() (the ACK came) or 64*T1."""
 
-    def contact(self, transport: str) -> str:
-        """Our own Contact value for a leg on this transport."""
+    def contact(self, transport: str, local: tuple[str, int] | None = None) -> str:
+        """Our own Contact value for a leg on this transport (at ``local`` when given)."""
 
     def flow_live(self, flow_id: str | None) -> bool: ...
 
@@ -101,10 +104,10 @@ class TransactionPort:
     def _target(self, hop: Hop) -> Any:
         from libon_tsilo.sip.transport import Target  # the transport module may load TLS bits
 
-        return Target(hop.transport, hop.host, hop.port)
+        return Target(hop.transport, hop.host, hop.port, None, hop.local)
 
     def _stamp_via(self, req: Request, hop: Hop) -> None:
-        host, port = self.transport.local_via(hop.transport, hop.host)
+        host, port = hop.local or self.transport.local_via(hop.transport, hop.host)
         req.add_header("Via", f"SIP/2.0/{hop.transport.upper()} {host}:{port};branch={new_branch()};rport",
                        first=True)
 
@@ -131,8 +134,8 @@ class TransactionPort:
             retransmit=not reliable, expiry=self.layer.expiry,
         )
 
-    def contact(self, transport: str) -> str:
-        host, port = self.transport.local_via(transport)
+    def contact(self, transport: str, local: tuple[str, int] | None = None) -> str:
+        host, port = local or self.transport.local_via(transport)
         suffix = "" if transport == "udp" else f";transport={transport}"
         return f"<sip:{self.user}@{host}:{port}{suffix}>"
 

@@ -16,7 +16,7 @@ Matching an incoming Contact to an existing binding of the AOR, first rule that 
 from __future__ import annotations
 
 import email.utils
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -136,6 +136,10 @@ class Registrar:
         # RFC 5626 §4.4.1: seconds within which an outbound device must send a keep-alive on a
         # TCP/TLS flow (0: no Flow-Timer; the device then uses its default)
         self.flow_timer = flow_timer
+        # cluster (set by ops): our own Path entry for a binding registered over a flow, put first
+        # (RFC 3327: the registrar's own hop), (flow, outbound) -> entry. It is not echoed in the 200:
+        # the device never sees it, the other nodes route to it. None: a single node.
+        self.path_stamp: Callable[[Flow, bool], str] | None = None
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -364,7 +368,7 @@ class Registrar:
             flow_id=flow.id if flow is not None else None,
             flow_live=bool(flow is not None and getattr(flow, "live", True)),
             received=self._received(request, flow),
-            path=request.header_values("Path"),
+            path=self._path(request, flow, reg_id is not None),
             user_agent=request.header("User-Agent"),
             pn_provider=pn_provider,
             pn_prid=pn_prid,
@@ -373,6 +377,12 @@ class Registrar:
             node=self.store.node_id,  # the flow is in this node's table ([cluster] node_id)
         )
         return _Plan(contact, expires, binding)
+
+    def _path(self, request: Request, flow: Flow | None, outbound: bool) -> list[str]:
+        path = request.header_values("Path")
+        if self.path_stamp is not None and flow is not None:
+            path.insert(0, self.path_stamp(flow, outbound))
+        return path
 
     @staticmethod
     def _add_cap(outcome: _Outcome, cap: str) -> None:

@@ -39,11 +39,16 @@ class Router:
         self.cancel: CancelHandler | None = None
         self.stray: ResponseHandler | None = None
         self.refuse_new: Callable[[Request], Response | None] | None = None
+        # a proxy in front of everything (cluster relay): sees each request first, ACK included
+        # (stx None), and returns True when it took it; None on a single node
+        self.proxy: Callable[[Request, Any, Any], bool] | None = None
         self.counters: dict[str, int] = {}
 
     def route(self, method: str, handler: RequestHandler, extensions: Iterable[str] = ()) -> None:
         """Send ``method`` requests to ``handler``; ``extensions``: option tags it implements."""
         self.handlers[method] = handler
+        if method not in self.uas.allow:  # what we route we do: Allow says so (405 lists it)
+            self.uas.allow = (*self.uas.allow, method)
         if extensions:
             self.uas.add_extensions(method, extensions)
 
@@ -51,6 +56,8 @@ class Router:
 
     def request_received(self, request: Request, stx: Any, flow: Any) -> None:
         self.counters[request.method] = self.counters.get(request.method, 0) + 1
+        if self.proxy is not None and self.proxy(request, stx, flow):
+            return
         if stx is None:
             if self.ack is not None:
                 self.ack(request, flow)

@@ -172,8 +172,9 @@ class FakePort:
         self.retransmits.append(handle)
         return handle
 
-    def contact(self, transport: str) -> str:
-        return f"<sip:b2bua@192.0.2.10:5060;transport={transport}>"
+    def contact(self, transport: str, local: tuple[str, int] | None = None) -> str:
+        host, port = local or ("192.0.2.10", 5060)
+        return f"<sip:b2bua@{host}:{port};transport={transport}>"
 
     def flow_live(self, flow_id: str | None) -> bool:
         return flow_id is not None and flow_id not in self.dead_flows

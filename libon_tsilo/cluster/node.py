@@ -1,0 +1,152 @@
+"""This node's place in a cluster: its internal listener, its Path entries, and where a Path leads.
+
+RFC 3327 Path with RFC 5626 flow tokens (issue 14): a device's TCP/TLS connection ends on one node,
+and only that node can reach it. So the node that accepts a REGISTER records itself as the binding's
+first Path entry, ``<sip:TOKEN@INTERNAL-HOST:PORT;transport=T;lr>`` (``;ob`` for an outbound
+binding), where INTERNAL is ``[cluster] node_address`` and TOKEN names the flow (flow_token.py). Any
+node that forks a call to the binding reads that entry: its own entry means "fork locally, over the
+flow" (no hop), another node's means "send the INVITE there, with the Path as Route set"
+(:meth:`ClusterNode.next_hop`); the other node relays it (relay.py).
+
+Trust: the internal listener accepts requests only from ``[cluster] trusted_peers`` and the peers'
+hosts (:meth:`trusts`); requests between nodes never come in on the public listeners.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from libon_tsilo.cluster.flow_token import FlowRef, FlowTokens
+from libon_tsilo.sip.errors import ParseError
+from libon_tsilo.sip.headers import NameAddr
+from libon_tsilo.sip.limits import SourceFilter
+from libon_tsilo.sip.listen import ListenSpec, format_hostport, is_ip_literal, parse_listen_spec, same_ip
+from libon_tsilo.sip.uri import URI
+
+if TYPE_CHECKING:
+    from libon_tsilo.sip.flow import Flow
+    from libon_tsilo.sip.transport import TransportLayer
+
+__all__ = ["ClusterNode", "NodeHop"]
+
+# where a forked INVITE goes to reach another node: (transport, host, port, our internal (host, port))
+NodeHop = tuple[str, str, int, tuple[str, int]]
+
+
+class ClusterNode:
+    """The internal address of this node and the Path entries naming it (see the module doc)."""
+
+    def __init__(
+        self,
+        transport: TransportLayer,
+        node_address: str,
+        secret: bytes,
+        trusted_peers: list[str] | tuple[str, ...] = ("127.0.0.0/8", "::1/128"),
+        peers: list[str] | tuple[str, ...] = (),
+    ) -> None:
+        self.transport = transport
+        self.spec: ListenSpec = parse_listen_spec(node_address)
+        self.secret = secret
+        hosts = [parse_listen_spec(p).host for p in peers]
+        peer_nets = [f"{h}/{128 if ':' in h else 32}" for h in hosts if is_ip_literal(h)]
+        self.trusted = SourceFilter([*trusted_peers, *peer_nets])
+        self._tokens: FlowTokens | None = None
+        self._bound: tuple[str, int] | None = None
+
+    # -- the internal listener (known once the transport listens: its port may be OS-picked) ----
+
+    @property
+    def bound(self) -> tuple[str, int]:
+        """(host, port) the internal listener is bound to (ops lists it last in the transport's specs,
+        and the transport binds in spec order: the last entry with our spec is ours)."""
+        if self._bound is None:
+            specs = self.transport.specs
+            try:
+                index = len(specs) - 1 - specs[::-1].index(self.spec)
+                _, host, port = self.transport.bound[index]
+            except (ValueError, IndexError):
+                raise RuntimeError(f"the internal listener {self.spec} is not listening") from None
+            self._bound = (host, port)
+        return self._bound
+
+    @property
+    def via_address(self) -> tuple[str, int]:
+        """Our internal (host, port) as written in a Via, Contact or URI (IPv6 bracketed)."""
+        host, port = self.bound
+        return (f"[{host}]" if ":" in host else host, port)
+
+    @property
+    def address_text(self) -> str:
+        host, port = self.bound
+        return f"{self.spec.transport}:{format_hostport(host, port)}"
+
+    @property
+    def tokens(self) -> FlowTokens:
+        if self._tokens is None:
+            self._tokens = FlowTokens(self.secret, self.address_text)
+        return self._tokens
+
+    def is_internal(self, flow: Flow) -> bool:
+        """Did this message come in on the internal listener?"""
+        key = flow.key
+        host, port = self.bound
+        return key.transport == self.spec.transport and key.local[1] == port and same_ip(key.local[0], host)
+
+    def trusts(self, flow: Flow) -> bool:
+        return flow.key.remote[0] in self.trusted
+
+    def is_self(self, uri: URI) -> bool:
+        host, port = self.bound
+        return (uri.port or 5060) == port and same_ip(uri.host_bare, host) \
+            and (uri.transport or "udp") == self.spec.transport
+
+    # -- Path entries -------------------------------------------------------------------------------
+
+    def path_entry(self, flow: Flow, outbound: bool) -> str:
+        """Our Path entry for a binding registered over ``flow`` (the registrar's ``path_stamp``)."""
+        remote_host, remote_port = flow.key.remote
+        token = self.tokens.mint(FlowRef(flow.id, flow.key.transport, remote_host, remote_port))
+        return f"<{self.uri(token)}{';ob' if outbound else ''}>"
+
+    def uri(self, token: str) -> str:
+        """Our internal SIP URI carrying ``token``: a Path and Record-Route entry towards peers."""
+        host, port = self.via_address
+        return f"sip:{token}@{host}:{port};transport={self.spec.transport};lr"
+
+    def public_uri(self, token: str, transport: str) -> str:
+        """Our public SIP URI carrying ``token``, for the Record-Route a device sees."""
+        host, port = self.transport.local_via(transport)
+        suffix = "" if transport == "udp" else f";transport={transport}"
+        return f"sip:{token}@{host}:{port}{suffix};lr"
+
+    def own_flow(self, route: str) -> tuple[FlowRef, str] | None:
+        """The flow a Route/Path entry of ours names, and its token; None when the entry is not ours."""
+        try:
+            uri = NameAddr.parse(route).uri
+        except ParseError:
+            return None
+        user = getattr(uri, "user", None)
+        ref = self.tokens.read(user) if user else None
+        return (ref, user) if ref is not None and user else None
+
+    def next_hop(self, path: list[str]) -> tuple[list[str], NodeHop | None] | None:
+        """Where a call to a binding with this Path goes (the call layer's ``path_router``).
+
+        None: the Path does not start at a cluster node (an edge proxy's: as a single node does).
+        ``(rest, None)``: it starts with our own entry: fork over the flow, with the rest as Route.
+        ``(path, hop)``: send to the node of its first entry, with the whole Path as Route.
+        """
+        try:
+            uri = NameAddr.parse(path[0]).uri
+        except (ParseError, IndexError):
+            return None
+        if not isinstance(uri, URI) or uri.scheme != "sip" or not uri.user or "lr" not in uri.params:
+            return None
+        if self.is_self(uri):
+            return (path[1:], None) if self.tokens.read(uri.user) is not None else None
+        if uri.host_bare not in self.trusted:
+            return None  # not a node of ours: an edge proxy's Path
+        transport = uri.transport or "udp"
+        if transport not in ("udp", "tcp"):
+            return None
+        return (path, (transport, uri.host_bare, uri.port or 5060, self.via_address))

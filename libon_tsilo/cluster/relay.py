@@ -1,0 +1,255 @@
+"""The edge side of a cross-node call: relay requests between another node and a device's flow.
+
+A transaction-stateful proxy (RFC 3261 §16) with two faces, sitting in front of the router
+(``Router.proxy``):
+
+- **From a peer node, on the internal listener** (the INVITE a peer forked to a binding whose Path
+  starts with us, its ACK and CANCEL, and the in-dialog requests that peer sends to the device):
+  the top Route is ours and its flow token names the device's flow. We pop our Route entries,
+  decrement Max-Forwards, add our Via and, for a dialog-creating INVITE, two Record-Route entries
+  carrying the token (RFC 5658 double Record-Route: the device sees our public address, the peer
+  our internal one), and send over that flow. A TCP/TLS flow that is gone gets 430 Flow Failed
+  (RFC 5626 §5.3): the forking node fails over to the device's next flow.
+- **From the device, on a public listener** (BYE, re-INVITE... inside such a dialog): the Route is
+  our public Record-Route entry. It is honoured only over the flow its token names (or from that
+  device's address), and only towards a trusted peer (``[cluster] trusted_peers``): we are nobody's
+  open relay.
+
+Requests on the internal listener from an untrusted source get 403; a trusted peer's request there
+that is neither for a flow of ours nor inside a dialog gets 403 too (the registrar and the call
+layer serve the public listeners only). Responses are relayed back on the server transaction, 2xx
+retransmissions included; ACK for 2xx is forwarded statelessly.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.logger import Logger
+
+from libon_tsilo import logflags
+from libon_tsilo.cluster.flow_token import FlowRef
+from libon_tsilo.cluster.node import ClusterNode
+from libon_tsilo.sip.errors import ParseError
+from libon_tsilo.sip.headers import NameAddr
+from libon_tsilo.sip.message import (
+    Request, Response, log_call_id, make_response, new_branch, new_tag, parse_message,
+)
+from libon_tsilo.sip.transport import Target, TransportError
+from libon_tsilo.sip.uri import URI
+
+if TYPE_CHECKING:
+    from libon_tsilo.sip.flow import Flow
+    from libon_tsilo.sip.transaction import TransactionLayer
+
+__all__ = ["Relay"]
+
+log = Logger()
+
+_STREAMS = ("tcp", "tls")
+
+
+class Relay:
+    """See the module doc. ``handle`` is the router's proxy hook; ``wrap_cancel`` its CANCEL hook."""
+
+    def __init__(self, node: ClusterNode, transactions: TransactionLayer) -> None:
+        self.node = node
+        self.layer = transactions
+        self.transport = transactions.transport
+        # INVITE server transactions we relay -> the client transaction towards the other side
+        self._pending: dict[Any, Any] = {}
+        # "to_device", "to_peer", "flow_failed", "refused_untrusted", "refused_not_relay", ...
+        self.counters: Counter[str] = Counter()
+
+    # -- the router's hooks ----------------------------------------------------------------------
+
+    def handle(self, req: Request, stx: Any, flow: Flow) -> bool:
+        """True when the request was ours to relay or refuse; False: the router handles it."""
+        node = self.node
+        if node.is_internal(flow):
+            if not node.trusts(flow):
+                self._refuse(req, stx, 403, "Forbidden", "refused_untrusted", flow)
+                return True
+            if req.has_header("route") and node.own_flow(req.header_values("route")[0]) is not None:
+                out = _copy(req)
+                own = self._pop_own_routes(out)
+                if own is not None:
+                    self._to_device(req, out, stx, *own)
+                    return True
+            if req.to.tag is None and req.method not in ("ACK", "CANCEL"):
+                self._refuse(req, stx, 403, "Not A Relayed Request", "refused_not_relay", flow)
+                return True
+            return False  # a peer's in-dialog request for one of our own calls
+        if not req.has_header("route"):
+            return False
+        first = req.header_values("route")[0]
+        if node.own_flow(first) is None:
+            return False
+        out = _copy(req)
+        own = self._pop_own_routes(out)
+        if own is None:  # own_flow() just read the same entry
+            return False
+        self._to_peer(req, out, stx, own[0], flow)
+        return True
+
+    def wrap_cancel(self, cancel_handler: Callable[[Request, Any, Any, Any], None] | None
+                    ) -> Callable[[Request, Any, Any, Any], None]:
+        """The router's CANCEL hook: a CANCEL for an INVITE we relay is ours, others go on."""
+
+        def on_cancel(cancel: Request, invite_stx: Any, flow: Any, stx: Any) -> None:
+            ctx = self._pending.get(invite_stx) if invite_stx is not None else None
+            if ctx is None:
+                if cancel_handler is not None:
+                    cancel_handler(cancel, invite_stx, flow, stx)
+                elif stx is not None:
+                    stx.respond(make_response(cancel, 481, to_tag=new_tag()))
+                return
+            stx.respond(make_response(cancel, 200, to_tag=new_tag()))
+            ctx.cancel()  # the INVITE's 487 comes back from the device and is relayed as usual
+            self.counters["cancelled"] += 1
+
+        return on_cancel
+
+    def stats(self) -> dict[str, int]:
+        return {"pending_invites": len(self._pending), **self.counters}
+
+    # -- the two directions --------------------------------------------------------------------
+
+    def _to_device(self, req: Request, out: Request, stx: Any, ref: FlowRef, token: str) -> None:
+        """``req`` as received (its server transaction answers with its Vias), ``out`` what we send."""
+        if not self._hop_count(req, out, stx):
+            return
+        flow = self.transport.flows.get(ref.flow_id)
+        if flow is not None and not flow.live:
+            flow = None
+        if flow is None and ref.transport in _STREAMS:
+            # RFC 5626 §5.3: the flow is gone; the forking node tries the device's next one
+            self._refuse(req, stx, 430, "Flow Failed", "flow_failed", None)
+            return
+        if out.method == "INVITE" and out.to.tag is None:
+            # RFC 5658: the device (UAS) routes by the top entry, the peer (UAC) by the bottom one
+            out.add_header("Record-Route", f"<{self.node.uri(token)}>", first=True)
+            out.add_header("Record-Route", f"<{self.node.public_uri(token, ref.transport)}>", first=True)
+        host, port = self.transport.local_via(ref.transport, ref.host)
+        self._stamp_via(out, ref.transport, host, port)
+        target = Target(ref.transport, ref.host, ref.port)
+        self.counters["to_device"] += 1
+        self._forward(out, stx, target, flow)
+
+    def _to_peer(self, req: Request, out: Request, stx: Any, ref: FlowRef, flow: Flow) -> None:
+        # only the device the token names may use it, and only towards one of our nodes
+        if flow.id != ref.flow_id and flow.key.remote[0] != ref.host:
+            self._refuse(req, stx, 403, "Forbidden", "refused_wrong_flow", flow)
+            return
+        target = self._next_target(out)
+        if target is None:
+            self._refuse(req, stx, 403, "Not A Cluster Node", "refused_not_peer", flow)
+            return
+        if not self._hop_count(req, out, stx):
+            return
+        host, port = self.node.via_address
+        self._stamp_via(out, target.transport, host, port)
+        self.counters["to_peer"] += 1
+        self._forward(out, stx, target, None)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _pop_own_routes(self, req: Request) -> tuple[FlowRef, str] | None:
+        """Remove the leading Route entries that are ours (valid tokens): the flow the first names,
+        and its token; None when the top Route is not ours (nothing removed)."""
+        if not req.has_header("route"):
+            return None
+        routes = req.header_values("route")
+        first = None
+        n = 0
+        for route in routes:
+            found = self.node.own_flow(route)
+            if found is None:
+                break
+            first = first or found
+            n += 1
+        if first is not None:
+            req.remove_header("route")
+            for route in routes[n:]:
+                req.add_header("Route", route)
+        return first
+
+    def _next_target(self, req: Request) -> Target | None:
+        routes = req.header_values("route") if req.has_header("route") else []
+        try:
+            uri = NameAddr.parse(routes[0]).uri if routes else req.uri
+        except ParseError:
+            return None
+        if not isinstance(uri, URI) or uri.scheme != "sip" or uri.host_bare not in self.node.trusted:
+            return None
+        transport = (uri.transport or "udp").lower()
+        if transport not in ("udp", "tcp"):
+            return None
+        return Target(transport, uri.host_bare, uri.port or 5060, None, self.node.bound)
+
+    def _hop_count(self, req: Request, out: Request, stx: Any) -> bool:
+        mf = req.max_forwards
+        if mf is None:
+            mf = 70
+        if mf <= 0:
+            self._refuse(req, stx, 483, "Too Many Hops", "too_many_hops", None)
+            return False
+        out.set_header("Max-Forwards", str(mf - 1))
+        return True
+
+    @staticmethod
+    def _stamp_via(req: Request, transport: str, host: str, port: int) -> None:
+        via = f"SIP/2.0/{transport.upper()} {host}:{port};branch={new_branch()};rport"
+        req.add_header("Via", via, first=True)
+
+    def _forward(self, req: Request, stx: Any, target: Target, flow: Flow | None) -> None:
+        if req.method == "ACK":  # for a 2xx: end to end, no transaction (RFC 3261 §16.7 step 10)
+            try:
+                self.transport.send_request(req, target, flow)
+            except TransportError as exc:
+                log.info("relayed ACK not sent: {err}", err=exc, call_id=log_call_id(req))
+            return
+        sent: list[Any] = []  # the client transaction, for its callback (which never runs synchronously)
+        ctx = self.layer.send_request(req, target, flow, lambda resp: self._response(stx, sent[0], resp))
+        sent.append(ctx)
+        if req.method == "INVITE":
+            self._pending[stx] = ctx
+        if logflags.debug_enabled:
+            log.debug("relayed {method} to {host}:{port}", method=req.method, host=target.host,
+                      port=target.port, call_id=log_call_id(req))
+
+    def _response(self, stx: Any, ctx: Any, resp: Response) -> None:
+        status = resp.status
+        if status == 100:
+            return  # hop by hop: our server transaction sent its own
+        if status >= 200:
+            self._pending.pop(stx, None)
+        if ctx.failed_locally:
+            # our own 408/503 (timeout, transport error): not a response to relay as the far end's;
+            # a stream that could not carry the request is a failed flow (RFC 5626 §5.3)
+            if status == 503 and ctx.target.transport in _STREAMS:
+                self._refuse(stx.request, stx, 430, "Flow Failed", "flow_failed", None)
+            else:
+                stx.respond(make_response(stx.request, status, resp.reason, to_tag=new_tag()))
+            return
+        resp.remove_top_via()
+        stx.respond(resp)
+
+    def _refuse(
+        self, req: Request, stx: Any, status: int, reason: str, counter: str, flow: Flow | None
+    ) -> None:
+        self.counters[counter] += 1
+        log.info("relay: {method} refused with {status} {reason}{source}", method=req.method, status=status,
+                 reason=reason, source=f" from {flow.key.remote[0]}" if flow is not None else "",
+                 call_id=log_call_id(req))
+        if stx is not None:  # an ACK gets no answer
+            stx.respond(make_response(req, status, reason, to_tag=new_tag()))
+
+
+def _copy(req: Request) -> Request:
+    """A copy to forward: the server transaction keeps the request as it came (its Vias answer)."""
+    out = parse_message(req.to_bytes())
+    assert isinstance(out, Request)
+    return out
