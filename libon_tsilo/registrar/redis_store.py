@@ -199,6 +199,7 @@ class RedisBindingStore:
         self.rows_skipped = 0  # changes refused while Redis was down, or lost with a failed write
         self.rows_retried = 0  # never: a failed write is repaired by the resync (module doc)
         self.messages_applied = 0  # changes of other nodes applied to the replica
+        self.failed_batches = 0  # batches failed in a row (logged at the first)
 
     @property
     def up(self) -> bool:
@@ -450,10 +451,17 @@ class RedisBindingStore:
         if failure is None:
             self.commits += 1
             self.rows_written += n
+            if self.failed_batches:
+                log.info("location redis: writes work again, after {n} failed batches", n=self.failed_batches)
+                self.failed_batches = 0
         else:
             self.rows_skipped += n
-            log.warn("location redis: a batch of {n} changes was not written: {err}", n=n,
-                     err=f"{failure.type.__name__}: {failure.getErrorMessage()}")
+            # logged when writes start failing, not for every batch (a REGISTER flood against a
+            # Redis that refuses our script would log thousands of lines); counted in rows_skipped
+            if not self.failed_batches:
+                log.warn("location redis: writes fail, REGISTERs get 500: {err}",
+                         err=f"{failure.type.__name__}: {failure.getErrorMessage()}")
+            self.failed_batches += 1
         for aor, d in batch.waiters:
             if failure is not None and aor is not None:
                 d.errback(NotStored(f"redis: {failure.getErrorMessage() or failure.type.__name__}"))

@@ -373,3 +373,36 @@ async def test_a_binding_refused_before_the_first_load_is_removed_with_its_event
     assert [(k, x.contact_uri, why) for k, x, why in a.events.events] == [
         ("added", early.contact_uri, None), ("removed", early.contact_uri, "resync")
     ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_failing_writes_are_logged_once_until_they_work_again(
+    redis_server: RedisServer, nodes: list[Node]
+) -> None:
+    # an ACL user without +@scripting: connected (reads work) but every batch is refused
+    assert redis_server.cli("ACL", "SETUSER", "noscript", "on", ">pw", "~test:*", "&test:*", "+@read",
+                            "+@write", "+@pubsub", "+@connection") == b"+OK"
+    a = _node(nodes, redis_server, "a")
+    a.redis.client = make_redis_client(redis_server.url, username="noscript", password="pw")
+    events: list[str] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "libon_tsilo.registrar.redis_store":
+            events.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        await a.start()
+        for i in range(3):
+            a.store.add_or_update(make_binding(uri=f"sip:n{i}@192.0.2.1", expires_at=60.0))
+            d = a.store.when_durable("sip:alice@example.com")
+            assert d is not None
+            with pytest.raises(NotStored):
+                await d
+        assert a.redis.failed_batches == 3
+        assert redis_server.cli("ACL", "SETUSER", "noscript", "+@scripting") == b"+OK"
+        await a.write(make_binding(uri="sip:ok@192.0.2.1", expires_at=60.0))
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert sum("writes fail" in e for e in events) == 1, events
+    assert sum("writes work again, after 3 failed batches" in e for e in events) == 1, events
