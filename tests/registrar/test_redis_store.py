@@ -406,3 +406,25 @@ async def test_failing_writes_are_logged_once_until_they_work_again(
         globalLogPublisher.removeObserver(observer)
     assert sum("writes fail" in e for e in events) == 1, events
     assert sum("writes work again, after 3 failed batches" in e for e in events) == 1, events
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_change_made_while_the_load_runs_is_not_missed(redis_server: RedisServer, nodes: list[Node]) -> None:
+    b = _node(nodes, redis_server, "b")
+    await b.start()
+    gone = make_binding(expires_at=60.0, node="b")
+    await b.write(gone)
+    a = _node(nodes, redis_server, "a")
+    load_all = a.redis._load_all
+
+    async def load_then_remove() -> list[Any]:
+        loaded = await load_all()  # holds `gone`...
+        b.store.remove(b.store.lookup(gone.aor)[0], "unregistered")  # ...which goes before a applies it
+        await b.store.flush().asFuture(a.redis.loop)  # this runs in a's asyncio feed task
+        return loaded
+
+    a.redis._load_all = load_then_remove  # type: ignore[method-assign]
+    await a.start()
+    # the feed was subscribed before the load: the removal is applied after it
+    await until(lambda: a.redis.messages_applied == 1, "the removal on a")
+    assert a.store.lookup(gone.aor) == []
