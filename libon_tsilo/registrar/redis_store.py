@@ -17,7 +17,8 @@ this module writes the node's changes to Redis and applies the other nodes' chan
   ``when_committed`` fires when Redis answered the script: a REGISTER's 200 promises the binding
   is in Redis.
 * Expiry is not written: Redis drops the key at its TTL and every replica removes the binding on
-  its own timer at the same absolute time (``expires_at`` is wall-clock time in the JSON).
+  its own timer at the same absolute time (``expires_at`` is wall-clock time in the JSON: the nodes'
+  clocks must agree, as NTP keeps them, or a binding lives a little longer on one than another).
 * A feed task (asyncio, on the reactor's loop) subscribes first, then loads every binding with
   SCAN (never KEYS) and hands them to ``LocationStore.resync``, then applies each message of other
   processes (``apply_remote``/``apply_remote_removal``: the same BindingEvents a local REGISTER
