@@ -50,9 +50,9 @@ def _resp(*args: str | bytes) -> bytes:
 class RedisServer:
     """One redis-server process on a fixed loopback port, restartable on that port."""
 
-    def __init__(self, directory: Path, password: str = "") -> None:
+    def __init__(self, directory: Path, password: str = "", port: int = 0) -> None:
         self.dir = directory
-        self.port = _free_tcp_port()
+        self.port = port or _free_tcp_port()  # benchmarks pass a port of their own range
         self.password = password
         self.proc: subprocess.Popen[bytes] | None = None
 

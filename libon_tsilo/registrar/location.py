@@ -312,8 +312,9 @@ class LocationStore:
         """Make this replica hold exactly ``bindings`` (all of Redis, at start or after a reconnect).
 
         A binding this replica already has in the same registration is kept as it is (its live flow
-        with it). With ``announce`` (a reconnect), what was added, refreshed or removed meanwhile
-        emits its event, so that calls parked here fork to devices that registered elsewhere. With
+        with it); one it has that Redis has not is removed, with its event. With ``announce`` (a
+        reconnect), what was added or refreshed meanwhile emits its event too, so that calls parked
+        here fork to devices that registered elsewhere. With
         ``keep_own`` (Redis lost its data), this node's own bindings missing from ``bindings`` stay,
         and are returned to be written back.
         """
@@ -345,8 +346,10 @@ class LocationStore:
             events.append(BindingEvent("refreshed" if ident in refreshed else "added", binding))
             self._insert(binding)
         self._schedule()
-        if announce:
-            for event in events:
+        for event in events:
+            # observers always hear of a binding they knew that is gone (e.g. one a REGISTER added
+            # before the first load, refused 500); the rest only after a reconnect
+            if announce or event.kind == "removed":
                 self._emit(event)
         return kept
 

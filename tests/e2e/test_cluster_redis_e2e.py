@@ -4,8 +4,10 @@
 - a UDP call parked on A (SIPp caller) is late-forked when the device (SIPp device) registers on B:
   A's silo hears B's change from Redis and sends the INVITE straight to the device's address;
 - Redis restarts (empty): while it is down a REGISTER gets 500 with Retry-After and A still serves
-  the binding it knows (ul.lookup); both nodes reconnect by themselves (``stats`` says so), B writes
-  its binding back, and a new REGISTER on B reaches A again.
+  the binding it knows (ul.dump); both nodes reconnect by themselves (``stats`` says so), B writes
+  its binding back, and a new REGISTER on B reaches A again;
+- while Redis is down, a call arriving on A reaches a device registered on B (A's copy), and once
+  Redis is back the device's unREGISTER on B reaches A.
 """
 
 from __future__ import annotations
@@ -122,3 +124,23 @@ def test_both_nodes_ride_out_a_redis_restart(cluster, procs, tmp_path: Path, red
     for node in (a, b):
         assert _redis_state(node)["loads"] == 2
         assert not node.tracebacks(), node.output()[-4000:]
+
+
+def test_calls_to_known_devices_go_on_while_redis_is_down(
+    cluster, procs, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    a, b = cluster
+    device = add_device(procs, b, tmp_path, "frank")  # registered on b, known to a through Redis
+    device.wait_registered()
+    wait_until(lambda: _contacts(a, f"sip:frank@{HOST}"), 5, "frank's binding on node a")
+    redis_server.stop()
+    wait_until(lambda: _redis_state(a)["state"] == "down", 10, "node a to see redis down")
+    caller = Sipp(a, "caller_answered.xml", tmp_path, service="frank", pause_ms=100)
+    procs.append(caller)
+    assert_caller_ok(caller, a)  # a reaches the device from its own copy of the binding
+    assert len(device.sipp.log_lines("ANSWERED-AND-HUNG-UP ")) == 1, device.sipp.explain()
+    redis_server.start()
+    wait_until(lambda: _redis_state(a)["up"] and _redis_state(b)["up"], 15, "both nodes to reconnect")
+    device.stop()  # its unREGISTER on b reaches a again
+    device.assert_no_failures()
+    wait_until(lambda: not _contacts(a, f"sip:frank@{HOST}"), 5, "frank's binding to leave node a")

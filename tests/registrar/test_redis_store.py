@@ -8,19 +8,23 @@ conditions (``until``), never on a fixed sleep.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 
 from libon_tsilo.registrar.location import LocationStore, NotStored
 from libon_tsilo.registrar.redis_store import RedisBindingStore, binding_redis_key, make_redis_client
 from tests.redis_server import RedisServer
 from tests.registrar.helpers import RecordingObserver, make_binding
+from tests.waiting import wait_until
 
 PREFIX = "test:"
 
@@ -229,3 +233,198 @@ async def test_a_flow_closing_only_touches_this_nodes_bindings(
     await until(lambda: b.store.lookup(theirs.aor), "the add on b")
     assert b.store.flow_closed("tcp#1") == []  # b's own connection tcp#1 is another device
     assert b.store.lookup(theirs.aor)[0].flow_live
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_down_is_logged_once_per_change_of_state(redis_server: RedisServer, nodes: list[Node]) -> None:
+    events: list[dict[str, Any]] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "libon_tsilo.registrar.redis_store":
+            events.append(event)
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        a = _node(nodes, redis_server, "a")
+        await a.start()
+        redis_server.stop()
+        await until(lambda: a.redis.state == "down", "redis down")
+        # several reconnection attempts fail (backoff 20 ms to 100 ms): still one warning
+        await deferLater(reactor, 0.5, lambda: None)
+        redis_server.start()
+        await until(lambda: a.redis.up, "the reconnect")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    texts = [formatEvent(e) for e in events]
+    assert sum("unreachable" in t for t in texts) == 1, texts
+    assert [t.split(",")[0] for t in texts if "bindings loaded" in t] == [
+        "location redis: connected", "location redis: reconnected"
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_password_in_the_url_logs_in(tmp_path: Path, nodes: list[Node]) -> None:
+    server = RedisServer(tmp_path, password="s3cret")
+    server.start()
+    try:
+        a = _node(nodes, server, "a")
+        await a.start()
+        await a.write(make_binding(expires_at=60.0))
+        assert server.cli("DBSIZE") == b":2"  # the epoch and the binding
+        # an ACL user restricted to the prefix, with the rights etc/libon-tsilo.toml documents
+        assert server.cli("ACL", "SETUSER", "tsilo", "on", ">pw", "~test:*", "&test:*", "+@read", "+@write",
+                          "+@pubsub", "+@scripting", "+@connection", "-@dangerous", "+info") == b"+OK"
+        limited = _node(nodes, server, "c")
+        limited.redis.client = make_redis_client(server.url, username="tsilo", password="pw")
+        await limited.start()
+        await limited.write(make_binding(uri="sip:acl@192.0.2.4", expires_at=60.0))
+        await until(lambda: "sip:acl@192.0.2.4" in [x.contact_uri for x in a.store.lookup("sip:alice@example.com")],
+                    "the limited user's change on a")
+        # a wrong password: the node stays down (writes fail), it does not crash
+        wrong = RedisBindingStore(make_redis_client(server.url, password="nope"), Clock(), key_prefix=PREFIX)
+        store = LocationStore(Clock(), wrong)
+        store.start()
+        await until(lambda: wrong.state == "down", "the refused login")
+        store.add_or_update(make_binding(expires_at=60.0))
+        d = store.when_durable("sip:alice@example.com")
+        assert d is not None
+        with pytest.raises(NotStored):
+            await d
+        await store.stop()
+    finally:
+        for node in nodes:
+            await node.store.stop()
+        nodes.clear()
+        server.stop()
+
+
+@pytest.fixture
+def sentinel(redis_server: RedisServer, tmp_path: Path) -> Iterator[int]:
+    """A real redis-sentinel watching the fixture's server as master "tsilo"."""
+    port = RedisServer(tmp_path).port  # a free port
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(f"port {port}\nbind 127.0.0.1\nsentinel monitor tsilo 127.0.0.1 {redis_server.port} 1\n")
+    proc = subprocess.Popen(["redis-server", str(conf), "--sentinel"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    probe = RedisServer(tmp_path, port=port)
+    try:
+        wait_until(lambda: _answers(probe), 10, "the sentinel")
+        yield port
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def _answers(server: RedisServer) -> bool:
+    try:
+        return server.cli("PING") == b"+PONG"
+    except OSError:
+        return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_master_is_found_through_sentinel(redis_server: RedisServer, sentinel: int) -> None:
+    client = make_redis_client("redis:///0", sentinels=(f"127.0.0.1:{sentinel}",), service_name="tsilo")
+    store = LocationStore(Clock(), RedisBindingStore(client, Clock(), key_prefix=PREFIX))
+    store.start()
+    try:
+        await until(lambda: store.redis_stats()["up"], "the master found through the sentinel")  # type: ignore[index]
+        b = make_binding(expires_at=60.0)
+        store.add_or_update(b)
+        d = store.when_durable(b.aor)
+        assert d is not None
+        await d
+        assert redis_server.cli("EXISTS", binding_redis_key(b"test:", b.aor, b.key)) == b":1"
+    finally:
+        await store.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_that_does_not_parse_is_skipped(redis_server: RedisServer, nodes: list[Node]) -> None:
+    a, b = _node(nodes, redis_server, "a"), _node(nodes, redis_server, "b")
+    await a.start()
+    await b.start()
+    for junk in (b"garbage", b"x {not json", b'x {"a": "sip:z@h", "ops": [["s", {"aor": 1}]]}',
+                 b'x {"a": "sip:z@h", "ops": [["s", {"aor": "sip:z@h", "expires_at": "soon"}]]}', b"\xff\xfe"):
+        assert redis_server.cli("PUBLISH", "test:bindings", junk) == b":2"
+    good = make_binding(expires_at=60.0)
+    await a.write(good)
+    await until(lambda: b.store.lookup(good.aor), "the good change after the junk")
+    assert b.events.kinds() == ["added"] and b.redis.up
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_binding_refused_before_the_first_load_is_removed_with_its_event(
+    redis_server: RedisServer, nodes: list[Node]
+) -> None:
+    redis_server.stop()
+    a = _node(nodes, redis_server, "a")
+    a.store.start()
+    await until(lambda: a.redis.state == "down", "redis down")
+    early = make_binding(expires_at=60.0, node="a")
+    a.store.add_or_update(early)
+    d = a.store.when_durable(early.aor)
+    assert d is not None
+    with pytest.raises(NotStored):  # its REGISTER got 500
+        await d
+    redis_server.start()
+    await until(lambda: a.redis.up, "the first load")
+    assert a.store.lookup(early.aor) == []
+    assert [(k, x.contact_uri, why) for k, x, why in a.events.events] == [
+        ("added", early.contact_uri, None), ("removed", early.contact_uri, "resync")
+    ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_failing_writes_are_logged_once_until_they_work_again(
+    redis_server: RedisServer, nodes: list[Node]
+) -> None:
+    # an ACL user without +@scripting: connected (reads work) but every batch is refused
+    assert redis_server.cli("ACL", "SETUSER", "noscript", "on", ">pw", "~test:*", "&test:*", "+@read",
+                            "+@write", "+@pubsub", "+@connection") == b"+OK"
+    a = _node(nodes, redis_server, "a")
+    a.redis.client = make_redis_client(redis_server.url, username="noscript", password="pw")
+    events: list[str] = []
+
+    def observer(event: dict[str, Any]) -> None:
+        if event.get("log_namespace") == "libon_tsilo.registrar.redis_store":
+            events.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    try:
+        await a.start()
+        for i in range(3):
+            a.store.add_or_update(make_binding(uri=f"sip:n{i}@192.0.2.1", expires_at=60.0))
+            d = a.store.when_durable("sip:alice@example.com")
+            assert d is not None
+            with pytest.raises(NotStored):
+                await d
+        assert a.redis.failed_batches == 3
+        assert redis_server.cli("ACL", "SETUSER", "noscript", "+@scripting") == b"+OK"
+        await a.write(make_binding(uri="sip:ok@192.0.2.1", expires_at=60.0))
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert sum("writes fail" in e for e in events) == 1, events
+    assert sum("writes work again, after 3 failed batches" in e for e in events) == 1, events
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_change_made_while_the_load_runs_is_not_missed(redis_server: RedisServer, nodes: list[Node]) -> None:
+    b = _node(nodes, redis_server, "b")
+    await b.start()
+    gone = make_binding(expires_at=60.0, node="b")
+    await b.write(gone)
+    a = _node(nodes, redis_server, "a")
+    load_all = a.redis._load_all
+
+    async def load_then_remove() -> list[Any]:
+        loaded = await load_all()  # holds `gone`...
+        b.store.remove(b.store.lookup(gone.aor)[0], "unregistered")  # ...which goes before a applies it
+        await b.store.flush().asFuture(a.redis.loop)  # this runs in a's asyncio feed task
+        return loaded
+
+    a.redis._load_all = load_then_remove  # type: ignore[method-assign]
+    await a.start()
+    # the feed was subscribed before the load: the removal is applied after it
+    await until(lambda: a.redis.messages_applied == 1, "the removal on a")
+    assert a.store.lookup(gone.aor) == []
