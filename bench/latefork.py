@@ -3,9 +3,11 @@
     .venv/bin/python bench/latefork.py [--rates 250,500,750,1000] [--duration 10] [--delay-ms 500]
     .venv/bin/python bench/latefork.py --parked 10000
     .venv/bin/python bench/latefork.py --early [--rates ...]    # device registered before the INVITE
+    .venv/bin/python bench/latefork.py --backend redis [--rates ...]  # the location store on Redis
 
 The real server runs on one process over UDP (bench/common.py `serve`: twistd plus a stats
-hook). Two SIPp processes drive it, at the same rate:
+hook), with the memory location store, or ``--backend redis`` (a redis-server started here on
+``--redis-port``; the server then runs the asyncio reactor). Two SIPp processes drive it, at the same rate:
 
 - the caller side (tests/e2e/scenarios/bench_caller.xml): call N INVITEs the per-call AOR
   ``lf<run>-N``; nobody is registered there yet, so the server parks the call;
@@ -62,12 +64,14 @@ from bench.common import (  # noqa: E402
     udp_socket_drops,
 )
 from tests.e2e.proc import free_port  # noqa: E402
+from tests.redis_server import RedisServer  # noqa: E402
 
 SIPP = shutil.which("sipp") or "/usr/bin/sipp"
 PASS_RATIO = 0.999
 # like bench/register.py: the server on CPU 0, SIPp on CPU 1 (--no-pin to let the OS choose)
 SERVER_CPU, SIPP_CPU = 0, 1
 PIN = True
+REDIS: RedisServer | None = None  # --backend redis
 
 
 def sipp_command(server: SipTarget, scenario: str, workdir: Path, name: str, *, calls: int,
@@ -171,10 +175,16 @@ def run_rate(rate: float, args: argparse.Namespace, workdir: Path, run: int) -> 
     twistd_options = []
     if args.profile:
         twistd_options = [f"--profile={workdir / 'server.prof'}", "--profiler=cprofile", "--savestats"]
-    server = start_bench_server(workdir / "server", {
+    extra: dict[str, dict[str, Any]] = {
         "calls": {"ring_timeout": 30, "invite_cancel_grace": 0},
         "log": {"level": args.log_level, "format": args.log_format},
-    }, twistd_options, cpu=SERVER_CPU if PIN else None)
+    }
+    if args.reactor:
+        extra["ops"] = {"reactor": args.reactor}
+    if REDIS is not None:  # --backend redis: the location store on Redis, emptied for each run
+        REDIS.cli("FLUSHALL")
+        extra["location"] = {"backend": "redis", "url": REDIS.url}
+    server = start_bench_server(workdir / "server", extra, twistd_options, cpu=SERVER_CPU if PIN else None)
     print(f"  server: {server.command}")
     try:
         pair = run_pair(server, rate, calls, workdir, prefix, delay_ms=args.delay_ms, early=args.early,
@@ -318,15 +328,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="run the server under twistd's cProfile")
     ap.add_argument("--no-pin", action="store_true", help="do not pin the server to CPU 0 and SIPp to CPU 1")
     ap.add_argument("--keep", type=Path, help="keep the logs in this directory (default: a temp dir)")
+    ap.add_argument("--backend", choices=("memory", "redis"), default="memory",
+                    help="location backend (redis: a redis-server on 127.0.0.1:--redis-port)")
+    ap.add_argument("--redis-port", type=int, default=24380)
+    ap.add_argument("--reactor", choices=("epoll", "asyncio"), help="[ops] reactor (default: auto)")
     args = ap.parse_args(argv)
     global PIN
     PIN = not args.no_pin
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
     base = args.keep or Path(tempfile.mkdtemp(prefix="latefork-"))
     base.mkdir(parents=True, exist_ok=True)
+    global REDIS
+    if args.backend == "redis":
+        REDIS = RedisServer(base, port=args.redis_port)
+        REDIS.start()
     try:
         return parked(args, base) if args.parked else latefork(args, base)
     finally:
+        if REDIS is not None:
+            REDIS.stop()
         if args.keep is None:
             shutil.rmtree(base, ignore_errors=True)
         else:

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """REGISTER throughput of the real server: the highest rate SIPp can sustain at 100 % success.
 
-Run: .venv/bin/python bench/register.py [--memory] [--auth on|off|both] [--seconds 5]
+Run: .venv/bin/python bench/register.py [--backend memory|sqlite|redis] [--auth on|off|both] [--seconds 5]
+                                         [--set section.key=value ...]
      .venv/bin/python bench/register.py --options      # OPTIONS (tests/e2e/scenarios/options.xml)
 
 For every rate tried, a fresh `twistd -n libon-tsilo` process (UDP on a free loopback port, log
-level warn, location backend sqlite unless --memory) gets `-m rate*seconds` registrations from SIPp
+level warn, location backend --backend: sqlite by default; redis starts a redis-server on
+127.0.0.1:--redis-port, emptied before each run) gets `-m rate*seconds` registrations from SIPp
 at `-r rate -rp 1000`:
 
 - auth off: tests/e2e/scenarios/register_bench.xml, one REGISTER per call, a distinct AOR per call
@@ -22,7 +24,8 @@ failed (a lost or late answer is a failed call: -recv_timeout), and the run ende
 on). Rates double from --start until one fails (or --max; they halve when --start already fails),
 then a binary search narrows the gap to --resolution. The figure printed is the achieved rate of
 the best passing run: successful registrations / SIPp's run time (StartTime to the final
-CurrentTime of its stat file).
+CurrentTime of its stat file), with the server's CPU time per registration (utime + stime over
+the run, /proc) and, for redis, redis-server's.
 
 With two or more CPUs the server is pinned to CPU 0 and SIPp to CPU 1 (taskset), so "one process on
 one core" is what is measured. Target with auth off: >= 4,000 REGISTER/s.
@@ -37,13 +40,17 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import cpu_seconds  # noqa: E402
 from tests.e2e.proc import HOST, ServerProcess, free_port, start_server  # noqa: E402
+from tests.redis_server import RedisServer  # noqa: E402
 
 SCENARIOS = ROOT / "tests" / "e2e" / "scenarios"
 TARGET_NOAUTH = 4000
@@ -61,6 +68,8 @@ class Run:
     command: str
 
     nominal: float = 0.0  # calls / rate: how long the run lasts when the server keeps up
+    server_cpu: float = 0.0  # seconds of CPU the server used over the run
+    redis_cpu: float = 0.0  # and redis-server (backend redis)
 
     @property
     def all_ok(self) -> bool:
@@ -114,15 +123,30 @@ def make_user(directory: Path, name: str, password: str) -> Path:
     return directory / "users.sqlite"
 
 
+REDIS: RedisServer | None = None  # --backend redis: one redis-server for every run
+SETTINGS: list[str] = []  # --set
+
+
 def start(
-    directory: Path, auth: bool, memory: bool, users_db: Path | None, pin: list[str] | None
+    directory: Path, auth: bool, backend: str, users_db: Path | None, pin: list[str] | None
 ) -> ServerProcess:
-    extra = {
+    extra: dict[str, dict[str, Any]] = {
         "log": {"level": "warn"},
         "auth": {"enabled": auth, "algorithms": ["MD5"]},
-        "location": {"backend": "memory" if memory else "sqlite"},
+        "location": {"backend": backend},
         "registrar": {"max_expires": 3600, "default_expires": 3600},
     }
+    if REDIS is not None:
+        REDIS.cli("FLUSHALL")
+        extra["location"]["url"] = REDIS.url
+    for setting in SETTINGS:  # --set section.key=value (a TOML value, or a bare string)
+        name, _, raw = setting.partition("=")
+        section, _, key = name.partition(".")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        extra.setdefault(section, {})[key] = value
     if users_db is not None:
         shutil.copy(users_db, directory / "libon-tsilo-users.sqlite")  # the config default, relative
     server = start_server(directory, extra)
@@ -134,10 +158,12 @@ def start(
 OPTIONS = False  # --options: OPTIONS to the server (answered statelessly by the UAS core), no REGISTER
 
 
-def run_rate(rate: int, seconds: float, auth: bool, memory: bool, base: Path, users: Path | None,
+def run_rate(rate: int, seconds: float, auth: bool, backend: str, base: Path, users: Path | None,
              pins: tuple[list[str], list[str]] | None) -> Run:
     directory = Path(tempfile.mkdtemp(prefix=f"rate{rate}-", dir=base))
-    server = start(directory, auth, memory, users, pins[0] if pins else None)
+    server = start(directory, auth, backend, users, pins[0] if pins else None)
+    cpu0 = cpu_seconds(server.pid)
+    redis_cpu0 = cpu_seconds(REDIS.proc.pid) if REDIS is not None and REDIS.proc else 0.0
     calls = max(1, int(rate * seconds))
     scenario = SCENARIOS / ("register_bench_auth.xml" if auth else "register_bench.xml")
     if OPTIONS:
@@ -158,6 +184,8 @@ def run_rate(rate: int, seconds: float, auth: bool, memory: bool, base: Path, us
         proc = subprocess.run(cmd, cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True, timeout=seconds * 4 + 120)
         code = proc.returncode
+        server_cpu = cpu_seconds(server.pid) - cpu0
+        redis_cpu = cpu_seconds(REDIS.proc.pid) - redis_cpu0 if REDIS is not None and REDIS.proc else 0.0
     finally:
         server.stop()
     stats = final_stats(stat_file) if stat_file.exists() else {}
@@ -170,6 +198,8 @@ def run_rate(rate: int, seconds: float, auth: bool, memory: bool, base: Path, us
         exit_code=code,
         command=shlex.join(cmd),
         nominal=calls / rate,
+        server_cpu=server_cpu,
+        redis_cpu=redis_cpu,
     )
     if server.tracebacks():
         print(f"  server logged errors, see {server.log_path}", file=sys.stderr)
@@ -179,17 +209,25 @@ def run_rate(rate: int, seconds: float, auth: bool, memory: bool, base: Path, us
     return run
 
 
+def cpu_per(run: Run) -> str:
+    n = max(run.successful, 1)
+    text = f"server CPU {run.server_cpu / n * 1e6:.0f} us/REGISTER"
+    if REDIS is not None:
+        text += f" + redis-server {run.redis_cpu / n * 1e6:.0f} us"
+    return text
+
+
 def search(args: argparse.Namespace, auth: bool, base: Path, users: Path | None) -> Run | None:
     pins = pinning(not args.no_pin)
     runs: dict[int, Run] = {}
 
     def attempt(rate: int) -> Run:
-        run = run_rate(rate, args.seconds, auth, args.memory, base, users, pins)
+        run = run_rate(rate, args.seconds, auth, args.backend, base, users, pins)
         runs[rate] = run
         verdict = "ok" if run.passed else ("FAIL (fell behind)" if run.all_ok else "FAIL")
         print(
             f"  -r {rate:>6}: {run.successful}/{run.calls} ok, {run.failed} failed, "
-            f"{run.elapsed:.2f}s, {run.achieved:,.0f}/s  {verdict}",
+            f"{run.elapsed:.2f}s, {run.achieved:,.0f}/s, {cpu_per(run)}  {verdict}",
             flush=True,
         )
         return run
@@ -221,9 +259,28 @@ def search(args: argparse.Namespace, auth: bool, base: Path, users: Path | None)
     return runs.get(good)
 
 
+def measure(
+    args: argparse.Namespace, backend: str, base: Path, results: list[tuple[str, Run | None]]
+) -> None:
+    for auth in {"off": [False], "on": [True], "both": [False, True]}[args.auth]:
+        mode = "on (MD5 digest, 401 + 200)" if auth else "off"
+        label = f"REGISTER, auth {mode}, UDP, location {backend}"
+        if OPTIONS:
+            label = "OPTIONS, UDP"
+        print(f"{label}:", flush=True)
+        users = None
+        if auth:
+            users = make_user(base, BENCH_USER, BENCH_PASSWORD)
+            print(f"  user {BENCH_USER} added with libon-tsilo-admin", flush=True)
+        results.append((label, search(args, auth, base, users)))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--memory", action="store_true", help="location backend memory (default: sqlite)")
+    parser.add_argument("--backend", choices=("memory", "sqlite", "redis"), default="sqlite",
+                        help="location backend (redis: a redis-server on --redis-port)")
+    parser.add_argument("--memory", action="store_true", help="the same as --backend memory")
+    parser.add_argument("--redis-port", type=int, default=24379, help="redis-server port (--backend redis)")
     parser.add_argument("--auth", choices=("off", "on", "both"), default="both")
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each run at its rate")
     parser.add_argument("--start", type=int, default=1000, help="first rate (REGISTER/s or registrations/s)")
@@ -232,29 +289,31 @@ def main() -> int:
     parser.add_argument("--options", action="store_true",
                         help="OPTIONS instead of REGISTER (tests/e2e/scenarios/options.xml, auth off)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin server and SIPp to CPUs")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help='a config key for the server, e.g. --set ops.reactor=\'"asyncio"\' (repeatable)')
     args = parser.parse_args()
+    SETTINGS[:] = args.set
     if shutil.which("sipp") is None:
         print("sipp not found (Debian: apt-get install sip-tester)", file=sys.stderr)
         return 2
-    backend = "memory" if args.memory else "sqlite"
-    global OPTIONS
+    if args.memory:
+        args.backend = "memory"
+    backend = args.backend
+    global OPTIONS, REDIS
     OPTIONS = args.options
     if OPTIONS:
         args.auth = "off"
     results: list[tuple[str, Run | None]] = []
     with tempfile.TemporaryDirectory(prefix="bench-register-") as tmp:
         base = Path(tmp)
-        for auth in {"off": [False], "on": [True], "both": [False, True]}[args.auth]:
-            mode = "on (MD5 digest, 401 + 200)" if auth else "off"
-            label = f"REGISTER, auth {mode}, UDP, location {backend}"
-            if OPTIONS:
-                label = "OPTIONS, UDP"
-            print(f"{label}:", flush=True)
-            users = None
-            if auth:
-                users = make_user(base, BENCH_USER, BENCH_PASSWORD)
-                print(f"  user {BENCH_USER} added with libon-tsilo-admin", flush=True)
-            results.append((label, search(args, auth, base, users)))
+        if backend == "redis":
+            REDIS = RedisServer(base, port=args.redis_port)
+            REDIS.start()
+        try:
+            measure(args, backend, base, results)
+        finally:
+            if REDIS is not None:
+                REDIS.stop()
     print()
     ok = True
     for label, best in results:
@@ -265,7 +324,8 @@ def main() -> int:
         unit = "registrations/s (2 REGISTERs each)" if "auth on" in label else "REGISTER/s"
         if OPTIONS:
             unit = "OPTIONS/s"
-        print(f"{label}: {best.achieved:,.0f} {unit} at 100 % success (-r {best.rate}, {best.calls} calls)")
+        print(f"{label}: {best.achieved:,.0f} {unit} at 100 % success (-r {best.rate}, {best.calls} calls), "
+              f"{cpu_per(best)}")
         print(f"  command: {best.command.replace(str(base), '$TMP')}")
         if "auth off" in label and best.achieved < TARGET_NOAUTH:
             print(f"  below the target of {TARGET_NOAUTH:,}/s")

@@ -6,6 +6,9 @@ import pytest
 
 from tests.certs import CertPaths, make_test_certs
 
+# the redis_server fixture (a real redis-server on a free loopback port): see tests/redis_server.py
+pytest_plugins = ["tests.redis_server"]
+
 
 @pytest.fixture(scope="session")
 def test_certs(tmp_path_factory: pytest.TempPathFactory) -> CertPaths:

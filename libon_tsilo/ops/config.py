@@ -317,12 +317,48 @@ class AuthConfig:
         return [ipaddress.ip_network(s, strict=False) for s in self.trusted_sources]
 
 
+def _redis_url(value: str, key: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # raises on a bad port
+    except ValueError as exc:
+        raise ConfigError(key, f'"{value}" is not a Redis URL: {exc}') from None
+    if parts.scheme not in ("redis", "rediss", "unix") or not (parts.hostname or parts.path):
+        raise ConfigError(key, f'"{value}" is not a redis://, rediss:// or unix:// URL')
+    if port == 0:
+        raise ConfigError(key, f'"{value}" has port 0')
+    return value
+
+
+def _host_ports(value: tuple[str, ...], key: str) -> tuple[str, ...]:
+    for i, item in enumerate(value):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) <= 65535:
+            raise ConfigError(f"{key}[{i}]", f'"{item}" is not "host:port"')
+    return value
+
+
+def _non_empty(value: str, key: str) -> str:
+    if not value:
+        raise ConfigError(key, "must not be empty")
+    return _no_newline(value, key)
+
+
 @dataclass(frozen=True)
 class LocationConfig:
-    backend: str = _opt("sqlite", _one_of("sqlite", "memory"))
+    backend: str = _opt("sqlite", _one_of("sqlite", "memory", "redis"))
     path: str = _opt("libon-tsilo-location.sqlite", path=_STATE)
     # group commit: the first change waits this long for others before a commit starts
     flush_interval_ms: int = _opt(2, _int_range(0, 1000))
+    # backend = "redis" (a cluster: registrar/redis_store.py); username/password override the URL's
+    url: str = _opt("redis://127.0.0.1:6379/0", _redis_url)
+    username: str = _opt("")
+    password: str = _opt("")
+    key_prefix: str = _opt("libon-tsilo:", _non_empty)
+    sentinels: tuple[str, ...] = _opt((), _host_ports)  # "host:port"; then url gives db and TLS only
+    service_name: str = _opt("", _no_newline)  # the Sentinel master name, required with sentinels
 
 
 @dataclass(frozen=True)
@@ -438,6 +474,7 @@ class OverloadConfig:
 
 def _node_id(value: str, key: str) -> str:
     # a node id goes into metric labels, Redis keys and log lines: keep it a plain token
+    _no_newline(value, key)
     if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", value):
         raise ConfigError(key, f'"{value}" is not a node id (letters, digits, ".", "_", "-"; at most 63)')
     return value
@@ -700,8 +737,18 @@ def _check_cluster(cfg: Config) -> None:
             raise ConfigError("cluster.node_address", problem)
 
 
+def _check_location(cfg: Config) -> None:
+    loc = cfg.location
+    if loc.sentinels and not loc.service_name:
+        raise ConfigError("location.service_name", "required with location.sentinels")
+    if loc.backend == "redis" and cfg.ops.reactor == "epoll":
+        # redis-py's asyncio client runs on the reactor's loop (registrar/asyncio_bridge.py)
+        raise ConfigError("ops.reactor", 'must be "auto" or "asyncio" with location.backend = "redis"')
+
+
 def _validate(cfg: Config) -> None:
     _check_sip(cfg.sip)
+    _check_location(cfg)
     _check_session_timers(cfg.calls)
     _check_overload(cfg.overload)
     _check_tls(cfg)

@@ -321,6 +321,14 @@ class TsiloCollector(Collector):
                 doc = f"Binding changes {what} (location db)"
                 yield _counter(f"location_db_rows_{what}", doc, db["rows_" + what])
             yield _gauge("location_db_pending", "Binding changes queued or being written", db["pending"])
+        # [location] backend = "redis": is this node connected (REGISTERs get 500 while not)
+        redis = loc.redis_stats() if hasattr(loc, "redis_stats") else None
+        if redis is not None:
+            yield _gauge("redis_up", "1 while the location Redis is connected", int(bool(redis["up"])))
+            yield _counter("redis_loads", "Full loads of the bindings from Redis (start, reconnects)",
+                           redis["loads"])
+            yield _counter("redis_remote_changes", "Binding changes of other nodes applied here",
+                           redis["remote_changes_applied"])
 
     def _silo(self) -> Iterator[Metric]:
         silo = self.parts.silo

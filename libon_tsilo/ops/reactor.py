@@ -3,7 +3,8 @@
 Twisted's epoll reactor costs less CPU per datagram and per timer than its asyncio reactor over the
 stdlib selector loop (bench/reactor_cost.py, bench/sidebyside.py), so "auto" is epoll. Nothing needs
 asyncio since APNs is our own HTTP/2 client on Twisted (push/apns_http2.py); "asyncio" stays one
-config line away for a layer that would need an asyncio loop (redis-py's asyncio client).
+config line away, and "auto" is asyncio when ``[location] backend = "redis"``: redis-py's asyncio
+client then runs on the reactor's own loop (registrar/asyncio_bridge.py).
 
 A reactor already installed (``twistd -r NAME``) is kept: the command line wins over the config.
 """
@@ -19,7 +20,9 @@ __all__ = ["reactor_for", "install_reactor"]
 
 def reactor_for(config: Config) -> str:
     """"epoll" or "asyncio": what ``[ops] reactor`` asks for, "auto" resolved."""
-    return "epoll" if config.ops.reactor == "auto" else config.ops.reactor
+    if config.ops.reactor != "auto":
+        return config.ops.reactor
+    return "asyncio" if config.location.backend == "redis" else "epoll"
 
 
 def install_reactor(config: Config) -> str:

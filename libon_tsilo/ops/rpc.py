@@ -201,7 +201,11 @@ class Rpc:
         aors = {
             aor: [self._binding(b) for b in bindings] for aor, bindings in location.dump().items() if bindings
         }
-        return {"aor_count": len(aors), "binding_count": sum(len(b) for b in aors.values()), "aors": aors}
+        out = {"aor_count": len(aors), "binding_count": sum(len(b) for b in aors.values()), "aors": aors}
+        redis = location.redis_stats() if hasattr(location, "redis_stats") else None
+        if redis is not None:  # a cluster: which node answers, and whether its copy is current
+            out["redis"] = redis
+        return out
 
     def ul_lookup(self, aor: str | None = None) -> dict[str, Any]:
         key = self._aor(aor)
@@ -251,6 +255,9 @@ class Rpc:
             out["calls"] = calls
         if p.location is not None:
             out["usrloc"] = {"registered_aors": p.location.aor_count(), "bindings": p.location.all_count()}
+            redis = p.location.redis_stats() if hasattr(p.location, "redis_stats") else None
+            if redis is not None:
+                out["usrloc"]["redis"] = redis
         if p.transactions is not None:
             t = p.transactions
             out["transactions"] = {"live": len(t), "server": t.server_count, "client": t.client_count,

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from libon_tsilo.ops.rpc import Rpc
     from libon_tsilo.push.waker import PushWaker
     from libon_tsilo.registrar.location import LocationStore
+    from libon_tsilo.registrar.redis_store import RedisBindingStore
     from libon_tsilo.registrar.registrar import Registrar
     from libon_tsilo.silo.silo import Silo
     from libon_tsilo.sip.connlimits import ConnectionLimits
@@ -328,6 +329,22 @@ class LocationService(Service):
         return maybeDeferred(self.location.stop)
 
 
+def _redis_persistence(parts: Parts) -> RedisBindingStore:
+    """[location] backend = "redis": the cluster's bindings (registrar/redis_store.py)."""
+    from libon_tsilo.registrar.asyncio_bridge import NeedsAsyncioReactor, reactor_loop
+    from libon_tsilo.registrar.redis_store import RedisBindingStore, make_redis_client
+
+    loc = parts.config.location
+    try:
+        loop = reactor_loop()  # e.g. `twistd -r epoll` overrode [ops] reactor
+    except NeedsAsyncioReactor as exc:
+        raise ConfigError("location.backend", str(exc)) from None
+    client = make_redis_client(loc.url, loc.username, loc.password, loc.sentinels, loc.service_name)
+    return RedisBindingStore(
+        client, parts.clock, node_id=parts.config.cluster.node_id, key_prefix=loc.key_prefix, loop=loop
+    )
+
+
 def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
     from libon_tsilo.registrar.auth import AuthPolicy
     from libon_tsilo.registrar.auth_limits import FailureLimits
@@ -337,7 +354,7 @@ def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
     from libon_tsilo.registrar.users import UsersDB
 
     cfg = parts.config
-    persistence = None
+    persistence: SqliteBindingStore | RedisBindingStore | None = None
     if cfg.location.backend == "sqlite":
         from twisted.internet import reactor
 
@@ -345,7 +362,9 @@ def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
             cfg.location.path, parts.clock, flush_interval=cfg.location.flush_interval_ms / 1000.0,
             reactor=reactor,
         )
-    parts.location = location = LocationStore(parts.clock, persistence)
+    elif cfg.location.backend == "redis":
+        persistence = _redis_persistence(parts)
+    parts.location = location = LocationStore(parts.clock, persistence, node_id=cfg.cluster.node_id)
     auth = None
     if cfg.auth.enabled:
         auth = AuthPolicy(

@@ -56,6 +56,8 @@ class Binding:
     pn_param: str | None = None
     pnsreg: bool = False
     key: str = ""
+    # the cluster node ([cluster] node_id) whose connection table holds flow_id; "" = single node
+    node: str = ""
 
     def __post_init__(self) -> None:
         if not self.key:

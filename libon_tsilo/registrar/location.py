@@ -9,6 +9,12 @@ Restored bindings emit no events: nothing listening at start-up waits for them. 
 back the events of a REGISTER (``hold_events``) and emits them once its 200 OK is sent, so that a
 late-forked INVITE never overtakes the answer to the REGISTER that woke it; ``when_durable`` tells
 it when the REGISTER's changes are committed (group commit, see sqlite_store.py).
+
+With the Redis persistence (redis_store.py) the store is one node's replica of the cluster's
+bindings: ``apply_remote``/``apply_remote_removal``/``resync`` apply what other nodes changed and
+emit the same events a local REGISTER would. ``node_id`` names this node: only bindings whose flow
+ends here (``Binding.node``) are indexed by flow, so a connection closing here never touches a
+binding whose flow id belongs to another node's table.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from libon_tsilo.registrar.binding import Binding, LocationObserver
 from libon_tsilo.util import redact_key
 
 if TYPE_CHECKING:
+    from libon_tsilo.registrar.redis_store import RedisBindingStore
     from libon_tsilo.registrar.sqlite_store import SqliteBindingStore
     from libon_tsilo.sip.flow import Flow
 
@@ -63,9 +70,15 @@ class BindingEvent:
 
 
 class LocationStore:
-    def __init__(self, clock: IReactorTime, persistence: SqliteBindingStore | None = None) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        persistence: SqliteBindingStore | RedisBindingStore | None = None,
+        node_id: str = "",
+    ) -> None:
         self.clock = clock
         self.persistence = persistence
+        self.node_id = node_id
         self._aors: dict[str, dict[str, Binding]] = {}
         self._by_flow: dict[str, dict[Ident, Binding]] = {}
         self._observers: list[LocationObserver] = []
@@ -80,18 +93,17 @@ class LocationStore:
 
     def start(self) -> int:
         """Restore persisted bindings (with their remaining expiry); returns how many."""
-        if self.persistence is None:
+        p = self.persistence
+        if p is None:
             return 0
-        self.persistence.start()
+        if p.feeds_replica:
+            p.start(self)  # type: ignore[call-arg]  # loads asynchronously, then resync()
+            return 0
+        p.start()  # type: ignore[call-arg]
         now = self.clock.seconds()
         restored = 0
-        for binding in self.persistence.load(now):
-            # the connections of the previous process are gone, and a stream flow id (with its
-            # per-process counter) could be reused by an unrelated connection: forget it. A UDP flow
-            # id is the 5-tuple itself, the same NAT path when the device sends again: keep it.
-            if not (binding.received and binding.received[0] == "udp"):
-                binding.flow_id = None
-            binding.flow_live = False
+        for binding in p.load(now):  # type: ignore[union-attr]
+            _forget_old_flow(binding)
             self._insert(binding)
             restored += 1
         self._schedule()
@@ -122,6 +134,19 @@ class LocationStore:
             "rows_skipped": p.rows_skipped,
             "rows_retried": p.rows_retried,
             "pending": p.pending(),
+        }
+
+    def redis_stats(self) -> dict[str, object] | None:
+        """The Redis backend's state (None for the others): whether it is up, and its feed."""
+        p = self.persistence
+        if p is None or not p.feeds_replica:
+            return None
+        return {
+            "node": self.node_id,
+            "up": p.up,  # type: ignore[union-attr]
+            "state": p.state,  # type: ignore[union-attr]
+            "loads": p.loads,  # type: ignore[union-attr]
+            "remote_changes_applied": p.messages_applied,  # type: ignore[union-attr]
         }
 
     def stop(self) -> defer.Deferred[None]:
@@ -213,19 +238,19 @@ class LocationStore:
                 # both the replaced binding and a same-key one exist: the latter is superseded too
                 self._drop(old)
                 if self.persistence is not None:
-                    self.persistence.delete(old)
+                    self.persistence.delete(old, "replaced")
             old = replaces
         if old is not None and old.expired(now):
             # it lapsed before the purge timer got to it: this is a new registration
             self._drop(old)
             if self.persistence is not None:
-                self.persistence.delete(old)
+                self.persistence.delete(old, "expired")
             self._emit(BindingEvent("removed", old, reason="expired"))
             old = None
         if old is not None:
             self._drop(old)
             if old.key != binding.key and self.persistence is not None:
-                self.persistence.delete(old)
+                self.persistence.delete(old, "replaced")
         self._insert(binding)
         self._push_deadline(binding)
         if self.persistence is not None:
@@ -240,7 +265,7 @@ class LocationStore:
             return False
         self._drop(binding)
         if self.persistence is not None:
-            self.persistence.delete(binding)
+            self.persistence.delete(binding, reason)
         self._emit(BindingEvent("removed", binding, reason=reason))
         return True
 
@@ -262,6 +287,69 @@ class LocationStore:
             binding.flow_live = False
         return list(bindings.values())
 
+    # -- other nodes' changes (redis_store.py) ----------------------------------------------------
+
+    def apply_remote(self, binding: Binding) -> None:
+        """Another node stored ``binding``: take it, without writing it back; emits added/refreshed."""
+        if binding.expired(self.clock.seconds()):
+            return
+        old = self._aors.get(binding.aor, {}).get(binding.key)
+        if old is not None:
+            self._drop(old)
+        self._insert(binding)
+        self._push_deadline(binding)
+        self._emit(BindingEvent("refreshed" if old is not None else "added", binding))
+
+    def apply_remote_removal(self, aor: str, key: str, reason: str) -> None:
+        """Another node removed a binding; emits binding_removed when this replica had it."""
+        binding = self._aors.get(aor, {}).get(key)
+        if binding is None:
+            return
+        self._drop(binding)
+        self._emit(BindingEvent("removed", binding, reason=reason))
+
+    def resync(self, bindings: list[Binding], announce: bool, keep_own: bool = False) -> list[Binding]:
+        """Make this replica hold exactly ``bindings`` (all of Redis, at start or after a reconnect).
+
+        A binding this replica already has in the same registration is kept as it is (its live flow
+        with it). With ``announce`` (a reconnect), what was added, refreshed or removed meanwhile
+        emits its event, so that calls parked here fork to devices that registered elsewhere. With
+        ``keep_own`` (Redis lost its data), this node's own bindings missing from ``bindings`` stay,
+        and are returned to be written back.
+        """
+        now = self.clock.seconds()
+        fresh: dict[Ident, Binding] = {}
+        for binding in bindings:
+            if not binding.expired(now):
+                fresh[(binding.aor, binding.key)] = binding
+        events: list[BindingEvent] = []
+        refreshed: set[Ident] = set()
+        kept: list[Binding] = []
+        for aor, current in list(self._aors.items()):
+            for key, binding in list(current.items()):
+                new = fresh.get((aor, key))
+                if new is not None and _same_registration(binding, new):
+                    del fresh[(aor, key)]
+                    continue
+                if new is None and keep_own and binding.node == self.node_id:
+                    kept.append(binding)
+                    continue
+                self._drop(binding)
+                if new is None:
+                    events.append(BindingEvent("removed", binding, reason="resync"))
+                else:
+                    refreshed.add((aor, key))
+        for ident, binding in fresh.items():
+            if binding.node == self.node_id:
+                _forget_old_flow(binding)  # stored by an earlier process of this node
+            events.append(BindingEvent("refreshed" if ident in refreshed else "added", binding))
+            self._insert(binding)
+        self._schedule()
+        if announce:
+            for event in events:
+                self._emit(event)
+        return kept
+
     # -- indexes --------------------------------------------------------------------------------
 
     def _is_current(self, binding: Binding) -> bool:
@@ -270,7 +358,7 @@ class LocationStore:
     def _insert(self, binding: Binding) -> None:
         self._aors.setdefault(binding.aor, {})[binding.key] = binding
         self._count += 1
-        if binding.flow_id is not None and binding.flow_live:
+        if binding.flow_id is not None and binding.flow_live and binding.node == self.node_id:
             self._by_flow.setdefault(binding.flow_id, {})[(binding.aor, binding.key)] = binding
         heapq.heappush(self._heap, (binding.expires_at, next(self._seq), binding.aor, binding.key))
 
@@ -327,3 +415,18 @@ class LocationStore:
                 log.debug("location: binding {key} of {aor} expired", key=redact_key(key), aor=aor)
                 self.remove(binding, "expired")
         self._schedule()
+
+
+def _forget_old_flow(binding: Binding) -> None:
+    """A binding stored by an earlier process of this node: its connections are gone, and a stream
+    flow id (with its per-process counter) could be reused by an unrelated connection, so forget
+    it. A UDP flow id is the 5-tuple itself, the same NAT path when the device sends again: keep it."""
+    if not (binding.received and binding.received[0] == "udp"):
+        binding.flow_id = None
+    binding.flow_live = False
+
+
+def _same_registration(a: Binding, b: Binding) -> bool:
+    return (a.call_id, a.cseq, a.registered_at, a.expires_at, a.contact) == (
+        b.call_id, b.cseq, b.registered_at, b.expires_at, b.contact
+    )

@@ -374,6 +374,7 @@ class Registrar:
             pn_prid=pn_prid,
             pn_param=pn_param,
             pnsreg=pn.pnsreg and pn_prid is not None,
+            node=self.store.node_id,  # the flow is in this node's table ([cluster] node_id)
         )
         return _Plan(contact, expires, binding)
 

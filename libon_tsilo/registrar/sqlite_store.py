@@ -94,6 +94,8 @@ class SqliteBindingStore:
     """Persistence for the location store. ``run_in_thread(f, *args) -> Deferred`` may be injected
     (tests run batches synchronously); by default a private one-thread pool is used."""
 
+    feeds_replica = False  # restored synchronously by LocationStore.start(): see load()
+
     def __init__(
         self,
         path: str,
@@ -167,7 +169,7 @@ class SqliteBindingStore:
     def save(self, binding: Binding) -> None:
         self._queue((binding.aor, binding.key), binding)
 
-    def delete(self, binding: Binding) -> None:
+    def delete(self, binding: Binding, reason: str = "") -> None:
         self._queue((binding.aor, binding.key), None)
 
     def _queue(self, ident: Ident, value: Binding | None) -> None:

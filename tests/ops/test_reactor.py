@@ -35,6 +35,12 @@ def test_auto_is_epoll_apns_included() -> None:
     assert reactor_for(config_from_dict({"ops": {"reactor": "epoll"}})) == "epoll"
 
 
+def test_auto_is_asyncio_with_the_redis_location_backend() -> None:
+    # redis-py's asyncio client runs on the reactor's own loop (registrar/asyncio_bridge.py)
+    assert reactor_for(config_from_dict({"location": {"backend": "redis"}})) == "asyncio"
+    assert reactor_for(config_from_dict({"location": {"backend": "redis"}, "ops": {"reactor": "asyncio"}})) == "asyncio"
+
+
 def _served_by(tmp_path: Path, toml: str) -> str:
     """The reactor a fresh interpreter runs after the tap built the service tree from this config."""
     config = tmp_path / "c.toml"

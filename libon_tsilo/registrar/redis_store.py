@@ -1,0 +1,449 @@
+"""Redis persistence of bindings: the cluster's source of truth and its change feed.
+
+Every node keeps its LocationStore in memory as a *replica* (lookups stay synchronous and local);
+this module writes the node's changes to Redis and applies the other nodes' changes to the replica:
+
+* One key per binding, ``<prefix>b:<len(aor)>:<aor>/<key>`` (the length makes the split
+  unambiguous whatever the AOR holds), whose value is the binding's JSON (as in the SQLite store:
+  lone surrogates from non-UTF-8 bytes are escaped by json) and whose TTL is the binding's own
+  remaining time, so Redis forgets a dead binding by itself. Keys are bytes (surrogateescape).
+* Changes are written in batches, one MULTI/EXEC at a time (a group commit: what queues while one
+  batch is in flight goes in the next, so changes of one key reach Redis, and every node, in
+  order). The same transaction PUBLISHes, on ``<prefix>bindings``, one message per AOR with the
+  node id, this process's instance token and the AOR's changes in order. ``when_committed`` fires
+  when Redis acknowledged the EXEC: a REGISTER's 200 promises the binding is in Redis.
+* Expiry is not written: Redis drops the key at its TTL and every replica removes the binding on
+  its own timer at the same absolute time (``expires_at`` is wall-clock time in the JSON).
+* A feed task (asyncio, on the reactor's loop) subscribes first, then loads every binding with
+  SCAN (never KEYS) and hands them to ``LocationStore.resync``, then applies each message of other
+  processes (``apply_remote``/``apply_remote_removal``: the same BindingEvents a local REGISTER
+  would emit, so a call parked here forks when the device registers on another node). Messages that
+  arrive during the load are read after it and applied in order: the replica ends up current.
+* Redis down (the feed's connection fails): the state goes "down" (logged once per change of
+  state), writes fail fast (``when_committed`` errbacks NotStored: the REGISTER gets 500 with
+  Retry-After), lookups keep serving the replica, and the task reconnects with backoff; once back
+  it loads everything again and resyncs the replica (what changed meanwhile emits events). A write
+  that failed is not retried: Redis stays the truth, and the replica's extra is dropped at resync.
+  Unless Redis itself lost its data (restarted without persistence, or failed over to an empty
+  replica: its ``<prefix>epoch`` key changed): then each node writes back the bindings it owns
+  (``Binding.node`` is its node id), and the bindings of nodes that are gone wait for their devices
+  to register again.
+
+Trust: Redis is inside the operator's network and trusted like the config file; still, a message
+or value that does not parse is logged and skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import secrets
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from libon_tsilo.registrar.asyncio_bridge import as_deferred, reactor_loop
+from libon_tsilo.registrar.binding import Binding
+from libon_tsilo.registrar.location import NotStored, StoreClosed
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from libon_tsilo.registrar.location import LocationStore
+
+__all__ = ["RedisBindingStore", "binding_redis_key", "make_redis_client"]
+
+log = Logger()
+
+# a Redis that does not answer within this long is down for a write (a REGISTER waits on it)
+COMMAND_TIMEOUT = 2.0
+# an idle feed connection is PINGed this often, so a peer that vanished without a FIN is noticed
+HEALTH_INTERVAL = 5.0
+SCAN_COUNT = 500
+
+
+def make_redis_client(
+    url: str, username: str = "", password: str = "", sentinels: tuple[str, ...] = (), service_name: str = ""
+) -> Redis:
+    """A redis-py asyncio client for ``url`` (redis:// or rediss://), or for the master of
+    ``service_name`` found through ``sentinels`` ("host:port"); ``username``/``password`` override
+    the URL's. It connects lazily and never retries on its own (the feed task reconnects)."""
+    from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    options: dict[str, Any] = {
+        "socket_timeout": COMMAND_TIMEOUT,
+        "socket_connect_timeout": COMMAND_TIMEOUT,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if username:
+        options["username"] = username
+    if password:
+        options["password"] = password
+    if not sentinels:
+        if username or password:  # redis-py lets the URL's credentials win over keyword ones
+            url = _without_credentials(url)
+        return Redis.from_url(url, **options)
+    from redis.asyncio.sentinel import Sentinel
+
+    parts = urlsplit(url)
+    if parts.username and "username" not in options:
+        options["username"] = unquote(parts.username)
+    if parts.password and "password" not in options:
+        options["password"] = unquote(parts.password)
+    db = parts.path.strip("/")
+    if db:
+        options["db"] = int(db)
+    if parts.scheme == "rediss":
+        options["ssl"] = True
+    hosts = [(host, int(port)) for host, _, port in (s.rpartition(":") for s in sentinels)]
+    sentinel = Sentinel(hosts, socket_timeout=COMMAND_TIMEOUT, socket_connect_timeout=COMMAND_TIMEOUT)
+    return sentinel.master_for(service_name, **options)
+
+
+def _without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=host).geturl()
+
+
+def _raw(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+def binding_redis_key(prefix: bytes, aor: str, key: str) -> bytes:
+    """The Redis key of the binding ``key`` of ``aor`` (see the module doc)."""
+    raw_aor = _raw(aor)
+    return b"%sb:%d:%s/%s" % (prefix, len(raw_aor), raw_aor, _raw(key))
+
+
+def _glob_escape(raw: bytes) -> bytes:
+    out = bytearray()
+    for byte in raw:
+        if byte in b"*?[]\\":
+            out += b"\\"
+        out.append(byte)
+    return bytes(out)
+
+
+class _Batch:
+    __slots__ = ("changes", "waiters")
+
+    def __init__(self) -> None:
+        # (aor, key) -> the binding to write, or the reason of its removal; in order of change
+        self.changes: dict[tuple[str, str], Binding | str] = {}
+        self.waiters: list[tuple[str | None, defer.Deferred[None]]] = []
+
+
+class RedisBindingStore:
+    """The persistence of a LocationStore replica (see the module doc). ``start(replica)`` starts
+    the feed on the reactor's asyncio loop; ``loop`` may be injected."""
+
+    feeds_replica = True  # LocationStore.start() hands itself over instead of loading synchronously
+
+    def __init__(
+        self,
+        client: Redis,
+        clock: IReactorTime,
+        node_id: str = "",
+        key_prefix: str = "libon-tsilo:",
+        loop: asyncio.AbstractEventLoop | None = None,
+        min_backoff: float = 0.1,
+        max_backoff: float = 5.0,
+    ) -> None:
+        self.client = client
+        self.clock = clock
+        self.node_id = node_id
+        self.prefix = _raw(key_prefix)
+        self.channel = self.prefix + b"bindings"
+        # tells this process's own messages apart even if two nodes were given the same node_id
+        self.instance = secrets.token_hex(8)
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self._loop = loop
+        self._replica: LocationStore | None = None
+        self._open = _Batch()
+        self._inflight: _Batch | None = None
+        self._scheduled = False
+        self._feed_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._epoch: bytes | None = None  # Redis's epoch key when last connected
+        self.state = "connecting"  # "up", "down"
+        self.loads = 0  # full loads (start and every reconnect)
+        self.commits = 0
+        self.rows_written = 0
+        self.rows_skipped = 0  # changes refused while Redis was down, or lost with a failed write
+        self.rows_retried = 0  # never: a failed write is repaired by the resync (module doc)
+        self.messages_applied = 0  # changes of other nodes applied to the replica
+
+    @property
+    def up(self) -> bool:
+        return self.state == "up"
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = reactor_loop()
+        return self._loop
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def start(self, replica: LocationStore) -> None:
+        self._replica = replica
+        if self._feed_task is None:
+            self._feed_task = self.loop.create_task(self._feed())
+
+    def stop(self) -> defer.Deferred[None]:
+        """Write what is queued, then stop the feed and close the connections."""
+        d = self.flush()
+
+        def close(_: object) -> defer.Deferred[None]:
+            self._closed = True
+            return as_deferred(self._close(), self.loop)
+
+        d.addCallback(close)
+        return d
+
+    async def _close(self) -> None:
+        task, self._feed_task = self._feed_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        with contextlib.suppress(Exception):
+            await self.client.aclose()
+
+    # -- the feed -------------------------------------------------------------------------------
+
+    async def _feed(self) -> None:
+        delay = self.min_backoff
+        while not self._closed:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self.channel)
+                lost = await self._redis_lost_its_data()
+                bindings = await self._load_all()
+                self._went_up(bindings, lost)
+                delay = self.min_backoff
+                while True:
+                    msg = await pubsub.get_message(timeout=HEALTH_INTERVAL)
+                    if msg is None:
+                        await pubsub.ping()  # raises when the connection is dead
+                    elif msg.get("type") == "message":
+                        self._on_message(msg["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._went_down(exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.max_backoff)
+
+    async def _redis_lost_its_data(self) -> bool:
+        """True when Redis is not the one this node last saw (restarted empty, or failed over to a
+        replica that had no copy): an epoch key, set once by whichever node comes first."""
+        key = self.prefix + b"epoch"
+        await self.client.set(key, secrets.token_hex(8), nx=True)
+        epoch: Any = await self.client.get(key)
+        lost = self._epoch is not None and epoch != self._epoch
+        self._epoch = epoch
+        return lost
+
+    async def _load_all(self) -> list[Binding]:
+        out: list[Binding] = []
+        keys: list[bytes] = []
+        match = _glob_escape(self.prefix) + b"b:*"
+        async for key in self.client.scan_iter(match=match, count=SCAN_COUNT):
+            keys.append(key)
+            if len(keys) >= SCAN_COUNT:
+                out += self._parse_values(keys, await self.client.mget(keys))
+                keys = []
+        if keys:
+            out += self._parse_values(keys, await self.client.mget(keys))
+        return out
+
+    def _parse_values(self, keys: list[bytes], values: list[Any]) -> list[Binding]:
+        out = []
+        for key, value in zip(keys, values, strict=True):
+            if value is None:
+                continue  # expired between SCAN and MGET
+            try:
+                out.append(Binding.from_dict(json.loads(value)))
+            except (ValueError, TypeError, KeyError) as exc:
+                self.rows_skipped += 1
+                log.warn("location redis: skipping unreadable binding {key}: {err}",
+                         key=key.decode("utf-8", "backslashreplace"), err=exc)
+        return out
+
+    def _went_up(self, bindings: list[Binding], lost: bool) -> None:
+        announce = self.loads > 0  # a reconnect: what changed meanwhile matters to parked calls
+        self.loads += 1
+        previous, self.state = self.state, "up"
+        log.info("location redis: {how}, {n} bindings loaded{lost}",
+                 how="reconnected" if previous == "down" else "connected", n=len(bindings),
+                 lost="; it had lost its data: writing back this node's bindings" if lost else "")
+        if self._replica is None:
+            return
+        try:
+            kept = self._replica.resync(bindings, announce=announce, keep_own=lost)
+        except Exception:
+            log.failure("location redis: resync of the replica failed")
+            return
+        for binding in kept:
+            self.save(binding)
+
+    def _went_down(self, exc: Exception) -> None:
+        if self.state != "down":
+            log.warn(
+                "location redis: unreachable ({err}); REGISTERs get 500 until it is back, lookups use "
+                "this node's copy; reconnecting", err=f"{type(exc).__name__}: {exc}",
+            )
+        self.state = "down"
+
+    def _on_message(self, data: bytes) -> None:
+        replica = self._replica
+        try:
+            msg = json.loads(data)
+            if msg.get("i") == self.instance or replica is None:
+                return
+            aor = msg["a"]
+            for op in msg["ops"]:
+                if op[0] == "s":
+                    replica.apply_remote(Binding.from_dict(op[1]))
+                else:
+                    replica.apply_remote_removal(aor, op[1], op[2])
+                self.messages_applied += 1
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            log.warn("location redis: skipping an unreadable change message: {err}", err=exc)
+        except Exception:
+            log.failure("location redis: applying a change of another node failed")
+
+    # -- changes --------------------------------------------------------------------------------
+
+    def save(self, binding: Binding) -> None:
+        self._queue((binding.aor, binding.key), binding)
+
+    def delete(self, binding: Binding, reason: str = "") -> None:
+        if reason == "expired":
+            return  # Redis drops the key at its TTL, every replica on its own timer
+        self._queue((binding.aor, binding.key), reason or "removed")
+
+    def _queue(self, ident: tuple[str, str], change: Binding | str) -> None:
+        if self._closed:
+            return
+        if not self.up:
+            self.rows_skipped += 1  # when_committed tells the REGISTER; a resync repairs the rest
+            return
+        changes = self._open.changes
+        changes.pop(ident, None)  # re-inserted last: the batch keeps the order of the changes
+        changes[ident] = change
+        if self._inflight is None and not self._scheduled:
+            self._scheduled = True
+            # the next loop turn: the rest of this REGISTER's changes join the batch
+            self.loop.call_soon(self._start)
+
+    def when_committed(self, aor: str) -> defer.Deferred[None] | None:
+        """Fires once the changes queued so far are in Redis; fails with NotStored when they could
+        not be (Redis down or failing). None when nothing is waiting to be written."""
+        if self._closed:
+            return defer.fail(StoreClosed("the location store is stopped"))
+        if not self.up:
+            return defer.fail(NotStored(f"redis is {self.state}"))
+        batch = self._open if self._open.changes else self._inflight
+        if batch is None:
+            return None
+        d: defer.Deferred[None] = defer.Deferred()
+        batch.waiters.append((aor, d))
+        return d
+
+    def flush(self) -> defer.Deferred[None]:
+        """Fires once everything queued so far is written or has failed; never errbacks."""
+        batch = self._open if self._open.changes else self._inflight
+        if batch is None:
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        batch.waiters.append((None, d))
+        return d
+
+    def pending(self) -> int:
+        return len(self._open.changes) + (len(self._inflight.changes) if self._inflight else 0)
+
+    # -- the writer -----------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        self._scheduled = False
+        if self._inflight is not None or not self._open.changes:
+            return
+        batch = self._inflight = self._open
+        self._open = _Batch()
+        try:
+            sets, dels, messages = self._commands(batch)
+        except Exception:
+            log.failure("location redis: serializing a batch failed")
+            self._finish(Failure(), batch)
+            return
+        d = as_deferred(self._write(sets, dels, messages), self.loop)
+        d.addCallbacks(lambda _: self._finish(None, batch), lambda f: self._finish(f, batch))
+
+    def _commands(self, batch: _Batch) -> tuple[list[tuple[bytes, bytes, int]], list[bytes], list[bytes]]:
+        """Serialized on the reactor thread, so each row is a snapshot of the binding as it was."""
+        now = self.clock.seconds()
+        sets: list[tuple[bytes, bytes, int]] = []
+        dels: list[bytes] = []
+        ops: dict[str, list[list[Any]]] = {}
+        for (aor, key), change in batch.changes.items():
+            rkey = binding_redis_key(self.prefix, aor, key)
+            ttl_ms = math.ceil((change.expires_at - now) * 1000) if isinstance(change, Binding) else 0
+            if isinstance(change, Binding) and ttl_ms > 0:
+                data = change.to_dict()
+                # ensure_ascii (the default) escapes lone surrogates: the JSON is always valid text
+                sets.append((rkey, json.dumps(data).encode("ascii"), ttl_ms))
+                ops.setdefault(aor, []).append(["s", data])
+            else:
+                reason = change if isinstance(change, str) else "expired"
+                dels.append(rkey)
+                ops.setdefault(aor, []).append(["d", key, reason])
+        messages = [
+            json.dumps({"n": self.node_id, "i": self.instance, "a": aor, "ops": aor_ops}).encode("ascii")
+            for aor, aor_ops in ops.items()
+        ]
+        return sets, dels, messages
+
+    async def _write(
+        self, sets: list[tuple[bytes, bytes, int]], dels: list[bytes], messages: list[bytes]
+    ) -> None:
+        async with self.client.pipeline(transaction=True) as pipe:
+            for key, value, ttl_ms in sets:
+                pipe.set(key, value, px=ttl_ms)
+            if dels:
+                pipe.delete(*dels)
+            for message in messages:
+                pipe.publish(self.channel, message)
+            await pipe.execute()
+
+    def _finish(self, failure: Failure | None, batch: _Batch) -> None:
+        self._inflight = None
+        n = len(batch.changes)
+        if failure is None:
+            self.commits += 1
+            self.rows_written += n
+        else:
+            self.rows_skipped += n
+            log.warn("location redis: a batch of {n} changes was not written: {err}", n=n,
+                     err=f"{failure.type.__name__}: {failure.getErrorMessage()}")
+        for aor, d in batch.waiters:
+            if failure is not None and aor is not None:
+                d.errback(NotStored(f"redis: {failure.getErrorMessage() or failure.type.__name__}"))
+            else:
+                d.callback(None)
+        if self._open.changes and not self._scheduled:
+            self._start()
