@@ -49,6 +49,11 @@ __all__ = ["Relay"]
 log = Logger()
 
 _STREAMS = ("tcp", "tls")
+# untrusted source on the internal listener, a peer's request that is not for a flow of ours, a
+# token used from another flow, a device's in-dialog request towards a host that is not a node
+_REFUSALS = (
+    "refused_untrusted", "refused_not_relay", "refused_wrong_flow", "refused_not_peer", "too_many_hops",
+)
 
 
 class Relay:
@@ -114,6 +119,10 @@ class Relay:
 
     def stats(self) -> dict[str, int]:
         return {"pending_invites": len(self._pending), **self.counters}
+
+    def limit_hits(self) -> dict[str, int]:
+        """The requests refused at the trust boundary (/metrics libon_tsilo_limit_hits_total)."""
+        return {f"cluster_{name}": self.counters[name] for name in _REFUSALS}
 
     # -- the two directions --------------------------------------------------------------------
 

@@ -566,6 +566,7 @@ def _add_cluster(root: LibonTsiloService, parts: Parts) -> None:
         parts.b2bua.path_router = node.next_hop
     parts.extra["cluster_node"] = node
     parts.extra["cluster_relay"] = relay
+    parts.extra.setdefault("limits", []).append(relay)
 
 
 def _add_overload(root: LibonTsiloService, parts: Parts) -> None:

@@ -160,3 +160,73 @@ async def test_bye_from_the_caller_reaches_the_device_through_b():
         await wait_for(lambda: not pair.a.parts.b2bua.calls, "the call ended on A")
     finally:
         await pair.stop()
+
+
+def _internal(node: Any) -> tuple[str, int]:
+    return node.parts.extra["cluster_node"].bound
+
+
+@pytest_twisted.ensureDeferred
+async def test_430_flow_failed_when_the_device_connection_is_gone():
+    pair = Pair()
+    pair.start()
+    try:
+        caller = await pair.ua(pair.a)
+        device = await pair.ua(pair.b, "tcp")
+        device.send(register(device))
+        await device.response(200, "REGISTER")
+        device.stop()  # the TCP flow on B closes; the binding stays (a device may come back)
+        await wait_for(lambda: not any(f.key.transport == "tcp" and f.live for f in pair.b.parts.transport.flows),
+                       "B to see the connection close")
+        caller.send(invite(caller, _public(pair.a, "udp")[1]))
+        relay = pair.b.parts.extra["cluster_relay"]
+        await wait_for(lambda: relay.counters["flow_failed"] == 1, "B to answer 430")
+        final = await caller.expect(lambda m: getattr(m, "status", 0) >= 300, "the caller's final answer")
+        assert final.status != 430  # hop by hop: the caller hears of the call, not of B's flow
+    finally:
+        await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_internal_listener_refuses_untrusted_sources_and_foreign_tokens():
+    pair = Pair(trusted_peers=["192.0.2.0/24"])  # loopback is not trusted here
+    pair.start()
+    try:
+        b_int = _internal(pair.b)
+        peer = await UA("udp").start(b_int)
+        pair.uas.append(peer)
+        peer.send(in_dialog(peer, "OPTIONS", f"sip:127.0.0.1:{b_int[1]}", [], f"<sip:x@h>;tag={tag()}",
+                            "<sip:y@h>", "o1@t", 1))
+        answer = await peer.response(403, "OPTIONS")
+        assert answer.reason == "Forbidden"
+        assert pair.b.parts.extra["cluster_relay"].limit_hits()["cluster_refused_untrusted"] == 1
+    finally:
+        await pair.stop()
+    pair = Pair()
+    pair.start()
+    try:
+        b_int = _internal(pair.b)
+        peer = await UA("udp").start(b_int)
+        pair.uas.append(peer)
+        forged = f"<sip:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA@127.0.0.1:{b_int[1]};transport=udp;lr>"
+        peer.send(in_dialog(peer, "INVITE", "sip:bob@127.0.0.1:9", [forged], f"<sip:x@h>;tag={tag()}",
+                            "<sip:y@h>", "o2@t", 1))
+        answer = await peer.response(403, "INVITE")
+        assert answer.reason == "Not A Relayed Request"
+    finally:
+        await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_cannot_use_its_route_towards_a_host_that_is_not_a_node():
+    pair = Pair()
+    pair.start()
+    try:
+        caller, device, inv, answer, device_tag = await _answered_call(pair, "udp")
+        rr = inv.header_values("record-route")
+        device.send(in_dialog(device, "MESSAGE", "sip:victim@192.0.2.1:5060", rr,
+                              f"{inv.header('to')};tag={device_tag}", inv.header("from") or "", inv.call_id, 5))
+        await device.response(403, "MESSAGE")
+        assert pair.b.parts.extra["cluster_relay"].counters["refused_not_peer"] == 1
+    finally:
+        await pair.stop()
