@@ -273,7 +273,9 @@ def _add_limits(root: LibonTsiloService, parts: Parts) -> None:
     from libon_tsilo.sip.limits import SourceFilter, SourceLimiter
 
     cfg = parts.config.limits
-    exempt = SourceFilter([*cfg.exempt_sources, *parts.config.auth.trusted_sources])
+    # the other nodes of a cluster send every relayed call from one address each: never limited
+    peers = parts.config.cluster.trusted_peers if parts.config.cluster.node_address else ()
+    exempt = SourceFilter([*cfg.exempt_sources, *parts.config.auth.trusted_sources, *peers])
     parts.extra["limit_exempt"] = exempt
     parts.extra.setdefault("limits", [])
     if cfg.requests_per_second <= 0:
