@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ClusterNode", "NodeHop"]
 
-# where a forked INVITE goes to reach another node: (transport, host, port, our internal (host, port))
+# where a forked INVITE goes to reach another node: (transport, host, port, our internal (host, port),
+# the host bare as bound)
 NodeHop = tuple[str, str, int, tuple[str, int]]
 
 
@@ -142,11 +143,11 @@ class ClusterNode:
             return None
         if not isinstance(uri, URI) or uri.scheme != "sip" or not uri.user or "lr" not in uri.params:
             return None
-        if self.is_self(uri):
-            return (path[1:], None) if self.tokens.read(uri.user) is not None else None
+        if self.is_self(uri):  # ours, even with a token from before a restart: the flow is here
+            return path[1:], None
         if uri.host_bare not in self.trusted:
             return None  # not a node of ours: an edge proxy's Path
         transport = uri.transport or "udp"
         if transport not in ("udp", "tcp"):
             return None
-        return (path, (transport, uri.host_bare, uri.port or 5060, self.via_address))
+        return (path, (transport, uri.host_bare, uri.port or 5060, self.bound))
