@@ -558,7 +558,7 @@ def _add_cluster(root: LibonTsiloService, parts: Parts) -> None:
         log.info("cluster: no [cluster] secret: the flow tokens of this node last until it restarts")
     transactions = _built(parts.transactions)
     node = ClusterNode(_built(parts.transport), cfg.node_address, (cfg.secret or random_token(32)).encode(),
-                       trusted_peers=cfg.trusted_peers, peers=cfg.peers)
+                       trusted_peers=cfg.trusted_peers, peers=cfg.peers, udp_via_path=cfg.udp_via_path)
     relay = Relay(node, transactions)
     router = _built(parts.router)
     router.proxy = relay.handle

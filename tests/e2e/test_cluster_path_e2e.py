@@ -6,7 +6,8 @@ with RFC 5626 flow tokens, libon_tsilo/cluster/).
   caller hangs up: A's BYE goes through B) and over TCP (the device's connection ends on B; the
   device hangs up: its BYE goes to B, which relays it to A);
 - a binding made on A is used by a call arriving on B (B forks through A);
-- kill -9 node A: node B still takes registrations and completes calls to its own UDP bindings.
+- kill -9 node A (``udp_via_path = false``: workers sharing one public address): node B still takes
+  registrations and completes calls to UDP bindings, those made on A included.
 
 SIPp plays caller and device; the device scenarios copy Record-Route as a UAS must. Each test waits
 on SIPp's exit status and on the nodes' counters (admin RPC ``stats``: ``cluster_relay``).
@@ -29,12 +30,12 @@ from tests.waiting import wait_until
 pytestmark = pytest.mark.skipif(not sipp_available(), reason="sipp is missing (package sip-tester)")
 
 
-def _node_config(redis: RedisServer, node_id: str, internal: str) -> dict[str, dict[str, Any]]:
+def _node_config(redis: RedisServer, node_id: str, internal: str, **cluster: Any) -> dict[str, dict[str, Any]]:
     return {
         "auth": {"enabled": False},
         "location": {"backend": "redis", "url": redis.url, "key_prefix": "path-e2e:"},
         "cluster": {"node_id": node_id, "node_address": f"{internal}:{HOST}:{free_port()}",
-                    "secret": f"e2e-secret-{node_id}"},
+                    "secret": f"e2e-secret-{node_id}", **cluster},
         "calls": {"ring_timeout": 10, "invite_cancel_grace": 0},
         "admin": {"listen": f"tcp:{free_port(udp_too=False)}:interface={HOST}"},
     }
@@ -113,15 +114,25 @@ def test_a_binding_made_on_a_is_used_by_a_call_arriving_on_b(
 
 
 def test_node_b_serves_on_after_node_a_is_killed(start_sip_server, redis_server, procs, tmp_path: Path) -> None:
+    # workers of one host sharing the public port: a UDP device needs no particular node
     node_a_dir = tmp_path / "node-a"
     node_a_dir.mkdir()
-    a = start_server(node_a_dir, _node_config(redis_server, "a", "udp"))
+    a = start_server(node_a_dir, _node_config(redis_server, "a", "udp", udp_via_path=False))
     try:
-        b = start_sip_server(extra=_node_config(redis_server, "b", "udp"), tls=False)
+        b = start_sip_server(extra=_node_config(redis_server, "b", "udp", udp_via_path=False), tls=False)
         for node in (a, b):
             _wait_redis(node)
+        erin = add_device(procs, a, tmp_path, "erin", answer="device_answer_rr.xml")
+        erin.wait_registered()
+        wait_until(lambda: admin_rpc(b, "ul.dump")["aors"].get(f"sip:erin@{HOST}"), 5, "erin's binding on B")
         a.proc.kill()  # kill -9: no drain, no unregistration, nothing flushed
         a.proc.wait(10)
+        # a UDP binding made on A: B reaches the device itself
+        caller = Sipp(b, "caller_answered.xml", tmp_path, service="erin", pause_ms=100)
+        procs.append(caller)
+        assert_caller_ok(caller, b)
+        wait_until(lambda: erin.sipp.log_lines("ANSWERED-AND-HUNG-UP "), 10, "erin to get B's BYE")
+        # a device registering on B now
         device = add_device(procs, b, tmp_path, "dave", answer="device_answer_rr.xml")
         device.wait_registered()
         caller = Sipp(b, "caller_answered.xml", tmp_path, service="dave", pause_ms=100)
