@@ -34,3 +34,17 @@ def test_another_nodes_entry_is_the_next_hop_and_a_stranger_is_not_a_node():
     assert node.next_hop(["<sip:TOKEN@198.51.100.1:5070;lr>"]) is None  # not in trusted_peers
     assert node.next_hop(["<sip:10.0.0.2:5070;lr>"]) is None  # no token: an edge proxy's Path
     assert node.next_hop(["not a uri"]) is None
+
+
+def test_path_entry_names_the_flow_and_udp_can_go_without():
+    from tests.fakes.sip import FakeFlow
+
+    node = _node()
+    tcp = FakeFlow("tcp", ("192.0.2.7", 40000), id="tcp#7")
+    entry = node.path_entry(tcp, outbound=True)
+    assert entry is not None and entry.endswith("@10.0.0.1:5070;transport=udp;lr;ob>")
+    ref, _ = node.own_flow(entry)
+    assert (ref.flow_id, ref.transport, ref.host, ref.port) == ("tcp#7", "tcp", "192.0.2.7", 40000)
+    direct = ClusterNode(_Transport(), "udp:10.0.0.1:0", b"k", udp_via_path=False)  # type: ignore[arg-type]
+    assert direct.path_entry(FakeFlow("udp"), outbound=False) is None
+    assert direct.path_entry(tcp, outbound=False) is not None  # a connection is only ever on its node
