@@ -559,7 +559,7 @@ def _add_cluster(root: LibonTsiloService, parts: Parts) -> None:
     transactions = _built(parts.transactions)
     node = ClusterNode(_built(parts.transport), cfg.node_address, (cfg.secret or random_token(32)).encode(),
                        trusted_peers=cfg.trusted_peers, peers=cfg.peers, udp_via_path=cfg.udp_via_path)
-    relay = Relay(node, transactions)
+    relay = Relay(node, transactions, parts.clock)
     router = _built(parts.router)
     router.proxy = relay.handle
     router.cancel = relay.wrap_cancel(router.cancel)
