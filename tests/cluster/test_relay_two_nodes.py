@@ -15,7 +15,7 @@ import pytest_twisted
 
 from libon_tsilo.ops.config import config_from_dict
 from libon_tsilo.ops.service import make_service
-from libon_tsilo.sip.message import Request
+from libon_tsilo.sip.message import Request, parse_message
 from tests.cluster.ua import UA, response_to, tag, wait_for
 
 AOR = "sip:bob@127.0.0.1"
@@ -228,5 +228,41 @@ async def test_a_device_cannot_use_its_route_towards_a_host_that_is_not_a_node()
                               f"{inv.header('to')};tag={device_tag}", inv.header("from") or "", inv.call_id, 5))
         await device.response(403, "MESSAGE")
         assert pair.b.parts.extra["cluster_relay"].counters["refused_not_peer"] == 1
+    finally:
+        await pair.stop()
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+@pytest_twisted.ensureDeferred
+async def test_the_callers_cancel_reaches_the_device_through_b(transport):
+    pair = Pair()
+    pair.start()
+    try:
+        a_port = _public(pair.a, "udp")[1]
+        caller = await pair.ua(pair.a)
+        device = await pair.ua(pair.b, transport)
+        text = invite(caller, a_port)
+        caller.send(text)
+        await wait_for(lambda: pair.a.parts.silo.stats()["stored_transactions"] == 1, "the call parked on A")
+        device.send(register(device))
+        inv = await device.request("INVITE")
+        device.send(response_to(inv, 180, "Ringing", "dev1"))
+        await caller.response(180, "INVITE")
+        sent = parse_message(text.encode())
+        caller.send(
+            f"CANCEL sip:bob@127.0.0.1:{a_port} SIP/2.0\r\n"
+            f"Via: {sent.header('via')}\r\nMax-Forwards: 70\r\nFrom: {sent.header('from')}\r\n"
+            f"To: {sent.header('to')}\r\nCall-ID: {sent.call_id}\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n"
+        )
+        cancel = await device.request("CANCEL")
+        assert cancel.branch == inv.branch  # B's own CANCEL of its own client transaction (RFC 3261 §9.1)
+        device.send(response_to(cancel, 200, "OK", "dev1"))
+        device.send(response_to(inv, 487, "Request Terminated", "dev1"))
+        await caller.response(487, "INVITE")
+        await device.request("ACK")  # B's client transaction acknowledges the 487 hop by hop
+        assert pair.b.parts.extra["cluster_relay"].counters["cancelled"] == 1
+        await wait_for(lambda: not pair.a.parts.b2bua.calls, "the call ended on A")
+        await wait_for(lambda: pair.b.parts.extra["cluster_relay"].stats()["pending_invites"] == 0,
+                       "B to forget the relayed INVITE")
     finally:
         await pair.stop()
