@@ -266,3 +266,33 @@ async def test_the_callers_cancel_reaches_the_device_through_b(transport):
                        "B to forget the relayed INVITE")
     finally:
         await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_430_from_b_fails_over_to_the_devices_other_flow():
+    """RFC 5626 §5.3: an outbound device registered over two connections to B; the newer one is gone,
+    B answers 430 to the INVITE A forked over it, and A sends the branch over the other one."""
+    pair = Pair()
+    pair.start()
+    try:
+        instance = '+sip.instance="<urn:uuid:00000000-0000-1000-8000-00000000beef>"'
+        older = await pair.ua(pair.b, "tcp")
+        newer = await pair.ua(pair.b, "tcp")
+        for ua, reg_id in ((older, 2), (newer, 1)):
+            ua.send(register(ua, "Supported: outbound, path\r\n").replace(
+                f"Contact: {ua.contact}", f"Contact: {ua.contact};{instance};reg-id={reg_id}"))
+            await ua.response(200, "REGISTER")
+        binding = max(pair.a.parts.location.lookup(AOR), key=lambda b: b.registered_at)
+        assert binding.reg_id == 1 and binding.path[0].endswith(";lr;ob>")
+        newer.stop()
+        await wait_for(lambda: sum(f.key.transport == "tcp" and f.live for f in pair.b.parts.transport.flows) == 1,
+                       "B to see the newer connection close")
+        caller = await pair.ua(pair.a)
+        caller.send(invite(caller, _public(pair.a, "udp")[1]))
+        inv = await older.request("INVITE")
+        assert pair.b.parts.extra["cluster_relay"].counters["flow_failed"] == 1
+        assert pair.a.parts.b2bua.counters["flow_failovers"] == 1
+        older.send(response_to(inv, 486, "Busy Here", "dev2"))
+        await caller.expect(lambda m: getattr(m, "status", 0) >= 300, "the caller's final answer")
+    finally:
+        await pair.stop()
