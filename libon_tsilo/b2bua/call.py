@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from libon_tsilo.b2bua import relay, reliable, session_timer
+from libon_tsilo.b2bua import cdr, relay, reliable, session_timer
 from libon_tsilo.b2bua.capabilities import ALLOW, OWN_HEADERS, supported
 from libon_tsilo.b2bua.dialog import Dialog
 from libon_tsilo.b2bua.forking import REASON_ANSWERED, REASON_REPLACED
@@ -112,7 +112,7 @@ class Call:
         "ring_deadline", "a", "branches", "_by_key", "state", "failures", "winner", "early_media_from",
         "wake_d", "wake_result", "woken", "_waker_used", "_ring_timer", "_late_ack", "offer_busy",
         "pending_acks", "late_reason", "ended", "end_reason", "trust", "timers", "_device_ids",
-        "transfer", "a_answered",
+        "transfer", "a_answered", "answered_at", "final_status",
     )
 
     def __init__(self, mgr: CallManager, invite: Request, stx: ServerHandle, flow: Any, aor: str,
@@ -161,6 +161,8 @@ class Call:
         self._device_ids: dict[str, str] | None = None  # device -> the Call-ID of its B-leg
         self.transfer: Any = None  # b2bua/transfer.py: a REFER this call is part of, while it runs
         self.a_answered = False  # our 2xx to the caller went out
+        self.answered_at: float | None = None  # when a branch's 2xx connected the call (the CDR's answer)
+        self.final_status: int | None = None  # our final failure to the caller, if it got one
 
     # -- description (silo dump / admin) -------------------------------------------------------
 
@@ -583,6 +585,7 @@ class Call:
         """First 2xx wins: ACK it, cancel the others, answer the caller with its SDP."""
         self.winner = leg
         self.state = Connected()
+        self.answered_at = self.clock.seconds()
         self._stop_ring_timer()
         # RFC 3262 §3: no 2xx while a reliable 18x with SDP is unacknowledged; it keeps being resent
         held = bool(self.a.reliable) and self.a.reliable.sdp_unacked()
@@ -623,6 +626,7 @@ class Call:
         if self.state.final:
             return
         self.state = Ended()
+        self.final_status = status
         self.late_reason = branch_reason or f'SIP;cause={status};text="{why}"'
         try:
             self.port.respond(self.a.stx, make_response(self.a.invite, status, reason,
@@ -747,8 +751,12 @@ class Call:
                 leg.ctx.detach()
         self.mgr.forget(self)
         if logflags.info_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs
-            # `reason` is a field of its own (in the JSON log too), not only words in the text
-            log.info("call ended: {reason}", reason=why, call_id=self.call_id)
+            # the CDR: `reason` and the others are fields of their own (in the JSON log too)
+            log.info(cdr.FORMAT, **cdr.fields(self, why), call_id=self.call_id)
+
+    def cdr_trunk(self) -> str:
+        """The trunk the call went through, "-" for a call that stayed local (b2bua/outbound.py)."""
+        return "-"
 
     def in_dialog(self, leg: Any, request: Request, stx: Any) -> None:
         relay.request(self, leg, request, stx)

@@ -42,6 +42,7 @@ class CallerTrust:
 
     trusted: bool = False  # from [auth] trusted_sources: its identity headers are believed
     identity: str | None = None  # the URI the caller authenticated as (sip:user@our domain)
+    user: str | None = None  # the users-database name digest proved (set with `identity`)
 
 
 UNTRUSTED = CallerTrust()

@@ -44,6 +44,9 @@ from libon_tsilo.sip.uri import URI
 if TYPE_CHECKING:
     from twisted.python.failure import Failure
 
+    from libon_tsilo.b2bua.outbound import CallsOut
+    from libon_tsilo.routing.destinations import Destination
+
     from libon_tsilo.registrar.binding import Binding
 
 __all__ = ["CallManager", "CallSettings", "default_aor_key", "authorizer_from_policy"]
@@ -98,7 +101,8 @@ def authorizer_from_policy(policy: Any) -> Callable[[Request, Any, Any], CallerT
     def authorize(request: Request, stx: ServerHandle, flow: Any) -> CallerTrust | bool:
         result = policy.check(request, flow, "invite")
         if result.response is None:
-            return CallerTrust(getattr(result, "trusted", False), getattr(result, "identity", None))
+            return CallerTrust(getattr(result, "trusted", False), getattr(result, "identity", None),
+                               user=getattr(result, "user", None))
         stx.respond(result.response)
         return False
 
@@ -119,12 +123,14 @@ class CallManager:
         aor_key: Callable[[Any, bool], str] = default_aor_key,
         sources: CallerSources | None = None,
         user_exists: Callable[[str], bool] | None = None,
+        calls_out: CallsOut | None = None,
     ) -> None:
         """`authorize(request, stx, flow)` returns (or fires with) True or a CallerTrust to go on
         (True: an untrusted caller); False means it has answered already (407...). `is_local(uri)`
         says whether we serve the R-URI's domain. `sources` limits unanswered calls per caller
         source; `user_exists(user)` (the users database) turns calls to users without any binding
-        into an immediate 404 / 480."""
+        into an immediate 404 / 480. `calls_out` (b2bua/outbound.py) takes the calls to phone numbers
+        and routed domains; without it they get 416 / 404 as before."""
         self.clock = clock
         self.port = port
         self.silo = silo
@@ -146,6 +152,7 @@ class CallManager:
                                          "session_expired": 0, "duration_limit": 0}
         self.sources = sources
         self.user_exists = user_exists
+        self.calls_out = calls_out
         self.can_wake = waker is not None
         limits = ("parked_per_source", "parked_total", "unknown_user", "unreachable_user", "max_branches",
                   "reliable_18x_dropped")
@@ -174,6 +181,8 @@ class CallManager:
         if self.calls.get(call.call_id) is call:
             del self.calls[call.call_id]
         self.release_source(call)
+        if self.calls_out is not None:
+            self.calls_out.release(call)
         self.unregister_leg(call.a)
         for leg in call.branches.values():
             self.unregister_leg(leg)
@@ -233,10 +242,12 @@ class CallManager:
             self._reject(stx, request, 482, "Loop Detected")
             return
         uri = request.uri
-        if uri.scheme not in ("sip", "sips"):
+        # a phone number or a routed domain: decided after digest (only our users may call out)
+        dest = self.calls_out.classify(uri) if self.calls_out is not None else None
+        if dest is None and uri.scheme not in ("sip", "sips"):
             self._reject(stx, request, 416, "Unsupported URI Scheme")
             return
-        if not uri.user or not self.is_local(uri):
+        if dest is None and (not uri.user or not self.is_local(uri)):
             self._reject(stx, request, 404, "Not Found")
             return
         _ = (request.from_, request.to, request.cseq)  # parse now: a bad header is a 400 here
@@ -245,10 +256,10 @@ class CallManager:
             return
         decision = self.authorize(request, stx, flow)
         if isinstance(decision, Deferred):
-            decision.addCallback(lambda ok: self._authorized(ok, request, stx, flow))
+            decision.addCallback(lambda ok: self._authorized(ok, request, stx, flow, dest))
             decision.addErrback(self._auth_failed, request, stx)
         else:
-            self._authorized(decision, request, stx, flow)
+            self._authorized(decision, request, stx, flow, dest)
 
     def _reachable(self, request: Request, stx: ServerHandle, uri: URI) -> bool:
         """False (answered 404 or 480) for a user with no binding who is unknown or cannot be woken."""
@@ -275,13 +286,21 @@ class CallManager:
         log.failure("authorization failed", failure, call_id=log_call_id(request))
         self._reply(stx, request, 500, "Server Internal Error")
 
-    def _authorized(self, ok: bool | CallerTrust, request: Request, stx: ServerHandle, flow: Any) -> None:
+    def _authorized(self, ok: bool | CallerTrust, request: Request, stx: ServerHandle, flow: Any,
+                    dest: Destination | None = None) -> None:
         if not ok:
             return
         if request.call_id in self.calls:
             self._reject(stx, request, 482, "Loop Detected")
             return
         uri = request.uri
+        if dest is not None and self.calls_out is not None:
+            if dest.user is None:
+                self.calls_out.place(self, ok, request, stx, flow, dest)
+                return
+            if not self.calls_out.may_dial_number(self, ok, request, stx, dest):
+                return
+            uri = self.calls_out.local_uri(dest.user)  # a local user's number: a local call
         # after digest: a local caller learns nothing about our users before it authenticates
         if self.user_exists is not None and not self._reachable(request, stx, uri):
             return
@@ -292,17 +311,13 @@ class CallManager:
             return
         call = Call(self, request, stx, flow, aor, callee, ok if isinstance(ok, CallerTrust) else UNTRUSTED)
         if self.sources is not None and not self.sources.admit(call.call_id, flow):
-            self._refuse(stx, request, "parked_per_source", 503, "{n} unanswered calls from {source}",
-                         n=self.sources.limit, source=self.sources.source_of(flow))
+            self.refuse_parked_per_source(stx, request, flow)
             return
         if not self.silo.store(call):
             self.release_source(call)
             self._reject(stx, request, 486, "Busy Here")
             return
-        self.calls[call.call_id] = call
-        self.counters["calls"] += 1
-        self.register_leg(call, call.a)
-        self.watch_flow(call, call.a.hop.flow_id, call.a.hop.transport)
+        self.admit_call(call)
         try:  # the call is stored and counted now: a bug must end it, with one final response
             bindings = list(self.location.lookup(aor)) if self.location is not None else []
             if logflags.info_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs
@@ -312,6 +327,18 @@ class CallManager:
         except Exception:
             log.failure("call setup failed", call_id=call.call_id)
             call.fail("internal error")
+
+    def admit_call(self, call: Call) -> None:
+        """The call is in the tables from now on (and every end path takes it out: `forget`)."""
+        self.calls[call.call_id] = call
+        self.counters["calls"] += 1
+        self.register_leg(call, call.a)
+        self.watch_flow(call, call.a.hop.flow_id, call.a.hop.transport)
+
+    def refuse_parked_per_source(self, stx: ServerHandle, request: Request, flow: Any) -> None:
+        assert self.sources is not None
+        self._refuse(stx, request, "parked_per_source", 503, "{n} unanswered calls from {source}",
+                     n=self.sources.limit, source=self.sources.source_of(flow))
 
     def place_call(self, request: Request, stx: ServerHandle, flow: Any, trust: CallerTrust) -> None:
         """A call the B2BUA originates itself (a transfer: b2bua/transfer.py), already authorized:
@@ -408,6 +435,7 @@ class CallManager:
             "by_state": by_state,
             **{f"total_{k}": v for k, v in self.counters.items()},
             "silo": self.silo.stats(),
+            **({"calls_out": self.calls_out.stats()} if self.calls_out is not None else {}),
         }
 
     # -- replies -------------------------------------------------------------------------------

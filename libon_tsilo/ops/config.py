@@ -24,6 +24,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from libon_tsilo.b2bua.capabilities import DEFAULT_ALLOWLIST
+from libon_tsilo.dialplan import DialPlan
 from libon_tsilo.sip.listen import ListenSpec, ListenSpecError, parse_listen_spec
 from libon_tsilo.util import random_token
 
@@ -48,6 +49,11 @@ __all__ = [
     "OpsConfig",
     "OverloadConfig",
     "ClusterConfig",
+    "DialPlanConfig",
+    "CallsOutConfig",
+    "TrunkConfig",
+    "RouteConfig",
+    "MessagesConfig",
     "ListenAddress",
     "parse_listen",
     "load_config",
@@ -474,9 +480,9 @@ class OverloadConfig:
 
 def _node_id(value: str, key: str) -> str:
     # a node id goes into metric labels, Redis keys and log lines: keep it a plain token
-    _no_newline(value, key)
     if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", value):
-        raise ConfigError(key, f'"{value}" is not a node id (letters, digits, ".", "_", "-"; at most 63)')
+        shown = value.encode("unicode_escape").decode("ascii")  # the error stays one line
+        raise ConfigError(key, f'"{shown}" is not a node id (letters, digits, ".", "_", "-"; at most 63)')
     return value
 
 
@@ -500,10 +506,24 @@ def _node_addresses(value: tuple[str, ...], key: str) -> tuple[str, ...]:
     return value
 
 
+def _digits(value: str, key: str) -> str:
+    if value and not value.isdigit():
+        raise ConfigError(key, f'"{value}" must be digits only')
+    return value
+
+
+def _digit_items(value: tuple[str, ...], key: str) -> tuple[str, ...]:
+    for i, item in enumerate(value):
+        if not item or not item.isdigit():
+            raise ConfigError(f"{key}[{i}]", f'"{item}" must be digits only')
+    return value
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     # issue 14: several nodes (processes) share the location service; see README "Cluster"
     node_id: str = _opt("", _node_id)  # "" = single node, or derived (ops/node.py) when clustered
+    reuse_port: bool = _opt(False)  # SO_REUSEPORT on [sip] listen: N workers bind the same ports
     # this node's internal SIP listener ("udp|tcp:HOST:PORT"); "" = no node-to-node relay (Path)
     node_address: str = _opt("", _node_address)
     peers: tuple[str, ...] = _opt((), _node_addresses)  # the other nodes' node_address
@@ -514,6 +534,90 @@ class ClusterConfig:
     # UDP devices too are reached through the node they registered on (NAT-safe across hosts);
     # false: any node sends to a UDP device itself (workers sharing one public port, reuse_port)
     udp_via_path: bool = _opt(True)
+
+
+@dataclass(frozen=True)
+class DialPlanConfig:
+    # how users and gateways write numbers; everything is compared in E.164 (libon_tsilo/dialplan.py)
+    country_code: str = _opt("", _digits)
+    national_prefix: str = _opt("0", _digits)
+    international_prefixes: tuple[str, ...] = _opt(("00",), _digit_items)
+
+
+# -- calls out (issue 13): [calls_out], [[trunks]], [[routes]]; checked across keys in _check_calls_out
+
+
+def _trunk_targets(value: tuple[str, ...], key: str) -> tuple[str, ...]:
+    from libon_tsilo.routing.trunks import parse_target
+
+    for i, item in enumerate(value):
+        try:
+            parse_target(item)
+        except ValueError as exc:
+            raise ConfigError(f"{key}[{i}]", f'"{item}": {exc}') from None
+    return value
+
+
+# what the B2BUA itself writes on a B-leg: an extra header may not replace or double it
+_OWN_HEADERS = frozenset(("via", "from", "to", "call-id", "cseq", "contact", "max-forwards", "content-length",
+                          "content-type", "route", "record-route", "authorization", "proxy-authorization",
+                          "p-asserted-identity"))
+
+
+def _header_lines(value: tuple[str, ...], key: str) -> tuple[str, ...]:
+    for i, item in enumerate(_non_empty_items(value, key)):
+        name, colon, rest = item.partition(":")
+        if not colon or not _TOKEN_RE.match(name.strip()) or not rest.strip():
+            raise ConfigError(f"{key}[{i}]", f'"{item}" is not "Name: value"')
+        if name.strip().lower() in _OWN_HEADERS:
+            raise ConfigError(f"{key}[{i}]", f'"{name.strip()}" is written by the server itself')
+    return value
+
+
+def _e164_prefix(value: str, key: str) -> str:
+    if value and not re.fullmatch(r"\+[0-9]{1,15}", value):
+        raise ConfigError(key, f'"{value}" is not an E.164 prefix ("+" and digits, e.g. "+33"; "" = any)')
+    return value
+
+
+@dataclass(frozen=True)
+class CallsOutConfig:
+    max_calls_per_user: int = _opt(2, _int_range(0))  # concurrent, for users without their own; 0 = no limit
+    ring_timeout: float = _opt(120.0, _positive)  # the phone network's own no-answer timer is ~60-180 s
+
+
+@dataclass(frozen=True)
+class TrunkConfig:
+    name: str = _opt("", _no_newline)
+    targets: tuple[str, ...] = _opt((), _trunk_targets)  # "sip:host:port;transport=udp|tcp|tls", in order
+    username: str = _opt("", _no_newline)
+    password: str = _opt("", _no_newline)
+    realm: str = _opt("", _no_newline)  # "" = answer a challenge from any realm
+    from_domain: str = _opt("", _no_newline)  # "" = the target's host
+    headers: tuple[str, ...] = _opt((), _header_lines)
+    pai: bool = _opt(False)
+    max_calls: int = _opt(0, _int_range(0))  # 0 = no limit
+    failover_timeout: float = _opt(4.0, _int_range(0, 32))  # a silent target; 0 = wait for Timer B
+    tel_uri: bool = _opt(False)  # R-URI and To as tel:+E164 (else sip:+E164@target;user=phone)
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    prefix: str = _opt("", _e164_prefix)
+    domain: str = _opt("", _no_newline)
+    trunk: str = _opt("")
+
+
+@dataclass(frozen=True)
+class MessagesConfig:
+    # SIP MESSAGE store-and-forward to sleeping phones (libon_tsilo/messaging/); off: MESSAGE gets 405
+    enabled: bool = _opt(True)
+    db: str = _opt("libon-tsilo-messages.sqlite", path=_STATE)  # [location] backend "sqlite"; redis: Redis
+    ttl: int = _opt(7 * 86_400, _int_range(60, 90 * 86_400))  # seconds a message waits for a device
+    max_size: int = _opt(4096, _int_range(1, 60_000))  # body bytes; over: 413
+    max_per_user: int = _opt(500, _int_range(1))  # waiting messages per recipient; over: 480
+    per_sender_per_minute: int = _opt(60, _int_range(0))  # 0 = off; over: 503
+    push_preview: bool = _opt(True)  # the start of a text body in the push payload
 
 
 @dataclass(frozen=True)
@@ -533,8 +637,17 @@ class Config:
     ops: OpsConfig = field(default_factory=OpsConfig)
     overload: OverloadConfig = field(default_factory=OverloadConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    dialplan: DialPlanConfig = field(default_factory=DialPlanConfig)
+    calls_out: CallsOutConfig = field(default_factory=CallsOutConfig)
+    trunks: tuple[TrunkConfig, ...] = field(default=())
+    routes: tuple[RouteConfig, ...] = field(default=())
+    messages: MessagesConfig = field(default_factory=MessagesConfig)
     # where the config came from (None = built-in defaults); not a TOML key
     source: str | None = field(default=None, metadata={"internal": True})
+
+    def dial_plan(self) -> DialPlan:
+        d = self.dialplan
+        return DialPlan(d.country_code, d.national_prefix, d.international_prefixes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -728,6 +841,15 @@ def _check_overload(overload: OverloadConfig) -> None:
         )
 
 
+def _check_location(cfg: Config) -> None:
+    loc = cfg.location
+    if loc.sentinels and not loc.service_name:
+        raise ConfigError("location.service_name", "required with location.sentinels")
+    if loc.backend == "redis" and cfg.ops.reactor == "epoll":
+        # redis-py's asyncio client runs on the reactor's loop (registrar/asyncio_bridge.py)
+        raise ConfigError("ops.reactor", 'must be "auto" or "asyncio" with location.backend = "redis"')
+
+
 def _check_cluster(cfg: Config) -> None:
     address = cfg.cluster.node_address
     if not address:
@@ -740,17 +862,42 @@ def _check_cluster(cfg: Config) -> None:
             raise ConfigError("cluster.node_address", problem)
 
 
-def _check_location(cfg: Config) -> None:
-    loc = cfg.location
-    if loc.sentinels and not loc.service_name:
-        raise ConfigError("location.service_name", "required with location.sentinels")
-    if loc.backend == "redis" and cfg.ops.reactor == "epoll":
-        # redis-py's asyncio client runs on the reactor's loop (registrar/asyncio_bridge.py)
-        raise ConfigError("ops.reactor", 'must be "auto" or "asyncio" with location.backend = "redis"')
+def _check_reuse_port(cfg: Config) -> None:
+    # workers sharing the public port get any device's REGISTER and any call: they must share the
+    # bindings too (and N processes on one SQLite file would fight over it)
+    if cfg.cluster.reuse_port and cfg.location.backend != "redis":
+        problem = 'needs location.backend = "redis" (workers share the bindings)'
+        raise ConfigError("cluster.reuse_port", problem)
+
+
+def _check_calls_out(cfg: Config) -> None:
+    from libon_tsilo.sip.hostnames import HostSet
+
+    names: set[str] = set()
+    for i, trunk in enumerate(cfg.trunks):
+        if not trunk.name or not _TOKEN_RE.match(trunk.name):
+            raise ConfigError(f"trunks[{i}].name", f'"{trunk.name}" is not a usable trunk name')
+        if trunk.name in names:
+            raise ConfigError(f"trunks[{i}].name", f'"{trunk.name}" is used twice')
+        names.add(trunk.name)
+        if not trunk.targets:
+            raise ConfigError(f"trunks[{i}].targets", "needs at least one target")
+        if bool(trunk.username) != bool(trunk.password):
+            raise ConfigError(f"trunks[{i}].password", "username and password go together")
+    ours = HostSet(cfg.sip.domains)
+    for i, route in enumerate(cfg.routes):
+        if route.trunk not in names:
+            raise ConfigError(f"routes[{i}].trunk", f'unknown trunk "{route.trunk}"')
+        if route.domain and route.prefix:
+            raise ConfigError(f"routes[{i}].domain", "a route matches a prefix or a domain, not both")
+        if route.domain and route.domain in ours:
+            raise ConfigError(f"routes[{i}].domain", f'"{route.domain}" is one of sip.domains')
 
 
 def _validate(cfg: Config) -> None:
+    _check_calls_out(cfg)
     _check_sip(cfg.sip)
+    _check_reuse_port(cfg)
     _check_location(cfg)
     _check_session_timers(cfg.calls)
     _check_overload(cfg.overload)

@@ -225,12 +225,19 @@ class TsiloCollector(Collector):
         self.messages = messages
 
     def collect(self) -> Iterator[Metric]:
-        for part in (self._messages, self._sip, self._calls, self._location, self._silo, self._auth,
-                     self._limits, self._waker, self._overload, self._cluster_relay):
+        for part in (self._node, self._messages, self._sip, self._calls, self._location, self._silo,
+                     self._auth, self._limits, self._waker, self._overload, self._cluster_relay):
             try:
                 yield from part()
             except Exception:  # a broken layer must not take /metrics down with it
                 log.failure("metrics: collecting {part} failed", part=part.__name__)
+
+    def _node(self) -> Iterator[Metric]:
+        # which node answers this scrape (issue 14): join on it in PromQL, e.g. `* on(instance)
+        # group_left(node) libon_tsilo_node_info`; "" = a single server
+        info = GaugeMetricFamily(f"{PREFIX}_node_info", "This process's cluster node id", labels=["node"])
+        info.add_metric([getattr(self.parts, "node_id", "")], 1)
+        yield info
 
     def _messages(self) -> Iterator[Metric]:
         m = self.messages
@@ -306,6 +313,14 @@ class TsiloCollector(Collector):
         ):
             if key in counters:
                 yield _counter(f"calls_{key}" if key != "calls" else "calls_started", doc, counters[key])
+        out = getattr(b2bua, "calls_out", None)
+        if out is not None:  # issue 13: calls up per trunk (refusals: limit_hits, call_out_<reason>)
+            g = GaugeMetricFamily(f"{PREFIX}_calls_out_active", "Calls out up, per trunk", labels=["trunk"])
+            active = out.policy.active()
+            for trunk in sorted(out.destinations.routes.trunks):
+                g.add_metric([trunk], active.get(trunk, 0))
+            yield g
+            yield _counter("calls_out_placed", "Calls out placed to a trunk", out.policy.placed)
 
     def _location(self) -> Iterator[Metric]:
         loc = self.parts.location
@@ -440,11 +455,45 @@ class TsiloCollector(Collector):
 # ---------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------
+# [messages]: SIP MESSAGE store-and-forward (libon_tsilo/messaging/)
+
+
+class InstantMessageCollector(Collector):
+    """Waiting instant messages (gauge) and what became of the others (counters)."""
+
+    _COUNTERS = (
+        ("accepted", "MESSAGEs accepted (202) and stored"),
+        ("delivered", "Deliveries of a stored message to a device (2xx)"),
+        ("failed", "Deliveries to a device that failed or timed out (retried at its next REGISTER)"),
+        ("pushed", "Message pushes sent to sleeping devices"),
+        ("done", "Messages deleted once every device got them"),
+        ("expired", "Messages deleted unread by some device at [messages] ttl"),
+    )
+
+    def __init__(self, parts: Any) -> None:
+        self.parts = parts
+
+    def collect(self) -> Iterator[Metric]:
+        acceptor = self.parts.extra.get("messages")
+        if acceptor is None:
+            return
+        try:
+            s = acceptor.stats()
+        except Exception:
+            log.failure("metrics: collecting messages failed")
+            return
+        yield _gauge("im_waiting", "Instant messages stored, waiting for a device", s["waiting"])
+        for name, doc in self._COUNTERS:
+            yield _counter(f"im_{name}", doc, s[name])
+
+
 def make_registry(parts: Any, messages: MessageCounters | None = None) -> CollectorRegistry:
     """A registry of our own with the live-object collector and the push collector."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(TsiloCollector(parts, messages))
     registry.register(PushCollector(parts))
+    registry.register(InstantMessageCollector(parts))
     return registry
 
 

@@ -109,6 +109,12 @@ class Rpc:
             RpcMethod("health", self.health, (), "ok, or draining during a graceful shutdown"),
         ):
             self.methods[m.name] = m
+        # [messages]: SIP MESSAGE store-and-forward
+        for m in (
+            RpcMethod("msg.dump", self.msg_dump, ("aor",), "waiting instant messages (no bodies)"),
+            RpcMethod("msg.stats", self.msg_stats, (), "instant message counters"),
+        ):
+            self.methods[m.name] = m
 
     # -- dispatch --------------------------------------------------------------------------------
 
@@ -121,7 +127,11 @@ class Rpc:
         unknown = sorted(set(params) - set(method.params))
         if unknown:
             raise RpcError(400, f"{name}: unknown parameter(s): {', '.join(unknown)}")
-        return jsonable(method.func(**params))
+        result = method.func(**params)
+        node = getattr(self.parts, "node_id", "")
+        if node and isinstance(result, dict):  # in a cluster, which node answers (issue 14)
+            result = {"node": node, **result}
+        return jsonable(result)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -202,6 +212,13 @@ class Rpc:
             aor: [self._binding(b) for b in bindings] for aor, bindings in location.dump().items() if bindings
         }
         out = {"aor_count": len(aors), "binding_count": sum(len(b) for b in aors.values()), "aors": aors}
+        if getattr(self.parts, "node_id", ""):
+            # a cluster node's replica holds every node's bindings: how many each node's flows carry
+            nodes: dict[str, int] = {}
+            for bindings in aors.values():
+                for b in bindings:
+                    nodes[b["node"]] = nodes.get(b["node"], 0) + 1
+            out["nodes"] = dict(sorted(nodes.items()))
         redis = location.redis_stats() if hasattr(location, "redis_stats") else None
         if redis is not None:  # a cluster: which node answers, and whether its copy is current
             out["redis"] = redis
@@ -281,6 +298,19 @@ class Rpc:
         if p.extra.get("cluster_relay") is not None:  # [cluster] node_address
             out["cluster_relay"] = p.extra["cluster_relay"].stats()
         return out
+
+    def msg_dump(self, aor: str | None = None) -> list[dict[str, Any]]:
+        acceptor = self.parts.extra.get("messages")
+        if acceptor is None:
+            raise RpcError(503, "messages are not enabled")
+        key = self._aor(aor) if aor is not None else None
+        return [m for m in acceptor.outbox.dump() if key is None or m["aor"] == key]
+
+    def msg_stats(self) -> dict[str, Any]:
+        acceptor = self.parts.extra.get("messages")
+        if acceptor is None:
+            raise RpcError(503, "messages are not enabled")
+        return dict(acceptor.stats())
 
     def health(self) -> dict[str, Any]:
         p = self.parts

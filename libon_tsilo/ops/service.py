@@ -70,6 +70,7 @@ class Parts:
     silo: Silo | None = None
     waker: PushWaker | None = None
     b2bua: CallManager | None = None
+    node_id: str = ""  # this node in a cluster (ops/node.py); "" = a single server
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -240,6 +241,12 @@ def make_tls_context_factory(tls: TlsConfig) -> TLSContextFactory | None:
 # wiring: one function per layer, called in dependency order by make_service
 
 
+def _add_node_identity(root: LibonTsiloService, parts: Parts) -> None:
+    from libon_tsilo.ops.node import resolve_node_id
+
+    parts.node_id = resolve_node_id(parts.config)
+
+
 def _add_sip_stack(root: LibonTsiloService, parts: Parts) -> None:
     cfg = parts.config.sip
     parts.tls_context_factory = make_tls_context_factory(parts.config.tls)
@@ -256,6 +263,7 @@ def _add_sip_stack(root: LibonTsiloService, parts: Parts) -> None:
         advertised_host=cfg.advertised_host or None,
         limits=_connection_limits(parts.config.connections),
         udp_receive_buffer=cfg.udp_receive_buffer,
+        reuse_port=cfg.listen if parts.config.cluster.reuse_port else (),  # the public ones only
     )
     _attach(root, parts.transport, "transport")
     parts.transactions = TransactionLayer(
@@ -343,7 +351,7 @@ def _redis_persistence(parts: Parts) -> RedisBindingStore:
         raise ConfigError("location.backend", str(exc)) from None
     client = make_redis_client(loc.url, loc.username, loc.password, loc.sentinels, loc.service_name)
     return RedisBindingStore(
-        client, parts.clock, node_id=parts.config.cluster.node_id, key_prefix=loc.key_prefix, loop=loop
+        client, parts.clock, node_id=parts.node_id, key_prefix=loc.key_prefix, loop=loop
     )
 
 
@@ -366,7 +374,7 @@ def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
         )
     elif cfg.location.backend == "redis":
         persistence = _redis_persistence(parts)
-    parts.location = location = LocationStore(parts.clock, persistence, node_id=cfg.cluster.node_id)
+    parts.location = location = LocationStore(parts.clock, persistence, node_id=parts.node_id)
     auth = None
     if cfg.auth.enabled:
         auth = AuthPolicy(
@@ -510,6 +518,7 @@ def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
 
         exempt = parts.extra.get("limit_exempt", ())
         kwargs["sources"] = CallerSources(cfg.limits.max_parked_per_source, exempt)
+    kwargs["calls_out"] = _calls_out(parts, domains)
     parts.b2bua = calls = CallManager(
         parts.clock,
         TransactionPort(_built(parts.transactions), parts.clock),
@@ -520,11 +529,33 @@ def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
         is_local=lambda uri: uri.host in domains,
         **kwargs,
     )
-    parts.extra.setdefault("limits", []).append(calls)
+    parts.extra.setdefault("limits", []).extend((calls, kwargs["calls_out"].policy))
     flows = _built(parts.transport).flows
     flows.subscribe_close(calls.flow_closed)
     flows.add_keeper(calls.flows.__contains__)  # a call's connection stays
     _attach(root, _CallsService(calls), "calls")
+
+
+def _calls_out(parts: Parts, domains: Any) -> Any:
+    """Calls to phone numbers and routed domains (issue 13): [dialplan], [[trunks]], [[routes]]."""
+    from libon_tsilo.b2bua.outbound import CallsOut
+    from libon_tsilo.registrar.registrar import aor_key
+    from libon_tsilo.routing.destinations import Destinations
+    from libon_tsilo.routing.policy import CallOutPolicy
+    from libon_tsilo.routing.routes import Route, RouteTable
+    from libon_tsilo.routing.trunks import Trunk
+
+    cfg = parts.config
+    trunks = [Trunk.from_config(t) for t in cfg.trunks]
+    routes = RouteTable([Route(r.trunk, r.prefix, r.domain) for r in cfg.routes], trunks)
+    auth = parts.extra.get("auth")
+    users = auth.users if auth is not None else None
+    location, use_domain = _built(parts.location), cfg.registrar.use_domain
+    destinations = Destinations(cfg.dial_plan(), routes, users, is_local=lambda uri: uri.host in domains,
+                                user_exists=users.exists if users is not None else None,
+                                registered=lambda uri: bool(location.lookup(aor_key(uri, use_domain))))
+    policy = CallOutPolicy(parts.clock, cfg.calls_out.max_calls_per_user)
+    return CallsOut(destinations, policy, users, cfg.calls_out.ring_timeout, cfg.sip.domains[0])
 
 
 def _add_router(root: LibonTsiloService, parts: Parts) -> None:
@@ -544,6 +575,73 @@ def _add_router(root: LibonTsiloService, parts: Parts) -> None:
         router.stray = calls.stray_response
 
 
+class MessagesService(Service):
+    """Restores the waiting messages at start (after the bindings); flushes and closes their store at
+    stop (before the transport goes down: a delivery still in flight is simply tried again later)."""
+
+    def __init__(self, outbox: Any, delivery: Any) -> None:
+        self.outbox = outbox
+        self.delivery = delivery
+
+    def startService(self) -> None:
+        super().startService()
+        self.outbox.start()
+        self.delivery.start()
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        self.delivery.stop()
+        return maybeDeferred(self.outbox.stop)
+
+
+def _add_messages(root: LibonTsiloService, parts: Parts) -> None:
+    """[messages]: SIP MESSAGE store-and-forward (libon_tsilo/messaging/), parts.extra["messages"]."""
+    cfg = parts.config
+    if not cfg.messages.enabled:
+        return
+    from libon_tsilo.messaging.accept import MessageAcceptor
+    from libon_tsilo.messaging.delivery import MessageDelivery
+    from libon_tsilo.messaging.outbox import Outbox
+    from libon_tsilo.messaging.store import MemoryMessageStore, MessageStore
+    from libon_tsilo.messaging.uac import TransactionSender
+    from libon_tsilo.registrar.registrar import aor_key
+    from libon_tsilo.sip.hostnames import HostSet
+
+    store: MessageStore
+    loc, flush_interval = cfg.location, cfg.location.flush_interval_ms / 1000.0
+    if loc.backend == "sqlite":
+        from twisted.internet import reactor
+
+        from libon_tsilo.messaging.sqlite_store import SqliteMessageStore
+
+        store = SqliteMessageStore(cfg.messages.db, parts.clock, flush_interval, reactor=reactor)
+    elif loc.backend == "redis":
+        from twisted.internet import reactor
+
+        from libon_tsilo.messaging.redis_store import RedisMessageStore, make_blocking_client
+
+        client = make_blocking_client(loc.url, loc.username, loc.password, loc.sentinels, loc.service_name)
+        store = RedisMessageStore(client, parts.clock, node_id=cfg.cluster.node_id, key_prefix=loc.key_prefix,
+                                  flush_interval=flush_interval, reactor=reactor)
+    else:
+        store = MemoryMessageStore()
+    location = _built(parts.location)
+    outbox = Outbox(parts.clock, store, ttl=float(cfg.messages.ttl))
+    delivery = MessageDelivery(parts.clock, outbox, location, TransactionSender(_built(parts.transactions)),
+                               notifier=parts.waker, push_preview=cfg.messages.push_preview)
+    location.subscribe(delivery)
+    auth = parts.extra.get("auth")
+    domains = HostSet(cfg.sip.domains)
+    acceptor = MessageAcceptor(
+        parts.clock, outbox, delivery, is_local=lambda uri: uri.host in domains,
+        aor_key=lambda uri: aor_key(uri, cfg.registrar.use_domain), auth=auth,
+        user_exists=auth.users.exists if auth is not None else None, max_size=cfg.messages.max_size,
+        max_per_user=cfg.messages.max_per_user, per_sender_per_minute=cfg.messages.per_sender_per_minute,
+    )
+    _built(parts.router).route("MESSAGE", acceptor.handle_message)
+    parts.extra.setdefault("limits", []).append(acceptor)
+    parts.extra["messages"] = acceptor
+    _attach(root, MessagesService(outbox, delivery), "messages")
 def _add_cluster(root: LibonTsiloService, parts: Parts) -> None:
     """[cluster] node_address: our Path entries on REGISTER, forks through other nodes, the relay
     of their forks over our flows (libon_tsilo/cluster/). parts.extra["cluster_relay"]."""
@@ -675,6 +773,7 @@ def _is_reactor(clock: Any) -> bool:
 
 
 WIRING: list[Callable[[LibonTsiloService, Parts], None]] = [
+    _add_node_identity,
     _add_sip_stack,
     _add_limits,
     _add_registrar,
@@ -682,6 +781,7 @@ WIRING: list[Callable[[LibonTsiloService, Parts], None]] = [
     _add_push,
     _add_b2bua,
     _add_router,
+    _add_messages,
     _add_cluster,
     _add_overload,
     _add_manhole,

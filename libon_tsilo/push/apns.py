@@ -41,6 +41,7 @@ from libon_tsilo.push.base import (
 from libon_tsilo.push.payload import (
     PayloadTooLarge,
     cancel_alert_payload,
+    message_alert_payload,
     encode,
     refresh_payload,
     voip_payload,
@@ -307,6 +308,8 @@ class APNsSender:
             return _Kind(_ALERT, self.bundle_id, 10), cancel_alert_payload(req, now)
         if req.kind == "refresh":
             return _Kind(_BACKGROUND, self.bundle_id, 5), refresh_payload(req, now)
+        if req.kind == "message":
+            return _Kind(_ALERT, self.bundle_id, 10), message_alert_payload(req, now)
         raise ValueError(f"unknown push kind {req.kind!r}")
 
     def _get_client(self) -> APNsClient:

@@ -43,7 +43,7 @@ RETRYABLE: Final = "retryable"
 CONFIG_ERROR: Final = "config_error"
 OUTCOMES = (DELIVERED, DEAD_TOKEN, RETRYABLE, CONFIG_ERROR)
 
-PushKind = Literal["call", "cancel", "refresh"]
+PushKind = Literal["call", "cancel", "refresh", "message"]
 Outcome = Literal["delivered", "dead_token", "retryable", "config_error"]
 
 def _new_push_id() -> str:
@@ -67,6 +67,10 @@ class PushRequest:
     # the Call-ID of the INVITE (or CANCEL) the device will get, decided before the push: the payload
     # carries this one, so the app can match the push to the SIP call (None: same as call_id)
     device_call_id: str | None = None
+    # kind "message" (messaging/): the stored message's id, and the start of its text (None when
+    # [messages] push_preview is off or the body is not text)
+    message_id: str | None = None
+    preview: str | None = None
 
     @property
     def payload_call_id(self) -> str:

@@ -30,6 +30,8 @@ __all__ = [
     "voip_payload",
     "cancel_alert_payload",
     "refresh_payload",
+    "message_fields",
+    "message_alert_payload",
 ]
 
 VOIP_LIMIT = 5120
@@ -110,11 +112,21 @@ def call_fields(req: PushRequest, now: float) -> dict[str, Any]:
     }
 
 
+def message_fields(req: PushRequest) -> dict[str, Any]:
+    """What a "message" push adds: the stored message's id and, unless turned off, a preview."""
+    fields: dict[str, Any] = {"message_id": req.message_id or ""}
+    if req.preview is not None:
+        fields["preview"] = utf8_clean(req.preview)
+    return fields
+
+
 def call_data(req: PushRequest, now: float, limit: int = ALERT_LIMIT) -> dict[str, str]:
     """Flat string->string map (FCM ``data`` only accepts strings), trimmed to ``limit`` bytes."""
 
     def build(name: str, uri: str) -> dict[str, Any]:
         f = call_fields(req, now)
+        if req.kind == "message":
+            f.update(message_fields(req))
         f["caller_name"], f["caller_uri"] = name, uri
         return {k: str(v) for k, v in f.items()}
 
@@ -153,3 +165,17 @@ def refresh_payload(req: PushRequest, now: float) -> dict[str, Any]:
         "push_id": req.push_id,
         "send_time": round(now, 3),
     }
+
+
+def message_alert_payload(req: PushRequest, now: float, limit: int = ALERT_LIMIT) -> dict[str, Any]:
+    """A visible alert for a waiting message: the sender as title, the preview (or a neutral line
+    when previews are off) as body; the app fetches the message by registering."""
+    extra = message_fields(req)
+    text = extra.get("preview") or "New message"
+
+    def build(name: str, uri: str) -> dict[str, Any]:
+        f = call_fields(req, now)
+        f["caller_name"], f["caller_uri"] = name, uri
+        return {"aps": {"alert": {"title": name or uri or "New message", "body": text}}, **f, **extra}
+
+    return _fit(build, utf8_clean(req.caller_name or ""), utf8_clean(req.caller_uri or ""), limit)

@@ -73,6 +73,7 @@ INVITE_CANCEL = "invite_cancel"
 MISSED_CALL_PUSH = "missed_call_push"
 # the Contact URI parameter with the app's alert-capable token, next to pn-prid's VoIP token
 ALERT_PRID_PARAM = "pn-alert-prid"
+MESSAGE_PUSH_TTL = 300.0  # seconds: how long a "message" push may be retried
 
 RemoveBinding = Callable[[Any, str], Any]
 
@@ -182,6 +183,7 @@ class PushWaker(LocationObserver):
         per_minute = pushes_per_device_per_minute
         self.device_limit = SlidingWindow(clock, per_minute, 60.0) if per_minute > 0 else None
         self._limit_log = ThrottledLog(clock)
+        self._message_log = ThrottledLog(clock)  # iOS devices without an alert token (notify_message)
         self.refresher: Any = None
         if refresh_before_expiry > 0:
             from libon_tsilo.push.refresh import RefreshScheduler
@@ -259,6 +261,34 @@ class PushWaker(LocationObserver):
         self.counters["calls_woken"] += 1
         done = DeferredList(waits, consumeErrors=True)
         return done.addCallback(self._summarise, rec)
+
+    def notify_message(self, binding: Any, msg: Any, preview: str | None) -> Deferred[PushResult]:
+        """A push of kind "message" for a SIP MESSAGE waiting for this device (messaging/, duck-typed:
+        ``msg`` has id, aor, sender, sender_name, call_id, expires_at). Never errbacks."""
+        if self.stopped:
+            return succeed(PushResult(RETRYABLE, "push service stopped"))
+        token = binding.pn_prid
+        if binding.pn_provider in self.ios_providers:
+            # a message is an alert, and APNs refuses an alert sent to a PushKit VoIP token (and
+            # PushKit may not carry anything but a call): the app's alert token, when it gave one
+            token = alert_prid(binding)
+            if token is None:
+                self.counters["message_without_alert_token"] += 1
+                self._message_log.emit(
+                    log.warn, "message for {aor}: {token} has no {param}: no message push (a VoIP token"
+                    " cannot take an alert); it gets the message when it registers",
+                    aor=msg.aor, token=redact(binding.pn_prid), param=ALERT_PRID_PARAM, call_id=msg.call_id,
+                )
+                return succeed(PushResult(CONFIG_ERROR, f"no {ALERT_PRID_PARAM}"))
+        # the retry deadline, not the message's life: a push that cannot go within minutes is moot,
+        # the message still waits for the device's next registration
+        ttl = max(0.0, min(float(msg.expires_at) - self.clock.seconds(), MESSAGE_PUSH_TTL))
+        req = PushRequest(
+            provider=binding.pn_provider, prid=token, param=binding.pn_param, kind="message",
+            call_id=msg.call_id, caller_uri=msg.sender, caller_name=msg.sender_name, aor=msg.aor, ttl=ttl,
+            message_id=msg.id, preview=preview,
+        )
+        return self.push(binding, req)
 
     def _within_device_limit(self, binding: Any, call_id: str) -> bool:
         if self.device_limit is None or self.device_limit.try_add(_prid_key(binding)):
@@ -546,6 +576,7 @@ class PushWaker(LocationObserver):
             "calls_woken", "calls_all_failed", "dead_tokens", "dead_tokens_removed",
             "skipped_recently_registered", "duplicates_suppressed", "missed_call_pushes",
             "missed_call_without_alert_token", "pushes_without_register", "rate_limited",
+            "message_without_alert_token",
         ):
             out[name] = self.counters.get(name, 0)
         if self.refresher is not None:

@@ -5,12 +5,15 @@ provider name is the webhook's configured name and pn-provider values equal to i
 
 Body (UTF-8 JSON object; absent values are null)::
 
-    {"type": "call"|"cancel"|"refresh", "aor": ..., "call_id": ..., "caller": {"name": ..., "uri": ...},
+    {"type": "call"|"cancel"|"refresh"|"message", "aor": ..., "call_id": ...,
+     "caller": {"name": ..., "uri": ...},
      "pn_provider": ..., "pn_prid": ..., "pn_param": ..., "push_id": ..., "send_time": <unix s>,
      "ttl": <seconds left>}
 
 ``call_id`` is the Call-ID of the INVITE (and of the CANCEL) the device will receive, and ``caller``
-names the caller as that INVITE's From does.
+names the caller as that INVITE's From does. A "message" push (a waiting SIP MESSAGE) names its
+sender in ``caller`` and adds ``message_id`` and, unless ``[messages] push_preview = false``,
+``preview`` (the start of a text body).
 
 Replies: any 2xx -> delivered; 404/410 -> dead_token (the endpoint says the device is gone);
 429/5xx -> retryable (Retry-After honoured, within the push's ttl); anything else -> config_error.
@@ -47,6 +50,7 @@ from libon_tsilo.push.base import (
     parse_retry_after,
     send_with_retries,
 )
+from libon_tsilo.push.payload import message_fields
 from libon_tsilo.util import redact
 
 __all__ = ["WebhookSender", "webhook_body", "classify_status"]
@@ -58,7 +62,7 @@ _USER_AGENT = b"libon-tsilo webhook"
 
 def webhook_body(req: PushRequest, now: float, ttl_left: float) -> dict[str, Any]:
     """The JSON object POSTed for ``req`` (see the module docstring)."""
-    return {
+    body = {
         "type": req.kind,
         "aor": req.aor,
         "call_id": req.device_call_id or req.call_id,
@@ -70,6 +74,9 @@ def webhook_body(req: PushRequest, now: float, ttl_left: float) -> dict[str, Any
         "send_time": round(now, 3),
         "ttl": round(max(0.0, ttl_left), 3),
     }
+    if req.kind == "message":
+        body.update(message_fields(req))
+    return body
 
 
 def classify_status(status: int, phrase: str, retry_after: str | None, now: float) -> PushResult:

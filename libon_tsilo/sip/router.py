@@ -47,6 +47,8 @@ class Router:
     def route(self, method: str, handler: RequestHandler, extensions: Iterable[str] = ()) -> None:
         """Send ``method`` requests to ``handler``; ``extensions``: option tags it implements."""
         self.handlers[method] = handler
+        if method not in self.uas.allow:  # what we route we do: Allow says so (405 lists it)
+            self.uas.allow = (*self.uas.allow, method)
         if extensions:
             self.uas.add_extensions(method, extensions)
 

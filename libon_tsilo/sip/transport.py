@@ -68,12 +68,13 @@ import struct
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer, error, udp
+from twisted.internet.tcp import makeBinding
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory, DatagramProtocol, Factory, Protocol
@@ -225,6 +226,13 @@ class _UDPPort(udp.Port):
     wake-up (the oldest one queued) waited in the kernel; Twisted's own loop then reads the rest."""
 
     _stamped = False
+    reuse_port = False  # SO_REUSEPORT: several workers bind this port, the kernel spreads by 4-tuple
+
+    def createInternetSocket(self) -> socket.socket:
+        sock = super().createInternetSocket()
+        if self.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return sock
 
     def startListening(self) -> None:
         super().startListening()
@@ -392,6 +400,7 @@ class TransportLayer(Service):
         advertised_host: str | None = None,
         limits: ConnectionLimits | None = None,
         udp_receive_buffer: int = UDP_SOCKET_BUFFER,
+        reuse_port: Iterable[str] = (),
     ) -> None:
         self.specs = [parse_listen_spec(s) for s in listen]
         if any(s.transport == "tls" for s in self.specs) and tls_context_factory is None:
@@ -404,6 +413,9 @@ class TransportLayer(Service):
         self.clock = clock
         self.max_message_size = max_message_size
         self.udp_receive_buffer = udp_receive_buffer
+        # the listen specs whose port other processes share (SO_REUSEPORT): the public ones of N
+        # workers; never a node's own internal address, which must fail to bind when taken
+        self.reuse_port = frozenset(parse_listen_spec(s) for s in reuse_port)
         self.tls_context_factory = tls_context_factory
         self.advertised_host = advertised_host or None
         self.limits = limits = limits or ConnectionLimits()
@@ -447,12 +459,10 @@ class TransportLayer(Service):
             proto = _UDPProtocol(self, spec)
             port = self._listen_udp(spec, proto)
         elif spec.transport == "tcp":
-            port = self.reactor.listenTCP(
-                spec.port, _ServerFactory(self, "tcp"), backlog=self._backlog, interface=spec.host
-            )
+            port = self._listen_tcp(spec, _ServerFactory(self, "tcp"))
         else:
-            factory = _TLSServerFactory(self._server_tls(), False, _ServerFactory(self, "tls"))
-            port = self.reactor.listenTCP(spec.port, factory, backlog=self._backlog, interface=spec.host)
+            tls = _TLSServerFactory(self._server_tls(), False, _ServerFactory(self, "tls"))
+            port = self._listen_tcp(spec, tls)
         self._ports.append(port)
         addr = port.getHost()
         host = strip_brackets(addr.host)
@@ -465,10 +475,17 @@ class TransportLayer(Service):
             self._udp_by_local[proto.local] = proto
         log.info("listening on {spec}", spec=f"{spec.transport}:{host}:{addr.port}")
 
+    def _listen_tcp(self, spec: ListenSpec, factory: Any) -> Any:
+        where: Any = spec.port
+        if spec in self.reuse_port:  # Twisted's own SO_REUSEPORT (a Binding); SO_REUSEADDR as listenTCP
+            where = makeBinding(spec.host, spec.port, reuseAddress=True, reusePort=True)
+        return self.reactor.listenTCP(where, factory, backlog=self._backlog, interface=spec.host)
+
     def _listen_udp(self, spec: ListenSpec, proto: _UDPProtocol) -> Any:
         if not isinstance(self.reactor, PosixReactorBase):  # a test double: its own listenUDP
             return self.reactor.listenUDP(spec.port, proto, interface=spec.host, maxPacketSize=65535)
         port = _UDPPort(spec.port, proto, spec.host, 65535, self.reactor)
+        port.reuse_port = spec in self.reuse_port
         port.startListening()
         return port
 

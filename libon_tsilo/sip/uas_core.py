@@ -24,7 +24,8 @@ __all__ = [
 ALLOWED_METHODS = ("INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "INFO", "UPDATE", "PRACK",
                    "REFER")
 # Methods we know of but do not implement: 405 with Allow, rather than 501 (RFC 3261 §21.4.6).
-# MESSAGE outside a dialog has no handler yet (inside a call it is relayed): it must not be in Allow.
+# MESSAGE is added to Allow when routed (ops wires messaging/ when [messages] enabled); without it,
+# MESSAGE outside a dialog gets 405 (inside a call it is relayed).
 KNOWN_UNSUPPORTED_METHODS = ("SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE")
 # Served inside a dialog only (the router hands those to its in_dialog handler). Outside one: a
 # PRACK matches nothing (RFC 3262 §3); a REFER would ask us to call anyone for anyone.

@@ -328,8 +328,18 @@ def _folded(value: str | None) -> str | None:
 _VISUAL = str.maketrans("", "", "-.()")
 
 
+# RFC 3966 §3: a global number is "+" and digits; a local number is hex digits, "*" and "#"; both
+# may carry visual separators anywhere but must hold at least one digit
+_TEL_GLOBAL = re.compile(r"^\+[0-9\-.()]*[0-9][0-9\-.()]*$")
+_TEL_LOCAL = re.compile(r"^[0-9A-Fa-f*#\-.()]*[0-9A-Fa-f*#][0-9A-Fa-f*#\-.()]*$")
+
+
 class TelURI(URI):
-    """tel: URI (RFC 3966): ``number`` is the subscriber number; ``params`` as for SIP."""
+    """tel: URI (RFC 3966): ``number`` is the subscriber number as written; ``params`` as for SIP.
+
+    A local number (no leading "+") must name its ``phone-context`` (§5.1.5): without it nobody
+    can tell which network the digits belong to.
+    """
 
     __slots__ = ("number",)
     number: str
@@ -338,8 +348,16 @@ class TelURI(URI):
     def parse(cls, text: str) -> TelURI:
         scheme, _, rest = text.partition(":")
         number, _, params_text = rest.partition(";")
-        if not number or not re.match(r"^[+0-9A-Fa-f*#\-.()%]+$", number):
+        if not number or "%" in number:
             raise ParseError("bad tel URI number")
+        params = _parse_params(params_text, "tel URI")
+        if number[0] == "+":
+            if not _TEL_GLOBAL.match(number):
+                raise ParseError("bad tel URI global number")
+        elif not _TEL_LOCAL.match(number):
+            raise ParseError("bad tel URI number")
+        elif not params.get("phone-context"):
+            raise ParseError("tel URI local number without phone-context")
         uri = cls.__new__(cls)
         uri.scheme = "tel"
         uri.number = number
@@ -347,10 +365,23 @@ class TelURI(URI):
         uri.password = None
         uri.host = ""
         uri.port = None
-        uri.params = _parse_params(params_text, "tel URI")
+        uri.params = params
         uri.headers = {}
         uri._text = text
         return uri
+
+    @property
+    def is_global(self) -> bool:
+        return self.number.startswith("+")
+
+    @property
+    def digits(self) -> str:
+        """The number without visual separators ("+33123456789" for "+33-1-23-45-67-89")."""
+        return self.number.translate(_VISUAL)
+
+    @property
+    def phone_context(self) -> str | None:
+        return self.params.get("phone-context")
 
     def __str__(self) -> str:
         if self._text is not None:

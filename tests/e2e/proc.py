@@ -67,10 +67,16 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} as a TOML value")
 
 
-def to_toml(sections: dict[str, dict[str, Any]]) -> str:
+def to_toml(sections: dict[str, Any]) -> str:
     """Write {section: {key: value}} as TOML; a list of dicts becomes [[section.key]] tables."""
     lines: list[str] = []
     for name, table in sections.items():
+        if _is_table_array(table):  # a top-level array of tables: [[trunks]], [[routes]]
+            for item in table:
+                lines.append(f"[[{name}]]")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in item.items()]
+                lines.append("")
+            continue
         scalars = {k: v for k, v in table.items() if not _is_table_array(v)}
         lines.append(f"[{name}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in scalars.items()]
@@ -89,10 +95,13 @@ def _is_table_array(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
 
-def merge_sections(base: dict[str, dict[str, Any]], extra: dict[str, dict[str, Any]] | None) -> dict:
+def merge_sections(base: dict[str, Any], extra: dict[str, Any] | None) -> dict:
     """``extra`` keys override ``base`` keys section by section (sections are not replaced whole)."""
-    merged = {name: dict(table) for name, table in base.items()}
+    merged = {name: dict(table) if isinstance(table, dict) else list(table) for name, table in base.items()}
     for name, table in (extra or {}).items():
+        if isinstance(table, list):  # an array of tables replaces the base's whole
+            merged[name] = table
+            continue
         merged.setdefault(name, {}).update(table)
     return merged
 

@@ -83,3 +83,39 @@ def test_operation_errors_exit_1(config: Path) -> None:
 def test_bad_config_exits_1(tmp_path: Path) -> None:
     code, _, err = _run(["--config", str(tmp_path / "missing.toml"), "user", "list"])
     assert code == 1 and "not found" in err
+
+
+def test_numbers_and_call_options(tmp_path: Path) -> None:
+    cfg = tmp_path / "tsilo.toml"
+    cfg.write_text(
+        '[auth]\nrealm = "example.com"\nusers_db = "users.sqlite"\n'
+        '[dialplan]\ncountry_code = "33"\n'
+    )
+    c = str(cfg)
+    code, out, _ = _run(["--config", c, "user", "add", "alice", "--password", "pw", "--number", "01 23 45 67 89"])
+    assert code == 0 and "+33123456789" in out
+    # one number, one user: the second add fails whole, leaving no user behind
+    code, _, err = _run(["--config", c, "user", "add", "bob", "--password", "pw", "--number", "+33123456789"])
+    assert code == 1 and "already belongs to 'alice'" in err
+    assert _run(["--config", c, "user", "list"])[1].split() == ["alice", "+33123456789"]
+    code, _, err = _run(["--config", c, "user", "set", "alice", "--number", "alice"])
+    assert code == 1 and "not a phone number" in err
+    argv = ["user", "set", "alice", "--voicemail", "off", "--max-calls-out", "2", "--allow-prefixes", "+33, +44"]
+    assert _run(["--config", c, *argv])[0] == 0
+    code, out, _ = _run(["--config", c, "user", "show", "alice"])
+    assert code == 0
+    assert out.split() == [
+        "alice", "number=+33123456789", "voicemail=off", "max_calls_out=2", "allow_prefixes=+33,+44"
+    ]
+    assert _run(["--config", c, "user", "set", "alice", "--no-number", "--max-calls-out", "none",
+                 "--allow-prefixes", "any"])[0] == 0
+    db = UsersDB(str(tmp_path / "users.sqlite"))
+    record = db.get("alice")
+    assert record is not None
+    assert (record.number, record.voicemail, record.max_calls_out, record.allowed_prefixes) == (
+        None, False, None, ()
+    )
+    db.close()
+    code, _, err = _run(["--config", c, "user", "set", "alice", "--max-calls-out", "many"])
+    assert code == 1 and "--max-calls-out" in err
+    assert _run(["--config", c, "user", "show", "nobody"])[0] == 1

@@ -104,15 +104,16 @@ def _schema_keys(cls: type, prefix: str = "") -> list[str]:
 def test_shipped_config_shows_every_key():
     text = SHIPPED.read_text()
     # [[push.apns]] & co are shown commented out (they need real credentials)
-    from libon_tsilo.ops.config import ApnsConfig, FcmConfig, WebhookConfig
+    from libon_tsilo.ops.config import ApnsConfig, FcmConfig, RouteConfig, TrunkConfig, WebhookConfig
 
     keys = _schema_keys(Config)
+    keys += [f"trunks.{k}" for k in _schema_keys(TrunkConfig)] + [f"routes.{k}" for k in _schema_keys(RouteConfig)]
     keys += [f"push.apns.{k}" for k in _schema_keys(ApnsConfig)]
     keys += [f"push.fcm.{k}" for k in _schema_keys(FcmConfig)]
     keys += [f"push.webhook.{k}" for k in _schema_keys(WebhookConfig)]
     for key in keys:
-        name = key.rsplit(".", 1)[1]
-        if name in ("apns", "fcm", "webhook"):
+        name = key.rsplit(".", 1)[-1]
+        if name in ("apns", "fcm", "webhook", "trunks", "routes"):
             continue
         assert re.search(rf"^#? ?{name} = ", text, re.M), f"{key} is not shown in etc/libon-tsilo.toml"
 
@@ -237,7 +238,7 @@ def test_the_config_check_is_the_transport_parser(spec):
         ({"location": {"sentinels": ["s1:26379", "s2"]}}, 'location.sentinels[1]: "s2" is not "host:port"'),
         ({"location": {"sentinels": ["s1:26379"]}}, "location.service_name: required with location.sentinels"),
         ({"location": {"backend": "redis"}, "ops": {"reactor": "epoll"}}, 'ops.reactor: must be "auto" or "asyncio" with location.backend = "redis"'),
-        ({"cluster": {"node_id": "a\nb"}}, "cluster.node_id: must not contain line breaks"),
+        ({"cluster": {"node_id": "a\nb"}}, 'cluster.node_id: "a\\nb" is not a node id (letters, digits, ".", "_", "-"; at most 63)'),
         ({"calls": {"header_allowlist": ["Sub ject"]}}, 'calls.header_allowlist[0]: "Sub ject" is not a valid header name'),
         ({"calls": {"max_branches": 0}}, "calls.max_branches: must be >= 1, got 0"),
         ({"log": {"level": "verbose"}}, 'log.level: unknown value "verbose" (expected one of "debug", "info", "warn", "error")'),
@@ -491,21 +492,23 @@ def test_overload_bad_values(data, expected):
     assert error_of(data) == expected
 
 
-# --- [cluster]: the internal listener and the flow tokens (issue 14, Path relay) --------------
+# --- [cluster]: node_id, reuse_port (workers), the internal listener and flow tokens (Path relay) --
 
 
 def test_cluster_defaults_are_a_single_node():
     cfg = default_config()
-    assert (cfg.cluster.node_id, cfg.cluster.node_address, cfg.cluster.peers) == ("", "", ())
+    assert (cfg.cluster.node_id, cfg.cluster.reuse_port) == ("", False)
+    assert (cfg.cluster.node_address, cfg.cluster.peers) == ("", ())
     assert cfg.cluster.trusted_peers == ("127.0.0.0/8", "::1/128")
     assert cfg.cluster.secret == "" and cfg.cluster.udp_via_path is True
 
 
 def test_cluster_keys_load():
     cfg = config_from_dict({"cluster": {
-        "node_id": "a1", "node_address": "tcp:10.0.0.1:5070", "peers": ["udp:10.0.0.2:5070"],
-        "trusted_peers": ["10.0.0.0/24"], "secret": "s3cret",
-    }})
+        "node_id": "sip-1.a_b", "reuse_port": True, "node_address": "tcp:10.0.0.1:5070",
+        "peers": ["udp:10.0.0.2:5070"], "trusted_peers": ["10.0.0.0/24"], "secret": "s3cret",
+    }, "location": {"backend": "redis"}})
+    assert (cfg.cluster.node_id, cfg.cluster.reuse_port) == ("sip-1.a_b", True)
     assert cfg.cluster.node_address == "tcp:10.0.0.1:5070"
     assert cfg.cluster.peers == ("udp:10.0.0.2:5070",)
 
@@ -513,6 +516,11 @@ def test_cluster_keys_load():
 @pytest.mark.parametrize(
     "data, expected",
     [
+        ({"cluster": {"node_id": "a b"}}, 'cluster.node_id: "a b" is not a node id'),
+        ({"cluster": {"node_id": "-x"}}, 'cluster.node_id: "-x" is not a node id'),
+        ({"cluster": {"node_id": "x" * 64}}, f'cluster.node_id: "{"x" * 64}" is not a node id'),
+        ({"cluster": {"node_id": 3}}, "cluster.node_id: expected a string, got integer 3"),
+        ({"cluster": {"reuse_port": "yes"}}, 'cluster.reuse_port: expected a boolean, got string "yes"'),
         ({"cluster": {"node_address": "sctp:10.0.0.1:5070"}},
          'cluster.node_address: "sctp:10.0.0.1:5070": unknown transport "sctp" (expected udp|tcp|tls)'),
         ({"cluster": {"node_address": "tls:10.0.0.1:5071"}},
@@ -525,9 +533,93 @@ def test_cluster_keys_load():
         ({"cluster": {"trusted_peers": ["10.0.0.300/8"]}},
          'cluster.trusted_peers[0]: "10.0.0.300/8" is not an IP network (CIDR)'),
         ({"cluster": {"udp_via_path": "no"}}, 'cluster.udp_via_path: expected a boolean, got string "no"'),
-        ({"cluster": {"node_id": "a b"}},
-         'cluster.node_id: "a b" is not a node id (letters, digits, ".", "_", "-"; at most 63)'),
     ],
 )
 def test_cluster_bad_values(data, expected):
+    assert error_of(data).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"dialplan": {"country_code": "+33"}}, 'dialplan.country_code: "+33" must be digits only'),
+        ({"dialplan": {"international_prefixes": ["00", ""]}}, 'dialplan.international_prefixes[1]: "" must be digits only'),
+        ({"dialplan": {"national_prefix": "O"}}, 'dialplan.national_prefix: "O" must be digits only'),
+    ],
+)
+def test_dialplan_keys(data, expected):
     assert error_of(data) == expected
+
+
+def test_dial_plan_from_config():
+    plan = config_from_dict({"dialplan": {"country_code": "33", "international_prefixes": ["00", "011"]}}).dial_plan()
+    assert plan.to_e164("01 23 45 67 89") == "+33123456789"
+    assert plan.to_e164("011 44 20 7946 0000") == "+442079460000"
+
+
+# --- calls out: [calls_out], [[trunks]], [[routes]] -------------------------------------------
+
+TRUNK = {"name": "carrier", "targets": ["sip:127.0.0.1:5099"]}
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"trunks": [{"name": "carrier"}]}, "trunks[0].targets: needs at least one target"),
+        ({"trunks": [{"name": "a b", "targets": ["sip:h"]}]}, 'trunks[0].name: "a b" is not a usable trunk name'),
+        ({"trunks": [TRUNK, TRUNK]}, 'trunks[1].name: "carrier" is used twice'),
+        ({"trunks": [{**TRUNK, "targets": ["sip:h;transport=sctp"]}]},
+         'trunks[0].targets[0]: "sip:h;transport=sctp": unknown transport "sctp"'),
+        ({"trunks": [{**TRUNK, "targets": ["sip:user@h"]}]},
+         'trunks[0].targets[0]: "sip:user@h": expected "sip:host[:port];transport=udp|tcp|tls"'),
+        ({"trunks": [{**TRUNK, "username": "acct"}]}, "trunks[0].password: username and password go together"),
+        ({"trunks": [{**TRUNK, "headers": ["X-Nope"]}]}, 'trunks[0].headers[0]: "X-Nope" is not "Name: value"'),
+        ({"trunks": [{**TRUNK, "headers": ["Via: x"]}]}, 'trunks[0].headers[0]: "Via" is written by the server itself'),
+        ({"trunks": [{**TRUNK, "max_calls": -1}]}, "trunks[0].max_calls: must be >= 0, got -1"),
+        ({"trunks": [{**TRUNK, "failover_timeout": 60}]}, "trunks[0].failover_timeout: must be <= 32, got 60.0"),
+        ({"trunks": [TRUNK], "routes": [{"prefix": "+33", "trunk": "nope"}]}, 'routes[0].trunk: unknown trunk "nope"'),
+        ({"trunks": [TRUNK], "routes": [{"prefix": "33", "trunk": "carrier"}]},
+         'routes[0].prefix: "33" is not an E.164 prefix ("+" and digits, e.g. "+33"; "" = any)'),
+        ({"trunks": [TRUNK], "routes": [{"prefix": "+33", "domain": "x.example", "trunk": "carrier"}]},
+         "routes[0].domain: a route matches a prefix or a domain, not both"),
+        ({"trunks": [TRUNK], "routes": [{"domain": "localhost", "trunk": "carrier"}]},
+         'routes[0].domain: "localhost" is one of sip.domains'),
+        ({"calls_out": {"max_calls_per_user": -1}}, "calls_out.max_calls_per_user: must be >= 0, got -1"),
+        ({"calls_out": {"ring_timeout": 0}}, "calls_out.ring_timeout: must be > 0, got 0.0"),
+        ({"trunks": {"name": "x"}}, "trunks: expected an array of tables, got table"),
+    ],
+)
+def test_calls_out_bad_values(data, expected):
+    assert error_of(data) == expected
+
+
+def test_calls_out_config():
+    cfg = config_from_dict({"trunks": [{**TRUNK, "headers": ["X-Account: 42"], "pai": True}],
+                            "routes": [{"prefix": "+33", "trunk": "carrier"}, {"trunk": "carrier"}]})
+    assert cfg.trunks[0].headers == ("X-Account: 42",) and cfg.trunks[0].pai
+    assert [r.prefix for r in cfg.routes] == ["+33", ""]
+    assert cfg.calls_out.max_calls_per_user == 2
+# --- [messages] (SIP MESSAGE store-and-forward) -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"messages": {"ttl": 10}}, "messages.ttl: must be >= 60, got 10"),
+        ({"messages": {"max_size": 0}}, "messages.max_size: must be >= 1, got 0"),
+        ({"messages": {"max_size": 100_000}}, "messages.max_size: must be <= 60000, got 100000"),
+        ({"messages": {"max_per_user": 0}}, "messages.max_per_user: must be >= 1, got 0"),
+        ({"messages": {"per_sender_per_minute": -1}}, "messages.per_sender_per_minute: must be >= 0, got -1"),
+        ({"messages": {"push_preview": "no"}}, 'messages.push_preview: expected a boolean, got string "no"'),
+        ({"messages": {"colour": 1}}, "messages.colour: unknown key"),
+    ],
+)
+def test_bad_messages_values(data, expected):
+    assert error_of(data) == expected
+
+
+def test_messages_defaults(tmp_path):
+    cfg = config_from_dict({}, tmp_path).messages
+    assert cfg.enabled and cfg.push_preview
+    assert cfg.ttl == 7 * 86_400
+    assert cfg.db == str(tmp_path / "libon-tsilo-messages.sqlite")

@@ -423,3 +423,24 @@ def test_overload_metrics(tmp_path):
 
     stats = Rpc(root.parts, root).call("stats")["overload"]
     assert (stats["state"], stats["shed"], stats["admitted_fraction"]) == ("overloaded", 2, 0.0)
+
+
+def test_calls_out_metrics(tmp_path):
+    """Calls up per trunk (a gauge for every configured trunk), calls placed, refusals by reason."""
+    from libon_tsilo.ops.config import config_from_dict
+    from libon_tsilo.ops.service import make_service
+    from twisted.internet.task import Clock
+
+    cfg = config_from_dict({"location": {"backend": "memory"}, "auth": {"enabled": False},
+                            "trunks": [{"name": "a", "targets": ["sip:127.0.0.1:5099"]},
+                                       {"name": "b", "targets": ["sip:127.0.0.1:5098"]}],
+                            "routes": [{"trunk": "a"}]}, base_dir=tmp_path)
+    root = make_service(cfg, clock=Clock())
+    policy = root.parts.b2bua.calls_out.policy
+    policy.admit("c1", "alice", root.parts.b2bua.calls_out.destinations.routes.trunks["a"])
+    policy.refuse(policy.check_caller(False, None), "c2", authenticated=False)
+    s = samples(make_registry(root.parts, None))
+    assert s[("libon_tsilo_calls_out_active", (("trunk", "a"),))] == 1
+    assert s[("libon_tsilo_calls_out_active", (("trunk", "b"),))] == 0
+    assert s[("libon_tsilo_calls_out_placed_total", ())] == 1
+    assert s[("libon_tsilo_limit_hits_total", (("limit", "call_out_unauthenticated"),))] == 1

@@ -54,7 +54,7 @@ def test_methods_are_listed_with_kamailio_names(tree):
     root, parts, _ = tree
     rpc = Rpc(parts, root)
     assert set(rpc.methods) == {"ts.dump", "ts.lookup", "ts.append_to", "ul.dump", "ul.lookup", "ul.rm",
-                                "stats", "health"}
+                                "stats", "health", "msg.dump", "msg.stats"}
     assert rpc.methods["ul.rm"].mutating and rpc.methods["ts.append_to"].mutating
     assert not rpc.methods["ts.dump"].mutating
 

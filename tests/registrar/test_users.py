@@ -58,3 +58,63 @@ def test_errors(op) -> None:  # noqa: ANN001
     with pytest.raises(UserError):
         op(db)
     db.close()
+
+
+def test_numbers_map_to_one_user_each() -> None:
+    db = UsersDB(":memory:")
+    db.add("alice", "pw", "r")
+    db.add("bob", "pw", "r")
+    db.set_number("alice", "+33123456789")
+    record = db.by_number("+33123456789")
+    assert record is not None and record.username == "alice"
+    assert db.by_number("+33999999999") is None
+    with pytest.raises(UserError, match="already belongs"):
+        db.set_number("bob", "+33123456789")
+    with pytest.raises(UserError, match="invalid number"):
+        db.set_number("bob", "0123456789")
+    with pytest.raises(UserError, match="no such user"):
+        db.set_number("carol", "+33111111111")
+    db.set_number("alice", None)
+    assert db.by_number("+33123456789") is None
+    db.close()
+
+
+def test_call_options_and_destination_prefixes() -> None:
+    db = UsersDB(":memory:")
+    db.add("alice", "pw", "r")
+    record = db.get("alice")
+    assert record is not None
+    assert (record.voicemail, record.max_calls_out, record.allowed_prefixes) == (True, None, ())
+    assert record.may_call("+4412345")
+    db.set_options("alice", voicemail=False, max_calls_out=3, allowed_prefixes=("+33", "+44"))
+    record = db.get("alice")
+    assert record is not None
+    assert (record.voicemail, record.max_calls_out, record.allowed_prefixes) == (False, 3, ("+33", "+44"))
+    assert record.may_call("+33123") and not record.may_call("+1212")
+    db.set_options("alice", voicemail=True)  # the others stay as they are
+    record = db.get("alice")
+    assert record is not None and record.max_calls_out == 3
+    with pytest.raises(UserError, match="invalid prefix"):
+        db.set_options("alice", allowed_prefixes=("33",))
+    with pytest.raises(UserError, match="no such user"):
+        db.set_options("bob", voicemail=False)
+    assert db.get("bob") is None
+    db.close()
+
+
+def test_an_old_file_gains_the_new_columns_in_place(tmp_path: Path) -> None:
+    path = str(tmp_path / "old.sqlite")
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE users (username TEXT PRIMARY KEY, realm TEXT NOT NULL,"
+        " ha1_md5 TEXT NOT NULL, ha1_sha256 TEXT NOT NULL)"
+    )
+    old.execute("INSERT INTO users VALUES ('alice', 'r', 'x', 'y')")
+    old.commit()
+    old.close()
+    db = UsersDB(path)
+    record = db.get("alice")
+    assert record is not None and record.voicemail and record.number is None
+    assert db.get_ha1("alice", "r", "MD5") == "x"
+    db.set_number("alice", "+33123456789")
+    db.close()

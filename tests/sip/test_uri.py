@@ -318,3 +318,24 @@ def test_a_significant_parameter_without_a_value_compares_without_crashing() -> 
     assert URI.parse("sip:a@example.com;transport") != URI.parse("sip:a@example.com;transport=udp")
     assert URI.parse("sip:a@example.com;maddr=x;foo") != URI.parse("sip:a@example.com;maddr=x;foo=1")
     assert URI.parse("sip:a@example.com;user=phone") != URI.parse("sip:a@example.com")
+
+
+def test_tel_global_number_digits() -> None:
+    uri = URI.parse("tel:+33-1-23-45-67-89")
+    assert isinstance(uri, TelURI)
+    assert uri.is_global and uri.digits == "+33123456789" and uri.phone_context is None
+
+
+def test_tel_local_number_needs_phone_context() -> None:
+    uri = URI.parse("tel:01-23-45-67-89;phone-context=+33")
+    assert isinstance(uri, TelURI)
+    assert not uri.is_global and uri.digits == "0123456789" and uri.phone_context == "+33"
+    assert URI.parse("tel:*21#;phone-context=example.com").digits == "*21#"
+    with pytest.raises(ParseError, match="phone-context"):
+        URI.parse("tel:0123456789")
+
+
+@pytest.mark.parametrize("text", ["tel:+", "tel:+--", "tel:+33x1", "tel:+3%31", "tel:--;phone-context=+33"])
+def test_bad_tel_numbers(text: str) -> None:
+    with pytest.raises(ParseError):
+        URI.parse(text)

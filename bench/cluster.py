@@ -1,0 +1,475 @@
+"""Cluster benchmark (issue 14): what a late-fork call costs on one node, on Redis, and across nodes.
+
+    .venv/bin/python bench/cluster.py [--cases a,b,c] [--rate 200] [--duration 10] [--probes 200]
+
+Three set-ups of the real server (bench/common.py ``serve``: twistd plus a stats hook), UDP:
+
+- (a) one node, memory store (the single-server baseline, on the default epoll reactor);
+- (d) the same on the asyncio reactor, which ``backend = "redis"`` needs (redis-py is asyncio):
+  the share of (b)'s extra cost that is the reactor, not Redis (not in the default --cases);
+- (b) one node, Redis store (``[location] backend = "redis"``, a redis-server started here);
+- (c) two nodes A and B on one Redis: every INVITE goes to A (which parks it) and every REGISTER
+  to B, so every late fork crosses nodes: B writes the binding with itself first in its Path (each
+  node has an internal address, ``[cluster] node_address``), A hears of it through Redis and
+  forks the INVITE to B's internal address, and B relays it over the device's flow (and the
+  answers, ACK and BYE both ways). Both nodes run on CPU 0, as the single node does.
+- (e) as (c) without internal addresses (no ``node_address``, so no Path): node A sends the forked
+  INVITE straight to the device's UDP address, as one host's workers can (they share its public
+  port). (c) against (e) is the price of the relay hop (not in the default --cases).
+
+For each, two SIPp processes drive late-fork calls as bench/latefork.py does (caller INVITEs the
+per-call AOR, the device REGISTERs it ``--delay-ms`` later and answers the forked INVITE), at
+``--rate`` for ``--duration`` s. Printed: calls answered, calls/s, the servers' CPU seconds from
+/proc/<pid>/stat summed over the nodes (redis-server's CPU is printed beside it, not added) and the
+CPU per answered call (the servers' idle CPU, measured for 2 s before the load, is printed beside
+it: a low --rate spreads it over few calls); then the CPU-per-call ratio of (b) and (c) against (a)
+(goal <= 1.2).
+
+The REGISTER -> forked INVITE latency is measured from outside, as the device sees it: a small UA
+here parks one INVITE on A, sends the REGISTER to B (A in (a), (b)), and times the REGISTER's send
+to the forked INVITE's arrival, one call at a time (``--probes`` calls, no other load); p50/p99
+are printed (goal: p50 < 2 ms across nodes). It includes two loopback hops the server-internal
+figure (the silo's register_to_invite, printed too, from node A) does not.
+
+Ports: servers and redis-server use ``--port-base`` (default 26000, the range 26000-26999 of this
+bench); SIPp's own ports are OS-picked. Every command line is printed. Load from other processes
+on the host moves the figures: compare cases of one run, not runs of different days.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (  # noqa: E402
+    HOST,
+    BenchServer,
+    cpu_seconds,
+    pin,
+    sipp_run_seconds,
+    sipp_stats,
+    start_bench_server,
+)
+from bench import latefork  # noqa: E402
+from bench.latefork import fmt_ms, sipp_command, spawn  # noqa: E402
+
+REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
+SERVER_CPU, SIPP_CPU = 0, 1  # like bench/latefork.py: servers on CPU 0, SIPp (and Redis) on CPU 1
+PIN = True
+GOAL_RATIO = 1.2
+IDLE_SECONDS = 2.0
+GOAL_P50 = 0.002
+CASES = {
+    "a": "one node, memory store",
+    "d": "one node, memory store, asyncio reactor (the reactor the Redis client needs)",
+    "b": "one node, Redis store",
+    "c": "two nodes on Redis, every REGISTER on the node that did not park the call",
+    "e": "as (c) without the Path relay: the node that forks sends straight to the device (UDP)",
+}
+
+
+# --- ports in this bench's range ------------------------------------------------------------------
+
+
+class PortRange:
+    """Hands out ports from [base, base + 1000) that are free for UDP and TCP right now."""
+
+    def __init__(self, base: int) -> None:
+        self.next = base
+        self.end = base + 1000
+
+    def take(self) -> int:
+        while self.next < self.end:
+            port = self.next
+            self.next += 1
+            if _free(port):
+                return port
+        raise RuntimeError(f"no free port left under {self.end}")
+
+
+def _free(port: int) -> bool:
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:
+                return False
+    return True
+
+
+# --- redis-server ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RedisServer:
+    proc: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def start_redis(port: int, workdir: Path, cpu: int | None) -> RedisServer:
+    workdir.mkdir(parents=True, exist_ok=True)
+    args = [*pin(cpu), REDIS, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no",
+            "--dir", str(workdir)]
+    print(f"  redis: {' '.join(args)}")
+    log = (workdir / "redis.log").open("wb")
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((HOST, port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(64).startswith(b"+PONG"):
+                    return RedisServer(proc, port)
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not answer PING")
+
+
+# --- the nodes --------------------------------------------------------------------------------------
+
+
+CLUSTER_SECRET = "bench-cluster-secret"  # the flow-token key, the same on every node
+
+
+def node_sections(node: str, redis: RedisServer | None, asyncio: bool = False,
+                  internal_port: int | None = None) -> dict[str, dict[str, Any]]:
+    """Config of one node over bench/common.py's defaults (auth off, memory store, log warn);
+    ``internal_port``: the node's internal address for the Path relay ([cluster] node_address)."""
+    sections: dict[str, dict[str, Any]] = {"calls": {"ring_timeout": 30, "invite_cancel_grace": 0}}
+    if asyncio:
+        sections["ops"] = {"reactor": "asyncio"}
+    if redis is not None:
+        sections["location"] = {"backend": "redis", "url": redis.url}
+        sections["cluster"] = {"node_id": node}
+    if internal_port is not None:
+        sections["cluster"].update(node_address=f"udp:{HOST}:{internal_port}", secret=CLUSTER_SECRET)
+    return sections
+
+
+@dataclass
+class Setup:
+    case: str
+    caller_node: BenchServer  # gets the INVITEs, parks the calls
+    device_node: BenchServer  # gets the REGISTERs
+    nodes: list[BenchServer]
+    redis: RedisServer | None = None
+
+    def cpu(self) -> float:
+        return sum(self.node_cpu())
+
+    def node_cpu(self) -> list[float]:
+        return [cpu_seconds(n.pid) for n in self.nodes]
+
+    def redis_cpu(self) -> float:
+        return cpu_seconds(self.redis.proc.pid) if self.redis is not None else 0.0
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        if self.redis is not None:
+            self.redis.stop()
+
+
+def start_setup(case: str, workdir: Path, ports: PortRange) -> Setup:
+    redis = None
+    if case in ("b", "c", "e"):
+        redis = start_redis(ports.take(), workdir / "redis", SIPP_CPU if PIN else None)
+    try:
+        names = ["a", "b"] if case in ("c", "e") else ["a"]
+        nodes = []
+        for name in names:
+            internal = ports.take() if case == "c" else None  # node to node: the Path relay
+            sections = node_sections(name, redis, case == "d", internal)
+            cpu = SERVER_CPU if PIN else None
+            node = start_bench_server(workdir / f"node-{name}", sections, cpu=cpu, port=ports.take())
+            print(f"  node {name}: {node.command}")
+            nodes.append(node)
+            wait_store_ready(node)
+    except Exception:
+        if redis is not None:
+            redis.stop()
+        raise
+    return Setup(case, nodes[0], nodes[-1], nodes, redis)
+
+
+def wait_store_ready(node: BenchServer, timeout: float = 20.0) -> None:
+    """A node answers OPTIONS before its Redis connection is up (REGISTER gets 500 until then):
+    register a throwaway AOR until it gets its 200, then remove it."""
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((HOST, 0))
+        local = sock.getsockname()[1]
+        while time.monotonic() < deadline:
+            sock.sendto(_register(node.sip_port, local, "ready-probe"), (HOST, node.sip_port))
+            try:
+                answer, _ = _recv_until(sock, lambda d: bool(_STATUS.match(d)), timeout=1.0)
+            except RuntimeError:
+                continue
+            if answer.startswith(b"SIP/2.0 200 "):
+                sock.sendto(_register(node.sip_port, local, "ready-probe", expires=0), (HOST, node.sip_port))
+                _recv_until(sock, lambda d: bool(_STATUS.match(d)), timeout=5.0)
+                return
+            time.sleep(0.1)  # polling the store's start, not a measurement
+    raise RuntimeError(f"node on port {node.sip_port}: REGISTER never got a 200")
+
+
+# --- late-fork load ---------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadResult:
+    calls: int
+    ok: int
+    elapsed: float
+    cpu: float
+    redis_cpu: float
+    late_forked: int
+    internal: dict[str, Any] = field(default_factory=dict)
+    per_node: list[float] = field(default_factory=list)
+    idle: float = 0.0  # the servers' CPU seconds per second with no traffic (timers, Redis pings)
+
+    @property
+    def per_call(self) -> float:
+        return self.cpu / max(self.ok, 1)
+
+
+def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir: Path,
+             prefix: str) -> LoadResult:
+    calls = max(1, int(rate * duration))
+    limit = max(1000, int(rate * 5))
+    caller_args, caller_stats, _ = sipp_command(
+        setup.caller_node, "bench_caller.xml", workdir, "caller", calls=calls, rate=rate, prefix=prefix,
+        limit=limit)
+    device_args, _, _ = sipp_command(
+        setup.device_node, "bench_device_register.xml", workdir, "device", calls=calls, rate=rate,
+        prefix=prefix, limit=limit * 4, ooc="bench_device_answer.xml", pause_ms=2000)
+    print(f"  caller: {' '.join(caller_args)}")
+    print(f"  device (started {delay_ms} ms later): {' '.join(device_args)}")
+    idle0 = setup.cpu()
+    time.sleep(IDLE_SECONDS)  # the servers' own background cost, printed beside the per-call figure
+    idle = (setup.cpu() - idle0) / IDLE_SECONDS
+    nodes0, redis0, started = setup.node_cpu(), setup.redis_cpu(), time.monotonic()
+    caller = spawn(caller_args, workdir, "caller")
+    time.sleep(delay_ms / 1000.0)
+    device = spawn(device_args, workdir, "device")
+    for proc in (caller, device):
+        try:
+            proc.wait(duration * 4 + 120)
+        except subprocess.TimeoutExpired:
+            caller.kill()
+            device.kill()
+            raise RuntimeError("SIPp did not finish") from None
+    per_node = [after - before for after, before in zip(setup.node_cpu(), nodes0)]
+    cpu, redis_cpu, wall = sum(per_node), setup.redis_cpu() - redis0, time.monotonic() - started
+    cs = sipp_stats(caller_stats)
+    stats = setup.caller_node.stats()
+    latency = (stats.get("silo") or {}).get("register_to_invite") or {}
+    # calls/s over the caller's SIPp run (bench/latefork.py's "whole run" figure)
+    elapsed = sipp_run_seconds(cs) or wall
+    return LoadResult(calls, int(cs.get("SuccessfulCall(C)", 0)), elapsed, cpu, redis_cpu,
+                      int(latency.get("samples") or 0), latency, per_node, idle)
+
+
+# --- REGISTER -> forked INVITE, as the device sees it -----------------------------------------------
+
+_STATUS = re.compile(rb"^SIP/2\.0 (\d{3}) ")
+
+
+def _header(msg: bytes, name: bytes) -> bytes:
+    m = re.search(rb"\r\n" + name + rb"\s*:\s*([^\r]*)\r\n", msg, re.I)
+    return m.group(1) if m else b""
+
+
+def _invite(port: int, local: int, user: str, call_id: str) -> bytes:
+    return (
+        f"INVITE sip:{user}@{HOST}:{port} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {HOST}:{local};branch=z9hG4bK{uuid.uuid4().hex[:16]};rport\r\n"
+        "Max-Forwards: 70\r\n"
+        f"From: <sip:probe@{HOST}:{local}>;tag={uuid.uuid4().hex[:8]}\r\n"
+        f"To: <sip:{user}@{HOST}:{port}>\r\n"
+        f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\n"
+        f"Contact: <sip:probe@{HOST}:{local}>\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def _register(port: int, local: int, user: str, expires: int = 60) -> bytes:
+    return (
+        f"REGISTER sip:{HOST}:{port} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {HOST}:{local};branch=z9hG4bK{uuid.uuid4().hex[:16]};rport\r\n"
+        "Max-Forwards: 70\r\n"
+        f"From: <sip:{user}@{HOST}>;tag={uuid.uuid4().hex[:8]}\r\n"
+        f"To: <sip:{user}@{HOST}>\r\n"
+        f"Call-ID: {uuid.uuid4().hex}\r\nCSeq: 1 REGISTER\r\n"
+        f"Contact: <sip:{user}@{HOST}:{local};transport=udp>\r\nExpires: {expires}\r\n"
+        "Content-Length: 0\r\n\r\n"
+    ).encode()
+
+
+def _answer(invite: bytes, status: str) -> bytes:
+    lines = [f"SIP/2.0 {status}".encode()]
+    for name in (b"Via", b"From", b"Call-ID", b"CSeq"):
+        lines += [name + b": " + v for v in re.findall(rb"\r\n" + name + rb"\s*:\s*([^\r]*)", invite, re.I)]
+    lines.append(b"To: " + _header(invite, b"To") + b";tag=" + uuid.uuid4().hex[:8].encode())
+    return b"\r\n".join(lines) + b"\r\nContent-Length: 0\r\n\r\n"
+
+
+def _ack(invite_call_id: str, response: bytes, port: int, local: int, user: str) -> bytes:
+    return (
+        f"ACK sip:{user}@{HOST}:{port} SIP/2.0\r\n".encode()
+        + b"Via: " + _header(response, b"Via") + b"\r\nMax-Forwards: 70\r\n"
+        + b"From: " + _header(response, b"From") + b"\r\nTo: " + _header(response, b"To") + b"\r\n"
+        + f"Call-ID: {invite_call_id}\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n".encode()
+    )
+
+
+def _recv_until(sock: socket.socket, want: Any, timeout: float = 5.0) -> tuple[bytes, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        try:
+            data, addr = sock.recvfrom(65535)
+        except TimeoutError:
+            raise RuntimeError("probe: no answer in time") from None
+        if want(data):
+            return data, addr
+
+
+def _final(data: bytes) -> bool:
+    m = _STATUS.match(data)
+    return m is not None and int(m[1]) >= 300
+
+
+def probe_latency(setup: Setup, n: int, prefix: str) -> list[float]:
+    """``n`` late forks one at a time: INVITE to the caller node (parked once it answers 100),
+    REGISTER to the device node, time to the forked INVITE; the device then declines (486)."""
+    a, b = setup.caller_node.sip_port, setup.device_node.sip_port
+    samples = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as caller, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as device:
+        caller.bind((HOST, 0))
+        device.bind((HOST, 0))
+        cport, dport = caller.getsockname()[1], device.getsockname()[1]
+        for i in range(n):
+            user, call_id = f"{prefix}{i}", uuid.uuid4().hex
+            caller.sendto(_invite(a, cport, user, call_id), (HOST, a))
+            _recv_until(caller, lambda d: d.startswith(b"SIP/2.0 100 "))
+            started = time.perf_counter()
+            device.sendto(_register(b, dport, user), (HOST, b))
+            invite, source = _recv_until(device, lambda d: d.startswith(b"INVITE "))
+            samples.append(time.perf_counter() - started)
+            device.sendto(_answer(invite, "486 Busy Here"), source)
+            final, _ = _recv_until(caller, _final)
+            caller.sendto(_ack(call_id, final, a, cport, user), (HOST, a))
+    return samples
+
+
+def pct(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def run_case(case: str, args: argparse.Namespace, base: Path, ports: PortRange) -> dict[str, Any]:
+    print(f"\n== ({case}) {CASES[case]}: late fork at {args.rate:g} calls/s for {args.duration:g} s")
+    workdir = base / case
+    setup = start_setup(case, workdir, ports)
+    try:
+        load = run_load(setup, args.rate, args.duration, args.delay_ms, workdir, f"cl{case}-")
+        probes = probe_latency(setup, args.probes, f"pr{case}-") if args.probes else []
+    finally:
+        setup.stop()
+    rate = load.ok / load.elapsed if load.elapsed else 0.0
+    print(f"  {load.ok}/{load.calls} calls answered, {rate:.0f} calls/s over {load.elapsed:.1f} s, "
+          f"{load.late_forked} late-forked")
+    split = f" (A {load.per_node[0]:.2f} s, B {load.per_node[1]:.2f} s)" if len(load.per_node) > 1 else ""
+    print(f"  server CPU {load.cpu:.2f} s over {len(setup.nodes)} node(s){split}: "
+          f"{load.per_call * 1000:.3f} ms per call" + (f"; redis-server {load.redis_cpu:.2f} s "
+                         f"({load.redis_cpu / max(load.ok, 1) * 1000:.3f} ms per call, not added)"
+                         if setup.redis is not None else ""))
+    print(f"  idle servers (before the load): {load.idle * 1000:.1f} ms CPU per second, "
+          f"{load.idle * load.elapsed / max(load.ok, 1) * 1000:.3f} ms per call of this run (included above)")
+    internal = load.internal
+    print(f"  REGISTER -> forked INVITE inside node A (silo, under load): p50 {fmt_ms(internal.get('p50'))}, "
+          f"p99 {fmt_ms(internal.get('p99'))}")
+    if probes:
+        print(f"  REGISTER sent -> forked INVITE received, {len(probes)} calls one at a time: "
+              f"p50 {fmt_ms(statistics.median(probes))}, p99 {fmt_ms(pct(probes, 0.99))}, "
+              f"max {fmt_ms(max(probes))}")
+    return {"case": case, "load": load, "probes": probes,
+            "passed": load.ok >= 0.999 * load.calls and load.late_forked >= 0.999 * load.calls}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="a,b,c", help="which set-ups, comma-separated (a, b, c)")
+    ap.add_argument("--rate", type=float, default=200.0, help="offered late-fork calls/s")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds of traffic per case")
+    ap.add_argument("--delay-ms", type=int, default=500, help="REGISTER this long after the INVITE")
+    ap.add_argument("--probes", type=int, default=200, help="calls timed one at a time (0 = none)")
+    ap.add_argument("--port-base", type=int, default=26000, help="first port of this bench's range")
+    ap.add_argument("--no-pin", action="store_true",
+                    help="let the OS place the processes (default: servers on CPU 0, SIPp, Redis on CPU 1)")
+    ap.add_argument("--keep", type=Path, help="keep the logs in this directory (default: a temp dir)")
+    args = ap.parse_args(argv)
+    global PIN
+    PIN = not args.no_pin
+    latefork.PIN = PIN  # its SIPp command lines
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if not cases or any(c not in CASES for c in cases):
+        ap.error(f"--cases: pick from {', '.join(CASES)}")
+    print(f"command: {' '.join([sys.executable, *sys.argv])}")
+    base = args.keep or Path(tempfile.mkdtemp(prefix="cluster-"))
+    base.mkdir(parents=True, exist_ok=True)
+    ports = PortRange(args.port_base)
+    try:
+        results = {c: run_case(c, args, base, ports) for c in cases}
+    finally:
+        if args.keep is None:
+            shutil.rmtree(base, ignore_errors=True)
+        else:
+            print(f"logs kept in {base}")
+    print()
+    for case, r in results.items():
+        load = r["load"]
+        line = f"RESULT ({case}) {CASES[case]}: {load.per_call * 1000:.3f} ms CPU per call"
+        if "a" in results and case != "a":
+            ratio = load.per_call / results["a"]["load"].per_call
+            line += f", {ratio:.2f}x (a) ({'meets' if ratio <= GOAL_RATIO else 'misses'} <= {GOAL_RATIO})"
+        if r["probes"]:
+            p50 = statistics.median(r["probes"])
+            line += f"; REGISTER->INVITE p50 {fmt_ms(p50)}"
+            if case in ("c", "e"):
+                line += f" ({'meets' if p50 < GOAL_P50 else 'misses'} < 2 ms)"
+        if not r["passed"]:
+            line += "; NOT all calls answered and late-forked: figures are not comparable"
+        print(line)
+    return 0 if all(r["passed"] for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
