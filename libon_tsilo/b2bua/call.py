@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from libon_tsilo.b2bua import cdr, relay, reliable, session_timer
+from libon_tsilo.b2bua import cdr, relay, reliable, session_timer, voicemail
 from libon_tsilo.b2bua.capabilities import ALLOW, OWN_HEADERS, supported
 from libon_tsilo.b2bua.dialog import Dialog
 from libon_tsilo.b2bua.forking import REASON_ANSWERED, REASON_REPLACED
@@ -33,6 +33,7 @@ from libon_tsilo.b2bua.targets import best_flow, is_outbound, target_key
 from libon_tsilo.b2bua.states import (
     CallState,
     Connected,
+    Diverted,
     Ended,
     Forking,
     Parked,
@@ -40,6 +41,7 @@ from libon_tsilo.b2bua.states import (
 )
 from libon_tsilo.b2bua.waker import WakeResult, wake_outcome
 from libon_tsilo import logflags
+from libon_tsilo.registrar.binding import Binding
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.headers import NameAddr, canonical_key
 from libon_tsilo.sip.message import Request, Response, make_response, new_call_id, new_tag
@@ -47,7 +49,6 @@ from libon_tsilo.sip.uri import URI
 from libon_tsilo.util import redact_key, redact_uri
 
 if TYPE_CHECKING:
-    from libon_tsilo.registrar.binding import Binding
     from libon_tsilo.b2bua.manager import CallManager
 
 __all__ = ["Call", "hop_for_binding"]
@@ -201,6 +202,9 @@ class Call:
 
     def start(self, bindings: list[Binding]) -> None:
         """Fork to reachable bindings, wake the others, park if nothing could be sent."""
+        if not bindings and self.mgr.voicemail is not None \
+                and self.divert(480, None, None, "no device registered", ring_timeout=False):
+            return  # nothing to push and nothing to ring: voicemail at once, not after the ring timeout
         self._ring_timer = self.clock.callLater(self.mgr.settings.ring_timeout, self._ring_timeout)
         sleeping = []
         seen: set[str] = set()
@@ -572,7 +576,7 @@ class Call:
             return
         why = "every push failed" if self.wake_result is not None and self.wake_result.all_failed \
             else "no device can answer"
-        self.finish_unanswered(exhausted_status(self.failures), None, None, why)
+        self.unanswered(exhausted_status(self.failures), None, None, why)
 
     def cancel_branches(self, reason: str | None, keep: BLeg | None = None) -> None:
         for leg in list(self.branches.values()):
@@ -620,6 +624,73 @@ class Call:
         self.a.stop_provisionals()
         self.a.retransmit = self.port.respond_2xx(self.a.stx, ok, self._no_ack)
         self.a_answered = True
+
+    def unanswered(self, status: int, reason: str | None, branch_reason: str | None, why: str,
+                   ring_timeout: bool = False) -> None:
+        """No device will answer: forward the call to voicemail when the policy says so, else
+        give the caller ``status``."""
+        if self.mgr.voicemail is not None and self.divert(status, reason, branch_reason, why, ring_timeout):
+            return
+        self.finish_unanswered(status, reason, branch_reason, why)
+
+    # -- voicemail (b2bua/voicemail.py) --------------------------------------------------------
+
+    def divert(self, status: int, reason: str | None, branch_reason: str | None, why: str,
+               ring_timeout: bool) -> bool:
+        """Forward to ``[voicemail] target`` instead of failing with ``status``; False when this
+        call does not go to voicemail (policy, the user's choice, or a target we cannot reach)."""
+        policy = self.mgr.voicemail
+        if policy is None or self.state.final or not self.may_divert():
+            return False
+        vm_reason = policy.reason_for(status, ring_timeout)
+        if vm_reason is None:
+            return False
+        user = self.callee_uri.partition(":")[2].rpartition("@")[0]
+        try:
+            if not policy.user_wants(user):
+                return False
+        except Exception:
+            log.failure("users database: voicemail setting of {user} unreadable", user=user,
+                        call_id=self.call_id)
+            return False
+        vm_uri = voicemail.voicemail_uri(policy.target, self.callee_uri, vm_reason)
+        now = self.clock.seconds()
+        target = Binding(aor=self.aor, contact_uri=vm_uri, contact=f"<{vm_uri}>", expires_at=now,
+                         registered_at=now, call_id="", cseq=0, key="voicemail")
+        hop = hop_for_binding(target, False)
+        if hop is None:
+            return False
+        diverted = Diverted(status, reason, why)
+        self.state = diverted
+        self._stop_ring_timer()
+        self.cancel_branches(branch_reason)
+        self.late_reason = branch_reason or f'SIP;cause={status};text="{why}"'
+        self.early_media_from = None  # the voicemail greeting is the early media now
+        self._release_silo()  # no more late forks (pushed iOS devices still get their Invite/Cancel)
+        self._waker_done(answered_elsewhere=False)
+        leg = self._new_branch(target, hop, None, [])  # no Path: the voicemail server is no device
+        leg.invite.add_header("Diversion", voicemail.diversion(self.callee_uri, vm_reason))
+        leg.invite.add_header("History-Info", voicemail.history_info(self.callee_uri, vm_uri, vm_reason))
+        diverted.leg = leg
+        self.branches[leg.dialog.key] = leg
+        self._by_key[target.key] = leg
+        self.mgr.register_leg(self, leg)
+        self.mgr.voicemail_counts[vm_reason] += 1
+        log.info("call for {user} forwarded to voicemail: {reason} ({why})", user=user, reason=vm_reason,
+                 why=why, call_id=self.call_id)
+        self._ring_timer = self.clock.callLater(self.mgr.settings.ring_timeout, self._ring_timeout)
+        self._send_branch(leg)
+        return True
+
+    def may_divert(self) -> bool:
+        """Could voicemail still answer this call, should the devices fail?"""
+        return self.mgr.voicemail is not None and not isinstance(self.state, Diverted)
+
+    def voicemail_failed(self, diverted: Diverted, why: str) -> None:
+        """Voicemail could not take the call: the caller gets what the devices gave."""
+        self.mgr.voicemail_counts["failed"] += 1
+        log.info("{why}: the caller gets {status}", why=why, status=diverted.status, call_id=self.call_id)
+        self.finish_unanswered(diverted.status, diverted.reason, None, f"{diverted.why}; {why}")
 
     def finish_unanswered(self, status: int, reason: str | None, branch_reason: str | None, why: str) -> None:
         """Give the caller a final failure, cancel every branch and end the call."""

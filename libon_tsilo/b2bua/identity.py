@@ -3,8 +3,9 @@
 A phone shows P-Asserted-Identity (and Remote-Party-ID, on older phones) before From, so these
 headers are believed only when someone we trust put them there:
 
-- from ``[auth] trusted_sources`` (a trunk, an SBC: our trust domain): the trust-domain headers
-  in ``[calls] header_allowlist`` pass unchanged;
+- from a trusted peer (``[auth] trusted_sources``: a trunk, an SBC; or ``[[gateways]]``: our trust
+  domain, as registrar/peers.py decides it): the trust-domain headers in ``[calls] header_allowlist``
+  pass unchanged;
 - from one of our users, authenticated by digest: none of the caller's headers pass; the B-leg
   carries ``P-Asserted-Identity: <sip:user@domain>`` that we build from the authenticated
   identity, and its From is that URI too, without the caller's display name: digest proves the
@@ -22,10 +23,13 @@ P-Charging-Function-Addresses (RFC 7315: not identity, but meaningful only insid
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from libon_tsilo.sip.headers import NameAddr, canonical_key
 from libon_tsilo.sip.uri import URI
+
+if TYPE_CHECKING:
+    from libon_tsilo.registrar.peers import Gateway
 
 __all__ = ["TRUST_DOMAIN_KEYS", "UNTRUSTED", "CallerTrust", "b_leg_caller", "b_leg_identity_headers"]
 
@@ -40,9 +44,10 @@ _NEVER_FORWARDED = canonical_key("P-Preferred-Identity")
 class CallerTrust:
     """What the authorize hook established about a caller (truthy: the call may go on)."""
 
-    trusted: bool = False  # from [auth] trusted_sources: its identity headers are believed
+    trusted: bool = False  # from a trusted peer (registrar/peers.py): its identity headers are believed
     identity: str | None = None  # the URI the caller authenticated as (sip:user@our domain)
     user: str | None = None  # the users-database name digest proved (set with `identity`)
+    gateway: Gateway | None = None  # from one of [[gateways]]: it may call our users' numbers
 
 
 UNTRUSTED = CallerTrust()

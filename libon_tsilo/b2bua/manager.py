@@ -13,6 +13,12 @@ Before a call is stored (limits against INVITE floods, [limits] in the config):
 - a full silo (`Silo.at_capacity`, max_parked_total) and a caller source with too many unanswered
   calls (`CallerSources`, max_parked_per_source) get 503 with Retry-After: the server, not the
   callee, is what is short (RFC 3261 §21.5.4); 486 stays the callee-side answer (max_pending_per_aor).
+
+Phone numbers (issue 13): a Request-URI that dials a number (``tel:``, or a SIP user part made of
+digits that is not a user name) reaches the user who owns it when the caller is a gateway
+(registrar/peers.py; `user_of_number`, never a trunk: an unknown number is 404), one of our
+authenticated users (`calls_out`: a number nobody owns goes out through a trunk) or another trusted
+peer; anyone else dialling a user's number gets 403 (`CallsOut.may_dial_number`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from libon_tsilo.b2bua.identity import UNTRUSTED, CallerTrust
 from libon_tsilo.b2bua.legs import ALeg, BLeg
 from libon_tsilo.b2bua.ports import ServerHandle, SipPort, hop_of_flow
 from libon_tsilo.b2bua.states import Parked
+from libon_tsilo.b2bua.voicemail import REASONS as VOICEMAIL_REASONS, VoicemailPolicy
 from libon_tsilo.b2bua.waker import LoggingWaker, Waker
 from libon_tsilo import logflags
 from libon_tsilo.ratelimit import ThrottledLog
@@ -39,6 +46,7 @@ from libon_tsilo.registrar.registrar import aor_key as registrar_aor_key
 from libon_tsilo.silo.silo import Silo
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.message import Request, Response, log_call_id, make_response
+from libon_tsilo.dialplan import number_of
 from libon_tsilo.sip.uri import URI
 
 if TYPE_CHECKING:
@@ -53,7 +61,7 @@ __all__ = ["CallManager", "CallSettings", "default_aor_key", "authorizer_from_po
 
 log = Logger()
 
-_REASONS = {404: "Not Found", 480: "Temporarily Unavailable", 503: "Service Unavailable"}
+_REASONS = {403: "Forbidden", 404: "Not Found", 480: "Temporarily Unavailable", 503: "Service Unavailable"}
 
 @dataclass(frozen=True)
 class CallSettings:
@@ -101,10 +109,23 @@ def authorizer_from_policy(policy: Any) -> Callable[[Request, Any, Any], CallerT
     def authorize(request: Request, stx: ServerHandle, flow: Any) -> CallerTrust | bool:
         result = policy.check(request, flow, "invite")
         if result.response is None:
+            peer = getattr(result, "peer", None)
             return CallerTrust(getattr(result, "trusted", False), getattr(result, "identity", None),
-                               user=getattr(result, "user", None))
+                               user=getattr(result, "user", None), gateway=getattr(peer, "gateway", None))
         stx.respond(result.response)
         return False
+
+    return authorize
+
+
+def authorizer_from_peers(peers: Any) -> Callable[[Request, Any, Any], CallerTrust | bool]:
+    """The `authorize` hook without digest ([auth] enabled = false): trusted peers and gateways
+    (registrar/peers.py: TrustedPeers) are still who they are; everyone else is untrusted."""
+
+    def authorize(request: Request, stx: ServerHandle, flow: Any) -> CallerTrust | bool:
+        key = getattr(flow, "key", None)
+        peer = peers.peer_of(key.remote[0] if key is not None else None)
+        return CallerTrust(trusted=True, gateway=peer.gateway) if peer is not None else True
 
     return authorize
 
@@ -124,13 +145,19 @@ class CallManager:
         sources: CallerSources | None = None,
         user_exists: Callable[[str], bool] | None = None,
         calls_out: CallsOut | None = None,
+        user_of_number: Callable[[URI, Any], str | None] | None = None,
+        home_domain: str = "localhost",
+        voicemail: VoicemailPolicy | None = None,
     ) -> None:
         """`authorize(request, stx, flow)` returns (or fires with) True or a CallerTrust to go on
         (True: an untrusted caller); False means it has answered already (407...). `is_local(uri)`
         says whether we serve the R-URI's domain. `sources` limits unanswered calls per caller
         source; `user_exists(user)` (the users database) turns calls to users without any binding
         into an immediate 404 / 480. `calls_out` (b2bua/outbound.py) takes the calls to phone numbers
-        and routed domains; without it they get 416 / 404 as before."""
+        and routed domains; without it they get 416 / 404 as before. `user_of_number(uri, gateway)`
+        (routing/numbers.py over the users database) maps a number a gateway sends to a user name,
+        called at `home_domain` without `calls_out`. `voicemail` forwards unanswered calls
+        (b2bua/voicemail.py)."""
         self.clock = clock
         self.port = port
         self.silo = silo
@@ -153,9 +180,16 @@ class CallManager:
         self.sources = sources
         self.user_exists = user_exists
         self.calls_out = calls_out
+        self.user_of_number = user_of_number
+        self.home_domain = home_domain
+        self.voicemail = voicemail
+        # issue 13: calls forwarded to voicemail by reason (+ "failed": voicemail did not take them),
+        # calls from each gateway (by its name)
+        self.voicemail_counts = dict.fromkeys((*VOICEMAIL_REASONS, "failed"), 0)
+        self.gateway_calls: dict[str, int] = {}
         self.can_wake = waker is not None
         limits = ("parked_per_source", "parked_total", "unknown_user", "unreachable_user", "max_branches",
-                  "reliable_18x_dropped")
+                  "reliable_18x_dropped", "unknown_number")
         self.limit_counters = dict.fromkeys(limits, 0)
         self._limit_logs = {name: ThrottledLog(clock) for name in self.limit_counters}
         self.counters["flow_failovers"] = 0  # RFC 5626: branches moved to another flow of their device
@@ -276,11 +310,66 @@ class CallManager:
         if not known:
             self._refuse(stx, request, "unknown_user", 404, "no such user {user}", user=uri.user)
             return False
-        if not self.can_wake:
+        if not self.can_wake and not self._voicemail_for(uri.user or ""):
             self._refuse(stx, request, "unreachable_user", 480, "{user} has no device and none can be woken",
                          user=uri.user)
             return False
         return True
+
+    def _voicemail_for(self, user: str) -> bool:
+        """Whether a call to `user` could go to voicemail (then it is taken, to be forwarded)."""
+        if self.voicemail is None:
+            return False
+        try:
+            return self.voicemail.user_wants(user)
+        except Exception:
+            log.failure("users database: voicemail setting of {user} unreadable", user=user)
+            return False
+
+    def _callee(self, ok: Any, request: Request, stx: ServerHandle, flow: Any, trust: CallerTrust,
+                dest: Destination | None) -> URI | None:
+        """The local user the Request-URI reaches: itself, or the owner of the number it dials. None
+        when it was answered here: refused, or placed out through a trunk (b2bua/outbound.py, whose
+        policy lets only our authenticated users out)."""
+        uri = request.uri
+        gateway = trust.gateway
+        if gateway is not None and self.user_of_number is not None and self._dials_number(uri):
+            # a gateway's number is a call in, never out: its owner, or nobody
+            user = self.user_of_number(uri, gateway)
+            if user is None:
+                self._refuse(stx, request, "unknown_number", 404, "no user has the number {number} "
+                             "({gateway})", number=number_of(uri), gateway=gateway.name)
+                return None
+            if logflags.info_enabled:
+                log.info("number {number} from {gateway} is {user}'s", number=number_of(uri),
+                         gateway=gateway.name, user=user, call_id=log_call_id(request))
+            return self._owner_uri(user, uri)
+        if dest is None or self.calls_out is None:
+            return uri
+        if dest.user is None:
+            self.calls_out.place(self, ok, request, stx, flow, dest)
+            return None
+        if not self.calls_out.may_dial_number(self, ok, request, stx, dest):
+            return None  # a user's number is for our users and trusted peers, not the internet: 403
+        return self._owner_uri(dest.user, uri)
+
+    def _owner_uri(self, user: str, dialled: URI) -> URI:
+        """Where a number's owner is called: at the domain the SIP URI named (one of ours: users
+        register there, and with [registrar] use_domain the AOR is per domain), else (tel:) at our
+        first domain."""
+        if dialled.scheme in ("sip", "sips") and dialled.host and self.is_local(dialled):
+            return URI("sip", user, dialled.host)
+        if self.calls_out is not None:
+            return self.calls_out.local_uri(user)
+        return URI("sip", user, self.home_domain)
+
+    def _dials_number(self, uri: URI) -> bool:
+        if uri.scheme == "tel":
+            return True
+        if number_of(uri) is None:
+            return False
+        # a user whose name is made of digits ("1000") is called by name, as before
+        return not (self.user_exists is not None and self.user_exists(uri.user or ""))
 
     def _auth_failed(self, failure: Failure, request: Request, stx: ServerHandle) -> None:
         log.failure("authorization failed", failure, call_id=log_call_id(request))
@@ -293,14 +382,11 @@ class CallManager:
         if request.call_id in self.calls:
             self._reject(stx, request, 482, "Loop Detected")
             return
-        uri = request.uri
-        if dest is not None and self.calls_out is not None:
-            if dest.user is None:
-                self.calls_out.place(self, ok, request, stx, flow, dest)
-                return
-            if not self.calls_out.may_dial_number(self, ok, request, stx, dest):
-                return
-            uri = self.calls_out.local_uri(dest.user)  # a local user's number: a local call
+        trust = ok if isinstance(ok, CallerTrust) else UNTRUSTED
+        target = self._callee(ok, request, stx, flow, trust, dest)
+        if target is None:
+            return
+        uri = target
         # after digest: a local caller learns nothing about our users before it authenticates
         if self.user_exists is not None and not self._reachable(request, stx, uri):
             return
@@ -309,7 +395,7 @@ class CallManager:
         if self.silo.at_capacity():
             self._refuse(stx, request, "parked_total", 503, "the silo holds {n} calls", n=self.silo.max_total)
             return
-        call = Call(self, request, stx, flow, aor, callee, ok if isinstance(ok, CallerTrust) else UNTRUSTED)
+        call = Call(self, request, stx, flow, aor, callee, trust)
         if self.sources is not None and not self.sources.admit(call.call_id, flow):
             self.refuse_parked_per_source(stx, request, flow)
             return
@@ -318,6 +404,9 @@ class CallManager:
             self._reject(stx, request, 486, "Busy Here")
             return
         self.admit_call(call)
+        if trust.gateway is not None:
+            name = trust.gateway.name
+            self.gateway_calls[name] = self.gateway_calls.get(name, 0) + 1
         try:  # the call is stored and counted now: a bug must end it, with one final response
             bindings = list(self.location.lookup(aor)) if self.location is not None else []
             if logflags.info_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs

@@ -77,6 +77,9 @@ class OutboundCall(Call):
     def cdr_trunk(self) -> str:
         return self.trunk.name
 
+    def may_divert(self) -> bool:
+        return False  # the callee is in the phone network, no mailbox here: the caller gets its answer
+
     # -- start ---------------------------------------------------------------------------------
 
     def start_out(self, ring_timeout: float) -> None:

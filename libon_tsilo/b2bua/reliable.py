@@ -235,7 +235,9 @@ def send_to_caller(call: Call, out: Response, device_reliable: bool) -> None:
         sender = a.reliable = CallerReliability(call, mode) if mode is not None else False
     # forking: another device's 2xx may bring another answer than one the caller took reliably
     # (RFC 3264, RFC 6337 §3.1.1), so a reliable 18x carries SDP only when one branch can answer
-    single = sum(1 for b in call.branches.values() if b.pending) <= 1 and not call.more_possible()
+    # (voicemail, if the devices fail, would be another)
+    single = sum(1 for b in call.branches.values() if b.pending) <= 1 and not call.more_possible() \
+        and not call.may_divert()
     if sender and (sender.mode == "require" or (device_reliable and single)):
         if out.body and not (a.invite.body and single):
             out.remove_header("Content-Type")  # late offer: an offer in a reliable 18x needs a PRACK answer

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from libon_tsilo.b2bua.legs import BLeg
     from libon_tsilo.sip.message import Response
 
-__all__ = ["CallState", "Parked", "Forking", "Connected", "Ended"]
+__all__ = ["CallState", "Parked", "Forking", "Diverted", "Connected", "Ended"]
 
 log = Logger()
 
@@ -77,8 +77,8 @@ class _Ringing(CallState):
         call.finish_unanswered(487, "Request Terminated", branch_reason=reason, why="caller cancelled")
 
     def ring_timeout(self, call: Call) -> None:
-        call.finish_unanswered(480, "Temporarily Unavailable", branch_reason=REASON_RING_TIMEOUT,
-                               why="ring timeout")
+        call.unanswered(480, "Temporarily Unavailable", branch_reason=REASON_RING_TIMEOUT,
+                        why="ring timeout", ring_timeout=True)
 
     def wake_done(self, call: Call) -> None:
         call.check_exhausted()
@@ -114,10 +114,42 @@ class Forking(_Ringing):
             call.failures.append(status)
         if is_global_failure(status):
             # §16.7 step 5: a 6xx ends the fork at once
-            call.finish_unanswered(status, response.reason, reason_for(status, response.reason),
-                                   why=f"{status} from a device")
+            call.unanswered(status, response.reason, reason_for(status, response.reason),
+                            why=f"{status} from a device")
             return
         call.check_exhausted()
+
+
+class Diverted(CallState):
+    """The devices failed and the call went to voicemail (b2bua/voicemail.py): one B-leg, ``leg``,
+    rings the voicemail server. The caller still waits; if voicemail fails too, the caller gets
+    the failure the devices gave (``status``), not voicemail's."""
+
+    name = "voicemail"
+
+    def __init__(self, status: int, reason: str | None, why: str) -> None:
+        self.status = status
+        self.reason = reason
+        self.why = why
+        self.leg: BLeg | None = None
+
+    def provisional(self, call: Call, branch: BLeg, response: Response, reliable: bool) -> None:
+        call.relay_provisional(branch, response, reliable)
+
+    def answered(self, call: Call, branch: BLeg, response: Response) -> None:
+        # a device that answered as its CANCEL crossed wins too: the user did pick up
+        call.connect(branch, response)
+
+    def failed(self, call: Call, branch: BLeg, response: Response) -> None:
+        if branch is not self.leg:
+            return  # a device branch cancelled when the call was forwarded: its 487
+        call.voicemail_failed(self, f"voicemail answered {response.status}")
+
+    def caller_cancel(self, call: Call, reason: str | None) -> None:
+        call.finish_unanswered(487, "Request Terminated", branch_reason=reason, why="caller cancelled")
+
+    def ring_timeout(self, call: Call) -> None:
+        call.voicemail_failed(self, "voicemail did not answer")
 
 
 class Connected(CallState):

@@ -53,6 +53,8 @@ __all__ = [
     "CallsOutConfig",
     "TrunkConfig",
     "RouteConfig",
+    "GatewayConfig",
+    "VoicemailConfig",
     "MessagesConfig",
     "ListenAddress",
     "parse_listen",
@@ -608,6 +610,66 @@ class RouteConfig:
     trunk: str = _opt("")
 
 
+# -- issue 13: calls in from gateways, voicemail on no answer ----------------------------------
+
+
+def _number_prefix(value: str, key: str) -> str:
+    if value and not re.match(r"^\+?[0-9]*$", value):
+        raise ConfigError(key, f'"{value}" must be digits, optionally after "+"')
+    return value
+
+
+def _sip_uri(value: str, key: str) -> str:
+    if not value:
+        return value
+    from libon_tsilo.sip.errors import ParseError
+    from libon_tsilo.sip.uri import URI
+
+    try:
+        uri = URI.parse(value)
+    except (ParseError, ValueError):
+        uri = None
+    if uri is None or uri.scheme not in ("sip", "sips") or not uri.host or uri.headers:
+        raise ConfigError(key, f'"{value}" is not a SIP URI like "sip:vm@192.0.2.10:5060"')
+    return value
+
+
+def _failure_codes(value: tuple[int, ...], key: str) -> tuple[int, ...]:
+    for i, code in enumerate(value):
+        if not 400 <= code <= 699:
+            raise ConfigError(f"{key}[{i}]", f"{code} is not a 4xx-6xx failure code")
+    return value
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    # a trusted peer of the phone network: no digest, identity believed, may call users' numbers
+    name: str = _opt("", _no_newline)
+    sources: tuple[str, ...] = _opt((), _cidrs)
+    strip_prefix: str = _opt("", _number_prefix)  # taken off the dialled number first...
+    add_prefix: str = _opt("", _number_prefix)  # ...then this put in front, before the dial plan
+
+
+@dataclass(frozen=True)
+class VoicemailConfig:
+    target: str = _opt("", _sip_uri)  # "" = no voicemail
+    on_busy: tuple[int, ...] = _opt((486, 600, 603), _failure_codes)  # every device declined with one
+    on_no_answer: bool = _opt(True)  # ring timeout
+    on_unavailable: bool = _opt(True)  # no device, every push failed, devices unreachable
+
+
+def _check_gateways(gateways: tuple[GatewayConfig, ...]) -> None:
+    names: set[str] = set()
+    for i, gw in enumerate(gateways):
+        if not gw.name:
+            raise ConfigError(f"gateways[{i}].name", "is required")
+        if gw.name in names:
+            raise ConfigError(f"gateways[{i}].name", f'"{gw.name}" is used twice')
+        names.add(gw.name)
+        if not gw.sources:
+            raise ConfigError(f"gateways[{i}].sources", "needs at least one network (CIDR)")
+
+
 @dataclass(frozen=True)
 class MessagesConfig:
     # SIP MESSAGE store-and-forward to sleeping phones (libon_tsilo/messaging/); off: MESSAGE gets 405
@@ -641,6 +703,8 @@ class Config:
     calls_out: CallsOutConfig = field(default_factory=CallsOutConfig)
     trunks: tuple[TrunkConfig, ...] = field(default=())
     routes: tuple[RouteConfig, ...] = field(default=())
+    gateways: tuple[GatewayConfig, ...] = _opt(())
+    voicemail: VoicemailConfig = field(default_factory=VoicemailConfig)
     messages: MessagesConfig = field(default_factory=MessagesConfig)
     # where the config came from (None = built-in defaults); not a TOML key
     source: str | None = field(default=None, metadata={"internal": True})
@@ -906,6 +970,7 @@ def _validate(cfg: Config) -> None:
     _check_flow_timer(cfg)
     _check_push(cfg.push)
     _check_manhole(cfg.manhole)
+    _check_gateways(cfg.gateways)
     _check_cluster(cfg)
 
 

@@ -217,6 +217,25 @@ def _connection_metrics(c: dict[str, Any]) -> Iterator[Metric]:
                    c["udp_flows_evicted"])
 
 
+def _gateway_voicemail_metrics(b2bua: Any, config: Any) -> Iterator[Metric]:
+    """Issue 13: calls in from each [[gateways]] entry, calls forwarded to voicemail by reason."""
+    calls = CounterMetricFamily(f"{PREFIX}_gateway_calls", "Calls in from a gateway, by its name",
+                                labels=["gateway"])
+    seen = getattr(b2bua, "gateway_calls", {})
+    for name in sorted({g.name for g in getattr(config, "gateways", ())} | set(seen)):
+        calls.add_metric([name], seen.get(name, 0))
+    yield calls
+    counts = getattr(b2bua, "voicemail_counts", {})
+    vm = CounterMetricFamily(f"{PREFIX}_voicemail_calls", "Unanswered calls forwarded to voicemail, by "
+                             "reason (no-answer, user-busy, unavailable)", labels=["reason"])
+    for reason, n in sorted(counts.items()):
+        if reason != "failed":
+            vm.add_metric([reason], n)
+    yield vm
+    yield _counter("voicemail_failed", "Forwarded calls voicemail did not take (the caller got the failure)",
+                   counts.get("failed", 0))
+
+
 class TsiloCollector(Collector):
     """Reads ``parts`` (the service tree's objects) at each scrape; absent layers are skipped."""
 
@@ -313,6 +332,7 @@ class TsiloCollector(Collector):
         ):
             if key in counters:
                 yield _counter(f"calls_{key}" if key != "calls" else "calls_started", doc, counters[key])
+        yield from _gateway_voicemail_metrics(b2bua, self.parts.config)
         out = getattr(b2bua, "calls_out", None)
         if out is not None:  # issue 13: calls up per trunk (refusals: limit_hits, call_out_<reason>)
             g = GaugeMetricFamily(f"{PREFIX}_calls_out_active", "Calls out up, per trunk", labels=["trunk"])

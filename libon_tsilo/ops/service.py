@@ -282,8 +282,8 @@ def _add_limits(root: LibonTsiloService, parts: Parts) -> None:
 
     cfg = parts.config.limits
     # the other nodes of a cluster send every relayed call from one address each: never limited
-    peers = parts.config.cluster.trusted_peers if parts.config.cluster.node_address else ()
-    exempt = SourceFilter([*cfg.exempt_sources, *parts.config.auth.trusted_sources, *peers])
+    nodes = parts.config.cluster.trusted_peers if parts.config.cluster.node_address else ()
+    exempt = SourceFilter([*cfg.exempt_sources, *_trusted_peers(parts.config).networks(), *nodes])
     parts.extra["limit_exempt"] = exempt
     parts.extra.setdefault("limits", [])
     if cfg.requests_per_second <= 0:
@@ -379,7 +379,7 @@ def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
     if cfg.auth.enabled:
         auth = AuthPolicy(
             parts.clock, UsersDB(cfg.auth.users_db), realm=cfg.auth.realm, secret=cfg.auth.secret,
-            nonce_lifetime=float(cfg.auth.nonce_lifetime), trusted_sources=cfg.auth.trusted_sources,
+            nonce_lifetime=float(cfg.auth.nonce_lifetime), peers=_trusted_peers(cfg),
             algorithms=cfg.auth.algorithms, local_domains=cfg.sip.domains,
             limits=FailureLimits(
                 per_source=cfg.auth.failed_per_source, per_user=cfg.auth.failed_per_user,
@@ -501,8 +501,53 @@ def _add_push(root: LibonTsiloService, parts: Parts) -> None:
     parts.extra["reload_push"] = reload_push
 
 
+def _trusted_peers(cfg: Config) -> Any:
+    """[auth] trusted_sources and [[gateways]]: the one list of trusted peers (registrar/peers.py)."""
+    from libon_tsilo.registrar.peers import Gateway, TrustedPeers
+
+    gateways = [Gateway(g.name, g.sources, g.strip_prefix, g.add_prefix) for g in cfg.gateways]
+    return TrustedPeers(cfg.auth.trusted_sources, gateways)
+
+
+def _number_and_voicemail_kwargs(parts: Parts, auth: Any) -> dict[str, Any]:
+    """Issue 13 for the call layer: numbers -> users (gateways, users' numbers) and [voicemail]."""
+    from libon_tsilo.b2bua.voicemail import VoicemailPolicy
+    from libon_tsilo.routing.numbers import e164_of, owner_of
+    from libon_tsilo.registrar.users import UsersDB
+
+    cfg = parts.config
+    if auth is not None:
+        users = auth.users
+    elif cfg.gateways or cfg.voicemail.target:
+        users = parts.extra["users_db"] = UsersDB(cfg.auth.users_db)  # digest off: numbers, voicemail
+    else:
+        return {}
+    plan = cfg.dial_plan()
+
+    def user_of_number(uri: Any, gateway: Any) -> str | None:
+        """A gateway's dialled number -> the user who owns it (one mapping with calls out's)."""
+        record = owner_of(e164_of(uri, plan, gateway.rewrite if gateway is not None else None), users)
+        return record.username if record is not None else None
+
+    def user_wants_voicemail(user: str) -> bool:
+        record = users.get(user)
+        return record is None or record.voicemail  # not in the database: the server's default (on)
+
+    kwargs: dict[str, Any] = {"user_of_number": user_of_number, "home_domain": cfg.sip.domains[0]}
+    vm = cfg.voicemail
+    if vm.target:
+        kwargs["voicemail"] = VoicemailPolicy.build(vm.target, vm.on_busy, vm.on_no_answer, vm.on_unavailable,
+                                                    user_wants_voicemail)
+    return kwargs
+
+
 def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
-    from libon_tsilo.b2bua.manager import CallManager, CallSettings, authorizer_from_policy
+    from libon_tsilo.b2bua.manager import (
+        CallManager,
+        CallSettings,
+        authorizer_from_peers,
+        authorizer_from_policy,
+    )
     from libon_tsilo.b2bua.ports import TransactionPort
     from libon_tsilo.sip.hostnames import HostSet
 
@@ -513,6 +558,9 @@ def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
     if auth is not None:
         kwargs["authorize"] = authorizer_from_policy(auth)
         kwargs["user_exists"] = auth.users.exists  # the users database: unknown users get 404 at once
+    elif cfg.gateways or cfg.auth.trusted_sources:
+        kwargs["authorize"] = authorizer_from_peers(_trusted_peers(cfg))  # no digest, peers still trusted
+    kwargs.update(_number_and_voicemail_kwargs(parts, auth))
     if cfg.limits.max_parked_per_source > 0:
         from libon_tsilo.b2bua.admission import CallerSources
 
@@ -549,7 +597,7 @@ def _calls_out(parts: Parts, domains: Any) -> Any:
     trunks = [Trunk.from_config(t) for t in cfg.trunks]
     routes = RouteTable([Route(r.trunk, r.prefix, r.domain) for r in cfg.routes], trunks)
     auth = parts.extra.get("auth")
-    users = auth.users if auth is not None else None
+    users = auth.users if auth is not None else parts.extra.get("users_db")
     location, use_domain = _built(parts.location), cfg.registrar.use_domain
     destinations = Destinations(cfg.dial_plan(), routes, users, is_local=lambda uri: uri.host in domains,
                                 user_exists=users.exists if users is not None else None,

@@ -3,7 +3,8 @@
 REGISTER is challenged with 401 / WWW-Authenticate, an INVITE from one of our domains with 407 /
 Proxy-Authenticate; one challenge per configured algorithm, in the configured order (RFC 8760
 §2.4: the preferred first), sharing one nonce; MD5 only by default (see [auth] algorithms in
-etc/libon-tsilo.toml). Sources in ``trusted_sources`` (e.g. a trunk or an SBC) are exempt.
+etc/libon-tsilo.toml). Trusted peers (``trusted_sources``: a trunk, an SBC; ``[[gateways]]``:
+registrar/peers.py) are exempt, whether digest is enabled or not: their identity is believed.
 
 Nonces are stateless (timestamp + epoch + HMAC, see sip/digest.py). The only state is the replay
 table (registrar/nonce_counts.py): the highest nonce-count seen per nonce, recorded only after a
@@ -32,9 +33,9 @@ from twisted.logger import Logger
 
 from libon_tsilo.registrar.auth_limits import FailureLimiter, FailureLimits, source_key
 from libon_tsilo.registrar.nonce_counts import MemoryNonceCounts, NonceCounts
+from libon_tsilo.registrar.peers import Peer, TrustedPeers
 from libon_tsilo.sip import digest
 from libon_tsilo.sip.hostnames import HostSet
-from libon_tsilo.sip.limits import SourceFilter
 from libon_tsilo.sip.message import Request, Response, log_call_id, make_response, new_tag
 from libon_tsilo.sip.uri import unescape
 
@@ -59,7 +60,8 @@ class AuthResult:
 
     ``identity`` is the URI we vouch for (``sip:user@<our domain as configured>``) when ``user``
     is set; ``trusted`` says the request came from ``trusted_sources`` (its identity headers may
-    be believed). An exempt request that is not trusted comes from the internet unauthenticated.
+    be believed), and ``peer`` which one (a gateway may call users' numbers). An exempt request
+    that is not trusted comes from the internet unauthenticated.
     """
 
     user: str | None = None
@@ -67,6 +69,7 @@ class AuthResult:
     exempt: bool = False
     trusted: bool = False
     identity: str | None = None
+    peer: Peer | None = None
 
     @property
     def ok(self) -> bool:
@@ -98,7 +101,9 @@ class AuthPolicy:
         local_domains: Iterable[str] = (),
         nonce_counts: NonceCounts | None = None,
         limits: FailureLimits | None = None,
+        peers: TrustedPeers | None = None,
     ) -> None:
+        """``peers`` (trusted sources and gateways) wins over ``trusted_sources`` when given."""
         self.clock = clock
         self.users = users
         self.realm = realm
@@ -107,7 +112,7 @@ class AuthPolicy:
         self.enabled = enabled
         self.algorithms = [digest.normalize_algorithm(a) for a in algorithms]
         self.local_domains = HostSet(local_domains)
-        self._trusted = SourceFilter(trusted_sources)
+        self.peers = peers if peers is not None else TrustedPeers(trusted_sources)
         self.nonce_counts: NonceCounts = (
             nonce_counts if nonce_counts is not None else MemoryNonceCounts(clock, nonce_lifetime)
         )
@@ -126,10 +131,11 @@ class AuthPolicy:
         if kind is None:
             kind = "register" if request.method == "REGISTER" else "invite"
         spec = _REGISTER if kind == "register" else _PROXY
+        peer = self.peer_of(flow)
+        if peer is not None:  # before `enabled`: a gateway is one with digest off too
+            return AuthResult(exempt=True, trusted=True, peer=peer)
         if not self.enabled:
             return AuthResult(exempt=True)
-        if self.is_trusted(flow):
-            return AuthResult(exempt=True, trusted=True)
         identity = request.to.uri if spec is _REGISTER else request.from_.uri
         if spec is _PROXY and self.local_domains and identity.host not in self.local_domains:
             return AuthResult(exempt=True)
@@ -138,9 +144,12 @@ class AuthPolicy:
             return self._reject(request, 403, "Forbidden (too many failed attempts)")
         return self._verify(request, spec, identity, source)
 
+    def peer_of(self, flow: Flow | None) -> Peer | None:
+        """The trusted peer (registrar/peers.py) ``flow`` comes from, or None."""
+        return self.peers.peer_of(flow.key.remote[0]) if flow is not None else None
+
     def is_trusted(self, flow: Flow | None) -> bool:
-        # SourceFilter matches an IPv4 peer seen as ::ffff:a.b.c.d (dual stack) against IPv4 networks
-        return flow is not None and flow.key.remote[0] in self._trusted
+        return self.peer_of(flow) is not None
 
     def stop(self) -> None:
         self.nonce_counts.stop()

@@ -6,6 +6,7 @@ number: the call stays local, parked and pushed as any other) and calls in from 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -21,22 +22,23 @@ class NumberOwners(Protocol):
     def by_number(self, e164: str) -> Any: ...
 
 
-def e164_of(uri: URI, plan: DialPlan) -> str | None:
+def e164_of(uri: URI, plan: DialPlan, rewrite: Callable[[str], str] | None = None) -> str | None:
     """The E.164 number `uri` is for ("+33123456789"), or None when it names no phone number.
 
     A tel: local number (RFC 3966 §5.1.5) is read in its phone-context: a "+33" context dials as
-    if from country 33; a domain context as our own dial plan would.
+    if from country 33; a domain context as our own dial plan would. `rewrite` (a gateway's
+    strip/add prefix rules, registrar/peers.py) changes the number before the dial plan reads it.
     """
     if isinstance(uri, TelURI) and not uri.is_global:
         context = uri.phone_context or ""
         if context.startswith("+"):
             digits = context[1:].translate(str.maketrans("", "", "-.()"))
             plan = replace(plan, country_code=digits)
-        return plan.to_e164(uri.digits)
+        return plan.to_e164(rewrite(uri.digits) if rewrite is not None else uri.digits)
     text = number_of(uri)
     if text is None:
         return None
-    return plan.to_e164(text)
+    return plan.to_e164(rewrite(text) if rewrite is not None else text)
 
 
 def owner_of(e164: str | None, users: NumberOwners | None) -> Any:

@@ -188,7 +188,7 @@ class Agent:
 
 
 def push_records(path: Path, provider: str) -> list[dict[str, Any]]:
-    """The fake's record file as (token, status) dicts, whatever the fake (apns or fcm)."""
+    """The fake's record file as (token, status) dicts, whatever the fake (apns, fcm or webhook)."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
@@ -206,7 +206,10 @@ def push_records(path: Path, provider: str) -> list[dict[str, Any]]:
                 continue
             out.append({"token": rec.get("target"), "status": rec.get("status"), "raw": rec})
         else:
-            out.append({"token": rec.get("token"), "status": rec.get("status"), "raw": rec})
+            token = rec.get("token")
+            if token is None and isinstance(rec.get("body"), dict):  # the webhook fake: the JSON it got
+                token = rec["body"].get("pn_prid")
+            out.append({"token": token, "status": rec.get("status"), "raw": rec})
     return out
 
 

@@ -104,16 +104,17 @@ def _schema_keys(cls: type, prefix: str = "") -> list[str]:
 def test_shipped_config_shows_every_key():
     text = SHIPPED.read_text()
     # [[push.apns]] & co are shown commented out (they need real credentials)
-    from libon_tsilo.ops.config import ApnsConfig, FcmConfig, RouteConfig, TrunkConfig, WebhookConfig
+    from libon_tsilo.ops.config import ApnsConfig, FcmConfig, GatewayConfig, RouteConfig, TrunkConfig, WebhookConfig
 
     keys = _schema_keys(Config)
     keys += [f"trunks.{k}" for k in _schema_keys(TrunkConfig)] + [f"routes.{k}" for k in _schema_keys(RouteConfig)]
     keys += [f"push.apns.{k}" for k in _schema_keys(ApnsConfig)]
     keys += [f"push.fcm.{k}" for k in _schema_keys(FcmConfig)]
     keys += [f"push.webhook.{k}" for k in _schema_keys(WebhookConfig)]
+    keys += [f"gateways.{k}" for k in _schema_keys(GatewayConfig)]
     for key in keys:
         name = key.rsplit(".", 1)[-1]
-        if name in ("apns", "fcm", "webhook", "trunks", "routes"):
+        if name in ("apns", "fcm", "webhook", "trunks", "routes", "gateways"):
             continue
         assert re.search(rf"^#? ?{name} = ", text, re.M), f"{key} is not shown in etc/libon-tsilo.toml"
 
@@ -623,3 +624,45 @@ def test_messages_defaults(tmp_path):
     assert cfg.enabled and cfg.push_preview
     assert cfg.ttl == 7 * 86_400
     assert cfg.db == str(tmp_path / "libon-tsilo-messages.sqlite")
+
+
+# --- issue 13: [[gateways]], [voicemail] ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"gateways": [{"sources": ["192.0.2.0/24"]}]}, "gateways[0].name: is required"),
+        ({"gateways": [{"name": "pstn"}]}, "gateways[0].sources: needs at least one network (CIDR)"),
+        ({"gateways": [{"name": "pstn", "sources": ["192.0.2.0/33"]}]},
+         'gateways[0].sources[0]: "192.0.2.0/33" is not an IP network (CIDR)'),
+        ({"gateways": [{"name": "a", "sources": ["192.0.2.1/32"]}, {"name": "a", "sources": ["192.0.2.2/32"]}]},
+         'gateways[1].name: "a" is used twice'),
+        ({"gateways": [{"name": "a", "sources": ["192.0.2.1/32"], "add_prefix": "+3x"}]},
+         'gateways[0].add_prefix: "+3x" must be digits, optionally after "+"'),
+        ({"gateways": {"name": "a"}}, "gateways: expected an array of tables, got table"),
+        ({"gateways": [{"name": "a", "sources": ["192.0.2.1/32"], "port": 5060}]}, "gateways[0].port: unknown key"),
+        ({"voicemail": {"target": "mailto:vm@example.com"}},
+         'voicemail.target: "mailto:vm@example.com" is not a SIP URI like "sip:vm@192.0.2.10:5060"'),
+        ({"voicemail": {"target": "sip:vm@"}}, 'voicemail.target: "sip:vm@" is not a SIP URI like "sip:vm@192.0.2.10:5060"'),
+        ({"voicemail": {"on_busy": [486, 200]}}, "voicemail.on_busy[1]: 200 is not a 4xx-6xx failure code"),
+        ({"voicemail": {"on_no_answer": "yes"}}, 'voicemail.on_no_answer: expected a boolean, got string "yes"'),
+    ],
+)
+def test_gateways_and_voicemail_bad_values(data, expected):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(data)
+    assert str(info.value) == expected
+
+
+def test_gateways_and_voicemail_defaults_and_values():
+    cfg = config_from_dict({})
+    assert cfg.gateways == () and cfg.voicemail.target == ""  # off unless configured
+    assert cfg.voicemail.on_busy == (486, 600, 603) and cfg.voicemail.on_no_answer and cfg.voicemail.on_unavailable
+    cfg = config_from_dict({
+        "gateways": [{"name": "pstn", "sources": ["192.0.2.0/28"], "strip_prefix": "99", "add_prefix": "+33"}],
+        "voicemail": {"target": "sip:vm@192.0.2.10:5070;transport=tcp", "on_busy": [486]},
+    })
+    [gw] = cfg.gateways
+    assert (gw.name, gw.sources, gw.strip_prefix, gw.add_prefix) == ("pstn", ("192.0.2.0/28",), "99", "+33")
+    assert cfg.voicemail.target == "sip:vm@192.0.2.10:5070;transport=tcp" and cfg.voicemail.on_busy == (486,)
