@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ClusterNode", "NodeHop"]
 
-# where a forked INVITE goes to reach another node: (transport, host, port, our internal (host, port),
-# the host bare as bound)
+# where a forked INVITE goes to reach another node: (transport, host, port, and our internal
+# listener's (host, port) as bound, to send from)
 NodeHop = tuple[str, str, int, tuple[str, int]]
 
 
