@@ -296,3 +296,25 @@ async def test_430_from_b_fails_over_to_the_devices_other_flow():
         await caller.expect(lambda m: getattr(m, "status", 0) >= 300, "the caller's final answer")
     finally:
         await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_relayed_request_with_no_hop_left_gets_483():
+    pair = Pair()
+    pair.start()
+    try:
+        node = pair.b.parts.extra["cluster_node"]
+        device = await pair.ua(pair.b)
+        device.send(register(device))
+        await device.response(200, "REGISTER")
+        route = pair.a.parts.location.lookup(AOR)[0].path[0]
+        peer = await UA("udp").start(node.bound)
+        pair.uas.append(peer)
+        text = in_dialog(peer, "OPTIONS", f"sip:bob@127.0.0.1:{device.port}", [route], f"<sip:x@h>;tag={tag()}",
+                         "<sip:bob@127.0.0.1>", "mf@t", 1).replace("Max-Forwards: 70", "Max-Forwards: 0")
+        peer.send(text)
+        await peer.response(483, "OPTIONS")
+        assert pair.b.parts.extra["cluster_relay"].limit_hits()["cluster_too_many_hops"] == 1
+        assert not [m for m in device.received if isinstance(m, Request) and m.method == "OPTIONS"]
+    finally:
+        await pair.stop()
