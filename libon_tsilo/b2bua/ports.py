@@ -29,8 +29,8 @@ class Hop:
     host: str
     port: int
     flow_id: str | None = None
-    # our own (host, port) to send from and to put in Via and Contact, when it is not the public
-    # listener: a hop to another cluster node leaves from the internal listener
+    # our own (host, port) as bound, to send from and to put in Via and Contact, when it is not the
+    # public listener: a hop to another cluster node leaves from the internal listener
     local: tuple[str, int] | None = None
 
 
@@ -107,7 +107,8 @@ class TransactionPort:
         return Target(hop.transport, hop.host, hop.port, None, hop.local)
 
     def _stamp_via(self, req: Request, hop: Hop) -> None:
-        host, port = hop.local or self.transport.local_via(hop.transport, hop.host)
+        local = hop.local
+        host, port = _via_address(local) if local else self.transport.local_via(hop.transport, hop.host)
         req.add_header("Via", f"SIP/2.0/{hop.transport.upper()} {host}:{port};branch={new_branch()};rport",
                        first=True)
 
@@ -135,7 +136,7 @@ class TransactionPort:
         )
 
     def contact(self, transport: str, local: tuple[str, int] | None = None) -> str:
-        host, port = local or self.transport.local_via(transport)
+        host, port = _via_address(local) if local else self.transport.local_via(transport)
         suffix = "" if transport == "udp" else f";transport={transport}"
         return f"<sip:{self.user}@{host}:{port}{suffix}>"
 
@@ -144,3 +145,8 @@ class TransactionPort:
             return False
         flow = self.transport.flows.get(flow_id)
         return bool(flow is not None and flow.live)
+
+
+def _via_address(local: tuple[str, int]) -> tuple[str, int]:
+    host, port = local
+    return (f"[{host}]" if ":" in host else host, port)

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ClusterNode", "NodeHop"]
 
-# where a forked INVITE goes to reach another node: (transport, host, port, our internal (host, port))
+# where a forked INVITE goes to reach another node: (transport, host, port, and our internal
+# listener's (host, port) as bound, to send from)
 NodeHop = tuple[str, str, int, tuple[str, int]]
 
 
@@ -43,10 +44,12 @@ class ClusterNode:
         secret: bytes,
         trusted_peers: list[str] | tuple[str, ...] = ("127.0.0.0/8", "::1/128"),
         peers: list[str] | tuple[str, ...] = (),
+        udp_via_path: bool = True,
     ) -> None:
         self.transport = transport
         self.spec: ListenSpec = parse_listen_spec(node_address)
         self.secret = secret
+        self.udp_via_path = udp_via_path
         hosts = [parse_listen_spec(p).host for p in peers]
         peer_nets = [f"{h}/{128 if ':' in h else 32}" for h in hosts if is_ip_literal(h)]
         self.trusted = SourceFilter([*trusted_peers, *peer_nets])
@@ -102,8 +105,11 @@ class ClusterNode:
 
     # -- Path entries -------------------------------------------------------------------------------
 
-    def path_entry(self, flow: Flow, outbound: bool) -> str:
-        """Our Path entry for a binding registered over ``flow`` (the registrar's ``path_stamp``)."""
+    def path_entry(self, flow: Flow, outbound: bool) -> str | None:
+        """Our Path entry for a binding registered over ``flow`` (the registrar's ``path_stamp``);
+        None for a UDP flow when any node may reach UDP devices itself (``udp_via_path`` off)."""
+        if not self.udp_via_path and flow.key.transport == "udp":
+            return None
         remote_host, remote_port = flow.key.remote
         token = self.tokens.mint(FlowRef(flow.id, flow.key.transport, remote_host, remote_port))
         return f"<{self.uri(token)}{';ob' if outbound else ''}>"
@@ -142,11 +148,11 @@ class ClusterNode:
             return None
         if not isinstance(uri, URI) or uri.scheme != "sip" or not uri.user or "lr" not in uri.params:
             return None
-        if self.is_self(uri):
-            return (path[1:], None) if self.tokens.read(uri.user) is not None else None
+        if self.is_self(uri):  # ours, even with a token from before a restart: the flow is here
+            return path[1:], None
         if uri.host_bare not in self.trusted:
             return None  # not a node of ours: an edge proxy's Path
         transport = uri.transport or "udp"
         if transport not in ("udp", "tcp"):
             return None
-        return (path, (transport, uri.host_bare, uri.port or 5060, self.via_address))
+        return (path, (transport, uri.host_bare, uri.port or 5060, self.bound))

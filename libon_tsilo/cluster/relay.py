@@ -27,11 +27,13 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from libon_tsilo import logflags
 from libon_tsilo.cluster.flow_token import FlowRef
 from libon_tsilo.cluster.node import ClusterNode
+from libon_tsilo.ratelimit import ThrottledLog
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.headers import NameAddr
 from libon_tsilo.sip.message import (
@@ -49,13 +51,21 @@ __all__ = ["Relay"]
 log = Logger()
 
 _STREAMS = ("tcp", "tls")
+# untrusted source on the internal listener, a peer's request that is not for a flow of ours, a
+# token used from another flow, a device's in-dialog request towards a host that is not a node
+_REFUSALS = (
+    "refused_untrusted", "refused_not_relay", "refused_wrong_flow", "refused_not_peer", "too_many_hops",
+)
 
 
 class Relay:
     """See the module doc. ``handle`` is the router's proxy hook; ``wrap_cancel`` its CANCEL hook."""
 
-    def __init__(self, node: ClusterNode, transactions: TransactionLayer) -> None:
+    def __init__(self, node: ClusterNode, transactions: TransactionLayer, clock: IReactorTime) -> None:
         self.node = node
+        self.clock = clock
+        # refusals are logged once per 10 s per kind: a stranger must not fill the log
+        self._logs: dict[str, ThrottledLog] = {}
         self.layer = transactions
         self.transport = transactions.transport
         # INVITE server transactions we relay -> the client transaction towards the other side
@@ -114,6 +124,10 @@ class Relay:
 
     def stats(self) -> dict[str, int]:
         return {"pending_invites": len(self._pending), **self.counters}
+
+    def limit_hits(self) -> dict[str, int]:
+        """The requests refused at the trust boundary (/metrics libon_tsilo_limit_hits_total)."""
+        return {f"cluster_{name}": self.counters[name] for name in _REFUSALS}
 
     # -- the two directions --------------------------------------------------------------------
 
@@ -241,9 +255,12 @@ class Relay:
         self, req: Request, stx: Any, status: int, reason: str, counter: str, flow: Flow | None
     ) -> None:
         self.counters[counter] += 1
-        log.info("relay: {method} refused with {status} {reason}{source}", method=req.method, status=status,
-                 reason=reason, source=f" from {flow.key.remote[0]}" if flow is not None else "",
-                 call_id=log_call_id(req))
+        throttle = self._logs.get(counter)
+        if throttle is None:
+            throttle = self._logs[counter] = ThrottledLog(self.clock)
+        throttle.emit(log.info, "relay: {sip_method} refused with {status} {reason}{source}",
+                      sip_method=req.method, status=status, reason=reason,
+                      source=f" from {flow.key.remote[0]}" if flow else "", call_id=log_call_id(req))
         if stx is not None:  # an ACK gets no answer
             stx.respond(make_response(req, status, reason, to_tag=new_tag()))
 

@@ -37,7 +37,6 @@ __all__ = [
     "RegistrarConfig",
     "AuthConfig",
     "LocationConfig",
-    "ClusterConfig",
     "CallsConfig",
     "PushConfig",
     "ApnsConfig",
@@ -534,6 +533,9 @@ class ClusterConfig:
     trusted_peers: tuple[str, ...] = _opt(("127.0.0.0/8", "::1/128"), _cidrs)
     # the key of the flow tokens in our Path entries; "" = random per start (see etc/libon-tsilo.toml)
     secret: str = _opt("")
+    # UDP devices too are reached through the node they registered on (NAT-safe across hosts);
+    # false: any node sends to a UDP device itself (workers sharing one public port, reuse_port)
+    udp_via_path: bool = _opt(True)
 
 
 @dataclass(frozen=True)

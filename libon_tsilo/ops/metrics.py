@@ -245,7 +245,7 @@ class TsiloCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         for part in (self._node, self._messages, self._sip, self._calls, self._location, self._silo,
-                     self._auth, self._limits, self._waker, self._overload):
+                     self._auth, self._limits, self._waker, self._overload, self._cluster_relay):
             try:
                 yield from part()
             except Exception:  # a broken layer must not take /metrics down with it
@@ -416,6 +416,20 @@ class TsiloCollector(Collector):
         g.add_metric(["user"], s["throttled_users_now"])
         yield g
         yield _gauge("auth_replay_entries", "Nonces in the digest replay table", auth.replay_table_size())
+
+    def _cluster_relay(self) -> Iterator[Metric]:
+        """[cluster] node_address: what this node relayed for the others (cluster/relay.py)."""
+        relay = self.parts.extra.get("cluster_relay")
+        if relay is None:
+            return
+        c = relay.counters
+        fam = CounterMetricFamily(f"{PREFIX}_cluster_relayed", "Requests relayed between a peer node and "
+                                  "a device's flow, by direction", labels=["direction"])
+        fam.add_metric(["to_device"], c["to_device"])
+        fam.add_metric(["to_peer"], c["to_peer"])
+        yield fam
+        yield _counter("cluster_flow_failed", "Relayed requests answered 430 Flow Failed (RFC 5626)",
+                       c["flow_failed"])
 
     def _limits(self) -> Iterator[Metric]:
         """[limits]: how often each abuse limit bit (objects in parts.extra["limits"] report them)."""

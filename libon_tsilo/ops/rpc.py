@@ -295,6 +295,8 @@ class Rpc:
             out["push"] = push
         if p.extra.get("overload") is not None:
             out["overload"] = p.extra["overload"].stats()
+        if p.extra.get("cluster_relay") is not None:  # [cluster] node_address
+            out["cluster_relay"] = p.extra["cluster_relay"].stats()
         return out
 
     def msg_dump(self, aor: str | None = None) -> list[dict[str, Any]]:

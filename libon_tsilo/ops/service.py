@@ -281,7 +281,9 @@ def _add_limits(root: LibonTsiloService, parts: Parts) -> None:
     from libon_tsilo.sip.limits import SourceFilter, SourceLimiter
 
     cfg = parts.config.limits
-    exempt = SourceFilter([*cfg.exempt_sources, *_trusted_peers(parts.config).networks()])
+    # the other nodes of a cluster send every relayed call from one address each: never limited
+    nodes = parts.config.cluster.trusted_peers if parts.config.cluster.node_address else ()
+    exempt = SourceFilter([*cfg.exempt_sources, *_trusted_peers(parts.config).networks(), *nodes])
     parts.extra["limit_exempt"] = exempt
     parts.extra.setdefault("limits", [])
     if cfg.requests_per_second <= 0:
@@ -703,8 +705,8 @@ def _add_cluster(root: LibonTsiloService, parts: Parts) -> None:
         log.info("cluster: no [cluster] secret: the flow tokens of this node last until it restarts")
     transactions = _built(parts.transactions)
     node = ClusterNode(_built(parts.transport), cfg.node_address, (cfg.secret or random_token(32)).encode(),
-                       trusted_peers=cfg.trusted_peers, peers=cfg.peers)
-    relay = Relay(node, transactions)
+                       trusted_peers=cfg.trusted_peers, peers=cfg.peers, udp_via_path=cfg.udp_via_path)
+    relay = Relay(node, transactions, parts.clock)
     router = _built(parts.router)
     router.proxy = relay.handle
     router.cancel = relay.wrap_cancel(router.cancel)
@@ -715,6 +717,7 @@ def _add_cluster(root: LibonTsiloService, parts: Parts) -> None:
         parts.extra["messages"].delivery.sender.path_router = node.next_hop
     parts.extra["cluster_node"] = node
     parts.extra["cluster_relay"] = relay
+    parts.extra.setdefault("limits", []).append(relay)
 
 
 def _add_overload(root: LibonTsiloService, parts: Parts) -> None:

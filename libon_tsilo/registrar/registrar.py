@@ -139,7 +139,7 @@ class Registrar:
         # cluster (set by ops): our own Path entry for a binding registered over a flow, put first
         # (RFC 3327: the registrar's own hop), (flow, outbound) -> entry. It is not echoed in the 200:
         # the device never sees it, the other nodes route to it. None: a single node.
-        self.path_stamp: Callable[[Flow, bool], str] | None = None
+        self.path_stamp: Callable[[Flow, bool], str | None] | None = None
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -381,7 +381,9 @@ class Registrar:
     def _path(self, request: Request, flow: Flow | None, outbound: bool) -> list[str]:
         path = request.header_values("Path")
         if self.path_stamp is not None and flow is not None:
-            path.insert(0, self.path_stamp(flow, outbound))
+            ours = self.path_stamp(flow, outbound)
+            if ours is not None:
+                path.insert(0, ours)
         return path
 
     @staticmethod

@@ -15,7 +15,7 @@ import pytest_twisted
 
 from libon_tsilo.ops.config import config_from_dict
 from libon_tsilo.ops.service import make_service
-from libon_tsilo.sip.message import Request
+from libon_tsilo.sip.message import Request, parse_message
 from tests.cluster.ua import UA, response_to, tag, wait_for
 
 AOR = "sip:bob@127.0.0.1"
@@ -158,5 +158,163 @@ async def test_bye_from_the_caller_reaches_the_device_through_b():
         device.send(response_to(bye, 200, "OK"))
         await caller.response(200, "BYE")
         await wait_for(lambda: not pair.a.parts.b2bua.calls, "the call ended on A")
+    finally:
+        await pair.stop()
+
+
+def _internal(node: Any) -> tuple[str, int]:
+    return node.parts.extra["cluster_node"].bound
+
+
+@pytest_twisted.ensureDeferred
+async def test_430_flow_failed_when_the_device_connection_is_gone():
+    pair = Pair()
+    pair.start()
+    try:
+        caller = await pair.ua(pair.a)
+        device = await pair.ua(pair.b, "tcp")
+        device.send(register(device))
+        await device.response(200, "REGISTER")
+        device.stop()  # the TCP flow on B closes; the binding stays (a device may come back)
+        await wait_for(lambda: not any(f.key.transport == "tcp" and f.live for f in pair.b.parts.transport.flows),
+                       "B to see the connection close")
+        caller.send(invite(caller, _public(pair.a, "udp")[1]))
+        relay = pair.b.parts.extra["cluster_relay"]
+        await wait_for(lambda: relay.counters["flow_failed"] == 1, "B to answer 430")
+        final = await caller.expect(lambda m: getattr(m, "status", 0) >= 300, "the caller's final answer")
+        assert final.status != 430  # hop by hop: the caller hears of the call, not of B's flow
+    finally:
+        await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_internal_listener_refuses_untrusted_sources_and_foreign_tokens():
+    pair = Pair(trusted_peers=["192.0.2.0/24"])  # loopback is not trusted here
+    pair.start()
+    try:
+        b_int = _internal(pair.b)
+        peer = await UA("udp").start(b_int)
+        pair.uas.append(peer)
+        peer.send(in_dialog(peer, "OPTIONS", f"sip:127.0.0.1:{b_int[1]}", [], f"<sip:x@h>;tag={tag()}",
+                            "<sip:y@h>", "o1@t", 1))
+        answer = await peer.response(403, "OPTIONS")
+        assert answer.reason == "Forbidden"
+        assert pair.b.parts.extra["cluster_relay"].limit_hits()["cluster_refused_untrusted"] == 1
+    finally:
+        await pair.stop()
+    pair = Pair()
+    pair.start()
+    try:
+        b_int = _internal(pair.b)
+        peer = await UA("udp").start(b_int)
+        pair.uas.append(peer)
+        forged = f"<sip:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA@127.0.0.1:{b_int[1]};transport=udp;lr>"
+        peer.send(in_dialog(peer, "INVITE", "sip:bob@127.0.0.1:9", [forged], f"<sip:x@h>;tag={tag()}",
+                            "<sip:y@h>", "o2@t", 1))
+        answer = await peer.response(403, "INVITE")
+        assert answer.reason == "Not A Relayed Request"
+    finally:
+        await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_cannot_use_its_route_towards_a_host_that_is_not_a_node():
+    pair = Pair()
+    pair.start()
+    try:
+        caller, device, inv, answer, device_tag = await _answered_call(pair, "udp")
+        rr = inv.header_values("record-route")
+        device.send(in_dialog(device, "MESSAGE", "sip:victim@192.0.2.1:5060", rr,
+                              f"{inv.header('to')};tag={device_tag}", inv.header("from") or "", inv.call_id, 5))
+        await device.response(403, "MESSAGE")
+        assert pair.b.parts.extra["cluster_relay"].counters["refused_not_peer"] == 1
+    finally:
+        await pair.stop()
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+@pytest_twisted.ensureDeferred
+async def test_the_callers_cancel_reaches_the_device_through_b(transport):
+    pair = Pair()
+    pair.start()
+    try:
+        a_port = _public(pair.a, "udp")[1]
+        caller = await pair.ua(pair.a)
+        device = await pair.ua(pair.b, transport)
+        text = invite(caller, a_port)
+        caller.send(text)
+        await wait_for(lambda: pair.a.parts.silo.stats()["stored_transactions"] == 1, "the call parked on A")
+        device.send(register(device))
+        inv = await device.request("INVITE")
+        device.send(response_to(inv, 180, "Ringing", "dev1"))
+        await caller.response(180, "INVITE")
+        sent = parse_message(text.encode())
+        caller.send(
+            f"CANCEL sip:bob@127.0.0.1:{a_port} SIP/2.0\r\n"
+            f"Via: {sent.header('via')}\r\nMax-Forwards: 70\r\nFrom: {sent.header('from')}\r\n"
+            f"To: {sent.header('to')}\r\nCall-ID: {sent.call_id}\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n"
+        )
+        cancel = await device.request("CANCEL")
+        assert cancel.branch == inv.branch  # B's own CANCEL of its own client transaction (RFC 3261 §9.1)
+        device.send(response_to(cancel, 200, "OK", "dev1"))
+        device.send(response_to(inv, 487, "Request Terminated", "dev1"))
+        await caller.response(487, "INVITE")
+        await device.request("ACK")  # B's client transaction acknowledges the 487 hop by hop
+        assert pair.b.parts.extra["cluster_relay"].counters["cancelled"] == 1
+        await wait_for(lambda: not pair.a.parts.b2bua.calls, "the call ended on A")
+        await wait_for(lambda: pair.b.parts.extra["cluster_relay"].stats()["pending_invites"] == 0,
+                       "B to forget the relayed INVITE")
+    finally:
+        await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_430_from_b_fails_over_to_the_devices_other_flow():
+    """RFC 5626 §5.3: an outbound device registered over two connections to B; the newer one is gone,
+    B answers 430 to the INVITE A forked over it, and A sends the branch over the other one."""
+    pair = Pair()
+    pair.start()
+    try:
+        instance = '+sip.instance="<urn:uuid:00000000-0000-1000-8000-00000000beef>"'
+        older = await pair.ua(pair.b, "tcp")
+        newer = await pair.ua(pair.b, "tcp")
+        for ua, reg_id in ((older, 2), (newer, 1)):
+            ua.send(register(ua, "Supported: outbound, path\r\n").replace(
+                f"Contact: {ua.contact}", f"Contact: {ua.contact};{instance};reg-id={reg_id}"))
+            await ua.response(200, "REGISTER")
+        binding = max(pair.a.parts.location.lookup(AOR), key=lambda b: b.registered_at)
+        assert binding.reg_id == 1 and binding.path[0].endswith(";lr;ob>")
+        newer.stop()
+        await wait_for(lambda: sum(f.key.transport == "tcp" and f.live for f in pair.b.parts.transport.flows) == 1,
+                       "B to see the newer connection close")
+        caller = await pair.ua(pair.a)
+        caller.send(invite(caller, _public(pair.a, "udp")[1]))
+        inv = await older.request("INVITE")
+        assert pair.b.parts.extra["cluster_relay"].counters["flow_failed"] == 1
+        assert pair.a.parts.b2bua.counters["flow_failovers"] == 1
+        older.send(response_to(inv, 486, "Busy Here", "dev2"))
+        await caller.expect(lambda m: getattr(m, "status", 0) >= 300, "the caller's final answer")
+    finally:
+        await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_relayed_request_with_no_hop_left_gets_483():
+    pair = Pair()
+    pair.start()
+    try:
+        node = pair.b.parts.extra["cluster_node"]
+        device = await pair.ua(pair.b)
+        device.send(register(device))
+        await device.response(200, "REGISTER")
+        route = pair.a.parts.location.lookup(AOR)[0].path[0]
+        peer = await UA("udp").start(node.bound)
+        pair.uas.append(peer)
+        text = in_dialog(peer, "OPTIONS", f"sip:bob@127.0.0.1:{device.port}", [route], f"<sip:x@h>;tag={tag()}",
+                         "<sip:bob@127.0.0.1>", "mf@t", 1).replace("Max-Forwards: 70", "Max-Forwards: 0")
+        peer.send(text)
+        await peer.response(483, "OPTIONS")
+        assert pair.b.parts.extra["cluster_relay"].limit_hits()["cluster_too_many_hops"] == 1
+        assert not [m for m in device.received if isinstance(m, Request) and m.method == "OPTIONS"]
     finally:
         await pair.stop()

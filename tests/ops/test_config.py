@@ -501,7 +501,7 @@ def test_cluster_defaults_are_a_single_node():
     assert (cfg.cluster.node_id, cfg.cluster.reuse_port) == ("", False)
     assert (cfg.cluster.node_address, cfg.cluster.peers) == ("", ())
     assert cfg.cluster.trusted_peers == ("127.0.0.0/8", "::1/128")
-    assert cfg.cluster.secret == ""
+    assert cfg.cluster.secret == "" and cfg.cluster.udp_via_path is True
 
 
 def test_cluster_keys_load():
@@ -533,6 +533,7 @@ def test_cluster_keys_load():
         ({"cluster": {"peers": ["udp:10.0.0.2"]}}, 'cluster.peers[0]: "udp:10.0.0.2": missing port'),
         ({"cluster": {"trusted_peers": ["10.0.0.300/8"]}},
          'cluster.trusted_peers[0]: "10.0.0.300/8" is not an IP network (CIDR)'),
+        ({"cluster": {"udp_via_path": "no"}}, 'cluster.udp_via_path: expected a boolean, got string "no"'),
     ],
 )
 def test_cluster_bad_values(data, expected):

@@ -1,0 +1,32 @@
+"""ops/service.py wires [cluster] node_address: the internal listener, the relay before the router,
+our Path entries in the registrar, forks through other nodes; nothing of it on a single node."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+
+from libon_tsilo.ops.config import config_from_dict
+from libon_tsilo.ops.service import make_service
+
+
+def _parts(tmp_path, **sections):
+    cfg = config_from_dict({"location": {"backend": "memory"}, **sections}, base_dir=tmp_path)
+    return make_service(cfg, clock=Clock()).parts
+
+
+def test_a_single_node_has_no_relay_and_no_internal_listener(tmp_path):
+    parts = _parts(tmp_path)
+    assert parts.router.proxy is None and parts.registrar.path_stamp is None and parts.b2bua.path_router is None
+    assert [str(s) for s in parts.transport.specs] == list(parts.config.sip.listen)
+    assert "cluster_relay" not in parts.extra
+
+
+def test_cluster_wiring_and_peers_exempt_from_the_source_limits(tmp_path):
+    parts = _parts(tmp_path, cluster={"node_address": "udp:127.0.0.1:25071", "trusted_peers": ["10.1.0.0/16"]})
+    relay, node = parts.extra["cluster_relay"], parts.extra["cluster_node"]
+    assert parts.router.proxy == relay.handle
+    assert parts.registrar.path_stamp == node.path_entry and parts.b2bua.path_router == node.next_hop
+    assert str(parts.transport.specs[-1]) == "udp:127.0.0.1:25071"  # after the public listeners
+    assert relay in parts.extra["limits"]
+    exempt = parts.extra["source_limiter"].exempt
+    assert "10.1.2.3" in exempt and "10.2.0.1" not in exempt  # a peer relays every call from one address
