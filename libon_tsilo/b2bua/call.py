@@ -59,6 +59,14 @@ _P = ParamSpec("_P")
 _DEFAULT_PORT = {"udp": 5060, "tcp": 5060, "tls": 5061}
 
 
+def _is_udp(binding: Binding) -> bool:
+    """Is the device reached over UDP (its REGISTER's transport, else its Contact's)?"""
+    if binding.received:
+        return binding.received[0].lower() == "udp"
+    hop = hop_for_binding(binding, False)
+    return hop is not None and hop.transport == "udp"
+
+
 def hop_for_binding(binding: Binding, flow_live: bool) -> Hop | None:
     """Where a branch to `binding` goes: its flow when live, else its received address, else its Contact."""
     flow_id = binding.flow_id if flow_live else None
@@ -113,7 +121,7 @@ class Call:
         "ring_deadline", "a", "branches", "_by_key", "state", "failures", "winner", "early_media_from",
         "wake_d", "wake_result", "woken", "_waker_used", "_ring_timer", "_late_ack", "offer_busy",
         "pending_acks", "late_reason", "ended", "end_reason", "trust", "timers", "_device_ids",
-        "transfer", "a_answered", "answered_at", "final_status",
+        "transfer", "a_answered", "answered_at", "final_status", "suspects",
     )
 
     def __init__(self, mgr: CallManager, invite: Request, stx: ServerHandle, flow: Any, aor: str,
@@ -147,6 +155,8 @@ class Call:
         self.winner: BLeg | None = None
         self.early_media_from: BLeg | None = None
         self.wake_d: Deferred[Any] | None = None
+        # cluster nodes (transport, host, port) that failed a branch of this call (408/503/timeout)
+        self.suspects: set[tuple[str, str, int]] | None = None
         self.wake_result: WakeResult | None = None
         self.woken: dict[str, Any] = {}  # pushed devices (by target_key) that have not registered since
         self._waker_used = False
@@ -298,18 +308,20 @@ class Call:
             log.failure("waker failed", call_id=self.call_id)
             d = succeed(WakeResult(all_failed=True, reason="waker error"))
         self.wake_d = d
-        d.addCallbacks(self._woke, self._wake_error)
+        d.addCallbacks(self._woke, self._wake_error, callbackArgs=(d,), errbackArgs=(d,))
 
-    def _woke(self, result: Any) -> None:
+    def _woke(self, result: Any, d: Deferred[Any] | None = None) -> None:
+        if d is not None and self.wake_d is not None and d is not self.wake_d:
+            return  # a later wake (a device behind a node that died) is still in flight: it decides
         self.wake_d = None
         self.wake_result = wake_outcome(result)
         if self.wake_result.all_failed:
             log.info("every push failed: {reason}", reason=self.wake_result.reason, call_id=self.call_id)
         self.react(self.state.wake_done)
 
-    def _wake_error(self, failure: Failure) -> None:
+    def _wake_error(self, failure: Failure, d: Deferred[Any] | None = None) -> None:
         log.failure("waker errback", failure, call_id=self.call_id)
-        self._woke(WakeResult(all_failed=True, reason="waker error"))
+        self._woke(WakeResult(all_failed=True, reason="waker error"), d)
 
     def more_possible(self) -> bool:
         """Can a branch still come? (a push in flight or delivered, or a never-forked parked call)."""
@@ -354,9 +366,13 @@ class Call:
         if binding.reg_id is not None and binding.instance:  # is_outbound(), inline: once per branch
             found = self._best_flow(binding.instance, tried)
             if found is None:
+                if self._node_down(binding):
+                    return self._behind_dead_node(binding)
                 log.info("device {key}: no live flow left", key=redact_key(binding.key), call_id=self.call_id)
                 return False
             binding = found
+        if self._node_down(binding) and not _is_udp(binding):
+            return self._behind_dead_node(binding)
         hop, flow_id, routes = self._route(binding)
         key = target_key(binding)
         old = self._by_key.get(key)
@@ -419,7 +435,8 @@ class Call:
         # tell it, not us, when its NAT mapping changed; it then registers again)
         received = binding.received
         return (received is not None and received[0] == "udp") or self._flow_live(binding) \
-            or self._node_hop(binding) is not None  # another node's flow: that node says 430 if gone
+            or (self._node_hop(binding) is not None  # another node's flow: that node says 430 if gone
+                and not self._node_down(binding))
 
     def _node_hop(self, binding: Binding) -> tuple[list[str], Hop | None] | None:
         """How a Path starting at a cluster node routes (see CallManager.path_router); None: it does
@@ -446,9 +463,76 @@ class Call:
             if via is not None:
                 routes, node = via
                 if node is not None:
+                    if not self._peer_up(node):
+                        # a UDP device behind a dead node (fork() took the others): straight to its
+                        # address from our public socket, the rest of its Path as Route
+                        return hop_for_binding(binding, False), None, routes[1:]
                     return node, None, routes
         flow_live = self._flow_live(binding)
         return hop_for_binding(binding, flow_live), binding.flow_id if flow_live else None, routes
+
+    # -- a cluster node down (issue 14): what its bindings still offer ------------------------
+
+    def _peer_up(self, node: Hop) -> bool:
+        if self.suspects and (node.transport, node.host, node.port) in self.suspects:
+            return False
+        alive = self.mgr.peer_alive
+        return alive is None or alive(node.transport, node.host, node.port)
+
+    def _node_down(self, binding: Binding) -> bool:
+        """Does the binding's Path lead to a cluster node that is down (or failed this call)?"""
+        if not binding.path or self.mgr.path_router is None:
+            return False
+        via = self._node_hop(binding)
+        return via is not None and via[1] is not None and not self._peer_up(via[1])
+
+    def _behind_dead_node(self, binding: Binding) -> bool:
+        """A TCP/TLS binding whose connection ended with its node: push it if it can be woken (it
+        then registers wherever it lands), else skip it. Returns fork()'s answer: no branch."""
+        self.mgr.counters["dead_node_bindings"] += 1
+        key = target_key(binding)
+        if binding.push_capable and key not in self.woken:
+            log.info("device {key}: its node is down, pushing it", key=redact_key(binding.key),
+                     call_id=self.call_id)
+            self.wake([binding])
+        elif not binding.push_capable:
+            log.info("device {key}: its connection ended with its node, skipped", key=redact_key(binding.key),
+                     call_id=self.call_id)
+        return False
+
+    def _peer_failed(self, leg: BLeg, resp: Response) -> bool:
+        """A branch sent to another node timed out or got 408/503: that node is suspect for the rest
+        of this call, and the branch goes around it (fork() and _route() treat it as down)."""
+        if resp.status not in (408, 503) or leg.cancelled or self.state.final or self.ended:
+            return False
+        hop = leg.hop
+        if hop.local is None or not self._node_down_after(leg, hop):
+            return False
+        log.info("node {host}:{port} failed a branch ({status}): going around it", host=hop.host,
+                 port=hop.port, status=resp.status, call_id=self.call_id)
+        leg.state = BranchState.FAILED
+        self.mgr.unregister_leg(leg)
+        if self._by_key.get(target_key(leg.binding)) is leg:
+            del self._by_key[target_key(leg.binding)]
+        before = self.wake_d
+        if self.fork(leg.binding):
+            return True
+        if self.wake_d is not before:  # pushed: the call waits for the device's REGISTER
+            self.check_exhausted()
+            return True
+        return False
+
+    def _node_down_after(self, leg: BLeg, hop: Hop) -> bool:
+        via = self._node_hop(leg.binding)
+        if via is None or via[1] is None:
+            return False
+        node = via[1]
+        if (node.transport, node.host, node.port) != (hop.transport, hop.host, hop.port):
+            return False
+        if self.suspects is None:
+            self.suspects = set()
+        self.suspects.add((node.transport, node.host, node.port))
+        return True
 
     def _fail_over(self, leg: BLeg, resp: Response) -> bool:
         """A branch's flow failed (a local transport error or timeout, or 430 Flow Failed from an edge
@@ -546,7 +630,7 @@ class Call:
             leg.dialog.set_remote_from(resp)
             self.react(self.state.answered, leg, resp)
         else:
-            if self._fail_over(leg, resp):
+            if self._peer_failed(leg, resp) or self._fail_over(leg, resp):
                 return
             if getattr(leg.ctx, "failed_locally", False) or status == 430:
                 # RFC 3261 §8.1.3.1, RFC 5626 §5.3: our own failure to reach the device says only

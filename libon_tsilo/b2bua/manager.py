@@ -166,6 +166,8 @@ class CallManager:
         # node to send to, or None: this node) | None (not a cluster Path). None: a single node.
         self.path_router: Callable[[list[str]], tuple[list[str], tuple[str, str, int, tuple[str, int]] | None]
                                    | None] | None = None
+        # cluster (set by ops): is the node at (transport, host, port) alive? None: always
+        self.peer_alive: Callable[[str, str, int], bool] | None = None
         self.waker: Waker = waker if waker is not None else LoggingWaker()
         self.settings = settings or CallSettings()
         self.authorize = authorize
@@ -193,6 +195,7 @@ class CallManager:
         self.limit_counters = dict.fromkeys(limits, 0)
         self._limit_logs = {name: ThrottledLog(clock) for name in self.limit_counters}
         self.counters["flow_failovers"] = 0  # RFC 5626: branches moved to another flow of their device
+        self.counters["dead_node_bindings"] = 0  # branches not sent through a cluster node that is down
         # REFERs (transfer.py): 0 from the start, so /metrics has the series before the first one
         self.counters.update(transfers=0, transfers_refused=0)
 

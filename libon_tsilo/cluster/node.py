@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from libon_tsilo.cluster.flow_token import FlowRef, FlowTokens
+from libon_tsilo.cluster.liveness import PeerLiveness, member
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.headers import NameAddr
 from libon_tsilo.sip.limits import SourceFilter
@@ -55,6 +56,8 @@ class ClusterNode:
         self.trusted = SourceFilter([*trusted_peers, *peer_nets])
         self._tokens: FlowTokens | None = None
         self._bound: tuple[str, int] | None = None
+        # which peers are alive (liveness.py; set by ops with the Redis store), None: all of them
+        self.liveness: PeerLiveness | None = None
 
     # -- the internal listener (known once the transport listens: its port may be OS-picked) ----
 
@@ -97,6 +100,15 @@ class ClusterNode:
 
     def trusts(self, flow: Flow) -> bool:
         return flow.key.remote[0] in self.trusted
+
+    def member(self) -> str:
+        """This node's name among the live nodes (liveness.py): its internal address."""
+        host, port = self.bound
+        return member(self.spec.transport, host, port)
+
+    def peer_alive(self, transport: str, host: str, port: int) -> bool:
+        """Is the node whose internal address this is alive (the call layer's ``peer_alive``)?"""
+        return self.liveness is None or self.liveness.alive(member(transport, host, port))
 
     def is_self(self, uri: URI) -> bool:
         host, port = self.bound

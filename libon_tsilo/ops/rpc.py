@@ -297,6 +297,8 @@ class Rpc:
             out["overload"] = p.extra["overload"].stats()
         if p.extra.get("cluster_relay") is not None:  # [cluster] node_address
             out["cluster_relay"] = p.extra["cluster_relay"].stats()
+        if p.extra.get("cluster_liveness") is not None:  # which peer nodes beat in Redis
+            out["cluster_peers"] = p.extra["cluster_liveness"].stats()
         return out
 
     def msg_dump(self, aor: str | None = None) -> list[dict[str, Any]]:

@@ -718,6 +718,23 @@ def _add_cluster(root: LibonTsiloService, parts: Parts) -> None:
     parts.extra["cluster_node"] = node
     parts.extra["cluster_relay"] = relay
     parts.extra.setdefault("limits", []).append(relay)
+    _add_cluster_liveness(root, parts, node)
+
+
+def _add_cluster_liveness(root: LibonTsiloService, parts: Parts, node: Any) -> None:
+    """Each node beats in Redis and knows which peers are alive: the call layer goes around a dead
+    node's bindings (cluster/liveness.py). Needs the Redis store; without it every peer is alive."""
+    from libon_tsilo.cluster.liveness import PeerLiveness
+    from libon_tsilo.registrar.redis_store import RedisBindingStore
+
+    store = _built(parts.location).persistence
+    if not isinstance(store, RedisBindingStore):
+        return
+    node.liveness = liveness = PeerLiveness(parts.clock, node.member, store.heartbeat, store.leave)
+    if parts.b2bua is not None:
+        parts.b2bua.peer_alive = node.peer_alive
+    parts.extra["cluster_liveness"] = liveness
+    _attach(root, liveness, "cluster-liveness")
 
 
 def _add_overload(root: LibonTsiloService, parts: Parts) -> None:

@@ -470,3 +470,38 @@ class RedisBindingStore:
                 d.callback(None)
         if self._open.changes and not self._scheduled:
             self._start()
+
+    # -- node liveness (cluster/liveness.py) ------------------------------------------------------
+
+    _beat_script: Any = None  # _HEARTBEAT, registered on first use
+
+    def heartbeat(self, member: str, ttl: float) -> defer.Deferred[set[str]]:
+        """Say that ``member`` (a node's internal address) is alive for ``ttl`` seconds more, and
+        get every member alive now. One script on a sorted set scored by expiry in Redis's own
+        time: the nodes' clocks play no part, and a dead node drops out ``ttl`` after its last beat."""
+        return as_deferred(self._heartbeat(member, ttl), self.loop)
+
+    def leave(self, member: str) -> defer.Deferred[None]:
+        """A clean stop: the peers see ``member`` gone at their next beat, not ``ttl`` later."""
+        async def leave() -> None:
+            await self.client.zrem(self.prefix + b"nodes", member)
+
+        return as_deferred(leave(), self.loop)
+
+    async def _heartbeat(self, member: str, ttl: float) -> set[str]:
+        if self._beat_script is None:
+            self._beat_script = self.client.register_script(_HEARTBEAT)
+        alive = await self._beat_script(keys=[self.prefix + b"nodes"], args=[member, math.ceil(ttl * 1000)])
+        return {m.decode("utf-8", "replace") if isinstance(m, bytes) else str(m) for m in alive}
+
+
+# KEYS[1] = the live nodes, scored by when each expires (ms, Redis's clock); ARGV = member, ttl ms
+_HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('PEXPIRE', KEYS[1], ttl)
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""

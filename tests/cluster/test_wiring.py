@@ -30,3 +30,16 @@ def test_cluster_wiring_and_peers_exempt_from_the_source_limits(tmp_path):
     assert relay in parts.extra["limits"]
     exempt = parts.extra["source_limiter"].exempt
     assert "10.1.2.3" in exempt and "10.2.0.1" not in exempt  # a peer relays every call from one address
+
+
+def test_a_cluster_on_redis_beats_and_asks_its_liveness_view(tmp_path):
+    # the Redis store is built, never started here (its client connects lazily)
+    cfg = config_from_dict({"location": {"backend": "redis"}, "cluster": {"node_address": "udp:127.0.0.1:25072"}},
+                           base_dir=tmp_path)
+    parts = make_service(cfg, clock=Clock()).parts
+    node, liveness = parts.extra["cluster_node"], parts.extra["cluster_liveness"]
+    assert node.liveness is liveness and parts.b2bua.peer_alive == node.peer_alive
+    assert liveness._beat == parts.location.persistence.heartbeat
+    # on memory there is no shared store to beat in: every peer counts as alive
+    memory = _parts(tmp_path, cluster={"node_address": "udp:127.0.0.1:25073"})
+    assert "cluster_liveness" not in memory.extra and memory.b2bua.peer_alive is None
