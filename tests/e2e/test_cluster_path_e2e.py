@@ -6,8 +6,11 @@ with RFC 5626 flow tokens, libon_tsilo/cluster/).
   caller hangs up: A's BYE goes through B) and over TCP (the device's connection ends on B; the
   device hangs up: its BYE goes to B, which relays it to A);
 - a binding made on A is used by a call arriving on B (B forks through A);
-- kill -9 node A (``udp_via_path = false``: workers sharing one public address): node B still takes
-  registrations and completes calls to UDP bindings, those made on A included.
+- kill -9 node A, with the default ``udp_via_path = true`` (the bindings A took name A in their
+  Path): once B sees that A stopped beating in Redis (``stats`` ``cluster_peers``), B sends to a UDP
+  binding made on A itself, pushes a push-capable one (webhook fake) which then registers on B and
+  answers, and still takes registrations and calls; with ``udp_via_path = false`` (workers sharing one
+  public address) as well.
 
 SIPp plays caller and device; the device scenarios copy Record-Route as a UAS must. Each test waits
 on SIPp's exit status and on the nodes' counters (admin RPC ``stats``: ``cluster_relay``).
@@ -22,10 +25,14 @@ from typing import Any
 import pytest
 
 from tests.e2e.proc import HOST, ServerProcess, admin_rpc, free_port, start_server
+from tests.e2e.pushdevice import DeviceConfig, PushDevice, push_records
 from tests.e2e.sipp import Sipp, sipp_available, stop_all
 from tests.e2e.test_calls_sipp import add_device, assert_caller_ok, wait_parked
+from tests.fakes import webhook_fake
 from tests.redis_server import RedisServer
 from tests.waiting import wait_until
+
+PRID = "frank-token-0123456789"
 
 pytestmark = pytest.mark.skipif(not sipp_available(), reason="sipp is missing (package sip-tester)")
 
@@ -113,25 +120,64 @@ def test_a_binding_made_on_a_is_used_by_a_call_arriving_on_b(
     device.assert_no_failures()
 
 
-def test_node_b_serves_on_after_node_a_is_killed(start_sip_server, redis_server, procs, tmp_path: Path) -> None:
-    # workers of one host sharing the public port: a UDP device needs no particular node
+@pytest.fixture
+def webhook(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    record = tmp_path / "webhook.jsonl"
+    proc, port = webhook_fake.spawn(["--port", "0", "--record", str(record)])
+    yield f"http://{HOST}:{port}/push", record
+    proc.terminate()
+    proc.wait(10)
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def _peers_alive(node: ServerProcess) -> list[str]:
+    return admin_rpc(node, "stats")["cluster_peers"]["alive"]
+
+
+@pytest.mark.parametrize("udp_via_path", [True, False], ids=["udp-via-path", "udp-direct"])
+def test_node_b_serves_on_after_node_a_is_killed(
+    start_sip_server, redis_server, procs, webhook, tmp_path: Path, udp_via_path: bool
+) -> None:
+    url, record = webhook
+    push = {"providers": ["webhook"], "webhook": [{"name": "webhook", "url": url, "timeout": 2.0}]}
     node_a_dir = tmp_path / "node-a"
     node_a_dir.mkdir()
-    a = start_server(node_a_dir, _node_config(redis_server, "a", "udp", udp_via_path=False))
+    a = start_server(node_a_dir, {**_node_config(redis_server, "a", "udp", udp_via_path=udp_via_path),
+                                  "push": push})
+    phone: PushDevice | None = None
     try:
-        b = start_sip_server(extra=_node_config(redis_server, "b", "udp", udp_via_path=False), tls=False)
+        b = start_sip_server(extra={**_node_config(redis_server, "b", "udp", udp_via_path=udp_via_path),
+                                    "push": push}, tls=False)
         for node in (a, b):
             _wait_redis(node)
+        wait_until(lambda: len(_peers_alive(b)) == 2, 5, "B to see A beat")
         erin = add_device(procs, a, tmp_path, "erin", answer="device_answer_rr.xml")
         erin.wait_registered()
-        wait_until(lambda: admin_rpc(b, "ul.dump")["aors"].get(f"sip:erin@{HOST}"), 5, "erin's binding on B")
+        phone = PushDevice((HOST, a.sip_port), DeviceConfig(user="frank", provider="webhook", prid=PRID,
+                                                            param="frank-phone", record=record))
+        assert phone.register().status == 200
+        for user in ("erin", "frank"):
+            wait_until(lambda u=user: admin_rpc(b, "ul.dump")["aors"].get(f"sip:{u}@{HOST}"), 5, f"{user} on B")
+        assert bool(admin_rpc(b, "ul.dump")["aors"][f"sip:erin@{HOST}"][0]["path"]) == udp_via_path
         a.proc.kill()  # kill -9: no drain, no unregistration, nothing flushed
         a.proc.wait(10)
+        wait_until(lambda: len(_peers_alive(b)) == 1, 10, "B to see A stop beating")
         # a UDP binding made on A: B reaches the device itself
         caller = Sipp(b, "caller_answered.xml", tmp_path, service="erin", pause_ms=100)
         procs.append(caller)
         assert_caller_ok(caller, b)
         wait_until(lambda: erin.sipp.log_lines("ANSWERED-AND-HUNG-UP "), 10, "erin to get B's BYE")
+        # a push-capable binding made on A: B pushes it; the phone registers on B and answers there
+        phone.server = (HOST, b.sip_port)
+        phone.start()
+        caller = Sipp(b, "caller_answered.xml", tmp_path, service="frank", pause_ms=100)
+        procs.append(caller)
+        phone.wait("push", 10)
+        phone.wait("answered", 10)
+        assert_caller_ok(caller, b)
+        assert [r["token"] for r in push_records(record, "webhook")] == [PRID]
         # a device registering on B now
         device = add_device(procs, b, tmp_path, "dave", answer="device_answer_rr.xml")
         device.wait_registered()
@@ -143,6 +189,8 @@ def test_node_b_serves_on_after_node_a_is_killed(start_sip_server, redis_server,
         device.stop()
         device.assert_no_failures()
     finally:
+        if phone is not None:
+            phone.stop()
         if a.alive():
             a.proc.kill()
             a.proc.wait(10)
