@@ -327,6 +327,7 @@ class TsiloCollector(Collector):
             ("session_expired", "Answered calls ended because a session timer expired"),
             ("duration_limit", "Answered calls ended at calls.max_call_duration"),
             ("flow_failovers", "Branches moved to another flow of their device (RFC 5626)"),
+            ("dead_node_bindings", "Bindings behind a cluster node that is down: pushed or skipped"),
             ("transfers", "REFERs accepted: blind transfers started (b2bua/transfer.py)"),
             ("transfers_refused", "REFERs refused, the call left as it was"),
         ):
@@ -430,6 +431,10 @@ class TsiloCollector(Collector):
         yield fam
         yield _counter("cluster_flow_failed", "Relayed requests answered 430 Flow Failed (RFC 5626)",
                        c["flow_failed"])
+        liveness = self.parts.extra.get("cluster_liveness")
+        if liveness is not None:  # the nodes beating in Redis (cluster/liveness.py), this one included
+            yield _gauge("cluster_nodes_alive", "Cluster nodes alive at this node's last beat",
+                         len(liveness.view or ()))
 
     def _limits(self) -> Iterator[Metric]:
         """[limits]: how often each abuse limit bit (objects in parts.extra["limits"] report them)."""

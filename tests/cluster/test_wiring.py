@@ -6,7 +6,9 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 
 from libon_tsilo.ops.config import config_from_dict
+from libon_tsilo.ops.metrics import make_registry
 from libon_tsilo.ops.service import make_service
+from tests.ops.test_metrics import samples
 
 
 def _parts(tmp_path, **sections):
@@ -40,6 +42,8 @@ def test_a_cluster_on_redis_beats_and_asks_its_liveness_view(tmp_path):
     node, liveness = parts.extra["cluster_node"], parts.extra["cluster_liveness"]
     assert node.liveness is liveness and parts.b2bua.peer_alive == node.peer_alive
     assert liveness._beat == parts.location.persistence.heartbeat
+    liveness.view = {"udp:127.0.0.1:25072", "udp:127.0.0.1:25074"}
+    assert samples(make_registry(parts))[("libon_tsilo_cluster_nodes_alive", ())] == 2
     # on memory there is no shared store to beat in: every peer counts as alive
     memory = _parts(tmp_path, cluster={"node_address": "udp:127.0.0.1:25073"})
     assert "cluster_liveness" not in memory.extra and memory.b2bua.peer_alive is None

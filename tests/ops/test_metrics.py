@@ -121,6 +121,7 @@ def test_collector_reads_live_objects_at_scrape_time(tmp_path):
     assert before[("libon_tsilo_dialogs", ())] == 0
     assert before[("libon_tsilo_flows", ())] == 0
     assert before[("libon_tsilo_calls_flow_failovers_total", ())] == 0
+    assert before[("libon_tsilo_calls_dead_node_bindings_total", ())] == 0
     # review finding 15: no REFER yet, but the series exist (rate() and alerts see 0, not "no data")
     assert before[("libon_tsilo_calls_transfers_total", ())] == 0
     assert before[("libon_tsilo_calls_transfers_refused_total", ())] == 0
