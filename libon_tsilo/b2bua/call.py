@@ -366,12 +366,13 @@ class Call:
         if binding.reg_id is not None and binding.instance:  # is_outbound(), inline: once per branch
             found = self._best_flow(binding.instance, tried)
             if found is None:
-                if self._node_down(binding):
+                if self._node_down(binding) or self._remote_flow_gone(binding):
                     return self._behind_dead_node(binding)
                 log.info("device {key}: no live flow left", key=redact_key(binding.key), call_id=self.call_id)
                 return False
             binding = found
-        if self._node_down(binding) and not _is_udp(binding):
+        if (self._node_down(binding) and not _is_udp(binding)) \
+                or (binding.push_capable and self._remote_flow_gone(binding)):
             return self._behind_dead_node(binding)
         hop, flow_id, routes = self._route(binding)
         key = target_key(binding)
@@ -436,7 +437,7 @@ class Call:
         received = binding.received
         return (received is not None and received[0] == "udp") or self._flow_live(binding) \
             or (self._node_hop(binding) is not None  # another node's flow: that node says 430 if gone
-                and not self._node_down(binding))
+                and binding.flow_live and not self._node_down(binding))
 
     def _node_hop(self, binding: Binding) -> tuple[list[str], Hop | None] | None:
         """How a Path starting at a cluster node routes (see CallManager.path_router); None: it does
@@ -486,14 +487,23 @@ class Call:
         via = self._node_hop(binding)
         return via is not None and via[1] is not None and not self._peer_up(via[1])
 
+    def _remote_flow_gone(self, binding: Binding) -> bool:
+        """A TCP/TLS binding whose connection closed on the node that holds it (it published
+        flow_live false through the location store)?"""
+        if binding.flow_live or _is_udp(binding) or not binding.path or self.mgr.path_router is None:
+            return False
+        via = self._node_hop(binding)
+        return via is not None and via[1] is not None
+
     def _behind_dead_node(self, binding: Binding) -> bool:
-        """A TCP/TLS binding whose connection ended with its node: push it if it can be woken (it
-        then registers wherever it lands), else skip it. Returns fork()'s answer: no branch."""
+        """A TCP/TLS binding whose connection ended with its node, or closed there: push it if it
+        can be woken (it then registers wherever it lands), else skip it. Returns fork()'s answer:
+        no branch."""
         self.mgr.counters["dead_node_bindings"] += 1
         key = target_key(binding)
         if binding.push_capable and key not in self.woken:
-            log.info("device {key}: its node is down, pushing it", key=redact_key(binding.key),
-                     call_id=self.call_id)
+            log.info("device {key}: its connection ended on its node, pushing it",
+                     key=redact_key(binding.key), call_id=self.call_id)
             self.wake([binding])
         elif not binding.push_capable:
             log.info("device {key}: its connection ended with its node, skipped", key=redact_key(binding.key),

@@ -285,7 +285,17 @@ class LocationStore:
             return []
         for binding in bindings.values():
             binding.flow_live = False
+        self._publish_flow_end(list(bindings.values()))
         return list(bindings.values())
+
+    def _publish_flow_end(self, bindings: list[Binding]) -> None:
+        """A cluster replica (Redis): the other nodes learn that these bindings' connection closed
+        here, so they push a device rather than fork through us to a dead flow. A single node's
+        store keeps it in memory: a restarted process forgets every flow anyway."""
+        p = self.persistence
+        if p is not None and p.feeds_replica:
+            for binding in bindings:
+                p.save(binding)
 
     # -- other nodes' changes (redis_store.py) ----------------------------------------------------
 
@@ -298,6 +308,8 @@ class LocationStore:
             self._drop(old)
         self._insert(binding)
         self._push_deadline(binding)
+        if old is not None and _same_registration(old, binding):
+            return  # its flow closed on its node (flow_live), or a write-back: no new registration
         self._emit(BindingEvent("refreshed" if old is not None else "added", binding))
 
     def apply_remote_removal(self, aor: str, key: str, reason: str) -> None:

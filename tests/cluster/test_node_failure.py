@@ -9,6 +9,7 @@ TCP one without push skipped. Each test waits on a message or a counter, never o
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest_twisted
@@ -147,3 +148,65 @@ def test_liveness_member_names_match_the_path_hosts():
     from libon_tsilo.cluster.liveness import member
 
     assert member("udp", "[::1]", 5071) == member("udp", "::1", 5071) == "udp:[::1]:5071"
+
+
+# -- a flow that closed on another node (its flow_live false reached A through the store) ----------
+
+
+async def _outbound_device_on_b(pair: Pair, push: str = "") -> tuple[Any, Any]:
+    """An RFC 5626 device registered over two connections to B; the newer one then closes."""
+    instance = '+sip.instance="<urn:uuid:00000000-0000-1000-8000-00000000cafe>"'
+    older = await pair.ua(pair.b, "tcp")
+    newer = await pair.ua(pair.b, "tcp")
+    for ua, reg_id in ((older, 2), (newer, 1)):
+        ua.send(register(ua, "Supported: outbound, path\r\n").replace(
+            f"Contact: {ua.contact}", f"Contact: {ua.contact}{push};{instance};reg-id={reg_id}"))
+        await ua.response(200, "REGISTER")
+    newer.stop()
+    await wait_for(lambda: sum(b.flow_live for b in pair.a.parts.location.lookup(AOR)) == 1,
+                   "A to hear that the newer flow closed on B")
+    return older, newer
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_forks_over_the_flow_still_open_on_b_without_a_430():
+    pair = Pair()
+    pair.start()
+    try:
+        older, _ = await _outbound_device_on_b(pair)
+        caller = await pair.ua(pair.a)
+        caller.send(invite(caller, _public(pair.a, "udp")[1]))
+        await older.request("INVITE")
+        assert pair.b.parts.extra["cluster_relay"].counters["flow_failed"] == 0
+        assert pair.a.parts.b2bua.counters["flow_failovers"] == 0
+    finally:
+        await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pushes_a_device_whose_flow_closed_on_b_instead_of_forking_to_it():
+    """The call was parked before the device registered; its connection to B then closed, and a
+    binding event reaches the parked call (A's resync after a Redis reconnect): A pushes it."""
+    pair = Pair()
+    pair.b.parts.registrar.push_providers = ("webhook",)
+    waker = pair.a.parts.b2bua.waker = RecordingWaker()
+    pair.start()
+    try:
+        device = await pair.ua(pair.b, "tcp")
+        device.send(register(device).replace(f"Contact: {device.contact}", f"Contact: {device.contact}{PUSH}"))
+        await device.response(200, "REGISTER")
+        device.stop()
+        await wait_for(lambda: not pair.a.parts.location.lookup(AOR)[0].flow_live, "the flow closed on B")
+        caller = await pair.ua(pair.a)
+        caller.send(invite(caller, _public(pair.a, "udp")[1]))
+        await wait_for(lambda: len(waker.woken) == 1, "A to push the device for the new call")
+        call = next(iter(pair.a.parts.b2bua.calls.values()))
+        call.woken.clear()  # as if that push was answered: the device counts as not woken any more
+        location = pair.a.parts.location
+        binding = location.lookup(AOR)[0]
+        location.resync([dataclasses.replace(binding, cseq=binding.cseq + 1)], announce=True)
+        await wait_for(lambda: len(waker.woken) == 2, "A to push it again, not fork to its dead flow")
+        assert pair.b.parts.extra["cluster_relay"].counters["flow_failed"] == 0
+        assert pair.a.parts.b2bua.counters["dead_node_bindings"] == 1
+    finally:
+        await pair.stop()

@@ -147,6 +147,24 @@ async def test_changes_reach_the_other_replica_as_binding_events(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_flow_closing_on_its_node_reaches_the_other_replica_without_an_event(
+    redis_server: RedisServer, nodes: list[Node]
+) -> None:
+    a, b = _node(nodes, redis_server, "a"), _node(nodes, redis_server, "b")
+    await a.start()
+    await b.start()
+    binding = make_binding(expires_at=60.0, flow_id="tcp:flow-1", flow_live=True, node="a",
+                           received=("tcp", "192.0.2.10", 40000))
+    await a.write(binding)
+    await until(lambda: b.events.events, "the add on b")
+    assert b.store.lookup(binding.aor)[0].flow_live
+    assert a.store.flow_closed("tcp:flow-1") == [binding]
+    await until(lambda: not b.store.lookup(binding.aor)[0].flow_live, "b to hear that the flow closed")
+    # the same registration: nothing for a parked call to fork to
+    assert b.events.kinds() == ["added"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_expiry_is_left_to_redis_and_each_replica(redis_server: RedisServer, nodes: list[Node]) -> None:
     a, b = _node(nodes, redis_server, "a"), _node(nodes, redis_server, "b")
     await a.start()
