@@ -98,6 +98,12 @@ class ClusterNode:
         host, port = self.bound
         return key.transport == self.spec.transport and key.local[1] == port and same_ip(key.local[0], host)
 
+    def exempt_from_overload(self, local: tuple[str, int], remote: tuple[str, int]) -> bool:
+        """A trusted peer's request on our internal listener: the peer admitted the call already
+        (sip/overload.py's ``exempt``). Any transport: the internal listener has one port."""
+        host, port = self.bound
+        return local[1] == port and same_ip(local[0], host) and remote[0] in self.trusted
+
     def trusts(self, flow: Flow) -> bool:
         return flow.key.remote[0] in self.trusted
 

@@ -750,7 +750,9 @@ def _add_overload(root: LibonTsiloService, parts: Parts) -> None:
     )
     detector.setName("overload")
     detector.setServiceParent(root)
-    install(detector, parts.transport, parts.transactions, retry_after=cfg.retry_after)
+    node = parts.extra.get("cluster_node")  # a peer's relayed INVITE was admitted by that peer
+    install(detector, parts.transport, parts.transactions, retry_after=cfg.retry_after,
+            exempt=node.exempt_from_overload if node is not None else None)
     parts.extra["overload"] = detector
 
 

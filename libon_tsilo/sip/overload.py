@@ -36,6 +36,11 @@ and the calls already accepted, keeps the lag there on its own.) The hysteresis 
 under ``leave_lag``. Which INVITEs pass is decided by a credit counter (no random draw), so a
 fraction of 0.25 admits exactly every 4th INVITE.
 
+Exempt sources (``install(exempt=...)``): a request that arrives on a given local address from a
+given source is never refused. ops exempts the cluster's internal listener for its trusted peers:
+an INVITE a peer node relays there was admitted by the node that forked it, and refusing it here
+would fail a call already accepted (and waste its work), which is what overload control is for.
+
 A refused INVITE gets a 503 with ``Retry-After`` from :func:`stateless_503`, sent without a
 transaction (RFC 3261 §8.2.7, stateless UAS): a retransmitted INVITE gets the same answer again (the
 To tag is a hash of the request's identity, as §8.2.7 asks), and its ACK is dropped (at once by the
@@ -223,15 +228,22 @@ class OverloadDetector(Service):
         }
 
 
-def install(detector: OverloadDetector, transport: Any, transactions: Any, retry_after: int) -> None:
+# (local address, remote address) of a message -> never refused (see the module doc)
+Exempt = Callable[[tuple[str, int], tuple[str, int]], bool]
+
+
+def install(
+    detector: OverloadDetector, transport: Any, transactions: Any, retry_after: int,
+    exempt: Exempt | None = None,
+) -> None:
     """Wire overload control into the SIP stack (a TransportLayer and its TransactionLayer).
 
     The transport reports its queueing delays to the detector. The two refusal hooks, the
     transport's ``early`` and the transaction layer's ``gate``, are in place only while the
     detector says overloaded: a server that is not pays one ``is None`` test per message for them.
     """
-    gate = OverloadGate(detector, retry_after)
-    early = EarlyShedder(detector, retry_after, transactions.has_server_transaction)
+    gate = OverloadGate(detector, retry_after, exempt)
+    early = EarlyShedder(detector, retry_after, transactions.has_server_transaction, exempt)
 
     def switch(overloaded: bool) -> None:
         transactions.gate = gate if overloaded else None
@@ -245,13 +257,16 @@ def install(detector: OverloadDetector, transport: Any, transactions: Any, retry
 class OverloadGate:
     """The transaction layer's ``gate``: a 503 for a new INVITE the detector does not admit, else None."""
 
-    def __init__(self, detector: OverloadDetector, retry_after: int) -> None:
+    def __init__(self, detector: OverloadDetector, retry_after: int, exempt: Exempt | None = None) -> None:
         self.detector = detector
         self.retry_after = retry_after
+        self.exempt = exempt
 
-    def __call__(self, request: Request) -> Response | None:
+    def __call__(self, request: Request, flow: Any = None) -> Response | None:
         detector = self.detector
         if not detector.overloaded or request.method != "INVITE" or request.to.tag is not None:
+            return None
+        if self.exempt is not None and flow is not None and self.exempt(flow.key.local, flow.key.remote):
             return None
         if detector.admit():
             return None
@@ -273,19 +288,26 @@ class EarlyShedder:
     """
 
     def __init__(
-        self, detector: OverloadDetector, retry_after: int, accepted: Callable[[Request], bool]
+        self, detector: OverloadDetector, retry_after: int, accepted: Callable[[Request], bool],
+        exempt: Exempt | None = None,
     ) -> None:
         self.detector = detector
         self.retry_after = retry_after
         self.accepted = accepted
+        self.exempt = exempt
 
-    def __call__(self, data: bytes) -> bytes | None:
+    def __call__(
+        self, data: bytes, local: tuple[str, int] | None = None, remote: tuple[str, int] | None = None
+    ) -> bytes | None:
         detector = self.detector
         if not detector.overloaded:
             return None
         if data.startswith(b"ACK "):
             return self._our_ack(data)
         if not data.startswith(b"INVITE ") or detector.would_admit():
+            return None
+        exempt = self.exempt
+        if exempt is not None and local is not None and remote is not None and exempt(local, remote):
             return None
         try:
             request = parse_message(data)

@@ -126,7 +126,7 @@ class TransactionLayer:
         self.strays_dropped = 0
         # overload control (sip/overload.py): a response for a new request refused before any
         # transaction exists for it, sent statelessly; None lets the request in
-        self.gate: Callable[[Request], Response | None] | None = None
+        self.gate: Callable[[Request, Any], Response | None] | None = None  # (request, flow)
         transport.sink = self.inbound
         transport.on_send_error = self.send_failed
 
@@ -277,7 +277,7 @@ class TransactionLayer:
         if stx is not None:
             stx.request_retransmitted()
             return
-        refusal = self.gate(req) if self.gate is not None else None
+        refusal = self.gate(req, flow) if self.gate is not None else None
         if refusal is not None:
             self.transport.send_response(refusal, flow)
             return

@@ -52,8 +52,9 @@ Choices (and where they differ from a plain reading of the RFCs):
   a flow that exists), expired after the unbound idle timeout unless a binding or a call needs them,
   and capped (the oldest unneeded one is evicted): see sip/flow.py.
 - Overload control (sip/overload.py) gets two hooks on UDP: ``on_queue_delay(seconds)`` per
-  wake-up (the kernel's arrival stamp of the oldest datagram, Linux), and ``early(data)``, which
-  sees each datagram before the parse and may answer its source (a stateless 503) or drop it.
+  wake-up (the kernel's arrival stamp of the oldest datagram, Linux), and ``early(data, local,
+  remote)``, which sees each datagram before the parse and may answer its source (a stateless 503)
+  or drop it.
 - Idle timers run on the injected ``clock``; sockets run on ``reactor`` (the global one by default).
   stopService closes every port and connection, cancels every timer, and returns a Deferred that
   fires when all ports and connections are gone.
@@ -432,7 +433,7 @@ class TransportLayer(Service):
         # datagram waited; ``early`` sees each datagram before the parse: bytes to answer its
         # source with, b"" to drop it, None to handle it as usual
         self.on_queue_delay: Callable[[float], None] | None = None
-        self.early: Callable[[bytes], bytes | None] | None = None
+        self.early: Callable[[bytes, HostPort, HostPort], bytes | None] | None = None
         self.bound: list[tuple[str, str, int]] = []
         self._ports: list[Any] = []
         self._udp: list[_UDPProtocol] = []
@@ -594,7 +595,7 @@ class TransportLayer(Service):
             return
         if self.early is not None:
             try:
-                answer = self.early(data)
+                answer = self.early(data, proto.local, addr)
             except Exception:
                 log.failure("early hook failed on a datagram from {addr}", addr=addr)
                 answer = None

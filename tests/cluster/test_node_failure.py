@@ -210,3 +210,30 @@ async def test_a_pushes_a_device_whose_flow_closed_on_b_instead_of_forking_to_it
         assert pair.a.parts.b2bua.counters["dead_node_bindings"] == 1
     finally:
         await pair.stop()
+
+
+# -- overload control on the edge node -------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_overloaded_node_still_relays_the_invite_a_peer_admitted():
+    """B sheds every new INVITE on its public listeners, not the one A forks to it on its internal
+    listener: A admitted that call already (bench/cluster.py saw such 503s on B)."""
+    pair = Pair()
+    pair.start()
+    try:
+        device = await pair.ua(pair.b)
+        device.send(register(device))
+        await device.response(200, "REGISTER")
+        detector = pair.b.parts.extra["overload"]
+        detector._change(True, 0.0, "test")  # overloaded, admitting nothing new (fraction 0)
+        detector.fraction = 0.0
+        on_b = await pair.ua(pair.b)
+        on_b.send(invite(on_b, _public(pair.b, "udp")[1]))
+        assert (await on_b.response(503, "INVITE")).header("retry-after")
+        caller = await pair.ua(pair.a)
+        caller.send(invite(caller, _public(pair.a, "udp")[1]))
+        await device.request("INVITE")  # relayed by B
+        assert pair.b.parts.extra["cluster_relay"].counters["to_device"] == 1
+    finally:
+        await pair.stop()

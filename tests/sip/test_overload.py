@@ -313,6 +313,37 @@ def test_transaction_layer_keeps_registers_and_accepted_invites_under_overload()
     assert [r.method for r, _, _ in env.tu.requests] == ["INVITE", "REGISTER", "OPTIONS", "BYE"]
 
 
+INTERNAL = ("10.0.0.1", 5071)
+
+
+def _peer_on_internal(local: tuple[str, int], remote: tuple[str, int]) -> bool:
+    return local == INTERNAL and remote[0] == "10.0.0.2"
+
+
+def test_gate_and_transaction_layer_let_an_exempt_source_through():
+    """A cluster peer's relayed INVITE on the internal listener was admitted by that peer."""
+    env = Env()
+    env.tu.auto_status = None
+    gate, d = gate_overloaded()
+    gate.exempt = _peer_on_internal
+    env.layer.gate = gate
+    env.feed(request_text("INVITE", branch="z9hG4bKpeer"), FakeFlow(remote=("10.0.0.2", 5071), local=INTERNAL))
+    env.feed(request_text("INVITE", branch="z9hG4bKpub"), FakeFlow(remote=("10.0.0.2", 5071)))  # public
+    env.feed(request_text("INVITE", branch="z9hG4bKodd"), FakeFlow(remote=("10.0.0.9", 5071), local=INTERNAL))
+    assert [r.branch for r, _, _ in env.tu.requests] == ["z9hG4bKpeer"]
+    assert sorted(env.transport.statuses()) == [100, 503, 503] and d.shed == 2
+
+
+def test_early_path_lets_an_exempt_source_through():
+    _, d = gate_overloaded()
+    shed = EarlyShedder(d, retry_after=7, accepted=lambda req: False, exempt=_peer_on_internal)
+    data = request_text("INVITE").encode()
+    assert shed(data, INTERNAL, ("10.0.0.2", 5071)) is None
+    assert shed(data, ("192.0.2.5", 5060), ("10.0.0.2", 5071)) is not None  # the public listener
+    assert shed(data, INTERNAL, ("192.0.2.9", 5071)) is not None  # not a peer
+    assert d.shed == 2
+
+
 # -- the early path: refused on the UDP datagram's bytes, before the full parse --------------------
 
 

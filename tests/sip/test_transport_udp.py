@@ -397,9 +397,11 @@ async def test_early_hook_answers_the_source_or_drops_before_the_parse(harness, 
     # overload control (issue 11, item 13): the hook sees the raw datagram first
     h = harness()
     seen: list[bytes] = []
+    addresses: set[tuple[tuple[str, int], tuple[str, int]]] = set()
 
-    def early(data: bytes) -> bytes | None:
+    def early(data: bytes, local: tuple[str, int], remote: tuple[str, int]) -> bytes | None:
         seen.append(data)
+        addresses.add((local, remote))
         if b"call-refuse" in data:
             return b"SIP/2.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
         return b"" if b"call-drop" in data else None
@@ -413,6 +415,8 @@ async def test_early_hook_answers_the_source_or_drops_before_the_parse(harness, 
     client.transport.write(sip_request("OPTIONS", call_id="call-pass"), server)
     msg, _ = await h.next()
     assert msg.call_id == "call-pass" and len(seen) == 3  # the other two never reached the sink
+    # which listener and which source: overload control exempts a cluster's peers on its internal one
+    assert addresses == {(server, ("127.0.0.1", client.transport.getHost().port))}
     assert h.layer.flows.live_count() == 1  # only the datagram that went on made a flow
 
 
@@ -422,7 +426,7 @@ async def test_a_failing_early_hook_is_logged_and_the_datagram_handled_as_usual(
 
     h = harness()
 
-    def early(data: bytes) -> bytes | None:
+    def early(data: bytes, local: tuple[str, int], remote: tuple[str, int]) -> bytes | None:
         raise RuntimeError("bug in the early hook")
 
     h.layer.early = early
