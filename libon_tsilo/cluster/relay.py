@@ -27,12 +27,14 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from libon_tsilo import logflags
 from libon_tsilo.cluster.flow_token import FlowRef
 from libon_tsilo.cluster.node import ClusterNode
+from libon_tsilo.cluster.ordering import hold_until_answered
 from libon_tsilo.ratelimit import ThrottledLog
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.headers import NameAddr
@@ -72,6 +74,8 @@ class Relay:
         self._pending: dict[Any, Any] = {}
         # "to_device", "to_peer", "flow_failed", "refused_untrusted", "refused_not_relay", ...
         self.counters: Counter[str] = Counter()
+        # the registrar's when_answered (set by ops): relayed INVITEs wait for a REGISTER's 200
+        self.register_answered: Callable[[str], Deferred[None] | None] | None = None
 
     # -- the router's hooks ----------------------------------------------------------------------
 
@@ -150,6 +154,8 @@ class Relay:
         self._stamp_via(out, ref.transport, host, port)
         target = Target(ref.transport, ref.host, ref.port)
         self.counters["to_device"] += 1
+        if out.method == "INVITE" and self._held_for_register(out, stx, target, flow, ref.flow_id):
+            return
         self._forward(out, stx, target, flow)
 
     def _to_peer(self, req: Request, out: Request, stx: Any, ref: FlowRef, flow: Flow) -> None:
@@ -167,6 +173,29 @@ class Relay:
         self._stamp_via(out, target.transport, host, port)
         self.counters["to_peer"] += 1
         self._forward(out, stx, target, None)
+
+    def _held_for_register(self, out: Request, stx: Any, target: Target, flow: Flow | None,
+                           flow_id: str) -> bool:
+        """A new INVITE for a flow whose REGISTER is not answered yet waits for the answer
+        (cluster/ordering.py); meanwhile a CANCEL finds it in ``_pending`` and drops it."""
+        answered = self.register_answered
+        if answered is None or out.to.tag is not None:
+            return False
+
+        def send() -> None:
+            self._pending.pop(stx, None)
+            self._forward(out, stx, target, flow)
+
+        def drop() -> None:
+            self._pending.pop(stx, None)
+            stx.respond(make_response(stx.request, 487, "Request Terminated", to_tag=new_tag()))
+
+        held = hold_until_answered(self.clock, answered, flow_id, send, drop)
+        if held is None:
+            return False
+        self._pending[stx] = held
+        self.counters["held_for_register"] += 1
+        return True
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -711,6 +711,7 @@ def _add_cluster(root: LibonTsiloService, parts: Parts) -> None:
     router.proxy = relay.handle
     router.cancel = relay.wrap_cancel(router.cancel)
     _built(parts.registrar).path_stamp = node.path_entry
+    relay.register_answered = _built(parts.registrar).when_answered  # cluster/ordering.py
     if parts.b2bua is not None:
         parts.b2bua.path_router = node.next_hop
     if parts.extra.get("messages") is not None:  # [messages]: MESSAGEs to devices on other nodes too

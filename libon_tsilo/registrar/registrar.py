@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,6 +29,7 @@ from libon_tsilo import logflags
 from libon_tsilo.registrar.auth import AuthPolicy
 from libon_tsilo.registrar.binding import Binding
 from libon_tsilo.registrar.location import BindingEvent, LocationStore, StoreClosed
+from libon_tsilo.registrar.pending_answers import PendingAnswers
 from libon_tsilo.registrar.push_params import PN_URI_PARAMS, feature_caps, parse_push_params, pn_triple_match
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.headers import NameAddr, parse_uint, unquote
@@ -47,6 +49,11 @@ SUPPORTED_EXTENSIONS = frozenset({"path", "outbound"})
 
 # seconds a device waits before registering again when its binding could not be stored
 NOT_STORED_RETRY_AFTER = 5
+
+
+def _passthrough(result: Any, call: Callable[..., object], *args: Any) -> Any:
+    call(*args)
+    return result
 
 
 def aor_key(uri: URI, use_domain: bool) -> str:
@@ -140,6 +147,8 @@ class Registrar:
         # (RFC 3327: the registrar's own hop), (flow, outbound) -> entry. It is not echoed in the 200:
         # the device never sees it, the other nodes route to it. None: a single node.
         self.path_stamp: Callable[[Flow, bool], str | None] | None = None
+        # REGISTERs whose answer waits for the commit, per flow (the cluster relay asks)
+        self.answers = PendingAnswers()
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -184,6 +193,9 @@ class Registrar:
             callbackArgs=(stx, resp, events), errbackArgs=(stx, request, events),
         )
         durable.addErrback(self._answer_failed, request)
+        if flow is not None:  # a call relayed to this flow waits for the answer (pending_answers.py)
+            self.answers.begin(flow.id)
+            durable.addBoth(_passthrough, self.answers.done, flow.id)
 
     @staticmethod
     def _answer_failed(failure: Failure, request: Request) -> None:
@@ -217,6 +229,10 @@ class Registrar:
     def remove(self, binding: Binding, reason: str) -> bool:
         """Drop a binding (push layer: dead token; admin API: ul.rm)."""
         return self.store.remove(binding, reason)
+
+    def when_answered(self, flow_id: str) -> Deferred[None] | None:
+        """Fires once every REGISTER over ``flow_id`` is answered; None when none waits now."""
+        return self.answers.when_answered(flow_id)
 
     def flow_closed(self, flow: Flow) -> None:
         """FlowTable close subscriber: bindings stay, marked as no longer reachable over that flow."""

@@ -28,6 +28,7 @@ def test_cluster_wiring_and_peers_exempt_from_the_source_limits(tmp_path):
     relay, node = parts.extra["cluster_relay"], parts.extra["cluster_node"]
     assert parts.router.proxy == relay.handle
     assert parts.registrar.path_stamp == node.path_entry and parts.b2bua.path_router == node.next_hop
+    assert relay.register_answered == parts.registrar.when_answered  # cross-node ordering
     assert str(parts.transport.specs[-1]) == "udp:127.0.0.1:25071"  # after the public listeners
     assert relay in parts.extra["limits"]
     exempt = parts.extra["source_limiter"].exempt

@@ -170,3 +170,34 @@ def test_an_answer_that_cannot_be_sent_is_logged_and_the_events_still_go(tmp_pat
     failures = [e for e in logged if e.get("log_failure") is not None]
     assert len(failures) == 1 and "answering after the commit failed" in failures[0]["log_format"]
     assert failures[0]["call_id"] == "reg-1@192.0.2.10"
+
+
+def test_when_answered_fires_once_the_registers_answer_is_sent(tmp_path: Path) -> None:
+    """What the cluster relay waits on before it relays a new INVITE to the flow (issue 14)."""
+    env = Env(tmp_path)
+    flow_id = FakeFlow().id
+    assert env.registrar.when_answered(flow_id) is None  # no REGISTER waits: relay at once
+    stx = env.register(["<sip:alice@192.0.2.10:40000>"])
+    d = env.registrar.when_answered(flow_id)
+    assert d is not None
+    fired: list[int] = []
+    d.addCallback(lambda _: fired.append(len(stx.responses)))
+    assert env.registrar.when_answered("udp:198.51.100.1:5060") is None  # another flow
+    env.commit()
+    assert fired == [1]  # after the 200 went out
+    assert env.registrar.when_answered(flow_id) is None and len(env.registrar.answers) == 0
+
+
+def test_a_waiter_that_gives_up_is_forgotten() -> None:
+    from libon_tsilo.registrar.pending_answers import PendingAnswers
+
+    answers = PendingAnswers()
+    answers.begin("f1")
+    answers.begin("f1")  # two REGISTERs on one flow: the waiter waits for both
+    d = answers.when_answered("f1")
+    assert d is not None
+    d.addErrback(lambda f: None)
+    d.cancel()  # the relay's bound ran out
+    answers.done("f1")
+    answers.done("f1")
+    assert len(answers) == 0 and answers._waiters == {}
