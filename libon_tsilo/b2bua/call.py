@@ -371,8 +371,7 @@ class Call:
                 log.info("device {key}: no live flow left", key=redact_key(binding.key), call_id=self.call_id)
                 return False
             binding = found
-        if (self._node_down(binding) and not _is_udp(binding)) \
-                or (binding.push_capable and self._remote_flow_gone(binding)):
+        if binding.path and self.mgr.path_router is not None and self._gone_with_its_node(binding):
             return self._behind_dead_node(binding)
         hop, flow_id, routes = self._route(binding)
         key = target_key(binding)
@@ -486,6 +485,11 @@ class Call:
             return False
         via = self._node_hop(binding)
         return via is not None and via[1] is not None and not self._peer_up(via[1])
+
+    def _gone_with_its_node(self, binding: Binding) -> bool:
+        """Is the binding's connection gone with (or on) the cluster node its Path names?"""
+        return (self._node_down(binding) and not _is_udp(binding)) \
+            or (binding.push_capable and self._remote_flow_gone(binding))
 
     def _remote_flow_gone(self, binding: Binding) -> bool:
         """A TCP/TLS binding whose connection closed on the node that holds it (it published
