@@ -12,6 +12,7 @@ from twisted.internet.task import Clock
 
 from libon_tsilo.cluster.ordering import hold_until_answered
 from libon_tsilo.registrar.pending_answers import PendingAnswers
+from libon_tsilo.sip.message import parse_message
 from tests.cluster.test_relay_two_nodes import AOR, Pair, _public, invite, register
 from tests.cluster.ua import wait_for
 
@@ -110,5 +111,40 @@ async def test_b_holds_the_invite_a_forked_until_the_devices_register_is_answere
         await device.request("INVITE")
         kinds = [getattr(m, "method", None) or getattr(m, "status", None) for m in device.received]
         assert kinds[:2] == [200, "INVITE"], kinds
+    finally:
+        await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cancel_while_b_holds_the_invite_drops_it():
+    pair = Pair()
+    pair.start()
+    shared = pair.a.parts.location
+    commits = shared.persistence = SlowCommits()
+    try:
+        caller = await pair.ua(pair.a)
+        text = invite(caller, _public(pair.a, "udp")[1])
+        caller.send(text)
+        await wait_for(lambda: pair.a.parts.silo.stats()["stored_transactions"] == 1, "the call parked on A")
+        device = await pair.ua(pair.b)
+        device.send(register(device))
+        await wait_for(lambda: commits.waiting and shared.lookup(AOR), "B to store the binding")
+        pair.a.parts.silo.binding_added(shared.lookup(AOR)[0], None)
+        relay = pair.b.parts.extra["cluster_relay"]
+        await wait_for(lambda: relay.counters["held_for_register"] == 1, "B to hold A's INVITE")
+        sent = parse_message(text.encode())
+        caller.send(
+            f"CANCEL {sent.raw_uri} SIP/2.0\r\nVia: {sent.header('via')}\r\nMax-Forwards: 70\r\n"
+            f"From: {sent.header('from')}\r\nTo: {sent.header('to')}\r\nCall-ID: {sent.call_id}\r\n"
+            f"CSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n"
+        )
+        await caller.response(487, "INVITE")
+        await wait_for(lambda: relay.counters["cancelled"] == 1, "B to drop the held INVITE")
+        assert relay.stats()["pending_invites"] == 0
+        commits.waiting.pop().callback(None)
+        await device.response(200, "REGISTER")
+        # what the released hold would have sent, it would have sent in the same turn as the 200
+        assert pair.b.parts.transactions.client_count == 0
+        assert not any(getattr(m, "method", "") == "INVITE" for m in device.received)
     finally:
         await pair.stop()
