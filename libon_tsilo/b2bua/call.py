@@ -463,7 +463,7 @@ class Call:
             if via is not None:
                 routes, node = via
                 if node is not None:
-                    if not self._peer_up(node):
+                    if not self._peer_up(node, binding):
                         # a UDP device behind a dead node (fork() took the others): straight to its
                         # address from our public socket, the rest of its Path as Route
                         return hop_for_binding(binding, False), None, routes[1:]
@@ -473,18 +473,18 @@ class Call:
 
     # -- a cluster node down (issue 14): what its bindings still offer ------------------------
 
-    def _peer_up(self, node: Hop) -> bool:
+    def _peer_up(self, node: Hop, binding: Binding) -> bool:
         if self.suspects and (node.transport, node.host, node.port) in self.suspects:
             return False
         alive = self.mgr.peer_alive
-        return alive is None or alive(node.transport, node.host, node.port)
+        return alive is None or alive(node.transport, node.host, node.port, binding.registered_at)
 
     def _node_down(self, binding: Binding) -> bool:
         """Does the binding's Path lead to a cluster node that is down (or failed this call)?"""
         if not binding.path or self.mgr.path_router is None:
             return False
         via = self._node_hop(binding)
-        return via is not None and via[1] is not None and not self._peer_up(via[1])
+        return via is not None and via[1] is not None and not self._peer_up(via[1], binding)
 
     def _gone_with_its_node(self, binding: Binding) -> bool:
         """Is the binding's connection gone with (or on) the cluster node its Path names?"""

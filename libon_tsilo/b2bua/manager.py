@@ -166,8 +166,9 @@ class CallManager:
         # node to send to, or None: this node) | None (not a cluster Path). None: a single node.
         self.path_router: Callable[[list[str]], tuple[list[str], tuple[str, str, int, tuple[str, int]] | None]
                                    | None] | None = None
-        # cluster (set by ops): is the node at (transport, host, port) alive? None: always
-        self.peer_alive: Callable[[str, str, int], bool] | None = None
+        # cluster (set by ops): is the node at (transport, host, port) alive, given that it took a
+        # binding at this time (registered_at)? None: always
+        self.peer_alive: Callable[[str, str, int, float], bool] | None = None
         self.waker: Waker = waker if waker is not None else LoggingWaker()
         self.settings = settings or CallSettings()
         self.authorize = authorize

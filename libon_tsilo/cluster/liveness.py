@@ -5,6 +5,10 @@ back every node alive now (``registrar/redis_store.py: RedisBindingStore.heartbe
 per beat). A node killed with -9 stops beating and drops out of every view ``ttl`` after its last
 beat; a node that stops cleanly leaves at once.
 
+A node missing from our view is still alive for a binding it took less than ``ttl`` before that
+view (``alive(name, since)``): a node that just started (or that our view predates) took it, and
+a dead node's entry stays in the store ``ttl`` after its last beat, longer than anything it did.
+
 What "alive" means when we do not know: before the first answer, or when our own beats have failed
 for longer than ``ttl`` (Redis down), every peer counts as alive: the call layer then behaves as it
 did without liveness (sends to the peer, fails over on its timeout) rather than giving up on bindings
@@ -69,12 +73,19 @@ class PeerLiveness(Service):
 
     # -- the question the call layer asks --------------------------------------------------------
 
-    def alive(self, name: str) -> bool:
-        """Is the node ``name`` (a :func:`member`) alive? True when we do not know (module doc)."""
+    def alive(self, name: str, since: float | None = None) -> bool:
+        """Is the node ``name`` (a :func:`member`) alive? True when we do not know (module doc), and
+        when it did something at ``since`` (took a binding) that our last view cannot rule out."""
         view = self.view
-        if view is None or self.clock.seconds() - self.seen_at > self.ttl:
+        if view is None or name in view:
             return True
-        return name in view
+        seen_at = self.seen_at
+        if self.clock.seconds() - seen_at > self.ttl:
+            return True
+        # a node that joined after our last beat, or beat just after it, is missing from our view:
+        # what it did less than ttl before that view proves it was alive (a dead node's entry lasts
+        # ttl after its last beat, so anything it did before dying is older than that)
+        return since is not None and since > seen_at - self.ttl
 
     def stats(self) -> dict[str, object]:
         return {"alive": sorted(self.view or ()), "known": self.view is not None and

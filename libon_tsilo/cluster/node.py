@@ -112,9 +112,10 @@ class ClusterNode:
         host, port = self.bound
         return member(self.spec.transport, host, port)
 
-    def peer_alive(self, transport: str, host: str, port: int) -> bool:
-        """Is the node whose internal address this is alive (the call layer's ``peer_alive``)?"""
-        return self.liveness is None or self.liveness.alive(member(transport, host, port))
+    def peer_alive(self, transport: str, host: str, port: int, since: float | None = None) -> bool:
+        """Is the node whose internal address this is alive (the call layer's ``peer_alive``)?
+        ``since``: when it took the binding asked about (liveness.py: proof of life)."""
+        return self.liveness is None or self.liveness.alive(member(transport, host, port), since)
 
     def is_self(self, uri: URI) -> bool:
         host, port = self.bound

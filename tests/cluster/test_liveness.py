@@ -104,3 +104,15 @@ async def test_redis_heartbeat_lists_the_nodes_alive_and_forgets_the_dead(redis_
     finally:
         for store in stores:
             await store.stop()
+
+
+def test_a_binding_newer_than_our_view_proves_its_node_alive():
+    """A node that joined after our last beat is not in our view yet: a binding it took since (or
+    less than ttl before that view) says it is alive; an older one does not."""
+    store = Store()
+    store.alive = {A}
+    liveness, clock = _liveness(store)
+    clock.advance(10.0)  # our view is from t=10
+    assert not liveness.alive(B) and not liveness.alive(B, since=6.0)
+    assert liveness.alive(B, since=7.5) and liveness.alive(B, since=10.2)
+    liveness.stopService()

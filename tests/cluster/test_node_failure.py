@@ -13,10 +13,11 @@ import dataclasses
 from typing import Any
 
 import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
-from libon_tsilo.cluster.liveness import PeerLiveness
+from libon_tsilo.cluster.liveness import TTL, PeerLiveness
 from tests.cluster.test_relay_two_nodes import AOR, Pair, _public, invite, register
 from tests.cluster.ua import wait_for
 
@@ -38,9 +39,12 @@ class RecordingWaker:
 
 
 def _sees_only_itself(node: Any) -> PeerLiveness:
-    """Node's liveness view after one beat answered by a store where only this node beats."""
+    """Node's liveness view after one beat answered by a store where only this node beats, taken
+    more than the TTL after the bindings so far: the other node died since it took them."""
     cluster = node.parts.extra["cluster_node"]
-    liveness = PeerLiveness(Clock(), cluster.member, lambda me, ttl: succeed({me}))
+    clock = Clock()
+    clock.advance(reactor.seconds() + TTL + 1)
+    liveness = PeerLiveness(clock, cluster.member, lambda me, ttl: succeed({me}))
     liveness.startService()
     cluster.liveness = liveness
     node.parts.b2bua.peer_alive = cluster.peer_alive
