@@ -37,6 +37,45 @@ HOST = "127.0.0.1"
 PYTHON = Path(sys.executable)
 
 
+# --- ports ----------------------------------------------------------------------------------------
+
+# Benchmarks on a shared box stay inside the port range their operator was given (`use_ports`);
+# without one the OS picks, as in the tests.
+_port_range: list[int] = []
+
+
+def use_ports(spec: str) -> None:
+    """Take every port from now on in ``LOW-HIGH`` (inclusive), e.g. "27000-27999"."""
+    low, _, high = spec.partition("-")
+    first, last = int(low), int(high or low)
+    if not 1024 <= first <= last <= 65535:
+        raise ValueError(f"bad port range {spec!r}")
+    _port_range[:] = range(first, last + 1)
+
+
+def bench_port(udp_too: bool = True) -> int:
+    """A free port: the next one of the `use_ports` range that binds, else one the OS picks."""
+    from tests.e2e.proc import free_port
+
+    if not _port_range:
+        return free_port(udp_too=udp_too)
+    import socket
+
+    for _ in range(len(_port_range)):
+        port = _port_range.pop(0)
+        _port_range.append(port)  # round robin: a port just used may sit in TIME_WAIT
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                tcp.bind((HOST, port))
+                if udp_too:
+                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                        udp.bind((HOST, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port left in the --ports range")
+
+
 # --- the server -----------------------------------------------------------------------------------
 
 
@@ -191,10 +230,10 @@ def start_bench_server(
 
     ``twistd_options`` go before the subcommand, e.g. ``["--profile=F", "--profiler=cprofile",
     "--savestats"]`` for twistd's own profiler. ``cpu``: pin the server to that CPU (taskset)."""
-    from tests.e2e.proc import free_port, merge_sections, to_toml, udp_options
+    from tests.e2e.proc import merge_sections, to_toml, udp_options
 
     workdir.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()  # a caller that listens on more than UDP picks the port itself
+    port = port or bench_port()  # a caller that listens on more than UDP picks the port itself
     sections = merge_sections(
         {
             "sip": {"listen": [f"udp:{HOST}:{port}"], "domains": ["localhost", HOST]},

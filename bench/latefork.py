@@ -49,6 +49,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
+    bench_port,
     HOST,
     SCENARIOS,
     SipTarget,
@@ -61,7 +62,6 @@ from bench.common import (  # noqa: E402
     udp_rcvbuf_errors,
     udp_socket_drops,
 )
-from tests.e2e.proc import free_port  # noqa: E402
 
 SIPP = shutil.which("sipp") or "/usr/bin/sipp"
 PASS_RATIO = 0.999
@@ -77,12 +77,12 @@ def sipp_command(server: SipTarget, scenario: str, workdir: Path, name: str, *, 
     d = workdir / name
     d.mkdir(parents=True, exist_ok=True)
     stat_file = d / "stats.csv"
-    port = free_port()
+    port = bench_port()
     args = [
         *pin(SIPP_CPU if PIN else None),
         SIPP, f"{HOST}:{server.sip_port}",
         "-sf", str(SCENARIOS / scenario),
-        "-t", "u1", "-i", HOST, "-p", str(port),
+        "-t", "u1", "-i", HOST, "-p", str(port), "-cp", str(bench_port(udp_too=False)),
         "-r", f"{rate:g}", "-m", str(calls), "-l", str(limit),
         "-key", "prefix", prefix,
         "-nostdin", "-timeout", f"{timeout_s}s",

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/sidebyside.py [--call-rate 200] [--register-rate 1000] [--duration 10]
         [--delay-ms 150] [--repeat 3] [--only calls|register] [--kamailio-children 2]
-        [--set ops.reactor=epoll] [--servers ours,kamailio]
+        [--set ops.reactor=epoll] [--servers ours,kamailio] [--ports 27000-27999]
 
 Kamailio is Debian's 5.6 with bench/kamailio/kamailio.cfg: usrloc in memory, registrar, tm, tmx,
 tsilo and htable, as in the TSILO talk (an INVITE to a user with no contact is t_suspend()ed, the
@@ -46,6 +46,8 @@ from typing import Any, Protocol
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
+    bench_port,
+    use_ports,
     HOST,
     ROOT,
     cpu_seconds,
@@ -57,7 +59,7 @@ from bench.common import (  # noqa: E402
     udp_socket_drops,
 )
 from bench.latefork import PASS_RATIO, SERVER_CPU, run_pair, sipp_command, spawn  # noqa: E402
-from tests.e2e.proc import free_port, udp_options  # noqa: E402
+from tests.e2e.proc import udp_options  # noqa: E402
 
 KAMAILIO = shutil.which("kamailio") or "/usr/sbin/kamailio"
 KAMCMD = shutil.which("kamcmd") or "/usr/sbin/kamcmd"
@@ -128,7 +130,7 @@ class Kamailio:
 
     def __init__(self, workdir: Path, children: int) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = bench_port()
         self.ctl = workdir / "ctl.sock"
         args = [
             *pin(SERVER_CPU), KAMAILIO, "-DD", "-E", "-f", str(KAMAILIO_CFG),
@@ -334,7 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a config key for our server, e.g. --set ops.reactor=epoll (repeatable)")
     ap.add_argument("--keep", type=Path, help="keep the logs in this directory (default: a temp dir)")
+    ap.add_argument("--ports", metavar="LOW-HIGH",
+                    help="every port (servers, SIPp) from this range, e.g. 27000-27999 (default: OS-picked)")
     args = ap.parse_args(argv)
+    if args.ports:
+        try:
+            use_ports(args.ports)
+        except ValueError as e:
+            ap.error(f"--ports: {e}")
     args.overrides = parse_overrides(args.overrides)
     kinds = [k.strip() for k in args.servers.split(",")]
     if set(kinds) - {"ours", "kamailio"}:

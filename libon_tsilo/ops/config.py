@@ -11,6 +11,7 @@ directory of the config file (or the working directory when there is no file).
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import re
@@ -416,13 +417,20 @@ class LogConfig:
     format: str = _opt("text", _one_of("text", "json"))
 
 
+def _reactor_check(value: str, key: str) -> str:
+    value = _one_of("auto", "epoll", "asyncio", "uvloop")(value, key)
+    if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ConfigError(key, '"uvloop" needs the uvloop package: pip install uvloop')
+    return value
+
+
 @dataclass(frozen=True)
 class OpsConfig:
     drain_timeout: int = _opt(30, _int_range(0))
     # nothing ran on this pool: FCM has [push] fcm_threads, SQLite its own writer thread
     threadpool_size: int = _opt(8, _no_longer_used(_int_range(1, 256), "each blocking user owns its pool"))
-    # speed (issue 15): "auto" = epoll (ops/reactor.py)
-    reactor: str = _opt("auto", _one_of("auto", "epoll", "asyncio"))
+    # speed (issue 15): "auto" = epoll (ops/reactor.py); "uvloop" = asyncio over uvloop (if installed)
+    reactor: str = _opt("auto", _reactor_check)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Twisted's epoll reactor costs less CPU per datagram and per timer than its asyncio reactor over the
 stdlib selector loop (bench/reactor_cost.py, bench/sidebyside.py), so "auto" is epoll. Nothing needs
 asyncio since APNs is our own HTTP/2 client on Twisted (push/apns_http2.py); "asyncio" stays one
-config line away for a layer that would need an asyncio loop (redis-py's asyncio client).
+config line away for a layer that would need an asyncio loop (redis-py's asyncio client), and
+"uvloop" is the same asyncio reactor over uvloop's loop, which costs what epoll costs (issue 15).
 
 A reactor already installed (``twistd -r NAME``) is kept: the command line wins over the config.
 """
@@ -18,19 +19,27 @@ __all__ = ["reactor_for", "install_reactor"]
 
 
 def reactor_for(config: Config) -> str:
-    """"epoll" or "asyncio": what ``[ops] reactor`` asks for, "auto" resolved."""
+    """"epoll", "asyncio" or "uvloop": what ``[ops] reactor`` asks for, "auto" resolved."""
     return "epoll" if config.ops.reactor == "auto" else config.ops.reactor
 
 
 def install_reactor(config: Config) -> str:
     """Install the reactor ``config`` wants unless one is installed already; returns its name."""
     wanted = reactor_for(config)
+    if wanted == "uvloop" and "twisted.internet.reactor" not in sys.modules:
+        import asyncio
+
+        import uvloop
+
+        # Twisted's asyncio reactor makes its loop with the current policy: uvloop's from here on
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        wanted = "asyncio"
     if wanted == "asyncio":
         # raises when another reactor is installed already
         from libon_tsilo.push.reactor import ensure_asyncio_reactor
 
         ensure_asyncio_reactor()
-        return "asyncio"
+        return running_reactor()
     if "twisted.internet.reactor" not in sys.modules:
         from twisted.internet import epollreactor
 
@@ -39,8 +48,11 @@ def install_reactor(config: Config) -> str:
 
 
 def running_reactor() -> str:
-    """The installed reactor's short name, for the start-up log line."""
+    """The installed reactor's short name, for the start-up log line ("uvloop": asyncio over it)."""
     from twisted.internet import reactor
 
     name = type(reactor).__name__
-    return {"EPollReactor": "epoll", "AsyncioSelectorReactor": "asyncio"}.get(name, name)
+    if name == "AsyncioSelectorReactor":
+        loop = getattr(reactor, "_asyncioEventloop", None)
+        return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+    return {"EPollReactor": "epoll"}.get(name, name)
