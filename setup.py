@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parent
 # has no Twisted); each must keep passing mypy as mypyc compiles it
 COMPILED = [
     "libon_tsilo/sip/message.py",
+    "libon_tsilo/sip/headers.py",
+    "libon_tsilo/sip/uri.py",
 ]
 
 
