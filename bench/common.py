@@ -32,6 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# bench/sidebyside.py --baseline: the server process runs another checkout's libon_tsilo (the code
+# before a change), found first on sys.path; everything else (bench/, the venv) stays this one
+if os.environ.get("BENCH_CODE") and sys.argv[1:2] == ["serve"]:
+    sys.path.insert(0, os.environ["BENCH_CODE"])
+
 SCENARIOS = ROOT / "tests" / "e2e" / "scenarios"
 HOST = "127.0.0.1"
 PYTHON = Path(sys.executable)
@@ -158,7 +163,11 @@ def _serve(argv: list[str]) -> None:
     window = int(argv[argv.index("--latency-window") + 1]) if "--latency-window" in argv else 1_000_000
     twistd_args = argv[argv.index("--") + 1:]
     _install_stats_hook(stats_file, window)
+    import libon_tsilo.sip.message
     from twisted.scripts.twistd import run
+
+    # which code runs (--baseline, compiled or not): the first line of server.log
+    print(f"bench serve: {libon_tsilo.sip.message.__file__}", flush=True)
 
     sys.argv = ["twistd", *twistd_args]
     run()
@@ -224,12 +233,13 @@ class BenchServer:
 
 def start_bench_server(
     workdir: Path, extra: dict[str, dict[str, Any]] | None = None, twistd_options: list[str] | None = None,
-    cpu: int | None = None, port: int | None = None,
+    cpu: int | None = None, port: int | None = None, code: Path | None = None,
 ) -> BenchServer:
     """The real server on a free loopback UDP port, log level warn, auth off, memory store.
 
     ``twistd_options`` go before the subcommand, e.g. ``["--profile=F", "--profiler=cprofile",
-    "--savestats"]`` for twistd's own profiler. ``cpu``: pin the server to that CPU (taskset)."""
+    "--savestats"]`` for twistd's own profiler. ``cpu``: pin the server to that CPU (taskset).
+    ``code``: run the libon_tsilo of that checkout instead of this one's."""
     from tests.e2e.proc import merge_sections, to_toml, udp_options
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +265,8 @@ def start_bench_server(
     ]
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(args, cwd=workdir, stdin=subprocess.DEVNULL, stdout=log_file,
-                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                                               **({"BENCH_CODE": str(code)} if code else {})})
     server = BenchServer(proc, port, config_path, log_path, stats_path, " ".join(args))
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
