@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
     bench_port,
+    use_ports,
     HOST,
     SCENARIOS,
     SipTarget,
@@ -318,7 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="run the server under twistd's cProfile")
     ap.add_argument("--no-pin", action="store_true", help="do not pin the server to CPU 0 and SIPp to CPU 1")
     ap.add_argument("--keep", type=Path, help="keep the logs in this directory (default: a temp dir)")
+    ap.add_argument("--ports", metavar="LOW-HIGH", help="every port (server, SIPp) from this range")
     args = ap.parse_args(argv)
+    if args.ports:
+        use_ports(args.ports)
     global PIN
     PIN = not args.no_pin
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
