@@ -32,7 +32,8 @@ def drop_built_in_place() -> None:
     for path in COMPILED:
         for so in (ROOT / path).parent.glob(f"{Path(path).stem}.*.so"):
             so.unlink()
-    for so in (ROOT / "libon_tsilo").rglob("*__mypyc.*.so"):
+    # mypyc's shared library: next to the package when one module is compiled, at the root for several
+    for so in [*ROOT.glob("*__mypyc.*.so"), *(ROOT / "libon_tsilo").rglob("*__mypyc.*.so")]:
         so.unlink()
 
 
