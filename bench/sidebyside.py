@@ -3,6 +3,7 @@
     .venv/bin/python bench/sidebyside.py [--call-rate 200] [--register-rate 1000] [--duration 10]
         [--delay-ms 150] [--repeat 3] [--only calls|register] [--kamailio-children 2]
         [--set ops.reactor=epoll] [--servers ours,kamailio] [--ports 27000-27999] [--baseline DIR]
+        [--baseline-set ops.reactor=uvloop]
 
 Kamailio is Debian's 5.6 with bench/kamailio/kamailio.cfg: usrloc in memory, registrar, tm, tmx,
 tsilo and htable, as in the TSILO talk (an INVITE to a user with no contact is t_suspend()ed, the
@@ -220,7 +221,12 @@ class Result:
 def start(kind: str, workdir: Path, args: argparse.Namespace) -> Server:
     if kind == "kamailio":
         return Kamailio(workdir, args.kamailio_children)
-    return Ours(workdir, args.overrides, code=args.baseline if kind == "baseline" else None)
+    if kind == "baseline":
+        merged = {section: dict(values) for section, values in args.overrides.items()}
+        for section, values in args.baseline_overrides.items():
+            merged.setdefault(section, {}).update(values)
+        return Ours(workdir, merged, code=args.baseline)
+    return Ours(workdir, args.overrides)
 
 
 def late_fork_run(kind: str, args: argparse.Namespace, workdir: Path, run: int) -> Result:
@@ -343,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", type=Path, metavar="DIR",
                     help="also run our server from the libon_tsilo of this checkout (e.g. `git worktree add "
                          "DIR main`), alternating with the others: the code before a change, in the same run")
+    ap.add_argument("--baseline-set", dest="baseline_overrides", action="append", default=[],
+                    metavar="SECTION.KEY=VALUE", help="a config key for the baseline only (e.g. --baseline . "
+                    "--baseline-set ops.reactor=uvloop: the same code on another reactor)")
     ap.add_argument("--ports", metavar="LOW-HIGH",
                     help="every port (servers, SIPp) from this range, e.g. 27000-27999 (default: OS-picked)")
     args = ap.parse_args(argv)
@@ -352,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             ap.error(f"--ports: {e}")
     args.overrides = parse_overrides(args.overrides)
+    args.baseline_overrides = parse_overrides(args.baseline_overrides)
     kinds = [k.strip() for k in args.servers.split(",")]
     if set(kinds) - {"ours", "kamailio"}:
         ap.error("--servers: ours and/or kamailio")
