@@ -11,6 +11,7 @@ directory of the config file (or the working directory when there is no file).
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import re
@@ -461,13 +462,20 @@ class LogConfig:
     format: str = _opt("text", _one_of("text", "json"))
 
 
+def _reactor_check(value: str, key: str) -> str:
+    value = _one_of("auto", "epoll", "asyncio", "uvloop")(value, key)
+    if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ConfigError(key, '"uvloop" needs the uvloop package: pip install uvloop')
+    return value
+
+
 @dataclass(frozen=True)
 class OpsConfig:
     drain_timeout: int = _opt(30, _int_range(0))
     # nothing ran on this pool: FCM has [push] fcm_threads, SQLite its own writer thread
     threadpool_size: int = _opt(8, _no_longer_used(_int_range(1, 256), "each blocking user owns its pool"))
-    # speed (issue 15): "auto" = epoll (ops/reactor.py)
-    reactor: str = _opt("auto", _one_of("auto", "epoll", "asyncio"))
+    # speed (issue 15): "auto" = epoll (ops/reactor.py); "uvloop" = asyncio over uvloop (if installed)
+    reactor: str = _opt("auto", _reactor_check)
 
 
 @dataclass(frozen=True)
@@ -912,7 +920,8 @@ def _check_location(cfg: Config) -> None:
         raise ConfigError("location.service_name", "required with location.sentinels")
     if loc.backend == "redis" and cfg.ops.reactor == "epoll":
         # redis-py's asyncio client runs on the reactor's loop (registrar/asyncio_bridge.py)
-        raise ConfigError("ops.reactor", 'must be "auto" or "asyncio" with location.backend = "redis"')
+        problem = 'must be "auto", "uvloop" or "asyncio" with location.backend = "redis"'
+        raise ConfigError("ops.reactor", problem)
 
 
 def _check_cluster(cfg: Config) -> None:

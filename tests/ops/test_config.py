@@ -238,20 +238,31 @@ def test_the_config_check_is_the_transport_parser(spec):
         ({"location": {"key_prefix": ""}}, "location.key_prefix: must not be empty"),
         ({"location": {"sentinels": ["s1:26379", "s2"]}}, 'location.sentinels[1]: "s2" is not "host:port"'),
         ({"location": {"sentinels": ["s1:26379"]}}, "location.service_name: required with location.sentinels"),
-        ({"location": {"backend": "redis"}, "ops": {"reactor": "epoll"}}, 'ops.reactor: must be "auto" or "asyncio" with location.backend = "redis"'),
+        ({"location": {"backend": "redis"}, "ops": {"reactor": "epoll"}}, 'ops.reactor: must be "auto", "uvloop" or "asyncio" with location.backend = "redis"'),
         ({"cluster": {"node_id": "a\nb"}}, 'cluster.node_id: "a\\nb" is not a node id (letters, digits, ".", "_", "-"; at most 63)'),
         ({"calls": {"header_allowlist": ["Sub ject"]}}, 'calls.header_allowlist[0]: "Sub ject" is not a valid header name'),
         ({"calls": {"max_branches": 0}}, "calls.max_branches: must be >= 1, got 0"),
         ({"log": {"level": "verbose"}}, 'log.level: unknown value "verbose" (expected one of "debug", "info", "warn", "error")'),
         ({"log": {"format": "xml"}}, 'log.format: unknown value "xml" (expected one of "text", "json")'),
         ({"ops": {"threadpool_size": 0}}, "ops.threadpool_size: must be >= 1, got 0"),
-        ({"ops": {"reactor": "uvloop"}}, 'ops.reactor: unknown value "uvloop" (expected one of "auto", "epoll", "asyncio")'),
+        ({"ops": {"reactor": "kqueue"}},
+         'ops.reactor: unknown value "kqueue" (expected one of "auto", "epoll", "asyncio", "uvloop")'),
         ({"admin": {"listen": "http:8080"}}, 'admin.listen: "http:8080" is not an endpoint like "tcp:2222:interface=127.0.0.1"'),
         ({"admin": {"listen": "tcp:port=x"}}, 'admin.listen: "tcp:port=x" has no valid port'),
     ],
 )
 def test_bad_values(data, expected):
     assert error_of(data) == expected
+
+
+def test_reactor_uvloop_needs_the_package(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a))
+    assert error_of({"ops": {"reactor": "uvloop"}}) == (
+        'ops.reactor: "uvloop" needs the uvloop package: pip install uvloop'
+    )
 
 
 def test_admin_endpoint_ok():
