@@ -211,6 +211,12 @@ def test_with_digest_the_sender_is_challenged_and_stored_as_verified(
     assert dumped["sender"] == f"sip:alice@{HOST}" and dumped["aor"] == f"sip:bob@{HOST}"
     creds = digest_authorization(challenge.get("proxy-authenticate") or "", "alice", "alice-pw", "MESSAGE",
                                  f"sip:nobody@{HOST}", nc=2)
+    # the nonce was challenged for bob's URI: reused for another, good credentials get stale=true
+    # (a 407 nonce is bound to its Request-URI), and the UA answers the fresh one silently
+    stale = alice.message("nobody", "hi", [("Proxy-Authorization", creds)])
+    assert stale.status == 407 and "stale=true" in (stale.get("proxy-authenticate") or "")
+    creds = digest_authorization(stale.get("proxy-authenticate") or "", "alice", "alice-pw", "MESSAGE",
+                                 f"sip:nobody@{HOST}")
     unknown = alice.message("nobody", "hi", [("Proxy-Authorization", creds)])
     assert unknown.status == 404
 
