@@ -77,6 +77,11 @@ class OutboundCall(Call):
     def cdr_trunk(self) -> str:
         return self.trunk.name
 
+    def transferable(self, leg: Any) -> bool:
+        # the call out holds the user's and the trunk's places in the counts until it ends: handing
+        # the trunk's leg to a new (local, uncounted) call would free them while the trunk still bills
+        return leg is self.a
+
     # -- start ---------------------------------------------------------------------------------
 
     def start_out(self, ring_timeout: float) -> None:

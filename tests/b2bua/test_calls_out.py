@@ -371,3 +371,30 @@ def test_the_trunk_hangs_up_and_the_cdr_names_it(logged) -> None:
         "carrier", "tel:+33123456789", "BYE from the callee", 61)
     assert cdr["caller"] == "sip:alice@example.com"
     env.assert_clean()
+
+
+def _answered_call_out(env: OutEnv) -> tuple[FakeStx, Any]:
+    stx = env.call_out()
+    ctx = env.port.invites()[0]
+    ctx.respond(200, body=SDP_B)
+    env.mgr.handle_ack(in_dialog("ACK", "call-1@10.0.0.1", "<sip:alice@example.com>;tag=a-tag",
+                                 f"<sip:bob@example.com>;tag={stx.last.to.tag}", 10), env.caller_flow)
+    return stx, ctx
+
+
+def test_a_trunk_leg_cannot_be_transferred_out_of_the_counts() -> None:
+    # alice REFERs the trunk's party to a colleague: the call out would end "transferred" and free
+    # its place in the per-user and per-trunk counts while the trunk leg stays up (billed) in a new
+    # local call: REFER after REFER, a user could hold any number of trunk calls past max_calls_out
+    env = OutEnv(make_trunk(max_calls=1), max_per_user=1)
+    env.mgr.is_local = lambda uri: uri.host == "example.com"
+    env.location.add(binding(3, aor="sip:bob@example.com"))
+    stx, _ = _answered_call_out(env)
+    refer = in_dialog("REFER", "call-1@10.0.0.1", "<sip:alice@example.com>;tag=a-tag",
+                      f"<sip:bob@example.com>;tag={stx.last.to.tag}", 11,
+                      extra="Refer-To: <sip:bob@example.com>\n")
+    refer_stx = FakeStx(refer)
+    env.mgr.request_received(refer, refer_stx, env.caller_flow)
+    assert refer_stx.statuses == [403]
+    assert env.policy.active() == {"carrier": 1} and env.policy.active_calls() == 1
+    assert "call-1@10.0.0.1" in env.mgr.calls
