@@ -882,6 +882,8 @@ def _check_calls_out(cfg: Config) -> None:
             raise ConfigError(f"trunks[{i}].targets", "needs at least one target")
         if bool(trunk.username) != bool(trunk.password):
             raise ConfigError(f"trunks[{i}].password", "username and password go together")
+        if trunk.from_domain and not _plain_host(trunk.from_domain):  # else every call out fails at once
+            raise ConfigError(f"trunks[{i}].from_domain", f'"{trunk.from_domain}" is not a host[:port]')
     ours = HostSet(cfg.sip.domains)
     for i, route in enumerate(cfg.routes):
         if route.trunk not in names:
@@ -890,6 +892,16 @@ def _check_calls_out(cfg: Config) -> None:
             raise ConfigError(f"routes[{i}].domain", "a route matches a prefix or a domain, not both")
         if route.domain and route.domain in ours:
             raise ConfigError(f"routes[{i}].domain", f'"{route.domain}" is one of sip.domains')
+
+
+def _plain_host(value: str) -> bool:
+    from libon_tsilo.sip.uri import URI
+
+    try:
+        uri = URI.parse(f"sip:x@{value}")
+    except ValueError:  # ParseError is one
+        return False
+    return bool(uri.host) and not uri.params and not uri.headers
 
 
 def _validate(cfg: Config) -> None:
