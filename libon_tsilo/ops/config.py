@@ -563,11 +563,13 @@ _OWN_HEADERS = frozenset(("via", "from", "to", "call-id", "cseq", "contact", "ma
 
 
 def _header_lines(value: tuple[str, ...], key: str) -> tuple[str, ...]:
+    from libon_tsilo.sip.headers import canonical_key
+
     for i, item in enumerate(_non_empty_items(value, key)):
         name, colon, rest = item.partition(":")
         if not colon or not _TOKEN_RE.match(name.strip()) or not rest.strip():
             raise ConfigError(f"{key}[{i}]", f'"{item}" is not "Name: value"')
-        if name.strip().lower() in _OWN_HEADERS:
+        if canonical_key(name.strip()) in _OWN_HEADERS:  # "l: 0" is Content-Length too
             raise ConfigError(f"{key}[{i}]", f'"{name.strip()}" is written by the server itself')
     return value
 
