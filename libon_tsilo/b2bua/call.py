@@ -831,6 +831,10 @@ class Call:
         """The trunk the call went through, "-" for a call that stayed local (b2bua/outbound.py)."""
         return "-"
 
+    def transferable(self, leg: Any) -> bool:
+        """May `leg` be the transferee of a REFER (move into a new call)? Not a trunk's leg (outbound.py)."""
+        return True
+
     def in_dialog(self, leg: Any, request: Request, stx: Any) -> None:
         relay.request(self, leg, request, stx)
 

@@ -575,11 +575,13 @@ _OWN_HEADERS = frozenset(("via", "from", "to", "call-id", "cseq", "contact", "ma
 
 
 def _header_lines(value: tuple[str, ...], key: str) -> tuple[str, ...]:
+    from libon_tsilo.sip.headers import canonical_key
+
     for i, item in enumerate(_non_empty_items(value, key)):
         name, colon, rest = item.partition(":")
         if not colon or not _TOKEN_RE.match(name.strip()) or not rest.strip():
             raise ConfigError(f"{key}[{i}]", f'"{item}" is not "Name: value"')
-        if name.strip().lower() in _OWN_HEADERS:
+        if canonical_key(name.strip()) in _OWN_HEADERS:  # "l: 0" is Content-Length too
             raise ConfigError(f"{key}[{i}]", f'"{name.strip()}" is written by the server itself')
     return value
 
@@ -958,6 +960,8 @@ def _check_calls_out(cfg: Config) -> None:
             raise ConfigError(f"trunks[{i}].targets", "needs at least one target")
         if bool(trunk.username) != bool(trunk.password):
             raise ConfigError(f"trunks[{i}].password", "username and password go together")
+        if trunk.from_domain and not _plain_host(trunk.from_domain):  # else every call out fails at once
+            raise ConfigError(f"trunks[{i}].from_domain", f'"{trunk.from_domain}" is not a host[:port]')
     ours = HostSet(cfg.sip.domains)
     for i, route in enumerate(cfg.routes):
         if route.trunk not in names:
@@ -966,6 +970,16 @@ def _check_calls_out(cfg: Config) -> None:
             raise ConfigError(f"routes[{i}].domain", "a route matches a prefix or a domain, not both")
         if route.domain and route.domain in ours:
             raise ConfigError(f"routes[{i}].domain", f'"{route.domain}" is one of sip.domains')
+
+
+def _plain_host(value: str) -> bool:
+    from libon_tsilo.sip.uri import URI
+
+    try:
+        uri = URI.parse(f"sip:x@{value}")
+    except ValueError:  # ParseError is one
+        return False
+    return bool(uri.host) and not uri.params and not uri.headers
 
 
 def _validate(cfg: Config) -> None:
