@@ -32,11 +32,15 @@ from bench.inproc import REGISTER, SDP, answer, take  # noqa: E402
 PUBLIC = ("127.0.0.1", 29501)
 INTERNAL = ("127.0.0.1", 29502)
 NODE_A = ("127.0.0.1", 29503)
-DEVICE = ("127.0.0.1", 17000)
+
+def device(i: int) -> tuple[str, int]:
+    """Call i's device: each its own flow and flow token, as in a real cluster."""
+    return ("127.0.0.1", 20000 + i % 9000)
+
 
 # node A's B-leg INVITE towards the device, as A's call layer sends it: the binding's Path as Route
 A_INVITE = (
-    "INVITE sip:{user}@127.0.0.1:17000;transport=udp SIP/2.0\r\n"
+    "INVITE sip:{user}@127.0.0.1:{port};transport=udp SIP/2.0\r\n"
     "Via: SIP/2.0/UDP 127.0.0.1:29503;branch=z9hG4bK-ai{n};rport\r\n"
     "Max-Forwards: 70\r\n"
     "Route: {path}\r\n"
@@ -50,7 +54,7 @@ A_INVITE = (
 )
 
 A_IN_DIALOG = (
-    "{method} sip:{user}@127.0.0.1:17000;transport=udp SIP/2.0\r\n"
+    "{method} sip:{user}@127.0.0.1:{port};transport=udp SIP/2.0\r\n"
     "Via: SIP/2.0/UDP 127.0.0.1:29503;branch=z9hG4bK-a{kind}{n};rport\r\n"
     "Max-Forwards: 70\r\n"
     "Route: {routes}\r\n"
@@ -118,9 +122,11 @@ def make_run(env: dict[str, Any], stage: str, n: int) -> Callable[[], None]:
     sdp = SDP.format(who="caller")
     device_sdp = SDP.format(who="device")
     node, transport = env["parts"].extra["cluster_node"], env["parts"].transport
-    registers = [REGISTER.format(n=i, user=f"e{i}", port=DEVICE[1]).encode() for i in range(n)]
+    registers = [REGISTER.format(n=i, user=f"e{i}", port=device(i)[1]).encode() for i in range(n)]
 
     def one_call(i: int) -> None:
+        DEVICE, port = device(i), device(i)[1]  # noqa: N806
+        dialog = {"n": i, "user": f"e{i}", "port": port}
         feed(registers[i], DEVICE)
         reactor.runUntilCurrent()
         take(outbox, DEVICE, b"SIP/2.0 200")
@@ -128,7 +134,7 @@ def make_run(env: dict[str, Any], stage: str, n: int) -> Callable[[], None]:
             return
         # the Path entry B's registrar stored with the binding (it names the device's flow)
         path = node.path_entry(transport.flows.lookup("udp", PUBLIC, DEVICE), False)
-        invite = A_INVITE.format(n=i, user=f"e{i}", path=path, sdp=sdp, length=len(sdp)).encode()
+        invite = A_INVITE.format(n=i, user=f"e{i}", path=path, port=port, sdp=sdp, length=len(sdp)).encode()
         feed(invite, NODE_A, internal)
         reactor.runUntilCurrent()
         d_invite = take(outbox, DEVICE, b"INVITE ")
@@ -142,9 +148,9 @@ def make_run(env: dict[str, Any], stage: str, n: int) -> Callable[[], None]:
         to = _TO.search(a_ok).group(1).decode()
         # A's route set: the Record-Route of the 200, reversed (RFC 3261 §12.1.2)
         routes = ", ".join(reversed([r.decode() for r in _RR.findall(a_ok)]))
-        ack = A_IN_DIALOG.format(method="ACK", kind="a", n=i, user=f"e{i}", routes=routes, to=to, cseq=1)
+        ack = A_IN_DIALOG.format(method="ACK", kind="a", routes=routes, to=to, cseq=1, **dialog)
         feed(ack.encode(), NODE_A, internal)
-        bye = A_IN_DIALOG.format(method="BYE", kind="b", n=i, user=f"e{i}", routes=routes, to=to, cseq=2)
+        bye = A_IN_DIALOG.format(method="BYE", kind="b", routes=routes, to=to, cseq=2, **dialog)
         feed(bye.encode(), NODE_A, internal)
         reactor.runUntilCurrent()
         take(outbox, DEVICE, b"ACK ")
