@@ -79,6 +79,13 @@ def split_commas(value: str) -> list[str]:
     """Split a list header value on commas outside quoted strings and angle brackets."""
     if "," not in value:
         return [value.strip()]
+    if '"' not in value:
+        # The common case (Via, Route, Record-Route lines): with no quoted string, a comma splits
+        # exactly when every piece before it has as many '<' as '>' (depth 0), which str methods
+        # check in C; the scan below runs only when some '<...>' holds a comma.
+        pieces = value.split(",")
+        if ("<" not in value and ">" not in value) or all(p.count("<") == p.count(">") for p in pieces):
+            return [p.strip() for p in pieces]
     parts: list[str] = []
     depth = 0
     quoted = False
