@@ -300,6 +300,8 @@ class Message:
         # Entry lists are copied (each message edits its own lines); values are shared, as
         # make_response shares them: a header object is replaced on change, never edited in place.
         # _raw stays valid until the copy's first edit, so an unchanged copy is never serialized again.
+        if self._packed:
+            self._unpack()
         new._headers = [entry.copy() for entry in self._headers]
         new.body = self.body
         new._raw = self._raw
