@@ -32,9 +32,53 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# bench/sidebyside.py --baseline: the server process runs another checkout's libon_tsilo (the code
+# before a change), found first on sys.path; everything else (bench/, the venv) stays this one
+if os.environ.get("BENCH_CODE") and sys.argv[1:2] == ["serve"]:
+    sys.path.insert(0, os.environ["BENCH_CODE"])
+
 SCENARIOS = ROOT / "tests" / "e2e" / "scenarios"
 HOST = "127.0.0.1"
 PYTHON = Path(sys.executable)
+
+
+# --- ports ----------------------------------------------------------------------------------------
+
+# Benchmarks on a shared box stay inside the port range their operator was given (`use_ports`);
+# without one the OS picks, as in the tests.
+_port_range: list[int] = []
+
+
+def use_ports(spec: str) -> None:
+    """Take every port from now on in ``LOW-HIGH`` (inclusive), e.g. "27000-27999"."""
+    low, _, high = spec.partition("-")
+    first, last = int(low), int(high or low)
+    if not 1024 <= first <= last <= 65535:
+        raise ValueError(f"bad port range {spec!r}")
+    _port_range[:] = range(first, last + 1)
+
+
+def bench_port(udp_too: bool = True) -> int:
+    """A free port: the next one of the `use_ports` range that binds, else one the OS picks."""
+    from tests.e2e.proc import free_port
+
+    if not _port_range:
+        return free_port(udp_too=udp_too)
+    import socket
+
+    for _ in range(len(_port_range)):
+        port = _port_range.pop(0)
+        _port_range.append(port)  # round robin: a port just used may sit in TIME_WAIT
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                tcp.bind((HOST, port))
+                if udp_too:
+                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                        udp.bind((HOST, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port left in the --ports range")
 
 
 # --- the server -----------------------------------------------------------------------------------
@@ -119,7 +163,11 @@ def _serve(argv: list[str]) -> None:
     window = int(argv[argv.index("--latency-window") + 1]) if "--latency-window" in argv else 1_000_000
     twistd_args = argv[argv.index("--") + 1:]
     _install_stats_hook(stats_file, window)
+    import libon_tsilo.sip.message
     from twisted.scripts.twistd import run
+
+    # which code runs (--baseline, compiled or not): the first line of server.log
+    print(f"bench serve: {libon_tsilo.sip.message.__file__}", flush=True)
 
     sys.argv = ["twistd", *twistd_args]
     run()
@@ -185,16 +233,17 @@ class BenchServer:
 
 def start_bench_server(
     workdir: Path, extra: dict[str, dict[str, Any]] | None = None, twistd_options: list[str] | None = None,
-    cpu: int | None = None, port: int | None = None,
+    cpu: int | None = None, port: int | None = None, code: Path | None = None,
 ) -> BenchServer:
     """The real server on a free loopback UDP port, log level warn, auth off, memory store.
 
     ``twistd_options`` go before the subcommand, e.g. ``["--profile=F", "--profiler=cprofile",
-    "--savestats"]`` for twistd's own profiler. ``cpu``: pin the server to that CPU (taskset)."""
-    from tests.e2e.proc import free_port, merge_sections, to_toml, udp_options
+    "--savestats"]`` for twistd's own profiler. ``cpu``: pin the server to that CPU (taskset).
+    ``code``: run the libon_tsilo of that checkout instead of this one's."""
+    from tests.e2e.proc import merge_sections, to_toml, udp_options
 
     workdir.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()  # a caller that listens on more than UDP picks the port itself
+    port = port or bench_port()  # a caller that listens on more than UDP picks the port itself
     sections = merge_sections(
         {
             "sip": {"listen": [f"udp:{HOST}:{port}"], "domains": ["localhost", HOST]},
@@ -216,7 +265,8 @@ def start_bench_server(
     ]
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(args, cwd=workdir, stdin=subprocess.DEVNULL, stdout=log_file,
-                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                                               **({"BENCH_CODE": str(code)} if code else {})})
     server = BenchServer(proc, port, config_path, log_path, stats_path, " ".join(args))
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:

@@ -51,6 +51,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
+    bench_port,
+    use_ports,
     HOST,
     SCENARIOS,
     SipTarget,
@@ -63,7 +65,6 @@ from bench.common import (  # noqa: E402
     udp_rcvbuf_errors,
     udp_socket_drops,
 )
-from tests.e2e.proc import free_port  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 
 SIPP = shutil.which("sipp") or "/usr/bin/sipp"
@@ -81,12 +82,12 @@ def sipp_command(server: SipTarget, scenario: str, workdir: Path, name: str, *, 
     d = workdir / name
     d.mkdir(parents=True, exist_ok=True)
     stat_file = d / "stats.csv"
-    port = free_port()
+    port = bench_port()
     args = [
         *pin(SIPP_CPU if PIN else None),
         SIPP, f"{HOST}:{server.sip_port}",
         "-sf", str(SCENARIOS / scenario),
-        "-t", "u1", "-i", HOST, "-p", str(port),
+        "-t", "u1", "-i", HOST, "-p", str(port), "-cp", str(bench_port(udp_too=False)),
         "-r", f"{rate:g}", "-m", str(calls), "-l", str(limit),
         "-key", "prefix", prefix,
         "-nostdin", "-timeout", f"{timeout_s}s",
@@ -331,8 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", choices=("memory", "redis"), default="memory",
                     help="location backend (redis: a redis-server on 127.0.0.1:--redis-port)")
     ap.add_argument("--redis-port", type=int, default=24380)
-    ap.add_argument("--reactor", choices=("epoll", "asyncio"), help="[ops] reactor (default: auto)")
+    ap.add_argument("--reactor", choices=("epoll", "asyncio", "uvloop"), help="[ops] reactor (default: auto)")
+    ap.add_argument("--ports", metavar="LOW-HIGH", help="every port (server, SIPp) from this range")
     args = ap.parse_args(argv)
+    if args.ports:
+        use_ports(args.ports)
     global PIN
     PIN = not args.no_pin
     print(f"command: {' '.join([sys.executable, *sys.argv])}")

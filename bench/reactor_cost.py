@@ -1,6 +1,6 @@
 """What the reactor itself costs per datagram and per timer: asyncio vs epoll, in instructions.
 
-    .venv/bin/python bench/reactor_cost.py [--n 2000] [--reactors asyncio,epoll[,uvloop]]
+    .venv/bin/python bench/reactor_cost.py [--n 2000] [--reactors asyncio,epoll[,uvloop][,epoll+port]]
 
 The side-by-side benchmark (bench/sidebyside.py) measures the whole process on a shared machine,
 where a run's CPU per call moves by 10 % or more; this script isolates the part ``[ops] reactor``
@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -31,6 +32,9 @@ if str(ROOT) not in sys.path:
 
 
 def child(reactor_name: str, n: int) -> None:
+    # "NAME+port": the same reactor with the server's UDP port class (transport._UDPPort: its own
+    # send path), instead of Twisted's udp.Port
+    reactor_name, _, with_port = reactor_name.partition("+")
     if reactor_name == "epoll":
         from twisted.internet import epollreactor
 
@@ -52,6 +56,7 @@ def child(reactor_name: str, n: int) -> None:
 
     class Pong(DatagramProtocol):
         timer = None
+        layer = None  # _UDPPort reads layer.on_queue_delay: None, no queue-delay report
 
         def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
             if self.timer is not None:
@@ -65,8 +70,20 @@ def child(reactor_name: str, n: int) -> None:
             self.transport.write(data, addr)
 
     a, b = Pong(), Pong()
-    port_a = reactor.listenUDP(0, a, interface="127.0.0.1")
-    port_b = reactor.listenUDP(0, b, interface="127.0.0.1")
+    if with_port:
+        from types import SimpleNamespace
+
+        from libon_tsilo.sip.transport import _UDPPort
+
+        def listen(proto: Pong) -> Any:
+            proto.layer = SimpleNamespace(on_queue_delay=None)
+            port = _UDPPort(0, proto, "127.0.0.1", 65535, reactor)
+            port.startListening()
+            return port
+        port_a, port_b = listen(a), listen(b)
+    else:
+        port_a = reactor.listenUDP(0, a, interface="127.0.0.1")
+        port_b = reactor.listenUDP(0, b, interface="127.0.0.1")
     if n:
         reactor.callWhenRunning(a.transport.write, b"x" * 600, ("127.0.0.1", port_b.getHost().port))
     else:

@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/sidebyside.py [--call-rate 200] [--register-rate 1000] [--duration 10]
         [--delay-ms 150] [--repeat 3] [--only calls|register] [--kamailio-children 2]
-        [--set ops.reactor=epoll] [--servers ours,kamailio]
+        [--set ops.reactor=epoll] [--servers ours,kamailio] [--ports 27000-27999] [--baseline DIR]
+        [--baseline-set ops.reactor=uvloop]
 
 Kamailio is Debian's 5.6 with bench/kamailio/kamailio.cfg: usrloc in memory, registrar, tm, tmx,
 tsilo and htable, as in the TSILO talk (an INVITE to a user with no contact is t_suspend()ed, the
@@ -46,6 +47,8 @@ from typing import Any, Protocol
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
+    bench_port,
+    use_ports,
     HOST,
     ROOT,
     cpu_seconds,
@@ -57,7 +60,7 @@ from bench.common import (  # noqa: E402
     udp_socket_drops,
 )
 from bench.latefork import PASS_RATIO, SERVER_CPU, run_pair, sipp_command, spawn  # noqa: E402
-from tests.e2e.proc import free_port, udp_options  # noqa: E402
+from tests.e2e.proc import udp_options  # noqa: E402
 
 KAMAILIO = shutil.which("kamailio") or "/usr/sbin/kamailio"
 KAMCMD = shutil.which("kamcmd") or "/usr/sbin/kamcmd"
@@ -81,12 +84,14 @@ class Server(Protocol):
 class Ours:
     name = "libon-tsilo"
 
-    def __init__(self, workdir: Path, overrides: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, workdir: Path, overrides: dict[str, dict[str, Any]], code: Path | None = None) -> None:
+        if code is not None:
+            self.name = "baseline"
         sections: dict[str, dict[str, Any]] = {"calls": {"ring_timeout": 30, "invite_cancel_grace": 0},
                                                "registrar": {"max_expires": 3600}}
         for section, values in overrides.items():
             sections.setdefault(section, {}).update(values)
-        self.server = start_bench_server(workdir, sections, cpu=SERVER_CPU)
+        self.server = start_bench_server(workdir, sections, cpu=SERVER_CPU, code=code)
         self.command = self.server.command
 
     @property
@@ -128,7 +133,7 @@ class Kamailio:
 
     def __init__(self, workdir: Path, children: int) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = bench_port()
         self.ctl = workdir / "ctl.sock"
         args = [
             *pin(SERVER_CPU), KAMAILIO, "-DD", "-E", "-f", str(KAMAILIO_CFG),
@@ -216,6 +221,11 @@ class Result:
 def start(kind: str, workdir: Path, args: argparse.Namespace) -> Server:
     if kind == "kamailio":
         return Kamailio(workdir, args.kamailio_children)
+    if kind == "baseline":
+        merged = {section: dict(values) for section, values in args.overrides.items()}
+        for section, values in args.baseline_overrides.items():
+            merged.setdefault(section, {}).update(values)
+        return Ours(workdir, merged, code=args.baseline)
     return Ours(workdir, args.overrides)
 
 
@@ -293,10 +303,12 @@ def summary(scenario: str, results: list[Result], kinds: list[str]) -> None:
         figures[kind] = (min(cpu), statistics.median(cpu))
         print(f"  {kind:<11} {min(cpu):.3f} / {statistics.median(cpu):.3f} ms over {len(passed)} run(s), "
               f"{statistics.median(r.achieved for r in passed):,.0f}/s{note}")
-    if "libon-tsilo" in figures and "kamailio" in figures:
-        ours, kam = figures["libon-tsilo"], figures["kamailio"]
-        print(f"RESULT {scenario}: ours/kamailio CPU per call {ours[0] / kam[0]:.2f}x (min), "
-              f"{ours[1] / kam[1]:.2f}x (median)")
+    for mine, other in (("libon-tsilo", "kamailio"), ("baseline", "kamailio"), ("libon-tsilo", "baseline")):
+        if mine in figures and other in figures:
+            a, b = figures[mine], figures[other]
+            label = {"libon-tsilo": "ours"}.get(mine, mine) + "/" + other
+            print(f"RESULT {scenario}: {label} CPU per call {a[0] / b[0]:.2f}x (min), "
+                  f"{a[1] / b[1]:.2f}x (median)")
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -334,11 +346,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a config key for our server, e.g. --set ops.reactor=epoll (repeatable)")
     ap.add_argument("--keep", type=Path, help="keep the logs in this directory (default: a temp dir)")
+    ap.add_argument("--baseline", type=Path, metavar="DIR",
+                    help="also run our server from the libon_tsilo of this checkout (e.g. `git worktree add "
+                         "DIR main`), alternating with the others: the code before a change, in the same run")
+    ap.add_argument("--baseline-set", dest="baseline_overrides", action="append", default=[],
+                    metavar="SECTION.KEY=VALUE", help="a config key for the baseline only (e.g. --baseline . "
+                    "--baseline-set ops.reactor=uvloop: the same code on another reactor)")
+    ap.add_argument("--ports", metavar="LOW-HIGH",
+                    help="every port (servers, SIPp) from this range, e.g. 27000-27999 (default: OS-picked)")
     args = ap.parse_args(argv)
+    if args.ports:
+        try:
+            use_ports(args.ports)
+        except ValueError as e:
+            ap.error(f"--ports: {e}")
     args.overrides = parse_overrides(args.overrides)
+    args.baseline_overrides = parse_overrides(args.baseline_overrides)
     kinds = [k.strip() for k in args.servers.split(",")]
     if set(kinds) - {"ours", "kamailio"}:
         ap.error("--servers: ours and/or kamailio")
+    if args.baseline is not None:
+        if not (args.baseline / "libon_tsilo").is_dir():
+            ap.error(f"--baseline: no libon_tsilo/ in {args.baseline}")
+        kinds.insert(kinds.index("ours") + 1 if "ours" in kinds else 0, "baseline")
     if "kamailio" in kinds and not os.access(KAMAILIO, os.X_OK):
         print(f"{KAMAILIO} not found (Debian: apt-get install kamailio)", file=sys.stderr)
         return 2
@@ -360,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                     r = run(kind, args, base / f"{n:02d}-{kind}-{name[0]}", n)
                     results.append(r)
                     show(r)
-        names = [Ours.name if k == "ours" else Kamailio.name for k in kinds]
+        names = [{"ours": Ours.name, "kamailio": Kamailio.name}.get(k, k) for k in kinds]
         for name, _ in scenarios:
             summary(name, results, names)
     finally:

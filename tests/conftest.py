@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.certs import CertPaths, make_test_certs
 
 # the redis_server fixture (a real redis-server on a free loopback port): see tests/redis_server.py
 pytest_plugins = ["tests.redis_server"]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test a mypyc extension older than its source (setup.py builds them in place):
+    Python would import the stale extension and the edited .py would never run."""
+    package = Path(__file__).resolve().parents[1] / "libon_tsilo"
+    stale = [str(so.relative_to(package.parent)) for so in package.rglob("*.so")
+             if (py := so.parent / f"{so.name.split('.')[0]}.py").exists() and py.stat().st_mtime > so.stat().st_mtime]
+    if stale:
+        pytest.exit(f"stale compiled modules {stale}: ./scripts/test rebuilds them "
+                    "(or .venv/bin/pip install -e . ; LIBON_TSILO_PURE=1 for pure Python)", returncode=4)
 
 
 @pytest.fixture(scope="session")

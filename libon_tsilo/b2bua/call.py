@@ -121,7 +121,7 @@ class Call:
         "ring_deadline", "a", "branches", "_by_key", "state", "failures", "winner", "early_media_from",
         "wake_d", "wake_result", "woken", "_waker_used", "_ring_timer", "_late_ack", "offer_busy",
         "pending_acks", "late_reason", "ended", "end_reason", "trust", "timers", "_device_ids",
-        "transfer", "a_answered", "answered_at", "final_status", "suspects",
+        "transfer", "a_answered", "answered_at", "final_status", "voicemail_reason", "suspects",
     )
 
     def __init__(self, mgr: CallManager, invite: Request, stx: ServerHandle, flow: Any, aor: str,
@@ -172,6 +172,7 @@ class Call:
         self._device_ids: dict[str, str] | None = None  # device -> the Call-ID of its B-leg
         self.transfer: Any = None  # b2bua/transfer.py: a REFER this call is part of, while it runs
         self.a_answered = False  # our 2xx to the caller went out
+        self.voicemail_reason: str | None = None  # forwarded to voicemail, and why (b2bua/voicemail.py)
         self.answered_at: float | None = None  # when a branch's 2xx connected the call (the CDR's answer)
         self.final_status: int | None = None  # our final failure to the caller, if it got one
 
@@ -770,6 +771,7 @@ class Call:
         leg.invite.add_header("Diversion", voicemail.diversion(self.callee_uri, vm_reason))
         leg.invite.add_header("History-Info", voicemail.history_info(self.callee_uri, vm_uri, vm_reason))
         diverted.leg = leg
+        self.voicemail_reason = vm_reason
         self.branches[leg.dialog.key] = leg
         self._by_key[target.key] = leg
         self.mgr.register_leg(self, leg)
@@ -926,6 +928,10 @@ class Call:
     def cdr_trunk(self) -> str:
         """The trunk the call went through, "-" for a call that stayed local (b2bua/outbound.py)."""
         return "-"
+
+    def transferable(self, leg: Any) -> bool:
+        """May `leg` be the transferee of a REFER (move into a new call)? Not a trunk's leg (outbound.py)."""
+        return True
 
     def in_dialog(self, leg: Any, request: Request, stx: Any) -> None:
         relay.request(self, leg, request, stx)

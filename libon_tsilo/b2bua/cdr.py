@@ -5,7 +5,8 @@ URI, or tel:+E164 for a call out), trunk ("-" for a local call), start / answer 
 reactor clock: the epoch in production; answer None when nobody answered), ring (seconds until the
 answer or the end), duration (seconds talking, 0 when unanswered), status (our final failure to the
 caller, None once answered), reason (why it ended: "BYE from the caller", "BYE from the callee",
-"caller cancelled", "ring timeout", "486 from a device", "no device can answer", ...).
+"caller cancelled", "ring timeout", "486 from a device", "no device can answer", ...), voicemail
+(why the call was forwarded to voicemail: "no-answer", "user-busy", "unavailable"; None when not).
 """
 
 from __future__ import annotations
@@ -36,4 +37,5 @@ def fields(call: Call, reason: str) -> dict[str, Any]:
         "ring": round((answered if answered is not None else end) - call.created_at, 3),
         "duration": round(end - answered, 3) if answered is not None else 0,
         "status": call.final_status if answered is None else 200,
+        "voicemail": call.voicemail_reason,
     }

@@ -80,6 +80,11 @@ class OutboundCall(Call):
     def may_divert(self) -> bool:
         return False  # the callee is in the phone network, no mailbox here: the caller gets its answer
 
+    def transferable(self, leg: Any) -> bool:
+        # the call out holds the user's and the trunk's places in the counts until it ends: handing
+        # the trunk's leg to a new (local, uncounted) call would free them while the trunk still bills
+        return leg is self.a
+
     # -- start ---------------------------------------------------------------------------------
 
     def start_out(self, ring_timeout: float) -> None:

@@ -3,8 +3,9 @@
 The B2BUA carries the transfer out itself (it is the UA both parties talk to):
 
 1. The REFER is checked (one transfer at a time per call, a SIP Refer-To naming one of our users,
-   no Replaces: see `refusal`) and answered 202; the referrer gets NOTIFY (Event: refer,
-   message/sipfrag) "SIP/2.0 100 Trying". RFC 4488 `Refer-Sub: false` is honoured: no NOTIFY.
+   no Replaces: see `refusal`; a call out's trunk leg stays in its call: `Call.transferable`) and
+   answered 202; the referrer gets NOTIFY (Event: refer, message/sipfrag) "SIP/2.0 100 Trying".
+   RFC 4488 `Refer-Sub: false` is honoured: no NOTIFY.
 2. A new call goes to the target through the normal call path (park, push, late fork), from the
    transferee's identity: the caller's own identity as the original call established it, or the
    callee's AOR when the callee is the transferee. It carries no SDP (RFC 3725 flow I): the
@@ -79,6 +80,8 @@ def refusal(call: Call, req: Request) -> tuple[int, str] | NameAddr:
 def refer(call: Call, leg: Any, req: Request, stx: Any, other: Any) -> None:
     """An in-dialog REFER from `leg` (the referrer) of an answered call; `other` is the transferee."""
     target = refusal(call, req)
+    if isinstance(target, NameAddr) and not call.transferable(other):
+        target = 403, "Trunk Leg Not Transferable"
     counters = call.mgr.counters
     if not isinstance(target, NameAddr):
         status, reason = target

@@ -33,6 +33,8 @@ __all__ = ["ClusterNode", "NodeHop"]
 # where a forked INVITE goes to reach another node: (transport, host, port, and our internal
 # listener's (host, port) as bound, to send from)
 NodeHop = tuple[str, str, int, tuple[str, int]]
+# own_flow()'s memo: a few calls' worth of distinct entries per flow, the flows of a busy node
+_OWN_ROUTES_MAX = 4096
 
 
 class ClusterNode:
@@ -56,6 +58,8 @@ class ClusterNode:
         self.trusted = SourceFilter([*trusted_peers, *peer_nets])
         self._tokens: FlowTokens | None = None
         self._bound: tuple[str, int] | None = None
+        # Route/Path entry text -> what own_flow() read from it, for the entries that are ours
+        self._own_routes: dict[str, tuple[FlowRef, str]] = {}
         # which peers are alive (liveness.py; set by ops with the Redis store), None: all of them
         self.liveness: PeerLiveness | None = None
 
@@ -146,13 +150,23 @@ class ClusterNode:
 
     def own_flow(self, route: str) -> tuple[FlowRef, str] | None:
         """The flow a Route/Path entry of ours names, and its token; None when the entry is not ours."""
+        known = self._own_routes.get(route)
+        if known is not None:
+            return known
         try:
             uri = NameAddr.parse(route).uri
         except ParseError:
             return None
         user = getattr(uri, "user", None)
         ref = self.tokens.read(user) if user else None
-        return (ref, user) if ref is not None and user else None
+        if ref is None or not user:
+            return None
+        # A relayed call reads the same entries ~5 times (INVITE, ACK, BYE; two Route entries each):
+        # remember the entries that checked (only ours: a stranger's cannot fill this), bounded.
+        if len(self._own_routes) >= _OWN_ROUTES_MAX:
+            self._own_routes.clear()
+        found = self._own_routes[route] = (ref, user)
+        return found
 
     def next_hop(self, path: list[str]) -> tuple[list[str], NodeHop | None] | None:
         """Where a call to a binding with this Path goes (the call layer's ``path_router``).

@@ -39,7 +39,7 @@ from libon_tsilo.ratelimit import ThrottledLog
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.headers import NameAddr
 from libon_tsilo.sip.message import (
-    Request, Response, log_call_id, make_response, new_branch, new_tag, parse_message,
+    Request, Response, log_call_id, make_response, new_branch, new_tag,
 )
 from libon_tsilo.sip.transport import Target, TransportError
 from libon_tsilo.sip.uri import URI
@@ -86,11 +86,13 @@ class Relay:
             if not node.trusts(flow):
                 self._refuse(req, stx, 403, "Forbidden", "refused_untrusted", flow)
                 return True
-            if req.has_header("route") and node.own_flow(req.header_values("route")[0]) is not None:
-                out = _copy(req)
-                own = self._pop_own_routes(out)
-                if own is not None:
-                    self._to_device(req, out, stx, *own)
+            if req.has_header("route"):
+                routes = req.header_values("route")
+                first = node.own_flow(routes[0])
+                if first is not None:
+                    out = req.copy()  # the server transaction keeps the request as it came (its Vias)
+                    self._pop_own_routes(out, routes, first)
+                    self._to_device(req, out, stx, *first)
                     return True
             if req.to.tag is None and req.method not in ("ACK", "CANCEL"):
                 self._refuse(req, stx, 403, "Not A Relayed Request", "refused_not_relay", flow)
@@ -98,14 +100,13 @@ class Relay:
             return False  # a peer's in-dialog request for one of our own calls
         if not req.has_header("route"):
             return False
-        first = req.header_values("route")[0]
-        if node.own_flow(first) is None:
+        routes = req.header_values("route")
+        first = node.own_flow(routes[0])
+        if first is None:
             return False
-        out = _copy(req)
-        own = self._pop_own_routes(out)
-        if own is None:  # own_flow() just read the same entry
-            return False
-        self._to_peer(req, out, stx, own[0], flow)
+        out = req.copy()
+        self._pop_own_routes(out, routes, first)
+        self._to_peer(req, out, stx, first[0], flow)
         return True
 
     def wrap_cancel(self, cancel_handler: Callable[[Request, Any, Any, Any], None] | None
@@ -199,25 +200,17 @@ class Relay:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _pop_own_routes(self, req: Request) -> tuple[FlowRef, str] | None:
-        """Remove the leading Route entries that are ours (valid tokens): the flow the first names,
-        and its token; None when the top Route is not ours (nothing removed)."""
-        if not req.has_header("route"):
-            return None
-        routes = req.header_values("route")
-        first = None
-        n = 0
-        for route in routes:
-            found = self.node.own_flow(route)
-            if found is None:
+    def _pop_own_routes(self, req: Request, routes: list[str], first: tuple[FlowRef, str]) -> None:
+        """Remove the leading Route entries that are ours (valid tokens); ``routes`` are ``req``'s,
+        ``first`` what own_flow() read from the top one (checked once, not twice)."""
+        n = 1
+        for route in routes[1:]:
+            if route != routes[0] and self.node.own_flow(route) is None:
                 break
-            first = first or found
             n += 1
-        if first is not None:
-            req.remove_header("route")
-            for route in routes[n:]:
-                req.add_header("Route", route)
-        return first
+        req.remove_header("route")
+        for route in routes[n:]:
+            req.add_header("Route", route)
 
     def _next_target(self, req: Request) -> Target | None:
         routes = req.header_values("route") if req.has_header("route") else []
@@ -293,9 +286,3 @@ class Relay:
         if stx is not None:  # an ACK gets no answer
             stx.respond(make_response(req, status, reason, to_tag=new_tag()))
 
-
-def _copy(req: Request) -> Request:
-    """A copy to forward: the server transaction keeps the request as it came (its Vias answer)."""
-    out = parse_message(req.to_bytes())
-    assert isinstance(out, Request)
-    return out

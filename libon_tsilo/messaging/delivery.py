@@ -11,7 +11,8 @@ the next waits for the 2xx of the previous, which keeps the order of every conve
   error, a timeout) leaves it waiting for the device's next registration; a push-capable device is
   pushed for it, unless it was already.
 - A message every current device of the user got is deleted; one nobody could take expires after
-  ``[messages] ttl`` (outbox.py).
+  ``[messages] ttl`` (outbox.py). A device whose binding lapsed (expired, dead push token) still
+  counts for the messages already waiting: only a device that unregisters gives its share up.
 """
 
 from __future__ import annotations
@@ -104,7 +105,11 @@ class MessageDelivery(LocationObserver):
         self._registered(binding)
 
     def binding_removed(self, binding: Binding, reason: str) -> None:
-        # the user may have no other device left that still waits for a message
+        if reason != "unregistered":
+            # expired, a dead push token...: a phone off for a while is what store-and-forward is
+            # for; its messages wait for its next registration (or the ttl), as they were accepted
+            return
+        # the device said goodbye: the user may have no other device left that waits for a message
         for msg in list(self.outbox.pending(binding.aor)):
             self._maybe_done(msg)
 

@@ -11,6 +11,7 @@ directory of the config file (or the working directory when there is no file).
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 import re
@@ -461,13 +462,20 @@ class LogConfig:
     format: str = _opt("text", _one_of("text", "json"))
 
 
+def _reactor_check(value: str, key: str) -> str:
+    value = _one_of("auto", "epoll", "asyncio", "uvloop")(value, key)
+    if value == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ConfigError(key, '"uvloop" needs the uvloop package: pip install uvloop')
+    return value
+
+
 @dataclass(frozen=True)
 class OpsConfig:
     drain_timeout: int = _opt(30, _int_range(0))
     # nothing ran on this pool: FCM has [push] fcm_threads, SQLite its own writer thread
     threadpool_size: int = _opt(8, _no_longer_used(_int_range(1, 256), "each blocking user owns its pool"))
-    # speed (issue 15): "auto" = epoll (ops/reactor.py)
-    reactor: str = _opt("auto", _one_of("auto", "epoll", "asyncio"))
+    # speed (issue 15): "auto" = epoll (ops/reactor.py); "uvloop" = asyncio over uvloop (if installed)
+    reactor: str = _opt("auto", _reactor_check)
 
 
 @dataclass(frozen=True)
@@ -567,11 +575,13 @@ _OWN_HEADERS = frozenset(("via", "from", "to", "call-id", "cseq", "contact", "ma
 
 
 def _header_lines(value: tuple[str, ...], key: str) -> tuple[str, ...]:
+    from libon_tsilo.sip.headers import canonical_key
+
     for i, item in enumerate(_non_empty_items(value, key)):
         name, colon, rest = item.partition(":")
         if not colon or not _TOKEN_RE.match(name.strip()) or not rest.strip():
             raise ConfigError(f"{key}[{i}]", f'"{item}" is not "Name: value"')
-        if name.strip().lower() in _OWN_HEADERS:
+        if canonical_key(name.strip()) in _OWN_HEADERS:  # "l: 0" is Content-Length too
             raise ConfigError(f"{key}[{i}]", f'"{name.strip()}" is written by the server itself')
     return value
 
@@ -912,7 +922,8 @@ def _check_location(cfg: Config) -> None:
         raise ConfigError("location.service_name", "required with location.sentinels")
     if loc.backend == "redis" and cfg.ops.reactor == "epoll":
         # redis-py's asyncio client runs on the reactor's loop (registrar/asyncio_bridge.py)
-        raise ConfigError("ops.reactor", 'must be "auto" or "asyncio" with location.backend = "redis"')
+        problem = 'must be "auto", "uvloop" or "asyncio" with location.backend = "redis"'
+        raise ConfigError("ops.reactor", problem)
 
 
 def _check_cluster(cfg: Config) -> None:
@@ -949,6 +960,8 @@ def _check_calls_out(cfg: Config) -> None:
             raise ConfigError(f"trunks[{i}].targets", "needs at least one target")
         if bool(trunk.username) != bool(trunk.password):
             raise ConfigError(f"trunks[{i}].password", "username and password go together")
+        if trunk.from_domain and not _plain_host(trunk.from_domain):  # else every call out fails at once
+            raise ConfigError(f"trunks[{i}].from_domain", f'"{trunk.from_domain}" is not a host[:port]')
     ours = HostSet(cfg.sip.domains)
     for i, route in enumerate(cfg.routes):
         if route.trunk not in names:
@@ -957,6 +970,16 @@ def _check_calls_out(cfg: Config) -> None:
             raise ConfigError(f"routes[{i}].domain", "a route matches a prefix or a domain, not both")
         if route.domain and route.domain in ours:
             raise ConfigError(f"routes[{i}].domain", f'"{route.domain}" is one of sip.domains')
+
+
+def _plain_host(value: str) -> bool:
+    from libon_tsilo.sip.uri import URI
+
+    try:
+        uri = URI.parse(f"sip:x@{value}")
+    except ValueError:  # ParseError is one
+        return False
+    return bool(uri.host) and not uri.params and not uri.headers
 
 
 def _validate(cfg: Config) -> None:

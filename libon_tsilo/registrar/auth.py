@@ -14,9 +14,11 @@ user (registrar/auth_limits.py).
 
 Failure answers: an unknown user, a wrong password, a forged nonce or a replayed nonce-count all
 get a fresh challenge (no difference an attacker could use to enumerate users); a stale nonce with a
-correct response gets ``stale=true`` so the UA retries silently; credentials that are not usable
-Digest (missing fields, qop other than auth) get 400; a valid user who does not own the identity
-(To for REGISTER, From for INVITE) gets 403; a source or user over its failure limit gets 403
+correct response gets ``stale=true`` so the UA retries silently (as does an INVITE or MESSAGE whose
+nonce was challenged for another Request-URI: a 407 nonce is bound to the request it challenged,
+Kamailio's auth_checks idea, so credentials sniffed for one call cannot place another); credentials
+that are not usable Digest (missing fields, qop other than auth) get 400; a valid user who does not
+own the identity (To for REGISTER, From for INVITE) gets 403; a source or user over its failure limit gets 403
 without its credentials being checked. Each refusal is logged with an ``outcome`` field
 (bad_nonce, unknown_user, wrong_password, replayed_nc, not_owner) that the JSON log carries.
 """
@@ -189,6 +191,11 @@ class AuthPolicy:
             log.info("auth: foreign or forged nonce from {user}", user=username, outcome="bad_nonce",
                      call_id=call_id)
             return self._challenge(request, spec, stale=False)
+        if state == "ok" and spec is _PROXY and not digest.nonce_bound_to(self.secret, nonce,
+                                                                          request.raw_uri):
+            # a nonce challenged for another destination (or a REGISTER): good credentials get a
+            # fresh stale=true challenge; credentials taken off the wire cannot place another call
+            state = "stale"
         ha1 = self.users.get_ha1(username, self.realm, algorithm)
         if ha1 is None:
             log.info("auth: unknown user {user}", user=username, outcome="unknown_user", call_id=call_id)
@@ -241,7 +248,8 @@ class AuthPolicy:
 
     def _challenge(self, request: Request, spec: _Kind, stale: bool) -> AuthResult:
         resp = make_response(request, spec.status, to_tag=new_tag())
-        nonce = digest.make_nonce(self.secret, self.clock.seconds(), self.nonce_counts.epoch)
+        bound = request.raw_uri if spec is _PROXY else None  # a REGISTER's R-URI is only the domain
+        nonce = digest.make_nonce(self.secret, self.clock.seconds(), self.nonce_counts.epoch, bound_to=bound)
         for algorithm in self.algorithms:
             resp.add_header(spec.challenge, digest.challenge_header(self.realm, nonce, algorithm, stale))
         return AuthResult(response=resp)

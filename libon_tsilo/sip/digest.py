@@ -66,9 +66,14 @@ def _nonce_mac(secret: str, body: str) -> str:
     return mac.hexdigest()[:32]
 
 
-def make_nonce(secret: str, now: float, epoch: str = "0", salt: str | None = None) -> str:
+def make_nonce(secret: str, now: float, epoch: str = "0", salt: str | None = None,
+               bound_to: str | None = None) -> str:
     """A nonce that carries its issue time and epoch and proves we issued it:
     ``<ts hex>.<epoch>.<salt>.<hmac>``.
+
+    ``bound_to`` (the challenged request's Request-URI) ties the nonce to that request: the salt
+    ends with a MAC of it (``nonce_bound_to`` checks it), so credentials answering it cannot be
+    replayed on a request for another destination, whatever digest-uri the client wrote.
 
     The random salt makes every challenge unique, so the replay table (per nonce) never mixes two
     clients that were challenged in the same second. The epoch names the replay table that will
@@ -80,8 +85,24 @@ def make_nonce(secret: str, now: float, epoch: str = "0", salt: str | None = Non
         raise ValueError(f"bad nonce epoch {epoch!r}")
     ts = format(int(now), "x")
     salt = salt if salt is not None else secrets.token_hex(6)
+    if bound_to is not None:
+        salt = f"{salt}-{_binding_tag(secret, salt, bound_to)}"
     body = f"{ts}.{epoch}.{salt}"
     return f"{body}.{_nonce_mac(secret, body)}"
+
+
+def nonce_bound_to(secret: str, nonce: str, value: str) -> bool:
+    """Whether ``nonce`` (one ``check_nonce`` found ours) was issued bound to ``value``."""
+    parts = nonce.split(".")
+    salt = parts[2] if len(parts) == 4 else ""
+    random, sep, tag = salt.partition("-")
+    return bool(sep) and hmac.compare_digest(tag, _binding_tag(secret, random, value))
+
+
+def _binding_tag(secret: str, salt: str, value: str) -> str:
+    mac = hmac.new(secret.encode("utf-8"), f"bind\n{salt}\n{value}".encode("utf-8", "surrogateescape"),
+                   hashlib.sha256)
+    return mac.hexdigest()[:16]
 
 
 def nonce_time(nonce: str) -> float | None:

@@ -79,6 +79,13 @@ def split_commas(value: str) -> list[str]:
     """Split a list header value on commas outside quoted strings and angle brackets."""
     if "," not in value:
         return [value.strip()]
+    if '"' not in value:
+        # The common case (Via, Route, Record-Route lines): with no quoted string, a comma splits
+        # exactly when every piece before it has as many '<' as '>' (depth 0), which str methods
+        # check in C; the scan below runs only when some '<...>' holds a comma.
+        pieces = value.split(",")
+        if ("<" not in value and ">" not in value) or all(p.count("<") == p.count(">") for p in pieces):
+            return [p.strip() for p in pieces]
     parts: list[str] = []
     depth = 0
     quoted = False
@@ -233,11 +240,7 @@ class NameAddr:
             return cls._parse_general(text)
         # Fast path: [quoted display without escapes] <URI without blanks or quotes>[;params]
         display, uri_text, params_text = match.groups()
-        obj = cls.__new__(cls)
-        obj._uri = None
-        obj._uri_text = uri_text
-        obj.display = display
-        obj.params = _split_params(params_text) if params_text is not None else {}
+        obj = cls(uri_text, display, _split_params(params_text) if params_text is not None else None)
         obj._text = text
         return obj
 
@@ -361,13 +364,9 @@ class Via:
             transport, hostport, params_text = match.groups()
             host, port = split_hostport(hostport, "Via sent-by")
             params = _split_params(params_text) if params_text is not None else {}
-            # the slots set here rather than through __init__: its call frame is a good part of a
-            # Via's cost, and every message carries at least one (__init__ sets the same five)
-            via = cls.__new__(cls)
-            via.transport = transport.upper()
-            via.host = host
-            via.port = port
-            via.params = params
+            # through __init__, which compiled (setup.py) costs little; a bare cls.__new__ instance
+            # was cheaper in pure Python, but mypyc cannot build one
+            via = cls(transport, host, port, params)
             via._text = text
             if "rport" in params or "ttl" in params:
                 via._check_numbers()
@@ -491,11 +490,7 @@ class CSeq:
         seq = int(seq_text)
         if seq >= 2**31:
             raise ParseError("CSeq number too large")
-        # as Via.parse: the slots set directly spare the __init__ call (every message has a CSeq)
-        cseq = cls.__new__(cls)
-        cseq.seq = seq
-        cseq.method = method
-        return cseq
+        return cls(seq, method)
 
     def __str__(self) -> str:
         return f"{self.seq} {self.method}"

@@ -80,18 +80,6 @@ def _added_name(name: str) -> tuple[str, str]:
 # the headers make_response copies from the request (To apart: only its first line)
 _RESPONSE_COPIED = frozenset({"via", "from", "call-id", "cseq"})
 
-# the slots Message.compact() empties (the parsed state; `_raw` keeps the bytes they come back from)
-_COMPACTED = frozenset({"_headers", "_index", "_cache", "body", "_raw_body"})
-
-
-def _is_set(obj: Any, slot: str) -> bool:
-    try:
-        object.__getattribute__(obj, slot)
-    except AttributeError:
-        return False
-    return True
-
-
 def _chain(head: list[Any], entry: list[Any]) -> None:
     """Link ``entry`` after the last entry with ``head``'s key."""
     while head[4] is not None:
@@ -123,7 +111,11 @@ def new_call_id(host: str = "") -> str:
 class Message:
     """Common header handling for requests and responses."""
 
-    __slots__ = ("_headers", "_index", "body", "_cache", "_raw", "_raw_body", "contact_star", "validated")
+    __slots__ = ("_headers", "_index", "_body", "_cache", "_raw", "_raw_body", "contact_star", "validated",
+                 "_packed")
+    # what compact() empties (the parsed state; `_raw` keeps the bytes it comes back from); mypyc
+    # (setup.py) lets only the attributes named here be deleted
+    __deletable__ = ("_headers", "_index", "_cache", "_body", "_raw_body")
 
     def __init__(self) -> None:
         # One entry per header line, in order: [key, name as written, value (text or a header
@@ -136,17 +128,36 @@ class Message:
         self._index: dict[str, list[Any]] | None = None
         # set by validate(): later layers may skip the checks it already made
         self.validated = False
-        self.body = b""
+        self._body = b""
         self._cache: dict[str, Any] = {}
         self._raw: bytes | None = None
         self._raw_body: bytes | None = None
         self.contact_star = False
+        # True after compact(), until the next read: every method that reads the parsed state checks
+        # it first and parses the bytes again (_unpack). No __getattr__ does it: compiled by mypyc
+        # (setup.py), a read of an emptied slot would not reach it, and a __getattr__ there would
+        # turn a ParseError raised by a property into an AttributeError.
+        self._packed = False
+
+    @property
+    def body(self) -> bytes:
+        if self._packed:
+            self._unpack()
+        return self._body
+
+    @body.setter
+    def body(self, value: bytes) -> None:
+        if self._packed:
+            self._unpack()
+        self._body = value
 
     # -- raw header access ------------------------------------------------------------------------
 
     # Every header read looks its key up as `(self._reindex() if index is None else index).get(key)`,
     # written out at each site: a helper method for it cost a Python call per read, ~100 per call.
     def _reindex(self) -> dict[str, list[Any]]:
+        if self._packed:
+            self._unpack()
         index: dict[str, list[Any]] = {}
         for entry in self._headers:
             entry[4] = None  # a copied entry may still point into the message it came from
@@ -169,6 +180,8 @@ class Message:
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` as text (a list header's line is not split)."""
+        if self._packed:
+            self._unpack()
         index = self._index
         entry = (self._reindex() if index is None else index).get(canonical_key(name))
         if entry is None:
@@ -178,6 +191,8 @@ class Message:
 
     def _text(self, key: str) -> str | None:
         """header() for a key that is canonical already (the accessors' literals)."""
+        if self._packed:
+            self._unpack()
         index = self._index
         entry = (self._reindex() if index is None else index).get(key)
         if entry is None:
@@ -192,6 +207,8 @@ class Message:
     def values(self, key: str) -> list[str]:
         """header_values() for a key that is canonical already (``headers.canonical_key``: lower
         case, long form), as callers that resolve their names once pass it; [] when absent."""
+        if self._packed:
+            self._unpack()
         index = self._index
         entry = (self._reindex() if index is None else index).get(key)
         values: list[str] = []
@@ -206,19 +223,27 @@ class Message:
         return values
 
     def has_header(self, name: str) -> bool:
+        if self._packed:
+            self._unpack()
         index = self._index
         return (self._reindex() if index is None else index).get(canonical_key(name)) is not None
 
     def header_names(self) -> list[str]:
+        if self._packed:
+            self._unpack()
         return [entry[1] for entry in self._headers]
 
     def headers(self) -> list[tuple[str, str, Any]]:
         """(canonical key, name as written, value) of every header line, in order; a value is text
         or the header object it was set to, and a list header's line is not split."""
+        if self._packed:
+            self._unpack()
         return [(entry[0], entry[1], entry[2]) for entry in self._headers]
 
     def set_header(self, name: str, value: Any) -> None:
         """Replace every value of ``name`` with one, in the position of the first old one."""
+        if self._packed:
+            self._unpack()
         key = canonical_key(name)
         self._dirty(key)
         new = [key, pretty_name(key) if key != name.lower() or name.islower() else name, value, None, None]
@@ -230,6 +255,8 @@ class Message:
         self._headers.append(new)
 
     def add_header(self, name: str, value: Any, first: bool = False) -> None:
+        if self._packed:
+            self._unpack()
         # the memo hit and _dirty() written out: ~30 calls per late-fork call, two frames each spared
         known = _ADDED.get(name)
         key, written = known if known is not None else _added_name(name)
@@ -251,17 +278,36 @@ class Message:
             self._headers.append(new)
 
     def remove_header(self, name: str) -> None:
+        if self._packed:
+            self._unpack()
         key = canonical_key(name)
         self._dirty(key)
         self._headers = [e for e in self._headers if e[0] != key]
 
     def copy_headers_from(self, other: Message, name: str) -> None:
         """Append ``other``'s ``name`` lines verbatim (used for Via, Record-Route, ...)."""
+        if self._packed:
+            self._unpack()
         key = canonical_key(name)
         self._dirty(key)
+        if other._packed:
+            other._unpack()
         for entry in other._headers:
             if entry[0] == key:
                 self._headers.append(list(entry))
+
+    def _copy_into(self, new: Message) -> None:
+        # Entry lists are copied (each message edits its own lines); values are shared, as
+        # make_response shares them: a header object is replaced on change, never edited in place.
+        # _raw stays valid until the copy's first edit, so an unchanged copy is never serialized again.
+        if self._packed:
+            self._unpack()
+        new._headers = [entry.copy() for entry in self._headers]
+        new.body = self.body
+        new._raw = self._raw
+        new._raw_body = self._raw_body
+        new.contact_star = self.contact_star
+        new.validated = self.validated
 
     def _required(self, name: str) -> str:
         value = self.header(name)
@@ -273,6 +319,8 @@ class Message:
 
     @property
     def vias(self) -> list[Via]:
+        if self._packed:
+            self._unpack()
         cached = self._cache.get("via")
         if cached is None:
             values = self.values("via")
@@ -286,6 +334,8 @@ class Message:
 
     @property
     def top_via(self) -> Via:
+        if self._packed:
+            self._unpack()
         cached = self._cache.get("top_via")
         if cached is None:
             index = self._index
@@ -301,6 +351,8 @@ class Message:
 
     def set_top_via(self, via: Via) -> None:
         """Write back a modified top Via (e.g. received/rport set by the transport)."""
+        if self._packed:
+            self._unpack()
         for entry in self._headers:
             if entry[0] == "via":
                 value = entry[2] if type(entry[2]) is str else str(entry[2])
@@ -315,6 +367,8 @@ class Message:
         self._cache["top_via"] = via
 
     def remove_top_via(self) -> None:
+        if self._packed:
+            self._unpack()
         for i, entry in enumerate(self._headers):
             if entry[0] == "via":
                 value = entry[2] if type(entry[2]) is str else str(entry[2])
@@ -332,6 +386,8 @@ class Message:
         return self.top_via.branch
 
     def _name_addr(self, key: str) -> NameAddr:
+        if self._packed:
+            self._unpack()
         cached = self._cache.get(key)
         if cached is None:
             index = self._index
@@ -353,6 +409,8 @@ class Message:
 
     @property
     def call_id(self) -> str:
+        if self._packed:
+            self._unpack()
         cached = self._cache.get("call-id")
         if cached is None:
             index = self._index
@@ -367,6 +425,8 @@ class Message:
 
     @property
     def cseq(self) -> CSeq:
+        if self._packed:
+            self._unpack()
         cached = self._cache.get("cseq")
         if cached is None:
             index = self._index
@@ -384,6 +444,8 @@ class Message:
 
     @property
     def contacts(self) -> list[NameAddr]:
+        if self._packed:
+            self._unpack()
         cached = self._cache.get("contact")
         if cached is None:
             values = self.values("contact")
@@ -424,6 +486,8 @@ class Message:
         This is what the transport runs on every inbound message, so it reads the hot headers (which the
         transaction layer reads anyway, and then finds cached) and checks the rest only when present.
         """
+        if self._packed:
+            self._unpack()
         index = self._index
         if index is None:
             index = self._reindex()
@@ -466,40 +530,40 @@ class Message:
         """Keep only the serialized bytes of a message that will wait long (a parked call's INVITE,
         its 100 Trying): the header entries, the index and the parsed Via/From/To/URI objects take
         five to ten times the size of the bytes. Behaviour does not change: the first read of any of
-        the dropped attributes re-parses the bytes (``__getattr__``), and ``to_bytes()`` gives the
-        same bytes as before."""
-        if not _is_set(self, "_headers"):
+        the dropped state re-parses the bytes (``_unpack``), and ``to_bytes()`` gives the same bytes
+        as before."""
+        if self._packed:
             return  # already compact
         data = self.to_bytes()
-        del self._headers, self._index, self._cache, self.body, self._raw_body
+        del self._headers, self._index, self._cache, self._body, self._raw_body
         self._raw = data
+        self._packed = True
 
     @property
     def compacted(self) -> bool:
         """True while the message is held as bytes only (after compact(), until its next read)."""
-        return not _is_set(self, "_headers")
+        return self._packed
 
-    def __getattr__(self, name: str) -> Any:
-        # Python calls this only when normal lookup fails, i.e. for an empty slot: after compact().
-        # The hot paths never pay for it.
-        if name not in _COMPACTED or not _is_set(self, "_raw"):
-            raise AttributeError(name)
+    def _unpack(self) -> None:
+        """Parse the bytes compact() kept back into the emptied slots."""
         fresh = parse_message(self._raw)  # type: ignore[arg-type]
         self._headers = fresh._headers
         self._index = fresh._index
         self._cache = {}
-        self.body = fresh.body
+        self._body = fresh._body
         self._raw_body = fresh._raw_body
         self._raw = fresh._raw
-        return object.__getattribute__(self, name)
+        self._packed = False
 
     def _start_line(self) -> str:
         raise NotImplementedError
 
     def to_bytes(self) -> bytes:
-        if self._raw is not None and self.body is self._raw_body:
+        if self._packed:
+            self._unpack()
+        if self._raw is not None and self._body is self._raw_body:
             return self._raw
-        body = self.body
+        body = self._body
         length = str(len(body))
         lines = [self._start_line()]
         append = lines.append
@@ -530,7 +594,8 @@ class Message:
         self._raw_body = body
         return data
 
-    __bytes__ = to_bytes
+    def __bytes__(self) -> bytes:
+        return self.to_bytes()
 
 
 class Request(Message):
@@ -558,9 +623,18 @@ class Request(Message):
 
     @uri.setter
     def uri(self, value: URI) -> None:
+        if self._packed:
+            self._unpack()  # before the bytes it would come back from go stale
         self._uri = value
         self.raw_uri = str(value)
         self._raw = None
+
+    def copy(self) -> Request:
+        """An independent copy to forward (a proxy's, RFC 3261 §16.6 step 1), made from the parsed
+        header lines: about a tenth of what re-parsing ``to_bytes()`` costs."""
+        new = Request(self.method, self.raw_uri if self._uri is None else str(self._uri), self.version)
+        self._copy_into(new)
+        return new
 
     def compact(self) -> None:
         super().compact()
@@ -748,7 +822,7 @@ def parse_message(data: bytes, stream: bool = False) -> Request | Response:
         length = available
     end = body_start + length
     body = data[body_start:end]
-    msg.body = body
+    msg._body = body
     msg._raw_body = body
     msg._raw = data if start == 0 and end == len(data) else data[start:end]
     return msg  # type: ignore[return-value]
@@ -813,6 +887,8 @@ def make_response(
     """
     resp = Response(status, reason)
     headers = resp._headers
+    if req._packed:
+        req._unpack()
     to_entry = None
     for entry in req._headers:
         key = entry[0]

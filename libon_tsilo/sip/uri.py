@@ -168,13 +168,11 @@ class URI:
         if match is None:
             return cls._parse_general(text)
         # Fast path: the common shape, with nothing the general parser would have to check or decode
-        uri = cls.__new__(cls)
-        uri.scheme, uri.user, hostport, params_text = match.groups()
+        scheme, user, hostport, params_text = match.groups()  # the scheme: "sip" or "sips", lower case
+        host, port = split_hostport(hostport, "URI host")
+        params = _parse_params(params_text, "URI") if params_text is not None else None
+        uri = cls(scheme, user, host, port, params)
         uri._text = text
-        uri.password = None
-        uri.host, uri.port = split_hostport(hostport, "URI host")
-        uri.params = _parse_params(params_text, "URI") if params_text is not None else {}
-        uri.headers = {}
         return uri
 
     @classmethod
@@ -195,7 +193,7 @@ class URI:
             absolute = AbsoluteURI(lscheme, rest)
             absolute._text = text
             return absolute
-        uri = cls.__new__(cls)
+        uri = cls()  # every field is set below
         uri.scheme = lscheme
         uri._text = text
         headers_text = ""
@@ -358,7 +356,7 @@ class TelURI(URI):
             raise ParseError("bad tel URI number")
         elif not params.get("phone-context"):
             raise ParseError("tel URI local number without phone-context")
-        uri = cls.__new__(cls)
+        uri = cls()  # every field is set below
         uri.scheme = "tel"
         uri.number = number
         uri.user = number

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from libon_tsilo.b2bua.identity import CallerTrust
 from libon_tsilo.b2bua.outbound import CallsOut
 from libon_tsilo.dialplan import DialPlan
@@ -61,6 +63,12 @@ class OutEnv(Env):
         self.mgr.calls_out = CallsOut(dests, self.policy, self.users, ring_timeout=60.0, home_domain="example.com")
         self.mgr.authorize = lambda request, stx, flow: self.trust
         self.mgr.user_exists = self.users.exists
+
+    def assert_clean(self) -> None:
+        super().assert_clean()
+        # a place in the counts that outlives its call locks the user (or the trunk) out for good
+        assert self.policy.active_calls() == 0 and self.policy.active() == {}
+        assert self.policy._by_user == {}
 
     def call_out(self, ruri: str = NUMBER, call_id: str = "call-1@10.0.0.1") -> FakeStx:
         _, stx = self.invite(ruri=ruri, call_id=call_id)
@@ -371,3 +379,101 @@ def test_the_trunk_hangs_up_and_the_cdr_names_it(logged) -> None:
         "carrier", "tel:+33123456789", "BYE from the callee", 61)
     assert cdr["caller"] == "sip:alice@example.com"
     env.assert_clean()
+
+
+def _answered_call_out(env: OutEnv) -> tuple[FakeStx, Any]:
+    stx = env.call_out()
+    ctx = env.port.invites()[0]
+    ctx.respond(200, body=SDP_B)
+    env.mgr.handle_ack(in_dialog("ACK", "call-1@10.0.0.1", "<sip:alice@example.com>;tag=a-tag",
+                                 f"<sip:bob@example.com>;tag={stx.last.to.tag}", 10), env.caller_flow)
+    return stx, ctx
+
+
+def test_a_trunk_leg_cannot_be_transferred_out_of_the_counts() -> None:
+    # alice REFERs the trunk's party to a colleague: the call out would end "transferred" and free
+    # its place in the per-user and per-trunk counts while the trunk leg stays up (billed) in a new
+    # local call: REFER after REFER, a user could hold any number of trunk calls past max_calls_out
+    env = OutEnv(make_trunk(max_calls=1), max_per_user=1)
+    env.mgr.is_local = lambda uri: uri.host == "example.com"
+    env.location.add(binding(3, aor="sip:bob@example.com"))
+    stx, _ = _answered_call_out(env)
+    refer = in_dialog("REFER", "call-1@10.0.0.1", "<sip:alice@example.com>;tag=a-tag",
+                      f"<sip:bob@example.com>;tag={stx.last.to.tag}", 11,
+                      extra="Refer-To: <sip:bob@example.com>\n")
+    refer_stx = FakeStx(refer)
+    env.mgr.request_received(refer, refer_stx, env.caller_flow)
+    assert refer_stx.statuses == [403]
+    assert env.policy.active() == {"carrier": 1} and env.policy.active_calls() == 1
+    assert "call-1@10.0.0.1" in env.mgr.calls
+
+
+def _end_by_trunk_status(status: int, ringing: bool = False) -> Any:
+    def end(env: OutEnv, stx: FakeStx) -> None:
+        ctx = env.port.invites()[0]
+        if ringing:
+            ctx.respond(180)
+        ctx.respond(status)
+    return end
+
+
+def _end_failover_then_486(env: OutEnv, stx: FakeStx) -> None:
+    env.port.invites()[0].respond(503)
+    env.port.invites()[1].respond(486)
+
+
+def _end_by_cancel(env: OutEnv, stx: FakeStx) -> None:
+    env.port.invites()[0].respond(183)
+    env.mgr.calls["call-1@10.0.0.1"].caller_cancel(None)
+    env.port.invites()[0].respond(487)
+
+
+def _end_by_ring_timeout(env: OutEnv, stx: FakeStx) -> None:
+    env.port.invites()[0].respond(180)
+    env.clock.advance(60)
+    env.port.invites()[0].respond(487)
+
+
+def _end_by_transport_errors(env: OutEnv, stx: FakeStx) -> None:
+    env.port.invites()[0].fail_locally(503)
+    env.port.invites()[1].fail_locally(408)
+
+
+def _end_by_caller_connection_lost(env: OutEnv, stx: FakeStx) -> None:
+    _answer(env, stx)
+    env.mgr.flow_closed(env.caller_flow)
+    for bye in [c for c in env.port.sent if c.request.method == "BYE"]:
+        bye.respond(200)
+
+
+def _end_by_max_call_duration(env: OutEnv, stx: FakeStx) -> None:
+    _answer(env, stx)
+    env.clock.advance(env.mgr.settings.max_call_duration + 1)
+    for bye in [c for c in env.port.sent if c.request.method == "BYE"]:
+        bye.respond(200)
+
+
+def _answer(env: OutEnv, stx: FakeStx) -> None:
+    env.port.invites()[0].respond(200, body=SDP_B)
+    env.mgr.handle_ack(in_dialog("ACK", "call-1@10.0.0.1", "<sip:alice@example.com>;tag=a-tag",
+                                 f"<sip:bob@example.com>;tag={stx.last.to.tag}", 10), env.caller_flow)
+
+
+END_PATHS = {
+    "trunk 404": _end_by_trunk_status(404), "trunk 603 after ringing": _end_by_trunk_status(603, True),
+    "trunk 500": _end_by_trunk_status(500), "failover then 486": _end_failover_then_486,
+    "CANCEL": _end_by_cancel, "ring timeout": _end_by_ring_timeout, "transport errors": _end_by_transport_errors,
+    "caller's connection lost": _end_by_caller_connection_lost, "max_call_duration": _end_by_max_call_duration,
+}
+
+
+@pytest.mark.parametrize("path", sorted(END_PATHS))
+def test_every_end_path_gives_the_places_back(path: str) -> None:
+    env = OutEnv(make_trunk(max_calls=1), max_per_user=1)
+    stx = env.call_out()
+    assert env.policy.active() == {"carrier": 1}
+    END_PATHS[path](env, stx)
+    assert env.mgr.calls == {}
+    env.assert_clean()
+    env.call_out(call_id="call-2")  # the user and the trunk can call again
+    assert env.policy.active() == {"carrier": 1}

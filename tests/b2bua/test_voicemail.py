@@ -341,3 +341,18 @@ def test_parked_call_whose_device_never_woke_goes_to_voicemail_with_the_callers_
     assert env.waker.ended == [("call-1@10.0.0.1", False)]  # the push layer hears the call is over
     vm.respond(200, body=SDP_C, to_tag="vm-tag")
     assert stx.statuses == [200]
+
+
+def test_the_cdr_says_the_call_went_to_voicemail_and_why(logged: list[dict[str, Any]]) -> None:
+    env = _env()
+    env.location.add(binding(1))
+    _, stx = env.invite()
+    env.port.invites()[0].respond(486)
+    _vm_leg(env).respond(404)  # voicemail refused it: the caller gets the devices' 486
+    [cdr] = [e for e in logged if e.get("cdr")]
+    assert cdr["voicemail"] == "user-busy" and cdr["status"] == 486
+    env2 = _env(voicemail_for={"bob": False})
+    env2.location.add(binding(1))
+    env2.invite(call_id="call-2")
+    env2.port.invites()[0].respond(486)
+    assert [e["voicemail"] for e in logged if e.get("cdr")] == ["user-busy", None]

@@ -48,3 +48,24 @@ def test_path_entry_names_the_flow_and_udp_can_go_without():
     direct = ClusterNode(_Transport(), "udp:10.0.0.1:0", b"k", udp_via_path=False)  # type: ignore[arg-type]
     assert direct.path_entry(FakeFlow("udp"), outbound=False) is None
     assert direct.path_entry(tcp, outbound=False) is not None  # a connection is only ever on its node
+
+
+def test_own_flow_checks_an_entry_of_ours_once_and_never_remembers_a_strangers(monkeypatch):
+    import libon_tsilo.cluster.node as node_module
+
+    node = _node()
+    entry = f"<{node.uri(node.tokens.mint(FlowRef('udp#1', 'udp', '192.0.2.9', 5062)))}>"
+    forged = f"<{_node(b'other').uri(_node(b'other').tokens.mint(FlowRef('udp#1', 'udp', '192.0.2.9', 5062)))}>"
+    reads = []
+    real_read = node.tokens.read
+    monkeypatch.setattr(node.tokens, "read", lambda token: reads.append(token) or real_read(token))
+    first = node.own_flow(entry)
+    assert first is not None and first[0].host == "192.0.2.9"
+    assert node.own_flow(entry) == first  # the ACK and BYE of a relayed call read it again
+    assert len(reads) == 1  # one HMAC check per entry, not one per message
+    assert node.own_flow(forged) is None and node.own_flow(forged) is None
+    assert len(reads) == 3  # a forged entry is checked every time: it never enters the memo
+    monkeypatch.setattr(node_module, "_OWN_ROUTES_MAX", 2)
+    for port in range(3):
+        node.own_flow(f"<{node.uri(node.tokens.mint(FlowRef('f', 'udp', '192.0.2.9', port)))}>")
+    assert len(node._own_routes) <= 2  # bounded

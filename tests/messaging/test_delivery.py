@@ -196,7 +196,7 @@ def test_a_restart_delivers_to_reachable_devices_at_once():
     assert third.sender.bodies() == [b"waiting"]
 
 
-def test_a_message_is_deleted_when_the_devices_that_did_not_get_it_are_gone():
+def test_a_message_is_deleted_when_the_devices_that_did_not_get_it_unregistered():
     w = World()
     desk, ios = phone("sip:bob@192.0.2.20:5060"), phone("sip:bob@192.0.2.30:5060", push=True)
     w.location.add(desk)
@@ -205,7 +205,30 @@ def test_a_message_is_deleted_when_the_devices_that_did_not_get_it_are_gone():
     w.sender.answer(0, 200)
     assert len(w.outbox) == 1
     w.location.bindings[AOR].remove(ios)
-    w.delivery.binding_removed(ios, "expired")
+    w.delivery.binding_removed(ios, "unregistered")  # the app said goodbye (REGISTER expires=0)
+    assert len(w.outbox) == 0
+
+
+def test_a_phone_whose_registration_lapsed_still_gets_its_message_when_it_is_back():
+    # the desk phone got it; the mobile was off (a flight) and its binding expired, or its push token
+    # died: it is still bob's phone, and what waited for it is delivered when it registers again
+    # (before: deleted at the expiry, lost for the phone although answered 202 for it)
+    w = World()
+    desk = phone("sip:bob@192.0.2.20:5060")
+    ios = phone("sip:bob@192.0.2.30:5060", push=True, instance="<urn:uuid:phone>")
+    w.location.add(desk)
+    w.location.add(ios)
+    w.send(b"x")
+    w.sender.answer(0, 200)
+    for reason in ("expired", "dead push token"):
+        w.location.bindings[AOR].remove(ios)
+        w.delivery.binding_removed(ios, reason)
+        assert len(w.outbox) == 1
+        ios = phone("sip:bob@192.0.2.31:5060", push=True, instance="<urn:uuid:phone>", registered_at=5)
+        w.location.add(ios)
+    w.delivery.binding_added(ios)
+    assert w.sender.bodies() == [b"x", b"x"]
+    w.sender.answer(1, 200)
     assert len(w.outbox) == 0
 
 

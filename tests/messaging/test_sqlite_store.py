@@ -112,3 +112,12 @@ def test_the_outbox_on_sqlite_survives_a_restart(tmp_path):
     clock.advance(600)  # their ttl runs from when they were accepted, not from the restart
     assert len(again) == 0
     again.stop()
+
+
+def test_a_commit_is_synced_before_the_202(tmp_path):
+    # the 202 promises the message is durable: in WAL mode synchronous=NORMAL does not sync the WAL
+    # at each commit, and an OS crash or power loss may roll back messages already acknowledged
+    # (https://www.sqlite.org/pragma.html#pragma_synchronous); FULL syncs it, once per group commit
+    store = SqliteMessageStore(str(tmp_path / "m.sqlite"), Clock(), run_in_thread=Manual())
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL

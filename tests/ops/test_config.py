@@ -238,20 +238,31 @@ def test_the_config_check_is_the_transport_parser(spec):
         ({"location": {"key_prefix": ""}}, "location.key_prefix: must not be empty"),
         ({"location": {"sentinels": ["s1:26379", "s2"]}}, 'location.sentinels[1]: "s2" is not "host:port"'),
         ({"location": {"sentinels": ["s1:26379"]}}, "location.service_name: required with location.sentinels"),
-        ({"location": {"backend": "redis"}, "ops": {"reactor": "epoll"}}, 'ops.reactor: must be "auto" or "asyncio" with location.backend = "redis"'),
+        ({"location": {"backend": "redis"}, "ops": {"reactor": "epoll"}}, 'ops.reactor: must be "auto", "uvloop" or "asyncio" with location.backend = "redis"'),
         ({"cluster": {"node_id": "a\nb"}}, 'cluster.node_id: "a\\nb" is not a node id (letters, digits, ".", "_", "-"; at most 63)'),
         ({"calls": {"header_allowlist": ["Sub ject"]}}, 'calls.header_allowlist[0]: "Sub ject" is not a valid header name'),
         ({"calls": {"max_branches": 0}}, "calls.max_branches: must be >= 1, got 0"),
         ({"log": {"level": "verbose"}}, 'log.level: unknown value "verbose" (expected one of "debug", "info", "warn", "error")'),
         ({"log": {"format": "xml"}}, 'log.format: unknown value "xml" (expected one of "text", "json")'),
         ({"ops": {"threadpool_size": 0}}, "ops.threadpool_size: must be >= 1, got 0"),
-        ({"ops": {"reactor": "uvloop"}}, 'ops.reactor: unknown value "uvloop" (expected one of "auto", "epoll", "asyncio")'),
+        ({"ops": {"reactor": "kqueue"}},
+         'ops.reactor: unknown value "kqueue" (expected one of "auto", "epoll", "asyncio", "uvloop")'),
         ({"admin": {"listen": "http:8080"}}, 'admin.listen: "http:8080" is not an endpoint like "tcp:2222:interface=127.0.0.1"'),
         ({"admin": {"listen": "tcp:port=x"}}, 'admin.listen: "tcp:port=x" has no valid port'),
     ],
 )
 def test_bad_values(data, expected):
     assert error_of(data) == expected
+
+
+def test_reactor_uvloop_needs_the_package(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name, *a))
+    assert error_of({"ops": {"reactor": "uvloop"}}) == (
+        'ops.reactor: "uvloop" needs the uvloop package: pip install uvloop'
+    )
 
 
 def test_admin_endpoint_ok():
@@ -576,7 +587,14 @@ TRUNK = {"name": "carrier", "targets": ["sip:127.0.0.1:5099"]}
         ({"trunks": [{**TRUNK, "username": "acct"}]}, "trunks[0].password: username and password go together"),
         ({"trunks": [{**TRUNK, "headers": ["X-Nope"]}]}, 'trunks[0].headers[0]: "X-Nope" is not "Name: value"'),
         ({"trunks": [{**TRUNK, "headers": ["Via: x"]}]}, 'trunks[0].headers[0]: "Via" is written by the server itself'),
+        ({"trunks": [{**TRUNK, "headers": ["l: 0"]}]}, 'trunks[0].headers[0]: "l" is written by the server itself'),
+        ({"trunks": [{**TRUNK, "headers": ["v: SIP/2.0/UDP x"]}]},
+         'trunks[0].headers[0]: "v" is written by the server itself'),
         ({"trunks": [{**TRUNK, "max_calls": -1}]}, "trunks[0].max_calls: must be >= 0, got -1"),
+        ({"trunks": [{**TRUNK, "from_domain": "voip.example;maddr=192.0.2.9"}]},
+         'trunks[0].from_domain: "voip.example;maddr=192.0.2.9" is not a host[:port]'),
+        ({"trunks": [{**TRUNK, "from_domain": "voip example"}]},
+         'trunks[0].from_domain: "voip example" is not a host[:port]'),
         ({"trunks": [{**TRUNK, "failover_timeout": 60}]}, "trunks[0].failover_timeout: must be <= 32, got 60.0"),
         ({"trunks": [TRUNK], "routes": [{"prefix": "+33", "trunk": "nope"}]}, 'routes[0].trunk: unknown trunk "nope"'),
         ({"trunks": [TRUNK], "routes": [{"prefix": "33", "trunk": "carrier"}]},

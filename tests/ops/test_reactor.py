@@ -33,15 +33,16 @@ def test_auto_is_epoll_apns_included() -> None:
     assert reactor_for(with_apns(default_config())) == "epoll"  # APNs is h2 on Twisted: no asyncio
     assert reactor_for(config_from_dict({"ops": {"reactor": "asyncio"}})) == "asyncio"
     assert reactor_for(config_from_dict({"ops": {"reactor": "epoll"}})) == "epoll"
+    assert reactor_for(config_from_dict({"ops": {"reactor": "uvloop"}})) == "uvloop"
 
 
-def test_auto_is_asyncio_with_the_redis_location_backend() -> None:
+def test_auto_is_uvloop_with_the_redis_location_backend() -> None:
     # redis-py's asyncio client runs on the reactor's own loop (registrar/asyncio_bridge.py)
-    assert reactor_for(config_from_dict({"location": {"backend": "redis"}})) == "asyncio"
+    assert reactor_for(config_from_dict({"location": {"backend": "redis"}})) == "uvloop"
     assert reactor_for(config_from_dict({"location": {"backend": "redis"}, "ops": {"reactor": "asyncio"}})) == "asyncio"
 
 
-def _served_by(tmp_path: Path, toml: str) -> str:
+def _served_by(tmp_path: Path, toml: str, more: str = "") -> str:
     """The reactor a fresh interpreter runs after the tap built the service tree from this config."""
     config = tmp_path / "c.toml"
     config.write_text('[sip]\nlisten = ["udp:127.0.0.1:0"]\n[location]\nbackend = "memory"\n' + toml)
@@ -51,7 +52,7 @@ def _served_by(tmp_path: Path, toml: str) -> str:
         f"opts.parseOptions(['--config', {str(config)!r}])\n"
         "tap.makeService(opts)\n"
         "from twisted.internet import reactor\n"
-        "print(type(reactor).__name__)\n"
+        "print(type(reactor).__name__)\n" + more
     )
 
 
@@ -61,6 +62,14 @@ def test_tap_installs_epoll_by_default(tmp_path: Path) -> None:
 
 def test_tap_installs_asyncio_when_asked(tmp_path: Path) -> None:
     assert _served_by(tmp_path, '[ops]\nreactor = "asyncio"\n') == "AsyncioSelectorReactor"
+
+
+def test_tap_installs_asyncio_over_uvloop_when_asked(tmp_path: Path) -> None:
+    # the asyncio reactor, its loop uvloop's: what running_reactor() logs at start-up
+    assert _served_by(tmp_path, '[ops]\nreactor = "uvloop"\n',
+                      "print(type(reactor._asyncioEventloop).__module__.split('.')[0])\n"
+                      "from libon_tsilo.ops.reactor import running_reactor\n"
+                      "print(running_reactor())\n") == "AsyncioSelectorReactor\nuvloop\nuvloop"
 
 
 def test_a_reactor_from_the_command_line_is_kept() -> None:

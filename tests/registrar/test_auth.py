@@ -358,3 +358,45 @@ def test_each_refusal_is_logged_with_its_outcome(env: AuthEnv) -> None:
     outcomes = [(e["outcome"], e["user"]) for e in logged if "outcome" in e]
     assert outcomes == [("wrong_password", "alice"), ("unknown_user", "mallory"), ("not_owner", "bob"),
                         ("replayed_nc", "alice")]
+
+
+# -- review of issue 13: credentials bound to the request they were challenged for ---------------
+
+def _invite_to(ruri: str, extra: list[str] | None = None) -> Any:
+    return parse_message(register_text(method="INVITE", to="sip:alice@example.com", ruri=ruri, extra=extra))
+
+
+def _proxy_challenge(env: AuthEnv, ruri: str) -> str:
+    return env.policy.check(_invite_to(ruri), env.flow).response.header_values("Proxy-Authenticate")[1]
+
+
+def test_credentials_for_one_call_cannot_place_another(env: AuthEnv) -> None:
+    # an on-path attacker drops alice's INVITE to bob (its nonce-count stays unused) and sends her
+    # credentials on an INVITE to a premium number: the nonce was challenged for bob's URI, so the
+    # answer is a fresh stale challenge only alice's password can answer (toll fraud before: 200)
+    challenge = _proxy_challenge(env, "sip:bob@example.com")
+    auth = digest_authorization(challenge, "alice", "wonderland", "INVITE", "tel:+19005550100")
+    result = env.policy.check(_invite_to("tel:+19005550100", [f"Proxy-Authorization: {auth}"]), env.flow)
+    assert result.response is not None and result.response.status == 407
+    assert "stale=true" in result.response.header_values("Proxy-Authenticate")[0]
+    # alice's own retry on the request that was challenged passes, with the same credentials
+    auth = digest_authorization(challenge, "alice", "wonderland", "INVITE", "sip:bob@example.com")
+    result = env.policy.check(_invite_to("sip:bob@example.com", [f"Proxy-Authorization: {auth}"]), env.flow)
+    assert result.ok and result.user == "alice"
+
+
+def test_bound_nonce_accepts_any_digest_uri_on_its_own_request(env: AuthEnv) -> None:
+    # SIPp (and some phones) write the server's address as digest-uri: the binding is the nonce's,
+    # so they still authenticate on the request that was challenged
+    challenge = _proxy_challenge(env, "tel:+33123456789")
+    auth = digest_authorization(challenge, "alice", "wonderland", "INVITE", "sip:127.0.0.1:5060")
+    result = env.policy.check(_invite_to("tel:+33123456789", [f"Proxy-Authorization: {auth}"]), env.flow)
+    assert result.ok and result.user == "alice"
+
+
+def test_register_nonce_cannot_authenticate_an_invite(env: AuthEnv) -> None:
+    challenge = env.challenge().header_values("WWW-Authenticate")[1]
+    auth = digest_authorization(challenge, "alice", "wonderland", "INVITE", "sip:bob@example.com")
+    result = env.policy.check(_invite_to("sip:bob@example.com", [f"Proxy-Authorization: {auth}"]), env.flow)
+    assert result.response is not None and result.response.status == 407
+    assert "stale=true" in result.response.header_values("Proxy-Authenticate")[0]

@@ -832,3 +832,46 @@ def test_log_call_id_never_raises() -> None:
     assert log_call_id(ok) == "c1@h"
     assert log_call_id(no_id) is None
     assert log_call_id(None) is None
+
+
+# -- Request.copy (a proxy's copy to forward, issue 14's relay) -----------------------------------
+
+
+def test_request_copy_serializes_as_the_original() -> None:
+    req = parse_message(INVITE)
+    assert isinstance(req, Request)
+    req.vias  # parsed state in the original's cache must not matter
+    out = req.copy()
+    assert out.to_bytes() == INVITE
+    assert (out.method, out.raw_uri, out.body) == ("INVITE", "sip:bob@biloxi.example.com", SDP)
+    assert [str(v) for v in out.vias] == [str(v) for v in req.vias]
+    assert out.header_values("record-route") == ["<sip:p1.example.com;lr>"]
+
+
+def test_request_copy_edits_leave_the_original_alone() -> None:
+    req = parse_message(INVITE)
+    assert isinstance(req, Request)
+    req.to  # indexed and cached before the copy, as a relayed request is
+    out = req.copy()
+    out.add_header("Via", "SIP/2.0/UDP relay.example.com;branch=z9hG4bKr", first=True)
+    out.set_header("Max-Forwards", "69")
+    out.remove_header("record-route")
+    out.add_header("Record-Route", "<sip:relay.example.com;lr>", first=True)
+    out.remove_top_via()
+    out.remove_top_via()
+    assert req.to_bytes() == INVITE
+    assert req.max_forwards == 70 and len(req.vias) == 3 and req.top_via.host == "pc33.atlanta.example.com"
+    assert out.max_forwards == 69 and [v.host for v in out.vias] == ["[2001:db8::7]", "third.example.com"]
+    reparsed = parse_message(out.to_bytes())
+    assert reparsed.header_values("record-route") == ["<sip:relay.example.com;lr>"]
+    assert reparsed.body == SDP
+
+
+def test_request_copy_of_a_compacted_request() -> None:
+    req = parse_message(INVITE)
+    assert isinstance(req, Request)
+    req.compact()
+    out = req.copy()
+    out.set_header("Max-Forwards", "1")
+    assert parse_message(out.to_bytes()).max_forwards == 1
+    assert req.to_bytes() == INVITE

@@ -15,7 +15,7 @@ MESSAGE_MODULE = PACKAGE / "sip" / "message.py"
 def _private_members() -> set[str]:
     names: set[str] = set()
     for cls in (Message, Request, Response):
-        names.update(cls.__slots__)
+        names.update(getattr(cls, "__slots__", ()))  # compiled by mypyc: none, the fields are in vars()
         names.update(vars(cls))
     return {n for n in names if n.startswith("_") and not n.startswith("__")}
 

@@ -436,3 +436,19 @@ async def test_a_failing_early_hook_is_logged_and_the_datagram_handled_as_usual(
         msg, _ = await h.next()
     assert msg.call_id == "call-bug"
     assert any(e.get("log_failure") is not None and "early hook" in e.get("log_format", "") for e in events)
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_supplied_received_is_replaced_by_the_source(harness, peer) -> None:
+    # a phone may not choose where we send: a REGISTER whose Via claims ;received=<a trunk's IP>
+    # (sent-by = its real address, no rport) would make the registrar store that IP as the device's
+    # address, and every call to the user would go to the trunk (toll fraud), its responses too
+    h = harness()
+    client, cport = peer()
+    client.send(sip_request(via=f"SIP/2.0/UDP 127.0.0.1:{cport};received=192.0.2.99;branch=z9hG4bK-f1"),
+                h.addr())
+    msg, flow = await h.next()
+    assert msg.top_via.received == "127.0.0.1"
+    h.layer.send_response(make_response(msg, 200), None)  # routed on the Via alone
+    data, _ = await client.next()
+    assert parse_message(data).status == 200

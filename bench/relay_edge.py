@@ -1,0 +1,229 @@
+"""In-process CPU cost of the edge node of a cross-node call (issue 14, case (c) of bench/cluster.py).
+
+    .venv/bin/python bench/relay_edge.py [--n 2000]               # wall clock, us per call
+    .venv/bin/python bench/relay_edge.py --icount [--n 200]       # instructions per call (callgrind)
+    .venv/bin/python bench/relay_edge.py --profile [--n 2000]     # cProfile of the relay stage
+
+Node B (the node holding the device's flow) is the real service tree with a cluster config (memory
+store, auth off), fed datagrams straight into its transport as bench/inproc.py does. Per call: the
+device REGISTERs on B (stage ``register`` stops there); then (stage ``relay``) node A's forked
+INVITE arrives on B's internal listener with B's Path entry as Route, B relays it over the device's
+flow, the device answers 180 and 200, A's ACK and BYE come through B, the device answers the BYE.
+A and the device are fake: their messages are built by copying header lines out of B's datagrams.
+``relay`` minus ``register`` is what relaying one call costs the edge node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.inproc import REGISTER, SDP, answer, take  # noqa: E402
+
+PUBLIC = ("127.0.0.1", 29501)
+INTERNAL = ("127.0.0.1", 29502)
+NODE_A = ("127.0.0.1", 29503)
+
+def device(i: int) -> tuple[str, int]:
+    """Call i's device: each its own flow and flow token, as in a real cluster."""
+    return ("127.0.0.1", 20000 + i % 9000)
+
+
+# node A's B-leg INVITE towards the device, as A's call layer sends it: the binding's Path as Route
+A_INVITE = (
+    "INVITE sip:{user}@127.0.0.1:{port};transport=udp SIP/2.0\r\n"
+    "Via: SIP/2.0/UDP 127.0.0.1:29503;branch=z9hG4bK-ai{n};rport\r\n"
+    "Max-Forwards: 70\r\n"
+    "Route: {path}\r\n"
+    "From: <sip:caller@127.0.0.1>;tag=a{n}\r\n"
+    "To: <sip:{user}@127.0.0.1>\r\n"
+    "Call-ID: b{n}@nodea\r\n"
+    "CSeq: 1 INVITE\r\n"
+    "Contact: <sip:node-a@127.0.0.1:29503>\r\n"
+    "Content-Type: application/sdp\r\n"
+    "Content-Length: {length}\r\n\r\n{sdp}"
+)
+
+A_IN_DIALOG = (
+    "{method} sip:{user}@127.0.0.1:{port};transport=udp SIP/2.0\r\n"
+    "Via: SIP/2.0/UDP 127.0.0.1:29503;branch=z9hG4bK-a{kind}{n};rport\r\n"
+    "Max-Forwards: 70\r\n"
+    "Route: {routes}\r\n"
+    "From: <sip:caller@127.0.0.1>;tag=a{n}\r\n"
+    "To: {to}\r\n"
+    "Call-ID: b{n}@nodea\r\n"
+    "CSeq: {cseq} {method}\r\n"
+    "Content-Length: 0\r\n\r\n"
+)
+
+_TO = re.compile(rb"^To: ([^\r]*)\r\n", re.M | re.I)
+_RR = re.compile(rb"^Record-Route: ([^\r]*)\r\n", re.M | re.I)
+
+
+def build() -> dict[str, Any]:
+    from twisted.internet import asyncioreactor
+
+    if "twisted.internet.reactor" not in sys.modules:
+        asyncioreactor.install()
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner
+
+    from libon_tsilo.ops.config import config_from_dict
+    from libon_tsilo.ops.gctune import tune_gc
+    from libon_tsilo.ops.logging import make_observer
+    from libon_tsilo.ops.service import make_service
+
+    globalLogBeginner.beginLoggingTo([make_observer("warn", "text")], redirectStandardIO=False)
+    cfg = config_from_dict({
+        "sip": {"listen": [f"udp:{PUBLIC[0]}:{PUBLIC[1]}"], "domains": ["127.0.0.1"]},
+        "auth": {"enabled": False},
+        "location": {"backend": "memory", "path": os.path.join(tempfile.mkdtemp(), "loc.sqlite")},
+        "log": {"level": "warn", "format": "text"},
+        "calls": {"ring_timeout": 30, "invite_cancel_grace": 0},
+        "cluster": {"node_id": "b", "node_address": f"udp:{INTERNAL[0]}:{INTERNAL[1]}", "secret": "bench"},
+    })
+    root = make_service(cfg, clock=reactor)
+    tune_gc()
+    parts = root.parts
+    transport = parts.transport
+    # what listen() would have recorded: the public listener, then the internal one
+    transport.bound = [("udp", *PUBLIC), ("udp", *INTERNAL)]
+    outbox: list[tuple[bytes, tuple[str, int]]] = []
+
+    class FakeSocket:
+        v6 = False
+
+        def __init__(self, local: tuple[str, int]) -> None:
+            self.local = local
+
+        def send_to(self, data: bytes, addr: tuple[str, int]) -> None:
+            outbox.append((data, addr))
+
+    public, internal = FakeSocket(PUBLIC), FakeSocket(INTERNAL)
+    transport._udp_socket = lambda host, prefer=None: internal if prefer == INTERNAL else public
+
+    def feed(data: bytes, addr: tuple[str, int], sock: FakeSocket = public) -> None:
+        transport.datagram_received(sock, data, addr)
+
+    return {"reactor": reactor, "parts": parts, "outbox": outbox, "feed": feed, "internal": internal}
+
+
+def make_run(env: dict[str, Any], stage: str, n: int) -> Callable[[], None]:
+    feed, outbox, reactor, internal = env["feed"], env["outbox"], env["reactor"], env["internal"]
+    sdp = SDP.format(who="caller")
+    device_sdp = SDP.format(who="device")
+    node, transport = env["parts"].extra["cluster_node"], env["parts"].transport
+    registers = [REGISTER.format(n=i, user=f"e{i}", port=device(i)[1]).encode() for i in range(n)]
+
+    def one_call(i: int) -> None:
+        DEVICE, port = device(i), device(i)[1]  # noqa: N806
+        dialog = {"n": i, "user": f"e{i}", "port": port}
+        feed(registers[i], DEVICE)
+        reactor.runUntilCurrent()
+        take(outbox, DEVICE, b"SIP/2.0 200")
+        if stage == "register":
+            return
+        # the Path entry B's registrar stored with the binding (it names the device's flow)
+        path = node.path_entry(transport.flows.lookup("udp", PUBLIC, DEVICE), False)
+        invite = A_INVITE.format(n=i, user=f"e{i}", path=path, port=port, sdp=sdp, length=len(sdp)).encode()
+        feed(invite, NODE_A, internal)
+        reactor.runUntilCurrent()
+        d_invite = take(outbox, DEVICE, b"INVITE ")
+        feed(answer(d_invite, "180 Ringing", f"d{i}"), DEVICE)
+        rr = b"\r\nRecord-Route: ".join(_RR.findall(d_invite))
+        ok_text = answer(d_invite, "200 OK", f"d{i}", device_sdp)
+        ok_text = ok_text.replace(b"\r\nContact:", b"\r\nRecord-Route: " + rr + b"\r\nContact:", 1)
+        feed(ok_text, DEVICE)
+        reactor.runUntilCurrent()
+        a_ok = take(outbox, NODE_A, b"SIP/2.0 200")
+        to = _TO.search(a_ok).group(1).decode()
+        # A's route set: the Record-Route of the 200, reversed (RFC 3261 §12.1.2)
+        routes = ", ".join(reversed([r.decode() for r in _RR.findall(a_ok)]))
+        ack = A_IN_DIALOG.format(method="ACK", kind="a", routes=routes, to=to, cseq=1, **dialog)
+        feed(ack.encode(), NODE_A, internal)
+        bye = A_IN_DIALOG.format(method="BYE", kind="b", routes=routes, to=to, cseq=2, **dialog)
+        feed(bye.encode(), NODE_A, internal)
+        reactor.runUntilCurrent()
+        take(outbox, DEVICE, b"ACK ")
+        d_bye = take(outbox, DEVICE, b"BYE ")
+        feed(answer(d_bye, "200 OK", f"d{i}"), DEVICE)
+        reactor.runUntilCurrent()
+        take(outbox, NODE_A, b"SIP/2.0 200")
+        outbox.clear()  # 100 Trying, 180 relayed
+
+    def run() -> None:
+        for i in range(n):
+            one_call(i)
+        if stage == "relay":
+            stats = env["parts"].extra["cluster_relay"].stats()
+            if stats.get("to_device", 0) != 3 * n or stats["pending_invites"]:
+                raise RuntimeError(f"relay stats after {n} calls: {stats}")
+    return run
+
+
+def run_stage(stage: str, n: int, profile: bool = False) -> float:
+    run = make_run(build(), stage, n)
+    if profile:
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.runcall(run)
+        pstats.Stats(prof).sort_stats(os.environ.get("PSORT", "tottime")).print_stats(45)
+        return 0.0
+    started = time.perf_counter()
+    run()
+    return time.perf_counter() - started
+
+
+def icount(stage: str, n: int) -> int:
+    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
+           "--child", stage, str(n)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
+    found = re.search(r"Collected : (\d+)", out.stderr)
+    if out.returncode != 0 or found is None:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr[-3000:]}")
+    return int(found.group(1))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=None, help="calls per stage: 2000, 200 with --icount")
+    p.add_argument("--icount", action="store_true", help="instructions per call under callgrind")
+    p.add_argument("--profile", action="store_true", help="cProfile the relay stage")
+    p.add_argument("--child", nargs=2, metavar=("STAGE", "N"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(run_stage(args.child[0], int(args.child[1])))
+        return
+    n = args.n or (200 if args.icount else 2000)
+    if args.profile:
+        run_stage("relay", n, profile=True)
+        return
+    figures = {}
+    for stage in ("register", "relay"):
+        if args.icount:
+            figures[stage] = per = (icount(stage, n) - icount(stage, 0)) / n
+            print(f"{stage:9} {per:>12,.0f} instructions per call", flush=True)
+        else:
+            out = subprocess.run([sys.executable, __file__, "--child", stage, str(n)],
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(f"{stage} failed:\n{out.stdout}\n{out.stderr[-3000:]}")
+            figures[stage] = per = float(out.stdout.split()[-1]) / n * 1e6
+            print(f"{stage:9} {per:>9.1f} us per call", flush=True)
+    unit = "instructions" if args.icount else "us"
+    print(f"relaying  {figures['relay'] - figures['register']:>12,.0f} {unit} per call (relay - register)")
+
+
+if __name__ == "__main__":
+    main()
