@@ -516,9 +516,11 @@ class Call:
         return False
 
     def _peer_failed(self, leg: BLeg, resp: Response) -> bool:
-        """A branch sent to another node timed out or got 408/503: that node is suspect for the rest
-        of this call, and the branch goes around it (fork() and _route() treat it as down)."""
-        if resp.status not in (408, 503) or leg.cancelled or self.state.final or self.ended:
+        """A branch sent to another node timed out or failed in our transport: that node is suspect
+        for the rest of this call, and the branch goes around it (fork() and _route() treat it as
+        down). A 408/503 that came back through the node is the device's answer, not the node's
+        failure: going around would ring the device a second time."""
+        if not getattr(leg.ctx, "failed_locally", False) or leg.cancelled or self.state.final or self.ended:
             return False
         hop = leg.hop
         if hop.local is None or not self._node_down_after(leg, hop):

@@ -19,7 +19,8 @@ from twisted.internet.task import Clock
 
 from libon_tsilo.cluster.liveness import TTL, PeerLiveness
 from tests.cluster.test_relay_two_nodes import AOR, Pair, _public, invite, register
-from tests.cluster.ua import wait_for
+from libon_tsilo.sip.message import Request, Response
+from tests.cluster.ua import response_to, tag, wait_for
 
 PUSH = ";pn-provider=webhook;pn-prid=device-token-1;pn-param=app"
 
@@ -143,6 +144,29 @@ async def test_a_node_that_fails_a_branch_is_gone_around_for_the_call():
         assert len(vias) == 1 and f":{_public(pair.a, 'udp')[1]};" in vias[0], vias
         call = next(iter(pair.a.parts.b2bua.calls.values()))
         assert call.suspects == {("tcp", "127.0.0.1", pair.b.parts.extra["cluster_node"].bound[1])}
+    finally:
+        await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_devices_503_through_a_live_node_is_its_answer_not_the_nodes_failure():
+    """The device itself answers 503 through B: B is fine, so A must not go around it and ring the
+    device a second time straight from A; the caller gets the call's failure."""
+    pair = Pair(internal="tcp")
+    pair.start()
+    try:
+        device = await pair.ua(pair.b)
+        device.send(register(device))
+        await device.response(200, "REGISTER")
+        caller = await pair.ua(pair.a)
+        caller.send(invite(caller, _public(pair.a, "udp")[1]))
+        inv = await device.request("INVITE")
+        device.send(response_to(inv, 503, "Service Unavailable", tag()))
+        final = await caller.expect(lambda m: isinstance(m, Response) and m.status >= 300, "the caller's failure")
+        assert final.status != 200
+        invites = [m for m in device.received if isinstance(m, Request) and m.method == "INVITE"]
+        assert len(invites) == 1, [m.header_values("via") for m in invites]
+        assert not any(call.suspects for call in pair.a.parts.b2bua.calls.values())
     finally:
         await pair.stop()
 
