@@ -242,9 +242,16 @@ class LayerServices(Protocol):
 
     transport: Any
     clock: IReactorTime
-    t1: float
-    t2: float
-    t4: float
+    # read-only properties, not plain attributes: mypyc 1.20's code generator crashes on a float
+    # attribute of a Protocol (an AssertionError in emit_method_call); a plain attribute satisfies them
+    @property
+    def t1(self) -> float: ...
+
+    @property
+    def t2(self) -> float: ...
+
+    @property
+    def t4(self) -> float: ...
 
     def forget(self, txn: TransactionBase) -> None: ...
 
@@ -306,7 +313,8 @@ class TransactionBase:
             self.layer.forget(self)
 
     # the ExpiryQueue callback of the final wait: the transaction itself, not a bound method object
-    __call__ = terminate
+    def __call__(self) -> None:
+        self.terminate()
 
     def halt(self) -> None:
         """Service stop: cancel timers without telling anyone."""

@@ -179,8 +179,17 @@ class InviteClientTransaction(ClientTransaction):
 
     __slots__ = ("ack", "cancel_request", "_cancel_wanted")
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    # the parameters spelled out: mypyc passes super().__init__(*args) the tuple as one argument
+    def __init__(
+        self,
+        layer: LayerServices,
+        key: tuple[Any, ...],
+        request: Request,
+        target: Any,
+        flow: Any,
+        on_response: ResponseCallback,
+    ) -> None:
+        super().__init__(layer, key, request, target, flow, on_response)
         self.ack: Request | None = None
         self.cancel_request: Request | None = None
         self._cancel_wanted: tuple[list[tuple[str, str]], ResponseCallback | None] | None = None
