@@ -5,9 +5,12 @@ back every node alive now (``registrar/redis_store.py: RedisBindingStore.heartbe
 per beat). A node killed with -9 stops beating and drops out of every view ``ttl`` after its last
 beat; a node that stops cleanly leaves at once.
 
-A node missing from our view is still alive for a binding it took less than ``ttl`` before that
-view (``alive(name, since)``): a node that just started (or that our view predates) took it, and
-a dead node's entry stays in the store ``ttl`` after its last beat, longer than anything it did.
+A node missing from our view is still alive for a binding it took less than ``ttl - interval``
+before that view (``alive(name, since)``): a live node beats within ``interval`` of anything it
+does, so one missing from our view took it just before that view (it started, or beat just after
+our beat). A dead node's entry stays in the store ``ttl`` after its last beat, but the node may have
+worked for up to ``interval`` after that beat (a binding taken just before a kill -9): what it did
+is older than ``ttl - interval`` before the first view without it.
 
 What "alive" means when we do not know: before the first answer, or when our own beats have failed
 for longer than ``ttl`` (Redis down), every peer counts as alive: the call layer then behaves as it
@@ -83,9 +86,9 @@ class PeerLiveness(Service):
         if self.clock.seconds() - seen_at > self.ttl:
             return True
         # a node that joined after our last beat, or beat just after it, is missing from our view:
-        # what it did less than ttl before that view proves it was alive (a dead node's entry lasts
-        # ttl after its last beat, so anything it did before dying is older than that)
-        return since is not None and since > seen_at - self.ttl
+        # what it did less than ttl - interval before that view proves it was alive (a dead node's
+        # entry lasts ttl after its last beat, and it worked at most interval past that beat)
+        return since is not None and since > seen_at - self.ttl + self.interval
 
     def stats(self) -> dict[str, object]:
         return {"alive": sorted(self.view or ()), "known": self.view is not None and

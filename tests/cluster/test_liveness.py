@@ -108,11 +108,27 @@ async def test_redis_heartbeat_lists_the_nodes_alive_and_forgets_the_dead(redis_
 
 def test_a_binding_newer_than_our_view_proves_its_node_alive():
     """A node that joined after our last beat is not in our view yet: a binding it took since (or
-    less than ttl before that view) says it is alive; an older one does not."""
+    less than ttl - interval before that view, when a live node would have beaten since) says it is
+    alive; an older one does not."""
     store = Store()
     store.alive = {A}
     liveness, clock = _liveness(store)
     clock.advance(10.0)  # our view is from t=10
-    assert not liveness.alive(B) and not liveness.alive(B, since=6.0)
-    assert liveness.alive(B, since=7.5) and liveness.alive(B, since=10.2)
+    assert not liveness.alive(B) and not liveness.alive(B, since=6.0) and not liveness.alive(B, since=7.5)
+    assert liveness.alive(B, since=8.5) and liveness.alive(B, since=10.2)
+    liveness.stopService()
+
+
+def test_a_binding_taken_after_a_killed_nodes_last_beat_does_not_keep_it_alive():
+    """kill -9 of B just after it took a binding, between two of its beats: B's last beat at t=0,
+    the binding at t=0.9, B's entry expires at t=3 (ttl). The first view without B must not count
+    B alive for that binding (a call would go to the dead node and ring out)."""
+    store = Store()
+    liveness, clock = _liveness(store)  # t=0: B beat, we see it
+    clock.pump([1.0, 1.0])
+    assert liveness.alive(B)
+    store.alive = {A}  # B's entry expired at t=3
+    clock.advance(1.0)
+    assert liveness.seen_at == 3.0
+    assert not liveness.alive(B, since=0.9)
     liveness.stopService()
