@@ -608,7 +608,11 @@ class Call:
 
     def _send_branch(self, leg: BLeg) -> None:
         if logflags.debug_enabled:
-            log.debug("fork to {contact}", contact=redact_uri(leg.binding.contact_uri), call_id=self.call_id)
+            # the hop, not only the Contact: a branch may go through another node or straight around it
+            hop = leg.hop
+            log.debug("fork to {contact} via {transport}:{host}:{port}", contact=redact_uri(leg.binding.contact_uri),
+                      transport=hop.transport if hop else "-", host=hop.host if hop else "-",
+                      port=hop.port if hop else "-", call_id=self.call_id)
         leg.ctx = self.port.send_request(leg.invite, leg.hop, partial(self.branch_response, leg))
 
     def branch_response(self, leg: BLeg, resp: Response) -> None:
