@@ -610,9 +610,9 @@ class Call:
         if logflags.debug_enabled:
             # the hop, not only the Contact: a branch may go through another node or straight around it
             hop = leg.hop
-            log.debug("fork to {contact} via {transport}:{host}:{port}", contact=redact_uri(leg.binding.contact_uri),
-                      transport=hop.transport if hop else "-", host=hop.host if hop else "-",
-                      port=hop.port if hop else "-", call_id=self.call_id)
+            where = f"{hop.transport}:{hop.host}:{hop.port}" if hop is not None else "-"
+            contact = redact_uri(leg.binding.contact_uri)
+            log.debug("fork to {contact} via {where}", contact=contact, where=where, call_id=self.call_id)
         leg.ctx = self.port.send_request(leg.invite, leg.hop, partial(self.branch_response, leg))
 
     def branch_response(self, leg: BLeg, resp: Response) -> None:
