@@ -6,14 +6,17 @@ the internet in the name of a foreign domain gets 403: we relay no one's message
 the stored sender is always an identity we verified (or a trusted peer's), never a From we were
 merely told. With ``[auth] enabled = false`` the operator trusts every source, and the From is used.
 
-Answers, in order: 404 (not one of our domains, or no such user: after digest, so that only a
-local user learns who exists), 400 (no body, or a body without Content-Type), 415 (an encoded
-body), 413 for a body over ``max_size`` (RFC 3428 §7 and RFC 3261 §21.4.11: the body, not the
-transport's datagram limit that 513 is about, is what we refuse to store), 480 "Mailbox Full" at
-``max_per_user`` stored (the recipient cannot take more until a device collects them; the sender
-may try later; 486 would say the user's phone is busy, 503 that our server fails), 503 with
-Retry-After at ``max_total`` waiting messages (ours is full) and for a sender over
-``per_sender_per_minute``, and 202 once the message is durable (500
+Answers, in order: 404 (not one of our domains, or no such user or number owner: after digest,
+so that only a local user learns who exists; a tel: URI or a local SIP URI naming a phone number
+reaches the number's owner as calls do, an outsider gets the 403 first), 400 (no body, or a body
+without Content-Type), 415 (an encoded body), 413 for a body over ``max_size`` (RFC 3428 §7 and
+RFC 3261 §21.4.11: the body, not the transport's datagram limit that 513 is about, is what we
+refuse to store), 480 "Mailbox Full" at ``max_per_user`` stored (the recipient cannot take more
+until a device collects them; the sender may try later; 486 would say the user's phone is busy,
+503 that our server fails), 480 "Mailbox Full For This Sender" at ``max_per_sender_per_user`` from
+this sender (the same temporary state of the recipient, scoped to one sender so that one user
+cannot fill another's mailbox), 503 with Retry-After at ``max_total`` waiting messages (ours is
+full) and for a sender over ``per_sender_per_minute``, and 202 once the message is durable (500
 with Retry-After when the store failed). Each refusal by a limit is counted (``limit_hits``) and
 logged at most once per 10 s per limit.
 """
@@ -47,7 +50,8 @@ _REASONS = {
     415: "Unsupported Media Type", 480: "Mailbox Full", 500: "Server Internal Error",
     503: "Service Unavailable",
 }
-LIMITS = ("message_size", "messages_per_user", "messages_per_sender", "messages_total")
+LIMITS = ("message_size", "messages_per_user", "messages_per_sender", "messages_total",
+          "messages_per_sender_per_user")
 
 
 class MessageAcceptor:
@@ -64,9 +68,14 @@ class MessageAcceptor:
         max_per_user: int = 500,
         per_sender_per_minute: int = 0,
         max_total: int = 200_000,
+        max_per_sender_per_user: int = 0,
+        user_of_number: Callable[[URI], str | None] | None = None,
+        home_domain: str = "localhost",
     ) -> None:
         """``user_exists`` None (no users database, auth off): a user exists while it has a binding
-        or waiting messages."""
+        or waiting messages. ``user_of_number(uri)``: the user who owns the phone number a tel: URI
+        or a local SIP URI names (routing/numbers.py, the calls' mapping), else None; a tel: owner is
+        stored at ``home_domain``."""
         self.clock = clock
         self.outbox = outbox
         self.delivery = delivery
@@ -77,6 +86,9 @@ class MessageAcceptor:
         self.max_size = max_size
         self.max_per_user = max_per_user
         self.max_total = max_total
+        self.max_per_sender_per_user = max_per_sender_per_user
+        self.user_of_number = user_of_number
+        self.home_domain = home_domain
         self.per_sender = (
             SlidingWindow(clock, per_sender_per_minute, 60.0) if per_sender_per_minute > 0 else None
         )
@@ -96,8 +108,7 @@ class MessageAcceptor:
 
     def handle_message(self, request: Request, stx: Any, flow: Any) -> None:
         uri = request.uri
-        if not isinstance(uri, URI) or uri.scheme not in ("sip", "sips") or not uri.user \
-                or not self.is_local(uri):
+        if not isinstance(uri, URI) or not self._may_be_ours(uri):
             self._answer(stx, request, 404)
             return
         sender_uri = request.from_.uri  # parsed now: a bad From is a 400 from the transaction guard
@@ -116,10 +127,13 @@ class MessageAcceptor:
                 return
         else:
             sender = str(sender_uri)
-        aor = self.aor_key(uri)
-        if not self._exists(aor, uri, request):
+        # after digest: only our users and trusted peers learn who exists or owns a number
+        owner = self._recipient(uri, request)
+        if owner is None:
             self._answer(stx, request, 404)
             return
+        uri = owner
+        aor = self.aor_key(uri)
         problem = self._check_body(request)
         if problem is not None:
             self._answer(stx, request, *problem)
@@ -132,6 +146,13 @@ class MessageAcceptor:
             self._refuse(stx, request, "messages_per_user", 480,
                          "{aor} has {n} waiting messages (max_per_user)",
                          aor=aor, n=self.max_per_user)
+            return
+        if self.max_per_sender_per_user > 0 \
+                and self.outbox.count_from(aor, sender) >= self.max_per_sender_per_user:
+            self._refuse(stx, request, "messages_per_sender_per_user", 480,
+                         "{sender} has {n} messages waiting for {aor} (max_per_sender_per_user)",
+                         sender=sender, aor=aor, n=self.max_per_sender_per_user,
+                         reason="Mailbox Full For This Sender")
             return
         if self.outbox.total() >= self.max_total:
             self._refuse(stx, request, "messages_total", 503, "{n} messages wait (max_total)",
@@ -164,6 +185,32 @@ class MessageAcceptor:
 
     # -- checks -----------------------------------------------------------------------------------
 
+    def _may_be_ours(self, uri: URI) -> bool:
+        """Before digest: one of our domains' users, or (with a users database) a tel: number."""
+        if uri.scheme == "tel":
+            return self.user_of_number is not None
+        return uri.scheme in ("sip", "sips") and bool(uri.user) and self.is_local(uri)
+
+    def _recipient(self, uri: URI, request: Request) -> URI | None:
+        """The user the Request-URI names: itself (a user name, even of digits), else the owner of
+        the number it names; None when nobody."""
+        if uri.scheme != "tel" and self._exists(self.aor_key(uri), uri, request):
+            return uri
+        if self.user_of_number is None:
+            return None
+        try:
+            user = self.user_of_number(uri)
+        except Exception:
+            log.failure("users database: number lookup failed", call_id=log_call_id(request))
+            return None
+        if user is None:
+            return None
+        if logflags.info_enabled:
+            log.info("MESSAGE to number {uri} is for {user}", uri=str(uri), user=user,
+                     call_id=log_call_id(request))
+        # the domain the SIP URI named (with use_domain the AOR is per domain), else (tel:) our first
+        return URI("sip", user, uri.host if uri.scheme != "tel" else self.home_domain)
+
     def _exists(self, aor: str, uri: URI, request: Request) -> bool:
         if self.user_exists is None:
             return bool(self.delivery.location.lookup(aor)) or bool(self.outbox.pending(aor))
@@ -186,13 +233,13 @@ class MessageAcceptor:
     # -- answers ----------------------------------------------------------------------------------
 
     def _refuse(self, stx: Any, request: Request, limit: str, status: int, why: str,
-                retry_after: int | None = None,
+                retry_after: int | None = None, reason: str | None = None,
                 **fields: Any) -> None:
         self.counters["refused"] += 1
         self.limit_counters[limit] += 1
         self._limit_logs[limit].emit(log.warn, "MESSAGE refused {status} ({limit}): " + why, status=status,
                                      limit=limit, call_id=log_call_id(request), **fields)
-        self._answer(stx, request, status, retry_after=retry_after)
+        self._answer(stx, request, status, reason, retry_after=retry_after)
 
     @staticmethod
     def _answer(stx: Any, request: Request, status: int, reason: str | None = None,

@@ -37,6 +37,7 @@ class Outbox:
         self._by_id: dict[str, StoredMessage] = {}
         self._reserved: Counter[str] = Counter()  # adds in flight per aor
         self._reserved_total = 0
+        self._by_pair: Counter[tuple[str, str]] = Counter()  # (aor, sender): stored plus being stored
         self._heap: list[tuple[float, str]] = []
         self._timer: IDelayedCall | None = None
         self._seq = 0
@@ -50,7 +51,7 @@ class Outbox:
         now = self.clock.seconds()
         loaded = sorted(self.store.load(now), key=lambda m: m.seq)
         for msg in loaded:
-            self._insert(msg)
+            self._insert(msg, restored=True)
             self._seq = max(self._seq, msg.seq)
         self._schedule()
         log.info("messages: restored {n} waiting messages", n=len(loaded))
@@ -71,6 +72,10 @@ class Outbox:
     def count(self, aor: str) -> int:
         """Stored plus being stored: what max_per_user compares with."""
         return len(self._by_aor.get(aor, ())) + self._reserved[aor]
+
+    def count_from(self, aor: str, sender: str) -> int:
+        """Stored plus being stored from `sender` to `aor`: what max_per_sender_per_user compares with."""
+        return self._by_pair[(aor, sender)]
 
     def total(self) -> int:
         """Stored plus being stored, all users: what max_total compares with."""
@@ -101,6 +106,7 @@ class Outbox:
         )
         self._reserved[aor] += 1
         self._reserved_total += 1
+        self._by_pair[(aor, sender)] += 1  # counted from now: concurrent adds see it
         d = self.store.add(msg)
 
         def release(result: Any) -> Any:
@@ -118,6 +124,7 @@ class Outbox:
 
         def failed(failure: Any) -> Any:
             self.counters["store_failed"] += 1
+            self._uncount(aor, sender)
             return failure
 
         d.addBoth(release)
@@ -139,10 +146,19 @@ class Outbox:
             if not queue:
                 del self._by_aor[msg.aor]
         self.store.delete(msg)
+        self._uncount(msg.aor, msg.sender)
         self.counters[why] += 1
 
-    def _insert(self, msg: StoredMessage) -> None:
+    def _uncount(self, aor: str, sender: str) -> None:
+        pair = (aor, sender)
+        self._by_pair[pair] -= 1
+        if self._by_pair[pair] <= 0:
+            del self._by_pair[pair]
+
+    def _insert(self, msg: StoredMessage, restored: bool = False) -> None:
         self._by_id[msg.id] = msg
+        if restored:  # a new one was counted by add()
+            self._by_pair[(msg.aor, msg.sender)] += 1
         queue = self._by_aor.setdefault(msg.aor, [])
         if queue and queue[-1].seq > msg.seq:  # only a restore can arrive out of order
             queue.append(msg)

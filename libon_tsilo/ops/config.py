@@ -690,6 +690,7 @@ class MessagesConfig:
     max_per_user: int = _opt(500, _int_range(1))  # waiting messages per recipient; over: 480
     max_total: int = _opt(200_000, _int_range(1))  # waiting messages in all (memory); over: 503
     per_sender_per_minute: int = _opt(60, _int_range(0))  # 0 = off; over: 503
+    max_per_sender_per_user: int = _opt(50, _int_range(0))  # waiting from one sender to one user; 0 = off
     push_preview: bool = _opt(True)  # the start of a text body in the push payload
 
 

@@ -685,12 +685,31 @@ def _add_messages(root: LibonTsiloService, parts: Parts) -> None:
         aor_key=lambda uri: aor_key(uri, cfg.registrar.use_domain), auth=auth,
         user_exists=auth.users.exists if auth is not None else None, max_size=cfg.messages.max_size,
         max_per_user=cfg.messages.max_per_user, per_sender_per_minute=cfg.messages.per_sender_per_minute,
-        max_total=cfg.messages.max_total,
+        max_total=cfg.messages.max_total, max_per_sender_per_user=cfg.messages.max_per_sender_per_user,
+        user_of_number=_message_user_of_number(cfg, auth.users if auth is not None else None),
+        home_domain=cfg.sip.domains[0],
     )
     _built(parts.router).route("MESSAGE", acceptor.handle_message)
     parts.extra.setdefault("limits", []).append(acceptor)
     parts.extra["messages"] = acceptor
     _attach(root, MessagesService(outbox, delivery), "messages")
+
+
+def _message_user_of_number(cfg: Config, users: Any) -> Any:
+    """A MESSAGE to a number -> its owner's user name: the calls' mapping (routing/numbers.py)."""
+    if users is None:
+        return None  # no users database (digest off): nobody owns a number
+    from libon_tsilo.routing.numbers import e164_of, owner_of
+
+    plan = cfg.dial_plan()
+
+    def user_of_number(uri: Any) -> str | None:
+        record = owner_of(e164_of(uri, plan), users)
+        return record.username if record is not None else None
+
+    return user_of_number
+
+
 def _add_cluster(root: LibonTsiloService, parts: Parts) -> None:
     """[cluster] node_address: our Path entries on REGISTER, forks through other nodes, the relay
     of their forks over our flows (libon_tsilo/cluster/). parts.extra["cluster_relay"]."""

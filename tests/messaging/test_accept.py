@@ -276,3 +276,121 @@ def test_bytes_that_are_not_utf8_are_stored_and_sent_on_as_they_came(tmp_path):
     out.add_header("Via", "SIP/2.0/UDP 127.0.0.1;branch=z9hG4bK-y", first=True)
     wire = out.to_bytes()
     assert wire.endswith(b"\r\n\r\n\xe9t\xe9") and b'"Al\xe9"' in wire
+
+
+# -- a MESSAGE to a user's phone number (issue 13: the calls' mapping, routing/numbers.py) ----------
+
+BOBS_NUMBER = "+33123456789"
+
+
+class NumberedUsers(Users):
+    """The users database with bob's number (registrar/users.py: by_number)."""
+
+    def by_number(self, e164: str) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(username="bob") if e164 == BOBS_NUMBER else None
+
+
+def numbered_server(**limits: Any) -> Server:
+    from libon_tsilo.dialplan import DialPlan
+    from libon_tsilo.routing.numbers import e164_of, owner_of
+
+    users, plan = NumberedUsers(), DialPlan(country_code="33")
+
+    def user_of_number(uri: Any) -> str | None:
+        record = owner_of(e164_of(uri, plan), users)
+        return record.username if record is not None else None
+
+    return Server(user_of_number=user_of_number, home_domain="example.com", **limits)
+
+
+@pytest.mark.parametrize("ruri", ["tel:+33123456789", "sip:+33123456789@example.com",
+                                  "sip:0123456789@example.com;user=phone"])
+def test_a_message_to_a_users_number_is_stored_for_that_user(ruri):
+    s = numbered_server()
+    stx = s.authenticated(ruri=ruri)
+    assert stx.statuses == [202]
+    [(_, msg, _)] = s.sender.sent
+    assert msg.aor == AOR and msg.to_uri == "sip:bob@example.com"
+    assert s.outbox.count(AOR) == 1
+
+
+def test_a_trusted_peer_may_message_a_number():
+    s = numbered_server()
+    stx = s.handle(message(sender="sip:+33999@gw.example.net", ruri="tel:+33123456789"),
+                   FakeFlow(remote=(TRUSTED, 5060)))
+    assert stx.statuses == [202] and s.outbox.count(AOR) == 1
+
+
+def test_an_outsider_cannot_probe_numbers():
+    s = numbered_server()
+    for ruri in ("tel:+33123456789", "tel:+33100000000", "sip:+33123456789@example.com"):
+        stx = s.handle(message(sender="sip:mallory@evil.example", ruri=ruri))
+        assert stx.statuses == [403], ruri
+    assert len(s.outbox) == 0
+
+
+def test_an_unknown_number_is_404():
+    s = numbered_server()
+    assert s.authenticated(ruri="tel:+33100000000").statuses == [404]
+    assert s.authenticated(ruri="sip:+33100000000@example.com").statuses == [404]
+    assert len(s.outbox) == 0
+
+
+# -- one sender cannot fill another user's mailbox --------------------------------------------------
+
+
+def asleep(s: Server) -> None:
+    s.location.bindings.clear()
+    s.location.add(phone(push=True))  # the messages pile up
+
+
+def test_per_sender_per_user_limit_is_480_and_leaves_room_for_others():
+    s = Server(max_per_sender_per_user=2, auth=False)
+    asleep(s)
+    assert [s.handle(message()).statuses for _ in range(2)] == [[202], [202]]
+    stx = s.handle(message())
+    assert stx.statuses == [480] and stx.last.reason == "Mailbox Full For This Sender"
+    assert s.acceptor.limit_hits()["messages_per_sender_per_user"] == 1
+    assert s.acceptor.limit_hits()["messages_per_user"] == 0
+    assert s.handle(message(sender="sip:carol@example.com")).statuses == [202]  # another sender
+    assert s.outbox.count(AOR) == 3
+
+
+def test_per_sender_per_user_limit_frees_as_messages_expire():
+    s = Server(max_per_sender_per_user=1, auth=False)
+    asleep(s)
+    assert s.handle(message()).statuses == [202]
+    assert s.handle(message()).statuses == [480]
+    s.clock.advance(3601)  # the outbox's ttl: the waiting message is gone
+    assert s.outbox.count(AOR) == 0
+    assert s.handle(message()).statuses == [202]
+
+
+def test_per_sender_per_user_limit_counts_messages_being_stored_and_failed_ones_free_it():
+    store = SlowStore()
+    s = Server(max_per_sender_per_user=1, auth=False, store=store)
+    first, second = s.handle(message()), s.handle(message())
+    assert second.statuses == [480]
+    store.fail()
+    assert first.statuses == [500]
+    third = s.handle(message())
+    store.commit()
+    assert third.statuses == [202]
+
+
+def test_per_sender_per_user_limit_zero_is_off():
+    s = Server(max_per_sender_per_user=0, auth=False)
+    asleep(s)
+    assert all(s.handle(message()).statuses == [202] for _ in range(60))
+
+
+def test_per_sender_per_user_limit_counts_the_messages_restored_after_a_restart():
+    s = Server(max_per_sender_per_user=1, auth=False)
+    asleep(s)
+    assert s.handle(message()).statuses == [202]
+    restarted = Outbox(s.clock, s.store, ttl=3600)
+    assert restarted.start() == 1
+    assert restarted.count_from(AOR, "sip:alice@example.com") == 1
+    assert restarted.count_from(AOR, "sip:carol@example.com") == 0

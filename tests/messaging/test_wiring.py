@@ -101,3 +101,33 @@ def test_on_redis_the_messages_are_indexed_under_the_nodes_own_id(tmp_path, redi
     node_id = root.parts.node_id
     assert node_id.endswith("-23457")
     assert root.parts.extra["messages"].outbox.store.index == f"w:msgs:{node_id}"
+
+
+def test_a_message_to_a_users_number_reaches_the_user_through_the_real_users_db(tmp_path):
+    """ops wires the calls' number mapping (routing/numbers.py) and the users database into MESSAGE."""
+    from libon_tsilo.registrar.users import UsersDB
+
+    users = UsersDB(str(tmp_path / "users.sqlite"))
+    users.add("bob", "bob-password-1", "localhost")
+    users.set_number("bob", "+33123456789")
+    users.close()
+    clock = Clock()
+    clock.advance(1000)
+    cfg = config_from_dict({"location": {"backend": "memory"},
+                            "auth": {"users_db": str(tmp_path / "users.sqlite"), "trusted_sources": ["192.0.2.9"]},
+                            "dialplan": {"country_code": "33"},
+                            "messages": {"max_per_sender_per_user": 1}}, base_dir=tmp_path)
+    parts = make_service(cfg, clock=clock).parts
+    gateway = FakeFlow(remote=("192.0.2.9", 5060))
+    stx = FakeStx()
+    parts.router.request_received(message(ruri="tel:0123456789;phone-context=+33"), stx, gateway)
+    assert stx.statuses == [202]
+    assert parts.extra["messages"].outbox.count("sip:bob@localhost") == 1
+    stx = FakeStx()
+    parts.router.request_received(message(ruri="sip:+33123456789@localhost"), stx, gateway)
+    assert stx.statuses == [480]  # the same sender to the same user: [messages] max_per_sender_per_user
+    text = render(make_registry(parts)).decode()
+    assert 'libon_tsilo_limit_hits_total{limit="messages_per_sender_per_user"} 1.0' in text
+    stx = FakeStx()
+    parts.router.request_received(message(ruri="tel:+33100000000"), stx, gateway)
+    assert stx.statuses == [404]

@@ -630,6 +630,8 @@ def test_calls_out_config():
         ({"messages": {"max_per_user": 0}}, "messages.max_per_user: must be >= 1, got 0"),
         ({"messages": {"max_total": 0}}, "messages.max_total: must be >= 1, got 0"),
         ({"messages": {"per_sender_per_minute": -1}}, "messages.per_sender_per_minute: must be >= 0, got -1"),
+        ({"messages": {"max_per_sender_per_user": -1}},
+         "messages.max_per_sender_per_user: must be >= 0, got -1"),
         ({"messages": {"push_preview": "no"}}, 'messages.push_preview: expected a boolean, got string "no"'),
         ({"messages": {"colour": 1}}, "messages.colour: unknown key"),
     ],
