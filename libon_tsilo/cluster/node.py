@@ -56,6 +56,8 @@ class ClusterNode:
         hosts = [parse_listen_spec(p).host for p in peers]
         peer_nets = [f"{h}/{128 if ':' in h else 32}" for h in hosts if is_ip_literal(h)]
         self.trusted = SourceFilter([*trusted_peers, *peer_nets])
+        specs = [parse_listen_spec(p) for p in peers]
+        self._peer_members = frozenset(member(s.transport, s.host, s.port) for s in specs)
         self._tokens: FlowTokens | None = None
         self._bound: tuple[str, int] | None = None
         # Route/Path entry text -> what own_flow() read from it, for the entries that are ours
@@ -120,6 +122,21 @@ class ClusterNode:
         """Is the node whose internal address this is alive (the call layer's ``peer_alive``)?
         ``since``: when it took the binding asked about (liveness.py: proof of life)."""
         return self.liveness is None or self.liveness.alive(member(transport, host, port), since)
+
+    def is_node(self, transport: str, host: str, port: int) -> bool:
+        """Is this internal address a node of the cluster: ours, a configured peer, or one our
+        liveness view ever held (dead ones too)? A host in ``trusted_peers`` is not enough: the port
+        may be any service on it (Redis on loopback), and a device's Path or in-dialog request names
+        it. Only when no node is known (no peers, no liveness answer yet) does the host decide."""
+        name = member(transport, host, port)
+        if name in self._peer_members or name == self.member():
+            return True
+        liveness = self.liveness
+        if liveness is not None and name in liveness.known:
+            return True
+        if self._peer_members or (liveness is not None and liveness.view is not None):
+            return False
+        return host in self.trusted
 
     def is_self(self, uri: URI) -> bool:
         host, port = self.bound

@@ -1,0 +1,62 @@
+"""What a device or a REGISTER may name across the cluster's trust boundary (review of issue 14).
+
+Two nodes in one process as in test_relay_two_nodes.py (real sockets on loopback), and a real
+redis-server on loopback standing for the services a node's trusted hosts run besides SIP. A host in
+``[cluster] trusted_peers`` (loopback by default) is not a node: only the nodes' internal addresses
+are (ours, ``peers``, or seen beating in Redis).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest_twisted
+from twisted.internet.defer import succeed
+from twisted.internet.task import Clock
+
+from libon_tsilo.cluster.liveness import PeerLiveness
+from tests.cluster.test_relay_two_nodes import Pair, _answered_call, in_dialog
+from tests.cluster.ua import wait_for
+from tests.redis_server import RedisServer
+
+
+def _beating(node: Any, *others: Any) -> PeerLiveness:
+    """``node``'s liveness after one beat answered with itself and ``others`` (what Redis answers
+    when they all beat)."""
+    cluster = node.parts.extra["cluster_node"]
+    names = {o.parts.extra["cluster_node"].member() for o in others}
+    liveness = PeerLiveness(Clock(), cluster.member, lambda me, ttl: succeed({me, *names}))
+    liveness.startService()
+    cluster.liveness = liveness
+    return liveness
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_devices_in_dialog_request_cannot_reach_another_service_on_a_trusted_host(
+        redis_server: RedisServer):
+    pair = Pair()
+    pair.start()
+    try:
+        caller, device, inv, answer, device_tag = await _answered_call(pair, "udp")
+        _beating(pair.b, pair.a)
+        redis_server.cli("SET", "canary", "1")
+        rr = inv.header_values("record-route")  # B's entries, with the device's flow token
+        body = "FLUSHALL\r\n"
+        attack = in_dialog(device, "MESSAGE", f"sip:x@127.0.0.1:{redis_server.port};transport=tcp", rr,
+                           f"{inv.header('to')};tag={device_tag}", inv.header("from") or "", inv.call_id, 7)
+        attack = attack.replace("Content-Length: 0\r\n\r\n", f"Content-Length: {len(body)}\r\n\r\n{body}")
+        device.send(attack)
+        relay = pair.b.parts.extra["cluster_relay"]
+        await wait_for(lambda: relay.counters["refused_not_peer"] or relay.counters["to_peer"],
+                       "B to refuse or relay the request")
+        assert relay.counters["to_peer"] == 0, "B relayed a device's request to Redis's port"
+        await device.response(403, "MESSAGE")
+        assert redis_server.cli("EXISTS", "canary") == b":1"
+        # the same dialog's BYE to A's internal address still crosses B
+        bye = in_dialog(device, "BYE", str(inv.contacts[0].uri), rr,
+                        f"{inv.header('to')};tag={device_tag}", inv.header("from") or "", inv.call_id, 8)
+        device.send(bye)
+        await caller.request("BYE")
+        assert relay.counters["to_peer"] == 1
+    finally:
+        await pair.stop()
