@@ -200,9 +200,10 @@ class ClusterNode:
             return None
         if self.is_self(uri):  # ours, even with a token from before a restart: the flow is here
             return path[1:], None
-        if uri.host_bare not in self.trusted:
-            return None  # not a node of ours: an edge proxy's Path
         transport = uri.transport or "udp"
-        if transport not in ("udp", "tcp"):
-            return None
-        return (path, (transport, uri.host_bare, uri.port or 5060, self.bound))
+        port = uri.port or 5060
+        # a node's internal address: a REGISTER's own Path (first when we stamp none: UDP with
+        # udp_via_path off) may name any port of a trusted host, which we must not call from ours
+        if transport not in ("udp", "tcp") or not self.is_node(transport, uri.host_bare, port):
+            return None  # not a node of ours: an edge proxy's Path
+        return (path, (transport, uri.host_bare, port, self.bound))

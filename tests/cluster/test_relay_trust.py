@@ -15,7 +15,7 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
 from libon_tsilo.cluster.liveness import PeerLiveness
-from tests.cluster.test_relay_two_nodes import Pair, _answered_call, in_dialog
+from tests.cluster.test_relay_two_nodes import AOR, Pair, _answered_call, _public, in_dialog, invite, register
 from tests.cluster.ua import wait_for
 from tests.redis_server import RedisServer
 
@@ -58,5 +58,29 @@ async def test_a_devices_in_dialog_request_cannot_reach_another_service_on_a_tru
         device.send(bye)
         await caller.request("BYE")
         assert relay.counters["to_peer"] == 1
+    finally:
+        await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_registers_own_path_naming_a_trusted_host_is_not_a_node_to_call_from_the_internal_address(
+        redis_server: RedisServer):
+    # udp_via_path off: no Path entry of ours on a UDP binding, so the REGISTER's own Path comes first
+    pair = Pair(udp_via_path=False)
+    pair.start()
+    try:
+        _beating(pair.a, pair.b)
+        redis_server.cli("SET", "canary", "1")
+        device = await pair.ua(pair.b)
+        bogus = f"Path: <sip:x@127.0.0.1:{redis_server.port};transport=tcp;lr>\r\n"
+        device.send(register(device, "Supported: path\r\n" + bogus))
+        await device.response(200, "REGISTER")
+        assert pair.a.parts.location.lookup(AOR)[0].path[0].startswith("<sip:x@127.0.0.1")
+        caller = await pair.ua(pair.a)
+        caller.send(invite(caller, _public(pair.a, "udp")[1]))
+        # an edge proxy's Path, as on one node: to the device's address, the Path as Route
+        inv = await device.request("INVITE")
+        assert inv.header_values("route") == [bogus[len("Path: "):-2]]
+        assert redis_server.cli("EXISTS", "canary") == b":1"
     finally:
         await pair.stop()
