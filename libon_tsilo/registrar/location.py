@@ -327,8 +327,8 @@ class LocationStore:
         with it); one it has that Redis has not is removed, with its event. With ``announce`` (a
         reconnect), what was added or refreshed meanwhile emits its event too, so that calls parked
         here fork to devices that registered elsewhere. With
-        ``keep_own`` (Redis lost its data), this node's own bindings missing from ``bindings`` stay,
-        and are returned to be written back.
+        ``keep_own`` (Redis lost its data), this node's own bindings missing from ``bindings``, or
+        newer than Redis's copy, stay, and are returned to be written back.
         """
         now = self.clock.seconds()
         fresh: dict[Ident, Binding] = {}
@@ -344,8 +344,11 @@ class LocationStore:
                 if new is not None and _same_registration(binding, new):
                     del fresh[(aor, key)]
                     continue
-                if new is None and keep_own and binding.node == self.node_id:
+                if keep_own and binding.node == self.node_id \
+                        and (new is None or binding.registered_at > new.registered_at):
+                    # Redis lost it, or came back with an older copy (a refresh it acknowledged, lost)
                     kept.append(binding)
+                    fresh.pop((aor, key), None)
                     continue
                 self._drop(binding)
                 if new is None:
