@@ -94,7 +94,8 @@ class Relay:
                     self._pop_own_routes(out, routes, first)
                     self._to_device(req, out, stx, *first)
                     return True
-            if req.to.tag is None and req.method not in ("ACK", "CANCEL"):
+            # a REGISTER goes to the registrar whatever its To tag (sip/router.py): never in a dialog
+            if (req.to.tag is None or req.method == "REGISTER") and req.method not in ("ACK", "CANCEL"):
                 self._refuse(req, stx, 403, "Not A Relayed Request", "refused_not_relay", flow)
                 return True
             return False  # a peer's in-dialog request for one of our own calls

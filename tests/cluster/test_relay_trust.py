@@ -16,7 +16,7 @@ from twisted.internet.task import Clock
 
 from libon_tsilo.cluster.liveness import PeerLiveness
 from tests.cluster.test_relay_two_nodes import AOR, Pair, _answered_call, _public, in_dialog, invite, register
-from tests.cluster.ua import wait_for
+from tests.cluster.ua import tag, wait_for
 from tests.redis_server import RedisServer
 
 
@@ -82,5 +82,30 @@ async def test_a_registers_own_path_naming_a_trusted_host_is_not_a_node_to_call_
         inv = await device.request("INVITE")
         assert inv.header_values("route") == [bogus[len("Path: "):-2]]
         assert redis_server.cli("EXISTS", "canary") == b":1"
+    finally:
+        await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_register_never_reaches_a_registrar_through_the_internal_listener():
+    """The router sends a REGISTER to the registrar whatever its To tag: with a tag, it passed the
+    internal listener's "in-dialog only" rule, from the trusted address of a node ([auth]
+    trusted_sources covering the nodes would then skip digest: any user's binding)."""
+    pair = Pair()
+    pair.start()
+    try:
+        caller, device, inv, answer, device_tag = await _answered_call(pair, "udp")
+        rr = inv.header_values("record-route")
+        a_internal = pair.a.parts.extra["cluster_node"].bound
+        victim = "sip:victim@127.0.0.1"
+        reg = in_dialog(device, "REGISTER", f"sip:127.0.0.1:{a_internal[1]}", rr,
+                        f"<{victim}>;tag={tag()}", f"<{victim}>;tag={tag()}", "hijack@x", 1)
+        device.send(reg.replace("Content-Length: 0", f"Contact: {device.contact}\r\nExpires: 600\r\n"
+                                                    "Content-Length: 0"))
+        answer = await device.expect(lambda m: getattr(m, "status", 0) >= 200 and m.call_id == "hijack@x",
+                                     "the REGISTER's answer")
+        assert answer.status == 403, answer.status
+        assert pair.a.parts.location.lookup(victim) == []
+        assert pair.a.parts.extra["cluster_relay"].counters["refused_not_relay"] == 1
     finally:
         await pair.stop()
