@@ -62,6 +62,8 @@ class ClusterNode:
         self._bound: tuple[str, int] | None = None
         # Route/Path entry text -> what own_flow() read from it, for the entries that are ours
         self._own_routes: dict[str, tuple[FlowRef, str]] = {}
+        # Path entry text -> did the node it names mint its token (with a secret shared by the nodes)
+        self._minted: dict[str, bool] = {}
         # which peers are alive (liveness.py; set by ops with the Redis store), None: all of them
         self.liveness: PeerLiveness | None = None
 
@@ -204,6 +206,21 @@ class ClusterNode:
         port = uri.port or 5060
         # a node's internal address: a REGISTER's own Path (first when we stamp none: UDP with
         # udp_via_path off) may name any port of a trusted host, which we must not call from ours
-        if transport not in ("udp", "tcp") or not self.is_node(transport, uri.host_bare, port):
+        if transport not in ("udp", "tcp") or not (self.is_node(transport, uri.host_bare, port)
+                                                   or self._minted_by_node(path[0], uri, transport, port)):
             return None  # not a node of ours: an edge proxy's Path
         return (path, (transport, uri.host_bare, port, self.bound))
+
+    def _minted_by_node(self, entry: str, uri: URI, transport: str, port: int) -> bool:
+        """Is ``entry``'s token one the node it names minted with our secret (the nodes share
+        ``[cluster] secret``)? It proves a node we never saw beat (one that died before we started)."""
+        known = self._minted.get(entry)
+        if known is None:
+            if uri.host_bare not in self.trusted:
+                return False
+            tokens = FlowTokens(self.secret, member(transport, uri.host_bare, port))
+            known = tokens.read(uri.user) is not None
+            if len(self._minted) >= _OWN_ROUTES_MAX:
+                self._minted.clear()
+            self._minted[entry] = known
+        return known

@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
-from libon_tsilo.cluster.liveness import PeerLiveness
+from libon_tsilo.cluster.liveness import TTL, PeerLiveness
 from tests.cluster.test_relay_two_nodes import AOR, Pair, _answered_call, _public, in_dialog, invite, register
 from tests.cluster.ua import tag, wait_for
 from tests.redis_server import RedisServer
@@ -107,5 +108,32 @@ async def test_a_register_never_reaches_a_registrar_through_the_internal_listene
         assert answer.status == 403, answer.status
         assert pair.a.parts.location.lookup(victim) == []
         assert pair.a.parts.extra["cluster_relay"].counters["refused_not_relay"] == 1
+    finally:
+        await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dead_node_we_never_saw_beat_is_still_a_node_by_its_token():
+    """A node that died before this one started is in no liveness view of ours, but its bindings
+    stay in Redis until they expire: with the nodes' shared [cluster] secret its Path entry still
+    proves it a node (a dead one): its TCP device without push is skipped, not dialled directly."""
+    pair = Pair(secret="shared-by-the-nodes")
+    pair.start()
+    try:
+        device = await pair.ua(pair.b, "tcp")
+        device.send(register(device))
+        await device.response(200, "REGISTER")
+        clock = Clock()
+        clock.advance(reactor.seconds() + TTL + 1)  # our first view comes after the bindings
+        cluster = pair.a.parts.extra["cluster_node"]
+        liveness = PeerLiveness(clock, cluster.member, lambda me, ttl: succeed({me}))
+        liveness.startService()
+        cluster.liveness = liveness
+        pair.a.parts.b2bua.peer_alive = cluster.peer_alive
+        caller = await pair.ua(pair.a)
+        caller.send(invite(caller, _public(pair.a, "udp")[1]))
+        calls = pair.a.parts.b2bua
+        await wait_for(lambda: calls.counters["dead_node_bindings"] == 1, "A to skip the binding")
+        assert not any(getattr(m, "method", "") == "INVITE" for m in device.received)
     finally:
         await pair.stop()
