@@ -60,6 +60,7 @@ class ClusterNode:
         self._peer_members = frozenset(member(s.transport, s.host, s.port) for s in specs)
         self._tokens: FlowTokens | None = None
         self._bound: tuple[str, int] | None = None
+        self._member: str | None = None  # member(), once bound
         # Route/Path entry text -> what own_flow() read from it, for the entries that are ours
         self._own_routes: dict[str, tuple[FlowRef, str]] = {}
         # Path entry text -> did the node it names mint its token (with a secret shared by the nodes)
@@ -131,7 +132,9 @@ class ClusterNode:
         may be any service on it (Redis on loopback), and a device's Path or in-dialog request names
         it. Only when no node is known (no peers, no liveness answer yet) does the host decide."""
         name = member(transport, host, port)
-        if name in self._peer_members or name == self.member():
+        if self._member is None:
+            self._member = self.member()
+        if name in self._peer_members or name == self._member:
             return True
         liveness = self.liveness
         if liveness is not None and name in liveness.known:
