@@ -328,7 +328,9 @@ class LocationStore:
         reconnect), what was added or refreshed meanwhile emits its event too, so that calls parked
         here fork to devices that registered elsewhere. With
         ``keep_own`` (Redis lost its data), this node's own bindings missing from ``bindings``, or
-        newer than Redis's copy, stay, and are returned to be written back.
+        newer than Redis's copy, stay, and are returned to be written back. At the first load, so are
+        this node's TCP/TLS bindings that Redis still says are live: their connections ended with
+        an earlier process of this node.
         """
         now = self.clock.seconds()
         fresh: dict[Ident, Binding] = {}
@@ -357,7 +359,11 @@ class LocationStore:
                     refreshed.add((aor, key))
         for ident, binding in fresh.items():
             if binding.node == self.node_id:
-                _forget_old_flow(binding)  # stored by an earlier process of this node
+                # stored by an earlier process of this node; one killed (-9) never published that
+                # its connections ended: tell the other nodes, or they fork through us to a dead flow
+                if not announce and binding.flow_live and not _is_udp(binding):
+                    kept.append(binding)
+                _forget_old_flow(binding)
             events.append(BindingEvent("refreshed" if ident in refreshed else "added", binding))
             self._insert(binding)
         self._schedule()
@@ -433,6 +439,10 @@ class LocationStore:
                 log.debug("location: binding {key} of {aor} expired", key=redact_key(key), aor=aor)
                 self.remove(binding, "expired")
         self._schedule()
+
+
+def _is_udp(binding: Binding) -> bool:
+    return bool(binding.received and binding.received[0] == "udp")
 
 
 def _forget_old_flow(binding: Binding) -> None:
