@@ -207,11 +207,15 @@ class ClusterNode:
             return path[1:], None
         transport = uri.transport or "udp"
         port = uri.port or 5060
-        # a node's internal address: a REGISTER's own Path (first when we stamp none: UDP with
-        # udp_via_path off) may name any port of a trusted host, which we must not call from ours
-        if transport not in ("udp", "tcp") or not (self.is_node(transport, uri.host_bare, port)
-                                                   or self._minted_by_node(path[0], uri, transport, port)):
+        if transport not in ("udp", "tcp") or uri.host_bare not in self.trusted:
             return None  # not a node of ours: an edge proxy's Path
+        # With udp_via_path every binding's Path starts with its node's entry. Without it a UDP
+        # binding's starts with the REGISTER's own Path, which may name any port of a trusted host
+        # (Redis on loopback): we call only a node from our internal address. (Not always: a node
+        # that joined since our last beat is unknown for up to a beat, and calls would miss it.)
+        if not self.udp_via_path and not (self.is_node(transport, uri.host_bare, port)
+                                          or self._minted_by_node(path[0], uri, transport, port)):
+            return None
         return (path, (transport, uri.host_bare, port, self.bound))
 
     def _minted_by_node(self, entry: str, uri: URI, transport: str, port: int) -> bool:
@@ -219,8 +223,6 @@ class ClusterNode:
         ``[cluster] secret``)? It proves a node we never saw beat (one that died before we started)."""
         known = self._minted.get(entry)
         if known is None:
-            if uri.host_bare not in self.trusted:
-                return False
             tokens = FlowTokens(self.secret, member(transport, uri.host_bare, port))
             known = tokens.read(uri.user) is not None
             if len(self._minted) >= _OWN_ROUTES_MAX:

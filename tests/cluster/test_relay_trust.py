@@ -116,8 +116,9 @@ async def test_a_register_never_reaches_a_registrar_through_the_internal_listene
 async def test_a_dead_node_we_never_saw_beat_is_still_a_node_by_its_token():
     """A node that died before this one started is in no liveness view of ours, but its bindings
     stay in Redis until they expire: with the nodes' shared [cluster] secret its Path entry still
-    proves it a node (a dead one): its TCP device without push is skipped, not dialled directly."""
-    pair = Pair(secret="shared-by-the-nodes")
+    proves it a node (a dead one): its TCP device without push is skipped, not dialled directly.
+    (udp_via_path off: where a Path's first entry may be a device's, and is_node is asked.)"""
+    pair = Pair(secret="shared-by-the-nodes", udp_via_path=False)
     pair.start()
     try:
         device = await pair.ua(pair.b, "tcp")
@@ -135,5 +136,26 @@ async def test_a_dead_node_we_never_saw_beat_is_still_a_node_by_its_token():
         calls = pair.a.parts.b2bua
         await wait_for(lambda: calls.counters["dead_node_bindings"] == 1, "A to skip the binding")
         assert not any(getattr(m, "method", "") == "INVITE" for m in device.received)
+    finally:
+        await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_that_joined_since_our_last_beat_still_gets_its_devices_calls():
+    """With udp_via_path (the default) every Path starts with its node's own entry: a node missing
+    from our last view (it joined since) is still called through, as liveness.py's "since" rule says."""
+    pair = Pair()
+    pair.start()
+    try:
+        clock = Clock()
+        clock.advance(reactor.seconds())  # our last view: just before B's first beat
+        cluster = pair.a.parts.extra["cluster_node"]
+        liveness = PeerLiveness(clock, cluster.member, lambda me, ttl: succeed({me}))
+        liveness.startService()
+        cluster.liveness = liveness
+        pair.a.parts.b2bua.peer_alive = cluster.peer_alive
+        caller, device, inv, answer, device_tag = await _answered_call(pair, "udp")
+        assert pair.b.parts.extra["cluster_relay"].counters["to_device"] >= 2  # through B
+        assert len(inv.header_values("via")) == 2
     finally:
         await pair.stop()
