@@ -330,7 +330,8 @@ class LocationStore:
         ``keep_own`` (Redis lost its data), this node's own bindings missing from ``bindings``, or
         newer than Redis's copy, stay, and are returned to be written back. At the first load, so are
         this node's TCP/TLS bindings that Redis still says are live: their connections ended with
-        an earlier process of this node.
+        an earlier process of this node; at any load, this node's bindings whose connection closed
+        while Redis could not hear it.
         """
         now = self.clock.seconds()
         fresh: dict[Ident, Binding] = {}
@@ -345,6 +346,8 @@ class LocationStore:
                 new = fresh.get((aor, key))
                 if new is not None and _same_registration(binding, new):
                     del fresh[(aor, key)]
+                    if new.flow_live and not binding.flow_live and binding.node == self.node_id:
+                        kept.append(binding)  # its connection closed here while Redis was away
                     continue
                 if keep_own and binding.node == self.node_id \
                         and (new is None or binding.registered_at > new.registered_at):
