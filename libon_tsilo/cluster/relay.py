@@ -94,7 +94,8 @@ class Relay:
                     self._pop_own_routes(out, routes, first)
                     self._to_device(req, out, stx, *first)
                     return True
-            if req.to.tag is None and req.method not in ("ACK", "CANCEL"):
+            # a REGISTER goes to the registrar whatever its To tag (sip/router.py): never in a dialog
+            if (req.to.tag is None or req.method == "REGISTER") and req.method not in ("ACK", "CANCEL"):
                 self._refuse(req, stx, 403, "Not A Relayed Request", "refused_not_relay", flow)
                 return True
             return False  # a peer's in-dialog request for one of our own calls
@@ -218,12 +219,14 @@ class Relay:
             uri = NameAddr.parse(routes[0]).uri if routes else req.uri
         except ParseError:
             return None
-        if not isinstance(uri, URI) or uri.scheme != "sip" or uri.host_bare not in self.node.trusted:
+        if not isinstance(uri, URI) or uri.scheme != "sip":
             return None
         transport = (uri.transport or "udp").lower()
-        if transport not in ("udp", "tcp"):
+        port = uri.port or 5060
+        # a node's internal address, not just any port of a trusted host (Redis on loopback)
+        if transport not in ("udp", "tcp") or not self.node.is_node(transport, uri.host_bare, port):
             return None
-        return Target(transport, uri.host_bare, uri.port or 5060, None, self.node.bound)
+        return Target(transport, uri.host_bare, port, None, self.node.bound)
 
     def _hop_count(self, req: Request, out: Request, stx: Any) -> bool:
         mf = req.max_forwards

@@ -396,6 +396,7 @@ def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
         pnsreg_interval=reg.pnsreg_interval, push_providers=cfg.push.providers,
         flow_timer=reg.flow_timer,
     )
+    parts.extra.setdefault("limits", []).append(registrar)  # a Path over MAX_PATH_BYTES
     flows = _built(parts.transport).flows
     flows.subscribe_close(registrar.flow_closed)
     # a flow a binding came over lives as long as the registration (RFC 5626), not the unbound idle

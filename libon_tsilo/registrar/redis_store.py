@@ -30,9 +30,11 @@ this module writes the node's changes to Redis and applies the other nodes' chan
   it loads everything again and resyncs the replica (what changed meanwhile emits events). A write
   that failed is not retried: Redis stays the truth, and the replica's extra is dropped at resync.
   Unless Redis itself lost its data (restarted without persistence, or failed over to an empty
-  replica: its ``<prefix>epoch`` key changed): then each node writes back the bindings it owns
-  (``Binding.node`` is its node id), and the bindings of nodes that are gone wait for their devices
-  to register again.
+  replica: its ``<prefix>epoch`` key changed), or came back older than what it acknowledged
+  (restarted from its last snapshot, failed over to a replica that lagged: this node's write
+  counter ``<prefix>seq:<node_id>``, bumped by every batch, is lower than at our last batch): then
+  each node writes back the bindings it owns (``Binding.node`` is its node id) that Redis lacks or
+  holds older, and the bindings of nodes that are gone wait for their devices to register again.
 
 Trust: Redis is inside the operator's network and trusted like the config file; still, a message
 or value that does not parse is logged and skipped, never fatal.
@@ -138,14 +140,15 @@ def _glob_escape(raw: bytes) -> bytes:
     return bytes(out)
 
 
-# one batch in one command, atomic like MULTI/EXEC: KEYS = the keys to set, then those to delete;
-# ARGV = channel, number of sets, (value, ttl ms) per set, then the messages to publish
+# one batch in one command, atomic like MULTI/EXEC: KEYS = the keys to set, then those to delete,
+# then this node's write counter; ARGV = channel, number of sets, (value, ttl ms) per set, then the
+# messages to publish. Returns the counter: a Redis that comes back with a lower one lost our writes.
 _WRITE_BATCH = """
 local n = tonumber(ARGV[2])
 for i = 1, n do redis.call('SET', KEYS[i], ARGV[1 + 2 * i], 'PX', ARGV[2 + 2 * i]) end
-for i = n + 1, #KEYS do redis.call('DEL', KEYS[i]) end
+for i = n + 1, #KEYS - 1 do redis.call('DEL', KEYS[i]) end
 for j = 3 + 2 * n, #ARGV do redis.call('PUBLISH', ARGV[1], ARGV[j]) end
-return n
+return redis.call('INCR', KEYS[#KEYS])
 """
 
 
@@ -192,6 +195,11 @@ class RedisBindingStore:
         self._feed_task: asyncio.Task[None] | None = None
         self._closed = False
         self._epoch: bytes | None = None  # Redis's epoch key when last connected
+        # this node's write counter in Redis (<prefix>seq:<node_id>, bumped by every batch) as of
+        # our last acknowledged batch: Redis restarted from an older snapshot, or a replica that
+        # lagged, has a lower one, and lacks writes it acknowledged (its epoch key is the same)
+        self._seq_key = self.prefix + b"seq:" + _raw(node_id)
+        self._acked_seq = 0
         self._script: Any = None  # _WRITE_BATCH, registered on first use
         self.state = "connecting"  # "up", "down"
         self.loads = 0  # full loads (start and every reconnect)
@@ -271,10 +279,17 @@ class RedisBindingStore:
         """True when Redis is not the one this node last saw (restarted empty, or failed over to a
         replica that had no copy): an epoch key, set once by whichever node comes first."""
         key = self.prefix + b"epoch"
+        acked = self._acked_seq  # before asking: a batch acknowledged later may count after our GET
         await self.client.set(key, secrets.token_hex(8), nx=True)
         epoch: Any = await self.client.get(key)
         lost = self._epoch is not None and epoch != self._epoch
         self._epoch = epoch
+        seq = int(await self.client.get(self._seq_key) or 0)
+        if seq < acked:
+            log.warn("location redis: it came back without writes it acknowledged (write counter {seq} "
+                     "< {acked}: an older snapshot or a lagging replica)", seq=seq, acked=acked)
+            self._acked_seq = seq
+            return True
         return lost
 
     async def _load_all(self) -> list[Binding]:
@@ -410,7 +425,11 @@ class RedisBindingStore:
             self._finish(Failure(), batch)
             return
         d = as_deferred(self._write(sets, dels, messages), self.loop)
-        d.addCallbacks(lambda _: self._finish(None, batch), lambda f: self._finish(f, batch))
+        d.addCallbacks(self._written, lambda f: self._finish(f, batch), callbackArgs=(batch,))
+
+    def _written(self, seq: Any, batch: _Batch) -> None:
+        self._acked_seq = max(self._acked_seq, int(seq))
+        self._finish(None, batch)
 
     def _commands(self, batch: _Batch) -> tuple[list[tuple[bytes, bytes, int]], list[bytes], list[bytes]]:
         """Serialized on the reactor thread, so each row is a snapshot of the binding as it was."""
@@ -437,14 +456,14 @@ class RedisBindingStore:
 
     async def _write(
         self, sets: list[tuple[bytes, bytes, int]], dels: list[bytes], messages: list[bytes]
-    ) -> None:
+    ) -> Any:
         if self._script is None:
             self._script = self.client.register_script(_WRITE_BATCH)
         args: list[bytes | int] = [self.channel, len(sets)]
         for _, value, ttl_ms in sets:
             args += (value, ttl_ms)
         args += messages
-        await self._script(keys=[key for key, _, _ in sets] + dels, args=args)
+        return await self._script(keys=[key for key, _, _ in sets] + dels + [self._seq_key], args=args)
 
     def _finish(self, failure: Failure | None, batch: _Batch) -> None:
         self._inflight = None
