@@ -37,8 +37,8 @@ def test_cluster_wiring_and_peers_exempt_from_the_source_limits(tmp_path):
 
 def test_a_cluster_on_redis_beats_and_asks_its_liveness_view(tmp_path):
     # the Redis store is built, never started here (its client connects lazily)
-    cfg = config_from_dict({"location": {"backend": "redis"}, "cluster": {"node_address": "udp:127.0.0.1:25072"}},
-                           base_dir=tmp_path)
+    cfg = config_from_dict({"location": {"backend": "redis"},
+                            "cluster": {"node_address": "udp:127.0.0.1:25072", "secret": "s"}}, base_dir=tmp_path)
     parts = make_service(cfg, clock=Clock()).parts
     node, liveness = parts.extra["cluster_node"], parts.extra["cluster_liveness"]
     assert node.liveness is liveness and parts.b2bua.peer_alive == node.peer_alive
