@@ -603,6 +603,22 @@ class TransportLayer(Service):
                 "cannot send {status} response: {err}", status=resp.status, err=e, call_id=log_call_id(resp)
             )
 
+    def forward_response(self, resp: Response) -> None:
+        """Pass on a response a stateless proxy took its own Via off (RFC 3261 §16.11): to where its
+        top Via now says, over the live flow to that address when there is one (the connection, or
+        the UDP socket that address talks to: no transaction remembers the request's flow); never
+        raises."""
+        try:
+            via = resp.top_via
+            name = via.transport.lower()
+            host = via.received or via.host
+            port = via.rport or via.port or DEFAULT_PORTS.get(name, 5060)
+            flow = self.flows.find_remote(name, (_norm_host(host), port))
+        except ParseError as e:
+            log.info("response not forwarded: {err}", err=e.reason, call_id=log_call_id(resp))
+            return
+        self.send_response(resp, flow)
+
     def connection_stats(self) -> dict[str, Any]:
         """Connections and what the limits did, for /rpc/stats and /metrics."""
         return {
