@@ -51,7 +51,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -66,7 +66,7 @@ from libon_tsilo.ratelimit import ThrottledLog
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.headers import NameAddr
 from libon_tsilo.sip.message import (
-    Request, Response, log_call_id, make_response, new_branch, new_tag,
+    Message, Request, Response, log_call_id, make_response, new_branch, new_tag,
 )
 from libon_tsilo.sip.transport import Target, TransportError
 from libon_tsilo.sip.uri import URI
@@ -111,23 +111,27 @@ class Relay:
             self._branches = RelayBranches(self.node.secret, self.node.address_text)
         return self._branches
 
-    # -- the transaction layer's stateless hooks (RFC 3261 §16.11; see the module doc) -------------
+    # -- the transport's stateless forwarder (RFC 3261 §16.11; see the module doc) -----------------
 
-    def forward_request(self, req: Request, flow: Flow) -> bool:
-        """Relay ``req`` with no transaction when nothing needs one; False leaves it to the
-        stateful path (a transaction, then ``handle``), which refuses, answers or relays it."""
+    def forward(self, msg: Message, flow: Flow) -> bool:
+        """The transport's ``forward``: relay ``msg`` with no transaction when nothing needs one.
+        False leaves it to the transactions and, for a request, to ``handle`` (the stateful path),
+        which refuses, answers or relays it."""
+        if type(msg) is Response:
+            return self._forward_response(msg, flow)
+        req = cast(Request, msg)
         if not req.has_header("route"):
             return False  # most requests a node gets are not relayed: one dict lookup
         routes = req.header_values("route")
         node = self.node
         first = node.own_flow(routes[0])
-        if first is None:
-            return False
+        if first is None or self.layer.holds(req):
+            return False  # not for us to relay, or a transaction of ours takes it
         if node.is_internal(flow):
             return node.trusts(flow) and self._stateless_to_device(req, routes, first[0], first[1], flow)
         return self._stateless_to_peer(req, routes, first[0], flow)
 
-    def forward_response(self, resp: Response, flow: Flow) -> bool:
+    def _forward_response(self, resp: Response, flow: Flow) -> bool:
         """A response to a request we relayed statelessly: take our Via off and pass it on to the
         next one; one under a branch of ours that its next Via did not get is dropped (§16.11: a
         response whose top Via is not ours is discarded). False: not ours, the transactions take it."""
@@ -144,6 +148,11 @@ class Relay:
         self.transport.forward_response(resp)
         self.counters["stateless_responses"] += 1
         return True
+
+    def _admitted(self, req: Request, flow: Flow) -> bool:
+        """The transaction layer's source limits, which a request taken here does not reach."""
+        admit = self.layer.admit
+        return admit is None or admit(req, flow)
 
     def _stateless_to_device(self, req: Request, routes: list[str], ref: FlowRef, token: str,
                              came_over: Flow) -> bool:
@@ -165,6 +174,8 @@ class Relay:
         branch = self.branches.for_request(req.top_via)
         if branch is None:
             return False
+        if not self._admitted(req, came_over):
+            return True  # answered 503 or dropped
         self._pop_own_routes(req, routes, (ref, token))
         req.set_header("Max-Forwards", str(69 if mf is None else mf - 1))
         if creates_dialog:  # RFC 5658, as in _to_device
@@ -179,6 +190,8 @@ class Relay:
     def _stateless_to_peer(self, req: Request, routes: list[str], ref: FlowRef, came_over: Flow) -> bool:
         if came_over.id != ref.flow_id and came_over.key.remote[0] != ref.host:
             return False  # 403: the token names another device
+        if req.to.tag is None:
+            return False  # a device's Route entry of ours serves its dialogs only: the peer refuses
         n = self._own_count(routes)
         target = self._next_target(routes[n:], req)
         if target is None:
@@ -191,6 +204,8 @@ class Relay:
         branch = self.branches.for_request(req.top_via)
         if branch is None:
             return False
+        if not self._admitted(req, came_over):
+            return True  # answered 503 or dropped
         self._set_routes(req, routes[n:])
         req.set_header("Max-Forwards", str(69 if mf is None else mf - 1))
         host, port = self.node.via_address

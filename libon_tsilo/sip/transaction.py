@@ -127,13 +127,6 @@ class TransactionLayer:
         # overload control (sip/overload.py): a response for a new request refused before any
         # transaction exists for it, sent statelessly; None lets the request in
         self.gate: Callable[[Request, Any], Response | None] | None = None  # (request, flow)
-        # a stateless forwarder in front of the transactions (RFC 3261 §16.11; ops sets the cluster
-        # relay's). Asked about each request no server transaction takes (a retransmission, an ACK
-        # our INVITE transaction absorbs, a CANCEL of an INVITE we hold a transaction for are not
-        # offered) before a transaction is made for it, and about each response before it is matched
-        # to a client transaction. True: it took the message, and no transaction exists for it.
-        self.stateless_request: Callable[[Request, Any], bool] | None = None  # (request, flow)
-        self.stateless_response: Callable[[Response, Any], bool] | None = None  # (response, flow)
         transport.sink = self.inbound
         transport.on_send_error = self.send_failed
 
@@ -153,6 +146,16 @@ class TransactionLayer:
     def has_server_transaction(self, req: Request) -> bool:
         """Is ``req`` a retransmission, i.e. does its server transaction exist?"""
         return server_key(req, req.method) in self._servers
+
+    def holds(self, req: Request) -> bool:
+        """Is ``req`` ours to absorb or answer: a retransmission of a request we have a server
+        transaction for, or a CANCEL or an ACK of an INVITE we have one for? (A stateless forwarder,
+        sip/transport.py ``forward``, leaves those to the transactions.)"""
+        method = req.method
+        servers = self._servers
+        if method != "ACK" and server_key(req, method) in servers:
+            return True
+        return (method == "CANCEL" or method == "ACK") and server_key(req, "INVITE") in servers
 
     def forget(self, txn: TransactionBase) -> None:
         if isinstance(txn, ClientTransaction):
@@ -229,9 +232,6 @@ class TransactionLayer:
                 ctx.transport_failed()
 
     def _response_in(self, resp: Response, flow: Any) -> None:
-        forward = self.stateless_response
-        if forward is not None and forward(resp, flow):
-            return
         try:
             key = ("client", resp.branch, resp.cseq.method)
         except ParseError as exc:
@@ -295,10 +295,6 @@ class TransactionLayer:
             self.transport.send_response(make_response(req, 503, "Service Unavailable"), flow)
             return
         invite_stx = self._servers.get(server_key(req, "INVITE")) if method == "CANCEL" else None
-        forward = self.stateless_request
-        # a CANCEL of an INVITE we hold a transaction for is answered hop by hop (§16.10), not passed on
-        if forward is not None and invite_stx is None and forward(req, flow):
-            return
         stx = self._new_server(req, flow, key)
         if stx.terminated:
             return  # the 100 Trying could not be sent
@@ -328,9 +324,6 @@ class TransactionLayer:
     def _ack_in(self, ack: Request, flow: Any) -> None:
         stx = self._find_invite_for_ack(ack)
         if isinstance(stx, InviteServerTransaction) and stx.ack_received():
-            return
-        forward = self.stateless_request
-        if forward is not None and forward(ack, flow):
             return
         if self.tu is not None:
             self.tu.request_received(ack, None, flow)
