@@ -616,9 +616,10 @@ class TransportLayer(Service):
         try:
             via = resp.top_via
             name = via.transport.lower()
-            host = via.received or via.host
             port = via.rport or via.port or DEFAULT_PORTS.get(name, 5060)
-            flow = self.flows.find_remote(name, (_norm_host(host), port))
+            received = via.received  # as we wrote it from the request's source: canonical already
+            host = received if received is not None else _norm_host(via.host)
+            flow = self.flows.find_remote(name, (host, port))
         except ParseError as e:
             log.info("response not forwarded: {err}", err=e.reason, call_id=log_call_id(resp))
             return
