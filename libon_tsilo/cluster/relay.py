@@ -19,32 +19,35 @@ Requests on the internal listener from an untrusted source get 403; a trusted pe
 that is neither for a flow of ours nor inside a dialog gets 403 too (the registrar and the call
 layer serve the public listeners only).
 
-**Stateless where it can be** (RFC 3261 §16.11; ``forward_request`` / ``forward_response``, the
-transaction layer's ``stateless_request`` / ``stateless_response``). Every message of a relayed call
-crosses this node a second time, and a transaction per request (a server and a client one, their
-timers, our own 100 Trying) roughly doubled what each one costs. A proxy may act statelessly per
-request; what it then owes is little: forward each retransmission as it comes (it cannot tell one
-from the first copy), never make a provisional response of its own, give a retransmission, a
-CANCEL and a non-2xx ACK the branch their INVITE got (relay_branch.py: a hash of the previous hop's
-branch), and pass each response on to the next Via after taking its own off. CANCEL needs no special
-case (§16.11: the next hop, not us, matches it to the INVITE). So INVITE, ACK, CANCEL, BYE and every
-other request, from a peer to a device and back, go without a transaction, with their responses,
-except where state is needed for correctness, and these take the stateful path below:
+**Stateless where it can be** (RFC 3261 §16.11; ``forward``, the transport's stateless forwarder,
+offered each parsed message before it is validated or reaches a transaction). Every message of a
+relayed call crosses this node a second time, and as a transaction-stateful proxy it paid for each
+one: every header validated, a server and a client transaction with their timers, our own 100
+Trying. A proxy may act statelessly per request (§16.1); what it then owes is little: take messages
+from the transport, read only what it routes by (§16.3 step 1: other headers, well-formed or not,
+are passed on unchanged), forward each retransmission as it comes (it cannot tell one from the first
+copy), make no provisional response, give a retransmission, a CANCEL and a non-2xx ACK the branch
+their INVITE got (relay_branch.py: a keyed hash of the previous hop's Via), handle CANCEL like any
+request (the next hop, not us, matches it to the INVITE), and pass each response on to the next Via
+after taking its own off. So a call's INVITE, ACK, CANCEL, BYE and other in-dialog requests, both
+ways, and all their responses, go without a transaction, except where correctness needs state; these
+take the stateful path (``handle``, on a server transaction):
 
 - a request that arrives over a stream and leaves over UDP (a TCP internal listener towards a UDP
-  device, or a TCP device towards a UDP internal listener): its sender does not retransmit (§17.1.1.2
-  Timer A is for unreliable transports only), so someone must, and only a client transaction does.
-  The other way round (UDP in, a stream out) the sender's retransmissions are forwarded onto the
-  connection, which the next hop's server transaction absorbs (RFC 3261 §17.2.1); the device's own
-  100 Trying, passed back, stops them;
+  device, or a TCP device towards a UDP internal listener): its sender does not retransmit (Timer A
+  and E run on unreliable transports only, §17.1.1.2, §17.1.2.2), so someone must, and only a client
+  transaction does. The other way (UDP in, a stream out) the sender's retransmissions are forwarded
+  onto the connection, where the next hop's server transaction absorbs them (§17.2.1), and its 100
+  Trying, passed back, stops them;
 - a new INVITE held until the device's REGISTER is answered (cluster/ordering.py): a CANCEL must be
-  able to drop it here;
-- a branch without the magic cookie (nothing unique to hash);
+  able to drop it here; and what a transaction of ours takes then (``TransactionLayer.holds``: its
+  retransmissions, its CANCEL, the ACK of its non-2xx answer);
+- a branch without the magic cookie (nothing unique to hash), a device's request outside a dialog;
 - whatever is refused or answered here: an untrusted source, a token not ours, a gone TCP/TLS flow
-  (430, RFC 5626 §5.3), Max-Forwards 0 (483): the stateful path answers on a server transaction.
+  (430, RFC 5626 §5.3), Max-Forwards 0 (483).
 
-What stays hop by hop in the stateless case is what §16.11 says: nothing. The device answers 100
-Trying itself over UDP (RFC 3261 §17.2.1); the forking node keeps its own Timer B.
+The forking node keeps its own Timer A/B: what it hears first is the device's 100 Trying (RFC 3261
+§17.2.1), not ours. The source limits apply to what this path takes as to anything else.
 """
 
 from __future__ import annotations
