@@ -179,7 +179,7 @@ class Relay:
             return False
         if not self._admitted(req, came_over):
             return True  # answered 503 or dropped
-        self._pop_own_routes(req, routes, (ref, token))
+        self._pop_own_routes(req, routes)
         req.set_header("Max-Forwards", str(69 if mf is None else mf - 1))
         if creates_dialog:  # RFC 5658, as in _to_device
             req.add_header("Record-Route", f"<{self.node.uri(token)}>", first=True)
@@ -261,7 +261,7 @@ class Relay:
                 first = node.own_flow(routes[0])
                 if first is not None:
                     out = req.copy()  # the server transaction keeps the request as it came (its Vias)
-                    self._pop_own_routes(out, routes, first)
+                    self._pop_own_routes(out, routes)
                     self._to_device(req, out, stx, *first)
                     return True
             if req.to.tag is None and req.method not in ("ACK", "CANCEL"):
@@ -372,9 +372,9 @@ class Relay:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _pop_own_routes(self, req: Request, routes: list[str], first: tuple[FlowRef, str]) -> None:
+    def _pop_own_routes(self, req: Request, routes: list[str]) -> None:
         """Remove the leading Route entries that are ours (valid tokens); ``routes`` are ``req``'s,
-        ``first`` what own_flow() read from the top one (checked once, not twice)."""
+        the top one known to be ours already (checked once, not twice)."""
         self._set_routes(req, routes[self._own_count(routes):])
 
     def _own_count(self, routes: list[str]) -> int:
