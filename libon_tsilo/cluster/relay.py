@@ -36,9 +36,14 @@ take the stateful path (``handle``, on a server transaction):
 - a request that arrives over a stream and leaves over UDP (a TCP internal listener towards a UDP
   device, or a TCP device towards a UDP internal listener): its sender does not retransmit (Timer A
   and E run on unreliable transports only, §17.1.1.2, §17.1.2.2), so someone must, and only a client
-  transaction does. The other way (UDP in, a stream out) the sender's retransmissions are forwarded
-  onto the connection, where the next hop's server transaction absorbs them (§17.2.1), and its 100
-  Trying, passed back, stops them;
+  transaction does;
+- an INVITE from UDP onto a stream (a UDP internal listener towards a TCP/TLS device): its final
+  non-2xx answer comes back over the stream, where the device does not repeat it (Timer G is for
+  unreliable transports), and goes on over UDP, where it may be lost once the sender, after a 1xx,
+  has stopped retransmitting the INVITE; our server transaction repeats it until the ACK
+  (``_needs_state``). A non-INVITE request UDP in, stream out is stateless: its sender retransmits
+  until the final answer, the next hop's server transaction absorbs the copies (§17.2.2) and
+  answers each;
 - a new INVITE held until the device's REGISTER is answered (cluster/ordering.py): a CANCEL must be
   able to drop it here; and what a transaction of ours takes then (``TransactionLayer.holds``: its
   retransmissions, its CANCEL, the ACK of its non-2xx answer);
@@ -89,6 +94,20 @@ _REFUSALS = (
     "refused_untrusted", "refused_not_relay", "refused_wrong_flow", "refused_not_peer", "too_many_hops",
     "refused_bad_branch",  # a response under a branch of ours that we did not give its next hop
 )
+
+
+def _needs_state(method: str, came_reliably: bool, leaves_reliably: bool) -> bool:
+    """Must a request crossing between UDP and a stream be relayed on transactions? Stream in, UDP
+    out: its sender does not retransmit it (Timers A and E run on unreliable transports only, RFC 3261
+    §17.1.1.2, §17.1.2.2), so our client transaction must. An INVITE either way: its final non-2xx
+    answer comes back from the stream side, where the UAS does not repeat it (Timer G: unreliable
+    transports only, §17.2.1), and goes on over UDP, where it can be lost while its sender, after a
+    1xx, no longer retransmits the INVITE to ask again: our server transaction repeats it until the
+    ACK. (A non-INVITE's sender on UDP retransmits until its final answer, Proceeding included.) An
+    ACK never: nothing answers it."""
+    if method == "ACK" or came_reliably == leaves_reliably:
+        return False
+    return came_reliably or method == "INVITE"
 
 
 class Relay:
@@ -166,11 +185,11 @@ class Relay:
         if out is not None and not out.live:
             out = None
         method = req.method
-        if ref.transport in _STREAMS:
-            if out is None:
-                return False  # 430 Flow Failed
-        elif came_over.reliable and method != "ACK":
-            return False  # nobody would retransmit it over UDP but a client transaction
+        to_stream = ref.transport in _STREAMS
+        if to_stream and out is None:
+            return False  # 430 Flow Failed
+        if _needs_state(method, came_over.reliable, to_stream):
+            return False
         creates_dialog = method == "INVITE" and req.to.tag is None
         if creates_dialog and self._register_unanswered(ref.flow_id):
             return False  # held on a transaction until the REGISTER's 200 is sent
@@ -199,8 +218,8 @@ class Relay:
         target = self._next_target(routes[n:], req)
         if target is None:
             return False  # 403: not towards one of our nodes
-        if came_over.reliable and target.transport == "udp" and req.method != "ACK":
-            return False  # nobody would retransmit it over UDP but a client transaction
+        if _needs_state(req.method, came_over.reliable, target.transport in _STREAMS):
+            return False
         mf = req.max_forwards
         if mf is not None and mf <= 0:
             return False

@@ -151,3 +151,58 @@ async def test_a_request_from_a_stream_to_udp_keeps_a_client_transaction_that_re
     finally:
         await pair.stop()
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_invite_from_udp_onto_a_tcp_flow_keeps_its_transactions_and_a_bye_does_not():
+    """The device over TCP does not repeat its 486 (Timer G is for UDP); B's server transaction
+    repeats it towards the peer on UDP until the ACK, which it absorbs. The in-dialog BYE, whose
+    UDP sender retransmits until answered, goes statelessly."""
+    pair = Pair()  # UDP internal listeners
+    pair.start()
+    try:
+        caller, device, inv, answer, device_tag = await _answered_call(pair, "tcp")
+        relay = pair.b.parts.extra["cluster_relay"]
+        assert not inv.branch.startswith("z9hG4bKsl")  # B's client transaction's branch
+        assert relay.counters["stateless"] == 1  # the ACK only
+        caller.send(in_dialog(caller, "BYE", str(answer.contacts[0].uri), [], answer.header("from") or "",
+                              answer.header("to") or "", answer.call_id, 2))
+        bye = await device.request("BYE")
+        assert bye.branch.startswith("z9hG4bKsl") and relay.counters["stateless"] == 2
+        device.send(response_to(bye, 200, "OK"))
+        await caller.response(200, "BYE")
+    finally:
+        await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tcp_devices_486_is_repeated_to_the_peer_until_its_ack():
+    pair = Pair()
+    pair.start()
+    try:
+        device = await pair.ua(pair.b, "tcp")
+        device.send(register(device))
+        await device.response(200, "REGISTER")
+        peer = await UA("udp").start(pair.b.parts.extra["cluster_node"].bound)
+        pair.uas.append(peer)
+        route = pair.a.parts.location.lookup(AOR)[0].path[0]
+        branch, call_id = f"z9hG4bK{tag()}", f"{tag()}@peer"
+        peer.send(_peer_invite(peer, device, route, branch, call_id))
+        await peer.response(100, "INVITE")  # B's own: a stateful proxy's duty
+        inv = await device.request("INVITE")
+        device.send(response_to(inv, 180, "Ringing", "dev1"))
+        await peer.response(180, "INVITE")
+        device.send(response_to(inv, 486, "Busy Here", "dev1"))
+        # not ACKed yet: B's Timer G sends it again (0.5 s on the real reactor)
+        await wait_for(lambda: len([m for m in peer.received if getattr(m, "status", 0) == 486]) == 2,
+                       "B to repeat the 486")
+        final = await peer.response(486, "INVITE")
+        peer.send(f"ACK sip:bob@127.0.0.1:{device.port} SIP/2.0\r\n"
+                  f"Via: SIP/2.0/UDP 127.0.0.1:{peer.port};branch={branch};rport\r\nMax-Forwards: 70\r\n"
+                  f"Route: {route}\r\nFrom: <sip:carol@127.0.0.1>;tag=p1\r\nTo: {final.header('to')}\r\n"
+                  f"Call-ID: {call_id}\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n")
+        await device.request("ACK")  # B's client transaction acknowledges the 486 hop by hop
+        relay = pair.b.parts.extra["cluster_relay"]
+        assert relay.counters["stateless"] == 0  # the peer's ACK went to B's server transaction
+    finally:
+        await pair.stop()
