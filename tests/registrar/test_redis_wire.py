@@ -1,9 +1,14 @@
 """The lean Redis connection of the location store's hot paths (registrar/redis_wire.py), against a
-real redis-server: replies in order, errors, pub/sub messages, a lost connection, a silent server."""
+real redis-server: replies in order, errors, pub/sub messages, a lost connection, a silent server,
+TLS."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +18,9 @@ from twisted.internet.defer import Deferred
 from libon_tsilo.registrar.asyncio_bridge import reactor_loop
 from libon_tsilo.registrar.redis_store import make_redis_client
 from libon_tsilo.registrar.redis_wire import ReplyError, open_connection
-from tests.redis_server import RedisServer
+from tests.certs import CertPaths
+from tests.redis_server import RedisServer, _free_tcp_port
+from tests.waiting import wait_until
 
 
 def wait(future: asyncio.Future[Any]) -> Deferred[Any]:
@@ -70,3 +77,45 @@ async def test_a_server_that_does_not_answer_in_time_closes_the_connection(redis
     with pytest.raises(ConnectionError, match="no answer within 0.2 s"):
         await wait(silent)
     assert await wait(conn.lost) == "no answer within 0.2 s"
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path, test_certs: CertPaths) -> Iterator[int]:
+    """A redis-server answering TLS on its own port (and plain TCP on another, to know it is up)."""
+    plain, tls = _free_tcp_port(), _free_tcp_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(plain), "--tls-port", str(tls),
+         "--tls-cert-file", str(test_certs.cert), "--tls-key-file", str(test_certs.key),
+         "--tls-ca-cert-file", str(test_certs.ca), "--tls-auth-clients", "no", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: _answers(plain), 10, "redis-server with TLS")
+        yield tls
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tls_connection_is_opened_by_redis_py_and_read_here(tls_redis: int, test_certs: CertPaths) -> None:
+    loop = reactor_loop()
+    got: list[bytes] = []
+    url = f"rediss://127.0.0.1:{tls_redis}/0?ssl_ca_certs={test_certs.ca}"
+    feed = await wait(asyncio.ensure_future(open_connection(make_redis_client(url), loop, 2.0, got.append)))
+    writer = await wait(asyncio.ensure_future(open_connection(make_redis_client(url), loop, 2.0)))
+    await wait(feed.command(b"SUBSCRIBE", b"ch"))
+    assert await wait(writer.command(b"PUBLISH", b"ch", b"over TLS")) == 1
+    assert await wait(feed.command(b"PING")) == [b"pong", b""]
+    assert got == [b"over TLS"]
+    feed.close()
+    writer.close()
