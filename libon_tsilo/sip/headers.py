@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from libon_tsilo.sip.errors import ParseError
-from libon_tsilo.sip.uri import URI, char_class_without, split_hostport
+from libon_tsilo.sip.uri import URI, char_class_without, remember_shape, split_hostport
 
 # RFC 3261 §7.3.3 and the IANA compact forms.
 COMPACT = {
@@ -212,6 +212,8 @@ def format_params(params: dict[str, str | None]) -> str:
 _URI_CHARS = char_class_without('<>"')
 # The common spelling of a name-addr; everything else takes NameAddr._parse_general.
 _SIMPLE_NAME_ADDR = re.compile(rf'(?:"([^"\\\r\n]*)"[ \t]*)?<([{_URI_CHARS}]+)>(?:;({_PARAMS}))?')
+# text -> (display, URI text, params text) of a name-addr that took the fast path (uri.remember_shape)
+_NAME_ADDR_SHAPES: dict[str, tuple[str | None, str, str | None]] = {}
 
 
 class NameAddr:
@@ -235,11 +237,16 @@ class NameAddr:
     @classmethod
     def parse(cls, text: str) -> NameAddr:
         text = text.strip()
-        match = _SIMPLE_NAME_ADDR.fullmatch(text)
-        if match is None:
-            return cls._parse_general(text)
-        # Fast path: [quoted display without escapes] <URI without blanks or quotes>[;params]
-        display, uri_text, params_text = match.groups()
+        shape = _NAME_ADDR_SHAPES.get(text)
+        if shape is None:
+            match = _SIMPLE_NAME_ADDR.fullmatch(text)
+            if match is None:
+                return cls._parse_general(text)
+            # Fast path: [quoted display without escapes] <URI without blanks or quotes>[;params]
+            display, uri_text, params_text = match.groups()
+            remember_shape(_NAME_ADDR_SHAPES, text, (display, uri_text, params_text))
+        else:
+            display, uri_text, params_text = shape
         obj = cls(uri_text, display, _split_params(params_text) if params_text is not None else None)
         obj._text = text
         return obj
@@ -461,6 +468,8 @@ class Via:
 
 # the common spelling of a CSeq value (already stripped by the message parser)
 _SIMPLE_CSEQ = re.compile(r"([0-9]+) ([A-Za-z0-9\-.!%*_+`'~]+)")
+# text -> (number text, method) of a CSeq that took the fast path (uri.remember_shape)
+_CSEQ_SHAPES: dict[str, tuple[str, str]] = {}
 
 
 class CSeq:
@@ -472,10 +481,14 @@ class CSeq:
 
     @classmethod
     def parse(cls, text: str) -> CSeq:
-        match = _SIMPLE_CSEQ.fullmatch(text)
-        if match is not None:
+        shape = _CSEQ_SHAPES.get(text)
+        match = _SIMPLE_CSEQ.fullmatch(text) if shape is None else None
+        if shape is not None:
+            seq_text, method = shape
+        elif match is not None:
             # Fast path: "<digits> <method>" checked in one regex (no split, isdigit and token regex)
             seq_text, method = match.groups()
+            remember_shape(_CSEQ_SHAPES, text, (seq_text, method))
         else:
             parts = text.split()
             # ASCII digits only: str.isdigit() alone takes other scripts' digits, which int() reads
