@@ -41,6 +41,10 @@ COMPILED = [
     "libon_tsilo/b2bua/ports.py",
     "libon_tsilo/b2bua/relay.py",
     "libon_tsilo/b2bua/session_timer.py",
+    # and what hands a request to it: the call manager, the router and the UAS core's checks
+    "libon_tsilo/b2bua/manager.py",
+    "libon_tsilo/sip/router.py",
+    "libon_tsilo/sip/uas_core.py",
 ]
 
 
