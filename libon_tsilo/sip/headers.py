@@ -348,6 +348,12 @@ class NameAddr:
 _SIMPLE_VIA = re.compile(
     r"^SIP/2\.0/([A-Za-z]+) ([A-Za-z0-9.\-]+(?::\d+)?|\[[0-9A-Fa-f:.]+\](?::\d+)?)"
     rf"(?:;({_PARAMS}))?$")
+# A Via differs from message to message by its branch, but not before its first ";": the part of
+# _SIMPLE_VIA before the parameters (no ";" can be in it) -> (transport, host, port) it gave, so a
+# Via whose head was seen runs only the parameters' regex (uri.remember_shape)
+_VIA_HEADS: dict[str, tuple[str, str, int | None]] = {}
+# _SIMPLE_VIA's parameters, matched from a position (match(text, pos): "^" would not match there)
+_VIA_PARAMS = re.compile(rf"{_PARAMS}$")
 
 
 class Via:
@@ -365,11 +371,23 @@ class Via:
 
     @classmethod
     def parse(cls, text: str) -> Via:
+        semi = text.find(";")
+        head = _VIA_HEADS.get(text[:semi] if semi >= 0 else text)
+        if head is not None and (semi < 0 or _VIA_PARAMS.match(text, semi + 1) is not None):
+            # what _SIMPLE_VIA would have matched: the same head, then ";" and the parameters to the end
+            transport, host, port = head
+            params = _split_params(text[semi + 1:]) if semi >= 0 else {}
+            via = cls(transport, host, port, params)
+            via._text = text
+            if "rport" in params or "ttl" in params:
+                via._check_numbers()
+            return via
         match = _SIMPLE_VIA.match(text)
         if match is not None:
             # Fast path for the canonical spelling; anything unusual takes the general parser below.
             transport, hostport, params_text = match.groups()
             host, port = split_hostport(hostport, "Via sent-by")
+            remember_shape(_VIA_HEADS, text[:match.end(2)], (transport, host, port))
             params = _split_params(params_text) if params_text is not None else {}
             # through __init__, which compiled (setup.py) costs little; a bare cls.__new__ instance
             # was cheaper in pure Python, but mypyc cannot build one

@@ -26,6 +26,10 @@ class CountingPattern:
         self.runs += 1
         return self.pattern.fullmatch(text)
 
+    def match(self, text: str) -> Any:
+        self.runs += 1
+        return self.pattern.match(text)
+
 
 @pytest.fixture
 def counted(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, CountingPattern]]:
@@ -91,3 +95,45 @@ def test_the_caches_are_bounded(counted) -> None:
     long_uri = "sip:" + "a" * uri.SHAPE_MAX_TEXT + "@192.0.2.1"
     assert URI.parse(long_uri).user == "a" * uri.SHAPE_MAX_TEXT
     assert long_uri not in uri._URI_SHAPES  # long texts are parsed, never kept
+
+
+VIAS = [
+    "SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK-a1;rport",
+    "SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK-a2;rport=5070;received=192.0.2.9",
+    "SIP/2.0/UDP 192.0.2.1:5060",
+    "SIP/2.0/TCP [2001:db8::1]:5061;branch=z9hG4bK-b1",
+    "SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK-a3;ttl=16",
+]
+BAD_AFTER_A_GOOD_HEAD = [
+    "SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK-a4;rport=99999",  # rport out of range
+    "SIP/2.0/UDP 192.0.2.1:5060;ttl=300",
+    "SIP/2.0/UDP 192.0.2.1:5060;;branch=x",  # not _SIMPLE_VIA's: the general parser decides
+    "SIP/2.0/UDP 192.0.2.1:5060;branch=a b",
+]
+
+
+def _outcome(text: str) -> Any:
+    try:
+        via = headers.Via.parse(text)
+    except ParseError as e:
+        return ("error", e.reason)
+    return (via.transport, via.host, via.port, via.params, str(via))
+
+
+def test_a_via_whose_head_was_seen_parses_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    texts = VIAS + BAD_AFTER_A_GOOD_HEAD
+    fresh = {}
+    for text in texts:  # each parsed with nothing remembered: the full regex, as before the cache
+        headers._VIA_HEADS.clear()
+        fresh[text] = _outcome(text)
+    headers._VIA_HEADS.clear()
+    for text in VIAS:
+        headers.Via.parse(text)  # the heads are known now
+    assert "SIP/2.0/UDP 192.0.2.1:5060" in headers._VIA_HEADS
+    counting = CountingPattern(headers._SIMPLE_VIA)
+    monkeypatch.setattr(headers, "_SIMPLE_VIA", counting)
+    for text in texts:
+        assert _outcome(text) == fresh[text], text
+    # the full regex ran only for the two whose parameters its own regex refuses
+    assert counting.runs == 2
+    headers._VIA_HEADS.clear()
