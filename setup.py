@@ -30,6 +30,21 @@ COMPILED = [
     "libon_tsilo/sip/transaction.py",
     "libon_tsilo/sip/transaction_client.py",
     "libon_tsilo/sip/transaction_server.py",
+    # the call layer on a late fork's path (issue 15, round 3): a call's branches, dialogs and
+    # states; OutboundCall subclasses Call, so it is compiled with it
+    "libon_tsilo/b2bua/call.py",
+    "libon_tsilo/b2bua/outbound.py",
+    "libon_tsilo/b2bua/legs.py",
+    "libon_tsilo/b2bua/dialog.py",
+    "libon_tsilo/b2bua/forking.py",
+    "libon_tsilo/b2bua/states.py",
+    "libon_tsilo/b2bua/ports.py",
+    "libon_tsilo/b2bua/relay.py",
+    "libon_tsilo/b2bua/session_timer.py",
+    # and what hands a request to it: the call manager, the router and the UAS core's checks
+    "libon_tsilo/b2bua/manager.py",
+    "libon_tsilo/sip/router.py",
+    "libon_tsilo/sip/uas_core.py",
 ]
 
 

@@ -166,19 +166,37 @@ def build(stage: str, limits: dict[str, Any] | None = None) -> dict[str, Any]:
 
 # -- fake peers: copy header lines out of the server's datagrams, never parse them ----------------
 
-_LINE = {name: re.compile(rb"^(" + name + rb":[^\r]*)\r\n", re.M | re.I)
-         for name in (rb"Via", rb"From", rb"To", rb"Call-ID", rb"CSeq")}
-_TO = re.compile(rb"^To: ([^\r]*)\r\n", re.M | re.I)
+# The peers' own cost is in the figure, so they split the head once: five multi-line regex scans
+# per answer (the way they worked before) were ~1.2M of the 3.3M instructions counted per call.
+_COPIED = (b"via", b"from", b"to", b"call-id", b"cseq")  # in this order, as a device answers
+
+
+def head_lines(message: bytes) -> list[bytes]:
+    """The header lines of a message the server sent (start line and body left out)."""
+    return message[:message.find(b"\r\n\r\n")].split(b"\r\n")[1:]
+
+
+def header_value(message: bytes, name: bytes) -> bytes:
+    """The value of the first ``name`` header line (full name, any case)."""
+    for line in head_lines(message):
+        colon = line.find(b":")
+        if line[:colon].lower() == name:
+            return line[colon + 1:].strip()
+    raise RuntimeError(f"no {name!r} header in {message[:60]!r}")
 
 
 def answer(request: bytes, status: str, to_tag: str, sdp: str = "") -> bytes:
     """A device's response to a request the server sent: Via/From/To/Call-ID/CSeq copied."""
+    found: dict[bytes, list[bytes]] = {name: [] for name in _COPIED}
+    for line in head_lines(request):
+        got = found.get(line[:line.find(b":")].lower())
+        if got is not None:
+            got.append(line)
     lines = [f"SIP/2.0 {status}".encode()]
-    for name, pattern in _LINE.items():
-        found = pattern.findall(request)
-        if name == b"To":
-            found = [found[0] + f";tag={to_tag}".encode()] if b"tag=" not in found[0] else found
-        lines.extend(found)
+    for name, copied in found.items():
+        if name == b"to" and b"tag=" not in copied[0]:
+            copied = [copied[0] + f";tag={to_tag}".encode()]
+        lines.extend(copied)
     lines.append(b"Contact: <sip:device@127.0.0.1:17000>")
     if sdp:
         lines.append(b"Content-Type: application/sdp")
@@ -245,7 +263,7 @@ def call_run(env: dict[str, Any], msgs: list[tuple[bytes, bytes]]) -> Callable[[
         reactor.runUntilCurrent()
         take(outbox, DEVICE, b"ACK ")
         ok = take(outbox, CALLER, b"SIP/2.0 200")
-        to = _TO.search(ok).group(1).decode()                 # the A-leg's To, with our tag
+        to = header_value(ok, b"to").decode()                 # the A-leg's To, with our tag
         feed(IN_DIALOG.format(method="ACK", kind="a", n=i, user=f"lf{i}", to=to, cseq=1).encode(), CALLER)
         feed(IN_DIALOG.format(method="BYE", kind="b", n=i, user=f"lf{i}", to=to, cseq=2).encode(), CALLER)
         reactor.runUntilCurrent()

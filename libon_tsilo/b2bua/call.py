@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Call", "hop_for_binding"]
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc), Logger() would name the importer: importlib
 _P = ParamSpec("_P")
 
 _DEFAULT_PORT = {"udp": 5060, "tcp": 5060, "tls": 5061}

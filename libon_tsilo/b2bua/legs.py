@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from libon_tsilo.b2bua.dialog import Dialog
 from libon_tsilo.b2bua.ports import ClientHandle, Hop, RetransmitHandle, ServerHandle
@@ -55,13 +55,13 @@ class ALeg:
 class BranchState:
     """Branch states as constants: a branch is a plain UAC INVITE whose life is short and linear."""
 
-    CALLING = "calling"  # INVITE sent, nothing but 100 yet
-    EARLY = "early"  # a 1xx > 100 came
-    ANSWERED = "answered"  # 2xx came
-    CANCELLING = "cancelling"  # we sent (or queued) a CANCEL; a final response is still to come
-    FAILED = "failed"  # 3xx-6xx (or a local 408/503, or 487 after our CANCEL)
+    CALLING: Final = "calling"  # INVITE sent, nothing but 100 yet
+    EARLY: Final = "early"  # a 1xx > 100 came
+    ANSWERED: Final = "answered"  # 2xx came
+    CANCELLING: Final = "cancelling"  # we sent (or queued) a CANCEL; a final response is still to come
+    FAILED: Final = "failed"  # 3xx-6xx (or a local 408/503, or 487 after our CANCEL)
 
-    PENDING = frozenset({CALLING, EARLY, CANCELLING})
+    PENDING: Final = frozenset({CALLING, EARLY, CANCELLING})
 
 
 class BLeg:

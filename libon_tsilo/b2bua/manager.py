@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CallManager", "CallSettings", "default_aor_key", "authorizer_from_policy"]
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc), Logger() would name the importer: importlib
 
 _REASONS = {403: "Forbidden", 404: "Not Found", 480: "Temporarily Unavailable", 503: "Service Unavailable"}
 
@@ -175,7 +175,8 @@ class CallManager:
         self.is_local = is_local or (lambda uri: True)
         self.aor_key = aor_key
         self.calls: dict[str, Call] = {}
-        self.dialogs: dict[tuple[str, str], tuple[Call, Any]] = {}
+        # (Call-ID, our tag) -> (the call, or what a transfer leaves of it (transfer._Leftover), leg)
+        self.dialogs: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.flows: dict[str, set[str]] = {}
         self.shutting_down = False
         self.counters: dict[str, int] = {"calls": 0, "answered": 0, "rejected": 0,

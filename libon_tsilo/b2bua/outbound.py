@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CallsOut", "OutboundCall"]
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc), Logger() would name the importer: importlib
 
 _FAILOVER = frozenset({503, 408})
 _CHALLENGE = {401: ("WWW-Authenticate", "Authorization"), 407: ("Proxy-Authenticate", "Proxy-Authorization")}

@@ -14,15 +14,17 @@ from twisted.logger import Logger
 
 from libon_tsilo.b2bua import reliable, transfer
 from libon_tsilo.b2bua.capabilities import ALLOW
+# imported at run time, not only for the type checker: compiled (mypyc), the dataclass below
+# reads its field types when the module loads, and crashed on a name imported under TYPE_CHECKING
+from libon_tsilo.b2bua.ports import RetransmitHandle
 from libon_tsilo.sip.message import Request, Response, make_response
 
 if TYPE_CHECKING:
     from libon_tsilo.b2bua.call import Call
-    from libon_tsilo.b2bua.ports import RetransmitHandle
 
 __all__ = ["request", "ack", "hang_up", "flow_lost", "PendingAck", "RELAYED", "ALLOW"]
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc), Logger() would name the importer: importlib
 
 RELAYED = frozenset({"INFO", "MESSAGE", "OPTIONS"})
 # headers that give the body of a relayed request its meaning

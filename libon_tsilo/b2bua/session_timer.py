@@ -40,7 +40,7 @@ __all__ = [
     "REASON_EXPIRED", "REASON_REFRESH_FAILED", "REASON_MAX_DURATION",
 ]
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc), Logger() would name the importer: importlib
 
 TIMER = "timer"
 ABSOLUTE_MIN_SE = 90  # RFC 4028 §4: no Session-Expires or Min-SE below this

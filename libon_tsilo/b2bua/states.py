@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CallState", "Parked", "Forking", "Diverted", "Connected", "Ended"]
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc), Logger() would name the importer: importlib
 
 
 class CallState:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from libon_tsilo.sip.errors import ParseError
-from libon_tsilo.sip.uri import URI, char_class_without, split_hostport
+from libon_tsilo.sip.uri import URI, char_class_without, remember_shape, split_hostport
 
 # RFC 3261 §7.3.3 and the IANA compact forms.
 COMPACT = {
@@ -212,6 +212,8 @@ def format_params(params: dict[str, str | None]) -> str:
 _URI_CHARS = char_class_without('<>"')
 # The common spelling of a name-addr; everything else takes NameAddr._parse_general.
 _SIMPLE_NAME_ADDR = re.compile(rf'(?:"([^"\\\r\n]*)"[ \t]*)?<([{_URI_CHARS}]+)>(?:;({_PARAMS}))?')
+# text -> (display, URI text, params text) of a name-addr that took the fast path (uri.remember_shape)
+_NAME_ADDR_SHAPES: dict[str, tuple[str | None, str, str | None]] = {}
 
 
 class NameAddr:
@@ -235,11 +237,16 @@ class NameAddr:
     @classmethod
     def parse(cls, text: str) -> NameAddr:
         text = text.strip()
-        match = _SIMPLE_NAME_ADDR.fullmatch(text)
-        if match is None:
-            return cls._parse_general(text)
-        # Fast path: [quoted display without escapes] <URI without blanks or quotes>[;params]
-        display, uri_text, params_text = match.groups()
+        shape = _NAME_ADDR_SHAPES.get(text)
+        if shape is None:
+            match = _SIMPLE_NAME_ADDR.fullmatch(text)
+            if match is None:
+                return cls._parse_general(text)
+            # Fast path: [quoted display without escapes] <URI without blanks or quotes>[;params]
+            display, uri_text, params_text = match.groups()
+            remember_shape(_NAME_ADDR_SHAPES, text, (display, uri_text, params_text))
+        else:
+            display, uri_text, params_text = shape
         obj = cls(uri_text, display, _split_params(params_text) if params_text is not None else None)
         obj._text = text
         return obj
@@ -341,6 +348,12 @@ class NameAddr:
 _SIMPLE_VIA = re.compile(
     r"^SIP/2\.0/([A-Za-z]+) ([A-Za-z0-9.\-]+(?::\d+)?|\[[0-9A-Fa-f:.]+\](?::\d+)?)"
     rf"(?:;({_PARAMS}))?$")
+# A Via differs from message to message by its branch, but not before its first ";": the part of
+# _SIMPLE_VIA before the parameters (no ";" can be in it) -> (transport, host, port) it gave, so a
+# Via whose head was seen runs only the parameters' regex (uri.remember_shape)
+_VIA_HEADS: dict[str, tuple[str, str, int | None]] = {}
+# _SIMPLE_VIA's parameters, matched from a position (match(text, pos): "^" would not match there)
+_VIA_PARAMS = re.compile(rf"{_PARAMS}$")
 
 
 class Via:
@@ -358,11 +371,23 @@ class Via:
 
     @classmethod
     def parse(cls, text: str) -> Via:
+        semi = text.find(";")
+        head = _VIA_HEADS.get(text[:semi] if semi >= 0 else text)
+        if head is not None and (semi < 0 or _VIA_PARAMS.match(text, semi + 1) is not None):
+            # what _SIMPLE_VIA would have matched: the same head, then ";" and the parameters to the end
+            transport, host, port = head
+            params = _split_params(text[semi + 1:]) if semi >= 0 else {}
+            via = cls(transport, host, port, params)
+            via._text = text
+            if "rport" in params or "ttl" in params:
+                via._check_numbers()
+            return via
         match = _SIMPLE_VIA.match(text)
         if match is not None:
             # Fast path for the canonical spelling; anything unusual takes the general parser below.
             transport, hostport, params_text = match.groups()
             host, port = split_hostport(hostport, "Via sent-by")
+            remember_shape(_VIA_HEADS, text[:match.end(2)], (transport, host, port))
             params = _split_params(params_text) if params_text is not None else {}
             # through __init__, which compiled (setup.py) costs little; a bare cls.__new__ instance
             # was cheaper in pure Python, but mypyc cannot build one
@@ -461,6 +486,8 @@ class Via:
 
 # the common spelling of a CSeq value (already stripped by the message parser)
 _SIMPLE_CSEQ = re.compile(r"([0-9]+) ([A-Za-z0-9\-.!%*_+`'~]+)")
+# text -> (number text, method) of a CSeq that took the fast path (uri.remember_shape)
+_CSEQ_SHAPES: dict[str, tuple[str, str]] = {}
 
 
 class CSeq:
@@ -472,10 +499,14 @@ class CSeq:
 
     @classmethod
     def parse(cls, text: str) -> CSeq:
-        match = _SIMPLE_CSEQ.fullmatch(text)
-        if match is not None:
+        shape = _CSEQ_SHAPES.get(text)
+        match = _SIMPLE_CSEQ.fullmatch(text) if shape is None else None
+        if shape is not None:
+            seq_text, method = shape
+        elif match is not None:
             # Fast path: "<digits> <method>" checked in one regex (no split, isdigit and token regex)
             seq_text, method = match.groups()
+            remember_shape(_CSEQ_SHAPES, text, (seq_text, method))
         else:
             parts = text.split()
             # ASCII digits only: str.isdigit() alone takes other scripts' digits, which int() reads

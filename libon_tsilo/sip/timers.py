@@ -25,7 +25,7 @@ __all__ = [
     "is_reliable",
 ]
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc), Logger() would name the importer: importlib
 
 
 def backoff(interval: float, cap: float) -> float:

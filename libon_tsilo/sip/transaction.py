@@ -52,7 +52,7 @@ __all__ = [
     "MAGIC_COOKIE",
 ]
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc), Logger() would name the importer: importlib
 
 MAGIC_COOKIE = "z9hG4bK"
 _DEFAULT_PORTS = {"TLS": 5061, "WSS": 443, "WS": 80}

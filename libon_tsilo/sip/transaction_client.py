@@ -17,7 +17,7 @@ __all__ = [
     "build_ack",
 ]
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc), Logger() would name the importer: importlib
 
 ResponseCallback = Callable[[Response], Any]
 TIMER_D = 32.0  # RFC 3261 §17.1.1.2: at least 32 s on unreliable transports

@@ -11,7 +11,7 @@ from libon_tsilo.sip.timers import LayerServices, State, TransactionBase, backof
 
 __all__ = ["ServerTransaction", "InviteServerTransaction", "NonInviteServerTransaction"]
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc), Logger() would name the importer: importlib
 
 
 class ServerTransaction(TransactionBase):

@@ -58,3 +58,12 @@ def test_the_hot_modules_are_compiled_where_a_compiler_is() -> None:
     for name in COMPILED:
         path = importlib.import_module(name).__file__ or ""
         assert path.endswith(".so"), f"{path}: mypyc did not compile it; `.venv/bin/pip install -e .` says why"
+
+
+def test_the_compiled_modules_log_under_their_own_name() -> None:
+    # Logger() finds its namespace in the calling frame; a compiled module has none of its own, so
+    # its events said "importlib._bootstrap" (the "ns" of the JSON log) unless it names itself
+    for name in COMPILED:
+        log = getattr(importlib.import_module(name), "log", None)
+        if log is not None:
+            assert log.namespace == name, f"{name} logs as {log.namespace!r}"

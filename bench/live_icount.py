@@ -1,0 +1,127 @@
+"""User-space instructions per late-fork call of the real server process, under callgrind.
+
+    .venv/bin/python bench/live_icount.py [--code DIR] [--n 200] [--rate 10] [--port 27100]
+
+bench/inproc.py counts the call path without sockets, with the asyncio reactor and its own fake
+peers; bench/sidebyside.py measures the whole process but moves by 10-20 % with the load of a shared
+box. This one runs the real server (bench/common.py serve: twistd, epoll reactor, memory location
+store) under ``valgrind --tool=callgrind`` and drives it with the two SIPp scenarios of
+bench/latefork.py (INVITE parked, the device REGISTERs 150 ms later, 200, ACK, BYE) at ``--rate``
+(the server runs ~50x slower under valgrind), once with ``--n`` calls and once with none; the
+difference / N is what one call costs in user space: parsing, the call path, the reactor and the
+socket calls' user side (the kernel's share is not counted). Deterministic to ~0.2 %.
+``--code DIR``: another checkout's code (e.g. a ``git archive`` of main with its mypyc modules
+built in place), run with this venv's Python. Ports: ``--port`` to ``--port`` + 9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = ROOT / "tests" / "e2e" / "scenarios"
+CONFIG = """[sip]
+listen = ["udp:127.0.0.1:{port}"]
+domains = ["localhost", "127.0.0.1"]
+[auth]
+enabled = false
+[location]
+backend = "memory"
+[log]
+level = "warn"
+format = "text"
+[ops]
+drain_timeout = 2
+[calls]
+ring_timeout = 30
+invite_cancel_grace = 0
+"""
+
+
+def wait_answering(port: int, timeout: float = 300.0) -> None:
+    """OPTIONS until the server (slow to start under valgrind) answers."""
+    probe = (f"OPTIONS sip:127.0.0.1:{port} SIP/2.0\r\n"
+             f"Via: SIP/2.0/UDP 127.0.0.1:{port + 9};branch=z9hG4bK-p\r\nMax-Forwards: 70\r\n"
+             f"From: <sip:p@127.0.0.1>;tag=p\r\nTo: <sip:127.0.0.1>\r\nCall-ID: probe\r\n"
+             f"CSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n").encode()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", port + 9))
+        s.settimeout(1.0)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s.sendto(probe, ("127.0.0.1", port))
+            try:
+                s.recvfrom(4096)
+                return
+            except socket.timeout:
+                pass
+    raise SystemExit(f"the server on port {port} did not answer OPTIONS in {timeout:.0f} s")
+
+
+def instructions(code: Path, n: int, rate: float, port: int, workdir: Path) -> int:
+    conf = workdir / f"server-{n}.toml"
+    conf.write_text(CONFIG.format(port=port))
+    errors = workdir / f"callgrind-{n}.err"
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(code)}
+    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+           str(code / "bench" / "common.py"), "serve", "--stats-file", str(workdir / f"stats-{n}.json"), "--",
+           "-n", "--pidfile=", "libon-tsilo", "--config", str(conf)]
+    print(f"  server: {' '.join(cmd)}", flush=True)
+    with open(errors, "w") as err:
+        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=str(code))
+        try:
+            wait_answering(port)
+            if n:
+                common = ["-t", "u1", "-i", "127.0.0.1", "-r", str(rate), "-m", str(n),
+                          "-key", "prefix", "icount-", "-nostdin", "-timeout", "300s",
+                          "-max_recv_loops", "10000", "-max_sched_loops", "10000"]
+                caller = ["sipp", f"127.0.0.1:{port}", "-sf", str(SCENARIOS / "bench_caller.xml"),
+                          "-p", str(port + 1), "-cp", str(port + 2), "-l", "1000", *common]
+                device = ["sipp", f"127.0.0.1:{port}", "-sf", str(SCENARIOS / "bench_device_register.xml"),
+                          "-p", str(port + 3), "-cp", str(port + 4), "-l", "4000",
+                          "-oocsf", str(SCENARIOS / "bench_device_answer.xml"), "-d", "2000", *common]
+                print(f"  caller: {' '.join(caller)}", flush=True)
+                print(f"  device (150 ms later): {' '.join(device)}", flush=True)
+                a = subprocess.Popen(caller, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(0.15)
+                b = subprocess.Popen(device, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                if a.wait() != 0 or b.wait() != 0:
+                    raise SystemExit(f"SIPp failed calls (exit {a.returncode}/{b.returncode}): "
+                                     f"the count is not one of {n} good calls")
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait()
+    found = re.search(r"Collected : (\d+)", errors.read_text())
+    if found is None:
+        raise SystemExit(f"no callgrind total in {errors}")
+    return int(found.group(1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--code", type=Path, default=ROOT,
+                    help="the checkout whose libon_tsilo runs (default: this one)")
+    ap.add_argument("--n", type=int, default=200, help="late-fork calls")
+    ap.add_argument("--rate", type=float, default=10.0,
+                    help="calls/s (the server is ~50x slower under valgrind)")
+    ap.add_argument("--port", type=int, default=27100, help="server port; SIPp uses the next ones (up to +9)")
+    args = ap.parse_args()
+    print(f"command: {' '.join([sys.executable, *sys.argv])}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="live-icount-") as tmp:
+        base = instructions(args.code.resolve(), 0, args.rate, args.port, Path(tmp))
+        full = instructions(args.code.resolve(), args.n, args.rate, args.port, Path(tmp))
+    print(f"RESULT {(full - base) / args.n:,.0f} user-space instructions per late-fork call "
+          f"({args.n} calls at {args.rate:g}/s; code: {args.code})")
+
+
+if __name__ == "__main__":
+    main()
