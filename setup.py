@@ -30,6 +30,11 @@ COMPILED = [
     "libon_tsilo/sip/transaction.py",
     "libon_tsilo/sip/transaction_client.py",
     "libon_tsilo/sip/transaction_server.py",
+    # the REGISTER path (registrar/)
+    "libon_tsilo/registrar/binding.py",
+    "libon_tsilo/registrar/push_params.py",
+    "libon_tsilo/registrar/location.py",
+    "libon_tsilo/registrar/registrar.py",
 ]
 
 

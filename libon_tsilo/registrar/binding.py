@@ -1,4 +1,4 @@
-"""One registered Contact of an AOR, and the observer protocol for binding events.
+"""One registered Contact of an AOR (the observer protocol for its events: observer.py).
 
 A binding is a plain record: the location store owns its indexes, the registrar decides when it is
 created, refreshed or removed. ``key`` is the identity used for replacement within an AOR (RFC 5626
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
-if TYPE_CHECKING:
-    from libon_tsilo.sip.flow import Flow
+# the observers subclass it: kept in an interpreted module (see observer.py), re-exported here
+from libon_tsilo.registrar.observer import LocationObserver
 
 __all__ = ["Binding", "LocationObserver", "binding_key"]
 
@@ -104,17 +104,3 @@ class Binding:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(Binding))
-
-
-class LocationObserver(Protocol):
-    """Receives binding events from the LocationStore: the silo (late fork), the push waker, and
-    ops' flow release. Each implements all three methods, explicitly."""
-
-    def binding_added(self, binding: Binding, flow: Flow | None) -> None:
-        """A new registration; ``flow`` is the connection its REGISTER came over (None: restored)."""
-
-    def binding_refreshed(self, binding: Binding, flow: Flow | None) -> None:
-        """A re-REGISTER of a known binding (same key, or one it replaces)."""
-
-    def binding_removed(self, binding: Binding, reason: str) -> None:
-        """Gone: "expired", "unregistered", "replaced", "max_contacts", a push error..."""
