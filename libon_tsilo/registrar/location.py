@@ -51,14 +51,29 @@ class StoreClosed(NotStored):
     """The store is stopped (shutdown): nothing more is written."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False)
 class BindingEvent:
-    """One change, as held for a REGISTER until its answer is sent (see the module doc)."""
+    """One change, as held for a REGISTER until its answer is sent (see the module doc). Never
+    modified once made (not frozen: a frozen dataclass's __init__ sets each field through
+    object.__setattr__, and compiled with mypyc the generated __init__ stays interpreted; this one
+    is native)."""
 
     kind: Literal["added", "refreshed", "removed"]
     binding: Binding
-    flow: Flow | None = None
-    reason: str = ""
+    flow: Flow | None
+    reason: str
+
+    def __init__(
+        self,
+        kind: Literal["added", "refreshed", "removed"],
+        binding: Binding,
+        flow: Flow | None = None,
+        reason: str = "",
+    ) -> None:
+        self.kind = kind
+        self.binding = binding
+        self.flow = flow
+        self.reason = reason
 
     def deliver(self, observer: LocationObserver) -> None:
         if self.kind == "added":

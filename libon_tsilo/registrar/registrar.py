@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import email.utils
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
@@ -89,20 +88,24 @@ class _Reject(Exception):
         self.headers = list(headers)
 
 
-@dataclass
+# plain classes rather than dataclasses: compiled with mypyc, a dataclass's generated __init__ stays
+# interpreted (one of each per REGISTER)
 class _Plan:
     """One Contact of the request, validated, before it touches the store."""
 
-    contact: NameAddr
-    expires: int
-    binding: Binding | None  # None when expires == 0
-    old: Binding | None = None
+    def __init__(
+        self, contact: NameAddr, expires: int, binding: Binding | None, old: Binding | None = None
+    ) -> None:
+        self.contact = contact
+        self.expires = expires
+        self.binding = binding  # None when expires == 0
+        self.old = old
 
 
-@dataclass
 class _Outcome:
-    caps: list[str] = field(default_factory=list)
-    outbound: bool = False
+    def __init__(self) -> None:
+        self.caps: list[str] = []
+        self.outbound = False
 
 
 class Registrar:
