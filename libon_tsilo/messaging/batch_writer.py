@@ -14,32 +14,32 @@ An op is a tuple: ``("add", id, expires_at, json)``, ``("mark", id, device, expi
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
+from libon_tsilo.group_commit import Batch, GroupCommit, RunInThread, WorkerThread
 from libon_tsilo.messaging.store import NotStored, StoredMessage
 
-__all__ = ["BatchWriter", "Op"]
+__all__ = ["BatchWriter", "Op", "RunInThread"]
 
 log = Logger()
 
-RunInThread = Callable[..., defer.Deferred]
 Op = tuple[Any, ...]
 
 
-class _Batch:
-    __slots__ = ("ops", "waiters")
+class _Batch(Batch):
+    __slots__ = ("ops",)
 
     def __init__(self) -> None:
-        self.ops: list[Op] = []
-        self.waiters: list[tuple[bool, defer.Deferred]] = []  # (fails with the commit?, d)
+        super().__init__()
+        self.ops: list[Op] = []  # waiters: (msg id, d) fails with the commit; (None, d) never fails
+
+    def __len__(self) -> int:
+        return len(self.ops)
 
 
 class BatchWriter:
@@ -53,30 +53,22 @@ class BatchWriter:
         run_in_thread: RunInThread | None = None,
     ) -> None:
         self.clock = clock
-        self.flush_interval = max(0.0, min(flush_interval, 1.0))
-        self._open = _Batch()
-        self._inflight: _Batch | None = None
-        self._timer: IDelayedCall | None = None
-        self._pool: ThreadPool | None = None
-        self._closed = False
+        self._commit: GroupCommit[_Batch] = GroupCommit(clock, flush_interval, _Batch, self._write)
+        self._worker: WorkerThread | None = None
         self.commits = 0
         self.failed_commits = 0
         if run_in_thread is None:
-            if reactor is None:
-                from twisted.internet import reactor as default_reactor
-
-                reactor = default_reactor
-            pool = self._pool = ThreadPool(minthreads=1, maxthreads=1, name=self.name)
-            reactor.addSystemEventTrigger("after", "shutdown", self._stop_pool)
-
-            def run_in_thread(f: Callable[..., Any], *args: Any) -> defer.Deferred:
-                return deferToThreadPool(reactor, pool, f, *args)
-
+            self._worker = WorkerThread(self.name, reactor)
+            run_in_thread = self._worker.run
         self._run = run_in_thread
 
+    @property
+    def flush_interval(self) -> float:
+        return self._commit.flush_interval
+
     def _start_pool(self) -> None:
-        if self._pool is not None and not self._pool.started:
-            self._pool.start()
+        if self._worker is not None:
+            self._worker.start()
 
     # -- what subclasses provide ----------------------------------------------------------------
 
@@ -93,11 +85,11 @@ class BatchWriter:
     # -- MessageStore ---------------------------------------------------------------------------
 
     def add(self, msg: StoredMessage) -> defer.Deferred[None]:
-        if self._closed:
+        if self._commit.closed:
             return defer.fail(NotStored("the message store is stopped"))
         self._queue(("add", msg.id, msg.expires_at, json.dumps(msg.to_dict())))
-        d: defer.Deferred[None] = defer.Deferred()
-        self._open.waiters.append((True, d))
+        d = self._commit.wait(msg.id)
+        assert d is not None  # the add above is in the open batch
         return d
 
     def delivered(self, msg: StoredMessage, device: str) -> None:
@@ -107,28 +99,19 @@ class BatchWriter:
         self._queue(("delete", msg.id))
 
     def flush(self) -> defer.Deferred[None]:
-        batch = self._open if self._open.ops else self._inflight
-        if batch is None:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        batch.waiters.append((False, d))
-        if batch is self._open:
-            self._start()
-        return d
+        return self._commit.flush()
 
     def pending(self) -> int:
-        return len(self._open.ops) + (len(self._inflight.ops) if self._inflight else 0)
+        return self._commit.pending()
 
     def stop(self) -> defer.Deferred[None]:
         d = self.flush()
 
         def close(_: object) -> None:
-            self._closed = True
-            if self._timer is not None and self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+            self._commit.close()
             self._close()
-            self._stop_pool()
+            if self._worker is not None:
+                self._worker.stop()
 
         d.addCallback(close)
         return d
@@ -136,26 +119,16 @@ class BatchWriter:
     # -- the writer -----------------------------------------------------------------------------
 
     def _queue(self, op: Op) -> None:
-        if self._closed:
+        if self._commit.closed:
             return
-        self._open.ops.append(op)
-        if self._inflight is None and self._timer is None:
-            self._timer = self.clock.callLater(self.flush_interval, self._start)
+        self._commit.open.ops.append(op)
+        self._commit.changed()
 
-    def _start(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-        if self._inflight is not None or not self._open.ops:
-            return
-        batch = self._inflight = self._open
-        self._open = _Batch()
+    def _write(self, batch: _Batch) -> None:
         d = self._run(self._write_sync, list(batch.ops))
         d.addCallbacks(lambda _: self._finish(batch, None), lambda f: self._finish(batch, f))
 
     def _finish(self, batch: _Batch, failure: Failure | None) -> None:
-        self._inflight = None
         reason = ""
         if failure is None:
             self.commits += 1
@@ -164,14 +137,9 @@ class BatchWriter:
             reason = f"{failure.type.__name__}: {failure.getErrorMessage()}"
             log.error("{store}: a commit of {n} writes failed: {reason}", store=self.name, n=len(batch.ops),
                       reason=reason)
-        for fails, d in batch.waiters:
-            if failure is not None and fails:
+        for key, d in batch.waiters:
+            if failure is not None and key is not None:
                 d.errback(NotStored(reason))
             else:
                 d.callback(None)
-        if not self._closed and self._open.ops and self._timer is None:
-            self._start()  # group commit: what queued up during this write goes now
-
-    def _stop_pool(self) -> None:
-        if self._pool is not None and self._pool.started:
-            self._pool.stop()
+        self._commit.finished()  # group commit: what queued up during this write goes now

@@ -28,16 +28,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
+from libon_tsilo.group_commit import Batch, GroupCommit, RunInThread, WorkerThread
 from libon_tsilo.registrar.binding import Binding
 from libon_tsilo.registrar.location import NotStored, StoreClosed
 from libon_tsilo.util import redact_key
@@ -61,7 +59,6 @@ _DELETE = "DELETE FROM bindings WHERE aor = ? AND key = ?"
 RETRY_DELAY = 0.5
 
 Ident = tuple[str, str]  # (aor, key)
-RunInThread = Callable[..., defer.Deferred]
 # one change of a batch: (aor, key, expires_at, data); data None deletes; aor/key bytes: see sql_text
 Row = tuple[str | bytes, str | bytes, float, str | None]
 # a row that failed: (its index in the batch, reason, retryable)
@@ -79,15 +76,17 @@ def sql_text(text: str) -> str | bytes:
     return text
 
 
-class _Batch:
-    """Changes committed together, and who waits for them."""
+class _Batch(Batch):
+    """Changes committed together; a waiter's key is an aor: it fails when a change of it failed."""
 
-    __slots__ = ("changes", "waiters")
+    __slots__ = ("changes",)
 
     def __init__(self) -> None:
+        super().__init__()
         self.changes: dict[Ident, Binding | None] = {}  # None: delete the row
-        # (aor, d): d fails when a change of that aor failed; aor None: a flush, which never fails
-        self.waiters: list[tuple[str | None, defer.Deferred]] = []
+
+    def __len__(self) -> int:
+        return len(self.changes)
 
 
 class SqliteBindingStore:
@@ -102,47 +101,34 @@ class SqliteBindingStore:
         clock: IReactorTime,
         flush_interval: float = 0.002,
         reactor: Any = None,
-        threadpool: ThreadPool | None = None,
         run_in_thread: RunInThread | None = None,
     ) -> None:
         self.path = path
         self.clock = clock
-        self.flush_interval = max(0.0, min(flush_interval, 1.0))
-        self._open = _Batch()
-        self._inflight: _Batch | None = None
-        self._timer: IDelayedCall | None = None
+        self._commit: GroupCommit[_Batch] = GroupCommit(clock, flush_interval, _Batch, self._write)
         self._last_start = float("-inf")
-        self._owned_pool: ThreadPool | None = None
+        self._worker: WorkerThread | None = None
         self.commits = 0  # batches committed
         self.rows_written = 0
         self.rows_skipped = 0  # rows whose data failed on their own: dropped, logged
         self.rows_retried = 0  # rows that failed with the database: queued again
         if run_in_thread is None:
-            if reactor is None:
-                from twisted.internet import reactor as default_reactor
-
-                reactor = default_reactor
-            if threadpool is None:
-                threadpool = self._owned_pool = ThreadPool(minthreads=1, maxthreads=1, name="location-sqlite")
-                # a worker thread left running would keep the process from exiting if stop() is
-                # never called (a crash during start-up): the reactor's shutdown stops it anyway
-                reactor.addSystemEventTrigger("after", "shutdown", self._stop_pool)
-            pool = threadpool
-
-            def run_in_thread(f: Callable[..., Any], *args: Any) -> defer.Deferred:
-                return deferToThreadPool(reactor, pool, f, *args)
-
+            self._worker = WorkerThread("location-sqlite", reactor)
+            run_in_thread = self._worker.run
         self._run = run_in_thread
         # opened here (start-up, reactor thread) and then used by one batch at a time in a worker
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(_SCHEMA)
-        self._closed = False
+
+    @property
+    def flush_interval(self) -> float:
+        return self._commit.flush_interval
 
     def start(self) -> None:
-        if self._owned_pool is not None and not self._owned_pool.started:
-            self._owned_pool.start()
+        if self._worker is not None:
+            self._worker.start()
 
     # -- start-up -------------------------------------------------------------------------------
 
@@ -173,52 +159,30 @@ class SqliteBindingStore:
         self._queue((binding.aor, binding.key), None)
 
     def _queue(self, ident: Ident, value: Binding | None) -> None:
-        if self._closed:
+        if self._commit.closed:
             return
-        self._open.changes[ident] = value
-        if self._inflight is None and self._timer is None:
-            self._timer = self.clock.callLater(self.flush_interval, self._start)
+        self._commit.open.changes[ident] = value
+        self._commit.changed()
 
     def when_committed(self, aor: str) -> defer.Deferred | None:
         """A Deferred that fires once the changes queued so far are committed, or fails with
         NotStored when one of ``aor``'s failed. None when nothing is waiting to be written."""
-        if self._closed:
+        if self._commit.closed:
             return defer.fail(StoreClosed("the location store is stopped"))
-        batch = self._open if self._open.changes else self._inflight
-        if batch is None:
-            return None
-        d: defer.Deferred = defer.Deferred()
-        batch.waiters.append((aor, d))
-        return d
+        return self._commit.wait(aor)
 
     def flush(self) -> defer.Deferred:
         """Write everything queued so far now; the Deferred fires once it is committed (or failed:
         see the module doc). Never errbacks."""
-        batch = self._open if self._open.changes else self._inflight
-        if batch is None:
-            return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
-        batch.waiters.append((None, d))
-        if batch is self._open:
-            self._start()
-        return d
+        return self._commit.flush()
 
     def pending(self) -> int:
         """Changes queued or being written."""
-        return len(self._open.changes) + (len(self._inflight.changes) if self._inflight else 0)
+        return self._commit.pending()
 
     # -- the writer -----------------------------------------------------------------------------
 
-    def _start(self) -> None:
-        """Write the open batch now, unless one is in flight (it starts when that one returns)."""
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-        if self._inflight is not None or not self._open.changes:
-            return
-        batch = self._inflight = self._open
-        self._open = _Batch()
+    def _write(self, batch: _Batch) -> None:
         self._last_start = self.clock.seconds()
         idents = list(batch.changes)
         rows: list[Row | None] = []
@@ -295,7 +259,6 @@ class SqliteBindingStore:
 
     def _finish(self, batch: _Batch, idents: list[Ident], failures: list[RowFailure]) -> None:
         """Back on the reactor: account for failed rows, answer the waiters, start the next batch."""
-        self._inflight = None
         failed_aors: dict[str, str] = {}
         retry = 0
         for i, reason, retryable in failures:
@@ -307,8 +270,8 @@ class SqliteBindingStore:
                     "location db: change of binding {key} of {aor} skipped, it cannot be stored: {reason}",
                     aor=_shown(ident[0]), key=redact_key(_shown(ident[1])), reason=reason,
                 )
-            elif not self._closed and ident not in self._open.changes:  # else superseded: newer wins
-                self._open.changes[ident] = batch.changes[ident]
+            elif not self._commit.closed and ident not in self._commit.open.changes:  # else superseded
+                self._commit.open.changes[ident] = batch.changes[ident]
                 retry += 1
         self.rows_retried += retry
         if failures:
@@ -324,17 +287,10 @@ class SqliteBindingStore:
                 d.errback(NotStored(failed_aors[aor]))
             else:
                 d.callback(None)
-        if self._closed or not self._open.changes or self._inflight is not None:
-            return
-        if self._timer is not None:
-            return
         # group commit: what queued up during this write goes next, at most one commit per
         # flush_interval (each costs a thread hand-off and a reactor wake-up, whatever its size)
-        wait = RETRY_DELAY if retry else self._last_start + self.flush_interval - self.clock.seconds()
-        if wait > 0:
-            self._timer = self.clock.callLater(wait, self._start)
-        else:
-            self._start()
+        next_start = self._last_start + self.flush_interval - self.clock.seconds()
+        self._commit.finished(RETRY_DELAY if retry else next_start)
 
     # -- shutdown -------------------------------------------------------------------------------
 
@@ -343,23 +299,15 @@ class SqliteBindingStore:
         d = self.flush()
 
         def close(_: object) -> None:
-            self._closed = True
-            if self._timer is not None and self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-            lost = self._open.changes
-            if lost:
+            lost = self._commit.close()
+            if len(lost):
                 log.error("location db: {n} changes not written at shutdown", n=len(lost))
-            self._open = _Batch()
             self._db.close()
-            self._stop_pool()
+            if self._worker is not None:
+                self._worker.stop()
 
         d.addCallback(close)
         return d
-
-    def _stop_pool(self) -> None:
-        if self._owned_pool is not None and self._owned_pool.started:
-            self._owned_pool.stop()
 
 
 def _row(ident: Ident, binding: Binding | None) -> Row:

@@ -80,8 +80,9 @@ def message(body: str = "hi", sender: str = "sip:alice@example.com", ruri: str =
 
 
 class Server:
-    def __init__(self, auth: bool = True, store: MemoryMessageStore | None = None, **limits: Any) -> None:
-        self.clock = Clock()
+    def __init__(self, auth: bool = True, store: MemoryMessageStore | None = None, clock: Clock | None = None,
+                 **limits: Any) -> None:
+        self.clock = clock or Clock()
         self.clock.advance(1_800_000_000)
         self.store = store or MemoryMessageStore()
         self.location = FakeLocation()
@@ -265,8 +266,8 @@ def test_bytes_that_are_not_utf8_are_stored_and_sent_on_as_they_came(tmp_path):
            b"CSeq: 1 MESSAGE\r\nContent-Type: text/plain;charset=latin-1\r\nContent-Length: 3\r\n\r\n\xe9t\xe9")
     req = parse_message(raw)
     path = str(tmp_path / "m.sqlite")
-    s = Server(auth=False, store=SqliteMessageStore(path, Clock(), run_in_thread=_defer.maybeDeferred))
-    s.outbox.store.clock = s.clock  # the group commit's timer on the server's clock
+    clock = Clock()  # the server's and the group commit's timer
+    s = Server(auth=False, store=SqliteMessageStore(path, clock, run_in_thread=_defer.maybeDeferred), clock=clock)
     stx = s.handle(req)
     s.clock.advance(1)
     assert stx.statuses == [202]

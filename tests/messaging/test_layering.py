@@ -9,7 +9,7 @@ from pathlib import Path
 import libon_tsilo.messaging
 
 ALLOWED = ("libon_tsilo.messaging", "libon_tsilo.registrar", "libon_tsilo.sip", "libon_tsilo.util",
-           "libon_tsilo.ratelimit", "libon_tsilo.logflags")
+           "libon_tsilo.ratelimit", "libon_tsilo.logflags", "libon_tsilo.group_commit")
 
 
 def test_messaging_imports_downwards_only() -> None:

@@ -140,7 +140,7 @@ def test_real_thread_pool_flush(tmp_path: Path):
     yield store.flush()
     assert _rows(path) == 1
     yield store.stop()
-    assert not persistence._owned_pool.started
+    assert persistence._worker is not None and not persistence._worker.pool.started
 
 
 def test_udp_flow_id_survives_restore(tmp_path: Path) -> None:

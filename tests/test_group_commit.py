@@ -1,0 +1,100 @@
+"""The group-commit schedule on its own: one batch in flight, the next one goes when it returns."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+
+from libon_tsilo.group_commit import Batch, GroupCommit
+
+
+class Ops(Batch):
+    __slots__ = ("ops",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+
+class Writer:
+    def __init__(self, clock: Clock, interval: float = 0.002) -> None:
+        self.written: list[list[str]] = []
+        self.commit: GroupCommit[Ops] = GroupCommit(clock, interval, Ops, self.write)
+
+    def add(self, op: str) -> None:
+        self.commit.open.ops.append(op)
+        self.commit.changed()
+
+    def write(self, batch: Ops) -> None:
+        self.written.append(list(batch.ops))
+
+
+def test_an_idle_store_waits_flush_interval_so_a_burst_shares_one_write() -> None:
+    clock = Clock()
+    w = Writer(clock)
+    w.add("a")
+    clock.advance(0.001)
+    w.add("b")
+    assert w.written == []
+    clock.advance(0.001)
+    assert w.written == [["a", "b"]]
+    assert w.commit.pending() == 2  # in flight until finished()
+
+
+def test_what_queues_during_a_write_goes_when_it_returns_not_before() -> None:
+    clock = Clock()
+    w = Writer(clock)
+    w.add("a")
+    clock.advance(0.002)
+    w.add("b")
+    w.add("c")
+    clock.advance(10)
+    assert w.written == [["a"]]  # one batch in flight at a time, whatever the timer
+    w.commit.finished()
+    assert w.written == [["a"], ["b", "c"]]
+
+
+def test_finished_with_a_wait_delays_the_next_batch() -> None:
+    clock = Clock()
+    w = Writer(clock)
+    w.add("a")
+    w.commit.flush()
+    w.add("b")
+    w.commit.finished(0.5)
+    clock.advance(0.4)
+    assert w.written == [["a"]]
+    clock.advance(0.1)
+    assert w.written == [["a"], ["b"]]
+
+
+def test_waiters_join_the_batch_holding_what_was_queued() -> None:
+    clock = Clock()
+    w = Writer(clock)
+    assert w.commit.wait("k") is None  # nothing queued: nothing to wait for
+    w.add("a")
+    d_open = w.commit.wait("k1")
+    w.commit.start()
+    d_inflight = w.commit.wait("k2")  # nothing new queued: waits for the batch in flight
+    w.add("b")
+    d_next = w.commit.wait("k3")
+    batch = w.commit.inflight
+    assert batch is not None and [k for k, _ in batch.waiters] == ["k1", "k2"]
+    assert [k for k, _ in w.commit.open.waiters] == ["k3"]
+    assert d_open is not d_inflight is not d_next
+
+
+def test_flush_writes_now_and_close_returns_what_was_never_written() -> None:
+    clock = Clock()
+    w = Writer(clock)
+    w.add("a")
+    d = w.commit.flush()
+    assert w.written == [["a"]] and not d.called
+    w.add("b")
+    lost = w.commit.close()
+    assert lost.ops == ["b"] and w.commit.pending() == 1  # "a" still in flight
+    w.commit.finished()
+    clock.advance(10)
+    assert w.written == [["a"]]  # closed: "b" never goes
+    assert clock.getDelayedCalls() == []
