@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BindingEvent", "LocationStore", "NotStored", "StoreClosed"]
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc), Logger() would name the importer: importlib
 
 Ident = tuple[str, str]  # (aor, key)
 

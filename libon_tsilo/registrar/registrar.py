@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Registrar", "aor_key", "SUPPORTED_EXTENSIONS"]
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc), Logger() would name the importer: importlib
 
 # option tags a REGISTER may Require of us (RFC 3261 §8.2.2.3)
 SUPPORTED_EXTENSIONS = frozenset({"path", "outbound"})

@@ -13,7 +13,7 @@ from libon_tsilo.registrar.registrar import Registrar, aor_key
 from libon_tsilo.sip.message import parse_message
 from libon_tsilo.sip.uri import URI
 from tests.fakes.sip import FakeFlow, FakeStx
-from tests.registrar.helpers import BrokenObserver, RecordingObserver, register_text
+from tests.registrar.helpers import BrokenObserver, RecordingObserver, make_binding, register_text
 
 RFC4475 = Path(__file__).resolve().parents[1] / "data" / "rfc4475"
 AOR = "sip:alice@example.com"
@@ -377,3 +377,25 @@ def test_outbound_through_a_proxy_without_ob_is_439(env: Env) -> None:
     resp = env.register([OB_CONTACT], extra=["Supported: outbound", *two_vias,
                                               "Path: <sip:edge.example.net;lr;ob>"])
     assert resp.status == 200 and resp.header("Require") == "outbound"
+
+
+def test_registrar_events_carry_the_module_namespace() -> None:
+    # compiled with mypyc, Logger() finds no frame of its own and names the importer (importlib):
+    # the JSON log's "ns" of every registrar event would say importlib._bootstrap
+    from twisted.logger import globalLogPublisher
+
+    from libon_tsilo.registrar import location, registrar
+
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        env = Env()
+        env.register(["<sip:a@h1>"], to="sip:alice@elsewhere.org")  # refused: logged at info
+        store = location.LocationStore(Clock())
+        store.subscribe(BrokenObserver())
+        store.add_or_update(make_binding())  # the observer's failure is logged by the store
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    namespaces = {e.get("log_namespace") for e in seen}
+    assert registrar.__name__ in namespaces and location.__name__ in namespaces, namespaces
+    assert not any(str(ns).startswith("importlib") for ns in namespaces)
