@@ -30,7 +30,12 @@ COMPILED = [
     "libon_tsilo/sip/transaction.py",
     "libon_tsilo/sip/transaction_client.py",
     "libon_tsilo/sip/transaction_server.py",
-    # the REGISTER path (registrar/)
+    # the REGISTER path (issue 15, round 3): the router and UAS core's checks it crosses, the domain
+    # check, and registrar/ (LocationObserver, which the observers subclass, is in observer.py, left
+    # interpreted)
+    "libon_tsilo/sip/router.py",
+    "libon_tsilo/sip/uas_core.py",
+    "libon_tsilo/sip/hostnames.py",
     "libon_tsilo/registrar/binding.py",
     "libon_tsilo/registrar/push_params.py",
     "libon_tsilo/registrar/location.py",

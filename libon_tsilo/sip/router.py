@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from libon_tsilo.sip.message import Request, Response, make_response, new_tag, log_call_id
 from libon_tsilo.sip.uas_core import UASCore
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc), Logger() would name the importer: importlib
 
 RequestHandler = Callable[[Request, Any, Any], None]
 AckHandler = Callable[[Request, Any], None]

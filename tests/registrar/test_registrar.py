@@ -399,3 +399,6 @@ def test_registrar_events_carry_the_module_namespace() -> None:
     namespaces = {e.get("log_namespace") for e in seen}
     assert registrar.__name__ in namespaces and location.__name__ in namespaces, namespaces
     assert not any(str(ns).startswith("importlib") for ns in namespaces)
+    from libon_tsilo.sip import router  # compiled with them: the router a REGISTER crosses
+
+    assert router.log.namespace == router.__name__
