@@ -215,7 +215,8 @@ class LocationStore:
             return []
         now = self.clock.seconds()
         out = [b for b in bindings.values() if not b.expired(now)]
-        out.sort(key=lambda b: (-b.q, -b.registered_at))
+        if len(out) > 1:  # most AORs have one device: no key tuple to build
+            out.sort(key=lambda b: (-b.q, -b.registered_at))
         return out
 
     def get(self, aor: str, key: str) -> Binding | None:

@@ -152,6 +152,7 @@ class Registrar:
         self.path_stamp: Callable[[Flow, bool], str | None] | None = None
         # REGISTERs whose answer waits for the commit, per flow (the cluster relay asks)
         self.answers = PendingAnswers()
+        self._date = _DateCache()
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -544,7 +545,7 @@ class Registrar:
         resp = make_response(request, 200, to_tag=new_tag())
         for b in self.store.lookup(aor):
             resp.add_header("Contact", b.contact_header(now))
-        resp.add_header("Date", _sip_date(now))
+        resp.add_header("Date", self._date.at(now))
         supported = {v.strip().lower() for v in request.header_values("Supported")}
         if "path" in supported:
             for p in request.header_values("Path"):
@@ -559,16 +560,21 @@ class Registrar:
         return resp
 
 
-_last_date: tuple[int, str] = (-1, "")
+class _DateCache:
+    """RFC 1123 date in GMT; formatted once per second, as every 200 OK carries one. An object's
+    attributes rather than a module global: compiled, a global is a dict lookup and a type check."""
 
+    def __init__(self) -> None:
+        self.second = -1
+        self.text = ""
 
-def _sip_date(now: float) -> str:
-    """RFC 1123 date in GMT; formatted once per second, as every 200 OK carries one."""
-    global _last_date
-    second = int(now)
-    if _last_date[0] != second:
-        _last_date = (second, email.utils.formatdate(second, usegmt=True))
-    return _last_date[1]
+    def at(self, now: float) -> str:
+        second = int(now)
+        if self.second != second:
+            self.text = email.utils.formatdate(second, usegmt=True)
+            self.second = second
+        return self.text
+
 
 
 def _option_tags(request: Request, *headers: str) -> set[str]:

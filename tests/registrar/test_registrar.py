@@ -402,3 +402,16 @@ def test_registrar_events_carry_the_module_namespace() -> None:
     from libon_tsilo.sip import router  # compiled with them: the router a REGISTER crosses
 
     assert router.log.namespace == router.__name__
+
+
+def test_date_header_follows_the_clock() -> None:
+    # formatted once per second (a cache on the registrar): the next second gets its own date
+    import email.utils
+
+    env = Env()
+    first = env.register(["<sip:a@h1>"]).header("Date")
+    assert first == email.utils.formatdate(int(env.clock.seconds()), usegmt=True)
+    assert env.register(["<sip:a@h1>"], cseq=2).header("Date") == first
+    env.clock.advance(1)
+    assert env.register(["<sip:a@h1>"], cseq=3).header("Date") == email.utils.formatdate(
+        int(env.clock.seconds()), usegmt=True) != first
