@@ -39,6 +39,7 @@ on the host moves the figures: compare cases of one run, not runs of different d
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import socket
@@ -183,6 +184,10 @@ class Setup:
     def node_cpu(self) -> list[float]:
         return [cpu_seconds(n.pid) for n in self.nodes]
 
+    def node_sys(self) -> list[float]:
+        """The kernel's share (stime) of each node's CPU: syscalls, wake-ups, loopback TCP to Redis."""
+        return [_stime(n.pid) for n in self.nodes]
+
     def redis_cpu(self) -> float:
         return cpu_seconds(self.redis.proc.pid) if self.redis is not None else 0.0
 
@@ -191,6 +196,11 @@ class Setup:
             node.stop()
         if self.redis is not None:
             self.redis.stop()
+
+
+def _stime(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
 def start_setup(case: str, workdir: Path, ports: PortRange) -> Setup:
@@ -249,6 +259,7 @@ class LoadResult:
     late_forked: int
     internal: dict[str, Any] = field(default_factory=dict)
     per_node: list[float] = field(default_factory=list)
+    per_node_sys: list[float] = field(default_factory=list)  # the kernel's part of per_node
     idle: float = 0.0  # the servers' CPU seconds per second with no traffic (timers, Redis pings)
 
     @property
@@ -271,7 +282,7 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
     idle0 = setup.cpu()
     time.sleep(IDLE_SECONDS)  # the servers' own background cost, printed beside the per-call figure
     idle = (setup.cpu() - idle0) / IDLE_SECONDS
-    nodes0, redis0, started = setup.node_cpu(), setup.redis_cpu(), time.monotonic()
+    nodes0, sys0, redis0, started = setup.node_cpu(), setup.node_sys(), setup.redis_cpu(), time.monotonic()
     caller = spawn(caller_args, workdir, "caller")
     time.sleep(delay_ms / 1000.0)
     device = spawn(device_args, workdir, "device")
@@ -283,6 +294,7 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
             device.kill()
             raise RuntimeError("SIPp did not finish") from None
     per_node = [after - before for after, before in zip(setup.node_cpu(), nodes0)]
+    per_node_sys = [after - before for after, before in zip(setup.node_sys(), sys0)]
     cpu, redis_cpu, wall = sum(per_node), setup.redis_cpu() - redis0, time.monotonic() - started
     cs = sipp_stats(caller_stats)
     stats = setup.caller_node.stats()
@@ -290,7 +302,7 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
     # calls/s over the caller's SIPp run (bench/latefork.py's "whole run" figure)
     elapsed = sipp_run_seconds(cs) or wall
     return LoadResult(calls, int(cs.get("SuccessfulCall(C)", 0)), elapsed, cpu, redis_cpu,
-                      int(latency.get("samples") or 0), latency, per_node, idle)
+                      int(latency.get("samples") or 0), latency, per_node, per_node_sys, idle)
 
 
 # --- REGISTER -> forked INVITE, as the device sees it -----------------------------------------------
@@ -406,7 +418,9 @@ def run_case(case: str, args: argparse.Namespace, base: Path, ports: PortRange) 
     rate = load.ok / load.elapsed if load.elapsed else 0.0
     print(f"  {load.ok}/{load.calls} calls answered, {rate:.0f} calls/s over {load.elapsed:.1f} s, "
           f"{load.late_forked} late-forked")
-    split = f" (A {load.per_node[0]:.2f} s, B {load.per_node[1]:.2f} s)" if len(load.per_node) > 1 else ""
+    kernel = [f"{s:.2f} s in the kernel" for s in load.per_node_sys]
+    split = (f" (A {load.per_node[0]:.2f} s, {kernel[0]}; B {load.per_node[1]:.2f} s, {kernel[1]})"
+             if len(load.per_node) > 1 else f" ({kernel[0]})")
     print(f"  server CPU {load.cpu:.2f} s over {len(setup.nodes)} node(s){split}: "
           f"{load.per_call * 1000:.3f} ms per call" + (f"; redis-server {load.redis_cpu:.2f} s "
                          f"({load.redis_cpu / max(load.ok, 1) * 1000:.3f} ms per call, not added)"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 from dataclasses import dataclass
 
@@ -47,7 +46,8 @@ class FlowTokens:
         self._node = node.encode()
 
     def _mac(self, payload: bytes) -> bytes:
-        return hmac.new(self._key, self._node + b"\0" + payload, hashlib.sha256).digest()[:_MAC_BYTES]
+        # hmac.digest: one call into OpenSSL, a few times cheaper than an hmac.new() object per token
+        return hmac.digest(self._key, self._node + b"\0" + payload, "sha256")[:_MAC_BYTES]
 
     def mint(self, ref: FlowRef) -> str:
         payload = _SEP.join((ref.flow_id, ref.transport, ref.host, str(ref.port))).encode()

@@ -69,6 +69,8 @@ class PeerLiveness(Service):
         self.interval = interval
         self.ttl = ttl
         self.view: set[str] | None = None  # the members alive at our last successful beat
+        # every member ever in a view: the cluster's nodes, dead ones included (ClusterNode.is_node)
+        self.known: set[str] = set()
         self.seen_at = 0.0  # when that beat was answered
         self.beats_failed = 0
         self._timer: IDelayedCall | None = None
@@ -130,6 +132,7 @@ class PeerLiveness(Service):
     def _answered(self, alive: set[str]) -> None:
         self._in_flight = False
         before, self.view = self.view, set(alive)
+        self.known |= self.view
         self.seen_at = self.clock.seconds()
         if self.beats_failed:
             log.info("cluster liveness: beats work again after {n} failures", n=self.beats_failed)

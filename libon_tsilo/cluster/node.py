@@ -56,10 +56,15 @@ class ClusterNode:
         hosts = [parse_listen_spec(p).host for p in peers]
         peer_nets = [f"{h}/{128 if ':' in h else 32}" for h in hosts if is_ip_literal(h)]
         self.trusted = SourceFilter([*trusted_peers, *peer_nets])
+        specs = [parse_listen_spec(p) for p in peers]
+        self._peer_members = frozenset(member(s.transport, s.host, s.port) for s in specs)
         self._tokens: FlowTokens | None = None
         self._bound: tuple[str, int] | None = None
+        self._member: str | None = None  # member(), once bound
         # Route/Path entry text -> what own_flow() read from it, for the entries that are ours
         self._own_routes: dict[str, tuple[FlowRef, str]] = {}
+        # Path entry text -> did the node it names mint its token (with a secret shared by the nodes)
+        self._minted: dict[str, bool] = {}
         # which peers are alive (liveness.py; set by ops with the Redis store), None: all of them
         self.liveness: PeerLiveness | None = None
 
@@ -120,6 +125,23 @@ class ClusterNode:
         """Is the node whose internal address this is alive (the call layer's ``peer_alive``)?
         ``since``: when it took the binding asked about (liveness.py: proof of life)."""
         return self.liveness is None or self.liveness.alive(member(transport, host, port), since)
+
+    def is_node(self, transport: str, host: str, port: int) -> bool:
+        """Is this internal address a node of the cluster: ours, a configured peer, or one our
+        liveness view ever held (dead ones too)? A host in ``trusted_peers`` is not enough: the port
+        may be any service on it (Redis on loopback), and a device's Path or in-dialog request names
+        it. Only when no node is known (no peers, no liveness answer yet) does the host decide."""
+        name = member(transport, host, port)
+        if self._member is None:
+            self._member = self.member()
+        if name in self._peer_members or name == self._member:
+            return True
+        liveness = self.liveness
+        if liveness is not None and name in liveness.known:
+            return True
+        if self._peer_members or (liveness is not None and liveness.view is not None):
+            return False
+        return host in self.trusted
 
     def is_self(self, uri: URI) -> bool:
         host, port = self.bound
@@ -183,9 +205,27 @@ class ClusterNode:
             return None
         if self.is_self(uri):  # ours, even with a token from before a restart: the flow is here
             return path[1:], None
-        if uri.host_bare not in self.trusted:
-            return None  # not a node of ours: an edge proxy's Path
         transport = uri.transport or "udp"
-        if transport not in ("udp", "tcp"):
+        port = uri.port or 5060
+        if transport not in ("udp", "tcp") or uri.host_bare not in self.trusted:
+            return None  # not a node of ours: an edge proxy's Path
+        # With udp_via_path every binding's Path starts with its node's entry. Without it a UDP
+        # binding's starts with the REGISTER's own Path, which may name any port of a trusted host
+        # (Redis on loopback): we call only a node from our internal address. (Not always: a node
+        # that joined since our last beat is unknown for up to a beat, and calls would miss it.)
+        if not self.udp_via_path and not (self.is_node(transport, uri.host_bare, port)
+                                          or self._minted_by_node(path[0], uri, transport, port)):
             return None
-        return (path, (transport, uri.host_bare, uri.port or 5060, self.bound))
+        return (path, (transport, uri.host_bare, port, self.bound))
+
+    def _minted_by_node(self, entry: str, uri: URI, transport: str, port: int) -> bool:
+        """Is ``entry``'s token one the node it names minted with our secret (the nodes share
+        ``[cluster] secret``)? It proves a node we never saw beat (one that died before we started)."""
+        known = self._minted.get(entry)
+        if known is None:
+            tokens = FlowTokens(self.secret, member(transport, uri.host_bare, port))
+            known = tokens.read(uri.user) is not None
+            if len(self._minted) >= _OWN_ROUTES_MAX:
+                self._minted.clear()
+            self._minted[entry] = known
+        return known

@@ -1,7 +1,7 @@
 """The edge side of a cross-node call: relay requests between another node and a device's flow.
 
-A transaction-stateful proxy (RFC 3261 §16) with two faces, sitting in front of the router
-(``Router.proxy``):
+A proxy (RFC 3261 §16) with two faces, stateless where nothing needs state (below), transaction-
+stateful otherwise, in front of the router (``Router.proxy``):
 
 - **From a peer node, on the internal listener** (the INVITE a peer forked to a binding whose Path
   starts with us, its ACK and CANCEL, and the in-dialog requests that peer sends to the device):
@@ -17,15 +17,49 @@ A transaction-stateful proxy (RFC 3261 §16) with two faces, sitting in front of
 
 Requests on the internal listener from an untrusted source get 403; a trusted peer's request there
 that is neither for a flow of ours nor inside a dialog gets 403 too (the registrar and the call
-layer serve the public listeners only). Responses are relayed back on the server transaction, 2xx
-retransmissions included; ACK for 2xx is forwarded statelessly.
+layer serve the public listeners only).
+
+**Stateless where it can be** (RFC 3261 §16.11; ``forward``, the transport's stateless forwarder,
+offered each parsed message before it is validated or reaches a transaction). Every message of a
+relayed call crosses this node a second time, and as a transaction-stateful proxy it paid for each
+one: every header validated, a server and a client transaction with their timers, our own 100
+Trying. A proxy may act statelessly per request (§16.1); what it then owes is little: take messages
+from the transport, read only what it routes by (§16.3 step 1: other headers, well-formed or not,
+are passed on unchanged), forward each retransmission as it comes (it cannot tell one from the first
+copy), make no provisional response, give a retransmission, a CANCEL and a non-2xx ACK the branch
+their INVITE got (relay_branch.py: a keyed hash of the previous hop's Via), handle CANCEL like any
+request (the next hop, not us, matches it to the INVITE), and pass each response on to the next Via
+after taking its own off. So a call's INVITE, ACK, CANCEL, BYE and other in-dialog requests, both
+ways, and all their responses, go without a transaction, except where correctness needs state; these
+take the stateful path (``handle``, on a server transaction):
+
+- a request that arrives over a stream and leaves over UDP (a TCP internal listener towards a UDP
+  device, or a TCP device towards a UDP internal listener): its sender does not retransmit (Timer A
+  and E run on unreliable transports only, §17.1.1.2, §17.1.2.2), so someone must, and only a client
+  transaction does;
+- an INVITE from UDP onto a stream (a UDP internal listener towards a TCP/TLS device): its final
+  non-2xx answer comes back over the stream, where the device does not repeat it (Timer G is for
+  unreliable transports), and goes on over UDP, where it may be lost once the sender, after a 1xx,
+  has stopped retransmitting the INVITE; our server transaction repeats it until the ACK
+  (``_needs_state``). A non-INVITE request UDP in, stream out is stateless: its sender retransmits
+  until the final answer, the next hop's server transaction absorbs the copies (§17.2.2) and
+  answers each;
+- a new INVITE held until the device's REGISTER is answered (cluster/ordering.py): a CANCEL must be
+  able to drop it here; and what a transaction of ours takes then (``TransactionLayer.holds``: its
+  retransmissions, its CANCEL, the ACK of its non-2xx answer);
+- a branch without the magic cookie (nothing unique to hash), a device's request outside a dialog;
+- whatever is refused or answered here: an untrusted source, a token not ours, a gone TCP/TLS flow
+  (430, RFC 5626 §5.3), Max-Forwards 0 (483).
+
+The forking node keeps its own Timer A/B: what it hears first is the device's 100 Trying (RFC 3261
+§17.2.1), not ours. The source limits apply to what this path takes as to anything else.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -35,11 +69,12 @@ from libon_tsilo import logflags
 from libon_tsilo.cluster.flow_token import FlowRef
 from libon_tsilo.cluster.node import ClusterNode
 from libon_tsilo.cluster.ordering import hold_until_answered
+from libon_tsilo.cluster.relay_branch import PREFIX, RelayBranches
 from libon_tsilo.ratelimit import ThrottledLog
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.headers import NameAddr
 from libon_tsilo.sip.message import (
-    Request, Response, log_call_id, make_response, new_branch, new_tag,
+    Message, Request, Response, log_call_id, make_response, new_branch, new_tag,
 )
 from libon_tsilo.sip.transport import Target, TransportError
 from libon_tsilo.sip.uri import URI
@@ -57,7 +92,22 @@ _STREAMS = ("tcp", "tls")
 # token used from another flow, a device's in-dialog request towards a host that is not a node
 _REFUSALS = (
     "refused_untrusted", "refused_not_relay", "refused_wrong_flow", "refused_not_peer", "too_many_hops",
+    "refused_bad_branch",  # a response under a branch of ours that we did not give its next hop
 )
+
+
+def _needs_state(method: str, came_reliably: bool, leaves_reliably: bool) -> bool:
+    """Must a request crossing between UDP and a stream be relayed on transactions? Stream in, UDP
+    out: its sender does not retransmit it (Timers A and E run on unreliable transports only, RFC 3261
+    §17.1.1.2, §17.1.2.2), so our client transaction must. An INVITE either way: its final non-2xx
+    answer comes back from the stream side, where the UAS does not repeat it (Timer G: unreliable
+    transports only, §17.2.1), and goes on over UDP, where it can be lost while its sender, after a
+    1xx, no longer retransmits the INVITE to ask again: our server transaction repeats it until the
+    ACK. (A non-INVITE's sender on UDP retransmits until its final answer, Proceeding included.) An
+    ACK never: nothing answers it."""
+    if method == "ACK" or came_reliably == leaves_reliably:
+        return False
+    return came_reliably or method == "INVITE"
 
 
 class Relay:
@@ -66,7 +116,6 @@ class Relay:
     def __init__(self, node: ClusterNode, transactions: TransactionLayer, clock: IReactorTime) -> None:
         self.node = node
         self.clock = clock
-        # refusals are logged once per 10 s per kind: a stranger must not fill the log
         self._logs: dict[str, ThrottledLog] = {}
         self.layer = transactions
         self.transport = transactions.transport
@@ -76,6 +125,146 @@ class Relay:
         self.counters: Counter[str] = Counter()
         # the registrar's when_answered (set by ops): relayed INVITEs wait for a REGISTER's 200
         self.register_answered: Callable[[str], Deferred[None] | None] | None = None
+        self._branches: RelayBranches | None = None
+
+    @property
+    def branches(self) -> RelayBranches:
+        if self._branches is None:  # the internal address is known once the transport listens
+            self._branches = RelayBranches(self.node.secret, self.node.address_text)
+        return self._branches
+
+    # -- the transport's stateless forwarder (RFC 3261 §16.11; see the module doc) -----------------
+
+    def forward(self, msg: Message, flow: Flow) -> bool:
+        """The transport's ``forward``: relay ``msg`` with no transaction when nothing needs one.
+        False leaves it to the transactions and, for a request, to ``handle`` (the stateful path),
+        which refuses, answers or relays it."""
+        if type(msg) is Response:
+            return self._forward_response(msg, flow)
+        req = cast(Request, msg)
+        if not req.has_header("route"):
+            return False  # most requests a node gets are not relayed: one dict lookup
+        routes = req.header_values("route")
+        node = self.node
+        first = node.own_flow(routes[0])
+        if first is None or self.layer.holds(req):
+            return False  # not for us to relay, or a transaction of ours takes it
+        if node.is_internal(flow):
+            return node.trusts(flow) and self._stateless_to_device(req, routes, first[0], first[1], flow)
+        return self._stateless_to_peer(req, routes, first[0], flow)
+
+    def _forward_response(self, resp: Response, flow: Flow) -> bool:
+        """A response to a request we relayed statelessly: take our Via off and pass it on to the
+        next one; one under a branch of ours that its next Via did not get is dropped (§16.11: a
+        response whose top Via is not ours is discarded). False: not ours, the transactions take it."""
+        branch = resp.branch
+        if branch is None or not branch.startswith(PREFIX):
+            return False
+        vias = resp.vias
+        if len(vias) < 2 or not self.branches.verify(branch, vias[1]):
+            self._throttled("refused_bad_branch").emit(
+                log.info, "relay: a {status} under a branch of ours not given to its next hop, from "
+                "{source}: dropped", status=resp.status, source=flow.key.remote[0], call_id=log_call_id(resp))
+            return True
+        resp.remove_top_via()
+        self.transport.forward_response(resp)
+        self.counters["stateless_responses"] += 1
+        return True
+
+    def _admitted(self, req: Request, flow: Flow) -> bool:
+        """The transaction layer's source limits, which a request taken here does not reach."""
+        admit = self.layer.admit
+        return admit is None or admit(req, flow)
+
+    def _stateless_to_device(self, req: Request, routes: list[str], ref: FlowRef, token: str,
+                             came_over: Flow) -> bool:
+        mf = req.max_forwards
+        if mf is not None and mf <= 0:
+            return False
+        out = self.transport.flows.get(ref.flow_id)
+        if out is not None and not out.live:
+            out = None
+        method = req.method
+        to_stream = ref.transport in _STREAMS
+        if to_stream and out is None:
+            return False  # 430 Flow Failed
+        if _needs_state(method, came_over.reliable, to_stream):
+            return False
+        creates_dialog = method == "INVITE" and req.to.tag is None
+        if creates_dialog and self._register_unanswered(ref.flow_id):
+            return False  # held on a transaction until the REGISTER's 200 is sent
+        branch = self.branches.for_request(req.top_via)
+        if branch is None:
+            return False
+        if not self._admitted(req, came_over):
+            return True  # answered 503 or dropped
+        self._pop_own_routes(req, routes)
+        req.set_header("Max-Forwards", str(69 if mf is None else mf - 1))
+        if creates_dialog:  # RFC 5658, as in _to_device
+            req.add_header("Record-Route", f"<{self.node.uri(token)}>", first=True)
+            req.add_header("Record-Route", f"<{self.node.public_uri(token, ref.transport)}>", first=True)
+        host, port = self.transport.local_via(ref.transport, ref.host)
+        self.counters["to_device"] += 1
+        self._send_stateless(req, f"SIP/2.0/{ref.transport.upper()} {host}:{port};branch={branch};rport",
+                             Target(ref.transport, ref.host, ref.port), out, came_over)
+        return True
+
+    def _stateless_to_peer(self, req: Request, routes: list[str], ref: FlowRef, came_over: Flow) -> bool:
+        if came_over.id != ref.flow_id and came_over.key.remote[0] != ref.host:
+            return False  # 403: the token names another device
+        if req.to.tag is None:
+            return False  # a device's Route entry of ours serves its dialogs only: the peer refuses
+        n = self._own_count(routes)
+        target = self._next_target(routes[n:], req)
+        if target is None:
+            return False  # 403: not towards one of our nodes
+        if _needs_state(req.method, came_over.reliable, target.transport in _STREAMS):
+            return False
+        mf = req.max_forwards
+        if mf is not None and mf <= 0:
+            return False
+        branch = self.branches.for_request(req.top_via)
+        if branch is None:
+            return False
+        if not self._admitted(req, came_over):
+            return True  # answered 503 or dropped
+        self._set_routes(req, routes[n:])
+        req.set_header("Max-Forwards", str(69 if mf is None else mf - 1))
+        host, port = self.node.via_address
+        self.counters["to_peer"] += 1
+        self._send_stateless(req, f"SIP/2.0/{target.transport.upper()} {host}:{port};branch={branch};rport",
+                             target, None, came_over)
+        return True
+
+    def _register_unanswered(self, flow_id: str) -> bool:
+        answered = self.register_answered
+        waiter = answered(flow_id) if answered is not None else None
+        if waiter is None:
+            return False
+        waiter.addErrback(lambda _: None)
+        waiter.cancel()  # only asked: the stateful path waits on its own
+        return True
+
+    def _send_stateless(self, req: Request, via: str, target: Target, flow: Flow | None,
+                        came_over: Flow) -> None:
+        req.add_header("Via", via, first=True)
+        if req.method == "CANCEL":
+            self.counters["cancelled"] += 1
+        self.counters["stateless"] += 1
+        try:
+            self.transport.send_request(req, target, flow)
+        except TransportError as exc:
+            # what the stateful path's client transaction would have made of it: 503, or 430 for a
+            # stream (RFC 5626 §5.3); an ACK gets no answer
+            log.info("relayed {method} not sent: {err}", method=req.method, err=exc, call_id=log_call_id(req))
+            if req.method != "ACK":
+                req.remove_top_via()
+                status, reason = (430, "Flow Failed") if target.transport in _STREAMS else (503, None)
+                self.transport.send_response(make_response(req, status, reason, to_tag=new_tag()), came_over)
+            return
+        if logflags.debug_enabled:
+            log.debug("relayed {method} statelessly to {host}:{port}", method=req.method, host=target.host,
+                      port=target.port, call_id=log_call_id(req))
 
     # -- the router's hooks ----------------------------------------------------------------------
 
@@ -91,10 +280,11 @@ class Relay:
                 first = node.own_flow(routes[0])
                 if first is not None:
                     out = req.copy()  # the server transaction keeps the request as it came (its Vias)
-                    self._pop_own_routes(out, routes, first)
+                    self._pop_own_routes(out, routes)
                     self._to_device(req, out, stx, *first)
                     return True
-            if req.to.tag is None and req.method not in ("ACK", "CANCEL"):
+            # a REGISTER goes to the registrar whatever its To tag (sip/router.py): never in a dialog
+            if (req.to.tag is None or req.method == "REGISTER") and req.method not in ("ACK", "CANCEL"):
                 self._refuse(req, stx, 403, "Not A Relayed Request", "refused_not_relay", flow)
                 return True
             return False  # a peer's in-dialog request for one of our own calls
@@ -105,8 +295,9 @@ class Relay:
         if first is None:
             return False
         out = req.copy()
-        self._pop_own_routes(out, routes, first)
-        self._to_peer(req, out, stx, first[0], flow)
+        n = self._own_count(routes)
+        self._set_routes(out, routes[n:])
+        self._to_peer(req, out, stx, first[0], flow, routes[n:])
         return True
 
     def wrap_cancel(self, cancel_handler: Callable[[Request, Any, Any, Any], None] | None
@@ -159,12 +350,13 @@ class Relay:
             return
         self._forward(out, stx, target, flow)
 
-    def _to_peer(self, req: Request, out: Request, stx: Any, ref: FlowRef, flow: Flow) -> None:
+    def _to_peer(self, req: Request, out: Request, stx: Any, ref: FlowRef, flow: Flow,
+                 rest: list[str]) -> None:
         # only the device the token names may use it, and only towards one of our nodes
         if flow.id != ref.flow_id and flow.key.remote[0] != ref.host:
             self._refuse(req, stx, 403, "Forbidden", "refused_wrong_flow", flow)
             return
-        target = self._next_target(out)
+        target = self._next_target(rest, out)
         if target is None:
             self._refuse(req, stx, 403, "Not A Cluster Node", "refused_not_peer", flow)
             return
@@ -200,30 +392,40 @@ class Relay:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _pop_own_routes(self, req: Request, routes: list[str], first: tuple[FlowRef, str]) -> None:
+    def _pop_own_routes(self, req: Request, routes: list[str]) -> None:
         """Remove the leading Route entries that are ours (valid tokens); ``routes`` are ``req``'s,
-        ``first`` what own_flow() read from the top one (checked once, not twice)."""
+        the top one known to be ours already (checked once, not twice)."""
+        self._set_routes(req, routes[self._own_count(routes):])
+
+    def _own_count(self, routes: list[str]) -> int:
+        """How many leading entries of ``routes`` are ours (the first one is, checked already)."""
         n = 1
         for route in routes[1:]:
             if route != routes[0] and self.node.own_flow(route) is None:
                 break
             n += 1
+        return n
+
+    @staticmethod
+    def _set_routes(req: Request, rest: list[str]) -> None:
         req.remove_header("route")
-        for route in routes[n:]:
+        for route in rest:
             req.add_header("Route", route)
 
-    def _next_target(self, req: Request) -> Target | None:
-        routes = req.header_values("route") if req.has_header("route") else []
+    def _next_target(self, routes: list[str], req: Request) -> Target | None:
+        """Where a device's request goes once our entries are off ``routes``: a node of ours only."""
         try:
             uri = NameAddr.parse(routes[0]).uri if routes else req.uri
         except ParseError:
             return None
-        if not isinstance(uri, URI) or uri.scheme != "sip" or uri.host_bare not in self.node.trusted:
+        if not isinstance(uri, URI) or uri.scheme != "sip":
             return None
         transport = (uri.transport or "udp").lower()
-        if transport not in ("udp", "tcp"):
+        port = uri.port or 5060
+        # a node's internal address, not just any port of a trusted host (Redis on loopback)
+        if transport not in ("udp", "tcp") or not self.node.is_node(transport, uri.host_bare, port):
             return None
-        return Target(transport, uri.host_bare, uri.port or 5060, None, self.node.bound)
+        return Target(transport, uri.host_bare, port, None, self.node.bound)
 
     def _hop_count(self, req: Request, out: Request, stx: Any) -> bool:
         mf = req.max_forwards
@@ -276,13 +478,17 @@ class Relay:
     def _refuse(
         self, req: Request, stx: Any, status: int, reason: str, counter: str, flow: Flow | None
     ) -> None:
-        self.counters[counter] += 1
-        throttle = self._logs.get(counter)
-        if throttle is None:
-            throttle = self._logs[counter] = ThrottledLog(self.clock)
-        throttle.emit(log.info, "relay: {sip_method} refused with {status} {reason}{source}",
+        self._throttled(counter).emit(log.info, "relay: {sip_method} refused with {status} {reason}{source}",
                       sip_method=req.method, status=status, reason=reason,
                       source=f" from {flow.key.remote[0]}" if flow else "", call_id=log_call_id(req))
         if stx is not None:  # an ACK gets no answer
             stx.respond(make_response(req, status, reason, to_tag=new_tag()))
 
+
+    def _throttled(self, counter: str) -> ThrottledLog:
+        """Count a refusal; its log, once per 10 s per kind: a stranger must not fill the log."""
+        self.counters[counter] += 1
+        throttle = self._logs.get(counter)
+        if throttle is None:
+            throttle = self._logs[counter] = ThrottledLog(self.clock)
+        return throttle

@@ -937,6 +937,11 @@ def _check_cluster(cfg: Config) -> None:
         if internal.port and public.transport == internal.transport and public.port == internal.port:
             problem = f'"{address}" is also sip.listen[{i}]: give it its own port'
             raise ConfigError("cluster.node_address", problem)
+    if cfg.location.backend == "redis" and not cfg.cluster.secret:
+        # a random key per start makes every Path this node wrote before a restart unreadable:
+        # the calls to those devices fail until each registers again
+        problem = 'must be set with node_address on location.backend = "redis" (any long random string)'
+        raise ConfigError("cluster.secret", problem)
 
 
 def _check_reuse_port(cfg: Config) -> None:

@@ -88,7 +88,8 @@ class MessageCounters:
 
 
 def install_message_hooks(transport: Any, counters: MessageCounters) -> None:
-    """Count every message through ``transport``: wrap its sink (in) and its two send functions (out).
+    """Count every message through ``transport``: wrap its sink and its stateless forwarder (in) and
+    its two send functions (out).
 
     Call it after the transaction layer has set ``transport.sink``. Counting never breaks sending:
     a failure in the counter is swallowed (and logged once).
@@ -130,6 +131,19 @@ def install_message_hooks(transport: Any, counters: MessageCounters) -> None:
             failed()
 
     transport.sink = counting_sink
+    forward = getattr(transport, "forward", None)
+    if forward is not None:
+
+        def counting_forward(msg: Any, flow: Any) -> bool:
+            taken: bool = forward(msg, flow)
+            if taken:  # what the stateless forwarder takes never reaches the sink
+                try:
+                    tally(msg, requests_in, responses_in)
+                except Exception:
+                    failed()
+            return taken
+
+        transport.forward = counting_forward
     transport.send_request = counting_send_request
     transport.send_response = counting_send_response
 

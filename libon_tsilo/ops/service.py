@@ -396,6 +396,7 @@ def _add_registrar(root: LibonTsiloService, parts: Parts) -> None:
         pnsreg_interval=reg.pnsreg_interval, push_providers=cfg.push.providers,
         flow_timer=reg.flow_timer,
     )
+    parts.extra.setdefault("limits", []).append(registrar)  # a Path over MAX_PATH_BYTES
     flows = _built(parts.transport).flows
     flows.subscribe_close(registrar.flow_closed)
     # a flow a binding came over lives as long as the registration (RFC 5626), not the unbound idle
@@ -729,6 +730,8 @@ def _add_cluster(root: LibonTsiloService, parts: Parts) -> None:
     router = _built(parts.router)
     router.proxy = relay.handle
     router.cancel = relay.wrap_cancel(router.cancel)
+    # stateless where nothing needs a transaction (RFC 3261 §16.11, cluster/relay.py), from the transport
+    _built(parts.transport).forward = relay.forward
     _built(parts.registrar).path_stamp = node.path_entry
     relay.register_answered = _built(parts.registrar).when_answered  # cluster/ordering.py
     if parts.b2bua is not None:

@@ -137,7 +137,7 @@ class Binding:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Binding:
         """Inverse of to_dict; unknown keys (from a newer version) are ignored."""
-        names = {f.name for f in fields(cls)}
+        names = _FIELD_SET  # not fields(cls) per call: every change of another node comes through here
         kwargs = {k: v for k, v in data.items() if k in names}
         received = kwargs.get("received")
         if received is not None:
@@ -148,3 +148,4 @@ class Binding:
 
 
 _FIELD_NAMES = tuple(f.name for f in fields(Binding))
+_FIELD_SET = frozenset(_FIELD_NAMES)

@@ -343,8 +343,11 @@ class LocationStore:
         with it); one it has that Redis has not is removed, with its event. With ``announce`` (a
         reconnect), what was added or refreshed meanwhile emits its event too, so that calls parked
         here fork to devices that registered elsewhere. With
-        ``keep_own`` (Redis lost its data), this node's own bindings missing from ``bindings`` stay,
-        and are returned to be written back.
+        ``keep_own`` (Redis lost its data), this node's own bindings missing from ``bindings``, or
+        newer than Redis's copy, stay, and are returned to be written back. At the first load, so are
+        this node's TCP/TLS bindings that Redis still says are live: their connections ended with
+        an earlier process of this node; at any load, this node's bindings whose connection closed
+        while Redis could not hear it.
         """
         now = self.clock.seconds()
         fresh: dict[Ident, Binding] = {}
@@ -359,9 +362,14 @@ class LocationStore:
                 new = fresh.get((aor, key))
                 if new is not None and _same_registration(binding, new):
                     del fresh[(aor, key)]
+                    if new.flow_live and not binding.flow_live and binding.node == self.node_id:
+                        kept.append(binding)  # its connection closed here while Redis was away
                     continue
-                if new is None and keep_own and binding.node == self.node_id:
+                if keep_own and binding.node == self.node_id \
+                        and (new is None or binding.registered_at > new.registered_at):
+                    # Redis lost it, or came back with an older copy (a refresh it acknowledged, lost)
                     kept.append(binding)
+                    fresh.pop((aor, key), None)
                     continue
                 self._drop(binding)
                 if new is None:
@@ -370,7 +378,11 @@ class LocationStore:
                     refreshed.add((aor, key))
         for ident, binding in fresh.items():
             if binding.node == self.node_id:
-                _forget_old_flow(binding)  # stored by an earlier process of this node
+                # stored by an earlier process of this node; one killed (-9) never published that
+                # its connections ended: tell the other nodes, or they fork through us to a dead flow
+                if not announce and binding.flow_live and not _is_udp(binding):
+                    kept.append(binding)
+                _forget_old_flow(binding)
             events.append(BindingEvent("refreshed" if ident in refreshed else "added", binding))
             self._insert(binding)
         self._schedule()
@@ -446,6 +458,10 @@ class LocationStore:
                 log.debug("location: binding {key} of {aor} expired", key=redact_key(key), aor=aor)
                 self.remove(binding, "expired")
         self._schedule()
+
+
+def _is_udp(binding: Binding) -> bool:
+    return bool(binding.received and binding.received[0] == "udp")
 
 
 def _forget_old_flow(binding: Binding) -> None:

@@ -9,8 +9,9 @@ this module writes the node's changes to Redis and applies the other nodes' chan
   remaining time, so Redis forgets a dead binding by itself. Keys are bytes (surrogateescape).
 * Changes are written in batches, one at a time (a group commit: what queues while one batch is in
   flight goes in the next, so changes of one key reach Redis, and every node, in order). A batch is
-  one EVALSHA of a small Lua script (atomic like MULTI/EXEC, and ~20 % less CPU here than the
-  MULTI/SET/PUBLISH/EXEC pipeline, whose four replies redis-py parses one by one). It PUBLISHes,
+  one EVALSHA of a small Lua script (atomic like MULTI/EXEC, one reply to parse instead of four),
+  sent on the store's own connection (redis_wire.py: redis-py's per-command work cost more than
+  the rest of a REGISTER). It PUBLISHes,
   on ``<prefix>bindings``, one message per batch: this process's instance token, a space, then
   JSON with the node id and the batch's changes in order (each binding's JSON is encoded once, for
   its key and the message; the token comes first, so a node drops its own messages unparsed).
@@ -19,7 +20,8 @@ this module writes the node's changes to Redis and applies the other nodes' chan
 * Expiry is not written: Redis drops the key at its TTL and every replica removes the binding on
   its own timer at the same absolute time (``expires_at`` is wall-clock time in the JSON: the nodes'
   clocks must agree, as NTP keeps them, or a binding lives a little longer on one than another).
-* A feed task (asyncio, on the reactor's loop) subscribes first, then loads every binding with
+* A feed task (asyncio, on the reactor's loop) subscribes first (redis_wire.py: each message is one
+  callback, parsed by hiredis), then loads every binding with
   SCAN (never KEYS) and hands them to ``LocationStore.resync``, then applies each message of other
   processes (``apply_remote``/``apply_remote_removal``: the same BindingEvents a local REGISTER
   would emit, so a call parked here forks when the device registers on another node). Messages that
@@ -30,9 +32,11 @@ this module writes the node's changes to Redis and applies the other nodes' chan
   it loads everything again and resyncs the replica (what changed meanwhile emits events). A write
   that failed is not retried: Redis stays the truth, and the replica's extra is dropped at resync.
   Unless Redis itself lost its data (restarted without persistence, or failed over to an empty
-  replica: its ``<prefix>epoch`` key changed): then each node writes back the bindings it owns
-  (``Binding.node`` is its node id), and the bindings of nodes that are gone wait for their devices
-  to register again.
+  replica: its ``<prefix>epoch`` key changed), or came back older than what it acknowledged
+  (restarted from its last snapshot, failed over to a replica that lagged: this node's write
+  counter ``<prefix>seq:<node_id>``, bumped by every batch, is lower than at our last batch): then
+  each node writes back the bindings it owns (``Binding.node`` is its node id) that Redis lacks or
+  holds older, and the bindings of nodes that are gone wait for their devices to register again.
 
 Trust: Redis is inside the operator's network and trusted like the config file; still, a message
 or value that does not parse is logged and skipped, never fatal.
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import math
 import secrets
@@ -56,6 +61,7 @@ from twisted.python.failure import Failure
 from libon_tsilo.registrar.asyncio_bridge import as_deferred, reactor_loop
 from libon_tsilo.registrar.binding import Binding
 from libon_tsilo.registrar.location import NotStored, StoreClosed
+from libon_tsilo.registrar.redis_wire import ReplyError, RespConnection, open_connection
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -87,6 +93,7 @@ def make_redis_client(
         "socket_timeout": COMMAND_TIMEOUT,
         "socket_connect_timeout": COMMAND_TIMEOUT,
         "retry": Retry(NoBackoff(), 0),
+        "protocol": 2,  # redis_wire.py reads pub/sub messages as RESP2 arrays
     }
     if username:
         options["username"] = username
@@ -138,15 +145,17 @@ def _glob_escape(raw: bytes) -> bytes:
     return bytes(out)
 
 
-# one batch in one command, atomic like MULTI/EXEC: KEYS = the keys to set, then those to delete;
-# ARGV = channel, number of sets, (value, ttl ms) per set, then the messages to publish
+# one batch in one command, atomic like MULTI/EXEC: KEYS = the keys to set, then those to delete,
+# then this node's write counter; ARGV = channel, number of sets, (value, ttl ms) per set, then the
+# messages to publish. Returns the counter: a Redis that comes back with a lower one lost our writes.
 _WRITE_BATCH = """
 local n = tonumber(ARGV[2])
 for i = 1, n do redis.call('SET', KEYS[i], ARGV[1 + 2 * i], 'PX', ARGV[2 + 2 * i]) end
-for i = n + 1, #KEYS do redis.call('DEL', KEYS[i]) end
+for i = n + 1, #KEYS - 1 do redis.call('DEL', KEYS[i]) end
 for j = 3 + 2 * n, #ARGV do redis.call('PUBLISH', ARGV[1], ARGV[j]) end
-return n
+return redis.call('INCR', KEYS[#KEYS])
 """
+_WRITE_BATCH_SHA = hashlib.sha1(_WRITE_BATCH.encode()).hexdigest()
 
 
 class _Batch:
@@ -192,7 +201,14 @@ class RedisBindingStore:
         self._feed_task: asyncio.Task[None] | None = None
         self._closed = False
         self._epoch: bytes | None = None  # Redis's epoch key when last connected
-        self._script: Any = None  # _WRITE_BATCH, registered on first use
+        # this node's write counter in Redis (<prefix>seq:<node_id>, bumped by every batch) as of
+        # our last acknowledged batch: Redis restarted from an older snapshot, or a replica that
+        # lagged, has a lower one, and lacks writes it acknowledged (its epoch key is the same)
+        self._seq_key = self.prefix + b"seq:" + _raw(node_id)
+        self._acked_seq = 0
+        self._writer: RespConnection | None = None  # the batches' own connection, while up
+        self._backlog: list[bytes] | None = None  # feed messages held while the feed loads
+        self._script_on: RespConnection | None = None  # the connection Redis cached the script for
         self.state = "connecting"  # "up", "down"
         self.loads = 0  # full loads (start and every reconnect)
         self.commits = 0
@@ -244,37 +260,70 @@ class RedisBindingStore:
     async def _feed(self) -> None:
         delay = self.min_backoff
         while not self._closed:
-            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            conns: list[RespConnection] = []
             try:
-                await pubsub.subscribe(self.channel)
+                feed = await open_connection(self.client, self.loop, COMMAND_TIMEOUT, self._on_feed_message)
+                conns.append(feed)
+                self._backlog = []  # what arrives during the load is applied after it, in order
+                await feed.command(b"SUBSCRIBE", self.channel)
+                writer = await open_connection(self.client, self.loop, COMMAND_TIMEOUT)
+                conns.append(writer)
                 lost = await self._redis_lost_its_data()
                 bindings = await self._load_all()
+                self._writer = writer
+                backlog, self._backlog = self._backlog, None
                 self._went_up(bindings, lost)
+                for data in backlog:
+                    self._on_message(data)
                 delay = self.min_backoff
-                while True:
-                    msg = await pubsub.get_message(timeout=HEALTH_INTERVAL)
-                    if msg is None:
-                        await pubsub.ping()  # raises when the connection is dead
-                    elif msg.get("type") == "message":
-                        self._on_message(msg["data"])
+                await self._watch(feed, writer)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self._went_down(exc)
             finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                self._writer = None
+                self._backlog = None
+                for conn in conns:
+                    conn.close()
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.max_backoff)
+
+    async def _watch(self, feed: RespConnection, writer: RespConnection) -> None:
+        """Returns never; raises when either connection is gone. An idle feed is PINGed, so a peer
+        that vanished without a FIN is noticed (a PING unanswered in COMMAND_TIMEOUT closes it)."""
+        seen = -1
+        while True:
+            await asyncio.wait((feed.lost, writer.lost), timeout=HEALTH_INTERVAL,
+                               return_when=asyncio.FIRST_COMPLETED)
+            for conn in (feed, writer):
+                if conn.lost.done():
+                    raise ConnectionError(conn.lost.result())
+            if feed.received == seen:
+                await feed.command(b"PING")
+            seen = feed.received
+
+    def _on_feed_message(self, data: bytes) -> None:
+        if self._backlog is not None:
+            self._backlog.append(data)
+        else:
+            self._on_message(data)
 
     async def _redis_lost_its_data(self) -> bool:
         """True when Redis is not the one this node last saw (restarted empty, or failed over to a
         replica that had no copy): an epoch key, set once by whichever node comes first."""
         key = self.prefix + b"epoch"
+        acked = self._acked_seq  # before asking: a batch acknowledged later may count after our GET
         await self.client.set(key, secrets.token_hex(8), nx=True)
         epoch: Any = await self.client.get(key)
         lost = self._epoch is not None and epoch != self._epoch
         self._epoch = epoch
+        seq = int(await self.client.get(self._seq_key) or 0)
+        if seq < acked:
+            log.warn("location redis: it came back without writes it acknowledged (write counter {seq} "
+                     "< {acked}: an older snapshot or a lagging replica)", seq=seq, acked=acked)
+            self._acked_seq = seq
+            return True
         return lost
 
     async def _load_all(self) -> list[Binding]:
@@ -409,8 +458,38 @@ class RedisBindingStore:
             log.failure("location redis: serializing a batch failed")
             self._finish(Failure(), batch)
             return
-        d = as_deferred(self._write(sets, dels, messages), self.loop)
-        d.addCallbacks(lambda _: self._finish(None, batch), lambda f: self._finish(f, batch))
+        args: list[bytes | int] = [self.channel, len(sets)]
+        for _, value, ttl_ms in sets:
+            args += (value, ttl_ms)
+        args += messages
+        # EVAL once per connection (Redis caches the script), EVALSHA after: one round trip
+        keys = [key for key, _, _ in sets] + dels + [self._seq_key]
+        self._send(batch, keys, args, self._script_on is self._writer)
+
+    def _send(self, batch: _Batch, keys: list[bytes], args: list[bytes | int], evalsha: bool) -> None:
+        writer = self._writer
+        try:
+            if writer is None:
+                raise ConnectionError("redis is not connected")
+            script = (b"EVALSHA", _WRITE_BATCH_SHA) if evalsha else (b"EVAL", _WRITE_BATCH)
+            future = writer.command(*script, len(keys), *keys, *args)
+        except Exception:
+            self._finish(Failure(), batch)
+            return
+
+        def written(future: asyncio.Future[Any]) -> None:
+            exc = ConnectionError("cancelled") if future.cancelled() else future.exception()
+            if exc is None:
+                self._script_on = writer
+                self._acked_seq = max(self._acked_seq, int(future.result()))
+                self._finish(None, batch)
+            elif evalsha and isinstance(exc, ReplyError) and str(exc).startswith("NOSCRIPT"):
+                self._script_on = None  # Redis's script cache was flushed: the same batch, by EVAL
+                self._send(batch, keys, args, False)
+            else:
+                self._finish(Failure(exc), batch)
+
+        future.add_done_callback(written)
 
     def _commands(self, batch: _Batch) -> tuple[list[tuple[bytes, bytes, int]], list[bytes], list[bytes]]:
         """Serialized on the reactor thread, so each row is a snapshot of the binding as it was."""
@@ -434,17 +513,6 @@ class RedisBindingStore:
         node = json.dumps(self.node_id).encode("ascii")
         messages = [self._own + b'{"n":%s,"ops":[%s]}' % (node, b",".join(ops))]
         return sets, dels, messages
-
-    async def _write(
-        self, sets: list[tuple[bytes, bytes, int]], dels: list[bytes], messages: list[bytes]
-    ) -> None:
-        if self._script is None:
-            self._script = self.client.register_script(_WRITE_BATCH)
-        args: list[bytes | int] = [self.channel, len(sets)]
-        for _, value, ttl_ms in sets:
-            args += (value, ttl_ms)
-        args += messages
-        await self._script(keys=[key for key, _, _ in sets] + dels, args=args)
 
     def _finish(self, failure: Failure | None, batch: _Batch) -> None:
         self._inflight = None

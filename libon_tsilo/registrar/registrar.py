@@ -48,6 +48,10 @@ SUPPORTED_EXTENSIONS = frozenset({"path", "outbound"})
 
 # seconds a device waits before registering again when its binding could not be stored
 NOT_STORED_RETRY_AFTER = 5
+# RFC 3327 sets no bound, but every binding of a REGISTER keeps a copy of its Path, in the store and
+# (in a cluster) in every node's replica and every change message: an edge proxy or two write
+# ~100-300 bytes; 64 KiB of it times max_contacts is an amplification, not a route
+MAX_PATH_BYTES = 2048
 
 
 def _passthrough(result: Any, call: Callable[..., object], *args: Any) -> Any:
@@ -152,6 +156,7 @@ class Registrar:
         self.path_stamp: Callable[[Flow, bool], str | None] | None = None
         # REGISTERs whose answer waits for the commit, per flow (the cluster relay asks)
         self.answers = PendingAnswers()
+        self.path_too_long = 0  # REGISTERs refused for a Path over MAX_PATH_BYTES
         self._date = _DateCache()
 
     # -- public API -----------------------------------------------------------------------------
@@ -245,6 +250,10 @@ class Registrar:
     def lookup(self, aor: str) -> list[Binding]:
         return self.store.lookup(aor)
 
+    def limit_hits(self) -> dict[str, int]:
+        """/metrics libon_tsilo_limit_hits_total (ops wires it)."""
+        return {"register_path_too_long": self.path_too_long}
+
     # -- processing -----------------------------------------------------------------------------
 
     def _process(self, request: Request, flow: Flow | None) -> tuple[Response, str | None]:
@@ -252,6 +261,9 @@ class Registrar:
         to_uri = request.to.uri
         aor = self._aor(to_uri)
         self._check_require(request)
+        if request.has_header("path") and sum(map(len, request.header_values("Path"))) > MAX_PATH_BYTES:
+            self.path_too_long += 1
+            raise _Reject(400, "Path Too Long")
         if self.auth is not None:
             result = self.auth.check(request, flow, "register")
             if result.response is not None:

@@ -378,7 +378,12 @@ class Message:
                 else:
                     entry[2] = ", ".join(parts[1:])
                     entry[3] = None
+                parsed = self._cache.get("via")
                 self._dirty("via")
+                if parsed is not None and len(parsed) > 1:
+                    # the others are unchanged: a proxy that sends the response on reads the next one
+                    self._cache["via"] = parsed[1:]
+                    self._cache["top_via"] = parsed[1]
                 return
 
     @property

@@ -147,6 +147,16 @@ class TransactionLayer:
         """Is ``req`` a retransmission, i.e. does its server transaction exist?"""
         return server_key(req, req.method) in self._servers
 
+    def holds(self, req: Request) -> bool:
+        """Is ``req`` ours to absorb or answer: a retransmission of a request we have a server
+        transaction for, or a CANCEL or an ACK of an INVITE we have one for? (A stateless forwarder,
+        sip/transport.py ``forward``, leaves those to the transactions.)"""
+        method = req.method
+        servers = self._servers
+        if method != "ACK" and server_key(req, method) in servers:
+            return True
+        return (method == "CANCEL" or method == "ACK") and server_key(req, "INVITE") in servers
+
     def forget(self, txn: TransactionBase) -> None:
         if isinstance(txn, ClientTransaction):
             if self._clients.get(txn.key) is txn:

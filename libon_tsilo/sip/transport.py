@@ -461,6 +461,11 @@ class TransportLayer(Service):
         # source with, b"" to drop it, None to handle it as usual
         self.on_queue_delay: Callable[[float], None] | None = None
         self.early: Callable[[bytes, HostPort, HostPort], bytes | None] | None = None
+        # a stateless forwarder (RFC 3261 §16.11: it "takes messages, both requests and responses,
+        # directly from the transport layer"; ops sets the cluster relay's): offered each parsed
+        # message, a request with its top Via fixed (§18.2.1), before it is validated: a proxy reads
+        # only what it routes by (§16.3 step 1). True: it took the message, nothing else sees it
+        self.forward: Callable[[Message, Flow], bool] | None = None
         self.bound: list[tuple[str, str, int]] = []
         self._ports: list[Any] = []
         self._udp: list[_UDPProtocol] = []
@@ -602,6 +607,23 @@ class TransportLayer(Service):
             log.warn(
                 "cannot send {status} response: {err}", status=resp.status, err=e, call_id=log_call_id(resp)
             )
+
+    def forward_response(self, resp: Response) -> None:
+        """Pass on a response a stateless proxy took its own Via off (RFC 3261 §16.11): to where its
+        top Via now says, over the live flow to that address when there is one (the connection, or
+        the UDP socket that address talks to: no transaction remembers the request's flow); never
+        raises."""
+        try:
+            via = resp.top_via
+            name = via.transport.lower()
+            port = via.rport or via.port or DEFAULT_PORTS.get(name, 5060)
+            received = via.received  # as we wrote it from the request's source: canonical already
+            host = received if received is not None else _norm_host(via.host)
+            flow = self.flows.find_remote(name, (host, port))
+        except ParseError as e:
+            log.info("response not forwarded: {err}", err=e.reason, call_id=log_call_id(resp))
+            return
+        self.send_response(resp, flow)
 
     def connection_stats(self) -> dict[str, Any]:
         """Connections and what the limits did, for /rpc/stats and /metrics."""
@@ -832,16 +854,22 @@ class TransportLayer(Service):
             self._notify_error(target, reason)
 
     def _inbound(self, data: bytes, flow: Flow, stream: bool) -> None:
+        forward = self.forward
         try:
             msg = parse_message(data, stream=stream)
+            if forward is not None:
+                if isinstance(msg, Request):
+                    self._fix_via(msg, flow.remote)
+                if self._forwarded(forward, msg, flow):
+                    return
             msg.validate()
-        except ParseError as e:
+        except ParseError as e:  # a header the forwarder read, or the validation
             self._answer_unparseable(data, e, flow)
             return
         except Exception:
             log.failure("parser crashed on input from {flow_id}", flow_id=flow.id)
             return
-        if isinstance(msg, Request):
+        if isinstance(msg, Request) and forward is None:
             try:
                 self._fix_via(msg, flow.remote)
             except ParseError as e:  # validate() read the Via; kept for safety
@@ -853,6 +881,18 @@ class TransportLayer(Service):
             log.failure("sink failed on {msg!r}", msg=msg, call_id=log_call_id(msg))
             if isinstance(msg, Request) and msg.method != "ACK":
                 self._answer_directly(make_response(msg, 500, "Server Internal Error"), flow)
+
+    @staticmethod
+    def _forwarded(forward: Callable[[Message, Flow], bool], msg: Message, flow: Flow) -> bool:
+        """Offer ``msg`` to the stateless forwarder. Its bug is logged and the message dropped: it may
+        have sent it already, and the sender's retransmission is the retry."""
+        try:
+            return forward(msg, flow)
+        except ParseError:
+            raise
+        except Exception:
+            log.failure("stateless forward failed on {msg!r}", msg=msg, call_id=log_call_id(msg))
+            return True
 
     def _fix_via(self, req: Request, source: HostPort) -> None:
         via = req.top_via

@@ -19,6 +19,7 @@ def _parts(tmp_path, **sections):
 def test_a_single_node_has_no_relay_and_no_internal_listener(tmp_path):
     parts = _parts(tmp_path)
     assert parts.router.proxy is None and parts.registrar.path_stamp is None and parts.b2bua.path_router is None
+    assert parts.transport.forward is None  # no stateless forwarder in front of the transactions
     assert [str(s) for s in parts.transport.specs] == list(parts.config.sip.listen)
     assert "cluster_relay" not in parts.extra
 
@@ -27,6 +28,7 @@ def test_cluster_wiring_and_peers_exempt_from_the_source_limits(tmp_path):
     parts = _parts(tmp_path, cluster={"node_address": "udp:127.0.0.1:25071", "trusted_peers": ["10.1.0.0/16"]})
     relay, node = parts.extra["cluster_relay"], parts.extra["cluster_node"]
     assert parts.router.proxy == relay.handle
+    assert parts.transport.forward is not None  # the relay's stateless path (counted by the metrics)
     assert parts.registrar.path_stamp == node.path_entry and parts.b2bua.path_router == node.next_hop
     assert relay.register_answered == parts.registrar.when_answered  # cross-node ordering
     assert str(parts.transport.specs[-1]) == "udp:127.0.0.1:25071"  # after the public listeners
@@ -37,8 +39,8 @@ def test_cluster_wiring_and_peers_exempt_from_the_source_limits(tmp_path):
 
 def test_a_cluster_on_redis_beats_and_asks_its_liveness_view(tmp_path):
     # the Redis store is built, never started here (its client connects lazily)
-    cfg = config_from_dict({"location": {"backend": "redis"}, "cluster": {"node_address": "udp:127.0.0.1:25072"}},
-                           base_dir=tmp_path)
+    cfg = config_from_dict({"location": {"backend": "redis"},
+                            "cluster": {"node_address": "udp:127.0.0.1:25072", "secret": "s"}}, base_dir=tmp_path)
     parts = make_service(cfg, clock=Clock()).parts
     node, liveness = parts.extra["cluster_node"], parts.extra["cluster_liveness"]
     assert node.liveness is liveness and parts.b2bua.peer_alive == node.peer_alive

@@ -545,6 +545,8 @@ def test_cluster_keys_load():
         ({"cluster": {"trusted_peers": ["10.0.0.300/8"]}},
          'cluster.trusted_peers[0]: "10.0.0.300/8" is not an IP network (CIDR)'),
         ({"cluster": {"udp_via_path": "no"}}, 'cluster.udp_via_path: expected a boolean, got string "no"'),
+        ({"cluster": {"node_address": "udp:10.0.0.1:5070"}, "location": {"backend": "redis"}},
+         'cluster.secret: must be set with node_address on location.backend = "redis"'),
     ],
 )
 def test_cluster_bad_values(data, expected):

@@ -77,6 +77,19 @@ def test_message_hooks_count_in_and_out_and_keep_behaviour():
     assert counters.as_dict()["responses_out"] == {"INVITE 180": 2}
 
 
+def test_what_the_stateless_forwarder_takes_is_counted_in_once():
+    transport = FakeTransport()
+    transport.forward = lambda msg, flow: msg.method == "INVITE" if hasattr(msg, "method") else False
+    counters = MessageCounters()
+    install_message_hooks(transport, counters)
+    invite, ringing = parse_message(INVITE), parse_message(RINGING)
+    for msg in (invite, ringing):  # what the transport does: the forwarder first, the sink if declined
+        if not transport.forward(msg, None):
+            transport.sink(msg, None)
+    assert transport.got == [ringing]
+    assert counters.requests_in == {"INVITE": 1} and counters.responses_in == {("INVITE", 180): 1}
+
+
 def test_a_failed_send_is_not_counted_and_still_raises():
     transport = FakeTransport()
 

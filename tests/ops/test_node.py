@@ -60,7 +60,7 @@ def test_reuse_port_shares_the_public_listeners_not_the_internal_one():
     public = ["udp:127.0.0.1:26060", "tcp:127.0.0.1:26060"]
     cfg = config_from_dict({
         "sip": {"listen": public}, "location": REDIS,
-        "cluster": {"reuse_port": True, "node_id": "w1", "node_address": "udp:127.0.0.1:26061"},
+        "cluster": {"reuse_port": True, "node_id": "w1", "node_address": "udp:127.0.0.1:26061", "secret": "s"},
     })
     transport = make_service(cfg, clock=Clock()).parts.transport
     assert transport.reuse_port == {parse_listen_spec(s) for s in public}
@@ -69,7 +69,7 @@ def test_reuse_port_shares_the_public_listeners_not_the_internal_one():
 @pytest.mark.parametrize("reuse_port", [True, False])
 def test_the_internal_address_port_names_the_node_first(reuse_port):
     cfg = config_from_dict({
-        "cluster": {"reuse_port": reuse_port, "node_address": "udp:10.0.0.11:26071"},
+        "cluster": {"reuse_port": reuse_port, "node_address": "udp:10.0.0.11:26071", "secret": "s"},
         "admin": {"listen": "tcp:26092"}, "location": REDIS,
     })
     assert resolve_node_id(cfg, hostname="sip3") == "sip3-26071"

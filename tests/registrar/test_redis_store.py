@@ -288,7 +288,7 @@ async def test_a_password_in_the_url_logs_in(tmp_path: Path, nodes: list[Node]) 
         a = _node(nodes, server, "a")
         await a.start()
         await a.write(make_binding(expires_at=60.0))
-        assert server.cli("DBSIZE") == b":2"  # the epoch and the binding
+        assert server.cli("DBSIZE") == b":3"  # the epoch, the node's write counter and the binding
         # an ACL user restricted to the prefix, with the rights etc/libon-tsilo.toml documents
         assert server.cli("ACL", "SETUSER", "tsilo", "on", ">pw", "~test:*", "&test:*", "+@read", "+@write",
                           "+@pubsub", "+@scripting", "+@connection", "-@dangerous", "+info") == b"+OK"
@@ -446,3 +446,14 @@ async def test_a_change_made_while_the_load_runs_is_not_missed(redis_server: Red
     # the feed was subscribed before the load: the removal is applied after it
     await until(lambda: a.redis.messages_applied == 1, "the removal on a")
     assert a.store.lookup(gone.aor) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flushed_script_cache_costs_no_register(redis_server: RedisServer, nodes: list[Node]) -> None:
+    a = _node(nodes, redis_server, "a")
+    await a.start()
+    await a.write(make_binding(uri="sip:one@192.0.2.1", expires_at=60.0))
+    assert redis_server.cli("SCRIPT", "FLUSH") == b"+OK"  # the next EVALSHA gets NOSCRIPT
+    await a.write(make_binding(uri="sip:two@192.0.2.1", expires_at=60.0))  # sent again by EVAL
+    await a.write(make_binding(uri="sip:three@192.0.2.1", expires_at=60.0))
+    assert a.redis.failed_batches == 0 and a.redis.commits == 3

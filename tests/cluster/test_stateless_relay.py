@@ -1,0 +1,208 @@
+"""The relay without transactions (RFC 3261 §16.11, cluster/relay.py ``forward_request`` and
+``forward_response``), on test_relay_two_nodes.py's two nodes and loopback sockets.
+
+Over UDP both ways, B relays a whole call without a transaction of its own; it forwards each
+retransmission of the peer's INVITE with the branch the first copy got, and the CANCEL and the
+non-2xx ACK with that branch too (the device matches them to its INVITE transaction); it drops a
+response whose next Via is not the one it gave our branch to. A request that arrives over a stream
+and must leave over UDP keeps the stateful relay (its sender does not retransmit).
+"""
+
+from __future__ import annotations
+
+import pytest_twisted
+
+from libon_tsilo.sip.message import Request
+from tests.cluster.test_relay_two_nodes import (
+    AOR, SDP, Pair, _answered_call, _public, in_dialog, invite, register,
+)
+from tests.cluster.ua import UA, response_to, tag, wait_for
+
+
+@pytest_twisted.ensureDeferred
+async def test_b_relays_a_whole_udp_call_without_a_transaction_of_its_own():
+    pair = Pair()
+    pair.start()
+    try:
+        caller, device, inv, answer, device_tag = await _answered_call(pair, "udp")
+        rr = inv.header_values("record-route")
+        device.send(in_dialog(device, "BYE", str(inv.contacts[0].uri), rr,
+                              f"{inv.header('to')};tag={device_tag}", inv.header("from") or "", inv.call_id, 1))
+        bye = await caller.request("BYE")
+        caller.send(response_to(bye, 200, "OK"))
+        await device.response(200, "BYE")
+        relay = pair.b.parts.extra["cluster_relay"]
+        # INVITE, ACK to the device; the device's BYE to A; 180, 200 and the BYE's 200 back
+        assert relay.counters["stateless"] == 3 and relay.counters["stateless_responses"] == 3
+        layer = pair.b.parts.transactions
+        assert layer.client_count == 0
+        assert layer.server_count == 1  # the device's REGISTER: B's registrar answered it
+        # the device got the INVITE with B's own Via on top of A's, and no 100 Trying reached A from B
+        assert inv.branch.startswith("z9hG4bKsl") and len(inv.header_values("via")) == 2
+    finally:
+        await pair.stop()
+
+
+async def _device_on_b(pair: Pair) -> tuple[UA, UA, str]:
+    """A UDP device registered on B, and a fake peer node on B's internal listener; the binding's
+    Path entry (B's, with the device's flow token)."""
+    device = await pair.ua(pair.b)
+    device.send(register(device))
+    await device.response(200, "REGISTER")
+    peer = await UA("udp").start(pair.b.parts.extra["cluster_node"].bound)
+    pair.uas.append(peer)
+    return device, peer, pair.a.parts.location.lookup(AOR)[0].path[0]
+
+
+def _peer_invite(peer: UA, device: UA, route: str, branch: str, call_id: str) -> str:
+    return (
+        f"INVITE sip:bob@127.0.0.1:{device.port} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:{peer.port};branch={branch};rport\r\nMax-Forwards: 70\r\n"
+        f"Route: {route}\r\nFrom: <sip:carol@127.0.0.1>;tag=p1\r\nTo: <sip:bob@127.0.0.1>\r\n"
+        f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:carol@127.0.0.1:{peer.port}>\r\n"
+        f"Content-Type: application/sdp\r\nContent-Length: {len(SDP)}\r\n\r\n{SDP}"
+    )
+
+
+def _received(ua: UA, method: str) -> list[Request]:
+    return [m for m in ua.received if isinstance(m, Request) and m.method == method]
+
+
+@pytest_twisted.ensureDeferred
+async def test_retransmissions_cancel_and_the_non_2xx_ack_leave_with_the_invites_branch():
+    pair = Pair()
+    pair.start()
+    try:
+        device, peer, route = await _device_on_b(pair)
+        branch, call_id = f"z9hG4bK{tag()}", f"{tag()}@peer"
+        text = _peer_invite(peer, device, route, branch, call_id)
+        peer.send(text)
+        await device.request("INVITE")
+        peer.send(text)  # Timer A's retransmission: a stateless proxy forwards each one (§16.11)
+        await wait_for(lambda: len(_received(device, "INVITE")) == 2, "the retransmission at the device")
+        first, again = _received(device, "INVITE")
+        assert first.branch == again.branch and first.branch.startswith("z9hG4bKsl")
+        assert first.header_values("record-route") == again.header_values("record-route")
+        device.send(response_to(first, 180, "Ringing", "dev1"))
+        await peer.response(180, "INVITE")  # passed back to the next Via: the peer's
+        cancel_vias = f"Via: SIP/2.0/UDP 127.0.0.1:{peer.port};branch={branch};rport\r\n"
+        common = (f"Max-Forwards: 70\r\nRoute: {route}\r\nFrom: <sip:carol@127.0.0.1>;tag=p1\r\n"
+                  f"Call-ID: {call_id}\r\n")
+        peer.send(f"CANCEL sip:bob@127.0.0.1:{device.port} SIP/2.0\r\n{cancel_vias}{common}"
+                  f"To: <sip:bob@127.0.0.1>\r\nCSeq: 1 CANCEL\r\nContent-Length: 0\r\n\r\n")
+        cancel = await device.request("CANCEL")
+        assert cancel.branch == first.branch  # the device's INVITE transaction matches it (RFC 3261 §9.2)
+        device.send(response_to(cancel, 200, "OK", "dev1"))
+        device.send(response_to(first, 487, "Request Terminated", "dev1"))
+        await peer.response(200, "CANCEL")
+        final = await peer.response(487, "INVITE")
+        peer.send(f"ACK sip:bob@127.0.0.1:{device.port} SIP/2.0\r\n{cancel_vias}{common}"
+                  f"To: {final.header('to')}\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n")
+        ack = await device.request("ACK")
+        assert ack.branch == first.branch  # hop by hop: the device's INVITE transaction absorbs it
+        relay = pair.b.parts.extra["cluster_relay"]
+        assert relay.counters["cancelled"] == 1 and pair.b.parts.transactions.client_count == 0
+    finally:
+        await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_response_whose_next_via_is_not_the_one_we_relayed_for_is_dropped():
+    pair = Pair()
+    pair.start()
+    try:
+        device, peer, route = await _device_on_b(pair)
+        victim = await UA("udp").start(("127.0.0.1", 9))
+        pair.uas.append(victim)
+        peer.send(_peer_invite(peer, device, route, f"z9hG4bK{tag()}", f"{tag()}@peer"))
+        inv = await device.request("INVITE")
+        # the device rewrites the peer's Via to point at another host: B must not send it there
+        genuine = response_to(inv, 180, "Ringing", "dev1")
+        forged = genuine.replace(f"rport={peer.port}", f"rport={victim.port}").replace("Ringing", "Forged")
+        assert forged != genuine.replace("Ringing", "Forged")
+        device.send(forged)
+        relay = pair.b.parts.extra["cluster_relay"]
+        await wait_for(lambda: relay.limit_hits()["cluster_refused_bad_branch"] == 1, "B to drop it")
+        device.send(genuine)
+        await peer.response(180, "INVITE")
+        assert not victim.received and not [m for m in peer.received if getattr(m, "reason", "") == "Forged"]
+    finally:
+        await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_from_a_stream_to_udp_keeps_a_client_transaction_that_retransmits():
+    """A peer on a TCP internal listener does not retransmit its INVITE (RFC 3261 §17.1.1.2): B
+    relays it towards the UDP device on a client transaction, whose Timer A does."""
+    pair = Pair(internal="tcp")
+    pair.start()
+    try:
+        caller = await pair.ua(pair.a)
+        device = await pair.ua(pair.b)
+        caller.send(invite(caller, _public(pair.a, "udp")[1]))
+        await wait_for(lambda: pair.a.parts.silo.stats()["stored_transactions"] == 1, "the call parked on A")
+        device.send(register(device))
+        await device.request("INVITE")
+        relay = pair.b.parts.extra["cluster_relay"]
+        assert relay.counters["stateless"] == 0 and relay.stats()["pending_invites"] == 1
+        await wait_for(lambda: len(_received(device, "INVITE")) == 2, "B's Timer A retransmission")
+        first, again = _received(device, "INVITE")
+        assert first.branch == again.branch and not first.branch.startswith("z9hG4bKsl")
+    finally:
+        await pair.stop()
+
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_invite_from_udp_onto_a_tcp_flow_keeps_its_transactions_and_a_bye_does_not():
+    """The device over TCP does not repeat its 486 (Timer G is for UDP); B's server transaction
+    repeats it towards the peer on UDP until the ACK, which it absorbs. The in-dialog BYE, whose
+    UDP sender retransmits until answered, goes statelessly."""
+    pair = Pair()  # UDP internal listeners
+    pair.start()
+    try:
+        caller, device, inv, answer, device_tag = await _answered_call(pair, "tcp")
+        relay = pair.b.parts.extra["cluster_relay"]
+        assert not inv.branch.startswith("z9hG4bKsl")  # B's client transaction's branch
+        assert relay.counters["stateless"] == 1  # the ACK only
+        caller.send(in_dialog(caller, "BYE", str(answer.contacts[0].uri), [], answer.header("from") or "",
+                              answer.header("to") or "", answer.call_id, 2))
+        bye = await device.request("BYE")
+        assert bye.branch.startswith("z9hG4bKsl") and relay.counters["stateless"] == 2
+        device.send(response_to(bye, 200, "OK"))
+        await caller.response(200, "BYE")
+    finally:
+        await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tcp_devices_486_is_repeated_to_the_peer_until_its_ack():
+    pair = Pair()
+    pair.start()
+    try:
+        device = await pair.ua(pair.b, "tcp")
+        device.send(register(device))
+        await device.response(200, "REGISTER")
+        peer = await UA("udp").start(pair.b.parts.extra["cluster_node"].bound)
+        pair.uas.append(peer)
+        route = pair.a.parts.location.lookup(AOR)[0].path[0]
+        branch, call_id = f"z9hG4bK{tag()}", f"{tag()}@peer"
+        peer.send(_peer_invite(peer, device, route, branch, call_id))
+        await peer.response(100, "INVITE")  # B's own: a stateful proxy's duty
+        inv = await device.request("INVITE")
+        device.send(response_to(inv, 180, "Ringing", "dev1"))
+        await peer.response(180, "INVITE")
+        device.send(response_to(inv, 486, "Busy Here", "dev1"))
+        # not ACKed yet: B's Timer G sends it again (0.5 s on the real reactor)
+        await wait_for(lambda: len([m for m in peer.received if getattr(m, "status", 0) == 486]) == 2,
+                       "B to repeat the 486")
+        final = await peer.response(486, "INVITE")
+        peer.send(f"ACK sip:bob@127.0.0.1:{device.port} SIP/2.0\r\n"
+                  f"Via: SIP/2.0/UDP 127.0.0.1:{peer.port};branch={branch};rport\r\nMax-Forwards: 70\r\n"
+                  f"Route: {route}\r\nFrom: <sip:carol@127.0.0.1>;tag=p1\r\nTo: {final.header('to')}\r\n"
+                  f"Call-ID: {call_id}\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n")
+        await device.request("ACK")  # B's client transaction acknowledges the 486 hop by hop
+        relay = pair.b.parts.extra["cluster_relay"]
+        assert relay.counters["stateless"] == 0  # the peer's ACK went to B's server transaction
+    finally:
+        await pair.stop()
