@@ -45,6 +45,14 @@ COMPILED = [
     "libon_tsilo/b2bua/manager.py",
     "libon_tsilo/sip/router.py",
     "libon_tsilo/sip/uas_core.py",
+    # the REGISTER path (issue 15, round 3): the router and UAS core's checks (above), the domain
+    # check, and registrar/ (LocationObserver, which the observers subclass, is in observer.py, left
+    # interpreted)
+    "libon_tsilo/sip/hostnames.py",
+    "libon_tsilo/registrar/binding.py",
+    "libon_tsilo/registrar/push_params.py",
+    "libon_tsilo/registrar/location.py",
+    "libon_tsilo/registrar/registrar.py",
 ]
 
 

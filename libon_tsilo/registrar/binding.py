@@ -1,4 +1,4 @@
-"""One registered Contact of an AOR, and the observer protocol for binding events.
+"""One registered Contact of an AOR (the observer protocol for its events: observer.py).
 
 A binding is a plain record: the location store owns its indexes, the registrar decides when it is
 created, refreshed or removed. ``key`` is the identity used for replacement within an AOR (RFC 5626
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any
 
-if TYPE_CHECKING:
-    from libon_tsilo.sip.flow import Flow
+# the observers subclass it: kept in an interpreted module (see observer.py), re-exported here
+from libon_tsilo.registrar.observer import LocationObserver
 
 __all__ = ["Binding", "LocationObserver", "binding_key"]
 
@@ -34,7 +34,11 @@ def binding_key(
     return f"uri:{contact_uri}"
 
 
-@dataclass
+# init=False and a written-out __init__: compiled with mypyc, a dataclass's generated __init__ stays
+# interpreted Python (called through tp_init with a keyword dict); this one is native, a REGISTER
+# makes one Binding. The dataclass still gives __eq__, __repr__ and fields(); the signature is the
+# one @dataclass would generate, in field order.
+@dataclass(init=False)
 class Binding:
     aor: str
     contact_uri: str  # the Contact URI as text: the Request-URI of a branch to this device
@@ -55,15 +59,55 @@ class Binding:
     pn_prid: str | None = None
     pn_param: str | None = None
     pnsreg: bool = False
-    key: str = ""
+    key: str = ""  # "" when built: computed from the fields above (binding_key)
     # the cluster node ([cluster] node_id) whose connection table holds flow_id; "" = single node
     node: str = ""
 
-    def __post_init__(self) -> None:
-        if not self.key:
-            self.key = binding_key(
-                self.contact_uri, self.instance, self.reg_id, self.pn_provider, self.pn_prid, self.pn_param
-            )
+    def __init__(
+        self,
+        aor: str,
+        contact_uri: str,
+        contact: str,
+        expires_at: float,
+        registered_at: float,
+        call_id: str,
+        cseq: int,
+        q: float = 1.0,
+        instance: str | None = None,
+        reg_id: int | None = None,
+        flow_id: str | None = None,
+        flow_live: bool = False,
+        received: tuple[str, str, int] | None = None,
+        path: list[str] | None = None,
+        user_agent: str | None = None,
+        pn_provider: str | None = None,
+        pn_prid: str | None = None,
+        pn_param: str | None = None,
+        pnsreg: bool = False,
+        key: str = "",
+        node: str = "",
+    ) -> None:
+        self.aor = aor
+        self.contact_uri = contact_uri
+        self.contact = contact
+        self.expires_at = expires_at
+        self.registered_at = registered_at
+        self.call_id = call_id
+        self.cseq = cseq
+        self.q = q
+        self.instance = instance
+        self.reg_id = reg_id
+        self.flow_id = flow_id
+        self.flow_live = flow_live
+        self.received = received
+        self.path = [] if path is None else path
+        self.user_agent = user_agent
+        self.pn_provider = pn_provider
+        self.pn_prid = pn_prid
+        self.pn_param = pn_param
+        self.pnsreg = pnsreg
+        self.key = key or binding_key(contact_uri, instance, reg_id, pn_provider, pn_prid, pn_param)
+        self.node = node
 
     @property
     def push_capable(self) -> bool:
@@ -105,17 +149,3 @@ class Binding:
 
 _FIELD_NAMES = tuple(f.name for f in fields(Binding))
 _FIELD_SET = frozenset(_FIELD_NAMES)
-
-
-class LocationObserver(Protocol):
-    """Receives binding events from the LocationStore: the silo (late fork), the push waker, and
-    ops' flow release. Each implements all three methods, explicitly."""
-
-    def binding_added(self, binding: Binding, flow: Flow | None) -> None:
-        """A new registration; ``flow`` is the connection its REGISTER came over (None: restored)."""
-
-    def binding_refreshed(self, binding: Binding, flow: Flow | None) -> None:
-        """A re-REGISTER of a known binding (same key, or one it replaces)."""
-
-    def binding_removed(self, binding: Binding, reason: str) -> None:
-        """Gone: "expired", "unregistered", "replaced", "max_contacts", a push error..."""

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BindingEvent", "LocationStore", "NotStored", "StoreClosed"]
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc), Logger() would name the importer: importlib
 
 Ident = tuple[str, str]  # (aor, key)
 
@@ -51,14 +51,29 @@ class StoreClosed(NotStored):
     """The store is stopped (shutdown): nothing more is written."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False)
 class BindingEvent:
-    """One change, as held for a REGISTER until its answer is sent (see the module doc)."""
+    """One change, as held for a REGISTER until its answer is sent (see the module doc). Never
+    modified once made (not frozen: a frozen dataclass's __init__ sets each field through
+    object.__setattr__, and compiled with mypyc the generated __init__ stays interpreted; this one
+    is native)."""
 
     kind: Literal["added", "refreshed", "removed"]
     binding: Binding
-    flow: Flow | None = None
-    reason: str = ""
+    flow: Flow | None
+    reason: str
+
+    def __init__(
+        self,
+        kind: Literal["added", "refreshed", "removed"],
+        binding: Binding,
+        flow: Flow | None = None,
+        reason: str = "",
+    ) -> None:
+        self.kind = kind
+        self.binding = binding
+        self.flow = flow
+        self.reason = reason
 
     def deliver(self, observer: LocationObserver) -> None:
         if self.kind == "added":
@@ -200,7 +215,8 @@ class LocationStore:
             return []
         now = self.clock.seconds()
         out = [b for b in bindings.values() if not b.expired(now)]
-        out.sort(key=lambda b: (-b.q, -b.registered_at))
+        if len(out) > 1:  # most AORs have one device: no key tuple to build
+            out.sort(key=lambda b: (-b.q, -b.registered_at))
         return out
 
     def get(self, aor: str, key: str) -> Binding | None:

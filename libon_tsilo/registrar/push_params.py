@@ -39,6 +39,9 @@ class PushParams:
         return bool(self.provider) and bool(self.prid)
 
 
+NO_PUSH = PushParams(None, None, None)
+
+
 def _value(contact: NameAddr, name: str) -> str | None:
     if name in contact.uri.params:
         raw = contact.uri.params[name]
@@ -54,11 +57,13 @@ def _value(contact: NameAddr, name: str) -> str | None:
 def parse_push_params(contact: NameAddr) -> PushParams:
     """The push parameters of one Contact (every field None when it has none)."""
     provider = _value(contact, "pn-provider")
+    prid = _value(contact, "pn-prid")
+    param = _value(contact, "pn-param")
+    pnsreg = "+sip.pnsreg" in contact.params
+    if provider is None and prid is None and param is None and not pnsreg:
+        return NO_PUSH  # most Contacts: one shared (frozen) value instead of a new one each
     return PushParams(
-        provider=provider.lower() if provider is not None else None,
-        prid=_value(contact, "pn-prid"),
-        param=_value(contact, "pn-param"),
-        pnsreg="+sip.pnsreg" in contact.params,
+        provider=provider.lower() if provider is not None else None, prid=prid, param=param, pnsreg=pnsreg
     )
 
 

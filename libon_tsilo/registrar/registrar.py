@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import email.utils
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
@@ -42,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Registrar", "aor_key", "SUPPORTED_EXTENSIONS"]
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc), Logger() would name the importer: importlib
 
 # option tags a REGISTER may Require of us (RFC 3261 §8.2.2.3)
 SUPPORTED_EXTENSIONS = frozenset({"path", "outbound"})
@@ -93,20 +92,24 @@ class _Reject(Exception):
         self.headers = list(headers)
 
 
-@dataclass
+# plain classes rather than dataclasses: compiled with mypyc, a dataclass's generated __init__ stays
+# interpreted (one of each per REGISTER)
 class _Plan:
     """One Contact of the request, validated, before it touches the store."""
 
-    contact: NameAddr
-    expires: int
-    binding: Binding | None  # None when expires == 0
-    old: Binding | None = None
+    def __init__(
+        self, contact: NameAddr, expires: int, binding: Binding | None, old: Binding | None = None
+    ) -> None:
+        self.contact = contact
+        self.expires = expires
+        self.binding = binding  # None when expires == 0
+        self.old = old
 
 
-@dataclass
 class _Outcome:
-    caps: list[str] = field(default_factory=list)
-    outbound: bool = False
+    def __init__(self) -> None:
+        self.caps: list[str] = []
+        self.outbound = False
 
 
 class Registrar:
@@ -154,6 +157,7 @@ class Registrar:
         # REGISTERs whose answer waits for the commit, per flow (the cluster relay asks)
         self.answers = PendingAnswers()
         self.path_too_long = 0  # REGISTERs refused for a Path over MAX_PATH_BYTES
+        self._date = _DateCache()
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -553,7 +557,7 @@ class Registrar:
         resp = make_response(request, 200, to_tag=new_tag())
         for b in self.store.lookup(aor):
             resp.add_header("Contact", b.contact_header(now))
-        resp.add_header("Date", _sip_date(now))
+        resp.add_header("Date", self._date.at(now))
         supported = {v.strip().lower() for v in request.header_values("Supported")}
         if "path" in supported:
             for p in request.header_values("Path"):
@@ -568,16 +572,21 @@ class Registrar:
         return resp
 
 
-_last_date: tuple[int, str] = (-1, "")
+class _DateCache:
+    """RFC 1123 date in GMT; formatted once per second, as every 200 OK carries one. An object's
+    attributes rather than a module global: compiled, a global is a dict lookup and a type check."""
 
+    def __init__(self) -> None:
+        self.second = -1
+        self.text = ""
 
-def _sip_date(now: float) -> str:
-    """RFC 1123 date in GMT; formatted once per second, as every 200 OK carries one."""
-    global _last_date
-    second = int(now)
-    if _last_date[0] != second:
-        _last_date = (second, email.utils.formatdate(second, usegmt=True))
-    return _last_date[1]
+    def at(self, now: float) -> str:
+        second = int(now)
+        if self.second != second:
+            self.text = email.utils.formatdate(second, usegmt=True)
+            self.second = second
+        return self.text
+
 
 
 def _option_tags(request: Request, *headers: str) -> set[str]:

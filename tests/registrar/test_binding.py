@@ -39,3 +39,22 @@ def test_to_dict_is_a_snapshot_like_asdict() -> None:
     assert data == expected and list(data) == list(expected)
     data["path"].append("<sip:q;lr>")
     assert b.path == ["<sip:p;lr>"]  # the snapshot shares no list with the binding
+
+
+def test_written_out_init_is_the_dataclass_one() -> None:
+    # Binding.__init__ is written out (a native one when compiled with mypyc): every field, in field
+    # order, with the field's default, as @dataclass would generate it
+    from dataclasses import MISSING, fields
+
+    full = make_binding(received=("tcp", "h", 5), path=["<sip:p;lr>"], instance='"<urn:x>"', reg_id=1,
+                        pn_provider="fcm", pn_prid="x", pn_param="p", pnsreg=True, user_agent="UA",
+                        flow_id="tcp#1", flow_live=True, q=0.5, node="n1")
+    assert Binding(*[getattr(full, f.name) for f in fields(Binding)]) == full
+    minimal = Binding("sip:a@h", "sip:a@d", "<sip:a@d>", 10.0, 1.0, "c", 1)
+    for f in fields(Binding):
+        if f.name == "key":
+            assert minimal.key == binding_key("sip:a@d", None, None, None, None, None)
+        elif f.default is not MISSING:
+            assert getattr(minimal, f.name) == f.default, f.name
+        elif f.default_factory is not MISSING:
+            assert getattr(minimal, f.name) == f.default_factory(), f.name
