@@ -55,14 +55,8 @@ class RespConnection(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        reader = self._reader
-        reader.feed(data)
-        try:
-            reply = reader.gets()
-        except hiredis.ProtocolError as exc:
-            self.close(f"protocol error: {exc}")
-            return
-        while reply is not False:
+        self._reader.feed(data)
+        while (reply := self._next_reply()) is not False:
             self.received += 1
             if (self.on_message is not None and type(reply) is list and len(reply) == 3
                     and reply[0] == b"message"):
@@ -75,11 +69,14 @@ class RespConnection(asyncio.Protocol):
                         future.set_exception(ReplyError(str(reply)))
                     else:
                         future.set_result(reply)
-            try:
-                reply = reader.gets()
-            except hiredis.ProtocolError as exc:
-                self.close(f"protocol error: {exc}")
-                return
+
+    def _next_reply(self) -> Any:
+        """The next whole reply; False when none is complete, or when the stream broke (closed)."""
+        try:
+            return self._reader.gets()
+        except hiredis.ProtocolError as exc:
+            self.close(f"protocol error: {exc}")
+            return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
