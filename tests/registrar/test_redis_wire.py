@@ -70,6 +70,19 @@ async def test_a_lost_connection_fails_what_is_pending(redis_server: RedisServer
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_stream_that_is_not_resp_closes_the_connection_and_fails_what_is_pending(
+    redis_server: RedisServer,
+) -> None:
+    loop = reactor_loop()
+    conn = await wait(asyncio.ensure_future(open_connection(make_redis_client(redis_server.url), loop, 2.0)))
+    blocked = conn.command(b"BLPOP", b"never", 0)
+    conn.data_received(b"?not a reply\r\n")  # as if the stream had been corrupted on the way
+    with pytest.raises(ConnectionError):
+        await wait(blocked)
+    assert (await wait(conn.lost)).startswith("protocol error")
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_server_that_does_not_answer_in_time_closes_the_connection(redis_server: RedisServer) -> None:
     loop = reactor_loop()
     conn = await wait(asyncio.ensure_future(open_connection(make_redis_client(redis_server.url), loop, 0.2)))
