@@ -379,6 +379,9 @@ class TsiloCollector(Collector):
                            redis["loads"])
             yield _counter("redis_remote_changes", "Binding changes of other nodes applied here",
                            redis["remote_changes_applied"])
+            # bindings of ours Redis lost (a restore, a fail-over) and does not have again yet
+            yield _gauge("redis_write_back_pending", "Own bindings Redis lost, not yet written back",
+                         redis["write_back_pending"])
 
     def _silo(self) -> Iterator[Metric]:
         silo = self.parts.silo

@@ -162,6 +162,7 @@ class LocationStore:
             "state": p.state,  # type: ignore[union-attr]
             "loads": p.loads,  # type: ignore[union-attr]
             "remote_changes_applied": p.messages_applied,  # type: ignore[union-attr]
+            "write_back_pending": p.write_back_pending(),  # type: ignore[union-attr]
         }
 
     def stop(self) -> defer.Deferred[None]:

@@ -37,6 +37,14 @@ this module writes the node's changes to Redis and applies the other nodes' chan
   counter ``<prefix>seq:<node_id>``, bumped by every batch, is lower than at our last batch): then
   each node writes back the bindings it owns (``Binding.node`` is its node id) that Redis lacks or
   holds older, and the bindings of nodes that are gone wait for their devices to register again.
+  Those write-backs are acknowledged data: they are written in chunks (``write_back_chunk``
+  bindings per Lua call and per change message, one chunk at a time) and a chunk that fails is
+  retried with backoff on the reactor's clock until Redis has it (or the binding is gone from the
+  replica, or the store stops); until the last chunk is in, a reload counts as a loss again.
+* A loss the feed does not see (its connection survived: ``DEBUG RELOAD``, ``FLUSHALL``, a proxy
+  in front of Redis that kept our connection) shows in the counter too: a batch whose ``INCR``
+  answers no more than our last one, or a heartbeat (every second, ``heartbeat``) that reads it
+  lower than a batch acknowledged before the beat was sent; either reloads the feed as a loss.
 
 Trust: Redis is inside the operator's network and trusted like the config file; still, a message
 or value that does not parse is logged and skipped, never fatal.
@@ -50,11 +58,12 @@ import hashlib
 import json
 import math
 import secrets
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -77,6 +86,9 @@ COMMAND_TIMEOUT = 2.0
 # an idle feed connection is PINGed this often, so a peer that vanished without a FIN is noticed
 HEALTH_INTERVAL = 5.0
 SCAN_COUNT = 500
+# bindings per Lua call and per change message when a node writes its own back after a loss: a
+# node with 100k bindings must not send one 50 MB script call and one message every node parses
+WRITE_BACK_CHUNK = 500
 
 
 def make_redis_client(
@@ -158,6 +170,10 @@ return redis.call('INCR', KEYS[#KEYS])
 _WRITE_BATCH_SHA = hashlib.sha1(_WRITE_BATCH.encode()).hexdigest()
 
 
+class _Reload(Exception):
+    """Redis lost acknowledged writes while the feed stayed connected: load again, as a loss."""
+
+
 class _Batch:
     __slots__ = ("changes", "waiters")
 
@@ -182,6 +198,7 @@ class RedisBindingStore:
         loop: asyncio.AbstractEventLoop | None = None,
         min_backoff: float = 0.1,
         max_backoff: float = 5.0,
+        write_back_chunk: int = WRITE_BACK_CHUNK,
     ) -> None:
         self.client = client
         self.clock = clock
@@ -214,9 +231,19 @@ class RedisBindingStore:
         self.commits = 0
         self.rows_written = 0
         self.rows_skipped = 0  # changes refused while Redis was down, or lost with a failed write
-        self.rows_retried = 0  # never: a failed write is repaired by the resync (module doc)
+        self.rows_retried = 0  # written-back bindings sent again after their chunk failed
         self.messages_applied = 0  # changes of other nodes applied to the replica
         self.failed_batches = 0  # batches failed in a row (logged at the first)
+        # own bindings Redis lost, to write back (module doc): (aor, key) in order, current copy
+        # read from the replica when sent; one chunk in flight at a time, retried on self.clock
+        self.write_back_chunk = max(1, write_back_chunk)
+        self._write_back: dict[tuple[str, str], None] = {}
+        self._write_back_busy = False
+        self._write_back_timer: IDelayedCall | None = None
+        self._write_back_delay = min_backoff
+        self.rows_written_back = 0
+        self._reload: asyncio.Future[None] | None = None  # set: the feed reloads as after a loss
+        self._rolled_back = False  # a loss seen without a reconnect (module doc), until the reload
 
     @property
     def up(self) -> bool:
@@ -237,6 +264,12 @@ class RedisBindingStore:
 
     def stop(self) -> defer.Deferred[None]:
         """Write what is queued, then stop the feed and close the connections."""
+        timer, self._write_back_timer = self._write_back_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if self._write_back:
+            log.warn("location redis: stopping with {n} bindings not yet written back",
+                     n=len(self._write_back))
         d = self.flush()
 
         def close(_: object) -> defer.Deferred[None]:
@@ -279,6 +312,9 @@ class RedisBindingStore:
                 await self._watch(feed, writer)
             except asyncio.CancelledError:
                 raise
+            except _Reload:
+                self.state = "reloading"  # writes fail fast until the reload, a few ms
+                delay = 0.0
             except Exception as exc:
                 self._went_down(exc)
             finally:
@@ -287,15 +323,20 @@ class RedisBindingStore:
                 for conn in conns:
                     conn.close()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, self.max_backoff)
+            delay = min(max(delay * 2, self.min_backoff), self.max_backoff)
 
     async def _watch(self, feed: RespConnection, writer: RespConnection) -> None:
         """Returns never; raises when either connection is gone. An idle feed is PINGed, so a peer
         that vanished without a FIN is noticed (a PING unanswered in COMMAND_TIMEOUT closes it)."""
         seen = -1
+        self._reload = reload = self.loop.create_future()
+        if self._rolled_back:
+            reload.set_result(None)  # seen during the load itself
         while True:
-            await asyncio.wait((feed.lost, writer.lost), timeout=HEALTH_INTERVAL,
+            await asyncio.wait((feed.lost, writer.lost, reload), timeout=HEALTH_INTERVAL,
                                return_when=asyncio.FIRST_COMPLETED)
+            if reload.done():
+                raise _Reload()
             for conn in (feed, writer):
                 if conn.lost.done():
                     raise ConnectionError(conn.lost.result())
@@ -319,7 +360,8 @@ class RedisBindingStore:
         lost = self._epoch is not None and epoch != self._epoch
         self._epoch = epoch
         seq = int(await self.client.get(self._seq_key) or 0)
-        if seq < acked:
+        if seq < acked or self._rolled_back:
+            self._rolled_back = False
             log.warn("location redis: it came back without writes it acknowledged (write counter {seq} "
                      "< {acked}: an older snapshot or a lagging replica)", seq=seq, acked=acked)
             self._acked_seq = seq
@@ -362,12 +404,79 @@ class RedisBindingStore:
         if self._replica is None:
             return
         try:
-            kept = self._replica.resync(bindings, announce=announce, keep_own=lost)
+            # a write-back not yet in is a loss not yet repaired: what Redis lacks of ours stays
+            kept = self._replica.resync(bindings, announce=announce, keep_own=lost or bool(self._write_back))
         except Exception:
             log.failure("location redis: resync of the replica failed")
             return
         for binding in kept:
-            self.save(binding)
+            self._write_back[(binding.aor, binding.key)] = None
+        self._write_back_delay = self.min_backoff
+        self._pump_write_back()
+
+    # -- write-backs: acknowledged bindings Redis lost, until it has them again ------------------
+
+    def write_back_pending(self) -> int:
+        """Bindings of ours that Redis lost and does not have again yet."""
+        return len(self._write_back)
+
+    def _pump_write_back(self) -> None:
+        """Queue the next chunk of write-backs, unless one is in flight or Redis is not up."""
+        replica = self._replica
+        if self._write_back_busy or self._closed or not self.up or replica is None:
+            return
+        chunk: list[tuple[str, str]] = []
+        while self._write_back and not chunk:
+            for ident in list(islice(self._write_back, self.write_back_chunk)):
+                binding = replica.get(*ident)
+                if binding is None or binding.node != self.node_id:
+                    del self._write_back[ident]  # gone since (removed, expired, taken by another node)
+                    continue
+                chunk.append(ident)
+                self.save(binding)  # the replica's current copy, serialized when the batch starts
+        if not chunk:
+            return
+        d = self.when_committed("")  # an aor: errbacks when the batch fails
+        if d is None:
+            return
+        self._write_back_busy = True
+        d.addCallbacks(self._written_back, self._write_back_failed,
+                       callbackArgs=(chunk,), errbackArgs=(chunk,))
+
+    def _written_back(self, _: object, chunk: list[tuple[str, str]]) -> None:
+        self._write_back_busy = False
+        for ident in chunk:
+            self._write_back.pop(ident, None)
+        self.rows_written_back += len(chunk)
+        self._write_back_delay = self.min_backoff
+        if not self._write_back:
+            log.info("location redis: this node's bindings are written back ({n} in all)",
+                     n=self.rows_written_back)
+        self._pump_write_back()
+
+    def _write_back_failed(self, failure: Failure, chunk: list[tuple[str, str]]) -> None:
+        self._write_back_busy = False
+        self.rows_retried += len(chunk)
+        delay = self._write_back_delay
+        self._write_back_delay = min(delay * 2, self.max_backoff)
+        log.warn("location redis: writing back {n} bindings failed ({err}); again in {delay:.1f} s",
+                 n=len(self._write_back), err=failure.getErrorMessage(), delay=delay)
+        if not self._closed:
+            self._write_back_timer = self.clock.callLater(delay, self._retry_write_back)
+
+    def _retry_write_back(self) -> None:
+        self._write_back_timer = None
+        self._pump_write_back()  # Redis down: the reconnect's resync pumps again
+
+    def _rollback_seen(self, seq: int, acked: int, how: str) -> None:
+        """Redis answers with a write counter below what it acknowledged, the feed still connected."""
+        if self._rolled_back:
+            return
+        log.warn("location redis: it lost writes it acknowledged ({how}: write counter {seq} <= {acked}); "
+                 "reloading, this node writes its bindings back", how=how, seq=seq, acked=acked)
+        self._rolled_back = True
+        if self._reload is not None and not self._reload.done():
+            self._reload.set_result(None)
 
     def _went_down(self, exc: Exception) -> None:
         if self.state != "down":
@@ -481,7 +590,10 @@ class RedisBindingStore:
             exc = ConnectionError("cancelled") if future.cancelled() else future.exception()
             if exc is None:
                 self._script_on = writer
-                self._acked_seq = max(self._acked_seq, int(future.result()))
+                seq = int(future.result())
+                if seq <= self._acked_seq:  # one writer per node: every batch adds one
+                    self._rollback_seen(seq, self._acked_seq, "a write")
+                self._acked_seq = max(self._acked_seq, seq)
                 self._finish(None, batch)
             elif evalsha and isinstance(exc, ReplyError) and str(exc).startswith("NOSCRIPT"):
                 self._script_on = None  # Redis's script cache was flushed: the same batch, by EVAL
@@ -559,11 +671,16 @@ class RedisBindingStore:
     async def _heartbeat(self, member: str, ttl: float) -> set[str]:
         if self._beat_script is None:
             self._beat_script = self.client.register_script(_HEARTBEAT)
-        alive = await self._beat_script(keys=[self.prefix + b"nodes"], args=[member, math.ceil(ttl * 1000)])
+        acked = self._acked_seq  # before asking: a batch acknowledged later may count after our read
+        seq, alive = await self._beat_script(keys=[self.prefix + b"nodes", self._seq_key],
+                                             args=[member, math.ceil(ttl * 1000)])
+        if int(seq or 0) < acked and self.up:
+            self._rollback_seen(int(seq or 0), acked, "a heartbeat")
         return {m.decode("utf-8", "replace") if isinstance(m, bytes) else str(m) for m in alive}
 
 
-# KEYS[1] = the live nodes, scored by when each expires (ms, Redis's clock); ARGV = member, ttl ms
+# KEYS[1] = the live nodes, scored by when each expires (ms, Redis's clock), KEYS[2] = this node's
+# write counter (a Redis that lost our writes shows it lower); ARGV = member, ttl ms
 _HEARTBEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -571,5 +688,5 @@ local ttl = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('PEXPIRE', KEYS[1], ttl)
-return redis.call('ZRANGE', KEYS[1], 0, -1)
+return {redis.call('GET', KEYS[2]) or 0, redis.call('ZRANGE', KEYS[1], 0, -1)}
 """
