@@ -46,6 +46,16 @@ this module writes the node's changes to Redis and applies the other nodes' chan
   answers no more than our last one, or a heartbeat (every second, ``heartbeat``) that reads it
   lower than a batch acknowledged before the beat was sent; either reloads the feed as a loss.
 
+One process per node id: each process claims ``<prefix>node:<node_id>`` with its random instance
+token (SET PX ``claim_ttl``, renewed every ``claim_ttl / 3``) before its first load, and deletes it on
+a clean stop. A process that finds the claim held by another instance waits for it (an earlier
+process of this node, killed: its claim ends ``claim_ttl`` after its last renewal, so a restarted node
+joins after at most ``claim_ttl``, at once after a clean stop); one still held after ``claim_ttl``
+plus a renewal is a second live process with the same node id (a config error that would mix two
+flow tables and make each mark the other's connections dead): this one logs it, stays out of the
+cluster (state "duplicate": it loads and writes nothing, REGISTERs get 500), and says so in
+``redis_stats`` (ul.dump, ``/metrics``). A single server (node id "") claims nothing.
+
 Trust: Redis is inside the operator's network and trusted like the config file; still, a message
 or value that does not parse is logged and skipped, never fatal.
 """
@@ -89,6 +99,7 @@ SCAN_COUNT = 500
 # bindings per Lua call and per change message when a node writes its own back after a loss: a
 # node with 100k bindings must not send one 50 MB script call and one message every node parses
 WRITE_BACK_CHUNK = 500
+CLAIM_TTL = 3.0  # seconds a process's claim on its node id outlives its last renewal (module doc)
 
 
 def make_redis_client(
@@ -174,6 +185,10 @@ class _Reload(Exception):
     """Redis lost acknowledged writes while the feed stayed connected: load again, as a loss."""
 
 
+class _DuplicateNode(Exception):
+    """Another live process holds this node id."""
+
+
 class _Batch:
     __slots__ = ("changes", "waiters")
 
@@ -199,6 +214,7 @@ class RedisBindingStore:
         min_backoff: float = 0.1,
         max_backoff: float = 5.0,
         write_back_chunk: int = WRITE_BACK_CHUNK,
+        claim_ttl: float = CLAIM_TTL,
     ) -> None:
         self.client = client
         self.clock = clock
@@ -244,6 +260,9 @@ class RedisBindingStore:
         self.rows_written_back = 0
         self._reload: asyncio.Future[None] | None = None  # set: the feed reloads as after a loss
         self._rolled_back = False  # a loss seen without a reconnect (module doc), until the reload
+        self._claim_key = self.prefix + b"node:" + _raw(node_id)
+        self.claim_ttl = claim_ttl
+        self.duplicate_of = ""  # the instance token of the other process holding our node id
 
     @property
     def up(self) -> bool:
@@ -274,10 +293,19 @@ class RedisBindingStore:
 
         def close(_: object) -> defer.Deferred[None]:
             self._closed = True
-            return as_deferred(self._close(), self.loop)
+            return as_deferred(self._release_then_close(), self.loop)
 
         d.addCallback(close)
         return d
+
+    async def _release_then_close(self) -> None:
+        """A clean stop gives up the node id: this node's next process joins at once."""
+        writer = self._writer
+        if writer is not None and self.node_id:
+            with contextlib.suppress(Exception):
+                if await writer.command(b"GET", self._claim_key) == self.instance.encode():
+                    await writer.command(b"DEL", self._claim_key)
+        await self._close()
 
     async def _close(self) -> None:
         task, self._feed_task = self._feed_task, None
@@ -301,6 +329,7 @@ class RedisBindingStore:
                 await feed.command(b"SUBSCRIBE", self.channel)
                 writer = await open_connection(self.client, self.loop, COMMAND_TIMEOUT)
                 conns.append(writer)
+                await self._claim_node(writer)
                 lost = await self._redis_lost_its_data()
                 bindings = await self._load_all()
                 self._writer = writer
@@ -315,6 +344,14 @@ class RedisBindingStore:
             except _Reload:
                 self.state = "reloading"  # writes fail fast until the reload, a few ms
                 delay = 0.0
+            except _DuplicateNode as exc:
+                self.state, self.duplicate_of = "duplicate", str(exc)
+                log.error(
+                    "location redis: another live process (instance {other}) holds node id {node!r}: two "
+                    "processes have the same [cluster] node_id; this one stays out of the cluster "
+                    "(REGISTERs get 500) until it is restarted with its own", other=exc, node=self.node_id,
+                )
+                return
             except Exception as exc:
                 self._went_down(exc)
             finally:
@@ -332,17 +369,58 @@ class RedisBindingStore:
         self._reload = reload = self.loop.create_future()
         if self._rolled_back:
             reload.set_result(None)  # seen during the load itself
+        renew = self.claim_ttl / 3 if self.node_id else HEALTH_INTERVAL
+        checked = self.loop.time()
         while True:
-            await asyncio.wait((feed.lost, writer.lost, reload), timeout=HEALTH_INTERVAL,
+            await asyncio.wait((feed.lost, writer.lost, reload), timeout=min(renew, HEALTH_INTERVAL),
                                return_when=asyncio.FIRST_COMPLETED)
             if reload.done():
                 raise _Reload()
             for conn in (feed, writer):
                 if conn.lost.done():
                     raise ConnectionError(conn.lost.result())
-            if feed.received == seen:
-                await feed.command(b"PING")
-            seen = feed.received
+            if self.node_id:
+                owner = await self._claim(writer)
+                if owner != self.instance.encode():  # ours expired (Redis flushed?) and another took it
+                    raise _DuplicateNode(_text(owner))
+            if self.loop.time() - checked >= HEALTH_INTERVAL:
+                checked = self.loop.time()
+                if feed.received == seen:
+                    await feed.command(b"PING")
+                seen = feed.received
+
+    async def _claim(self, writer: RespConnection) -> Any:
+        """Take or renew our node id's claim; returns its holder. Plain commands (no script): an
+        ACL user without @scripting is refused its batches, logged there, not kept out here."""
+        ttl_ms = math.ceil(self.claim_ttl * 1000)
+        ours = self.instance.encode()
+        if await writer.command(b"SET", self._claim_key, ours, b"NX", b"PX", ttl_ms) is not None:
+            return ours
+        owner = await writer.command(b"GET", self._claim_key)
+        if owner == ours:
+            # only another process with our node id could take it between the two, once ours lapsed
+            await writer.command(b"PEXPIRE", self._claim_key, ttl_ms)
+        return owner
+
+    async def _claim_node(self, writer: RespConnection) -> None:
+        """Hold ``<prefix>node:<node_id>`` before loading (module doc); raises _DuplicateNode."""
+        if not self.node_id:
+            return
+        ours = self.instance.encode()
+        waited = 0.0
+        while True:
+            owner = await self._claim(writer)
+            if owner == ours:
+                return
+            if waited > self.claim_ttl:  # renewed past its TTL: a live process, not a dead one's leftover
+                raise _DuplicateNode(_text(owner))
+            if not waited:
+                log.info("location redis: node id {node!r} is held by instance {other} (an earlier process "
+                         "of this node, killed less than {ttl} s ago?): waiting for it",
+                         node=self.node_id, other=_text(owner), ttl=self.claim_ttl)
+            step = self.claim_ttl / 3
+            await asyncio.sleep(step)
+            waited += step
 
     def _on_feed_message(self, data: bytes) -> None:
         if self._backlog is not None:
@@ -669,6 +747,8 @@ class RedisBindingStore:
         return as_deferred(leave(), self.loop)
 
     async def _heartbeat(self, member: str, ttl: float) -> set[str]:
+        if self.duplicate_of:  # out of the cluster (module doc): the peers must not count on us
+            raise ConnectionError("another process holds this node id")
         if self._beat_script is None:
             self._beat_script = self.client.register_script(_HEARTBEAT)
         acked = self._acked_seq  # before asking: a batch acknowledged later may count after our read
@@ -677,6 +757,10 @@ class RedisBindingStore:
         if int(seq or 0) < acked and self.up:
             self._rollback_seen(int(seq or 0), acked, "a heartbeat")
         return {m.decode("utf-8", "replace") if isinstance(m, bytes) else str(m) for m in alive}
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 # KEYS[1] = the live nodes, scored by when each expires (ms, Redis's clock), KEYS[2] = this node's
