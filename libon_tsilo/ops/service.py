@@ -281,9 +281,9 @@ def _add_limits(root: LibonTsiloService, parts: Parts) -> None:
     from libon_tsilo.sip.limits import SourceFilter, SourceLimiter
 
     cfg = parts.config.limits
-    # the other nodes of a cluster send every relayed call from one address each: never limited
-    nodes = parts.config.cluster.trusted_peers if parts.config.cluster.node_address else ()
-    exempt = SourceFilter([*cfg.exempt_sources, *_trusted_peers(parts.config).networks(), *nodes])
+    # [cluster] trusted_peers are exempt on the internal listener only (_exempt_nodes_on_internal_listener):
+    # on the public ones a broad private range may hold devices or an SNATing balancer
+    exempt = SourceFilter([*cfg.exempt_sources, *_trusted_peers(parts.config).networks()])
     parts.extra["limit_exempt"] = exempt
     parts.extra.setdefault("limits", [])
     if cfg.requests_per_second <= 0:
@@ -741,7 +741,23 @@ def _add_cluster(root: LibonTsiloService, parts: Parts) -> None:
     parts.extra["cluster_node"] = node
     parts.extra["cluster_relay"] = relay
     parts.extra.setdefault("limits", []).append(relay)
+    _exempt_nodes_on_internal_listener(parts, node)
     _add_cluster_liveness(root, parts, node)
+
+
+def _exempt_nodes_on_internal_listener(parts: Parts, node: Any) -> None:
+    """The other nodes send every relayed call from one address each: a trusted peer's request on
+    our internal listener skips the per-source limiter; on a public listener it is limited as any."""
+    limiter = parts.extra.get("source_limiter")
+    if limiter is None:
+        return
+    admit, exempt = limiter.admit, node.exempt_from_overload
+
+    def admit_unless_a_node(request: Any, flow: Any) -> bool:
+        key = flow.key
+        return exempt(key.local, key.remote) or admit(request, flow)
+
+    _built(parts.transactions).admit = admit_unless_a_node
 
 
 def _add_cluster_liveness(root: LibonTsiloService, parts: Parts, node: Any) -> None:
