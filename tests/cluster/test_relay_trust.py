@@ -159,3 +159,28 @@ async def test_a_node_that_joined_since_our_last_beat_still_gets_its_devices_cal
         assert len(inv.header_values("via")) == 2
     finally:
         await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flow_token_is_taken_only_from_its_own_flow_not_from_another_port_of_its_ip():
+    """RFC 5626 §5.3: the edge proxy matches the token's flow against the request's source address
+    *and port*. Behind a carrier-grade NAT many subscribers share one IP (and over UDP an IP is
+    spoofed at no cost): another port of the device's IP may not use its token."""
+    pair = Pair()
+    pair.start()
+    try:
+        caller, device, inv, answer, device_tag = await _answered_call(pair, "udp")
+        _beating(pair.b, pair.a)
+        neighbour = await pair.ua(pair.b)  # same IP (loopback), another port
+        rr = inv.header_values("record-route")
+        to, frm = f"{inv.header('to')};tag={device_tag}", inv.header("from") or ""
+        neighbour.send(in_dialog(neighbour, "BYE", str(inv.contacts[0].uri), rr, to, frm, inv.call_id, 8))
+        await neighbour.response(403, "BYE")
+        relay = pair.b.parts.extra["cluster_relay"]
+        assert relay.counters["refused_wrong_flow"] == 1 and relay.counters["to_peer"] == 0
+        # the device itself, from its own flow, still hangs up through B
+        device.send(in_dialog(device, "BYE", str(inv.contacts[0].uri), rr, to, frm, inv.call_id, 9))
+        await caller.request("BYE")
+        assert relay.counters["to_peer"] == 1
+    finally:
+        await pair.stop()
