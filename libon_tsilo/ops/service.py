@@ -350,8 +350,13 @@ def _redis_persistence(parts: Parts) -> RedisBindingStore:
     except NeedsAsyncioReactor as exc:
         raise ConfigError("location.backend", str(exc)) from None
     client = make_redis_client(loc.url, loc.username, loc.password, loc.sentinels, loc.service_name)
+    cluster = parts.config.cluster
+    # unless the node that answers a REGISTER relays (and holds, cluster/ordering.py) every INVITE to
+    # its device, a node forking directly must hear of the binding only after the 200 is sent
+    after_answer = not (cluster.node_address and cluster.udp_via_path)
     return RedisBindingStore(
-        client, parts.clock, node_id=parts.node_id, key_prefix=loc.key_prefix, loop=loop
+        client, parts.clock, node_id=parts.node_id, key_prefix=loc.key_prefix, loop=loop,
+        publish_after_answer=after_answer,
     )
 
 

@@ -16,7 +16,14 @@ this module writes the node's changes to Redis and applies the other nodes' chan
   JSON with the node id and the batch's changes in order (each binding's JSON is encoded once, for
   its key and the message; the token comes first, so a node drops its own messages unparsed).
   ``when_committed`` fires when Redis answered the script: a REGISTER's 200 promises the binding
-  is in Redis.
+  is in Redis. With ``publish_after_answer`` (ops sets it unless every node reaches a device
+  through the node that took its REGISTER, whose relay holds the INVITE, cluster/ordering.py) the
+  script only writes, and the message is PUBLISHed on the same connection right after the
+  waiters fired, i.e. after the REGISTERs' 200s were sent: a node forking to the device directly
+  hears of the binding after its 200 left (the one-node rule: events after the answer). It costs one
+  more command per batch (no round trip: its reply is not awaited); if this node dies between the
+  two, or the connection breaks, the binding is in Redis but the other replicas miss it until their
+  next load or the device's next refresh.
 * Expiry is not written: Redis drops the key at its TTL and every replica removes the binding on
   its own timer at the same absolute time (``expires_at`` is wall-clock time in the JSON: the nodes'
   clocks must agree, as NTP keeps them, or a binding lives a little longer on one than another).
@@ -215,6 +222,7 @@ class RedisBindingStore:
         max_backoff: float = 5.0,
         write_back_chunk: int = WRITE_BACK_CHUNK,
         claim_ttl: float = CLAIM_TTL,
+        publish_after_answer: bool = False,
     ) -> None:
         self.client = client
         self.clock = clock
@@ -263,6 +271,7 @@ class RedisBindingStore:
         self._claim_key = self.prefix + b"node:" + _raw(node_id)
         self.claim_ttl = claim_ttl
         self.duplicate_of = ""  # the instance token of the other process holding our node id
+        self.publish_after_answer = publish_after_answer
 
     @property
     def up(self) -> bool:
@@ -648,12 +657,17 @@ class RedisBindingStore:
         args: list[bytes | int] = [self.channel, len(sets)]
         for _, value, ttl_ms in sets:
             args += (value, ttl_ms)
-        args += messages
+        after: list[bytes] | None = None
+        if self.publish_after_answer:
+            after = messages  # sent by _finish once the 200s are
+        else:
+            args += messages
         # EVAL once per connection (Redis caches the script), EVALSHA after: one round trip
         keys = [key for key, _, _ in sets] + dels + [self._seq_key]
-        self._send(batch, keys, args, self._script_on is self._writer)
+        self._send(batch, keys, args, self._script_on is self._writer, after)
 
-    def _send(self, batch: _Batch, keys: list[bytes], args: list[bytes | int], evalsha: bool) -> None:
+    def _send(self, batch: _Batch, keys: list[bytes], args: list[bytes | int], evalsha: bool,
+              after: list[bytes] | None = None) -> None:
         writer = self._writer
         try:
             if writer is None:
@@ -672,10 +686,10 @@ class RedisBindingStore:
                 if seq <= self._acked_seq:  # one writer per node: every batch adds one
                     self._rollback_seen(seq, self._acked_seq, "a write")
                 self._acked_seq = max(self._acked_seq, seq)
-                self._finish(None, batch)
+                self._finish(None, batch, (writer, after) if after else None)
             elif evalsha and isinstance(exc, ReplyError) and str(exc).startswith("NOSCRIPT"):
                 self._script_on = None  # Redis's script cache was flushed: the same batch, by EVAL
-                self._send(batch, keys, args, False)
+                self._send(batch, keys, args, False, after)
             else:
                 self._finish(Failure(exc), batch)
 
@@ -704,7 +718,8 @@ class RedisBindingStore:
         messages = [self._own + b'{"n":%s,"ops":[%s]}' % (node, b",".join(ops))]
         return sets, dels, messages
 
-    def _finish(self, failure: Failure | None, batch: _Batch) -> None:
+    def _finish(self, failure: Failure | None, batch: _Batch,
+                publish: tuple[RespConnection, list[bytes]] | None = None) -> None:
         self._inflight = None
         n = len(batch.changes)
         if failure is None:
@@ -726,6 +741,14 @@ class RedisBindingStore:
                 d.errback(NotStored(f"redis: {failure.getErrorMessage() or failure.type.__name__}"))
             else:
                 d.callback(None)
+        if publish:  # publish_after_answer: the waiters above sent their 200s
+            writer, messages = publish
+            try:
+                for message in messages:
+                    writer.command(b"PUBLISH", self.channel, message).add_done_callback(_consume)
+            except Exception as exc:  # the connection closed meanwhile: the feed reconnects
+                log.warn("location redis: a change is stored but not announced to the other nodes: {err}",
+                         err=exc)
         if self._open.changes and not self._scheduled:
             self._start()
 
@@ -757,6 +780,12 @@ class RedisBindingStore:
         if int(seq or 0) < acked and self.up:
             self._rollback_seen(int(seq or 0), acked, "a heartbeat")
         return {m.decode("utf-8", "replace") if isinstance(m, bytes) else str(m) for m in alive}
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """A PUBLISH's reply is not awaited; its failure is the connection's, which the feed sees."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _text(value: Any) -> str:

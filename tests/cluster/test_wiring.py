@@ -68,6 +68,12 @@ def test_a_cluster_on_redis_beats_and_asks_its_liveness_view(tmp_path):
     node, liveness = parts.extra["cluster_node"], parts.extra["cluster_liveness"]
     assert node.liveness is liveness and parts.b2bua.peer_alive == node.peer_alive
     assert liveness._beat == parts.location.persistence.heartbeat
+    # every device is reached through its node's relay, which holds an INVITE until the 200 is sent
+    assert not parts.location.persistence.publish_after_answer
+    direct = config_from_dict({"location": {"backend": "redis"}, "cluster": {
+        "node_address": "udp:127.0.0.1:25072", "secret": "s", "udp_via_path": False}}, base_dir=tmp_path)
+    # a node forking to a UDP device itself hears of the binding after its REGISTER's 200 is sent
+    assert make_service(direct, clock=Clock()).parts.location.persistence.publish_after_answer
     liveness.view = {"udp:127.0.0.1:25072", "udp:127.0.0.1:25074"}
     assert samples(make_registry(parts))[("libon_tsilo_cluster_nodes_alive", ())] == 2
     # on memory there is no shared store to beat in: every peer counts as alive
