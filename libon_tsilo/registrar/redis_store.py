@@ -265,6 +265,7 @@ class RedisBindingStore:
         self._write_back_busy = False
         self._write_back_timer: IDelayedCall | None = None
         self._write_back_delay = min_backoff
+        self._stopping = False
         self.rows_written_back = 0
         self._reload: asyncio.Future[None] | None = None  # set: the feed reloads as after a loss
         self._rolled_back = False  # a loss seen without a reconnect (module doc), until the reload
@@ -292,6 +293,7 @@ class RedisBindingStore:
 
     def stop(self) -> defer.Deferred[None]:
         """Write what is queued, then stop the feed and close the connections."""
+        self._stopping = True  # no write-back is queued or retried from now on
         timer, self._write_back_timer = self._write_back_timer, None
         if timer is not None and timer.active():
             timer.cancel()
@@ -403,13 +405,16 @@ class RedisBindingStore:
         ACL user without @scripting is refused its batches, logged there, not kept out here."""
         ttl_ms = math.ceil(self.claim_ttl * 1000)
         ours = self.instance.encode()
+        owner = await writer.command(b"GET", self._claim_key)
+        if owner == ours:  # the renewal, once a second: two commands
+            # (if it lapsed in between, PEXPIRE misses and the next renewal takes it again)
+            await writer.command(b"PEXPIRE", self._claim_key, ttl_ms)
+            return ours
+        if owner is not None:
+            return owner
         if await writer.command(b"SET", self._claim_key, ours, b"NX", b"PX", ttl_ms) is not None:
             return ours
-        owner = await writer.command(b"GET", self._claim_key)
-        if owner == ours:
-            # only another process with our node id could take it between the two, once ours lapsed
-            await writer.command(b"PEXPIRE", self._claim_key, ttl_ms)
-        return owner
+        return await writer.command(b"GET", self._claim_key)  # another took it between the two
 
     async def _claim_node(self, writer: RespConnection) -> None:
         """Hold ``<prefix>node:<node_id>`` before loading (module doc); raises _DuplicateNode."""
@@ -510,7 +515,7 @@ class RedisBindingStore:
     def _pump_write_back(self) -> None:
         """Queue the next chunk of write-backs, unless one is in flight or Redis is not up."""
         replica = self._replica
-        if self._write_back_busy or self._closed or not self.up or replica is None:
+        if self._write_back_busy or self._stopping or not self.up or replica is None:
             return
         chunk: list[tuple[str, str]] = []
         while self._write_back and not chunk:
@@ -548,7 +553,7 @@ class RedisBindingStore:
         self._write_back_delay = min(delay * 2, self.max_backoff)
         log.warn("location redis: writing back {n} bindings failed ({err}); again in {delay:.1f} s",
                  n=len(self._write_back), err=failure.getErrorMessage(), delay=delay)
-        if not self._closed:
+        if not self._stopping:
             self._write_back_timer = self.clock.callLater(delay, self._retry_write_back)
 
     def _retry_write_back(self) -> None:
