@@ -756,11 +756,25 @@ def _exempt_nodes_on_internal_listener(parts: Parts, node: Any) -> None:
     limiter = parts.extra.get("source_limiter")
     if limiter is None:
         return
-    admit, exempt = limiter.admit, node.exempt_from_overload
+    from libon_tsilo.sip.listen import same_ip
+
+    admit, trusted = limiter.admit, node.trusted
+    internal: list[tuple[str, int]] = []  # (host, port) once the listener is bound (OS-picked port)
 
     def admit_unless_a_node(request: Any, flow: Any) -> bool:
+        # every request passes here: the port first, then the cached source lookup, and the
+        # address parse (same_ip) only when the text differs
+        if not internal:
+            try:
+                internal.append(node.bound)
+            except RuntimeError:
+                return admit(request, flow)
+        host, port = internal[0]
         key = flow.key
-        return exempt(key.local, key.remote) or admit(request, flow)
+        local = key.local
+        if local[1] == port and key.remote[0] in trusted and (local[0] == host or same_ip(local[0], host)):
+            return True
+        return admit(request, flow)
 
     _built(parts.transactions).admit = admit_unless_a_node
 
