@@ -379,6 +379,12 @@ class TsiloCollector(Collector):
                            redis["loads"])
             yield _counter("redis_remote_changes", "Binding changes of other nodes applied here",
                            redis["remote_changes_applied"])
+            # bindings of ours Redis lost (a restore, a fail-over) and does not have again yet
+            yield _gauge("redis_write_back_pending", "Own bindings Redis lost, not yet written back",
+                         redis["write_back_pending"])
+            # another live process has our [cluster] node_id: this one stays out of the cluster
+            yield _gauge("redis_node_id_conflict", "1 when another process holds this node id",
+                         int(bool(redis["duplicate_node_id_of"])))
 
     def _silo(self) -> Iterator[Metric]:
         silo = self.parts.silo
