@@ -92,6 +92,7 @@ from libon_tsilo.sip.connlimits import (
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip import stun
 from libon_tsilo.sip.flow import Flow, FlowKey, FlowTable
+from libon_tsilo.sip.headers import Via
 from libon_tsilo.sip.listen import (
     DEFAULT_PORTS,
     ListenSpec,
@@ -926,7 +927,7 @@ class TransportLayer:
         via = resp.top_via
         # The transport the request arrived on decides, not what its Via claims: a request that
         # came over UDP is answered over UDP even if its sent-protocol says TCP (RFC 4475 scalar02).
-        name = flow.transport if flow is not None else via.transport.lower()
+        name = flow.key.transport if flow is not None else via.transport.lower()
         data = resp.to_bytes()
         if name in _STREAMS:
             if flow is not None and flow.live and flow.reliable:
@@ -940,15 +941,17 @@ class TransportLayer:
             return
         if name != "udp":
             raise TransportError(f"unsupported Via transport {via.transport!r}")
-        host, port = self._udp_response_address(via, flow)
-        proto = self._udp_socket(host, prefer=flow)
-        if flow is not None and flow.live and flow.transport == "udp" and flow.remote == (host, port) \
-                and flow.key.local == proto.local:
-            self._send_on(flow, data)
-        else:
-            proto.send_to(data, (host, port))
+        addr = self._udp_response_address(via, flow)
+        proto = self._udp_socket(addr[0], prefer=flow)
+        # straight from the socket, also when the request's flow is that path (its sender would
+        # only call this same socket's send_to, through two more calls)
+        proto.send_to(data, addr)
+        if flow is not None and flow.live:
+            key = flow.key
+            if key.transport == "udp" and key.remote == addr and key.local == proto.local:
+                self.flows.touch(flow)
 
-    def _udp_response_address(self, via: Any, flow: Flow | None) -> HostPort:
+    def _udp_response_address(self, via: Via, flow: Flow | None) -> HostPort:
         maddr = via.maddr
         if maddr and is_ip_literal(maddr):
             return _norm_host(maddr), via.port or 5060
@@ -957,7 +960,7 @@ class TransportLayer:
         if is_ip_literal(via.host):
             return _norm_host(via.host), via.port or 5060
         if flow is not None:
-            return flow.remote
+            return flow.key.remote
         raise TransportError(f"no address to send to: sent-by {via.host!r} is a name and there is no flow")
 
     # -- helpers ---------------------------------------------------------------------------------
