@@ -4,10 +4,16 @@ TransportLayer is a twisted Service. Every inbound message is parsed, validated 
 ``sink(msg, flow)``; the transaction layer sets ``sink`` and ``on_send_error``. Public surface:
 ``bound`` (the (transport, host, port) actually listened on, port 0 resolved), ``flows`` (FlowTable),
 ``send_request``, ``send_response``, ``local_via(transport, remote_host=None)`` (IPv6 hosts bracketed)
-and ``Target(transport, host, port, server_name=None)``. The protocol classes are thin adapters that
-call the layer's inbound entry points (``datagram_received``, ``connection_made``, ``stream_data``,
-``handshake_completed``, ``connection_lost``, ``connect_failed``), as twisted.names' protocols call
-``controller.messageReceived``.
+and ``Target(transport, host, port, server_name=None)``. The protocol classes (sip/twisted_io.py) are
+thin adapters that call the layer's inbound entry points (``datagram_received``, ``connection_made``,
+``stream_data``, ``handshake_completed``, ``connection_lost``, ``connect_failed``), as twisted.names'
+protocols call ``controller.messageReceived``.
+
+This module is compiled by mypyc (setup.py; pure Python where it cannot be): per datagram, the read
+loop of a wake-up (``UDPEndpoint.drain``), the parse hand-off, the Via fix, the flow lookup and the
+sends run without an interpreted frame of ours. So its classes are final and their methods read-only:
+``send_request`` and ``send_response`` are attributes (ops/metrics.py wraps them), the Service
+contract is written out, and a test's in-memory UDP socket comes in through ``add_udp_endpoint``.
 
 Choices (and where they differ from a plain reading of the RFCs):
 
