@@ -264,7 +264,10 @@ class UDPEndpoint:
             if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(payload) >= _TIMESPEC.size:
                 sec, nsec = _TIMESPEC.unpack_from(payload)
                 # the kernel stamps with the wall clock: compare with the wall clock
-                report(max(0.0, time.time() - sec - nsec / 1e9))
+                try:
+                    report(max(0.0, time.time() - sec - nsec / 1e9))
+                except Exception:  # escaping doRead, it would close the port (the reactor's verdict)
+                    log.failure("the queue-delay hook failed")
         try:
             self.layer.datagram_received(self, data, (addr[0], addr[1]))
         except Exception:
