@@ -53,6 +53,8 @@ COMPILED = [
     "libon_tsilo/registrar/push_params.py",
     "libon_tsilo/registrar/location.py",
     "libon_tsilo/registrar/registrar.py",
+    # issue 15, round 4 (per-message Python): the message counters' hooks, run on every message
+    "libon_tsilo/ops/message_counters.py",
 ]
 
 
