@@ -55,6 +55,8 @@ COMPILED = [
     "libon_tsilo/registrar/registrar.py",
     # issue 15, round 4 (per-message Python): the message counters' hooks, run on every message
     "libon_tsilo/ops/message_counters.py",
+    # and the silo, which late-forks a parked call when its device registers
+    "libon_tsilo/silo/silo.py",
 ]
 
 
