@@ -59,6 +59,10 @@ COMPILED = [
     # FakeFlow in every compiled module typed with it)
     "libon_tsilo/sip/transport.py",
     "libon_tsilo/sip/udp_send.py",
+    # issue 15, round 4 (per-message Python): the message counters' hooks, run on every message
+    "libon_tsilo/ops/message_counters.py",
+    # and the silo, which late-forks a parked call when its device registers
+    "libon_tsilo/silo/silo.py",
 ]
 
 
