@@ -79,3 +79,19 @@ def test_a_cluster_on_redis_beats_and_asks_its_liveness_view(tmp_path):
     # on memory there is no shared store to beat in: every peer counts as alive
     memory = _parts(tmp_path, cluster={"node_address": "udp:127.0.0.1:25073"})
     assert "cluster_liveness" not in memory.extra and memory.b2bua.peer_alive is None
+
+
+def test_metrics_say_when_another_process_holds_our_node_id_and_what_waits_to_be_written_back(tmp_path):
+    cfg = config_from_dict({"location": {"backend": "redis"},
+                            "cluster": {"node_address": "udp:127.0.0.1:25072", "secret": "s"}}, base_dir=tmp_path)
+    parts = make_service(cfg, clock=Clock()).parts
+    store = parts.location.persistence
+    got = samples(make_registry(parts))
+    assert got[("libon_tsilo_redis_node_id_conflict", ())] == 0
+    assert got[("libon_tsilo_redis_write_back_pending", ())] == 0
+    store.duplicate_of = "0123456789abcdef"  # what the store sets when it stays out (redis_store.py)
+    store._write_back[("sip:a@example.com", "k")] = None
+    got = samples(make_registry(parts))
+    assert got[("libon_tsilo_redis_node_id_conflict", ())] == 1
+    assert got[("libon_tsilo_redis_write_back_pending", ())] == 1
+    assert parts.location.redis_stats()["duplicate_node_id_of"] == "0123456789abcdef"  # ul.dump's "redis"

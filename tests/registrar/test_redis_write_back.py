@@ -122,3 +122,34 @@ async def test_a_loss_the_feed_did_not_see_is_caught_by_the_heartbeat_of_an_idle
     assert redis_server.cli("FLUSHALL") == b"+OK"
     await a.redis.heartbeat("udp:10.0.0.1:5070", 3.0)
     await until(lambda: _in_redis(redis_server, early), "a to write its binding back")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_write_back_not_yet_in_survives_another_reload(
+    redis_server: RedisServer, nodes: list[Node]  # noqa: F811
+) -> None:
+    clock = Clock()
+    a = _node(nodes, redis_server, "a", clock)
+    await a.start()
+    assert redis_server.cli("SAVE") == b"+OK"
+    late = make_binding(uri="sip:late@192.0.2.6", expires_at=600.0, node="a")
+    await a.write(late)
+    load_all = a.redis._load_all
+    refused = []
+
+    async def load_then_refuse_scripts_once() -> list[Any]:
+        loaded = await load_all()
+        if not refused:
+            refused.append(True)
+            assert redis_server.cli("ACL", "SETUSER", "default", "-@scripting") == b"+OK"
+        return loaded
+
+    a.redis._load_all = load_then_refuse_scripts_once  # type: ignore[method-assign]
+    redis_server.restart()
+    await until(lambda: a.redis.rows_retried == 1, "the write-back to fail")
+    # Redis restarts again from the same snapshot: its counter is what this node saw at the loss,
+    # so no new loss shows; the write-back still pending is kept, and written at this reload
+    redis_server.restart()
+    await until(lambda: a.redis.loads == 3, "the third load")
+    await until(lambda: _in_redis(redis_server, late), "the pending write-back")
+    assert a.store.lookup(late.aor)
