@@ -264,10 +264,16 @@ class RedisBindingStore:
             try:
                 feed = await open_connection(self.client, self.loop, COMMAND_TIMEOUT, self._on_feed_message)
                 conns.append(feed)
+                # the writes share the feed's connection where Redis allows it (RESP3, Redis 6+): a
+                # batch's reply and its own change message then come back in one read
+                shared = await feed.use_resp3()
                 self._backlog = []  # what arrives during the load is applied after it, in order
                 await feed.command(b"SUBSCRIBE", self.channel)
-                writer = await open_connection(self.client, self.loop, COMMAND_TIMEOUT)
-                conns.append(writer)
+                if shared:
+                    writer = feed
+                else:
+                    writer = await open_connection(self.client, self.loop, COMMAND_TIMEOUT)
+                    conns.append(writer)
                 lost = await self._redis_lost_its_data()
                 bindings = await self._load_all()
                 self._writer = writer
@@ -472,24 +478,22 @@ class RedisBindingStore:
             if writer is None:
                 raise ConnectionError("redis is not connected")
             script = (b"EVALSHA", _WRITE_BATCH_SHA) if evalsha else (b"EVAL", _WRITE_BATCH)
-            future = writer.command(*script, len(keys), *keys, *args)
+
+            def written(reply: Any) -> None:
+                if not isinstance(reply, Exception):
+                    self._script_on = writer
+                    self._acked_seq = max(self._acked_seq, int(reply))
+                    self._finish(None, batch)
+                elif evalsha and isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
+                    self._script_on = None  # Redis's script cache was flushed: the same batch, by EVAL
+                    self._send(batch, keys, args, False)
+                else:
+                    self._finish(Failure(reply), batch)
+
+            # answered straight from the connection's read, not a loop turn later (a Future would)
+            writer.call(written, *script, len(keys), *keys, *args)
         except Exception:
             self._finish(Failure(), batch)
-            return
-
-        def written(future: asyncio.Future[Any]) -> None:
-            exc = ConnectionError("cancelled") if future.cancelled() else future.exception()
-            if exc is None:
-                self._script_on = writer
-                self._acked_seq = max(self._acked_seq, int(future.result()))
-                self._finish(None, batch)
-            elif evalsha and isinstance(exc, ReplyError) and str(exc).startswith("NOSCRIPT"):
-                self._script_on = None  # Redis's script cache was flushed: the same batch, by EVAL
-                self._send(batch, keys, args, False)
-            else:
-                self._finish(Failure(exc), batch)
-
-        future.add_done_callback(written)
 
     def _commands(self, batch: _Batch) -> tuple[list[tuple[bytes, bytes, int]], list[bytes], list[bytes]]:
         """Serialized on the reactor thread, so each row is a snapshot of the binding as it was."""
