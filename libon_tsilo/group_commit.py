@@ -106,7 +106,8 @@ class GroupCommit(Generic[BatchT]):
 
     def start(self) -> None:
         """Write the open batch now, unless one is in flight (it goes when that one returns)."""
-        self._cancel_timer()
+        if self._timer is not None:
+            self._cancel_timer()
         if self.inflight is not None or not len(self.open):
             return
         batch = self.inflight = self.open
