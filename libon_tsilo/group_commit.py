@@ -60,7 +60,8 @@ class GroupCommit(Generic[BatchT]):
         self.flush_interval = max(0.0, min(flush_interval, 1.0))
         self._new_batch = new_batch
         self._write = write
-        self._soon = soon if not self.flush_interval else None
+        # may be set later (before the first change): a store whose loop is known only at its start
+        self.soon = soon
         self.open: BatchT = new_batch()
         self.inflight: BatchT | None = None
         self.closed = False
@@ -71,15 +72,11 @@ class GroupCommit(Generic[BatchT]):
         """A change went into ``open``: an idle store writes it ``flush_interval`` from now (on the
         loop's next turn with ``soon``)."""
         if self.inflight is None and self._timer is None and not self._soon_due:
-            if self._soon is not None:
+            if self.soon is not None and not self.flush_interval:
                 self._soon_due = True
-                self._soon(self._start_soon)
+                self.soon(self.start)
             else:
                 self._timer = self.clock.callLater(self.flush_interval, self.start)
-
-    def _start_soon(self) -> None:
-        self._soon_due = False
-        self.start()
 
     def wait(self, key: Any) -> defer.Deferred | None:
         """A Deferred for the batch holding the changes queued so far (None when nothing waits to
@@ -106,6 +103,7 @@ class GroupCommit(Generic[BatchT]):
 
     def start(self) -> None:
         """Write the open batch now, unless one is in flight (it goes when that one returns)."""
+        self._soon_due = False  # a turn already asked for finds nothing left, or the next batch
         if self._timer is not None:
             self._cancel_timer()
         if self.inflight is not None or not len(self.open):

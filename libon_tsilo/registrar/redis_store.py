@@ -240,6 +240,7 @@ class RedisBindingStore:
 
     def start(self, replica: LocationStore) -> None:
         self._replica = replica
+        self._commit.soon = self.loop.call_soon  # the loop is known now: no indirection per batch
         if self._feed_task is None:
             self._feed_task = self.loop.create_task(self._feed())
 
