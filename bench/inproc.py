@@ -146,7 +146,7 @@ def build(stage: str, limits: dict[str, Any] | None = None) -> dict[str, Any]:
             outbox.append((data, addr))
 
     sock = FakeSocket()
-    transport._udp_socket = lambda host, prefer=None: sock
+    transport.add_udp_endpoint(sock)
     if stage == "transport":
         transport.sink = lambda msg, flow: None
     elif stage == "txn":

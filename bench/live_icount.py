@@ -10,8 +10,9 @@ bench/latefork.py (INVITE parked, the device REGISTERs 150 ms later, 200, ACK, B
 (the server runs ~50x slower under valgrind), once with ``--n`` calls and once with none; the
 difference / N is what one call costs in user space: parsing, the call path, the reactor and the
 socket calls' user side (the kernel's share is not counted). Deterministic to ~0.2 %.
-``--code DIR``: another checkout's code (e.g. a ``git archive`` of main with its mypyc modules
-built in place), run with this venv's Python. Ports: ``--port`` to ``--port`` + 9.
+``--keep DIR`` keeps both profiles for callgrind_annotate. ``--code DIR``: another checkout's code
+(e.g. a ``git archive`` of main with its mypyc modules built in place), run with this venv's Python.
+Ports: ``--port`` to ``--port`` + 9.
 """
 
 from __future__ import annotations
@@ -67,12 +68,13 @@ def wait_answering(port: int, timeout: float = 300.0) -> None:
     raise SystemExit(f"the server on port {port} did not answer OPTIONS in {timeout:.0f} s")
 
 
-def instructions(code: Path, n: int, rate: float, port: int, workdir: Path) -> int:
+def instructions(code: Path, n: int, rate: float, port: int, workdir: Path, keep: Path | None = None) -> int:
     conf = workdir / f"server-{n}.toml"
     conf.write_text(CONFIG.format(port=port))
     errors = workdir / f"callgrind-{n}.err"
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(code)}
-    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+    out = "/dev/null" if keep is None else str(keep / f"callgrind-{n}.out")
+    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
            str(code / "bench" / "common.py"), "serve", "--stats-file", str(workdir / f"stats-{n}.json"), "--",
            "-n", "--pidfile=", "libon-tsilo", "--config", str(conf)]
     print(f"  server: {' '.join(cmd)}", flush=True)
@@ -114,11 +116,17 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=10.0,
                     help="calls/s (the server is ~50x slower under valgrind)")
     ap.add_argument("--port", type=int, default=27100, help="server port; SIPp uses the next ones (up to +9)")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="keep callgrind's profiles there (callgrind-0.out, callgrind-N.out), e.g. for "
+                         "callgrind_annotate: the difference per function is what a call costs in it")
     args = ap.parse_args()
     print(f"command: {' '.join([sys.executable, *sys.argv])}", flush=True)
     with tempfile.TemporaryDirectory(prefix="live-icount-") as tmp:
-        base = instructions(args.code.resolve(), 0, args.rate, args.port, Path(tmp))
-        full = instructions(args.code.resolve(), args.n, args.rate, args.port, Path(tmp))
+        keep = args.keep.resolve() if args.keep is not None else None
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+        base = instructions(args.code.resolve(), 0, args.rate, args.port, Path(tmp), keep)
+        full = instructions(args.code.resolve(), args.n, args.rate, args.port, Path(tmp), keep)
     print(f"RESULT {(full - base) / args.n:,.0f} user-space instructions per late-fork call "
           f"({args.n} calls at {args.rate:g}/s; code: {args.code})")
 

@@ -137,7 +137,7 @@ def main() -> None:
                 reactor.callLater(0, send_one)
 
     sock = FakeSocket()
-    parts.transport._udp_socket = lambda host, prefer=None: sock
+    parts.transport.add_udp_endpoint(sock)
     body = "See you at eight? " * 3
 
     def send_one() -> None:

@@ -61,6 +61,7 @@ class _FakeUDP:
     """Stands for the listening UDP socket: counts what the server sends, keeps nothing."""
 
     local = ("127.0.0.1", 5060)
+    v6 = False
     sent = 0
 
     def send_to(self, data: bytes, addr: Any) -> None:
@@ -90,7 +91,7 @@ def in_process(n: int, warmup: int, top: int, frames: int) -> int:
     parts = root.parts
     transport = parts.transport
     sock = _FakeUDP()
-    transport._udp_socket = lambda host, prefer=None: sock
+    transport.add_udp_endpoint(sock)
     addr = ("127.0.0.1", 16000)
     datagrams = [invite(i) for i in range(warmup + n)]  # built before the first snapshot
 

@@ -32,8 +32,8 @@ if str(ROOT) not in sys.path:
 
 
 def child(reactor_name: str, n: int) -> None:
-    # "NAME+port": the same reactor with the server's UDP port class (transport._UDPPort: its own
-    # send path), instead of Twisted's udp.Port
+    # "NAME+port": the same reactor with the server's UDP port class (twisted_io.UDPPort: its own
+    # send path; with a plain protocol, as here, Twisted's read loop), instead of Twisted's udp.Port
     reactor_name, _, with_port = reactor_name.partition("+")
     if reactor_name == "epoll":
         from twisted.internet import epollreactor
@@ -56,7 +56,6 @@ def child(reactor_name: str, n: int) -> None:
 
     class Pong(DatagramProtocol):
         timer = None
-        layer = None  # _UDPPort reads layer.on_queue_delay: None, no queue-delay report
 
         def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
             if self.timer is not None:
@@ -71,13 +70,10 @@ def child(reactor_name: str, n: int) -> None:
 
     a, b = Pong(), Pong()
     if with_port:
-        from types import SimpleNamespace
-
-        from libon_tsilo.sip.transport import _UDPPort
+        from libon_tsilo.sip.twisted_io import UDPPort
 
         def listen(proto: Pong) -> Any:
-            proto.layer = SimpleNamespace(on_queue_delay=None)
-            port = _UDPPort(0, proto, "127.0.0.1", 65535, reactor)
+            port = UDPPort(0, proto, "127.0.0.1", 65535, reactor)
             port.startListening()
             return port
         port_a, port_b = listen(a), listen(b)

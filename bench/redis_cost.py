@@ -125,7 +125,7 @@ class Node:
                     node.reactor.callLater(0, want[2].callback, None)
 
         self._sock = FakeSocket()
-        self.parts.transport._udp_socket = lambda host, prefer=None: self._sock
+        self.parts.transport.add_udp_endpoint(self._sock)
         self.location = self.parts.location
         self.store = self.location.persistence  # RedisBindingStore or None
         self._own_waiter: Any = None

@@ -113,7 +113,8 @@ def build() -> dict[str, Any]:
             outbox.append((data, addr))
 
     public, internal = FakeSocket(PUBLIC), FakeSocket(INTERNAL)
-    transport._udp_socket = lambda host, prefer=None: internal if prefer == INTERNAL else public
+    transport.add_udp_endpoint(public)
+    transport.add_udp_endpoint(internal)
 
     def feed(data: bytes, addr: tuple[str, int], sock: FakeSocket = public) -> None:
         operator.call(transport.datagram_received, sock, data, addr)  # B's work: see the module doc

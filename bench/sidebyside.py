@@ -25,7 +25,8 @@ per call from /proc/<pid>/stat (utime + stime before and after the run, summed o
 Kamailio process: it forks workers, a timer and the ctl process); then the ratio ours/Kamailio.
 A call counts as late-forked when the server says so: our silo's REGISTER->INVITE latency samples,
 Kamailio's `bench_resumed` counter (one per t_continue()d INVITE, read with kamcmd). With
---repeat N the servers alternate N times and the min and median of each figure are printed
+--repeat N the servers alternate N times and the min and median of each figure are printed, and the
+median of the per-round ratios (each round runs the servers back to back)
 (the machine is shared: CPU per call is the figure to compare, not the rate).
 """
 
@@ -309,6 +310,18 @@ def summary(scenario: str, results: list[Result], kinds: list[str]) -> None:
             label = {"libon-tsilo": "ours"}.get(mine, mine) + "/" + other
             print(f"RESULT {scenario}: {label} CPU per call {a[0] / b[0]:.2f}x (min), "
                   f"{a[1] / b[1]:.2f}x (median)")
+            paired = paired_ratios(runs[mine], runs[other])
+            if len(paired) > 1:
+                print(f"RESULT {scenario}: {label} per round (the two ran back to back): "
+                      f"{', '.join(f'{x:.2f}x' for x in paired)}; median {statistics.median(paired):.2f}x")
+
+
+def paired_ratios(mine: list[Result], other: list[Result]) -> list[float]:
+    """The ratio within each round, where both runs passed: the box's speed drifts by 20-40 % over
+    minutes, and two runs back to back share most of that drift, so the median of these ratios moves
+    less between invocations than the ratio of two medians."""
+    return [a.cpu_per_call_ms / b.cpu_per_call_ms for a, b in zip(mine, other)
+            if a.passed and b.passed and b.cpu_per_call_ms > 0]
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:

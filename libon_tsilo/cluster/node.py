@@ -130,7 +130,10 @@ class ClusterNode:
         """Is this internal address a node of the cluster: ours, a configured peer, or one our
         liveness view ever held (dead ones too)? A host in ``trusted_peers`` is not enough: the port
         may be any service on it (Redis on loopback), and a device's Path or in-dialog request names
-        it. Only when no node is known (no peers, no liveness answer yet) does the host decide."""
+        it. Only a cluster that cannot know its nodes (no ``peers``, no shared store to beat in)
+        lets the host decide; with a liveness view to come, an unknown node is not one until it is
+        seen (before our first beat is answered: a few ms after start, or all along while Redis is
+        unreachable since start, when ``peers`` closes the gap)."""
         name = member(transport, host, port)
         if self._member is None:
             self._member = self.member()
@@ -139,7 +142,7 @@ class ClusterNode:
         liveness = self.liveness
         if liveness is not None and name in liveness.known:
             return True
-        if self._peer_members or (liveness is not None and liveness.view is not None):
+        if self._peer_members or liveness is not None:
             return False
         return host in self.trusted
 

@@ -96,6 +96,13 @@ _REFUSALS = (
 )
 
 
+def _on_tokens_flow(flow: Flow, ref: FlowRef) -> bool:
+    """Did a device's request come over the flow its token names: that flow, or its address and
+    port (RFC 5626 §5.3; a UDP flow that idled out and came back)? Never just its IP: a carrier-grade
+    NAT puts many subscribers behind one, and over UDP an IP is spoofed at no cost."""
+    return flow.id == ref.flow_id or flow.key.remote == (ref.host, ref.port)
+
+
 def _needs_state(method: str, came_reliably: bool, leaves_reliably: bool) -> bool:
     """Must a request crossing between UDP and a stream be relayed on transactions? Stream in, UDP
     out: its sender does not retransmit it (Timers A and E run on unreliable transports only, RFC 3261
@@ -210,7 +217,7 @@ class Relay:
         return True
 
     def _stateless_to_peer(self, req: Request, routes: list[str], ref: FlowRef, came_over: Flow) -> bool:
-        if came_over.id != ref.flow_id and came_over.key.remote[0] != ref.host:
+        if not _on_tokens_flow(came_over, ref):
             return False  # 403: the token names another device
         if req.to.tag is None:
             return False  # a device's Route entry of ours serves its dialogs only: the peer refuses
@@ -353,7 +360,7 @@ class Relay:
     def _to_peer(self, req: Request, out: Request, stx: Any, ref: FlowRef, flow: Flow,
                  rest: list[str]) -> None:
         # only the device the token names may use it, and only towards one of our nodes
-        if flow.id != ref.flow_id and flow.key.remote[0] != ref.host:
+        if not _on_tokens_flow(flow, ref):
             self._refuse(req, stx, 403, "Forbidden", "refused_wrong_flow", flow)
             return
         target = self._next_target(rest, out)

@@ -7,6 +7,7 @@ is updated on the hot path except two cheap hooks:
 * :class:`MessageCounters` counts SIP messages in and out by method and status code. It is fed by
   :func:`install_message_hooks`, which wraps the transport's ``sink``, ``send_request`` and
   ``send_response`` (one dict increment per message; retransmissions count, they are messages too).
+  Both live in ops/message_counters.py, compiled with mypyc (they run on every message).
 * Pushes are counted once, by the PushWaker (push/stats.py); :class:`PushCollector` reads that
   record at scrape time, as the admin RPC and the manhole do through ``PushWaker.stats()``.
 
@@ -25,7 +26,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 from twisted.logger import Logger
 
-from libon_tsilo.sip.message import Request, Response
+from libon_tsilo.ops.message_counters import MessageCounters, install_message_hooks
 
 __all__ = [
     "MessageCounters",
@@ -41,111 +42,6 @@ log = Logger()
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "libon_tsilo"
-
-
-# ---------------------------------------------------------------------------------------------
-# SIP messages in / out
-
-
-class MessageCounters:
-    """SIP messages in and out: requests by method, responses by (CSeq method, status code)."""
-
-    def __init__(self) -> None:
-        self.requests_in: Counter[str] = Counter()
-        self.responses_in: Counter[tuple[str, int]] = Counter()
-        self.requests_out: Counter[str] = Counter()
-        self.responses_out: Counter[tuple[str, int]] = Counter()
-
-    def inbound(self, msg: Any) -> None:
-        self._count(msg, self.requests_in, self.responses_in)
-
-    def outbound(self, msg: Any) -> None:
-        self._count(msg, self.requests_out, self.responses_out)
-
-    @staticmethod
-    def _count(msg: Any, requests: Counter[str], responses: Counter[tuple[str, int]]) -> None:
-        # the type first: getattr(response, "method", None) on a slotted Response raises and catches
-        # an AttributeError inside, the dearest step of counting a message
-        kind = type(msg)
-        if kind is not Response:
-            method = msg.method if kind is Request else getattr(msg, "method", None)
-            if method is not None:
-                requests[method] += 1
-                return
-        try:
-            cseq_method = msg.cseq.method
-        except Exception:  # a response whose CSeq cannot be read still counts
-            cseq_method = "unknown"
-        responses[(cseq_method, int(getattr(msg, "status", 0)))] += 1
-
-    def as_dict(self) -> dict[str, dict[str, int]]:
-        return {
-            "requests_in": dict(self.requests_in),
-            "responses_in": {f"{m} {c}": n for (m, c), n in self.responses_in.items()},
-            "requests_out": dict(self.requests_out),
-            "responses_out": {f"{m} {c}": n for (m, c), n in self.responses_out.items()},
-        }
-
-
-def install_message_hooks(transport: Any, counters: MessageCounters) -> None:
-    """Count every message through ``transport``: wrap its sink and its stateless forwarder (in) and
-    its two send functions (out).
-
-    Call it after the transaction layer has set ``transport.sink``. Counting never breaks sending:
-    a failure in the counter is swallowed (and logged once).
-    """
-    sink = transport.sink
-    send_request = transport.send_request
-    send_response = transport.send_response
-    broken: list[bool] = []
-    # the counters are bound here, not looked up per message: three wrappers run on every message
-    tally = MessageCounters._count
-    requests_in, responses_in = counters.requests_in, counters.responses_in
-    requests_out, responses_out = counters.requests_out, counters.responses_out
-
-    def failed() -> None:
-        if not broken:
-            broken.append(True)
-            log.failure("metrics: message counter failed (reported once)")
-
-    def counting_sink(msg: Any, flow: Any) -> None:
-        try:
-            tally(msg, requests_in, responses_in)
-        except Exception:
-            failed()
-        sink(msg, flow)
-
-    def counting_send_request(req: Any, target: Any, flow: Any = None) -> Any:
-        result = send_request(req, target, flow)
-        try:
-            tally(req, requests_out, responses_out)
-        except Exception:
-            failed()
-        return result
-
-    def counting_send_response(resp: Any, flow: Any) -> None:
-        send_response(resp, flow)
-        try:
-            tally(resp, requests_out, responses_out)
-        except Exception:
-            failed()
-
-    transport.sink = counting_sink
-    forward = getattr(transport, "forward", None)
-    if forward is not None:
-
-        def counting_forward(msg: Any, flow: Any) -> bool:
-            taken: bool = forward(msg, flow)
-            if taken:  # what the stateless forwarder takes never reaches the sink
-                try:
-                    tally(msg, requests_in, responses_in)
-                except Exception:
-                    failed()
-            return taken
-
-        transport.forward = counting_forward
-    transport.send_request = counting_send_request
-    transport.send_response = counting_send_response
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,6 +275,12 @@ class TsiloCollector(Collector):
                            redis["loads"])
             yield _counter("redis_remote_changes", "Binding changes of other nodes applied here",
                            redis["remote_changes_applied"])
+            # bindings of ours Redis lost (a restore, a fail-over) and does not have again yet
+            yield _gauge("redis_write_back_pending", "Own bindings Redis lost, not yet written back",
+                         redis["write_back_pending"])
+            # another live process has our [cluster] node_id: this one stays out of the cluster
+            yield _gauge("redis_node_id_conflict", "1 when another process holds this node id",
+                         int(bool(redis["duplicate_node_id_of"])))
 
     def _silo(self) -> Iterator[Metric]:
         silo = self.parts.silo

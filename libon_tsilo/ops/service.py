@@ -281,9 +281,9 @@ def _add_limits(root: LibonTsiloService, parts: Parts) -> None:
     from libon_tsilo.sip.limits import SourceFilter, SourceLimiter
 
     cfg = parts.config.limits
-    # the other nodes of a cluster send every relayed call from one address each: never limited
-    nodes = parts.config.cluster.trusted_peers if parts.config.cluster.node_address else ()
-    exempt = SourceFilter([*cfg.exempt_sources, *_trusted_peers(parts.config).networks(), *nodes])
+    # [cluster] trusted_peers are exempt on the internal listener only (_exempt_nodes_on_internal_listener):
+    # on the public ones a broad private range may hold devices or an SNATing balancer
+    exempt = SourceFilter([*cfg.exempt_sources, *_trusted_peers(parts.config).networks()])
     parts.extra["limit_exempt"] = exempt
     parts.extra.setdefault("limits", [])
     if cfg.requests_per_second <= 0:
@@ -350,8 +350,13 @@ def _redis_persistence(parts: Parts) -> RedisBindingStore:
     except NeedsAsyncioReactor as exc:
         raise ConfigError("location.backend", str(exc)) from None
     client = make_redis_client(loc.url, loc.username, loc.password, loc.sentinels, loc.service_name)
+    cluster = parts.config.cluster
+    # unless the node that answers a REGISTER relays (and holds, cluster/ordering.py) every INVITE to
+    # its device, a node forking directly must hear of the binding only after the 200 is sent
+    after_answer = not (cluster.node_address and cluster.udp_via_path)
     return RedisBindingStore(
-        client, parts.clock, node_id=parts.node_id, key_prefix=loc.key_prefix, loop=loop
+        client, parts.clock, node_id=parts.node_id, key_prefix=loc.key_prefix, loop=loop,
+        publish_after_answer=after_answer,
     )
 
 
@@ -741,7 +746,37 @@ def _add_cluster(root: LibonTsiloService, parts: Parts) -> None:
     parts.extra["cluster_node"] = node
     parts.extra["cluster_relay"] = relay
     parts.extra.setdefault("limits", []).append(relay)
+    _exempt_nodes_on_internal_listener(parts, node)
     _add_cluster_liveness(root, parts, node)
+
+
+def _exempt_nodes_on_internal_listener(parts: Parts, node: Any) -> None:
+    """The other nodes send every relayed call from one address each: a trusted peer's request on
+    our internal listener skips the per-source limiter; on a public listener it is limited as any."""
+    limiter = parts.extra.get("source_limiter")
+    if limiter is None:
+        return
+    from libon_tsilo.sip.listen import same_ip
+
+    admit, trusted = limiter.admit, node.trusted
+    internal: list[tuple[str, int]] = []  # (host, port) once the listener is bound (OS-picked port)
+
+    def admit_unless_a_node(request: Any, flow: Any) -> bool:
+        # every request passes here: the port first, then the cached source lookup, and the
+        # address parse (same_ip) only when the text differs
+        if not internal:
+            try:
+                internal.append(node.bound)
+            except RuntimeError:
+                return admit(request, flow)
+        host, port = internal[0]
+        key = flow.key
+        local = key.local
+        if local[1] == port and key.remote[0] in trusted and (local[0] == host or same_ip(local[0], host)):
+            return True
+        return admit(request, flow)
+
+    _built(parts.transactions).admit = admit_unless_a_node
 
 
 def _add_cluster_liveness(root: LibonTsiloService, parts: Parts, node: Any) -> None:

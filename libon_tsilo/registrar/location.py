@@ -162,6 +162,8 @@ class LocationStore:
             "state": p.state,  # type: ignore[union-attr]
             "loads": p.loads,  # type: ignore[union-attr]
             "remote_changes_applied": p.messages_applied,  # type: ignore[union-attr]
+            "write_back_pending": p.write_back_pending(),  # type: ignore[union-attr]
+            "duplicate_node_id_of": p.duplicate_of,  # type: ignore[union-attr]
         }
 
     def stop(self) -> defer.Deferred[None]:

@@ -19,7 +19,14 @@ this module writes the node's changes to Redis and applies the other nodes' chan
   JSON with the node id and the batch's changes in order (each binding's JSON is encoded once, for
   its key and the message; the token comes first, so a node drops its own messages unparsed).
   ``when_committed`` fires when Redis answered the script: a REGISTER's 200 promises the binding
-  is in Redis.
+  is in Redis. With ``publish_after_answer`` (ops sets it unless every node reaches a device
+  through the node that took its REGISTER, whose relay holds the INVITE, cluster/ordering.py) the
+  script only writes, and the message is PUBLISHed on the same connection right after the
+  waiters fired, i.e. after the REGISTERs' 200s were sent: a node forking to the device directly
+  hears of the binding after its 200 left (the one-node rule: events after the answer). It costs one
+  more command per batch (no round trip: its reply is not awaited); if this node dies between the
+  two, or the connection breaks, the binding is in Redis but the other replicas miss it until their
+  next load or the device's next refresh.
 * Expiry is not written: Redis drops the key at its TTL and every replica removes the binding on
   its own timer at the same absolute time (``expires_at`` is wall-clock time in the JSON: the nodes'
   clocks must agree, as NTP keeps them, or a binding lives a little longer on one than another).
@@ -40,6 +47,24 @@ this module writes the node's changes to Redis and applies the other nodes' chan
   counter ``<prefix>seq:<node_id>``, bumped by every batch, is lower than at our last batch): then
   each node writes back the bindings it owns (``Binding.node`` is its node id) that Redis lacks or
   holds older, and the bindings of nodes that are gone wait for their devices to register again.
+  Those write-backs are acknowledged data: they are written in chunks (``write_back_chunk``
+  bindings per Lua call and per change message, one chunk at a time) and a chunk that fails is
+  retried with backoff on the reactor's clock until Redis has it (or the binding is gone from the
+  replica, or the store stops); until the last chunk is in, a reload counts as a loss again.
+* A loss the feed does not see (its connection survived: ``DEBUG RELOAD``, ``FLUSHALL``, a proxy
+  in front of Redis that kept our connection) shows in the counter too: a batch whose ``INCR``
+  answers no more than our last one, or a heartbeat (every second, ``heartbeat``) that reads it
+  lower than a batch acknowledged before the beat was sent; either reloads the feed as a loss.
+
+One process per node id: each process claims ``<prefix>node:<node_id>`` with its random instance
+token (SET PX ``claim_ttl``, renewed every ``claim_ttl / 3``) before its first load, and deletes it on
+a clean stop. A process that finds the claim held by another instance waits for it (an earlier
+process of this node, killed: its claim ends ``claim_ttl`` after its last renewal, so a restarted node
+joins after at most ``claim_ttl``, at once after a clean stop); one still held after ``claim_ttl``
+plus a renewal is a second live process with the same node id (a config error that would mix two
+flow tables and make each mark the other's connections dead): this one logs it, stays out of the
+cluster (state "duplicate": it loads and writes nothing, REGISTERs get 500), and says so in
+``redis_stats`` (ul.dump, ``/metrics``). A single server (node id "") claims nothing.
 
 Trust: Redis is inside the operator's network and trusted like the config file; still, a message
 or value that does not parse is logged and skipped, never fatal.
@@ -54,11 +79,12 @@ import json
 import math
 import secrets
 from collections.abc import Callable
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -82,6 +108,10 @@ COMMAND_TIMEOUT = 2.0
 # an idle feed connection is PINGed this often, so a peer that vanished without a FIN is noticed
 HEALTH_INTERVAL = 5.0
 SCAN_COUNT = 500
+# bindings per Lua call and per change message when a node writes its own back after a loss: a
+# node with 100k bindings must not send one 50 MB script call and one message every node parses
+WRITE_BACK_CHUNK = 500
+CLAIM_TTL = 3.0  # seconds a process's claim on its node id outlives its last renewal (module doc)
 
 
 def make_redis_client(
@@ -163,6 +193,14 @@ return redis.call('INCR', KEYS[#KEYS])
 _WRITE_BATCH_SHA = hashlib.sha1(_WRITE_BATCH.encode()).hexdigest()
 
 
+class _Reload(Exception):
+    """Redis lost acknowledged writes while the feed stayed connected: load again, as a loss."""
+
+
+class _DuplicateNode(Exception):
+    """Another live process holds this node id."""
+
+
 class _Batch(Batch):
     __slots__ = ("changes",)
 
@@ -190,6 +228,9 @@ class RedisBindingStore:
         loop: asyncio.AbstractEventLoop | None = None,
         min_backoff: float = 0.1,
         max_backoff: float = 5.0,
+        write_back_chunk: int = WRITE_BACK_CHUNK,
+        claim_ttl: float = CLAIM_TTL,
+        publish_after_answer: bool = False,
     ) -> None:
         self.client = client
         self.clock = clock
@@ -222,9 +263,24 @@ class RedisBindingStore:
         self.commits = 0
         self.rows_written = 0
         self.rows_skipped = 0  # changes refused while Redis was down, or lost with a failed write
-        self.rows_retried = 0  # never: a failed write is repaired by the resync (module doc)
+        self.rows_retried = 0  # written-back bindings sent again after their chunk failed
         self.messages_applied = 0  # changes of other nodes applied to the replica
         self.failed_batches = 0  # batches failed in a row (logged at the first)
+        # own bindings Redis lost, to write back (module doc): (aor, key) in order, current copy
+        # read from the replica when sent; one chunk in flight at a time, retried on self.clock
+        self.write_back_chunk = max(1, write_back_chunk)
+        self._write_back: dict[tuple[str, str], None] = {}
+        self._write_back_busy = False
+        self._write_back_timer: IDelayedCall | None = None
+        self._write_back_delay = min_backoff
+        self._stopping = False
+        self.rows_written_back = 0
+        self._reload: asyncio.Future[None] | None = None  # set: the feed reloads as after a loss
+        self._rolled_back = False  # a loss seen without a reconnect (module doc), until the reload
+        self._claim_key = self.prefix + b"node:" + _raw(node_id)
+        self.claim_ttl = claim_ttl
+        self.duplicate_of = ""  # the instance token of the other process holding our node id
+        self.publish_after_answer = publish_after_answer
 
     @property
     def up(self) -> bool:
@@ -246,14 +302,30 @@ class RedisBindingStore:
 
     def stop(self) -> defer.Deferred[None]:
         """Write what is queued, then stop the feed and close the connections."""
+        self._stopping = True  # no write-back is queued or retried from now on
+        timer, self._write_back_timer = self._write_back_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if self._write_back:
+            log.warn("location redis: stopping with {n} bindings not yet written back",
+                     n=len(self._write_back))
         d = self.flush()
 
         def close(_: object) -> defer.Deferred[None]:
             self._closed = True
-            return as_deferred(self._close(), self.loop)
+            return as_deferred(self._release_then_close(), self.loop)
 
         d.addCallback(close)
         return d
+
+    async def _release_then_close(self) -> None:
+        """A clean stop gives up the node id: this node's next process joins at once."""
+        writer = self._writer
+        if writer is not None and self.node_id:
+            with contextlib.suppress(Exception):
+                if await writer.command(b"GET", self._claim_key) == self.instance.encode():
+                    await writer.command(b"DEL", self._claim_key)
+        await self._close()
 
     async def _close(self) -> None:
         task, self._feed_task = self._feed_task, None
@@ -283,6 +355,7 @@ class RedisBindingStore:
                 else:
                     writer = await open_connection(self.client, self.loop, COMMAND_TIMEOUT)
                     conns.append(writer)
+                await self._claim_node(writer)
                 lost = await self._redis_lost_its_data()
                 bindings = await self._load_all()
                 self._writer = writer
@@ -294,6 +367,17 @@ class RedisBindingStore:
                 await self._watch(feed, writer)
             except asyncio.CancelledError:
                 raise
+            except _Reload:
+                self.state = "reloading"  # writes fail fast until the reload, a few ms
+                delay = 0.0
+            except _DuplicateNode as exc:
+                self.state, self.duplicate_of = "duplicate", str(exc)
+                log.error(
+                    "location redis: another live process (instance {other}) holds node id {node!r}: two "
+                    "processes have the same [cluster] node_id; this one stays out of the cluster "
+                    "(REGISTERs get 500) until it is restarted with its own", other=exc, node=self.node_id,
+                )
+                return
             except Exception as exc:
                 self._went_down(exc)
             finally:
@@ -302,21 +386,70 @@ class RedisBindingStore:
                 for conn in conns:
                     conn.close()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, self.max_backoff)
+            delay = min(max(delay * 2, self.min_backoff), self.max_backoff)
 
     async def _watch(self, feed: RespConnection, writer: RespConnection) -> None:
         """Returns never; raises when either connection is gone. An idle feed is PINGed, so a peer
         that vanished without a FIN is noticed (a PING unanswered in COMMAND_TIMEOUT closes it)."""
         seen = -1
+        self._reload = reload = self.loop.create_future()
+        if self._rolled_back:
+            reload.set_result(None)  # seen during the load itself
+        renew = self.claim_ttl / 3 if self.node_id else HEALTH_INTERVAL
+        checked = self.loop.time()
         while True:
-            await asyncio.wait((feed.lost, writer.lost), timeout=HEALTH_INTERVAL,
+            await asyncio.wait((feed.lost, writer.lost, reload), timeout=min(renew, HEALTH_INTERVAL),
                                return_when=asyncio.FIRST_COMPLETED)
+            if reload.done():
+                raise _Reload()
             for conn in (feed, writer):
                 if conn.lost.done():
                     raise ConnectionError(conn.lost.result())
-            if feed.received == seen:
-                await feed.command(b"PING")
-            seen = feed.received
+            if self.node_id:
+                owner = await self._claim(writer)
+                if owner != self.instance.encode():  # ours expired (Redis flushed?) and another took it
+                    raise _DuplicateNode(_text(owner))
+            if self.loop.time() - checked >= HEALTH_INTERVAL:
+                checked = self.loop.time()
+                if feed.received == seen:
+                    await feed.command(b"PING")
+                seen = feed.received
+
+    async def _claim(self, writer: RespConnection) -> Any:
+        """Take or renew our node id's claim; returns its holder. Plain commands (no script): an
+        ACL user without @scripting is refused its batches, logged there, not kept out here."""
+        ttl_ms = math.ceil(self.claim_ttl * 1000)
+        ours = self.instance.encode()
+        owner = await writer.command(b"GET", self._claim_key)
+        if owner == ours:  # the renewal, once a second: two commands
+            # (if it lapsed in between, PEXPIRE misses and the next renewal takes it again)
+            await writer.command(b"PEXPIRE", self._claim_key, ttl_ms)
+            return ours
+        if owner is not None:
+            return owner
+        if await writer.command(b"SET", self._claim_key, ours, b"NX", b"PX", ttl_ms) is not None:
+            return ours
+        return await writer.command(b"GET", self._claim_key)  # another took it between the two
+
+    async def _claim_node(self, writer: RespConnection) -> None:
+        """Hold ``<prefix>node:<node_id>`` before loading (module doc); raises _DuplicateNode."""
+        if not self.node_id:
+            return
+        ours = self.instance.encode()
+        waited = 0.0
+        while True:
+            owner = await self._claim(writer)
+            if owner == ours:
+                return
+            if waited > self.claim_ttl:  # renewed past its TTL: a live process, not a dead one's leftover
+                raise _DuplicateNode(_text(owner))
+            if not waited:
+                log.info("location redis: node id {node!r} is held by instance {other} (an earlier process "
+                         "of this node, killed less than {ttl} s ago?): waiting for it",
+                         node=self.node_id, other=_text(owner), ttl=self.claim_ttl)
+            step = self.claim_ttl / 3
+            await asyncio.sleep(step)
+            waited += step
 
     def _on_feed_message(self, data: bytes) -> None:
         if self._backlog is not None:
@@ -334,7 +467,8 @@ class RedisBindingStore:
         lost = self._epoch is not None and epoch != self._epoch
         self._epoch = epoch
         seq = int(await self.client.get(self._seq_key) or 0)
-        if seq < acked:
+        if seq < acked or self._rolled_back:
+            self._rolled_back = False
             log.warn("location redis: it came back without writes it acknowledged (write counter {seq} "
                      "< {acked}: an older snapshot or a lagging replica)", seq=seq, acked=acked)
             self._acked_seq = seq
@@ -377,12 +511,79 @@ class RedisBindingStore:
         if self._replica is None:
             return
         try:
-            kept = self._replica.resync(bindings, announce=announce, keep_own=lost)
+            # a write-back not yet in is a loss not yet repaired: what Redis lacks of ours stays
+            kept = self._replica.resync(bindings, announce=announce, keep_own=lost or bool(self._write_back))
         except Exception:
             log.failure("location redis: resync of the replica failed")
             return
         for binding in kept:
-            self.save(binding)
+            self._write_back[(binding.aor, binding.key)] = None
+        self._write_back_delay = self.min_backoff
+        self._pump_write_back()
+
+    # -- write-backs: acknowledged bindings Redis lost, until it has them again ------------------
+
+    def write_back_pending(self) -> int:
+        """Bindings of ours that Redis lost and does not have again yet."""
+        return len(self._write_back)
+
+    def _pump_write_back(self) -> None:
+        """Queue the next chunk of write-backs, unless one is in flight or Redis is not up."""
+        replica = self._replica
+        if self._write_back_busy or self._stopping or not self.up or replica is None:
+            return
+        chunk: list[tuple[str, str]] = []
+        while self._write_back and not chunk:
+            for ident in list(islice(self._write_back, self.write_back_chunk)):
+                binding = replica.get(*ident)
+                if binding is None or binding.node != self.node_id:
+                    del self._write_back[ident]  # gone since (removed, expired, taken by another node)
+                    continue
+                chunk.append(ident)
+                self.save(binding)  # the replica's current copy, serialized when the batch starts
+        if not chunk:
+            return
+        d = self.when_committed("")  # an aor: errbacks when the batch fails
+        if d is None:
+            return
+        self._write_back_busy = True
+        d.addCallbacks(self._written_back, self._write_back_failed,
+                       callbackArgs=(chunk,), errbackArgs=(chunk,))
+
+    def _written_back(self, _: object, chunk: list[tuple[str, str]]) -> None:
+        self._write_back_busy = False
+        for ident in chunk:
+            self._write_back.pop(ident, None)
+        self.rows_written_back += len(chunk)
+        self._write_back_delay = self.min_backoff
+        if not self._write_back:
+            log.info("location redis: this node's bindings are written back ({n} in all)",
+                     n=self.rows_written_back)
+        self._pump_write_back()
+
+    def _write_back_failed(self, failure: Failure, chunk: list[tuple[str, str]]) -> None:
+        self._write_back_busy = False
+        self.rows_retried += len(chunk)
+        delay = self._write_back_delay
+        self._write_back_delay = min(delay * 2, self.max_backoff)
+        log.warn("location redis: writing back {n} bindings failed ({err}); again in {delay:.1f} s",
+                 n=len(self._write_back), err=failure.getErrorMessage(), delay=delay)
+        if not self._stopping:
+            self._write_back_timer = self.clock.callLater(delay, self._retry_write_back)
+
+    def _retry_write_back(self) -> None:
+        self._write_back_timer = None
+        self._pump_write_back()  # Redis down: the reconnect's resync pumps again
+
+    def _rollback_seen(self, seq: int, acked: int, how: str) -> None:
+        """Redis answers with a write counter below what it acknowledged, the feed still connected."""
+        if self._rolled_back:
+            return
+        log.warn("location redis: it lost writes it acknowledged ({how}: write counter {seq} <= {acked}); "
+                 "reloading, this node writes its bindings back", how=how, seq=seq, acked=acked)
+        self._rolled_back = True
+        if self._reload is not None and not self._reload.done():
+            self._reload.set_result(None)
 
     def _went_down(self, exc: Exception) -> None:
         if self.state != "down":
@@ -461,12 +662,17 @@ class RedisBindingStore:
         args: list[bytes | int] = [self.channel, len(sets)]
         for _, value, ttl_ms in sets:
             args += (value, ttl_ms)
-        args += messages
+        after: list[bytes] | None = None
+        if self.publish_after_answer:
+            after = messages  # sent by _finish once the 200s are
+        else:
+            args += messages
         # EVAL once per connection (Redis caches the script), EVALSHA after: one round trip
         keys = [key for key, _, _ in sets] + dels + [self._seq_key]
-        self._send(batch, keys, args, self._script_on is self._writer)
+        self._send(batch, keys, args, self._script_on is self._writer, after)
 
-    def _send(self, batch: _Batch, keys: list[bytes], args: list[bytes | int], evalsha: bool) -> None:
+    def _send(self, batch: _Batch, keys: list[bytes], args: list[bytes | int], evalsha: bool,
+              after: list[bytes] | None = None) -> None:
         writer = self._writer
         try:
             if writer is None:
@@ -476,11 +682,14 @@ class RedisBindingStore:
             def written(reply: Any) -> None:
                 if not isinstance(reply, Exception):
                     self._script_on = writer
-                    self._acked_seq = max(self._acked_seq, int(reply))
-                    self._finish(None, batch)
+                    seq = int(reply)
+                    if seq <= self._acked_seq:  # one writer per node: every batch adds one
+                        self._rollback_seen(seq, self._acked_seq, "a write")
+                    self._acked_seq = max(self._acked_seq, seq)
+                    self._finish(None, batch, (writer, after) if after else None)
                 elif evalsha and isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
                     self._script_on = None  # Redis's script cache was flushed: the same batch, by EVAL
-                    self._send(batch, keys, args, False)
+                    self._send(batch, keys, args, False, after)
                 else:
                     self._finish(Failure(reply), batch)
 
@@ -512,7 +721,8 @@ class RedisBindingStore:
         messages = [self._own + b'{"n":%s,"ops":[%s]}' % (node, b",".join(ops))]
         return sets, dels, messages
 
-    def _finish(self, failure: Failure | None, batch: _Batch) -> None:
+    def _finish(self, failure: Failure | None, batch: _Batch,
+                publish: tuple[RespConnection, list[bytes]] | None = None) -> None:
         n = len(batch.changes)
         if failure is None:
             self.commits += 1
@@ -533,6 +743,14 @@ class RedisBindingStore:
                 d.errback(NotStored(f"redis: {failure.getErrorMessage() or failure.type.__name__}"))
             else:
                 d.callback(None)
+        if publish:  # publish_after_answer: the waiters above sent their 200s
+            writer, messages = publish
+            try:
+                for message in messages:
+                    writer.call(_ignored, b"PUBLISH", self.channel, message)
+            except Exception as exc:  # the connection closed meanwhile: the feed reconnects
+                log.warn("location redis: a change is stored but not announced to the other nodes: {err}",
+                         err=exc)
         self._commit.finished()
 
     # -- node liveness (cluster/liveness.py) ------------------------------------------------------
@@ -553,13 +771,28 @@ class RedisBindingStore:
         return as_deferred(leave(), self.loop)
 
     async def _heartbeat(self, member: str, ttl: float) -> set[str]:
+        if self.duplicate_of:  # out of the cluster (module doc): the peers must not count on us
+            raise ConnectionError("another process holds this node id")
         if self._beat_script is None:
             self._beat_script = self.client.register_script(_HEARTBEAT)
-        alive = await self._beat_script(keys=[self.prefix + b"nodes"], args=[member, math.ceil(ttl * 1000)])
+        acked = self._acked_seq  # before asking: a batch acknowledged later may count after our read
+        seq, alive = await self._beat_script(keys=[self.prefix + b"nodes", self._seq_key],
+                                             args=[member, math.ceil(ttl * 1000)])
+        if int(seq or 0) < acked and self.up:
+            self._rollback_seen(int(seq or 0), acked, "a heartbeat")
         return {m.decode("utf-8", "replace") if isinstance(m, bytes) else str(m) for m in alive}
 
 
-# KEYS[1] = the live nodes, scored by when each expires (ms, Redis's clock); ARGV = member, ttl ms
+def _ignored(reply: Any) -> None:
+    """A PUBLISH's reply is not awaited; its failure is the connection's, which the feed sees."""
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+# KEYS[1] = the live nodes, scored by when each expires (ms, Redis's clock), KEYS[2] = this node's
+# write counter (a Redis that lost our writes shows it lower); ARGV = member, ttl ms
 _HEARTBEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -567,5 +800,5 @@ local ttl = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('PEXPIRE', KEYS[1], ttl)
-return redis.call('ZRANGE', KEYS[1], 0, -1)
+return {redis.call('GET', KEYS[2]) or 0, redis.call('ZRANGE', KEYS[1], 0, -1)}
 """

@@ -12,7 +12,7 @@ must produce them the same way (the usual TSILO pitfall: a key mismatch parks a 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -34,7 +34,7 @@ __all__ = [
     "CANNOT_APPEND",
 ]
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc): Logger() would name the importer
 
 # a binding event comes at most this long after its REGISTER; an older registered_at is not one
 _MAX_EVENT_DELAY = 60.0
@@ -61,7 +61,6 @@ class SiloCall(Protocol):
         """Call-ID, caller, AOR, age, state and branches, for dump()/lookup()."""
 
 
-@runtime_checkable
 class LateBindingCall(Protocol):
     """Optional: an ended call that still wants to hear about pushed devices waking up (Invite/Cancel)."""
 

@@ -926,9 +926,14 @@ def make_response(
         elif key == "to" and to_entry is None:
             to_entry = entry.copy()
             headers.append(to_entry)
-    top_via = req._cache.get("top_via")
+    cache = req._cache
+    top_via = cache.get("top_via")
     if top_via is not None:
         resp._cache["top_via"] = top_via  # the same text: spare the transport a second parse
+    cseq = cache.get("cseq")
+    if cseq is not None:
+        # the same text too (nothing changes a CSeq in place): the message counters read it
+        resp._cache["cseq"] = cseq
     if to_tag and status != 100 and to_entry is not None:
         try:
             to = req.to

@@ -4,10 +4,16 @@ TransportLayer is a twisted Service. Every inbound message is parsed, validated 
 ``sink(msg, flow)``; the transaction layer sets ``sink`` and ``on_send_error``. Public surface:
 ``bound`` (the (transport, host, port) actually listened on, port 0 resolved), ``flows`` (FlowTable),
 ``send_request``, ``send_response``, ``local_via(transport, remote_host=None)`` (IPv6 hosts bracketed)
-and ``Target(transport, host, port, server_name=None)``. The protocol classes are thin adapters that
-call the layer's inbound entry points (``datagram_received``, ``connection_made``, ``stream_data``,
-``handshake_completed``, ``connection_lost``, ``connect_failed``), as twisted.names' protocols call
-``controller.messageReceived``.
+and ``Target(transport, host, port, server_name=None)``. The protocol classes (sip/twisted_io.py) are
+thin adapters that call the layer's inbound entry points (``datagram_received``, ``connection_made``,
+``stream_data``, ``handshake_completed``, ``connection_lost``, ``connect_failed``), as twisted.names'
+protocols call ``controller.messageReceived``.
+
+This module is compiled by mypyc (setup.py; pure Python where it cannot be): per datagram, the read
+loop of a wake-up (``UDPEndpoint.drain``), the parse hand-off, the Via fix, the flow lookup and the
+sends run without an interpreted frame of ours. So its classes are final and their methods read-only:
+``send_request`` and ``send_response`` are attributes (ops/metrics.py wraps them), the Service
+contract is written out, and a test's in-memory UDP socket comes in through ``add_udp_endpoint``.
 
 Choices (and where they differ from a plain reading of the RFCs):
 
@@ -63,28 +69,24 @@ Choices (and where they differ from a plain reading of the RFCs):
 
 from __future__ import annotations
 
-import errno
 import functools
 import ipaddress
 import socket
 import struct
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from twisted.application.service import Service
-from twisted.internet import defer, error, udp
+from twisted.application.service import IService, IServiceCollection
+from twisted.internet import defer
 from twisted.internet.tcp import makeBinding
-from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.posixbase import PosixReactorBase
-from twisted.internet.protocol import ClientFactory, DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import classImplements
 
 from libon_tsilo import logflags
 from libon_tsilo.sip.connlimits import (
@@ -96,7 +98,7 @@ from libon_tsilo.sip.connlimits import (
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip import stun
 from libon_tsilo.sip.flow import Flow, FlowKey, FlowTable
-from libon_tsilo.sip.framing import StreamFramer
+from libon_tsilo.sip.headers import Via
 from libon_tsilo.sip.listen import (
     DEFAULT_PORTS,
     ListenSpec,
@@ -116,10 +118,22 @@ from libon_tsilo.sip.message import (
     parse_message,
 )
 from libon_tsilo.sip.ratelog import RateLimitedLog
+from libon_tsilo.sip.twisted_io import (
+    UDP_SOCKET_BUFFER,
+    OutboundFactory,
+    ServerFactory,
+    StreamProtocol,
+    TLSServerFactory,
+    UDPPort,
+    UDPProtocol,
+)
+from libon_tsilo.sip.udp_send import udp_sendto
 
-__all__ = ["Target", "TransportLayer", "TransportError", "ConnectionLimits"]
+__all__ = ["Target", "TransportLayer", "TransportError", "ConnectionLimits", "DatagramEndpoint",
+           "UDPEndpoint"]
 
-log = Logger()
+# compiled by mypyc (setup.py): Logger() would take its namespace from the importing frame
+log = Logger(namespace="libon_tsilo.sip.transport")
 
 HostPort = tuple[str, int]
 Sink = Callable[[Message, Flow], None]
@@ -158,264 +172,130 @@ def _via_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _size_buffer(sock: socket.socket, option: int, size: int, what: str) -> None:
-    """Set a socket buffer to ``size``; past net.core.[rw]mem_max only with CAP_NET_ADMIN (FORCE).
+class DatagramEndpoint(Protocol):
+    """What the layer needs of a UDP listener: its bound address and a send. ``UDPEndpoint`` is the
+    real one; tests and benchmarks give an in-memory one (``TransportLayer.add_udp_endpoint``)."""
 
-    Linux grants twice what is asked (the bookkeeping share) and reports that doubled figure."""
-    force = 33 if option == socket.SO_RCVBUF else 32  # SO_RCVBUFFORCE, SO_SNDBUFFORCE
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, option, size)
-        if sock.getsockopt(socket.SOL_SOCKET, option) // 2 < size:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, force, size)
-            except OSError:
-                pass  # not privileged: the cap stays
-        got = sock.getsockopt(socket.SOL_SOCKET, option) // 2
-    except OSError as e:
-        log.warn("cannot size the UDP {what} buffer: {error}", what=what, error=str(e))
-        return
-    if got < size:
-        log.warn(
-            "UDP {what} buffer is {got} bytes, not the {size} asked for: raise net.core.{sysctl}",
-            what=what, got=got, size=size, sysctl="rmem_max" if option == socket.SO_RCVBUF else "wmem_max",
-        )
+    local: HostPort
+    v6: bool
+
+    def send_to(self, data: bytes, addr: HostPort) -> None: ...
 
 
-# -- protocols: thin adapters, all decisions are in TransportLayer ---------------------------------
+# Linux: SO_TIMESTAMPNS's control message (SCM_TIMESTAMPNS has the same number), a struct timespec
+_SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("@ll")
+# what one wake-up reads at most (Twisted's udp.Port.maxThroughput): a burst is drained in few
+# wake-ups while the streams and timers still get their turn
+_MAX_READ_PER_WAKEUP = 256 * 1024
 
 
-# A loopback datagram costs ~2 KiB of receive-buffer memory whatever its size, so the default
-# buffer (rmem_default, often 208 KiB) holds only ~100 SIP messages: any short stall of the
-# reactor under load drops the burst behind it. Ask for more ([sip] udp_receive_buffer). Twisted's
-# udp.Port.doRead already reads until EAGAIN, at most 256 KiB per wake-up, so a burst is drained in
-# few wake-ups while streams still get their turn.
-UDP_SOCKET_BUFFER = 4 * 1024 * 1024
+class UDPEndpoint:
+    """One UDP listener's per-datagram work, compiled: the read loop of a wake-up and the sends.
 
+    The Twisted port and protocol (sip/twisted_io.py, interpreted) own the socket and call
+    ``drain`` once per wake-up; ``drain`` reads every queued datagram and hands each to
+    ``TransportLayer.datagram_received`` without an interpreted frame in between. Sends go straight
+    to ``sendto`` (``udp_sendto``); a port without a socket of its own (a test double) gets ``write``.
+    """
 
-class _UDPProtocol(DatagramProtocol):
     def __init__(self, layer: TransportLayer, spec: ListenSpec) -> None:
         self.layer = layer
-        self.spec = spec
         self.local: HostPort = (spec.host, spec.port)
         self.v6 = is_ipv6(spec.host)
+        self.port: Any = None  # Twisted's port (or a test reactor's): write(data, addr)
+        self.sock: Any = None  # its socket, when it has one
+        self.family = socket.AF_INET6 if self.v6 else socket.AF_INET
 
-    def startProtocol(self) -> None:
-        sock = getattr(self.transport, "socket", None)
+    def opened(self, port: Any, sock: Any) -> None:
+        self.port = port
+        self.sock = sock
         if sock is not None:
-            _size_buffer(sock, socket.SO_RCVBUF, self.layer.udp_receive_buffer, "receive")
-            _size_buffer(sock, socket.SO_SNDBUF, UDP_SOCKET_BUFFER, "send")
+            self.family = sock.family
 
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
-        self.layer.datagram_received(self, data, (addr[0], addr[1]))
+    def closed(self) -> None:
+        self.port = None
+        self.sock = None
 
     def send_to(self, data: bytes, addr: HostPort) -> None:
-        if self.transport is None:
+        port = self.port
+        if port is None:
             raise TransportError(f"UDP socket {self.local} is closed")
         try:
-            self.transport.write(data, addr)
+            sock = self.sock
+            if sock is None or not udp_sendto(sock, self.family, data, addr):
+                port.write(data, addr)
         except Exception as e:  # OSError, MessageLengthError, InvalidAddressError
             raise TransportError(f"UDP send to {addr[0]}:{addr[1]} failed: {e}") from e
 
+    def received(self, data: bytes, addr: Any) -> None:
+        """A datagram a test reactor's port read itself."""
+        self.layer.datagram_received(self, data, (addr[0], addr[1]))
 
-# Linux stamps each datagram with its arrival time when SO_TIMESTAMPNS is on (SCM_TIMESTAMPNS has the
-# same number): the oldest datagram's wait is the queueing delay a reactor timer cannot see, as
-# the timer runs after one read batch however long the queue behind it is.
-_SO_TIMESTAMPNS = 35
-_TIMESPEC = struct.Struct("@ll")
+    def drain(self, sock: Any, max_size: int, stamped: bool) -> None:
+        """Read what the socket holds (up to ``_MAX_READ_PER_WAKEUP`` bytes) and handle each datagram.
 
-
-class _UDPPort(udp.Port):
-    """Twisted's UDP port, telling the layer's ``on_queue_delay`` how long the first datagram of each
-    wake-up (the oldest one queued) waited in the kernel; Twisted's own loop then reads the rest."""
-
-    _stamped = False
-    reuse_port = False  # SO_REUSEPORT: several workers bind this port, the kernel spreads by 4-tuple
-
-    def createInternetSocket(self) -> socket.socket:
-        sock = super().createInternetSocket()
-        if self.reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        return sock
-
-    def startListening(self) -> None:
-        super().startListening()
-        if sys.platform.startswith("linux"):
+        With overload control on, the first read also takes the kernel's arrival stamp: the oldest
+        datagram's wait is the queueing delay a reactor timer cannot see (it runs after one read
+        batch, however long the queue behind it is)."""
+        layer = self.layer
+        report = layer.on_queue_delay
+        read = 0
+        if report is not None and stamped:
+            read = self._read_oldest(sock, max_size, report)
+        while read < _MAX_READ_PER_WAKEUP:
             try:
-                self.socket.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
-                self._stamped = True
-            except OSError:
-                pass
-
-    def write(self, datagram: bytes, addr: Any = None) -> None:
-        # Twisted's write checks the address with three Python-level isIPAddress/isIPv6Address calls
-        # per datagram, ~9 % of the epoll reactor's work per datagram (cProfile of
-        # bench/reactor_cost.py). One inet_pton in C keeps what matters of that check: a name never
-        # reaches sendto (it would resolve it, blocking), nor an address of the other family.
-        # Anything it refuses (a scoped IPv6 address, a connected port) takes Twisted's own path.
-        if addr is None:
-            return super().write(datagram, addr)
-        try:
-            socket.inet_pton(self.addressFamily, addr[0])
-        except (OSError, TypeError, ValueError):
-            return super().write(datagram, addr)
-        while True:
+                data, addr = sock.recvfrom(max_size)
+            except (BlockingIOError, InterruptedError, ConnectionRefusedError):
+                return  # drained; a signal (the reactor comes back); an ICMP error of an earlier send
+            read += len(data)
             try:
-                self.socket.sendto(datagram, addr)
-                return None
-            except InterruptedError:
-                continue
-            except OSError as e:
-                if e.errno == errno.EMSGSIZE:
-                    raise error.MessageLengthError("message too long") from e
-                if e.errno == errno.ECONNREFUSED:
-                    return None  # an ICMP error of an earlier datagram, as Twisted ignores it
-                raise
+                layer.datagram_received(self, data, (addr[0], addr[1]))
+            except Exception:
+                log.failure("UDP datagram handling failed")
 
-    def doRead(self) -> None:
-        report = self.protocol.layer.on_queue_delay
-        if report is not None and self._stamped:
-            self._read_oldest(report)
-        super().doRead()
-
-    def _read_oldest(self, report: Callable[[float], None]) -> None:
+    def _read_oldest(self, sock: Any, max_size: int, report: Callable[[float], None]) -> int:
+        """The first datagram with its arrival stamp; its size (0 when there was none)."""
         try:
-            data, ancdata, _flags, addr = self.socket.recvmsg(self.maxPacketSize, 64)
+            data, ancdata, _flags, addr = sock.recvmsg(max_size, 64)
         except OSError:
-            return  # EAGAIN, or an ICMP error: Twisted's loop deals with what follows
+            return 0  # EAGAIN, or an ICMP error: the loop deals with what follows
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(payload) >= _TIMESPEC.size:
                 sec, nsec = _TIMESPEC.unpack_from(payload)
                 # the kernel stamps with the wall clock: compare with the wall clock
-                report(max(0.0, time.time() - sec - nsec / 1e9))
+                try:
+                    report(max(0.0, time.time() - sec - nsec / 1e9))
+                except Exception:  # escaping doRead, it would close the port (the reactor's verdict)
+                    log.failure("the queue-delay hook failed")
         try:
-            self.protocol.datagramReceived(data, addr[:2])
+            self.layer.datagram_received(self, data, (addr[0], addr[1]))
         except Exception:
             log.failure("UDP datagram handling failed")
-
-
-@implementer(IHandshakeListener)
-class _StreamProtocol(Protocol):
-    """One TCP or TLS connection, inbound or outbound."""
-
-    # a TCP transport, or TLS over one: what connectionMade gives (Protocol says ITransport | None)
-    transport: Any
-
-    def __init__(self, layer: TransportLayer, name: str, outbound: Target | None = None) -> None:
-        self.layer = layer
-        self.name = name
-        self.outbound = outbound
-        self.flow: Flow | None = None
-        self.framer = StreamFramer(layer.max_message_size)
-        self.queue: list[bytes] = []
-        self.up = False
-        self.failed = False  # a framing error: ignore whatever still arrives
-        self.handshake_done = name != "tls"
-        self.targets: list[Target] = []  # outbound: who to tell when the connection fails
-        self.connector: Any = None
-        self.lost: defer.Deferred[None] = defer.Deferred()
-        # limits (decided by the layer): admission key, deadlines, bytes held for an incomplete message
-        self.source: str | None = None  # inbound: the key ConnectionAdmission counts it under
-        self.made_at = 0.0
-        self.awaiting_first = False  # inbound, no complete message yet
-        self.partial_since: float | None = None  # when the first byte of the incomplete message came
-        self.deadline: Any = None  # IDelayedCall
-        self.held = 0
-
-    def connectionMade(self) -> None:
-        self.up = True
-        try:
-            self.transport.setTcpNoDelay(True)
-        except (AttributeError, OSError):
-            pass  # not a TCP socket (a test's in-memory transport), or already gone
-        if self.handshake_done:
-            self.targets.clear()
-        self.layer.connection_made(self)
-        queued, self.queue = self.queue, []
-        for data in queued:
-            self.transport.write(data)
-
-    def handshakeCompleted(self) -> None:
-        self.handshake_done = True
-        self.targets.clear()
-        self.layer.handshake_completed(self)
-
-    @property
-    def pending(self) -> bool:
-        """Not yet known to work: still connecting, or the TLS handshake is not done."""
-        return not (self.up and self.handshake_done)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.layer.stream_data(self, data)
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        self.up = False
-        self.layer.connection_lost(self, reason)
-        if not self.lost.called:
-            self.lost.callback(None)
-
-    # Flow plumbing
-    def send(self, data: bytes) -> None:
-        if self.up:
-            self.transport.write(data)
-        else:
-            self.queue.append(data)
-
-    def close(self) -> None:
-        if self.up:
-            self.transport.loseConnection()
-        elif self.connector is not None:
-            connector, self.connector = self.connector, None
-            try:
-                connector.stopConnecting()
-            except error.NotConnectingError:
-                pass  # already failed; clientConnectionFailed does the bookkeeping
-
-    def abort(self) -> None:
-        if self.up:
-            self.transport.abortConnection()
-
-
-class _ServerFactory(Factory):
-    def __init__(self, layer: TransportLayer, name: str) -> None:
-        self.layer = layer
-        self.name = name
-
-    def buildProtocol(self, addr: Any) -> Protocol | None:
-        # None: over a cap, and Twisted closes the accepted socket at once
-        source = self.layer.admission.admit(addr.host) if addr is not None else None
-        if source is None and addr is not None:
-            return None
-        proto = _StreamProtocol(self.layer, self.name)
-        proto.source = source
-        return proto
-
-
-class _TLSServerFactory(TLSMemoryBIOFactory):
-    """TLS around ``_ServerFactory`` that passes a refusal on (the stock wrapper would wrap None)."""
-
-    def buildProtocol(self, addr: Any) -> Any:
-        inner = self.wrappedFactory.buildProtocol(addr)
-        return None if inner is None else self.protocol(self, inner)
-
-
-class _ClientFactory(ClientFactory):
-    """Hands out the protocol created (and queued into) before the connection exists."""
-
-    def __init__(self, proto: _StreamProtocol) -> None:
-        self.proto = proto
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        return self.proto
-
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        self.proto.layer.connect_failed(self.proto, reason)
+        return len(data)
 
 
 # -- the layer --------------------------------------------------------------------------------------
 
 
-class TransportLayer(Service):
-    """Listening ports, flows, inbound dispatch to ``sink`` and outbound sends."""
+class _SendRequest(Protocol):
+    def __call__(self, req: Request, target: Target, flow: Flow | None = None) -> Flow | None: ...
+
+
+class TransportLayer:
+    """Listening ports, flows, inbound dispatch to ``sink`` and outbound sends.
+
+    A twisted Service (IService, declared below the class), written out: compiled, it cannot
+    subclass Service, an interpreted class (mypyc's instances of such a subclass crash the cyclic
+    garbage collector). ``send_request`` and ``send_response`` are attributes holding the send
+    functions, so that ops/metrics.py can wrap them per instance, as it could the methods before.
+    """
+
+    name: str | None = None
+    parent: Any = None
+    running = 0
+    send_request: _SendRequest
+    send_response: Callable[[Response, Flow | None], None]
 
     def __init__(
         self,
@@ -468,19 +348,46 @@ class TransportLayer(Service):
         self.forward: Callable[[Message, Flow], bool] | None = None
         self.bound: list[tuple[str, str, int]] = []
         self._ports: list[Any] = []
-        self._udp: list[_UDPProtocol] = []
-        self._udp_by_local: dict[HostPort, _UDPProtocol] = {}
-        self._protos: dict[str, _StreamProtocol] = {}  # flow id -> connection (pending ones too)
+        self._udp: list[DatagramEndpoint] = []
+        self._udp_by_local: dict[HostPort, DatagramEndpoint] = {}
+        self._protos: dict[str, StreamProtocol] = {}  # flow id -> connection (pending ones too)
         self._pending_resolves: set[defer.Deferred[Any]] = set()
         self._primary_ip: dict[bool, str] = {}
         # (transport, want_v6, advertised_host) -> local_via() answer; cleared when listeners change
         self._via_cache: dict[tuple[str, bool | None, str | None], tuple[str, int]] = {}
         self._backlog = self.limits.listen_backlog
+        self.name = None
+        self.parent = None
+        self.running = 0
+        self.send_request = self._send_request
+        self.send_response = self._send_response_safely
 
     # -- service ---------------------------------------------------------------------------------
 
+    # -- service (IService) ------------------------------------------------------------------------
+
+    def setName(self, name: str) -> None:
+        if self.parent is not None:
+            raise RuntimeError("cannot change the name of a service that has a parent")
+        self.name = name
+
+    def setServiceParent(self, parent: Any) -> None:
+        if self.parent is not None:
+            self.disownServiceParent()
+        collection = IServiceCollection(parent, parent)
+        self.parent = collection
+        collection.addService(self)
+
+    def disownServiceParent(self) -> Any:
+        d = self.parent.removeService(self)
+        self.parent = None
+        return d
+
+    def privilegedStartService(self) -> None:
+        pass
+
     def startService(self) -> None:
-        super().startService()
+        self.running = 1
         if any(s.transport in _STREAMS for s in self.specs):
             raise_fd_limit(self.limits.max_connections)
             self._backlog = effective_backlog(self.limits.listen_backlog)
@@ -488,25 +395,31 @@ class TransportLayer(Service):
             self._listen(spec)
 
     def _listen(self, spec: ListenSpec) -> None:
+        endpoint: UDPEndpoint | None = None
         if spec.transport == "udp":
-            proto = _UDPProtocol(self, spec)
-            port = self._listen_udp(spec, proto)
+            endpoint = UDPEndpoint(self, spec)
+            port = self._listen_udp(spec, UDPProtocol(endpoint, self.udp_receive_buffer))
         elif spec.transport == "tcp":
-            port = self._listen_tcp(spec, _ServerFactory(self, "tcp"))
+            port = self._listen_tcp(spec, ServerFactory(self, "tcp"))
         else:
-            tls = _TLSServerFactory(self._server_tls(), False, _ServerFactory(self, "tls"))
+            tls = TLSServerFactory(self._server_tls(), False, ServerFactory(self, "tls"))
             port = self._listen_tcp(spec, tls)
         self._ports.append(port)
         addr = port.getHost()
         host = strip_brackets(addr.host)
         self.bound.append((spec.transport, host, addr.port))
         self._via_cache.clear()
-        if spec.transport == "udp":
-            proto.local = (host, addr.port)
-            proto.v6 = is_ipv6(host)
-            self._udp.append(proto)
-            self._udp_by_local[proto.local] = proto
+        if endpoint is not None:
+            endpoint.local = (host, addr.port)
+            endpoint.v6 = is_ipv6(host)
+            self.add_udp_endpoint(endpoint)
         log.info("listening on {spec}", spec=f"{spec.transport}:{host}:{addr.port}")
+
+    def add_udp_endpoint(self, endpoint: DatagramEndpoint) -> None:
+        """Send UDP from ``endpoint`` as from a listener of ours (``_listen`` adds each UDP port; tests
+        and benchmarks add an in-memory one, and feed ``datagram_received`` with it)."""
+        self._udp.append(endpoint)
+        self._udp_by_local[endpoint.local] = endpoint
 
     def _listen_tcp(self, spec: ListenSpec, factory: Any) -> Any:
         where: Any = spec.port
@@ -514,16 +427,16 @@ class TransportLayer(Service):
             where = makeBinding(spec.host, spec.port, reuseAddress=True, reusePort=True)
         return self.reactor.listenTCP(where, factory, backlog=self._backlog, interface=spec.host)
 
-    def _listen_udp(self, spec: ListenSpec, proto: _UDPProtocol) -> Any:
+    def _listen_udp(self, spec: ListenSpec, proto: UDPProtocol) -> Any:
         if not isinstance(self.reactor, PosixReactorBase):  # a test double: its own listenUDP
             return self.reactor.listenUDP(spec.port, proto, interface=spec.host, maxPacketSize=65535)
-        port = _UDPPort(spec.port, proto, spec.host, 65535, self.reactor)
+        port = UDPPort(spec.port, proto, spec.host, 65535, self.reactor)
         port.reuse_port = spec in self.reuse_port
         port.startListening()
         return port
 
     def stopService(self) -> defer.Deferred[Any]:
-        super().stopService()
+        self.running = 0
         waits: list[defer.Deferred[Any]] = []
         for port in self._ports:
             d = port.stopListening()
@@ -585,8 +498,9 @@ class TransportLayer(Service):
             host = self._primary(host == "::")
         return (_via_host(strip_brackets(host)), port)
 
-    def send_request(self, req: Request, target: Target, flow: Flow | None = None) -> Flow | None:
-        """Send ``req`` over ``flow`` when live, else towards ``target``; returns the flow used."""
+    def _send_request(self, req: Request, target: Target, flow: Flow | None = None) -> Flow | None:
+        """``send_request``: send ``req`` over ``flow`` when live, else towards ``target``; returns the
+        flow used."""
         data = req.to_bytes()
         if flow is not None and flow.live:
             self._watch(flow, target)
@@ -599,8 +513,9 @@ class TransportLayer(Service):
             return self._send_stream(data, target, name)
         raise TransportError(f"unsupported transport {target.transport!r}")
 
-    def send_response(self, resp: Response, flow: Flow | None) -> None:
-        """Route ``resp`` per RFC 3261 §18.2.2 and RFC 3581 (see the module docstring); never raises."""
+    def _send_response_safely(self, resp: Response, flow: Flow | None) -> None:
+        """``send_response``: route ``resp`` per RFC 3261 §18.2.2 and RFC 3581 (see the module
+        docstring); never raises."""
         try:
             self._send_response(resp, flow)
         except Exception as e:
@@ -638,7 +553,7 @@ class TransportLayer(Service):
 
     # -- inbound: the entry points the protocols above call (nothing else in the layer is theirs) ---
 
-    def datagram_received(self, proto: _UDPProtocol, data: bytes, addr: HostPort) -> None:
+    def datagram_received(self, proto: DatagramEndpoint, data: bytes, addr: HostPort) -> None:
         if len(data) > self.max_message_size:
             log.warn("dropping a {n}-byte datagram from {addr} (max_message_size)", n=len(data), addr=addr)
             return
@@ -667,7 +582,7 @@ class TransportLayer(Service):
             return
         self._inbound(data, self._udp_flow(proto, remote), stream=False)
 
-    def _udp_flow(self, proto: _UDPProtocol, remote: HostPort) -> Flow:
+    def _udp_flow(self, proto: DatagramEndpoint, remote: HostPort) -> Flow:
         flow = self.flows.lookup("udp", proto.local, remote)
         if flow is None:
             key = FlowKey("udp", proto.local, remote)
@@ -684,7 +599,7 @@ class TransportLayer(Service):
             self.flows.touch(flow)
         return flow
 
-    def connection_made(self, proto: _StreamProtocol) -> None:
+    def connection_made(self, proto: StreamProtocol) -> None:
         host, peer = proto.transport.getHost(), proto.transport.getPeer()
         key = FlowKey(proto.name, (_norm_host(host.host), host.port), (_norm_host(peer.host), peer.port))
         proto.made_at = self.clock.seconds()
@@ -701,7 +616,7 @@ class TransportLayer(Service):
             self.flows.touch(proto.flow)
         self._arm_deadline(proto)
 
-    def stream_data(self, proto: _StreamProtocol, data: bytes) -> None:
+    def stream_data(self, proto: StreamProtocol, data: bytes) -> None:
         flow = proto.flow
         if proto.failed or flow is None:
             return
@@ -731,11 +646,11 @@ class TransportLayer(Service):
             self._answer_unparseable(getattr(failure, "data", data), failure, flow)
             proto.close()
 
-    def handshake_completed(self, proto: _StreamProtocol) -> None:
+    def handshake_completed(self, proto: StreamProtocol) -> None:
         # the TLS handshake clock stops; the message clock may start
         self._arm_deadline(proto)
 
-    def connection_lost(self, proto: _StreamProtocol, reason: Failure | None) -> None:
+    def connection_lost(self, proto: StreamProtocol, reason: Failure | None) -> None:
         flow = proto.flow
         why = reason.getErrorMessage() if reason is not None else "connection lost"
         self._release(proto)
@@ -749,7 +664,7 @@ class TransportLayer(Service):
 
     # -- connection limits -------------------------------------------------------------------------
 
-    def _track_incomplete(self, proto: _StreamProtocol, framed: bool) -> None:
+    def _track_incomplete(self, proto: StreamProtocol, framed: bool) -> None:
         """After a feed: when the incomplete message started, and the bytes held, against their caps."""
         framer = proto.framer
         held = len(framer)
@@ -767,7 +682,7 @@ class TransportLayer(Service):
             self._close_for("max_buffered_bytes", proto, f"{self.buffered} bytes held for incomplete "
                                                          f"messages over all connections, cap {cap}")
 
-    def _deadline(self, proto: _StreamProtocol) -> tuple[float, str, str] | None:
+    def _deadline(self, proto: StreamProtocol) -> tuple[float, str, str] | None:
         """The earliest of the clocks running on ``proto``: (when, counter name, why)."""
         limits = self.limits
         found: tuple[float, str, str] | None = None
@@ -787,7 +702,7 @@ class TransportLayer(Service):
                 found = (when, "message_timeout", why)
         return found
 
-    def _arm_deadline(self, proto: _StreamProtocol) -> None:
+    def _arm_deadline(self, proto: StreamProtocol) -> None:
         # one timer per connection at most; it re-reads the state when it fires (no cancel per message)
         if proto.deadline is not None or not proto.up:
             return
@@ -796,7 +711,7 @@ class TransportLayer(Service):
             delay = max(found[0] - self.clock.seconds(), 0.0)
             proto.deadline = self.clock.callLater(delay, self._deadline_reached, proto)
 
-    def _deadline_reached(self, proto: _StreamProtocol) -> None:
+    def _deadline_reached(self, proto: StreamProtocol) -> None:
         proto.deadline = None
         flow = proto.flow
         if not proto.up or flow is None or not flow.live:
@@ -809,7 +724,7 @@ class TransportLayer(Service):
             return
         self._close_for(found[1], proto, found[2])
 
-    def _close_for(self, limit: str, proto: _StreamProtocol, why: str) -> None:
+    def _close_for(self, limit: str, proto: StreamProtocol, why: str) -> None:
         """A limit bit: count it, log it (rate-limited) and abort the connection (no lingering)."""
         self.counters[limit] += 1
         flow_id = proto.flow.id if proto.flow is not None else "?"
@@ -819,7 +734,7 @@ class TransportLayer(Service):
         self._drop_held(proto)  # now, not when the abort is reported: others may go on meanwhile
         proto.abort()
 
-    def _release(self, proto: _StreamProtocol) -> None:
+    def _release(self, proto: StreamProtocol) -> None:
         """The connection is gone: its admission slot, deadline timer and held bytes go with it."""
         if proto.source is not None:
             self.admission.release(proto.source)
@@ -830,14 +745,14 @@ class TransportLayer(Service):
             proto.deadline = None
         self._drop_held(proto)
 
-    def _drop_held(self, proto: _StreamProtocol) -> None:
+    def _drop_held(self, proto: StreamProtocol) -> None:
         self.buffered -= proto.held
         proto.held = 0
         # a connection and its flow refer to each other: only the cyclic collector (which runs
         # rarely, ops/gctune.py) frees them, so what they hold big is dropped now
         proto.framer.clear()
 
-    def connect_failed(self, proto: _StreamProtocol, reason: Failure) -> None:
+    def connect_failed(self, proto: StreamProtocol, reason: Failure) -> None:
         proto.connector = None
         # the flow is dead before anyone hears of the failure, so a retry opens a new connection
         if proto.flow is not None:
@@ -847,7 +762,7 @@ class TransportLayer(Service):
         if not proto.lost.called:
             proto.lost.callback(None)
 
-    def _report_failure(self, proto: _StreamProtocol, reason: str) -> None:
+    def _report_failure(self, proto: StreamProtocol, reason: str) -> None:
         targets, proto.targets = proto.targets, []
         proto.queue.clear()
         for target in targets:
@@ -935,7 +850,7 @@ class TransportLayer(Service):
         if flow.live:
             self.flows.touch(flow)
 
-    def _udp_socket(self, host: str, prefer: Flow | None = None) -> _UDPProtocol:
+    def _udp_socket(self, host: str, prefer: Flow | None = None) -> DatagramEndpoint:
         v6 = is_ipv6(host)
         if prefer is not None and prefer.transport == "udp":
             proto = self._udp_by_local.get(prefer.key.local)
@@ -1001,13 +916,13 @@ class TransportLayer(Service):
     def _connect(self, target: Target, name: str, remote: HostPort) -> Flow:
         if not self.running:
             raise TransportError("transport layer is stopped")
-        proto = _StreamProtocol(self, name, outbound=target)
+        proto = StreamProtocol(self, name, outbound=target)
         key = FlowKey(name, ("", 0), remote)
         flow = Flow(key, self.flows.new_id(key), proto.send, proto.close)
         proto.flow = flow
         self._protos[flow.id] = proto
         self.flows.add(flow)
-        factory = _ClientFactory(proto)
+        factory = OutboundFactory(proto)
         host = strip_brackets(target.host)
         if name == "tls":
             creator = self._client_tls(target.server_name or host)
@@ -1021,7 +936,7 @@ class TransportLayer(Service):
         via = resp.top_via
         # The transport the request arrived on decides, not what its Via claims: a request that
         # came over UDP is answered over UDP even if its sent-protocol says TCP (RFC 4475 scalar02).
-        name = flow.transport if flow is not None else via.transport.lower()
+        name = flow.key.transport if flow is not None else via.transport.lower()
         data = resp.to_bytes()
         if name in _STREAMS:
             if flow is not None and flow.live and flow.reliable:
@@ -1035,15 +950,17 @@ class TransportLayer(Service):
             return
         if name != "udp":
             raise TransportError(f"unsupported Via transport {via.transport!r}")
-        host, port = self._udp_response_address(via, flow)
-        proto = self._udp_socket(host, prefer=flow)
-        if flow is not None and flow.live and flow.transport == "udp" and flow.remote == (host, port) \
-                and flow.key.local == proto.local:
-            self._send_on(flow, data)
-        else:
-            proto.send_to(data, (host, port))
+        addr = self._udp_response_address(via, flow)
+        proto = self._udp_socket(addr[0], prefer=flow)
+        # straight from the socket, also when the request's flow is that path (its sender would
+        # only call this same socket's send_to, through two more calls)
+        proto.send_to(data, addr)
+        if flow is not None and flow.live:
+            key = flow.key
+            if key.transport == "udp" and key.remote == addr and key.local == proto.local:
+                self.flows.touch(flow)
 
-    def _udp_response_address(self, via: Any, flow: Flow | None) -> HostPort:
+    def _udp_response_address(self, via: Via, flow: Flow | None) -> HostPort:
         maddr = via.maddr
         if maddr and is_ip_literal(maddr):
             return _norm_host(maddr), via.port or 5060
@@ -1052,7 +969,7 @@ class TransportLayer(Service):
         if is_ip_literal(via.host):
             return _norm_host(via.host), via.port or 5060
         if flow is not None:
-            return flow.remote
+            return flow.key.remote
         raise TransportError(f"no address to send to: sent-by {via.host!r} is a name and there is no flow")
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -1084,3 +1001,6 @@ class TransportLayer(Service):
     @staticmethod
     def _no_sink(msg: Message, flow: Flow) -> None:
         log.warn("no sink set; dropping {msg!r} from {flow_id}", msg=msg, flow_id=flow.id)
+
+
+classImplements(TransportLayer, IService)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
 from libon_tsilo.cluster.liveness import TTL, PeerLiveness
@@ -157,5 +157,63 @@ async def test_a_node_that_joined_since_our_last_beat_still_gets_its_devices_cal
         caller, device, inv, answer, device_tag = await _answered_call(pair, "udp")
         assert pair.b.parts.extra["cluster_relay"].counters["to_device"] >= 2  # through B
         assert len(inv.header_values("via")) == 2
+    finally:
+        await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flow_token_is_taken_only_from_its_own_flow_not_from_another_port_of_its_ip():
+    """RFC 5626 §5.3: the edge proxy matches the token's flow against the request's source address
+    *and port*. Behind a carrier-grade NAT many subscribers share one IP (and over UDP an IP is
+    spoofed at no cost): another port of the device's IP may not use its token."""
+    pair = Pair()
+    pair.start()
+    try:
+        caller, device, inv, answer, device_tag = await _answered_call(pair, "udp")
+        _beating(pair.b, pair.a)
+        neighbour = await pair.ua(pair.b)  # same IP (loopback), another port
+        rr = inv.header_values("record-route")
+        to, frm = f"{inv.header('to')};tag={device_tag}", inv.header("from") or ""
+        neighbour.send(in_dialog(neighbour, "BYE", str(inv.contacts[0].uri), rr, to, frm, inv.call_id, 8))
+        await neighbour.response(403, "BYE")
+        relay = pair.b.parts.extra["cluster_relay"]
+        assert relay.counters["refused_wrong_flow"] == 1 and relay.counters["to_peer"] == 0
+        # the device itself, from its own flow, still hangs up through B
+        device.send(in_dialog(device, "BYE", str(inv.contacts[0].uri), rr, to, frm, inv.call_id, 9))
+        await caller.request("BYE")
+        assert relay.counters["to_peer"] == 1
+    finally:
+        await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_before_the_first_beat_is_answered_a_trusted_host_is_not_yet_a_node(redis_server: RedisServer):
+    """Finding 10: while no beat of ours was answered (a few ms after start, or Redis unreachable
+    since start) the host alone used to decide: a device's request could reach any port of a
+    trusted host. Now a node with a store to beat in waits to see its peers."""
+    pair = Pair()
+    pair.start()
+    try:
+        caller, device, inv, answer, device_tag = await _answered_call(pair, "udp")
+        cluster = pair.b.parts.extra["cluster_node"]
+        first_beat: Deferred[set[str]] = Deferred()
+        liveness = PeerLiveness(Clock(), cluster.member, lambda me, ttl: first_beat)
+        liveness.startService()
+        cluster.liveness = liveness
+        redis_server.cli("SET", "canary", "1")
+        rr = inv.header_values("record-route")
+        to, frm = f"{inv.header('to')};tag={device_tag}", inv.header("from") or ""
+        body = "FLUSHALL\r\n"
+        attack = in_dialog(device, "MESSAGE", f"sip:x@127.0.0.1:{redis_server.port};transport=tcp", rr,
+                           to, frm, inv.call_id, 7)
+        device.send(attack.replace("Content-Length: 0\r\n\r\n", f"Content-Length: {len(body)}\r\n\r\n{body}"))
+        await device.response(403, "MESSAGE")
+        relay = pair.b.parts.extra["cluster_relay"]
+        assert relay.counters["to_peer"] == 0 and redis_server.cli("EXISTS", "canary") == b":1"
+        # once the beat is answered with A in it, the dialog's BYE to A crosses B
+        first_beat.callback({cluster.member(), pair.a.parts.extra["cluster_node"].member()})
+        device.send(in_dialog(device, "BYE", str(inv.contacts[0].uri), rr, to, frm, inv.call_id, 8))
+        await caller.request("BYE")
+        assert relay.counters["to_peer"] == 1
     finally:
         await pair.stop()

@@ -8,7 +8,10 @@ from twisted.internet.task import Clock
 from libon_tsilo.ops.config import config_from_dict
 from libon_tsilo.ops.metrics import make_registry
 from libon_tsilo.ops.service import make_service
+from libon_tsilo.sip.message import parse_message
+from tests.fakes.sip import FakeFlow
 from tests.ops.test_metrics import samples
+from tests.sip.fakes import request_text
 
 
 def _parts(tmp_path, **sections):
@@ -33,8 +36,28 @@ def test_cluster_wiring_and_peers_exempt_from_the_source_limits(tmp_path):
     assert relay.register_answered == parts.registrar.when_answered  # cross-node ordering
     assert str(parts.transport.specs[-1]) == "udp:127.0.0.1:25071"  # after the public listeners
     assert relay in parts.extra["limits"]
-    exempt = parts.extra["source_limiter"].exempt
-    assert "10.1.2.3" in exempt and "10.2.0.1" not in exempt  # a peer relays every call from one address
+
+
+def _options(i: int) -> object:
+    return parse_message(request_text("OPTIONS", branch=f"z9hG4bKlim{i}", call_id=f"lim-{i}",
+                                      ruri="sip:example.com").encode())
+
+
+def test_trusted_peers_skip_the_source_limits_on_the_internal_listener_only(tmp_path):
+    parts = _parts(tmp_path, cluster={"node_address": "udp:127.0.0.1:25071", "trusted_peers": ["10.1.0.0/16"]},
+                   limits={"requests_per_second": 1, "burst": 2})
+    parts.extra["cluster_node"]._bound = ("127.0.0.1", 25071)  # as once the transport listens
+    parts.transport.send_response = lambda resp, flow: None  # the limiter's 503: no socket here
+    admit = parts.transactions.admit
+    # a peer relays every call from one address: never limited on the internal listener
+    internal = FakeFlow(remote=("10.1.2.3", 5060), local=("127.0.0.1", 25071))
+    assert all(admit(_options(i), internal) for i in range(50))
+    # the same range on a public listener (a device, an SNATing balancer) is limited as any source
+    public = FakeFlow(remote=("10.1.2.4", 5060), local=("127.0.0.1", 5060))
+    assert [admit(_options(i), public) for i in range(4)] == [True, True, False, False]
+    # and an untrusted host on the internal listener too (it is refused there anyway)
+    stranger = FakeFlow(remote=("10.2.0.1", 5060), local=("127.0.0.1", 25071))
+    assert [admit(_options(i), stranger) for i in range(4)] == [True, True, False, False]
 
 
 def test_a_cluster_on_redis_beats_and_asks_its_liveness_view(tmp_path):
@@ -45,6 +68,12 @@ def test_a_cluster_on_redis_beats_and_asks_its_liveness_view(tmp_path):
     node, liveness = parts.extra["cluster_node"], parts.extra["cluster_liveness"]
     assert node.liveness is liveness and parts.b2bua.peer_alive == node.peer_alive
     assert liveness._beat == parts.location.persistence.heartbeat
+    # every device is reached through its node's relay, which holds an INVITE until the 200 is sent
+    assert not parts.location.persistence.publish_after_answer
+    direct = config_from_dict({"location": {"backend": "redis"}, "cluster": {
+        "node_address": "udp:127.0.0.1:25072", "secret": "s", "udp_via_path": False}}, base_dir=tmp_path)
+    # a node forking to a UDP device itself hears of the binding after its REGISTER's 200 is sent
+    assert make_service(direct, clock=Clock()).parts.location.persistence.publish_after_answer
     liveness.view = {"udp:127.0.0.1:25072", "udp:127.0.0.1:25074"}
     assert samples(make_registry(parts))[("libon_tsilo_cluster_nodes_alive", ())] == 2
     # on memory there is no shared store to beat in: every peer counts as alive

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import pytest
@@ -75,6 +76,19 @@ def test_message_hooks_count_in_and_out_and_keep_behaviour():
     assert counters.requests_out == {"INVITE": 1}
     assert counters.responses_out == {("INVITE", 180): 2}
     assert counters.as_dict()["responses_out"] == {"INVITE 180": 2}
+
+
+def test_the_hooks_are_callable_objects_and_the_counts_plain_dicts():
+    # issue 15: the hooks run on every message; as closures they were interpreted functions
+    # (ops/message_counters.py is compiled by mypyc), and a Counter is a dict subclass, which
+    # compiled code increments through the generic protocol
+    transport = FakeTransport()
+    counters = MessageCounters()
+    install_message_hooks(transport, counters)
+    for hook in (transport.sink, transport.send_request, transport.send_response):
+        assert not isinstance(hook, types.FunctionType), hook
+    transport.sink(parse_message(INVITE), None)
+    assert type(counters.requests_in) is dict and counters.requests_in == {"INVITE": 1}
 
 
 def test_what_the_stateless_forwarder_takes_is_counted_in_once():

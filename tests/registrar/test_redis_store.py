@@ -288,7 +288,8 @@ async def test_a_password_in_the_url_logs_in(tmp_path: Path, nodes: list[Node]) 
         a = _node(nodes, server, "a")
         await a.start()
         await a.write(make_binding(expires_at=60.0))
-        assert server.cli("DBSIZE") == b":3"  # the epoch, the node's write counter and the binding
+        # the epoch, the node's write counter, its claim on its node id and the binding
+        assert server.cli("DBSIZE") == b":4"
         # an ACL user restricted to the prefix, with the rights etc/libon-tsilo.toml documents
         assert server.cli("ACL", "SETUSER", "tsilo", "on", ">pw", "~test:*", "&test:*", "+@read", "+@write",
                           "+@pubsub", "+@scripting", "+@connection", "-@dangerous", "+info") == b"+OK"

@@ -63,7 +63,7 @@ def _server() -> tuple[Any, list[tuple[bytes, tuple[str, int]]], Any]:
 
     sock = FakeSocket()
     transport = root.parts.transport
-    transport._udp_socket = lambda host, prefer=None: sock
+    transport.add_udp_endpoint(sock)
 
     def feed(data: str, addr: tuple[str, int]) -> None:
         transport.datagram_received(sock, data.encode(), addr)
@@ -86,11 +86,11 @@ def test_over_tcp_the_200_ok_is_written_before_the_invite() -> None:
     from twisted.internet.address import IPv4Address
     from twisted.internet.testing import StringTransport
 
-    from libon_tsilo.sip.transport import _ServerFactory
+    from libon_tsilo.sip.twisted_io import ServerFactory
 
     root, _outbox, feed = _server()
     feed(INVITE, CALLER)
-    proto = _ServerFactory(root.parts.transport, "tcp").buildProtocol(None)
+    proto = ServerFactory(root.parts.transport, "tcp").buildProtocol(None)
     wire = StringTransport(
         hostAddress=IPv4Address("TCP", "127.0.0.1", 5060), peerAddress=IPv4Address("TCP", "127.0.0.1", 17001)
     )

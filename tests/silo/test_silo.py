@@ -1,21 +1,20 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
 
+from libon_tsilo.registrar.binding import Binding
 from libon_tsilo.silo.silo import CANNOT_APPEND, NO_RECORD, NOT_FOUND, Silo
 from libon_tsilo.latency import LatencyWindow, percentile
 from tests.fakes.calls import FakeCall, FakeLocation
 
 
-@dataclass
-class FakeBinding:
-    aor: str
-    contact_uri: str
-    key: str = ""
+def FakeBinding(aor: str, contact_uri: str, registered_at: float = 0.0) -> Binding:  # noqa: N802
+    """A real Binding: the silo is compiled (mypyc), and its methods check their arguments' types."""
+    return Binding(aor, contact_uri, f"<{contact_uri}>", expires_at=3600.0, registered_at=registered_at,
+                   call_id="reg", cseq=1)
 
 
 def make(max_pending: int = 8) -> tuple[Silo, Clock, FakeLocation]:
@@ -190,9 +189,7 @@ def test_max_total_refuses_new_calls_until_one_leaves() -> None:
     assert not Silo(Clock(), FakeLocation()).at_capacity()  # 0 = no limit
 
 
-@dataclass
-class RegisteredBinding(FakeBinding):
-    registered_at: float = 0.0
+RegisteredBinding = FakeBinding
 
 
 def test_register_to_invite_latency_counts_from_the_register() -> None:

@@ -684,6 +684,18 @@ def test_make_response_copies_dialog_headers() -> None:
     assert req.to_bytes() == INVITE
 
 
+def test_make_response_reuses_the_requests_parsed_cseq() -> None:
+    # the message counters read every response's CSeq: a response to a request whose CSeq was
+    # read (the transaction layer always reads it) must not parse the same text again
+    req = parse_message(INVITE)
+    assert isinstance(req, Request)
+    cseq = req.cseq
+    resp = make_response(req, 200, to_tag="t")
+    assert resp.cseq is cseq
+    resp.set_header("CSeq", "7 INVITE")  # a changed header is read anew
+    assert resp.cseq.seq == 7 and req.cseq is cseq and req.cseq.seq == 314159
+
+
 def test_make_response_keeps_existing_to_tag() -> None:
     req = parse_message(msg_with(*BASIC[:1], "To: <sip:u@example.com>;tag=existing", *BASIC[2:]))
     resp = make_response(req, 200, to_tag="other")  # type: ignore[arg-type]

@@ -360,7 +360,7 @@ async def test_udp_receive_buffer_is_the_configured_size() -> None:
         layer = TransportLayer(["udp:127.0.0.1:0"], Clock(), 60, 4096, udp_receive_buffer=size)
         layer.startService()
         try:
-            sock = layer._udp[0].transport.socket
+            sock = layer._udp[0].sock
             sizes[size] = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 2  # Linux doubles it
         finally:
             await layer.stopService()

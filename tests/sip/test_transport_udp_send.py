@@ -1,4 +1,4 @@
-"""The UDP port's send path (transport._UDPPort.write): sendto with one C-level address check instead of
+"""The UDP port's send path (twisted_io.UDPPort.write, udp_send.udp_sendto): sendto with one C-level address check instead of
 Twisted's three Python-level ones per datagram (issue 15), the same errors otherwise."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import pytest
 from twisted.internet import abstract, error, reactor
 from twisted.internet.protocol import DatagramProtocol
 
-from libon_tsilo.sip import transport
+from libon_tsilo.sip import twisted_io
 
 
 @pytest.fixture
 def port():
-    p = transport._UDPPort(0, DatagramProtocol(), "127.0.0.1", 65535, reactor)
+    p = twisted_io.UDPPort(0, DatagramProtocol(), "127.0.0.1", 65535, reactor)
     p.startListening()
     yield p
     p.stopListening()

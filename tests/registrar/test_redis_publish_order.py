@@ -1,0 +1,78 @@
+"""A binding change reaches the other nodes only after its REGISTER's 200 is sent (review of
+issue 14, finding 13: ``udp_via_path = false``).
+
+When the forking node sends the INVITE to a UDP device itself (no edge node to hold it,
+cluster/ordering.py), an announcement made inside the write (the Lua script's PUBLISH) could let
+its INVITE reach the device before the 200 of the REGISTER that woke the call.
+``publish_after_answer`` publishes after the waiters (the 200s) fired. A raw subscriber stands for
+the forking node: whatever Redis published before the 200 went is in its socket by then (Redis
+writes it out before the script's own reply). Real redis-server; the store's clock is a Clock.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+
+import pytest_twisted
+
+from tests.redis_server import HOST, RedisServer, _resp
+from tests.registrar.helpers import make_binding
+from tests.registrar.test_redis_rollback import nodes  # noqa: F401 (the fixture)
+from tests.registrar.test_redis_store import Node, _node, until
+
+
+def _subscriber(server: RedisServer) -> socket.socket:
+    sock = socket.create_connection((HOST, server.port), timeout=2.0)
+    sock.sendall(_resp("SUBSCRIBE", "test:bindings"))
+    got = b""
+    while got.count(b"\r\n") < 6:  # *3, $9 subscribe, $13 channel, :1
+        got += sock.recv(4096)
+    return sock
+
+
+def _published(sock: socket.socket, wait: float) -> bytes:
+    readable, _, _ = select.select([sock], [], [], wait)
+    return sock.recv(65536) if readable else b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_change_is_published_only_after_the_registers_answer_is_sent(
+    redis_server: RedisServer, nodes: list[Node]  # noqa: F811
+) -> None:
+    b = _node(nodes, redis_server, "b")
+    b.redis.publish_after_answer = True  # ops: udp_via_path = false (or no node_address)
+    await b.start()
+    forking_node = _subscriber(redis_server)
+    try:
+        seen_at_answer: list[bytes] = []
+        binding = make_binding(uri="sip:dev@192.0.2.5", expires_at=600.0, node="b")
+        b.store.add_or_update(binding)
+        d = b.store.when_durable(binding.aor)
+        assert d is not None
+        # the registrar sends the 200 in this callback: what the forking node could know by then
+        d.addCallback(lambda _: seen_at_answer.append(_published(forking_node, 0.3)))
+        await d
+        assert seen_at_answer == [b""], "the change was announced before the REGISTER's answer"
+        announced = await until(lambda: _published(forking_node, 0.0), "the announcement after it")
+        assert b"sip:dev@192.0.2.5" in announced
+    finally:
+        forking_node.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_change_reaches_the_other_replica_after_the_answer(
+    redis_server: RedisServer, nodes: list[Node]  # noqa: F811
+) -> None:
+    a, b = _node(nodes, redis_server, "a"), _node(nodes, redis_server, "b")
+    b.redis.publish_after_answer = True
+    await a.start()
+    await b.start()
+    first = make_binding(uri="sip:one@192.0.2.5", expires_at=600.0, node="b")
+    second = make_binding(aor="sip:bob@example.com", uri="sip:two@192.0.2.6", expires_at=600.0, node="b")
+    await b.write(first)
+    await b.write(second)
+    b.store.remove(b.store.lookup(first.aor)[0], "unregistered")
+    await b.store.flush()
+    await until(lambda: a.store.lookup(second.aor) and not a.store.lookup(first.aor), "b's changes on a, in order")
+    assert a.events.kinds() == ["added", "added", "removed"]

@@ -1,0 +1,124 @@
+"""Write-backs after Redis lost acknowledged bindings (review of issue 14, finding 15).
+
+The bindings a node writes back are acknowledged data (their REGISTERs got a 200): a chunk that
+fails is retried, with backoff on the store's clock, until Redis has it; a node with many bindings
+writes them in bounded chunks; and a loss the feed does not see (its connection survived) is caught
+by the write counter on the next write or heartbeat. Real redis-server (tests/redis_server.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest_twisted
+from twisted.internet.task import Clock
+
+from libon_tsilo.registrar.redis_store import binding_redis_key
+from tests.redis_server import RedisServer
+from tests.registrar.helpers import make_binding
+from tests.registrar.test_redis_rollback import nodes  # noqa: F401 (the fixture)
+from tests.registrar.test_redis_store import Node, _node, until
+
+
+def _in_redis(server: RedisServer, binding: Any) -> bool:
+    return server.cli("EXISTS", binding_redis_key(b"test:", binding.aor, binding.key)) == b":1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_write_back_that_fails_is_retried_until_redis_has_it(
+    redis_server: RedisServer, nodes: list[Node]  # noqa: F811
+) -> None:
+    clock = Clock()
+    a = _node(nodes, redis_server, "a", clock)
+    await a.start()
+    late = make_binding(uri="sip:late@192.0.2.6", expires_at=600.0, node="a")
+    assert redis_server.cli("SAVE") == b"+OK"
+    await a.write(late)  # acknowledged after the snapshot
+    load_all = a.redis._load_all
+
+    async def load_then_refuse_scripts() -> list[Any]:
+        loaded = await load_all()
+        # the write-back right after this load is refused (NOPERM), as by a Redis still recovering
+        assert redis_server.cli("ACL", "SETUSER", "default", "-@scripting") == b"+OK"
+        return loaded
+
+    a.redis._load_all = load_then_refuse_scripts  # type: ignore[method-assign]
+    redis_server.restart()  # from the snapshot: `late` is gone
+    await until(lambda: a.redis.loads == 2 and a.redis.rows_retried == 1, "the write-back to fail")
+    assert not _in_redis(redis_server, late)
+    assert redis_server.cli("ACL", "SETUSER", "default", "+@scripting") == b"+OK"
+    clock.advance(a.redis.min_backoff)  # the retry, on the store's clock
+    await until(lambda: _in_redis(redis_server, late), "the retried write-back")
+    assert a.redis.rows_written_back == 1 and a.redis.write_back_pending() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pending_write_back_is_cancelled_on_stop(
+    redis_server: RedisServer, nodes: list[Node]  # noqa: F811
+) -> None:
+    clock = Clock()
+    a = Node(redis_server, "a", clock)
+    await a.start()
+    assert redis_server.cli("SAVE") == b"+OK"
+    await a.write(make_binding(uri="sip:late@192.0.2.6", expires_at=600.0, node="a"))
+    load_all = a.redis._load_all
+
+    async def load_then_refuse_scripts() -> list[Any]:
+        loaded = await load_all()
+        assert redis_server.cli("ACL", "SETUSER", "default", "-@scripting") == b"+OK"
+        return loaded
+
+    a.redis._load_all = load_then_refuse_scripts  # type: ignore[method-assign]
+    redis_server.restart()
+    await until(lambda: a.redis.rows_retried == 1, "the write-back to fail")
+    assert clock.getDelayedCalls()
+    await a.store.stop()
+    assert not [c for c in clock.getDelayedCalls() if c.active()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_write_backs_go_in_bounded_chunks(
+    redis_server: RedisServer, nodes: list[Node]  # noqa: F811
+) -> None:
+    a, b = _node(nodes, redis_server, "a"), _node(nodes, redis_server, "b")
+    a.redis.write_back_chunk = 2
+    await a.start()
+    await b.start()
+    assert redis_server.cli("SAVE") == b"+OK"
+    late = [make_binding(aor=f"sip:u{i}@example.com", uri=f"sip:late{i}@192.0.2.6", expires_at=600.0,
+                         node="a") for i in range(5)]
+    for binding in late:
+        await a.write(binding)
+    commits = a.redis.commits
+    redis_server.restart()
+    await until(lambda: all(_in_redis(redis_server, x) for x in late), "the write-backs")
+    assert a.redis.commits - commits == 3  # 2 + 2 + 1: one Lua call and one change message each
+    await until(lambda: all(b.store.lookup(x.aor) for x in late), "every binding on b again")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_loss_the_feed_did_not_see_is_caught_by_the_next_write(
+    redis_server: RedisServer, nodes: list[Node]  # noqa: F811
+) -> None:
+    a = _node(nodes, redis_server, "a")
+    await a.start()
+    early = make_binding(uri="sip:early@192.0.2.5", expires_at=600.0, node="a")
+    await a.write(early)
+    await a.write(make_binding(aor="sip:carol@example.com", uri="sip:c@192.0.2.7", expires_at=600.0, node="a"))
+    assert redis_server.cli("FLUSHALL") == b"+OK"  # an operator's mistake: our connections stay
+    await a.write(make_binding(aor="sip:bob@example.com", uri="sip:next@192.0.2.6", expires_at=600.0, node="a"))
+    await until(lambda: _in_redis(redis_server, early), "a to write its bindings back")
+    assert a.redis.loads == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_loss_the_feed_did_not_see_is_caught_by_the_heartbeat_of_an_idle_node(
+    redis_server: RedisServer, nodes: list[Node]  # noqa: F811
+) -> None:
+    a = _node(nodes, redis_server, "a")
+    await a.start()
+    early = make_binding(uri="sip:early@192.0.2.5", expires_at=600.0, node="a")
+    await a.write(early)
+    assert redis_server.cli("FLUSHALL") == b"+OK"
+    await a.redis.heartbeat("udp:10.0.0.1:5070", 3.0)
+    await until(lambda: _in_redis(redis_server, early), "a to write its binding back")
