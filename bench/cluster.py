@@ -23,7 +23,9 @@ per-call AOR, the device REGISTERs it ``--delay-ms`` later and answers the forke
 /proc/<pid>/stat summed over the nodes (redis-server's CPU is printed beside it, not added) and the
 CPU per answered call (the servers' idle CPU, measured for 2 s before the load, is printed beside
 it: a low --rate spreads it over few calls); then the CPU-per-call ratio of (b) and (c) against (a)
-(goal <= 1.2).
+(goal <= 1.2). Per call and per node, it prints the wake-ups (voluntary context switches, from
+/proc) and Redis's commands (INFO commandstats); with ``--strace``, each node's syscalls (strace -c,
+which slows the nodes: that run's CPU figures are not comparable).
 
 The REGISTER -> forked INVITE latency is measured from outside, as the device sees it: a small UA
 here parks one INVITE on A, sends the REGISTER to B (A in (a), (b)), and times the REGISTER's send
@@ -39,9 +41,11 @@ on the host moves the figures: compare cases of one run, not runs of different d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -203,6 +207,60 @@ def _stime(pid: int) -> float:
     return int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
+def wakeups(pid: int) -> int:
+    """Times the process's threads blocked and were woken (voluntary context switches): a reactor
+    thread counts one per wake-up from epoll_wait with nothing left to do."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        with contextlib.suppress(OSError):
+            for line in status.read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def redis_commands(redis: RedisServer | None) -> dict[str, int]:
+    """Commands Redis ran so far, by name (INFO commandstats; a script's own calls included)."""
+    if redis is None:
+        return {}
+    with socket.create_connection((HOST, redis.port), timeout=5) as sock:
+        sock.sendall(b"INFO commandstats\r\n")
+        data = b""
+        while b"\r\n" not in data or len(data) < data.index(b"\r\n") + 2 + int(data[1:data.index(b"\r\n")]):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    out = {}
+    for m in re.finditer(rb"cmdstat_([a-z|_-]+):calls=(\d+)", data):
+        out[m.group(1).decode()] = int(m.group(2))
+    return out
+
+
+def start_strace(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
+    """``strace -c -f -p PID`` until stopped: every syscall of the node, counted (it slows the node:
+    the CPU figures of a run with --strace are not comparable)."""
+    exe = shutil.which("strace")
+    if exe is None:
+        return None
+    return subprocess.Popen([exe, "-c", "-f", "-p", str(pid), "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def strace_counts(proc: subprocess.Popen[bytes] | None, out: Path) -> dict[str, int]:
+    if proc is None:
+        return {}
+    proc.send_signal(signal.SIGINT)
+    proc.wait(30)
+    counts = {}
+    for line in out.read_text().splitlines():
+        cols = line.split()
+        # % time, seconds, usecs/call, calls, [errors,] syscall
+        if len(cols) >= 5 and cols[0][0].isdigit() and cols[-1] != "total":
+            counts[cols[-1]] = int(cols[3])
+    return counts
+
+
 def start_setup(case: str, workdir: Path, ports: PortRange) -> Setup:
     redis = None
     if case in ("b", "c", "e"):
@@ -261,6 +319,9 @@ class LoadResult:
     per_node: list[float] = field(default_factory=list)
     per_node_sys: list[float] = field(default_factory=list)  # the kernel's part of per_node
     idle: float = 0.0  # the servers' CPU seconds per second with no traffic (timers, Redis pings)
+    per_node_wakeups: list[int] = field(default_factory=list)
+    redis_commands: dict[str, int] = field(default_factory=dict)  # run during the load, by name
+    per_node_syscalls: list[dict[str, int]] = field(default_factory=list)  # with --strace
 
     @property
     def per_call(self) -> float:
@@ -268,7 +329,7 @@ class LoadResult:
 
 
 def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir: Path,
-             prefix: str) -> LoadResult:
+             prefix: str, trace: bool = False) -> LoadResult:
     calls = max(1, int(rate * duration))
     limit = max(1000, int(rate * 5))
     caller_args, caller_stats, _ = sipp_command(
@@ -282,6 +343,11 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
     idle0 = setup.cpu()
     time.sleep(IDLE_SECONDS)  # the servers' own background cost, printed beside the per-call figure
     idle = (setup.cpu() - idle0) / IDLE_SECONDS
+    tracers = [start_strace(n.pid, workdir / f"strace-{i}.txt") if trace else None
+               for i, n in enumerate(setup.nodes)]
+    if trace:
+        time.sleep(1.0)  # strace attaches
+    wake0, commands0 = [wakeups(n.pid) for n in setup.nodes], redis_commands(setup.redis)
     nodes0, sys0, redis0, started = setup.node_cpu(), setup.node_sys(), setup.redis_cpu(), time.monotonic()
     caller = spawn(caller_args, workdir, "caller")
     time.sleep(delay_ms / 1000.0)
@@ -295,6 +361,9 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
             raise RuntimeError("SIPp did not finish") from None
     per_node = [after - before for after, before in zip(setup.node_cpu(), nodes0)]
     per_node_sys = [after - before for after, before in zip(setup.node_sys(), sys0)]
+    per_node_wakeups = [wakeups(n.pid) - before for n, before in zip(setup.nodes, wake0)]
+    commands = {name: calls - commands0.get(name, 0) for name, calls in redis_commands(setup.redis).items()}
+    syscalls = [strace_counts(t, workdir / f"strace-{i}.txt") for i, t in enumerate(tracers)]
     cpu, redis_cpu, wall = sum(per_node), setup.redis_cpu() - redis0, time.monotonic() - started
     cs = sipp_stats(caller_stats)
     stats = setup.caller_node.stats()
@@ -302,7 +371,8 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
     # calls/s over the caller's SIPp run (bench/latefork.py's "whole run" figure)
     elapsed = sipp_run_seconds(cs) or wall
     return LoadResult(calls, int(cs.get("SuccessfulCall(C)", 0)), elapsed, cpu, redis_cpu,
-                      int(latency.get("samples") or 0), latency, per_node, per_node_sys, idle)
+                      int(latency.get("samples") or 0), latency, per_node, per_node_sys, idle,
+                      per_node_wakeups, {k: v for k, v in commands.items() if v > 0}, syscalls)
 
 
 # --- REGISTER -> forked INVITE, as the device sees it -----------------------------------------------
@@ -411,7 +481,7 @@ def run_case(case: str, args: argparse.Namespace, base: Path, ports: PortRange) 
     workdir = base / case
     setup = start_setup(case, workdir, ports)
     try:
-        load = run_load(setup, args.rate, args.duration, args.delay_ms, workdir, f"cl{case}-")
+        load = run_load(setup, args.rate, args.duration, args.delay_ms, workdir, f"cl{case}-", args.strace)
         probes = probe_latency(setup, args.probes, f"pr{case}-") if args.probes else []
     finally:
         setup.stop()
@@ -427,6 +497,19 @@ def run_case(case: str, args: argparse.Namespace, base: Path, ports: PortRange) 
                          if setup.redis is not None else ""))
     print(f"  idle servers (before the load): {load.idle * 1000:.1f} ms CPU per second, "
           f"{load.idle * load.elapsed / max(load.ok, 1) * 1000:.3f} ms per call of this run (included above)")
+    ok = max(load.ok, 1)
+    names = "AB"
+    print("  wake-ups per call (voluntary context switches): " + ", ".join(
+        f"{names[i]} {w / ok:.2f}" for i, w in enumerate(load.per_node_wakeups)))
+    if load.redis_commands:
+        print("  redis commands per call: " + ", ".join(
+            f"{name} {calls / ok:.2f}" for name, calls in sorted(load.redis_commands.items())))
+    for i, counts in enumerate(load.per_node_syscalls):
+        if counts:
+            top = sorted(counts.items(), key=lambda kv: -kv[1])[:8]
+            print(f"  syscalls per call, node {names[i]} (strace -c; its CPU figures above are not "
+                  f"comparable): {sum(counts.values()) / ok:.1f}: "
+                  + ", ".join(f"{name} {calls / ok:.2f}" for name, calls in top))
     internal = load.internal
     print(f"  REGISTER -> forked INVITE inside node A (silo, under load): p50 {fmt_ms(internal.get('p50'))}, "
           f"p99 {fmt_ms(internal.get('p99'))}")
@@ -449,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-pin", action="store_true",
                     help="let the OS place the processes (default: servers on CPU 0, SIPp, Redis on CPU 1)")
     ap.add_argument("--keep", type=Path, help="keep the logs in this directory (default: a temp dir)")
+    ap.add_argument("--strace", action="store_true",
+                    help="count each node's syscalls during the load (strace -c: slows the nodes)")
     args = ap.parse_args(argv)
     global PIN
     PIN = not args.no_pin

@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.inproc import IN_DIALOG, INVITE, REGISTER, SDP, _TO, answer, take  # noqa: E402
+from bench.inproc import IN_DIALOG, INVITE, REGISTER, SDP, answer, header_value, take  # noqa: E402
 
 STAGES = ("register-memory", "register-redis", "apply-redis", "call-memory", "call-redis", "call-remote")
 CALLER = ("127.0.0.1", 16000)
@@ -299,7 +299,7 @@ def child(stage: str, n: int, reactor_name: str, redis_url: str) -> None:
         node.feed(answer(b_invite, "200 OK", f"d{i}", device_sdp), DEVICE)
         await ok
         take(node.outbox, DEVICE, b"ACK ")
-        to = _TO.search(take(node.outbox, CALLER, b"SIP/2.0 200")).group(1).decode()
+        to = header_value(take(node.outbox, CALLER, b"SIP/2.0 200"), b"to").decode()
         bye = node.expect(DEVICE, b"BYE ")
         for method, kind, cseq in (("ACK", "a", 1), ("BYE", "b", 2)):
             msg = IN_DIALOG.format(method=method, kind=kind, n=i, user=f"lf{i}", to=to, cseq=cseq)

@@ -10,6 +10,11 @@ being written the next one fills up, and it goes when the first returns.
 own kind), calls ``changed()``, writes the batch it is handed, and calls ``finished()`` when the
 write returned (after answering that batch's waiters). ``WorkerThread`` is the private one-thread
 pool a blocking writer (SQLite) runs its batches in.
+
+A store whose writes run on an asyncio loop (Redis) gives ``soon`` (the loop's ``call_soon``): with
+no ``flush_interval`` an idle store then writes on the loop's next turn, once the rest of the
+REGISTER that queued the change has queued its other changes, without a timer (a zero-delay
+``callLater`` is a Twisted DelayedCall and a loop timer handle per batch).
 """
 
 from __future__ import annotations
@@ -49,21 +54,29 @@ class GroupCommit(Generic[BatchT]):
 
     def __init__(
         self, clock: IReactorTime, flush_interval: float, new_batch: Callable[[], BatchT],
-        write: Callable[[BatchT], None],
+        write: Callable[[BatchT], None], soon: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
         self.clock = clock
         self.flush_interval = max(0.0, min(flush_interval, 1.0))
         self._new_batch = new_batch
         self._write = write
+        # may be set later (before the first change): a store whose loop is known only at its start
+        self.soon = soon
         self.open: BatchT = new_batch()
         self.inflight: BatchT | None = None
         self.closed = False
         self._timer: IDelayedCall | None = None
+        self._soon_due = False  # ``soon`` was asked to start the open batch
 
     def changed(self) -> None:
-        """A change went into ``open``: an idle store writes it ``flush_interval`` from now."""
-        if self.inflight is None and self._timer is None:
-            self._timer = self.clock.callLater(self.flush_interval, self.start)
+        """A change went into ``open``: an idle store writes it ``flush_interval`` from now (on the
+        loop's next turn with ``soon``)."""
+        if self.inflight is None and self._timer is None and not self._soon_due:
+            if self.soon is not None and not self.flush_interval:
+                self._soon_due = True
+                self.soon(self.start)
+            else:
+                self._timer = self.clock.callLater(self.flush_interval, self.start)
 
     def wait(self, key: Any) -> defer.Deferred | None:
         """A Deferred for the batch holding the changes queued so far (None when nothing waits to
@@ -90,7 +103,9 @@ class GroupCommit(Generic[BatchT]):
 
     def start(self) -> None:
         """Write the open batch now, unless one is in flight (it goes when that one returns)."""
-        self._cancel_timer()
+        self._soon_due = False  # a turn already asked for finds nothing left, or the next batch
+        if self._timer is not None:
+            self._cancel_timer()
         if self.inflight is not None or not len(self.open):
             return
         batch = self.inflight = self.open

@@ -50,10 +50,11 @@ def _resp(*args: str | bytes) -> bytes:
 class RedisServer:
     """One redis-server process on a fixed loopback port, restartable on that port."""
 
-    def __init__(self, directory: Path, password: str = "", port: int = 0) -> None:
+    def __init__(self, directory: Path, password: str = "", port: int = 0, extra_args: tuple[str, ...] = ()) -> None:
         self.dir = directory
         self.port = port or _free_tcp_port()  # benchmarks pass a port of their own range
         self.password = password
+        self.extra_args = extra_args  # more redis-server options, e.g. ("--rename-command", "HELLO", "")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -73,6 +74,7 @@ class RedisServer:
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.extra_args
         log = open(self.dir / "redis.log", "ab")  # noqa: SIM115 (kept open by the child)
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         log.close()

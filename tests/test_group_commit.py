@@ -98,3 +98,50 @@ def test_flush_writes_now_and_close_returns_what_was_never_written() -> None:
     clock.advance(10)
     assert w.written == [["a"]]  # closed: "b" never goes
     assert clock.getDelayedCalls() == []
+
+
+class Soon:
+    """An event loop's call_soon, run by hand: ``turn()`` runs what was queued."""
+
+    def __init__(self) -> None:
+        self.queued: list[object] = []
+
+    def __call__(self, f: object) -> None:
+        self.queued.append(f)
+
+    def turn(self) -> None:
+        queued, self.queued = self.queued, []
+        for f in queued:
+            f()  # type: ignore[operator]
+
+
+def test_with_soon_and_no_interval_an_idle_store_writes_on_the_next_turn_without_a_timer() -> None:
+    clock, soon = Clock(), Soon()
+    written: list[list[str]] = []
+    commit: GroupCommit[Ops] = GroupCommit(clock, 0.0, Ops, lambda b: written.append(list(b.ops)), soon=soon)
+    for op in ("a", "b"):  # one REGISTER's changes, queued in the same turn
+        commit.open.ops.append(op)
+        commit.changed()
+    assert clock.getDelayedCalls() == [] and len(soon.queued) == 1
+    assert written == []
+    soon.turn()
+    assert written == [["a", "b"]]
+    commit.open.ops.append("c")
+    commit.changed()  # one in flight: nothing scheduled, it goes when that one returns
+    assert soon.queued == [] and clock.getDelayedCalls() == []
+    commit.finished()
+    assert written == [["a", "b"], ["c"]]
+    commit.finished()
+    commit.open.ops.append("d")
+    commit.changed()
+    commit.flush()  # written now; the turn already asked for finds nothing left to write
+    soon.turn()
+    assert written == [["a", "b"], ["c"], ["d"]]
+
+
+def test_soon_is_not_used_with_a_flush_interval() -> None:
+    clock, soon = Clock(), Soon()
+    commit: GroupCommit[Ops] = GroupCommit(clock, 0.002, Ops, lambda b: None, soon=soon)
+    commit.open.ops.append("a")
+    commit.changed()
+    assert soon.queued == [] and len(clock.getDelayedCalls()) == 1

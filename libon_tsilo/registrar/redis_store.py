@@ -7,11 +7,14 @@ this module writes the node's changes to Redis and applies the other nodes' chan
   unambiguous whatever the AOR holds), whose value is the binding's JSON (as in the SQLite store:
   lone surrogates from non-UTF-8 bytes are escaped by json) and whose TTL is the binding's own
   remaining time, so Redis forgets a dead binding by itself. Keys are bytes (surrogateescape).
-* Changes are written in batches, one at a time (a group commit: what queues while one batch is in
-  flight goes in the next, so changes of one key reach Redis, and every node, in order). A batch is
+* Changes are written in batches, one at a time (a group commit, libon_tsilo/group_commit.py, on
+  the loop's next turn: what queues while one batch is in flight goes in the next, so changes of
+  one key reach Redis, and every node, in order). A batch is
   one EVALSHA of a small Lua script (atomic like MULTI/EXEC, one reply to parse instead of four),
-  sent on the store's own connection (redis_wire.py: redis-py's per-command work cost more than
-  the rest of a REGISTER). It PUBLISHes,
+  sent on the feed's own connection (redis_wire.py: redis-py's per-command work cost more than
+  the rest of a REGISTER; over RESP3 the subscribed connection runs commands too, so the reply and
+  this node's own change message come back in one read; a Redis before 6 gets a second
+  connection for the writes). It PUBLISHes,
   on ``<prefix>bindings``, one message per batch: this process's instance token, a space, then
   JSON with the node id and the batch's changes in order (each binding's JSON is encoded once, for
   its key and the message; the token comes first, so a node drops its own messages unparsed).
@@ -75,6 +78,7 @@ import hashlib
 import json
 import math
 import secrets
+from collections.abc import Callable
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -84,6 +88,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from libon_tsilo.group_commit import Batch, GroupCommit
 from libon_tsilo.registrar.asyncio_bridge import as_deferred, reactor_loop
 from libon_tsilo.registrar.binding import Binding
 from libon_tsilo.registrar.location import NotStored, StoreClosed
@@ -196,13 +201,16 @@ class _DuplicateNode(Exception):
     """Another live process holds this node id."""
 
 
-class _Batch:
-    __slots__ = ("changes", "waiters")
+class _Batch(Batch):
+    __slots__ = ("changes",)
 
     def __init__(self) -> None:
+        super().__init__()
         # (aor, key) -> the binding to write, or the reason of its removal; in order of change
         self.changes: dict[tuple[str, str], Binding | str] = {}
-        self.waiters: list[tuple[str | None, defer.Deferred[None]]] = []
+
+    def __len__(self) -> int:
+        return len(self.changes)
 
 
 class RedisBindingStore:
@@ -236,9 +244,9 @@ class RedisBindingStore:
         self.max_backoff = max_backoff
         self._loop = loop
         self._replica: LocationStore | None = None
-        self._open = _Batch()
-        self._inflight: _Batch | None = None
-        self._scheduled = False
+        # one batch in flight at a time; an idle store writes on the loop's next turn, so that the
+        # rest of a REGISTER's changes join its batch
+        self._commit: GroupCommit[_Batch] = GroupCommit(clock, 0.0, _Batch, self._write, soon=self._call_soon)
         self._feed_task: asyncio.Task[None] | None = None
         self._closed = False
         self._epoch: bytes | None = None  # Redis's epoch key when last connected
@@ -288,6 +296,7 @@ class RedisBindingStore:
 
     def start(self, replica: LocationStore) -> None:
         self._replica = replica
+        self._commit.soon = self.loop.call_soon  # the loop is known now: no indirection per batch
         if self._feed_task is None:
             self._feed_task = self.loop.create_task(self._feed())
 
@@ -336,10 +345,16 @@ class RedisBindingStore:
             try:
                 feed = await open_connection(self.client, self.loop, COMMAND_TIMEOUT, self._on_feed_message)
                 conns.append(feed)
+                # the writes share the feed's connection where Redis allows it (RESP3, Redis 6+): a
+                # batch's reply and its own change message then come back in one read
+                shared = await feed.use_resp3()
                 self._backlog = []  # what arrives during the load is applied after it, in order
                 await feed.command(b"SUBSCRIBE", self.channel)
-                writer = await open_connection(self.client, self.loop, COMMAND_TIMEOUT)
-                conns.append(writer)
+                if shared:
+                    writer = feed
+                else:
+                    writer = await open_connection(self.client, self.loop, COMMAND_TIMEOUT)
+                    conns.append(writer)
                 await self._claim_node(writer)
                 lost = await self._redis_lost_its_data()
                 bindings = await self._load_all()
@@ -611,13 +626,13 @@ class RedisBindingStore:
         if not self.up:
             self.rows_skipped += 1  # when_committed tells the REGISTER; a resync repairs the rest
             return
-        changes = self._open.changes
+        changes = self._commit.open.changes
         changes.pop(ident, None)  # re-inserted last: the batch keeps the order of the changes
         changes[ident] = change
-        if self._inflight is None and not self._scheduled:
-            self._scheduled = True
-            # the next loop turn: the rest of this REGISTER's changes join the batch
-            self.loop.call_soon(self._start)
+        self._commit.changed()
+
+    def _call_soon(self, f: Callable[[], None]) -> None:
+        self.loop.call_soon(f)
 
     def when_committed(self, aor: str) -> defer.Deferred[None] | None:
         """Fires once the changes queued so far are in Redis; fails with NotStored when they could
@@ -626,33 +641,18 @@ class RedisBindingStore:
             return defer.fail(StoreClosed("the location store is stopped"))
         if not self.up:
             return defer.fail(NotStored(f"redis is {self.state}"))
-        batch = self._open if self._open.changes else self._inflight
-        if batch is None:
-            return None
-        d: defer.Deferred[None] = defer.Deferred()
-        batch.waiters.append((aor, d))
-        return d
+        return self._commit.wait(aor)
 
     def flush(self) -> defer.Deferred[None]:
         """Fires once everything queued so far is written or has failed; never errbacks."""
-        batch = self._open if self._open.changes else self._inflight
-        if batch is None:
-            return defer.succeed(None)
-        d: defer.Deferred[None] = defer.Deferred()
-        batch.waiters.append((None, d))
-        return d
+        return self._commit.flush()
 
     def pending(self) -> int:
-        return len(self._open.changes) + (len(self._inflight.changes) if self._inflight else 0)
+        return self._commit.pending()
 
     # -- the writer -----------------------------------------------------------------------------
 
-    def _start(self) -> None:
-        self._scheduled = False
-        if self._inflight is not None or not self._open.changes:
-            return
-        batch = self._inflight = self._open
-        self._open = _Batch()
+    def _write(self, batch: _Batch) -> None:
         try:
             sets, dels, messages = self._commands(batch)
         except Exception:
@@ -678,27 +678,25 @@ class RedisBindingStore:
             if writer is None:
                 raise ConnectionError("redis is not connected")
             script = (b"EVALSHA", _WRITE_BATCH_SHA) if evalsha else (b"EVAL", _WRITE_BATCH)
-            future = writer.command(*script, len(keys), *keys, *args)
+
+            def written(reply: Any) -> None:
+                if not isinstance(reply, Exception):
+                    self._script_on = writer
+                    seq = int(reply)
+                    if seq <= self._acked_seq:  # one writer per node: every batch adds one
+                        self._rollback_seen(seq, self._acked_seq, "a write")
+                    self._acked_seq = max(self._acked_seq, seq)
+                    self._finish(None, batch, (writer, after) if after else None)
+                elif evalsha and isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
+                    self._script_on = None  # Redis's script cache was flushed: the same batch, by EVAL
+                    self._send(batch, keys, args, False, after)
+                else:
+                    self._finish(Failure(reply), batch)
+
+            # answered straight from the connection's read, not a loop turn later (a Future would)
+            writer.call(written, *script, len(keys), *keys, *args)
         except Exception:
             self._finish(Failure(), batch)
-            return
-
-        def written(future: asyncio.Future[Any]) -> None:
-            exc = ConnectionError("cancelled") if future.cancelled() else future.exception()
-            if exc is None:
-                self._script_on = writer
-                seq = int(future.result())
-                if seq <= self._acked_seq:  # one writer per node: every batch adds one
-                    self._rollback_seen(seq, self._acked_seq, "a write")
-                self._acked_seq = max(self._acked_seq, seq)
-                self._finish(None, batch, (writer, after) if after else None)
-            elif evalsha and isinstance(exc, ReplyError) and str(exc).startswith("NOSCRIPT"):
-                self._script_on = None  # Redis's script cache was flushed: the same batch, by EVAL
-                self._send(batch, keys, args, False, after)
-            else:
-                self._finish(Failure(exc), batch)
-
-        future.add_done_callback(written)
 
     def _commands(self, batch: _Batch) -> tuple[list[tuple[bytes, bytes, int]], list[bytes], list[bytes]]:
         """Serialized on the reactor thread, so each row is a snapshot of the binding as it was."""
@@ -725,7 +723,6 @@ class RedisBindingStore:
 
     def _finish(self, failure: Failure | None, batch: _Batch,
                 publish: tuple[RespConnection, list[bytes]] | None = None) -> None:
-        self._inflight = None
         n = len(batch.changes)
         if failure is None:
             self.commits += 1
@@ -750,12 +747,11 @@ class RedisBindingStore:
             writer, messages = publish
             try:
                 for message in messages:
-                    writer.command(b"PUBLISH", self.channel, message).add_done_callback(_consume)
+                    writer.call(_ignored, b"PUBLISH", self.channel, message)
             except Exception as exc:  # the connection closed meanwhile: the feed reconnects
                 log.warn("location redis: a change is stored but not announced to the other nodes: {err}",
                          err=exc)
-        if self._open.changes and not self._scheduled:
-            self._start()
+        self._commit.finished()
 
     # -- node liveness (cluster/liveness.py) ------------------------------------------------------
 
@@ -787,10 +783,8 @@ class RedisBindingStore:
         return {m.decode("utf-8", "replace") if isinstance(m, bytes) else str(m) for m in alive}
 
 
-def _consume(future: asyncio.Future[Any]) -> None:
+def _ignored(reply: Any) -> None:
     """A PUBLISH's reply is not awaited; its failure is the connection's, which the feed sees."""
-    if not future.cancelled():
-        future.exception()
 
 
 def _text(value: Any) -> str:

@@ -12,6 +12,13 @@ redis-py still opens the connection (``open_connection``): TCP, TLS, a Unix sock
 found through Sentinel, AUTH/ACL and SELECT are its, from the same client the rest of the store
 uses; then this protocol takes the transport over. The client must speak RESP2
 (``protocol=2``): a pub/sub message is then a plain ``[b"message", channel, data]`` array.
+``use_resp3()`` then switches the connection to RESP3 (Redis 6 or later), where a subscribed
+connection still runs commands: the store's writes and its feed share one connection, so a node
+reads its write's reply and its own change message in one read instead of one on each of two sockets.
+
+A command's timeout is one timer per connection, not one per command (a timer handle per command
+cost a REGISTER more than the rest of its send): it is armed for the oldest unanswered command and
+re-armed for the next when it fires too early.
 """
 
 from __future__ import annotations
@@ -21,15 +28,22 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 import hiredis
+from twisted.logger import Logger
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 __all__ = ["ReplyError", "RespConnection", "open_connection"]
 
+log = Logger()
+
 
 class ReplyError(Exception):
     """Redis answered a command with an error (the message is Redis's, e.g. "NOSCRIPT ...")."""
+
+
+Reply = Any  # a parsed reply; a ReplyError or ConnectionError instance when the command failed
+OnReply = Callable[[Reply], None]
 
 
 class RespConnection(asyncio.Protocol):
@@ -44,12 +58,15 @@ class RespConnection(asyncio.Protocol):
         self.on_message = on_message
         self.lost: asyncio.Future[str] = loop.create_future()
         self.received = 0
+        self.resp3 = False
         self._transport: asyncio.Transport | None = None
         self.stream_writer: Any = None  # see open_connection
         self._closing = ""  # why we closed it, when we did
         self._reader = hiredis.Reader()
-        # per command sent and not answered: its Future and its timeout
-        self._pending: deque[tuple[asyncio.Future[Any], asyncio.TimerHandle]] = deque()
+        # per command sent and not answered: who gets its reply (a Future or a callable), and when
+        # it was sent (loop time)
+        self._pending: deque[tuple[asyncio.Future[Any] | OnReply, float]] = deque()
+        self._overdue: asyncio.TimerHandle | None = None  # armed while commands are pending
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
@@ -58,17 +75,24 @@ class RespConnection(asyncio.Protocol):
         self._reader.feed(data)
         while (reply := self._next_reply()) is not False:
             self.received += 1
-            if (self.on_message is not None and type(reply) is list and len(reply) == 3
+            kind = type(reply)
+            if kind is hiredis.PushNotification:
+                # RESP3: pub/sub messages and SUBSCRIBE's own confirmation come as pushes
+                if reply[0] == b"message":
+                    if self.on_message is not None:
+                        self._call(self.on_message, reply[2])
+                    continue
+                if reply[0] not in (b"subscribe", b"unsubscribe"):
+                    continue  # another kind of push (e.g. client tracking): not ours
+            elif (self.on_message is not None and kind is list and len(reply) == 3
                     and reply[0] == b"message"):
-                self.on_message(reply[2])
-            elif self._pending:
-                future, timer = self._pending.popleft()
-                timer.cancel()
-                if not future.done():
-                    if isinstance(reply, hiredis.ReplyError):
-                        future.set_exception(ReplyError(str(reply)))
-                    else:
-                        future.set_result(reply)
+                self._call(self.on_message, reply[2])
+                continue
+            if self._pending:
+                target = self._pending.popleft()[0]
+                if isinstance(reply, hiredis.ReplyError):
+                    reply = ReplyError(str(reply))
+                self._deliver(target, reply)
 
     def _next_reply(self) -> Any:
         """The next whole reply; False when none is complete, or when the stream broke (closed)."""
@@ -78,17 +102,36 @@ class RespConnection(asyncio.Protocol):
             self.close(f"protocol error: {exc}")
             return False
 
+    def _deliver(self, target: asyncio.Future[Any] | OnReply, reply: Reply) -> None:
+        if isinstance(target, asyncio.Future):
+            if not target.done():
+                if isinstance(reply, Exception):
+                    target.set_exception(reply)
+                else:
+                    target.set_result(reply)
+        else:
+            self._call(target, reply)
+
+    def _call(self, f: Callable[[Any], None], arg: Any) -> None:
+        # called from data_received: an exception here would abort the connection and every command
+        # pending on it, for one caller's bug
+        try:
+            f(arg)
+        except Exception:
+            log.failure("redis connection: a reply's callback failed")
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        if self._overdue is not None:
+            self._overdue.cancel()
+            self._overdue = None
         if exc is not None:
             reason = f"{type(exc).__name__}: {exc}"
         else:
             reason = self._closing or "closed by the server"
         while self._pending:
-            future, timer = self._pending.popleft()
-            timer.cancel()
-            if not future.done():
-                future.set_exception(ConnectionError(f"redis connection lost ({reason})"))
+            target = self._pending.popleft()[0]
+            self._deliver(target, ConnectionError(f"redis connection lost ({reason})"))
         if not self.lost.done():
             self.lost.set_result(reason)
 
@@ -96,16 +139,43 @@ class RespConnection(asyncio.Protocol):
         """Send one command; the Future gets its reply, ReplyError, or ConnectionError when the
         connection is lost or Redis does not answer within ``timeout`` (the connection is then
         closed: what it still owes cannot be matched any more)."""
+        future: asyncio.Future[Any] = self.loop.create_future()
+        self._send(future, args)
+        return future
+
+    def call(self, on_reply: OnReply, *args: bytes | str | int) -> None:
+        """``command`` without a Future: ``on_reply`` is called with the reply (a ReplyError or
+        ConnectionError instance when it failed) as soon as it is read, not a loop turn later."""
+        self._send(on_reply, args)
+
+    def _send(self, target: asyncio.Future[Any] | OnReply, args: tuple[bytes | str | int, ...]) -> None:
         transport = self._transport
         if transport is None:
             raise ConnectionError("redis connection closed")
-        future: asyncio.Future[Any] = self.loop.create_future()
-        self._pending.append((future, self.loop.call_later(self.timeout, self._timed_out)))
+        self._pending.append((target, self.loop.time()))
+        if self._overdue is None:
+            self._overdue = self.loop.call_later(self.timeout, self._check_overdue)
         transport.write(hiredis.pack_command(args))  # type: ignore[arg-type]  # its stub says 1-tuple
-        return future
 
-    def _timed_out(self) -> None:
-        self.close(f"no answer within {self.timeout:g} s")
+    def _check_overdue(self) -> None:
+        self._overdue = None
+        if not self._pending:
+            return
+        left = self._pending[0][1] + self.timeout - self.loop.time()
+        if left <= 0:
+            self.close(f"no answer within {self.timeout:g} s")
+        else:
+            self._overdue = self.loop.call_later(left, self._check_overdue)
+
+    async def use_resp3(self) -> bool:
+        """Switch to RESP3 (HELLO 3), where a subscribed connection still runs commands. False, and
+        still RESP2, on a Redis before 6, which does not know HELLO."""
+        try:
+            await self.command(b"HELLO", b"3")
+        except ReplyError:
+            return False
+        self.resp3 = True
+        return True
 
     def close(self, reason: str = "closed") -> None:
         transport = self._transport
