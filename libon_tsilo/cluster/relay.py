@@ -72,12 +72,13 @@ from libon_tsilo.cluster.ordering import hold_until_answered
 from libon_tsilo.cluster.relay_branch import PREFIX, RelayBranches
 from libon_tsilo.ratelimit import ThrottledLog
 from libon_tsilo.sip.errors import ParseError
-from libon_tsilo.sip.headers import NameAddr
+from libon_tsilo.sip.headers import NameAddr, Via
 from libon_tsilo.sip.message import (
     Message, Request, Response, log_call_id, make_response, new_branch, new_tag,
 )
 from libon_tsilo.sip.transport import Target, TransportError
 from libon_tsilo.sip.uri import URI
+from libon_tsilo.sip.wire_edit import pop_top_via
 
 if TYPE_CHECKING:
     from libon_tsilo.sip.flow import Flow
@@ -88,6 +89,7 @@ __all__ = ["Relay"]
 log = Logger()
 
 _STREAMS = ("tcp", "tls")
+_PREFIX_BYTES = PREFIX.encode()
 # untrusted source on the internal listener, a peer's request that is not for a flow of ours, a
 # token used from another flow, a device's in-dialog request towards a host that is not a node
 _REFUSALS = (
@@ -152,6 +154,25 @@ class Relay:
         if node.is_internal(flow):
             return node.trusts(flow) and self._stateless_to_device(req, routes, first[0], first[1], flow)
         return self._stateless_to_peer(req, routes, first[0], flow)
+
+    def forward_bytes(self, data: bytes, flow: Flow) -> bool:
+        """The transport's ``forward_bytes``: a response under a branch of ours, passed on with our
+        Via cut out of its bytes (sip/wire_edit.py), unparsed: half of a relayed call's messages.
+        Anything else, and every response to refuse, is left to the parser's path (``forward``)."""
+        popped = pop_top_via(data, _PREFIX_BYTES)
+        if popped is None:
+            return False
+        try:
+            via = Via.parse(popped.next_via)
+        except ParseError:
+            return False  # refused on the parser's path, as before
+        if not flow.reliable and via.transport != "UDP":
+            return False  # a datagram onto a stream: its Content-Length must frame it (parsed path)
+        if not self.branches.verify(popped.branch, via):
+            return False  # the parser's path refuses it (counted and logged there)
+        self.transport.forward_response_data(popped.data, via)
+        self.counters["stateless_responses"] += 1
+        return True
 
     def _forward_response(self, resp: Response, flow: Flow) -> bool:
         """A response to a request we relayed statelessly: take our Via off and pass it on to the

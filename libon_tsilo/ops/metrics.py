@@ -15,8 +15,9 @@ is updated on the hot path except two cheap hooks:
 
 from __future__ import annotations
 
+import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -146,6 +147,45 @@ def install_message_hooks(transport: Any, counters: MessageCounters) -> None:
         transport.forward = counting_forward
     transport.send_request = counting_send_request
     transport.send_response = counting_send_response
+    _count_forwarded_bytes(transport, counters, failed)
+
+
+# a forwarded message's bytes: its CSeq method (a response's count is keyed by it)
+_CSEQ_METHOD = re.compile(rb"\r\n[Cc][Ss][Ee][Qq][ \t]*:[ \t]*[0-9]+[ \t]+([!-~]+)")
+
+
+def _tally_bytes(data: bytes, *counters: Counter[Any]) -> None:
+    """MessageCounters._count for a message a forwarder took and sent as bytes, unparsed: one
+    request counter, or one response counter, per direction."""
+    if data.startswith(b"SIP/2.0 "):
+        at = data.find(b"\r\nCSeq: ")  # as nearly everyone spells it; the pattern finds the others
+        found = _CSEQ_METHOD.match(data, at) if at >= 0 else _CSEQ_METHOD.search(data)
+        key: Any = (found.group(1).decode("ascii") if found is not None else "unknown", int(data[8:11]))
+    else:
+        key = data[:data.find(b" ")].decode("ascii", "replace")
+    for counter in counters:
+        counter[key] += 1
+
+
+def _count_forwarded_bytes(transport: Any, counters: MessageCounters, failed: Callable[[], None]) -> None:
+    """What the stateless forwarder takes as bytes (``forward_bytes``) it passes on as they came,
+    but for its Via: each counts in and out like any other message, counted once for both."""
+    forward_bytes = getattr(transport, "forward_bytes", None)
+    if forward_bytes is None:
+        return
+    requests = (counters.requests_in, counters.requests_out)
+    responses = (counters.responses_in, counters.responses_out)
+
+    def counting_forward_bytes(data: bytes, flow: Any) -> bool:
+        taken: bool = forward_bytes(data, flow)
+        if taken:
+            try:
+                _tally_bytes(data, *(responses if data.startswith(b"SIP/2.0 ") else requests))
+            except Exception:
+                failed()
+        return taken
+
+    transport.forward_bytes = counting_forward_bytes
 
 
 # ---------------------------------------------------------------------------------------------
