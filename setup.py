@@ -53,8 +53,9 @@ COMPILED = [
     "libon_tsilo/registrar/push_params.py",
     "libon_tsilo/registrar/location.py",
     "libon_tsilo/registrar/registrar.py",
-    # the cluster relay's stateless path (issue 14, round 4): a relayed response cut as bytes, and
-    # the keyed branch that proves its next hop
+    # the cluster relay (issue 14, round 4): what an edge node does with each message of a call it
+    # relays, a relayed response cut as bytes, and the keyed branch that proves its next hop
+    "libon_tsilo/cluster/relay.py",
     "libon_tsilo/sip/wire_edit.py",
     "libon_tsilo/cluster/relay_branch.py",
 ]

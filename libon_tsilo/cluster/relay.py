@@ -86,7 +86,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Relay"]
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc), Logger() would name the importer: importlib
 
 _STREAMS = ("tcp", "tls")
 _PREFIX_BYTES = PREFIX.encode()
