@@ -51,6 +51,11 @@ take the stateful path (``handle``, on a server transaction):
 - whatever is refused or answered here: an untrusted source, a token not ours, a gone TCP/TLS flow
   (430, RFC 5626 §5.3), Max-Forwards 0 (483).
 
+A response under a branch of ours is not even parsed (``forward_bytes``, before the parser, offered
+each message by the transport): our Via is cut out of its bytes and the rest goes on as it came
+(sip/wire_edit.py), after the keyed branch is checked against the next Via. What that cannot read
+for sure, and every response to refuse, takes the parsed path (``forward``) as before.
+
 The forking node keeps its own Timer A/B: what it hears first is the device's 100 Trying (RFC 3261
 §17.2.1), not ours. The source limits apply to what this path takes as to anything else.
 """
