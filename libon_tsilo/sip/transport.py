@@ -159,6 +159,14 @@ def _via_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def _call_id_of(data: bytes) -> str | None:
+    """The Call-ID of a message held as bytes, for a log line (None when it does not parse)."""
+    try:
+        return log_call_id(parse_message(data))
+    except ParseError:
+        return None
+
+
 def _size_buffer(sock: socket.socket, option: int, size: int, what: str) -> None:
     """Set a socket buffer to ``size``; past net.core.[rw]mem_max only with CAP_NET_ADMIN (FORCE).
 
@@ -631,7 +639,7 @@ class TransportLayer(Service):
         try:
             self._send_response_data(data, via, self._flow_to_via(via))
         except Exception as e:
-            log.warn("cannot forward a response: {err}", err=e)
+            log.warn("cannot forward a response: {err}", err=e, call_id=_call_id_of(data))
 
     def _flow_to_via(self, via: Via) -> Flow | None:
         name = via.transport.lower()
