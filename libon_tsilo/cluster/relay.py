@@ -424,10 +424,16 @@ class Relay:
         self._set_routes(req, routes[self._own_count(routes):])
 
     def _own_count(self, routes: list[str]) -> int:
-        """How many leading entries of ``routes`` are ours (the first one is, checked already)."""
+        """How many leading entries of ``routes`` are ours (the first one is, checked already). An
+        entry whose user part is the first one's, spelled the same, carries the same token (the two
+        Record-Route entries of a dialog, RFC 5658, do): ours, without reading the token again."""
+        first = routes[0]
+        at = first.find("@")
+        same = first[:at + 1] if at > 0 and first.startswith("<sip:") else None
         n = 1
         for route in routes[1:]:
-            if route != routes[0] and self.node.own_flow(route) is None:
+            if route != first and (same is None or not route.startswith(same)) \
+                    and self.node.own_flow(route) is None:
                 break
             n += 1
         return n

@@ -262,3 +262,33 @@ async def test_a_datagram_whose_next_hop_is_a_stream_takes_the_parsers_path():
             assert relay.forward_bytes(data, udp_flow) is taken, transport
     finally:
         await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_our_two_record_route_entries_cost_one_token_check_per_dialog():
+    """The peer's ACK carries both of B's entries (RFC 5658: internal, then public, each with the
+    device's token); the second has the first one's user part, so its token is not read again."""
+    pair = Pair()
+    pair.start()
+    try:
+        device, peer, route = await _device_on_b(pair)
+        branch, call_id = f"z9hG4bK{tag()}", f"{tag()}@peer"
+        peer.send(_peer_invite(peer, device, route, branch, call_id))
+        inv = await device.request("INVITE")
+        device.send(response_to(inv, 200, "OK", "dev1"))
+        ok = await peer.response(200, "INVITE")
+        rr = ok.header_values("record-route")
+        assert len(rr) == 2 and rr[0] != rr[1]
+        tokens = pair.b.parts.extra["cluster_node"].tokens
+        reads: list[str | None] = []
+        real_read = tokens.read
+        tokens.read = lambda token: reads.append(token) or real_read(token)
+        peer.send(f"ACK sip:bob@127.0.0.1:{device.port} SIP/2.0\r\n"
+                  f"Via: SIP/2.0/UDP 127.0.0.1:{peer.port};branch=z9hG4bK{tag()};rport\r\nMax-Forwards: 70\r\n"
+                  f"Route: {', '.join(reversed(rr))}\r\nFrom: <sip:carol@127.0.0.1>;tag=p1\r\n"
+                  f"To: {ok.header('to')}\r\nCall-ID: {call_id}\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n")
+        ack = await device.request("ACK")
+        assert not ack.has_header("route")  # both entries were B's, both popped
+        assert reads == []
+    finally:
+        await pair.stop()
