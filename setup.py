@@ -63,6 +63,11 @@ COMPILED = [
     "libon_tsilo/ops/message_counters.py",
     # and the silo, which late-forks a parked call when its device registers
     "libon_tsilo/silo/silo.py",
+    # the cluster relay (issue 14, round 4): what an edge node does with each message of a call it
+    # relays, a relayed response cut as bytes, and the keyed branch that proves its next hop
+    "libon_tsilo/cluster/relay.py",
+    "libon_tsilo/sip/wire_edit.py",
+    "libon_tsilo/cluster/relay_branch.py",
 ]
 
 

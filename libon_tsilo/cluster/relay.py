@@ -51,6 +51,11 @@ take the stateful path (``handle``, on a server transaction):
 - whatever is refused or answered here: an untrusted source, a token not ours, a gone TCP/TLS flow
   (430, RFC 5626 §5.3), Max-Forwards 0 (483).
 
+A response under a branch of ours is not even parsed (``forward_bytes``, before the parser, offered
+each message by the transport): our Via is cut out of its bytes and the rest goes on as it came
+(sip/wire_edit.py), after the keyed branch is checked against the next Via. What that cannot read
+for sure, and every response to refuse, takes the parsed path (``forward``) as before.
+
 The forking node keeps its own Timer A/B: what it hears first is the device's 100 Trying (RFC 3261
 §17.2.1), not ours. The source limits apply to what this path takes as to anything else.
 """
@@ -72,12 +77,13 @@ from libon_tsilo.cluster.ordering import hold_until_answered
 from libon_tsilo.cluster.relay_branch import PREFIX, RelayBranches
 from libon_tsilo.ratelimit import ThrottledLog
 from libon_tsilo.sip.errors import ParseError
-from libon_tsilo.sip.headers import NameAddr
+from libon_tsilo.sip.headers import NameAddr, Via
 from libon_tsilo.sip.message import (
     Message, Request, Response, log_call_id, make_response, new_branch, new_tag,
 )
 from libon_tsilo.sip.transport import Target, TransportError
 from libon_tsilo.sip.uri import URI
+from libon_tsilo.sip.wire_edit import pop_top_via
 
 if TYPE_CHECKING:
     from libon_tsilo.sip.flow import Flow
@@ -85,9 +91,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Relay"]
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc), Logger() would name the importer: importlib
 
 _STREAMS = ("tcp", "tls")
+_PREFIX_BYTES = PREFIX.encode()
 # untrusted source on the internal listener, a peer's request that is not for a flow of ours, a
 # token used from another flow, a device's in-dialog request towards a host that is not a node
 _REFUSALS = (
@@ -159,6 +166,25 @@ class Relay:
         if node.is_internal(flow):
             return node.trusts(flow) and self._stateless_to_device(req, routes, first[0], first[1], flow)
         return self._stateless_to_peer(req, routes, first[0], flow)
+
+    def forward_bytes(self, data: bytes, flow: Flow) -> bool:
+        """The transport's ``forward_bytes``: a response under a branch of ours, passed on with our
+        Via cut out of its bytes (sip/wire_edit.py), unparsed: half of a relayed call's messages.
+        Anything else, and every response to refuse, is left to the parser's path (``forward``)."""
+        popped = pop_top_via(data, _PREFIX_BYTES)
+        if popped is None:
+            return False
+        try:
+            via = Via.parse(popped.next_via)
+        except ParseError:
+            return False  # refused on the parser's path, as before
+        if not flow.reliable and via.transport != "UDP":
+            return False  # a datagram onto a stream: its Content-Length must frame it (parsed path)
+        if not self.branches.verify(popped.branch, via):
+            return False  # the parser's path refuses it (counted and logged there)
+        self.transport.forward_response_data(popped.data, via)
+        self.counters["stateless_responses"] += 1
+        return True
 
     def _forward_response(self, resp: Response, flow: Flow) -> bool:
         """A response to a request we relayed statelessly: take our Via off and pass it on to the
@@ -405,10 +431,16 @@ class Relay:
         self._set_routes(req, routes[self._own_count(routes):])
 
     def _own_count(self, routes: list[str]) -> int:
-        """How many leading entries of ``routes`` are ours (the first one is, checked already)."""
+        """How many leading entries of ``routes`` are ours (the first one is, checked already). An
+        entry whose user part is the first one's, spelled the same, carries the same token (the two
+        Record-Route entries of a dialog, RFC 5658, do): ours, without reading the token again."""
+        first = routes[0]
+        at = first.find("@")
+        same = first[:at + 1] if at > 0 and first.startswith("<sip:") else None
         n = 1
         for route in routes[1:]:
-            if route != routes[0] and self.node.own_flow(route) is None:
+            if route != first and (same is None or not route.startswith(same)) \
+                    and self.node.own_flow(route) is None:
                 break
             n += 1
         return n

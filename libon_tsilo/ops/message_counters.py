@@ -9,6 +9,7 @@ transport's point of view, and the count reads the message's compiled attributes
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 from twisted.logger import Logger
@@ -159,9 +160,47 @@ class _CountingSendResponse:
             self.guard.failed()
 
 
+# a message passed on as bytes: its CSeq method (a response's count is keyed by it)
+_CSEQ_METHOD = re.compile(rb"\r\n[Cc][Ss][Ee][Qq][ \t]*:[ \t]*[0-9]+[ \t]+([!-~]+)")
+
+
+def tally_bytes(data: bytes, counts: list[dict[Any, int]]) -> None:
+    """``tally`` for a message a forwarder took and sent as bytes, unparsed: ``counts`` are the
+    request counters when it is a request, else the response counters (one per direction)."""
+    key: Any
+    if data.startswith(b"SIP/2.0 "):
+        at = data.find(b"\r\nCSeq: ")  # as nearly everyone spells it; the pattern finds the others
+        found = _CSEQ_METHOD.match(data, at) if at >= 0 else _CSEQ_METHOD.search(data)
+        key = (found.group(1).decode("ascii") if found is not None else "unknown", int(data[8:11]))
+    else:
+        key = data[:data.find(b" ")].decode("ascii", "replace")
+    for counter in counts:
+        counter[key] = counter.get(key, 0) + 1
+
+
+class _CountingForwardBytes:
+    """In and out at once: what the forwarder takes as bytes it passes on as they came, but for its
+    Via, so each counts in and out like any other message."""
+
+    def __init__(self, forward: Callable[[bytes, Any], bool], counters: MessageCounters, guard: _Guard) -> None:
+        self.forward = forward
+        self.requests: list[dict[Any, int]] = [counters.requests_in, counters.requests_out]
+        self.responses: list[dict[Any, int]] = [counters.responses_in, counters.responses_out]
+        self.guard = guard
+
+    def __call__(self, data: bytes, flow: Any) -> bool:
+        taken: bool = self.forward(data, flow)
+        if taken:
+            try:
+                tally_bytes(data, self.responses if data.startswith(b"SIP/2.0 ") else self.requests)
+            except Exception:
+                self.guard.failed()
+        return taken
+
+
 def install_message_hooks(transport: Any, counters: MessageCounters) -> None:
-    """Count every message through ``transport``: wrap its sink and its stateless forwarder (in) and
-    its two send functions (out).
+    """Count every message through ``transport``: wrap its sink and its stateless forwarder (in), its
+    two send functions (out) and its bytes forwarder (both).
 
     Call it after the transaction layer has set ``transport.sink``. Counting never breaks sending:
     a failure in the counter is swallowed (and logged once).
@@ -173,3 +212,6 @@ def install_message_hooks(transport: Any, counters: MessageCounters) -> None:
         transport.forward = _CountingForward(forward, counters, guard)
     transport.send_request = _CountingSendRequest(transport.send_request, counters, guard)
     transport.send_response = _CountingSendResponse(transport.send_response, counters, guard)
+    forward_bytes = getattr(transport, "forward_bytes", None)
+    if forward_bytes is not None:
+        transport.forward_bytes = _CountingForwardBytes(forward_bytes, counters, guard)

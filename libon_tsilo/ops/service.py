@@ -737,6 +737,7 @@ def _add_cluster(root: LibonTsiloService, parts: Parts) -> None:
     router.cancel = relay.wrap_cancel(router.cancel)
     # stateless where nothing needs a transaction (RFC 3261 §16.11, cluster/relay.py), from the transport
     _built(parts.transport).forward = relay.forward
+    _built(parts.transport).forward_bytes = relay.forward_bytes
     _built(parts.registrar).path_stamp = node.path_entry
     relay.register_answered = _built(parts.registrar).when_answered  # cluster/ordering.py
     if parts.b2bua is not None:

@@ -172,6 +172,14 @@ def _via_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def _call_id_of(data: bytes) -> str | None:
+    """The Call-ID of a message held as bytes, for a log line (None when it does not parse)."""
+    try:
+        return log_call_id(parse_message(data))
+    except ParseError:
+        return None
+
+
 class DatagramEndpoint(Protocol):
     """What the layer needs of a UDP listener: its bound address and a send. ``UDPEndpoint`` is the
     real one; tests and benchmarks give an in-memory one (``TransportLayer.add_udp_endpoint``)."""
@@ -346,6 +354,10 @@ class TransportLayer:
         # message, a request with its top Via fixed (§18.2.1), before it is validated: a proxy reads
         # only what it routes by (§16.3 step 1). True: it took the message, nothing else sees it
         self.forward: Callable[[Message, Flow], bool] | None = None
+        # the same, offered each message as received, before the parse: a forwarder that routes by
+        # a few bytes (a response under its own Via) edits them and passes the rest on unread.
+        # True: it took the message and passed it on (ops/metrics.py counts it in and out)
+        self.forward_bytes: Callable[[bytes, Flow], bool] | None = None
         self.bound: list[tuple[str, str, int]] = []
         self._ports: list[Any] = []
         self._udp: list[DatagramEndpoint] = []
@@ -529,16 +541,26 @@ class TransportLayer:
         the UDP socket that address talks to: no transaction remembers the request's flow); never
         raises."""
         try:
-            via = resp.top_via
-            name = via.transport.lower()
-            port = via.rport or via.port or DEFAULT_PORTS.get(name, 5060)
-            received = via.received  # as we wrote it from the request's source: canonical already
-            host = received if received is not None else _norm_host(via.host)
-            flow = self.flows.find_remote(name, (host, port))
+            flow = self._flow_to_via(resp.top_via)
         except ParseError as e:
             log.info("response not forwarded: {err}", err=e.reason, call_id=log_call_id(resp))
             return
         self.send_response(resp, flow)
+
+    def forward_response_data(self, data: bytes, via: Via) -> None:
+        """``forward_response`` for a response already in bytes (its top Via, parsed, is ``via``);
+        never raises."""
+        try:
+            self._send_response_data(data, via, self._flow_to_via(via))
+        except Exception as e:
+            log.warn("cannot forward a response: {err}", err=e, call_id=_call_id_of(data))
+
+    def _flow_to_via(self, via: Via) -> Flow | None:
+        name = via.transport.lower()
+        port = via.rport or via.port or DEFAULT_PORTS.get(name, 5060)
+        received = via.received  # as we wrote it from the request's source: canonical already
+        host = received if received is not None else _norm_host(via.host)
+        return self.flows.find_remote(name, (host, port))
 
     def connection_stats(self) -> dict[str, Any]:
         """Connections and what the limits did, for /rpc/stats and /metrics."""
@@ -771,6 +793,9 @@ class TransportLayer:
     def _inbound(self, data: bytes, flow: Flow, stream: bool) -> None:
         forward = self.forward
         try:
+            raw = self.forward_bytes
+            if raw is not None and self._forwarded(raw, data, flow):
+                return
             msg = parse_message(data, stream=stream)
             if forward is not None:
                 if isinstance(msg, Request):
@@ -798,7 +823,7 @@ class TransportLayer:
                 self._answer_directly(make_response(msg, 500, "Server Internal Error"), flow)
 
     @staticmethod
-    def _forwarded(forward: Callable[[Message, Flow], bool], msg: Message, flow: Flow) -> bool:
+    def _forwarded(forward: Callable[[Any, Flow], bool], msg: Message | bytes, flow: Flow) -> bool:
         """Offer ``msg`` to the stateless forwarder. Its bug is logged and the message dropped: it may
         have sent it already, and the sender's retransmission is the retry."""
         try:
@@ -934,10 +959,12 @@ class TransportLayer:
 
     def _send_response(self, resp: Response, flow: Flow | None) -> None:
         via = resp.top_via
+        self._send_response_data(resp.to_bytes(), via, flow)
+
+    def _send_response_data(self, data: bytes, via: Via, flow: Flow | None) -> None:
         # The transport the request arrived on decides, not what its Via claims: a request that
         # came over UDP is answered over UDP even if its sent-protocol says TCP (RFC 4475 scalar02).
         name = flow.key.transport if flow is not None else via.transport.lower()
-        data = resp.to_bytes()
         if name in _STREAMS:
             if flow is not None and flow.live and flow.reliable:
                 self._send_on(flow, data)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import pytest_twisted
 
+from libon_tsilo.sip import transport as transport_module
+from libon_tsilo.sip.headers import Via
 from libon_tsilo.sip.message import Request
 from tests.cluster.test_relay_two_nodes import (
     AOR, SDP, Pair, _answered_call, _public, in_dialog, invite, register,
@@ -204,5 +206,89 @@ async def test_a_tcp_devices_486_is_repeated_to_the_peer_until_its_ack():
         await device.request("ACK")  # B's client transaction acknowledges the 486 hop by hop
         relay = pair.b.parts.extra["cluster_relay"]
         assert relay.counters["stateless"] == 0  # the peer's ACK went to B's server transaction
+    finally:
+        await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_relayed_response_goes_on_as_its_own_bytes_less_our_via_never_parsed(monkeypatch):
+    """B reads a response's Via lines and nothing else (sip/wire_edit.py): what the peer gets is
+    what the device sent but for B's Via, spellings and all, and B's parser never saw it. It still
+    counts in and out in /metrics."""
+    pair = Pair()
+    pair.start()
+    try:
+        device, peer, route = await _device_on_b(pair)
+        peer.send(_peer_invite(peer, device, route, f"z9hG4bK{tag()}", f"{tag()}@peer"))
+        inv = await device.request("INVITE")
+        parsed: list[bytes] = []
+        real_parse = transport_module.parse_message
+        monkeypatch.setattr(transport_module, "parse_message",
+                            lambda data, stream=False: parsed.append(data) or real_parse(data, stream))
+        # the device's own spelling: a re-serialized message would not keep it
+        text = response_to(inv, 180, "Ringing", "dev1").replace("\r\nCall-ID: ", "\r\ncall-id:   ", 1)
+        ours, rest = text.split("\r\n", 2)[1], text.split("\r\n", 2)[2]
+        assert ours.startswith("Via: ") and inv.branch in ours
+        device.send(text)
+        got = await peer.response(180, "INVITE")
+        assert got.to_bytes() == f"{text.split(chr(13))[0]}\r\n{rest}".encode()
+        assert not [data for data in parsed if inv.branch.encode() in data]
+        counters = pair.b.parts.extra["message_counters"]
+        assert counters.responses_in[("INVITE", 180)] == 1 and counters.responses_out[("INVITE", 180)] == 1
+        assert pair.b.parts.extra["cluster_relay"].counters["stateless_responses"] == 1
+    finally:
+        await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_datagram_whose_next_hop_is_a_stream_takes_the_parsers_path():
+    """Bytes as received go on only where they frame the same: a datagram may carry octets after
+    its body (RFC 3261 §18.3), which a stream's next hop would read as the next message."""
+    pair = Pair()
+    pair.start()
+    try:
+        relay = pair.b.parts.extra["cluster_relay"]
+        flows = pair.b.parts.transport.flows
+        device = await pair.ua(pair.b)
+        device.send("OPTIONS sip:127.0.0.1 SIP/2.0\r\nVia: " + device.via + "\r\nContent-Length: 0\r\n\r\n")
+        await wait_for(lambda: next((f for f in flows if f.key.remote[1] == device.port), None), "its flow")
+        udp_flow = next(f for f in flows if f.key.remote[1] == device.port)
+        for transport, taken in (("TCP", False), ("UDP", True)):
+            next_via = f"SIP/2.0/{transport} 127.0.0.1:9;branch=z9hG4bK{tag()};rport=9"
+            ours = relay.branches.for_request(Via.parse(next_via))
+            data = (f"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 127.0.0.1:5071;branch={ours}\r\nVia: {next_via}\r\n"
+                    f"From: <sip:a@x>;tag=1\r\nTo: <sip:b@x>;tag=2\r\nCall-ID: c\r\nCSeq: 2 BYE\r\n"
+                    f"Content-Length: 0\r\n\r\ntrailing").encode()
+            assert relay.forward_bytes(data, udp_flow) is taken, transport
+    finally:
+        await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_our_two_record_route_entries_cost_one_token_check_per_dialog():
+    """The peer's ACK carries both of B's entries (RFC 5658: internal, then public, each with the
+    device's token); the second has the first one's user part, so its token is not read again."""
+    pair = Pair()
+    pair.start()
+    try:
+        device, peer, route = await _device_on_b(pair)
+        branch, call_id = f"z9hG4bK{tag()}", f"{tag()}@peer"
+        peer.send(_peer_invite(peer, device, route, branch, call_id))
+        inv = await device.request("INVITE")
+        device.send(response_to(inv, 200, "OK", "dev1"))
+        ok = await peer.response(200, "INVITE")
+        rr = ok.header_values("record-route")
+        assert len(rr) == 2 and rr[0] != rr[1]
+        tokens = pair.b.parts.extra["cluster_node"].tokens
+        reads: list[str | None] = []
+        real_read = tokens.read
+        tokens.read = lambda token: reads.append(token) or real_read(token)
+        peer.send(f"ACK sip:bob@127.0.0.1:{device.port} SIP/2.0\r\n"
+                  f"Via: SIP/2.0/UDP 127.0.0.1:{peer.port};branch=z9hG4bK{tag()};rport\r\nMax-Forwards: 70\r\n"
+                  f"Route: {', '.join(reversed(rr))}\r\nFrom: <sip:carol@127.0.0.1>;tag=p1\r\n"
+                  f"To: {ok.header('to')}\r\nCall-ID: {call_id}\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n")
+        ack = await device.request("ACK")
+        assert not ack.has_header("route")  # both entries were B's, both popped
+        assert reads == []
     finally:
         await pair.stop()

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest_twisted
 
+from libon_tsilo.sip.headers import Via
 from libon_tsilo.sip.message import Request, make_response, parse_message
 from tests.fakes.sip import FakeFlow
 from tests.sip.fakes import Env, request_text
@@ -70,3 +71,45 @@ def test_holds_names_what_a_transaction_of_ours_takes():
         assert not env.layer.holds(parse_message(text.encode()))
     stx.respond(make_response(stx.request, 486, to_tag="t1"))
     env.layer.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_bytes_forwarder_sees_each_message_before_the_parse_and_sends_a_response_by_its_via(
+        harness, peer):  # noqa: F811
+    h = harness()
+    client, cport = peer()
+    target, tport = peer()
+    offered: list[bytes] = []
+
+    def forward_bytes(data: bytes, flow: Any) -> bool:
+        offered.append(data)
+        if not data.startswith(b"SIP/2.0 "):
+            return False  # declined: parsed and handed on as ever
+        via = Via.parse(f"SIP/2.0/UDP 127.0.0.1:{tport};branch=z9hG4bK-t1")
+        h.layer.forward_response_data(data.replace(b"Unparseable", b"Passed on"), via)
+        return True
+
+    h.layer.forward_bytes = forward_bytes
+    # a response no parser would take (no Via at all): the bytes forwarder reads what it needs only
+    client.send(b"SIP/2.0 180 Unparseable\r\nCSeq: nonsense\r\n\r\n", h.addr())
+    data, _ = await target.next()
+    assert data == b"SIP/2.0 180 Passed on\r\nCSeq: nonsense\r\n\r\n"
+    client.send(sip_request("OPTIONS", via=f"SIP/2.0/UDP 127.0.0.1:{cport};rport;branch=z9hG4bK-f3"), h.addr())
+    msg, _ = await h.next()
+    assert msg.method == "OPTIONS" and len(offered) == 2 and offered[1].startswith(b"OPTIONS ")
+
+
+def test_a_response_that_cannot_be_forwarded_is_logged_with_its_call_id(harness):  # noqa: F811
+    from twisted.logger import globalLogPublisher
+
+    h = harness()
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:  # never raises: the sender's retransmission is the retry
+        h.layer.forward_response_data(b"SIP/2.0 200 OK\r\nVia: SIP/2.0/SCTP 127.0.0.1:9;branch=z9hG4bK-s\r\n"
+                                      b"Call-ID: c-sctp\r\nCSeq: 1 BYE\r\nContent-Length: 0\r\n\r\n",
+                                      Via.parse("SIP/2.0/SCTP 127.0.0.1:9;branch=z9hG4bK-s"))
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    [event] = [e for e in events if "cannot forward a response" in e.get("log_format", "")]
+    assert event["call_id"] == "c-sctp" and "SCTP" in str(event["err"])

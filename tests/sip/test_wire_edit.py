@@ -1,0 +1,56 @@
+"""sip/wire_edit.py: a response's top Via cut out of its bytes, or None where the parser must judge."""
+
+from __future__ import annotations
+
+import pytest
+
+from libon_tsilo.sip.headers import Via
+from libon_tsilo.sip.message import parse_message
+from libon_tsilo.sip.wire_edit import pop_top_via
+
+OURS = "SIP/2.0/UDP 10.0.0.2:5071;branch=z9hG4bKslabc123;rport=5071;received=10.0.0.9"
+NEXT = "SIP/2.0/UDP 10.0.0.1:5060;branch=z9hG4bK-peer1;rport=5060"
+REST = ("From: <sip:a@example.com>;tag=1\r\nTo: <sip:b@example.com>;tag=2\r\nCall-ID: c1\r\n"
+        "CSeq: 1 INVITE\r\nContent-Length: 4\r\n\r\nbody")
+
+
+def response(vias: str, status: str = "180 Ringing") -> bytes:
+    return f"SIP/2.0 {status}\r\n{vias}{REST}".encode()
+
+
+def test_our_via_line_is_cut_and_the_next_one_handed_back() -> None:
+    data = response(f"Via: {OURS}\r\nVia: {NEXT}\r\nVia: SIP/2.0/UDP 10.0.0.7;branch=z9hG4bKx\r\n")
+    popped = pop_top_via(data, b"z9hG4bKsl")
+    assert popped is not None
+    assert popped.branch == "z9hG4bKslabc123" and popped.next_via == NEXT
+    assert popped.data == response(f"Via: {NEXT}\r\nVia: SIP/2.0/UDP 10.0.0.7;branch=z9hG4bKx\r\n")
+    # what the parser's path would have sent: the same message, one Via less
+    assert parse_message(popped.data).vias[0].branch == "z9hG4bK-peer1"
+
+
+def test_values_on_one_line_and_the_other_spellings() -> None:
+    popped = pop_top_via(response(f"Via: {OURS} ,  {NEXT}, SIP/2.0/TCP h;branch=z9hG4bKy\r\n"), b"z9hG4bKsl")
+    assert popped is not None and popped.next_via == NEXT
+    assert popped.data == response(f"Via: {NEXT}, SIP/2.0/TCP h;branch=z9hG4bKy\r\n")
+    # compact and lower-case names, blanks around the colon, a Via that is not the first header
+    data = f"SIP/2.0 200 OK\r\nX-A: 1\r\nv : {OURS}\r\nvia:{NEXT}\r\n{REST}".encode()
+    popped = pop_top_via(data, b"z9hG4bKsl")
+    assert popped is not None and popped.next_via == NEXT
+    assert popped.data == f"SIP/2.0 200 OK\r\nX-A: 1\r\nvia:{NEXT}\r\n{REST}".encode()
+    assert Via.parse(popped.next_via).rport == 5060
+
+
+@pytest.mark.parametrize("data", [
+    response(f"Via: {NEXT}\r\nVia: {OURS}\r\n"),  # the top one is not ours
+    response(f"Via: {OURS}\r\n"),  # nothing to pass it on to
+    f"INVITE sip:b@example.com SIP/2.0\r\nVia: {OURS}\r\nVia: {NEXT}\r\n{REST}".encode(),  # a request
+    response(f"Via: {OURS}\r\n {NEXT}\r\n"),  # folded
+    response(f"Via: {OURS}\r\nVia: {NEXT}\nX: y\r\n"),  # a bare LF ends no line here
+    response(f"Via: {OURS};x=\"a,b\"\r\nVia: {NEXT}\r\n"),  # a quoted comma
+    response(f"Via: {OURS}\r\nVia: \r\n"),  # an empty next value
+    b"SIP/2.0 18x Ringing\r\nVia: " + OURS.encode() + b"\r\n\r\n",
+    response(f"Via: {OURS}\r\n") .replace(b"\r\n\r\nbody", b"\r\n\r\nVia: " + NEXT.encode()),  # a body's
+    b"SIP/2.0 180 Ringing\r\nVia: " + OURS.encode(),  # no line end
+])
+def test_what_it_does_not_read_for_sure_is_left_to_the_parser(data: bytes) -> None:
+    assert pop_top_via(data, b"z9hG4bKsl") is None
