@@ -182,7 +182,8 @@ class _CountingForwardBytes:
     """In and out at once: what the forwarder takes as bytes it passes on as they came, but for its
     Via, so each counts in and out like any other message."""
 
-    def __init__(self, forward: Callable[[bytes, Any], bool], counters: MessageCounters, guard: _Guard) -> None:
+    def __init__(self, forward: Callable[[bytes, Any], bool], counters: MessageCounters,
+                 guard: _Guard) -> None:
         self.forward = forward
         self.requests: list[dict[Any, int]] = [counters.requests_in, counters.requests_out]
         self.responses: list[dict[Any, int]] = [counters.responses_in, counters.responses_out]
