@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 __all__ = [
     "ExpiryQueue",
+    "ExpiryTimer",
     "LayerServices",
     "State",
     "TimerSet",
@@ -76,36 +77,98 @@ class TimerSet:
 _EPSILON = 1e-6
 
 
+class ExpiryTimer:
+    """One DelayedCall for every ExpiryQueue of a layer, armed for the earliest deadline among them.
+
+    A queue that owned its timer armed and cancelled a DelayedCall each time it went from empty to
+    busy and back: the T1 queue (the first resend of timers A, E and of a 2xx) does so for every
+    transaction, since nearly every request is answered within T1, and each arm+cancel costs the
+    reactor's heap Python-level comparisons among every pending call. Shared with the 64*T1 queue,
+    which always holds the final waits of recent calls, the timer is almost never armed anew: an entry
+    leaving its queue early leaves the timer where it is (it fires, finds nothing due, re-arms for
+    the earliest head), and the timer is cancelled only when every queue is empty.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._queues: list[ExpiryQueue] = []
+        self._call: IDelayedCall | None = None
+        self._at = 0.0  # when _call fires
+        self._expiring = False  # inside _expire: it arms the timer for the earliest head when done
+
+    def due(self, deadline: float) -> None:
+        """A queue holds an entry due at ``deadline``: fire no later than that."""
+        if self._expiring:
+            # not from inside _expire (a callback starting a new transaction): it arms for the heads
+            return
+        call = self._call
+        if call is not None:
+            if deadline >= self._at - _EPSILON:
+                return
+            # sooner: a new DelayedCall, since reset() to an earlier time searches the reactor's
+            # whole heap (list.index) before it sifts
+            if call.active():
+                call.cancel()
+        self._at = deadline
+        self._call = self._clock.callLater(max(0.0, deadline - self._clock.seconds()), self._expire)
+
+    def idle(self) -> None:
+        """A queue went empty: no timer stays once every queue is empty."""
+        if self._call is None:
+            return
+        for queue in self._queues:
+            if queue._live:
+                return
+        if self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _expire(self) -> None:
+        self._call = None
+        self._expiring = True
+        try:
+            for queue in self._queues:
+                queue._expire_due()
+        finally:
+            self._expiring = False
+        earliest: float | None = None
+        for queue in self._queues:
+            head = queue._head()
+            if head is not None and (earliest is None or head < earliest):
+                earliest = head
+        if earliest is not None and self._call is None:
+            self.due(earliest)
+
+
 class ExpiryQueue:
-    """Run callbacks a fixed delay after they were added, with one DelayedCall for all of them.
+    """Run callbacks a fixed delay after they were added, with no DelayedCall of their own.
 
     The wait states that end a transaction (timers J, K, I, D) use the same delay for every
     transaction of a layer, so their deadlines arrive in the order they were set: a FIFO replaces
-    the reactor's heap and one timer, armed for the oldest deadline, serves thousands of completed
-    transactions (a DelayedCall per transaction cost more than the rest of the transaction layer).
+    the reactor's heap, and one timer (an :class:`ExpiryTimer`, shared by the layer's queues when
+    given) armed for the oldest deadline serves thousands of transactions (a DelayedCall per
+    transaction cost more than the rest of the transaction layer).
     ``add`` returns a handle for ``discard``; when nothing is left waiting, the timer is cancelled.
     """
 
-    def __init__(self, clock: IReactorTime, delay: float) -> None:
+    def __init__(self, clock: IReactorTime, delay: float, timer: ExpiryTimer | None = None) -> None:
         self._clock = clock
         self.delay = delay
         self._queue: deque[list[Any]] = deque()  # [deadline, callback or None when discarded]
         self._live = 0
-        self._call: IDelayedCall | None = None
-        self._expiring = False  # inside _expire: it arms the timer for the head when done
+        self._timer = timer if timer is not None else ExpiryTimer(clock)
+        self._timer._queues.append(self)
 
     def __len__(self) -> int:
         return self._live
 
     def add(self, fn: Callable[[], Any]) -> list[Any]:
         # [deadline, callback (None once discarded), this queue]: the entry alone is enough to leave
-        entry = [self._clock.seconds() + self.delay, fn, self]
+        deadline = self._clock.seconds() + self.delay
+        entry = [deadline, fn, self]
         self._queue.append(entry)
         self._live += 1
-        # not from inside _expire (a callback starting a new transaction): a timer armed here for
-        # the new entry's full delay would hold back every entry already queued before it
-        if self._call is None and not self._expiring:
-            self._call = self._clock.callLater(self.delay, self._expire)
+        self._timer.due(deadline)
         return entry
 
     def discard(self, entry: list[Any]) -> None:
@@ -128,23 +191,14 @@ class ExpiryQueue:
             entry[1] = None
         self._queue.clear()
         self._live = 0
-        if self._call is not None:
-            if self._call.active():
-                self._call.cancel()
-            self._call = None
+        self._timer.idle()
 
-    def _expire(self) -> None:
-        self._call = None
-        self._expiring = True
-        try:
-            self._expire_due()
-        finally:
-            self._expiring = False
+    def _head(self) -> float | None:
+        """The deadline of the oldest live entry, dropping discarded ones before it."""
         queue = self._queue
         while queue and queue[0][1] is None:
             queue.popleft()
-        if queue and self._call is None:
-            self._call = self._clock.callLater(max(0.0, queue[0][0] - self._clock.seconds()), self._expire)
+        return queue[0][0] if queue else None
 
     def _expire_due(self) -> None:
         now = self._clock.seconds() + _EPSILON

@@ -22,7 +22,7 @@ from libon_tsilo import logflags
 from libon_tsilo.sip.branch import is_our_branch
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.message import Request, Response, log_call_id, make_response, new_tag
-from libon_tsilo.sip.timers import ExpiryQueue, State, TransactionBase, TwoXXRetransmitter
+from libon_tsilo.sip.timers import ExpiryQueue, ExpiryTimer, State, TransactionBase, TwoXXRetransmitter
 from libon_tsilo.sip.transaction_client import (
     ClientTransaction,
     InviteClientTransaction,
@@ -122,6 +122,8 @@ class TransactionLayer:
         self._by_target: dict[tuple[str, str, int], set[tuple[Any, ...]]] = {}
         # one queue per wait-state delay (64*T1, T4, timer D): see timers.ExpiryQueue
         self._expiry: dict[float, ExpiryQueue] = {}
+        # and one DelayedCall for all of them (timers.ExpiryTimer)
+        self._expiry_timer: ExpiryTimer | None = None
         # responses that matched no transaction and were dropped (not ours, or nothing left to do)
         self.strays_dropped = 0
         # overload control (sip/overload.py): a response for a new request refused before any
@@ -168,7 +170,9 @@ class TransactionLayer:
     def expiry(self, delay: float) -> ExpiryQueue:
         queue = self._expiry.get(delay)
         if queue is None:
-            queue = self._expiry[delay] = ExpiryQueue(self.clock, delay)
+            if self._expiry_timer is None:
+                self._expiry_timer = ExpiryTimer(self.clock)
+            queue = self._expiry[delay] = ExpiryQueue(self.clock, delay, self._expiry_timer)
         return queue
 
     def stop(self) -> None:

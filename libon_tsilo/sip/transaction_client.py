@@ -63,7 +63,7 @@ class ClientTransaction(TransactionBase):
     Timeouts and transport failures reach ``on_response`` as locally generated 408 / 503 responses.
     """
 
-    __slots__ = ("request", "target", "flow", "on_response", "_interval", "failed_locally")
+    __slots__ = ("request", "target", "flow", "on_response", "_interval", "failed_locally", "_first")
 
     def __init__(
         self,
@@ -84,6 +84,10 @@ class ClientTransaction(TransactionBase):
         # the final response was made here (timeout, transport error), not by the peer: a TU that
         # chooses among responses (a forking B2BUA) must not relay it as the peer's own
         self.failed_locally = False
+        # the first resend of timer A or E (after T1, the same for every transaction): a place in the
+        # layer's shared T1 queue, since nearly every request is answered before it; the later,
+        # doubling resends (rare) are DelayedCalls
+        self._first: list[Any] | None = None
 
     @property
     def method(self) -> str:
@@ -133,6 +137,17 @@ class ClientTransaction(TransactionBase):
         """Timers B and F (64*T1, the same for every transaction of the layer): a place in the layer's
         shared ExpiryQueue instead of a DelayedCall each; ``_end_wait()`` leaves it."""
         self._expiry = self.layer.expiry(64 * self.layer.t1).add(self._timed_out)
+
+    def _first_resend(self, fn: Callable[[], None]) -> None:
+        """Timer A or E's first firing, T1 after the request left."""
+        self._first = self.layer.expiry(self.layer.t1).add(fn)
+
+    def _end_wait(self) -> None:
+        super()._end_wait()
+        entry = self._first
+        if entry is not None:
+            self._first = None
+            entry[2].discard(entry)
 
     def _timed_out(self) -> None:
         self._expiry = None
@@ -200,10 +215,11 @@ class InviteClientTransaction(ClientTransaction):
             return
         self._interval = self.layer.t1
         if not self.reliable:
-            self.timers.start("A", self._interval, self._timer_a)
+            self._first_resend(self._timer_a)
         self._deadline()  # timer B
 
     def _timer_a(self) -> None:
+        self._first = None
         # Timer A doubles without the T2 cap; timer B bounds it.
         self._interval *= 2
         self.timers.start("A", self._interval, self._timer_a)
@@ -298,10 +314,11 @@ class NonInviteClientTransaction(ClientTransaction):
             return
         self._interval = self.layer.t1
         if not self.reliable:
-            self.timers.start("E", self._interval, self._timer_e)
+            self._first_resend(self._timer_e)
         self._deadline()  # timer F
 
     def _timer_e(self) -> None:
+        self._first = None
         if self.state is State.TRYING:
             self._interval = backoff(self._interval, self.layer.t2)
         else:

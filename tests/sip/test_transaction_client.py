@@ -363,3 +363,36 @@ def test_target_index_is_emptied_when_transactions_end():
     _answer(env, ctx, 200)
     env.assert_clean()
     assert env.layer._by_target == {}
+
+
+def test_first_timer_A_and_E_arm_no_delayed_call_of_their_own():
+    """Timers A and E first fire T1 after the request, the same delay for every transaction: they wait
+    in the layer's T1 queue, whose one DelayedCall all its queues share, so a request answered before
+    T1 neither arms nor cancels a DelayedCall while a final wait (here a 64*T1 timer M) is pending."""
+    env = Env()
+    accepted, _ = _send(env, branch="z9hG4bKaccepted")
+    _answer(env, accepted, 200)  # Accepted: timer M waits 64*T1
+    assert accepted.state is State.ACCEPTED
+    assert len(env.clock.getDelayedCalls()) == 1
+    invite, got_invite = _send(env, branch="z9hG4bKringing")
+    [shared] = env.clock.getDelayedCalls()  # moved sooner, for the T1 queue's head
+    assert shared.getTime() == 0.5
+    options, got_options = _send(env, "OPTIONS")
+    assert env.clock.getDelayedCalls() == [shared]
+    _answer(env, invite, 180)
+    _answer(env, options, 200)
+    assert got_invite.statuses() == [180] and got_options.statuses() == [200]
+    assert env.clock.getDelayedCalls() == [shared]
+    env.clock.advance(0.5)  # a wake-up with nothing due: nothing resent
+    assert env.transport.methods() == ["INVITE", "INVITE", "OPTIONS"]
+    env.layer.stop()
+    env.assert_clean()
+
+
+def test_first_timer_E_still_fires_at_T1_then_backs_off_to_T2():
+    env = Env()
+    _send(env, "OPTIONS")
+    times = run_until(env.clock, 31.9, lambda: len(env.transport.requests))
+    assert times == [0.5, 1.5, 3.5, 7.5, 11.5, 15.5, 19.5, 23.5, 27.5, 31.5]
+    env.clock.advance(0.1)
+    env.assert_clean()

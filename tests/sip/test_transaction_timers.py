@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.internet.task import Clock
 
-from libon_tsilo.sip.timers import ExpiryQueue, TimerSet, TwoXXRetransmitter, backoff
+from libon_tsilo.sip.timers import ExpiryQueue, ExpiryTimer, TimerSet, TwoXXRetransmitter, backoff
 from libon_tsilo.sip.transaction import TwoXXRetransmitter as Exported
 from tests.sip.fakes import run_until
 
@@ -190,3 +190,39 @@ def test_expiry_queue_entry_added_by_an_expiring_callback_does_not_hold_back_old
         clock.advance(1)
     assert fired == [("a", 32.0), ("b", 42.0), ("c", 64.0)]
     assert clock.getDelayedCalls() == [] and len(queue) == 0
+
+
+def test_expiry_queues_sharing_one_timer_fire_on_time_and_leave_no_timer_when_all_empty():
+    """The layer's queues (T1, 64*T1...) share one DelayedCall, armed for their earliest deadline:
+    an entry leaving its queue early arms nothing and cancels nothing while another queue waits."""
+    clock = Clock()
+    timer = ExpiryTimer(clock)
+    long, short = ExpiryQueue(clock, 32, timer), ExpiryQueue(clock, 0.5, timer)
+    fired: list[tuple[str, float]] = []
+    long.add(lambda: fired.append(("long", clock.seconds())))
+    [only] = clock.getDelayedCalls()
+    assert only.getTime() == 32
+    first = short.add(lambda: fired.append(("gone", clock.seconds())))  # sooner: the timer moves
+    [only] = clock.getDelayedCalls()
+    assert only.getTime() == 0.5
+    short.discard(first)  # the timer stays (it fires, finds nothing due, re-arms for 32 s)
+    assert clock.getDelayedCalls() == [only]
+    clock.advance(0.25)
+    short.add(lambda: fired.append(("short", clock.seconds())))  # due at 0.75: after the armed 0.5
+    assert clock.getDelayedCalls() == [only]
+    clock.advance(0.25)
+    assert fired == [] and [c.getTime() for c in clock.getDelayedCalls()] == [0.75]
+    clock.advance(0.25)
+    assert fired == [("short", 0.75)] and [c.getTime() for c in clock.getDelayedCalls()] == [32]
+    clock.advance(31.25)
+    assert fired == [("short", 0.75), ("long", 32.0)]
+    assert clock.getDelayedCalls() == [] and len(long) == len(short) == 0
+    # an entry that leaves early, with every queue then empty, leaves no timer behind
+    entry = short.add(lambda: fired.append(("never", clock.seconds())))
+    long.add(lambda: fired.append(("never", clock.seconds())))
+    long.clear()
+    assert len(clock.getDelayedCalls()) == 1
+    short.discard(entry)
+    assert clock.getDelayedCalls() == []
+    clock.advance(100)
+    assert len(fired) == 2
