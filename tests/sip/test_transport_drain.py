@@ -44,12 +44,10 @@ class Started:
         return int(struct.unpack("i", raw)[0])
 
     def wait_queued(self) -> None:
-        # loopback delivers at once, but give the kernel a moment rather than guess
-        import time
+        # loopback delivers at once, but wait for the socket to be readable rather than guess
+        import select
 
-        deadline = time.monotonic() + 5
-        while not self.queued() and time.monotonic() < deadline:
-            time.sleep(0.001)
+        select.select([self.port.socket], [], [], 5)
 
 
 @pytest.fixture
