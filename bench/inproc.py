@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,6 +45,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import callgrind  # noqa: E402
 
 REGISTER_STAGES = ("parse", "transport", "txn", "full")
 # --location sqlite: the REGISTERs are committed to a SQLite file, BATCH per commit (group commit)
@@ -308,16 +308,7 @@ def stages(scenario: str) -> list[tuple[str, str]]:
 
 
 def icount(scenario: str, stage: str, n: int) -> int:
-    valgrind = shutil.which("valgrind")
-    if valgrind is None:
-        raise SystemExit("valgrind is not installed")
-    cmd = [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
-           "--child", scenario, stage, str(n)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
-    found = re.search(r"Collected : (\d+)", out.stderr)
-    if out.returncode != 0 or found is None:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr[-3000:]}")
-    return int(found.group(1))
+    return callgrind.count([sys.executable, __file__, "--child", scenario, stage, str(n)])
 
 
 def main() -> None:

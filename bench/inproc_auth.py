@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -74,14 +72,12 @@ def run(n: int) -> None:
 
 
 def count(code: Path, n: int) -> int:
-    cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
-           "--child", str(n), "--code", str(code)]
-    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(code)}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=code)
-    found = re.search(r"Collected : (\d+)", out.stderr)
-    if out.returncode != 0 or found is None:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr[-3000:]}")
-    return int(found.group(1))
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from bench import callgrind
+
+    return callgrind.count([sys.executable, __file__, "--child", str(n), "--code", str(code)],
+                           extra_env={"PYTHONPATH": str(code)}, cwd=code)
 
 
 def main() -> None:

@@ -18,8 +18,6 @@ Ports: ``--port`` to ``--port`` + 9.
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import signal
 import socket
 import subprocess
@@ -29,6 +27,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import callgrind  # noqa: E402
 SCENARIOS = ROOT / "tests" / "e2e" / "scenarios"
 CONFIG = """[sip]
 listen = ["udp:127.0.0.1:{port}"]
@@ -72,11 +74,11 @@ def instructions(code: Path, n: int, rate: float, port: int, workdir: Path, keep
     conf = workdir / f"server-{n}.toml"
     conf.write_text(CONFIG.format(port=port))
     errors = workdir / f"callgrind-{n}.err"
-    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(code)}
+    env = callgrind.environment({"PYTHONPATH": str(code)})
     out = "/dev/null" if keep is None else str(keep / f"callgrind-{n}.out")
-    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
-           str(code / "bench" / "common.py"), "serve", "--stats-file", str(workdir / f"stats-{n}.json"), "--",
-           "-n", "--pidfile=", "libon-tsilo", "--config", str(conf)]
+    cmd = callgrind.command([sys.executable, str(code / "bench" / "common.py"), "serve", "--stats-file",
+                             str(workdir / f"stats-{n}.json"), "--", "-n", "--pidfile=", "libon-tsilo",
+                             "--config", str(conf)], out_file=out)
     print(f"  server: {' '.join(cmd)}", flush=True)
     with open(errors, "w") as err:
         server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=str(code))
@@ -102,10 +104,7 @@ def instructions(code: Path, n: int, rate: float, port: int, workdir: Path, keep
         finally:
             server.send_signal(signal.SIGTERM)
             server.wait()
-    found = re.search(r"Collected : (\d+)", errors.read_text())
-    if found is None:
-        raise SystemExit(f"no callgrind total in {errors}")
-    return int(found.group(1))
+    return callgrind.total(errors.read_text(), str(errors))
 
 
 def main() -> None:

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -22,6 +19,7 @@ from collections.abc import Callable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from libon_tsilo.sip.message import Message, make_response, parse_message  # noqa: E402
+from bench import callgrind  # noqa: E402
 
 PARSE_TARGET = 50_000
 SERIALIZE_TARGET = 30_000
@@ -198,16 +196,7 @@ def run(seconds: float) -> bool:
 
 def icount(rounds: int) -> int:
     """Instructions callgrind counts in a process that parses and reads the messages ``rounds`` times."""
-    valgrind = shutil.which("valgrind")
-    if valgrind is None:
-        raise SystemExit("valgrind is not installed")
-    cmd = [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
-           "--child", str(rounds)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
-    found = re.search(r"Collected : (\d+)", out.stderr)
-    if out.returncode != 0 or found is None:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr[-3000:]}")
-    return int(found.group(1))
+    return callgrind.count([sys.executable, __file__, "--child", str(rounds)])
 
 
 def main() -> int:

@@ -18,10 +18,6 @@ its wake-up and one timer armed and cancelled, on that reactor. Kernel time is n
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +25,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench import callgrind  # noqa: E402
 
 
 def child(reactor_name: str, n: int) -> None:
@@ -90,16 +88,7 @@ def child(reactor_name: str, n: int) -> None:
 
 
 def instructions(reactor_name: str, n: int) -> int:
-    valgrind = shutil.which("valgrind")
-    if valgrind is None:
-        raise SystemExit("valgrind is not installed")
-    cmd = [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__,
-           "--child", reactor_name, str(n)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
-    found = re.search(r"Collected : (\d+)", out.stderr)
-    if out.returncode != 0 or found is None:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr[-3000:]}")
-    return int(found.group(1))
+    return callgrind.count([sys.executable, __file__, "--child", reactor_name, str(n)])
 
 
 def main() -> int:
