@@ -12,19 +12,20 @@ this module writes the node's changes to Redis and applies the other nodes' chan
   one key reach Redis, and every node, in order). A batch is
   one EVALSHA of a small Lua script (atomic like MULTI/EXEC, one reply to parse instead of four),
   sent on the feed's own connection (redis_wire.py: redis-py's per-command work cost more than
-  the rest of a REGISTER; over RESP3 the subscribed connection runs commands too, so the reply and
-  this node's own change message come back in one read; a Redis before 6 gets a second
-  connection for the writes). It PUBLISHes,
-  on ``<prefix>bindings``, one message per batch: this process's instance token, a space, then
-  JSON with the node id and the batch's changes in order (each binding's JSON is encoded once, for
-  its key and the message; the token comes first, so a node drops its own messages unparsed).
+  the rest of a REGISTER; over RESP3 the subscribed connection runs commands too; a Redis before
+  6 gets a second connection for the writes). It PUBLISHes, on ``<prefix>bindings:<instance>``
+  (this process's own channel), one message per batch: the instance token, a space, then JSON
+  with the node id and the batch's changes in order (each binding's JSON is encoded once, for its
+  key and the message). Each process subscribes to every channel but its own (``change_patterns``):
+  it never reads its own changes back.
   ``when_committed`` fires when Redis answered the script: a REGISTER's 200 promises the binding
   is in Redis. With ``publish_after_answer`` (ops sets it unless every node reaches a device
   through the node that took its REGISTER, whose relay holds the INVITE, cluster/ordering.py) the
   script only writes, and the message is PUBLISHed on the same connection right after the
   waiters fired, i.e. after the REGISTERs' 200s were sent: a node forking to the device directly
   hears of the binding after its 200 left (the one-node rule: events after the answer). It costs one
-  more command per batch (no round trip: its reply is not awaited); if this node dies between the
+  more command per batch, sent with ``CLIENT REPLY SKIP``: Redis answers nothing to it, so this node
+  reads nothing more and wakes up twice per REGISTER, as without it; if this node dies between the
   two, or the connection breaks, the binding is in Redis but the other replicas miss it until their
   next load or the device's next refresh.
 * Expiry is not written: Redis drops the key at its TTL and every replica removes the binding on
@@ -64,7 +65,19 @@ joins after at most ``claim_ttl``, at once after a clean stop); one still held a
 plus a renewal is a second live process with the same node id (a config error that would mix two
 flow tables and make each mark the other's connections dead): this one logs it, stays out of the
 cluster (state "duplicate": it loads and writes nothing, REGISTERs get 500), and says so in
-``redis_stats`` (ul.dump, ``/metrics``). A single server (node id "") claims nothing.
+``redis_stats`` (ul.dump, ``/metrics``). A single server (node id "") claims no node id.
+
+Change channels: Redis pub/sub has no "not my own messages", and reading its own change back cost a
+node a read of Redis per REGISTER (a wake-up of its own when the change is published after the
+200). So each process claims one of ``CHANGE_CHANNELS`` channels, ``<prefix>bindings:<k>``, with
+``<prefix>channel:<k>`` (SET NX PX ``CHANNEL_TTL``, renewed with the node id's claim in one round
+trip; its old one again after a reconnect if it still holds it; deleted on a clean stop), publishes
+on it and subscribes to all the others (plain SUBSCRIBE: an ACL user's ``&<prefix>*`` allows them).
+A renewal that finds the channel held by another process (Redis lost the claim) reloads the feed
+on a new one: the two would not hear each other. What that other process published in the second
+before the renewal is in the reload; what this one published then, the other misses (its replica
+is short of it until its next load or the device's refresh): a Redis that lost our claim without
+our feed noticing, and a process that joined in that second, both at once.
 
 Trust: Redis is inside the operator's network and trusted like the config file; still, a message
 or value that does not parse is logged and skipped, never fatal.
@@ -78,7 +91,7 @@ import hashlib
 import json
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -112,6 +125,14 @@ SCAN_COUNT = 500
 # node with 100k bindings must not send one 50 MB script call and one message every node parses
 WRITE_BACK_CHUNK = 500
 CLAIM_TTL = 3.0  # seconds a process's claim on its node id outlives its last renewal (module doc)
+# processes that can share one Redis: each holds one change channel (module doc); a node subscribes
+# to all the others' (one SUBSCRIBE each at connect; a PUBLISH costs Redis one lookup whatever the
+# number)
+CHANGE_CHANNELS = 128
+# a change channel's claim outlives its last renewal (once a second) this long: a process stalled
+# for less keeps it (two processes on one channel would not hear each other); one killed holds it
+# this long, and a restarted process takes another
+CHANNEL_TTL = 30.0
 
 
 def make_redis_client(
@@ -169,6 +190,17 @@ def binding_redis_key(prefix: bytes, aor: str, key: str) -> bytes:
     """The Redis key of the binding ``key`` of ``aor`` (see the module doc)."""
     raw_aor = _raw(aor)
     return b"%sb:%d:%s/%s" % (prefix, len(raw_aor), raw_aor, _raw(key))
+
+
+def change_channel(prefix: bytes, slot: int) -> bytes:
+    """The pub/sub channel of change channel ``slot`` (module doc)."""
+    return prefix + b"bindings:%d" % slot
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """A reply nobody awaits: its failure is the connection's, which the feed sees."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _glob_escape(raw: bytes) -> bytes:
@@ -236,10 +268,13 @@ class RedisBindingStore:
         self.clock = clock
         self.node_id = node_id
         self.prefix = _raw(key_prefix)
-        self.channel = self.prefix + b"bindings"
         # tells this process's own messages apart even if two nodes were given the same node_id
         self.instance = secrets.token_hex(8)
         self._own = self.instance.encode("ascii") + b" "
+        # each process publishes on a change channel of its own (claimed while it is up, see
+        # _claim_channel) and subscribes to every other one: it never reads its own changes back
+        self.slot: int | None = None
+        self.channel = b""
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         self._loop = loop
@@ -319,12 +354,17 @@ class RedisBindingStore:
         return d
 
     async def _release_then_close(self) -> None:
-        """A clean stop gives up the node id: this node's next process joins at once."""
+        """A clean stop gives up the node id (this node's next process joins at once) and the
+        change channel."""
         writer = self._writer
-        if writer is not None and self.node_id:
-            with contextlib.suppress(Exception):
-                if await writer.command(b"GET", self._claim_key) == self.instance.encode():
-                    await writer.command(b"DEL", self._claim_key)
+        claims = [self._claim_key] if self.node_id else []
+        if self.slot is not None:
+            claims.append(self._slot_key(self.slot))
+        if writer is not None:
+            for key in claims:
+                with contextlib.suppress(Exception):
+                    if await writer.command(b"GET", key) == self.instance.encode():
+                        await writer.command(b"DEL", key)
         await self._close()
 
     async def _close(self) -> None:
@@ -349,13 +389,16 @@ class RedisBindingStore:
                 # batch's reply and its own change message then come back in one read
                 shared = await feed.use_resp3()
                 self._backlog = []  # what arrives during the load is applied after it, in order
-                await feed.command(b"SUBSCRIBE", self.channel)
                 if shared:
                     writer = feed
                 else:
                     writer = await open_connection(self.client, self.loop, COMMAND_TIMEOUT)
                     conns.append(writer)
                 await self._claim_node(writer)
+                await self._claim_channel(writer)
+                others = [change_channel(self.prefix, k) for k in range(CHANGE_CHANNELS) if k != self.slot]
+                for done in [feed.command(b"SUBSCRIBE", channel) for channel in others]:
+                    await done
                 lost = await self._redis_lost_its_data()
                 bindings = await self._load_all()
                 self._writer = writer
@@ -405,15 +448,35 @@ class RedisBindingStore:
             for conn in (feed, writer):
                 if conn.lost.done():
                     raise ConnectionError(conn.lost.result())
-            if self.node_id:
-                owner = await self._claim(writer)
-                if owner != self.instance.encode():  # ours expired (Redis flushed?) and another took it
-                    raise _DuplicateNode(_text(owner))
+            await self._renew(writer)
             if self.loop.time() - checked >= HEALTH_INTERVAL:
                 checked = self.loop.time()
                 if feed.received == seen:
                     await feed.command(b"PING")
                 seen = feed.received
+
+    async def _renew(self, writer: RespConnection) -> None:
+        """Renew our claims, the node id's and the change channel's, in one round trip (all four
+        commands sent at once). Raises _DuplicateNode when another process took the node id, _Reload
+        when the channel was lost (Redis lost it: another process may publish on it now, and we
+        would not hear it: take another one, and load everything again)."""
+        ours = self.instance.encode()
+        node_owner = None
+        if self.node_id:
+            node_owner = writer.command(b"GET", self._claim_key)
+            # if it lapsed in between, PEXPIRE misses and _claim takes it again below
+            writer.command(b"PEXPIRE", self._claim_key, math.ceil(self.claim_ttl * 1000)).add_done_callback(
+                _retrieved)
+        channel_ours = self._renew_channel(writer)
+        if node_owner is not None:
+            owner = await node_owner
+            if owner is None:
+                owner = await self._claim(writer)
+            if owner != ours:  # ours expired (Redis flushed?) and another took it
+                raise _DuplicateNode(_text(owner))
+        if not await channel_ours:
+            log.warn("location redis: this node's change channel {k} was lost; reloading", k=self.slot)
+            raise _Reload()
 
     async def _claim(self, writer: RespConnection) -> Any:
         """Take or renew our node id's claim; returns its holder. Plain commands (no script): an
@@ -450,6 +513,39 @@ class RedisBindingStore:
             step = self.claim_ttl / 3
             await asyncio.sleep(step)
             waited += step
+
+    def _slot_key(self, slot: int) -> bytes:
+        return self.prefix + b"channel:%d" % slot
+
+    async def _claim_channel(self, writer: RespConnection) -> None:
+        """Hold one of the CHANGE_CHANNELS for this process: the one it had if it still has it,
+        else the first free one from a random start. Raises ConnectionError when all are taken."""
+        ours = self.instance.encode()
+        ttl_ms = math.ceil(CHANNEL_TTL * 1000)
+        if self.slot is not None and await self._renew_channel(writer):
+            return
+        start = secrets.randbelow(CHANGE_CHANNELS)
+        for i in range(CHANGE_CHANNELS):
+            slot = (start + i) % CHANGE_CHANNELS
+            if await writer.command(b"SET", self._slot_key(slot), ours, b"NX", b"PX", ttl_ms) is not None:
+                self.slot, self.channel = slot, change_channel(self.prefix, slot)
+                return
+        raise ConnectionError(f"all {CHANGE_CHANNELS} change channels are held by other processes")
+
+    def _renew_channel(self, writer: RespConnection) -> Coroutine[Any, Any, bool]:
+        """Extend our change channel's claim; the coroutine says whether it still is ours. The
+        commands are sent at once (GET and PEXPIRE together: a PEXPIRE of another's claim only
+        makes it last a little longer)."""
+        owner: asyncio.Future[Any] | None = None
+        if self.slot is not None:
+            key = self._slot_key(self.slot)
+            owner = writer.command(b"GET", key)
+            writer.command(b"PEXPIRE", key, math.ceil(CHANNEL_TTL * 1000)).add_done_callback(_retrieved)
+
+        async def ours() -> bool:
+            return owner is not None and await owner == self.instance.encode()
+
+        return ours()
 
     def _on_feed_message(self, data: bytes) -> None:
         if self._backlog is not None:
@@ -746,8 +842,8 @@ class RedisBindingStore:
         if publish:  # publish_after_answer: the waiters above sent their 200s
             writer, messages = publish
             try:
-                for message in messages:
-                    writer.call(_ignored, b"PUBLISH", self.channel, message)
+                for message in messages:  # no reply, and no echo (our own channel): no read
+                    writer.send_unanswered(b"PUBLISH", self.channel, message)
             except Exception as exc:  # the connection closed meanwhile: the feed reconnects
                 log.warn("location redis: a change is stored but not announced to the other nodes: {err}",
                          err=exc)
@@ -781,10 +877,6 @@ class RedisBindingStore:
         if int(seq or 0) < acked and self.up:
             self._rollback_seen(int(seq or 0), acked, "a heartbeat")
         return {m.decode("utf-8", "replace") if isinstance(m, bytes) else str(m) for m in alive}
-
-
-def _ignored(reply: Any) -> None:
-    """A PUBLISH's reply is not awaited; its failure is the connection's, which the feed sees."""
 
 
 def _text(value: Any) -> str:

@@ -42,6 +42,8 @@ class ReplyError(Exception):
     """Redis answered a command with an error (the message is Redis's, e.g. "NOSCRIPT ...")."""
 
 
+_SKIP_NEXT_REPLY = hiredis.pack_command((b"CLIENT", b"REPLY", b"SKIP"))  # type: ignore[arg-type]  # no reply
+
 Reply = Any  # a parsed reply; a ReplyError or ConnectionError instance when the command failed
 OnReply = Callable[[Reply], None]
 
@@ -77,15 +79,15 @@ class RespConnection(asyncio.Protocol):
             self.received += 1
             kind = type(reply)
             if kind is hiredis.PushNotification:
-                # RESP3: pub/sub messages and SUBSCRIBE's own confirmation come as pushes
+                # RESP3: pub/sub messages and SUBSCRIBE's own confirmations come as pushes
                 if reply[0] == b"message":
                     if self.on_message is not None:
                         self._call(self.on_message, reply[2])
                     continue
                 if reply[0] not in (b"subscribe", b"unsubscribe"):
                     continue  # another kind of push (e.g. client tracking): not ours
-            elif (self.on_message is not None and kind is list and len(reply) == 3
-                    and reply[0] == b"message"):
+            elif (kind is list and not self.resp3 and self.on_message is not None and len(reply) == 3
+                    and reply[0] == b"message"):  # RESP2: a plain array (RESP3 commands' replies are not)
                 self._call(self.on_message, reply[2])
                 continue
             if self._pending:
@@ -147,6 +149,15 @@ class RespConnection(asyncio.Protocol):
         """``command`` without a Future: ``on_reply`` is called with the reply (a ReplyError or
         ConnectionError instance when it failed) as soon as it is read, not a loop turn later."""
         self._send(on_reply, args)
+
+    def send_unanswered(self, *args: bytes | str | int) -> None:
+        """Send one command whose reply Redis must not send (``CLIENT REPLY SKIP`` before it): no
+        read, so no wake-up, for a command whose outcome nobody waits for (a PUBLISH). Its failure
+        is not seen; a broken connection is, by whatever else uses it."""
+        transport = self._transport
+        if transport is None:
+            raise ConnectionError("redis connection closed")
+        transport.write(_SKIP_NEXT_REPLY + hiredis.pack_command(args))  # type: ignore[arg-type]
 
     def _send(self, target: asyncio.Future[Any] | OnReply, args: tuple[bytes | str | int, ...]) -> None:
         transport = self._transport

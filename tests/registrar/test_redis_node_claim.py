@@ -88,3 +88,36 @@ async def test_a_clean_stop_gives_the_node_id_up(
     again = _claimed(nodes, redis_server, "b")
     await again.start()
     assert again.redis.state == "up"
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_process_holds_a_change_channel_of_its_own_until_it_stops(
+    redis_server: RedisServer, nodes: list[Node]  # noqa: F811
+) -> None:
+    a, b = _claimed(nodes, redis_server, "a"), _claimed(nodes, redis_server, "b")
+    await a.start()
+    await b.start()
+    assert a.redis.slot is not None and b.redis.slot is not None and a.redis.slot != b.redis.slot
+    key = f"test:channel:{a.redis.slot}"
+    holder = "return redis.call('GET', KEYS[1]) == ARGV[1] and 1 or 0"
+    assert redis_server.cli("EVAL", holder, "1", key, a.redis.instance) == b":1"
+    await a.store.stop()
+    assert redis_server.cli("GET", key) == b"$-1"  # given up: the next process may take it
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_whose_change_channel_was_taken_reloads_on_another_one(
+    redis_server: RedisServer, nodes: list[Node]  # noqa: F811
+) -> None:
+    """Redis lost the claim (flushed, a fail-over) and another process took the channel: the two
+    would not hear each other. The renewal sees it; the node takes another channel and loads again."""
+    a, b = _claimed(nodes, redis_server, "a"), _claimed(nodes, redis_server, "b")
+    await a.start()
+    await b.start()
+    lost = a.redis.slot
+    assert redis_server.cli("SET", f"test:channel:{lost}", "another-process") == b"+OK"
+    await until(lambda: a.redis.loads == 2 and a.redis.up, "a to reload")
+    assert a.redis.slot not in (lost, b.redis.slot)
+    late = make_binding(aor="sip:late@example.com", uri="sip:late@192.0.2.7", expires_at=600.0, node="b")
+    await b.write(late)
+    await until(lambda: a.store.lookup(late.aor), "b's change on a, on a's new channel")
