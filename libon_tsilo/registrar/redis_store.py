@@ -263,9 +263,13 @@ class RedisBindingStore:
         write_back_chunk: int = WRITE_BACK_CHUNK,
         claim_ttl: float = CLAIM_TTL,
         publish_after_answer: bool = False,
+        stop_wait: float = 0.0,
     ) -> None:
         self.client = client
         self.clock = clock
+        # how long a stop waits for write-backs still pending ([ops] drain_timeout): acknowledged data
+        self.stop_wait = stop_wait
+        self._written_back_waiters: list[defer.Deferred[None]] = []
         self.node_id = node_id
         self.prefix = _raw(key_prefix)
         # tells this process's own messages apart even if two nodes were given the same node_id
@@ -336,7 +340,37 @@ class RedisBindingStore:
             self._feed_task = self.loop.create_task(self._feed())
 
     def stop(self) -> defer.Deferred[None]:
-        """Write what is queued, then stop the feed and close the connections."""
+        """Wait up to ``stop_wait`` for the write-backs still pending, write what is queued, then
+        stop the feed and close the connections."""
+        if not self._write_back or self.stop_wait <= 0 or self._stopping:
+            return self._stop_now()
+        log.info("location redis: stopping once {n} bindings are written back (at most {s:g} s)",
+                 n=len(self._write_back), s=self.stop_wait)
+        timer = self._write_back_timer
+        if timer is not None and timer.active() and timer.getTime() - self.clock.seconds() > self.min_backoff:
+            timer.reset(self.min_backoff)  # a backoff grown long must not use up the wait
+        done = self._when_written_back()
+        bound = self.clock.callLater(self.stop_wait, self._all_written_back)  # or not: given up
+
+        def stop_now(_: object) -> defer.Deferred[None]:
+            if bound.active():
+                bound.cancel()
+            return self._stop_now()
+
+        return done.addCallback(stop_now)
+
+    def _when_written_back(self) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        self._written_back_waiters.append(d)
+        return d
+
+    def _all_written_back(self) -> None:
+        waiters, self._written_back_waiters = self._written_back_waiters, []
+        for d in waiters:
+            if not d.called:
+                d.callback(None)
+
+    def _stop_now(self) -> defer.Deferred[None]:
         self._stopping = True  # no write-back is queued or retried from now on
         timer, self._write_back_timer = self._write_back_timer, None
         if timer is not None and timer.active():
@@ -638,6 +672,7 @@ class RedisBindingStore:
                 chunk.append(ident)
                 self.save(binding)  # the replica's current copy, serialized when the batch starts
         if not chunk:
+            self._all_written_back()  # the last ones were gone from the replica
             return
         d = self.when_committed("")  # an aor: errbacks when the batch fails
         if d is None:
@@ -655,6 +690,7 @@ class RedisBindingStore:
         if not self._write_back:
             log.info("location redis: this node's bindings are written back ({n} in all)",
                      n=self.rows_written_back)
+            self._all_written_back()
         self._pump_write_back()
 
     def _write_back_failed(self, failure: Failure, chunk: list[tuple[str, str]]) -> None:
