@@ -91,7 +91,7 @@ import hashlib
 import json
 import math
 import secrets
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -197,10 +197,8 @@ def change_channel(prefix: bytes, slot: int) -> bytes:
     return prefix + b"bindings:%d" % slot
 
 
-def _retrieved(future: asyncio.Future[Any]) -> None:
-    """A reply nobody awaits: its failure is the connection's, which the feed sees."""
-    if not future.cancelled():
-        future.exception()
+def _ignored(reply: Any) -> None:
+    """A reply nobody needs (a PEXPIRE's): its failure is the connection's, which the feed sees."""
 
 
 def _glob_escape(raw: bytes) -> bytes:
@@ -315,6 +313,8 @@ class RedisBindingStore:
         self._stopping = False
         self.rows_written_back = 0
         self._reload: asyncio.Future[None] | None = None  # set: the feed reloads as after a loss
+        self._trouble: Exception | None = None  # why, when it is not a loss (a renewal failed)
+        self._renew_timer: asyncio.TimerHandle | None = None  # the claims' renewal, while up
         self._rolled_back = False  # a loss seen without a reconnect (module doc), until the reload
         self._claim_key = self.prefix + b"node:" + _raw(node_id)
         self.claim_ttl = claim_ttl
@@ -466,51 +466,99 @@ class RedisBindingStore:
             delay = min(max(delay * 2, self.min_backoff), self.max_backoff)
 
     async def _watch(self, feed: RespConnection, writer: RespConnection) -> None:
-        """Returns never; raises when either connection is gone. An idle feed is PINGed, so a peer
-        that vanished without a FIN is noticed (a PING unanswered in COMMAND_TIMEOUT closes it)."""
+        """Returns never; raises when either connection is gone, or when a renewal of our claims
+        failed (_renewed). An idle feed is PINGed, so a peer that vanished without a FIN is noticed
+        (a PING unanswered in COMMAND_TIMEOUT closes it)."""
         seen = -1
         self._reload = reload = self.loop.create_future()
+        self._trouble = None
         if self._rolled_back:
             reload.set_result(None)  # seen during the load itself
-        renew = self.claim_ttl / 3 if self.node_id else HEALTH_INTERVAL
+        self._renew_in(self._renew_period)
         checked = self.loop.time()
-        while True:
-            await asyncio.wait((feed.lost, writer.lost, reload), timeout=min(renew, HEALTH_INTERVAL),
-                               return_when=asyncio.FIRST_COMPLETED)
-            if reload.done():
-                raise _Reload()
-            for conn in (feed, writer):
-                if conn.lost.done():
-                    raise ConnectionError(conn.lost.result())
-            await self._renew(writer)
-            if self.loop.time() - checked >= HEALTH_INTERVAL:
-                checked = self.loop.time()
-                if feed.received == seen:
-                    await feed.command(b"PING")
-                seen = feed.received
+        try:
+            while True:
+                await asyncio.wait((feed.lost, writer.lost, reload), timeout=HEALTH_INTERVAL,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if reload.done():
+                    raise self._trouble or _Reload()
+                for conn in (feed, writer):
+                    if conn.lost.done():
+                        raise ConnectionError(conn.lost.result())
+                if self.loop.time() - checked >= HEALTH_INTERVAL:
+                    checked = self.loop.time()
+                    if feed.received == seen:
+                        await feed.command(b"PING")
+                    seen = feed.received
+        finally:
+            timer, self._renew_timer = self._renew_timer, None
+            if timer is not None:
+                timer.cancel()
 
-    async def _renew(self, writer: RespConnection) -> None:
-        """Renew our claims, the node id's and the change channel's, in one round trip (all four
-        commands sent at once). Raises _DuplicateNode when another process took the node id, _Reload
-        when the channel was lost (Redis lost it: another process may publish on it now, and we
-        would not hear it: take another one, and load everything again)."""
+    # -- the claims' renewal: one timer, one round trip, or none of its own when a beat carries it --
+
+    @property
+    def _renew_period(self) -> float:
+        return self.claim_ttl / 3 if self.node_id else HEALTH_INTERVAL
+
+    def _renew_in(self, delay: float) -> None:
+        if self._renew_timer is not None:
+            self._renew_timer.cancel()
+        self._renew_timer = self.loop.call_later(delay, self._renew_on_timer)
+
+    def _renew_on_timer(self) -> None:
+        self._renew_timer = None
+        writer = self._writer
+        if writer is not None:
+            self._renew(writer)
+        self._renew_in(self._renew_period)
+
+    def _renew(self, writer: RespConnection) -> None:
+        """Renew our claims, the node id's and the change channel's: four commands sent at once,
+        their replies read together. Another process holding the node id is a duplicate; one holding
+        our channel (Redis lost our claim) would not hear us nor we it: reload on another one."""
         ours = self.instance.encode()
-        node_owner = None
-        if self.node_id:
-            node_owner = writer.command(b"GET", self._claim_key)
-            # if it lapsed in between, PEXPIRE misses and _claim takes it again below
-            writer.command(b"PEXPIRE", self._claim_key, math.ceil(self.claim_ttl * 1000)).add_done_callback(
-                _retrieved)
-        channel_ours = self._renew_channel(writer)
-        if node_owner is not None:
-            owner = await node_owner
-            if owner is None:
-                owner = await self._claim(writer)
-            if owner != ours:  # ours expired (Redis flushed?) and another took it
-                raise _DuplicateNode(_text(owner))
-        if not await channel_ours:
-            log.warn("location redis: this node's change channel {k} was lost; reloading", k=self.slot)
-            raise _Reload()
+
+        def node_claim(owner: Any) -> None:
+            if owner is None:  # lapsed in between (PEXPIRE missed it): take it again
+                self.loop.create_task(self._retake_claim(writer))
+            elif owner != ours:  # ours expired (Redis flushed?) and another took it
+                self._renewal_failed(owner if isinstance(owner, Exception) else _DuplicateNode(_text(owner)))
+
+        def channel_claim(owner: Any) -> None:
+            if isinstance(owner, Exception):
+                self._renewal_failed(owner)
+            elif owner != ours:
+                log.warn("location redis: this node's change channel {k} was lost; reloading", k=self.slot)
+                self._renewal_failed(_Reload())
+
+        try:
+            if self.node_id:
+                writer.call(node_claim, b"GET", self._claim_key)
+                writer.call(_ignored, b"PEXPIRE", self._claim_key, math.ceil(self.claim_ttl * 1000))
+            if self.slot is not None:
+                key = self._slot_key(self.slot)
+                writer.call(channel_claim, b"GET", key)
+                # a PEXPIRE of another's claim only makes it last a little longer
+                writer.call(_ignored, b"PEXPIRE", key, math.ceil(CHANNEL_TTL * 1000))
+        except ConnectionError:
+            pass  # the feed sees it
+
+    async def _retake_claim(self, writer: RespConnection) -> None:
+        try:
+            owner = await self._claim(writer)
+        except Exception as exc:
+            self._renewal_failed(exc)
+            return
+        if owner != self.instance.encode():
+            self._renewal_failed(_DuplicateNode(_text(owner)))
+
+    def _renewal_failed(self, trouble: Exception) -> None:
+        """Make the feed's watch raise ``trouble`` (it reconnects, or stops as a duplicate)."""
+        if self._trouble is None:
+            self._trouble = trouble
+        if self._reload is not None and not self._reload.done():
+            self._reload.set_result(None)
 
     async def _claim(self, writer: RespConnection) -> Any:
         """Take or renew our node id's claim; returns its holder. Plain commands (no script): an
@@ -556,7 +604,7 @@ class RedisBindingStore:
         else the first free one from a random start. Raises ConnectionError when all are taken."""
         ours = self.instance.encode()
         ttl_ms = math.ceil(CHANNEL_TTL * 1000)
-        if self.slot is not None and await self._renew_channel(writer):
+        if await self._still_our_channel(writer):  # a reconnect: the channel we had, if still ours
             return
         start = secrets.randbelow(CHANGE_CHANNELS)
         for i in range(CHANGE_CHANNELS):
@@ -566,20 +614,12 @@ class RedisBindingStore:
                 return
         raise ConnectionError(f"all {CHANGE_CHANNELS} change channels are held by other processes")
 
-    def _renew_channel(self, writer: RespConnection) -> Coroutine[Any, Any, bool]:
-        """Extend our change channel's claim; the coroutine says whether it still is ours. The
-        commands are sent at once (GET and PEXPIRE together: a PEXPIRE of another's claim only
-        makes it last a little longer)."""
-        owner: asyncio.Future[Any] | None = None
-        if self.slot is not None:
-            key = self._slot_key(self.slot)
-            owner = writer.command(b"GET", key)
-            writer.command(b"PEXPIRE", key, math.ceil(CHANNEL_TTL * 1000)).add_done_callback(_retrieved)
-
-        async def ours() -> bool:
-            return owner is not None and await owner == self.instance.encode()
-
-        return ours()
+    async def _still_our_channel(self, writer: RespConnection) -> bool:
+        key = self._slot_key(self.slot) if self.slot is not None else None
+        if key is None or await writer.command(b"GET", key) != self.instance.encode():
+            return False
+        await writer.command(b"PEXPIRE", key, math.ceil(CHANNEL_TTL * 1000))
+        return True
 
     def _on_feed_message(self, data: bytes) -> None:
         if self._backlog is not None:
@@ -892,8 +932,46 @@ class RedisBindingStore:
     def heartbeat(self, member: str, ttl: float) -> defer.Deferred[set[str]]:
         """Say that ``member`` (a node's internal address) is alive for ``ttl`` seconds more, and
         get every member alive now. One script on a sorted set scored by expiry in Redis's own
-        time: the nodes' clocks play no part, and a dead node drops out ``ttl`` after its last beat."""
-        return as_deferred(self._heartbeat(member, ttl), self.loop)
+        time: the nodes' clocks play no part, and a dead node drops out ``ttl`` after its last beat.
+
+        While the feed is up the beat goes on its connection with the claims' renewal (one round
+        trip for both, and the renewal's own timer is put off: it fires only if the beats stop);
+        before that (start, Redis down) through redis-py, as a lone script."""
+        writer = self._writer
+        if writer is None or self.duplicate_of or not self.up:
+            return as_deferred(self._heartbeat(member, ttl), self.loop)
+        d: defer.Deferred[set[str]] = defer.Deferred()
+        acked = self._acked_seq  # before asking: a batch acknowledged later may count after our read
+        keys = (self.prefix + b"nodes", self._seq_key)
+        args = (member, math.ceil(ttl * 1000))
+
+        def beaten(reply: Any, evalsha: bool = True) -> None:
+            if evalsha and isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
+                try:  # Redis's script cache was flushed: the script itself, once
+                    writer.call(lambda r: beaten(r, False), b"EVAL", _HEARTBEAT, 2, *keys, *args)
+                except ConnectionError as exc:
+                    d.errback(exc)
+                return
+            if isinstance(reply, Exception):
+                d.errback(reply)
+                return
+            try:
+                alive = self._beat_answered(reply, acked)
+            except Exception as exc:
+                d.errback(exc)
+                return
+            d.callback(alive)
+
+        try:
+            # the beat first: a renewal that finds a claim lost makes the feed reconnect, after the
+            # beat's answer is read
+            writer.call(beaten, b"EVALSHA", _HEARTBEAT_SHA, 2, *keys, *args)
+            self._renew(writer)
+        except ConnectionError as exc:
+            return defer.fail(exc)
+        if self._renew_timer is not None:  # the beats renew: the timer waits in case they stop
+            self._renew_in(self._renew_period * 1.5)
+        return d
 
     def leave(self, member: str) -> defer.Deferred[None]:
         """A clean stop: the peers see ``member`` gone at their next beat, not ``ttl`` later."""
@@ -908,8 +986,12 @@ class RedisBindingStore:
         if self._beat_script is None:
             self._beat_script = self.client.register_script(_HEARTBEAT)
         acked = self._acked_seq  # before asking: a batch acknowledged later may count after our read
-        seq, alive = await self._beat_script(keys=[self.prefix + b"nodes", self._seq_key],
-                                             args=[member, math.ceil(ttl * 1000)])
+        reply = await self._beat_script(keys=[self.prefix + b"nodes", self._seq_key],
+                                        args=[member, math.ceil(ttl * 1000)])
+        return self._beat_answered(reply, acked)
+
+    def _beat_answered(self, reply: Any, acked: int) -> set[str]:
+        seq, alive = reply
         if int(seq or 0) < acked and self.up:
             self._rollback_seen(int(seq or 0), acked, "a heartbeat")
         return {m.decode("utf-8", "replace") if isinstance(m, bytes) else str(m) for m in alive}
@@ -930,3 +1012,4 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('PEXPIRE', KEYS[1], ttl)
 return {redis.call('GET', KEYS[2]) or 0, redis.call('ZRANGE', KEYS[1], 0, -1)}
 """
+_HEARTBEAT_SHA = hashlib.sha1(_HEARTBEAT.encode()).hexdigest()

@@ -13,6 +13,7 @@ import time
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred
 
 from libon_tsilo.registrar.location import NotStored
 from tests.redis_server import RedisServer
@@ -121,3 +122,22 @@ async def test_a_node_whose_change_channel_was_taken_reloads_on_another_one(
     late = make_binding(aor="sip:late@example.com", uri="sip:late@192.0.2.7", expires_at=600.0, node="b")
     await b.write(late)
     await until(lambda: a.store.lookup(late.aor), "b's change on a, on a's new channel")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_heartbeat_renews_the_claims_in_its_round_trip(
+    redis_server: RedisServer, nodes: list[Node]  # noqa: F811
+) -> None:
+    """A node that beats (cluster/liveness.py) needs no renewal of its own: an idle node reads
+    Redis once a second, not three times."""
+    a = _node(nodes, redis_server, "a")
+    a.redis.claim_ttl = 30.0  # its own renewal (every 10 s) stays out of the test
+    await a.start()
+    for key in ("test:node:a", f"test:channel:{a.redis.slot}"):
+        assert redis_server.cli("PEXPIRE", key, "1000") == b":1"
+    assert await a.redis.heartbeat("udp:10.0.0.1:5070", 3.0) == {"udp:10.0.0.1:5070"}
+    # the renewal's replies follow the beat's on the same connection: a PING after them
+    await Deferred.fromFuture(a.redis._writer.command(b"PING"))  # type: ignore[union-attr]
+    for key in ("test:node:a", f"test:channel:{a.redis.slot}"):
+        ttl = int(redis_server.cli("PTTL", key)[1:])
+        assert ttl > 20_000, f"{key} was not renewed by the beat ({ttl} ms left)"
