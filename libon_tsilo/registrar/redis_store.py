@@ -105,7 +105,7 @@ from libon_tsilo.group_commit import Batch, GroupCommit
 from libon_tsilo.registrar.asyncio_bridge import as_deferred, reactor_loop
 from libon_tsilo.registrar.binding import Binding
 from libon_tsilo.registrar.location import NotStored, StoreClosed
-from libon_tsilo.registrar.redis_wire import ReplyError, RespConnection, open_connection
+from libon_tsilo.registrar.redis_wire import OnReply, ReplyError, RespConnection, open_connection
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -510,13 +510,15 @@ class RedisBindingStore:
         self._renew_timer = None
         writer = self._writer
         if writer is not None:
-            self._renew(writer)
+            with contextlib.suppress(ConnectionError):  # the feed sees it
+                self._renew(writer)
         self._renew_in(self._renew_period)
 
-    def _renew(self, writer: RespConnection) -> None:
-        """Renew our claims, the node id's and the change channel's: four commands sent at once,
-        their replies read together. Another process holding the node id is a duplicate; one holding
-        our channel (Redis lost our claim) would not hear us nor we it: reload on another one."""
+    def _renew(self, writer: RespConnection, first: tuple[tuple[OnReply, tuple[Any, ...]], ...] = ()) -> None:
+        """Renew our claims, the node id's and the change channel's: four commands (after ``first``,
+        a heartbeat's) sent at once, their replies read together. Another process holding the node
+        id is a duplicate; one holding our channel (Redis lost our claim) would not hear us nor we
+        it: reload on another one."""
         ours = self.instance.encode()
 
         def node_claim(owner: Any) -> None:
@@ -532,17 +534,16 @@ class RedisBindingStore:
                 log.warn("location redis: this node's change channel {k} was lost; reloading", k=self.slot)
                 self._renewal_failed(_Reload())
 
-        try:
-            if self.node_id:
-                writer.call(node_claim, b"GET", self._claim_key)
-                writer.call(_ignored, b"PEXPIRE", self._claim_key, math.ceil(self.claim_ttl * 1000))
-            if self.slot is not None:
-                key = self._slot_key(self.slot)
-                writer.call(channel_claim, b"GET", key)
-                # a PEXPIRE of another's claim only makes it last a little longer
-                writer.call(_ignored, b"PEXPIRE", key, math.ceil(CHANNEL_TTL * 1000))
-        except ConnectionError:
-            pass  # the feed sees it
+        calls = list(first)
+        if self.node_id:
+            calls.append((node_claim, (b"GET", self._claim_key)))
+            calls.append((_ignored, (b"PEXPIRE", self._claim_key, math.ceil(self.claim_ttl * 1000))))
+        if self.slot is not None:
+            key = self._slot_key(self.slot)
+            calls.append((channel_claim, (b"GET", key)))
+            # a PEXPIRE of another's claim only makes it last a little longer
+            calls.append((_ignored, (b"PEXPIRE", key, math.ceil(CHANNEL_TTL * 1000))))
+        writer.call_all(calls)  # ConnectionError: the feed sees it too
 
     async def _retake_claim(self, writer: RespConnection) -> None:
         try:
@@ -965,8 +966,7 @@ class RedisBindingStore:
         try:
             # the beat first: a renewal that finds a claim lost makes the feed reconnect, after the
             # beat's answer is read
-            writer.call(beaten, b"EVALSHA", _HEARTBEAT_SHA, 2, *keys, *args)
-            self._renew(writer)
+            self._renew(writer, ((beaten, (b"EVALSHA", _HEARTBEAT_SHA, 2, *keys, *args)),))
         except ConnectionError as exc:
             return defer.fail(exc)
         if self._renew_timer is not None:  # the beats renew: the timer waits in case they stop

@@ -33,7 +33,7 @@ from twisted.logger import Logger
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["ReplyError", "RespConnection", "open_connection"]
+__all__ = ["OnReply", "ReplyError", "RespConnection", "open_connection"]
 
 log = Logger()
 
@@ -149,6 +149,17 @@ class RespConnection(asyncio.Protocol):
         """``command`` without a Future: ``on_reply`` is called with the reply (a ReplyError or
         ConnectionError instance when it failed) as soon as it is read, not a loop turn later."""
         self._send(on_reply, args)
+
+    def call_all(self, calls: list[tuple[OnReply, tuple[bytes | str | int, ...]]]) -> None:
+        """``call`` for each (on_reply, args), all written at once (one send for the lot)."""
+        transport = self._transport
+        if transport is None:
+            raise ConnectionError("redis connection closed")
+        now = self.loop.time()
+        self._pending.extend((on_reply, now) for on_reply, _ in calls)
+        if self._overdue is None:
+            self._overdue = self.loop.call_later(self.timeout, self._check_overdue)
+        transport.write(b"".join([hiredis.pack_command(args) for _, args in calls]))  # type: ignore[arg-type]
 
     def send_unanswered(self, *args: bytes | str | int) -> None:
         """Send one command whose reply Redis must not send (``CLIENT REPLY SKIP`` before it): no
