@@ -293,6 +293,7 @@ class RedisBindingStore:
         self._seq_key = self.prefix + b"seq:" + _raw(node_id)
         self._acked_seq = 0
         self._writer: RespConnection | None = None  # the batches' own connection, while up
+        self._skip_replies = False  # whether it honours CLIENT REPLY SKIP (RespConnection.skips_replies)
         self._backlog: list[bytes] | None = None  # feed messages held while the feed loads
         self._script_on: RespConnection | None = None  # the connection Redis cached the script for
         self.state = "connecting"  # "up", "down"
@@ -428,6 +429,7 @@ class RedisBindingStore:
                 else:
                     writer = await open_connection(self.client, self.loop, COMMAND_TIMEOUT)
                     conns.append(writer)
+                self._skip_replies = await writer.skips_replies()
                 await self._claim_node(writer)
                 await self._claim_channel(writer)
                 others = [change_channel(self.prefix, k) for k in range(CHANGE_CHANNELS) if k != self.slot]
@@ -920,7 +922,10 @@ class RedisBindingStore:
             writer, messages = publish
             try:
                 for message in messages:  # no reply, and no echo (our own channel): no read
-                    writer.send_unanswered(b"PUBLISH", self.channel, message)
+                    if self._skip_replies:
+                        writer.send_unanswered(b"PUBLISH", self.channel, message)
+                    else:
+                        writer.call(_ignored, b"PUBLISH", self.channel, message)
             except Exception as exc:  # the connection closed meanwhile: the feed reconnects
                 log.warn("location redis: a change is stored but not announced to the other nodes: {err}",
                          err=exc)

@@ -24,6 +24,7 @@ re-armed for the next when it fires too early.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -164,11 +165,25 @@ class RespConnection(asyncio.Protocol):
     def send_unanswered(self, *args: bytes | str | int) -> None:
         """Send one command whose reply Redis must not send (``CLIENT REPLY SKIP`` before it): no
         read, so no wake-up, for a command whose outcome nobody waits for (a PUBLISH). Its failure
-        is not seen; a broken connection is, by whatever else uses it."""
+        is not seen; a broken connection is, by whatever else uses it. Only once ``skips_replies()``
+        said yes: a server that refused the SKIP would answer both, and every later reply would go
+        to the wrong command."""
         transport = self._transport
         if transport is None:
             raise ConnectionError("redis connection closed")
         transport.write(_SKIP_NEXT_REPLY + hiredis.pack_command(args))  # type: ignore[arg-type]
+
+    async def skips_replies(self) -> bool:
+        """Does the server honour ``CLIENT REPLY SKIP`` (Redis 3.2+; not every proxy or look-alike)?
+        Asked with nothing else in flight; when it does not, its extra replies are read off here."""
+        self.send_unanswered(b"ECHO", b"skipped")
+        with contextlib.suppress(ReplyError):  # the CLIENT REPLY refused: its error comes first
+            if await self.command(b"ECHO", b"answered") == b"answered":
+                return True
+        while True:  # the extra replies ("skipped", "answered") go to these until the two are in step
+            with contextlib.suppress(ReplyError):
+                if await self.command(b"ECHO", b"in-step") == b"in-step":
+                    return False
 
     def _send(self, target: asyncio.Future[Any] | OnReply, args: tuple[bytes | str | int, ...]) -> None:
         transport = self._transport

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import select
 import socket
+from pathlib import Path
 
 import pytest
 import pytest_twisted
@@ -102,3 +103,27 @@ async def test_a_node_reads_nothing_back_but_its_writes_answer(
     assert conn.received - before == 2, "b read more than its write's answer and the PING's"
     await until(lambda: a.store.lookup(binding.aor), "the change on a")
     assert a.events.kinds() == ["added"] and b.events.kinds() == ["added"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_client_reply_the_publish_is_answered_and_read(
+    tmp_path: Path, nodes: list[Node]  # noqa: F811
+) -> None:
+    """A server (or a proxy) that does not know CLIENT REPLY: the PUBLISH's reply is read, as it
+    was, instead of every later reply going to the wrong command."""
+    server = RedisServer(tmp_path, extra_args=("--rename-command", "CLIENT", ""))
+    server.start()
+    try:
+        a, b = _node(nodes, server, "a"), _node(nodes, server, "b")
+        b.redis.publish_after_answer = True
+        await a.start()
+        await b.start()
+        first = make_binding(uri="sip:one@192.0.2.5", expires_at=600.0, node="b")
+        second = make_binding(aor="sip:bob@example.com", uri="sip:two@192.0.2.6", expires_at=600.0, node="b")
+        await b.write(first)
+        await b.write(second)  # answered: b's replies are still in step
+        await until(lambda: a.store.lookup(first.aor) and a.store.lookup(second.aor), "b's changes on a")
+        for node in (a, b):
+            await node.store.stop()
+    finally:
+        server.stop()
