@@ -13,11 +13,11 @@ this module writes the node's changes to Redis and applies the other nodes' chan
   one EVALSHA of a small Lua script (atomic like MULTI/EXEC, one reply to parse instead of four),
   sent on the feed's own connection (redis_wire.py: redis-py's per-command work cost more than
   the rest of a REGISTER; over RESP3 the subscribed connection runs commands too; a Redis before
-  6 gets a second connection for the writes). It PUBLISHes, on ``<prefix>bindings:<instance>``
-  (this process's own channel), one message per batch: the instance token, a space, then JSON
-  with the node id and the batch's changes in order (each binding's JSON is encoded once, for its
-  key and the message). Each process subscribes to every channel but its own (``change_patterns``):
-  it never reads its own changes back.
+  6 gets a second connection for the writes). It PUBLISHes, on this process's own change channel
+  ``<prefix>bindings:<k>`` (see "Change channels" below), one message per batch: the instance
+  token, a space, then JSON with the node id and the batch's changes in order (each binding's JSON
+  is encoded once, for its key and the message). Each process subscribes to every change channel
+  but its own: it never reads its own changes back.
   ``when_committed`` fires when Redis answered the script: a REGISTER's 200 promises the binding
   is in Redis. With ``publish_after_answer`` (ops sets it unless every node reaches a device
   through the node that took its REGISTER, whose relay holds the INVITE, cluster/ordering.py) the
@@ -469,7 +469,7 @@ class RedisBindingStore:
 
     async def _watch(self, feed: RespConnection, writer: RespConnection) -> None:
         """Returns never; raises when either connection is gone, or when a renewal of our claims
-        failed (_renewed). An idle feed is PINGed, so a peer that vanished without a FIN is noticed
+        failed (_renew). An idle feed is PINGed, so a peer that vanished without a FIN is noticed
         (a PING unanswered in COMMAND_TIMEOUT closes it)."""
         seen = -1
         self._reload = reload = self.loop.create_future()
