@@ -958,6 +958,11 @@ class RedisBindingStore:
                 except ConnectionError as exc:
                     d.errback(exc)
                 return
+            if isinstance(reply, ConnectionError):
+                # the feed's connection closed under the beat (a reload, e.g. a renewal that found
+                # a claim gone): the beat once more, on redis-py's own connection
+                as_deferred(self._heartbeat(member, ttl), self.loop).chainDeferred(d)
+                return
             if isinstance(reply, Exception):
                 d.errback(reply)
                 return

@@ -141,3 +141,16 @@ async def test_a_heartbeat_renews_the_claims_in_its_round_trip(
     for key in ("test:node:a", f"test:channel:{a.redis.slot}"):
         ttl = int(redis_server.cli("PTTL", key)[1:])
         assert ttl > 20_000, f"{key} was not renewed by the beat ({ttl} ms left)"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_beat_whose_connection_closes_under_it_is_sent_again(
+    redis_server: RedisServer, nodes: list[Node]  # noqa: F811
+) -> None:
+    """The beat shares the feed's connection, which a reload closes (a claim found gone): the beat
+    is not lost with it (a lost beat would be logged as Redis failing)."""
+    a = _node(nodes, redis_server, "a")
+    await a.start()
+    beat = a.redis.heartbeat("udp:10.0.0.1:5070", 3.0)
+    a.redis._writer.close("a reload")  # type: ignore[union-attr]  # before its answer is read
+    assert await beat == {"udp:10.0.0.1:5070"}
