@@ -22,19 +22,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import cluster  # noqa: E402
-from bench.cluster import PortRange, redis_commands, start_setup, start_strace, strace_counts, wakeups  # noqa: E402
-
-
-def cpu_ns(pid: int) -> int:
-    """Nanoseconds the process's threads ran (/proc/PID/task/*/schedstat): /proc/PID/stat counts in
-    ticks of 10 ms, too coarse for an idle node."""
-    total = 0
-    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
-        try:
-            total += int(stat.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass
-    return total
+from bench.cluster import (  # noqa: E402
+    PortRange,
+    cpu_ns,
+    redis_commands,
+    start_setup,
+    start_strace,
+    strace_counts,
+    wakeups,
+)
 
 
 def measure(case: str, seconds: float, strace: bool, base: Path, ports: PortRange) -> None:
