@@ -207,6 +207,15 @@ def _stime(pid: int) -> float:
     return int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_ns(pid: int) -> int:
+    """Nanoseconds the process's threads ran (/proc/PID/task/*/schedstat)."""
+    total = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(stat.read_text().split()[0])
+    return total
+
+
 def wakeups(pid: int) -> int:
     """Times the process's threads blocked and were woken (voluntary context switches): a reactor
     thread counts one per wake-up from epoll_wait with nothing left to do."""
@@ -340,9 +349,11 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
         prefix=prefix, limit=limit * 4, ooc="bench_device_answer.xml", pause_ms=2000)
     print(f"  caller: {' '.join(caller_args)}")
     print(f"  device (started {delay_ms} ms later): {' '.join(device_args)}")
-    idle0 = setup.cpu()
-    time.sleep(IDLE_SECONDS)  # the servers' own background cost, printed beside the per-call figure
-    idle = (setup.cpu() - idle0) / IDLE_SECONDS
+    # the servers' own background cost, printed beside the per-call figure; in ns (schedstat):
+    # /proc/PID/stat's 10 ms ticks read 0, 5 or 10 ms a second for the same idle node
+    idle0 = sum(cpu_ns(n.pid) for n in setup.nodes)
+    time.sleep(IDLE_SECONDS)
+    idle = (sum(cpu_ns(n.pid) for n in setup.nodes) - idle0) / 1e9 / IDLE_SECONDS
     tracers = [start_strace(n.pid, workdir / f"strace-{i}.txt") if trace else None
                for i, n in enumerate(setup.nodes)]
     if trace:

@@ -357,6 +357,7 @@ def _redis_persistence(parts: Parts) -> RedisBindingStore:
     return RedisBindingStore(
         client, parts.clock, node_id=parts.node_id, key_prefix=loc.key_prefix, loop=loop,
         publish_after_answer=after_answer,
+        stop_wait=parts.config.ops.drain_timeout,  # write-backs still pending are acknowledged data
     )
 
 

@@ -12,19 +12,20 @@ this module writes the node's changes to Redis and applies the other nodes' chan
   one key reach Redis, and every node, in order). A batch is
   one EVALSHA of a small Lua script (atomic like MULTI/EXEC, one reply to parse instead of four),
   sent on the feed's own connection (redis_wire.py: redis-py's per-command work cost more than
-  the rest of a REGISTER; over RESP3 the subscribed connection runs commands too, so the reply and
-  this node's own change message come back in one read; a Redis before 6 gets a second
-  connection for the writes). It PUBLISHes,
-  on ``<prefix>bindings``, one message per batch: this process's instance token, a space, then
-  JSON with the node id and the batch's changes in order (each binding's JSON is encoded once, for
-  its key and the message; the token comes first, so a node drops its own messages unparsed).
+  the rest of a REGISTER; over RESP3 the subscribed connection runs commands too; a Redis before
+  6 gets a second connection for the writes). It PUBLISHes, on this process's own change channel
+  ``<prefix>bindings:<k>`` (see "Change channels" below), one message per batch: the instance
+  token, a space, then JSON with the node id and the batch's changes in order (each binding's JSON
+  is encoded once, for its key and the message). Each process subscribes to every change channel
+  but its own: it never reads its own changes back.
   ``when_committed`` fires when Redis answered the script: a REGISTER's 200 promises the binding
   is in Redis. With ``publish_after_answer`` (ops sets it unless every node reaches a device
   through the node that took its REGISTER, whose relay holds the INVITE, cluster/ordering.py) the
   script only writes, and the message is PUBLISHed on the same connection right after the
   waiters fired, i.e. after the REGISTERs' 200s were sent: a node forking to the device directly
   hears of the binding after its 200 left (the one-node rule: events after the answer). It costs one
-  more command per batch (no round trip: its reply is not awaited); if this node dies between the
+  more command per batch, sent with ``CLIENT REPLY SKIP``: Redis answers nothing to it, so this node
+  reads nothing more and wakes up twice per REGISTER, as without it; if this node dies between the
   two, or the connection breaks, the binding is in Redis but the other replicas miss it until their
   next load or the device's next refresh.
 * Expiry is not written: Redis drops the key at its TTL and every replica removes the binding on
@@ -64,7 +65,19 @@ joins after at most ``claim_ttl``, at once after a clean stop); one still held a
 plus a renewal is a second live process with the same node id (a config error that would mix two
 flow tables and make each mark the other's connections dead): this one logs it, stays out of the
 cluster (state "duplicate": it loads and writes nothing, REGISTERs get 500), and says so in
-``redis_stats`` (ul.dump, ``/metrics``). A single server (node id "") claims nothing.
+``redis_stats`` (ul.dump, ``/metrics``). A single server (node id "") claims no node id.
+
+Change channels: Redis pub/sub has no "not my own messages", and reading its own change back cost a
+node a read of Redis per REGISTER (a wake-up of its own when the change is published after the
+200). So each process claims one of ``CHANGE_CHANNELS`` channels, ``<prefix>bindings:<k>``, with
+``<prefix>channel:<k>`` (SET NX PX ``CHANNEL_TTL``, renewed with the node id's claim in one round
+trip; its old one again after a reconnect if it still holds it; deleted on a clean stop), publishes
+on it and subscribes to all the others (plain SUBSCRIBE: an ACL user's ``&<prefix>*`` allows them).
+A renewal that finds the channel held by another process (Redis lost the claim) reloads the feed
+on a new one: the two would not hear each other. What that other process published in the second
+before the renewal is in the reload; what this one published then, the other misses (its replica
+is short of it until its next load or the device's refresh): a Redis that lost our claim without
+our feed noticing, and a process that joined in that second, both at once.
 
 Trust: Redis is inside the operator's network and trusted like the config file; still, a message
 or value that does not parse is logged and skipped, never fatal.
@@ -92,7 +105,7 @@ from libon_tsilo.group_commit import Batch, GroupCommit
 from libon_tsilo.registrar.asyncio_bridge import as_deferred, reactor_loop
 from libon_tsilo.registrar.binding import Binding
 from libon_tsilo.registrar.location import NotStored, StoreClosed
-from libon_tsilo.registrar.redis_wire import ReplyError, RespConnection, open_connection
+from libon_tsilo.registrar.redis_wire import OnReply, ReplyError, RespConnection, open_connection
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -112,6 +125,14 @@ SCAN_COUNT = 500
 # node with 100k bindings must not send one 50 MB script call and one message every node parses
 WRITE_BACK_CHUNK = 500
 CLAIM_TTL = 3.0  # seconds a process's claim on its node id outlives its last renewal (module doc)
+# processes that can share one Redis: each holds one change channel (module doc); a node subscribes
+# to all the others' (one SUBSCRIBE each at connect; a PUBLISH costs Redis one lookup whatever the
+# number)
+CHANGE_CHANNELS = 128
+# a change channel's claim outlives its last renewal (once a second) this long: a process stalled
+# for less keeps it (two processes on one channel would not hear each other); one killed holds it
+# this long, and a restarted process takes another
+CHANNEL_TTL = 30.0
 
 
 def make_redis_client(
@@ -169,6 +190,15 @@ def binding_redis_key(prefix: bytes, aor: str, key: str) -> bytes:
     """The Redis key of the binding ``key`` of ``aor`` (see the module doc)."""
     raw_aor = _raw(aor)
     return b"%sb:%d:%s/%s" % (prefix, len(raw_aor), raw_aor, _raw(key))
+
+
+def change_channel(prefix: bytes, slot: int) -> bytes:
+    """The pub/sub channel of change channel ``slot`` (module doc)."""
+    return prefix + b"bindings:%d" % slot
+
+
+def _ignored(reply: Any) -> None:
+    """A reply nobody needs (a PEXPIRE's): its failure is the connection's, which the feed sees."""
 
 
 def _glob_escape(raw: bytes) -> bytes:
@@ -231,15 +261,22 @@ class RedisBindingStore:
         write_back_chunk: int = WRITE_BACK_CHUNK,
         claim_ttl: float = CLAIM_TTL,
         publish_after_answer: bool = False,
+        stop_wait: float = 0.0,
     ) -> None:
         self.client = client
         self.clock = clock
+        # how long a stop waits for write-backs still pending ([ops] drain_timeout): acknowledged data
+        self.stop_wait = stop_wait
+        self._written_back_waiters: list[defer.Deferred[None]] = []
         self.node_id = node_id
         self.prefix = _raw(key_prefix)
-        self.channel = self.prefix + b"bindings"
         # tells this process's own messages apart even if two nodes were given the same node_id
         self.instance = secrets.token_hex(8)
         self._own = self.instance.encode("ascii") + b" "
+        # each process publishes on a change channel of its own (claimed while it is up, see
+        # _claim_channel) and subscribes to every other one: it never reads its own changes back
+        self.slot: int | None = None
+        self.channel = b""
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         self._loop = loop
@@ -256,6 +293,7 @@ class RedisBindingStore:
         self._seq_key = self.prefix + b"seq:" + _raw(node_id)
         self._acked_seq = 0
         self._writer: RespConnection | None = None  # the batches' own connection, while up
+        self._skip_replies = False  # whether it honours CLIENT REPLY SKIP (RespConnection.skips_replies)
         self._backlog: list[bytes] | None = None  # feed messages held while the feed loads
         self._script_on: RespConnection | None = None  # the connection Redis cached the script for
         self.state = "connecting"  # "up", "down"
@@ -276,6 +314,8 @@ class RedisBindingStore:
         self._stopping = False
         self.rows_written_back = 0
         self._reload: asyncio.Future[None] | None = None  # set: the feed reloads as after a loss
+        self._trouble: Exception | None = None  # why, when it is not a loss (a renewal failed)
+        self._renew_timer: asyncio.TimerHandle | None = None  # the claims' renewal, while up
         self._rolled_back = False  # a loss seen without a reconnect (module doc), until the reload
         self._claim_key = self.prefix + b"node:" + _raw(node_id)
         self.claim_ttl = claim_ttl
@@ -301,7 +341,37 @@ class RedisBindingStore:
             self._feed_task = self.loop.create_task(self._feed())
 
     def stop(self) -> defer.Deferred[None]:
-        """Write what is queued, then stop the feed and close the connections."""
+        """Wait up to ``stop_wait`` for the write-backs still pending, write what is queued, then
+        stop the feed and close the connections."""
+        if not self._write_back or self.stop_wait <= 0 or self._stopping:
+            return self._stop_now()
+        log.info("location redis: stopping once {n} bindings are written back (at most {s:g} s)",
+                 n=len(self._write_back), s=self.stop_wait)
+        timer = self._write_back_timer
+        if timer is not None and timer.active() and timer.getTime() - self.clock.seconds() > self.min_backoff:
+            timer.reset(self.min_backoff)  # a backoff grown long must not use up the wait
+        done = self._when_written_back()
+        bound = self.clock.callLater(self.stop_wait, self._all_written_back)  # or not: given up
+
+        def stop_now(_: object) -> defer.Deferred[None]:
+            if bound.active():
+                bound.cancel()
+            return self._stop_now()
+
+        return done.addCallback(stop_now)
+
+    def _when_written_back(self) -> defer.Deferred[None]:
+        d: defer.Deferred[None] = defer.Deferred()
+        self._written_back_waiters.append(d)
+        return d
+
+    def _all_written_back(self) -> None:
+        waiters, self._written_back_waiters = self._written_back_waiters, []
+        for d in waiters:
+            if not d.called:
+                d.callback(None)
+
+    def _stop_now(self) -> defer.Deferred[None]:
         self._stopping = True  # no write-back is queued or retried from now on
         timer, self._write_back_timer = self._write_back_timer, None
         if timer is not None and timer.active():
@@ -319,12 +389,17 @@ class RedisBindingStore:
         return d
 
     async def _release_then_close(self) -> None:
-        """A clean stop gives up the node id: this node's next process joins at once."""
+        """A clean stop gives up the node id (this node's next process joins at once) and the
+        change channel."""
         writer = self._writer
-        if writer is not None and self.node_id:
-            with contextlib.suppress(Exception):
-                if await writer.command(b"GET", self._claim_key) == self.instance.encode():
-                    await writer.command(b"DEL", self._claim_key)
+        claims = [self._claim_key] if self.node_id else []
+        if self.slot is not None:
+            claims.append(self._slot_key(self.slot))
+        if writer is not None:
+            for key in claims:
+                with contextlib.suppress(Exception):
+                    if await writer.command(b"GET", key) == self.instance.encode():
+                        await writer.command(b"DEL", key)
         await self._close()
 
     async def _close(self) -> None:
@@ -349,13 +424,17 @@ class RedisBindingStore:
                 # batch's reply and its own change message then come back in one read
                 shared = await feed.use_resp3()
                 self._backlog = []  # what arrives during the load is applied after it, in order
-                await feed.command(b"SUBSCRIBE", self.channel)
                 if shared:
                     writer = feed
                 else:
                     writer = await open_connection(self.client, self.loop, COMMAND_TIMEOUT)
                     conns.append(writer)
+                self._skip_replies = await writer.skips_replies()
                 await self._claim_node(writer)
+                await self._claim_channel(writer)
+                others = [change_channel(self.prefix, k) for k in range(CHANGE_CHANNELS) if k != self.slot]
+                for done in [feed.command(b"SUBSCRIBE", channel) for channel in others]:
+                    await done
                 lost = await self._redis_lost_its_data()
                 bindings = await self._load_all()
                 self._writer = writer
@@ -389,31 +468,100 @@ class RedisBindingStore:
             delay = min(max(delay * 2, self.min_backoff), self.max_backoff)
 
     async def _watch(self, feed: RespConnection, writer: RespConnection) -> None:
-        """Returns never; raises when either connection is gone. An idle feed is PINGed, so a peer
-        that vanished without a FIN is noticed (a PING unanswered in COMMAND_TIMEOUT closes it)."""
+        """Returns never; raises when either connection is gone, or when a renewal of our claims
+        failed (_renew). An idle feed is PINGed, so a peer that vanished without a FIN is noticed
+        (a PING unanswered in COMMAND_TIMEOUT closes it)."""
         seen = -1
         self._reload = reload = self.loop.create_future()
+        self._trouble = None
         if self._rolled_back:
             reload.set_result(None)  # seen during the load itself
-        renew = self.claim_ttl / 3 if self.node_id else HEALTH_INTERVAL
+        self._renew_in(self._renew_period)
         checked = self.loop.time()
-        while True:
-            await asyncio.wait((feed.lost, writer.lost, reload), timeout=min(renew, HEALTH_INTERVAL),
-                               return_when=asyncio.FIRST_COMPLETED)
-            if reload.done():
-                raise _Reload()
-            for conn in (feed, writer):
-                if conn.lost.done():
-                    raise ConnectionError(conn.lost.result())
-            if self.node_id:
-                owner = await self._claim(writer)
-                if owner != self.instance.encode():  # ours expired (Redis flushed?) and another took it
-                    raise _DuplicateNode(_text(owner))
-            if self.loop.time() - checked >= HEALTH_INTERVAL:
-                checked = self.loop.time()
-                if feed.received == seen:
-                    await feed.command(b"PING")
-                seen = feed.received
+        try:
+            while True:
+                await asyncio.wait((feed.lost, writer.lost, reload), timeout=HEALTH_INTERVAL,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if reload.done():
+                    raise self._trouble or _Reload()
+                for conn in (feed, writer):
+                    if conn.lost.done():
+                        raise ConnectionError(conn.lost.result())
+                if self.loop.time() - checked >= HEALTH_INTERVAL:
+                    checked = self.loop.time()
+                    if feed.received == seen:
+                        await feed.command(b"PING")
+                    seen = feed.received
+        finally:
+            timer, self._renew_timer = self._renew_timer, None
+            if timer is not None:
+                timer.cancel()
+
+    # -- the claims' renewal: one timer, one round trip, or none of its own when a beat carries it --
+
+    @property
+    def _renew_period(self) -> float:
+        return self.claim_ttl / 3 if self.node_id else HEALTH_INTERVAL
+
+    def _renew_in(self, delay: float) -> None:
+        if self._renew_timer is not None:
+            self._renew_timer.cancel()
+        self._renew_timer = self.loop.call_later(delay, self._renew_on_timer)
+
+    def _renew_on_timer(self) -> None:
+        self._renew_timer = None
+        writer = self._writer
+        if writer is not None:
+            with contextlib.suppress(ConnectionError):  # the feed sees it
+                self._renew(writer)
+        self._renew_in(self._renew_period)
+
+    def _renew(self, writer: RespConnection, first: tuple[tuple[OnReply, tuple[Any, ...]], ...] = ()) -> None:
+        """Renew our claims, the node id's and the change channel's: four commands (after ``first``,
+        a heartbeat's) sent at once, their replies read together. Another process holding the node
+        id is a duplicate; one holding our channel (Redis lost our claim) would not hear us nor we
+        it: reload on another one."""
+        ours = self.instance.encode()
+
+        def node_claim(owner: Any) -> None:
+            if owner is None:  # lapsed in between (PEXPIRE missed it): take it again
+                self.loop.create_task(self._retake_claim(writer))
+            elif owner != ours:  # ours expired (Redis flushed?) and another took it
+                self._renewal_failed(owner if isinstance(owner, Exception) else _DuplicateNode(_text(owner)))
+
+        def channel_claim(owner: Any) -> None:
+            if isinstance(owner, Exception):
+                self._renewal_failed(owner)
+            elif owner != ours:
+                log.warn("location redis: this node's change channel {k} was lost; reloading", k=self.slot)
+                self._renewal_failed(_Reload())
+
+        calls = list(first)
+        if self.node_id:
+            calls.append((node_claim, (b"GET", self._claim_key)))
+            calls.append((_ignored, (b"PEXPIRE", self._claim_key, math.ceil(self.claim_ttl * 1000))))
+        if self.slot is not None:
+            key = self._slot_key(self.slot)
+            calls.append((channel_claim, (b"GET", key)))
+            # a PEXPIRE of another's claim only makes it last a little longer
+            calls.append((_ignored, (b"PEXPIRE", key, math.ceil(CHANNEL_TTL * 1000))))
+        writer.call_all(calls)  # ConnectionError: the feed sees it too
+
+    async def _retake_claim(self, writer: RespConnection) -> None:
+        try:
+            owner = await self._claim(writer)
+        except Exception as exc:
+            self._renewal_failed(exc)
+            return
+        if owner != self.instance.encode():
+            self._renewal_failed(_DuplicateNode(_text(owner)))
+
+    def _renewal_failed(self, trouble: Exception) -> None:
+        """Make the feed's watch raise ``trouble`` (it reconnects, or stops as a duplicate)."""
+        if self._trouble is None:
+            self._trouble = trouble
+        if self._reload is not None and not self._reload.done():
+            self._reload.set_result(None)
 
     async def _claim(self, writer: RespConnection) -> Any:
         """Take or renew our node id's claim; returns its holder. Plain commands (no script): an
@@ -450,6 +598,31 @@ class RedisBindingStore:
             step = self.claim_ttl / 3
             await asyncio.sleep(step)
             waited += step
+
+    def _slot_key(self, slot: int) -> bytes:
+        return self.prefix + b"channel:%d" % slot
+
+    async def _claim_channel(self, writer: RespConnection) -> None:
+        """Hold one of the CHANGE_CHANNELS for this process: the one it had if it still has it,
+        else the first free one from a random start. Raises ConnectionError when all are taken."""
+        ours = self.instance.encode()
+        ttl_ms = math.ceil(CHANNEL_TTL * 1000)
+        if await self._still_our_channel(writer):  # a reconnect: the channel we had, if still ours
+            return
+        start = secrets.randbelow(CHANGE_CHANNELS)
+        for i in range(CHANGE_CHANNELS):
+            slot = (start + i) % CHANGE_CHANNELS
+            if await writer.command(b"SET", self._slot_key(slot), ours, b"NX", b"PX", ttl_ms) is not None:
+                self.slot, self.channel = slot, change_channel(self.prefix, slot)
+                return
+        raise ConnectionError(f"all {CHANGE_CHANNELS} change channels are held by other processes")
+
+    async def _still_our_channel(self, writer: RespConnection) -> bool:
+        key = self._slot_key(self.slot) if self.slot is not None else None
+        if key is None or await writer.command(b"GET", key) != self.instance.encode():
+            return False
+        await writer.command(b"PEXPIRE", key, math.ceil(CHANNEL_TTL * 1000))
+        return True
 
     def _on_feed_message(self, data: bytes) -> None:
         if self._backlog is not None:
@@ -542,6 +715,7 @@ class RedisBindingStore:
                 chunk.append(ident)
                 self.save(binding)  # the replica's current copy, serialized when the batch starts
         if not chunk:
+            self._all_written_back()  # the last ones were gone from the replica
             return
         d = self.when_committed("")  # an aor: errbacks when the batch fails
         if d is None:
@@ -559,6 +733,7 @@ class RedisBindingStore:
         if not self._write_back:
             log.info("location redis: this node's bindings are written back ({n} in all)",
                      n=self.rows_written_back)
+            self._all_written_back()
         self._pump_write_back()
 
     def _write_back_failed(self, failure: Failure, chunk: list[tuple[str, str]]) -> None:
@@ -746,8 +921,11 @@ class RedisBindingStore:
         if publish:  # publish_after_answer: the waiters above sent their 200s
             writer, messages = publish
             try:
-                for message in messages:
-                    writer.call(_ignored, b"PUBLISH", self.channel, message)
+                for message in messages:  # no reply, and no echo (our own channel): no read
+                    if self._skip_replies:
+                        writer.send_unanswered(b"PUBLISH", self.channel, message)
+                    else:
+                        writer.call(_ignored, b"PUBLISH", self.channel, message)
             except Exception as exc:  # the connection closed meanwhile: the feed reconnects
                 log.warn("location redis: a change is stored but not announced to the other nodes: {err}",
                          err=exc)
@@ -760,8 +938,50 @@ class RedisBindingStore:
     def heartbeat(self, member: str, ttl: float) -> defer.Deferred[set[str]]:
         """Say that ``member`` (a node's internal address) is alive for ``ttl`` seconds more, and
         get every member alive now. One script on a sorted set scored by expiry in Redis's own
-        time: the nodes' clocks play no part, and a dead node drops out ``ttl`` after its last beat."""
-        return as_deferred(self._heartbeat(member, ttl), self.loop)
+        time: the nodes' clocks play no part, and a dead node drops out ``ttl`` after its last beat.
+
+        While the feed is up the beat goes on its connection with the claims' renewal (one round
+        trip for both, and the renewal's own timer is put off: it fires only if the beats stop);
+        before that (start, Redis down) through redis-py, as a lone script."""
+        writer = self._writer
+        if writer is None or self.duplicate_of or not self.up:
+            return as_deferred(self._heartbeat(member, ttl), self.loop)
+        d: defer.Deferred[set[str]] = defer.Deferred()
+        acked = self._acked_seq  # before asking: a batch acknowledged later may count after our read
+        keys = (self.prefix + b"nodes", self._seq_key)
+        args = (member, math.ceil(ttl * 1000))
+
+        def beaten(reply: Any, evalsha: bool = True) -> None:
+            if evalsha and isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
+                try:  # Redis's script cache was flushed: the script itself, once
+                    writer.call(lambda r: beaten(r, False), b"EVAL", _HEARTBEAT, 2, *keys, *args)
+                except ConnectionError as exc:
+                    d.errback(exc)
+                return
+            if isinstance(reply, ConnectionError):
+                # the feed's connection closed under the beat (a reload, e.g. a renewal that found
+                # a claim gone): the beat once more, on redis-py's own connection
+                as_deferred(self._heartbeat(member, ttl), self.loop).chainDeferred(d)
+                return
+            if isinstance(reply, Exception):
+                d.errback(reply)
+                return
+            try:
+                alive = self._beat_answered(reply, acked)
+            except Exception as exc:
+                d.errback(exc)
+                return
+            d.callback(alive)
+
+        try:
+            # the beat first: a renewal that finds a claim lost makes the feed reconnect, after the
+            # beat's answer is read
+            self._renew(writer, ((beaten, (b"EVALSHA", _HEARTBEAT_SHA, 2, *keys, *args)),))
+        except ConnectionError as exc:
+            return defer.fail(exc)
+        if self._renew_timer is not None:  # the beats renew: the timer waits in case they stop
+            self._renew_in(self._renew_period * 1.5)
+        return d
 
     def leave(self, member: str) -> defer.Deferred[None]:
         """A clean stop: the peers see ``member`` gone at their next beat, not ``ttl`` later."""
@@ -776,15 +996,15 @@ class RedisBindingStore:
         if self._beat_script is None:
             self._beat_script = self.client.register_script(_HEARTBEAT)
         acked = self._acked_seq  # before asking: a batch acknowledged later may count after our read
-        seq, alive = await self._beat_script(keys=[self.prefix + b"nodes", self._seq_key],
-                                             args=[member, math.ceil(ttl * 1000)])
+        reply = await self._beat_script(keys=[self.prefix + b"nodes", self._seq_key],
+                                        args=[member, math.ceil(ttl * 1000)])
+        return self._beat_answered(reply, acked)
+
+    def _beat_answered(self, reply: Any, acked: int) -> set[str]:
+        seq, alive = reply
         if int(seq or 0) < acked and self.up:
             self._rollback_seen(int(seq or 0), acked, "a heartbeat")
         return {m.decode("utf-8", "replace") if isinstance(m, bytes) else str(m) for m in alive}
-
-
-def _ignored(reply: Any) -> None:
-    """A PUBLISH's reply is not awaited; its failure is the connection's, which the feed sees."""
 
 
 def _text(value: Any) -> str:
@@ -802,3 +1022,4 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('PEXPIRE', KEYS[1], ttl)
 return {redis.call('GET', KEYS[2]) or 0, redis.call('ZRANGE', KEYS[1], 0, -1)}
 """
+_HEARTBEAT_SHA = hashlib.sha1(_HEARTBEAT.encode()).hexdigest()

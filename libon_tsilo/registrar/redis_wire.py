@@ -24,6 +24,7 @@ re-armed for the next when it fires too early.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -33,7 +34,7 @@ from twisted.logger import Logger
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["ReplyError", "RespConnection", "open_connection"]
+__all__ = ["OnReply", "ReplyError", "RespConnection", "open_connection"]
 
 log = Logger()
 
@@ -41,6 +42,8 @@ log = Logger()
 class ReplyError(Exception):
     """Redis answered a command with an error (the message is Redis's, e.g. "NOSCRIPT ...")."""
 
+
+_SKIP_NEXT_REPLY = hiredis.pack_command((b"CLIENT", b"REPLY", b"SKIP"))  # type: ignore[arg-type]  # no reply
 
 Reply = Any  # a parsed reply; a ReplyError or ConnectionError instance when the command failed
 OnReply = Callable[[Reply], None]
@@ -77,15 +80,15 @@ class RespConnection(asyncio.Protocol):
             self.received += 1
             kind = type(reply)
             if kind is hiredis.PushNotification:
-                # RESP3: pub/sub messages and SUBSCRIBE's own confirmation come as pushes
+                # RESP3: pub/sub messages and SUBSCRIBE's own confirmations come as pushes
                 if reply[0] == b"message":
                     if self.on_message is not None:
                         self._call(self.on_message, reply[2])
                     continue
                 if reply[0] not in (b"subscribe", b"unsubscribe"):
                     continue  # another kind of push (e.g. client tracking): not ours
-            elif (self.on_message is not None and kind is list and len(reply) == 3
-                    and reply[0] == b"message"):
+            elif (kind is list and not self.resp3 and self.on_message is not None and len(reply) == 3
+                    and reply[0] == b"message"):  # RESP2: a plain array (RESP3 commands' replies are not)
                 self._call(self.on_message, reply[2])
                 continue
             if self._pending:
@@ -147,6 +150,40 @@ class RespConnection(asyncio.Protocol):
         """``command`` without a Future: ``on_reply`` is called with the reply (a ReplyError or
         ConnectionError instance when it failed) as soon as it is read, not a loop turn later."""
         self._send(on_reply, args)
+
+    def call_all(self, calls: list[tuple[OnReply, tuple[bytes | str | int, ...]]]) -> None:
+        """``call`` for each (on_reply, args), all written at once (one send for the lot)."""
+        transport = self._transport
+        if transport is None:
+            raise ConnectionError("redis connection closed")
+        now = self.loop.time()
+        self._pending.extend((on_reply, now) for on_reply, _ in calls)
+        if self._overdue is None:
+            self._overdue = self.loop.call_later(self.timeout, self._check_overdue)
+        transport.write(b"".join([hiredis.pack_command(args) for _, args in calls]))  # type: ignore[arg-type]
+
+    def send_unanswered(self, *args: bytes | str | int) -> None:
+        """Send one command whose reply Redis must not send (``CLIENT REPLY SKIP`` before it): no
+        read, so no wake-up, for a command whose outcome nobody waits for (a PUBLISH). Its failure
+        is not seen; a broken connection is, by whatever else uses it. Only once ``skips_replies()``
+        said yes: a server that refused the SKIP would answer both, and every later reply would go
+        to the wrong command."""
+        transport = self._transport
+        if transport is None:
+            raise ConnectionError("redis connection closed")
+        transport.write(_SKIP_NEXT_REPLY + hiredis.pack_command(args))  # type: ignore[arg-type]
+
+    async def skips_replies(self) -> bool:
+        """Does the server honour ``CLIENT REPLY SKIP`` (Redis 3.2+; not every proxy or look-alike)?
+        Asked with nothing else in flight; when it does not, its extra replies are read off here."""
+        self.send_unanswered(b"ECHO", b"skipped")
+        with contextlib.suppress(ReplyError):  # the CLIENT REPLY refused: its error comes first
+            if await self.command(b"ECHO", b"answered") == b"answered":
+                return True
+        while True:  # the extra replies ("skipped", "answered") go to these until the two are in step
+            with contextlib.suppress(ReplyError):
+                if await self.command(b"ECHO", b"in-step") == b"in-step":
+                    return False
 
     def _send(self, target: asyncio.Future[Any] | OnReply, args: tuple[bytes | str | int, ...]) -> None:
         transport = self._transport

@@ -81,6 +81,11 @@ def test_a_cluster_on_redis_beats_and_asks_its_liveness_view(tmp_path):
     assert "cluster_liveness" not in memory.extra and memory.b2bua.peer_alive is None
 
 
+def test_a_graceful_stop_waits_for_pending_write_backs_as_long_as_the_drain(tmp_path):
+    cfg = config_from_dict({"location": {"backend": "redis"}, "ops": {"drain_timeout": 7}}, base_dir=tmp_path)
+    assert make_service(cfg, clock=Clock()).parts.location.persistence.stop_wait == 7
+
+
 def test_metrics_say_when_another_process_holds_our_node_id_and_what_waits_to_be_written_back(tmp_path):
     cfg = config_from_dict({"location": {"backend": "redis"},
                             "cluster": {"node_address": "udp:127.0.0.1:25072", "secret": "s"}}, base_dir=tmp_path)

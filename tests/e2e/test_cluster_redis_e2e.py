@@ -113,8 +113,9 @@ def test_both_nodes_ride_out_a_redis_restart(cluster, procs, tmp_path: Path, red
         for node in (a, b):
             wait_until(lambda n=node: _redis_state(n)["up"], 15, "the node to reconnect")
         # b writes back the bindings it holds: dora's, and erin's (refused with 500 but reachable
-        # through b); with the epoch key, b's write counter and each node's claim on its node id, six
-        wait_until(lambda: redis_server.cli("DBSIZE") == b":6", 5, "b to write its bindings back")
+        # through b); with the epoch key, b's write counter and each node's claims on its node id and
+        # its change channel, eight
+        wait_until(lambda: redis_server.cli("DBSIZE") == b":8", 5, "b to write its bindings back")
         assert _contacts(a, aor)
         status, _ = exchange(b.sip_port, register_bytes(b.sip_port, port, "erin", "reg-erin-2"), sock)
         assert status == 200

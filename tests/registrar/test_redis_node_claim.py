@@ -13,6 +13,7 @@ import time
 
 import pytest
 import pytest_twisted
+from twisted.internet.defer import Deferred
 
 from libon_tsilo.registrar.location import NotStored
 from tests.redis_server import RedisServer
@@ -88,3 +89,68 @@ async def test_a_clean_stop_gives_the_node_id_up(
     again = _claimed(nodes, redis_server, "b")
     await again.start()
     assert again.redis.state == "up"
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_process_holds_a_change_channel_of_its_own_until_it_stops(
+    redis_server: RedisServer, nodes: list[Node]  # noqa: F811
+) -> None:
+    a, b = _claimed(nodes, redis_server, "a"), _claimed(nodes, redis_server, "b")
+    await a.start()
+    await b.start()
+    assert a.redis.slot is not None and b.redis.slot is not None and a.redis.slot != b.redis.slot
+    key = f"test:channel:{a.redis.slot}"
+    holder = "return redis.call('GET', KEYS[1]) == ARGV[1] and 1 or 0"
+    assert redis_server.cli("EVAL", holder, "1", key, a.redis.instance) == b":1"
+    await a.store.stop()
+    assert redis_server.cli("GET", key) == b"$-1"  # given up: the next process may take it
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_whose_change_channel_was_taken_reloads_on_another_one(
+    redis_server: RedisServer, nodes: list[Node]  # noqa: F811
+) -> None:
+    """Redis lost the claim (flushed, a fail-over) and another process took the channel: the two
+    would not hear each other. The renewal sees it; the node takes another channel and loads again."""
+    a, b = _claimed(nodes, redis_server, "a"), _claimed(nodes, redis_server, "b")
+    await a.start()
+    await b.start()
+    lost = a.redis.slot
+    assert redis_server.cli("SET", f"test:channel:{lost}", "another-process") == b"+OK"
+    await until(lambda: a.redis.loads == 2 and a.redis.up, "a to reload")
+    assert a.redis.slot not in (lost, b.redis.slot)
+    late = make_binding(aor="sip:late@example.com", uri="sip:late@192.0.2.7", expires_at=600.0, node="b")
+    await b.write(late)
+    await until(lambda: a.store.lookup(late.aor), "b's change on a, on a's new channel")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_heartbeat_renews_the_claims_in_its_round_trip(
+    redis_server: RedisServer, nodes: list[Node]  # noqa: F811
+) -> None:
+    """A node that beats (cluster/liveness.py) needs no renewal of its own: an idle node reads
+    Redis once a second, not three times."""
+    a = _node(nodes, redis_server, "a")
+    a.redis.claim_ttl = 30.0  # its own renewal (every 10 s) stays out of the test
+    await a.start()
+    for key in ("test:node:a", f"test:channel:{a.redis.slot}"):
+        assert redis_server.cli("PEXPIRE", key, "1000") == b":1"
+    assert await a.redis.heartbeat("udp:10.0.0.1:5070", 3.0) == {"udp:10.0.0.1:5070"}
+    # the renewal's replies follow the beat's on the same connection: a PING after them
+    await Deferred.fromFuture(a.redis._writer.command(b"PING"))  # type: ignore[union-attr]
+    for key in ("test:node:a", f"test:channel:{a.redis.slot}"):
+        ttl = int(redis_server.cli("PTTL", key)[1:])
+        assert ttl > 20_000, f"{key} was not renewed by the beat ({ttl} ms left)"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_beat_whose_connection_closes_under_it_is_sent_again(
+    redis_server: RedisServer, nodes: list[Node]  # noqa: F811
+) -> None:
+    """The beat shares the feed's connection, which a reload closes (a claim found gone): the beat
+    is not lost with it (a lost beat would be logged as Redis failing)."""
+    a = _node(nodes, redis_server, "a")
+    await a.start()
+    beat = a.redis.heartbeat("udp:10.0.0.1:5070", 3.0)
+    a.redis._writer.close("a reload")  # type: ignore[union-attr]  # before its answer is read
+    assert await beat == {"udp:10.0.0.1:5070"}

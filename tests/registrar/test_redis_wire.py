@@ -45,6 +45,39 @@ async def test_replies_come_back_in_order_and_errors_as_reply_errors(redis_serve
 
 
 @pytest_twisted.ensureDeferred
+async def test_commands_sent_together_and_one_left_unanswered(redis_server: RedisServer) -> None:
+    loop = reactor_loop()
+    conn = await wait(asyncio.ensure_future(open_connection(make_redis_client(redis_server.url), loop, 2.0)))
+    got: list[Any] = []
+    conn.call_all([(got.append, (b"SET", b"k", 1)), (got.append, (b"NOSUCHCOMMAND",)), (got.append, (b"GET", b"k"))])
+    conn.send_unanswered(b"INCR", b"k")  # CLIENT REPLY SKIP: no reply to match
+    assert await wait(conn.command(b"GET", b"k")) == b"2"  # the next reply is the GET's own
+    assert got[0] == b"OK" and isinstance(got[1], ReplyError) and got[2] == b"1"
+    conn.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_server_that_would_answer_a_skipped_reply_is_told_apart(redis_server: RedisServer,
+                                                                          tmp_path: Path) -> None:
+    loop = reactor_loop()
+    conn = await wait(asyncio.ensure_future(open_connection(make_redis_client(redis_server.url), loop, 2.0)))
+    assert await wait(asyncio.ensure_future(conn.skips_replies()))
+    conn.close()
+    without = RedisServer(tmp_path / "no-client", extra_args=("--rename-command", "CLIENT", ""))
+    without.dir.mkdir()
+    without.start()
+    try:
+        conn = await wait(asyncio.ensure_future(open_connection(make_redis_client(without.url), loop, 2.0)))
+        assert not await wait(asyncio.ensure_future(conn.skips_replies()))
+        # its extra replies were read off: the next command gets its own reply
+        assert await wait(conn.command(b"SET", b"k", b"v")) == b"OK"
+        assert await wait(conn.command(b"GET", b"k")) == b"v"
+        conn.close()
+    finally:
+        without.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_subscribed_connection_hands_each_message_over(redis_server: RedisServer) -> None:
     loop = reactor_loop()
     got: list[bytes] = []

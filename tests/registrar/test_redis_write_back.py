@@ -153,3 +153,62 @@ async def test_a_write_back_not_yet_in_survives_another_reload(
     await until(lambda: a.redis.loads == 3, "the third load")
     await until(lambda: _in_redis(redis_server, late), "the pending write-back")
     assert a.store.lookup(late.aor)
+
+
+async def _pending_write_backs(redis_server: RedisServer, a: Node, n: int) -> list[Any]:
+    """``n`` bindings of ``a`` that Redis lost (restarted from a snapshot taken before them), whose
+    write-back Redis refuses (no @scripting) until the test lets it: pending, retried on a's Clock."""
+    await a.start()
+    assert redis_server.cli("SAVE") == b"+OK"
+    late = [make_binding(aor=f"sip:u{i}@example.com", uri=f"sip:late{i}@192.0.2.6", expires_at=600.0,
+                         node="a") for i in range(n)]
+    for binding in late:
+        await a.write(binding)
+    load_all = a.redis._load_all
+
+    async def load_then_refuse_scripts() -> list[Any]:
+        loaded = await load_all()
+        assert redis_server.cli("ACL", "SETUSER", "default", "-@scripting") == b"+OK"
+        return loaded
+
+    a.redis._load_all = load_then_refuse_scripts  # type: ignore[method-assign]
+    redis_server.restart()
+    await until(lambda: a.redis.rows_retried >= 1, "the first write-back to fail")
+    assert a.redis.write_back_pending() == n and not any(_in_redis(redis_server, x) for x in late)
+    return late
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_graceful_stop_waits_for_the_pending_write_backs(
+    redis_server: RedisServer, nodes: list[Node]  # noqa: F811
+) -> None:
+    clock = Clock()
+    a = Node(redis_server, "a", clock)  # stopped by the test
+    a.redis.write_back_chunk = 1
+    a.redis.stop_wait = 5.0  # ops: [ops] drain_timeout
+    late = await _pending_write_backs(redis_server, a, 3)
+    stopped = a.store.stop()
+    assert not stopped.called  # waiting for them, the connection still open
+    assert redis_server.cli("ACL", "SETUSER", "default", "+@scripting") == b"+OK"
+    clock.advance(a.redis.min_backoff)  # the retry, on the store's clock: the three chunks follow
+    await stopped
+    assert all(_in_redis(redis_server, x) for x in late)
+    assert a.redis.rows_written_back == 3
+    assert not [c for c in clock.getDelayedCalls() if c.active()]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_stop_waits_for_write_backs_no_longer_than_its_bound(
+    redis_server: RedisServer, nodes: list[Node]  # noqa: F811
+) -> None:
+    clock = Clock()
+    a = Node(redis_server, "a", clock)
+    a.redis.stop_wait = 5.0
+    await _pending_write_backs(redis_server, a, 2)
+    stopped = a.store.stop()
+    clock.advance(4.9)  # Redis still refuses: retried with backoff, the stop still waits
+    assert not stopped.called and a.redis.rows_retried > 1
+    clock.advance(0.1)
+    await stopped  # given up: logged, as before the wait
+    assert a.redis.write_back_pending() == 2
+    assert not [c for c in clock.getDelayedCalls() if c.active()]
