@@ -53,6 +53,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.inproc import IN_DIALOG, INVITE, REGISTER, SDP, answer, header_value, take  # noqa: E402
+from bench import callgrind  # noqa: E402
 
 STAGES = ("register-memory", "register-redis", "apply-redis", "call-memory", "call-redis", "call-remote")
 CALLER = ("127.0.0.1", 16000)
@@ -351,16 +352,13 @@ def run_child(stage: str, n: int, args: argparse.Namespace, redis_url: str, icou
     cmd = [sys.executable, __file__, "--child", stage, str(n), "--reactor", args.reactor]
     if icount:
         out_file = "/dev/null" if args.keep is None else str(args.keep / f"callgrind.{stage}.{n}")
-        cmd = ["nice", "-n", "5", "valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}", *cmd]
-    env = {**os.environ, "PYTHONHASHSEED": "0", "REDIS_COST_URL": redis_url}
+        cmd = ["nice", "-n", "5", *callgrind.command(cmd, out_file=out_file)]
+    env = callgrind.environment({"REDIS_COST_URL": redis_url})
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr[-3000:]}")
     if icount:
-        found = re.search(r"Collected : (\d+)", out.stderr)
-        if found is None:
-            raise SystemExit(f"no instruction count from {' '.join(cmd)}:\n{out.stderr[-3000:]}")
-        return float(found.group(1))
+        return float(callgrind.total(out.stderr, " ".join(cmd)))
     return float(re.search(r"elapsed (\S+)", out.stdout).group(1))  # type: ignore[union-attr]
 
 
