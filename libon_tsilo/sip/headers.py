@@ -7,12 +7,14 @@ ParseError with a short reason when the value is malformed.
 from __future__ import annotations
 
 import re
+from typing import Final
 
 from libon_tsilo.sip.errors import ParseError
-from libon_tsilo.sip.uri import URI, char_class_without, remember_shape, split_hostport
+from libon_tsilo.sip.uri import URI, char_class_without, known_uri, remember_shape, split_hostport
 
-# RFC 3261 §7.3.3 and the IANA compact forms.
-COMPACT = {
+# RFC 3261 §7.3.3 and the IANA compact forms. (The hot tables are Final, as in uri.py: C statics
+# when compiled.)
+COMPACT: Final = {
     "i": "call-id", "m": "contact", "e": "content-encoding", "l": "content-length",
     "c": "content-type", "f": "from", "s": "subject", "k": "supported", "t": "to", "v": "via",
     "o": "event", "u": "allow-events", "r": "refer-to", "b": "referred-by", "x": "session-expires",
@@ -27,28 +29,31 @@ _PRETTY = {
 
 # Headers whose value is a comma-separated list (RFC 3261 §7.3.1). Authorization-like headers are
 # not lists even though their values contain commas.
-LIST_HEADERS = frozenset({
+LIST_HEADERS: Final = frozenset({
     "via", "contact", "route", "record-route", "path", "service-route", "allow", "supported", "require",
     "proxy-require", "unsupported", "accept", "accept-encoding", "accept-language", "content-encoding",
     "allow-events", "in-reply-to", "warning", "alert-info", "call-info", "error-info", "reason",
     "security-client", "security-server", "security-verify", "feature-caps", "p-asserted-identity",
 })
 
-TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
+TOKEN_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9\-.!%*_+`'~]+$")
-_WS = " \t"
+_WS: Final = " \t"
 # Every number we read fits in 32 bits: ten digits. int() of more than 4,300 digits raises ValueError
 # (not ParseError), and a long one costs quadratic time before that, so the length is checked first.
-_MAX_DIGITS = 10
-_PTOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
-_PVALUE = r"(?:=(?:[A-Za-z0-9\-.!%*_+`'~:\[\]]+|\"[^\"\\\r\n;]*\"))?"
+_MAX_DIGITS: Final = 10
+# Possessive repeats (`++`, `*+`, `?+`): a token ends at "=", ";" or the end, a value at ";" or the
+# end, and none of them is in the class that ran: giving back characters can never make a match, so
+# SRE need keep no state to backtrack into (a quarter of the regex's cost on a Via's parameters).
+_PTOKEN = r"[A-Za-z0-9\-.!%*_+`'~]++"
+_PVALUE = r"(?:=(?:[A-Za-z0-9\-.!%*_+`'~:\[\]]++|\"[^\"\\\r\n;]*+\"))?+"
 # ;-separated parameters without whitespace, and quoted values without ';' or escapes: a plain split
 # is exact. The Via and name-addr fast paths embed it, so they split without a second regex scan.
-_PARAMS = rf"{_PTOKEN}{_PVALUE}(?:;{_PTOKEN}{_PVALUE})*"
+_PARAMS = rf"{_PTOKEN}{_PVALUE}(?:;{_PTOKEN}{_PVALUE})*+"
 _SIMPLE_PARAMS = re.compile(rf"^{_PARAMS}$")
 
 
-_CANONICAL: dict[str, str] = {}
+_CANONICAL: Final[dict[str, str]] = {}
 
 
 def canonical_key(name: str) -> str:
@@ -211,9 +216,9 @@ def format_params(params: dict[str, str | None]) -> str:
 
 _URI_CHARS = char_class_without('<>"')
 # The common spelling of a name-addr; everything else takes NameAddr._parse_general.
-_SIMPLE_NAME_ADDR = re.compile(rf'(?:"([^"\\\r\n]*)"[ \t]*)?<([{_URI_CHARS}]+)>(?:;({_PARAMS}))?')
+_SIMPLE_NAME_ADDR = re.compile(rf'(?:"([^"\\\r\n]*+)"[ \t]*+)?<([{_URI_CHARS}]++)>(?:;({_PARAMS}))?')
 # text -> (display, URI text, params text) of a name-addr that took the fast path (uri.remember_shape)
-_NAME_ADDR_SHAPES: dict[str, tuple[str | None, str, str | None]] = {}
+_NAME_ADDR_SHAPES: Final[dict[str, tuple[str | None, str, str | None]]] = {}
 
 
 class NameAddr:
@@ -247,7 +252,8 @@ class NameAddr:
             remember_shape(_NAME_ADDR_SHAPES, text, (display, uri_text, params_text))
         else:
             display, uri_text, params_text = shape
-        obj = cls(uri_text, display, _split_params(params_text) if params_text is not None else None)
+        # NameAddr, not cls (as URI.parse): a native call when compiled
+        obj = NameAddr(uri_text, display, _split_params(params_text) if params_text is not None else None)
         obj._text = text
         return obj
 
@@ -282,7 +288,7 @@ class NameAddr:
                 if "?" in uri_text or "," in uri_text:
                     raise ParseError("addr-spec with '?' or ',' must be in <>")
                 params = parse_params(text[semi + 1:], "address") if semi >= 0 else {}
-                obj = cls(uri_text.rstrip(_WS), None, params)
+                obj = NameAddr(uri_text.rstrip(_WS), None, params)
                 obj._text = text
                 return obj
         gt = text.find(">", lt)
@@ -298,7 +304,7 @@ class NameAddr:
             params = parse_params(rest[1:], "address")
         else:
             params = {}
-        obj = cls(uri_text, display, params)
+        obj = NameAddr(uri_text, display, params)
         obj._text = text
         return obj
 
@@ -312,6 +318,13 @@ class NameAddr:
     def uri(self, value: URI) -> None:
         self._uri = value
         self._text = None
+
+    def check_uri(self) -> None:
+        """Raise the ParseError that reading ``uri`` would raise, if any. A URI text that parsed before
+        is known good and nothing is built: validation then costs a set lookup, and the URI object
+        is made only if something reads it."""
+        if self._uri is None and not known_uri(self._uri_text):
+            self._uri = URI.parse(self._uri_text)
 
     @property
     def tag(self) -> str | None:
@@ -351,7 +364,7 @@ _SIMPLE_VIA = re.compile(
 # A Via differs from message to message by its branch, but not before its first ";": the part of
 # _SIMPLE_VIA before the parameters (no ";" can be in it) -> (transport, host, port) it gave, so a
 # Via whose head was seen runs only the parameters' regex (uri.remember_shape)
-_VIA_HEADS: dict[str, tuple[str, str, int | None]] = {}
+_VIA_HEADS: Final[dict[str, tuple[str, str, int | None]]] = {}
 # _SIMPLE_VIA's parameters, matched from a position (match(text, pos): "^" would not match there)
 _VIA_PARAMS = re.compile(rf"{_PARAMS}$")
 
@@ -377,7 +390,7 @@ class Via:
             # what _SIMPLE_VIA would have matched: the same head, then ";" and the parameters to the end
             transport, host, port = head
             params = _split_params(text[semi + 1:]) if semi >= 0 else {}
-            via = cls(transport, host, port, params)
+            via = Via(transport, host, port, params)
             via._text = text
             if "rport" in params or "ttl" in params:
                 via._check_numbers()
@@ -391,7 +404,7 @@ class Via:
             params = _split_params(params_text) if params_text is not None else {}
             # through __init__, which compiled (setup.py) costs little; a bare cls.__new__ instance
             # was cheaper in pure Python, but mypyc cannot build one
-            via = cls(transport, host, port, params)
+            via = Via(transport, host, port, params)
             via._text = text
             if "rport" in params or "ttl" in params:
                 via._check_numbers()
@@ -422,7 +435,7 @@ class Via:
             raise ParseError("Via without sent-by")
         host, port = split_hostport(sent_by.replace(" ", "").replace("\t", ""), "Via sent-by")
         params = parse_params(rest[semi + 1:], "Via") if semi >= 0 else {}
-        via = cls(transport, host, port, params)
+        via = Via(transport, host, port, params)
         via._check_numbers()
         via._text = text.strip()
         return via
@@ -486,27 +499,28 @@ class Via:
 
 # the common spelling of a CSeq value (already stripped by the message parser)
 _SIMPLE_CSEQ = re.compile(r"([0-9]+) ([A-Za-z0-9\-.!%*_+`'~]+)")
-# text -> (number text, method) of a CSeq that took the fast path (uri.remember_shape)
-_CSEQ_SHAPES: dict[str, tuple[str, str]] = {}
+# text -> the CSeq it parsed to on the fast path (uri.remember_shape). Unlike the other shape caches
+# this one keeps the object itself: a CSeq is a value (Final fields, checked by mypy), so every
+# message with the same text may share one, as make_response already shares its request's
+_CSEQ_SHAPES: Final[dict[str, CSeq]] = {}
 
 
 class CSeq:
     __slots__ = ("seq", "method")
 
     def __init__(self, seq: int, method: str):
-        self.seq = seq
-        self.method = method
+        self.seq: Final = seq
+        self.method: Final = method
 
     @classmethod
     def parse(cls, text: str) -> CSeq:
-        shape = _CSEQ_SHAPES.get(text)
-        match = _SIMPLE_CSEQ.fullmatch(text) if shape is None else None
-        if shape is not None:
-            seq_text, method = shape
-        elif match is not None:
+        known = _CSEQ_SHAPES.get(text)
+        if known is not None:
+            return known
+        match = _SIMPLE_CSEQ.fullmatch(text)
+        if match is not None:
             # Fast path: "<digits> <method>" checked in one regex (no split, isdigit and token regex)
             seq_text, method = match.groups()
-            remember_shape(_CSEQ_SHAPES, text, (seq_text, method))
         else:
             parts = text.split()
             # ASCII digits only: str.isdigit() alone takes other scripts' digits, which int() reads
@@ -521,7 +535,10 @@ class CSeq:
         seq = int(seq_text)
         if seq >= 2**31:
             raise ParseError("CSeq number too large")
-        return cls(seq, method)
+        cseq = CSeq(seq, method)
+        if match is not None:
+            remember_shape(_CSEQ_SHAPES, text, cseq)
+        return cseq
 
     def __str__(self) -> str:
         return f"{self.seq} {self.method}"
