@@ -221,6 +221,31 @@ _SIMPLE_NAME_ADDR = re.compile(rf'(?:"([^"\\\r\n]*+)"[ \t]*+)?<([{_URI_CHARS}]++
 _NAME_ADDR_SHAPES: Final[dict[str, tuple[str | None, str, str | None]]] = {}
 
 
+_PARAMS_ONLY = re.compile(_PARAMS)
+
+
+def _known_head(text: str) -> tuple[str | None, str, str | None] | None:
+    """What _SIMPLE_NAME_ADDR would find in ``text`` when the part before its parameters was itself
+    a name-addr seen before without any: the To of a dialog's first request and then the same To
+    with the new tag, a From whose tag is new. None when that part is unknown or the parameters are
+    not _PARAMS's: the regex decides then. The first ">;" ends the <URI> (no URI character is ">"; a
+    quoted display holding one leaves a head that is no known name-addr)."""
+    gt = text.find(">;")
+    if gt < 0:
+        return None
+    head = _NAME_ADDR_SHAPES.get(text[:gt + 1])
+    if head is None or head[2] is not None:
+        return None
+    params = text[gt + 2:]
+    # the parameters' check: a lone tag of letters and digits needs no regex
+    if not (params.startswith("tag=") and params[4:].isalnum() and params.isascii()) \
+            and _PARAMS_ONLY.fullmatch(params) is None:
+        return None
+    shape = (head[0], head[1], params)
+    remember_shape(_NAME_ADDR_SHAPES, text, shape)
+    return shape
+
+
 class NameAddr:
     """name-addr or addr-spec with header parameters (From, To, Contact, Route, ...)."""
 
@@ -243,6 +268,8 @@ class NameAddr:
     def parse(cls, text: str) -> NameAddr:
         text = text.strip()
         shape = _NAME_ADDR_SHAPES.get(text)
+        if shape is None:
+            shape = _known_head(text)
         if shape is None:
             match = _SIMPLE_NAME_ADDR.fullmatch(text)
             if match is None:

@@ -348,11 +348,19 @@ class Message:
             self._unpack()
         cached = self._cache.get("via")
         if cached is None:
-            values = self.values("via")
-            if not values:
-                raise ParseError("missing Via header")
             top = self._cache.get("top_via")
-            cached = [top if i == 0 and top is not None else Via.parse(v) for i, v in enumerate(values)]
+            index = self._index
+            entry = (self._reindex() if index is None else index).get("via")
+            first = entry[2] if entry is not None else None
+            if entry is not None and entry[4] is None and type(first) is str and first and "," not in first:
+                # one Via line with one value, as most messages carry: what values() would return,
+                # without building the list through the comma split
+                cached = [top if top is not None else Via.parse(first)]
+            else:
+                values = self.values("via")
+                if not values:
+                    raise ParseError("missing Via header")
+                cached = [top if i == 0 and top is not None else Via.parse(v) for i, v in enumerate(values)]
             self._cache["via"] = cached
             self._cache["top_via"] = cached[0]
         return cached
@@ -608,21 +616,24 @@ class Message:
         lines = [self._start_line()]
         append = lines.append
         length_written = False
-        # one unpack per entry; an f-string formats a header object with str() (object.__format__
-        # with an empty spec), so a str value and an object need no separate branches
-        for key, name, value, raw, _ in self._headers:
+        # key, name and line typed as the str (or None) they are: compiled, comparing them is a string
+        # compare, where the untyped fields of an entry went through the generic rich compare; an
+        # f-string formats a header object with str(), so a str value and an object share a branch
+        for entry in self._headers:
+            key: str = entry[0]
+            raw: str | None = entry[3]
             if key == "content-length":
                 if length_written:
                     continue
                 length_written = True
-                if raw is not None and value.strip() == length:
+                if raw is not None and str(entry[2]).strip() == length:
                     append(raw)
                 else:
-                    append(f"{name}: {length}")
+                    append(f"{entry[1]}: {length}")
             elif raw is not None:
                 append(raw)
             else:
-                append(f"{name}: {value}")
+                append(f"{entry[1]}: {entry[2]}")
         if not length_written:
             append(f"Content-Length: {length}")
         lines.append("")
@@ -713,6 +724,11 @@ class Response(Message):
 # -- parsing ----------------------------------------------------------------------------------------
 
 
+# _split_head decodes a datagram-sized message whole (its body too: cheap for these sizes); a larger
+# one has only its head decoded
+_DECODE_WHOLE: Final = 4096
+
+
 def _split_head(data: bytes) -> tuple[list[str], int, int]:
     """The head's lines, where the message starts and where its body starts."""
     # RFC 3261 §7.5: empty lines before the start line are ignored (keep-alives on streams).
@@ -720,10 +736,20 @@ def _split_head(data: bytes) -> tuple[list[str], int, int]:
     start = 0
     while data[start:start + 2] == b"\r\n":
         start += 2
-    end = data.find(b"\r\n\r\n", start)
-    if end < 0:
-        raise ParseError("no empty line after the headers")
-    head = data[start:end].decode("utf-8", "surrogateescape")
+    text = data.decode("utf-8", "surrogateescape") if len(data) <= _DECODE_WHOLE else ""
+    if len(text) == len(data):
+        # every character one byte (ASCII, or bytes kept as surrogates), so a character's index is
+        # its byte offset: the end of the head is found by str.find, which compiled is a direct
+        # call, where bytes.find with a start is a generic method call
+        end = text.find("\r\n\r\n", start)
+        if end < 0:
+            raise ParseError("no empty line after the headers")
+        head = text[start:end]
+    else:
+        end = data.find(b"\r\n\r\n", start)
+        if end < 0:
+            raise ParseError("no empty line after the headers")
+        head = data[start:end].decode("utf-8", "surrogateescape")
     lines = head.split("\r\n")
     # RFC 3261 §7.3.1/§25.1: a CR or LF is only ever part of a CRLF (a line end, or a fold before SP/HT).
     # A bare one inside a value would reach the B-leg as a header of its own. Once split on CRLF, no
@@ -743,24 +769,32 @@ _METHODS: Final = frozenset({"INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGIS
                              "INFO", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "PUBLISH"})
 
 
+# status code text -> its number: one lookup checks three ASCII digits in 100-699 and converts them
+_STATUS_CODES: Final = {str(code): code for code in range(100, 700)}
+
+
 def _parse_start_line(line: str) -> Message:
-    if line[:4].upper() == "SIP/":
+    # the exact spellings first: upper() makes a string per message, and is needed only for the
+    # case-insensitive rest (RFC 3261 §7.1)
+    if line.startswith("SIP/") or line[:4].upper() == "SIP/":
         parts = line.split(" ", 2)
         if len(parts) < 2:
             raise ParseError("bad status line")
-        if parts[0].upper() != SIP_VERSION:
+        if parts[0] != SIP_VERSION and parts[0].upper() != SIP_VERSION:
             raise ParseError("unsupported SIP version", 505)
-        code = parts[1]
-        if len(code) != 3 or not code.isdigit() or not code.isascii() or not 100 <= int(code) <= 699:
+        status = _STATUS_CODES.get(parts[1])
+        if status is None:
             raise ParseError("bad status code")
-        return Response(int(code), parts[2] if len(parts) == 3 else "")
+        return Response(status, parts[2] if len(parts) == 3 else "")
     parts = line.split(" ")
-    if len(parts) != 3 or not all(parts):
+    if len(parts) != 3:
         raise ParseError("bad request line")
     method, uri, version = parts
+    if not method or not uri or not version:
+        raise ParseError("bad request line")
     if method not in _METHODS and not is_token(method):
         raise ParseError("bad method")
-    if version.upper() != SIP_VERSION:  # RFC 3261 §7.1: the version is case-insensitive
+    if version != SIP_VERSION and version.upper() != SIP_VERSION:
         if version.upper().startswith("SIP/"):
             raise ParseError("unsupported SIP version", 505)
         raise ParseError("bad request line")
@@ -809,13 +843,12 @@ def _parse_headers(msg: Message, lines: list[str], folded: bool = False) -> None
                 if not colon or not name:
                     raise ParseError("header line without a colon")
                 known = _header_key(name)
-            key = known[0]
-            entry = [key, known[1], value.strip(), line, None]
+            entry = [known[0], known[1], value.strip(), line, None]
             headers.append(entry)
-            if key not in index:
-                index[key] = entry
-            else:
-                _chain(index[key], entry)
+            # one lookup where `in` and a store were two
+            first = index.setdefault(known[0], entry)
+            if first is not entry:
+                _chain(first, entry)
         msg._index = index
         return
     last: list[Any] | None = None

@@ -216,3 +216,34 @@ def test_the_possessive_regexes_decide_as_the_backtracking_ones_did() -> None:
             assert (fast_m is None) == (slow_m is None), (pattern.pattern, text)
             if fast_m is not None:
                 assert fast_m.groups() == slow_m.groups(), (pattern.pattern, text)
+
+
+def test_a_name_addr_whose_head_was_seen_skips_the_regex_and_parses_as_before(counted) -> None:
+    # a dialog's To without a tag, then with ours; a From known but for a new tag: the part before
+    # ";" was a name-addr seen whole, so only the parameters are checked (a lone alphanumeric tag
+    # by str methods, anything else by the parameters' regex)
+    heads = ['<sip:bob@192.0.2.2:5060>', '"Bob" <sip:bob@192.0.2.2>']
+    texts = [f"{h};{p}" for h in heads for p in (
+        "tag=a1b2", "tag=a-1", "tag=1;x=y", "tag=", "tag=é", 'x="a;b"', "tag=a b", ";tag=1", "x=\"q\"")]
+    texts += ['"a>;b" <sip:bob@192.0.2.2:5060>;tag=1', '<sip:bob@192.0.2.2:5060> ;tag=1']
+
+    def outcome(text: str) -> Any:
+        try:
+            na = NameAddr.parse(text)
+        except ParseError as e:
+            return ("error", e.reason)
+        return (na.display, str(na.uri), na.params, str(na))
+
+    fresh = {}
+    for text in texts:
+        headers._NAME_ADDR_SHAPES.clear()
+        fresh[text] = outcome(text)
+    headers._NAME_ADDR_SHAPES.clear()
+    for head in heads:
+        NameAddr.parse(head)
+    counted["name_addr"].runs = 0
+    assert outcome('<sip:bob@192.0.2.2:5060>;tag=a1b2') == fresh['<sip:bob@192.0.2.2:5060>;tag=a1b2']
+    assert outcome('"Bob" <sip:bob@192.0.2.2>;tag=1;x=y') == fresh['"Bob" <sip:bob@192.0.2.2>;tag=1;x=y']
+    assert counted["name_addr"].runs == 0
+    for text in texts:
+        assert outcome(text) == fresh[text], text
