@@ -613,8 +613,9 @@ class Message:
             return self._raw
         body = self._body
         length = str(len(body))
+        # lines.append each time, not a bound `append`: compiled, the method is a direct list append,
+        # the bound one a generic call
         lines = [self._start_line()]
-        append = lines.append
         length_written = False
         # key, name and line typed as the str (or None) they are: compiled, comparing them is a string
         # compare, where the untyped fields of an entry went through the generic rich compare; an
@@ -627,15 +628,15 @@ class Message:
                     continue
                 length_written = True
                 if raw is not None and str(entry[2]).strip() == length:
-                    append(raw)
+                    lines.append(raw)
                 else:
-                    append(f"{entry[1]}: {length}")
+                    lines.append(f"{entry[1]}: {length}")
             elif raw is not None:
-                append(raw)
+                lines.append(raw)
             else:
-                append(f"{entry[1]}: {entry[2]}")
+                lines.append(f"{entry[1]}: {entry[2]}")
         if not length_written:
-            append(f"Content-Length: {length}")
+            lines.append(f"Content-Length: {length}")
         lines.append("")
         lines.append("")
         data = "\r\n".join(lines).encode("utf-8", "surrogateescape") + body

@@ -247,3 +247,26 @@ def test_a_name_addr_whose_head_was_seen_skips_the_regex_and_parses_as_before(co
     assert counted["name_addr"].runs == 0
     for text in texts:
         assert outcome(text) == fresh[text], text
+
+
+def test_a_number_text_is_remembered_once_checked_and_each_limit_still_applies() -> None:
+    headers._UINTS.clear()
+    assert headers.parse_uint("300", "Expires") == 300
+    assert headers._UINTS["300"] == 300  # the digit checks and int() are not run again for it
+    with pytest.raises(ParseError, match="Max-Forwards too large"):
+        headers.parse_uint("300", "Max-Forwards", 255)  # a remembered value, another header's limit
+    for bad in ("\u00b2", "7 0", "", "-1", "1" * 11):
+        with pytest.raises(ParseError):
+            headers.parse_uint(bad, "Expires")
+        assert bad not in headers._UINTS
+    assert headers.parse_uint("0" * 20 + "7", "Expires") == 7  # leading zeros are still a small number
+
+
+def test_a_name_addr_shape_keeps_its_parsed_params_and_hands_out_copies(counted) -> None:
+    text = "<sip:alice@example.com>;tag=a1;x=y"
+    first, second = NameAddr.parse(text), NameAddr.parse(text)
+    kept = headers._NAME_ADDR_SHAPES[text][3]
+    assert kept == {"tag": "a1", "x": "y"} and first.params == kept == second.params
+    assert first.params is not kept and second.params is not kept and first.params is not second.params
+    first.tag = "changed"
+    assert kept["tag"] == "a1" and NameAddr.parse(text).tag == "a1"
