@@ -210,6 +210,22 @@ def _split_params(text: str) -> dict[str, str | None]:
     return params
 
 
+def _plain_params(text: str) -> dict[str, str | None] | None:
+    """_split_params for parameters whose names are letters and digits and whose values are too,
+    with "-" and "." (a branch, a tag, rport, received=<IPv4>): such a text is _PARAMS's, found
+    by str methods (direct calls when compiled) where the regex costs as much as the split. None
+    when some part is not that plain: the regex decides then."""
+    if not text.isascii():
+        return None
+    params: dict[str, str | None] = {}
+    for part in text.split(";"):
+        name, eq, value = part.partition("=")
+        if not name.isalnum() or (eq and not value.replace("-", "").replace(".", "").isalnum()):
+            return None
+        params[name.lower()] = value if eq else None
+    return params
+
+
 def format_params(params: dict[str, str | None]) -> str:
     return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
 
@@ -238,12 +254,13 @@ def _known_head(text: str) -> tuple[str | None, str, str | None, dict[str, str |
     head = _NAME_ADDR_SHAPES.get(text[:gt + 1])
     if head is None or head[2] is not None:
         return None
-    params = text[gt + 2:]
-    # the parameters' check: a lone tag of letters and digits needs no regex
-    if not (params.startswith("tag=") and params[4:].isalnum() and params.isascii()) \
-            and _PARAMS_ONLY.fullmatch(params) is None:
-        return None
-    shape = (head[0], head[1], params, _split_params(params))
+    params_text = text[gt + 2:]
+    params = _plain_params(params_text)
+    if params is None:
+        if _PARAMS_ONLY.fullmatch(params_text) is None:
+            return None
+        params = _split_params(params_text)
+    shape = (head[0], head[1], params_text, params)
     remember_shape(_NAME_ADDR_SHAPES, text, shape)
     return shape
 
@@ -416,10 +433,14 @@ class Via:
     def parse(cls, text: str) -> Via:
         semi = text.find(";")
         head = _VIA_HEADS.get(text[:semi] if semi >= 0 else text)
-        if head is not None and (semi < 0 or _VIA_PARAMS.match(text, semi + 1) is not None):
+        params: dict[str, str | None] | None = {}
+        if head is not None and semi >= 0:
+            params = _plain_params(text[semi + 1:])
+            if params is None and _VIA_PARAMS.match(text, semi + 1) is not None:
+                params = _split_params(text[semi + 1:])
+        if head is not None and params is not None:
             # what _SIMPLE_VIA would have matched: the same head, then ";" and the parameters to the end
             transport, host, port = head
-            params = _split_params(text[semi + 1:]) if semi >= 0 else {}
             via = Via(transport, host, port, params)
             via._text = text
             if "rport" in params or "ttl" in params:

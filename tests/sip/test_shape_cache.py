@@ -26,9 +26,9 @@ class CountingPattern:
         self.runs += 1
         return self.pattern.fullmatch(text)
 
-    def match(self, text: str) -> Any:
+    def match(self, text: str, *pos: int) -> Any:
         self.runs += 1
-        return self.pattern.match(text)
+        return self.pattern.match(text, *pos)
 
 
 @pytest.fixture
@@ -270,3 +270,35 @@ def test_a_name_addr_shape_keeps_its_parsed_params_and_hands_out_copies(counted)
     assert first.params is not kept and second.params is not kept and first.params is not second.params
     first.tag = "changed"
     assert kept["tag"] == "a1" and NameAddr.parse(text).tag == "a1"
+
+
+PLAIN_PROBES = PROBES + ["branch=z9hG4bK.a-b.c", "received=192.0.2.1", "x=\u00e9", "\u00e9=1", "a=b-", "a=-",
+                         "a=.", "x=[::1]", "a=b;", "a=b\n", "A=B", "a_b=c", "a=b_c", "tag=0;tag=1"]
+
+
+def test_plain_params_are_what_the_regex_and_the_split_give() -> None:
+    # _plain_params takes only what _PARAMS would take (letters and digits, values with - and .),
+    # with the same dict; anything else is left to the regex (None)
+    taken = 0
+    for text in PLAIN_PROBES:
+        plain = headers._plain_params(text)
+        if plain is not None:
+            taken += 1
+            assert headers._PARAMS_ONLY.fullmatch(text) is not None, text
+            assert plain == headers._split_params(text), text
+    assert taken >= 8
+
+
+def test_a_via_with_a_known_head_and_plain_params_runs_no_regex(monkeypatch: pytest.MonkeyPatch) -> None:
+    headers._VIA_HEADS.clear()
+    headers.Via.parse("SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK-0")
+    counting = CountingPattern(headers._VIA_PARAMS)
+    monkeypatch.setattr(headers, "_VIA_PARAMS", counting)
+    via = headers.Via.parse("SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK-a.1;rport=5062;received=192.0.2.9")
+    assert counting.runs == 0
+    assert (via.branch, via.rport, via.received) == ("z9hG4bK-a.1", 5062, "192.0.2.9")
+    with pytest.raises(ParseError):
+        headers.Via.parse("SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK-a.2;rport=99999")
+    headers.Via.parse('SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bK-a.3;x="q"')  # not plain: the regex
+    assert counting.runs == 1
+    headers._VIA_HEADS.clear()
