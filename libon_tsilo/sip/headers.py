@@ -7,12 +7,14 @@ ParseError with a short reason when the value is malformed.
 from __future__ import annotations
 
 import re
+from typing import Final
 
 from libon_tsilo.sip.errors import ParseError
-from libon_tsilo.sip.uri import URI, char_class_without, remember_shape, split_hostport
+from libon_tsilo.sip.uri import URI, char_class_without, known_uri, remember_shape, split_hostport
 
-# RFC 3261 §7.3.3 and the IANA compact forms.
-COMPACT = {
+# RFC 3261 §7.3.3 and the IANA compact forms. (The hot tables are Final, as in uri.py: C statics
+# when compiled.)
+COMPACT: Final = {
     "i": "call-id", "m": "contact", "e": "content-encoding", "l": "content-length",
     "c": "content-type", "f": "from", "s": "subject", "k": "supported", "t": "to", "v": "via",
     "o": "event", "u": "allow-events", "r": "refer-to", "b": "referred-by", "x": "session-expires",
@@ -27,28 +29,31 @@ _PRETTY = {
 
 # Headers whose value is a comma-separated list (RFC 3261 §7.3.1). Authorization-like headers are
 # not lists even though their values contain commas.
-LIST_HEADERS = frozenset({
+LIST_HEADERS: Final = frozenset({
     "via", "contact", "route", "record-route", "path", "service-route", "allow", "supported", "require",
     "proxy-require", "unsupported", "accept", "accept-encoding", "accept-language", "content-encoding",
     "allow-events", "in-reply-to", "warning", "alert-info", "call-info", "error-info", "reason",
     "security-client", "security-server", "security-verify", "feature-caps", "p-asserted-identity",
 })
 
-TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
+TOKEN_CHARS: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9\-.!%*_+`'~]+$")
-_WS = " \t"
+_WS: Final = " \t"
 # Every number we read fits in 32 bits: ten digits. int() of more than 4,300 digits raises ValueError
 # (not ParseError), and a long one costs quadratic time before that, so the length is checked first.
-_MAX_DIGITS = 10
-_PTOKEN = r"[A-Za-z0-9\-.!%*_+`'~]+"
-_PVALUE = r"(?:=(?:[A-Za-z0-9\-.!%*_+`'~:\[\]]+|\"[^\"\\\r\n;]*\"))?"
+_MAX_DIGITS: Final = 10
+# Possessive repeats (`++`, `*+`, `?+`): a token ends at "=", ";" or the end, a value at ";" or the
+# end, and none of them is in the class that ran: giving back characters can never make a match, so
+# SRE need keep no state to backtrack into (a quarter of the regex's cost on a Via's parameters).
+_PTOKEN = r"[A-Za-z0-9\-.!%*_+`'~]++"
+_PVALUE = r"(?:=(?:[A-Za-z0-9\-.!%*_+`'~:\[\]]++|\"[^\"\\\r\n;]*+\"))?+"
 # ;-separated parameters without whitespace, and quoted values without ';' or escapes: a plain split
 # is exact. The Via and name-addr fast paths embed it, so they split without a second regex scan.
-_PARAMS = rf"{_PTOKEN}{_PVALUE}(?:;{_PTOKEN}{_PVALUE})*"
+_PARAMS = rf"{_PTOKEN}{_PVALUE}(?:;{_PTOKEN}{_PVALUE})*+"
 _SIMPLE_PARAMS = re.compile(rf"^{_PARAMS}$")
 
 
-_CANONICAL: dict[str, str] = {}
+_CANONICAL: Final[dict[str, str]] = {}
 
 
 def canonical_key(name: str) -> str:
@@ -205,15 +210,59 @@ def _split_params(text: str) -> dict[str, str | None]:
     return params
 
 
+def _plain_params(text: str) -> dict[str, str | None] | None:
+    """_split_params for parameters whose names are letters and digits and whose values are too,
+    with "-" and "." (a branch, a tag, rport, received=<IPv4>): such a text is _PARAMS's, found
+    by str methods (direct calls when compiled) where the regex costs as much as the split. None
+    when some part is not that plain: the regex decides then."""
+    if not text.isascii():
+        return None
+    params: dict[str, str | None] = {}
+    for part in text.split(";"):
+        name, eq, value = part.partition("=")
+        if not name.isalnum() or (eq and not value.replace("-", "").replace(".", "").isalnum()):
+            return None
+        params[name.lower()] = value if eq else None
+    return params
+
+
 def format_params(params: dict[str, str | None]) -> str:
     return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
 
 
 _URI_CHARS = char_class_without('<>"')
 # The common spelling of a name-addr; everything else takes NameAddr._parse_general.
-_SIMPLE_NAME_ADDR = re.compile(rf'(?:"([^"\\\r\n]*)"[ \t]*)?<([{_URI_CHARS}]+)>(?:;({_PARAMS}))?')
-# text -> (display, URI text, params text) of a name-addr that took the fast path (uri.remember_shape)
-_NAME_ADDR_SHAPES: dict[str, tuple[str | None, str, str | None]] = {}
+_SIMPLE_NAME_ADDR = re.compile(rf'(?:"([^"\\\r\n]*+)"[ \t]*+)?<([{_URI_CHARS}]++)>(?:;({_PARAMS}))?')
+# text -> (display, URI text, params text, params) of a name-addr that took the fast path
+# (uri.remember_shape); the params dict is never handed out, each NameAddr gets a copy (a dict copy
+# costs a tenth of splitting the text again)
+_NAME_ADDR_SHAPES: Final[dict[str, tuple[str | None, str, str | None, dict[str, str | None] | None]]] = {}
+
+
+_PARAMS_ONLY = re.compile(_PARAMS)
+
+
+def _known_head(text: str) -> tuple[str | None, str, str | None, dict[str, str | None] | None] | None:
+    """What _SIMPLE_NAME_ADDR would find in ``text`` when the part before its parameters was itself
+    a name-addr seen before without any: the To of a dialog's first request and then the same To
+    with the new tag, a From whose tag is new. None when that part is unknown or the parameters are
+    not _PARAMS's: the regex decides then. The first ">;" ends the <URI> (no URI character is ">"; a
+    quoted display holding one leaves a head that is no known name-addr)."""
+    gt = text.find(">;")
+    if gt < 0:
+        return None
+    head = _NAME_ADDR_SHAPES.get(text[:gt + 1])
+    if head is None or head[2] is not None:
+        return None
+    params_text = text[gt + 2:]
+    params = _plain_params(params_text)
+    if params is None:
+        if _PARAMS_ONLY.fullmatch(params_text) is None:
+            return None
+        params = _split_params(params_text)
+    shape = (head[0], head[1], params_text, params)
+    remember_shape(_NAME_ADDR_SHAPES, text, shape)
+    return shape
 
 
 class NameAddr:
@@ -239,15 +288,19 @@ class NameAddr:
         text = text.strip()
         shape = _NAME_ADDR_SHAPES.get(text)
         if shape is None:
+            shape = _known_head(text)
+        if shape is None:
             match = _SIMPLE_NAME_ADDR.fullmatch(text)
             if match is None:
                 return cls._parse_general(text)
             # Fast path: [quoted display without escapes] <URI without blanks or quotes>[;params]
             display, uri_text, params_text = match.groups()
-            remember_shape(_NAME_ADDR_SHAPES, text, (display, uri_text, params_text))
+            params = _split_params(params_text) if params_text is not None else None
+            remember_shape(_NAME_ADDR_SHAPES, text, (display, uri_text, params_text, params))
         else:
-            display, uri_text, params_text = shape
-        obj = cls(uri_text, display, _split_params(params_text) if params_text is not None else None)
+            display, uri_text, _, params = shape
+        # NameAddr, not cls (as URI.parse): a native call when compiled
+        obj = NameAddr(uri_text, display, params.copy() if params is not None else None)
         obj._text = text
         return obj
 
@@ -282,7 +335,7 @@ class NameAddr:
                 if "?" in uri_text or "," in uri_text:
                     raise ParseError("addr-spec with '?' or ',' must be in <>")
                 params = parse_params(text[semi + 1:], "address") if semi >= 0 else {}
-                obj = cls(uri_text.rstrip(_WS), None, params)
+                obj = NameAddr(uri_text.rstrip(_WS), None, params)
                 obj._text = text
                 return obj
         gt = text.find(">", lt)
@@ -298,7 +351,7 @@ class NameAddr:
             params = parse_params(rest[1:], "address")
         else:
             params = {}
-        obj = cls(uri_text, display, params)
+        obj = NameAddr(uri_text, display, params)
         obj._text = text
         return obj
 
@@ -312,6 +365,13 @@ class NameAddr:
     def uri(self, value: URI) -> None:
         self._uri = value
         self._text = None
+
+    def check_uri(self) -> None:
+        """Raise the ParseError that reading ``uri`` would raise, if any. A URI text that parsed before
+        is known good and nothing is built: validation then costs a set lookup, and the URI object
+        is made only if something reads it."""
+        if self._uri is None and not known_uri(self._uri_text):
+            self._uri = URI.parse(self._uri_text)
 
     @property
     def tag(self) -> str | None:
@@ -351,7 +411,7 @@ _SIMPLE_VIA = re.compile(
 # A Via differs from message to message by its branch, but not before its first ";": the part of
 # _SIMPLE_VIA before the parameters (no ";" can be in it) -> (transport, host, port) it gave, so a
 # Via whose head was seen runs only the parameters' regex (uri.remember_shape)
-_VIA_HEADS: dict[str, tuple[str, str, int | None]] = {}
+_VIA_HEADS: Final[dict[str, tuple[str, str, int | None]]] = {}
 # _SIMPLE_VIA's parameters, matched from a position (match(text, pos): "^" would not match there)
 _VIA_PARAMS = re.compile(rf"{_PARAMS}$")
 
@@ -373,11 +433,15 @@ class Via:
     def parse(cls, text: str) -> Via:
         semi = text.find(";")
         head = _VIA_HEADS.get(text[:semi] if semi >= 0 else text)
-        if head is not None and (semi < 0 or _VIA_PARAMS.match(text, semi + 1) is not None):
+        params: dict[str, str | None] | None = {}
+        if head is not None and semi >= 0:
+            params = _plain_params(text[semi + 1:])
+            if params is None and _VIA_PARAMS.match(text, semi + 1) is not None:
+                params = _split_params(text[semi + 1:])
+        if head is not None and params is not None:
             # what _SIMPLE_VIA would have matched: the same head, then ";" and the parameters to the end
             transport, host, port = head
-            params = _split_params(text[semi + 1:]) if semi >= 0 else {}
-            via = cls(transport, host, port, params)
+            via = Via(transport, host, port, params)
             via._text = text
             if "rport" in params or "ttl" in params:
                 via._check_numbers()
@@ -391,7 +455,7 @@ class Via:
             params = _split_params(params_text) if params_text is not None else {}
             # through __init__, which compiled (setup.py) costs little; a bare cls.__new__ instance
             # was cheaper in pure Python, but mypyc cannot build one
-            via = cls(transport, host, port, params)
+            via = Via(transport, host, port, params)
             via._text = text
             if "rport" in params or "ttl" in params:
                 via._check_numbers()
@@ -422,7 +486,7 @@ class Via:
             raise ParseError("Via without sent-by")
         host, port = split_hostport(sent_by.replace(" ", "").replace("\t", ""), "Via sent-by")
         params = parse_params(rest[semi + 1:], "Via") if semi >= 0 else {}
-        via = cls(transport, host, port, params)
+        via = Via(transport, host, port, params)
         via._check_numbers()
         via._text = text.strip()
         return via
@@ -486,27 +550,28 @@ class Via:
 
 # the common spelling of a CSeq value (already stripped by the message parser)
 _SIMPLE_CSEQ = re.compile(r"([0-9]+) ([A-Za-z0-9\-.!%*_+`'~]+)")
-# text -> (number text, method) of a CSeq that took the fast path (uri.remember_shape)
-_CSEQ_SHAPES: dict[str, tuple[str, str]] = {}
+# text -> the CSeq it parsed to on the fast path (uri.remember_shape). Unlike the other shape caches
+# this one keeps the object itself: a CSeq is a value (Final fields, checked by mypy), so every
+# message with the same text may share one, as make_response already shares its request's
+_CSEQ_SHAPES: Final[dict[str, CSeq]] = {}
 
 
 class CSeq:
     __slots__ = ("seq", "method")
 
     def __init__(self, seq: int, method: str):
-        self.seq = seq
-        self.method = method
+        self.seq: Final = seq
+        self.method: Final = method
 
     @classmethod
     def parse(cls, text: str) -> CSeq:
-        shape = _CSEQ_SHAPES.get(text)
-        match = _SIMPLE_CSEQ.fullmatch(text) if shape is None else None
-        if shape is not None:
-            seq_text, method = shape
-        elif match is not None:
+        known = _CSEQ_SHAPES.get(text)
+        if known is not None:
+            return known
+        match = _SIMPLE_CSEQ.fullmatch(text)
+        if match is not None:
             # Fast path: "<digits> <method>" checked in one regex (no split, isdigit and token regex)
             seq_text, method = match.groups()
-            remember_shape(_CSEQ_SHAPES, text, (seq_text, method))
         else:
             parts = text.split()
             # ASCII digits only: str.isdigit() alone takes other scripts' digits, which int() reads
@@ -521,7 +586,10 @@ class CSeq:
         seq = int(seq_text)
         if seq >= 2**31:
             raise ParseError("CSeq number too large")
-        return cls(seq, method)
+        cseq = CSeq(seq, method)
+        if match is not None:
+            remember_shape(_CSEQ_SHAPES, text, cseq)
+        return cseq
 
     def __str__(self) -> str:
         return f"{self.seq} {self.method}"
@@ -530,17 +598,26 @@ class CSeq:
         return f"CSeq({self.seq}, {self.method!r})"
 
 
+# number text -> its value, for texts that passed parse_uint's digit checks (uri.remember_shape): the
+# same few Max-Forwards, Content-Length and Expires values come in all day, and the checks with
+# int() cost ~1,000 instructions; the limit, which differs per header, is checked each time
+_UINTS: Final[dict[str, int]] = {}
+
+
 def parse_uint(text: str, what: str, limit: int = 2**32 - 1) -> int:
     """A decimal number of at most ``limit`` (< 10**10) as RFC 3261 writes it (1*DIGIT, ASCII only)."""
-    text = text.strip()
-    # ASCII too: str.isdigit() takes digits like "²" that int() refuses with a ValueError
-    if not text.isdigit() or not text.isascii():
-        raise ParseError(f"bad {what}")
-    if len(text) > _MAX_DIGITS:
-        text = text.lstrip("0") or "0"
-        if len(text) > _MAX_DIGITS:
-            raise ParseError(f"{what} too large")
-    value = int(text)
+    value = _UINTS.get(text)
+    if value is None:
+        digits = text.strip()
+        # ASCII too: str.isdigit() takes digits like "²" that int() refuses with a ValueError
+        if not digits.isdigit() or not digits.isascii():
+            raise ParseError(f"bad {what}")
+        if len(digits) > _MAX_DIGITS:
+            digits = digits.lstrip("0") or "0"
+            if len(digits) > _MAX_DIGITS:
+                raise ParseError(f"{what} too large")
+        value = int(digits)
+        remember_shape(_UINTS, text, value)
     if value > limit:
         raise ParseError(f"{what} too large")
     return value

@@ -8,7 +8,7 @@ from its original text, and a message nobody changed is written back as its orig
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Final
 
 from libon_tsilo.sip.branch import new_branch
 from libon_tsilo.sip.errors import ParseError
@@ -60,11 +60,11 @@ _SINGLE_VALUED = frozenset({
 })
 
 # validate() names the first duplicate it finds in this order (a frozenset's order varies by process)
-_SINGLE_VALUED_ORDER = tuple(sorted(_SINGLE_VALUED))
+_SINGLE_VALUED_ORDER: Final = tuple(sorted(_SINGLE_VALUED))
 
 # Header name as our code passes it -> (lookup key, name to write). add_header sees the
 # same few dozen literals all day: one dict lookup instead of canonical_key + islower + pretty_name.
-_ADDED: dict[str, tuple[str, str]] = {}
+_ADDED: Final[dict[str, tuple[str, str]]] = {}
 
 
 def _added_name(name: str) -> tuple[str, str]:
@@ -77,8 +77,12 @@ def _added_name(name: str) -> tuple[str, str]:
     return known
 
 
+# what compact() leaves in a packed message's parsed slots (never written to: see compact)
+_PACKED_HEADERS: Final[list[list[Any]]] = []
+_PACKED_CACHE: Final[dict[str, Any]] = {}
+
 # the headers make_response copies from the request (To apart: only its first line)
-_RESPONSE_COPIED = frozenset({"via", "from", "call-id", "cseq"})
+_RESPONSE_COPIED: Final = frozenset({"via", "from", "call-id", "cseq"})
 
 def _chain(head: list[Any], entry: list[Any]) -> None:
     """Link ``entry`` after the last entry with ``head``'s key."""
@@ -137,9 +141,6 @@ class Message:
 
     __slots__ = ("_headers", "_index", "_body", "_cache", "_raw", "_raw_body", "contact_star", "validated",
                  "_packed")
-    # what compact() empties (the parsed state; `_raw` keeps the bytes it comes back from); mypyc
-    # (setup.py) lets only the attributes named here be deleted
-    __deletable__ = ("_headers", "_index", "_cache", "_body", "_raw_body")
 
     def __init__(self) -> None:
         # One entry per header line, in order: [key, name as written, value (text or a header
@@ -347,11 +348,19 @@ class Message:
             self._unpack()
         cached = self._cache.get("via")
         if cached is None:
-            values = self.values("via")
-            if not values:
-                raise ParseError("missing Via header")
             top = self._cache.get("top_via")
-            cached = [top if i == 0 and top is not None else Via.parse(v) for i, v in enumerate(values)]
+            index = self._index
+            entry = (self._reindex() if index is None else index).get("via")
+            first = entry[2] if entry is not None else None
+            if entry is not None and entry[4] is None and type(first) is str and first and "," not in first:
+                # one Via line with one value, as most messages carry: what values() would return,
+                # without building the list through the comma split
+                cached = [top if top is not None else Via.parse(first)]
+            else:
+                values = self.values("via")
+                if not values:
+                    raise ParseError("missing Via header")
+                cached = [top if i == 0 and top is not None else Via.parse(v) for i, v in enumerate(values)]
             self._cache["via"] = cached
             self._cache["top_via"] = cached[0]
         return cached
@@ -528,8 +537,10 @@ class Message:
                 if entry is not None and entry[4] is not None:
                     raise ParseError(f"more than one {pretty_name(key)} header")
         self.vias
-        self.from_.uri
-        self.to.uri
+        # check_uri, not .uri: a URI text seen before is known good, and most messages' From and To
+        # URIs are read by nobody after this check (~2,800 instructions each to build)
+        self.from_.check_uri()
+        self.to.check_uri()
         self.call_id
         self.cseq
         # Nothing above changes a header, so the index is still current, and the keys are canonical
@@ -543,7 +554,7 @@ class Message:
             parse_uint(entry[2] if type(entry[2]) is str else str(entry[2]), "Content-Length")
         if "contact" in index:
             for contact in self.contacts:
-                contact.uri
+                contact.check_uri()
         entry = get("date")
         if entry is not None:
             check_date(entry[2] if type(entry[2]) is str else str(entry[2]))
@@ -564,7 +575,15 @@ class Message:
         if self._packed:
             return  # already compact
         data = self.to_bytes()
-        del self._headers, self._index, self._cache, self._body, self._raw_body
+        # The parsed state is replaced by shared empty values, not deleted: compiled, a del goes
+        # through PyObject_SetAttr (~1,000 instructions per slot, five per message, seven messages
+        # per late-fork call), an assignment is a store. Nothing writes to these values: every
+        # reader checks _packed first, and _unpack puts fresh ones back.
+        self._headers = _PACKED_HEADERS
+        self._index = None
+        self._cache = _PACKED_CACHE
+        self._body = b""
+        self._raw_body = None
         self._raw = data
         self._packed = True
 
@@ -594,26 +613,30 @@ class Message:
             return self._raw
         body = self._body
         length = str(len(body))
+        # lines.append each time, not a bound `append`: compiled, the method is a direct list append,
+        # the bound one a generic call
         lines = [self._start_line()]
-        append = lines.append
         length_written = False
-        # one unpack per entry; an f-string formats a header object with str() (object.__format__
-        # with an empty spec), so a str value and an object need no separate branches
-        for key, name, value, raw, _ in self._headers:
+        # key, name and line typed as the str (or None) they are: compiled, comparing them is a string
+        # compare, where the untyped fields of an entry went through the generic rich compare; an
+        # f-string formats a header object with str(), so a str value and an object share a branch
+        for entry in self._headers:
+            key: str = entry[0]
+            raw: str | None = entry[3]
             if key == "content-length":
                 if length_written:
                     continue
                 length_written = True
-                if raw is not None and value.strip() == length:
-                    append(raw)
+                if raw is not None and str(entry[2]).strip() == length:
+                    lines.append(raw)
                 else:
-                    append(f"{name}: {length}")
+                    lines.append(f"{entry[1]}: {length}")
             elif raw is not None:
-                append(raw)
+                lines.append(raw)
             else:
-                append(f"{name}: {value}")
+                lines.append(f"{entry[1]}: {entry[2]}")
         if not length_written:
-            append(f"Content-Length: {length}")
+            lines.append(f"Content-Length: {length}")
         lines.append("")
         lines.append("")
         data = "\r\n".join(lines).encode("utf-8", "surrogateescape") + body
@@ -702,16 +725,32 @@ class Response(Message):
 # -- parsing ----------------------------------------------------------------------------------------
 
 
+# _split_head decodes a datagram-sized message whole (its body too: cheap for these sizes); a larger
+# one has only its head decoded
+_DECODE_WHOLE: Final = 4096
+
+
 def _split_head(data: bytes) -> tuple[list[str], int, int]:
     """The head's lines, where the message starts and where its body starts."""
     # RFC 3261 §7.5: empty lines before the start line are ignored (keep-alives on streams).
+    # (a slice compared, not startswith(b"\r\n", start): compiled, that is a generic method call)
     start = 0
-    while data.startswith(b"\r\n", start):
+    while data[start:start + 2] == b"\r\n":
         start += 2
-    end = data.find(b"\r\n\r\n", start)
-    if end < 0:
-        raise ParseError("no empty line after the headers")
-    head = data[start:end].decode("utf-8", "surrogateescape")
+    text = data.decode("utf-8", "surrogateescape") if len(data) <= _DECODE_WHOLE else ""
+    if len(text) == len(data):
+        # every character one byte (ASCII, or bytes kept as surrogates), so a character's index is
+        # its byte offset: the end of the head is found by str.find, which compiled is a direct
+        # call, where bytes.find with a start is a generic method call
+        end = text.find("\r\n\r\n", start)
+        if end < 0:
+            raise ParseError("no empty line after the headers")
+        head = text[start:end]
+    else:
+        end = data.find(b"\r\n\r\n", start)
+        if end < 0:
+            raise ParseError("no empty line after the headers")
+        head = data[start:end].decode("utf-8", "surrogateescape")
     lines = head.split("\r\n")
     # RFC 3261 §7.3.1/§25.1: a CR or LF is only ever part of a CRLF (a line end, or a fold before SP/HT).
     # A bare one inside a value would reach the B-leg as a header of its own. Once split on CRLF, no
@@ -727,28 +766,36 @@ def _split_head(data: bytes) -> tuple[list[str], int, int]:
 
 
 # the methods we see all day are tokens: a set lookup spares the token regex
-_METHODS = frozenset({"INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "UPDATE", "INFO",
-                      "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "PUBLISH"})
+_METHODS: Final = frozenset({"INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "UPDATE",
+                             "INFO", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "PUBLISH"})
+
+
+# status code text -> its number: one lookup checks three ASCII digits in 100-699 and converts them
+_STATUS_CODES: Final = {str(code): code for code in range(100, 700)}
 
 
 def _parse_start_line(line: str) -> Message:
-    if line[:4].upper() == "SIP/":
+    # the exact spellings first: upper() makes a string per message, and is needed only for the
+    # case-insensitive rest (RFC 3261 §7.1)
+    if line.startswith("SIP/") or line[:4].upper() == "SIP/":
         parts = line.split(" ", 2)
         if len(parts) < 2:
             raise ParseError("bad status line")
-        if parts[0].upper() != SIP_VERSION:
+        if parts[0] != SIP_VERSION and parts[0].upper() != SIP_VERSION:
             raise ParseError("unsupported SIP version", 505)
-        code = parts[1]
-        if len(code) != 3 or not code.isdigit() or not code.isascii() or not 100 <= int(code) <= 699:
+        status = _STATUS_CODES.get(parts[1])
+        if status is None:
             raise ParseError("bad status code")
-        return Response(int(code), parts[2] if len(parts) == 3 else "")
+        return Response(status, parts[2] if len(parts) == 3 else "")
     parts = line.split(" ")
-    if len(parts) != 3 or not all(parts):
+    if len(parts) != 3:
         raise ParseError("bad request line")
     method, uri, version = parts
+    if not method or not uri or not version:
+        raise ParseError("bad request line")
     if method not in _METHODS and not is_token(method):
         raise ParseError("bad method")
-    if version.upper() != SIP_VERSION:  # RFC 3261 §7.1: the version is case-insensitive
+    if version != SIP_VERSION and version.upper() != SIP_VERSION:
         if version.upper().startswith("SIP/"):
             raise ParseError("unsupported SIP version", 505)
         raise ParseError("bad request line")
@@ -759,7 +806,7 @@ def _parse_start_line(line: str) -> Message:
 
 # Header name as written -> lookup key. Names repeat endlessly on the wire, so validating and
 # folding each one once saves most of the per-header cost.
-_KEYS: dict[str, tuple[str, str]] = {}
+_KEYS: Final[dict[str, tuple[str, str]]] = {}
 
 
 def _header_key(written: str) -> tuple[str, str]:
@@ -797,13 +844,12 @@ def _parse_headers(msg: Message, lines: list[str], folded: bool = False) -> None
                 if not colon or not name:
                     raise ParseError("header line without a colon")
                 known = _header_key(name)
-            key = known[0]
-            entry = [key, known[1], value.strip(), line, None]
+            entry = [known[0], known[1], value.strip(), line, None]
             headers.append(entry)
-            if key not in index:
-                index[key] = entry
-            else:
-                _chain(index[key], entry)
+            # one lookup where `in` and a store were two
+            first = index.setdefault(known[0], entry)
+            if first is not entry:
+                _chain(first, entry)
         msg._index = index
         return
     last: list[Any] | None = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import TypeVar
+from typing import Final, TypeVar
 from urllib.parse import unquote_to_bytes
 
 from libon_tsilo.sip.errors import ParseError
@@ -56,7 +56,9 @@ def _format_params(params: dict[str, str | None]) -> str:
     return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
 
 
-_HOSTPORT_CACHE: dict[str, tuple[str, int | None]] = {}
+# The hot module-level tables are Final: compiled (setup.py), a Final name is a C static, where any
+# other global is a dict lookup in the module's namespace at every use
+_HOSTPORT_CACHE: Final[dict[str, tuple[str, int | None]]] = {}
 
 # Every character str.isspace() is true for, i.e. what `\s` matches in a str pattern (a test checks).
 UNICODE_SPACES = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200b)))
@@ -90,8 +92,8 @@ def char_class_without(excluded: str) -> str:
 # the regex is not run again, and the objects are still built anew from the groups (they are
 # mutable). Bounded: texts up to SHAPE_MAX_TEXT characters, and a full cache is emptied, not
 # frozen, so it keeps serving the calls of the moment whatever came before.
-SHAPE_CACHE_SIZE = 4096
-SHAPE_MAX_TEXT = 256
+SHAPE_CACHE_SIZE: Final = 4096
+SHAPE_MAX_TEXT: Final = 256
 
 
 def remember_shape(cache: dict[str, T], text: str, shape: T) -> None:
@@ -147,12 +149,21 @@ _URI_PARAM_CHARS = char_class_without('?%<>"')
 
 # sip[s]:[user@]host[:port][;params], lower-case scheme, no password, no %-escapes, no ?headers, no
 # blanks or delimiters: such a URI parses with one regex; anything else takes URI._parse_general.
+# Possessive repeats (`++`): no class here holds the character that ends its run, so giving characters
+# back could never make a match; told so, SRE keeps no state to backtrack into (~25 % of a match).
 _SIMPLE_SIP_URI = re.compile(
-    r"(sips?):(?:([A-Za-z0-9\-_.!~*'()&=+$,]+)@)?"
-    r"([A-Za-z0-9.\-]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?)"
-    rf"(?:;([{_URI_PARAM_CHARS}]+))?")
-# text -> (scheme, user, host, port, params text) of a URI that took the fast path (remember_shape)
-_URI_SHAPES: dict[str, tuple[str, str | None, str, int | None, str | None]] = {}
+    r"(sips?):(?:([A-Za-z0-9\-_.!~*'()&=+$,]++)@)?"
+    r"([A-Za-z0-9.\-]++(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]++\](?::[0-9]{1,5})?)"
+    rf"(?:;([{_URI_PARAM_CHARS}]++))?")
+# text -> (scheme, user, host, port, params text) of a URI that took the fast path (remember_shape).
+# A text is kept once it parsed whole, so it is also the set of texts known to parse (known_uri).
+_URI_SHAPES: Final[dict[str, tuple[str, str | None, str, int | None, str | None]]] = {}
+
+
+def known_uri(text: str) -> bool:
+    """True when ``text`` parsed before as a URI of the fast path, so parses again without an error:
+    a check that builds nothing (Message.validate)."""
+    return text in _URI_SHAPES
 
 
 class URI:
@@ -194,11 +205,15 @@ class URI:
             # Fast path: the common shape, with nothing the general parser would have to check or decode
             scheme, user, hostport, params_text = match.groups()  # the scheme: "sip" or "sips", lower case
             host, port = split_hostport(hostport, "URI host")
+            params = _parse_params(params_text, "URI") if params_text is not None else None
+            # only now, after the parameters' checks: what is kept is known to parse (known_uri)
             remember_shape(_URI_SHAPES, text, (scheme, user, host, port, params_text))
         else:
             scheme, user, host, port, params_text = shape
-        params = _parse_params(params_text, "URI") if params_text is not None else None
-        uri = cls(scheme, user, host, port, params)
+            params = _parse_params(params_text, "URI") if params_text is not None else None
+        # URI, not cls: compiled (setup.py), a call of the class itself is native, where cls(...) goes
+        # through the type's generic call and the interpreted __init__ wrapper (~1,300 instructions)
+        uri = URI(scheme, user, host, port, params)
         uri._text = text
         return uri
 

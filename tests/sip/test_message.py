@@ -887,3 +887,31 @@ def test_request_copy_of_a_compacted_request() -> None:
     out.set_header("Max-Forwards", "1")
     assert parse_message(out.to_bytes()).max_forwards == 1
     assert req.to_bytes() == INVITE
+
+
+def test_message_with_non_ascii_head_and_body_splits_at_the_right_byte() -> None:
+    # _split_head finds the head's end in the decoded text when every character is one byte, and in
+    # the bytes otherwise: the body must start at the same byte either way
+    for display, body in (("Alice", b"v=0\r\n"), ("Al\u00efce \u2603", "caf\u00e9\r\n".encode()),
+                          ("Al\udcffce", b"\xff\xfe\r\n")):
+        head = (f"MESSAGE sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.1;branch=z9hG4bK1\r\n"
+                f'From: "{display}" <sip:alice@example.com>;tag=1\r\nTo: <sip:bob@example.com>\r\n'
+                f"Call-ID: u1\r\nCSeq: 1 MESSAGE\r\nContent-Length: {len(body)}\r\n\r\n")
+        data = head.encode("utf-8", "surrogateescape") + body + b"trailing"
+        msg = parse_message(b"\r\n\r\n" + data)
+        assert msg.body == body and msg.header("From").startswith(f'"{display}"')
+
+
+@pytest.mark.parametrize("line", ["SIP/2.0 099 Low", "SIP/2.0 700 High", "SIP/2.0 20 Short", "SIP/2.0 2000 Long",
+                                  "SIP/2.0 2\u0660\u0660 Arabic-Indic", "SIP/2.0 +20 Sign", "SIP/2.0  200 Gap"])
+def test_status_codes_outside_100_to_699_or_not_three_ascii_digits_are_refused(line: str) -> None:
+    data = f"{line}\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nContent-Length: 0\r\n\r\n".encode()
+    with pytest.raises(ParseError):
+        parse_message(data)
+
+
+@pytest.mark.parametrize("line,status", [("SIP/2.0 100 Trying", 100), ("sip/2.0 699 X", 699), ("SIP/2.0 200", 200)])
+def test_status_lines_in_range_parse(line: str, status: int) -> None:
+    data = f"{line}\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nContent-Length: 0\r\n\r\n".encode()
+    msg = parse_message(data)
+    assert isinstance(msg, Response) and msg.status == status
