@@ -97,7 +97,8 @@ from libon_tsilo.sip.connlimits import (
 )
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip import stun
-from libon_tsilo.sip.flow import Flow, FlowKey, FlowTable
+from libon_tsilo.sip.flow import Flow, FlowKey
+from libon_tsilo.sip.flow_table import FlowTable
 from libon_tsilo.sip.headers import Via
 from libon_tsilo.sip.listen import (
     DEFAULT_PORTS,
