@@ -55,10 +55,13 @@ COMPILED = [
     "libon_tsilo/registrar/registrar.py",
     # the datagram path (issue 15, round 4): the transport's per-message work; the Twisted port,
     # protocol and factory classes it uses stay interpreted (sip/twisted_io.py: a compiled class
-    # cannot subclass Twisted's), and so does sip/flow.py (compiled, Flow would refuse the tests'
+    # cannot subclass Twisted's), and so does sip/flow.py's Flow (compiled, it would refuse the tests'
     # FakeFlow in every compiled module typed with it)
     "libon_tsilo/sip/transport.py",
     "libon_tsilo/sip/udp_send.py",
+    # issue 15, the call path: the flow table the transport reads and touches per datagram (Flow
+    # itself stays interpreted: sip/flow.py says why)
+    "libon_tsilo/sip/flow_table.py",
     # issue 15, round 4 (per-message Python): the message counters' hooks, run on every message
     "libon_tsilo/ops/message_counters.py",
     # and the silo, which late-forks a parked call when its device registers

@@ -1,6 +1,6 @@
 """What the reactor itself costs per datagram and per timer: asyncio vs epoll, in instructions.
 
-    .venv/bin/python bench/reactor_cost.py [--n 2000] [--reactors asyncio,epoll[,uvloop][,epoll+port]]
+    .venv/bin/python bench/reactor_cost.py [--n 2000] [--reactors asyncio,epoll[,uvloop,epoll+port,lean+port]]
 
 The side-by-side benchmark (bench/sidebyside.py) measures the whole process on a shared machine,
 where a run's CPU per call moves by 10 % or more; this script isolates the part ``[ops] reactor``
@@ -11,8 +11,10 @@ answered with one datagram, so every wake-up of the reactor finds exactly one da
 few hundred calls/s looks like that), and each datagram also arms a timer and cancels the one
 armed before (a SIP transaction arms and cancels several). The child runs once with N round
 trips and once with none; the difference / (2 N) is the cost of one datagram received and sent,
-its wake-up and one timer armed and cancelled, on that reactor. Kernel time is not in the count
-(callgrind sees user space only): the syscalls are the same on both reactors.
+its wake-up and one timer armed and cancelled, on that reactor. ``lean`` is the server's epoll
+reactor (ops/lean_epoll.py: our UDP port's readable events skip Twisted's per-event log context).
+Kernel time is not in the count (callgrind sees user space only): the syscalls are the same on
+both reactors.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ def child(reactor_name: str, n: int) -> None:
         from twisted.internet import epollreactor
 
         epollreactor.install()
+    elif reactor_name == "lean":  # the server's epoll reactor (ops/lean_epoll.py), our port's reads unwrapped
+        from libon_tsilo.ops import lean_epoll
+        from libon_tsilo.sip.twisted_io import UDPPort
+
+        lean_epoll.install().lean_readers = frozenset({UDPPort})
     else:
         if reactor_name == "uvloop":  # not a dependency: pip install uvloop to measure it
             import asyncio

@@ -12,7 +12,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -160,7 +159,8 @@ class Call:
         self.wake_result: WakeResult | None = None
         self.woken: dict[str, Any] = {}  # pushed devices (by target_key) that have not registered since
         self._waker_used = False
-        self._ring_timer: IDelayedCall | None = None
+        # the ring timeout's place in the manager's queue for its delay (sip/timers.ExpiryQueue)
+        self._ring_timer: list[Any] | None = None
         self._late_ack: BLeg | None = None  # late-offer INVITE: the B-leg ACK waits for the caller's
         self.offer_busy = False  # a re-INVITE/UPDATE is in flight (glare -> 491)
         # relayed re-INVITE 2xx waiting for the ACK, by (tag of the leg that sent the re-INVITE, CSeq)
@@ -216,7 +216,7 @@ class Call:
         if not bindings and self.mgr.voicemail is not None \
                 and self.divert(480, None, None, "no device registered", ring_timeout=False):
             return  # nothing to push and nothing to ring: voicemail at once, not after the ring timeout
-        self._ring_timer = self.clock.callLater(self.mgr.settings.ring_timeout, self._ring_timeout)
+        self.start_ring_timer(self.mgr.settings.ring_timeout)
         sleeping = []
         seen: set[str] = set()
         for b in bindings:
@@ -784,7 +784,7 @@ class Call:
         self.mgr.voicemail_counts[vm_reason] += 1
         log.info("call for {user} forwarded to voicemail: {reason} ({why})", user=user, reason=vm_reason,
                  why=why, call_id=self.call_id)
-        self._ring_timer = self.clock.callLater(self.mgr.settings.ring_timeout, self._ring_timeout)
+        self.start_ring_timer(self.mgr.settings.ring_timeout)
         self._send_branch(leg)
         return True
 
@@ -894,10 +894,15 @@ class Call:
 
     # -- the end -------------------------------------------------------------------------------
 
+    def start_ring_timer(self, delay: float) -> None:
+        self._stop_ring_timer()
+        self._ring_timer = self.mgr.expiry(delay).add(self._ring_timeout)
+
     def _stop_ring_timer(self) -> None:
-        if self._ring_timer is not None and self._ring_timer.active():
-            self._ring_timer.cancel()
-        self._ring_timer = None
+        entry = self._ring_timer
+        if entry is not None:
+            self._ring_timer = None
+            entry[2].discard(entry)
 
     def end(self, why: str) -> None:
         """Release everything the call holds. Idempotent; pending branches were cancelled before."""

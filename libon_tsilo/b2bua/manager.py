@@ -46,6 +46,7 @@ from libon_tsilo.registrar.registrar import aor_key as registrar_aor_key
 from libon_tsilo.silo.silo import Silo
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.message import Request, Response, log_call_id, make_response
+from libon_tsilo.sip.timers import ExpiryQueue, ExpiryTimer
 from libon_tsilo.dialplan import number_of
 from libon_tsilo.sip.uri import URI
 
@@ -200,6 +201,42 @@ class CallManager:
         self.counters["dead_node_bindings"] = 0  # branches not sent through a cluster node that is down
         # REFERs (transfer.py): 0 from the start, so /metrics has the series before the first one
         self.counters.update(transfers=0, transfers_refused=0)
+        # A call's timers with a delay fixed by the config (the ring timeout, a session timer's first
+        # wait) take a place in a queue per delay rather than a DelayedCall each: nearly every one is
+        # cancelled, and arming + cancelling a DelayedCall costs the reactor heap's Python-level
+        # comparisons. The queues share the transaction layer's one DelayedCall when the port offers
+        # them (TransactionPort.expiry), else one of ours (the tests' fake ports).
+        self._expiry: dict[float, ExpiryQueue] = {}
+        self._expiry_timer: ExpiryTimer | None = None
+
+    # -- timers --------------------------------------------------------------------------------
+
+    def expiry(self, delay: float) -> ExpiryQueue:
+        """The queue that runs a callback `delay` seconds after it was added (sip/timers.py); only for
+        delays the config fixes, one queue each."""
+        queue = self._expiry.get(delay)
+        if queue is None:
+            shared = getattr(self.port, "expiry", None)
+            if shared is not None:
+                queue = shared(delay)
+            else:
+                if self._expiry_timer is None:
+                    self._expiry_timer = ExpiryTimer(self.clock)
+                queue = ExpiryQueue(self.clock, delay, self._expiry_timer)
+            self._expiry[delay] = queue
+        return queue
+
+    def session_queue(self, delay: float) -> ExpiryQueue | None:
+        """The queue for a session timer's wait of `delay` when it is the usual one (half the configured
+        interval: when we refresh a leg, as for every peer without timer support, or the duration limit
+        without session timers), else None: a DelayedCall then. Only config values make queues, so what
+        a peer negotiates cannot make many."""
+        settings = self.settings
+        for usual in (settings.session_expires / 2, settings.max_call_duration):
+            # a float sum (now + delay) - now may differ from delay by a few ulps
+            if usual > 0 and abs(delay - usual) <= 1e-6 * usual:
+                return self.expiry(usual)
+        return None
 
     # -- tables --------------------------------------------------------------------------------
 

@@ -88,7 +88,7 @@ class OutboundCall(Call):
     # -- start ---------------------------------------------------------------------------------
 
     def start_out(self, ring_timeout: float) -> None:
-        self._ring_timer = self.clock.callLater(ring_timeout, self._ring_timeout)
+        self.start_ring_timer(ring_timeout)
         if not self._fork_target():
             self.finish_unanswered(503, "Service Unavailable", None, "no trunk target reachable")
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 from twisted.internet.interfaces import IReactorTime
 
 from libon_tsilo.sip.message import Request, Response, new_branch
+from libon_tsilo.sip.timers import ExpiryQueue
 
 if TYPE_CHECKING:
     from libon_tsilo.sip.transaction import TransactionLayer
@@ -134,6 +135,11 @@ class TransactionPort:
             self.clock, lambda: stx.respond(resp), self.layer.t1, self.layer.t2, on_give_up,
             retransmit=not reliable, expiry=self.layer.expiry,
         )
+
+    def expiry(self, delay: float) -> ExpiryQueue:
+        """The transaction layer's queue for `delay` (CallManager.expiry): the call timers then share
+        the layer's one DelayedCall, armed anyway for the transactions' final waits."""
+        return self.layer.expiry(delay)
 
     def contact(self, transport: str, local: tuple[str, int] | None = None) -> str:
         host, port = _via_address(local) if local else self.transport.local_via(transport)

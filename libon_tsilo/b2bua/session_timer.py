@@ -60,13 +60,19 @@ class SessionExpires:
     refresher: str | None  # "uac" | "uas" | None (the other side chooses)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Negotiated:
-    """One leg's outcome: how long the session lives and who keeps it alive."""
+    """One leg's outcome: how long the session lives and who keeps it alive. (Its ``__init__`` is
+    written out: compiled with mypyc, a dataclass's generated one stays interpreted, two per call.)"""
 
     interval: int
     we_refresh: bool
     peer_supports: bool
+
+    def __init__(self, interval: int, we_refresh: bool, peer_supports: bool) -> None:
+        self.interval = interval
+        self.we_refresh = we_refresh
+        self.peer_supports = peer_supports
 
 
 # -- header parsing (a malformed value is a 400) ------------------------------------------------
@@ -280,12 +286,14 @@ def start(call: Call, resp: Response, ok: Response) -> SessionTimers | None:
 class SessionTimers:
     """The session timers of one answered call (both legs) and its duration limit.
 
-    One DelayedCall per call, at the earliest of the legs' next actions and the duration limit:
-    every answered call sets one up and cancels it at its BYE, so that is the cost to keep small.
-    A refresh that moves an action later only resets it (cheap when later, RFC-timed when sooner).
+    One timer per call, at the earliest of the legs' next actions and the duration limit: every
+    answered call sets one up and cancels it at its BYE, so that is the cost to keep small. The usual
+    first wait (half the configured interval) takes a place in the call manager's queue for that
+    delay (no DelayedCall of its own); any other wait is a DelayedCall, which a refresh that moves
+    the action later only resets (cheap when later, RFC-timed when sooner).
     """
 
-    __slots__ = ("call", "a", "b", "_limit_at", "_timer")
+    __slots__ = ("call", "a", "b", "_limit_at", "_timer", "_entry")
 
     def __init__(self, call: Call, resp: Response, ok: Response) -> None:
         self.call = call
@@ -294,6 +302,7 @@ class SessionTimers:
         self.b: _Leg | None = None
         self._limit_at: float | None = None
         self._timer: IDelayedCall | None = None
+        self._entry: list[Any] | None = None  # the place in a queue of call.mgr.session_queue
         winner = call.winner
         assert winner is not None  # started by Call.connect, once a branch answered
         if settings.session_expires:
@@ -313,6 +322,13 @@ class SessionTimers:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._leave_queue()
+
+    def _leave_queue(self) -> None:
+        entry = self._entry
+        if entry is not None:
+            self._entry = None
+            entry[2].discard(entry)
 
     def _of(self, leg: Any) -> _Leg | None:
         return self.a if leg is self.call.a else self.b
@@ -419,14 +435,21 @@ class SessionTimers:
             self.stop()
             return
         delay = max(0.0, at - self.call.clock.seconds())
+        self._leave_queue()
         timer = self._timer
         if timer is not None and timer.active():
             timer.reset(delay)
+            return
+        queue = self.call.mgr.session_queue(delay)
+        if queue is not None:
+            self._timer = None
+            self._entry = queue.add(self._fire)
         else:
             self._timer = self.call.clock.callLater(delay, self._fire)
 
     def _fire(self) -> None:
         self._timer = None
+        self._entry = None
         if self.call.ended:
             return
         try:

@@ -97,7 +97,8 @@ from libon_tsilo.sip.connlimits import (
 )
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip import stun
-from libon_tsilo.sip.flow import Flow, FlowKey, FlowTable
+from libon_tsilo.sip.flow import Flow, FlowKey
+from libon_tsilo.sip.flow_table import FlowTable
 from libon_tsilo.sip.headers import Via
 from libon_tsilo.sip.listen import (
     DEFAULT_PORTS,
@@ -147,7 +148,7 @@ class TransportError(Exception):
     """A message could not be handed to the network (known at once, while sending)."""
 
 
-@dataclass
+@dataclass(init=False)
 class Target:
     transport: str  # "udp" | "tcp" | "tls" (case-insensitive)
     host: str  # IP literal (IPv6 with or without brackets) or a name
@@ -156,6 +157,15 @@ class Target:
     # UDP: the listener (bound host, port) to send from, when it is not the first of the family
     # (a cluster node reaches its peers from its internal listener, ops/cluster wiring)
     local: HostPort | None = None
+
+    # written out: compiled with mypyc, the generated __init__ stays interpreted (three per call)
+    def __init__(self, transport: str, host: str, port: int, server_name: str | None = None,
+                 local: HostPort | None = None) -> None:
+        self.transport = transport
+        self.host = host
+        self.port = port
+        self.server_name = server_name
+        self.local = local
 
 
 @functools.lru_cache(maxsize=4096)

@@ -233,3 +233,51 @@ def test_a_malformed_header_found_by_the_call_layer_gets_400_without_a_traceback
     assert [e for e in logged if e.get("log_failure") is not None] == []
     assert transport.requests("INVITE") == []
     assert_idle(clock, layer, mgr)
+
+
+def _timer_functions(clock: Clock) -> list[str]:
+    return [c.func.__name__ for c in clock.getDelayedCalls()]  # type: ignore[attr-defined]
+
+
+def test_ring_and_session_timers_wait_in_the_layers_queues_and_fire_on_time() -> None:
+    """Issue 15: a call's ring timer and its session timer's first wait (delays the config fixes)
+    take a place in the transaction layer's expiry queues, which share one DelayedCall: a call arms
+    no DelayedCall of its own, and both timers still fire at their RFC/config times."""
+    clock, transport, layer, mgr, caller, device = setup()
+    layer.inbound(caller_invite(), caller)
+    (invite,) = transport.requests("INVITE")
+    layer.inbound(device_reply(invite, 180), device)
+    # ringing: the one DelayedCall is the layer's shared timer (sip/timers.ExpiryTimer), armed for
+    # the ring queue
+    assert _timer_functions(clock) == ["_expire"]
+    layer.inbound(device_reply(invite, 200, SDP_B), device)
+    ok = [m for m, _, _ in transport.out if isinstance(m, Response) and m.status == 200][0]
+    layer.inbound(parse(f"""ACK sip:b2bua@192.0.2.10:5060 SIP/2.0
+Via: SIP/2.0/TCP 10.0.0.1:5070;branch=z9hG4bKack1;rport
+Max-Forwards: 70
+From: <sip:alice@example.com>;tag=a-tag
+To: <sip:bob@example.com>;tag={ok.to.tag}
+Call-ID: call-1@10.0.0.1
+CSeq: 10 ACK"""), caller)
+    call = mgr.calls["call-1@10.0.0.1"]
+    assert call.timers is not None
+    # connected: the session timer waits in the layer's queue too (the ring entry left it)
+    assert _timer_functions(clock) == ["_expire"]
+    half = CallSettings().session_expires / 2
+    clock.advance(half - 0.01)
+    assert len(transport.requests("INVITE")) == 1  # no refresh before half the interval
+    clock.advance(0.01)
+    # the device's 200 had no Session-Expires: we refresh it, with a re-INVITE (no UPDATE in its Allow)
+    assert len(transport.requests("INVITE")) == 2
+
+
+def test_ring_timer_fires_at_the_ring_timeout_from_the_layers_queue() -> None:
+    clock, transport, layer, mgr, caller, device = setup()
+    layer.inbound(caller_invite(), caller)
+    (invite,) = transport.requests("INVITE")
+    layer.inbound(device_reply(invite, 180), device)
+    clock.advance(CallSettings().ring_timeout - 0.01)
+    assert 480 not in transport.statuses()
+    clock.advance(0.01)
+    assert transport.statuses()[-1] == 480
+    assert_idle(clock, layer, mgr)
