@@ -544,18 +544,18 @@ class Message:
         self.call_id
         self.cseq
         # Nothing above changes a header, so the index is still current, and the keys are canonical
-        # already: straight to the dict (no header() / property per check).
-        get = index.get
-        entry = get("max-forwards")
+        # already: straight to the dict (no header() / property per check), with index.get each time
+        # (compiled, a direct dict lookup; a bound `get` was a generic call)
+        entry = index.get("max-forwards")
         if entry is not None:
             parse_uint(entry[2] if type(entry[2]) is str else str(entry[2]), "Max-Forwards", 255)
-        entry = get("content-length")
+        entry = index.get("content-length")
         if entry is not None:
             parse_uint(entry[2] if type(entry[2]) is str else str(entry[2]), "Content-Length")
         if "contact" in index:
             for contact in self.contacts:
                 contact.check_uri()
-        entry = get("date")
+        entry = index.get("date")
         if entry is not None:
             check_date(entry[2] if type(entry[2]) is str else str(entry[2]))
         if "content-type" in index:

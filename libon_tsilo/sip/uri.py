@@ -90,8 +90,9 @@ def char_class_without(excluded: str) -> str:
 # parsed on its own: the fast-path regexes (~6,000 instructions a match, 61 matches per late-fork
 # call) were 14 % of a call's CPU in process. What a regex found in a text is kept by that text:
 # the regex is not run again, and the objects are still built anew from the groups (they are
-# mutable). Bounded: texts up to SHAPE_MAX_TEXT characters, and a full cache is emptied, not
-# frozen, so it keeps serving the calls of the moment whatever came before.
+# mutable; a CSeq, a value with Final fields, is the one kept whole). Bounded: texts up to
+# SHAPE_MAX_TEXT characters, and a full cache is emptied, not frozen, so it keeps serving the calls
+# of the moment whatever came before.
 SHAPE_CACHE_SIZE: Final = 4096
 SHAPE_MAX_TEXT: Final = 256
 
