@@ -72,7 +72,7 @@ from twisted.logger import Logger
 
 from libon_tsilo import logflags
 from libon_tsilo.cluster.flow_token import FlowRef
-from libon_tsilo.cluster.node import ClusterNode
+from libon_tsilo.cluster.node import MARK_PARAM, ClusterNode
 from libon_tsilo.cluster.ordering import hold_until_answered
 from libon_tsilo.cluster.relay_branch import PREFIX, RelayBranches
 from libon_tsilo.ratelimit import ThrottledLog
@@ -83,7 +83,7 @@ from libon_tsilo.sip.message import (
 )
 from libon_tsilo.sip.transport import Target, TransportError
 from libon_tsilo.sip.uri import URI
-from libon_tsilo.sip.wire_edit import pop_top_via
+from libon_tsilo.sip.wire_edit import pop_top_via, top_via_param
 
 if TYPE_CHECKING:
     from libon_tsilo.sip.flow import Flow
@@ -95,6 +95,8 @@ log = Logger(namespace=__name__)  # compiled (mypyc), Logger() would name the im
 
 _STREAMS = ("tcp", "tls")
 _PREFIX_BYTES = PREFIX.encode()
+_MARK_BYTES = MARK_PARAM.encode()
+_MARK_IN_URI = f";{MARK_PARAM}="
 # untrusted source on the internal listener, a peer's request that is not for a flow of ours, a
 # token used from another flow, a device's in-dialog request towards a host that is not a node
 _REFUSALS = (
@@ -140,6 +142,15 @@ class Relay:
         # the registrar's when_answered (set by ops): relayed INVITEs wait for a REGISTER's 200
         self.register_answered: Callable[[str], Deferred[None] | None] | None = None
         self._branches: RelayBranches | None = None
+        self._shares: bool | None = None  # do other workers send from our public socket (node.mark)?
+
+    @property
+    def shares(self) -> bool:
+        """Does this node share its public UDP socket with other workers (``udp_via_path = "auto"``,
+        cluster/node.py)? Then what the kernel gives us of their dialogs is passed on to them."""
+        if self._shares is None:
+            self._shares = bool(self.node.mark)
+        return self._shares
 
     @property
     def branches(self) -> RelayBranches:
@@ -157,6 +168,9 @@ class Relay:
             return self._forward_response(msg, flow)
         req = cast(Request, msg)
         if not req.has_header("route"):
+            if self.shares and _MARK_IN_URI in req.raw_uri:
+                target = self._sibling_of_uri(req, flow)
+                return target is not None and self._stateless_to_sibling(req, target, flow)
             return False  # most requests a node gets are not relayed: one dict lookup
         routes = req.header_values("route")
         node = self.node
@@ -173,7 +187,7 @@ class Relay:
         Anything else, and every response to refuse, is left to the parser's path (``forward``)."""
         popped = pop_top_via(data, _PREFIX_BYTES)
         if popped is None:
-            return False
+            return self.shares and self._to_sibling_as_is(data, flow)
         try:
             via = Via.parse(popped.next_via)
         except ParseError:
@@ -192,6 +206,13 @@ class Relay:
         response whose top Via is not ours is discarded). False: not ours, the transactions take it."""
         branch = resp.branch
         if branch is None or not branch.startswith(PREFIX):
+            if self.shares:
+                mark = resp.top_via.params.get(MARK_PARAM)
+                target = self.node.sibling(mark) if mark and not self.node.is_internal(flow) else None
+                if target is not None:
+                    self.counters["to_sibling_responses"] += 1
+                    self.transport.forward_data(resp.to_bytes(), target)
+                    return True
             return False
         vias = resp.vias
         if len(vias) < 2 or not self.branches.verify(branch, vias[1]):
@@ -202,6 +223,52 @@ class Relay:
         resp.remove_top_via()
         self.transport.forward_response(resp)
         self.counters["stateless_responses"] += 1
+        return True
+
+    # -- what the kernel gave us of another worker's dialogs (a shared public socket) ------------
+
+    def _to_sibling_as_is(self, data: bytes, flow: Flow) -> bool:
+        """A response whose top Via a worker sharing our public socket wrote (``;nd=``): the device
+        answered that worker's request, and the kernel handed the datagram to us, the worker its
+        5-tuple hashes to. Passed on as it came, unparsed. False: not one, or left to the parser's
+        path (a datagram onto a stream: its Content-Length must frame it)."""
+        mark = top_via_param(data, _MARK_BYTES)
+        if mark is None or self.node.is_internal(flow):
+            return False
+        target = self.node.sibling(mark)
+        if target is None or (target.transport != "udp" and not flow.reliable):
+            return False
+        self.counters["to_sibling_responses"] += 1
+        self.transport.forward_data(data, target)
+        return True
+
+    def _sibling_of_uri(self, req: Request, flow: Flow) -> Target | None:
+        """The worker a device's in-dialog request is for: its Request-URI is that worker's Contact,
+        marked ``;nd=`` (b2bua/ports.py); None: ours, or not a node."""
+        if self.node.is_internal(flow) or req.to.tag is None:
+            return None  # a Contact of ours serves its dialogs only
+        try:
+            mark = req.uri.params.get(MARK_PARAM)
+        except ParseError:
+            return None
+        return self.node.sibling(mark) if isinstance(mark, str) else None
+
+    def _stateless_to_sibling(self, req: Request, target: Target, came_over: Flow) -> bool:
+        if _needs_state(req.method, came_over.reliable, target.transport in _STREAMS):
+            return False
+        mf = req.max_forwards
+        if mf is not None and mf <= 0:
+            return False
+        branch = self.branches.for_request(req.top_via)
+        if branch is None:
+            return False
+        if not self._admitted(req, came_over):
+            return True  # answered 503 or dropped
+        req.set_header("Max-Forwards", str(69 if mf is None else mf - 1))
+        host, port = self.node.via_address
+        self.counters["to_sibling"] += 1
+        self._send_stateless(req, f"SIP/2.0/{target.transport.upper()} {host}:{port};branch={branch};rport",
+                             target, None, came_over)
         return True
 
     def _admitted(self, req: Request, flow: Flow) -> bool:
@@ -322,7 +389,16 @@ class Relay:
                 return True
             return False  # a peer's in-dialog request for one of our own calls
         if not req.has_header("route"):
-            return False
+            target = self._sibling_of_uri(req, flow) if self.shares and _MARK_IN_URI in req.raw_uri else None
+            if target is None:
+                return False
+            out = req.copy()
+            if self._hop_count(req, out, stx):
+                host, port = node.via_address
+                self._stamp_via(out, target.transport, host, port)
+                self.counters["to_sibling"] += 1
+                self._forward(out, stx, target, None)
+            return True
         routes = req.header_values("route")
         first = node.own_flow(routes[0])
         if first is None:

@@ -555,6 +555,18 @@ class TransportLayer:
         except Exception as e:
             log.warn("cannot forward a response: {err}", err=e, call_id=_call_id_of(data))
 
+    def forward_data(self, data: bytes, target: Target) -> None:
+        """Pass a message on as received, unchanged, towards ``target`` (from ``target.local``): a
+        datagram another process of ours must handle; never raises."""
+        try:
+            name = target.transport.lower()
+            if name == "udp":
+                self._send_udp_request(data, target)
+            else:
+                self._send_stream(data, target, name)
+        except Exception as e:
+            log.warn("cannot forward a message: {err}", err=e, call_id=_call_id_of(data))
+
     def _flow_to_via(self, via: Via) -> Flow | None:
         name = via.transport.lower()
         port = via.rport or via.port or DEFAULT_PORTS.get(name, 5060)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["PoppedVia", "pop_top_via"]
+__all__ = ["PoppedVia", "pop_top_via", "top_via_param"]
 
 _STATUS_LINE = b"SIP/2.0 "
 # a Via header line of the head (each line ends with CRLF: the head is searched with its last one)
@@ -97,3 +97,26 @@ def pop_top_via(data: bytes, branch_prefix: bytes) -> PoppedVia | None:
         return None
     return PoppedVia(out, branch.group(1).decode("ascii", "replace"),
                      next_via.decode("utf-8", "surrogateescape"))
+
+
+def top_via_param(data: bytes, name: bytes) -> str | None:
+    """The value of the parameter ``;name=`` (spelled as given) in the top Via of ``data`` (one
+    complete response, as received); None when it has none, or when its Via lines are not ones
+    ``pop_top_via`` reads for sure."""
+    if not data.startswith(_STATUS_LINE):
+        return None
+    top = _via_line(data, data.find(b"\r\n"))
+    if top is None:
+        return None
+    _, start, stop = top
+    comma = data.find(b",", start, stop)
+    end = stop if comma < 0 else comma
+    at = data.find(b";" + name + b"=", start, end)
+    if at < 0:
+        return None
+    at += len(name) + 2
+    value = _PARAM_VALUE.match(data, at, end)
+    return value.group().decode("ascii") if value is not None and value.end() > at else None
+
+
+_PARAM_VALUE = re.compile(rb"[A-Za-z0-9_.!~*'%+`-]*")
