@@ -97,6 +97,7 @@ _STREAMS = ("tcp", "tls")
 _PREFIX_BYTES = PREFIX.encode()
 _MARK_BYTES = MARK_PARAM.encode()
 _MARK_IN_URI = f";{MARK_PARAM}="
+_MEMO_MAX = 4096
 # untrusted source on the internal listener, a peer's request that is not for a flow of ours, a
 # token used from another flow, a device's in-dialog request towards a host that is not a node
 _REFUSALS = (
@@ -143,6 +144,14 @@ class Relay:
         self.register_answered: Callable[[str], Deferred[None] | None] | None = None
         self._branches: RelayBranches | None = None
         self._shares: bool | None = None  # do other workers send from our public socket (node.mark)?
+        # what the node (interpreted) answers per message, kept here (compiled): its internal
+        # listener as bound, its Via address, the trust of each source host, the entries of ours
+        self._internal: tuple[str, str, int] | None = None
+        self._via: tuple[str, int] | None = None
+        self._trusted: dict[str, bool] = {}
+        self._own: dict[str, tuple[FlowRef, str]] = {}
+        # set by ops when a trusted peer's request on the internal listener skips the source limits
+        self.internal_exempt = False
 
     @property
     def shares(self) -> bool:
@@ -151,6 +160,45 @@ class Relay:
         if self._shares is None:
             self._shares = bool(self.node.mark)
         return self._shares
+
+    def _is_internal(self, flow: Flow) -> bool:
+        """``ClusterNode.is_internal``, the common spelling compared here."""
+        internal = self._internal
+        if internal is None:
+            host, port = self.node.bound
+            internal = self._internal = (self.node.spec.transport, host, port)
+        key = flow.key
+        local = key.local
+        if local[1] != internal[2] or key.transport != internal[0]:
+            return False
+        return local[0] == internal[1] or self.node.is_internal(flow)
+
+    def _trusts(self, flow: Flow) -> bool:
+        host = flow.key.remote[0]
+        known = self._trusted.get(host)
+        if known is None:
+            known = self.node.trusts(flow)
+            if len(self._trusted) >= _MEMO_MAX:
+                self._trusted.clear()
+            self._trusted[host] = known
+        return known
+
+    def _own_flow(self, route: str) -> tuple[FlowRef, str] | None:
+        """``ClusterNode.own_flow``, its answers for our own entries kept here."""
+        found = self._own.get(route)
+        if found is None:
+            found = self.node.own_flow(route)
+            if found is not None:
+                if len(self._own) >= _MEMO_MAX:
+                    self._own.clear()
+                self._own[route] = found
+        return found
+
+    @property
+    def via_address(self) -> tuple[str, int]:
+        if self._via is None:
+            self._via = self.node.via_address
+        return self._via
 
     @property
     def branches(self) -> RelayBranches:
@@ -173,12 +221,11 @@ class Relay:
                 return target is not None and self._stateless_to_sibling(req, target, flow)
             return False  # most requests a node gets are not relayed: one dict lookup
         routes = req.header_values("route")
-        node = self.node
-        first = node.own_flow(routes[0])
+        first = self._own_flow(routes[0])
         if first is None or self.layer.holds(req):
             return False  # not for us to relay, or a transaction of ours takes it
-        if node.is_internal(flow):
-            return node.trusts(flow) and self._stateless_to_device(req, routes, first[0], first[1], flow)
+        if self._is_internal(flow):
+            return self._trusts(flow) and self._stateless_to_device(req, routes, first[0], first[1], flow)
         return self._stateless_to_peer(req, routes, first[0], flow)
 
     def forward_bytes(self, data: bytes, flow: Flow) -> bool:
@@ -192,7 +239,7 @@ class Relay:
             via = Via.parse(popped.next_via)
         except ParseError:
             return False  # refused on the parser's path, as before
-        if not flow.reliable and via.transport != "UDP":
+        if flow.key.transport == "udp" and via.transport != "UDP":
             return False  # a datagram onto a stream: its Content-Length must frame it (parsed path)
         if not self.branches.verify(popped.branch, via):
             return False  # the parser's path refuses it (counted and logged there)
@@ -208,7 +255,7 @@ class Relay:
         if branch is None or not branch.startswith(PREFIX):
             if self.shares:
                 mark = resp.top_via.params.get(MARK_PARAM)
-                target = self.node.sibling(mark) if mark and not self.node.is_internal(flow) else None
+                target = self.node.sibling(mark) if mark and not self._is_internal(flow) else None
                 if target is not None:
                     self.counters["to_sibling_responses"] += 1
                     self.transport.forward_data(resp.to_bytes(), target)
@@ -233,10 +280,10 @@ class Relay:
         5-tuple hashes to. Passed on as it came, unparsed. False: not one, or left to the parser's
         path (a datagram onto a stream: its Content-Length must frame it)."""
         mark = top_via_param(data, _MARK_BYTES)
-        if mark is None or self.node.is_internal(flow):
+        if mark is None or self._is_internal(flow):
             return False
         target = self.node.sibling(mark)
-        if target is None or (target.transport != "udp" and not flow.reliable):
+        if target is None or (target.transport != "udp" and flow.key.transport == "udp"):
             return False
         self.counters["to_sibling_responses"] += 1
         self.transport.forward_data(data, target)
@@ -245,7 +292,7 @@ class Relay:
     def _sibling_of_uri(self, req: Request, flow: Flow) -> Target | None:
         """The worker a device's in-dialog request is for: its Request-URI is that worker's Contact,
         marked ``;nd=`` (b2bua/ports.py); None: ours, or not a node."""
-        if self.node.is_internal(flow) or req.to.tag is None:
+        if self._is_internal(flow) or req.to.tag is None:
             return None  # a Contact of ours serves its dialogs only
         try:
             mark = req.uri.params.get(MARK_PARAM)
@@ -254,7 +301,7 @@ class Relay:
         return self.node.sibling(mark) if isinstance(mark, str) else None
 
     def _stateless_to_sibling(self, req: Request, target: Target, came_over: Flow) -> bool:
-        if _needs_state(req.method, came_over.reliable, target.transport in _STREAMS):
+        if _needs_state(req.method, (came_over.key.transport != "udp"), target.transport in _STREAMS):
             return False
         mf = req.max_forwards
         if mf is not None and mf <= 0:
@@ -265,7 +312,7 @@ class Relay:
         if not self._admitted(req, came_over):
             return True  # answered 503 or dropped
         req.set_header("Max-Forwards", str(69 if mf is None else mf - 1))
-        host, port = self.node.via_address
+        host, port = self.via_address
         self.counters["to_sibling"] += 1
         self._send_stateless(req, f"SIP/2.0/{target.transport.upper()} {host}:{port};branch={branch};rport",
                              target, None, came_over)
@@ -273,6 +320,8 @@ class Relay:
 
     def _admitted(self, req: Request, flow: Flow) -> bool:
         """The transaction layer's source limits, which a request taken here does not reach."""
+        if self.internal_exempt and self._is_internal(flow) and self._trusts(flow):
+            return True  # ops exempts a node's requests on the internal listener (one call less)
         admit = self.layer.admit
         return admit is None or admit(req, flow)
 
@@ -288,7 +337,7 @@ class Relay:
         to_stream = ref.transport in _STREAMS
         if to_stream and out is None:
             return False  # 430 Flow Failed
-        if _needs_state(method, came_over.reliable, to_stream):
+        if _needs_state(method, (came_over.key.transport != "udp"), to_stream):
             return False
         creates_dialog = method == "INVITE" and req.to.tag is None
         if creates_dialog and self._register_unanswered(ref.flow_id):
@@ -318,7 +367,7 @@ class Relay:
         target = self._next_target(routes[n:], req)
         if target is None:
             return False  # 403: not towards one of our nodes
-        if _needs_state(req.method, came_over.reliable, target.transport in _STREAMS):
+        if _needs_state(req.method, (came_over.key.transport != "udp"), target.transport in _STREAMS):
             return False
         mf = req.max_forwards
         if mf is not None and mf <= 0:
@@ -330,7 +379,7 @@ class Relay:
             return True  # answered 503 or dropped
         self._set_routes(req, routes[n:])
         req.set_header("Max-Forwards", str(69 if mf is None else mf - 1))
-        host, port = self.node.via_address
+        host, port = self.via_address
         self.counters["to_peer"] += 1
         self._send_stateless(req, f"SIP/2.0/{target.transport.upper()} {host}:{port};branch={branch};rport",
                              target, None, came_over)
@@ -370,14 +419,13 @@ class Relay:
 
     def handle(self, req: Request, stx: Any, flow: Flow) -> bool:
         """True when the request was ours to relay or refuse; False: the router handles it."""
-        node = self.node
-        if node.is_internal(flow):
-            if not node.trusts(flow):
+        if self._is_internal(flow):
+            if not self._trusts(flow):
                 self._refuse(req, stx, 403, "Forbidden", "refused_untrusted", flow)
                 return True
             if req.has_header("route"):
                 routes = req.header_values("route")
-                first = node.own_flow(routes[0])
+                first = self._own_flow(routes[0])
                 if first is not None:
                     out = req.copy()  # the server transaction keeps the request as it came (its Vias)
                     self._pop_own_routes(out, routes)
@@ -394,13 +442,13 @@ class Relay:
                 return False
             out = req.copy()
             if self._hop_count(req, out, stx):
-                host, port = node.via_address
+                host, port = self.via_address
                 self._stamp_via(out, target.transport, host, port)
                 self.counters["to_sibling"] += 1
                 self._forward(out, stx, target, None)
             return True
         routes = req.header_values("route")
-        first = node.own_flow(routes[0])
+        first = self._own_flow(routes[0])
         if first is None:
             return False
         out = req.copy()
@@ -471,7 +519,7 @@ class Relay:
             return
         if not self._hop_count(req, out, stx):
             return
-        host, port = self.node.via_address
+        host, port = self.via_address
         self._stamp_via(out, target.transport, host, port)
         self.counters["to_peer"] += 1
         self._forward(out, stx, target, None)
@@ -516,7 +564,7 @@ class Relay:
         n = 1
         for route in routes[1:]:
             if route != first and (same is None or not route.startswith(same)) \
-                    and self.node.own_flow(route) is None:
+                    and self._own_flow(route) is None:
                 break
             n += 1
         return n
@@ -540,7 +588,9 @@ class Relay:
         # a node's internal address, not just any port of a trusted host (Redis on loopback)
         if transport not in ("udp", "tcp") or not self.node.is_node(transport, uri.host_bare, port):
             return None
-        return Target(transport, uri.host_bare, port, None, self.node.bound)
+        internal = self._internal
+        return Target(transport, uri.host_bare, port, None,
+                      (internal[1], internal[2]) if internal is not None else self.node.bound)
 
     def _hop_count(self, req: Request, out: Request, stx: Any) -> bool:
         mf = req.max_forwards

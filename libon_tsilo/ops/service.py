@@ -798,6 +798,7 @@ def _exempt_nodes_on_internal_listener(parts: Parts, node: Any) -> None:
         return admit(request, flow)
 
     _built(parts.transactions).admit = admit_unless_a_node
+    parts.extra["cluster_relay"].internal_exempt = True  # the relay skips the call for them itself
 
 
 def _add_cluster_liveness(root: LibonTsiloService, parts: Parts, node: Any) -> None:
