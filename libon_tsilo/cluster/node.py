@@ -194,8 +194,18 @@ class ClusterNode:
             if self.auto:
                 sock = self.shared_sockets().get(key.local)
         remote_host, remote_port = key.remote
-        token = self.tokens.mint(FlowRef(flow.id, key.transport, remote_host, remote_port))
-        return f"<{self.uri(token)}{';ob' if outbound else ''}{f';{SOCK_PARAM}={sock}' if sock else ''}>"
+        ref = FlowRef(flow.id, key.transport, remote_host, remote_port)
+        token = self.tokens.mint(ref)
+        entry = f"<{self.uri(token)}{';ob' if outbound else ''}{f';{SOCK_PARAM}={sock}' if sock else ''}>"
+        self.remember_own(entry, ref, token)  # a forked INVITE's Route names it: no HMAC to check it
+        return entry
+
+    def remember_own(self, entry: str, ref: FlowRef, token: str) -> None:
+        """``entry`` is ours, naming ``ref``: we wrote it (a Path or Record-Route entry), so
+        ``own_flow`` need not read its token back."""
+        if len(self._own_routes) >= _OWN_ROUTES_MAX:
+            self._own_routes.clear()
+        self._own_routes[entry] = (ref, token)
 
     # -- workers sharing one public UDP socket (udp_via_path = "auto"; see the module doc) ---------
 

@@ -150,6 +150,8 @@ class Relay:
         self._via: tuple[str, int] | None = None
         self._trusted: dict[str, bool] = {}
         self._own: dict[str, tuple[FlowRef, str]] = {}
+        # our stateless branches -> the Via we gave each one for (its text as sent, parsed)
+        self._sent: dict[str, tuple[str, Via]] = {}
         # set by ops when a trusted peer's request on the internal listener skips the source limits
         self.internal_exempt = False
 
@@ -235,14 +237,18 @@ class Relay:
         popped = pop_top_via(data, _PREFIX_BYTES)
         if popped is None:
             return self.shares and self._to_sibling_as_is(data, flow)
-        try:
-            via = Via.parse(popped.next_via)
-        except ParseError:
-            return False  # refused on the parser's path, as before
+        known = self._sent.get(popped.branch)
+        if known is not None and known[0] == popped.next_via:
+            via = known[1]  # the Via we gave that branch for, as we sent it: checked then
+        else:
+            try:
+                via = Via.parse(popped.next_via)
+            except ParseError:
+                return False  # refused on the parser's path, as before
+            if not self.branches.verify(popped.branch, via):
+                return False  # the parser's path refuses it (counted and logged there)
         if flow.key.transport == "udp" and via.transport != "UDP":
             return False  # a datagram onto a stream: its Content-Length must frame it (parsed path)
-        if not self.branches.verify(popped.branch, via):
-            return False  # the parser's path refuses it (counted and logged there)
         self.transport.forward_response_data(popped.data, via)
         self.counters["stateless_responses"] += 1
         return True
@@ -315,7 +321,7 @@ class Relay:
         host, port = self.via_address
         self.counters["to_sibling"] += 1
         self._send_stateless(req, f"SIP/2.0/{target.transport.upper()} {host}:{port};branch={branch};rport",
-                             target, None, came_over)
+                             target, None, came_over, branch)
         return True
 
     def _admitted(self, req: Request, flow: Flow) -> bool:
@@ -350,12 +356,11 @@ class Relay:
         self._pop_own_routes(req, routes)
         req.set_header("Max-Forwards", str(69 if mf is None else mf - 1))
         if creates_dialog:  # RFC 5658, as in _to_device
-            req.add_header("Record-Route", f"<{self.node.uri(token)}>", first=True)
-            req.add_header("Record-Route", f"<{self.node.public_uri(token, ref.transport)}>", first=True)
+            self._record_route(req, ref, token)
         host, port = self.transport.local_via(ref.transport, ref.host)
         self.counters["to_device"] += 1
         self._send_stateless(req, f"SIP/2.0/{ref.transport.upper()} {host}:{port};branch={branch};rport",
-                             Target(ref.transport, ref.host, ref.port), out, came_over)
+                             Target(ref.transport, ref.host, ref.port), out, came_over, branch)
         return True
 
     def _stateless_to_peer(self, req: Request, routes: list[str], ref: FlowRef, came_over: Flow) -> bool:
@@ -382,8 +387,20 @@ class Relay:
         host, port = self.via_address
         self.counters["to_peer"] += 1
         self._send_stateless(req, f"SIP/2.0/{target.transport.upper()} {host}:{port};branch={branch};rport",
-                             target, None, came_over)
+                             target, None, came_over, branch)
         return True
+
+    def _expect_responses(self, req: Request, branch: str) -> None:
+        """Remember, under the branch we give ``req``, its top Via (the previous hop's, as we send it
+        on): a response that comes back with that very text under our branch needs neither a parse
+        of it nor the branch's MAC (``forward_bytes``), which would both give what we know here."""
+        text = req.header("via")
+        if text is None or "," in text:
+            return  # several values on the line: the response's next Via is not the whole line
+        sent = self._sent
+        if len(sent) >= _MEMO_MAX:
+            del sent[next(iter(sent))]
+        sent[branch] = (text, req.top_via)
 
     def _register_unanswered(self, flow_id: str) -> bool:
         answered = self.register_answered
@@ -395,7 +412,8 @@ class Relay:
         return True
 
     def _send_stateless(self, req: Request, via: str, target: Target, flow: Flow | None,
-                        came_over: Flow) -> None:
+                        came_over: Flow, branch: str) -> None:
+        self._expect_responses(req, branch)
         req.add_header("Via", via, first=True)
         if req.method == "CANCEL":
             self.counters["cancelled"] += 1
@@ -497,8 +515,7 @@ class Relay:
             return
         if out.method == "INVITE" and out.to.tag is None:
             # RFC 5658: the device (UAS) routes by the top entry, the peer (UAC) by the bottom one
-            out.add_header("Record-Route", f"<{self.node.uri(token)}>", first=True)
-            out.add_header("Record-Route", f"<{self.node.public_uri(token, ref.transport)}>", first=True)
+            self._record_route(out, ref, token)
         host, port = self.transport.local_via(ref.transport, ref.host)
         self._stamp_via(out, ref.transport, host, port)
         target = Target(ref.transport, ref.host, ref.port)
@@ -548,6 +565,19 @@ class Relay:
         return True
 
     # -- helpers -----------------------------------------------------------------------------
+
+    def _record_route(self, req: Request, ref: FlowRef, token: str) -> None:
+        """Our two Record-Route entries (RFC 5658 double Record-Route: the device routes by the top
+        one, our public address, the peer by the bottom one, our internal address), remembered as
+        ours: the dialog's ACK, BYE and re-INVITEs name them in their Route, both ways."""
+        internal = f"<{self.node.uri(token)}>"
+        public = f"<{self.node.public_uri(token, ref.transport)}>"
+        req.add_header("Record-Route", internal, first=True)
+        req.add_header("Record-Route", public, first=True)
+        own = self._own
+        if len(own) >= _MEMO_MAX - 1:
+            own.clear()
+        own[internal] = own[public] = (ref, token)
 
     def _pop_own_routes(self, req: Request, routes: list[str]) -> None:
         """Remove the leading Route entries that are ours (valid tokens); ``routes`` are ``req``'s,
