@@ -81,9 +81,9 @@ from libon_tsilo.sip.headers import NameAddr, Via
 from libon_tsilo.sip.message import (
     Message, Request, Response, log_call_id, make_response, new_branch, new_tag,
 )
-from libon_tsilo.sip.transport import Target, TransportError
+from libon_tsilo.sip.transport import Target, TransportError, fix_via
 from libon_tsilo.sip.uri import URI
-from libon_tsilo.sip.wire_edit import pop_top_via, top_via_param
+from libon_tsilo.sip.wire_edit import pop_top_via, read_request_head, top_via_param
 
 if TYPE_CHECKING:
     from libon_tsilo.sip.flow import Flow
@@ -152,6 +152,9 @@ class Relay:
         self._own: dict[str, tuple[FlowRef, str]] = {}
         # our stateless branches -> the Via we gave each one for (its text as sent, parsed)
         self._sent: dict[str, tuple[str, Via]] = {}
+        # the branches of the peers' INVITEs that reached the stateful path (``handle``): their
+        # CANCEL and non-2xx ACK belong to its transaction, never to the bytes path
+        self._stateful_invites: dict[str, None] = {}
         # set by ops when a trusted peer's request on the internal listener skips the source limits
         self.internal_exempt = False
 
@@ -236,6 +239,9 @@ class Relay:
         Anything else, and every response to refuse, is left to the parser's path (``forward``)."""
         popped = pop_top_via(data, _PREFIX_BYTES)
         if popped is None:
+            if self.internal_exempt and flow.key.transport == "udp" and self._is_internal(flow) \
+                    and self._trusts(flow) and self._request_to_device(data, flow):
+                return True
             return self.shares and self._to_sibling_as_is(data, flow)
         known = self._sent.get(popped.branch)
         if known is not None and known[0] == popped.next_via:
@@ -276,6 +282,57 @@ class Relay:
         resp.remove_top_via()
         self.transport.forward_response(resp)
         self.counters["stateless_responses"] += 1
+        return True
+
+    def _request_to_device(self, data: bytes, flow: Flow) -> bool:
+        """A peer node's request within a dialog (ACK, BYE, re-INVITE...) to a UDP device, relayed
+        as bytes: what ``_stateless_to_device`` does with the parsed message, on the wire (our Via
+        on top, the peer's Via with received/rport as the transport sets them, our Route entries
+        off, Max-Forwards less one). Anything it does not read for sure, or that the stateful path
+        must take, is left to the parser's path (False): a new INVITE (Record-Route, the REGISTER's
+        answer awaited), a Route set that goes on past our entries, a CANCEL or ACK of an INVITE a
+        transaction of ours holds, a stream on either side. Only from a trusted peer on the
+        internal listener, where the source limits do not apply (``internal_exempt``)."""
+        if data.startswith(b"INVITE "):
+            return False
+        head = read_request_head(data)
+        if head is None or not head.routes or head.max_forwards <= 0:
+            return False
+        first = self._own_flow(head.routes[0])
+        if first is None or first[0].transport != "udp" or self._own_count(head.routes) != len(head.routes):
+            return False
+        ref = first[0]
+        try:
+            via = Via.parse(head.via)
+        except ParseError:
+            return False
+        fix_via(via, flow.key.remote)
+        if (head.method == "ACK" or head.method == "CANCEL") \
+                and via.params.get("branch") in self._stateful_invites:
+            return False
+        branch = self.branches.for_request(via)
+        if branch is None:
+            return False
+        out = self.transport.flows.get(ref.flow_id)
+        if out is not None and not out.live:
+            out = None
+        host, port = self.transport.local_via("udp", ref.host)
+        top = str(via)
+        sent = self._sent
+        if len(sent) >= _MEMO_MAX:
+            del sent[next(iter(sent))]
+        sent[branch] = (top, via)
+        if not top.isascii():
+            return False
+        edited = head.edited(data, f"SIP/2.0/UDP {host}:{port};branch={branch};rport", top,
+                             head.max_forwards - 1)
+        counters = self.counters
+        counters["to_device"] += 1
+        counters["stateless"] += 1
+        counters["stateless_bytes"] += 1
+        if head.method == "CANCEL":
+            counters["cancelled"] += 1
+        self.transport.forward_data(edited, Target("udp", ref.host, ref.port), out)
         return True
 
     # -- what the kernel gave us of another worker's dialogs (a shared public socket) ------------
@@ -438,6 +495,8 @@ class Relay:
     def handle(self, req: Request, stx: Any, flow: Flow) -> bool:
         """True when the request was ours to relay or refuse; False: the router handles it."""
         if self._is_internal(flow):
+            if req.method == "INVITE":
+                self._remember_stateful_invite(req)
             if not self._trusts(flow):
                 self._refuse(req, stx, 403, "Forbidden", "refused_untrusted", flow)
                 return True
@@ -474,6 +533,14 @@ class Relay:
         self._set_routes(out, routes[n:])
         self._to_peer(req, out, stx, first[0], flow, routes[n:])
         return True
+
+    def _remember_stateful_invite(self, req: Request) -> None:
+        branch = req.branch
+        if branch is not None:
+            held = self._stateful_invites
+            if len(held) >= _MEMO_MAX:
+                del held[next(iter(held))]
+            held[branch] = None
 
     def wrap_cancel(self, cancel_handler: Callable[[Request, Any, Any, Any], None] | None
                     ) -> Callable[[Request, Any, Any, Any], None]:

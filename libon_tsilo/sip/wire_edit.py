@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["PoppedVia", "pop_top_via", "top_via_param"]
+__all__ = ["PoppedVia", "RequestHead", "pop_top_via", "read_request_head", "top_via_param"]
 
 _STATUS_LINE = b"SIP/2.0 "
 # a Via header line of the head (each line ends with CRLF: the head is searched with its last one)
@@ -120,3 +120,110 @@ def top_via_param(data: bytes, name: bytes) -> str | None:
 
 
 _PARAM_VALUE = re.compile(rb"[A-Za-z0-9_.!~*'%+`-]*")
+
+
+_METHOD = re.compile(r"[A-Z]{2,16} ")
+
+
+class RequestHead:
+    """What a stateless forwarder routes a request by, read from its bytes (``read_request_head``):
+    its method, its top Via value (text, and where it is), its Route values (in order) and lines,
+    its Max-Forwards (and where its digits are). Offsets are into ``head``: the head decoded as
+    Latin-1, one character per byte (mypyc runs str methods natively, bytes methods as calls)."""
+
+    __slots__ = ("head", "end", "method", "via_start", "via_stop", "via", "routes", "route_lines",
+                 "max_forwards", "mf_start", "mf_stop")
+
+    def __init__(self, head: str, end: int, method: str, via_start: int, via_stop: int,
+                 routes: list[str], route_lines: list[tuple[int, int]], max_forwards: int,
+                 mf_start: int, mf_stop: int) -> None:
+        self.head = head
+        self.end = end
+        self.method = method
+        self.via_start = via_start
+        self.via_stop = via_stop
+        self.via = head[via_start:via_stop]
+        self.routes = routes
+        self.route_lines = route_lines
+        self.max_forwards = max_forwards
+        self.mf_start = mf_start
+        self.mf_stop = mf_stop
+
+    def edited(self, data: bytes, new_via: str, top_via: str, max_forwards: int) -> bytes:
+        """``data`` with ``new_via`` as a new top Via line, ``top_via`` as the old top Via's value,
+        every Route line gone and Max-Forwards set (the edits of RFC 3261 §16.6, on the wire)."""
+        head = self.head
+        edits = [(self.via_start - 7, self.via_start - 7, "\r\nVia: " + new_via),
+                 (self.via_start, self.via_stop, top_via),
+                 (self.mf_start, self.mf_stop, str(max_forwards))]
+        edits += [(start, stop, "") for start, stop in self.route_lines]
+        edits.sort()
+        pieces = []
+        at = 0
+        for start, stop, text in edits:
+            pieces.append(head[at:start])
+            pieces.append(text)
+            at = stop
+        pieces.append(head[at:])
+        return "".join(pieces).encode("latin-1") + data[self.end:]
+
+
+def read_request_head(data: bytes) -> RequestHead | None:
+    """The head of ``data`` (one complete request, as received) as a stateless forwarder edits it;
+    None when it is not one it reads for sure: a response, a first header line that is not a plain
+    ``Via: `` line with one value, a Route or Max-Forwards line spelled otherwise than ``Route: ``
+    and ``Max-Forwards: ``, folded or with a quote or a bare CR/LF, no Max-Forwards or two."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    end += 2  # the head keeps the CRLF of its last line
+    head = data[:end].decode("latin-1")
+    if _METHOD.match(head) is None:
+        return None
+    first = head.find("\r\n")
+    if head[first:first + 7] != "\r\nVia: ":
+        return None
+    via = _plain(head, first, 7)
+    if via is None or head.find(",", via[0], via[1]) >= 0:
+        return None
+    lower = head.lower()
+    routes: list[str] = []
+    route_lines: list[tuple[int, int]] = []
+    at = lower.find("\r\nroute", first)
+    while at >= 0:
+        after = lower[at + 7:at + 8]
+        if after in (":", " ", "\t"):
+            if head[at:at + 9] != "\r\nRoute: ":
+                return None
+            line = _plain(head, at, 9)
+            if line is None:
+                return None
+            route_lines.append((at, line[1]))
+            routes += [v.strip() for v in head[line[0]:line[1]].split(",")]
+        at = lower.find("\r\nroute", at + 7)
+    mf_at = lower.find("\r\nmax-forwards", first)
+    if mf_at < 0 or head[mf_at:mf_at + 16] != "\r\nMax-Forwards: " \
+            or lower.find("\r\nmax-forwards", mf_at + 2) >= 0:
+        return None
+    mf = _plain(head, mf_at, 16)
+    if mf is None:
+        return None
+    digits = head[mf[0]:mf[1]].rstrip()
+    if not digits.isdigit() or len(digits) > 3 or not digits.isascii():
+        return None
+    method = head[:head.find(" ")]
+    return RequestHead(head, end, method, via[0], via[1], routes, route_lines, int(digits),
+                       mf[0], mf[0] + len(digits))
+
+
+def _plain(head: str, at: int, name: int) -> tuple[int, int] | None:
+    """Where the value of the header line at ``at`` (its CRLF; ``name`` characters of name, colon
+    and space) starts and ends, when the line is plain: not folded, no quote, no bare CR or LF."""
+    start = at + name
+    stop = head.find("\r\n", start)
+    if stop < 0 or head[stop + 2:stop + 3] in (" ", "\t"):
+        return None
+    if head.find("\n", start, stop) >= 0 or head.find("\r", start, stop) >= 0 \
+            or head.find('"', start, stop) >= 0:
+        return None
+    return start, stop
