@@ -21,11 +21,13 @@ import re
 
 __all__ = ["PoppedVia", "RequestHead", "pop_top_via", "read_request_head", "top_via_param"]
 
-_STATUS_LINE = b"SIP/2.0 "
+# The head is searched as Latin-1 text (one character per byte, so offsets are the bytes'): under
+# mypyc str methods run natively and bytes methods as generic calls, several times slower.
 # a Via header line of the head (each line ends with CRLF: the head is searched with its last one)
 # (spelled without re.I: a pattern that starts with a literal "\r\n" is only tried at line starts)
-_VIA_LINE = re.compile(rb"\r\n(?:[Vv][Ii][Aa]|[Vv])[ \t]*:[ \t]*([^\r\n]*)")
-_BRANCH = re.compile(rb";[ \t]*[Bb][Rr][Aa][Nn][Cc][Hh][ \t]*=[ \t]*([^;, \t]+)")
+_VIA_LINE = re.compile(r"\r\n(?:[Vv][Ii][Aa]|[Vv])[ \t]*:[ \t]*([^\r\n]*)")
+_BRANCH = re.compile(r";[ \t]*[Bb][Rr][Aa][Nn][Cc][Hh][ \t]*=[ \t]*([^;, \t]+)")
+_PARAM_VALUE = re.compile(r"[A-Za-z0-9_.!~*'%+`-]*")
 
 
 class PoppedVia:
@@ -40,86 +42,97 @@ class PoppedVia:
         self.next_via = next_via
 
 
-def _via_line(data: bytes, at: int) -> tuple[int, int, int] | None:
+def _response_head(data: bytes) -> str | None:
+    """The head of a response (status line and header lines, each with its CRLF) as Latin-1 text;
+    None for anything else."""
+    if not data.startswith(b"SIP/2.0 ") or not data[8:11].isdigit() or data[11:12] != b" ":
+        return None
+    end = data.find(b"\r\n\r\n")
+    return data[:end + 2].decode("latin-1") if end >= 0 else None
+
+
+def _via_line(head: str, at: int) -> tuple[int, int, int] | None:
     """The first Via header line after ``at`` (the CRLF that ends a line of the head): where it
     starts (its CRLF), where its value starts and ends; None when the head has none after ``at``,
     or when that line is folded onto the next or holds a bare CR or LF (the parser's path judges
     those)."""
-    if data.startswith(b"\r\nVia: ", at):  # the spelling nearly everyone writes, on the next line
+    if head[at:at + 7] == "\r\nVia: ":  # the spelling nearly everyone writes, on the next line
         line, start = at, at + 7
-        stop = data.find(b"\r\n", start)
+        stop = head.find("\r\n", start)
     else:
-        end = data.find(b"\r\n\r\n", at)
-        if end < 0:
-            return None
-        found = _VIA_LINE.search(data, at, end + 2)
+        found = _VIA_LINE.search(head, at)
         if found is None:
             return None
         line = found.start()
         start, stop = found.span(1)
-    if stop < 0 or data.find(b"\n", start, stop) >= 0 or data.find(b"\r", start, stop) >= 0 \
-            or data[stop + 2:stop + 3] in (b" ", b"\t"):
+    if stop < 0 or head.find("\n", start, stop) >= 0 or head.find("\r", start, stop) >= 0 \
+            or head[stop + 2:stop + 3] in (" ", "\t"):
         return None
-    if data.find(b'"', start, stop) >= 0:  # a quoted comma would not separate values
+    if head.find('"', start, stop) >= 0:  # a quoted comma would not separate values
         return None
     return line, start, stop
+
+
+def _text(data: bytes, head: str, start: int, stop: int) -> str:
+    """``head[start:stop]`` as the parser decodes it (UTF-8, undecodable bytes kept as escapes)."""
+    text = head[start:stop]
+    return text if text.isascii() else data[start:stop].decode("utf-8", "surrogateescape")
 
 
 def pop_top_via(data: bytes, branch_prefix: bytes) -> PoppedVia | None:
     """``data`` (one complete response, as received) without its top Via, when that Via's branch
     starts with ``branch_prefix`` and a second Via follows; None otherwise (see the module doc)."""
-    if not data.startswith(_STATUS_LINE) or not data[8:11].isdigit() or data[11:12] != b" ":
+    head = _response_head(data)
+    if head is None:
         return None
-    top = _via_line(data, data.find(b"\r\n"))
+    top = _via_line(head, head.find("\r\n"))
     if top is None:
         return None
     line, start, stop = top
-    comma = data.find(b",", start, stop)
-    branch = _BRANCH.search(data, start, stop if comma < 0 else comma)
-    if branch is None or not branch.group(1).startswith(branch_prefix):
+    comma = head.find(",", start, stop)
+    branch = _BRANCH.search(head, start, stop if comma < 0 else comma)
+    if branch is None or not branch.group(1).startswith(branch_prefix.decode("latin-1")):
         return None
     if comma >= 0:  # "Via: ours, next[, ...]": the line keeps the values after ours
         rest = comma + 1
-        while data[rest:rest + 1] in (b" ", b"\t"):
+        while head[rest:rest + 1] in (" ", "\t"):
             rest += 1
-        following = data.find(b",", rest, stop)
-        next_via = data[rest:stop if following < 0 else following].rstrip(b" \t")
+        following = head.find(",", rest, stop)
+        n_start, n_stop = rest, stop if following < 0 else following
         out = data[:start] + data[rest:]
     else:  # ours is the whole line: the next value is the first of the next Via line
-        second = _via_line(data, stop)
+        second = _via_line(head, stop)
         if second is None:
             return None
-        _, s_start, s_stop = second
-        following = data.find(b",", s_start, s_stop)
-        next_via = data[s_start:s_stop if following < 0 else following].rstrip(b" \t")
+        _, n_start, s_stop = second
+        following = head.find(",", n_start, s_stop)
+        n_stop = s_stop if following < 0 else following
         out = data[:line] + data[stop:]
+    next_via = _text(data, head, n_start, n_stop).rstrip(" \t")
     if not next_via:
         return None
-    return PoppedVia(out, branch.group(1).decode("ascii", "replace"),
-                     next_via.decode("utf-8", "surrogateescape"))
+    return PoppedVia(out, branch.group(1), next_via)
 
 
 def top_via_param(data: bytes, name: bytes) -> str | None:
     """The value of the parameter ``;name=`` (spelled as given) in the top Via of ``data`` (one
     complete response, as received); None when it has none, or when its Via lines are not ones
     ``pop_top_via`` reads for sure."""
-    if not data.startswith(_STATUS_LINE):
+    head = _response_head(data)
+    if head is None:
         return None
-    top = _via_line(data, data.find(b"\r\n"))
+    top = _via_line(head, head.find("\r\n"))
     if top is None:
         return None
     _, start, stop = top
-    comma = data.find(b",", start, stop)
+    comma = head.find(",", start, stop)
     end = stop if comma < 0 else comma
-    at = data.find(b";" + name + b"=", start, end)
+    at = head.find(";" + name.decode("latin-1") + "=", start, end)
     if at < 0:
         return None
     at += len(name) + 2
-    value = _PARAM_VALUE.match(data, at, end)
-    return value.group().decode("ascii") if value is not None and value.end() > at else None
-
-
-_PARAM_VALUE = re.compile(rb"[A-Za-z0-9_.!~*'%+`-]*")
+    value = _PARAM_VALUE.match(head, at, end)
+    return value.group() if value is not None and value.end() > at else None
 
 
 _METHOD = re.compile(r"[A-Z]{2,16} ")
