@@ -285,16 +285,17 @@ class Relay:
         return True
 
     def _request_to_device(self, data: bytes, flow: Flow) -> bool:
-        """A peer node's request within a dialog (ACK, BYE, re-INVITE...) to a UDP device, relayed
+        """A peer node's request within a dialog (ACK, BYE, INFO...) to a UDP device, relayed
         as bytes: what ``_stateless_to_device`` does with the parsed message, on the wire (our Via
         on top, the peer's Via with received/rport as the transport sets them, our Route entries
         off, Max-Forwards less one). Anything it does not read for sure, or that the stateful path
-        must take, is left to the parser's path (False): a new INVITE (Record-Route, the REGISTER's
-        answer awaited), a Route set that goes on past our entries, a CANCEL or ACK of an INVITE a
-        transaction of ours holds, a stream on either side. Only from a trusted peer on the
-        internal listener, where the source limits do not apply (``internal_exempt``)."""
-        if data.startswith(b"INVITE "):
-            return False
+        must take, is left to the parser's path (False): an INVITE (a new one needs Record-Route
+        and may wait for the REGISTER's answer; only its To tag tells a re-INVITE), a Route set
+        that goes on past our entries, a CANCEL or ACK of an INVITE a transaction of ours holds, a
+        stream on either side. Only from a trusted peer on the internal listener, where the
+        source limits do not apply (``internal_exempt``)."""
+        if data.startswith(b"INVITE ") or data.startswith(b"SIP/2.0 "):
+            return False  # an INVITE (see above), or a response
         head = read_request_head(data)
         if head is None or not head.routes or head.max_forwards <= 0:
             return False
