@@ -86,6 +86,9 @@ class TransactionPort:
         self.layer = layer
         self.clock = clock
         self.user = user
+        # ";nd=..." on what we send from a public socket other workers share (cluster/node.py
+        # ``mark``): the worker the kernel gives the answer to passes it on to us; "" otherwise
+        self.mark = ""
 
     @property
     def transport(self) -> Any:
@@ -109,9 +112,14 @@ class TransactionPort:
 
     def _stamp_via(self, req: Request, hop: Hop) -> None:
         local = hop.local
-        host, port = _via_address(local) if local else self.transport.local_via(hop.transport, hop.host)
-        req.add_header("Via", f"SIP/2.0/{hop.transport.upper()} {host}:{port};branch={new_branch()};rport",
-                       first=True)
+        if local:
+            host, port = _via_address(local)
+            mark = ""
+        else:
+            host, port = self.transport.local_via(hop.transport, hop.host)
+            mark = self.mark
+        via = f"SIP/2.0/{hop.transport.upper()} {host}:{port};branch={new_branch()};rport{mark}"
+        req.add_header("Via", via, first=True)
 
     def send_request(self, req: Request, hop: Hop, on_response: Callable[[Response], Any]) -> ClientHandle:
         self._stamp_via(req, hop)
@@ -144,7 +152,7 @@ class TransactionPort:
     def contact(self, transport: str, local: tuple[str, int] | None = None) -> str:
         host, port = _via_address(local) if local else self.transport.local_via(transport)
         suffix = "" if transport == "udp" else f";transport={transport}"
-        return f"<sip:{self.user}@{host}:{port}{suffix}>"
+        return f"<sip:{self.user}@{host}:{port}{suffix}{'' if local else self.mark}>"
 
     def flow_live(self, flow_id: str | None) -> bool:
         if flow_id is None:

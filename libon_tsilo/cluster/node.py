@@ -10,10 +10,27 @@ flow" (no hop), another node's means "send the INVITE there, with the Path as Ro
 
 Trust: the internal listener accepts requests only from ``[cluster] trusted_peers`` and the peers'
 hosts (:meth:`trusts`); requests between nodes never come in on the public listeners.
+
+**Workers sharing one public UDP socket** (``udp_via_path = "auto"``, :meth:`next_hop`): a UDP
+device's NAT knows one (public address, port) of ours; the workers of a host bound to that same
+address and port with SO_REUSEPORT all send from it, so any of them reaches the device straight,
+without the relay. The REGISTER's node writes in its Path entry which socket it came in on
+(``;sock=``: a hash of ``[cluster] host``, the socket's bound address and port; only for sockets
+bound with SO_REUSEPORT), and a node whose own sending socket has the same hash forks to the
+device itself. Another host, even bound to 0.0.0.0 as well, has another ``host``: relayed. The
+kernel hands every datagram of the device's 5-tuple to one worker, the one that took its REGISTER,
+not to the worker that sent: so each worker marks its Via and Contact (``;nd=``: its internal
+address), and the worker that gets a datagram marked for another passes it there (relay.py).
+Trust: the hash comes from Redis (a node wrote it), and matching it only sends to the binding's
+own received address, as a single node would; a mark only ever leads to a node (:meth:`sibling`).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import socket
 from typing import TYPE_CHECKING
 
 from libon_tsilo.cluster.flow_token import FlowRef, FlowTokens
@@ -21,7 +38,10 @@ from libon_tsilo.cluster.liveness import PeerLiveness, member
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.headers import NameAddr
 from libon_tsilo.sip.limits import SourceFilter
-from libon_tsilo.sip.listen import ListenSpec, format_hostport, is_ip_literal, parse_listen_spec, same_ip
+from libon_tsilo.sip.listen import (
+    ListenSpec, format_hostport, is_ip_literal, is_ipv6, parse_listen_spec, same_ip,
+)
+from libon_tsilo.sip.transport import Target
 from libon_tsilo.sip.uri import URI
 
 if TYPE_CHECKING:
@@ -35,6 +55,8 @@ __all__ = ["ClusterNode", "NodeHop"]
 NodeHop = tuple[str, str, int, tuple[str, int]]
 # own_flow()'s memo: a few calls' worth of distinct entries per flow, the flows of a busy node
 _OWN_ROUTES_MAX = 4096
+SOCK_PARAM = "sock"  # the Path entry's parameter naming the public UDP socket a REGISTER came in on
+MARK_PARAM = "nd"  # the Via and Contact parameter naming the node that sent (its internal address)
 
 
 class ClusterNode:
@@ -47,12 +69,20 @@ class ClusterNode:
         secret: bytes,
         trusted_peers: list[str] | tuple[str, ...] = ("127.0.0.0/8", "::1/128"),
         peers: list[str] | tuple[str, ...] = (),
-        udp_via_path: bool = True,
+        udp_via_path: bool | str = "auto",
+        host: str = "",
     ) -> None:
         self.transport = transport
         self.spec: ListenSpec = parse_listen_spec(node_address)
         self.secret = secret
         self.udp_via_path = udp_via_path
+        self.auto = udp_via_path == "auto"
+        self.host_id = host or socket.gethostname()  # [cluster] host: tells one host's 0.0.0.0 from another's
+        # our public UDP sockets bound with SO_REUSEPORT -> their hash; the hashes we send from
+        self._shared: dict[tuple[str, int], str] | None = None
+        self._direct: frozenset[str] = frozenset()
+        self._mark: str | None = None
+        self._siblings: dict[str, Target] = {}  # a mark -> the node it names
         hosts = [parse_listen_spec(p).host for p in peers]
         peer_nets = [f"{h}/{128 if ':' in h else 32}" for h in hosts if is_ip_literal(h)]
         self.trusted = SourceFilter([*trusted_peers, *peer_nets])
@@ -156,11 +186,88 @@ class ClusterNode:
     def path_entry(self, flow: Flow, outbound: bool) -> str | None:
         """Our Path entry for a binding registered over ``flow`` (the registrar's ``path_stamp``);
         None for a UDP flow when any node may reach UDP devices itself (``udp_via_path`` off)."""
-        if not self.udp_via_path and flow.key.transport == "udp":
+        key = flow.key
+        sock = None
+        if key.transport == "udp":
+            if self.udp_via_path is False:
+                return None
+            if self.auto:
+                sock = self.shared_sockets().get(key.local)
+        remote_host, remote_port = key.remote
+        ref = FlowRef(flow.id, key.transport, remote_host, remote_port)
+        token = self.tokens.mint(ref)
+        entry = f"<{self.uri(token)}{';ob' if outbound else ''}{f';{SOCK_PARAM}={sock}' if sock else ''}>"
+        self.remember_own(entry, ref, token)  # a forked INVITE's Route names it: no HMAC to check it
+        return entry
+
+    def remember_own(self, entry: str, ref: FlowRef, token: str) -> None:
+        """``entry`` is ours, naming ``ref``: we wrote it (a Path or Record-Route entry), so
+        ``own_flow`` need not read its token back."""
+        if len(self._own_routes) >= _OWN_ROUTES_MAX:
+            self._own_routes.clear()
+        self._own_routes[entry] = (ref, token)
+
+    # -- workers sharing one public UDP socket (udp_via_path = "auto"; see the module doc) ---------
+
+    def socket_id(self, host: str, port: int) -> str:
+        """The hash naming our public UDP socket bound to (host, port), as written in a Path entry."""
+        text = f"{self.host_id}\0udp\0{host}\0{port}".encode()
+        return hashlib.blake2b(text, digest_size=8).hexdigest()
+
+    def shared_sockets(self) -> dict[tuple[str, int], str]:
+        """Our public UDP listeners bound with SO_REUSEPORT (other workers may share them) -> their
+        hash; known once the transport listens."""
+        if self._shared is None:
+            transport = self.transport
+            reuse = getattr(transport, "reuse_port", ())
+            shared: dict[tuple[str, int], str] = {}
+            first: dict[bool, tuple[str, int]] = {}  # the listener a datagram to a v4/v6 address leaves by
+            for spec, (name, host, port) in zip(transport.specs, transport.bound):
+                if name != "udp":
+                    continue
+                first.setdefault(is_ipv6(host), (host, port))
+                if spec in reuse and spec != self.spec:
+                    shared[(host, port)] = self.socket_id(host, port)
+            self._shared = shared
+            self._direct = frozenset(shared[a] for a in first.values() if a in shared)
+        return self._shared
+
+    def direct_ids(self) -> frozenset[str]:
+        """The hashes of the shared sockets this node sends UDP from (the first of each family)."""
+        self.shared_sockets()
+        return self._direct
+
+    @property
+    def mark(self) -> str:
+        """``;nd=...`` for our Via and Contact when we send from a shared socket; "" otherwise."""
+        if self._mark is None:
+            self._mark = ""
+            if self.auto and self.shared_sockets():
+                name = base64.urlsafe_b64encode(self.member().encode()).rstrip(b"=").decode()
+                self._mark = f";{MARK_PARAM}={name}"
+        return self._mark
+
+    def sibling(self, mark: str) -> Target | None:
+        """The node a Via's or Contact's ``nd`` names, to pass it a datagram of its dialog that the
+        kernel gave us; None: us, or not a node of the cluster (never just any address)."""
+        found = self._siblings.get(mark)
+        if found is not None:
+            return found
+        try:
+            raw = base64.urlsafe_b64decode(mark + "=" * (-len(mark) % 4)).decode()
+            transport, hostport = raw.split(":", 1)
+            host, _, port_text = hostport.rpartition(":")
+            port = int(port_text)
+        except (binascii.Error, ValueError, UnicodeDecodeError):
             return None
-        remote_host, remote_port = flow.key.remote
-        token = self.tokens.mint(FlowRef(flow.id, flow.key.transport, remote_host, remote_port))
-        return f"<{self.uri(token)}{';ob' if outbound else ''}>"
+        host = host.strip("[]")
+        if raw == self.member() or transport not in ("udp", "tcp") or not self.is_node(transport, host, port):
+            return None
+        # only nodes are remembered: a stranger's marks cannot fill this
+        if len(self._siblings) >= _OWN_ROUTES_MAX:
+            self._siblings.clear()
+        found = self._siblings[mark] = Target(transport, host, port, None, self.bound)
+        return found
 
     def uri(self, token: str) -> str:
         """Our internal SIP URI carrying ``token``: a Path and Record-Route entry towards peers."""
@@ -197,9 +304,18 @@ class ClusterNode:
         """Where a call to a binding with this Path goes (the call layer's ``path_router``).
 
         None: the Path does not start at a cluster node (an edge proxy's: as a single node does).
-        ``(rest, None)``: it starts with our own entry: fork over the flow, with the rest as Route.
-        ``(path, hop)``: send to the node of its first entry, with the whole Path as Route.
+        ``(rest, None)``: it starts with our own entry, or (``udp_via_path = "auto"``) with the entry
+        of a worker sharing the public socket we send from: fork straight to the device, with the
+        rest as Route. ``(path, hop)``: send to the node of its first entry, the whole Path as Route.
         """
+        return self._next_hop(path, self.auto)
+
+    def next_hop_relayed(self, path: list[str]) -> tuple[list[str], NodeHop | None] | None:
+        """``next_hop`` without the shared-socket shortcut, for a sender that does not mark its Via
+        (a MESSAGE to a device, messaging/uac.py): the answer must come back to this node."""
+        return self._next_hop(path, False)
+
+    def _next_hop(self, path: list[str], shortcut: bool) -> tuple[list[str], NodeHop | None] | None:
         try:
             uri = NameAddr.parse(path[0]).uri
         except (ParseError, IndexError):
@@ -208,6 +324,11 @@ class ClusterNode:
             return None
         if self.is_self(uri):  # ours, even with a token from before a restart: the flow is here
             return path[1:], None
+        if shortcut:
+            sock = uri.params.get(SOCK_PARAM)
+            if sock and sock in self.direct_ids():
+                # a worker sharing our public socket took it: the device's NAT knows us as well
+                return path[1:], None
         transport = uri.transport or "udp"
         port = uri.port or 5060
         if transport not in ("udp", "tcp") or uri.host_bare not in self.trusted:

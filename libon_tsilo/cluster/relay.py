@@ -72,7 +72,7 @@ from twisted.logger import Logger
 
 from libon_tsilo import logflags
 from libon_tsilo.cluster.flow_token import FlowRef
-from libon_tsilo.cluster.node import ClusterNode
+from libon_tsilo.cluster.node import MARK_PARAM, ClusterNode
 from libon_tsilo.cluster.ordering import hold_until_answered
 from libon_tsilo.cluster.relay_branch import PREFIX, RelayBranches
 from libon_tsilo.ratelimit import ThrottledLog
@@ -81,9 +81,9 @@ from libon_tsilo.sip.headers import NameAddr, Via
 from libon_tsilo.sip.message import (
     Message, Request, Response, log_call_id, make_response, new_branch, new_tag,
 )
-from libon_tsilo.sip.transport import Target, TransportError
+from libon_tsilo.sip.transport import Target, TransportError, fix_via
 from libon_tsilo.sip.uri import URI
-from libon_tsilo.sip.wire_edit import pop_top_via
+from libon_tsilo.sip.wire_edit import pop_top_via, read_request_head, top_via_param
 
 if TYPE_CHECKING:
     from libon_tsilo.sip.flow import Flow
@@ -95,6 +95,9 @@ log = Logger(namespace=__name__)  # compiled (mypyc), Logger() would name the im
 
 _STREAMS = ("tcp", "tls")
 _PREFIX_BYTES = PREFIX.encode()
+_MARK_BYTES = MARK_PARAM.encode()
+_MARK_IN_URI = f";{MARK_PARAM}="
+_MEMO_MAX = 4096
 # untrusted source on the internal listener, a peer's request that is not for a flow of ours, a
 # token used from another flow, a device's in-dialog request towards a host that is not a node
 _REFUSALS = (
@@ -140,6 +143,67 @@ class Relay:
         # the registrar's when_answered (set by ops): relayed INVITEs wait for a REGISTER's 200
         self.register_answered: Callable[[str], Deferred[None] | None] | None = None
         self._branches: RelayBranches | None = None
+        self._shares: bool | None = None  # do other workers send from our public socket (node.mark)?
+        # what the node (interpreted) answers per message, kept here (compiled): its internal
+        # listener as bound, its Via address, the trust of each source host, the entries of ours
+        self._internal: tuple[str, str, int] | None = None
+        self._via: tuple[str, int] | None = None
+        self._trusted: dict[str, bool] = {}
+        self._own: dict[str, tuple[FlowRef, str]] = {}
+        # our stateless branches -> the Via we gave each one for (its text as sent, parsed)
+        self._sent: dict[str, tuple[str, Via]] = {}
+        # the branches of the peers' INVITEs that reached the stateful path (``handle``): their
+        # CANCEL and non-2xx ACK belong to its transaction, never to the bytes path
+        self._stateful_invites: dict[str, None] = {}
+        # set by ops when a trusted peer's request on the internal listener skips the source limits
+        self.internal_exempt = False
+
+    @property
+    def shares(self) -> bool:
+        """Does this node share its public UDP socket with other workers (``udp_via_path = "auto"``,
+        cluster/node.py)? Then what the kernel gives us of their dialogs is passed on to them."""
+        if self._shares is None:
+            self._shares = bool(self.node.mark)
+        return self._shares
+
+    def _is_internal(self, flow: Flow) -> bool:
+        """``ClusterNode.is_internal``, the common spelling compared here."""
+        internal = self._internal
+        if internal is None:
+            host, port = self.node.bound
+            internal = self._internal = (self.node.spec.transport, host, port)
+        key = flow.key
+        local = key.local
+        if local[1] != internal[2] or key.transport != internal[0]:
+            return False
+        return local[0] == internal[1] or self.node.is_internal(flow)
+
+    def _trusts(self, flow: Flow) -> bool:
+        host = flow.key.remote[0]
+        known = self._trusted.get(host)
+        if known is None:
+            known = self.node.trusts(flow)
+            if len(self._trusted) >= _MEMO_MAX:
+                self._trusted.clear()
+            self._trusted[host] = known
+        return known
+
+    def _own_flow(self, route: str) -> tuple[FlowRef, str] | None:
+        """``ClusterNode.own_flow``, its answers for our own entries kept here."""
+        found = self._own.get(route)
+        if found is None:
+            found = self.node.own_flow(route)
+            if found is not None:
+                if len(self._own) >= _MEMO_MAX:
+                    self._own.clear()
+                self._own[route] = found
+        return found
+
+    @property
+    def via_address(self) -> tuple[str, int]:
+        if self._via is None:
+            self._via = self.node.via_address
+        return self._via
 
     @property
     def branches(self) -> RelayBranches:
@@ -157,14 +221,16 @@ class Relay:
             return self._forward_response(msg, flow)
         req = cast(Request, msg)
         if not req.has_header("route"):
+            if self.shares and _MARK_IN_URI in req.raw_uri:
+                target = self._sibling_of_uri(req, flow)
+                return target is not None and self._stateless_to_sibling(req, target, flow)
             return False  # most requests a node gets are not relayed: one dict lookup
         routes = req.header_values("route")
-        node = self.node
-        first = node.own_flow(routes[0])
+        first = self._own_flow(routes[0])
         if first is None or self.layer.holds(req):
             return False  # not for us to relay, or a transaction of ours takes it
-        if node.is_internal(flow):
-            return node.trusts(flow) and self._stateless_to_device(req, routes, first[0], first[1], flow)
+        if self._is_internal(flow):
+            return self._trusts(flow) and self._stateless_to_device(req, routes, first[0], first[1], flow)
         return self._stateless_to_peer(req, routes, first[0], flow)
 
     def forward_bytes(self, data: bytes, flow: Flow) -> bool:
@@ -173,15 +239,22 @@ class Relay:
         Anything else, and every response to refuse, is left to the parser's path (``forward``)."""
         popped = pop_top_via(data, _PREFIX_BYTES)
         if popped is None:
-            return False
-        try:
-            via = Via.parse(popped.next_via)
-        except ParseError:
-            return False  # refused on the parser's path, as before
-        if not flow.reliable and via.transport != "UDP":
+            if self.internal_exempt and flow.key.transport == "udp" and self._is_internal(flow) \
+                    and self._trusts(flow) and self._request_to_device(data, flow):
+                return True
+            return self.shares and self._to_sibling_as_is(data, flow)
+        known = self._sent.get(popped.branch)
+        if known is not None and known[0] == popped.next_via:
+            via = known[1]  # the Via we gave that branch for, as we sent it: checked then
+        else:
+            try:
+                via = Via.parse(popped.next_via)
+            except ParseError:
+                return False  # refused on the parser's path, as before
+            if not self.branches.verify(popped.branch, via):
+                return False  # the parser's path refuses it (counted and logged there)
+        if flow.key.transport == "udp" and via.transport != "UDP":
             return False  # a datagram onto a stream: its Content-Length must frame it (parsed path)
-        if not self.branches.verify(popped.branch, via):
-            return False  # the parser's path refuses it (counted and logged there)
         self.transport.forward_response_data(popped.data, via)
         self.counters["stateless_responses"] += 1
         return True
@@ -192,6 +265,13 @@ class Relay:
         response whose top Via is not ours is discarded). False: not ours, the transactions take it."""
         branch = resp.branch
         if branch is None or not branch.startswith(PREFIX):
+            if self.shares:
+                mark = resp.top_via.params.get(MARK_PARAM)
+                target = self.node.sibling(mark) if mark and not self._is_internal(flow) else None
+                if target is not None:
+                    self.counters["to_sibling_responses"] += 1
+                    self.transport.forward_data(resp.to_bytes(), target)
+                    return True
             return False
         vias = resp.vias
         if len(vias) < 2 or not self.branches.verify(branch, vias[1]):
@@ -204,8 +284,108 @@ class Relay:
         self.counters["stateless_responses"] += 1
         return True
 
+    def _request_to_device(self, data: bytes, flow: Flow) -> bool:
+        """A peer node's request within a dialog (ACK, BYE, INFO...) to a UDP device, relayed
+        as bytes: what ``_stateless_to_device`` does with the parsed message, on the wire (our Via
+        on top, the peer's Via with received/rport as the transport sets them, our Route entries
+        off, Max-Forwards less one). Anything it does not read for sure, or that the stateful path
+        must take, is left to the parser's path (False): an INVITE (a new one needs Record-Route
+        and may wait for the REGISTER's answer; only its To tag tells a re-INVITE), a Route set
+        that goes on past our entries, a CANCEL or ACK of an INVITE a transaction of ours holds, a
+        stream on either side. Only from a trusted peer on the internal listener, where the
+        source limits do not apply (``internal_exempt``)."""
+        if data.startswith(b"INVITE ") or data.startswith(b"SIP/2.0 "):
+            return False  # an INVITE (see above), or a response
+        head = read_request_head(data)
+        if head is None or not head.routes or head.max_forwards <= 0:
+            return False
+        first = self._own_flow(head.routes[0])
+        if first is None or first[0].transport != "udp" or self._own_count(head.routes) != len(head.routes):
+            return False
+        ref = first[0]
+        try:
+            via = Via.parse(head.via)
+        except ParseError:
+            return False
+        fix_via(via, flow.key.remote)
+        if (head.method == "ACK" or head.method == "CANCEL") \
+                and via.params.get("branch") in self._stateful_invites:
+            return False
+        branch = self.branches.for_request(via)
+        if branch is None:
+            return False
+        out = self.transport.flows.get(ref.flow_id)
+        if out is not None and not out.live:
+            out = None
+        host, port = self.transport.local_via("udp", ref.host)
+        top = str(via)
+        sent = self._sent
+        if len(sent) >= _MEMO_MAX:
+            del sent[next(iter(sent))]
+        sent[branch] = (top, via)
+        if not top.isascii():
+            return False
+        edited = head.edited(data, f"SIP/2.0/UDP {host}:{port};branch={branch};rport", top,
+                             head.max_forwards - 1)
+        counters = self.counters
+        counters["to_device"] += 1
+        counters["stateless"] += 1
+        counters["stateless_bytes"] += 1
+        if head.method == "CANCEL":
+            counters["cancelled"] += 1
+        self.transport.forward_data(edited, Target("udp", ref.host, ref.port), out)
+        return True
+
+    # -- what the kernel gave us of another worker's dialogs (a shared public socket) ------------
+
+    def _to_sibling_as_is(self, data: bytes, flow: Flow) -> bool:
+        """A response whose top Via a worker sharing our public socket wrote (``;nd=``): the device
+        answered that worker's request, and the kernel handed the datagram to us, the worker its
+        5-tuple hashes to. Passed on as it came, unparsed. False: not one, or left to the parser's
+        path (a datagram onto a stream: its Content-Length must frame it)."""
+        mark = top_via_param(data, _MARK_BYTES)
+        if mark is None or self._is_internal(flow):
+            return False
+        target = self.node.sibling(mark)
+        if target is None or (target.transport != "udp" and flow.key.transport == "udp"):
+            return False
+        self.counters["to_sibling_responses"] += 1
+        self.transport.forward_data(data, target)
+        return True
+
+    def _sibling_of_uri(self, req: Request, flow: Flow) -> Target | None:
+        """The worker a device's in-dialog request is for: its Request-URI is that worker's Contact,
+        marked ``;nd=`` (b2bua/ports.py); None: ours, or not a node."""
+        if self._is_internal(flow) or req.to.tag is None:
+            return None  # a Contact of ours serves its dialogs only
+        try:
+            mark = req.uri.params.get(MARK_PARAM)
+        except ParseError:
+            return None
+        return self.node.sibling(mark) if isinstance(mark, str) else None
+
+    def _stateless_to_sibling(self, req: Request, target: Target, came_over: Flow) -> bool:
+        if _needs_state(req.method, (came_over.key.transport != "udp"), target.transport in _STREAMS):
+            return False
+        mf = req.max_forwards
+        if mf is not None and mf <= 0:
+            return False
+        branch = self.branches.for_request(req.top_via)
+        if branch is None:
+            return False
+        if not self._admitted(req, came_over):
+            return True  # answered 503 or dropped
+        req.set_header("Max-Forwards", str(69 if mf is None else mf - 1))
+        host, port = self.via_address
+        self.counters["to_sibling"] += 1
+        self._send_stateless(req, f"SIP/2.0/{target.transport.upper()} {host}:{port};branch={branch};rport",
+                             target, None, came_over, branch)
+        return True
+
     def _admitted(self, req: Request, flow: Flow) -> bool:
         """The transaction layer's source limits, which a request taken here does not reach."""
+        if self.internal_exempt and self._is_internal(flow) and self._trusts(flow):
+            return True  # ops exempts a node's requests on the internal listener (one call less)
         admit = self.layer.admit
         return admit is None or admit(req, flow)
 
@@ -221,7 +401,7 @@ class Relay:
         to_stream = ref.transport in _STREAMS
         if to_stream and out is None:
             return False  # 430 Flow Failed
-        if _needs_state(method, came_over.reliable, to_stream):
+        if _needs_state(method, (came_over.key.transport != "udp"), to_stream):
             return False
         creates_dialog = method == "INVITE" and req.to.tag is None
         if creates_dialog and self._register_unanswered(ref.flow_id):
@@ -234,12 +414,11 @@ class Relay:
         self._pop_own_routes(req, routes)
         req.set_header("Max-Forwards", str(69 if mf is None else mf - 1))
         if creates_dialog:  # RFC 5658, as in _to_device
-            req.add_header("Record-Route", f"<{self.node.uri(token)}>", first=True)
-            req.add_header("Record-Route", f"<{self.node.public_uri(token, ref.transport)}>", first=True)
+            self._record_route(req, ref, token)
         host, port = self.transport.local_via(ref.transport, ref.host)
         self.counters["to_device"] += 1
         self._send_stateless(req, f"SIP/2.0/{ref.transport.upper()} {host}:{port};branch={branch};rport",
-                             Target(ref.transport, ref.host, ref.port), out, came_over)
+                             Target(ref.transport, ref.host, ref.port), out, came_over, branch)
         return True
 
     def _stateless_to_peer(self, req: Request, routes: list[str], ref: FlowRef, came_over: Flow) -> bool:
@@ -251,7 +430,7 @@ class Relay:
         target = self._next_target(routes[n:], req)
         if target is None:
             return False  # 403: not towards one of our nodes
-        if _needs_state(req.method, came_over.reliable, target.transport in _STREAMS):
+        if _needs_state(req.method, (came_over.key.transport != "udp"), target.transport in _STREAMS):
             return False
         mf = req.max_forwards
         if mf is not None and mf <= 0:
@@ -263,11 +442,23 @@ class Relay:
             return True  # answered 503 or dropped
         self._set_routes(req, routes[n:])
         req.set_header("Max-Forwards", str(69 if mf is None else mf - 1))
-        host, port = self.node.via_address
+        host, port = self.via_address
         self.counters["to_peer"] += 1
         self._send_stateless(req, f"SIP/2.0/{target.transport.upper()} {host}:{port};branch={branch};rport",
-                             target, None, came_over)
+                             target, None, came_over, branch)
         return True
+
+    def _expect_responses(self, req: Request, branch: str) -> None:
+        """Remember, under the branch we give ``req``, its top Via (the previous hop's, as we send it
+        on): a response that comes back with that very text under our branch needs neither a parse
+        of it nor the branch's MAC (``forward_bytes``), which would both give what we know here."""
+        text = req.header("via")
+        if text is None or "," in text:
+            return  # several values on the line: the response's next Via is not the whole line
+        sent = self._sent
+        if len(sent) >= _MEMO_MAX:
+            del sent[next(iter(sent))]
+        sent[branch] = (text, req.top_via)
 
     def _register_unanswered(self, flow_id: str) -> bool:
         answered = self.register_answered
@@ -279,7 +470,8 @@ class Relay:
         return True
 
     def _send_stateless(self, req: Request, via: str, target: Target, flow: Flow | None,
-                        came_over: Flow) -> None:
+                        came_over: Flow, branch: str) -> None:
+        self._expect_responses(req, branch)
         req.add_header("Via", via, first=True)
         if req.method == "CANCEL":
             self.counters["cancelled"] += 1
@@ -303,14 +495,15 @@ class Relay:
 
     def handle(self, req: Request, stx: Any, flow: Flow) -> bool:
         """True when the request was ours to relay or refuse; False: the router handles it."""
-        node = self.node
-        if node.is_internal(flow):
-            if not node.trusts(flow):
+        if self._is_internal(flow):
+            if req.method == "INVITE":
+                self._remember_stateful_invite(req)
+            if not self._trusts(flow):
                 self._refuse(req, stx, 403, "Forbidden", "refused_untrusted", flow)
                 return True
             if req.has_header("route"):
                 routes = req.header_values("route")
-                first = node.own_flow(routes[0])
+                first = self._own_flow(routes[0])
                 if first is not None:
                     out = req.copy()  # the server transaction keeps the request as it came (its Vias)
                     self._pop_own_routes(out, routes)
@@ -322,9 +515,18 @@ class Relay:
                 return True
             return False  # a peer's in-dialog request for one of our own calls
         if not req.has_header("route"):
-            return False
+            target = self._sibling_of_uri(req, flow) if self.shares and _MARK_IN_URI in req.raw_uri else None
+            if target is None:
+                return False
+            out = req.copy()
+            if self._hop_count(req, out, stx):
+                host, port = self.via_address
+                self._stamp_via(out, target.transport, host, port)
+                self.counters["to_sibling"] += 1
+                self._forward(out, stx, target, None)
+            return True
         routes = req.header_values("route")
-        first = node.own_flow(routes[0])
+        first = self._own_flow(routes[0])
         if first is None:
             return False
         out = req.copy()
@@ -332,6 +534,14 @@ class Relay:
         self._set_routes(out, routes[n:])
         self._to_peer(req, out, stx, first[0], flow, routes[n:])
         return True
+
+    def _remember_stateful_invite(self, req: Request) -> None:
+        branch = req.branch
+        if branch is not None:
+            held = self._stateful_invites
+            if len(held) >= _MEMO_MAX:
+                del held[next(iter(held))]
+            held[branch] = None
 
     def wrap_cancel(self, cancel_handler: Callable[[Request, Any, Any, Any], None] | None
                     ) -> Callable[[Request, Any, Any, Any], None]:
@@ -373,8 +583,7 @@ class Relay:
             return
         if out.method == "INVITE" and out.to.tag is None:
             # RFC 5658: the device (UAS) routes by the top entry, the peer (UAC) by the bottom one
-            out.add_header("Record-Route", f"<{self.node.uri(token)}>", first=True)
-            out.add_header("Record-Route", f"<{self.node.public_uri(token, ref.transport)}>", first=True)
+            self._record_route(out, ref, token)
         host, port = self.transport.local_via(ref.transport, ref.host)
         self._stamp_via(out, ref.transport, host, port)
         target = Target(ref.transport, ref.host, ref.port)
@@ -395,7 +604,7 @@ class Relay:
             return
         if not self._hop_count(req, out, stx):
             return
-        host, port = self.node.via_address
+        host, port = self.via_address
         self._stamp_via(out, target.transport, host, port)
         self.counters["to_peer"] += 1
         self._forward(out, stx, target, None)
@@ -425,6 +634,19 @@ class Relay:
 
     # -- helpers -----------------------------------------------------------------------------
 
+    def _record_route(self, req: Request, ref: FlowRef, token: str) -> None:
+        """Our two Record-Route entries (RFC 5658 double Record-Route: the device routes by the top
+        one, our public address, the peer by the bottom one, our internal address), remembered as
+        ours: the dialog's ACK, BYE and re-INVITEs name them in their Route, both ways."""
+        internal = f"<{self.node.uri(token)}>"
+        public = f"<{self.node.public_uri(token, ref.transport)}>"
+        req.add_header("Record-Route", internal, first=True)
+        req.add_header("Record-Route", public, first=True)
+        own = self._own
+        if len(own) >= _MEMO_MAX - 1:
+            own.clear()
+        own[internal] = own[public] = (ref, token)
+
     def _pop_own_routes(self, req: Request, routes: list[str]) -> None:
         """Remove the leading Route entries that are ours (valid tokens); ``routes`` are ``req``'s,
         the top one known to be ours already (checked once, not twice)."""
@@ -440,7 +662,7 @@ class Relay:
         n = 1
         for route in routes[1:]:
             if route != first and (same is None or not route.startswith(same)) \
-                    and self.node.own_flow(route) is None:
+                    and self._own_flow(route) is None:
                 break
             n += 1
         return n
@@ -464,7 +686,9 @@ class Relay:
         # a node's internal address, not just any port of a trusted host (Redis on loopback)
         if transport not in ("udp", "tcp") or not self.node.is_node(transport, uri.host_bare, port):
             return None
-        return Target(transport, uri.host_bare, port, None, self.node.bound)
+        internal = self._internal
+        return Target(transport, uri.host_bare, port, None,
+                      (internal[1], internal[2]) if internal is not None else self.node.bound)
 
     def _hop_count(self, req: Request, out: Request, stx: Any) -> bool:
         mf = req.max_forwards

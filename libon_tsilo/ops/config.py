@@ -529,6 +529,18 @@ def _digit_items(value: tuple[str, ...], key: str) -> tuple[str, ...]:
     return value
 
 
+def _bool_or_auto(value: bool | str, key: str) -> bool | str:
+    if not isinstance(value, bool) and value != "auto":
+        raise ConfigError(key, f'expected true, false or "auto", got "{value}"')
+    return value
+
+
+def _host_name(value: str, key: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._-]*", value):
+        raise ConfigError(key, f'"{value}" is not a host name (letters, digits, ".", "_", "-")')
+    return value
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     # issue 14: several nodes (processes) share the location service; see README "Cluster"
@@ -541,9 +553,11 @@ class ClusterConfig:
     trusted_peers: tuple[str, ...] = _opt(("127.0.0.0/8", "::1/128"), _cidrs)
     # the key of the flow tokens in our Path entries; "" = random per start (see etc/libon-tsilo.toml)
     secret: str = _opt("")
-    # UDP devices too are reached through the node they registered on (NAT-safe across hosts);
-    # false: any node sends to a UDP device itself (workers sharing one public port, reuse_port)
-    udp_via_path: bool = _opt(True)
+    # how a UDP device registered on another node is reached: "auto" = straight when that node
+    # shares our public UDP socket (reuse_port workers of one host), else through its Path entry;
+    # true = always through it; false = always straight (see etc/libon-tsilo.toml)
+    udp_via_path: bool | str = _opt("auto", _bool_or_auto)
+    host: str = _opt("", _host_name)  # this host's identity for "auto" ("" = the hostname)
 
 
 @dataclass(frozen=True)
@@ -758,6 +772,10 @@ def _coerce(value: Any, hint: Any, key: str, base_dir: Path) -> Any:
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(key, f"expected a string, got {_describe(value)}")
+        return value
+    if hint == (bool | str):  # a switch with a third word ("auto"): its check says which
+        if not isinstance(value, (bool, str)):
+            raise ConfigError(key, f"expected a boolean or a string, got {_describe(value)}")
         return value
     if typing.get_origin(hint) is tuple:
         item_hint = typing.get_args(hint)[0]

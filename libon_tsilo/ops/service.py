@@ -353,7 +353,9 @@ def _redis_persistence(parts: Parts) -> RedisBindingStore:
     cluster = parts.config.cluster
     # unless the node that answers a REGISTER relays (and holds, cluster/ordering.py) every INVITE to
     # its device, a node forking directly must hear of the binding only after the 200 is sent
-    after_answer = not (cluster.node_address and cluster.udp_via_path)
+    # ("auto": the workers sharing our public socket fork to our UDP devices directly)
+    relays_all = cluster.udp_via_path is True or (cluster.udp_via_path == "auto" and not cluster.reuse_port)
+    after_answer = not (cluster.node_address and relays_all)
     return RedisBindingStore(
         client, parts.clock, node_id=parts.node_id, key_prefix=loc.key_prefix, loop=loop,
         publish_after_answer=after_answer,
@@ -731,7 +733,8 @@ def _add_cluster(root: LibonTsiloService, parts: Parts) -> None:
         log.info("cluster: no [cluster] secret: the flow tokens of this node last until it restarts")
     transactions = _built(parts.transactions)
     node = ClusterNode(_built(parts.transport), cfg.node_address, (cfg.secret or random_token(32)).encode(),
-                       trusted_peers=cfg.trusted_peers, peers=cfg.peers, udp_via_path=cfg.udp_via_path)
+                       trusted_peers=cfg.trusted_peers, peers=cfg.peers, udp_via_path=cfg.udp_via_path,
+                       host=cfg.host)
     relay = Relay(node, transactions, parts.clock)
     router = _built(parts.router)
     router.proxy = relay.handle
@@ -743,13 +746,30 @@ def _add_cluster(root: LibonTsiloService, parts: Parts) -> None:
     relay.register_answered = _built(parts.registrar).when_answered  # cluster/ordering.py
     if parts.b2bua is not None:
         parts.b2bua.path_router = node.next_hop
+        _mark_for_siblings(root, parts.b2bua.port, node)
     if parts.extra.get("messages") is not None:  # [messages]: MESSAGEs to devices on other nodes too
-        parts.extra["messages"].delivery.sender.path_router = node.next_hop
+        # (its Via is not marked for the workers sharing our socket: always through the Path)
+        parts.extra["messages"].delivery.sender.path_router = node.next_hop_relayed
     parts.extra["cluster_node"] = node
     parts.extra["cluster_relay"] = relay
     parts.extra.setdefault("limits", []).append(relay)
     _exempt_nodes_on_internal_listener(parts, node)
     _add_cluster_liveness(root, parts, node)
+
+
+def _mark_for_siblings(root: LibonTsiloService, port: Any, node: Any) -> None:
+    """udp_via_path = "auto": once the transport listens (the shared sockets are known), the call
+    layer's Via and Contact name this node, so that a worker sharing our public socket passes on
+    what the kernel gives it of our dialogs (cluster/node.py ``mark``)."""
+    if not node.auto or not hasattr(port, "mark"):
+        return
+
+    class _SiblingMark(Service):  # started after the transport, which binds in its startService
+        def startService(self) -> None:
+            super().startService()
+            port.mark = node.mark
+
+    _attach(root, _SiblingMark(), "cluster-mark")
 
 
 def _exempt_nodes_on_internal_listener(parts: Parts, node: Any) -> None:
@@ -779,6 +799,7 @@ def _exempt_nodes_on_internal_listener(parts: Parts, node: Any) -> None:
         return admit(request, flow)
 
     _built(parts.transactions).admit = admit_unless_a_node
+    parts.extra["cluster_relay"].internal_exempt = True  # the relay skips the call for them itself
 
 
 def _add_cluster_liveness(root: LibonTsiloService, parts: Parts, node: Any) -> None:

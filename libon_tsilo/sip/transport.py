@@ -131,7 +131,7 @@ from libon_tsilo.sip.twisted_io import (
 from libon_tsilo.sip.udp_send import udp_sendto
 
 __all__ = ["Target", "TransportLayer", "TransportError", "ConnectionLimits", "DatagramEndpoint",
-           "UDPEndpoint"]
+           "UDPEndpoint", "fix_via"]
 
 # compiled by mypyc (setup.py): Logger() would take its namespace from the importing frame
 log = Logger(namespace="libon_tsilo.sip.transport")
@@ -180,6 +180,23 @@ def _norm_host(host: str) -> str:
 
 def _via_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+
+
+def fix_via(via: Via, source: HostPort) -> bool:
+    """Set ``received`` and ``rport`` on a received request's top Via from its source (RFC 3261
+    §18.2.1, RFC 3581); True when it changed. The stateless forwarder of bytes does it too."""
+    has_rport = "rport" in via.params
+    changed = False
+    if has_rport and via.params["rport"] != str(source[1]):
+        via.set_param("rport", str(source[1]))
+        changed = True
+    # a received the client wrote itself is a lie we must not route by (RFC 3261 §18.2.1 has us
+    # set it): it would point the device's binding, and our responses, at a host of its choosing
+    claimed = via.params.get("received")
+    if (has_rport or claimed is not None or not same_ip(via.host, source[0])) and claimed != source[0]:
+        via.set_param("received", source[0])
+        changed = True
+    return changed
 
 
 def _call_id_of(data: bytes) -> str | None:
@@ -565,6 +582,20 @@ class TransportLayer:
         except Exception as e:
             log.warn("cannot forward a response: {err}", err=e, call_id=_call_id_of(data))
 
+    def forward_data(self, data: bytes, target: Target, flow: Flow | None = None) -> None:
+        """Send a message a stateless forwarder made of received bytes towards ``target`` (from
+        ``target.local``), over ``flow`` when it is live; never raises."""
+        try:
+            name = target.transport.lower()
+            if flow is not None and flow.live:
+                self._send_on(flow, data)
+            elif name == "udp":
+                self._send_udp_request(data, target)
+            else:
+                self._send_stream(data, target, name)
+        except Exception as e:
+            log.warn("cannot forward a message: {err}", err=e, call_id=_call_id_of(data))
+
     def _flow_to_via(self, via: Via) -> Flow | None:
         name = via.transport.lower()
         port = via.rport or via.port or DEFAULT_PORTS.get(name, 5060)
@@ -846,18 +877,7 @@ class TransportLayer:
 
     def _fix_via(self, req: Request, source: HostPort) -> None:
         via = req.top_via
-        has_rport = "rport" in via.params
-        changed = False
-        if has_rport and via.params["rport"] != str(source[1]):
-            via.set_param("rport", str(source[1]))
-            changed = True
-        # a received the client wrote itself is a lie we must not route by (RFC 3261 §18.2.1 has us
-        # set it): it would point the device's binding, and our responses, at a host of its choosing
-        claimed = via.params.get("received")
-        if (has_rport or claimed is not None or not same_ip(via.host, source[0])) and claimed != source[0]:
-            via.set_param("received", source[0])
-            changed = True
-        if changed:
+        if fix_via(via, source):
             req.set_top_via(via)
 
     def _answer_unparseable(self, data: bytes, err: ParseError, flow: Flow) -> None:

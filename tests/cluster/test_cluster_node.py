@@ -69,3 +69,83 @@ def test_own_flow_checks_an_entry_of_ours_once_and_never_remembers_a_strangers(m
     for port in range(3):
         node.own_flow(f"<{node.uri(node.tokens.mint(FlowRef('f', 'udp', '192.0.2.9', port)))}>")
     assert len(node._own_routes) <= 2  # bounded
+
+
+# -- udp_via_path = "auto": workers sharing one public UDP socket (SO_REUSEPORT) -------------------
+
+
+class _Worker:
+    """A worker's transport: the public UDP socket (shared with SO_REUSEPORT or not), a public TCP
+    one, then the internal listener."""
+
+    def __init__(self, public: str = "udp:0.0.0.0:5060", internal_port: int = 5071, shared: bool = True) -> None:
+        spec = parse_listen_spec(public)
+        self.specs = [spec, parse_listen_spec("tcp:0.0.0.0:5060"), parse_listen_spec("udp:10.0.0.1:0")]
+        self.bound = [("udp", spec.host, spec.port), ("tcp", "0.0.0.0", 5060), ("udp", "10.0.0.1", internal_port)]
+        self.reuse_port = frozenset(self.specs[:2]) if shared else frozenset()
+
+    def local_via(self, transport: str, remote_host: str | None = None) -> tuple[str, int]:
+        return ("192.0.2.10", 5060)
+
+
+def _worker(host: str = "sip1", udp_via_path: bool | str = "auto", **transport) -> ClusterNode:
+    internal = transport.pop("internal_port", 5071)
+    return ClusterNode(_Worker(internal_port=internal, **transport), "udp:10.0.0.1:0", b"k",  # type: ignore[arg-type]
+                       trusted_peers=["10.0.0.0/24"], udp_via_path=udp_via_path, host=host)
+
+
+def _device_flow():
+    from tests.fakes.sip import FakeFlow
+
+    return FakeFlow("udp", ("198.51.100.7", 40000), id="udp-device", local=("0.0.0.0", 5060))
+
+
+def test_auto_a_worker_sharing_the_public_socket_forks_straight_to_the_device():
+    taker, forker = _worker(internal_port=5071), _worker(internal_port=5072)
+    entry = taker.path_entry(_device_flow(), outbound=False)
+    assert entry is not None and ";sock=" in entry  # the socket the REGISTER came in on
+    assert forker.next_hop([entry, "<sip:edge.example.net;lr>"]) == (["<sip:edge.example.net;lr>"], None)
+    # a sender that does not mark its Via (MESSAGE) still goes through the Path: its answer comes back
+    assert forker.next_hop_relayed([entry])[1] == ("udp", "10.0.0.1", 5071, ("10.0.0.1", 5072))
+
+
+def test_auto_another_host_on_0000_too_is_reached_through_the_path():
+    entry = _worker(host="sip1").path_entry(_device_flow(), outbound=False)
+    other_host = _worker(host="sip2", internal_port=5072)
+    assert other_host.next_hop([entry])[1] == ("udp", "10.0.0.1", 5071, ("10.0.0.1", 5072))
+
+
+def test_auto_another_address_or_port_or_a_socket_not_shared_is_reached_through_the_path():
+    entry = _worker().path_entry(_device_flow(), outbound=False)
+    for other in (_worker(public="udp:0.0.0.0:5080", internal_port=5072),
+                  _worker(public="udp:192.0.2.10:5060", internal_port=5072)):
+        assert other.next_hop([entry])[1] is not None
+    # a socket bound without SO_REUSEPORT is nobody else's: no hash in the Path, relayed
+    lone = _worker(shared=False).path_entry(_device_flow(), outbound=False)
+    assert lone is not None and ";sock=" not in lone
+    assert _worker(internal_port=5072).next_hop([lone])[1] is not None
+
+
+def test_udp_via_path_true_and_false_keep_their_meaning():
+    entry = _worker().path_entry(_device_flow(), outbound=False)
+    assert _worker(udp_via_path=True, internal_port=5072).next_hop([entry])[1] is not None
+    assert _worker(udp_via_path=True).path_entry(_device_flow(), outbound=False).find(";sock=") < 0
+    assert _worker(udp_via_path=False).path_entry(_device_flow(), outbound=False) is None
+
+
+def test_a_tcp_binding_is_always_relayed_and_a_mark_leads_only_to_a_node():
+    from tests.fakes.sip import FakeFlow
+
+    taker, forker = _worker(internal_port=5071), _worker(internal_port=5072)
+    tcp = taker.path_entry(FakeFlow("tcp", ("198.51.100.7", 40000), id="tcp#1"), outbound=False)
+    assert ";sock=" not in tcp and forker.next_hop([tcp])[1] is not None
+    # the mark a worker writes in its Via and Contact names its internal listener
+    assert taker.mark.startswith(";nd=") and _worker(shared=False).mark == ""
+    mark = taker.mark[len(";nd="):]
+    assert forker.sibling(mark) is not None and forker.sibling(mark).port == 5071  # a trusted host: a node
+    assert taker.sibling(mark) is None  # ourselves
+    import base64
+
+    for where in ("udp:203.0.113.9:6379", "tls:10.0.0.2:5071"):  # not a trusted host, not a node transport
+        assert forker.sibling(base64.urlsafe_b64encode(where.encode()).decode().rstrip("=")) is None
+    assert forker.sibling("!!not base64") is None and forker.sibling("eA") is None

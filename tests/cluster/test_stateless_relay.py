@@ -292,3 +292,76 @@ async def test_our_two_record_route_entries_cost_one_token_check_per_dialog():
         assert reads == []
     finally:
         await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_entries_b_wrote_itself_are_never_read_back_through_the_hmac():
+    """B wrote the Path entry (at the REGISTER) and the two Record-Route entries (on the INVITE): the
+    INVITE's Route, the ACK's and the device's BYE's name them, and B knows them without reading
+    their token back (an HMAC each, the costliest step of a relayed request)."""
+    pair = Pair()
+    pair.start()
+    try:
+        tokens = pair.b.parts.extra["cluster_node"].tokens
+        reads: list[str | None] = []
+        real_read = tokens.read
+        tokens.read = lambda token: reads.append(token) or real_read(token)
+        caller, device, inv, answer, device_tag = await _answered_call(pair, "udp")
+        rr = inv.header_values("record-route")
+        device.send(in_dialog(device, "BYE", str(inv.contacts[0].uri), rr,
+                              f"{inv.header('to')};tag={device_tag}", inv.header("from") or "", inv.call_id, 1))
+        bye = await caller.request("BYE")
+        caller.send(response_to(bye, 200, "OK"))
+        await device.response(200, "BYE")
+        assert pair.b.parts.extra["cluster_relay"].counters["to_peer"] == 1
+        assert reads == []
+    finally:
+        await pair.stop()
+
+
+def _peer_bye(peer: UA, device: UA, routes: list[str], to: str, call_id: str, branch: str, via: str = "") -> str:
+    return (
+        f"BYE sip:bob@127.0.0.1:{device.port} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP 127.0.0.1:{peer.port};branch={branch}{via}\r\nMax-Forwards: 70\r\n"
+        f"Route: {', '.join(routes)}\r\nFrom: <sip:carol@127.0.0.1>;tag=p1\r\nTo: {to}\r\n"
+        f"Call-ID: {call_id}\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n"
+    )
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peers_in_dialog_request_is_relayed_as_bytes_exactly_as_the_parsed_path_would():
+    """The peer's BYE (and ACK) go on without a parse (sip/wire_edit.py ``read_request_head``): the
+    device gets byte for byte what the parsed stateless path sends (B's Via on top, the peer's Via
+    with received/rport, B's Route entries off, Max-Forwards less one), retransmissions included;
+    the device's 200 comes back to the peer."""
+    pair = Pair()
+    pair.start()
+    try:
+        relay = pair.b.parts.extra["cluster_relay"]
+        device, peer, route = await _device_on_b(pair)
+        call_id = f"{tag()}@peer"
+        peer.send(_peer_invite(peer, device, route, f"z9hG4bK{tag()}", call_id))
+        inv = await device.request("INVITE")
+        device.send(response_to(inv, 200, "OK", "dev1"))
+        ok = await peer.response(200, "INVITE")
+        routes = list(reversed(ok.header_values("record-route")))
+        for via in (";rport", "", ";received=192.0.2.66"):  # the transport's received/rport rules, each
+            device.received.clear()
+            bye = _peer_bye(peer, device, routes, ok.header("to") or "", call_id, f"z9hG4bK{tag()}", via)
+            peer.send(bye)  # as bytes
+            await device.request("BYE")
+            relay.internal_exempt = False  # the same request again, on the parsed path
+            peer.send(bye)
+            await wait_for(lambda: len([m for m in device.received if isinstance(m, Request)]) == 2, "the copy")
+            relay.internal_exempt = True
+            as_bytes, as_parsed = [m.to_bytes() for m in device.received]
+            assert as_bytes == as_parsed, via
+        assert relay.counters["stateless_bytes"] == 3
+        assert relay.counters["stateless"] == 1 + 3 + 3  # the INVITE, then each BYE both ways
+        got = device.received[0]
+        assert not got.has_header("route") and got.header("max-forwards") == "69"
+        assert got.branch.startswith("z9hG4bKsl")
+        device.send(response_to(got, 200, "OK"))
+        await peer.response(200, "BYE")
+    finally:
+        await pair.stop()

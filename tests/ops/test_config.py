@@ -512,7 +512,13 @@ def test_cluster_defaults_are_a_single_node():
     assert (cfg.cluster.node_id, cfg.cluster.reuse_port) == ("", False)
     assert (cfg.cluster.node_address, cfg.cluster.peers) == ("", ())
     assert cfg.cluster.trusted_peers == ("127.0.0.0/8", "::1/128")
-    assert cfg.cluster.secret == "" and cfg.cluster.udp_via_path is True
+    assert cfg.cluster.secret == "" and cfg.cluster.udp_via_path == "auto" and cfg.cluster.host == ""
+
+
+@pytest.mark.parametrize("value", [True, False, "auto"])
+def test_cluster_udp_via_path_is_a_switch_or_auto(value):
+    cfg = config_from_dict({"cluster": {"udp_via_path": value, "host": "sip-1.example.net"}})
+    assert cfg.cluster.udp_via_path == value and cfg.cluster.host == "sip-1.example.net"
 
 
 def test_cluster_keys_load():
@@ -544,7 +550,9 @@ def test_cluster_keys_load():
         ({"cluster": {"peers": ["udp:10.0.0.2"]}}, 'cluster.peers[0]: "udp:10.0.0.2": missing port'),
         ({"cluster": {"trusted_peers": ["10.0.0.300/8"]}},
          'cluster.trusted_peers[0]: "10.0.0.300/8" is not an IP network (CIDR)'),
-        ({"cluster": {"udp_via_path": "no"}}, 'cluster.udp_via_path: expected a boolean, got string "no"'),
+        ({"cluster": {"udp_via_path": "no"}}, 'cluster.udp_via_path: expected true, false or "auto", got "no"'),
+        ({"cluster": {"udp_via_path": 1}}, "cluster.udp_via_path: expected a boolean or a string, got integer 1"),
+        ({"cluster": {"host": "a b"}}, 'cluster.host: "a b" is not a host name'),
         ({"cluster": {"node_address": "udp:10.0.0.1:5070"}, "location": {"backend": "redis"}},
          'cluster.secret: must be set with node_address on location.backend = "redis"'),
     ],

@@ -54,3 +54,44 @@ def test_values_on_one_line_and_the_other_spellings() -> None:
 ])
 def test_what_it_does_not_read_for_sure_is_left_to_the_parser(data: bytes) -> None:
     assert pop_top_via(data, b"z9hG4bKsl") is None
+
+
+# -- requests: read_request_head and its edits (a stateless relay's, RFC 3261 §16.6) -------------
+
+BYE = (b"BYE sip:bob@192.0.2.9:5062 SIP/2.0\r\nVia: SIP/2.0/UDP 10.0.0.2:5071;branch=z9hG4bKpeer;rport\r\n"
+       b"Max-Forwards: 70\r\nRoute: <sip:T@10.0.0.1:5071;lr>, <sip:T@203.0.113.1;lr>\r\n"
+       b"From: <sip:a@x>;tag=1\r\nTo: <sip:b@x>;tag=2\r\nCall-ID: c\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n")
+
+
+def test_a_requests_head_is_read_and_edited_on_the_wire() -> None:
+    from libon_tsilo.sip.wire_edit import read_request_head
+
+    head = read_request_head(BYE)
+    assert head is not None and head.method == "BYE" and head.max_forwards == 70
+    assert head.via == "SIP/2.0/UDP 10.0.0.2:5071;branch=z9hG4bKpeer;rport"
+    assert head.routes == ["<sip:T@10.0.0.1:5071;lr>", "<sip:T@203.0.113.1;lr>"]
+    out = head.edited(BYE, "SIP/2.0/UDP 203.0.113.1:5060;branch=z9hG4bKslX;rport",
+                      "SIP/2.0/UDP 10.0.0.2:5071;branch=z9hG4bKpeer;rport=5071;received=10.0.0.2", 69)
+    assert out == (b"BYE sip:bob@192.0.2.9:5062 SIP/2.0\r\nVia: SIP/2.0/UDP 203.0.113.1:5060;branch=z9hG4bKslX;rport"
+                   b"\r\nVia: SIP/2.0/UDP 10.0.0.2:5071;branch=z9hG4bKpeer;rport=5071;received=10.0.0.2\r\n"
+                   b"Max-Forwards: 69\r\nFrom: <sip:a@x>;tag=1\r\nTo: <sip:b@x>;tag=2\r\nCall-ID: c\r\n"
+                   b"CSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n")
+
+
+@pytest.mark.parametrize("old, new", [
+    (b"Route: <sip:T@10", b"route: <sip:T@10"),  # another spelling of a line it edits
+    (b"Route: <sip:T@10.0.0.1:5071;lr>, ", b"Route: <sip:T@10.0.0.1:5071;lr>,\r\n "),  # folded
+    (b"Route: <sip:T@10", b'Route: "x" <sip:T@10'),  # a quote: a comma inside would not separate
+    (b"Max-Forwards: 70\r\n", b""),  # none to decrement
+    (b"Max-Forwards: 70\r\n", b"Max-Forwards: 70\r\nMax-Forwards: 3\r\n"),  # two
+    (b"Max-Forwards: 70", b"Max-Forwards: 7a"),
+    (b";rport\r\n", b";rport, SIP/2.0/UDP 10.0.0.3;branch=z9hG4bKx\r\n"),  # two Via values on a line
+    (b"BYE sip:", b"SIP/2.0 200 OK\r\nX: "),  # a response
+    (b"\r\nVia: ", b"\r\nX-First: 1\r\nVia: "),  # Via not the first header line
+    (b"\r\nVia: ", b"\r\nv: "),  # another spelling of it
+])
+def test_what_a_request_edit_does_not_read_for_sure_is_left_to_the_parser(old: bytes, new: bytes) -> None:
+    from libon_tsilo.sip.wire_edit import read_request_head
+
+    assert old in BYE
+    assert read_request_head(BYE.replace(old, new, 1)) is None
