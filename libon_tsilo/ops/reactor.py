@@ -43,6 +43,11 @@ def install_reactor(config: Config) -> str:
         # Twisted's asyncio reactor makes its loop with the current policy: uvloop's from here on
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
         wanted = "asyncio"
+    if wanted == "asyncio" and "twisted.internet.reactor" not in sys.modules:
+        # Twisted's asyncio reactor, its loop timer re-armed only when needed (ops/lean_asyncio.py)
+        from libon_tsilo.ops import lean_asyncio
+
+        lean_asyncio.install()
     if wanted == "asyncio":
         # raises when another reactor is installed already
         from libon_tsilo.push.reactor import ensure_asyncio_reactor
@@ -61,7 +66,7 @@ def running_reactor() -> str:
     from twisted.internet import reactor
 
     name = type(reactor).__name__
-    if name == "AsyncioSelectorReactor":
+    if name in ("AsyncioSelectorReactor", "LeanAsyncioReactor"):
         loop = getattr(reactor, "_asyncioEventloop", None)
         return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
     return {"EPollReactor": "epoll"}.get(name, name)
