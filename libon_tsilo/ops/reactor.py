@@ -10,7 +10,8 @@ then runs on the reactor's own loop (registrar/asyncio_bridge.py). Measured for 
 --reactors epoll+port,uvloop+port``); a late-fork call's timers cost ~90k instructions (2.6 %) more
 through the asyncio reactor (``bench/redis_cost.py --icount --stages call-memory --reactor
 uvloop``), less than epoll with Redis on a thread of its own would add: two thread hand-offs per
-Redis reply and per feed message.
+Redis reply and per feed message. Of those ~90k, ~50k were Twisted's asyncio reactor re-arming its loop timer
+on nearly every ``callLater``: the server's asyncio reactor is ops/lean_asyncio.py, which does not.
 
 A reactor already installed (``twistd -r NAME``) is kept: the command line wins over the config.
 """
