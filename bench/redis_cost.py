@@ -32,8 +32,9 @@ Stages (the node under test is "A"; "W" plays node B, a real node too, in its ow
   case (e). (e) per call = ``call-remote`` + ``register-redis``.
 
 ``--reactor auto`` runs the memory stages on epoll and the Redis stages on uvloop, as ``[ops]
-reactor = "auto"`` does; ``asyncio``, ``uvloop`` or ``epoll`` (memory only) force one. Kernel time is
-not in the counts (callgrind sees user space), nor is redis-server's work.
+reactor = "auto"`` does; ``asyncio``, ``uvloop`` or ``epoll`` (memory only) force one; the asyncio
+ones are the server's (ops/lean_asyncio.py), ``asyncio-twisted`` and ``uvloop-twisted`` Twisted's
+own. Kernel time is not in the counts (callgrind sees user space), nor is redis-server's work.
 """
 
 from __future__ import annotations
@@ -69,15 +70,20 @@ def install_reactor(name: str) -> None:
 
         epollreactor.install()
         return
-    if name == "uvloop":
+    if name.startswith("uvloop"):
         import asyncio
 
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    from twisted.internet import asyncioreactor
+    if name.endswith("-twisted"):  # Twisted's own asyncio reactor, to compare with the server's
+        from twisted.internet import asyncioreactor
 
-    asyncioreactor.install()
+        asyncioreactor.install()
+        return
+    from libon_tsilo.ops import lean_asyncio  # what ops/reactor.py installs
+
+    lean_asyncio.install()
 
 
 class Node:
@@ -367,7 +373,9 @@ def main() -> int:
     ap.add_argument("--stages", default="all", help=f"comma-separated, from {', '.join(STAGES)}")
     ap.add_argument("--n", type=int, default=None, help="items per stage: 2000, 300 with --icount")
     ap.add_argument("--icount", action="store_true", help="instructions per item under callgrind")
-    ap.add_argument("--reactor", default="auto", choices=("auto", "asyncio", "uvloop", "epoll"))
+    ap.add_argument("--reactor", default="auto",
+                    choices=("auto", "asyncio", "uvloop", "epoll", "asyncio-twisted", "uvloop-twisted"),
+                    help="-twisted: Twisted's asyncio reactor instead of the server's (ops/lean_asyncio.py)")
     ap.add_argument("--redis-port", type=int, default=29000, help="redis-server's port (29000-29499)")
     ap.add_argument("--keep", type=Path, help="with --icount: keep callgrind's output files here")
     ap.add_argument("--child", nargs=2, metavar=("STAGE", "N"), help=argparse.SUPPRESS)

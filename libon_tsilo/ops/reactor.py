@@ -10,7 +10,8 @@ then runs on the reactor's own loop (registrar/asyncio_bridge.py). Measured for 
 --reactors epoll+port,uvloop+port``); a late-fork call's timers cost ~90k instructions (2.6 %) more
 through the asyncio reactor (``bench/redis_cost.py --icount --stages call-memory --reactor
 uvloop``), less than epoll with Redis on a thread of its own would add: two thread hand-offs per
-Redis reply and per feed message.
+Redis reply and per feed message. Of those ~90k, ~50k were Twisted's asyncio reactor re-arming its loop timer
+on nearly every ``callLater``: the server's asyncio reactor is ops/lean_asyncio.py, which does not.
 
 A reactor already installed (``twistd -r NAME``) is kept: the command line wins over the config.
 """
@@ -43,6 +44,11 @@ def install_reactor(config: Config) -> str:
         # Twisted's asyncio reactor makes its loop with the current policy: uvloop's from here on
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
         wanted = "asyncio"
+    if wanted == "asyncio" and "twisted.internet.reactor" not in sys.modules:
+        # Twisted's asyncio reactor, its loop timer re-armed only when needed (ops/lean_asyncio.py)
+        from libon_tsilo.ops import lean_asyncio
+
+        lean_asyncio.install()
     if wanted == "asyncio":
         # raises when another reactor is installed already
         from libon_tsilo.push.reactor import ensure_asyncio_reactor
@@ -66,7 +72,7 @@ def running_reactor() -> str:
     from twisted.internet import reactor
 
     name = type(reactor).__name__
-    if name == "AsyncioSelectorReactor":
+    if name in ("AsyncioSelectorReactor", "LeanAsyncioReactor"):
         loop = getattr(reactor, "_asyncioEventloop", None)
         return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
     return {"EPollReactor": "epoll", "LeanEPollReactor": "epoll"}.get(name, name)

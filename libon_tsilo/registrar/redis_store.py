@@ -4,8 +4,8 @@ Every node keeps its LocationStore in memory as a *replica* (lookups stay synchr
 this module writes the node's changes to Redis and applies the other nodes' changes to the replica:
 
 * One key per binding, ``<prefix>b:<len(aor)>:<aor>/<key>`` (the length makes the split
-  unambiguous whatever the AOR holds), whose value is the binding's JSON (as in the SQLite store:
-  lone surrogates from non-UTF-8 bytes are escaped by json) and whose TTL is the binding's own
+  unambiguous whatever the AOR holds), whose value is the binding's JSON (redis_codec.py: orjson,
+  lone surrogates from non-UTF-8 bytes escaped by json) and whose TTL is the binding's own
   remaining time, so Redis forgets a dead binding by itself. Keys are bytes (surrogateescape).
 * Changes are written in batches, one at a time (a group commit, libon_tsilo/group_commit.py, on
   the loop's next turn: what queues while one batch is in flight goes in the next, so changes of
@@ -88,7 +88,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import math
 import secrets
 from collections.abc import Callable
@@ -105,6 +104,7 @@ from libon_tsilo.group_commit import Batch, GroupCommit
 from libon_tsilo.registrar.asyncio_bridge import as_deferred, reactor_loop
 from libon_tsilo.registrar.binding import Binding
 from libon_tsilo.registrar.location import NotStored, StoreClosed
+from libon_tsilo.registrar import redis_codec
 from libon_tsilo.registrar.redis_wire import OnReply, ReplyError, RespConnection, open_connection
 
 if TYPE_CHECKING:
@@ -269,6 +269,7 @@ class RedisBindingStore:
         self.stop_wait = stop_wait
         self._written_back_waiters: list[defer.Deferred[None]] = []
         self.node_id = node_id
+        self._node_json = redis_codec.dumps(node_id)  # in every change message
         self.prefix = _raw(key_prefix)
         # tells this process's own messages apart even if two nodes were given the same node_id
         self.instance = secrets.token_hex(8)
@@ -667,7 +668,7 @@ class RedisBindingStore:
             if value is None:
                 continue  # expired between SCAN and MGET
             try:
-                out.append(Binding.from_dict(json.loads(value)))
+                out.append(Binding.from_dict(redis_codec.loads(value)))
             except (ValueError, TypeError, KeyError) as exc:
                 self.rows_skipped += 1
                 log.warn("location redis: skipping unreadable binding {key}: {err}",
@@ -773,7 +774,7 @@ class RedisBindingStore:
         try:
             if data.startswith(self._own) or replica is None:
                 return
-            msg = json.loads(data.partition(b" ")[2])
+            msg = redis_codec.loads(data.partition(b" ")[2])
             for op in msg["ops"]:
                 if op[0] == "s":
                     replica.apply_remote(Binding.from_dict(op[1]))
@@ -883,17 +884,15 @@ class RedisBindingStore:
             rkey = binding_redis_key(self.prefix, aor, key)
             ttl_ms = math.ceil((change.expires_at - now) * 1000) if isinstance(change, Binding) else 0
             if isinstance(change, Binding) and ttl_ms > 0:
-                # ensure_ascii (the default) escapes lone surrogates: the JSON is always valid text;
                 # encoded once, for the key and inside the message
-                value = json.dumps(change.to_dict()).encode("ascii")
+                value = redis_codec.dumps(change.to_dict())
                 sets.append((rkey, value, ttl_ms))
                 ops.append(b'["s",' + value + b"]")
             else:
                 reason = change if isinstance(change, str) else "expired"
                 dels.append(rkey)
-                ops.append(json.dumps(["d", aor, key, reason]).encode("ascii"))
-        node = json.dumps(self.node_id).encode("ascii")
-        messages = [self._own + b'{"n":%s,"ops":[%s]}' % (node, b",".join(ops))]
+                ops.append(redis_codec.dumps(["d", aor, key, reason]))
+        messages = [self._own + b'{"n":%s,"ops":[%s]}' % (self._node_json, b",".join(ops))]
         return sets, dels, messages
 
     def _finish(self, failure: Failure | None, batch: _Batch,

@@ -73,7 +73,7 @@ def test_tap_installs_epoll_by_default(tmp_path: Path) -> None:
 
 
 def test_tap_installs_asyncio_when_asked(tmp_path: Path) -> None:
-    assert _served_by(tmp_path, '[ops]\nreactor = "asyncio"\n') == "AsyncioSelectorReactor"
+    assert _served_by(tmp_path, '[ops]\nreactor = "asyncio"\n') == "LeanAsyncioReactor"
 
 
 def test_tap_installs_asyncio_over_uvloop_when_asked(tmp_path: Path) -> None:
@@ -81,7 +81,7 @@ def test_tap_installs_asyncio_over_uvloop_when_asked(tmp_path: Path) -> None:
     assert _served_by(tmp_path, '[ops]\nreactor = "uvloop"\n',
                       "print(type(reactor._asyncioEventloop).__module__.split('.')[0])\n"
                       "from libon_tsilo.ops.reactor import running_reactor\n"
-                      "print(running_reactor())\n") == "AsyncioSelectorReactor\nuvloop\nuvloop"
+                      "print(running_reactor())\n") == "LeanAsyncioReactor\nuvloop\nuvloop"
 
 
 def test_a_reactor_from_the_command_line_is_kept() -> None:

@@ -1,0 +1,93 @@
+"""ops/lean_asyncio.py: the asyncio reactor re-arms its loop timer only for an earlier deadline.
+
+Each test builds a reactor on a fresh asyncio loop of its own (not installed: the tests' own
+reactor stays) and counts the loop's ``call_at``; the timers then run on that loop in real time
+(a few ms, in a thread: the tests' own reactor runs a loop in the main one), since a loop's clock
+cannot be injected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from libon_tsilo.ops.lean_asyncio import LeanAsyncioReactor
+
+
+class CountingLoop(asyncio.SelectorEventLoop):
+    """A loop that counts the timers armed on it."""
+
+    armed = 0
+
+    def call_at(self, when: float, callback: Any, *args: Any, context: Any = None) -> asyncio.TimerHandle:
+        self.armed += 1
+        return super().call_at(when, callback, *args, context=context)
+
+
+@pytest.fixture
+def loop() -> Iterator[CountingLoop]:
+    loop = CountingLoop()
+    yield loop
+    loop.close()
+
+
+def _run_until(loop: asyncio.AbstractEventLoop, done: list[Any], n: int) -> None:
+    """Run ``loop`` until ``done`` holds ``n`` items (at most 2 s), in a thread of its own: the
+    tests' reactor already runs a loop in this one."""
+
+    def check() -> None:
+        if len(done) >= n or loop.time() > bound:
+            loop.stop()
+        else:
+            loop.call_soon(check)
+
+    bound = loop.time() + 2.0
+    loop.call_soon(check)
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    thread.join()
+
+
+def test_calls_due_after_the_armed_one_do_not_re_arm_the_loop_timer(loop: CountingLoop) -> None:
+    reactor = LeanAsyncioReactor(loop)
+    first = reactor.callLater(10.0, lambda: None)
+    armed = loop.armed
+    later = [reactor.callLater(20.0 + i, lambda: None) for i in range(200)]
+    # the stock reactor compares two clocks read one after the other: about half of these re-armed
+    assert loop.armed == armed
+    sooner = reactor.callLater(5.0, lambda: None)
+    assert loop.armed == armed + 1  # an earlier deadline does
+    for dc in [first, sooner, *later]:
+        dc.cancel()
+
+
+def test_the_calls_still_run_when_due_and_in_order(loop: CountingLoop) -> None:
+    reactor = LeanAsyncioReactor(loop)
+    done: list[str] = []
+    reactor.callLater(0.004, done.append, "c")
+    reactor.callLater(0.002, done.append, "b")
+    reactor.callLater(0.0, done.append, "a")
+    cancelled = reactor.callLater(0.001, done.append, "never")
+    moved = reactor.callLater(60.0, done.append, "d")
+    moved.reset(0.006)  # moved sooner: the timer must follow it
+    cancelled.cancel()
+    _run_until(loop, done, 4)
+    assert done == ["a", "b", "c", "d"]
+    # nothing left armed once the last call ran: the next call arms the timer, a later one not
+    armed = loop.armed
+    e = reactor.callLater(30.0, done.append, "e")
+    f = reactor.callLater(40.0, done.append, "f")
+    assert loop.armed == armed + 1
+    e.cancel()
+    f.cancel()
+
+
+def test_a_call_made_from_a_firing_call_runs_too(loop: CountingLoop) -> None:
+    reactor = LeanAsyncioReactor(loop)
+    done: list[str] = []
+    reactor.callLater(0.001, lambda: reactor.callLater(0.001, done.append, "second"))
+    _run_until(loop, done, 1)
+    assert done == ["second"]
