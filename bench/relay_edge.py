@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import callgrind  # noqa: E402
 from bench.inproc import REGISTER, SDP, answer, take  # noqa: E402
 
 PUBLIC = ("127.0.0.1", 29501)
@@ -199,14 +200,7 @@ def run_stage(stage: str, n: int, profile: bool = False) -> float:
 
 def icount(stage: str, n: int, only_b: bool) -> int:
     only = ["--toggle-collect=_operator_call"] if only_b else []
-    cmd = ["valgrind", "--tool=callgrind", *only, "--callgrind-out-file=/dev/null", sys.executable, __file__,
-           "--child", stage, str(n)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
-    found = re.search(r"Collected : (\d+)", out.stderr)
-    if out.returncode != 0 or found is None:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr[-3000:]}")
-    return int(found.group(1))
-
+    return callgrind.count([sys.executable, __file__, "--child", stage, str(n)], options=only)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
