@@ -880,7 +880,7 @@ class Call:
         wanting = {k: b for k, b in self.woken.items() if self.mgr.invite_cancel_wanted(b)}
         self.woken = wanting
         if grace > 0 and wanting:
-            self.mgr.silo.linger(self, grace)
+            self.mgr.silo.linger(self, grace, self.mgr.expiry(grace))
         else:
             self.mgr.silo.remove(self)
 

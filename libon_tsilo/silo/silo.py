@@ -23,6 +23,7 @@ from libon_tsilo.silo.stats import SiloCounters
 
 if TYPE_CHECKING:
     from libon_tsilo.sip.flow import Flow
+    from libon_tsilo.sip.timers import ExpiryQueue
 
 __all__ = [
     "Silo",
@@ -101,7 +102,8 @@ class Silo(LocationObserver):
         # ended calls kept for a grace period so that a late-waking pushed device still gets
         # its INVITE + CANCEL (iOS PushKit must always be able to report a call to CallKit)
         self._lingering: dict[str, dict[str, LateBindingCall]] = {}
-        self._linger_timers: dict[str, IDelayedCall] = {}
+        # call id -> its DelayedCall, or its entry in the caller's ExpiryQueue (see linger)
+        self._linger_timers: dict[str, IDelayedCall | list[Any]] = {}
 
     # -- storing and removing ------------------------------------------------------------
 
@@ -152,22 +154,34 @@ class Silo(LocationObserver):
             if not calls:
                 del self._by_aor[call.aor]
 
-    def linger(self, call: LateBindingCall, grace: float) -> None:
-        """Keep an ended call for `grace` seconds for the Invite/Cancel of late pushed devices."""
+    def linger(self, call: LateBindingCall, grace: float, queue: ExpiryQueue | None = None) -> None:
+        """Keep an ended call for `grace` seconds for the Invite/Cancel of late pushed devices.
+
+        `queue` (the call layer's fixed-delay queue for `grace`, sip/timers.ExpiryQueue) takes the
+        grace period instead of a DelayedCall of its own: every such call waits the same configured
+        delay, and arming a DelayedCall costs the reactor heap's Python-level comparisons."""
         self.remove(call)  # type: ignore[arg-type]
         if grace <= 0:
             return
         self._lingering.setdefault(call.aor, {})[call.call_id] = call
-        old = self._linger_timers.pop(call.call_id, None)
-        if old is not None and old.active():
-            old.cancel()
-        self._linger_timers[call.call_id] = self.clock.callLater(grace, self.unlinger, call)
+        self._cancel_linger(call.call_id)
+        if queue is not None:
+            self._linger_timers[call.call_id] = queue.add(lambda: self.unlinger(call))
+        else:
+            self._linger_timers[call.call_id] = self.clock.callLater(grace, self.unlinger, call)
+
+    def _cancel_linger(self, call_id: str) -> None:
+        timer = self._linger_timers.pop(call_id, None)
+        if timer is None:
+            return
+        if isinstance(timer, list):
+            timer[2].discard(timer)  # an ExpiryQueue entry: [deadline, callback, queue]
+        elif timer.active():
+            timer.cancel()
 
     def unlinger(self, call: LateBindingCall) -> None:
         """End the grace period of `call` now (idempotent)."""
-        timer = self._linger_timers.pop(call.call_id, None)
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._cancel_linger(call.call_id)
         calls = self._lingering.get(call.aor)
         if calls is not None and calls.get(call.call_id) is call:
             del calls[call.call_id]
@@ -179,10 +193,8 @@ class Silo(LocationObserver):
         for calls in list(self._lingering.values()):
             for call in list(calls.values()):
                 self.unlinger(call)
-        for timer in self._linger_timers.values():  # none left unless a call changed its aor
-            if timer.active():
-                timer.cancel()
-        self._linger_timers.clear()
+        for call_id in list(self._linger_timers):  # none left unless a call changed its aor
+            self._cancel_linger(call_id)
 
     # -- appending -----------------------------------------------------------------------
 

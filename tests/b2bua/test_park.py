@@ -180,6 +180,22 @@ def test_invite_cancel_grace_expires() -> None:
     env.assert_clean()
 
 
+def test_invite_cancel_grace_waits_in_the_shared_expiry_queue() -> None:
+    """The grace period is an entry in the manager's queue for its delay, not a DelayedCall per call."""
+    env = Env(invite_cancel_grace=5.0)
+    env.location.add(binding(2, push="apns", live=False))
+    env.invite()
+    env.waker.calls[0][2].callback(WakeResult(woken=1))
+    env.clock.advance(30)  # ring timeout
+    assert env.silo.stats()["lingering"] == 1
+    assert len(env.mgr.expiry(5.0)) == 1
+    env.clock.advance(4.9)
+    assert env.silo.stats()["lingering"] == 1
+    env.clock.advance(0.1)
+    assert env.silo.stats()["lingering"] == 0 and len(env.mgr.expiry(5.0)) == 0
+    env.assert_clean()
+
+
 def test_shutdown_parked() -> None:
     env = Env()
     _, parked = env.invite(call_id="c1")

@@ -7,6 +7,7 @@ from twisted.internet.task import Clock
 
 from libon_tsilo.registrar.binding import Binding
 from libon_tsilo.silo.silo import CANNOT_APPEND, NO_RECORD, NOT_FOUND, Silo
+from libon_tsilo.sip.timers import ExpiryQueue, ExpiryTimer
 from libon_tsilo.latency import LatencyWindow, percentile
 from tests.fakes.calls import FakeCall, FakeLocation
 
@@ -148,6 +149,41 @@ def test_linger_without_grace_just_removes_and_unlinger_cancels_timer() -> None:
     silo.unlinger(b)
     silo.unlinger(b)
     assert len(silo) == 0 and clock.getDelayedCalls() == []
+
+
+def test_linger_on_a_shared_expiry_queue_fires_on_time_and_is_cancelled() -> None:
+    """With the call layer's queue for the grace delay, lingering takes a queue entry, not a
+    DelayedCall per call: the queues' one shared timer serves every lingering call."""
+    silo, clock, _ = make()
+    timer = ExpiryTimer(clock)
+    queue = ExpiryQueue(clock, 10.0, timer)
+    other = ExpiryQueue(clock, 64.0, timer)  # e.g. the transactions' final waits, already busy
+    other.add(lambda: None)
+    a, b, c = FakeCall("c1", "alice"), FakeCall("c2", "alice"), FakeCall("c3", "bob")
+    for call in (a, b, c):
+        silo.store(call)
+    silo.linger(a, 10.0, queue)
+    clock.advance(4.0)
+    silo.linger(b, 10.0, queue)
+    silo.linger(c, 10.0, queue)
+    assert len(queue) == 3 and len(clock.getDelayedCalls()) == 1
+    assert silo.stats()["lingering"] == 3
+    silo.unlinger(c)  # its device woke: the entry leaves the queue
+    assert len(queue) == 2
+    silo.linger(b, 10.0, queue)  # lingering again restarts its grace, one entry still
+    assert len(queue) == 2
+    clock.advance(5.5)
+    assert silo.stats()["lingering"] == 2
+    clock.advance(0.5)  # 10 s after a lingered
+    assert silo.stats()["lingering"] == 1 and len(queue) == 1
+    silo.binding_added(FakeBinding("alice", "sip:a@1"), None)
+    assert a.late == [] and len(b.late) == 1
+    clock.advance(4.0)  # 10 s after b lingered again
+    assert len(silo) == 0 and len(queue) == 0
+    silo.store(a)
+    silo.linger(a, 10.0, queue)
+    silo.stop()  # service stop leaves nothing queued
+    assert len(queue) == 0 and len(silo) == 0
 
 
 def test_lookup_and_dump() -> None:
