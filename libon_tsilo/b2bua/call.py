@@ -44,6 +44,7 @@ from libon_tsilo.registrar.binding import Binding
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.headers import NameAddr, canonical_key
 from libon_tsilo.sip.message import Request, Response, make_response, new_call_id, new_tag
+from libon_tsilo.sip.timers import cancel_expiry
 from libon_tsilo.sip.uri import URI
 from libon_tsilo.util import redact_key, redact_uri
 
@@ -902,7 +903,7 @@ class Call:
         entry = self._ring_timer
         if entry is not None:
             self._ring_timer = None
-            entry[2].discard(entry)
+            cancel_expiry(entry)
 
     def end(self, why: str) -> None:
         """Release everything the call holds. Idempotent; pending branches were cancelled before."""

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from libon_tsilo.b2bua import relay
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.message import Message, Request, Response, make_response
+from libon_tsilo.sip.timers import cancel_expiry
 
 if TYPE_CHECKING:
     from libon_tsilo.b2bua.call import Call
@@ -328,7 +329,7 @@ class SessionTimers:
         entry = self._entry
         if entry is not None:
             self._entry = None
-            entry[2].discard(entry)
+            cancel_expiry(entry)
 
     def _of(self, leg: Any) -> _Leg | None:
         return self.a if leg is self.call.a else self.b

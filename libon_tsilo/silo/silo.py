@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from libon_tsilo.latency import LatencyWindow
 from libon_tsilo.registrar.binding import Binding, LocationObserver
 from libon_tsilo.silo.stats import SiloCounters
+from libon_tsilo.sip.timers import cancel_expiry
 
 if TYPE_CHECKING:
     from libon_tsilo.sip.flow import Flow
@@ -175,7 +176,7 @@ class Silo(LocationObserver):
         if timer is None:
             return
         if isinstance(timer, list):
-            timer[2].discard(timer)  # an ExpiryQueue entry: [deadline, callback, queue]
+            cancel_expiry(timer)
         elif timer.active():
             timer.cancel()
 

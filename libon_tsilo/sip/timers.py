@@ -23,6 +23,7 @@ __all__ = [
     "TransactionBase",
     "TwoXXRetransmitter",
     "backoff",
+    "cancel_expiry",
     "is_reliable",
 ]
 
@@ -215,6 +216,12 @@ class ExpiryQueue:
                 fn()
             except Exception:
                 log.failure("expiry callback {fn!r} failed", fn=fn)
+
+
+def cancel_expiry(entry: list[Any]) -> None:
+    """Take an entry that :meth:`ExpiryQueue.add` returned out of its queue, whichever queue that
+    is (the entry names it); nothing if it ran or was cancelled already."""
+    entry[2].discard(entry)
 
 
 class TwoXXRetransmitter:
