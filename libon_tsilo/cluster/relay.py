@@ -365,6 +365,13 @@ class Relay:
         return self.node.sibling(mark) if isinstance(mark, str) else None
 
     def _stateless_to_sibling(self, req: Request, target: Target, came_over: Flow) -> bool:
+        return self._stateless_to_node(req, target, came_over, "to_sibling", None)
+
+    def _stateless_to_node(self, req: Request, target: Target, came_over: Flow, counter: str,
+                           routes: list[str] | None) -> bool:
+        """Forward ``req`` without a transaction to the node ``target`` (a peer, or a worker sharing
+        our public socket), under our Via and, when given, with ``routes`` as its Route set. False:
+        the parser's path must take it; True: it went, or the source limits answered or dropped it."""
         if _needs_state(req.method, (came_over.key.transport != "udp"), target.transport in _STREAMS):
             return False
         mf = req.max_forwards
@@ -375,9 +382,11 @@ class Relay:
             return False
         if not self._admitted(req, came_over):
             return True  # answered 503 or dropped
+        if routes is not None:
+            self._set_routes(req, routes)
         req.set_header("Max-Forwards", str(69 if mf is None else mf - 1))
         host, port = self.via_address
-        self.counters["to_sibling"] += 1
+        self.counters[counter] += 1
         self._send_stateless(req, f"SIP/2.0/{target.transport.upper()} {host}:{port};branch={branch};rport",
                              target, None, came_over, branch)
         return True
@@ -430,23 +439,7 @@ class Relay:
         target = self._next_target(routes[n:], req)
         if target is None:
             return False  # 403: not towards one of our nodes
-        if _needs_state(req.method, (came_over.key.transport != "udp"), target.transport in _STREAMS):
-            return False
-        mf = req.max_forwards
-        if mf is not None and mf <= 0:
-            return False
-        branch = self.branches.for_request(req.top_via)
-        if branch is None:
-            return False
-        if not self._admitted(req, came_over):
-            return True  # answered 503 or dropped
-        self._set_routes(req, routes[n:])
-        req.set_header("Max-Forwards", str(69 if mf is None else mf - 1))
-        host, port = self.via_address
-        self.counters["to_peer"] += 1
-        self._send_stateless(req, f"SIP/2.0/{target.transport.upper()} {host}:{port};branch={branch};rport",
-                             target, None, came_over, branch)
-        return True
+        return self._stateless_to_node(req, target, came_over, "to_peer", routes[n:])
 
     def _expect_responses(self, req: Request, branch: str) -> None:
         """Remember, under the branch we give ``req``, its top Via (the previous hop's, as we send it
