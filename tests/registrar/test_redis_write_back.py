@@ -24,6 +24,22 @@ def _in_redis(server: RedisServer, binding: Any) -> bool:
     return server.cli("EXISTS", binding_redis_key(b"test:", binding.aor, binding.key)) == b":1"
 
 
+def _refuse_scripts_after_load(redis_server: RedisServer, a: Node, once: bool = False) -> None:
+    """After ``a``'s next load (``once``: only its next one; else every one), Redis refuses scripts
+    (NOPERM): the write-back right after the load fails, as against a Redis still recovering."""
+    load_all = a.redis._load_all
+    refused: list[bool] = []
+
+    async def load_then_refuse_scripts() -> list[Any]:
+        loaded = await load_all()
+        if not (once and refused):
+            refused.append(True)
+            assert redis_server.cli("ACL", "SETUSER", "default", "-@scripting") == b"+OK"
+        return loaded
+
+    a.redis._load_all = load_then_refuse_scripts  # type: ignore[method-assign]
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_write_back_that_fails_is_retried_until_redis_has_it(
     redis_server: RedisServer, nodes: list[Node]  # noqa: F811
@@ -34,15 +50,7 @@ async def test_a_write_back_that_fails_is_retried_until_redis_has_it(
     late = make_binding(uri="sip:late@192.0.2.6", expires_at=600.0, node="a")
     assert redis_server.cli("SAVE") == b"+OK"
     await a.write(late)  # acknowledged after the snapshot
-    load_all = a.redis._load_all
-
-    async def load_then_refuse_scripts() -> list[Any]:
-        loaded = await load_all()
-        # the write-back right after this load is refused (NOPERM), as by a Redis still recovering
-        assert redis_server.cli("ACL", "SETUSER", "default", "-@scripting") == b"+OK"
-        return loaded
-
-    a.redis._load_all = load_then_refuse_scripts  # type: ignore[method-assign]
+    _refuse_scripts_after_load(redis_server, a)
     redis_server.restart()  # from the snapshot: `late` is gone
     await until(lambda: a.redis.loads == 2 and a.redis.rows_retried == 1, "the write-back to fail")
     assert not _in_redis(redis_server, late)
@@ -61,14 +69,7 @@ async def test_a_pending_write_back_is_cancelled_on_stop(
     await a.start()
     assert redis_server.cli("SAVE") == b"+OK"
     await a.write(make_binding(uri="sip:late@192.0.2.6", expires_at=600.0, node="a"))
-    load_all = a.redis._load_all
-
-    async def load_then_refuse_scripts() -> list[Any]:
-        loaded = await load_all()
-        assert redis_server.cli("ACL", "SETUSER", "default", "-@scripting") == b"+OK"
-        return loaded
-
-    a.redis._load_all = load_then_refuse_scripts  # type: ignore[method-assign]
+    _refuse_scripts_after_load(redis_server, a)
     redis_server.restart()
     await until(lambda: a.redis.rows_retried == 1, "the write-back to fail")
     assert clock.getDelayedCalls()
@@ -136,17 +137,7 @@ async def test_a_write_back_not_yet_in_survives_another_reload(
     assert redis_server.cli("SAVE") == b"+OK"
     late = make_binding(uri="sip:late@192.0.2.6", expires_at=600.0, node="a")
     await a.write(late)
-    load_all = a.redis._load_all
-    refused = []
-
-    async def load_then_refuse_scripts_once() -> list[Any]:
-        loaded = await load_all()
-        if not refused:
-            refused.append(True)
-            assert redis_server.cli("ACL", "SETUSER", "default", "-@scripting") == b"+OK"
-        return loaded
-
-    a.redis._load_all = load_then_refuse_scripts_once  # type: ignore[method-assign]
+    _refuse_scripts_after_load(redis_server, a, once=True)
     redis_server.restart()
     await until(lambda: a.redis.rows_retried == 1, "the write-back to fail")
     # Redis restarts again from the same snapshot: its counter is what this node saw at the loss,
@@ -166,14 +157,7 @@ async def _pending_write_backs(redis_server: RedisServer, a: Node, n: int) -> li
                          node="a") for i in range(n)]
     for binding in late:
         await a.write(binding)
-    load_all = a.redis._load_all
-
-    async def load_then_refuse_scripts() -> list[Any]:
-        loaded = await load_all()
-        assert redis_server.cli("ACL", "SETUSER", "default", "-@scripting") == b"+OK"
-        return loaded
-
-    a.redis._load_all = load_then_refuse_scripts  # type: ignore[method-assign]
+    _refuse_scripts_after_load(redis_server, a)
     redis_server.restart()
     await until(lambda: a.redis.rows_retried >= 1, "the first write-back to fail")
     assert a.redis.write_back_pending() == n and not any(_in_redis(redis_server, x) for x in late)
