@@ -79,9 +79,10 @@ def _text(data: bytes, head: str, start: int, stop: int) -> str:
     return text if text.isascii() else data[start:stop].decode("utf-8", "surrogateescape")
 
 
-def pop_top_via(data: bytes, branch_prefix: bytes) -> PoppedVia | None:
-    """``data`` (one complete response, as received) without its top Via, when that Via's branch
-    starts with ``branch_prefix`` and a second Via follows; None otherwise (see the module doc)."""
+def _top_via(data: bytes) -> tuple[str, int, int, int, int] | None:
+    """A response's head and its top Via line, as ``pop_top_via`` reads it: (head, where the line
+    starts, where its value starts and stops, the first comma in the value or -1); None when the
+    head or the line is not one read for sure."""
     head = _response_head(data)
     if head is None:
         return None
@@ -89,7 +90,16 @@ def pop_top_via(data: bytes, branch_prefix: bytes) -> PoppedVia | None:
     if top is None:
         return None
     line, start, stop = top
-    comma = head.find(",", start, stop)
+    return head, line, start, stop, head.find(",", start, stop)
+
+
+def pop_top_via(data: bytes, branch_prefix: bytes) -> PoppedVia | None:
+    """``data`` (one complete response, as received) without its top Via, when that Via's branch
+    starts with ``branch_prefix`` and a second Via follows; None otherwise (see the module doc)."""
+    top = _top_via(data)
+    if top is None:
+        return None
+    head, line, start, stop, comma = top
     branch = _BRANCH.search(head, start, stop if comma < 0 else comma)
     if branch is None or not branch.group(1).startswith(branch_prefix.decode("latin-1")):
         return None
@@ -118,14 +128,10 @@ def top_via_param(data: bytes, name: bytes) -> str | None:
     """The value of the parameter ``;name=`` (spelled as given) in the top Via of ``data`` (one
     complete response, as received); None when it has none, or when its Via lines are not ones
     ``pop_top_via`` reads for sure."""
-    head = _response_head(data)
-    if head is None:
-        return None
-    top = _via_line(head, head.find("\r\n"))
+    top = _top_via(data)
     if top is None:
         return None
-    _, start, stop = top
-    comma = head.find(",", start, stop)
+    head, _, start, stop, comma = top
     end = stop if comma < 0 else comma
     at = head.find(";" + name.decode("latin-1") + "=", start, end)
     if at < 0:
