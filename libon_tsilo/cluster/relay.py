@@ -79,7 +79,7 @@ from libon_tsilo.ratelimit import ThrottledLog
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.headers import NameAddr, Via
 from libon_tsilo.sip.message import (
-    Message, Request, Response, log_call_id, make_response, new_branch, new_tag,
+    Message, Request, Response, log_call_id, make_response, new_branch, new_tag, parse_message,
 )
 from libon_tsilo.sip.transport import Target, TransportError, fix_via
 from libon_tsilo.sip.uri import URI
@@ -333,8 +333,25 @@ class Relay:
         counters["stateless_bytes"] += 1
         if head.method == "CANCEL":
             counters["cancelled"] += 1
-        self.transport.forward_data(edited, Target("udp", ref.host, ref.port), out)
+        if not self.transport.forward_data(edited, Target("udp", ref.host, ref.port), out):
+            self._unsent_bytes(data, top, flow)
         return True
+
+    def _unsent_bytes(self, data: bytes, via: str, came_over: Flow) -> None:
+        """A request relayed as bytes that could not be sent (logged by the transport): answered
+        503, as the parsed path's ``_send_stateless`` answers (RFC 3261 §16.9: a transport error is a
+        503 to the forwarded request); an ACK gets no answer. Parsed here, on this rare path only;
+        ``via`` is its top Via with the transport's received/rport, where the 503 goes."""
+        if data.startswith(b"ACK "):
+            return
+        try:
+            req = cast(Request, parse_message(data))
+            req.remove_top_via()
+            req.add_header("Via", via, first=True)
+            resp = make_response(req, 503, None, to_tag=new_tag())
+        except ParseError:
+            return  # read_request_head read it: only a header it did not look at can be malformed
+        self.transport.send_response(resp, came_over)
 
     # -- what the kernel gave us of another worker's dialogs (a shared public socket) ------------
 

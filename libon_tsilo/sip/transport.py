@@ -582,9 +582,10 @@ class TransportLayer:
         except Exception as e:
             log.warn("cannot forward a response: {err}", err=e, call_id=_call_id_of(data))
 
-    def forward_data(self, data: bytes, target: Target, flow: Flow | None = None) -> None:
+    def forward_data(self, data: bytes, target: Target, flow: Flow | None = None) -> bool:
         """Send a message a stateless forwarder made of received bytes towards ``target`` (from
-        ``target.local``), over ``flow`` when it is live; never raises."""
+        ``target.local``), over ``flow`` when it is live; never raises. False: it could not be sent
+        (logged here; a request's forwarder answers its sender)."""
         try:
             name = target.transport.lower()
             if flow is not None and flow.live:
@@ -595,6 +596,8 @@ class TransportLayer:
                 self._send_stream(data, target, name)
         except Exception as e:
             log.warn("cannot forward a message: {err}", err=e, call_id=_call_id_of(data))
+            return False
+        return True
 
     def _flow_to_via(self, via: Via) -> Flow | None:
         name = via.transport.lower()

@@ -14,7 +14,8 @@ import pytest_twisted
 
 from libon_tsilo.sip import transport as transport_module
 from libon_tsilo.sip.headers import Via
-from libon_tsilo.sip.message import Request
+from libon_tsilo.sip.message import Request, Response
+from libon_tsilo.sip.transport import TransportError
 from tests.cluster.test_relay_two_nodes import (
     AOR, SDP, Pair, _answered_call, _public, in_dialog, invite, register,
 )
@@ -363,5 +364,56 @@ async def test_a_peers_in_dialog_request_is_relayed_as_bytes_exactly_as_the_pars
         assert got.branch.startswith("z9hG4bKsl")
         device.send(response_to(got, 200, "OK"))
         await peer.response(200, "BYE")
+    finally:
+        await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_peers_request_that_cannot_be_sent_on_gets_a_503_as_bytes_as_when_parsed():
+    """RFC 3261 §16.9: a transport error on a forwarded request counts as a 503 to it. The device's
+    flow refuses the send (sendto's EPERM, as a firewall's reject gives): the peer's BYE relayed as
+    bytes gets B's 503, as the parsed path's does, not silence; its ACK gets nothing."""
+    pair = Pair()
+    pair.start()
+    try:
+        relay = pair.b.parts.extra["cluster_relay"]
+        device, peer, route = await _device_on_b(pair)
+        call_id = f"{tag()}@peer"
+        peer.send(_peer_invite(peer, device, route, f"z9hG4bK{tag()}", call_id))
+        inv = await device.request("INVITE")
+        device.send(response_to(inv, 200, "OK", "dev1"))
+        ok = await peer.response(200, "INVITE")
+        routes = list(reversed(ok.header_values("record-route")))
+        flow = next(f for f in pair.b.parts.transport.flows if f.key.remote == ("127.0.0.1", device.port))
+
+        def refused(data: bytes) -> None:
+            raise TransportError(f"UDP send to 127.0.0.1:{device.port} failed: [Errno 1] Operation not permitted")
+
+        flow._sender = refused
+
+        async def bye_answered(as_bytes: bool) -> Response:
+            relay.internal_exempt = as_bytes  # False: the parsed path takes it
+            branch = f"z9hG4bK{tag()}"
+            peer.send(_peer_bye(peer, device, routes, ok.header("to") or "", call_id, branch, ";rport"))
+            return await wait_for(lambda: next(
+                (m for m in peer.received if isinstance(m, Response) and m.branch == branch), None), "the answer")
+
+        as_bytes = relay.counters["stateless_bytes"]
+        answers = [await bye_answered(True)]
+        assert relay.counters["stateless_bytes"] == as_bytes + 1
+        answers.append(await bye_answered(False))
+        assert relay.counters["stateless_bytes"] == as_bytes + 1
+        for answer in answers:
+            assert answer.status == 503 and answer.call_id == call_id and answer.cseq.method == "BYE"
+            assert answer.top_via.rport == peer.port and len(answer.vias) == 1  # the peer's Via only
+        relay.internal_exempt = True
+        peer.send(f"ACK sip:bob@127.0.0.1:{device.port} SIP/2.0\r\n"
+                  f"Via: SIP/2.0/UDP 127.0.0.1:{peer.port};branch=z9hG4bK{tag()};rport\r\nMax-Forwards: 70\r\n"
+                  f"Route: {', '.join(routes)}\r\nFrom: <sip:carol@127.0.0.1>;tag=p1\r\n"
+                  f"To: {ok.header('to')}\r\nCall-ID: {call_id}\r\nCSeq: 1 ACK\r\nContent-Length: 0\r\n\r\n")
+        await bye_answered(True)  # after the ACK, over the same sockets: what the ACK got came first
+        assert relay.counters["stateless_bytes"] == as_bytes + 3  # the ACK went the bytes path too
+        # the INVITE's 200 and the three BYEs' 503s: nothing for the ACK
+        assert len([m for m in peer.received if isinstance(m, Response)]) == 1 + 3
     finally:
         await pair.stop()
