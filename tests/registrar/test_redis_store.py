@@ -210,6 +210,9 @@ async def test_redis_down_fails_writes_serves_lookups_and_recovers(
         key = binding_redis_key(b"test:", binding.aor, binding.key)
         await until(lambda k=key: redis_server.cli("EXISTS", k) == b":1", f"{binding.node} to write back")
     await until(lambda: a.store.lookup(late.aor), "b's binding on a")
+    # b may have loaded before a wrote `kept` back (its resync then dropped it): b has it again once
+    # it reads a's change message, which can come after Redis has the key
+    await until(lambda: b.store.lookup(kept.aor), "a's binding on b")
     assert [x.contact_uri for x in b.store.lookup(kept.aor)] == [kept.contact_uri]
     # and the feed works again
     again = make_binding(aor="sip:carol@example.com", uri="sip:carol@192.0.2.7", expires_at=600.0, node="b")
