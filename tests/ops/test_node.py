@@ -51,7 +51,7 @@ def test_a_redis_node_derives_its_id_from_its_own_sip_port():
     assert resolve_node_id(with_admin, hostname="sip2") == "sip2-26091"
 
 
-def test_reuse_port_shares_the_public_listeners_not_the_internal_one():
+def test_reuse_port_shares_the_public_listeners_not_the_internal_one(tmp_path):
     from twisted.internet.task import Clock
 
     from libon_tsilo.ops.service import make_service
@@ -61,7 +61,7 @@ def test_reuse_port_shares_the_public_listeners_not_the_internal_one():
     cfg = config_from_dict({
         "sip": {"listen": public}, "location": REDIS,
         "cluster": {"reuse_port": True, "node_id": "w1", "node_address": "udp:127.0.0.1:26061", "secret": "s"},
-    })
+    }, tmp_path)  # the users' SQLite file in tmp_path, not in the checkout
     transport = make_service(cfg, clock=Clock()).parts.transport
     assert transport.reuse_port == {parse_listen_spec(s) for s in public}
 

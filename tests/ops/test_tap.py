@@ -33,6 +33,14 @@ REPO = Path(__file__).resolve().parents[2]
 TWISTD = Path(sys.executable).parent / "twistd"
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default config's SQLite files are relative to the working directory: a service built
+    from it opens them in tmp_path, not in the checkout, where they would outlive the run and be
+    shared by every run of the suite."""
+    monkeypatch.chdir(tmp_path)
+
+
 # --- plugin & options -------------------------------------------------------------------------
 
 
