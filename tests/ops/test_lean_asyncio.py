@@ -100,6 +100,40 @@ def test_a_call_made_from_a_firing_call_runs_too(loop: CountingLoop) -> None:
     assert done == ["second"]
 
 
+def test_a_call_due_now_runs_on_the_next_turn_without_a_loop_timer(loop: CountingLoop) -> None:
+    reactor = LeanAsyncioReactor(loop)
+    done: list[str] = []
+    later = reactor.callLater(30.0, done.append, "later")
+    armed = loop.armed
+    reactor.callLater(0, done.append, "a")
+    reactor.callLater(0, lambda: reactor.callLater(0, done.append, "c"))  # one made by a call due now
+    reactor.callLater(0, done.append, "b")
+    _run_until(loop, done, 3)
+    assert done == ["a", "b", "c"]
+    # the stock reactor armed a timer for each call due now, then re-armed it for the 30 s one
+    assert loop.armed == armed
+    assert reactor._armed_for == later.getTime()
+    later.cancel()
+
+
+def test_a_cancelled_call_at_the_head_is_not_woken_for(loop: CountingLoop) -> None:
+    reactor = LeanAsyncioReactor(loop)
+    done: list[str] = []
+    reactor.callLater(0.001, done.append, "first")
+    cancelled = reactor.callLater(30.0, done.append, "never")
+    last = reactor.callLater(60.0, done.append, "last")
+    _run_until(loop, done, 1)  # "first" ran: the other two are in the heap, the timer armed for 30 s
+    assert reactor._armed_for == cancelled.getTime()
+    cancelled.cancel()
+    reactor.callLater(0.001, done.append, "second")
+    _run_until(loop, done, 2)
+    assert done == ["first", "second"]
+    # once "second" ran, the loop's timer waits for the next call that will run, not the cancelled one
+    assert reactor._armed_for == last.getTime()
+    assert reactor.getDelayedCalls() == [last]
+    last.cancel()
+
+
 # -- the per-event path of our UDP port -------------------------------------------------------------
 
 
