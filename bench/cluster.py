@@ -16,6 +16,11 @@ Three set-ups of the real server (bench/common.py ``serve``: twistd plus a stats
 - (e) as (c) without internal addresses (no ``node_address``, so no Path): node A sends the forked
   INVITE straight to the device's UDP address, as one host's workers can (they share its public
   port). (c) against (e) is the price of the relay hop (not in the default --cases).
+- (f) two workers of one host sharing one public socket (``[cluster] reuse_port``, internal
+  addresses, ``udp_via_path = "auto"``, the default): the caller's and the device's source ports
+  are picked so that the kernel hands the caller to A and the device to B (each asked with an
+  OPTIONS, counted by the worker's admin API). A forks straight to the device from the shared
+  socket; the kernel gives the device's answers to B, which passes them on to A as bytes.
 
 For each, two SIPp processes drive late-fork calls as bench/latefork.py does (caller INVITEs the
 per-call AOR, the device REGISTERs it ``--delay-ms`` later and answers the forked INVITE), at
@@ -42,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -52,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +76,7 @@ from bench.common import (  # noqa: E402
     start_bench_server,
 )
 from bench import latefork  # noqa: E402
+from tests.e2e.proc import options_request  # noqa: E402
 from bench.latefork import fmt_ms, sipp_command, spawn  # noqa: E402
 
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -83,7 +91,9 @@ CASES = {
     "b": "one node, Redis store",
     "c": "two nodes on Redis, every REGISTER on the node that did not park the call",
     "e": "as (c) without the Path relay: the node that forks sends straight to the device (UDP)",
+    "f": "two workers sharing one public socket (reuse_port, udp_via_path auto), REGISTERs on B",
 }
+SHARED = ("f",)  # the cases whose nodes share the public port
 
 
 # --- ports in this bench's range ------------------------------------------------------------------
@@ -181,6 +191,10 @@ class Setup:
     device_node: BenchServer  # gets the REGISTERs
     nodes: list[BenchServer]
     redis: RedisServer | None = None
+    # shared public socket (case f): source ports the kernel hashes to A (caller) and B (device)
+    caller_port: int | None = None
+    device_port: int | None = None
+    admin_ports: list[int] = field(default_factory=list)
 
     def cpu(self) -> float:
         return sum(self.node_cpu())
@@ -272,24 +286,80 @@ def strace_counts(proc: subprocess.Popen[bytes] | None, out: Path) -> dict[str, 
 
 def start_setup(case: str, workdir: Path, ports: PortRange) -> Setup:
     redis = None
-    if case in ("b", "c", "e"):
+    if case in ("b", "c", "e", *SHARED):
         redis = start_redis(ports.take(), workdir / "redis", SIPP_CPU if PIN else None)
+    nodes: list[BenchServer] = []
     try:
-        names = ["a", "b"] if case in ("c", "e") else ["a"]
-        nodes = []
+        names = ["a", "b"] if case in ("c", "e", *SHARED) else ["a"]
+        public = ports.take()
+        admin: list[int] = []
         for name in names:
-            internal = ports.take() if case == "c" else None  # node to node: the Path relay
+            # node to node: the Path relay (c); the sibling's answers passed on (f)
+            internal = ports.take() if case in ("c", *SHARED) else None
             sections = node_sections(name, redis, case == "d", internal)
+            if case in SHARED:
+                admin.append(ports.take())
+                sections["cluster"]["reuse_port"] = True
+                sections["admin"] = {"listen": f"tcp:{admin[-1]}:interface={HOST}"}
             cpu = SERVER_CPU if PIN else None
-            node = start_bench_server(workdir / f"node-{name}", sections, cpu=cpu, port=ports.take())
+            port = public if case in SHARED else ports.take()
+            node = start_bench_server(workdir / f"node-{name}", sections, cpu=cpu, port=port)
             print(f"  node {name}: {node.command}")
             nodes.append(node)
-            wait_store_ready(node)
+            if case in SHARED:  # a REGISTER to the shared port could land on the other worker
+                _wait_admin(admin[-1], lambda s: s["usrloc"]["redis"]["up"], f"node {name}'s Redis store")
+            else:
+                wait_store_ready(node)
     except Exception:
+        for node in nodes:
+            node.stop()
         if redis is not None:
             redis.stop()
         raise
-    return Setup(case, nodes[0], nodes[-1], nodes, redis)
+    setup = Setup(case, nodes[0], nodes[-1], nodes, redis, admin_ports=admin)
+    if case in SHARED:
+        setup.caller_port = _port_reaching(public, admin[0], admin)
+        setup.device_port = _port_reaching(public, admin[1], admin, not_=setup.caller_port)
+        print(f"  source ports: caller {setup.caller_port} -> node a, device {setup.device_port} -> node b")
+    return setup
+
+
+def _admin_stats(port: int) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://{HOST}:{port}/rpc/stats", timeout=5) as resp:
+        result: dict[str, Any] = json.loads(resp.read())["result"]
+        return result
+
+
+def _wait_admin(port: int, ready: Any, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            if ready(_admin_stats(port)):
+                return
+        time.sleep(0.05)  # polling a start-up, not a measurement
+    raise RuntimeError(f"{what} not ready in {timeout:.0f} s")
+
+
+def _options_in(admin: int) -> int:
+    return int(_admin_stats(admin).get("sip", {}).get("requests_in", {}).get("OPTIONS", 0))
+
+
+def _port_reaching(public: int, target: int, admins: list[int], not_: int | None = None) -> int:
+    """A free local UDP port whose datagrams to ``public`` the kernel hands to the worker whose
+    admin API is on ``target`` (SO_REUSEPORT hashes the 4-tuple: the same port, the same worker)."""
+    for _ in range(64):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind((HOST, 0))
+            port = sock.getsockname()[1]
+            if port == not_:
+                continue
+            before = _options_in(target)
+            sock.settimeout(2.0)
+            sock.sendto(options_request(HOST, public, port), (HOST, public))
+            sock.recvfrom(65535)  # answered: the counter moved on the worker that took it
+            if _options_in(target) > before:
+                return port
+    raise RuntimeError("no source port hashed to the wanted worker")
 
 
 def wait_store_ready(node: BenchServer, timeout: float = 20.0) -> None:
@@ -331,6 +401,7 @@ class LoadResult:
     per_node_wakeups: list[int] = field(default_factory=list)
     redis_commands: dict[str, int] = field(default_factory=dict)  # run during the load, by name
     per_node_syscalls: list[dict[str, int]] = field(default_factory=list)  # with --strace
+    per_node_relayed: list[dict[str, int]] = field(default_factory=list)  # cluster_relay counters (f)
 
     @property
     def per_call(self) -> float:
@@ -347,6 +418,9 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
     device_args, _, _ = sipp_command(
         setup.device_node, "bench_device_register.xml", workdir, "device", calls=calls, rate=rate,
         prefix=prefix, limit=limit * 4, ooc="bench_device_answer.xml", pause_ms=2000)
+    for args, port in ((caller_args, setup.caller_port), (device_args, setup.device_port)):
+        if port is not None:  # a source port the kernel hashes to the wanted worker (case f)
+            args[args.index("-p") + 1] = str(port)
     print(f"  caller: {' '.join(caller_args)}")
     print(f"  device (started {delay_ms} ms later): {' '.join(device_args)}")
     # the servers' own background cost, printed beside the per-call figure; in ns (schedstat):
@@ -359,6 +433,7 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
     if trace:
         time.sleep(1.0)  # strace attaches
     wake0, commands0 = [wakeups(n.pid) for n in setup.nodes], redis_commands(setup.redis)
+    relay0 = [_admin_stats(port).get("cluster_relay", {}) for port in setup.admin_ports]
     nodes0, sys0, redis0, started = setup.node_cpu(), setup.node_sys(), setup.redis_cpu(), time.monotonic()
     caller = spawn(caller_args, workdir, "caller")
     time.sleep(delay_ms / 1000.0)
@@ -375,6 +450,9 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
     per_node_wakeups = [wakeups(n.pid) - before for n, before in zip(setup.nodes, wake0)]
     commands = {name: calls - commands0.get(name, 0) for name, calls in redis_commands(setup.redis).items()}
     syscalls = [strace_counts(t, workdir / f"strace-{i}.txt") for i, t in enumerate(tracers)]
+    relayed = [{k: v - before.get(k, 0) for k, v in _admin_stats(port).get("cluster_relay", {}).items()
+                if isinstance(v, int) and v != before.get(k, 0)}
+               for port, before in zip(setup.admin_ports, relay0)]
     cpu, redis_cpu, wall = sum(per_node), setup.redis_cpu() - redis0, time.monotonic() - started
     cs = sipp_stats(caller_stats)
     stats = setup.caller_node.stats()
@@ -383,7 +461,7 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
     elapsed = sipp_run_seconds(cs) or wall
     return LoadResult(calls, int(cs.get("SuccessfulCall(C)", 0)), elapsed, cpu, redis_cpu,
                       int(latency.get("samples") or 0), latency, per_node, per_node_sys, idle,
-                      per_node_wakeups, {k: v for k, v in commands.items() if v > 0}, syscalls)
+                      per_node_wakeups, {k: v for k, v in commands.items() if v > 0}, syscalls, relayed)
 
 
 # --- REGISTER -> forked INVITE, as the device sees it -----------------------------------------------
@@ -462,8 +540,8 @@ def probe_latency(setup: Setup, n: int, prefix: str) -> list[float]:
     samples = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as caller, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as device:
-        caller.bind((HOST, 0))
-        device.bind((HOST, 0))
+        caller.bind((HOST, setup.caller_port or 0))
+        device.bind((HOST, setup.device_port or 0))
         cport, dport = caller.getsockname()[1], device.getsockname()[1]
         for i in range(n):
             user, call_id = f"{prefix}{i}", uuid.uuid4().hex
@@ -515,6 +593,10 @@ def run_case(case: str, args: argparse.Namespace, base: Path, ports: PortRange) 
     if load.redis_commands:
         print("  redis commands per call: " + ", ".join(
             f"{name} {calls / ok:.2f}" for name, calls in sorted(load.redis_commands.items())))
+    for i, relayed in enumerate(load.per_node_relayed):
+        if relayed:
+            print(f"  node {names[i]} relayed per call (stats cluster_relay): " + ", ".join(
+                f"{name} {n / ok:.2f}" for name, n in sorted(relayed.items())))
     for i, counts in enumerate(load.per_node_syscalls):
         if counts:
             top = sorted(counts.items(), key=lambda kv: -kv[1])[:8]
@@ -573,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         if r["probes"]:
             p50 = statistics.median(r["probes"])
             line += f"; REGISTER->INVITE p50 {fmt_ms(p50)}"
-            if case in ("c", "e"):
+            if case in ("c", "e", *SHARED):
                 line += f" ({'meets' if p50 < GOAL_P50 else 'misses'} < 2 ms)"
         if not r["passed"]:
             line += "; NOT all calls answered and late-forked: figures are not comparable"

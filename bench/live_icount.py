@@ -1,11 +1,12 @@
 """User-space instructions per late-fork call of the real server process, under callgrind.
 
-    .venv/bin/python bench/live_icount.py [--code DIR] [--n 200] [--rate 10] [--port 27100]
+    .venv/bin/python bench/live_icount.py [--code DIR] [--n 200] [--rate 10] [--port 27100] [--reactor uvloop]
 
 bench/inproc.py counts the call path without sockets, with the asyncio reactor and its own fake
 peers; bench/sidebyside.py measures the whole process but moves by 10-20 % with the load of a shared
 box. This one runs the real server (bench/common.py serve: twistd, epoll reactor, memory location
-store) under ``valgrind --tool=callgrind`` and drives it with the two SIPp scenarios of
+store; ``--reactor uvloop``: the asyncio reactor a node on the Redis store runs) under
+``valgrind --tool=callgrind`` and drives it with the two SIPp scenarios of
 bench/latefork.py (INVITE parked, the device REGISTERs 150 ms later, 200, ACK, BYE) at ``--rate``
 (the server runs ~50x slower under valgrind), once with ``--n`` calls and once with none; the
 difference / N is what one call costs in user space: parsing, the call path, the reactor and the
@@ -44,6 +45,7 @@ level = "warn"
 format = "text"
 [ops]
 drain_timeout = 2
+reactor = "{reactor}"
 [calls]
 ring_timeout = 30
 invite_cancel_grace = 0
@@ -70,9 +72,10 @@ def wait_answering(port: int, timeout: float = 300.0) -> None:
     raise SystemExit(f"the server on port {port} did not answer OPTIONS in {timeout:.0f} s")
 
 
-def instructions(code: Path, n: int, rate: float, port: int, workdir: Path, keep: Path | None = None) -> int:
+def instructions(code: Path, n: int, rate: float, port: int, workdir: Path, keep: Path | None = None,
+                 reactor: str = "epoll") -> int:
     conf = workdir / f"server-{n}.toml"
-    conf.write_text(CONFIG.format(port=port))
+    conf.write_text(CONFIG.format(port=port, reactor=reactor))
     errors = workdir / f"callgrind-{n}.err"
     env = callgrind.environment({"PYTHONPATH": str(code)})
     out = "/dev/null" if keep is None else str(keep / f"callgrind-{n}.out")
@@ -118,16 +121,18 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, default=None,
                     help="keep callgrind's profiles there (callgrind-0.out, callgrind-N.out), e.g. for "
                          "callgrind_annotate: the difference per function is what a call costs in it")
+    ap.add_argument("--reactor", default="epoll", choices=("epoll", "uvloop", "asyncio"),
+                    help="[ops] reactor: uvloop is what a node on the Redis store runs (store: memory)")
     args = ap.parse_args()
     print(f"command: {' '.join([sys.executable, *sys.argv])}", flush=True)
     with tempfile.TemporaryDirectory(prefix="live-icount-") as tmp:
         keep = args.keep.resolve() if args.keep is not None else None
         if keep is not None:
             keep.mkdir(parents=True, exist_ok=True)
-        base = instructions(args.code.resolve(), 0, args.rate, args.port, Path(tmp), keep)
-        full = instructions(args.code.resolve(), args.n, args.rate, args.port, Path(tmp), keep)
+        base = instructions(args.code.resolve(), 0, args.rate, args.port, Path(tmp), keep, args.reactor)
+        full = instructions(args.code.resolve(), args.n, args.rate, args.port, Path(tmp), keep, args.reactor)
     print(f"RESULT {(full - base) / args.n:,.0f} user-space instructions per late-fork call "
-          f"({args.n} calls at {args.rate:g}/s; code: {args.code})")
+          f"({args.n} calls at {args.rate:g}/s; reactor {args.reactor}; code: {args.code})")
 
 
 if __name__ == "__main__":

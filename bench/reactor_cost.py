@@ -1,6 +1,6 @@
 """What the reactor itself costs per datagram and per timer: asyncio vs epoll, in instructions.
 
-    .venv/bin/python bench/reactor_cost.py [--n 2000] [--reactors asyncio,epoll[,uvloop,epoll+port,lean+port]]
+  .venv/bin/python bench/reactor_cost.py [--n 2000] [--reactors asyncio,epoll[,uvloop,lean+port,leanuv+port]]
 
 The side-by-side benchmark (bench/sidebyside.py) measures the whole process on a shared machine,
 where a run's CPU per call moves by 10 % or more; this script isolates the part ``[ops] reactor``
@@ -12,7 +12,9 @@ few hundred calls/s looks like that), and each datagram also arms a timer and ca
 armed before (a SIP transaction arms and cancels several). The child runs once with N round
 trips and once with none; the difference / (2 N) is the cost of one datagram received and sent,
 its wake-up and one timer armed and cancelled, on that reactor. ``lean`` is the server's epoll
-reactor (ops/lean_epoll.py: our UDP port's readable events skip Twisted's per-event log context).
+reactor (ops/lean_epoll.py: our UDP port's readable events skip Twisted's per-event log context),
+``leanuv`` the server's asyncio reactor over uvloop (ops/lean_asyncio.py: the same for its reads,
+and its loop timer re-armed only for an earlier deadline).
 Kernel time is not in the count (callgrind sees user space only): the syscalls are the same on
 both reactors.
 """
@@ -44,6 +46,16 @@ def child(reactor_name: str, n: int) -> None:
         from libon_tsilo.sip.twisted_io import UDPPort
 
         lean_epoll.install().lean_readers = frozenset({UDPPort})
+    elif reactor_name == "leanuv":  # the server's asyncio reactor over uvloop (ops/lean_asyncio.py)
+        import asyncio
+
+        import uvloop
+
+        from libon_tsilo.ops import lean_asyncio
+        from libon_tsilo.sip.twisted_io import UDPPort
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        lean_asyncio.install().lean_readers = frozenset({UDPPort})
     else:
         if reactor_name == "uvloop":  # not a dependency: pip install uvloop to measure it
             import asyncio

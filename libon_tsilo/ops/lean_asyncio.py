@@ -1,4 +1,5 @@
-"""Twisted's asyncio reactor, with a loop timer re-armed only when the earliest deadline moves earlier.
+"""Twisted's asyncio reactor, with a loop timer re-armed only when the earliest deadline moves earlier,
+and the server's UDP listeners read without Twisted's per-event wrapping.
 
 Twisted's ``AsyncioSelectorReactor`` keeps its DelayedCalls in its own heap and one asyncio timer
 for the earliest. Its ``callLater`` decides whether to re-arm that timer by comparing a deadline it
@@ -8,16 +9,31 @@ earliest call the two differ by the nanoseconds between the reads, and about hal
 re-arm (a ``timeout()``, a handle cancelled, a ``call_at``) for nothing: 8 re-arms per late-fork
 call (bench/redis_cost.py). Here the comparison is made on the reactor's own deadlines
 (``DelayedCall.time``), which are exact: a new call re-arms the timer only when it is due before
-the one armed. What runs when, and in which order, is unchanged.
+the one armed. A call due at once (``callLater(0, ...)``: ``callFromThread``, ``stop``,
+``deferLater(reactor, 0)``) runs from the loop's next turn (``call_soon``) instead of from a timer
+armed for now (then re-armed for the next deadline), and a cancelled call at the head of the heap
+is dropped before the timer is armed, rather than woken for. What runs when, and in which order,
+is unchanged.
+
+Per readable event, Twisted's ``addReader`` has the loop call ``log.callWithLogger`` (the
+selectable's ``logPrefix()`` pushed as the legacy log context around the call), then
+``_readOrWrite`` (a ``fileno()`` check), then ``doRead``: the wrapping ops/lean_epoll.py takes off
+the epoll reactor. For a reader of one of the ``lean_readers`` types (ops/reactor.py names the SIP
+UDP port, whose ``doRead`` logs through ``twisted.logger`` and never reads that context) the loop
+calls ``_lean_read`` instead, which is ``_readOrWrite`` without the check: a ``doRead`` that
+raises or returns a reason is logged and disconnected as Twisted does. Every other reader and
+every writer keeps Twisted's path.
 """
 
 from __future__ import annotations
 
 import asyncio
+from heapq import heappop
 from typing import Any, Callable
 
 from twisted.internet.asyncioreactor import AsyncioSelectorReactor
 from twisted.internet.base import DelayedCall
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.posixbase import PosixReactorBase
 
 __all__ = ["LeanAsyncioReactor", "install"]
@@ -27,12 +43,38 @@ _LONGEST = 2147483.0
 
 
 class LeanAsyncioReactor(AsyncioSelectorReactor):
-    """``AsyncioSelectorReactor`` whose loop timer is re-armed only for an earlier deadline."""
+    """``AsyncioSelectorReactor`` whose loop timer is re-armed only for an earlier deadline, and
+    whose ``lean_readers`` types are read without the per-event wrapping."""
+
+    lean_readers: frozenset[type] = frozenset()
 
     def __init__(self, eventloop: asyncio.AbstractEventLoop | None = None) -> None:
         # the reactor time (``seconds()``) the loop's timer is armed for; None when none is armed
         self._armed_for: float | None = None
+        # a loop callback is queued that runs the calls due now (callLater(0, ...))
+        self._soon = False
         super().__init__(eventloop)
+
+    def addReader(self, reader: IReadDescriptor) -> None:
+        if type(reader) not in self.lean_readers:
+            super().addReader(reader)
+            return
+        if reader in self._readers:
+            return
+        fd = reader.fileno()
+        # a socket (the lean types are ports): never one of the files epoll refuses, which
+        # Twisted's addReader polls continuously instead
+        self._asyncioEventloop.add_reader(fd, self._lean_read, reader)
+        self._readers[reader] = fd  # type: ignore[index]
+
+    def _lean_read(self, reader: Any) -> None:
+        try:
+            why = reader.doRead()
+        except Exception as e:
+            why = e
+            self._log.failure("reading {reader!r} failed", reader=reader)
+        if why:
+            self._disconnectSelectable(reader, why, True)
 
     def _onTimer(self) -> None:
         self._timerHandle = None
@@ -41,10 +83,23 @@ class LeanAsyncioReactor(AsyncioSelectorReactor):
         self.runUntilCurrent()
         self._reschedule()
 
+    def _onSoon(self) -> None:
+        self._soon = False
+        self.runUntilCurrent()
+        self._reschedule()
+
     def _reschedule(self) -> None:
-        if self.timeout() is None:  # also moves the new calls into the heap
+        if self._soon:
+            return  # the loop's next turn runs what is due, then arms the timer for what is not
+        self._insertNewDelayedCalls()
+        heap = self._pendingTimedCalls
+        # a cancelled call stays in the heap until due: no loop wake-up for it when it is first
+        while heap and heap[0].cancelled:
+            heappop(heap)
+            self._cancellations -= 1
+        if not heap:
             return
-        when = self._pendingTimedCalls[0].time
+        when = heap[0].time
         armed = self._armed_for
         if armed is None or when < armed:
             self._arm(when)
@@ -60,6 +115,14 @@ class LeanAsyncioReactor(AsyncioSelectorReactor):
 
     def callLater(self, delay: float, callable: Callable[..., Any], *args: Any, **kwargs: Any) -> DelayedCall:
         dc = PosixReactorBase.callLater(self, delay, callable, *args, **kwargs)
+        if self._soon:
+            return dc  # the loop's next turn runs what is due, then arms the timer for what is not
+        if delay <= 0:
+            # due now: run on the loop's next turn (as a timer due now would), without arming a
+            # loop timer for it and another for the next deadline once it ran
+            self._soon = True
+            self._asyncioEventloop.call_soon(self._onSoon)
+            return dc
         armed = self._armed_for
         if armed is None or dc.time < armed:
             self._arm(dc.time)

@@ -11,7 +11,10 @@ then runs on the reactor's own loop (registrar/asyncio_bridge.py). Measured for 
 through the asyncio reactor (``bench/redis_cost.py --icount --stages call-memory --reactor
 uvloop``), less than epoll with Redis on a thread of its own would add: two thread hand-offs per
 Redis reply and per feed message. Of those ~90k, ~50k were Twisted's asyncio reactor re-arming its loop timer
-on nearly every ``callLater``: the server's asyncio reactor is ops/lean_asyncio.py, which does not.
+on nearly every ``callLater``: the server's asyncio reactor is ops/lean_asyncio.py, which does not,
+and which reads our UDP port without Twisted's per-event log context, as ops/lean_epoll.py does:
+41.9k instructions per datagram against 58.7k before and 51.9k on the lean epoll reactor
+(``bench/reactor_cost.py --n 1000 --reactors lean+port,leanuv+port``).
 
 A reactor already installed (``twistd -r NAME``) is kept: the command line wins over the config.
 """
@@ -45,10 +48,12 @@ def install_reactor(config: Config) -> str:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
         wanted = "asyncio"
     if wanted == "asyncio" and "twisted.internet.reactor" not in sys.modules:
-        # Twisted's asyncio reactor, its loop timer re-armed only when needed (ops/lean_asyncio.py)
+        # Twisted's asyncio reactor, its loop timer re-armed only when needed, our UDP listeners'
+        # reads without its per-event log context (ops/lean_asyncio.py)
         from libon_tsilo.ops import lean_asyncio
+        from libon_tsilo.sip.twisted_io import UDPPort
 
-        lean_asyncio.install()
+        lean_asyncio.install().lean_readers = frozenset({UDPPort})
     if wanted == "asyncio":
         # raises when another reactor is installed already
         from libon_tsilo.push.reactor import ensure_asyncio_reactor

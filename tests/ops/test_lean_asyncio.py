@@ -1,4 +1,5 @@
-"""ops/lean_asyncio.py: the asyncio reactor re-arms its loop timer only for an earlier deadline.
+"""ops/lean_asyncio.py: the asyncio reactor re-arms its loop timer only for an earlier deadline, and
+reads our UDP port without Twisted's per-event wrapping.
 
 Each test builds a reactor on a fresh asyncio loop of its own (not installed: the tests' own
 reactor stays) and counts the loop's ``call_at``; the timers then run on that loop in real time
@@ -9,12 +10,18 @@ cannot be injected.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from twisted.internet import asyncioreactor, error
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+
 from libon_tsilo.ops.lean_asyncio import LeanAsyncioReactor
+from libon_tsilo.sip.twisted_io import UDPPort
 
 
 class CountingLoop(asyncio.SelectorEventLoop):
@@ -91,3 +98,120 @@ def test_a_call_made_from_a_firing_call_runs_too(loop: CountingLoop) -> None:
     reactor.callLater(0.001, lambda: reactor.callLater(0.001, done.append, "second"))
     _run_until(loop, done, 1)
     assert done == ["second"]
+
+
+def test_a_call_due_now_runs_on_the_next_turn_without_a_loop_timer(loop: CountingLoop) -> None:
+    reactor = LeanAsyncioReactor(loop)
+    done: list[str] = []
+    later = reactor.callLater(30.0, done.append, "later")
+    armed = loop.armed
+    reactor.callLater(0, done.append, "a")
+    reactor.callLater(0, lambda: reactor.callLater(0, done.append, "c"))  # one made by a call due now
+    reactor.callLater(0, done.append, "b")
+    _run_until(loop, done, 3)
+    assert done == ["a", "b", "c"]
+    # the stock reactor armed a timer for each call due now, then re-armed it for the 30 s one
+    assert loop.armed == armed
+    assert reactor._armed_for == later.getTime()
+    later.cancel()
+
+
+def test_a_cancelled_call_at_the_head_is_not_woken_for(loop: CountingLoop) -> None:
+    reactor = LeanAsyncioReactor(loop)
+    done: list[str] = []
+    reactor.callLater(0.001, done.append, "first")
+    cancelled = reactor.callLater(30.0, done.append, "never")
+    last = reactor.callLater(60.0, done.append, "last")
+    _run_until(loop, done, 1)  # "first" ran: the other two are in the heap, the timer armed for 30 s
+    assert reactor._armed_for == cancelled.getTime()
+    cancelled.cancel()
+    reactor.callLater(0.001, done.append, "second")
+    _run_until(loop, done, 2)
+    assert done == ["first", "second"]
+    # once "second" ran, the loop's timer waits for the next call that will run, not the cancelled one
+    assert reactor._armed_for == last.getTime()
+    assert reactor.getDelayedCalls() == [last]
+    last.cancel()
+
+
+# -- the per-event path of our UDP port -------------------------------------------------------------
+
+
+class _Received(DatagramProtocol):
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.got.append(data)
+
+
+def _reactor_with_port(loop: asyncio.AbstractEventLoop, proto: DatagramProtocol, lean: bool) -> tuple[Any, Any]:
+    reactor = LeanAsyncioReactor(loop)
+    if lean:
+        reactor.lean_readers = frozenset({UDPPort})
+    port = UDPPort(0, proto, "127.0.0.1", 65535, reactor)
+    port.startListening()
+    return reactor, port
+
+
+def _send_to(port: Any, data: bytes) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.sendto(data, ("127.0.0.1", port.getHost().port))
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_our_udp_port_is_read_without_the_log_context(
+    loop: CountingLoop, monkeypatch: pytest.MonkeyPatch, lean: bool
+) -> None:
+    wrapped: list[Any] = []
+    real = asyncioreactor.callWithLogger
+    monkeypatch.setattr(asyncioreactor, "callWithLogger", lambda s, *a, **k: (wrapped.append(s), real(s, *a, **k))[1])
+    proto = _Received()
+    reactor, port = _reactor_with_port(loop, proto, lean)
+    try:
+        _send_to(port, b"one")
+        _send_to(port, b"two")
+        _run_until(loop, proto.got, 2)
+        assert proto.got == [b"one", b"two"]
+        # our port's readable events skip callWithLogger; a reader of another type keeps it
+        assert [s for s in wrapped if s is port] == ([] if lean else [port] * len(wrapped))
+        assert wrapped or lean
+    finally:
+        port.stopListening()
+    assert port not in reactor.getReaders()  # removeReader works on a lean reader too
+
+
+def test_a_port_whose_read_fails_is_logged_and_disconnected_as_twisted_does(loop: CountingLoop) -> None:
+    proto = _Received()
+    reactor, port = _reactor_with_port(loop, proto, lean=True)
+    logged: list[dict[str, Any]] = []
+    reactor._log = Logger(observer=logged.append)
+    lost: list[Any] = []
+
+    def broken() -> None:
+        raise RuntimeError("bug in doRead")
+
+    port.doRead = broken
+    port.connectionLost = lambda reason=None: lost.append(reason)
+    try:
+        _send_to(port, b"ping")
+        _run_until(loop, lost, 1)
+        assert [e["log_failure"].type for e in logged] == [RuntimeError]  # with its traceback
+        assert lost[0].check(RuntimeError)  # _disconnectSelectable: the failure reaches connectionLost
+        assert port not in reactor.getReaders()
+    finally:
+        port.socket.close()
+
+
+def test_a_port_whose_read_returns_a_reason_is_disconnected(loop: CountingLoop) -> None:
+    proto = _Received()
+    reactor, port = _reactor_with_port(loop, proto, lean=True)
+    lost: list[Any] = []
+    port.doRead = lambda: error.ConnectionLost("gone")
+    port.connectionLost = lambda reason=None: lost.append(reason)
+    try:
+        _send_to(port, b"ping")
+        _run_until(loop, lost, 1)
+        assert lost[0].check(error.ConnectionLost)
+    finally:
+        port.socket.close()
