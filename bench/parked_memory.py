@@ -5,11 +5,12 @@
 
 In-process (the default): the real service tree (``make_service``, memory location store, auth
 off, ring timeout 1 h) on the asyncio reactor, which is never run; N INVITE datagrams go straight
-into the transport's inbound path (``TransportLayer.datagram_received``) from a fake UDP socket that drops
-what the server sends; its due timers run once after each batch (``runUntilCurrent``) for the
-parked calls' compaction (``PARKED_COMPACT_DELAY``, b2bua/call.py). tracemalloc compares a snapshot taken after a warm-up with one taken once
-the N calls are parked, and prints the bytes per parked call and the biggest allocation sites
-(``--traceback K`` groups by the K innermost frames, to tell which caller of a helper allocates).
+into the transport's inbound path (``TransportLayer.datagram_received``) from a fake UDP socket
+that drops what the server sends; the due timers run once after each batch (``runUntilCurrent``)
+for the parked calls' compaction (``PARKED_COMPACT_DELAY``, b2bua/call.py). tracemalloc compares
+a snapshot taken after a warm-up with one taken once the N calls are parked, and prints the bytes
+per parked call and the biggest allocation sites (``--traceback K`` groups by the K innermost
+frames, to tell which caller of a helper allocates).
 
 ``--process``: the same measure as ``bench/latefork.py --parked N`` (the real twistd process,
 SIPp sending the INVITEs over UDP, RSS growth from /proc): RSS includes the allocator's slack and
