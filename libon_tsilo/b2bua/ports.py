@@ -24,15 +24,26 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)  # one per leg: slots spare each its attribute dict
+# One per leg: slots spare each its attribute dict. Never changed once built (hashable, as when it
+# was frozen), but not frozen: compiled with mypyc, a dataclass's generated __init__ stays interpreted
+# (two per late-fork call, ~7,000 instructions each), and a frozen one cannot have it written out.
+@dataclass(slots=True, init=False, unsafe_hash=True)
 class Hop:
     transport: str  # "udp" | "tcp" | "tls"
     host: str
     port: int
-    flow_id: str | None = None
+    flow_id: str | None
     # our own (host, port) as bound, to send from and to put in Via and Contact, when it is not the
     # public listener: a hop to another cluster node leaves from the internal listener
-    local: tuple[str, int] | None = None
+    local: tuple[str, int] | None
+
+    def __init__(self, transport: str, host: str, port: int, flow_id: str | None = None,
+                 local: tuple[str, int] | None = None) -> None:
+        self.transport = transport
+        self.host = host
+        self.port = port
+        self.flow_id = flow_id
+        self.local = local
 
 
 def hop_of_flow(flow: Any) -> Hop:
