@@ -606,8 +606,8 @@ class Call:
             req.add_header("Route", route)
         mf = a.max_forwards
         req.add_header("Max-Forwards", str(max(0, min(70, (mf if mf is not None else 70) - 1))))
-        req.add_header("From", str(local))
-        req.add_header("To", str(remote))
+        req.add_header("From", dialog.local_text)  # kept: the ACK and the BYE say the same
+        req.add_header("To", dialog.remote_text)
         req.add_header("Call-ID", dialog.call_id)
         req.add_header("CSeq", f"{dialog.local_seq} INVITE")
         req.add_header("Contact", dialog.contact)
