@@ -47,6 +47,7 @@ COMPILED = [
     "libon_tsilo/b2bua/capabilities.py",
     "libon_tsilo/b2bua/targets.py",
     "libon_tsilo/b2bua/admission.py",
+    "libon_tsilo/b2bua/identity.py",
     # and what hands a request to it: the call manager, the router and the UAS core's checks
     "libon_tsilo/b2bua/manager.py",
     "libon_tsilo/sip/router.py",
