@@ -41,6 +41,13 @@ COMPILED = [
     "libon_tsilo/b2bua/ports.py",
     "libon_tsilo/b2bua/relay.py",
     "libon_tsilo/b2bua/session_timer.py",
+    # the helpers a late fork calls on its way (issue 15, round 6): interpreted, each call into them
+    # cost an interpreter frame, ~25 per call
+    "libon_tsilo/b2bua/reliable.py",
+    "libon_tsilo/b2bua/capabilities.py",
+    "libon_tsilo/b2bua/targets.py",
+    "libon_tsilo/b2bua/admission.py",
+    "libon_tsilo/b2bua/identity.py",
     # and what hands a request to it: the call manager, the router and the UAS core's checks
     "libon_tsilo/b2bua/manager.py",
     "libon_tsilo/sip/router.py",

@@ -295,7 +295,7 @@ def parked(args: argparse.Namespace, base: Path) -> int:
             parked_now = (stats.get("calls") or {}).get("by_state", {}).get("parked", 0)
             if parked_now >= n:
                 break
-        time.sleep(1.0)
+        time.sleep(2.0)  # the last calls parked reach their compaction (1 s: b2bua/call.py)
         stats = server.stats()
         after = server.rss_kib()
         silo = stats.get("silo") or {}

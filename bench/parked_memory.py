@@ -5,10 +5,12 @@
 
 In-process (the default): the real service tree (``make_service``, memory location store, auth
 off, ring timeout 1 h) on the asyncio reactor, which is never run; N INVITE datagrams go straight
-into the transport's inbound path (``TransportLayer.datagram_received``) from a fake UDP socket that drops
-what the server sends. tracemalloc compares a snapshot taken after a warm-up with one taken once
-the N calls are parked, and prints the bytes per parked call and the biggest allocation sites
-(``--traceback K`` groups by the K innermost frames, to tell which caller of a helper allocates).
+into the transport's inbound path (``TransportLayer.datagram_received``) from a fake UDP socket
+that drops what the server sends; the due timers run once after each batch (``runUntilCurrent``)
+for the parked calls' compaction (``PARKED_COMPACT_DELAY``, b2bua/call.py). tracemalloc compares
+a snapshot taken after a warm-up with one taken once the N calls are parked, and prints the bytes
+per parked call and the biggest allocation sites (``--traceback K`` groups by the K innermost
+frames, to tell which caller of a helper allocates).
 
 ``--process``: the same measure as ``bench/latefork.py --parked N`` (the real twistd process,
 SIPp sending the INVITEs over UDP, RSS growth from /proc): RSS includes the allocator's slack and
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+import time
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -75,6 +78,7 @@ def in_process(n: int, warmup: int, top: int, frames: int) -> int:
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner
 
+    from libon_tsilo.b2bua.call import PARKED_COMPACT_DELAY
     from libon_tsilo.ops.config import config_from_dict
     from libon_tsilo.ops.logging import make_observer
     from libon_tsilo.ops.service import make_service
@@ -95,13 +99,20 @@ def in_process(n: int, warmup: int, top: int, frames: int) -> int:
     addr = ("127.0.0.1", 16000)
     datagrams = [invite(i) for i in range(warmup + n)]  # built before the first snapshot
 
+    def wait_compacted() -> None:
+        # a parked call drops its INVITE to bytes once it has waited PARKED_COMPACT_DELAY (b2bua/call.py)
+        time.sleep(PARKED_COMPACT_DELAY + 0.05)
+        reactor.runUntilCurrent()
+
     tracemalloc.start(max(frames, 1))
     for data in datagrams[:warmup]:  # first-use caches, interned strings, dict resizes
         transport.datagram_received(sock, data, addr)
+    wait_compacted()
     gc.collect()
     before = tracemalloc.take_snapshot()
     for data in datagrams[warmup:]:
         transport.datagram_received(sock, data, addr)
+    wait_compacted()
     gc.collect()
     after = tracemalloc.take_snapshot()
     stats = parts.b2bua.stats()

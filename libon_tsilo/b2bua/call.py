@@ -57,6 +57,11 @@ log = Logger(namespace=__name__)  # compiled (mypyc), Logger() would name the im
 _P = ParamSpec("_P")
 
 _DEFAULT_PORT = {"udp": 5060, "tcp": 5060, "tls": 5061}
+# A parked call keeps its INVITE as bytes only (ALeg.compact) once it has waited this long: most
+# late forks come sooner (a device that registers moments after the INVITE), and for those the
+# compaction and the re-parse at the fork were ~40,000 instructions of a call for nothing; a call
+# that really waits (a push, a sleeping phone) is compacted as before, one second later
+PARKED_COMPACT_DELAY = 1.0
 
 
 def _is_udp(binding: Binding) -> bool:
@@ -122,6 +127,7 @@ class Call:
         "wake_d", "wake_result", "woken", "_waker_used", "_ring_timer", "_late_ack", "offer_busy",
         "pending_acks", "late_reason", "ended", "end_reason", "trust", "timers", "_device_ids",
         "transfer", "a_answered", "answered_at", "final_status", "voicemail_reason", "suspects",
+        "_compact_entry",
     )
 
     def __init__(self, mgr: CallManager, invite: Request, stx: ServerHandle, flow: Any, aor: str,
@@ -162,6 +168,8 @@ class Call:
         self._waker_used = False
         # the ring timeout's place in the manager's queue for its delay (sip/timers.ExpiryQueue)
         self._ring_timer: list[Any] | None = None
+        # while parked: the place in the manager's queue that compacts the INVITE (PARKED_COMPACT_DELAY)
+        self._compact_entry: list[Any] | None = None
         self._late_ack: BLeg | None = None  # late-offer INVITE: the B-leg ACK waits for the caller's
         self.offer_busy = False  # a re-INVITE/UPDATE is in flight (glare -> 491)
         # relayed re-INVITE 2xx waiting for the ACK, by (tag of the leg that sent the re-INVITE, CSeq)
@@ -289,11 +297,25 @@ class Call:
         """No branch is running: wait in the Parked state for a device (docs/ARCHITECTURE.md,
         "Suspend and resume")."""
         self.state = Parked()
-        self.a.compact()
+        if self._compact_entry is None:
+            self._compact_entry = self.mgr.expiry(PARKED_COMPACT_DELAY).add(self._compact_parked)
         if logflags.debug_enabled:  # see libon_tsilo/logflags.py: a filtered event still costs µs
             log.debug("parked waiting for a device of {aor}", aor=self.aor, call_id=self.call_id)
 
+    def _compact_parked(self) -> None:
+        self._compact_entry = None
+        if isinstance(self.state, Parked) and not self.ended:
+            self.a.compact()
+
+    def _keep_parsed(self) -> None:
+        """The call goes on (or ends, which compacts it anyway): no compaction for the wait."""
+        entry = self._compact_entry
+        if entry is not None:
+            self._compact_entry = None
+            cancel_expiry(entry)
+
     def resume(self, binding: Binding) -> None:
+        self._keep_parsed()
         self.state = Forking()
         if not self.fork(binding):
             self.check_exhausted()
@@ -584,8 +606,8 @@ class Call:
             req.add_header("Route", route)
         mf = a.max_forwards
         req.add_header("Max-Forwards", str(max(0, min(70, (mf if mf is not None else 70) - 1))))
-        req.add_header("From", str(local))
-        req.add_header("To", str(remote))
+        req.add_header("From", dialog.local_text)  # kept: the ACK and the BYE say the same
+        req.add_header("To", dialog.remote_text)
         req.add_header("Call-ID", dialog.call_id)
         req.add_header("CSeq", f"{dialog.local_seq} INVITE")
         req.add_header("Contact", dialog.contact)
@@ -914,6 +936,7 @@ class Call:
         if not isinstance(self.state, Ended):
             self.state = Ended()
         self._stop_ring_timer()
+        self._keep_parsed()
         if self.timers is not None:
             self.timers.stop()
             self.timers = None

@@ -20,7 +20,7 @@ class Dialog:
     """
 
     __slots__ = ("call_id", "_local", "_remote", "_local_tag", "remote_target", "hop", "contact",
-                 "local_seq", "remote_seq", "route_set")
+                 "local_seq", "remote_seq", "route_set", "_local_text", "_remote_text")
 
     def __init__(
         self,
@@ -46,6 +46,9 @@ class Dialog:
         self.local_seq = local_seq
         self.remote_seq = remote_seq
         self.route_set = route_set or []
+        # From and To as written on the requests we send, made once (each request wrote them anew)
+        self._local_text: str | None = None
+        self._remote_text: str | None = None
 
     @property
     def local(self) -> NameAddr:
@@ -57,6 +60,7 @@ class Dialog:
     @local.setter
     def local(self, value: NameAddr) -> None:
         self._local = value
+        self._local_text = None
 
     @property
     def remote(self) -> NameAddr:
@@ -68,6 +72,23 @@ class Dialog:
     @remote.setter
     def remote(self, value: NameAddr) -> None:
         self._remote = value
+        self._remote_text = None
+
+    @property
+    def local_text(self) -> str:
+        """Our side as the From of the requests we send (serialized once, until `local` is set)."""
+        text = self._local_text
+        if text is None:
+            text = self._local_text = str(self.local)
+        return text
+
+    @property
+    def remote_text(self) -> str:
+        """The peer as the To of the requests we send (serialized once, until `remote` is set)."""
+        text = self._remote_text
+        if text is None:
+            text = self._remote_text = str(self.remote)
+        return text
 
     @property
     def local_tag(self) -> str:
@@ -84,8 +105,9 @@ class Dialog:
         """Learn the peer's tag, target and route set from a response that creates the dialog."""
         tag = resp.to.tag
         if tag:
-            self.remote = self.remote.copy()
-            self.remote.tag = tag
+            remote = self.remote.copy()
+            remote.tag = tag
+            self.remote = remote  # after the change: the setter drops the text written before
         contacts = resp.contacts
         if contacts:
             self.remote_target = str(contacts[0].uri)
@@ -102,8 +124,8 @@ class Dialog:
         for route in self.route_set:
             req.add_header("Route", route)
         req.add_header("Max-Forwards", "70")
-        req.add_header("From", str(self.local))
-        req.add_header("To", str(self.remote))
+        req.add_header("From", self.local_text)
+        req.add_header("To", self.remote_text)
         req.add_header("Call-ID", self.call_id)
         req.add_header("CSeq", f"{seq} {method}")
         if method in ("INVITE", "UPDATE"):

@@ -23,13 +23,13 @@ P-Charging-Function-Addresses (RFC 7315: not identity, but meaningful only insid
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+# at run time, not only for the type checker: compiled (mypyc), the dataclass below reads its field
+# types when the module loads (b2bua/relay.py crashed on a name imported under TYPE_CHECKING)
+from libon_tsilo.registrar.peers import Gateway
 from libon_tsilo.sip.headers import NameAddr, canonical_key
 from libon_tsilo.sip.uri import URI
-
-if TYPE_CHECKING:
-    from libon_tsilo.registrar.peers import Gateway
 
 __all__ = ["TRUST_DOMAIN_KEYS", "UNTRUSTED", "CallerTrust", "b_leg_caller", "b_leg_identity_headers"]
 

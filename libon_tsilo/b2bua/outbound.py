@@ -170,8 +170,8 @@ class OutboundCall(Call):
         local = NameAddr(URI.parse(f"sip:{caller}@{domain}"), None, {"tag": tag})
         remote = NameAddr(URI.parse(binding.contact_uri))
         dialog.local, dialog.remote = local, remote
-        req.set_header("From", str(local))
-        req.set_header("To", str(remote))
+        req.set_header("From", dialog.local_text)
+        req.set_header("To", dialog.remote_text)
         req.remove_header("P-Asserted-Identity")  # our user's internal identity is not the trunk's business
         if self.trunk.pai and self.caller_number:
             req.add_header("P-Asserted-Identity", f"<sip:{self.caller_number}@{domain};user=phone>")

@@ -14,7 +14,10 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 from twisted.internet.interfaces import IReactorTime
 
 from libon_tsilo.sip.message import Request, Response, new_branch
-from libon_tsilo.sip.timers import ExpiryQueue
+from libon_tsilo.sip.timers import ExpiryQueue, TwoXXRetransmitter
+# at module level: compiled (mypyc), an import inside a function runs each call (~1,200 to ~5,000
+# instructions: three sends and a 2xx per late-fork call)
+from libon_tsilo.sip.transport import Target
 
 if TYPE_CHECKING:
     from libon_tsilo.sip.transaction import TransactionLayer
@@ -24,15 +27,26 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)  # one per leg: slots spare each its attribute dict
+# One per leg: slots spare each its attribute dict. Never changed once built (hashable, as when it
+# was frozen), but not frozen: compiled with mypyc, a dataclass's generated __init__ stays interpreted
+# (two per late-fork call, ~7,000 instructions each), and a frozen one cannot have it written out.
+@dataclass(slots=True, init=False, unsafe_hash=True)
 class Hop:
     transport: str  # "udp" | "tcp" | "tls"
     host: str
     port: int
-    flow_id: str | None = None
+    flow_id: str | None
     # our own (host, port) as bound, to send from and to put in Via and Contact, when it is not the
     # public listener: a hop to another cluster node leaves from the internal listener
-    local: tuple[str, int] | None = None
+    local: tuple[str, int] | None
+
+    def __init__(self, transport: str, host: str, port: int, flow_id: str | None = None,
+                 local: tuple[str, int] | None = None) -> None:
+        self.transport = transport
+        self.host = host
+        self.port = port
+        self.flow_id = flow_id
+        self.local = local
 
 
 def hop_of_flow(flow: Any) -> Hop:
@@ -106,8 +120,6 @@ class TransactionPort:
         return flow if flow is not None and flow.live else None
 
     def _target(self, hop: Hop) -> Any:
-        from libon_tsilo.sip.transport import Target  # the transport module may load TLS bits
-
         return Target(hop.transport, hop.host, hop.port, None, hop.local)
 
     def _stamp_via(self, req: Request, hop: Hop) -> None:
@@ -135,8 +147,6 @@ class TransactionPort:
     def respond_2xx(
         self, stx: ServerHandle, resp: Response, on_give_up: Callable[[], Any]
     ) -> RetransmitHandle:
-        from libon_tsilo.sip.timers import TwoXXRetransmitter
-
         stx.respond(resp)
         reliable = getattr(stx, "reliable", False)
         return TwoXXRetransmitter(

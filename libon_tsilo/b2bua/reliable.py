@@ -42,7 +42,7 @@ __all__ = [
     "handle_prack",
 ]
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc), Logger() would name the importer: importlib
 
 TAG = "100rel"
 _MAX_QUEUED = 8  # 18x waiting behind an unacknowledged one; a device ringing that much is broken

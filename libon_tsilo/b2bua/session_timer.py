@@ -217,9 +217,13 @@ def add_answer_headers(resp: Response, n: Negotiated) -> None:
 
 
 def offer(req: Request, settings: Any) -> None:
-    """A branch INVITE: we support timers and ask for ours; the device picks the refresher."""
+    """A branch INVITE: we support timers and ask for ours; the device picks the refresher. Its
+    Supported, our own (capabilities.supported), names "timer" already whenever timers are on: no
+    search of it here (a header split per forked INVITE)."""
     if settings.session_expires:
-        add_request_headers(req, settings.session_expires, settings.min_se, None)
+        req.add_header("Session-Expires", str(settings.session_expires))
+        if settings.min_se != ABSOLUTE_MIN_SE:
+            req.add_header("Min-SE", str(settings.min_se))
 
 
 _NOT_RESENT = frozenset({"via", "cseq", "session-expires", "min-se"})

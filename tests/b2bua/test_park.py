@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 
+from libon_tsilo.b2bua.call import PARKED_COMPACT_DELAY
 from libon_tsilo.b2bua.forking import REASON_ANSWERED, REASON_REPLACED
 from libon_tsilo.b2bua.waker import LoggingWaker, WakeResult
 from tests.fakes.sip import FakeStx
-from tests.b2bua.helpers import SDP_B, Env, binding, parse
+from tests.b2bua.helpers import SDP_B, Env, binding, caller_invite, parse
 
 
 def test_no_binding_parks_and_resumes_on_register() -> None:
@@ -24,6 +25,47 @@ def test_no_binding_parks_and_resumes_on_register() -> None:
     assert env.silo.stats()["register_to_invite"]["samples"] == 1
     ctx.respond(200, body=SDP_B)
     assert stx.statuses == [200]
+
+
+def test_a_parked_invite_is_kept_as_bytes_once_it_has_waited() -> None:
+    env = Env()
+    invite, _ = env.invite()
+    call = env.call()
+    assert call.state.name == "parked" and not invite.compacted
+    env.clock.advance(PARKED_COMPACT_DELAY)
+    assert invite.compacted  # a long wait: bytes only (memory per parked call)
+    env.register(binding(1))
+    (ctx,) = env.port.invites()
+    assert ctx.request.header("From").startswith('"Alice Liddell" <sip:alice@example.com>')
+    ctx.respond(200, body=SDP_B)
+    assert env.call().state.name == "connected"
+
+
+def test_a_call_forked_soon_after_parking_is_not_compacted_nor_parsed_again() -> None:
+    env = Env()
+    invite = caller_invite()
+    parsed_from = invite.from_  # what the parse gave, before the call sees the INVITE
+    stx = FakeStx(invite)
+    env.mgr.handle_invite(invite, stx, env.caller_flow)
+    call = env.call()
+    assert call.state.name == "parked"
+    env.clock.advance(PARKED_COMPACT_DELAY / 2)
+    env.register(binding(1))
+    (ctx,) = env.port.invites()
+    env.clock.advance(PARKED_COMPACT_DELAY)
+    # the INVITE was never dropped to bytes: what the fork read is what the INVITE's parse gave
+    assert invite.from_ is parsed_from and not invite.compacted
+    ctx.respond(200, body=SDP_B)
+    assert stx.statuses == [200] and call.state.name == "connected"
+
+
+def test_a_call_ended_while_parked_leaves_no_compaction_waiting() -> None:
+    env = Env()
+    _, stx = env.invite()
+    env.clock.advance(PARKED_COMPACT_DELAY / 2)
+    env.mgr.shutdown_parked(480)
+    assert stx.statuses == [480]
+    env.assert_clean()  # no DelayedCall left on the clock
 
 
 def test_parked_call_times_out_with_480() -> None:
