@@ -186,11 +186,10 @@ class Message:
         index: dict[str, list[Any]] = {}
         for entry in self._headers:
             entry[4] = None  # a copied entry may still point into the message it came from
-            key = entry[0]
-            if key not in index:
-                index[key] = entry
-            else:
-                _chain(index[key], entry)
+            # one dict operation where `in` and a store were two (as the parser's header loop)
+            first = index.setdefault(entry[0], entry)
+            if first is not entry:
+                _chain(first, entry)
         self._index = index
         return index
 
@@ -389,12 +388,22 @@ class Message:
         for entry in self._headers:
             if entry[0] == "via":
                 value = entry[2] if type(entry[2]) is str else str(entry[2])
-                parts = split_commas(value) if "," in value else [value]
-                parts[0] = str(via)
-                entry[2] = ", ".join(parts)
+                if "," in value:
+                    parts = split_commas(value)
+                    parts[0] = str(via)
+                    entry[2] = ", ".join(parts)
+                else:
+                    entry[2] = str(via)
                 entry[3] = None
-                self._dirty("via")
-                self._cache["top_via"] = via
+                # The line changed in place: the index (key -> first entry) still holds, where
+                # _dirty's reset made the next read of any header (the UAS core's Max-Forwards, on
+                # every request the transport fixed) index the whole message again
+                self._raw = None
+                cache = self._cache
+                vias = cache.get("via")
+                if vias is not None and vias[0] is not via:
+                    del cache["via"]
+                cache["top_via"] = via
                 return
         self.add_header("Via", via, first=True)
         self._cache["top_via"] = via

@@ -840,7 +840,7 @@ class TransportLayer:
             msg = parse_message(data, stream=stream)
             if forward is not None:
                 if isinstance(msg, Request):
-                    self._fix_via(msg, flow.remote)
+                    self._fix_via(msg, flow.key.remote)
                 if self._forwarded(forward, msg, flow):
                     return
             msg.validate()
@@ -852,7 +852,7 @@ class TransportLayer:
             return
         if isinstance(msg, Request) and forward is None:
             try:
-                self._fix_via(msg, flow.remote)
+                self._fix_via(msg, flow.key.remote)
             except ParseError as e:  # validate() read the Via; kept for safety
                 self._answer_unparseable(data, e, flow)
                 return
@@ -907,7 +907,7 @@ class TransportLayer:
 
     def _udp_socket(self, host: str, prefer: Flow | None = None) -> DatagramEndpoint:
         v6 = is_ipv6(host)
-        if prefer is not None and prefer.transport == "udp":
+        if prefer is not None and prefer.key.transport == "udp":
             proto = self._udp_by_local.get(prefer.key.local)
             if proto is not None and proto.v6 == v6:
                 return proto

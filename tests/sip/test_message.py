@@ -915,3 +915,24 @@ def test_status_lines_in_range_parse(line: str, status: int) -> None:
     data = f"{line}\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nContent-Length: 0\r\n\r\n".encode()
     msg = parse_message(data)
     assert isinstance(msg, Response) and msg.status == status
+
+
+def test_set_top_via_keeps_the_index_and_the_parsed_vias() -> None:
+    """The transport's Via fix changes one line in place: the next header read must not index the
+    whole message again (it did for every request, ~4,500 instructions each), and what was read
+    stays right."""
+    msg = parse_message(INVITE)
+    msg.validate()
+    index, vias = msg._index, msg.vias
+    via = msg.top_via
+    via.set_param("received", "198.51.100.7")
+    msg.set_top_via(via)
+    assert msg._index is index and msg.vias is vias
+    assert msg.max_forwards == 70 and msg.header("Record-Route") == "<sip:p1.example.com;lr>"
+    assert msg.values("via")[0].endswith(";received=198.51.100.7")
+    assert [v.branch for v in msg.vias] == ["z9hG4bK776asdhds", "z9hG4bKv6", "z9hG4bK3"]
+    other = Via.parse("SIP/2.0/UDP 192.0.2.9;branch=z9hG4bKnew")
+    msg.set_top_via(other)  # another object on top: the cached list goes, the index stays
+    assert msg._index is index and [v.branch for v in msg.vias] == ["z9hG4bKnew", "z9hG4bKv6", "z9hG4bK3"]
+    again = parse_message(msg.to_bytes())
+    assert again.top_via.branch == "z9hG4bKnew" and len(again.vias) == 3
