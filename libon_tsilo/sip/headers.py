@@ -536,10 +536,10 @@ class Via:
         """Set parameter ``name`` (lower case). What the transport sets on every request it receives
         (RFC 3581: ``rport`` filled in, ``received`` added) edits the text it was parsed from, where
         rebuilding it from the fields cost ~5,000 instructions a request; any other change, or a text
-        spelt with blanks or quotes, is rebuilt from the fields when next written."""
+        with quotes, is rebuilt from the fields when next written."""
         params = self.params
         text = self._text
-        if text is not None and text.count(" ") == 1 and '"' not in text:
+        if text is not None and '"' not in text:
             if name not in params:
                 # a new parameter goes last, where the dict puts it too
                 text = f"{text};{name}" if value is None else f"{text};{name}={value}"

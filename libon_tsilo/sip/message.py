@@ -26,7 +26,7 @@ from libon_tsilo.sip.headers import (
     pretty_name,
     split_commas,
 )
-from libon_tsilo.sip.uri import URI
+from libon_tsilo.sip.uri import URI, known_scheme, known_uri
 
 __all__ = [
     "CSeq", "Message", "NameAddr", "ParseError", "Request", "Response", "StreamFramer", "URI", "Via",
@@ -239,8 +239,16 @@ class Message:
         split = key in LIST_HEADERS
         while entry is not None:
             value = entry[2] if type(entry[2]) is str else str(entry[2])
-            if split:
-                values.extend(v for v in split_commas(value) if v)
+            if split and "," in value:
+                # a loop, not extend() of a generator expression: compiled, that builds a generator
+                # object per line
+                for v in split_commas(value):
+                    if v:
+                        values.append(v)
+            elif split:
+                value = value.strip()  # what split_commas gives for a line without a comma
+                if value:
+                    values.append(value)
             else:
                 values.append(value)
             entry = entry[4]
@@ -707,8 +715,21 @@ class Request(Message):
             self.raw_uri = str(self._uri)
         return f"{self.method} {self.raw_uri} {self.version}"
 
+    @property
+    def uri_scheme(self) -> str:
+        """The Request-URI's scheme, lower case, without building the URI when its text parsed
+        before (the UAS core's check: most requests' URIs are read by nobody else)."""
+        if self._uri is None:
+            scheme = known_scheme(self.raw_uri)
+            if scheme is not None:
+                return scheme
+        return self.uri.scheme
+
     def validate(self) -> None:
-        self.uri
+        # a text that parsed before on the URI fast path parses again (no headers either: that path
+        # takes none), so nothing is built: only an INVITE's URI is read later, by the call layer
+        if self._uri is None and not known_uri(self.raw_uri):
+            self.uri
         super().validate()
 
     def __repr__(self) -> str:

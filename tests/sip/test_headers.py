@@ -460,15 +460,15 @@ def test_via_set_param_edits_the_received_text_for_rport_and_received() -> None:
 
 
 def test_via_set_param_rebuilds_what_it_cannot_edit() -> None:
-    # a value replaced (a received the client wrote), a flag not written last, blanks in the line:
-    # rebuilt from the fields, as before
+    # a value replaced (a received the client wrote), a flag not written last or in capitals, a
+    # quoted value: rebuilt from the fields, as before
     for text, name, value, expected in [
         ("SIP/2.0/UDP h.example.com;branch=z9hG4bK1;received=10.0.0.1", "received", "192.0.2.9",
          "SIP/2.0/UDP h.example.com;branch=z9hG4bK1;received=192.0.2.9"),
         ("SIP/2.0/UDP h.example.com;rport;branch=z9hG4bK1", "rport", "5060",
          "SIP/2.0/UDP h.example.com;rport=5060;branch=z9hG4bK1"),
-        ("SIP/2.0/UDP h.example.com ;branch=z9hG4bK1", "received", "192.0.2.9",
-         "SIP/2.0/UDP h.example.com;branch=z9hG4bK1;received=192.0.2.9"),
+        ('SIP/2.0/UDP h.example.com;branch=z9hG4bK1;x="a;b"', "received", "192.0.2.9",
+         'SIP/2.0/UDP h.example.com;branch=z9hG4bK1;x="a;b";received=192.0.2.9'),
         ("SIP/2.0/UDP h.example.com;branch=z9hG4bK1;RPORT", "rport", "5060",
          "SIP/2.0/UDP h.example.com;branch=z9hG4bK1;rport=5060"),
     ]:
