@@ -220,7 +220,10 @@ def _plain_params(text: str) -> dict[str, str | None] | None:
     params: dict[str, str | None] = {}
     for part in text.split(";"):
         name, eq, value = part.partition("=")
-        if not name.isalnum() or (eq and not value.replace("-", "").replace(".", "").isalnum()):
+        # most values (our branches, tags, rport) are letters and digits: the replaces, a new string
+        # each, only for the rest
+        if not name.isalnum() or (eq and not value.isalnum()
+                                  and not value.replace("-", "").replace(".", "").isalnum()):
             return None
         params[name.lower()] = value if eq else None
     return params
@@ -530,8 +533,24 @@ class Via:
         return self.host, self.port
 
     def set_param(self, name: str, value: str | None) -> None:
-        self.params[name] = value
-        self._text = None
+        """Set parameter ``name`` (lower case). What the transport sets on every request it receives
+        (RFC 3581: ``rport`` filled in, ``received`` added) edits the text it was parsed from, where
+        rebuilding it from the fields cost ~5,000 instructions a request; any other change, or a text
+        with quotes, is rebuilt from the fields when next written."""
+        params = self.params
+        text = self._text
+        if text is not None and '"' not in text:
+            if name not in params:
+                # a new parameter goes last, where the dict puts it too
+                text = f"{text};{name}" if value is None else f"{text};{name}={value}"
+            elif params[name] is None and value is not None and text.endswith(f";{name}"):
+                text = f"{text}={value}"  # a flag, written last as we name it (";rport"), gets its value
+            else:
+                text = None
+        else:
+            text = None
+        params[name] = value
+        self._text = text
 
     def copy(self) -> Via:
         return Via(self.transport, self.host, self.port, dict(self.params))

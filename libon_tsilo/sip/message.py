@@ -26,7 +26,7 @@ from libon_tsilo.sip.headers import (
     pretty_name,
     split_commas,
 )
-from libon_tsilo.sip.uri import URI
+from libon_tsilo.sip.uri import URI, known_scheme, known_uri
 
 __all__ = [
     "CSeq", "Message", "NameAddr", "ParseError", "Request", "Response", "StreamFramer", "URI", "Via",
@@ -186,11 +186,10 @@ class Message:
         index: dict[str, list[Any]] = {}
         for entry in self._headers:
             entry[4] = None  # a copied entry may still point into the message it came from
-            key = entry[0]
-            if key not in index:
-                index[key] = entry
-            else:
-                _chain(index[key], entry)
+            # one dict operation where `in` and a store were two (as the parser's header loop)
+            first = index.setdefault(entry[0], entry)
+            if first is not entry:
+                _chain(first, entry)
         self._index = index
         return index
 
@@ -240,8 +239,16 @@ class Message:
         split = key in LIST_HEADERS
         while entry is not None:
             value = entry[2] if type(entry[2]) is str else str(entry[2])
-            if split:
-                values.extend(v for v in split_commas(value) if v)
+            if split and "," in value:
+                # a loop, not extend() of a generator expression: compiled, that builds a generator
+                # object per line
+                for v in split_commas(value):
+                    if v:
+                        values.append(v)
+            elif split:
+                value = value.strip()  # what split_commas gives for a line without a comma
+                if value:
+                    values.append(value)
             else:
                 values.append(value)
             entry = entry[4]
@@ -389,12 +396,22 @@ class Message:
         for entry in self._headers:
             if entry[0] == "via":
                 value = entry[2] if type(entry[2]) is str else str(entry[2])
-                parts = split_commas(value) if "," in value else [value]
-                parts[0] = str(via)
-                entry[2] = ", ".join(parts)
+                if "," in value:
+                    parts = split_commas(value)
+                    parts[0] = str(via)
+                    entry[2] = ", ".join(parts)
+                else:
+                    entry[2] = str(via)
                 entry[3] = None
-                self._dirty("via")
-                self._cache["top_via"] = via
+                # The line changed in place: the index (key -> first entry) still holds, where
+                # _dirty's reset made the next read of any header (the UAS core's Max-Forwards, on
+                # every request the transport fixed) index the whole message again
+                self._raw = None
+                cache = self._cache
+                vias = cache.get("via")
+                if vias is not None and vias[0] is not via:
+                    del cache["via"]
+                cache["top_via"] = via
                 return
         self.add_header("Via", via, first=True)
         self._cache["top_via"] = via
@@ -698,8 +715,21 @@ class Request(Message):
             self.raw_uri = str(self._uri)
         return f"{self.method} {self.raw_uri} {self.version}"
 
+    @property
+    def uri_scheme(self) -> str:
+        """The Request-URI's scheme, lower case, without building the URI when its text parsed
+        before (the UAS core's check: most requests' URIs are read by nobody else)."""
+        if self._uri is None:
+            scheme = known_scheme(self.raw_uri)
+            if scheme is not None:
+                return scheme
+        return self.uri.scheme
+
     def validate(self) -> None:
-        self.uri
+        # a text that parsed before on the URI fast path parses again (no headers either: that path
+        # takes none), so nothing is built: only an INVITE's URI is read later, by the call layer
+        if self._uri is None and not known_uri(self.raw_uri):
+            self.uri
         super().validate()
 
     def __repr__(self) -> str:

@@ -843,7 +843,7 @@ class TransportLayer:
             msg = parse_message(data, stream=stream)
             if forward is not None:
                 if isinstance(msg, Request):
-                    self._fix_via(msg, flow.remote)
+                    self._fix_via(msg, flow.key.remote)
                 if self._forwarded(forward, msg, flow):
                     return
             msg.validate()
@@ -855,7 +855,7 @@ class TransportLayer:
             return
         if isinstance(msg, Request) and forward is None:
             try:
-                self._fix_via(msg, flow.remote)
+                self._fix_via(msg, flow.key.remote)
             except ParseError as e:  # validate() read the Via; kept for safety
                 self._answer_unparseable(data, e, flow)
                 return
@@ -909,8 +909,15 @@ class TransportLayer:
             self.flows.touch(flow)
 
     def _udp_socket(self, host: str, prefer: Flow | None = None) -> DatagramEndpoint:
+        if prefer is not None:
+            key = prefer.key
+            if key.transport == "udp" and key.remote[0] == host:
+                # the flow's own socket already talks to this host: same address family
+                proto = self._udp_by_local.get(key.local)
+                if proto is not None:
+                    return proto
         v6 = is_ipv6(host)
-        if prefer is not None and prefer.transport == "udp":
+        if prefer is not None and prefer.key.transport == "udp":
             proto = self._udp_by_local.get(prefer.key.local)
             if proto is not None and proto.v6 == v6:
                 return proto
@@ -1024,8 +1031,14 @@ class TransportLayer:
         maddr = via.maddr
         if maddr and is_ip_literal(maddr):
             return _norm_host(maddr), via.port or 5060
-        if via.received and is_ip_literal(via.received):
-            return _norm_host(via.received), via.rport or via.port or 5060
+        received = via.received
+        if received is not None and flow is not None and received == flow.key.remote[0]:
+            # the received we wrote from the request's source (fix_via): the flow's remote host,
+            # canonical IP text already, so neither cached check (a Python-level call each) can
+            # change it
+            return received, via.rport or via.port or 5060
+        if received and is_ip_literal(received):
+            return _norm_host(received), via.rport or via.port or 5060
         if is_ip_literal(via.host):
             return _norm_host(via.host), via.port or 5060
         if flow is not None:

@@ -145,7 +145,7 @@ class UASCore:
             return self._bad_request(req, malformed)
         if req.cseq.method != req.method:
             return self._bad_request(req, "CSeq method does not match the request method")
-        if req.uri.scheme not in URI_SCHEMES:
+        if req.uri_scheme not in URI_SCHEMES:
             return self.response(req, 416)
         if req.max_forwards == 0:
             return self.response(req, 483)

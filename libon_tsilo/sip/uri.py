@@ -167,6 +167,12 @@ def known_uri(text: str) -> bool:
     return text in _URI_SHAPES
 
 
+def known_scheme(text: str) -> str | None:
+    """The scheme (lower case) of a ``known_uri`` text, None for any other text."""
+    shape = _URI_SHAPES.get(text)
+    return shape[0] if shape is not None else None
+
+
 class URI:
     """A sip: or sips: URI. ``params`` keys are lower case; values keep their text (escaped).
 

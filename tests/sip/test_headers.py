@@ -444,3 +444,35 @@ def test_check_date() -> None:
                 "Thu, 21 Feb 02 13:02:03 GMT"):
         with pytest.raises(ParseError):
             check_date(bad)
+
+
+def test_via_set_param_edits_the_received_text_for_rport_and_received() -> None:
+    """What the transport does to every request (RFC 3581) edits the line as the client spelt it: the
+    bare ``rport`` gets its value, ``received`` goes last, and the rest keeps its bytes (a
+    parameter name in capitals here, which a rebuild from the fields would lower)."""
+    via = Via.parse("SIP/2.0/UDP 192.0.2.5:5070;Branch=z9hG4bK-AbC.1;rport")
+    via.set_param("rport", "40000")
+    via.set_param("received", "198.51.100.1")
+    assert str(via) == "SIP/2.0/UDP 192.0.2.5:5070;Branch=z9hG4bK-AbC.1;rport=40000;received=198.51.100.1"
+    again = Via.parse(str(via))
+    assert (again.branch, again.rport, again.received) == ("z9hG4bK-AbC.1", 40000, "198.51.100.1")
+    assert via.params == again.params
+
+
+def test_via_set_param_rebuilds_what_it_cannot_edit() -> None:
+    # a value replaced (a received the client wrote), a flag not written last or in capitals, a
+    # quoted value: rebuilt from the fields, as before
+    for text, name, value, expected in [
+        ("SIP/2.0/UDP h.example.com;branch=z9hG4bK1;received=10.0.0.1", "received", "192.0.2.9",
+         "SIP/2.0/UDP h.example.com;branch=z9hG4bK1;received=192.0.2.9"),
+        ("SIP/2.0/UDP h.example.com;rport;branch=z9hG4bK1", "rport", "5060",
+         "SIP/2.0/UDP h.example.com;rport=5060;branch=z9hG4bK1"),
+        ('SIP/2.0/UDP h.example.com;branch=z9hG4bK1;x="a;b"', "received", "192.0.2.9",
+         'SIP/2.0/UDP h.example.com;branch=z9hG4bK1;x="a;b";received=192.0.2.9'),
+        ("SIP/2.0/UDP h.example.com;branch=z9hG4bK1;RPORT", "rport", "5060",
+         "SIP/2.0/UDP h.example.com;branch=z9hG4bK1;rport=5060"),
+    ]:
+        via = Via.parse(text)
+        via.set_param(name, value)
+        assert str(via) == expected, text
+        assert Via.parse(str(via)).params == via.params

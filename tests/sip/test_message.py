@@ -915,3 +915,44 @@ def test_status_lines_in_range_parse(line: str, status: int) -> None:
     data = f"{line}\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nContent-Length: 0\r\n\r\n".encode()
     msg = parse_message(data)
     assert isinstance(msg, Response) and msg.status == status
+
+
+def test_set_top_via_keeps_the_index_and_the_parsed_vias() -> None:
+    """The transport's Via fix changes one line in place: the next header read must not index the
+    whole message again (it did for every request, ~4,500 instructions each), and what was read
+    stays right."""
+    msg = parse_message(INVITE)
+    msg.validate()
+    index, vias = msg._index, msg.vias
+    via = msg.top_via
+    via.set_param("received", "198.51.100.7")
+    msg.set_top_via(via)
+    assert msg._index is index and msg.vias is vias
+    assert msg.max_forwards == 70 and msg.header("Record-Route") == "<sip:p1.example.com;lr>"
+    assert msg.values("via")[0].endswith(";received=198.51.100.7")
+    assert [v.branch for v in msg.vias] == ["z9hG4bK776asdhds", "z9hG4bKv6", "z9hG4bK3"]
+    other = Via.parse("SIP/2.0/UDP 192.0.2.9;branch=z9hG4bKnew")
+    msg.set_top_via(other)  # another object on top: the cached list goes, the index stays
+    assert msg._index is index and [v.branch for v in msg.vias] == ["z9hG4bKnew", "z9hG4bKv6", "z9hG4bK3"]
+    again = parse_message(msg.to_bytes())
+    assert again.top_via.branch == "z9hG4bKnew" and len(again.vias) == 3
+
+
+def test_validate_builds_no_request_uri_whose_text_parsed_before() -> None:
+    """Only an INVITE's Request-URI is read after validate() (by the call layer): a text known to
+    parse is not built again (~2,700 instructions a request), and the UAS core reads its scheme from
+    what the first parse found. A text never seen is still parsed, and refused when bad."""
+    start = "OPTIONS sips:validate-once@example.com SIP/2.0"
+    first = parse_message(msg_with(*BASIC, start=start))
+    first.validate()
+    assert first._uri is not None and first.uri_scheme == "sips"  # parsed: the text is known now
+    again = parse_message(msg_with(*BASIC, start=start))
+    again.validate()
+    assert again._uri is None and again.uri_scheme == "sips" and again._uri is None
+    assert str(again.uri) == again.raw_uri and again.uri.user == "validate-once"  # built when read
+    for bad in ("sip:bob@exa%2", "sip:bob@example.com?Subject=x", "sip:bob@[::1", "sip:@example.com"):
+        req = parse_message(msg_with(*BASIC, start=f"OPTIONS {bad} SIP/2.0"))
+        with pytest.raises(ParseError):
+            req.validate()
+        with pytest.raises(ParseError):  # and again: a refused text is never taken as known
+            parse_message(msg_with(*BASIC, start=f"OPTIONS {bad} SIP/2.0")).validate()
