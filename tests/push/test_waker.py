@@ -618,8 +618,9 @@ def _push_config(tmp_path: Any, **push: Any) -> Any:
         "refresh_before_expiry": 120,
         **push,
     }
+    # tmp_path: the users' SQLite file goes there, not into the checkout
     return config_from_dict({"sip": {"listen": ["udp:127.0.0.1:0"]}, "location": {"backend": "memory"},
-                             "push": section})
+                             "push": section}, tmp_path)
 
 
 def test_wiring_builds_the_waker_from_the_config(tmp_path: Any) -> None:
