@@ -100,7 +100,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from libon_tsilo.group_commit import Batch, GroupCommit
+from libon_tsilo.group_commit import Batch, GroupCommit, Waiter
 from libon_tsilo.registrar.asyncio_bridge import as_deferred, reactor_loop
 from libon_tsilo.registrar.binding import Binding
 from libon_tsilo.registrar.location import NotStored, StoreClosed
@@ -813,11 +813,19 @@ class RedisBindingStore:
     def when_committed(self, aor: str) -> defer.Deferred[None] | None:
         """Fires once the changes queued so far are in Redis; fails with NotStored when they could
         not be (Redis down or failing). None when nothing is waiting to be written."""
+        d: defer.Deferred[None] = defer.Deferred()
+        return d if self.notify_committed(aor, d) else None
+
+    def notify_committed(self, aor: str, waiter: Waiter) -> bool:
+        """``when_committed`` with a waiter of the caller's (group_commit.Waiter); False, and
+        ``waiter`` never called, when nothing is waiting to be written."""
         if self._closed:
-            return defer.fail(StoreClosed("the location store is stopped"))
-        if not self.up:
-            return defer.fail(NotStored(f"redis is {self.state}"))
-        return self._commit.wait(aor)
+            waiter.errback(StoreClosed("the location store is stopped"))
+        elif not self.up:
+            waiter.errback(NotStored(f"redis is {self.state}"))
+        else:
+            return self._commit.notify(aor, waiter)
+        return True
 
     def flush(self) -> defer.Deferred[None]:
         """Fires once everything queued so far is written or has failed; never errbacks."""
