@@ -43,18 +43,16 @@ class Waiter(Protocol):
     def errback(self, reason: BaseException) -> object: ...
 
 
-class Batch:
-    """Changes written together, and who waits for them: ``(key, Waiter)`` pairs, where the store
-    decides what a key means (which change's failure fails it); a None key is a flush, which fires
-    whatever the outcome."""
+class Batch(Protocol):
+    """Changes written together (a store's own class: ``len()`` counts its changes), and who waits
+    for them: ``waiters``, ``(key, Waiter)`` pairs, where the store decides what a key means (which
+    change's failure fails it); a None key is a flush, which fires whatever the outcome. A protocol,
+    not a base class: this module is compiled (mypyc), and an interpreted class (the SQLite stores')
+    cannot subclass a compiled one."""
 
-    __slots__ = ("waiters",)
+    waiters: list[tuple[Any, Waiter]]
 
-    def __init__(self) -> None:
-        self.waiters: list[tuple[Any, Waiter]] = []
-
-    def __len__(self) -> int:
-        raise NotImplementedError
+    def __len__(self) -> int: ...
 
 
 BatchT = TypeVar("BatchT", bound=Batch)

@@ -35,7 +35,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from libon_tsilo.group_commit import Batch, GroupCommit, RunInThread, Waiter, WorkerThread
+from libon_tsilo.group_commit import GroupCommit, RunInThread, Waiter, WorkerThread
 from libon_tsilo.registrar.binding import Binding
 from libon_tsilo.registrar.location import NotStored, StoreClosed
 from libon_tsilo.util import redact_key
@@ -76,13 +76,13 @@ def sql_text(text: str) -> str | bytes:
     return text
 
 
-class _Batch(Batch):
+class _Batch:
     """Changes committed together; a waiter's key is an aor: it fails when a change of it failed."""
 
-    __slots__ = ("changes",)
+    __slots__ = ("waiters", "changes")
 
     def __init__(self) -> None:
-        super().__init__()
+        self.waiters: list[tuple[Any, Waiter]] = []  # group_commit.Batch
         self.changes: dict[Ident, Binding | None] = {}  # None: delete the row
 
     def __len__(self) -> int:
