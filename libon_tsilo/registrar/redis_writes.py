@@ -85,16 +85,20 @@ class _WriteBatch:
 
 
 class _Packed:
-    """A batch's script call without its first three parts (the command, the script, the array's
-    length): ``nargs`` arguments in ``tail``; the same for EVALSHA and, after NOSCRIPT, EVAL."""
+    """A batch as sent: its script call without its first three parts (the command, the script, the
+    array's length), ``nargs`` arguments in ``tail``, the same for EVALSHA and, after NOSCRIPT,
+    EVAL; and, once sent, how and where (``by_sha``, ``conn``)."""
 
-    def __init__(self, nargs: int, tail: bytes, messages: list[bytes]) -> None:
+    def __init__(self, batch: _WriteBatch, nargs: int, tail: bytes, messages: list[bytes]) -> None:
+        self.batch = batch
         self.nargs = nargs
         self.tail = tail
         self.messages = messages  # the change messages, when published after the answer
+        self.by_sha = False
+        self.conn: RespConnection | None = None
 
-    def command(self, by_sha: bool) -> bytes:
-        return b"*%d\r\n%s%s" % (self.nargs + 2, _BY_SHA if by_sha else _BY_TEXT, self.tail)
+    def command(self) -> bytes:
+        return b"*%d\r\n%s%s" % (self.nargs + 2, _BY_SHA if self.by_sha else _BY_TEXT, self.tail)
 
 
 class RedisWrites:
@@ -128,6 +132,9 @@ class RedisWrites:
         # the PUBLISH of the batch just answered, sent in front of the next batch's script call when
         # that one starts at once (_finish): (connection, packed commands)
         self._publish_due: tuple[RespConnection, bytes] | None = None
+        # the batch in flight (GroupCommit: one at a time), for the reply's callback, bound once
+        self._sending: _Packed | None = None
+        self._on_reply = self._answered
         self.commits = 0
         self.rows_written = 0
         self.rows_skipped = 0  # changes refused while Redis was down, or lost with a failed write
@@ -201,7 +208,8 @@ class RedisWrites:
             self._finish(ValueError("a batch could not be serialized"), batch)
             return
         # EVAL once per connection (Redis caches the script), EVALSHA after: one round trip
-        self._send(batch, packed, self._script_on is not None and self._script_on is self.conn)
+        packed.by_sha = self._script_on is not None and self._script_on is self.conn
+        self._send(packed)
 
     def _pack(self, batch: _WriteBatch) -> _Packed:
         """Serialized on the reactor thread, so each row is a snapshot of the binding as it was."""
@@ -234,52 +242,57 @@ class RedisWrites:
         tail = [bulk(b"%d" % nkeys), *keys, *dels, self._seq_arg, self._channel_arg, bulk(b"%d" % nsets),
                 *args]
         if self.publish_after_answer:
-            return _Packed(len(tail), b"".join(tail), [message])  # sent by _finish once the 200s are
+            return _Packed(batch, len(tail), b"".join(tail), [message])  # sent by _finish after the 200s
         tail.append(bulk(message))
-        return _Packed(len(tail), b"".join(tail), [])
+        return _Packed(batch, len(tail), b"".join(tail), [])
 
-    def _send(self, batch: _WriteBatch, packed: _Packed, by_sha: bool) -> None:
+    def _send(self, packed: _Packed) -> None:
         conn = self.conn
         if conn is None:
-            self._finish(ConnectionError("redis is not connected"), batch)
+            self._finish(ConnectionError("redis is not connected"), packed.batch)
             return
-        data = packed.command(by_sha)
+        data = packed.command()
         due, self._publish_due = self._publish_due, None
         if due is not None and due[0] is conn:
             data = due[1] + data  # the last batch's PUBLISH first, as it would have gone alone
-
-        def written(reply: Any) -> None:
-            self._answered(reply, batch, packed, by_sha, conn)
-
+        packed.conn = conn
+        self._sending = packed
         try:
             # answered straight from the connection's read, not a loop turn later (a Future would)
-            conn.call_packed(written, data)
+            conn.call_packed(self._on_reply, data)
         except Exception as exc:
+            self._sending = None
             if not isinstance(exc, ConnectionError):
                 log.failure("location redis: sending a batch failed")
             elif due is not None:
                 log.warn("location redis: a change is stored but not announced to the other nodes: {err}",
                          err=exc)
-            self._finish(exc, batch)
+            self._finish(exc, packed.batch)
 
-    def _answered(self, reply: Any, batch: _WriteBatch, packed: _Packed, by_sha: bool,
-                  conn: RespConnection) -> None:
+    def _answered(self, reply: Any) -> None:
+        """The reply to the batch in flight (its connection's read calls it)."""
+        packed = self._sending
+        if packed is None:
+            return  # one batch in flight, answered once: never
+        self._sending = None
+        batch = packed.batch
         if isinstance(reply, ReplyError):
-            if by_sha and str(reply).startswith("NOSCRIPT"):
+            if packed.by_sha and str(reply).startswith("NOSCRIPT"):
                 self._script_on = None  # Redis's script cache was flushed: the same batch, by EVAL
-                self._send(batch, packed, False)
+                packed.by_sha = False
+                self._send(packed)
                 return
             self._finish(reply, batch)
             return
         if isinstance(reply, Exception):
             self._finish(reply, batch)
             return
-        self._script_on = conn
+        self._script_on = packed.conn
         seq = int(reply)
         if seq <= self.acked_seq:  # one writer per node: every batch adds one
             self._rollback_seen(seq, self.acked_seq, "a write")
         self.acked_seq = max(self.acked_seq, seq)
-        self._finish(None, batch, conn, packed.messages)
+        self._finish(None, batch, packed.conn, packed.messages)
 
     def _finish(self, error: BaseException | None, batch: _WriteBatch, conn: RespConnection | None = None,
                 publish: list[bytes] | None = None) -> None:
