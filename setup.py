@@ -78,6 +78,13 @@ COMPILED = [
     "libon_tsilo/cluster/relay.py",
     "libon_tsilo/sip/wire_edit.py",
     "libon_tsilo/cluster/relay_branch.py",
+    # the Redis store's per-REGISTER path (issue 14, round 7): the batch writes, their schedule, the
+    # connection they go over and the JSON; the rest of the store (feed, claims, write-backs) stays
+    # interpreted (tests replace its methods), and so do the SQLite stores' batches
+    "libon_tsilo/group_commit.py",
+    "libon_tsilo/registrar/redis_codec.py",
+    "libon_tsilo/registrar/redis_wire.py",
+    "libon_tsilo/registrar/redis_writes.py",
 ]
 
 

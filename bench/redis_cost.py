@@ -35,6 +35,12 @@ Stages (the node under test is "A"; "W" plays node B, a real node too, in its ow
 reactor = "auto"`` does; ``asyncio``, ``uvloop`` or ``epoll`` (memory only) force one; the asyncio
 ones are the server's (ops/lean_asyncio.py), ``asyncio-twisted`` and ``uvloop-twisted`` Twisted's
 own. Kernel time is not in the counts (callgrind sees user space), nor is redis-server's work.
+
+The bench goes on from a datagram the node sent (or a change it applied) on the reactor's next
+turn (``Node.soon``): the loop's ``call_soon`` on an asyncio reactor, a zero-delay ``callLater`` on
+epoll, each reactor's cheapest. Until round 7 it was ``callLater(0)`` on both, which on an asyncio
+reactor re-arms the loop's timer twice per wait (~15k instructions that are the bench's, not the
+server's: several per call in ``call-remote``), ``--harness timer`` keeps that way for comparisons.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ if str(ROOT) not in sys.path:
 from bench.inproc import IN_DIALOG, INVITE, REGISTER, SDP, answer, header_value, take  # noqa: E402
 from bench import callgrind  # noqa: E402
 
+HARNESS = os.environ.get("REDIS_COST_HARNESS", "soon")  # "timer": the bench's wake-ups before round 7
 STAGES = ("register-memory", "register-redis", "apply-redis", "call-memory", "call-redis", "call-remote")
 CALLER = ("127.0.0.1", 16000)
 DEVICE = ("127.0.0.1", 17000)
@@ -113,6 +120,10 @@ class Node:
             location["url"] = redis_url
             sections["cluster"] = {"node_id": node_id}
         self.reactor = reactor
+        loop = getattr(reactor, "_asyncioEventloop", None)
+        # the bench's own wake-up on the next turn (module doc)
+        self.soon = reactor.callLater if loop is None or HARNESS == "timer" else (
+            lambda _delay, f, *args: loop.call_soon(f, *args))
         self.root = make_service(config_from_dict(sections), clock=reactor)
         self.parts = self.root.parts
         self.outbox: list[tuple[bytes, tuple[str, int]]] = []
@@ -130,7 +141,7 @@ class Node:
                     node._want = None
                     # on the next turn, not inside send_to: the sender (a transaction arming its
                     # timer A after the first send) must finish before the bench answers
-                    node.reactor.callLater(0, want[2].callback, None)
+                    node.soon(0, want[2].callback, None)
 
         self._sock = FakeSocket()
         self.parts.transport.add_udp_endpoint(self._sock)
@@ -145,7 +156,7 @@ class Node:
                 on_message(data)
                 waiter, self._own_waiter = self._own_waiter, None
                 if waiter is not None:
-                    self.reactor.callLater(0, waiter.callback, None)
+                    self.soon(0, waiter.callback, None)
 
             self.store._on_message = hooked
         tune_gc()  # as the twistd entry point does (libon_tsilo/ops/tap.py)
@@ -359,7 +370,7 @@ def run_child(stage: str, n: int, args: argparse.Namespace, redis_url: str, icou
     if icount:
         out_file = "/dev/null" if args.keep is None else str(args.keep / f"callgrind.{stage}.{n}")
         cmd = ["nice", "-n", "5", *callgrind.command(cmd, out_file=out_file)]
-    env = callgrind.environment({"REDIS_COST_URL": redis_url})
+    env = callgrind.environment({"REDIS_COST_URL": redis_url, "REDIS_COST_HARNESS": args.harness})
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr[-3000:]}")
@@ -378,6 +389,8 @@ def main() -> int:
                     help="-twisted: Twisted's asyncio reactor instead of the server's (ops/lean_asyncio.py)")
     ap.add_argument("--redis-port", type=int, default=29000, help="redis-server's port (29000-29499)")
     ap.add_argument("--keep", type=Path, help="with --icount: keep callgrind's output files here")
+    ap.add_argument("--harness", choices=("soon", "timer"), default="soon",
+                    help="timer: the bench wakes itself with callLater(0) on any reactor, as before round 7")
     ap.add_argument("--child", nargs=2, metavar=("STAGE", "N"), help=argparse.SUPPRESS)
     ap.add_argument("--writer", metavar="URL", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -8,8 +8,10 @@ being written the next one fills up, and it goes when the first returns.
 
 ``GroupCommit`` holds that schedule and nothing else: the store fills ``open`` (a ``Batch`` of its
 own kind), calls ``changed()``, writes the batch it is handed, and calls ``finished()`` when the
-write returned (after answering that batch's waiters). ``WorkerThread`` is the private one-thread
-pool a blocking writer (SQLite) runs its batches in.
+write returned (after answering that batch's waiters). A waiter is a Deferred (``wait``), or any
+object with a Deferred's ``callback(None)`` and ``errback(reason)`` (``notify``): the registrar's
+answer to a REGISTER waits so, without the ~25k instructions of a Deferred and its callback chain.
+``WorkerThread`` is the private one-thread pool a blocking writer (SQLite) runs its batches in.
 
 A store whose writes run on an asyncio loop (Redis) gives ``soon`` (the loop's ``call_soon``): with
 no ``flush_interval`` an idle store then writes on the loop's next turn, once the rest of the
@@ -20,30 +22,37 @@ REGISTER that queued the change has queued its other changes, without a timer (a
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-__all__ = ["Batch", "GroupCommit", "RunInThread", "WorkerThread"]
+__all__ = ["Batch", "GroupCommit", "RunInThread", "Waiter", "WorkerThread"]
 
 RunInThread = Callable[..., defer.Deferred]
 
 
-class Batch:
-    """Changes written together, and who waits for them: ``(key, Deferred)`` pairs, where the store
-    decides what a key means (which change's failure fails it); a None key is a flush, which fires
-    whatever the outcome."""
+class Waiter(Protocol):
+    """Who waits for a batch: ``callback(None)`` once it is written, ``errback(reason)`` (an
+    exception) when the store says it failed. A Deferred is one."""
 
-    __slots__ = ("waiters",)
+    def callback(self, result: None) -> object: ...
 
-    def __init__(self) -> None:
-        self.waiters: list[tuple[Any, defer.Deferred]] = []
+    def errback(self, reason: BaseException) -> object: ...
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+
+class Batch(Protocol):
+    """Changes written together (a store's own class: ``len()`` counts its changes), and who waits
+    for them: ``waiters``, ``(key, Waiter)`` pairs, where the store decides what a key means (which
+    change's failure fails it); a None key is a flush, which fires whatever the outcome. A protocol,
+    not a base class: this module is compiled (mypyc), and an interpreted class (the SQLite stores')
+    cannot subclass a compiled one."""
+
+    waiters: list[tuple[Any, Waiter]]
+
+    def __len__(self) -> int: ...
 
 
 BatchT = TypeVar("BatchT", bound=Batch)
@@ -81,12 +90,17 @@ class GroupCommit(Generic[BatchT]):
     def wait(self, key: Any) -> defer.Deferred | None:
         """A Deferred for the batch holding the changes queued so far (None when nothing waits to
         be written); ``key`` is the store's, handed back with it in the batch's waiters."""
+        d: defer.Deferred = defer.Deferred()
+        return d if self.notify(key, d) else None
+
+    def notify(self, key: Any, waiter: Waiter) -> bool:
+        """``wait`` with a waiter of the caller's; False (and ``waiter`` never called) when nothing
+        waits to be written."""
         batch = self.open if len(self.open) else self.inflight
         if batch is None:
-            return None
-        d: defer.Deferred = defer.Deferred()
-        batch.waiters.append((key, d))
-        return d
+            return False
+        batch.waiters.append((key, waiter))
+        return True
 
     def flush(self) -> defer.Deferred:
         """Write what is queued now; the Deferred fires once it is written (or failed)."""

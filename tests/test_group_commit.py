@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from twisted.internet.task import Clock
 
-from libon_tsilo.group_commit import Batch, GroupCommit
+from libon_tsilo.group_commit import GroupCommit, Waiter
 
 
-class Ops(Batch):
-    __slots__ = ("ops",)
+class Ops:
+    """A group_commit.Batch (a protocol: compiled, it cannot be subclassed by an interpreted class)."""
+
+    __slots__ = ("waiters", "ops")
 
     def __init__(self) -> None:
-        super().__init__()
+        self.waiters: list[tuple[object, Waiter]] = []
         self.ops: list[str] = []
 
     def __len__(self) -> int:

@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from libon_tsilo.group_commit import Batch, GroupCommit, RunInThread, WorkerThread
+from libon_tsilo.group_commit import GroupCommit, RunInThread, Waiter, WorkerThread
 from libon_tsilo.messaging.store import NotStored, StoredMessage
 
 __all__ = ["BatchWriter", "Op", "RunInThread"]
@@ -31,11 +31,11 @@ log = Logger()
 Op = tuple[Any, ...]
 
 
-class _Batch(Batch):
-    __slots__ = ("ops",)
+class _Batch:
+    __slots__ = ("waiters", "ops")
 
     def __init__(self) -> None:
-        super().__init__()
+        self.waiters: list[tuple[Any, Waiter]] = []  # group_commit.Batch
         self.ops: list[Op] = []  # waiters: (msg id, d) fails with the commit; (None, d) never fails
 
     def __len__(self) -> int:

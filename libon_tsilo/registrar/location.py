@@ -32,6 +32,7 @@ from libon_tsilo.registrar.binding import Binding, LocationObserver
 from libon_tsilo.util import redact_key
 
 if TYPE_CHECKING:
+    from libon_tsilo.group_commit import Waiter
     from libon_tsilo.registrar.redis_store import RedisBindingStore
     from libon_tsilo.registrar.sqlite_store import SqliteBindingStore
     from libon_tsilo.sip.flow import Flow
@@ -137,6 +138,14 @@ class LocationStore:
         if self.persistence is None:
             return None
         return self.persistence.when_committed(aor)
+
+    def notify_durable(self, aor: str, waiter: Waiter) -> bool:
+        """``when_durable`` with a waiter of the caller's (group_commit.Waiter: ``callback(None)``,
+        ``errback(exc)``), cheaper than a Deferred per REGISTER; False, and ``waiter`` never called,
+        when there is nothing to wait for."""
+        if self.persistence is None:
+            return False
+        return self.persistence.notify_committed(aor, waiter)
 
     def persistence_stats(self) -> dict[str, int] | None:
         """Counters of the persistent copy (commits, rows written/skipped/retried, pending)."""

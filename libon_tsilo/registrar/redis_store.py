@@ -7,7 +7,8 @@ this module writes the node's changes to Redis and applies the other nodes' chan
   unambiguous whatever the AOR holds), whose value is the binding's JSON (redis_codec.py: orjson,
   lone surrogates from non-UTF-8 bytes escaped by json) and whose TTL is the binding's own
   remaining time, so Redis forgets a dead binding by itself. Keys are bytes (surrogateescape).
-* Changes are written in batches, one at a time (a group commit, libon_tsilo/group_commit.py, on
+* Changes are written in batches (redis_writes.py, compiled: the per-REGISTER part), one at a
+  time (a group commit, libon_tsilo/group_commit.py, on
   the loop's next turn: what queues while one batch is in flight goes in the next, so changes of
   one key reach Redis, and every node, in order). A batch is
   one EVALSHA of a small Lua script (atomic like MULTI/EXEC, one reply to parse instead of four),
@@ -25,7 +26,8 @@ this module writes the node's changes to Redis and applies the other nodes' chan
   waiters fired, i.e. after the REGISTERs' 200s were sent: a node forking to the device directly
   hears of the binding after its 200 left (the one-node rule: events after the answer). It costs one
   more command per batch, sent with ``CLIENT REPLY SKIP``: Redis answers nothing to it, so this node
-  reads nothing more and wakes up twice per REGISTER, as without it; if this node dies between the
+  reads nothing more and wakes up twice per REGISTER, as without it (and when the next batch starts
+  at once, the PUBLISH goes in the same send as its script call); if this node dies between the
   two, or the connection breaks, the binding is in Redis but the other replicas miss it until their
   next load or the device's next refresh.
 * Expiry is not written: Redis drops the key at its TTL and every replica removes the binding on
@@ -90,7 +92,6 @@ import contextlib
 import hashlib
 import math
 import secrets
-from collections.abc import Callable
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
@@ -100,12 +101,11 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from libon_tsilo.group_commit import Batch, GroupCommit
 from libon_tsilo.registrar.asyncio_bridge import as_deferred, reactor_loop
 from libon_tsilo.registrar.binding import Binding
-from libon_tsilo.registrar.location import NotStored, StoreClosed
 from libon_tsilo.registrar import redis_codec
 from libon_tsilo.registrar.redis_wire import OnReply, ReplyError, RespConnection, open_connection
+from libon_tsilo.registrar.redis_writes import RedisWrites, binding_redis_key, change_channel
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -186,17 +186,6 @@ def _raw(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-def binding_redis_key(prefix: bytes, aor: str, key: str) -> bytes:
-    """The Redis key of the binding ``key`` of ``aor`` (see the module doc)."""
-    raw_aor = _raw(aor)
-    return b"%sb:%d:%s/%s" % (prefix, len(raw_aor), raw_aor, _raw(key))
-
-
-def change_channel(prefix: bytes, slot: int) -> bytes:
-    """The pub/sub channel of change channel ``slot`` (module doc)."""
-    return prefix + b"bindings:%d" % slot
-
-
 def _ignored(reply: Any) -> None:
     """A reply nobody needs (a PEXPIRE's): its failure is the connection's, which the feed sees."""
 
@@ -210,37 +199,12 @@ def _glob_escape(raw: bytes) -> bytes:
     return bytes(out)
 
 
-# one batch in one command, atomic like MULTI/EXEC: KEYS = the keys to set, then those to delete,
-# then this node's write counter; ARGV = channel, number of sets, (value, ttl ms) per set, then the
-# messages to publish. Returns the counter: a Redis that comes back with a lower one lost our writes.
-_WRITE_BATCH = """
-local n = tonumber(ARGV[2])
-for i = 1, n do redis.call('SET', KEYS[i], ARGV[1 + 2 * i], 'PX', ARGV[2 + 2 * i]) end
-for i = n + 1, #KEYS - 1 do redis.call('DEL', KEYS[i]) end
-for j = 3 + 2 * n, #ARGV do redis.call('PUBLISH', ARGV[1], ARGV[j]) end
-return redis.call('INCR', KEYS[#KEYS])
-"""
-_WRITE_BATCH_SHA = hashlib.sha1(_WRITE_BATCH.encode()).hexdigest()
-
-
 class _Reload(Exception):
     """Redis lost acknowledged writes while the feed stayed connected: load again, as a loss."""
 
 
 class _DuplicateNode(Exception):
     """Another live process holds this node id."""
-
-
-class _Batch(Batch):
-    __slots__ = ("changes",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        # (aor, key) -> the binding to write, or the reason of its removal; in order of change
-        self.changes: dict[tuple[str, str], Binding | str] = {}
-
-    def __len__(self) -> int:
-        return len(self.changes)
 
 
 class RedisBindingStore:
@@ -269,42 +233,37 @@ class RedisBindingStore:
         self.stop_wait = stop_wait
         self._written_back_waiters: list[defer.Deferred[None]] = []
         self.node_id = node_id
-        self._node_json = redis_codec.dumps(node_id)  # in every change message
         self.prefix = _raw(key_prefix)
         # tells this process's own messages apart even if two nodes were given the same node_id
         self.instance = secrets.token_hex(8)
         self._own = self.instance.encode("ascii") + b" "
+        # the batches (redis_writes.py, compiled): it holds the connection while up, the state, the
+        # write counter and the write counters of /metrics; the properties below read them there
+        self.writes = RedisWrites(clock, self.prefix, node_id, self._own, self._rollback_seen,
+                                  publish_after_answer)
+        # the calls made per REGISTER go straight to it, not through a method of this class
+        self.save = self.writes.save
+        self.delete = self.writes.delete
+        self.notify_committed = self.writes.notify_committed
+        self.when_committed = self.writes.when_committed
         # each process publishes on a change channel of its own (claimed while it is up, see
         # _claim_channel) and subscribes to every other one: it never reads its own changes back
         self.slot: int | None = None
-        self.channel = b""
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         self._loop = loop
         self._replica: LocationStore | None = None
-        # one batch in flight at a time; an idle store writes on the loop's next turn, so that the
-        # rest of a REGISTER's changes join its batch
-        self._commit: GroupCommit[_Batch] = GroupCommit(clock, 0.0, _Batch, self._write, soon=self._call_soon)
         self._feed_task: asyncio.Task[None] | None = None
-        self._closed = False
         self._epoch: bytes | None = None  # Redis's epoch key when last connected
-        # this node's write counter in Redis (<prefix>seq:<node_id>, bumped by every batch) as of
-        # our last acknowledged batch: Redis restarted from an older snapshot, or a replica that
-        # lagged, has a lower one, and lacks writes it acknowledged (its epoch key is the same)
-        self._seq_key = self.prefix + b"seq:" + _raw(node_id)
-        self._acked_seq = 0
-        self._writer: RespConnection | None = None  # the batches' own connection, while up
-        self._skip_replies = False  # whether it honours CLIENT REPLY SKIP (RespConnection.skips_replies)
+        # this node's write counter in Redis (<prefix>seq:<node_id>, bumped by every batch; its
+        # value as of our last acknowledged batch is _acked_seq): Redis restarted from an older
+        # snapshot, or a replica that lagged, has a lower one, and lacks writes it acknowledged
+        # (its epoch key is the same)
+        self._seq_key = self.writes.seq_key
         self._backlog: list[bytes] | None = None  # feed messages held while the feed loads
-        self._script_on: RespConnection | None = None  # the connection Redis cached the script for
-        self.state = "connecting"  # "up", "down"
         self.loads = 0  # full loads (start and every reconnect)
-        self.commits = 0
-        self.rows_written = 0
-        self.rows_skipped = 0  # changes refused while Redis was down, or lost with a failed write
         self.rows_retried = 0  # written-back bindings sent again after their chunk failed
         self.messages_applied = 0  # changes of other nodes applied to the replica
-        self.failed_batches = 0  # batches failed in a row (logged at the first)
         # own bindings Redis lost, to write back (module doc): (aor, key) in order, current copy
         # read from the replica when sent; one chunk in flight at a time, retried on self.clock
         self.write_back_chunk = max(1, write_back_chunk)
@@ -321,11 +280,86 @@ class RedisBindingStore:
         self._claim_key = self.prefix + b"node:" + _raw(node_id)
         self.claim_ttl = claim_ttl
         self.duplicate_of = ""  # the instance token of the other process holding our node id
-        self.publish_after_answer = publish_after_answer
+
+    # -- what the batches hold (self.writes) ------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """"connecting", "up", "down", "reloading" (writes fail fast meanwhile) or "duplicate"."""
+        return self.writes.state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        self.writes.state = value
 
     @property
     def up(self) -> bool:
-        return self.state == "up"
+        return self.writes.state == "up"
+
+    @property
+    def _closed(self) -> bool:
+        return self.writes.closed
+
+    @_closed.setter
+    def _closed(self, value: bool) -> None:
+        self.writes.closed = value
+
+    @property
+    def _writer(self) -> RespConnection | None:
+        """The connection the batches go over, while up (the feed's own, over RESP3)."""
+        return self.writes.conn
+
+    @_writer.setter
+    def _writer(self, conn: RespConnection | None) -> None:
+        self.writes.conn = conn
+
+    @property
+    def channel(self) -> bytes:
+        return self.writes.channel
+
+    @channel.setter
+    def channel(self, channel: bytes) -> None:
+        self.writes.use_channel(channel)
+
+    @property
+    def _acked_seq(self) -> int:
+        return self.writes.acked_seq
+
+    @_acked_seq.setter
+    def _acked_seq(self, seq: int) -> None:
+        self.writes.acked_seq = seq
+
+    @property
+    def publish_after_answer(self) -> bool:
+        return self.writes.publish_after_answer
+
+    @publish_after_answer.setter
+    def publish_after_answer(self, value: bool) -> None:
+        self.writes.publish_after_answer = value
+
+    @property
+    def commits(self) -> int:
+        return self.writes.commits
+
+    @property
+    def rows_written(self) -> int:
+        return self.writes.rows_written
+
+    @property
+    def rows_skipped(self) -> int:
+        """Changes refused while Redis was down, lost with a failed write, or unreadable at a load."""
+        return self.writes.rows_skipped
+
+    @property
+    def failed_batches(self) -> int:
+        return self.writes.failed_batches
+
+    def flush(self) -> defer.Deferred[None]:
+        """Fires once everything queued so far is written or has failed; never errbacks."""
+        return self.writes.flush()
+
+    def pending(self) -> int:
+        return self.writes.pending()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -337,7 +371,7 @@ class RedisBindingStore:
 
     def start(self, replica: LocationStore) -> None:
         self._replica = replica
-        self._commit.soon = self.loop.call_soon  # the loop is known now: no indirection per batch
+        self.writes.commit.soon = self.loop.call_soon  # the loop is known now
         if self._feed_task is None:
             self._feed_task = self.loop.create_task(self._feed())
 
@@ -430,7 +464,7 @@ class RedisBindingStore:
                 else:
                     writer = await open_connection(self.client, self.loop, COMMAND_TIMEOUT)
                     conns.append(writer)
-                self._skip_replies = await writer.skips_replies()
+                self.writes.skip_replies = await writer.skips_replies()
                 await self._claim_node(writer)
                 await self._claim_channel(writer)
                 others = [change_channel(self.prefix, k) for k in range(CHANGE_CHANNELS) if k != self.slot]
@@ -670,7 +704,7 @@ class RedisBindingStore:
             try:
                 out.append(Binding.from_dict(redis_codec.loads(value)))
             except (ValueError, TypeError, KeyError) as exc:
-                self.rows_skipped += 1
+                self.writes.rows_skipped += 1
                 log.warn("location redis: skipping unreadable binding {key}: {err}",
                          key=key.decode("utf-8", "backslashreplace"), err=exc)
         return out
@@ -785,150 +819,6 @@ class RedisBindingStore:
             log.warn("location redis: skipping an unreadable change message: {err}", err=exc)
         except Exception:
             log.failure("location redis: applying a change of another node failed")
-
-    # -- changes --------------------------------------------------------------------------------
-
-    def save(self, binding: Binding) -> None:
-        self._queue((binding.aor, binding.key), binding)
-
-    def delete(self, binding: Binding, reason: str = "") -> None:
-        if reason == "expired":
-            return  # Redis drops the key at its TTL, every replica on its own timer
-        self._queue((binding.aor, binding.key), reason or "removed")
-
-    def _queue(self, ident: tuple[str, str], change: Binding | str) -> None:
-        if self._closed:
-            return
-        if not self.up:
-            self.rows_skipped += 1  # when_committed tells the REGISTER; a resync repairs the rest
-            return
-        changes = self._commit.open.changes
-        changes.pop(ident, None)  # re-inserted last: the batch keeps the order of the changes
-        changes[ident] = change
-        self._commit.changed()
-
-    def _call_soon(self, f: Callable[[], None]) -> None:
-        self.loop.call_soon(f)
-
-    def when_committed(self, aor: str) -> defer.Deferred[None] | None:
-        """Fires once the changes queued so far are in Redis; fails with NotStored when they could
-        not be (Redis down or failing). None when nothing is waiting to be written."""
-        if self._closed:
-            return defer.fail(StoreClosed("the location store is stopped"))
-        if not self.up:
-            return defer.fail(NotStored(f"redis is {self.state}"))
-        return self._commit.wait(aor)
-
-    def flush(self) -> defer.Deferred[None]:
-        """Fires once everything queued so far is written or has failed; never errbacks."""
-        return self._commit.flush()
-
-    def pending(self) -> int:
-        return self._commit.pending()
-
-    # -- the writer -----------------------------------------------------------------------------
-
-    def _write(self, batch: _Batch) -> None:
-        try:
-            sets, dels, messages = self._commands(batch)
-        except Exception:
-            log.failure("location redis: serializing a batch failed")
-            self._finish(Failure(), batch)
-            return
-        args: list[bytes | int] = [self.channel, len(sets)]
-        for _, value, ttl_ms in sets:
-            args += (value, ttl_ms)
-        after: list[bytes] | None = None
-        if self.publish_after_answer:
-            after = messages  # sent by _finish once the 200s are
-        else:
-            args += messages
-        # EVAL once per connection (Redis caches the script), EVALSHA after: one round trip
-        keys = [key for key, _, _ in sets] + dels + [self._seq_key]
-        self._send(batch, keys, args, self._script_on is self._writer, after)
-
-    def _send(self, batch: _Batch, keys: list[bytes], args: list[bytes | int], evalsha: bool,
-              after: list[bytes] | None = None) -> None:
-        writer = self._writer
-        try:
-            if writer is None:
-                raise ConnectionError("redis is not connected")
-            script = (b"EVALSHA", _WRITE_BATCH_SHA) if evalsha else (b"EVAL", _WRITE_BATCH)
-
-            def written(reply: Any) -> None:
-                if not isinstance(reply, Exception):
-                    self._script_on = writer
-                    seq = int(reply)
-                    if seq <= self._acked_seq:  # one writer per node: every batch adds one
-                        self._rollback_seen(seq, self._acked_seq, "a write")
-                    self._acked_seq = max(self._acked_seq, seq)
-                    self._finish(None, batch, (writer, after) if after else None)
-                elif evalsha and isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
-                    self._script_on = None  # Redis's script cache was flushed: the same batch, by EVAL
-                    self._send(batch, keys, args, False, after)
-                else:
-                    self._finish(Failure(reply), batch)
-
-            # answered straight from the connection's read, not a loop turn later (a Future would)
-            writer.call(written, *script, len(keys), *keys, *args)
-        except Exception:
-            self._finish(Failure(), batch)
-
-    def _commands(self, batch: _Batch) -> tuple[list[tuple[bytes, bytes, int]], list[bytes], list[bytes]]:
-        """Serialized on the reactor thread, so each row is a snapshot of the binding as it was."""
-        now = self.clock.seconds()
-        sets: list[tuple[bytes, bytes, int]] = []
-        dels: list[bytes] = []
-        ops: list[bytes] = []  # the batch's changes in order, as JSON, for the other nodes
-        for (aor, key), change in batch.changes.items():
-            rkey = binding_redis_key(self.prefix, aor, key)
-            ttl_ms = math.ceil((change.expires_at - now) * 1000) if isinstance(change, Binding) else 0
-            if isinstance(change, Binding) and ttl_ms > 0:
-                # encoded once, for the key and inside the message
-                value = redis_codec.dumps(change.to_dict())
-                sets.append((rkey, value, ttl_ms))
-                ops.append(b'["s",' + value + b"]")
-            else:
-                reason = change if isinstance(change, str) else "expired"
-                dels.append(rkey)
-                ops.append(redis_codec.dumps(["d", aor, key, reason]))
-        messages = [self._own + b'{"n":%s,"ops":[%s]}' % (self._node_json, b",".join(ops))]
-        return sets, dels, messages
-
-    def _finish(self, failure: Failure | None, batch: _Batch,
-                publish: tuple[RespConnection, list[bytes]] | None = None) -> None:
-        n = len(batch.changes)
-        if failure is None:
-            self.commits += 1
-            self.rows_written += n
-            if self.failed_batches:
-                log.info("location redis: writes work again, after {n} failed batches", n=self.failed_batches)
-                self.failed_batches = 0
-        else:
-            self.rows_skipped += n
-            # logged when writes start failing, not for every batch (a REGISTER flood against a
-            # Redis that refuses our script would log thousands of lines); counted in rows_skipped
-            if not self.failed_batches:
-                log.warn("location redis: writes fail, REGISTERs get 500: {err}",
-                         err=f"{failure.type.__name__}: {failure.getErrorMessage()}")
-            self.failed_batches += 1
-        for aor, d in batch.waiters:
-            if failure is not None and aor is not None:
-                d.errback(NotStored(f"redis: {failure.getErrorMessage() or failure.type.__name__}"))
-            else:
-                d.callback(None)
-        if publish:  # publish_after_answer: the waiters above sent their 200s
-            writer, messages = publish
-            try:
-                for message in messages:  # no reply, and no echo (our own channel): no read
-                    if self._skip_replies:
-                        writer.send_unanswered(b"PUBLISH", self.channel, message)
-                    else:
-                        writer.call(_ignored, b"PUBLISH", self.channel, message)
-            except Exception as exc:  # the connection closed meanwhile: the feed reconnects
-                log.warn("location redis: a change is stored but not announced to the other nodes: {err}",
-                         err=exc)
-        self._commit.finished()
 
     # -- node liveness (cluster/liveness.py) ------------------------------------------------------
 

@@ -19,6 +19,12 @@ reads its write's reply and its own change message in one read instead of one on
 A command's timeout is one timer per connection, not one per command (a timer handle per command
 cost a REGISTER more than the rest of its send): it is armed for the oldest unanswered command and
 re-armed for the next when it fires too early.
+
+Compiled by mypyc (setup.py): ``RespConnection`` is an asyncio protocol by its methods, not by
+subclassing ``asyncio.Protocol`` (a compiled class cannot subclass an interpreted one). A caller
+that sends the same command shapes over and over (the batch writes, registrar/redis_writes.py)
+packs them itself (``bulk``, ``call_packed``): hiredis's ``pack_command`` converts every argument
+afresh, ~11k instructions for a batch's script call.
 """
 
 from __future__ import annotations
@@ -34,25 +40,32 @@ from twisted.logger import Logger
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
-__all__ = ["OnReply", "ReplyError", "RespConnection", "open_connection"]
+__all__ = ["SKIP_NEXT_REPLY", "OnReply", "ReplyError", "RespConnection", "bulk", "open_connection"]
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc): Logger() would name the importer
 
 
 class ReplyError(Exception):
     """Redis answered a command with an error (the message is Redis's, e.g. "NOSCRIPT ...")."""
 
 
-_SKIP_NEXT_REPLY = hiredis.pack_command((b"CLIENT", b"REPLY", b"SKIP"))  # type: ignore[arg-type]  # no reply
+SKIP_NEXT_REPLY: bytes = hiredis.pack_command((b"CLIENT", b"REPLY", b"SKIP"))  # type: ignore[arg-type]  # no reply
+_PUSH = hiredis.PushNotification
+
+
+def bulk(value: bytes) -> bytes:
+    """``value`` as a RESP bulk string: one argument of a command packed by its caller."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
 
 Reply = Any  # a parsed reply; a ReplyError or ConnectionError instance when the command failed
 OnReply = Callable[[Reply], None]
 
 
-class RespConnection(asyncio.Protocol):
+class RespConnection:
     """One connection, commands pipelined, replies matched in order. ``on_message(data)`` gets each
     pub/sub message once the connection subscribed. ``lost`` is done when the connection is gone;
-    ``received`` counts replies and messages (the feed's idle check)."""
+    ``received`` counts replies and messages (the feed's idle check). An ``asyncio.Protocol`` by its
+    methods (the module doc says why not by its base)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float,
                  on_message: Callable[[bytes], None] | None = None) -> None:
@@ -74,12 +87,21 @@ class RespConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
 
+    def eof_received(self) -> bool | None:
+        return None  # the transport closes itself; connection_lost follows
+
+    def pause_writing(self) -> None:
+        pass  # a command is small and Redis reads fast: nothing to hold back
+
+    def resume_writing(self) -> None:
+        pass
+
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
         while (reply := self._next_reply()) is not False:
             self.received += 1
             kind = type(reply)
-            if kind is hiredis.PushNotification:
+            if kind is _PUSH:
                 # RESP3: pub/sub messages and SUBSCRIBE's own confirmations come as pushes
                 if reply[0] == b"message":
                     if self.on_message is not None:
@@ -151,6 +173,11 @@ class RespConnection(asyncio.Protocol):
         ConnectionError instance when it failed) as soon as it is read, not a loop turn later."""
         self._send(on_reply, args)
 
+    def call_packed(self, on_reply: OnReply, data: bytes) -> None:
+        """``call`` for a command its caller packed (RESP, ``bulk``): one reply expected. ``data``
+        may start with commands Redis answers nothing to (``SKIP_NEXT_REPLY`` and the one after)."""
+        self._send_packed(on_reply, data)
+
     def call_all(self, calls: list[tuple[OnReply, tuple[bytes | str | int, ...]]]) -> None:
         """``call`` for each (on_reply, args), all written at once (one send for the lot)."""
         transport = self._transport
@@ -171,7 +198,14 @@ class RespConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             raise ConnectionError("redis connection closed")
-        transport.write(_SKIP_NEXT_REPLY + hiredis.pack_command(args))  # type: ignore[arg-type]
+        self.write_unanswered(SKIP_NEXT_REPLY + hiredis.pack_command(args))  # type: ignore[arg-type]
+
+    def write_unanswered(self, data: bytes) -> None:
+        """``send_unanswered`` for commands packed by the caller, each after ``SKIP_NEXT_REPLY``."""
+        transport = self._transport
+        if transport is None:
+            raise ConnectionError("redis connection closed")
+        transport.write(data)
 
     async def skips_replies(self) -> bool:
         """Does the server honour ``CLIENT REPLY SKIP`` (Redis 3.2+; not every proxy or look-alike)?
@@ -186,13 +220,16 @@ class RespConnection(asyncio.Protocol):
                     return False
 
     def _send(self, target: asyncio.Future[Any] | OnReply, args: tuple[bytes | str | int, ...]) -> None:
+        self._send_packed(target, hiredis.pack_command(args))  # type: ignore[arg-type]  # its stub: 1-tuple
+
+    def _send_packed(self, target: asyncio.Future[Any] | OnReply, data: bytes) -> None:
         transport = self._transport
         if transport is None:
             raise ConnectionError("redis connection closed")
         self._pending.append((target, self.loop.time()))
         if self._overdue is None:
             self._overdue = self.loop.call_later(self.timeout, self._check_overdue)
-        transport.write(hiredis.pack_command(args))  # type: ignore[arg-type]  # its stub says 1-tuple
+        transport.write(data)
 
     def _check_overdue(self) -> None:
         self._overdue = None

@@ -54,9 +54,57 @@ NOT_STORED_RETRY_AFTER = 5
 MAX_PATH_BYTES = 2048
 
 
-def _passthrough(result: Any, call: Callable[..., object], *args: Any) -> Any:
-    call(*args)
-    return result
+class _AnswerWhenStored:
+    """A REGISTER's answer, sent once the location store committed its change (the 200) or could
+    not (500, or 503 when stopping, with Retry-After); then its held events, and the flow's pending
+    answer is done. The store calls it as it would a Deferred (``LocationStore.notify_durable``):
+    a Deferred and its callback chain cost ~25k instructions per REGISTER on the Redis store."""
+
+    def __init__(self, registrar: Registrar, stx: Any, resp: Response, request: Request,
+                 events: list[BindingEvent], flow_id: str | None) -> None:
+        self.registrar = registrar
+        self.stx = stx
+        self.resp = resp
+        self.request = request
+        self.events = events
+        self.flow_id = flow_id
+        if flow_id is not None:  # a call relayed to this flow waits for the answer (pending_answers.py)
+            registrar.answers.begin(flow_id)
+
+    def callback(self, result: object) -> None:
+        self._answer(self.resp)
+
+    def errback(self, reason: BaseException | Failure) -> None:
+        request = self.request
+        closed = reason.check(StoreClosed) is not None if isinstance(reason, Failure) else isinstance(
+            reason, StoreClosed)
+        message = reason.getErrorMessage() if isinstance(reason, Failure) else str(reason)
+        log.warn(
+            "REGISTER for {to}: binding not stored ({reason}), answering {status}",
+            to=request.header("to"),
+            reason=message,
+            status=503 if closed else 500,
+            call_id=request.header("call-id"),
+        )
+        if closed:  # shutting down: another server (or this one, restarted) will take it
+            resp = make_response(request, 503, "Service Unavailable", to_tag=new_tag())
+        else:
+            resp = make_response(request, 500, "Binding Not Stored", to_tag=new_tag())
+        resp.add_header("Retry-After", str(NOT_STORED_RETRY_AFTER))
+        self._answer(resp)
+
+    def _answer(self, resp: Response) -> None:
+        """Never raises: the store calls this from its write's completion, among other waiters."""
+        registrar = self.registrar
+        try:
+            self.stx.respond(resp)
+        except Exception:
+            log.failure("REGISTER: answering after the commit failed", call_id=self.request.header("call-id"))
+        # the bindings are stored (or live in memory, for the device's next REGISTER) whatever
+        # became of the answer
+        registrar.store.emit_events(self.events)
+        if self.flow_id is not None:
+            registrar.answers.done(self.flow_id)
 
 
 def aor_key(uri: URI, use_domain: bool) -> str:
@@ -192,48 +240,13 @@ class Registrar:
             resp = make_response(request, 500, "Server Internal Error", to_tag=new_tag())
         finally:
             events = store.release_events()
-        durable = store.when_durable(changed) if changed is not None and resp.status == 200 else None
-        if durable is None:
+        if changed is None or resp.status != 200 or store.persistence is None:
             stx.respond(resp)
             store.emit_events(events)
             return
-        durable.addCallbacks(
-            self._committed, self._not_stored,
-            callbackArgs=(stx, resp, events), errbackArgs=(stx, request, events),
-        )
-        durable.addErrback(self._answer_failed, request)
-        if flow is not None:  # a call relayed to this flow waits for the answer (pending_answers.py)
-            self.answers.begin(flow.id)
-            durable.addBoth(_passthrough, self.answers.done, flow.id)
-
-    @staticmethod
-    def _answer_failed(failure: Failure, request: Request) -> None:
-        log.failure("REGISTER: answering after the commit failed", failure, call_id=request.header("call-id"))
-
-    def _committed(self, _: object, stx: Any, resp: Response, events: list[BindingEvent]) -> None:
-        try:
-            stx.respond(resp)
-        finally:  # the bindings are stored and live whatever became of the answer
-            self.store.emit_events(events)
-
-    def _not_stored(self, failure: Failure, stx: Any, request: Request, events: list[BindingEvent]) -> None:
-        closed = failure.check(StoreClosed) is not None
-        log.warn(
-            "REGISTER for {to}: binding not stored ({reason}), answering {status}",
-            to=request.header("to"),
-            reason=failure.getErrorMessage(),
-            status=503 if closed else 500,
-            call_id=request.header("call-id"),
-        )
-        if closed:  # shutting down: another server (or this one, restarted) will take it
-            resp = make_response(request, 503, "Service Unavailable", to_tag=new_tag())
-        else:
-            resp = make_response(request, 500, "Binding Not Stored", to_tag=new_tag())
-        resp.add_header("Retry-After", str(NOT_STORED_RETRY_AFTER))
-        try:
-            stx.respond(resp)
-        finally:
-            self.store.emit_events(events)
+        answer = _AnswerWhenStored(self, stx, resp, request, events, flow.id if flow is not None else None)
+        if not store.notify_durable(changed, answer):  # nothing left to wait for
+            answer.callback(None)
 
     def remove(self, binding: Binding, reason: str) -> bool:
         """Drop a binding (push layer: dead token; admin API: ul.rm)."""

@@ -35,7 +35,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from libon_tsilo.group_commit import Batch, GroupCommit, RunInThread, WorkerThread
+from libon_tsilo.group_commit import GroupCommit, RunInThread, Waiter, WorkerThread
 from libon_tsilo.registrar.binding import Binding
 from libon_tsilo.registrar.location import NotStored, StoreClosed
 from libon_tsilo.util import redact_key
@@ -76,13 +76,13 @@ def sql_text(text: str) -> str | bytes:
     return text
 
 
-class _Batch(Batch):
+class _Batch:
     """Changes committed together; a waiter's key is an aor: it fails when a change of it failed."""
 
-    __slots__ = ("changes",)
+    __slots__ = ("waiters", "changes")
 
     def __init__(self) -> None:
-        super().__init__()
+        self.waiters: list[tuple[Any, Waiter]] = []  # group_commit.Batch
         self.changes: dict[Ident, Binding | None] = {}  # None: delete the row
 
     def __len__(self) -> int:
@@ -167,9 +167,16 @@ class SqliteBindingStore:
     def when_committed(self, aor: str) -> defer.Deferred | None:
         """A Deferred that fires once the changes queued so far are committed, or fails with
         NotStored when one of ``aor``'s failed. None when nothing is waiting to be written."""
+        d: defer.Deferred = defer.Deferred()
+        return d if self.notify_committed(aor, d) else None
+
+    def notify_committed(self, aor: str, waiter: Waiter) -> bool:
+        """``when_committed`` with a waiter of the caller's (group_commit.Waiter); False, and
+        ``waiter`` never called, when nothing is waiting to be written."""
         if self._commit.closed:
-            return defer.fail(StoreClosed("the location store is stopped"))
-        return self._commit.wait(aor)
+            waiter.errback(StoreClosed("the location store is stopped"))
+            return True
+        return self._commit.notify(aor, waiter)
 
     def flush(self) -> defer.Deferred:
         """Write everything queued so far now; the Deferred fires once it is committed (or failed:

@@ -261,7 +261,7 @@ async def test_redis_down_is_logged_once_per_change_of_state(redis_server: Redis
     events: list[dict[str, Any]] = []
 
     def observer(event: dict[str, Any]) -> None:
-        if event.get("log_namespace") == "libon_tsilo.registrar.redis_store":
+        if event.get("log_namespace") in ("libon_tsilo.registrar.redis_store", "libon_tsilo.registrar.redis_writes"):
             events.append(event)
 
     globalLogPublisher.addObserver(observer)
@@ -411,7 +411,7 @@ async def test_failing_writes_are_logged_once_until_they_work_again(
     events: list[str] = []
 
     def observer(event: dict[str, Any]) -> None:
-        if event.get("log_namespace") == "libon_tsilo.registrar.redis_store":
+        if event.get("log_namespace") in ("libon_tsilo.registrar.redis_store", "libon_tsilo.registrar.redis_writes"):
             events.append(formatEvent(event))
 
     globalLogPublisher.addObserver(observer)
