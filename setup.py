@@ -85,6 +85,15 @@ COMPILED = [
     "libon_tsilo/registrar/redis_codec.py",
     "libon_tsilo/registrar/redis_wire.py",
     "libon_tsilo/registrar/redis_writes.py",
+    # issue 15, the interpreted calls left on a late fork: the per-source limiter every request
+    # passes, the branch ids every request we send carries, and what classifies the callee (Flow
+    # stays interpreted: sip/flow.py says why)
+    "libon_tsilo/sip/limits.py",
+    "libon_tsilo/sip/branch.py",
+    "libon_tsilo/dialplan.py",
+    "libon_tsilo/routing/local.py",
+    "libon_tsilo/routing/destinations.py",
+    "libon_tsilo/routing/policy.py",
 ]
 
 

@@ -560,8 +560,11 @@ def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
     from libon_tsilo.b2bua.ports import TransactionPort
     from libon_tsilo.sip.hostnames import HostSet
 
+    from libon_tsilo.routing.local import LocalDomains
+
     cfg = parts.config
     domains = HostSet(cfg.sip.domains)
+    is_local = LocalDomains(domains)  # compiled: a lambda here was an interpreted call per call
     auth = parts.extra.get("auth")
     kwargs: dict[str, Any] = {}
     if auth is not None:
@@ -575,7 +578,7 @@ def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
 
         exempt = parts.extra.get("limit_exempt", ())
         kwargs["sources"] = CallerSources(cfg.limits.max_parked_per_source, exempt)
-    kwargs["calls_out"] = _calls_out(parts, domains)
+    kwargs["calls_out"] = _calls_out(parts, is_local)
     parts.b2bua = calls = CallManager(
         parts.clock,
         TransactionPort(_built(parts.transactions), parts.clock),
@@ -583,7 +586,7 @@ def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
         _built(parts.location),
         parts.waker,
         CallSettings.from_config(cfg.calls, use_domain=cfg.registrar.use_domain),
-        is_local=lambda uri: uri.host in domains,
+        is_local=is_local,
         **kwargs,
     )
     parts.extra.setdefault("limits", []).extend((calls, kwargs["calls_out"].policy))
@@ -593,7 +596,7 @@ def _add_b2bua(root: LibonTsiloService, parts: Parts) -> None:
     _attach(root, _CallsService(calls), "calls")
 
 
-def _calls_out(parts: Parts, domains: Any) -> Any:
+def _calls_out(parts: Parts, is_local: Callable[[Any], bool]) -> Any:
     """Calls to phone numbers and routed domains (issue 13): [dialplan], [[trunks]], [[routes]]."""
     from libon_tsilo.b2bua.outbound import CallsOut
     from libon_tsilo.registrar.registrar import aor_key
@@ -608,7 +611,7 @@ def _calls_out(parts: Parts, domains: Any) -> Any:
     auth = parts.extra.get("auth")
     users = auth.users if auth is not None else parts.extra.get("users_db")
     location, use_domain = _built(parts.location), cfg.registrar.use_domain
-    destinations = Destinations(cfg.dial_plan(), routes, users, is_local=lambda uri: uri.host in domains,
+    destinations = Destinations(cfg.dial_plan(), routes, users, is_local=is_local,
                                 user_exists=users.exists if users is not None else None,
                                 registered=lambda uri: bool(location.lookup(aor_key(uri, use_domain))))
     policy = CallOutPolicy(parts.clock, cfg.calls_out.max_calls_per_user)
@@ -662,6 +665,7 @@ def _add_messages(root: LibonTsiloService, parts: Parts) -> None:
     from libon_tsilo.messaging.store import MemoryMessageStore, MessageStore
     from libon_tsilo.messaging.uac import TransactionSender
     from libon_tsilo.registrar.registrar import aor_key
+    from libon_tsilo.routing.local import LocalDomains
     from libon_tsilo.sip.hostnames import HostSet
 
     store: MessageStore
@@ -688,9 +692,8 @@ def _add_messages(root: LibonTsiloService, parts: Parts) -> None:
                                notifier=parts.waker, push_preview=cfg.messages.push_preview)
     location.subscribe(delivery)
     auth = parts.extra.get("auth")
-    domains = HostSet(cfg.sip.domains)
     acceptor = MessageAcceptor(
-        parts.clock, outbox, delivery, is_local=lambda uri: uri.host in domains,
+        parts.clock, outbox, delivery, is_local=LocalDomains(HostSet(cfg.sip.domains)),
         aor_key=lambda uri: aor_key(uri, cfg.registrar.use_domain), auth=auth,
         user_exists=auth.users.exists if auth is not None else None, max_size=cfg.messages.max_size,
         max_per_user=cfg.messages.max_per_user, per_sender_per_minute=cfg.messages.per_sender_per_minute,

@@ -26,7 +26,7 @@ from libon_tsilo.routing.trunks import Trunk
 
 __all__ = ["CallOutPolicy", "Refusal", "REFUSALS"]
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc): Logger() would name the importer
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from libon_tsilo.sip.message import Request, Response, make_response, new_tag
 
 __all__ = ["SourceFilter", "SourceLimiter", "source_key", "ALLOW", "REFUSE", "DROP"]
 
-log = Logger()
+log = Logger(namespace=__name__)  # compiled (mypyc): Logger() would name the importer
 
 ALLOW, REFUSE, DROP = 0, 1, 2
 
