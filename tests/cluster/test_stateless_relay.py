@@ -67,6 +67,18 @@ def _peer_invite(peer: UA, device: UA, route: str, branch: str, call_id: str) ->
     )
 
 
+async def _answered_through_b(pair: Pair) -> tuple[UA, UA, str, Response, list[str]]:
+    """A peer's INVITE relayed by B to its device and answered: the device, the peer, the Call-ID,
+    the 200 the peer got and the route set the peer's in-dialog requests take (B's Record-Routes)."""
+    device, peer, route = await _device_on_b(pair)
+    call_id = f"{tag()}@peer"
+    peer.send(_peer_invite(peer, device, route, f"z9hG4bK{tag()}", call_id))
+    inv = await device.request("INVITE")
+    device.send(response_to(inv, 200, "OK", "dev1"))
+    ok = await peer.response(200, "INVITE")
+    return device, peer, call_id, ok, list(reversed(ok.header_values("record-route")))
+
+
 def _received(ua: UA, method: str) -> list[Request]:
     return [m for m in ua.received if isinstance(m, Request) and m.method == method]
 
@@ -339,13 +351,7 @@ async def test_a_peers_in_dialog_request_is_relayed_as_bytes_exactly_as_the_pars
     pair.start()
     try:
         relay = pair.b.parts.extra["cluster_relay"]
-        device, peer, route = await _device_on_b(pair)
-        call_id = f"{tag()}@peer"
-        peer.send(_peer_invite(peer, device, route, f"z9hG4bK{tag()}", call_id))
-        inv = await device.request("INVITE")
-        device.send(response_to(inv, 200, "OK", "dev1"))
-        ok = await peer.response(200, "INVITE")
-        routes = list(reversed(ok.header_values("record-route")))
+        device, peer, call_id, ok, routes = await _answered_through_b(pair)
         for via in (";rport", "", ";received=192.0.2.66"):  # the transport's received/rport rules, each
             device.received.clear()
             bye = _peer_bye(peer, device, routes, ok.header("to") or "", call_id, f"z9hG4bK{tag()}", via)
@@ -377,13 +383,7 @@ async def test_a_peers_request_that_cannot_be_sent_on_gets_a_503_as_bytes_as_whe
     pair.start()
     try:
         relay = pair.b.parts.extra["cluster_relay"]
-        device, peer, route = await _device_on_b(pair)
-        call_id = f"{tag()}@peer"
-        peer.send(_peer_invite(peer, device, route, f"z9hG4bK{tag()}", call_id))
-        inv = await device.request("INVITE")
-        device.send(response_to(inv, 200, "OK", "dev1"))
-        ok = await peer.response(200, "INVITE")
-        routes = list(reversed(ok.header_values("record-route")))
+        device, peer, call_id, ok, routes = await _answered_through_b(pair)
         flow = next(f for f in pair.b.parts.transport.flows if f.key.remote == ("127.0.0.1", device.port))
 
         def refused(data: bytes) -> None:
