@@ -75,6 +75,13 @@ class _AnswerWhenStored:
         self._answer(self.resp)
 
     def errback(self, reason: BaseException | Failure) -> None:
+        # a store calls its waiters in a loop: one that raised would leave the others unanswered
+        try:
+            self._refuse(reason)
+        except Exception:
+            log.failure("REGISTER: answering a failed commit failed", call_id=self.request.header("call-id"))
+
+    def _refuse(self, reason: BaseException | Failure) -> None:
         request = self.request
         closed = reason.check(StoreClosed) is not None if isinstance(reason, Failure) else isinstance(
             reason, StoreClosed)
@@ -102,7 +109,11 @@ class _AnswerWhenStored:
             log.failure("REGISTER: answering after the commit failed", call_id=self.request.header("call-id"))
         # the bindings are stored (or live in memory, for the device's next REGISTER) whatever
         # became of the answer
-        registrar.store.emit_events(self.events)
+        try:
+            registrar.store.emit_events(self.events)
+        except Exception:
+            log.failure("REGISTER: the events after the commit failed",
+                        call_id=self.request.header("call-id"))
         if self.flow_id is not None:
             registrar.answers.done(self.flow_id)
 

@@ -248,3 +248,26 @@ def test_a_register_waits_for_its_commit_with_its_answer_not_a_deferred() -> Non
     assert outcomes == [(200, None), (500, "5"), (503, "5")]
     # each event went after its REGISTER's answer
     assert env.watcher.seen == [("added", 1), ("refreshed", 2), ("refreshed", 3)]
+
+
+def test_an_answer_that_fails_after_the_commit_never_raises_into_the_store() -> None:
+    """The store calls its waiters one after another from its write's completion: a waiter that
+    raised there would leave the batch's other REGISTERs unanswered. A failing send is logged; the
+    events still go out and the flow's pending answer still ends."""
+    from libon_tsilo.registrar.location import NotStored
+
+    env = Env()
+    env.store.persistence = persistence = HandsOverWaiters()  # type: ignore[assignment]
+    flow_id = FakeFlow().id
+    for i, finish in enumerate((lambda w: w.callback(None), lambda w: w.errback(NotStored("redis is down")))):
+        stx = env.register(["<sip:alice@192.0.2.10:40000>"], cseq=i + 1)
+        [(_, waiter)] = persistence.waiters
+        persistence.waiters.clear()
+
+        def broken(*_: object) -> None:
+            raise RuntimeError("bug")
+
+        stx.respond = broken  # type: ignore[method-assign]
+        finish(waiter)  # does not raise
+        assert env.registrar.when_answered(flow_id) is None and len(env.registrar.answers) == 0
+    assert [kind for kind, _ in env.watcher.seen] == ["added", "refreshed"]
