@@ -207,6 +207,19 @@ class _DuplicateNode(Exception):
     """Another live process holds this node id."""
 
 
+def _on_writes(name: str, settable: bool = False, doc: str | None = None) -> Any:
+    """An attribute of the store that is its writer's (``self.writes``, compiled): the store's
+    callers and tests read and set it where it always was."""
+
+    def get(store: RedisBindingStore) -> Any:
+        return getattr(store.writes, name)
+
+    def put(store: RedisBindingStore, value: Any) -> None:
+        setattr(store.writes, name, value)
+
+    return property(get, put if settable else None, doc=doc)
+
+
 class RedisBindingStore:
     """The persistence of a LocationStore replica (see the module doc). ``start(replica)`` starts
     the feed on the reactor's asyncio loop; ``loop`` may be injected."""
@@ -283,35 +296,22 @@ class RedisBindingStore:
 
     # -- what the batches hold (self.writes) ------------------------------------------------------
 
-    @property
-    def state(self) -> str:
-        """"connecting", "up", "down", "reloading" (writes fail fast meanwhile) or "duplicate"."""
-        return self.writes.state
-
-    @state.setter
-    def state(self, value: str) -> None:
-        self.writes.state = value
+    state = _on_writes("state", settable=True, doc='"connecting", "up", "down", "reloading" (writes fail '
+                       'fast meanwhile) or "duplicate".')
+    _closed = _on_writes("closed", settable=True)
+    _writer = _on_writes("conn", settable=True, doc="The connection the batches go over, while up "
+                         "(the feed's own, over RESP3).")
+    _acked_seq = _on_writes("acked_seq", settable=True)
+    publish_after_answer = _on_writes("publish_after_answer", settable=True)
+    commits = _on_writes("commits")
+    rows_written = _on_writes("rows_written")
+    rows_skipped = _on_writes("rows_skipped", doc="Changes refused while Redis was down, lost with a "
+                              "failed write, or unreadable at a load.")
+    failed_batches = _on_writes("failed_batches")
 
     @property
     def up(self) -> bool:
         return self.writes.state == "up"
-
-    @property
-    def _closed(self) -> bool:
-        return self.writes.closed
-
-    @_closed.setter
-    def _closed(self, value: bool) -> None:
-        self.writes.closed = value
-
-    @property
-    def _writer(self) -> RespConnection | None:
-        """The connection the batches go over, while up (the feed's own, over RESP3)."""
-        return self.writes.conn
-
-    @_writer.setter
-    def _writer(self, conn: RespConnection | None) -> None:
-        self.writes.conn = conn
 
     @property
     def channel(self) -> bytes:
@@ -320,39 +320,6 @@ class RedisBindingStore:
     @channel.setter
     def channel(self, channel: bytes) -> None:
         self.writes.use_channel(channel)
-
-    @property
-    def _acked_seq(self) -> int:
-        return self.writes.acked_seq
-
-    @_acked_seq.setter
-    def _acked_seq(self, seq: int) -> None:
-        self.writes.acked_seq = seq
-
-    @property
-    def publish_after_answer(self) -> bool:
-        return self.writes.publish_after_answer
-
-    @publish_after_answer.setter
-    def publish_after_answer(self, value: bool) -> None:
-        self.writes.publish_after_answer = value
-
-    @property
-    def commits(self) -> int:
-        return self.writes.commits
-
-    @property
-    def rows_written(self) -> int:
-        return self.writes.rows_written
-
-    @property
-    def rows_skipped(self) -> int:
-        """Changes refused while Redis was down, lost with a failed write, or unreadable at a load."""
-        return self.writes.rows_skipped
-
-    @property
-    def failed_batches(self) -> int:
-        return self.writes.failed_batches
 
     def flush(self) -> defer.Deferred[None]:
         """Fires once everything queued so far is written or has failed; never errbacks."""
