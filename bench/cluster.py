@@ -5,8 +5,9 @@
 Three set-ups of the real server (bench/common.py ``serve``: twistd plus a stats hook), UDP:
 
 - (a) one node, memory store (the single-server baseline, on the default epoll reactor);
-- (d) the same on the asyncio reactor, which ``backend = "redis"`` needs (redis-py is asyncio):
-  the share of (b)'s extra cost that is the reactor, not Redis (not in the default --cases);
+- (d) the same on the reactor ``backend = "redis"`` picks (``[ops] reactor = "auto"``: Twisted's
+  asyncio reactor over uvloop, since redis-py is asyncio): the share of (b)'s extra cost that is
+  the reactor, not Redis (not in the default --cases);
 - (b) one node, Redis store (``[location] backend = "redis"``, a redis-server started here);
 - (c) two nodes A and B on one Redis: every INVITE goes to A (which parks it) and every REGISTER
   to B, so every late fork crosses nodes: B writes the binding with itself first in its Path (each
@@ -82,12 +83,14 @@ from bench.latefork import fmt_ms, sipp_command, spawn  # noqa: E402
 REDIS = shutil.which("redis-server") or "/usr/bin/redis-server"
 SERVER_CPU, SIPP_CPU = 0, 1  # like bench/latefork.py: servers on CPU 0, SIPp (and Redis) on CPU 1
 PIN = True
+PERF = False  # --perf
+PROFILE = False  # --profile
 GOAL_RATIO = 1.2
 IDLE_SECONDS = 2.0
 GOAL_P50 = 0.002
 CASES = {
     "a": "one node, memory store",
-    "d": "one node, memory store, asyncio reactor (the reactor the Redis client needs)",
+    "d": "one node, memory store, on the reactor the Redis store runs on (asyncio over uvloop)",
     "b": "one node, Redis store",
     "c": "two nodes on Redis, every REGISTER on the node that did not park the call",
     "e": "as (c) without the Path relay: the node that forks sends straight to the device (UDP)",
@@ -169,13 +172,13 @@ def start_redis(port: int, workdir: Path, cpu: int | None) -> RedisServer:
 CLUSTER_SECRET = "bench-cluster-secret"  # the flow-token key, the same on every node
 
 
-def node_sections(node: str, redis: RedisServer | None, asyncio: bool = False,
+def node_sections(node: str, redis: RedisServer | None, reactor: str | None = None,
                   internal_port: int | None = None) -> dict[str, dict[str, Any]]:
     """Config of one node over bench/common.py's defaults (auth off, memory store, log warn);
     ``internal_port``: the node's internal address for the Path relay ([cluster] node_address)."""
     sections: dict[str, dict[str, Any]] = {"calls": {"ring_timeout": 30, "invite_cancel_grace": 0}}
-    if asyncio:
-        sections["ops"] = {"reactor": "asyncio"}
+    if reactor is not None:
+        sections["ops"] = {"reactor": reactor}
     if redis is not None:
         sections["location"] = {"backend": "redis", "url": redis.url}
         sections["cluster"] = {"node_id": node}
@@ -270,6 +273,18 @@ def start_strace(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def start_perf(out: Path) -> subprocess.Popen[bytes] | None:
+    """``perf record`` of the servers' CPU (timer-sampled: this VM has no hardware counters) until
+    stopped, for ``perf report --sort comm,dso`` on the kept logs: where each node's time goes,
+    kernel included."""
+    exe = shutil.which("perf")
+    if exe is None:
+        return None
+    return subprocess.Popen([exe, "record", "-q", "-e", "cpu-clock", "-F", "4000", "-g",
+                             "-C", str(SERVER_CPU), "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def strace_counts(proc: subprocess.Popen[bytes] | None, out: Path) -> dict[str, int]:
     if proc is None:
         return {}
@@ -296,14 +311,16 @@ def start_setup(case: str, workdir: Path, ports: PortRange) -> Setup:
         for name in names:
             # node to node: the Path relay (c); the sibling's answers passed on (f)
             internal = ports.take() if case in ("c", *SHARED) else None
-            sections = node_sections(name, redis, case == "d", internal)
+            sections = node_sections(name, redis, "uvloop" if case == "d" else None, internal)
             if case in SHARED:
                 admin.append(ports.take())
                 sections["cluster"]["reuse_port"] = True
                 sections["admin"] = {"listen": f"tcp:{admin[-1]}:interface={HOST}"}
             cpu = SERVER_CPU if PIN else None
             port = public if case in SHARED else ports.take()
-            node = start_bench_server(workdir / f"node-{name}", sections, cpu=cpu, port=port)
+            profile = ([f"--profile={workdir / f'node-{name}.prof'}", "--profiler=cprofile", "--savestats"]
+                       if PROFILE else None)
+            node = start_bench_server(workdir / f"node-{name}", sections, profile, cpu=cpu, port=port)
             print(f"  node {name}: {node.command}")
             nodes.append(node)
             if case in SHARED:  # a REGISTER to the shared port could land on the other worker
@@ -432,6 +449,7 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
                for i, n in enumerate(setup.nodes)]
     if trace:
         time.sleep(1.0)  # strace attaches
+    sampler = start_perf(workdir / "perf.data") if PERF else None
     wake0, commands0 = [wakeups(n.pid) for n in setup.nodes], redis_commands(setup.redis)
     relay0 = [_admin_stats(port).get("cluster_relay", {}) for port in setup.admin_ports]
     nodes0, sys0, redis0, started = setup.node_cpu(), setup.node_sys(), setup.redis_cpu(), time.monotonic()
@@ -450,6 +468,9 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
     per_node_wakeups = [wakeups(n.pid) - before for n, before in zip(setup.nodes, wake0)]
     commands = {name: calls - commands0.get(name, 0) for name, calls in redis_commands(setup.redis).items()}
     syscalls = [strace_counts(t, workdir / f"strace-{i}.txt") for i, t in enumerate(tracers)]
+    if sampler is not None:
+        sampler.send_signal(signal.SIGINT)
+        sampler.wait(60)
     relayed = [{k: v - before.get(k, 0) for k, v in _admin_stats(port).get("cluster_relay", {}).items()
                 if isinstance(v, int) and v != before.get(k, 0)}
                for port, before in zip(setup.admin_ports, relay0)]
@@ -567,7 +588,9 @@ def pct(samples: list[float], q: float) -> float:
 
 def run_case(case: str, args: argparse.Namespace, base: Path, ports: PortRange) -> dict[str, Any]:
     print(f"\n== ({case}) {CASES[case]}: late fork at {args.rate:g} calls/s for {args.duration:g} s")
-    workdir = base / case
+    workdir, n = base / case, 1
+    while workdir.exists():  # a later round of --repeat
+        workdir, n = base / f"{case}-{n}", n + 1
     setup = start_setup(case, workdir, ports)
     try:
         load = run_load(setup, args.rate, args.duration, args.delay_ms, workdir, f"cl{case}-", args.strace)
@@ -624,12 +647,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port-base", type=int, default=26000, help="first port of this bench's range")
     ap.add_argument("--no-pin", action="store_true",
                     help="let the OS place the processes (default: servers on CPU 0, SIPp, Redis on CPU 1)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of every case, in turn; the ratios are each round's against its (a), "
+                         "then their median")
     ap.add_argument("--keep", type=Path, help="keep the logs in this directory (default: a temp dir)")
+    ap.add_argument("--perf", action="store_true",
+                    help="sample the servers' CPU with perf record during the load (kept with --keep)")
+    ap.add_argument("--profile", action="store_true",
+                    help="run each node under twistd's cProfile (node-X.prof, kept with --keep): "
+                         "its calls per function; its CPU figures are not comparable")
     ap.add_argument("--strace", action="store_true",
                     help="count each node's syscalls during the load (strace -c: slows the nodes)")
     args = ap.parse_args(argv)
-    global PIN
+    global PIN, PERF, PROFILE
     PIN = not args.no_pin
+    PERF, PROFILE = args.perf, args.profile
     latefork.PIN = PIN  # its SIPp command lines
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     if not cases or any(c not in CASES for c in cases):
@@ -637,30 +669,41 @@ def main(argv: list[str] | None = None) -> int:
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
     base = args.keep or Path(tempfile.mkdtemp(prefix="cluster-"))
     base.mkdir(parents=True, exist_ok=True)
-    ports = PortRange(args.port_base)
+    rounds: list[dict[str, dict[str, Any]]] = []
     try:
-        results = {c: run_case(c, args, base, ports) for c in cases}
+        for n in range(args.repeat):
+            if args.repeat > 1:
+                print(f"\n######## round {n + 1} of {args.repeat}")
+            rounds.append({c: run_case(c, args, base, PortRange(args.port_base)) for c in cases})
     finally:
         if args.keep is None:
             shutil.rmtree(base, ignore_errors=True)
         else:
             print(f"logs kept in {base}")
     print()
-    for case, r in results.items():
-        load = r["load"]
-        line = f"RESULT ({case}) {CASES[case]}: {load.per_call * 1000:.3f} ms CPU per call"
-        if "a" in results and case != "a":
-            ratio = load.per_call / results["a"]["load"].per_call
+    for case in cases:
+        runs = [r[case] for r in rounds]
+        per_call = [r["load"].per_call for r in runs]
+        line = f"RESULT ({case}) {CASES[case]}: {statistics.median(per_call) * 1000:.3f} ms CPU per call"
+        if len(runs) > 1:
+            line += " (median of " + ", ".join(f"{x * 1000:.3f}" for x in per_call) + ")"
+        if "a" in cases and case != "a":
+            # each round against its own (a): the box's drift between rounds cancels out
+            ratios = [r[case]["load"].per_call / r["a"]["load"].per_call for r in rounds]
+            ratio = statistics.median(ratios)
             line += f", {ratio:.2f}x (a) ({'meets' if ratio <= GOAL_RATIO else 'misses'} <= {GOAL_RATIO})"
-        if r["probes"]:
-            p50 = statistics.median(r["probes"])
+            if len(ratios) > 1:
+                line += " [per round " + ", ".join(f"{x:.2f}" for x in ratios) + "]"
+        probes = [p for r in runs for p in r["probes"]]
+        if probes:
+            p50 = statistics.median(probes)
             line += f"; REGISTER->INVITE p50 {fmt_ms(p50)}"
             if case in ("c", "e", *SHARED):
                 line += f" ({'meets' if p50 < GOAL_P50 else 'misses'} < 2 ms)"
-        if not r["passed"]:
+        if not all(r["passed"] for r in runs):
             line += "; NOT all calls answered and late-forked: figures are not comparable"
         print(line)
-    return 0 if all(r["passed"] for r in results.values()) else 1
+    return 0 if all(r["passed"] for rr in rounds for r in rr.values()) else 1
 
 
 if __name__ == "__main__":

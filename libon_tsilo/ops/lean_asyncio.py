@@ -15,6 +15,15 @@ armed for now (then re-armed for the next deadline), and a cancelled call at the
 is dropped before the timer is armed, rather than woken for. What runs when, and in which order,
 is unchanged.
 
+uvloop's timers count whole milliseconds from a clock truncated to the millisecond (libuv's
+``uv_now``), and a delay that rounds to 0 ms runs from the loop's next turn: a timer armed for a
+deadline 2.4 ms away fires up to 1.5 ms early, the reactor finds nothing due, re-arms for the
+0.9 ms left (fires early again), then for less than 0.5 ms, which runs at once, turn after turn
+until the deadline passes: 34 loop turns per timed call (13,775 for 400 calls), ~12 per late-fork
+call on a node of the Redis store. On such a loop the timer is armed for the delay rounded up to
+the next millisecond, plus one: it fires once, at the deadline or up to 2 ms after it (SIP's
+timers are 500 ms and up). The stdlib loop's clock is exact: its timers get the delay as it is.
+
 Per readable event, Twisted's ``addReader`` has the loop call ``log.callWithLogger`` (the
 selectable's ``logPrefix()`` pushed as the legacy log context around the call), then
 ``_readOrWrite`` (a ``fileno()`` check), then ``doRead``: the wrapping ops/lean_epoll.py takes off
@@ -29,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 from heapq import heappop
+from math import ceil
 from typing import Any, Callable
 
 from twisted.internet.asyncioreactor import AsyncioSelectorReactor
@@ -54,6 +64,8 @@ class LeanAsyncioReactor(AsyncioSelectorReactor):
         # a loop callback is queued that runs the calls due now (callLater(0, ...))
         self._soon = False
         super().__init__(eventloop)
+        # a loop whose timers count whole milliseconds (uvloop): see the module doc
+        self._whole_ms = any(c.__module__.startswith("uvloop") for c in type(self._asyncioEventloop).__mro__)
 
     def addReader(self, reader: IReadDescriptor) -> None:
         if type(reader) not in self.lean_readers:
@@ -111,6 +123,9 @@ class LeanAsyncioReactor(AsyncioSelectorReactor):
         self._armed_for = when
         loop = self._asyncioEventloop
         delay = max(0.0, min(_LONGEST, when - self.seconds()))
+        if self._whole_ms:
+            # never early: a truncated start and a rounded count each lose up to a millisecond
+            delay = (ceil(delay * 1000.0) + 1) / 1000.0
         self._timerHandle = loop.call_at(loop.time() + delay, self._onTimer)  # type: ignore[assignment]
 
     def callLater(self, delay: float, callable: Callable[..., Any], *args: Any, **kwargs: Any) -> DelayedCall:

@@ -134,6 +134,41 @@ def test_a_cancelled_call_at_the_head_is_not_woken_for(loop: CountingLoop) -> No
     last.cancel()
 
 
+def test_on_uvloop_a_timed_call_wakes_the_loop_once_and_never_runs_early() -> None:
+    """uvloop's timers count whole milliseconds from a truncated clock, and a delay under half a
+    millisecond runs at once: armed for the exact delay, each call woke the loop ~34 times."""
+    import uvloop
+
+    class CountingUVLoop(uvloop.Loop):  # type: ignore[misc,name-defined]
+        armed = 0
+
+        def call_at(self, when: float, callback: Any, *args: Any, context: Any = None) -> Any:
+            self.armed += 1
+            return super().call_at(when, callback, *args, context=context)
+
+    loop = CountingUVLoop()
+    try:
+        reactor = LeanAsyncioReactor(loop)
+        early: list[float] = []
+        done: list[int] = []
+        n = 20
+
+        def step(i: int, due: float) -> None:
+            early.append(due - reactor.seconds())
+            done.append(i)
+            if i + 1 < n:
+                delay = 0.0004 + (i % 7) * 0.00037  # fractions of a millisecond, some under half
+                reactor.callLater(delay, step, i + 1, reactor.seconds() + delay)
+
+        reactor.callLater(0.0023, step, 0, reactor.seconds() + 0.0023)
+        _run_until(loop, done, n)
+        assert done == list(range(n))
+        assert max(early) <= 0.0  # no call ran before its time
+        assert loop.armed == n  # one loop timer per call: it never fired before the deadline
+    finally:
+        loop.close()
+
+
 # -- the per-event path of our UDP port -------------------------------------------------------------
 
 
