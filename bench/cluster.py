@@ -85,6 +85,7 @@ SERVER_CPU, SIPP_CPU = 0, 1  # like bench/latefork.py: servers on CPU 0, SIPp (a
 PIN = True
 PERF = False  # --perf
 PROFILE = False  # --profile
+SPREAD = os.environ.get("BENCH_SPREAD") == "1"  # experiment: node b on CPU 1
 GOAL_RATIO = 1.2
 IDLE_SECONDS = 2.0
 GOAL_P50 = 0.002
@@ -316,7 +317,7 @@ def start_setup(case: str, workdir: Path, ports: PortRange) -> Setup:
                 admin.append(ports.take())
                 sections["cluster"]["reuse_port"] = True
                 sections["admin"] = {"listen": f"tcp:{admin[-1]}:interface={HOST}"}
-            cpu = SERVER_CPU if PIN else None
+            cpu = (SIPP_CPU if SPREAD and name == "b" else SERVER_CPU) if PIN else None
             port = public if case in SHARED else ports.take()
             profile = ([f"--profile={workdir / f'node-{name}.prof'}", "--profiler=cprofile", "--savestats"]
                        if PROFILE else None)
