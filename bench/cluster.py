@@ -13,7 +13,7 @@ Three set-ups of the real server (bench/common.py ``serve``: twistd plus a stats
   to B, so every late fork crosses nodes: B writes the binding with itself first in its Path (each
   node has an internal address, ``[cluster] node_address``), A hears of it through Redis and
   forks the INVITE to B's internal address, and B relays it over the device's flow (and the
-  answers, ACK and BYE both ways). Both nodes run on CPU 0, as the single node does.
+  answers, ACK and BYE both ways).
 - (e) as (c) without internal addresses (no ``node_address``, so no Path): node A sends the forked
   INVITE straight to the device's UDP address, as one host's workers can (they share its public
   port). (c) against (e) is the price of the relay hop (not in the default --cases).
@@ -22,6 +22,13 @@ Three set-ups of the real server (bench/common.py ``serve``: twistd plus a stats
   are picked so that the kernel hands the caller to A and the device to B (each asked with an
   OPTIONS, counted by the worker's admin API). A forks straight to the device from the shared
   socket; the kernel gives the device's answers to B, which passes them on to A as bytes.
+
+Where the processes run (``--layout``): the single node of (a), (b), (d) runs on CPU 0, SIPp and
+redis-server on CPU 1. With two nodes, ``core-per-node`` (the default) runs node A on CPU 0 and node
+B on CPU 1, each node on a core of its own as a cluster is deployed (one worker per core); on this
+2-vCPU box B shares its core with SIPp and redis-server, which if anything raises B's figure.
+``one-core`` runs both nodes on CPU 0 (the layout of the figures before round 8): each node then
+runs after the other used the core's caches, at every message, which no deployment does.
 
 For each, two SIPp processes drive late-fork calls as bench/latefork.py does (caller INVITEs the
 per-call AOR, the device REGISTERs it ``--delay-ms`` later and answers the forked INVITE), at
@@ -85,7 +92,7 @@ SERVER_CPU, SIPP_CPU = 0, 1  # like bench/latefork.py: servers on CPU 0, SIPp (a
 PIN = True
 PERF = False  # --perf
 PROFILE = False  # --profile
-SPREAD = os.environ.get("BENCH_SPREAD") == "1"  # experiment: node b on CPU 1
+LAYOUT = "core-per-node"  # --layout
 GOAL_RATIO = 1.2
 IDLE_SECONDS = 2.0
 GOAL_P50 = 0.002
@@ -282,7 +289,7 @@ def start_perf(out: Path) -> subprocess.Popen[bytes] | None:
     if exe is None:
         return None
     return subprocess.Popen([exe, "record", "-q", "-e", "cpu-clock", "-F", "4000", "-g",
-                             "-C", str(SERVER_CPU), "-o", str(out)],
+                             "-a", "-o", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -317,7 +324,7 @@ def start_setup(case: str, workdir: Path, ports: PortRange) -> Setup:
                 admin.append(ports.take())
                 sections["cluster"]["reuse_port"] = True
                 sections["admin"] = {"listen": f"tcp:{admin[-1]}:interface={HOST}"}
-            cpu = (SIPP_CPU if SPREAD and name == "b" else SERVER_CPU) if PIN else None
+            cpu = (SIPP_CPU if LAYOUT == "core-per-node" and name == "b" else SERVER_CPU) if PIN else None
             port = public if case in SHARED else ports.take()
             profile = ([f"--profile={workdir / f'node-{name}.prof'}", "--profiler=cprofile", "--savestats"]
                        if PROFILE else None)
@@ -652,6 +659,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="rounds of every case, in turn; the ratios are each round's against its (a), "
                          "then their median")
     ap.add_argument("--keep", type=Path, help="keep the logs in this directory (default: a temp dir)")
+    ap.add_argument("--layout", choices=("core-per-node", "one-core"), default="core-per-node",
+                    help="two nodes: A on CPU 0 and B on CPU 1 (default), or both on CPU 0")
     ap.add_argument("--perf", action="store_true",
                     help="sample the servers' CPU with perf record during the load (kept with --keep)")
     ap.add_argument("--profile", action="store_true",
@@ -660,14 +669,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strace", action="store_true",
                     help="count each node's syscalls during the load (strace -c: slows the nodes)")
     args = ap.parse_args(argv)
-    global PIN, PERF, PROFILE
+    global PIN, PERF, PROFILE, LAYOUT
     PIN = not args.no_pin
+    LAYOUT = args.layout
     PERF, PROFILE = args.perf, args.profile
     latefork.PIN = PIN  # its SIPp command lines
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     if not cases or any(c not in CASES for c in cases):
         ap.error(f"--cases: pick from {', '.join(CASES)}")
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
+    print(f"layout: {LAYOUT if PIN else 'not pinned'}; load average {os.getloadavg()[0]:.2f}")
     base = args.keep or Path(tempfile.mkdtemp(prefix="cluster-"))
     base.mkdir(parents=True, exist_ok=True)
     rounds: list[dict[str, dict[str, Any]]] = []
