@@ -334,7 +334,7 @@ def start_setup(case: str, workdir: Path, ports: PortRange) -> Setup:
             if case in SHARED:  # a REGISTER to the shared port could land on the other worker
                 _wait_admin(admin[-1], lambda s: s["usrloc"]["redis"]["up"], f"node {name}'s Redis store")
             else:
-                wait_store_ready(node)
+                wait_store_ready(node.sip_port)
     except Exception:
         for node in nodes:
             node.stop()
@@ -387,7 +387,7 @@ def _port_reaching(public: int, target: int, admins: list[int], not_: int | None
     raise RuntimeError("no source port hashed to the wanted worker")
 
 
-def wait_store_ready(node: BenchServer, timeout: float = 20.0) -> None:
+def wait_store_ready(port: int, timeout: float = 20.0) -> None:
     """A node answers OPTIONS before its Redis connection is up (REGISTER gets 500 until then):
     register a throwaway AOR until it gets its 200, then remove it."""
     deadline = time.monotonic() + timeout
@@ -395,17 +395,17 @@ def wait_store_ready(node: BenchServer, timeout: float = 20.0) -> None:
         sock.bind((HOST, 0))
         local = sock.getsockname()[1]
         while time.monotonic() < deadline:
-            sock.sendto(_register(node.sip_port, local, "ready-probe"), (HOST, node.sip_port))
+            sock.sendto(_register(port, local, "ready-probe"), (HOST, port))
             try:
                 answer, _ = _recv_until(sock, lambda d: bool(_STATUS.match(d)), timeout=1.0)
             except RuntimeError:
                 continue
             if answer.startswith(b"SIP/2.0 200 "):
-                sock.sendto(_register(node.sip_port, local, "ready-probe", expires=0), (HOST, node.sip_port))
+                sock.sendto(_register(port, local, "ready-probe", expires=0), (HOST, port))
                 _recv_until(sock, lambda d: bool(_STATUS.match(d)), timeout=5.0)
                 return
             time.sleep(0.1)  # polling the store's start, not a measurement
-    raise RuntimeError(f"node on port {node.sip_port}: REGISTER never got a 200")
+    raise RuntimeError(f"node on port {port}: REGISTER never got a 200")
 
 
 # --- late-fork load ---------------------------------------------------------------------------------

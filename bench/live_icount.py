@@ -1,6 +1,7 @@
 """User-space instructions per late-fork call of the real server process, under callgrind.
 
     .venv/bin/python bench/live_icount.py [--code DIR] [--n 200] [--rate 10] [--port 27100] [--reactor uvloop]
+    .venv/bin/python bench/live_icount.py --case e [--n 200] [--rate 5]     # two nodes on Redis
 
 bench/inproc.py counts the call path without sockets, with the asyncio reactor and its own fake
 peers; bench/sidebyside.py measures the whole process but moves by 10-20 % with the load of a shared
@@ -14,6 +15,15 @@ socket calls' user side (the kernel's share is not counted). Deterministic to ~0
 ``--keep DIR`` keeps both profiles for callgrind_annotate. ``--code DIR``: another checkout's code
 (e.g. a ``git archive`` of main with its mypyc modules built in place), run with this venv's Python.
 Ports: ``--port`` to ``--port`` + 9.
+
+``--case`` (bench/cluster.py's cases): ``a`` one node on the memory store (the default, as above);
+``b`` one node on the Redis store (a ``redis-server`` started here, the reactor ``auto`` picks:
+asyncio over uvloop); ``e`` two nodes on one Redis, both under callgrind, the INVITEs to node A and
+the REGISTERs to node B, which A forks straight to the device: the figure is A's and B's
+instructions added. Each node is ready once a throwaway REGISTER got its 200 (its Redis link is up),
+in both runs. Redis-server is not counted. The idle work that goes with time (the overload monitor's
+tick, each node's heartbeat to Redis once a second) runs longer in the run with calls: at --rate 5
+it adds a few thousand instructions per call to (b) and (e), more than to (a).
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import callgrind  # noqa: E402
+from bench.cluster import start_redis, wait_store_ready  # noqa: E402
 SCENARIOS = ROOT / "tests" / "e2e" / "scenarios"
 CONFIG = """[sip]
 listen = ["udp:127.0.0.1:{port}"]
@@ -39,14 +50,14 @@ domains = ["localhost", "127.0.0.1"]
 [auth]
 enabled = false
 [location]
-backend = "memory"
+{location}
 [log]
 level = "warn"
 format = "text"
 [ops]
 drain_timeout = 2
 reactor = "{reactor}"
-[calls]
+{cluster}[calls]
 ring_timeout = 30
 invite_cancel_grace = 0
 [overload]
@@ -78,42 +89,67 @@ def wait_answering(port: int, timeout: float = 300.0) -> None:
     raise SystemExit(f"the server on port {port} did not answer OPTIONS in {timeout:.0f} s")
 
 
-def instructions(code: Path, n: int, rate: float, port: int, workdir: Path, keep: Path | None = None,
-                 reactor: str = "epoll") -> int:
-    conf = workdir / f"server-{n}.toml"
-    conf.write_text(CONFIG.format(port=port, reactor=reactor))
-    errors = workdir / f"callgrind-{n}.err"
+def _node(code: Path, n: int, name: str, port: int, workdir: Path, keep: Path | None, reactor: str,
+          redis_url: str | None) -> tuple[subprocess.Popen[bytes], Path]:
+    """One server under callgrind; returns it and the file its stderr (callgrind's total) goes to."""
+    location = 'backend = "memory"' if redis_url is None else f'backend = "redis"\nurl = "{redis_url}"'
+    cluster = "" if redis_url is None else f'[cluster]\nnode_id = "{name}"\n'
+    conf = workdir / f"server-{name}-{n}.toml"
+    conf.write_text(CONFIG.format(port=port, reactor=reactor, location=location, cluster=cluster))
+    errors = workdir / f"callgrind-{name}-{n}.err"
     env = callgrind.environment({"PYTHONPATH": str(code)})
-    out = "/dev/null" if keep is None else str(keep / f"callgrind-{n}.out")
+    out = "/dev/null" if keep is None else str(keep / f"callgrind-{name}-{n}.out")
     cmd = callgrind.command([sys.executable, str(code / "bench" / "common.py"), "serve", "--stats-file",
-                             str(workdir / f"stats-{n}.json"), "--", "-n", "--pidfile=", "libon-tsilo",
+                             str(workdir / f"stats-{name}-{n}.json"), "--", "-n", "--pidfile=", "libon-tsilo",
                              "--config", str(conf)], out_file=out)
-    print(f"  server: {' '.join(cmd)}", flush=True)
+    print(f"  server {name}: {' '.join(cmd)}", flush=True)
     with open(errors, "w") as err:
-        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=str(code))
-        try:
-            wait_answering(port)
-            if n:
-                common = ["-t", "u1", "-i", "127.0.0.1", "-r", str(rate), "-m", str(n),
-                          "-key", "prefix", "icount-", "-nostdin", "-timeout", "300s",
-                          "-max_recv_loops", "10000", "-max_sched_loops", "10000"]
-                caller = ["sipp", f"127.0.0.1:{port}", "-sf", str(SCENARIOS / "bench_caller.xml"),
-                          "-p", str(port + 1), "-cp", str(port + 2), "-l", "1000", *common]
-                device = ["sipp", f"127.0.0.1:{port}", "-sf", str(SCENARIOS / "bench_device_register.xml"),
-                          "-p", str(port + 3), "-cp", str(port + 4), "-l", "4000",
-                          "-oocsf", str(SCENARIOS / "bench_device_answer.xml"), "-d", "2000", *common]
-                print(f"  caller: {' '.join(caller)}", flush=True)
-                print(f"  device (150 ms later): {' '.join(device)}", flush=True)
-                a = subprocess.Popen(caller, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                time.sleep(0.15)
-                b = subprocess.Popen(device, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                if a.wait() != 0 or b.wait() != 0:
-                    raise SystemExit(f"SIPp failed calls (exit {a.returncode}/{b.returncode}): "
-                                     f"the count is not one of {n} good calls")
-        finally:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=str(code)), errors
+
+
+def instructions(code: Path, n: int, rate: float, port: int, workdir: Path, keep: Path | None = None,
+                 reactor: str = "epoll", case: str = "a") -> int:
+    """User-space instructions of the case's server processes over a run of ``n`` calls (0: none),
+    added."""
+    redis = start_redis(port + 6, workdir / f"redis-{n}", None) if case in ("b", "e") else None
+    nodes: list[tuple[subprocess.Popen[bytes], Path]] = []
+    try:
+        url = redis.url if redis is not None else None
+        nodes.append(_node(code, n, "a", port, workdir, keep, reactor, url))
+        if case == "e":
+            nodes.append(_node(code, n, "b", port + 5, workdir, keep, reactor, url))
+        device_port = port + 5 if case == "e" else port
+        wait_answering(port)
+        if case == "e":
+            wait_answering(port + 5)
+        if redis is not None:
+            for node_port in {port, device_port}:
+                wait_store_ready(node_port, timeout=300.0)
+        if n:
+            common = ["-t", "u1", "-i", "127.0.0.1", "-r", str(rate), "-m", str(n),
+                      "-key", "prefix", "icount-", "-nostdin", "-timeout", "300s",
+                      "-max_recv_loops", "10000", "-max_sched_loops", "10000"]
+            caller = ["sipp", f"127.0.0.1:{port}", "-sf", str(SCENARIOS / "bench_caller.xml"),
+                      "-p", str(port + 1), "-cp", str(port + 2), "-l", "1000", *common]
+            device = ["sipp", f"127.0.0.1:{device_port}", "-sf", str(SCENARIOS / "bench_device_register.xml"),
+                      "-p", str(port + 3), "-cp", str(port + 4), "-l", "4000",
+                      "-oocsf", str(SCENARIOS / "bench_device_answer.xml"), "-d", "2000", *common]
+            print(f"  caller: {' '.join(caller)}", flush=True)
+            print(f"  device (150 ms later): {' '.join(device)}", flush=True)
+            a = subprocess.Popen(caller, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.15)
+            b = subprocess.Popen(device, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if a.wait() != 0 or b.wait() != 0:
+                raise SystemExit(f"SIPp failed calls (exit {a.returncode}/{b.returncode}): "
+                                 f"the count is not one of {n} good calls")
+    finally:
+        for server, _ in nodes:
             server.send_signal(signal.SIGTERM)
+        for server, _ in nodes:
             server.wait()
-    return callgrind.total(errors.read_text(), str(errors))
+        if redis is not None:
+            redis.stop()
+    return sum(callgrind.total(errors.read_text(), str(errors)) for _, errors in nodes)
 
 
 def main() -> None:
@@ -127,18 +163,23 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, default=None,
                     help="keep callgrind's profiles there (callgrind-0.out, callgrind-N.out), e.g. for "
                          "callgrind_annotate: the difference per function is what a call costs in it")
-    ap.add_argument("--reactor", default="epoll", choices=("epoll", "uvloop", "asyncio"),
-                    help="[ops] reactor: uvloop is what a node on the Redis store runs (store: memory)")
+    ap.add_argument("--reactor", default=None, choices=("epoll", "uvloop", "asyncio", "auto"),
+                    help="[ops] reactor (default: epoll for case a, auto for b and e: uvloop)")
+    ap.add_argument("--case", default="a", choices=("a", "b", "e"),
+                    help="a: one node, memory store; b: one node on Redis; e: two nodes on Redis, "
+                         "INVITEs to A, REGISTERs to B (bench/cluster.py's cases)")
     args = ap.parse_args()
     print(f"command: {' '.join([sys.executable, *sys.argv])}", flush=True)
     with tempfile.TemporaryDirectory(prefix="live-icount-") as tmp:
         keep = args.keep.resolve() if args.keep is not None else None
         if keep is not None:
             keep.mkdir(parents=True, exist_ok=True)
-        base = instructions(args.code.resolve(), 0, args.rate, args.port, Path(tmp), keep, args.reactor)
-        full = instructions(args.code.resolve(), args.n, args.rate, args.port, Path(tmp), keep, args.reactor)
-    print(f"RESULT {(full - base) / args.n:,.0f} user-space instructions per late-fork call "
-          f"({args.n} calls at {args.rate:g}/s; reactor {args.reactor}; code: {args.code})")
+        reactor = args.reactor or ("epoll" if args.case == "a" else "auto")
+        code = args.code.resolve()
+        base = instructions(code, 0, args.rate, args.port, Path(tmp), keep, reactor, args.case)
+        full = instructions(code, args.n, args.rate, args.port, Path(tmp), keep, reactor, args.case)
+    print(f"RESULT ({args.case}) {(full - base) / args.n:,.0f} user-space instructions per late-fork call "
+          f"({args.n} calls at {args.rate:g}/s; reactor {reactor}; code: {args.code})")
 
 
 if __name__ == "__main__":
