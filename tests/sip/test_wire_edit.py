@@ -120,3 +120,22 @@ def test_the_prefix_elsewhere_in_the_via_is_not_our_branch() -> None:
     for vias in (f"Via: {NEXT};x=z9hG4bKsl1\r\nVia: {OURS}\r\n", f"Via: {NEXT}, {OURS}\r\n"):
         top = read_top_via(response(vias))
         assert top is not None and top.pop("z9hG4bKsl") is None, vias
+
+
+@pytest.mark.parametrize("start, method", [
+    (b"BYE", "BYE"), (b"ABCDEFGHIJKLMNOP", "ABCDEFGHIJKLMNOP"),  # 16 capitals at most
+    (b"ABCDEFGHIJKLMNOPQ", None), (b"A", None), (b"bye", None), (b"BY3", None), (b"B\xc9E", None),
+])
+def test_a_method_is_two_to_sixteen_capitals(start: bytes, method: str | None) -> None:
+    from libon_tsilo.sip.wire_edit import read_request_head
+
+    head = read_request_head(start + BYE[3:])
+    assert (head.method if head is not None else None) == method
+
+
+def test_an_empty_parameter_value_is_none() -> None:
+    from libon_tsilo.sip.wire_edit import read_top_via
+
+    for via in (f"{NEXT};nd=", f"{NEXT};nd=;x=1", f"{NEXT};nd"):
+        top = read_top_via(response(f"Via: {via}\r\n"))
+        assert top is not None and top.param("nd") is None, via
