@@ -3,6 +3,8 @@
     .venv/bin/python bench/relay_edge.py [--n 2000]               # wall clock, us per call
     .venv/bin/python bench/relay_edge.py --icount [--n 200]       # instructions per call (callgrind)
     .venv/bin/python bench/relay_edge.py --profile [--n 2000]     # cProfile of the relay stage
+    .venv/bin/python bench/relay_edge.py --icount --sibling       # per response passed to a sibling
+
 
 Node B (the node holding the device's flow) is the real service tree with a cluster config (memory
 store, auth off), fed datagrams straight into its transport as bench/inproc.py does. Per call: the
@@ -14,11 +16,18 @@ A and the device are fake: their messages are built by copying header lines out 
 figures: B's own work only (every call into B goes through ``operator.call``, and callgrind collects
 inside ``_operator_call`` only: the fake peers' regex and string work is left out), and the whole
 process (B plus the fake peers: the figure this bench printed before it could tell them apart).
+
+``--sibling`` measures case (f) of bench/cluster.py instead: B shares its public UDP socket with a
+worker A (``udp_via_path = "auto"``); A forked straight to the device from that socket, and the
+kernel hands the device's 180 and 200 (A's Via, marked ``;nd=``) to B, which passes them on to A's
+internal address as they came. Stage ``sibling`` is the REGISTER then those two responses; its
+figure less ``register``, halved, is what B spends per response passed on.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import operator
 import os
 import re
@@ -68,6 +77,18 @@ A_IN_DIALOG = (
     "Call-ID: b{n}@nodea\r\n"
     "CSeq: {cseq} {method}\r\n"
     "Content-Length: 0\r\n\r\n"
+)
+
+# the device's answers to the INVITE worker A sent it straight from the socket both workers share
+D_RESPONSE = (
+    "SIP/2.0 {status}\r\n"
+    "Via: SIP/2.0/UDP 127.0.0.1:{public};branch=z9hG4bK-ai{n};rport={public};nd={mark}\r\n"
+    "From: <sip:caller@127.0.0.1>;tag=a{n}\r\n"
+    "To: <sip:{user}@127.0.0.1>;tag=d{n}\r\n"
+    "Call-ID: b{n}@nodea\r\n"
+    "CSeq: 1 INVITE\r\n"
+    "Contact: <sip:device@127.0.0.1:{port}>\r\n"
+    "{body}"
 )
 
 _TO = re.compile(rb"^To: ([^\r]*)\r\n", re.M | re.I)
@@ -135,6 +156,11 @@ def make_run(env: dict[str, Any], stage: str, n: int) -> Callable[[], None]:
     sdp = SDP.format(who="caller")
     device_sdp = SDP.format(who="device")
     node, transport = env["parts"].extra["cluster_node"], env["parts"].transport
+    # worker A's mark (its internal address), as A writes it in its Via and Contact (cluster/node.py)
+    mark = base64.urlsafe_b64encode(f"udp:{NODE_A[0]}:{NODE_A[1]}".encode()).rstrip(b"=").decode()
+    sdp_body = f"Content-Type: application/sdp\r\nContent-Length: {len(device_sdp)}\r\n\r\n{device_sdp}"
+    if stage == "sibling":
+        env["parts"].extra["cluster_relay"]._shares = True  # as node.mark says of a reuse_port socket
     registers = [REGISTER.format(n=i, user=f"e{i}", port=device(i)[1]).encode() for i in range(n)]
 
     def one_call(i: int) -> None:
@@ -144,6 +170,12 @@ def make_run(env: dict[str, Any], stage: str, n: int) -> Callable[[], None]:
         reactor.runUntilCurrent()
         take(outbox, DEVICE, b"SIP/2.0 200")
         if stage == "register":
+            return
+        if stage == "sibling":
+            for status, body in (("180 Ringing", "Content-Length: 0\r\n\r\n"), ("200 OK", sdp_body)):
+                feed(D_RESPONSE.format(status=status, n=i, user=f"e{i}", port=port, public=PUBLIC[1],
+                                       mark=mark, body=body).encode(), DEVICE)
+                take(outbox, NODE_A, b"SIP/2.0 ")
             return
         # the Path entry B's registrar stored with the binding (it names the device's flow)
         path = node.path_entry(transport.flows.lookup("udp", PUBLIC, DEVICE), False)
@@ -176,6 +208,10 @@ def make_run(env: dict[str, Any], stage: str, n: int) -> Callable[[], None]:
     def run() -> None:
         for i in range(n):
             one_call(i)
+        if stage == "sibling":
+            passed = env["parts"].extra["cluster_relay"].stats().get("to_sibling_responses", 0)
+            if passed != 2 * n:
+                raise RuntimeError(f"{passed} responses passed on to the sibling after {n} calls")
         if stage == "relay":
             stats = env["parts"].extra["cluster_relay"].stats()
             if stats.get("to_device", 0) != 3 * n or stats["pending_invites"]:
@@ -206,35 +242,45 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=None, help="calls per stage: 2000, 200 with --icount")
     p.add_argument("--icount", action="store_true", help="instructions per call under callgrind")
-    p.add_argument("--profile", action="store_true", help="cProfile the relay stage")
+    p.add_argument("--profile", action="store_true", help="cProfile the relay (or sibling) stage")
+    p.add_argument("--sibling", action="store_true",
+                   help="case (f): B passes the device's responses on to the worker sharing its socket")
     p.add_argument("--child", nargs=2, metavar=("STAGE", "N"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         print(run_stage(args.child[0], int(args.child[1])))
         return
     n = args.n or (200 if args.icount else 2000)
+    work = "sibling" if args.sibling else "relay"
     if args.profile:
-        run_stage("relay", n, profile=True)
+        run_stage(work, n, profile=True)
         return
     if args.icount:
         for only_b, what in ((True, "node B only"), (False, "whole process, with the fake peers")):
             print(f"-- {what}")
             figures = {}
-            for stage in ("register", "relay"):
+            for stage in ("register", work):
                 figures[stage] = per = (icount(stage, n, only_b) - icount(stage, 0, only_b)) / n
                 print(f"{stage:9} {per:>12,.0f} instructions per call", flush=True)
-            print(f"relaying  {figures['relay'] - figures['register']:>12,.0f} instructions per call"
-                  " (relay - register)")
+            if args.sibling:
+                print(f"passing on {(figures['sibling'] - figures['register']) / 2:>10,.0f} instructions per"
+                      " response (sibling - register, halved)")
+            else:
+                print(f"relaying  {figures['relay'] - figures['register']:>12,.0f} instructions per call"
+                      " (relay - register)")
         return
     figures = {}
-    for stage in ("register", "relay"):
+    for stage in ("register", work):
         out = subprocess.run([sys.executable, __file__, "--child", stage, str(n)],
                              capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(f"{stage} failed:\n{out.stdout}\n{out.stderr[-3000:]}")
         figures[stage] = per = float(out.stdout.split()[-1]) / n * 1e6
         print(f"{stage:9} {per:>9.1f} us per call", flush=True)
-    print(f"relaying  {figures['relay'] - figures['register']:>12,.0f} us per call (relay - register)")
+    if args.sibling:
+        print(f"passing on {(figures['sibling'] - figures['register']) / 2:>9.1f} us per response")
+    else:
+        print(f"relaying  {figures['relay'] - figures['register']:>12,.0f} us per call (relay - register)")
 
 
 if __name__ == "__main__":

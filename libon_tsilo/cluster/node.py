@@ -271,14 +271,22 @@ class ClusterNode:
 
     def uri(self, token: str) -> str:
         """Our internal SIP URI carrying ``token``: a Path and Record-Route entry towards peers."""
+        return f"sip:{token}{self.uri_tail()}"
+
+    def uri_tail(self) -> str:
+        """What follows the token in :meth:`uri` (the same for every token: the relay keeps it)."""
         host, port = self.via_address
-        return f"sip:{token}@{host}:{port};transport={self.spec.transport};lr"
+        return f"@{host}:{port};transport={self.spec.transport};lr"
 
     def public_uri(self, token: str, transport: str) -> str:
         """Our public SIP URI carrying ``token``, for the Record-Route a device sees."""
+        return f"sip:{token}{self.public_uri_tail(transport)}"
+
+    def public_uri_tail(self, transport: str) -> str:
+        """What follows the token in :meth:`public_uri` for ``transport``."""
         host, port = self.transport.local_via(transport)
         suffix = "" if transport == "udp" else f";transport={transport}"
-        return f"sip:{token}@{host}:{port}{suffix};lr"
+        return f"@{host}:{port}{suffix};lr"
 
     def own_flow(self, route: str) -> tuple[FlowRef, str] | None:
         """The flow a Route/Path entry of ours names, and its token; None when the entry is not ours."""

@@ -83,7 +83,7 @@ from libon_tsilo.sip.message import (
 )
 from libon_tsilo.sip.transport import Target, TransportError, fix_via
 from libon_tsilo.sip.uri import URI
-from libon_tsilo.sip.wire_edit import pop_top_via, read_request_head, top_via_param
+from libon_tsilo.sip.wire_edit import TopVia, read_request_head, read_top_via
 
 if TYPE_CHECKING:
     from libon_tsilo.sip.flow import Flow
@@ -94,8 +94,6 @@ __all__ = ["Relay"]
 log = Logger(namespace=__name__)  # compiled (mypyc), Logger() would name the importer: importlib
 
 _STREAMS = ("tcp", "tls")
-_PREFIX_BYTES = PREFIX.encode()
-_MARK_BYTES = MARK_PARAM.encode()
 _MARK_IN_URI = f";{MARK_PARAM}="
 _MEMO_MAX = 4096
 # untrusted source on the internal listener, a peer's request that is not for a flow of ours, a
@@ -150,6 +148,8 @@ class Relay:
         self._via: tuple[str, int] | None = None
         self._trusted: dict[str, bool] = {}
         self._own: dict[str, tuple[FlowRef, str]] = {}
+        self._siblings: dict[str, Target] = {}  # a Via's or Contact's mark -> the node it names
+        self._rr_tails: dict[str, tuple[str, str]] = {}  # a device's transport -> _record_route's tails
         # our stateless branches -> the Via we gave each one for (its text as sent, parsed)
         self._sent: dict[str, tuple[str, Via]] = {}
         # the branches of the peers' INVITEs that reached the stateful path (``handle``): their
@@ -237,12 +237,14 @@ class Relay:
         """The transport's ``forward_bytes``: a response under a branch of ours, passed on with our
         Via cut out of its bytes (sip/wire_edit.py), unparsed: half of a relayed call's messages.
         Anything else, and every response to refuse, is left to the parser's path (``forward``)."""
-        popped = pop_top_via(data, _PREFIX_BYTES)
+        top = read_top_via(data)  # None for a request
+        popped = top.pop(PREFIX) if top is not None else None
         if popped is None:
-            if self.internal_exempt and flow.key.transport == "udp" and self._is_internal(flow) \
-                    and self._trusts(flow) and self._request_to_device(data, flow):
+            if top is None and self.internal_exempt and flow.key.transport == "udp" \
+                    and self._is_internal(flow) and self._trusts(flow) \
+                    and self._request_to_device(data, flow):
                 return True
-            return self.shares and self._to_sibling_as_is(data, flow)
+            return top is not None and self.shares and self._to_sibling_as_is(top, flow)
         known = self._sent.get(popped.branch)
         if known is not None and known[0] == popped.next_via:
             via = known[1]  # the Via we gave that branch for, as we sent it: checked then
@@ -267,7 +269,7 @@ class Relay:
         if branch is None or not branch.startswith(PREFIX):
             if self.shares:
                 mark = resp.top_via.params.get(MARK_PARAM)
-                target = self.node.sibling(mark) if mark and not self._is_internal(flow) else None
+                target = self._sibling(mark) if mark and not self._is_internal(flow) else None
                 if target is not None:
                     self.counters["to_sibling_responses"] += 1
                     self.transport.forward_data(resp.to_bytes(), target)
@@ -355,20 +357,31 @@ class Relay:
 
     # -- what the kernel gave us of another worker's dialogs (a shared public socket) ------------
 
-    def _to_sibling_as_is(self, data: bytes, flow: Flow) -> bool:
+    def _to_sibling_as_is(self, top: TopVia, flow: Flow) -> bool:
         """A response whose top Via a worker sharing our public socket wrote (``;nd=``): the device
         answered that worker's request, and the kernel handed the datagram to us, the worker its
         5-tuple hashes to. Passed on as it came, unparsed. False: not one, or left to the parser's
         path (a datagram onto a stream: its Content-Length must frame it)."""
-        mark = top_via_param(data, _MARK_BYTES)
+        mark = top.param(MARK_PARAM)
         if mark is None or self._is_internal(flow):
             return False
-        target = self.node.sibling(mark)
+        target = self._sibling(mark)
         if target is None or (target.transport != "udp" and flow.key.transport == "udp"):
             return False
         self.counters["to_sibling_responses"] += 1
-        self.transport.forward_data(data, target)
+        self.transport.forward_data(top.data, target)
         return True
+
+    def _sibling(self, mark: str) -> Target | None:
+        """``ClusterNode.sibling``, its answers for the nodes it names kept here (compiled)."""
+        found = self._siblings.get(mark)
+        if found is None:
+            found = self.node.sibling(mark)
+            if found is not None:
+                if len(self._siblings) >= _MEMO_MAX:
+                    self._siblings.clear()
+                self._siblings[mark] = found
+        return found
 
     def _sibling_of_uri(self, req: Request, flow: Flow) -> Target | None:
         """The worker a device's in-dialog request is for: its Request-URI is that worker's Contact,
@@ -379,7 +392,7 @@ class Relay:
             mark = req.uri.params.get(MARK_PARAM)
         except ParseError:
             return None
-        return self.node.sibling(mark) if isinstance(mark, str) else None
+        return self._sibling(mark) if isinstance(mark, str) else None
 
     def _stateless_to_sibling(self, req: Request, target: Target, came_over: Flow) -> bool:
         return self._stateless_to_node(req, target, came_over, "to_sibling", None)
@@ -648,8 +661,12 @@ class Relay:
         """Our two Record-Route entries (RFC 5658 double Record-Route: the device routes by the top
         one, our public address, the peer by the bottom one, our internal address), remembered as
         ours: the dialog's ACK, BYE and re-INVITEs name them in their Route, both ways."""
-        internal = f"<{self.node.uri(token)}>"
-        public = f"<{self.node.public_uri(token, ref.transport)}>"
+        tails = self._rr_tails.get(ref.transport)
+        if tails is None:  # what follows the token in each entry: the same for every call
+            tails = self._rr_tails[ref.transport] = (
+                self.node.uri_tail() + ">", self.node.public_uri_tail(ref.transport) + ">")
+        internal = "<sip:" + token + tails[0]  # node.uri(token)
+        public = "<sip:" + token + tails[1]  # node.public_uri(token, ref.transport)
         req.add_header("Record-Route", internal, first=True)
         req.add_header("Record-Route", public, first=True)
         own = self._own

@@ -32,14 +32,18 @@ class RelayBranches:
     """Branches for requests this node relays statelessly (see the module doc)."""
 
     def __init__(self, secret: bytes, node: str) -> None:
-        self._key = hashlib.blake2b(secret + b"\0" + node.encode(), digest_size=32).digest()
+        key = hashlib.blake2b(secret + b"\0" + node.encode(), digest_size=32).digest()
+        # the keyed state, its key block compressed once: a copy per MAC is the same hash as
+        # blake2b(data, key=key) without that block nor the keyword arguments (~1/3 of its cost)
+        self._keyed = hashlib.blake2b(key=key, digest_size=_MAC_BYTES)
 
     def _mac(self, via: Via, branch: str) -> str:
         params = via.params
         data = "\0".join((branch, via.transport, via.host, str(via.port), params.get("received") or "",
                           params.get("rport") or "", params.get("maddr") or ""))
-        return hashlib.blake2b(data.encode("utf-8", "surrogateescape"), key=self._key,
-                               digest_size=_MAC_BYTES).hexdigest()
+        mac = self._keyed.copy()
+        mac.update(data.encode("utf-8", "surrogateescape"))
+        return str(mac.hexdigest())
 
     def for_request(self, via: Via) -> str | None:
         """Our branch for a request whose top Via (the previous hop's, as received) is ``via``; None

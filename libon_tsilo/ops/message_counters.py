@@ -160,8 +160,9 @@ class _CountingSendResponse:
             self.guard.failed()
 
 
-# a message passed on as bytes: its CSeq method (a response's count is keyed by it)
-_CSEQ_METHOD = re.compile(rb"\r\n[Cc][Ss][Ee][Qq][ \t]*:[ \t]*[0-9]+[ \t]+([!-~]+)")
+# a message passed on as bytes: its CSeq method (a response's count is keyed by it), read in its
+# Latin-1 text (one character per byte)
+_CSEQ_METHOD = re.compile(r"\r\n[Cc][Ss][Ee][Qq][ \t]*:[ \t]*[0-9]+[ \t]+([!-~]+)")
 
 
 def tally_bytes(data: bytes, counts: list[dict[Any, int]]) -> None:
@@ -169,9 +170,12 @@ def tally_bytes(data: bytes, counts: list[dict[Any, int]]) -> None:
     request counters when it is a request, else the response counters (one per direction)."""
     key: Any
     if data.startswith(b"SIP/2.0 "):
-        at = data.find(b"\r\nCSeq: ")  # as nearly everyone spells it; the pattern finds the others
-        found = _CSEQ_METHOD.match(data, at) if at >= 0 else _CSEQ_METHOD.search(data)
-        key = (found.group(1).decode("ascii") if found is not None else "unknown", int(data[8:11]))
+        # read as text: compiled, str methods run natively, bytes methods as generic calls (~2,000
+        # instructions a response less, for the one copy the decoding makes)
+        text = data.decode("latin-1")
+        at = text.find("\r\nCSeq: ")  # as nearly everyone spells it; the pattern finds the others
+        found = _CSEQ_METHOD.match(text, at) if at >= 0 else _CSEQ_METHOD.search(text)
+        key = (found.group(1) if found is not None else "unknown", int(text[8:11]))
     else:
         key = data[:data.find(b" ")].decode("ascii", "replace")
     for counter in counts:

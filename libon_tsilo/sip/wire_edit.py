@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["PoppedVia", "RequestHead", "pop_top_via", "read_request_head", "top_via_param"]
+__all__ = ["PoppedVia", "RequestHead", "TopVia", "pop_top_via", "read_request_head", "read_top_via",
+           "top_via_param"]
 
 # The head is searched as Latin-1 text (one character per byte, so offsets are the bytes'): under
 # mypyc str methods run natively and bytes methods as generic calls, several times slower.
@@ -79,10 +80,69 @@ def _text(data: bytes, head: str, start: int, stop: int) -> str:
     return text if text.isascii() else data[start:stop].decode("utf-8", "surrogateescape")
 
 
-def _top_via(data: bytes) -> tuple[str, int, int, int, int] | None:
-    """A response's head and its top Via line, as ``pop_top_via`` reads it: (head, where the line
-    starts, where its value starts and stops, the first comma in the value or -1); None when the
-    head or the line is not one read for sure."""
+class TopVia:
+    """A response's head (Latin-1 text) and where its top Via line is, read once (``read_top_via``)
+    for each question a forwarder asks of it: ``pop`` and ``param``."""
+
+    __slots__ = ("data", "head", "line", "start", "stop", "comma")
+
+    def __init__(self, data: bytes, head: str, line: int, start: int, stop: int, comma: int) -> None:
+        self.data = data
+        self.head = head
+        self.line = line  # where the line starts (its CRLF)
+        self.start = start  # where its value starts and stops
+        self.stop = stop
+        self.comma = comma  # the first comma in the value, or -1
+
+    def pop(self, branch_prefix: str) -> PoppedVia | None:
+        """The response without this Via, when its branch starts with ``branch_prefix`` and a
+        second Via follows; None otherwise (see the module doc)."""
+        data, head, start, stop, comma = self.data, self.head, self.start, self.stop, self.comma
+        end = stop if comma < 0 else comma
+        if head.find(branch_prefix, start, end) < 0:
+            return None  # no branch in it can start with the prefix: not ours, and no pattern run
+        found = _BRANCH.search(head, start, end)
+        if found is None:
+            return None
+        branch = found.group(1)
+        if not branch.startswith(branch_prefix):
+            return None
+        if comma >= 0:  # "Via: ours, next[, ...]": the line keeps the values after ours
+            rest = comma + 1
+            while head[rest:rest + 1] in (" ", "\t"):
+                rest += 1
+            following = head.find(",", rest, stop)
+            n_start, n_stop = rest, stop if following < 0 else following
+            out = data[:start] + data[rest:]
+        else:  # ours is the whole line: the next value is the first of the next Via line
+            second = _via_line(head, stop)
+            if second is None:
+                return None
+            _, n_start, s_stop = second
+            following = head.find(",", n_start, s_stop)
+            n_stop = s_stop if following < 0 else following
+            out = data[:self.line] + data[stop:]
+        next_via = _text(data, head, n_start, n_stop).rstrip(" \t")
+        if not next_via:
+            return None
+        return PoppedVia(out, branch, next_via)
+
+    def param(self, name: str) -> str | None:
+        """The value of the parameter ``;name=`` (spelled as given) in this Via; None when it has
+        none."""
+        head, comma = self.head, self.comma
+        start, end = self.start, self.stop if comma < 0 else comma
+        at = head.find(";" + name + "=", start, end)
+        if at < 0:
+            return None
+        at += len(name) + 2
+        value = _PARAM_VALUE.match(head, at, end)
+        return value.group() if value is not None and value.end() > at else None
+
+
+def read_top_via(data: bytes) -> TopVia | None:
+    """The top Via line of ``data`` (one complete response, as received); None for a request, or
+    when the head or that line is not one read for sure."""
     head = _response_head(data)
     if head is None:
         return None
@@ -90,55 +150,22 @@ def _top_via(data: bytes) -> tuple[str, int, int, int, int] | None:
     if top is None:
         return None
     line, start, stop = top
-    return head, line, start, stop, head.find(",", start, stop)
+    return TopVia(data, head, line, start, stop, head.find(",", start, stop))
 
 
 def pop_top_via(data: bytes, branch_prefix: bytes) -> PoppedVia | None:
     """``data`` (one complete response, as received) without its top Via, when that Via's branch
     starts with ``branch_prefix`` and a second Via follows; None otherwise (see the module doc)."""
-    top = _top_via(data)
-    if top is None:
-        return None
-    head, line, start, stop, comma = top
-    branch = _BRANCH.search(head, start, stop if comma < 0 else comma)
-    if branch is None or not branch.group(1).startswith(branch_prefix.decode("latin-1")):
-        return None
-    if comma >= 0:  # "Via: ours, next[, ...]": the line keeps the values after ours
-        rest = comma + 1
-        while head[rest:rest + 1] in (" ", "\t"):
-            rest += 1
-        following = head.find(",", rest, stop)
-        n_start, n_stop = rest, stop if following < 0 else following
-        out = data[:start] + data[rest:]
-    else:  # ours is the whole line: the next value is the first of the next Via line
-        second = _via_line(head, stop)
-        if second is None:
-            return None
-        _, n_start, s_stop = second
-        following = head.find(",", n_start, s_stop)
-        n_stop = s_stop if following < 0 else following
-        out = data[:line] + data[stop:]
-    next_via = _text(data, head, n_start, n_stop).rstrip(" \t")
-    if not next_via:
-        return None
-    return PoppedVia(out, branch.group(1), next_via)
+    top = read_top_via(data)
+    return top.pop(branch_prefix.decode("latin-1")) if top is not None else None
 
 
 def top_via_param(data: bytes, name: bytes) -> str | None:
     """The value of the parameter ``;name=`` (spelled as given) in the top Via of ``data`` (one
     complete response, as received); None when it has none, or when its Via lines are not ones
     ``pop_top_via`` reads for sure."""
-    top = _top_via(data)
-    if top is None:
-        return None
-    head, _, start, stop, comma = top
-    end = stop if comma < 0 else comma
-    at = head.find(";" + name.decode("latin-1") + "=", start, end)
-    if at < 0:
-        return None
-    at += len(name) + 2
-    value = _PARAM_VALUE.match(head, at, end)
-    return value.group() if value is not None and value.end() > at else None
+    top = read_top_via(data)
+    return top.param(name.decode("latin-1")) if top is not None else None
 
 
 _METHOD = re.compile(r"[A-Z]{2,16} ")

@@ -31,3 +31,16 @@ def test_only_the_next_via_the_branch_was_made_for_verifies():
                    "SIP/2.0/UDP 10.0.0.1:5071;rport=5071;received=10.0.0.1"):
         assert not ours.verify(branch, Via.parse(forged)), forged
     assert not RelayBranches(b"other", "udp:10.0.0.2:5071").verify(branch, Via.parse(PEER))
+
+
+def test_the_branch_is_the_keyed_blake2b_of_the_received_branch_and_the_routing_fields():
+    # a node that restarts (or is upgraded) with the same secret and address must check the
+    # branches it gave before: the hash is pinned, whatever way it is computed
+    import hashlib
+
+    key = hashlib.blake2b(b"secret\0udp:10.0.0.2:5071", digest_size=32).digest()
+    data = "\0".join(("z9hG4bK-a1", "UDP", "10.0.0.1", "5071", "10.0.0.1", "5071", "")).encode()
+    expected = PREFIX + hashlib.blake2b(data, key=key, digest_size=12).hexdigest()
+    ours = RelayBranches(b"secret", "udp:10.0.0.2:5071")
+    assert ours.for_request(Via.parse(PEER)) == expected
+    assert ours.for_request(Via.parse(PEER)) == expected  # the keyed state is not used up by a MAC

@@ -278,6 +278,29 @@ async def test_a_datagram_whose_next_hop_is_a_stream_takes_the_parsers_path():
 
 
 @pytest_twisted.ensureDeferred
+async def test_our_record_route_entries_are_the_node_uris_with_the_devices_token():
+    """RFC 5658 double Record-Route: B's public entry on top (the device routes by it), its internal
+    one below (the peer's), each the node's URI with the token of the device's flow; the same for
+    every call (the relay keeps what follows the token)."""
+    pair = Pair()
+    pair.start()
+    try:
+        device, peer, route = await _device_on_b(pair)
+        node = pair.b.parts.extra["cluster_node"]
+        token = route[len("<sip:"):route.index("@")]
+        for n in range(2):
+            peer.send(_peer_invite(peer, device, route, f"z9hG4bK{tag()}", f"{tag()}@peer"))
+            inv = await device.request("INVITE")
+            public, internal = node.transport.local_via("udp"), node.via_address
+            assert inv.header_values("record-route") == [
+                f"<sip:{token}@{public[0]}:{public[1]};lr>",
+                f"<sip:{token}@{internal[0]}:{internal[1]};transport=udp;lr>",
+            ] == [f"<{node.public_uri(token, 'udp')}>", f"<{node.uri(token)}>"], n
+    finally:
+        await pair.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_our_two_record_route_entries_cost_one_token_check_per_dialog():
     """The peer's ACK carries both of B's entries (RFC 5658: internal, then public, each with the
     device's token); the second has the first one's user part, so its token is not read again."""

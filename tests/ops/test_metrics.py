@@ -131,6 +131,21 @@ def test_a_response_without_readable_cseq_counts_as_unknown():
     assert counters.responses_in == {("unknown", 500): 1}
 
 
+def test_a_message_passed_on_as_bytes_counts_by_method_or_cseq_method_and_status():
+    from libon_tsilo.ops.message_counters import tally_bytes
+
+    requests: list[dict] = [{}, {}]
+    responses: list[dict] = [{}, {}]
+    tally_bytes(b"BYE sip:b@x SIP/2.0\r\nCSeq: 2 BYE\r\n\r\n", requests)
+    tally_bytes(b"SIP/2.0 180 Ringing\r\nCSeq: 1 INVITE\r\n\r\n", responses)
+    tally_bytes(b"SIP/2.0 200 OK\r\nX: \xe9\r\ncseq :\t7  BYE\r\n\r\n", responses)  # another spelling
+    tally_bytes(b"SIP/2.0 500 Oops\r\nCall-ID: c\r\n\r\n", responses)  # no CSeq
+    tally_bytes(b"SIP/2.0 503 No\r\nCSeq: x INVITE\r\n\r\n", responses)  # unreadable CSeq
+    assert requests == [{"BYE": 1}, {"BYE": 1}]
+    assert responses[0] == responses[1] == {("INVITE", 180): 1, ("BYE", 200): 1, ("unknown", 500): 1,
+                                            ("unknown", 503): 1}
+
+
 def test_collector_reads_live_objects_at_scrape_time(tmp_path):
     root, clock = build(tmp_path=tmp_path)
     parts = root.parts

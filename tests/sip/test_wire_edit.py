@@ -95,3 +95,47 @@ def test_what_a_request_edit_does_not_read_for_sure_is_left_to_the_parser(old: b
 
     assert old in BYE
     assert read_request_head(BYE.replace(old, new, 1)) is None
+
+
+# -- one read of the top Via for every question (read_top_via) -----------------------------------
+
+def test_one_read_of_the_top_via_answers_pop_and_param() -> None:
+    from libon_tsilo.sip.wire_edit import read_top_via
+
+    data = response(f"Via: {OURS};nd=dWRwOjEyNy4wLjAuMTo1MDcx\r\nVia: {NEXT}\r\n")
+    top = read_top_via(data)
+    assert top is not None
+    assert top.param("nd") == "dWRwOjEyNy4wLjAuMTo1MDcx" and top.param("maddr") is None
+    popped = top.pop("z9hG4bKsl")
+    assert popped is not None and popped.next_via == NEXT
+    assert popped.data == response(f"Via: {NEXT}\r\n")
+    assert top.pop("z9hG4bKzz") is None  # another prefix: not ours
+    assert read_top_via(BYE) is None  # a request
+
+
+def test_the_prefix_elsewhere_in_the_via_is_not_our_branch() -> None:
+    from libon_tsilo.sip.wire_edit import read_top_via
+
+    # the prefix text in another parameter, or in a second value, while the top branch is not ours
+    for vias in (f"Via: {NEXT};x=z9hG4bKsl1\r\nVia: {OURS}\r\n", f"Via: {NEXT}, {OURS}\r\n"):
+        top = read_top_via(response(vias))
+        assert top is not None and top.pop("z9hG4bKsl") is None, vias
+
+
+@pytest.mark.parametrize("start, method", [
+    (b"BYE", "BYE"), (b"ABCDEFGHIJKLMNOP", "ABCDEFGHIJKLMNOP"),  # 16 capitals at most
+    (b"ABCDEFGHIJKLMNOPQ", None), (b"A", None), (b"bye", None), (b"BY3", None), (b"B\xc9E", None),
+])
+def test_a_method_is_two_to_sixteen_capitals(start: bytes, method: str | None) -> None:
+    from libon_tsilo.sip.wire_edit import read_request_head
+
+    head = read_request_head(start + BYE[3:])
+    assert (head.method if head is not None else None) == method
+
+
+def test_an_empty_parameter_value_is_none() -> None:
+    from libon_tsilo.sip.wire_edit import read_top_via
+
+    for via in (f"{NEXT};nd=", f"{NEXT};nd=;x=1", f"{NEXT};nd"):
+        top = read_top_via(response(f"Via: {via}\r\n"))
+        assert top is not None and top.param("nd") is None, via
