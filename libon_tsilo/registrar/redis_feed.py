@@ -24,8 +24,7 @@ from libon_tsilo.registrar.location import LocationStore
 
 __all__ = ["ChangeFeed"]
 
-# the store's namespace, as when this was its code (compiled, Logger() would name the importer)
-log = Logger(namespace="libon_tsilo.registrar.redis_store")
+log = Logger(namespace=__name__)  # compiled (mypyc): Logger() would name the importer
 
 
 class ChangeFeed:
@@ -60,7 +59,7 @@ class ChangeFeed:
                 else:
                     replica.apply_remote_removal(op[1], op[2], op[3])
                 self.applied += 1
-        except (ValueError, TypeError, KeyError, IndexError) as exc:
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:  # not the format
             log.warn("location redis: skipping an unreadable change message: {err}", err=exc)
         except Exception:
             log.failure("location redis: applying a change of another node failed")
