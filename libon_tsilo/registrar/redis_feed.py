@@ -52,8 +52,11 @@ class ChangeFeed:
         try:
             if replica is None or data.startswith(self.own):
                 return
-            msg: Any = redis_codec.loads(data.partition(b" ")[2])
-            for op in msg["ops"]:
+            # typed: compiled, a dict's and a list's own look-ups, not the generic ones (and a
+            # message of another shape raises TypeError here, skipped as unreadable below)
+            msg: dict[str, Any] = redis_codec.loads(data.partition(b" ")[2])
+            ops: list[list[Any]] = msg["ops"]
+            for op in ops:
                 if op[0] == "s":
                     replica.apply_remote(Binding.from_dict(op[1]))
                 else:

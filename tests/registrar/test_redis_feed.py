@@ -89,6 +89,9 @@ def test_without_a_replica_nothing_is_applied() -> None:
 @pytest.mark.parametrize("payload", [
     b"not json",
     b'{"n":"b"}',  # no ops
+    b'["n","b"]',  # not an object
+    b'{"n":"b","ops":{"s":1}}',  # ops not a list
+    b'{"n":"b","ops":["s"]}',  # an op not a list
     b'{"n":"b","ops":[["s",{"aor":"sip:x@h"}]]}',  # a binding without its required fields
     b'{"n":"b","ops":[["d","sip:x@h"]]}',  # a removal cut short
     b'{"n":"b","ops":[["s",["not","a","dict"]]]}',
