@@ -85,6 +85,10 @@ COMPILED = [
     "libon_tsilo/registrar/redis_codec.py",
     "libon_tsilo/registrar/redis_wire.py",
     "libon_tsilo/registrar/redis_writes.py",
+    # issue 14, round 8: the feed's per-message path (each change of another node applied), and the
+    # REGISTERs waiting for their commit (two calls per REGISTER on the Redis store)
+    "libon_tsilo/registrar/redis_feed.py",
+    "libon_tsilo/registrar/pending_answers.py",
     # issue 15, the interpreted calls left on a late fork: the per-source limiter every request
     # passes, the branch ids every request we send carries, and what classifies the callee (Flow
     # stays interpreted: sip/flow.py says why)

@@ -148,17 +148,7 @@ class Node:
         self.location = self.parts.location
         self.store = self.location.persistence  # RedisBindingStore or None
         self._own_waiter: Any = None
-        if self.store is not None:
-            # fires when this node's feed handed a message to the store (its own ones included)
-            on_message = self.store._on_message
-
-            def hooked(data: bytes) -> None:
-                on_message(data)
-                waiter, self._own_waiter = self._own_waiter, None
-                if waiter is not None:
-                    self.soon(0, waiter.callback, None)
-
-            self.store._on_message = hooked
+        self._hooked = False
         tune_gc()  # as the twistd entry point does (libon_tsilo/ops/tap.py)
 
     def start(self) -> Any:
@@ -196,8 +186,26 @@ class Node:
         if self.store is None or getattr(self.store, "slot", None) is not None:
             d.callback(None)
         else:
+            self._hook_feed()
             self._own_waiter = d
         return d
+
+    def _hook_feed(self) -> None:
+        """Code of an earlier round, whose node reads its own changes back: fire ``_own_waiter``
+        when the feed handed the store a message. Hooked only then, so that the bench adds no call
+        of its own to the feed's path of the code that does not need it."""
+        if self._hooked:
+            return
+        self._hooked = True
+        on_message = self.store._on_message
+
+        def hooked(data: bytes) -> None:
+            on_message(data)
+            waiter, self._own_waiter = self._own_waiter, None
+            if waiter is not None:
+                self.soon(0, waiter.callback, None)
+
+        self.store._on_message = hooked
 
 
 def register_bytes(i: int, user: str, port: int) -> bytes:

@@ -99,10 +99,14 @@ class MessageDelivery(LocationObserver):
         self._deliver_to_user(msg.aor, push=True)
 
     def binding_added(self, binding: Binding, flow: Any = None) -> None:
-        self._registered(binding)
+        # every REGISTER and every change of another node comes here, and mostly nothing waits for
+        # the user: checked here, one Python call, not two
+        if self.stopped or not self.outbox.pending(binding.aor):
+            return
+        # it just registered (after our push, or on its own): it is awake, its flow is fresh
+        self._next(binding.aor, device_key(binding), binding, awake=True, push=False)
 
-    def binding_refreshed(self, binding: Binding, flow: Any = None) -> None:
-        self._registered(binding)
+    binding_refreshed = binding_added
 
     def binding_removed(self, binding: Binding, reason: str) -> None:
         if reason != "unregistered":
@@ -112,12 +116,6 @@ class MessageDelivery(LocationObserver):
         # the device said goodbye: the user may have no other device left that waits for a message
         for msg in list(self.outbox.pending(binding.aor)):
             self._maybe_done(msg)
-
-    def _registered(self, binding: Binding) -> None:
-        if self.stopped or not self.outbox.pending(binding.aor):
-            return
-        # it just registered (after our push, or on its own): it is awake, its flow is fresh
-        self._next(binding.aor, device_key(binding), binding, awake=True, push=False)
 
     # -- per device -------------------------------------------------------------------------------
 

@@ -36,9 +36,10 @@ this module writes the node's changes to Redis and applies the other nodes' chan
 * A feed task (asyncio, on the reactor's loop) subscribes first (redis_wire.py: each message is one
   callback, parsed by hiredis), then loads every binding with
   SCAN (never KEYS) and hands them to ``LocationStore.resync``, then applies each message of other
-  processes (``apply_remote``/``apply_remote_removal``: the same BindingEvents a local REGISTER
-  would emit, so a call parked here forks when the device registers on another node). Messages that
-  arrive during the load are read after it and applied in order: the replica ends up current.
+  processes (redis_feed.py, compiled: ``apply_remote``/``apply_remote_removal``, the same
+  BindingEvents a local REGISTER would emit, so a call parked here forks when the device registers
+  on another node). Messages that arrive during the load are read after it and applied in order:
+  the replica ends up current.
 * Redis down (the feed's connection fails): the state goes "down" (logged once per change of
   state), writes fail fast (``when_committed`` errbacks NotStored: the REGISTER gets 500 with
   Retry-After), lookups keep serving the replica, and the task reconnects with backoff; once back
@@ -104,6 +105,7 @@ from twisted.python.failure import Failure
 from libon_tsilo.registrar.asyncio_bridge import as_deferred, reactor_loop
 from libon_tsilo.registrar.binding import Binding
 from libon_tsilo.registrar import redis_codec
+from libon_tsilo.registrar.redis_feed import ChangeFeed
 from libon_tsilo.registrar.redis_wire import OnReply, ReplyError, RespConnection, open_connection
 from libon_tsilo.registrar.redis_writes import RedisWrites, binding_redis_key, change_channel
 
@@ -259,6 +261,9 @@ class RedisBindingStore:
         self.delete = self.writes.delete
         self.notify_committed = self.writes.notify_committed
         self.when_committed = self.writes.when_committed
+        # the other processes' changes, applied to the replica (redis_feed.py, compiled): the feed's
+        # connection hands each message straight to it
+        self.feed = ChangeFeed(self._own)
         # each process publishes on a change channel of its own (claimed while it is up, see
         # _claim_channel) and subscribes to every other one: it never reads its own changes back
         self.slot: int | None = None
@@ -273,10 +278,8 @@ class RedisBindingStore:
         # snapshot, or a replica that lagged, has a lower one, and lacks writes it acknowledged
         # (its epoch key is the same)
         self._seq_key = self.writes.seq_key
-        self._backlog: list[bytes] | None = None  # feed messages held while the feed loads
         self.loads = 0  # full loads (start and every reconnect)
         self.rows_retried = 0  # written-back bindings sent again after their chunk failed
-        self.messages_applied = 0  # changes of other nodes applied to the replica
         # own bindings Redis lost, to write back (module doc): (aor, key) in order, current copy
         # read from the replica when sent; one chunk in flight at a time, retried on self.clock
         self.write_back_chunk = max(1, write_back_chunk)
@@ -310,6 +313,11 @@ class RedisBindingStore:
     failed_batches = _on_writes("failed_batches")
 
     @property
+    def messages_applied(self) -> int:
+        """Changes of other nodes applied to the replica (``self.feed``'s count)."""
+        return self.feed.applied
+
+    @property
     def up(self) -> bool:
         return self.writes.state == "up"
 
@@ -337,7 +345,7 @@ class RedisBindingStore:
     # -- life cycle -----------------------------------------------------------------------------
 
     def start(self, replica: LocationStore) -> None:
-        self._replica = replica
+        self._replica = self.feed.replica = replica
         self.writes.commit.soon = self.loop.call_soon  # the loop is known now
         if self._feed_task is None:
             self._feed_task = self.loop.create_task(self._feed())
@@ -420,12 +428,12 @@ class RedisBindingStore:
         while not self._closed:
             conns: list[RespConnection] = []
             try:
-                feed = await open_connection(self.client, self.loop, COMMAND_TIMEOUT, self._on_feed_message)
+                feed = await open_connection(self.client, self.loop, COMMAND_TIMEOUT, self.feed.on_message)
                 conns.append(feed)
                 # the writes share the feed's connection where Redis allows it (RESP3, Redis 6+): a
                 # batch's reply and its own change message then come back in one read
                 shared = await feed.use_resp3()
-                self._backlog = []  # what arrives during the load is applied after it, in order
+                self.feed.backlog = []  # what arrives during the load is applied after it, in order
                 if shared:
                     writer = feed
                 else:
@@ -440,10 +448,10 @@ class RedisBindingStore:
                 lost = await self._redis_lost_its_data()
                 bindings = await self._load_all()
                 self._writer = writer
-                backlog, self._backlog = self._backlog, None
+                backlog, self.feed.backlog = self.feed.backlog or [], None
                 self._went_up(bindings, lost)
                 for data in backlog:
-                    self._on_message(data)
+                    self.feed.apply(data)
                 delay = self.min_backoff
                 await self._watch(feed, writer)
             except asyncio.CancelledError:
@@ -463,7 +471,7 @@ class RedisBindingStore:
                 self._went_down(exc)
             finally:
                 self._writer = None
-                self._backlog = None
+                self.feed.backlog = None
                 for conn in conns:
                     conn.close()
             await asyncio.sleep(delay)
@@ -626,12 +634,6 @@ class RedisBindingStore:
         await writer.command(b"PEXPIRE", key, math.ceil(CHANNEL_TTL * 1000))
         return True
 
-    def _on_feed_message(self, data: bytes) -> None:
-        if self._backlog is not None:
-            self._backlog.append(data)
-        else:
-            self._on_message(data)
-
     async def _redis_lost_its_data(self) -> bool:
         """True when Redis is not the one this node last saw (restarted empty, or failed over to a
         replica that had no copy): an epoch key, set once by whichever node comes first."""
@@ -769,23 +771,6 @@ class RedisBindingStore:
                 "this node's copy; reconnecting", err=f"{type(exc).__name__}: {exc}",
             )
         self.state = "down"
-
-    def _on_message(self, data: bytes) -> None:
-        replica = self._replica
-        try:
-            if data.startswith(self._own) or replica is None:
-                return
-            msg = redis_codec.loads(data.partition(b" ")[2])
-            for op in msg["ops"]:
-                if op[0] == "s":
-                    replica.apply_remote(Binding.from_dict(op[1]))
-                else:
-                    replica.apply_remote_removal(op[1], op[2], op[3])
-                self.messages_applied += 1
-        except (ValueError, TypeError, KeyError, IndexError) as exc:
-            log.warn("location redis: skipping an unreadable change message: {err}", err=exc)
-        except Exception:
-            log.failure("location redis: applying a change of another node failed")
 
     # -- node liveness (cluster/liveness.py) ------------------------------------------------------
 
