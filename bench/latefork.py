@@ -83,11 +83,14 @@ def sipp_command(server: SipTarget, scenario: str, workdir: Path, name: str, *, 
     d.mkdir(parents=True, exist_ok=True)
     stat_file = d / "stats.csv"
     port = bench_port()
+    control = bench_port()  # SIPp's control socket is UDP too
+    while control == port:  # the OS may hand the port just checked and closed out again
+        control = bench_port()
     args = [
         *pin(SIPP_CPU if PIN else None),
         SIPP, f"{HOST}:{server.sip_port}",
         "-sf", str(SCENARIOS / scenario),
-        "-t", "u1", "-i", HOST, "-p", str(port), "-cp", str(bench_port(udp_too=False)),
+        "-t", "u1", "-i", HOST, "-p", str(port), "-cp", str(control),
         "-r", f"{rate:g}", "-m", str(calls), "-l", str(limit),
         "-key", "prefix", prefix,
         "-nostdin", "-timeout", f"{timeout_s}s",
