@@ -82,7 +82,9 @@ class ClusterNode:
         self._shared: dict[tuple[str, int], str] | None = None
         self._direct: frozenset[str] = frozenset()
         self._mark: str | None = None
-        self._siblings: dict[str, Target] = {}  # a mark -> the node it names
+        # a mark -> the node it names, as ``sibling`` resolved it (the relay reads it first: a dict
+        # look-up in compiled code, where ``sibling`` is an interpreted call per response)
+        self.siblings: dict[str, Target] = {}
         hosts = [parse_listen_spec(p).host for p in peers]
         peer_nets = [f"{h}/{128 if ':' in h else 32}" for h in hosts if is_ip_literal(h)]
         self.trusted = SourceFilter([*trusted_peers, *peer_nets])
@@ -250,7 +252,7 @@ class ClusterNode:
     def sibling(self, mark: str) -> Target | None:
         """The node a Via's or Contact's ``nd`` names, to pass it a datagram of its dialog that the
         kernel gave us; None: us, or not a node of the cluster (never just any address)."""
-        found = self._siblings.get(mark)
+        found = self.siblings.get(mark)
         if found is not None:
             return found
         try:
@@ -264,9 +266,9 @@ class ClusterNode:
         if raw == self.member() or transport not in ("udp", "tcp") or not self.is_node(transport, host, port):
             return None
         # only nodes are remembered: a stranger's marks cannot fill this
-        if len(self._siblings) >= _OWN_ROUTES_MAX:
-            self._siblings.clear()
-        found = self._siblings[mark] = Target(transport, host, port, None, self.bound)
+        if len(self.siblings) >= _OWN_ROUTES_MAX:
+            self.siblings.clear()
+        found = self.siblings[mark] = Target(transport, host, port, None, self.bound)
         return found
 
     def uri(self, token: str) -> str:

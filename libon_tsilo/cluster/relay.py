@@ -148,7 +148,6 @@ class Relay:
         self._via: tuple[str, int] | None = None
         self._trusted: dict[str, bool] = {}
         self._own: dict[str, tuple[FlowRef, str]] = {}
-        self._siblings: dict[str, Target] = {}  # a Via's or Contact's mark -> the node it names
         self._rr_tails: dict[str, tuple[str, str]] = {}  # a device's transport -> _record_route's tails
         # our stateless branches -> the Via we gave each one for (its text as sent, parsed)
         self._sent: dict[str, tuple[str, Via]] = {}
@@ -373,15 +372,9 @@ class Relay:
         return True
 
     def _sibling(self, mark: str) -> Target | None:
-        """``ClusterNode.sibling``, its answers for the nodes it names kept here (compiled)."""
-        found = self._siblings.get(mark)
-        if found is None:
-            found = self.node.sibling(mark)
-            if found is not None:
-                if len(self._siblings) >= _MEMO_MAX:
-                    self._siblings.clear()
-                self._siblings[mark] = found
-        return found
+        """``ClusterNode.sibling``: a mark it resolved already is read from its own table here."""
+        found = self.node.siblings.get(mark)
+        return found if found is not None else self.node.sibling(mark)
 
     def _sibling_of_uri(self, req: Request, flow: Flow) -> Target | None:
         """The worker a device's in-dialog request is for: its Request-URI is that worker's Contact,

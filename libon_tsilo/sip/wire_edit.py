@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["PoppedVia", "RequestHead", "TopVia", "pop_top_via", "read_request_head", "read_top_via",
-           "top_via_param"]
+__all__ = ["PoppedVia", "RequestHead", "TopVia", "pop_top_via", "read_request_head", "read_top_via"]
 
 # The head is searched as Latin-1 text (one character per byte, so offsets are the bytes'): under
 # mypyc str methods run natively and bytes methods as generic calls, several times slower.
@@ -158,14 +157,6 @@ def pop_top_via(data: bytes, branch_prefix: bytes) -> PoppedVia | None:
     starts with ``branch_prefix`` and a second Via follows; None otherwise (see the module doc)."""
     top = read_top_via(data)
     return top.pop(branch_prefix.decode("latin-1")) if top is not None else None
-
-
-def top_via_param(data: bytes, name: bytes) -> str | None:
-    """The value of the parameter ``;name=`` (spelled as given) in the top Via of ``data`` (one
-    complete response, as received); None when it has none, or when its Via lines are not ones
-    ``pop_top_via`` reads for sure."""
-    top = read_top_via(data)
-    return top.param(name.decode("latin-1")) if top is not None else None
 
 
 _METHOD = re.compile(r"[A-Z]{2,16} ")
