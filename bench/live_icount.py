@@ -14,13 +14,16 @@ difference / N is what one call costs in user space: parsing, the call path, the
 socket calls' user side (the kernel's share is not counted). Deterministic to ~0.2 %.
 ``--keep DIR`` keeps both profiles for callgrind_annotate. ``--code DIR``: another checkout's code
 (e.g. a ``git archive`` of main with its mypyc modules built in place), run with this venv's Python.
-Ports: ``--port`` to ``--port`` + 9.
+Ports: ``--port`` to ``--port`` + 9 (node B's SIP port + 5, redis-server + 6, the internal
+addresses of (c) + 7 and + 8).
 
 ``--case`` (bench/cluster.py's cases): ``a`` one node on the memory store (the default, as above);
 ``b`` one node on the Redis store (a ``redis-server`` started here, the reactor ``auto`` picks:
 asyncio over uvloop); ``e`` two nodes on one Redis, both under callgrind, the INVITEs to node A and
 the REGISTERs to node B, which A forks straight to the device: the figure is A's and B's
-instructions added. Each node is ready once a throwaway REGISTER got its 200 (its Redis link is up),
+instructions added; ``c`` as ``e`` through the Path relay (each node has an internal address,
+``[cluster] node_address``: A forks to B's, B relays the call's messages over the device's flow).
+Each node is ready once a throwaway REGISTER got its 200 (its Redis link is up),
 in both runs. Redis-server is not counted. The idle work that goes with time (the overload monitor's
 tick, each node's heartbeat to Redis once a second) is taken out: the run with no calls idles as
 long as the calls took in the other (at --rate 5 it was ~100k instructions per call of (e), ~20k of
@@ -43,7 +46,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import callgrind  # noqa: E402
-from bench.cluster import start_redis, wait_store_ready  # noqa: E402
+from bench.cluster import CLUSTER_SECRET, start_redis, wait_store_ready  # noqa: E402
 SCENARIOS = ROOT / "tests" / "e2e" / "scenarios"
 CONFIG = """[sip]
 listen = ["udp:127.0.0.1:{port}"]
@@ -91,10 +94,13 @@ def wait_answering(port: int, timeout: float = 300.0) -> None:
 
 
 def _node(code: Path, n: int, name: str, port: int, workdir: Path, keep: Path | None, reactor: str,
-          redis_url: str | None) -> tuple[subprocess.Popen[bytes], Path]:
-    """One server under callgrind; returns it and the file its stderr (callgrind's total) goes to."""
+          redis_url: str | None, internal_port: int | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+    """One server under callgrind; returns it and the file its stderr (callgrind's total) goes to.
+    ``internal_port``: its ``[cluster] node_address`` (the Path relay of case c)."""
     location = 'backend = "memory"' if redis_url is None else f'backend = "redis"\nurl = "{redis_url}"'
     cluster = "" if redis_url is None else f'[cluster]\nnode_id = "{name}"\n'
+    if internal_port is not None:
+        cluster += f'node_address = "udp:127.0.0.1:{internal_port}"\nsecret = "{CLUSTER_SECRET}"\n'
     conf = workdir / f"server-{name}-{n}.toml"
     conf.write_text(CONFIG.format(port=port, reactor=reactor, location=location, cluster=cluster))
     errors = workdir / f"callgrind-{name}-{n}.err"
@@ -113,16 +119,19 @@ def instructions(code: Path, n: int, rate: float, port: int, workdir: Path, keep
     """User-space instructions of the case's server processes over a run of ``n`` calls (0: none,
     the servers then idle for ``idle`` s, as long as the calls took in the other run), added, and
     the seconds the calls took."""
-    redis = start_redis(port + 6, workdir / f"redis-{n}", None) if case in ("b", "e") else None
+    two_nodes = case in ("c", "e")
+    relay = case == "c"
+    redis = start_redis(port + 6, workdir / f"redis-{n}", None) if case != "a" else None
     nodes: list[tuple[subprocess.Popen[bytes], Path]] = []
     try:
         url = redis.url if redis is not None else None
-        nodes.append(_node(code, n, "a", port, workdir, keep, reactor, url))
-        if case == "e":
-            nodes.append(_node(code, n, "b", port + 5, workdir, keep, reactor, url))
-        device_port = port + 5 if case == "e" else port
+        internal = (port + 7, port + 8) if relay else (None, None)
+        nodes.append(_node(code, n, "a", port, workdir, keep, reactor, url, internal[0]))
+        if two_nodes:
+            nodes.append(_node(code, n, "b", port + 5, workdir, keep, reactor, url, internal[1]))
+        device_port = port + 5 if two_nodes else port
         wait_answering(port)
-        if case == "e":
+        if two_nodes:
             wait_answering(port + 5)
         if redis is not None:
             for node_port in {port, device_port}:
@@ -170,10 +179,11 @@ def main() -> None:
                     help="keep callgrind's profiles there (callgrind-0.out, callgrind-N.out), e.g. for "
                          "callgrind_annotate: the difference per function is what a call costs in it")
     ap.add_argument("--reactor", default=None, choices=("epoll", "uvloop", "asyncio", "auto"),
-                    help="[ops] reactor (default: epoll for case a, auto for b and e: uvloop)")
-    ap.add_argument("--case", default="a", choices=("a", "b", "e"),
+                    help="[ops] reactor (default: epoll for case a, auto for the others: uvloop)")
+    ap.add_argument("--case", default="a", choices=("a", "b", "c", "e"),
                     help="a: one node, memory store; b: one node on Redis; e: two nodes on Redis, "
-                         "INVITEs to A, REGISTERs to B (bench/cluster.py's cases)")
+                         "INVITEs to A, REGISTERs to B; c: as e through the Path relay "
+                         "(bench/cluster.py's cases)")
     args = ap.parse_args()
     print(f"command: {' '.join([sys.executable, *sys.argv])}", flush=True)
     with tempfile.TemporaryDirectory(prefix="live-icount-") as tmp:
