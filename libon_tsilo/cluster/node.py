@@ -31,6 +31,7 @@ import base64
 import binascii
 import hashlib
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from libon_tsilo.cluster.flow_token import FlowRef, FlowTokens
@@ -55,6 +56,7 @@ __all__ = ["ClusterNode", "NodeHop"]
 NodeHop = tuple[str, str, int, tuple[str, int]]
 # own_flow()'s memo: a few calls' worth of distinct entries per flow, the flows of a busy node
 _OWN_ROUTES_MAX = 4096
+HostPort = tuple[str, int]
 SOCK_PARAM = "sock"  # the Path entry's parameter naming the public UDP socket a REGISTER came in on
 MARK_PARAM = "nd"  # the Via and Contact parameter naming the node that sent (its internal address)
 
@@ -99,6 +101,11 @@ class ClusterNode:
         self._minted: dict[str, bool] = {}
         # which peers are alive (liveness.py; set by ops with the Redis store), None: all of them
         self.liveness: PeerLiveness | None = None
+        # (our shared socket's local address, a device's address) -> pinned? (the transport's
+        # ``pin_udp``, set by ops when [cluster] max_udp_pins > 0); None: no pins
+        self.pin: Callable[[HostPort, HostPort], bool] | None = None
+        # a sibling's Path entry -> (our shared socket, the device's address) to pin, or None
+        self._pin_targets: dict[str, tuple[HostPort, HostPort] | None] = {}
 
     # -- the internal listener (known once the transport listens: its port may be OS-picked) ----
 
@@ -338,6 +345,8 @@ class ClusterNode:
             sock = uri.params.get(SOCK_PARAM)
             if sock and sock in self.direct_ids():
                 # a worker sharing our public socket took it: the device's NAT knows us as well
+                if self.pin is not None:
+                    self._pin_device(path[0], uri, sock)
                 return path[1:], None
         transport = uri.transport or "udp"
         port = uri.port or 5060
@@ -351,6 +360,33 @@ class ClusterNode:
                                           or self._minted_by_node(path[0], uri, transport, port)):
             return None
         return (path, (transport, uri.host_bare, port, self.bound))
+
+    def _pin_device(self, entry: str, uri: URI, sock: str) -> None:
+        """We fork straight to a UDP device a sibling took: pin it (sip/udp_pins.py), so that the
+        kernel gives its answers to us rather than to that sibling, which would pass them on. The
+        device's address is the one the sibling's flow token names (read without its MAC: the
+        entry's ``;sock=`` matched already, and a pin only decides which of our sockets reads that
+        address's datagrams, each handled as the shared socket's; it grants the address nothing)."""
+        pinned = self.pin
+        if pinned is None:
+            return
+        targets = self._pin_targets
+        if entry in targets:
+            found = targets[entry]
+        else:
+            if len(targets) >= _OWN_ROUTES_MAX:
+                targets.clear()
+            found = targets[entry] = self._pin_target(uri, sock)
+        if found is not None:
+            pinned(found[0], found[1])
+
+    def _pin_target(self, uri: URI, sock: str) -> tuple[HostPort, HostPort] | None:
+        ref = FlowTokens.peek(uri.user)
+        local = next((a for a, h in self.shared_sockets().items() if h == sock), None)
+        if ref is None or ref.transport != "udp" or local is None or not is_ip_literal(ref.host) \
+                or not 0 < ref.port < 65536:
+            return None
+        return (local, (ref.host, ref.port))
 
     def _minted_by_node(self, entry: str, uri: URI, transport: str, port: int) -> bool:
         """Is ``entry``'s token one the node it names minted with our secret (the nodes share
