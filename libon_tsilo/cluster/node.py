@@ -23,6 +23,9 @@ not to the worker that sent: so each worker marks its Via and Contact (``;nd=``:
 address), and the worker that gets a datagram marked for another passes it there (relay.py).
 Trust: the hash comes from Redis (a node wrote it), and matching it only sends to the binding's
 own received address, as a single node would; a mark only ever leads to a node (:meth:`sibling`).
+The forking worker also pins the device (:meth:`_pin_device`, sip/udp_pins.py: a socket connected
+to it on the shared port), so that the kernel hands it the device's datagrams and nothing needs
+passing on; the marks stay as the fallback.
 """
 
 from __future__ import annotations

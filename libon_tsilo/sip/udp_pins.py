@@ -2,9 +2,9 @@
 
 Workers of one host bind one public UDP socket with SO_REUSEPORT, and the kernel hands each
 source's datagrams to one of them (a hash of the 4-tuple). A worker that sends to a device whose
-datagrams the kernel hands to another worker (the cluster layer decides when: cluster/node.py)
-opens one more socket, bound with SO_REUSEPORT to the very same address and port, and connect()s it
-to the device: Linux gives a datagram to the socket whose 4-tuple matches it exactly before it
+datagrams the kernel hands to another worker (the layer above decides when: ``pin_udp``) opens one
+more socket, bound with SO_REUSEPORT to the very same address and port, and connect()s it to the
+device: Linux gives a datagram to the socket whose 4-tuple matches it exactly before it
 picks one of the group by hash (which skips connected sockets), so the device's answers, requests
 and re-REGISTERs come to this worker; every other source is spread as before. What we send keeps
 its source address and port: the device's NAT sees nothing new.
