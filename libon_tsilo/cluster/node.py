@@ -87,6 +87,7 @@ class ClusterNode:
         self._shared: dict[tuple[str, int], str] | None = None
         self._direct: frozenset[str] = frozenset()
         self._mark: str | None = None
+        self.own_mark = ""  # the value of our own ``nd`` (set with ``mark``): never a sibling
         # a mark -> the node it names, as ``sibling`` resolved it (the relay reads it first: a dict
         # look-up in compiled code, where ``sibling`` is an interpreted call per response)
         self.siblings: dict[str, Target] = {}
@@ -257,6 +258,7 @@ class ClusterNode:
             if self.auto and self.shared_sockets():
                 name = base64.urlsafe_b64encode(self.member().encode()).rstrip(b"=").decode()
                 self._mark = f";{MARK_PARAM}={name}"
+                self.own_mark = name
         return self._mark
 
     def sibling(self, mark: str) -> Target | None:
@@ -265,6 +267,10 @@ class ClusterNode:
         found = self.siblings.get(mark)
         if found is not None:
             return found
+        if not self.own_mark:
+            self.own_mark = base64.urlsafe_b64encode(self.member().encode()).rstrip(b"=").decode()
+        if mark == self.own_mark:
+            return None
         try:
             raw = base64.urlsafe_b64decode(mark + "=" * (-len(mark) % 4)).decode()
             transport, hostport = raw.split(":", 1)
