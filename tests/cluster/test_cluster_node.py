@@ -186,3 +186,22 @@ def _device_flow_tcp():
     from tests.fakes.sip import FakeFlow
 
     return FakeFlow("tcp", ("198.51.100.7", 40000), id="tcp-device", local=("0.0.0.0", 5060))
+
+
+def test_a_device_refreshing_over_the_same_flow_gets_the_same_entry_without_a_new_token():
+    from tests.fakes.sip import FakeFlow
+
+    node = _node()
+    minted: list[FlowRef] = []
+    tokens = node.tokens
+    real_mint = tokens.mint
+    tokens.mint = lambda ref: minted.append(ref) or real_mint(ref)  # type: ignore[method-assign]
+    flow = FakeFlow("udp", ("192.0.2.7", 40000), id="udp#7")
+    first = node.path_entry(flow, outbound=False)
+    assert node.path_entry(flow, outbound=False) == first and len(minted) == 1
+    assert node.path_entry(flow, outbound=True) != first and len(minted) == 2  # ;ob: another entry
+    other = FakeFlow("udp", ("192.0.2.7", 40001), id="udp#8")
+    assert node.path_entry(other, outbound=False) != first and len(minted) == 3
+    node._own_routes.clear()  # its memo of our entries was cleared (bounded): minted again, remembered
+    assert node.path_entry(flow, outbound=False) == first and len(minted) == 4
+    assert node.own_flow(first)[0].flow_id == "udp#7"
