@@ -58,6 +58,9 @@ Choices (and where they differ from a plain reading of the RFCs):
 - UDP pseudo-flows: created by a datagram that carries a message (a CRLF keep-alive only refreshes
   a flow that exists), expired after the unbound idle timeout unless a binding or a call needs them,
   and capped (the oldest unneeded one is evicted): see sip/flow.py.
+- Pins (sip/udp_pins.py, ``pin_udp``): on a UDP listener bound with ``reuse_port``, a socket
+  connected to one device, read as that listener, through which every send to the device goes; it
+  brings the device's datagrams to this process rather than the one the kernel's hash picks.
 - Overload control (sip/overload.py) gets two hooks on UDP: ``on_queue_delay(seconds)`` per
   wake-up (the kernel's arrival stamp of the oldest datagram, Linux), and ``early(data, local,
   remote)``, which sees each datagram before the parse and may answer its source (a stateless 503)
