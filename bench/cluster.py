@@ -21,7 +21,9 @@ Three set-ups of the real server (bench/common.py ``serve``: twistd plus a stats
   addresses, ``udp_via_path = "auto"``, the default): the caller's and the device's source ports
   are picked so that the kernel hands the caller to A and the device to B (each asked with an
   OPTIONS, counted by the worker's admin API). A forks straight to the device from the shared
-  socket; the kernel gives the device's answers to B, which passes them on to A as bytes.
+  socket. A pins the device (a socket connected to it on the shared port, sip/udp_pins.py): the
+  kernel gives A the device's answers, and its later REGISTERs, instead of B; with ``--udp-pins 0``
+  (``[cluster] max_udp_pins``) B gets them and passes the answers on to A as bytes.
 
 Where the processes run (``--layout``): the single node of (a), (b), (d) runs on CPU 0, SIPp and
 redis-server on CPU 1. With two nodes, ``core-per-node`` (the default) runs node A on CPU 0 and node
@@ -93,6 +95,7 @@ PIN = True
 PERF = False  # --perf
 PROFILE = False  # --profile
 LAYOUT = "core-per-node"  # --layout
+UDP_PINS: int | None = None  # --udp-pins: [cluster] max_udp_pins of the shared-socket case (None: default)
 GOAL_RATIO = 1.2
 IDLE_SECONDS = 2.0
 GOAL_P50 = 0.002
@@ -323,6 +326,8 @@ def start_setup(case: str, workdir: Path, ports: PortRange) -> Setup:
             if case in SHARED:
                 admin.append(ports.take())
                 sections["cluster"]["reuse_port"] = True
+                if UDP_PINS is not None:
+                    sections["cluster"]["max_udp_pins"] = UDP_PINS
                 sections["admin"] = {"listen": f"tcp:{admin[-1]}:interface={HOST}"}
             cpu = (SIPP_CPU if LAYOUT == "core-per-node" and name == "b" else SERVER_CPU) if PIN else None
             port = public if case in SHARED else ports.take()
@@ -427,6 +432,8 @@ class LoadResult:
     redis_commands: dict[str, int] = field(default_factory=dict)  # run during the load, by name
     per_node_syscalls: list[dict[str, int]] = field(default_factory=list)  # with --strace
     per_node_relayed: list[dict[str, int]] = field(default_factory=list)  # cluster_relay counters (f)
+    # (f): REGISTERs each worker took, and its UDP pins (made during the load, open at its end)
+    per_node_shared: list[dict[str, int]] = field(default_factory=list)
 
     @property
     def per_call(self) -> float:
@@ -460,6 +467,7 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
     sampler = start_perf(workdir / "perf.data") if PERF else None
     wake0, commands0 = [wakeups(n.pid) for n in setup.nodes], redis_commands(setup.redis)
     relay0 = [_admin_stats(port).get("cluster_relay", {}) for port in setup.admin_ports]
+    shared0 = [_shared_counts(port) for port in setup.admin_ports]
     nodes0, sys0, redis0, started = setup.node_cpu(), setup.node_sys(), setup.redis_cpu(), time.monotonic()
     caller = spawn(caller_args, workdir, "caller")
     time.sleep(delay_ms / 1000.0)
@@ -482,6 +490,8 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
     relayed = [{k: v - before.get(k, 0) for k, v in _admin_stats(port).get("cluster_relay", {}).items()
                 if isinstance(v, int) and v != before.get(k, 0)}
                for port, before in zip(setup.admin_ports, relay0)]
+    shared = [{k: v - (before[k] if k != "pins_open" else 0) for k, v in _shared_counts(port).items()}
+              for port, before in zip(setup.admin_ports, shared0)]
     cpu, redis_cpu, wall = sum(per_node), setup.redis_cpu() - redis0, time.monotonic() - started
     cs = sipp_stats(caller_stats)
     stats = setup.caller_node.stats()
@@ -490,7 +500,15 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
     elapsed = sipp_run_seconds(cs) or wall
     return LoadResult(calls, int(cs.get("SuccessfulCall(C)", 0)), elapsed, cpu, redis_cpu,
                       int(latency.get("samples") or 0), latency, per_node, per_node_sys, idle,
-                      per_node_wakeups, {k: v for k, v in commands.items() if v > 0}, syscalls, relayed)
+                      per_node_wakeups, {k: v for k, v in commands.items() if v > 0}, syscalls, relayed,
+                      shared)
+
+
+def _shared_counts(admin: int) -> dict[str, int]:
+    stats = _admin_stats(admin)
+    pins = stats.get("connections", {}).get("udp_pins", {})
+    return {"REGISTER": int(stats.get("sip", {}).get("requests_in", {}).get("REGISTER", 0)),
+            "pins_made": int(pins.get("made", 0)), "pins_open": int(pins.get("open", 0))}
 
 
 # --- REGISTER -> forked INVITE, as the device sees it -----------------------------------------------
@@ -628,6 +646,10 @@ def run_case(case: str, args: argparse.Namespace, base: Path, ports: PortRange) 
         if relayed:
             print(f"  node {names[i]} relayed per call (stats cluster_relay): " + ", ".join(
                 f"{name} {n / ok:.2f}" for name, n in sorted(relayed.items())))
+    if load.per_node_shared:
+        print("  REGISTERs taken and UDP pins per node (stats): " + "; ".join(
+            f"{names[i]} {c['REGISTER']} REGISTERs, {c['pins_made']} pins made, {c['pins_open']} open"
+            for i, c in enumerate(load.per_node_shared)))
     for i, counts in enumerate(load.per_node_syscalls):
         if counts:
             top = sorted(counts.items(), key=lambda kv: -kv[1])[:8]
@@ -668,8 +690,11 @@ def main(argv: list[str] | None = None) -> int:
                          "its calls per function; its CPU figures are not comparable")
     ap.add_argument("--strace", action="store_true",
                     help="count each node's syscalls during the load (strace -c: slows the nodes)")
+    ap.add_argument("--udp-pins", type=int, default=None,
+                    help="(f): [cluster] max_udp_pins of both workers (0: no pins, answers passed on)")
     args = ap.parse_args(argv)
-    global PIN, PERF, PROFILE, LAYOUT
+    global PIN, PERF, PROFILE, LAYOUT, UDP_PINS
+    UDP_PINS = args.udp_pins
     PIN = not args.no_pin
     LAYOUT = args.layout
     PERF, PROFILE = args.perf, args.profile

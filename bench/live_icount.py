@@ -14,20 +14,24 @@ difference / N is what one call costs in user space: parsing, the call path, the
 socket calls' user side (the kernel's share is not counted). Deterministic to ~0.2 %.
 ``--keep DIR`` keeps both profiles for callgrind_annotate. ``--code DIR``: another checkout's code
 (e.g. a ``git archive`` of main with its mypyc modules built in place), run with this venv's Python.
-Ports: ``--port`` to ``--port`` + 9 (node B's SIP port + 5, redis-server + 6, the internal
-addresses of (c) + 7 and + 8).
+Ports: ``--port`` to ``--port`` + 12.
 
 ``--case`` (bench/cluster.py's cases): ``a`` one node on the memory store (the default, as above);
 ``b`` one node on the Redis store (a ``redis-server`` started here, the reactor ``auto`` picks:
 asyncio over uvloop); ``e`` two nodes on one Redis, both under callgrind, the INVITEs to node A and
 the REGISTERs to node B, which A forks straight to the device: the figure is A's and B's
-instructions added; ``c`` as ``e`` through the Path relay (each node has an internal address,
-``[cluster] node_address``: A forks to B's, B relays the call's messages over the device's flow).
-Each node is ready once a throwaway REGISTER got its 200 (its Redis link is up),
-in both runs. Redis-server is not counted. The idle work that goes with time (the overload monitor's
-tick, each node's heartbeat to Redis once a second) is taken out: the run with no calls idles as
-long as the calls took in the other (at --rate 5 it was ~100k instructions per call of (e), ~20k of
-(a), before it did).
+instructions added. ``f`` two workers sharing the public port (``reuse_port``, internal addresses,
+``udp_via_path = "auto"``), SIPp's caller and device on source ports the kernel hands to A and to B
+(asked with an OPTIONS each, counted by the worker's admin API; ports up to ``--port`` + 12): A
+forks straight to the device; with ``--udp-pins 0`` B passes the device's answers on to A, else A
+pins the device and gets them (and its later REGISTERs) itself. Each node is ready once a
+throwaway REGISTER got its 200 (its Redis link is up; in f, once its admin API says so), in both
+runs. Redis-server is not counted. The idle work that goes with time (the overload monitor's tick,
+each node's heartbeat to Redis once a second) is taken out: the run with no calls idles as long as
+the calls took in the other (at --rate 5 it was ~100k instructions per call of (e), ~20k of (a),
+before it did). ``c`` as ``e`` through the Path relay: each node has an internal address
+(``[cluster] node_address``, ``--port`` + 7 and + 11): A forks to B's, and B relays the call's
+messages over the device's flow.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import callgrind  # noqa: E402
-from bench.cluster import CLUSTER_SECRET, start_redis, wait_store_ready  # noqa: E402
+from bench.cluster import _port_reaching, _wait_admin, start_redis, wait_store_ready  # noqa: E402
 SCENARIOS = ROOT / "tests" / "e2e" / "scenarios"
 CONFIG = """[sip]
 listen = ["udp:127.0.0.1:{port}"]
@@ -94,13 +98,11 @@ def wait_answering(port: int, timeout: float = 300.0) -> None:
 
 
 def _node(code: Path, n: int, name: str, port: int, workdir: Path, keep: Path | None, reactor: str,
-          redis_url: str | None, internal_port: int | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+          redis_url: str | None, shared: str = "") -> tuple[subprocess.Popen[bytes], Path]:
     """One server under callgrind; returns it and the file its stderr (callgrind's total) goes to.
-    ``internal_port``: its ``[cluster] node_address`` (the Path relay of case c)."""
+    ``shared``: more [cluster] keys and sections (case f)."""
     location = 'backend = "memory"' if redis_url is None else f'backend = "redis"\nurl = "{redis_url}"'
-    cluster = "" if redis_url is None else f'[cluster]\nnode_id = "{name}"\n'
-    if internal_port is not None:
-        cluster += f'node_address = "udp:127.0.0.1:{internal_port}"\nsecret = "{CLUSTER_SECRET}"\n'
+    cluster = "" if redis_url is None else f'[cluster]\nnode_id = "{name}"\n{shared}'
     conf = workdir / f"server-{name}-{n}.toml"
     conf.write_text(CONFIG.format(port=port, reactor=reactor, location=location, cluster=cluster))
     errors = workdir / f"callgrind-{name}-{n}.err"
@@ -114,26 +116,51 @@ def _node(code: Path, n: int, name: str, port: int, workdir: Path, keep: Path | 
         return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=str(code)), errors
 
 
+def _shared(port: int, name: str, pins: int | None) -> str:
+    """Case f's [cluster] keys and [admin] of worker ``name`` (a or b) on the public ``port``."""
+    internal, peer, admin = (port + 5, port + 7, port + 8) if name == "a" else (port + 7, port + 5, port + 10)
+    return (f'reuse_port = true\nnode_address = "udp:127.0.0.1:{internal}"\n'
+            f'peers = ["udp:127.0.0.1:{peer}"]\nsecret = "live-icount"\n'
+            + (f"max_udp_pins = {pins}\n" if pins is not None else "")
+            + f'[admin]\nlisten = "tcp:{admin}:interface=127.0.0.1"\n')
+
+
+def _relay(port: int, name: str) -> str:
+    """Case c's [cluster] keys of node ``name``: its internal address, the shared flow-token key."""
+    internal = port + 7 if name == "a" else port + 11
+    return f'node_address = "udp:127.0.0.1:{internal}"\nsecret = "live-icount"\n'
+
+
 def instructions(code: Path, n: int, rate: float, port: int, workdir: Path, keep: Path | None = None,
-                 reactor: str = "epoll", case: str = "a", idle: float = 0.0) -> tuple[int, float]:
+                 reactor: str = "epoll", case: str = "a", idle: float = 0.0,
+                 pins: int | None = None) -> tuple[int, float]:
     """User-space instructions of the case's server processes over a run of ``n`` calls (0: none,
     the servers then idle for ``idle`` s, as long as the calls took in the other run), added, and
     the seconds the calls took."""
-    two_nodes = case in ("c", "e")
-    relay = case == "c"
     redis = start_redis(port + 6, workdir / f"redis-{n}", None) if case != "a" else None
     nodes: list[tuple[subprocess.Popen[bytes], Path]] = []
+    caller_port, device_source = port + 1, port + 3
     try:
         url = redis.url if redis is not None else None
-        internal = (port + 7, port + 8) if relay else (None, None)
-        nodes.append(_node(code, n, "a", port, workdir, keep, reactor, url, internal[0]))
-        if two_nodes:
-            nodes.append(_node(code, n, "b", port + 5, workdir, keep, reactor, url, internal[1]))
-        device_port = port + 5 if two_nodes else port
+        first = _shared(port, "a", pins) if case == "f" else _relay(port, "a") if case == "c" else ""
+        nodes.append(_node(code, n, "a", port, workdir, keep, reactor, url, first))
+        if case in ("c", "e"):
+            nodes.append(_node(code, n, "b", port + 5, workdir, keep, reactor, url,
+                               _relay(port, "b") if case == "c" else ""))
+        if case == "f":
+            nodes.append(_node(code, n, "b", port, workdir, keep, reactor, url, _shared(port, "b", pins)))
+        device_port = port + 5 if case in ("c", "e") else port
         wait_answering(port)
-        if two_nodes:
+        if case in ("c", "e"):
             wait_answering(port + 5)
-        if redis is not None:
+        if case == "f":  # a REGISTER to the shared port could land on either worker: ask each
+            admins = [port + 8, port + 10]
+            for admin in admins:
+                _wait_admin(admin, lambda st: st["usrloc"]["redis"]["up"], "a worker's Redis store", 300.0)
+            caller_port = _port_reaching(port, admins[0], admins)
+            device_source = _port_reaching(port, admins[1], admins, not_=caller_port)
+            print(f"  source ports: caller {caller_port} -> a, device {device_source} -> b", flush=True)
+        elif redis is not None:
             for node_port in {port, device_port}:
                 wait_store_ready(node_port, timeout=300.0)
         started = time.monotonic()
@@ -144,9 +171,9 @@ def instructions(code: Path, n: int, rate: float, port: int, workdir: Path, keep
                       "-key", "prefix", "icount-", "-nostdin", "-timeout", "300s",
                       "-max_recv_loops", "10000", "-max_sched_loops", "10000"]
             caller = ["sipp", f"127.0.0.1:{port}", "-sf", str(SCENARIOS / "bench_caller.xml"),
-                      "-p", str(port + 1), "-cp", str(port + 2), "-l", "1000", *common]
+                      "-p", str(caller_port), "-cp", str(port + 2), "-l", "1000", *common]
             device = ["sipp", f"127.0.0.1:{device_port}", "-sf", str(SCENARIOS / "bench_device_register.xml"),
-                      "-p", str(port + 3), "-cp", str(port + 4), "-l", "4000",
+                      "-p", str(device_source), "-cp", str(port + 4), "-l", "4000",
                       "-oocsf", str(SCENARIOS / "bench_device_answer.xml"), "-d", "2000", *common]
             print(f"  caller: {' '.join(caller)}", flush=True)
             print(f"  device (150 ms later): {' '.join(device)}", flush=True)
@@ -180,10 +207,13 @@ def main() -> None:
                          "callgrind_annotate: the difference per function is what a call costs in it")
     ap.add_argument("--reactor", default=None, choices=("epoll", "uvloop", "asyncio", "auto"),
                     help="[ops] reactor (default: epoll for case a, auto for the others: uvloop)")
-    ap.add_argument("--case", default="a", choices=("a", "b", "c", "e"),
+    ap.add_argument("--case", default="a", choices=("a", "b", "c", "e", "f"),
                     help="a: one node, memory store; b: one node on Redis; e: two nodes on Redis, "
-                         "INVITEs to A, REGISTERs to B; c: as e through the Path relay "
+                         "INVITEs to A, REGISTERs to B; c: e through the Path relay; f: two workers "
+                         "sharing the public port "
                          "(bench/cluster.py's cases)")
+    ap.add_argument("--udp-pins", type=int, default=None,
+                    help="case f: [cluster] max_udp_pins (0: no pins, B passes the answers on)")
     args = ap.parse_args()
     print(f"command: {' '.join([sys.executable, *sys.argv])}", flush=True)
     with tempfile.TemporaryDirectory(prefix="live-icount-") as tmp:
@@ -192,8 +222,10 @@ def main() -> None:
             keep.mkdir(parents=True, exist_ok=True)
         reactor = args.reactor or ("epoll" if args.case == "a" else "auto")
         code = args.code.resolve()
-        full, took = instructions(code, args.n, args.rate, args.port, Path(tmp), keep, reactor, args.case)
-        base, _ = instructions(code, 0, args.rate, args.port, Path(tmp), keep, reactor, args.case, idle=took)
+        full, took = instructions(code, args.n, args.rate, args.port, Path(tmp), keep, reactor, args.case,
+                                  pins=args.udp_pins)
+        base, _ = instructions(code, 0, args.rate, args.port, Path(tmp), keep, reactor, args.case, idle=took,
+                               pins=args.udp_pins)
     print(f"RESULT ({args.case}) {(full - base) / args.n:,.0f} user-space instructions per late-fork call "
           f"({args.n} calls at {args.rate:g}/s; reactor {reactor}; code: {args.code})")
 

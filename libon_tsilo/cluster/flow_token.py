@@ -64,8 +64,24 @@ class FlowTokens:
         mac, payload = raw[:_MAC_BYTES], raw[_MAC_BYTES:]
         if len(mac) != _MAC_BYTES or not hmac.compare_digest(mac, self._mac(payload)):
             return None
-        try:
-            flow_id, transport, host, port = payload.decode().split(_SEP)
-            return FlowRef(flow_id, transport, host, int(port))
-        except ValueError:  # a MAC that checks over a payload we did not write: a bug, not input
+        return _ref(payload)  # None when a MAC checks over a payload we did not write: a bug, not input
+
+    @staticmethod
+    def peek(token: str | None) -> FlowRef | None:
+        """What a token says it names, without checking who minted it (its MAC): a hint, never a
+        route (cluster/node.py pins the UDP address a sibling's entry names); None when malformed."""
+        if not token or len(token) > _MAX_TOKEN:
             return None
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except (binascii.Error, ValueError):
+            return None
+        return _ref(raw[_MAC_BYTES:])
+
+
+def _ref(payload: bytes) -> FlowRef | None:
+    try:
+        flow_id, transport, host, port = payload.decode().split(_SEP)
+        return FlowRef(flow_id, transport, host, int(port))
+    except ValueError:  # UnicodeDecodeError is one
+        return None

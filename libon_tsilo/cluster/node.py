@@ -23,6 +23,9 @@ not to the worker that sent: so each worker marks its Via and Contact (``;nd=``:
 address), and the worker that gets a datagram marked for another passes it there (relay.py).
 Trust: the hash comes from Redis (a node wrote it), and matching it only sends to the binding's
 own received address, as a single node would; a mark only ever leads to a node (:meth:`sibling`).
+The forking worker also pins the device (:meth:`_pin_device`, sip/udp_pins.py: a socket connected
+to it on the shared port), so that the kernel hands it the device's datagrams and nothing needs
+passing on; the marks stay as the fallback.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import base64
 import binascii
 import hashlib
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from libon_tsilo.cluster.flow_token import FlowRef, FlowTokens
@@ -55,6 +59,7 @@ __all__ = ["ClusterNode", "NodeHop"]
 NodeHop = tuple[str, str, int, tuple[str, int]]
 # own_flow()'s memo: a few calls' worth of distinct entries per flow, the flows of a busy node
 _OWN_ROUTES_MAX = 4096
+HostPort = tuple[str, int]
 SOCK_PARAM = "sock"  # the Path entry's parameter naming the public UDP socket a REGISTER came in on
 MARK_PARAM = "nd"  # the Via and Contact parameter naming the node that sent (its internal address)
 
@@ -82,6 +87,7 @@ class ClusterNode:
         self._shared: dict[tuple[str, int], str] | None = None
         self._direct: frozenset[str] = frozenset()
         self._mark: str | None = None
+        self.own_mark = ""  # the value of our own ``nd`` (set with ``mark``): never a sibling
         # a mark -> the node it names, as ``sibling`` resolved it (the relay reads it first: a dict
         # look-up in compiled code, where ``sibling`` is an interpreted call per response)
         self.siblings: dict[str, Target] = {}
@@ -95,10 +101,18 @@ class ClusterNode:
         self._member: str | None = None  # member(), once bound
         # Route/Path entry text -> what own_flow() read from it, for the entries that are ours
         self._own_routes: dict[str, tuple[FlowRef, str]] = {}
+        # (flow id, device address, outbound, ;sock=) -> our Path entry: a device refreshing its
+        # binding over the same flow gets the same entry, without a new HMAC (~20k instructions)
+        self._entries: dict[tuple[str, str, int, bool, str | None], str] = {}
         # Path entry text -> did the node it names mint its token (with a secret shared by the nodes)
         self._minted: dict[str, bool] = {}
         # which peers are alive (liveness.py; set by ops with the Redis store), None: all of them
         self.liveness: PeerLiveness | None = None
+        # (our shared socket's local address, a device's address) -> pinned? (the transport's
+        # ``pin_udp``, set by ops when [cluster] max_udp_pins > 0); None: no pins
+        self.pin: Callable[[HostPort, HostPort], bool] | None = None
+        # a sibling's Path entry -> (our shared socket, the device's address) to pin, or None
+        self._pin_targets: dict[str, tuple[HostPort, HostPort] | None] = {}
 
     # -- the internal listener (known once the transport listens: its port may be OS-picked) ----
 
@@ -196,10 +210,17 @@ class ClusterNode:
             if self.auto:
                 sock = self.shared_sockets().get(key.local)
         remote_host, remote_port = key.remote
+        cache = (flow.id, remote_host, remote_port, outbound, sock)
+        entry = self._entries.get(cache)
+        if entry is not None and entry in self._own_routes:
+            return entry
         ref = FlowRef(flow.id, key.transport, remote_host, remote_port)
         token = self.tokens.mint(ref)
         entry = f"<{self.uri(token)}{';ob' if outbound else ''}{f';{SOCK_PARAM}={sock}' if sock else ''}>"
         self.remember_own(entry, ref, token)  # a forked INVITE's Route names it: no HMAC to check it
+        if len(self._entries) >= _OWN_ROUTES_MAX:
+            self._entries.clear()
+        self._entries[cache] = entry
         return entry
 
     def remember_own(self, entry: str, ref: FlowRef, token: str) -> None:
@@ -247,6 +268,7 @@ class ClusterNode:
             if self.auto and self.shared_sockets():
                 name = base64.urlsafe_b64encode(self.member().encode()).rstrip(b"=").decode()
                 self._mark = f";{MARK_PARAM}={name}"
+                self.own_mark = name
         return self._mark
 
     def sibling(self, mark: str) -> Target | None:
@@ -255,6 +277,10 @@ class ClusterNode:
         found = self.siblings.get(mark)
         if found is not None:
             return found
+        if not self.own_mark:
+            self.own_mark = base64.urlsafe_b64encode(self.member().encode()).rstrip(b"=").decode()
+        if mark == self.own_mark:
+            return None
         try:
             raw = base64.urlsafe_b64decode(mark + "=" * (-len(mark) % 4)).decode()
             transport, hostport = raw.split(":", 1)
@@ -338,6 +364,8 @@ class ClusterNode:
             sock = uri.params.get(SOCK_PARAM)
             if sock and sock in self.direct_ids():
                 # a worker sharing our public socket took it: the device's NAT knows us as well
+                if self.pin is not None:
+                    self._pin_device(path[0], uri, sock)
                 return path[1:], None
         transport = uri.transport or "udp"
         port = uri.port or 5060
@@ -351,6 +379,33 @@ class ClusterNode:
                                           or self._minted_by_node(path[0], uri, transport, port)):
             return None
         return (path, (transport, uri.host_bare, port, self.bound))
+
+    def _pin_device(self, entry: str, uri: URI, sock: str) -> None:
+        """We fork straight to a UDP device a sibling took: pin it (sip/udp_pins.py), so that the
+        kernel gives its answers to us rather than to that sibling, which would pass them on. The
+        device's address is the one the sibling's flow token names (read without its MAC: the
+        entry's ``;sock=`` matched already, and a pin only decides which of our sockets reads that
+        address's datagrams, each handled as the shared socket's; it grants the address nothing)."""
+        pinned = self.pin
+        if pinned is None:
+            return
+        targets = self._pin_targets
+        if entry in targets:
+            found = targets[entry]
+        else:
+            if len(targets) >= _OWN_ROUTES_MAX:
+                targets.clear()
+            found = targets[entry] = self._pin_target(uri, sock)
+        if found is not None:
+            pinned(found[0], found[1])
+
+    def _pin_target(self, uri: URI, sock: str) -> tuple[HostPort, HostPort] | None:
+        ref = FlowTokens.peek(uri.user)
+        local = next((a for a, h in self.shared_sockets().items() if h == sock), None)
+        if ref is None or ref.transport != "udp" or local is None or not is_ip_literal(ref.host) \
+                or not 0 < ref.port < 65536:
+            return None
+        return (local, (ref.host, ref.port))
 
     def _minted_by_node(self, entry: str, uri: URI, transport: str, port: int) -> bool:
         """Is ``entry``'s token one the node it names minted with our secret (the nodes share

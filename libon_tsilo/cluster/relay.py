@@ -372,9 +372,13 @@ class Relay:
         return True
 
     def _sibling(self, mark: str) -> Target | None:
-        """``ClusterNode.sibling``: a mark it resolved already is read from its own table here."""
-        found = self.node.siblings.get(mark)
-        return found if found is not None else self.node.sibling(mark)
+        """``ClusterNode.sibling``: a mark it resolved already is read from its own table here, and
+        our own is not one (the device a pin brings us answers our Via: 8 of them per call)."""
+        node = self.node
+        found = node.siblings.get(mark)
+        if found is not None or mark == node.own_mark:
+            return found
+        return node.sibling(mark)
 
     def _sibling_of_uri(self, req: Request, flow: Flow) -> Target | None:
         """The worker a device's in-dialog request is for: its Request-URI is that worker's Contact,

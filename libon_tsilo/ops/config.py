@@ -558,6 +558,9 @@ class ClusterConfig:
     # true = always through it; false = always straight (see etc/libon-tsilo.toml)
     udp_via_path: bool | str = _opt("auto", _bool_or_auto)
     host: str = _opt("", _host_name)  # this host's identity for "auto" ("" = the hostname)
+    # connected sockets that bring a UDP device's answers to the reuse_port worker that forked to it
+    # (sip/udp_pins.py), one file descriptor each; 0 = none (the worker that gets them passes them on)
+    max_udp_pins: int = _opt(4096, _int_range(0))
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,15 @@ def _connection_metrics(c: dict[str, Any]) -> Iterator[Metric]:
     yield closed
     yield _counter("udp_flows_evicted", "UDP flows evicted at connections.max_udp_flows",
                    c["udp_flows_evicted"])
+    # [cluster] max_udp_pins: connected sockets that bring a device's answers to the forking worker
+    pins = c.get("udp_pins") or {}
+    yield _gauge("udp_pins", "UDP devices pinned to this worker (connected sockets)", pins.get("open", 0))
+    outcomes = CounterMetricFamily(f"{PREFIX}_udp_pins_total", "UDP pins by outcome: made, refused_full "
+                                   "(cluster.max_udp_pins), failed (socket error), closed_idle",
+                                   labels=["outcome"])
+    for outcome in ("made", "refused_full", "failed", "closed_idle"):
+        outcomes.add_metric([outcome], pins.get(outcome, 0))
+    yield outcomes
 
 
 def _gateway_voicemail_metrics(b2bua: Any, config: Any) -> Iterator[Metric]:

@@ -53,8 +53,9 @@ def install_reactor(config: Config) -> str:
         # reads without its per-event log context (ops/lean_asyncio.py)
         from libon_tsilo.ops import lean_asyncio
         from libon_tsilo.sip.twisted_io import UDPPort
+        from libon_tsilo.sip.udp_pins import PinReader
 
-        lean_asyncio.install().lean_readers = frozenset({UDPPort})
+        lean_asyncio.install().lean_readers = frozenset({UDPPort, PinReader})
     if wanted == "asyncio":
         # raises when another reactor is installed already
         from libon_tsilo.push.reactor import ensure_asyncio_reactor
@@ -68,8 +69,9 @@ def install_reactor(config: Config) -> str:
 
         reactor = lean_epoll.install()
         from libon_tsilo.sip.twisted_io import UDPPort
+        from libon_tsilo.sip.udp_pins import PinReader
 
-        reactor.lean_readers = frozenset({UDPPort})
+        reactor.lean_readers = frozenset({UDPPort, PinReader})
     return running_reactor()
 
 

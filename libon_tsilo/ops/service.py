@@ -264,6 +264,7 @@ def _add_sip_stack(root: LibonTsiloService, parts: Parts) -> None:
         limits=_connection_limits(parts.config.connections),
         udp_receive_buffer=cfg.udp_receive_buffer,
         reuse_port=cfg.listen if parts.config.cluster.reuse_port else (),  # the public ones only
+        max_udp_pins=parts.config.cluster.max_udp_pins if parts.config.cluster.reuse_port else 0,
     )
     _attach(root, parts.transport, "transport")
     parts.transactions = TransactionLayer(
@@ -756,6 +757,9 @@ def _add_cluster(root: LibonTsiloService, parts: Parts) -> None:
     parts.extra["cluster_node"] = node
     parts.extra["cluster_relay"] = relay
     parts.extra.setdefault("limits", []).append(relay)
+    if node.auto and cfg.reuse_port and cfg.max_udp_pins > 0:  # the straight fork pins the device
+        node.pin = _built(parts.transport).pin_udp
+        parts.extra["limits"].append(_built(parts.transport).pins)
     _exempt_nodes_on_internal_listener(parts, node)
     _add_cluster_liveness(root, parts, node)
 

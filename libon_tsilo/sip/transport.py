@@ -58,6 +58,9 @@ Choices (and where they differ from a plain reading of the RFCs):
 - UDP pseudo-flows: created by a datagram that carries a message (a CRLF keep-alive only refreshes
   a flow that exists), expired after the unbound idle timeout unless a binding or a call needs them,
   and capped (the oldest unneeded one is evicted): see sip/flow.py.
+- Pins (sip/udp_pins.py, ``pin_udp``): on a UDP listener bound with ``reuse_port``, a socket
+  connected to one device, read as that listener, through which every send to the device goes; it
+  brings the device's datagrams to this process rather than the one the kernel's hash picks.
 - Overload control (sip/overload.py) gets two hooks on UDP: ``on_queue_delay(seconds)`` per
   wake-up (the kernel's arrival stamp of the oldest datagram, Linux), and ``early(data, local,
   remote)``, which sees each datagram before the parse and may answer its source (a stateless 503)
@@ -128,6 +131,7 @@ from libon_tsilo.sip.twisted_io import (
     UDPPort,
     UDPProtocol,
 )
+from libon_tsilo.sip.udp_pins import UdpPins
 from libon_tsilo.sip.udp_send import udp_sendto
 
 __all__ = ["Target", "TransportLayer", "TransportError", "ConnectionLimits", "DatagramEndpoint",
@@ -241,6 +245,7 @@ class UDPEndpoint:
         self.port: Any = None  # Twisted's port (or a test reactor's): write(data, addr)
         self.sock: Any = None  # its socket, when it has one
         self.family = socket.AF_INET6 if self.v6 else socket.AF_INET
+        self.used = False  # a datagram went out (or, for a pin, came in) since a sweep (udp_pins.py)
 
     def opened(self, port: Any, sock: Any) -> None:
         self.port = port
@@ -256,6 +261,7 @@ class UDPEndpoint:
         port = self.port
         if port is None:
             raise TransportError(f"UDP socket {self.local} is closed")
+        self.used = True
         try:
             sock = self.sock
             if sock is None or not udp_sendto(sock, self.family, data, addr):
@@ -344,6 +350,7 @@ class TransportLayer:
         limits: ConnectionLimits | None = None,
         udp_receive_buffer: int = UDP_SOCKET_BUFFER,
         reuse_port: Iterable[str] = (),
+        max_udp_pins: int = 0,
     ) -> None:
         self.specs = [parse_listen_spec(s) for s in listen]
         if any(s.transport == "tls" for s in self.specs) and tls_context_factory is None:
@@ -389,6 +396,11 @@ class TransportLayer:
         self._ports: list[Any] = []
         self._udp: list[DatagramEndpoint] = []
         self._udp_by_local: dict[HostPort, DatagramEndpoint] = {}
+        # connected sockets on our SO_REUSEPORT UDP listeners, by the device they pin (udp_pins.py):
+        # the UDP sends read ``_pinned`` (empty: one truth test), ``pin_udp`` fills it
+        self.pins = UdpPins(reactor, clock, max_udp_pins)
+        self._pinned: dict[HostPort, Any] = self.pins.endpoints
+        self._shared_udp: dict[HostPort, UDPEndpoint] = {}  # the listeners bound with reuse_port
         self._protos: dict[str, StreamProtocol] = {}  # flow id -> connection (pending ones too)
         self._pending_resolves: set[defer.Deferred[Any]] = set()
         self._primary_ip: dict[bool, str] = {}
@@ -452,6 +464,8 @@ class TransportLayer:
             endpoint.local = (host, addr.port)
             endpoint.v6 = is_ipv6(host)
             self.add_udp_endpoint(endpoint)
+            if spec in self.reuse_port:
+                self._shared_udp[endpoint.local] = endpoint
         log.info("listening on {spec}", spec=f"{spec.transport}:{host}:{addr.port}")
 
     def add_udp_endpoint(self, endpoint: DatagramEndpoint) -> None:
@@ -482,8 +496,10 @@ class TransportLayer:
             if isinstance(d, defer.Deferred):
                 waits.append(d)
         self._ports.clear()
+        self.pins.close_all()
         self._udp.clear()
         self._udp_by_local.clear()
+        self._shared_udp.clear()
         for d in list(self._pending_resolves):
             d.cancel()
         streams = list(self._protos.values())
@@ -615,6 +631,7 @@ class TransportLayer:
             "buffered_bytes": self.buffered,
             "udp_flows": self.flows.udp_count(),
             "udp_flows_evicted": self.flows.evicted,
+            "udp_pins": self.pins.stats(),
         }
 
     # -- inbound: the entry points the protocols above call (nothing else in the layer is theirs) ---
@@ -934,8 +951,29 @@ class TransportLayer:
         proto = self._udp_by_local.get(target.local) if target.local is not None else None
         if proto is None:
             proto = self._udp_socket(host)
-        proto.send_to(data, (host, target.port))
-        return self._udp_flow(proto, (host, target.port))
+        addr = (host, target.port)
+        if self._pinned:
+            proto = self._through_pin(proto, addr)
+        proto.send_to(data, addr)
+        return self._udp_flow(proto, addr)
+
+    def _through_pin(self, proto: DatagramEndpoint, addr: HostPort) -> DatagramEndpoint:
+        """The pin of ``addr`` on ``proto``'s socket when there is one (what we send to a pinned
+        device goes through its pin), else ``proto``."""
+        pin = self._pinned.get(addr)
+        if pin is not None and pin.local == proto.local:
+            return pin  # type: ignore[no-any-return]
+        return proto
+
+    def pin_udp(self, local: HostPort, remote: HostPort) -> bool:
+        """Pin the UDP device at ``remote`` to this process on our listener bound with reuse_port to
+        ``local`` (sip/udp_pins.py); True when it is pinned. False (nothing changes): no such
+        listener, pinning off or full, or a socket error (counted, logged)."""
+        shared = self._shared_udp.get(local)
+        if shared is None or shared.sock is None:
+            return False
+        remote = (_norm_host(remote[0]), remote[1])
+        return self.pins.pin(shared, remote, lambda: UDPEndpoint(self, ListenSpec("udp", local[0], local[1])))
 
     def _resolve_then_send(self, data: bytes, target: Target) -> None:
         d = self.reactor.resolve(target.host)
@@ -1019,6 +1057,8 @@ class TransportLayer:
             raise TransportError(f"unsupported Via transport {via.transport!r}")
         addr = self._udp_response_address(via, flow)
         proto = self._udp_socket(addr[0], prefer=flow)
+        if self._pinned:
+            proto = self._through_pin(proto, addr)
         # straight from the socket, also when the request's flow is that path (its sender would
         # only call this same socket's send_to, through two more calls)
         proto.send_to(data, addr)

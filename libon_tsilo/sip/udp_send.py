@@ -25,6 +25,7 @@ def udp_sendto(sock: Any, family: int, data: bytes, addr: Any) -> bool:
         socket.inet_pton(family, addr[0])
     except (OSError, TypeError, ValueError, IndexError):
         return False
+    refused = False
     while True:
         try:
             sock.sendto(data, addr)
@@ -35,5 +36,11 @@ def udp_sendto(sock: Any, family: int, data: bytes, addr: Any) -> bool:
             if e.errno == errno.EMSGSIZE:
                 raise error.MessageLengthError("message too long") from e
             if e.errno == errno.ECONNREFUSED:
-                return True  # an ICMP error of an earlier datagram, as Twisted ignores it
+                # an ICMP error of an earlier datagram, ignored as Twisted does; a connected socket
+                # (a pin, sip/udp_pins.py) reports it instead of sending this one, and clears it:
+                # send again, once
+                if refused:
+                    return True
+                refused = True
+                continue
             raise

@@ -149,3 +149,59 @@ def test_a_tcp_binding_is_always_relayed_and_a_mark_leads_only_to_a_node():
     for where in ("udp:203.0.113.9:6379", "tls:10.0.0.2:5071"):  # not a trusted host, not a node transport
         assert forker.sibling(base64.urlsafe_b64encode(where.encode()).decode().rstrip("=")) is None
     assert forker.sibling("!!not base64") is None and forker.sibling("eA") is None
+
+
+def test_auto_the_straight_fork_pins_the_device_on_the_shared_socket_and_nothing_else_does():
+    taker, forker = _worker(internal_port=5071), _worker(internal_port=5072)
+    pinned: list[tuple[tuple[str, int], tuple[str, int]]] = []
+    forker.pin = lambda local, remote: pinned.append((local, remote)) or True
+    taker.pin = forker.pin
+    entry = taker.path_entry(_device_flow(), outbound=False)
+    forker.next_hop([entry])
+    forker.next_hop([entry])  # a second look: the transport reuses the live pin
+    assert pinned == [(("0.0.0.0", 5060), ("198.51.100.7", 40000))] * 2
+    # a device this worker took itself, the relayed path, another host's, a TCP device: no pin
+    taker.next_hop([entry])
+    forker.next_hop_relayed([entry])
+    _worker(host="sip2", internal_port=5073).next_hop([entry])
+    forker.next_hop([taker.path_entry(_device_flow_tcp(), outbound=False)])
+    assert len(pinned) == 2
+    # pinning off (ops leaves ``pin`` None at [cluster] max_udp_pins = 0): the fork is unchanged
+    forker.pin = None
+    assert forker.next_hop([entry]) == ([], None)
+
+
+def test_a_malformed_token_in_a_siblings_entry_pins_nothing():
+    forker = _worker(internal_port=5072)
+    pinned: list[object] = []
+    forker.pin = lambda local, remote: pinned.append(remote) or True
+    sock = forker.shared_sockets()[("0.0.0.0", 5060)]
+    for token in ("x", "!!", "A" * 600):
+        entry = f"<sip:{token}@10.0.0.1:5071;transport=udp;lr;sock={sock}>"
+        assert forker.next_hop([entry]) == ([], None)  # still straight: the pin is only a hint
+    assert pinned == []
+
+
+def _device_flow_tcp():
+    from tests.fakes.sip import FakeFlow
+
+    return FakeFlow("tcp", ("198.51.100.7", 40000), id="tcp-device", local=("0.0.0.0", 5060))
+
+
+def test_a_device_refreshing_over_the_same_flow_gets_the_same_entry_without_a_new_token():
+    from tests.fakes.sip import FakeFlow
+
+    node = _node()
+    minted: list[FlowRef] = []
+    tokens = node.tokens
+    real_mint = tokens.mint
+    tokens.mint = lambda ref: minted.append(ref) or real_mint(ref)  # type: ignore[method-assign]
+    flow = FakeFlow("udp", ("192.0.2.7", 40000), id="udp#7")
+    first = node.path_entry(flow, outbound=False)
+    assert node.path_entry(flow, outbound=False) == first and len(minted) == 1
+    assert node.path_entry(flow, outbound=True) != first and len(minted) == 2  # ;ob: another entry
+    other = FakeFlow("udp", ("192.0.2.7", 40001), id="udp#8")
+    assert node.path_entry(other, outbound=False) != first and len(minted) == 3
+    node._own_routes.clear()  # its memo of our entries was cleared (bounded): minted again, remembered
+    assert node.path_entry(flow, outbound=False) == first and len(minted) == 4
+    assert node.own_flow(first)[0].flow_id == "udp#7"

@@ -113,3 +113,28 @@ async def test_a_devices_in_dialog_request_to_a_siblings_contact_crosses_the_sta
         device.stop()
         sibling.stop()
         await b.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_our_own_mark_is_known_at_once_without_reading_it_again():
+    # a device pinned to this worker (sip/udp_pins.py) answers our own marked Via: each of those
+    # messages costs no decoding of the mark once the first one was read
+    b, sibling, device, _ = await _setup()
+    try:
+        node = b.parts.extra["cluster_node"]
+        layer = b.parts.transactions
+        own = _mark(node.member())
+        device.send(_response(device, own))
+        await wait_for(lambda: layer.strays_dropped == 1, "a stray dropped")  # ours: not passed on
+        assert node.own_mark == own
+        decoded: list[str] = []
+        real = node.sibling
+        node.sibling = lambda mark: decoded.append(mark) or real(mark)
+        device.send(_response(device, own))
+        device.send(_response(device, own, status=200))
+        await wait_for(lambda: layer.strays_dropped == 3, "three strays dropped")
+        assert decoded == [] and b.parts.extra["cluster_relay"].counters["to_sibling_responses"] == 0
+    finally:
+        device.stop()
+        sibling.stop()
+        await b.stopService()

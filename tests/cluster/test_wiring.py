@@ -100,3 +100,22 @@ def test_metrics_say_when_another_process_holds_our_node_id_and_what_waits_to_be
     assert got[("libon_tsilo_redis_node_id_conflict", ())] == 1
     assert got[("libon_tsilo_redis_write_back_pending", ())] == 1
     assert parts.location.redis_stats()["duplicate_node_id_of"] == "0123456789abcdef"  # ul.dump's "redis"
+
+
+def test_reuse_port_workers_pin_the_devices_they_fork_to_unless_max_udp_pins_is_0(tmp_path):
+    # the Redis store is built, never started here (its client connects lazily)
+    def parts_of(**cluster):
+        cfg = config_from_dict({"location": {"backend": "redis"}, "cluster": {
+            "node_address": "udp:127.0.0.1:25072", "secret": "s", **cluster}}, base_dir=tmp_path)
+        return make_service(cfg, clock=Clock()).parts
+
+    workers = parts_of(reuse_port=True)
+    node, transport = workers.extra["cluster_node"], workers.transport
+    assert node.pin == transport.pin_udp and transport.pins.max_pins == 4096
+    assert transport.pins in workers.extra["limits"]  # udp_pins_full in /metrics' limit hits
+    off = parts_of(reuse_port=True, max_udp_pins=0)
+    assert off.extra["cluster_node"].pin is None and off.transport.pins not in off.extra["limits"]
+    # one worker per socket, or every UDP device through the Path: never a pin
+    for parts in (parts_of(), parts_of(reuse_port=True, udp_via_path=True)):
+        assert parts.extra["cluster_node"].pin is None
+    assert parts_of().transport.pins.max_pins == 0

@@ -3,8 +3,10 @@
 - Two workers bound to the same public UDP address and port with SO_REUSEPORT: a device registers on
   the one the kernel hashes its 5-tuple to (the "taker"), a caller reaches the other (the
   "forker"), which forks the INVITE straight to the device from the shared socket (no Record-Route,
-  its own marked Via on top, nothing relayed by the taker). The device's answers and its BYE, which
-  the kernel hands to the taker, reach the forker because the taker passes on what is marked for it.
+  its own marked Via on top, nothing relayed by the taker). The forker pins the device (a socket
+  connected to it on the shared port, sip/udp_pins.py), so the kernel hands the device's answers
+  and its BYE to the forker itself; with pins off (``max_udp_pins = 0``) they reach the taker, which
+  passes on what is marked for the forker.
 - Two workers on different public ports (different sockets, SO_REUSEPORT on both): the INVITE goes
   through the taker's Path relay, with its two Record-Route entries.
 
@@ -82,7 +84,8 @@ class Device(Agent):
         ]))
 
 
-def _worker(tmp_path: Path, name: str, sip_port: int, internal: int, peer: int, redis: RedisServer) -> ServerProcess:
+def _worker(tmp_path: Path, name: str, sip_port: int, internal: int, peer: int, redis: RedisServer,
+            max_udp_pins: int = 4096) -> ServerProcess:
     directory = tmp_path / name
     directory.mkdir()
     extra: dict[str, Any] = {
@@ -90,7 +93,8 @@ def _worker(tmp_path: Path, name: str, sip_port: int, internal: int, peer: int, 
         "auth": {"enabled": False},
         "location": {"backend": "redis", "url": redis.url, "key_prefix": f"{tmp_path.name}:"},
         "cluster": {"node_id": name, "reuse_port": True, "node_address": f"udp:{HOST}:{internal}",
-                    "peers": [f"udp:{HOST}:{peer}"], "secret": "shared-by-the-workers"},
+                    "peers": [f"udp:{HOST}:{peer}"], "secret": "shared-by-the-workers",
+                    "max_udp_pins": max_udp_pins},
         "calls": {"ring_timeout": 10, "invite_cancel_grace": 0},
         "admin": {"listen": f"tcp:{free_port(udp_too=False)}:interface={HOST}"},
     }
@@ -122,11 +126,13 @@ def started() -> Any:
         assert not server.tracebacks(), server.output()[-3000:]
 
 
-def _workers(tmp_path: Path, redis: RedisServer, started: list[ServerProcess], same_port: bool) -> list[ServerProcess]:
+def _workers(tmp_path: Path, redis: RedisServer, started: list[ServerProcess], same_port: bool,
+             max_udp_pins: int = 4096) -> list[ServerProcess]:
     ports = [free_port(), free_port()]
     internal = [free_port(), free_port()]
     for i, name in enumerate(("w1", "w2")):
-        started.append(_worker(tmp_path, name, ports[0 if same_port else i], internal[i], internal[1 - i], redis))
+        started.append(_worker(tmp_path, name, ports[0 if same_port else i], internal[i], internal[1 - i], redis,
+                               max_udp_pins))
     return started
 
 
@@ -188,11 +194,16 @@ def _mark_names(via: str) -> str:
     return base64.urlsafe_b64decode(mark + "=" * (-len(mark) % 4)).decode()
 
 
-@pytest.mark.parametrize("device_hangs_up", [False, True], ids=["caller-hangs-up", "device-hangs-up"])
+def _pins(server: ServerProcess) -> dict[str, int]:
+    return admin_rpc(server, "stats")["connections"]["udp_pins"]
+
+
+@pytest.mark.parametrize(("device_hangs_up", "pins"), [(False, True), (True, True), (True, False)],
+                         ids=["caller-hangs-up", "device-hangs-up", "device-hangs-up-no-pins"])
 def test_workers_sharing_the_public_socket_fork_straight_to_the_device(
-    tmp_path: Path, redis_server: RedisServer, started: list[ServerProcess], device_hangs_up: bool
+    tmp_path: Path, redis_server: RedisServer, started: list[ServerProcess], device_hangs_up: bool, pins: bool
 ) -> None:
-    workers = _workers(tmp_path, redis_server, started, same_port=True)
+    workers = _workers(tmp_path, redis_server, started, same_port=True, max_udp_pins=4096 if pins else 0)
     port = workers[0].sip_port
     device = Device((HOST, port))
     try:
@@ -215,11 +226,17 @@ def test_workers_sharing_the_public_socket_fork_straight_to_the_device(
             caller.close()
         relay = _relay(taker)
         assert relay.get("to_device", 0) == 0, relay  # nothing went through the taker's Path relay
+        assert _relay(forker).get("to_device", 0) == 0
+        if pins:  # the device is pinned to the forker: the kernel gives it all the device sends
+            assert _pins(forker)["made"] == 1 and _pins(forker)["open"] == 1, _pins(forker)
+            assert relay.get("to_sibling_responses", 0) == 0 and relay.get("to_sibling", 0) == 0, relay
+            assert _pins(taker)["made"] == 0
+            return
+        assert _pins(forker)["made"] == 0
         # the device's 180 and 200 (and the BYE's 200), which the kernel gave the taker
         assert relay.get("to_sibling_responses", 0) >= 2, relay
         if device_hangs_up:
             assert relay.get("to_sibling", 0) == 1, relay  # the device's BYE
-        assert _relay(forker).get("to_device", 0) == 0
     finally:
         device.close()
 

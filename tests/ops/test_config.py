@@ -513,6 +513,7 @@ def test_cluster_defaults_are_a_single_node():
     assert (cfg.cluster.node_address, cfg.cluster.peers) == ("", ())
     assert cfg.cluster.trusted_peers == ("127.0.0.0/8", "::1/128")
     assert cfg.cluster.secret == "" and cfg.cluster.udp_via_path == "auto" and cfg.cluster.host == ""
+    assert cfg.cluster.max_udp_pins == 4096  # pins: one fd per device in a call
 
 
 @pytest.mark.parametrize("value", [True, False, "auto"])
@@ -553,6 +554,8 @@ def test_cluster_keys_load():
         ({"cluster": {"udp_via_path": "no"}}, 'cluster.udp_via_path: expected true, false or "auto", got "no"'),
         ({"cluster": {"udp_via_path": 1}}, "cluster.udp_via_path: expected a boolean or a string, got integer 1"),
         ({"cluster": {"host": "a b"}}, 'cluster.host: "a b" is not a host name'),
+        ({"cluster": {"max_udp_pins": -1}}, "cluster.max_udp_pins: must be >= 0, got -1"),
+        ({"cluster": {"max_udp_pins": "4k"}}, 'cluster.max_udp_pins: expected an integer, got string "4k"'),
         ({"cluster": {"node_address": "udp:10.0.0.1:5070"}, "location": {"backend": "redis"}},
          'cluster.secret: must be set with node_address on location.backend = "redis"'),
     ],

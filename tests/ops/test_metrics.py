@@ -410,6 +410,12 @@ def test_connection_limit_metrics(tmp_path):
     assert got[("libon_tsilo_connections_closed_by_limit_total", (("limit", "message_timeout"),))] == 2
     assert got[("libon_tsilo_connections_closed_by_limit_total", (("limit", "tls_handshake_timeout"),))] == 0
     assert got[("libon_tsilo_udp_flows_evicted_total", ())] == 5
+    # [cluster] max_udp_pins: the pins this worker made, refused at the bound, failed, closed idle
+    transport.pins.counters.update(made=4, full=2, failed=1, idle=3)
+    got = samples(registry)
+    for outcome, n in (("made", 4), ("refused_full", 2), ("failed", 1), ("closed_idle", 3)):
+        assert got[("libon_tsilo_udp_pins_total", (("outcome", outcome),))] == n
+    assert got[("libon_tsilo_udp_pins", ())] == 0
     assert got[("libon_tsilo_connections_inbound", ())] == 0
     assert got[("libon_tsilo_buffered_bytes", ())] == 0
 

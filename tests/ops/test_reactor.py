@@ -63,20 +63,20 @@ def _served_by(tmp_path: Path, toml: str, more: str = "") -> str:
 
 
 def test_tap_installs_epoll_by_default(tmp_path: Path) -> None:
-    # Twisted's epoll reactor, whose readable events on our UDP port skip the log context (issue 15)
+    # Twisted's epoll reactor, whose readable events on our UDP ports (and pins) skip the log context (issue 15)
     assert _served_by(tmp_path, "", "print(isinstance(reactor, __import__('twisted.internet.epollreactor')"
                                     ".internet.epollreactor.EPollReactor))\n"
                                     "from libon_tsilo.ops.reactor import running_reactor\n"
                                     "print(running_reactor())\n"
                                     "print(sorted(t.__name__ for t in reactor.lean_readers))\n"
-                      ) == "LeanEPollReactor\nTrue\nepoll\n['UDPPort']"
+                      ) == "LeanEPollReactor\nTrue\nepoll\n['PinReader', 'UDPPort']"
 
 
 def test_tap_installs_asyncio_when_asked(tmp_path: Path) -> None:
     # our UDP port's readable events skip Twisted's per-event wrapping there too (ops/lean_asyncio.py)
     assert _served_by(tmp_path, '[ops]\nreactor = "asyncio"\n',
                       "print(sorted(t.__name__ for t in reactor.lean_readers))\n"
-                      ) == "LeanAsyncioReactor\n['UDPPort']"
+                      ) == "LeanAsyncioReactor\n['PinReader', 'UDPPort']"
 
 
 def test_tap_installs_asyncio_over_uvloop_when_asked(tmp_path: Path) -> None:

@@ -49,3 +49,24 @@ def test_a_name_or_the_other_family_is_refused_without_a_lookup(port, host) -> N
 def test_too_long_a_datagram_is_a_message_length_error(port, receiver) -> None:
     with pytest.raises(error.MessageLengthError):
         port.write(b"x" * 70_000, receiver.getsockname())
+
+
+def test_a_connected_socket_sends_a_datagram_after_an_icmp_refusal_of_an_earlier_one(receiver) -> None:
+    # a pin (sip/udp_pins.py) is connected: Linux reports an ICMP port-unreachable on its next send
+    # instead of sending it; udp_sendto sends it again
+    import select
+
+    from libon_tsilo.sip.udp_send import udp_sendto
+
+    device = receiver.getsockname()
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind(("127.0.0.1", 0))
+    gone = closed.getsockname()
+    closed.close()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as pin:
+        pin.connect(gone)
+        assert udp_sendto(pin, socket.AF_INET, b"1", gone)
+        assert select.select([pin], [], [], 5)[0] == [pin]  # the ICMP error is pending
+        pin.connect(device)  # the device is back (a new address here: the error stays pending)
+        assert udp_sendto(pin, socket.AF_INET, b"2", device)
+        assert receiver.recvfrom(10) == (b"2", pin.getsockname())
