@@ -100,19 +100,21 @@ def _node(code: Path, n: int, name: str, port: int, workdir: Path, keep: Path | 
     errors = workdir / f"callgrind-{name}-{n}.err"
     env = callgrind.environment({"PYTHONPATH": str(code)})
     out = "/dev/null" if keep is None else str(keep / f"callgrind-{name}-{n}.out")
+    # with --keep, the server's own log too (a warning or a traceback in the run shows there)
+    log = workdir / f"server-{name}-{n}.log" if keep is None else keep / f"server-{name}-{n}.log"
     cmd = callgrind.command([sys.executable, str(code / "bench" / "common.py"), "serve", "--stats-file",
                              str(workdir / f"stats-{name}-{n}.json"), "--", "-n", "--pidfile=", "libon-tsilo",
                              "--config", str(conf)], out_file=out)
     print(f"  server {name}: {' '.join(cmd)}", flush=True)
-    with open(errors, "w") as err:
-        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=str(code)), errors
+    with open(errors, "w") as err, open(log, "w") as out_log:
+        return subprocess.Popen(cmd, stdout=out_log, stderr=err, env=env, cwd=str(code)), errors
 
 
 def instructions(code: Path, n: int, rate: float, port: int, workdir: Path, keep: Path | None = None,
-                 reactor: str = "epoll", case: str = "a", idle: float = 0.0) -> tuple[int, float]:
-    """User-space instructions of the case's server processes over a run of ``n`` calls (0: none,
-    the servers then idle for ``idle`` s, as long as the calls took in the other run), added, and
-    the seconds the calls took."""
+                 reactor: str = "epoll", case: str = "a", idle: float = 0.0) -> tuple[list[int], float]:
+    """User-space instructions of each of the case's server processes (A, then B) over a run of
+    ``n`` calls (0: none, the servers then idle for ``idle`` s, as long as the calls took in the
+    other run), and the seconds the calls took."""
     redis = start_redis(port + 6, workdir / f"redis-{n}", None) if case in ("b", "e") else None
     nodes: list[tuple[subprocess.Popen[bytes], Path]] = []
     try:
@@ -155,7 +157,7 @@ def instructions(code: Path, n: int, rate: float, port: int, workdir: Path, keep
             server.wait()
         if redis is not None:
             redis.stop()
-    return sum(callgrind.total(errors.read_text(), str(errors)) for _, errors in nodes), took
+    return [callgrind.total(errors.read_text(), str(errors)) for _, errors in nodes], took
 
 
 def main() -> None:
@@ -184,7 +186,10 @@ def main() -> None:
         code = args.code.resolve()
         full, took = instructions(code, args.n, args.rate, args.port, Path(tmp), keep, reactor, args.case)
         base, _ = instructions(code, 0, args.rate, args.port, Path(tmp), keep, reactor, args.case, idle=took)
-    print(f"RESULT ({args.case}) {(full - base) / args.n:,.0f} user-space instructions per late-fork call "
+    per_node = [(f - b) / args.n for f, b in zip(full, base, strict=True)]
+    nodes = "" if len(per_node) < 2 else " (" + ", ".join(
+        f"node {name} {x:,.0f}" for name, x in zip("AB", per_node, strict=False)) + ")"
+    print(f"RESULT ({args.case}) {sum(per_node):,.0f} user-space instructions per late-fork call{nodes} "
           f"({args.n} calls at {args.rate:g}/s; reactor {reactor}; code: {args.code})")
 
 
