@@ -195,12 +195,20 @@ class LocationStore:
             self._observers.remove(observer)
 
     def hold_events(self) -> None:
-        """Keep the events from now on until release_events() (one REGISTER, processed synchronously)."""
+        """Keep the events from now on until release_events() (one REGISTER, processed synchronously),
+        and the persistence's writes: the REGISTER's changes go in one write, started once all are in."""
         self._held = []
+        p = self.persistence
+        if p is not None:
+            p.hold_writes()
 
     def release_events(self) -> list[BindingEvent]:
-        """Stop holding; returns the held events, for emit_events() once the REGISTER is answered."""
+        """Stop holding; returns the held events, for emit_events() once the REGISTER is answered.
+        The persistence writes what was held (group_commit.py: at once when idle on the Redis store)."""
         held, self._held = self._held, None
+        p = self.persistence
+        if p is not None:
+            p.release_writes()
         return held or []
 
     def emit_events(self, events: list[BindingEvent]) -> None:

@@ -211,9 +211,10 @@ class HandsOverWaiters:
 
     def __init__(self) -> None:
         self.waiters: list[tuple[str, Any]] = []
+        self.calls: list[str] = []
 
     def save(self, binding: Any) -> None:
-        pass
+        self.calls.append("save")
 
     def delete(self, binding: Any, reason: str = "") -> None:
         pass
@@ -221,6 +222,12 @@ class HandsOverWaiters:
     def notify_committed(self, aor: str, waiter: Any) -> bool:
         self.waiters.append((aor, waiter))
         return True
+
+    def hold_writes(self) -> None:
+        self.calls.append("hold")
+
+    def release_writes(self) -> None:
+        self.calls.append("release")
 
 
 def test_a_register_waits_for_its_commit_with_its_answer_not_a_deferred() -> None:
@@ -271,3 +278,13 @@ def test_an_answer_that_fails_after_the_commit_never_raises_into_the_store() -> 
         finish(waiter)  # does not raise
         assert env.registrar.when_answered(flow_id) is None and len(env.registrar.answers) == 0
     assert [kind for kind, _ in env.watcher.seen] == ["added", "refreshed"]
+
+
+def test_a_registers_changes_are_held_until_all_are_in_then_released_before_it_waits() -> None:
+    """The store writes a REGISTER's changes together, started once the last is in (group_commit.py
+    hold/release: on the Redis store, at once, without a loop turn of its own)."""
+    env = Env()
+    env.store.persistence = persistence = HandsOverWaiters()  # type: ignore[assignment]
+    env.register(["<sip:alice@192.0.2.10:40000>", "<sip:alice@192.0.2.11:40000>"])
+    assert persistence.calls == ["hold", "save", "save", "release"]
+    assert len(persistence.waiters) == 1
