@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import callgrind  # noqa: E402
-from bench.cluster import start_redis, wait_store_ready  # noqa: E402
+from bench.cluster import start_redis, wait_store_ready, wakeups  # noqa: E402
 SCENARIOS = ROOT / "tests" / "e2e" / "scenarios"
 CONFIG = """[sip]
 listen = ["udp:127.0.0.1:{port}"]
@@ -122,10 +122,12 @@ def refresh_plugin_cache(code: Path) -> None:
 
 
 def instructions(code: Path, n: int, rate: float, port: int, workdir: Path, keep: Path | None = None,
-                 reactor: str = "epoll", case: str = "a", idle: float = 0.0) -> tuple[list[int], float]:
+                 reactor: str = "epoll", case: str = "a", idle: float = 0.0
+                 ) -> tuple[list[int], list[int], float]:
     """User-space instructions of each of the case's server processes (A, then B) over a run of
     ``n`` calls (0: none, the servers then idle for ``idle`` s, as long as the calls took in the
-    other run), and the seconds the calls took."""
+    other run), their wake-ups (how the same datagrams fell into reactor turns moves the count by a
+    few per cent between runs: print it beside), and the seconds the calls took."""
     redis = start_redis(port + 6, workdir / f"redis-{n}", None) if case in ("b", "e") else None
     nodes: list[tuple[subprocess.Popen[bytes], Path]] = []
     try:
@@ -161,6 +163,7 @@ def instructions(code: Path, n: int, rate: float, port: int, workdir: Path, keep
                 raise SystemExit(f"SIPp failed calls (exit {a.returncode}/{b.returncode}): "
                                  f"the count is not one of {n} good calls")
         took = time.monotonic() - started
+        woken = [wakeups(server.pid) for server, _ in nodes]
     finally:
         for server, _ in nodes:
             server.send_signal(signal.SIGTERM)
@@ -168,7 +171,7 @@ def instructions(code: Path, n: int, rate: float, port: int, workdir: Path, keep
             server.wait()
         if redis is not None:
             redis.stop()
-    return [callgrind.total(errors.read_text(), str(errors)) for _, errors in nodes], took
+    return [callgrind.total(errors.read_text(), str(errors)) for _, errors in nodes], woken, took
 
 
 def main() -> None:
@@ -196,13 +199,16 @@ def main() -> None:
         reactor = args.reactor or ("epoll" if args.case == "a" else "auto")
         code = args.code.resolve()
         refresh_plugin_cache(code)
-        full, took = instructions(code, args.n, args.rate, args.port, Path(tmp), keep, reactor, args.case)
-        base, _ = instructions(code, 0, args.rate, args.port, Path(tmp), keep, reactor, args.case, idle=took)
+        run = (args.rate, args.port, Path(tmp), keep, reactor, args.case)
+        full, woken, took = instructions(code, args.n, *run)
+        base, woken_idle, _ = instructions(code, 0, *run, idle=took)
     per_node = [(f - b) / args.n for f, b in zip(full, base, strict=True)]
     nodes = "" if len(per_node) < 2 else " (" + ", ".join(
         f"node {name} {x:,.0f}" for name, x in zip("AB", per_node, strict=False)) + ")"
     print(f"RESULT ({args.case}) {sum(per_node):,.0f} user-space instructions per late-fork call{nodes} "
           f"({args.n} calls at {args.rate:g}/s; reactor {reactor}; code: {args.code})")
+    print("wake-ups per call: " + ", ".join(f"node {name} {(w - i) / args.n:.2f}" for name, w, i
+                                             in zip("AB", woken, woken_idle, strict=False)))
 
 
 if __name__ == "__main__":
