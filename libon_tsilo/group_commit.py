@@ -16,7 +16,9 @@ answer to a REGISTER waits so, without the ~25k instructions of a Deferred and i
 A store whose writes run on an asyncio loop (Redis) gives ``soon`` (the loop's ``call_soon``): with
 no ``flush_interval`` an idle store then writes on the loop's next turn, once the rest of the
 REGISTER that queued the change has queued its other changes, without a timer (a zero-delay
-``callLater`` is a Twisted DelayedCall and a loop timer handle per batch).
+``callLater`` is a Twisted DelayedCall and a loop timer handle per batch). Changes made between
+``hold()`` and ``release()`` (a REGISTER's, LocationStore.hold_events) schedule nothing: ``release``
+writes them at once on such a store, without the loop turn.
 """
 
 from __future__ import annotations
