@@ -17,7 +17,7 @@ A store whose writes run on an asyncio loop (Redis) gives ``soon`` (the loop's `
 no ``flush_interval`` an idle store then writes on the loop's next turn, once the rest of the
 REGISTER that queued the change has queued its other changes, without a timer (a zero-delay
 ``callLater`` is a Twisted DelayedCall and a loop timer handle per batch). Changes made between
-``hold()`` and ``release()`` (a REGISTER's, LocationStore.hold_events) schedule nothing: ``release``
+``hold()`` and ``release()`` (a REGISTER's, LocationStore.hold_writes) schedule nothing: ``release``
 writes them at once on such a store, without the loop turn.
 """
 

@@ -195,21 +195,27 @@ class LocationStore:
             self._observers.remove(observer)
 
     def hold_events(self) -> None:
-        """Keep the events from now on until release_events() (one REGISTER, processed synchronously),
-        and the persistence's writes: the REGISTER's changes go in one write, started once all are in."""
+        """Keep the events from now on until release_events() (one REGISTER, processed synchronously)."""
         self._held = []
+
+    def release_events(self) -> list[BindingEvent]:
+        """Stop holding; returns the held events, for emit_events() once the REGISTER is answered."""
+        held, self._held = self._held, None
+        return held or []
+
+    def hold_writes(self) -> None:
+        """The changes from now until release_writes() are one REGISTER's: the persistence writes
+        them together, started by release_writes() (group_commit.py hold/release)."""
         p = self.persistence
         if p is not None:
             p.hold_writes()
 
-    def release_events(self) -> list[BindingEvent]:
-        """Stop holding; returns the held events, for emit_events() once the REGISTER is answered.
-        The persistence writes what was held (group_commit.py: at once when idle on the Redis store)."""
-        held, self._held = self._held, None
+    def release_writes(self) -> None:
+        """Write what was held: at once when idle on the Redis store. Called once the REGISTER's
+        answer waits on the write (notify_durable): a write that fails at once must fail it too."""
         p = self.persistence
         if p is not None:
             p.release_writes()
-        return held or []
 
     def emit_events(self, events: list[BindingEvent]) -> None:
         for event in events:

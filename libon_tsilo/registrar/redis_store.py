@@ -261,7 +261,7 @@ class RedisBindingStore:
         self.delete = self.writes.delete
         self.notify_committed = self.writes.notify_committed
         self.when_committed = self.writes.when_committed
-        # a REGISTER's changes (LocationStore.hold_events/release_events): written once all are in
+        # a REGISTER's changes (LocationStore.hold_writes/release_writes): written once all are in
         self.hold_writes = self.writes.commit.hold
         self.release_writes = self.writes.commit.release
         # the other processes' changes, applied to the replica (redis_feed.py, compiled): the feed's

@@ -106,7 +106,7 @@ class SqliteBindingStore:
         self.path = path
         self.clock = clock
         self._commit: GroupCommit[_Batch] = GroupCommit(clock, flush_interval, _Batch, self._write)
-        # a REGISTER's changes (LocationStore.hold_events/release_events): flush_interval after them
+        # a REGISTER's changes (LocationStore.hold_writes/release_writes): flush_interval after them
         self.hold_writes = self._commit.hold
         self.release_writes = self._commit.release
         self._last_start = float("-inf")
