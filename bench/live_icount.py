@@ -50,7 +50,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import callgrind  # noqa: E402
-from bench.cluster import _port_reaching, _wait_admin, start_redis, wait_store_ready  # noqa: E402
+from bench.cluster import _port_reaching, _wait_admin, start_redis, wait_store_ready, wakeups  # noqa: E402
 SCENARIOS = ROOT / "tests" / "e2e" / "scenarios"
 CONFIG = """[sip]
 listen = ["udp:127.0.0.1:{port}"]
@@ -108,12 +108,25 @@ def _node(code: Path, n: int, name: str, port: int, workdir: Path, keep: Path | 
     errors = workdir / f"callgrind-{name}-{n}.err"
     env = callgrind.environment({"PYTHONPATH": str(code)})
     out = "/dev/null" if keep is None else str(keep / f"callgrind-{name}-{n}.out")
+    # with --keep, the server's own log too (a warning or a traceback in the run shows there)
+    log = workdir / f"server-{name}-{n}.log" if keep is None else keep / f"server-{name}-{n}.log"
     cmd = callgrind.command([sys.executable, str(code / "bench" / "common.py"), "serve", "--stats-file",
                              str(workdir / f"stats-{name}-{n}.json"), "--", "-n", "--pidfile=", "libon-tsilo",
                              "--config", str(conf)], out_file=out)
     print(f"  server {name}: {' '.join(cmd)}", flush=True)
-    with open(errors, "w") as err:
-        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=str(code)), errors
+    with open(errors, "w") as err, open(log, "w") as out_log:
+        return subprocess.Popen(cmd, stdout=out_log, stderr=err, env=env, cwd=str(code)), errors
+
+
+def refresh_plugin_cache(code: Path) -> None:
+    """Have Twisted write its plugin caches (twisted/plugins/dropin.cache) before counting: twistd
+    writes a missing or stale one at start, which the first run after a checkout or an install
+    would count (~130M instructions once, 0.6M per call of a 200-call run)."""
+    script = ("from twisted.application.service import IServiceMaker\n"
+              "from twisted.plugin import getPlugins\n"
+              "list(getPlugins(IServiceMaker))\n")
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=str(code),
+                   env=callgrind.environment({"PYTHONPATH": str(code)}))
 
 
 def _shared(port: int, name: str, pins: int | None) -> str:
@@ -132,11 +145,12 @@ def _relay(port: int, name: str) -> str:
 
 
 def instructions(code: Path, n: int, rate: float, port: int, workdir: Path, keep: Path | None = None,
-                 reactor: str = "epoll", case: str = "a", idle: float = 0.0,
-                 pins: int | None = None) -> tuple[int, float]:
-    """User-space instructions of the case's server processes over a run of ``n`` calls (0: none,
-    the servers then idle for ``idle`` s, as long as the calls took in the other run), added, and
-    the seconds the calls took."""
+                 reactor: str = "epoll", case: str = "a", idle: float = 0.0, pins: int | None = None
+                 ) -> tuple[list[int], list[int], float]:
+    """User-space instructions of each of the case's server processes (A, then B) over a run of
+    ``n`` calls (0: none, the servers then idle for ``idle`` s, as long as the calls took in the
+    other run), their wake-ups (how the same datagrams fell into reactor turns moves the count by a
+    few per cent between runs: print it beside), and the seconds the calls took."""
     redis = start_redis(port + 6, workdir / f"redis-{n}", None) if case != "a" else None
     nodes: list[tuple[subprocess.Popen[bytes], Path]] = []
     caller_port, device_source = port + 1, port + 3
@@ -184,6 +198,7 @@ def instructions(code: Path, n: int, rate: float, port: int, workdir: Path, keep
                 raise SystemExit(f"SIPp failed calls (exit {a.returncode}/{b.returncode}): "
                                  f"the count is not one of {n} good calls")
         took = time.monotonic() - started
+        woken = [wakeups(server.pid) for server, _ in nodes]
     finally:
         for server, _ in nodes:
             server.send_signal(signal.SIGTERM)
@@ -191,7 +206,7 @@ def instructions(code: Path, n: int, rate: float, port: int, workdir: Path, keep
             server.wait()
         if redis is not None:
             redis.stop()
-    return sum(callgrind.total(errors.read_text(), str(errors)) for _, errors in nodes), took
+    return [callgrind.total(errors.read_text(), str(errors)) for _, errors in nodes], woken, took
 
 
 def main() -> None:
@@ -201,7 +216,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200, help="late-fork calls")
     ap.add_argument("--rate", type=float, default=10.0,
                     help="calls/s (the server is ~50x slower under valgrind)")
-    ap.add_argument("--port", type=int, default=27100, help="server port; SIPp uses the next ones (up to +9)")
+    ap.add_argument("--port", type=int, default=27100, help="server port; the next ones (up to +12) too")
     ap.add_argument("--keep", type=Path, default=None,
                     help="keep callgrind's profiles there (callgrind-0.out, callgrind-N.out), e.g. for "
                          "callgrind_annotate: the difference per function is what a call costs in it")
@@ -222,12 +237,17 @@ def main() -> None:
             keep.mkdir(parents=True, exist_ok=True)
         reactor = args.reactor or ("epoll" if args.case == "a" else "auto")
         code = args.code.resolve()
-        full, took = instructions(code, args.n, args.rate, args.port, Path(tmp), keep, reactor, args.case,
-                                  pins=args.udp_pins)
-        base, _ = instructions(code, 0, args.rate, args.port, Path(tmp), keep, reactor, args.case, idle=took,
-                               pins=args.udp_pins)
-    print(f"RESULT ({args.case}) {(full - base) / args.n:,.0f} user-space instructions per late-fork call "
+        refresh_plugin_cache(code)
+        run = (args.rate, args.port, Path(tmp), keep, reactor, args.case)
+        full, woken, took = instructions(code, args.n, *run, pins=args.udp_pins)
+        base, woken_idle, _ = instructions(code, 0, *run, idle=took, pins=args.udp_pins)
+    per_node = [(f - b) / args.n for f, b in zip(full, base, strict=True)]
+    nodes = "" if len(per_node) < 2 else " (" + ", ".join(
+        f"node {name} {x:,.0f}" for name, x in zip("AB", per_node, strict=False)) + ")"
+    print(f"RESULT ({args.case}) {sum(per_node):,.0f} user-space instructions per late-fork call{nodes} "
           f"({args.n} calls at {args.rate:g}/s; reactor {reactor}; code: {args.code})")
+    print("wake-ups per call: " + ", ".join(f"node {name} {(w - i) / args.n:.2f}" for name, w, i
+                                             in zip("AB", woken, woken_idle, strict=False)))
 
 
 if __name__ == "__main__":

@@ -147,3 +147,55 @@ def test_soon_is_not_used_with_a_flush_interval() -> None:
     commit.open.ops.append("a")
     commit.changed()
     assert soon.queued == [] and len(clock.getDelayedCalls()) == 1
+
+
+def test_held_changes_wait_for_release_then_an_idle_store_with_soon_writes_at_once() -> None:
+    # a REGISTER's changes on the Redis store: written as soon as they are all in, without the
+    # loop turn that ``soon`` would wait for (none is asked for)
+    clock = Clock()
+    turns: list[object] = []
+    w = Writer(clock, interval=0.0)
+    w.commit.soon = turns.append
+    w.commit.hold()
+    w.add("a")
+    w.add("b")
+    assert w.written == [] and turns == []
+    w.commit.release()
+    assert w.written == [["a", "b"]]
+    assert turns == []
+    assert not clock.getDelayedCalls()
+
+
+def test_held_changes_of_a_busy_store_go_when_its_batch_returns() -> None:
+    clock = Clock()
+    w = Writer(clock, interval=0.0)
+    w.commit.soon = lambda f: None
+    w.commit.hold()
+    w.add("a")
+    w.commit.release()
+    w.commit.hold()
+    w.add("b")
+    w.commit.release()
+    assert w.written == [["a"]]  # one in flight at a time
+    w.commit.finished()
+    assert w.written == [["a"], ["b"]]
+
+
+def test_held_changes_of_a_store_with_a_flush_interval_wait_it_as_before() -> None:
+    clock = Clock()
+    w = Writer(clock)  # 2 ms
+    w.commit.hold()
+    w.add("a")
+    w.commit.release()
+    assert w.written == []
+    clock.advance(0.002)
+    assert w.written == [["a"]]
+
+
+def test_a_release_with_nothing_held_writes_nothing() -> None:
+    clock = Clock()
+    w = Writer(clock, interval=0.0)
+    w.commit.soon = lambda f: None
+    w.commit.hold()
+    w.commit.release()
+    assert w.written == [] and w.commit.inflight is None

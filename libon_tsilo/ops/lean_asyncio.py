@@ -121,12 +121,14 @@ class LeanAsyncioReactor(AsyncioSelectorReactor):
         if handle is not None:
             handle.cancel()
         self._armed_for = when
-        loop = self._asyncioEventloop
         delay = max(0.0, min(_LONGEST, when - self.seconds()))
         if self._whole_ms:
             # never early: a truncated start and a rounded count each lose up to a millisecond
             delay = (ceil(delay * 1000.0) + 1) / 1000.0
-        self._timerHandle = loop.call_at(loop.time() + delay, self._onTimer)  # type: ignore[assignment]
+        # call_later, not call_at(loop.time() + delay): uvloop's call_at is call_later of the
+        # deadline less its clock read again, a second Python-level call and clock read per arm
+        # (~2k instructions; a late-fork call arms ~3 times, an idle node 10 times a second)
+        self._timerHandle = self._asyncioEventloop.call_later(delay, self._onTimer)  # type: ignore[assignment]
 
     def callLater(self, delay: float, callable: Callable[..., Any], *args: Any, **kwargs: Any) -> DelayedCall:
         dc = PosixReactorBase.callLater(self, delay, callable, *args, **kwargs)

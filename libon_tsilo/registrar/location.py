@@ -203,6 +203,20 @@ class LocationStore:
         held, self._held = self._held, None
         return held or []
 
+    def hold_writes(self) -> None:
+        """The changes from now until release_writes() are one REGISTER's: the persistence writes
+        them together, started by release_writes() (group_commit.py hold/release)."""
+        p = self.persistence
+        if p is not None:
+            p.hold_writes()
+
+    def release_writes(self) -> None:
+        """Write what was held: at once when idle on the Redis store. Called once the REGISTER's
+        answer waits on the write (notify_durable): a write that fails at once must fail it too."""
+        p = self.persistence
+        if p is not None:
+            p.release_writes()
+
     def emit_events(self, events: list[BindingEvent]) -> None:
         for event in events:
             self._emit(event)

@@ -8,9 +8,9 @@ this module writes the node's changes to Redis and applies the other nodes' chan
   lone surrogates from non-UTF-8 bytes escaped by json) and whose TTL is the binding's own
   remaining time, so Redis forgets a dead binding by itself. Keys are bytes (surrogateescape).
 * Changes are written in batches (redis_writes.py, compiled: the per-REGISTER part), one at a
-  time (a group commit, libon_tsilo/group_commit.py, on
-  the loop's next turn: what queues while one batch is in flight goes in the next, so changes of
-  one key reach Redis, and every node, in order). A batch is
+  time (a group commit, libon_tsilo/group_commit.py: a REGISTER's changes once all are in, other
+  changes on the loop's next turn; what queues while one batch is in flight goes in the next, so
+  changes of one key reach Redis, and every node, in order). A batch is
   one EVALSHA of a small Lua script (atomic like MULTI/EXEC, one reply to parse instead of four),
   sent on the feed's own connection (redis_wire.py: redis-py's per-command work cost more than
   the rest of a REGISTER; over RESP3 the subscribed connection runs commands too; a Redis before
@@ -261,6 +261,9 @@ class RedisBindingStore:
         self.delete = self.writes.delete
         self.notify_committed = self.writes.notify_committed
         self.when_committed = self.writes.when_committed
+        # a REGISTER's changes (LocationStore.hold_writes/release_writes): written once all are in
+        self.hold_writes = self.writes.commit.hold
+        self.release_writes = self.writes.commit.release
         # the other processes' changes, applied to the replica (redis_feed.py, compiled): the feed's
         # connection hands each message straight to it
         self.feed = ChangeFeed(self._own)

@@ -4,7 +4,8 @@ A batch is one EVALSHA of a small Lua script (atomic like MULTI/EXEC, one reply)
 set with its TTL, the removed ones deleted, this node's write counter bumped (its answer shows a
 Redis that lost writes it acknowledged), and, unless ``publish_after_answer``, the batch's change
 message PUBLISHed. The batches follow group_commit.py's schedule (one in flight; an idle store
-writes on the loop's next turn through ``soon``). A waiter (a REGISTER's answer) is called once
+writes a REGISTER's changes once all are in, ``commit.hold``/``release``, and other changes on the
+loop's next turn through ``soon``). A waiter (a REGISTER's answer) is called once
 Redis answered: a 200 promises the binding is in Redis.
 
 With ``publish_after_answer`` the script only writes and the message is PUBLISHed after the
@@ -139,8 +140,9 @@ class RedisWrites:
         self.rows_written = 0
         self.rows_skipped = 0  # changes refused while Redis was down, or lost with a failed write
         self.failed_batches = 0  # batches failed in a row (logged at the first)
-        # no flush interval: an idle store writes on the loop's next turn (``commit.soon``, set by
-        # the store once it knows its loop), so that the rest of a REGISTER's changes join its batch
+        # no flush interval: an idle store writes a REGISTER's changes once all are in (the location
+        # store holds them, ``commit.hold``/``release``), others on the loop's next turn
+        # (``commit.soon``, set by the store once it knows its loop)
         self.commit: GroupCommit[_WriteBatch] = GroupCommit(clock, 0.0, _WriteBatch, self._write)
 
     @property

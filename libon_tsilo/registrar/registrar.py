@@ -230,34 +230,41 @@ class Registrar:
         """
         store = self.store
         changed: str | None = None  # the AOR whose bindings this REGISTER changed
-        store.hold_events()
+        # its changes go in one write, started once its answer waits on it: a write that fails at
+        # once (the connection gone) then fails the answer too, never a 200 for nothing stored
+        store.hold_writes()
         try:
-            resp, changed = self._process(request, flow)
-        except _Reject as rej:
-            log.info(
-                "REGISTER for {to} refused: {status} {reason}",
-                to=request.header("to"),
-                status=rej.status,
-                reason=rej.reason or "",
-                call_id=request.header("call-id"),
-            )
-            resp = make_response(request, rej.status, rej.reason, to_tag=new_tag())
-            for name, value in rej.headers:
-                resp.add_header(name, value)
-        except ParseError as exc:
-            resp = make_response(request, exc.status, exc.reason, to_tag=new_tag())
-        except Exception:
-            log.failure("REGISTER processing failed", call_id=request.header("call-id"))
-            resp = make_response(request, 500, "Server Internal Error", to_tag=new_tag())
+            store.hold_events()
+            try:
+                resp, changed = self._process(request, flow)
+            except _Reject as rej:
+                log.info(
+                    "REGISTER for {to} refused: {status} {reason}",
+                    to=request.header("to"),
+                    status=rej.status,
+                    reason=rej.reason or "",
+                    call_id=request.header("call-id"),
+                )
+                resp = make_response(request, rej.status, rej.reason, to_tag=new_tag())
+                for name, value in rej.headers:
+                    resp.add_header(name, value)
+            except ParseError as exc:
+                resp = make_response(request, exc.status, exc.reason, to_tag=new_tag())
+            except Exception:
+                log.failure("REGISTER processing failed", call_id=request.header("call-id"))
+                resp = make_response(request, 500, "Server Internal Error", to_tag=new_tag())
+            finally:
+                events = store.release_events()
+            if changed is None or resp.status != 200 or store.persistence is None:
+                stx.respond(resp)
+                store.emit_events(events)
+                return
+            flow_id = flow.id if flow is not None else None
+            answer = _AnswerWhenStored(self, stx, resp, request, events, flow_id)
+            if not store.notify_durable(changed, answer):  # nothing left to wait for
+                answer.callback(None)
         finally:
-            events = store.release_events()
-        if changed is None or resp.status != 200 or store.persistence is None:
-            stx.respond(resp)
-            store.emit_events(events)
-            return
-        answer = _AnswerWhenStored(self, stx, resp, request, events, flow.id if flow is not None else None)
-        if not store.notify_durable(changed, answer):  # nothing left to wait for
-            answer.callback(None)
+            store.release_writes()
 
     def remove(self, binding: Binding, reason: str) -> bool:
         """Drop a binding (push layer: dead token; admin API: ul.rm)."""

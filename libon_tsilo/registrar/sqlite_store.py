@@ -106,6 +106,9 @@ class SqliteBindingStore:
         self.path = path
         self.clock = clock
         self._commit: GroupCommit[_Batch] = GroupCommit(clock, flush_interval, _Batch, self._write)
+        # a REGISTER's changes (LocationStore.hold_writes/release_writes): flush_interval after them
+        self.hold_writes = self._commit.hold
+        self.release_writes = self._commit.release
         self._last_start = float("-inf")
         self._worker: WorkerThread | None = None
         self.commits = 0  # batches committed

@@ -72,7 +72,6 @@ Choices (and where they differ from a plain reading of the RFCs):
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import socket
 import struct
@@ -80,7 +79,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from twisted.application.service import IService, IServiceCollection
 from twisted.internet import defer
@@ -172,14 +171,44 @@ class Target:
         self.local = local
 
 
-@functools.lru_cache(maxsize=4096)
-def _norm_host(host: str) -> str:
-    """Canonical text of an IP literal (bare IPv6), lower-case name otherwise; used in flow keys."""
+# The hosts the per-message paths normalise (each datagram's source, each request's target): a dict
+# read each, not an lru_cache call (a key tuple, its hash and the cache's own bookkeeping, ~1.2k
+# instructions: a forked call sent ~12 of them on a node forking to another node's binding, for the
+# two checks per request sent without a flow). Cleared when full: a source that changes address
+# with every datagram costs a parse each, never memory.
+_HOSTS_MAX: Final = 4096
+_norm_hosts: Final[dict[str, str]] = {}  # host -> _norm_host(host)
+_ip_texts: Final[dict[str, str]] = {}  # host -> _ip_text(host)
+
+
+def _canonical(host: str) -> str:
     host = strip_brackets(host)
     try:
         return str(ipaddress.ip_address(host))
     except ValueError:
         return host.lower()
+
+
+def _norm_host(host: str) -> str:
+    """Canonical text of an IP literal (bare IPv6), lower-case name otherwise; used in flow keys."""
+    norm = _norm_hosts.get(host)
+    if norm is None:
+        norm = _canonical(host)
+        if len(_norm_hosts) >= _HOSTS_MAX:
+            _norm_hosts.clear()
+        _norm_hosts[host] = norm
+    return norm
+
+
+def _ip_text(host: str) -> str:
+    """Canonical text of an IP literal (bare IPv6, brackets allowed), "" for a name."""
+    text = _ip_texts.get(host)
+    if text is None:
+        text = _canonical(host) if is_ip_literal(host) else ""
+        if len(_ip_texts) >= _HOSTS_MAX:
+            _ip_texts.clear()
+        _ip_texts[host] = text
+    return text
 
 
 def _via_host(host: str) -> str:
@@ -944,10 +973,10 @@ class TransportLayer:
         raise TransportError(f"no UDP listener for {'IPv6' if v6 else 'IPv4'} destination {host}")
 
     def _send_udp_request(self, data: bytes, target: Target) -> Flow | None:
-        if not is_ip_literal(target.host):
+        host = _ip_text(target.host)
+        if not host:
             self._resolve_then_send(data, target)
             return None
-        host = _norm_host(target.host)
         proto = self._udp_by_local.get(target.local) if target.local is not None else None
         if proto is None:
             proto = self._udp_socket(host)
@@ -1069,18 +1098,18 @@ class TransportLayer:
 
     def _udp_response_address(self, via: Via, flow: Flow | None) -> HostPort:
         maddr = via.maddr
-        if maddr and is_ip_literal(maddr):
-            return _norm_host(maddr), via.port or 5060
+        if maddr and (text := _ip_text(maddr)):
+            return text, via.port or 5060
         received = via.received
         if received is not None and flow is not None and received == flow.key.remote[0]:
             # the received we wrote from the request's source (fix_via): the flow's remote host,
             # canonical IP text already, so neither cached check (a Python-level call each) can
             # change it
             return received, via.rport or via.port or 5060
-        if received and is_ip_literal(received):
-            return _norm_host(received), via.rport or via.port or 5060
-        if is_ip_literal(via.host):
-            return _norm_host(via.host), via.port or 5060
+        if received and (text := _ip_text(received)):
+            return text, via.rport or via.port or 5060
+        if text := _ip_text(via.host):
+            return text, via.port or 5060
         if flow is not None:
             return flow.key.remote
         raise TransportError(f"no address to send to: sent-by {via.host!r} is a name and there is no flow")

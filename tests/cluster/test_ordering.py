@@ -82,6 +82,12 @@ class SlowCommits:
         self.waiting.append(waiter)  # the registrar's answer: a Deferred's callback and errback
         return True
 
+    def hold_writes(self) -> None:
+        pass
+
+    def release_writes(self) -> None:
+        pass
+
     def flush(self) -> Deferred[None]:
         return succeed(None)
 

@@ -142,9 +142,9 @@ def test_on_uvloop_a_timed_call_wakes_the_loop_once_and_never_runs_early() -> No
     class CountingUVLoop(uvloop.Loop):  # type: ignore[misc,name-defined]
         armed = 0
 
-        def call_at(self, when: float, callback: Any, *args: Any, context: Any = None) -> Any:
-            self.armed += 1
-            return super().call_at(when, callback, *args, context=context)
+        def call_later(self, delay: float, callback: Any, *args: Any, context: Any = None) -> Any:
+            self.armed += 1  # uvloop's call_at calls this too
+            return super().call_later(delay, callback, *args, context=context)
 
     loop = CountingUVLoop()
     try:
@@ -165,6 +165,31 @@ def test_on_uvloop_a_timed_call_wakes_the_loop_once_and_never_runs_early() -> No
         assert done == list(range(n))
         assert max(early) <= 0.0  # no call ran before its time
         assert loop.armed == n  # one loop timer per call: it never fired before the deadline
+    finally:
+        loop.close()
+
+
+def test_on_uvloop_the_timer_is_armed_with_one_loop_call() -> None:
+    """uvloop's call_at is its call_later of the deadline less its clock, read again: the reactor
+    gives call_later the delay it computed, one Python-level call and one clock read per arm."""
+    import uvloop
+
+    class Loop(uvloop.Loop):  # type: ignore[misc,name-defined]
+        direct_call_at = 0
+
+        def call_at(self, when: float, callback: Any, *args: Any, context: Any = None) -> Any:
+            self.direct_call_at += 1
+            return super().call_at(when, callback, *args, context=context)
+
+    loop = Loop()
+    try:
+        reactor = LeanAsyncioReactor(loop)
+        done: list[int] = []
+        reactor.callLater(0.003, done.append, 1)
+        reactor.callLater(0.001, done.append, 0)  # earlier: armed again
+        _run_until(loop, done, 2)
+        assert done == [0, 1]
+        assert loop.direct_call_at == 0
     finally:
         loop.close()
 

@@ -165,3 +165,25 @@ def test_a_write_counter_that_went_back_is_reported() -> None:
     env.next_turn()
     env.conn.data_received(b":3\r\n")  # Redis restarted from an older snapshot, the feed connected
     assert env.rollbacks == [(3, 5, "a write")]
+
+
+def test_a_registers_changes_are_sent_once_all_are_in_without_a_loop_turn() -> None:
+    """The registrar holds the store's writes while it applies a REGISTER (LocationStore.hold_events):
+    its changes go in one script call sent at release, not on a loop turn asked for by the first
+    change (a turn of its own per REGISTER, ~10k instructions on node B of bench/live_icount.py
+    --case e)."""
+    env = Env(publish_after_answer=False)
+    env.writes.commit.hold()
+    alice = make_binding(aor="sip:alice@example.com", uri="sip:alice@192.0.2.1", expires_at=1060.0, node="b")
+    env.writes.save(alice)
+    env.writes.delete(make_binding(aor="sip:alice@example.com", uri="sip:alice@192.0.2.9", expires_at=1060.0,
+                                   node="b"), "replaced")
+    assert env.transport.written == [] and env.soon == []  # held: nothing sent, no turn asked for
+    env.writes.commit.release()
+    answer = Answer()
+    assert env.writes.notify_committed(alice.aor, answer)  # joins the batch in flight
+    assert env.soon == []
+    [[call]] = env.sent()
+    assert call[0] == b"EVAL" and call[3] == binding_redis_key(b"test:", alice.aor, alice.key)
+    env.conn.data_received(b":1\r\n")
+    assert answer.outcome == ["stored"]

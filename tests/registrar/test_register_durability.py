@@ -211,16 +211,24 @@ class HandsOverWaiters:
 
     def __init__(self) -> None:
         self.waiters: list[tuple[str, Any]] = []
+        self.calls: list[str] = []
 
     def save(self, binding: Any) -> None:
-        pass
+        self.calls.append("save")
 
     def delete(self, binding: Any, reason: str = "") -> None:
         pass
 
     def notify_committed(self, aor: str, waiter: Any) -> bool:
+        self.calls.append("wait")
         self.waiters.append((aor, waiter))
         return True
+
+    def hold_writes(self) -> None:
+        self.calls.append("hold")
+
+    def release_writes(self) -> None:
+        self.calls.append("release")
 
 
 def test_a_register_waits_for_its_commit_with_its_answer_not_a_deferred() -> None:
@@ -271,3 +279,44 @@ def test_an_answer_that_fails_after_the_commit_never_raises_into_the_store() -> 
         finish(waiter)  # does not raise
         assert env.registrar.when_answered(flow_id) is None and len(env.registrar.answers) == 0
     assert [kind for kind, _ in env.watcher.seen] == ["added", "refreshed"]
+
+
+def test_a_registers_changes_are_held_until_its_answer_waits_on_them() -> None:
+    """The store writes a REGISTER's changes together, started once the last is in and its answer
+    waits on them (group_commit.py hold/release: on the Redis store, at once, without a loop turn of
+    its own)."""
+    env = Env()
+    env.store.persistence = persistence = HandsOverWaiters()  # type: ignore[assignment]
+    env.register(["<sip:alice@192.0.2.10:40000>", "<sip:alice@192.0.2.11:40000>"])
+    assert persistence.calls == ["hold", "save", "save", "wait", "release"]
+    assert len(persistence.waiters) == 1
+
+
+def test_a_write_that_fails_as_it_is_sent_fails_the_register_never_a_200() -> None:
+    """The REGISTER's write starts once its answer waits on it (not before: the write would fail
+    with nobody waiting, and the answer, finding nothing to wait for, would be a 200 for a binding
+    Redis does not have)."""
+    import asyncio
+
+    from libon_tsilo.registrar.redis_wire import RespConnection
+    from libon_tsilo.registrar.redis_writes import RedisWrites
+
+    env = Env()
+    writes = RedisWrites(env.clock, b"t:", "b", b"tok ", lambda *a: None, True)
+    loop = asyncio.new_event_loop()
+    # a connection whose transport is gone (the feed has not noticed yet): a send raises at once
+    writes.state, writes.conn = "up", RespConnection(loop, 2.0)
+    writes.commit.soon = lambda f: None
+
+    class OnRedis:  # the Redis store's per-REGISTER calls, straight to its writer
+        feeds_replica = False
+        save, delete, notify_committed = writes.save, writes.delete, writes.notify_committed
+        hold_writes, release_writes = writes.commit.hold, writes.commit.release
+
+    env.store.persistence = OnRedis()  # type: ignore[assignment]
+    try:
+        stx = env.register(["<sip:alice@192.0.2.10:40000>"])
+    finally:
+        loop.close()
+    assert [r.status for r in stx.responses] == [500]
+    assert writes.rows_skipped == 1
