@@ -71,11 +71,12 @@ def effective_backlog(wanted: int) -> int:
     return wanted
 
 
-def raise_fd_limit(max_connections: int) -> None:
-    """Lift the soft open-file limit so that ``max_connections`` can be reached; warn if it cannot."""
-    if resource is None or max_connections <= 0:
+def raise_fd_limit(needed: int) -> None:
+    """Lift the soft open-file limit so that ``needed`` descriptors (``max_connections``, and the
+    UDP pins' ``max_udp_pins``) can be open at once; warn if it cannot."""
+    if resource is None or needed <= 0:
         return
-    want = max_connections + _FD_RESERVE
+    want = needed + _FD_RESERVE
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < want:
         new = want if hard == resource.RLIM_INFINITY else min(want, hard)
@@ -86,8 +87,9 @@ def raise_fd_limit(max_connections: int) -> None:
             log.warn("cannot raise the open-file limit to {want}: {err}", want=want, err=str(e))
     if soft != resource.RLIM_INFINITY and soft < want:
         log.warn(
-            "open-file limit {soft} is below connections.max_connections {n} + {reserve}: accepts will "
-            "fail before the cap (raise LimitNOFILE)", soft=soft, n=max_connections, reserve=_FD_RESERVE,
+            "open-file limit {soft} is below {n} (connections.max_connections + cluster.max_udp_pins) "
+            "+ {reserve}: accepts and pins will fail before their caps (raise LimitNOFILE)",
+            soft=soft, n=needed, reserve=_FD_RESERVE,
         )
 
 

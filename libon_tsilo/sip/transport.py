@@ -468,8 +468,11 @@ class TransportLayer:
 
     def startService(self) -> None:
         self.running = 1
-        if any(s.transport in _STREAMS for s in self.specs):
-            raise_fd_limit(self.limits.max_connections)
+        streams = any(s.transport in _STREAMS for s in self.specs)
+        if streams or self.pins.max_pins > 0:
+            # a pin is a file descriptor too: room for every connection and every pin at once
+            raise_fd_limit(self.limits.max_connections * streams + self.pins.max_pins)
+        if streams:
             self._backlog = effective_backlog(self.limits.listen_backlog)
         for spec in self.specs:
             self._listen(spec)

@@ -244,3 +244,37 @@ def test_pinning_off_and_stop_closes_every_pin(workers):
         assert len(b.layer.pins) == 0 and b.readers.readers == [] and not _sweeps(clock)
     finally:
         device_sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_open_file_limit_makes_room_for_every_pin(monkeypatch):
+    """A pin is a file descriptor: a UDP-only worker with pins raises its open-file limit for them,
+    and one with stream listeners too for its connections and its pins together."""
+    from libon_tsilo.sip import connlimits
+
+    asked: list[int] = []  # the soft limits set (the module is compiled: its calls are not patchable)
+    monkeypatch.setattr(connlimits.resource, "getrlimit", lambda _: (16, 1 << 20))
+    monkeypatch.setattr(connlimits.resource, "setrlimit", lambda _, v: asked.append(v[0]))
+    reserve = connlimits._FD_RESERVE
+    udp = TransportLayer(["udp:127.0.0.1:0"], Clock(), 60, 4096, reuse_port=["udp:127.0.0.1:0"],
+                         max_udp_pins=300)
+    both = TransportLayer(["udp:127.0.0.1:0", "tcp:127.0.0.1:0"], Clock(), 60, 4096,
+                          reuse_port=["udp:127.0.0.1:0"], max_udp_pins=300)
+    none = TransportLayer(["udp:127.0.0.1:0"], Clock(), 60, 4096)
+    try:
+        for layer in (udp, both, none):
+            layer.startService()
+        assert asked == [300 + reserve, both.limits.max_connections + 300 + reserve]
+    finally:
+        for layer in (udp, both, none):
+            await layer.stopService()
+
+
+def test_raise_fd_limit_lifts_the_soft_limit_to_what_is_needed(monkeypatch):
+    from libon_tsilo.sip import connlimits
+
+    limits = {"soft": 1024}
+    monkeypatch.setattr(connlimits.resource, "getrlimit", lambda _: (limits["soft"], 1 << 20))
+    monkeypatch.setattr(connlimits.resource, "setrlimit", lambda _, v: limits.update(soft=v[0]))
+    connlimits.raise_fd_limit(5000)
+    assert limits["soft"] == 5000 + connlimits._FD_RESERVE
