@@ -37,10 +37,12 @@ per-call AOR, the device REGISTERs it ``--delay-ms`` later and answers the forke
 ``--rate`` for ``--duration`` s. Printed: calls answered, calls/s, the servers' CPU seconds from
 /proc/<pid>/stat summed over the nodes (redis-server's CPU is printed beside it, not added) and the
 CPU per answered call (the servers' idle CPU, measured for 2 s before the load, is printed beside
-it: a low --rate spreads it over few calls); then the CPU-per-call ratio of (b) and (c) against (a)
-(goal <= 1.2). Per call and per node, it prints the wake-ups (voluntary context switches, from
-/proc) and Redis's commands (INFO commandstats); with ``--strace``, each node's syscalls (strace -c,
-which slows the nodes: that run's CPU figures are not comparable).
+it: a low --rate spreads it over few calls); then the CPU-per-call ratio of each case against (a)
+(goal <= 1.2). ``--repeat N`` runs every case N times in turn and takes each round against its own
+(a), which then runs first and last in the round (their mean: the box drifts within a round too),
+then the median of the rounds' ratios. Per call and per node, it prints the wake-ups (voluntary
+context switches, from /proc) and Redis's commands (INFO commandstats); with ``--strace``, each
+node's syscalls (strace -c, which slows the nodes: that run's CPU figures are not comparable).
 
 The REGISTER -> forked INVITE latency is measured from outside, as the device sees it: a small UA
 here parks one INVITE on A, sends the REGISTER to B (A in (a), (b)), and times the REGISTER's send
