@@ -266,10 +266,13 @@ class ClusterNode:
         if self._mark is None:
             self._mark = ""
             if self.auto and self.shared_sockets():
-                name = base64.urlsafe_b64encode(self.member().encode()).rstrip(b"=").decode()
-                self._mark = f";{MARK_PARAM}={name}"
-                self.own_mark = name
+                self.own_mark = self._member_name()
+                self._mark = f";{MARK_PARAM}={self.own_mark}"
         return self._mark
+
+    def _member_name(self) -> str:
+        """Our ``nd`` value: our internal address (``member()``), base64url without padding."""
+        return base64.urlsafe_b64encode(self.member().encode()).rstrip(b"=").decode()
 
     def sibling(self, mark: str) -> Target | None:
         """The node a Via's or Contact's ``nd`` names, to pass it a datagram of its dialog that the
@@ -278,7 +281,7 @@ class ClusterNode:
         if found is not None:
             return found
         if not self.own_mark:
-            self.own_mark = base64.urlsafe_b64encode(self.member().encode()).rstrip(b"=").decode()
+            self.own_mark = self._member_name()
         if mark == self.own_mark:
             return None
         try:
