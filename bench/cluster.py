@@ -34,7 +34,13 @@ runs after the other used the core's caches, at every message, which no deployme
 
 For each, two SIPp processes drive late-fork calls as bench/latefork.py does (caller INVITEs the
 per-call AOR, the device REGISTERs it ``--delay-ms`` later and answers the forked INVITE), at
-``--rate`` for ``--duration`` s. Printed: calls answered, calls/s, the servers' CPU seconds from
+``--rate`` for ``--duration`` s. With ``--arrivals independent`` (the default since round 10) each
+REGISTER leaves 0-20 ms (uniform) after its call's start, so REGISTERs and INVITEs arrive at
+independent moments, as a real node's do; ``locked`` (rounds 1-9) sends them in lock-step, at a
+phase that depends on when the two SIPp processes started: near 0, each REGISTER shared a wake-up
+with a later call's INVITE on the single node, which spared (a) wake-ups and moved every ratio by
+run (tests/e2e/scenarios/bench_device_register_jittered.xml).
+Printed: calls answered, calls/s, the servers' CPU seconds from
 /proc/<pid>/stat summed over the nodes (redis-server's CPU is printed beside it, not added) and the
 CPU per answered call (the servers' idle CPU, measured for 2 s before the load, is printed beside
 it: a low --rate spreads it over few calls); then the CPU-per-call ratio of each case against (a)
@@ -98,6 +104,13 @@ PERF = False  # --perf
 PROFILE = False  # --profile
 LAYOUT = "core-per-node"  # --layout
 UDP_PINS: int | None = None  # --udp-pins: [cluster] max_udp_pins of the shared-socket case (None: default)
+# --arrivals: the device's scenario. "independent" sends each REGISTER 0-20 ms after its call's
+# start, drawn uniformly (bench_device_register_jittered.xml); "locked" at its start, in lock-step
+# with the caller's INVITEs at a phase set by when the two SIPp processes started (the figures up to
+# round 9; see the scenario's comment)
+DEVICE_SCENARIOS = {"independent": "bench_device_register_jittered.xml",
+                    "locked": "bench_device_register.xml"}
+ARRIVALS = "independent"
 GOAL_RATIO = 1.2
 IDLE_SECONDS = 2.0
 GOAL_P50 = 0.002
@@ -450,7 +463,7 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
         setup.caller_node, "bench_caller.xml", workdir, "caller", calls=calls, rate=rate, prefix=prefix,
         limit=limit)
     device_args, _, _ = sipp_command(
-        setup.device_node, "bench_device_register.xml", workdir, "device", calls=calls, rate=rate,
+        setup.device_node, DEVICE_SCENARIOS[ARRIVALS], workdir, "device", calls=calls, rate=rate,
         prefix=prefix, limit=limit * 4, ooc="bench_device_answer.xml", pause_ms=2000)
     for args, port in ((caller_args, setup.caller_port), (device_args, setup.device_port)):
         if port is not None:  # a source port the kernel hashes to the wanted worker (case f)
@@ -695,8 +708,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="count each node's syscalls during the load (strace -c: slows the nodes)")
     ap.add_argument("--udp-pins", type=int, default=None,
                     help="(f): [cluster] max_udp_pins of both workers (0: no pins, answers passed on)")
+    ap.add_argument("--arrivals", choices=tuple(DEVICE_SCENARIOS), default="independent",
+                    help="REGISTERs at a uniform 0-20 ms after each call's start (independent, the "
+                         "default), or in lock-step with the caller's INVITEs (locked: rounds 1-9)")
     args = ap.parse_args(argv)
-    global PIN, PERF, PROFILE, LAYOUT, UDP_PINS
+    global PIN, PERF, PROFILE, LAYOUT, UDP_PINS, ARRIVALS
+    ARRIVALS = args.arrivals
     UDP_PINS = args.udp_pins
     PIN = not args.no_pin
     LAYOUT = args.layout
@@ -706,7 +723,8 @@ def main(argv: list[str] | None = None) -> int:
     if not cases or any(c not in CASES for c in cases):
         ap.error(f"--cases: pick from {', '.join(CASES)}")
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
-    print(f"layout: {LAYOUT if PIN else 'not pinned'}; load average {os.getloadavg()[0]:.2f}")
+    print(f"layout: {LAYOUT if PIN else 'not pinned'}; arrivals {ARRIVALS}; "
+          f"load average {os.getloadavg()[0]:.2f}")
     base = args.keep or Path(tempfile.mkdtemp(prefix="cluster-"))
     base.mkdir(parents=True, exist_ok=True)
     rounds: list[dict[str, dict[str, Any]]] = []
