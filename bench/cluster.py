@@ -37,9 +37,9 @@ per-call AOR, the device REGISTERs it ``--delay-ms`` later and answers the forke
 ``--rate`` for ``--duration`` s. With ``--arrivals independent`` (the default since round 10) each
 REGISTER leaves 0-20 ms (uniform) after its call's start, so REGISTERs and INVITEs arrive at
 independent moments, as a real node's do; ``locked`` (rounds 1-9) sends them in lock-step, at a
-phase that depends on when the two SIPp processes started: near 0, each REGISTER shared a wake-up
-with a later call's INVITE on the single node, which spared (a) wake-ups and moved every ratio by
-run (tests/e2e/scenarios/bench_device_register_jittered.xml).
+phase that depends on when the two SIPp processes started, which decided how a call's messages
+fell into the nodes' wake-ups, and so moved the figures by run
+(tests/e2e/scenarios/bench_device_register_jittered.xml).
 Printed: calls answered, calls/s, the servers' CPU seconds from
 /proc/<pid>/stat summed over the nodes (redis-server's CPU is printed beside it, not added) and the
 CPU per answered call (the servers' idle CPU, measured for 2 s before the load, is printed beside
@@ -106,8 +106,7 @@ LAYOUT = "core-per-node"  # --layout
 UDP_PINS: int | None = None  # --udp-pins: [cluster] max_udp_pins of the shared-socket case (None: default)
 # --arrivals: the device's scenario. "independent" sends each REGISTER 0-20 ms after its call's
 # start, drawn uniformly (bench_device_register_jittered.xml); "locked" at its start, in lock-step
-# with the caller's INVITEs at a phase set by when the two SIPp processes started (the figures up to
-# round 9; see the scenario's comment)
+# with the caller's INVITEs at a phase set by when the two SIPp processes started (rounds 1-9)
 DEVICE_SCENARIOS = {"independent": "bench_device_register_jittered.xml",
                     "locked": "bench_device_register.xml"}
 ARRIVALS = "independent"
