@@ -759,6 +759,8 @@ def _add_cluster(root: LibonTsiloService, parts: Parts) -> None:
     parts.extra.setdefault("limits", []).append(relay)
     if node.auto and cfg.reuse_port and cfg.max_udp_pins > 0:  # the straight fork pins the device
         node.pin = _built(parts.transport).pin_udp
+        if parts.b2bua is not None:
+            parts.b2bua.path_sent = node.branch_sent  # pinned when a branch is sent, not when routed
         parts.extra["limits"].append(_built(parts.transport).pins)
     _exempt_nodes_on_internal_listener(parts, node)
     _add_cluster_liveness(root, parts, node)
