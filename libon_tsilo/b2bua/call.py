@@ -636,6 +636,9 @@ class Call:
             where = f"{hop.transport}:{hop.host}:{hop.port}" if hop is not None else "-"
             contact = redact_uri(leg.binding.contact_uri)
             log.debug("fork to {contact} via {where}", contact=contact, where=where, call_id=self.call_id)
+        sent = self.mgr.path_sent
+        if sent is not None and leg.binding.path:
+            sent(leg.binding.path)  # before the send: the device's answer may come at once
         leg.ctx = self.port.send_request(leg.invite, leg.hop, partial(self.branch_response, leg))
 
     def branch_response(self, leg: BLeg, resp: Response) -> None:

@@ -167,6 +167,9 @@ class CallManager:
         # node to send to, or None: this node) | None (not a cluster Path). None: a single node.
         self.path_router: Callable[[list[str]], tuple[list[str], tuple[str, str, int, tuple[str, int]] | None]
                                    | None] | None = None
+        # cluster (set by ops): a branch goes to a binding with this Path, as path_router routed it
+        # (the node pins a UDP device it forks to straight, cluster/node.py ``branch_sent``)
+        self.path_sent: Callable[[list[str]], None] | None = None
         # cluster (set by ops): is the node at (transport, host, port) alive, given that it took a
         # binding at this time (registered_at)? None: always
         self.peer_alive: Callable[[str, str, int, float], bool] | None = None

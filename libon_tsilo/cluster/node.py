@@ -23,9 +23,9 @@ not to the worker that sent: so each worker marks its Via and Contact (``;nd=``:
 address), and the worker that gets a datagram marked for another passes it there (relay.py).
 Trust: the hash comes from Redis (a node wrote it), and matching it only sends to the binding's
 own received address, as a single node would; a mark only ever leads to a node (:meth:`sibling`).
-The forking worker also pins the device (:meth:`_pin_device`, sip/udp_pins.py: a socket connected
-to it on the shared port), so that the kernel hands it the device's datagrams and nothing needs
-passing on; the marks stay as the fallback.
+The forking worker also pins the device once it sends it a branch (:meth:`branch_sent`,
+sip/udp_pins.py: a socket connected to it on the shared port), so that the kernel hands it the
+device's datagrams and nothing needs passing on; the marks stay as the fallback.
 """
 
 from __future__ import annotations
@@ -112,6 +112,7 @@ class ClusterNode:
         # ``pin_udp``, set by ops when [cluster] max_udp_pins > 0); None: no pins
         self.pin: Callable[[HostPort, HostPort], bool] | None = None
         # a sibling's Path entry -> (our shared socket, the device's address) to pin, or None
+        # (next_hop fills it, branch_sent reads it)
         self._pin_targets: dict[str, tuple[HostPort, HostPort] | None] = {}
 
     # -- the internal listener (known once the transport listens: its port may be OS-picked) ----
@@ -368,7 +369,7 @@ class ClusterNode:
             if sock and sock in self.direct_ids():
                 # a worker sharing our public socket took it: the device's NAT knows us as well
                 if self.pin is not None:
-                    self._pin_device(path[0], uri, sock)
+                    self._pin_target_of(path[0], uri, sock)
                 return path[1:], None
         transport = uri.transport or "udp"
         port = uri.port or 5060
@@ -383,24 +384,30 @@ class ClusterNode:
             return None
         return (path, (transport, uri.host_bare, port, self.bound))
 
-    def _pin_device(self, entry: str, uri: URI, sock: str) -> None:
-        """We fork straight to a UDP device a sibling took: pin it (sip/udp_pins.py), so that the
-        kernel gives its answers to us rather than to that sibling, which would pass them on. The
-        device's address is the one the sibling's flow token names (read without its MAC: the
-        entry's ``;sock=`` matched already, and a pin only decides which of our sockets reads that
-        address's datagrams, each handled as the shared socket's; it grants the address nothing)."""
+    def branch_sent(self, path: list[str]) -> None:
+        """A branch goes to a binding with this Path, as :meth:`next_hop` routed it (the call
+        layer's ``path_sent``): when we fork straight to a UDP device a sibling took, pin it
+        (sip/udp_pins.py), so that the kernel gives its answers to us rather than to that sibling,
+        which would pass them on. Only here, not in ``next_hop``: the call layer routes every
+        candidate binding, and skips some (a duplicate, ``max_branches``, no address); a pin for
+        a branch never sent would hold a descriptor and take the device's datagrams for nothing."""
         pinned = self.pin
-        if pinned is None:
+        if pinned is None or not path:
             return
-        targets = self._pin_targets
-        if entry in targets:
-            found = targets[entry]
-        else:
-            if len(targets) >= _OWN_ROUTES_MAX:
-                targets.clear()
-            found = targets[entry] = self._pin_target(uri, sock)
+        found = self._pin_targets.get(path[0])  # filled by next_hop's shortcut, and only there
         if found is not None:
             pinned(found[0], found[1])
+
+    def _pin_target_of(self, entry: str, uri: URI, sock: str) -> None:
+        """Remember which device a sibling's entry names, for :meth:`branch_sent`. Its address is
+        the one the sibling's flow token names (read without its MAC: the entry's ``;sock=``
+        matched already, and a pin only decides which of our sockets reads that address's
+        datagrams, each handled as the shared socket's; it grants the address nothing)."""
+        targets = self._pin_targets
+        if entry not in targets:
+            if len(targets) >= _OWN_ROUTES_MAX:
+                targets.clear()
+            targets[entry] = self._pin_target(uri, sock)
 
     def _pin_target(self, uri: URI, sock: str) -> tuple[HostPort, HostPort] | None:
         ref = FlowTokens.peek(uri.user)

@@ -142,6 +142,7 @@ class Relay:
         self.register_answered: Callable[[str], Deferred[None] | None] | None = None
         self._branches: RelayBranches | None = None
         self._shares: bool | None = None  # do other workers send from our public socket (node.mark)?
+        self._mark = ""  # node.mark, read with _shares
         # what the node (interpreted) answers per message, kept here (compiled): its internal
         # listener as bound, its Via address, the trust of each source host, the entries of ours
         self._internal: tuple[str, str, int] | None = None
@@ -162,8 +163,17 @@ class Relay:
         """Does this node share its public UDP socket with other workers (``udp_via_path = "auto"``,
         cluster/node.py)? Then what the kernel gives us of their dialogs is passed on to them."""
         if self._shares is None:
-            self._shares = bool(self.node.mark)
+            self._mark = self.node.mark
+            self._shares = bool(self._mark)
         return self._shares
+
+    def _device_mark(self, transport: str) -> str:
+        """Our ``;nd=`` for the Via of what we relay to a UDP device from our public socket, when
+        other workers share it: a worker that pinned the device (sip/udp_pins.py) gets its answers
+        and passes them on to us by it. "" otherwise."""
+        if transport != "udp" or not self.shares:
+            return ""
+        return self._mark
 
     def _is_internal(self, flow: Flow) -> bool:
         """``ClusterNode.is_internal``, the common spelling compared here."""
@@ -237,13 +247,16 @@ class Relay:
         Via cut out of its bytes (sip/wire_edit.py), unparsed: half of a relayed call's messages.
         Anything else, and every response to refuse, is left to the parser's path (``forward``)."""
         top = read_top_via(data)  # None for a request
-        popped = top.pop(PREFIX) if top is not None else None
+        if top is None:
+            return self.internal_exempt and flow.key.transport == "udp" and self._is_internal(flow) \
+                and self._trusts(flow) and self._request_to_device(data, flow)
+        # a sibling's mark first, whatever the branch: a device pinned to us answers what that
+        # sibling relayed (its stateless branch, which only its key checks) as well as its calls
+        if self.shares and self._to_sibling_as_is(top, flow):
+            return True
+        popped = top.pop(PREFIX)
         if popped is None:
-            if top is None and self.internal_exempt and flow.key.transport == "udp" \
-                    and self._is_internal(flow) and self._trusts(flow) \
-                    and self._request_to_device(data, flow):
-                return True
-            return top is not None and self.shares and self._to_sibling_as_is(top, flow)
+            return False
         known = self._sent.get(popped.branch)
         if known is not None and known[0] == popped.next_via:
             via = known[1]  # the Via we gave that branch for, as we sent it: checked then
@@ -264,15 +277,15 @@ class Relay:
         """A response to a request we relayed statelessly: take our Via off and pass it on to the
         next one; one under a branch of ours that its next Via did not get is dropped (§16.11: a
         response whose top Via is not ours is discarded). False: not ours, the transactions take it."""
+        if self.shares:  # a sibling's mark first, whatever the branch (see forward_bytes)
+            mark = resp.top_via.params.get(MARK_PARAM)
+            target = self._sibling(mark) if mark and not self._is_internal(flow) else None
+            if target is not None:
+                self.counters["to_sibling_responses"] += 1
+                self.transport.forward_data(resp.to_bytes(), target)
+                return True
         branch = resp.branch
         if branch is None or not branch.startswith(PREFIX):
-            if self.shares:
-                mark = resp.top_via.params.get(MARK_PARAM)
-                target = self._sibling(mark) if mark and not self._is_internal(flow) else None
-                if target is not None:
-                    self.counters["to_sibling_responses"] += 1
-                    self.transport.forward_data(resp.to_bytes(), target)
-                    return True
             return False
         vias = resp.vias
         if len(vias) < 2 or not self.branches.verify(branch, vias[1]):
@@ -326,7 +339,8 @@ class Relay:
         sent[branch] = (top, via)
         if not top.isascii():
             return False
-        edited = head.edited(data, f"SIP/2.0/UDP {host}:{port};branch={branch};rport", top,
+        mark = self._device_mark("udp")
+        edited = head.edited(data, f"SIP/2.0/UDP {host}:{port};branch={branch};rport{mark}", top,
                              head.max_forwards - 1)
         counters = self.counters
         counters["to_device"] += 1
@@ -453,8 +467,9 @@ class Relay:
             self._record_route(req, ref, token)
         host, port = self.transport.local_via(ref.transport, ref.host)
         self.counters["to_device"] += 1
-        self._send_stateless(req, f"SIP/2.0/{ref.transport.upper()} {host}:{port};branch={branch};rport",
-                             Target(ref.transport, ref.host, ref.port), out, came_over, branch)
+        mark = self._device_mark(ref.transport)
+        via = f"SIP/2.0/{ref.transport.upper()} {host}:{port};branch={branch};rport{mark}"
+        self._send_stateless(req, via, Target(ref.transport, ref.host, ref.port), out, came_over, branch)
         return True
 
     def _stateless_to_peer(self, req: Request, routes: list[str], ref: FlowRef, came_over: Flow) -> bool:
@@ -605,7 +620,7 @@ class Relay:
             # RFC 5658: the device (UAS) routes by the top entry, the peer (UAC) by the bottom one
             self._record_route(out, ref, token)
         host, port = self.transport.local_via(ref.transport, ref.host)
-        self._stamp_via(out, ref.transport, host, port)
+        self._stamp_via(out, ref.transport, host, port, self._device_mark(ref.transport))
         target = Target(ref.transport, ref.host, ref.port)
         self.counters["to_device"] += 1
         if out.method == "INVITE" and self._held_for_register(out, stx, target, flow, ref.flow_id):
@@ -725,8 +740,8 @@ class Relay:
         return True
 
     @staticmethod
-    def _stamp_via(req: Request, transport: str, host: str, port: int) -> None:
-        via = f"SIP/2.0/{transport.upper()} {host}:{port};branch={new_branch()};rport"
+    def _stamp_via(req: Request, transport: str, host: str, port: int, mark: str = "") -> None:
+        via = f"SIP/2.0/{transport.upper()} {host}:{port};branch={new_branch()};rport{mark}"
         req.add_header("Via", via, first=True)
 
     def _forward(self, req: Request, stx: Any, target: Target, flow: Flow | None) -> None:

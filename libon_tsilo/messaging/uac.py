@@ -64,6 +64,9 @@ class TransactionSender:
     def __init__(self, layer: TransactionLayer, path_router: PathRouter | None = None) -> None:
         self.layer = layer
         self.path_router = path_router
+        # ";nd=..." on what we send from a public socket other workers share (set by ops, as the call
+        # layer's, cluster/node.py ``mark``): a worker the device is pinned to passes its answer on
+        self.mark = ""
 
     def flow_live(self, flow_id: str | None) -> bool:
         if flow_id is None:
@@ -92,8 +95,9 @@ class TransactionSender:
             transport, host, port = hop
         req = build_message(binding, msg, routes)
         via_host, via_port = local or self.layer.transport.local_via(transport, host)
+        mark = "" if local else self.mark
         req.add_header(
-            "Via", f"SIP/2.0/{transport.upper()} {via_host}:{via_port};branch={new_branch()};rport",
+            "Via", f"SIP/2.0/{transport.upper()} {via_host}:{via_port};branch={new_branch()};rport{mark}",
             first=True,
         )
         d: defer.Deferred[Response] = defer.Deferred()

@@ -752,22 +752,26 @@ def _add_cluster(root: LibonTsiloService, parts: Parts) -> None:
         parts.b2bua.path_router = node.next_hop
         _mark_for_siblings(root, parts.b2bua.port, node)
     if parts.extra.get("messages") is not None:  # [messages]: MESSAGEs to devices on other nodes too
-        # (its Via is not marked for the workers sharing our socket: always through the Path)
+        # (always through the Path; its Via is marked when it leaves our shared socket: a sibling
+        # the device is pinned to passes the answer on)
         parts.extra["messages"].delivery.sender.path_router = node.next_hop_relayed
+        _mark_for_siblings(root, parts.extra["messages"].delivery.sender, node, "cluster-mark-messages")
     parts.extra["cluster_node"] = node
     parts.extra["cluster_relay"] = relay
     parts.extra.setdefault("limits", []).append(relay)
     if node.auto and cfg.reuse_port and cfg.max_udp_pins > 0:  # the straight fork pins the device
         node.pin = _built(parts.transport).pin_udp
+        if parts.b2bua is not None:
+            parts.b2bua.path_sent = node.branch_sent  # pinned when a branch is sent, not when routed
         parts.extra["limits"].append(_built(parts.transport).pins)
     _exempt_nodes_on_internal_listener(parts, node)
     _add_cluster_liveness(root, parts, node)
 
 
-def _mark_for_siblings(root: LibonTsiloService, port: Any, node: Any) -> None:
+def _mark_for_siblings(root: LibonTsiloService, port: Any, node: Any, name: str = "cluster-mark") -> None:
     """udp_via_path = "auto": once the transport listens (the shared sockets are known), the call
-    layer's Via and Contact name this node, so that a worker sharing our public socket passes on
-    what the kernel gives it of our dialogs (cluster/node.py ``mark``)."""
+    layer's (and the MESSAGE sender's) Via and Contact name this node, so that a worker sharing our
+    public socket passes on what the kernel gives it of our dialogs (cluster/node.py ``mark``)."""
     if not node.auto or not hasattr(port, "mark"):
         return
 
@@ -776,7 +780,7 @@ def _mark_for_siblings(root: LibonTsiloService, port: Any, node: Any) -> None:
             super().startService()
             port.mark = node.mark
 
-    _attach(root, _SiblingMark(), "cluster-mark")
+    _attach(root, _SiblingMark(), name)
 
 
 def _exempt_nodes_on_internal_listener(parts: Parts, node: Any) -> None:

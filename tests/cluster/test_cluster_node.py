@@ -151,24 +151,33 @@ def test_a_tcp_binding_is_always_relayed_and_a_mark_leads_only_to_a_node():
     assert forker.sibling("!!not base64") is None and forker.sibling("eA") is None
 
 
-def test_auto_the_straight_fork_pins_the_device_on_the_shared_socket_and_nothing_else_does():
+def test_auto_a_branch_sent_straight_pins_the_device_on_the_shared_socket_and_nothing_else_does():
     taker, forker = _worker(internal_port=5071), _worker(internal_port=5072)
     pinned: list[tuple[tuple[str, int], tuple[str, int]]] = []
     forker.pin = lambda local, remote: pinned.append((local, remote)) or True
     taker.pin = forker.pin
     entry = taker.path_entry(_device_flow(), outbound=False)
     forker.next_hop([entry])
-    forker.next_hop([entry])  # a second look: the transport reuses the live pin
+    assert pinned == []  # routed only: a candidate the call may skip pins nothing
+    forker.branch_sent([entry])
+    forker.branch_sent([entry])  # a second branch: the transport reuses the live pin
     assert pinned == [(("0.0.0.0", 5060), ("198.51.100.7", 40000))] * 2
-    # a device this worker took itself, the relayed path, another host's, a TCP device: no pin
-    taker.next_hop([entry])
-    forker.next_hop_relayed([entry])
-    _worker(host="sip2", internal_port=5073).next_hop([entry])
-    forker.next_hop([taker.path_entry(_device_flow_tcp(), outbound=False)])
+    # a device this worker took itself, another host's, a TCP device: no pin (a MESSAGE, routed
+    # with next_hop_relayed, goes through the Path and never tells branch_sent)
+    tcp = taker.path_entry(_device_flow_tcp(), outbound=False)
+    other_host = _worker(host="sip2", internal_port=5073)
+    other_host.pin = forker.pin
+    for node in (taker, other_host):
+        node.next_hop([entry])
+        node.branch_sent([entry])
+    forker.next_hop([tcp])
+    forker.branch_sent([tcp])
+    forker.branch_sent([])
     assert len(pinned) == 2
     # pinning off (ops leaves ``pin`` None at [cluster] max_udp_pins = 0): the fork is unchanged
     forker.pin = None
     assert forker.next_hop([entry]) == ([], None)
+    forker.branch_sent([entry])
 
 
 def test_a_malformed_token_in_a_siblings_entry_pins_nothing():
@@ -179,6 +188,7 @@ def test_a_malformed_token_in_a_siblings_entry_pins_nothing():
     for token in ("x", "!!", "A" * 600):
         entry = f"<sip:{token}@10.0.0.1:5071;transport=udp;lr;sock={sock}>"
         assert forker.next_hop([entry]) == ([], None)  # still straight: the pin is only a hint
+        forker.branch_sent([entry])
     assert pinned == []
 
 

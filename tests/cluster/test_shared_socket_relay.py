@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import base64
 
+import pytest
 import pytest_twisted
 
 from libon_tsilo.sip.message import Request, Response
-from tests.cluster.test_relay_two_nodes import _node, _public
+from tests.cluster.test_relay_two_nodes import Pair, _answered_call, _node, _public, in_dialog
+from tests.cluster.ua import response_to
 from tests.cluster.ua import UA, branch, tag, wait_for
 
 
@@ -138,3 +140,57 @@ async def test_our_own_mark_is_known_at_once_without_reading_it_again():
         device.stop()
         sibling.stop()
         await b.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_to_what_a_sibling_relayed_goes_to_it_as_it_came():
+    # the sibling relayed a request to the device (its stateless branch, which only the sibling's
+    # key checks, under its marked Via); the device is pinned to us (we forked it a call), so the
+    # kernel gives us its answer: passed on by the mark, not refused as a branch we did not give
+    b, sibling, device, mark = await _setup()
+    try:
+        relay = b.parts.extra["cluster_relay"]
+        layer = b.parts.transactions
+        for status in (180, 200):
+            text = (
+                f"SIP/2.0 {status} OK\r\nVia: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKsl{'ab' * 12};rport=5060;"
+                f"nd={mark}\r\nVia: SIP/2.0/UDP 10.0.0.9:5071;branch={branch()};rport=5071\r\n"
+                f"From: <sip:carol@127.0.0.1>;tag=a1\r\nTo: <sip:bob@127.0.0.1>;tag=d1\r\nCall-ID: {tag()}@a\r\n"
+                f"CSeq: 1 INVITE\r\nContact: {device.contact}\r\nContent-Length: 0\r\n\r\n"
+            )
+            device.send(text)
+            got = await sibling.response(status, "INVITE")
+            assert got.to_bytes() == text.encode()
+        assert relay.counters["to_sibling_responses"] == 2 and relay.counters["refused_bad_branch"] == 0
+        assert layer.strays_dropped == 0
+    finally:
+        device.stop()
+        sibling.stop()
+        await b.stopService()
+
+
+@pytest.mark.parametrize("internal", ["udp", "tcp"])
+@pytest_twisted.ensureDeferred
+async def test_what_we_relay_to_a_udp_device_carries_our_mark_and_its_answers_still_come_to_us(internal):
+    # a sibling the device is pinned to gets its answers to what we relay: our mark leads them back
+    # (the test above); here, what we relay says who we are, and its answers that reach us are ours
+    # (the bytes path, the parsed path and the stateful one: a TCP internal listener to a UDP device)
+    pair = Pair(internal=internal)
+    b_relay = pair.b.parts.extra["cluster_relay"]
+    b_node = pair.b.parts.extra["cluster_node"]
+    pair.start()
+    try:
+        own = _mark(b_node.member())
+        b_relay._shares, b_relay._mark = True, f";nd={own}"
+        b_node.own_mark = own
+        caller, device, inv, answer, device_tag = await _answered_call(pair, "udp")
+        assert inv.header_values("via")[0].endswith(f";nd={own}")  # B's Via, on top of A's
+        caller.send(in_dialog(caller, "BYE", str(answer.contacts[0].uri), [], answer.header("from") or "",
+                              answer.header("to") or "", answer.call_id, 2))
+        bye = await device.request("BYE")
+        assert bye.header_values("via")[0].endswith(f";nd={own}")
+        device.send(response_to(bye, 200, "OK"))
+        await caller.response(200, "BYE")
+        assert b_relay.counters["to_sibling_responses"] == 0 and b_relay.counters["refused_bad_branch"] == 0
+    finally:
+        await pair.stop()

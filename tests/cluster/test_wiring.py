@@ -112,9 +112,11 @@ def test_reuse_port_workers_pin_the_devices_they_fork_to_unless_max_udp_pins_is_
     workers = parts_of(reuse_port=True)
     node, transport = workers.extra["cluster_node"], workers.transport
     assert node.pin == transport.pin_udp and transport.pins.max_pins == 4096
+    assert workers.b2bua.path_sent == node.branch_sent  # pinned as a branch leaves, not as it is routed
     assert transport.pins in workers.extra["limits"]  # udp_pins_full in /metrics' limit hits
     off = parts_of(reuse_port=True, max_udp_pins=0)
     assert off.extra["cluster_node"].pin is None and off.transport.pins not in off.extra["limits"]
+    assert off.b2bua.path_sent is None
     # one worker per socket, or every UDP device through the Path: never a pin
     for parts in (parts_of(), parts_of(reuse_port=True, udp_via_path=True)):
         assert parts.extra["cluster_node"].pin is None

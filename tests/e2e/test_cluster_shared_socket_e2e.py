@@ -84,7 +84,7 @@ class Device(Agent):
         ]))
 
 
-def _worker(tmp_path: Path, name: str, sip_port: int, internal: int, peer: int, redis: RedisServer,
+def _worker(tmp_path: Path, name: str, sip_port: int, internal: int, peer: int | list[int], redis: RedisServer,
             max_udp_pins: int = 4096) -> ServerProcess:
     directory = tmp_path / name
     directory.mkdir()
@@ -93,7 +93,8 @@ def _worker(tmp_path: Path, name: str, sip_port: int, internal: int, peer: int, 
         "auth": {"enabled": False},
         "location": {"backend": "redis", "url": redis.url, "key_prefix": f"{tmp_path.name}:"},
         "cluster": {"node_id": name, "reuse_port": True, "node_address": f"udp:{HOST}:{internal}",
-                    "peers": [f"udp:{HOST}:{peer}"], "secret": "shared-by-the-workers",
+                    "peers": [f"udp:{HOST}:{p}" for p in (peer if isinstance(peer, list) else [peer])],
+                    "secret": "shared-by-the-workers",
                     "max_udp_pins": max_udp_pins},
         "calls": {"ring_timeout": 10, "invite_cancel_grace": 0},
         "admin": {"listen": f"tcp:{free_port(udp_too=False)}:interface={HOST}"},
@@ -265,3 +266,53 @@ def test_workers_on_different_sockets_reach_the_device_through_the_path(
     finally:
         device.close()
 
+
+
+def test_a_device_pinned_by_one_worker_still_answers_what_its_taker_relays(
+    tmp_path: Path, redis_server: RedisServer, started: list[ServerProcess]
+) -> None:
+    """Three workers: two share the public port (the taker, which took the device's REGISTER, and
+    the forker), the third listens on another port. The forker forks a call straight to the device
+    and pins it: the kernel gives the forker every datagram of the device, for 32-64 s after the
+    last one. A call arriving on the third worker goes through the taker's Path relay; the device's
+    answers to what the taker relays reach the forker's pin, and the forker passes them on to the
+    taker by the mark of the taker's Via (not refused as a relay branch it did not give)."""
+    shared, other = free_port(), free_port()
+    internal = [free_port(), free_port(), free_port()]
+    for i, (name, port) in enumerate((("w1", shared), ("w2", shared), ("w3", other))):
+        started.append(_worker(tmp_path, name, port, internal[i], [p for p in internal if p != internal[i]],
+                               redis_server))
+    w1, w2, w3 = started
+    device = Device((HOST, shared))
+    try:
+        assert device.register() == 200
+        taker = _taker([w1, w2])
+        forker = next(w for w in (w1, w2) if w is not taker)
+        wait_until(lambda: admin_rpc(w3, "ul.dump")["aors"].get(f"sip:bob@{HOST}"), 10, "bob on w3")
+        caller = _caller_reaching(forker, shared)
+        try:
+            caller.invite()
+            invite = device.expect("INVITE")
+            device.answer(invite)
+            _finish_call(caller, device, invite, device_hangs_up=False)
+        finally:
+            caller.close()
+        assert _pins(forker)["open"] == 1, _pins(forker)
+        caller = Caller((HOST, other), target="bob")
+        try:
+            caller.invite()
+            invite = device.expect("INVITE")
+            vias = invite.all("via")
+            # relayed by the taker from the shared port, its Via marked with its internal address
+            assert len(vias) == 2 and f"{HOST}:{shared}" in vias[0], vias
+            assert _mark_names(vias[0]) == taker.sections["cluster"]["node_address"]
+            device.answer(invite)
+            _finish_call(caller, device, invite, device_hangs_up=False)
+        finally:
+            caller.close()
+        passed = _relay(forker)
+        assert passed.get("to_sibling_responses", 0) >= 3, passed  # the 180, the 200, the BYE's 200
+        assert passed.get("refused_bad_branch", 0) == 0, passed
+        assert _relay(taker)["to_device"] >= 3  # INVITE, ACK, BYE
+    finally:
+        device.close()

@@ -118,3 +118,19 @@ def test_in_a_cluster_our_own_path_entry_is_not_sent_to_the_device():
     sender.send(phone(path=["<sip:tok@10.9.0.1:5070;lr>"], received=("udp", "192.0.2.99", 40000)), stored())
     [(req, target, _)] = transport.sent
     assert (target.host, target.port) == ("192.0.2.99", 40000) and req.header_values("Route") == []
+
+
+def test_workers_sharing_the_public_socket_mark_the_via_of_what_leaves_it():
+    # a worker that pinned the device (sip/udp_pins.py) gets the answer: the mark leads it back to us
+    clock = Clock()
+    transport = Transport()
+    layer = TransactionLayer(transport, clock)  # type: ignore[arg-type]
+    own = TransactionSender(layer, lambda p: (p[1:], None))
+    own.mark = ";nd=dWRwOjEwLjkuMC4xOjUwNzA"
+    own.send(phone(path=["<sip:tok@10.9.0.1:5070;lr>"], received=("udp", "192.0.2.99", 40000)), stored())
+    relayed = TransactionSender(layer, lambda p: (p, ("udp", "10.9.0.2", 5070, ("10.9.0.1", 5070))))
+    relayed.mark = own.mark
+    relayed.send(phone(path=["<sip:tok@10.9.0.2:5070;lr>"], received=("udp", "192.0.2.99", 40000)), stored())
+    [(straight, _, _), (through, _, _)] = transport.sent
+    assert straight.top_via.params.get("nd") == "dWRwOjEwLjkuMC4xOjUwNzA"
+    assert "nd" not in through.top_via.params  # from our internal address: the answer comes back to it

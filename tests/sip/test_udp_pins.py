@@ -278,3 +278,69 @@ def test_raise_fd_limit_lifts_the_soft_limit_to_what_is_needed(monkeypatch):
     monkeypatch.setattr(connlimits.resource, "setrlimit", lambda _, v: limits.update(soft=v[0]))
     connlimits.raise_fd_limit(5000)
     assert limits["soft"] == 5000 + connlimits._FD_RESERVE
+
+
+def test_two_workers_pinning_one_device_the_newest_pin_gets_its_datagrams_and_the_older_one_next(workers):
+    """What Linux (6.18, IPv4 and IPv6 alike) does with two connected sockets of one 4-tuple in a
+    group: the one connected last is served, the other gets nothing until it is the last one left.
+    Two workers that each forked a call to one device (each pinned it) lose nothing by it: the
+    served one passes the other's answers on by their Via's mark (cluster/relay.py, as without
+    pins), and when its pin closes, the kernel serves the older pin again."""
+    a, b, _ = workers()
+    device_sock = _peers(1)[0]
+    try:
+        device = device_sock.getsockname()
+        assert a.layer.pin_udp(a.local, device)
+        assert _round(a, b, [device_sock], "one-")[0] == "a"
+        assert b.layer.pin_udp(b.local, device)
+        assert [_round(a, b, [device_sock], f"two{i}-")[0] for i in range(3)] == ["b"] * 3
+        # what the older pin sends still leaves from the shared address and port
+        assert a.layer.forward_data(b"from a", Target("udp", *device)) is True
+        assert device_sock.recvfrom(100) == (b"from a", a.local)
+        assert [_round(a, b, [device_sock], f"still{i}-")[0] for i in range(3)] == ["b"] * 3
+        b.layer.pins.unpin(device)  # idled out, or its worker stopped: the older pin is served again
+        assert [_round(a, b, [device_sock], f"back{i}-")[0] for i in range(3)] == ["a"] * 3
+        assert b.layer.pin_udp(b.local, device)  # pinned anew: the newest again
+        assert _round(a, b, [device_sock], "again-")[0] == "b"
+    finally:
+        device_sock.close()
+
+
+def test_a_pin_whose_device_moved_idles_out_and_churn_stays_within_max_udp_pins(workers):
+    """A device behind a NAT that rebound (it registers again from a new port) leaves its pin on
+    the old address: nothing comes from there any more and, once the call's transactions end,
+    nothing is sent there: the sweep closes it 32-64 s after its last datagram. Until then it
+    takes only what comes from that very address (nobody's, or a new NAT user's, handled as on the
+    shared socket). Devices moving faster than that fill the pins to ``max_udp_pins`` at most: new
+    ones are refused (counted), and the sweep makes room."""
+    a, _b, clock = workers(max_pins=3)
+    old, new, *others = _peers(5)
+
+    def pin_and_send(sock: socket.socket) -> bool:
+        made = a.layer.pin_udp(a.local, sock.getsockname())
+        a.layer.forward_data(b"INVITE", Target("udp", *sock.getsockname()))  # pinned, then sent
+        return made
+
+    try:
+        assert pin_and_send(old)
+        # the device moved: the next call pins its new address, the old pin lingers
+        assert pin_and_send(new)
+        clock.advance(PIN_IDLE)  # the first sweep: both were used
+        assert len(a.layer.pins) == 2
+        a.layer.forward_data(b"BYE", Target("udp", *new.getsockname()))  # the new one's call goes on
+        # other devices that moved come and go within the bound
+        assert [pin_and_send(p) for p in others] == [True, False, False]
+        assert a.layer.pins.stats()["refused_full"] == 2
+        clock.advance(PIN_IDLE)  # the old address saw nothing for a whole period: closed
+        assert old.getsockname() not in a.layer.pins.endpoints
+        assert set(a.layer.pins.endpoints) == {new.getsockname(), others[0].getsockname()}
+        assert a.layer.pins.stats()["closed_idle"] == 1
+        assert pin_and_send(others[1])  # room again
+        assert len(a.readers.readers) == len(a.layer.pins) == 3
+        clock.advance(PIN_IDLE)  # nothing sent or received any more: every pin closes
+        clock.advance(PIN_IDLE)
+        assert len(a.layer.pins) == 0 and a.readers.readers == [] and not _sweeps(clock)
+        assert a.layer.pins.stats()["closed_idle"] == 4
+    finally:
+        for p in (old, new, *others):
+            p.close()
