@@ -46,9 +46,11 @@ wake-ups), and an operator runs a worker per core, most of them idle most of the
 costs: nothing per message while the timer ticks (the hook is set once a tick and consumed by the
 first read, one ``is None`` test for every other one), and a burst that starts on a parked
 detector is sampled first ``interval`` after its first message, where a ticking one would sample it
-0 to ``interval`` after: detection is at most one interval later. That first tick measures its
-lateness from its own arming, never from the park, and it counts the queue delay the first UDP
-wake-up reported before the hook re-armed it. Without ``install`` (nothing tells it of messages)
+0 to ``interval`` after: the detector sees the burst as if it had begun at most one interval
+later. That first tick measures its lateness from its own arming, never from the park, and it
+counts the queue delay the first UDP wake-up reported before the hook re-armed it. (When the
+reactor is held longer than ``interval`` at a time, ticks come only between those stalls: the
+first sample after a park, up to one interval smaller, can then cost one such tick.) Without ``install`` (nothing tells it of messages)
 the detector never parks. ``parks`` counts the parks.
 
 Exempt sources (``install(exempt=...)``): a request that arrives on a given local address from a
