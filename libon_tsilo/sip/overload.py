@@ -50,8 +50,8 @@ detector is sampled first ``interval`` after its first message, where a ticking 
 later. That first tick measures its lateness from its own arming, never from the park, and it
 counts the queue delay the first UDP wake-up reported before the hook re-armed it. (When the
 reactor is held longer than ``interval`` at a time, ticks come only between those stalls: the
-first sample after a park, up to one interval smaller, can then cost one such tick.) Without ``install`` (nothing tells it of messages)
-the detector never parks. ``parks`` counts the parks.
+first sample after a park, up to one interval smaller, can then cost one such tick.) Without
+``install`` (nothing tells it of messages) the detector never parks. ``parks`` counts the parks.
 
 Exempt sources (``install(exempt=...)``): a request that arrives on a given local address from a
 given source is never refused. ops exempts the cluster's internal listener for its trusted peers:
@@ -89,8 +89,8 @@ _FLOOR = 0.02  # a fraction under this is 0: the multiplicative decrease would n
 _CAP = 3.0  # a lag sample counts as at most this many enter_lags (see the module docstring)
 _TAG_PREFIX = "ovl"  # our stateless 503s' To tags; dialog tags are hex (message.new_tag)
 _LOG_EVERY = 10.0  # seconds: at most one episode start logged per this, while the state flaps
-# seconds: a smoothed lag under this is no lag left to decay (the timer may park). Not 0: an idle
-# timer on uvloop fires up to a millisecond late (libuv's resolution), and the lag settles there
+# seconds: a smoothed lag under this is no lag left to decay (the timer may park). Not ~0: on uvloop
+# an idle timer fires up to 2 ms late (ops/lean_asyncio.py), and the lag settles there
 _IDLE_LAG = 0.005
 
 
