@@ -65,8 +65,8 @@ Choices (and where they differ from a plain reading of the RFCs):
   wake-up (the kernel's arrival stamp of the oldest datagram, Linux), and ``early(data, local,
   remote)``, which sees each datagram before the parse and may answer its source (a stateless 503)
   or drop it; and one on every transport, ``on_read()``, one-shot (cleared before it is called):
-  the next datagram or stream bytes read, whatever they hold, so that its timer can stop on an
-  idle server and start again with the first message.
+  the next datagram, connection or stream bytes read, whatever they hold, so that its timer can
+  stop on an idle server and start again with the first message.
 - Idle timers run on the injected ``clock``; sockets run on ``reactor`` (the global one by default).
   stopService closes every port and connection, cancels every timer, and returns a Deferred that
   fires when all ports and connections are gone.
@@ -414,8 +414,8 @@ class TransportLayer:
         # source with, b"" to drop it, None to handle it as usual
         self.on_queue_delay: Callable[[float], None] | None = None
         self.early: Callable[[bytes, HostPort, HostPort], bytes | None] | None = None
-        # one-shot: called for the next datagram or stream bytes read, on any listener, and cleared
-        # first (whoever wants the one after sets it again). One `is None` test per read while unset:
+        # one-shot: called for the next datagram, connection or stream bytes read, on any listener,
+        # and cleared first (whoever wants the one after sets it again). One `is None` test per read:
         # overload control parks its timer on an idle node and sets this to hear the next message
         self.on_read: Callable[[], None] | None = None
         # a stateless forwarder (RFC 3261 §16.11: it "takes messages, both requests and responses,
@@ -731,6 +731,8 @@ class TransportLayer:
         return flow
 
     def connection_made(self, proto: StreamProtocol) -> None:
+        if self.on_read is not None:  # a connection is work before its first byte (a TLS handshake)
+            self._read_seen()
         host, peer = proto.transport.getHost(), proto.transport.getPeer()
         key = FlowKey(proto.name, (_norm_host(host.host), host.port), (_norm_host(peer.host), peer.port))
         proto.made_at = self.clock.seconds()

@@ -125,6 +125,17 @@ def test_stream_bytes_rearm_the_timer_even_before_the_message_is_complete():
     assert node.got[-1].call_id == "partial"
 
 
+def test_a_new_connection_rearms_the_timer_before_its_first_byte():
+    # a TLS handshake is work the reactor does before any message: a flood of them shows as lag
+    node = Node()
+    node.park()
+    proto = ServerFactory(node.layer, "tcp").buildProtocol(None)
+    proto.makeConnection(StringTransport(
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 5060), peerAddress=IPv4Address("TCP", "10.1.2.4", 40001)
+    ))
+    assert node.ticking()
+
+
 def test_no_park_while_overloaded_or_with_lag_left_to_decay():
     node = Node()
     for _ in range(2):
