@@ -246,6 +246,10 @@ def main() -> None:
         f"node {name} {x:,.0f}" for name, x in zip("AB", per_node, strict=False)) + ")"
     print(f"RESULT ({args.case}) {sum(per_node):,.0f} user-space instructions per late-fork call{nodes} "
           f"({args.n} calls at {args.rate:g}/s; reactor {reactor}; code: {args.code})")
+    # the runs apart: the idle run's timers are what the subtraction takes out (a timer that stops
+    # while no message comes, as the overload tick does since round 10, leaves its ticks in the call run)
+    print(f"runs ({took:.1f} s each): with calls " + ", ".join(f"{f:,}" for f in full)
+          + ", idle " + ", ".join(f"{b:,}" for b in base) + " instructions")
     print("wake-ups per call: " + ", ".join(f"node {name} {(w - i) / args.n:.2f}" for name, w, i
                                              in zip("AB", woken, woken_idle, strict=False)))
 

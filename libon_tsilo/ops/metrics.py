@@ -400,6 +400,7 @@ class TsiloCollector(Collector):
         yield _gauge("reactor_lag_seconds", "How late a 100 ms timer fires, smoothed", detector.lag)
         yield _counter("overload_episodes", "Times the server entered overload", detector.episodes)
         yield _counter("overload_rejected_invites", "New INVITEs refused with 503 (overload)", detector.shed)
+        yield _counter("overload_timer_parks", "Times the lag timer stopped: no message came", detector.parks)
 
 
 # ---------------------------------------------------------------------------------------------

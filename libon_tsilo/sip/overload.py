@@ -6,7 +6,8 @@ accepted must finish, or the work spent on it is wasted and the peers retransmit
 woken phone's REGISTER is what completes a parked call), OPTIONS (health probes), ACK, CANCEL,
 BYE, every in-dialog request (To tag) and every response keep going through.
 
-Two signals, sampled by one timer on the injected clock every ``interval`` seconds:
+Two signals, sampled by one timer on the injected clock every ``interval`` seconds while messages
+come (the timer parks on an idle server, see "Parked" below):
 
 - lag: how long a message waits before it is handled. Two measures of it, the larger counts: how
   late the timer itself fires (while the reactor works through a burst nothing else runs), and how
@@ -35,6 +36,22 @@ and the calls already accepted, keeps the lag there on its own.) The hysteresis 
 "overloaded" from the first tick under pressure until the fraction is back at 1 with the lag at or
 under ``leave_lag``. Which INVITEs pass is decided by a credit counter (no random draw), so a
 fraction of 0.25 admits exactly every 4th INVITE.
+
+Parked: a tick that finds no message read since the previous one (on any transport and listener,
+the cluster's internal one included: the transport's one-shot ``on_read``), with the detector not
+overloaded and the smoothed lag back under ``_IDLE_LAG``, does not re-arm the timer; the first
+message read after that arms it again, due ``interval`` later. Why: ten ticks a second were most
+of an idle node's CPU (~40k instructions a tick on the asyncio reactor: ~0.4M a second, and ten
+wake-ups), and an operator runs a worker per core, most of them idle most of the day. What it
+costs: nothing per message while the timer ticks (the hook is set once a tick and consumed by the
+first read, one ``is None`` test for every other one), and a burst that starts on a parked
+detector is sampled first ``interval`` after its first message, where a ticking one would sample it
+0 to ``interval`` after: the detector sees the burst as if it had begun at most one interval
+later. That first tick measures its lateness from its own arming, never from the park, and it
+counts the queue delay the first UDP wake-up reported before the hook re-armed it. (When the
+reactor is held longer than ``interval`` at a time, ticks come only between those stalls: the
+first sample after a park, up to one interval smaller, can then cost one such tick.) Without
+``install`` (nothing tells it of messages) the detector never parks. ``parks`` counts the parks.
 
 Exempt sources (``install(exempt=...)``): a request that arrives on a given local address from a
 given source is never refused. ops exempts the cluster's internal listener for its trusted peers:
@@ -72,6 +89,9 @@ _FLOOR = 0.02  # a fraction under this is 0: the multiplicative decrease would n
 _CAP = 3.0  # a lag sample counts as at most this many enter_lags (see the module docstring)
 _TAG_PREFIX = "ovl"  # our stateless 503s' To tags; dialog tags are hex (message.new_tag)
 _LOG_EVERY = 10.0  # seconds: at most one episode start logged per this, while the state flaps
+# seconds: a smoothed lag under this is no lag left to decay (the timer may park). Not ~0: on uvloop
+# an idle timer fires up to 2 ms late (ops/lean_asyncio.py), and the lag settles there
+_IDLE_LAG = 0.005
 
 
 class OverloadDetector(Service):
@@ -114,6 +134,10 @@ class OverloadDetector(Service):
         self._episode_logged = False
         self._unlogged = 0  # episodes whose start and end were not logged (rate limit)
         self.on_change: Callable[[bool], None] | None = None  # told when overload begins and ends
+        self.parks = 0  # times the timer stopped for want of messages
+        self._parked = False
+        self._heard = False  # a message was read since the last tick (the read hook was consumed)
+        self._watch: Callable[[Callable[[], None] | None], None] | None = None
 
     # -- the timer ---------------------------------------------------------------------------------
 
@@ -126,24 +150,56 @@ class OverloadDetector(Service):
         self.stop()
 
     def start(self) -> None:
-        if self._timer is None:
+        if self._timer is None and not self._parked:
             self._since = self.clock.seconds()
+            self._heard = True  # the first tick ticks on, and sets the read hook
             self._schedule()
 
     def stop(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._parked = False
+        if self._watch is not None:
+            self._watch(None)
+
+    def watch_reads(self, watch: Callable[[Callable[[], None] | None], None]) -> None:
+        """Let the timer park while no message comes: ``watch(hook)`` must have ``hook`` called once,
+        for the next message read on any transport (``watch(None)``: no more). :func:`install`
+        gives it the transport's ``on_read``."""
+        self._watch = watch
+        self._heard = True  # the next tick sets the hook
 
     def _schedule(self) -> None:
         self._due = self.clock.seconds() + self.interval
         self._timer = self.clock.callLater(self.interval, self._tick)
 
+    def _message_read(self) -> None:
+        self._heard = True
+        if self._parked:
+            self._parked = False
+            self._schedule()  # the next sample measures from now: the park is not lateness
+
     def _tick(self) -> None:
+        self._timer = None
+        try:
+            self._sample()
+        finally:
+            heard, self._heard = self._heard, False
+            if heard or self._watch is None:
+                self._schedule()
+                if self._watch is not None:
+                    self._watch(self._message_read)
+            elif not self.overloaded and self.lag < _IDLE_LAG:
+                self._parked = True  # the hook set at an earlier tick is still in place
+                self.parks += 1
+            else:
+                self._schedule()  # lag to decay, a fraction to raise: no message needed for that
+
+    def _sample(self) -> None:
         now = self.clock.seconds()
         sample = max(now - self._due, self._queue_delay or 0.0, 0.0)
         self._queue_delay = None
-        self._schedule()
         self.max_lag = max(self.max_lag, sample)
         self.lag += _SMOOTHING * (min(sample, _CAP * self.enter_lag) - self.lag)
         deep = self.max_depth > 0 and self.depth is not None and self.depth() >= self.max_depth
@@ -225,6 +281,7 @@ class OverloadDetector(Service):
             "episodes": self.episodes,
             "shed": self.shed,
             "admitted_while_overloaded": self.admitted,
+            "parks": self.parks,
         }
 
 
@@ -238,7 +295,8 @@ def install(
 ) -> None:
     """Wire overload control into the SIP stack (a TransportLayer and its TransactionLayer).
 
-    The transport reports its queueing delays to the detector. The two refusal hooks, the
+    The transport reports its queueing delays to the detector, and the first read after each tick
+    (its one-shot ``on_read``: the timer parks while none comes). The two refusal hooks, the
     transport's ``early`` and the transaction layer's ``gate``, are in place only while the
     detector says overloaded: a server that is not pays one ``is None`` test per message for them.
     """
@@ -249,7 +307,11 @@ def install(
         transactions.gate = gate if overloaded else None
         transport.early = early if overloaded else None
 
+    def watch(hook: Callable[[], None] | None) -> None:
+        transport.on_read = hook
+
     transport.on_queue_delay = detector.observe_delay
+    detector.watch_reads(watch)
     detector.on_change = switch
     switch(detector.overloaded)
 

@@ -64,7 +64,9 @@ Choices (and where they differ from a plain reading of the RFCs):
 - Overload control (sip/overload.py) gets two hooks on UDP: ``on_queue_delay(seconds)`` per
   wake-up (the kernel's arrival stamp of the oldest datagram, Linux), and ``early(data, local,
   remote)``, which sees each datagram before the parse and may answer its source (a stateless 503)
-  or drop it.
+  or drop it; and one on every transport, ``on_read()``, one-shot (cleared before it is called):
+  the next datagram, connection or stream bytes read, whatever they hold, so that its timer can
+  stop on an idle server and start again with the first message.
 - Idle timers run on the injected ``clock``; sockets run on ``reactor`` (the global one by default).
   stopService closes every port and connection, cancels every timer, and returns a Deferred that
   fires when all ports and connections are gone.
@@ -412,6 +414,10 @@ class TransportLayer:
         # source with, b"" to drop it, None to handle it as usual
         self.on_queue_delay: Callable[[float], None] | None = None
         self.early: Callable[[bytes, HostPort, HostPort], bytes | None] | None = None
+        # one-shot: called for the next datagram, connection or stream bytes read, on any listener,
+        # and cleared first (whoever wants the one after sets it again). One `is None` test per read:
+        # overload control parks its timer on an idle node and sets this to hear the next message
+        self.on_read: Callable[[], None] | None = None
         # a stateless forwarder (RFC 3261 §16.11: it "takes messages, both requests and responses,
         # directly from the transport layer"; ops sets the cluster relay's): offered each parsed
         # message, a request with its top Via fixed (§18.2.1), before it is validated: a proxy reads
@@ -669,6 +675,8 @@ class TransportLayer:
     # -- inbound: the entry points the protocols above call (nothing else in the layer is theirs) ---
 
     def datagram_received(self, proto: DatagramEndpoint, data: bytes, addr: HostPort) -> None:
+        if self.on_read is not None:
+            self._read_seen()
         if len(data) > self.max_message_size:
             log.warn("dropping a {n}-byte datagram from {addr} (max_message_size)", n=len(data), addr=addr)
             return
@@ -697,6 +705,14 @@ class TransportLayer:
             return
         self._inbound(data, self._udp_flow(proto, remote), stream=False)
 
+    def _read_seen(self) -> None:
+        hook, self.on_read = self.on_read, None
+        if hook is not None:
+            try:
+                hook()
+            except Exception:  # escaping a read, it would close the port or the connection
+                log.failure("the on_read hook failed")
+
     def _udp_flow(self, proto: DatagramEndpoint, remote: HostPort) -> Flow:
         flow = self.flows.lookup("udp", proto.local, remote)
         if flow is None:
@@ -715,6 +731,8 @@ class TransportLayer:
         return flow
 
     def connection_made(self, proto: StreamProtocol) -> None:
+        if self.on_read is not None:  # a connection is work before its first byte (a TLS handshake)
+            self._read_seen()
         host, peer = proto.transport.getHost(), proto.transport.getPeer()
         key = FlowKey(proto.name, (_norm_host(host.host), host.port), (_norm_host(peer.host), peer.port))
         proto.made_at = self.clock.seconds()
@@ -732,6 +750,8 @@ class TransportLayer:
         self._arm_deadline(proto)
 
     def stream_data(self, proto: StreamProtocol, data: bytes) -> None:
+        if self.on_read is not None:
+            self._read_seen()
         flow = proto.flow
         if proto.failed or flow is None:
             return

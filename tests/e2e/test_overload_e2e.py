@@ -122,3 +122,34 @@ def test_new_invites_get_503_while_register_and_options_get_200(start_sip_server
     assert "libon_tsilo_overloaded 1.0" in metrics
     assert "libon_tsilo_overload_rejected_invites_total 3.0" in metrics
     assert "overload: queue depth" in server.output()
+
+
+def options(client: SipClient, server: ServerProcess) -> bytes:
+    return (f"OPTIONS sip:{HOST}:{server.sip_port} SIP/2.0\r\n"
+            f"Via: SIP/2.0/{client.via_transport} {HOST}:{client.port};branch=z9hG4bK{uuid.uuid4().hex[:12]};rport\r\n"
+            f"Max-Forwards: 70\r\nFrom: <sip:probe@{HOST}>;tag=p1\r\nTo: <sip:{HOST}>\r\n"
+            f"Call-ID: {uuid.uuid4().hex}\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+def test_the_lag_timer_parks_while_idle_and_a_message_on_udp_or_tcp_restarts_it(start_sip_server):
+    # the real twistd: the detector's timer stops once no message comes (the admin API is not SIP,
+    # so polling it does not wake it), and one OPTIONS over UDP, then over TCP, starts it again:
+    # each is seen as a park more once it stopped again
+    admin_port = free_port(udp_too=False)
+    server = start_sip_server({"admin": {"listen": f"tcp:{admin_port}:interface={HOST}"}}, tls=False)
+
+    def parks() -> int:
+        return admin_rpc(server, "stats")["overload"]["parks"]
+
+    wait_for(lambda: parks() >= 1, "the overload timer to park on an idle server")
+    for transport in ("udp", "tcp"):
+        before = parks()
+        client = SipClient(server, transport=transport)
+        try:
+            client.send(options(client, server))
+            reply = client.receive()
+            assert isinstance(reply, Reply) and reply.status == 200, reply.raw
+        finally:
+            client.close()
+        wait_for(lambda: parks() > before, f"the timer, re-armed by a {transport} message, to park again")
+    assert admin_rpc(server, "stats")["overload"]["state"] == "normal"

@@ -477,6 +477,19 @@ def test_overload_metrics(tmp_path):
     assert (stats["state"], stats["shed"], stats["admitted_fraction"]) == ("overloaded", 2, 0.0)
 
 
+def test_overload_timer_parks_are_counted(tmp_path):
+    root, clock = build(tmp_path=tmp_path)
+    detector = root.parts.extra["overload"]
+    registry = make_registry(root.parts, None)
+    detector.start()
+    for _ in range(3):  # the first tick sets the read hook, the second sees no message and parks
+        clock.advance(0.1)
+    parked = samples(registry)
+    detector.stop()
+    assert parked[("libon_tsilo_overload_timer_parks_total", ())] == 1
+    assert root.parts.transport.on_read is None  # stop() took the read hook back
+
+
 def test_calls_out_metrics(tmp_path):
     """Calls up per trunk (a gauge for every configured trunk), calls placed, refusals by reason."""
     from libon_tsilo.ops.config import config_from_dict
