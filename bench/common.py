@@ -1,9 +1,10 @@
 """Shared pieces of the SIPp benchmarks: the real server with a stats hook, SIPp runs, RSS.
 
 The server is the real `twistd -n libon-tsilo` process, started through this file's ``serve``
-mode, which is twistd itself plus a tiny debug hook (nothing in the server changes):
+mode, which is twistd itself (ARGS are twistd's) plus a tiny debug hook (nothing in the server
+changes, but with ``--overload-always-ticks``: the overload timer never parks, for live_icount):
 
-    python bench/common.py serve --stats-file F [--latency-window N] -- <twistd arguments>
+    python bench/common.py serve --stats-file F [--latency-window N] [--overload-always-ticks] -- ARGS
 
 The hook wraps ``libon_tsilo.ops.service.make_service`` to keep the service tree, widens the silo's
 REGISTER->INVITE latency window (default 1,000,000 samples instead of the last 1024, so the
@@ -158,11 +159,24 @@ def _transaction_states(layer: Any) -> dict[str, int] | None:
     return dict(Counter(f"{type(t).__name__} {getattr(t.state, 'name', t.state)}" for t in txns))
 
 
+def _overload_always_ticks() -> None:
+    """The overload timer ticks whether messages come or not, as before round 10 (it parks on an
+    idle server now): for bench/live_icount.py, whose idle run is subtracted from its run with calls
+    to take out the work that goes with time; the timer never parks in the run with calls (a call
+    every 200 ms), so it must not park in the idle one either. Code without the park is left as is."""
+    from libon_tsilo.sip import overload
+
+    if hasattr(overload.OverloadDetector, "watch_reads"):
+        overload.OverloadDetector.watch_reads = lambda self, watch: None  # type: ignore[method-assign]
+
+
 def _serve(argv: list[str]) -> None:
     stats_file = Path(argv[argv.index("--stats-file") + 1])
     window = int(argv[argv.index("--latency-window") + 1]) if "--latency-window" in argv else 1_000_000
     twistd_args = argv[argv.index("--") + 1:]
     _install_stats_hook(stats_file, window)
+    if "--overload-always-ticks" in argv[:argv.index("--")]:
+        _overload_always_ticks()
     import libon_tsilo.sip.message
     from twisted.scripts.twistd import run
 

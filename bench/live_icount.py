@@ -29,7 +29,9 @@ throwaway REGISTER got its 200 (its Redis link is up; in f, once its admin API s
 runs. Redis-server is not counted. The idle work that goes with time (the overload monitor's tick,
 each node's heartbeat to Redis once a second) is taken out: the run with no calls idles as long as
 the calls took in the other (at --rate 5 it was ~100k instructions per call of (e), ~20k of (a),
-before it did). ``c`` as ``e`` through the Path relay: each node has an internal address
+before it did). The overload timer ticks in both runs (``serve --overload-always-ticks``): it parks
+on an idle server since round 10, never at a call every 200 ms, and the subtraction must take out
+the ticks of the run with calls. ``c`` as ``e`` through the Path relay: each node has an internal address
 (``[cluster] node_address``, ``--port`` + 7 and + 11): A forks to B's, and B relays the call's
 messages over the device's flow.
 """
@@ -111,7 +113,8 @@ def _node(code: Path, n: int, name: str, port: int, workdir: Path, keep: Path | 
     # with --keep, the server's own log too (a warning or a traceback in the run shows there)
     log = workdir / f"server-{name}-{n}.log" if keep is None else keep / f"server-{name}-{n}.log"
     cmd = callgrind.command([sys.executable, str(code / "bench" / "common.py"), "serve", "--stats-file",
-                             str(workdir / f"stats-{name}-{n}.json"), "--", "-n", "--pidfile=", "libon-tsilo",
+                             str(workdir / f"stats-{name}-{n}.json"), "--overload-always-ticks", "--",
+                             "-n", "--pidfile=", "libon-tsilo",
                              "--config", str(conf)], out_file=out)
     print(f"  server {name}: {' '.join(cmd)}", flush=True)
     with open(errors, "w") as err, open(log, "w") as out_log:
@@ -246,8 +249,7 @@ def main() -> None:
         f"node {name} {x:,.0f}" for name, x in zip("AB", per_node, strict=False)) + ")"
     print(f"RESULT ({args.case}) {sum(per_node):,.0f} user-space instructions per late-fork call{nodes} "
           f"({args.n} calls at {args.rate:g}/s; reactor {reactor}; code: {args.code})")
-    # the runs apart: the idle run's timers are what the subtraction takes out (a timer that stops
-    # while no message comes, as the overload tick does since round 10, leaves its ticks in the call run)
+    # the runs apart: the idle run's timers are what the subtraction takes out
     print(f"runs ({took:.1f} s each): with calls " + ", ".join(f"{f:,}" for f in full)
           + ", idle " + ", ".join(f"{b:,}" for b in base) + " instructions")
     print("wake-ups per call: " + ", ".join(f"node {name} {(w - i) / args.n:.2f}" for name, w, i
