@@ -225,8 +225,9 @@ class RedisWrites:
             if isinstance(change, Binding):
                 ttl_ms = math.ceil((change.expires_at - now) * 1000)
                 if ttl_ms > 0:
-                    # encoded once, for the key and inside the message
-                    value = redis_codec.dumps(change.to_dict())
+                    # encoded once, for the key and inside the message; without the fields at their
+                    # defaults (Binding.to_compact_dict): less for every node to decode
+                    value = redis_codec.dumps(change.to_compact_dict())
                     keys.append(rkey)
                     args.append(bulk(value))
                     args.append(bulk(b"%d" % ttl_ms))

@@ -77,14 +77,14 @@ class Env:
 
 
 def _script_call(how: bytes, binding: Any, message: bytes | None = None) -> list[bytes]:
-    value = redis_codec.dumps(binding.to_dict())
+    value = redis_codec.dumps(binding.to_compact_dict())
     call = [how, WRITE_BATCH.encode() if how == b"EVAL" else SHA, b"2",
             binding_redis_key(b"test:", binding.aor, binding.key), b"test:seq:b", CHANNEL, b"1", value, b"60000"]
     return call + ([message] if message is not None else [])
 
 
 def _message(binding: Any) -> bytes:
-    return b'tok {"n":"b","ops":[["s",' + redis_codec.dumps(binding.to_dict()) + b"]]}"
+    return b'tok {"n":"b","ops":[["s",' + redis_codec.dumps(binding.to_compact_dict()) + b"]]}"
 
 
 def test_a_batch_is_the_script_call_redis_py_would_send_and_the_answer_waits_for_its_reply() -> None:
