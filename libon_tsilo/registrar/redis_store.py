@@ -5,7 +5,9 @@ this module writes the node's changes to Redis and applies the other nodes' chan
 
 * One key per binding, ``<prefix>b:<len(aor)>:<aor>/<key>`` (the length makes the split
   unambiguous whatever the AOR holds), whose value is the binding's JSON (redis_codec.py: orjson,
-  lone surrogates from non-UTF-8 bytes escaped by json) and whose TTL is the binding's own
+  lone surrogates from non-UTF-8 bytes escaped by json; ``Binding.to_compact_dict``: the optional
+  fields at their defaults left out, which ``from_dict`` restores, as every version that wrote
+  bindings to Redis did) and whose TTL is the binding's own
   remaining time, so Redis forgets a dead binding by itself. Keys are bytes (surrogateescape).
 * Changes are written in batches (redis_writes.py, compiled: the per-REGISTER part), one at a
   time (a group commit, libon_tsilo/group_commit.py: a REGISTER's changes once all are in, other

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Final
 
 import hiredis
 from twisted.logger import Logger
@@ -50,7 +50,10 @@ class ReplyError(Exception):
 
 
 SKIP_NEXT_REPLY: bytes = hiredis.pack_command((b"CLIENT", b"REPLY", b"SKIP"))  # type: ignore[arg-type]  # no reply
-_PUSH = hiredis.PushNotification
+_PUSH: Final = hiredis.PushNotification
+# held here, not looked up on their modules per reply (compiled: a static, not a module attribute)
+_REPLY_ERROR: Final = hiredis.ReplyError
+_FUTURE: Final = asyncio.Future
 
 
 def bulk(value: bytes) -> bytes:
@@ -115,7 +118,7 @@ class RespConnection:
                 continue
             if self._pending:
                 target = self._pending.popleft()[0]
-                if isinstance(reply, hiredis.ReplyError):
+                if isinstance(reply, _REPLY_ERROR):
                     reply = ReplyError(str(reply))
                 self._deliver(target, reply)
 
@@ -128,7 +131,7 @@ class RespConnection:
             return False
 
     def _deliver(self, target: asyncio.Future[Any] | OnReply, reply: Reply) -> None:
-        if isinstance(target, asyncio.Future):
+        if isinstance(target, _FUTURE):
             if not target.done():
                 if isinstance(reply, Exception):
                     target.set_exception(reply)

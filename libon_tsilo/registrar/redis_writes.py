@@ -21,7 +21,6 @@ script call (its SHA, the write counter's key, the channel) is packed once.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -69,6 +68,14 @@ def change_channel(prefix: bytes, slot: int) -> bytes:
     return prefix + b"bindings:%d" % slot
 
 
+# the counts of a batch's script call as arguments, packed once: a REGISTER's batch has 2 keys, 1 set
+_COUNTS = tuple(bulk(b"%d" % n) for n in range(32))
+
+
+def _count_arg(n: int) -> bytes:
+    return _COUNTS[n] if n < 32 else bulk(b"%d" % n)
+
+
 def _ignored(reply: Any) -> None:
     """A reply nobody needs: its failure is the connection's, which the feed sees."""
 
@@ -113,8 +120,8 @@ class RedisWrites:
                  rollback_seen: Callable[[int, int, str], None], publish_after_answer: bool = False) -> None:
         self.clock = clock
         self.prefix = prefix
-        self._node_json = redis_codec.dumps(node_id)  # in every change message
-        self._own = own  # this process's token and a space: the start of each of its messages
+        # every change message starts so: this process's token, then the JSON up to its changes
+        self._message_head = own + b'{"n":' + redis_codec.dumps(node_id) + b',"ops":['
         self._rollback_seen = rollback_seen
         self.publish_after_answer = publish_after_answer
         self.state = "connecting"  # the store's: "up", "down", "reloading", "duplicate"
@@ -215,7 +222,7 @@ class RedisWrites:
 
     def _pack(self, batch: _WriteBatch) -> _Packed:
         """Serialized on the reactor thread, so each row is a snapshot of the binding as it was."""
-        now = self.clock.seconds()
+        now: float = self.clock.seconds()  # typed: compiled, the arithmetic below is native
         keys: list[bytes] = []
         dels: list[bytes] = []
         args: list[bytes] = []  # (value, ttl ms) per binding set
@@ -223,10 +230,14 @@ class RedisWrites:
         for (aor, key), change in batch.changes.items():
             rkey = bulk(binding_redis_key(self.prefix, aor, key))
             if isinstance(change, Binding):
-                ttl_ms = math.ceil((change.expires_at - now) * 1000)
+                left_ms = (change.expires_at - now) * 1000.0
+                ttl_ms = int(left_ms)  # rounded up, as math.ceil (a generic call, compiled)
+                if ttl_ms < left_ms:
+                    ttl_ms += 1
                 if ttl_ms > 0:
-                    # encoded once, for the key and inside the message
-                    value = redis_codec.dumps(change.to_dict())
+                    # encoded once, for the key and inside the message; without the fields at their
+                    # defaults (Binding.to_compact_dict): less for every node to decode
+                    value = redis_codec.dumps(change.to_compact_dict())
                     keys.append(rkey)
                     args.append(bulk(value))
                     args.append(bulk(b"%d" % ttl_ms))
@@ -237,12 +248,11 @@ class RedisWrites:
                 reason = change
             dels.append(rkey)
             ops.append(redis_codec.dumps(["d", aor, key, reason]))
-        message = self._own + b'{"n":%s,"ops":[%s]}' % (self._node_json, b",".join(ops))
+        message = self._message_head + b",".join(ops) + b"]}"
         nsets = len(keys)
         nkeys = nsets + len(dels) + 1
         # numkeys, the keys (sets, deletions, the write counter), channel, number of sets, the sets
-        tail = [bulk(b"%d" % nkeys), *keys, *dels, self._seq_arg, self._channel_arg, bulk(b"%d" % nsets),
-                *args]
+        tail = [_count_arg(nkeys), *keys, *dels, self._seq_arg, self._channel_arg, _count_arg(nsets), *args]
         if self.publish_after_answer:
             return _Packed(batch, len(tail), b"".join(tail), [message])  # sent by _finish after the 200s
         tail.append(bulk(message))
@@ -278,6 +288,9 @@ class RedisWrites:
             return  # one batch in flight, answered once: never
         self._sending = None
         batch = packed.batch
+        if type(reply) is int:  # the write counter, the usual reply: checked first
+            self._stored(packed, reply)
+            return
         if isinstance(reply, ReplyError):
             if packed.by_sha and str(reply).startswith("NOSCRIPT"):
                 self._script_on = None  # Redis's script cache was flushed: the same batch, by EVAL
@@ -289,12 +302,15 @@ class RedisWrites:
         if isinstance(reply, Exception):
             self._finish(reply, batch)
             return
+        self._stored(packed, int(reply))
+
+    def _stored(self, packed: _Packed, seq: int) -> None:
+        """Redis has the batch; ``seq`` is this node's write counter after it."""
         self._script_on = packed.conn
-        seq = int(reply)
         if seq <= self.acked_seq:  # one writer per node: every batch adds one
             self._rollback_seen(seq, self.acked_seq, "a write")
         self.acked_seq = max(self.acked_seq, seq)
-        self._finish(None, batch, packed.conn, packed.messages)
+        self._finish(None, packed.batch, packed.conn, packed.messages)
 
     def _finish(self, error: BaseException | None, batch: _WriteBatch, conn: RespConnection | None = None,
                 publish: list[bytes] | None = None) -> None:

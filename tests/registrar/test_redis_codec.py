@@ -72,3 +72,20 @@ async def test_the_value_in_redis_and_the_change_message_are_the_compact_form(
     await until(lambda: b.store.get(full.aor, full.key) and b.store.get(odd.aor, odd.key), "both applied")
     assert b.store.get(full.aor, full.key).to_dict() == full.to_dict()  # type: ignore[union-attr]
     assert b.store.get(odd.aor, odd.key).to_dict() == odd.to_dict()  # type: ignore[union-attr]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_value_and_the_message_leave_out_the_fields_at_their_defaults(
+        redis_server: RedisServer, nodes: list[Node]) -> None:  # noqa: F811  (the fixture)
+    # a device without push, instance or Path: about half its fields at their defaults, which
+    # every node would otherwise decode (Binding.to_compact_dict; an earlier version reads it too)
+    a, b = _node(nodes, redis_server, "a"), _node(nodes, redis_server, "b")
+    await a.start()
+    await b.start()
+    plain = make_binding(aor="sip:plain@example.com", uri="sip:p@192.0.2.8", expires_at=300.0, node="a")
+    await a.write(plain)
+    value = redis.Redis.from_url(redis_server.url).get(binding_redis_key(b"test:", plain.aor, plain.key))
+    assert value is not None and b"null" not in value and b"pn_provider" not in value
+    assert json.loads(value) == plain.to_compact_dict()
+    await until(lambda: b.store.get(plain.aor, plain.key), "applied")
+    assert b.store.get(plain.aor, plain.key).to_dict() == plain.to_dict()  # type: ignore[union-attr]

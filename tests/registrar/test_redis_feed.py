@@ -4,7 +4,9 @@ an unreadable one logged and skipped."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
@@ -95,6 +97,11 @@ def test_without_a_replica_nothing_is_applied() -> None:
     b'{"n":"b","ops":[["s",{"aor":"sip:x@h"}]]}',  # a binding without its required fields
     b'{"n":"b","ops":[["d","sip:x@h"]]}',  # a removal cut short
     b'{"n":"b","ops":[["s",["not","a","dict"]]]}',
+    # the shape of one binding set (decoded without the message around it) but not JSON: skipped too
+    b'{"n":"b\x01","ops":[["s",' + redis_codec.dumps(make_binding(node="b").to_compact_dict()) + b"]]}",
+    b'{"n":"b","ops":[["s",' + redis_codec.dumps(make_binding(node="b").to_compact_dict()) + b"],]]}",
+    b'{"n":"b","ops":[["s",{"aor":"sip:x@h"}]]}',
+    b'{"n":"b","ops":[["s",{}]]}',
 ])
 def test_an_unreadable_message_is_logged_and_skipped(payload: bytes, logged: list[str]) -> None:
     feed, replica, observer = _feed()
@@ -103,3 +110,18 @@ def test_an_unreadable_message_is_logged_and_skipped(payload: bytes, logged: lis
     assert observer.events == [] and feed.applied == 0
     feed.on_message(_message(b"fedcba9876543210 ", _set(make_binding(node="b"))))  # the next one goes on
     assert observer.kinds() == ["added"] and feed.applied == 1
+
+
+@pytest.mark.parametrize("message", [
+    # a node id that JSON escapes, an earlier version's spacing (json.dumps), a binding with "],["
+    # in a string, a set then a removal: each decoded whole, each applied as the plain one is
+    lambda b: b'{"n":"b\\"q","ops":[["s",' + redis_codec.dumps(b.to_compact_dict()) + b"]]}",
+    lambda b: json.dumps({"n": "b", "ops": [["s", b.to_dict()]]}).encode(),
+    lambda b: b'{"n":"","ops":[["s",' + redis_codec.dumps(b.to_compact_dict()) + b"]]}",
+    lambda b: redis_codec.dumps({"n": "b", "ops": [["s", b.to_compact_dict()], ["d", "sip:x@h", "k", "removed"]]}),
+])
+def test_every_shape_of_a_message_is_applied_alike(message: Any) -> None:
+    for binding in (make_binding(node="b"), make_binding(node="b", user_agent='UA "],[" x', path=["<sip:p;lr>"])):
+        feed, replica, observer = _feed()
+        feed.on_message(b"fedcba9876543210 " + message(binding))
+        assert replica.lookup(binding.aor) == [binding] and observer.kinds() == ["added"]

@@ -77,14 +77,14 @@ class Env:
 
 
 def _script_call(how: bytes, binding: Any, message: bytes | None = None) -> list[bytes]:
-    value = redis_codec.dumps(binding.to_dict())
+    value = redis_codec.dumps(binding.to_compact_dict())
     call = [how, WRITE_BATCH.encode() if how == b"EVAL" else SHA, b"2",
             binding_redis_key(b"test:", binding.aor, binding.key), b"test:seq:b", CHANNEL, b"1", value, b"60000"]
     return call + ([message] if message is not None else [])
 
 
 def _message(binding: Any) -> bytes:
-    return b'tok {"n":"b","ops":[["s",' + redis_codec.dumps(binding.to_dict()) + b"]]}"
+    return b'tok {"n":"b","ops":[["s",' + redis_codec.dumps(binding.to_compact_dict()) + b"]]}"
 
 
 def test_a_batch_is_the_script_call_redis_py_would_send_and_the_answer_waits_for_its_reply() -> None:
@@ -187,3 +187,16 @@ def test_a_registers_changes_are_sent_once_all_are_in_without_a_loop_turn() -> N
     assert call[0] == b"EVAL" and call[3] == binding_redis_key(b"test:", alice.aor, alice.key)
     env.conn.data_received(b":1\r\n")
     assert answer.outcome == ["stored"]
+
+
+def test_a_keys_ttl_is_the_bindings_time_left_rounded_up_and_a_spent_one_is_deleted() -> None:
+    env = Env(publish_after_answer=False)
+    env.writes.commit.hold()
+    env.writes.save(make_binding(aor="sip:a@example.com", uri="sip:a@192.0.2.1", expires_at=1060.0004, node="b"))
+    env.writes.save(make_binding(aor="sip:b@example.com", uri="sip:b@192.0.2.1", expires_at=999.9996, node="b"))
+    env.writes.commit.release()
+    [[call]] = env.sent()
+    # numkeys 3 (a's key, b's key to delete, the counter), then channel, one set, a's value and TTL
+    assert call[2] == b"3" and call[6] == CHANNEL and call[7] == b"1" and call[9] == b"60001"
+    assert call[4] == binding_redis_key(b"test:", "sip:b@example.com", "uri:sip:b@192.0.2.1")
+    assert call[10].endswith(b',["d","sip:b@example.com","uri:sip:b@192.0.2.1","expired"]]}')
