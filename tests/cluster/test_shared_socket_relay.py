@@ -142,12 +142,17 @@ async def test_our_own_mark_is_known_at_once_without_reading_it_again():
         await b.stopService()
 
 
+@pytest.mark.parametrize("path", ["bytes", "parsed"])
 @pytest_twisted.ensureDeferred
-async def test_an_answer_to_what_a_sibling_relayed_goes_to_it_as_it_came():
+async def test_an_answer_to_what_a_sibling_relayed_goes_to_it_as_it_came(path):
     # the sibling relayed a request to the device (its stateless branch, which only the sibling's
     # key checks, under its marked Via); the device is pinned to us (we forked it a call), so the
-    # kernel gives us its answer: passed on by the mark, not refused as a branch we did not give
+    # kernel gives us its answer: passed on by the mark, not refused as a branch we did not give.
+    # "parsed": the relay's byte path declines (as it does for what it cannot read for sure), and
+    # the parsed path (Relay.forward) must pass it on the same way
     b, sibling, device, mark = await _setup()
+    if path == "parsed":
+        b.parts.transport.forward_bytes = None
     try:
         relay = b.parts.extra["cluster_relay"]
         layer = b.parts.transactions
