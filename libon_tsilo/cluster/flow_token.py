@@ -55,11 +55,8 @@ class FlowTokens:
 
     def read(self, token: str | None) -> FlowRef | None:
         """The flow a token of ours names; None for anything else (never raises)."""
-        if not token or len(token) > _MAX_TOKEN:
-            return None
-        try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        except (binascii.Error, ValueError):
+        raw = _raw(token)
+        if raw is None:
             return None
         mac, payload = raw[:_MAC_BYTES], raw[_MAC_BYTES:]
         if len(mac) != _MAC_BYTES or not hmac.compare_digest(mac, self._mac(payload)):
@@ -70,13 +67,18 @@ class FlowTokens:
     def peek(token: str | None) -> FlowRef | None:
         """What a token says it names, without checking who minted it (its MAC): a hint, never a
         route (cluster/node.py pins the UDP address a sibling's entry names); None when malformed."""
-        if not token or len(token) > _MAX_TOKEN:
-            return None
-        try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        except (binascii.Error, ValueError):
-            return None
-        return _ref(raw[_MAC_BYTES:])
+        raw = _raw(token)
+        return None if raw is None else _ref(raw[_MAC_BYTES:])
+
+
+def _raw(token: str | None) -> bytes | None:
+    """A token's bytes (MAC, then payload); None when empty, too long or not base64url."""
+    if not token or len(token) > _MAX_TOKEN:
+        return None
+    try:
+        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (binascii.Error, ValueError):
+        return None
 
 
 def _ref(payload: bytes) -> FlowRef | None:

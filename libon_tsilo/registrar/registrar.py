@@ -229,30 +229,13 @@ class Registrar:
         register again). The binding events (the silo's late fork) go out after the answer.
         """
         store = self.store
-        changed: str | None = None  # the AOR whose bindings this REGISTER changed
         # its changes go in one write, started once its answer waits on it: a write that fails at
         # once (the connection gone) then fails the answer too, never a 200 for nothing stored
         store.hold_writes()
         try:
             store.hold_events()
             try:
-                resp, changed = self._process(request, flow)
-            except _Reject as rej:
-                log.info(
-                    "REGISTER for {to} refused: {status} {reason}",
-                    to=request.header("to"),
-                    status=rej.status,
-                    reason=rej.reason or "",
-                    call_id=request.header("call-id"),
-                )
-                resp = make_response(request, rej.status, rej.reason, to_tag=new_tag())
-                for name, value in rej.headers:
-                    resp.add_header(name, value)
-            except ParseError as exc:
-                resp = make_response(request, exc.status, exc.reason, to_tag=new_tag())
-            except Exception:
-                log.failure("REGISTER processing failed", call_id=request.header("call-id"))
-                resp = make_response(request, 500, "Server Internal Error", to_tag=new_tag())
+                resp, changed = self._answered(request, flow)
             finally:
                 events = store.release_events()
             if changed is None or resp.status != 200 or store.persistence is None:
@@ -265,6 +248,29 @@ class Registrar:
                 answer.callback(None)
         finally:
             store.release_writes()
+
+    def _answered(self, request: Request, flow: Flow | None) -> tuple[Response, str | None]:
+        """The REGISTER's answer and the AOR whose bindings it changed (None: none); a refusal or a
+        failure is an answer too."""
+        try:
+            return self._process(request, flow)
+        except _Reject as rej:
+            log.info(
+                "REGISTER for {to} refused: {status} {reason}",
+                to=request.header("to"),
+                status=rej.status,
+                reason=rej.reason or "",
+                call_id=request.header("call-id"),
+            )
+            resp = make_response(request, rej.status, rej.reason, to_tag=new_tag())
+            for name, value in rej.headers:
+                resp.add_header(name, value)
+        except ParseError as exc:
+            resp = make_response(request, exc.status, exc.reason, to_tag=new_tag())
+        except Exception:
+            log.failure("REGISTER processing failed", call_id=request.header("call-id"))
+            resp = make_response(request, 500, "Server Internal Error", to_tag=new_tag())
+        return resp, None
 
     def remove(self, binding: Binding, reason: str) -> bool:
         """Drop a binding (push layer: dead token; admin API: ul.rm)."""
