@@ -90,6 +90,7 @@ from bench.common import (  # noqa: E402
     cpu_seconds,
     pin,
     sipp_run_seconds,
+    sipp_rows,
     sipp_stats,
     start_bench_server,
 )
@@ -111,6 +112,7 @@ DEVICE_SCENARIOS = {"independent": "bench_device_register_jittered.xml",
                     "locked": "bench_device_register.xml"}
 ARRIVALS = "independent"
 GOAL_RATIO = 1.2
+WARMUP = 0.0  # --warmup: seconds of load before the measured window
 IDLE_SECONDS = 2.0
 GOAL_P50 = 0.002
 CASES = {
@@ -448,15 +450,28 @@ class LoadResult:
     per_node_relayed: list[dict[str, int]] = field(default_factory=list)  # cluster_relay counters (f)
     # (f): REGISTERs each worker took, and its UDP pins (made during the load, open at its end)
     per_node_shared: list[dict[str, int]] = field(default_factory=list)
+    # --warmup: the calls that ended in the measured window (SIPp's statistics, interpolated)
+    window_calls: float | None = None
+
+    @property
+    def counted(self) -> float:
+        """The calls the CPU figures are divided by: all of them, or those of the window."""
+        return max(self.window_calls if self.window_calls is not None else self.ok, 1)
 
     @property
     def per_call(self) -> float:
-        return self.cpu / max(self.ok, 1)
+        return self.cpu / self.counted
+
+    def rate(self, window: float) -> float:
+        """Calls per second over what was measured (the whole run, or the --warmup window)."""
+        if self.window_calls is not None:
+            return self.counted / window
+        return self.counted / max(self.elapsed, 1e-9)
 
 
 def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir: Path,
              prefix: str, trace: bool = False) -> LoadResult:
-    calls = max(1, int(rate * duration))
+    calls = max(1, int(rate * (WARMUP + duration)))
     limit = max(1000, int(rate * 5))
     caller_args, caller_stats, _ = sipp_command(
         setup.caller_node, "bench_caller.xml", workdir, "caller", calls=calls, rate=rate, prefix=prefix,
@@ -478,21 +493,25 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
                for i, n in enumerate(setup.nodes)]
     if trace:
         time.sleep(1.0)  # strace attaches
+    if WARMUP:
+        caller = spawn(caller_args, workdir, "caller")
+        time.sleep(delay_ms / 1000.0)
+        device = spawn(device_args, workdir, "device")
+        time.sleep(WARMUP)  # every timer of the first calls (64*T1 = 32 s the longest) fires from here
     sampler = start_perf(workdir / "perf.data") if PERF else None
     wake0, commands0 = [wakeups(n.pid) for n in setup.nodes], redis_commands(setup.redis)
     relay0 = [_admin_stats(port).get("cluster_relay", {}) for port in setup.admin_ports]
     shared0 = [_shared_counts(port) for port in setup.admin_ports]
     nodes0, sys0, redis0, started = setup.node_cpu(), setup.node_sys(), setup.redis_cpu(), time.monotonic()
-    caller = spawn(caller_args, workdir, "caller")
-    time.sleep(delay_ms / 1000.0)
-    device = spawn(device_args, workdir, "device")
-    for proc in (caller, device):
-        try:
-            proc.wait(duration * 4 + 120)
-        except subprocess.TimeoutExpired:
-            caller.kill()
-            device.kill()
-            raise RuntimeError("SIPp did not finish") from None
+    window = time.time()
+    if WARMUP:
+        time.sleep(duration)  # the window ends while SIPp still sends: the load is steady throughout
+    else:
+        caller = spawn(caller_args, workdir, "caller")
+        time.sleep(delay_ms / 1000.0)
+        device = spawn(device_args, workdir, "device")
+    if not WARMUP:
+        _wait_sipp(caller, device, duration)
     per_node = [after - before for after, before in zip(setup.node_cpu(), nodes0)]
     per_node_sys = [after - before for after, before in zip(setup.node_sys(), sys0)]
     per_node_wakeups = [wakeups(n.pid) - before for n, before in zip(setup.nodes, wake0)]
@@ -507,6 +526,9 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
     shared = [{k: v - (before[k] if k != "pins_open" else 0) for k, v in _shared_counts(port).items()}
               for port, before in zip(setup.admin_ports, shared0)]
     cpu, redis_cpu, wall = sum(per_node), setup.redis_cpu() - redis0, time.monotonic() - started
+    window = (window, time.time())
+    if WARMUP:
+        _wait_sipp(caller, device, WARMUP + duration)
     cs = sipp_stats(caller_stats)
     stats = setup.caller_node.stats()
     latency = (stats.get("silo") or {}).get("register_to_invite") or {}
@@ -515,7 +537,38 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
     return LoadResult(calls, int(cs.get("SuccessfulCall(C)", 0)), elapsed, cpu, redis_cpu,
                       int(latency.get("samples") or 0), latency, per_node, per_node_sys, idle,
                       per_node_wakeups, {k: v for k, v in commands.items() if v > 0}, syscalls, relayed,
-                      shared)
+                      shared, calls_between(caller_stats, *window) if WARMUP else None)
+
+
+def _wait_sipp(caller: subprocess.Popen[bytes], device: subprocess.Popen[bytes], duration: float) -> None:
+    for proc in (caller, device):
+        try:
+            proc.wait(duration * 4 + 120)
+        except subprocess.TimeoutExpired:
+            caller.kill()
+            device.kill()
+            raise RuntimeError("SIPp did not finish") from None
+
+
+def calls_between(stat_file: Path, start: float, end: float) -> float:
+    """Calls SIPp counted as successful between two wall-clock times (its -fd 1 rows, cumulative,
+    interpolated between the rows around each time)."""
+    points = []
+    for row in sipp_rows(stat_file):
+        try:
+            points.append((float(row["CurrentTime"].split("\t")[-1]), int(row["SuccessfulCall(C)"])))
+        except (KeyError, ValueError, IndexError):
+            continue
+
+    def at(t: float) -> float:
+        before = [p for p in points if p[0] <= t]
+        after = [p for p in points if p[0] > t]
+        if not before or not after:
+            raise RuntimeError("the measured window is not inside SIPp's statistics")
+        (t0, n0), (t1, n1) = before[-1], after[0]
+        return n0 + (n1 - n0) * (t - t0) / (t1 - t0)
+
+    return at(end) - at(start)
 
 
 def _shared_counts(admin: int) -> dict[str, int]:
@@ -638,6 +691,9 @@ def run_case(case: str, args: argparse.Namespace, base: Path, ports: PortRange) 
     finally:
         setup.stop()
     rate = load.ok / load.elapsed if load.elapsed else 0.0
+    if load.window_calls is not None:
+        print(f"  measured: {args.duration:g} s after {WARMUP:g} s of load, {load.window_calls:.0f} calls "
+              f"ended in it")
     print(f"  {load.ok}/{load.calls} calls answered, {rate:.0f} calls/s over {load.elapsed:.1f} s, "
           f"{load.late_forked} late-forked")
     kernel = [f"{s:.2f} s in the kernel" for s in load.per_node_sys]
@@ -645,11 +701,11 @@ def run_case(case: str, args: argparse.Namespace, base: Path, ports: PortRange) 
              if len(load.per_node) > 1 else f" ({kernel[0]})")
     print(f"  server CPU {load.cpu:.2f} s over {len(setup.nodes)} node(s){split}: "
           f"{load.per_call * 1000:.3f} ms per call" + (f"; redis-server {load.redis_cpu:.2f} s "
-                         f"({load.redis_cpu / max(load.ok, 1) * 1000:.3f} ms per call, not added)"
+                         f"({load.redis_cpu / load.counted * 1000:.3f} ms per call, not added)"
                          if setup.redis is not None else ""))
     print(f"  idle servers (before the load): {load.idle * 1000:.1f} ms CPU per second, "
-          f"{load.idle * load.elapsed / max(load.ok, 1) * 1000:.3f} ms per call of this run (included above)")
-    ok = max(load.ok, 1)
+          f"{load.idle / load.rate(args.duration) * 1000:.3f} ms per call of this run (included above)")
+    ok = load.counted
     names = "AB"
     print("  wake-ups per call (voluntary context switches): " + ", ".join(
         f"{names[i]} {w / ok:.2f}" for i, w in enumerate(load.per_node_wakeups)))
@@ -707,11 +763,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="count each node's syscalls during the load (strace -c: slows the nodes)")
     ap.add_argument("--udp-pins", type=int, default=None,
                     help="(f): [cluster] max_udp_pins of both workers (0: no pins, answers passed on)")
+    ap.add_argument("--warmup", type=float, default=0.0,
+                    help="seconds of load before the measured window (the window is --duration s while "
+                         "the load goes on): 40 takes in every timer of a call (64*T1 = 32 s the longest)")
     ap.add_argument("--arrivals", choices=tuple(DEVICE_SCENARIOS), default="independent",
                     help="REGISTERs at a uniform 0-20 ms after each call's start (independent, the "
                          "default), or in lock-step with the caller's INVITEs (locked: rounds 1-9)")
     args = ap.parse_args(argv)
-    global PIN, PERF, PROFILE, LAYOUT, UDP_PINS, ARRIVALS
+    global PIN, PERF, PROFILE, LAYOUT, UDP_PINS, ARRIVALS, WARMUP
+    WARMUP = args.warmup
     ARRIVALS = args.arrivals
     UDP_PINS = args.udp_pins
     PIN = not args.no_pin
