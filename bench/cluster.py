@@ -503,16 +503,16 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
     relay0 = [_admin_stats(port).get("cluster_relay", {}) for port in setup.admin_ports]
     shared0 = [_shared_counts(port) for port in setup.admin_ports]
     nodes0, sys0, redis0, started = setup.node_cpu(), setup.node_sys(), setup.redis_cpu(), time.monotonic()
-    window = time.time()
+    window_start = time.time()
     if WARMUP:
         time.sleep(duration)  # the window ends while SIPp still sends: the load is steady throughout
     else:
         caller = spawn(caller_args, workdir, "caller")
         time.sleep(delay_ms / 1000.0)
         device = spawn(device_args, workdir, "device")
-    if not WARMUP:
         _wait_sipp(caller, device, duration)
     per_node = [after - before for after, before in zip(setup.node_cpu(), nodes0)]
+    window_end = time.time()
     per_node_sys = [after - before for after, before in zip(setup.node_sys(), sys0)]
     per_node_wakeups = [wakeups(n.pid) - before for n, before in zip(setup.nodes, wake0)]
     commands = {name: calls - commands0.get(name, 0) for name, calls in redis_commands(setup.redis).items()}
@@ -526,7 +526,6 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
     shared = [{k: v - (before[k] if k != "pins_open" else 0) for k, v in _shared_counts(port).items()}
               for port, before in zip(setup.admin_ports, shared0)]
     cpu, redis_cpu, wall = sum(per_node), setup.redis_cpu() - redis0, time.monotonic() - started
-    window = (window, time.time())
     if WARMUP:
         _wait_sipp(caller, device, WARMUP + duration)
     cs = sipp_stats(caller_stats)
@@ -537,7 +536,7 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
     return LoadResult(calls, int(cs.get("SuccessfulCall(C)", 0)), elapsed, cpu, redis_cpu,
                       int(latency.get("samples") or 0), latency, per_node, per_node_sys, idle,
                       per_node_wakeups, {k: v for k, v in commands.items() if v > 0}, syscalls, relayed,
-                      shared, calls_between(caller_stats, *window) if WARMUP else None)
+                      shared, calls_between(caller_stats, window_start, window_end) if WARMUP else None)
 
 
 def _wait_sipp(caller: subprocess.Popen[bytes], device: subprocess.Popen[bytes], duration: float) -> None:
