@@ -250,6 +250,7 @@ def _add_node_identity(root: LibonTsiloService, parts: Parts) -> None:
 def _add_sip_stack(root: LibonTsiloService, parts: Parts) -> None:
     cfg = parts.config.sip
     parts.tls_context_factory = make_tls_context_factory(parts.config.tls)
+    from libon_tsilo.sip.timers import SERVER_SLACK_SHARE
     from libon_tsilo.sip.transaction import TransactionLayer
     from libon_tsilo.sip.transport import TransportLayer
 
@@ -267,8 +268,9 @@ def _add_sip_stack(root: LibonTsiloService, parts: Parts) -> None:
         max_udp_pins=parts.config.cluster.max_udp_pins if parts.config.cluster.reuse_port else 0,
     )
     _attach(root, parts.transport, "transport")
+    # the final waits end in batches (sip/timers.py final_wait_slack): fewer wake-ups at a steady load
     parts.transactions = TransactionLayer(
-        parts.transport, parts.clock, t1=cfg.t1, t2=cfg.t2, t4=cfg.t4
+        parts.transport, parts.clock, t1=cfg.t1, t2=cfg.t2, t4=cfg.t4, slack_share=SERVER_SLACK_SHARE
     )
     _attach(root, parts.transactions, "transactions")
 

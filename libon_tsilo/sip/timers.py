@@ -24,6 +24,8 @@ __all__ = [
     "TwoXXRetransmitter",
     "backoff",
     "cancel_expiry",
+    "SERVER_SLACK_SHARE",
+    "final_wait_slack",
     "is_reliable",
 ]
 
@@ -77,9 +79,29 @@ class TimerSet:
 # the DelayedCall's own time, which must not postpone the expiry to the next wake-up.
 _EPSILON = 1e-6
 
+# How late a wait that only ends a transaction may end (final_wait_slack): at most a second.
+SLACK_CAP = 1.0
+SERVER_SLACK_SHARE = 1.0 / 16  # what the server runs with (ops); 0, the layer's default, is exact
+
+
+def final_wait_slack(delay: float, share: float) -> float:
+    """How late the end of a ``delay`` wait may come when all it does is end a transaction (timers
+    D, I, J, K, L, M) or report one that nobody answered (B, F): ``delay * share``, at most
+    ``SLACK_CAP``.
+
+    Why any: each of those fires once per transaction, ~5 per call, so at a steady load they were
+    reactor wake-ups on top of the messages' own (~3 a call), and a wake-up on an idle core costs
+    as much as handling a message. The server runs with ``SERVER_SLACK_SHARE``: late by up to
+    ``delay / 16`` (T4: 0.31 s; 64*T1: 1 s), one wake-up ends every wait due within that span.
+    What it costs: a transaction absorbs retransmissions that much longer (harmless: it answers
+    them as it would have), its memory is held that much longer, and a request nobody answers is
+    reported (408) up to a second after its 64*T1 (32 s by default)."""
+    return min(delay * share, SLACK_CAP)
+
 
 class ExpiryTimer:
-    """One DelayedCall for every ExpiryQueue of a layer, armed for the earliest deadline among them.
+    """One DelayedCall for every ExpiryQueue of a layer, armed for the earliest deadline among them
+    (a queue's deadline: its oldest entry's, plus the queue's ``slack``).
 
     A queue that owned its timer armed and cancelled a DelayedCall each time it went from empty to
     busy and back: the T1 queue (the first resend of timers A, E and of a 2xx) does so for every
@@ -135,8 +157,10 @@ class ExpiryTimer:
         earliest: float | None = None
         for queue in self._queues:
             head = queue._head()
-            if head is not None and (earliest is None or head < earliest):
-                earliest = head
+            if head is not None:
+                head += queue.slack
+                if earliest is None or head < earliest:
+                    earliest = head
         if earliest is not None and self._call is None:
             self.due(earliest)
 
@@ -150,11 +174,17 @@ class ExpiryQueue:
     given) armed for the oldest deadline serves thousands of transactions (a DelayedCall per
     transaction cost more than the rest of the transaction layer).
     ``add`` returns a handle for ``discard``; when nothing is left waiting, the timer is cancelled.
+
+    ``slack``: an entry may run up to that much after its deadline (:func:`final_wait_slack`): the
+    timer is armed for the oldest deadline plus ``slack``, and when it fires every queue runs all
+    that is due, so the entries due within ``slack`` of each other run in one reactor wake-up.
     """
 
-    def __init__(self, clock: IReactorTime, delay: float, timer: ExpiryTimer | None = None) -> None:
+    def __init__(self, clock: IReactorTime, delay: float, timer: ExpiryTimer | None = None,
+                 slack: float = 0.0) -> None:
         self._clock = clock
         self.delay = delay
+        self.slack = slack
         self._queue: deque[list[Any]] = deque()  # [deadline, callback or None when discarded]
         self._live = 0
         self._timer = timer if timer is not None else ExpiryTimer(clock)
@@ -169,7 +199,7 @@ class ExpiryQueue:
         entry = [deadline, fn, self]
         self._queue.append(entry)
         self._live += 1
-        self._timer.due(deadline)
+        self._timer.due(deadline + self.slack)
         return entry
 
     def discard(self, entry: list[Any]) -> None:
@@ -320,7 +350,9 @@ class LayerServices(Protocol):
 
     def send_request(self, req: Any, target: Any, flow: Any, on_response: Callable[[Any], Any]) -> Any: ...
 
-    def expiry(self, delay: float) -> ExpiryQueue: ...
+    def expiry(self, delay: float, slack: float = 0.0) -> ExpiryQueue: ...
+
+    def final_slack(self, delay: float) -> float: ...
 
 
 def is_reliable(transport_name: str | None) -> bool:
@@ -393,7 +425,7 @@ class TransactionBase:
     def _final_wait(self, delay: float) -> None:
         if self._timers is not None and not self._timers:
             self._timers = None
-        self._expiry = self.layer.expiry(delay).add(self)
+        self._expiry = self.layer.expiry(delay, self.layer.final_slack(delay)).add(self)
 
     def _wait_then_terminate(self, name: str, delay: float) -> None:
         """Timers D, I, J, K: terminate after ``delay``. Reliable transports use a zero wait: end at

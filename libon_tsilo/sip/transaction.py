@@ -22,7 +22,9 @@ from libon_tsilo import logflags
 from libon_tsilo.sip.branch import is_our_branch
 from libon_tsilo.sip.errors import ParseError
 from libon_tsilo.sip.message import Request, Response, log_call_id, make_response, new_tag
-from libon_tsilo.sip.timers import ExpiryQueue, ExpiryTimer, State, TransactionBase, TwoXXRetransmitter
+from libon_tsilo.sip.timers import (
+    ExpiryQueue, ExpiryTimer, State, TransactionBase, TwoXXRetransmitter, final_wait_slack,
+)
 from libon_tsilo.sip.transaction_client import (
     ClientTransaction,
     InviteClientTransaction,
@@ -106,13 +108,17 @@ class TransactionLayer:
     """All live transactions of one server, between the transport (below) and the TU (above)."""
 
     def __init__(
-        self, transport: Any, clock: IReactorTime, t1: float = 0.5, t2: float = 4.0, t4: float = 5.0
+        self, transport: Any, clock: IReactorTime, t1: float = 0.5, t2: float = 4.0, t4: float = 5.0,
+        slack_share: float = 0.0,
     ) -> None:
         self.transport = transport
         self.clock = clock
         self.t1 = t1
         self.t2 = t2
         self.t4 = t4
+        # how late the final waits may end, as a share of each (timers.final_wait_slack): 0 is
+        # RFC 3261's times exactly; the server runs with timers.SERVER_SLACK_SHARE
+        self.slack_share = slack_share
         self.tu: TransactionUser | None = None
         # edge limits (sip/limits.py): False means the request was answered or dropped already
         self.admit: Callable[[Request, Any], bool] | None = None
@@ -121,7 +127,7 @@ class TransactionLayer:
         # client keys per destination, so an asynchronous connect failure finds its transactions
         self._by_target: dict[tuple[str, str, int], set[tuple[Any, ...]]] = {}
         # one queue per wait-state delay (64*T1, T4, timer D): see timers.ExpiryQueue
-        self._expiry: dict[float, ExpiryQueue] = {}
+        self._expiry: dict[tuple[float, float], ExpiryQueue] = {}  # by (delay, slack)
         # and one DelayedCall for all of them (timers.ExpiryTimer)
         self._expiry_timer: ExpiryTimer | None = None
         # responses that matched no transaction and were dropped (not ours, or nothing left to do)
@@ -167,12 +173,18 @@ class TransactionLayer:
         elif self._servers.get(txn.key) is txn:
             del self._servers[txn.key]
 
-    def expiry(self, delay: float) -> ExpiryQueue:
-        queue = self._expiry.get(delay)
+    def final_slack(self, delay: float) -> float:
+        """How late a final wait of ``delay`` (timers D, I, J, K, L, M; B, F) may end."""
+        return final_wait_slack(delay, self.slack_share)
+
+    def expiry(self, delay: float, slack: float = 0.0) -> ExpiryQueue:
+        """The layer's queue for ``delay`` (and ``slack``, sip/timers.py), on its one timer."""
+        key = (delay, slack)
+        queue = self._expiry.get(key)
         if queue is None:
             if self._expiry_timer is None:
                 self._expiry_timer = ExpiryTimer(self.clock)
-            queue = self._expiry[delay] = ExpiryQueue(self.clock, delay, self._expiry_timer)
+            queue = self._expiry[key] = ExpiryQueue(self.clock, delay, self._expiry_timer, slack)
         return queue
 
     def stop(self) -> None:

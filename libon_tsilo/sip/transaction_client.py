@@ -136,7 +136,8 @@ class ClientTransaction(TransactionBase):
     def _deadline(self) -> None:
         """Timers B and F (64*T1, the same for every transaction of the layer): a place in the layer's
         shared ExpiryQueue instead of a DelayedCall each; ``_end_wait()`` leaves it."""
-        self._expiry = self.layer.expiry(64 * self.layer.t1).add(self._timed_out)
+        delay = 64 * self.layer.t1
+        self._expiry = self.layer.expiry(delay, self.layer.final_slack(delay)).add(self._timed_out)
 
     def _first_resend(self, fn: Callable[[], None]) -> None:
         """Timer A or E's first firing, T1 after the request left."""

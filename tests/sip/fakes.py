@@ -83,10 +83,10 @@ class RecordingTU:
 class Env:
     """A layer wired to a fake transport, a recording TU and a Clock."""
 
-    def __init__(self, t1: float = 0.5, t2: float = 4.0, t4: float = 5.0) -> None:
+    def __init__(self, t1: float = 0.5, t2: float = 4.0, t4: float = 5.0, slack_share: float = 0.0) -> None:
         self.clock = Clock()
         self.transport = FakeTransport()
-        self.layer = TransactionLayer(self.transport, self.clock, t1=t1, t2=t2, t4=t4)
+        self.layer = TransactionLayer(self.transport, self.clock, t1=t1, t2=t2, t4=t4, slack_share=slack_share)
         self.tu = RecordingTU()
         self.layer.tu = self.tu
 
