@@ -40,6 +40,11 @@ independent moments, as a real node's do; ``locked`` (rounds 1-9) sends them in 
 phase that depends on when the two SIPp processes started, which decided how a call's messages
 fell into the nodes' wake-ups, and so moved the figures by run
 (tests/e2e/scenarios/bench_device_register_jittered.xml).
+``--warmup S`` (round 11): the load runs S seconds before the measured ``--duration`` window, and
+goes on through it, so the window sees a steady load: with 40, every timer of a call (64*T1 = 32 s
+the longest) fires in it, as on a server that runs all day; the calls divided by are those SIPp
+counted as ended in the window (its -fd 1 rows, interpolated). Without it (0, the default, rounds
+1-10) the window starts with the load, and none of the calls' 32 s timers fires in it.
 Printed: calls answered, calls/s, the servers' CPU seconds from
 /proc/<pid>/stat summed over the nodes (redis-server's CPU is printed beside it, not added) and the
 CPU per answered call (the servers' idle CPU, measured for 2 s before the load, is printed beside

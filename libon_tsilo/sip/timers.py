@@ -91,8 +91,9 @@ def final_wait_slack(delay: float, share: float) -> float:
 
     Why any: each of those fires once per transaction, ~5 per call, so at a steady load they were
     reactor wake-ups on top of the messages' own (~3 a call), and a wake-up with nothing in it
-    costs 45-120 us of CPU on caches that went cold (bench/wakeup_cost.py). The server runs with ``SERVER_SLACK_SHARE``: late by up to
-    ``delay / 16`` (T4: 0.31 s; 64*T1: 1 s), one wake-up ends every wait due within that span.
+    costs 75-200 us of CPU here (bench/wakeup_cost.py). The server runs with
+    ``SERVER_SLACK_SHARE``: late by up to ``delay / 16`` (T4: 0.31 s; 64*T1: 1 s), one wake-up
+    ends every wait due within that span.
     What it costs: a transaction absorbs retransmissions that much longer (harmless: it answers
     them as it would have), its memory is held that much longer, and a request nobody answers is
     reported (408) up to a second after its 64*T1 (32 s by default)."""
