@@ -494,15 +494,15 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
     idle0 = sum(cpu_ns(n.pid) for n in setup.nodes)
     time.sleep(IDLE_SECONDS)
     idle = (sum(cpu_ns(n.pid) for n in setup.nodes) - idle0) / 1e9 / IDLE_SECONDS
-    tracers = [start_strace(n.pid, workdir / f"strace-{i}.txt") if trace else None
-               for i, n in enumerate(setup.nodes)]
-    if trace:
-        time.sleep(1.0)  # strace attaches
     if WARMUP:
         caller = spawn(caller_args, workdir, "caller")
         time.sleep(delay_ms / 1000.0)
         device = spawn(device_args, workdir, "device")
         time.sleep(WARMUP)  # every timer of the first calls (64*T1 = 32 s the longest) fires from here
+    tracers = [start_strace(n.pid, workdir / f"strace-{i}.txt") if trace else None
+               for i, n in enumerate(setup.nodes)]
+    if trace:
+        time.sleep(1.0)  # strace attaches (the window's counts start once it has)
     sampler = start_perf(workdir / "perf.data") if PERF else None
     wake0, commands0 = [wakeups(n.pid) for n in setup.nodes], redis_commands(setup.redis)
     relay0 = [_admin_stats(port).get("cluster_relay", {}) for port in setup.admin_ports]
