@@ -25,6 +25,12 @@ Three set-ups of the real server (bench/common.py ``serve``: twistd plus a stats
   kernel gives A the device's answers, and its later REGISTERs, instead of B; with ``--udp-pins 0``
   (``[cluster] max_udp_pins``) B gets them and passes the answers on to A as bytes.
 
+- (g) (round 12) as (e), with a second SIPp pair crossed the other way: B parks that pair's calls
+  and A takes their REGISTERs. Each node then parks ``--rate`` calls/s and takes the REGISTERs of
+  the other's, so every late fork still crosses nodes, and both nodes carry the mix of work (a)'s
+  node does, at (a)'s load each: the cluster as it is run, two nodes for twice the calls. (e),
+  where B takes nothing but REGISTERs and A nothing but calls, keeps node B at a tenth of a core.
+
 Where the processes run (``--layout``): the single node of (a), (b), (d) runs on CPU 0, SIPp and
 redis-server on CPU 1. With two nodes, ``core-per-node`` (the default) runs node A on CPU 0 and node
 B on CPU 1, each node on a core of its own as a cluster is deployed (one worker per core); on this
@@ -45,6 +51,13 @@ goes on through it, so the window sees a steady load: with 40, every timer of a 
 the longest) fires in it, as on a server that runs all day; the calls divided by are those SIPp
 counted as ended in the window (its -fd 1 rows, interpolated). Without it (0, the default, rounds
 1-10) the window starts with the load, and none of the calls' 32 s timers fires in it.
+``--timing ringing`` (round 12): the device sends 180 at once and its 200 after a 50-150 ms ring
+(bench_device_answer_ringing.xml), and the caller holds the call 0.5-1.5 s before its BYE
+(bench_caller_holding.xml). With ``instant`` (the default, rounds 1-11) a call is one chain of
+datagrams, each sent by SIPp the moment the one before it arrived, and a node reads the next link in
+the wake-up that sent the last as often as SIPp reacts before that wake-up ends: what a call costs
+then depends on how fast SIPp reacts, and the single node of (a), whose REGISTER wake-up carries a
+call's longest chain, gains most from it.
 Printed: calls answered, calls/s, the servers' CPU seconds from
 /proc/<pid>/stat summed over the nodes (redis-server's CPU is printed beside it, not added) and the
 CPU per answered call (the servers' idle CPU, measured for 2 s before the load, is printed beside
@@ -116,6 +129,15 @@ UDP_PINS: int | None = None  # --udp-pins: [cluster] max_udp_pins of the shared-
 DEVICE_SCENARIOS = {"independent": "bench_device_register_jittered.xml",
                     "locked": "bench_device_register.xml"}
 ARRIVALS = "independent"
+# --timing: the caller's and the device's scenarios. "instant" (rounds 1-11): the device answers the
+# forked INVITE with its 200 the moment it arrives, and the caller sends its BYE right after its ACK,
+# so a call is one chain of datagrams, each sent the moment the last one arrived, and a node reads
+# the next link in the wake-up that sent the last one as often as SIPp outpaces the end of its work.
+# "ringing": the device sends 180 at once and its 200 after a 50-150 ms ring, the caller holds the
+# call 0.5-1.5 s: each step of a call arrives at a moment of its own, as a phone's and a person's do.
+TIMINGS = {"instant": ("bench_caller.xml", "bench_device_answer.xml"),
+           "ringing": ("bench_caller_holding.xml", "bench_device_answer_ringing.xml")}
+TIMING = "instant"
 GOAL_RATIO = 1.2
 WARMUP = 0.0  # --warmup: seconds of load before the measured window
 IDLE_SECONDS = 2.0
@@ -127,7 +149,9 @@ CASES = {
     "c": "two nodes on Redis, every REGISTER on the node that did not park the call",
     "e": "as (c) without the Path relay: the node that forks sends straight to the device (UDP)",
     "f": "two workers sharing one public socket (reuse_port, udp_via_path auto), REGISTERs on B",
+    "g": "two nodes each parking --rate calls/s (2x (a)'s load in all), every REGISTER on the other node",
 }
+CROSSED = ("g",)  # two caller/device pairs, crossed: A's callers' devices register on B, and B's on A
 SHARED = ("f",)  # the cases whose nodes share the public port
 
 
@@ -333,11 +357,11 @@ def strace_counts(proc: subprocess.Popen[bytes] | None, out: Path) -> dict[str, 
 
 def start_setup(case: str, workdir: Path, ports: PortRange) -> Setup:
     redis = None
-    if case in ("b", "c", "e", *SHARED):
+    if case in ("b", "c", "e", *SHARED, *CROSSED):
         redis = start_redis(ports.take(), workdir / "redis", SIPP_CPU if PIN else None)
     nodes: list[BenchServer] = []
     try:
-        names = ["a", "b"] if case in ("c", "e", *SHARED) else ["a"]
+        names = ["a", "b"] if case in ("c", "e", *SHARED, *CROSSED) else ["a"]
         public = ports.take()
         admin: list[int] = []
         for name in names:
@@ -478,26 +502,40 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
              prefix: str, trace: bool = False) -> LoadResult:
     calls = max(1, int(rate * (WARMUP + duration)))
     limit = max(1000, int(rate * 5))
-    caller_args, caller_stats, _ = sipp_command(
-        setup.caller_node, "bench_caller.xml", workdir, "caller", calls=calls, rate=rate, prefix=prefix,
-        limit=limit)
-    device_args, _, _ = sipp_command(
-        setup.device_node, DEVICE_SCENARIOS[ARRIVALS], workdir, "device", calls=calls, rate=rate,
-        prefix=prefix, limit=limit * 4, ooc="bench_device_answer.xml", pause_ms=2000)
-    for args, port in ((caller_args, setup.caller_port), (device_args, setup.device_port)):
-        if port is not None:  # a source port the kernel hashes to the wanted worker (case f)
-            args[args.index("-p") + 1] = str(port)
-    print(f"  caller: {' '.join(caller_args)}")
-    print(f"  device (started {delay_ms} ms later): {' '.join(device_args)}")
+    caller_scenario, answer_scenario = TIMINGS[TIMING]
+    # (g): a second pair the other way round, its callers on B and their devices registering on A
+    pairs = [("", setup.caller_node, setup.device_node)]
+    if setup.case in CROSSED:
+        pairs.append(("2", setup.device_node, setup.caller_node))
+    callers, devices, caller_stats_files = [], [], []
+    for tag, caller_node, device_node in pairs:
+        aors = pair_prefix(prefix, tag)
+        caller_args, caller_stats, _ = sipp_command(
+            caller_node, caller_scenario, workdir, f"caller{tag}", calls=calls, rate=rate,
+            prefix=aors, limit=limit)
+        device_args, _, _ = sipp_command(
+            device_node, DEVICE_SCENARIOS[ARRIVALS], workdir, f"device{tag}", calls=calls, rate=rate,
+            prefix=aors, limit=limit * 4, ooc=answer_scenario, pause_ms=2000)
+        for args, port in ((caller_args, setup.caller_port), (device_args, setup.device_port)):
+            if port is not None:  # a source port the kernel hashes to the wanted worker (case f)
+                args[args.index("-p") + 1] = str(port)
+        print(f"  caller{tag}: {' '.join(caller_args)}")
+        print(f"  device{tag} (started {delay_ms} ms later): {' '.join(device_args)}")
+        callers.append((caller_args, f"caller{tag}"))
+        devices.append((device_args, f"device{tag}"))
+        caller_stats_files.append(caller_stats)
+
+    def start_load() -> list[subprocess.Popen[bytes]]:
+        started = [spawn(args, workdir, name) for args, name in callers]
+        time.sleep(delay_ms / 1000.0)
+        return started + [spawn(args, workdir, name) for args, name in devices]
     # the servers' own background cost, printed beside the per-call figure; in ns (schedstat):
     # /proc/PID/stat's 10 ms ticks read 0, 5 or 10 ms a second for the same idle node
     idle0 = sum(cpu_ns(n.pid) for n in setup.nodes)
     time.sleep(IDLE_SECONDS)
     idle = (sum(cpu_ns(n.pid) for n in setup.nodes) - idle0) / 1e9 / IDLE_SECONDS
     if WARMUP:
-        caller = spawn(caller_args, workdir, "caller")
-        time.sleep(delay_ms / 1000.0)
-        device = spawn(device_args, workdir, "device")
+        sipps = start_load()
         time.sleep(WARMUP)  # every timer of the first calls (64*T1 = 32 s the longest) fires from here
     tracers = [start_strace(n.pid, workdir / f"strace-{i}.txt") if trace else None
                for i, n in enumerate(setup.nodes)]
@@ -512,10 +550,8 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
     if WARMUP:
         time.sleep(duration)  # the window ends while SIPp still sends: the load is steady throughout
     else:
-        caller = spawn(caller_args, workdir, "caller")
-        time.sleep(delay_ms / 1000.0)
-        device = spawn(device_args, workdir, "device")
-        _wait_sipp(caller, device, duration)
+        sipps = start_load()
+        _wait_sipp(sipps, duration)
     per_node = [after - before for after, before in zip(setup.node_cpu(), nodes0)]
     window_end = time.time()
     per_node_sys = [after - before for after, before in zip(setup.node_sys(), sys0)]
@@ -532,25 +568,36 @@ def run_load(setup: Setup, rate: float, duration: float, delay_ms: int, workdir:
               for port, before in zip(setup.admin_ports, shared0)]
     cpu, redis_cpu, wall = sum(per_node), setup.redis_cpu() - redis0, time.monotonic() - started
     if WARMUP:
-        _wait_sipp(caller, device, WARMUP + duration)
-    cs = sipp_stats(caller_stats)
-    stats = setup.caller_node.stats()
-    latency = (stats.get("silo") or {}).get("register_to_invite") or {}
+        _wait_sipp(sipps, WARMUP + duration)
+    runs = [sipp_stats(path) for path in caller_stats_files]
+    latency = (setup.caller_node.stats().get("silo") or {}).get("register_to_invite") or {}
+    forked = int(latency.get("count") or 0)  # every late fork ("samples": those still in its window)
+    if setup.case in CROSSED:  # B parks the second pair's calls
+        forked += int(((setup.device_node.stats().get("silo") or {}).get("register_to_invite") or {})
+                      .get("count") or 0)
     # calls/s over the caller's SIPp run (bench/latefork.py's "whole run" figure)
-    elapsed = sipp_run_seconds(cs) or wall
-    return LoadResult(calls, int(cs.get("SuccessfulCall(C)", 0)), elapsed, cpu, redis_cpu,
-                      int(latency.get("samples") or 0), latency, per_node, per_node_sys, idle,
+    elapsed = sipp_run_seconds(runs[0]) or wall
+    window = (sum(calls_between(path, window_start, window_end) for path in caller_stats_files)
+              if WARMUP else None)
+    return LoadResult(calls * len(pairs), sum(int(cs.get("SuccessfulCall(C)", 0)) for cs in runs), elapsed,
+                      cpu, redis_cpu, forked, latency, per_node, per_node_sys, idle,
                       per_node_wakeups, {k: v for k, v in commands.items() if v > 0}, syscalls, relayed,
-                      shared, calls_between(caller_stats, window_start, window_end) if WARMUP else None)
+                      shared, window)
 
 
-def _wait_sipp(caller: subprocess.Popen[bytes], device: subprocess.Popen[bytes], duration: float) -> None:
-    for proc in (caller, device):
+def pair_prefix(prefix: str, tag: str) -> str:
+    """The AOR prefix of the SIPp pair ``tag`` ("" for the first): "clg2-" for "clg-" and "2", not
+    "clg-2", whose call 1 would be "clg-21", the first pair's call 21."""
+    return f"{prefix.rstrip('-')}{tag}-"
+
+
+def _wait_sipp(sipps: list[subprocess.Popen[bytes]], duration: float) -> None:
+    for proc in sipps:
         try:
             proc.wait(duration * 4 + 120)
         except subprocess.TimeoutExpired:
-            caller.kill()
-            device.kill()
+            for other in sipps:
+                other.kill()
             raise RuntimeError("SIPp did not finish") from None
 
 
@@ -773,8 +820,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arrivals", choices=tuple(DEVICE_SCENARIOS), default="independent",
                     help="REGISTERs at a uniform 0-20 ms after each call's start (independent, the "
                          "default), or in lock-step with the caller's INVITEs (locked: rounds 1-9)")
+    ap.add_argument("--timing", choices=tuple(TIMINGS), default="instant",
+                    help="instant (the default, rounds 1-11): the device answers at once and the "
+                         "caller hangs up right after its ACK; ringing: 180, a 50-150 ms ring, the 200, "
+                         "and a 0.5-1.5 s call before the BYE (round 12)")
+    ap.add_argument("--sipp-timer-ms", type=int, default=None,
+                    help="SIPp's -timer_resol (default: SIPp's own, 10 ms): it starts calls and ends "
+                         "pauses on ticks of this length, so its datagrams leave in bursts, one a tick")
     args = ap.parse_args(argv)
-    global PIN, PERF, PROFILE, LAYOUT, UDP_PINS, ARRIVALS, WARMUP
+    global PIN, PERF, PROFILE, LAYOUT, UDP_PINS, ARRIVALS, WARMUP, TIMING
+    TIMING = args.timing
     WARMUP = args.warmup
     ARRIVALS = args.arrivals
     UDP_PINS = args.udp_pins
@@ -782,11 +837,13 @@ def main(argv: list[str] | None = None) -> int:
     LAYOUT = args.layout
     PERF, PROFILE = args.perf, args.profile
     latefork.PIN = PIN  # its SIPp command lines
+    latefork.SIPP_TIMER_MS = args.sipp_timer_ms
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     if not cases or any(c not in CASES for c in cases):
         ap.error(f"--cases: pick from {', '.join(CASES)}")
     print(f"command: {' '.join([sys.executable, *sys.argv])}")
-    print(f"layout: {LAYOUT if PIN else 'not pinned'}; arrivals {ARRIVALS}; "
+    print(f"layout: {LAYOUT if PIN else 'not pinned'}; arrivals {ARRIVALS}; timing {TIMING}; "
+          f"SIPp ticks {args.sipp_timer_ms or 10} ms; "
           f"load average {os.getloadavg()[0]:.2f}")
     base = args.keep or Path(tempfile.mkdtemp(prefix="cluster-"))
     base.mkdir(parents=True, exist_ok=True)

@@ -73,6 +73,9 @@ PASS_RATIO = 0.999
 SERVER_CPU, SIPP_CPU = 0, 1
 PIN = True
 REDIS: RedisServer | None = None  # --backend redis
+# SIPp's -timer_resol in ms (None: SIPp's default, 10 ms). SIPp runs its new calls and ends its
+# pauses on ticks of this length, so at its default every call due within 10 ms leaves in one burst
+SIPP_TIMER_MS: int | None = None
 
 
 def sipp_command(server: SipTarget, scenario: str, workdir: Path, name: str, *, calls: int,
@@ -102,6 +105,8 @@ def sipp_command(server: SipTarget, scenario: str, workdir: Path, name: str, *, 
         args += ["-oocsf", str(SCENARIOS / ooc)]
     if pause_ms is not None:
         args += ["-d", str(pause_ms)]
+    if SIPP_TIMER_MS is not None:
+        args += ["-timer_resol", str(SIPP_TIMER_MS)]
     return args, stat_file, port
 
 

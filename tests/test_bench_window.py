@@ -1,4 +1,5 @@
-"""bench/cluster.py --warmup: the calls a measured window is divided by, from SIPp's statistics."""
+"""bench/cluster.py: the calls a --warmup window is divided by (SIPp's statistics), and the AORs of
+case (g)'s two SIPp pairs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.cluster import calls_between
+from bench.cluster import calls_between, pair_prefix
 
 
 def _stats(path: Path, rows: list[tuple[float, int]]) -> Path:
@@ -26,3 +27,10 @@ def test_a_window_outside_the_statistics_is_refused(tmp_path: Path) -> None:
     stats = _stats(tmp_path / "stats.csv", [(100.0, 0), (101.0, 150)])
     with pytest.raises(RuntimeError, match="not inside"):
         calls_between(stats, 100.5, 101.5)
+
+
+def test_the_two_pairs_of_the_crossed_case_never_share_an_aor() -> None:
+    first, second = pair_prefix("clg-", ""), pair_prefix("clg-", "2")
+    assert first == "clg-"
+    aors = {f"{first}{n}" for n in range(1, 20_000)}
+    assert not aors & {f"{second}{n}" for n in range(1, 20_000)}
