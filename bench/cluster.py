@@ -887,7 +887,7 @@ def main(argv: list[str] | None = None) -> int:
         if probes:
             p50 = statistics.median(probes)
             line += f"; REGISTER->INVITE p50 {fmt_ms(p50)}"
-            if case in ("c", "e", *SHARED):
+            if case in ("c", "e", *SHARED, *CROSSED):
                 line += f" ({'meets' if p50 < GOAL_P50 else 'misses'} < 2 ms)"
         if not all(r["passed"] for r in runs):
             line += "; NOT all calls answered and late-forked: figures are not comparable"
