@@ -107,6 +107,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
     HOST,
     BenchServer,
+    cpu_ns,
     cpu_seconds,
     pin,
     sipp_run_seconds,
@@ -281,15 +282,6 @@ class Setup:
 def _stime(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[12]) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_ns(pid: int) -> int:
-    """Nanoseconds the process's threads ran (/proc/PID/task/*/schedstat)."""
-    total = 0
-    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            total += int(stat.read_text().split()[0])
-    return total
 
 
 def wakeups(pid: int) -> int:

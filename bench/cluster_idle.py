@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import cluster  # noqa: E402
+from bench.common import cpu_ns  # noqa: E402
 from bench.cluster import (  # noqa: E402
     PortRange,
-    cpu_ns,
     redis_commands,
     start_setup,
     start_strace,

@@ -27,6 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import bench_port, cpu_ns  # noqa: E402
+
 C_RECEIVER = r"""
 #include <stdlib.h>
 #include <sys/epoll.h>
@@ -76,19 +80,9 @@ loop()
 """
 
 
-def cpu_ns(pid: int) -> int:
-    return sum(int(stat.read_text().split()[0]) for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"))
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def measure(command: list[str], rate: float, n: int, reply: bool) -> float:
     """Microseconds of the receiver's CPU per datagram it woke up for."""
-    port = free_udp_port()
+    port = bench_port()
     receiver = subprocess.Popen(["taskset", "-c", "0", *command, str(port), "1" if reply else "0"])
     try:
         tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
